@@ -1,0 +1,15 @@
+"""`python -m kernel --kernel-fd N`: run the router on an inherited kernel capability."""
+
+import argparse
+import logging
+
+import trio
+
+from kernel.router import main
+
+parser = argparse.ArgumentParser(prog="python -m kernel", description=__doc__)
+parser.add_argument("--kernel-fd", type=int, required=True,
+                    help="inherited SOCK_SEQPACKET socket served as the kernel capability")
+args = parser.parse_args()
+logging.basicConfig(level=logging.WARNING, format="kernel[%(process)d] %(levelname)s %(message)s")
+trio.run(main, args.kernel_fd)

@@ -1,0 +1,1 @@
+"""The namespace manager process (`python -m nsmgr`); see nsmgr/namespace.py."""

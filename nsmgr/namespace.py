@@ -1,0 +1,181 @@
+"""The namespace manager: a scheme whose handles are namespaces.
+
+A namespace maps scheme names to capabilities (normally a scheme's root, but
+any directory capability will do: that is how a subtree becomes `file` in a
+child namespace). `openat(ns, "/scheme/NAME/rest")` is forwarded as
+`openat(cap_of_NAME, "rest")` and the resulting fd is handed back; nsmgr takes
+no part in anything done with that fd afterwards.
+
+Errors follow Redox's nsmgr: a name not in the namespace is ENODEV, a missing
+permission EACCES, registering an existing name EEXIST, a bad name or request
+EINVAL. Stricter than Redox: a fork never gets a name or a permission its
+parent handle lacks (asking for one is an error), and listings are sorted.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from rt import protocol as P
+from rt.aio import AsyncCapability
+from schemes.framework import Opened, Reply, Request, Scheme, SchemeError
+
+SCHEME_PREFIX = "/scheme/"
+
+
+@dataclass(eq=False)
+class Namespace:
+    """One namespace handle: its names and what this handle may do with them."""
+
+    entries: dict[str, AsyncCapability] = field(default_factory=dict)
+    perms: int = P.PERM_ALL
+
+    def lookup(self, name: str) -> AsyncCapability:
+        cap = self.entries.get(name)
+        if cap is None:
+            raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
+        return cap
+
+    def require(self, perm: int) -> None:
+        if not self.perms & perm:
+            raise SchemeError(errno.EACCES, "permission not granted to this namespace handle")
+
+
+def split_scheme_path(path: str) -> tuple[str, str]:
+    """'/scheme/NAME/rest' or legacy 'NAME:rest' -> (NAME, rest relative to its root).
+
+    Raises:
+        SchemeError: ENOENT for a path outside /scheme/, EINVAL for a bad name.
+    """
+    if path.startswith(SCHEME_PREFIX):
+        name, _, rest = path[len(SCHEME_PREFIX) :].partition("/")
+    elif ":" in path and "/" not in path.partition(":")[0]:
+        name, _, rest = path.partition(":")
+    else:
+        raise SchemeError(errno.ENOENT, "a namespace path is /scheme/NAME/...")
+    if not P.valid_scheme_name(name):
+        raise SchemeError(errno.EINVAL, "bad scheme name")
+    rest = rest.lstrip("/")
+    return name, rest or "."
+
+
+class NamespaceScheme(Scheme):
+    """nsmgr's scheme: handle 0 is the root namespace, which holds every permission."""
+
+    name = "nsmgr"
+
+    def root(self) -> Namespace:
+        return Namespace()
+
+    # -- routing -------------------------------------------------------------
+
+    async def openat(self, req: Request, ns: Namespace, path: str, flags: int, mode: int) -> Reply:
+        name, rest = split_scheme_path(path)
+        fd = await ns.lookup(name).call_fd(P.OPENAT, [rest, flags, mode])
+        return Reply(None, [fd])
+
+    async def mkdirat(self, req: Request, ns: Namespace, path: str, mode: int) -> None:
+        name, rest = split_scheme_path(path)
+        await ns.lookup(name).call(P.MKDIRAT, [rest, mode])
+
+    async def unlinkat(self, req: Request, ns: Namespace, path: str, flags: int) -> None:
+        name, rest = split_scheme_path(path)
+        await ns.lookup(name).call(P.UNLINKAT, [rest, flags])
+
+    async def symlinkat(self, req: Request, ns: Namespace, target: str, path: str) -> None:
+        name, rest = split_scheme_path(path)
+        await ns.lookup(name).call(P.SYMLINKAT, [target, rest])
+
+    async def readlinkat(self, req: Request, ns: Namespace, path: str) -> str:
+        name, rest = split_scheme_path(path)
+        value, _ = await ns.lookup(name).call(P.READLINKAT, [rest])
+        return value
+
+    async def renameat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._two_path(req, ns, P.RENAMEAT, old, new)
+
+    async def linkat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._two_path(req, ns, P.LINKAT, old, new)
+
+    async def _two_path(self, req: Request, ns: Namespace, op: int, old: str, new: str) -> None:
+        """old is a namespace path; new is relative to a passed directory fd, or another
+        namespace path in the same scheme."""
+        name, old_rest = split_scheme_path(old)
+        cap = ns.lookup(name)
+        if req.passed:
+            fd = req.take_fd(0)
+            try:
+                await cap.call(op, [old_rest, new], [fd])
+            finally:
+                P.close_fds([fd])
+            return
+        new_name, new_rest = split_scheme_path(new)
+        ns.lookup(new_name)
+        if new_name != name:
+            raise SchemeError(errno.EXDEV, "rename across schemes")
+        await cap.call(op, [old_rest, new_rest])
+
+    async def fpath(self, req: Request, ns: Namespace) -> str:
+        return "/scheme/"
+
+    async def fstat(self, req: Request, ns: Namespace) -> dict:
+        return {"st_mode": 0o040555, "st_size": len(ns.entries), "st_nlink": 2}
+
+    async def getdents(self, req: Request, ns: Namespace) -> list[str]:
+        return await self.ns_list(req, ns)
+
+    # -- namespace operations ------------------------------------------------
+
+    async def ns_list(self, req: Request, ns: Namespace) -> list[str]:
+        ns.require(P.PERM_LIST)
+        return sorted(ns.entries)
+
+    async def ns_perms(self, req: Request, ns: Namespace) -> int:
+        return ns.perms
+
+    async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None) -> Opened:
+        if perms is None:
+            perms = ns.perms
+        if perms & ~ns.perms:
+            raise SchemeError(errno.EACCES, "a fork cannot have more permissions than its parent")
+        if names is None:
+            names = sorted(ns.entries)
+        for name in names:
+            if not P.valid_scheme_name(name):
+                raise SchemeError(errno.EINVAL, "bad scheme name")
+            ns.lookup(name)
+        child = Namespace(perms=perms)
+        try:
+            for name in dict.fromkeys(names):
+                child.entries[name] = AsyncCapability(await ns.entries[name].call_fd(P.CLONE))
+        except BaseException:
+            await self.close(child)
+            raise
+        return Opened(child)
+
+    async def ns_narrow(self, req: Request, ns: Namespace, perms: int) -> None:
+        if perms & ~ns.perms:
+            raise SchemeError(errno.EACCES, "permissions can only be narrowed")
+        ns.perms = perms
+
+    async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
+        ns.require(P.PERM_INSERT)
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        if len(req.passed) != 1:
+            raise SchemeError(errno.EINVAL, "register takes exactly one capability")
+        if name in ns.entries:
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = AsyncCapability(req.take_fd(0))
+
+    async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
+        ns.require(P.PERM_DELETE)
+        cap = ns.lookup(name)
+        del ns.entries[name]
+        cap.close()
+
+    async def close(self, ns: Namespace) -> None:
+        entries, ns.entries = ns.entries, {}
+        for cap in entries.values():
+            cap.close()

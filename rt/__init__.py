@@ -1,0 +1,90 @@
+"""rt: the runtime client programs import (the role of redox-rt and relibc).
+
+A process reaches resources only through capability fds: its namespace fd
+(served by nsmgr) and its current-directory fd, both adopted on import when
+the process was started by `redoxcap run` or `rt.spawn`. Every call below is
+one or a few requests on such fds; errors are OSError subclasses with the
+errno the scheme answered. Safe to use from several threads.
+"""
+
+import os as _os
+
+from rt import _process
+from rt._fileio import open_file
+from rt._paths import AT_FDCWD
+from rt._posix import (
+    StatResult,
+    chdir,
+    clone,
+    close,
+    dup,
+    fchdir,
+    fpath,
+    fstat,
+    fsync,
+    ftruncate,
+    getcwd,
+    getfl,
+    getns,
+    link,
+    listdir,
+    lseek,
+    mkdir,
+    mkns,
+    narrow,
+    nsperms,
+    open,
+    openat,
+    read,
+    readlink,
+    register,
+    rename,
+    rmdir,
+    schemes,
+    setns,
+    setup,
+    spawn,
+    stat,
+    symlink,
+    unlink,
+    unregister,
+    write,
+)
+from rt.protocol import (
+    AT_REMOVEDIR,
+    O_RESOLVE_BENEATH,
+    O_RESOLVE_IN_ROOT,
+    PERM_ALL,
+    PERM_DELETE,
+    PERM_INSERT,
+    PERM_LIST,
+    PERM_SCHEME_CREATE,
+)
+
+O_RDONLY = _os.O_RDONLY
+O_WRONLY = _os.O_WRONLY
+O_RDWR = _os.O_RDWR
+O_CREAT = _os.O_CREAT
+O_EXCL = _os.O_EXCL
+O_TRUNC = _os.O_TRUNC
+O_APPEND = _os.O_APPEND
+O_DIRECTORY = _os.O_DIRECTORY
+O_NOFOLLOW = _os.O_NOFOLLOW
+O_CLOEXEC = _os.O_CLOEXEC
+O_NONBLOCK = _os.O_NONBLOCK
+O_PATH = _os.O_PATH
+SEEK_SET, SEEK_CUR, SEEK_END = _os.SEEK_SET, _os.SEEK_CUR, _os.SEEK_END
+
+__all__ = [
+    "AT_FDCWD", "AT_REMOVEDIR", "O_APPEND", "O_CLOEXEC", "O_CREAT", "O_DIRECTORY", "O_EXCL",
+    "O_NOFOLLOW", "O_NONBLOCK", "O_PATH", "O_RDONLY", "O_RDWR", "O_RESOLVE_BENEATH",
+    "O_RESOLVE_IN_ROOT", "O_TRUNC", "O_WRONLY", "PERM_ALL", "PERM_DELETE", "PERM_INSERT",
+    "PERM_LIST", "PERM_SCHEME_CREATE", "SEEK_CUR", "SEEK_END", "SEEK_SET", "StatResult",
+    "chdir", "clone", "close", "dup", "fchdir", "fpath", "fstat", "fsync", "ftruncate",
+    "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "narrow",
+    "nsperms", "open", "open_file", "openat", "read", "readlink", "register", "rename",
+    "rmdir", "schemes", "setns", "setup", "spawn", "stat", "symlink", "unlink",
+    "unregister", "write",
+]
+
+_process.adopt_from_environment()

@@ -1,0 +1,342 @@
+"""The POSIX-like calls of the runtime, each one or a few capability requests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat as _stat
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from rt import _process
+from rt import protocol as P
+from rt._call import call, call_fd, forget
+from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
+
+
+@dataclass(frozen=True)
+class StatResult:
+    """What fstat/stat return: the fields of os.stat_result a scheme reports."""
+
+    st_mode: int = 0
+    st_ino: int = 0
+    st_dev: int = 0
+    st_nlink: int = 0
+    st_uid: int = 0
+    st_gid: int = 0
+    st_size: int = 0
+    st_atime_ns: int = 0
+    st_mtime_ns: int = 0
+    st_ctime_ns: int = 0
+    st_blocks: int = 0
+    st_blksize: int = 0
+
+    @property
+    def st_mtime(self) -> float:
+        return self.st_mtime_ns / 1e9
+
+
+_STAT_FIELDS = frozenset(StatResult.__dataclass_fields__)
+
+# -- files ---------------------------------------------------------------------
+
+
+def open(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """Open a file; returns a capability fd.
+
+    Absolute paths go through the namespace (`/x` is `/scheme/file/x`),
+    relative ones to openat(cwd_fd, ...).
+
+    Raises:
+        OSError: with the errno the scheme or nsmgr answered.
+    """
+    return openat(AT_FDCWD, path, flags, mode)
+
+
+def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """Open path relative to the directory capability dirfd (or the cwd for AT_FDCWD)."""
+    fd, path, _ = locate(path, dirfd)
+    return call_fd(fd, P.OPENAT, [path, flags, mode])
+
+
+def read(fd: int, n: int) -> bytes:
+    """Read up to n bytes; b"" at end of file. Large reads are split into frames."""
+    if n < 0:
+        raise OSError(errno.EINVAL, "negative read size")
+    if n <= P.MAX_IO:
+        return call(fd, P.READ, [n])[0]
+    parts = []
+    while n > 0:
+        chunk = call(fd, P.READ, [min(n, P.MAX_IO)])[0]
+        if not chunk:
+            break
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def write(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """Write data; returns the number of bytes written. Large writes are split into frames."""
+    data = bytes(data)
+    if len(data) <= P.MAX_IO:
+        return call(fd, P.WRITE, [data])[0]
+    done = 0
+    while done < len(data):
+        n = call(fd, P.WRITE, [data[done : done + P.MAX_IO]])[0]
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
+    """Move fd's offset (shared by its clones); returns the new offset."""
+    return call(fd, P.LSEEK, [pos, whence])[0]
+
+
+def fstat(fd: int) -> StatResult:
+    """Status of the file behind fd."""
+    value = call(fd, P.FSTAT)[0]
+    if not isinstance(value, dict):
+        raise OSError(errno.EIO, "malformed fstat reply")
+    return StatResult(**{k: v for k, v in value.items() if k in _STAT_FIELDS and isinstance(v, int)})
+
+
+def stat(path: str | os.PathLike) -> StatResult:
+    """Status of the file at path (symlinks followed)."""
+    if _is_scheme_list(path):
+        return fstat(_process.namespace_fd())
+    fd = open(path, os.O_PATH)
+    try:
+        return fstat(fd)
+    finally:
+        close(fd)
+
+
+def close(fd: int) -> None:
+    """Close a capability fd; the scheme closes the handle when its last holder does."""
+    forget(fd)
+    os.close(fd)
+
+
+def dup(fd: int, buf: bytes = b"") -> int:
+    """Ask fd's scheme for a new handle derived from fd (its own offset); buf says how."""
+    return call_fd(fd, P.DUP, [bytes(buf)])
+
+
+def clone(fd: int) -> int:
+    """A new capability fd for the same handle (shared offset), made by the router."""
+    return call_fd(fd, P.CLONE)
+
+
+def getfl(fd: int) -> int:
+    """The open flags of fd's handle, including a sticky O_RESOLVE_BENEATH."""
+    return call(fd, P.GETFL)[0]
+
+
+def fpath(fd: int) -> str:
+    """The scheme's path for fd, as /scheme/NAME/..."""
+    return call(fd, P.FPATH)[0]
+
+
+def fsync(fd: int) -> None:
+    call(fd, P.FSYNC)
+
+
+def ftruncate(fd: int, length: int) -> None:
+    call(fd, P.FTRUNCATE, [length])
+
+
+# -- directories and names ---------------------------------------------------
+
+
+def _is_scheme_list(path) -> bool:
+    return fspath(path).rstrip("/") == SCHEME_ROOT
+
+
+def listdir(path: str | os.PathLike = ".") -> list[str]:
+    """Names in a directory, sorted; `/scheme` lists the namespace's schemes."""
+    if _is_scheme_list(path):
+        return schemes()
+    fd = open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return call(fd, P.GETDENTS)[0]
+    finally:
+        close(fd)
+
+
+def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
+    fd, path, _ = locate(path)
+    call(fd, P.MKDIRAT, [path, mode])
+
+
+def unlink(path: str | os.PathLike) -> None:
+    fd, path, _ = locate(path)
+    call(fd, P.UNLINKAT, [path, 0])
+
+
+def rmdir(path: str | os.PathLike) -> None:
+    fd, path, _ = locate(path)
+    call(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
+
+
+def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Create a symlink at path holding target (stored verbatim)."""
+    fd, path, _ = locate(path)
+    call(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
+
+
+def readlink(path: str | os.PathLike) -> str:
+    fd, path, _ = locate(path)
+    return call(fd, P.READLINKAT, [path])[0]
+
+
+def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename src to dst (both in one scheme, else EXDEV)."""
+    _two_path(P.RENAMEAT, src, dst)
+
+
+def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Create a hard link dst to src."""
+    _two_path(P.LINKAT, src, dst)
+
+
+def _two_path(op: int, src, dst) -> None:
+    fd1, p1, ns1 = locate(src)
+    fd2, p2, ns2 = locate(dst)
+    if fd1 == fd2:  # both through the namespace, or both relative to the cwd
+        call(fd1, op, [p1, p2])
+        return
+    opened = []
+    try:
+        if ns1:
+            root, p1 = split_namespace_path(p1)
+            fd1 = open(root, os.O_DIRECTORY)
+            opened.append(fd1)
+        if ns2:
+            root, p2 = split_namespace_path(p2)
+            fd2 = open(root, os.O_DIRECTORY)
+            opened.append(fd2)
+        call(fd1, op, [p1, p2], [fd2])
+    finally:
+        for fd in opened:
+            close(fd)
+
+
+def chdir(path: str | os.PathLike) -> None:
+    """Make the directory at path the cwd (an fd; the old one is closed)."""
+    path = fspath(path)
+    fd = open(path, os.O_RDONLY | os.O_DIRECTORY)
+    if to_namespace_path(path) is not None:
+        new = posixpath.normpath(path)
+    else:
+        new = posixpath.normpath(posixpath.join(_process.cwd_path(), path))
+    _process.replace_cwd(fd, new.replace("//", "/"))
+
+
+def fchdir(fd: int) -> None:
+    """Make the directory fd the cwd (rt keeps its own clone); ENOTDIR otherwise."""
+    if not _stat.S_ISDIR(fstat(fd).st_mode):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    path = fpath(fd)
+    new = clone(fd)
+    if path.startswith("/scheme/file/") or path == "/scheme/file":
+        path = path[len("/scheme/file") :] or "/"
+    _process.replace_cwd(new, path)
+
+
+def getcwd() -> str:
+    """The cached path of the cwd."""
+    return _process.cwd_path()
+
+
+# -- namespaces ----------------------------------------------------------------
+
+
+def getns() -> int:
+    """The process's namespace fd (owned by rt: clone it to keep a copy)."""
+    return _process.namespace_fd()
+
+
+def setns(fd: int) -> None:
+    """Make a clone of the namespace fd the process's namespace."""
+    _process.replace_namespace(clone(fd))
+
+
+def mkns(names: Iterable[str] | None, ns: int | None = None, perms: int | None = None) -> int:
+    """Fork a namespace into one with only names (all for None) and at most perms.
+
+    Raises:
+        OSError: ENODEV for a name the parent lacks, EACCES for a permission it lacks.
+    """
+    ns_fd = _process.namespace_fd() if ns is None else ns
+    return call_fd(ns_fd, P.NS_MKNS, [None if names is None else list(names), perms])
+
+
+def narrow(ns: int, perms: int) -> None:
+    """Drop permissions from a namespace handle (EACCES if perms asks for more)."""
+    call(ns, P.NS_NARROW, [perms])
+
+
+def nsperms(ns: int | None = None) -> int:
+    """The permissions of a namespace handle."""
+    return call(_process.namespace_fd() if ns is None else ns, P.NS_PERMS)[0]
+
+
+def schemes(ns: int | None = None) -> list[str]:
+    """The names in a namespace, sorted (needs LIST)."""
+    return call(_process.namespace_fd() if ns is None else ns, P.NS_LIST)[0]
+
+
+def register(ns_fd: int, name: str, cap_fd: int) -> None:
+    """Register cap_fd (a scheme root or any directory capability) as name (needs INSERT)."""
+    call(ns_fd, P.NS_REGISTER, [name], [cap_fd])
+
+
+def unregister(ns_fd: int, name: str) -> None:
+    """Remove name from a namespace (needs DELETE)."""
+    call(ns_fd, P.NS_UNREGISTER, [name])
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def spawn(
+    argv: Sequence[str],
+    ns: int | None = None,
+    pass_fds: Sequence[int] = (),
+    env: dict[str, str] | None = None,
+    **popen_kwargs,
+) -> subprocess.Popen:
+    """Start a program that inherits clones of the namespace (or ns) and the cwd.
+
+    The child's `import rt` adopts them. Extra capability fds in pass_fds are
+    inherited as they are: clone one first if this process keeps using it.
+    """
+    ns_clone = clone(_process.namespace_fd() if ns is None else ns)
+    cwd_clone = None
+    try:
+        cwd_clone = clone(_process.cwd_fd())
+        env = dict(os.environ if env is None else env)
+        env[_process.ENV_NS] = str(ns_clone)
+        env[_process.ENV_CWD] = str(cwd_clone)
+        env[_process.ENV_CWD_PATH] = _process.cwd_path()
+        return subprocess.Popen(
+            list(argv), pass_fds=(ns_clone, cwd_clone, *pass_fds), env=env, **popen_kwargs
+        )
+    finally:
+        close(ns_clone)
+        if cwd_clone is not None:
+            close(cwd_clone)
+
+
+def setup(ns_fd: int | None, cwd_fd: int | None, cwd_path: str = "/") -> None:
+    """Install a namespace and cwd in this process (rt owns the fds from now on).
+
+    For programs that obtain their capabilities some other way than being
+    started by `redoxcap run` (the CLI itself, tests).
+    """
+    _process.replace_namespace(ns_fd)
+    _process.replace_cwd(cwd_fd, cwd_path)

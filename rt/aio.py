@@ -1,0 +1,135 @@
+"""Capabilities for trio programs (nsmgr, the supervisor, schemes that are clients).
+
+`AsyncCapability` lets many tasks of one process have requests in flight on
+one capability at once: each request carries a tag, the router echoes it, and
+whichever waiting task currently holds the reading role hands each reply to
+the task that asked. No background task is needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+from typing import Any
+
+import trio
+
+from rt import protocol as P
+from rt._call import raise_errno
+
+
+class _Waiter:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: tuple[int, Any, list[int]] | None = None
+
+
+class AsyncCapability:
+    """Owns one capability fd and serves concurrent requests on it.
+
+    Args:
+        fd: a capability fd; ownership passes to this object.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.sock = trio.socket.socket(fileno=fd)
+        self._tags = itertools.count(1)
+        self._waiters: dict[int, _Waiter] = {}
+        self._reading = False
+        self._send_lock = trio.Lock()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        for waiter in self._waiters.values():
+            waiter.event.set()
+
+    async def call(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
+        """Send one request and wait for its reply.
+
+        Args:
+            op: an operation number from rt.protocol.
+            args: the operation's arguments.
+            fds: fds to pass (the caller keeps its copies).
+
+        Returns:
+            (value, received fds); the caller owns the fds.
+
+        Raises:
+            OSError: with the errno of an ERR reply; EIO if the capability died.
+        """
+        tag = next(self._tags) & 0xFFFF_FFFF
+        waiter = self._waiters[tag] = _Waiter()
+        try:
+            async with self._send_lock:
+                await self.sock.sendmsg([P.encode_request(op, tag, args)], P.fds_ancillary(fds))
+            await self._wait(waiter)
+        except BaseException:
+            if waiter.reply is not None:
+                P.close_fds(waiter.reply[2])
+            raise
+        finally:
+            del self._waiters[tag]
+        status, value, received = waiter.reply
+        if status != P.OK:
+            P.close_fds(received)
+            raise_errno(value)
+        return value, received
+
+    async def call_fd(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> int:
+        """A request whose answer is exactly one new capability fd."""
+        _, received = await self.call(op, args, fds)
+        if len(received) != 1:
+            P.close_fds(received)
+            raise OSError(errno.EIO, "expected one capability in the reply")
+        return received[0]
+
+    async def _wait(self, waiter: _Waiter) -> None:
+        while waiter.reply is None:
+            if self.sock.fileno() < 0:
+                raise OSError(errno.EBADF, "capability closed")
+            if self._reading:
+                await waiter.event.wait()
+                waiter.event = trio.Event()
+                continue
+            self._reading = True
+            try:
+                while waiter.reply is None:
+                    self._dispatch(*await self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC))
+            finally:
+                self._reading = False
+                for other in self._waiters.values():  # hand the reading role on
+                    if other.reply is None and other is not waiter:
+                        other.event.set()
+                        break
+
+    def _dispatch(self, data: bytes, anc, flags: int, _addr) -> None:
+        fds, _ = P.parse_ancillary(anc)
+        if not data:
+            P.close_fds(fds)
+            for w in self._waiters.values():
+                w.reply = (P.ERR, errno.EIO, [])
+                w.event.set()
+            return
+        if len(data) < P.REPLY.size:
+            P.close_fds(fds)
+            return
+        tag, status = P.REPLY.unpack_from(data)
+        w = self._waiters.get(tag)
+        if w is None:
+            P.close_fds(fds)
+            return
+        try:
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise P.ProtocolError("truncated reply")
+            w.reply = (status, P.unpack(memoryview(data)[P.REPLY.size :]), fds)
+        except P.ProtocolError:
+            P.close_fds(fds)
+            w.reply = (P.ERR, errno.EIO, [])
+        w.event.set()
+

@@ -1,0 +1,229 @@
+"""The wire protocol: frame layouts, operation numbers and the frame codec.
+
+This is the one leaf module every process imports (it imports nothing of the
+project). docs/protocol.md describes the same thing in prose; keep them equal.
+
+Four frame kinds cross AF_UNIX SOCK_SEQPACKET sockets. Each starts with a
+fixed binary header so that the kernel router can route it without decoding
+the msgpack body, which it never touches:
+
+    client -> router   REQUEST   <BI   op, tag                 + body
+    router -> client   REPLY     <IB   tag, status             + body
+    router -> scheme   SREQUEST  <QQiIIBB req_id, handle, pid, uid, gid, op, nrefs
+                                  + nrefs * <Q (for each fd relayed with the request:
+                                    its handle number if it is a capability of this
+                                    same scheme, else NO_REF) + body
+    scheme -> router   SREPLY    <QB   req_id, status          + body
+                                  (status NEW_HANDLE: + <QI handle, fdflags before body)
+
+A body is a msgpack array of arguments (requests) or one msgpack value
+(replies; an errno int when status is ERR). Capabilities travel as fds in
+SCM_RIGHTS ancillary data next to the frame.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Any
+
+import msgpack
+
+# -- frame headers -----------------------------------------------------------
+
+REQUEST = struct.Struct("<BI")
+REPLY = struct.Struct("<IB")
+SREQUEST = struct.Struct("<QQiIIBB")
+SREPLY = struct.Struct("<QB")
+NEW_HANDLE_HDR = struct.Struct("<QI")
+REF = struct.Struct("<Q")
+
+NO_REF = 0xFFFF_FFFF_FFFF_FFFF  # in an SREQUEST ref slot: "not one of your capabilities"
+ROOT_HANDLE = 0  # every scheme's handle 0 is its root; it survives scheme restarts
+
+# -- reply statuses ------------------------------------------------------------
+
+OK = 0
+ERR = 1
+NEW_HANDLE = 2  # scheme -> router only: mint a capability for this handle
+
+# -- operations ----------------------------------------------------------------
+# 1..15 are answered by the router itself; 16.. are forwarded to the scheme.
+
+CLONE = 1  # any capability: a new socket for the same handle (shared offset)
+GETFL = 2  # any capability: the fd flags the scheme gave the handle
+SCHEME_CREATE = 8  # kernel capability: a new anonymous scheme
+SCHEME_RESTART = 9  # kernel capability: a new channel for a scheme whose daemon died
+KERNEL_STATUS = 10  # kernel capability: counters per scheme id
+SCHEME_STATUS = 14  # router -> scheme: how many handles are open (internal)
+CLOSE = 15  # router -> scheme: the last capability for a handle is gone (no reply)
+
+OPENAT = 16
+READ = 17
+WRITE = 18
+LSEEK = 19
+FSTAT = 20
+FTRUNCATE = 21
+FSYNC = 22
+GETDENTS = 23
+FPATH = 24
+MKDIRAT = 25
+UNLINKAT = 26
+RENAMEAT = 27
+SYMLINKAT = 28
+READLINKAT = 29
+DUP = 30
+LINKAT = 31
+SHUTDOWN = 32
+NS_LIST = 40
+NS_MKNS = 41
+NS_NARROW = 42
+NS_REGISTER = 43
+NS_UNREGISTER = 44
+NS_PERMS = 45
+
+FIRST_SCHEME_OP = 16
+
+_INT = (int,)
+_STR = (str,)
+_BYTES = (bytes,)
+
+# op -> (method name, argument types); the scheme framework checks every
+# request against this before calling the method.
+SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
+    OPENAT: ("openat", (_STR, _INT, _INT)),
+    READ: ("read", (_INT,)),
+    WRITE: ("write", (_BYTES,)),
+    LSEEK: ("lseek", (_INT, _INT)),
+    FSTAT: ("fstat", ()),
+    FTRUNCATE: ("ftruncate", (_INT,)),
+    FSYNC: ("fsync", ()),
+    GETDENTS: ("getdents", ()),
+    FPATH: ("fpath", ()),
+    MKDIRAT: ("mkdirat", (_STR, _INT)),
+    UNLINKAT: ("unlinkat", (_STR, _INT)),
+    RENAMEAT: ("renameat", (_STR, _STR)),
+    SYMLINKAT: ("symlinkat", (_STR, _STR)),
+    READLINKAT: ("readlinkat", (_STR,)),
+    LINKAT: ("linkat", (_STR, _STR)),
+    DUP: ("dup", (_BYTES,)),
+    SHUTDOWN: ("shutdown", (_INT,)),
+    NS_LIST: ("ns_list", ()),
+    NS_MKNS: ("ns_mkns", ((list, type(None)), (int, type(None)))),
+    NS_NARROW: ("ns_narrow", (_INT,)),
+    NS_REGISTER: ("ns_register", (_STR,)),
+    NS_UNREGISTER: ("ns_unregister", (_STR,)),
+    NS_PERMS: ("ns_perms", ()),
+}
+
+# -- flags ---------------------------------------------------------------------
+# Open flags are Linux's; these two use bits Linux leaves free.
+
+O_RESOLVE_BENEATH = 0x1000_0000
+O_RESOLVE_IN_ROOT = 0x2000_0000
+AT_REMOVEDIR = 0x200  # as Linux
+
+# Namespace permissions (after Redox's nsmgr).
+PERM_LIST = 1
+PERM_INSERT = 2
+PERM_DELETE = 4
+PERM_SCHEME_CREATE = 8
+PERM_ALL = PERM_LIST | PERM_INSERT | PERM_DELETE | PERM_SCHEME_CREATE
+
+# -- limits --------------------------------------------------------------------
+
+MAX_IO = 128 * 1024  # largest read or write payload in one frame
+MAX_FRAME = MAX_IO + 4096  # receive buffer; a larger frame is MSG_TRUNC -> EINVAL
+MAX_FDS = 253  # SCM_RIGHTS limit per message
+CMSG_FDS = socket.CMSG_SPACE(4 * MAX_FDS)
+CMSG_ALL = socket.CMSG_SPACE(12) + CMSG_FDS  # credentials first, then fds
+MAX_NAME = 255  # longest scheme name
+MAX_PATH = 4096  # longest path in a request
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded; always answered with EINVAL."""
+
+    errno = errno.EINVAL
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def pack(value: Any) -> bytes:
+    """Encode one body value."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    """Decode an untrusted body; any malformation raises ProtocolError."""
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, ext_hook=_no_ext, use_list=True
+        )
+    except (ValueError, UnicodeDecodeError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...]) -> bytes:
+    """A client request frame."""
+    return REQUEST.pack(op, tag) + pack(list(args))
+
+
+def encode_reply(tag: int, status: int, value: Any) -> bytes:
+    """A reply frame as the router sends it to a client."""
+    return REPLY.pack(tag, status) + pack(value)
+
+
+def decode_reply(data: bytes) -> tuple[int, int, Any]:
+    """Split a reply frame into (tag, status, value)."""
+    if len(data) < REPLY.size:
+        raise ProtocolError("short reply")
+    tag, status = REPLY.unpack_from(data)
+    return tag, status, unpack(memoryview(data)[REPLY.size :])
+
+
+def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], tuple[int, int, int] | None]:
+    """Extract (fds, (pid, uid, gid) or None) from recvmsg ancillary data."""
+    fds: list[int] = []
+    cred = None
+    for level, kind, data in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+        elif kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            cred = struct.unpack_from("iII", data)
+    return fds, cred
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every fd in a list, ignoring ones already gone."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def fds_ancillary(fds: list[int] | tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data carrying fds with SCM_RIGHTS (empty list for none)."""
+    if not fds:
+        return []
+    if len(fds) > MAX_FDS:
+        raise OSError(errno.EINVAL, f"at most {MAX_FDS} fds per message")
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+
+
+def valid_scheme_name(name: object) -> bool:
+    """Scheme names: non-empty ASCII, no NUL, '/' or ':'."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME
+        and name.isascii()
+        and not any(c in name for c in "\0/:")
+    )

@@ -1,0 +1,1 @@
+"""Scheme daemons: the framework (schemes/framework.py) and one module per scheme."""

@@ -1,0 +1,369 @@
+"""The scheme framework: one class states the whole request protocol.
+
+A scheme daemon subclasses `Scheme` and overrides the operations it serves;
+every operation it does not override fails with ENOSYS. `serve()` reads
+requests from the channel the kernel router gave the scheme, runs each in its
+own task (a slow request never holds up the others), and turns what the
+method returns or raises into the reply:
+
+- a plain value            -> OK with that value
+- `Opened(obj, fdflags)`   -> a new handle; the router mints a capability for it
+- `Reply(value, fds)`      -> OK with fds passed to the caller (then closed here)
+- `SchemeError` / OSError  -> ERR with its errno; any other exception -> EIO, logged
+
+Handles are numbered by the framework; handle 0 is the root (`Scheme.root()`),
+which the router keeps across daemon restarts. When the router says CLOSE,
+in-flight requests on that handle are cancelled and `close()` is called.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from rt import protocol as P
+
+log = logging.getLogger("scheme")
+
+
+class SchemeError(Exception):
+    """The one error a scheme method raises: carries the errno for the reply."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(err, message or os.strerror(err))
+        self.errno = err
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as verified by Linux (SO_PASSCRED at the router)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class HandleRef:
+    """A capability of this same scheme that the caller passed with a request.
+
+    `number` names the handle in `Scheme.handles`; `fd` is the capability
+    itself (closed with the request unless taken with `Request.take_fd`).
+    """
+
+    number: int
+    fd: int
+
+
+@dataclass
+class Request:
+    """One request as a method sees it.
+
+    `passed` holds, for each capability the caller attached, a HandleRef
+    (it is one of ours) or the fd (anything else). Fds left in `passed` are
+    closed when the method returns; a method keeps one with `take_fd`.
+    """
+
+    caller: Caller
+    handle: int
+    op: int
+    passed: list[HandleRef | int | None] = field(default_factory=list)
+
+    def take_fd(self, index: int) -> int:
+        """Take ownership of the index-th passed capability fd (EINVAL if there is none)."""
+        item = self.passed[index] if 0 <= index < len(self.passed) else None
+        if item is None:
+            raise SchemeError(errno.EINVAL, "expected a capability fd")
+        self.passed[index] = None
+        return item.fd if isinstance(item, HandleRef) else item
+
+    def passed_fds(self) -> list[int]:
+        """The passed fds not taken yet."""
+        return [x.fd if isinstance(x, HandleRef) else x for x in self.passed if x is not None]
+
+
+@dataclass
+class Opened:
+    """Returned by an operation that creates a handle (openat, dup)."""
+
+    obj: Any
+    fdflags: int = 0
+    value: Any = None
+
+
+@dataclass
+class Reply:
+    """Returned by an operation that answers with fds; they are closed once sent."""
+
+    value: Any = None
+    fds: list[int] = field(default_factory=list)
+
+
+class Scheme:
+    """Base class of every scheme daemon: one async method per operation.
+
+    Each method gets the Request, the handle's object (whatever `openat` or
+    `root` created) and the request's arguments, already type-checked
+    against rt.protocol.SCHEME_OPS.
+    """
+
+    name = "scheme"
+    handles: dict[int, Any]  # number -> object, set by the framework when serving
+
+    def root(self) -> Any:
+        """The object behind handle 0 (the scheme's root)."""
+        return None
+
+    async def openat(self, req: Request, h: Any, path: str, flags: int, mode: int) -> Opened | Reply:
+        """Open path relative to handle h."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def read(self, req: Request, h: Any, n: int) -> bytes:
+        """Read up to n bytes at the handle's offset; b"" at end of file."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def write(self, req: Request, h: Any, data: bytes) -> int:
+        """Write data; returns how many bytes were taken."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def lseek(self, req: Request, h: Any, pos: int, whence: int) -> int:
+        """Move the handle's offset; returns the new offset."""
+        raise SchemeError(errno.ESPIPE)
+
+    async def fstat(self, req: Request, h: Any) -> dict:
+        """Status as a dict of os.stat_result field names (st_mode, st_size, ...)."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def ftruncate(self, req: Request, h: Any, length: int) -> None:
+        """Set the size of the handle's file."""
+        raise SchemeError(errno.EINVAL)
+
+    async def fsync(self, req: Request, h: Any) -> None:
+        """Flush the handle's data to stable storage."""
+        raise SchemeError(errno.EINVAL)
+
+    async def getdents(self, req: Request, h: Any) -> list[str]:
+        """The names in a directory handle, sorted, without . and .."""
+        raise SchemeError(errno.ENOTDIR)
+
+    async def fpath(self, req: Request, h: Any) -> str:
+        """The handle's path as /scheme/NAME/..."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def mkdirat(self, req: Request, h: Any, path: str, mode: int) -> None:
+        """Create a directory at path relative to h."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def unlinkat(self, req: Request, h: Any, path: str, flags: int) -> None:
+        """Remove a name (a directory with AT_REMOVEDIR)."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def renameat(self, req: Request, h: Any, old: str, new: str) -> None:
+        """Rename old (relative to h) to new (relative to the passed HandleRef, or h)."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def symlinkat(self, req: Request, h: Any, target: str, path: str) -> None:
+        """Create a symlink at path whose contents are target."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def readlinkat(self, req: Request, h: Any, path: str) -> str:
+        """The contents of the symlink at path."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def linkat(self, req: Request, h: Any, old: str, new: str) -> None:
+        """Create a hard link new (relative to the passed HandleRef, or h) to old."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def dup(self, req: Request, h: Any, buf: bytes) -> Opened | Reply:
+        """A new handle derived from h; buf says how (b"" is a plain copy)."""
+        raise SchemeError(errno.ENOSYS)
+
+    async def shutdown(self, req: Request, h: Any, how: int) -> None:
+        """Shut down one or both directions of a connection."""
+        raise SchemeError(errno.ENOTSOCK)
+
+    async def ns_list(self, req: Request, h: Any) -> list[str]:
+        raise SchemeError(errno.ENOSYS)
+
+    async def ns_mkns(self, req: Request, h: Any, names: list | None, perms: int | None) -> Opened:
+        raise SchemeError(errno.ENOSYS)
+
+    async def ns_narrow(self, req: Request, h: Any, perms: int) -> None:
+        raise SchemeError(errno.ENOSYS)
+
+    async def ns_register(self, req: Request, h: Any, name: str) -> None:
+        raise SchemeError(errno.ENOSYS)
+
+    async def ns_unregister(self, req: Request, h: Any, name: str) -> None:
+        raise SchemeError(errno.ENOSYS)
+
+    async def ns_perms(self, req: Request, h: Any) -> int:
+        raise SchemeError(errno.ENOSYS)
+
+    async def close(self, h: Any) -> None:
+        """The last capability for h is gone: release what it holds."""
+
+
+class _Server:
+    """The request loop for one scheme on one channel."""
+
+    def __init__(self, scheme: Scheme, channel: trio.socket.SocketType) -> None:
+        self.scheme = scheme
+        self.channel = channel
+        self.handles: dict[int, Any] = {P.ROOT_HANDLE: scheme.root()}
+        scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
+        self.inflight: dict[int, set[trio.CancelScope]] = {}
+        self.numbers = itertools.count(1)
+        self.send_lock = trio.Lock()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                data, anc, flags, _ = await self.channel.recvmsg(
+                    P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC
+                )
+                fds, _ = P.parse_ancillary(anc)
+                if not data and not fds:
+                    break  # the router is gone
+                if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) < P.SREQUEST.size:
+                    P.close_fds(fds)
+                    log.warning("%s: malformed frame from the router dropped", self.scheme.name)
+                    continue
+                req_id, number, pid, uid, gid, op, nrefs = P.SREQUEST.unpack_from(data)
+                if op == P.CLOSE:
+                    P.close_fds(fds)
+                    nursery.start_soon(self._close, number)
+                    continue
+                nursery.start_soon(self._handle, req_id, number, Caller(pid, uid, gid), op, nrefs, data, fds)
+        self.channel.close()
+
+    async def _close(self, number: int) -> None:
+        obj = self.handles.pop(number, None)
+        for scope in self.inflight.pop(number, ()):
+            scope.cancel()
+        if obj is not None:
+            try:
+                await self.scheme.close(obj)
+            except Exception:
+                log.exception("%s: close failed", self.scheme.name)
+
+    def _passed(self, data: bytes, nrefs: int, fds: list[int]) -> tuple[list, int]:
+        """Pair the ref slots with the relayed fds; returns (passed, body offset)."""
+        if nrefs != len(fds):
+            raise ValueError("fd count does not match the header")
+        offset = P.SREQUEST.size
+        passed: list[HandleRef | int | None] = []
+        for fd in fds:
+            (ref,) = P.REF.unpack_from(data, offset)
+            offset += P.REF.size
+            passed.append(fd if ref == P.NO_REF else HandleRef(ref, fd))
+        return passed, offset
+
+    async def _handle(self, req_id, number, caller, op, nrefs, data, fds) -> None:
+        req = None
+        try:
+            try:
+                passed, offset = self._passed(data, nrefs, fds)
+            except (ValueError, struct.error):
+                raise P.ProtocolError("bad fd references") from None
+            req = Request(caller, number, op, passed)
+            fds = []  # owned by req.passed now
+            result = await self._call(req, number, op, memoryview(data)[offset:])
+        except (SchemeError, OSError) as exc:
+            await self._send(req_id, P.ERR, exc.errno or errno.EIO)
+        except P.ProtocolError:
+            await self._send(req_id, P.ERR, errno.EINVAL)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("%s: op %d failed", self.scheme.name, op)
+            await self._send(req_id, P.ERR, errno.EIO)
+        else:
+            await self._answer(req_id, result)
+        finally:
+            P.close_fds(fds)
+            if req is not None:
+                P.close_fds(req.passed_fds())
+
+    async def _call(self, req: Request, number: int, op: int, body: memoryview) -> Any:
+        if op == P.SCHEME_STATUS:
+            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values()))}
+        spec = P.SCHEME_OPS.get(op)
+        if spec is None:
+            raise SchemeError(errno.ENOSYS, f"unknown operation {op}")
+        name, types = spec
+        args = P.unpack(body)
+        if not isinstance(args, list) or len(args) != len(types):
+            raise P.ProtocolError("wrong number of arguments")
+        for arg, allowed in zip(args, types):
+            if type(arg) not in allowed:
+                raise P.ProtocolError("argument of the wrong type")
+        if number not in self.handles:
+            raise SchemeError(errno.EBADF)
+        obj = self.handles[number]
+        with trio.CancelScope() as scope:
+            self.inflight.setdefault(number, set()).add(scope)
+            try:
+                return await getattr(self.scheme, name)(req, obj, *args)
+            finally:
+                scopes = self.inflight.get(number)
+                if scopes is not None:
+                    scopes.discard(scope)
+                    if not scopes:
+                        del self.inflight[number]
+        raise SchemeError(errno.EBADF, "handle closed during the request")
+
+    async def _answer(self, req_id: int, result: Any) -> None:
+        if isinstance(result, Opened):
+            number = next(self.numbers)
+            self.handles[number] = result.obj
+            header = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(number, result.fdflags)
+            await self._send_frame(header + P.pack(result.value), [])
+        elif isinstance(result, Reply):
+            try:
+                await self._send_frame(P.SREPLY.pack(req_id, P.OK) + P.pack(result.value), result.fds)
+            finally:
+                P.close_fds(result.fds)
+        else:
+            await self._send(req_id, P.OK, result)
+
+    async def _send(self, req_id: int, status: int, value: Any) -> None:
+        await self._send_frame(P.SREPLY.pack(req_id, status) + P.pack(value), [])
+
+    async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
+        async with self.send_lock:
+            await self.channel.sendmsg([frame], P.fds_ancillary(fds))
+
+
+async def serve(scheme: Scheme, channel_fd: int) -> None:
+    """Serve scheme on the channel fd the router gave it, until the router goes away.
+
+    Args:
+        scheme: the scheme to serve.
+        channel_fd: this daemon's end of the scheme channel (ownership passes here).
+    """
+    channel = trio.socket.socket(fileno=channel_fd)
+    try:
+        await _Server(scheme, channel).run()
+    finally:
+        channel.close()
+
+
+def daemon_main(scheme: Scheme, channel_fd: int) -> None:
+    """Entry point shared by the scheme daemons' __main__ modules."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"{scheme.name}[%(process)d] %(levelname)s %(message)s",
+    )
+    try:
+        trio.run(serve, scheme, channel_fd)
+    except KeyboardInterrupt:
+        pass

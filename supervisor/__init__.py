@@ -1,0 +1,1 @@
+"""The supervisor: the `redoxcap` command, booting and watching the system."""

@@ -1,0 +1,288 @@
+"""The `redoxcap` command: boot the system, run clients in it, show it, stop it.
+
+Exit codes (every failure maps onto one of these):
+
+    0  success (for `run`: the command's own exit code is passed through)
+    1  a request failed (the message says why)
+    2  usage error
+    3  no system is running at the state directory
+    4  a system is already running there
+    5  the system failed to boot
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from supervisor import control
+from supervisor.system import file_scheme
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_ALREADY_RUNNING = 4
+EXIT_BOOT_FAILED = 5
+
+BOOT_TIMEOUT = 30.0
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"redoxcap-{os.getuid()}"
+
+
+def default_root() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "redoxcap" / "root"
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"redoxcap: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="REDOXCAP_STATE_DIR", default=default_state_dir, show_default="$XDG_RUNTIME_DIR/redoxcap-UID",
+              help="Where a running system keeps its control socket.")
+@click.pass_context
+def main(ctx: click.Context, state_dir: Path) -> None:
+    """redoxcap: Redox OS's capability architecture as Linux processes.
+
+    A kernel router, the namespace manager (nsmgr) and one daemon per scheme
+    exchange msgpack frames over SOCK_SEQPACKET sockets; capabilities are
+    fds. `run` hands a program exactly the namespace and directory you give it.
+    """
+    ctx.obj = state_dir.absolute()
+
+
+root_option = click.option(
+    "--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Host directory served by the file scheme [default: ~/.local/share/redoxcap/root].")
+
+
+def _resolve_root(root: Path | None) -> Path:
+    root = (root or default_root()).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@main.command()
+@root_option
+@click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
+@click.option("--watch-fd", type=int, default=None, hidden=True)
+@click.pass_obj
+def up(state_dir: Path, root: Path | None, detach: bool, watch_fd: int | None) -> None:
+    """Boot the kernel, nsmgr and the schemes, and serve until `down`."""
+    if control.is_running(state_dir):
+        fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
+    root = _resolve_root(root)
+    if detach:
+        proc = _spawn_supervisor(state_dir, root)
+        _wait_until_up(state_dir, proc)
+        click.echo(f"redoxcap is up (pid {proc.pid}, state {state_dir}, root {root})")
+        return
+    import trio
+
+    from supervisor.up import main as up_main
+
+    logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
+    try:
+        trio.run(up_main, state_dir, [file_scheme(str(root))], {"root": str(root)}, watch_fd)
+    except OSError as exc:
+        fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
+
+
+def _spawn_supervisor(state_dir: Path, root: Path, watch_fd: int | None = None) -> subprocess.Popen:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", "--root", str(root)]
+    pass_fds: tuple[int, ...] = ()
+    if watch_fd is not None:
+        argv += ["--watch-fd", str(watch_fd)]
+        pass_fds = (watch_fd,)
+    with open(state_dir / control.LOG_NAME, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True, pass_fds=pass_fds)
+
+
+def _wait_until_up(state_dir: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = (state_dir / control.LOG_NAME).read_text(errors="replace")[-2000:]
+            fail(f"the system failed to boot (exit {proc.returncode}):\n{log}", EXIT_BOOT_FAILED)
+        if control.is_running(state_dir):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    fail(f"the system did not come up within {BOOT_TIMEOUT:.0f}s", EXIT_BOOT_FAILED)
+
+
+def _shutdown(state_dir: Path, wait: float = 15.0) -> None:
+    """Ask the supervisor at state_dir to stop and wait until it has."""
+    pid_file = state_dir / control.PID_NAME
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    control.request(state_dir, "shutdown")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and pid_file.exists():
+        time.sleep(0.05)
+    if pid_file.exists() and pid is not None:
+        os.kill(pid, signal.SIGKILL)
+
+
+@main.command()
+@click.pass_obj
+def down(state_dir: Path) -> None:
+    """Stop the system: every daemon it started, and its sockets."""
+    try:
+        _shutdown(state_dir)
+    except control.NotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
+    except control.ControlError as exc:
+        fail(str(exc))
+    click.echo("redoxcap is down")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+@click.pass_obj
+def status(state_dir: Path, as_json: bool) -> None:
+    """Show schemes, processes, open capabilities and frames handled, per daemon."""
+    try:
+        reply, _ = control.request(state_dir, "status")
+    except control.NotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
+    except control.ControlError as exc:
+        fail(str(exc))
+    info = reply["status"]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}")
+    if "root" in info:
+        click.echo(f"file root {info['root']}")
+    header = f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} {'RESTARTS':>8}"
+    click.echo(header)
+    for d in info["daemons"]:
+        click.echo(
+            f"{d['name']:<10} {d.get('pid') or '-':>7} {d.get('scheme_id', '-'):>6} "
+            f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
+            f"{d.get('restarts', '-'):>8}" + ("  FAILED" if d.get("failed") else "")
+        )
+
+
+def _handles(d: dict) -> str:
+    value = d.get("scheme_handles")
+    return "-" if value is None else str(value)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--ns", "names", default=None, metavar="NAMES",
+              help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
+@click.option("--cwd", default="/", show_default=True,
+              help="The command's current directory (a file-scheme path or /scheme/NAME/...).")
+@root_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND with the namespace and current directory you give it.
+
+    COMMAND inherits a namespace fd and a cwd fd (found by `import rt`).
+    With no system up at the state directory, a private one is booted for
+    the duration of COMMAND.
+    """
+    private = None
+    if not control.is_running(state_dir):
+        private = _boot_private(_resolve_root(root))
+        state_dir = private[0]
+    elif root is not None:
+        fail("--root only applies when run boots a private system; this one is already up", EXIT_USAGE)
+    try:
+        code = _run_command(state_dir, names, cwd, list(command))
+    finally:
+        if private is not None:
+            _stop_private(*private)
+    sys.exit(code)
+
+
+def _boot_private(root: Path) -> tuple[Path, subprocess.Popen, int]:
+    state_dir = Path(tempfile.mkdtemp(prefix="redoxcap-run-"))
+    watch_r, watch_w = os.pipe()
+    try:
+        proc = _spawn_supervisor(state_dir, root, watch_r)
+    finally:
+        os.close(watch_r)
+    _wait_until_up(state_dir, proc)
+    return state_dir, proc, watch_w
+
+
+def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None:
+    os.close(watch_w)  # the supervisor stops when this pipe reaches EOF
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _run_command(state_dir: Path, names: str | None, cwd: str, command: list[str]) -> int:
+    import rt
+    from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
+
+    try:
+        _, fds = control.request(state_dir, "namespace")
+    except control.ControlError as exc:
+        fail(str(exc), EXIT_NOT_RUNNING if isinstance(exc, control.NotRunning) else EXIT_FAILED)
+    root_ns = fds[0]
+    child_ns = cwd_fd = None
+    try:
+        wanted = None if names is None else [n for n in names.split(",") if n]
+        try:
+            child_ns = rt.mkns(wanted, ns=root_ns)
+        except OSError as exc:
+            fail(f"--ns {names!r}: {exc.strerror}")
+        cwd_path = posixpath.normpath(cwd if cwd.startswith("/") else "/" + cwd)
+        try:
+            rt.setup(root_ns, None)
+            root_ns = None  # owned by rt now
+            cwd_fd = rt.open(cwd_path, rt.O_DIRECTORY)
+        except OSError as exc:
+            fail(f"--cwd {cwd}: {exc.strerror}")
+        env = dict(os.environ, **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
+        try:
+            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env)
+        except OSError as exc:
+            fail(f"{command[0]}: {exc.strerror}", 127)
+    finally:
+        for fd in (root_ns, child_ns, cwd_fd):
+            if fd is not None:
+                os.close(fd)
+        rt.setup(None, None)
+    return _wait_forwarding_signals(proc)
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code

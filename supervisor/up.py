@@ -1,0 +1,98 @@
+"""`redoxcap up` in the foreground: boot a System and serve the control socket.
+
+The state directory (mode 0700) holds the control socket, the token and the
+pid file while the system runs; all three are removed on the way out, however
+the supervisor is asked to stop (`redoxcap down`, SIGINT, SIGTERM, or EOF on
+the watch fd that a private `redoxcap run` passes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from rt import protocol as P
+from supervisor import control
+from supervisor.system import SchemeSpec, System
+
+log = logging.getLogger("supervisor")
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state directory, private to its owner."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if state_dir.stat().st_uid != os.getuid():
+        raise PermissionError(f"{state_dir} belongs to another user")
+    os.chmod(state_dir, 0o700)
+
+
+async def main(
+    state_dir: Path,
+    specs: list[SchemeSpec],
+    info: dict | None = None,
+    watch_fd: int | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a system until asked to stop; everything it started is stopped on return.
+
+    Args:
+        state_dir: where the control socket, token and pid file live.
+        specs: the scheme daemons to run besides the kernel and nsmgr.
+        info: extra facts reported by `status` (the file root, mounts).
+        watch_fd: stop when this inherited fd reaches EOF (a private run's pipe).
+    """
+    prepare_state_dir(state_dir)
+    token = control.write_token(state_dir)
+    pid_file = state_dir / control.PID_NAME
+    pid_file.write_text(f"{os.getpid()}\n")
+    system = System(specs)
+    stop = trio.Event()
+
+    async def ping(_request):
+        return {}, []
+
+    async def namespace(_request):
+        return {}, [await system.namespace.call_fd(P.CLONE)]
+
+    async def status(_request):
+        return {"status": {**await system.status(), "state_dir": str(state_dir), **(info or {})}}, []
+
+    async def shutdown(_request):
+        stop.set()
+        return {}, []
+
+    handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown}
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await system.boot(nursery)
+                await nursery.start(control.serve, state_dir / control.SOCKET_NAME, token, handlers)
+                nursery.start_soon(_stop_on_signal, stop)
+                if watch_fd is not None:
+                    nursery.start_soon(_stop_on_eof, watch_fd, stop)
+                log.info("up: %d schemes, state in %s", len(specs), state_dir)
+                task_status.started(system)
+                await stop.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await system.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        for name in (control.TOKEN_NAME, control.PID_NAME, control.SOCKET_NAME):
+            (state_dir / name).unlink(missing_ok=True)
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for _ in signals:
+            stop.set()
+            return
+
+
+async def _stop_on_eof(fd: int, stop: trio.Event) -> None:
+    await trio.lowlevel.wait_readable(fd)
+    stop.set()
