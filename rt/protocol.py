@@ -77,6 +77,8 @@ READLINKAT = 29
 DUP = 30
 LINKAT = 31
 SHUTDOWN = 32
+SENDFD = 33
+RECVFD = 34
 NS_LIST = 40
 NS_MKNS = 41
 NS_NARROW = 42
@@ -110,6 +112,8 @@ SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
     LINKAT: ("linkat", (_STR, _STR)),
     DUP: ("dup", (_BYTES,)),
     SHUTDOWN: ("shutdown", (_INT,)),
+    SENDFD: ("sendfd", ()),
+    RECVFD: ("recvfd", ()),
     NS_LIST: ("ns_list", ()),
     NS_MKNS: ("ns_mkns", ((list, type(None)), (int, type(None)))),
     NS_NARROW: ("ns_narrow", (_INT,)),

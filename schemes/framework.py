@@ -18,12 +18,15 @@ in-flight requests on that handle are cancelled and `close()` is called.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import itertools
 import logging
 import os
 import socket
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +193,14 @@ class Scheme:
         """Shut down one or both directions of a connection."""
         raise SchemeError(errno.ENOTSOCK)
 
+    async def sendfd(self, req: Request, h: Any) -> None:
+        """Queue the capability passed with the request for the peer of h to receive."""
+        raise SchemeError(errno.EOPNOTSUPP)
+
+    async def recvfd(self, req: Request, h: Any) -> Reply:
+        """Receive the next capability sent by the peer (Reply with one fd)."""
+        raise SchemeError(errno.EOPNOTSUPP)
+
     async def ns_list(self, req: Request, h: Any) -> list[str]:
         raise SchemeError(errno.ENOSYS)
 
@@ -355,6 +366,27 @@ async def serve(scheme: Scheme, channel_fd: int) -> None:
         await _Server(scheme, channel).run()
     finally:
         channel.close()
+
+
+def daemon_cli(
+    module: str,
+    make: Callable[[argparse.Namespace], Scheme],
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
+    """`python -m MODULE --channel-fd N [options]`: the shared __main__ of scheme daemons.
+
+    Args:
+        module: the daemon's module name, for --help.
+        make: builds the scheme from the parsed arguments.
+        configure: adds the daemon's own options to the parser.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=sys.modules["__main__"].__doc__)
+    parser.add_argument("--channel-fd", type=int, required=True,
+                        help="inherited scheme channel from the router's SCHEME_CREATE")
+    if configure is not None:
+        configure(parser)
+    args = parser.parse_args()
+    daemon_main(make(args), args.channel_fd)
 
 
 def daemon_main(scheme: Scheme, channel_fd: int) -> None:

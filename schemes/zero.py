@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import stat
 
 from rt import protocol as P
-from schemes.framework import Opened, Request, Scheme, daemon_main
+from schemes.framework import Opened, Request, Scheme, daemon_cli
 
 
 class ZeroScheme(Scheme):
@@ -34,6 +33,4 @@ class ZeroScheme(Scheme):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m schemes.zero", description=__doc__)
-    parser.add_argument("--channel-fd", type=int, required=True)
-    daemon_main(ZeroScheme(), parser.parse_args().channel_fd)
+    daemon_cli("schemes.zero", lambda args: ZeroScheme())
