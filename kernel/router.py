@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import trio
 
 from rt import protocol as P
+from rt.channel import Channel
 
 log = logging.getLogger("kernel")
 
@@ -42,7 +43,7 @@ class Scheme:
     """One anonymous scheme: its request channel and what is open on it."""
 
     id: int
-    channel: trio.socket.SocketType | None = None
+    channel: Channel | None = None
     generation: int = 0
     alive: bool = False
     frames: int = 0
@@ -50,7 +51,6 @@ class Scheme:
         default_factory=dict
     )
     handles: dict[int, SchemeHandle] = field(default_factory=dict)
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass(eq=False)
@@ -73,10 +73,9 @@ class SchemeHandle:
 class Capability:
     """The router's end of one capability socket."""
 
-    sock: trio.socket.SocketType
+    channel: Channel
     handle: SchemeHandle
     ino: int  # inode of the holder's end: identifies the cap when it is passed back to us
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class Router:
@@ -97,9 +96,9 @@ class Router:
 
     def adopt_kernel_capability(self, fd: int) -> None:
         """Serve an inherited socket as a kernel capability (the supervisor's)."""
-        sock = trio.socket.socket(fileno=fd)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._start_capability(sock, self._kernel_handle, ino=-1)
+        channel = Channel.from_fd(fd)
+        channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._start_capability(channel, self._kernel_handle, ino=-1)
 
     def mint(self, handle: SchemeHandle) -> int:
         """Create a capability for handle; returns the holder's end (caller owns it)."""
@@ -107,15 +106,15 @@ class Router:
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             ino = os.fstat(theirs.fileno()).st_ino
-            self._start_capability(trio.socket.from_stdlib_socket(ours), handle, ino)
+            self._start_capability(Channel(ours), handle, ino)
         except BaseException:
             ours.close()
             theirs.close()
             raise
         return theirs.detach()
 
-    def _start_capability(self, sock: trio.socket.SocketType, handle: SchemeHandle, ino: int) -> None:
-        cap = Capability(sock, handle, ino)
+    def _start_capability(self, channel: Channel, handle: SchemeHandle, ino: int) -> None:
+        cap = Capability(channel, handle, ino)
         handle.refs += 1
         if ino >= 0:
             self._by_ino[ino] = cap
@@ -125,12 +124,9 @@ class Router:
         try:
             while True:
                 try:
-                    data, anc, flags, _ = await cap.sock.recvmsg(
-                        P.MAX_FRAME, P.CMSG_ALL, socket.MSG_CMSG_CLOEXEC
-                    )
-                except OSError:
+                    data, fds, flags, cred = await cap.channel.recv(P.CMSG_ALL)
+                except (OSError, trio.ClosedResourceError):
                     break
-                fds, cred = P.parse_ancillary(anc)
                 if not data and not fds:
                     break  # EOF: every holder closed it or died
                 await self._on_request(cap, data, flags, fds, cred)
@@ -138,7 +134,7 @@ class Router:
             self._release(cap)
 
     def _release(self, cap: Capability) -> None:
-        cap.sock.close()
+        cap.channel.close()
         self._by_ino.pop(cap.ino, None)
         handle = cap.handle
         handle.refs -= 1
@@ -203,9 +199,8 @@ class Router:
         if channel is None:
             return
         try:
-            async with scheme.send_lock:
-                await channel.sendmsg([frame], P.fds_ancillary(fds))
-        except OSError as exc:
+            await channel.send(frame, fds)
+        except (OSError, trio.ClosedResourceError) as exc:
             log.warning("scheme %d: send failed: %s", scheme.id, exc)
             self._scheme_died(scheme)
 
@@ -215,8 +210,7 @@ class Router:
 
     async def _send_raw(self, cap: Capability, frame: bytes, fds) -> None:
         try:
-            async with cap.send_lock:
-                await cap.sock.sendmsg([frame], P.fds_ancillary(fds))
+            await cap.channel.send(frame, fds)
         except (OSError, trio.ClosedResourceError):
             pass  # the holder is gone; its EOF cleans up
 
@@ -270,7 +264,7 @@ class Router:
     def _attach_channel(self, scheme: Scheme) -> int:
         """Give scheme a fresh request channel; returns the daemon's end."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        scheme.channel = trio.socket.from_stdlib_socket(ours)
+        scheme.channel = Channel(ours)
         scheme.generation += 1
         scheme.alive = True
         self._nursery.start_soon(self._serve_scheme, scheme, scheme.channel)
@@ -323,12 +317,9 @@ class Router:
         try:
             while True:
                 try:
-                    data, anc, flags, _ = await channel.recvmsg(
-                        P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC
-                    )
-                except OSError:
+                    data, fds, flags, _ = await channel.recv()
+                except (OSError, trio.ClosedResourceError):
                     break
-                fds, _ = P.parse_ancillary(anc)
                 if not data and not fds:
                     break
                 try:

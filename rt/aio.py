@@ -17,6 +17,7 @@ import trio
 
 from rt import protocol as P
 from rt._call import raise_errno
+from rt.channel import Channel
 
 
 class _Waiter:
@@ -35,17 +36,16 @@ class AsyncCapability:
     """
 
     def __init__(self, fd: int) -> None:
-        self.sock = trio.socket.socket(fileno=fd)
+        self.channel = Channel.from_fd(fd)
         self._tags = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
         self._reading = False
-        self._send_lock = trio.Lock()
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.channel.fileno()
 
     def close(self) -> None:
-        self.sock.close()
+        self.channel.close()
         for waiter in self._waiters.values():
             waiter.event.set()
 
@@ -66,8 +66,7 @@ class AsyncCapability:
         tag = next(self._tags) & 0xFFFF_FFFF
         waiter = self._waiters[tag] = _Waiter()
         try:
-            async with self._send_lock:
-                await self.sock.sendmsg([P.encode_request(op, tag, args)], P.fds_ancillary(fds))
+            await self.channel.send(P.encode_request(op, tag, args), fds)
             await self._wait(waiter)
         except BaseException:
             if waiter.reply is not None:
@@ -91,7 +90,7 @@ class AsyncCapability:
 
     async def _wait(self, waiter: _Waiter) -> None:
         while waiter.reply is None:
-            if self.sock.fileno() < 0:
+            if self.channel.fileno() < 0:
                 raise OSError(errno.EBADF, "capability closed")
             if self._reading:
                 await waiter.event.wait()
@@ -100,7 +99,7 @@ class AsyncCapability:
             self._reading = True
             try:
                 while waiter.reply is None:
-                    self._dispatch(*await self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC))
+                    self._dispatch(*await self.channel.recv())
             finally:
                 self._reading = False
                 for other in self._waiters.values():  # hand the reading role on
@@ -108,8 +107,7 @@ class AsyncCapability:
                         other.event.set()
                         break
 
-    def _dispatch(self, data: bytes, anc, flags: int, _addr) -> None:
-        fds, _ = P.parse_ancillary(anc)
+    def _dispatch(self, data: bytes, fds: list[int], flags: int, _cred) -> None:
         if not data:
             P.close_fds(fds)
             for w in self._waiters.values():

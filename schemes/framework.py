@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from rt import protocol as P
+from rt.channel import Channel
 
 log = logging.getLogger("scheme")
 
@@ -226,22 +227,18 @@ class Scheme:
 class _Server:
     """The request loop for one scheme on one channel."""
 
-    def __init__(self, scheme: Scheme, channel: trio.socket.SocketType) -> None:
+    def __init__(self, scheme: Scheme, channel: Channel) -> None:
         self.scheme = scheme
         self.channel = channel
         self.handles: dict[int, Any] = {P.ROOT_HANDLE: scheme.root()}
         scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
         self.inflight: dict[int, set[trio.CancelScope]] = {}
         self.numbers = itertools.count(1)
-        self.send_lock = trio.Lock()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                data, anc, flags, _ = await self.channel.recvmsg(
-                    P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC
-                )
-                fds, _ = P.parse_ancillary(anc)
+                data, fds, flags, _ = await self.channel.recv()
                 if not data and not fds:
                     break  # the router is gone
                 if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) < P.SREQUEST.size:
@@ -254,7 +251,6 @@ class _Server:
                     nursery.start_soon(self._close, number)
                     continue
                 nursery.start_soon(self._handle, req_id, number, Caller(pid, uid, gid), op, nrefs, data, fds)
-        self.channel.close()
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)
@@ -350,8 +346,7 @@ class _Server:
         await self._send_frame(P.SREPLY.pack(req_id, status) + P.pack(value), [])
 
     async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
-        async with self.send_lock:
-            await self.channel.sendmsg([frame], P.fds_ancillary(fds))
+        await self.channel.send(frame, fds)
 
 
 async def serve(scheme: Scheme, channel_fd: int) -> None:
@@ -361,7 +356,7 @@ async def serve(scheme: Scheme, channel_fd: int) -> None:
         scheme: the scheme to serve.
         channel_fd: this daemon's end of the scheme channel (ownership passes here).
     """
-    channel = trio.socket.socket(fileno=channel_fd)
+    channel = Channel.from_fd(channel_fd)
     try:
         await _Server(scheme, channel).run()
     finally:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import click
 
-from supervisor import control
-from supervisor.system import file_scheme
+from supervisor import config, control
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -72,43 +71,79 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 root_option = click.option(
     "--root", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Host directory served by the file scheme [default: ~/.local/share/redoxcap/root].")
+mount_option = click.option(
+    "--mount", "mounts", multiple=True, metavar="NAME=HOSTDIR[:ro]",
+    help="Also serve HOSTDIR as scheme NAME (read-only with :ro). Repeatable.")
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None, help="A TOML file: root, schemes, [mount.NAME] tables.")
 
 
-def _resolve_root(root: Path | None) -> Path:
-    root = (root or default_root()).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+def _configure(config_file: Path | None, root: Path | None, mounts: tuple[str, ...]) -> config.Config:
+    """The config file, overridden by command-line options; exits on bad input."""
+    try:
+        cfg = config.load(config_file)
+        cfg.mounts += [config.parse_mount(m) for m in mounts]
+    except config.ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    names = [m.name for m in cfg.mounts]
+    if len(set(names)) != len(names):
+        fail(f"a mount name is given twice: {names}", EXIT_USAGE)
+    cfg.root = (root or cfg.root or default_root()).absolute()
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def _up_options(cfg: config.Config) -> list[str]:
+    """The `up` options that reproduce cfg in another process."""
+    argv = ["--root", str(cfg.root), "--schemes", ",".join(cfg.schemes)]
+    for m in cfg.mounts:
+        argv += ["--mount", f"{m.name}={m.path}" + (":ro" if m.read_only else "")]
+    return argv
 
 
 @main.command()
 @root_option
+@mount_option
+@config_option
+@click.option("--schemes", "scheme_names", default=None, metavar="NAMES",
+              help=f"Comma-separated built-in schemes to run [default: all: {','.join(config.BUILTIN_SCHEMES)}].")
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
 @click.pass_obj
-def up(state_dir: Path, root: Path | None, detach: bool, watch_fd: int | None) -> None:
+def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
+       scheme_names: str | None, detach: bool, watch_fd: int | None) -> None:
     """Boot the kernel, nsmgr and the schemes, and serve until `down`."""
     if control.is_running(state_dir):
         fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
-    root = _resolve_root(root)
+    cfg = _configure(config_file, root, mounts)
+    if scheme_names is not None:
+        wanted = [n for n in scheme_names.split(",") if n]
+        unknown = [n for n in wanted if n not in config.BUILTIN_SCHEMES]
+        if unknown:
+            fail(f"--schemes: unknown {unknown}; built-ins are {list(config.BUILTIN_SCHEMES)}", EXIT_USAGE)
+        cfg.schemes = wanted
     if detach:
-        proc = _spawn_supervisor(state_dir, root)
+        proc = _spawn_supervisor(state_dir, _up_options(cfg))
         _wait_until_up(state_dir, proc)
-        click.echo(f"redoxcap is up (pid {proc.pid}, state {state_dir}, root {root})")
+        click.echo(f"redoxcap is up (pid {proc.pid}, state {state_dir}, root {cfg.root})")
         return
     import trio
 
     from supervisor.up import main as up_main
 
     logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
+    info = {"root": str(cfg.root),
+            "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
     try:
-        trio.run(up_main, state_dir, [file_scheme(str(root))], {"root": str(root)}, watch_fd)
+        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd)
     except OSError as exc:
         fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
 
 
-def _spawn_supervisor(state_dir: Path, root: Path, watch_fd: int | None = None) -> subprocess.Popen:
+def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | None = None) -> subprocess.Popen:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", "--root", str(root)]
+    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", *up_options]
     pass_fds: tuple[int, ...] = ()
     if watch_fd is not None:
         argv += ["--watch-fd", str(watch_fd)]
@@ -195,21 +230,34 @@ def _handles(d: dict) -> str:
 @click.option("--cwd", default="/", show_default=True,
               help="The command's current directory (a file-scheme path or /scheme/NAME/...).")
 @root_option
+@mount_option
+@config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, command: tuple[str, ...]) -> None:
+def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, mounts: tuple[str, ...],
+        config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`).
     With no system up at the state directory, a private one is booted for
-    the duration of COMMAND.
+    the duration of COMMAND (--root, --config and --mount configure it).
+    With a system up, --mount adds the mount to it (it stays until `down`).
     """
     private = None
     if not control.is_running(state_dir):
-        private = _boot_private(_resolve_root(root))
+        private = _boot_private(_configure(config_file, root, mounts))
         state_dir = private[0]
-    elif root is not None:
-        fail("--root only applies when run boots a private system; this one is already up", EXIT_USAGE)
+    else:
+        if root is not None or config_file is not None:
+            fail("--root and --config only apply when run boots a private system; one is up", EXIT_USAGE)
+        for text in mounts:
+            try:
+                m = config.parse_mount(text)
+                control.request(state_dir, "mount", name=m.name, path=str(m.path), read_only=m.read_only)
+            except control.ControlError as exc:
+                fail(f"--mount {text}: {exc}")
+            except config.ConfigError as exc:
+                fail(str(exc), EXIT_USAGE)
     try:
         code = _run_command(state_dir, names, cwd, list(command))
     finally:
@@ -218,11 +266,11 @@ def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, command
     sys.exit(code)
 
 
-def _boot_private(root: Path) -> tuple[Path, subprocess.Popen, int]:
+def _boot_private(cfg: config.Config) -> tuple[Path, subprocess.Popen, int]:
     state_dir = Path(tempfile.mkdtemp(prefix="redoxcap-run-"))
     watch_r, watch_w = os.pipe()
     try:
-        proc = _spawn_supervisor(state_dir, root, watch_r)
+        proc = _spawn_supervisor(state_dir, _up_options(cfg), watch_r)
     finally:
         os.close(watch_r)
     _wait_until_up(state_dir, proc)

@@ -66,7 +66,7 @@ def file_scheme(root: str, name: str = "file", read_only: bool = False) -> Schem
 
 
 class System:
-    """One running system. Use `async with System.boot(...)`-style via `run()`."""
+    """One running system: `boot()` it in a nursery, `stop()` it on the way out."""
 
     def __init__(self, specs: list[SchemeSpec]) -> None:
         self.specs = specs
@@ -76,6 +76,7 @@ class System:
         self.daemons: list[Daemon] = []
         self.stopping = False
         self.started = time.time()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -85,6 +86,7 @@ class System:
 
     async def boot(self, nursery: trio.Nursery) -> None:
         """Start the kernel, nsmgr and every scheme; return when all are registered."""
+        self._nursery = nursery
         ours, theirs = _socketpair()
         try:
             self.kernel_process = await trio.lowlevel.open_process(
@@ -96,11 +98,21 @@ class System:
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
         for spec in self.specs:
-            daemon = Daemon(spec)
-            await self._create(daemon)
-            await self._start(daemon, nursery)
-            await self._register(daemon)
-            self.daemons.append(daemon)
+            await self.add(spec)
+
+    async def add(self, spec: SchemeSpec) -> None:
+        """Start one more scheme daemon and register it in the root namespace.
+
+        Raises:
+            OSError: EEXIST if a scheme of that name runs already.
+        """
+        if any(d.spec.name == spec.name for d in self.daemons):
+            raise OSError(errno.EEXIST, f"a scheme named {spec.name!r} is already running")
+        daemon = Daemon(spec)
+        await self._create(daemon)
+        await self._start(daemon, self._nursery)
+        self.daemons.append(daemon)
+        await self._register(daemon)
 
     async def _create(self, daemon: Daemon) -> None:
         assert self.kernel is not None

@@ -17,6 +17,7 @@ import trio
 
 from rt import protocol as P
 from supervisor import control
+from supervisor.config import ConfigError, make_mount
 from supervisor.system import SchemeSpec, System
 
 log = logging.getLogger("supervisor")
@@ -65,7 +66,19 @@ async def main(
         stop.set()
         return {}, []
 
-    handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown}
+    async def mount(request):
+        try:
+            spec = make_mount(request.get("name"), request.get("path"), bool(request.get("read_only")))
+        except (ConfigError, TypeError) as exc:
+            raise control.ControlError(str(exc)) from None
+        running = {d.spec.name: d.spec for d in system.daemons}
+        if running.get(spec.name) == spec.spec():
+            return {"added": False}, []  # the same mount is already there
+        await system.add(spec.spec())
+        return {"added": True}, []
+
+    handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
+                "mount": mount}
     try:
         async with trio.open_nursery() as nursery:
             try:

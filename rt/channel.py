@@ -1,0 +1,101 @@
+"""A SOCK_SEQPACKET socket for trio programs: one frame per call, fds over SCM_RIGHTS.
+
+trio has no SEQPACKET helpers, and its socket wrapper yields to the scheduler
+around every call. Every frame crosses the router, so this class tries the
+syscall first and waits for readiness only when it would block: an exchange
+that does not block costs no scheduler round trip. Every FAIRNESS-th call
+that did not block still yields, so a busy peer cannot starve other tasks
+or escape cancellation.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from rt import protocol as P
+
+FAIRNESS = 16
+
+
+class Channel:
+    """Owns one non-blocking SOCK_SEQPACKET socket.
+
+    One task at a time may receive; any number may send (sends that would
+    block queue on a lock).
+
+    Args:
+        sock: the socket; ownership passes to the channel.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._send_lock = trio.Lock()
+        self._unyielded = 0
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        """Take ownership of a socket fd."""
+        return cls(socket.socket(fileno=fd))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    async def _maybe_yield(self) -> None:
+        self._unyielded += 1
+        if self._unyielded >= FAIRNESS:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+
+    async def recv(self, ancsize: int = P.CMSG_FDS) -> tuple[bytes, list[int], int, tuple | None]:
+        """Receive one frame.
+
+        Returns:
+            (data, fds, msg flags, (pid, uid, gid) or None); b"" and no fds is EOF.
+            The caller owns the fds.
+
+        Raises:
+            trio.ClosedResourceError: the channel was closed meanwhile.
+            OSError: the socket failed.
+        """
+        while True:
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(P.MAX_FRAME, ancsize, socket.MSG_CMSG_CLOEXEC)
+                break
+            except BlockingIOError:
+                self._unyielded = 0
+                await trio.lowlevel.wait_readable(self.sock)
+        fds, cred = P.parse_ancillary(anc)
+        await self._maybe_yield()
+        return data, fds, flags, cred
+
+    async def send(self, frame: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one frame with fds (the caller keeps its copies).
+
+        Raises:
+            trio.ClosedResourceError: the channel was closed meanwhile.
+            OSError: the peer is gone (EPIPE, ECONNRESET) or the frame is too large.
+        """
+        anc = P.fds_ancillary(fds)
+        if not self._send_lock.locked():
+            try:
+                self.sock.sendmsg([frame], anc)
+                await self._maybe_yield()
+                return
+            except BlockingIOError:
+                pass
+        async with self._send_lock:
+            while True:
+                try:
+                    self.sock.sendmsg([frame], anc)
+                    return
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+
+    def close(self) -> None:
+        """Close the socket; tasks waiting on it get trio.ClosedResourceError."""
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()

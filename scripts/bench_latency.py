@@ -1,0 +1,91 @@
+"""Latency of rt calls, as ratios against a round-trip floor measured in the same run.
+
+    python scripts/bench_latency.py [-n 3000]
+
+The floor is one SOCK_SEQPACKET round trip between two plain Python
+processes (blocking send/recv, no framework). A read through redoxcap is two
+such round trips (client -> router -> scheme and back), an open through the
+namespace four (client -> router -> nsmgr -> router -> scheme and back), so
+the ideal ratios are 2 and 4; what exceeds them is the cost of the router,
+the scheme framework and msgpack. Absolute times on shared 2-core machines
+mean little; the ratios are what to compare between commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rt
+from supervisor import control
+
+
+def floor(n: int) -> float:
+    """Median-of-5 µs per raw round trip between two Python processes."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        while data := b.recv(4096):
+            b.send(data)
+        os._exit(0)
+    b.close()
+    try:
+        return statistics.median(_timed(n, lambda: (a.send(b"x" * 16), a.recv(4096))) for _ in range(5))
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+
+
+def _timed(n: int, fn) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=3000, help="calls per measurement")
+    n = parser.parse_args().n
+    with tempfile.TemporaryDirectory() as tmp:
+        state, root = Path(tmp) / "state", Path(tmp) / "root"
+        root.mkdir()
+        (root / "f").write_bytes(b"x" * 4096)
+        cli = [sys.executable, "-m", "supervisor", "--state-dir", str(state)]
+        subprocess.run([*cli, "up", "--detach", "--root", str(root), "--schemes", "file,zero"],
+                       check=True, stdout=subprocess.DEVNULL)
+        try:
+            _, fds = control.request(state, "namespace")
+            rt.setup(fds[0], None)
+            zero = rt.open("/scheme/zero/")
+            f = rt.open("/f")
+            base = floor(n)
+            rows = [
+                ("read 1 byte, zero scheme", 2, lambda: rt.read(zero, 1)),
+                ("lseek+read 4 KiB, file", 4, lambda: (rt.lseek(f, 0), rt.read(f, 4096))),
+                ("fstat, file scheme", 2, lambda: rt.fstat(f)),
+                ("open+close via nsmgr", 4, lambda: rt.close(rt.open("/f"))),
+            ]
+            print(f"round-trip floor: {base:.1f} µs (median of 5 x {n})")
+            print(f"{'operation':<28} {'µs':>8} {'ratio':>6} {'ideal':>6}")
+            for name, ideal, fn in rows:
+                fn()
+                took = statistics.median(_timed(max(n // 5, 1), fn) for _ in range(5))
+                print(f"{name:<28} {took:>8.1f} {took / base:>6.2f} {ideal:>6}")
+            rt.close(zero)
+            rt.close(f)
+            rt.setup(None, None)
+        finally:
+            subprocess.run([*cli, "down"], check=False, stdout=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()
