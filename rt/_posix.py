@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import posixpath
 import stat as _stat
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -226,25 +225,82 @@ def _two_path(op: int, src, dst) -> None:
 
 
 def chdir(path: str | os.PathLike) -> None:
-    """Make the directory at path the cwd (an fd; the old one is closed)."""
+    """Make the directory at path the cwd (an fd; the old one is closed).
+
+    getcwd's string is derived from where the scheme says the new directory
+    really is (fpath), so `..` and symlinks cannot make it lie.
+    """
     path = fspath(path)
     fd = open(path, os.O_RDONLY | os.O_DIRECTORY)
-    if to_namespace_path(path) is not None:
-        new = posixpath.normpath(path)
-    else:
-        new = posixpath.normpath(posixpath.join(_process.cwd_path(), path))
-    _process.replace_cwd(fd, new.replace("//", "/"))
+    try:
+        ns_path = to_namespace_path(path)
+        if ns_path is None:
+            new = _physical(fd, _process.cwd_fd(), _process.cwd_path())
+        else:
+            new = physical_path(fd, ns_path)
+    except BaseException:
+        close(fd)
+        raise
+    _process.replace_cwd(fd, new)
 
 
 def fchdir(fd: int) -> None:
     """Make the directory fd the cwd (rt keeps its own clone); ENOTDIR otherwise."""
     if not _stat.S_ISDIR(fstat(fd).st_mode):
         raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-    path = fpath(fd)
     new = clone(fd)
-    if path.startswith("/scheme/file/") or path == "/scheme/file":
-        path = path[len("/scheme/file") :] or "/"
+    try:
+        try:
+            path = _physical(new, _process.cwd_fd(), _process.cwd_path())
+        except OSError:
+            path = _display(fpath(new))
+    except BaseException:
+        close(new)
+        raise
     _process.replace_cwd(new, path)
+
+
+def _display(scheme_path: str) -> str:
+    """/scheme/file/x is shown as the POSIX path /x."""
+    if scheme_path == "/scheme/file" or scheme_path.startswith("/scheme/file/"):
+        return scheme_path[len("/scheme/file") :] or "/"
+    return scheme_path
+
+
+def _physical(fd: int, base_fd: int, base_path: str) -> str:
+    """The path of directory fd, given that base_fd is at base_path.
+
+    Both fpaths come from the scheme, after symlinks: walk up from base_path
+    as far as they differ and down to fd's. EXDEV when they are in different
+    schemes.
+    """
+    here = fpath(fd).rstrip("/").split("/")
+    base = fpath(base_fd).rstrip("/").split("/")
+    if here[:3] != base[:3]:
+        raise OSError(errno.EXDEV, "not in the same scheme as the cwd")
+    common = 0
+    while common < min(len(here), len(base)) and here[common] == base[common]:
+        common += 1
+    parts = base_path.rstrip("/").split("/")
+    ups = len(base) - common
+    if ups > len(parts) - 1:
+        raise OSError(errno.EXDEV, "above the cwd's known path")
+    kept = parts[: len(parts) - ups] if ups else parts
+    return "/".join(kept + here[common:]) or "/"
+
+
+def physical_path(fd: int, ns_path: str) -> str:
+    """The path of fd, opened as namespace path ns_path, measured from its scheme's root.
+
+    Used for getcwd's string (here and by `redoxcap run`): after symlinks, not as typed.
+    """
+    root_path, _ = split_namespace_path(ns_path)
+    root = open(root_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        shown = "/" if root_path == "/scheme/file" else root_path
+        return _physical(fd, root, shown)
+    finally:
+        close(root)
 
 
 def getcwd() -> str:

@@ -229,20 +229,36 @@ def _handles(d: dict) -> str:
               help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
 @click.option("--cwd", default="/", show_default=True,
               help="The command's current directory (a file-scheme path or /scheme/NAME/...).")
+@click.option("--beneath", is_flag=True,
+              help="Open the cwd with O_RESOLVE_BENEATH: nothing the command opens through it "
+                   "may leave it (a sandbox, with --ns '').")
+@click.option("--confine/--no-confine", default=True, show_default=True,
+              help="Confine COMMAND with Landlock and seccomp: no host files beyond what the "
+                   "interpreter needs, no TCP or other network sockets, no abstract sockets.")
+@click.option("--require-confine", is_flag=True,
+              help="Fail instead of warning when the host cannot confine COMMAND.")
 @root_option
 @mount_option
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, mounts: tuple[str, ...],
+def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
+        require_confine: bool, root: Path | None, mounts: tuple[str, ...],
         config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
-    COMMAND inherits a namespace fd and a cwd fd (found by `import rt`).
+    COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
+    confined, can reach nothing else. It may still read the interpreter, the
+    installed packages and the files named on its command line.
     With no system up at the state directory, a private one is booted for
     the duration of COMMAND (--root, --config and --mount configure it).
     With a system up, --mount adds the mount to it (it stays until `down`).
     """
+    if require_confine and not confine:
+        fail("--require-confine contradicts --no-confine", EXIT_USAGE)
+    argv = list(command)
+    if confine:
+        argv = confined_argv(argv, require_confine)
     private = None
     if not control.is_running(state_dir):
         private = _boot_private(_configure(config_file, root, mounts))
@@ -259,7 +275,7 @@ def run(state_dir: Path, names: str | None, cwd: str, root: Path | None, mounts:
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, list(command))
+        code = _run_command(state_dir, names, cwd, beneath, argv)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -287,8 +303,20 @@ def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _run_command(state_dir: Path, names: str | None, cwd: str, command: list[str]) -> int:
+def confined_argv(command: list[str], require: bool) -> list[str]:
+    """Wrap command in the confinement launcher; files it names stay readable."""
+    launcher = [sys.executable, "-m", "supervisor.confine"] + (["--require"] if require else [])
+    for arg in command[1:]:
+        path = Path(arg)
+        if path.is_file():
+            launcher += ["--read", str(path.absolute())]
+    return [*launcher, "--", *command]
+
+
+def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str]) -> int:
     import rt
+    from rt._paths import to_namespace_path
+    from rt._posix import physical_path
     from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
     try:
@@ -307,7 +335,8 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, command: list[str
         try:
             rt.setup(root_ns, None)
             root_ns = None  # owned by rt now
-            cwd_fd = rt.open(cwd_path, rt.O_DIRECTORY)
+            cwd_fd = rt.open(cwd_path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
+            cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
         except OSError as exc:
             fail(f"--cwd {cwd}: {exc.strerror}")
         env = dict(os.environ, **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})

@@ -1,0 +1,619 @@
+"""Confine the current process with Landlock and seccomp before it execs a client.
+
+What is confined, once :func:`confine` returns (and inherited across ``execve``):
+
+* Filesystem (Landlock): every access right known to the running ABI (1..7) is
+  handled, so a path can be opened, listed, executed, created, removed,
+  renamed across directories, truncated or ``ioctl``-ed (devices) only if it
+  lies beneath a granted path. ``read_paths`` get read, list and execute;
+  ``write_paths`` get read, list and write/create/remove but not execute.
+* TCP (Landlock ABI >= 4, with ``deny_network``): no ``bind`` or ``connect`` on
+  TCP sockets, including sockets inherited from the parent.
+* Other sockets (seccomp-BPF, with ``deny_network``): ``socket(2)`` fails with
+  EACCES for every address family except AF_UNIX, which covers UDP, raw and
+  netlink sockets that Landlock ABI 7 cannot restrict. ``io_uring_setup`` is
+  refused too, because ``IORING_OP_SOCKET`` creates sockets without calling
+  ``socket(2)``. ``socketpair(AF_UNIX)`` keeps working.
+* IPC scopes (Landlock ABI >= 6): no connecting to abstract Unix sockets and
+  no signals to processes outside the new Landlock domain.
+* ``no_new_privs`` is set, so set-uid binaries cannot regain privileges.
+
+What is NOT confined:
+
+* File descriptors opened before confinement (inherited or passed over a
+  socket) keep the access they were opened with; this is how capabilities are
+  handed to the client on purpose.
+* Landlock ABI 7 cannot restrict ``connect()`` to a *named* (pathname) Unix
+  socket: a confined client can connect to any listening socket whose path it
+  can resolve, including the supervisor's control socket. That socket must
+  therefore authenticate its peers itself instead of trusting "who can reach it".
+* ``stat``, ``chdir``, ``chmod``, ``chown``, ``utime``, ``access``, ``readlink``
+  and similar metadata operations are not covered by Landlock.
+* Sockets created by the parent and inherited are not subject to the seccomp
+  ``socket`` filter (only Landlock's TCP rules apply to them).
+
+Use it as a launcher::
+
+    python -m supervisor.confine [--read PATH]... [--write PATH]... \\
+        [--no-network-deny] [--require] -- COMMAND ARGS...
+
+The module only imports the standard library so the launcher starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import os
+import platform
+import stat
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ConfineResult",
+    "ConfinementUnavailable",
+    "confine",
+    "interpreter_read_paths",
+    "landlock_abi",
+    "main",
+]
+
+# Syscall numbers: x86_64 (asm/unistd_64.h) and aarch64 (asm-generic/unistd.h).
+_SYSCALLS = {
+    "x86_64": {
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "socket": 41,
+        "io_uring_setup": 425,
+    },
+    "aarch64": {
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "socket": 198,
+        "io_uring_setup": 425,
+    },
+}
+_MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+# linux/audit.h: EM_X86_64 (62) / EM_AARCH64 (183) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
+_AUDIT_ARCH_64BIT = 0x80000000
+_AUDIT_ARCH_LE = 0x40000000
+_AUDIT_ARCH = {
+    "x86_64": 62 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC000003E
+    "aarch64": 183 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC00000B7
+}
+_X32_SYSCALL_BIT = 0x40000000  # asm/unistd.h on x86_64
+
+# linux/landlock.h
+LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+LANDLOCK_RULE_PATH_BENEATH = 1
+
+ACCESS_FS_EXECUTE = 1 << 0
+ACCESS_FS_WRITE_FILE = 1 << 1
+ACCESS_FS_READ_FILE = 1 << 2
+ACCESS_FS_READ_DIR = 1 << 3
+ACCESS_FS_REMOVE_DIR = 1 << 4
+ACCESS_FS_REMOVE_FILE = 1 << 5
+ACCESS_FS_MAKE_CHAR = 1 << 6
+ACCESS_FS_MAKE_DIR = 1 << 7
+ACCESS_FS_MAKE_REG = 1 << 8
+ACCESS_FS_MAKE_SOCK = 1 << 9
+ACCESS_FS_MAKE_FIFO = 1 << 10
+ACCESS_FS_MAKE_BLOCK = 1 << 11
+ACCESS_FS_MAKE_SYM = 1 << 12
+ACCESS_FS_REFER = 1 << 13  # ABI 2
+ACCESS_FS_TRUNCATE = 1 << 14  # ABI 3
+ACCESS_FS_IOCTL_DEV = 1 << 15  # ABI 5
+
+ACCESS_NET_BIND_TCP = 1 << 0  # ABI 4
+ACCESS_NET_CONNECT_TCP = 1 << 1  # ABI 4
+
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+_ACCESS_FS_V1 = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
+# Only these rights may be granted on a non-directory, or add_rule fails with EINVAL.
+_ACCESS_FILE = (
+    ACCESS_FS_EXECUTE
+    | ACCESS_FS_WRITE_FILE
+    | ACCESS_FS_READ_FILE
+    | ACCESS_FS_TRUNCATE
+    | ACCESS_FS_IOCTL_DEV
+)
+_GRANT_READ = ACCESS_FS_EXECUTE | ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR
+# No EXECUTE on writable trees (W^X); no MAKE_CHAR/MAKE_BLOCK or IOCTL_DEV either.
+_GRANT_WRITE = (
+    ACCESS_FS_READ_FILE
+    | ACCESS_FS_READ_DIR
+    | ACCESS_FS_WRITE_FILE
+    | ACCESS_FS_TRUNCATE
+    | ACCESS_FS_REMOVE_DIR
+    | ACCESS_FS_REMOVE_FILE
+    | ACCESS_FS_MAKE_DIR
+    | ACCESS_FS_MAKE_REG
+    | ACCESS_FS_MAKE_SOCK
+    | ACCESS_FS_MAKE_FIFO
+    | ACCESS_FS_MAKE_SYM
+    | ACCESS_FS_REFER
+)
+
+# linux/prctl.h
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+
+# linux/seccomp.h
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_DATA = 0x0000FFFF
+
+# struct seccomp_data offsets: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
+_SECCOMP_DATA_NR = 0
+_SECCOMP_DATA_ARCH = 4
+_SECCOMP_DATA_ARG0_LO = 16  # low 32 bits of args[0] on little-endian arches
+
+# linux/bpf_common.h
+BPF_LD = 0x00
+BPF_JMP = 0x05
+BPF_RET = 0x06
+BPF_W = 0x00
+BPF_ABS = 0x20
+BPF_JEQ = 0x10
+BPF_JGE = 0x30
+BPF_K = 0x00
+
+AF_UNIX = 1
+
+# Trees that are never granted wholesale, even if they show up on sys.path.
+_TOO_BROAD = frozenset({"/", "/etc", "/root", "/home", "/tmp", "/var", "/var/tmp", "/dev", "/proc"})
+_SYSTEM_READ_PATHS = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/dev/null",
+    "/dev/urandom",
+    "/proc/self",
+)
+_PROJECT_PACKAGES = ("rt", "kernel", "nsmgr", "schemes", "supervisor")
+
+
+class ConfinementUnavailable(OSError):
+    """Landlock is not available (old kernel, disabled LSM or unsupported arch)."""
+
+
+@dataclass(frozen=True)
+class ConfineResult:
+    """What :func:`confine` applied.
+
+    Attributes:
+        abi: Landlock ABI version of the running kernel.
+        filesystem: Landlock filesystem rules are enforced.
+        network: Landlock denies TCP bind and connect (ABI >= 4).
+        scoped: abstract Unix sockets and signals are scoped (ABI >= 6).
+        seccomp: the seccomp filter restricting ``socket(2)`` is installed.
+    """
+
+    abi: int
+    filesystem: bool
+    network: bool
+    scoped: bool
+    seccomp: bool
+
+
+def _machine() -> str | None:
+    machine = platform.machine().lower()
+    machine = _MACHINE_ALIASES.get(machine, machine)
+    return machine if machine in _SYSCALLS else None
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _libc_handle() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.syscall.restype = ctypes.c_long
+        lib.prctl.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def _syscall(name: str, *args: int | ctypes.c_void_p) -> int:
+    """Invoke a raw syscall by name; raise OSError on failure."""
+    machine = _machine()
+    if machine is None:
+        raise ConfinementUnavailable(
+            errno.ENOSYS, f"unsupported architecture {platform.machine()!r}"
+        )
+    # All arguments are passed as full machine words: syscall(2) is variadic.
+    cargs = [a if isinstance(a, ctypes.c_void_p) else ctypes.c_ulong(a) for a in args]
+    ctypes.set_errno(0)
+    ret = _libc_handle().syscall(ctypes.c_long(_SYSCALLS[machine][name]), *cargs)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+    return ret
+
+
+def _prctl(option: int, arg2: int, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
+    ctypes.set_errno(0)
+    ret = _libc_handle().prctl(
+        ctypes.c_int(option),
+        ctypes.c_ulong(arg2),
+        ctypes.c_ulong(arg3),
+        ctypes.c_ulong(arg4),
+        ctypes.c_ulong(arg5),
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def landlock_abi() -> int:
+    """Return the Landlock ABI version of the running kernel.
+
+    Returns:
+        The ABI version (1 or more), or 0 when Landlock is not supported: kernel
+        without Landlock, Landlock disabled at boot, or an architecture this
+        module has no syscall numbers for.
+
+    Raises:
+        OSError: the version query failed for another reason.
+    """
+    if _machine() is None:
+        return 0
+    try:
+        return _syscall(
+            "landlock_create_ruleset", ctypes.c_void_p(None), 0, LANDLOCK_CREATE_RULESET_VERSION
+        )
+    except OSError as exc:
+        # ENOSYS: not built in; EOPNOTSUPP: built in but not enabled at boot.
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+            return 0
+        raise
+
+
+def _handled_fs(abi: int) -> int:
+    handled = _ACCESS_FS_V1
+    if abi >= 2:
+        handled |= ACCESS_FS_REFER
+    if abi >= 3:
+        handled |= ACCESS_FS_TRUNCATE
+    if abi >= 5:
+        handled |= ACCESS_FS_IOCTL_DEV
+    return handled
+
+
+def _add_path_rule(ruleset_fd: int, path: str, access: int) -> bool:
+    """Grant ``access`` beneath ``path``; return False if the path does not exist."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= _ACCESS_FILE
+        if not access:
+            return True
+        # struct landlock_path_beneath_attr is packed: __u64 allowed_access; __s32 parent_fd.
+        attr = ctypes.create_string_buffer(struct.pack("=Qi", access, fd))
+        _syscall(
+            "landlock_add_rule",
+            ruleset_fd,
+            LANDLOCK_RULE_PATH_BENEATH,
+            ctypes.c_void_p(ctypes.addressof(attr)),
+            0,
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"landlock_add_rule({path!r}): {os.strerror(exc.errno)}") from exc
+    finally:
+        os.close(fd)
+    return True
+
+
+def _bpf_stmt(code: int, k: int) -> tuple[int, int, int, int]:
+    return (code, 0, 0, k)
+
+
+def _bpf_jump(code: int, k: int, jt: int, jf: int) -> tuple[int, int, int, int]:
+    return (code, jt, jf, k)
+
+
+def _socket_filter(machine: str) -> bytes:
+    """Build the seccomp-BPF program as an array of struct sock_filter."""
+    nrs = _SYSCALLS[machine]
+    eacces = SECCOMP_RET_ERRNO | (errno.EACCES & SECCOMP_RET_DATA)
+    prog = [
+        # A foreign syscall ABI (i386 or arm32 compat) would bypass the numbers below.
+        _bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARCH),
+        _bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, _AUDIT_ARCH[machine], 1, 0),
+        _bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        _bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_NR),
+    ]
+    if machine == "x86_64":
+        # x32 syscalls share AUDIT_ARCH_X86_64 but use nr | 0x40000000: refuse them all.
+        prog += [
+            _bpf_jump(BPF_JMP | BPF_JGE | BPF_K, _X32_SYSCALL_BIT, 0, 1),
+            _bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (errno.ENOSYS & SECCOMP_RET_DATA)),
+        ]
+    prog += [
+        # io_uring can create sockets (IORING_OP_SOCKET) without socket(2).
+        _bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["io_uring_setup"], 0, 1),
+        _bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (errno.EPERM & SECCOMP_RET_DATA)),
+        _bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["socket"], 0, 3),
+        # The kernel reads the domain as an int, so the low 32 bits decide.
+        _bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG0_LO),
+        _bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 1, 0),
+        _bpf_stmt(BPF_RET | BPF_K, eacces),
+        _bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _install_socket_filter(machine: str) -> None:
+    code = _socket_filter(machine)
+    buf = ctypes.create_string_buffer(code, len(code))
+    prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+
+
+def confine(
+    read_paths: Iterable[str],
+    write_paths: Iterable[str] = (),
+    *,
+    deny_network: bool = True,
+) -> ConfineResult:
+    """Confine the calling thread (and what it execs) with Landlock and seccomp.
+
+    Landlock applies to the calling thread only: call this in a single-threaded
+    process right before ``exec``. The confinement cannot be undone.
+
+    Args:
+        read_paths: files and directories granted read and execute (and listing
+            for directories). Paths that do not exist are skipped.
+        write_paths: files and directories granted read and write, including
+            creating, removing and renaming entries beneath them, but not
+            execute. Paths that do not exist are skipped.
+        deny_network: deny TCP bind/connect with Landlock (ABI >= 4) and make
+            ``socket(2)`` fail with EACCES for every family except AF_UNIX.
+
+    Returns:
+        A :class:`ConfineResult` describing what was applied.
+
+    Raises:
+        ConfinementUnavailable: Landlock is not supported here; nothing was applied.
+        OSError: a step failed after Landlock was found; the process may be
+            partially confined and must not go on to run untrusted code.
+    """
+    machine = _machine()
+    if machine is None:
+        raise ConfinementUnavailable(
+            errno.ENOSYS, f"Landlock confinement: unsupported architecture {platform.machine()!r}"
+        )
+    abi = landlock_abi()
+    if abi < 1:
+        raise ConfinementUnavailable(
+            errno.EOPNOTSUPP,
+            "Landlock is not available (kernel < 5.13 or the LSM is not enabled)",
+        )
+
+    handled_fs = _handled_fs(abi)
+    handled_net = 0
+    if deny_network and abi >= 4:
+        handled_net = ACCESS_NET_BIND_TCP | ACCESS_NET_CONNECT_TCP
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    # Pass only the struct fields this ABI knows so older kernels accept the size.
+    attr_size = 8 if abi < 4 else 16 if abi < 6 else 24
+    attr = ctypes.create_string_buffer(
+        struct.pack("=QQQ", handled_fs, handled_net, scoped)[:attr_size], attr_size
+    )
+
+    ruleset_fd = _syscall(
+        "landlock_create_ruleset", ctypes.c_void_p(ctypes.addressof(attr)), attr_size, 0
+    )
+    try:
+        for path in read_paths:
+            _add_path_rule(ruleset_fd, os.fspath(path), _GRANT_READ & handled_fs)
+        for path in write_paths:
+            _add_path_rule(ruleset_fd, os.fspath(path), _GRANT_WRITE & handled_fs)
+        # Required for unprivileged restrict_self and for seccomp filters.
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        _syscall("landlock_restrict_self", ruleset_fd, 0)
+    finally:
+        os.close(ruleset_fd)
+
+    seccomp = False
+    if deny_network:
+        _install_socket_filter(machine)
+        seccomp = True
+    return ConfineResult(
+        abi=abi,
+        filesystem=True,
+        network=bool(handled_net),
+        scoped=bool(scoped),
+        seccomp=seccomp,
+    )
+
+
+def _find_spec_locations(name: str) -> list[str]:
+    """Locations of a top-level package, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [str(p) for p in spec.submodule_search_locations]
+    if spec.origin and os.path.isabs(spec.origin):
+        return [spec.origin]
+    return []
+
+
+def interpreter_read_paths() -> list[str]:
+    """Paths this Python interpreter needs to start and import installed packages.
+
+    Includes the executable, the prefixes, the standard library, existing
+    ``sys.path`` entries (except the current directory), a few system paths
+    (``/usr``, ``/lib``, ``/lib64``, ``/bin``, the loader cache, the local time
+    zone, ``/dev/null``, ``/dev/urandom``, ``/proc/self``) and the directories of
+    the project's top-level packages. Broad trees such as ``/``, ``/etc``,
+    ``/root``, ``/home`` and ``/tmp`` are never included.
+
+    Returns:
+        A list of absolute paths without duplicates; some may not exist
+        (:func:`confine` skips those).
+    """
+    import sysconfig
+
+    try:
+        cwd: str | None = os.path.realpath(os.getcwd())
+    except OSError:
+        cwd = None
+    excluded = set(_TOO_BROAD)
+    if cwd is not None:
+        excluded.add(cwd)
+    home = os.path.expanduser("~")
+    if home and home != "~":
+        excluded.add(os.path.realpath(home))
+
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str | None, *, check: bool = True) -> None:
+        if not path or not os.path.isabs(path):
+            return
+        path = os.path.normpath(path)
+        if check and (path in excluded or os.path.realpath(path) in excluded):
+            return
+        if path not in seen:
+            seen.add(path)
+            out.append(path)
+
+    if sys.executable:
+        add(sys.executable)
+        add(os.path.realpath(sys.executable))
+    for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
+        add(prefix)
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        add(sysconfig.get_path(key))
+    add(os.path.dirname(os.__file__))
+    for entry in sys.path:
+        # "" means the current directory, which must stay out of reach.
+        if entry and os.path.exists(entry):
+            add(os.path.abspath(entry))
+    for name in _PROJECT_PACKAGES:
+        for location in _find_spec_locations(name):
+            add(location)
+    for path in _SYSTEM_READ_PATHS:
+        add(path, check=False)
+    return out
+
+
+def _resolve_command(command: str) -> str | None:
+    """Resolve ``command`` like execvp does; return its real path or None."""
+    if os.sep in command:
+        candidates: Sequence[str] = [command]
+    else:
+        candidates = [os.path.join(d or os.curdir, command) for d in os.get_exec_path()]
+    for candidate in candidates:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.realpath(candidate)
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor.confine",
+        description="Confine with Landlock and seccomp, then exec COMMAND.",
+    )
+    parser.add_argument(
+        "--read",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="grant read+execute beneath PATH",
+    )
+    parser.add_argument(
+        "--write", action="append", default=[], metavar="PATH", help="grant read+write beneath PATH"
+    )
+    parser.add_argument(
+        "--no-network-deny",
+        dest="deny_network",
+        action="store_false",
+        help="do not restrict TCP or socket(2)",
+    )
+    parser.add_argument(
+        "--require",
+        action="store_true",
+        help="exit 126 instead of running unconfined when Landlock is unavailable",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Launcher: confine this process, then exec COMMAND with inherited fds intact.
+
+    Args:
+        argv: arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        An exit status, only when COMMAND was not executed: 126 when confinement
+        is required but unavailable or failed, 127 when COMMAND is not found,
+        2 on a usage error. On success this function does not return.
+    """
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("confine: no COMMAND given (usage: ... -- COMMAND ARGS...)", file=sys.stderr)
+        return 2
+    executable = _resolve_command(command[0])
+    if executable is None:
+        print(f"confine: {command[0]}: command not found", file=sys.stderr)
+        return 127
+
+    reads = interpreter_read_paths() + list(args.read) + [os.path.dirname(executable)]
+    try:
+        confine(reads, list(args.write), deny_network=args.deny_network)
+    except ConfinementUnavailable as exc:
+        if args.require:
+            print(f"confine: error: {exc.strerror}; refusing to run unconfined", file=sys.stderr)
+            return 126
+        print(f"confine: warning: {exc.strerror}; running unconfined", file=sys.stderr)
+    except OSError as exc:
+        # Partially applied confinement is never a reason to run the client anyway.
+        print(f"confine: error: confinement failed: {exc}", file=sys.stderr)
+        return 126
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        # execvp keeps every fd that is not close-on-exec; nothing is closed here.
+        os.execvp(command[0], command)
+    except OSError as exc:
+        print(f"confine: exec {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 126
+    return 126  # unreachable: execvp does not return on success
+
+
+if __name__ == "__main__":
+    sys.exit(main())
