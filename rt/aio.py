@@ -68,6 +68,8 @@ class AsyncCapability:
         try:
             await self.channel.send(P.encode_request(op, tag, args), fds)
             await self._wait(waiter)
+        except trio.ClosedResourceError:
+            raise OSError(errno.EBADF, "capability closed") from None
         except BaseException:
             if waiter.reply is not None:
                 P.close_fds(waiter.reply[2])

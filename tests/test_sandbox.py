@@ -1,0 +1,339 @@
+"""Attempts to get out of a sandbox, through rt and around it, each with its exact errno.
+
+Linux's own openat2(2) is the oracle for lookups beneath and in a root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+import sys
+import textwrap
+
+import pytest
+
+import rt
+from rt import protocol as P
+from supervisor import control
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
+    how = struct.pack("QQQ", flags | os.O_CLOEXEC, 0, resolve)
+    fd = _libc.syscall(437, dirfd, path.encode(), how, len(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def build_tree(root) -> None:
+    """A box with links in, out, up, absolute, dangling and looping."""
+    (root / "secret.txt").write_text("outside the box")
+    box = root / "box"
+    (box / "sub/deeper").mkdir(parents=True)
+    (box / "file.txt").write_text("in the box")
+    (box / "sub/inner.txt").write_text("inner")
+    links = {
+        "rel_in": "sub/inner.txt",
+        "rel_up_in": "sub/../file.txt",
+        "rel_out": "../secret.txt",
+        "abs": "/secret.txt",
+        "abs_file": "/box/file.txt",
+        "dangling": "nowhere",
+        "loop_a": "loop_b",
+        "loop_b": "loop_a",
+        "dir_link": "sub",
+        "chain": "rel_in",
+        "sub/up_and_back": "../../box/file.txt",
+        "sub/parent": "..",
+    }
+    for name, target in links.items():
+        os.symlink(target, box / name)
+
+
+CASES = [
+    ("file.txt", 0), ("sub/inner.txt", 0), ("sub/../file.txt", 0), ("./sub/./inner.txt", 0),
+    ("..", 0), ("../secret.txt", 0), ("sub/../../secret.txt", 0), ("sub/deeper/../../..", 0),
+    ("/secret.txt", 0), ("/box/file.txt", 0), ("/", 0),
+    ("rel_in", 0), ("rel_up_in", 0), ("rel_out", 0), ("abs", 0), ("abs_file", 0),
+    ("dangling", 0), ("loop_a", 0), ("chain", 0), ("dir_link/inner.txt", 0),
+    ("sub/up_and_back", 0), ("sub/parent/file.txt", 0), ("sub/parent/../secret.txt", 0),
+    ("file.txt/", 0), ("sub/", 0), ("file.txt/.", 0), ("rel_in", os.O_NOFOLLOW),
+    ("dir_link", os.O_NOFOLLOW | os.O_PATH), ("file.txt", os.O_DIRECTORY), ("", 0),
+    ("dir_link/", os.O_DIRECTORY), ("nope/../file.txt", 0),
+]
+
+
+def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
+    try:
+        fd = openat2(dirfd, path, flags, resolve | RESOLVE_NO_MAGICLINKS)
+    except OSError as exc:
+        return exc.errno
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
+def _beneath_dir(client, flag: int) -> int:
+    build_tree(client.root)
+    return rt.open("/box", rt.O_DIRECTORY | flag)
+
+
+@pytest.mark.parametrize("path, flags", CASES)
+def test_lookups_beneath_match_linux_openat2(client, path, flags):
+    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
+    host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
+    try:
+        want = outcome_linux(host, path, flags, RESOLVE_BENEATH)
+        # rt sends absolute paths to the namespace, not to the dirfd: ask the scheme directly
+        got = _raw_openat(box, path, flags) if path.startswith("/") else _rt_openat(box, path, flags)
+        assert got == want, (path, flags)
+    finally:
+        os.close(host)
+        rt.close(box)
+
+
+@pytest.mark.parametrize("path, flags", CASES)
+def test_lookups_in_root_match_linux_openat2(client, path, flags):
+    box = _beneath_dir(client, 0)
+    host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
+    try:
+        want = outcome_linux(host, path, flags, RESOLVE_IN_ROOT)
+        got = _raw_openat(box, path, flags | rt.O_RESOLVE_IN_ROOT)
+        assert got == want, (path, flags)
+    finally:
+        os.close(host)
+        rt.close(box)
+
+
+def _raw_openat(dirfd: int, path: str, flags: int):
+    """OPENAT on dirfd with the path as is (rt would route an absolute one to the namespace)."""
+    from rt._call import call_fd
+
+    try:
+        fd = call_fd(dirfd, P.OPENAT, [path, flags, 0o666])
+    except OSError as exc:
+        return exc.errno
+    try:
+        st = rt.fstat(fd)
+        return (st.st_dev, st.st_ino)
+    finally:
+        rt.close(fd)
+
+
+def _rt_openat(dirfd: int, path: str, flags: int):
+    try:
+        fd = rt.openat(dirfd, path, flags)
+    except OSError as exc:
+        return exc.errno
+    try:
+        st = rt.fstat(fd)
+        return (st.st_dev, st.st_ino)
+    finally:
+        rt.close(fd)
+
+
+def test_beneath_is_sticky_and_shows_in_getfl(client):
+    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
+    sub = rt.openat(box, "sub", rt.O_DIRECTORY)  # no flag asked for: inherited
+    assert rt.getfl(sub) & rt.O_RESOLVE_BENEATH
+    assert rt.getfl(rt.clone(sub)) & rt.O_RESOLVE_BENEATH
+    with pytest.raises(OSError) as info:
+        rt.openat(sub, "../file.txt")
+    assert info.value.errno == errno.EXDEV
+    plain = rt.open("/box", rt.O_DIRECTORY)
+    assert not rt.getfl(plain) & rt.O_RESOLVE_BENEATH
+    rt.close(rt.openat(plain, "../secret.txt"))  # without the flag, .. is allowed inside the scheme
+    for fd in (box, sub, plain):
+        rt.close(fd)
+
+
+def test_two_path_operations_are_bound_beneath_on_both_sides(client):
+    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
+    sub = rt.openat(box, "sub", rt.O_DIRECTORY)
+    from rt._call import call
+
+    attempts = [
+        (P.MKDIRAT, ["../escape", 0o777]),
+        (P.UNLINKAT, ["../file.txt", 0]),
+        (P.UNLINKAT, ["../../secret.txt", 0]),
+        (P.RENAMEAT, ["inner.txt", "../../stolen.txt"]),
+        (P.RENAMEAT, ["../file.txt", "moved.txt"]),
+        (P.SYMLINKAT, ["x", "../../planted"]),
+        (P.LINKAT, ["inner.txt", "../../linked"]),
+    ]
+    for op, args in attempts:
+        with pytest.raises(OSError) as info:
+            call(sub, op, args)
+        assert info.value.errno == errno.EXDEV, (op, args)
+    assert sorted(p.name for p in client.root.iterdir()) == ["box", "secret.txt"]
+    assert (client.root / "box/file.txt").exists()
+    rt.close(sub)
+    rt.close(box)
+
+
+def test_a_file_scheme_never_reaches_the_host_outside_its_root(client):
+    """Without any flag, `..` and absolute symlinks stop at the scheme's root."""
+    (client.root / "ok").write_text("root file")
+    os.symlink("/etc", client.root / "etc_link")
+    os.symlink("../../../../../../etc/passwd", client.root / "deep_out")
+    for path in ("/../../../etc/passwd", "/etc_link/passwd", "/deep_out", "/../" * 20 + "etc/hostname"):
+        with pytest.raises(FileNotFoundError):
+            rt.open(path)
+    with rt.open_file("/../../../ok") as f:
+        assert f.read() == "root file"
+
+
+SANDBOX_CLIENT = textwrap.dedent("""
+    import errno, os, socket, sys
+    import rt
+
+    def code(fn):
+        try:
+            fn()
+            return "ok"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    results = {
+        "getcwd": rt.getcwd(),
+        "read inside": rt.open_file("inside.txt").read(),
+        "chdir sub": code(lambda: rt.chdir("sub")),
+        "getcwd in sub": rt.getcwd(),
+        "chdir back": code(lambda: rt.chdir("..")),
+        "chdir above": code(lambda: rt.chdir("..")),
+        "getcwd after": rt.getcwd(),
+        "dotdot": code(lambda: rt.open("../outside.txt")),
+        "absolute": code(lambda: rt.open("/outside.txt")),
+        "scheme path": code(lambda: rt.open("/scheme/file/outside.txt")),
+        "symlink out": code(lambda: rt.open("link_out")),
+        "host file": code(lambda: open(sys.argv[1]).read()),
+        "host write": code(lambda: open(sys.argv[2], "w")),
+        "tcp": code(lambda: socket.create_connection(("127.0.0.1", int(sys.argv[3])), timeout=2)),
+        "udp": code(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)),
+        "token": code(lambda: open(sys.argv[4]).read()),
+        "abstract": code(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\\0" + sys.argv[5])),
+        "schemes": code(lambda: rt.schemes()),
+    }
+    for key, value in results.items():
+        print(f"{key}={value}")
+""")
+
+
+def test_a_confined_beneath_client_reaches_exactly_its_directory(system, tmp_path):
+    (system.root / "outside.txt").write_text("no")
+    (system.root / "jail/sub").mkdir(parents=True)
+    (system.root / "jail/inside.txt").write_text("yes")
+    os.symlink("../outside.txt", system.root / "jail/link_out")
+    host_file = tmp_path / "host.txt"
+    host_file.write_text("host")
+    with socket.socket() as listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        abstract.bind("\0redoxcap-test-abstract")
+        abstract.listen()
+        script = tmp_path / "client.py"
+        script.write_text(SANDBOX_CLIENT)
+        result = system.run(
+            "--ns", "", "--cwd", "/jail", "--beneath", "--require-confine", "--",
+            sys.executable, str(script), str(host_file), str(tmp_path / "new.txt"),
+            str(listener.getsockname()[1]), str(system.state_dir / control.TOKEN_NAME),
+            "redoxcap-test-abstract",
+        )
+    got = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert got == {
+        "getcwd": "/jail",
+        "read inside": "yes",
+        "chdir sub": "ok",
+        "getcwd in sub": "/jail/sub",
+        "chdir back": "ok",
+        "chdir above": "EXDEV",
+        "getcwd after": "/jail",
+        "dotdot": "EXDEV",
+        "absolute": "ENODEV",
+        "scheme path": "ENODEV",
+        "symlink out": "EXDEV",
+        "host file": "EACCES",
+        "host write": "EACCES",
+        "tcp": "EACCES",
+        "udp": "EACCES",
+        "token": "EACCES",
+        "abstract": "EPERM",
+        "schemes": "ok",
+    }
+    assert not (tmp_path / "new.txt").exists()
+
+
+def test_getcwd_does_not_lie_after_a_symlinked_chdir(client):
+    (client.root / "real/inner").mkdir(parents=True)
+    os.symlink("real/inner", client.root / "shortcut")
+    rt.chdir("/shortcut")
+    assert rt.getcwd() == "/real/inner"
+    rt.chdir("..")
+    assert rt.getcwd() == "/real"
+    assert rt.listdir() == ["inner"]
+
+
+def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(system):
+    result = system.python(
+        "import rt\n"
+        "for path in ('/scheme/tcp/127.0.0.1/9', '/scheme/null', '/scheme/zero', 'rand:', '/scheme/nsmgr'):\n"
+        "    try:\n        rt.open(path)\n        print('reached', path)\n"
+        "    except OSError as e:\n        print(e.errno)\n"
+        "print(rt.schemes())\n",
+        "--ns", "file,uds",
+    )
+    lines = result.stdout.splitlines()
+    assert lines[:-1] == [str(errno.ENODEV)] * 5
+    assert lines[-1] == "['file', 'uds']"
+
+
+def test_forged_frames_cannot_name_handles_they_were_not_given(client):
+    """A frame's body can claim anything; the router routes by socket, not by content."""
+    (client.root / "mine.txt").write_text("mine")
+    (client.root / "theirs.txt").write_text("theirs")
+    theirs = rt.open("/theirs.txt")
+    mine = rt.open("/mine.txt")
+    with socket.socket(fileno=os.dup(mine)) as s:
+        # a scheme-side header smuggled into a client request
+        forged = P.SREQUEST.pack(1, 1, 0, 0, 0, P.READ, 0) + P.pack([100])
+        s.send(P.REQUEST.pack(P.READ, 5) + forged)
+        tag, status, value = P.decode_reply(s.recv(P.MAX_FRAME))
+        assert (tag, status, value) == (5, P.ERR, errno.EINVAL)
+        # router-internal operations are refused on an ordinary capability
+        for op in (P.SCHEME_CREATE, P.SCHEME_RESTART, P.KERNEL_STATUS, P.SCHEME_STATUS, P.CLOSE, 0, 7):
+            s.send(P.encode_request(op, 6, []))
+            assert P.decode_reply(s.recv(P.MAX_FRAME)) == (6, P.ERR, errno.EINVAL)
+        s.send(P.encode_request(P.READ, 7, [100]))
+        assert P.decode_reply(s.recv(P.MAX_FRAME)) == (7, P.OK, b"mine")
+    rt.close(theirs)
+    rt.close(mine)
+
+
+def test_namespace_forks_never_gain_names_or_permissions(client):
+    child = rt.mkns(["file"], perms=rt.PERM_LIST)
+    for names, perms, err in [
+        (["file", "tcp"], None, errno.ENODEV),
+        (["nsmgr"], None, errno.ENODEV),
+        (None, rt.PERM_INSERT, errno.EACCES),
+        (None, rt.PERM_ALL, errno.EACCES),
+        (["bad/name"], None, errno.EINVAL),
+    ]:
+        with pytest.raises(OSError) as info:
+            rt.mkns(names, ns=child, perms=perms)
+        assert info.value.errno == err, (names, perms)
+    grandchild = rt.mkns(None, ns=child)
+    assert rt.nsperms(grandchild) == rt.PERM_LIST
+    assert rt.schemes(grandchild) == ["file"]
+    rt.close(grandchild)
+    rt.close(child)
