@@ -48,10 +48,6 @@ class FileHandle:
     anchor_owned: bool  # the anchor's fd is ours to close (a sticky O_RESOLVE_* directory)
     fdflags: int = 0
 
-    @property
-    def sticky(self) -> int:
-        return self.fdflags & RESOLVE_BITS
-
 
 class FileScheme(Scheme):
     """Serves one host directory."""
@@ -71,15 +67,20 @@ class FileScheme(Scheme):
         if self.read_only:
             raise SchemeError(errno.EROFS)
 
-    def _lookup_rules(self, h: FileHandle, flags: int) -> tuple[Anchor, int]:
-        """The anchor for a lookup from h with these flags, and the sticky bit it leaves."""
+    def _anchor_for(self, h: FileHandle, flags: int) -> Anchor:
+        """Where a lookup from h may not go past.
+
+        The flag on the openat makes h itself the anchor; without it the
+        lookup keeps h's anchor (the sandbox root it was opened beneath, or
+        the scheme's root). An in-root lookup cannot loosen a beneath handle.
+        """
         if not h.is_dir:
             raise SchemeError(errno.ENOTDIR)
         if flags & P.O_RESOLVE_BENEATH:
-            return Anchor.of(h.fd, beneath=True), P.O_RESOLVE_BENEATH
-        if flags & P.O_RESOLVE_IN_ROOT and not h.sticky & P.O_RESOLVE_BENEATH:
-            return Anchor.of(h.fd, beneath=False), P.O_RESOLVE_IN_ROOT
-        return h.anchor, h.sticky
+            return Anchor.of(h.fd, beneath=True)
+        if flags & P.O_RESOLVE_IN_ROOT and not h.anchor.beneath:
+            return Anchor.of(h.fd, beneath=False)
+        return h.anchor
 
     # -- opening -------------------------------------------------------------
 
@@ -88,20 +89,31 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL, "unsupported open flag")
         if flags & WRITE_FLAGS and not flags & os.O_PATH:
             self._writable()
-        anchor, sticky = self._lookup_rules(h, flags)
+        anchor = self._anchor_for(h, flags)
         fd = open_at(anchor, h.fd, path, flags & ~RESOLVE_BITS, mode & ~UMASK & 0o7777)
-        return self._adopt(fd, anchor, sticky, flags)
+        return self._adopt(fd, anchor, flags)
 
-    def _adopt(self, fd: int, anchor: Anchor, sticky: int, flags: int) -> Opened:
-        """Wrap a new host fd in a handle; the anchor's fd is dup'ed if it is not the root's."""
+    def _adopt(self, fd: int, anchor: Anchor, flags: int) -> Opened:
+        """Wrap a new host fd in a handle.
+
+        A directory opened with an O_RESOLVE_* flag becomes the anchor of
+        everything opened beneath it (the flag sticks); otherwise the handle
+        keeps the anchor its lookup had. Anchors other than the scheme's root
+        hold their own dup of the directory's fd.
+        """
         try:
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            if is_dir and flags & RESOLVE_BITS:
+                anchor = Anchor.of(fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
             owned = anchor.fd != self.root_fd
             if owned:
                 anchor = Anchor(os.dup(anchor.fd), anchor.dev, anchor.ino, anchor.beneath)
         except BaseException:
             os.close(fd)
             raise
+        sticky = 0
+        if owned:
+            sticky = P.O_RESOLVE_BENEATH if anchor.beneath else P.O_RESOLVE_IN_ROOT
         fdflags = (flags & ~RESOLVE_BITS) | sticky
         return Opened(FileHandle(fd, is_dir, anchor, owned, fdflags), fdflags=fdflags)
 
@@ -116,7 +128,7 @@ class FileScheme(Scheme):
             fd = os.open(".", flags | os.O_CLOEXEC, dir_fd=h.fd)
         else:
             fd = os.open(f"/proc/self/fd/{h.fd}", flags | os.O_CLOEXEC)
-        return self._adopt(fd, h.anchor, h.sticky, h.fdflags)
+        return self._adopt(fd, h.anchor, h.fdflags & ~RESOLVE_BITS)
 
     async def close(self, h: FileHandle) -> None:
         if h.fd != self.root_fd:
@@ -173,8 +185,7 @@ class FileScheme(Scheme):
     # -- names ---------------------------------------------------------------
 
     def _parent(self, h: FileHandle, path: str) -> tuple[int, str | None, bool]:
-        anchor, _ = self._lookup_rules(h, 0)
-        return resolve_parent(anchor, h.fd, path)
+        return resolve_parent(self._anchor_for(h, 0), h.fd, path)
 
     def _target_dir(self, req: Request, h: FileHandle) -> FileHandle:
         """The directory a second path is relative to: a passed capability of ours, or h."""

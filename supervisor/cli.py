@@ -249,7 +249,7 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
     confined, can reach nothing else. It may still read the interpreter, the
-    installed packages and the files named on its command line.
+    installed packages and the script it runs (`python script.py`).
     With no system up at the state directory, a private one is booted for
     the duration of COMMAND (--root, --config and --mount configure it).
     With a system up, --mount adds the mount to it (it stays until `down`).
@@ -304,12 +304,15 @@ def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None
 
 
 def confined_argv(command: list[str], require: bool) -> list[str]:
-    """Wrap command in the confinement launcher; files it names stay readable."""
+    """Wrap command in the confinement launcher; the script it runs stays readable.
+
+    Only the first argument, when it is a file (`python script.py ...`), is
+    made readable: other file arguments are data the program must get
+    through its capabilities.
+    """
     launcher = [sys.executable, "-m", "supervisor.confine"] + (["--require"] if require else [])
-    for arg in command[1:]:
-        path = Path(arg)
-        if path.is_file():
-            launcher += ["--read", str(path.absolute())]
+    if len(command) > 1 and Path(command[1]).is_file():
+        launcher += ["--read", str(Path(command[1]).absolute())]
     return [*launcher, "--", *command]
 
 

@@ -148,8 +148,9 @@ def test_beneath_is_sticky_and_shows_in_getfl(client):
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)  # no flag asked for: inherited
     assert rt.getfl(sub) & rt.O_RESOLVE_BENEATH
     assert rt.getfl(rt.clone(sub)) & rt.O_RESOLVE_BENEATH
+    rt.close(rt.openat(sub, "../file.txt"))  # still beneath box, the directory with the flag
     with pytest.raises(OSError) as info:
-        rt.openat(sub, "../file.txt")
+        rt.openat(sub, "../../secret.txt")
     assert info.value.errno == errno.EXDEV
     plain = rt.open("/box", rt.O_DIRECTORY)
     assert not rt.getfl(plain) & rt.O_RESOLVE_BENEATH
@@ -164,13 +165,16 @@ def test_two_path_operations_are_bound_beneath_on_both_sides(client):
     from rt._call import call
 
     attempts = [
-        (P.MKDIRAT, ["../escape", 0o777]),
-        (P.UNLINKAT, ["../file.txt", 0]),
+        (P.MKDIRAT, ["../../escape", 0o777]),
+        (P.MKDIRAT, ["/escape", 0o777]),
         (P.UNLINKAT, ["../../secret.txt", 0]),
+        (P.UNLINKAT, ["../rel_out/../secret.txt", 0]),
         (P.RENAMEAT, ["inner.txt", "../../stolen.txt"]),
-        (P.RENAMEAT, ["../file.txt", "moved.txt"]),
+        (P.RENAMEAT, ["../../secret.txt", "moved.txt"]),
         (P.SYMLINKAT, ["x", "../../planted"]),
         (P.LINKAT, ["inner.txt", "../../linked"]),
+        (P.LINKAT, ["../../secret.txt", "linked"]),
+        (P.READLINKAT, ["../../box/abs"]),
     ]
     for op, args in attempts:
         with pytest.raises(OSError) as info:
