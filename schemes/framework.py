@@ -111,6 +111,24 @@ class Reply:
     fds: list[int] = field(default_factory=list)
 
 
+class Changed:
+    """Wakes every task waiting for a change of some state (an Event that re-arms).
+
+    Schemes that block (pipes, in-daemon sockets) wait on one of these in a
+    loop that re-checks their condition, and notify it whenever state changes.
+    """
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 class Scheme:
     """Base class of every scheme daemon: one async method per operation.
 

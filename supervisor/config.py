@@ -36,13 +36,6 @@ BUILTIN_SCHEMES = {
 }
 
 
-def _available(name: str) -> bool:
-    """Whether the daemon module of a built-in scheme is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec(BUILTIN_SCHEMES[name]) is not None
-
-
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is fit for the user."""
 
@@ -62,7 +55,7 @@ class Mount:
 @dataclass
 class Config:
     root: Path | None = None
-    schemes: list[str] = field(default_factory=lambda: [n for n in BUILTIN_SCHEMES if _available(n)])
+    schemes: list[str] = field(default_factory=lambda: list(BUILTIN_SCHEMES))
     mounts: list[Mount] = field(default_factory=list)
 
     def specs(self) -> list[SchemeSpec]:

@@ -1,0 +1,118 @@
+"""The pipe scheme (`/scheme/pipe`): POSIX pipes between any holders of its fds.
+
+Opening `/scheme/pipe` makes a new pipe and returns its read end;
+`dup(read_end, b"write")` returns a write end of the same pipe
+(`dup(end, b"read")` another reader, `dup(end, b"")` another end of the same
+kind). `rt.pipe()` does both. POSIX semantics: a read waits for data and
+returns b"" once every write end is closed; a write with no read end left is
+EPIPE; the buffer holds PIPE_SIZE bytes, writers wait for room, and writes of
+at most PIPE_BUF bytes are never interleaved with others.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from rt import protocol as P
+from schemes.framework import Changed, Opened, Request, Scheme, SchemeError, daemon_cli
+
+PIPE_SIZE = 64 * 1024
+PIPE_BUF = 4096
+
+
+@dataclass(eq=False)
+class Pipe:
+    data: bytearray = field(default_factory=bytearray)
+    readers: int = 0
+    writers: int = 0
+    changed: Changed = field(default_factory=Changed)
+
+
+@dataclass(eq=False)
+class PipeEnd:
+    pipe: Pipe
+    writer: bool
+
+
+class PipeScheme(Scheme):
+    """Serves anonymous pipes."""
+
+    name = "pipe"
+
+    def _end(self, pipe: Pipe, writer: bool) -> Opened:
+        if writer:
+            pipe.writers += 1
+        else:
+            pipe.readers += 1
+        return Opened(PipeEnd(pipe, writer), fdflags=os.O_WRONLY if writer else os.O_RDONLY)
+
+    async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
+        if path.strip("/") not in ("", "."):
+            raise SchemeError(errno.ENOENT, "pipes have no names: open /scheme/pipe")
+        return self._end(Pipe(), writer=False)
+
+    async def dup(self, req: Request, h: PipeEnd, buf: bytes) -> Opened:
+        if not isinstance(h, PipeEnd):
+            raise SchemeError(errno.EBADF)
+        kinds = {b"": h.writer, b"read": False, b"write": True}
+        if buf not in kinds:
+            raise SchemeError(errno.EINVAL, 'pipe dup takes b"", b"read" or b"write"')
+        return self._end(h.pipe, kinds[buf])
+
+    async def read(self, req: Request, h: PipeEnd, n: int) -> bytes:
+        if not isinstance(h, PipeEnd) or h.writer:
+            raise SchemeError(errno.EBADF)
+        if n < 0:
+            raise SchemeError(errno.EINVAL)
+        pipe = h.pipe
+        while not pipe.data:
+            if pipe.writers == 0 or n == 0:
+                return b""
+            await pipe.changed.wait()
+        chunk = bytes(pipe.data[: min(n, P.MAX_IO)])
+        del pipe.data[: len(chunk)]
+        pipe.changed.notify()
+        return chunk
+
+    async def write(self, req: Request, h: PipeEnd, data: bytes) -> int:
+        if not isinstance(h, PipeEnd) or not h.writer:
+            raise SchemeError(errno.EBADF)
+        pipe = h.pipe
+        done = 0
+        while done < len(data):
+            if pipe.readers == 0:
+                if done:
+                    return done
+                raise SchemeError(errno.EPIPE)
+            room = PIPE_SIZE - len(pipe.data)
+            atomic = len(data) <= PIPE_BUF
+            if room >= len(data) - done or (room > 0 and not atomic):
+                take = min(room, len(data) - done)
+                pipe.data += data[done : done + take]
+                done += take
+                pipe.changed.notify()
+            else:
+                await pipe.changed.wait()
+        return done
+
+    async def fstat(self, req: Request, h) -> dict:
+        size = len(h.pipe.data) if isinstance(h, PipeEnd) else 0
+        return {"st_mode": stat.S_IFIFO | 0o600, "st_size": size}
+
+    async def fpath(self, req: Request, h) -> str:
+        return f"/scheme/{self.name}"
+
+    async def close(self, h) -> None:
+        if isinstance(h, PipeEnd):
+            if h.writer:
+                h.pipe.writers -= 1
+            else:
+                h.pipe.readers -= 1
+            h.pipe.changed.notify()
+
+
+if __name__ == "__main__":
+    daemon_cli("schemes.pipe", lambda args: PipeScheme())

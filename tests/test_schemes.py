@@ -1,0 +1,229 @@
+"""The schemes beside files, through the real processes: clients run by `redoxcap run` or rt."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rt
+from tests.conftest import REDOXCAP, boot, shut_down, wait_for
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def start_client(system, *args: str) -> subprocess.Popen:
+    """A `redoxcap run` client in the background, reading its stdout line by line."""
+    return subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--", sys.executable, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_tcp_echo_between_two_clients(system):
+    server = start_client(system, str(EXAMPLES / "tcp_echo.py"), "server")
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("listening on "), server.stderr.read()
+        port = line.split()[-1]
+        result = system.run("--", sys.executable, str(EXAMPLES / "tcp_echo.py"), "client", port, "ping pong")
+        assert result.stdout.strip() == "echoed: ping pong"
+    finally:
+        finish(server)
+
+
+def test_uds_echo_with_a_capability_passed_across(system):
+    server = start_client(system, str(EXAMPLES / "uds_echo.py"), "server", "echo1")
+    try:
+        assert server.stdout.readline() == "listening\n"
+        result = system.run("--", sys.executable, str(EXAMPLES / "uds_echo.py"), "client", "echo1", "hi there")
+        assert result.stdout.strip() == "echoed: hi there"
+    finally:
+        out = finish(server)
+    assert "received a capability for /scheme/file/shared.txt holding: a file only the client opened" in out
+
+
+def test_a_namespace_without_tcp_fails_with_enodev(system):
+    result = system.run("--ns", "file,uds", "--", sys.executable, str(EXAMPLES / "no_tcp.py"))
+    assert result.stdout.splitlines() == [
+        "my schemes: ['file', 'uds']",
+        "/scheme/tcp/127.0.0.1/80 -> ENODEV",
+        "tcp:127.0.0.1/80 -> ENODEV",
+        "/scheme/udp/127.0.0.1/53 -> ENODEV",
+    ]
+
+
+def test_a_pipe_between_a_client_and_a_child_it_spawns(system):
+    code = (
+        "import rt, sys\n"
+        "r, w = rt.pipe()\n"
+        "child = rt.spawn([sys.executable, '-c', 'import rt, sys; fd = int(sys.argv[1]);"
+        " [rt.write(fd, b\"line %d\\\\n\" % i) for i in range(3)]', str(w)], pass_fds=[w])\n"
+        "rt.close(w)\n"
+        "data = b''\n"
+        "while chunk := rt.read(r, 100):\n"
+        "    data += chunk\n"
+        "child.wait()\n"
+        "print(data.decode(), end='')\n"
+        "r2, w2 = rt.pipe(); rt.close(r2)\n"
+        "import time; deadline = time.monotonic() + 10\n"
+        "while time.monotonic() < deadline:  # close is asynchronous: the scheme learns of it soon\n"
+        "    try:\n        rt.write(w2, b'x'); time.sleep(0.01)\n"
+        "    except BrokenPipeError:\n        print('EPIPE'); break\n"
+    )
+    assert system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
+
+
+def test_zero_rand_and_null(client):
+    zero, rand, null = rt.open("/scheme/zero"), rt.open("rand:"), rt.open("/scheme/null", rt.O_RDWR)
+    assert rt.read(zero, 1000) == bytes(1000)
+    a, b = rt.read(rand, 64), rt.read(rand, 64)
+    assert len(a) == 64 and a != b and len(set(a)) > 16
+    assert rt.write(null, b"gone") == 4 and rt.read(null, 10) == b""
+    for fd in (zero, rand, null):
+        rt.close(fd)
+
+
+def test_udp_echo(client):
+    server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+    port = rt.fpath(server).rsplit("/", 1)[1]
+    with pytest.raises(OSError) as info:
+        rt.write(server, b"to nobody")
+    assert info.value.errno == errno.EDESTADDRREQ
+    peer = rt.open(f"/scheme/udp/127.0.0.1/{port}", rt.O_RDWR)
+    rt.write(peer, b"one")
+    rt.write(peer, b"two")
+    assert rt.read(server, 100) == b"one"  # one datagram per read
+    rt.write(server, b"ONE")
+    assert rt.read(server, 100) == b"two"
+    assert rt.read(peer, 100) == b"ONE"
+    rt.close(peer)
+    rt.close(server)
+
+
+def test_tcp_errors_are_errnos(client):
+    listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+    port = rt.fpath(listener).rsplit("/", 1)[1]
+    rt.close(listener)
+    for path, err in [
+        (f"/scheme/tcp/127.0.0.1/{port}", errno.ECONNREFUSED),
+        ("/scheme/tcp/127.0.0.1/99999", errno.EINVAL),
+        ("/scheme/tcp/127.0.0.1", errno.EINVAL),
+        ("/scheme/tcp/no.such.host.invalid/80", errno.EHOSTUNREACH),
+    ]:
+        with pytest.raises(OSError) as info:
+            rt.open(path, rt.O_RDWR)
+        assert info.value.errno == err, path
+
+
+def test_a_blocked_accept_does_not_stall_other_clients(client):
+    listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+    waiter = rt.spawn([sys.executable, "-c", "import rt, sys; rt.dup(int(sys.argv[1]), b'accept')",
+                       str(listener)], pass_fds=[listener])
+    try:
+        other = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)  # served meanwhile
+        second = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+        assert rt.fpath(second) != rt.fpath(listener)
+        rt.close(other)
+        rt.close(second)
+    finally:
+        waiter.kill()
+        waiter.wait()
+    rt.close(listener)
+
+
+def test_the_log_scheme_writes_lines_with_the_writers_pid(system):
+    code = "import os, rt\nfd = rt.open('/scheme/log/demo', rt.O_WRONLY)\n" \
+           "rt.write(fd, b'first line\\nsecond ')\nrt.write(fd, b'line\\n')\nprint(os.getpid())\n"
+    pid = system.python(code).stdout.strip()
+    log = wait_for(lambda: "second line" in system.log() and system.log())
+    assert f"log[{pid}] demo: first line" in log
+    assert f"log[{pid}] demo: second line" in log
+
+
+def test_a_client_killed_mid_operation_leaks_nothing(system):
+    def handles():
+        return {d["name"]: d["scheme_handles"] for d in system.status()["daemons"] if d["name"] in
+                ("tcp", "pipe", "uds")}
+
+    baseline = handles()
+    holder = start_client(system, "-c",
+                          "import rt, sys\n"
+                          "l = rt.open('/scheme/tcp/127.0.0.1/0', rt.O_CREAT|rt.O_RDWR)\n"
+                          "u = rt.open('/scheme/uds/held', rt.O_CREAT|rt.O_RDWR)\n"
+                          "r, w = rt.pipe()\n"
+                          "print('ready', flush=True)\n"
+                          "rt.read(r, 10)\n")  # blocks forever in the pipe scheme
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        busy = handles()
+        assert all(busy[name] > baseline[name] for name in baseline)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.communicate()
+    wait_for(lambda: handles() == baseline)
+    again = system.python("import rt; rt.close(rt.open('/scheme/uds/held', rt.O_CREAT))")
+    assert again.returncode == 0  # the name was freed with the dead listener
+
+
+def test_a_read_only_mount_refuses_writes(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "readme.txt").write_text("read me")
+    system = boot(tmp_path, "--mount", f"docs={docs}:ro")
+    try:
+        code = (
+            "import errno, rt\n"
+            "print(rt.open_file('/scheme/docs/readme.txt').read())\n"
+            "for fn in (lambda: rt.open('/scheme/docs/new', rt.O_CREAT|rt.O_WRONLY),\n"
+            "           lambda: rt.open('/scheme/docs/readme.txt', rt.O_WRONLY),\n"
+            "           lambda: rt.mkdir('/scheme/docs/d'), lambda: rt.unlink('/scheme/docs/readme.txt')):\n"
+            "    try:\n        fn()\n    except OSError as e:\n        print(errno.errorcode[e.errno])\n"
+        )
+        assert system.python(code).stdout.split() == ["read", "me"] + ["EROFS"] * 4
+        assert sorted(p.name for p in docs.iterdir()) == ["readme.txt"]
+        info = system.daemon("docs")
+        assert info["module"] == "schemes.file" and "--read-only" in info["args"]
+    finally:
+        shut_down(system)
+
+
+def test_run_mount_adds_a_writable_mount_to_a_running_system(system, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    result = system.python("import rt; rt.open_file('/scheme/data/out.txt', 'w').write('x'); print(rt.fpath(rt.open('data:out.txt')))",
+                           "--mount", f"data={data}")
+    assert result.stdout.strip() == "/scheme/data/out.txt"
+    assert (data / "out.txt").read_text() == "x"
+    bad = system.python("pass", "--mount", "data=/nonexistent-dir", check=False)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr
+
+
+def test_a_config_file_sets_root_schemes_and_mounts(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    config = tmp_path / "redoxcap.toml"
+    config.write_text(f'root = "{tmp_path / "cfgroot"}"\nschemes = ["file", "zero"]\n'
+                      f'[mount.photos]\npath = "{photos}"\nread_only = true\n')
+    out = subprocess.run(
+        [*REDOXCAP, "--state-dir", str(tmp_path / "st"), "run", "--config", str(config), "--",
+         sys.executable, "-c", "import rt; print(rt.schemes())"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['file', 'photos', 'zero']"
+    assert (tmp_path / "cfgroot").is_dir()
