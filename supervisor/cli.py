@@ -172,10 +172,19 @@ def _shutdown(state_dir: Path, wait: float = 15.0) -> None:
     pid = int(pid_file.read_text()) if pid_file.exists() else None
     control.request(state_dir, "shutdown")
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and pid_file.exists():
-        time.sleep(0.05)
-    if pid_file.exists() and pid is not None:
+    while time.monotonic() < deadline and (_alive(pid) if pid else pid_file.exists()):
+        time.sleep(0.02)
+    if pid is not None and _alive(pid):
         os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 @main.command()
