@@ -52,6 +52,8 @@ class FileHandle:
 class FileScheme(Scheme):
     """Serves one host directory."""
 
+    inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
+
     def __init__(self, root: str, name: str = "file", read_only: bool = False) -> None:
         self.name = name
         self.read_only = read_only

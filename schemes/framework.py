@@ -139,6 +139,10 @@ class Scheme:
 
     name = "scheme"
     handles: dict[int, Any]  # number -> object, set by the framework when serving
+    # Operations this scheme answers without ever waiting (plain syscalls, memory):
+    # the request loop runs them in place, without a task of their own. Anything
+    # that can wait for another client (a read on a pipe, an accept) must not be here.
+    inline_ops: frozenset[int] = frozenset()
 
     def root(self) -> Any:
         """The object behind handle 0 (the scheme's root)."""
@@ -268,7 +272,11 @@ class _Server:
                     P.close_fds(fds)
                     nursery.start_soon(self._close, number)
                     continue
-                nursery.start_soon(self._handle, req_id, number, Caller(pid, uid, gid), op, nrefs, data, fds)
+                args = (req_id, number, Caller(pid, uid, gid), op, nrefs, data, fds)
+                if op in self.scheme.inline_ops:
+                    await self._handle(*args)  # never blocks: no task, no cancel scope
+                else:
+                    nursery.start_soon(self._handle, *args)
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)
@@ -334,10 +342,13 @@ class _Server:
         if number not in self.handles:
             raise SchemeError(errno.EBADF)
         obj = self.handles[number]
+        method = getattr(self.scheme, name)
+        if op in self.scheme.inline_ops:
+            return await method(req, obj, *args)
         with trio.CancelScope() as scope:
             self.inflight.setdefault(number, set()).add(scope)
             try:
-                return await getattr(self.scheme, name)(req, obj, *args)
+                return await method(req, obj, *args)
             finally:
                 scopes = self.inflight.get(number)
                 if scopes is not None:

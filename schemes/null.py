@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 
+from rt import protocol as P
 from schemes.framework import Opened, Request, Scheme, daemon_cli
 
 
@@ -11,6 +12,7 @@ class NullScheme(Scheme):
     """Every open gives a handle like /dev/null."""
 
     name = "null"
+    inline_ops = frozenset(P.SCHEME_OPS)
 
     async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
         return Opened(object(), fdflags=flags)

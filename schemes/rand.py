@@ -18,6 +18,7 @@ class RandScheme(Scheme):
     """Every open gives a handle that reads as endless random bytes."""
 
     name = "rand"
+    inline_ops = frozenset(P.SCHEME_OPS)
 
     async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
         return Opened(object(), fdflags=flags)

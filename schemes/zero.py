@@ -12,6 +12,7 @@ class ZeroScheme(Scheme):
     """Every open gives a handle that reads as endless zeros and swallows writes."""
 
     name = "zero"
+    inline_ops = frozenset(P.SCHEME_OPS)
 
     async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
         return Opened(object(), fdflags=flags)
