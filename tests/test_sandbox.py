@@ -72,16 +72,21 @@ CASES = [
 ]
 
 
-def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
+def outcome(open_fn, fstat_fn, close_fn):
+    """What an open gives: an errno, or the (dev, ino) of the file it opened."""
     try:
-        fd = openat2(dirfd, path, flags, resolve | RESOLVE_NO_MAGICLINKS)
+        fd = open_fn()
     except OSError as exc:
         return exc.errno
     try:
-        st = os.fstat(fd)
+        st = fstat_fn(fd)
         return (st.st_dev, st.st_ino)
     finally:
-        os.close(fd)
+        close_fn(fd)
+
+
+def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
+    return outcome(lambda: openat2(dirfd, path, flags, resolve | RESOLVE_NO_MAGICLINKS), os.fstat, os.close)
 
 
 def _beneath_dir(client, flag: int) -> int:
@@ -120,27 +125,11 @@ def _raw_openat(dirfd: int, path: str, flags: int):
     """OPENAT on dirfd with the path as is (rt would route an absolute one to the namespace)."""
     from rt._call import call_fd
 
-    try:
-        fd = call_fd(dirfd, P.OPENAT, [path, flags, 0o666])
-    except OSError as exc:
-        return exc.errno
-    try:
-        st = rt.fstat(fd)
-        return (st.st_dev, st.st_ino)
-    finally:
-        rt.close(fd)
+    return outcome(lambda: call_fd(dirfd, P.OPENAT, [path, flags, 0o666]), rt.fstat, rt.close)
 
 
 def _rt_openat(dirfd: int, path: str, flags: int):
-    try:
-        fd = rt.openat(dirfd, path, flags)
-    except OSError as exc:
-        return exc.errno
-    try:
-        st = rt.fstat(fd)
-        return (st.st_dev, st.st_ino)
-    finally:
-        rt.close(fd)
+    return outcome(lambda: rt.openat(dirfd, path, flags), rt.fstat, rt.close)
 
 
 def test_beneath_is_sticky_and_shows_in_getfl(client):
