@@ -64,6 +64,7 @@ class NamespaceScheme(Scheme):
     """nsmgr's scheme: handle 0 is the root namespace, which holds every permission."""
 
     name = "nsmgr"
+    resolves_beneath = True  # passed on to the scheme that owns the path, which decides
 
     def root(self) -> Namespace:
         return Namespace()

@@ -53,6 +53,7 @@ class FileScheme(Scheme):
     """Serves one host directory."""
 
     inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
+    resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False) -> None:
         self.name = name

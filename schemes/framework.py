@@ -37,6 +37,8 @@ from rt.channel import Channel
 
 log = logging.getLogger("scheme")
 
+RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
+
 
 class SchemeError(Exception):
     """The one error a scheme method raises: carries the errno for the reply."""
@@ -143,6 +145,9 @@ class Scheme:
     # the request loop runs them in place, without a task of their own. Anything
     # that can wait for another client (a read on a pipe, an accept) must not be here.
     inline_ops: frozenset[int] = frozenset()
+    # Whether openat implements O_RESOLVE_BENEATH / O_RESOLVE_IN_ROOT. A scheme
+    # that does not refuses them with EINVAL: it never ignores a flag.
+    resolves_beneath = False
 
     def root(self) -> Any:
         """The object behind handle 0 (the scheme's root)."""
@@ -342,6 +347,8 @@ class _Server:
         if number not in self.handles:
             raise SchemeError(errno.EBADF)
         obj = self.handles[number]
+        if op == P.OPENAT and args[1] & RESOLVE_FLAGS and not self.scheme.resolves_beneath:
+            raise SchemeError(errno.EINVAL, f"the {self.scheme.name} scheme has no O_RESOLVE_* lookups")
         method = getattr(self.scheme, name)
         if op in self.scheme.inline_ops:
             return await method(req, obj, *args)

@@ -29,7 +29,7 @@ REDOXCAP = [sys.executable, "-m", "supervisor"]
 def redoxcap(state_dir: Path, *args: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     """Run the real CLI against state_dir."""
     proc = subprocess.run([*REDOXCAP, "--state-dir", str(state_dir), *args],
-                          capture_output=True, text=True, timeout=timeout, **kw)
+                          capture_output=True, text=True, timeout=timeout, check=False, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"redoxcap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

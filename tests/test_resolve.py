@@ -61,7 +61,7 @@ def test_beneath_refuses_what_in_root_would_clamp(tree):
 
 
 def test_resolve_parent_names_the_last_component_without_following_it(tree):
-    _, box, fd = tree
+    _, _, fd = tree
     anchor = Anchor.of(fd, beneath=True)
     parent, name, must_be_dir = resolve_parent(anchor, fd, "a/abs")
     try:

@@ -99,6 +99,14 @@ def test_zero_rand_and_null(client):
         rt.close(fd)
 
 
+def test_schemes_without_resolve_beneath_refuse_the_flag(client):
+    for path in ("/scheme/zero", "/scheme/pipe", "/scheme/uds/x", "/scheme/tcp/127.0.0.1/0"):
+        for flag in (rt.O_RESOLVE_BENEATH, rt.O_RESOLVE_IN_ROOT):
+            with pytest.raises(OSError) as info:
+                rt.open(path, rt.O_RDWR | rt.O_CREAT | flag)
+            assert info.value.errno == errno.EINVAL, path
+
+
 def test_udp_echo(client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = rt.fpath(server).rsplit("/", 1)[1]

@@ -266,10 +266,10 @@ def test_a_killed_client_leaks_no_handle(system):
     baseline = wait_for(lambda: system.daemon("file")["scheme_handles"] is not None and system.daemon("file"))
     holder = subprocess.Popen(
         [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--", sys.executable, "-c",
-         "import rt, sys, time\n"
-         "fds = [rt.open('/f') for _ in range(5)] + [rt.open('/', rt.O_DIRECTORY)]\n"
-         "print('ready', flush=True)\n"
-         "time.sleep(60)\n"],
+         ("import rt, sys, time\n"
+          "fds = [rt.open('/f') for _ in range(5)] + [rt.open('/', rt.O_DIRECTORY)]\n"
+          "print('ready', flush=True)\n"
+          "time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline() == "ready\n"
@@ -460,8 +460,8 @@ def test_spawned_children_inherit_clones_of_namespace_and_cwd(client):
     rt.mkdir("/kid")
     rt.chdir("/kid")
     child = rt.spawn([sys.executable, "-c",
-                      "import rt; rt.close(rt.open('made-by-child', rt.O_CREAT|rt.O_WRONLY));"
-                      "print(rt.getcwd(), rt.schemes())"],
+                      ("import rt; rt.close(rt.open('made-by-child', rt.O_CREAT|rt.O_WRONLY));"
+                       "print(rt.getcwd(), rt.schemes())")],
                      stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate(timeout=30)
     assert out.strip() == f"/kid {BUILTIN}"
@@ -479,13 +479,14 @@ def test_run_without_a_system_boots_a_private_one_and_stops_it(tmp_path):
     root = tmp_path / "root"
     out = subprocess.run(
         [*REDOXCAP, "--state-dir", str(state), "run", "--root", str(root), "--",
-         sys.executable, "-c", "import rt, os; rt.close(rt.open('/made', rt.O_CREAT|rt.O_WRONLY));"
-         "print(os.getppid())"],
-        capture_output=True, text=True, timeout=60)
+         sys.executable, "-c", ("import rt, os; rt.close(rt.open('/made', rt.O_CREAT|rt.O_WRONLY));"
+                                "print(os.getppid())")],
+        capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert (root / "made").exists()
     assert not state.exists()
-    leftovers = subprocess.run(["pgrep", "-f", f"--root {root}"], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", f"--root {root}"], capture_output=True, text=True,
+                               check=False)
     assert leftovers.stdout == ""
 
 
@@ -498,7 +499,7 @@ def test_down_stops_everything_and_up_refuses_twice(tmp_path):
     assert again.returncode == 4
     sys_.cli("down")
     for pid in pids:
-        wait_for(lambda: not pid_alive(pid))
+        wait_for(lambda pid=pid: not pid_alive(pid))
     assert sorted(p.name for p in sys_.state_dir.iterdir()) == [control.LOG_NAME]
     gone = sys_.cli("status", check=False)
     assert gone.returncode == 3 and "no system is running" in gone.stderr
