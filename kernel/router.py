@@ -8,7 +8,7 @@ forwarded to the owning scheme with the handle and the sender's credentials
 by request id. Fds passed with a request are relayed to the scheme, each
 marked with its handle number when it is a capability of that same scheme (so
 rename can name a second directory). The router decodes only the fixed headers: it knows no scheme
-names and never looks at a path.
+names and never looks at a request's body.
 
 When a scheme answers NEW_HANDLE the router mints a new capability pair.
 When the last capability for a handle closes (EOF: the holder closed it or
@@ -343,11 +343,18 @@ class Router:
         body = memoryview(data)[P.SREPLY.size :]
         if isinstance(waiter, trio.MemorySendChannel):
             P.close_fds(fds)
-            waiter.send_nowait((status, P.unpack(body)))
+            try:
+                waiter.send_nowait((status, P.unpack(body)))
+            except P.ProtocolError:
+                waiter.send_nowait((P.ERR, errno.EIO))
             return
         cap, tag = waiter
         try:
             if status == P.NEW_HANDLE:
+                if len(body) < P.NEW_HANDLE_HDR.size:
+                    log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
+                    await self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
+                    return
                 number, fdflags = P.NEW_HANDLE_HDR.unpack_from(body)
                 body = body[P.NEW_HANDLE_HDR.size :]
                 handle = scheme.handles.get(number)

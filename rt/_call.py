@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 from typing import Any
@@ -39,6 +40,17 @@ def raise_errno(err: Any) -> None:
     raise OSError(err, os.strerror(err))
 
 
+def _blocking(fn, sock: socket.socket, event: int, *args):
+    """fn(*args), waiting for readiness if the fd was made non-blocking by someone."""
+    while True:
+        try:
+            return fn(*args)
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(sock, event)
+            poller.poll()
+
+
 def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
     """Send one request on capability fd and wait for its reply.
 
@@ -64,8 +76,9 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
             sock = socket.socket(fileno=fd)
             if sock.type != socket.SOCK_SEQPACKET:
                 raise OSError(errno.EBADF, "not a capability")
-            sock.sendmsg([frame], P.fds_ancillary(fds))
-            data, anc, flags, _ = sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+            _blocking(sock.sendmsg, sock, select.POLLOUT, [frame], P.fds_ancillary(fds))
+            data, anc, flags, _ = _blocking(
+                sock.recvmsg, sock, select.POLLIN, P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
         except OSError as exc:
             if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise OSError(errno.EBADF, "not a capability (or its server is gone)") from None
@@ -80,7 +93,10 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
         if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
             raise OSError(errno.EIO, "reply truncated")
         _tag, status, value = P.decode_reply(data)
-    except (OSError, P.ProtocolError):
+    except P.ProtocolError:
+        P.close_fds(received)
+        raise OSError(errno.EIO, "malformed reply") from None
+    except OSError:
         P.close_fds(received)
         raise
     if status != P.OK:
