@@ -344,6 +344,11 @@ class _Server:
         for arg, allowed in zip(args, types):
             if type(arg) not in allowed:
                 raise P.ProtocolError("argument of the wrong type")
+            if type(arg) is str:
+                if "\0" in arg:
+                    raise P.ProtocolError("a path or name with a NUL byte")
+                if len(arg) > P.MAX_PATH:
+                    raise SchemeError(errno.ENAMETOOLONG)
         if number not in self.handles:
             raise SchemeError(errno.EBADF)
         obj = self.handles[number]
