@@ -75,7 +75,9 @@ class Capability:
 
     channel: Channel
     handle: SchemeHandle
-    ino: int  # inode of the holder's end: identifies the cap when it is passed back to us
+    # (st_dev, st_ino) of the holder's end: identifies the cap when it is passed back to
+    # us. Both, or a file on another filesystem with the same inode number could pose as it.
+    identity: tuple[int, int] | None
 
 
 class Router:
@@ -86,7 +88,7 @@ class Router:
         self._schemes: dict[int, Scheme] = {}
         self._scheme_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
-        self._by_ino: dict[int, Capability] = {}
+        self._by_identity: dict[tuple[int, int], Capability] = {}
         self._kernel = Scheme(KERNEL_SCHEME_ID, alive=True)
         self._kernel_handle = SchemeHandle(self._kernel, P.ROOT_HANDLE, 0)
         self.frames = 0
@@ -98,26 +100,27 @@ class Router:
         """Serve an inherited socket as a kernel capability (the supervisor's)."""
         channel = Channel.from_fd(fd)
         channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._start_capability(channel, self._kernel_handle, ino=-1)
+        self._start_capability(channel, self._kernel_handle, identity=None)
 
     def mint(self, handle: SchemeHandle) -> int:
         """Create a capability for handle; returns the holder's end (caller owns it)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            ino = os.fstat(theirs.fileno()).st_ino
-            self._start_capability(Channel(ours), handle, ino)
+            st = os.fstat(theirs.fileno())
+            self._start_capability(Channel(ours), handle, (st.st_dev, st.st_ino))
         except BaseException:
             ours.close()
             theirs.close()
             raise
         return theirs.detach()
 
-    def _start_capability(self, channel: Channel, handle: SchemeHandle, ino: int) -> None:
-        cap = Capability(channel, handle, ino)
+    def _start_capability(self, channel: Channel, handle: SchemeHandle,
+                          identity: tuple[int, int] | None) -> None:
+        cap = Capability(channel, handle, identity)
         handle.refs += 1
-        if ino >= 0:
-            self._by_ino[ino] = cap
+        if identity is not None:
+            self._by_identity[identity] = cap
         self._nursery.start_soon(self._serve_capability, cap)
 
     async def _serve_capability(self, cap: Capability) -> None:
@@ -135,7 +138,8 @@ class Router:
 
     def _release(self, cap: Capability) -> None:
         cap.channel.close()
-        self._by_ino.pop(cap.ino, None)
+        if cap.identity is not None:
+            self._by_identity.pop(cap.identity, None)
         handle = cap.handle
         handle.refs -= 1
         if handle.refs:
@@ -189,7 +193,8 @@ class Router:
         """For each passed fd: its handle number if it is a capability of this scheme."""
         refs = []
         for fd in fds:
-            cap = self._by_ino.get(os.fstat(fd).st_ino)
+            st = os.fstat(fd)
+            cap = self._by_identity.get((st.st_dev, st.st_ino))
             same = cap is not None and cap.handle.scheme is scheme and cap.handle.live
             refs.append(P.REF.pack(cap.handle.number if same else P.NO_REF))
         return refs
@@ -272,7 +277,7 @@ class Router:
 
     async def _status(self) -> dict:
         caps: dict[int, int] = {}
-        for cap in self._by_ino.values():
+        for cap in self._by_identity.values():
             sid = cap.handle.scheme.id
             caps[sid] = caps.get(sid, 0) + 1
         queries = {}

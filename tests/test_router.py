@@ -165,3 +165,30 @@ def test_kernel_operations_need_the_kernel_capability(kernel):
     assert info.value.errno == errno.EBADF
     status = call(kernel, P.KERNEL_STATUS)[0]
     assert list(status["schemes"]) == ["1"]
+
+
+def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
+    """Capabilities are recognised by (device, inode): a file elsewhere that happens to
+    share a socket's inode number must not be taken for it (that would forge a handle)."""
+    from types import SimpleNamespace
+
+    from kernel.router import Router, Scheme, SchemeHandle
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    impostor = tmp_path / "impostor"
+    impostor.write_text("")
+    fd = os.open(impostor, os.O_RDONLY)
+    try:
+        scheme = Scheme(1, alive=True, generation=1)
+        cap = SimpleNamespace(handle=SchemeHandle(scheme, 42, 1))
+        sock_dev = os.fstat(b.fileno()).st_dev
+        router = SimpleNamespace(_by_identity={
+            (sock_dev, os.fstat(fd).st_ino): cap,  # same inode number as the file, sockfs device
+            (sock_dev, os.fstat(b.fileno()).st_ino): cap,
+        })
+        refs = Router._identify(router, scheme, [fd, b.fileno()])
+        assert [P.REF.unpack(r)[0] for r in refs] == [P.NO_REF, 42]
+    finally:
+        os.close(fd)
+        a.close()
+        b.close()
