@@ -15,6 +15,8 @@ parent handle lacks (asking for one is an error), and listings are sorted.
 from __future__ import annotations
 
 import errno
+import os
+import socket
 from dataclasses import dataclass, field
 
 from rt import protocol as P
@@ -168,7 +170,15 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EINVAL, "register takes exactly one capability")
         if name in ns.entries:
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
-        ns.entries[name] = AsyncCapability(req.take_fd(0))
+        fd = req.take_fd(0)
+        try:
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                if probe.type != socket.SOCK_SEQPACKET:
+                    raise OSError(errno.EINVAL, "not a capability")
+            ns.entries[name] = AsyncCapability(fd)
+        except OSError:
+            os.close(fd)
+            raise SchemeError(errno.EINVAL, "register takes a capability (a SEQPACKET socket)") from None
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)

@@ -34,6 +34,9 @@ HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_LARGEFIL
             | os.O_SYNC | os.O_DSYNC | getattr(os, "O_NOATIME", 0))
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 UMASK = 0o022
+# Never setuid, setgid or sticky: the daemon may run as root, and a client must not be
+# able to leave a set-uid file in the host directory for a host user to run.
+MODE_BITS = 0o777
 STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
                "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize")
 
@@ -93,7 +96,7 @@ class FileScheme(Scheme):
         if flags & WRITE_FLAGS and not flags & os.O_PATH:
             self._writable()
         anchor = self._anchor_for(h, flags)
-        fd = open_at(anchor, h.fd, path, flags & ~RESOLVE_BITS, mode & ~UMASK & 0o7777)
+        fd = open_at(anchor, h.fd, path, flags & ~RESOLVE_BITS, mode & ~UMASK & MODE_BITS)
         return self._adopt(fd, anchor, flags)
 
     def _adopt(self, fd: int, anchor: Anchor, flags: int) -> Opened:
@@ -208,7 +211,7 @@ class FileScheme(Scheme):
         try:
             if name is None:
                 raise SchemeError(errno.EEXIST)
-            os.mkdir(name, mode & ~UMASK & 0o7777, dir_fd=parent)
+            os.mkdir(name, mode & ~UMASK & MODE_BITS, dir_fd=parent)
         finally:
             os.close(parent)
 

@@ -147,6 +147,14 @@ def test_a_capability_made_non_blocking_still_works_through_rt(client):
     rt.close(fd)
 
 
+def test_created_files_and_directories_never_get_setuid_bits(client):
+    fd = rt.open("/suid", rt.O_CREAT | rt.O_WRONLY, 0o6777)
+    rt.close(fd)
+    rt.mkdir("/sgid", 0o7777)
+    assert (client.root / "suid").stat().st_mode & 0o7777 == 0o755
+    assert (client.root / "sgid").stat().st_mode & 0o7777 == 0o755
+
+
 def test_symlink_and_readlink(client):
     (client.root / "target").write_text("T")
     rt.symlink("target", "/link")
@@ -223,6 +231,12 @@ def test_namespace_fork_list_narrow_register_and_unregister(client):
         rt.register(rt.getns(), "bad/name", d)
     assert info.value.errno == errno.EINVAL
     assert rt.schemes() == sorted(everything + ["files2"])
+    r, w = os.pipe()
+    with pytest.raises(OSError) as info:
+        rt.register(rt.getns(), "notacap", r)  # any fd is not a capability
+    assert info.value.errno == errno.EINVAL
+    os.close(r)
+    os.close(w)
     rt.unregister(rt.getns(), "files2")
     with pytest.raises(OSError) as info:
         rt.unregister(rt.getns(), "files2")
