@@ -161,7 +161,7 @@ class Router:
 
     async def _on_request(self, cap, data: bytes, flags: int, fds: list[int], cred) -> None:
         self.frames += 1
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) < P.REQUEST.size:
+        if flags & P.TRUNCATED or len(data) < P.REQUEST.size:
             P.close_fds(fds)
             tag = P.REQUEST.unpack_from(data)[1] if len(data) >= P.REQUEST.size else 0
             await self._reply(cap, tag, P.ERR, errno.EINVAL)
@@ -338,7 +338,7 @@ class Router:
             channel.close()
 
     async def _on_reply(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) < P.SREPLY.size:
+        if flags & P.TRUNCATED or len(data) < P.SREPLY.size:
             raise P.ProtocolError("truncated or short reply")
         req_id, status = P.SREPLY.unpack_from(data)
         waiter = scheme.pending.pop(req_id, None)

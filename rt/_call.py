@@ -90,7 +90,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     try:
         if not data:
             raise OSError(errno.EIO, "capability closed by the router")
-        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        if flags & P.TRUNCATED:
             raise OSError(errno.EIO, "reply truncated")
         _tag, status, value = P.decode_reply(data)
     except P.ProtocolError:

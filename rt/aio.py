@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import socket
 from typing import Any
 
 import trio
@@ -125,7 +124,7 @@ class AsyncCapability:
             P.close_fds(fds)
             return
         try:
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            if flags & P.TRUNCATED:
                 raise P.ProtocolError("truncated reply")
             w.reply = (status, P.unpack(memoryview(data)[P.REPLY.size :]), fds)
         except P.ProtocolError:

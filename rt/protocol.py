@@ -143,6 +143,8 @@ MAX_FRAME = MAX_IO + 4096  # receive buffer; a larger frame is MSG_TRUNC -> EINV
 MAX_FDS = 253  # SCM_RIGHTS limit per message
 CMSG_FDS = socket.CMSG_SPACE(4 * MAX_FDS)
 CMSG_ALL = socket.CMSG_SPACE(12) + CMSG_FDS  # credentials first, then fds
+# recvmsg flags that make a frame unusable; a plain int (socket.MSG_* are slow enum flags)
+TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 MAX_NAME = 255  # longest scheme name
 MAX_PATH = 4096  # longest path in a request
 

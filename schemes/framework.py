@@ -23,7 +23,6 @@ import errno
 import itertools
 import logging
 import os
-import socket
 import struct
 import sys
 from collections.abc import Callable
@@ -268,7 +267,7 @@ class _Server:
                 data, fds, flags, _ = await self.channel.recv()
                 if not data and not fds:
                     break  # the router is gone
-                if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) < P.SREQUEST.size:
+                if flags & P.TRUNCATED or len(data) < P.SREQUEST.size:
                     P.close_fds(fds)
                     log.warning("%s: malformed frame from the router dropped", self.scheme.name)
                     continue
