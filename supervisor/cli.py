@@ -130,6 +130,7 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
         return
     import trio
 
+    from supervisor.up import SystemFailed
     from supervisor.up import main as up_main
 
     logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
@@ -139,6 +140,8 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
         trio.run(up_main, state_dir, cfg.specs(), info, watch_fd)
     except OSError as exc:
         fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
+    except SystemFailed as exc:
+        fail(f"stopped: {exc}")
 
 
 def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | None = None) -> subprocess.Popen:

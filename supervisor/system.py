@@ -75,6 +75,7 @@ class System:
         self.nsmgr = Daemon(SchemeSpec("nsmgr", "nsmgr"))
         self.daemons: list[Daemon] = []
         self.stopping = False
+        self.failed = False  # set when the system had to stop on its own (the router died)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
 

@@ -23,6 +23,10 @@ from supervisor.system import SchemeSpec, System
 log = logging.getLogger("supervisor")
 
 
+class SystemFailed(Exception):
+    """The system could not go on (its kernel router died)."""
+
+
 def prepare_state_dir(state_dir: Path) -> None:
     """Create the state directory, private to its owner."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -87,6 +91,7 @@ async def main(
                 nursery.start_soon(_stop_on_signal, stop)
                 if watch_fd is not None:
                     nursery.start_soon(_stop_on_eof, watch_fd, stop)
+                nursery.start_soon(_stop_when_kernel_dies, system, stop)
                 log.info("up: %d schemes, state in %s", len(specs), state_dir)
                 task_status.started(system)
                 await stop.wait()
@@ -97,6 +102,8 @@ async def main(
     finally:
         for name in (control.TOKEN_NAME, control.PID_NAME, control.SOCKET_NAME):
             (state_dir / name).unlink(missing_ok=True)
+    if system.failed:
+        raise SystemFailed("the kernel router died")
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
@@ -104,6 +111,15 @@ async def _stop_on_signal(stop: trio.Event) -> None:
         async for _ in signals:
             stop.set()
             return
+
+
+async def _stop_when_kernel_dies(system: System, stop: trio.Event) -> None:
+    """Every capability is a socket the router holds: without it nothing can go on."""
+    code = await system.kernel_process.wait()
+    if not system.stopping:
+        log.error("the kernel router exited (%s); every capability is gone, shutting down", code)
+        system.failed = True
+        stop.set()
 
 
 async def _stop_on_eof(fd: int, stop: trio.Event) -> None:

@@ -329,6 +329,19 @@ def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(system):
     assert result.stdout.strip() == str(BUILTIN)
 
 
+def test_a_dead_kernel_router_stops_the_whole_system_cleanly(tmp_path):
+    from tests.conftest import boot
+
+    sys_ = boot(tmp_path)
+    pids = sys_.pids()
+    kernel = sys_.daemon("kernel")["pid"]
+    os.kill(kernel, signal.SIGKILL)
+    for pid in pids:
+        wait_for(lambda pid=pid: not pid_alive(pid))
+    assert sorted(p.name for p in sys_.state_dir.iterdir()) == [control.LOG_NAME]
+    assert "the kernel router exited" in sys_.log()
+
+
 # -- the router and nsmgr under bad input ----------------------------------------
 
 
