@@ -35,6 +35,8 @@ from rt.channel import Channel
 log = logging.getLogger("kernel")
 
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
+OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
+STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 STATUS_TIMEOUT = 1.0
 
 
@@ -83,8 +85,9 @@ class Capability:
 class Router:
     """All of the router's state; one instance per kernel process."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, trace: bool = False) -> None:
         self._nursery = nursery
+        self.trace = trace  # log one line per request and per reply
         self._schemes: dict[int, Scheme] = {}
         self._scheme_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
@@ -184,6 +187,9 @@ class Router:
         frame = b"".join([header, *refs, data[P.REQUEST.size :]])
         scheme.pending[req_id] = (cap, tag)
         scheme.frames += 1
+        if self.trace:
+            log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
+                        scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
         try:
             await self._send_to_scheme(scheme, frame, fds)
         finally:
@@ -342,6 +348,8 @@ class Router:
             raise P.ProtocolError("truncated or short reply")
         req_id, status = P.SREPLY.unpack_from(data)
         waiter = scheme.pending.pop(req_id, None)
+        if self.trace:
+            log.info("req %d: <- scheme %d %s (%d fds)", req_id, scheme.id, STATUS_NAMES.get(status, status), len(fds))
         if waiter is None:
             P.close_fds(fds)
             return  # the request was abandoned (its capability closed) or never existed
@@ -392,15 +400,16 @@ class Router:
                 self._nursery.start_soon(self._reply, cap, tag, P.ERR, errno.EIO)
 
 
-async def main(kernel_fd: int) -> None:
+async def main(kernel_fd: int, trace: bool = False) -> None:
     """Run the router until every kernel capability is closed.
 
     Args:
         kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
             kernel capability (the supervisor holds its other end).
+        trace: log every request and reply (ids and operation names only).
     """
     async with trio.open_nursery() as nursery:
-        router = Router(nursery)
+        router = Router(nursery, trace)
         router.adopt_kernel_capability(kernel_fd)
         await router.kernel_caps_gone.wait()
         nursery.cancel_scope.cancel()

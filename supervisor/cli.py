@@ -108,11 +108,13 @@ def _up_options(cfg: config.Config) -> list[str]:
 @config_option
 @click.option("--schemes", "scheme_names", default=None, metavar="NAMES",
               help=f"Comma-separated built-in schemes to run [default: all: {','.join(config.BUILTIN_SCHEMES)}].")
+@click.option("--trace", is_flag=True,
+              help="Log every request and reply the router forwards (pid, scheme id, handle, op).")
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
 @click.pass_obj
 def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
-       scheme_names: str | None, detach: bool, watch_fd: int | None) -> None:
+       scheme_names: str | None, trace: bool, detach: bool, watch_fd: int | None) -> None:
     """Boot the kernel, nsmgr and the schemes, and serve until `down`."""
     if control.is_running(state_dir):
         fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
@@ -124,7 +126,7 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
             fail(f"--schemes: unknown {unknown}; built-ins are {list(config.BUILTIN_SCHEMES)}", EXIT_USAGE)
         cfg.schemes = wanted
     if detach:
-        proc = _spawn_supervisor(state_dir, _up_options(cfg))
+        proc = _spawn_supervisor(state_dir, _up_options(cfg) + (["--trace"] if trace else []))
         _wait_until_up(state_dir, proc)
         click.echo(f"redoxcap is up (pid {proc.pid}, state {state_dir}, root {cfg.root})")
         return
@@ -137,7 +139,7 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
     info = {"root": str(cfg.root),
             "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
     try:
-        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd)
+        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd, trace)
     except OSError as exc:
         fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
     except SystemFailed as exc:

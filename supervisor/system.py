@@ -68,8 +68,9 @@ def file_scheme(root: str, name: str = "file", read_only: bool = False) -> Schem
 class System:
     """One running system: `boot()` it in a nursery, `stop()` it on the way out."""
 
-    def __init__(self, specs: list[SchemeSpec]) -> None:
+    def __init__(self, specs: list[SchemeSpec], trace: bool = False) -> None:
         self.specs = specs
+        self.trace = trace
         self.kernel: AsyncCapability | None = None
         self.kernel_process: trio.Process | None = None
         self.nsmgr = Daemon(SchemeSpec("nsmgr", "nsmgr"))
@@ -91,7 +92,8 @@ class System:
         ours, theirs = _socketpair()
         try:
             self.kernel_process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
+                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs),
+                 *(["--trace"] if self.trace else [])], pass_fds=[theirs]
             )
         finally:
             os.close(theirs)

@@ -40,6 +40,7 @@ async def main(
     specs: list[SchemeSpec],
     info: dict | None = None,
     watch_fd: int | None = None,
+    trace: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a system until asked to stop; everything it started is stopped on return.
@@ -49,12 +50,13 @@ async def main(
         specs: the scheme daemons to run besides the kernel and nsmgr.
         info: extra facts reported by `status` (the file root, mounts).
         watch_fd: stop when this inherited fd reaches EOF (a private run's pipe).
+        trace: have the router log every request and reply.
     """
     prepare_state_dir(state_dir)
     token = control.write_token(state_dir)
     pid_file = state_dir / control.PID_NAME
     pid_file.write_text(f"{os.getpid()}\n")
-    system = System(specs)
+    system = System(specs, trace)
     stop = trio.Event()
 
     async def ping(_request):

@@ -329,6 +329,23 @@ def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(system):
     assert result.stdout.strip() == str(BUILTIN)
 
 
+def test_trace_shows_each_request_and_reply_with_the_callers_pid(tmp_path):
+    from tests.conftest import boot, shut_down
+
+    sys_ = boot(tmp_path, "--trace")
+    try:
+        out = sys_.python("import os, rt; rt.close(rt.open('/made', rt.O_CREAT | rt.O_WRONLY));"
+                          "print(os.getpid())")
+        pid = out.stdout.strip()
+        file_id = sys_.daemon("file")["scheme_id"]
+        log = sys_.log()
+        assert f"pid {pid} -> scheme 1 handle" in log and "OPENAT" in log  # to nsmgr
+        assert f"-> scheme {file_id} handle 0 OPENAT" in log  # nsmgr to the file scheme
+        assert "NEW_HANDLE" in log
+    finally:
+        shut_down(sys_)
+
+
 def test_a_dead_kernel_router_stops_the_whole_system_cleanly(tmp_path):
     from tests.conftest import boot
 
