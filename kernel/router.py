@@ -95,15 +95,20 @@ class Router:
         self._kernel = Scheme(KERNEL_SCHEME_ID, alive=True)
         self._kernel_handle = SchemeHandle(self._kernel, P.ROOT_HANDLE, 0)
         self.frames = 0
-        self.kernel_caps_gone = trio.Event()
+        self._supervisor_cap: Capability | None = None
+        self.supervisor_gone = trio.Event()
 
     # -- capabilities --------------------------------------------------------
 
     def adopt_kernel_capability(self, fd: int) -> None:
-        """Serve an inherited socket as a kernel capability (the supervisor's)."""
+        """Serve an inherited socket as the supervisor's kernel capability.
+
+        The router runs until it closes; clones of it (held by trusted daemons) do not
+        keep the router up once the supervisor is gone.
+        """
         channel = Channel.from_fd(fd)
         channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._start_capability(channel, self._kernel_handle, identity=None)
+        self._supervisor_cap = self._start_capability(channel, self._kernel_handle, identity=None)
 
     def mint(self, handle: SchemeHandle) -> int:
         """Create a capability for handle; returns the holder's end (caller owns it)."""
@@ -119,12 +124,13 @@ class Router:
         return theirs.detach()
 
     def _start_capability(self, channel: Channel, handle: SchemeHandle,
-                          identity: tuple[int, int] | None) -> None:
+                          identity: tuple[int, int] | None) -> Capability:
         cap = Capability(channel, handle, identity)
         handle.refs += 1
         if identity is not None:
             self._by_identity[identity] = cap
         self._nursery.start_soon(self._serve_capability, cap)
+        return cap
 
     async def _serve_capability(self, cap: Capability) -> None:
         try:
@@ -141,6 +147,8 @@ class Router:
 
     def _release(self, cap: Capability) -> None:
         cap.channel.close()
+        if cap is self._supervisor_cap:
+            self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
         if cap.identity is not None:
             self._by_identity.pop(cap.identity, None)
         handle = cap.handle
@@ -149,7 +157,6 @@ class Router:
             return
         scheme = handle.scheme
         if scheme is self._kernel:
-            self.kernel_caps_gone.set()
             return
         if scheme.handles.get(handle.number) is handle:
             del scheme.handles[handle.number]
@@ -401,7 +408,7 @@ class Router:
 
 
 async def main(kernel_fd: int, trace: bool = False) -> None:
-    """Run the router until every kernel capability is closed.
+    """Run the router until the supervisor's kernel capability is closed.
 
     Args:
         kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
@@ -411,6 +418,6 @@ async def main(kernel_fd: int, trace: bool = False) -> None:
     async with trio.open_nursery() as nursery:
         router = Router(nursery, trace)
         router.adopt_kernel_capability(kernel_fd)
-        await router.kernel_caps_gone.wait()
+        await router.supervisor_gone.wait()
         nursery.cancel_scope.cancel()
 

@@ -1,6 +1,12 @@
-"""`python -m nsmgr --channel-fd N`: serve namespaces on a scheme channel from the router."""
+"""`python -m nsmgr --channel-fd N [--kernel-fd K]`: serve namespaces on a scheme channel."""
 
 from nsmgr.namespace import NamespaceScheme
 from schemes.framework import daemon_cli
 
-daemon_cli("nsmgr", lambda args: NamespaceScheme())
+
+def _options(parser):
+    parser.add_argument("--kernel-fd", type=int, default=None,
+                        help="a kernel capability, to create schemes for namespaces with SCHEME_CREATE")
+
+
+daemon_cli("nsmgr", lambda args: NamespaceScheme(args.kernel_fd), _options)

@@ -68,8 +68,31 @@ class NamespaceScheme(Scheme):
     name = "nsmgr"
     resolves_beneath = True  # passed on to the scheme that owns the path, which decides
 
+    def __init__(self, kernel_fd: int | None = None) -> None:
+        self.kernel = AsyncCapability(kernel_fd) if kernel_fd is not None else None
+
     def root(self) -> Namespace:
         return Namespace()
+
+    async def ns_scheme_create(self, req: Request, ns: Namespace, name: str) -> Reply:
+        """A new scheme registered as name in this namespace; the caller gets its channel.
+
+        Whoever holds the channel serves the scheme (schemes.framework.serve):
+        this is how a client provides a scheme of its own, as in Redox.
+        """
+        ns.require(P.PERM_SCHEME_CREATE)
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        if name in ns.entries:
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        if self.kernel is None:
+            raise SchemeError(errno.ENOSYS, "this nsmgr was given no kernel capability")
+        _, (channel, root) = await self.kernel.call(P.SCHEME_CREATE)
+        if name in ns.entries:  # registered while we waited
+            P.close_fds([channel, root])
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = AsyncCapability(root)
+        return Reply(None, [channel])
 
     # -- routing -------------------------------------------------------------
 

@@ -351,6 +351,17 @@ def register(ns_fd: int, name: str, cap_fd: int) -> None:
     call(ns_fd, P.NS_REGISTER, [name], [cap_fd])
 
 
+def mkscheme(name: str, ns: int | None = None) -> int:
+    """Create a scheme registered as name in a namespace (needs SCHEME_CREATE).
+
+    Returns:
+        The scheme's request channel: serve it with schemes.framework.serve
+        (in this process or one it hands the fd to). Until then, requests
+        to the scheme wait.
+    """
+    return call_fd(_process.namespace_fd() if ns is None else ns, P.NS_SCHEME_CREATE, [name])
+
+
 def unregister(ns_fd: int, name: str) -> None:
     """Remove name from a namespace (needs DELETE)."""
     call(ns_fd, P.NS_UNREGISTER, [name])

@@ -85,6 +85,7 @@ NS_NARROW = 42
 NS_REGISTER = 43
 NS_UNREGISTER = 44
 NS_PERMS = 45
+NS_SCHEME_CREATE = 46
 
 FIRST_SCHEME_OP = 16
 
@@ -120,6 +121,7 @@ SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
     NS_REGISTER: ("ns_register", (_STR,)),
     NS_UNREGISTER: ("ns_unregister", (_STR,)),
     NS_PERMS: ("ns_perms", ()),
+    NS_SCHEME_CREATE: ("ns_scheme_create", (_STR,)),
 }
 
 # -- flags ---------------------------------------------------------------------

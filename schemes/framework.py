@@ -246,6 +246,9 @@ class Scheme:
     async def ns_perms(self, req: Request, h: Any) -> int:
         raise SchemeError(errno.ENOSYS)
 
+    async def ns_scheme_create(self, req: Request, h: Any, name: str) -> Reply:
+        raise SchemeError(errno.ENOSYS)
+
     async def close(self, h: Any) -> None:
         """The last capability for h is gone: release what it holds."""
 

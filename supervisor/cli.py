@@ -263,16 +263,21 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
     confined, can reach nothing else. It may still read the interpreter, the
-    installed packages and the script it runs (`python script.py`).
+    installed packages and the script it runs (`python script.py`), and write
+    in an empty private temporary directory ($TMPDIR) deleted when it ends.
     With no system up at the state directory, a private one is booted for
     the duration of COMMAND (--root, --config and --mount configure it).
     With a system up, --mount adds the mount to it (it stays until `down`).
     """
     if require_confine and not confine:
         fail("--require-confine contradicts --no-confine", EXIT_USAGE)
-    argv = list(command)
+    argv, extra_env, scratch = list(command), {}, None
     if confine:
-        argv = confined_argv(argv, require_confine)
+        # Python's tempfile (which trio, ctypes and others use on import) needs a
+        # writable directory: the command gets an empty private one, deleted after.
+        scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
+        argv = confined_argv(argv, require_confine, scratch)
+        extra_env["TMPDIR"] = scratch
     private = None
     if not control.is_running(state_dir):
         private = _boot_private(_configure(config_file, root, mounts))
@@ -289,10 +294,12 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, beneath, argv)
+        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env)
     finally:
         if private is not None:
             _stop_private(*private)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     sys.exit(code)
 
 
@@ -317,20 +324,23 @@ def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def confined_argv(command: list[str], require: bool) -> list[str]:
+def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     """Wrap command in the confinement launcher; the script it runs stays readable.
 
     Only the first argument, when it is a file (`python script.py ...`), is
     made readable: other file arguments are data the program must get
-    through its capabilities.
+    through its capabilities. scratch is the command's private writable
+    temporary directory.
     """
-    launcher = [sys.executable, "-m", "supervisor.confine"] + (["--require"] if require else [])
+    launcher = [sys.executable, "-m", "supervisor.confine", "--write", scratch]
+    launcher += ["--require"] if require else []
     if len(command) > 1 and Path(command[1]).is_file():
         launcher += ["--read", str(Path(command[1]).absolute())]
     return [*launcher, "--", *command]
 
 
-def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str]) -> int:
+def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
+                 extra_env: dict[str, str]) -> int:
     import rt
     from rt._paths import to_namespace_path
     from rt._posix import physical_path
@@ -356,7 +366,8 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
         except OSError as exc:
             fail(f"--cwd {cwd}: {exc.strerror}")
-        env = dict(os.environ, **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
+        env = dict(os.environ, **extra_env,
+                   **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
         try:
             proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env)
         except OSError as exc:

@@ -128,14 +128,20 @@ class System:
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
+        fds, args = [channel], list(daemon.spec.args)
         try:
+            if daemon is self.nsmgr:
+                # nsmgr creates schemes for namespaces that hold SCHEME_CREATE
+                assert self.kernel is not None
+                fds.append(await self.kernel.call_fd(P.CLONE))
+                args += ["--kernel-fd", str(fds[-1])]
             daemon.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", daemon.spec.module, "--channel-fd", str(channel),
-                 *daemon.spec.args],
-                pass_fds=[channel],
+                [sys.executable, "-m", daemon.spec.module, "--channel-fd", str(channel), *args],
+                pass_fds=fds,
             )
         finally:
-            os.close(channel)
+            for fd in fds:
+                os.close(fd)
         nursery.start_soon(self._watch, daemon, daemon.process, nursery)
 
     async def _register(self, daemon: Daemon) -> None:
@@ -206,7 +212,7 @@ class System:
         for d in [*self.daemons, self.nsmgr]:
             if d.root is not None:
                 d.root.close()
-        # The router exits when its last kernel capability closes, and each
+        # The router exits when the supervisor's kernel capability closes, and each
         # daemon exits when its channel to the router reaches EOF.
         if self.kernel is not None:
             self.kernel.close()

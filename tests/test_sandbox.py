@@ -267,6 +267,15 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(system, tmp_pat
     assert not (tmp_path / "new.txt").exists()
 
 
+def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(system):
+    code = ("import os, tempfile\n"
+            "with tempfile.NamedTemporaryFile(delete=False) as f:\n    f.write(b'x')\n"
+            "print(os.environ['TMPDIR']); print(os.listdir(os.environ['TMPDIR']) != [])\n")
+    scratch, wrote = system.python(code).stdout.split()
+    assert wrote == "True"
+    assert not os.path.exists(scratch)
+
+
 def test_getcwd_does_not_lie_after_a_symlinked_chdir(client):
     (client.root / "real/inner").mkdir(parents=True)
     os.symlink("real/inner", client.root / "shortcut")

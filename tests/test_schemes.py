@@ -89,6 +89,26 @@ def test_a_pipe_between_a_client_and_a_child_it_spawns(system):
     assert system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
 
 
+def test_a_client_can_provide_a_scheme_of_its_own(system):
+    result = system.run("--", sys.executable, str(EXAMPLES / "user_scheme.py"))
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("child read: hello, world (asked by pid ")
+    assert lines[1] == "child exited with 0"
+    assert "greeting" not in system.python("import rt; print(rt.schemes())").stdout  # only in its fork
+
+
+def test_creating_a_scheme_needs_scheme_create_and_a_free_name(client):
+    with pytest.raises(FileExistsError):
+        rt.mkscheme("file")
+    with pytest.raises(OSError) as info:
+        rt.mkscheme("bad/name")
+    assert info.value.errno == errno.EINVAL
+    narrowed = rt.mkns(None, perms=rt.PERM_LIST | rt.PERM_INSERT)
+    with pytest.raises(PermissionError):
+        rt.mkscheme("mine", narrowed)
+    rt.close(narrowed)
+
+
 def test_zero_rand_and_null(client):
     zero, rand, null = rt.open("/scheme/zero"), rt.open("rand:"), rt.open("/scheme/null", rt.O_RDWR)
     assert rt.read(zero, 1000) == bytes(1000)
