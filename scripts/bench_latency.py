@@ -88,6 +88,25 @@ def main() -> None:
                 fn()
                 took = statistics.median(_timed(max(n // 5, 1), fn) for _ in range(5))
                 print(f"{name:<28} {took:>8.1f} {took / base:>6.2f} {ideal:>6}")
+            big = root / "big"
+            big.write_bytes(os.urandom(8 << 20))
+
+            def read_all_rt():
+                fd = rt.open("/big")
+                while rt.read(fd, 1 << 20):
+                    pass
+                rt.close(fd)
+
+            def read_all_os():
+                fd = os.open(big, os.O_RDONLY)
+                while os.read(fd, 1 << 20):
+                    pass
+                os.close(fd)
+
+            rt_s = statistics.median(_timed(1, read_all_rt) for _ in range(5)) / 1e6
+            os_s = statistics.median(_timed(1, read_all_os) for _ in range(5)) / 1e6
+            print(f"\nreading 8 MiB: rt {8 / rt_s:.0f} MiB/s, os.read {8 / os_s:.0f} MiB/s, "
+                  f"ratio {rt_s / os_s:.1f}x the time")
             rt.close(zero)
             rt.close(f)
             rt.setup(None, None)

@@ -209,7 +209,7 @@ def down(state_dir: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
 @click.pass_obj
 def status(state_dir: Path, as_json: bool) -> None:
-    """Show schemes, processes, open capabilities and frames handled, per daemon."""
+    """Show schemes, processes, open capabilities, handles, frames handled and memory, per daemon."""
     try:
         reply, _ = control.request(state_dir, "status")
     except control.NotRunning as exc:
@@ -223,13 +223,15 @@ def status(state_dir: Path, as_json: bool) -> None:
     click.echo(f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}")
     if "root" in info:
         click.echo(f"file root {info['root']}")
-    header = f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} {'RESTARTS':>8}"
+    header = (f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} "
+              f"{'RESTARTS':>8} {'RSS':>7}")
     click.echo(header)
     for d in info["daemons"]:
+        rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"
         click.echo(
             f"{d['name']:<10} {d.get('pid') or '-':>7} {d.get('scheme_id', '-'):>6} "
             f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
-            f"{d.get('restarts', '-'):>8}" + ("  FAILED" if d.get("failed") else "")
+            f"{d.get('restarts', '-'):>8} {rss:>7}" + ("  FAILED" if d.get("failed") else "")
         )
 
 

@@ -203,6 +203,8 @@ class System:
                 "failed": d.failed,
                 **counters,
             })
+        for d in daemons:
+            d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
                 "daemons": daemons}
 
@@ -232,6 +234,18 @@ class System:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident memory of a process in KiB, from /proc (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _socketpair() -> tuple[int, int]:

@@ -448,6 +448,7 @@ def test_status_json_reports_every_daemon(system):
     assert names[:3] == ["kernel", "nsmgr", "file"]
     for d in info["daemons"]:
         assert pid_alive(d["pid"])
+        assert 1000 < d["rss_kib"] < 500_000  # a Python process, measured
     human = system.cli("status").stdout
     assert "nsmgr" in human and "file" in human
 
