@@ -16,6 +16,7 @@ import pytest
 
 import rt
 from rt import protocol as P
+from rt._call import call_fd
 from supervisor import control
 from supervisor.config import Config
 
@@ -281,6 +282,34 @@ def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(client):
 
 
 # -- crashes -----------------------------------------------------------------------
+
+
+def test_daemons_hold_no_more_fds_after_a_workload_than_before(client):
+    def fd_counts() -> dict[str, int]:
+        return {d["name"]: len(os.listdir(f"/proc/{d['pid']}/fd")) for d in client.status()["daemons"]
+                if d["name"] in ("kernel", "nsmgr", "file", "uds", "pipe")}
+
+    (client.root / "f").write_text("x")
+    before = fd_counts()
+    for _ in range(30):
+        rt.close(rt.open("/f"))
+        child = rt.mkns(["file", "uds"])
+        rt.close(call_fd(child, P.OPENAT, ["/scheme/file/f", os.O_RDONLY, 0]))  # through the fork
+        rt.close(child)
+        r, w = rt.pipe()
+        rt.close(r)
+        rt.close(w)
+        for bad in ("/missing", "/scheme/nosuch/x", "/f/", "f\0"):
+            try:
+                rt.open(bad)
+                raise AssertionError(f"{bad!r} opened")
+            except (OSError, ValueError):
+                pass
+        rt.close(rt.open("../../f"))  # clamped at the scheme's root, opened, closed
+    try:
+        wait_for(lambda: fd_counts() == before, timeout=15)
+    except AssertionError:
+        raise AssertionError(f"fds before {before}, after {fd_counts()}") from None
 
 
 def test_a_killed_client_leaks_no_handle(system):
