@@ -389,7 +389,16 @@ class _Server:
         await self._send_frame(P.SREPLY.pack(req_id, status) + P.pack(value), [])
 
     async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
-        await self.channel.send(frame, fds)
+        if len(frame) > P.MAX_FRAME:  # e.g. a huge directory listing: an error, not a lost reply
+            req_id, _ = P.SREPLY.unpack_from(frame)
+            log.warning("%s: reply to %d too large (%d bytes)", self.scheme.name, req_id, len(frame))
+            frame, fds = P.SREPLY.pack(req_id, P.ERR) + P.pack(errno.EOVERFLOW), []
+        try:
+            await self.channel.send(frame, fds)
+        except (OSError, trio.ClosedResourceError) as exc:
+            # The router is gone (the request loop sees EOF next) or the frame
+            # cannot be sent; either way there is no one to tell.
+            log.warning("%s: reply not sent: %s", self.scheme.name, exc)
 
 
 async def serve(scheme: Scheme, channel_fd: int) -> None:

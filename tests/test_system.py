@@ -156,6 +156,17 @@ def test_created_files_and_directories_never_get_setuid_bits(client):
     assert (client.root / "sgid").stat().st_mode & 0o7777 == 0o755
 
 
+def test_a_listing_too_large_for_one_frame_is_an_error_not_a_hang(client):
+    big = client.root / "big"
+    big.mkdir()
+    for i in range(1200):
+        (big / (f"{i:04d}-" + "x" * 120)).touch()  # about 150 KiB of names
+    with pytest.raises(OSError) as info:
+        rt.listdir("/big")
+    assert info.value.errno == errno.EOVERFLOW
+    assert rt.listdir("/") == ["big"]
+
+
 def test_symlink_and_readlink(client):
     (client.root / "target").write_text("T")
     rt.symlink("target", "/link")
