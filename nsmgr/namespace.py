@@ -148,8 +148,8 @@ class NamespaceScheme(Scheme):
     async def fstat(self, req: Request, ns: Namespace) -> dict:
         return {"st_mode": 0o040555, "st_size": len(ns.entries), "st_nlink": 2}
 
-    async def getdents(self, req: Request, ns: Namespace) -> list[str]:
-        return await self.ns_list(req, ns)
+    async def getdents(self, req: Request, ns: Namespace, start: int) -> list[str]:
+        return P.page_of_names(await self.ns_list(req, ns), start)
 
     # -- namespace operations ------------------------------------------------
 

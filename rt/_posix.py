@@ -161,7 +161,10 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
         return schemes()
     fd = open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return call(fd, P.GETDENTS)[0]
+        names: list[str] = []
+        while page := call(fd, P.GETDENTS, [len(names)])[0]:
+            names += page
+        return names
     finally:
         close(fd)
 

@@ -103,7 +103,7 @@ SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
     FSTAT: ("fstat", ()),
     FTRUNCATE: ("ftruncate", (_INT,)),
     FSYNC: ("fsync", ()),
-    GETDENTS: ("getdents", ()),
+    GETDENTS: ("getdents", (_INT,)),
     FPATH: ("fpath", ()),
     MKDIRAT: ("mkdirat", (_STR, _INT)),
     UNLINKAT: ("unlinkat", (_STR, _INT)),
@@ -149,6 +149,18 @@ CMSG_ALL = socket.CMSG_SPACE(12) + CMSG_FDS  # credentials first, then fds
 TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 MAX_NAME = 255  # longest scheme name
 MAX_PATH = 4096  # longest path in a request
+DENTS_BUDGET = 64 * 1024  # characters of names in one GETDENTS reply
+
+
+def page_of_names(names: list[str], start: int) -> list[str]:
+    """The names from index start on that fit in one GETDENTS reply (at least one)."""
+    page, size = [], 0
+    for name in names[max(start, 0) :]:
+        size += len(name.encode()) + 8
+        if page and size > DENTS_BUDGET:
+            break
+        page.append(name)
+    return page
 
 
 class ProtocolError(Exception):

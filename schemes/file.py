@@ -41,6 +41,18 @@ STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "s
                "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize")
 
 
+def _utf8(name: str) -> bool:
+    """Whether a host name can travel in a frame (paths are UTF-8 strings on the wire).
+
+    A name that is not valid UTF-8 cannot be named by any client, so listings leave it out.
+    """
+    try:
+        name.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclass(eq=False)
 class FileHandle:
     """An open host file or directory and the rules for lookups beneath it."""
@@ -171,12 +183,12 @@ class FileScheme(Scheme):
     async def fsync(self, req: Request, h: FileHandle) -> None:
         os.fsync(h.fd)
 
-    async def getdents(self, req: Request, h: FileHandle) -> list[str]:
+    async def getdents(self, req: Request, h: FileHandle, start: int) -> list[str]:
         if not h.is_dir:
             raise SchemeError(errno.ENOTDIR)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)
         try:
-            return sorted(os.listdir(fd))
+            return P.page_of_names(sorted(filter(_utf8, os.listdir(fd))), start)
         finally:
             os.close(fd)
 

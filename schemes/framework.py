@@ -180,8 +180,9 @@ class Scheme:
         """Flush the handle's data to stable storage."""
         raise SchemeError(errno.EINVAL)
 
-    async def getdents(self, req: Request, h: Any) -> list[str]:
-        """The names in a directory handle, sorted, without . and .."""
+    async def getdents(self, req: Request, h: Any, start: int) -> list[str]:
+        """The names in a directory handle, sorted, without . and .., from index start
+        on, as many as fit in one reply (rt.protocol.page_of_names); [] past the end."""
         raise SchemeError(errno.ENOTDIR)
 
     async def fpath(self, req: Request, h: Any) -> str:
@@ -372,18 +373,25 @@ class _Server:
         raise SchemeError(errno.EBADF, "handle closed during the request")
 
     async def _answer(self, req_id: int, result: Any) -> None:
-        if isinstance(result, Opened):
-            number = next(self.numbers)
-            self.handles[number] = result.obj
-            header = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(number, result.fdflags)
-            await self._send_frame(header + P.pack(result.value), [])
-        elif isinstance(result, Reply):
+        fds = result.fds if isinstance(result, Reply) else []
+        try:
+            value = result.value if isinstance(result, (Opened, Reply)) else result
             try:
-                await self._send_frame(P.SREPLY.pack(req_id, P.OK) + P.pack(result.value), result.fds)
-            finally:
-                P.close_fds(result.fds)
-        else:
-            await self._send(req_id, P.OK, result)
+                body = P.pack(value)
+            except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:
+                # e.g. a host symlink whose target is not UTF-8: it cannot travel
+                log.warning("%s: result of request %d cannot be encoded: %s", self.scheme.name, req_id, exc)
+                await self._send(req_id, P.ERR, errno.EIO)
+                return
+            if isinstance(result, Opened):
+                number = next(self.numbers)
+                self.handles[number] = result.obj
+                header = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(number, result.fdflags)
+            else:
+                header = P.SREPLY.pack(req_id, P.OK)
+            await self._send_frame(header + body, fds)
+        finally:
+            P.close_fds(fds)
 
     async def _send(self, req_id: int, status: int, value: Any) -> None:
         await self._send_frame(P.SREPLY.pack(req_id, status) + P.pack(value), [])
