@@ -141,10 +141,12 @@ def fpath(fd: int) -> str:
 
 
 def fsync(fd: int) -> None:
+    """Flush fd's data to stable storage (EINVAL where the scheme has none)."""
     call(fd, P.FSYNC)
 
 
 def ftruncate(fd: int, length: int) -> None:
+    """Set the size of fd's file to length bytes."""
     call(fd, P.FTRUNCATE, [length])
 
 
@@ -170,16 +172,19 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
 
 
 def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
+    """Create a directory (EEXIST if the name is taken)."""
     fd, path, _ = locate(path)
     call(fd, P.MKDIRAT, [path, mode])
 
 
 def unlink(path: str | os.PathLike) -> None:
+    """Remove a name that is not a directory (EISDIR if it is one)."""
     fd, path, _ = locate(path)
     call(fd, P.UNLINKAT, [path, 0])
 
 
 def rmdir(path: str | os.PathLike) -> None:
+    """Remove an empty directory (ENOTEMPTY, ENOTDIR otherwise)."""
     fd, path, _ = locate(path)
     call(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
 
@@ -191,6 +196,7 @@ def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def readlink(path: str | os.PathLike) -> str:
+    """The target stored in the symlink at path (EINVAL if it is not one)."""
     fd, path, _ = locate(path)
     return call(fd, P.READLINKAT, [path])[0]
 

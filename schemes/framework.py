@@ -230,24 +230,31 @@ class Scheme:
         raise SchemeError(errno.EOPNOTSUPP)
 
     async def ns_list(self, req: Request, h: Any) -> list[str]:
+        """Namespaces (nsmgr): the names, sorted."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_mkns(self, req: Request, h: Any, names: list | None, perms: int | None) -> Opened:
+        """Namespaces: a fork holding names (all for None) with at most perms."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_narrow(self, req: Request, h: Any, perms: int) -> None:
+        """Namespaces: keep only perms on this handle."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_register(self, req: Request, h: Any, name: str) -> None:
+        """Namespaces: register the passed capability as name."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_unregister(self, req: Request, h: Any, name: str) -> None:
+        """Namespaces: remove name."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_perms(self, req: Request, h: Any) -> int:
+        """Namespaces: this handle's permissions."""
         raise SchemeError(errno.ENOSYS)
 
     async def ns_scheme_create(self, req: Request, h: Any, name: str) -> Reply:
+        """Namespaces: a new scheme registered as name; Reply with its channel fd."""
         raise SchemeError(errno.ENOSYS)
 
     async def close(self, h: Any) -> None:
