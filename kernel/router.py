@@ -37,7 +37,7 @@ log = logging.getLogger("kernel")
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
-STATUS_TIMEOUT = 1.0
+STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
 
 
 @dataclass(eq=False)
