@@ -6,39 +6,51 @@ Every handle holds a real host fd and an anchor (schemes/resolve.py): the
 scheme's root in in-root mode, unless the handle was opened with
 O_RESOLVE_BENEATH or O_RESOLVE_IN_ROOT, or beneath a directory that was; then
 the anchor is that directory and the flag sticks to everything opened beneath
-it (the router reports it through GETFL). Lookups happen on fds, so no `..`,
-symlink or rename race takes a client outside HOSTDIR.
+it (it shows in the fdflags the router answers GETFL with). Lookups happen on
+fds, so no `..`, symlink or rename race takes a client outside HOSTDIR, and
+the name operations hand Linux only a parent directory fd and one name.
 
 Flags: O_RDONLY/O_WRONLY/O_RDWR, O_CREAT, O_EXCL, O_TRUNC, O_APPEND,
 O_DIRECTORY, O_NOFOLLOW, O_PATH and the two O_RESOLVE_* bits are served;
 O_CLOEXEC, O_NONBLOCK, O_NOCTTY, O_LARGEFILE, O_SYNC, O_DSYNC and O_NOATIME are
 harmless and accepted; any other bit is refused with EINVAL (a scheme never
-ignores a flag it does not implement). With --read-only every write is EROFS.
+ignores a flag it does not implement). Created files and directories get
+`mode & 0o777 & ~0o022`: never set-uid, set-gid or sticky, since the daemon
+may run as root and a client must not leave such a file for a host user.
+With --read-only every operation that writes is EROFS.
+
+The daemon answers every request in place (plain local syscalls), so it must
+never block: files are opened O_NONBLOCK, which changes nothing for regular
+files and directories and turns a FIFO that would hang the daemon into
+ENXIO/EAGAIN.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import platform
 import stat
 from dataclasses import dataclass
 
 from rt import protocol as P
 from schemes.framework import HandleRef, Opened, Request, Scheme, SchemeError, daemon_cli
-from schemes.resolve import Anchor, open_at, resolve_parent
+from schemes.resolve import PATH_MAX, Anchor, open_at, resolve_parent
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
-SERVED = (os.O_ACCMODE | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECTORY
-          | os.O_NOFOLLOW | os.O_PATH | RESOLVE_BITS)
-HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_LARGEFILE", 0)
-            | os.O_SYNC | os.O_DSYNC | getattr(os, "O_NOATIME", 0))
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+# Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
+_O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}.get(platform.machine(), 0)
+SERVED = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
+          | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | RESOLVE_BITS)
+HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | _O_LARGEFILE | os.O_SYNC | os.O_DSYNC
+            | os.O_NOATIME)
+ONLY_AT_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC  # not in fdflags
 UMASK = 0o022
-# Never setuid, setgid or sticky: the daemon may run as root, and a client must not be
-# able to leave a set-uid file in the host directory for a host user to run.
 MODE_BITS = 0o777
 STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
                "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize")
+OFF_MAX = 2**63 - 1
+WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
 
 
 def _utf8(name: str) -> bool:
@@ -53,100 +65,134 @@ def _utf8(name: str) -> bool:
         return False
 
 
+def _mode(mode: int) -> int:
+    """The permission bits a created file or directory gets (EINVAL beyond 0o7777)."""
+    if not 0 <= mode <= 0o7777:
+        raise SchemeError(errno.EINVAL, "mode out of range")
+    return mode & MODE_BITS & ~UMASK
+
+
 @dataclass(eq=False)
 class FileHandle:
-    """An open host file or directory and the rules for lookups beneath it."""
+    """An open host file or directory and the rules for lookups beneath it.
+
+    Attributes:
+        fd: the host fd (the scheme's root fd for the root handle, shared).
+        is_dir: whether it is a directory.
+        anchor: where lookups from it may not go past.
+        anchor_owned: the anchor's fd is this handle's own dup, closed with it.
+        fdflags: the client's open flags as F_GETFL shows them, plus a sticky O_RESOLVE_* bit.
+        host_flags: the flags the host fd was opened with (for reopening on dup).
+    """
 
     fd: int
     is_dir: bool
     anchor: Anchor
-    anchor_owned: bool  # the anchor's fd is ours to close (a sticky O_RESOLVE_* directory)
+    anchor_owned: bool
     fdflags: int = 0
+    host_flags: int = os.O_PATH | os.O_DIRECTORY
 
 
 class FileScheme(Scheme):
-    """Serves one host directory."""
+    """Serves one host directory; see the module docstring."""
 
     inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False) -> None:
+        """Open root (an O_PATH directory fd held for the daemon's life).
+
+        Args:
+            root: the host directory to serve.
+            name: the scheme's name, for fpath.
+            read_only: refuse every write with EROFS.
+        """
         self.name = name
         self.read_only = read_only
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.root_real = os.path.realpath(root)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
         self.handles = {}
 
     def root(self) -> FileHandle:
-        return FileHandle(self.root_fd, True, self.root_anchor, anchor_owned=False)
+        flags = os.O_RDONLY | os.O_DIRECTORY
+        return FileHandle(self.root_fd, True, self.root_anchor, False, flags, flags)
 
     def _writable(self) -> None:
         if self.read_only:
             raise SchemeError(errno.EROFS)
 
-    def _anchor_for(self, h: FileHandle, flags: int) -> Anchor:
-        """Where a lookup from h may not go past.
-
-        The flag on the openat makes h itself the anchor; without it the
-        lookup keeps h's anchor (the sandbox root it was opened beneath, or
-        the scheme's root). An in-root lookup cannot loosen a beneath handle.
-        """
-        if not h.is_dir:
-            raise SchemeError(errno.ENOTDIR)
-        if flags & P.O_RESOLVE_BENEATH:
-            return Anchor.of(h.fd, beneath=True)
-        if flags & P.O_RESOLVE_IN_ROOT and not h.anchor.beneath:
-            return Anchor.of(h.fd, beneath=False)
-        return h.anchor
-
     # -- opening -------------------------------------------------------------
 
     async def openat(self, req: Request, h: FileHandle, path: str, flags: int, mode: int) -> Opened:
-        if flags & ~(SERVED | HARMLESS) or flags & P.O_RESOLVE_BENEATH and flags & P.O_RESOLVE_IN_ROOT:
+        """Open path relative to h; a directory opened with an O_RESOLVE_* flag becomes an anchor."""
+        if (flags & ~(SERVED | HARMLESS) or flags & os.O_ACCMODE == os.O_ACCMODE
+                or flags & RESOLVE_BITS == RESOLVE_BITS):
             raise SchemeError(errno.EINVAL, "unsupported open flag")
-        if flags & WRITE_FLAGS and not flags & os.O_PATH:
+        path_only = bool(flags & os.O_PATH)
+        if not path_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC)):
             self._writable()
-        anchor = self._anchor_for(h, flags)
-        fd = open_at(anchor, h.fd, path, flags & ~RESOLVE_BITS, mode & ~UMASK & MODE_BITS)
-        return self._adopt(fd, anchor, flags)
-
-    def _adopt(self, fd: int, anchor: Anchor, flags: int) -> Opened:
-        """Wrap a new host fd in a handle.
-
-        A directory opened with an O_RESOLVE_* flag becomes the anchor of
-        everything opened beneath it (the flag sticks); otherwise the handle
-        keeps the anchor its lookup had. Anchors other than the scheme's root
-        hold their own dup of the directory's fd.
-        """
+        mode = _mode(mode) if flags & os.O_CREAT else 0
+        anchor = self._lookup_anchor(h, path, flags)
+        host = flags & ~(RESOLVE_BITS | os.O_CLOEXEC)
+        if not path_only:
+            host |= os.O_NONBLOCK
+        fd = open_at(anchor, h.fd, path, host, mode)
         try:
             is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-            if is_dir and flags & RESOLVE_BITS:
-                anchor = Anchor.of(fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
-            owned = anchor.fd != self.root_fd
-            if owned:
-                anchor = Anchor(os.dup(anchor.fd), anchor.dev, anchor.ino, anchor.beneath)
+            if is_dir and flags & RESOLVE_BITS:  # the new directory anchors what is beneath it
+                new = Anchor.of(fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
+                anchor, owned = Anchor(os.dup(fd), new.dev, new.ino, new.beneath), True
+            else:
+                anchor, owned = self._share(anchor)
         except BaseException:
             os.close(fd)
             raise
-        sticky = 0
-        if owned:
-            sticky = P.O_RESOLVE_BENEATH if anchor.beneath else P.O_RESOLVE_IN_ROOT
-        fdflags = (flags & ~RESOLVE_BITS) | sticky
-        return Opened(FileHandle(fd, is_dir, anchor, owned, fdflags), fdflags=fdflags)
+        sticky = flags & RESOLVE_BITS or h.fdflags & RESOLVE_BITS
+        fdflags = (flags & ~(RESOLVE_BITS | ONLY_AT_OPEN)) | sticky
+        handle = FileHandle(fd, is_dir, anchor, owned, fdflags, host)
+        return Opened(handle, fdflags=fdflags)
+
+    def _lookup_anchor(self, h: FileHandle, path: str, flags: int) -> Anchor:
+        """Where this lookup may not go past: h itself with an O_RESOLVE_* flag, else h's anchor."""
+        if not flags & RESOLVE_BITS:
+            return h.anchor
+        if not h.is_dir:
+            raise SchemeError(errno.ENOENT if not path else errno.ENOTDIR)
+        return Anchor.of(h.fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
+
+    def _share(self, anchor: Anchor) -> tuple[Anchor, bool]:
+        """The anchor for a new handle: the root's is shared, any other gets its own fd."""
+        if anchor.fd == self.root_fd:
+            return anchor, False
+        return Anchor(os.dup(anchor.fd), anchor.dev, anchor.ino, anchor.beneath), True
 
     async def dup(self, req: Request, h: FileHandle, buf: bytes) -> Opened:
+        """b"": a new handle on the same file with its own offset; any other buf is EINVAL.
+
+        Directories reopen "." relative to their own fd. An O_PATH handle has
+        no offset or status to keep apart, so a plain dup of its fd is the
+        same as a fresh open (and keeps a symlink handle on the symlink).
+        Files reopen their own fd's /proc/self/fd entry: that names exactly
+        the inode this handle holds (after renames and unlinks too), was
+        opened by the scheme itself, and is reopened with the handle's own
+        access mode, so no client text is looked up and nothing is gained.
+        """
         if buf:
             raise SchemeError(errno.EINVAL, "the file scheme knows no dup buffers")
-        # A fresh open file description (its own offset) of the same file: reopen "."
-        # for directories; for files, through our own fd's /proc entry, which names
-        # exactly this inode and cannot be redirected by a client.
-        flags = h.fdflags & ~(RESOLVE_BITS | os.O_CREAT | os.O_EXCL | os.O_TRUNC)
-        if h.is_dir:
-            fd = os.open(".", flags | os.O_CLOEXEC, dir_fd=h.fd)
+        flags = (h.host_flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOFOLLOW)) | os.O_CLOEXEC
+        if h.host_flags & os.O_PATH and not h.is_dir:
+            fd = os.dup(h.fd)
+        elif h.is_dir:
+            fd = os.open(".", flags | os.O_DIRECTORY, dir_fd=h.fd)
         else:
-            fd = os.open(f"/proc/self/fd/{h.fd}", flags | os.O_CLOEXEC)
-        return self._adopt(fd, h.anchor, h.fdflags & ~RESOLVE_BITS)
+            fd = os.open(f"/proc/self/fd/{h.fd}", flags & ~os.O_DIRECTORY)
+        try:
+            anchor, owned = self._share(h.anchor)
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = FileHandle(fd, h.is_dir, anchor, owned, h.fdflags, h.host_flags)
+        return Opened(handle, fdflags=h.fdflags)
 
     async def close(self, h: FileHandle) -> None:
         if h.fd != self.root_fd:
@@ -166,7 +212,7 @@ class FileScheme(Scheme):
         return os.write(h.fd, data)
 
     async def lseek(self, req: Request, h: FileHandle, pos: int, whence: int) -> int:
-        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+        if whence not in WHENCES or not -OFF_MAX - 1 <= pos <= OFF_MAX:
             raise SchemeError(errno.EINVAL)
         return os.lseek(h.fd, pos, whence)
 
@@ -178,6 +224,8 @@ class FileScheme(Scheme):
         self._writable()
         if length < 0:
             raise SchemeError(errno.EINVAL)
+        if length > OFF_MAX:
+            raise SchemeError(errno.EFBIG)
         os.ftruncate(h.fd, length)
 
     async def fsync(self, req: Request, h: FileHandle) -> None:
@@ -186,6 +234,10 @@ class FileScheme(Scheme):
     async def getdents(self, req: Request, h: FileHandle, start: int) -> list[str]:
         if not h.is_dir:
             raise SchemeError(errno.ENOTDIR)
+        if h.fdflags & os.O_PATH:
+            raise SchemeError(errno.EBADF, "an O_PATH handle cannot be read")
+        if start < 0:
+            raise SchemeError(errno.EINVAL)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)
         try:
             return P.page_of_names(sorted(filter(_utf8, os.listdir(fd))), start)
@@ -193,37 +245,45 @@ class FileScheme(Scheme):
             os.close(fd)
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
-        real = os.readlink(f"/proc/self/fd/{h.fd}")  # where the inode is now, after renames
-        if real == self.root_real:
+        """/scheme/NAME and the handle's path below the root, as it is now (after renames).
+
+        ENOENT when the file was removed or moved out of the root by the host.
+        """
+        root = os.readlink(f"/proc/self/fd/{self.root_fd}")
+        real = os.readlink(f"/proc/self/fd/{h.fd}")
+        if real == root:
             return f"/scheme/{self.name}"
-        if real.startswith(self.root_real.rstrip("/") + "/"):
-            return f"/scheme/{self.name}" + real[len(self.root_real.rstrip("/")) :]
+        prefix = root.rstrip("/") + "/"
+        if real.startswith(prefix) and not real.endswith(" (deleted)"):
+            return f"/scheme/{self.name}/" + real[len(prefix):]
         raise SchemeError(errno.ENOENT, "the file is no longer beneath the scheme's root")
 
     # -- names ---------------------------------------------------------------
 
-    def _parent(self, h: FileHandle, path: str) -> tuple[int, str | None, bool]:
-        return resolve_parent(self._anchor_for(h, 0), h.fd, path)
-
     def _target_dir(self, req: Request, h: FileHandle) -> FileHandle:
-        """The directory a second path is relative to: a passed capability of ours, or h."""
+        """The directory a second path is relative to: a passed directory of ours, or h."""
         if not req.passed:
             return h
+        if len(req.passed) > 1:
+            raise SchemeError(errno.EINVAL, "one directory capability at most")
         ref = req.passed[0]
-        if not isinstance(ref, HandleRef) or ref.number not in self.handles:
+        if ref is None:
+            raise SchemeError(errno.EINVAL, "expected a directory capability")
+        if not isinstance(ref, HandleRef):
             raise SchemeError(errno.EXDEV, "the second directory is not in this scheme")
-        target = self.handles[ref.number]
+        target = self.handles.get(ref.number)
+        if target is None:
+            raise SchemeError(errno.EBADF)
         if not target.is_dir:
             raise SchemeError(errno.ENOTDIR)
         return target
 
     async def mkdirat(self, req: Request, h: FileHandle, path: str, mode: int) -> None:
         self._writable()
-        parent, name, _ = self._parent(h, path)
+        mode = _mode(mode)
+        parent, name = resolve_parent(h.anchor, h.fd, path)
         try:
-            if name is None:
-                raise SchemeError(errno.EEXIST)
-            os.mkdir(name, mode & ~UMASK & MODE_BITS, dir_fd=parent)
+            os.mkdir(name, mode, dir_fd=parent)
         finally:
             os.close(parent)
 
@@ -231,65 +291,85 @@ class FileScheme(Scheme):
         if flags & ~P.AT_REMOVEDIR:
             raise SchemeError(errno.EINVAL)
         self._writable()
-        parent, name, must_be_dir = self._parent(h, path)
+        parent, name = resolve_parent(h.anchor, h.fd, path)
         try:
-            if flags & P.AT_REMOVEDIR:
-                if name is None:  # as Linux: rmdir(".") EINVAL, rmdir("..") ENOTEMPTY, rmdir("/") EBUSY
-                    last = path.rstrip("/").rpartition("/")[2]
-                    raise SchemeError({".": errno.EINVAL, "..": errno.ENOTEMPTY}.get(last, errno.EBUSY))
-                os.rmdir(name, dir_fd=parent)
-            else:
-                if name is None or must_be_dir:
-                    st = os.stat(name or ".", dir_fd=parent, follow_symlinks=False)
-                    raise SchemeError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENOTDIR)
+            if not flags & P.AT_REMOVEDIR:
                 os.unlink(name, dir_fd=parent)
+            elif not path.strip("/"):
+                raise SchemeError(errno.EBUSY)  # rmdir("/"), as Linux
+            else:
+                os.rmdir(name, dir_fd=parent)
         finally:
             os.close(parent)
 
     async def renameat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
-        await self._two_names(req, h, old, new, os.rename)
-
-    async def linkat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
-        def link(src, dst, *, src_dir_fd, dst_dir_fd):
-            os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
-
-        await self._two_names(req, h, old, new, link)
-
-    async def _two_names(self, req: Request, h: FileHandle, old: str, new: str, fn) -> None:
+        """Rename old (relative to h) to new (relative to the passed directory, or h)."""
         self._writable()
         target = self._target_dir(req, h)
-        src, src_name, _ = self._parent(h, old)
+        src, src_name = resolve_parent(h.anchor, h.fd, old)
         try:
-            dst, dst_name, _ = self._parent(target, new)
+            dst, dst_name = resolve_parent(target.anchor, target.fd, new)
             try:
-                if src_name is None or dst_name is None:
-                    raise SchemeError(errno.EBUSY if fn is os.rename else errno.EPERM)
-                fn(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst)
+                os.rename(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
 
-    async def symlinkat(self, req: Request, h: FileHandle, target: str, path: str) -> None:
+    async def linkat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
+        """A hard link new (relative to the passed directory, or h) to old, which is not followed.
+
+        As Linux: old is looked up first (a trailing slash follows it and asks
+        for a directory), then new's parent; a directory is EPERM, after
+        new's own errors (EEXIST, ENOENT).
+        """
         self._writable()
-        if not target or "\0" in target:
-            raise SchemeError(errno.ENOENT if not target else errno.EINVAL)
-        parent, name, _ = self._parent(h, path)
+        target = self._target_dir(req, h)
+        fd = open_at(h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
         try:
-            if name is None:
+            old_is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        dst, dst_name = resolve_parent(target.anchor, target.fd, new)
+        try:
+            if old_is_dir:
+                try:
+                    os.stat(dst_name.rstrip("/"), dir_fd=dst, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise SchemeError(errno.ENOENT if dst_name.endswith("/") else errno.EPERM) from None
                 raise SchemeError(errno.EEXIST)
-            os.symlink(target, name, dir_fd=parent)  # checked when followed, never here
+            src, src_name = resolve_parent(h.anchor, h.fd, old)
+            try:  # old is not a directory, so it has no trailing slash: a plain name in src
+                os.link(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+            finally:
+                os.close(src)
+        finally:
+            os.close(dst)
+
+    async def symlinkat(self, req: Request, h: FileHandle, target: str, path: str) -> None:
+        """A symlink at path holding target verbatim: it is checked when followed, never here."""
+        self._writable()
+        if not target:
+            raise SchemeError(errno.ENOENT)
+        if "\0" in target:
+            raise SchemeError(errno.EINVAL)
+        if len(target.encode()) >= PATH_MAX:
+            raise SchemeError(errno.ENAMETOOLONG)
+        parent, name = resolve_parent(h.anchor, h.fd, path)
+        try:
+            os.symlink(target, name, dir_fd=parent)
         finally:
             os.close(parent)
 
     async def readlinkat(self, req: Request, h: FileHandle, path: str) -> str:
-        parent, name, must_be_dir = self._parent(h, path)
+        """The contents of the symlink at path; EINVAL for anything else (as Linux)."""
+        fd = open_at(h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)
         try:
-            if name is None or must_be_dir:
+            if not stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EINVAL)
-            return os.readlink(name, dir_fd=parent)
+            return os.readlink("", dir_fd=fd)
         finally:
-            os.close(parent)
+            os.close(fd)
 
 
 if __name__ == "__main__":
@@ -298,4 +378,5 @@ if __name__ == "__main__":
         parser.add_argument("--name", default="file", help="the scheme's name, for fpath")
         parser.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
 
+    os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
     daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only), _options)

@@ -3,23 +3,38 @@
 The file scheme serves a host directory; every lookup a client asks for runs
 relative to one of its handles and must stay beneath an *anchor*: the
 scheme's root, or a directory opened with O_RESOLVE_BENEATH / O_RESOLVE_IN_ROOT.
-
-Two modes, after Linux openat2(2):
+Building a host path string and checking it would lose to `..`, symlinks and
+renames, so the lookup is a walk on fds, one component at a time, with
+Linux's openat2(2) as the reference for every answer:
 
 - in-root (RESOLVE_IN_ROOT): `/` and absolute symlinks mean the anchor, and
   `..` at the anchor stays there. Every ordinary handle is in-root at the
   scheme's root, so nothing a client sends reaches the host outside it.
-- beneath (RESOLVE_BENEATH): absolute paths and absolute symlinks are EXDEV,
-  and so is a `..` that would leave the anchor.
+- beneath (RESOLVE_BENEATH): absolute paths, absolute symlinks and a `..`
+  that would leave the anchor are EXDEV.
 
-The fast path asks Linux itself (openat2 with RESOLVE_IN_ROOT from the anchor,
-or RESOLVE_BENEATH from the starting directory); only when that says EXDEV or
-EAGAIN does the walk below run. The walk goes one component at a time on O_PATH
-fds (never on host path strings), reads symlinks itself, and decides what
-`..` means by asking where the anchor is: before each `..` it walks up from
-the current directory to find its depth below the anchor, and after the last
-one it checks again, so a rename racing the lookup ends in EAGAIN, never
-outside.
+Why a rename cannot let a walk out: the walk keeps the chain of directories
+it went down through as O_PATH fds (which pin their inodes). `..` opens the
+real parent of the current directory and accepts it only if it is the
+directory the walk came from; a rename that moved the current directory
+elsewhere in the meantime is EAGAIN (as in Linux), retried a few times. The
+walk therefore only ever climbs along the chain it descended, and the bottom
+of the chain is the anchor, where `..` is decided by the mode. A start
+directory below the anchor gets its chain by climbing to the anchor first.
+Nothing is created or truncated before the last component, so a lookup that
+a race ends has had no effect.
+
+Fast path: Linux itself, with openat2(RESOLVE_BENEATH) from the starting
+directory. If that succeeds (or fails for any reason but EXDEV/EAGAIN), the
+lookup never tried to leave the starting directory, which is beneath the
+anchor, so the walk would have given the same answer. When the start is the
+anchor, openat2 in the anchor's own mode is the answer.
+
+The operations that act on a name (mkdir, unlink, rename...) get the parent
+directory as an fd and the last component as the path wrote it, to hand to
+the Linux *at call: Linux never follows the last component of those
+operations and classifies `.`, `..` and a trailing slash itself, so they get
+exactly Linux's errors.
 """
 
 from __future__ import annotations
@@ -30,26 +45,56 @@ import os
 import platform
 import stat
 import struct
+from collections import deque
 from dataclasses import dataclass
 
-MAX_LINKS = 40  # as Linux
-MAX_DEPTH = 4096
-_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+MAX_LINKS = 40  # symlinks followed in one lookup, as Linux (MAXSYMLINKS)
+PATH_MAX = 4096  # bytes, with the terminating NUL, as Linux
+MAX_CLIMB = 4096  # directories between a start directory and its anchor
+RACE_RETRIES = 8  # walks repeated when a rename raced a `..`
 
-# openat2(2) (syscall 437 on x86_64 and aarch64), struct open_how {u64 flags, mode, resolve}
-_SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64") else None
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_PATH_ALLOWED = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+
+# openat2(2): syscall 437 on x86_64 and aarch64; struct open_how {u64 flags, mode, resolve}
+_SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64") else None
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_have_openat2 = _SYS_OPENAT2 is not None
+
+
+class _Raced(OSError):
+    """A rename moved a directory while the walk climbed out of it (EAGAIN)."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, "a rename raced the lookup")
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
-    """Linux openat2(2); raises OSError (ENOSYS where the kernel lacks it)."""
+    """Linux openat2(2).
+
+    Args:
+        dirfd: the directory path is relative to.
+        path: the path (no NUL).
+        flags: Linux open flags, passed as they are.
+        mode: permission bits; only sent with O_CREAT (openat2 refuses it otherwise).
+        resolve: RESOLVE_* bits.
+
+    Returns:
+        The new fd.
+
+    Raises:
+        OSError: Linux's errno; ENOSYS where this machine has no openat2.
+    """
     if _SYS_OPENAT2 is None:
         raise OSError(errno.ENOSYS, "openat2 is not available here")
-    creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
-    how = struct.pack("QQQ", flags, mode if creates else 0, resolve)  # else EINVAL
+    how = struct.pack("QQQ", flags, mode if flags & os.O_CREAT else 0, resolve)
     fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, len(how))
     if fd < 0:
         err = ctypes.get_errno()
@@ -62,8 +107,9 @@ class Anchor:
     """The directory a lookup may not leave.
 
     Attributes:
-        fd: an O_PATH fd of the directory (not owned by the Anchor).
-        dev, ino: its identity, to recognise it while walking up.
+        fd: a directory fd (normally O_PATH); not owned by the Anchor.
+        dev: its st_dev, to recognise it while walking.
+        ino: its st_ino.
         beneath: True for RESOLVE_BENEATH rules, False for RESOLVE_IN_ROOT.
     """
 
@@ -73,224 +119,379 @@ class Anchor:
     beneath: bool
 
     @classmethod
-    def of(cls, fd: int, beneath: bool) -> Anchor:
+    def of(cls, fd: int, beneath: bool = False) -> Anchor:
+        """The anchor at directory fd (which stays the caller's).
+
+        Raises:
+            OSError: ENOTDIR if fd is not a directory.
+        """
         st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return cls(fd, st.st_dev, st.st_ino, beneath)
 
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the anchor directory."""
+        return (self.dev, self.ino)
 
-def _is(st: os.stat_result, anchor: Anchor) -> bool:
-    return st.st_dev == anchor.dev and st.st_ino == anchor.ino
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
 
 
-def depth_below(fd: int, anchor: Anchor) -> int:
-    """How many `..` steps from directory fd reach the anchor.
+def _check_path(path: str) -> None:
+    if not path:
+        raise OSError(errno.ENOENT, "empty path")
+    if "\0" in path:
+        raise OSError(errno.EINVAL, "NUL in a path")
+    if len(os.fsencode(path)) >= PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
 
-    Raises:
-        OSError: EAGAIN when the anchor is not above fd (a rename moved it out).
-    """
-    cur = os.dup(fd)
-    try:
-        for depth in range(MAX_DEPTH):
-            st = os.fstat(cur)
-            if _is(st, anchor):
-                return depth
-            parent = os.open("..", _O_PATH_DIR, dir_fd=cur)
-            os.close(cur)
-            cur = parent
-            if _is(os.fstat(cur), anchor):
-                return depth + 1
-            if os.path.samestat(os.fstat(cur), st):
-                break  # reached the host's / without meeting the anchor
-    finally:
-        os.close(cur)
-    raise OSError(errno.EAGAIN, "the directory moved out from beneath the anchor during the lookup")
+
+def _check_flags(flags: int, mode: int) -> int:
+    """What openat2 refuses before any lookup; returns flags with O_CLOEXEC."""
+    if flags & os.O_PATH and flags & ~_O_PATH_ALLOWED:
+        raise OSError(errno.EINVAL, "O_PATH takes only O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC")
+    if flags & os.O_CREAT and flags & os.O_DIRECTORY:
+        raise OSError(errno.EINVAL, "O_CREAT with O_DIRECTORY")
+    if flags & _O_TMPFILE_BIT:
+        raise OSError(errno.EINVAL, "O_TMPFILE is not served")
+    if flags & os.O_CREAT and mode & ~0o7777:
+        raise OSError(errno.EINVAL, "mode bits beyond 0o7777")
+    return flags | os.O_CLOEXEC
+
+
+def _split(path: str) -> tuple[deque[str], bool]:
+    """The components of path (no empty ones) and whether it ends in a slash."""
+    parts = deque(c for c in path.split("/") if c)
+    return parts, bool(parts) and path.endswith("/")
 
 
 class _Walk:
-    """One lookup in progress: the current directory fd (owned) and the link budget."""
+    """One lookup in progress.
 
-    def __init__(self, anchor: Anchor, start_fd: int) -> None:
+    `dirs` is the chain of directories the walk went down through, each an
+    owned O_PATH fd: dirs[0] is the start directory (or the anchor after a
+    restart or a climb), dirs[-1] the current directory. `ids` caches their
+    (st_dev, st_ino), None until needed.
+    """
+
+    def __init__(self, anchor: Anchor, start_fd: int, absolute: bool) -> None:
         self.anchor = anchor
-        self.cur = os.open(".", _O_PATH_DIR, dir_fd=start_fd)
         self.links = 0
-        self.climbed = False
+        self.dirs: list[int] = []
+        self.ids: list[tuple[int, int] | None] = []
+        if absolute:
+            self.restart()
+        else:  # ENOTDIR when start is not a directory, as Linux for a relative path
+            self.dirs.append(os.open(".", _O_PATH_DIR, dir_fd=start_fd))
+            self.ids.append(None)
+
+    @property
+    def cur(self) -> int:
+        return self.dirs[-1]
 
     def close(self) -> None:
-        if self.cur >= 0:
-            os.close(self.cur)
-            self.cur = -1
+        while self.dirs:
+            os.close(self.dirs.pop())
+        self.ids.clear()
 
-    def _move(self, fd: int) -> None:
-        os.close(self.cur)
-        self.cur = fd
+    def take(self) -> int:
+        """The current directory's fd, now the caller's."""
+        self.ids.pop()
+        return self.dirs.pop()
 
-    def restart_at_anchor(self) -> None:
+    def _id(self, i: int) -> tuple[int, int]:
+        known = self.ids[i]
+        if known is None:
+            known = self.ids[i] = _identity(self.dirs[i])
+        return known
+
+    def restart(self) -> None:
+        """An absolute path or symlink: the anchor in-root, EXDEV beneath."""
         if self.anchor.beneath:
             raise OSError(errno.EXDEV, "absolute path beneath a directory")
-        self._move(os.open(".", _O_PATH_DIR, dir_fd=self.anchor.fd))
+        fd = os.open(".", _O_PATH_DIR, dir_fd=self.anchor.fd)
+        self.close()
+        self.dirs.append(fd)
+        self.ids.append(self.anchor.identity)
+
+    def step(self, name: str, rest: deque[str]) -> None:
+        """Walk one component that must be a directory (symlinks are spliced into rest)."""
+        if name == ".":
+            return
+        if name == "..":
+            self.up()
+        else:
+            self.down(name, rest)
+
+    def down(self, name: str, rest: deque[str]) -> None:
+        """Enter directory name, or put the contents of the symlink name in front of rest."""
+        try:
+            fd = os.open(name, _O_PATH_DIR, dir_fd=self.cur)
+        except OSError as exc:
+            if exc.errno != errno.ENOTDIR:
+                raise
+            body = self.link_body(name)
+            if body is None:
+                raise
+            self.splice(body, rest)
+            return
+        self.dirs.append(fd)
+        self.ids.append(None)
 
     def up(self) -> None:
-        if depth_below(self.cur, self.anchor) == 0:
+        """`..`: the real parent, which must be the directory the walk came from."""
+        if len(self.dirs) == 1 and self._id(0) != self.anchor.identity:
+            self._climb_to_anchor()
+        if len(self.dirs) == 1:
             if self.anchor.beneath:
                 raise OSError(errno.EXDEV, "'..' would leave the directory")
-            return  # in-root: .. at the root is the root
-        self._move(os.open("..", _O_PATH_DIR, dir_fd=self.cur))
-        self.climbed = True
+            return  # in-root: `..` at the root is the root
+        parent = os.open("..", _O_PATH_DIR, dir_fd=self.cur)
+        try:
+            came_from = _identity(parent) == self._id(-2)
+        finally:
+            os.close(parent)
+        if not came_from:
+            raise _Raced()
+        os.close(self.dirs.pop())
+        self.ids.pop()
 
-    def follow(self, name: str) -> list[str]:
-        """The components of the symlink name (in cur) to walk instead of it."""
+    def _climb_to_anchor(self) -> None:
+        """Put the directories from the anchor down to the start's parent under dirs[0]."""
+        chain: list[int] = []
+        ids: list[tuple[int, int]] = []
+        cur, cur_id = self.dirs[0], self._id(0)
+        try:
+            for _ in range(MAX_CLIMB):
+                parent = os.open("..", _O_PATH_DIR, dir_fd=cur)
+                chain.append(parent)
+                parent_id = _identity(parent)
+                ids.append(parent_id)
+                if parent_id == self.anchor.identity:
+                    break
+                if parent_id == cur_id:  # the host's / (or ours): no anchor above
+                    raise OSError(errno.EXDEV, "the directory is no longer beneath its anchor")
+                cur, cur_id = parent, parent_id
+            else:
+                raise OSError(errno.EXDEV, "the directory is no longer beneath its anchor")
+        except BaseException:
+            for fd in chain:
+                os.close(fd)
+            raise
+        self.dirs[:0] = reversed(chain)
+        self.ids[:0] = reversed(ids)
+
+    def link_body(self, name: str) -> str | None:
+        """The contents of the symlink name in the current directory (None if it is not one)."""
+        fd = os.open(name, _O_PATH_NOFOLLOW, dir_fd=self.cur)
+        try:
+            if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                return None
+            return self.read_link(fd)
+        finally:
+            os.close(fd)
+
+    def read_link(self, fd: int) -> str:
+        """The contents of the symlink opened as fd (O_PATH|O_NOFOLLOW), counted against MAX_LINKS."""
         self.links += 1
         if self.links > MAX_LINKS:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-        target = os.readlink(name, dir_fd=self.cur)
-        if not target:
+        return os.readlink("", dir_fd=fd)
+
+    def splice(self, body: str, rest: deque[str]) -> bool:
+        """Walk body instead of the link; returns whether body ends in a slash."""
+        if not body:
             raise OSError(errno.ENOENT, "empty symlink")
-        if target.startswith("/"):
-            self.restart_at_anchor()
-        return target.split("/")
-
-    def parent_of_last(self, components: list[str]) -> tuple[str | None, bool]:
-        """Walk all but the last name; returns (last name or None for the dir itself,
-        whether something (a slash, '.', '..') followed it so it must be a directory)."""
-        pending = list(reversed(components))
-        while pending:
-            name = pending.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                self.up()
-                continue
-            if all(rest in ("", ".") for rest in pending):
-                return name, bool(pending)
-            st = os.stat(name, dir_fd=self.cur, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                pending.extend(reversed(self.follow(name)))
-            elif not stat.S_ISDIR(st.st_mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            else:
-                self._move(os.open(name, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=self.cur))
-        return None, True
-
-    def verify(self) -> None:
-        """After a `..`, check that where we are is still beneath the anchor."""
-        if self.climbed:
-            depth_below(self.cur, self.anchor)
+        if body.startswith("/"):
+            self.restart()
+        rest.extendleft(reversed([c for c in body.split("/") if c]))
+        return body.endswith("/")
 
 
-def _start(anchor: Anchor, start_fd: int, path: str) -> tuple[_Walk, list[str]]:
-    if not path:
-        raise OSError(errno.ENOENT, "empty path")
-    walk = _Walk(anchor, start_fd)
+def _linux(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int | None:
+    """Linux's own answer where it is exactly the walk's; None when the walk must decide."""
+    global _have_openat2
+    if not _have_openat2:
+        return None
     try:
-        if path.startswith("/"):
-            walk.restart_at_anchor()
-    except BaseException:
-        walk.close()
+        if not path.startswith("/"):
+            try:
+                return openat2(start_fd, path, flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EAGAIN):
+                    raise
+                if exc.errno == errno.EAGAIN or _identity(start_fd) != anchor.identity:
+                    return None
+                if anchor.beneath:
+                    raise  # leaving the start is leaving the anchor
+        elif anchor.beneath:
+            raise OSError(errno.EXDEV, "absolute path beneath a directory")
+        elif _identity(start_fd) != anchor.identity:
+            return None
+        return openat2(start_fd, path, flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            _have_openat2 = False
+            return None
+        if exc.errno == errno.EAGAIN:
+            return None
         raise
-    return walk, path.split("/")
 
 
 def open_at(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o666) -> int:
     """Open path relative to directory start_fd without leaving anchor.
 
+    Follows Linux openat2(2) with RESOLVE_BENEATH or RESOLVE_IN_ROOT (by
+    `anchor.beneath`) and RESOLVE_NO_MAGICLINKS, with the anchor as the root
+    and start_fd as where relative paths begin (the anchor or a directory
+    beneath it).
+
     Args:
-        anchor: the directory the lookup may not leave; start_fd is beneath it.
+        anchor: the directory the lookup may not leave.
         start_fd: the directory relative paths start from.
         path: the client's path.
-        flags: Linux open flags (O_CLOEXEC is added).
-        mode: permission bits for O_CREAT.
+        flags: Linux open flags without the O_RESOLVE_* bits (O_CLOEXEC is added).
+        mode: permission bits for O_CREAT (at most 0o7777).
 
     Returns:
-        A new host fd (the caller owns it).
+        A new host fd, owned by the caller.
 
     Raises:
-        OSError: as Linux openat2 would: EXDEV for an escape beneath, ELOOP,
-            ENOTDIR, ENOENT, EEXIST, EISDIR...; EAGAIN when a rename raced it.
+        OSError: with Linux's errno: ENOENT (also for an empty path), EXDEV for
+            an escape beneath, ELOOP, ENOTDIR, EEXIST, EISDIR, EINVAL for flags
+            openat2 refuses (and a NUL in path), ENAMETOOLONG; EAGAIN when
+            renames kept racing the lookup; EXDEV when start_fd is no longer
+            beneath its anchor and the lookup climbs out of it.
     """
-    flags |= os.O_CLOEXEC
-    if not path:
-        raise OSError(errno.ENOENT, "empty path")
-    fast = _fast_path(anchor, start_fd, path, flags, mode)
-    if fast is not None:
-        return fast
-    walk, components = _start(anchor, start_fd, path)
+    flags = _check_flags(flags, mode)  # before the path, as Linux
+    _check_path(path)
+    fd = _linux(anchor, start_fd, path, flags, mode)
+    if fd is not None:
+        return fd
+    for attempt in range(RACE_RETRIES):
+        try:
+            return _walk_open(anchor, start_fd, path, flags, mode)
+        except _Raced:
+            if attempt == RACE_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _walk_open(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int:
+    rest, must_be_dir = _split(path)
+    walk = _Walk(anchor, start_fd, path.startswith("/"))
     try:
         while True:
-            name, must_be_dir = walk.parent_of_last(components)
-            if name is None:
-                if flags & os.O_CREAT and not flags & os.O_DIRECTORY:
-                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
-                fd = os.open(".", flags & ~(os.O_CREAT | os.O_EXCL), dir_fd=walk.cur)
-                break
-            try:
-                st = os.stat(name, dir_fd=walk.cur, follow_symlinks=False)
-            except FileNotFoundError:
-                if not flags & os.O_CREAT:
-                    raise
-                if must_be_dir:
-                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR)) from None
-                fd = os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=walk.cur)
-                break
-            if flags & os.O_CREAT and flags & os.O_EXCL:
-                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-            if stat.S_ISLNK(st.st_mode):
-                if flags & os.O_NOFOLLOW and not must_be_dir:
-                    if flags & os.O_PATH:
-                        fd = os.open(name, flags, dir_fd=walk.cur)
-                        break
-                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                components = walk.follow(name) + ([""] if must_be_dir else [])
+            if not rest:  # the path named a directory itself: '/', '.', '..'
+                return os.open(".", flags, mode, dir_fd=walk.cur)
+            name = rest.popleft()
+            if rest or name in (".", ".."):
+                walk.step(name, rest)
                 continue
-            if must_be_dir and not stat.S_ISDIR(st.st_mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            fd = os.open(name, flags | os.O_NOFOLLOW | (os.O_DIRECTORY if must_be_dir else 0),
-                         mode, dir_fd=walk.cur)
-            break
+            fd, body = _open_last(walk, name, flags, mode, must_be_dir)
+            if fd is not None:
+                return fd
+            if walk.splice(body, rest):
+                must_be_dir = True
+    finally:
+        walk.close()
+
+
+def _open_last(walk: _Walk, name: str, flags: int, mode: int, must_be_dir: bool
+               ) -> tuple[int | None, str]:
+    """Open the last component: (fd, "") or, for a symlink to follow, (None, its contents)."""
+    if flags & os.O_CREAT:
+        if must_be_dir:
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
         try:
-            walk.verify()
+            return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=walk.cur), ""
+        except OSError as exc:
+            # O_EXCL never follows (EEXIST even for a dangling link); O_NOFOLLOW is ELOOP
+            if exc.errno != errno.ELOOP or flags & (os.O_EXCL | os.O_NOFOLLOW):
+                raise
+            body = walk.link_body(name)
+            if body is None:
+                raise
+            return None, body
+    follow = must_be_dir or not flags & os.O_NOFOLLOW  # a trailing slash follows, as Linux
+    host = flags | os.O_NOFOLLOW | (os.O_DIRECTORY if must_be_dir else 0)
+    try:
+        fd = os.open(name, host, dir_fd=walk.cur)
+    except OSError as exc:
+        if not follow or exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        body = walk.link_body(name)
+        if body is None:
+            raise
+        return None, body
+    if follow and flags & os.O_PATH:  # O_PATH|O_NOFOLLOW opened the link itself
+        try:
+            body = walk.read_link(fd) if stat.S_ISLNK(os.fstat(fd).st_mode) else None
         except BaseException:
             os.close(fd)
             raise
-        return fd
-    finally:
-        walk.close()
+        if body is not None:
+            os.close(fd)
+            return None, body
+    return fd, ""
 
 
-def _fast_path(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int | None:
-    """Linux's own answer where it is exactly ours; None when the walk must decide."""
-    in_root_at_anchor = not anchor.beneath and _same_dir(start_fd, anchor)
-    try:
-        if in_root_at_anchor:
-            return openat2(anchor.fd, path, flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        return openat2(start_fd, path, flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-    except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EAGAIN, errno.ENOSYS):
-            if exc.errno == errno.EXDEV and anchor.beneath and _same_dir(start_fd, anchor):
-                raise  # leaving start is leaving the anchor
-            return None
-        raise
+def resolve_parent(anchor: Anchor, start_fd: int, path: str) -> tuple[int, str]:
+    """Resolve all but the last component of path, for the operations on a name.
 
+    Symlinks are followed in every component but the last, under the same
+    rules as open_at. The last component comes back as the path wrote it,
+    with one trailing slash if the path had any, and "." for a path of only
+    slashes (in-root). Hand it to the Linux *at call relative to the returned
+    directory: Linux never follows the last component of mkdir, unlink, rmdir,
+    rename, symlink or the new name of link, and classifies ".", ".." and a
+    trailing slash itself, so the errors are Linux's (rmdir of "." EINVAL, of
+    ".." ENOTEMPTY, mkdir of ".." EEXIST...); only rmdir("/") differs (Linux
+    says EBUSY). Calls that follow the last component (readlink, the old
+    name of link when it has a trailing slash) need open_at instead.
 
-def _same_dir(fd: int, anchor: Anchor) -> bool:
-    return fd == anchor.fd or _is(os.fstat(fd), anchor)
-
-
-def resolve_parent(anchor: Anchor, start_fd: int, path: str) -> tuple[int, str | None, bool]:
-    """Resolve all but the last component of path, for operations on a name.
+    Args:
+        anchor: the directory the lookup may not leave.
+        start_fd: the directory relative paths start from.
+        path: the client's path.
 
     Returns:
-        (an O_PATH fd of the parent directory, owned by the caller; the last
-        name, or None when the path names a directory itself ('.', '..', '/');
-        whether a trailing slash requires the name to be a directory).
+        (an O_PATH fd of the parent directory, owned by the caller; the last component).
 
     Raises:
-        OSError: as open_at, for the components before the last.
+        OSError: ENOENT for an empty path, EXDEV for "/" beneath, and what
+            open_at raises for the components before the last.
     """
-    walk, components = _start(anchor, start_fd, path)
-    try:
-        name, must_be_dir = walk.parent_of_last(components)
-        walk.verify()
-        fd, walk.cur = walk.cur, -1
-        return fd, name, must_be_dir
-    finally:
-        walk.close()
+    _check_path(path)
+    parts, trailing = _split(path)
+    absolute = path.startswith("/")
+    if not parts:
+        if anchor.beneath:
+            raise OSError(errno.EXDEV, "absolute path beneath a directory")
+        return os.open(".", _O_PATH_DIR, dir_fd=anchor.fd), "."
+    last = parts.pop()
+    if trailing and last not in (".", ".."):
+        last += "/"
+    if not parts and not absolute:
+        return os.open(".", _O_PATH_DIR, dir_fd=start_fd), last
+    dir_path = ("/" if absolute else "") + "/".join(parts)
+    fd = _linux(anchor, start_fd, dir_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)
+    if fd is not None:
+        return fd, last
+    for attempt in range(RACE_RETRIES):
+        walk = _Walk(anchor, start_fd, absolute)
+        try:
+            while parts:
+                walk.step(parts.popleft(), parts)
+            return walk.take(), last
+        except _Raced:
+            if attempt == RACE_RETRIES - 1:
+                raise
+            parts = _split(dir_path)[0]
+        finally:
+            walk.close()
+    raise AssertionError("unreachable")

@@ -1,133 +1,583 @@
-"""schemes/resolve.py directly: the walk, and renames racing it."""
+"""schemes/resolve.py against Linux itself, and against renames racing it.
+
+Linux is the oracle: openat2(2) with RESOLVE_BENEATH / RESOLVE_IN_ROOT for
+open_at, and for resolve_parent the name operations (mkdir, unlink,
+rename...) run in a forked child chrooted into the box (a chroot is what
+in-root means). Each comparison runs on two identical trees, one for us and
+one for Linux, and compares the outcome (errno, or where the opened file is
+and its type) and the whole tree afterwards, outside the box included.
+Every test runs twice: with openat2 as the fast path, and with the walk alone.
+"""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import stat
+import sys
 import threading
+from functools import partial
+from pathlib import Path
 
 import pytest
 
-from schemes.resolve import Anchor, depth_below, open_at, resolve_parent
+from schemes import resolve as R
+from schemes.resolve import Anchor, open_at, resolve_parent
+
+LINKS = {
+    "rel_in": "sub/inner.txt",
+    "rel_up_in": "sub/../file.txt",
+    "rel_out": "../secret.txt",
+    "rel_out_dir": "../outdir",
+    "abs": "/file.txt",
+    "abs_out": "/secret.txt",
+    "abs_root": "/",
+    "abs_dir": "/sub",
+    "dangling": "nowhere",
+    "dangling_abs": "/nowhere",
+    "dangling_deep": "nodir/new",
+    "dangling_slash": "newdir/",
+    "loop_a": "loop_b",
+    "loop_b": "loop_a",
+    "self": "self",
+    "dir_link": "sub",
+    "dir_link_slash": "sub/",
+    "chain": "rel_in",
+    "sub/up_and_back": "../../box/file.txt",  # leaves the box and comes back by name
+    "sub/parent": "..",
+    "sub/grandparent": "../..",
+    "file_dotdot": "file.txt/..",
+    "dot": ".",
+    "dotdot": "..",
+}
 
 
-@pytest.fixture
-def tree(tmp_path):
-    (tmp_path / "outside.txt").write_text("outside")
-    box = tmp_path / "box"
-    (box / "a/b/c").mkdir(parents=True)
-    (box / "a/b/c/leaf.txt").write_text("leaf")
-    (box / "top.txt").write_text("top")
-    os.symlink("/top.txt", box / "a/abs")
-    os.symlink("../../..", box / "a/b/up3")
-    fd = os.open(box, os.O_PATH | os.O_DIRECTORY)
-    yield tmp_path, box, fd
-    os.close(fd)
+def build(top: Path) -> Path:
+    """top/{secret.txt, outdir/} outside, and top/box with links in, out, up, absolute,
+    dangling, looping, and chains of exactly 40 (c0) and 41 (e0) links."""
+    (top / "outdir").mkdir(parents=True)
+    (top / "secret.txt").write_text("secret")
+    (top / "outdir/x.txt").write_text("x")
+    box = top / "box"
+    (box / "sub/deeper").mkdir(parents=True)
+    (box / "empty").mkdir()
+    (box / "full").mkdir()
+    (box / "full/f").write_text("")
+    (box / "file.txt").write_text("file")
+    (box / "sub/inner.txt").write_text("inner")
+    (box / "sub/deeper/deep.txt").write_text("deep")
+    for name, target in LINKS.items():
+        os.symlink(target, box / name)
+    for i in range(40):
+        os.symlink(f"c{i + 1}" if i < 39 else "file.txt", box / f"c{i}")
+    for i in range(41):
+        os.symlink(f"e{i + 1}" if i < 40 else "file.txt", box / f"e{i}")
+    return box
 
 
-def _read(fd: int) -> str:
+PATHS = [
+    "file.txt", "sub/inner.txt", "sub/../file.txt", "./sub/./inner.txt", "..", "../secret.txt",
+    "sub/../../secret.txt", "sub/deeper/../../..", "sub/deeper/../../sub/deeper/deep.txt",
+    "/secret.txt", "/file.txt", "/", "//", "/..", "/../file.txt", "/../../secret.txt",
+    ".", "./", "sub/.", "sub/..", "sub/../", "file.txt/", "file.txt/.", "file.txt/..",
+    "sub/", "sub//", "sub/inner.txt/", "nope", "nope/", "nope/../file.txt", "sub/nope",
+    "new.txt", "sub/new.txt", "empty/new", "new/", "../new", "/new", "sub/../../new", "",
+    *LINKS, *(name + "/" for name in LINKS), *(name + "/x" for name in LINKS),
+    "dir_link/inner.txt", "dir_link/../file.txt", "abs_dir/inner.txt", "abs_dir/../file.txt",
+    "sub/parent/file.txt", "sub/parent/../secret.txt", "sub/grandparent/file.txt",
+    "sub/grandparent/box/file.txt", "sub/parent/parent/parent", "abs_root/file.txt",
+    "abs_root/..", "c0", "e0", "c1", "c0/", "loop_a/x", "x" * 255, "x" * 256, "sub/" + "y" * 256,
+    "a/" * 2040 + "b", "a/" * 2048 + "b", "rel_out_dir/x.txt", "dotdot/file.txt",
+    "dot/dot/file.txt",
+]
+
+FLAGS = [
+    os.O_RDONLY, os.O_NOFOLLOW, os.O_DIRECTORY, os.O_NOFOLLOW | os.O_DIRECTORY,
+    os.O_PATH, os.O_PATH | os.O_NOFOLLOW, os.O_PATH | os.O_DIRECTORY,
+    os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, os.O_PATH | os.O_RDWR,
+    os.O_WRONLY, os.O_RDWR | os.O_TRUNC, os.O_CREAT | os.O_RDONLY, os.O_CREAT | os.O_WRONLY,
+    os.O_CREAT | os.O_EXCL | os.O_WRONLY, os.O_CREAT | os.O_NOFOLLOW | os.O_WRONLY,
+    os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, os.O_CREAT | os.O_DIRECTORY,
+    os.O_CREAT | os.O_TRUNC | os.O_RDWR,
+]
+CHANGES_TREE = os.O_CREAT | os.O_TRUNC
+
+
+def snapshot(top: Path) -> dict[str, tuple]:
+    """Every name under top with its type, permissions and size (or link contents)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            detail = os.readlink(path) if stat.S_ISLNK(st.st_mode) else st.st_size
+            out[os.path.relpath(path, top)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), detail)
+    return out
+
+
+def outcome(open_fn, top: Path):
+    """An errno name, or ("ok", where the opened file is relative to top, its type)."""
     try:
-        return os.read(fd, 100).decode()
+        fd = open_fn()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        return ("ok", os.path.relpath(where, top), stat.S_IFMT(os.fstat(fd).st_mode))
     finally:
         os.close(fd)
 
 
-def test_in_root_absolute_symlinks_and_dotdot_stay_at_the_anchor(tree):
-    _, box, fd = tree
-    anchor = Anchor.of(fd, beneath=False)
-    sub = os.open(box / "a/b", os.O_PATH | os.O_DIRECTORY)
+class Twins:
+    """Two identical trees, ours and Linux's, rebuilt whenever one was changed."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.count = 0
+        self.fresh()
+
+    def fresh(self) -> None:
+        self.count += 1
+        self.ours, self.linux = self.base / f"ours{self.count}", self.base / f"linux{self.count}"
+        build(self.ours)
+        build(self.linux)
+        self.pristine = snapshot(self.ours)
+
+    def differ(self) -> bool:
+        """Whether the two trees differ now; either changed means fresh ones next time."""
+        ours, linux = snapshot(self.ours), snapshot(self.linux)
+        if ours != self.pristine or linux != self.pristine:
+            self.fresh()
+        return ours != linux
+
+
+def _dirfd(path: Path) -> int:
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "walk"])
+def fast(request, monkeypatch):
+    """Run with Linux's openat2 as the fast path, and with the walk alone."""
+    monkeypatch.setattr(R, "_have_openat2", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("start", ["anchor", "sub"])
+@pytest.mark.parametrize("beneath", [True, False], ids=["beneath", "in_root"])
+@pytest.mark.parametrize("flags", FLAGS, ids=[f"flags={f:#o}" for f in FLAGS])
+def test_open_at_matches_linux_openat2(tmp_path, fast, beneath, start, flags):
+    """The same errno, or the same file, and the same tree afterwards, as openat2.
+
+    From a start below the anchor, Linux's equivalent is the path prefixed
+    with that directory (absolute paths do not apply there).
+    """
+    twins = Twins(tmp_path)
+    resolve = (R.RESOLVE_BENEATH if beneath else R.RESOLVE_IN_ROOT) | R.RESOLVE_NO_MAGICLINKS
+    mismatches = []
+    for path in PATHS:
+        if start == "sub" and (path.startswith("/") or len(path) > 4000):
+            continue
+        linux_path = "sub/" + path if start == "sub" and path else path
+        anchor_fd, linux_fd = _dirfd(twins.ours / "box"), _dirfd(twins.linux / "box")
+        start_fd = _dirfd(twins.ours / "box/sub") if start == "sub" else anchor_fd
+        try:
+            anchor = Anchor.of(anchor_fd, beneath=beneath)
+            ours = outcome(partial(open_at, anchor, start_fd, path, flags, 0o640), twins.ours)
+            linux = outcome(partial(R.openat2, linux_fd, linux_path, flags | os.O_CLOEXEC, 0o640, resolve),
+                            twins.linux)
+        finally:
+            for fd in {anchor_fd, linux_fd, start_fd}:
+                os.close(fd)
+        trees_differ = twins.differ() if flags & CHANGES_TREE else False
+        if ours != linux or trees_differ:
+            mismatches.append((path[:60], ours, linux, "trees differ" if trees_differ else ""))
+    assert mismatches == []
+
+
+def test_forty_links_are_followed_and_the_forty_first_is_eloop(tmp_path, fast):
+    box = build(tmp_path)
+    fd = _dirfd(box)
     try:
-        assert _read(open_at(anchor, sub, "../abs", os.O_RDONLY)) == "top"  # /top.txt is box/top.txt
-        assert _read(open_at(anchor, sub, "up3/a/b/up3/top.txt", os.O_RDONLY)) == "top"
-        assert _read(open_at(anchor, sub, "/../../top.txt", os.O_RDONLY)) == "top"
-        with pytest.raises(FileNotFoundError):
-            open_at(anchor, sub, "../../../outside.txt", os.O_RDONLY)
-    finally:
-        os.close(sub)
-
-
-def test_beneath_refuses_what_in_root_would_clamp(tree):
-    _, box, fd = tree
-    anchor = Anchor.of(fd, beneath=True)
-    sub = os.open(box / "a/b", os.O_PATH | os.O_DIRECTORY)
-    try:
-        assert _read(open_at(anchor, sub, "../../top.txt", os.O_RDONLY)) == "top"
-        for path in ("../abs", "up3", "../../../outside.txt", "/top.txt", "c/../../../.."):
-            with pytest.raises(OSError) as info:
-                open_at(anchor, sub, path, os.O_RDONLY)
-            assert info.value.errno == errno.EXDEV, path
-    finally:
-        os.close(sub)
-
-
-def test_resolve_parent_names_the_last_component_without_following_it(tree):
-    _, _, fd = tree
-    anchor = Anchor.of(fd, beneath=True)
-    parent, name, must_be_dir = resolve_parent(anchor, fd, "a/abs")
-    try:
-        assert (name, must_be_dir) == ("abs", False)
-        assert os.readlink(name, dir_fd=parent) == "/top.txt"
-    finally:
-        os.close(parent)
-    parent, name, must_be_dir = resolve_parent(anchor, fd, "a/b/")
-    os.close(parent)
-    assert (name, must_be_dir) == ("b", True)
-    parent, name, _ = resolve_parent(anchor, fd, "a/..")
-    os.close(parent)
-    assert name is None
-
-
-def test_depth_below_counts_and_refuses_a_directory_outside(tree):
-    tmp, box, fd = tree
-    anchor = Anchor.of(fd, beneath=True)
-    deep = os.open(box / "a/b/c", os.O_PATH | os.O_DIRECTORY)
-    out = os.open(tmp, os.O_PATH | os.O_DIRECTORY)
-    try:
-        assert depth_below(deep, anchor) == 3
+        anchor = Anchor.of(fd, beneath=True)
+        os.close(open_at(anchor, fd, "c0", os.O_RDONLY))
         with pytest.raises(OSError) as info:
-            depth_below(out, anchor)
-        assert info.value.errno == errno.EAGAIN
+            open_at(anchor, fd, "e0", os.O_RDONLY)
+        assert info.value.errno == errno.ELOOP
     finally:
-        os.close(deep)
+        os.close(fd)
+
+
+def test_open_at_gives_a_close_on_exec_fd_of_the_file_in_the_anchor(tmp_path, fast):
+    box = build(tmp_path)
+    fd = _dirfd(box)
+    try:
+        got = open_at(Anchor.of(fd), fd, "../../file.txt", os.O_RDONLY)
+        try:
+            assert os.get_inheritable(got) is False
+            assert os.read(got, 10) == b"file"
+        finally:
+            os.close(got)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("path, err", [
+    ("", errno.ENOENT), ("a\0b", errno.EINVAL), ("x" * 4096, errno.ENAMETOOLONG),
+])
+def test_bad_paths(tmp_path, path, err):
+    fd = _dirfd(tmp_path)
+    try:
+        anchor = Anchor.of(fd)
+        for call in (lambda: open_at(anchor, fd, path, 0), lambda: resolve_parent(anchor, fd, path)):
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == err
+    finally:
+        os.close(fd)
+
+
+def test_a_start_that_is_a_file_is_enotdir(tmp_path, fast):
+    box = build(tmp_path)
+    fd, file_fd = _dirfd(box), os.open(box / "file.txt", os.O_RDONLY)
+    try:
+        for path in ("x", ".", "..", "../file.txt"):
+            with pytest.raises(NotADirectoryError):
+                open_at(Anchor.of(fd, beneath=True), file_fd, path, 0)
+    finally:
+        os.close(fd)
+        os.close(file_fd)
+
+
+def test_a_start_no_longer_beneath_its_anchor_cannot_climb(tmp_path, fast):
+    box = build(tmp_path)
+    fd, out = _dirfd(box), _dirfd(tmp_path / "outdir")
+    try:
+        for beneath in (True, False):
+            anchor = Anchor.of(fd, beneath=beneath)
+            os.close(open_at(anchor, out, "x.txt", 0))  # below the start: its own subtree
+            with pytest.raises(OSError) as info:
+                open_at(anchor, out, "../secret.txt", 0)
+            assert info.value.errno == errno.EXDEV
+    finally:
+        os.close(fd)
         os.close(out)
 
 
-def test_a_rename_racing_the_lookup_never_lets_it_out(tree):
-    """A thread keeps moving a directory between the box and outside it while
-    lookups climb out of it with `..`; every answer is beneath the box or an error."""
-    tmp, box, fd = tree
-    anchor = Anchor.of(fd, beneath=True)
-    (tmp / "elsewhere").mkdir()
-    (tmp / "elsewhere/secret.txt").write_text("secret")
-    (box / "a/b/c/secret.txt").write_text("decoy")
-    inside, outside = box / "a/b/c", tmp / "elsewhere/c"
+# -- resolve_parent against the name operations of Linux in a chroot -------------------
+
+
+def _name_op(op: str, parent: int | None, name: str, box: int | None = None) -> None:
+    """One name operation on name relative to parent; the fixed other name of
+    rename and link is relative to box (None: plain paths, for the chrooted child)."""
+    kw = {} if parent is None else {"dir_fd": parent}
+    if op == "mkdir":
+        os.mkdir(name, 0o750, **kw)
+    elif op == "rmdir":
+        os.rmdir(name, **kw)
+    elif op == "unlink":
+        os.unlink(name, **kw)
+    elif op == "symlink":
+        os.symlink("target", name, **kw)
+    elif op == "rename_from":
+        os.rename(name, "renamed", src_dir_fd=parent, dst_dir_fd=box)
+    elif op == "rename_to":
+        os.rename("file.txt", name, src_dir_fd=box, dst_dir_fd=parent)
+    elif op == "link_to":
+        os.link("file.txt", name, src_dir_fd=box, dst_dir_fd=parent, follow_symlinks=False)
+    else:
+        raise AssertionError(op)
+
+
+def _linux_in_root(box: Path, op: str, path: str) -> str:
+    """Linux's answer for op(path) in a child chrooted into box: an errno name or "ok"."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 255  # anything but an OSError
+        try:
+            os.chroot(box)
+            os.chdir("/")
+            _name_op(op, None, path)
+            code = 0
+        except OSError as exc:
+            code = exc.errno
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 255
+    return "ok" if code == 0 else errno.errorcode[code]
+
+
+def _linux_beneath(box: Path, op: str, path: str) -> str:
+    """Beneath: EXDEV wherever openat2(RESOLVE_BENEATH) refuses the parent's path
+    (or the path is absolute); otherwise the same as in-root."""
+    head = path.rstrip("/").rpartition("/")[0] if path.strip("/") else "/"
+    if path.startswith("/"):
+        return "EXDEV"
+    if head:
+        fd = _dirfd(box)
+        try:
+            os.close(R.openat2(fd, head, os.O_PATH | os.O_DIRECTORY, 0,
+                               R.RESOLVE_BENEATH | R.RESOLVE_NO_MAGICLINKS))
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return "EXDEV"
+        finally:
+            os.close(fd)
+    return _linux_in_root(box, op, path)
+
+
+def _ours(anchor: Anchor, start: int, op: str, path: str) -> str:
+    try:
+        parent, name = resolve_parent(anchor, start, path)
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    try:
+        if op == "rmdir" and path.strip("/") == "":
+            return "EBUSY"  # Linux's rmdir("/"); the one case "." does not tell apart
+        _name_op(op, parent, name, start)
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    finally:
+        os.close(parent)
+
+
+NAME_PATHS = [
+    "newname", "newname/", "file.txt", "file.txt/", "sub", "sub/", "empty", "empty/", "full",
+    ".", "..", "./", "/", "//", "sub/.", "sub/..", "empty/.", "empty/..", "dir_link", "dir_link/",
+    "dangling", "dangling/", "sub/inner.txt", "rel_in", "nope/x", "file.txt/x", "dir_link/inner.txt",
+    "dir_link/new", "../x", "../../file.txt", "/newabs", "/../../newabs", "abs_dir/new",
+    "abs_dir/inner.txt", "rel_out_dir/x", "rel_out_dir/x.txt", "loop_a/x", "sub/parent/file.txt",
+    "sub/grandparent/file.txt", "sub/grandparent/new", "x" * 256, "sub/deeper/../../newfile",
+    "abs_root/file.txt", "self/x", "", "sub/up_and_back/x", "c0/x", "e0/x",
+]
+NAME_OPS = ["mkdir", "rmdir", "unlink", "symlink", "rename_from", "rename_to", "link_to"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the oracle needs chroot (root)")
+@pytest.mark.parametrize("beneath", [True, False], ids=["beneath", "in_root"])
+@pytest.mark.parametrize("op", NAME_OPS)
+def test_resolve_parent_gives_linux_results_for_name_operations(tmp_path, fast, beneath, op):
+    twins = Twins(tmp_path)
+    mismatches = []
+    for path in NAME_PATHS:
+        box = twins.linux / "box"
+        if not path:
+            linux = "ENOENT"
+        else:
+            linux = _linux_beneath(box, op, path) if beneath else _linux_in_root(box, op, path)
+        fd = _dirfd(twins.ours / "box")
+        try:
+            ours = _ours(Anchor.of(fd, beneath=beneath), fd, op, path)
+        finally:
+            os.close(fd)
+        trees_differ = twins.differ()
+        if ours != linux or trees_differ:
+            mismatches.append((path[:60], ours, linux, "trees differ" if trees_differ else ""))
+    assert mismatches == []
+
+
+def test_resolve_parent_returns_the_last_name_as_the_path_wrote_it(tmp_path, fast):
+    box = build(tmp_path)
+    fd = _dirfd(box)
+    try:
+        anchor = Anchor.of(fd, beneath=False)
+        for path, want_dir, want_name in [
+            ("sub/../abs", "box", "abs"), ("sub//x//", "box/sub", "x/"), ("sub/..", "box/sub", ".."),
+            ("/", "box", "."), ("dir_link/./", "box/sub", "."), ("abs_dir/y", "box/sub", "y"),
+            ("../../../x", "box", "x"), ("sub/grandparent/z", "box", "z"), ("q", "box", "q"),
+        ]:
+            parent, name = resolve_parent(anchor, fd, path)
+            try:
+                assert os.path.relpath(os.readlink(f"/proc/self/fd/{parent}"), tmp_path) == want_dir, path
+                assert name == want_name, path
+            finally:
+                os.close(parent)
+    finally:
+        os.close(fd)
+
+
+def test_no_fd_is_left_open(tmp_path, fast):
+    box = build(tmp_path)
+    fd, sub = _dirfd(box), _dirfd(box / "sub/deeper")
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for beneath, path, flags in itertools.product(
+            (True, False), PATHS[:60] + ["../../../../x", "../../file.txt"],
+            (os.O_RDONLY, os.O_PATH, os.O_CREAT | os.O_EXCL | os.O_WRONLY),
+        ):
+            anchor = Anchor.of(fd, beneath=beneath)
+            for start in (fd, sub):
+                try:
+                    os.close(open_at(anchor, start, path, flags))
+                except OSError:
+                    pass
+                try:
+                    os.close(resolve_parent(anchor, start, path)[0])
+                except OSError:
+                    pass
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
+        os.close(sub)
+
+
+# -- renames racing the walk -------------------------------------------------------------
+
+
+@pytest.fixture
+def arena(tmp_path):
+    """host_secret.txt outside ROOT; in ROOT: the anchor, whose sub/dir a mover takes
+    to ROOT/away/a1/a2/a3/dir and back, and root_secret.txt files outside the anchor."""
+    (tmp_path / "host_secret.txt").write_text("host")
+    root = tmp_path / "root"
+    (root / "away/a1/a2/a3").mkdir(parents=True)
+    (root / "root_secret.txt").write_text("root")
+    for depth in ("away", "away/a1", "away/a1/a2", "away/a1/a2/a3"):
+        (root / depth / "root_secret.txt").write_text("outside the anchor")
+    anchor = root / "anchor"
+    (anchor / "sub/dir/d1/d2").mkdir(parents=True)
+    (anchor / "anchor_file.txt").write_text("in the anchor")
+    os.symlink("../../..", anchor / "sub/dir/up3")  # from dir: ROOT, or away/a1 once moved
+    os.symlink("d1/d2/../../../../../../..", anchor / "sub/dir/far")
+    os.symlink("/root_secret.txt", anchor / "sub/dir/abs")
+    outside = {
+        (st.st_dev, st.st_ino)
+        for p in [tmp_path / "host_secret.txt", *root.rglob("root_secret.txt")]
+        for st in [os.stat(p)]
+    }
+    return tmp_path, root, anchor, outside
+
+
+def _race(arena, lookups, rounds):
+    """Run lookups() rounds times while a thread keeps moving the directory out and back.
+
+    Returns (lookups that opened a file outside, how many opened anything).
+    """
+    _, root, anchor_dir, outside = arena
+    inside, away = anchor_dir / "sub/dir", root / "away/a1/a2/a3/dir"
     stop = threading.Event()
+    moves = 0
 
     def mover():
+        nonlocal moves
         while not stop.is_set():
             try:
-                os.rename(inside, outside)
-                os.rename(outside, inside)
+                os.rename(inside, away)
+                os.rename(away, inside)
+                moves += 1
             except OSError:
                 pass
 
+    escaped, opened = [], 0
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
     thread = threading.Thread(target=mover)
     thread.start()
-    escaped = []
     try:
-        for _ in range(3000):
-            start = None
-            try:
-                start = os.open(inside, os.O_PATH | os.O_DIRECTORY)
-                got = _read(open_at(anchor, start, "../secret.txt", os.O_RDONLY))
-                if got == "secret":
-                    escaped.append(got)
-            except OSError:
-                pass
-            finally:
-                if start is not None:
-                    os.close(start)
+        for _ in range(rounds):
+            for anchor, start, path in lookups():
+                try:
+                    fd = open_at(anchor, start, path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    opened += 1
+                    if (st.st_dev, st.st_ino) in outside:
+                        escaped.append((path, os.readlink(f"/proc/self/fd/{fd}")))
+                finally:
+                    os.close(fd)
     finally:
         stop.set()
         thread.join()
+        sys.setswitchinterval(switch)
+    assert moves > 100
+    return escaped, opened
+
+
+@pytest.mark.parametrize("beneath", [True, False], ids=["beneath", "in_root"])
+def test_renames_racing_lookups_never_leave_the_anchor(arena, fast, beneath):
+    """The anchor is ROOT/anchor (beneath, or in-root as an O_RESOLVE_IN_ROOT handle);
+    every root_secret.txt and the host file are outside it."""
+    _, _, anchor_dir, _ = arena
+    anchor_fd = _dirfd(anchor_dir)
+    anchor = Anchor.of(anchor_fd, beneath=beneath)
+    paths = ["sub/dir/d1/d2/" + "../" * k + "root_secret.txt" for k in range(3, 9)]
+    paths += ["sub/dir/d1/d2/../../../../anchor_file.txt", "sub/dir/up3/anchor/anchor_file.txt",
+              "sub/dir/up3/root_secret.txt", "sub/dir/far/root_secret.txt", "sub/dir/abs",
+              "sub/dir/d1/../../../../../host_secret.txt", "sub/dir/up3/../host_secret.txt"]
+
+    def lookups():
+        for path in paths:
+            yield anchor, anchor_fd, path
+
+    try:
+        escaped, opened = _race(arena, lookups, rounds=600)
+    finally:
+        os.close(anchor_fd)
     assert escaped == []
+    if not beneath:
+        assert opened > 0  # in-root clamps `..` at the anchor: anchor_file.txt is found
+
+
+def test_renames_racing_lookups_from_a_moving_start_never_leave(arena, fast):
+    """Start from the moving directory itself, in-root at ROOT and beneath the anchor."""
+    _, root, anchor_dir, _ = arena
+    root_fd, anchor_fd = _dirfd(root), _dirfd(anchor_dir)
+    in_root, beneath = Anchor.of(root_fd), Anchor.of(anchor_fd, beneath=True)
+    starts: list[int] = []
+
+    def lookups():
+        while starts:
+            os.close(starts.pop())
+        for place in (anchor_dir / "sub/dir", root / "away/a1/a2/a3/dir"):
+            try:
+                starts.append(_dirfd(place))
+            except OSError:
+                pass
+        for start in starts:
+            yield in_root, start, "../../../../../../../../host_secret.txt"
+            yield in_root, start, "d1/d2/../../../../../../../../host_secret.txt"
+            yield beneath, start, "../../../root_secret.txt"
+            yield beneath, start, "../../../../root_secret.txt"
+            yield beneath, start, "up3/root_secret.txt"
+
+    try:
+        escaped, _ = _race(arena, lookups, rounds=1500)
+    finally:
+        for fd in [root_fd, anchor_fd, *starts]:
+            os.close(fd)
+    assert escaped == []
+
+
+def test_a_rename_between_two_steps_is_eagain_not_an_escape(arena, monkeypatch):
+    """Deterministically: the directory moves out just before the walk climbs out of
+    it. Climbing by real parents alone would reach away/a1/root_secret.txt."""
+    _, root, anchor_dir, _ = arena
+    monkeypatch.setattr(R, "_have_openat2", False)
+    monkeypatch.setattr(R, "RACE_RETRIES", 1)
+    inside, away = anchor_dir / "sub/dir", root / "away/a1/a2/a3/dir"
+    real_up = R._Walk.up
+    moved = []
+
+    def up(walk):
+        if not moved:
+            os.rename(inside, away)
+            moved.append(True)
+        return real_up(walk)
+
+    monkeypatch.setattr(R._Walk, "up", up)
+    fd = _dirfd(anchor_dir)
+    try:
+        for beneath in (True, False):
+            moved.clear()
+            if away.exists():
+                os.rename(away, inside)
+            with pytest.raises(OSError) as info:
+                open_at(Anchor.of(fd, beneath=beneath), fd, "sub/dir/../../../root_secret.txt", 0)
+            assert info.value.errno == errno.EAGAIN
+    finally:
+        os.close(fd)

@@ -161,8 +161,10 @@ def test_tcp_errors_are_errnos(client):
 
 def test_a_blocked_accept_does_not_stall_other_clients(client):
     listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+    theirs = rt.clone(listener)  # never share one capability socket between two processes
     waiter = rt.spawn([sys.executable, "-c", "import rt, sys; rt.dup(int(sys.argv[1]), b'accept')",
-                       str(listener)], pass_fds=[listener])
+                       str(theirs)], pass_fds=[theirs])
+    rt.close(theirs)
     try:
         other = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)  # served meanwhile
         second = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
