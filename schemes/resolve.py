@@ -13,16 +13,18 @@ Linux's openat2(2) as the reference for every answer:
 - beneath (RESOLVE_BENEATH): absolute paths, absolute symlinks and a `..`
   that would leave the anchor are EXDEV.
 
-Why a rename cannot let a walk out: the walk keeps the chain of directories
-it went down through as O_PATH fds (which pin their inodes). `..` opens the
-real parent of the current directory and accepts it only if it is the
-directory the walk came from; a rename that moved the current directory
-elsewhere in the meantime is EAGAIN (as in Linux), retried a few times. The
-walk therefore only ever climbs along the chain it descended, and the bottom
-of the chain is the anchor, where `..` is decided by the mode. A start
-directory below the anchor gets its chain by climbing to the anchor first.
-Nothing is created or truncated before the last component, so a lookup that
-a race ends has had no effect.
+Why a rename cannot let a walk out (cap-std's manual resolution): the walk
+keeps the chain of directories it went down through as O_PATH fds, which pin
+their inodes, and `..` pops that chain: it returns to the directory the walk
+came from and never asks the host for a `..`. The bottom of the chain is the
+anchor, where `..` is decided by the mode. Without a concurrent rename the
+directory popped to is the real parent, so the answers are Linux's; with one,
+the walk goes back to where it came from, which was beneath the anchor. The
+one host `..` left is for a start directory below the anchor (a cwd beneath
+a sandbox root): before its first `..` the walk climbs from the start to the
+anchor with O_PATH opens and fstat only, never creating, reading or listing
+anything, and a start that is no longer beneath its anchor is EXDEV.
+Nothing is created or truncated before the last component.
 
 Fast path: Linux itself, with openat2(RESOLVE_BENEATH) from the starting
 directory. If that succeeds (or fails for any reason but EXDEV/EAGAIN), the
@@ -51,7 +53,6 @@ from dataclasses import dataclass
 MAX_LINKS = 40  # symlinks followed in one lookup, as Linux (MAXSYMLINKS)
 PATH_MAX = 4096  # bytes, with the terminating NUL, as Linux
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
-RACE_RETRIES = 8  # walks repeated when a rename raced a `..`
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
@@ -67,13 +68,6 @@ _SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64") else None
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _have_openat2 = _SYS_OPENAT2 is not None
-
-
-class _Raced(OSError):
-    """A rename moved a directory while the walk climbed out of it (EAGAIN)."""
-
-    def __init__(self) -> None:
-        super().__init__(errno.EAGAIN, "a rename raced the lookup")
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
@@ -243,20 +237,13 @@ class _Walk:
         self.ids.append(None)
 
     def up(self) -> None:
-        """`..`: the real parent, which must be the directory the walk came from."""
+        """`..`: back to the directory the walk came from (never the host's `..`)."""
         if len(self.dirs) == 1 and self._id(0) != self.anchor.identity:
             self._climb_to_anchor()
         if len(self.dirs) == 1:
             if self.anchor.beneath:
                 raise OSError(errno.EXDEV, "'..' would leave the directory")
             return  # in-root: `..` at the root is the root
-        parent = os.open("..", _O_PATH_DIR, dir_fd=self.cur)
-        try:
-            came_from = _identity(parent) == self._id(-2)
-        finally:
-            os.close(parent)
-        if not came_from:
-            raise _Raced()
         os.close(self.dirs.pop())
         self.ids.pop()
 
@@ -363,22 +350,16 @@ def open_at(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o
     Raises:
         OSError: with Linux's errno: ENOENT (also for an empty path), EXDEV for
             an escape beneath, ELOOP, ENOTDIR, EEXIST, EISDIR, EINVAL for flags
-            openat2 refuses (and a NUL in path), ENAMETOOLONG; EAGAIN when
-            renames kept racing the lookup; EXDEV when start_fd is no longer
-            beneath its anchor and the lookup climbs out of it.
+            openat2 refuses (and a NUL in path), ENAMETOOLONG; EXDEV when
+            start_fd is no longer beneath its anchor and the lookup climbs
+            out of it.
     """
     flags = _check_flags(flags, mode)  # before the path, as Linux
     _check_path(path)
     fd = _linux(anchor, start_fd, path, flags, mode)
     if fd is not None:
         return fd
-    for attempt in range(RACE_RETRIES):
-        try:
-            return _walk_open(anchor, start_fd, path, flags, mode)
-        except _Raced:
-            if attempt == RACE_RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
+    return _walk_open(anchor, start_fd, path, flags, mode)
 
 
 def _walk_open(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int:
@@ -482,16 +463,10 @@ def resolve_parent(anchor: Anchor, start_fd: int, path: str) -> tuple[int, str]:
     fd = _linux(anchor, start_fd, dir_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)
     if fd is not None:
         return fd, last
-    for attempt in range(RACE_RETRIES):
-        walk = _Walk(anchor, start_fd, absolute)
-        try:
-            while parts:
-                walk.step(parts.popleft(), parts)
-            return walk.take(), last
-        except _Raced:
-            if attempt == RACE_RETRIES - 1:
-                raise
-            parts = _split(dir_path)[0]
-        finally:
-            walk.close()
-    raise AssertionError("unreachable")
+    walk = _Walk(anchor, start_fd, absolute)
+    try:
+        while parts:
+            walk.step(parts.popleft(), parts)
+        return walk.take(), last
+    finally:
+        walk.close()

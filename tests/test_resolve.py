@@ -15,8 +15,10 @@ import errno
 import itertools
 import os
 import stat
+import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -553,12 +555,12 @@ def test_renames_racing_lookups_from_a_moving_start_never_leave(arena, fast):
     assert escaped == []
 
 
-def test_a_rename_between_two_steps_is_eagain_not_an_escape(arena, monkeypatch):
+def test_a_rename_between_two_steps_never_leads_out(arena, monkeypatch):
     """Deterministically: the directory moves out just before the walk climbs out of
-    it. Climbing by real parents alone would reach away/a1/root_secret.txt."""
+    it. Climbing by real parents would reach away/a1; popping the chain of directories
+    descended goes back to the anchor instead."""
     _, root, anchor_dir, _ = arena
     monkeypatch.setattr(R, "_have_openat2", False)
-    monkeypatch.setattr(R, "RACE_RETRIES", 1)
     inside, away = anchor_dir / "sub/dir", root / "away/a1/a2/a3/dir"
     real_up = R._Walk.up
     moved = []
@@ -573,11 +575,85 @@ def test_a_rename_between_two_steps_is_eagain_not_an_escape(arena, monkeypatch):
     fd = _dirfd(anchor_dir)
     try:
         for beneath in (True, False):
-            moved.clear()
-            if away.exists():
-                os.rename(away, inside)
-            with pytest.raises(OSError) as info:
-                open_at(Anchor.of(fd, beneath=beneath), fd, "sub/dir/../../../root_secret.txt", 0)
-            assert info.value.errno == errno.EAGAIN
+            anchor = Anchor.of(fd, beneath=beneath)
+            for path, flags in (("sub/dir/../../../root_secret.txt", os.O_RDONLY),
+                                ("sub/dir/../../../made.txt", os.O_CREAT | os.O_WRONLY)):
+                moved.clear()
+                if away.exists():
+                    os.rename(away, inside)
+                try:
+                    os.close(open_at(anchor, fd, path, flags))
+                except OSError as exc:
+                    # beneath: the third `..` is at the anchor; in-root: no secret there
+                    assert exc.errno == (errno.EXDEV if beneath else errno.ENOENT)
+                else:
+                    assert not beneath and flags & os.O_CREAT
     finally:
         os.close(fd)
+    assert [p.relative_to(root) for p in root.rglob("made.txt")] == [Path("anchor/made.txt")]
+
+
+def _create(anchor: Anchor, start: int, path: str) -> None:
+    try:
+        os.close(open_at(anchor, start, path, os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        pass
+
+
+def _mkdir(anchor: Anchor, start: int, path: str) -> None:
+    try:
+        parent, name = resolve_parent(anchor, start, path)
+    except OSError:
+        return
+    try:
+        os.mkdir(name, dir_fd=parent)
+    except OSError:
+        pass
+    finally:
+        os.close(parent)
+
+
+SWAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+print("swapping", flush=True)
+while True:
+    libc.renameat2(-100, a, -100, b, 2)  # RENAME_EXCHANGE
+"""
+
+
+@pytest.mark.parametrize("beneath", [True, False], ids=["beneath", "in_root"])
+def test_creates_racing_a_rename_exchange_never_land_outside(tmp_path, fast, beneath):
+    """The attack from issue 7: while another process swaps `a/c` with `out/d` by
+    RENAME_EXCHANGE, create `c/../c/NAME` beneath `a`. A lookup that took the host's
+    `..` after `c` moved would go on in `out` and create in the decoy `out/c`, which
+    never was beneath `a` (the resolver before this one did, a few times a second).
+    Files may land only in the two directories that swap."""
+    a, out = tmp_path / "a", tmp_path / "out"
+    (a / "c").mkdir(parents=True)
+    (out / "d").mkdir(parents=True)
+    (out / "c").mkdir()  # the decoy
+    anchor_fd = _dirfd(a)
+    anchor = Anchor.of(anchor_fd, beneath=beneath)
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(a / "c"), str(out / "d")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert swapper.stdout.readline() == "swapping\n"
+        deadline = time.monotonic() + 3  # a race, not a timing assertion
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            _create(anchor, anchor_fd, f"c/../c/n{i}")
+            _create(anchor, anchor_fd, f"c/./../c/../c/m{i}")
+            if i % 8 == 0:
+                _mkdir(anchor, anchor_fd, f"c/../c/d{i}")
+    finally:
+        swapper.kill()
+        swapper.wait()
+        swapper.stdout.close()
+        os.close(anchor_fd)
+    assert i > 1000
+    strays = {place.name: sorted(p.name for p in place.iterdir() if p.name not in ("a", "out", "c", "d"))
+              for place in (out / "c", out, tmp_path)}
+    assert strays == {"c": [], "out": [], tmp_path.name: []}, "created outside the anchor"
