@@ -6,6 +6,13 @@ child namespace). `openat(ns, "/scheme/NAME/rest")` is forwarded as
 `openat(cap_of_NAME, "rest")` and the resulting fd is handed back; nsmgr takes
 no part in anything done with that fd afterwards.
 
+A directory registered as an entry is a boundary, whatever flags it was opened
+with: nsmgr registers `openat(dir, ".", O_DIRECTORY | O_RESOLVE_IN_ROOT)` in
+its place, so everything reached through the name stays inside it (`..` at its
+top stays there, absolute symlinks mean the entry, and the flag sticks to every
+fd opened through it). A scheme's root needs no such step, and keeps
+surviving the scheme's restarts.
+
 Errors follow Redox's nsmgr: a name not in the namespace is ENODEV, a missing
 permission EACCES, registering an existing name EEXIST, a bad name or request
 EINVAL. Stricter than Redox: a fork never gets a name or a permission its
@@ -17,11 +24,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 
 from rt import protocol as P
 from rt.aio import AsyncCapability
-from schemes.framework import Opened, Reply, Request, Scheme, SchemeError
+from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
 
 SCHEME_PREFIX = "/scheme/"
 
@@ -87,7 +95,11 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         if self.kernel is None:
             raise SchemeError(errno.ENOSYS, "this nsmgr was given no kernel capability")
-        _, (channel, root) = await self.kernel.call(P.SCHEME_CREATE)
+        _, fds = await self.kernel.call(P.SCHEME_CREATE)
+        if len(fds) != 2:
+            P.close_fds(fds)
+            raise SchemeError(errno.EIO, "malformed SCHEME_CREATE reply")
+        channel, root = fds
         if name in ns.entries:  # registered while we waited
             P.close_fds([channel, root])
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
@@ -103,19 +115,21 @@ class NamespaceScheme(Scheme):
 
     async def mkdirat(self, req: Request, ns: Namespace, path: str, mode: int) -> None:
         name, rest = split_scheme_path(path)
-        await ns.lookup(name).call(P.MKDIRAT, [rest, mode])
+        await _forward(ns.lookup(name), P.MKDIRAT, [rest, mode])
 
     async def unlinkat(self, req: Request, ns: Namespace, path: str, flags: int) -> None:
         name, rest = split_scheme_path(path)
-        await ns.lookup(name).call(P.UNLINKAT, [rest, flags])
+        await _forward(ns.lookup(name), P.UNLINKAT, [rest, flags])
 
     async def symlinkat(self, req: Request, ns: Namespace, target: str, path: str) -> None:
         name, rest = split_scheme_path(path)
-        await ns.lookup(name).call(P.SYMLINKAT, [target, rest])
+        await _forward(ns.lookup(name), P.SYMLINKAT, [target, rest])
 
     async def readlinkat(self, req: Request, ns: Namespace, path: str) -> str:
         name, rest = split_scheme_path(path)
-        value, _ = await ns.lookup(name).call(P.READLINKAT, [rest])
+        value = await _forward(ns.lookup(name), P.READLINKAT, [rest])
+        if not isinstance(value, str):
+            raise SchemeError(errno.EIO, "malformed readlink reply")
         return value
 
     async def renameat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
@@ -130,9 +144,11 @@ class NamespaceScheme(Scheme):
         name, old_rest = split_scheme_path(old)
         cap = ns.lookup(name)
         if req.passed:
+            if len(req.passed) != 1:
+                raise SchemeError(errno.EINVAL, "one directory capability at most")
             fd = req.take_fd(0)
             try:
-                await cap.call(op, [old_rest, new], [fd])
+                await _forward(cap, op, [old_rest, new], [fd])
             finally:
                 P.close_fds([fd])
             return
@@ -140,7 +156,7 @@ class NamespaceScheme(Scheme):
         ns.lookup(new_name)
         if new_name != name:
             raise SchemeError(errno.EXDEV, "rename across schemes")
-        await cap.call(op, [old_rest, new_rest])
+        await _forward(cap, op, [old_rest, new_rest])
 
     async def fpath(self, req: Request, ns: Namespace) -> str:
         return "/scheme/"
@@ -165,7 +181,8 @@ class NamespaceScheme(Scheme):
             perms = ns.perms
         if perms & ~ns.perms:
             raise SchemeError(errno.EACCES, "a fork cannot have more permissions than its parent")
-        if names is None:
+        every = names is None
+        if every:
             names = sorted(ns.entries)
         for name in names:
             if not P.valid_scheme_name(name):
@@ -174,7 +191,13 @@ class NamespaceScheme(Scheme):
         child = Namespace(perms=perms)
         try:
             for name in dict.fromkeys(names):
-                child.entries[name] = AsyncCapability(await ns.entries[name].call_fd(P.CLONE))
+                try:
+                    fd = await ns.entries[name].call_fd(P.CLONE)
+                except OSError as exc:
+                    if every and exc.errno == errno.EIO:
+                        continue  # a scheme that is down for good: a fork of "all" has the live ones
+                    raise
+                child.entries[name] = AsyncCapability(fd)
         except BaseException:
             await self.close(child)
             raise
@@ -186,11 +209,15 @@ class NamespaceScheme(Scheme):
         ns.perms = perms
 
     async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
+        """Register the passed capability as name; a directory becomes a boundary."""
         ns.require(P.PERM_INSERT)
         if not P.valid_scheme_name(name):
             raise SchemeError(errno.EINVAL, "bad scheme name")
         if len(req.passed) != 1:
             raise SchemeError(errno.EINVAL, "register takes exactly one capability")
+        if isinstance(req.passed[0], HandleRef):
+            # nsmgr would hold a reference to itself: the namespace could never close
+            raise SchemeError(errno.EINVAL, "a namespace cannot be registered in a namespace")
         if name in ns.entries:
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         fd = req.take_fd(0)
@@ -198,10 +225,14 @@ class NamespaceScheme(Scheme):
             with socket.socket(fileno=os.dup(fd)) as probe:
                 if probe.type != socket.SOCK_SEQPACKET:
                     raise OSError(errno.EINVAL, "not a capability")
-            ns.entries[name] = AsyncCapability(fd)
         except OSError:
             os.close(fd)
             raise SchemeError(errno.EINVAL, "register takes a capability (a SEQPACKET socket)") from None
+        entry = await _as_entry(AsyncCapability(fd))
+        if name in ns.entries:  # registered while we asked
+            entry.close()
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = entry
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)
@@ -213,3 +244,39 @@ class NamespaceScheme(Scheme):
         entries, ns.entries = ns.entries, {}
         for cap in entries.values():
             cap.close()
+
+
+async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = ()) -> object:
+    """A request on an entry whose answer carries no fds; any it carries are closed."""
+    value, received = await cap.call(op, args, fds)
+    P.close_fds(received)
+    return value
+
+
+async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
+    """What to keep for a registered capability (owned; the argument is consumed).
+
+    A directory that is not a scheme's root (whose fpath is exactly
+    `/scheme/NAME`) is reopened in-root at itself, so that nothing reached
+    through the entry leaves it. Anything else (a scheme's root, a socket, a
+    directory of a scheme without O_RESOLVE_* lookups, which answers EINVAL)
+    is kept as it is: what an openat on it means is that scheme's business.
+    """
+    try:
+        st = await _forward(cap, P.FSTAT, [])
+        is_dir = isinstance(st, dict) and stat.S_ISDIR(st.get("st_mode", 0))
+        where = await _forward(cap, P.FPATH, []) if is_dir else None
+    except OSError:
+        is_dir, where = True, None  # a scheme that cannot say: try to make it a boundary
+    root = isinstance(where, str) and where.startswith(SCHEME_PREFIX) and "/" not in where[len(SCHEME_PREFIX):]
+    if not is_dir or root:
+        return cap
+    try:
+        fd = await cap.call_fd(P.OPENAT, [".", os.O_RDONLY | os.O_DIRECTORY | P.O_RESOLVE_IN_ROOT, 0])
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.EINVAL, errno.ENOSYS, errno.ENOENT):
+            return cap
+        cap.close()
+        raise
+    cap.close()
+    return AsyncCapability(fd)

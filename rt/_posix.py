@@ -55,8 +55,21 @@ def open(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -
 
 
 def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
-    """Open path relative to the directory capability dirfd (or the cwd for AT_FDCWD)."""
-    fd, path, _ = locate(path, dirfd)
+    """Open path relative to the directory capability dirfd (or the cwd for AT_FDCWD).
+
+    With O_RESOLVE_BENEATH or O_RESOLVE_IN_ROOT and a directory fd, the
+    namespace is never consulted, as with openat2(2): beneath, an absolute
+    path is EXDEV; in-root, it is resolved with dirfd as `/`; `NAME:rest` is
+    a file name. (With AT_FDCWD, an absolute path is a namespace path as
+    always, and the flag binds the lookup beneath the namespace entry.)
+    """
+    if dirfd != AT_FDCWD and flags & (P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT):
+        path = fspath(path)
+        if flags & P.O_RESOLVE_BENEATH and path.startswith("/"):
+            raise OSError(errno.EXDEV, "an absolute path cannot be beneath a directory")
+        fd = dirfd
+    else:
+        fd, path, _ = locate(path, dirfd)
     return call_fd(fd, P.OPENAT, [path, flags, mode])
 
 
@@ -384,26 +397,33 @@ def spawn(
     ns: int | None = None,
     pass_fds: Sequence[int] = (),
     env: dict[str, str] | None = None,
+    share_ns: bool = False,
     **popen_kwargs,
 ) -> subprocess.Popen:
-    """Start a program that inherits clones of the namespace (or ns) and the cwd.
+    """Start a program with a namespace of its own and a clone of the cwd.
 
-    The child's `import rt` adopts them. Extra capability fds in pass_fds are
-    inherited as they are: clone one first if this process keeps using it.
+    By default the child gets a fork of the namespace (or of ns): the same
+    names and at most the same permissions, in a namespace of its own, so it
+    cannot register or remove names in the parent's. With share_ns=True it
+    gets a clone of the very handle instead (changes it makes are the
+    parent's too). The child's `import rt` adopts both. Extra capability fds
+    in pass_fds are inherited as they are: clone one first if this process
+    keeps using it.
     """
-    ns_clone = clone(_process.namespace_fd() if ns is None else ns)
+    parent_ns = _process.namespace_fd() if ns is None else ns
+    ns_child = clone(parent_ns) if share_ns else mkns(None, parent_ns)
     cwd_clone = None
     try:
         cwd_clone = clone(_process.cwd_fd())
         env = dict(os.environ if env is None else env)
-        env[_process.ENV_NS] = str(ns_clone)
+        env[_process.ENV_NS] = str(ns_child)
         env[_process.ENV_CWD] = str(cwd_clone)
         env[_process.ENV_CWD_PATH] = _process.cwd_path()
         return subprocess.Popen(
-            list(argv), pass_fds=(ns_clone, cwd_clone, *pass_fds), env=env, **popen_kwargs
+            list(argv), pass_fds=(ns_child, cwd_clone, *pass_fds), env=env, **popen_kwargs
         )
     finally:
-        close(ns_clone)
+        close(ns_child)
         if cwd_clone is not None:
             close(cwd_clone)
 

@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import struct
+import subprocess
 import sys
 import textwrap
 
@@ -100,9 +101,8 @@ def test_lookups_beneath_match_linux_openat2(client, path, flags):
     host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
     try:
         want = outcome_linux(host, path, flags, RESOLVE_BENEATH)
-        # rt sends absolute paths to the namespace, not to the dirfd: ask the scheme directly
-        got = _raw_openat(box, path, flags) if path.startswith("/") else _rt_openat(box, path, flags)
-        assert got == want, (path, flags)
+        assert _raw_openat(box, path, flags) == want, (path, flags)  # the sticky flag, in the scheme
+        assert _rt_openat(box, path, flags | rt.O_RESOLVE_BENEATH) == want, (path, flags)
     finally:
         os.close(host)
         rt.close(box)
@@ -114,8 +114,7 @@ def test_lookups_in_root_match_linux_openat2(client, path, flags):
     host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
     try:
         want = outcome_linux(host, path, flags, RESOLVE_IN_ROOT)
-        got = _raw_openat(box, path, flags | rt.O_RESOLVE_IN_ROOT)
-        assert got == want, (path, flags)
+        assert _rt_openat(box, path, flags | rt.O_RESOLVE_IN_ROOT) == want, (path, flags)
     finally:
         os.close(host)
         rt.close(box)
@@ -146,6 +145,118 @@ def test_beneath_is_sticky_and_shows_in_getfl(client):
     rt.close(rt.openat(plain, "../secret.txt"))  # without the flag, .. is allowed inside the scheme
     for fd in (box, sub, plain):
         rt.close(fd)
+
+
+def test_openat_with_a_resolve_flag_never_consults_the_namespace(client):
+    """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd."""
+    box = _beneath_dir(client, 0)
+    outside = (client.root / "secret.txt").stat()
+    for path in ("/secret.txt", "/box/file.txt", "/scheme/file/secret.txt", "/"):
+        with pytest.raises(OSError) as info:
+            rt.openat(box, path, rt.O_RESOLVE_BENEATH)
+        assert info.value.errno == errno.EXDEV, path
+        with pytest.raises(OSError) as info:
+            rt.openat(rt.open(".", rt.O_DIRECTORY), path, rt.O_RESOLVE_BENEATH)
+        assert info.value.errno == errno.EXDEV, path
+    with pytest.raises(FileNotFoundError):
+        rt.openat(box, "/secret.txt", rt.O_RESOLVE_IN_ROOT)  # would be the namespace's /secret.txt
+    fd = rt.openat(box, "/file.txt", rt.O_RESOLVE_IN_ROOT)
+    assert rt.fpath(fd) == "/scheme/file/box/file.txt"
+    rt.close(fd)
+    fd = rt.openat(box, "/../../sub/inner.txt", rt.O_RESOLVE_IN_ROOT)
+    assert rt.read(fd, 100) == b"inner"
+    rt.close(fd)
+    with pytest.raises(FileNotFoundError):  # `NAME:rest` is a file name here, not a scheme
+        rt.openat(box, "file:secret.txt", rt.O_RESOLVE_BENEATH)
+    with pytest.raises(FileNotFoundError):
+        rt.openat(box, "/scheme/file/secret.txt", rt.O_RESOLVE_IN_ROOT)
+    assert (client.root / "secret.txt").stat() == outside
+    rt.close(box)
+
+
+@pytest.mark.parametrize("flag", [0, rt.O_RESOLVE_BENEATH, rt.O_PATH], ids=["plain", "beneath", "o_path"])
+def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(client, flag):
+    """Issue 7 item 4: a directory capability registered as `file` confines everything
+    that goes through that name to it, whatever flags it was opened with."""
+    (client.root / "secret.txt").write_text("outside the box")
+    (client.root / "box/sub").mkdir(parents=True)
+    (client.root / "box/in.txt").write_text("in the box")
+    box = rt.open("/box", rt.O_DIRECTORY | flag)
+    child = rt.mkns([], perms=rt.PERM_ALL)
+    rt.register(child, "file", box)
+    rt.close(box)
+    parent = rt.clone(rt.getns())
+    rt.setns(child)
+    try:
+        for path in ("/../secret.txt", "file:../secret.txt", "/scheme/file/../secret.txt",
+                     "/sub/../../secret.txt", "/scheme/file/sub/../../../secret.txt"):
+            with pytest.raises(FileNotFoundError):
+                rt.open(path)
+        with rt.open_file("/../../in.txt") as f:  # `..` at the entry's top stays there
+            assert f.read() == "in the box"
+        rt.symlink("/secret.txt", "/abs")  # an absolute symlink means the entry
+        rt.symlink("../../secret.txt", "/sub/rel")
+        rt.symlink("/", "/sub/top")
+        for path in ("/abs", "/sub/rel", "/sub/top/../secret.txt", "file:abs"):
+            with pytest.raises(FileNotFoundError):
+                rt.open(path)
+        sub = rt.open("/sub", rt.O_DIRECTORY)  # fds opened through the entry stay inside too
+        assert rt.getfl(sub) & rt.O_RESOLVE_IN_ROOT
+        with pytest.raises(FileNotFoundError):
+            rt.openat(sub, "../../secret.txt")
+        rt.close(rt.openat(sub, "../../in.txt"))
+        rt.close(sub)
+        rt.mkdir("/../made")
+        rt.close(rt.open("/../../created.txt", rt.O_CREAT | rt.O_WRONLY))
+        rt.rename("/in.txt", "/../moved.txt")
+        rt.link("/moved.txt", "/scheme/file/../linked.txt")
+        with pytest.raises(FileNotFoundError):
+            rt.unlink("/../secret.txt")
+        assert rt.readlink("/../abs") == "/secret.txt"
+    finally:
+        rt.setns(parent)
+        rt.close(parent)
+        rt.close(child)
+    assert sorted(p.name for p in client.root.iterdir()) == ["box", "secret.txt"]
+    assert (client.root / "secret.txt").read_text() == "outside the box"
+    assert sorted(p.name for p in (client.root / "box").iterdir()) == [
+        "abs", "created.txt", "linked.txt", "made", "moved.txt", "sub"]
+
+
+def test_a_namespace_cannot_be_registered_in_a_namespace(client):
+    """nsmgr would hold the last reference to itself, and the handle would never close."""
+    child = rt.mkns(["file"], perms=rt.PERM_ALL)
+    for ns in (child, rt.getns()):
+        with pytest.raises(OSError) as info:
+            rt.register(child, "loop", ns)
+        assert info.value.errno == errno.EINVAL
+    assert rt.schemes(child) == ["file"]
+    rt.close(child)
+
+
+def test_a_spawned_child_cannot_change_its_parents_namespace(client):
+    """Issue 7 item 7: by default a child gets a fork; sharing the handle is explicit."""
+    code = ("import rt\n"
+            "rt.unregister(rt.getns(), 'rand')\n"
+            "rt.register(rt.getns(), 'rand', rt.open('/', rt.O_DIRECTORY))\n"
+            "print(rt.nsperms() == rt.PERM_ALL, rt.fpath(rt.open('/scheme/rand/')))\n")
+    before = rt.schemes()
+    child = rt.spawn([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.split() == ["True", "/scheme/file"]
+    assert rt.schemes() == before
+    fd = rt.open("/scheme/rand")
+    assert rt.fpath(fd) == "/scheme/rand" and len(rt.read(fd, 16)) == 16
+    rt.close(fd)
+    narrowed = rt.mkns(None, perms=rt.PERM_LIST)
+    child = rt.spawn([sys.executable, "-c", "import rt; print(rt.nsperms())"], ns=narrowed,
+                     stdout=subprocess.PIPE, text=True)
+    assert child.communicate(timeout=60)[0].strip() == str(rt.PERM_LIST)  # never more
+    rt.close(narrowed)
+    child = rt.spawn([sys.executable, "-c", "import rt; rt.unregister(rt.getns(), 'null')"],
+                     share_ns=True)
+    assert child.wait(timeout=60) == 0
+    assert "null" not in rt.schemes()  # shared on purpose: the change is ours too
 
 
 def test_two_path_operations_are_bound_beneath_on_both_sides(client):
