@@ -9,12 +9,17 @@ A config file (TOML, `redoxcap up --config FILE`) may say:
     path = "/home/me/photos"
     read_only = true
 
+Every key and type is checked: an unknown key (`readonly` for `read_only`)
+or a value of the wrong type (`read_only = "false"`) is a ConfigError naming
+the table and the key, never a default that quietly grants more.
+
 Command-line options win over the file: `--root`, and `--mount NAME=HOSTDIR[:ro]`
 added to the file's mounts.
 """
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +87,11 @@ def parse_mount(text: str) -> Mount:
 
 
 def make_mount(name: str, path: str, read_only: bool) -> Mount:
-    if not P.valid_scheme_name(name):
-        raise ConfigError(f"mount name {name!r}: scheme names are non-empty ASCII without '/', ':' or NUL")
+    """A Mount of host directory path as scheme name; ConfigError if either is unfit."""
+    # Printable too: a mount name ends up in status output and in the log.
+    if not P.valid_scheme_name(name) or not name.isprintable():
+        raise ConfigError(f"mount name {name!r}: scheme names are non-empty printable ASCII "
+                          "without '/', ':' or NUL")
     if name in BUILTIN_SCHEMES:
         raise ConfigError(f"mount name {name!r} is a built-in scheme")
     host = Path(path).expanduser().absolute()
@@ -92,29 +100,112 @@ def make_mount(name: str, path: str, read_only: bool) -> Mount:
     return Mount(name, host, read_only)
 
 
+ROOT_KEYS = ("root", "schemes", "mount")
+MOUNT_KEYS = ("path", "read_only")
+
+
 def load(path: Path | None) -> Config:
-    """Read a config file (None: the defaults)."""
+    """Read a config file (None: the defaults).
+
+    Every key and every type is checked, so that a typo cannot weaken a grant
+    (`readonly = true` would otherwise leave a mount writable).
+
+    Args:
+        path: the TOML file, or None.
+
+    Returns:
+        The configuration it describes.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, holds an unknown key or
+            a value of the wrong type, or names a scheme or mount badly; the
+            message names the file, the table and the key.
+    """
     config = Config()
     if path is None:
         return config
     try:
         data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    unknown = set(data) - {"root", "schemes", "mount"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
-    if "root" in data:
-        if not isinstance(data["root"], str):
-            raise ConfigError(f"{path}: root must be a string")
-        config.root = Path(data["root"]).expanduser()
-    if "schemes" in data:
-        names = data["schemes"]
-        if not isinstance(names, list) or not all(n in BUILTIN_SCHEMES for n in names):
-            raise ConfigError(f"{path}: schemes must be a list of {sorted(BUILTIN_SCHEMES)}")
-        config.schemes = list(dict.fromkeys(names))
-    for name, table in data.get("mount", {}).items():
-        if not isinstance(table, dict) or not isinstance(table.get("path"), str):
-            raise ConfigError(f"{path}: [mount.{name}] needs path = \"HOSTDIR\"")
-        config.mounts.append(make_mount(name, table["path"], bool(table.get("read_only", False))))
+    try:
+        _check_keys(data, ROOT_KEYS)
+        if "root" in data:
+            config.root = Path(_string(data["root"], "root")).expanduser()
+        if "schemes" in data:
+            config.schemes = _scheme_names(data["schemes"])
+        config.mounts = _mounts(data.get("mount", {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return config
+
+
+def _mounts(value: object) -> list[Mount]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"mount must be a table of [mount.NAME] tables, not {_toml_type(value)}")
+    mounts = []
+    for name, table in value.items():
+        where = f"[mount.{_toml_key(name)}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"mount.{_toml_key(name)} must be a table ({where} with path = "
+                              f"\"HOSTDIR\"), not {_toml_type(table)}")
+        _check_keys(table, MOUNT_KEYS, where)
+        if "path" not in table:
+            raise ConfigError(f"{where}: missing key 'path' (the host directory to serve)")
+        host = _string(table["path"], "path", where)
+        read_only = table.get("read_only", False)
+        if type(read_only) is not bool:  # "false" or 0 must not count as a grant of writes
+            raise ConfigError(f"{where}: read_only must be a boolean (true or false), "
+                              f"not {_toml_type(read_only)} {_shown(read_only)}")
+        mounts.append(make_mount(name, host, read_only))
+    return mounts
+
+
+def _scheme_names(value: object) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(f"schemes must be a list of strings, not {_toml_type(value)} {_shown(value)}")
+    for i, name in enumerate(value):
+        if not isinstance(name, str):
+            raise ConfigError(f"schemes[{i}] must be a string, not {_toml_type(name)} {_shown(name)}")
+    unknown = [n for n in value if n not in BUILTIN_SCHEMES]
+    if unknown:
+        raise ConfigError(f"schemes: unknown scheme {unknown[0]!r} (built-ins: {', '.join(BUILTIN_SCHEMES)})")
+    return list(dict.fromkeys(value))
+
+
+def _check_keys(table: dict, known: tuple[str, ...], where: str = "") -> None:
+    prefix = f"{where}: " if where else ""
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+
+def _string(value: object, key: str, where: str = "") -> str:
+    prefix = f"{where}: " if where else ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{prefix}{key} must be a string, not {_toml_type(value)} {_shown(value)}")
+    if not value:
+        raise ConfigError(f"{prefix}{key} must not be empty")
+    return value
+
+
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+               list: "an array", dict: "a table"}
+
+
+def _toml_type(value: object) -> str:
+    """What TOML calls the type of a parsed value."""
+    return _TOML_TYPES.get(type(value), "a date or time")
+
+
+def _shown(value: object) -> str:
+    """A short, single-line rendering of a value for an error message."""
+    text = repr(value)
+    return f"({text[:40]}...)" if len(text) > 40 else f"({text})"
+
+
+def _toml_key(name: str) -> str:
+    """name as it would be written in a TOML file: bare if it can be, else quoted."""
+    if name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        return name
+    return json.dumps(name)  # a TOML basic string: quotes and escapes, one line

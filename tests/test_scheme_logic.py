@@ -103,7 +103,7 @@ async def test_uds_passes_fds_and_closes_the_ones_nobody_received():
 
 async def test_log_lines_carry_the_writers_pid(capsys):
     s = LogScheme()
-    h = (await s.openat(req(), None, "app", 0, 0)).obj
+    h = (await s.openat(req(), s.root(), "app", 0, 0)).obj
     await s.write(req(), h, b"one\ntw")
     await s.write(req(), h, b"o\n\xffpartial")
     await s.close(h)
