@@ -10,6 +10,7 @@ errno the scheme answered. Safe to use from several threads.
 import os as _os
 
 from rt import _process
+from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
 from rt._net import pipe, recvfd, sendfd, shutdown
 from rt._paths import AT_FDCWD
@@ -85,8 +86,8 @@ __all__ = [
     "chdir", "clone", "close", "dup", "fchdir", "fpath", "fstat", "fsync", "ftruncate",
     "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "mkscheme", "narrow",
     "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "register",
-    "rename", "rmdir", "schemes", "sendfd", "setns", "setup", "shutdown", "spawn", "stat",
-    "symlink", "unlink", "unregister", "write",
+    "rename", "rmdir", "schemes", "sendfd", "set_default_timeout", "setns", "setup", "shutdown",
+    "spawn", "stat", "symlink", "timeout", "unlink", "unregister", "write",
 ]
 
 _process.adopt_from_environment()

@@ -11,11 +11,13 @@ import os
 import select
 import socket
 import threading
-from typing import Any
+import time
+from typing import Any, Self
 
 from rt import protocol as P
 
 _locks: dict[int, threading.Lock] = {}
+_tags: dict[int, int] = {}  # the last request tag per fd
 _locks_guard = threading.Lock()
 
 
@@ -31,28 +33,82 @@ def forget(fd: int) -> None:
     """Drop the lock of a closed fd (its number may be reused)."""
     with _locks_guard:
         _locks.pop(fd, None)
+        _tags.pop(fd, None)
 
 
 def raise_errno(err: Any) -> None:
     """Raise the OSError subclass for an errno received in a reply."""
-    if not isinstance(err, int) or err <= 0:
+    if type(err) is not int or not 0 < err < 4096:
         err = errno.EIO
     raise OSError(err, os.strerror(err))
 
 
-def _blocking(fn, sock: socket.socket, event: int, *args):
-    """fn(*args), waiting for readiness if the fd was made non-blocking by someone."""
+class _Deadline(threading.local):
+    """The timeout of this thread's calls: None waits for ever."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+
+_default_timeout: float | None = None
+_thread = _Deadline()
+
+
+def set_default_timeout(seconds: float | None) -> None:
+    """How long any call of this process waits for its reply (None: for ever).
+
+    A server can be slow or never answer; a program that must not hang on
+    one sets a default, and `timeout()` for a single call. A call that runs
+    out of time fails with ETIMEDOUT; its late reply is recognised by its tag
+    and dropped, so the capability stays usable.
+    """
+    global _default_timeout
+    if seconds is not None and seconds <= 0:
+        raise ValueError("a timeout is a positive number of seconds")
+    _default_timeout = seconds
+
+
+class timeout:
+    """Bound the calls made in a with block (in this thread) to seconds each."""
+
+    def __init__(self, seconds: float | None) -> None:
+        if seconds is not None and seconds <= 0:
+            raise ValueError("a timeout is a positive number of seconds")
+        self.seconds = seconds
+        self._saved: list[float | None] = []
+
+    def __enter__(self) -> Self:
+        self._saved.append(_thread.seconds)
+        _thread.seconds = self.seconds
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _thread.seconds = self._saved.pop()
+
+
+def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
+    """Wait until sock is ready for event; ETIMEDOUT after the deadline."""
+    poller = select.poll()
+    poller.register(sock, event)
     while True:
-        try:
-            return fn(*args)
-        except BlockingIOError:
-            poller = select.poll()
-            poller.register(sock, event)
-            poller.poll()
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise OSError(errno.ETIMEDOUT, "no reply within the timeout")
+        if poller.poll(None if left is None else max(1, int(left * 1000))):
+            return
+
+
+def _next_tag(fd: int) -> int:
+    with _locks_guard:
+        tag = _tags[fd] = (_tags.get(fd, 0) + 1) & 0xFFFF_FFFF
+    return tag
 
 
 def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
     """Send one request on capability fd and wait for its reply.
+
+    The reply is matched by its tag: replies to requests that gave up (a
+    timeout) or that nobody asked for are dropped with every fd they carry.
 
     Args:
         fd: a capability fd.
@@ -61,13 +117,18 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
         fds: fds to pass along (the caller keeps its copies).
 
     Returns:
-        (value, fds received); the caller owns the received fds.
+        (value, fds received); the caller owns the received fds and must
+        check what the value is: a capability can come from anyone.
 
     Raises:
         OSError: with the errno the scheme, nsmgr or router answered, EBADF
-            if fd is not a capability.
+            if fd is not a capability, EIO for a malformed reply, ETIMEDOUT
+            when the timeout (rt.timeout, rt.set_default_timeout) ran out.
     """
-    frame = P.encode_request(op, 0, args)
+    seconds = _thread.seconds if _thread.seconds is not None else _default_timeout
+    deadline = None if seconds is None else time.monotonic() + seconds
+    tag = _next_tag(fd)
+    frame = P.encode_request(op, tag, args)
     if len(frame) > P.MAX_FRAME:
         raise OSError(errno.E2BIG, "request too large for one frame")
     sock = None
@@ -76,9 +137,15 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
             sock = socket.socket(fileno=fd)
             if sock.type != socket.SOCK_SEQPACKET:
                 raise OSError(errno.EBADF, "not a capability")
-            _blocking(sock.sendmsg, sock, select.POLLOUT, [frame], P.fds_ancillary(fds))
-            data, anc, flags, _ = _blocking(
-                sock.recvmsg, sock, select.POLLIN, P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+            _send(sock, frame, P.fds_ancillary(fds), deadline)
+            while True:
+                data, received, flags = _receive(sock, deadline)
+                if not data:
+                    P.close_fds(received)
+                    raise OSError(errno.EIO, "capability closed by its server")
+                if len(data) >= P.REPLY.size and P.REPLY.unpack_from(data)[0] == tag:
+                    break
+                P.close_fds(received)  # a late or unasked-for reply: not ours to keep
         except OSError as exc:
             if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise OSError(errno.EBADF, "not a capability (or its server is gone)") from None
@@ -86,10 +153,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
         finally:
             if sock is not None:
                 sock.detach()
-    received, _ = P.parse_ancillary(anc)
     try:
-        if not data:
-            raise OSError(errno.EIO, "capability closed by the router")
         if flags & P.TRUNCATED:
             raise OSError(errno.EIO, "reply truncated")
         _tag, status, value = P.decode_reply(data)
@@ -103,6 +167,41 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
         P.close_fds(received)
         raise_errno(value)
     return value, received
+
+
+def _send(sock: socket.socket, frame: bytes, anc: list, deadline: float | None) -> None:
+    while True:
+        try:
+            sock.sendmsg([frame], anc)
+            return
+        except BlockingIOError:  # someone made the fd non-blocking
+            _wait(sock, select.POLLOUT, deadline)
+
+
+def _receive(sock: socket.socket, deadline: float | None) -> tuple[bytes, list[int], int]:
+    while True:
+        if deadline is not None:
+            _wait(sock, select.POLLIN, deadline)
+        try:
+            data, anc, flags, _ = sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            _wait(sock, select.POLLIN, deadline)
+            continue
+        return data, P.parse_ancillary(anc)[0], flags
+
+
+def call_value(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = (),
+               kind: type | tuple[type, ...] = object) -> Any:
+    """A request whose answer is a value of kind and no fds (any it carries are closed).
+
+    Raises:
+        OSError: EIO when the value is not of kind; as call otherwise.
+    """
+    value, received = call(fd, op, args, fds)
+    P.close_fds(received)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise OSError(errno.EIO, f"malformed reply: expected {getattr(kind, '__name__', kind)}")
+    return value
 
 
 def call_fd(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from rt import protocol as P
-from rt._call import call, call_fd
-from rt._posix import close, dup
+from rt._call import call_fd, call_value
+from rt._posix import clone, close, dup
 from rt._posix import open as rt_open
 
 
@@ -26,12 +26,20 @@ def pipe() -> tuple[int, int]:
 
 def shutdown(fd: int, how: int) -> None:
     """Shut down one or both directions of a connection (socket.SHUT_*)."""
-    call(fd, P.SHUTDOWN, [how])
+    call_value(fd, P.SHUTDOWN, [how])
 
 
 def sendfd(sock_fd: int, cap_fd: int) -> None:
-    """Send a capability over a uds connection (the caller keeps its copy)."""
-    call(sock_fd, P.SENDFD, [], [cap_fd])
+    """Send a capability over a uds connection; the caller's copy stays its own.
+
+    What travels is a clone (the same handle, a socket of its own), so the
+    receiver can never read the replies meant for the sender.
+    """
+    copy = clone(cap_fd)
+    try:
+        call_value(sock_fd, P.SENDFD, [], [copy])
+    finally:
+        close(copy)
 
 
 def recvfd(sock_fd: int) -> int:

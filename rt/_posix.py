@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from rt import _process
 from rt import protocol as P
-from rt._call import call, call_fd, forget
+from rt._call import call_fd, call_value, forget
 from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
 
 
@@ -38,6 +38,8 @@ class StatResult:
 
 
 _STAT_FIELDS = frozenset(StatResult.__dataclass_fields__)
+MAX_LISTING = 1 << 20  # names in one listdir: a server could page for ever
+MAX_LISTING_CHARS = 64 << 20
 
 # -- files ---------------------------------------------------------------------
 
@@ -78,10 +80,10 @@ def read(fd: int, n: int) -> bytes:
     if n < 0:
         raise OSError(errno.EINVAL, "negative read size")
     if n <= P.MAX_IO:
-        return call(fd, P.READ, [n])[0]
+        return _read_chunk(fd, n)
     parts = []
     while n > 0:
-        chunk = call(fd, P.READ, [min(n, P.MAX_IO)])[0]
+        chunk = _read_chunk(fd, min(n, P.MAX_IO))
         if not chunk:
             break
         parts.append(chunk)
@@ -93,27 +95,43 @@ def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     """Write data; returns the number of bytes written. Large writes are split into frames."""
     data = bytes(data)
     if len(data) <= P.MAX_IO:
-        return call(fd, P.WRITE, [data])[0]
+        return _write_chunk(fd, data)
     done = 0
     while done < len(data):
-        n = call(fd, P.WRITE, [data[done : done + P.MAX_IO]])[0]
+        n = _write_chunk(fd, data[done : done + P.MAX_IO])
         if n <= 0:
             break
         done += n
     return done
 
 
+def _read_chunk(fd: int, n: int) -> bytes:
+    data = call_value(fd, P.READ, [n], kind=bytes)
+    if len(data) > n:
+        raise OSError(errno.EIO, "the server answered more bytes than asked for")
+    return data
+
+
+def _write_chunk(fd: int, data: bytes) -> int:
+    n = call_value(fd, P.WRITE, [data], kind=int)
+    if not 0 <= n <= len(data):
+        raise OSError(errno.EIO, "malformed write reply")
+    return n
+
+
 def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
     """Move fd's offset (shared by its clones); returns the new offset."""
-    return call(fd, P.LSEEK, [pos, whence])[0]
+    offset = call_value(fd, P.LSEEK, [pos, whence], kind=int)
+    if offset < 0:
+        raise OSError(errno.EIO, "malformed lseek reply")
+    return offset
 
 
 def fstat(fd: int) -> StatResult:
     """Status of the file behind fd."""
-    value = call(fd, P.FSTAT)[0]
-    if not isinstance(value, dict):
-        raise OSError(errno.EIO, "malformed fstat reply")
-    return StatResult(**{k: v for k, v in value.items() if k in _STAT_FIELDS and isinstance(v, int)})
+    value = call_value(fd, P.FSTAT, kind=dict)
+    return StatResult(**{k: v for k, v in value.items()
+                         if k in _STAT_FIELDS and type(v) is int and -(2**63) <= v < 2**64})
 
 
 def stat(path: str | os.PathLike) -> StatResult:
@@ -145,22 +163,22 @@ def clone(fd: int) -> int:
 
 def getfl(fd: int) -> int:
     """The open flags of fd's handle, including a sticky O_RESOLVE_BENEATH."""
-    return call(fd, P.GETFL)[0]
+    return call_value(fd, P.GETFL, kind=int)
 
 
 def fpath(fd: int) -> str:
     """The scheme's path for fd, as /scheme/NAME/..."""
-    return call(fd, P.FPATH)[0]
+    return call_value(fd, P.FPATH, kind=str)
 
 
 def fsync(fd: int) -> None:
     """Flush fd's data to stable storage (EINVAL where the scheme has none)."""
-    call(fd, P.FSYNC)
+    call_value(fd, P.FSYNC)
 
 
 def ftruncate(fd: int, length: int) -> None:
     """Set the size of fd's file to length bytes."""
-    call(fd, P.FTRUNCATE, [length])
+    call_value(fd, P.FTRUNCATE, [length])
 
 
 # -- directories and names ---------------------------------------------------
@@ -177,7 +195,13 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
     fd = open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         names: list[str] = []
-        while page := call(fd, P.GETDENTS, [len(names)])[0]:
+        size = 0
+        while page := call_value(fd, P.GETDENTS, [len(names)], kind=list):
+            size += sum(len(name) for name in page if isinstance(name, str))
+            if not all(isinstance(name, str) for name in page):
+                raise OSError(errno.EIO, "malformed directory listing")
+            if len(names) + len(page) > MAX_LISTING or size > MAX_LISTING_CHARS:
+                raise OSError(errno.EOVERFLOW, "directory listing too large")
             names += page
         return names
     finally:
@@ -187,31 +211,31 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
 def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
     """Create a directory (EEXIST if the name is taken)."""
     fd, path, _ = locate(path)
-    call(fd, P.MKDIRAT, [path, mode])
+    call_value(fd, P.MKDIRAT, [path, mode])
 
 
 def unlink(path: str | os.PathLike) -> None:
     """Remove a name that is not a directory (EISDIR if it is one)."""
     fd, path, _ = locate(path)
-    call(fd, P.UNLINKAT, [path, 0])
+    call_value(fd, P.UNLINKAT, [path, 0])
 
 
 def rmdir(path: str | os.PathLike) -> None:
     """Remove an empty directory (ENOTEMPTY, ENOTDIR otherwise)."""
     fd, path, _ = locate(path)
-    call(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
+    call_value(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
 
 
 def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
     """Create a symlink at path holding target (stored verbatim)."""
     fd, path, _ = locate(path)
-    call(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
+    call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
 
 
 def readlink(path: str | os.PathLike) -> str:
     """The target stored in the symlink at path (EINVAL if it is not one)."""
     fd, path, _ = locate(path)
-    return call(fd, P.READLINKAT, [path])[0]
+    return call_value(fd, P.READLINKAT, [path], kind=str)
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -228,7 +252,7 @@ def _two_path(op: int, src, dst) -> None:
     fd1, p1, ns1 = locate(src)
     fd2, p2, ns2 = locate(dst)
     if fd1 == fd2:  # both through the namespace, or both relative to the cwd
-        call(fd1, op, [p1, p2])
+        call_value(fd1, op, [p1, p2])
         return
     opened = []
     try:
@@ -240,7 +264,7 @@ def _two_path(op: int, src, dst) -> None:
             root, p2 = split_namespace_path(p2)
             fd2 = open(root, os.O_DIRECTORY)
             opened.append(fd2)
-        call(fd1, op, [p1, p2], [fd2])
+        call_value(fd1, op, [p1, p2], [fd2])
     finally:
         for fd in opened:
             close(fd)
@@ -355,22 +379,25 @@ def mkns(names: Iterable[str] | None, ns: int | None = None, perms: int | None =
 
 def narrow(ns: int, perms: int) -> None:
     """Drop permissions from a namespace handle (EACCES if perms asks for more)."""
-    call(ns, P.NS_NARROW, [perms])
+    call_value(ns, P.NS_NARROW, [perms])
 
 
 def nsperms(ns: int | None = None) -> int:
     """The permissions of a namespace handle."""
-    return call(_process.namespace_fd() if ns is None else ns, P.NS_PERMS)[0]
+    return call_value(_process.namespace_fd() if ns is None else ns, P.NS_PERMS, kind=int)
 
 
 def schemes(ns: int | None = None) -> list[str]:
     """The names in a namespace, sorted (needs LIST)."""
-    return call(_process.namespace_fd() if ns is None else ns, P.NS_LIST)[0]
+    names = call_value(_process.namespace_fd() if ns is None else ns, P.NS_LIST, kind=list)
+    if not all(isinstance(name, str) for name in names):
+        raise OSError(errno.EIO, "malformed namespace listing")
+    return names
 
 
 def register(ns_fd: int, name: str, cap_fd: int) -> None:
     """Register cap_fd (a scheme root or any directory capability) as name (needs INSERT)."""
-    call(ns_fd, P.NS_REGISTER, [name], [cap_fd])
+    call_value(ns_fd, P.NS_REGISTER, [name], [cap_fd])
 
 
 def mkscheme(name: str, ns: int | None = None) -> int:
@@ -386,7 +413,7 @@ def mkscheme(name: str, ns: int | None = None) -> int:
 
 def unregister(ns_fd: int, name: str) -> None:
     """Remove name from a namespace (needs DELETE)."""
-    call(ns_fd, P.NS_UNREGISTER, [name])
+    call_value(ns_fd, P.NS_UNREGISTER, [name])
 
 
 # -- processes -----------------------------------------------------------------
