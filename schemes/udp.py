@@ -5,10 +5,12 @@
 HOST and PORT are as for tcp: a canonical numeric IPv4/IPv6 address and a
 port 1-65535 in ASCII (EINVAL otherwise; nothing goes to a resolver).
 
-Opening HOST/PORT gives a socket connected to it; opening with O_CREAT gives
-one bound to HOST/PORT (port 0 picks one; `fpath` tells which). A bound
-socket has no peer of its own: each read remembers the datagram's sender and
-a write answers the last one (EDESTADDRREQ before any datagram arrived). Binding
+Opening HOST/PORT gives a socket connected to it: read and write exchange
+datagrams with that peer, `recvfrom` also says who sent (always the peer)
+and `sendto` is EISCONN. Opening with O_CREAT gives a socket bound to
+HOST/PORT (port 0 picks one; `fpath` tells which): it has no peer, so
+`recvfrom` says who sent each datagram and `sendto` says where each goes;
+a plain read gives just the data and a plain write is EDESTADDRREQ. Binding
 to a wildcard, multicast or broadcast address needs `--allow-wildcard`, to a
 port below 1024 `--allow-privileged-ports` (EACCES otherwise).
 
@@ -33,6 +35,7 @@ from schemes.framework import Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.tcp import (
     DEFAULT_POLICY,
     ROOT_STAT,
+    Endpoint,
     NetPolicy,
     NetRoot,
     add_policy_options,
@@ -40,6 +43,7 @@ from schemes.tcp import (
     check_local,
     check_remote,
     parse_endpoint,
+    parse_host,
     policy_from,
 )
 
@@ -48,7 +52,7 @@ from schemes.tcp import (
 class UdpSocket:
     sock: trio.socket.SocketType
     bound: bool
-    peer: tuple | None = None
+    peer: tuple | None = None  # a connected socket's peer; None when bound
     read_lock: trio.Lock = field(default_factory=trio.Lock)
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -92,26 +96,47 @@ class UdpScheme(Scheme):
             raise SchemeError(errno.EBADF, "the udp root is not a socket")
         return h
 
-    async def read(self, req: Request, h: NetRoot | UdpSocket, n: int) -> bytes:
+    async def _receive(self, h: NetRoot | UdpSocket, n: int) -> tuple[bytes, tuple]:
         s = self._socket(h)
         if n < 0:
             raise SchemeError(errno.EINVAL)
         async with s.read_lock:
             data, sender = await s.sock.recvfrom(P.MAX_IO)
-        if s.bound:
-            s.peer = sender
-        return data[:n]
+        return data[:n], sender
+
+    async def read(self, req: Request, h: NetRoot | UdpSocket, n: int) -> bytes:
+        data, _ = await self._receive(h, n)
+        return data
+
+    async def recvfrom(self, req: Request, h: NetRoot | UdpSocket, n: int) -> list:
+        data, sender = await self._receive(h, n)
+        return [data, sender[0], sender[1]]
 
     async def write(self, req: Request, h: NetRoot | UdpSocket, data: bytes) -> int:
         s = self._socket(h)
+        if s.bound:
+            raise SchemeError(errno.EDESTADDRREQ, "a bound socket writes with sendto")
         if len(data) > P.MAX_IO:
             raise SchemeError(errno.EMSGSIZE)
         async with s.write_lock:
-            if not s.bound:
-                return await s.sock.send(data)
-            if s.peer is None:
-                raise SchemeError(errno.EDESTADDRREQ, "no datagram has arrived to answer")
-            return await s.sock.sendto(data, s.peer)
+            return await s.sock.send(data)
+
+    async def sendto(self, req: Request, h: NetRoot | UdpSocket, data: bytes, host: str,
+                     port: int) -> int:
+        s = self._socket(h)
+        if not s.bound:
+            raise SchemeError(errno.EISCONN, "a connected socket writes to its peer")
+        if not 0 < port <= 65535:
+            raise SchemeError(errno.EINVAL, "PORT is 1-65535")
+        ep = Endpoint(parse_host(host), port)
+        check_remote(ep)
+        if ep.family != s.sock.family:
+            # the stdlib would hand a foreign-family host to getaddrinfo
+            raise SchemeError(errno.EAFNOSUPPORT, "the address is of the other IP family")
+        if len(data) > P.MAX_IO:
+            raise SchemeError(errno.EMSGSIZE)
+        async with s.write_lock:
+            return await s.sock.sendto(data, ep.sockaddr)
 
     async def fstat(self, req: Request, h: NetRoot | UdpSocket) -> dict:
         if not isinstance(h, UdpSocket):

@@ -16,6 +16,7 @@ import socket
 import pytest
 import trio
 
+from rt import protocol as P
 from schemes.framework import Caller, Request, SchemeError
 from schemes.pipe import PipeScheme
 from schemes.tcp import NetPolicy, TcpScheme
@@ -75,6 +76,8 @@ async def test_a_pipe_end_opens_nothing_and_the_pipe_root_behaves():
     await fails_with(errno.EBADF, s.dup(req(), root, b"write"))
     await fails_with(errno.EACCES, s.getdents(req(), root, 0))
     await fails_with(errno.ENOTDIR, s.getdents(req(), r, 0))
+    await fails_with(errno.EOPNOTSUPP, s.recvfrom(req(), r, 1))  # the framework's default
+    await fails_with(errno.EOPNOTSUPP, s.sendto(req(), w, b"x", "127.0.0.1", 9))
     await s.close(root)  # the router never does, but it must not crash
     assert (await s.fstat(req(), r))["st_mode"] & 0o170000 == 0o010000
 
@@ -107,6 +110,7 @@ async def test_the_tcp_root_answers_sanely():
     await fails_with(errno.EBADF, s.shutdown(req(), root, socket.SHUT_WR))
     await fails_with(errno.EINVAL, s.dup(req(), root, b"accept"))
     await fails_with(errno.EACCES, s.getdents(req(), root, 0))
+    await fails_with(errno.EOPNOTSUPP, s.recvfrom(req(), root, 1))
     await s.close(root)
 
 
@@ -124,7 +128,8 @@ async def test_a_udp_socket_opens_nothing_and_the_udp_root_answers_sanely(no_res
     assert await s.fpath(req(), connected) == f"/scheme/udp/127.0.0.1/{port}"
     assert (await s.fstat(req(), root))["st_mode"] & 0o170000 == 0o040000
     assert (await s.fstat(req(), bound))["st_mode"] & 0o170000 == 0o140000
-    for op in (s.read(req(), root, 1), s.write(req(), root, b"x")):
+    for op in (s.read(req(), root, 1), s.write(req(), root, b"x"), s.recvfrom(req(), root, 1),
+               s.sendto(req(), root, b"x", "127.0.0.1", port)):
         await fails_with(errno.EBADF, op)
     await fails_with(errno.EACCES, s.getdents(req(), root, 0))
     await s.close(bound)
@@ -243,3 +248,51 @@ async def test_fuzzed_addresses_are_errnos_never_tracebacks(no_resolver):
             assert info.value.errno in (errno.EINVAL, errno.EACCES), path
             seen += 1
     assert seen > 4000
+    u = UdpScheme()
+    bound = (await u.openat(req(), u.root(), "127.0.0.1/0", os.O_CREAT | os.O_RDWR, 0)).obj
+    for _ in range(2000):
+        host = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+        port = rng.choice([0, 1, 80, 65535, 65536, -1, 2**63])
+        try:
+            await u.sendto(req(), bound, b"x", host, port)
+        except SchemeError as exc:
+            assert exc.errno in (errno.EINVAL, errno.EAFNOSUPPORT, errno.EACCES), (host, port)
+        except OSError as exc:  # a valid address Linux refuses (broadcast): still an errno
+            assert exc.errno, (host, port)
+    await u.close(bound)
+
+
+# -- udp: datagrams say who sent them and where they go --------------------------
+
+
+async def test_a_bound_udp_socket_answers_each_sender_with_sendto(no_resolver):
+    s = UdpScheme()
+    root = s.root()
+    server = (await s.openat(req(), root, "127.0.0.1/0", os.O_CREAT | os.O_RDWR, 0)).obj
+    port = server.sock.getsockname()[1]
+    await fails_with(errno.EDESTADDRREQ, s.write(req(), server, b"to nobody"))
+    a = (await s.openat(req(), root, f"127.0.0.1/{port}", os.O_RDWR, 0)).obj
+    b = (await s.openat(req(), root, f"127.0.0.1/{port}", os.O_RDWR, 0)).obj
+    await s.write(req(), a, b"from a")
+    await s.write(req(), b, b"from b")
+    with trio.fail_after(5):
+        got = [await s.recvfrom(req(), server, 100) for _ in range(2)]
+        senders = {data: (host, sport) for data, host, sport in got}
+        assert senders == {b"from a": ("127.0.0.1", a.sock.getsockname()[1]),
+                           b"from b": ("127.0.0.1", b.sock.getsockname()[1])}
+        # answer in the opposite order from arrival: each reply still reaches its asker
+        for data in (b"from b", b"from a"):
+            host, sport = senders[data]
+            assert await s.sendto(req(), server, data.upper(), host, sport) == len(data)
+        assert await s.read(req(), a, 100) == b"FROM A"
+        assert await s.recvfrom(req(), b, 100) == [b"FROM B", "127.0.0.1", port]  # its peer
+        await s.write(req(), a, b"plain read")
+        assert await s.read(req(), server, 5) == b"plain"  # just the data, cut to n
+    await fails_with(errno.EISCONN, s.sendto(req(), a, b"x", "127.0.0.1", port))
+    for host, sport, err in [("127.1", port, errno.EINVAL), ("localhost", port, errno.EINVAL),
+                             ("127.0.0.1", 0, errno.EINVAL), ("127.0.0.1", 65536, errno.EINVAL),
+                             ("0.0.0.0", port, errno.EINVAL), ("::1", port, errno.EAFNOSUPPORT)]:
+        await fails_with(err, s.sendto(req(), server, b"x", host, sport))
+    await fails_with(errno.EMSGSIZE, s.sendto(req(), server, b"x" * (P.MAX_IO + 1), "127.0.0.1", port))
+    for h in (a, b, server):
+        await s.close(h)
