@@ -12,7 +12,7 @@ import os as _os
 from rt import _process
 from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
-from rt._net import pipe, recvfd, sendfd, shutdown
+from rt._net import pipe, recvfd, recvfrom, sendfd, sendto, shutdown
 from rt._paths import AT_FDCWD
 from rt._posix import (
     StatResult,
@@ -85,9 +85,9 @@ __all__ = [
     "PERM_LIST", "PERM_SCHEME_CREATE", "SEEK_CUR", "SEEK_END", "SEEK_SET", "StatResult",
     "chdir", "clone", "close", "dup", "fchdir", "fpath", "fstat", "fsync", "ftruncate",
     "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "mkscheme", "narrow",
-    "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "register",
-    "rename", "rmdir", "schemes", "sendfd", "set_default_timeout", "setns", "setup", "shutdown",
-    "spawn", "stat", "symlink", "timeout", "unlink", "unregister", "write",
+    "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "recvfrom",
+    "register", "rename", "rmdir", "schemes", "sendfd", "sendto", "set_default_timeout", "setns",
+    "setup", "shutdown", "spawn", "stat", "symlink", "timeout", "unlink", "unregister", "write",
 ]
 
 _process.adopt_from_environment()

@@ -1,7 +1,8 @@
-"""Pipes and sockets through their schemes: pipe, shutdown, sendfd, recvfd."""
+"""Pipes and sockets through their schemes: pipe, shutdown, sendfd, recvfd, recvfrom, sendto."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 from rt import protocol as P
@@ -45,3 +46,53 @@ def sendfd(sock_fd: int, cap_fd: int) -> None:
 def recvfd(sock_fd: int) -> int:
     """Receive the next capability sent over a uds connection."""
     return call_fd(sock_fd, P.RECVFD)
+
+
+def recvfrom(fd: int, n: int) -> tuple[bytes, tuple[str, int]]:
+    """Receive one datagram (cut to n bytes) and who sent it.
+
+    Args:
+        fd: a udp socket (bound: any sender; connected: always its peer).
+        n: the most bytes to return.
+
+    Returns:
+        (data, (host, port)) of the sender.
+
+    Raises:
+        OSError: EOPNOTSUPP where the scheme has no datagrams, EIO for a
+            malformed reply.
+    """
+    if n < 0:
+        raise OSError(errno.EINVAL, "negative read size")
+    value = call_value(fd, P.RECVFROM, [min(n, P.MAX_IO)], kind=list)
+    if not (len(value) == 3 and type(value[0]) is bytes and type(value[1]) is str and type(value[2]) is int and len(value[0]) <= n):
+        raise OSError(errno.EIO, "malformed recvfrom reply")
+    data, host, port = value
+    return data, (host, port)
+
+
+def sendto(fd: int, data: bytes | bytearray | memoryview, address: tuple[str, int]) -> int:
+    """Send data as one datagram to address from a bound udp socket.
+
+    Args:
+        fd: a bound udp socket (a connected one is EISCONN).
+        data: the datagram.
+        address: (host, port): a canonical numeric IP address and a port 1-65535.
+
+    Returns:
+        The number of bytes sent.
+
+    Raises:
+        OSError: EINVAL for a malformed address, EMSGSIZE for a datagram too
+            large for one frame, EIO for a malformed reply.
+    """
+    host, port = address
+    if not isinstance(host, str) or type(port) is not int:
+        raise OSError(errno.EINVAL, "address is (host: str, port: int)")
+    data = bytes(data)
+    if len(data) > P.MAX_IO:
+        raise OSError(errno.EMSGSIZE, "datagram too large for one frame")
+    value = call_value(fd, P.SENDTO, [data, host, port], kind=int)
+    if not 0 <= value <= len(data):
+        raise OSError(errno.EIO, "malformed sendto reply")
+    return value

@@ -79,6 +79,8 @@ LINKAT = 31
 SHUTDOWN = 32
 SENDFD = 33
 RECVFD = 34
+RECVFROM = 35
+SENDTO = 36
 NS_LIST = 40
 NS_MKNS = 41
 NS_NARROW = 42
@@ -115,6 +117,8 @@ SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
     SHUTDOWN: ("shutdown", (_INT,)),
     SENDFD: ("sendfd", ()),
     RECVFD: ("recvfd", ()),
+    RECVFROM: ("recvfrom", (_INT,)),
+    SENDTO: ("sendto", (_BYTES, _STR, _INT)),
     NS_LIST: ("ns_list", ()),
     NS_MKNS: ("ns_mkns", ((list, type(None)), (int, type(None)))),
     NS_NARROW: ("ns_narrow", (_INT,)),

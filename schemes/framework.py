@@ -229,6 +229,14 @@ class Scheme:
         """Receive the next capability sent by the peer (Reply with one fd)."""
         raise SchemeError(errno.EOPNOTSUPP)
 
+    async def recvfrom(self, req: Request, h: Any, n: int) -> list:
+        """Receive one datagram cut to n bytes: [data, sender host, sender port]."""
+        raise SchemeError(errno.EOPNOTSUPP)
+
+    async def sendto(self, req: Request, h: Any, data: bytes, host: str, port: int) -> int:
+        """Send data as one datagram to host and port; returns the bytes sent."""
+        raise SchemeError(errno.EOPNOTSUPP)
+
     async def ns_list(self, req: Request, h: Any) -> list[str]:
         """Namespaces (nsmgr): the names, sorted."""
         raise SchemeError(errno.ENOSYS)

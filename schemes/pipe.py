@@ -7,6 +7,9 @@ kind). `rt.pipe()` does both. POSIX semantics: a read waits for data and
 returns b"" once every write end is closed; a write with no read end left is
 EPIPE; the buffer holds PIPE_SIZE bytes, writers wait for room, and writes of
 at most PIPE_BUF bytes are never interleaved with others.
+
+Only the scheme root makes pipes: a pipe end names one pipe, not a directory,
+so `openat` relative to it is ENOTDIR.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from schemes.framework import Changed, Opened, Request, Scheme, SchemeError, dae
 
 PIPE_SIZE = 64 * 1024
 PIPE_BUF = 4096
+# The root opens (makes) but cannot be listed: a directory with search permission only.
+ROOT_STAT = {"st_mode": stat.S_IFDIR | 0o111, "st_nlink": 2}
 
 
 @dataclass(eq=False)
@@ -37,10 +42,23 @@ class PipeEnd:
     writer: bool
 
 
+class PipeRoot:
+    """The object behind the scheme root (handle 0): the only handle that makes pipes."""
+
+    def __repr__(self) -> str:
+        return "PipeRoot()"
+
+
 class PipeScheme(Scheme):
     """Serves anonymous pipes."""
 
     name = "pipe"
+
+    def __init__(self) -> None:
+        self._root = PipeRoot()
+
+    def root(self) -> PipeRoot:
+        return self._root
 
     def _end(self, pipe: Pipe, writer: bool) -> Opened:
         if writer:
@@ -49,7 +67,10 @@ class PipeScheme(Scheme):
             pipe.readers += 1
         return Opened(PipeEnd(pipe, writer), fdflags=os.O_WRONLY if writer else os.O_RDONLY)
 
-    async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
+    async def openat(self, req: Request, h: PipeRoot | PipeEnd, path: str, flags: int,
+                     mode: int) -> Opened:
+        if h is not self._root:
+            raise SchemeError(errno.ENOTDIR, "a pipe end is not a directory")
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, "pipes have no names: open /scheme/pipe")
         return self._end(Pipe(), writer=False)
@@ -98,11 +119,17 @@ class PipeScheme(Scheme):
                 await pipe.changed.wait()
         return done
 
-    async def fstat(self, req: Request, h) -> dict:
-        size = len(h.pipe.data) if isinstance(h, PipeEnd) else 0
-        return {"st_mode": stat.S_IFIFO | 0o600, "st_size": size}
+    async def fstat(self, req: Request, h: PipeRoot | PipeEnd) -> dict:
+        if not isinstance(h, PipeEnd):
+            return dict(ROOT_STAT)
+        return {"st_mode": stat.S_IFIFO | 0o600, "st_size": len(h.pipe.data)}
 
-    async def fpath(self, req: Request, h) -> str:
+    async def getdents(self, req: Request, h: PipeRoot | PipeEnd, start: int) -> list[str]:
+        if h is self._root:
+            raise SchemeError(errno.EACCES, "pipes have no names to list")
+        raise SchemeError(errno.ENOTDIR)
+
+    async def fpath(self, req: Request, h: PipeRoot | PipeEnd) -> str:
         return f"/scheme/{self.name}"
 
     async def close(self, h) -> None:

@@ -22,7 +22,7 @@ def req(op: int = 0, passed=()) -> Request:
 
 async def test_pipe_reads_wait_for_writes_and_end_when_writers_close():
     s = PipeScheme()
-    r = (await s.openat(req(), None, ".", 0, 0)).obj
+    r = (await s.openat(req(), s.root(), ".", 0, 0)).obj
     w = (await s.dup(req(), r, b"write")).obj
     got = []
 
@@ -43,7 +43,7 @@ async def test_pipe_reads_wait_for_writes_and_end_when_writers_close():
 
 async def test_pipe_write_without_readers_is_epipe_and_a_full_pipe_waits():
     s = PipeScheme()
-    r = (await s.openat(req(), None, "", 0, 0)).obj
+    r = (await s.openat(req(), s.root(), "", 0, 0)).obj
     w = (await s.dup(req(), r, b"write")).obj
     assert await s.write(req(), w, b"x" * PIPE_SIZE) == PIPE_SIZE
     with trio.move_on_after(0.05) as scope:
