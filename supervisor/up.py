@@ -156,8 +156,17 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         await system.add(spec.spec())
         return {"added": True}, []
 
+    async def restart(request):
+        name = request.get("name")
+        if not isinstance(name, str):
+            raise control.ControlError("restart needs a scheme name")
+        try:
+            return {"pid": await system.restart(name)}, []
+        except KeyError:
+            raise control.ControlError(f"no scheme named {name!r}") from None
+
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
-                "mount": mount}
+                "mount": mount, "restart": restart}
     try:
         async with trio.open_nursery() as nursery:
             try:
