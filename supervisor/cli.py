@@ -192,13 +192,14 @@ def _wait_until_up(state_dir: Path, proc: SupervisorProcess) -> None:
     try:
         poller = select.poll()
         poller.register(proc.ready_fd, select.POLLIN)
-        ready = poller.poll(BOOT_TIMEOUT * 1000) and os.read(proc.ready_fd, 16).startswith(b"up")
+        answered = bool(poller.poll(BOOT_TIMEOUT * 1000))
+        if answered and os.read(proc.ready_fd, 16).startswith(b"up"):
+            return
     finally:
         os.close(proc.ready_fd)
-    if ready:
-        return
     try:
-        code = proc.wait(timeout=BOOT_TIMEOUT)
+        # EOF without `up`: the supervisor is exiting, and its exit code says why
+        code = proc.wait(timeout=BOOT_TIMEOUT if answered else 0)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
