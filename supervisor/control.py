@@ -165,7 +165,8 @@ class Admission:
 
     def authenticated(self, conn: Connection) -> None:
         """conn sent a valid request: it no longer counts against its pid or risks eviction."""
-        if self.waiting.pop(conn, 0) is None:
+        if conn in self.waiting:
+            del self.waiting[conn]
             self._uncount(conn.pid)
 
     def release(self, conn: Connection) -> None:
