@@ -33,6 +33,7 @@ import trio
 
 from rt import protocol as P
 from rt.channel import Channel
+from rt.limits import raise_fd_limit
 
 log = logging.getLogger("scheme")
 
@@ -465,6 +466,7 @@ def daemon_main(scheme: Scheme, channel_fd: int) -> None:
         level=logging.WARNING,
         format=f"{scheme.name}[%(process)d] %(levelname)s %(message)s",
     )
+    raise_fd_limit()
     try:
         trio.run(serve, scheme, channel_fd)
     except KeyboardInterrupt:

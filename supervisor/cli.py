@@ -16,12 +16,12 @@ import json
 import logging
 import os
 import posixpath
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -112,12 +112,16 @@ def _up_options(cfg: config.Config) -> list[str]:
               help="Log every request and reply the router forwards (pid, scheme id, handle, op).")
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
+@click.option("--ready-fd", type=int, default=None, hidden=True)
 @click.pass_obj
 def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
-       scheme_names: str | None, trace: bool, detach: bool, watch_fd: int | None) -> None:
-    """Boot the kernel, nsmgr and the schemes, and serve until `down`."""
-    if control.is_running(state_dir):
-        fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
+       scheme_names: str | None, trace: bool, detach: bool, watch_fd: int | None,
+       ready_fd: int | None) -> None:
+    """Boot the kernel, nsmgr and the schemes, and serve until `down`.
+
+    One system per state directory: a second `up` (even a concurrent one)
+    exits 4 and leaves the first one alone.
+    """
     cfg = _configure(config_file, root, mounts)
     if scheme_names is not None:
         wanted = [n for n in scheme_names.split(",") if n]
@@ -132,64 +136,84 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
         return
     import trio
 
-    from supervisor.up import SystemFailed
+    from supervisor.up import AlreadyRunning, SystemFailed
     from supervisor.up import main as up_main
 
     logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
     info = {"root": str(cfg.root),
             "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
     try:
-        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd, trace)
+        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
+    except AlreadyRunning as exc:
+        fail(str(exc), EXIT_ALREADY_RUNNING)
     except OSError as exc:
         fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
     except SystemFailed as exc:
         fail(f"stopped: {exc}")
 
 
-def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | None = None) -> subprocess.Popen:
+class SupervisorProcess(subprocess.Popen):
+    """A supervisor started in the background, with the pipe it reports readiness on.
+
+    Attributes:
+        ready_fd: read end of the pipe; the supervisor writes `up` on it once
+            its control socket answers, and it reaches EOF if the supervisor exits
+            first. _wait_until_up() reads and closes it.
+    """
+
+    ready_fd: int
+
+
+def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | None = None) -> SupervisorProcess:
+    """Start `redoxcap up` in a new session, logging to STATE_DIR/supervisor.log."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", *up_options]
-    pass_fds: tuple[int, ...] = ()
+    ready_r, ready_w = os.pipe()
+    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", *up_options,
+            "--ready-fd", str(ready_w)]
+    pass_fds: tuple[int, ...] = (ready_w,)
     if watch_fd is not None:
         argv += ["--watch-fd", str(watch_fd)]
-        pass_fds = (watch_fd,)
-    with open(state_dir / control.LOG_NAME, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, pass_fds=pass_fds)
+        pass_fds += (watch_fd,)
+    try:
+        with open(state_dir / control.LOG_NAME, "ab") as log:
+            proc = SupervisorProcess(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True, pass_fds=pass_fds)
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)  # the child's copy alone keeps the pipe open
+    proc.ready_fd = ready_r
+    return proc
 
 
-def _wait_until_up(state_dir: Path, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + BOOT_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log = (state_dir / control.LOG_NAME).read_text(errors="replace")[-2000:]
-            fail(f"the system failed to boot (exit {proc.returncode}):\n{log}", EXIT_BOOT_FAILED)
-        if control.is_running(state_dir):
+def _wait_until_up(state_dir: Path, proc: SupervisorProcess) -> None:
+    """Wait for the supervisor's readiness report; exit with its failure if it sends none."""
+    try:
+        poller = select.poll()
+        poller.register(proc.ready_fd, select.POLLIN)
+        answered = bool(poller.poll(BOOT_TIMEOUT * 1000))
+        if answered and os.read(proc.ready_fd, 16).startswith(b"up"):
             return
-        time.sleep(0.05)
-    proc.kill()
-    fail(f"the system did not come up within {BOOT_TIMEOUT:.0f}s", EXIT_BOOT_FAILED)
+    finally:
+        os.close(proc.ready_fd)
+    try:
+        # EOF without `up`: the supervisor is exiting, and its exit code says why
+        code = proc.wait(timeout=BOOT_TIMEOUT if answered else 0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        fail(f"the system did not come up within {BOOT_TIMEOUT:.0f}s", EXIT_BOOT_FAILED)
+    if code == EXIT_ALREADY_RUNNING:
+        fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
+    log = (state_dir / control.LOG_NAME).read_text(errors="replace")[-2000:]
+    fail(f"the system failed to boot (exit {code}):\n{log}", EXIT_BOOT_FAILED)
 
 
 def _shutdown(state_dir: Path, wait: float = 15.0) -> None:
-    """Ask the supervisor at state_dir to stop and wait until it has."""
-    pid_file = state_dir / control.PID_NAME
-    pid = int(pid_file.read_text()) if pid_file.exists() else None
-    control.request(state_dir, "shutdown")
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and (_alive(pid) if pid else pid_file.exists()):
-        time.sleep(0.02)
-    if pid is not None and _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    """Ask the supervisor at state_dir to stop and wait until its process has exited."""
+    if not control.shutdown(state_dir, wait):
+        click.echo(f"redoxcap: the supervisor did not stop within {wait:.0f}s; killed it", err=True)
 
 
 @main.command()
@@ -231,8 +255,34 @@ def status(state_dir: Path, as_json: bool) -> None:
         click.echo(
             f"{d['name']:<10} {d.get('pid') or '-':>7} {d.get('scheme_id', '-'):>6} "
             f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
-            f"{d.get('restarts', '-'):>8} {rss:>7}" + ("  FAILED" if d.get("failed") else "")
+            f"{d.get('restarts', '-'):>8} {rss:>7}" + _state_note(d)
         )
+
+
+def _state_note(d: dict) -> str:
+    """What the table adds after a daemon that is not simply running."""
+    state = d.get("state", "failed" if d.get("failed") else "running")
+    if state == "failed":
+        return f"  FAILED (redoxcap restart {d['name']})"
+    return "  restarting" if state == "restarting" else ""
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def restart(state_dir: Path, name: str) -> None:
+    """Restart scheme NAME's daemon, also one marked FAILED, without a full down/up.
+
+    The scheme keeps its id, so namespaces that hold it work again; handles
+    opened on the old daemon fail with EIO. Sends the control op `restart`.
+    """
+    try:
+        reply, _ = control.request(state_dir, "restart", timeout=30, name=name)
+    except control.NotRunning as exc:
+        fail(str(exc), EXIT_NOT_RUNNING)
+    except control.ControlError as exc:
+        fail(f"restart {name}: {exc}")
+    click.echo(f"{name} restarted (pid {reply['pid']})")
 
 
 def _handles(d: dict) -> str:

@@ -12,6 +12,14 @@ starts the daemon again. Root capabilities name the scheme id, not the
 process, so every namespace that holds one keeps working. A restarted nsmgr
 starts empty, so the supervisor registers every scheme in the root namespace
 again (namespaces forked before the crash are gone).
+
+A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in RESTART_WINDOW
+seconds is FAILED: it is not restarted again, and its name is removed from the
+root namespace, so namespaces forked from it (every default `redoxcap run`)
+work for every live scheme and answer ENODEV for the failed one, as for any
+name they lack. Namespaces that still hold its root get EIO from the router
+at once. `restart(name)` brings it (or a running daemon) back under the same
+scheme id and registers it again.
 """
 
 from __future__ import annotations
@@ -56,7 +64,17 @@ class Daemon:
     restarts: int = 0
     recent: list[float] = field(default_factory=list)
     failed: bool = False
+    registered: bool = False  # its name is in the root namespace
     channel: int | None = None  # the daemon's end of its scheme channel, until started
+    # held while its process is replaced, so a crash and a `restart` never both do it
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def state(self) -> str:
+        """`running`, `restarting` (between two processes) or `failed` (given up on)."""
+        if self.failed:
+            return "failed"
+        return "running" if self.process is not None and self.process.returncode is None else "restarting"
 
 
 def file_scheme(root: str, name: str = "file", read_only: bool = False) -> SchemeSpec:
@@ -142,48 +160,129 @@ class System:
         finally:
             for fd in fds:
                 os.close(fd)
-        nursery.start_soon(self._watch, daemon, daemon.process, nursery)
+        nursery.start_soon(self._watch, daemon, daemon.process)
 
     async def _register(self, daemon: Daemon) -> None:
         assert daemon.root is not None
         clone = await daemon.root.call_fd(P.CLONE)
         try:
             await self.namespace.call(P.NS_REGISTER, [daemon.spec.name], [clone])
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:  # registered meanwhile by a restarting nsmgr
+                raise
         finally:
             os.close(clone)
+        daemon.registered = True
 
-    async def _watch(self, daemon: Daemon, process: trio.Process, nursery: trio.Nursery) -> None:
-        code = await process.wait()
-        if self.stopping:
-            return
-        log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
-        now = time.monotonic()
-        daemon.recent = [t for t in daemon.recent if now - t < RESTART_WINDOW] + [now]
-        if len(daemon.recent) > MAX_RESTARTS_IN_WINDOW:
-            log.error("%s keeps dying; not restarting it again", daemon.spec.name)
-            daemon.failed = True
-            return
-        assert self.kernel is not None
+    async def _unregister(self, daemon: Daemon) -> None:
+        daemon.registered = False
         try:
-            with trio.fail_after(5):
-                # the router notices the dead channel on its own; wait until it has
-                while True:
-                    try:
-                        _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-                        break
-                    except OSError as exc:
-                        if exc.errno != errno.EBUSY:  # the router has not seen the EOF yet
-                            raise
-                        await trio.sleep(0.01)
-            daemon.channel = fds[0]
-            await self._start(daemon, nursery)
-            daemon.restarts += 1
-            if daemon is self.nsmgr:
-                for other in self.daemons:
+            await self.namespace.call(P.NS_UNREGISTER, [daemon.spec.name])
+        except OSError as exc:
+            # ENODEV: not there; EIO: nsmgr is down, and registers only live schemes when back
+            if exc.errno not in (errno.ENODEV, errno.EIO):
+                raise
+
+    async def _watch(self, daemon: Daemon, process: trio.Process) -> None:
+        code = await process.wait()
+        async with daemon.lock:
+            if self.stopping or daemon.process is not process:
+                return  # stopping, or restart() replaced this process on purpose
+            log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
+            now = time.monotonic()
+            daemon.recent = [t for t in daemon.recent if now - t < RESTART_WINDOW] + [now]
+            if len(daemon.recent) > MAX_RESTARTS_IN_WINDOW:
+                log.error("%s keeps dying; not restarting it again (FAILED; `redoxcap restart %s` "
+                          "tries again)", daemon.spec.name, daemon.spec.name)
+                await self._give_up(daemon)
+                return
+            try:
+                await self._respawn(daemon)
+            except (OSError, trio.TooSlowError) as exc:
+                log.error("could not restart %s: %s (FAILED)", daemon.spec.name, exc)
+                await self._give_up(daemon)
+
+    async def _give_up(self, daemon: Daemon) -> None:
+        """Mark daemon FAILED and take its name out of the root namespace."""
+        daemon.failed = True
+        if daemon is not self.nsmgr and daemon.registered:
+            try:
+                await self._unregister(daemon)
+            except OSError as exc:
+                log.error("could not unregister %s: %s", daemon.spec.name, exc)
+
+    async def _respawn(self, daemon: Daemon) -> None:
+        """Start a new process for daemon's scheme, whose old process has exited."""
+        assert self.kernel is not None and daemon.root is not None
+        with trio.fail_after(5):
+            # Wait until the router has seen the old channel's EOF: any request on
+            # the root now either finds the scheme dead or fails to reach it, and
+            # either way the router has marked it dead before it answers.
+            try:
+                await daemon.root.call(P.FSTAT)
+            except OSError:
+                pass
+            for _ in range(100):
+                try:
+                    _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    await trio.sleep(0.01)  # not expected after the probe; bounded all the same
+            else:
+                raise OSError(errno.EBUSY, "the router still sees the old daemon")
+        daemon.channel = fds[0]
+        assert self._nursery is not None
+        await self._start(daemon, self._nursery)
+        daemon.restarts += 1
+        if daemon is self.nsmgr:
+            # a new nsmgr starts with an empty root namespace
+            for other in self.daemons:
+                if not other.failed:
                     await self._register(other)
-        except (OSError, trio.TooSlowError) as exc:
-            log.error("could not restart %s: %s", daemon.spec.name, exc)
-            daemon.failed = True
+
+    def daemon(self, name: str) -> Daemon:
+        """The daemon of scheme name (`nsmgr` included).
+
+        Raises:
+            KeyError: no such scheme.
+        """
+        for daemon in [self.nsmgr, *self.daemons]:
+            if daemon.spec.name == name:
+                return daemon
+        raise KeyError(name)
+
+    async def restart(self, name: str) -> int:
+        """Restart scheme name's daemon, running or FAILED, under its scheme id.
+
+        A running daemon is stopped first (its open handles fail with EIO, as
+        after a crash); a FAILED one gets a fresh restart budget and its name
+        back in the root namespace.
+
+        Returns:
+            The new daemon's pid.
+
+        Raises:
+            KeyError: no such scheme.
+            OSError: the router refused a new channel.
+        """
+        daemon = self.daemon(name)
+        async with daemon.lock:
+            old, daemon.process = daemon.process, None  # its watcher leaves this exit to us
+            if old is not None:
+                await _terminate(old)
+            daemon.failed = False
+            daemon.recent.clear()
+            try:
+                await self._respawn(daemon)
+                if daemon is not self.nsmgr and not daemon.registered:
+                    await self._register(daemon)
+            except (OSError, trio.TooSlowError):
+                await self._give_up(daemon)
+                raise
+            log.info("%s restarted on request (pid %d)", name, daemon.process.pid)
+            return daemon.process.pid
 
     async def status(self) -> dict:
         """Per daemon: pid, scheme id, restarts and the router's counters."""
@@ -201,6 +300,7 @@ class System:
                 "scheme_id": d.scheme_id,
                 "restarts": d.restarts,
                 "failed": d.failed,
+                "state": d.state,
                 **counters,
             })
         for d in daemons:
@@ -233,6 +333,19 @@ class System:
         for proc in processes:
             if proc.returncode is None:
                 proc.kill()
+                await proc.wait()
+
+
+async def _terminate(proc: trio.Process) -> None:
+    """SIGTERM, then SIGKILL after STOP_GRACE; returns once proc has exited."""
+    try:
+        proc.terminate()
+        with trio.move_on_after(STOP_GRACE):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
                 await proc.wait()
 
 

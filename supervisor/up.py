@@ -4,18 +4,28 @@ The state directory (mode 0700) holds the control socket, the token and the
 pid file while the system runs; all three are removed on the way out, however
 the supervisor is asked to stop (`redoxcap down`, SIGINT, SIGTERM, or EOF on
 the watch fd that a private `redoxcap run` passes).
+
+One system per state directory: the supervisor takes an flock on
+`STATE_DIR/supervisor.lock` before it writes anything there and holds it for
+its whole life, so a second `up` fails with AlreadyRunning instead of
+overwriting the first one's token and socket. It removes only the files it
+created, and only while it still holds the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
 
 from rt import protocol as P
+from rt.limits import raise_fd_limit
 from supervisor import control
 from supervisor.config import ConfigError, make_mount
 from supervisor.system import SchemeSpec, System
@@ -25,6 +35,53 @@ log = logging.getLogger("supervisor")
 
 class SystemFailed(Exception):
     """The system could not go on (its kernel router died)."""
+
+
+class AlreadyRunning(Exception):
+    """Another supervisor holds the state directory; the message is fit for the user."""
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the state directory's lock for the block; the lock file goes with it.
+
+    Raises:
+        AlreadyRunning: another supervisor holds it.
+    """
+    path = state_dir / control.LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"a system is already running at {state_dir}{_holder(state_dir)}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # a supervisor on its way out unlinks the file before unlocking it: if we
+        # locked that unlinked file, it proves nothing; lock the one at the path
+        try:
+            current = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        locked = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: nobody else can own this path now
+        os.close(fd)
+
+
+def _holder(state_dir: Path) -> str:
+    """' (pid N)' for the running supervisor, if its pid file says so."""
+    try:
+        return f" (pid {int((state_dir / control.PID_NAME).read_text())})"
+    except (OSError, ValueError):
+        return " (it is still booting)"
 
 
 def prepare_state_dir(state_dir: Path) -> None:
@@ -41,6 +98,7 @@ async def main(
     info: dict | None = None,
     watch_fd: int | None = None,
     trace: bool = False,
+    ready_fd: int | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a system until asked to stop; everything it started is stopped on return.
@@ -51,8 +109,23 @@ async def main(
         info: extra facts reported by `status` (the file root, mounts).
         watch_fd: stop when this inherited fd reaches EOF (a private run's pipe).
         trace: have the router log every request and reply.
+        ready_fd: a pipe to write `up` to (and close) once the control socket
+            answers; `up --detach` waits on it.
+
+    Raises:
+        AlreadyRunning: another supervisor holds state_dir.
+        SystemFailed: the kernel router died.
     """
+    raise_fd_limit()
     prepare_state_dir(state_dir)
+    with state_lock(state_dir):
+        await _serve_locked(state_dir, specs, info, watch_fd, trace, ready_fd, task_status)
+
+
+async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | None,
+                        watch_fd: int | None, trace: bool, ready_fd: int | None,
+                        task_status: trio.TaskStatus) -> None:
+    """main(), once this supervisor holds the state directory's lock."""
     token = control.write_token(state_dir)
     pid_file = state_dir / control.PID_NAME
     pid_file.write_text(f"{os.getpid()}\n")
@@ -83,8 +156,17 @@ async def main(
         await system.add(spec.spec())
         return {"added": True}, []
 
+    async def restart(request):
+        name = request.get("name")
+        if not isinstance(name, str):
+            raise control.ControlError("restart needs a scheme name")
+        try:
+            return {"pid": await system.restart(name)}, []
+        except KeyError:
+            raise control.ControlError(f"no scheme named {name!r}") from None
+
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
-                "mount": mount}
+                "mount": mount, "restart": restart}
     try:
         async with trio.open_nursery() as nursery:
             try:
@@ -95,6 +177,8 @@ async def main(
                     nursery.start_soon(_stop_on_eof, watch_fd, stop)
                 nursery.start_soon(_stop_when_kernel_dies, system, stop)
                 log.info("up: %d schemes, state in %s", len(specs), state_dir)
+                if ready_fd is not None:
+                    _report_ready(ready_fd)
                 task_status.started(system)
                 await stop.wait()
             finally:
@@ -102,10 +186,20 @@ async def main(
                     await system.stop()
                 nursery.cancel_scope.cancel()
     finally:
+        # ours: written after we took the lock, which we still hold
         for name in (control.TOKEN_NAME, control.PID_NAME, control.SOCKET_NAME):
             (state_dir / name).unlink(missing_ok=True)
     if system.failed:
         raise SystemFailed("the kernel router died")
+
+
+def _report_ready(fd: int) -> None:
+    try:
+        os.write(fd, b"up\n")
+    except OSError:
+        pass  # whoever waited is gone; we run on regardless
+    finally:
+        os.close(fd)
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:

@@ -516,8 +516,14 @@ def test_the_control_socket_only_answers_its_owner(system):
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         f"s.connect({str(system.state_dir / control.SOCKET_NAME)!r})\n"
-        f"s.send(P.pack({{'token': {token!r}, 'op': 'namespace'}}))\n"
-        "print(P.unpack(s.recv(4096)))\n"
+        "try:\n"  # the supervisor may have closed it already
+        f"    s.send(P.pack({{'token': {token!r}, 'op': 'namespace'}}))\n"
+        "except BrokenPipeError:\n"
+        "    pass\n"
+        "try:\n"
+        "    print(repr(s.recv(4096)))\n"
+        "except ConnectionResetError:\n"  # closed with our request unread
+        "    print(repr(b''))\n"
     )
     # a hard link in a directory that uid can search reaches the same socket
     with tempfile.TemporaryDirectory() as public:  # same filesystem as pytest tmp_path
@@ -528,7 +534,7 @@ def test_the_control_socket_only_answers_its_owner(system):
         out = subprocess.run([sys.executable, "-c", code.replace(
             repr(str(system.state_dir / control.SOCKET_NAME)), repr(str(link)))],
             capture_output=True, text=True, timeout=30, check=False)
-    assert "not the owner" in out.stdout, out.stderr
+    assert out.stdout.strip() == "b''", out.stderr  # closed before anything is read
 
 
 def test_run_hands_the_command_its_namespace_and_cwd(system):

@@ -1,0 +1,200 @@
+"""A system's life through the CLI: one per state directory, `down`, failed schemes and `restart`."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import rt
+from supervisor import control
+from supervisor.cli import EXIT_ALREADY_RUNNING
+from supervisor.config import Config
+from supervisor.system import MAX_RESTARTS_IN_WINDOW
+from tests.conftest import REDOXCAP, System, pid_alive, redoxcap, shut_down, wait_for
+
+BUILTIN = sorted(Config().schemes)  # what a default system registers
+
+# -- one system per state directory ----------------------------------------------------
+
+
+def start_up(state_dir: Path, root: Path, *options: str) -> subprocess.Popen:
+    root.mkdir(exist_ok=True)
+    return subprocess.Popen([*REDOXCAP, "--state-dir", str(state_dir), "up", "--root", str(root), *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_of_two_concurrent_detached_ups_exactly_one_wins(tmp_path):
+    system = System(tmp_path / "state", tmp_path / "root")
+    procs = [start_up(system.state_dir, system.root, "--detach") for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=60) for p in procs]
+        codes = sorted(p.returncode for p in procs)
+        assert codes == [0, EXIT_ALREADY_RUNNING], results
+        loser = next(err for p, (_, err) in zip(procs, results) if p.returncode)
+        assert "already running" in loser
+        # the loser removed nothing of the winner's: it answers and `down` stops it
+        supervisor = system.status()["supervisor"]
+    finally:
+        stop_all(procs)
+        shut_down(system)  # `down`: no process and no file but the log left
+    assert not pid_alive(supervisor)
+
+
+def test_of_two_concurrent_foreground_ups_exactly_one_wins(tmp_path):
+    system = System(tmp_path / "state", tmp_path / "root")
+    procs = [start_up(system.state_dir, system.root) for _ in range(2)]
+    try:
+        loser = wait_for(lambda: next((p for p in procs if p.poll() is not None), None), timeout=60)
+        winner = next(p for p in procs if p is not loser)
+        assert loser.returncode == EXIT_ALREADY_RUNNING, loser.communicate()
+        assert "already running" in loser.communicate()[1]
+        info = wait_for(lambda: control.is_running(system.state_dir) and system.status(), timeout=60)
+        assert info["supervisor"] == winner.pid
+        pids = system.pids()
+        system.cli("down")
+        assert winner.wait(timeout=30) == 0
+    finally:
+        stop_all(procs)
+    assert not any(pid_alive(pid) for pid in pids)
+    assert list(system.state_dir.iterdir()) == []  # a foreground up writes no log
+
+
+def test_a_killed_supervisor_leaves_no_stale_lock(tmp_path):
+    system = System(tmp_path / "state", tmp_path / "root")
+    proc = start_up(system.state_dir, system.root)
+    try:
+        wait_for(lambda: control.is_running(system.state_dir), timeout=60)
+        pids = system.pids()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # without the supervisor's kernel capability the router exits, and with it every daemon
+        for pid in pids:
+            wait_for(lambda pid=pid: not pid_alive(pid), timeout=20)
+    finally:
+        stop_all([proc])
+    assert (system.state_dir / control.TOKEN_NAME).exists()  # stale, nobody removed it
+    system.cli("up", "--detach", "--root", str(system.root))
+    try:
+        assert system.status()["supervisor"] not in pids
+    finally:
+        shut_down(system)
+
+
+def test_down_waits_until_the_supervisor_has_exited(tmp_path):
+    from tests.conftest import boot
+
+    system = boot(tmp_path)
+    supervisor = system.status()["supervisor"]
+    try:
+        system.cli("down")
+        assert not pid_alive(supervisor)  # at once: `down` returned after the exit
+    finally:
+        shut_down(system)
+
+
+
+
+# -- a scheme that failed for good ------------------------------------------------------
+
+UDP_ECHO = """
+import rt
+server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+port = rt.fpath(server).rsplit("/", 1)[1]
+peer = rt.open(f"/scheme/udp/127.0.0.1/{port}", rt.O_RDWR)
+rt.write(peer, b"ping")
+assert rt.read(server, 100) == b"ping"
+print("echo ok")
+"""
+
+OPEN_UDP = """
+import rt, time
+start = time.monotonic()
+try:
+    rt.open("/scheme/udp/127.0.0.1/9", rt.O_RDWR)
+except OSError as exc:
+    print(exc.errno, time.monotonic() - start)
+"""
+
+
+def daemon_info(system: System, name: str) -> dict:
+    """One daemon's status, asked in-process (a CLI start would cost most of a restart window)."""
+    reply, _ = control.request(system.state_dir, "status")
+    return next(d for d in reply["status"]["daemons"] if d["name"] == name)
+
+
+def kill_until_failed(system: System, name: str) -> dict:
+    """SIGKILL name's daemon each time it comes back, until the supervisor gives up on it."""
+    info = daemon_info(system, name)
+    for _ in range(MAX_RESTARTS_IN_WINDOW + 1):
+        assert info["state"] == "running", info
+        os.kill(info["pid"], signal.SIGKILL)
+        old = info["pid"]
+
+        def next_state(old: int = old) -> dict | None:
+            d = daemon_info(system, name)
+            return d if d["state"] == "failed" or d["pid"] not in (None, old) else None
+
+        info = wait_for(next_state, interval=0.01)
+    return info
+
+
+def test_a_failed_scheme_breaks_only_its_own_clients_and_restart_brings_it_back(client):
+    system = client
+    # a namespace forked while udp was alive still holds udp's root
+    _, (root_ns,) = control.request(system.state_dir, "namespace")
+    forked = rt.mkns(None, ns=root_ns)
+    os.close(root_ns)
+    try:
+        assert kill_until_failed(system, "udp")["state"] == "failed"
+        assert "FAILED" in next(line for line in system.cli("status").stdout.splitlines()
+                                if line.startswith("udp "))
+
+        # a default run gets every live scheme and works
+        run = system.python("import rt; print(rt.schemes())", check=False)
+        assert run.returncode == 0, run.stderr
+        assert eval(run.stdout) == [n for n in BUILTIN if n != "udp"]
+        # the failed name is simply absent there: ENODEV at once, like any name a namespace lacks
+        code, seconds = system.python(OPEN_UDP).stdout.split()
+        assert int(code) == errno.ENODEV and float(seconds) < 1
+        # where the name is still held, the router answers EIO at once: nothing hangs
+        rt.setup(forked, None)
+        with pytest.raises(OSError) as info:
+            rt.open("/scheme/udp/127.0.0.1/9", rt.O_RDWR)
+        assert info.value.errno == errno.EIO
+        forked = None  # rt owns it now; the fixture closes it
+
+        restarted = system.cli("restart", "udp")
+        assert "udp restarted" in restarted.stdout
+        udp = daemon_info(system, "udp")
+        assert udp["state"] == "running" and pid_alive(udp["pid"])
+        assert system.python(UDP_ECHO).stdout.strip() == "echo ok"
+        assert "udp" in eval(system.python("import rt; print(rt.schemes())").stdout)
+    finally:
+        if forked is not None:
+            os.close(forked)
+
+
+def test_restart_replaces_a_running_daemon_and_refuses_unknown_names(system):
+    old = daemon_info(system, "zero")["pid"]
+    system.cli("restart", "zero")
+    assert not pid_alive(old)
+    new = daemon_info(system, "zero")
+    assert new["state"] == "running" and new["pid"] != old and new["restarts"] == 1
+    zeros = system.python("import rt; print(rt.read(rt.open('/scheme/zero'), 3))").stdout.strip()
+    assert zeros == repr(b"\0\0\0")
+    unknown = system.cli("restart", "nosuch", check=False)
+    assert unknown.returncode == 1 and "no scheme named 'nosuch'" in unknown.stderr
+    missing = redoxcap(system.state_dir / "elsewhere", "restart", "zero", check=False)
+    assert missing.returncode == 3
