@@ -141,6 +141,7 @@ class Router:
         # every account that still holds a capability or has a request in flight
         self._accounts: dict[int, Account] = {SYSTEM_ACCOUNT_ID: self.system_account}
         self.frames = 0
+        self._starved = False  # the last socketpair failed (logged once per episode)
         self._supervisor_cap: Capability | None = None
         self.supervisor_gone = trio.Event()
         # Parked readers do not recv, so they would not see EOF: watch their sockets for hangup.
@@ -177,7 +178,7 @@ class Router:
         """
         if not account.room_for_caps(1):
             raise OSError(errno.EMFILE, "capability quota of the account exceeded")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = self._socketpair()
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             st = os.fstat(theirs.fileno())
@@ -187,6 +188,22 @@ class Router:
             theirs.close()
             raise
         return theirs.detach()
+
+    def _socketpair(self) -> tuple[socket.socket, socket.socket]:
+        """A SEQPACKET pair; says once in the log when the router runs out of fds.
+
+        Raises:
+            OSError: EMFILE, ENFILE, ENOMEM...: the one request that needed it fails.
+        """
+        try:
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            if not self._starved:
+                log.warning("out of fds (%s): failing requests that need one until some close", exc)
+            self._starved = True
+            raise
+        self._starved = False
+        return pair
 
     def _start_capability(self, channel: Channel, handle: SchemeHandle,
                           identity: tuple[int, int] | None, account: Account) -> Capability:
@@ -235,7 +252,7 @@ class Router:
             while True:
                 if self._must_wait(cap):
                     await self._park(cap)
-                    if cap.hung_up:
+                    if cap.hung_up or cap.closed:
                         break  # its requests still unread have no one to answer to
                     continue
                 try:
@@ -245,6 +262,8 @@ class Router:
                 if not data and not fds:
                     break  # EOF: every holder closed it or died
                 await self._on_request(cap, data, flags, fds, cred)
+        except Exception:
+            log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
         finally:
             self._release(cap)
 
@@ -288,6 +307,7 @@ class Router:
         if cap.closed:
             return
         cap.closed = True
+        cap.wake()
         cap.channel.close()
         self._drop_outbox(cap)
         account = cap.account
@@ -393,6 +413,8 @@ class Router:
                     await cap.channel.wait_writable()
                 except trio.ClosedResourceError:
                     break
+                if cap.closed:
+                    break  # released while we were woken: the outbox is gone
                 frame, fds = cap.outbox[0]
                 left = self._send_now(cap, frame, fds)
                 if left is not None:
@@ -402,6 +424,9 @@ class Router:
                 cap.outbox.popleft()
                 cap.account.queued_bytes -= len(frame)
                 cap.account.wake_if_drained()
+        except Exception:
+            log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
+            self._release(cap)
         finally:
             cap.writing = False
             if cap.closed:
@@ -606,7 +631,7 @@ class Router:
         Raises:
             OSError: the router is out of fds (or memory); scheme is unchanged.
         """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = self._socketpair()
         scheme.channel = Channel(ours)
         scheme.generation += 1
         scheme.alive = True
