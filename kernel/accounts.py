@@ -68,6 +68,9 @@ class Account:
     caps: int = 0
     inflight: int = 0
     queued_bytes: int = 0
+    # fds the router holds for it besides its capabilities' sockets: in queued replies and
+    # in requests being forwarded; they count against max_caps, which bounds the router's fds
+    held_fds: int = 0
     # readers of this account's capabilities parked until it drains (any object with wake())
     blocked: set = field(default_factory=set)
 
@@ -76,8 +79,8 @@ class Account:
         return self.limits.max_caps is None
 
     def room_for_caps(self, n: int) -> bool:
-        """Whether n more capabilities fit under the quota."""
-        return self.limits.max_caps is None or self.caps + n <= self.limits.max_caps
+        """Whether n more capabilities (or other fds held for it) fit under the quota."""
+        return self.limits.max_caps is None or self.caps + self.held_fds + n <= self.limits.max_caps
 
     @property
     def saturated(self) -> bool:
@@ -96,7 +99,7 @@ class Account:
     def counters(self) -> dict[str, int | None]:
         """What KERNEL_STATUS reports for this account."""
         return {"caps": self.caps, "inflight": self.inflight, "queued_bytes": self.queued_bytes,
-                "max_caps": self.limits.max_caps}
+                "held_fds": self.held_fds, "max_caps": self.limits.max_caps}
 
 
 def raise_fd_limit() -> int:

@@ -111,8 +111,9 @@ class Capability:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def queued_bytes(self) -> int:
-        return sum(len(frame) for frame, _ in self.outbox)
+    def queued(self) -> tuple[int, int]:
+        """(bytes, fds) in its outbox."""
+        return sum(len(frame) for frame, _ in self.outbox), sum(len(fds) for _, fds in self.outbox)
 
 
 class Router:
@@ -229,14 +230,16 @@ class Router:
         old = cap.account
         if old is account:
             return
-        queued = cap.queued_bytes()
+        queued_bytes, queued_fds = cap.queued()
         old.caps -= 1
         old.inflight -= cap.inflight
-        old.queued_bytes -= queued
+        old.queued_bytes -= queued_bytes
+        old.held_fds -= queued_fds
         old.blocked.discard(cap)
         account.caps += 1
         account.inflight += cap.inflight
-        account.queued_bytes += queued
+        account.queued_bytes += queued_bytes
+        account.held_fds += queued_fds
         cap.account = account
         old.wake_if_drained()
         self._forget_if_idle(old)
@@ -362,8 +365,14 @@ class Router:
             if left is None:
                 return
             frame, fds = left
+        account = cap.account
+        if fds and not account.room_for_caps(len(fds)):
+            # queued fds are router fds held for the account: past its quota the reply fails
+            P.close_fds(fds)
+            frame, fds = P.encode_reply(P.REPLY.unpack_from(frame)[0], P.ERR, errno.EMFILE), []
         cap.outbox.append((frame, fds))
-        cap.account.queued_bytes += len(frame)
+        account.queued_bytes += len(frame)
+        account.held_fds += len(fds)
         if not cap.writing:
             cap.writing = True
             self._nursery.start_soon(self._write_outbox, cap)
@@ -420,9 +429,11 @@ class Router:
                 if left is not None:
                     cap.outbox[0] = left
                     cap.account.queued_bytes += len(left[0]) - len(frame)
+                    cap.account.held_fds += len(left[1]) - len(fds)
                     continue
                 cap.outbox.popleft()
                 cap.account.queued_bytes -= len(frame)
+                cap.account.held_fds -= len(fds)
                 cap.account.wake_if_drained()
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
@@ -439,6 +450,7 @@ class Router:
             frame, fds = cap.outbox.popleft()
             P.close_fds(fds)
             account.queued_bytes -= len(frame)
+            account.held_fds -= len(fds)
         account.wake_if_drained()
 
     def _settle(self, cap: Capability) -> None:
@@ -476,6 +488,11 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
         pid, uid, gid = cred or (0, 0, 0)
+        account = cap.account
+        if fds and not account.room_for_caps(len(fds)):
+            P.close_fds(fds)  # held while the scheme takes them: they count against the quota
+            self._reply(cap, tag, P.ERR, errno.EMFILE)
+            return
         try:
             refs = self._identify(scheme, fds) if fds else []
         except OSError as exc:
@@ -492,10 +509,12 @@ class Router:
         if self.trace:
             log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
                      scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
+        account.held_fds += len(fds)
         try:
             await self._send_to_scheme(scheme, frame, fds)
         finally:
             P.close_fds(fds)
+            account.held_fds -= len(fds)
 
     def _identify(self, scheme: Scheme, fds: list[int]) -> list[bytes]:
         """For each passed fd: its handle number if it is a capability of this scheme.

@@ -381,7 +381,7 @@ def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
     assert account != 0
     clones = [call_fd(cap, P.CLONE), call_fd(cap, P.CLONE)]  # 3 capabilities: the quota
     assert status(kernel)["accounts"][str(account)] == {
-        "caps": 3, "inflight": 0, "queued_bytes": 0, "max_caps": 3}
+        "caps": 3, "inflight": 0, "queued_bytes": 0, "held_fds": 0, "max_caps": 3}
     with pytest.raises(OSError) as info:
         call(cap, P.CLONE)
     assert info.value.errno == errno.EMFILE
@@ -418,6 +418,32 @@ def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
     for fd in (moved, *clones, cap):
         os.close(fd)
     wait_until(lambda: str(account) not in status(kernel)["accounts"])
+
+
+def test_fds_queued_for_a_client_that_does_not_read_count_against_its_quota(kernel):
+    """A scheme (perhaps the client's own) cannot make the router hold fds without bound for a
+    client that never reads: fds waiting in its outbox count against its quota."""
+    _, scheme, root = create_scheme(kernel)
+    account, (cap,) = new_account(kernel, [root], max_caps=4)
+    for tag in range(6):
+        send(cap, P.encode_request(P.READ, tag, [1]))
+    requests = [scheme.receive()[0] for _ in range(6)]
+    for req_id in requests[:4]:  # more than its socket holds: the rest waits in the outbox
+        scheme.reply(req_id, P.OK, P.pack(b"z" * 100_000))
+    r, w = os.pipe()
+    scheme.reply(requests[4], P.OK, P.pack(None), [w, w, w])  # 1 cap + 3 fds: fits
+    scheme.reply(requests[5], P.OK, P.pack(None), [w, w, w, w])  # would be 8: refused
+    os.close(w)
+    wait_until(lambda: status(kernel)["accounts"][str(account)]["held_fds"] == 3)
+    for tag in range(4):
+        assert receive(cap)[0][:2] == (tag, P.OK)
+    (tag, status_, _), fds = receive(cap)
+    assert (tag, status_, len(fds)) == (4, P.OK, 3)
+    assert receive(cap) == ((5, P.ERR, errno.EMFILE), [])
+    P.close_fds(fds)
+    assert os.read(r, 1) == b""  # every copy of the write end is closed again
+    os.close(r)
+    os.close(cap)
 
 
 def test_account_new_refuses_what_is_not_a_capability_or_not_a_limit(kernel):
