@@ -293,8 +293,13 @@ class Router:
             await cap._wakeup.wait()
         finally:
             cap._wakeup = None
-            if self._parked.pop(fd, None) is not None:
-                self._hangups.unregister(fd)
+            self._unwatch(cap, fd)
+
+    def _unwatch(self, cap: Capability, fd: int) -> None:
+        """Stop watching a parked capability's socket for hangup (before it is closed)."""
+        if fd >= 0 and self._parked.get(fd) is cap:
+            del self._parked[fd]
+            self._hangups.unregister(fd)
 
     async def _watch_hangups(self) -> None:
         while True:
@@ -311,6 +316,7 @@ class Router:
             return
         cap.closed = True
         cap.wake()
+        self._unwatch(cap, cap.channel.fileno())  # its fd number may be reused once closed
         cap.channel.close()
         self._drop_outbox(cap)
         account = cap.account
