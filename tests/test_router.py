@@ -7,6 +7,7 @@ scheme that dies.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import queue
@@ -469,11 +470,11 @@ def test_account_new_refuses_what_is_not_a_capability_or_not_a_limit(kernel):
 FD_LIMIT = 48
 
 
-@pytest.fixture
-def starved_kernel():
-    """A router with only FD_LIMIT fds (soft and hard, so it cannot raise its own)."""
+@contextlib.contextmanager
+def kernel_with_fd_limit(soft: int, hard: int):
+    """A router started with RLIMIT_NOFILE (soft, hard); yields (kernel fd, process)."""
     limited = ("import resource, runpy\n"
-               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, {FD_LIMIT}))\n"
+               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
                "runpy.run_module('kernel', run_name='__main__')\n")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen([sys.executable, "-c", limited, "--kernel-fd", str(theirs.fileno())],
@@ -488,6 +489,21 @@ def starved_kernel():
         proc.stderr.close()
         assert proc.returncode == 0, stderr
         assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def starved_kernel():
+    """A router with only FD_LIMIT fds (soft and hard, so it cannot raise its own)."""
+    with kernel_with_fd_limit(FD_LIMIT, FD_LIMIT) as started:
+        yield started
+
+
+def test_the_router_raises_its_soft_fd_limit_to_the_hard_one():
+    with kernel_with_fd_limit(64, 256) as (kernel, proc):
+        status(kernel)  # it is serving, so past its start
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(line for line in f if line.startswith("Max open files"))
+        assert line.split()[3:5] == ["256", "256"]
 
 
 def test_a_router_out_of_fds_answers_emfile_and_recovers(starved_kernel):
