@@ -5,6 +5,8 @@ import logging
 
 import trio
 
+from kernel import accounts
+from kernel.accounts import Limits
 from kernel.router import main
 from rt.limits import raise_fd_limit
 
@@ -13,7 +15,28 @@ parser.add_argument("--kernel-fd", type=int, required=True,
                     help="inherited SOCK_SEQPACKET socket served as the kernel capability")
 parser.add_argument("--trace", action="store_true",
                     help="log every request and reply: pid, scheme id, handle, operation")
+parser.add_argument("--max-caps-per-account", type=int, default=accounts.MAX_CAPS_PER_ACCOUNT,
+                    help="capabilities a client account may hold; more is EMFILE")
+parser.add_argument("--max-inflight-per-account", type=int, default=accounts.MAX_INFLIGHT_PER_ACCOUNT,
+                    help="requests of a client account in flight before its reading pauses")
+parser.add_argument("--max-inflight-per-cap", type=int, default=accounts.MAX_INFLIGHT_PER_CAP,
+                    help="requests in flight on one client capability before its reading pauses")
+parser.add_argument("--max-queued-bytes-per-account", type=int,
+                    default=accounts.MAX_QUEUED_BYTES_PER_ACCOUNT,
+                    help="reply bytes queued for a client account before its reading pauses")
+parser.add_argument("--max-inflight-per-system-cap", type=int,
+                    default=accounts.SYSTEM_MAX_INFLIGHT_PER_CAP,
+                    help="requests in flight on one capability of the system account (daemons)")
 args = parser.parse_args()
+for value in (args.max_caps_per_account, args.max_inflight_per_account, args.max_inflight_per_cap,
+              args.max_queued_bytes_per_account, args.max_inflight_per_system_cap):
+    if value < 1:
+        parser.error("limits must be positive")
 logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING, format="kernel[%(process)d] %(levelname)s %(message)s")
 raise_fd_limit()
-trio.run(main, args.kernel_fd, args.trace)
+client_limits = Limits(max_caps=args.max_caps_per_account, max_inflight=args.max_inflight_per_account,
+                       max_inflight_per_cap=args.max_inflight_per_cap,
+                       max_queued_bytes=args.max_queued_bytes_per_account)
+system_limits = Limits(max_caps=None, max_inflight=None,
+                       max_inflight_per_cap=args.max_inflight_per_system_cap, max_queued_bytes=None)
+trio.run(main, args.kernel_fd, args.trace, client_limits, system_limits)

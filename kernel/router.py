@@ -7,8 +7,9 @@ forwarded to the owning scheme with the handle and the sender's credentials
 (SO_PASSCRED, filled in by Linux) prepended; the scheme's reply is routed back
 by request id. Fds passed with a request are relayed to the scheme, each
 marked with its handle number when it is a capability of that same scheme (so
-rename can name a second directory). The router decodes only the fixed headers: it knows no scheme
-names and never looks at a request's body.
+rename can name a second directory). The router decodes only the fixed headers
+(and the arguments of its own kernel operations): it knows no scheme names and
+never looks at a forwarded request's body.
 
 When a scheme answers NEW_HANDLE the router mints a new capability pair.
 When the last capability for a handle closes (EOF: the holder closed it or
@@ -16,28 +17,44 @@ died) the router sends CLOSE to the scheme. When a scheme's channel reaches
 EOF (its daemon died) every pending request on it fails with EIO, every
 handle except its root goes stale, and the scheme can be given a new channel
 (SCHEME_RESTART) under the same id, so root capabilities keep working.
+
+No loop that serves several clients waits on one of them. A reply is sent
+without waiting; if the holder's socket is full it is queued on that
+capability's outbox and a writer task of that capability drains it. Each
+capability's reader stops reading requests while its outbox is not empty,
+while it has its account's per-capability bound of requests in flight, or
+while its account (kernel/accounts.py) has too much in flight or queued: a
+client that floods fills only its own socket. Running out of fds (or memory
+for one) fails the one request with that errno; the router keeps serving.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
 import os
+import select
 import socket
 from dataclasses import dataclass, field
 
 import trio
 
+from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
 from rt import protocol as P
 from rt.channel import Channel
 
 log = logging.getLogger("kernel")
 
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
+SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
+MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
+# A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
+HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
 
 
 @dataclass(eq=False)
@@ -80,23 +97,62 @@ class Capability:
     # (st_dev, st_ino) of the holder's end: identifies the cap when it is passed back to
     # us. Both, or a file on another filesystem with the same inode number could pose as it.
     identity: tuple[int, int] | None
+    account: Account
+    inflight: int = 0  # requests forwarded to the scheme and not yet answered
+    # replies (frame, fds owned by the outbox) waiting for the holder's socket to have room
+    outbox: collections.deque[tuple[bytes, list[int]]] = field(default_factory=collections.deque)
+    writing: bool = False  # a writer task is draining the outbox
+    closed: bool = False
+    hung_up: bool = False  # the holder went away while the reader was parked
+    _wakeup: trio.Event | None = None  # set while the reader is parked
+
+    def wake(self) -> None:
+        """Let a parked reader check again whether it may read."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def queued(self) -> tuple[int, int]:
+        """(bytes, fds) in its outbox."""
+        return sum(len(frame) for frame, _ in self.outbox), sum(len(fds) for _, fds in self.outbox)
 
 
 class Router:
-    """All of the router's state; one instance per kernel process."""
+    """All of the router's state; one instance per kernel process.
 
-    def __init__(self, nursery: trio.Nursery, trace: bool = False) -> None:
+    Args:
+        nursery: where capability, scheme and writer tasks run.
+        trace: log one line per request and per reply.
+        client_limits: the limits of an account made by ACCOUNT_NEW without arguments.
+        system_limits: the limits of the system account.
+    """
+
+    def __init__(self, nursery: trio.Nursery, trace: bool = False,
+                 client_limits: Limits = CLIENT_LIMITS, system_limits: Limits = SYSTEM_LIMITS) -> None:
         self._nursery = nursery
-        self.trace = trace  # log one line per request and per reply
+        self.trace = trace
+        self.client_limits = client_limits
         self._schemes: dict[int, Scheme] = {}
         self._scheme_ids = itertools.count(1)
         self._req_ids = itertools.count(1)
+        self._account_ids = itertools.count(SYSTEM_ACCOUNT_ID + 1)
         self._by_identity: dict[tuple[int, int], Capability] = {}
         self._kernel = Scheme(KERNEL_SCHEME_ID, alive=True)
         self._kernel_handle = SchemeHandle(self._kernel, P.ROOT_HANDLE, 0)
+        self.system_account = Account(SYSTEM_ACCOUNT_ID, system_limits)
+        # every account that still holds a capability or has a request in flight
+        self._accounts: dict[int, Account] = {SYSTEM_ACCOUNT_ID: self.system_account}
         self.frames = 0
+        self._starved = False  # the last socketpair failed (logged once per episode)
         self._supervisor_cap: Capability | None = None
         self.supervisor_gone = trio.Event()
+        # Parked readers do not recv, so they would not see EOF: watch their sockets for hangup.
+        self._hangups = select.epoll()
+        self._parked: dict[int, Capability] = {}
+        nursery.start_soon(self._watch_hangups)
+
+    def close(self) -> None:
+        """Release what the router holds besides its tasks' sockets."""
+        self._hangups.close()
 
     # -- capabilities --------------------------------------------------------
 
@@ -108,33 +164,100 @@ class Router:
         """
         channel = Channel.from_fd(fd)
         channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._supervisor_cap = self._start_capability(channel, self._kernel_handle, identity=None)
+        self._supervisor_cap = self._start_capability(
+            channel, self._kernel_handle, None, self.system_account)
 
-    def mint(self, handle: SchemeHandle) -> int:
-        """Create a capability for handle; returns the holder's end (caller owns it)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def mint(self, handle: SchemeHandle, account: Account) -> int:
+        """Create a capability for handle, charged to account.
+
+        Returns:
+            The holder's end; the caller owns it.
+
+        Raises:
+            OSError: EMFILE if account is at its quota; whatever socketpair or fstat
+                raise when the router is out of fds or memory (EMFILE, ENFILE, ENOMEM...).
+        """
+        if not account.room_for_caps(1):
+            raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+        ours, theirs = self._socketpair()
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             st = os.fstat(theirs.fileno())
-            self._start_capability(Channel(ours), handle, (st.st_dev, st.st_ino))
+            self._start_capability(Channel(ours), handle, (st.st_dev, st.st_ino), account)
         except BaseException:
             ours.close()
             theirs.close()
             raise
         return theirs.detach()
 
+    def _socketpair(self) -> tuple[socket.socket, socket.socket]:
+        """A SEQPACKET pair; says once in the log when the router runs out of fds.
+
+        Raises:
+            OSError: EMFILE, ENFILE, ENOMEM...: the one request that needed it fails.
+        """
+        try:
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            if not self._starved:
+                log.warning("out of fds (%s): failing requests that need one until some close", exc)
+            self._starved = True
+            raise
+        self._starved = False
+        return pair
+
     def _start_capability(self, channel: Channel, handle: SchemeHandle,
-                          identity: tuple[int, int] | None) -> Capability:
-        cap = Capability(channel, handle, identity)
+                          identity: tuple[int, int] | None, account: Account) -> Capability:
+        cap = Capability(channel, handle, identity, account)
         handle.refs += 1
+        account.caps += 1
         if identity is not None:
             self._by_identity[identity] = cap
         self._nursery.start_soon(self._serve_capability, cap)
         return cap
 
+    def _capability_of(self, fd: int) -> Capability | None:
+        """The capability whose holder's end fd is, if it is one of ours.
+
+        Raises:
+            OSError: fstat failed.
+        """
+        st = os.fstat(fd)
+        return self._by_identity.get((st.st_dev, st.st_ino))
+
+    def _move(self, cap: Capability, account: Account) -> None:
+        """Charge cap, and what it has in flight and queued, to account from now on."""
+        old = cap.account
+        if old is account:
+            return
+        queued_bytes, queued_fds = cap.queued()
+        old.caps -= 1
+        old.inflight -= cap.inflight
+        old.queued_bytes -= queued_bytes
+        old.held_fds -= queued_fds
+        old.blocked.discard(cap)
+        account.caps += 1
+        account.inflight += cap.inflight
+        account.queued_bytes += queued_bytes
+        account.held_fds += queued_fds
+        cap.account = account
+        old.wake_if_drained()
+        self._forget_if_idle(old)
+        cap.wake()  # it may have been parked for its old account
+
+    def _forget_if_idle(self, account: Account) -> None:
+        """Stop listing an account that holds nothing any more."""
+        if not account.caps and not account.inflight and account is not self.system_account:
+            self._accounts.pop(account.id, None)
+
     async def _serve_capability(self, cap: Capability) -> None:
         try:
             while True:
+                if self._must_wait(cap):
+                    await self._park(cap)
+                    if cap.hung_up or cap.closed:
+                        break  # its requests still unread have no one to answer to
+                    continue
                 try:
                     data, fds, flags, cred = await cap.channel.recv(P.CMSG_ALL)
                 except (OSError, trio.ClosedResourceError):
@@ -142,11 +265,64 @@ class Router:
                 if not data and not fds:
                     break  # EOF: every holder closed it or died
                 await self._on_request(cap, data, flags, fds, cred)
+        except Exception:
+            log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
         finally:
             self._release(cap)
 
+    def _must_wait(self, cap: Capability) -> bool:
+        """Whether cap's reader must stop reading requests for now (backpressure)."""
+        if cap.outbox:
+            return True  # its holder is not reading replies: read no more requests
+        account = cap.account
+        per_cap = account.limits.max_inflight_per_cap
+        if per_cap is not None and cap.inflight >= per_cap:
+            return True
+        if account.saturated:
+            account.blocked.add(cap)
+            return True
+        return False
+
+    async def _park(self, cap: Capability) -> None:
+        """Wait until cap.wake() (it drained, or it moved accounts) or its holder hangs up."""
+        fd = cap.channel.fileno()
+        cap._wakeup = trio.Event()
+        self._hangups.register(fd, select.EPOLLRDHUP)
+        self._parked[fd] = cap
+        try:
+            await cap._wakeup.wait()
+        finally:
+            cap._wakeup = None
+            self._unwatch(cap, fd)
+
+    def _unwatch(self, cap: Capability, fd: int) -> None:
+        """Stop watching a parked capability's socket for hangup (before it is closed)."""
+        if fd >= 0 and self._parked.get(fd) is cap:
+            del self._parked[fd]
+            self._hangups.unregister(fd)
+
+    async def _watch_hangups(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._hangups)
+            for fd, _ in self._hangups.poll(0):
+                cap = self._parked.pop(fd, None)
+                if cap is not None:
+                    self._hangups.unregister(fd)  # level-triggered: it would fire again
+                    cap.hung_up = True
+                    cap.wake()
+
     def _release(self, cap: Capability) -> None:
+        if cap.closed:
+            return
+        cap.closed = True
+        cap.wake()
+        self._unwatch(cap, cap.channel.fileno())  # its fd number may be reused once closed
         cap.channel.close()
+        self._drop_outbox(cap)
+        account = cap.account
+        account.caps -= 1
+        account.blocked.discard(cap)
+        self._forget_if_idle(account)
         if cap is self._supervisor_cap:
             self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
         if cap.identity is not None:
@@ -163,47 +339,195 @@ class Router:
         if handle.live and handle.number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, handle.number)
 
+    def _close_unclaimed(self, scheme: Scheme, number: int) -> None:
+        """A scheme opened handle number but no capability came of it: tell it to close it."""
+        handle = scheme.handles.get(number)
+        if handle is not None and handle.refs:
+            return  # capabilities hold it; the last one's EOF sends CLOSE
+        scheme.handles.pop(number, None)
+        if scheme.alive and number != P.ROOT_HANDLE:
+            self._nursery.start_soon(self._send_close, scheme, number)
+
     async def _send_close(self, scheme: Scheme, number: int) -> None:
         frame = P.SREQUEST.pack(0, number, 0, 0, 0, P.CLOSE, 0) + P.pack([])
         await self._send_to_scheme(scheme, frame, [])
 
+    # -- replies to holders: never wait ---------------------------------------
+
+    def _reply(self, cap: Capability, tag: int, status: int, value, fds: list[int] | None = None) -> None:
+        """Answer a request on cap; takes ownership of fds."""
+        self._deliver(cap, P.encode_reply(tag, status, value), fds or [])
+
+    def _deliver(self, cap: Capability, frame: bytes, fds: list[int]) -> None:
+        """Send frame to cap's holder now, or queue it on cap's outbox; never waits.
+
+        Takes ownership of fds: they are closed once sent or dropped.
+        """
+        if cap.closed:
+            P.close_fds(fds)
+            return
+        if not cap.outbox:
+            left = self._send_now(cap, frame, fds)
+            if left is None:
+                return
+            frame, fds = left
+        account = cap.account
+        if fds and not account.room_for_caps(len(fds)):
+            # queued fds are router fds held for the account: past its quota the reply fails
+            P.close_fds(fds)
+            frame, fds = P.encode_reply(P.REPLY.unpack_from(frame)[0], P.ERR, errno.EMFILE), []
+        cap.outbox.append((frame, fds))
+        account.queued_bytes += len(frame)
+        account.held_fds += len(fds)
+        if not cap.writing:
+            cap.writing = True
+            self._nursery.start_soon(self._write_outbox, cap)
+
+    def _send_now(self, cap: Capability, frame: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
+        """Try to send one reply without waiting.
+
+        Returns:
+            None when done with it (sent, or dropped because the holder is gone; its fds
+            are closed), else the frame and fds still to send: the same, or an ERR reply
+            that replaced one that could not be sent as it was.
+        """
+        while True:
+            try:
+                if not cap.channel.try_send(frame, fds):
+                    return frame, fds
+            except OSError as exc:
+                P.close_fds(fds)
+                replacement = self._error_for_failed_send(cap, frame, exc)
+                if replacement is None:
+                    return None
+                frame, fds = replacement, []
+                continue
+            P.close_fds(fds)
+            return None
+
+    def _error_for_failed_send(self, cap: Capability, frame: bytes, exc: OSError) -> bytes | None:
+        """The ERR reply that tells the holder why its reply could not be sent, if any.
+
+        Sending fds can fail on its own (ETOOMANYREFS, ENOBUFS, ENOMEM...): the request
+        then fails with that errno instead of leaving its caller waiting.
+        """
+        if exc.errno in HOLDER_GONE or cap.closed:
+            return None
+        tag, status = P.REPLY.unpack_from(frame)
+        if status == P.ERR:
+            return None  # an error reply that cannot be sent either: nothing smaller to try
+        if self.trace:
+            log.info("reply to tag %d not sendable (%s): answering the errno", tag, exc)
+        return P.encode_reply(tag, P.ERR, exc.errno or errno.EIO)
+
+    async def _write_outbox(self, cap: Capability) -> None:
+        """Drain cap's outbox as its holder reads; the one task that waits on its socket."""
+        try:
+            while cap.outbox and not cap.closed:
+                try:
+                    await cap.channel.wait_writable()
+                except trio.ClosedResourceError:
+                    break
+                if cap.closed:
+                    break  # released while we were woken: the outbox is gone
+                frame, fds = cap.outbox[0]
+                left = self._send_now(cap, frame, fds)
+                if left is not None:
+                    cap.outbox[0] = left
+                    cap.account.queued_bytes += len(left[0]) - len(frame)
+                    cap.account.held_fds += len(left[1]) - len(fds)
+                    continue
+                cap.outbox.popleft()
+                cap.account.queued_bytes -= len(frame)
+                cap.account.held_fds -= len(fds)
+                cap.account.wake_if_drained()
+        except Exception:
+            log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
+            self._release(cap)
+        finally:
+            cap.writing = False
+            if cap.closed:
+                self._drop_outbox(cap)
+            cap.wake()
+
+    def _drop_outbox(self, cap: Capability) -> None:
+        account = cap.account
+        while cap.outbox:
+            frame, fds = cap.outbox.popleft()
+            P.close_fds(fds)
+            account.queued_bytes -= len(frame)
+            account.held_fds -= len(fds)
+        account.wake_if_drained()
+
+    def _settle(self, cap: Capability) -> None:
+        """One of cap's requests was answered (or never will be): it is no longer in flight."""
+        cap.inflight -= 1
+        cap.account.inflight -= 1
+        cap.wake()
+        cap.account.wake_if_drained()
+        if cap.closed:
+            self._forget_if_idle(cap.account)
+
     # -- requests ------------------------------------------------------------
 
-    async def _on_request(self, cap, data: bytes, flags: int, fds: list[int], cred) -> None:
+    async def _on_request(self, cap: Capability, data: bytes, flags: int, fds: list[int], cred) -> None:
         self.frames += 1
         if flags & P.TRUNCATED or len(data) < P.REQUEST.size:
             P.close_fds(fds)
+            whole = len(data) >= P.REQUEST.size and flags & P.TRUNCATED == MSG_CTRUNC
             tag = P.REQUEST.unpack_from(data)[1] if len(data) >= P.REQUEST.size else 0
-            await self._reply(cap, tag, P.ERR, errno.EINVAL)
+            # The buffer fits every fd a message can carry, so a control truncation of a
+            # whole frame means Linux could not give us the fds: we are out of them.
+            self._reply(cap, tag, P.ERR, errno.EMFILE if whole else errno.EINVAL)
             return
         op, tag = P.REQUEST.unpack_from(data)
         if op < P.FIRST_SCHEME_OP:
-            P.close_fds(fds)
-            await self._kernel_op(cap, op, tag, data)
+            try:
+                await self._kernel_op(cap, op, tag, data, fds)
+            finally:
+                P.close_fds(fds)
             return
         handle = cap.handle
         scheme = handle.scheme
         if scheme is self._kernel or not handle.live:
             P.close_fds(fds)
-            await self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
+            self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
         pid, uid, gid = cred or (0, 0, 0)
-        refs = self._identify(scheme, fds) if fds else []
+        account = cap.account
+        if fds and not account.room_for_caps(len(fds)):
+            P.close_fds(fds)  # held while the scheme takes them: they count against the quota
+            self._reply(cap, tag, P.ERR, errno.EMFILE)
+            return
+        try:
+            refs = self._identify(scheme, fds) if fds else []
+        except OSError as exc:
+            P.close_fds(fds)
+            self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
+            return
         req_id = next(self._req_ids)
         header = P.SREQUEST.pack(req_id, handle.number, pid, uid, gid, op, len(refs))
         frame = b"".join([header, *refs, data[P.REQUEST.size :]])
         scheme.pending[req_id] = (cap, tag)
+        cap.inflight += 1
+        cap.account.inflight += 1
         scheme.frames += 1
         if self.trace:
             log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
-                        scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
+                     scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
+        account.held_fds += len(fds)
         try:
             await self._send_to_scheme(scheme, frame, fds)
         finally:
             P.close_fds(fds)
+            account.held_fds -= len(fds)
 
     def _identify(self, scheme: Scheme, fds: list[int]) -> list[bytes]:
-        """For each passed fd: its handle number if it is a capability of this scheme."""
+        """For each passed fd: its handle number if it is a capability of this scheme.
+
+        Raises:
+            OSError: fstat failed (out of memory).
+        """
         refs = []
         for fd in fds:
             st = os.fstat(fd)
@@ -222,66 +546,117 @@ class Router:
             log.warning("scheme %d: send failed: %s", scheme.id, exc)
             self._scheme_died(scheme)
 
-    async def _reply(self, cap: Capability, tag: int, status: int, value, fds=()) -> None:
-        frame = P.encode_reply(tag, status, value)
-        await self._send_raw(cap, frame, fds)
-
-    async def _send_raw(self, cap: Capability, frame: bytes, fds) -> None:
-        try:
-            await cap.channel.send(frame, fds)
-        except (OSError, trio.ClosedResourceError):
-            pass  # the holder is gone; its EOF cleans up
-
     # -- kernel operations ---------------------------------------------------
 
-    async def _kernel_op(self, cap: Capability, op: int, tag: int, data: bytes) -> None:
+    async def _kernel_op(self, cap: Capability, op: int, tag: int, data: bytes, fds: list[int]) -> None:
+        """Answer an operation of the router's own; fds stay the caller's."""
         handle = cap.handle
+        on_kernel = handle.scheme is self._kernel
         if op == P.CLONE:
             if not handle.live:
-                await self._reply(cap, tag, P.ERR, errno.EIO)
+                self._reply(cap, tag, P.ERR, errno.EIO)
                 return
-            fd = self.mint(handle)
             try:
-                await self._reply(cap, tag, P.OK, None, [fd])
-            finally:
-                os.close(fd)
+                fd = self.mint(handle, cap.account)
+            except OSError as exc:
+                self._refuse(cap, tag, exc)
+                return
+            self._reply(cap, tag, P.OK, None, [fd])
         elif op == P.GETFL:
-            await self._reply(cap, tag, P.OK, handle.fdflags)
-        elif handle.scheme is self._kernel and op == P.SCHEME_CREATE:
-            scheme = Scheme(next(self._scheme_ids))
-            self._schemes[scheme.id] = scheme
-            channel_fd = self._attach_channel(scheme)
-            root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation)
-            scheme.handles[P.ROOT_HANDLE] = root
-            root_fd = self.mint(root)
-            try:
-                await self._reply(cap, tag, P.OK, scheme.id, [channel_fd, root_fd])
-            finally:
-                os.close(channel_fd)
-                os.close(root_fd)
-        elif handle.scheme is self._kernel and op == P.SCHEME_RESTART:
+            self._reply(cap, tag, P.OK, handle.fdflags)
+        elif on_kernel and op == P.SCHEME_CREATE:
+            self._scheme_create(cap, tag)
+        elif on_kernel and op == P.SCHEME_RESTART:
             try:
                 (scheme_id,) = P.unpack(memoryview(data)[P.REQUEST.size :])
                 scheme = self._schemes[scheme_id]
             except (P.ProtocolError, TypeError, ValueError, KeyError):
-                await self._reply(cap, tag, P.ERR, errno.EINVAL)
+                self._reply(cap, tag, P.ERR, errno.EINVAL)
                 return
             if scheme.alive:
-                await self._reply(cap, tag, P.ERR, errno.EBUSY)
+                self._reply(cap, tag, P.ERR, errno.EBUSY)
                 return
-            channel_fd = self._attach_channel(scheme)
             try:
-                await self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
-            finally:
-                os.close(channel_fd)
-        elif handle.scheme is self._kernel and op == P.KERNEL_STATUS:
-            await self._reply(cap, tag, P.OK, await self._status())
+                channel_fd = self._attach_channel(scheme)
+            except OSError as exc:
+                self._refuse(cap, tag, exc)
+                return
+            self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
+        elif on_kernel and op == P.ACCOUNT_NEW:
+            self._account_new(cap, tag, data, fds)
+        elif on_kernel and op == P.KERNEL_STATUS:
+            self._reply(cap, tag, P.OK, await self._status())
         else:
-            await self._reply(cap, tag, P.ERR, errno.EINVAL)
+            self._reply(cap, tag, P.ERR, errno.EINVAL)
+
+    def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
+        """Fail one request because the router could not make or take an fd."""
+        if self.trace:
+            log.info("tag %d refused: %s", tag, exc)
+        self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
+
+    def _scheme_create(self, cap: Capability, tag: int) -> None:
+        scheme = Scheme(next(self._scheme_ids))
+        try:
+            channel_fd = self._attach_channel(scheme)
+        except OSError as exc:
+            self._refuse(cap, tag, exc)
+            return
+        root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation)
+        scheme.handles[P.ROOT_HANDLE] = root
+        try:
+            root_fd = self.mint(root, cap.account)
+        except OSError as exc:
+            os.close(channel_fd)
+            self._scheme_died(scheme)  # never registered: it just goes away
+            self._refuse(cap, tag, exc)
+            return
+        self._schemes[scheme.id] = scheme
+        self._reply(cap, tag, P.OK, scheme.id, [channel_fd, root_fd])
+
+    def _account_new(self, cap: Capability, tag: int, data: bytes, fds: list[int]) -> None:
+        """ACCOUNT_NEW: clones of the passed capabilities, charged to a fresh account."""
+        try:
+            args = P.unpack(memoryview(data)[P.REQUEST.size :])
+            if not isinstance(args, list) or len(args) > 1 or not fds:
+                raise ValueError("expected [limits or nil] and at least one capability")
+            limits = self.client_limits.overridden(args[0] if args and args[0] is not None else {})
+        except (P.ProtocolError, TypeError, ValueError):
+            self._reply(cap, tag, P.ERR, errno.EINVAL)
+            return
+        try:
+            originals = [self._capability_of(fd) for fd in fds]
+        except OSError as exc:
+            self._refuse(cap, tag, exc)
+            return
+        if any(c is None for c in originals):
+            self._reply(cap, tag, P.ERR, errno.EBADF)  # not a capability
+            return
+        if not all(c.handle.live for c in originals):
+            self._reply(cap, tag, P.ERR, errno.EIO)
+            return
+        account = Account(next(self._account_ids), limits)
+        if not account.room_for_caps(len(originals)):
+            self._reply(cap, tag, P.ERR, errno.EMFILE)
+            return
+        clones: list[int] = []
+        try:
+            for original in originals:
+                clones.append(self.mint(original.handle, account))
+        except OSError as exc:
+            P.close_fds(clones)  # their EOF releases them
+            self._refuse(cap, tag, exc)
+            return
+        self._accounts[account.id] = account
+        self._reply(cap, tag, P.OK, account.id, clones)
 
     def _attach_channel(self, scheme: Scheme) -> int:
-        """Give scheme a fresh request channel; returns the daemon's end."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """Give scheme a fresh request channel; returns the daemon's end.
+
+        Raises:
+            OSError: the router is out of fds (or memory); scheme is unchanged.
+        """
+        ours, theirs = self._socketpair()
         scheme.channel = Channel(ours)
         scheme.generation += 1
         scheme.alive = True
@@ -312,6 +687,7 @@ class Router:
                 }
                 for s in self._schemes.values()
             },
+            "accounts": {str(a.id): a.counters() for a in self._accounts.values()},
         }
 
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:
@@ -341,7 +717,7 @@ class Router:
                 if not data and not fds:
                     break
                 try:
-                    await self._on_reply(scheme, data, flags, fds)
+                    self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
                     P.close_fds(fds)
                     log.exception("scheme %d: bad reply dropped", scheme.id)
@@ -350,42 +726,77 @@ class Router:
                 self._scheme_died(scheme)
             channel.close()
 
-    async def _on_reply(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
-        if flags & P.TRUNCATED or len(data) < P.SREPLY.size:
-            raise P.ProtocolError("truncated or short reply")
+    def _on_reply(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
+        if len(data) < P.SREPLY.size:
+            P.close_fds(fds)
+            log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
+            return
         req_id, status = P.SREPLY.unpack_from(data)
+        body = memoryview(data)[P.SREPLY.size :]
+        new = None  # (number, fdflags) of the handle a NEW_HANDLE reply opened
+        if status == P.NEW_HANDLE and len(body) >= P.NEW_HANDLE_HDR.size:
+            new = P.NEW_HANDLE_HDR.unpack_from(body)
+            body = body[P.NEW_HANDLE_HDR.size :]
         waiter = scheme.pending.pop(req_id, None)
         if self.trace:
             log.info("req %d: <- scheme %d %s (%d fds)", req_id, scheme.id, STATUS_NAMES.get(status, status), len(fds))
-        if waiter is None:
+        if not isinstance(waiter, tuple):
             P.close_fds(fds)
-            return  # the request was abandoned (its capability closed) or never existed
-        body = memoryview(data)[P.SREPLY.size :]
-        if isinstance(waiter, trio.MemorySendChannel):
-            P.close_fds(fds)
-            try:
-                waiter.send_nowait((status, P.unpack(body)))
-            except P.ProtocolError:
-                waiter.send_nowait((P.ERR, errno.EIO))
-            return
+            if new is not None:
+                self._close_unclaimed(scheme, new[0])  # nobody will get a capability for it
+            if waiter is not None:  # a status query of our own
+                try:
+                    waiter.send_nowait((status, P.unpack(body)))
+                except P.ProtocolError:
+                    waiter.send_nowait((P.ERR, errno.EIO))
+            return  # else the request never existed
         cap, tag = waiter
+        self._settle(cap)
+        if flags & P.TRUNCATED:
+            P.close_fds(fds)
+            if new is not None:
+                self._close_unclaimed(scheme, new[0])
+            log.warning("scheme %d: truncated reply to %d", scheme.id, req_id)
+            # control truncation alone: Linux could not give us the fds it carried
+            self._reply(cap, tag, P.ERR, errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.EIO)
+            return
+        if status == P.NEW_HANDLE and new is None:
+            P.close_fds(fds)
+            log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
+            self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
+            return
+        self._relay(scheme, cap, tag, P.OK if new is not None else status, body, fds, new)
+
+    def _relay(self, scheme: Scheme, cap: Capability, tag: int, status: int, body: memoryview,
+               fds: list[int], new: tuple[int, int] | None) -> None:
+        """Pass a scheme's reply on to cap's holder, with its fds and any new capability.
+
+        Capabilities in the reply are charged to cap's account from now on; if they do
+        not fit in its quota, or the router cannot mint, the reply becomes ERR (EMFILE,
+        ENFILE...) and every fd it carried is closed.
+        """
+        account = cap.account
         try:
-            if status == P.NEW_HANDLE:
-                if len(body) < P.NEW_HANDLE_HDR.size:
-                    log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
-                    await self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
-                    return
-                number, fdflags = P.NEW_HANDLE_HDR.unpack_from(body)
-                body = body[P.NEW_HANDLE_HDR.size :]
+            passed = [self._capability_of(fd) for fd in fds]
+            moving = {id(c): c for c in passed if c is not None and c.account is not account}
+            if not account.room_for_caps(len(moving) + (new is not None)):
+                raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+            if new is not None:
+                number, fdflags = new
                 handle = scheme.handles.get(number)
                 if handle is None:
                     handle = SchemeHandle(scheme, number, scheme.generation, fdflags)
                     scheme.handles[number] = handle
-                fds.insert(0, self.mint(handle))
-                status = P.OK
-            await self._send_raw(cap, P.REPLY.pack(tag, status) + body, fds)
-        finally:
-            P.close_fds(fds)
+                fds.insert(0, self.mint(handle, account))
+        except OSError as exc:
+            P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
+            if new is not None:
+                self._close_unclaimed(scheme, new[0])
+            self._refuse(cap, tag, exc)
+            return
+        for moved in moving.values():
+            self._move(moved, account)
+        self._deliver(cap, P.REPLY.pack(tag, status) + body, fds)
 
     def _scheme_died(self, scheme: Scheme) -> None:
         if not scheme.alive:
@@ -404,20 +815,26 @@ class Router:
                 waiter.close()
             else:
                 cap, tag = waiter
-                self._nursery.start_soon(self._reply, cap, tag, P.ERR, errno.EIO)
+                self._settle(cap)
+                self._reply(cap, tag, P.ERR, errno.EIO)
 
 
-async def main(kernel_fd: int, trace: bool = False) -> None:
+async def main(kernel_fd: int, trace: bool = False, client_limits: Limits = CLIENT_LIMITS,
+               system_limits: Limits = SYSTEM_LIMITS) -> None:
     """Run the router until the supervisor's kernel capability is closed.
 
     Args:
         kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
             kernel capability (the supervisor holds its other end).
         trace: log every request and reply (ids and operation names only).
+        client_limits: the default limits of accounts made by ACCOUNT_NEW.
+        system_limits: the limits of the system account (the kernel capability's).
     """
     async with trio.open_nursery() as nursery:
-        router = Router(nursery, trace)
-        router.adopt_kernel_capability(kernel_fd)
-        await router.supervisor_gone.wait()
-        nursery.cancel_scope.cancel()
-
+        router = Router(nursery, trace, client_limits, system_limits)
+        try:
+            router.adopt_kernel_capability(kernel_fd)
+            await router.supervisor_gone.wait()
+        finally:
+            nursery.cancel_scope.cancel()
+    router.close()

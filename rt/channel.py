@@ -94,6 +94,33 @@ class Channel:
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
 
+    def try_send(self, frame: bytes, fds: list[int] | tuple[int, ...] = ()) -> bool:
+        """Send one frame only if the socket has room now (the caller keeps its fds).
+
+        Returns:
+            True if sent; False if it would block (or a blocked send is queued first).
+
+        Raises:
+            OSError: the peer is gone, the socket is closed, or the frame cannot be sent.
+        """
+        if self._send_lock.locked():
+            return False  # a waiting send goes first: frames stay in order
+        try:
+            self.sock.sendmsg([frame], P.fds_ancillary(fds))
+        except BlockingIOError:
+            return False
+        return True
+
+    async def wait_writable(self) -> None:
+        """Wait until a send may succeed (or the peer hung up: the send then fails).
+
+        Raises:
+            trio.ClosedResourceError: the channel was closed meanwhile.
+        """
+        if self.sock.fileno() < 0:
+            raise trio.ClosedResourceError("channel closed")
+        await trio.lowlevel.wait_writable(self.sock)
+
     def close(self) -> None:
         """Close the socket; tasks waiting on it get trio.ClosedResourceError."""
         if self.sock.fileno() >= 0:

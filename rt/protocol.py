@@ -57,6 +57,7 @@ GETFL = 2  # any capability: the fd flags the scheme gave the handle
 SCHEME_CREATE = 8  # kernel capability: a new anonymous scheme
 SCHEME_RESTART = 9  # kernel capability: a new channel for a scheme whose daemon died
 KERNEL_STATUS = 10  # kernel capability: counters per scheme id
+ACCOUNT_NEW = 11  # kernel capability: clones of the passed capabilities in a fresh account
 SCHEME_STATUS = 14  # router -> scheme: how many handles are open (internal)
 CLOSE = 15  # router -> scheme: the last capability for a handle is gone (no reply)
 

@@ -7,35 +7,69 @@ scheme that dies.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from kernel import accounts
 from rt import protocol as P
 from rt._call import call, call_fd
 
 
 class FakeScheme:
-    """The daemon's end of a scheme channel, driven by hand."""
+    """The daemon's end of a scheme channel, driven by hand.
+
+    A thread reads the channel: it answers the router's status queries (KERNEL_STATUS
+    asks every scheme) and queues every other frame for receive().
+    """
 
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
-        self.sock.settimeout(10)
+        self._frames: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+            except OSError:
+                data, anc = b"", []
+            fds, _ = P.parse_ancillary(anc)
+            if not data:
+                self._frames.put(None)
+                return
+            req_id, handle, pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
+            if op == P.SCHEME_STATUS:
+                self.reply(req_id, P.OK, P.pack({"handles": 0, "requests": 0}))
+                continue
+            refs = [P.REF.unpack_from(data, P.SREQUEST.size + 8 * i)[0] for i in range(nrefs)]
+            args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
+            self._frames.put((req_id, handle, pid, op, [args, refs], fds))
 
     def receive(self) -> tuple[int, int, int, int, list, list[int]]:
-        data, anc, _, _ = self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
-        fds, _ = P.parse_ancillary(anc)
-        req_id, handle, pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
-        refs = [P.REF.unpack_from(data, P.SREQUEST.size + 8 * i)[0] for i in range(nrefs)]
-        args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
-        return req_id, handle, pid, op, [args, refs], fds
+        """The next request the router forwarded (fails after a generous timeout)."""
+        frame = self._frames.get(timeout=10)
+        if frame is None:
+            raise EOFError("the scheme channel was shut down")
+        return frame
 
     def reply(self, req_id: int, status: int, raw: bytes, fds=()) -> None:
         self.sock.sendmsg([P.SREPLY.pack(req_id, status) + raw], P.fds_ancillary(list(fds)))
+
+    def die(self) -> None:
+        """The daemon exits: the router sees EOF on the channel."""
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._reader.join()
+        self.sock.close()
 
 
 @pytest.fixture
@@ -139,7 +173,7 @@ def test_when_a_scheme_dies_requests_fail_and_a_restart_keeps_the_root(kernel):
     assert info.value.errno == errno.EBUSY  # it is alive
     send(cap, P.encode_request(P.READ, 9, [1]))
     scheme.receive()
-    scheme.sock.close()  # the daemon dies with a request pending
+    scheme.die()  # the daemon dies with a request pending
     assert receive(cap) == ((9, P.ERR, errno.EIO), [])
     _, (channel,) = call(kernel, P.SCHEME_RESTART, [scheme_id])
     reborn = FakeScheme(channel)
@@ -192,3 +226,328 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
         os.close(fd)
         a.close()
         b.close()
+
+
+# -- backpressure, accounts and running out of fds ---------------------------------
+
+
+def status(kernel: int) -> dict:
+    return call(kernel, P.KERNEL_STATUS)[0]
+
+
+def account_caps(kernel: int, account: int) -> int:
+    return status(kernel)["accounts"].get(str(account), {}).get("caps", 0)
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    """Ask the router again until predicate holds (it acts on EOFs asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the router did not get there in time"
+        time.sleep(0.01)
+
+
+def answer_everything(scheme: FakeScheme) -> threading.Thread:
+    """Answer every READ [n] with n bytes from a thread, until the channel is shut down."""
+    def serve() -> None:
+        while True:
+            try:
+                req_id, _, _, op, (args, _), fds = scheme.receive()
+            except EOFError:
+                return
+            P.close_fds(fds)
+            if op != P.CLOSE:
+                scheme.reply(req_id, P.OK, P.pack(b"x" * args[0]))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_client_that_never_reads_its_replies_does_not_delay_another(kernel):
+    _, scheme, root = create_scheme(kernel)
+    account, (flooder,) = new_account(kernel, [root])
+    victim = call_fd(root, P.CLONE)
+    server = answer_everything(scheme)
+    flood = 2000  # far more than its socket holds once the router stops reading it
+
+    def send_flood() -> None:  # a client that sends and never reads (until told to)
+        with socket.socket(fileno=os.dup(flooder)) as s:
+            s.settimeout(60)  # blocks while the router does not read it
+            for tag in range(flood):
+                s.send(P.encode_request(P.READ, tag, [60_000 if tag < 8 else 1]))
+
+    flooding = threading.Thread(target=send_flood, daemon=True)
+    flooding.start()
+    # its big replies fill its socket: the router queues the rest and reads no more from it
+    wait_until(lambda: status(kernel)["accounts"][str(account)]["queued_bytes"] > 0)
+    for tag in range(20):
+        send(victim, P.encode_request(P.READ, tag, [60_000]))
+        (got_tag, status_, value), _ = receive(victim)  # within receive's timeout
+        assert (got_tag, status_, len(value)) == (tag, P.OK, 60_000)
+    assert flooding.is_alive()  # its own sends block: it slows only itself
+    assert status(kernel)["accounts"][str(account)]["queued_bytes"] > 0
+    for tag in range(flood):  # once it reads, everything arrives, in order
+        (got_tag, status_, value), _ = receive(flooder)
+        assert (got_tag, status_, len(value)) == (tag, P.OK, 60_000 if tag < 8 else 1)
+    flooding.join()
+    scheme.die()
+    server.join()
+    for fd in (flooder, victim):
+        os.close(fd)
+
+
+def test_replies_queued_for_a_slow_reader_keep_their_order(kernel):
+    _, scheme, root = create_scheme(kernel)
+    for tag in range(12):
+        send(root, P.encode_request(P.READ, tag, [100_000]))
+    for _ in range(12):  # all answered before the client reads any: most of them queue
+        req_id, *_ = scheme.receive()
+        scheme.reply(req_id, P.OK, P.pack(b"y" * 100_000))
+    assert [receive(root)[0][0] for _ in range(12)] == list(range(12))
+
+
+def new_account(kernel: int, caps: list[int], **limits) -> tuple[int, list[int]]:
+    return call(kernel, P.ACCOUNT_NEW, [limits or None], caps)
+
+
+def test_a_capability_has_at_most_its_bound_of_requests_in_flight(kernel):
+    _, scheme, root = create_scheme(kernel)
+    _, (flooder,) = new_account(kernel, [root])
+    bound = accounts.MAX_INFLIGHT_PER_CAP
+    for tag in range(bound + 40):
+        send(flooder, P.encode_request(P.READ, tag, [1]))
+    waiting = [scheme.receive() for _ in range(bound)]
+    assert {req[4][0][0] for req in waiting} == {1}
+    send(root, P.encode_request(P.READ, 999, [2]))  # another capability is still served
+    req_id, _, _, _, (args, _), _ = scheme.receive()
+    assert args == [2]  # the flooder's next request was not forwarded: it is at its bound
+    scheme.reply(req_id, P.OK, P.pack(b"r"))
+    assert receive(root)[0] == (999, P.OK, b"r")
+    answered = 0
+    while waiting:  # one answer lets exactly one more request through
+        req_id, *_ = waiting.pop(0)
+        scheme.reply(req_id, P.OK, P.pack(b"f"))
+        answered += 1
+        if answered <= 40:
+            waiting.append(scheme.receive())
+        assert len(waiting) <= bound
+    assert sorted(receive(flooder)[0][0] for _ in range(bound + 40)) == list(range(bound + 40))
+    os.close(flooder)
+
+
+def test_an_account_has_at_most_its_bound_of_requests_in_flight(kernel):
+    _, scheme, root = create_scheme(kernel)
+    _, (a, b) = new_account(kernel, [root, root], max_inflight=5)
+    for fd in (a, b):
+        for tag in range(4):
+            send(fd, P.encode_request(P.READ, tag, [1]))
+    waiting = [scheme.receive() for _ in range(5)]
+    send(root, P.encode_request(P.READ, 9, [2]))
+    req_id, _, _, _, (args, _), _ = scheme.receive()
+    assert args == [2]  # no sixth request of the account got through
+    scheme.reply(req_id, P.OK, P.pack(None))
+    receive(root)
+    for req_id, *_ in waiting:
+        scheme.reply(req_id, P.OK, P.pack(None))
+    for req_id, *_ in [scheme.receive() for _ in range(3)]:
+        scheme.reply(req_id, P.OK, P.pack(None))
+    assert len([receive(a) for _ in range(4)] + [receive(b) for _ in range(4)]) == 8
+    os.close(a)
+    os.close(b)
+
+
+def test_a_parked_capability_whose_holder_leaves_is_closed_at_the_scheme(kernel):
+    _, scheme, root = create_scheme(kernel)
+    send(root, P.encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(5, 0) + P.pack(None))
+    _, (opened,) = receive(root)
+    account, (cap,) = new_account(kernel, [opened], max_inflight_per_cap=2)
+    os.close(opened)
+    for tag in range(5):
+        send(cap, P.encode_request(P.READ, tag, [1]))
+    waiting = [scheme.receive() for _ in range(2)]
+    os.close(cap)  # the router is not reading it (at its bound), yet it notices
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (5, P.CLOSE)
+    for req_id, *_ in waiting:
+        scheme.reply(req_id, P.ERR, P.pack(errno.EBADF))
+    wait_until(lambda: str(account) not in status(kernel)["accounts"])
+
+
+def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
+    _, scheme, root = create_scheme(kernel)
+    account, (cap,) = new_account(kernel, [root], max_caps=3)
+    assert account != 0
+    clones = [call_fd(cap, P.CLONE), call_fd(cap, P.CLONE)]  # 3 capabilities: the quota
+    assert status(kernel)["accounts"][str(account)] == {
+        "caps": 3, "inflight": 0, "queued_bytes": 0, "held_fds": 0, "max_caps": 3}
+    with pytest.raises(OSError) as info:
+        call(cap, P.CLONE)
+    assert info.value.errno == errno.EMFILE
+    call_fd(root, P.CLONE).__index__()  # the system account has no quota
+    # a capability a scheme opens for the account counts: it is EMFILE, and the scheme
+    # is told to close the handle nobody got
+    send(cap, P.encode_request(P.OPENAT, 7, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(11, 0) + P.pack(None))
+    assert receive(cap) == ((7, P.ERR, errno.EMFILE), [])
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (11, P.CLOSE)
+    # so does one relayed in a reply; the fds of a refused reply are closed
+    r, w = os.pipe()
+    system_cap = call_fd(root, P.CLONE)
+    send(cap, P.encode_request(P.RECVFD, 8, []))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.OK, P.pack(None), [system_cap, w])
+    os.close(w)
+    assert receive(cap) == ((8, P.ERR, errno.EMFILE), [])
+    assert os.read(r, 1) == b""  # the router closed the write end it was handed
+    os.close(r)
+    os.close(clones.pop())  # closing one frees quota
+    wait_until(lambda: account_caps(kernel, account) == 2)
+    send(cap, P.encode_request(P.RECVFD, 9, []))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.OK, P.pack(None), [system_cap])
+    (_, status_, _), (moved,) = receive(cap)
+    assert status_ == P.OK and account_caps(kernel, account) == 3  # it moved to the account
+    os.close(system_cap)
+    with pytest.raises(OSError) as info:
+        call(cap, P.CLONE)
+    assert info.value.errno == errno.EMFILE
+    for fd in (moved, *clones, cap):
+        os.close(fd)
+    wait_until(lambda: str(account) not in status(kernel)["accounts"])
+
+
+def test_fds_queued_for_a_client_that_does_not_read_count_against_its_quota(kernel):
+    """A scheme (perhaps the client's own) cannot make the router hold fds without bound for a
+    client that never reads: fds waiting in its outbox count against its quota."""
+    _, scheme, root = create_scheme(kernel)
+    account, (cap,) = new_account(kernel, [root], max_caps=4)
+    for tag in range(6):
+        send(cap, P.encode_request(P.READ, tag, [1]))
+    requests = [scheme.receive()[0] for _ in range(6)]
+    for req_id in requests[:4]:  # more than its socket holds: the rest waits in the outbox
+        scheme.reply(req_id, P.OK, P.pack(b"z" * 100_000))
+    r, w = os.pipe()
+    scheme.reply(requests[4], P.OK, P.pack(None), [w, w, w])  # 1 cap + 3 fds: fits
+    scheme.reply(requests[5], P.OK, P.pack(None), [w, w, w, w])  # would be 8: refused
+    os.close(w)
+    wait_until(lambda: status(kernel)["accounts"][str(account)]["held_fds"] == 3)
+    for tag in range(4):
+        assert receive(cap)[0][:2] == (tag, P.OK)
+    (tag, status_, _), fds = receive(cap)
+    assert (tag, status_, len(fds)) == (4, P.OK, 3)
+    assert receive(cap) == ((5, P.ERR, errno.EMFILE), [])
+    P.close_fds(fds)
+    assert os.read(r, 1) == b""  # every copy of the write end is closed again
+    os.close(r)
+    os.close(cap)
+
+
+def test_account_new_refuses_what_is_not_a_capability_or_not_a_limit(kernel):
+    _, _, root = create_scheme(kernel)
+    r, w = os.pipe()
+    for args, fds, err in [
+        ([None], [r], errno.EBADF),  # not a capability
+        ([None], [], errno.EINVAL),
+        ([{"max_caps": 0}], [root], errno.EINVAL),
+        ([{"max_files": 3}], [root], errno.EINVAL),
+        ([[1]], [root], errno.EINVAL),
+    ]:
+        with pytest.raises(OSError) as info:
+            call(kernel, P.ACCOUNT_NEW, args, fds)
+        assert info.value.errno == err, args
+    with pytest.raises(OSError) as info:
+        call(root, P.ACCOUNT_NEW, [None], [root])  # only on the kernel capability
+    assert info.value.errno == errno.EINVAL
+    os.close(r)
+    os.close(w)
+
+
+FD_LIMIT = 48
+
+
+@contextlib.contextmanager
+def kernel_with_fd_limit(soft: int, hard: int):
+    """A router started with RLIMIT_NOFILE (soft, hard); yields (kernel fd, process)."""
+    limited = ("import resource, runpy\n"
+               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+               "runpy.run_module('kernel', run_name='__main__')\n")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, "-c", limited, "--kernel-fd", str(theirs.fileno())],
+                            pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    try:
+        yield ours.fileno(), proc
+    finally:
+        ours.close()
+        proc.wait(timeout=10)
+        stderr = proc.stderr.read()
+        proc.stderr.close()
+        assert proc.returncode == 0, stderr
+        assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def starved_kernel():
+    """A router with only FD_LIMIT fds (soft and hard, so it cannot raise its own)."""
+    with kernel_with_fd_limit(FD_LIMIT, FD_LIMIT) as started:
+        yield started
+
+
+def test_the_router_raises_its_soft_fd_limit_to_the_hard_one():
+    with kernel_with_fd_limit(64, 256) as (kernel, proc):
+        status(kernel)  # it is serving, so past its start
+        with open(f"/proc/{proc.pid}/limits") as f:
+            line = next(line for line in f if line.startswith("Max open files"))
+        assert line.split()[3:5] == ["256", "256"]
+
+
+def test_a_router_out_of_fds_answers_emfile_and_recovers(starved_kernel):
+    kernel, proc = starved_kernel
+    _, scheme, root = create_scheme(kernel)
+    clones = []
+    while True:
+        try:
+            clones.append(call_fd(root, P.CLONE))
+        except OSError as exc:
+            assert exc.errno == errno.EMFILE
+            break
+        assert len(clones) < FD_LIMIT
+    with pytest.raises(OSError) as info:
+        call(root, P.CLONE)
+    assert info.value.errno == errno.EMFILE
+    # a new handle that cannot become a capability: EMFILE for the client, CLOSE for the scheme
+    send(root, P.encode_request(P.OPENAT, 3, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(4, 0) + P.pack(None))
+    assert receive(root) == ((3, P.ERR, errno.EMFILE), [])
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (4, P.CLOSE)
+    # fds the router cannot take, on a request and on a reply: EMFILE, the rest closed
+    r, w = os.pipe()
+    send(root, P.encode_request(P.SENDFD, 5, []), [w, w, w])
+    assert receive(root) == ((5, P.ERR, errno.EMFILE), [])
+    send(root, P.encode_request(P.RECVFD, 6, []))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.OK, P.pack(None), [w, w, w])
+    assert receive(root) == ((6, P.ERR, errno.EMFILE), [])
+    os.close(w)
+    assert os.read(r, 1) == b""  # no copy of the write end is left in the router
+    os.close(r)
+    assert proc.poll() is None
+    for fd in clones[:4]:
+        os.close(fd)
+    wait_until(lambda: status(kernel)["schemes"]["1"]["capabilities"] == len(clones) - 3)
+    clones = clones[4:] + [call_fd(root, P.CLONE)]
+    send(root, P.encode_request(P.OPENAT, 7, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(8, 0) + P.pack(None))
+    (tag, status_, _), (opened,) = receive(root)
+    assert (tag, status_) == (7, P.OK)
+    P.close_fds([opened, *clones])
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (8, P.CLOSE)

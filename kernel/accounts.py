@@ -1,0 +1,101 @@
+"""Accounts: who is charged for each capability the router holds, and their limits.
+
+Every capability belongs to one account. The system account (the kernel
+capability, everything minted through it, every daemon) has no quota; an
+account made with ACCOUNT_NEW is a client's and has every limit below. The
+router enforces them: a capability past the quota is EMFILE; a capability
+whose account has too much in flight or queued stops being read until it
+drains, so a client that floods slows only itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+# Defaults for a client account; `python -m kernel` options override them.
+MAX_CAPS_PER_ACCOUNT = 1024  # capabilities one client may hold (each costs the router an fd)
+MAX_INFLIGHT_PER_ACCOUNT = 256  # requests of one client waiting for a scheme's reply
+MAX_INFLIGHT_PER_CAP = 32  # requests on one capability waiting for a scheme's reply
+MAX_QUEUED_BYTES_PER_ACCOUNT = 16 * 1024 * 1024  # replies queued for sockets the client does not read
+# Daemons multiplex every client on one capability (a namespace's entry for a scheme), so a
+# low bound there would let one client's slow requests stall all the others.
+SYSTEM_MAX_INFLIGHT_PER_CAP = 4096
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one account may use; None is no limit."""
+
+    max_caps: int | None = MAX_CAPS_PER_ACCOUNT
+    max_inflight: int | None = MAX_INFLIGHT_PER_ACCOUNT
+    max_inflight_per_cap: int | None = MAX_INFLIGHT_PER_CAP
+    max_queued_bytes: int | None = MAX_QUEUED_BYTES_PER_ACCOUNT
+
+    def overridden(self, overrides: Any) -> Limits:
+        """These limits with some replaced, as ACCOUNT_NEW's argument asks.
+
+        Args:
+            overrides: a map from field name to a positive int (untrusted input).
+
+        Raises:
+            TypeError: not a map.
+            ValueError: an unknown name, or a value that is not a positive int.
+        """
+        if not isinstance(overrides, dict):
+            raise TypeError("limits must be a map")
+        names = {f.name for f in fields(self)}
+        for name, value in overrides.items():
+            if name not in names:
+                raise ValueError(f"unknown limit {name!r}")
+            if type(value) is not int or value < 1:
+                raise ValueError(f"limit {name!r} must be a positive int")
+        return replace(self, **overrides)
+
+
+CLIENT_LIMITS = Limits()
+SYSTEM_LIMITS = Limits(max_caps=None, max_inflight=None,
+                       max_inflight_per_cap=SYSTEM_MAX_INFLIGHT_PER_CAP, max_queued_bytes=None)
+
+
+@dataclass(eq=False)
+class Account:
+    """The capabilities, in-flight requests and queued reply bytes charged to one client."""
+
+    id: int
+    limits: Limits
+    caps: int = 0
+    inflight: int = 0
+    queued_bytes: int = 0
+    # fds the router holds for it besides its capabilities' sockets: in queued replies and
+    # in requests being forwarded; they count against max_caps, which bounds the router's fds
+    held_fds: int = 0
+    # readers of this account's capabilities parked until it drains (any object with wake())
+    blocked: set = field(default_factory=set)
+
+    @property
+    def system(self) -> bool:
+        return self.limits.max_caps is None
+
+    def room_for_caps(self, n: int) -> bool:
+        """Whether n more capabilities (or other fds held for it) fit under the quota."""
+        return self.limits.max_caps is None or self.caps + self.held_fds + n <= self.limits.max_caps
+
+    @property
+    def saturated(self) -> bool:
+        """Too much in flight or queued: stop reading this account's requests."""
+        lim = self.limits
+        return ((lim.max_inflight is not None and self.inflight >= lim.max_inflight)
+                or (lim.max_queued_bytes is not None and self.queued_bytes >= lim.max_queued_bytes))
+
+    def wake_if_drained(self) -> None:
+        """Let this account's parked readers read again once it is below its limits."""
+        if self.blocked and not self.saturated:
+            blocked, self.blocked = self.blocked, set()
+            for reader in blocked:
+                reader.wake()
+
+    def counters(self) -> dict[str, int | None]:
+        """What KERNEL_STATUS reports for this account."""
+        return {"caps": self.caps, "inflight": self.inflight, "queued_bytes": self.queued_bytes,
+                "held_fds": self.held_fds, "max_caps": self.limits.max_caps}

@@ -1,0 +1,101 @@
+"""A real system under a client that floods and never reads its replies.
+
+The flooder is an ordinary `redoxcap run` client: it clones its cwd and
+namespace capabilities and sends raw requests on the clones without ever
+reading a reply. The router must stop reading from it (its own sends block)
+while every other client keeps being served, and must not buffer the flood.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import rt
+from tests.conftest import REDOXCAP, wait_for
+
+FLOODER = r"""
+import socket, sys, threading
+import rt
+from rt import _process
+from rt import protocol as P
+
+caps = [rt.clone(_process.cwd_fd()) for _ in range(2)]
+caps += [rt.clone(_process.namespace_fd()) for _ in range(2)]
+started = threading.Barrier(len(caps) + 1)
+
+def flood(cap, op):
+    s = socket.socket(fileno=cap)
+    s.setblocking(True)
+    frame = P.encode_request(op, 0, [])
+    for i in range(20_000):
+        if i == 200:  # fits in its own socket even if the router read nothing
+            started.wait()
+        s.send(frame)  # blocks once the router stops reading it
+    print("the router read all of it", flush=True)
+
+for i, cap in enumerate(caps):
+    threading.Thread(target=flood, args=(cap, P.FPATH if i < 2 else P.NS_LIST), daemon=True).start()
+started.wait()
+print("flooding", flush=True)
+sys.stdin.read()  # hold the capabilities, read no reply, until the test is done
+"""
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def victim_round_trips(count: int) -> None:
+    for _ in range(count):
+        fd = rt.open("/f", rt.O_RDONLY)
+        try:
+            assert rt.read(fd, 100) == b"hello"
+        finally:
+            rt.close(fd)
+        assert rt.stat("/f").st_size == 5
+
+
+def test_a_client_flooding_without_reading_slows_only_itself(client):
+    system = client
+    (system.root / "f").write_bytes(b"hello")
+    kernel_pid = system.daemon("kernel")["pid"]
+    victim_round_trips(20)  # warm up
+    rss_before = vm_rss_kib(kernel_pid)
+    frames = system.daemon("file")["frames"]
+    flooder = subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--", sys.executable, "-c", FLOODER],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        assert flooder.stdout.readline() == "flooding\n", flooder.stderr.read()
+        # the flood reaches the schemes: the router forwards what it reads of it
+        wait_for(lambda: system.daemon("file")["frames"] > frames + 100)
+        outcome: list[Exception | None] = []
+
+        def victim() -> None:
+            try:
+                victim_round_trips(100)
+                outcome.append(None)
+            except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=victim, daemon=True)
+        thread.start()
+        thread.join(timeout=60)  # generous: the victim hangs for good if the router blocks
+        assert outcome == [None], "another client's open/stat did not complete during the flood"
+        assert flooder.poll() is None  # still flooding: its sends block, nothing else does
+        growth = vm_rss_kib(kernel_pid) - rss_before
+        assert growth < 32 * 1024, f"the router grew by {growth} KiB under the flood"
+    finally:
+        try:
+            out, _ = flooder.communicate("", timeout=30)  # stdin closes: it exits
+        except subprocess.TimeoutExpired:
+            os.killpg(flooder.pid, signal.SIGKILL)
+            flooder.communicate()
+            raise
+    assert "the router read all of it" not in out, "the router read a flood nobody answered"
