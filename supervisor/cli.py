@@ -399,7 +399,8 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
     from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
     try:
-        _, fds = control.request(state_dir, "namespace")
+        # an account of its own: whatever the command comes to hold is charged (and capped) there
+        _, fds = control.request(state_dir, "namespace", account=True)
     except control.ControlError as exc:
         fail(str(exc), EXIT_NOT_RUNNING if isinstance(exc, control.NotRunning) else EXIT_FAILED)
     root_ns = fds[0]

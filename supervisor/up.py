@@ -135,8 +135,18 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
     async def ping(_request):
         return {}, []
 
-    async def namespace(_request):
-        return {}, [await system.namespace.call_fd(P.CLONE)]
+    async def namespace(request):
+        """A clone of the root namespace; with `account`, in a fresh router account, so
+        that everything the client comes to hold is charged to it (and capped)."""
+        clone = await system.namespace.call_fd(P.CLONE)
+        if not request.get("account"):
+            return {}, [clone]
+        limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
+        try:
+            account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], [clone])
+        finally:
+            os.close(clone)
+        return {"account": account}, fds
 
     async def status(_request):
         return {"status": {**await system.status(), "state_dir": str(state_dir), **(info or {})}}, []

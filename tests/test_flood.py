@@ -99,3 +99,39 @@ def test_a_client_flooding_without_reading_slows_only_itself(client):
             flooder.communicate()
             raise
     assert "the router read all of it" not in out, "the router read a flood nobody answered"
+
+
+CLONER = r"""
+import errno, resource, time, rt
+from rt import _process
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+held = []
+try:
+    while True:
+        held.append(rt.clone(_process.cwd_fd()))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], len(held), flush=True)
+rt.close(held.pop())
+for _ in range(500):  # a close reaches the router asynchronously (it reads the EOF)
+    try:
+        rt.close(rt.clone(_process.cwd_fd()))
+        print("again", flush=True)
+        break
+    except OSError:
+        time.sleep(0.01)
+"""
+
+
+def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(system):
+    """Issue 8 item 2: each `redoxcap run` is an account of its own; at its quota a
+    clone is EMFILE for that client, and the router and every other client go on."""
+    kernel = system.daemon("kernel")["pid"]
+    fds_before = len(os.listdir(f"/proc/{kernel}/fd"))
+    result = system.python(CLONER)
+    err, count, again = result.stdout.split()
+    assert (err, again) == ("EMFILE", "again")
+    assert 1000 <= int(count) < 1024  # the default quota, less the namespace and cwd
+    assert system.daemon("kernel")["pid"] == kernel
+    assert system.python("import rt; print(rt.listdir('/'))").returncode == 0
+    wait_for(lambda: len(os.listdir(f"/proc/{kernel}/fd")) <= fds_before + 2)  # all released
