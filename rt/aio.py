@@ -20,11 +20,12 @@ from rt.channel import Channel
 
 
 class _Waiter:
-    __slots__ = ("event", "reply")
+    __slots__ = ("event", "reply", "waiting")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: tuple[int, Any, list[int]] | None = None
+        self.waiting = False  # parked in _wait, able to take the reading role
 
 
 class AsyncCapability:
@@ -94,7 +95,11 @@ class AsyncCapability:
             if self.channel.fileno() < 0:
                 raise OSError(errno.EBADF, "capability closed")
             if self._reading:
-                await waiter.event.wait()
+                waiter.waiting = True
+                try:
+                    await waiter.event.wait()
+                finally:
+                    waiter.waiting = False
                 waiter.event = trio.Event()
                 continue
             self._reading = True
@@ -103,8 +108,10 @@ class AsyncCapability:
                     self._dispatch(*await self.channel.recv())
             finally:
                 self._reading = False
-                for other in self._waiters.values():  # hand the reading role on
-                    if other.reply is None and other is not waiter:
+                # Hand the reading role to a task parked in _wait: one still blocked
+                # sending (the router stopped reading us) would never come to read.
+                for other in self._waiters.values():
+                    if other.reply is None and other.waiting:
                         other.event.set()
                         break
 

@@ -1,0 +1,67 @@
+"""AsyncCapability: many tasks of one process share one capability socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import trio
+
+from rt import protocol as P
+from rt.aio import AsyncCapability
+
+
+def _echo_server(sock: socket.socket) -> None:
+    """Answers each request with its first argument, as a router would: out of order (the
+    requests it has read, newest first), and reading no more requests while a reply cannot
+    be sent (the client's buffer is full)."""
+    while True:
+        batch = []
+        sock.setblocking(True)
+        try:
+            data = sock.recv(P.MAX_FRAME)
+            sock.setblocking(False)
+            while data:
+                batch.append(data)
+                data = sock.recv(P.MAX_FRAME)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        if not batch:
+            return
+        sock.setblocking(True)
+        for data in reversed(batch):
+            _op, tag = P.REQUEST.unpack_from(data)
+            (value,) = P.unpack(data[P.REQUEST.size :])
+            try:
+                sock.send(P.encode_reply(tag, P.OK, value))
+            except OSError:
+                return
+
+
+async def test_many_tasks_share_one_capability_even_when_the_server_pushes_back():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (ours, theirs):  # small buffers: sends block and the server stops reading
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    server = threading.Thread(target=_echo_server, args=(theirs,), daemon=True)
+    server.start()
+    cap = AsyncCapability(ours.detach())
+    got = {}
+
+    async def one(i: int) -> None:
+        value, fds = await cap.call(P.READ, [b"x" * 300 + str(i).encode()])
+        assert fds == []
+        got[i] = value
+
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(500):
+                    nursery.start_soon(one, i)
+    finally:
+        cap.close()
+        theirs.close()
+        server.join(timeout=10)
+    assert got == {i: b"x" * 300 + str(i).encode() for i in range(500)}
