@@ -296,7 +296,7 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env)
+        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env, new_session=confine)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -342,7 +342,13 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
 
 
 def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 extra_env: dict[str, str]) -> int:
+                 extra_env: dict[str, str], *, new_session: bool) -> int:
+    """Start command with the namespace and cwd asked for; return its exit code.
+
+    With new_session, command leads a new session without a controlling
+    terminal (so it cannot push input into ours), and the signals `run`
+    receives are forwarded to its whole process group.
+    """
     import rt
     from rt._paths import to_namespace_path
     from rt._posix import physical_path
@@ -371,7 +377,8 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
         env = dict(os.environ, **extra_env,
                    **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
         try:
-            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env)
+            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env,
+                                    start_new_session=new_session)
         except OSError as exc:
             fail(f"{command[0]}: {exc.strerror}", 127)
     finally:
@@ -379,12 +386,27 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             if fd is not None:
                 os.close(fd)
         rt.setup(None, None)
-    return _wait_forwarding_signals(proc)
+    return _wait_forwarding_signals(proc, group=new_session)
 
 
-def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+def _wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:
+    """Wait for proc, passing on SIGINT, SIGTERM and SIGHUP; return its exit code.
+
+    With group, proc leads its own process group (a new session), which the
+    terminal no longer signals: Ctrl-C reaches only `run`, and goes on to the
+    whole group as it would have from the terminal.
+    """
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        if proc.returncode is not None:
+            return
+        if not group:
+            proc.send_signal(signum)
+            return
+        try:
+            # Not yet reaped, so the group id cannot have been reused.
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

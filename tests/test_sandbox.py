@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import os
+import select
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import termios
 import textwrap
+import time
+import tty
 
 import pytest
 
 import rt
 from rt import protocol as P
 from supervisor import control
+from tests.conftest import REDOXCAP
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
@@ -339,3 +348,146 @@ def test_namespace_forks_never_gain_names_or_permissions(client):
     assert rt.schemes(grandchild) == ["file"]
     rt.close(grandchild)
     rt.close(child)
+
+
+class Output:
+    """Reads what a process writes to fd, waiting for it with a deadline."""
+
+    def __init__(self, fd: int, timeout: float = 30.0) -> None:
+        self.fd = fd
+        self.deadline = time.monotonic() + timeout
+        self.data = b""
+
+    def until(self, needle: bytes) -> bytes:
+        """Read until needle has arrived; return everything read so far."""
+        while needle not in self.data:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"no {needle!r} in time; got {self.data!r}")
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                raise AssertionError(f"EOF before {needle!r}; got {self.data!r}")
+            self.data += chunk
+        return self.data
+
+
+def _pending_input(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
+
+
+TERMINAL_CLIENT = textwrap.dedent("""
+    import fcntl, json, os
+    TIOCSTI, TIOCLINUX, TIOCSCTTY = 0x5412, 0x541C, 0x540E
+
+    def code(fn):
+        try:
+            fn()
+            return 0
+        except OSError as exc:
+            return exc.errno
+
+    def inject(fd):
+        for c in b"touch /tmp/pwned-by-redoxcap\\n":
+            fcntl.ioctl(fd, TIOCSTI, bytes([c]))
+
+    with open("/proc/self/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    results = {f"TIOCSTI fd{fd}": code(lambda: inject(fd)) for fd in (0, 1, 2)}
+    results["TIOCLINUX"] = code(lambda: fcntl.ioctl(0, TIOCLINUX, bytes([2]) + bytes(12)))
+    results["TIOCSCTTY"] = code(lambda: fcntl.ioctl(0, TIOCSCTTY, 1))
+    results["own session"] = int(fields[3]) == os.getpid()
+    results["tty_nr"] = int(fields[4])
+    print("RESULTS " + json.dumps(results) + " END", flush=True)
+""")
+
+
+# Execs argv[1:] as the leader of a new session whose controlling terminal is stdin.
+ON_ITS_OWN_TERMINAL = [
+    sys.executable, "-c",
+    ("import fcntl, os, sys, termios\n"
+     "os.setsid()\n"
+     "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+     "os.execvp(sys.argv[1], sys.argv[1:])\n"),
+]
+
+
+def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(system):
+    master, slave = os.openpty()
+    run = None
+    try:
+        tty.setraw(slave)  # FIONREAD then counts every pending byte, not only whole lines
+        # `run` gets the pty as its controlling terminal, as under an interactive shell.
+        run = subprocess.Popen(
+            [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(system.state_dir), "run",
+             "--ns", "", "--require-confine", "--", sys.executable, "-c", TERMINAL_CLIENT],
+            stdin=slave, stdout=slave, stderr=slave)
+        data = Output(master).until(b" END")
+        assert run.wait(timeout=30) == 0, data
+        pending = _pending_input(slave)
+        os.write(master, b"x")
+        assert select.select([slave], [], [], 30)[0]  # control: typed input does show up
+        assert _pending_input(slave) == 1
+    finally:
+        if run is not None and run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        os.close(master)
+        os.close(slave)
+    results = json.loads(data.split(b"RESULTS ", 1)[1].split(b" END", 1)[0])
+    assert results == {
+        "TIOCSTI fd0": errno.EPERM, "TIOCSTI fd1": errno.EPERM, "TIOCSTI fd2": errno.EPERM,
+        "TIOCLINUX": errno.EPERM, "TIOCSCTTY": errno.EPERM, "own session": True, "tty_nr": 0,
+    }
+    assert pending == 0
+    assert not os.path.exists("/tmp/pwned-by-redoxcap")
+
+
+SIGNALLED_CLIENT = textwrap.dedent("""
+    import os, signal
+
+    def report(signum, _frame):
+        print(f"{os.getpid()} got {signal.Signals(signum).name}", flush=True)
+        if signum == signal.SIGTERM:
+            os._exit(3)
+
+    signal.signal(signal.SIGINT, report)
+    signal.signal(signal.SIGTERM, report)
+    kid = os.fork()
+    if kid == 0:
+        while True:
+            signal.pause()
+    print("ready", os.getpid(), kid, os.getsid(0), flush=True)
+    while True:
+        signal.pause()
+""")
+
+
+def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(system):
+    run = subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--require-confine", "--",
+         sys.executable, "-c", SIGNALLED_CLIENT],
+        stdout=subprocess.PIPE, start_new_session=True)
+    pidfds = []
+    try:
+        out = Output(run.stdout.fileno())
+        ready = out.until(b"\n").split(b"\n")[0].split()
+        client, kid, session = (int(x) for x in ready[1:])
+        pidfds = [os.pidfd_open(client), os.pidfd_open(kid)]
+        assert session == client  # a session of its own, out of reach of our terminal
+        os.kill(run.pid, signal.SIGINT)  # what Ctrl-C at the terminal does: only `run` gets it
+        out.until(f"{client} got SIGINT".encode())
+        out.until(f"{kid} got SIGINT".encode())
+        os.kill(run.pid, signal.SIGTERM)
+        assert run.wait(timeout=30) == 3
+        out.until(f"{kid} got SIGTERM".encode())
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        for pidfd in pidfds:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(pidfd)
+        run.stdout.close()
