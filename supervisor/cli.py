@@ -327,17 +327,20 @@ def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None
 
 
 def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
-    """Wrap command in the confinement launcher; the script it runs stays readable.
+    """Wrap command in the confinement launcher; a Python script it runs stays readable.
 
-    Only the first argument, when it is a file (`python script.py ...`), is
-    made readable: other file arguments are data the program must get
-    through its capabilities. scratch is the command's private writable
-    temporary directory.
+    Only the script of a Python interpreter (`python3 [options] script.py`)
+    is made readable; `-c`, `-m` and every other program's arguments are
+    data the program must reach through its capabilities. scratch is the
+    command's private writable temporary directory.
     """
+    from supervisor.confine import python_script
+
     launcher = [sys.executable, "-m", "supervisor.confine", "--write", scratch]
     launcher += ["--require"] if require else []
-    if len(command) > 1 and Path(command[1]).is_file():
-        launcher += ["--read", str(Path(command[1]).absolute())]
+    script = python_script(command)
+    if script is not None:
+        launcher += ["--read", script]
     return [*launcher, "--", *command]
 
 

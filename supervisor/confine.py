@@ -63,6 +63,7 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import stat
 import struct
 import sys
@@ -79,6 +80,7 @@ __all__ = [
     "landlock_abi",
     "leave_terminal",
     "main",
+    "python_script",
 ]
 
 # Syscall numbers: x86_64 (asm/unistd_64.h) and aarch64 (asm-generic/unistd.h).
@@ -629,15 +631,34 @@ def _find_spec_locations(name: str) -> list[str]:
     return []
 
 
+def _holds(directory: str, path: str) -> bool:
+    """Whether path is directory or lies beneath it (both real paths)."""
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _installed_roots() -> list[str]:
+    """Real paths of the trees that hold the interpreter and installed packages."""
+    import site
+
+    roots = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    roots += [p for p in _SYSTEM_READ_PATHS if p in ("/usr", "/lib", "/lib64", "/bin")]
+    if site.ENABLE_USER_SITE:
+        roots.append(site.getusersitepackages())
+    return [os.path.realpath(r) for r in roots if r]
+
+
 def interpreter_read_paths() -> list[str]:
     """Paths this Python interpreter needs to start and import installed packages.
 
-    Includes the executable, the prefixes, the standard library, existing
-    ``sys.path`` entries (except the current directory), a few system paths
-    (``/usr``, ``/lib``, ``/lib64``, ``/bin``, the loader cache, the local time
-    zone, ``/dev/null``, ``/dev/urandom``, ``/proc/self``) and the directories of
-    the project's top-level packages. Broad trees such as ``/``, ``/etc``,
-    ``/root``, ``/home`` and ``/tmp`` are never included.
+    Includes the executable, the prefixes, the standard library, the ``sys.path``
+    entries that lie beneath a prefix, the user site-packages or a system
+    directory, a few system paths (``/usr``, ``/lib``, ``/lib64``, ``/bin``, the
+    loader cache, the local time zone, ``/dev/null``, ``/dev/urandom``,
+    ``/proc/self``) and the directories of the project's top-level packages.
+    Never included: broad trees such as ``/``, ``/etc``, ``/root``, ``/home`` and
+    ``/tmp``; any directory that is or contains the current directory or
+    ``$HOME``; ``sys.path`` entries elsewhere (a source checkout, ``PYTHONPATH``
+    directories), of which only the project's packages are granted.
 
     Returns:
         A list of absolute paths without duplicates; some may not exist
@@ -645,16 +666,15 @@ def interpreter_read_paths() -> list[str]:
     """
     import sysconfig
 
+    guarded: list[str] = []  # what must stay out of reach, with everything beneath
     try:
-        cwd: str | None = os.path.realpath(os.getcwd())
+        guarded.append(os.path.realpath(os.getcwd()))
     except OSError:
-        cwd = None
-    excluded = set(_TOO_BROAD)
-    if cwd is not None:
-        excluded.add(cwd)
+        pass
     home = os.path.expanduser("~")
     if home and home != "~":
-        excluded.add(os.path.realpath(home))
+        guarded.append(os.path.realpath(home))
+    roots = _installed_roots()
 
     out: list[str] = []
     seen: set[str] = set()
@@ -663,7 +683,10 @@ def interpreter_read_paths() -> list[str]:
         if not path or not os.path.isabs(path):
             return
         path = os.path.normpath(path)
-        if check and (path in excluded or os.path.realpath(path) in excluded):
+        real = os.path.realpath(path)
+        if check and (
+            path in _TOO_BROAD or real in _TOO_BROAD or any(_holds(real, g) for g in guarded)
+        ):
             return
         if path not in seen:
             seen.add(path)
@@ -678,15 +701,66 @@ def interpreter_read_paths() -> list[str]:
         add(sysconfig.get_path(key))
     add(os.path.dirname(os.__file__))
     for entry in sys.path:
-        # "" means the current directory, which must stay out of reach.
+        # "" is the current directory; a checkout or PYTHONPATH entry may hold anything.
         if entry and os.path.exists(entry):
-            add(os.path.abspath(entry))
+            real = os.path.realpath(entry)
+            if any(_holds(root, real) for root in roots):
+                add(os.path.abspath(entry))
     for name in _PROJECT_PACKAGES:
         for location in _find_spec_locations(name):
             add(location)
     for path in _SYSTEM_READ_PATHS:
         add(path, check=False)
     return out
+
+
+_PYTHON_NAME = re.compile(r"python(3(\.[0-9]+)?)?")
+_PYTHON_FLAGS = frozenset("bBdEhiIOPqRsSuvVx?")  # interpreter options without a value
+
+
+def python_script(command: Sequence[str]) -> str | None:
+    """The script file a Python interpreter command runs, or None.
+
+    ``python [options] script.py args`` runs ``script.py``; ``-c``, ``-m``, ``-``
+    (stdin) and other programs run no script file, and their arguments are
+    data that the program must reach through its capabilities.
+
+    Args:
+        command: an argv whose first element names the program.
+
+    Returns:
+        The absolute path of the script when ``command[0]`` is named ``python``,
+        ``python3`` or ``python3.X`` and its first argument after the
+        interpreter's options is an existing regular file; otherwise None.
+    """
+    if not command or not _PYTHON_NAME.fullmatch(os.path.basename(command[0])):
+        return None
+    args = iter(command[1:])
+    script = None
+    for arg in args:
+        if arg == "--":
+            script = next(args, None)
+            break
+        if arg == "--check-hash-based-pycs":
+            next(args, None)
+            continue
+        if arg.startswith("--check-hash-based-pycs="):
+            continue
+        if arg.startswith("--") or arg == "-":
+            return None  # --help, --version ... or a script read from stdin
+        if not arg.startswith("-"):
+            script = arg
+            break
+        for i, flag in enumerate(arg[1:], 1):
+            if flag in "WX":  # the value is the rest of the argument, or the next one
+                if i == len(arg) - 1:
+                    next(args, None)
+                break
+            if flag not in _PYTHON_FLAGS:  # -c, -m or an option Python refuses
+                return None
+    if script is None or not os.path.isfile(script):
+        return None
+    return os.path.abspath(script)
 
 
 def _resolve_command(command: str) -> str | None:
@@ -782,7 +856,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"confine: {command[0]}: command not found", file=sys.stderr)
         return 127
 
-    reads = interpreter_read_paths() + list(args.read) + [os.path.dirname(executable)]
+    # The executable file itself, never its directory (`./tool` in $HOME).
+    reads = interpreter_read_paths() + list(args.read) + [executable]
     try:
         confine(reads, list(args.write), deny_network=args.deny_network)
     except ConfinementUnavailable as exc:

@@ -675,3 +675,50 @@ def test_the_launcher_refuses_to_run_in_the_callers_process_group_leadership(tmp
     assert proc.returncode == 126
     assert proc.stdout == ""
     assert "new session" in proc.stderr
+
+
+@pytest.mark.parametrize("command, script", [
+    (["python3", "s.py", "data.txt"], "s.py"),
+    (["/usr/bin/python3.11", "-I", "-W", "ignore", "-Xdev", "s.py"], "s.py"),
+    (["python", "-u", "-X", "dev", "--", "s.py"], "s.py"),
+    (["python3", "-OO", "--check-hash-based-pycs", "never", "s.py"], "s.py"),
+    (["python3", "-c", "pass", "s.py"], None),
+    (["python3", "-Ic", "pass", "s.py"], None),
+    (["python3", "-m", "json.tool", "s.py"], None),
+    (["python3", "-", "s.py"], None),
+    (["python3", "--version", "s.py"], None),
+    (["python3", "data.txt"], "data.txt"),
+    (["python3", "missing.py"], None),
+    (["python3", "."], None),
+    (["cat", "s.py"], None),
+    (["head", "-n1", "s.py"], None),
+    (["pythonista", "s.py"], None),
+    (["python3"], None),
+])
+def test_python_script_is_only_the_script_an_interpreter_runs(tmp_path, monkeypatch, command,
+                                                                 script):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.py").write_text("pass")
+    (tmp_path / "data.txt").write_text("x")
+    want = None if script is None else str(tmp_path / script)
+    assert confine_mod.python_script(command) == want
+
+
+def test_read_paths_leave_out_checkouts_and_trees_holding_the_cwd_or_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    work = home / "work"
+    checkout = tmp_path / "checkout"
+    for d in (work, checkout / "pkg"):
+        d.mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(sys, "path", [str(work), str(home), str(tmp_path), str(checkout),
+                                      "/", *sys.path])
+    paths = confine_mod.interpreter_read_paths()
+    for held in (str(work), str(home), str(tmp_path), str(checkout), "/"):
+        assert held not in paths
+    assert not any(p == d or d.startswith(p + "/") for p in paths for d in (str(work), str(home)))
+    # The installed packages and the project's own package directories stay.
+    assert os.path.dirname(confine_mod.__file__) in paths
+    assert os.path.dirname(pytest.__file__).rpartition("/")[0] in paths  # site-packages

@@ -491,3 +491,53 @@ def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(sy
                 pass
             os.close(pidfd)
         run.stdout.close()
+
+
+TOOL = textwrap.dedent("""
+    import errno, os, sys
+
+    def code(fn):
+        try:
+            fn()
+            return "ok"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    print("own file", code(lambda: open(__file__).read()))
+    print("key beside it", code(lambda: open(os.path.join(here, ".ssh", "id_rsa")).read()))
+    print("its directory", code(lambda: os.listdir(here)))
+    print("its argument", code(lambda: open(sys.argv[1]).read()))
+""")
+
+
+def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_arguments(
+        system, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh/id_rsa").write_text("PRIVATE KEY")
+    (home / "notes.txt").write_text("PRIVATE NOTES")
+    tool = home / "tool"
+    tool.write_text(f"#!{sys.executable}\n{TOOL}")
+    tool.chmod(0o755)
+    (home / "script.py").write_text(TOOL)
+    env = {**os.environ, "HOME": str(home)}
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        # `cd ~ && redoxcap run ...`
+        return system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
+                          check=False)
+
+    expected = "own file ok\nkey beside it EACCES\nits directory EACCES\nits argument EACCES\n"
+    assert run("./tool", "notes.txt").stdout == expected
+    assert run(sys.executable, "script.py", "notes.txt").stdout == expected
+    assert run(sys.executable, "-I", "-W", "ignore", "-X", "dev", "script.py",
+               str(home / "notes.txt")).stdout == expected
+    for command in (["cat", ".ssh/id_rsa"], ["head", "-c", "100", str(home / ".ssh/id_rsa")]):
+        result = run(*command)
+        assert result.returncode == 1, result
+        assert "PRIVATE" not in result.stdout and "Permission denied" in result.stderr
+    result = run(sys.executable, "-c", "print(open(__import__('sys').argv[1]).read())", "notes.txt")
+    assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
+    result = run(sys.executable, "-m", "base64", "-d", "notes.txt")
+    assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
