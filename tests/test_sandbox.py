@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import textwrap
 import time
@@ -541,3 +542,34 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
     assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
     result = run(sys.executable, "-m", "base64", "-d", "notes.txt")
     assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
+
+
+def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(system, tmp_path):
+    caller = {
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+        "TERM": "dumb", "TZ": "UTC", "REDOXCAP_NOTE": "ours", "FOO": "foo",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "GITHUB_TOKEN": "ghp_secret",
+    }
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+
+    def client_env(*options: str) -> dict[str, str]:
+        env = json.loads(system.python(dump, *options, env=caller, cwd=tmp_path).stdout)
+        for name in ("REDOXCAP_NS_FD", "REDOXCAP_CWD_FD"):  # set by run; rt takes them
+            assert env.pop(name).isdigit()
+        assert env.pop("REDOXCAP_CWD") == "/"
+        return env
+
+    minimal = {k: caller[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "TZ",
+                                      "REDOXCAP_NOTE")}
+    got = client_env()
+    assert got.pop("TMPDIR").startswith(tempfile.gettempdir())
+    assert got == minimal
+    got = client_env("--env", "FOO", "--env", "NEW=a=b", "--env", "ABSENT", "--env", "TZ=CET")
+    got.pop("TMPDIR")
+    assert got == {**minimal, "FOO": "foo", "NEW": "a=b", "TZ": "CET"}
+    got = client_env("--inherit-env")
+    assert got.pop("TMPDIR") != caller.get("TMPDIR")
+    assert got == caller
+    assert client_env("--no-confine") == caller
+    bad = system.python(dump, "--env", "=x", env=caller, check=False)
+    assert bad.returncode == 2 and "NAME or NAME=VALUE" in bad.stderr
