@@ -23,7 +23,8 @@ What is confined, once :func:`confine` returns (and inherited across ``execve``)
   TIOCLINUX, TIOCCONS, TIOCSETD, TIOCSCTTY and TIOCVHANGUP fail with EPERM on
   any fd, and the launcher runs COMMAND in a new session without a controlling
   terminal, so it can neither inject input into the caller's terminal nor
-  regain it (CVE-2017-5226).
+  regain it (CVE-2017-5226). Without the terminal's hangup to end it, the
+  launcher has the kernel kill COMMAND when the launcher's parent dies.
 * Capabilities: none. The effective, permitted, inheritable and ambient sets are
   cleared and, when running as root, the bounding set too, so ``execve`` gives
   none back; the uid stays.
@@ -64,6 +65,7 @@ import errno
 import os
 import platform
 import re
+import signal
 import stat
 import struct
 import sys
@@ -76,6 +78,7 @@ __all__ = [
     "ConfineResult",
     "ConfinementUnavailable",
     "confine",
+    "die_with_parent",
     "interpreter_read_paths",
     "landlock_abi",
     "leave_terminal",
@@ -254,6 +257,7 @@ _GRANT_WRITE = (
 )
 
 # linux/prctl.h
+PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -799,6 +803,23 @@ def leave_terminal() -> None:
         raise OSError(errno.EPERM, "this session leader has a controlling terminal")
 
 
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process (and what it execs) when parent dies.
+
+    In a session of its own, the client no longer gets the terminal's hangup;
+    this keeps it from outliving the ``redoxcap run`` that started it.
+
+    Args:
+        parent: the pid this process had as its parent when it started.
+
+    Raises:
+        OSError: ESRCH when parent has already died.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the prctl took effect
+        raise OSError(errno.ESRCH, "the parent process has already exited")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m supervisor.confine",
@@ -833,7 +854,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Launcher: confine this process, leave the terminal, then exec COMMAND.
 
     COMMAND keeps every inherited fd but runs in a new session without a
-    controlling terminal (see :func:`leave_terminal`).
+    controlling terminal (see :func:`leave_terminal`), and is killed when the
+    process that started the launcher dies (see :func:`die_with_parent`).
 
     Args:
         argv: arguments without the program name; defaults to ``sys.argv[1:]``.
@@ -844,6 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started, 127 when COMMAND is not found,
         2 on a usage error. On success this function does not return.
     """
+    parent = os.getppid()
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     command = list(args.command)
     if command and command[0] == "--":
@@ -874,6 +897,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A client in the caller's session could push keystrokes into its terminal.
         print(f"confine: error: cannot start a new session: {exc.strerror}", file=sys.stderr)
+        return 126
+    try:
+        die_with_parent(parent)
+    except OSError as exc:
+        print(f"confine: error: {exc.strerror}", file=sys.stderr)
         return 126
     sys.stdout.flush()
     sys.stderr.flush()

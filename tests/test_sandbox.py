@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -361,15 +362,19 @@ class Output:
 
     def until(self, needle: bytes) -> bytes:
         """Read until needle has arrived; return everything read so far."""
-        while needle not in self.data:
+        return self.match(re.escape(needle)).string
+
+    def match(self, pattern: bytes) -> re.Match[bytes]:
+        """Read until pattern is found in what has arrived; return the match."""
+        while (found := re.search(pattern, self.data)) is None:
             left = self.deadline - time.monotonic()
             if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                raise AssertionError(f"no {needle!r} in time; got {self.data!r}")
+                raise AssertionError(f"no {pattern!r} in time; got {self.data!r}")
             chunk = os.read(self.fd, 4096)
             if not chunk:
-                raise AssertionError(f"EOF before {needle!r}; got {self.data!r}")
+                raise AssertionError(f"EOF before {pattern!r}; got {self.data!r}")
             self.data += chunk
-        return self.data
+        return found
 
 
 def _pending_input(fd: int) -> int:
@@ -447,7 +452,8 @@ SIGNALLED_CLIENT = textwrap.dedent("""
     import os, signal
 
     def report(signum, _frame):
-        print(f"{os.getpid()} got {signal.Signals(signum).name}", flush=True)
+        # os.write: the signal may land while print() is still busy with "ready".
+        os.write(1, f"{os.getpid()} got {signal.Signals(signum).name}\\n".encode())
         if signum == signal.SIGTERM:
             os._exit(3)
 
@@ -455,6 +461,8 @@ SIGNALLED_CLIENT = textwrap.dedent("""
     signal.signal(signal.SIGTERM, report)
     kid = os.fork()
     if kid == 0:
+        # Python drops signals that land while fork is still settling: say when it has.
+        os.write(1, b"kid ready\\n")
         while True:
             signal.pause()
     print("ready", os.getpid(), kid, os.getsid(0), flush=True)
@@ -471,8 +479,8 @@ def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(sy
     pidfds = []
     try:
         out = Output(run.stdout.fileno())
-        ready = out.until(b"\n").split(b"\n")[0].split()
-        client, kid, session = (int(x) for x in ready[1:])
+        out.until(b"kid ready\n")
+        client, kid, session = (int(x) for x in out.match(rb"ready (\d+) (\d+) (\d+)\n").groups())
         pidfds = [os.pidfd_open(client), os.pidfd_open(kid)]
         assert session == client  # a session of its own, out of reach of our terminal
         os.kill(run.pid, signal.SIGINT)  # what Ctrl-C at the terminal does: only `run` gets it
@@ -573,3 +581,28 @@ def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(system
     assert client_env("--no-confine") == caller
     bad = system.python(dump, "--env", "=x", env=caller, check=False)
     assert bad.returncode == 2 and "NAME or NAME=VALUE" in bad.stderr
+
+
+def test_a_confined_client_dies_with_a_killed_run(system):
+    # Out of the terminal's session, no hangup would end it: run's death must.
+    run = subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--require-confine", "--",
+         sys.executable, "-c", "import os, signal; print(os.getpid(), flush=True); signal.pause()"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    pidfd = None
+    try:
+        client = int(Output(run.stdout.fileno()).until(b"\n"))
+        pidfd = os.pidfd_open(client)
+        os.killpg(run.pid, signal.SIGKILL)
+        assert select.select([pidfd], [], [], 30)[0], "the client outlived run"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(pidfd)
+        run.stdout.close()
