@@ -394,7 +394,8 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     """
     from supervisor.confine import python_script
 
-    launcher = [sys.executable, "-m", "supervisor.confine", "--write", scratch]
+    # -P: a `supervisor` package in the cwd (a client may have written it) must not run as the launcher.
+    launcher = [sys.executable, "-P", "-m", "supervisor.confine", "--write", scratch]
     launcher += ["--require"] if require else []
     script = python_script(command)
     if script is not None:
