@@ -665,7 +665,7 @@ def test_a_client_cannot_inject_into_or_take_the_terminal_and_has_no_capabilitie
             "CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}
 
 
-def test_the_launcher_refuses_to_run_in_the_callers_process_group_leadership(tmp_path):
+def test_the_launcher_refuses_to_run_when_it_cannot_leave_the_callers_session(tmp_path):
     # A process group leader cannot setsid(2): running in the caller's session is no fallback.
     proc = subprocess.run(
         [sys.executable, "-m", "supervisor.confine", "--", sys.executable, "-c", "print('ran')"],
