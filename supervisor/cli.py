@@ -394,7 +394,7 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     """
     from supervisor.confine import python_script
 
-    # -P: a `supervisor` package in the cwd (a client may have written it) must not run as the launcher.
+    # -P: a `supervisor` package a client wrote into the cwd must not run as the launcher.
     launcher = [sys.executable, "-P", "-m", "supervisor.confine", "--write", scratch]
     launcher += ["--require"] if require else []
     script = python_script(command)
