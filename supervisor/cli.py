@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -300,36 +301,53 @@ def _handles(d: dict) -> str:
                    "may leave it (a sandbox, with --ns '').")
 @click.option("--confine/--no-confine", default=True, show_default=True,
               help="Confine COMMAND with Landlock and seccomp: no host files beyond what the "
-                   "interpreter needs, no TCP or other network sockets, no abstract sockets.")
+                   "interpreter needs, no TCP or other network sockets, no abstract sockets, no "
+                   "metadata changes, no terminal injection, no capabilities, a minimal "
+                   "environment. --no-confine runs COMMAND as you, with your whole environment.")
 @click.option("--require-confine", is_flag=True,
               help="Fail instead of warning when the host cannot confine COMMAND.")
+@click.option("--env", "env_options", multiple=True, metavar="NAME[=VALUE]",
+              help="Give COMMAND the variable NAME: your value, or VALUE. Repeatable.")
+@click.option("--inherit-env", is_flag=True,
+              help="Give a confined COMMAND your whole environment (secrets included).")
 @root_option
 @mount_option
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
-        require_confine: bool, root: Path | None, mounts: tuple[str, ...],
-        config_file: Path | None, command: tuple[str, ...]) -> None:
+        require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
+        root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
     confined, can reach nothing else. It may still read the interpreter, the
     installed packages and the script it runs (`python script.py`), and write
     in an empty private temporary directory ($TMPDIR) deleted when it ends.
-    With no system up at the state directory, a private one is booted for
-    the duration of COMMAND (--root, --config and --mount configure it).
-    With a system up, --mount adds the mount to it (it stays until `down`).
+    It runs in a session of its own, without your terminal as its controlling
+    terminal and without capabilities, and its environment holds only PATH,
+    HOME, LANG, LC_*, TERM, TZ, TMPDIR, REDOXCAP_* and what --env names
+    (--inherit-env: all of yours). With --no-confine it gets your whole
+    environment and terminal. With no system up at the state directory, a
+    private one is booted for the duration of COMMAND (--root, --config and
+    --mount configure it). With a system up, --mount adds the mount to it (it
+    stays until `down`).
     """
     if require_confine and not confine:
         fail("--require-confine contradicts --no-confine", EXIT_USAGE)
-    argv, extra_env, scratch = list(command), {}, None
+    try:
+        env = client_environment(os.environ, confined=confine, inherit=inherit_env,
+                                 options=env_options)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    argv, scratch = list(command), None
     if confine:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
         argv = confined_argv(argv, require_confine, scratch)
-        extra_env["TMPDIR"] = scratch
+        env["TMPDIR"] = scratch
     private = None
     if not control.is_running(state_dir):
         private = _boot_private(_configure(config_file, root, mounts))
@@ -346,7 +364,7 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env)
+        code = _run_command(state_dir, names, cwd, beneath, argv, env, new_session=confine)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -376,23 +394,75 @@ def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
-    """Wrap command in the confinement launcher; the script it runs stays readable.
+# All of the caller's environment a confined command gets without --env or --inherit-env.
+CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
+CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
 
-    Only the first argument, when it is a file (`python script.py ...`), is
-    made readable: other file arguments are data the program must get
-    through its capabilities. scratch is the command's private writable
-    temporary directory.
+
+def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: bool,
+                       options: Sequence[str]) -> dict[str, str]:
+    """The environment `run` gives COMMAND, before the variables it sets itself.
+
+    Args:
+        environ: the caller's environment.
+        confined: COMMAND is confined; then only CONFINED_ENV_NAMES and names
+            with a CONFINED_ENV_PREFIXES prefix pass, unless inherit.
+        inherit: pass the whole of environ (always so when not confined).
+        options: `--env` values: NAME passes the caller's NAME (if set),
+            NAME=VALUE sets it; later ones win.
+
+    Returns:
+        A new dict.
+
+    Raises:
+        ValueError: an option has no NAME.
     """
-    launcher = [sys.executable, "-m", "supervisor.confine", "--write", scratch]
+    if inherit or not confined:
+        env = dict(environ)
+    else:
+        # Credentials and tokens live in the environment: pass only what is harmless.
+        env = {k: v for k, v in environ.items()
+               if k in CONFINED_ENV_NAMES or k.startswith(CONFINED_ENV_PREFIXES)}
+    for option in options:
+        name, has_value, value = option.partition("=")
+        if not name:
+            raise ValueError(f"--env {option!r}: expected NAME or NAME=VALUE")
+        if has_value:
+            env[name] = value
+        elif name in environ:
+            env[name] = environ[name]
+    return env
+
+
+def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
+    """Wrap command in the confinement launcher; a Python script it runs stays readable.
+
+    Only the script of a Python interpreter (`python3 [options] script.py`)
+    is made readable; `-c`, `-m` and every other program's arguments are
+    data the program must reach through its capabilities. scratch is the
+    command's private writable temporary directory.
+    """
+    from supervisor.confine import python_script
+
+    # -P: a `supervisor` package a client wrote into the cwd must not run as the launcher.
+    launcher = [sys.executable, "-P", "-m", "supervisor.confine", "--write", scratch]
     launcher += ["--require"] if require else []
-    if len(command) > 1 and Path(command[1]).is_file():
-        launcher += ["--read", str(Path(command[1]).absolute())]
+    script = python_script(command)
+    if script is not None:
+        launcher += ["--read", script]
     return [*launcher, "--", *command]
 
 
 def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 extra_env: dict[str, str]) -> int:
+                 base_env: dict[str, str], *, new_session: bool) -> int:
+    """Start command with the namespace and cwd asked for; return its exit code.
+
+    command gets base_env plus the variables that name its namespace and cwd.
+
+    With new_session, command leads a new session without a controlling
+    terminal (so it cannot push input into ours), and the signals `run`
+    receives are forwarded to its whole process group.
+    """
     import rt
     from rt._paths import to_namespace_path
     from rt._posix import physical_path
@@ -419,10 +489,11 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
         except OSError as exc:
             fail(f"--cwd {cwd}: {exc.strerror}")
-        env = dict(os.environ, **extra_env,
+        env = dict(base_env,
                    **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
         try:
-            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env)
+            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env,
+                                    start_new_session=new_session)
         except OSError as exc:
             fail(f"{command[0]}: {exc.strerror}", 127)
     finally:
@@ -430,12 +501,27 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             if fd is not None:
                 os.close(fd)
         rt.setup(None, None)
-    return _wait_forwarding_signals(proc)
+    return _wait_forwarding_signals(proc, group=new_session)
 
 
-def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+def _wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:
+    """Wait for proc, passing on SIGINT, SIGTERM and SIGHUP; return its exit code.
+
+    With group, proc leads its own process group (a new session), which the
+    terminal no longer signals: Ctrl-C reaches only `run`, and goes on to the
+    whole group as it would have from the terminal.
+    """
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        if proc.returncode is not None:
+            return
+        if not group:
+            proc.send_signal(signum)
+            return
+        try:
+            # Not yet reaped, so the group id cannot have been reused.
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
