@@ -9,6 +9,7 @@ test process's rt, so a test can call rt directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,10 +129,33 @@ def system(tmp_path: Path):
 @pytest.fixture
 def client(system: System):
     """The system, with this process's rt holding its root namespace and `/` as cwd."""
+    with _as_client(system):
+        yield system
+
+
+@pytest.fixture(scope="module")
+def shared_system(tmp_path_factory):
+    """One system for a whole test module: for tests that leave nothing behind them."""
+    sys_ = boot(tmp_path_factory.mktemp("shared"))
+    try:
+        yield sys_
+    finally:
+        shut_down(sys_)
+
+
+@pytest.fixture
+def shared_client(shared_system: System):
+    """`client` on the module's shared system."""
+    with _as_client(shared_system):
+        yield shared_system
+
+
+@contextlib.contextmanager
+def _as_client(system: System):
     _, fds = control.request(system.state_dir, "namespace")
     rt.setup(fds[0], None)
     rt.setup(fds[0], rt.open("/", rt.O_DIRECTORY), "/")
     try:
-        yield system
+        yield
     finally:
         rt.setup(None, None)
