@@ -22,7 +22,13 @@ the stream for the peer.
 
 Capabilities travel too: SENDFD queues the fd passed with the request for
 the peer, RECVFD waits for the next one. Fds still queued when a connection
-closes are closed.
+closes are closed. A capability of this scheme (a connection, listener or
+scope) is refused with EINVAL: queued here, it could keep its own handle
+open through the daemon forever (a connection sent into its own queue);
+pass such a capability by other means (to a child with `rt.spawn`'s
+pass_fds). At most MAX_QUEUED_FDS wait in one connection's queue: one more
+is ETOOMANYREFS at once (not a wait, so that a stuck receiver never makes
+the daemon hold the fds of senders' waiting requests).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from rt import protocol as P
 from schemes.framework import (
     Changed,
+    HandleRef,
     Opened,
     Reply,
     Request,
@@ -47,6 +54,7 @@ from schemes.framework import (
 
 STREAM_BUFFER = 256 * 1024  # bytes in flight one way before a writer waits
 BACKLOG = 128
+MAX_QUEUED_FDS = 64  # capabilities waiting in one connection's queue
 SCOPE_PREFIX = b"scope:"
 
 
@@ -232,12 +240,18 @@ class UdsScheme(Scheme):
         conn.wake_both()
 
     async def sendfd(self, req: Request, h) -> None:
+        """Queue the passed capability for the peer: never one of ours, at most MAX_QUEUED_FDS."""
         conn = self._conn(h)
         if len(req.passed) != 1:
             raise SchemeError(errno.EINVAL, "sendfd takes exactly one capability")
+        if isinstance(req.passed[0], HandleRef):
+            # queued here, it could hold its own handle open through us forever
+            raise SchemeError(errno.EINVAL, "a uds capability cannot travel over uds")
         peer = conn.peer
         if conn.write_shut or peer is None or peer.closed:
             raise SchemeError(errno.EPIPE)
+        if len(peer.fds) >= MAX_QUEUED_FDS:
+            raise SchemeError(errno.ETOOMANYREFS, "the peer's queue of capabilities is full")
         peer.fds.append(req.take_fd(0))
         conn.wake_both()
 

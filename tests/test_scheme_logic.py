@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from rt import protocol as P
-from schemes.framework import Caller, Request, SchemeError
+from schemes.framework import Caller, HandleRef, Request, SchemeError
 from schemes.log import LogScheme
 from schemes.pipe import PIPE_SIZE, PipeScheme
-from schemes.uds import UdsScheme
+from schemes.uds import MAX_QUEUED_FDS, UdsScheme
 
 
 def req(op: int = 0, passed=()) -> Request:
@@ -194,6 +194,39 @@ async def test_uds_a_named_scope_is_shared_while_a_handle_or_listener_lives():
     assert await uds_errno(s.openat(req(), fresh, "svc", os.O_RDWR, 0)) == errno.ECONNREFUSED
     await s.close(fresh)
     assert s.named == {}
+
+
+async def test_uds_refuses_its_own_capabilities_so_nothing_holds_itself_open():
+    s = UdsScheme()
+    _, ours, _ = await uds_pair(s, s.root())
+    r, w = os.pipe()
+    try:
+        request = req(P.SENDFD, [HandleRef(2, r)])
+        assert await uds_errno(s.sendfd(request, ours)) == errno.EINVAL
+        assert request.passed_fds() == [r]  # not taken: the framework closes it with the request
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_uds_bounds_the_fds_queued_per_connection():
+    s = UdsScheme()
+    _, ours, theirs = await uds_pair(s, s.root())
+    r, w = os.pipe()
+    for _ in range(MAX_QUEUED_FDS):
+        await s.sendfd(req(P.SENDFD, [os.dup(r)]), ours)
+    extra = req(P.SENDFD, [os.dup(r)])
+    assert await uds_errno(s.sendfd(extra, ours)) == errno.ETOOMANYREFS
+    os.close(*extra.passed_fds())
+    (received,) = (await s.recvfd(req(), theirs)).fds  # room again
+    os.close(received)
+    await s.sendfd(req(P.SENDFD, [os.dup(r)]), ours)
+    assert len(theirs.fds) == MAX_QUEUED_FDS
+    await s.close(theirs)
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")  # every queued read end was closed with the receiver
+    os.close(w)
 
 
 async def test_uds_fds_queued_for_a_connection_never_accepted_close_with_the_listener():
