@@ -11,7 +11,7 @@ import os as _os
 
 from rt import _process
 from rt._fileio import open_file
-from rt._net import pipe, recvfd, sendfd, shutdown
+from rt._net import pipe, recvfd, sendfd, shutdown, uds_scope
 from rt._paths import AT_FDCWD
 from rt._posix import (
     StatResult,
@@ -86,7 +86,7 @@ __all__ = [
     "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "mkscheme", "narrow",
     "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "register",
     "rename", "rmdir", "schemes", "sendfd", "setns", "setup", "shutdown", "spawn", "stat",
-    "symlink", "unlink", "unregister", "write",
+    "symlink", "uds_scope", "unlink", "unregister", "write",
 ]
 
 _process.adopt_from_environment()
