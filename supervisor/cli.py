@@ -12,6 +12,7 @@ Exit codes (every failure maps onto one of these):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -253,13 +254,17 @@ def _handles(d: dict) -> str:
                    "interpreter needs, no TCP or other network sockets, no abstract sockets.")
 @click.option("--require-confine", is_flag=True,
               help="Fail instead of warning when the host cannot confine COMMAND.")
+@click.option("--uds-scope", default="private", show_default=True, metavar="private|system|NAME",
+              help="The uds names COMMAND sees: a private scope of its own (the default, for "
+                   "every run), the system's, or the shared scope NAME (runs given the same NAME "
+                   "reach each other's listeners).")
 @root_option
 @mount_option
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
-        require_confine: bool, root: Path | None, mounts: tuple[str, ...],
+        require_confine: bool, uds_scope: str, root: Path | None, mounts: tuple[str, ...],
         config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
@@ -296,7 +301,7 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env)
+        code = _run_command(state_dir, names, cwd, beneath, argv, extra_env, uds_scope)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -342,7 +347,7 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
 
 
 def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 extra_env: dict[str, str]) -> int:
+                 extra_env: dict[str, str], uds_scope: str = "private") -> int:
     import rt
     from rt._paths import to_namespace_path
     from rt._posix import physical_path
@@ -368,6 +373,7 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
         except OSError as exc:
             fail(f"--cwd {cwd}: {exc.strerror}")
+        _give_uds_scope(child_ns, uds_scope)
         env = dict(os.environ, **extra_env,
                    **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
         try:
@@ -380,6 +386,32 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
                 os.close(fd)
         rt.setup(None, None)
     return _wait_forwarding_signals(proc)
+
+
+def _give_uds_scope(child_ns: int, choice: str) -> None:
+    """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
+
+    The fork's entry is the system scope; "private" puts a new empty scope in
+    its place, NAME the shared scope NAME. A namespace without uds is left so.
+    """
+    import rt
+
+    if choice == "system":
+        return
+    try:
+        if "uds" not in rt.schemes(child_ns):
+            return
+        scope = rt.uds_scope(None if choice == "private" else choice)
+    except OSError as exc:
+        usage = exc.errno == errno.EINVAL  # a bad NAME
+        fail(f"--uds-scope {choice}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED)
+    try:
+        rt.unregister(child_ns, "uds")
+        rt.register(child_ns, "uds", scope)
+    except OSError as exc:
+        fail(f"--uds-scope {choice}: {exc.strerror}")
+    finally:
+        rt.close(scope)
 
 
 def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
