@@ -141,10 +141,10 @@ def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(shared_system)
     result = shared_system.python(
         "import errno, rt\n"
         "refused = 0\n"
-        "for _ in range(200):\n"
+        "for i in range(200):  # a name per pair: a close reaches the scheme a moment later\n"
         "    scope = rt.open('/scheme/uds', rt.O_DIRECTORY)\n"
-        "    listener = rt.open('/scheme/uds/loop', rt.O_CREAT | rt.O_RDWR)\n"
-        "    a = rt.open('/scheme/uds/loop', rt.O_RDWR)\n"
+        "    listener = rt.open(f'/scheme/uds/loop{i}', rt.O_CREAT | rt.O_RDWR)\n"
+        "    a = rt.open(f'/scheme/uds/loop{i}', rt.O_RDWR)\n"
         "    b = rt.dup(listener, b'accept')\n"
         "    for cap in (b, a, listener, scope):  # b into its own queue first\n"
         "        try:\n"
