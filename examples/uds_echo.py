@@ -1,11 +1,16 @@
 """An echo server and client over the uds scheme, with a capability passed across.
 
-    redoxcap run -- python examples/uds_echo.py server NAME
-    redoxcap run -- python examples/uds_echo.py client NAME "some text"
+    redoxcap run --uds-scope demo -- python examples/uds_echo.py server NAME
+    redoxcap run --uds-scope demo -- python examples/uds_echo.py client NAME "some text"
+
+Every run has a private uds scope of its own unless it names one to share:
+both runs say `--uds-scope demo`, so NAME means the same listener to both
+(without it, the client's open fails with ECONNREFUSED).
 
 The client sends its text and then a capability: an fd for a file it opened
 (`/shared.txt`, created if missing). The server echoes the text and reads the
-file through the fd it received: it never opens the file by name.
+file through the fd it received: it never opens the file by name. (A uds
+capability itself cannot travel over uds: sendfd refuses it with EINVAL.)
 """
 
 import socket

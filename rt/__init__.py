@@ -12,7 +12,7 @@ import os as _os
 from rt import _process
 from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
-from rt._net import pipe, recvfd, recvfrom, sendfd, sendto, shutdown
+from rt._net import pipe, recvfd, recvfrom, sendfd, sendto, shutdown, uds_scope
 from rt._paths import AT_FDCWD
 from rt._posix import (
     StatResult,
@@ -87,7 +87,8 @@ __all__ = [
     "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "mkscheme", "narrow",
     "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "recvfrom",
     "register", "rename", "rmdir", "schemes", "sendfd", "sendto", "set_default_timeout", "setns",
-    "setup", "shutdown", "spawn", "stat", "symlink", "timeout", "unlink", "unregister", "write",
+    "setup", "shutdown", "spawn", "stat", "symlink", "timeout", "uds_scope", "unlink", "unregister",
+    "write",
 ]
 
 _process.adopt_from_environment()

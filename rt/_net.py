@@ -1,4 +1,5 @@
-"""Pipes and sockets through their schemes: pipe, shutdown, sendfd, recvfd, recvfrom, sendto."""
+"""Pipes and sockets through their schemes: pipe, shutdown, sendfd, recvfd, recvfrom, sendto,
+uds_scope."""
 
 from __future__ import annotations
 
@@ -96,3 +97,37 @@ def sendto(fd: int, data: bytes | bytearray | memoryview, address: tuple[str, in
     if not 0 <= value <= len(data):
         raise OSError(errno.EIO, "malformed sendto reply")
     return value
+
+
+def uds_scope(name: str | None = None, base: int | None = None) -> int:
+    """A uds scope: a new private one, or the shared scope called name.
+
+    A scope is a table of uds names of its own: listeners in it are reached
+    only through it. Register it as `uds` in a namespace (`rt.unregister` and
+    `rt.register`) so that `/scheme/uds/NAME` means NAME in it, or open names
+    relative to it with `rt.openat(scope, NAME, ...)`.
+
+    Args:
+        name: None for a new, empty, private scope; otherwise the named
+            shared scope (made on first use, kept while a handle on it or a
+            listener in it lives), which every holder of the system scope
+            can reach.
+        base: the uds scope to derive from (e.g. from
+            `rt.open("/scheme/uds", rt.O_DIRECTORY)`); None for the
+            namespace's `/scheme/uds`. A named scope needs the system scope.
+
+    Returns:
+        A capability for the scope.
+
+    Raises:
+        OSError: EACCES for a named scope from a base that is not the system
+            scope, EINVAL for a bad name, ENODEV without uds in the namespace.
+    """
+    how = b"scope" if name is None else b"scope:" + name.encode()
+    if base is not None:
+        return dup(base, how)
+    own = rt_open("/scheme/uds", os.O_DIRECTORY)
+    try:
+        return dup(own, how)
+    finally:
+        close(own)

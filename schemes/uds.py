@@ -1,16 +1,34 @@
 """The uds scheme (`/scheme/uds/NAME`): stream connections named inside the scheme.
 
-Names live in this daemon only (no host socket files). Opening NAME with
-O_CREAT listens on it (EADDRINUSE if taken; the name is free again when the
-listener's handle closes); opening NAME without it connects (ECONNREFUSED if
-nobody listens); `dup(listener, b"accept")` waits for and accepts one
-connection. Connections are byte streams: read returns what has arrived
-(b"" once the peer closed or shut down writing), write to a peer that is
-gone is EPIPE, `shutdown(SHUT_WR)` ends the stream for the peer.
+Names live in this daemon only (no host socket files), in *scopes*: a scope
+is a handle holding its own table of names, so a name means something only
+to the holders of that scope (Landlock's answer for abstract unix sockets).
+The scheme's root is the system scope. `dup(scope, b"scope")` makes a new,
+private, empty scope; `dup(root, b"scope:NAME")` opens the named shared
+scope NAME (made on first use), so that two runs can share one on purpose;
+only the system scope reaches named ones (EACCES from any other).
+`openat(scope, ".", O_DIRECTORY)` (or "") is another handle on the same
+scope. A scope lives while any handle on it or any listener in it lives.
+
+Only a scope opens names: opening NAME with O_CREAT listens on it in that
+scope (EADDRINUSE if taken there; the name is free again when the
+listener's handle closes); opening NAME without it connects (ECONNREFUSED
+if nobody listens in that scope); `dup(listener, b"accept")` waits for and
+accepts one connection. An openat relative to a connection or a listener is
+ENOTDIR; reading or writing a scope is EBADF. Connections are byte streams:
+read returns what has arrived (b"" once the peer closed or shut down
+writing), write to a peer that is gone is EPIPE, `shutdown(SHUT_WR)` ends
+the stream for the peer.
 
 Capabilities travel too: SENDFD queues the fd passed with the request for
 the peer, RECVFD waits for the next one. Fds still queued when a connection
-closes are closed.
+closes are closed. A capability of this scheme (a connection, listener or
+scope) is refused with EINVAL: queued here, it could keep its own handle
+open through the daemon forever (a connection sent into its own queue);
+pass such a capability by other means (to a child with `rt.spawn`'s
+pass_fds). At most MAX_QUEUED_FDS wait in one connection's queue: one more
+is ETOOMANYREFS at once (not a wait, so that a stuck receiver never makes
+the daemon hold the fds of senders' waiting requests).
 """
 
 from __future__ import annotations
@@ -23,15 +41,36 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rt import protocol as P
-from schemes.framework import Changed, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import (
+    Changed,
+    HandleRef,
+    Opened,
+    Reply,
+    Request,
+    Scheme,
+    SchemeError,
+    daemon_cli,
+)
 
 STREAM_BUFFER = 256 * 1024  # bytes in flight one way before a writer waits
 BACKLOG = 128
+MAX_QUEUED_FDS = 64  # capabilities waiting in one connection's queue
+SCOPE_PREFIX = b"scope:"
+
+
+@dataclass(eq=False)
+class Scope:
+    """A table of names; `refs` counts the handles on it and the listeners in it."""
+
+    label: str | None = None  # the name of a named shared scope; None for the others
+    listeners: dict[str, Listener] = field(default_factory=dict)
+    refs: int = 0
 
 
 @dataclass(eq=False)
 class Listener:
     name: str
+    scope: Scope
     pending: deque = field(default_factory=deque)
     changed: Changed = field(default_factory=Changed)
     closed: bool = False
@@ -62,27 +101,60 @@ class Connection:
 
 def _name(path: str) -> str:
     name = path.strip("/")
-    if not name or name == "." or "/" in name or len(name) > P.MAX_NAME:
+    if not name or name in (".", "..") or "/" in name or len(name) > P.MAX_NAME:
         raise SchemeError(errno.EINVAL, "a uds name is one non-empty path component")
     return name
 
 
+def _label(buf: bytes) -> str:
+    """The NAME of b"scope:NAME", checked like a uds name."""
+    try:
+        label = buf[len(SCOPE_PREFIX):].decode()
+    except UnicodeDecodeError:
+        raise SchemeError(errno.EINVAL, "a scope name is UTF-8") from None
+    if label != label.strip("/"):
+        raise SchemeError(errno.EINVAL, "a scope name is one non-empty path component")
+    return _name(label)
+
+
 class UdsScheme(Scheme):
-    """Serves named stream connections between its clients."""
+    """Serves named stream connections between the holders of one scope."""
 
     name = "uds"
 
     def __init__(self) -> None:
-        self.listeners: dict[str, Listener] = {}
+        self.system = Scope()
+        self.named: dict[str, Scope] = {}
+
+    def root(self) -> Scope:
+        return self.system
+
+    def _on(self, scope: Scope) -> Opened:
+        """A new handle on scope (counted until its close)."""
+        scope.refs += 1
+        return Opened(scope, fdflags=os.O_RDONLY | os.O_DIRECTORY)
+
+    def _release(self, scope: Scope) -> None:
+        scope.refs -= 1
+        if scope.refs <= 0 and scope.label is not None and self.named.get(scope.label) is scope:
+            del self.named[scope.label]  # nobody can reach it: the name starts afresh
 
     async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
+        """Listen on (O_CREAT) or connect to a name in the scope h; "." is h itself."""
+        if not isinstance(h, Scope):
+            raise SchemeError(errno.ENOTDIR, "only a scope opens names")
+        if path.strip("/") in ("", ".") and not flags & os.O_CREAT:
+            return self._on(h)
         name = _name(path)
+        if flags & os.O_DIRECTORY:
+            raise SchemeError(errno.ENOTDIR, "a uds name is a socket, not a scope")
         if flags & os.O_CREAT:
-            if name in self.listeners:
+            if name in h.listeners:
                 raise SchemeError(errno.EADDRINUSE)
-            listener = self.listeners[name] = Listener(name)
+            listener = h.listeners[name] = Listener(name, h)
+            h.refs += 1
             return Opened(listener, fdflags=flags)
-        listener = self.listeners.get(name)
+        listener = h.listeners.get(name)
         if listener is None:
             raise SchemeError(errno.ECONNREFUSED)
         if len(listener.pending) >= BACKLOG:
@@ -94,6 +166,21 @@ class UdsScheme(Scheme):
         return Opened(ours, fdflags=flags & os.O_ACCMODE)
 
     async def dup(self, req: Request, h, buf: bytes) -> Opened:
+        """b"accept" on a listener; b"scope", b"scope:NAME" (system scope only) or b"" on a scope."""
+        if isinstance(h, Scope):
+            if buf == b"":
+                return self._on(h)
+            if buf == b"scope":
+                return self._on(Scope())
+            if buf.startswith(SCOPE_PREFIX):
+                label = _label(buf)
+                if h is not self.system:
+                    raise SchemeError(errno.EACCES, "only the system scope reaches named scopes")
+                scope = self.named.get(label)
+                if scope is None:
+                    scope = self.named[label] = Scope(label)
+                return self._on(scope)
+            raise SchemeError(errno.EINVAL, 'uds dup takes b"scope" or b"scope:NAME" on a scope')
         if buf != b"accept" or not isinstance(h, Listener):
             raise SchemeError(errno.EINVAL, 'uds dup takes b"accept" on a listener')
         while not h.pending:
@@ -104,6 +191,8 @@ class UdsScheme(Scheme):
         return Opened(conn, fdflags=os.O_RDWR)
 
     def _conn(self, h) -> Connection:
+        if isinstance(h, Scope):
+            raise SchemeError(errno.EBADF, "a scope is not a connection")
         if not isinstance(h, Connection):
             raise SchemeError(errno.ENOTCONN)
         return h
@@ -151,12 +240,18 @@ class UdsScheme(Scheme):
         conn.wake_both()
 
     async def sendfd(self, req: Request, h) -> None:
+        """Queue the passed capability for the peer: never one of ours, at most MAX_QUEUED_FDS."""
         conn = self._conn(h)
         if len(req.passed) != 1:
             raise SchemeError(errno.EINVAL, "sendfd takes exactly one capability")
+        if isinstance(req.passed[0], HandleRef):
+            # queued here, it could hold its own handle open through us forever
+            raise SchemeError(errno.EINVAL, "a uds capability cannot travel over uds")
         peer = conn.peer
         if conn.write_shut or peer is None or peer.closed:
             raise SchemeError(errno.EPIPE)
+        if len(peer.fds) >= MAX_QUEUED_FDS:
+            raise SchemeError(errno.ETOOMANYREFS, "the peer's queue of capabilities is full")
         peer.fds.append(req.take_fd(0))
         conn.wake_both()
 
@@ -169,18 +264,30 @@ class UdsScheme(Scheme):
         return Reply(None, [conn.fds.popleft()])
 
     async def fstat(self, req: Request, h) -> dict:
+        if isinstance(h, Scope):
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_size": len(h.listeners), "st_nlink": 2}
         size = len(h.inbox) if isinstance(h, Connection) else 0
         return {"st_mode": stat.S_IFSOCK | 0o777, "st_size": size}
 
     async def fpath(self, req: Request, h) -> str:
-        name = getattr(h, "name", "")
-        return f"/scheme/{self.name}/{name}" if name else f"/scheme/{self.name}"
+        # a scope is what /scheme/uds names in the namespace that holds it
+        if isinstance(h, Scope):
+            return f"/scheme/{self.name}"
+        return f"/scheme/{self.name}/{h.name}"
+
+    async def getdents(self, req: Request, h, start: int) -> list[str]:
+        if not isinstance(h, Scope):
+            raise SchemeError(errno.ENOTDIR)
+        return P.page_of_names(sorted(h.listeners), start)
 
     async def close(self, h) -> None:
-        if isinstance(h, Listener):
+        if isinstance(h, Scope):
+            self._release(h)
+        elif isinstance(h, Listener):
             h.closed = True
-            if self.listeners.get(h.name) is h:
-                del self.listeners[h.name]
+            if h.scope.listeners.get(h.name) is h:
+                del h.scope.listeners[h.name]
+            self._release(h.scope)
             while h.pending:  # connections never accepted: their clients see EOF
                 await self.close(h.pending.popleft())
             h.changed.notify()

@@ -12,6 +12,7 @@ Exit codes (every failure maps onto one of these):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -310,13 +311,17 @@ def _handles(d: dict) -> str:
               help="Give COMMAND the variable NAME: your value, or VALUE. Repeatable.")
 @click.option("--inherit-env", is_flag=True,
               help="Give a confined COMMAND your whole environment (secrets included).")
+@click.option("--uds-scope", default="private", show_default=True, metavar="private|system|NAME",
+              help="The uds names COMMAND sees: a private scope of its own (the default, for "
+                   "every run), the system's, or the shared scope NAME (runs given the same NAME "
+                   "reach each other's listeners).")
 @root_option
 @mount_option
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
-        require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
+        require_confine: bool, env_options: tuple[str, ...], inherit_env: bool, uds_scope: str,
         root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
@@ -364,7 +369,8 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
             except config.ConfigError as exc:
                 fail(str(exc), EXIT_USAGE)
     try:
-        code = _run_command(state_dir, names, cwd, beneath, argv, env, new_session=confine)
+        code = _run_command(state_dir, names, cwd, beneath, argv, env, new_session=confine,
+                            uds_scope=uds_scope)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -454,7 +460,7 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
 
 
 def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 base_env: dict[str, str], *, new_session: bool) -> int:
+                 base_env: dict[str, str], *, new_session: bool, uds_scope: str = "private") -> int:
     """Start command with the namespace and cwd asked for; return its exit code.
 
     command gets base_env plus the variables that name its namespace and cwd.
@@ -489,6 +495,7 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
             cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
         except OSError as exc:
             fail(f"--cwd {cwd}: {exc.strerror}")
+        _give_uds_scope(child_ns, uds_scope)
         env = dict(base_env,
                    **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
         try:
@@ -502,6 +509,32 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
                 os.close(fd)
         rt.setup(None, None)
     return _wait_forwarding_signals(proc, group=new_session)
+
+
+def _give_uds_scope(child_ns: int, choice: str) -> None:
+    """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
+
+    The fork's entry is the system scope; "private" puts a new empty scope in
+    its place, NAME the shared scope NAME. A namespace without uds is left so.
+    """
+    import rt
+
+    if choice == "system":
+        return
+    try:
+        if "uds" not in rt.schemes(child_ns):
+            return
+        scope = rt.uds_scope(None if choice == "private" else choice)
+    except OSError as exc:
+        usage = exc.errno == errno.EINVAL  # a bad NAME
+        fail(f"--uds-scope {choice}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED)
+    try:
+        rt.unregister(child_ns, "uds")
+        rt.register(child_ns, "uds", scope)
+    except OSError as exc:
+        fail(f"--uds-scope {choice}: {exc.strerror}")
+    finally:
+        rt.close(scope)
 
 
 def _wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 
 import pytest
 import trio
@@ -13,7 +14,7 @@ from rt import protocol as P
 from schemes.framework import Caller, HandleRef, Request, SchemeError
 from schemes.log import LogScheme
 from schemes.pipe import PIPE_SIZE, PipeScheme
-from schemes.uds import UdsScheme
+from schemes.uds import MAX_QUEUED_FDS, UdsScheme
 
 
 def req(op: int = 0, passed=()) -> Request:
@@ -60,31 +61,32 @@ async def test_pipe_write_without_readers_is_epipe_and_a_full_pipe_waits():
 
 async def test_uds_listen_connect_accept_and_the_errors_around_them():
     s = UdsScheme()
+    root = s.root()
     with pytest.raises(SchemeError) as info:
-        await s.openat(req(), None, "svc", os.O_RDWR, 0)
+        await s.openat(req(), root, "svc", os.O_RDWR, 0)
     assert info.value.errno == errno.ECONNREFUSED
-    listener = (await s.openat(req(), None, "svc", os.O_CREAT, 0)).obj
+    listener = (await s.openat(req(), root, "svc", os.O_CREAT, 0)).obj
     with pytest.raises(SchemeError) as info:
-        await s.openat(req(), None, "svc", os.O_CREAT, 0)
+        await s.openat(req(), root, "svc", os.O_CREAT, 0)
     assert info.value.errno == errno.EADDRINUSE
-    for bad in ("", "a/b", "."):
+    for bad in ("", "a/b", ".", ".."):
         with pytest.raises(SchemeError) as info:
-            await s.openat(req(), None, bad, os.O_CREAT, 0)
+            await s.openat(req(), root, bad, os.O_CREAT, 0)
         assert info.value.errno == errno.EINVAL
-    client = (await s.openat(req(), None, "svc", os.O_RDWR, 0)).obj
+    client = (await s.openat(req(), root, "svc", os.O_RDWR, 0)).obj
     server = (await s.dup(req(), listener, b"accept")).obj
     await s.write(req(), client, b"ping")
     assert await s.read(req(), server, 10) == b"ping"
     await s.shutdown(req(), server, socket.SHUT_WR)
     assert await s.read(req(), client, 10) == b""
     await s.close(listener)
-    await s.openat(req(), None, "svc", os.O_CREAT, 0)  # the name is free again
+    await s.openat(req(), root, "svc", os.O_CREAT, 0)  # the name is free again
 
 
 async def test_uds_passes_fds_and_closes_the_ones_nobody_received():
     s = UdsScheme()
-    listener = (await s.openat(req(), None, "fds", os.O_CREAT, 0)).obj
-    client = (await s.openat(req(), None, "fds", os.O_RDWR, 0)).obj
+    listener = (await s.openat(req(), s.root(), "fds", os.O_CREAT, 0)).obj
+    client = (await s.openat(req(), s.root(), "fds", os.O_RDWR, 0)).obj
     server = (await s.dup(req(), listener, b"accept")).obj
     r, w = os.pipe()
     await s.sendfd(req(P.SENDFD, [os.dup(r)]), client)
@@ -93,11 +95,151 @@ async def test_uds_passes_fds_and_closes_the_ones_nobody_received():
     os.write(w, b"through the fd")
     assert os.read(received, 100) == b"through the fd"
     os.close(received)
-    await s.sendfd(req(P.SENDFD, [HandleRef(9, os.dup(r))]), client)
+    await s.sendfd(req(P.SENDFD, [os.dup(r)]), client)
     await s.close(server)  # one fd still queued for it: closed now
     os.close(r)
     with pytest.raises(BrokenPipeError):
         os.write(w, b"x")  # no read end is left anywhere
+    os.close(w)
+
+
+async def uds_pair(s: UdsScheme, scope, name: str = "pair"):
+    """(listener, connecting end, accepted end) on name in scope."""
+    listener = (await s.openat(req(), scope, name, os.O_CREAT | os.O_RDWR, 0)).obj
+    ours = (await s.openat(req(), scope, name, os.O_RDWR, 0)).obj
+    theirs = (await s.dup(req(), listener, b"accept")).obj
+    return listener, ours, theirs
+
+
+async def uds_errno(call) -> int:
+    with pytest.raises(SchemeError) as info:
+        await call
+    return info.value.errno
+
+
+async def test_uds_only_a_scope_opens_names():
+    s = UdsScheme()
+    listener, ours, theirs = await uds_pair(s, s.root())
+    for h in (listener, ours, theirs):
+        for path, flags in (("other", os.O_CREAT), ("pair", os.O_RDWR), (".", os.O_DIRECTORY), ("", 0)):
+            assert await uds_errno(s.openat(req(), h, path, flags, 0)) == errno.ENOTDIR
+    assert await uds_errno(s.openat(req(), s.root(), "pair", os.O_DIRECTORY, 0)) == errno.ENOTDIR
+    here = (await s.openat(req(), s.root(), ".", os.O_DIRECTORY, 0)).obj
+    assert here is s.root() and (await s.openat(req(), s.root(), "", 0, 0)).obj is here
+    for call in (s.read(req(), here, 1), s.write(req(), here, b"x"),
+                 s.shutdown(req(), here, socket.SHUT_WR), s.recvfd(req(), here)):
+        assert await uds_errno(call) == errno.EBADF
+    r, w = os.pipe()
+    try:
+        assert await uds_errno(s.sendfd(req(P.SENDFD, [r]), here)) == errno.EBADF
+        assert await uds_errno(s.read(req(), listener, 1)) == errno.ENOTCONN
+        assert await uds_errno(s.dup(req(), ours, b"scope")) == errno.EINVAL
+        assert await uds_errno(s.dup(req(), here, b"accept")) == errno.EINVAL
+        # fstat, fpath and getdents answer (or refuse with an errno) for every kind
+        assert stat.S_ISDIR((await s.fstat(req(), here))["st_mode"])
+        assert (await s.fstat(req(), here))["st_size"] == 1
+        assert await s.fpath(req(), here) == "/scheme/uds"
+        assert await s.getdents(req(), here, 0) == ["pair"]
+        for h in (listener, ours, theirs):
+            assert stat.S_ISSOCK((await s.fstat(req(), h))["st_mode"])
+            assert await s.fpath(req(), h) == "/scheme/uds/pair"
+            assert await uds_errno(s.getdents(req(), h, 0)) == errno.ENOTDIR
+    finally:
+        os.close(r)  # refused before it was taken: still ours
+        os.close(w)
+
+
+async def test_uds_scopes_isolate_names():
+    s = UdsScheme()
+    one = (await s.dup(req(), s.root(), b"scope")).obj
+    two = (await s.dup(req(), one, b"scope")).obj  # any scope makes private ones
+    assert len({id(s.root()), id(one), id(two)}) == 3
+    system_listener = (await s.openat(req(), s.root(), "svc", os.O_CREAT, 0)).obj
+    assert await uds_errno(s.openat(req(), one, "svc", os.O_RDWR, 0)) == errno.ECONNREFUSED
+    squatter = (await s.openat(req(), one, "svc", os.O_CREAT, 0)).obj  # its own table: no EADDRINUSE
+    # clients in each scope reach the listener of that scope only
+    await s.openat(req(), s.root(), "svc", os.O_RDWR, 0)
+    assert len(system_listener.pending) == 1 and not squatter.pending
+    await s.openat(req(), one, "svc", os.O_RDWR, 0)
+    assert len(system_listener.pending) == 1 and len(squatter.pending) == 1
+    assert await uds_errno(s.openat(req(), two, "svc", os.O_RDWR, 0)) == errno.ECONNREFUSED
+    # a private scope cannot reach a named one (nor the system's)
+    for scope in (one, two):
+        assert await uds_errno(s.dup(req(), scope, b"scope:team")) == errno.EACCES
+    assert s.named == {}
+
+
+async def test_uds_a_named_scope_is_shared_while_a_handle_or_listener_lives():
+    s = UdsScheme()
+    for bad in (b"scope:", b"scope:a/b", b"scope:.", b"scope:/a", b"scope:\xff", b"scopes", b"write"):
+        assert await uds_errno(s.dup(req(), s.root(), bad)) == errno.EINVAL, bad
+    first = (await s.dup(req(), s.root(), b"scope:team")).obj
+    second = (await s.dup(req(), s.root(), b"scope:team")).obj
+    other = (await s.dup(req(), s.root(), b"scope:other")).obj
+    assert first is second and first is not other and first is not s.root()
+    listener = (await s.openat(req(), first, "svc", os.O_CREAT, 0)).obj
+    await s.openat(req(), second, "svc", os.O_RDWR, 0)
+    assert len(listener.pending) == 1
+    assert await uds_errno(s.openat(req(), other, "svc", os.O_RDWR, 0)) == errno.ECONNREFUSED
+    for h in (first, second, other):
+        await s.close(h)
+    assert list(s.named) == ["team"]  # the listener keeps it alive
+    again = (await s.dup(req(), s.root(), b"scope:team")).obj
+    assert again is first
+    await s.close(listener)
+    await s.close(again)
+    assert s.named == {}  # nothing left in it: forgotten
+    fresh = (await s.dup(req(), s.root(), b"scope:team")).obj
+    assert fresh is not first
+    assert await uds_errno(s.openat(req(), fresh, "svc", os.O_RDWR, 0)) == errno.ECONNREFUSED
+    await s.close(fresh)
+    assert s.named == {}
+
+
+async def test_uds_refuses_its_own_capabilities_so_nothing_holds_itself_open():
+    s = UdsScheme()
+    _, ours, _ = await uds_pair(s, s.root())
+    r, w = os.pipe()
+    try:
+        request = req(P.SENDFD, [HandleRef(2, r)])
+        assert await uds_errno(s.sendfd(request, ours)) == errno.EINVAL
+        assert request.passed_fds() == [r]  # not taken: the framework closes it with the request
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_uds_bounds_the_fds_queued_per_connection():
+    s = UdsScheme()
+    _, ours, theirs = await uds_pair(s, s.root())
+    r, w = os.pipe()
+    for _ in range(MAX_QUEUED_FDS):
+        await s.sendfd(req(P.SENDFD, [os.dup(r)]), ours)
+    extra = req(P.SENDFD, [os.dup(r)])
+    assert await uds_errno(s.sendfd(extra, ours)) == errno.ETOOMANYREFS
+    os.close(*extra.passed_fds())
+    (received,) = (await s.recvfd(req(), theirs)).fds  # room again
+    os.close(received)
+    await s.sendfd(req(P.SENDFD, [os.dup(r)]), ours)
+    assert len(theirs.fds) == MAX_QUEUED_FDS
+    await s.close(theirs)
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")  # every queued read end was closed with the receiver
+    os.close(w)
+
+
+async def test_uds_fds_queued_for_a_connection_never_accepted_close_with_the_listener():
+    s = UdsScheme()
+    listener = (await s.openat(req(), s.root(), "q", os.O_CREAT, 0)).obj
+    ours = (await s.openat(req(), s.root(), "q", os.O_RDWR, 0)).obj
+    r, w = os.pipe()
+    await s.sendfd(req(P.SENDFD, [os.dup(r)]), ours)
+    await s.close(ours)
+    await s.close(listener)
+    os.close(r)
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")
     os.close(w)
 
 

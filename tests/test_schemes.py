@@ -17,10 +17,10 @@ from tests.conftest import REDOXCAP, boot, shut_down, wait_for
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def start_client(system, *args: str) -> subprocess.Popen:
-    """A `redoxcap run` client in the background, reading its stdout line by line."""
+def start_client(system, *args: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A `redoxcap run [options]` client in the background, reading its stdout line by line."""
     return subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--", sys.executable, *args],
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", *options, "--", sys.executable, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -48,10 +48,13 @@ def test_tcp_echo_between_two_clients(system):
 
 
 def test_uds_echo_with_a_capability_passed_across(system):
-    server = start_client(system, str(EXAMPLES / "uds_echo.py"), "server", "echo1")
+    # two runs reach each other only through a uds scope they both name
+    server = start_client(system, str(EXAMPLES / "uds_echo.py"), "server", "echo1",
+                          options=("--uds-scope", "demo"))
     try:
         assert server.stdout.readline() == "listening\n"
-        result = system.run("--", sys.executable, str(EXAMPLES / "uds_echo.py"), "client", "echo1", "hi there")
+        result = system.run("--uds-scope", "demo", "--", sys.executable, str(EXAMPLES / "uds_echo.py"),
+                            "client", "echo1", "hi there")
         assert result.stdout.strip() == "echoed: hi there"
     finally:
         out = finish(server)
@@ -204,7 +207,8 @@ def test_a_client_killed_mid_operation_leaks_nothing(system):
                           "u = rt.open('/scheme/uds/held', rt.O_CREAT|rt.O_RDWR)\n"
                           "r, w = rt.pipe()\n"
                           "print('ready', flush=True)\n"
-                          "rt.read(r, 10)\n")  # blocks forever in the pipe scheme
+                          "rt.read(r, 10)\n",  # blocks forever in the pipe scheme
+                          options=("--uds-scope", "system"))  # the name `again` checks below
     try:
         assert holder.stdout.readline() == "ready\n"
         busy = wait_for(handles)
@@ -213,7 +217,8 @@ def test_a_client_killed_mid_operation_leaks_nothing(system):
         os.killpg(holder.pid, signal.SIGKILL)
         holder.communicate()
     wait_for(lambda: handles() == baseline)
-    again = system.python("import rt; rt.close(rt.open('/scheme/uds/held', rt.O_CREAT))")
+    again = system.python("import rt; rt.close(rt.open('/scheme/uds/held', rt.O_CREAT))",
+                          "--uds-scope", "system")
     assert again.returncode == 0  # the name was freed with the dead listener
 
 

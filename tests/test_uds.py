@@ -1,0 +1,162 @@
+"""uds scopes and capability passing through the real processes (one system for the module).
+
+A run gets a private scope of its own unless `--uds-scope` shares one, so a
+sandbox can neither reach another's listeners nor squat a name the system's
+services use; and no uds capability ever waits in a uds queue, so a client
+cannot make the daemon hold a handle open through a reference to itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import rt
+from tests.conftest import REDOXCAP, System, wait_for
+
+
+def listen_until_stdin_closes(name: str) -> str:
+    return (f"import rt, sys\nlistener = rt.open('/scheme/uds/{name}', rt.O_CREAT | rt.O_RDWR)\n"
+            "print('listening', flush=True)\nsys.stdin.read()\nrt.close(listener)\n")
+
+
+def connect(name: str) -> str:
+    return (f"import rt\ntry:\n    rt.close(rt.open('/scheme/uds/{name}', rt.O_RDWR))\n"
+            "    print('connected')\nexcept OSError as e:\n    print(e.errno)\n")
+
+
+def start_run(system: System, code: str, *options: str) -> subprocess.Popen:
+    """A confined `redoxcap run` of Python code in the background; its stdin keeps it waiting."""
+    return subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", *options, "--",
+         sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    """Let a background run end (its stdin closes) and return its output."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    return out
+
+
+def listening(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    assert line == "listening\n", line + proc.stderr.read()
+
+
+def test_sandboxes_with_their_own_scopes_cannot_reach_each_other(shared_system):
+    first = start_run(shared_system, listen_until_stdin_closes("meet"), "--ns", "uds")
+    try:
+        listening(first)
+        second = shared_system.python(connect("meet"), "--ns", "uds")
+        assert second.stdout.strip() == str(errno.ECONNREFUSED)
+        # nor does the name clash: the second sandbox listens on it in its own scope
+        again = shared_system.python(listen_until_stdin_closes("meet"), "--ns", "uds", input="")
+        assert again.stdout == "listening\n"
+    finally:
+        finish(first)
+
+
+def test_a_sandbox_cannot_squat_the_name_of_a_system_service(shared_client):
+    service = rt.open("/scheme/uds/svc", rt.O_CREAT | rt.O_RDWR)  # in the system scope
+    squatter = start_run(shared_client, listen_until_stdin_closes("svc"), "--ns", "uds")
+    try:
+        listening(squatter)  # its own scope: no EADDRINUSE, and no clients of ours
+        for _ in range(2):
+            client = start_run(shared_client,
+                               "import rt; c = rt.open('/scheme/uds/svc', rt.O_RDWR)\n"
+                               "rt.write(c, b'secret'); print(rt.read(c, 10).decode())",
+                               "--ns", "uds", "--uds-scope", "system")
+            conn = rt.dup(service, b"accept")
+            assert rt.read(conn, 10) == b"secret"
+            rt.write(conn, b"got it")
+            assert finish(client) == "got it\n"
+            rt.close(conn)
+    finally:
+        finish(squatter)
+        rt.close(service)
+
+
+def test_runs_that_name_one_scope_share_it(shared_system):
+    server = start_run(shared_system, listen_until_stdin_closes("meet"), "--ns", "uds", "--uds-scope", "team")
+    try:
+        listening(server)
+        same = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "team")
+        assert same.stdout.strip() == "connected"
+        other = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "other")
+        assert other.stdout.strip() == str(errno.ECONNREFUSED)
+        system = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "system")
+        assert system.stdout.strip() == str(errno.ECONNREFUSED)
+    finally:
+        finish(server)
+    bad = shared_system.python("pass", "--uds-scope", "a/b", check=False)
+    assert bad.returncode == 2 and "--uds-scope a/b" in bad.stderr
+
+
+def test_rt_uds_scope_and_what_each_handle_answers(shared_client):
+    private = rt.uds_scope()
+    team = rt.uds_scope("team-rt")
+    system_scope = rt.open("/scheme/uds", rt.O_DIRECTORY)
+    also_team = rt.uds_scope("team-rt", base=system_scope)
+    listener = rt.openat(team, "svc", rt.O_CREAT | rt.O_RDWR)
+    conn = rt.openat(also_team, "svc", rt.O_RDWR)  # the same named scope
+    with pytest.raises(ConnectionRefusedError):
+        rt.openat(private, "svc", rt.O_RDWR)
+    with pytest.raises(PermissionError):
+        rt.uds_scope("team-rt", base=private)  # a private scope reaches no named one
+    for fd in (listener, conn):
+        with pytest.raises(NotADirectoryError):
+            rt.openat(fd, "other", rt.O_CREAT | rt.O_RDWR)
+        assert rt.fpath(fd) == "/scheme/uds/svc"
+        assert rt.fstat(fd).st_mode & 0o170000 == 0o140000  # a socket
+    with pytest.raises(OSError) as info:
+        rt.read(team, 1)
+    assert info.value.errno == errno.EBADF
+    assert rt.fpath(team) == "/scheme/uds" and rt.fstat(team).st_mode & 0o040000
+    same = rt.openat(team, ".", rt.O_DIRECTORY)
+    rt.close(rt.openat(same, "svc", rt.O_RDWR))
+    for fd in (same, conn, listener, also_team, team, private, system_scope):
+        rt.close(fd)
+
+
+def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(shared_system):
+    def counts() -> dict[str, tuple[int, int | None]]:
+        """Open fds of the kernel and uds daemons, and uds's count of its handles."""
+        return {d["name"]: (len(os.listdir(f"/proc/{d['pid']}/fd")), d.get("scheme_handles"))
+                for d in shared_system.status()["daemons"] if d["name"] in ("kernel", "uds")}
+
+    before = wait_for(lambda: counts()["uds"][1] is not None and counts())
+    result = shared_system.python(
+        "import errno, rt\n"
+        "refused = 0\n"
+        "for i in range(200):  # a name per pair: a close reaches the scheme a moment later\n"
+        "    scope = rt.open('/scheme/uds', rt.O_DIRECTORY)\n"
+        "    listener = rt.open(f'/scheme/uds/loop{i}', rt.O_CREAT | rt.O_RDWR)\n"
+        "    a = rt.open(f'/scheme/uds/loop{i}', rt.O_RDWR)\n"
+        "    b = rt.dup(listener, b'accept')\n"
+        "    for cap in (b, a, listener, scope):  # b into its own queue first\n"
+        "        try:\n"
+        "            rt.sendfd(a, cap)\n"
+        "        except OSError as e:\n"
+        "            refused += e.errno == errno.EINVAL\n"
+        "    for fd in (a, b, listener, scope):\n"
+        "        rt.close(fd)\n"
+        "print(refused)\n",
+        "--ns", "uds")
+    assert result.stdout.strip() == str(200 * 4)
+    try:
+        wait_for(lambda: counts() == before, timeout=15)
+    except AssertionError:
+        raise AssertionError(f"before {before}, after {counts()}") from None
