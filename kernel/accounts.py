@@ -15,8 +15,8 @@ from typing import Any
 
 # Defaults for a client account; `python -m kernel` options override them.
 MAX_CAPS_PER_ACCOUNT = 1024  # capabilities one client may hold (each costs the router an fd)
-MAX_INFLIGHT_PER_ACCOUNT = 256  # requests of one client waiting for a scheme's reply
-MAX_INFLIGHT_PER_CAP = 32  # requests on one capability waiting for a scheme's reply
+MAX_INFLIGHT_PER_ACCOUNT = 64  # requests of one client waiting for a scheme's reply
+MAX_INFLIGHT_PER_CAP = 16  # requests on one capability waiting for a scheme's reply
 MAX_QUEUED_BYTES_PER_ACCOUNT = 16 * 1024 * 1024  # replies queued for sockets the client does not read
 # Daemons multiplex every client on one capability (a namespace's entry for a scheme), so a
 # low bound there would let one client's slow requests stall all the others.

@@ -258,19 +258,31 @@ async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
 
     A directory that is not a scheme's root (whose fpath is exactly
     `/scheme/NAME`) is reopened in-root at itself, so that nothing reached
-    through the entry leaves it. Anything else (a scheme's root, a socket, a
-    directory of a scheme without O_RESOLVE_* lookups, which answers EINVAL)
-    is kept as it is: what an openat on it means is that scheme's business.
+    through the entry leaves it. A scheme's root, or a directory of a scheme
+    without O_RESOLVE_* lookups (which answers EINVAL), is kept as it is:
+    what an openat on it means is that scheme's business. Anything else (a
+    file, a connection) is not a namespace entry: ENOTDIR. That also keeps
+    cycles out: a connection whose queue holds this namespace could otherwise
+    be held by it, and neither would ever close.
+
+    Raises:
+        SchemeError: ENOTDIR for a capability that is neither a directory nor a root.
     """
     try:
         st = await _forward(cap, P.FSTAT, [])
         is_dir = isinstance(st, dict) and stat.S_ISDIR(st.get("st_mode", 0))
-        where = await _forward(cap, P.FPATH, []) if is_dir else None
     except OSError:
-        is_dir, where = True, None  # a scheme that cannot say: try to make it a boundary
+        is_dir = True  # a scheme that cannot say: try to make it a boundary
+    try:
+        where = await _forward(cap, P.FPATH, [])
+    except OSError:
+        where = None
     root = isinstance(where, str) and where.startswith(SCHEME_PREFIX) and "/" not in where[len(SCHEME_PREFIX):]
-    if not is_dir or root:
+    if root:
         return cap
+    if not is_dir:
+        cap.close()
+        raise SchemeError(errno.ENOTDIR, "a namespace entry is a directory or a scheme's root")
     try:
         fd = await cap.call_fd(P.OPENAT, [".", os.O_RDONLY | os.O_DIRECTORY | P.O_RESOLVE_IN_ROOT, 0])
     except OSError as exc:

@@ -333,7 +333,10 @@ class _Server:
                 raise P.ProtocolError("bad fd references") from None
             req = Request(caller, number, op, passed)
             fds = []  # owned by req.passed now
-            result = await self._call(req, number, op, memoryview(data)[offset:])
+            with memoryview(data) as frame:
+                args = P.unpack(frame[offset:]) if op != P.SCHEME_STATUS else []
+            del data  # the arguments are decoded: a request waiting in a daemon holds no frame
+            result = await self._call(req, number, op, args)
         except (SchemeError, OSError) as exc:
             await self._send(req_id, P.ERR, exc.errno or errno.EIO)
         except P.ProtocolError:
@@ -350,14 +353,13 @@ class _Server:
             if req is not None:
                 P.close_fds(req.passed_fds())
 
-    async def _call(self, req: Request, number: int, op: int, body: memoryview) -> Any:
+    async def _call(self, req: Request, number: int, op: int, args: Any) -> Any:
         if op == P.SCHEME_STATUS:
             return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values()))}
         spec = P.SCHEME_OPS.get(op)
         if spec is None:
             raise SchemeError(errno.ENOSYS, f"unknown operation {op}")
         name, types = spec
-        args = P.unpack(body)
         if not isinstance(args, list) or len(args) != len(types):
             raise P.ProtocolError("wrong number of arguments")
         for arg, allowed in zip(args, types):

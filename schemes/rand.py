@@ -20,11 +20,13 @@ class RandScheme(DeviceScheme):
     name = "rand"
 
     async def read(self, req: Request, h, n: int) -> bytes:
+        self.device(h)
         if n < 0:
             raise SchemeError(errno.EINVAL)
         return os.urandom(min(n, P.MAX_IO))
 
     async def write(self, req: Request, h, data: bytes) -> int:
+        self.device(h)
         return len(data)
 
 

@@ -13,8 +13,10 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import rt
+from rt import protocol as P
 from supervisor import control
 
 REDOXCAP = [sys.executable, "-m", "supervisor"]
@@ -159,3 +162,64 @@ def _as_client(system: System):
         yield
     finally:
         rt.setup(None, None)
+
+
+class HostileScheme:
+    """A scheme served by hand from a thread of the test process, to play a server that lies.
+
+    Registered in the test's namespace as name (`rt.mkscheme`); every OPENAT is
+    answered with handle 1, every other request with what answer(op, args)
+    returns: (status, raw msgpack body, fds to attach), or None for no answer.
+    """
+
+    def __init__(self, name: str, answer) -> None:
+        self.sock = socket.socket(fileno=rt.mkscheme(name))
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+            except OSError:
+                return
+            if not data:
+                return
+            P.close_fds(P.parse_ancillary(anc)[0])
+            req_id, _handle, _pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
+            if op == P.CLOSE:
+                continue
+            args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
+            reply = self.answer(op, args)
+            if op == P.OPENAT and (reply is None or reply[0] == P.OK):
+                fds = reply[2] if reply else []
+                body = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(1, 0) + P.pack(None)
+            elif reply is None:
+                continue
+            else:
+                status, raw, fds = reply
+                body = P.SREPLY.pack(req_id, status) + raw
+            try:
+                self.sock.sendmsg([body], P.fds_ancillary(fds))
+            finally:
+                P.close_fds(fds)
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture
+def hostile_scheme():
+    """make(name, answer) -> a HostileScheme registered as name; all are stopped afterwards."""
+    made: list[HostileScheme] = []
+
+    def make(name: str, answer) -> HostileScheme:
+        made.append(HostileScheme(name, answer))
+        return made[-1]
+
+    yield make
+    for scheme in made:
+        scheme.close()

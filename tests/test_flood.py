@@ -135,3 +135,51 @@ def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(system):
     assert system.daemon("kernel")["pid"] == kernel
     assert system.python("import rt; print(rt.listdir('/'))").returncode == 0
     wait_for(lambda: len(os.listdir(f"/proc/{kernel}/fd")) <= fds_before + 2)  # all released
+
+
+PIPE_FLOODER = r"""
+import socket, sys, threading
+import rt
+from rt import protocol as P
+
+r, w = rt.pipe()  # nobody ever reads r
+ends = [w] + [rt.clone(w) for _ in range(7)]
+frame = P.encode_request(P.WRITE, 0, [b"x" * P.MAX_IO])
+started = threading.Barrier(len(ends) + 1)
+
+def flood(cap):
+    s = socket.socket(fileno=cap)
+    s.setblocking(True)
+    for i in range(200):
+        if i == 1:
+            started.wait()
+        s.send(frame)  # blocks once the router stops reading this end
+    print("the router took every write", flush=True)
+
+for cap in ends:
+    threading.Thread(target=flood, args=(cap,), daemon=True).start()
+started.wait()
+print("flooding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_writes_queued_on_a_pipe_nobody_reads_hold_bounded_memory(system):
+    """Issue 8 item 5: 1,600 writes of 128 KiB at a full pipe. The pipe holds 64 KiB and
+    the writers; the router lets each client have only so many requests in flight, so
+    the pipe daemon holds a bounded number of them, not every write ever sent."""
+    pipe = system.daemon("pipe")["pid"]
+    quiet = vm_rss_kib(pipe)
+    proc = subprocess.Popen([*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--",
+                             sys.executable, "-c", PIPE_FLOODER],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "flooding\n"
+        wait_for(lambda: system.daemon("pipe")["frames"] >= 64)  # as many as the router lets through
+        flooded = vm_rss_kib(pipe)
+        assert flooded - quiet < 64 * 1024, (quiet, flooded)  # KiB: 1,600 writes would be 200 MiB
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    wait_for(lambda: system.daemon("pipe")["scheme_handles"] == 0)

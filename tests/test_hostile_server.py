@@ -1,7 +1,7 @@
 """rt against a server that lies: a capability can come from anyone.
 
-The test registers a scheme of its own (`rt.mkscheme`) and answers its
-requests by hand from a thread, with replies no honest scheme sends: fds
+The test registers a scheme of its own (conftest's HostileScheme) and answers
+its requests by hand from a thread, with replies no honest scheme sends: fds
 nobody asked for, values of the wrong type, more bytes than asked for,
 listings that never end, and no answer at all. rt must close every fd it
 does not hand to its caller, turn every malformed reply into EIO, bound
@@ -13,55 +13,12 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import socket
 import threading
 
 import pytest
 
 import rt
 from rt import protocol as P
-
-
-class HostileScheme:
-    """Answers each request with what `answer(op, args)` says: (status, raw body, fds)
-    or None to never answer."""
-
-    def __init__(self, name: str, answer) -> None:
-        self.sock = socket.socket(fileno=rt.mkscheme(name))
-        self.answer = answer
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
-            except OSError:
-                return
-            if not data:
-                return
-            P.close_fds(P.parse_ancillary(anc)[0])
-            req_id, _handle, _pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
-            if op == P.CLOSE:
-                continue
-            args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
-            if op == P.OPENAT:  # every open gives handle 1
-                self.sock.sendmsg([P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(1, 0)
-                                   + P.pack(None)])
-                continue
-            reply = self.answer(op, args)
-            if reply is None:
-                continue
-            status, body, fds = reply
-            try:
-                self.sock.sendmsg([P.SREPLY.pack(req_id, status) + body], P.fds_ancillary(fds))
-            finally:
-                P.close_fds(fds)
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def open_fds() -> int:
@@ -76,18 +33,15 @@ _names = itertools.count()
 
 
 @pytest.fixture
-def evil(shared_client):
+def evil(shared_client, hostile_scheme):
     """make(answer) -> an fd of a fresh hostile scheme, and its name as make.name."""
-    servers = []
 
     def make(answer):
         make.name = f"evil{next(_names)}"
-        servers.append(HostileScheme(make.name, answer))
+        hostile_scheme(make.name, lambda op, args: None if op == P.OPENAT else answer(op, args))
         return rt.open(f"/scheme/{make.name}")
 
-    yield make
-    for server in servers:
-        server.close()
+    return make
 
 
 def test_fds_attached_to_replies_that_promise_none_are_closed(evil):

@@ -13,8 +13,11 @@ import trio
 from rt import protocol as P
 from schemes.framework import Caller, HandleRef, Request, SchemeError
 from schemes.log import LogScheme
+from schemes.null import NullScheme
 from schemes.pipe import PIPE_SIZE, PipeScheme
+from schemes.rand import RandScheme
 from schemes.uds import MAX_QUEUED_FDS, UdsScheme
+from schemes.zero import ZeroScheme
 
 
 def req(op: int = 0, passed=()) -> Request:
@@ -252,3 +255,24 @@ async def test_log_lines_carry_the_writers_pid(capsys):
     pid = os.getpid()
     assert capsys.readouterr().err.splitlines() == [
         f"log[{pid}] app: one", f"log[{pid}] app: two", f"log[{pid}] app: \\xffpartial"]
+
+
+@pytest.mark.parametrize("scheme", [NullScheme, ZeroScheme, RandScheme], ids=["null", "zero", "rand"])
+async def test_only_a_device_root_opens_and_the_root_is_no_device(scheme):
+    s = scheme()
+    dev = (await s.openat(req(), s.root(), ".", os.O_RDWR, 0)).obj
+    assert await s.write(req(), dev, b"abc") == 3
+    for path in (".", "", "x"):
+        with pytest.raises(SchemeError) as info:
+            await s.openat(req(), dev, path, os.O_RDONLY, 0)  # a device names one device
+        assert info.value.errno == errno.ENOTDIR
+    with pytest.raises(SchemeError) as info:
+        await s.openat(req(), s.root(), "other", os.O_RDONLY, 0)
+    assert info.value.errno == errno.ENOENT
+    for call in (s.read(req(), s.root(), 4), s.write(req(), s.root(), b"x"), s.dup(req(), s.root(), b"")):
+        with pytest.raises(SchemeError) as info:
+            await call
+        assert info.value.errno == errno.EBADF
+    assert stat.S_ISDIR((await s.fstat(req(), s.root()))["st_mode"])
+    assert stat.S_ISCHR((await s.fstat(req(), dev))["st_mode"])
+    assert await s.fpath(req(), s.root()) == await s.fpath(req(), dev) == f"/scheme/{s.name}"

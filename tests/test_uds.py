@@ -160,3 +160,26 @@ def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(shared_system)
         wait_for(lambda: counts() == before, timeout=15)
     except AssertionError:
         raise AssertionError(f"before {before}, after {counts()}") from None
+
+
+def test_only_directories_and_scheme_roots_become_namespace_entries(shared_client):
+    """A connection in a namespace could hold the very namespace its queue holds (a
+    cycle across uds and nsmgr that neither daemon could ever close): nsmgr refuses it."""
+    (shared_client.root / "plain.txt").write_text("x")
+    listener = rt.open("/scheme/uds/entries", rt.O_CREAT | rt.O_RDWR)
+    conn = rt.open("/scheme/uds/entries", rt.O_RDWR)
+    accepted = rt.dup(listener, b"accept")
+    plain = rt.open("/plain.txt")
+    directory = rt.open("/", rt.O_DIRECTORY)
+    scope = rt.uds_scope()
+    ns = rt.mkns([], perms=rt.PERM_ALL)
+    try:
+        for fd in (conn, accepted, listener, plain):
+            with pytest.raises(NotADirectoryError):
+                rt.register(ns, "x", fd)
+        rt.register(ns, "dir", directory)
+        rt.register(ns, "scope", scope)
+        assert rt.schemes(ns) == ["dir", "scope"]
+    finally:
+        for fd in (ns, conn, accepted, listener, plain, directory, scope):
+            rt.close(fd)
