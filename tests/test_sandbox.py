@@ -47,6 +47,7 @@ def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
 
 def build_tree(root) -> None:
     """A box with links in, out, up, absolute, dangling and looping."""
+    root.mkdir(exist_ok=True)
     (root / "secret.txt").write_text("outside the box")
     box = root / "box"
     (box / "sub/deeper").mkdir(parents=True)
@@ -105,10 +106,17 @@ def _beneath_dir(client, flag: int) -> int:
     return rt.open("/box", rt.O_DIRECTORY | flag)
 
 
+@pytest.fixture(scope="module")
+def lookup_tree(shared_system):
+    """build_tree once, in /lookups of the module's shared system (the lookups change nothing)."""
+    build_tree(shared_system.root / "lookups")
+    return shared_system.root / "lookups"
+
+
 @pytest.mark.parametrize("path, flags", CASES)
-def test_lookups_beneath_match_linux_openat2(client, path, flags):
-    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
-    host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
+def test_lookups_beneath_match_linux_openat2(shared_client, lookup_tree, path, flags):
+    box = rt.open("/lookups/box", rt.O_DIRECTORY | rt.O_RESOLVE_BENEATH)
+    host = os.open(lookup_tree / "box", os.O_PATH | os.O_DIRECTORY)
     try:
         want = outcome_linux(host, path, flags, RESOLVE_BENEATH)
         assert _raw_openat(box, path, flags) == want, (path, flags)  # the sticky flag, in the scheme
@@ -119,9 +127,9 @@ def test_lookups_beneath_match_linux_openat2(client, path, flags):
 
 
 @pytest.mark.parametrize("path, flags", CASES)
-def test_lookups_in_root_match_linux_openat2(client, path, flags):
-    box = _beneath_dir(client, 0)
-    host = os.open(client.root / "box", os.O_PATH | os.O_DIRECTORY)
+def test_lookups_in_root_match_linux_openat2(shared_client, lookup_tree, path, flags):
+    box = rt.open("/lookups/box", rt.O_DIRECTORY)
+    host = os.open(lookup_tree / "box", os.O_PATH | os.O_DIRECTORY)
     try:
         want = outcome_linux(host, path, flags, RESOLVE_IN_ROOT)
         assert _rt_openat(box, path, flags | rt.O_RESOLVE_IN_ROOT) == want, (path, flags)
