@@ -14,8 +14,8 @@ import sys
 import trio
 
 import rt
-from rt import protocol as P
 from schemes.framework import Opened, Request, Scheme, SchemeError, serve
+from wire import protocol as P
 
 
 class Greeting:

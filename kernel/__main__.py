@@ -8,7 +8,7 @@ import trio
 from kernel import accounts
 from kernel.accounts import Limits
 from kernel.router import main
-from rt.limits import raise_fd_limit
+from wire.limits import raise_fd_limit
 
 parser = argparse.ArgumentParser(prog="python -m kernel", description=__doc__)
 parser.add_argument("--kernel-fd", type=int, required=True,

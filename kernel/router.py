@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 import trio
 
 from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
-from rt import protocol as P
-from rt.channel import Channel
+from wire import protocol as P
+from wire.channel import Channel
 
 log = logging.getLogger("kernel")
 

@@ -27,9 +27,9 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
-from rt import protocol as P
-from rt.aio import AsyncCapability
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from wire import protocol as P
+from wire.aio import AsyncCapability
 
 SCHEME_PREFIX = "/scheme/"
 

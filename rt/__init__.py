@@ -53,7 +53,7 @@ from rt._posix import (
     unregister,
     write,
 )
-from rt.protocol import (
+from wire.protocol import (
     AT_REMOVEDIR,
     O_RESOLVE_BENEATH,
     O_RESOLVE_IN_ROOT,

@@ -7,14 +7,14 @@ reads first), so each fd has a lock; rt is safe to use from several threads.
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import threading
 import time
 from typing import Any, Self
 
-from rt import protocol as P
+from wire import protocol as P
+from wire.protocol import raise_errno
 
 _locks: dict[int, threading.Lock] = {}
 _tags: dict[int, int] = {}  # the last request tag per fd
@@ -34,13 +34,6 @@ def forget(fd: int) -> None:
     with _locks_guard:
         _locks.pop(fd, None)
         _tags.pop(fd, None)
-
-
-def raise_errno(err: Any) -> None:
-    """Raise the OSError subclass for an errno received in a reply."""
-    if type(err) is not int or not 0 < err < 4096:
-        err = errno.EIO
-    raise OSError(err, os.strerror(err))
 
 
 class _Deadline(threading.local):
@@ -112,7 +105,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
 
     Args:
         fd: a capability fd.
-        op: an operation number from rt.protocol.
+        op: an operation number from wire.protocol.
         args: the operation's arguments.
         fds: fds to pass along (the caller keeps its copies).
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import errno
 import os
 
-from rt import protocol as P
 from rt._call import call_fd, call_value
 from rt._posix import clone, close, dup
 from rt._posix import open as rt_open
+from wire import protocol as P
 
 
 def pipe() -> tuple[int, int]:

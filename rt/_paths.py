@@ -15,7 +15,7 @@ import errno
 import os
 
 from rt import _process
-from rt import protocol as P
+from wire import protocol as P
 
 AT_FDCWD = -100  # as Linux
 SCHEME_ROOT = "/scheme"

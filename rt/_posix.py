@@ -10,9 +10,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from rt import _process
-from rt import protocol as P
 from rt._call import call_fd, call_value, forget
 from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
+from wire import protocol as P
 
 
 @dataclass(frozen=True)

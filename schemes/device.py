@@ -12,8 +12,8 @@ from __future__ import annotations
 import errno
 import stat
 
-from rt import protocol as P
 from schemes.framework import Opened, Request, Scheme, SchemeError
+from wire import protocol as P
 
 
 class DeviceRoot:

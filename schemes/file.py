@@ -33,9 +33,9 @@ import platform
 import stat
 from dataclasses import dataclass
 
-from rt import protocol as P
 from schemes.framework import HandleRef, Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.resolve import PATH_MAX, Anchor, open_at, resolve_parent
+from wire import protocol as P
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)

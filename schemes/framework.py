@@ -31,9 +31,9 @@ from typing import Any
 
 import trio
 
-from rt import protocol as P
-from rt.channel import Channel
-from rt.limits import raise_fd_limit
+from wire import protocol as P
+from wire.channel import Channel
+from wire.limits import raise_fd_limit
 
 log = logging.getLogger("scheme")
 
@@ -136,7 +136,7 @@ class Scheme:
 
     Each method gets the Request, the handle's object (whatever `openat` or
     `root` created) and the request's arguments, already type-checked
-    against rt.protocol.SCHEME_OPS.
+    against wire.protocol.SCHEME_OPS.
     """
 
     name = "scheme"
@@ -183,7 +183,7 @@ class Scheme:
 
     async def getdents(self, req: Request, h: Any, start: int) -> list[str]:
         """The names in a directory handle, sorted, without . and .., from index start
-        on, as many as fit in one reply (rt.protocol.page_of_names); [] past the end."""
+        on, as many as fit in one reply (wire.protocol.page_of_names); [] past the end."""
         raise SchemeError(errno.ENOTDIR)
 
     async def fpath(self, req: Request, h: Any) -> str:

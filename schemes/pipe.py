@@ -19,8 +19,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from rt import protocol as P
 from schemes.framework import Changed, Opened, Request, Scheme, SchemeError, daemon_cli
+from wire import protocol as P
 
 PIPE_SIZE = 64 * 1024
 PIPE_BUF = 4096

@@ -41,59 +41,24 @@ exactly Linux's errors.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import platform
 import stat
-import struct
 from collections import deque
 from dataclasses import dataclass
+
+from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, machine, openat2
 
 MAX_LINKS = 40  # symlinks followed in one lookup, as Linux (MAXSYMLINKS)
 PATH_MAX = 4096  # bytes, with the terminating NUL, as Linux
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
-
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_ALLOWED = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 
-# openat2(2): syscall 437 on x86_64 and aarch64; struct open_how {u64 flags, mode, resolve}
-_SYS_OPENAT2 = 437 if platform.machine() in ("x86_64", "aarch64") else None
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_have_openat2 = _SYS_OPENAT2 is not None
-
-
-def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
-    """Linux openat2(2).
-
-    Args:
-        dirfd: the directory path is relative to.
-        path: the path (no NUL).
-        flags: Linux open flags, passed as they are.
-        mode: permission bits; only sent with O_CREAT (openat2 refuses it otherwise).
-        resolve: RESOLVE_* bits.
-
-    Returns:
-        The new fd.
-
-    Raises:
-        OSError: Linux's errno; ENOSYS where this machine has no openat2.
-    """
-    if _SYS_OPENAT2 is None:
-        raise OSError(errno.ENOSYS, "openat2 is not available here")
-    how = struct.pack("QQQ", flags, mode if flags & os.O_CREAT else 0, resolve)
-    fd = _libc.syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), how, len(how))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
+_have_openat2 = machine() is not None  # until the kernel says ENOSYS
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rt import protocol as P
 from schemes.framework import Opened, Request, Scheme, SchemeError, daemon_cli
+from wire import protocol as P
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 FIRST_UNPRIVILEGED_PORT = 1024

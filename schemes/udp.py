@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rt import protocol as P
 from schemes.framework import Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.tcp import (
     DEFAULT_POLICY,
@@ -46,6 +45,7 @@ from schemes.tcp import (
     parse_host,
     policy_from,
 )
+from wire import protocol as P
 
 
 @dataclass(eq=False)

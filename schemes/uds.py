@@ -40,7 +40,6 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 
-from rt import protocol as P
 from schemes.framework import (
     Changed,
     HandleRef,
@@ -51,6 +50,7 @@ from schemes.framework import (
     SchemeError,
     daemon_cli,
 )
+from wire import protocol as P
 
 STREAM_BUFFER = 256 * 1024  # bytes in flight one way before a writer waits
 BACKLOG = 128

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-from rt import protocol as P
 from schemes.device import DeviceScheme
 from schemes.framework import Request, SchemeError, daemon_cli
+from wire import protocol as P
 
 
 class ZeroScheme(DeviceScheme):

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import rt
-from supervisor import control
+from redoxcap import control
 
 FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
-from rt import protocol as P
+from wire import protocol as P
 
 caps, reading = int(sys.argv[1]), sys.argv[2] == "reading"
 fds = [rt.clone(_process.cwd_fd() if i % 2 else _process.namespace_fd()) for i in range(caps)]
@@ -89,7 +89,7 @@ def main() -> None:
         state, root = Path(tmp) / "state", Path(tmp) / "root"
         root.mkdir()
         (root / "f").write_bytes(b"x" * 4096)
-        cli = [sys.executable, "-m", "supervisor", "--state-dir", str(state)]
+        cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
         subprocess.run([*cli, "up", "--detach", "--root", str(root), "--schemes", "file,zero"],
                        check=True, stdout=subprocess.DEVNULL)
         flooder = None

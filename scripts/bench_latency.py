@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import rt
-from supervisor import control
+from redoxcap import control
 
 
 def floor(n: int) -> float:
@@ -67,7 +67,7 @@ def main() -> None:
         state, root = Path(tmp) / "state", Path(tmp) / "root"
         root.mkdir()
         (root / "f").write_bytes(b"x" * 4096)
-        cli = [sys.executable, "-m", "supervisor", "--state-dir", str(state)]
+        cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
         subprocess.run([*cli, "up", "--detach", "--root", str(root), "--schemes", "file,zero"],
                        check=True, stdout=subprocess.DEVNULL)
         try:

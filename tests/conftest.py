@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 import rt
-from rt import protocol as P
-from supervisor import control
+from redoxcap import control
+from wire import protocol as P
 
-REDOXCAP = [sys.executable, "-m", "supervisor"]
+REDOXCAP = [sys.executable, "-m", "redoxcap"]
 
 
 def redoxcap(state_dir: Path, *args: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:

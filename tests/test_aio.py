@@ -7,8 +7,8 @@ import threading
 
 import trio
 
-from rt import protocol as P
-from rt.aio import AsyncCapability
+from wire import protocol as P
+from wire.aio import AsyncCapability
 
 
 def _echo_server(sock: socket.socket) -> None:

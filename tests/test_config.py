@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import control
-from supervisor.cli import EXIT_USAGE
-from supervisor.config import BUILTIN_SCHEMES, ConfigError, Mount, load
+from redoxcap import control
+from redoxcap.cli import EXIT_USAGE
+from redoxcap.config import BUILTIN_SCHEMES, ConfigError, Mount, load
 from tests.conftest import redoxcap
 
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from supervisor import confine as confine_mod
+from redoxcap import confine as confine_mod
 
 ABI = confine_mod.landlock_abi()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="Landlock is not available")
@@ -50,11 +50,11 @@ def run_confined(
     stdin: int | None = subprocess.DEVNULL,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m supervisor.confine [args] -- python -c PRELUDE+code``."""
+    """Run ``python -m redoxcap.confine [args] -- python -c PRELUDE+code``."""
     cmd = [
         sys.executable,
         "-m",
-        "supervisor.confine",
+        "redoxcap.confine",
         *launcher_args,
         "--",
         sys.executable,
@@ -323,7 +323,7 @@ def test_confine_result(tmp_path):
     code = textwrap.dedent(
         """
         import dataclasses, json
-        from supervisor.confine import confine, interpreter_read_paths
+        from redoxcap.confine import confine, interpreter_read_paths
         print(json.dumps(dataclasses.asdict(confine(interpreter_read_paths()))))
         """
     )
@@ -349,7 +349,7 @@ def _launch_with_abi_zero(tmp_path, *launcher_args: str) -> subprocess.Completed
     code = textwrap.dedent(
         f"""
         import sys
-        import supervisor.confine as c
+        import redoxcap.confine as c
         c.landlock_abi = lambda: 0
         sys.exit(c.main([*{list(launcher_args)!r}, "--", sys.executable, "-c", "print('ran')"]))
         """
@@ -668,7 +668,7 @@ def test_a_client_cannot_inject_into_or_take_the_terminal_and_has_no_capabilitie
 def test_the_launcher_refuses_to_run_when_it_cannot_leave_the_callers_session(tmp_path):
     # A process group leader cannot setsid(2): running in the caller's session is no fallback.
     proc = subprocess.run(
-        [sys.executable, "-m", "supervisor.confine", "--", sys.executable, "-c", "print('ran')"],
+        [sys.executable, "-m", "redoxcap.confine", "--", sys.executable, "-c", "print('ran')"],
         check=False, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
         process_group=0,
     )

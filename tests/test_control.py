@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from rt import protocol as P
-from supervisor import control
-from supervisor.control import Admission, Connection
+from redoxcap import control
+from redoxcap.control import Admission, Connection
 from tests.conftest import pid_alive, wait_for
+from wire import protocol as P
 
 # -- the admission policy, without sockets -------------------------------------------
 

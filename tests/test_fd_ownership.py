@@ -16,8 +16,8 @@ import pytest
 from conftest import wait_for
 
 import rt
-from rt import protocol as P
 from rt._call import call
+from wire import protocol as P
 
 
 def daemon_fds(system) -> dict[str, int]:

@@ -21,7 +21,7 @@ FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
-from rt import protocol as P
+from wire import protocol as P
 
 caps = [rt.clone(_process.cwd_fd()) for _ in range(2)]
 caps += [rt.clone(_process.namespace_fd()) for _ in range(2)]
@@ -140,7 +140,7 @@ def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(system):
 PIPE_FLOODER = r"""
 import socket, sys, threading
 import rt
-from rt import protocol as P
+from wire import protocol as P
 
 r, w = rt.pipe()  # nobody ever reads r
 ends = [w] + [rt.clone(w) for _ in range(7)]

@@ -15,8 +15,8 @@ import socket
 import msgpack
 
 import rt
-from rt import protocol as P
 from rt._call import call
+from wire import protocol as P
 
 SEED = 20261128
 FRAMES_PER_TARGET = 250

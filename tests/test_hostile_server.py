@@ -18,7 +18,7 @@ import threading
 import pytest
 
 import rt
-from rt import protocol as P
+from wire import protocol as P
 
 
 def open_fds() -> int:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import rt
-from supervisor import control
-from supervisor.cli import EXIT_ALREADY_RUNNING
-from supervisor.config import Config
-from supervisor.system import MAX_RESTARTS_IN_WINDOW
+from redoxcap import control
+from redoxcap.cli import EXIT_ALREADY_RUNNING
+from redoxcap.config import Config
+from redoxcap.system import MAX_RESTARTS_IN_WINDOW
 from tests.conftest import REDOXCAP, System, pid_alive, redoxcap, shut_down, wait_for
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers

@@ -16,11 +16,11 @@ import socket
 import pytest
 import trio
 
-from rt import protocol as P
 from schemes.framework import Caller, Request, SchemeError
 from schemes.pipe import PipeScheme
 from schemes.tcp import NetPolicy, TcpScheme
 from schemes.udp import UdpScheme
+from wire import protocol as P
 
 
 def req(op: int = 0) -> Request:

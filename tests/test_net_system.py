@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import rt
-from rt import protocol as P
 from rt._call import call
+from wire import protocol as P
 
 
 def nobody_listens(port: int) -> bool:

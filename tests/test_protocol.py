@@ -10,9 +10,9 @@ import pytest
 
 import rt
 from nsmgr.namespace import split_scheme_path
-from rt import protocol as P
 from rt._paths import to_namespace_path
 from schemes.framework import SchemeError
+from wire import protocol as P
 
 
 def test_requests_and_replies_round_trip():

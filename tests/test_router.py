@@ -20,8 +20,8 @@ import time
 import pytest
 
 from kernel import accounts
-from rt import protocol as P
 from rt._call import call, call_fd
+from wire import protocol as P
 
 
 class FakeScheme:

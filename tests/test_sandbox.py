@@ -26,9 +26,9 @@ import tty
 import pytest
 
 import rt
-from rt import protocol as P
-from supervisor import control
+from redoxcap import control
 from tests.conftest import REDOXCAP
+from wire import protocol as P
 
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
@@ -729,12 +729,12 @@ def test_a_confined_client_dies_with_a_killed_run(system):
 def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(system, tmp_path):
     # A client that can write where `run` is later started from must not get code run unconfined.
     planted = tmp_path / "planted"
-    (planted / "supervisor").mkdir(parents=True)
+    (planted / "redoxcap").mkdir(parents=True)
     marker = tmp_path / "ran-unconfined"
-    (planted / "supervisor/__init__.py").write_text("")
-    (planted / "supervisor/confine.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "redoxcap/__init__.py").write_text("")
+    (planted / "redoxcap/confine.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "supervisor", "--state-dir", str(system.state_dir), "run",
+        [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(system.state_dir), "run",
          "--require-confine", "--", sys.executable, "-c", "print('client ran')"],
         cwd=planted, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

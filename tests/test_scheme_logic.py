@@ -10,7 +10,6 @@ import stat
 import pytest
 import trio
 
-from rt import protocol as P
 from schemes.framework import Caller, HandleRef, Request, SchemeError
 from schemes.log import LogScheme
 from schemes.null import NullScheme
@@ -18,6 +17,7 @@ from schemes.pipe import PIPE_SIZE, PipeScheme
 from schemes.rand import RandScheme
 from schemes.uds import MAX_QUEUED_FDS, UdsScheme
 from schemes.zero import ZeroScheme
+from wire import protocol as P
 
 
 def req(op: int = 0, passed=()) -> Request:

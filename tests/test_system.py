@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import rt
-from rt import protocol as P
+from redoxcap import control
+from redoxcap.config import Config
 from rt._call import call_fd
-from supervisor import control
-from supervisor.config import Config
+from wire import protocol as P
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 from tests.conftest import REDOXCAP, pid_alive, wait_for
@@ -512,7 +512,7 @@ def test_the_control_socket_only_answers_its_owner(system):
     token = (system.state_dir / control.TOKEN_NAME).read_text()
     code = (
         "import os, socket, sys\n"
-        "from rt import protocol as P\n"
+        "from wire import protocol as P\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         f"s.connect({str(system.state_dir / control.SOCKET_NAME)!r})\n"

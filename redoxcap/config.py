@@ -24,8 +24,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rt import protocol as P
-from supervisor.system import SchemeSpec, file_scheme
+from redoxcap.system import SchemeSpec, file_scheme
+from wire import protocol as P
 
 # name -> daemon module; "file" is special (it needs the root)
 BUILTIN_SCHEMES = {

@@ -51,7 +51,7 @@ from typing import Any
 
 import trio
 
-from rt import protocol as P
+from wire import protocol as P
 
 log = logging.getLogger("supervisor")
 

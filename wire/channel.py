@@ -14,7 +14,7 @@ import socket
 
 import trio
 
-from rt import protocol as P
+from wire import protocol as P
 
 FAIRNESS = 16
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from rt import protocol as P
-from rt.aio import AsyncCapability
+from wire import protocol as P
+from wire.aio import AsyncCapability
 
 log = logging.getLogger("supervisor")
 

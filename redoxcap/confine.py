@@ -51,7 +51,7 @@ What is NOT confined:
 
 Use it as a launcher::
 
-    python -m supervisor.confine [--read PATH]... [--write PATH]... \\
+    python -m redoxcap.confine [--read PATH]... [--write PATH]... \\
         [--no-network-deny] [--require] -- COMMAND ARGS...
 
 The module only imports the standard library so the launcher starts fast.
@@ -306,7 +306,7 @@ _SYSTEM_READ_PATHS = (
     "/dev/urandom",
     "/proc/self",
 )
-_PROJECT_PACKAGES = ("rt", "kernel", "nsmgr", "schemes", "supervisor")
+_PROJECT_PACKAGES = ("rt", "wire", "kernel", "nsmgr", "schemes", "redoxcap")
 
 
 class ConfinementUnavailable(OSError):
@@ -822,7 +822,7 @@ def die_with_parent(parent: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m supervisor.confine",
+        prog="python -m redoxcap.confine",
         description="Confine with Landlock and seccomp, then exec COMMAND.",
     )
     parser.add_argument(

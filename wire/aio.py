@@ -14,9 +14,9 @@ from typing import Any
 
 import trio
 
-from rt import protocol as P
-from rt._call import raise_errno
-from rt.channel import Channel
+from wire import protocol as P
+from wire.channel import Channel
+from wire.protocol import raise_errno
 
 
 class _Waiter:
@@ -53,7 +53,7 @@ class AsyncCapability:
         """Send one request and wait for its reply.
 
         Args:
-            op: an operation number from rt.protocol.
+            op: an operation number from wire.protocol.
             args: the operation's arguments.
             fds: fds to pass (the caller keeps its copies).
 

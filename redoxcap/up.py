@@ -24,11 +24,11 @@ from pathlib import Path
 
 import trio
 
-from rt import protocol as P
-from rt.limits import raise_fd_limit
-from supervisor import control
-from supervisor.config import ConfigError, make_mount
-from supervisor.system import SchemeSpec, System
+from redoxcap import control
+from redoxcap.config import ConfigError, make_mount
+from redoxcap.system import SchemeSpec, System
+from wire import protocol as P
+from wire.limits import raise_fd_limit
 
 log = logging.getLogger("supervisor")
 

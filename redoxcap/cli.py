@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from supervisor import config, control
+from redoxcap import config, control
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -138,8 +138,8 @@ def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file:
         return
     import trio
 
-    from supervisor.up import AlreadyRunning, SystemFailed
-    from supervisor.up import main as up_main
+    from redoxcap.up import AlreadyRunning, SystemFailed
+    from redoxcap.up import main as up_main
 
     logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
     info = {"root": str(cfg.root),
@@ -170,7 +170,7 @@ def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | No
     """Start `redoxcap up` in a new session, logging to STATE_DIR/supervisor.log."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ready_r, ready_w = os.pipe()
-    argv = [sys.executable, "-m", "supervisor", "--state-dir", str(state_dir), "up", *up_options,
+    argv = [sys.executable, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *up_options,
             "--ready-fd", str(ready_w)]
     pass_fds: tuple[int, ...] = (ready_w,)
     if watch_fd is not None:
@@ -448,10 +448,10 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     data the program must reach through its capabilities. scratch is the
     command's private writable temporary directory.
     """
-    from supervisor.confine import python_script
+    from redoxcap.confine import python_script
 
-    # -P: a `supervisor` package a client wrote into the cwd must not run as the launcher.
-    launcher = [sys.executable, "-P", "-m", "supervisor.confine", "--write", scratch]
+    # -P: a `redoxcap` package a client wrote into the cwd must not run as the launcher.
+    launcher = [sys.executable, "-P", "-m", "redoxcap.confine", "--write", scratch]
     launcher += ["--require"] if require else []
     script = python_script(command)
     if script is not None:

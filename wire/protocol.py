@@ -244,6 +244,13 @@ def fds_ancillary(fds: list[int] | tuple[int, ...]) -> list[tuple[int, int, byte
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
+def raise_errno(err: Any) -> None:
+    """Raise the OSError subclass for an errno received in a reply."""
+    if type(err) is not int or not 0 < err < 4096:
+        err = errno.EIO
+    raise OSError(err, os.strerror(err))
+
+
 def valid_scheme_name(name: object) -> bool:
     """Scheme names: non-empty ASCII, no NUL, '/' or ':'."""
     return (

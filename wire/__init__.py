@@ -1,0 +1,1 @@
+"""The wire layer every process shares: frames, operations, channels; no client runtime."""
