@@ -44,9 +44,30 @@ import trio
 from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
 from wire import protocol as P
 from wire.channel import Channel
+from wire.frames import Reply, Request, SchemeReply, SchemeRequest
 
 log = logging.getLogger("kernel")
 
+EMPTY_ARGS = P.pack([])
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """An operation the router answers itself: its method, and whether only the
+    kernel capability may ask it."""
+
+    method: str
+    kernel_only: bool = True
+
+
+KERNEL_OPS = {
+    P.CLONE: KernelOp("_op_clone", kernel_only=False),
+    P.GETFL: KernelOp("_op_getfl", kernel_only=False),
+    P.SCHEME_CREATE: KernelOp("_op_scheme_create"),
+    P.SCHEME_RESTART: KernelOp("_op_scheme_restart"),
+    P.ACCOUNT_NEW: KernelOp("_op_account_new"),
+    P.KERNEL_STATUS: KernelOp("_op_kernel_status"),
+}
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
@@ -58,6 +79,43 @@ HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EB
 
 
 @dataclass(eq=False)
+class ClientRequest:
+    """A holder's request in flight at a scheme: the capability to answer, and its tag."""
+
+    cap: Capability
+    tag: int
+
+    def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
+                 fds: list[int]) -> None:
+        router._answer_client(scheme, self, reply, flags, fds)
+
+    def abandoned(self, router: Router) -> None:
+        """The scheme died with the request in flight."""
+        router._settle(self.cap)
+        router._reply(self.cap, self.tag, P.ERR, errno.EIO)
+
+
+@dataclass(eq=False)
+class StatusQuery:
+    """The router's own SCHEME_STATUS question to a scheme; the answer goes to a channel."""
+
+    answer: trio.MemorySendChannel
+
+    def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
+                 fds: list[int]) -> None:
+        P.close_fds(fds)
+        if reply is not None and reply.status == P.NEW_HANDLE:
+            router._close_unclaimed(scheme, reply.handle)  # nobody will get a capability for it
+        try:
+            self.answer.send_nowait((reply.status, reply.value()) if reply else (P.ERR, errno.EIO))
+        except P.ProtocolError:
+            self.answer.send_nowait((P.ERR, errno.EIO))
+
+    def abandoned(self, router: Router) -> None:
+        self.answer.close()
+
+
+@dataclass(eq=False)
 class Scheme:
     """One anonymous scheme: its request channel and what is open on it."""
 
@@ -66,9 +124,7 @@ class Scheme:
     generation: int = 0
     alive: bool = False
     frames: int = 0
-    pending: dict[int, tuple[Capability, int] | trio.MemorySendChannel] = field(
-        default_factory=dict
-    )
+    pending: dict[int, ClientRequest | StatusQuery] = field(default_factory=dict)
     handles: dict[int, SchemeHandle] = field(default_factory=dict)
 
 
@@ -349,14 +405,14 @@ class Router:
             self._nursery.start_soon(self._send_close, scheme, number)
 
     async def _send_close(self, scheme: Scheme, number: int) -> None:
-        frame = P.SREQUEST.pack(0, number, 0, 0, 0, P.CLOSE, 0) + P.pack([])
+        frame = SchemeRequest(0, number, 0, 0, 0, P.CLOSE, (), EMPTY_ARGS).encode()
         await self._send_to_scheme(scheme, frame, [])
 
     # -- replies to holders: never wait ---------------------------------------
 
     def _reply(self, cap: Capability, tag: int, status: int, value, fds: list[int] | None = None) -> None:
         """Answer a request on cap; takes ownership of fds."""
-        self._deliver(cap, P.encode_reply(tag, status, value), fds or [])
+        self._deliver(cap, Reply.of(tag, status, value).encode(), fds or [])
 
     def _deliver(self, cap: Capability, frame: bytes, fds: list[int]) -> None:
         """Send frame to cap's holder now, or queue it on cap's outbox; never waits.
@@ -375,7 +431,7 @@ class Router:
         if fds and not account.room_for_caps(len(fds)):
             # queued fds are router fds held for the account: past its quota the reply fails
             P.close_fds(fds)
-            frame, fds = P.encode_reply(P.REPLY.unpack_from(frame)[0], P.ERR, errno.EMFILE), []
+            frame, fds = Reply.of(Reply.tag_of(frame), P.ERR, errno.EMFILE).encode(), []
         cap.outbox.append((frame, fds))
         account.queued_bytes += len(frame)
         account.held_fds += len(fds)
@@ -413,12 +469,12 @@ class Router:
         """
         if exc.errno in HOLDER_GONE or cap.closed:
             return None
-        tag, status = P.REPLY.unpack_from(frame)
-        if status == P.ERR:
+        reply = Reply.decode(frame)
+        if reply.status == P.ERR:
             return None  # an error reply that cannot be sent either: nothing smaller to try
         if self.trace:
-            log.info("reply to tag %d not sendable (%s): answering the errno", tag, exc)
-        return P.encode_reply(tag, P.ERR, exc.errno or errno.EIO)
+            log.info("reply to tag %d not sendable (%s): answering the errno", reply.tag, exc)
+        return Reply.of(reply.tag, P.ERR, exc.errno or errno.EIO).encode()
 
     async def _write_outbox(self, cap: Capability) -> None:
         """Drain cap's outbox as its holder reads; the one task that waits on its socket."""
@@ -472,18 +528,21 @@ class Router:
 
     async def _on_request(self, cap: Capability, data: bytes, flags: int, fds: list[int], cred) -> None:
         self.frames += 1
-        if flags & P.TRUNCATED or len(data) < P.REQUEST.size:
+        try:
+            request = Request.decode(data)
+        except P.ProtocolError:
+            request = None
+        if flags & P.TRUNCATED or request is None:
             P.close_fds(fds)
-            whole = len(data) >= P.REQUEST.size and flags & P.TRUNCATED == MSG_CTRUNC
-            tag = P.REQUEST.unpack_from(data)[1] if len(data) >= P.REQUEST.size else 0
+            whole = request is not None and flags & P.TRUNCATED == MSG_CTRUNC
             # The buffer fits every fd a message can carry, so a control truncation of a
             # whole frame means Linux could not give us the fds: we are out of them.
-            self._reply(cap, tag, P.ERR, errno.EMFILE if whole else errno.EINVAL)
+            self._reply(cap, request.tag if request else 0, P.ERR, errno.EMFILE if whole else errno.EINVAL)
             return
-        op, tag = P.REQUEST.unpack_from(data)
+        op, tag = request.op, request.tag
         if op < P.FIRST_SCHEME_OP:
             try:
-                await self._kernel_op(cap, op, tag, data, fds)
+                await self._kernel_op(cap, request, fds)
             finally:
                 P.close_fds(fds)
             return
@@ -500,15 +559,14 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
         try:
-            refs = self._identify(scheme, fds) if fds else []
+            refs = self._identify(scheme, fds) if fds else ()
         except OSError as exc:
             P.close_fds(fds)
             self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
         req_id = next(self._req_ids)
-        header = P.SREQUEST.pack(req_id, handle.number, pid, uid, gid, op, len(refs))
-        frame = b"".join([header, *refs, data[P.REQUEST.size :]])
-        scheme.pending[req_id] = (cap, tag)
+        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, request.body).encode()
+        scheme.pending[req_id] = ClientRequest(cap, tag)
         cap.inflight += 1
         cap.account.inflight += 1
         scheme.frames += 1
@@ -522,7 +580,7 @@ class Router:
             P.close_fds(fds)
             account.held_fds -= len(fds)
 
-    def _identify(self, scheme: Scheme, fds: list[int]) -> list[bytes]:
+    def _identify(self, scheme: Scheme, fds: list[int]) -> tuple[int, ...]:
         """For each passed fd: its handle number if it is a capability of this scheme.
 
         Raises:
@@ -533,8 +591,8 @@ class Router:
             st = os.fstat(fd)
             cap = self._by_identity.get((st.st_dev, st.st_ino))
             same = cap is not None and cap.handle.scheme is scheme and cap.handle.live
-            refs.append(P.REF.pack(cap.handle.number if same else P.NO_REF))
-        return refs
+            refs.append(cap.handle.number if same else P.NO_REF)
+        return tuple(refs)
 
     async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> None:
         channel = scheme.channel
@@ -548,46 +606,58 @@ class Router:
 
     # -- kernel operations ---------------------------------------------------
 
-    async def _kernel_op(self, cap: Capability, op: int, tag: int, data: bytes, fds: list[int]) -> None:
-        """Answer an operation of the router's own; fds stay the caller's."""
-        handle = cap.handle
-        on_kernel = handle.scheme is self._kernel
-        if op == P.CLONE:
-            if not handle.live:
-                self._reply(cap, tag, P.ERR, errno.EIO)
-                return
-            try:
-                fd = self.mint(handle, cap.account)
-            except OSError as exc:
-                self._refuse(cap, tag, exc)
-                return
-            self._reply(cap, tag, P.OK, None, [fd])
-        elif op == P.GETFL:
-            self._reply(cap, tag, P.OK, handle.fdflags)
-        elif on_kernel and op == P.SCHEME_CREATE:
-            self._scheme_create(cap, tag)
-        elif on_kernel and op == P.SCHEME_RESTART:
-            try:
-                (scheme_id,) = P.unpack(memoryview(data)[P.REQUEST.size :])
-                scheme = self._schemes[scheme_id]
-            except (P.ProtocolError, TypeError, ValueError, KeyError):
-                self._reply(cap, tag, P.ERR, errno.EINVAL)
-                return
-            if scheme.alive:
-                self._reply(cap, tag, P.ERR, errno.EBUSY)
-                return
-            try:
-                channel_fd = self._attach_channel(scheme)
-            except OSError as exc:
-                self._refuse(cap, tag, exc)
-                return
-            self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
-        elif on_kernel and op == P.ACCOUNT_NEW:
-            self._account_new(cap, tag, data, fds)
-        elif on_kernel and op == P.KERNEL_STATUS:
-            self._reply(cap, tag, P.OK, await self._status())
-        else:
+    async def _kernel_op(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        """Answer an operation of the router's own; fds stay the caller's.
+
+        CLONE and GETFL work on any capability; the rest only on the kernel
+        capability (EINVAL elsewhere, as for an unknown operation).
+        """
+        op = KERNEL_OPS.get(request.op)
+        if op is None or (op.kernel_only and cap.handle.scheme is not self._kernel):
+            self._reply(cap, request.tag, P.ERR, errno.EINVAL)
+            return
+        await getattr(self, op.method)(cap, request, fds)
+
+    async def _op_clone(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        if not cap.handle.live:
+            self._reply(cap, request.tag, P.ERR, errno.EIO)
+            return
+        try:
+            fd = self.mint(cap.handle, cap.account)
+        except OSError as exc:
+            self._refuse(cap, request.tag, exc)
+            return
+        self._reply(cap, request.tag, P.OK, None, [fd])
+
+    async def _op_getfl(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        self._reply(cap, request.tag, P.OK, cap.handle.fdflags)
+
+    async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        self._scheme_create(cap, request.tag)
+
+    async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        tag = request.tag
+        try:
+            (scheme_id,) = request.args()
+            scheme = self._schemes[scheme_id]
+        except (P.ProtocolError, TypeError, ValueError, KeyError):
             self._reply(cap, tag, P.ERR, errno.EINVAL)
+            return
+        if scheme.alive:
+            self._reply(cap, tag, P.ERR, errno.EBUSY)
+            return
+        try:
+            channel_fd = self._attach_channel(scheme)
+        except OSError as exc:
+            self._refuse(cap, tag, exc)
+            return
+        self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
+
+    async def _op_account_new(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        self._account_new(cap, request.tag, request, fds)
+
+    async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        self._reply(cap, request.tag, P.OK, await self._status())
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
         """Fail one request because the router could not make or take an fd."""
@@ -614,10 +684,10 @@ class Router:
         self._schemes[scheme.id] = scheme
         self._reply(cap, tag, P.OK, scheme.id, [channel_fd, root_fd])
 
-    def _account_new(self, cap: Capability, tag: int, data: bytes, fds: list[int]) -> None:
+    def _account_new(self, cap: Capability, tag: int, request: Request, fds: list[int]) -> None:
         """ACCOUNT_NEW: clones of the passed capabilities, charged to a fresh account."""
         try:
-            args = P.unpack(memoryview(data)[P.REQUEST.size :])
+            args = request.args()
             if not isinstance(args, list) or len(args) > 1 or not fds:
                 raise ValueError("expected [limits or nil] and at least one capability")
             limits = self.client_limits.overridden(args[0] if args and args[0] is not None else {})
@@ -693,8 +763,8 @@ class Router:
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:
         send, recv = trio.open_memory_channel(1)
         req_id = next(self._req_ids)
-        scheme.pending[req_id] = send
-        frame = P.SREQUEST.pack(req_id, P.ROOT_HANDLE, 0, 0, 0, P.SCHEME_STATUS, 0) + P.pack([])
+        scheme.pending[req_id] = StatusQuery(send)
+        frame = SchemeRequest(req_id, P.ROOT_HANDLE, 0, 0, 0, P.SCHEME_STATUS, (), EMPTY_ARGS).encode()
         with trio.move_on_after(STATUS_TIMEOUT):
             await self._send_to_scheme(scheme, frame, [])
             try:
@@ -727,45 +797,46 @@ class Router:
             channel.close()
 
     def _on_reply(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
-        if len(data) < P.SREPLY.size:
+        req_id = SchemeReply.req_id_of(data)
+        if req_id is None:
             P.close_fds(fds)
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
-        req_id, status = P.SREPLY.unpack_from(data)
-        body = memoryview(data)[P.SREPLY.size :]
-        new = None  # (number, fdflags) of the handle a NEW_HANDLE reply opened
-        if status == P.NEW_HANDLE and len(body) >= P.NEW_HANDLE_HDR.size:
-            new = P.NEW_HANDLE_HDR.unpack_from(body)
-            body = body[P.NEW_HANDLE_HDR.size :]
+        try:
+            reply = SchemeReply.decode(data)
+        except P.ProtocolError:
+            reply = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
         if self.trace:
+            status = reply.status if reply is not None else P.NEW_HANDLE
             log.info("req %d: <- scheme %d %s (%d fds)", req_id, scheme.id, STATUS_NAMES.get(status, status), len(fds))
-        if not isinstance(waiter, tuple):
+        if waiter is None:  # abandoned (its capability closed) or never asked
             P.close_fds(fds)
-            if new is not None:
-                self._close_unclaimed(scheme, new[0])  # nobody will get a capability for it
-            if waiter is not None:  # a status query of our own
-                try:
-                    waiter.send_nowait((status, P.unpack(body)))
-                except P.ProtocolError:
-                    waiter.send_nowait((P.ERR, errno.EIO))
-            return  # else the request never existed
-        cap, tag = waiter
+            if reply is not None and reply.status == P.NEW_HANDLE:
+                self._close_unclaimed(scheme, reply.handle)  # nobody will get a capability for it
+            return
+        waiter.answered(self, scheme, reply, flags, fds)
+
+    def _answer_client(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
+                       flags: int, fds: list[int]) -> None:
+        """Relay a scheme's reply (None: a malformed NEW_HANDLE) to the request's holder."""
+        cap, tag = waiter.cap, waiter.tag
         self._settle(cap)
+        new = (reply.handle, reply.fdflags) if reply is not None and reply.status == P.NEW_HANDLE else None
         if flags & P.TRUNCATED:
             P.close_fds(fds)
             if new is not None:
                 self._close_unclaimed(scheme, new[0])
-            log.warning("scheme %d: truncated reply to %d", scheme.id, req_id)
+            log.warning("scheme %d: truncated reply to tag %d", scheme.id, tag)
             # control truncation alone: Linux could not give us the fds it carried
             self._reply(cap, tag, P.ERR, errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.EIO)
             return
-        if status == P.NEW_HANDLE and new is None:
+        if reply is None:
             P.close_fds(fds)
             log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
-        self._relay(scheme, cap, tag, P.OK if new is not None else status, body, fds, new)
+        self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new)
 
     def _relay(self, scheme: Scheme, cap: Capability, tag: int, status: int, body: memoryview,
                fds: list[int], new: tuple[int, int] | None) -> None:
@@ -796,7 +867,7 @@ class Router:
             return
         for moved in moving.values():
             self._move(moved, account)
-        self._deliver(cap, P.REPLY.pack(tag, status) + body, fds)
+        self._deliver(cap, Reply(tag, status, body).encode(), fds)
 
     def _scheme_died(self, scheme: Scheme) -> None:
         if not scheme.alive:
@@ -811,12 +882,7 @@ class Router:
         scheme.handles = {P.ROOT_HANDLE: root} if root is not None else {}
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
-            if isinstance(waiter, trio.MemorySendChannel):
-                waiter.close()
-            else:
-                cap, tag = waiter
-                self._settle(cap)
-                self._reply(cap, tag, P.ERR, errno.EIO)
+            waiter.abandoned(self)
 
 
 async def main(kernel_fd: int, trace: bool = False, client_limits: Limits = CLIENT_LIMITS,

@@ -26,10 +26,13 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from wire import ops
 from wire import protocol as P
 from wire.aio import AsyncCapability
+from wire.stat import Stat
 
 SCHEME_PREFIX = "/scheme/"
 
@@ -71,9 +74,14 @@ def split_scheme_path(path: str) -> tuple[str, str]:
 
 
 class NamespaceScheme(Scheme):
-    """nsmgr's scheme: handle 0 is the root namespace, which holds every permission."""
+    """nsmgr's scheme: handle 0 is the root namespace, which holds every permission.
+
+    Its handles also answer the namespace operations (NS_*), and every path
+    operation is forwarded to the scheme the path names (_forwarder).
+    """
 
     name = "nsmgr"
+    operations = ops.SCHEME_OPERATIONS + ops.NAMESPACE_OPERATIONS
     resolves_beneath = True  # passed on to the scheme that owns the path, which decides
 
     def __init__(self, kernel_fd: int | None = None) -> None:
@@ -106,41 +114,12 @@ class NamespaceScheme(Scheme):
         ns.entries[name] = AsyncCapability(root)
         return Reply(None, [channel])
 
-    # -- routing -------------------------------------------------------------
+    # -- routing: see _forwarder below, made for every path operation of wire/ops.py ---
 
-    async def openat(self, req: Request, ns: Namespace, path: str, flags: int, mode: int) -> Reply:
-        name, rest = split_scheme_path(path)
-        fd = await ns.lookup(name).call_fd(P.OPENAT, [rest, flags, mode])
-        return Reply(None, [fd])
-
-    async def mkdirat(self, req: Request, ns: Namespace, path: str, mode: int) -> None:
-        name, rest = split_scheme_path(path)
-        await _forward(ns.lookup(name), P.MKDIRAT, [rest, mode])
-
-    async def unlinkat(self, req: Request, ns: Namespace, path: str, flags: int) -> None:
-        name, rest = split_scheme_path(path)
-        await _forward(ns.lookup(name), P.UNLINKAT, [rest, flags])
-
-    async def symlinkat(self, req: Request, ns: Namespace, target: str, path: str) -> None:
-        name, rest = split_scheme_path(path)
-        await _forward(ns.lookup(name), P.SYMLINKAT, [target, rest])
-
-    async def readlinkat(self, req: Request, ns: Namespace, path: str) -> str:
-        name, rest = split_scheme_path(path)
-        value = await _forward(ns.lookup(name), P.READLINKAT, [rest])
-        if not isinstance(value, str):
-            raise SchemeError(errno.EIO, "malformed readlink reply")
-        return value
-
-    async def renameat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
-        await self._two_path(req, ns, P.RENAMEAT, old, new)
-
-    async def linkat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
-        await self._two_path(req, ns, P.LINKAT, old, new)
-
-    async def _two_path(self, req: Request, ns: Namespace, op: int, old: str, new: str) -> None:
-        """old is a namespace path; new is relative to a passed directory fd, or another
-        namespace path in the same scheme."""
+    async def _forward_two_paths(self, req: Request, ns: Namespace, op: ops.Operation, old: str,
+                                 new: str) -> None:
+        """old is a namespace path; new is relative to a passed directory capability, or
+        another namespace path in the same scheme (EXDEV across schemes)."""
         name, old_rest = split_scheme_path(old)
         cap = ns.lookup(name)
         if req.passed:
@@ -148,7 +127,7 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "one directory capability at most")
             fd = req.take_fd(0)
             try:
-                await _forward(cap, op, [old_rest, new], [fd])
+                await _forward(cap, op.number, [old_rest, new], [fd])
             finally:
                 P.close_fds([fd])
             return
@@ -156,13 +135,13 @@ class NamespaceScheme(Scheme):
         ns.lookup(new_name)
         if new_name != name:
             raise SchemeError(errno.EXDEV, "rename across schemes")
-        await _forward(cap, op, [old_rest, new_rest])
+        await _forward(cap, op.number, [old_rest, new_rest])
 
     async def fpath(self, req: Request, ns: Namespace) -> str:
         return "/scheme/"
 
-    async def fstat(self, req: Request, ns: Namespace) -> dict:
-        return {"st_mode": 0o040555, "st_size": len(ns.entries), "st_nlink": 2}
+    async def fstat(self, req: Request, ns: Namespace) -> Stat:
+        return Stat(st_mode=stat.S_IFDIR | 0o555, st_size=len(ns.entries), st_nlink=2)
 
     async def getdents(self, req: Request, ns: Namespace, start: int) -> list[str]:
         return P.page_of_names(await self.ns_list(req, ns), start)
@@ -292,3 +271,28 @@ async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
         raise
     cap.close()
     return AsyncCapability(fd)
+
+
+def _forwarder(op: ops.Operation):
+    """nsmgr's method for a path operation: the path's scheme name picks the entry, the
+    rest of the path goes to it with the other arguments, and its answer comes back
+    (with the one capability it answers, for an open)."""
+
+    async def forward(self: NamespaceScheme, req: Request, ns: Namespace, *args: Any) -> Any:
+        if op.forward is ops.Forward.TWO_PATHS:
+            return await self._forward_two_paths(req, ns, op, *args)
+        args = list(args)
+        name, args[op.path] = split_scheme_path(args[op.path])
+        cap = ns.lookup(name)
+        if op.forward is ops.Forward.OPEN:
+            return Reply(None, [await cap.call_fd(op.number, args)])
+        return await _forward(cap, op.number, args)
+
+    forward.__name__ = forward.__qualname__ = op.name
+    forward.__doc__ = f"{op.doc} Forwarded to the scheme the path names."
+    return forward
+
+
+for _op in ops.SCHEME_OPERATIONS:
+    if _op.forward is not ops.Forward.NONE:
+        setattr(NamespaceScheme, _op.name, _forwarder(_op))

@@ -1,8 +1,9 @@
 """rt: the runtime client programs import (the role of redox-rt and relibc).
 
 A process reaches resources only through capability fds: its namespace fd
-(served by nsmgr) and its current-directory fd, both adopted on import when
-the process was started by `redoxcap run` or `rt.spawn`. Every call below is
+(served by nsmgr) and its current-directory fd, which a process started by
+`redoxcap run` or `rt.spawn` inherits and rt adopts on first use (`rt.adopt()`
+does it at once). Importing rt does nothing else. Every call below is
 one or a few requests on such fds; errors are OSError subclasses with the
 errno the scheme answered. Safe to use from several threads.
 """
@@ -79,16 +80,78 @@ O_PATH = _os.O_PATH
 SEEK_SET, SEEK_CUR, SEEK_END = _os.SEEK_SET, _os.SEEK_CUR, _os.SEEK_END
 
 __all__ = [
-    "AT_FDCWD", "AT_REMOVEDIR", "O_APPEND", "O_CLOEXEC", "O_CREAT", "O_DIRECTORY", "O_EXCL",
-    "O_NOFOLLOW", "O_NONBLOCK", "O_PATH", "O_RDONLY", "O_RDWR", "O_RESOLVE_BENEATH",
-    "O_RESOLVE_IN_ROOT", "O_TRUNC", "O_WRONLY", "PERM_ALL", "PERM_DELETE", "PERM_INSERT",
-    "PERM_LIST", "PERM_SCHEME_CREATE", "SEEK_CUR", "SEEK_END", "SEEK_SET", "StatResult",
-    "chdir", "clone", "close", "dup", "fchdir", "fpath", "fstat", "fsync", "ftruncate",
-    "getcwd", "getfl", "getns", "link", "listdir", "lseek", "mkdir", "mkns", "mkscheme", "narrow",
-    "nsperms", "open", "open_file", "openat", "pipe", "read", "readlink", "recvfd", "recvfrom",
-    "register", "rename", "rmdir", "schemes", "sendfd", "sendto", "set_default_timeout", "setns",
-    "setup", "shutdown", "spawn", "stat", "symlink", "timeout", "uds_scope", "unlink", "unregister",
+    "AT_FDCWD",
+    "AT_REMOVEDIR",
+    "O_APPEND",
+    "O_CLOEXEC",
+    "O_CREAT",
+    "O_DIRECTORY",
+    "O_EXCL",
+    "O_NOFOLLOW",
+    "O_NONBLOCK",
+    "O_PATH",
+    "O_RDONLY",
+    "O_RDWR",
+    "O_RESOLVE_BENEATH",
+    "O_RESOLVE_IN_ROOT",
+    "O_TRUNC",
+    "O_WRONLY",
+    "PERM_ALL",
+    "PERM_DELETE",
+    "PERM_INSERT",
+    "PERM_LIST",
+    "PERM_SCHEME_CREATE",
+    "SEEK_CUR",
+    "SEEK_END",
+    "SEEK_SET",
+    "StatResult",
+    "adopt",
+    "chdir",
+    "clone",
+    "close",
+    "dup",
+    "fchdir",
+    "fpath",
+    "fstat",
+    "fsync",
+    "ftruncate",
+    "getcwd",
+    "getfl",
+    "getns",
+    "link",
+    "listdir",
+    "lseek",
+    "mkdir",
+    "mkns",
+    "mkscheme",
+    "narrow",
+    "nsperms",
+    "open",
+    "open_file",
+    "openat",
+    "pipe",
+    "read",
+    "readlink",
+    "recvfd",
+    "recvfrom",
+    "register",
+    "rename",
+    "rmdir",
+    "schemes",
+    "sendfd",
+    "sendto",
+    "set_default_timeout",
+    "setns",
+    "setup",
+    "shutdown",
+    "spawn",
+    "stat",
+    "symlink",
+    "timeout",
+    "uds_scope",
+    "unlink",
+    "unregister",
     "write",
 ]
 
-_process.adopt_from_environment()
+adopt = _process.adopt_from_environment

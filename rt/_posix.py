@@ -7,37 +7,14 @@ import os
 import stat as _stat
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from rt import _process
 from rt._call import call_fd, call_value, forget
 from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
 from wire import protocol as P
+from wire.stat import Stat
 
-
-@dataclass(frozen=True)
-class StatResult:
-    """What fstat/stat return: the fields of os.stat_result a scheme reports."""
-
-    st_mode: int = 0
-    st_ino: int = 0
-    st_dev: int = 0
-    st_nlink: int = 0
-    st_uid: int = 0
-    st_gid: int = 0
-    st_size: int = 0
-    st_atime_ns: int = 0
-    st_mtime_ns: int = 0
-    st_ctime_ns: int = 0
-    st_blocks: int = 0
-    st_blksize: int = 0
-
-    @property
-    def st_mtime(self) -> float:
-        return self.st_mtime_ns / 1e9
-
-
-_STAT_FIELDS = frozenset(StatResult.__dataclass_fields__)
+StatResult = Stat  # what fstat and stat return (wire.stat.Stat, the schemes' own type)
 MAX_LISTING = 1 << 20  # names in one listdir: a server could page for ever
 MAX_LISTING_CHARS = 64 << 20
 
@@ -129,9 +106,7 @@ def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
 
 def fstat(fd: int) -> StatResult:
     """Status of the file behind fd."""
-    value = call_value(fd, P.FSTAT, kind=dict)
-    return StatResult(**{k: v for k, v in value.items()
-                         if k in _STAT_FIELDS and type(v) is int and -(2**63) <= v < 2**64})
+    return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
 
 
 def stat(path: str | os.PathLike) -> StatResult:

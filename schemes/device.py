@@ -12,8 +12,9 @@ from __future__ import annotations
 import errno
 import stat
 
-from schemes.framework import Opened, Request, Scheme, SchemeError
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError
 from wire import protocol as P
+from wire.stat import Stat
 
 
 class DeviceRoot:
@@ -25,7 +26,8 @@ class DeviceHandle:
 
 
 class DeviceScheme(Scheme):
-    """A stateless character device: override read and write (called with a DeviceHandle)."""
+    """A stateless character device: override read and write (annotate `h: DeviceHandle`:
+    the framework answers EBADF on the root)."""
 
     inline_ops = frozenset(P.SCHEME_OPS)  # nothing here ever waits
 
@@ -35,29 +37,20 @@ class DeviceScheme(Scheme):
     def root(self) -> DeviceRoot:
         return self._root
 
-    def device(self, h: object) -> DeviceHandle:
-        """h as an open device; EBADF for the root."""
-        if not isinstance(h, DeviceHandle):
-            raise SchemeError(errno.EBADF, "the scheme's root is not a device")
-        return h
-
-    async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
-        if h is not self._root:
-            raise SchemeError(errno.ENOTDIR, "a device is not a directory")
+    async def openat(self, req: Request, h: DeviceRoot, path: str, flags: int, mode: int) -> Opened:
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, f"{self.name} has no names: open /scheme/{self.name}")
         return Opened(DeviceHandle(), fdflags=flags)
 
-    async def dup(self, req: Request, h, buf: bytes) -> Opened:
+    async def dup(self, req: Request, h: DeviceHandle, buf: bytes) -> Opened:
         if buf:
             raise SchemeError(errno.EINVAL, "devices know no dup buffers")
-        self.device(h)
         return Opened(DeviceHandle())
 
-    async def fstat(self, req: Request, h) -> dict:
+    async def fstat(self, req: Request, h: DeviceRoot | DeviceHandle) -> Stat:
         if h is self._root:
-            return {"st_mode": stat.S_IFDIR | 0o111, "st_nlink": 2}
-        return {"st_mode": stat.S_IFCHR | 0o666}
+            return ROOT_STAT
+        return Stat(st_mode=stat.S_IFCHR | 0o666)
 
-    async def fpath(self, req: Request, h) -> str:
+    async def fpath(self, req: Request, h: DeviceRoot | DeviceHandle) -> str:
         return f"/scheme/{self.name}"

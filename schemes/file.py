@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from schemes.framework import HandleRef, Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.resolve import PATH_MAX, Anchor, open_at, resolve_parent
 from wire import protocol as P
+from wire.stat import Stat
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
@@ -47,8 +48,6 @@ HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | _O_LARGEFILE | os.O_SYN
 ONLY_AT_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC  # not in fdflags
 UMASK = 0o022
 MODE_BITS = 0o777
-STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
-               "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize")
 OFF_MAX = 2**63 - 1
 WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
 
@@ -216,9 +215,8 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         return os.lseek(h.fd, pos, whence)
 
-    async def fstat(self, req: Request, h: FileHandle) -> dict:
-        st = os.fstat(h.fd)
-        return {name: getattr(st, name) for name in STAT_FIELDS}
+    async def fstat(self, req: Request, h: FileHandle) -> Stat:
+        return Stat.of(os.fstat(h.fd))
 
     async def ftruncate(self, req: Request, h: FileHandle, length: int) -> None:
         self._writable()

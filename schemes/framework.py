@@ -1,15 +1,24 @@
 """The scheme framework: one class states the whole request protocol.
 
-A scheme daemon subclasses `Scheme` and overrides the operations it serves;
-every operation it does not override fails with ENOSYS. `serve()` reads
-requests from the channel the kernel router gave the scheme, runs each in its
-own task (a slow request never holds up the others), and turns what the
-method returns or raises into the reply:
+A scheme daemon subclasses `Scheme` and overrides the operations it serves.
+The operations are declared once, in wire/ops.py: every one a scheme does
+not override answers that declaration's errno (ENOSYS for most), and every
+request's arguments are checked against the declared types before any
+method runs. `serve()` reads requests from the channel the kernel router
+gave the scheme, runs each in its own task (a slow request never holds up
+the others; `inline_ops` run in place), and turns what the method returns
+or raises into the reply:
 
-- a plain value            -> OK with that value
+- a plain value            -> OK with that value (a wire.stat.Stat is sent as its map)
 - `Opened(obj, fdflags)`   -> a new handle; the router mints a capability for it
 - `Reply(value, fds)`      -> OK with fds passed to the caller (then closed here)
 - `SchemeError` / OSError  -> ERR with its errno; any other exception -> EIO, logged
+
+Handles are typed at the edge: the annotation of a method's `h` parameter
+(`h: PipeEnd`, `h: NetRoot | TcpSocket`) says which kinds of handle object
+it takes, and a request on any other kind is answered by the framework with
+the operation's `wrong_handle` errno (ENOTDIR for a path relative to a
+file, EBADF otherwise) without calling the method.
 
 Handles are numbered by the framework; handle 0 is the root (`Scheme.root()`),
 which the router keeps across daemon restarts. When the router says CLOSE,
@@ -20,24 +29,33 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import inspect
 import itertools
 import logging
 import os
-import struct
+import stat
 import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from wire import ops
 from wire import protocol as P
 from wire.channel import Channel
+from wire.frames import SchemeReply, SchemeRequest
 from wire.limits import raise_fd_limit
+from wire.stat import Stat
 
 log = logging.getLogger("scheme")
 
 RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
+# A root that opens things but lists nothing: a directory with search permission only.
+ROOT_STAT = Stat(st_mode=stat.S_IFDIR | 0o111, st_nlink=2)
 
 
 class SchemeError(Exception):
@@ -135,12 +153,17 @@ class Scheme:
     """Base class of every scheme daemon: one async method per operation.
 
     Each method gets the Request, the handle's object (whatever `openat` or
-    `root` created) and the request's arguments, already type-checked
-    against wire.protocol.SCHEME_OPS.
+    `root` created; its annotation says which kinds it takes) and the
+    request's arguments, already type-checked against wire/ops.py. The
+    default of every operation (made from its declaration, see the end of
+    this module) raises its errno.
     """
 
     name = "scheme"
     handles: dict[int, Any]  # number -> object, set by the framework when serving
+    # The operations this scheme answers: the scheme operations of wire/ops.py
+    # (nsmgr adds the namespace ones).
+    operations: tuple[ops.Operation, ...] = ops.SCHEME_OPERATIONS
     # Operations this scheme answers without ever waiting (plain syscalls, memory):
     # the request loop runs them in place, without a task of their own. Anything
     # that can wait for another client (a read on a pipe, an accept) must not be here.
@@ -153,121 +176,53 @@ class Scheme:
         """The object behind handle 0 (the scheme's root)."""
         return None
 
-    async def openat(self, req: Request, h: Any, path: str, flags: int, mode: int) -> Opened | Reply:
-        """Open path relative to handle h."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def read(self, req: Request, h: Any, n: int) -> bytes:
-        """Read up to n bytes at the handle's offset; b"" at end of file."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def write(self, req: Request, h: Any, data: bytes) -> int:
-        """Write data; returns how many bytes were taken."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def lseek(self, req: Request, h: Any, pos: int, whence: int) -> int:
-        """Move the handle's offset; returns the new offset."""
-        raise SchemeError(errno.ESPIPE)
-
-    async def fstat(self, req: Request, h: Any) -> dict:
-        """Status as a dict of os.stat_result field names (st_mode, st_size, ...)."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ftruncate(self, req: Request, h: Any, length: int) -> None:
-        """Set the size of the handle's file."""
-        raise SchemeError(errno.EINVAL)
-
-    async def fsync(self, req: Request, h: Any) -> None:
-        """Flush the handle's data to stable storage."""
-        raise SchemeError(errno.EINVAL)
-
-    async def getdents(self, req: Request, h: Any, start: int) -> list[str]:
-        """The names in a directory handle, sorted, without . and .., from index start
-        on, as many as fit in one reply (wire.protocol.page_of_names); [] past the end."""
-        raise SchemeError(errno.ENOTDIR)
-
-    async def fpath(self, req: Request, h: Any) -> str:
-        """The handle's path as /scheme/NAME/..."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def mkdirat(self, req: Request, h: Any, path: str, mode: int) -> None:
-        """Create a directory at path relative to h."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def unlinkat(self, req: Request, h: Any, path: str, flags: int) -> None:
-        """Remove a name (a directory with AT_REMOVEDIR)."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def renameat(self, req: Request, h: Any, old: str, new: str) -> None:
-        """Rename old (relative to h) to new (relative to the passed HandleRef, or h)."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def symlinkat(self, req: Request, h: Any, target: str, path: str) -> None:
-        """Create a symlink at path whose contents are target."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def readlinkat(self, req: Request, h: Any, path: str) -> str:
-        """The contents of the symlink at path."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def linkat(self, req: Request, h: Any, old: str, new: str) -> None:
-        """Create a hard link new (relative to the passed HandleRef, or h) to old."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def dup(self, req: Request, h: Any, buf: bytes) -> Opened | Reply:
-        """A new handle derived from h; buf says how (b"" is a plain copy)."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def shutdown(self, req: Request, h: Any, how: int) -> None:
-        """Shut down one or both directions of a connection."""
-        raise SchemeError(errno.ENOTSOCK)
-
-    async def sendfd(self, req: Request, h: Any) -> None:
-        """Queue the capability passed with the request for the peer of h to receive."""
-        raise SchemeError(errno.EOPNOTSUPP)
-
-    async def recvfd(self, req: Request, h: Any) -> Reply:
-        """Receive the next capability sent by the peer (Reply with one fd)."""
-        raise SchemeError(errno.EOPNOTSUPP)
-
-    async def recvfrom(self, req: Request, h: Any, n: int) -> list:
-        """Receive one datagram cut to n bytes: [data, sender host, sender port]."""
-        raise SchemeError(errno.EOPNOTSUPP)
-
-    async def sendto(self, req: Request, h: Any, data: bytes, host: str, port: int) -> int:
-        """Send data as one datagram to host and port; returns the bytes sent."""
-        raise SchemeError(errno.EOPNOTSUPP)
-
-    async def ns_list(self, req: Request, h: Any) -> list[str]:
-        """Namespaces (nsmgr): the names, sorted."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_mkns(self, req: Request, h: Any, names: list | None, perms: int | None) -> Opened:
-        """Namespaces: a fork holding names (all for None) with at most perms."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_narrow(self, req: Request, h: Any, perms: int) -> None:
-        """Namespaces: keep only perms on this handle."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_register(self, req: Request, h: Any, name: str) -> None:
-        """Namespaces: register the passed capability as name."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_unregister(self, req: Request, h: Any, name: str) -> None:
-        """Namespaces: remove name."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_perms(self, req: Request, h: Any) -> int:
-        """Namespaces: this handle's permissions."""
-        raise SchemeError(errno.ENOSYS)
-
-    async def ns_scheme_create(self, req: Request, h: Any, name: str) -> Reply:
-        """Namespaces: a new scheme registered as name; Reply with its channel fd."""
-        raise SchemeError(errno.ENOSYS)
-
     async def close(self, h: Any) -> None:
         """The last capability for h is gone: release what it holds."""
+
+
+def _default(op: ops.Operation) -> Callable[..., Any]:
+    async def operation(self: Scheme, req: Request, h: Any, *args: Any) -> Any:
+        raise SchemeError(op.default)
+
+    operation.__name__ = operation.__qualname__ = op.name
+    operation.__doc__ = f"{op.doc} Not served by default: {errno.errorcode[op.default]}."
+    return operation
+
+
+for _op in ops.SCHEME_OPERATIONS:
+    setattr(Scheme, _op.name, _default(_op))
+
+
+@functools.cache
+def _handle_kinds(cls: type) -> dict[int, tuple[type, ...]]:
+    """For each operation whose method annotates its handle parameter, the classes it takes."""
+    kinds = {}
+    for op in cls.operations:
+        method = getattr(cls, op.name)
+        params = list(inspect.signature(method).parameters)  # self, req, the handle, args...
+        try:
+            hint = typing.get_type_hints(method).get(params[2]) if len(params) > 2 else None
+        except (NameError, TypeError):
+            hint = None  # an annotation that names nothing importable: no check
+        classes = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if hint is not None and all(isinstance(c, type) and c not in (object, Any) for c in classes):
+            kinds[op.number] = tuple(classes)
+    return kinds
+
+
+def check_handle(scheme: Scheme, op: ops.Operation, obj: Any) -> None:
+    """Raise op's wrong_handle errno unless scheme's method for op takes handles like obj."""
+    kinds = _handle_kinds(type(scheme)).get(op.number)
+    if kinds is not None and not isinstance(obj, kinds):
+        raise SchemeError(op.wrong_handle, f"{op.name} does not take a {type(obj).__name__}")
+
+
+async def invoke(scheme: Scheme, req: Request, obj: Any, name: str, *args: Any) -> Any:
+    """Call scheme's method `name` on handle object obj as a request would, after the
+    framework's check of the handle's kind (for tests that drive a scheme in memory)."""
+    op = next(op for op in scheme.operations if op.name == name)
+    check_handle(scheme, op, obj)
+    return await getattr(scheme, name)(req, obj, *args)
 
 
 class _Server:
@@ -280,6 +235,7 @@ class _Server:
         scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
         self.inflight: dict[int, set[trio.CancelScope]] = {}
         self.numbers = itertools.count(1)
+        self.operations = {op.number: op for op in scheme.operations}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -287,20 +243,22 @@ class _Server:
                 data, fds, flags, _ = await self.channel.recv()
                 if not data and not fds:
                     break  # the router is gone
-                if flags & P.TRUNCATED or len(data) < P.SREQUEST.size:
+                try:
+                    if flags & P.TRUNCATED:
+                        raise P.ProtocolError("truncated")
+                    request = SchemeRequest.decode(data)
+                except P.ProtocolError:
                     P.close_fds(fds)
                     log.warning("%s: malformed frame from the router dropped", self.scheme.name)
                     continue
-                req_id, number, pid, uid, gid, op, nrefs = P.SREQUEST.unpack_from(data)
-                if op == P.CLOSE:
+                del data  # the request holds what it needs
+                if request.op == P.CLOSE:
                     P.close_fds(fds)
-                    nursery.start_soon(self._close, number)
-                    continue
-                args = (req_id, number, Caller(pid, uid, gid), op, nrefs, data, fds)
-                if op in self.scheme.inline_ops:
-                    await self._handle(*args)  # never blocks: no task, no cancel scope
+                    nursery.start_soon(self._close, request.handle)
+                elif request.op in self.scheme.inline_ops:
+                    await self._handle(request, fds)  # never blocks: no task, no cancel scope
                 else:
-                    nursery.start_soon(self._handle, *args)
+                    nursery.start_soon(self._handle, request, fds)
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)
@@ -312,31 +270,18 @@ class _Server:
             except Exception:
                 log.exception("%s: close failed", self.scheme.name)
 
-    def _passed(self, data: bytes, nrefs: int, fds: list[int]) -> tuple[list, int]:
-        """Pair the ref slots with the relayed fds; returns (passed, body offset)."""
-        if nrefs != len(fds):
-            raise ValueError("fd count does not match the header")
-        offset = P.SREQUEST.size
-        passed: list[HandleRef | int | None] = []
-        for fd in fds:
-            (ref,) = P.REF.unpack_from(data, offset)
-            offset += P.REF.size
-            passed.append(fd if ref == P.NO_REF else HandleRef(ref, fd))
-        return passed, offset
-
-    async def _handle(self, req_id, number, caller, op, nrefs, data, fds) -> None:
+    async def _handle(self, request: SchemeRequest, fds: list[int]) -> None:
         req = None
+        req_id = request.req_id
         try:
-            try:
-                passed, offset = self._passed(data, nrefs, fds)
-            except (ValueError, struct.error):
-                raise P.ProtocolError("bad fd references") from None
-            req = Request(caller, number, op, passed)
+            if len(request.refs) != len(fds):
+                raise P.ProtocolError("fd count does not match the header")
+            passed = [fd if ref == P.NO_REF else HandleRef(ref, fd) for ref, fd in zip(request.refs, fds)]
+            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op, passed)
             fds = []  # owned by req.passed now
-            with memoryview(data) as frame:
-                args = P.unpack(frame[offset:]) if op != P.SCHEME_STATUS else []
-            del data  # the arguments are decoded: a request waiting in a daemon holds no frame
-            result = await self._call(req, number, op, args)
+            args = request.args() if request.op != P.SCHEME_STATUS else []
+            del request  # the arguments are decoded: a request waiting in a daemon holds no frame
+            result = await self._call(req, req.handle, req.op, args)
         except (SchemeError, OSError) as exc:
             await self._send(req_id, P.ERR, exc.errno or errno.EIO)
         except P.ProtocolError:
@@ -344,7 +289,7 @@ class _Server:
         except trio.Cancelled:
             raise
         except Exception:
-            log.exception("%s: op %d failed", self.scheme.name, op)
+            log.exception("%s: op %d failed", self.scheme.name, req.op if req else -1)
             await self._send(req_id, P.ERR, errno.EIO)
         else:
             await self._answer(req_id, result)
@@ -353,30 +298,30 @@ class _Server:
             if req is not None:
                 P.close_fds(req.passed_fds())
 
-    async def _call(self, req: Request, number: int, op: int, args: Any) -> Any:
-        if op == P.SCHEME_STATUS:
+    async def _call(self, req: Request, number: int, op_number: int, args: Any) -> Any:
+        if op_number == P.SCHEME_STATUS:
             return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values()))}
-        spec = P.SCHEME_OPS.get(op)
-        if spec is None:
-            raise SchemeError(errno.ENOSYS, f"unknown operation {op}")
-        name, types = spec
-        if not isinstance(args, list) or len(args) != len(types):
+        op = self.operations.get(op_number)
+        if op is None:
+            raise SchemeError(errno.ENOSYS, f"unknown operation {op_number}")
+        if not isinstance(args, list) or len(args) != len(op.args):
             raise P.ProtocolError("wrong number of arguments")
-        for arg, allowed in zip(args, types):
-            if type(arg) not in allowed:
-                raise P.ProtocolError("argument of the wrong type")
-            if type(arg) is str:
-                if "\0" in arg:
+        for value, arg in zip(args, op.args):
+            if type(value) not in arg.types:
+                raise P.ProtocolError(f"{op.name}: {arg.name} must be {arg.type_names}")
+            if type(value) is str:
+                if "\0" in value:
                     raise P.ProtocolError("a path or name with a NUL byte")
-                if len(arg) > P.MAX_PATH:
+                if len(value) > P.MAX_PATH:
                     raise SchemeError(errno.ENAMETOOLONG)
         if number not in self.handles:
             raise SchemeError(errno.EBADF)
         obj = self.handles[number]
-        if op == P.OPENAT and args[1] & RESOLVE_FLAGS and not self.scheme.resolves_beneath:
+        check_handle(self.scheme, op, obj)
+        if op_number == P.OPENAT and args[1] & RESOLVE_FLAGS and not self.scheme.resolves_beneath:
             raise SchemeError(errno.EINVAL, f"the {self.scheme.name} scheme has no O_RESOLVE_* lookups")
-        method = getattr(self.scheme, name)
-        if op in self.scheme.inline_ops:
+        method = getattr(self.scheme, op.name)
+        if op_number in self.scheme.inline_ops:
             return await method(req, obj, *args)
         with trio.CancelScope() as scope:
             self.inflight.setdefault(number, set()).add(scope)
@@ -394,31 +339,32 @@ class _Server:
         fds = result.fds if isinstance(result, Reply) else []
         try:
             value = result.value if isinstance(result, (Opened, Reply)) else result
+            if isinstance(value, Stat):
+                value = value.to_wire()
             try:
-                body = P.pack(value)
+                if isinstance(result, Opened):
+                    number = next(self.numbers)
+                    reply = SchemeReply.new_handle(req_id, number, result.fdflags, value)
+                    self.handles[number] = result.obj
+                else:
+                    reply = SchemeReply.of(req_id, P.OK, value)
             except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:
                 # e.g. a host symlink whose target is not UTF-8: it cannot travel
                 log.warning("%s: result of request %d cannot be encoded: %s", self.scheme.name, req_id, exc)
                 await self._send(req_id, P.ERR, errno.EIO)
                 return
-            if isinstance(result, Opened):
-                number = next(self.numbers)
-                self.handles[number] = result.obj
-                header = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(number, result.fdflags)
-            else:
-                header = P.SREPLY.pack(req_id, P.OK)
-            await self._send_frame(header + body, fds)
+            await self._send_reply(reply, fds)
         finally:
             P.close_fds(fds)
 
     async def _send(self, req_id: int, status: int, value: Any) -> None:
-        await self._send_frame(P.SREPLY.pack(req_id, status) + P.pack(value), [])
+        await self._send_reply(SchemeReply.of(req_id, status, value), [])
 
-    async def _send_frame(self, frame: bytes, fds: list[int]) -> None:
+    async def _send_reply(self, reply: SchemeReply, fds: list[int]) -> None:
+        frame = reply.encode()
         if len(frame) > P.MAX_FRAME:  # e.g. a huge directory listing: an error, not a lost reply
-            req_id, _ = P.SREPLY.unpack_from(frame)
-            log.warning("%s: reply to %d too large (%d bytes)", self.scheme.name, req_id, len(frame))
-            frame, fds = P.SREPLY.pack(req_id, P.ERR) + P.pack(errno.EOVERFLOW), []
+            log.warning("%s: reply to %d too large (%d bytes)", self.scheme.name, reply.req_id, len(frame))
+            frame, fds = SchemeReply.of(reply.req_id, P.ERR, errno.EOVERFLOW).encode(), []
         try:
             await self.channel.send(frame, fds)
         except (OSError, trio.ClosedResourceError) as exc:

@@ -43,7 +43,8 @@ from typing import TextIO
 
 import trio
 
-from schemes.framework import Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much
 BURST = 64 * 1024  # bytes of log one writer pid may write at once
@@ -155,10 +156,7 @@ class LogScheme(Scheme):
     def root(self) -> LogRoot:
         return self._root
 
-    async def openat(self, req: Request, h: LogRoot | LogHandle, path: str, flags: int,
-                     mode: int) -> Opened:
-        if h is not self._root:
-            raise SchemeError(errno.ENOTDIR, "a tagged log handle is not a directory")
+    async def openat(self, req: Request, h: LogRoot, path: str, flags: int, mode: int) -> Opened:
         tag = path.strip("/")
         if tag in (".", ""):
             tag = ""
@@ -265,8 +263,8 @@ class LogScheme(Scheme):
     async def fsync(self, req: Request, h: LogHandle) -> None:
         self.out.flush()
 
-    async def fstat(self, req: Request, h) -> dict:
-        return {"st_mode": stat.S_IFCHR | 0o222}
+    async def fstat(self, req: Request, h: LogRoot | LogHandle) -> Stat:
+        return ROOT_STAT if h is self._root else Stat(st_mode=stat.S_IFCHR | 0o222)
 
     async def fpath(self, req: Request, h: LogRoot | LogHandle) -> str:
         tag = h.tag if isinstance(h, LogHandle) else ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemes.device import DeviceScheme
+from schemes.device import DeviceHandle, DeviceScheme
 from schemes.framework import Request, daemon_cli
 
 
@@ -11,12 +11,10 @@ class NullScheme(DeviceScheme):
 
     name = "null"
 
-    async def read(self, req: Request, h, n: int) -> bytes:
-        self.device(h)
+    async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         return b""
 
-    async def write(self, req: Request, h, data: bytes) -> int:
-        self.device(h)
+    async def write(self, req: Request, h: DeviceHandle, data: bytes) -> int:
         return len(data)
 
 

@@ -19,13 +19,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from schemes.framework import Changed, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import ROOT_STAT, Changed, Opened, Request, Scheme, SchemeError, daemon_cli
 from wire import protocol as P
+from wire.stat import Stat
 
 PIPE_SIZE = 64 * 1024
 PIPE_BUF = 4096
 # The root opens (makes) but cannot be listed: a directory with search permission only.
-ROOT_STAT = {"st_mode": stat.S_IFDIR | 0o111, "st_nlink": 2}
 
 
 @dataclass(eq=False)
@@ -67,25 +67,20 @@ class PipeScheme(Scheme):
             pipe.readers += 1
         return Opened(PipeEnd(pipe, writer), fdflags=os.O_WRONLY if writer else os.O_RDONLY)
 
-    async def openat(self, req: Request, h: PipeRoot | PipeEnd, path: str, flags: int,
-                     mode: int) -> Opened:
-        if h is not self._root:
-            raise SchemeError(errno.ENOTDIR, "a pipe end is not a directory")
+    async def openat(self, req: Request, h: PipeRoot, path: str, flags: int, mode: int) -> Opened:
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, "pipes have no names: open /scheme/pipe")
         return self._end(Pipe(), writer=False)
 
     async def dup(self, req: Request, h: PipeEnd, buf: bytes) -> Opened:
-        if not isinstance(h, PipeEnd):
-            raise SchemeError(errno.EBADF)
         kinds = {b"": h.writer, b"read": False, b"write": True}
         if buf not in kinds:
             raise SchemeError(errno.EINVAL, 'pipe dup takes b"", b"read" or b"write"')
         return self._end(h.pipe, kinds[buf])
 
     async def read(self, req: Request, h: PipeEnd, n: int) -> bytes:
-        if not isinstance(h, PipeEnd) or h.writer:
-            raise SchemeError(errno.EBADF)
+        if h.writer:
+            raise SchemeError(errno.EBADF, "a write end")
         if n < 0:
             raise SchemeError(errno.EINVAL)
         pipe = h.pipe
@@ -99,8 +94,8 @@ class PipeScheme(Scheme):
         return chunk
 
     async def write(self, req: Request, h: PipeEnd, data: bytes) -> int:
-        if not isinstance(h, PipeEnd) or not h.writer:
-            raise SchemeError(errno.EBADF)
+        if not h.writer:
+            raise SchemeError(errno.EBADF, "a read end")
         pipe = h.pipe
         done = 0
         while done < len(data):
@@ -119,21 +114,19 @@ class PipeScheme(Scheme):
                 await pipe.changed.wait()
         return done
 
-    async def fstat(self, req: Request, h: PipeRoot | PipeEnd) -> dict:
-        if not isinstance(h, PipeEnd):
-            return dict(ROOT_STAT)
-        return {"st_mode": stat.S_IFIFO | 0o600, "st_size": len(h.pipe.data)}
-
-    async def getdents(self, req: Request, h: PipeRoot | PipeEnd, start: int) -> list[str]:
+    async def fstat(self, req: Request, h: PipeRoot | PipeEnd) -> Stat:
         if h is self._root:
-            raise SchemeError(errno.EACCES, "pipes have no names to list")
-        raise SchemeError(errno.ENOTDIR)
+            return ROOT_STAT
+        return Stat(st_mode=stat.S_IFIFO | 0o600, st_size=len(h.pipe.data))
+
+    async def getdents(self, req: Request, h: PipeRoot, start: int) -> list[str]:
+        raise SchemeError(errno.EACCES, "pipes have no names to list")
 
     async def fpath(self, req: Request, h: PipeRoot | PipeEnd) -> str:
         return f"/scheme/{self.name}"
 
-    async def close(self, h) -> None:
-        if isinstance(h, PipeEnd):
+    async def close(self, h: PipeRoot | PipeEnd) -> None:
+        if h is not self._root:
             if h.writer:
                 h.pipe.writers -= 1
             else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 
-from schemes.device import DeviceScheme
+from schemes.device import DeviceHandle, DeviceScheme
 from schemes.framework import Request, SchemeError, daemon_cli
 from wire import protocol as P
 
@@ -19,14 +19,12 @@ class RandScheme(DeviceScheme):
 
     name = "rand"
 
-    async def read(self, req: Request, h, n: int) -> bytes:
-        self.device(h)
+    async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         if n < 0:
             raise SchemeError(errno.EINVAL)
         return os.urandom(min(n, P.MAX_IO))
 
-    async def write(self, req: Request, h, data: bytes) -> int:
-        self.device(h)
+    async def write(self, req: Request, h: DeviceHandle, data: bytes) -> int:
         return len(data)
 
 

@@ -25,15 +25,14 @@ import argparse
 import errno
 import os
 import socket
-import stat
 from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import Opened, Request, Scheme, SchemeError, daemon_cli
-from schemes.tcp import (
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.netaddr import (
     DEFAULT_POLICY,
-    ROOT_STAT,
+    SOCKET_STAT,
     Endpoint,
     NetPolicy,
     NetRoot,
@@ -46,6 +45,7 @@ from schemes.tcp import (
     policy_from,
 )
 from wire import protocol as P
+from wire.stat import Stat
 
 
 @dataclass(eq=False)
@@ -69,10 +69,7 @@ class UdpScheme(Scheme):
     def root(self) -> NetRoot:
         return self._root
 
-    async def openat(self, req: Request, h: NetRoot | UdpSocket, path: str, flags: int,
-                     mode: int) -> Opened:
-        if h is not self._root:
-            raise SchemeError(errno.ENOTDIR, "a udp socket is not a directory")
+    async def openat(self, req: Request, h: NetRoot, path: str, flags: int, mode: int) -> Opened:
         ep = parse_endpoint(path)
         bind = bool(flags & os.O_CREAT)
         if bind:
@@ -91,29 +88,23 @@ class UdpScheme(Scheme):
             sock.close()
             raise
 
-    def _socket(self, h: NetRoot | UdpSocket) -> UdpSocket:
-        if not isinstance(h, UdpSocket):
-            raise SchemeError(errno.EBADF, "the udp root is not a socket")
-        return h
-
-    async def _receive(self, h: NetRoot | UdpSocket, n: int) -> tuple[bytes, tuple]:
-        s = self._socket(h)
+    async def _receive(self, s: UdpSocket, n: int) -> tuple[bytes, tuple]:
         if n < 0:
             raise SchemeError(errno.EINVAL)
         async with s.read_lock:
             data, sender = await s.sock.recvfrom(P.MAX_IO)
         return data[:n], sender
 
-    async def read(self, req: Request, h: NetRoot | UdpSocket, n: int) -> bytes:
+    async def read(self, req: Request, h: UdpSocket, n: int) -> bytes:
         data, _ = await self._receive(h, n)
         return data
 
-    async def recvfrom(self, req: Request, h: NetRoot | UdpSocket, n: int) -> list:
+    async def recvfrom(self, req: Request, h: UdpSocket, n: int) -> list:
         data, sender = await self._receive(h, n)
         return [data, sender[0], sender[1]]
 
-    async def write(self, req: Request, h: NetRoot | UdpSocket, data: bytes) -> int:
-        s = self._socket(h)
+    async def write(self, req: Request, h: UdpSocket, data: bytes) -> int:
+        s = h
         if s.bound:
             raise SchemeError(errno.EDESTADDRREQ, "a bound socket writes with sendto")
         if len(data) > P.MAX_IO:
@@ -121,9 +112,8 @@ class UdpScheme(Scheme):
         async with s.write_lock:
             return await s.sock.send(data)
 
-    async def sendto(self, req: Request, h: NetRoot | UdpSocket, data: bytes, host: str,
-                     port: int) -> int:
-        s = self._socket(h)
+    async def sendto(self, req: Request, h: UdpSocket, data: bytes, host: str, port: int) -> int:
+        s = h
         if not s.bound:
             raise SchemeError(errno.EISCONN, "a connected socket writes to its peer")
         if not 0 < port <= 65535:
@@ -138,23 +128,19 @@ class UdpScheme(Scheme):
         async with s.write_lock:
             return await s.sock.sendto(data, ep.sockaddr)
 
-    async def fstat(self, req: Request, h: NetRoot | UdpSocket) -> dict:
-        if not isinstance(h, UdpSocket):
-            return dict(ROOT_STAT)
-        return {"st_mode": stat.S_IFSOCK | 0o777}
+    async def fstat(self, req: Request, h: NetRoot | UdpSocket) -> Stat:
+        return ROOT_STAT if h is self._root else SOCKET_STAT
 
-    async def getdents(self, req: Request, h: NetRoot | UdpSocket, start: int) -> list[str]:
-        if h is self._root:
-            raise SchemeError(errno.EACCES, "the network cannot be listed")
-        raise SchemeError(errno.ENOTDIR)
+    async def getdents(self, req: Request, h: NetRoot, start: int) -> list[str]:
+        raise SchemeError(errno.EACCES, "the network cannot be listed")
 
     async def fpath(self, req: Request, h: NetRoot | UdpSocket) -> str:
-        if not isinstance(h, UdpSocket):
+        if h is self._root:
             return f"/scheme/{self.name}"
         return address_path(self.name, h.sock.getsockname() if h.bound else h.peer)
 
     async def close(self, h: NetRoot | UdpSocket) -> None:
-        if isinstance(h, UdpSocket):
+        if h is not self._root:
             h.sock.close()
 
 

@@ -51,6 +51,7 @@ from schemes.framework import (
     daemon_cli,
 )
 from wire import protocol as P
+from wire.stat import Stat
 
 STREAM_BUFFER = 256 * 1024  # bytes in flight one way before a writer waits
 BACKLOG = 128
@@ -117,6 +118,9 @@ def _label(buf: bytes) -> str:
     return _name(label)
 
 
+Handle = Scope | Listener | Connection
+
+
 class UdsScheme(Scheme):
     """Serves named stream connections between the holders of one scope."""
 
@@ -139,10 +143,8 @@ class UdsScheme(Scheme):
         if scope.refs <= 0 and scope.label is not None and self.named.get(scope.label) is scope:
             del self.named[scope.label]  # nobody can reach it: the name starts afresh
 
-    async def openat(self, req: Request, h, path: str, flags: int, mode: int) -> Opened:
+    async def openat(self, req: Request, h: Scope, path: str, flags: int, mode: int) -> Opened:
         """Listen on (O_CREAT) or connect to a name in the scope h; "." is h itself."""
-        if not isinstance(h, Scope):
-            raise SchemeError(errno.ENOTDIR, "only a scope opens names")
         if path.strip("/") in ("", ".") and not flags & os.O_CREAT:
             return self._on(h)
         name = _name(path)
@@ -165,7 +167,7 @@ class UdsScheme(Scheme):
         listener.changed.notify()
         return Opened(ours, fdflags=flags & os.O_ACCMODE)
 
-    async def dup(self, req: Request, h, buf: bytes) -> Opened:
+    async def dup(self, req: Request, h: Handle, buf: bytes) -> Opened:
         """b"accept" on a listener; b"scope", b"scope:NAME" (system scope only) or b"" on a scope."""
         if isinstance(h, Scope):
             if buf == b"":
@@ -190,14 +192,14 @@ class UdsScheme(Scheme):
             conn.closed = True
         return Opened(conn, fdflags=os.O_RDWR)
 
-    def _conn(self, h) -> Connection:
+    def _conn(self, h: Handle) -> Connection:
         if isinstance(h, Scope):
             raise SchemeError(errno.EBADF, "a scope is not a connection")
         if not isinstance(h, Connection):
             raise SchemeError(errno.ENOTCONN)
         return h
 
-    async def read(self, req: Request, h, n: int) -> bytes:
+    async def read(self, req: Request, h: Handle, n: int) -> bytes:
         conn = self._conn(h)
         if n < 0:
             raise SchemeError(errno.EINVAL)
@@ -210,7 +212,7 @@ class UdsScheme(Scheme):
         conn.wake_both()
         return chunk
 
-    async def write(self, req: Request, h, data: bytes) -> int:
+    async def write(self, req: Request, h: Handle, data: bytes) -> int:
         conn = self._conn(h)
         done = 0
         while done < len(data):
@@ -229,7 +231,7 @@ class UdsScheme(Scheme):
                 await conn.changed.wait()
         return done
 
-    async def shutdown(self, req: Request, h, how: int) -> None:
+    async def shutdown(self, req: Request, h: Handle, how: int) -> None:
         conn = self._conn(h)
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise SchemeError(errno.EINVAL)
@@ -239,7 +241,7 @@ class UdsScheme(Scheme):
             conn.read_shut = True
         conn.wake_both()
 
-    async def sendfd(self, req: Request, h) -> None:
+    async def sendfd(self, req: Request, h: Handle) -> None:
         """Queue the passed capability for the peer: never one of ours, at most MAX_QUEUED_FDS."""
         conn = self._conn(h)
         if len(req.passed) != 1:
@@ -255,7 +257,7 @@ class UdsScheme(Scheme):
         peer.fds.append(req.take_fd(0))
         conn.wake_both()
 
-    async def recvfd(self, req: Request, h) -> Reply:
+    async def recvfd(self, req: Request, h: Handle) -> Reply:
         conn = self._conn(h)
         while not conn.fds:
             if conn.eof():
@@ -263,24 +265,22 @@ class UdsScheme(Scheme):
             await conn.changed.wait()
         return Reply(None, [conn.fds.popleft()])
 
-    async def fstat(self, req: Request, h) -> dict:
+    async def fstat(self, req: Request, h: Handle) -> Stat:
         if isinstance(h, Scope):
-            return {"st_mode": stat.S_IFDIR | 0o755, "st_size": len(h.listeners), "st_nlink": 2}
+            return Stat(st_mode=stat.S_IFDIR | 0o755, st_size=len(h.listeners), st_nlink=2)
         size = len(h.inbox) if isinstance(h, Connection) else 0
-        return {"st_mode": stat.S_IFSOCK | 0o777, "st_size": size}
+        return Stat(st_mode=stat.S_IFSOCK | 0o777, st_size=size)
 
-    async def fpath(self, req: Request, h) -> str:
+    async def fpath(self, req: Request, h: Handle) -> str:
         # a scope is what /scheme/uds names in the namespace that holds it
         if isinstance(h, Scope):
             return f"/scheme/{self.name}"
         return f"/scheme/{self.name}/{h.name}"
 
-    async def getdents(self, req: Request, h, start: int) -> list[str]:
-        if not isinstance(h, Scope):
-            raise SchemeError(errno.ENOTDIR)
+    async def getdents(self, req: Request, h: Scope, start: int) -> list[str]:
         return P.page_of_names(sorted(h.listeners), start)
 
-    async def close(self, h) -> None:
+    async def close(self, h: Handle) -> None:
         if isinstance(h, Scope):
             self._release(h)
         elif isinstance(h, Listener):

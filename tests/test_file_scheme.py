@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from schemes.file import _O_LARGEFILE, FileHandle, FileScheme
-from schemes.framework import Caller, HandleRef, Opened, Request, SchemeError
+from schemes.framework import Caller, HandleRef, Opened, Request, SchemeError, invoke
 from wire import protocol as P
 
 RDONLY, WRONLY, RDWR = os.O_RDONLY, os.O_WRONLY, os.O_RDWR
@@ -40,7 +40,7 @@ class Client:
 
     async def call(self, name: str, h: FileHandle, *args, passed=()):
         req = Request(Caller(os.getpid(), 0, 0), 0, 0, list(passed))
-        return await getattr(self.scheme, name)(req, h, *args)
+        return await invoke(self.scheme, req, h, name, *args)
 
     def adopt(self, opened: Opened) -> FileHandle:
         assert isinstance(opened, Opened)
@@ -148,10 +148,10 @@ async def test_create_write_read_back_seek_truncate_stat(fs, host):
     assert await fs.call("read", f, 100) == b""
     await fs.call("ftruncate", f, 5)
     st = await fs.call("fstat", f)
-    assert st["st_size"] == 5 and stat.S_ISREG(st["st_mode"]) and stat.S_IMODE(st["st_mode"]) == 0o640
-    assert set(st) == {"st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+    assert st.st_size == 5 and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    assert set(vars(st)) == {"st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
                        "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks", "st_blksize"}
-    assert (st["st_dev"], st["st_ino"]) == (os.stat(root / "notes.txt").st_dev, os.stat(root / "notes.txt").st_ino)
+    assert (st.st_dev, st.st_ino) == (os.stat(root / "notes.txt").st_dev, os.stat(root / "notes.txt").st_ino)
     await fs.call("fsync", f)
     assert (root / "notes.txt").read_bytes() == b"hello"
 
@@ -231,10 +231,10 @@ async def test_o_path_handles_stat_but_do_not_read(fs, host):
     (root / "f").write_text("x")
     os.symlink("f", root / "link")
     p = await fs.open("f", PATH)
-    assert stat.S_ISREG((await fs.call("fstat", p))["st_mode"])
+    assert stat.S_ISREG((await fs.call("fstat", p)).st_mode)
     await raises(errno.EBADF, fs.call("read", p, 1))
     lp = await fs.open("link", PATH | NOFOLLOW)
-    assert stat.S_ISLNK((await fs.call("fstat", lp))["st_mode"])
+    assert stat.S_ISLNK((await fs.call("fstat", lp)).st_mode)
     d = await fs.open(".", PATH | DIRECTORY)
     await raises(errno.EBADF, fs.call("getdents", d, 0))
     await raises(errno.EINVAL, fs.call("openat", fs.root, "f", PATH | RDWR, 0))
@@ -334,7 +334,7 @@ async def test_dup_gives_a_new_offset_on_the_same_file(fs, host):
     assert await fs.listdir(d) == ["moved"]
     os.symlink("moved", root / "link")
     lp = await fs.open("link", PATH | NOFOLLOW)
-    assert stat.S_ISLNK((await fs.call("fstat", await fs.dup(lp)))["st_mode"])
+    assert stat.S_ISLNK((await fs.call("fstat", await fs.dup(lp))).st_mode)
     await raises(errno.EINVAL, fs.call("dup", f, b"x"))
 
 

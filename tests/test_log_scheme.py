@@ -10,7 +10,7 @@ import re
 import pytest
 import trio
 
-from schemes.framework import Caller, Request, SchemeError
+from schemes.framework import Caller, Request, SchemeError, invoke
 from schemes.log import (
     BURST,
     MAX_LINE,
@@ -33,7 +33,7 @@ def lines(out: io.StringIO) -> list[str]:
 
 
 async def open_log(s: LogScheme, tag: str = "app", pid: int = 4242):
-    return (await s.openat(req(pid), s.root(), tag, 0, 0)).obj
+    return (await invoke(s, req(pid), s.root(), "openat", tag, 0, 0)).obj
 
 
 @pytest.mark.parametrize(("raw", "shown"), [
@@ -59,8 +59,8 @@ async def test_control_characters_written_to_the_log_arrive_escaped():
     out = io.StringIO()
     s = LogScheme(out)
     h = await open_log(s)
-    await s.write(req(), h, b"\x1b[31mred\x1b[0m\r\n\x1b]0;pwned\x07 \\e\n")
-    await s.write(req(), h, b"partial\x1b")
+    await invoke(s, req(), h, "write", b"\x1b[31mred\x1b[0m\r\n\x1b]0;pwned\x07 \\e\n")
+    await invoke(s, req(), h, "write", b"partial\x1b")
     await s.close(h)
     assert lines(out) == [
         "log[4242] app: \\x1b[31mred\\x1b[0m\\x0d",
@@ -73,10 +73,10 @@ async def test_a_tag_may_hold_a_backslash_but_not_forge_an_escape():
     out = io.StringIO()
     s = LogScheme(out)
     h = await open_log(s, "a\\x1b")
-    await s.write(req(), h, b"x\n")
+    await invoke(s, req(), h, "write", b"x\n")
     assert lines(out) == ["log[4242] a\\\\x1b: x"]
     with pytest.raises(SchemeError) as exc:
-        await s.openat(req(), s.root(), "bad\x1btag", 0, 0)
+        await invoke(s, req(), s.root(), "openat", "bad\x1btag", 0, 0)
     assert exc.value.errno == errno.EINVAL
 
 
@@ -87,16 +87,16 @@ async def test_only_the_root_opens_tags():
     for handle in (h, untagged):
         for path in ("other", "", ".", "../other", "/other"):
             with pytest.raises(SchemeError) as exc:
-                await s.openat(req(), handle, path, 0, 0)
+                await invoke(s, req(), handle, "openat", path, 0, 0)
             assert exc.value.errno == errno.ENOTDIR
-    assert await s.fpath(req(), h) == "/scheme/log/mine"
-    assert await s.fpath(req(), untagged) == "/scheme/log"
+    assert await invoke(s, req(), h, "fpath") == "/scheme/log/mine"
+    assert await invoke(s, req(), untagged, "fpath") == "/scheme/log"
 
 
 async def test_the_root_itself_is_not_written_to():
     s = LogScheme(io.StringIO())
     with pytest.raises(SchemeError) as exc:
-        await s.write(req(), s.root(), b"x\n")
+        await invoke(s, req(), s.root(), "write", b"x\n")
     assert exc.value.errno == errno.EBADF
     await s.close(s.root())  # nothing to flush, no error
 
@@ -145,12 +145,12 @@ async def test_a_flood_is_cut_to_the_burst_and_counted_once_the_writer_may_log_a
     chunk = line * (128 * 1024 // len(line))
     total = 0
     while total < 10 * 1024 * 1024:
-        assert await s.write(req(), h, chunk) == len(chunk)  # lossy, never an error
+        assert await invoke(s, req(), h, "write", chunk) == len(chunk)  # lossy, never an error
         total += len(chunk)
     assert BURST - 200 < len(out.getvalue()) <= BURST
     assert notices(out) == []
     clock.now += 1.0
-    await s.write(req(), h, b"after\n")
+    await invoke(s, req(), h, "write", b"after\n")
     shown = lines(out)
     assert shown[-1] == "log[4242] app: after"
     [(n, m)] = notices(out)
@@ -162,7 +162,7 @@ async def test_a_writer_sustains_the_rate_and_no_more():
     s, out, clock = limited(rate=1000, burst=4000)
     h = await open_log(s)
     for _ in range(600):  # 60 s at 10 lines of 500 bytes per 0.1 s: far beyond the rate
-        await s.write(req(), h, (b"y" * 499 + b"\n") * 10)
+        await invoke(s, req(), h, "write", (b"y" * 499 + b"\n") * 10)
         clock.now += 0.1
     assert len(out.getvalue()) <= 4000 + 1000 * 60
     assert len(out.getvalue()) > 1000 * 60 * 0.9  # and it gets about what it may
@@ -173,14 +173,14 @@ async def test_a_writer_sustains_the_rate_and_no_more():
 async def test_empty_lines_are_charged_for_the_prefix_they_cost():
     s, out, _ = limited()
     h = await open_log(s, "t" * 64)
-    await s.write(req(), h, b"\n" * 100_000)
+    await invoke(s, req(), h, "write", b"\n" * 100_000)
     assert len(out.getvalue()) <= BURST
 
 
 async def test_escapes_are_charged_as_written():
     s, out, _ = limited()
     h = await open_log(s)
-    await s.write(req(), h, (b"\x1b" * 1000 + b"\n") * 100)  # each byte becomes four
+    await invoke(s, req(), h, "write", (b"\x1b" * 1000 + b"\n") * 100)  # each byte becomes four
     assert len(out.getvalue()) <= BURST
 
 
@@ -188,7 +188,7 @@ async def test_a_closing_handle_reports_what_its_writer_lost():
     s, out, clock = limited(rate=100, burst=1000)
     h = await open_log(s)
     line = b"z" * (1000 - len("log[4242] app: \n")) + b"\n"  # costs the whole burst
-    await s.write(req(), h, line * 3 + b"partial")
+    await invoke(s, req(), h, "write", line * 3 + b"partial")
     assert len(lines(out)) == 1
     await s.close(h)
     notice = "log[4242]: (dropped 3 lines, 1977 bytes)"
@@ -199,10 +199,10 @@ async def test_a_closing_handle_reports_what_its_writer_lost():
 async def test_reopening_to_get_notices_logs_no_more_than_the_rate():
     s, out, clock = limited()
     h = await open_log(s)
-    await s.write(req(), h, b"w" * 100 + b"\n" * 2000)  # spend the whole burst
+    await invoke(s, req(), h, "write", b"w" * 100 + b"\n" * 2000)  # spend the whole burst
     for _ in range(2000):
         h = await open_log(s)
-        await s.write(req(), h, b"x\n")
+        await invoke(s, req(), h, "write", b"x\n")
         await s.close(h)
     assert len(out.getvalue()) <= BURST + RATE * clock.now + 100
 
@@ -210,8 +210,8 @@ async def test_reopening_to_get_notices_logs_no_more_than_the_rate():
 async def test_the_notice_waits_only_so_long_when_the_rate_is_tiny():
     s, out, clock = limited(rate=1, burst=100)
     h = await open_log(s)
-    await s.write(req(), h, b"a" * 200 + b"\n")  # longer than the burst: it may go into debt
-    await s.write(req(), h, b"a" * 200 + b"\n")
+    await invoke(s, req(), h, "write", b"a" * 200 + b"\n")  # longer than the burst: it may go into debt
+    await invoke(s, req(), h, "write", b"a" * 200 + b"\n")
     await s.close(h)
     assert clock.slept == [NOTICE_WAIT_MAX] and notices(out) == [(1, 201)]
 
@@ -219,9 +219,9 @@ async def test_the_notice_waits_only_so_long_when_the_rate_is_tiny():
 async def test_two_handles_closing_at_once_report_the_drops_once():
     s, out, _ = limited(rate=10, burst=100)
     a, b = await open_log(s), await open_log(s)
-    await s.write(req(), a, b"a" * 100 + b"\n")  # spends the whole burst
-    await s.write(req(), a, b"a" * 200 + b"\n")
-    await s.write(req(), b, b"b" * 200 + b"\n")
+    await invoke(s, req(), a, "write", b"a" * 100 + b"\n")  # spends the whole burst
+    await invoke(s, req(), a, "write", b"a" * 200 + b"\n")
+    await invoke(s, req(), b, "write", b"b" * 200 + b"\n")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(s.close, a)
         nursery.start_soon(s.close, b)
@@ -231,8 +231,8 @@ async def test_two_handles_closing_at_once_report_the_drops_once():
 async def test_each_writer_pid_has_its_own_budget():
     s, out, _ = limited()
     h = await open_log(s)
-    await s.write(req(1), h, b"1" * 1000 + b"\n" * 1000)
-    await s.write(req(2), h, b"second writer\n")
+    await invoke(s, req(1), h, "write", b"1" * 1000 + b"\n" * 1000)
+    await invoke(s, req(2), h, "write", b"second writer\n")
     assert "log[2] app: second writer" in lines(out)
 
 
@@ -240,10 +240,10 @@ async def test_partial_lines_stay_bounded_per_handle():
     s, out, _ = limited(burst=10**9)
     h = await open_log(s)
     for _ in range(100):
-        await s.write(req(), h, b"p" * 1000)
+        await invoke(s, req(), h, "write", b"p" * 1000)
         assert len(h.pending) <= MAX_LINE
     # A line of exactly MAX_LINE bytes is one line, not a split and an empty one.
-    await s.write(req(), h, b"q" * (MAX_LINE - len(h.pending)) + b"\nnext\n")
+    await invoke(s, req(), h, "write", b"q" * (MAX_LINE - len(h.pending)) + b"\nnext\n")
     shown = [x.removeprefix("log[4242] app: ") for x in lines(out)]
     assert shown[-1] == "next"
     assert [len(x) for x in shown[:-1]] == [MAX_LINE] * (100_000 // MAX_LINE + 1)
@@ -254,17 +254,17 @@ async def test_the_buckets_kept_are_bounded_and_idle_ones_are_forgotten():
     s, out, clock = limited()
     h = await open_log(s)
     for pid in range(1, MAX_WRITERS + 1):
-        await s.write(req(pid), h, b"hello\n")
+        await invoke(s, req(pid), h, "write", b"hello\n")
     assert len(s.buckets) == MAX_WRITERS
     # Every bucket spent a little and none is idle yet: newcomers share one.
     for pid in range(MAX_WRITERS + 1, MAX_WRITERS + 200):
-        await s.write(req(pid), h, b"x" * 1000 + b"\n" * 1000)
+        await invoke(s, req(pid), h, "write", b"x" * 1000 + b"\n" * 1000)
     assert len(s.buckets) == MAX_WRITERS and s.overflow is not None
     overflow = [x for x in lines(out) if x.startswith(f"log[{MAX_WRITERS + 1}")]
     assert len(out.getvalue()) <= MAX_WRITERS * 50 + BURST
     assert overflow
     clock.now += 10.0  # every bucket is full again
-    await s.write(req(99999), h, b"newcomer\n")
+    await invoke(s, req(99999), h, "write", b"newcomer\n")
     assert len(s.buckets) == MAX_WRITERS and 1 not in s.buckets and 99999 in s.buckets
     assert lines(out)[-1] == "log[99999] app: newcomer"
 

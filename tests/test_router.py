@@ -22,6 +22,7 @@ import pytest
 from kernel import accounts
 from rt._call import call, call_fd
 from wire import protocol as P
+from wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
 
 
 class FakeScheme:
@@ -47,13 +48,12 @@ class FakeScheme:
             if not data:
                 self._frames.put(None)
                 return
-            req_id, handle, pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
-            if op == P.SCHEME_STATUS:
-                self.reply(req_id, P.OK, P.pack({"handles": 0, "requests": 0}))
+            request = SchemeRequest.decode(data)
+            if request.op == P.SCHEME_STATUS:
+                self.answer(SchemeReply.of(request.req_id, P.OK, {"handles": 0, "requests": 0}))
                 continue
-            refs = [P.REF.unpack_from(data, P.SREQUEST.size + 8 * i)[0] for i in range(nrefs)]
-            args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
-            self._frames.put((req_id, handle, pid, op, [args, refs], fds))
+            self._frames.put((request.req_id, request.handle, request.pid, request.op,
+                              [request.args(), list(request.refs)], fds))
 
     def receive(self) -> tuple[int, int, int, int, list, list[int]]:
         """The next request the router forwarded (fails after a generous timeout)."""
@@ -62,8 +62,12 @@ class FakeScheme:
             raise EOFError("the scheme channel was shut down")
         return frame
 
-    def reply(self, req_id: int, status: int, raw: bytes, fds=()) -> None:
-        self.sock.sendmsg([P.SREPLY.pack(req_id, status) + raw], P.fds_ancillary(list(fds)))
+    def answer(self, reply: SchemeReply, fds=()) -> None:
+        self.send_raw(reply.encode(), fds)
+
+    def send_raw(self, frame: bytes, fds=()) -> None:
+        """A frame as it is, however malformed."""
+        self.sock.sendmsg([frame], P.fds_ancillary(list(fds)))
 
     def die(self) -> None:
         """The daemon exits: the router sees EOF on the channel."""
@@ -102,32 +106,32 @@ def receive(fd: int) -> tuple[tuple, list[int]]:
     with socket.socket(fileno=os.dup(fd)) as s:
         s.settimeout(10)
         data, anc, _, _ = s.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
-    return P.decode_reply(data), P.parse_ancillary(anc)[0]
+    return decode_reply(data), P.parse_ancillary(anc)[0]
 
 
 def test_a_request_reaches_the_scheme_with_handle_and_verified_pid(kernel):
     _, scheme, root = create_scheme(kernel)
-    send(root, P.encode_request(P.READ, 42, [10]))
+    send(root, encode_request(P.READ, 42, [10]))
     req_id, handle, pid, op, (args, refs), _ = scheme.receive()
     assert (handle, pid, op, args, refs) == (P.ROOT_HANDLE, os.getpid(), P.READ, [10], [])
-    scheme.reply(req_id, P.OK, P.pack(b"0123456789"))
+    scheme.answer(SchemeReply.of(req_id, P.OK, b"0123456789"))
     assert receive(root) == ((42, P.OK, b"0123456789"), [])
 
 
 def test_a_new_handle_becomes_a_capability_and_its_last_close_reaches_the_scheme(kernel):
     _, scheme, root = create_scheme(kernel)
-    send(root, P.encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(7, os.O_RDWR) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 7, os.O_RDWR))
     (tag, status, _), (cap,) = receive(root)
     assert (tag, status) == (1, P.OK)
     assert call(cap, P.GETFL)[0] == os.O_RDWR  # answered by the router itself
     clone = call_fd(cap, P.CLONE)
     os.close(cap)
-    send(clone, P.encode_request(P.READ, 2, [1]))
+    send(clone, encode_request(P.READ, 2, [1]))
     req_id, handle, *_ = scheme.receive()
     assert handle == 7  # the clone names the same handle
-    scheme.reply(req_id, P.OK, P.pack(b"x"))
+    scheme.answer(SchemeReply.of(req_id, P.OK, b"x"))
     receive(clone)
     os.close(clone)
     _, handle, _, op, _, _ = scheme.receive()
@@ -137,41 +141,41 @@ def test_a_new_handle_becomes_a_capability_and_its_last_close_reaches_the_scheme
 def test_a_passed_capability_of_the_same_scheme_is_named_by_its_handle(kernel):
     _, scheme, root = create_scheme(kernel)
     _, other, other_root = create_scheme(kernel)  # alive while this test runs
-    send(root, P.encode_request(P.RENAMEAT, 3, ["a", "b"]), [root, other_root])
+    send(root, encode_request(P.RENAMEAT, 3, ["a", "b"]), [root, other_root])
     req_id, _, _, op, (args, refs), fds = scheme.receive()
     assert (op, args) == (P.RENAMEAT, ["a", "b"])
     assert refs == [P.ROOT_HANDLE, P.NO_REF] and len(fds) == 2
     assert other.sock.fileno() >= 0
     for fd in fds:
         os.close(fd)
-    scheme.reply(req_id, P.OK, P.pack(None))
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
     receive(root)
 
 
 def test_malformed_replies_from_a_scheme_fail_the_request_not_the_router(kernel):
     _, scheme, root = create_scheme(kernel)
-    send(root, P.encode_request(P.OPENAT, 5, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 5, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, b"\x01")  # no room for a handle number
+    scheme.send_raw(SREPLY.pack(req_id, P.NEW_HANDLE) + b"\x01")  # no room for a handle number
     assert receive(root) == ((5, P.ERR, errno.EIO), [])
-    scheme.reply(999, P.OK, P.pack("nobody asked"))  # dropped
+    scheme.answer(SchemeReply.of(999, P.OK, "nobody asked"))  # dropped
     scheme.sock.send(b"\x00")  # shorter than a header: dropped
-    send(root, P.encode_request(P.READ, 6, [1]))
+    send(root, encode_request(P.READ, 6, [1]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.OK, P.pack(b"still here"))
+    scheme.answer(SchemeReply.of(req_id, P.OK, b"still here"))
     assert receive(root) == ((6, P.OK, b"still here"), [])
 
 
 def test_when_a_scheme_dies_requests_fail_and_a_restart_keeps_the_root(kernel):
     scheme_id, scheme, root = create_scheme(kernel)
-    send(root, P.encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(3, 0) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 3, 0))
     _, (cap,) = receive(root)
     with pytest.raises(OSError) as info:
         call(kernel, P.SCHEME_RESTART, [scheme_id])
     assert info.value.errno == errno.EBUSY  # it is alive
-    send(cap, P.encode_request(P.READ, 9, [1]))
+    send(cap, encode_request(P.READ, 9, [1]))
     scheme.receive()
     scheme.die()  # the daemon dies with a request pending
     assert receive(cap) == ((9, P.ERR, errno.EIO), [])
@@ -180,10 +184,10 @@ def test_when_a_scheme_dies_requests_fail_and_a_restart_keeps_the_root(kernel):
     with pytest.raises(OSError) as info:
         call(cap, P.READ, [1])  # a handle of the dead daemon
     assert info.value.errno == errno.EIO
-    send(root, P.encode_request(P.READ, 10, [1]))  # the root survives
+    send(root, encode_request(P.READ, 10, [1]))  # the root survives
     req_id, handle, *_ = reborn.receive()
     assert handle == P.ROOT_HANDLE
-    reborn.reply(req_id, P.OK, P.pack(b"r"))
+    reborn.answer(SchemeReply.of(req_id, P.OK, b"r"))
     assert receive(root) == ((10, P.OK, b"r"), [])
     os.close(cap)
 
@@ -221,7 +225,7 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
             (sock_dev, os.fstat(b.fileno()).st_ino): cap,
         })
         refs = Router._identify(router, scheme, [fd, b.fileno()])
-        assert [P.REF.unpack(r)[0] for r in refs] == [P.NO_REF, 42]
+        assert refs == (P.NO_REF, 42)
     finally:
         os.close(fd)
         a.close()
@@ -257,7 +261,7 @@ def answer_everything(scheme: FakeScheme) -> threading.Thread:
                 return
             P.close_fds(fds)
             if op != P.CLOSE:
-                scheme.reply(req_id, P.OK, P.pack(b"x" * args[0]))
+                scheme.answer(SchemeReply.of(req_id, P.OK, b"x" * args[0]))
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -275,14 +279,14 @@ def test_a_client_that_never_reads_its_replies_does_not_delay_another(kernel):
         with socket.socket(fileno=os.dup(flooder)) as s:
             s.settimeout(60)  # blocks while the router does not read it
             for tag in range(flood):
-                s.send(P.encode_request(P.READ, tag, [60_000 if tag < 8 else 1]))
+                s.send(encode_request(P.READ, tag, [60_000 if tag < 8 else 1]))
 
     flooding = threading.Thread(target=send_flood, daemon=True)
     flooding.start()
     # its big replies fill its socket: the router queues the rest and reads no more from it
     wait_until(lambda: status(kernel)["accounts"][str(account)]["queued_bytes"] > 0)
     for tag in range(20):
-        send(victim, P.encode_request(P.READ, tag, [60_000]))
+        send(victim, encode_request(P.READ, tag, [60_000]))
         (got_tag, status_, value), _ = receive(victim)  # within receive's timeout
         assert (got_tag, status_, len(value)) == (tag, P.OK, 60_000)
     assert flooding.is_alive()  # its own sends block: it slows only itself
@@ -300,10 +304,10 @@ def test_a_client_that_never_reads_its_replies_does_not_delay_another(kernel):
 def test_replies_queued_for_a_slow_reader_keep_their_order(kernel):
     _, scheme, root = create_scheme(kernel)
     for tag in range(12):
-        send(root, P.encode_request(P.READ, tag, [100_000]))
+        send(root, encode_request(P.READ, tag, [100_000]))
     for _ in range(12):  # all answered before the client reads any: most of them queue
         req_id, *_ = scheme.receive()
-        scheme.reply(req_id, P.OK, P.pack(b"y" * 100_000))
+        scheme.answer(SchemeReply.of(req_id, P.OK, b"y" * 100_000))
     assert [receive(root)[0][0] for _ in range(12)] == list(range(12))
 
 
@@ -316,18 +320,18 @@ def test_a_capability_has_at_most_its_bound_of_requests_in_flight(kernel):
     _, (flooder,) = new_account(kernel, [root])
     bound = accounts.MAX_INFLIGHT_PER_CAP
     for tag in range(bound + 40):
-        send(flooder, P.encode_request(P.READ, tag, [1]))
+        send(flooder, encode_request(P.READ, tag, [1]))
     waiting = [scheme.receive() for _ in range(bound)]
     assert {req[4][0][0] for req in waiting} == {1}
-    send(root, P.encode_request(P.READ, 999, [2]))  # another capability is still served
+    send(root, encode_request(P.READ, 999, [2]))  # another capability is still served
     req_id, _, _, _, (args, _), _ = scheme.receive()
     assert args == [2]  # the flooder's next request was not forwarded: it is at its bound
-    scheme.reply(req_id, P.OK, P.pack(b"r"))
+    scheme.answer(SchemeReply.of(req_id, P.OK, b"r"))
     assert receive(root)[0] == (999, P.OK, b"r")
     answered = 0
     while waiting:  # one answer lets exactly one more request through
         req_id, *_ = waiting.pop(0)
-        scheme.reply(req_id, P.OK, P.pack(b"f"))
+        scheme.answer(SchemeReply.of(req_id, P.OK, b"f"))
         answered += 1
         if answered <= 40:
             waiting.append(scheme.receive())
@@ -341,17 +345,17 @@ def test_an_account_has_at_most_its_bound_of_requests_in_flight(kernel):
     _, (a, b) = new_account(kernel, [root, root], max_inflight=5)
     for fd in (a, b):
         for tag in range(4):
-            send(fd, P.encode_request(P.READ, tag, [1]))
+            send(fd, encode_request(P.READ, tag, [1]))
     waiting = [scheme.receive() for _ in range(5)]
-    send(root, P.encode_request(P.READ, 9, [2]))
+    send(root, encode_request(P.READ, 9, [2]))
     req_id, _, _, _, (args, _), _ = scheme.receive()
     assert args == [2]  # no sixth request of the account got through
-    scheme.reply(req_id, P.OK, P.pack(None))
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
     receive(root)
     for req_id, *_ in waiting:
-        scheme.reply(req_id, P.OK, P.pack(None))
+        scheme.answer(SchemeReply.of(req_id, P.OK, None))
     for req_id, *_ in [scheme.receive() for _ in range(3)]:
-        scheme.reply(req_id, P.OK, P.pack(None))
+        scheme.answer(SchemeReply.of(req_id, P.OK, None))
     assert len([receive(a) for _ in range(4)] + [receive(b) for _ in range(4)]) == 8
     os.close(a)
     os.close(b)
@@ -359,20 +363,20 @@ def test_an_account_has_at_most_its_bound_of_requests_in_flight(kernel):
 
 def test_a_parked_capability_whose_holder_leaves_is_closed_at_the_scheme(kernel):
     _, scheme, root = create_scheme(kernel)
-    send(root, P.encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(5, 0) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 5, 0))
     _, (opened,) = receive(root)
     account, (cap,) = new_account(kernel, [opened], max_inflight_per_cap=2)
     os.close(opened)
     for tag in range(5):
-        send(cap, P.encode_request(P.READ, tag, [1]))
+        send(cap, encode_request(P.READ, tag, [1]))
     waiting = [scheme.receive() for _ in range(2)]
     os.close(cap)  # the router is not reading it (at its bound), yet it notices
     _, handle, _, op, _, _ = scheme.receive()
     assert (handle, op) == (5, P.CLOSE)
     for req_id, *_ in waiting:
-        scheme.reply(req_id, P.ERR, P.pack(errno.EBADF))
+        scheme.answer(SchemeReply.of(req_id, P.ERR, errno.EBADF))
     wait_until(lambda: str(account) not in status(kernel)["accounts"])
 
 
@@ -389,27 +393,27 @@ def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
     call_fd(root, P.CLONE).__index__()  # the system account has no quota
     # a capability a scheme opens for the account counts: it is EMFILE, and the scheme
     # is told to close the handle nobody got
-    send(cap, P.encode_request(P.OPENAT, 7, ["x", 0, 0]))
+    send(cap, encode_request(P.OPENAT, 7, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(11, 0) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 11, 0))
     assert receive(cap) == ((7, P.ERR, errno.EMFILE), [])
     _, handle, _, op, _, _ = scheme.receive()
     assert (handle, op) == (11, P.CLOSE)
     # so does one relayed in a reply; the fds of a refused reply are closed
     r, w = os.pipe()
     system_cap = call_fd(root, P.CLONE)
-    send(cap, P.encode_request(P.RECVFD, 8, []))
+    send(cap, encode_request(P.RECVFD, 8, []))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.OK, P.pack(None), [system_cap, w])
+    scheme.answer(SchemeReply.of(req_id, P.OK, None), [system_cap, w])
     os.close(w)
     assert receive(cap) == ((8, P.ERR, errno.EMFILE), [])
     assert os.read(r, 1) == b""  # the router closed the write end it was handed
     os.close(r)
     os.close(clones.pop())  # closing one frees quota
     wait_until(lambda: account_caps(kernel, account) == 2)
-    send(cap, P.encode_request(P.RECVFD, 9, []))
+    send(cap, encode_request(P.RECVFD, 9, []))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.OK, P.pack(None), [system_cap])
+    scheme.answer(SchemeReply.of(req_id, P.OK, None), [system_cap])
     (_, status_, _), (moved,) = receive(cap)
     assert status_ == P.OK and account_caps(kernel, account) == 3  # it moved to the account
     os.close(system_cap)
@@ -427,13 +431,13 @@ def test_fds_queued_for_a_client_that_does_not_read_count_against_its_quota(kern
     _, scheme, root = create_scheme(kernel)
     account, (cap,) = new_account(kernel, [root], max_caps=4)
     for tag in range(6):
-        send(cap, P.encode_request(P.READ, tag, [1]))
+        send(cap, encode_request(P.READ, tag, [1]))
     requests = [scheme.receive()[0] for _ in range(6)]
     for req_id in requests[:4]:  # more than its socket holds: the rest waits in the outbox
-        scheme.reply(req_id, P.OK, P.pack(b"z" * 100_000))
+        scheme.answer(SchemeReply.of(req_id, P.OK, b"z" * 100_000))
     r, w = os.pipe()
-    scheme.reply(requests[4], P.OK, P.pack(None), [w, w, w])  # 1 cap + 3 fds: fits
-    scheme.reply(requests[5], P.OK, P.pack(None), [w, w, w, w])  # would be 8: refused
+    scheme.answer(SchemeReply.of(requests[4], P.OK, None), [w, w, w])  # 1 cap + 3 fds: fits
+    scheme.answer(SchemeReply.of(requests[5], P.OK, None), [w, w, w, w])  # would be 8: refused
     os.close(w)
     wait_until(lambda: status(kernel)["accounts"][str(account)]["held_fds"] == 3)
     for tag in range(4):
@@ -521,19 +525,19 @@ def test_a_router_out_of_fds_answers_emfile_and_recovers(starved_kernel):
         call(root, P.CLONE)
     assert info.value.errno == errno.EMFILE
     # a new handle that cannot become a capability: EMFILE for the client, CLOSE for the scheme
-    send(root, P.encode_request(P.OPENAT, 3, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 3, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(4, 0) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 4, 0))
     assert receive(root) == ((3, P.ERR, errno.EMFILE), [])
     _, handle, _, op, _, _ = scheme.receive()
     assert (handle, op) == (4, P.CLOSE)
     # fds the router cannot take, on a request and on a reply: EMFILE, the rest closed
     r, w = os.pipe()
-    send(root, P.encode_request(P.SENDFD, 5, []), [w, w, w])
+    send(root, encode_request(P.SENDFD, 5, []), [w, w, w])
     assert receive(root) == ((5, P.ERR, errno.EMFILE), [])
-    send(root, P.encode_request(P.RECVFD, 6, []))
+    send(root, encode_request(P.RECVFD, 6, []))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.OK, P.pack(None), [w, w, w])
+    scheme.answer(SchemeReply.of(req_id, P.OK, None), [w, w, w])
     assert receive(root) == ((6, P.ERR, errno.EMFILE), [])
     os.close(w)
     assert os.read(r, 1) == b""  # no copy of the write end is left in the router
@@ -543,9 +547,9 @@ def test_a_router_out_of_fds_answers_emfile_and_recovers(starved_kernel):
         os.close(fd)
     wait_until(lambda: status(kernel)["schemes"]["1"]["capabilities"] == len(clones) - 3)
     clones = clones[4:] + [call_fd(root, P.CLONE)]
-    send(root, P.encode_request(P.OPENAT, 7, ["x", 0, 0]))
+    send(root, encode_request(P.OPENAT, 7, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.reply(req_id, P.NEW_HANDLE, P.NEW_HANDLE_HDR.pack(8, 0) + P.pack(None))
+    scheme.answer(SchemeReply.new_handle(req_id, 8, 0))
     (tag, status_, _), (opened,) = receive(root)
     assert (tag, status_) == (7, P.OK)
     P.close_fds([opened, *clones])

@@ -1,20 +1,8 @@
-"""The wire protocol: frame layouts, operation numbers and the frame codec.
+"""The wire protocol's constants and its value codec; every process imports it.
 
-This is the one leaf module every process imports (it imports nothing of the
-project). docs/protocol.md describes the same thing in prose; keep them equal.
-
-Four frame kinds cross AF_UNIX SOCK_SEQPACKET sockets. Each starts with a
-fixed binary header so that the kernel router can route it without decoding
-the msgpack body, which it never touches:
-
-    client -> router   REQUEST   <BI   op, tag                 + body
-    router -> client   REPLY     <IB   tag, status             + body
-    router -> scheme   SREQUEST  <QQiIIBB req_id, handle, pid, uid, gid, op, nrefs
-                                  + nrefs * <Q (for each fd relayed with the request:
-                                    its handle number if it is a capability of this
-                                    same scheme, else NO_REF) + body
-    scheme -> router   SREPLY    <QB   req_id, status          + body
-                                  (status NEW_HANDLE: + <QI handle, fdflags before body)
+It imports nothing of the project but the operation table (wire/ops.py).
+Frames (their headers and how they are built and split) are wire/frames.py;
+docs/protocol.md describes both in prose.
 
 A body is a msgpack array of arguments (requests) or one msgpack value
 (replies; an errno int when status is ERR). Capabilities travel as fds in
@@ -31,14 +19,39 @@ from typing import Any
 
 import msgpack
 
-# -- frame headers -----------------------------------------------------------
+from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
+    DUP,
+    FPATH,
+    FSTAT,
+    FSYNC,
+    FTRUNCATE,
+    GETDENTS,
+    LINKAT,
+    LSEEK,
+    MKDIRAT,
+    NS_LIST,
+    NS_MKNS,
+    NS_NARROW,
+    NS_PERMS,
+    NS_REGISTER,
+    NS_SCHEME_CREATE,
+    NS_UNREGISTER,
+    OPENAT,
+    OPERATIONS,
+    READ,
+    READLINKAT,
+    RECVFD,
+    RECVFROM,
+    RENAMEAT,
+    SENDFD,
+    SENDTO,
+    SHUTDOWN,
+    SYMLINKAT,
+    UNLINKAT,
+    WRITE,
+)
 
-REQUEST = struct.Struct("<BI")
-REPLY = struct.Struct("<IB")
-SREQUEST = struct.Struct("<QQiIIBB")
-SREPLY = struct.Struct("<QB")
-NEW_HANDLE_HDR = struct.Struct("<QI")
-REF = struct.Struct("<Q")
+# -- frames ---------------------------------------------------------------------
 
 NO_REF = 0xFFFF_FFFF_FFFF_FFFF  # in an SREQUEST ref slot: "not one of your capabilities"
 ROOT_HANDLE = 0  # every scheme's handle 0 is its root; it survives scheme restarts
@@ -61,72 +74,12 @@ ACCOUNT_NEW = 11  # kernel capability: clones of the passed capabilities in a fr
 SCHEME_STATUS = 14  # router -> scheme: how many handles are open (internal)
 CLOSE = 15  # router -> scheme: the last capability for a handle is gone (no reply)
 
-OPENAT = 16
-READ = 17
-WRITE = 18
-LSEEK = 19
-FSTAT = 20
-FTRUNCATE = 21
-FSYNC = 22
-GETDENTS = 23
-FPATH = 24
-MKDIRAT = 25
-UNLINKAT = 26
-RENAMEAT = 27
-SYMLINKAT = 28
-READLINKAT = 29
-DUP = 30
-LINKAT = 31
-SHUTDOWN = 32
-SENDFD = 33
-RECVFD = 34
-RECVFROM = 35
-SENDTO = 36
-NS_LIST = 40
-NS_MKNS = 41
-NS_NARROW = 42
-NS_REGISTER = 43
-NS_UNREGISTER = 44
-NS_PERMS = 45
-NS_SCHEME_CREATE = 46
+FIRST_SCHEME_OP = 16  # 1..15 are answered by the router itself
 
-FIRST_SCHEME_OP = 16
-
-_INT = (int,)
-_STR = (str,)
-_BYTES = (bytes,)
-
-# op -> (method name, argument types); the scheme framework checks every
-# request against this before calling the method.
+# op -> (method name, argument types): what the scheme framework checks every
+# request against before calling the method (derived from wire/ops.py).
 SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
-    OPENAT: ("openat", (_STR, _INT, _INT)),
-    READ: ("read", (_INT,)),
-    WRITE: ("write", (_BYTES,)),
-    LSEEK: ("lseek", (_INT, _INT)),
-    FSTAT: ("fstat", ()),
-    FTRUNCATE: ("ftruncate", (_INT,)),
-    FSYNC: ("fsync", ()),
-    GETDENTS: ("getdents", (_INT,)),
-    FPATH: ("fpath", ()),
-    MKDIRAT: ("mkdirat", (_STR, _INT)),
-    UNLINKAT: ("unlinkat", (_STR, _INT)),
-    RENAMEAT: ("renameat", (_STR, _STR)),
-    SYMLINKAT: ("symlinkat", (_STR, _STR)),
-    READLINKAT: ("readlinkat", (_STR,)),
-    LINKAT: ("linkat", (_STR, _STR)),
-    DUP: ("dup", (_BYTES,)),
-    SHUTDOWN: ("shutdown", (_INT,)),
-    SENDFD: ("sendfd", ()),
-    RECVFD: ("recvfd", ()),
-    RECVFROM: ("recvfrom", (_INT,)),
-    SENDTO: ("sendto", (_BYTES, _STR, _INT)),
-    NS_LIST: ("ns_list", ()),
-    NS_MKNS: ("ns_mkns", ((list, type(None)), (int, type(None)))),
-    NS_NARROW: ("ns_narrow", (_INT,)),
-    NS_REGISTER: ("ns_register", (_STR,)),
-    NS_UNREGISTER: ("ns_unregister", (_STR,)),
-    NS_PERMS: ("ns_perms", ()),
-    NS_SCHEME_CREATE: ("ns_scheme_create", (_STR,)),
+    op.number: (op.name, op.types) for op in OPERATIONS
 }
 
 # -- flags ---------------------------------------------------------------------
@@ -193,24 +146,6 @@ def unpack(data: bytes | memoryview) -> Any:
         raise ProtocolError(str(exc)) from None
 
 
-def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...]) -> bytes:
-    """A client request frame."""
-    return REQUEST.pack(op, tag) + pack(list(args))
-
-
-def encode_reply(tag: int, status: int, value: Any) -> bytes:
-    """A reply frame as the router sends it to a client."""
-    return REPLY.pack(tag, status) + pack(value)
-
-
-def decode_reply(data: bytes) -> tuple[int, int, Any]:
-    """Split a reply frame into (tag, status, value)."""
-    if len(data) < REPLY.size:
-        raise ProtocolError("short reply")
-    tag, status = REPLY.unpack_from(data)
-    return tag, status, unpack(memoryview(data)[REPLY.size :])
-
-
 def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], tuple[int, int, int] | None]:
     """Extract (fds, (pid, uid, gid) or None) from recvmsg ancillary data."""
     fds: list[int] = []
@@ -259,3 +194,16 @@ def valid_scheme_name(name: object) -> bool:
         and name.isascii()
         and not any(c in name for c in "\0/:")
     )
+
+
+_FRAMES = frozenset({"REQUEST", "REPLY", "SREQUEST", "SREPLY", "NEW_HANDLE_HDR", "REF",
+                     "encode_request", "encode_reply", "decode_reply"})
+
+
+def __getattr__(name: str) -> Any:
+    """The frame headers and helpers, which live in wire.frames (for old imports)."""
+    if name in _FRAMES:
+        from wire import frames
+
+        return getattr(frames, name)
+    raise AttributeError(f"module 'wire.protocol' has no attribute {name!r}")

@@ -1,0 +1,203 @@
+"""The four frame kinds, each a small frozen dataclass that encodes and decodes itself.
+
+Sans I/O: nothing here touches a socket. Every frame starts with a fixed
+binary header, so that the kernel router can route it without decoding the
+msgpack body, which it never touches (a frame's `body` stays raw bytes until
+someone who is allowed to read it calls `value()`/`args()`):
+
+    client -> router   Request        <BI       op, tag                      + body
+    router -> client   Reply          <IB       tag, status                  + body
+    router -> scheme   SchemeRequest  <QQiIIBB  req_id, handle, pid, uid, gid, op, nrefs
+                                      + nrefs x <Q (for each fd relayed with the request:
+                                        its handle number if it is a capability of this
+                                        same scheme, else NO_REF)                + body
+    scheme -> router   SchemeReply    <QB       req_id, status               + body
+                                      (status NEW_HANDLE: + <QI handle, fdflags before body)
+
+All integers are little-endian. Capabilities travel as fds in SCM_RIGHTS
+ancillary data next to the frame, never inside it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from wire.protocol import NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+
+REQUEST = struct.Struct("<BI")
+REPLY = struct.Struct("<IB")
+SREQUEST = struct.Struct("<QQiIIBB")
+SREPLY = struct.Struct("<QB")
+NEW_HANDLE_HDR = struct.Struct("<QI")
+REF = struct.Struct("<Q")
+
+Body = bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A client's request on one capability: op, the tag the reply echoes, the arguments."""
+
+    op: int
+    tag: int
+    body: Body
+
+    @classmethod
+    def of(cls, op: int, tag: int, args: list | tuple = ()) -> Request:
+        return cls(op, tag, pack(list(args)))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        """Split a frame; ProtocolError if it is shorter than its header."""
+        if len(data) < REQUEST.size:
+            raise ProtocolError("short request")
+        op, tag = REQUEST.unpack_from(data)
+        return cls(op, tag, memoryview(data)[REQUEST.size :])
+
+    def encode(self) -> bytes:
+        return REQUEST.pack(self.op, self.tag) + bytes(self.body)
+
+    def args(self) -> Any:
+        """The decoded arguments (ProtocolError for a malformed body)."""
+        return unpack(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The router's answer to a client: the request's tag, a status, one value."""
+
+    tag: int
+    status: int
+    body: Body
+
+    @classmethod
+    def of(cls, tag: int, status: int, value: Any) -> Reply:
+        return cls(tag, status, pack(value))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        if len(data) < REPLY.size:
+            raise ProtocolError("short reply")
+        tag, status = REPLY.unpack_from(data)
+        return cls(tag, status, memoryview(data)[REPLY.size :])
+
+    @staticmethod
+    def tag_of(data: bytes) -> int | None:
+        """The tag of a reply frame without decoding the rest (None if too short)."""
+        return REPLY.unpack_from(data)[0] if len(data) >= REPLY.size else None
+
+    def encode(self) -> bytes:
+        return REPLY.pack(self.tag, self.status) + bytes(self.body)
+
+    def value(self) -> Any:
+        return unpack(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemeRequest:
+    """A request as the router forwards it to a scheme.
+
+    Attributes:
+        req_id: the router's id for it; the reply carries it back.
+        handle: the handle the capability names.
+        pid, uid, gid: the sender, as Linux told the router (SO_PASSCRED).
+        op: the operation.
+        refs: for each fd relayed with it, the handle it is in this scheme, or NO_REF.
+        body: the arguments, undecoded.
+    """
+
+    req_id: int
+    handle: int
+    pid: int
+    uid: int
+    gid: int
+    op: int
+    refs: tuple[int, ...]
+    body: Body
+
+    @classmethod
+    def decode(cls, data: bytes) -> SchemeRequest:
+        if len(data) < SREQUEST.size:
+            raise ProtocolError("short scheme request")
+        req_id, handle, pid, uid, gid, op, nrefs = SREQUEST.unpack_from(data)
+        end = SREQUEST.size + REF.size * nrefs
+        if len(data) < end:
+            raise ProtocolError("scheme request shorter than its references")
+        refs = tuple(REF.unpack_from(data, SREQUEST.size + REF.size * i)[0] for i in range(nrefs))
+        return cls(req_id, handle, pid, uid, gid, op, refs, memoryview(data)[end:])
+
+    def encode(self) -> bytes:
+        header = SREQUEST.pack(self.req_id, self.handle, self.pid, self.uid, self.gid, self.op,
+                               len(self.refs))
+        return b"".join([header, *(REF.pack(r) for r in self.refs), self.body])
+
+    def args(self) -> Any:
+        return unpack(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemeReply:
+    """A scheme's answer: to req_id, a status and one value; with NEW_HANDLE, the handle
+    the router makes a capability for, and the fd flags it is to show (GETFL)."""
+
+    req_id: int
+    status: int
+    body: Body
+    handle: int = 0
+    fdflags: int = 0
+
+    @classmethod
+    def of(cls, req_id: int, status: int, value: Any) -> SchemeReply:
+        return cls(req_id, status, pack(value))
+
+    @classmethod
+    def new_handle(cls, req_id: int, handle: int, fdflags: int, value: Any = None) -> SchemeReply:
+        return cls(req_id, NEW_HANDLE, pack(value), handle, fdflags)
+
+    @classmethod
+    def decode(cls, data: bytes) -> SchemeReply:
+        if len(data) < SREPLY.size:
+            raise ProtocolError("short scheme reply")
+        req_id, status = SREPLY.unpack_from(data)
+        if status != NEW_HANDLE:
+            return cls(req_id, status, memoryview(data)[SREPLY.size :])
+        if len(data) < SREPLY.size + NEW_HANDLE_HDR.size:
+            raise ProtocolError("NEW_HANDLE reply without a handle")
+        handle, fdflags = NEW_HANDLE_HDR.unpack_from(data, SREPLY.size)
+        return cls(req_id, status, memoryview(data)[SREPLY.size + NEW_HANDLE_HDR.size :], handle, fdflags)
+
+    @staticmethod
+    def req_id_of(data: bytes) -> int | None:
+        return SREPLY.unpack_from(data)[0] if len(data) >= SREPLY.size else None
+
+    def encode(self) -> bytes:
+        header = SREPLY.pack(self.req_id, self.status)
+        if self.status == NEW_HANDLE:
+            header += NEW_HANDLE_HDR.pack(self.handle, self.fdflags)
+        return header + bytes(self.body)
+
+    def value(self) -> Any:
+        return unpack(self.body)
+
+
+def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...]) -> bytes:
+    """A client request frame."""
+    return Request.of(op, tag, args).encode()
+
+
+def encode_reply(tag: int, status: int, value: Any) -> bytes:
+    """A reply frame as the router sends it to a client."""
+    return Reply.of(tag, status, value).encode()
+
+
+def decode_reply(data: bytes) -> tuple[int, int, Any]:
+    """Split a reply frame into (tag, status, value)."""
+    reply = Reply.decode(data)
+    return reply.tag, reply.status, reply.value()
+
+
+__all__ = ["NO_REF", "REF", "REPLY", "REQUEST", "SREPLY", "SREQUEST", "NEW_HANDLE_HDR", "Reply",
+           "Request", "SchemeReply", "SchemeRequest", "decode_reply", "encode_reply",
+           "encode_request"]
