@@ -198,6 +198,19 @@ def decode_reply(data: bytes) -> tuple[int, int, Any]:
     return reply.tag, reply.status, reply.value()
 
 
-__all__ = ["NO_REF", "REF", "REPLY", "REQUEST", "SREPLY", "SREQUEST", "NEW_HANDLE_HDR", "Reply",
-           "Request", "SchemeReply", "SchemeRequest", "decode_reply", "encode_reply",
-           "encode_request"]
+__all__ = [
+    "NEW_HANDLE_HDR",
+    "NO_REF",
+    "REF",
+    "REPLY",
+    "REQUEST",
+    "SREPLY",
+    "SREQUEST",
+    "Reply",
+    "Request",
+    "SchemeReply",
+    "SchemeRequest",
+    "decode_reply",
+    "encode_reply",
+    "encode_request",
+]
