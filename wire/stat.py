@@ -41,10 +41,10 @@ class Stat:
         """A Stat from an FSTAT reply: unknown keys and values that are not ints are left out.
 
         Raises:
-            ValueError: value is not a map.
+            TypeError: value is not a map.
         """
         if not isinstance(value, dict):
-            raise ValueError("a stat is a map")
+            raise TypeError("a stat is a map")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in value.items() if k in known and type(v) is int and v in _INT64})
 
