@@ -315,6 +315,13 @@ def _handles(d: dict) -> str:
               help="The uds names COMMAND sees: a private scope of its own (the default, for "
                    "every run), the system's, or the shared scope NAME (runs given the same NAME "
                    "reach each other's listeners).")
+@click.option("--brokered", is_flag=True,
+              help="Run an unmodified program: every path it uses goes through its capabilities "
+                   "(seccomp user notification; docs/sandbox.md).")
+@click.option("--ro-host", "ro_host", multiple=True, metavar="PATH",
+              help="With --brokered: also serve this host path read-only (repeatable).")
+@click.option("--passthrough/--no-passthrough", default=True, show_default=True,
+              help="With --brokered: regular files come as host fds (native reads and writes).")
 @root_option
 @mount_option
 @config_option
@@ -322,6 +329,7 @@ def _handles(d: dict) -> str:
 @click.pass_obj
 def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
         require_confine: bool, env_options: tuple[str, ...], inherit_env: bool, uds_scope: str,
+        brokered: bool, ro_host: tuple[str, ...], passthrough: bool,
         root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
@@ -347,7 +355,8 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     argv, scratch = list(command), None
-    if confine:
+    broker = _broker_options(brokered, confine, ro_host, passthrough)
+    if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
@@ -370,7 +379,7 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
                 fail(str(exc), EXIT_USAGE)
     try:
         code = _run_command(state_dir, names, cwd, beneath, argv, env, new_session=confine,
-                            uds_scope=uds_scope)
+                            uds_scope=uds_scope, broker=broker)
     finally:
         if private is not None:
             _stop_private(*private)
@@ -459,8 +468,24 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     return [*launcher, "--", *command]
 
 
+def _broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passthrough: bool
+                    ) -> dict | None:
+    """run_brokered's options for --brokered (None without it); says why it cannot run."""
+    if not brokered:
+        return None
+    from redoxcap.broker import available
+
+    if not confine:
+        fail("--brokered confines the program itself; it contradicts --no-confine", EXIT_USAGE)
+    reason = available()
+    if reason is not None:
+        fail(f"--brokered: {reason}; programs written with rt run without it", EXIT_FAILED)
+    return {"ro_host": list(ro_host), "passthrough": passthrough}
+
+
 def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 base_env: dict[str, str], *, new_session: bool, uds_scope: str = "private") -> int:
+                 base_env: dict[str, str], *, new_session: bool, uds_scope: str = "private",
+                 broker: dict | None = None) -> int:
     """Start command with the namespace and cwd asked for; return its exit code.
 
     command gets base_env plus the variables that name its namespace and cwd.
@@ -498,6 +523,10 @@ def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, co
         _give_uds_scope(child_ns, uds_scope)
         env = dict(base_env,
                    **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
+        if broker is not None:  # an unmodified program, every path through the broker
+            from redoxcap.broker import run_brokered
+
+            return run_brokered(command, child_ns, cwd_fd, cwd_path, env, **broker)
         try:
             proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env,
                                     start_new_session=new_session)

@@ -7,8 +7,10 @@ reads first), so each fd has a lock; rt is safe to use from several threads.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
+import stat
 import threading
 import time
 from typing import Any, Self
@@ -18,6 +20,7 @@ from wire.protocol import raise_errno
 
 _locks: dict[int, threading.Lock] = {}
 _tags: dict[int, int] = {}  # the last request tag per fd
+_host: dict[int, bool] = {}  # fd -> whether it is a host fd (a passthrough file), not a capability
 _locks_guard = threading.Lock()
 
 
@@ -30,10 +33,26 @@ def _lock_for(fd: int) -> threading.Lock:
 
 
 def forget(fd: int) -> None:
-    """Drop the lock of a closed fd (its number may be reused)."""
+    """Drop the lock and kind of a closed fd (its number may be reused)."""
     with _locks_guard:
         _locks.pop(fd, None)
         _tags.pop(fd, None)
+        _host.pop(fd, None)
+
+
+def is_host_fd(fd: int) -> bool:
+    """Whether fd is a plain host fd (a passthrough file), which rt serves with os.* calls.
+
+    A capability is always a socket; anything else is a host fd. Asked once per
+    fd (fstat) and remembered until rt closes it.
+
+    Raises:
+        OSError: EBADF when fd is not open.
+    """
+    kind = _host.get(fd)
+    if kind is None:
+        kind = _host[fd] = not stat.S_ISSOCK(os.fstat(fd).st_mode)
+    return kind
 
 
 class _Deadline(threading.local):

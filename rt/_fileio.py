@@ -6,6 +6,8 @@ import io
 import os
 
 from rt import _posix
+from rt._call import is_host_fd
+from wire.protocol import O_PASSTHROUGH
 
 
 class CapabilityIO(io.RawIOBase):
@@ -95,18 +97,23 @@ def open_file(
     errors: str | None = None,
     newline: str | None = None,
     closefd: bool = True,
+    passthrough: bool = False,
 ):
     """Like builtins.open, through rt: text or binary, buffered, usable with `with`.
 
-    path may also be a capability fd (then closefd says whether closing the
-    file object closes it).
+    path may also be a capability fd or a host fd (then closefd says whether
+    closing the file object closes it). With passthrough, a scheme that can
+    answers with a host fd (O_PASSTHROUGH): the file object is then Python's
+    own, and its reads and writes are native.
     """
     flags, readable, writable, binary = _flags_for(mode)
     if isinstance(path, int):
         fd = path
     else:
-        fd = _posix.open(path, flags, 0o666)
+        fd = _posix.open(path, flags | (O_PASSTHROUGH if passthrough else 0), 0o666)
         closefd = True
+    if is_host_fd(fd):  # Python's own file object: an fd's mode creates and truncates nothing
+        return open(fd, mode, buffering, encoding, errors, newline, closefd=closefd)
     try:
         raw = CapabilityIO(fd, readable, writable, closefd)
     except BaseException:

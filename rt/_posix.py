@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat as _stat
 import subprocess
 from collections.abc import Iterable, Sequence
 
 from rt import _process
-from rt._call import call_fd, call_value, forget
+from rt._call import call_fd, call_value, forget, is_host_fd
 from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
 from wire import protocol as P
 from wire.stat import Stat
@@ -56,6 +57,8 @@ def read(fd: int, n: int) -> bytes:
     """Read up to n bytes; b"" at end of file. Large reads are split into frames."""
     if n < 0:
         raise OSError(errno.EINVAL, "negative read size")
+    if is_host_fd(fd):
+        return os.read(fd, n)
     if n <= P.MAX_IO:
         return _read_chunk(fd, n)
     parts = []
@@ -70,6 +73,8 @@ def read(fd: int, n: int) -> bytes:
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     """Write data; returns the number of bytes written. Large writes are split into frames."""
+    if is_host_fd(fd):
+        return os.write(fd, data)
     data = bytes(data)
     if len(data) <= P.MAX_IO:
         return _write_chunk(fd, data)
@@ -98,6 +103,8 @@ def _write_chunk(fd: int, data: bytes) -> int:
 
 def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
     """Move fd's offset (shared by its clones); returns the new offset."""
+    if is_host_fd(fd):
+        return os.lseek(fd, pos, whence)
     offset = call_value(fd, P.LSEEK, [pos, whence], kind=int)
     if offset < 0:
         raise OSError(errno.EIO, "malformed lseek reply")
@@ -106,6 +113,8 @@ def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
 
 def fstat(fd: int) -> StatResult:
     """Status of the file behind fd."""
+    if is_host_fd(fd):
+        return Stat.of(os.fstat(fd))
     return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
 
 
@@ -132,12 +141,19 @@ def dup(fd: int, buf: bytes = b"") -> int:
 
 
 def clone(fd: int) -> int:
-    """A new capability fd for the same handle (shared offset), made by the router."""
+    """A new capability fd for the same handle (shared offset), made by the router.
+
+    For a host fd: os.dup (the same open file, shared offset).
+    """
+    if is_host_fd(fd):
+        return os.dup(fd)
     return call_fd(fd, P.CLONE)
 
 
 def getfl(fd: int) -> int:
-    """The open flags of fd's handle, including a sticky O_RESOLVE_BENEATH."""
+    """The open flags of fd's handle, including a sticky O_RESOLVE_BENEATH (F_GETFL for a host fd)."""
+    if is_host_fd(fd):
+        return fcntl.fcntl(fd, fcntl.F_GETFL)
     return call_value(fd, P.GETFL, kind=int)
 
 
@@ -148,11 +164,15 @@ def fpath(fd: int) -> str:
 
 def fsync(fd: int) -> None:
     """Flush fd's data to stable storage (EINVAL where the scheme has none)."""
+    if is_host_fd(fd):
+        return os.fsync(fd)
     call_value(fd, P.FSYNC)
 
 
 def ftruncate(fd: int, length: int) -> None:
     """Set the size of fd's file to length bytes."""
+    if is_host_fd(fd):
+        return os.ftruncate(fd, length)
     call_value(fd, P.FTRUNCATE, [length])
 
 

@@ -19,6 +19,14 @@ ignores a flag it does not implement). Created files and directories get
 may run as root and a client must not leave such a file for a host user.
 With --read-only every operation that writes is EROFS.
 
+Passthrough: an open with O_PASSTHROUGH of a regular file (not O_PATH) is
+answered, after every check above, with the host fd itself (`Reply(None,
+[fd])`) instead of a new handle, opened with exactly the access and status
+flags asked for: reads, writes, seeks and mmap on it are native, and nothing
+about it reaches the scheme again. Directories, O_PATH opens and anything
+that is not a regular file stay handles (a host directory fd would let
+lookups happen outside the scheme).
+
 The daemon answers every request in place (plain local syscalls), so it must
 never block: files are opened O_NONBLOCK, which changes nothing for regular
 files and directories and turns a FIFO that would hang the daemon into
@@ -33,7 +41,7 @@ import platform
 import stat
 from dataclasses import dataclass
 
-from schemes.framework import HandleRef, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
 from schemes.resolve import PATH_MAX, Anchor, open_at, resolve_parent
 from wire import protocol as P
 from wire.stat import Stat
@@ -42,7 +50,7 @@ RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
 _O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}.get(platform.machine(), 0)
 SERVED = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
-          | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | RESOLVE_BITS)
+          | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | RESOLVE_BITS | P.O_PASSTHROUGH)
 HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | _O_LARGEFILE | os.O_SYNC | os.O_DSYNC
             | os.O_NOATIME)
 ONLY_AT_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC  # not in fdflags
@@ -122,11 +130,17 @@ class FileScheme(Scheme):
 
     # -- opening -------------------------------------------------------------
 
-    async def openat(self, req: Request, h: FileHandle, path: str, flags: int, mode: int) -> Opened:
-        """Open path relative to h; a directory opened with an O_RESOLVE_* flag becomes an anchor."""
+    async def openat(self, req: Request, h: FileHandle, path: str, flags: int, mode: int
+                     ) -> Opened | Reply:
+        """Open path relative to h; a directory opened with an O_RESOLVE_* flag becomes an anchor.
+
+        With O_PASSTHROUGH, a regular file is answered with its host fd (see the module).
+        """
         if (flags & ~(SERVED | HARMLESS) or flags & os.O_ACCMODE == os.O_ACCMODE
                 or flags & RESOLVE_BITS == RESOLVE_BITS):
             raise SchemeError(errno.EINVAL, "unsupported open flag")
+        passthrough = bool(flags & P.O_PASSTHROUGH)
+        flags &= ~P.O_PASSTHROUGH
         path_only = bool(flags & os.O_PATH)
         if not path_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC)):
             self._writable()
@@ -137,7 +151,12 @@ class FileScheme(Scheme):
             host |= os.O_NONBLOCK
         fd = open_at(anchor, h.fd, path, host, mode)
         try:
-            is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+            st_mode = os.fstat(fd).st_mode
+            if passthrough and stat.S_ISREG(st_mode) and not path_only:
+                if not flags & os.O_NONBLOCK:  # the daemon's own O_NONBLOCK is not the client's
+                    os.set_blocking(fd, True)
+                return Reply(None, [fd])  # the framework closes our copy once it is sent
+            is_dir = stat.S_ISDIR(st_mode)
             if is_dir and flags & RESOLVE_BITS:  # the new directory anchors what is beneath it
                 new = Anchor.of(fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
                 anchor, owned = Anchor(os.dup(fd), new.dev, new.ino, new.beneath), True

@@ -1,0 +1,685 @@
+"""The brokered syscalls: each one read once, resolved through the capabilities, answered.
+
+Every handler gets a `Call` (the notification, the thread's memory opened
+before the id was checked, and its process) and returns the syscall's
+answer: an int (its return value), an `Install` (an fd to put in the
+target's table as the return value, ADDFD + SEND), or `PROCEED` (let the
+kernel run it: only for calls without a path whose effect is bounded by the
+fds the target already holds, see docs/sandbox.md); or raises OSError for an
+errno. Path arguments are read once into the broker and only that copy is
+acted on.
+
+Paths are resolved as rt resolves them (rt/_paths.py): a relative path, or
+AT_FDCWD, goes to the cwd capability; an `*at` call's to the capability
+behind its directory fd; an absolute path to the namespace (`/x` is
+`/scheme/file/x`, `/scheme/NAME/...` names a scheme), unless it lies in the
+read-only host trees (hostfs.py), which the broker serves itself. The
+legacy `NAME:rest` form is not recognised: to an unmodified program,
+`a:b` is a file name.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redoxcap.broker.hostfs import WRITABLE_DEVICES, HostTrees
+from redoxcap.broker.memory import Memory
+from redoxcap.broker.notify import Notification
+from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
+from redoxcap.broker.structs import pack_dirents, pack_stat, pack_statx
+from rt._call import call_fd, call_value, forget
+from rt._paths import split_namespace_path, to_namespace_path
+from wire import linux
+from wire import protocol as P
+from wire.stat import Stat
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_REMOVEDIR = 0x200
+AT_SYMLINK_FOLLOW = 0x400
+AT_EACCESS = 0x200
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x01, 0x02, 0x04
+RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_CACHED = 0x08, 0x10, 0x20
+_O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
+_OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
+
+
+class _Proceed:
+    def __repr__(self) -> str:
+        return "PROCEED"
+
+
+PROCEED = _Proceed()
+
+
+@dataclass(frozen=True, slots=True)
+class Install:
+    """Answer with a new fd in the target: a copy of fd (the broker closes its own)."""
+
+    fd: int
+    cloexec: bool
+
+
+@dataclass
+class Call:
+    """One notification being answered."""
+
+    notif: Notification
+    mem: Memory
+    process: Process
+
+    @property
+    def args(self) -> tuple[int, ...]:
+        return self.notif.args
+
+
+@dataclass
+class _Location:
+    """Where a path operation goes: a capability and the path to send on it, or a host path.
+
+    `owned` is a duplicate of a target's fd that the broker closes afterwards.
+    """
+
+    cap: int | None
+    path: str
+    host: bool
+    resolve: int = 0
+    owned: int | None = None
+    namespace: bool = False
+
+    def close(self) -> None:
+        if self.owned is not None:
+            _close(self.owned)
+            self.owned = None
+
+
+def _close(fd: int) -> None:
+    forget(fd)  # rt's per-fd lock and tag: the number will be reused
+    os.close(fd)
+
+
+def _int(value: int) -> int:
+    """A C int argument (the low 32 bits, signed)."""
+    value &= 0xFFFF_FFFF
+    return value - (1 << 32) if value & 0x8000_0000 else value
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+class Syscalls:
+    """The handlers, one method per syscall, and what they share."""
+
+    def __init__(self, machine: str, ns: int, hosts: HostTrees, processes: Processes,
+                 passthrough: bool) -> None:
+        """Args:
+            machine: "x86_64" or "aarch64" (struct layouts).
+            ns: the namespace capability (the broker's own).
+            hosts: the read-only host trees.
+            processes: the per-process state.
+            passthrough: ask schemes for host fds of regular files (O_PASSTHROUGH).
+        """
+        self.machine = machine
+        self.ns = ns
+        self.hosts = hosts
+        self.processes = processes
+        self.passthrough = passthrough
+        self.caps = CapabilityTable()
+        self.o_largefile = _O_LARGEFILE.get(machine, 0)
+        names = linux.SYSCALLS[machine]
+        self.table: dict[int, Callable[[Call], Any]] = {
+            names[name]: getattr(self, name) for name in _HANDLED if name in names
+        }
+
+    # -- reading arguments and resolving paths --------------------------------
+
+    def path(self, call: Call, addr: int) -> str:
+        """The path at addr, as the wire can carry it (ENOENT for one that is not UTF-8)."""
+        raw = call.mem.string(addr)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise OSError(errno.ENOENT, "a path that is not UTF-8 has no capability") from None
+
+    def target_fd(self, call: Call, fd: int) -> int:
+        """A duplicate, owned by the broker, of the target's fd (EBADF if it has none)."""
+        try:
+            return linux.pidfd_getfd(call.process.pidfd, fd)
+        except OSError as exc:
+            raise OSError(errno.EBADF if exc.errno in (errno.EBADF, errno.EINVAL) else exc.errno,
+                          "bad file descriptor") from None
+
+    def directory(self, call: Call, dirfd: int) -> tuple[int, str, bool, int | None]:
+        """What a directory fd stands for: (fd to use, host path, is host, fd to close).
+
+        Raises:
+            OSError: ENOTDIR for an fd that is neither a capability nor a host-tree directory.
+        """
+        if dirfd == AT_FDCWD:
+            cwd = call.process.cwd
+            return cwd.fd, cwd.path, cwd.host, None
+        dup = self.target_fd(call, dirfd)
+        kept = False
+        try:
+            st = os.fstat(dup)
+            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+                kept = True
+                return dup, "", False, dup
+            if stat.S_ISDIR(st.st_mode):
+                real = os.readlink(f"/proc/self/fd/{dup}")
+                if self.hosts.inside(real):
+                    return -1, real, True, None
+                raise OSError(errno.EACCES, "a directory outside the host trees")
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        finally:
+            if not kept:
+                _close(dup)
+
+    def locate(self, call: Call, dirfd: int, path: str, resolve: int = 0) -> _Location:
+        """Where a path operation relative to dirfd goes (ENOENT for an empty path)."""
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        absolute = path.startswith("/")
+        if resolve and dirfd != AT_FDCWD:  # openat2's flags: as rt.openat, never the namespace
+            if absolute and resolve & P.O_RESOLVE_BENEATH:
+                raise OSError(errno.EXDEV, "an absolute path cannot be beneath a directory")
+            fd, _, host, owned = self.directory(call, dirfd)
+            if host:
+                raise OSError(errno.EINVAL, "RESOLVE_* lookups are served in capabilities only")
+            return _Location(fd, path, False, resolve, owned)
+        if absolute:
+            if self.hosts.claims(path):
+                return _Location(None, path, True)
+            return _Location(self.ns, to_namespace_path(path) or path, False, resolve, None, True)
+        fd, host_path, host, owned = self.directory(call, dirfd)
+        if host:
+            return _Location(None, posixpath.join(host_path, path), True)
+        return _Location(fd, path, False, resolve, owned)
+
+    def register(self, fd: int) -> None:
+        """Remember fd (about to be installed) if it is a capability."""
+        st = os.fstat(fd)
+        if stat.S_ISSOCK(st.st_mode):
+            self.caps.add(_identity(st))
+
+    def open_at(self, loc: _Location, flags: int, mode: int, passthrough: bool) -> int:
+        """Open at a location; returns the broker's fd (a capability or a host fd)."""
+        flags &= ~(os.O_CLOEXEC | self.o_largefile)
+        if loc.host:
+            return self.hosts.open(loc.path, flags, mode)
+        if passthrough and self.passthrough and not flags & (os.O_PATH | os.O_DIRECTORY):
+            flags |= P.O_PASSTHROUGH
+        return call_fd(loc.cap, P.OPENAT, [loc.path, flags | loc.resolve, mode & 0o7777])
+
+    def status_at(self, loc: _Location, follow: bool) -> Any:
+        """The status (os.stat_result or Stat) of what a location names."""
+        if loc.host:
+            return self.hosts.stat(loc.path, follow)
+        fd = self.open_at(loc, os.O_PATH | (0 if follow else os.O_NOFOLLOW), 0, False)
+        try:
+            return self.status_of_capability(fd)
+        finally:
+            _close(fd)
+
+    def status_of_capability(self, fd: int) -> Stat:
+        return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
+
+    def status_of_fd(self, call: Call, fd: int) -> Any:
+        """fstat of the target's fd (or its cwd for AT_FDCWD), a capability or not."""
+        if fd == AT_FDCWD:
+            cwd = call.process.cwd
+            return os.fstat(cwd.fd) if cwd.host else self.status_of_capability(cwd.fd)
+        dup = self.target_fd(call, fd)
+        try:
+            st = os.fstat(dup)
+            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+                return self.status_of_capability(dup)
+            return st
+        finally:
+            _close(dup)
+
+    def stat_into(self, call: Call, dirfd: int, addr: int, flags: int, buf: int,
+                  pack: Callable[[Any], bytes]) -> int:
+        path = self.path(call, addr)
+        if not path and flags & AT_EMPTY_PATH:
+            st = self.status_of_fd(call, dirfd)
+        else:
+            loc = self.locate(call, dirfd, path)
+            try:
+                st = self.status_at(loc, not flags & AT_SYMLINK_NOFOLLOW)
+            finally:
+                loc.close()
+        call.mem.write(buf, pack(st))
+        return 0
+
+    # -- opening ---------------------------------------------------------------
+
+    def _open(self, call: Call, dirfd: int, addr: int, flags: int, mode: int,
+              resolve: int = 0) -> Install:
+        path = self.path(call, addr)
+        loc = self.locate(call, dirfd, path, resolve)
+        try:
+            fd = self.open_at(loc, flags, mode, passthrough=True)
+        finally:
+            loc.close()
+        try:
+            self.register(fd)
+        except BaseException:
+            _close(fd)
+            raise
+        return Install(fd, bool(flags & os.O_CLOEXEC))
+
+    def open(self, call: Call) -> Install:
+        return self._open(call, AT_FDCWD, call.args[0], _int(call.args[1]), call.args[2])
+
+    def creat(self, call: Call) -> Install:
+        flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
+        return self._open(call, AT_FDCWD, call.args[0], flags, call.args[1])
+
+    def openat(self, call: Call) -> Install:
+        a = call.args
+        return self._open(call, _int(a[0]), a[1], _int(a[2]), a[3])
+
+    def openat2(self, call: Call) -> Install:
+        a = call.args
+        size = a[3]
+        if size < _OPEN_HOW:
+            raise OSError(errno.EINVAL, "struct open_how too small")
+        if size > 4096:
+            raise OSError(errno.E2BIG, "struct open_how too large")
+        raw = call.mem.read(a[2], size)
+        if any(raw[_OPEN_HOW:]):
+            raise OSError(errno.E2BIG, "unknown open_how fields")
+        flags = int.from_bytes(raw[0:8], "little")
+        mode = int.from_bytes(raw[8:16], "little")
+        resolve = int.from_bytes(raw[16:24], "little")
+        if resolve & RESOLVE_CACHED:
+            raise OSError(errno.EAGAIN, "nothing is cached here")
+        if resolve & ~(RESOLVE_BENEATH | RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
+            raise OSError(errno.EINVAL, "RESOLVE_NO_XDEV and RESOLVE_NO_SYMLINKS are not served")
+        if resolve & RESOLVE_BENEATH and resolve & RESOLVE_IN_ROOT:
+            raise OSError(errno.EINVAL)
+        if mode & ~0o7777 or (mode and not flags & (os.O_CREAT | os.O_TMPFILE)):
+            raise OSError(errno.EINVAL)
+        ours = (P.O_RESOLVE_BENEATH if resolve & RESOLVE_BENEATH else 0) | (
+            P.O_RESOLVE_IN_ROOT if resolve & RESOLVE_IN_ROOT else 0)
+        return self._open(call, _int(a[0]), a[1], flags & 0xFFFF_FFFF, mode, ours)
+
+    # -- status ----------------------------------------------------------------
+
+    def _pack_stat(self, st: Any) -> bytes:
+        return pack_stat(self.machine, st)
+
+    def stat(self, call: Call) -> int:
+        return self.stat_into(call, AT_FDCWD, call.args[0], 0, call.args[1], self._pack_stat)
+
+    def lstat(self, call: Call) -> int:
+        return self.stat_into(call, AT_FDCWD, call.args[0], AT_SYMLINK_NOFOLLOW, call.args[1],
+                              self._pack_stat)
+
+    def newfstatat(self, call: Call) -> int:
+        a = call.args
+        return self.stat_into(call, _int(a[0]), a[1], _int(a[3]), a[2], self._pack_stat)
+
+    def fstat(self, call: Call) -> int:
+        st = self.status_of_fd(call, _int(call.args[0]))
+        call.mem.write(call.args[1], self._pack_stat(st))
+        return 0
+
+    def statx(self, call: Call) -> int:
+        a = call.args
+        return self.stat_into(call, _int(a[0]), a[1], _int(a[2]), a[4], pack_statx)
+
+    def _access(self, call: Call, dirfd: int, addr: int, mode: int, flags: int) -> int:
+        if mode & ~7:
+            raise OSError(errno.EINVAL)
+        loc = self.locate(call, dirfd, self.path(call, addr))
+        try:
+            st = self.status_at(loc, not flags & AT_SYMLINK_NOFOLLOW)
+            if mode & os.W_OK and loc.host and loc.path not in WRITABLE_DEVICES:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        finally:
+            loc.close()
+        _check_access(st.st_mode, st.st_uid, st.st_gid, mode)
+        return 0
+
+    def access(self, call: Call) -> int:
+        return self._access(call, AT_FDCWD, call.args[0], _int(call.args[1]), 0)
+
+    def faccessat(self, call: Call) -> int:
+        a = call.args
+        return self._access(call, _int(a[0]), a[1], _int(a[2]), 0)
+
+    def faccessat2(self, call: Call) -> int:
+        a = call.args
+        return self._access(call, _int(a[0]), a[1], _int(a[2]), _int(a[3]))
+
+    def _readlink(self, call: Call, dirfd: int, addr: int, buf: int, size: int) -> int:
+        if _int(size) <= 0:
+            raise OSError(errno.EINVAL)
+        loc = self.locate(call, dirfd, self.path(call, addr))
+        try:
+            if loc.host:
+                body = self.hosts.readlink(loc.path)
+            else:
+                body = call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
+        finally:
+            loc.close()
+        data = body.encode(errors="surrogateescape")[:size]
+        call.mem.write(buf, data)
+        return len(data)
+
+    def readlink(self, call: Call) -> int:
+        a = call.args
+        return self._readlink(call, AT_FDCWD, a[0], a[1], a[2])
+
+    def readlinkat(self, call: Call) -> int:
+        a = call.args
+        return self._readlink(call, _int(a[0]), a[1], a[2], a[3])
+
+    def getdents64(self, call: Call) -> Any:
+        """Listed by the scheme for a capability (names in its order, d_type unknown);
+        a host directory lists itself: the kernel acts on the fd, not on a path."""
+        fd, buf, size = _int(call.args[0]), call.args[1], call.args[2] & 0xFFFF_FFFF
+        dup = self.target_fd(call, fd)
+        try:
+            identity = _identity(os.fstat(dup))
+            if identity not in self.caps:
+                return PROCEED
+            start = self.caps.position(identity)
+            names = call_value(dup, P.GETDENTS, [start], kind=list)
+        finally:
+            _close(dup)
+        if not all(isinstance(n, str) for n in names):
+            raise OSError(errno.EIO, "malformed listing")
+        data, count = pack_dirents(names, start, size)
+        if names and not count:
+            raise OSError(errno.EINVAL, "buffer too small")
+        call.mem.write(buf, data)
+        self.caps.advance(identity, start + count)
+        return len(data)
+
+    # -- the cwd -----------------------------------------------------------------
+
+    def getcwd(self, call: Call) -> int:
+        data = call.process.cwd.path.encode() + b"\0"
+        if len(data) > call.args[1]:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        call.mem.write(call.args[0], data)
+        return len(data)
+
+    def chdir(self, call: Call) -> int:
+        path = self.path(call, call.args[0])
+        loc = self.locate(call, AT_FDCWD, path)
+        try:
+            if loc.host:
+                real = self.hosts.resolve(loc.path)
+                fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                new = Directory(fd, real, True)
+            else:
+                fd = call_fd(loc.cap, P.OPENAT, [loc.path, os.O_RDONLY | os.O_DIRECTORY | loc.resolve, 0])
+                try:
+                    where = self._where(fd, loc, call.process.cwd)
+                except BaseException:
+                    _close(fd)
+                    raise
+                new = Directory(fd, where, False)
+        finally:
+            loc.close()
+        call.process.set_cwd(new)
+        return 0
+
+    def _where(self, fd: int, loc: _Location, cwd: Directory) -> str:
+        """getcwd's string for a directory capability just opened at loc (after symlinks)."""
+        from rt._posix import _display, _physical
+
+        try:
+            if loc.namespace:
+                root_path, _ = split_namespace_path(loc.path)
+                root = call_fd(self.ns, P.OPENAT, [root_path, os.O_RDONLY | os.O_DIRECTORY, 0])
+                try:
+                    return _physical(fd, root, "/" if root_path == "/scheme/file" else root_path)
+                finally:
+                    _close(root)
+            if not cwd.host:
+                return _physical(fd, cwd.fd, cwd.path)
+        except OSError:
+            pass
+        return _display(call_value(fd, P.FPATH, kind=str))
+
+    def fchdir(self, call: Call) -> int:
+        dup: int | None = self.target_fd(call, _int(call.args[0]))
+        try:
+            st = os.fstat(dup)
+            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+                if not stat.S_ISDIR(self.status_of_capability(dup).st_mode):
+                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+                new_fd = call_fd(dup, P.CLONE)  # the broker's own: the target may close or use its fd
+            elif stat.S_ISDIR(st.st_mode) and self.hosts.inside(real := os.readlink(f"/proc/self/fd/{dup}")):
+                call.process.set_cwd(Directory(dup, real, True))
+                dup = None  # the cwd's now
+                return 0
+            else:
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        finally:
+            if dup is not None:
+                _close(dup)
+        try:
+            where = self._where(new_fd, _Location(new_fd, "", False), call.process.cwd)
+        except BaseException:
+            _close(new_fd)
+            raise
+        call.process.set_cwd(Directory(new_fd, where, False))
+        return 0
+
+    # -- names -----------------------------------------------------------------
+
+    def _on_name(self, call: Call, dirfd: int, addr: int, op: int, extra: list) -> int:
+        loc = self.locate(call, dirfd, self.path(call, addr))
+        try:
+            if loc.host:
+                try:
+                    self.hosts.stat(loc.path, follow=False)
+                    exists = True
+                except OSError:
+                    exists = False
+                raise OSError(errno.EEXIST if op == P.MKDIRAT and exists else errno.EROFS,
+                              "the host trees are read-only")
+            call_value(loc.cap, op, [loc.path, *extra])
+        finally:
+            loc.close()
+        return 0
+
+    def mkdir(self, call: Call) -> int:
+        return self._on_name(call, AT_FDCWD, call.args[0], P.MKDIRAT, [call.args[1] & 0o7777])
+
+    def mkdirat(self, call: Call) -> int:
+        a = call.args
+        return self._on_name(call, _int(a[0]), a[1], P.MKDIRAT, [a[2] & 0o7777])
+
+    def unlink(self, call: Call) -> int:
+        return self._on_name(call, AT_FDCWD, call.args[0], P.UNLINKAT, [0])
+
+    def rmdir(self, call: Call) -> int:
+        return self._on_name(call, AT_FDCWD, call.args[0], P.UNLINKAT, [P.AT_REMOVEDIR])
+
+    def unlinkat(self, call: Call) -> int:
+        a = call.args
+        flags = _int(a[2])
+        if flags & ~AT_REMOVEDIR:
+            raise OSError(errno.EINVAL)
+        return self._on_name(call, _int(a[0]), a[1], P.UNLINKAT, [flags])
+
+    def _symlink(self, call: Call, target_addr: int, dirfd: int, addr: int) -> int:
+        target = self.path(call, target_addr)
+        loc = self.locate(call, dirfd, self.path(call, addr))
+        try:
+            if loc.host:
+                raise OSError(errno.EROFS, "the host trees are read-only")
+            call_value(loc.cap, P.SYMLINKAT, [target, loc.path])
+        finally:
+            loc.close()
+        return 0
+
+    def symlink(self, call: Call) -> int:
+        return self._symlink(call, call.args[0], AT_FDCWD, call.args[1])
+
+    def symlinkat(self, call: Call) -> int:
+        a = call.args
+        return self._symlink(call, a[0], _int(a[1]), a[2])
+
+    def _two_paths(self, call: Call, op: int, olddir: int, old: int, newdir: int, new: int,
+                   noreplace: bool = False) -> int:
+        src = self.locate(call, olddir, self.path(call, old))
+        try:
+            dst = self.locate(call, newdir, self.path(call, new))
+            try:
+                if src.host or dst.host:
+                    raise OSError(errno.EROFS if src.host and dst.host else errno.EXDEV)
+                if noreplace:
+                    try:
+                        self.status_at(dst, follow=False)
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+                self._send_two(op, src, dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        return 0
+
+    def _send_two(self, op: int, src: _Location, dst: _Location) -> None:
+        """As rt's two-path calls: one capability, or the second directory passed along."""
+        if src.cap == dst.cap:
+            call_value(src.cap, op, [src.path, dst.path])
+            return
+        opened: list[int] = []
+        try:
+            fd1, p1 = src.cap, src.path
+            fd2, p2 = dst.cap, dst.path
+            if src.namespace:
+                root, p1 = split_namespace_path(p1)
+                fd1 = call_fd(self.ns, P.OPENAT, [root, os.O_DIRECTORY, 0])
+                opened.append(fd1)
+            if dst.namespace:
+                root, p2 = split_namespace_path(p2)
+                fd2 = call_fd(self.ns, P.OPENAT, [root, os.O_DIRECTORY, 0])
+                opened.append(fd2)
+            call_value(fd1, op, [p1, p2], [fd2])
+        finally:
+            for fd in opened:
+                _close(fd)
+
+    def rename(self, call: Call) -> int:
+        return self._two_paths(call, P.RENAMEAT, AT_FDCWD, call.args[0], AT_FDCWD, call.args[1])
+
+    def renameat(self, call: Call) -> int:
+        a = call.args
+        return self._two_paths(call, P.RENAMEAT, _int(a[0]), a[1], _int(a[2]), a[3])
+
+    def renameat2(self, call: Call) -> int:
+        a = call.args
+        flags = _int(a[4])
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE and RENAME_WHITEOUT are not served")
+        return self._two_paths(call, P.RENAMEAT, _int(a[0]), a[1], _int(a[2]), a[3],
+                               noreplace=bool(flags))
+
+    def link(self, call: Call) -> int:
+        return self._two_paths(call, P.LINKAT, AT_FDCWD, call.args[0], AT_FDCWD, call.args[1])
+
+    def linkat(self, call: Call) -> int:
+        a = call.args
+        if _int(a[4]) & ~AT_SYMLINK_FOLLOW or _int(a[4]):
+            raise OSError(errno.EINVAL, "linkat flags are not served")
+        return self._two_paths(call, P.LINKAT, _int(a[0]), a[1], _int(a[2]), a[3])
+
+    def truncate(self, call: Call) -> int:
+        length = call.args[1]
+        if length >= 1 << 63:
+            raise OSError(errno.EINVAL)
+        loc = self.locate(call, AT_FDCWD, self.path(call, call.args[0]))
+        try:
+            if loc.host:
+                raise OSError(errno.EROFS, "the host trees are read-only")
+            fd = self.open_at(loc, os.O_WRONLY, 0, passthrough=True)
+        finally:
+            loc.close()
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                call_value(fd, P.FTRUNCATE, [length])
+            else:
+                os.ftruncate(fd, length)
+        finally:
+            _close(fd)
+        return 0
+
+    # -- exec ----------------------------------------------------------------------
+
+    def _executable(self, path: str) -> None:
+        """An exec'd file must be a regular file in the host trees (see docs/sandbox.md).
+
+        Raises:
+            OSError: EACCES for anything else (ENOENT for a host path that does not exist).
+        """
+        if not path.startswith("/") or not self.hosts.claims(path):
+            raise OSError(errno.EACCES, "only files of the host trees are executed")
+        st = os.stat(self.hosts.resolve(path))
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    def execve(self, call: Call) -> Any:
+        self._executable(self.path(call, call.args[0]))
+        return PROCEED
+
+    def execveat(self, call: Call) -> Any:
+        a = call.args
+        path = self.path(call, a[1])
+        if path:
+            self._executable(path)
+            return PROCEED
+        if not _int(a[4]) & AT_EMPTY_PATH:
+            raise OSError(errno.ENOENT)
+        dup = self.target_fd(call, _int(a[0]))
+        try:
+            real = os.readlink(f"/proc/self/fd/{dup}")
+            if not stat.S_ISREG(os.fstat(dup).st_mode) or not self.hosts.inside(real):
+                raise OSError(errno.EACCES, "only files of the host trees are executed")
+        finally:
+            _close(dup)
+        return PROCEED
+
+
+def _check_access(mode: int, uid: int, gid: int, want: int) -> None:
+    """access(2)'s permission check against the broker's own ids (EACCES)."""
+    if not want:
+        return
+    if os.geteuid() == 0:
+        if want & os.X_OK and not (stat.S_ISDIR(mode) or mode & 0o111):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return
+    shift = 6 if uid == os.geteuid() else 3 if gid in (os.getegid(), *os.getgroups()) else 0
+    if (mode >> shift) & want != want:
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+_HANDLED = (
+    "open", "openat", "openat2", "creat", "stat", "lstat", "newfstatat", "fstat", "statx",
+    "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
+    "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
+    "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
+    "execveat",
+)
+
+__all__ = ["PROCEED", "Call", "Install", "Syscalls"]

@@ -1,0 +1,183 @@
+"""The read-only host allow-list: the system files a program needs to start.
+
+An unmodified program reads its interpreter, shared libraries, locale and
+time zone data from fixed host paths (`/lib64/ld-linux-x86-64.so.2`,
+`/usr/lib/...`). The broker serves those itself, read-only, from a short
+list of host trees (`DEFAULT_TREES` plus what `--ro-host` adds), and every
+other absolute path goes to the program's namespace. A path belongs to the
+host when its first components name a tree of the list (`/usr/lib/x` is in
+`/usr`; `/etc/passwd` is in `/etc/passwd`; `/etc/shadow` is in nothing).
+
+Resolution happens here, not in a kernel lookup on the program's behalf:
+
+- a path without symlinks or `..` is opened with openat2(RESOLVE_NO_SYMLINKS)
+  from `/`: every component is beneath the tree it starts in;
+- otherwise it is walked one component at a time: a relative symlink is
+  spliced in, an absolute one (merged /usr: `/lib -> usr/lib`,
+  `/etc/localtime -> /usr/share/zoneinfo/...`) restarts from `/`, and `..`
+  pops the walk, which may only pass through the trees and their ancestors
+  (a step anywhere else is EACCES); the result must lie in a tree, and is
+  opened with RESOLVE_NO_SYMLINKS, so a symlink swapped in meanwhile fails.
+
+The trees are system directories the program cannot write (Landlock gives it
+no write access and the broker opens nothing here for writing), so their
+symlinks are the distribution's, not an attacker's. Only the character
+devices in WRITABLE_DEVICES may be opened for writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import deque
+from collections.abc import Iterable
+
+from wire.linux import RESOLVE_NO_MAGICLINKS, openat2
+
+RESOLVE_NO_SYMLINKS = 0x04
+MAX_LINKS = 40
+
+DEFAULT_TREES = (
+    "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin",
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
+    "/etc/nsswitch.conf", "/etc/passwd", "/etc/group", "/etc/alternatives",
+    "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
+)
+WRITABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full"})
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_TMPFILE
+# What a host open may carry besides the access mode (O_CLOEXEC is the target's fd flag).
+_PASSED_FLAGS = (os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_PATH
+                 | os.O_NOATIME | os.O_DSYNC | os.O_SYNC | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                 | os.O_WRONLY | os.O_RDWR)
+
+
+def _parts(path: str) -> list[str]:
+    return [c for c in path.split("/") if c and c != "."]
+
+
+class HostTrees:
+    """The allow-list, and lookups in it (host paths; nothing here is a capability)."""
+
+    def __init__(self, trees: Iterable[str]) -> None:
+        """Take absolute host paths (trees that do not exist are kept: they match nothing)."""
+        self.trees = sorted({os.path.normpath(t) for t in trees if os.path.isabs(t)})
+        self._tree_parts = [tuple(_parts(t)) for t in self.trees]
+        self._above = {tp[:i] for tp in self._tree_parts for i in range(len(tp))}
+        self._root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+    def claims(self, path: str) -> bool:
+        """Whether an absolute path belongs to the host (its first components name a tree)."""
+        parts = path.split("/")
+        return any(parts[1 : 1 + len(tp)] == list(tp) for tp in self._tree_parts)
+
+    def inside(self, real: str) -> bool:
+        """Whether a real (symlink-free, absolute) path lies in a tree."""
+        parts = tuple(_parts(real))
+        return any(parts[: len(tp)] == tp for tp in self._tree_parts)
+
+    def _passable(self, parts: tuple[str, ...]) -> bool:
+        return parts in self._above or any(parts[: len(tp)] == tp for tp in self._tree_parts)
+
+    def resolve(self, path: str, follow: bool = True) -> str:
+        """The real host path an absolute path names (the last symlink followed if follow).
+
+        Raises:
+            OSError: ENOENT, ENOTDIR, ELOOP as Linux; EACCES for a step outside the trees.
+        """
+        if not path.startswith("/"):
+            raise OSError(errno.EINVAL, "not an absolute path")
+        todo = deque(_parts(path))
+        must_be_dir = path.endswith(("/", "/."))
+        cur: list[str] = []
+        links = 0
+        while todo:
+            name = todo.popleft()
+            if name == "..":
+                if cur:
+                    cur.pop()
+                continue
+            step = tuple(cur) + (name,)
+            if not self._passable(step):
+                raise OSError(errno.EACCES, "outside the host allow-list")
+            real = "/" + "/".join(step)
+            st = os.lstat(real)
+            last = not todo
+            if stat.S_ISLNK(st.st_mode) and (not last or follow or must_be_dir):
+                links += 1
+                if links > MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                body = os.readlink(real)
+                if body.startswith("/"):
+                    cur = []
+                todo.extendleft(reversed(_parts(body)))
+                continue
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            cur = list(step)
+        real = "/" + "/".join(cur)
+        if not self.inside(real):
+            raise OSError(errno.EACCES, "outside the host allow-list")
+        if must_be_dir and not stat.S_ISDIR(os.stat(real).st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return real
+
+    def open(self, path: str, flags: int, mode: int = 0) -> int:
+        """Open an absolute host path read-only (writable only for WRITABLE_DEVICES).
+
+        Raises:
+            OSError: EROFS for a write, as resolve otherwise.
+        """
+        follow = not flags & os.O_NOFOLLOW
+        writes = flags & _WRITE_FLAGS or flags & os.O_ACCMODE != os.O_RDONLY
+        if flags & os.O_PATH:
+            writes = False
+        real = self._fast(path, follow)
+        if real is None:
+            real = self.resolve(path, follow)
+        if writes and (real not in WRITABLE_DEVICES or flags & os.O_TMPFILE):
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        host = flags & _PASSED_FLAGS
+        if flags & os.O_PATH:
+            host &= os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+        if not follow:
+            host |= os.O_NOFOLLOW
+        return openat2(self._root, real.lstrip("/") or ".", host | os.O_CLOEXEC, mode,
+                       RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+
+    def _fast(self, path: str, follow: bool) -> str | None:
+        """path itself when it has no `..` and no symlink on the way (one lstat per call)."""
+        parts = _parts(path)
+        if ".." in parts or path.endswith("/"):
+            return None
+        real = "/" + "/".join(parts)
+        if not self.inside(real):
+            return None
+        try:
+            fd = openat2(self._root, real.lstrip("/") or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            return None  # a symlink on the way (ELOOP) or an error the walk will name
+        try:
+            if follow and stat.S_ISLNK(os.fstat(fd).st_mode):
+                return None
+        finally:
+            os.close(fd)
+        return real
+
+    def stat(self, path: str, follow: bool = True) -> os.stat_result:
+        """lstat/stat of an absolute host path in the trees."""
+        real = self._fast(path, follow) or self.resolve(path, follow)
+        return os.stat(real, follow_symlinks=False)
+
+    def readlink(self, path: str) -> str:
+        """The body of the symlink at an absolute host path (EINVAL if it is none)."""
+        real = self._fast(path, False) or self.resolve(path, follow=False)
+        return os.readlink(real)

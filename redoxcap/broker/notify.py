@@ -1,0 +1,135 @@
+"""The seccomp user-notification listener: receive a trapped syscall, answer it.
+
+A thin layer over the ioctls of wire/linux.py and the kernel's structs
+(linux/seccomp.h), with no policy in it:
+
+    struct seccomp_notif      { u64 id; u32 pid; u32 flags; struct seccomp_data data; }
+    struct seccomp_data       { s32 nr; u32 arch; u64 instruction_pointer; u64 args[6]; }
+    struct seccomp_notif_resp { u64 id; s64 val; s32 error; u32 flags; }
+    struct seccomp_notif_addfd{ u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
+
+`pid` is a thread id, valid only while the notification is (see `Listener.valid`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from wire import linux
+
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # 80 bytes
+_RESP = struct.Struct("=QqiI")  # 24 bytes
+_ADDFD = struct.Struct("=QIIII")  # 24 bytes
+_ID = struct.Struct("=Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One trapped syscall: its id, the calling thread, the syscall number and raw arguments."""
+
+    id: int
+    tid: int
+    nr: int
+    arch: int
+    args: tuple[int, int, int, int, int, int]
+
+
+class Listener:
+    """The broker's end of a filter's notification fd (owned: `close` closes it)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._recv = ctypes.create_string_buffer(_NOTIF.size)
+        self._send = ctypes.create_string_buffer(_RESP.size)
+        self._addfd = ctypes.create_string_buffer(_ADDFD.size)
+        self._id = ctypes.create_string_buffer(_ID.size)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def sync_wakeups(self) -> bool:
+        """Ask the kernel to run the woken target on this CPU (Linux 6.6+); False if it cannot."""
+        flag = ctypes.create_string_buffer(_ID.pack(linux.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP))
+        try:
+            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_SET_FLAGS, flag)
+            return True
+        except OSError:
+            return False
+
+    def receive(self) -> Notification | None:
+        """The next notification; blocks. None when it vanished before it could be read
+        (the thread was interrupted: ENOENT) or the call was interrupted (EINTR).
+
+        Raises:
+            OSError: any other error (EBADF/ENOTTY for a closed listener...).
+        """
+        ctypes.memset(self._recv, 0, _NOTIF.size)  # the kernel insists on a zeroed struct
+        try:
+            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_RECV, self._recv)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                return None
+            raise
+        nid, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(self._recv.raw)
+        return Notification(nid, tid, nr, arch, tuple(args))
+
+    def valid(self, nid: int) -> bool:
+        """Whether the notification is still pending (its thread still waits in the syscall)."""
+        self._id.raw = _ID.pack(nid)
+        try:
+            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ID_VALID, self._id)
+            return True
+        except OSError:
+            return False
+
+    def _respond(self, nid: int, val: int, error: int, flags: int) -> None:
+        self._send.raw = _RESP.pack(nid, val, error, flags)
+        try:
+            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_SEND, self._send)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the thread gave up (a signal); nobody to tell
+                raise
+
+    def reply(self, nid: int, value: int) -> None:
+        """The syscall returns value."""
+        self._respond(nid, value, 0, 0)
+
+    def fail(self, nid: int, err: int) -> None:
+        """The syscall fails with errno err."""
+        self._respond(nid, 0, -err, 0)
+
+    def proceed(self, nid: int) -> None:
+        """Let the kernel run the syscall itself, re-reading its arguments.
+
+        Only for calls whose arguments the broker made no decision on, or whose
+        outcome is bounded by something a racing thread cannot change (see
+        docs/sandbox.md).
+        """
+        self._respond(nid, 0, 0, linux.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+
+    def install_fd(self, nid: int, fd: int, cloexec: bool) -> int | None:
+        """Install a copy of fd in the target as the syscall's return value (ADDFD + SEND).
+
+        Returns:
+            The fd number in the target, or None when the thread gave up first.
+
+        Raises:
+            OSError: EMFILE (its fd table is full) and the like; the syscall is not answered.
+        """
+        flags = linux.SECCOMP_ADDFD_FLAG_SEND
+        self._addfd.raw = _ADDFD.pack(nid, flags, fd, 0, os.O_CLOEXEC if cloexec else 0)
+        try:
+            return linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise

@@ -1,0 +1,295 @@
+"""The broker: one loop that answers every trapped syscall of a program and its children.
+
+    notification -> open /proc/TID/mem -> ID_VALID -> the process's state
+                 -> the handler (reads its arguments once, resolves, acts)
+                 -> SEND (value or errno), ADDFD+SEND (an fd), or CONTINUE
+
+One listener serves every thread and child of the program (the filter is
+inherited); a notification is answered by one handler at a time, so a
+multi-threaded program's calls queue here in the order the kernel hands
+them out. When the broker dies the listener closes, and every trapped call
+fails with ENOSYS.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from redoxcap.broker import hostfs
+from redoxcap.broker.handlers import PROCEED, Call, Install, Syscalls
+from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
+from redoxcap.broker.memory import Memory
+from redoxcap.broker.notify import Listener, Notification
+from redoxcap.broker.state import Directory, Processes
+from rt._call import call_fd, forget
+from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from wire import linux
+from wire import protocol as P
+
+log = logging.getLogger("broker")
+TRACE_ENV = "REDOXCAP_BROKER_TRACE"  # set (to a file name or "-") to log every brokered call
+
+
+class Unavailable(OSError):
+    """seccomp user notification (or Landlock, or pidfd_getfd) is not available here."""
+
+
+def available() -> str | None:
+    """None when brokered programs can run here, else why not (for the CLI to say)."""
+    if linux.machine() is None:
+        return "seccomp user notification: unsupported architecture"
+    try:
+        actions = Path("/proc/sys/kernel/seccomp/actions_avail").read_text().split()
+    except OSError:
+        return "seccomp is not available in this kernel"
+    if "user_notif" not in actions:
+        return "this kernel has no seccomp user notification (SECCOMP_RET_USER_NOTIF)"
+    from redoxcap.confine import landlock_abi
+
+    if landlock_abi() < 1:
+        return "Landlock is not available (brokered programs are confined by it too)"
+    return None
+
+
+class Broker:
+    """The loop over one listener."""
+
+    def __init__(self, listener: Listener, syscalls: Syscalls, processes: Processes,
+                 trace: int | None = None) -> None:
+        self.listener = listener
+        self.syscalls = syscalls
+        self.processes = processes
+        self.poller = select.poll()
+        self.trace = trace
+        self._names = {nr: name for name, nr in linux.SYSCALLS[syscalls.machine].items()}
+
+    def serve(self, main_pidfd: int) -> None:
+        """Answer calls until the main process exits (its pidfd becomes readable)."""
+        self.poller.register(self.listener.fd, select.POLLIN)
+        self.poller.register(main_pidfd, select.POLLIN)
+        while True:
+            for fd, events in self.poller.poll():
+                if fd == main_pidfd:
+                    return
+                if fd == self.listener.fd:
+                    if events & select.POLLIN:
+                        notif = self.listener.receive()
+                        if notif is not None:
+                            self.handle(notif)
+                    elif events & (select.POLLHUP | select.POLLERR):
+                        self.poller.unregister(fd)  # no target left with the filter
+                else:
+                    self.poller.unregister(fd)
+                    self.processes.exited(fd)
+
+    def handle(self, notif: Notification) -> None:
+        """Answer one notification (never raises for the target's errors)."""
+        try:
+            mem = Memory(notif.tid)  # before ID_VALID: the tid may be recycled after
+        except OSError:
+            return  # the thread is gone, and its call with it
+        with mem:
+            if not self.listener.valid(notif.id):
+                return
+            answer: object
+            try:
+                process, new = self.processes.of_thread(notif.tid)
+                if new:
+                    self.poller.register(process.pidfd, select.POLLIN)
+                handler = self.syscalls.table.get(notif.nr)
+                if handler is None:
+                    raise OSError(errno.ENOSYS, "not brokered")
+                answer = handler(Call(notif, mem, process))
+            except OSError as exc:
+                answer = OSError(exc.errno or errno.EIO, exc.strerror)
+            except Exception:
+                log.exception("broker: %s failed", self._names.get(notif.nr, notif.nr))
+                answer = OSError(errno.EIO, "broker error")
+            if self.trace is not None:
+                self._trace(notif, mem, answer)
+        self._answer(notif.id, answer)
+
+    def _answer(self, nid: int, answer: object) -> None:
+        if isinstance(answer, OSError):
+            self.listener.fail(nid, answer.errno)
+        elif isinstance(answer, Install):
+            try:
+                self.listener.install_fd(nid, answer.fd, answer.cloexec)
+            except OSError as exc:  # EMFILE in the target: the call fails, nothing leaks
+                self.listener.fail(nid, exc.errno or errno.EIO)
+            finally:
+                forget(answer.fd)
+                os.close(answer.fd)
+        elif answer is PROCEED:
+            self.listener.proceed(nid)
+        else:
+            self.listener.reply(nid, int(answer))
+
+    def _trace(self, notif: Notification, mem: Memory, answer: object) -> None:
+        name = self._names.get(notif.nr, str(notif.nr))
+        what = ""
+        for arg in notif.args[:2]:  # the path, where the call has one among its first two
+            try:
+                text = mem.string(arg, 256)
+                if text.startswith((b"/", b".")) or (text and text.isascii() and b"\0" not in text):
+                    what = text.decode(errors="replace")
+                    break
+            except OSError:
+                continue
+        result = (f"-{errno.errorcode.get(answer.errno, answer.errno)}" if isinstance(answer, OSError)
+                  else "fd" if isinstance(answer, Install) else str(answer))
+        os.write(self.trace, f"[{notif.tid}] {name}({what!r}) = {result}\n".encode())
+
+
+def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str]) -> list[str]:
+    """The host trees a run serves: the defaults, --ro-host, and what argv[0] needs.
+
+    The program's own file (never its directory) is added when it lies
+    outside the defaults; for a Python interpreter, its installation prefix
+    and the virtual environment it belongs to (the directory above its
+    `bin/` when that holds a pyvenv.cfg). Never a directory that is or holds
+    `/`, the caller's cwd or $HOME.
+    """
+    import shutil
+
+    trees = list(hostfs.DEFAULT_TREES) + [os.path.abspath(p) for p in extra]
+    exe = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if argv else None
+    if exe is None:
+        return trees
+    exe = os.path.abspath(exe)
+    real = os.path.realpath(exe)
+    trees += [exe, real]
+    if os.path.basename(real).startswith("python"):
+        guarded = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
+        for candidate in (os.path.dirname(os.path.dirname(real)), os.path.dirname(os.path.dirname(exe))):
+            real_candidate = os.path.realpath(candidate)
+            if real_candidate in ("/", "/root", "/home", "/tmp", "/etc") or any(
+                    g == real_candidate or g.startswith(real_candidate.rstrip("/") + "/") for g in guarded):
+                continue
+            if candidate == os.path.dirname(os.path.dirname(exe)) and not os.path.exists(
+                    os.path.join(candidate, "pyvenv.cfg")):
+                continue
+            trees.append(candidate)
+    return trees
+
+
+def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, env: dict[str, str],
+                 ro_host: Iterable[str] = (), passthrough: bool = True) -> int:
+    """Run an unmodified program whose every path goes through the broker; its exit code.
+
+    Args:
+        argv: the program and its arguments (argv[0] looked up on env's PATH).
+        ns_fd: the namespace capability its absolute paths resolve in (stays the caller's).
+        cwd_fd: the directory capability that is its cwd (stays the caller's).
+        cwd_path: what getcwd says for it.
+        env: its environment (REDOXCAP_NS_FD and friends are added for rt programs).
+        ro_host: host paths served read-only besides hostfs.DEFAULT_TREES.
+        passthrough: hand it host fds for regular files (native reads and writes).
+
+    Returns:
+        Its exit status (128 + N when killed by signal N); 126 when it could
+        not be started (the reason is printed on stderr).
+
+    Raises:
+        Unavailable: this kernel cannot broker a program.
+    """
+    reason = available()
+    if reason is not None:
+        raise Unavailable(errno.ENOSYS, reason)
+    machine = linux.machine()
+    assert machine is not None
+    trees = host_trees_for(argv, env, ro_host)
+    hosts = hostfs.HostTrees(trees)
+    opened: list[int] = []
+    trace_fd = None
+    try:
+        broker_cwd = call_fd(cwd_fd, P.CLONE)
+        opened.append(broker_cwd)
+        target_ns, target_cwd = call_fd(ns_fd, P.CLONE), None
+        opened.append(target_ns)
+        target_cwd = call_fd(cwd_fd, P.CLONE)
+        opened.append(target_cwd)
+        env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            trace_fd = 2 if trace == "-" else os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                ours.close()
+                exec_target(argv, env, theirs, parent, empty, hosts.trees, [target_ns, target_cwd])
+            theirs.close()
+            with ours:
+                listener = _receive_listener(ours)
+        finally:
+            os.rmdir(empty)  # the program's kernel cwd is a removed directory: no lookup works there
+        return _serve_and_wait(pid, listener, machine, ns_fd, broker_cwd, cwd_path, hosts,
+                               passthrough, trace_fd, opened)
+    finally:
+        for fd in opened:
+            forget(fd)
+            os.close(fd)
+        hosts.close()
+        if trace_fd not in (None, 2):
+            os.close(trace_fd)
+
+
+def _receive_listener(sock: socket.socket) -> Listener | None:
+    """The listener the child sends, or None when it exited first (its status says why)."""
+    data, anc, flags, _ = sock.recvmsg(16, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+    fds = P.parse_ancillary(anc)[0]
+    if data != b"L" or len(fds) != 1 or flags & P.TRUNCATED:
+        P.close_fds(fds)
+        return None
+    return Listener(fds[0])
+
+
+def _serve_and_wait(pid: int, listener: Listener | None, machine: str, ns_fd: int, broker_cwd: int,
+                    cwd_path: str, hosts: hostfs.HostTrees, passthrough: bool, trace_fd: int | None,
+                    opened: list[int]) -> int:
+    pidfd = os.pidfd_open(pid)
+    old = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.killpg(pid, signum)  # not reaped yet, so the group id is still the program's
+        except ProcessLookupError:
+            pass
+
+    try:
+        if listener is not None:
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                old[s] = signal.signal(s, forward)
+            listener.sync_wakeups()
+            opened.remove(broker_cwd)  # the initial Directory owns it from here
+            processes = Processes(Directory(broker_cwd, cwd_path, False))
+            syscalls = Syscalls(machine, ns_fd, hosts, processes, passthrough)
+            try:
+                Broker(listener, syscalls, processes, trace_fd).serve(pidfd)
+            finally:
+                listener.close()
+                processes.close()
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(pidfd)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    code = os.WEXITSTATUS(status)
+    return code if listener is not None or code else EXIT_CANNOT_RUN

@@ -1,0 +1,159 @@
+"""What the broker keeps per target process: its cwd, and which of its fds are capabilities.
+
+Linux keeps a process's cwd and fd table; under the broker the cwd is the
+broker's (chdir cannot be emulated in the kernel without a lookup, so the
+kernel's cwd of a target never changes and stands for nothing), and the fd
+table stays Linux's: the broker installs capabilities in it with ADDFD and,
+when a call names an fd, looks at what is behind that number right now
+(pidfd_getfd), so dup, dup2, fork, close and close-on-exec need no tracking.
+A capability is recognised by the identity (st_dev, st_ino) of its socket,
+recorded when the broker installed it.
+
+Threads share their process's state (Linux's CLONE_FS); a new process
+starts with its parent's cwd (read from /proc when its first call arrives);
+a process that exited is dropped when its pidfd says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+MAX_CAPABILITIES = 1 << 16  # remembered capability identities (the oldest are forgotten)
+MAX_THREADS = 1 << 16
+
+
+@dataclass(eq=False)
+class Directory:
+    """A directory paths are relative to: a capability, or a directory of the host trees.
+
+    Attributes:
+        fd: the broker's own fd (a capability socket, or an O_PATH host directory).
+        path: what getcwd answers (for a host directory, its real host path).
+        host: whether it is a host-tree directory.
+        refs: processes that have it as their cwd; the fd is closed at 0.
+    """
+
+    fd: int
+    path: str
+    host: bool
+    refs: int = 1
+
+    def retain(self) -> Directory:
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass(eq=False)
+class Process:
+    """One target process (thread group)."""
+
+    tgid: int
+    pidfd: int
+    cwd: Directory
+
+    def set_cwd(self, new: Directory) -> None:
+        """Make new (a reference the caller hands over) the cwd."""
+        old, self.cwd = self.cwd, new
+        old.release()
+
+
+@dataclass
+class Processes:
+    """Every target process the broker has seen, by thread group and by thread."""
+
+    initial: Directory  # the cwd of a process whose parent is unknown (the first one)
+    by_tgid: dict[int, Process] = field(default_factory=dict)
+    by_pidfd: dict[int, Process] = field(default_factory=dict)
+    _tgid_of: OrderedDict[int, int] = field(default_factory=OrderedDict)
+
+    def of_thread(self, tid: int) -> tuple[Process, bool]:
+        """The process of thread tid (read from /proc for a thread not seen yet).
+
+        Only valid while a notification of tid is pending: then tid cannot
+        have been recycled.
+
+        Returns:
+            (the process, whether it is new: the caller watches its pidfd).
+
+        Raises:
+            OSError: ESRCH/ENOENT when the thread is gone.
+        """
+        tgid = self._tgid_of.get(tid)
+        if tgid is not None and tgid in self.by_tgid:
+            return self.by_tgid[tgid], False
+        tgid, ppid = _ids(tid)
+        self._tgid_of[tid] = tgid
+        if len(self._tgid_of) > MAX_THREADS:
+            self._tgid_of.popitem(last=False)
+        process = self.by_tgid.get(tgid)
+        if process is not None:
+            return process, False
+        parent = self.by_tgid.get(ppid)
+        cwd = (parent.cwd if parent is not None else self.initial).retain()
+        try:
+            pidfd = os.pidfd_open(tgid)
+        except BaseException:
+            cwd.release()
+            raise
+        process = self.by_tgid[tgid] = self.by_pidfd[pidfd] = Process(tgid, pidfd, cwd)
+        return process, True
+
+    def exited(self, pidfd: int) -> None:
+        """Forget the process whose pidfd became readable (it exited)."""
+        process = self.by_pidfd.pop(pidfd, None)
+        if process is None:
+            return
+        self.by_tgid.pop(process.tgid, None)
+        process.cwd.release()
+        os.close(pidfd)
+
+    def close(self) -> None:
+        for pidfd in list(self.by_pidfd):
+            self.exited(pidfd)
+        self.initial.release()
+
+
+def _ids(tid: int) -> tuple[int, int]:
+    """(Tgid, PPid) of a thread, from /proc/TID/status."""
+    tgid = ppid = None
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                tgid = int(line.split()[1])
+            elif line.startswith(b"PPid:"):
+                ppid = int(line.split()[1])
+                break
+    if tgid is None or ppid is None:
+        raise OSError(3, "no such thread")
+    return tgid, ppid
+
+
+class CapabilityTable:
+    """The capabilities the broker installed in targets, by socket identity, with a directory
+    position for getdents (shared by every fd of the same open socket, as Linux's offset)."""
+
+    def __init__(self) -> None:
+        self._positions: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def add(self, identity: tuple[int, int]) -> None:
+        self._positions[identity] = 0
+        self._positions.move_to_end(identity)
+        if len(self._positions) > MAX_CAPABILITIES:
+            self._positions.popitem(last=False)
+
+    def __contains__(self, identity: tuple[int, int]) -> bool:
+        return identity in self._positions
+
+    def position(self, identity: tuple[int, int]) -> int:
+        return self._positions[identity]
+
+    def advance(self, identity: tuple[int, int], position: int) -> None:
+        self._positions[identity] = position
