@@ -89,7 +89,7 @@ O_RESOLVE_BENEATH = 0x1000_0000
 O_RESOLVE_IN_ROOT = 0x2000_0000
 # Ask for a host fd instead of a capability where the scheme can give one with the same
 # semantics (the file scheme: a regular file, opened with exactly the access asked for).
-O_PASSTHROUGH = 0x4000_0000
+O_PASSTHROUGH = 0x0800_0000
 AT_REMOVEDIR = 0x200  # as Linux
 
 # Namespace permissions (after Redox's nsmgr).

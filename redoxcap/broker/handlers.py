@@ -34,7 +34,7 @@ from redoxcap.broker.notify import Notification
 from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
 from redoxcap.broker.structs import pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
-from rt._paths import split_namespace_path, to_namespace_path
+from rt._paths import SCHEME_ROOT, split_namespace_path, to_namespace_path
 from wire import linux
 from wire import protocol as P
 from wire.stat import Stat
@@ -50,6 +50,10 @@ RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x01, 0x02, 0x04
 RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_CACHED = 0x08, 0x10, 0x20
 _O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 _OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
+
+
+_FILE_ROOT = to_namespace_path("/")
+_EMPTY_ROOT = Stat(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_ino=1)
 
 
 class _Proceed:
@@ -199,6 +203,13 @@ class Syscalls:
         if absolute:
             if self.hosts.claims(path):
                 return _Location(None, path, True)
+            cwd = call.process.cwd
+            scheme_path = path == SCHEME_ROOT or path.startswith(SCHEME_ROOT + "/")
+            if not cwd.host and not scheme_path and (
+                    path == cwd.path or path.startswith(cwd.path.rstrip("/") + "/")):
+                # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub")):
+                # beneath the cwd capability, with its rules, whatever the namespace holds
+                return _Location(cwd.fd, path[len(cwd.path):].lstrip("/") or ".", False, resolve)
             return _Location(self.ns, to_namespace_path(path) or path, False, resolve, None, True)
         fd, host_path, host, owned = self.directory(call, dirfd)
         if host:
@@ -224,7 +235,12 @@ class Syscalls:
         """The status (os.stat_result or Stat) of what a location names."""
         if loc.host:
             return self.hosts.stat(loc.path, follow)
-        fd = self.open_at(loc, os.O_PATH | (0 if follow else os.O_NOFOLLOW), 0, False)
+        try:
+            fd = self.open_at(loc, os.O_PATH | (0 if follow else os.O_NOFOLLOW), 0, False)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV and loc.namespace and loc.path == _FILE_ROOT:
+                return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
+            raise
         try:
             return self.status_of_capability(fd)
         finally:

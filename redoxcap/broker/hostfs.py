@@ -41,11 +41,12 @@ MAX_LINKS = 40
 DEFAULT_TREES = (
     "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin",
     "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-    "/etc/nsswitch.conf", "/etc/passwd", "/etc/group", "/etc/alternatives",
+    "/etc/nsswitch.conf", "/etc/passwd", "/etc/group", "/etc/alternatives", "/etc/locale.alias",
     "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
 )
 WRITABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full"})
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_TMPFILE
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BIT
 # What a host open may carry besides the access mode (O_CLOEXEC is the target's fd flag).
 _PASSED_FLAGS = (os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_PATH
                  | os.O_NOATIME | os.O_DSYNC | os.O_SYNC | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -139,8 +140,14 @@ class HostTrees:
             writes = False
         real = self._fast(path, follow)
         if real is None:
-            real = self.resolve(path, follow)
-        if writes and (real not in WRITABLE_DEVICES or flags & os.O_TMPFILE):
+            try:
+                real = self.resolve(path, follow)
+            except FileNotFoundError:
+                if not flags & os.O_CREAT or flags & os.O_DIRECTORY:
+                    raise
+                self.resolve(os.path.dirname(path.rstrip("/")) or "/")  # ENOENT if it is missing too
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS)) from None
+        if writes and (real not in WRITABLE_DEVICES or flags & _O_TMPFILE_BIT):
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))

@@ -164,9 +164,30 @@ def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str
     exe = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if argv else None
     if exe is None:
         return trees
-    exe = os.path.abspath(exe)
+    trees += _program_trees(os.path.abspath(exe))
+    return trees
+
+
+def _shebang(path: str) -> str | None:
+    """The interpreter a `#!` script names, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    words = head[2:].split(b"\n", 1)[0].split()
+    return os.fsdecode(words[0]) if words and words[0].startswith(b"/") else None
+
+
+def _program_trees(exe: str, depth: int = 0) -> list[str]:
+    """The program's file, a script's interpreter, a Python's prefix and venv."""
     real = os.path.realpath(exe)
-    trees += [exe, real]
+    trees = [exe, real]
+    interpreter = _shebang(real)
+    if interpreter is not None and depth < 4:
+        trees += _program_trees(interpreter, depth + 1)
     if os.path.basename(real).startswith("python"):
         guarded = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
         for candidate in (os.path.dirname(os.path.dirname(real)), os.path.dirname(os.path.dirname(exe))):

@@ -1,0 +1,288 @@
+"""Unmodified programs run brokered inside a `--beneath` sandbox, compared with native runs.
+
+Each program runs twice: natively with a copy of the tree as its cwd, and
+through `redoxcap run --ns '' --cwd /box --beneath --brokered`, where the
+box is the same tree in the file scheme. Their outputs must be equal. Then
+the same programs try to read, list, create and exec outside the box, race
+a path under an approved call, run many threads at once, and outlive the
+broker.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from redoxcap.broker import available
+from tests.conftest import REDOXCAP, System
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+SANDBOX = ("--ns", "", "--cwd", "/box", "--beneath", "--brokered")
+VENV_BIN = Path(sys.executable).parent
+PYGMENTIZE = VENV_BIN / "pygmentize"
+
+
+def build_box(box: Path) -> None:
+    """A small tree with files, a subdirectory, links in and out, a JSON, a zip and a tar."""
+    (box / "sub" / "deeper").mkdir(parents=True)
+    (box / "a.txt").write_text("alpha\n" * 100)
+    (box / "sub" / "b.txt").write_text("beta\n")
+    (box / "sub" / "deeper" / "c.py").write_text("print('hi')\n")
+    (box / "d.json").write_text('{"b": [1, 2], "a": {"x": null}}')
+    os.symlink("sub/b.txt", box / "rel_link")
+    os.symlink("../secret.txt", box / "out_link")
+    with zipfile.ZipFile(box / "z.zip", "w") as z:
+        z.writestr("inside.txt", "zipped\n")
+    with tarfile.open(box / "t.tar", "w") as t:
+        t.add(box / "sub", arcname="sub")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A system whose file root holds the box and a secret next to it, and a native copy."""
+    from tests.conftest import boot, shut_down
+
+    base = tmp_path_factory.mktemp("broker")
+    system = boot(base)
+    (system.root / "secret.txt").write_text("the secret")
+    build_box(system.root / "box")
+    try:
+        yield system
+    finally:
+        shut_down(system)
+
+
+def native(box: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=box, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": "/nonexistent"})
+
+
+def brokered(system: System, argv: list[str], *options: str, **kw) -> subprocess.CompletedProcess:
+    return system.run(*SANDBOX, *options, "--env", "LANG=C.UTF-8", "--env", "HOME=/nonexistent",
+                      "--", *argv, check=False, **kw)
+
+
+@pytest.fixture
+def twin(sandbox: System, tmp_path: Path):
+    """(a fresh copy of the box in the system, the native copy): for programs that write."""
+    box = sandbox.root / "box"
+    native_box = tmp_path / "box"
+    shutil.copytree(box, native_box, symlinks=True)
+    return sandbox, native_box
+
+
+PROGRAMS = {
+    "cat": ["cat", "a.txt", "sub/b.txt", "rel_link"],
+    "ls -l": ["ls", "-l", "--time-style=+%s", ".", "sub"],
+    "ls -R": ["ls", "-R"],
+    "sh -c": ["sh", "-c", "for f in *; do echo \"$f\"; done; wc -c < a.txt; cd sub && pwd && cat b.txt"],
+    "tar -t": ["tar", "-tvf", "t.tar"],
+    "tar -c": ["sh", "-c", "tar -cf - a.txt sub | tar -tvf -"],
+    "gzip": ["sh", "-c", "gzip -cn a.txt | md5sum; gzip -c a.txt | gzip -dc | md5sum"],
+    "find": ["sh", "-c", "find . | sort; find . -type f -name '*.txt' | sort"],
+    "head/wc/sort": ["sh", "-c", "head -3 a.txt | sort | uniq -c; wc -l a.txt sub/b.txt"],
+    "python3 -m json.tool": [sys.executable, "-m", "json.tool", "--sort-keys", "d.json"],
+    "python3 -m zipfile": [sys.executable, "-m", "zipfile", "-l", "z.zip"],
+    "python3 -m tarfile": ["/usr/bin/python3", "-m", "tarfile", "-l", "t.tar"],
+    "python3 -c os": [sys.executable, "-c",
+                      "import os; print(os.getcwd(), sorted(os.listdir()), os.path.getsize('a.txt'))"],
+    "pip --version": [sys.executable, "-m", "pip", "--version"],
+}
+if PYGMENTIZE.exists():
+    PROGRAMS["pygmentize"] = [str(PYGMENTIZE), "-l", "python", "-f", "html", "sub/deeper/c.py"]
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_an_unmodified_program_gives_what_it_gives_natively(sandbox, tmp_path, name):
+    argv = PROGRAMS[name]
+    copy = tmp_path / "box"
+    shutil.copytree(sandbox.root / "box", copy, symlinks=True)
+    expected = native(copy, argv)
+    got = brokered(sandbox, argv)
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout.replace(str(copy), "/box")), \
+        got.stderr
+    assert "Traceback" not in got.stderr
+
+
+WRITES = ("mkdir -p new/deeper && echo made > new/deeper/f.txt && mv new/deeper/f.txt moved.txt"
+          " && ln -s moved.txt link && ln moved.txt hard && cat link hard"
+          " && mkdir out && tar -xmf t.tar -C out --no-same-owner --no-same-permissions"
+          " && rm -r new hard && rmdir out/sub 2>/dev/null; find . | sort")
+
+
+def test_programs_that_write_leave_the_tree_they_leave_natively(twin):
+    system, native_box = twin
+    box = system.root / "box"
+    expected = native(native_box, ["sh", "-c", WRITES])
+    got = brokered(system, ["sh", "-c", WRITES])
+    try:
+        assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout), got.stderr
+        assert (box / "moved.txt").read_text() == "made\n"
+    finally:
+        for name in ("moved.txt", "link", "out"):
+            path = box / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+
+ESCAPES = {
+    "cat ../secret.txt": (["cat", "../secret.txt"], "Invalid cross-device link"),
+    "cat out_link": (["cat", "out_link"], "Invalid cross-device link"),
+    "cat /secret.txt": (["cat", "/secret.txt"], "No such device"),
+    "cat /etc/shadow": (["cat", "/etc/shadow"], "No such device"),
+    "ls ..": (["ls", ".."], "Invalid cross-device link"),
+    "ls /root": (["ls", "/root"], "No such device"),
+    "ls /usr/../root": (["ls", "/usr/../root"], "Permission denied"),
+    "create ../x": (["sh", "-c", "echo x > ../escaped.txt"], "Invalid cross-device link"),
+    "create /tmp/x": (["sh", "-c", "echo x > /tmp/escaped.txt"], "No such device"),
+    "write the host trees": (["sh", "-c", "echo x > /usr/escaped.txt"], "Read-only file system"),
+    "exec from the box": (["sh", "-c", "./mytrue"], "Permission denied"),
+    "python open": ([sys.executable, "-c", "open('/etc/hostname')"], "No such device"),
+    "python listdir": ([sys.executable, "-c", "import os; os.listdir('/home')"], "No such device"),
+}
+
+
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_reading_listing_creating_or_executing_outside_fails(sandbox, name):
+    argv, message = ESCAPES[name]
+    box = sandbox.root / "box"
+    shutil.copy("/usr/bin/true", box / "mytrue")
+    try:
+        got = brokered(sandbox, argv)
+    finally:
+        (box / "mytrue").unlink()
+    assert got.returncode != 0
+    assert message in got.stderr
+    assert "the secret" not in got.stdout
+    assert not (sandbox.root / "escaped.txt").exists()
+    assert not Path("/tmp/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
+
+
+def test_exec_of_a_host_file_outside_the_trees_fails(sandbox, tmp_path):
+    script = tmp_path / "escape.sh"
+    script.write_text("#!/bin/sh\necho escaped\n")
+    script.chmod(0o755)
+    got = brokered(sandbox, ["sh", "-c", f"{script}; echo rc=$?"])
+    assert "escaped" not in got.stdout
+    assert "rc=126" in got.stdout or "rc=127" in got.stdout
+
+
+RACE = textwrap.dedent("""
+    import ctypes, os, sys, threading
+    libc = ctypes.CDLL(None, use_errno=True)
+    inside, outside = b"a.txt\\0", sys.argv[1].encode() + b"\\0"
+    buf = ctypes.create_string_buffer(max(len(inside), len(outside)))
+    stop = False
+    def flip():
+        while not stop:
+            ctypes.memmove(buf, outside, len(outside))
+            ctypes.memmove(buf, inside, len(inside))
+    threading.Thread(target=flip, daemon=True).start()
+    got = {"inside": 0, "outside": 0, "error": 0}
+    for _ in range(int(sys.argv[2])):
+        fd = libc.open(buf, os.O_RDONLY)
+        if fd < 0:
+            got["error"] += 1
+            continue
+        data = os.read(fd, 64)
+        os.close(fd)
+        got["outside" if b"secret" in data else "inside"] += 1
+    stop = True
+    print(got)
+""")
+
+
+def test_a_racing_thread_swapping_the_path_never_gets_out(sandbox, tmp_path):
+    secret = tmp_path / "host_secret.txt"  # a host file the kernel would open if it re-read the path
+    secret.write_text("secret on the host")
+    got = brokered(sandbox, [sys.executable, "-c", RACE, str(secret), "2000"], timeout=120)
+    assert got.returncode == 0, got.stderr
+    counts = eval(got.stdout)  # noqa: S307 - our own program's dict
+    assert counts["outside"] == 0
+    assert counts["inside"] > 0
+
+
+THREADS = textwrap.dedent("""
+    import os, threading
+    errors = []
+    def work(n):
+        try:
+            for i in range(60):
+                with open("a.txt") as f:
+                    assert f.read() == "alpha\\n" * 100
+                assert os.stat("sub/b.txt").st_size == 5
+                assert "deeper" in os.listdir("sub")
+                os.makedirs(f"t{n}", exist_ok=True)
+                with open(f"t{n}/f", "w") as f:
+                    f.write(str(i))
+                os.unlink(f"t{n}/f")
+                os.rmdir(f"t{n}")
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("errors", errors)
+""")
+
+
+def test_a_multithreaded_program_works(sandbox):
+    got = brokered(sandbox, [sys.executable, "-c", THREADS], timeout=120)
+    assert got.stdout.strip() == "errors []", got.stderr
+
+
+def test_children_are_brokered_the_same_way(sandbox):
+    code = ("import subprocess; print(subprocess.run(['cat', 'sub/b.txt'], capture_output=True).stdout);"
+            "print(subprocess.run(['cat', '../secret.txt'], capture_output=True).returncode)")
+    got = brokered(sandbox, [sys.executable, "-c", code])
+    assert got.stdout.splitlines() == ["b'beta\\n'", "1"], got.stderr
+
+
+ORPHAN = textwrap.dedent("""
+    import os, sys
+    if os.fork() == 0:
+        os.setsid()
+        print("ready", flush=True)
+        sys.stdin.readline()  # until the test has killed the broker
+        try:
+            os.open("a.txt", os.O_RDONLY)
+            print("opened", flush=True)
+        except OSError as exc:
+            print("errno", exc.errno, flush=True)
+        os._exit(0)
+    sys.stdin.readline()  # the broker stays until this process exits
+""")
+
+
+def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
+    cmd = [*REDOXCAP, "--state-dir", str(sandbox.state_dir), "run", *SANDBOX, "--",
+           sys.executable, "-c", ORPHAN]
+    run = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline().strip() == "ready"
+        run.send_signal(signal.SIGKILL)  # the broker (its child dies with it; the orphan lives on)
+        run.wait(timeout=30)
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        assert run.stdout.readline().split() == ["errno", str(errno.ENOSYS)]
+    finally:
+        run.stdin.close()  # the orphan exits on EOF if it is still waiting
+        run.stdout.close()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
