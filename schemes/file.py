@@ -245,6 +245,20 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EFBIG)
         os.ftruncate(h.fd, length)
 
+    async def statat(self, req: Request, h: FileHandle, path: str, flags: int) -> Stat:
+        """Status of path relative to h, as openat(O_PATH) and fstat would answer, in one request.
+
+        flags: O_NOFOLLOW (the last symlink itself) and the O_RESOLVE_* bits; others are EINVAL.
+        """
+        if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
+            raise SchemeError(errno.EINVAL, "unsupported flag")
+        anchor = self._lookup_anchor(h, path, flags)
+        fd = open_at(anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
+        try:
+            return Stat.of(os.fstat(fd))
+        finally:
+            os.close(fd)
+
     async def fsync(self, req: Request, h: FileHandle) -> None:
         os.fsync(h.fd)
 

@@ -121,6 +121,7 @@ SENDFD = 33
 RECVFD = 34
 RECVFROM = 35
 SENDTO = 36
+STATAT = 37
 NS_LIST = 40
 NS_MKNS = 41
 NS_NARROW = 42
@@ -189,6 +190,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "int sent (one datagram)",
               "EOPNOTSUPP EISCONN (connected) EINVAL (address) EAFNOSUPPORT EMSGSIZE",
               "Send data as one datagram to host and port.", default=errno.EOPNOTSUPP),
+    Operation(STATAT, "statat", (_a("path", _STR), _a("flags", _INT)), "map of `st_*` fields",
+              "ENOENT ENOTDIR ELOOP EXDEV",
+              "Status of the file at path relative to the handle, in one round trip (flags: "
+              "O_NOFOLLOW for the link itself, O_RESOLVE_*; what openat with O_PATH and fstat "
+              "answer).", path=0, forward=Forward.VALUE),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST",
               "The names in the namespace.", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),

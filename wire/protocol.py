@@ -46,6 +46,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     SENDFD,
     SENDTO,
     SHUTDOWN,
+    STATAT,
     SYMLINKAT,
     UNLINKAT,
     WRITE,

@@ -31,6 +31,7 @@ from typing import Any
 from redoxcap.broker.hostfs import WRITABLE_DEVICES, HostTrees
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
+from redoxcap.broker.pump import Pumps
 from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
 from redoxcap.broker.structs import pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
@@ -138,6 +139,7 @@ class Syscalls:
         self.processes = processes
         self.passthrough = passthrough
         self.caps = CapabilityTable()
+        self.pumps = Pumps()
         self.o_largefile = _O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
         self.table: dict[int, Callable[[Call], Any]] = {
@@ -216,12 +218,6 @@ class Syscalls:
             return _Location(None, posixpath.join(host_path, path), True)
         return _Location(fd, path, False, resolve, owned)
 
-    def register(self, fd: int) -> None:
-        """Remember fd (about to be installed) if it is a capability."""
-        st = os.fstat(fd)
-        if stat.S_ISSOCK(st.st_mode):
-            self.caps.add(_identity(st))
-
     def open_at(self, loc: _Location, flags: int, mode: int, passthrough: bool) -> int:
         """Open at a location; returns the broker's fd (a capability or a host fd)."""
         flags &= ~(os.O_CLOEXEC | self.o_largefile)
@@ -235,8 +231,15 @@ class Syscalls:
         """The status (os.stat_result or Stat) of what a location names."""
         if loc.host:
             return self.hosts.stat(loc.path, follow)
+        nofollow = 0 if follow else os.O_NOFOLLOW
         try:
-            fd = self.open_at(loc, os.O_PATH | (0 if follow else os.O_NOFOLLOW), 0, False)
+            try:  # one request where the scheme answers STATAT
+                value = call_value(loc.cap, P.STATAT, [loc.path, nofollow | loc.resolve], kind=dict)
+                return Stat.from_wire(value)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+            fd = self.open_at(loc, os.O_PATH | nofollow, 0, False)
         except OSError as exc:
             if exc.errno == errno.ENODEV and loc.namespace and loc.path == _FILE_ROOT:
                 return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
@@ -288,11 +291,33 @@ class Syscalls:
         finally:
             loc.close()
         try:
-            self.register(fd)
+            fd = self.for_the_program(fd, flags)
         except BaseException:
             _close(fd)
             raise
         return Install(fd, bool(flags & os.O_CLOEXEC))
+
+    def for_the_program(self, fd: int, flags: int) -> int:
+        """What the program gets for an fd just opened (owned; the answer is owned too).
+
+        A host fd (passthrough, the host trees) as it is; a directory or O_PATH
+        capability as it is, recorded, for the `*at` calls, getdents and fstat
+        that name it; any other capability (a file without passthrough, a
+        device, a connection) through a pump, since read(2) and write(2) on a
+        capability socket would speak frames.
+        """
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            return fd
+        if not flags & (os.O_PATH | os.O_DIRECTORY):
+            try:
+                is_dir = stat.S_ISDIR(self.status_of_capability(fd).st_mode)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                return self.pumps.start(fd, flags)
+        self.caps.add(_identity(st))
+        return fd
 
     def open(self, call: Call) -> Install:
         return self._open(call, AT_FDCWD, call.args[0], _int(call.args[1]), call.args[2])

@@ -35,6 +35,7 @@ from wire import linux
 from wire import protocol as P
 
 log = logging.getLogger("broker")
+PUMP_GRACE = 10.0  # seconds a routed write may still take once the program has exited
 TRACE_ENV = "REDOXCAP_BROKER_TRACE"  # set (to a file name or "-") to log every brokered call
 
 
@@ -301,6 +302,7 @@ def _serve_and_wait(pid: int, listener: Listener | None, machine: str, ns_fd: in
             finally:
                 listener.close()
                 processes.close()
+                syscalls.pumps.join(PUMP_GRACE)  # routed writes the program made reach their file
         _, status = os.waitpid(pid, 0)
     except BaseException:
         os.kill(pid, signal.SIGKILL)
