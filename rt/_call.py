@@ -40,18 +40,21 @@ def forget(fd: int) -> None:
         _host.pop(fd, None)
 
 
-def is_host_fd(fd: int) -> bool:
+def is_host_fd(fd: int, remember: bool = True) -> bool:
     """Whether fd is a plain host fd (a passthrough file), which rt serves with os.* calls.
 
     A capability is always a socket; anything else is a host fd. Asked once per
-    fd (fstat) and remembered until rt closes it.
+    fd (fstat) and remembered until rt closes it (remember=False: not remembered,
+    for an fd that something else will close).
 
     Raises:
         OSError: EBADF when fd is not open.
     """
     kind = _host.get(fd)
     if kind is None:
-        kind = _host[fd] = not stat.S_ISSOCK(os.fstat(fd).st_mode)
+        kind = not stat.S_ISSOCK(os.fstat(fd).st_mode)
+        if remember:
+            _host[fd] = kind
     return kind
 
 
@@ -178,6 +181,8 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     if status != P.OK:
         P.close_fds(received)
         raise_errno(value)
+    for new in received:  # a number just allocated: whatever rt knew of a closed fd there is stale
+        _host.pop(new, None)
     return value, received
 
 

@@ -112,7 +112,7 @@ def open_file(
     else:
         fd = _posix.open(path, flags | (O_PASSTHROUGH if passthrough else 0), 0o666)
         closefd = True
-    if is_host_fd(fd):  # Python's own file object: an fd's mode creates and truncates nothing
+    if is_host_fd(fd, remember=False):  # Python's own file object (it closes the fd itself)
         return open(fd, mode, buffering, encoding, errors, newline, closefd=closefd)
     try:
         raw = CapabilityIO(fd, readable, writable, closefd)

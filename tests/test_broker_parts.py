@@ -1,0 +1,154 @@
+"""The broker's parts without a system: the host trees, the filter program, the structs,
+and the listener on a real filter in a forked child."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import pytest
+
+from redoxcap.broker import filter as bpf
+from redoxcap.broker import structs
+from redoxcap.broker.hostfs import DEFAULT_TREES, HostTrees
+from redoxcap.broker.memory import Memory
+from redoxcap.broker.notify import Listener
+from redoxcap.broker.server import available
+from wire import linux
+from wire import protocol as P
+
+
+@pytest.fixture
+def trees(tmp_path):
+    """Host trees: allowed/ (with links in, out, absolute and up), and a secret beside it."""
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "sub" / "f").write_text("f")
+    (tmp_path / "secret").write_text("secret")
+    os.symlink("sub/f", allowed / "rel")
+    os.symlink(str(allowed / "sub"), allowed / "abs_in")
+    os.symlink(str(tmp_path / "secret"), allowed / "abs_out")
+    os.symlink("../secret", allowed / "up_out")
+    h = HostTrees([str(allowed), "/usr", "/lib", "/etc/localtime"])
+    yield h, allowed, tmp_path
+    h.close()
+
+
+def test_the_host_trees_follow_links_that_stay_in_and_refuse_the_rest(trees):
+    h, allowed, _ = trees
+    assert h.resolve(f"{allowed}/rel") == f"{allowed}/sub/f"
+    assert h.resolve(f"{allowed}/abs_in/f") == f"{allowed}/sub/f"
+    assert h.resolve(f"{allowed}/sub/../sub/f") == f"{allowed}/sub/f"
+    for path in (f"{allowed}/abs_out", f"{allowed}/up_out", f"{allowed}/../secret",
+                 f"{allowed}/sub/../../secret"):
+        with pytest.raises(OSError) as info:
+            h.resolve(path)
+        assert info.value.errno == errno.EACCES, path
+    assert h.resolve(f"{allowed}/rel", follow=False) == f"{allowed}/rel"
+    with pytest.raises(FileNotFoundError):
+        h.resolve(f"{allowed}/missing")
+    with pytest.raises(NotADirectoryError):
+        h.resolve(f"{allowed}/sub/f/")
+
+
+def test_merged_usr_and_absolute_system_links_resolve(trees):
+    h, _, _ = trees
+    for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/etc/localtime"):
+        if os.path.exists(path):
+            real = h.resolve(path)
+            assert real == os.path.realpath(path) and h.inside(real)
+
+
+def test_the_host_trees_are_read_only_but_the_writable_devices(trees):
+    h, allowed, _ = trees
+    fd = h.open(f"{allowed}/rel", os.O_RDONLY)
+    try:
+        assert os.read(fd, 10) == b"f"
+    finally:
+        os.close(fd)
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_CREAT):
+        with pytest.raises(OSError) as info:
+            h.open(f"{allowed}/sub/f", flags)
+        assert info.value.errno == errno.EROFS
+    with pytest.raises(OSError) as info:
+        h.open(f"{allowed}/sub/new", os.O_WRONLY | os.O_CREAT)
+    assert info.value.errno == errno.EROFS
+    devices = HostTrees(DEFAULT_TREES)
+    try:
+        fd = devices.open("/dev/null", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.close(fd)
+        assert devices.claims("/usr/bin/ls") and not devices.claims("/etc/shadow")
+        assert not devices.claims("/usrx") and not devices.claims("/")
+    finally:
+        devices.close()
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_filter_traps_the_path_calls_and_refuses_the_bypasses(machine):
+    prog = bpf.program(machine)
+    assert len(prog) % 8 == 0 and len(prog) // 8 < 4096
+    insns = [struct.unpack("=HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
+    nrs = linux.SYSCALLS[machine]
+    compared = {k for code, _, _, k in insns if code == 0x15}
+    for name in ("openat", "newfstatat", "statx", "execve", "getdents64", "chdir", "getcwd"):
+        assert nrs[name] in compared, name
+    for name in ("open_by_handle_at", "ptrace", "process_vm_readv", "pidfd_getfd", "io_uring_setup"):
+        assert nrs[name] in compared, name
+    assert insns[-1] == (0x06, 0, 0, linux.SECCOMP_RET_ALLOW)
+
+
+def test_structs_have_the_kernels_sizes():
+    st = os.stat("/")
+    assert len(structs.pack_stat("x86_64", st)) == 144
+    assert len(structs.pack_stat("aarch64", st)) == 128
+    assert len(structs.pack_statx(st)) == 256
+    data, count = structs.pack_dirents(["a", "bb", "c" * 300], 5, 64)
+    assert count == 2 and len(data) == 48
+    d_ino, d_off, reclen, d_type = struct.unpack_from("=QqHB", data)
+    assert (d_off, reclen, d_type) == (6, 24, 0) and d_ino and data[19:21] == b"a\0"
+
+
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_a_trapped_call_is_answered_once_read_and_fails_closed_without_a_listener():
+    """A forked child installs the filter and hands over its listener; the parent answers
+    one openat with an errno read from its argument, then closes the listener: ENOSYS."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            linux.libc().prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            listener = bpf.install(linux.machine())
+            theirs.sendmsg([b"L"], P.fds_ancillary([listener]))
+            os.close(listener)
+            results = []
+            for path in ("/answer-me", "/after-the-broker"):
+                try:
+                    os.open(path, os.O_RDONLY)
+                    results.append(0)
+                except OSError as exc:
+                    results.append(exc.errno)
+                theirs.send(bytes(results[-1:]))
+            code = 0 if results == [errno.EXDEV, errno.ENOSYS] else 2
+        finally:
+            os._exit(code)
+    theirs.close()
+    try:
+        _, anc, _, _ = ours.recvmsg(1, P.CMSG_FDS)
+        listener = Listener(P.parse_ancillary(anc)[0][0])
+        notif = listener.receive()
+        assert notif is not None and notif.nr == linux.SYSCALLS[linux.machine()]["openat"]
+        with Memory(notif.tid) as mem:
+            assert listener.valid(notif.id)
+            assert mem.string(notif.args[1]) == b"/answer-me"
+        listener.fail(notif.id, errno.EXDEV)
+        assert ours.recv(1) == bytes([errno.EXDEV])
+        listener.close()
+        assert ours.recv(1) == bytes([errno.ENOSYS])
+    finally:
+        ours.close()
+        _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -1,0 +1,107 @@
+"""Passthrough: the file scheme answers an open of a regular file with a host fd, and rt
+serves both kinds of fd; STATAT answers a path's status in one request."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+import pytest
+
+import rt
+from tests.conftest import _as_client, boot, shut_down
+from wire.protocol import O_PASSTHROUGH
+
+
+@pytest.fixture(scope="module")
+def ro_client(tmp_path_factory):
+    """A system with a read-only mount `ro` next to the file root, installed in this process's rt."""
+    base = tmp_path_factory.mktemp("passthrough")
+    ro = base / "ro"
+    ro.mkdir()
+    (ro / "kept.txt").write_text("read only")
+    system = boot(base, "--mount", f"ro={ro}:ro")
+    try:
+        with _as_client(system):
+            yield system
+    finally:
+        shut_down(system)
+
+
+def test_a_passthrough_open_of_a_regular_file_is_a_host_fd_with_the_access_asked_for(ro_client):
+    (ro_client.root / "f.txt").write_text("hello")
+    fd = rt.open("/f.txt", os.O_RDWR | os.O_APPEND | O_PASSTHROUGH)
+    try:
+        assert stat.S_ISREG(os.fstat(fd).st_mode)  # a host fd: os.fstat works on it
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert flags & os.O_ACCMODE == os.O_RDWR and flags & os.O_APPEND
+        assert not flags & os.O_NONBLOCK  # the daemon's own O_NONBLOCK is not handed on
+        assert rt.read(fd, 100) == b"hello"
+        assert rt.write(fd, b" world") == 6
+        assert rt.lseek(fd, 0) == 0 and rt.read(fd, 100) == b"hello world"
+        assert rt.fstat(fd).st_size == 11
+        assert rt.getfl(fd) == flags
+    finally:
+        rt.close(fd)
+
+
+def test_rt_open_file_gives_python_s_own_file_object_for_a_host_fd(ro_client):
+    (ro_client.root / "g.txt").write_text("line 1\nline 2\n")
+    with rt.open_file("/g.txt", passthrough=True) as f:
+        assert type(f).__module__ == "_io" and f.readlines() == ["line 1\n", "line 2\n"]
+    with rt.open_file("/g.txt", "a", passthrough=True) as f:
+        f.write("line 3\n")
+    with rt.open_file("/g.txt") as f:  # routed, as before
+        assert f.read().endswith("line 3\n")
+
+
+def test_a_read_only_mount_never_hands_out_a_writable_fd(ro_client):
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(OSError) as info:
+            rt.open("/scheme/ro/kept.txt", flags | O_PASSTHROUGH)
+        assert info.value.errno == errno.EROFS
+    fd = rt.open("/scheme/ro/kept.txt", os.O_RDONLY | O_PASSTHROUGH)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(OSError) as info:
+            os.write(fd, b"x")
+        assert info.value.errno == errno.EBADF
+    finally:
+        rt.close(fd)
+
+
+def test_directories_and_o_path_opens_stay_capabilities(ro_client):
+    (ro_client.root / "dir").mkdir(exist_ok=True)
+    (ro_client.root / "h.txt").write_text("h")
+    for path, flags in (("/dir", os.O_RDONLY), ("/dir", os.O_DIRECTORY), ("/h.txt", os.O_PATH)):
+        fd = rt.open(path, flags | O_PASSTHROUGH)
+        try:
+            assert stat.S_ISSOCK(os.fstat(fd).st_mode), (path, flags)
+            assert rt.fpath(fd).startswith("/scheme/file/")
+        finally:
+            rt.close(fd)
+
+
+def test_stat_is_one_request_and_answers_as_open_and_fstat(ro_client):
+    (ro_client.root / "s.txt").write_text("12345")
+    os.symlink("s.txt", ro_client.root / "s_link")
+    try:
+        assert rt.stat("/s.txt").st_size == 5
+        assert rt.stat("/s_link").st_size == 5
+        assert stat.S_ISDIR(rt.stat("/").st_mode)
+        assert rt.stat("/scheme/ro/kept.txt").st_size == 9
+        with pytest.raises(FileNotFoundError):
+            rt.stat("/nowhere")
+        from rt._call import call_value
+        from wire import protocol as P
+
+        link = call_value(rt.getns(), P.STATAT, ["/scheme/file/s_link", os.O_NOFOLLOW], kind=dict)
+        assert stat.S_ISLNK(link["st_mode"])
+        with pytest.raises(OSError) as info:
+            call_value(rt.getns(), P.STATAT, ["/scheme/file/s.txt", os.O_WRONLY], kind=dict)
+        assert info.value.errno == errno.EINVAL
+        assert stat.S_ISCHR(rt.stat("/scheme/null").st_mode) or rt.stat("/scheme/null")  # ENOSYS -> fallback
+    finally:
+        os.unlink(ro_client.root / "s_link")
