@@ -106,16 +106,20 @@ class FileScheme(Scheme):
     inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
     resolves_beneath = True
 
-    def __init__(self, root: str, name: str = "file", read_only: bool = False) -> None:
+    def __init__(self, root: str, name: str = "file", read_only: bool = False,
+                 passthrough: bool = True) -> None:
         """Open root (an O_PATH directory fd held for the daemon's life).
 
         Args:
             root: the host directory to serve.
             name: the scheme's name, for fpath.
             read_only: refuse every write with EROFS.
+            passthrough: answer O_PASSTHROUGH with host fds (else with handles: every
+                read and write stays routed).
         """
         self.name = name
         self.read_only = read_only
+        self.passthrough = passthrough
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
         self.handles = {}
@@ -139,7 +143,7 @@ class FileScheme(Scheme):
         if (flags & ~(SERVED | HARMLESS) or flags & os.O_ACCMODE == os.O_ACCMODE
                 or flags & RESOLVE_BITS == RESOLVE_BITS):
             raise SchemeError(errno.EINVAL, "unsupported open flag")
-        passthrough = bool(flags & P.O_PASSTHROUGH)
+        passthrough = bool(flags & P.O_PASSTHROUGH) and self.passthrough
         flags &= ~P.O_PASSTHROUGH
         path_only = bool(flags & os.O_PATH)
         if not path_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC)):
@@ -408,6 +412,9 @@ if __name__ == "__main__":
         parser.add_argument("--root", required=True, help="the host directory to serve")
         parser.add_argument("--name", default="file", help="the scheme's name, for fpath")
         parser.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+        parser.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                            help="answer O_PASSTHROUGH with handles: every read and write routed")
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
-    daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only), _options)
+    daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only, a.passthrough),
+               _options)

@@ -31,10 +31,13 @@ class Pumps:
         self._threads: list[threading.Thread] = []
 
     def start(self, cap: int, flags: int) -> int:
-        """Pump cap (owned from now on) for a program that opened it with flags.
+        """Pump cap for a program that opened it with flags (cap is owned here once this returns).
 
         Returns:
             The program's end (the caller installs it and closes its own copy).
+
+        Raises:
+            OSError: the pump could not be made; cap is still the caller's.
         """
         mode = flags & os.O_ACCMODE
         reading, writing = mode in (os.O_RDONLY, os.O_RDWR), mode in (os.O_WRONLY, os.O_RDWR)
@@ -45,7 +48,6 @@ class Pumps:
         except BaseException:
             ours.close()
             theirs.close()
-            _close(cap)
             raise
         ours_write = ours.dup() if reading and writing else ours
         if not reading:
