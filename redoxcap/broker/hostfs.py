@@ -64,6 +64,8 @@ class HostTrees:
         """Take absolute host paths (trees that do not exist are kept: they match nothing)."""
         self.trees = sorted({os.path.normpath(t) for t in trees if os.path.isabs(t)})
         self._tree_parts = [tuple(_parts(t)) for t in self.trees]
+        self._tree_set = set(self._tree_parts)
+        self._depths = sorted({len(tp) for tp in self._tree_parts})
         self._above = {tp[:i] for tp in self._tree_parts for i in range(len(tp))}
         self._root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -72,18 +74,19 @@ class HostTrees:
             os.close(self._root)
             self._root = -1
 
+    def _in_tree(self, parts: tuple[str, ...] | list[str]) -> bool:
+        return any(tuple(parts[:d]) in self._tree_set for d in self._depths if d <= len(parts))
+
     def claims(self, path: str) -> bool:
         """Whether an absolute path belongs to the host (its first components name a tree)."""
-        parts = path.split("/")
-        return any(parts[1 : 1 + len(tp)] == list(tp) for tp in self._tree_parts)
+        return self._in_tree(path.split("/")[1:])
 
     def inside(self, real: str) -> bool:
         """Whether a real (symlink-free, absolute) path lies in a tree."""
-        parts = tuple(_parts(real))
-        return any(parts[: len(tp)] == tp for tp in self._tree_parts)
+        return self._in_tree(_parts(real))
 
     def _passable(self, parts: tuple[str, ...]) -> bool:
-        return parts in self._above or any(parts[: len(tp)] == tp for tp in self._tree_parts)
+        return parts in self._above or self._in_tree(parts)
 
     def resolve(self, path: str, follow: bool = True) -> str:
         """The real host path an absolute path names (the last symlink followed if follow).
@@ -138,6 +141,18 @@ class HostTrees:
         writes = flags & _WRITE_FLAGS or flags & os.O_ACCMODE != os.O_RDONLY
         if flags & os.O_PATH:
             writes = False
+        host = flags & _PASSED_FLAGS
+        if flags & os.O_PATH:
+            host &= os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+        if not writes:  # one openat2 when no symlink is on the way (ELOOP: walk)
+            parts = _parts(path)
+            if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+                try:
+                    return openat2(self._root, "/".join(parts) or ".", host | os.O_CLOEXEC, mode,
+                                   RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
         real = self._fast(path, follow)
         if real is None:
             try:
@@ -151,9 +166,6 @@ class HostTrees:
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        host = flags & _PASSED_FLAGS
-        if flags & os.O_PATH:
-            host &= os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
         if not follow:
             host |= os.O_NOFOLLOW
         return openat2(self._root, real.lstrip("/") or ".", host | os.O_CLOEXEC, mode,
@@ -181,8 +193,22 @@ class HostTrees:
 
     def stat(self, path: str, follow: bool = True) -> os.stat_result:
         """lstat/stat of an absolute host path in the trees."""
-        real = self._fast(path, follow) or self.resolve(path, follow)
-        return os.stat(real, follow_symlinks=False)
+        parts = _parts(path)
+        if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+            try:  # no symlink on the way: one openat2
+                fd = openat2(self._root, "/".join(parts), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                             RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+            else:
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if not (follow and stat.S_ISLNK(st.st_mode)):
+                    return st
+        return os.stat(self.resolve(path, follow), follow_symlinks=False)
 
     def readlink(self, path: str) -> str:
         """The body of the symlink at an absolute host path (EINVAL if it is none)."""
