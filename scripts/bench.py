@@ -119,7 +119,7 @@ def private_system(root: Path, state: Path) -> Iterator[list[str]]:
 
 def build_root(root: Path, bulk: int) -> None:
     (root / "f").write_bytes(b"x" * 4096)
-    (root / "big").write_bytes(os.urandom(1 * MIB) * max(bulk // MIB, 32))
+    (root / "big").write_bytes(os.urandom(1 * MIB) * max(bulk // MIB, 32))  # >= 32 MiB: sequential reads
     d = root / "d100"
     d.mkdir()
     for i in range(100):
@@ -188,37 +188,37 @@ def io_calls(n: int, root: Path) -> dict[str, float]:
 
 
 def bulk_io(root: Path, bulk: int) -> dict[str, float]:
-    """MiB/s reading and writing bulk bytes in 1 MiB calls: routed, passthrough, native."""
+    """MiB/s moving bulk bytes in 1 MiB calls on an open fd: routed, passthrough, native.
+
+    The open and close are outside the timing: this is the data path (an open
+    is measured above).
+    """
     out: dict[str, float] = {}
     chunk = b"b" * MIB
     for kind in ("routed", "passthrough", "native"):
-        def read_all(kind: str = kind) -> None:
-            if kind == "native":
-                fd = os.open(root / "big", os.O_RDONLY)
-                while os.read(fd, MIB):
-                    pass
-                os.close(fd)
-                return
-            fd = rt.open("/big", os.O_RDONLY | (O_PASSTHROUGH if kind == "passthrough" else 0))
-            while rt.read(fd, MIB):
-                pass
-            rt.close(fd)
-
-        def write_all(kind: str = kind) -> None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            if kind == "native":
-                fd = os.open(root / "bulkw", flags, 0o644)
-                for _ in range(bulk // MIB):
-                    os.write(fd, chunk)
-                os.close(fd)
-                return
-            fd = rt.open("/bulkw", flags | (O_PASSTHROUGH if kind == "passthrough" else 0))
-            for _ in range(bulk // MIB):
-                rt.write(fd, chunk)
-            rt.close(fd)
-        for name, fn in (("read", read_all), ("write", write_all)):
-            seconds = statistics.median(_timed(1, fn) for _ in range(3)) / 1e6
-            out[f"bulk {name} {bulk // MIB} MiB {kind}"] = bulk / MIB / seconds
+        native = kind == "native"
+        extra = O_PASSTHROUGH if kind == "passthrough" else 0
+        for name in ("read", "write"):
+            seconds = []
+            for _ in range(3):
+                if name == "read":
+                    fd = os.open(root / "big", os.O_RDONLY) if native else rt.open("/big", extra)
+                else:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                    fd = (os.open(root / "bulkw", flags, 0o644) if native
+                          else rt.open("/bulkw", flags | extra))
+                read, write = (os.read, os.write) if native else (rt.read, rt.write)
+                start = time.perf_counter()
+                if name == "read":
+                    while read(fd, MIB):
+                        pass
+                else:
+                    for _ in range(bulk // MIB):
+                        write(fd, chunk)
+                seconds.append(time.perf_counter() - start)
+                (os.close if native else rt.close)(fd)
+            size = (root / "big").stat().st_size if name == "read" else bulk
+            out[f"bulk {name} {size // MIB} MiB {kind}"] = size / MIB / statistics.median(seconds)
     (root / "bulkw").unlink()
     return out
 
@@ -390,31 +390,34 @@ def report(r: dict) -> None:
     print(f"floors: R cross-core {R:.1f} µs, R pinned {Rp:.1f} µs, "
           f"native open+read 4 KiB+close {nat:.1f} µs")
     print(f"\n{'rt call':<40} {'µs':>9} {'/R':>6} {'target':>8}")
-    targets = {"open+close via the namespace": "<= 5 R", "stat via the namespace": "",
-               "fstat": "<= 2.5 R", "openat+close via the cwd": ""}
+    targets = {"open+close via the namespace": "<= 5 R", "fstat": "<= 2.5 R"}
     for name, us in r["rt"].items():
         print(f"{name:<40} {us:>9.1f} {us / R:>6.2f} {targets.get(name, ''):>8}")
     print(f"\n{'read/write':<40} {'µs':>9} {'/R':>6} {'/native':>8}")
     for name, us in r["io"].items():
         base = r["io"][name.rsplit(" ", 1)[0] + " native"]
-        print(f"{name:<40} {us:>9.1f} {us / R:>6.2f} {us / base:>8.2f}")
+        target = "<= 1.5" if name.endswith("4 KiB passthrough") else ""
+        print(f"{name:<40} {us:>9.1f} {us / R:>6.2f} {us / base:>8.2f} {target}")
     print(f"\n{'bulk':<40} {'MiB/s':>9} {'of native':>10}")
     for name, speed in r["bulk"].items():
         base = r["bulk"][name.rsplit(" ", 1)[0] + " native"]
-        print(f"{name:<40} {speed:>9.0f} {speed / base:>9.0%}")
-    print(f"\n{'brokered call (unmodified python3)':<40} {'µs':>9} {'/R':>6}")
+        target = ">= 90%" if name.endswith("passthrough") else ""
+        print(f"{name:<40} {speed:>9.0f} {speed / base:>9.0%} {target}")
+    print(f"\n{'brokered call (unmodified python3)':<40} {'µs':>9} {'/R':>6} {'target':>8}")
     for name, us in r["broker"].items():
-        print(f"{name:<40} {us:>9.1f} {us / R:>6.2f}")
+        target = "<= 6 R" if name == "open+close via the namespace" else ""
+        print(f"{name:<40} {us:>9.1f} {us / R:>6.2f} {target:>8}")
     print(f"\n{'whole program':<40} {'native ms':>10} {'brokered ms':>12} {'ratio':>6}")
     for name, t in r["programs"].items():
         print(f"{name:<40} {t['native ms']:>10.1f} {t['brokered ms']:>12.1f} "
               f"{t['brokered ms'] / t['native ms']:>6.1f}")
-    print(f"\n{'clients':<10} {'ops/s':>10} {'p99 µs':>10}   (openat+read 4 KiB+close via the cwd)")
+    print(f"\n{'clients':<10} {'ops/s':>10} {'p99 µs':>10}   (openat+read 4 KiB+close via the cwd;"
+          " target: 64 >= 4)")
     for count, s in r["scaling"].items():
         print(f"{count:<10} {s['ops/s']:>10.0f} {s['p99 µs']:>10.0f}")
     print()
     for name, kib in r["memory"].items():
-        print(f"{name}: {kib:.2f}")
+        print(f"{name}: {kib:.2f}" + ("   (target: router <= 4)" if name.startswith("kernel") else ""))
 
 
 def plot(scale: dict[int, dict[str, float]], path: str) -> None:
