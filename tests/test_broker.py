@@ -287,3 +287,56 @@ def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+def test_without_passthrough_every_byte_is_routed_and_programs_still_work(twin):
+    system, native_box = twin
+    script = "echo routed > r.txt; cat r.txt a.txt | wc -c; python3 -c 'print(open(\"d.json\").read())'"
+    expected = native(native_box, ["sh", "-c", script])
+    got = brokered(system, ["sh", "-c", script], "--no-passthrough")
+    try:
+        assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout), got.stderr
+    finally:
+        (system.root / "box" / "r.txt").unlink(missing_ok=True)
+
+
+def test_device_schemes_reach_an_unmodified_program_through_a_pump(sandbox):
+    got = sandbox.run("--ns", "zero,null", "--cwd", "/box", "--beneath", "--brokered", "--",
+                      "sh", "-c", "head -c 4 /scheme/zero/ | od -An -tx1; echo gone > /scheme/null/",
+                      check=False)
+    assert (got.returncode, got.stdout.split()) == (0, ["00"] * 4), got.stderr
+
+
+def test_ro_host_serves_a_host_tree_read_only(sandbox, tmp_path):
+    extra = tmp_path / "shared-data"
+    extra.mkdir()
+    (extra / "data.txt").write_text("host data\n")
+    read = ["cat", f"{extra}/data.txt"]
+    assert brokered(sandbox, read).returncode != 0
+    got = brokered(sandbox, read, "--ro-host", str(extra))
+    assert (got.returncode, got.stdout) == (0, "host data\n"), got.stderr
+    got = brokered(sandbox, ["sh", "-c", f"echo x > {extra}/new.txt"], "--ro-host", str(extra))
+    assert "Read-only file system" in got.stderr and not (extra / "new.txt").exists()
+
+
+def test_an_rt_program_keeps_its_capabilities_when_brokered(sandbox):
+    project = Path(__file__).resolve().parent.parent
+    code = "import os, rt; print(rt.listdir('sub') == sorted(os.listdir('sub')), rt.getcwd())"
+    got = brokered(sandbox, [sys.executable, "-c", code], "--ro-host", str(project))
+    assert got.stdout.split() == ["True", "/box"], got.stderr
+
+
+def test_run_says_why_it_cannot_broker(sandbox, monkeypatch):
+    from click.testing import CliRunner
+
+    import redoxcap.broker
+    from redoxcap.cli import main
+
+    runner = CliRunner()
+    state = ["--state-dir", str(sandbox.state_dir), "run"]
+    result = runner.invoke(main, [*state, "--brokered", "--no-confine", "--", "true"])
+    assert result.exit_code == 2 and "--no-confine" in result.output
+    monkeypatch.setattr(redoxcap.broker, "available", lambda: "no user notification here")
+    result = runner.invoke(main, [*state, "--brokered", "--", "true"])
+    assert result.exit_code == 1
+    assert "no user notification here; programs written with rt run without it" in result.output
