@@ -340,3 +340,23 @@ def test_run_says_why_it_cannot_broker(sandbox, monkeypatch):
     result = runner.invoke(main, [*state, "--brokered", "--", "true"])
     assert result.exit_code == 1
     assert "no user notification here; programs written with rt run without it" in result.output
+
+
+FORK_THEN_CHDIR = textwrap.dedent("""
+    import os
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)  # its first brokered call comes after the parent has moved
+        print(open("a.txt").read(6).strip(), flush=True)
+        os._exit(0)
+    os.chdir("sub")
+    os.write(w, b"x")
+    os.waitpid(pid, 0)
+    print(os.getcwd(), open("b.txt").read().strip())
+""")
+
+
+def test_a_child_starts_where_its_parent_was_when_it_forked(sandbox):
+    got = brokered(sandbox, [sys.executable, "-c", FORK_THEN_CHDIR])
+    assert got.stdout.split() == ["alpha", "/box/sub", "beta"], got.stderr

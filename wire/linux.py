@@ -20,7 +20,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "openat2": 437, "seccomp": 317, "pidfd_open": 434, "pidfd_getfd": 438,
         # path calls, and the rest of what the broker (redoxcap/broker) must see or refuse
         "open": 2, "stat": 4, "fstat": 5, "lstat": 6, "access": 21, "connect": 42, "bind": 49,
-        "socket": 41, "socketpair": 53, "clone": 56, "execve": 59, "truncate": 76,
+        "socket": 41, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59, "truncate": 76,
         "getdents": 78, "getcwd": 79, "chdir": 80, "fchdir": 81, "rename": 82, "mkdir": 83,
         "rmdir": 84, "creat": 85, "link": 86, "unlink": 87, "symlink": 88, "readlink": 89,
         "chmod": 90, "fchmod": 91, "chown": 92, "fchown": 93, "lchown": 94, "ptrace": 101,

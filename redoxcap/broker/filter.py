@@ -30,7 +30,7 @@ BROKERED = (
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
     "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
     "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
-    "execveat",
+    "execveat", "fork", "vfork",
 )
 # Refused in the filter, by errno.
 REFUSED: dict[int, tuple[str, ...]] = {
@@ -57,6 +57,7 @@ REFUSED: dict[int, tuple[str, ...]] = {
 }
 # clone(2) flags that make a new namespace (a user namespace grants mount rights in it).
 CLONE_NEW_NAMESPACES = 0x7E02_0080
+CLONE_THREAD = 0x0001_0000
 _SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
 # AF_UNIX types whose sendmsg cannot name an address: a datagram socket could send to any
 # named socket on the host, which Landlock does not mediate.
@@ -98,6 +99,17 @@ def program(machine: str) -> bytes:
     ]
     if machine == "x86_64":
         prog += [_jump(_JGE_K, linux.X32_SYSCALL_BIT, 0, 1), _ret_errno(errno.ENOSYS)]
+    # clone: a new namespace is EPERM; a thread runs; a new process goes by the broker, which
+    # notes the parent's cwd for it (arg0 is the flags on both machines)
+    prog += [
+        _jump(_JEQ_K, nrs["clone"], 0, 6),
+        _stmt(_LD_W_ABS, _DATA_ARG0),
+        _jump(_JSET_K, CLONE_NEW_NAMESPACES, 0, 1),
+        _ret_errno(errno.EPERM),
+        _jump(_JSET_K, CLONE_THREAD, 0, 1),
+        allow,
+        notify,
+    ]
     for name in BROKERED:
         if name in nrs:
             prog += [_jump(_JEQ_K, nrs[name], 0, 1), notify]
@@ -105,14 +117,6 @@ def program(machine: str) -> bytes:
         for name in names:
             if name in nrs:
                 prog += [_jump(_JEQ_K, nrs[name], 0, 1), _ret_errno(err)]
-    # clone with a new namespace: EPERM (arg0 is the flags on both machines)
-    prog += [
-        _jump(_JEQ_K, nrs["clone"], 0, 3),
-        _stmt(_LD_W_ABS, _DATA_ARG0),
-        _jump(_JSET_K, CLONE_NEW_NAMESPACES, 0, 1),
-        _ret_errno(errno.EPERM),
-        _stmt(_LD_W_ABS, _DATA_NR),  # reload: the clone branch may fall through to here
-    ]
     for name in ("socket", "socketpair"):
         prog += [
             _jump(_JEQ_K, nrs[name], 0, 8),

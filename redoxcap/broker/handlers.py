@@ -666,6 +666,16 @@ class Syscalls:
             _close(fd)
         return 0
 
+    # -- processes -------------------------------------------------------------------
+
+    def clone(self, call: Call) -> Any:
+        """A new process (not a thread: the filter lets those run): it will start in the cwd
+        its parent has now, even if the parent changes directory before the child's first call."""
+        self.processes.forking(call.process)
+        return PROCEED
+
+    fork = vfork = clone
+
     # -- exec ----------------------------------------------------------------------
 
     def _executable(self, path: str) -> None:
@@ -720,7 +730,7 @@ _HANDLED = (
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
     "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
     "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
-    "execveat",
+    "execveat", "clone", "fork", "vfork",
 )
 
 __all__ = ["PROCEED", "Call", "Install", "Syscalls"]

@@ -10,18 +10,21 @@ A capability is recognised by the identity (st_dev, st_ino) of its socket,
 recorded when the broker installed it.
 
 Threads share their process's state (Linux's CLONE_FS); a new process
-starts with its parent's cwd (read from /proc when its first call arrives);
+starts in the cwd its parent had when it forked (the filter hands the
+broker every clone that makes a process; the child is matched to its parent
+through /proc when its first call arrives);
 a process that exited is dropped when its pidfd says so.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 MAX_CAPABILITIES = 1 << 16  # remembered capability identities (the oldest are forgotten)
 MAX_THREADS = 1 << 16
+MAX_PENDING_FORKS = 64
 
 
 @dataclass(eq=False)
@@ -73,6 +76,14 @@ class Processes:
     by_tgid: dict[int, Process] = field(default_factory=dict)
     by_pidfd: dict[int, Process] = field(default_factory=dict)
     _tgid_of: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    _forks: dict[int, deque[Directory]] = field(default_factory=dict)  # parent tgid -> cwds
+
+    def forking(self, parent: Process) -> None:
+        """parent is about to fork: its child starts in the cwd it has now."""
+        pending = self._forks.setdefault(parent.tgid, deque())
+        pending.append(parent.cwd.retain())
+        while len(pending) > MAX_PENDING_FORKS:  # forks that failed leave theirs behind
+            pending.popleft().release()
 
     def of_thread(self, tid: int) -> tuple[Process, bool]:
         """The process of thread tid (read from /proc for a thread not seen yet).
@@ -96,8 +107,12 @@ class Processes:
         process = self.by_tgid.get(tgid)
         if process is not None:
             return process, False
-        parent = self.by_tgid.get(ppid)
-        cwd = (parent.cwd if parent is not None else self.initial).retain()
+        pending = self._forks.get(ppid)
+        if pending:
+            cwd = pending.popleft()  # retained when the parent forked
+        else:
+            parent = self.by_tgid.get(ppid)
+            cwd = (parent.cwd if parent is not None else self.initial).retain()
         try:
             pidfd = os.pidfd_open(tgid)
         except BaseException:
@@ -113,6 +128,8 @@ class Processes:
             return
         self.by_tgid.pop(process.tgid, None)
         process.cwd.release()
+        for cwd in self._forks.pop(process.tgid, ()):
+            cwd.release()
         os.close(pidfd)
 
     def close(self) -> None:
