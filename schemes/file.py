@@ -72,6 +72,23 @@ def _utf8(name: str) -> bool:
         return False
 
 
+DT_UNKNOWN, DT_DIR, DT_REG, DT_LNK = 0, 4, 8, 10
+
+
+def _d_type(entry: os.DirEntry) -> int:
+    """Linux's d_type of a directory entry, as far as the host's listing says (no stat)."""
+    try:
+        if entry.is_symlink():
+            return DT_LNK
+        if entry.is_dir(follow_symlinks=False):
+            return DT_DIR
+        if entry.is_file(follow_symlinks=False):
+            return DT_REG
+    except OSError:
+        pass
+    return DT_UNKNOWN
+
+
 def _mode(mode: int) -> int:
     """The permission bits a created file or directory gets (EINVAL beyond 0o7777)."""
     if not 0 <= mode <= 0o7777:
@@ -278,6 +295,20 @@ class FileScheme(Scheme):
             return P.page_of_names(sorted(filter(_utf8, os.listdir(fd))), start)
         finally:
             os.close(fd)
+
+    async def readdir(self, req: Request, h: FileHandle, start: int) -> list[list]:
+        """getdents with each entry's type ([name, DT_*]), from the host's own d_type."""
+        names = await self.getdents(req, h, start)
+        if not names:
+            return []
+        wanted = set(names)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)
+        try:
+            with os.scandir(fd) as entries:  # is_dir/is_file/is_symlink use d_type: no stat
+                types = {e.name: _d_type(e) for e in entries if e.name in wanted}
+        finally:
+            os.close(fd)
+        return [[name, types.get(name, DT_UNKNOWN)] for name in names]
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
         """/scheme/NAME and the handle's path below the root, as it is now (after renames).

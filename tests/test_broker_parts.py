@@ -104,10 +104,10 @@ def test_structs_have_the_kernels_sizes():
     assert len(structs.pack_stat("x86_64", st)) == 144
     assert len(structs.pack_stat("aarch64", st)) == 128
     assert len(structs.pack_statx(st)) == 256
-    data, count = structs.pack_dirents(["a", "bb", "c" * 300], 5, 64)
+    data, count = structs.pack_dirents([("a", 4), ("bb", 8), ("c" * 300, 0)], 5, 64)
     assert count == 2 and len(data) == 48
     d_ino, d_off, reclen, d_type = struct.unpack_from("=QqHB", data)
-    assert (d_off, reclen, d_type) == (6, 24, 0) and d_ino and data[19:21] == b"a\0"
+    assert (d_off, reclen, d_type) == (6, 24, 4) and d_ino and data[19:21] == b"a\0"
 
 
 @pytest.mark.skipif(available() is not None, reason=str(available()))

@@ -105,3 +105,23 @@ def test_stat_is_one_request_and_answers_as_open_and_fstat(ro_client):
         assert stat.S_ISCHR(rt.stat("/scheme/null").st_mode) or rt.stat("/scheme/null")  # ENOSYS -> fallback
     finally:
         os.unlink(ro_client.root / "s_link")
+
+
+def test_readdir_gives_each_entry_with_its_type(ro_client):
+    from rt._call import call_value
+    from wire import protocol as P
+
+    d = ro_client.root / "typed"
+    (d / "sub").mkdir(parents=True)
+    (d / "file").write_text("f")
+    os.symlink("file", d / "link")
+    os.mkfifo(d / "fifo")
+    fd = rt.open("/typed", os.O_DIRECTORY)
+    try:
+        entries = call_value(fd, P.READDIR, [0], kind=list)
+        assert entries == [["fifo", 0], ["file", 8], ["link", 10], ["sub", 4]]
+        assert call_value(fd, P.READDIR, [3], kind=list) == [["sub", 4]]
+        assert call_value(fd, P.READDIR, [4], kind=list) == []
+        assert [name for name, _ in entries] == rt.listdir("/typed")
+    finally:
+        rt.close(fd)

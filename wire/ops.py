@@ -122,6 +122,7 @@ RECVFD = 34
 RECVFROM = 35
 SENDTO = 36
 STATAT = 37
+READDIR = 38
 NS_LIST = 40
 NS_MKNS = 41
 NS_NARROW = 42
@@ -195,6 +196,11 @@ OPERATIONS: tuple[Operation, ...] = (
               "Status of the file at path relative to the handle, in one round trip (flags: "
               "O_NOFOLLOW for the link itself, O_RESOLVE_*; what openat with O_PATH and fstat "
               "answer).", path=0, forward=Forward.VALUE),
+    Operation(READDIR, "readdir", (_a("start", _INT),),
+              "as GETDENTS, each name as [name, d_type] (Linux's DT_* value, 0 when unknown)",
+              "ENOTDIR",
+              "GETDENTS with each entry's type, so that a listing needs no status of each entry.",
+              wrong_handle=errno.ENOTDIR),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST",
               "The names in the namespace.", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),

@@ -39,6 +39,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     OPENAT,
     OPERATIONS,
     READ,
+    READDIR,
     READLINKAT,
     RECVFD,
     RECVFROM,

@@ -33,7 +33,7 @@ from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
 from redoxcap.broker.pump import Pumps
 from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
-from redoxcap.broker.structs import pack_dirents, pack_stat, pack_statx
+from redoxcap.broker.structs import DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
 from rt._paths import SCHEME_ROOT, split_namespace_path, to_namespace_path
 from wire import linux
@@ -428,7 +428,7 @@ class Syscalls:
         return self._readlink(call, _int(a[0]), a[1], a[2], a[3])
 
     def getdents64(self, call: Call) -> Any:
-        """Listed by the scheme for a capability (names in its order, d_type unknown);
+        """Listed by the scheme for a capability (names in its order, with their d_type);
         a host directory lists itself: the kernel acts on the fd, not on a path."""
         fd, buf, size = _int(call.args[0]), call.args[1], call.args[2] & 0xFFFF_FFFF
         dup = self.target_fd(call, fd)
@@ -437,17 +437,32 @@ class Syscalls:
             if identity not in self.caps:
                 return PROCEED
             start = self.caps.position(identity)
-            names = call_value(dup, P.GETDENTS, [start], kind=list)
+            entries = self._listing(dup, start)
         finally:
             _close(dup)
-        if not all(isinstance(n, str) for n in names):
-            raise OSError(errno.EIO, "malformed listing")
-        data, count = pack_dirents(names, start, size)
-        if names and not count:
+        data, count = pack_dirents(entries, start, size)
+        if entries and not count:
             raise OSError(errno.EINVAL, "buffer too small")
         call.mem.write(buf, data)
         self.caps.advance(identity, start + count)
         return len(data)
+
+    def _listing(self, fd: int, start: int) -> list[tuple[str, int]]:
+        """(name, d_type) from position start: READDIR, or GETDENTS (types unknown) where
+        the scheme has no READDIR."""
+        try:
+            page = call_value(fd, P.READDIR, [start], kind=list)
+            if all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                   and type(e[1]) is int and 0 <= e[1] < 16 for e in page):
+                return [(name, d_type) for name, d_type in page]
+            raise OSError(errno.EIO, "malformed listing")
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+        names = call_value(fd, P.GETDENTS, [start], kind=list)
+        if not all(isinstance(n, str) for n in names):
+            raise OSError(errno.EIO, "malformed listing")
+        return [(name, DT_UNKNOWN) for name in names]
 
     # -- the cwd -----------------------------------------------------------------
 

@@ -64,25 +64,25 @@ def dirent_ino(name: str) -> int:
     return zlib.crc32(name.encode()) | 1 << 32
 
 
-def pack_dirents(names: list[str], start: int, size: int) -> tuple[bytes, int]:
+def pack_dirents(entries: list[tuple[str, int]], start: int, size: int) -> tuple[bytes, int]:
     """As many linux_dirent64 records as fit in size bytes.
 
     Args:
-        names: names from directory position start on.
-        start: the position of names[0] (d_off of a record is the position after it).
+        entries: (name, d_type) from directory position start on.
+        start: the position of entries[0] (d_off of a record is the position after it).
         size: the target's buffer size.
 
     Returns:
-        (the records, how many names they hold).
+        (the records, how many entries they hold).
     """
     out = bytearray()
     count = 0
-    for name in names:
+    for name, d_type in entries:
         raw = name.encode()
         reclen = (_DIRENT_HEAD.size + len(raw) + 1 + 7) & ~7
         if len(out) + reclen > size:
             break
         count += 1
-        out += _DIRENT_HEAD.pack(dirent_ino(name), start + count, reclen, DT_UNKNOWN)
+        out += _DIRENT_HEAD.pack(dirent_ino(name), start + count, reclen, d_type)
         out += raw + b"\0" * (reclen - _DIRENT_HEAD.size - len(raw))
     return bytes(out), count
