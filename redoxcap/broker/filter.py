@@ -43,9 +43,10 @@ REFUSED: dict[int, tuple[str, ...]] = {
         "swapon", "swapoff", "quotactl", "quotactl_fd", "uselib", "open_tree", "open_tree_attr",
         "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "bpf",
         "unshare", "setns",
-        # around a path broker: file handles, another process's memory and fds
+        # around a path broker: file handles, another process's memory and fds; and
+        # userfaultfd, which could hold the broker in a fault while it reads an argument
         "name_to_handle_at", "open_by_handle_at", "ptrace", "process_vm_readv",
-        "process_vm_writev", "pidfd_getfd",
+        "process_vm_writev", "pidfd_getfd", "userfaultfd",
     ),
     # path calls with no capability operation behind them: "not supported here"
     errno.EACCES: ("inotify_add_watch", "fanotify_mark", "bind", "connect"),
