@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import shutil
 import socket
 import statistics
@@ -309,6 +310,7 @@ CLIENT = textwrap.dedent("""
     import json, os, sys, time
     import rt
     seconds = float(sys.argv[1])
+    os.write(int(sys.argv[2]), b"r")  # imported and ready
     os.read(0, 1)  # every client starts at once
     lat = []
     end = time.perf_counter() + seconds
@@ -326,20 +328,30 @@ def scaling(counts: list[int], seconds: float) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for count in counts:
         go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         procs = []
         try:
             for _ in range(count):
-                procs.append(rt.spawn([sys.executable, "-c", CLIENT, str(seconds)], stdin=go_r,
-                                      stdout=subprocess.PIPE, text=True))
-            time.sleep(0.2 + 0.02 * count)  # let them import; the start pipe releases them at once
+                procs.append(rt.spawn([sys.executable, "-c", CLIENT, str(seconds), str(ready_w)],
+                                      stdin=go_r, stdout=subprocess.PIPE, text=True,
+                                      pass_fds=(ready_w,)))
+            os.close(ready_w)
+            ready_w = -1
+            ready = 0
+            while ready < count:  # every client has imported rt (or one died: say so)
+                if select.select([ready_r], [], [], 1.0)[0]:
+                    ready += len(os.read(ready_r, count - ready))
+                elif any(proc.poll() is not None for proc in procs):
+                    raise RuntimeError("a client died before it was ready")
             os.write(go_w, b"g" * count)
             lats: list[float] = []
             for proc in procs:
                 stdout, _ = proc.communicate(timeout=120)
                 lats += json.loads(stdout)
         finally:
-            os.close(go_r)
-            os.close(go_w)
+            for fd in (go_r, go_w, ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
             for proc in procs:
                 if proc.poll() is None:
                     proc.kill()

@@ -43,7 +43,6 @@ from wire.stat import Stat
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_REMOVEDIR = 0x200
-AT_SYMLINK_FOLLOW = 0x400
 AT_EACCESS = 0x200
 AT_EMPTY_PATH = 0x1000
 RENAME_NOREPLACE = 1
@@ -126,7 +125,9 @@ class Syscalls:
 
     def __init__(self, machine: str, ns: int, hosts: HostTrees, processes: Processes,
                  passthrough: bool) -> None:
-        """Args:
+        """Build the table of handlers, by syscall number for machine.
+
+        Args:
             machine: "x86_64" or "aarch64" (struct layouts).
             ns: the namespace capability (the broker's own).
             hosts: the read-only host trees.
@@ -657,7 +658,7 @@ class Syscalls:
 
     def linkat(self, call: Call) -> int:
         a = call.args
-        if _int(a[4]) & ~AT_SYMLINK_FOLLOW or _int(a[4]):
+        if _int(a[4]):  # AT_SYMLINK_FOLLOW, AT_EMPTY_PATH: LINKAT never follows old
             raise OSError(errno.EINVAL, "linkat flags are not served")
         return self._two_paths(call, P.LINKAT, _int(a[0]), a[1], _int(a[2]), a[3])
 
