@@ -188,7 +188,7 @@ def io_calls(n: int, root: Path) -> dict[str, float]:
     return out
 
 
-def bulk_io(root: Path, bulk: int) -> dict[str, float]:
+def bulk_io(root: Path, bulk: int, rounds: int = 9) -> dict[str, float]:
     """MiB/s moving bulk bytes in 1 MiB calls on an open fd: routed, passthrough, native.
 
     The open and close are outside the timing: this is the data path (an open
@@ -201,7 +201,7 @@ def bulk_io(root: Path, bulk: int) -> dict[str, float]:
         extra = O_PASSTHROUGH if kind == "passthrough" else 0
         for name in ("read", "write"):
             seconds = []
-            for _ in range(3):
+            for _ in range(rounds):
                 if name == "read":
                     fd = os.open(root / "big", os.O_RDONLY) if native else rt.open("/big", extra)
                 else:
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r["rt"] = rt_calls(n, root)
                 r["io"] = io_calls(n, root)
-                r["bulk"] = bulk_io(root, bulk)
+                r["bulk"] = bulk_io(root, bulk, 3 if args.smoke else 9)
                 r["broker"] = broker_calls(n, tmp, fds[0], cwd)
                 r["programs"] = programs(1 if args.smoke else 5, root, tmp, fds[0], cwd)
                 r["scaling"] = scaling(counts, seconds)
