@@ -14,6 +14,14 @@ side (Landlock, the filter, the listener handed over, exec) is launcher.py.
 See docs/sandbox.md, "Unmodified programs".
 """
 
-from redoxcap.broker.server import Unavailable, available, host_trees_for, run_brokered
+from redoxcap.broker.server import (
+    BrokeredProgram,
+    Unavailable,
+    available,
+    host_trees_for,
+    run_brokered,
+    start_brokered,
+)
 
-__all__ = ["Unavailable", "available", "host_trees_for", "run_brokered"]
+__all__ = ["BrokeredProgram", "Unavailable", "available", "host_trees_for", "run_brokered",
+           "start_brokered"]

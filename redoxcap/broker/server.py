@@ -207,6 +207,10 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
                  ro_host: Iterable[str] = (), passthrough: bool = True) -> int:
     """Run an unmodified program whose every path goes through the broker; its exit code.
 
+    The calling process is the broker until the program exits; SIGINT,
+    SIGTERM and SIGHUP it receives meanwhile go on to the program's process
+    group (it runs in a session of its own).
+
     Args:
         argv: the program and its arguments (argv[0] looked up on env's PATH).
         ns_fd: the namespace capability its absolute paths resolve in (stays the caller's).
@@ -223,19 +227,52 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
     Raises:
         Unavailable: this kernel cannot broker a program.
     """
+    program = start_brokered(argv, ns_fd, cwd_fd, cwd_path, env, ro_host, passthrough)
+
+    def forward(signum: int, _frame: object) -> None:
+        if program.returncode is None:
+            try:
+                os.killpg(program.pid, signum)  # not reaped yet, so the group is still its own
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = program.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
+
+
+def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
+                   env: dict[str, str], ro_host: Iterable[str] = (),
+                   passthrough: bool = True) -> BrokeredProgram:
+    """Start an unmodified program under the broker; serve it by waiting on what this returns.
+
+    The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
+    broker works on clones of its own, so the caller may close them at once).
+
+    Returns:
+        The running program (`wait()` is the broker's loop; Popen's conventions).
+
+    Raises:
+        Unavailable: this kernel cannot broker a program.
+    """
     reason = available()
     if reason is not None:
         raise Unavailable(errno.ENOSYS, reason)
     machine = linux.machine()
     assert machine is not None
-    trees = host_trees_for(argv, env, ro_host)
-    hosts = hostfs.HostTrees(trees)
+    hosts = hostfs.HostTrees(host_trees_for(argv, env, ro_host))
     opened: list[int] = []
     trace_fd = None
     try:
+        broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
+        opened.append(broker_ns)
         broker_cwd = call_fd(cwd_fd, P.CLONE)
         opened.append(broker_cwd)
-        target_ns, target_cwd = call_fd(ns_fd, P.CLONE), None
+        target_ns = call_fd(ns_fd, P.CLONE)
         opened.append(target_ns)
         target_cwd = call_fd(cwd_fd, P.CLONE)
         opened.append(target_cwd)
@@ -256,15 +293,94 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
                 listener = _receive_listener(ours)
         finally:
             os.rmdir(empty)  # the program's kernel cwd is a removed directory: no lookup works there
-        return _serve_and_wait(pid, listener, machine, ns_fd, broker_cwd, cwd_path, hosts,
-                               passthrough, trace_fd, opened)
-    finally:
+        for fd in (target_ns, target_cwd):  # the program's own copies: ours go
+            opened.remove(fd)
+            _close(fd)
+    except BaseException:
         for fd in opened:
-            forget(fd)
-            os.close(fd)
+            _close(fd)
         hosts.close()
         if trace_fd not in (None, 2):
             os.close(trace_fd)
+        raise
+    state = None
+    if listener is not None:
+        processes = Processes(Directory(broker_cwd, cwd_path, False))  # owns broker_cwd
+        opened.remove(broker_cwd)
+        state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough))
+    return BrokeredProgram(pid, state, hosts, opened, trace_fd)
+
+
+class BrokeredProgram:
+    """A program started under the broker, shaped like subprocess.Popen for who waits on it.
+
+    `wait()` is where the broker serves it: it answers its calls (and its
+    children's) until it exits, then reaps it and releases everything.
+    """
+
+    def __init__(self, pid: int, state: tuple[Listener, Processes, Syscalls] | None,
+                 hosts: hostfs.HostTrees, opened: list[int], trace_fd: int | None) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._state = state  # None: the child failed before it handed over its listener
+        self._hosts = hosts
+        self._opened = opened  # the broker's namespace clone
+        self._trace_fd = trace_fd
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> int:
+        """Serve the program until it exits; its status as Popen.returncode (-N: signal N)."""
+        if self.returncode is not None:
+            return self.returncode
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            if self._state is not None:
+                listener, processes, syscalls = self._state
+                listener.sync_wakeups()
+                try:
+                    Broker(listener, syscalls, processes, self._trace_fd).serve(pidfd)
+                finally:
+                    listener.close()  # from here on, a call of a process left behind is ENOSYS
+                    processes.close()
+                    syscalls.pumps.join(PUMP_GRACE)  # routed writes reach their file
+            _, status = os.waitpid(self.pid, 0)
+        except BaseException:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.returncode = -signal.SIGKILL
+            raise
+        finally:
+            os.close(pidfd)
+            self._release()
+        if os.WIFSIGNALED(status):
+            self.returncode = -os.WTERMSIG(status)
+        else:
+            code = os.WEXITSTATUS(status)
+            self.returncode = code if self._state is not None or code else EXIT_CANNOT_RUN
+        return self.returncode
+
+    def _release(self) -> None:
+        for fd in self._opened:
+            _close(fd)
+        self._opened = []
+        self._hosts.close()
+        if self._trace_fd not in (None, 2):
+            os.close(self._trace_fd)
+        self._trace_fd = None
+
+
+def _close(fd: int) -> None:
+    forget(fd)
+    os.close(fd)
 
 
 def _receive_listener(sock: socket.socket) -> Listener | None:
@@ -275,44 +391,3 @@ def _receive_listener(sock: socket.socket) -> Listener | None:
         P.close_fds(fds)
         return None
     return Listener(fds[0])
-
-
-def _serve_and_wait(pid: int, listener: Listener | None, machine: str, ns_fd: int, broker_cwd: int,
-                    cwd_path: str, hosts: hostfs.HostTrees, passthrough: bool, trace_fd: int | None,
-                    opened: list[int]) -> int:
-    pidfd = os.pidfd_open(pid)
-    old = {}
-
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            os.killpg(pid, signum)  # not reaped yet, so the group id is still the program's
-        except ProcessLookupError:
-            pass
-
-    try:
-        if listener is not None:
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                old[s] = signal.signal(s, forward)
-            listener.sync_wakeups()
-            opened.remove(broker_cwd)  # the initial Directory owns it from here
-            processes = Processes(Directory(broker_cwd, cwd_path, False))
-            syscalls = Syscalls(machine, ns_fd, hosts, processes, passthrough)
-            try:
-                Broker(listener, syscalls, processes, trace_fd).serve(pidfd)
-            finally:
-                listener.close()
-                processes.close()
-                syscalls.pumps.join(PUMP_GRACE)  # routed writes the program made reach their file
-        _, status = os.waitpid(pid, 0)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    finally:
-        os.close(pidfd)
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    code = os.WEXITSTATUS(status)
-    return code if listener is not None or code else EXIT_CANNOT_RUN
