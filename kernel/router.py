@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 import trio
 
 from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
+from wire import frames
 from wire import protocol as P
 from wire.channel import Channel
-from wire.frames import Reply, Request, SchemeReply, SchemeRequest
+from wire.frames import Keep, Reply, Request, SchemeReply, SchemeRequest
 
 log = logging.getLogger("kernel")
 
@@ -53,17 +54,19 @@ EMPTY_ARGS = P.pack([])
 
 @dataclass(frozen=True)
 class KernelOp:
-    """An operation the router answers itself: its method, and whether only the
-    kernel capability may ask it."""
+    """An operation the router answers itself: its method, whether only a kernel
+    capability may ask it, and whether only the supervisor's own one may (the clones it
+    hands to the daemons it trusts create schemes, and that is all)."""
 
     method: str
     kernel_only: bool = True
+    supervisor_only: bool = True
 
 
 KERNEL_OPS = {
-    P.CLONE: KernelOp("_op_clone", kernel_only=False),
-    P.GETFL: KernelOp("_op_getfl", kernel_only=False),
-    P.SCHEME_CREATE: KernelOp("_op_scheme_create"),
+    P.CLONE: KernelOp("_op_clone", kernel_only=False, supervisor_only=False),
+    P.GETFL: KernelOp("_op_getfl", kernel_only=False, supervisor_only=False),
+    P.SCHEME_CREATE: KernelOp("_op_scheme_create", supervisor_only=False),
     P.SCHEME_RESTART: KernelOp("_op_scheme_restart"),
     P.ACCOUNT_NEW: KernelOp("_op_account_new"),
     P.KERNEL_STATUS: KernelOp("_op_kernel_status"),
@@ -73,6 +76,8 @@ SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
+RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
+MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 # A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
 HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -126,6 +131,38 @@ class Scheme:
     frames: int = 0
     pending: dict[int, ClientRequest | StatusQuery] = field(default_factory=dict)
     handles: dict[int, SchemeHandle] = field(default_factory=dict)
+    # handle number -> the state its daemon asked us to keep (KEEP): handed back to the
+    # next daemon after a crash (RESTORE), so that the handle lives on
+    kept: dict[int, Kept] = field(default_factory=dict)
+    provisional: dict[int, Kept] = field(default_factory=dict)  # for a NEW_HANDLE on its way
+    # requests on live handles that came while the daemon was down, for its successor
+    backlog: collections.deque[Held] = field(default_factory=collections.deque)
+    keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
+    top: int = 0  # the highest handle number the scheme's daemons have used
+    attached: int = 0  # daemons it has had (1 + restarts)
+    waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
+    restoring: bool = False  # a new daemon is being given its state: new requests wait
+    died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
+
+
+@dataclass(eq=False)
+class Kept:
+    """A handle's state kept for its scheme: fds the router holds, and opaque bytes."""
+
+    fds: list[int]
+    body: bytes
+
+
+@dataclass(eq=False)
+class Held:
+    """A request held while its scheme's daemon restarts."""
+
+    cap: Capability
+    tag: int
+    cred: tuple[int, int, int]
+    op: int
+    body: bytes
+    fds: list[int]
 
 
 @dataclass(eq=False)
@@ -139,9 +176,15 @@ class SchemeHandle:
     refs: int = 0
 
     @property
+    def current(self) -> bool:
+        """Whether the handle is still the scheme's: its root, or one of this generation
+        (opened by the daemon that runs now, or kept across restarts: those are moved on
+        to each new generation)."""
+        return self.number == P.ROOT_HANDLE or self.generation == self.scheme.generation
+
+    @property
     def live(self) -> bool:
-        s = self.scheme
-        return s.alive and (self.number == P.ROOT_HANDLE or self.generation == s.generation)
+        return self.scheme.alive and self.current
 
 
 @dataclass(eq=False)
@@ -390,9 +433,12 @@ class Router:
         scheme = handle.scheme
         if scheme is self._kernel:
             return
-        if scheme.handles.get(handle.number) is handle:
+        was_live = handle.live
+        if scheme.handles.get(handle.number) is handle:  # not a stale one whose number came back
             del scheme.handles[handle.number]
-        if handle.live and handle.number != P.ROOT_HANDLE:
+            if handle.number != P.ROOT_HANDLE:
+                self._forget_kept(scheme, handle.number)
+        if was_live and handle.number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, handle.number)
 
     def _close_unclaimed(self, scheme: Scheme, number: int) -> None:
@@ -401,8 +447,16 @@ class Router:
         if handle is not None and handle.refs:
             return  # capabilities hold it; the last one's EOF sends CLOSE
         scheme.handles.pop(number, None)
+        if number != P.ROOT_HANDLE:
+            self._forget_kept(scheme, number)
         if scheme.alive and number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, number)
+
+    def _forget_kept(self, scheme: Scheme, number: int) -> None:
+        for table in (scheme.kept, scheme.provisional):
+            kept = table.pop(number, None)
+            if kept is not None:
+                P.close_fds(kept.fds)
 
     async def _send_close(self, scheme: Scheme, number: int) -> None:
         frame = SchemeRequest(0, number, 0, 0, 0, P.CLOSE, (), EMPTY_ARGS).encode()
@@ -548,37 +602,84 @@ class Router:
             return
         handle = cap.handle
         scheme = handle.scheme
-        if scheme is self._kernel or not handle.live:
+        if scheme is self._kernel or not handle.current:
             P.close_fds(fds)
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
-        pid, uid, gid = cred or (0, 0, 0)
+        cred = cred or (0, 0, 0)
+        if not scheme.alive or scheme.restoring:
+            self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds))
+            return
+        await self._forward(cap, tag, cred, op, request.body, fds)
+
+    def _hold_for_restart(self, scheme: Scheme, parked: Held) -> None:
+        """Hold a request for the next daemon of scheme (EIO if none is expected)."""
+        cap = parked.cap
+        if not (scheme.waiting_for_restart or scheme.restoring) or len(scheme.backlog) >= MAX_BACKLOG:
+            P.close_fds(parked.fds)
+            self._reply(cap, parked.tag, P.ERR, errno.EIO)
+            return
+        scheme.backlog.append(parked)
+        cap.inflight += 1  # it waits like a request at the scheme, within the same bounds
+        cap.account.inflight += 1
+        cap.account.held_fds += len(parked.fds)
+
+    async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
+                       body: frames.Body, fds: list[int], counted: bool = False) -> None:
+        """Send a request on to cap's scheme; takes ownership of fds.
+
+        counted: the request already counts as in flight (it was parked).
+        """
+        handle = cap.handle
+        scheme = handle.scheme
+        pid, uid, gid = cred
         account = cap.account
+        if counted:
+            account.held_fds -= len(fds)
+            if not handle.live:  # closed, or its scheme went down again
+                self._settle(cap)
+                P.close_fds(fds)
+                self._reply(cap, tag, P.ERR, errno.EIO)
+                return
         if fds and not account.room_for_caps(len(fds)):
             P.close_fds(fds)  # held while the scheme takes them: they count against the quota
+            if counted:
+                self._settle(cap)
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
         try:
             refs = self._identify(scheme, fds) if fds else ()
         except OSError as exc:
             P.close_fds(fds)
+            if counted:
+                self._settle(cap)
             self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
         req_id = next(self._req_ids)
-        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, request.body).encode()
+        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body).encode()
         scheme.pending[req_id] = ClientRequest(cap, tag)
-        cap.inflight += 1
-        cap.account.inflight += 1
+        if not counted:
+            cap.inflight += 1
+            cap.account.inflight += 1
         scheme.frames += 1
         if self.trace:
             log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
                      scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
         account.held_fds += len(fds)
         try:
-            await self._send_to_scheme(scheme, frame, fds)
-        finally:
+            sent = await self._send_to_scheme(scheme, frame, fds, before_dying=req_id)
+        except BaseException:
             P.close_fds(fds)
+            raise
+        finally:
             account.held_fds -= len(fds)
+        if sent:
+            P.close_fds(fds)
+            return
+        # The daemon was gone before it could have seen this request: it waits for the next
+        # one like the requests that come while the scheme is down.
+        self._settle(cap)
+        self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(body), fds))
 
     def _identify(self, scheme: Scheme, fds: list[int]) -> tuple[int, ...]:
         """For each passed fd: its handle number if it is a capability of this scheme.
@@ -594,26 +695,40 @@ class Router:
             refs.append(cap.handle.number if same else P.NO_REF)
         return tuple(refs)
 
-    async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> None:
+    async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int],
+                              before_dying: int | None = None) -> bool:
+        """Send a frame to scheme's daemon; False if it could not take it (it died).
+
+        before_dying: the request id of the frame, which is taken out of the pending
+        requests before they fail (the caller decides what becomes of it).
+        """
         channel = scheme.channel
         if channel is None:
-            return
+            if before_dying is not None:
+                scheme.pending.pop(before_dying, None)
+            return False
         try:
             await channel.send(frame, fds)
+            return True
         except (OSError, trio.ClosedResourceError) as exc:
-            log.warning("scheme %d: send failed: %s", scheme.id, exc)
-            self._scheme_died(scheme)
+            if before_dying is not None:
+                scheme.pending.pop(before_dying, None)
+            if scheme.channel is channel:
+                log.warning("scheme %d: send failed: %s", scheme.id, exc)
+                self._scheme_died(scheme)
+            return False
 
     # -- kernel operations ---------------------------------------------------
 
     async def _kernel_op(self, cap: Capability, request: Request, fds: list[int]) -> None:
         """Answer an operation of the router's own; fds stay the caller's.
 
-        CLONE and GETFL work on any capability; the rest only on the kernel
-        capability (EINVAL elsewhere, as for an unknown operation).
+        CLONE and GETFL work on any capability, SCHEME_CREATE on a kernel capability,
+        the rest only on the supervisor's (EINVAL elsewhere, as for an unknown operation).
         """
         op = KERNEL_OPS.get(request.op)
-        if op is None or (op.kernel_only and cap.handle.scheme is not self._kernel):
+        if (op is None or (op.kernel_only and cap.handle.scheme is not self._kernel)
+                or (op.supervisor_only and cap is not self._supervisor_cap)):
             self._reply(cap, request.tag, P.ERR, errno.EINVAL)
             return
         await getattr(self, op.method)(cap, request, fds)
@@ -633,7 +748,19 @@ class Router:
         self._reply(cap, request.tag, P.OK, cap.handle.fdflags)
 
     async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int]) -> None:
-        self._scheme_create(cap, request.tag)
+        try:
+            args = request.args()
+            options = args[0] if args else {}
+            if not isinstance(options, dict):
+                raise TypeError("SCHEME_CREATE takes [options] or []")
+        except (P.ProtocolError, TypeError):
+            self._reply(cap, request.tag, P.ERR, errno.EINVAL)
+            return
+        # Only the supervisor's own kernel capability may let a scheme keep state here: a
+        # scheme served by a client (created through a clone of the kernel capability)
+        # could fill the router with fds.
+        keeps = bool(options.get("keeps")) and cap is self._supervisor_cap
+        self._scheme_create(cap, request.tag, keeps)
 
     async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int]) -> None:
         tag = request.tag
@@ -644,8 +771,20 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EINVAL)
             return
         if scheme.alive:
-            self._reply(cap, tag, P.ERR, errno.EBUSY)
+            # its daemon has exited but the EOF may not have reached us yet: wait for it
+            self._nursery.start_soon(self._restart_when_dead, cap, tag, scheme)
             return
+        self._restart(cap, tag, scheme)
+
+    async def _restart_when_dead(self, cap: Capability, tag: int, scheme: Scheme) -> None:
+        with trio.move_on_after(RESTART_WAIT):
+            await scheme.died.wait()
+        if scheme.alive:
+            self._reply(cap, tag, P.ERR, errno.EBUSY)  # the old daemon still serves it
+            return
+        self._restart(cap, tag, scheme)
+
+    def _restart(self, cap: Capability, tag: int, scheme: Scheme) -> None:
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
@@ -665,8 +804,8 @@ class Router:
             log.info("tag %d refused: %s", tag, exc)
         self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
 
-    def _scheme_create(self, cap: Capability, tag: int) -> None:
-        scheme = Scheme(next(self._scheme_ids))
+    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False) -> None:
+        scheme = Scheme(next(self._scheme_ids), keeps=keeps)
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
@@ -728,10 +867,54 @@ class Router:
         """
         ours, theirs = self._socketpair()
         scheme.channel = Channel(ours)
-        scheme.generation += 1
+        scheme.attached += 1
+        restart = scheme.attached > 1
+        self._next_generation(scheme)
         scheme.alive = True
+        scheme.died = trio.Event()
+        scheme.waiting_for_restart = False
         self._nursery.start_soon(self._serve_scheme, scheme, scheme.channel)
+        if restart:
+            scheme.restoring = True
+            self._nursery.start_soon(self._restore, scheme, scheme.channel)
         return theirs.detach()
+
+    def _next_generation(self, scheme: Scheme) -> None:
+        """Handles of the old generation go stale, but the kept ones move on with it."""
+        scheme.generation += 1
+        for number in scheme.kept:
+            handle = scheme.handles.get(number)
+            if handle is not None:
+                handle.generation = scheme.generation
+
+    async def _restore(self, scheme: Scheme, channel: Channel) -> None:
+        """Give a restarted daemon the state kept for its handles, then the requests
+        that waited for it; requests that come meanwhile wait behind them."""
+        try:
+            for number, kept in list(scheme.kept.items()):
+                if scheme.channel is not channel:
+                    return  # it died again
+                if scheme.kept.get(number) is not kept:
+                    continue  # its last capability closed meanwhile
+                copies = [os.dup(fd) for fd in kept.fds]
+                try:
+                    restore = SchemeRequest(0, number, 0, 0, 0, P.RESTORE, (P.NO_REF,) * len(copies),
+                                            kept.body)
+                    await self._send_to_scheme(scheme, restore.encode(), copies)
+                finally:
+                    P.close_fds(copies)
+            # new handles must not take the number of one that lives on
+            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
+            await self._send_to_scheme(scheme, resume.encode(), [])
+            while scheme.backlog and scheme.channel is channel:
+                parked = scheme.backlog.popleft()
+                await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
+                                    parked.fds, counted=True)
+        except OSError as exc:  # out of fds for the copies: the daemon starts without them
+            log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
+        finally:
+            if scheme.channel is channel:
+                scheme.restoring = False
 
     async def _status(self) -> dict:
         caps: dict[int, int] = {}
@@ -749,7 +932,8 @@ class Router:
             "schemes": {
                 str(s.id): {
                     "alive": s.alive,
-                    "restarts": s.generation - 1,
+                    "restarts": max(s.attached - 1, 0),
+                    "kept": len(s.kept),
                     "frames": s.frames,
                     "capabilities": caps.get(s.id, 0),
                     "handles": len(s.handles),
@@ -802,6 +986,9 @@ class Router:
             P.close_fds(fds)
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
+        if SchemeReply.status_of(data) == P.KEEP:
+            self._on_keep(scheme, data, flags, fds)
+            return
         try:
             reply = SchemeReply.decode(data)
         except P.ProtocolError:
@@ -816,6 +1003,30 @@ class Router:
                 self._close_unclaimed(scheme, reply.handle)  # nobody will get a capability for it
             return
         waiter.answered(self, scheme, reply, flags, fds)
+
+    def _on_keep(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
+        """A daemon's state for one of its handles: hold its fds and bytes for a restart."""
+        try:
+            if flags & P.TRUNCATED:
+                raise P.ProtocolError("truncated")
+            if not scheme.keeps:
+                raise P.ProtocolError("this scheme may not keep state in the router")
+            keep = Keep.decode(data)
+            if keep.nfds > len(fds):
+                raise P.ProtocolError("KEEP with more fds than it carries")
+        except P.ProtocolError as exc:
+            P.close_fds(fds)
+            log.warning("scheme %d: bad KEEP dropped: %s", scheme.id, exc)
+            return
+        P.close_fds(fds[keep.nfds :])
+        self._forget_kept(scheme, keep.handle)
+        if not keep.nfds and not len(keep.body):
+            return  # forget it
+        kept = Kept(fds[: keep.nfds], bytes(keep.body))
+        if keep.handle == P.ROOT_HANDLE or keep.handle in scheme.handles:
+            scheme.kept[keep.handle] = kept
+        else:  # a new handle's state comes just before its NEW_HANDLE reply
+            scheme.provisional[keep.handle] = kept
 
     def _answer_client(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
                        flags: int, fds: list[int]) -> None:
@@ -859,6 +1070,11 @@ class Router:
                     handle = SchemeHandle(scheme, number, scheme.generation, fdflags)
                     scheme.handles[number] = handle
                 fds.insert(0, self.mint(handle, account))
+                scheme.top = max(scheme.top, number)
+                provisional = scheme.provisional.pop(number, None)
+                if provisional is not None:  # its state came just before it: keep it now
+                    self._forget_kept(scheme, number)
+                    scheme.kept[number] = provisional
         except OSError as exc:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
             if new is not None:
@@ -875,14 +1091,34 @@ class Router:
         if scheme.pending:
             log.warning("scheme %d: daemon gone; failing %d pending requests", scheme.id, len(scheme.pending))
         scheme.alive = False
+        scheme.died.set()
         if scheme.channel is not None:
             scheme.channel.close()
             scheme.channel = None
-        root = scheme.handles.get(P.ROOT_HANDLE)
-        scheme.handles = {P.ROOT_HANDLE: root} if root is not None else {}
+        scheme.restoring = False
+        for number in list(scheme.provisional):  # their requests fail: the handles never were
+            self._forget_kept(scheme, number)
+        self._next_generation(scheme)
+        # the root and the kept handles live on in the next daemon; the rest go stale
+        scheme.handles = {n: h for n, h in scheme.handles.items() if h.current}
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
             waiter.abandoned(self)
+        scheme.waiting_for_restart = True
+        self._nursery.start_soon(self._give_up_waiting, scheme, scheme.generation)
+
+    async def _give_up_waiting(self, scheme: Scheme, generation: int) -> None:
+        """Requests wait RESTART_WAIT seconds for a new daemon; then EIO, as before."""
+        await trio.sleep(RESTART_WAIT)
+        if scheme.generation != generation or scheme.alive:
+            return  # it came back
+        scheme.waiting_for_restart = False
+        while scheme.backlog:
+            parked = scheme.backlog.popleft()
+            parked.cap.account.held_fds -= len(parked.fds)
+            P.close_fds(parked.fds)
+            self._settle(parked.cap)
+            self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
 
 
 async def main(kernel_fd: int, trace: bool = False, client_limits: Limits = CLIENT_LIMITS,

@@ -112,6 +112,7 @@ class NamespaceScheme(Scheme):
             P.close_fds([channel, root])
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = AsyncCapability(root)
+        req.keep_again()
         return Reply(None, [channel])
 
     # -- routing: see _forwarder below, made for every path operation of wire/ops.py ---
@@ -186,6 +187,7 @@ class NamespaceScheme(Scheme):
         if perms & ~ns.perms:
             raise SchemeError(errno.EACCES, "permissions can only be narrowed")
         ns.perms = perms
+        req.keep_again()
 
     async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
         """Register the passed capability as name; a directory becomes a boundary."""
@@ -212,12 +214,31 @@ class NamespaceScheme(Scheme):
             entry.close()
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = entry
+        req.keep_again()
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)
         cap = ns.lookup(name)
         del ns.entries[name]
+        req.keep_again()
         cap.close()
+
+    def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
+        """A namespace is its entries and permissions: the router keeps the entries'
+        capabilities across a crash of nsmgr, and the next nsmgr serves the same
+        namespace (so no client notices more than a delay)."""
+        names = sorted(ns.entries)
+        return {"perms": ns.perms, "names": names}, [ns.entries[n].fileno() for n in names]
+
+    def restore(self, value: dict, fds: list[int]) -> Namespace:
+        try:
+            names, perms = value["names"], value["perms"]
+            if not isinstance(names, list) or len(names) != len(fds) or type(perms) is not int:
+                raise ValueError("kept namespace does not match its fds")
+            return Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms)
+        except (KeyError, TypeError, ValueError):
+            P.close_fds(fds)
+            raise
 
     async def close(self, ns: Namespace) -> None:
         entries, ns.entries = ns.entries, {}

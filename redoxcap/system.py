@@ -137,7 +137,7 @@ class System:
 
     async def _create(self, daemon: Daemon) -> None:
         assert self.kernel is not None
-        scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE)
+        scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
         channel, root = fds
         daemon.scheme_id = scheme_id
         daemon.root = AsyncCapability(root)
@@ -214,30 +214,15 @@ class System:
     async def _respawn(self, daemon: Daemon) -> None:
         """Start a new process for daemon's scheme, whose old process has exited."""
         assert self.kernel is not None and daemon.root is not None
-        with trio.fail_after(5):
-            # Wait until the router has seen the old channel's EOF: any request on
-            # the root now either finds the scheme dead or fails to reach it, and
-            # either way the router has marked it dead before it answers.
-            try:
-                await daemon.root.call(P.FSTAT)
-            except OSError:
-                pass
-            for _ in range(100):
-                try:
-                    _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    await trio.sleep(0.01)  # not expected after the probe; bounded all the same
-            else:
-                raise OSError(errno.EBUSY, "the router still sees the old daemon")
+        # The router answers once it has seen the old daemon's channel end (or EBUSY if
+        # that daemon still serves it after a while): nothing to poll here.
+        _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
         daemon.channel = fds[0]
         assert self._nursery is not None
         await self._start(daemon, self._nursery)
         daemon.restarts += 1
         if daemon is self.nsmgr:
-            # a new nsmgr starts with an empty root namespace
+            # the router kept the root namespace for the new nsmgr; register what it lacks
             for other in self.daemons:
                 if not other.failed:
                     await self._register(other)

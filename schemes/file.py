@@ -193,6 +193,27 @@ class FileScheme(Scheme):
         handle = FileHandle(fd, h.is_dir, anchor, owned, h.fdflags, h.host_flags)
         return Opened(handle, fdflags=h.fdflags)
 
+    def keep(self, h: FileHandle) -> tuple[dict, list[int]] | None:
+        """A handle is its host fd (and its anchor's): the router keeps them across a crash,
+        with the flags, so the next daemon serves the same open file at the same offset."""
+        if h.fd == self.root_fd:
+            return None  # the root is made anew from --root
+        state = {"dir": h.is_dir, "fdflags": h.fdflags, "host": h.host_flags,
+                 "beneath": h.anchor.beneath, "own": h.anchor_owned}
+        return state, [h.fd] + ([h.anchor.fd] if h.anchor_owned else [])
+
+    def restore(self, value: dict, fds: list[int]) -> FileHandle:
+        try:
+            own = bool(value["own"])
+            if len(fds) != 1 + own:
+                raise ValueError("fds do not match the kept state")
+            anchor = Anchor.of(fds[1], bool(value["beneath"])) if own else self.root_anchor
+            return FileHandle(fds[0], bool(value["dir"]), anchor, own, int(value["fdflags"]),
+                              int(value["host"]))
+        except (KeyError, TypeError, ValueError, OSError):
+            P.close_fds(fds)
+            raise
+
     async def close(self, h: FileHandle) -> None:
         if h.fd != self.root_fd:
             os.close(h.fd)

@@ -354,14 +354,17 @@ def test_a_killed_client_leaks_no_handle(system):
 
 def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
     (client.root / "f").write_text("before")
-    old = rt.open("/f")
-    victim = client.daemon("file")["pid"]
+    old = rt.open("/f")  # the file scheme keeps its handles across a restart (test_restart.py)
+    zero = rt.open("/scheme/zero")  # zero keeps nothing
+    victim = client.daemon("zero")["pid"]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: client.daemon("file")["restarts"] == 1 and client.daemon("file")["pid"])
-    assert client.daemon("file")["pid"] != victim
+    wait_for(lambda: client.daemon("zero")["restarts"] == 1 and client.daemon("zero")["pid"])
+    assert client.daemon("zero")["pid"] != victim
     with pytest.raises(OSError) as info:
-        rt.read(old, 10)  # its handle died with the daemon: an errno, not a hang
+        rt.read(zero, 10)  # its handle died with the daemon: an errno, not a hang
     assert info.value.errno == errno.EIO
+    rt.close(zero)
+    assert rt.read(old, 10) == b"before"
     rt.close(old)
     with rt.open_file("/f") as f:  # the namespace's root capability still works
         assert f.read() == "before"

@@ -13,6 +13,10 @@ someone who is allowed to read it calls `value()`/`args()`):
                                         same scheme, else NO_REF)                + body
     scheme -> router   SchemeReply    <QB       req_id, status               + body
                                       (status NEW_HANDLE: + <QI handle, fdflags before body)
+    scheme -> router   Keep           <QB       0, KEEP + <QI handle, nfds   + body
+                                      (the state to keep for handle across a restart of the
+                                      daemon: the first nfds fds and the body; nfds 0 and an
+                                      empty body forget it)
 
 All integers are little-endian. Capabilities travel as fds in SCM_RIGHTS
 ancillary data next to the frame, never inside it.
@@ -24,13 +28,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from wire.protocol import NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+from wire.protocol import KEEP, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")
 SREQUEST = struct.Struct("<QQiIIBB")
 SREPLY = struct.Struct("<QB")
 NEW_HANDLE_HDR = struct.Struct("<QI")
+KEEP_HDR = struct.Struct("<QI")
 REF = struct.Struct("<Q")
 
 Body = bytes | memoryview
@@ -172,11 +177,50 @@ class SchemeReply:
     def req_id_of(data: bytes) -> int | None:
         return SREPLY.unpack_from(data)[0] if len(data) >= SREPLY.size else None
 
+    @staticmethod
+    def status_of(data: bytes) -> int | None:
+        return SREPLY.unpack_from(data)[1] if len(data) >= SREPLY.size else None
+
     def encode(self) -> bytes:
         header = SREPLY.pack(self.req_id, self.status)
         if self.status == NEW_HANDLE:
             header += NEW_HANDLE_HDR.pack(self.handle, self.fdflags)
         return header + bytes(self.body)
+
+    def value(self) -> Any:
+        return unpack(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """A scheme's state for one of its handles, for the router to keep while the handle
+    lives and hand back (RESTORE) to the scheme's next daemon after a crash.
+
+    Attributes:
+        handle: the handle number.
+        nfds: how many of the fds sent with the frame are the state (host fds...).
+        body: the rest of the state, opaque to the router; empty with nfds 0: forget it.
+    """
+
+    handle: int
+    nfds: int
+    body: Body
+
+    @classmethod
+    def of(cls, handle: int, nfds: int, value: Any) -> Keep:
+        return cls(handle, nfds, pack(value))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Keep:
+        """From a frame whose SREPLY header says KEEP."""
+        start = SREPLY.size
+        if len(data) < start + KEEP_HDR.size:
+            raise ProtocolError("short KEEP frame")
+        handle, nfds = KEEP_HDR.unpack_from(data, start)
+        return cls(handle, nfds, memoryview(data)[start + KEEP_HDR.size :])
+
+    def encode(self) -> bytes:
+        return SREPLY.pack(0, KEEP) + KEEP_HDR.pack(self.handle, self.nfds) + bytes(self.body)
 
     def value(self) -> Any:
         return unpack(self.body)
@@ -199,6 +243,7 @@ def decode_reply(data: bytes) -> tuple[int, int, Any]:
 
 
 __all__ = [
+    "KEEP_HDR",
     "NEW_HANDLE_HDR",
     "NO_REF",
     "REF",
@@ -206,6 +251,7 @@ __all__ = [
     "REQUEST",
     "SREPLY",
     "SREQUEST",
+    "Keep",
     "Reply",
     "Request",
     "SchemeReply",
