@@ -448,10 +448,10 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     data the program must reach through its capabilities. scratch is the
     command's private writable temporary directory.
     """
-    from redoxcap.confine import python_script
+    from redoxcap.sandbox import python_script
 
     # -P: a `redoxcap` package a client wrote into the cwd must not run as the launcher.
-    launcher = [sys.executable, "-P", "-m", "redoxcap.confine", "--write", scratch]
+    launcher = [sys.executable, "-P", "-m", "redoxcap.sandbox", "--write", scratch]
     launcher += ["--require"] if require else []
     script = python_script(command)
     if script is not None:
