@@ -44,10 +44,10 @@ def up_options(cfg: config.Config, trace: bool = False) -> list[str]:
     return argv + (["--trace"] if trace else [])
 
 
-def wait_exited(pidfd: int, timeout: float) -> bool:
-    """Whether the process behind pidfd exits within timeout seconds (a pidfd polls readable then)."""
+def readable(fd: int, timeout: float) -> bool:
+    """Whether fd becomes readable within timeout seconds (a pidfd does when its process exits)."""
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
 
 
@@ -62,6 +62,9 @@ class Supervisor:
         process: its process (a child of ours, so its pid stays valid until reaped).
     """
 
+    _ready_fd: int | None
+    _pidfd: int | None
+
     def __init__(self, state_dir: Path, options: list[str], watch_fd: int | None = None) -> None:
         """Start `redoxcap up OPTIONS` in a new session.
 
@@ -71,30 +74,13 @@ class Supervisor:
             watch_fd: an fd it inherits and stops at when it reaches EOF.
 
         Raises:
-            OSError: the process could not be started.
+            Failure: EXIT_BOOT_FAILED: the process could not be started.
         """
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ready_r, ready_w = os.pipe()
-        argv = [sys.executable, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
-                "--ready-fd", str(ready_w)]
-        pass_fds: tuple[int, ...] = (ready_w,)
-        if watch_fd is not None:
-            argv += ["--watch-fd", str(watch_fd)]
-            pass_fds += (watch_fd,)
         try:
-            with open(state_dir / control.LOG_NAME, "ab") as log:
-                self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=log, start_new_session=True,
-                                                pass_fds=pass_fds)
-        except BaseException:
-            os.close(ready_r)
-            raise
-        finally:
-            os.close(ready_w)  # the child's copy alone keeps the pipe open
-        self._ready_fd: int | None = ready_r
-        # Not reaped until we wait for it, so this pidfd is our child's.
-        self._pidfd: int | None = os.pidfd_open(self.process.pid)
+            self.process, self._ready_fd, self._pidfd = _start_up(state_dir, options, watch_fd)
+        except OSError as exc:
+            raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
 
     @property
     def pid(self) -> int:
@@ -117,7 +103,7 @@ class Supervisor:
     def wait(self, timeout: float) -> int | None:
         """Its exit code if it exits within timeout seconds, else None."""
         assert self._pidfd is not None
-        if not wait_exited(self._pidfd, timeout):
+        if not readable(self._pidfd, timeout):
             return None
         return self.process.wait()
 
@@ -137,9 +123,7 @@ class Supervisor:
         ready, self._ready_fd = self._ready_fd, None
         assert ready is not None
         try:
-            poller = select.poll()
-            poller.register(ready, select.POLLIN)
-            answered = bool(poller.poll(BOOT_TIMEOUT * 1000))
+            answered = readable(ready, BOOT_TIMEOUT)
             if answered and os.read(ready, 16).startswith(b"up"):
                 return
         finally:
@@ -155,18 +139,43 @@ class Supervisor:
         raise Failure(f"the system failed to boot (exit {code}):\n{log}", EXIT_BOOT_FAILED)
 
 
+def _start_up(state_dir: Path, options: list[str],
+              watch_fd: int | None) -> tuple[subprocess.Popen, int, int]:
+    """Start `redoxcap up OPTIONS`; returns its process, its readiness pipe and a pidfd."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ready_r, ready_w = os.pipe()
+    argv = [sys.executable, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
+            "--ready-fd", str(ready_w)]
+    pass_fds: tuple[int, ...] = (ready_w,)
+    if watch_fd is not None:
+        argv += ["--watch-fd", str(watch_fd)]
+        pass_fds += (watch_fd,)
+    try:
+        with open(state_dir / control.LOG_NAME, "ab") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, pass_fds=pass_fds)
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)  # the child's copy alone keeps the pipe open
+    try:
+        # Not reaped until we wait for it, so this pidfd is our child's.
+        return proc, ready_r, os.pidfd_open(proc.pid)
+    except BaseException:
+        os.close(ready_r)
+        proc.kill()
+        proc.wait()
+        raise
+
+
 def start_detached(state_dir: Path, cfg: config.Config, trace: bool = False) -> int:
     """Boot a system in the background and return its supervisor's pid once it is up.
 
     Raises:
-        Failure: as :meth:`Supervisor.wait_until_up`, or EXIT_BOOT_FAILED when
-            it could not be started.
+        Failure: it could not be started or did not come up (see :class:`Supervisor`).
     """
-    try:
-        supervisor = Supervisor(state_dir, up_options(cfg, trace))
-    except OSError as exc:
-        raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
-    with supervisor:
+    with Supervisor(state_dir, up_options(cfg, trace)) as supervisor:
         supervisor.wait_until_up()
         return supervisor.pid
 
@@ -193,10 +202,10 @@ def stop(state_dir: Path, wait: float = STOP_TIMEOUT) -> bool:
             # it answers after we hold the pidfd, so the pidfd is the supervisor's
             control.exchange(sock, token, "shutdown", 10.0, {})
             sock.close()
-            if wait_exited(pidfd, wait):
+            if readable(pidfd, wait):
                 return True
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            wait_exited(pidfd, wait)
+            readable(pidfd, wait)
             return False
         finally:
             os.close(pidfd)
@@ -210,15 +219,13 @@ def private_system(cfg: config.Config) -> Iterator[Path]:
     reaches EOF either way); its temporary state directory is removed.
 
     Raises:
-        Failure: it did not boot (see :meth:`Supervisor.wait_until_up`).
+        Failure: it did not boot (see :class:`Supervisor`).
     """
     state_dir = Path(tempfile.mkdtemp(prefix="redoxcap-run-"))
     watch_r, watch_w = os.pipe()
     try:
         try:
             supervisor = Supervisor(state_dir, up_options(cfg), watch_r)
-        except OSError as exc:
-            raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
         finally:
             os.close(watch_r)
         with supervisor:

@@ -222,16 +222,9 @@ class System:
                 await daemon.root.call(P.FSTAT)
             except OSError:
                 pass
-            for _ in range(100):
-                try:
-                    _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    await trio.sleep(0.01)  # not expected after the probe; bounded all the same
-            else:
-                raise OSError(errno.EBUSY, "the router still sees the old daemon")
+            # So no retry: EBUSY now means the old channel is still open (a child
+            # of the old daemon holds it), which waiting would not change.
+            _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
         daemon.channel = fds[0]
         assert self._nursery is not None
         await self._start(daemon, self._nursery)
