@@ -142,7 +142,7 @@ def restart_command(state_dir: Path, name: str) -> None:
     try:
         reply, _ = control.request(state_dir, "restart", timeout=30, name=name)
     except control.NotRunning:
-        raise
+        raise  # exit 3, as for every command
     except control.ControlError as exc:
         raise Failure(f"restart {name}: {exc}") from None
     click.echo(f"{name} restarted (pid {reply['pid']})")
