@@ -20,7 +20,9 @@ added to the file's mounts.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,45 @@ class Config:
             else:
                 specs.append(SchemeSpec(name, BUILTIN_SCHEMES[name]))
         return specs + [m.spec() for m in self.mounts]
+
+
+def default_root() -> Path:
+    """The file scheme's host directory when none is given: $XDG_DATA_HOME/redoxcap/root."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "redoxcap" / "root"
+
+
+def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str],
+              scheme_names: str | None = None) -> Config:
+    """The config file, overridden by command-line options; the root exists afterwards.
+
+    Args:
+        config_file: `--config`, or None for the defaults.
+        root: `--root`, which wins over the file's (default: :func:`default_root`).
+        mounts: `--mount NAME=HOSTDIR[:ro]` values, added to the file's mounts.
+        scheme_names: `--schemes`: comma-separated built-ins, which replace the file's.
+
+    Returns:
+        The configuration to boot.
+
+    Raises:
+        ConfigError: the file or an option is unfit, or a mount name is given twice.
+        OSError: the root directory could not be created.
+    """
+    cfg = load(config_file)
+    cfg.mounts += [parse_mount(m) for m in mounts]
+    names = [m.name for m in cfg.mounts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a mount name is given twice: {names}")
+    if scheme_names is not None:
+        wanted = [n for n in scheme_names.split(",") if n]
+        unknown = [n for n in wanted if n not in BUILTIN_SCHEMES]
+        if unknown:
+            raise ConfigError(f"--schemes: unknown {unknown}; built-ins are {list(BUILTIN_SCHEMES)}")
+        cfg.schemes = wanted
+    cfg.root = (root or cfg.root or default_root()).absolute()
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    return cfg
 
 
 def parse_mount(text: str) -> Mount:

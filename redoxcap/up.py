@@ -25,7 +25,8 @@ from pathlib import Path
 import trio
 
 from redoxcap import control
-from redoxcap.config import ConfigError, make_mount
+from redoxcap.config import Config, ConfigError, make_mount
+from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.system import SchemeSpec, System
 from wire import protocol as P
 from wire.limits import raise_fd_limit
@@ -90,6 +91,34 @@ def prepare_state_dir(state_dir: Path) -> None:
     if state_dir.stat().st_uid != os.getuid():
         raise PermissionError(f"{state_dir} belongs to another user")
     os.chmod(state_dir, 0o700)
+
+
+def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | None = None,
+          ready_fd: int | None = None) -> None:
+    """`redoxcap up` in the foreground: run the system cfg describes until asked to stop.
+
+    Args:
+        state_dir: the state directory to serve.
+        cfg: what to run (its root set).
+        trace: have the router log every request and reply.
+        watch_fd: stop when this inherited fd reaches EOF.
+        ready_fd: a pipe to report readiness on (see :func:`main`).
+
+    Raises:
+        Failure: EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, or EXIT_FAILED when the
+            system had to stop on its own.
+    """
+    logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
+    info = {"root": str(cfg.root),
+            "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
+    try:
+        trio.run(main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
+    except AlreadyRunning as exc:
+        raise Failure(str(exc), EXIT_ALREADY_RUNNING) from None
+    except OSError as exc:
+        raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
+    except SystemFailed as exc:
+        raise Failure(f"stopped: {exc}") from None
 
 
 async def main(

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from redoxcap import control
-from redoxcap.cli import EXIT_USAGE
 from redoxcap.config import BUILTIN_SCHEMES, ConfigError, Mount, load
+from redoxcap.exits import EXIT_USAGE
 from tests.conftest import redoxcap
 
 
