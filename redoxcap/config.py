@@ -8,6 +8,7 @@ A config file (TOML, `redoxcap up --config FILE`) may say:
     [mount.photos]                       # /scheme/photos/... serves this host directory
     path = "/home/me/photos"
     read_only = true
+    keep = true                          # open handles survive a crash of its daemon (default)
 
 Every key and type is checked: an unknown key (`readonly` for `read_only`)
 or a value of the wrong type (`read_only = "false"`) is a ConfigError naming
@@ -23,7 +24,7 @@ import json
 import os
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from redoxcap.system import SchemeSpec, file_scheme
@@ -54,9 +55,10 @@ class Mount:
     name: str
     path: Path
     read_only: bool = False
+    keep: bool = True  # its open handles survive a crash of its daemon
 
     def spec(self) -> SchemeSpec:
-        return file_scheme(str(self.path), self.name, self.read_only)
+        return file_scheme(str(self.path), self.name, self.read_only, self.keep)
 
 
 @dataclass
@@ -142,7 +144,7 @@ def make_mount(name: str, path: str, read_only: bool) -> Mount:
 
 
 ROOT_KEYS = ("root", "schemes", "mount")
-MOUNT_KEYS = ("path", "read_only")
+MOUNT_KEYS = ("path", "read_only", "keep")
 
 
 def load(path: Path | None) -> Config:
@@ -198,7 +200,11 @@ def _mounts(value: object) -> list[Mount]:
         if type(read_only) is not bool:  # "false" or 0 must not count as a grant of writes
             raise ConfigError(f"{where}: read_only must be a boolean (true or false), "
                               f"not {_toml_type(read_only)} {_shown(read_only)}")
-        mounts.append(make_mount(name, host, read_only))
+        keep = table.get("keep", True)
+        if type(keep) is not bool:
+            raise ConfigError(f"{where}: keep must be a boolean (true or false), "
+                              f"not {_toml_type(keep)} {_shown(keep)}")
+        mounts.append(replace(make_mount(name, host, read_only), keep=keep))
     return mounts
 
 

@@ -1,6 +1,6 @@
 """The file scheme (`/scheme/NAME/...`): a host directory, and nothing outside it.
 
-    python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only]
+    python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only] [--no-keep]
 
 Every handle holds a real host fd and an anchor (schemes/resolve.py): the
 scheme's root in in-root mode, unless the handle was opened with
@@ -98,16 +98,19 @@ class FileScheme(Scheme):
     inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
     resolves_beneath = True
 
-    def __init__(self, root: str, name: str = "file", read_only: bool = False) -> None:
+    def __init__(self, root: str, name: str = "file", read_only: bool = False,
+                 keep: bool = True) -> None:
         """Open root (an O_PATH directory fd held for the daemon's life).
 
         Args:
             root: the host directory to serve.
             name: the scheme's name, for fpath.
             read_only: refuse every write with EROFS.
+            keep: have the router keep every open handle across a crash of this daemon.
         """
         self.name = name
         self.read_only = read_only
+        self.keeps_handles = keep
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
         self.handles = {}
@@ -196,7 +199,7 @@ class FileScheme(Scheme):
     def keep(self, h: FileHandle) -> tuple[dict, list[int]] | None:
         """A handle is its host fd (and its anchor's): the router keeps them across a crash,
         with the flags, so the next daemon serves the same open file at the same offset."""
-        if h.fd == self.root_fd:
+        if h.fd == self.root_fd or not self.keeps_handles:
             return None  # the root is made anew from --root
         state = {"dir": h.is_dir, "fdflags": h.fdflags, "host": h.host_flags,
                  "beneath": h.anchor.beneath, "own": h.anchor_owned}
@@ -396,6 +399,8 @@ if __name__ == "__main__":
         parser.add_argument("--root", required=True, help="the host directory to serve")
         parser.add_argument("--name", default="file", help="the scheme's name, for fpath")
         parser.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+        parser.add_argument("--no-keep", dest="keep", action="store_false",
+                            help="open handles die with this daemon (EIO) instead of being kept")
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
-    daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only), _options)
+    daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only, a.keep), _options)
