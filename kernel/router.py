@@ -85,10 +85,15 @@ HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EB
 
 @dataclass(eq=False)
 class ClientRequest:
-    """A holder's request in flight at a scheme: the capability to answer, and its tag."""
+    """A holder's request in flight at a scheme: the capability to answer, its tag, and
+    the caller the scheme was told of (pid, uid, gid: the holder, or whom it serves)."""
 
     cap: Capability
     tag: int
+    cred: tuple[int, int, int] = (0, 0, 0)
+
+    def caller(self) -> tuple[int, int, int] | None:
+        return self.cred
 
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
@@ -105,6 +110,9 @@ class StatusQuery:
     """The router's own SCHEME_STATUS question to a scheme; the answer goes to a channel."""
 
     answer: trio.MemorySendChannel
+
+    def caller(self) -> tuple[int, int, int] | None:
+        return None  # the router's own question: it serves no one
 
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
@@ -140,6 +148,7 @@ class Scheme:
     keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
     top: int = 0  # the highest handle number the scheme's daemons have used
     attached: int = 0  # daemons it has had (1 + restarts)
+    daemon: tuple[int, int, int] | None = None  # (pid, uid, gid) of its daemon, once it said HELLO
     waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
     restoring: bool = False  # a new daemon is being given its state: new requests wait
     died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
@@ -607,10 +616,36 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
         cred = cred or (0, 0, 0)
+        if request.serving is not None:
+            served = self._served_caller(request.serving, cred)
+            if served is None:
+                P.close_fds(fds)
+                self._reply(cap, tag, P.ERR, errno.EPERM)  # not a request the sender serves
+                return
+            cred = served
         if not scheme.alive or scheme.restoring:
             self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds))
             return
         await self._forward(cap, tag, cred, op, request.body, fds)
+
+    def _served_caller(self, req_id: int, sender: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """The caller of request req_id, if the sender is the daemon serving it; else None.
+
+        A daemon that forwards a request (nsmgr opening a client's path) names the
+        request it serves; the scheme it reaches then sees that request's caller,
+        as Linux reported it to us. No process can claim a request it does not serve:
+        the claim must come from the very process (pid and uid, from SO_PASSCRED) of
+        the daemon the request was sent to, while it is still in flight there.
+        """
+        for scheme in self._schemes.values():
+            waiter = scheme.pending.get(req_id)
+            if waiter is not None:
+                caller = waiter.caller()
+                daemon = scheme.daemon
+                if caller is None or daemon is None or daemon[:2] != sender[:2]:
+                    return None
+                return caller
+        return None
 
     def _hold_for_restart(self, scheme: Scheme, parked: Held) -> None:
         """Hold a request for the next daemon of scheme (EIO if none is expected)."""
@@ -657,7 +692,7 @@ class Router:
             return
         req_id = next(self._req_ids)
         frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body).encode()
-        scheme.pending[req_id] = ClientRequest(cap, tag)
+        scheme.pending[req_id] = ClientRequest(cap, tag, cred)
         if not counted:
             cap.inflight += 1
             cap.account.inflight += 1
@@ -866,7 +901,9 @@ class Router:
             OSError: the router is out of fds (or memory); scheme is unchanged.
         """
         ours, theirs = self._socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the daemon's pid on its frames
         scheme.channel = Channel(ours)
+        scheme.daemon = None
         scheme.attached += 1
         restart = scheme.attached > 1
         self._next_generation(scheme)
@@ -965,11 +1002,13 @@ class Router:
         try:
             while True:
                 try:
-                    data, fds, flags, _ = await channel.recv()
+                    data, fds, flags, cred = await channel.recv(P.CMSG_ALL)
                 except (OSError, trio.ClosedResourceError):
                     break
                 if not data and not fds:
                     break
+                if cred is not None and scheme.channel is channel:
+                    scheme.daemon = cred  # who serves the scheme, as Linux tells us
                 try:
                     self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
@@ -986,8 +1025,12 @@ class Router:
             P.close_fds(fds)
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
-        if SchemeReply.status_of(data) == P.KEEP:
+        status = SchemeReply.status_of(data)
+        if status == P.KEEP:
             self._on_keep(scheme, data, flags, fds)
+            return
+        if status == P.HELLO:  # its sender is now known (see _serve_scheme)
+            P.close_fds(fds)
             return
         try:
             reply = SchemeReply.decode(data)

@@ -128,7 +128,7 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "one directory capability at most")
             fd = req.take_fd(0)
             try:
-                await _forward(cap, op.number, [old_rest, new], [fd])
+                await _forward(cap, op.number, [old_rest, new], [fd], serving=req.id)
             finally:
                 P.close_fds([fd])
             return
@@ -136,7 +136,7 @@ class NamespaceScheme(Scheme):
         ns.lookup(new_name)
         if new_name != name:
             raise SchemeError(errno.EXDEV, "rename across schemes")
-        await _forward(cap, op.number, [old_rest, new_rest])
+        await _forward(cap, op.number, [old_rest, new_rest], serving=req.id)
 
     async def fpath(self, req: Request, ns: Namespace) -> str:
         return "/scheme/"
@@ -246,9 +246,10 @@ class NamespaceScheme(Scheme):
             cap.close()
 
 
-async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = ()) -> object:
+async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = (),
+                   serving: int | None = None) -> object:
     """A request on an entry whose answer carries no fds; any it carries are closed."""
-    value, received = await cap.call(op, args, fds)
+    value, received = await cap.call(op, args, fds, serving)
     P.close_fds(received)
     return value
 
@@ -306,8 +307,8 @@ def _forwarder(op: ops.Operation):
         name, args[op.path] = split_scheme_path(args[op.path])
         cap = ns.lookup(name)
         if op.forward is ops.Forward.OPEN:
-            return Reply(None, [await cap.call_fd(op.number, args)])
-        return await _forward(cap, op.number, args)
+            return Reply(None, [await cap.call_fd(op.number, args, serving=req.id)])
+        return await _forward(cap, op.number, args, serving=req.id)
 
     forward.__name__ = forward.__qualname__ = op.name
     forward.__doc__ = f"{op.doc} Forwarded to the scheme the path names."

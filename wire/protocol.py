@@ -62,6 +62,7 @@ OK = 0
 ERR = 1
 NEW_HANDLE = 2  # scheme -> router only: mint a capability for this handle
 KEEP = 3  # scheme -> router only, not a reply: keep this state of a handle across a restart
+HELLO = 4  # scheme -> router only, first frame of a daemon: who serves the scheme (SO_PASSCRED)
 
 # -- operations ----------------------------------------------------------------
 # 1..15 are answered by the router itself; 16.. are forwarded to the scheme.
