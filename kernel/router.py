@@ -37,6 +37,7 @@ import logging
 import os
 import select
 import socket
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -70,11 +71,12 @@ KERNEL_OPS = {
     P.SCHEME_RESTART: KernelOp("_op_scheme_restart"),
     P.ACCOUNT_NEW: KernelOp("_op_account_new"),
     P.KERNEL_STATUS: KernelOp("_op_kernel_status"),
+    P.TRACE: KernelOp("_op_trace"),
 }
+MAX_TRACERS = 8
+TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
-OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
-STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
 RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
 MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
@@ -85,10 +87,17 @@ HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EB
 
 @dataclass(eq=False)
 class ClientRequest:
-    """A holder's request in flight at a scheme: the capability to answer, and its tag."""
+    """A holder's request in flight at a scheme: the capability to answer, its tag, and
+    the caller the scheme was told of (pid, uid, gid: the holder, or whom it serves)."""
 
     cap: Capability
     tag: int
+    cred: tuple[int, int, int] = (0, 0, 0)
+    started: float = 0.0  # when it was forwarded (for the trace)
+    req_id: int = 0
+
+    def caller(self) -> tuple[int, int, int] | None:
+        return self.cred
 
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
@@ -106,6 +115,9 @@ class StatusQuery:
 
     answer: trio.MemorySendChannel
 
+    def caller(self) -> tuple[int, int, int] | None:
+        return None  # the router's own question: it serves no one
+
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
         P.close_fds(fds)
@@ -118,6 +130,14 @@ class StatusQuery:
 
     def abandoned(self, router: Router) -> None:
         self.answer.close()
+
+
+@dataclass(eq=False)
+class Tracer:
+    """The router's end of a trace socket, and how many records its reader missed."""
+
+    sock: socket.socket
+    dropped: int = 0
 
 
 @dataclass(eq=False)
@@ -140,6 +160,7 @@ class Scheme:
     keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
     top: int = 0  # the highest handle number the scheme's daemons have used
     attached: int = 0  # daemons it has had (1 + restarts)
+    daemon: tuple[int, int, int] | None = None  # (pid, uid, gid) of its daemon, once it said HELLO
     waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
     restoring: bool = False  # a new daemon is being given its state: new requests wait
     died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
@@ -163,6 +184,7 @@ class Held:
     op: int
     body: bytes
     fds: list[int]
+    serving: int | None = None
 
 
 @dataclass(eq=False)
@@ -220,15 +242,15 @@ class Router:
 
     Args:
         nursery: where capability, scheme and writer tasks run.
-        trace: log one line per request and per reply.
+        verbose: log each request the router refuses itself (out of fds, over a quota).
         client_limits: the limits of an account made by ACCOUNT_NEW without arguments.
         system_limits: the limits of the system account.
     """
 
-    def __init__(self, nursery: trio.Nursery, trace: bool = False,
+    def __init__(self, nursery: trio.Nursery, verbose: bool = False,
                  client_limits: Limits = CLIENT_LIMITS, system_limits: Limits = SYSTEM_LIMITS) -> None:
         self._nursery = nursery
-        self.trace = trace
+        self.verbose = verbose
         self.client_limits = client_limits
         self._schemes: dict[int, Scheme] = {}
         self._scheme_ids = itertools.count(1)
@@ -247,6 +269,7 @@ class Router:
         # Parked readers do not recv, so they would not see EOF: watch their sockets for hangup.
         self._hangups = select.epoll()
         self._parked: dict[int, Capability] = {}
+        self._tracers: list[Tracer] = []  # who asked for a record of every call (TRACE)
         nursery.start_soon(self._watch_hangups)
 
     def close(self) -> None:
@@ -526,8 +549,6 @@ class Router:
         reply = Reply.decode(frame)
         if reply.status == P.ERR:
             return None  # an error reply that cannot be sent either: nothing smaller to try
-        if self.trace:
-            log.info("reply to tag %d not sendable (%s): answering the errno", reply.tag, exc)
         return Reply.of(reply.tag, P.ERR, exc.errno or errno.EIO).encode()
 
     async def _write_outbox(self, cap: Capability) -> None:
@@ -607,10 +628,37 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
         cred = cred or (0, 0, 0)
+        if request.serving is not None:
+            served = self._served_caller(request.serving, cred)
+            if served is None:
+                P.close_fds(fds)
+                self._reply(cap, tag, P.ERR, errno.EPERM)  # not a request the sender serves
+                return
+            cred = served
         if not scheme.alive or scheme.restoring:
-            self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds))
+            self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds,
+                                                request.serving))
             return
-        await self._forward(cap, tag, cred, op, request.body, fds)
+        await self._forward(cap, tag, cred, op, request.body, fds, serving=request.serving)
+
+    def _served_caller(self, req_id: int, sender: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """The caller of request req_id, if the sender is the daemon serving it; else None.
+
+        A daemon that forwards a request (nsmgr opening a client's path) names the
+        request it serves; the scheme it reaches then sees that request's caller,
+        as Linux reported it to us. No process can claim a request it does not serve:
+        the claim must come from the very process (pid and uid, from SO_PASSCRED) of
+        the daemon the request was sent to, while it is still in flight there.
+        """
+        for scheme in self._schemes.values():
+            waiter = scheme.pending.get(req_id)
+            if waiter is not None:
+                caller = waiter.caller()
+                daemon = scheme.daemon
+                if caller is None or daemon is None or daemon[:2] != sender[:2]:
+                    return None
+                return caller
+        return None
 
     def _hold_for_restart(self, scheme: Scheme, parked: Held) -> None:
         """Hold a request for the next daemon of scheme (EIO if none is expected)."""
@@ -625,10 +673,12 @@ class Router:
         cap.account.held_fds += len(parked.fds)
 
     async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
-                       body: frames.Body, fds: list[int], counted: bool = False) -> None:
+                       body: frames.Body, fds: list[int], counted: bool = False,
+                       serving: int | None = None) -> None:
         """Send a request on to cap's scheme; takes ownership of fds.
 
         counted: the request already counts as in flight (it was parked).
+        serving: the request this one serves, for the trace.
         """
         handle = cap.handle
         scheme = handle.scheme
@@ -657,14 +707,16 @@ class Router:
             return
         req_id = next(self._req_ids)
         frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body).encode()
-        scheme.pending[req_id] = ClientRequest(cap, tag)
+        scheme.pending[req_id] = ClientRequest(cap, tag, cred, time.monotonic(), req_id)
+        if self._tracers:
+            self._trace({"k": "call", "id": req_id, "parent": serving, "t": time.time(),
+                         "pid": pid, "uid": uid, "scheme": scheme.id, "handle": handle.number,
+                         "op": op, "account": account.id, "fds": len(fds),
+                         "args": bytes(body[:TRACE_BODY])})
         if not counted:
             cap.inflight += 1
             cap.account.inflight += 1
         scheme.frames += 1
-        if self.trace:
-            log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
-                     scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
         account.held_fds += len(fds)
         try:
             sent = await self._send_to_scheme(scheme, frame, fds, before_dying=req_id)
@@ -795,12 +847,61 @@ class Router:
     async def _op_account_new(self, cap: Capability, request: Request, fds: list[int]) -> None:
         self._account_new(cap, request.tag, request, fds)
 
+    async def _op_trace(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        """A socket on which a record of every call and every reply follows (until closed).
+
+        The records are msgpack maps with the raw arguments and values: the router
+        never decodes them; the reader does (redoxcap/trace.py). A reader that does
+        not keep up loses records (counted in the next one it gets), never slows us.
+        """
+        if len(self._tracers) >= MAX_TRACERS:
+            self._reply(cap, request.tag, P.ERR, errno.EBUSY)
+            return
+        try:
+            ours, theirs = self._socketpair()
+        except OSError as exc:
+            self._refuse(cap, request.tag, exc)
+            return
+        ours.setblocking(False)
+        self._tracers.append(Tracer(ours))
+        self._reply(cap, request.tag, P.OK, None, [theirs.detach()])
+
+    def _trace_reply(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
+                     fds: list[int]) -> None:
+        record = {"k": "reply", "id": waiter.req_id, "t": time.time(),
+                  "dur": time.monotonic() - waiter.started, "scheme": scheme.id, "fds": len(fds),
+                  "pid": waiter.cred[0]}
+        if reply is None:
+            record.update(status=P.ERR, value=P.pack(errno.EIO))
+        else:
+            record.update(status=reply.status, value=bytes(reply.body[:TRACE_BODY]),
+                          handle=reply.handle)
+        self._trace(record)
+
+    def _trace(self, record: dict) -> None:
+        """Send a record to every tracer that has room; never waits."""
+        frame = None
+        for tracer in list(self._tracers):
+            if tracer.dropped:
+                record["dropped"] = tracer.dropped
+                frame = None
+            frame = frame or P.pack(record)
+            try:
+                tracer.sock.send(frame, socket.MSG_DONTWAIT)
+                tracer.dropped = 0
+            except BlockingIOError:
+                tracer.dropped += 1  # it reads too slowly: it loses records, we do not wait
+            except OSError:
+                self._tracers.remove(tracer)
+                tracer.sock.close()
+            record.pop("dropped", None)
+
     async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int]) -> None:
         self._reply(cap, request.tag, P.OK, await self._status())
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
         """Fail one request because the router could not make or take an fd."""
-        if self.trace:
+        if self.verbose:
             log.info("tag %d refused: %s", tag, exc)
         self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
 
@@ -866,7 +967,9 @@ class Router:
             OSError: the router is out of fds (or memory); scheme is unchanged.
         """
         ours, theirs = self._socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the daemon's pid on its frames
         scheme.channel = Channel(ours)
+        scheme.daemon = None
         scheme.attached += 1
         restart = scheme.attached > 1
         self._next_generation(scheme)
@@ -909,7 +1012,7 @@ class Router:
             while scheme.backlog and scheme.channel is channel:
                 parked = scheme.backlog.popleft()
                 await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
-                                    parked.fds, counted=True)
+                                    parked.fds, counted=True, serving=parked.serving)
         except OSError as exc:  # out of fds for the copies: the daemon starts without them
             log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
         finally:
@@ -965,11 +1068,13 @@ class Router:
         try:
             while True:
                 try:
-                    data, fds, flags, _ = await channel.recv()
+                    data, fds, flags, cred = await channel.recv(P.CMSG_ALL)
                 except (OSError, trio.ClosedResourceError):
                     break
                 if not data and not fds:
                     break
+                if cred is not None and scheme.channel is channel:
+                    scheme.daemon = cred  # who serves the scheme, as Linux tells us
                 try:
                     self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
@@ -986,17 +1091,18 @@ class Router:
             P.close_fds(fds)
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
-        if SchemeReply.status_of(data) == P.KEEP:
+        status = SchemeReply.status_of(data)
+        if status == P.KEEP:
             self._on_keep(scheme, data, flags, fds)
+            return
+        if status == P.HELLO:  # its sender is now known (see _serve_scheme)
+            P.close_fds(fds)
             return
         try:
             reply = SchemeReply.decode(data)
         except P.ProtocolError:
             reply = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
-        if self.trace:
-            status = reply.status if reply is not None else P.NEW_HANDLE
-            log.info("req %d: <- scheme %d %s (%d fds)", req_id, scheme.id, STATUS_NAMES.get(status, status), len(fds))
         if waiter is None:  # abandoned (its capability closed) or never asked
             P.close_fds(fds)
             if reply is not None and reply.status == P.NEW_HANDLE:
@@ -1034,6 +1140,8 @@ class Router:
         cap, tag = waiter.cap, waiter.tag
         self._settle(cap)
         new = (reply.handle, reply.fdflags) if reply is not None and reply.status == P.NEW_HANDLE else None
+        if self._tracers:
+            self._trace_reply(scheme, waiter, reply, fds)
         if flags & P.TRUNCATED:
             P.close_fds(fds)
             if new is not None:
@@ -1121,19 +1229,19 @@ class Router:
             self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
 
 
-async def main(kernel_fd: int, trace: bool = False, client_limits: Limits = CLIENT_LIMITS,
+async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,
                system_limits: Limits = SYSTEM_LIMITS) -> None:
     """Run the router until the supervisor's kernel capability is closed.
 
     Args:
         kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
             kernel capability (the supervisor holds its other end).
-        trace: log every request and reply (ids and operation names only).
+        verbose: log each request the router refuses itself.
         client_limits: the default limits of accounts made by ACCOUNT_NEW.
         system_limits: the limits of the system account (the kernel capability's).
     """
     async with trio.open_nursery() as nursery:
-        router = Router(nursery, trace, client_limits, system_limits)
+        router = Router(nursery, verbose, client_limits, system_limits)
         try:
             router.adopt_kernel_capability(kernel_fd)
             await router.supervisor_gone.wait()

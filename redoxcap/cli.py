@@ -171,6 +171,11 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="The uds names COMMAND sees: a private scope of its own (the default, for "
                    "every run), the system's, or the shared scope NAME (runs given the same NAME "
                    "reach each other's listeners).")
+@click.option("--trace", "trace", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Print every call COMMAND makes (scheme, operation, path, result, time; the "
+                   "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
+                   "with --trace=FILE.")
+@click.option("--trace-json", is_flag=True, help="With --trace: one JSON object per call.")
 @root_option
 @mount_option
 @config_option
@@ -178,8 +183,8 @@ def restart_command(state_dir: Path, name: str) -> None:
 @click.pass_obj
 def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
                 require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
-                uds_scope: str, root: Path | None, mounts: tuple[str, ...],
-                config_file: Path | None, command: tuple[str, ...]) -> None:
+                uds_scope: str, trace: str | None, trace_json: bool, root: Path | None,
+                mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
@@ -207,5 +212,38 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
     with run.system_for_run(state_dir, root=root, config_file=config_file,
                             mounts=mounts) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
-                       confine=confine, require_confine=require_confine, uds_scope=uds_scope)
+                       confine=confine, require_confine=require_confine, uds_scope=uds_scope,
+                       trace=trace, trace_json=trace_json)
     sys.exit(code)
+
+
+@main.command("trace")
+@click.option("--pid", type=int, default=None, help="Only the calls of this client pid.")
+@click.option("--scheme", "scheme_name", default=None, metavar="NAME",
+              help="Only calls to this scheme (and the calls made for them).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per call.")
+@click.pass_obj
+def trace_command(state_dir: Path, pid: int | None, scheme_name: str | None, as_json: bool) -> None:
+    """Print every call the router forwards, as it happens, until Ctrl-C.
+
+    One line per call: time, client pid, scheme, operation, the path (for a
+    path operation) or the handle, the result (a handle, a size, a value or
+    an errno name) and how long the scheme took; the calls nsmgr makes to
+    serve one come indented under it. Costs the system nothing when nobody
+    traces. (Message: control op `trace`, answered with a socket the router
+    streams records on.)
+    """
+    import socket
+
+    from redoxcap.trace import Tracer, records
+
+    reply, fds = control.request(state_dir, "trace")
+    names = {int(k): v for k, v in reply.get("schemes", {}).items()}
+    tracer = Tracer(names, lambda line: click.echo(line), json_lines=as_json, pid=pid,
+                    scheme=scheme_name)
+    with socket.socket(fileno=fds[0]) as sock:
+        try:
+            for record in records(sock):
+                tracer.feed(record)
+        except KeyboardInterrupt:
+            pass

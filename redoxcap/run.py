@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import rt
 from redoxcap import config, control, lifecycle
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure
 from redoxcap.sandbox import python_script
+from redoxcap.trace import Follower
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -132,7 +134,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
 
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
-        cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str) -> int:
+        cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
+        trace: str | None = None, trace_json: bool = False) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -147,6 +150,9 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             with a private scratch directory as $TMPDIR (removed afterwards).
         require_confine: have the launcher refuse to run it unconfined.
         uds_scope: `--uds-scope`: private, system or a shared scope's NAME.
+        trace: `--trace`: print every call of the command (and of run's own setup
+            of its capabilities) to stderr ("-") or to this file.
+        trace_json: print JSON objects, one per line, instead.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -162,24 +168,40 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
         argv = confined_argv(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
+    follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     try:
         proc = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                      uds_scope=uds_scope)
+                      uds_scope=uds_scope, follower=follower)
         return wait_forwarding_signals(proc, group=confine)
     finally:
+        if follower is not None:
+            follower.stop()
+            if follower.out is not sys.stderr:
+                follower.out.close()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
+    """Subscribe to the system's trace before anything of the run happens."""
+    reply, fds = control.request(state_dir, "trace")
+    names = {int(k): v for k, v in reply.get("schemes", {}).items()}
+    out = sys.stderr if where == "-" else open(where, "a", encoding="utf-8")  # noqa: SIM115
+    return Follower(socket.socket(fileno=fds[0]), names, out, json_lines)
+
+
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
-           beneath: bool, *, new_session: bool, uds_scope: str) -> subprocess.Popen:
+           beneath: bool, *, new_session: bool, uds_scope: str,
+           follower: Follower | None = None) -> subprocess.Popen:
     """Start argv with the namespace and cwd asked for, through rt.spawn.
 
     With new_session, argv leads a new session without a controlling
     terminal (so it cannot push input into ours).
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
-    _, fds = control.request(state_dir, "namespace", account=True)
+    reply, fds = control.request(state_dir, "namespace", account=True)
+    if follower is not None:
+        follower.start(reply.get("account"))  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
     child_ns = None
     try:

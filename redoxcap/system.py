@@ -111,12 +111,13 @@ class System:
         ours, theirs = _socketpair()
         try:
             self.kernel_process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs),
-                 *(["--trace"] if self.trace else [])], pass_fds=[theirs]
+                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
             )
         finally:
             os.close(theirs)
         self.kernel = AsyncCapability(ours)
+        if self.trace:  # before anything else, so that the boot shows too
+            nursery.start_soon(self.log_trace)
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
         for spec in self.specs:
@@ -227,6 +228,31 @@ class System:
             for other in self.daemons:
                 if not other.failed:
                     await self._register(other)
+
+    def scheme_names(self) -> dict[str, str]:
+        """Scheme id (as a string, for msgpack maps) -> name, for reading the trace."""
+        return {str(d.scheme_id): d.spec.name for d in [self.nsmgr, *self.daemons]}
+
+    async def log_trace(self) -> None:
+        """`up --trace`: every call the router forwards, one line each, into the log."""
+        import socket as _socket
+
+        from redoxcap.trace import Tracer
+
+        assert self.kernel is not None
+        fd = await self.kernel.call_fd(P.TRACE)
+        names = {int(k): v for k, v in self.scheme_names().items()}
+        tracer = Tracer(names, lambda line: log.info("trace %s", line))
+        sock = trio.socket.from_stdlib_socket(_socket.socket(fileno=fd))
+        with sock:
+            while data := await sock.recv(P.MAX_FRAME):
+                try:
+                    record = P.unpack(data)
+                except P.ProtocolError:
+                    continue
+                if isinstance(record, dict):
+                    tracer.names = {int(k): v for k, v in self.scheme_names().items()}
+                    tracer.feed(record)
 
     def daemon(self, name: str) -> Daemon:
         """The daemon of scheme name (`nsmgr` included).

@@ -195,6 +195,10 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         await system.add(spec.spec())
         return {"added": True}, []
 
+    async def trace(_request):
+        """A socket the router streams the trace on, and the names of the scheme ids."""
+        return {"schemes": system.scheme_names()}, [await system.kernel.call_fd(P.TRACE)]
+
     async def restart(request):
         name = request.get("name")
         if not isinstance(name, str):
@@ -205,6 +209,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
             raise control.ControlError(f"no scheme named {name!r}") from None
 
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
+                "trace": trace,
                 "mount": mount, "restart": restart}
     try:
         async with trio.open_nursery() as nursery:

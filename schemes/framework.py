@@ -101,6 +101,10 @@ class Request:
     op: int
     passed: list[HandleRef | int | None] = field(default_factory=list)
     changed: bool = False  # see keep_again
+    # The router's id of this request: a scheme that makes requests of other schemes to
+    # serve this one passes it (AsyncCapability.call(..., serving=req.id)), and those
+    # schemes then see this request's caller, not this daemon.
+    id: int | None = None
 
     def keep_again(self) -> None:
         """The state of this request's handle changed: before the reply goes out, the
@@ -260,6 +264,9 @@ class _Server:
         self.operations = {op.number: op for op in scheme.operations}
 
     async def run(self) -> None:
+        # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
+        # and then believes our claims to serve the requests it sent us.
+        await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
         async with trio.open_nursery() as nursery:
             while True:
                 data, fds, flags, _ = await self.channel.recv()
@@ -330,7 +337,8 @@ class _Server:
             if len(request.refs) != len(fds):
                 raise P.ProtocolError("fd count does not match the header")
             passed = [fd if ref == P.NO_REF else HandleRef(ref, fd) for ref, fd in zip(request.refs, fds)]
-            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op, passed)
+            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
+                          passed, id=req_id)
             fds = []  # owned by req.passed now
             args = request.args() if request.op != P.SCHEME_STATUS else []
             del request  # the arguments are decoded: a request waiting in a daemon holds no frame

@@ -6,6 +6,8 @@ msgpack body, which it never touches (a frame's `body` stays raw bytes until
 someone who is allowed to read it calls `value()`/`args()`):
 
     client -> router   Request        <BI       op, tag                      + body
+                                      (op | SERVING: + <Q the router's id of the request
+                                      the sender, a scheme daemon, is serving)
     router -> client   Reply          <IB       tag, status                  + body
     router -> scheme   SchemeRequest  <QQiIIBB  req_id, handle, pid, uid, gid, op, nrefs
                                       + nrefs x <Q (for each fd relayed with the request:
@@ -35,6 +37,8 @@ REPLY = struct.Struct("<IB")
 SREQUEST = struct.Struct("<QQiIIBB")
 SREPLY = struct.Struct("<QB")
 NEW_HANDLE_HDR = struct.Struct("<QI")
+SERVING_ID = struct.Struct("<Q")
+SERVING = 0x80  # a bit of a Request's op: the frame says which request its sender serves
 KEEP_HDR = struct.Struct("<QI")
 REF = struct.Struct("<Q")
 
@@ -43,15 +47,21 @@ Body = bytes | memoryview
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A client's request on one capability: op, the tag the reply echoes, the arguments."""
+    """A client's request on one capability: op, the tag the reply echoes, the arguments.
+
+    `serving` is set when the sender is a scheme daemon making this request to serve
+    one of its own (nsmgr forwarding a client's open): the router's id of that one.
+    The router checks the claim and passes the original caller on to the scheme.
+    """
 
     op: int
     tag: int
     body: Body
+    serving: int | None = None
 
     @classmethod
-    def of(cls, op: int, tag: int, args: list | tuple = ()) -> Request:
-        return cls(op, tag, pack(list(args)))
+    def of(cls, op: int, tag: int, args: list | tuple = (), serving: int | None = None) -> Request:
+        return cls(op, tag, pack(list(args)), serving)
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
@@ -59,10 +69,17 @@ class Request:
         if len(data) < REQUEST.size:
             raise ProtocolError("short request")
         op, tag = REQUEST.unpack_from(data)
-        return cls(op, tag, memoryview(data)[REQUEST.size :])
+        if not op & SERVING:
+            return cls(op, tag, memoryview(data)[REQUEST.size :])
+        if len(data) < REQUEST.size + SERVING_ID.size:
+            raise ProtocolError("short request")
+        (serving,) = SERVING_ID.unpack_from(data, REQUEST.size)
+        return cls(op & ~SERVING, tag, memoryview(data)[REQUEST.size + SERVING_ID.size :], serving)
 
     def encode(self) -> bytes:
-        return REQUEST.pack(self.op, self.tag) + bytes(self.body)
+        if self.serving is None:
+            return REQUEST.pack(self.op, self.tag) + bytes(self.body)
+        return REQUEST.pack(self.op | SERVING, self.tag) + SERVING_ID.pack(self.serving) + bytes(self.body)
 
     def args(self) -> Any:
         """The decoded arguments (ProtocolError for a malformed body)."""
@@ -226,9 +243,10 @@ class Keep:
         return unpack(self.body)
 
 
-def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...]) -> bytes:
+def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...],
+                   serving: int | None = None) -> bytes:
     """A client request frame."""
-    return Request.of(op, tag, args).encode()
+    return Request.of(op, tag, args, serving).encode()
 
 
 def encode_reply(tag: int, status: int, value: Any) -> bytes:
