@@ -1021,9 +1021,12 @@ class Router:
 
     async def _status(self) -> dict:
         caps: dict[int, int] = {}
+        holdings: dict[tuple[int, int, int], int] = {}  # (account, scheme, handle) -> capabilities
         for cap in self._by_identity.values():
             sid = cap.handle.scheme.id
             caps[sid] = caps.get(sid, 0) + 1
+            key = (cap.account.id, sid, cap.handle.number)
+            holdings[key] = holdings.get(key, 0) + 1
         queries = {}
         async with trio.open_nursery() as nursery:
             for scheme in self._schemes.values():
@@ -1041,10 +1044,13 @@ class Router:
                     "capabilities": caps.get(s.id, 0),
                     "handles": len(s.handles),
                     "scheme_handles": queries.get(s.id, {}).get("handles"),
+                    "detail": queries.get(s.id, {}).get("detail"),
                 }
                 for s in self._schemes.values()
             },
             "accounts": {str(a.id): a.counters() for a in self._accounts.values()},
+            "holdings": [[account, scheme, handle, count]
+                         for (account, scheme, handle), count in sorted(holdings.items())],
         }
 
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:

@@ -223,6 +223,11 @@ class NamespaceScheme(Scheme):
         req.keep_again()
         cap.close()
 
+    def status(self, handles: dict) -> dict:
+        """Each namespace handle's names and permissions, for `status` and `graph`."""
+        return {"namespaces": {str(number): {"names": sorted(ns.entries), "perms": ns.perms}
+                               for number, ns in handles.items()}}
+
     def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
         """A namespace is its entries and permissions: the router keeps the entries'
         capabilities across a crash of nsmgr, and the next nsmgr serves the same

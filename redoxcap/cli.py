@@ -247,3 +247,29 @@ def trace_command(state_dir: Path, pid: int | None, scheme_name: str | None, as_
                 tracer.feed(record)
         except KeyboardInterrupt:
             pass
+
+
+@main.command("graph")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write FILE.svg or FILE.png (needs Graphviz's dot) or FILE.dot instead of "
+                   "printing DOT.")
+@click.pass_obj
+def graph_command(state_dir: Path, output: Path | None) -> None:
+    """Draw the capability graph: clients, the capabilities they hold, the scheme
+    handles behind them and the daemons serving those, and the names in each
+    namespace. DOT on stdout; `dot -Tsvg` or --output renders it.
+    (Message: control op `status`.)"""
+    from redoxcap import graph
+
+    reply, _ = control.request(state_dir, "status")
+    text = graph.dot(reply["status"])
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        graph.render(text, output)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    except FileNotFoundError as exc:
+        raise Failure(str(exc)) from None
+    click.echo(f"wrote {output}")

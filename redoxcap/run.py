@@ -170,8 +170,13 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         env["TMPDIR"] = scratch
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     try:
-        proc = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                      uds_scope=uds_scope, follower=follower)
+        proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
+                               uds_scope=uds_scope, follower=follower)
+        try:  # for `status` and `graph`; the run goes on without it
+            control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
+                            cwd=cwd, account=account)
+        except control.ControlError:
+            pass
         return wait_forwarding_signals(proc, group=confine)
     finally:
         if follower is not None:
@@ -192,16 +197,20 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
            beneath: bool, *, new_session: bool, uds_scope: str,
-           follower: Follower | None = None) -> subprocess.Popen:
+           follower: Follower | None = None) -> tuple[subprocess.Popen, int | None]:
     """Start argv with the namespace and cwd asked for, through rt.spawn.
 
     With new_session, argv leads a new session without a controlling
     terminal (so it cannot push input into ours).
+
+    Returns:
+        The process, and the router account its capabilities are charged to.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     reply, fds = control.request(state_dir, "namespace", account=True)
+    account = reply.get("account")
     if follower is not None:
-        follower.start(reply.get("account"))  # the run's calls, from its first
+        follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
     child_ns = None
     try:
@@ -214,7 +223,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         give_uds_scope(child_ns, uds_scope)
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
-                            start_new_session=new_session)
+                            start_new_session=new_session), account
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:

@@ -1,9 +1,11 @@
 """`redoxcap status` as a table: one line per daemon, from the control op `status`.
 
 The reply (`redoxcap status --json` prints it whole) holds the supervisor's
-pid, uptime and state directory, the file root, and per daemon its name, pid,
-scheme id, the router's counters (capabilities, handles, frames), restarts,
-state and resident memory.
+pid, uptime and state directory, the file root and the mounts, per daemon its
+name, pid, scheme id, the router's counters (capabilities, handles, frames),
+restarts, state and resident memory, and per running client (a program
+`redoxcap run` started) its pid, command, namespace names, cwd and the
+capabilities it holds (its router account's).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ def render(info: dict) -> Iterator[str]:
         info: the `status` field of the control op's reply.
 
     Yields:
-        A summary line, the file root (if any), the table's header and one row per daemon.
+        A summary line, the file root and the mounts, the table's header and one row
+        per daemon, then one row per running client.
     """
     yield f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}"
     if "root" in info:
         yield f"file root {info['root']}"
+    for name, mount in sorted(info.get("mounts", {}).items()):
+        yield f"mount {name}: {mount['path']}" + (" (read-only)" if mount.get("read_only") else "")
     yield HEADER
     for d in info["daemons"]:
         rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"
@@ -34,6 +39,14 @@ def render(info: dict) -> Iterator[str]:
             f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
             f"{d.get('restarts', '-'):>8} {rss:>7}" + _state_note(d)
         )
+    clients = info.get("clients", [])
+    if clients:
+        yield ""
+        yield f"{'CLIENT':>7} {'CAPS':>5}  {'NAMESPACE':<24} {'CWD':<16} COMMAND"
+        for c in clients:
+            names = "all" if c.get("names") is None else (c["names"] or "(empty)")
+            yield (f"{c['pid']:>7} {c.get('capabilities', 0):>5}  {names:<24.24} "
+                   f"{c.get('cwd') or '/':<16.16} {' '.join(c.get('argv') or [])}")
 
 
 def _handles(d: dict) -> str:

@@ -41,6 +41,7 @@ log = logging.getLogger("supervisor")
 
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
+MAX_CLIENTS = 1024  # programs `status` remembers
 STOP_GRACE = 3.0
 
 
@@ -98,6 +99,7 @@ class System:
         self.failed = False  # set when the system had to stop on its own (the router died)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
+        self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -317,8 +319,23 @@ class System:
             })
         for d in daemons:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
+        accounts = kernel.get("accounts", {})
+        clients = []
+        for pid, client in sorted(self.clients.items()):
+            if not _alive(pid):
+                del self.clients[pid]  # it ended: its capabilities went with it
+                continue
+            held = accounts.get(str(client.get("account")), {}).get("caps", 0)
+            clients.append({**client, "pid": pid, "capabilities": held})
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
-                "daemons": daemons}
+                "daemons": daemons, "clients": clients, "holdings": kernel.get("holdings", [])}
+
+    def add_client(self, pid: int, info: dict) -> None:
+        """Note a program `redoxcap run` started here, for `status` and `graph`."""
+        if len(self.clients) >= MAX_CLIENTS:  # the oldest that ended make room; else the oldest
+            for old in [p for p in self.clients if not _alive(p)] or [min(self.clients)]:
+                del self.clients[old]
+        self.clients[pid] = info
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
@@ -359,6 +376,15 @@ async def _terminate(proc: trio.Process) -> None:
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def rss_kib(pid: int) -> int | None:

@@ -195,6 +195,17 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         await system.add(spec.spec())
         return {"added": True}, []
 
+    async def client(request):
+        """`run` says which program it started, for `status` and `graph`."""
+        pid = request.get("pid")
+        if type(pid) is not int or pid <= 0:
+            raise control.ControlError("client needs a pid")
+        info = {key: request.get(key) for key in ("argv", "names", "cwd", "account")}
+        if not isinstance(info["argv"], list) or not all(isinstance(a, str) for a in info["argv"]):
+            raise control.ControlError("client needs argv, a list of strings")
+        system.add_client(pid, info)
+        return {}, []
+
     async def trace(_request):
         """A socket the router streams the trace on, and the names of the scheme ids."""
         return {"schemes": system.scheme_names()}, [await system.kernel.call_fd(P.TRACE)]
@@ -209,7 +220,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
             raise control.ControlError(f"no scheme named {name!r}") from None
 
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
-                "trace": trace,
+                "trace": trace, "client": client,
                 "mount": mount, "restart": restart}
     try:
         async with trio.open_nursery() as nursery:

@@ -49,6 +49,7 @@ ONLY_AT_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC 
 UMASK = 0o022
 MODE_BITS = 0o777
 OFF_MAX = 2**63 - 1
+STATUS_PATHS = 256  # handles whose path `status` reports
 WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
 
 
@@ -196,6 +197,16 @@ class FileScheme(Scheme):
         handle = FileHandle(fd, h.is_dir, anchor, owned, h.fdflags, h.host_flags)
         return Opened(handle, fdflags=h.fdflags)
 
+    def status(self, handles: dict) -> dict:
+        """Where each open handle is (the first few hundred), for `status` and `graph`."""
+        paths = {}
+        for number, h in list(handles.items())[:STATUS_PATHS]:
+            try:
+                paths[str(number)] = self._where(h)
+            except (OSError, SchemeError):
+                paths[str(number)] = "(gone)"
+        return {"paths": paths}
+
     def keep(self, h: FileHandle) -> tuple[dict, list[int]] | None:
         """A handle is its host fd (and its anchor's): the router keeps them across a crash,
         with the flags, so the next daemon serves the same open file at the same offset."""
@@ -271,6 +282,9 @@ class FileScheme(Scheme):
 
         ENOENT when the file was removed or moved out of the root by the host.
         """
+        return self._where(h)
+
+    def _where(self, h: FileHandle) -> str:
         root = os.readlink(f"/proc/self/fd/{self.root_fd}")
         real = os.readlink(f"/proc/self/fd/{h.fd}")
         if real == root:

@@ -189,6 +189,14 @@ class Scheme:
     async def close(self, h: Any) -> None:
         """The last capability for h is gone: release what it holds."""
 
+    def status(self, handles: dict[int, Any]) -> Any:
+        """What `redoxcap status` and `graph` show of this scheme's handles (a msgpack value).
+
+        Args:
+            handles: handle number -> object, every handle open now.
+        """
+        return None
+
     def keep(self, h: Any) -> tuple[Any, list[int]] | None:
         """What the router is to keep of handle h across a crash of this daemon.
 
@@ -363,7 +371,8 @@ class _Server:
 
     async def _call(self, req: Request, number: int, op_number: int, args: Any) -> Any:
         if op_number == P.SCHEME_STATUS:
-            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values()))}
+            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values())),
+                    "detail": self.scheme.status(self.handles)}
         op = self.operations.get(op_number)
         if op is None:
             raise SchemeError(errno.ENOSYS, f"unknown operation {op_number}")
