@@ -644,7 +644,7 @@ class Router:
     def _served_caller(self, req_id: int, sender: tuple[int, int, int]) -> tuple[int, int, int] | None:
         """The caller of request req_id, if the sender is the daemon serving it; else None.
 
-        A daemon that forwards a request (nsmgr opening a client's path) names the
+        A daemon that forwards a request (opening a client's path for it) names the
         request it serves; the scheme it reaches then sees that request's caller,
         as Linux reported it to us. No process can claim a request it does not serve:
         the claim must come from the very process (pid and uid, from SO_PASSCRED) of

@@ -53,6 +53,7 @@ _EXIT_CODES = "\n".join(f"{code:>5}  {meaning}" for code, meaning in exits.MEANI
               envvar="REDOXCAP_STATE_DIR", default=lifecycle.default_state_dir,
               show_default="$XDG_RUNTIME_DIR/redoxcap-UID, or in the temporary directory",
               help="Where a running system keeps its control socket.")
+@click.version_option(package_name="redoxcap", prog_name="redoxcap")
 @click.pass_context
 def main(ctx: click.Context, state_dir: Path) -> None:
     """redoxcap: Redox OS's capability architecture as Linux processes.
@@ -148,7 +149,7 @@ def restart_command(state_dir: Path, name: str) -> None:
     click.echo(f"{name} restarted (pid {reply['pid']})")
 
 
-@main.command("run", context_settings={"ignore_unknown_options": True})
+@main.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--ns", "names", default=None, metavar="NAMES",
               help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
 @click.option("--cwd", default="/", show_default=True,
@@ -176,6 +177,10 @@ def restart_command(state_dir: Path, name: str) -> None:
                    "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
                    "with --trace=FILE.")
 @click.option("--trace-json", is_flag=True, help="With --trace: one JSON object per call.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With no system up: append the private system's log to FILE (by default, "
+                   "what it logs besides routine notes, e.g. lines written to /scheme/log, "
+                   "goes to stderr when COMMAND ends).")
 @root_option
 @mount_option
 @config_option
@@ -183,7 +188,8 @@ def restart_command(state_dir: Path, name: str) -> None:
 @click.pass_obj
 def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
                 require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
-                uds_scope: str, trace: str | None, trace_json: bool, root: Path | None,
+                uds_scope: str, trace: str | None, trace_json: bool, log_file: Path | None,
+                root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
@@ -210,7 +216,7 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     with run.system_for_run(state_dir, root=root, config_file=config_file,
-                            mounts=mounts) as system:
+                            mounts=mounts, log=log_file) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
                        trace=trace, trace_json=trace_json)

@@ -114,7 +114,10 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
             raise ConfigError(f"--schemes: unknown {unknown}; built-ins are {list(BUILTIN_SCHEMES)}")
         cfg.schemes = wanted
     cfg.root = (root or cfg.root or default_root()).absolute()
-    cfg.root.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--root {cfg.root}: cannot make that directory: {exc.strerror}") from None
     return cfg
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -212,11 +213,14 @@ def stop(state_dir: Path, wait: float = STOP_TIMEOUT) -> bool:
 
 
 @contextlib.contextmanager
-def private_system(cfg: config.Config) -> Iterator[Path]:
+def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path]:
     """A system of its own for the block (a `run` with none up); yields its state directory.
 
     It stops when the block ends, or when this process dies (its watch pipe
-    reaches EOF either way); its temporary state directory is removed.
+    reaches EOF either way); its temporary state directory is removed, but
+    not its log: it is appended to log, or, without one, what it says besides
+    the supervisor's routine notes (lines written to /scheme/log, warnings,
+    errors) goes to stderr.
 
     Raises:
         Failure: it did not boot (see :class:`Supervisor`).
@@ -240,4 +244,21 @@ def private_system(cfg: config.Config) -> Iterator[Path]:
     finally:
         if watch_w is not None:
             os.close(watch_w)
+        _keep_log(state_dir / control.LOG_NAME, log)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _keep_log(path: Path, log: Path | None) -> None:
+    """Save a private system's log before its state directory goes."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return
+    if log is not None:
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(text)
+        return
+    routine = re.compile(r"^supervisor\[\d+\] INFO ")
+    for line in text.splitlines():
+        if line and not routine.match(line):
+            print(line, file=sys.stderr)

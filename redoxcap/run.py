@@ -97,12 +97,12 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
 
 @contextlib.contextmanager
 def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
-                   mounts: Sequence[str]) -> Iterator[Path]:
+                   mounts: Sequence[str], log: Path | None = None) -> Iterator[Path]:
     """The system a run uses: the one up at state_dir, or a private one for the block.
 
     With a system up, --mount adds each mount to it (it stays until `down`)
     and --root or --config is a usage error; without one, they configure the
-    private system.
+    private system (whose log is kept: appended to log, or its news to stderr).
 
     Yields:
         The state directory of the system to run in.
@@ -116,7 +116,7 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
             cfg = config.configure(config_file, root, mounts)
         except config.ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
-        with lifecycle.private_system(cfg) as private:
+        with lifecycle.private_system(cfg, log) as private:
             yield private
         return
     if root is not None or config_file is not None:
@@ -215,6 +215,10 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     child_ns = None
     try:
         wanted = None if names is None else [n for n in names.split(",") if n]
+        unknown = sorted(set(wanted or ()) - set(rt.schemes()))
+        if unknown:
+            raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
+                          f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:

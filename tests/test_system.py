@@ -561,7 +561,9 @@ def test_run_with_an_empty_namespace_cannot_open_absolute_paths(system):
 def test_run_passes_the_exit_code_and_reports_bad_options(system):
     assert system.python("raise SystemExit(7)", check=False).returncode == 7
     bad = system.python("pass", "--ns", "file,nosuch", check=False)
-    assert bad.returncode == 1 and "No such device" in bad.stderr
+    assert bad.returncode == 2 and "no scheme named 'nosuch'" in bad.stderr
+    bad = system.run("--bogus", "--", sys.executable, "-c", "pass", check=False)
+    assert bad.returncode == 2 and "No such option" in bad.stderr  # not a command to run
     bad = system.python("pass", "--cwd", "/nonexistent", check=False)
     assert bad.returncode == 1 and "--cwd" in bad.stderr
 

@@ -175,11 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("confine: no COMMAND given (usage: ... -- COMMAND ARGS...)", file=sys.stderr)
+        print("redoxcap: no COMMAND given (usage: ... -- COMMAND ARGS...)", file=sys.stderr)
         return EXIT_USAGE
     executable = _resolve_command(command[0])
     if executable is None:
-        print(f"confine: {command[0]}: command not found", file=sys.stderr)
+        print(f"redoxcap: {command[0]}: command not found", file=sys.stderr)
         return EXIT_NOT_FOUND
 
     # The executable file itself, never its directory (`./tool` in $HOME).
@@ -188,23 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         confine(reads, list(args.write), deny_network=args.deny_network)
     except ConfinementUnavailable as exc:
         if args.require:
-            print(f"confine: error: {exc.strerror}; refusing to run unconfined", file=sys.stderr)
+            print(f"redoxcap: error: {exc.strerror}; refusing to run unconfined", file=sys.stderr)
             return EXIT_CANNOT_RUN
-        print(f"confine: warning: {exc.strerror}; running unconfined", file=sys.stderr)
+        print(f"redoxcap: warning: {exc.strerror}; running unconfined", file=sys.stderr)
     except OSError as exc:
         # Partially applied confinement is never a reason to run the client anyway.
-        print(f"confine: error: confinement failed: {exc}", file=sys.stderr)
+        print(f"redoxcap: error: confinement failed: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     try:
         process.leave_terminal()
     except OSError as exc:
         # A client in the caller's session could push keystrokes into its terminal.
-        print(f"confine: error: cannot start a new session: {exc.strerror}", file=sys.stderr)
+        print(f"redoxcap: error: cannot start a new session: {exc.strerror}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     try:
         process.die_with_parent(parent)
     except OSError as exc:
-        print(f"confine: error: {exc.strerror}", file=sys.stderr)
+        print(f"redoxcap: error: {exc.strerror}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     sys.stdout.flush()
     sys.stderr.flush()
@@ -212,6 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # execvp keeps every fd that is not close-on-exec; nothing is closed here.
         os.execvp(command[0], command)
     except OSError as exc:
-        print(f"confine: exec {command[0]}: {exc.strerror}", file=sys.stderr)
+        print(f"redoxcap: exec {command[0]}: {exc.strerror}", file=sys.stderr)
         return EXIT_CANNOT_RUN
     return EXIT_CANNOT_RUN  # unreachable: execvp does not return on success
