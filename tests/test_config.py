@@ -45,8 +45,8 @@ MOUNT = '[mount.photos]\npath = "{photos}"\n'
 @pytest.mark.parametrize(("text", "message"), [
     # unknown keys, in every table
     ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, schemes)"),
-    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: path, read_only, keep)"),
-    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: path, read_only, keep)"),
+    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: keep, path, read_only)"),
+    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: keep, path, read_only)"),
     (MOUNT + 'READ_ONLY = true\n', "[mount.photos]: unknown key 'READ_ONLY'"),
     (MOUNT + '"read\\u202eonly" = true\n', "[mount.photos]: unknown key 'read\\u202eonly'"),
     # read_only is a boolean, not whatever is truthy or falsy
@@ -107,5 +107,5 @@ def test_the_cli_refuses_a_config_typo_in_one_line(tmp_path, photos, command):
                     *command[1:], check=False, timeout=30)
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr == (f"redoxcap: {bad}: [mount.photos]: unknown key 'readonly' "
-                           "(known: path, read_only, keep)\n")
+                           "(known: keep, path, read_only)\n")
     assert not control.is_running(tmp_path / "state")
