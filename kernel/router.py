@@ -74,6 +74,7 @@ KERNEL_OPS = {
     P.TRACE: KernelOp("_op_trace"),
 }
 MAX_TRACERS = 8
+MAX_DETAIL = 32 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
 TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
@@ -1044,7 +1045,7 @@ class Router:
                     "capabilities": caps.get(s.id, 0),
                     "handles": len(s.handles),
                     "scheme_handles": queries.get(s.id, {}).get("handles"),
-                    "detail": queries.get(s.id, {}).get("detail"),
+                    "detail": _bounded(queries.get(s.id, {}).get("detail")),
                 }
                 for s in self._schemes.values()
             },
@@ -1233,6 +1234,17 @@ class Router:
             P.close_fds(parked.fds)
             self._settle(parked.cap)
             self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
+
+
+def _bounded(detail: object) -> object:
+    """A scheme's description of its handles, if it is small enough to pass on (a scheme
+    served by a client must not be able to make every status reply huge)."""
+    if detail is None:
+        return None
+    try:
+        return detail if len(P.pack(detail)) <= MAX_DETAIL else {"too large": True}
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,
