@@ -13,8 +13,9 @@ process, so every namespace that holds one keeps working. A restarted nsmgr
 starts empty, so the supervisor registers every scheme in the root namespace
 again (namespaces forked before the crash are gone).
 
-A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in RESTART_WINDOW
-seconds is FAILED: it is not restarted again, and its name is removed from the
+A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
+within RESTART_WINDOW seconds of its start (a crash loop, however slowly the
+machine starts it), is FAILED: it is not restarted again, and its name is removed from the
 root namespace, so namespaces forked from it (every default `redoxcap run`)
 work for every live scheme and answer ENODEV for the failed one, as for any
 name they lack. Namespaces that still hold its root get EIO from the router
@@ -63,7 +64,8 @@ class Daemon:
     root: AsyncCapability | None = None  # the supervisor's own root capability
     process: trio.Process | None = None
     restarts: int = 0
-    recent: list[float] = field(default_factory=list)
+    recent: list[float] = field(default_factory=list)  # starts of the lives of its crash loop
+    started: float = 0.0  # when its process was started (monotonic)
     failed: bool = False
     registered: bool = False  # its name is in the root namespace
     channel: int | None = None  # the daemon's end of its scheme channel, until started
@@ -157,6 +159,7 @@ class System:
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
                 args += ["--kernel-fd", str(fds[-1])]
+            daemon.started = time.monotonic()
             daemon.process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", daemon.spec.module, "--channel-fd", str(channel), *args],
                 pass_fds=fds,
@@ -193,8 +196,9 @@ class System:
             if self.stopping or daemon.process is not process:
                 return  # stopping, or restart() replaced this process on purpose
             log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
-            now = time.monotonic()
-            daemon.recent = [t for t in daemon.recent if now - t < RESTART_WINDOW] + [now]
+            # a life shorter than the window continues a crash loop; a longer one ends it
+            short = time.monotonic() - daemon.started < RESTART_WINDOW
+            daemon.recent = [*daemon.recent, daemon.started] if short else [daemon.started]
             if len(daemon.recent) > MAX_RESTARTS_IN_WINDOW:
                 log.error("%s keeps dying; not restarting it again (FAILED; `redoxcap restart %s` "
                           "tries again)", daemon.spec.name, daemon.spec.name)
