@@ -172,6 +172,18 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="The uds names COMMAND sees: a private scope of its own (the default, for "
                    "every run), the system's, or the shared scope NAME (runs given the same NAME "
                    "reach each other's listeners).")
+@click.option("--allow-connect", "tcp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's tcp connect only to HOST:PORT ([ADDR]:PORT for IPv6; numeric "
+                   "addresses only). Repeatable. Any --allow-* option narrows both tcp and udp: "
+                   "whatever no option grants is EACCES.")
+@click.option("--allow-listen", "tcp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's tcp listen on PORT (on 127.0.0.1 and ::1 unless HOST is given; "
+                   "0: a free port). Repeatable.")
+@click.option("--allow-udp-connect", "udp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's udp reach HOST:PORT (connect, or sendto from a bound socket). "
+                   "Repeatable.")
+@click.option("--allow-udp-listen", "udp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's udp bind to PORT (as --allow-listen). Repeatable.")
 @click.option("--trace", "trace", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Print every call COMMAND makes (scheme, operation, path, result, time; the "
                    "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
@@ -188,7 +200,9 @@ def restart_command(state_dir: Path, name: str) -> None:
 @click.pass_obj
 def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
                 require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
-                uds_scope: str, trace: str | None, trace_json: bool, log_file: Path | None,
+                uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
+                udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
+                trace: str | None, trace_json: bool, log_file: Path | None,
                 root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
@@ -215,11 +229,12 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                                      options=env_options)
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
+    net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
     with run.system_for_run(state_dir, root=root, config_file=config_file,
                             mounts=mounts, log=log_file) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
-                       trace=trace, trace_json=trace_json)
+                       trace=trace, trace_json=trace_json, net=net)
     sys.exit(code)
 
 
