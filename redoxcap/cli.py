@@ -74,7 +74,7 @@ mount_option = click.option(
     help="Also serve HOSTDIR as scheme NAME (read-only with :ro). Repeatable.")
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None, help="A TOML file: root, schemes, [mount.NAME] tables.")
+    default=None, help="A TOML file: root, schemes, [mount.NAME] and [scheme.NAME] tables.")
 
 
 @main.command("up")
@@ -88,16 +88,17 @@ config_option = click.option(
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--user-scheme", "user_schemes", multiple=True, hidden=True)  # from up_options
 @click.pass_obj
 def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
                config_file: Path | None, scheme_names: str | None, trace: bool, detach: bool,
-               watch_fd: int | None, ready_fd: int | None) -> None:
+               watch_fd: int | None, ready_fd: int | None, user_schemes: tuple[str, ...]) -> None:
     """Boot the kernel, nsmgr and the schemes, and serve until `down`.
 
     One system per state directory: a second `up` (even a concurrent one)
     exits 4 and leaves the first one alone.
     """
-    cfg = config.configure(config_file, root, mounts, scheme_names)
+    cfg = config.configure(config_file, root, mounts, scheme_names, user_schemes)
     if detach:
         pid = lifecycle.start_detached(state_dir, cfg, trace)
         click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
