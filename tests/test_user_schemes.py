@@ -156,3 +156,8 @@ cwd = "{EXAMPLES}"
         assert system.daemon("shout")["restarts"] == 0
     finally:
         shut_down(system)
+
+
+def test_the_readme_example_config_loads():
+    echo, shout = load(EXAMPLES / "echo.toml").user_schemes
+    assert (echo.module, echo.cwd, shout.cwd) == ("echo_scheme", EXAMPLES, EXAMPLES)
