@@ -44,7 +44,6 @@ from redoxcap.trace import Follower
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
 CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-NET_SCHEMES = ("tcp", "udp")
 
 
 @dataclass(frozen=True)
