@@ -74,7 +74,7 @@ mount_option = click.option(
     help="Also serve HOSTDIR as scheme NAME (read-only with :ro). Repeatable.")
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None, help="A TOML file: root, schemes, [mount.NAME] tables.")
+    default=None, help="A TOML file: root, schemes, [mount.NAME] and [scheme.NAME] tables.")
 
 
 @main.command("up")
@@ -88,16 +88,17 @@ config_option = click.option(
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--user-scheme", "user_schemes", multiple=True, hidden=True)  # from up_options
 @click.pass_obj
 def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
                config_file: Path | None, scheme_names: str | None, trace: bool, detach: bool,
-               watch_fd: int | None, ready_fd: int | None) -> None:
+               watch_fd: int | None, ready_fd: int | None, user_schemes: tuple[str, ...]) -> None:
     """Boot the kernel, nsmgr and the schemes, and serve until `down`.
 
     One system per state directory: a second `up` (even a concurrent one)
     exits 4 and leaves the first one alone.
     """
-    cfg = config.configure(config_file, root, mounts, scheme_names)
+    cfg = config.configure(config_file, root, mounts, scheme_names, user_schemes)
     if detach:
         pid = lifecycle.start_detached(state_dir, cfg, trace)
         click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
@@ -172,6 +173,18 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="The uds names COMMAND sees: a private scope of its own (the default, for "
                    "every run), the system's, or the shared scope NAME (runs given the same NAME "
                    "reach each other's listeners).")
+@click.option("--allow-connect", "tcp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's tcp connect only to HOST:PORT ([ADDR]:PORT for IPv6; numeric "
+                   "addresses only). Repeatable. Any --allow-* option narrows both tcp and udp: "
+                   "whatever no option grants is EACCES.")
+@click.option("--allow-listen", "tcp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's tcp listen on PORT (on 127.0.0.1 and ::1 unless HOST is given; "
+                   "0: a free port). Repeatable.")
+@click.option("--allow-udp-connect", "udp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's udp reach HOST:PORT (connect, or sendto from a bound socket). "
+                   "Repeatable.")
+@click.option("--allow-udp-listen", "udp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's udp bind to PORT (as --allow-listen). Repeatable.")
 @click.option("--trace", "trace", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Print every call COMMAND makes (scheme, operation, path, result, time; the "
                    "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
@@ -188,7 +201,9 @@ def restart_command(state_dir: Path, name: str) -> None:
 @click.pass_obj
 def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
                 require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
-                uds_scope: str, trace: str | None, trace_json: bool, log_file: Path | None,
+                uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
+                udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
+                trace: str | None, trace_json: bool, log_file: Path | None,
                 root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
@@ -215,11 +230,12 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                                      options=env_options)
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
+    net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
     with run.system_for_run(state_dir, root=root, config_file=config_file,
                             mounts=mounts, log=log_file) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
-                       trace=trace, trace_json=trace_json)
+                       trace=trace, trace_json=trace_json, net=net)
     sys.exit(code)
 
 

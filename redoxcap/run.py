@@ -5,7 +5,8 @@ The command's capabilities come from the supervisor's control op `namespace`
 whatever the command comes to hold is charged and capped there). This
 process installs that namespace and the `--cwd` directory in its own rt
 (`rt.setup`, `rt.fchdir`), forks the namespace down to `--ns`, puts a uds
-scope in it (`--uds-scope`), and starts the command with the public
+scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
+options grant, and starts the command with the public
 `rt.spawn`, which hands the child clones of both. Confined (the default),
 the command runs under the sandbox launcher (`python -P -m
 redoxcap.sandbox`) with a minimal environment and a private scratch
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import posixpath
 import shutil
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import rt
@@ -41,6 +44,89 @@ from redoxcap.trace import Follower
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
 CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class NetGrant:
+    """What one network scheme of a run reaches: the `--allow-*` options for it.
+
+    Attributes:
+        connect: (host, port) peers.
+        listen: ports (on loopback) or (host, port) endpoints to listen on or bind to.
+        options: the options that asked for it, for messages.
+    """
+
+    connect: tuple[tuple[str, int], ...] = ()
+    listen: tuple[int | tuple[str, int], ...] = ()
+    options: tuple[str, ...] = ()
+
+
+def parse_net_address(option: str, text: str, *, listen: bool) -> int | tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT` or (listen) a bare `PORT` -> (host, port) or port.
+
+    HOST is a numeric address (nothing is resolved), written back in the
+    canonical form the schemes take; PORT is 1-65535 (listen: 0 picks one).
+
+    Raises:
+        Failure: EXIT_USAGE, naming option and text.
+    """
+    def bad(why: str) -> Failure:
+        return Failure(f"{option} {text}: {why}", EXIT_USAGE)
+
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise bad("expected [IPV6]:PORT")
+        port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise bad("write an IPv6 address in brackets: [ADDR]:PORT")
+    elif listen:
+        host, port_text = None, text
+    else:
+        raise bad("expected HOST:PORT")
+    if not (port_text.isascii() and port_text.isdigit()) or not (0 if listen else 1) <= int(port_text) <= 65535:
+        raise bad(f"PORT is a number {0 if listen else 1}-65535")
+    port = int(port_text)
+    if host is None:
+        return port
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise bad("HOST is a numeric IPv4 or IPv6 address (names are not resolved)") from None
+    if getattr(ip, "scope_id", None) is not None:
+        raise bad("an address with a zone id (%...) is not allowed")
+    if text.startswith("[") and ip.version != 6:
+        raise bad("brackets are for IPv6 addresses")
+    return (str(ip), port)
+
+
+def net_grants(tcp_connect: Sequence[str] = (), tcp_listen: Sequence[str] = (),
+               udp_connect: Sequence[str] = (), udp_listen: Sequence[str] = ()) -> dict[str, NetGrant] | None:
+    """The grants the `--allow-*` options of `run` ask for.
+
+    Any of them narrows both tcp and udp: the scheme no option names gets a
+    grant of nothing, so that a program granted one port reaches no other
+    way out.
+
+    Returns:
+        None without any option (the run gets the whole schemes), else a
+        NetGrant for tcp and one for udp.
+
+    Raises:
+        Failure: EXIT_USAGE for a malformed address.
+    """
+    if not (tcp_connect or tcp_listen or udp_connect or udp_listen):
+        return None
+    grants = {}
+    for scheme, connect, listen, prefix in [("tcp", tcp_connect, tcp_listen, "--allow-"),
+                                            ("udp", udp_connect, udp_listen, "--allow-udp-")]:
+        grants[scheme] = NetGrant(
+            connect=tuple(parse_net_address(f"{prefix}connect", t, listen=False) for t in connect),
+            listen=tuple(parse_net_address(f"{prefix}listen", t, listen=True) for t in listen),
+            options=(f"{prefix}connect",) * bool(connect) + (f"{prefix}listen",) * bool(listen))
+    return grants
 
 
 def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: bool,
@@ -135,7 +221,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
         cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
-        trace: str | None = None, trace_json: bool = False) -> int:
+        trace: str | None = None, trace_json: bool = False,
+        net: dict[str, NetGrant] | None = None) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -153,6 +240,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace: `--trace`: print every call of the command (and of run's own setup
             of its capabilities) to stderr ("-") or to this file.
         trace_json: print JSON objects, one per line, instead.
+        net: what its tcp and udp reach (:func:`net_grants`); None: all of them.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -171,7 +259,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     try:
         proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                               uds_scope=uds_scope, follower=follower)
+                               uds_scope=uds_scope, net=net, follower=follower)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=cwd, account=account)
@@ -197,6 +285,7 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
            beneath: bool, *, new_session: bool, uds_scope: str,
+           net: dict[str, NetGrant] | None = None,
            follower: Follower | None = None) -> tuple[subprocess.Popen, int | None]:
     """Start argv with the namespace and cwd asked for, through rt.spawn.
 
@@ -225,6 +314,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         _enter_cwd(cwd, beneath)
         give_uds_scope(child_ns, uds_scope)
+        if net is not None:
+            give_net_grants(child_ns, net)
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
                             start_new_session=new_session), account
@@ -272,13 +363,44 @@ def give_uds_scope(child_ns: int, choice: str) -> None:
         usage = exc.errno == errno.EINVAL  # a bad NAME
         raise Failure(f"--uds-scope {choice}: {exc.strerror}",
                       EXIT_USAGE if usage else EXIT_FAILED) from None
+    _replace_entry(child_ns, "uds", scope, f"--uds-scope {choice}")
+
+
+def give_net_grants(child_ns: int, grants: dict[str, NetGrant]) -> None:
+    """Put in child_ns, in place of tcp and udp, grants of what --allow-* named (rt holds
+    the root namespace).
+
+    A scheme the namespace lacks (`--ns`) is left out, unless an option names it.
+
+    Raises:
+        Failure: EXIT_USAGE for an option naming a scheme the namespace lacks,
+            or an address the daemon's policy refuses; EXIT_FAILED when the
+            scheme refused otherwise.
+    """
+    names = rt.schemes(child_ns)
+    for scheme, grant in grants.items():
+        what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
+        if scheme not in names:
+            if grant.options:
+                raise Failure(f"{what}: the namespace has no {scheme} (see --ns)", EXIT_USAGE)
+            continue
+        try:
+            cap = rt.net_grant(grant.connect, grant.listen, scheme=scheme)
+        except OSError as exc:
+            usage = exc.errno in (errno.EINVAL, errno.EACCES)  # an address, or beyond the policy
+            raise Failure(f"{what}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED) from None
+        _replace_entry(child_ns, scheme, cap, what)
+
+
+def _replace_entry(child_ns: int, name: str, cap: int, what: str) -> None:
+    """Make cap (closed here) the entry name of child_ns; what names the option, for errors."""
     try:
-        rt.unregister(child_ns, "uds")
-        rt.register(child_ns, "uds", scope)
+        rt.unregister(child_ns, name)
+        rt.register(child_ns, name, cap)
     except OSError as exc:
-        raise Failure(f"--uds-scope {choice}: {exc.strerror}") from None
+        raise Failure(f"{what}: {exc.strerror}") from None
     finally:
-        rt.close(scope)
+        rt.close(cap)
 
 
 def wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:

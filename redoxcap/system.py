@@ -48,11 +48,24 @@ STOP_GRACE = 3.0
 
 @dataclass(frozen=True)
 class SchemeSpec:
-    """A scheme daemon to run: `python -m module --channel-fd N *args`, registered as name."""
+    """A scheme daemon to run, registered as name: `python -m module --channel-fd N *args`,
+    or, for a user's daemon given as a program, `*command --channel-fd N`.
+
+    env is added to the supervisor's environment and cwd is where the daemon
+    starts (None: the supervisor's own).
+    """
 
     name: str
     module: str
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+
+    def argv(self, channel_fd: int) -> list[str]:
+        """The daemon's command line, given the fd number of its scheme channel."""
+        program = list(self.command) if self.command else [sys.executable, "-m", self.module]
+        return [*program, "--channel-fd", str(channel_fd), *self.args]
 
 
 @dataclass(eq=False)
@@ -152,17 +165,18 @@ class System:
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
-        fds, args = [channel], list(daemon.spec.args)
+        fds, extra = [channel], []
         try:
             if daemon is self.nsmgr:
                 # nsmgr creates schemes for namespaces that hold SCHEME_CREATE
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
-                args += ["--kernel-fd", str(fds[-1])]
+                extra += ["--kernel-fd", str(fds[-1])]
+            spec = daemon.spec
             daemon.started = time.monotonic()
             daemon.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", daemon.spec.module, "--channel-fd", str(channel), *args],
-                pass_fds=fds,
+                [*spec.argv(channel), *extra], pass_fds=fds,
+                env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd,
             )
         finally:
             for fd in fds:
@@ -314,6 +328,7 @@ class System:
                 "name": d.spec.name,
                 "module": d.spec.module,
                 "args": list(d.spec.args),
+                **({"command": list(d.spec.command)} if d.spec.command else {}),
                 "pid": d.process.pid if d.process and d.process.returncode is None else None,
                 "scheme_id": d.scheme_id,
                 "restarts": d.restarts,

@@ -18,9 +18,16 @@ handle. read returns what has arrived (b"" at EOF), write sends everything,
 `shutdown(SHUT_WR)` ends the stream for the peer. Every wait is a trio wait,
 so a blocked read or accept never stalls other clients of the scheme.
 
-Only the scheme root opens endpoints: a connection or a listener names one
-socket, not a directory, so `openat` relative to it is ENOTDIR. The root
-itself cannot be read or written (EBADF).
+`dup(root, b"grant:" + JSON)` makes a grant (schemes/netaddr.py): a root
+that connects only to the peers and listens only on the endpoints it lists
+(EACCES for anything else), and that can only be narrowed further. Opening
+"." with O_DIRECTORY on a root or a grant is another handle on it (how
+`rt.net_grant` gets the namespace's tcp). Roots and grants survive a restart
+of the daemon; connections and listeners do not.
+
+Only the scheme root or a grant opens endpoints: a connection or a listener
+names one socket, not a directory, so `openat` relative to it is ENOTDIR. The
+root itself cannot be read or written (EBADF).
 """
 
 from __future__ import annotations
@@ -36,15 +43,22 @@ import trio
 from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.netaddr import (
     DEFAULT_POLICY,
+    GRANT_PREFIX,
     SOCKET_STAT,
+    NetGrant,
     NetPolicy,
     NetRoot,
     add_policy_options,
     address_path,
+    check_granted,
     check_local,
     check_remote,
+    is_self_path,
+    keep_dir,
+    narrow,
     parse_endpoint,
     policy_from,
+    restore_dir,
 )
 from wire import protocol as P
 from wire.stat import Stat
@@ -73,13 +87,17 @@ class TcpScheme(Scheme):
     def root(self) -> NetRoot:
         return self._root
 
-    async def openat(self, req: Request, h: NetRoot, path: str, flags: int, mode: int) -> Opened:
+    async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
+                     mode: int) -> Opened:
+        if is_self_path(path, flags):
+            return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
         ep = parse_endpoint(path)
         listen = bool(flags & os.O_CREAT)
         if listen:
             check_local(ep, self.policy)
         else:
             check_remote(ep)
+        check_granted(h, ep, local=listen)
         sock = trio.socket.socket(ep.family, socket.SOCK_STREAM)
         try:
             if listen:
@@ -96,8 +114,12 @@ class TcpScheme(Scheme):
             sock.close()
             raise
 
-    async def dup(self, req: Request, h: NetRoot | TcpSocket, buf: bytes) -> Opened:
-        if buf != b"accept" or h is self._root or not h.listening:
+    async def dup(self, req: Request, h: NetRoot | NetGrant | TcpSocket, buf: bytes) -> Opened:
+        if not isinstance(h, TcpSocket):
+            if buf.startswith(GRANT_PREFIX):
+                return Opened(narrow(h, buf, self.policy), fdflags=os.O_RDONLY | os.O_DIRECTORY)
+            raise SchemeError(errno.EINVAL, 'tcp dup takes b"grant:..." on a root or a grant')
+        if buf != b"accept" or not h.listening:
             raise SchemeError(errno.EINVAL, 'tcp dup takes b"accept" on a listener')
         async with h.read_lock:
             conn, _ = await h.sock.accept()
@@ -130,21 +152,29 @@ class TcpScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         s.sock.shutdown(how)
 
-    async def fstat(self, req: Request, h: NetRoot | TcpSocket) -> Stat:
-        return ROOT_STAT if h is self._root else SOCKET_STAT
+    async def fstat(self, req: Request, h: NetRoot | NetGrant | TcpSocket) -> Stat:
+        return SOCKET_STAT if isinstance(h, TcpSocket) else ROOT_STAT
 
-    async def getdents(self, req: Request, h: NetRoot, start: int) -> list[str]:
+    async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
         raise SchemeError(errno.EACCES, "the network cannot be listed")
 
-    async def fpath(self, req: Request, h: NetRoot | TcpSocket) -> str:
-        if h is self._root:
+    async def fpath(self, req: Request, h: NetRoot | NetGrant | TcpSocket) -> str:
+        if not isinstance(h, TcpSocket):
+            # a grant is what /scheme/tcp names in the namespace that holds it
             return f"/scheme/{self.name}"
         addr = h.sock.getsockname() if h.listening else h.sock.getpeername()
         return address_path(self.name, addr)
 
-    async def close(self, h: NetRoot | TcpSocket) -> None:
-        if h is not self._root:
+    async def close(self, h: NetRoot | NetGrant | TcpSocket) -> None:
+        if isinstance(h, TcpSocket):
             h.sock.close()
+
+    def keep(self, h: NetRoot | NetGrant | TcpSocket) -> tuple[dict, list[int]] | None:
+        """A root or grant is plain data, kept across a crash; a socket dies with the daemon."""
+        return None if isinstance(h, TcpSocket) else keep_dir(h)
+
+    def restore(self, value: dict, fds: list[int]) -> NetRoot | NetGrant:
+        return restore_dir(value, self._root, self.policy)
 
 
 def _options(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,18 @@ a plain read gives just the data and a plain write is EDESTADDRREQ. Binding
 to a wildcard, multicast or broadcast address needs `--allow-wildcard`, to a
 port below 1024 `--allow-privileged-ports` (EACCES otherwise).
 
+`dup(root, b"grant:" + JSON)` makes a grant (schemes/netaddr.py): a root
+that connects only to the peers and binds only to the endpoints it lists
+(EACCES for anything else), and that can only be narrowed further; a socket
+bound through a grant `sendto`s only its connect peers (EACCES), and
+receives from anyone. Opening "." with O_DIRECTORY on a root or a grant is
+another handle on it. Roots and grants survive a restart of the daemon;
+sockets do not.
+
 A read returns one datagram (cut to n bytes, as recv does). Datagrams larger
-than MAX_IO are EMSGSIZE. Only the scheme root opens sockets: `openat`
-relative to a socket is ENOTDIR, and the root cannot be read or written (EBADF).
+than MAX_IO are EMSGSIZE. Only the scheme root or a grant opens sockets:
+`openat` relative to a socket is ENOTDIR, and the root cannot be read or
+written (EBADF).
 """
 
 from __future__ import annotations
@@ -32,17 +41,24 @@ import trio
 from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
 from schemes.netaddr import (
     DEFAULT_POLICY,
+    GRANT_PREFIX,
     SOCKET_STAT,
     Endpoint,
+    NetGrant,
     NetPolicy,
     NetRoot,
     add_policy_options,
     address_path,
+    check_granted,
     check_local,
     check_remote,
+    is_self_path,
+    keep_dir,
+    narrow,
     parse_endpoint,
     parse_host,
     policy_from,
+    restore_dir,
 )
 from wire import protocol as P
 from wire.stat import Stat
@@ -53,6 +69,7 @@ class UdpSocket:
     sock: trio.socket.SocketType
     bound: bool
     peer: tuple | None = None  # a connected socket's peer; None when bound
+    granted: NetRoot | NetGrant | None = None  # what it was opened through: where sendto may go
     read_lock: trio.Lock = field(default_factory=trio.Lock)
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -69,18 +86,22 @@ class UdpScheme(Scheme):
     def root(self) -> NetRoot:
         return self._root
 
-    async def openat(self, req: Request, h: NetRoot, path: str, flags: int, mode: int) -> Opened:
+    async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
+                     mode: int) -> Opened:
+        if is_self_path(path, flags):
+            return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
         ep = parse_endpoint(path)
         bind = bool(flags & os.O_CREAT)
         if bind:
             check_local(ep, self.policy)
         else:
             check_remote(ep)
+        check_granted(h, ep, local=bind)
         sock = trio.socket.socket(ep.family, socket.SOCK_DGRAM)
         try:
             if bind:
                 await sock.bind(ep.sockaddr)
-                return Opened(UdpSocket(sock, bound=True), fdflags=flags)
+                return Opened(UdpSocket(sock, bound=True, granted=h), fdflags=flags)
             await sock.connect(ep.sockaddr)
             connected = UdpSocket(sock, bound=False, peer=ep.sockaddr)
             return Opened(connected, fdflags=flags & os.O_ACCMODE)
@@ -120,6 +141,8 @@ class UdpScheme(Scheme):
             raise SchemeError(errno.EINVAL, "PORT is 1-65535")
         ep = Endpoint(parse_host(host), port)
         check_remote(ep)
+        if s.granted is not None:
+            check_granted(s.granted, ep, local=False)
         if ep.family != s.sock.family:
             # the stdlib would hand a foreign-family host to getaddrinfo
             raise SchemeError(errno.EAFNOSUPPORT, "the address is of the other IP family")
@@ -128,20 +151,33 @@ class UdpScheme(Scheme):
         async with s.write_lock:
             return await s.sock.sendto(data, ep.sockaddr)
 
-    async def fstat(self, req: Request, h: NetRoot | UdpSocket) -> Stat:
-        return ROOT_STAT if h is self._root else SOCKET_STAT
+    async def dup(self, req: Request, h: NetRoot | NetGrant, buf: bytes) -> Opened:
+        if not buf.startswith(GRANT_PREFIX):
+            raise SchemeError(errno.EINVAL, 'udp dup takes b"grant:..." on a root or a grant')
+        return Opened(narrow(h, buf, self.policy), fdflags=os.O_RDONLY | os.O_DIRECTORY)
 
-    async def getdents(self, req: Request, h: NetRoot, start: int) -> list[str]:
+    async def fstat(self, req: Request, h: NetRoot | NetGrant | UdpSocket) -> Stat:
+        return SOCKET_STAT if isinstance(h, UdpSocket) else ROOT_STAT
+
+    async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
         raise SchemeError(errno.EACCES, "the network cannot be listed")
 
-    async def fpath(self, req: Request, h: NetRoot | UdpSocket) -> str:
-        if h is self._root:
+    async def fpath(self, req: Request, h: NetRoot | NetGrant | UdpSocket) -> str:
+        if not isinstance(h, UdpSocket):
+            # a grant is what /scheme/udp names in the namespace that holds it
             return f"/scheme/{self.name}"
         return address_path(self.name, h.sock.getsockname() if h.bound else h.peer)
 
-    async def close(self, h: NetRoot | UdpSocket) -> None:
-        if h is not self._root:
+    async def close(self, h: NetRoot | NetGrant | UdpSocket) -> None:
+        if isinstance(h, UdpSocket):
             h.sock.close()
+
+    def keep(self, h: NetRoot | NetGrant | UdpSocket) -> tuple[dict, list[int]] | None:
+        """A root or grant is plain data, kept across a crash; a socket dies with the daemon."""
+        return None if isinstance(h, UdpSocket) else keep_dir(h)
+
+    def restore(self, value: dict, fds: list[int]) -> NetRoot | NetGrant:
+        return restore_dir(value, self._root, self.policy)
 
 
 def _options(parser: argparse.ArgumentParser) -> None:

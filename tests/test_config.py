@@ -44,7 +44,7 @@ MOUNT = '[mount.photos]\npath = "{photos}"\n'
 
 @pytest.mark.parametrize(("text", "message"), [
     # unknown keys, in every table
-    ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, schemes)"),
+    ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, scheme, schemes)"),
     (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: keep, path, read_only)"),
     (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: keep, path, read_only)"),
     (MOUNT + 'READ_ONLY = true\n', "[mount.photos]: unknown key 'READ_ONLY'"),
