@@ -613,7 +613,7 @@ class Router:
             whole = request is not None and flags & P.TRUNCATED == MSG_CTRUNC
             # The buffer fits every fd a message can carry, so a control truncation of a
             # whole frame means Linux could not give us the fds: we are out of them.
-            self._reply(cap, request.tag if request else 0, P.ERR, errno.EMFILE if whole else errno.EINVAL)
+            self._reply(cap, Request.tag_of(data), P.ERR, errno.EMFILE if whole else errno.EINVAL)
             return
         op, tag = request.op, request.tag
         if op < P.FIRST_SCHEME_OP:

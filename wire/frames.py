@@ -76,6 +76,11 @@ class Request:
         (serving,) = SERVING_ID.unpack_from(data, REQUEST.size)
         return cls(op & ~SERVING, tag, memoryview(data)[REQUEST.size + SERVING_ID.size :], serving)
 
+    @staticmethod
+    def tag_of(data: bytes) -> int:
+        """The tag of a request frame, however malformed the rest (0 if there is none)."""
+        return REQUEST.unpack_from(data)[1] if len(data) >= REQUEST.size else 0
+
     def encode(self) -> bytes:
         if self.serving is None:
             return REQUEST.pack(self.op, self.tag) + bytes(self.body)
