@@ -174,14 +174,20 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
 
 
 def parse_mount(text: str) -> Mount:
-    """`NAME=HOSTDIR[:ro]` -> Mount; the host directory must exist."""
+    """`NAME=HOSTDIR[:ro][:nokeep]` -> Mount; the host directory must exist.
+
+    `:ro` serves it read-only; `:nokeep` lets its open handles die with its daemon
+    (the config file's `keep = false`).
+    """
     name, eq, rest = text.partition("=")
     if not eq or not rest:
-        raise ConfigError(f"--mount {text!r}: expected NAME=HOSTDIR[:ro]")
-    read_only = rest.endswith(":ro")
-    if read_only:
-        rest = rest[: -len(":ro")]
-    return make_mount(name, rest, read_only)
+        raise ConfigError(f"--mount {text!r}: expected NAME=HOSTDIR[:ro][:nokeep]")
+    suffixes = {":ro": False, ":nokeep": False}
+    while any(rest.endswith(s) for s in suffixes):
+        suffix = next(s for s in suffixes if rest.endswith(s))
+        suffixes[suffix] = True
+        rest = rest[: -len(suffix)]
+    return replace(make_mount(name, rest, suffixes[":ro"]), keep=not suffixes[":nokeep"])
 
 
 def make_mount(name: str, path: str, read_only: bool) -> Mount:

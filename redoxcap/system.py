@@ -150,7 +150,16 @@ class System:
             raise OSError(errno.EEXIST, f"a scheme named {spec.name!r} is already running")
         daemon = Daemon(spec)
         await self._create(daemon)
-        await self._start(daemon, self._nursery)
+        try:
+            await self._start(daemon, self._nursery)
+        except BaseException:
+            # no daemon: its root goes (the scheme id stays unused), and so does its channel
+            assert daemon.root is not None
+            daemon.root.close()
+            if daemon.channel is not None:
+                os.close(daemon.channel)
+                daemon.channel = None
+            raise
         self.daemons.append(daemon)
         await self._register(daemon)
 

@@ -109,3 +109,18 @@ def test_the_cli_refuses_a_config_typo_in_one_line(tmp_path, photos, command):
     assert proc.stderr == (f"redoxcap: {bad}: [mount.photos]: unknown key 'readonly' "
                            "(known: keep, path, read_only)\n")
     assert not control.is_running(tmp_path / "state")
+
+
+def test_a_mount_that_keeps_nothing_says_so_to_a_system_booted_elsewhere(tmp_path):
+    """keep = false must reach a background up or a private run, which get their config as options."""
+    from redoxcap import config, lifecycle
+
+    (tmp_path / "m").mkdir()
+    mount = config.parse_mount(f"m={tmp_path / 'm'}:ro:nokeep")
+    assert (mount.read_only, mount.keep) == (True, False)
+    assert config.parse_mount(f"m={tmp_path / 'm'}").keep
+    cfg = config.Config(root=tmp_path, mounts=[mount])
+    options = lifecycle.up_options(cfg)
+    again = config.parse_mount(options[options.index("--mount") + 1])
+    assert (again.read_only, again.keep) == (True, False)
+    assert "--no-keep" in again.spec().args
