@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from schemes.framework import SchemeError
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError
 from wire.stat import Stat
 
 FIRST_UNPRIVILEGED_PORT = 1024
@@ -284,6 +284,28 @@ def check_granted(h: NetRoot | NetGrant, ep: Endpoint, local: bool) -> None:
         raise SchemeError(errno.EACCES, f"this capability may not {what} {ep.ip}/{ep.port}")
 
 
+def endpoint_to_open(h: NetRoot | NetGrant, path: str, flags: int,
+                     policy: NetPolicy) -> tuple[Endpoint, bool]:
+    """What an openat of HOST/PORT on a root or grant h may open: (the endpoint, whether
+    it is a local one to listen on or bind to: O_CREAT).
+
+    Raises:
+        SchemeError: EINVAL for a malformed path, ENOTDIR with O_DIRECTORY (a socket is
+            not a directory: never an ignored flag), EACCES for what the policy or the
+            grant does not allow.
+    """
+    ep = parse_endpoint(path)
+    if flags & os.O_DIRECTORY:
+        raise SchemeError(errno.ENOTDIR, "HOST/PORT names a socket, not a directory")
+    local = bool(flags & os.O_CREAT)
+    if local:
+        check_local(ep, policy)
+    else:
+        check_remote(ep)
+    check_granted(h, ep, local=local)
+    return ep, local
+
+
 def is_self_path(path: str, flags: int) -> bool:
     """`openat(h, ".", O_DIRECTORY)` (or "" or "/"): another handle on the root or grant h."""
     return path.strip("/") in ("", ".") and bool(flags & os.O_DIRECTORY) and not flags & os.O_CREAT
@@ -305,3 +327,49 @@ def restore_dir(value: Any, root: NetRoot, policy: NetPolicy) -> NetRoot | NetGr
     if not (isinstance(value, dict) and set(value) == {"grant"}):
         raise SchemeError(errno.EINVAL, "not a kept root or grant")
     return narrow(root, GRANT_PREFIX + json.dumps(value["grant"]).encode(), policy)
+
+
+class NetScheme(Scheme):
+    """What tcp and udp share: a root and grants that open HOST/PORT endpoints, and
+    sockets (objects with a `sock`) that die with the daemon. Subclasses open and serve
+    the sockets (`openat` after `endpoint_to_open`) and say a socket's fpath."""
+
+    def __init__(self, policy: NetPolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
+        self._root = NetRoot(self.name)
+
+    def root(self) -> NetRoot:
+        return self._root
+
+    def socket_path(self, h: Any) -> str:
+        """`/scheme/NAME/HOST/PORT` of a socket handle."""
+        raise NotImplementedError
+
+    def narrowed(self, h: NetRoot | NetGrant, buf: bytes) -> Opened:
+        """dup(root or grant, b"grant:..."): a grant of at most what h grants."""
+        if not buf.startswith(GRANT_PREFIX):
+            raise SchemeError(errno.EINVAL, f'{self.name} dup takes b"grant:..." on a root or a grant')
+        return Opened(narrow(h, buf, self.policy), fdflags=os.O_RDONLY | os.O_DIRECTORY)
+
+    async def fstat(self, req: Request, h: Any) -> Stat:
+        return ROOT_STAT if isinstance(h, NetRoot | NetGrant) else SOCKET_STAT
+
+    async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
+        raise SchemeError(errno.EACCES, "the network cannot be listed")
+
+    async def fpath(self, req: Request, h: Any) -> str:
+        if isinstance(h, NetRoot | NetGrant):
+            # a grant is what /scheme/NAME names in the namespace that holds it
+            return f"/scheme/{self.name}"
+        return self.socket_path(h)
+
+    async def close(self, h: Any) -> None:
+        if not isinstance(h, NetRoot | NetGrant):
+            h.sock.close()
+
+    def keep(self, h: Any) -> tuple[dict, list[int]] | None:
+        """A root or grant is plain data, kept across a crash; a socket dies with the daemon."""
+        return keep_dir(h) if isinstance(h, NetRoot | NetGrant) else None
+
+    def restore(self, value: dict, fds: list[int]) -> NetRoot | NetGrant:
+        return restore_dir(value, self._root, self.policy)

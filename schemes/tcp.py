@@ -40,28 +40,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli
 from schemes.netaddr import (
     DEFAULT_POLICY,
-    GRANT_PREFIX,
-    SOCKET_STAT,
     NetGrant,
     NetPolicy,
     NetRoot,
+    NetScheme,
     add_policy_options,
     address_path,
-    check_granted,
-    check_local,
-    check_remote,
+    endpoint_to_open,
     is_self_path,
-    keep_dir,
-    narrow,
-    parse_endpoint,
     policy_from,
-    restore_dir,
 )
 from wire import protocol as P
-from wire.stat import Stat
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -73,31 +65,21 @@ class TcpSocket:
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class TcpScheme(Scheme):
+class TcpScheme(NetScheme):
     """Serves TCP sockets."""
 
     name = "tcp"
 
     def __init__(self, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  policy: NetPolicy = DEFAULT_POLICY) -> None:
+        super().__init__(policy)
         self.connect_timeout = connect_timeout
-        self.policy = policy
-        self._root = NetRoot(self.name)
-
-    def root(self) -> NetRoot:
-        return self._root
 
     async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
                      mode: int) -> Opened:
         if is_self_path(path, flags):
             return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
-        ep = parse_endpoint(path)
-        listen = bool(flags & os.O_CREAT)
-        if listen:
-            check_local(ep, self.policy)
-        else:
-            check_remote(ep)
-        check_granted(h, ep, local=listen)
+        ep, listen = endpoint_to_open(h, path, flags, self.policy)
         sock = trio.socket.socket(ep.family, socket.SOCK_STREAM)
         try:
             if listen:
@@ -116,9 +98,7 @@ class TcpScheme(Scheme):
 
     async def dup(self, req: Request, h: NetRoot | NetGrant | TcpSocket, buf: bytes) -> Opened:
         if not isinstance(h, TcpSocket):
-            if buf.startswith(GRANT_PREFIX):
-                return Opened(narrow(h, buf, self.policy), fdflags=os.O_RDONLY | os.O_DIRECTORY)
-            raise SchemeError(errno.EINVAL, 'tcp dup takes b"grant:..." on a root or a grant')
+            return self.narrowed(h, buf)
         if buf != b"accept" or not h.listening:
             raise SchemeError(errno.EINVAL, 'tcp dup takes b"accept" on a listener')
         async with h.read_lock:
@@ -152,29 +132,8 @@ class TcpScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         s.sock.shutdown(how)
 
-    async def fstat(self, req: Request, h: NetRoot | NetGrant | TcpSocket) -> Stat:
-        return SOCKET_STAT if isinstance(h, TcpSocket) else ROOT_STAT
-
-    async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
-        raise SchemeError(errno.EACCES, "the network cannot be listed")
-
-    async def fpath(self, req: Request, h: NetRoot | NetGrant | TcpSocket) -> str:
-        if not isinstance(h, TcpSocket):
-            # a grant is what /scheme/tcp names in the namespace that holds it
-            return f"/scheme/{self.name}"
-        addr = h.sock.getsockname() if h.listening else h.sock.getpeername()
-        return address_path(self.name, addr)
-
-    async def close(self, h: NetRoot | NetGrant | TcpSocket) -> None:
-        if isinstance(h, TcpSocket):
-            h.sock.close()
-
-    def keep(self, h: NetRoot | NetGrant | TcpSocket) -> tuple[dict, list[int]] | None:
-        """A root or grant is plain data, kept across a crash; a socket dies with the daemon."""
-        return None if isinstance(h, TcpSocket) else keep_dir(h)
-
-    def restore(self, value: dict, fds: list[int]) -> NetRoot | NetGrant:
-        return restore_dir(value, self._root, self.policy)
+    def socket_path(self, h: TcpSocket) -> str:
+        return address_path(self.name, h.sock.getsockname() if h.listening else h.sock.getpeername())
 
 
 def _options(parser: argparse.ArgumentParser) -> None:

@@ -38,30 +38,22 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli
 from schemes.netaddr import (
-    DEFAULT_POLICY,
-    GRANT_PREFIX,
-    SOCKET_STAT,
     Endpoint,
     NetGrant,
-    NetPolicy,
     NetRoot,
+    NetScheme,
     add_policy_options,
     address_path,
     check_granted,
-    check_local,
     check_remote,
+    endpoint_to_open,
     is_self_path,
-    keep_dir,
-    narrow,
-    parse_endpoint,
     parse_host,
     policy_from,
-    restore_dir,
 )
 from wire import protocol as P
-from wire.stat import Stat
 
 
 @dataclass(eq=False)
@@ -74,29 +66,17 @@ class UdpSocket:
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class UdpScheme(Scheme):
+class UdpScheme(NetScheme):
     """Serves UDP sockets."""
 
     name = "udp"
 
-    def __init__(self, policy: NetPolicy = DEFAULT_POLICY) -> None:
-        self.policy = policy
-        self._root = NetRoot(self.name)
-
-    def root(self) -> NetRoot:
-        return self._root
 
     async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
                      mode: int) -> Opened:
         if is_self_path(path, flags):
             return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
-        ep = parse_endpoint(path)
-        bind = bool(flags & os.O_CREAT)
-        if bind:
-            check_local(ep, self.policy)
-        else:
-            check_remote(ep)
-        check_granted(h, ep, local=bind)
+        ep, bind = endpoint_to_open(h, path, flags, self.policy)
         sock = trio.socket.socket(ep.family, socket.SOCK_DGRAM)
         try:
             if bind:
@@ -152,32 +132,10 @@ class UdpScheme(Scheme):
             return await s.sock.sendto(data, ep.sockaddr)
 
     async def dup(self, req: Request, h: NetRoot | NetGrant, buf: bytes) -> Opened:
-        if not buf.startswith(GRANT_PREFIX):
-            raise SchemeError(errno.EINVAL, 'udp dup takes b"grant:..." on a root or a grant')
-        return Opened(narrow(h, buf, self.policy), fdflags=os.O_RDONLY | os.O_DIRECTORY)
+        return self.narrowed(h, buf)
 
-    async def fstat(self, req: Request, h: NetRoot | NetGrant | UdpSocket) -> Stat:
-        return SOCKET_STAT if isinstance(h, UdpSocket) else ROOT_STAT
-
-    async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
-        raise SchemeError(errno.EACCES, "the network cannot be listed")
-
-    async def fpath(self, req: Request, h: NetRoot | NetGrant | UdpSocket) -> str:
-        if not isinstance(h, UdpSocket):
-            # a grant is what /scheme/udp names in the namespace that holds it
-            return f"/scheme/{self.name}"
+    def socket_path(self, h: UdpSocket) -> str:
         return address_path(self.name, h.sock.getsockname() if h.bound else h.peer)
-
-    async def close(self, h: NetRoot | NetGrant | UdpSocket) -> None:
-        if isinstance(h, UdpSocket):
-            h.sock.close()
-
-    def keep(self, h: NetRoot | NetGrant | UdpSocket) -> tuple[dict, list[int]] | None:
-        """A root or grant is plain data, kept across a crash; a socket dies with the daemon."""
-        return None if isinstance(h, UdpSocket) else keep_dir(h)
-
-    def restore(self, value: dict, fds: list[int]) -> NetRoot | NetGrant:
-        return restore_dir(value, self._root, self.policy)
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
