@@ -13,8 +13,9 @@ from wire.limits import raise_fd_limit
 parser = argparse.ArgumentParser(prog="python -m kernel", description=__doc__)
 parser.add_argument("--kernel-fd", type=int, required=True,
                     help="inherited SOCK_SEQPACKET socket served as the kernel capability")
-parser.add_argument("--trace", action="store_true",
-                    help="log every request and reply: pid, scheme id, handle, operation")
+parser.add_argument("--verbose", action="store_true",
+                    help="log each request the router refuses itself (out of fds, over a quota); "
+                         "the trace of every call is the kernel operation TRACE")
 parser.add_argument("--max-caps-per-account", type=int, default=accounts.MAX_CAPS_PER_ACCOUNT,
                     help="capabilities a client account may hold; more is EMFILE")
 parser.add_argument("--max-inflight-per-account", type=int, default=accounts.MAX_INFLIGHT_PER_ACCOUNT,
@@ -32,11 +33,11 @@ for value in (args.max_caps_per_account, args.max_inflight_per_account, args.max
               args.max_queued_bytes_per_account, args.max_inflight_per_system_cap):
     if value < 1:
         parser.error("limits must be positive")
-logging.basicConfig(level=logging.INFO if args.trace else logging.WARNING, format="kernel[%(process)d] %(levelname)s %(message)s")
+logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="kernel[%(process)d] %(levelname)s %(message)s")
 raise_fd_limit()
 client_limits = Limits(max_caps=args.max_caps_per_account, max_inflight=args.max_inflight_per_account,
                        max_inflight_per_cap=args.max_inflight_per_cap,
                        max_queued_bytes=args.max_queued_bytes_per_account)
 system_limits = Limits(max_caps=None, max_inflight=None,
                        max_inflight_per_cap=args.max_inflight_per_system_cap, max_queued_bytes=None)
-trio.run(main, args.kernel_fd, args.trace, client_limits, system_limits)
+trio.run(main, args.kernel_fd, args.verbose, client_limits, system_limits)

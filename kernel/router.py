@@ -37,14 +37,16 @@ import logging
 import os
 import select
 import socket
+import time
 from dataclasses import dataclass, field
 
 import trio
 
 from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
+from wire import frames
 from wire import protocol as P
 from wire.channel import Channel
-from wire.frames import Reply, Request, SchemeReply, SchemeRequest
+from wire.frames import Keep, Reply, Request, SchemeReply, SchemeRequest
 
 log = logging.getLogger("kernel")
 
@@ -53,26 +55,32 @@ EMPTY_ARGS = P.pack([])
 
 @dataclass(frozen=True)
 class KernelOp:
-    """An operation the router answers itself: its method, and whether only the
-    kernel capability may ask it."""
+    """An operation the router answers itself: its method, whether only a kernel
+    capability may ask it, and whether only the supervisor's own one may (the clones it
+    hands to the daemons it trusts create schemes, and that is all)."""
 
     method: str
     kernel_only: bool = True
+    supervisor_only: bool = True
 
 
 KERNEL_OPS = {
-    P.CLONE: KernelOp("_op_clone", kernel_only=False),
-    P.GETFL: KernelOp("_op_getfl", kernel_only=False),
-    P.SCHEME_CREATE: KernelOp("_op_scheme_create"),
+    P.CLONE: KernelOp("_op_clone", kernel_only=False, supervisor_only=False),
+    P.GETFL: KernelOp("_op_getfl", kernel_only=False, supervisor_only=False),
+    P.SCHEME_CREATE: KernelOp("_op_scheme_create", supervisor_only=False),
     P.SCHEME_RESTART: KernelOp("_op_scheme_restart"),
     P.ACCOUNT_NEW: KernelOp("_op_account_new"),
     P.KERNEL_STATUS: KernelOp("_op_kernel_status"),
+    P.TRACE: KernelOp("_op_trace"),
 }
+MAX_TRACERS = 8
+MAX_DETAIL = 32 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
+TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
-OP_NAMES = {op: name.upper() for op, (name, _) in P.SCHEME_OPS.items()}
-STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
+RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
+MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 # A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
 HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -80,10 +88,17 @@ HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EB
 
 @dataclass(eq=False)
 class ClientRequest:
-    """A holder's request in flight at a scheme: the capability to answer, and its tag."""
+    """A holder's request in flight at a scheme: the capability to answer, its tag, and
+    the caller the scheme was told of (pid, uid, gid: the holder, or whom it serves)."""
 
     cap: Capability
     tag: int
+    cred: tuple[int, int, int] = (0, 0, 0)
+    started: float = 0.0  # when it was forwarded (for the trace)
+    req_id: int = 0
+
+    def caller(self) -> tuple[int, int, int] | None:
+        return self.cred
 
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
@@ -101,6 +116,9 @@ class StatusQuery:
 
     answer: trio.MemorySendChannel
 
+    def caller(self) -> tuple[int, int, int] | None:
+        return None  # the router's own question: it serves no one
+
     def answered(self, router: Router, scheme: Scheme, reply: SchemeReply | None, flags: int,
                  fds: list[int]) -> None:
         P.close_fds(fds)
@@ -116,6 +134,14 @@ class StatusQuery:
 
 
 @dataclass(eq=False)
+class Tracer:
+    """The router's end of a trace socket, and how many records its reader missed."""
+
+    sock: socket.socket
+    dropped: int = 0
+
+
+@dataclass(eq=False)
 class Scheme:
     """One anonymous scheme: its request channel and what is open on it."""
 
@@ -126,6 +152,40 @@ class Scheme:
     frames: int = 0
     pending: dict[int, ClientRequest | StatusQuery] = field(default_factory=dict)
     handles: dict[int, SchemeHandle] = field(default_factory=dict)
+    # handle number -> the state its daemon asked us to keep (KEEP): handed back to the
+    # next daemon after a crash (RESTORE), so that the handle lives on
+    kept: dict[int, Kept] = field(default_factory=dict)
+    provisional: dict[int, Kept] = field(default_factory=dict)  # for a NEW_HANDLE on its way
+    # requests on live handles that came while the daemon was down, for its successor
+    backlog: collections.deque[Held] = field(default_factory=collections.deque)
+    keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
+    top: int = 0  # the highest handle number the scheme's daemons have used
+    attached: int = 0  # daemons it has had (1 + restarts)
+    daemon: tuple[int, int, int] | None = None  # (pid, uid, gid) of its daemon, once it said HELLO
+    waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
+    restoring: bool = False  # a new daemon is being given its state: new requests wait
+    died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
+
+
+@dataclass(eq=False)
+class Kept:
+    """A handle's state kept for its scheme: fds the router holds, and opaque bytes."""
+
+    fds: list[int]
+    body: bytes
+
+
+@dataclass(eq=False)
+class Held:
+    """A request held while its scheme's daemon restarts."""
+
+    cap: Capability
+    tag: int
+    cred: tuple[int, int, int]
+    op: int
+    body: bytes
+    fds: list[int]
+    serving: int | None = None
 
 
 @dataclass(eq=False)
@@ -139,9 +199,15 @@ class SchemeHandle:
     refs: int = 0
 
     @property
+    def current(self) -> bool:
+        """Whether the handle is still the scheme's: its root, or one of this generation
+        (opened by the daemon that runs now, or kept across restarts: those are moved on
+        to each new generation)."""
+        return self.number == P.ROOT_HANDLE or self.generation == self.scheme.generation
+
+    @property
     def live(self) -> bool:
-        s = self.scheme
-        return s.alive and (self.number == P.ROOT_HANDLE or self.generation == s.generation)
+        return self.scheme.alive and self.current
 
 
 @dataclass(eq=False)
@@ -177,15 +243,15 @@ class Router:
 
     Args:
         nursery: where capability, scheme and writer tasks run.
-        trace: log one line per request and per reply.
+        verbose: log each request the router refuses itself (out of fds, over a quota).
         client_limits: the limits of an account made by ACCOUNT_NEW without arguments.
         system_limits: the limits of the system account.
     """
 
-    def __init__(self, nursery: trio.Nursery, trace: bool = False,
+    def __init__(self, nursery: trio.Nursery, verbose: bool = False,
                  client_limits: Limits = CLIENT_LIMITS, system_limits: Limits = SYSTEM_LIMITS) -> None:
         self._nursery = nursery
-        self.trace = trace
+        self.verbose = verbose
         self.client_limits = client_limits
         self._schemes: dict[int, Scheme] = {}
         self._scheme_ids = itertools.count(1)
@@ -204,6 +270,7 @@ class Router:
         # Parked readers do not recv, so they would not see EOF: watch their sockets for hangup.
         self._hangups = select.epoll()
         self._parked: dict[int, Capability] = {}
+        self._tracers: list[Tracer] = []  # who asked for a record of every call (TRACE)
         nursery.start_soon(self._watch_hangups)
 
     def close(self) -> None:
@@ -390,9 +457,12 @@ class Router:
         scheme = handle.scheme
         if scheme is self._kernel:
             return
-        if scheme.handles.get(handle.number) is handle:
+        was_live = handle.live
+        if scheme.handles.get(handle.number) is handle:  # not a stale one whose number came back
             del scheme.handles[handle.number]
-        if handle.live and handle.number != P.ROOT_HANDLE:
+            if handle.number != P.ROOT_HANDLE:
+                self._forget_kept(scheme, handle.number)
+        if was_live and handle.number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, handle.number)
 
     def _close_unclaimed(self, scheme: Scheme, number: int) -> None:
@@ -401,8 +471,16 @@ class Router:
         if handle is not None and handle.refs:
             return  # capabilities hold it; the last one's EOF sends CLOSE
         scheme.handles.pop(number, None)
+        if number != P.ROOT_HANDLE:
+            self._forget_kept(scheme, number)
         if scheme.alive and number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, number)
+
+    def _forget_kept(self, scheme: Scheme, number: int) -> None:
+        for table in (scheme.kept, scheme.provisional):
+            kept = table.pop(number, None)
+            if kept is not None:
+                P.close_fds(kept.fds)
 
     async def _send_close(self, scheme: Scheme, number: int) -> None:
         frame = SchemeRequest(0, number, 0, 0, 0, P.CLOSE, (), EMPTY_ARGS).encode()
@@ -472,8 +550,6 @@ class Router:
         reply = Reply.decode(frame)
         if reply.status == P.ERR:
             return None  # an error reply that cannot be sent either: nothing smaller to try
-        if self.trace:
-            log.info("reply to tag %d not sendable (%s): answering the errno", reply.tag, exc)
         return Reply.of(reply.tag, P.ERR, exc.errno or errno.EIO).encode()
 
     async def _write_outbox(self, cap: Capability) -> None:
@@ -537,7 +613,7 @@ class Router:
             whole = request is not None and flags & P.TRUNCATED == MSG_CTRUNC
             # The buffer fits every fd a message can carry, so a control truncation of a
             # whole frame means Linux could not give us the fds: we are out of them.
-            self._reply(cap, request.tag if request else 0, P.ERR, errno.EMFILE if whole else errno.EINVAL)
+            self._reply(cap, Request.tag_of(data), P.ERR, errno.EMFILE if whole else errno.EINVAL)
             return
         op, tag = request.op, request.tag
         if op < P.FIRST_SCHEME_OP:
@@ -548,37 +624,115 @@ class Router:
             return
         handle = cap.handle
         scheme = handle.scheme
-        if scheme is self._kernel or not handle.live:
+        if scheme is self._kernel or not handle.current:
             P.close_fds(fds)
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
-        pid, uid, gid = cred or (0, 0, 0)
+        cred = cred or (0, 0, 0)
+        if request.serving is not None:
+            served = self._served_caller(request.serving, cred)
+            if served is None:
+                P.close_fds(fds)
+                self._reply(cap, tag, P.ERR, errno.EPERM)  # not a request the sender serves
+                return
+            cred = served
+        if not scheme.alive or scheme.restoring:
+            self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds,
+                                                request.serving))
+            return
+        await self._forward(cap, tag, cred, op, request.body, fds, serving=request.serving)
+
+    def _served_caller(self, req_id: int, sender: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """The caller of request req_id, if the sender is the daemon serving it; else None.
+
+        A daemon that forwards a request (opening a client's path for it) names the
+        request it serves; the scheme it reaches then sees that request's caller,
+        as Linux reported it to us. No process can claim a request it does not serve:
+        the claim must come from the very process (pid and uid, from SO_PASSCRED) of
+        the daemon the request was sent to, while it is still in flight there.
+        """
+        for scheme in self._schemes.values():
+            waiter = scheme.pending.get(req_id)
+            if waiter is not None:
+                caller = waiter.caller()
+                daemon = scheme.daemon
+                if caller is None or daemon is None or daemon[:2] != sender[:2]:
+                    return None
+                return caller
+        return None
+
+    def _hold_for_restart(self, scheme: Scheme, parked: Held) -> None:
+        """Hold a request for the next daemon of scheme (EIO if none is expected)."""
+        cap = parked.cap
+        if not (scheme.waiting_for_restart or scheme.restoring) or len(scheme.backlog) >= MAX_BACKLOG:
+            P.close_fds(parked.fds)
+            self._reply(cap, parked.tag, P.ERR, errno.EIO)
+            return
+        scheme.backlog.append(parked)
+        cap.inflight += 1  # it waits like a request at the scheme, within the same bounds
+        cap.account.inflight += 1
+        cap.account.held_fds += len(parked.fds)
+
+    async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
+                       body: frames.Body, fds: list[int], counted: bool = False,
+                       serving: int | None = None) -> None:
+        """Send a request on to cap's scheme; takes ownership of fds.
+
+        counted: the request already counts as in flight (it was parked).
+        serving: the request this one serves, for the trace.
+        """
+        handle = cap.handle
+        scheme = handle.scheme
+        pid, uid, gid = cred
         account = cap.account
+        if counted:
+            account.held_fds -= len(fds)
+            if not handle.live:  # closed, or its scheme went down again
+                self._settle(cap)
+                P.close_fds(fds)
+                self._reply(cap, tag, P.ERR, errno.EIO)
+                return
         if fds and not account.room_for_caps(len(fds)):
             P.close_fds(fds)  # held while the scheme takes them: they count against the quota
+            if counted:
+                self._settle(cap)
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
         try:
             refs = self._identify(scheme, fds) if fds else ()
         except OSError as exc:
             P.close_fds(fds)
+            if counted:
+                self._settle(cap)
             self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
         req_id = next(self._req_ids)
-        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, request.body).encode()
-        scheme.pending[req_id] = ClientRequest(cap, tag)
-        cap.inflight += 1
-        cap.account.inflight += 1
+        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body).encode()
+        scheme.pending[req_id] = ClientRequest(cap, tag, cred, time.monotonic(), req_id)
+        if self._tracers:
+            self._trace({"k": "call", "id": req_id, "parent": serving, "t": time.time(),
+                         "pid": pid, "uid": uid, "scheme": scheme.id, "handle": handle.number,
+                         "op": op, "account": account.id, "fds": len(fds),
+                         "args": bytes(body[:TRACE_BODY])})
+        if not counted:
+            cap.inflight += 1
+            cap.account.inflight += 1
         scheme.frames += 1
-        if self.trace:
-            log.info("req %d: pid %d -> scheme %d handle %d %s (%d fds)", req_id, pid,
-                     scheme.id, handle.number, OP_NAMES.get(op, op), len(fds))
         account.held_fds += len(fds)
         try:
-            await self._send_to_scheme(scheme, frame, fds)
-        finally:
+            sent = await self._send_to_scheme(scheme, frame, fds, before_dying=req_id)
+        except BaseException:
             P.close_fds(fds)
+            raise
+        finally:
             account.held_fds -= len(fds)
+        if sent:
+            P.close_fds(fds)
+            return
+        # The daemon was gone before it could have seen this request: it waits for the next
+        # one like the requests that come while the scheme is down.
+        self._settle(cap)
+        self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(body), fds))
 
     def _identify(self, scheme: Scheme, fds: list[int]) -> tuple[int, ...]:
         """For each passed fd: its handle number if it is a capability of this scheme.
@@ -594,26 +748,40 @@ class Router:
             refs.append(cap.handle.number if same else P.NO_REF)
         return tuple(refs)
 
-    async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> None:
+    async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int],
+                              before_dying: int | None = None) -> bool:
+        """Send a frame to scheme's daemon; False if it could not take it (it died).
+
+        before_dying: the request id of the frame, which is taken out of the pending
+        requests before they fail (the caller decides what becomes of it).
+        """
         channel = scheme.channel
         if channel is None:
-            return
+            if before_dying is not None:
+                scheme.pending.pop(before_dying, None)
+            return False
         try:
             await channel.send(frame, fds)
+            return True
         except (OSError, trio.ClosedResourceError) as exc:
-            log.warning("scheme %d: send failed: %s", scheme.id, exc)
-            self._scheme_died(scheme)
+            if before_dying is not None:
+                scheme.pending.pop(before_dying, None)
+            if scheme.channel is channel:
+                log.warning("scheme %d: send failed: %s", scheme.id, exc)
+                self._scheme_died(scheme)
+            return False
 
     # -- kernel operations ---------------------------------------------------
 
     async def _kernel_op(self, cap: Capability, request: Request, fds: list[int]) -> None:
         """Answer an operation of the router's own; fds stay the caller's.
 
-        CLONE and GETFL work on any capability; the rest only on the kernel
-        capability (EINVAL elsewhere, as for an unknown operation).
+        CLONE and GETFL work on any capability, SCHEME_CREATE on a kernel capability,
+        the rest only on the supervisor's (EINVAL elsewhere, as for an unknown operation).
         """
         op = KERNEL_OPS.get(request.op)
-        if op is None or (op.kernel_only and cap.handle.scheme is not self._kernel):
+        if (op is None or (op.kernel_only and cap.handle.scheme is not self._kernel)
+                or (op.supervisor_only and cap is not self._supervisor_cap)):
             self._reply(cap, request.tag, P.ERR, errno.EINVAL)
             return
         await getattr(self, op.method)(cap, request, fds)
@@ -633,7 +801,19 @@ class Router:
         self._reply(cap, request.tag, P.OK, cap.handle.fdflags)
 
     async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int]) -> None:
-        self._scheme_create(cap, request.tag)
+        try:
+            args = request.args()
+            options = args[0] if args else {}
+            if not isinstance(options, dict):
+                raise TypeError("SCHEME_CREATE takes [options] or []")
+        except (P.ProtocolError, TypeError):
+            self._reply(cap, request.tag, P.ERR, errno.EINVAL)
+            return
+        # Only the supervisor's own kernel capability may let a scheme keep state here: a
+        # scheme served by a client (created through a clone of the kernel capability)
+        # could fill the router with fds.
+        keeps = bool(options.get("keeps")) and cap is self._supervisor_cap
+        self._scheme_create(cap, request.tag, keeps)
 
     async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int]) -> None:
         tag = request.tag
@@ -644,8 +824,20 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EINVAL)
             return
         if scheme.alive:
-            self._reply(cap, tag, P.ERR, errno.EBUSY)
+            # its daemon has exited but the EOF may not have reached us yet: wait for it
+            self._nursery.start_soon(self._restart_when_dead, cap, tag, scheme)
             return
+        self._restart(cap, tag, scheme)
+
+    async def _restart_when_dead(self, cap: Capability, tag: int, scheme: Scheme) -> None:
+        with trio.move_on_after(RESTART_WAIT):
+            await scheme.died.wait()
+        if scheme.alive:
+            self._reply(cap, tag, P.ERR, errno.EBUSY)  # the old daemon still serves it
+            return
+        self._restart(cap, tag, scheme)
+
+    def _restart(self, cap: Capability, tag: int, scheme: Scheme) -> None:
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
@@ -656,17 +848,66 @@ class Router:
     async def _op_account_new(self, cap: Capability, request: Request, fds: list[int]) -> None:
         self._account_new(cap, request.tag, request, fds)
 
+    async def _op_trace(self, cap: Capability, request: Request, fds: list[int]) -> None:
+        """A socket on which a record of every call and every reply follows (until closed).
+
+        The records are msgpack maps with the raw arguments and values: the router
+        never decodes them; the reader does (redoxcap/trace.py). A reader that does
+        not keep up loses records (counted in the next one it gets), never slows us.
+        """
+        if len(self._tracers) >= MAX_TRACERS:
+            self._reply(cap, request.tag, P.ERR, errno.EBUSY)
+            return
+        try:
+            ours, theirs = self._socketpair()
+        except OSError as exc:
+            self._refuse(cap, request.tag, exc)
+            return
+        ours.setblocking(False)
+        self._tracers.append(Tracer(ours))
+        self._reply(cap, request.tag, P.OK, None, [theirs.detach()])
+
+    def _trace_reply(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
+                     fds: list[int]) -> None:
+        record = {"k": "reply", "id": waiter.req_id, "t": time.time(),
+                  "dur": time.monotonic() - waiter.started, "scheme": scheme.id, "fds": len(fds),
+                  "pid": waiter.cred[0]}
+        if reply is None:
+            record.update(status=P.ERR, value=P.pack(errno.EIO))
+        else:
+            record.update(status=reply.status, value=bytes(reply.body[:TRACE_BODY]),
+                          handle=reply.handle)
+        self._trace(record)
+
+    def _trace(self, record: dict) -> None:
+        """Send a record to every tracer that has room; never waits."""
+        frame = None
+        for tracer in list(self._tracers):
+            if tracer.dropped:
+                record["dropped"] = tracer.dropped
+                frame = None
+            frame = frame or P.pack(record)
+            try:
+                tracer.sock.send(frame, socket.MSG_DONTWAIT)
+                tracer.dropped = 0
+            except BlockingIOError:
+                tracer.dropped += 1  # it reads too slowly: it loses records, we do not wait
+            except OSError:
+                self._tracers.remove(tracer)
+                tracer.sock.close()
+            record.pop("dropped", None)
+
     async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int]) -> None:
         self._reply(cap, request.tag, P.OK, await self._status())
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
         """Fail one request because the router could not make or take an fd."""
-        if self.trace:
+        if self.verbose:
             log.info("tag %d refused: %s", tag, exc)
         self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
 
-    def _scheme_create(self, cap: Capability, tag: int) -> None:
-        scheme = Scheme(next(self._scheme_ids))
+    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False) -> None:
+        scheme = Scheme(next(self._scheme_ids), keeps=keeps)
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
@@ -727,17 +968,66 @@ class Router:
             OSError: the router is out of fds (or memory); scheme is unchanged.
         """
         ours, theirs = self._socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the daemon's pid on its frames
         scheme.channel = Channel(ours)
-        scheme.generation += 1
+        scheme.daemon = None
+        scheme.attached += 1
+        restart = scheme.attached > 1
+        self._next_generation(scheme)
         scheme.alive = True
+        scheme.died = trio.Event()
+        scheme.waiting_for_restart = False
         self._nursery.start_soon(self._serve_scheme, scheme, scheme.channel)
+        if restart:
+            scheme.restoring = True
+            self._nursery.start_soon(self._restore, scheme, scheme.channel)
         return theirs.detach()
+
+    def _next_generation(self, scheme: Scheme) -> None:
+        """Handles of the old generation go stale, but the kept ones move on with it."""
+        scheme.generation += 1
+        for number in scheme.kept:
+            handle = scheme.handles.get(number)
+            if handle is not None:
+                handle.generation = scheme.generation
+
+    async def _restore(self, scheme: Scheme, channel: Channel) -> None:
+        """Give a restarted daemon the state kept for its handles, then the requests
+        that waited for it; requests that come meanwhile wait behind them."""
+        try:
+            for number, kept in list(scheme.kept.items()):
+                if scheme.channel is not channel:
+                    return  # it died again
+                if scheme.kept.get(number) is not kept:
+                    continue  # its last capability closed meanwhile
+                copies = [os.dup(fd) for fd in kept.fds]
+                try:
+                    restore = SchemeRequest(0, number, 0, 0, 0, P.RESTORE, (P.NO_REF,) * len(copies),
+                                            kept.body)
+                    await self._send_to_scheme(scheme, restore.encode(), copies)
+                finally:
+                    P.close_fds(copies)
+            # new handles must not take the number of one that lives on
+            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
+            await self._send_to_scheme(scheme, resume.encode(), [])
+            while scheme.backlog and scheme.channel is channel:
+                parked = scheme.backlog.popleft()
+                await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
+                                    parked.fds, counted=True, serving=parked.serving)
+        except OSError as exc:  # out of fds for the copies: the daemon starts without them
+            log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
+        finally:
+            if scheme.channel is channel:
+                scheme.restoring = False
 
     async def _status(self) -> dict:
         caps: dict[int, int] = {}
+        holdings: dict[tuple[int, int, int], int] = {}  # (account, scheme, handle) -> capabilities
         for cap in self._by_identity.values():
             sid = cap.handle.scheme.id
             caps[sid] = caps.get(sid, 0) + 1
+            key = (cap.account.id, sid, cap.handle.number)
+            holdings[key] = holdings.get(key, 0) + 1
         queries = {}
         async with trio.open_nursery() as nursery:
             for scheme in self._schemes.values():
@@ -749,15 +1039,19 @@ class Router:
             "schemes": {
                 str(s.id): {
                     "alive": s.alive,
-                    "restarts": s.generation - 1,
+                    "restarts": max(s.attached - 1, 0),
+                    "kept": len(s.kept),
                     "frames": s.frames,
                     "capabilities": caps.get(s.id, 0),
                     "handles": len(s.handles),
                     "scheme_handles": queries.get(s.id, {}).get("handles"),
+                    "detail": _bounded(queries.get(s.id, {}).get("detail")),
                 }
                 for s in self._schemes.values()
             },
             "accounts": {str(a.id): a.counters() for a in self._accounts.values()},
+            "holdings": [[account, scheme, handle, count]
+                         for (account, scheme, handle), count in sorted(holdings.items())],
         }
 
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:
@@ -781,11 +1075,13 @@ class Router:
         try:
             while True:
                 try:
-                    data, fds, flags, _ = await channel.recv()
+                    data, fds, flags, cred = await channel.recv(P.CMSG_ALL)
                 except (OSError, trio.ClosedResourceError):
                     break
                 if not data and not fds:
                     break
+                if cred is not None and scheme.channel is channel:
+                    scheme.daemon = cred  # who serves the scheme, as Linux tells us
                 try:
                     self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
@@ -802,14 +1098,18 @@ class Router:
             P.close_fds(fds)
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
+        status = SchemeReply.status_of(data)
+        if status == P.KEEP:
+            self._on_keep(scheme, data, flags, fds)
+            return
+        if status == P.HELLO:  # its sender is now known (see _serve_scheme)
+            P.close_fds(fds)
+            return
         try:
             reply = SchemeReply.decode(data)
         except P.ProtocolError:
             reply = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
-        if self.trace:
-            status = reply.status if reply is not None else P.NEW_HANDLE
-            log.info("req %d: <- scheme %d %s (%d fds)", req_id, scheme.id, STATUS_NAMES.get(status, status), len(fds))
         if waiter is None:  # abandoned (its capability closed) or never asked
             P.close_fds(fds)
             if reply is not None and reply.status == P.NEW_HANDLE:
@@ -817,12 +1117,38 @@ class Router:
             return
         waiter.answered(self, scheme, reply, flags, fds)
 
+    def _on_keep(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
+        """A daemon's state for one of its handles: hold its fds and bytes for a restart."""
+        try:
+            if flags & P.TRUNCATED:
+                raise P.ProtocolError("truncated")
+            if not scheme.keeps:
+                raise P.ProtocolError("this scheme may not keep state in the router")
+            keep = Keep.decode(data)
+            if keep.nfds > len(fds):
+                raise P.ProtocolError("KEEP with more fds than it carries")
+        except P.ProtocolError as exc:
+            P.close_fds(fds)
+            log.warning("scheme %d: bad KEEP dropped: %s", scheme.id, exc)
+            return
+        P.close_fds(fds[keep.nfds :])
+        self._forget_kept(scheme, keep.handle)
+        if not keep.nfds and not len(keep.body):
+            return  # forget it
+        kept = Kept(fds[: keep.nfds], bytes(keep.body))
+        if keep.handle == P.ROOT_HANDLE or keep.handle in scheme.handles:
+            scheme.kept[keep.handle] = kept
+        else:  # a new handle's state comes just before its NEW_HANDLE reply
+            scheme.provisional[keep.handle] = kept
+
     def _answer_client(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
                        flags: int, fds: list[int]) -> None:
         """Relay a scheme's reply (None: a malformed NEW_HANDLE) to the request's holder."""
         cap, tag = waiter.cap, waiter.tag
         self._settle(cap)
         new = (reply.handle, reply.fdflags) if reply is not None and reply.status == P.NEW_HANDLE else None
+        if self._tracers:
+            self._trace_reply(scheme, waiter, reply, fds)
         if flags & P.TRUNCATED:
             P.close_fds(fds)
             if new is not None:
@@ -859,6 +1185,11 @@ class Router:
                     handle = SchemeHandle(scheme, number, scheme.generation, fdflags)
                     scheme.handles[number] = handle
                 fds.insert(0, self.mint(handle, account))
+                scheme.top = max(scheme.top, number)
+                provisional = scheme.provisional.pop(number, None)
+                if provisional is not None:  # its state came just before it: keep it now
+                    self._forget_kept(scheme, number)
+                    scheme.kept[number] = provisional
         except OSError as exc:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
             if new is not None:
@@ -875,29 +1206,60 @@ class Router:
         if scheme.pending:
             log.warning("scheme %d: daemon gone; failing %d pending requests", scheme.id, len(scheme.pending))
         scheme.alive = False
+        scheme.died.set()
         if scheme.channel is not None:
             scheme.channel.close()
             scheme.channel = None
-        root = scheme.handles.get(P.ROOT_HANDLE)
-        scheme.handles = {P.ROOT_HANDLE: root} if root is not None else {}
+        scheme.restoring = False
+        for number in list(scheme.provisional):  # their requests fail: the handles never were
+            self._forget_kept(scheme, number)
+        self._next_generation(scheme)
+        # the root and the kept handles live on in the next daemon; the rest go stale
+        scheme.handles = {n: h for n, h in scheme.handles.items() if h.current}
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
             waiter.abandoned(self)
+        scheme.waiting_for_restart = True
+        self._nursery.start_soon(self._give_up_waiting, scheme, scheme.generation)
+
+    async def _give_up_waiting(self, scheme: Scheme, generation: int) -> None:
+        """Requests wait RESTART_WAIT seconds for a new daemon; then EIO, as before."""
+        await trio.sleep(RESTART_WAIT)
+        if scheme.generation != generation or scheme.alive:
+            return  # it came back
+        scheme.waiting_for_restart = False
+        while scheme.backlog:
+            parked = scheme.backlog.popleft()
+            parked.cap.account.held_fds -= len(parked.fds)
+            P.close_fds(parked.fds)
+            self._settle(parked.cap)
+            self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
 
 
-async def main(kernel_fd: int, trace: bool = False, client_limits: Limits = CLIENT_LIMITS,
+def _bounded(detail: object) -> object:
+    """A scheme's description of its handles, if it is small enough to pass on (a scheme
+    served by a client must not be able to make every status reply huge)."""
+    if detail is None:
+        return None
+    try:
+        return detail if len(P.pack(detail)) <= MAX_DETAIL else {"too large": True}
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,
                system_limits: Limits = SYSTEM_LIMITS) -> None:
     """Run the router until the supervisor's kernel capability is closed.
 
     Args:
         kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
             kernel capability (the supervisor holds its other end).
-        trace: log every request and reply (ids and operation names only).
+        verbose: log each request the router refuses itself.
         client_limits: the default limits of accounts made by ACCOUNT_NEW.
         system_limits: the limits of the system account (the kernel capability's).
     """
     async with trio.open_nursery() as nursery:
-        router = Router(nursery, trace, client_limits, system_limits)
+        router = Router(nursery, verbose, client_limits, system_limits)
         try:
             router.adopt_kernel_capability(kernel_fd)
             await router.supervisor_gone.wait()

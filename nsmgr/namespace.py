@@ -112,6 +112,7 @@ class NamespaceScheme(Scheme):
             P.close_fds([channel, root])
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = AsyncCapability(root)
+        req.keep_again()
         return Reply(None, [channel])
 
     # -- routing: see _forwarder below, made for every path operation of wire/ops.py ---
@@ -127,7 +128,7 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "one directory capability at most")
             fd = req.take_fd(0)
             try:
-                await _forward(cap, op.number, [old_rest, new], [fd])
+                await _forward(cap, op.number, [old_rest, new], [fd], serving=req.id)
             finally:
                 P.close_fds([fd])
             return
@@ -135,7 +136,7 @@ class NamespaceScheme(Scheme):
         ns.lookup(new_name)
         if new_name != name:
             raise SchemeError(errno.EXDEV, "rename across schemes")
-        await _forward(cap, op.number, [old_rest, new_rest])
+        await _forward(cap, op.number, [old_rest, new_rest], serving=req.id)
 
     async def fpath(self, req: Request, ns: Namespace) -> str:
         return "/scheme/"
@@ -186,6 +187,7 @@ class NamespaceScheme(Scheme):
         if perms & ~ns.perms:
             raise SchemeError(errno.EACCES, "permissions can only be narrowed")
         ns.perms = perms
+        req.keep_again()
 
     async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
         """Register the passed capability as name; a directory becomes a boundary."""
@@ -207,17 +209,41 @@ class NamespaceScheme(Scheme):
         except OSError:
             os.close(fd)
             raise SchemeError(errno.EINVAL, "register takes a capability (a SEQPACKET socket)") from None
-        entry = await _as_entry(AsyncCapability(fd))
+        entry = await _as_entry(AsyncCapability(fd), req.id)
         if name in ns.entries:  # registered while we asked
             entry.close()
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = entry
+        req.keep_again()
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)
         cap = ns.lookup(name)
         del ns.entries[name]
+        req.keep_again()
         cap.close()
+
+    def status(self, handles: dict) -> dict:
+        """Each namespace handle's names and permissions, for `status` and `graph`."""
+        return {"namespaces": {str(number): {"names": sorted(ns.entries), "perms": ns.perms}
+                               for number, ns in handles.items()}}
+
+    def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
+        """A namespace is its entries and permissions: the router keeps the entries'
+        capabilities across a crash of nsmgr, and the next nsmgr serves the same
+        namespace (so no client notices more than a delay)."""
+        names = sorted(ns.entries)
+        return {"perms": ns.perms, "names": names}, [ns.entries[n].fileno() for n in names]
+
+    def restore(self, value: dict, fds: list[int]) -> Namespace:
+        try:
+            names, perms = value["names"], value["perms"]
+            if not isinstance(names, list) or len(names) != len(fds) or type(perms) is not int:
+                raise ValueError("kept namespace does not match its fds")
+            return Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms)
+        except (KeyError, TypeError, ValueError):
+            P.close_fds(fds)
+            raise
 
     async def close(self, ns: Namespace) -> None:
         entries, ns.entries = ns.entries, {}
@@ -225,14 +251,15 @@ class NamespaceScheme(Scheme):
             cap.close()
 
 
-async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = ()) -> object:
+async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = (),
+                   serving: int | None = None) -> object:
     """A request on an entry whose answer carries no fds; any it carries are closed."""
-    value, received = await cap.call(op, args, fds)
+    value, received = await cap.call(op, args, fds, serving)
     P.close_fds(received)
     return value
 
 
-async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
+async def _as_entry(cap: AsyncCapability, serving: int | None = None) -> AsyncCapability:
     """What to keep for a registered capability (owned; the argument is consumed).
 
     A directory that is not a scheme's root (whose fpath is exactly
@@ -248,12 +275,12 @@ async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
         SchemeError: ENOTDIR for a capability that is neither a directory nor a root.
     """
     try:
-        st = await _forward(cap, P.FSTAT, [])
+        st = await _forward(cap, P.FSTAT, [], serving=serving)
         is_dir = isinstance(st, dict) and stat.S_ISDIR(st.get("st_mode", 0))
     except OSError:
         is_dir = True  # a scheme that cannot say: try to make it a boundary
     try:
-        where = await _forward(cap, P.FPATH, [])
+        where = await _forward(cap, P.FPATH, [], serving=serving)
     except OSError:
         where = None
     root = isinstance(where, str) and where.startswith(SCHEME_PREFIX) and "/" not in where[len(SCHEME_PREFIX):]
@@ -263,7 +290,8 @@ async def _as_entry(cap: AsyncCapability) -> AsyncCapability:
         cap.close()
         raise SchemeError(errno.ENOTDIR, "a namespace entry is a directory or a scheme's root")
     try:
-        fd = await cap.call_fd(P.OPENAT, [".", os.O_RDONLY | os.O_DIRECTORY | P.O_RESOLVE_IN_ROOT, 0])
+        fd = await cap.call_fd(P.OPENAT, [".", os.O_RDONLY | os.O_DIRECTORY | P.O_RESOLVE_IN_ROOT, 0],
+                               serving=serving)
     except OSError as exc:
         if exc.errno in (errno.ENOTDIR, errno.EINVAL, errno.ENOSYS, errno.ENOENT):
             return cap
@@ -285,8 +313,8 @@ def _forwarder(op: ops.Operation):
         name, args[op.path] = split_scheme_path(args[op.path])
         cap = ns.lookup(name)
         if op.forward is ops.Forward.OPEN:
-            return Reply(None, [await cap.call_fd(op.number, args)])
-        return await _forward(cap, op.number, args)
+            return Reply(None, [await cap.call_fd(op.number, args, serving=req.id)])
+        return await _forward(cap, op.number, args, serving=req.id)
 
     forward.__name__ = forward.__qualname__ = op.name
     forward.__doc__ = f"{op.doc} Forwarded to the scheme the path names."

@@ -1,64 +1,59 @@
 """The `redoxcap` command: boot the system, run clients in it, show it, stop it.
 
-Exit codes (every failure maps onto one of these):
-
-    0  success (for `run`: the command's own exit code is passed through)
-    1  a request failed (the message says why)
-    2  usage error
-    3  no system is running at the state directory
-    4  a system is already running there
-    5  the system failed to boot
+Click commands only: each parses its options and calls the module that does
+the work (lifecycle, up, run, status, control). Every failure is raised as an
+:class:`redoxcap.exits.Failure` or one of the errors :data:`FAILURES` maps,
+and leaves with one of the exit codes of :mod:`redoxcap.exits`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
 import os
-import posixpath
-import select
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
 
-from redoxcap import config, control
+from redoxcap import config, control, exits, lifecycle, status
+from redoxcap.exits import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, Failure
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-EXIT_ALREADY_RUNNING = 4
-EXIT_BOOT_FAILED = 5
-
-BOOT_TIMEOUT = 30.0
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"redoxcap-{os.getuid()}"
+# Errors any command may raise, and the exit code each one leaves with (first match wins).
+FAILURES: tuple[tuple[type[Exception], int], ...] = (
+    (config.ConfigError, EXIT_USAGE),
+    (control.NotRunning, EXIT_NOT_RUNNING),
+    (control.ControlError, EXIT_FAILED),
+    (OSError, EXIT_FAILED),
+)
 
 
-def default_root() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "redoxcap" / "root"
+class _Commands(click.Group):
+    """The command group; it turns every failure into `redoxcap: MESSAGE` and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except Failure as exc:
+            _exit(str(exc), exc.code)
+        except tuple(kind for kind, _ in FAILURES) as exc:
+            _exit(str(exc), next(code for kind, code in FAILURES if isinstance(exc, kind)))
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> None:
+def _exit(message: str, code: int) -> None:
     click.echo(f"redoxcap: {message}", err=True)
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_EXIT_CODES = "\n".join(f"{code:>5}  {meaning}" for code, meaning in exits.MEANINGS.items())
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"\b\nExit codes:\n{_EXIT_CODES}")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              envvar="REDOXCAP_STATE_DIR", default=default_state_dir, show_default="$XDG_RUNTIME_DIR/redoxcap-UID",
+              envvar="REDOXCAP_STATE_DIR", default=lifecycle.default_state_dir,
+              show_default="$XDG_RUNTIME_DIR/redoxcap-UID, or in the temporary directory",
               help="Where a running system keeps its control socket.")
+@click.version_option(package_name="redoxcap", prog_name="redoxcap")
 @click.pass_context
 def main(ctx: click.Context, state_dir: Path) -> None:
     """redoxcap: Redox OS's capability architecture as Linux processes.
@@ -72,39 +67,18 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 
 root_option = click.option(
     "--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Host directory served by the file scheme [default: ~/.local/share/redoxcap/root].")
+    help="Host directory served by the file scheme "
+         "[default: $XDG_DATA_HOME/redoxcap/root, or ~/.local/share/redoxcap/root].")
 mount_option = click.option(
-    "--mount", "mounts", multiple=True, metavar="NAME=HOSTDIR[:ro]",
-    help="Also serve HOSTDIR as scheme NAME (read-only with :ro). Repeatable.")
+    "--mount", "mounts", multiple=True, metavar="NAME=HOSTDIR[:ro][:nokeep]",
+    help="Also serve HOSTDIR as scheme NAME (read-only with :ro; with :nokeep its open "
+         "handles die with its daemon instead of surviving a restart). Repeatable.")
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None, help="A TOML file: root, schemes, [mount.NAME] tables.")
+    default=None, help="A TOML file: root, schemes, [mount.NAME] and [scheme.NAME] tables.")
 
 
-def _configure(config_file: Path | None, root: Path | None, mounts: tuple[str, ...]) -> config.Config:
-    """The config file, overridden by command-line options; exits on bad input."""
-    try:
-        cfg = config.load(config_file)
-        cfg.mounts += [config.parse_mount(m) for m in mounts]
-    except config.ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    names = [m.name for m in cfg.mounts]
-    if len(set(names)) != len(names):
-        fail(f"a mount name is given twice: {names}", EXIT_USAGE)
-    cfg.root = (root or cfg.root or default_root()).absolute()
-    cfg.root.mkdir(parents=True, exist_ok=True)
-    return cfg
-
-
-def _up_options(cfg: config.Config) -> list[str]:
-    """The `up` options that reproduce cfg in another process."""
-    argv = ["--root", str(cfg.root), "--schemes", ",".join(cfg.schemes)]
-    for m in cfg.mounts:
-        argv += ["--mount", f"{m.name}={m.path}" + (":ro" if m.read_only else "")]
-    return argv
-
-
-@main.command()
+@main.command("up")
 @root_option
 @mount_option
 @config_option
@@ -115,164 +89,54 @@ def _up_options(cfg: config.Config) -> list[str]:
 @click.option("--detach", is_flag=True, help="Boot in the background and return once it is up.")
 @click.option("--watch-fd", type=int, default=None, hidden=True)
 @click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--user-scheme", "user_schemes", multiple=True, hidden=True)  # from up_options
 @click.pass_obj
-def up(state_dir: Path, root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
-       scheme_names: str | None, trace: bool, detach: bool, watch_fd: int | None,
-       ready_fd: int | None) -> None:
+def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
+               config_file: Path | None, scheme_names: str | None, trace: bool, detach: bool,
+               watch_fd: int | None, ready_fd: int | None, user_schemes: tuple[str, ...]) -> None:
     """Boot the kernel, nsmgr and the schemes, and serve until `down`.
 
     One system per state directory: a second `up` (even a concurrent one)
     exits 4 and leaves the first one alone.
     """
-    cfg = _configure(config_file, root, mounts)
-    if scheme_names is not None:
-        wanted = [n for n in scheme_names.split(",") if n]
-        unknown = [n for n in wanted if n not in config.BUILTIN_SCHEMES]
-        if unknown:
-            fail(f"--schemes: unknown {unknown}; built-ins are {list(config.BUILTIN_SCHEMES)}", EXIT_USAGE)
-        cfg.schemes = wanted
+    cfg = config.configure(config_file, root, mounts, scheme_names, user_schemes)
     if detach:
-        proc = _spawn_supervisor(state_dir, _up_options(cfg) + (["--trace"] if trace else []))
-        _wait_until_up(state_dir, proc)
-        click.echo(f"redoxcap is up (pid {proc.pid}, state {state_dir}, root {cfg.root})")
+        pid = lifecycle.start_detached(state_dir, cfg, trace)
+        click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
         return
-    import trio
+    from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
 
-    from redoxcap.up import AlreadyRunning, SystemFailed
-    from redoxcap.up import main as up_main
-
-    logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
-    info = {"root": str(cfg.root),
-            "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
-    try:
-        trio.run(up_main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
-    except AlreadyRunning as exc:
-        fail(str(exc), EXIT_ALREADY_RUNNING)
-    except OSError as exc:
-        fail(f"boot failed: {exc}", EXIT_BOOT_FAILED)
-    except SystemFailed as exc:
-        fail(f"stopped: {exc}")
+    up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd)
 
 
-class SupervisorProcess(subprocess.Popen):
-    """A supervisor started in the background, with the pipe it reports readiness on.
-
-    Attributes:
-        ready_fd: read end of the pipe; the supervisor writes `up` on it once
-            its control socket answers, and it reaches EOF if the supervisor exits
-            first. _wait_until_up() reads and closes it.
-    """
-
-    ready_fd: int
-
-
-def _spawn_supervisor(state_dir: Path, up_options: list[str], watch_fd: int | None = None) -> SupervisorProcess:
-    """Start `redoxcap up` in a new session, logging to STATE_DIR/supervisor.log."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ready_r, ready_w = os.pipe()
-    argv = [sys.executable, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *up_options,
-            "--ready-fd", str(ready_w)]
-    pass_fds: tuple[int, ...] = (ready_w,)
-    if watch_fd is not None:
-        argv += ["--watch-fd", str(watch_fd)]
-        pass_fds += (watch_fd,)
-    try:
-        with open(state_dir / control.LOG_NAME, "ab") as log:
-            proc = SupervisorProcess(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True, pass_fds=pass_fds)
-    except BaseException:
-        os.close(ready_r)
-        raise
-    finally:
-        os.close(ready_w)  # the child's copy alone keeps the pipe open
-    proc.ready_fd = ready_r
-    return proc
-
-
-def _wait_until_up(state_dir: Path, proc: SupervisorProcess) -> None:
-    """Wait for the supervisor's readiness report; exit with its failure if it sends none."""
-    try:
-        poller = select.poll()
-        poller.register(proc.ready_fd, select.POLLIN)
-        answered = bool(poller.poll(BOOT_TIMEOUT * 1000))
-        if answered and os.read(proc.ready_fd, 16).startswith(b"up"):
-            return
-    finally:
-        os.close(proc.ready_fd)
-    try:
-        # EOF without `up`: the supervisor is exiting, and its exit code says why
-        code = proc.wait(timeout=BOOT_TIMEOUT if answered else 0)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        fail(f"the system did not come up within {BOOT_TIMEOUT:.0f}s", EXIT_BOOT_FAILED)
-    if code == EXIT_ALREADY_RUNNING:
-        fail(f"a system is already running at {state_dir}", EXIT_ALREADY_RUNNING)
-    log = (state_dir / control.LOG_NAME).read_text(errors="replace")[-2000:]
-    fail(f"the system failed to boot (exit {code}):\n{log}", EXIT_BOOT_FAILED)
-
-
-def _shutdown(state_dir: Path, wait: float = 15.0) -> None:
-    """Ask the supervisor at state_dir to stop and wait until its process has exited."""
-    if not control.shutdown(state_dir, wait):
-        click.echo(f"redoxcap: the supervisor did not stop within {wait:.0f}s; killed it", err=True)
-
-
-@main.command()
+@main.command("down")
 @click.pass_obj
-def down(state_dir: Path) -> None:
+def down_command(state_dir: Path) -> None:
     """Stop the system: every daemon it started, and its sockets."""
-    try:
-        _shutdown(state_dir)
-    except control.NotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except control.ControlError as exc:
-        fail(str(exc))
+    if not lifecycle.stop(state_dir):
+        click.echo(f"redoxcap: the supervisor did not stop within {lifecycle.STOP_TIMEOUT:.0f}s; "
+                   "killed it", err=True)
     click.echo("redoxcap is down")
 
 
-@main.command()
+@main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
 @click.pass_obj
-def status(state_dir: Path, as_json: bool) -> None:
+def status_command(state_dir: Path, as_json: bool) -> None:
     """Show schemes, processes, open capabilities, handles, frames handled and memory, per daemon."""
-    try:
-        reply, _ = control.request(state_dir, "status")
-    except control.NotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
-    except control.ControlError as exc:
-        fail(str(exc))
+    reply, _ = control.request(state_dir, "status")
     info = reply["status"]
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    click.echo(f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}")
-    if "root" in info:
-        click.echo(f"file root {info['root']}")
-    header = (f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} "
-              f"{'RESTARTS':>8} {'RSS':>7}")
-    click.echo(header)
-    for d in info["daemons"]:
-        rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"
-        click.echo(
-            f"{d['name']:<10} {d.get('pid') or '-':>7} {d.get('scheme_id', '-'):>6} "
-            f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
-            f"{d.get('restarts', '-'):>8} {rss:>7}" + _state_note(d)
-        )
+    for line in status.render(info):
+        click.echo(line)
 
 
-def _state_note(d: dict) -> str:
-    """What the table adds after a daemon that is not simply running."""
-    state = d.get("state", "failed" if d.get("failed") else "running")
-    if state == "failed":
-        return f"  FAILED (redoxcap restart {d['name']})"
-    return "  restarting" if state == "restarting" else ""
-
-
-@main.command()
+@main.command("restart")
 @click.argument("name")
 @click.pass_obj
-def restart(state_dir: Path, name: str) -> None:
+def restart_command(state_dir: Path, name: str) -> None:
     """Restart scheme NAME's daemon, also one marked FAILED, without a full down/up.
 
     The scheme keeps its id, so namespaces that hold it work again; handles
@@ -280,19 +144,14 @@ def restart(state_dir: Path, name: str) -> None:
     """
     try:
         reply, _ = control.request(state_dir, "restart", timeout=30, name=name)
-    except control.NotRunning as exc:
-        fail(str(exc), EXIT_NOT_RUNNING)
+    except control.NotRunning:
+        raise  # exit 3, as for every command
     except control.ControlError as exc:
-        fail(f"restart {name}: {exc}")
+        raise Failure(f"restart {name}: {exc}") from None
     click.echo(f"{name} restarted (pid {reply['pid']})")
 
 
-def _handles(d: dict) -> str:
-    value = d.get("scheme_handles")
-    return "-" if value is None else str(value)
-
-
-@main.command(context_settings={"ignore_unknown_options": True})
+@main.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--ns", "names", default=None, metavar="NAMES",
               help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
 @click.option("--cwd", default="/", show_default=True,
@@ -315,6 +174,23 @@ def _handles(d: dict) -> str:
               help="The uds names COMMAND sees: a private scope of its own (the default, for "
                    "every run), the system's, or the shared scope NAME (runs given the same NAME "
                    "reach each other's listeners).")
+@click.option("--allow-connect", "tcp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's tcp connect only to HOST:PORT ([ADDR]:PORT for IPv6; numeric "
+                   "addresses only). Repeatable. Any --allow-* option narrows both tcp and udp: "
+                   "whatever no option grants is EACCES.")
+@click.option("--allow-listen", "tcp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's tcp listen on PORT (on 127.0.0.1 and ::1 unless HOST is given; "
+                   "0: a free port). Repeatable.")
+@click.option("--allow-udp-connect", "udp_connect", multiple=True, metavar="HOST:PORT",
+              help="Let COMMAND's udp reach HOST:PORT (connect, or sendto from a bound socket). "
+                   "Repeatable.")
+@click.option("--allow-udp-listen", "udp_listen", multiple=True, metavar="[HOST:]PORT",
+              help="Let COMMAND's udp bind to PORT (as --allow-listen). Repeatable.")
+@click.option("--trace", "trace", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Print every call COMMAND makes (scheme, operation, path, result, time; the "
+                   "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
+                   "with --trace=FILE.")
+@click.option("--trace-json", is_flag=True, help="With --trace: one JSON object per call.")
 @click.option("--brokered", is_flag=True,
               help="Run an unmodified program: every path it uses goes through its capabilities "
                    "(seccomp user notification; docs/sandbox.md).")
@@ -322,16 +198,22 @@ def _handles(d: dict) -> str:
               help="With --brokered: also serve this host path read-only (repeatable).")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="With --brokered: regular files come as host fds (native reads and writes).")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With no system up: append the private system's log to FILE (by default, "
+                   "what it logs besides routine notes, e.g. lines written to /scheme/log, "
+                   "goes to stderr when COMMAND ends).")
 @root_option
 @mount_option
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
-        require_confine: bool, env_options: tuple[str, ...], inherit_env: bool, uds_scope: str,
-        brokered: bool, ro_host: tuple[str, ...], passthrough: bool,
-        root: Path | None, mounts: tuple[str, ...], config_file: Path | None,
-        command: tuple[str, ...]) -> None:
+def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
+                require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
+                uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
+                udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
+                trace: str | None, trace_json: bool, brokered: bool, ro_host: tuple[str, ...],
+                passthrough: bool, log_file: Path | None, root: Path | None,
+                mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
     COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
@@ -345,250 +227,80 @@ def run(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bo
     environment and terminal. With no system up at the state directory, a
     private one is booted for the duration of COMMAND (--root, --config and
     --mount configure it). With a system up, --mount adds the mount to it (it
-    stays until `down`).
+    stays until `down`). `run` exits with COMMAND's exit code.
     """
+    from redoxcap import run  # the client runtime: only `run` needs it
+
     if require_confine and not confine:
-        fail("--require-confine contradicts --no-confine", EXIT_USAGE)
+        raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
     try:
-        env = client_environment(os.environ, confined=confine, inherit=inherit_env,
-                                 options=env_options)
+        env = run.client_environment(os.environ, confined=confine, inherit=inherit_env,
+                                     options=env_options)
     except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    argv, scratch = list(command), None
-    broker = _broker_options(brokered, confine, ro_host, passthrough)
-    if confine and broker is None:
-        # Python's tempfile (which trio, ctypes and others use on import) needs a
-        # writable directory: the command gets an empty private one, deleted after.
-        scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
-        argv = confined_argv(argv, require_confine, scratch)
-        env["TMPDIR"] = scratch
-    private = None
-    if not control.is_running(state_dir):
-        private = _boot_private(_configure(config_file, root, mounts))
-        state_dir = private[0]
-    else:
-        if root is not None or config_file is not None:
-            fail("--root and --config only apply when run boots a private system; one is up", EXIT_USAGE)
-        for text in mounts:
-            try:
-                m = config.parse_mount(text)
-                control.request(state_dir, "mount", name=m.name, path=str(m.path), read_only=m.read_only)
-            except control.ControlError as exc:
-                fail(f"--mount {text}: {exc}")
-            except config.ConfigError as exc:
-                fail(str(exc), EXIT_USAGE)
-    try:
-        code = _run_command(state_dir, names, cwd, beneath, argv, env, new_session=confine,
-                            uds_scope=uds_scope, broker=broker)
-    finally:
-        if private is not None:
-            _stop_private(*private)
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        raise Failure(str(exc), EXIT_USAGE) from None
+    net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
+    broker = run.broker_options(brokered, confine, ro_host, passthrough)
+    with run.system_for_run(state_dir, root=root, config_file=config_file,
+                            mounts=mounts, log=log_file) as system:
+        code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
+                       confine=confine, require_confine=require_confine, uds_scope=uds_scope,
+                       trace=trace, trace_json=trace_json, net=net, broker=broker)
     sys.exit(code)
 
 
-def _boot_private(cfg: config.Config) -> tuple[Path, subprocess.Popen, int]:
-    state_dir = Path(tempfile.mkdtemp(prefix="redoxcap-run-"))
-    watch_r, watch_w = os.pipe()
-    try:
-        proc = _spawn_supervisor(state_dir, _up_options(cfg), watch_r)
-    finally:
-        os.close(watch_r)
-    _wait_until_up(state_dir, proc)
-    return state_dir, proc, watch_w
+@main.command("trace")
+@click.option("--pid", type=int, default=None, help="Only the calls of this client pid.")
+@click.option("--scheme", "scheme_name", default=None, metavar="NAME",
+              help="Only calls to this scheme (and the calls made for them).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per call.")
+@click.pass_obj
+def trace_command(state_dir: Path, pid: int | None, scheme_name: str | None, as_json: bool) -> None:
+    """Print every call the router forwards, as it happens, until Ctrl-C.
 
-
-def _stop_private(state_dir: Path, proc: subprocess.Popen, watch_w: int) -> None:
-    os.close(watch_w)  # the supervisor stops when this pipe reaches EOF
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(state_dir, ignore_errors=True)
-
-
-# All of the caller's environment a confined command gets without --env or --inherit-env.
-CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
-CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
-
-
-def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: bool,
-                       options: Sequence[str]) -> dict[str, str]:
-    """The environment `run` gives COMMAND, before the variables it sets itself.
-
-    Args:
-        environ: the caller's environment.
-        confined: COMMAND is confined; then only CONFINED_ENV_NAMES and names
-            with a CONFINED_ENV_PREFIXES prefix pass, unless inherit.
-        inherit: pass the whole of environ (always so when not confined).
-        options: `--env` values: NAME passes the caller's NAME (if set),
-            NAME=VALUE sets it; later ones win.
-
-    Returns:
-        A new dict.
-
-    Raises:
-        ValueError: an option has no NAME.
+    One line per call: time, client pid, scheme, operation, the path (for a
+    path operation) or the handle, the result (a handle, a size, a value or
+    an errno name) and how long the scheme took; the calls nsmgr makes to
+    serve one come indented under it. Costs the system nothing when nobody
+    traces. (Message: control op `trace`, answered with a socket the router
+    streams records on.)
     """
-    if inherit or not confined:
-        env = dict(environ)
-    else:
-        # Credentials and tokens live in the environment: pass only what is harmless.
-        env = {k: v for k, v in environ.items()
-               if k in CONFINED_ENV_NAMES or k.startswith(CONFINED_ENV_PREFIXES)}
-    for option in options:
-        name, has_value, value = option.partition("=")
-        if not name:
-            raise ValueError(f"--env {option!r}: expected NAME or NAME=VALUE")
-        if has_value:
-            env[name] = value
-        elif name in environ:
-            env[name] = environ[name]
-    return env
+    import socket
 
+    from redoxcap.trace import Tracer, records
 
-def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
-    """Wrap command in the confinement launcher; a Python script it runs stays readable.
-
-    Only the script of a Python interpreter (`python3 [options] script.py`)
-    is made readable; `-c`, `-m` and every other program's arguments are
-    data the program must reach through its capabilities. scratch is the
-    command's private writable temporary directory.
-    """
-    from redoxcap.confine import python_script
-
-    # -P: a `redoxcap` package a client wrote into the cwd must not run as the launcher.
-    launcher = [sys.executable, "-P", "-m", "redoxcap.confine", "--write", scratch]
-    launcher += ["--require"] if require else []
-    script = python_script(command)
-    if script is not None:
-        launcher += ["--read", script]
-    return [*launcher, "--", *command]
-
-
-def _broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passthrough: bool
-                    ) -> dict | None:
-    """run_brokered's options for --brokered (None without it); says why it cannot run."""
-    if not brokered:
-        return None
-    from redoxcap.broker import available
-
-    if not confine:
-        fail("--brokered confines the program itself; it contradicts --no-confine", EXIT_USAGE)
-    reason = available()
-    if reason is not None:
-        fail(f"--brokered: {reason}; programs written with rt run without it", EXIT_FAILED)
-    return {"ro_host": list(ro_host), "passthrough": passthrough}
-
-
-def _run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, command: list[str],
-                 base_env: dict[str, str], *, new_session: bool, uds_scope: str = "private",
-                 broker: dict | None = None) -> int:
-    """Start command with the namespace and cwd asked for; return its exit code.
-
-    command gets base_env plus the variables that name its namespace and cwd.
-
-    With new_session, command leads a new session without a controlling
-    terminal (so it cannot push input into ours), and the signals `run`
-    receives are forwarded to its whole process group.
-    """
-    import rt
-    from rt._paths import to_namespace_path
-    from rt._posix import physical_path
-    from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
-
-    try:
-        # an account of its own: whatever the command comes to hold is charged (and capped) there
-        _, fds = control.request(state_dir, "namespace", account=True)
-    except control.ControlError as exc:
-        fail(str(exc), EXIT_NOT_RUNNING if isinstance(exc, control.NotRunning) else EXIT_FAILED)
-    root_ns = fds[0]
-    child_ns = cwd_fd = None
-    try:
-        wanted = None if names is None else [n for n in names.split(",") if n]
+    reply, fds = control.request(state_dir, "trace")
+    names = {int(k): v for k, v in reply.get("schemes", {}).items()}
+    tracer = Tracer(names, lambda line: click.echo(line), json_lines=as_json, pid=pid,
+                    scheme=scheme_name)
+    with socket.socket(fileno=fds[0]) as sock:
         try:
-            child_ns = rt.mkns(wanted, ns=root_ns)
-        except OSError as exc:
-            fail(f"--ns {names!r}: {exc.strerror}")
-        cwd_path = posixpath.normpath(cwd if cwd.startswith("/") else "/" + cwd)
-        try:
-            rt.setup(root_ns, None)
-            root_ns = None  # owned by rt now
-            cwd_fd = rt.open(cwd_path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
-            cwd_path = physical_path(cwd_fd, to_namespace_path(cwd_path))
-        except OSError as exc:
-            fail(f"--cwd {cwd}: {exc.strerror}")
-        _give_uds_scope(child_ns, uds_scope)
-        env = dict(base_env,
-                   **{ENV_NS: str(child_ns), ENV_CWD: str(cwd_fd), ENV_CWD_PATH: cwd_path})
-        if broker is not None:  # an unmodified program, every path through the broker
-            from redoxcap.broker import run_brokered
-
-            return run_brokered(command, child_ns, cwd_fd, cwd_path, env, **broker)
-        try:
-            proc = subprocess.Popen(command, pass_fds=(child_ns, cwd_fd), env=env,
-                                    start_new_session=new_session)
-        except OSError as exc:
-            fail(f"{command[0]}: {exc.strerror}", 127)
-    finally:
-        for fd in (root_ns, child_ns, cwd_fd):
-            if fd is not None:
-                os.close(fd)
-        rt.setup(None, None)
-    return _wait_forwarding_signals(proc, group=new_session)
-
-
-def _give_uds_scope(child_ns: int, choice: str) -> None:
-    """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
-
-    The fork's entry is the system scope; "private" puts a new empty scope in
-    its place, NAME the shared scope NAME. A namespace without uds is left so.
-    """
-    import rt
-
-    if choice == "system":
-        return
-    try:
-        if "uds" not in rt.schemes(child_ns):
-            return
-        scope = rt.uds_scope(None if choice == "private" else choice)
-    except OSError as exc:
-        usage = exc.errno == errno.EINVAL  # a bad NAME
-        fail(f"--uds-scope {choice}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED)
-    try:
-        rt.unregister(child_ns, "uds")
-        rt.register(child_ns, "uds", scope)
-    except OSError as exc:
-        fail(f"--uds-scope {choice}: {exc.strerror}")
-    finally:
-        rt.close(scope)
-
-
-def _wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:
-    """Wait for proc, passing on SIGINT, SIGTERM and SIGHUP; return its exit code.
-
-    With group, proc leads its own process group (a new session), which the
-    terminal no longer signals: Ctrl-C reaches only `run`, and goes on to the
-    whole group as it would have from the terminal.
-    """
-    def forward(signum, _frame):
-        if proc.returncode is not None:
-            return
-        if not group:
-            proc.send_signal(signum)
-            return
-        try:
-            # Not yet reaped, so the group id cannot have been reused.
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
+            for record in records(sock):
+                tracer.feed(record)
+        except KeyboardInterrupt:
             pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+@main.command("graph")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write FILE.svg or FILE.png (needs Graphviz's dot) or FILE.dot instead of "
+                   "printing DOT.")
+@click.pass_obj
+def graph_command(state_dir: Path, output: Path | None) -> None:
+    """Draw the capability graph: clients, the capabilities they hold, the scheme
+    handles behind them and the daemons serving those, and the names in each
+    namespace. DOT on stdout; `dot -Tsvg` or --output renders it.
+    (Message: control op `status`.)"""
+    from redoxcap import graph
+
+    reply, _ = control.request(state_dir, "status")
+    text = graph.dot(reply["status"])
+    if output is None:
+        click.echo(text, nl=False)
+        return
     try:
-        code = proc.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+        graph.render(text, output)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    except FileNotFoundError as exc:
+        raise Failure(str(exc)) from None
+    click.echo(f"wrote {output}")

@@ -38,8 +38,6 @@ import logging
 import math
 import os
 import secrets
-import select
-import signal
 import socket
 import struct
 import time
@@ -346,43 +344,18 @@ def request(state_dir: Path, op: str, timeout: float = 10.0, **args: Any) -> tup
         NotRunning: nothing listens at state_dir.
         ControlError: the supervisor refused or failed the request.
     """
-    with _connect(state_dir, timeout) as (sock, token):
-        return _exchange(sock, token, op, timeout, args)
-
-
-def shutdown(state_dir: Path, wait: float = 15.0) -> bool:
-    """Ask the supervisor at state_dir to stop and wait until its process has exited.
-
-    The process waited for is the one that answers on the socket (SO_PEERCRED,
-    pinned with a pidfd before asking), never a pid read from a file.
-
-    Returns:
-        True if it exited by itself, False if it had to be killed after wait seconds.
-
-    Raises:
-        NotRunning, ControlError: as request() does.
-    """
-    with _connect(state_dir, 10.0) as (sock, token):
-        try:
-            pidfd = os.pidfd_open(peer_cred(sock)[0])
-        except ProcessLookupError:
-            raise NotRunning(f"no system is running at {state_dir}") from None
-        try:
-            # it answers after we hold the pidfd, so the pidfd is the supervisor's
-            _exchange(sock, token, "shutdown", 10.0, {})
-            sock.close()
-            if _wait_exited(pidfd, wait):
-                return True
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            _wait_exited(pidfd, wait)
-            return False
-        finally:
-            os.close(pidfd)
+    with connect(state_dir, timeout) as (sock, token):
+        return exchange(sock, token, op, timeout, args)
 
 
 @contextlib.contextmanager
-def _connect(state_dir: Path, timeout: float) -> Iterator[tuple[socket.socket, str]]:
-    """A connected control socket and the token to send on it."""
+def connect(state_dir: Path, timeout: float) -> Iterator[tuple[socket.socket, str]]:
+    """A connected control socket and the token to send on it.
+
+    Raises:
+        NotRunning: nothing listens at state_dir (or it has no token).
+        ControlError: the token is unreadable, or the supervisor did not accept in time.
+    """
     try:
         token = (state_dir / TOKEN_NAME).read_text()
     except FileNotFoundError:
@@ -405,15 +378,15 @@ def _connect(state_dir: Path, timeout: float) -> Iterator[tuple[socket.socket, s
         yield sock, token
 
 
-def _wait_exited(pidfd: int, timeout: float) -> bool:
-    """Whether the process behind pidfd exits within timeout seconds."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+def exchange(sock: socket.socket, token: str, op: str, timeout: float, args: dict) -> tuple[dict, list[int]]:
+    """Send one request on a connected control socket and read its answer.
 
+    Returns:
+        (reply, fds the caller now owns).
 
-def _exchange(sock: socket.socket, token: str, op: str, timeout: float, args: dict) -> tuple[dict, list[int]]:
-    """Send one request on a connected control socket and read its answer."""
+    Raises:
+        ControlError: no answer in time, or the supervisor refused or failed the request.
+    """
     try:
         sock.sendmsg([P.pack({"token": token, "op": op, **args})])
         data, anc, _, _ = sock.recvmsg(1 << 20, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)

@@ -13,8 +13,9 @@ process, so every namespace that holds one keeps working. A restarted nsmgr
 starts empty, so the supervisor registers every scheme in the root namespace
 again (namespaces forked before the crash are gone).
 
-A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in RESTART_WINDOW
-seconds is FAILED: it is not restarted again, and its name is removed from the
+A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
+within RESTART_WINDOW seconds of its start (a crash loop, however slowly the
+machine starts it), is FAILED: it is not restarted again, and its name is removed from the
 root namespace, so namespaces forked from it (every default `redoxcap run`)
 work for every live scheme and answer ENODEV for the failed one, as for any
 name they lack. Namespaces that still hold its root get EIO from the router
@@ -41,16 +42,30 @@ log = logging.getLogger("supervisor")
 
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
+MAX_CLIENTS = 1024  # programs `status` remembers
 STOP_GRACE = 3.0
 
 
 @dataclass(frozen=True)
 class SchemeSpec:
-    """A scheme daemon to run: `python -m module --channel-fd N *args`, registered as name."""
+    """A scheme daemon to run, registered as name: `python -m module --channel-fd N *args`,
+    or, for a user's daemon given as a program, `*command --channel-fd N`.
+
+    env is added to the supervisor's environment and cwd is where the daemon
+    starts (None: the supervisor's own).
+    """
 
     name: str
     module: str
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+
+    def argv(self, channel_fd: int) -> list[str]:
+        """The daemon's command line, given the fd number of its scheme channel."""
+        program = list(self.command) if self.command else [sys.executable, "-m", self.module]
+        return [*program, "--channel-fd", str(channel_fd), *self.args]
 
 
 @dataclass(eq=False)
@@ -62,7 +77,8 @@ class Daemon:
     root: AsyncCapability | None = None  # the supervisor's own root capability
     process: trio.Process | None = None
     restarts: int = 0
-    recent: list[float] = field(default_factory=list)
+    recent: list[float] = field(default_factory=list)  # starts of the lives of its crash loop
+    started: float = 0.0  # when its process was started (monotonic)
     failed: bool = False
     registered: bool = False  # its name is in the root namespace
     channel: int | None = None  # the daemon's end of its scheme channel, until started
@@ -77,9 +93,10 @@ class Daemon:
         return "running" if self.process is not None and self.process.returncode is None else "restarting"
 
 
-def file_scheme(root: str, name: str = "file", read_only: bool = False) -> SchemeSpec:
+def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True) -> SchemeSpec:
     """The spec of a file scheme serving host directory root."""
-    args = ("--root", root, "--name", name) + (("--read-only",) if read_only else ())
+    args = ("--root", root, "--name", name) + (("--read-only",) if read_only else ()) \
+        + (() if keep else ("--no-keep",))
     return SchemeSpec(name, "schemes.file", args)
 
 
@@ -97,6 +114,7 @@ class System:
         self.failed = False  # set when the system had to stop on its own (the router died)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
+        self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -110,12 +128,13 @@ class System:
         ours, theirs = _socketpair()
         try:
             self.kernel_process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs),
-                 *(["--trace"] if self.trace else [])], pass_fds=[theirs]
+                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
             )
         finally:
             os.close(theirs)
         self.kernel = AsyncCapability(ours)
+        if self.trace:  # before anything else, so that the boot shows too
+            nursery.start_soon(self.log_trace)
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
         for spec in self.specs:
@@ -131,13 +150,22 @@ class System:
             raise OSError(errno.EEXIST, f"a scheme named {spec.name!r} is already running")
         daemon = Daemon(spec)
         await self._create(daemon)
-        await self._start(daemon, self._nursery)
+        try:
+            await self._start(daemon, self._nursery)
+        except BaseException:
+            # no daemon: its root goes (the scheme id stays unused), and so does its channel
+            assert daemon.root is not None
+            daemon.root.close()
+            if daemon.channel is not None:
+                os.close(daemon.channel)
+                daemon.channel = None
+            raise
         self.daemons.append(daemon)
         await self._register(daemon)
 
     async def _create(self, daemon: Daemon) -> None:
         assert self.kernel is not None
-        scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE)
+        scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
         channel, root = fds
         daemon.scheme_id = scheme_id
         daemon.root = AsyncCapability(root)
@@ -146,16 +174,18 @@ class System:
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
-        fds, args = [channel], list(daemon.spec.args)
+        fds, extra = [channel], []
         try:
             if daemon is self.nsmgr:
                 # nsmgr creates schemes for namespaces that hold SCHEME_CREATE
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
-                args += ["--kernel-fd", str(fds[-1])]
+                extra += ["--kernel-fd", str(fds[-1])]
+            spec = daemon.spec
+            daemon.started = time.monotonic()
             daemon.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", daemon.spec.module, "--channel-fd", str(channel), *args],
-                pass_fds=fds,
+                [*spec.argv(channel), *extra], pass_fds=fds,
+                env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd,
             )
         finally:
             for fd in fds:
@@ -189,8 +219,9 @@ class System:
             if self.stopping or daemon.process is not process:
                 return  # stopping, or restart() replaced this process on purpose
             log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
-            now = time.monotonic()
-            daemon.recent = [t for t in daemon.recent if now - t < RESTART_WINDOW] + [now]
+            # a life shorter than the window continues a crash loop; a longer one ends it
+            short = time.monotonic() - daemon.started < RESTART_WINDOW
+            daemon.recent = [*daemon.recent, daemon.started] if short else [daemon.started]
             if len(daemon.recent) > MAX_RESTARTS_IN_WINDOW:
                 log.error("%s keeps dying; not restarting it again (FAILED; `redoxcap restart %s` "
                           "tries again)", daemon.spec.name, daemon.spec.name)
@@ -214,33 +245,43 @@ class System:
     async def _respawn(self, daemon: Daemon) -> None:
         """Start a new process for daemon's scheme, whose old process has exited."""
         assert self.kernel is not None and daemon.root is not None
-        with trio.fail_after(5):
-            # Wait until the router has seen the old channel's EOF: any request on
-            # the root now either finds the scheme dead or fails to reach it, and
-            # either way the router has marked it dead before it answers.
-            try:
-                await daemon.root.call(P.FSTAT)
-            except OSError:
-                pass
-            for _ in range(100):
-                try:
-                    _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    await trio.sleep(0.01)  # not expected after the probe; bounded all the same
-            else:
-                raise OSError(errno.EBUSY, "the router still sees the old daemon")
+        # The router answers once it has seen the old daemon's channel end (or EBUSY if
+        # that daemon still serves it after a while): nothing to poll here.
+        _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
         daemon.channel = fds[0]
         assert self._nursery is not None
         await self._start(daemon, self._nursery)
         daemon.restarts += 1
         if daemon is self.nsmgr:
-            # a new nsmgr starts with an empty root namespace
+            # the router kept the root namespace for the new nsmgr; register what it lacks
             for other in self.daemons:
                 if not other.failed:
                     await self._register(other)
+
+    def scheme_names(self) -> dict[str, str]:
+        """Scheme id (as a string, for msgpack maps) -> name, for reading the trace."""
+        return {str(d.scheme_id): d.spec.name for d in [self.nsmgr, *self.daemons]}
+
+    async def log_trace(self) -> None:
+        """`up --trace`: every call the router forwards, one line each, into the log."""
+        import socket as _socket
+
+        from redoxcap.trace import Tracer
+
+        assert self.kernel is not None
+        fd = await self.kernel.call_fd(P.TRACE)
+        names = {int(k): v for k, v in self.scheme_names().items()}
+        tracer = Tracer(names, lambda line: log.info("trace %s", line))
+        sock = trio.socket.from_stdlib_socket(_socket.socket(fileno=fd))
+        with sock:
+            while data := await sock.recv(P.MAX_FRAME):
+                try:
+                    record = P.unpack(data)
+                except P.ProtocolError:
+                    continue
+                if isinstance(record, dict):
+                    tracer.names = {int(k): v for k, v in self.scheme_names().items()}
+                    tracer.feed(record)
 
     def daemon(self, name: str) -> Daemon:
         """The daemon of scheme name (`nsmgr` included).
@@ -296,6 +337,7 @@ class System:
                 "name": d.spec.name,
                 "module": d.spec.module,
                 "args": list(d.spec.args),
+                **({"command": list(d.spec.command)} if d.spec.command else {}),
                 "pid": d.process.pid if d.process and d.process.returncode is None else None,
                 "scheme_id": d.scheme_id,
                 "restarts": d.restarts,
@@ -305,8 +347,23 @@ class System:
             })
         for d in daemons:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
+        accounts = kernel.get("accounts", {})
+        clients = []
+        for pid, client in sorted(self.clients.items()):
+            if not _alive(pid):
+                del self.clients[pid]  # it ended: its capabilities went with it
+                continue
+            held = accounts.get(str(client.get("account")), {}).get("caps", 0)
+            clients.append({**client, "pid": pid, "capabilities": held})
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
-                "daemons": daemons}
+                "daemons": daemons, "clients": clients, "holdings": kernel.get("holdings", [])}
+
+    def add_client(self, pid: int, info: dict) -> None:
+        """Note a program `redoxcap run` started here, for `status` and `graph`."""
+        if len(self.clients) >= MAX_CLIENTS:  # the oldest that ended make room; else the oldest
+            for old in [p for p in self.clients if not _alive(p)] or [min(self.clients)]:
+                del self.clients[old]
+        self.clients[pid] = info
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
@@ -347,6 +404,15 @@ async def _terminate(proc: trio.Process) -> None:
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def rss_kib(pid: int) -> int | None:

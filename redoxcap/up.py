@@ -25,7 +25,8 @@ from pathlib import Path
 import trio
 
 from redoxcap import control
-from redoxcap.config import ConfigError, make_mount
+from redoxcap.config import Config, ConfigError, make_mount
+from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.system import SchemeSpec, System
 from wire import protocol as P
 from wire.limits import raise_fd_limit
@@ -90,6 +91,34 @@ def prepare_state_dir(state_dir: Path) -> None:
     if state_dir.stat().st_uid != os.getuid():
         raise PermissionError(f"{state_dir} belongs to another user")
     os.chmod(state_dir, 0o700)
+
+
+def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | None = None,
+          ready_fd: int | None = None) -> None:
+    """`redoxcap up` in the foreground: run the system cfg describes until asked to stop.
+
+    Args:
+        state_dir: the state directory to serve.
+        cfg: what to run (its root set).
+        trace: have the router log every request and reply.
+        watch_fd: stop when this inherited fd reaches EOF.
+        ready_fd: a pipe to report readiness on (see :func:`main`).
+
+    Raises:
+        Failure: EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, or EXIT_FAILED when the
+            system had to stop on its own.
+    """
+    logging.basicConfig(level=logging.INFO, format="supervisor[%(process)d] %(levelname)s %(message)s")
+    info = {"root": str(cfg.root),
+            "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
+    try:
+        trio.run(main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
+    except AlreadyRunning as exc:
+        raise Failure(str(exc), EXIT_ALREADY_RUNNING) from None
+    except OSError as exc:
+        raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
+    except SystemFailed as exc:
+        raise Failure(f"stopped: {exc}") from None
 
 
 async def main(
@@ -166,6 +195,21 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         await system.add(spec.spec())
         return {"added": True}, []
 
+    async def client(request):
+        """`run` says which program it started, for `status` and `graph`."""
+        pid = request.get("pid")
+        if type(pid) is not int or pid <= 0:
+            raise control.ControlError("client needs a pid")
+        info = {key: request.get(key) for key in ("argv", "names", "cwd", "account")}
+        if not isinstance(info["argv"], list) or not all(isinstance(a, str) for a in info["argv"]):
+            raise control.ControlError("client needs argv, a list of strings")
+        system.add_client(pid, info)
+        return {}, []
+
+    async def trace(_request):
+        """A socket the router streams the trace on, and the names of the scheme ids."""
+        return {"schemes": system.scheme_names()}, [await system.kernel.call_fd(P.TRACE)]
+
     async def restart(request):
         name = request.get("name")
         if not isinstance(name, str):
@@ -176,6 +220,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
             raise control.ControlError(f"no scheme named {name!r}") from None
 
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
+                "trace": trace, "client": client,
                 "mount": mount, "restart": restart}
     try:
         async with trio.open_nursery() as nursery:

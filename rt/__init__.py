@@ -13,7 +13,7 @@ import os as _os
 from rt import _process
 from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
-from rt._net import pipe, recvfd, recvfrom, sendfd, sendto, shutdown, uds_scope
+from rt._net import net_grant, pipe, recvfd, recvfrom, sendfd, sendto, shutdown, uds_scope
 from rt._paths import AT_FDCWD
 from rt._posix import (
     StatResult,
@@ -125,6 +125,7 @@ __all__ = [
     "mkns",
     "mkscheme",
     "narrow",
+    "net_grant",
     "nsperms",
     "open",
     "open_file",

@@ -1,10 +1,12 @@
 """Pipes and sockets through their schemes: pipe, shutdown, sendfd, recvfd, recvfrom, sendto,
-uds_scope."""
+uds_scope, net_grant."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+from collections.abc import Iterable
 
 from rt._call import call_fd, call_value
 from rt._posix import clone, close, dup
@@ -129,5 +131,51 @@ def uds_scope(name: str | None = None, base: int | None = None) -> int:
     own = rt_open("/scheme/uds", os.O_DIRECTORY)
     try:
         return dup(own, how)
+    finally:
+        close(own)
+
+
+def net_grant(connect: Iterable[tuple[str, int]] = (), listen: Iterable[int | tuple[str, int]] = (),
+              base: int | None = None, scheme: str = "tcp") -> int:
+    """A tcp or udp capability that reaches only the given peers and listen endpoints.
+
+    Opening anything else through it is EACCES, and so is narrowing it to
+    anything it lacks. Register it in a namespace in place of the scheme's
+    entry (`rt.unregister(ns, "tcp")`, `rt.register(ns, "tcp", fd)`) so that
+    a program started there reaches only what it lists. For udp, a socket
+    bound through it `sendto`s only the connect peers.
+
+    Args:
+        connect: (host, port) peers it may connect to; hosts are canonical
+            numeric IPv4/IPv6 addresses (`127.0.0.1`, `::1`), ports 1-65535.
+        listen: where it may listen (tcp) or bind (udp): a port alone means
+            that port on 127.0.0.1 and ::1, (host, port) that address; port 0
+            lets the system pick a free one.
+        base: the root or grant to narrow (the scheme it belongs to decides);
+            None for the namespace's `/scheme/SCHEME`.
+        scheme: with base None, the name to narrow (`tcp` or `udp`).
+
+    Returns:
+        A capability for the grant.
+
+    Raises:
+        OSError: EACCES for more than base (or the daemon's policy) allows,
+            EINVAL for a malformed host or port, ENODEV without scheme in the
+            namespace.
+    """
+    try:
+        buf = b"grant:" + json.dumps({
+            "connect": [[host, port] for host, port in connect],
+            "listen": [p if isinstance(p, int) else [p[0], p[1]] for p in listen],
+        }).encode()
+    except (TypeError, ValueError, IndexError):
+        raise OSError(errno.EINVAL, "connect is (host, port) pairs, listen ports or pairs") from None
+    if base is not None:
+        return dup(base, buf)
+    if not P.valid_scheme_name(scheme):
+        raise OSError(errno.EINVAL, f"bad scheme name {scheme!r}")
+    own = rt_open(f"/scheme/{scheme}", os.O_DIRECTORY)
+    try:
+        return dup(own, buf)
     finally:
         close(own)

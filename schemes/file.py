@@ -1,6 +1,6 @@
 """The file scheme (`/scheme/NAME/...`): a host directory, and nothing outside it.
 
-    python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only]
+    python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only] [--no-keep] [--no-passthrough]
 
 Every handle holds a real host fd and an anchor (schemes/resolve.py): the
 scheme's root in in-root mode, unless the handle was opened with
@@ -57,6 +57,7 @@ ONLY_AT_OPEN = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_CLOEXEC 
 UMASK = 0o022
 MODE_BITS = 0o777
 OFF_MAX = 2**63 - 1
+STATUS_PATHS = 256  # handles whose path `status` reports
 WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
 
 
@@ -124,18 +125,20 @@ class FileScheme(Scheme):
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False,
-                 passthrough: bool = True) -> None:
+                 keep: bool = True, passthrough: bool = True) -> None:
         """Open root (an O_PATH directory fd held for the daemon's life).
 
         Args:
             root: the host directory to serve.
             name: the scheme's name, for fpath.
             read_only: refuse every write with EROFS.
+            keep: have the router keep every open handle across a crash of this daemon.
             passthrough: answer O_PASSTHROUGH with host fds (else with handles: every
                 read and write stays routed).
         """
         self.name = name
         self.read_only = read_only
+        self.keeps_handles = keep
         self.passthrough = passthrough
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
@@ -233,6 +236,37 @@ class FileScheme(Scheme):
         handle = FileHandle(fd, h.is_dir, anchor, owned, h.fdflags, h.host_flags)
         return Opened(handle, fdflags=h.fdflags)
 
+    def status(self, handles: dict) -> dict:
+        """Where each open handle is (the first few hundred), for `status` and `graph`."""
+        paths = {}
+        for number, h in list(handles.items())[:STATUS_PATHS]:
+            try:
+                paths[str(number)] = self._where(h)
+            except (OSError, SchemeError):
+                paths[str(number)] = "(gone)"
+        return {"paths": paths}
+
+    def keep(self, h: FileHandle) -> tuple[dict, list[int]] | None:
+        """A handle is its host fd (and its anchor's): the router keeps them across a crash,
+        with the flags, so the next daemon serves the same open file at the same offset."""
+        if h.fd == self.root_fd or not self.keeps_handles:
+            return None  # the root is made anew from --root
+        state = {"dir": h.is_dir, "fdflags": h.fdflags, "host": h.host_flags,
+                 "beneath": h.anchor.beneath, "own": h.anchor_owned}
+        return state, [h.fd] + ([h.anchor.fd] if h.anchor_owned else [])
+
+    def restore(self, value: dict, fds: list[int]) -> FileHandle:
+        try:
+            own = bool(value["own"])
+            if len(fds) != 1 + own:
+                raise ValueError("fds do not match the kept state")
+            anchor = Anchor.of(fds[1], bool(value["beneath"])) if own else self.root_anchor
+            return FileHandle(fds[0], bool(value["dir"]), anchor, own, int(value["fdflags"]),
+                              int(value["host"]))
+        except (KeyError, TypeError, ValueError, OSError):
+            P.close_fds(fds)
+            raise
+
     async def close(self, h: FileHandle) -> None:
         if h.fd != self.root_fd:
             os.close(h.fd)
@@ -315,6 +349,9 @@ class FileScheme(Scheme):
 
         ENOENT when the file was removed or moved out of the root by the host.
         """
+        return self._where(h)
+
+    def _where(self, h: FileHandle) -> str:
         root = os.readlink(f"/proc/self/fd/{self.root_fd}")
         real = os.readlink(f"/proc/self/fd/{h.fd}")
         if real == root:
@@ -443,9 +480,11 @@ if __name__ == "__main__":
         parser.add_argument("--root", required=True, help="the host directory to serve")
         parser.add_argument("--name", default="file", help="the scheme's name, for fpath")
         parser.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+        parser.add_argument("--no-keep", dest="keep", action="store_false",
+                            help="open handles die with this daemon (EIO) instead of being kept")
         parser.add_argument("--no-passthrough", dest="passthrough", action="store_false",
                             help="answer O_PASSTHROUGH with handles: every read and write routed")
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
-    daemon_cli("schemes.file", lambda a: FileScheme(a.root, a.name, a.read_only, a.passthrough),
-               _options)
+    daemon_cli("schemes.file",
+               lambda a: FileScheme(a.root, a.name, a.read_only, a.keep, a.passthrough), _options)

@@ -47,7 +47,7 @@ import trio
 from wire import ops
 from wire import protocol as P
 from wire.channel import Channel
-from wire.frames import SchemeReply, SchemeRequest
+from wire.frames import Keep, SchemeReply, SchemeRequest
 from wire.limits import raise_fd_limit
 from wire.stat import Stat
 
@@ -100,6 +100,16 @@ class Request:
     handle: int
     op: int
     passed: list[HandleRef | int | None] = field(default_factory=list)
+    changed: bool = False  # see keep_again
+    # The router's id of this request: a scheme that makes requests of other schemes to
+    # serve this one passes it (AsyncCapability.call(..., serving=req.id)), and those
+    # schemes then see this request's caller, not this daemon.
+    id: int | None = None
+
+    def keep_again(self) -> None:
+        """The state of this request's handle changed: before the reply goes out, the
+        framework hands the router the scheme's new `keep()` of it."""
+        self.changed = True
 
     def take_fd(self, index: int) -> int:
         """Take ownership of the index-th passed capability fd (EINVAL if there is none)."""
@@ -179,6 +189,30 @@ class Scheme:
     async def close(self, h: Any) -> None:
         """The last capability for h is gone: release what it holds."""
 
+    def status(self, handles: dict[int, Any]) -> Any:
+        """What `redoxcap status` and `graph` show of this scheme's handles (a msgpack value).
+
+        Args:
+            handles: handle number -> object, every handle open now.
+        """
+        return None
+
+    def keep(self, h: Any) -> tuple[Any, list[int]] | None:
+        """What the router is to keep of handle h across a crash of this daemon.
+
+        A scheme whose handles are host fds (the file scheme) or plain data (nsmgr)
+        returns (a msgpack value, fds it still owns) and gets them back in
+        `restore` in its next daemon; its clients then notice the crash as latency,
+        not errors. None (the default): h dies with the daemon (EIO afterwards).
+        Only schemes the supervisor created may keep state.
+        """
+        return None
+
+    def restore(self, value: Any, fds: list[int]) -> Any:
+        """The handle object for what `keep` returned, in the next daemon (fds are now ours)."""
+        P.close_fds(fds)
+        raise SchemeError(errno.ENOSYS, "this scheme keeps no state")
+
 
 def _default(op: ops.Operation) -> Callable[..., Any]:
     async def operation(self: Scheme, req: Request, h: Any, *args: Any) -> Any:
@@ -238,6 +272,9 @@ class _Server:
         self.operations = {op.number: op for op in scheme.operations}
 
     async def run(self) -> None:
+        # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
+        # and then believes our claims to serve the requests it sent us.
+        await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
         async with trio.open_nursery() as nursery:
             while True:
                 data, fds, flags, _ = await self.channel.recv()
@@ -255,10 +292,41 @@ class _Server:
                 if request.op == P.CLOSE:
                     P.close_fds(fds)
                     nursery.start_soon(self._close, request.handle)
+                elif request.op == P.RESTORE:
+                    self._restore(request, fds)
+                elif request.op == P.RESUME:
+                    self._resume(request)
                 elif request.op in self.scheme.inline_ops:
                     await self._handle(request, fds)  # never blocks: no task, no cancel scope
                 else:
                     nursery.start_soon(self._handle, request, fds)
+
+    def _restore(self, request: SchemeRequest, fds: list[int]) -> None:
+        """A handle the router kept for us while our predecessor died."""
+        try:
+            self.handles[request.handle] = self.scheme.restore(request.args(), fds)
+        except Exception:
+            P.close_fds(fds)
+            log.exception("%s: handle %d could not be restored", self.scheme.name, request.handle)
+
+    def _resume(self, request: SchemeRequest) -> None:
+        """After the restores: number new handles above every number still in use."""
+        try:
+            (first,) = request.args()
+            self.numbers = itertools.count(max(int(first), max(self.handles) + 1))
+        except (P.ProtocolError, TypeError, ValueError):
+            log.warning("%s: malformed RESUME ignored", self.scheme.name)
+
+    async def _send_keep(self, number: int, obj: Any) -> None:
+        """Hand the router the scheme's state for handle number (nothing if it keeps none)."""
+        state = self.scheme.keep(obj)
+        if state is None:
+            return
+        value, fds = state
+        try:
+            await self.channel.send(Keep.of(number, len(fds), value).encode(), fds)
+        except (OSError, trio.ClosedResourceError) as exc:
+            log.warning("%s: state of handle %d not kept: %s", self.scheme.name, number, exc)
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)
@@ -277,11 +345,14 @@ class _Server:
             if len(request.refs) != len(fds):
                 raise P.ProtocolError("fd count does not match the header")
             passed = [fd if ref == P.NO_REF else HandleRef(ref, fd) for ref, fd in zip(request.refs, fds)]
-            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op, passed)
+            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
+                          passed, id=req_id)
             fds = []  # owned by req.passed now
             args = request.args() if request.op != P.SCHEME_STATUS else []
             del request  # the arguments are decoded: a request waiting in a daemon holds no frame
             result = await self._call(req, req.handle, req.op, args)
+            if req.changed and req.handle in self.handles:
+                await self._send_keep(req.handle, self.handles[req.handle])
         except (SchemeError, OSError) as exc:
             await self._send(req_id, P.ERR, exc.errno or errno.EIO)
         except P.ProtocolError:
@@ -300,7 +371,8 @@ class _Server:
 
     async def _call(self, req: Request, number: int, op_number: int, args: Any) -> Any:
         if op_number == P.SCHEME_STATUS:
-            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values()))}
+            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values())),
+                    "detail": self.scheme.status(self.handles)}
         op = self.operations.get(op_number)
         if op is None:
             raise SchemeError(errno.ENOSYS, f"unknown operation {op_number}")
@@ -346,6 +418,8 @@ class _Server:
                     number = next(self.numbers)
                     reply = SchemeReply.new_handle(req_id, number, result.fdflags, value)
                     self.handles[number] = result.obj
+                    # kept before the capability exists, so no acknowledged handle is lost
+                    await self._send_keep(number, result.obj)
                 else:
                     reply = SchemeReply.of(req_id, P.OK, value)
             except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:

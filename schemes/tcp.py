@@ -18,9 +18,16 @@ handle. read returns what has arrived (b"" at EOF), write sends everything,
 `shutdown(SHUT_WR)` ends the stream for the peer. Every wait is a trio wait,
 so a blocked read or accept never stalls other clients of the scheme.
 
-Only the scheme root opens endpoints: a connection or a listener names one
-socket, not a directory, so `openat` relative to it is ENOTDIR. The root
-itself cannot be read or written (EBADF).
+`dup(root, b"grant:" + JSON)` makes a grant (schemes/netaddr.py): a root
+that connects only to the peers and listens only on the endpoints it lists
+(EACCES for anything else), and that can only be narrowed further. Opening
+"." with O_DIRECTORY on a root or a grant is another handle on it (how
+`rt.net_grant` gets the namespace's tcp). Roots and grants survive a restart
+of the daemon; connections and listeners do not.
+
+Only the scheme root or a grant opens endpoints: a connection or a listener
+names one socket, not a directory, so `openat` relative to it is ENOTDIR. The
+root itself cannot be read or written (EBADF).
 """
 
 from __future__ import annotations
@@ -33,21 +40,20 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli
 from schemes.netaddr import (
     DEFAULT_POLICY,
-    SOCKET_STAT,
+    NetGrant,
     NetPolicy,
     NetRoot,
+    NetScheme,
     add_policy_options,
     address_path,
-    check_local,
-    check_remote,
-    parse_endpoint,
+    endpoint_to_open,
+    is_self_path,
     policy_from,
 )
 from wire import protocol as P
-from wire.stat import Stat
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -59,27 +65,21 @@ class TcpSocket:
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class TcpScheme(Scheme):
+class TcpScheme(NetScheme):
     """Serves TCP sockets."""
 
     name = "tcp"
 
     def __init__(self, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  policy: NetPolicy = DEFAULT_POLICY) -> None:
+        super().__init__(policy)
         self.connect_timeout = connect_timeout
-        self.policy = policy
-        self._root = NetRoot(self.name)
 
-    def root(self) -> NetRoot:
-        return self._root
-
-    async def openat(self, req: Request, h: NetRoot, path: str, flags: int, mode: int) -> Opened:
-        ep = parse_endpoint(path)
-        listen = bool(flags & os.O_CREAT)
-        if listen:
-            check_local(ep, self.policy)
-        else:
-            check_remote(ep)
+    async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
+                     mode: int) -> Opened:
+        if is_self_path(path, flags):
+            return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
+        ep, listen = endpoint_to_open(h, path, flags, self.policy)
         sock = trio.socket.socket(ep.family, socket.SOCK_STREAM)
         try:
             if listen:
@@ -96,8 +96,10 @@ class TcpScheme(Scheme):
             sock.close()
             raise
 
-    async def dup(self, req: Request, h: NetRoot | TcpSocket, buf: bytes) -> Opened:
-        if buf != b"accept" or h is self._root or not h.listening:
+    async def dup(self, req: Request, h: NetRoot | NetGrant | TcpSocket, buf: bytes) -> Opened:
+        if not isinstance(h, TcpSocket):
+            return self.narrowed(h, buf)
+        if buf != b"accept" or not h.listening:
             raise SchemeError(errno.EINVAL, 'tcp dup takes b"accept" on a listener')
         async with h.read_lock:
             conn, _ = await h.sock.accept()
@@ -130,21 +132,8 @@ class TcpScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         s.sock.shutdown(how)
 
-    async def fstat(self, req: Request, h: NetRoot | TcpSocket) -> Stat:
-        return ROOT_STAT if h is self._root else SOCKET_STAT
-
-    async def getdents(self, req: Request, h: NetRoot, start: int) -> list[str]:
-        raise SchemeError(errno.EACCES, "the network cannot be listed")
-
-    async def fpath(self, req: Request, h: NetRoot | TcpSocket) -> str:
-        if h is self._root:
-            return f"/scheme/{self.name}"
-        addr = h.sock.getsockname() if h.listening else h.sock.getpeername()
-        return address_path(self.name, addr)
-
-    async def close(self, h: NetRoot | TcpSocket) -> None:
-        if h is not self._root:
-            h.sock.close()
+    def socket_path(self, h: TcpSocket) -> str:
+        return address_path(self.name, h.sock.getsockname() if h.listening else h.sock.getpeername())
 
 
 def _options(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,18 @@ a plain read gives just the data and a plain write is EDESTADDRREQ. Binding
 to a wildcard, multicast or broadcast address needs `--allow-wildcard`, to a
 port below 1024 `--allow-privileged-ports` (EACCES otherwise).
 
+`dup(root, b"grant:" + JSON)` makes a grant (schemes/netaddr.py): a root
+that connects only to the peers and binds only to the endpoints it lists
+(EACCES for anything else), and that can only be narrowed further; a socket
+bound through a grant `sendto`s only its connect peers (EACCES), and
+receives from anyone. Opening "." with O_DIRECTORY on a root or a grant is
+another handle on it. Roots and grants survive a restart of the daemon;
+sockets do not.
+
 A read returns one datagram (cut to n bytes, as recv does). Datagrams larger
-than MAX_IO are EMSGSIZE. Only the scheme root opens sockets: `openat`
-relative to a socket is ENOTDIR, and the root cannot be read or written (EBADF).
+than MAX_IO are EMSGSIZE. Only the scheme root or a grant opens sockets:
+`openat` relative to a socket is ENOTDIR, and the root cannot be read or
+written (EBADF).
 """
 
 from __future__ import annotations
@@ -29,23 +38,22 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli
 from schemes.netaddr import (
-    DEFAULT_POLICY,
-    SOCKET_STAT,
     Endpoint,
-    NetPolicy,
+    NetGrant,
     NetRoot,
+    NetScheme,
     add_policy_options,
     address_path,
-    check_local,
+    check_granted,
     check_remote,
-    parse_endpoint,
+    endpoint_to_open,
+    is_self_path,
     parse_host,
     policy_from,
 )
 from wire import protocol as P
-from wire.stat import Stat
 
 
 @dataclass(eq=False)
@@ -53,34 +61,27 @@ class UdpSocket:
     sock: trio.socket.SocketType
     bound: bool
     peer: tuple | None = None  # a connected socket's peer; None when bound
+    granted: NetRoot | NetGrant | None = None  # what it was opened through: where sendto may go
     read_lock: trio.Lock = field(default_factory=trio.Lock)
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
 
-class UdpScheme(Scheme):
+class UdpScheme(NetScheme):
     """Serves UDP sockets."""
 
     name = "udp"
 
-    def __init__(self, policy: NetPolicy = DEFAULT_POLICY) -> None:
-        self.policy = policy
-        self._root = NetRoot(self.name)
 
-    def root(self) -> NetRoot:
-        return self._root
-
-    async def openat(self, req: Request, h: NetRoot, path: str, flags: int, mode: int) -> Opened:
-        ep = parse_endpoint(path)
-        bind = bool(flags & os.O_CREAT)
-        if bind:
-            check_local(ep, self.policy)
-        else:
-            check_remote(ep)
+    async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
+                     mode: int) -> Opened:
+        if is_self_path(path, flags):
+            return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
+        ep, bind = endpoint_to_open(h, path, flags, self.policy)
         sock = trio.socket.socket(ep.family, socket.SOCK_DGRAM)
         try:
             if bind:
                 await sock.bind(ep.sockaddr)
-                return Opened(UdpSocket(sock, bound=True), fdflags=flags)
+                return Opened(UdpSocket(sock, bound=True, granted=h), fdflags=flags)
             await sock.connect(ep.sockaddr)
             connected = UdpSocket(sock, bound=False, peer=ep.sockaddr)
             return Opened(connected, fdflags=flags & os.O_ACCMODE)
@@ -120,6 +121,8 @@ class UdpScheme(Scheme):
             raise SchemeError(errno.EINVAL, "PORT is 1-65535")
         ep = Endpoint(parse_host(host), port)
         check_remote(ep)
+        if s.granted is not None:
+            check_granted(s.granted, ep, local=False)
         if ep.family != s.sock.family:
             # the stdlib would hand a foreign-family host to getaddrinfo
             raise SchemeError(errno.EAFNOSUPPORT, "the address is of the other IP family")
@@ -128,20 +131,11 @@ class UdpScheme(Scheme):
         async with s.write_lock:
             return await s.sock.sendto(data, ep.sockaddr)
 
-    async def fstat(self, req: Request, h: NetRoot | UdpSocket) -> Stat:
-        return ROOT_STAT if h is self._root else SOCKET_STAT
+    async def dup(self, req: Request, h: NetRoot | NetGrant, buf: bytes) -> Opened:
+        return self.narrowed(h, buf)
 
-    async def getdents(self, req: Request, h: NetRoot, start: int) -> list[str]:
-        raise SchemeError(errno.EACCES, "the network cannot be listed")
-
-    async def fpath(self, req: Request, h: NetRoot | UdpSocket) -> str:
-        if h is self._root:
-            return f"/scheme/{self.name}"
+    def socket_path(self, h: UdpSocket) -> str:
         return address_path(self.name, h.sock.getsockname() if h.bound else h.peer)
-
-    async def close(self, h: NetRoot | UdpSocket) -> None:
-        if h is not self._root:
-            h.sock.close()
 
 
 def _options(parser: argparse.ArgumentParser) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from redoxcap import control
-from redoxcap.cli import EXIT_USAGE
 from redoxcap.config import BUILTIN_SCHEMES, ConfigError, Mount, load
+from redoxcap.exits import EXIT_USAGE
 from tests.conftest import redoxcap
 
 
@@ -44,9 +44,9 @@ MOUNT = '[mount.photos]\npath = "{photos}"\n'
 
 @pytest.mark.parametrize(("text", "message"), [
     # unknown keys, in every table
-    ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, schemes)"),
-    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: path, read_only)"),
-    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: path, read_only)"),
+    ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, scheme, schemes)"),
+    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: keep, path, read_only)"),
+    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: keep, path, read_only)"),
     (MOUNT + 'READ_ONLY = true\n', "[mount.photos]: unknown key 'READ_ONLY'"),
     (MOUNT + '"read\\u202eonly" = true\n', "[mount.photos]: unknown key 'read\\u202eonly'"),
     # read_only is a boolean, not whatever is truthy or falsy
@@ -107,5 +107,20 @@ def test_the_cli_refuses_a_config_typo_in_one_line(tmp_path, photos, command):
                     *command[1:], check=False, timeout=30)
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr == (f"redoxcap: {bad}: [mount.photos]: unknown key 'readonly' "
-                           "(known: path, read_only)\n")
+                           "(known: keep, path, read_only)\n")
     assert not control.is_running(tmp_path / "state")
+
+
+def test_a_mount_that_keeps_nothing_says_so_to_a_system_booted_elsewhere(tmp_path):
+    """keep = false must reach a background up or a private run, which get their config as options."""
+    from redoxcap import config, lifecycle
+
+    (tmp_path / "m").mkdir()
+    mount = config.parse_mount(f"m={tmp_path / 'm'}:ro:nokeep")
+    assert (mount.read_only, mount.keep) == (True, False)
+    assert config.parse_mount(f"m={tmp_path / 'm'}").keep
+    cfg = config.Config(root=tmp_path, mounts=[mount])
+    options = lifecycle.up_options(cfg)
+    again = config.parse_mount(options[options.index("--mount") + 1])
+    assert (again.read_only, again.keep) == (True, False)
+    assert "--no-keep" in again.spec().args

@@ -1,4 +1,4 @@
-"""Tests for supervisor.confine: each confinement test runs a real confined child."""
+"""Tests for redoxcap.sandbox: each confinement test runs a real confined child."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ import uuid
 
 import pytest
 
-from redoxcap import confine as confine_mod
+import redoxcap
+from redoxcap import sandbox
+from redoxcap.sandbox import landlock, launcher, seccomp
+from wire import linux
 
-ABI = confine_mod.landlock_abi()
+ABI = sandbox.landlock_abi()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="Landlock is not available")
 needs_abi6 = pytest.mark.skipif(ABI < 6, reason="Landlock ABI < 6: no abstract-socket scoping")
 needs_abi4 = pytest.mark.skipif(ABI < 4, reason="Landlock ABI < 4: no TCP rules")
@@ -50,11 +53,11 @@ def run_confined(
     stdin: int | None = subprocess.DEVNULL,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m redoxcap.confine [args] -- python -c PRELUDE+code``."""
+    """Run ``python -m redoxcap.sandbox [args] -- python -c PRELUDE+code``."""
     cmd = [
         sys.executable,
         "-m",
-        "redoxcap.confine",
+        "redoxcap.sandbox",
         *launcher_args,
         "--",
         sys.executable,
@@ -323,7 +326,7 @@ def test_confine_result(tmp_path):
     code = textwrap.dedent(
         """
         import dataclasses, json
-        from redoxcap.confine import confine, interpreter_read_paths
+        from redoxcap.sandbox import confine, interpreter_read_paths
         print(json.dumps(dataclasses.asdict(confine(interpreter_read_paths()))))
         """
     )
@@ -349,9 +352,10 @@ def _launch_with_abi_zero(tmp_path, *launcher_args: str) -> subprocess.Completed
     code = textwrap.dedent(
         f"""
         import sys
-        import redoxcap.confine as c
-        c.landlock_abi = lambda: 0
-        sys.exit(c.main([*{list(launcher_args)!r}, "--", sys.executable, "-c", "print('ran')"]))
+        import redoxcap.sandbox.landlock as landlock
+        from redoxcap.sandbox.launcher import main
+        landlock.landlock_abi = lambda: 0
+        sys.exit(main([*{list(launcher_args)!r}, "--", sys.executable, "-c", "print('ran')"]))
         """
     )
     return subprocess.run(
@@ -385,33 +389,33 @@ def test_require_in_process(monkeypatch, capsys):
     def forbidden(*args, **kwargs):
         raise AssertionError("must not be reached without Landlock and with --require")
 
-    monkeypatch.setattr(confine_mod, "landlock_abi", lambda: 0)
-    monkeypatch.setattr(confine_mod, "_syscall", forbidden)
-    monkeypatch.setattr(confine_mod, "_prctl", forbidden)
+    monkeypatch.setattr(landlock, "landlock_abi", lambda: 0)
+    monkeypatch.setattr(linux, "syscall", forbidden)
+    monkeypatch.setattr(linux, "prctl", forbidden)
     monkeypatch.setattr(os, "execvp", forbidden)
-    assert confine_mod.main(["--require", "--", sys.executable, "-c", "pass"]) == 126
+    assert launcher.main(["--require", "--", sys.executable, "-c", "pass"]) == 126
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Landlock" in err
 
 
 def test_confine_unavailable_on_unsupported_arch(monkeypatch):
-    monkeypatch.setattr(confine_mod.platform, "machine", lambda: "riscv64")
-    assert confine_mod.landlock_abi() == 0
-    with pytest.raises(confine_mod.ConfinementUnavailable):
-        confine_mod.confine(["/usr"])
+    monkeypatch.setattr(linux.platform, "machine", lambda: "riscv64")
+    assert sandbox.landlock_abi() == 0
+    with pytest.raises(sandbox.ConfinementUnavailable):
+        sandbox.confine(["/usr"])
 
 
 def test_interpreter_read_paths_is_minimal(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", ["", str(tmp_path), *sys.path])
-    paths = confine_mod.interpreter_read_paths()
+    paths = sandbox.interpreter_read_paths()
     for broad in ("/", "/etc", "/root", "/home", "/tmp", str(tmp_path), os.path.expanduser("~")):
         assert broad not in paths
     assert all(os.path.isabs(p) for p in paths)
     assert len(paths) == len(set(paths))
     assert sys.executable in paths
     assert "/usr" in paths and "/etc/ld.so.cache" in paths
-    spec_dir = os.path.dirname(confine_mod.__file__)
+    spec_dir = os.path.dirname(redoxcap.__file__)
     assert spec_dir in paths
 
 
@@ -487,10 +491,10 @@ METADATA_ATTACKS = textwrap.dedent(
 
 def _metadata_syscalls() -> dict[str, int]:
     """The denied metadata syscalls this architecture has, by name."""
-    machine = confine_mod._machine()
+    machine = linux.machine()
     assert machine is not None
-    nrs = confine_mod._SYSCALLS[machine]
-    return {n: nrs[n] for n in confine_mod.DENIED_SYSCALLS if n in nrs and n != "io_uring_setup"}
+    nrs = linux.SYSCALLS[machine]
+    return {n: nrs[n] for n in seccomp.DENIED_SYSCALLS if n in nrs and n != "io_uring_setup"}
 
 
 def _metadata_of(path) -> tuple:
@@ -668,7 +672,7 @@ def test_a_client_cannot_inject_into_or_take_the_terminal_and_has_no_capabilitie
 def test_the_launcher_refuses_to_run_when_it_cannot_leave_the_callers_session(tmp_path):
     # A process group leader cannot setsid(2): running in the caller's session is no fallback.
     proc = subprocess.run(
-        [sys.executable, "-m", "redoxcap.confine", "--", sys.executable, "-c", "print('ran')"],
+        [sys.executable, "-m", "redoxcap.sandbox", "--", sys.executable, "-c", "print('ran')"],
         check=False, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
         process_group=0,
     )
@@ -701,7 +705,7 @@ def test_python_script_is_only_the_script_an_interpreter_runs(tmp_path, monkeypa
     (tmp_path / "s.py").write_text("pass")
     (tmp_path / "data.txt").write_text("x")
     want = None if script is None else str(tmp_path / script)
-    assert confine_mod.python_script(command) == want
+    assert sandbox.python_script(command) == want
 
 
 def test_read_paths_leave_out_checkouts_and_trees_holding_the_cwd_or_home(tmp_path, monkeypatch):
@@ -715,10 +719,10 @@ def test_read_paths_leave_out_checkouts_and_trees_holding_the_cwd_or_home(tmp_pa
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setattr(sys, "path", [str(work), str(home), str(tmp_path), str(checkout),
                                       "/", *sys.path])
-    paths = confine_mod.interpreter_read_paths()
+    paths = sandbox.interpreter_read_paths()
     for held in (str(work), str(home), str(tmp_path), str(checkout), "/"):
         assert held not in paths
     assert not any(p == d or d.startswith(p + "/") for p in paths for d in (str(work), str(home)))
     # The installed packages and the project's own package directories stay.
-    assert os.path.dirname(confine_mod.__file__) in paths
+    assert os.path.dirname(redoxcap.__file__) in paths
     assert os.path.dirname(pytest.__file__).rpartition("/")[0] in paths  # site-packages

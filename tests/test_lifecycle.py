@@ -12,8 +12,8 @@ import pytest
 
 import rt
 from redoxcap import control
-from redoxcap.cli import EXIT_ALREADY_RUNNING
 from redoxcap.config import Config
+from redoxcap.exits import EXIT_ALREADY_RUNNING
 from redoxcap.system import MAX_RESTARTS_IN_WINDOW
 from tests.conftest import REDOXCAP, System, pid_alive, redoxcap, shut_down, wait_for
 

@@ -35,6 +35,7 @@ class FakeScheme:
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
         self._frames: queue.Queue = queue.Queue()
+        self.restored: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -51,6 +52,9 @@ class FakeScheme:
             request = SchemeRequest.decode(data)
             if request.op == P.SCHEME_STATUS:
                 self.answer(SchemeReply.of(request.req_id, P.OK, {"handles": 0, "requests": 0}))
+                continue
+            if request.op in (P.RESTORE, P.RESUME):  # what a restarted daemon is handed first
+                self.restored.put((request.op, request.handle, request.args(), fds))
                 continue
             self._frames.put((request.req_id, request.handle, request.pid, request.op,
                               [request.args(), list(request.refs)], fds))

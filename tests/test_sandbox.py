@@ -729,10 +729,11 @@ def test_a_confined_client_dies_with_a_killed_run(system):
 def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(system, tmp_path):
     # A client that can write where `run` is later started from must not get code run unconfined.
     planted = tmp_path / "planted"
-    (planted / "redoxcap").mkdir(parents=True)
+    (planted / "redoxcap/sandbox").mkdir(parents=True)
     marker = tmp_path / "ran-unconfined"
     (planted / "redoxcap/__init__.py").write_text("")
-    (planted / "redoxcap/confine.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for module in ("__init__.py", "__main__.py"):
+        (planted / "redoxcap/sandbox" / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
     result = subprocess.run(
         [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(system.state_dir), "run",
          "--require-confine", "--", sys.executable, "-c", "print('client ran')"],

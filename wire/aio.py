@@ -16,6 +16,7 @@ import trio
 
 from wire import protocol as P
 from wire.channel import Channel
+from wire.frames import Request
 from wire.protocol import raise_errno
 
 
@@ -49,13 +50,16 @@ class AsyncCapability:
         for waiter in self._waiters.values():
             waiter.event.set()
 
-    async def call(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
+    async def call(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = (),
+                   serving: int | None = None) -> tuple[Any, list[int]]:
         """Send one request and wait for its reply.
 
         Args:
             op: an operation number from wire.protocol.
             args: the operation's arguments.
             fds: fds to pass (the caller keeps its copies).
+            serving: the id of the request a scheme daemon makes this one to serve
+                (`Request.id`): the scheme it reaches sees that request's caller.
 
         Returns:
             (value, received fds); the caller owns the fds.
@@ -66,7 +70,7 @@ class AsyncCapability:
         tag = next(self._tags) & 0xFFFF_FFFF
         waiter = self._waiters[tag] = _Waiter()
         try:
-            await self.channel.send(P.encode_request(op, tag, args), fds)
+            await self.channel.send(Request.of(op, tag, args, serving).encode(), fds)
             await self._wait(waiter)
         except trio.ClosedResourceError:
             raise OSError(errno.EBADF, "capability closed") from None
@@ -82,9 +86,10 @@ class AsyncCapability:
             raise_errno(value)
         return value, received
 
-    async def call_fd(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> int:
+    async def call_fd(self, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = (),
+                      serving: int | None = None) -> int:
         """A request whose answer is exactly one new capability fd."""
-        _, received = await self.call(op, args, fds)
+        _, received = await self.call(op, args, fds, serving)
         if len(received) != 1:
             P.close_fds(received)
             raise OSError(errno.EIO, "expected one capability in the reply")

@@ -6,6 +6,8 @@ msgpack body, which it never touches (a frame's `body` stays raw bytes until
 someone who is allowed to read it calls `value()`/`args()`):
 
     client -> router   Request        <BI       op, tag                      + body
+                                      (op | SERVING: + <Q the router's id of the request
+                                      the sender, a scheme daemon, is serving)
     router -> client   Reply          <IB       tag, status                  + body
     router -> scheme   SchemeRequest  <QQiIIBB  req_id, handle, pid, uid, gid, op, nrefs
                                       + nrefs x <Q (for each fd relayed with the request:
@@ -13,6 +15,10 @@ someone who is allowed to read it calls `value()`/`args()`):
                                         same scheme, else NO_REF)                + body
     scheme -> router   SchemeReply    <QB       req_id, status               + body
                                       (status NEW_HANDLE: + <QI handle, fdflags before body)
+    scheme -> router   Keep           <QB       0, KEEP + <QI handle, nfds   + body
+                                      (the state to keep for handle across a restart of the
+                                      daemon: the first nfds fds and the body; nfds 0 and an
+                                      empty body forget it)
 
 All integers are little-endian. Capabilities travel as fds in SCM_RIGHTS
 ancillary data next to the frame, never inside it.
@@ -24,13 +30,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from wire.protocol import NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+from wire.protocol import KEEP, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")
 SREQUEST = struct.Struct("<QQiIIBB")
 SREPLY = struct.Struct("<QB")
 NEW_HANDLE_HDR = struct.Struct("<QI")
+SERVING_ID = struct.Struct("<Q")
+SERVING = 0x80  # a bit of a Request's op: the frame says which request its sender serves
+KEEP_HDR = struct.Struct("<QI")
 REF = struct.Struct("<Q")
 
 Body = bytes | memoryview
@@ -38,15 +47,21 @@ Body = bytes | memoryview
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A client's request on one capability: op, the tag the reply echoes, the arguments."""
+    """A client's request on one capability: op, the tag the reply echoes, the arguments.
+
+    `serving` is set when the sender is a scheme daemon making this request to serve
+    one of its own (nsmgr forwarding a client's open): the router's id of that one.
+    The router checks the claim and passes the original caller on to the scheme.
+    """
 
     op: int
     tag: int
     body: Body
+    serving: int | None = None
 
     @classmethod
-    def of(cls, op: int, tag: int, args: list | tuple = ()) -> Request:
-        return cls(op, tag, pack(list(args)))
+    def of(cls, op: int, tag: int, args: list | tuple = (), serving: int | None = None) -> Request:
+        return cls(op, tag, pack(list(args)), serving)
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
@@ -54,10 +69,22 @@ class Request:
         if len(data) < REQUEST.size:
             raise ProtocolError("short request")
         op, tag = REQUEST.unpack_from(data)
-        return cls(op, tag, memoryview(data)[REQUEST.size :])
+        if not op & SERVING:
+            return cls(op, tag, memoryview(data)[REQUEST.size :])
+        if len(data) < REQUEST.size + SERVING_ID.size:
+            raise ProtocolError("short request")
+        (serving,) = SERVING_ID.unpack_from(data, REQUEST.size)
+        return cls(op & ~SERVING, tag, memoryview(data)[REQUEST.size + SERVING_ID.size :], serving)
+
+    @staticmethod
+    def tag_of(data: bytes) -> int:
+        """The tag of a request frame, however malformed the rest (0 if there is none)."""
+        return REQUEST.unpack_from(data)[1] if len(data) >= REQUEST.size else 0
 
     def encode(self) -> bytes:
-        return REQUEST.pack(self.op, self.tag) + bytes(self.body)
+        if self.serving is None:
+            return REQUEST.pack(self.op, self.tag) + bytes(self.body)
+        return REQUEST.pack(self.op | SERVING, self.tag) + SERVING_ID.pack(self.serving) + bytes(self.body)
 
     def args(self) -> Any:
         """The decoded arguments (ProtocolError for a malformed body)."""
@@ -172,6 +199,10 @@ class SchemeReply:
     def req_id_of(data: bytes) -> int | None:
         return SREPLY.unpack_from(data)[0] if len(data) >= SREPLY.size else None
 
+    @staticmethod
+    def status_of(data: bytes) -> int | None:
+        return SREPLY.unpack_from(data)[1] if len(data) >= SREPLY.size else None
+
     def encode(self) -> bytes:
         header = SREPLY.pack(self.req_id, self.status)
         if self.status == NEW_HANDLE:
@@ -182,9 +213,45 @@ class SchemeReply:
         return unpack(self.body)
 
 
-def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...]) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """A scheme's state for one of its handles, for the router to keep while the handle
+    lives and hand back (RESTORE) to the scheme's next daemon after a crash.
+
+    Attributes:
+        handle: the handle number.
+        nfds: how many of the fds sent with the frame are the state (host fds...).
+        body: the rest of the state, opaque to the router; empty with nfds 0: forget it.
+    """
+
+    handle: int
+    nfds: int
+    body: Body
+
+    @classmethod
+    def of(cls, handle: int, nfds: int, value: Any) -> Keep:
+        return cls(handle, nfds, pack(value))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Keep:
+        """From a frame whose SREPLY header says KEEP."""
+        start = SREPLY.size
+        if len(data) < start + KEEP_HDR.size:
+            raise ProtocolError("short KEEP frame")
+        handle, nfds = KEEP_HDR.unpack_from(data, start)
+        return cls(handle, nfds, memoryview(data)[start + KEEP_HDR.size :])
+
+    def encode(self) -> bytes:
+        return SREPLY.pack(0, KEEP) + KEEP_HDR.pack(self.handle, self.nfds) + bytes(self.body)
+
+    def value(self) -> Any:
+        return unpack(self.body)
+
+
+def encode_request(op: int, tag: int, args: list[Any] | tuple[Any, ...],
+                   serving: int | None = None) -> bytes:
     """A client request frame."""
-    return Request.of(op, tag, args).encode()
+    return Request.of(op, tag, args, serving).encode()
 
 
 def encode_reply(tag: int, status: int, value: Any) -> bytes:
@@ -199,6 +266,7 @@ def decode_reply(data: bytes) -> tuple[int, int, Any]:
 
 
 __all__ = [
+    "KEEP_HDR",
     "NEW_HANDLE_HDR",
     "NO_REF",
     "REF",
@@ -206,6 +274,7 @@ __all__ = [
     "REQUEST",
     "SREPLY",
     "SREQUEST",
+    "Keep",
     "Reply",
     "Request",
     "SchemeReply",

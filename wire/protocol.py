@@ -63,6 +63,8 @@ ROOT_HANDLE = 0  # every scheme's handle 0 is its root; it survives scheme resta
 OK = 0
 ERR = 1
 NEW_HANDLE = 2  # scheme -> router only: mint a capability for this handle
+KEEP = 3  # scheme -> router only, not a reply: keep this state of a handle across a restart
+HELLO = 4  # scheme -> router only, first frame of a daemon: who serves the scheme (SO_PASSCRED)
 
 # -- operations ----------------------------------------------------------------
 # 1..15 are answered by the router itself; 16.. are forwarded to the scheme.
@@ -72,7 +74,10 @@ GETFL = 2  # any capability: the fd flags the scheme gave the handle
 SCHEME_CREATE = 8  # kernel capability: a new anonymous scheme
 SCHEME_RESTART = 9  # kernel capability: a new channel for a scheme whose daemon died
 KERNEL_STATUS = 10  # kernel capability: counters per scheme id
+TRACE = 7  # the supervisor's kernel capability: a socket the router streams a record per call on
 ACCOUNT_NEW = 11  # kernel capability: clones of the passed capabilities in a fresh account
+RESUME = 12  # router -> scheme, after a restart's RESTOREs: the next free handle number (internal)
+RESTORE = 13  # router -> scheme, after a restart: a handle's kept state (internal, no reply)
 SCHEME_STATUS = 14  # router -> scheme: how many handles are open (internal)
 CLOSE = 15  # router -> scheme: the last capability for a handle is gone (no reply)
 

@@ -1,7 +1,7 @@
 """The target's side: confine, install the broker's filter, hand over its listener, exec.
 
 Runs in the child `run_brokered` forks, before anything of the program
-runs. Landlock (redoxcap.confine) grants read and execute on the host trees
+runs. Landlock (redoxcap.sandbox) grants read and execute on the host trees
 only: every path call is the broker's anyway, and the one the kernel still
 runs itself (execve, whose path the broker checked but cannot pass by
 copy) can then reach nothing but the host trees, whatever a racing thread
@@ -46,7 +46,7 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         read_paths: what Landlock lets the kernel open on the program's behalf (the host trees).
         keep_fds: fds the program inherits besides 0-2 (its capabilities for rt).
     """
-    from redoxcap.confine import ConfinementUnavailable, confine, die_with_parent
+    from redoxcap.sandbox import ConfinementUnavailable, confine, die_with_parent
 
     machine = linux.machine()
     try:

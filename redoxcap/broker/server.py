@@ -53,7 +53,7 @@ def available() -> str | None:
         return "seccomp is not available in this kernel"
     if "user_notif" not in actions:
         return "this kernel has no seccomp user notification (SECCOMP_RET_USER_NOTIF)"
-    from redoxcap.confine import landlock_abi
+    from redoxcap.sandbox import landlock_abi
 
     if landlock_abi() < 1:
         return "Landlock is not available (brokered programs are confined by it too)"

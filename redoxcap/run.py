@@ -1,0 +1,461 @@
+"""`redoxcap run`: start a program with exactly the namespace and directory it is given.
+
+The command's capabilities come from the supervisor's control op `namespace`
+(a clone of the root namespace, in a router account of its own, so that
+whatever the command comes to hold is charged and capped there). This
+process installs that namespace and the `--cwd` directory in its own rt
+(`rt.setup`, `rt.fchdir`), forks the namespace down to `--ns`, puts a uds
+scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
+options grant, and starts the command with the public
+`rt.spawn`, which hands the child clones of both. Confined (the default),
+the command runs under the sandbox launcher (`python -P -m
+redoxcap.sandbox`) with a minimal environment and a private scratch
+directory; `run` forwards SIGINT, SIGTERM and SIGHUP to it and exits with
+its exit code.
+
+With no system up at the state directory, a private one is booted for the
+duration of the command (:func:`redoxcap.lifecycle.private_system`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import posixpath
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import rt
+from redoxcap import config, control, lifecycle
+from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure
+from redoxcap.sandbox import python_script
+from redoxcap.trace import Follower
+
+# All of the caller's environment a confined command gets without --env or --inherit-env.
+CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
+CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class NetGrant:
+    """What one network scheme of a run reaches: the `--allow-*` options for it.
+
+    Attributes:
+        connect: (host, port) peers.
+        listen: ports (on loopback) or (host, port) endpoints to listen on or bind to.
+        options: the options that asked for it, for messages.
+    """
+
+    connect: tuple[tuple[str, int], ...] = ()
+    listen: tuple[int | tuple[str, int], ...] = ()
+    options: tuple[str, ...] = ()
+
+
+def parse_net_address(option: str, text: str, *, listen: bool) -> int | tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT` or (listen) a bare `PORT` -> (host, port) or port.
+
+    HOST is a numeric address (nothing is resolved), written back in the
+    canonical form the schemes take; PORT is 1-65535 (listen: 0 picks one).
+
+    Raises:
+        Failure: EXIT_USAGE, naming option and text.
+    """
+    def bad(why: str) -> Failure:
+        return Failure(f"{option} {text}: {why}", EXIT_USAGE)
+
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise bad("expected [IPV6]:PORT")
+        port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise bad("write an IPv6 address in brackets: [ADDR]:PORT")
+    elif listen:
+        host, port_text = None, text
+    else:
+        raise bad("expected HOST:PORT")
+    if not (port_text.isascii() and port_text.isdigit()) or not (0 if listen else 1) <= int(port_text) <= 65535:
+        raise bad(f"PORT is a number {0 if listen else 1}-65535")
+    port = int(port_text)
+    if host is None:
+        return port
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise bad("HOST is a numeric IPv4 or IPv6 address (names are not resolved)") from None
+    if getattr(ip, "scope_id", None) is not None:
+        raise bad("an address with a zone id (%...) is not allowed")
+    if text.startswith("[") and ip.version != 6:
+        raise bad("brackets are for IPv6 addresses")
+    return (str(ip), port)
+
+
+def net_grants(tcp_connect: Sequence[str] = (), tcp_listen: Sequence[str] = (),
+               udp_connect: Sequence[str] = (), udp_listen: Sequence[str] = ()) -> dict[str, NetGrant] | None:
+    """The grants the `--allow-*` options of `run` ask for.
+
+    Any of them narrows both tcp and udp: the scheme no option names gets a
+    grant of nothing, so that a program granted one port reaches no other
+    way out.
+
+    Returns:
+        None without any option (the run gets the whole schemes), else a
+        NetGrant for tcp and one for udp.
+
+    Raises:
+        Failure: EXIT_USAGE for a malformed address.
+    """
+    if not (tcp_connect or tcp_listen or udp_connect or udp_listen):
+        return None
+    grants = {}
+    for scheme, connect, listen, prefix in [("tcp", tcp_connect, tcp_listen, "--allow-"),
+                                            ("udp", udp_connect, udp_listen, "--allow-udp-")]:
+        grants[scheme] = NetGrant(
+            connect=tuple(parse_net_address(f"{prefix}connect", t, listen=False) for t in connect),
+            listen=tuple(parse_net_address(f"{prefix}listen", t, listen=True) for t in listen),
+            options=(f"{prefix}connect",) * bool(connect) + (f"{prefix}listen",) * bool(listen))
+    return grants
+
+
+def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: bool,
+                       options: Sequence[str]) -> dict[str, str]:
+    """The environment `run` gives COMMAND, before the variables it sets itself.
+
+    Args:
+        environ: the caller's environment.
+        confined: COMMAND is confined; then only CONFINED_ENV_NAMES and names
+            with a CONFINED_ENV_PREFIXES prefix pass, unless inherit.
+        inherit: pass the whole of environ (always so when not confined).
+        options: `--env` values: NAME passes the caller's NAME (if set),
+            NAME=VALUE sets it; later ones win.
+
+    Returns:
+        A new dict.
+
+    Raises:
+        ValueError: an option has no NAME.
+    """
+    if inherit or not confined:
+        env = dict(environ)
+    else:
+        # Credentials and tokens live in the environment: pass only what is harmless.
+        env = {k: v for k, v in environ.items()
+               if k in CONFINED_ENV_NAMES or k.startswith(CONFINED_ENV_PREFIXES)}
+    for option in options:
+        name, has_value, value = option.partition("=")
+        if not name:
+            raise ValueError(f"--env {option!r}: expected NAME or NAME=VALUE")
+        if has_value:
+            env[name] = value
+        elif name in environ:
+            env[name] = environ[name]
+    return env
+
+
+def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
+    """Wrap command in the confinement launcher; a Python script it runs stays readable.
+
+    Only the script of a Python interpreter (`python3 [options] script.py`)
+    is made readable; `-c`, `-m` and every other program's arguments are
+    data the program must reach through its capabilities. scratch is the
+    command's private writable temporary directory.
+    """
+    # -P: a `redoxcap` package a client wrote into the cwd must not run as the launcher.
+    launcher = [sys.executable, "-P", "-m", "redoxcap.sandbox", "--write", scratch]
+    launcher += ["--require"] if require else []
+    script = python_script(command)
+    if script is not None:
+        launcher += ["--read", script]
+    return [*launcher, "--", *command]
+
+
+def broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passthrough: bool
+                   ) -> dict | None:
+    """start_brokered's options for --brokered (None without it); says why it cannot run.
+
+    Raises:
+        Failure: --brokered with --no-confine (usage), or a kernel that cannot broker.
+    """
+    if not brokered:
+        return None
+    from redoxcap.broker import available
+
+    if not confine:
+        raise Failure("--brokered confines the program itself; it contradicts --no-confine",
+                      EXIT_USAGE)
+    reason = available()
+    if reason is not None:
+        raise Failure(f"--brokered: {reason}; programs written with rt run without it")
+    return {"ro_host": list(ro_host), "passthrough": passthrough}
+
+
+@contextlib.contextmanager
+def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
+                   mounts: Sequence[str], log: Path | None = None) -> Iterator[Path]:
+    """The system a run uses: the one up at state_dir, or a private one for the block.
+
+    With a system up, --mount adds each mount to it (it stays until `down`)
+    and --root or --config is a usage error; without one, they configure the
+    private system (whose log is kept: appended to log, or its news to stderr).
+
+    Yields:
+        The state directory of the system to run in.
+
+    Raises:
+        Failure: a usage error, a mount the running system refused, or a
+            private system that did not boot.
+    """
+    if not control.is_running(state_dir):
+        try:
+            cfg = config.configure(config_file, root, mounts)
+        except config.ConfigError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+        with lifecycle.private_system(cfg, log) as private:
+            yield private
+        return
+    if root is not None or config_file is not None:
+        raise Failure("--root and --config only apply when run boots a private system; one is up",
+                      EXIT_USAGE)
+    for text in mounts:
+        try:
+            m = config.parse_mount(text)
+            control.request(state_dir, "mount", name=m.name, path=str(m.path), read_only=m.read_only)
+        except control.ControlError as exc:
+            raise Failure(f"--mount {text}: {exc}") from None
+        except config.ConfigError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+    yield state_dir
+
+
+def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
+        cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
+        trace: str | None = None, trace_json: bool = False,
+        net: dict[str, NetGrant] | None = None, broker: dict | None = None) -> int:
+    """Run command in the system at state_dir until it exits; return its exit code.
+
+    Args:
+        state_dir: a running system's state directory.
+        command: the program and its arguments.
+        env: its environment (see :func:`client_environment`), without the
+            variables rt.spawn sets for its namespace and cwd.
+        names: `--ns`: comma-separated names its namespace keeps (None: all).
+        cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path.
+        beneath: open the cwd with O_RESOLVE_BENEATH.
+        confine: run it under the sandbox launcher, in a session of its own,
+            with a private scratch directory as $TMPDIR (removed afterwards).
+        require_confine: have the launcher refuse to run it unconfined.
+        uds_scope: `--uds-scope`: private, system or a shared scope's NAME.
+        trace: `--trace`: print every call of the command (and of run's own setup
+            of its capabilities) to stderr ("-") or to this file.
+        trace_json: print JSON objects, one per line, instead.
+        net: what its tcp and udp reach (:func:`net_grants`); None: all of them.
+        broker: start_brokered's options (:func:`broker_options`): an unmodified
+            program, every path through the broker, which confines it itself.
+
+    Returns:
+        The command's exit code (128+N when signal N ended it).
+
+    Raises:
+        Failure: its capabilities could not be set up, or it could not be started.
+        control.ControlError: the supervisor did not hand out a namespace.
+    """
+    argv, env, scratch = list(command), dict(env), None
+    if confine and broker is None:
+        # Python's tempfile (which trio, ctypes and others use on import) needs a
+        # writable directory: the command gets an empty private one, deleted after.
+        scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
+        argv = confined_argv(argv, require_confine, scratch)
+        env["TMPDIR"] = scratch
+    follower = _follow_trace(state_dir, trace, trace_json) if trace else None
+    try:
+        proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
+                               uds_scope=uds_scope, net=net, follower=follower, broker=broker)
+        try:  # for `status` and `graph`; the run goes on without it
+            control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
+                            cwd=cwd, account=account)
+        except control.ControlError:
+            pass
+        return wait_forwarding_signals(proc, group=confine)
+    finally:
+        if follower is not None:
+            follower.stop()
+            if follower.out is not sys.stderr:
+                follower.out.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
+    """Subscribe to the system's trace before anything of the run happens."""
+    reply, fds = control.request(state_dir, "trace")
+    names = {int(k): v for k, v in reply.get("schemes", {}).items()}
+    out = sys.stderr if where == "-" else open(where, "a", encoding="utf-8")  # noqa: SIM115
+    return Follower(socket.socket(fileno=fds[0]), names, out, json_lines)
+
+
+def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
+           beneath: bool, *, new_session: bool, uds_scope: str,
+           net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
+           broker: dict | None = None) -> tuple[subprocess.Popen, int | None]:
+    """Start argv with the namespace and cwd asked for, through rt.spawn.
+
+    With new_session, argv leads a new session without a controlling
+    terminal (so it cannot push input into ours).
+
+    Returns:
+        The process, and the router account its capabilities are charged to.
+    """
+    # an account of its own: whatever the command comes to hold is charged (and capped) there
+    reply, fds = control.request(state_dir, "namespace", account=True)
+    account = reply.get("account")
+    if follower is not None:
+        follower.start(account)  # the run's calls, from its first
+    rt.setup(fds[0], None)  # rt owns the root namespace until the end
+    child_ns = None
+    try:
+        wanted = None if names is None else [n for n in names.split(",") if n]
+        unknown = sorted(set(wanted or ()) - set(rt.schemes()))
+        if unknown:
+            raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
+                          f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
+        try:
+            child_ns = rt.mkns(wanted)
+        except OSError as exc:
+            raise Failure(f"--ns {names!r}: {exc.strerror}") from None
+        _enter_cwd(cwd, beneath)
+        give_uds_scope(child_ns, uds_scope)
+        if net is not None:
+            give_net_grants(child_ns, net)
+        if broker is not None:  # an unmodified program: every path it uses through the broker
+            from redoxcap.broker import start_brokered
+
+            cwd_fd, cwd_path = rt._process.cwd_fd(), rt.getcwd()
+            return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker), account
+        try:
+            return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
+                            start_new_session=new_session), account
+        except OSError as exc:
+            raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
+    finally:
+        if child_ns is not None:
+            rt.close(child_ns)
+        rt.setup(None, None)
+
+
+def _enter_cwd(cwd: str, beneath: bool) -> None:
+    """Make cwd (with O_RESOLVE_BENEATH if beneath) rt's current directory in this process.
+
+    getcwd's string comes from where the scheme says the directory is, after
+    symlinks, not from cwd as typed.
+    """
+    path = posixpath.normpath(cwd if cwd.startswith("/") else "/" + cwd)
+    try:
+        fd = rt.open(path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
+        try:
+            rt.fchdir(fd)
+        finally:
+            rt.close(fd)
+    except OSError as exc:
+        raise Failure(f"--cwd {cwd}: {exc.strerror}") from None
+
+
+def give_uds_scope(child_ns: int, choice: str) -> None:
+    """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
+
+    The fork's entry is the system scope; "private" puts a new empty scope in
+    its place, NAME the shared scope NAME. A namespace without uds is left so.
+
+    Raises:
+        Failure: EXIT_USAGE for a bad NAME, EXIT_FAILED when uds refused.
+    """
+    if choice == "system":
+        return
+    try:
+        if "uds" not in rt.schemes(child_ns):
+            return
+        scope = rt.uds_scope(None if choice == "private" else choice)
+    except OSError as exc:
+        usage = exc.errno == errno.EINVAL  # a bad NAME
+        raise Failure(f"--uds-scope {choice}: {exc.strerror}",
+                      EXIT_USAGE if usage else EXIT_FAILED) from None
+    _replace_entry(child_ns, "uds", scope, f"--uds-scope {choice}")
+
+
+def give_net_grants(child_ns: int, grants: dict[str, NetGrant]) -> None:
+    """Put in child_ns, in place of tcp and udp, grants of what --allow-* named (rt holds
+    the root namespace).
+
+    A scheme the namespace lacks (`--ns`) is left out, unless an option names it.
+
+    Raises:
+        Failure: EXIT_USAGE for an option naming a scheme the namespace lacks,
+            or an address the daemon's policy refuses; EXIT_FAILED when the
+            scheme refused otherwise.
+    """
+    names = rt.schemes(child_ns)
+    for scheme, grant in grants.items():
+        what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
+        if scheme not in names:
+            if grant.options:
+                raise Failure(f"{what}: the namespace has no {scheme} (see --ns)", EXIT_USAGE)
+            continue
+        try:
+            cap = rt.net_grant(grant.connect, grant.listen, scheme=scheme)
+        except OSError as exc:
+            usage = exc.errno in (errno.EINVAL, errno.EACCES)  # an address, or beyond the policy
+            raise Failure(f"{what}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED) from None
+        _replace_entry(child_ns, scheme, cap, what)
+
+
+def _replace_entry(child_ns: int, name: str, cap: int, what: str) -> None:
+    """Make cap (closed here) the entry name of child_ns; what names the option, for errors."""
+    try:
+        rt.unregister(child_ns, name)
+        rt.register(child_ns, name, cap)
+    except OSError as exc:
+        raise Failure(f"{what}: {exc.strerror}") from None
+    finally:
+        rt.close(cap)
+
+
+def wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:
+    """Wait for proc, passing on SIGINT, SIGTERM and SIGHUP; return its exit code.
+
+    With group, proc leads its own process group (a new session), which the
+    terminal no longer signals: Ctrl-C reaches only `run`, and goes on to the
+    whole group as it would have from the terminal.
+
+    Returns:
+        proc's exit code, or 128+N when signal N ended it.
+    """
+    def forward(signum: int, _frame: object) -> None:
+        if proc.returncode is not None:
+            return
+        if not group:
+            proc.send_signal(signum)
+            return
+        try:
+            # Not yet reaped, so the group id cannot have been reused.
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code

@@ -1,0 +1,63 @@
+"""`redoxcap status` as a table: one line per daemon, from the control op `status`.
+
+The reply (`redoxcap status --json` prints it whole) holds the supervisor's
+pid, uptime and state directory, the file root and the mounts, per daemon its
+name, pid, scheme id, the router's counters (capabilities, handles, frames),
+restarts, state and resident memory, and per running client (a program
+`redoxcap run` started) its pid, command, namespace names, cwd and the
+capabilities it holds (its router account's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+HEADER = (f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} "
+          f"{'RESTARTS':>8} {'RSS':>7}")
+
+
+def render(info: dict) -> Iterator[str]:
+    """The lines `redoxcap status` prints for a status reply.
+
+    Args:
+        info: the `status` field of the control op's reply.
+
+    Yields:
+        A summary line, the file root and the mounts, the table's header and one row
+        per daemon, then one row per running client.
+    """
+    yield f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}"
+    if "root" in info:
+        yield f"file root {info['root']}"
+    for name, mount in sorted(info.get("mounts", {}).items()):
+        yield f"mount {name}: {mount['path']}" + (" (read-only)" if mount.get("read_only") else "")
+    yield HEADER
+    for d in info["daemons"]:
+        rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"
+        yield (
+            f"{d['name']:<10} {d.get('pid') or '-':>7} {d.get('scheme_id', '-'):>6} "
+            f"{d.get('capabilities', '-'):>5} {_handles(d):>7} {d.get('frames', 0):>8} "
+            f"{d.get('restarts', '-'):>8} {rss:>7}" + _state_note(d)
+        )
+    clients = info.get("clients", [])
+    if clients:
+        yield ""
+        yield f"{'CLIENT':>7} {'CAPS':>5}  {'NAMESPACE':<24} {'CWD':<16} COMMAND"
+        for c in clients:
+            names = "all" if c.get("names") is None else (c["names"] or "(empty)")
+            yield (f"{c['pid']:>7} {c.get('capabilities', 0):>5}  {names:<24.24} "
+                   f"{c.get('cwd') or '/':<16.16} {' '.join(c.get('argv') or [])}")
+
+
+def _handles(d: dict) -> str:
+    """The scheme's own count of open handles ('-' where it reports none)."""
+    value = d.get("scheme_handles")
+    return "-" if value is None else str(value)
+
+
+def _state_note(d: dict) -> str:
+    """What the table adds after a daemon that is not simply running."""
+    state = d.get("state", "failed" if d.get("failed") else "running")
+    if state == "failed":
+        return f"  FAILED (redoxcap restart {d['name']})"
+    return "  restarting" if state == "restarting" else ""
