@@ -342,7 +342,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             from redoxcap.broker import start_brokered
 
             cwd_fd, cwd_path = rt._process.cwd_fd(), rt.getcwd()
-            return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker), account
+            trace = follower.syscall if follower is not None else None
+            return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker,
+                                  trace=trace), account
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
                             start_new_session=new_session), account

@@ -88,11 +88,26 @@ def as_json(call: Call, names: dict[int, str]) -> dict:
 
 
 def as_line(call: Call, names: dict[int, str], depth: int = 0) -> str:
-    info = as_json(call, names)
+    return format_line(as_json(call, names), depth)
+
+
+def format_line(info: dict, depth: int = 0) -> str:
+    """One call as a line: time, pid, scheme (or `syscall`), op, what about, result, duration."""
     stamp = time.strftime("%H:%M:%S", time.localtime(info["time"] or 0))
     stamp += f".{int(((info['time'] or 0) % 1) * 1e6):06d}"
     return (f"{'  ' * depth}{stamp} pid {info['pid']} {info['scheme']:<7} {info['op']:<10} "
             f"{info['about']} -> {info['result']}  {info['ms']:.2f} ms")
+
+
+def syscall_info(record: dict) -> dict:
+    """A brokered program's syscall (a record from redoxcap/broker) in as_json's shape.
+
+    Its scheme is `syscall`; its pid is the program's thread; a result that
+    is an errno name is the broker's answer, a refusal among them.
+    """
+    return {"time": record.get("t"), "pid": record.get("pid"), "scheme": "syscall",
+            "op": record.get("op"), "about": record.get("about") or "(no path)",
+            "result": record.get("result"), "ms": record.get("ms", 0.0)}
 
 
 class Tracer:
@@ -197,11 +212,23 @@ class Follower:
         self.out = out
         self.tracer = Tracer(names, self._emit, json_lines=json_lines)
         self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
 
     def _emit(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
+        with self.lock:  # the follower's thread and a broker (syscall) both print
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def syscall(self, record: dict) -> None:
+        """Print a brokered program's syscall as it is answered (`run --trace --brokered`).
+
+        The scheme calls the broker made for it carry the broker's pid (the
+        `redoxcap run` process) and come on their own lines, in the order the
+        router's records arrive.
+        """
+        info = syscall_info(record)
+        self._emit(json.dumps(info) if self.tracer.json_lines else format_line(info))
 
     def start(self, account: int | None) -> None:
         """Print the calls of this router account (the run's) from now on."""

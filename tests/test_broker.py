@@ -360,3 +360,20 @@ FORK_THEN_CHDIR = textwrap.dedent("""
 def test_a_child_starts_where_its_parent_was_when_it_forked(sandbox):
     got = brokered(sandbox, [sys.executable, "-c", FORK_THEN_CHDIR])
     assert got.stdout.split() == ["alpha", "/box/sub", "beta"], got.stderr
+
+
+def test_run_trace_shows_each_brokered_syscall_and_its_refusals(sandbox):
+    out = brokered(sandbox, ["sh", "-c", "cat a.txt >/dev/null; echo $$; cat ../secret.txt; exit 3"],
+                   "--trace", "--trace-json")
+    assert out.returncode != 0 and "the secret" not in out.stdout
+    records = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    syscalls = [r for r in records if r["scheme"] == "syscall"]
+    shell = int(out.stdout.split()[0])
+    # the shell's own calls carry its pid; cat's a child's, and the refused open says why
+    assert any(r["pid"] == shell for r in syscalls), syscalls[:5]
+    refused = [r for r in syscalls if r["about"] == "../secret.txt"]
+    assert refused and refused[-1]["result"] == "EXDEV" and refused[-1]["pid"] != shell
+    assert any(r["about"] == "a.txt" and r["result"] == "fd" for r in syscalls)
+    # and the scheme call behind the refusal, as the file scheme answered it
+    assert any(r["scheme"] == "file" and r["about"] == "../secret.txt" and r["result"] == "EXDEV"
+               for r in records)

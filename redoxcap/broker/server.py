@@ -20,7 +20,8 @@ import select
 import signal
 import socket
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from redoxcap.broker import hostfs
@@ -36,7 +37,6 @@ from wire import protocol as P
 
 log = logging.getLogger("broker")
 PUMP_GRACE = 10.0  # seconds a routed write may still take once the program has exited
-TRACE_ENV = "REDOXCAP_BROKER_TRACE"  # set (to a file name or "-") to log every brokered call
 
 
 class Unavailable(OSError):
@@ -64,7 +64,7 @@ class Broker:
     """The loop over one listener."""
 
     def __init__(self, listener: Listener, syscalls: Syscalls, processes: Processes,
-                 trace: int | None = None) -> None:
+                 trace: Callable[[dict], None] | None = None) -> None:
         self.listener = listener
         self.syscalls = syscalls
         self.processes = processes
@@ -101,6 +101,7 @@ class Broker:
             if not self.listener.valid(notif.id):
                 return
             answer: object
+            started = time.time()
             try:
                 process, new = self.processes.of_thread(notif.tid)
                 if new:
@@ -115,7 +116,7 @@ class Broker:
                 log.exception("broker: %s failed", self._names.get(notif.nr, notif.nr))
                 answer = OSError(errno.EIO, "broker error")
             if self.trace is not None:
-                self._trace(notif, mem, answer)
+                self._trace(notif, mem, answer, started)
         self._answer(notif.id, answer)
 
     def _answer(self, nid: int, answer: object) -> None:
@@ -134,7 +135,8 @@ class Broker:
         else:
             self.listener.reply(nid, int(answer))
 
-    def _trace(self, notif: Notification, mem: Memory, answer: object) -> None:
+    def _trace(self, notif: Notification, mem: Memory, answer: object, started: float) -> None:
+        """Hand the trace one record of this call (redoxcap/trace.py prints it)."""
         name = self._names.get(notif.nr, str(notif.nr))
         what = ""
         for arg in notif.args[:2]:  # the path, where the call has one among its first two
@@ -145,9 +147,12 @@ class Broker:
                     break
             except OSError:
                 continue
-        result = (f"-{errno.errorcode.get(answer.errno, answer.errno)}" if isinstance(answer, OSError)
-                  else "fd" if isinstance(answer, Install) else str(answer))
-        os.write(self.trace, f"[{notif.tid}] {name}({what!r}) = {result}\n".encode())
+        result = (errno.errorcode.get(answer.errno, f"errno {answer.errno}")
+                  if isinstance(answer, OSError)
+                  else "fd" if isinstance(answer, Install)
+                  else "proceed" if answer is PROCEED else str(answer))
+        self.trace({"t": started, "pid": notif.tid, "op": name, "about": what, "result": result,
+                    "ms": round((time.time() - started) * 1000, 3)})
 
 
 def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str]) -> list[str]:
@@ -247,11 +252,15 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
 
 def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
-                   passthrough: bool = True) -> BrokeredProgram:
+                   passthrough: bool = True,
+                   trace: Callable[[dict], None] | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
     broker works on clones of its own, so the caller may close them at once).
+    trace, when given, is called with one record per brokered syscall as it is
+    answered (t, pid (the thread), op, about (its path), result (an errno name
+    for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -266,7 +275,6 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     assert machine is not None
     hosts = hostfs.HostTrees(host_trees_for(argv, env, ro_host))
     opened: list[int] = []
-    trace_fd = None
     try:
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
         opened.append(broker_ns)
@@ -277,9 +285,6 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         target_cwd = call_fd(cwd_fd, P.CLONE)
         opened.append(target_cwd)
         env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
-        trace = os.environ.get(TRACE_ENV)
-        if trace:
-            trace_fd = 2 if trace == "-" else os.open(trace, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -300,15 +305,13 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         for fd in opened:
             _close(fd)
         hosts.close()
-        if trace_fd not in (None, 2):
-            os.close(trace_fd)
         raise
     state = None
     if listener is not None:
         processes = Processes(Directory(broker_cwd, cwd_path, False))  # owns broker_cwd
         opened.remove(broker_cwd)
         state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough))
-    return BrokeredProgram(pid, state, hosts, opened, trace_fd)
+    return BrokeredProgram(pid, state, hosts, opened, trace)
 
 
 class BrokeredProgram:
@@ -319,13 +322,13 @@ class BrokeredProgram:
     """
 
     def __init__(self, pid: int, state: tuple[Listener, Processes, Syscalls] | None,
-                 hosts: hostfs.HostTrees, opened: list[int], trace_fd: int | None) -> None:
+                 hosts: hostfs.HostTrees, opened: list[int], trace: Callable[[dict], None] | None) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._state = state  # None: the child failed before it handed over its listener
         self._hosts = hosts
         self._opened = opened  # the broker's namespace clone
-        self._trace_fd = trace_fd
+        self._trace = trace
 
     def poll(self) -> int | None:
         return self.returncode
@@ -347,7 +350,7 @@ class BrokeredProgram:
                 listener, processes, syscalls = self._state
                 listener.sync_wakeups()
                 try:
-                    Broker(listener, syscalls, processes, self._trace_fd).serve(pidfd)
+                    Broker(listener, syscalls, processes, self._trace).serve(pidfd)
                 finally:
                     listener.close()  # from here on, a call of a process left behind is ENOSYS
                     processes.close()
@@ -373,9 +376,6 @@ class BrokeredProgram:
             _close(fd)
         self._opened = []
         self._hosts.close()
-        if self._trace_fd not in (None, 2):
-            os.close(self._trace_fd)
-        self._trace_fd = None
 
 
 def _close(fd: int) -> None:
