@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,11 +48,16 @@ import pytest
 
 __all__ = [
     "REDOXCAP",
+    "StatusTimeoutWarning",
     "System",
     "booted",
+    "holdings",
     "installed",
+    "isolated",
+    "no_new_traceback",
     "pid_alive",
     "redoxcap",
+    "settled",
     "shut_down",
     "wait_for",
 ]
@@ -123,6 +130,10 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+class StatusTimeoutWarning(UserWarning):
+    """A scheme did not answer the router's status query in time (see `System.status`)."""
 
 
 @dataclasses.dataclass
@@ -205,12 +216,18 @@ class System:
     def status(self) -> dict:
         """`redoxcap status --json`, parsed: the supervisor's pid and one dict per daemon.
 
-        A scheme that does not answer the router's status query within its
-        timeout (3 s) shows `scheme_handles` as None; `daemon()` therefore
-        costs up to that long while a scheme is busy.
+        The router asks each scheme for its own count of handles and gives up
+        on a scheme after 3 s, showing `scheme_handles` as None: a status
+        taken while a scheme is busy or dying costs that long. It does not
+        pass silently: a `StatusTimeoutWarning` names the schemes.
         """
         info = json.loads(self.cli("status", "--json").stdout)
         self.started.update([info["supervisor"], *(d["pid"] for d in info["daemons"] if d.get("pid"))])
+        silent = [d["name"] for d in info["daemons"]
+                  if "scheme_handles" in d and d["scheme_handles"] is None and d.get("pid")]
+        if silent:
+            warnings.warn(StatusTimeoutWarning(f"{', '.join(silent)} did not answer the router's "
+                                               "status query (it waits up to 3 s)"), stacklevel=2)
         return info
 
     def daemon(self, name: str) -> dict:
@@ -357,6 +374,8 @@ def isolated(system: System, name: str) -> Iterator[System]:
     forked from the root one with every name, and its `file` entry replaced
     by that directory (a capability-style bind mount: nothing reached through
     it leaves the directory). Other names (zero, tcp, uds...) are shared.
+    `rt.fpath` still answers from the file scheme's own root, so a file `/f`
+    shows as `/scheme/file/NAME/f`.
 
     Args:
         system: The running system.
@@ -405,13 +424,13 @@ def settled(system: System, before: dict[str, tuple[int, int]], timeout: float =
 _FAILED = pytest.StashKey[bool]()
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     """Note on the item whether the test itself failed (its fixtures then skip their checks)."""
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     if report.when == "call" and report.failed:
         item.stash[_FAILED] = True
-    return report
 
 
 def _test_directory_name(request: pytest.FixtureRequest) -> str:
@@ -420,7 +439,7 @@ def _test_directory_name(request: pytest.FixtureRequest) -> str:
     return f"{safe}-{next(_numbers)}"
 
 
-_numbers = iter(range(1, sys.maxsize))
+_numbers = itertools.count(1)
 
 
 @pytest.fixture
