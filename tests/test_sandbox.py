@@ -5,8 +5,8 @@ Linux's own openat2(2) is the oracle for lookups beneath and in a root.
 The tests share the module's one system: those that call rt from this process
 with a directory and namespace of their own (`isolated_client`), the rest with
 names of their own in it, and confined clients that `redoxcap run` starts and
-that end with the test. Two check fpath answers from the root namespace's
-`file` and have a system of their own.
+that end with the test. One changes the root namespace on purpose and has a
+system of its own.
 """
 
 from __future__ import annotations
@@ -172,10 +172,13 @@ def test_beneath_is_sticky_and_shows_in_getfl(isolated_client):
         rt.close(fd)
 
 
-def test_openat_with_a_resolve_flag_never_consults_the_namespace(client):
-    """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd."""
-    box = _beneath_dir(client, 0)
-    outside = (client.root / "secret.txt").stat()
+def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
+    """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd.
+
+    In the root namespace, whose `/secret.txt` is the tree's (the only test here to build
+    it at the root), and whose fpath answers from the scheme's root."""
+    box = _beneath_dir(shared_client, 0)
+    outside = (shared_client.root / "secret.txt").stat()
     for path in ("/secret.txt", "/box/file.txt", "/scheme/file/secret.txt", "/"):
         with pytest.raises(OSError) as info:
             rt.openat(box, path, rt.O_RESOLVE_BENEATH)
@@ -195,7 +198,7 @@ def test_openat_with_a_resolve_flag_never_consults_the_namespace(client):
         rt.openat(box, "file:secret.txt", rt.O_RESOLVE_BENEATH)
     with pytest.raises(FileNotFoundError):
         rt.openat(box, "/scheme/file/secret.txt", rt.O_RESOLVE_IN_ROOT)
-    assert (client.root / "secret.txt").stat() == outside
+    assert (shared_client.root / "secret.txt").stat() == outside
     rt.close(box)
 
 
