@@ -49,7 +49,7 @@ def test_daemons_hold_no_more_fds_after_a_workload_than_before(isolated_client):
                 raise AssertionError(f"{bad!r} opened")
             except (OSError, ValueError):
                 pass
-        rt.close(rt.open("../../f"))  # clamped at the scheme's root, opened, closed
+        rt.close(rt.open("../../f"))  # clamped at the top of `file` (the test's directory), opened, closed
     try:
         wait_for(lambda: fd_counts() == before, timeout=15)
     except AssertionError:
