@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -214,14 +213,28 @@ class System:
                 proc.communicate(timeout=10)
 
     def status(self) -> dict:
-        """`redoxcap status --json`, parsed: the supervisor's pid and one dict per daemon.
+        """What `redoxcap status --json` shows: the supervisor's pid and one dict per daemon.
+
+        Asked over the control socket from this process (what the CLI does,
+        without starting an interpreter for it: tests ask often).
 
         The router asks each scheme for its own count of handles and gives up
         on a scheme after 3 s, showing `scheme_handles` as None: a status
         taken while a scheme is busy or dying costs that long. It does not
         pass silently: a `StatusTimeoutWarning` names the schemes.
+
+        Raises:
+            AssertionError: the system is not running or did not answer.
         """
-        info = json.loads(self.cli("status", "--json").stdout)
+        from redoxcap import control
+
+        try:
+            reply, fds = control.request(self.state_dir, "status")
+        except control.ControlError as exc:
+            raise AssertionError(f"status: {exc}") from None
+        for fd in fds:
+            os.close(fd)
+        info = reply["status"]
         self.started.update([info["supervisor"], *(d["pid"] for d in info["daemons"] if d.get("pid"))])
         silent = [d["name"] for d in info["daemons"]
                   if "scheme_handles" in d and d["scheme_handles"] is None and d.get("pid")]
@@ -339,14 +352,9 @@ def installed(system: System, namespace: int | None = None) -> Iterator[System]:
 
 
 def holdings(system: System) -> dict[str, tuple[int, int]]:
-    """What the router holds for each scheme: (capabilities, handles), asked in-process."""
-    from redoxcap import control
-
-    reply, fds = control.request(system.state_dir, "status")
-    for fd in fds:
-        os.close(fd)
+    """What the router holds for each scheme: (capabilities, handles)."""
     return {d["name"]: (d.get("capabilities"), d.get("handles"))
-            for d in reply["status"]["daemons"] if d["name"] != "kernel"}
+            for d in system.status()["daemons"] if d["name"] != "kernel"}
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ of their own in it; those that need a system of their own say why.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def test_status_json_reports_every_daemon(shared_system):
-    info = shared_system.status()
+    info = json.loads(shared_system.cli("status", "--json").stdout)
     names = [d["name"] for d in info["daemons"]]
     assert names[:3] == ["kernel", "nsmgr", "file"]
     for d in info["daemons"]:
