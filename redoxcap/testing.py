@@ -415,15 +415,23 @@ def isolated(system: System, name: str) -> Iterator[System]:
 
 
 def settled(system: System, before: dict[str, tuple[int, int]], timeout: float = 10) -> None:
-    """Wait until the router holds what it held before (`holdings(system)` was before).
+    """Wait until the router holds, for every scheme, no more than `before` (from `holdings`).
 
-    Closes reach the router asynchronously, so this waits a moment for them.
+    Closes reach the router asynchronously, so this waits a moment for them;
+    and "no more" rather than "as much", since closes of an earlier test may
+    still have been on their way when `before` was taken.
 
     Raises:
-        AssertionError: something is still held after timeout seconds.
+        AssertionError: a scheme still has more capabilities or handles after
+            timeout seconds.
     """
+    def no_more() -> bool:
+        now = holdings(system)
+        return all(now.get(name, (0, 0))[0] <= caps and now.get(name, (0, 0))[1] <= handles
+                   for name, (caps, handles) in before.items())
+
     try:
-        wait_for(lambda: holdings(system) == before, timeout=timeout)
+        wait_for(no_more, timeout=timeout)
     except AssertionError:
         raise AssertionError(f"capabilities were left open: (capabilities, handles) per scheme "
                              f"were {before}, are {holdings(system)}") from None
@@ -472,10 +480,18 @@ def redoxcap_module_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 @pytest.fixture
-def redoxcap_module_client(redoxcap_module_system: System) -> Iterator[System]:
-    """`redoxcap_client` on the module's shared system: its root namespace, `/` as cwd."""
+def redoxcap_module_client(redoxcap_module_system: System,
+                           request: pytest.FixtureRequest) -> Iterator[System]:
+    """`redoxcap_client` on the module's shared system: its root namespace, `/` as cwd.
+
+    Afterwards the router must hold no more capabilities and handles per
+    scheme than before the test (unless the test failed anyway).
+    """
+    before = holdings(redoxcap_module_system)
     with no_new_traceback(redoxcap_module_system), installed(redoxcap_module_system):
         yield redoxcap_module_system
+    if not request.node.stash.get(_FAILED, False):
+        settled(redoxcap_module_system, before)
 
 
 @pytest.fixture
@@ -485,8 +501,8 @@ def redoxcap_isolated_client(redoxcap_module_system: System,
 
     The yielded system's `root` is that directory on the host; `run` and
     `python` still start clients in the whole system (its root namespace).
-    Afterwards the router must hold as many capabilities and handles per
-    scheme as before the test (unless the test failed anyway), so the next
+    Afterwards the router must hold no more capabilities and handles per
+    scheme than before the test (unless the test failed anyway), so the next
     test finds the system as this one did.
     """
     before = holdings(redoxcap_module_system)

@@ -179,13 +179,15 @@ def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
     it at the root), and whose fpath answers from the scheme's root."""
     box = _beneath_dir(shared_client, 0)
     outside = (shared_client.root / "secret.txt").stat()
+    cwd = rt.open(".", rt.O_DIRECTORY)
     for path in ("/secret.txt", "/box/file.txt", "/scheme/file/secret.txt", "/"):
         with pytest.raises(OSError) as info:
             rt.openat(box, path, rt.O_RESOLVE_BENEATH)
         assert info.value.errno == errno.EXDEV, path
         with pytest.raises(OSError) as info:
-            rt.openat(rt.open(".", rt.O_DIRECTORY), path, rt.O_RESOLVE_BENEATH)
+            rt.openat(cwd, path, rt.O_RESOLVE_BENEATH)
         assert info.value.errno == errno.EXDEV, path
+    rt.close(cwd)
     with pytest.raises(FileNotFoundError):
         rt.openat(box, "/secret.txt", rt.O_RESOLVE_IN_ROOT)  # would be the namespace's /secret.txt
     fd = rt.openat(box, "/file.txt", rt.O_RESOLVE_IN_ROOT)
