@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -58,6 +59,7 @@ __all__ = [
     "redoxcap",
     "settled",
     "shut_down",
+    "wait_exited",
     "wait_for",
 ]
 
@@ -103,6 +105,27 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[-1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def wait_exited(pid: int, timeout: float = 10.0) -> None:
+    """Wait until process pid has exited (on a pidfd: no polling); any process, not only a child.
+
+    Args:
+        pid: The process; one that is already gone returns at once.
+        timeout: Seconds before the test fails.
+
+    Raises:
+        AssertionError: pid still runs after timeout seconds.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            raise AssertionError(f"process {pid} still runs after {timeout}s")
+    finally:
+        os.close(pidfd)
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05) -> T:

@@ -20,7 +20,16 @@ from redoxcap import control
 from redoxcap.cli import EXIT_ALREADY_RUNNING
 from redoxcap.config import Config
 from redoxcap.system import MAX_RESTARTS_IN_WINDOW
-from redoxcap.testing import REDOXCAP, System, booted, pid_alive, redoxcap, shut_down, wait_for
+from redoxcap.testing import (
+    REDOXCAP,
+    System,
+    booted,
+    pid_alive,
+    redoxcap,
+    shut_down,
+    wait_exited,
+    wait_for,
+)
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
@@ -109,6 +118,7 @@ def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
     old = rt.open("/f")
     victim = client.daemon("file")["pid"]
     os.kill(victim, signal.SIGKILL)
+    wait_exited(victim)  # a status asked of a dying scheme would wait 3 s for its answer
     wait_for(lambda: client.daemon("file")["restarts"] == 1 and client.daemon("file")["pid"])
     assert client.daemon("file")["pid"] != victim
     with pytest.raises(OSError) as info:
@@ -124,6 +134,7 @@ def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
 def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(system):
     victim = system.daemon("nsmgr")["pid"]
     os.kill(victim, signal.SIGKILL)
+    wait_exited(victim)
     wait_for(lambda: system.daemon("nsmgr")["restarts"] == 1)
     result = system.python("import rt; print(rt.schemes())")
     assert result.stdout.strip() == str(BUILTIN)
@@ -135,7 +146,7 @@ def test_a_dead_kernel_router_stops_the_whole_system_cleanly(tmp_path):
         kernel = system.daemon("kernel")["pid"]
         os.kill(kernel, signal.SIGKILL)
         for pid in pids:
-            wait_for(lambda pid=pid: not pid_alive(pid))
+            wait_exited(pid)
         assert sorted(p.name for p in system.state_dir.iterdir()) == [control.LOG_NAME]
         assert "the kernel router exited" in system.log()
 
@@ -188,6 +199,7 @@ def kill_until_failed(system: System, name: str) -> dict:
         assert info["state"] == "running", info
         os.kill(info["pid"], signal.SIGKILL)
         old = info["pid"]
+        wait_exited(old)  # a status asked of a dying scheme would wait 3 s for its answer
 
         def next_state(old: int = old) -> dict | None:
             d = daemon_info(system, name)
