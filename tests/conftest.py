@@ -1,167 +1,53 @@
-"""Fixtures that boot real systems: kernel, nsmgr and scheme daemons as processes.
+"""The project's own fixtures; the systems come from the redoxcap pytest plugin.
 
-`system` boots one with `redoxcap up --detach` in a private state directory
-and file root, and stops it afterwards with `redoxcap down`, checking that
-every process it started is gone and that no daemon logged a traceback.
-`client` additionally installs that system's root namespace and cwd in this
-test process's rt, so a test can call rt directly.
+`redoxcap.testing` (installed as the `pytest11` plugin `redoxcap`) boots real
+systems: kernel, nsmgr and scheme daemons as processes, stopped afterwards
+with `redoxcap down`, checking that every process is gone and that no daemon
+logged a traceback. The short names the tests use:
+
+- `system`, `client`: a private system for the test (`redoxcap_system`,
+  `redoxcap_client`): for tests that kill, restart, stop or configure it.
+- `shared_system`, `shared_client`: the module's one system, with the root
+  namespace (`redoxcap_module_system`, `redoxcap_module_client`).
+- `isolated_client`: a client of the module's system that sees a fresh
+  directory of its own as `file` (`redoxcap_isolated_client`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 import rt
-from redoxcap import control
+from redoxcap.testing import System
 from wire import protocol as P
 
-REDOXCAP = [sys.executable, "-m", "redoxcap"]
 
-
-def redoxcap(state_dir: Path, *args: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    """Run the real CLI against state_dir."""
-    proc = subprocess.run([*REDOXCAP, "--state-dir", str(state_dir), *args],
-                          capture_output=True, text=True, timeout=timeout, check=False, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"redoxcap {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@dataclass
-class System:
-    state_dir: Path
-    root: Path
-
-    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return redoxcap(self.state_dir, *args, **kw)
-
-    def run(self, *command: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        """`redoxcap run [options] -- command`; options come before a '--' in command."""
-        return self.cli("run", *command, check=check, **kw)
-
-    def python(self, code: str, *options: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        """Run a Python client program through `redoxcap run`."""
-        return self.run(*options, "--", sys.executable, "-c", code, check=check, **kw)
-
-    def status(self) -> dict:
-        return json.loads(self.cli("status", "--json").stdout)
-
-    def daemon(self, name: str) -> dict:
-        return next(d for d in self.status()["daemons"] if d["name"] == name)
-
-    def pids(self) -> list[int]:
-        info = self.status()
-        return [info["supervisor"]] + [d["pid"] for d in info["daemons"] if d.get("pid")]
-
-    def log(self) -> str:
-        path = self.state_dir / control.LOG_NAME
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    """Poll predicate until it returns a truthy value; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
-
-
-def boot(tmp_path: Path, *extra: str) -> System:
-    state_dir = tmp_path / "state"
-    root = tmp_path / "root"
-    root.mkdir(exist_ok=True)
-    redoxcap(state_dir, "up", "--detach", "--root", str(root), *extra)
-    return System(state_dir, root)
-
-
-def shut_down(system: System) -> None:
-    """Stop system and check it left nothing behind."""
-    try:
-        pids = system.pids()
-    except AssertionError:
-        pids = []
-    system.cli("down", check=False)
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            raise AssertionError(f"process {pid} survived `redoxcap down`")
-    leftovers = [p.name for p in system.state_dir.iterdir() if p.name != control.LOG_NAME]
-    assert leftovers == [], f"`down` left {leftovers} in the state directory"
-    log = system.log()
-    assert "Traceback" not in log, f"a daemon logged a traceback:\n{log}"
+@pytest.fixture
+def system(redoxcap_system: System) -> System:
+    return redoxcap_system
 
 
 @pytest.fixture
-def system(tmp_path: Path):
-    sys_ = boot(tmp_path)
-    try:
-        yield sys_
-    finally:
-        shut_down(sys_)
-
-
-@pytest.fixture
-def client(system: System):
-    """The system, with this process's rt holding its root namespace and `/` as cwd."""
-    with _as_client(system):
-        yield system
+def client(redoxcap_client: System) -> System:
+    return redoxcap_client
 
 
 @pytest.fixture(scope="module")
-def shared_system(tmp_path_factory):
-    """One system for a whole test module: for tests that leave nothing behind them."""
-    sys_ = boot(tmp_path_factory.mktemp("shared"))
-    try:
-        yield sys_
-    finally:
-        shut_down(sys_)
+def shared_system(redoxcap_module_system: System) -> System:
+    return redoxcap_module_system
 
 
 @pytest.fixture
-def shared_client(shared_system: System):
-    """`client` on the module's shared system."""
-    with _as_client(shared_system):
-        yield shared_system
+def shared_client(redoxcap_module_client: System) -> System:
+    return redoxcap_module_client
 
 
-@contextlib.contextmanager
-def _as_client(system: System):
-    _, fds = control.request(system.state_dir, "namespace")
-    rt.setup(fds[0], None)
-    rt.setup(fds[0], rt.open("/", rt.O_DIRECTORY), "/")
-    try:
-        yield
-    finally:
-        rt.setup(None, None)
+@pytest.fixture
+def isolated_client(redoxcap_isolated_client: System) -> System:
+    return redoxcap_isolated_client
 
 
 class HostileScheme:

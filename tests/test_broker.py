@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from redoxcap.broker import available
-from tests.conftest import REDOXCAP, System
+from redoxcap.testing import REDOXCAP, System, booted
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -52,16 +52,10 @@ def build_box(box: Path) -> None:
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """A system whose file root holds the box and a secret next to it, and a native copy."""
-    from tests.conftest import boot, shut_down
-
-    base = tmp_path_factory.mktemp("broker")
-    system = boot(base)
-    (system.root / "secret.txt").write_text("the secret")
-    build_box(system.root / "box")
-    try:
+    with booted(tmp_path_factory.mktemp("broker")) as system:
+        (system.root / "secret.txt").write_text("the secret")
+        build_box(system.root / "box")
         yield system
-    finally:
-        shut_down(system)
 
 
 def native(box: Path, argv: list[str]) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import pytest
 from redoxcap import control
 from redoxcap.config import BUILTIN_SCHEMES, ConfigError, Mount, load
 from redoxcap.exits import EXIT_USAGE
-from tests.conftest import redoxcap
+from redoxcap.testing import redoxcap
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -1,8 +1,13 @@
-"""The supervisor's control socket: its admission policy in memory, then floods against a real system."""
+"""The supervisor's control socket: its admission policy in memory, then floods against a real system.
+
+The floods end with the test (their connections close, the supervisor's fd
+limit is put back), so the real-system tests share the module's one system.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import socket
@@ -16,7 +21,7 @@ import pytest
 
 from redoxcap import control
 from redoxcap.control import Admission, Connection
-from tests.conftest import pid_alive, wait_for
+from redoxcap.testing import System, pid_alive, wait_for
 from wire import protocol as P
 
 # -- the admission policy, without sockets -------------------------------------------
@@ -161,10 +166,15 @@ def fd_limit_of(pid: int, soft: int) -> Iterator[None]:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
 
 
-def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_supervisor(system):
+def status_from_the_cli(system: System) -> dict:
+    """`redoxcap status --json` from a process of its own (this one holds the flood's connections)."""
+    return json.loads(system.cli("status", "--json").stdout)
+
+
+def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_supervisor(shared_system):
     raise_own_fd_limit(1500)
-    path = system.state_dir / control.SOCKET_NAME
-    before = system.status()
+    path = shared_system.state_dir / control.SOCKET_NAME
+    before = status_from_the_cli(shared_system)
     supervisor = before["supervisor"]
     daemons = {d["name"]: d["pid"] for d in before["daemons"]}
     quiet_fds = len(os.listdir(f"/proc/{supervisor}/fd"))
@@ -172,32 +182,32 @@ def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_super
         assert len(held) == 1000 and counts == [100] * 6
         # the owner is answered while 1,600 connections are open or being replaced
         for _ in range(3):
-            assert system.status()["supervisor"] == supervisor
+            assert status_from_the_cli(shared_system)["supervisor"] == supervisor
         # and when the supervisor runs out of fds (fewer than the flood wants): EMFILE at accept
         with fd_limit_of(supervisor, quiet_fds + 6):
             for _ in range(3):
-                assert system.status()["supervisor"] == supervisor
-            wait_for(lambda: "accept failed (Too many open files)" in system.log())
+                assert status_from_the_cli(shared_system)["supervisor"] == supervisor
+            wait_for(lambda: "accept failed (Too many open files)" in shared_system.log())
     assert pid_alive(supervisor)
-    after = system.status()
+    after = status_from_the_cli(shared_system)
     assert {d["name"]: d["pid"] for d in after["daemons"]} == daemons
     assert all(pid_alive(pid) for pid in daemons.values())
-    assert "dropping connections that do not authenticate" in system.log()
-    # a default run still works: the system is whole
-    assert system.python("import rt; print(len(rt.schemes()))").stdout.strip() == str(len(daemons) - 2)
+    assert "dropping connections that do not authenticate" in shared_system.log()
+    # a default run still works: the shared_system is whole
+    assert shared_system.python("import rt; print(len(rt.schemes()))").stdout.strip() == str(len(daemons) - 2)
 
 
-def test_a_connection_that_does_not_authenticate_in_time_is_dropped(system):
-    path = system.state_dir / control.SOCKET_NAME
+def test_a_connection_that_does_not_authenticate_in_time_is_dropped(shared_system):
+    path = shared_system.state_dir / control.SOCKET_NAME
     with idle_connections(path, 1) as (sock,):
         sock.settimeout(10)
         assert sock.recv(100) == b""  # closed by the supervisor after AUTH_DEADLINE, unanswered
-    assert system.status()["supervisor"]
+    assert shared_system.status()["supervisor"]
 
 
-def test_fds_passed_to_the_control_socket_are_not_kept(system):
-    path = system.state_dir / control.SOCKET_NAME
-    supervisor = system.status()["supervisor"]
+def test_fds_passed_to_the_control_socket_are_not_kept(shared_system):
+    path = shared_system.state_dir / control.SOCKET_NAME
+    supervisor = shared_system.status()["supervisor"]
     fds_before = len(os.listdir(f"/proc/{supervisor}/fd"))
     r, w = os.pipe()
     try:

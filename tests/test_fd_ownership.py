@@ -13,9 +13,9 @@ import errno
 import os
 
 import pytest
-from conftest import wait_for
 
 import rt
+from redoxcap.testing import wait_for
 from rt._call import call
 from wire import protocol as P
 

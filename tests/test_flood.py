@@ -4,6 +4,7 @@ The flooder is an ordinary `redoxcap run` client: it clones its cwd and
 namespace capabilities and sends raw requests on the clones without ever
 reading a reply. The router must stop reading from it (its own sends block)
 while every other client keeps being served, and must not buffer the flood.
+The floods end with their clients, so the tests share the module's one system.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import threading
 
 import rt
-from tests.conftest import REDOXCAP, wait_for
+from redoxcap.testing import wait_for
 
 FLOODER = r"""
 import socket, sys, threading
@@ -60,17 +61,14 @@ def victim_round_trips(count: int) -> None:
         assert rt.stat("/f").st_size == 5
 
 
-def test_a_client_flooding_without_reading_slows_only_itself(client):
-    system = client
+def test_a_client_flooding_without_reading_slows_only_itself(isolated_client):
+    system = isolated_client
     (system.root / "f").write_bytes(b"hello")
     kernel_pid = system.daemon("kernel")["pid"]
     victim_round_trips(20)  # warm up
     rss_before = vm_rss_kib(kernel_pid)
     frames = system.daemon("file")["frames"]
-    flooder = subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--", sys.executable, "-c", FLOODER],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+    flooder = system.start("run", "--", sys.executable, "-c", FLOODER)
     try:
         assert flooder.stdout.readline() == "flooding\n", flooder.stderr.read()
         # the flood reaches the schemes: the router forwards what it reads of it
@@ -123,17 +121,17 @@ for _ in range(500):  # a close reaches the router asynchronously (it reads the 
 """
 
 
-def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(system):
+def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(shared_system):
     """Issue 8 item 2: each `redoxcap run` is an account of its own; at its quota a
     clone is EMFILE for that client, and the router and every other client go on."""
-    kernel = system.daemon("kernel")["pid"]
+    kernel = shared_system.daemon("kernel")["pid"]
     fds_before = len(os.listdir(f"/proc/{kernel}/fd"))
-    result = system.python(CLONER)
+    result = shared_system.python(CLONER)
     err, count, again = result.stdout.split()
     assert (err, again) == ("EMFILE", "again")
     assert 1000 <= int(count) < 1024  # the default quota, less the namespace and cwd
-    assert system.daemon("kernel")["pid"] == kernel
-    assert system.python("import rt; print(rt.listdir('/'))").returncode == 0
+    assert shared_system.daemon("kernel")["pid"] == kernel
+    assert shared_system.python("import rt; print(rt.listdir('/'))").returncode == 0
     wait_for(lambda: len(os.listdir(f"/proc/{kernel}/fd")) <= fds_before + 2)  # all released
 
 
@@ -164,22 +162,18 @@ sys.stdin.read()
 """
 
 
-def test_writes_queued_on_a_pipe_nobody_reads_hold_bounded_memory(system):
+def test_writes_queued_on_a_pipe_nobody_reads_hold_bounded_memory(shared_system):
     """Issue 8 item 5: 1,600 writes of 128 KiB at a full pipe. The pipe holds 64 KiB and
     the writers; the router lets each client have only so many requests in flight, so
     the pipe daemon holds a bounded number of them, not every write ever sent."""
-    pipe = system.daemon("pipe")["pid"]
+    pipe = shared_system.daemon("pipe")["pid"]
     quiet = vm_rss_kib(pipe)
-    proc = subprocess.Popen([*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--",
-                             sys.executable, "-c", PIPE_FLOODER],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = shared_system.start("run", "--", sys.executable, "-c", PIPE_FLOODER)
     try:
         assert proc.stdout.readline() == "flooding\n"
-        wait_for(lambda: system.daemon("pipe")["frames"] >= 64)  # as many as the router lets through
+        wait_for(lambda: shared_system.daemon("pipe")["frames"] >= 64)  # as many as the router lets through
         flooded = vm_rss_kib(pipe)
         assert flooded - quiet < 64 * 1024, (quiet, flooded)  # KiB: 1,600 writes would be 200 MiB
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-        proc.stdout.close()
-    wait_for(lambda: system.daemon("pipe")["scheme_handles"] == 0)
+        proc.communicate("", timeout=60)  # stdin closes: it exits
+    wait_for(lambda: shared_system.daemon("pipe")["scheme_handles"] == 0)

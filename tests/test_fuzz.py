@@ -1,8 +1,9 @@
 """Random frames at the router, nsmgr and two schemes: every one is answered, nothing crashes.
 
-The seed is fixed, so a failure reproduces. The `system` fixture fails the
-test if any daemon logged a traceback, which is what an unhandled exception
-in a request would do.
+The seed is fixed, so a failure reproduces. The tests share the module's one
+system, each with a namespace and directory of its own (`isolated_client`),
+which fails the test if any daemon logged a traceback (what an unhandled
+exception in a request would do) or the router holds more than before.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def exchange(fd: int, frame: bytes) -> tuple[int, int]:
     return tag, status
 
 
-def test_random_frames_are_all_answered_and_break_nothing(client):
+def test_random_frames_are_all_answered_and_break_nothing(isolated_client):
     rng = random.Random(SEED)
-    (client.root / "box").mkdir()
+    (isolated_client.root / "box").mkdir()
     # a fork whose `file` is the box, so fuzzed unregisters and creates stay in it
     ns = rt.mkns(["zero", "null", "tcp"])
     box = rt.open("/box", rt.O_DIRECTORY)
@@ -98,13 +99,13 @@ def test_random_frames_are_all_answered_and_break_nothing(client):
         rt.close(fd)
     # the system still serves, and nothing outside the box was touched
     assert "file" in rt.schemes()
-    assert sorted(p.name for p in client.root.iterdir()) == ["box"]
+    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box"]
     with rt.open_file("/after.txt", "w") as f:
         f.write("still fine")
-    assert (client.root / "after.txt").read_text() == "still fine"
+    assert (isolated_client.root / "after.txt").read_text() == "still fine"
 
 
-def test_paths_with_nul_bytes_are_einval_everywhere(client):
+def test_paths_with_nul_bytes_are_einval_everywhere(isolated_client):
     d = rt.open("/", rt.O_DIRECTORY)
     for fd, op, args in [
         (d, P.OPENAT, ["a\0b", 0, 0]), (d, P.MKDIRAT, ["a\0b", 0o777]), (d, P.UNLINKAT, ["a\0b", 0]),
@@ -119,7 +120,7 @@ def test_paths_with_nul_bytes_are_einval_everywhere(client):
     rt.close(d)
 
 
-def test_overlong_paths_are_enametoolong(client):
+def test_overlong_paths_are_enametoolong(isolated_client):
     d = rt.open("/", rt.O_DIRECTORY)
     try:
         call(d, P.OPENAT, ["x" * (P.MAX_PATH + 1), 0, 0])

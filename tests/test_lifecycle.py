@@ -1,4 +1,9 @@
-"""A system's life through the CLI: one per state directory, `down`, failed schemes and `restart`."""
+"""A system's life through the CLI: one per state directory, `down`, daemons that die
+and come back (a scheme, nsmgr) or take the system with them (the kernel router),
+schemes that fail for good, and `restart`.
+
+Every test here kills, restarts or stops its system, so each has one of its own.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,16 @@ from redoxcap import control
 from redoxcap.config import Config
 from redoxcap.exits import EXIT_ALREADY_RUNNING
 from redoxcap.system import MAX_RESTARTS_IN_WINDOW
-from tests.conftest import REDOXCAP, System, pid_alive, redoxcap, shut_down, wait_for
+from redoxcap.testing import (
+    REDOXCAP,
+    System,
+    booted,
+    pid_alive,
+    redoxcap,
+    shut_down,
+    wait_exited,
+    wait_for,
+)
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
@@ -85,25 +99,72 @@ def test_a_killed_supervisor_leaves_no_stale_lock(tmp_path):
     finally:
         stop_all([proc])
     assert (system.state_dir / control.TOKEN_NAME).exists()  # stale, nobody removed it
-    system.cli("up", "--detach", "--root", str(system.root))
-    try:
-        assert system.status()["supervisor"] not in pids
-    finally:
-        shut_down(system)
+    with booted(tmp_path) as again:  # the same state directory and root
+        assert again.status()["supervisor"] not in pids
 
 
 def test_down_waits_until_the_supervisor_has_exited(tmp_path):
-    from tests.conftest import boot
-
-    system = boot(tmp_path)
-    supervisor = system.status()["supervisor"]
-    try:
+    with booted(tmp_path) as system:
+        supervisor = system.status()["supervisor"]
         system.cli("down")
         assert not pid_alive(supervisor)  # at once: `down` returned after the exit
-    finally:
-        shut_down(system)
 
 
+# -- daemons that die ------------------------------------------------------------------
+
+
+def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
+    (client.root / "f").write_text("before")
+    old = rt.open("/f")  # the file scheme keeps its handles across a restart (test_restart.py)
+    zero = rt.open("/scheme/zero")  # zero keeps nothing
+    victim = client.daemon("zero")["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_exited(victim)  # a status asked of a dying scheme would wait 3 s for its answer
+    wait_for(lambda: client.daemon("zero")["restarts"] == 1 and client.daemon("zero")["pid"])
+    assert client.daemon("zero")["pid"] != victim
+    with pytest.raises(OSError) as info:
+        rt.read(zero, 10)  # its handle died with the daemon: an errno, not a hang
+    assert info.value.errno == errno.EIO
+    rt.close(zero)
+    assert rt.read(old, 10) == b"before"
+    rt.close(old)
+    with rt.open_file("/f") as f:  # the namespace's root capability still works
+        assert f.read() == "before"
+    result = client.python("import rt; print(rt.listdir('/'))")
+    assert result.stdout.strip() == "['f']"
+
+
+def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(system):
+    victim = system.daemon("nsmgr")["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_exited(victim)
+    wait_for(lambda: system.daemon("nsmgr")["restarts"] == 1)
+    result = system.python("import rt; print(rt.schemes())")
+    assert result.stdout.strip() == str(BUILTIN)
+
+
+def test_a_dead_kernel_router_stops_the_whole_system_cleanly(tmp_path):
+    with booted(tmp_path) as system:
+        pids = system.pids()
+        kernel = system.daemon("kernel")["pid"]
+        os.kill(kernel, signal.SIGKILL)
+        for pid in pids:
+            wait_exited(pid)
+        assert sorted(p.name for p in system.state_dir.iterdir()) == [control.LOG_NAME]
+        assert "the kernel router exited" in system.log()
+
+
+def test_down_stops_everything_and_up_refuses_twice(tmp_path):
+    with booted(tmp_path) as system:
+        pids = system.pids()
+        again = system.cli("up", "--detach", "--root", str(system.root), check=False)
+        assert again.returncode == 4
+        system.cli("down")
+        for pid in pids:
+            wait_for(lambda pid=pid: not pid_alive(pid))
+        assert sorted(p.name for p in system.state_dir.iterdir()) == [control.LOG_NAME]
+        gone = system.cli("status", check=False)
+        assert gone.returncode == 3 and "no system is running" in gone.stderr
 
 
 # -- a scheme that failed for good ------------------------------------------------------
@@ -141,6 +202,7 @@ def kill_until_failed(system: System, name: str) -> dict:
         assert info["state"] == "running", info
         os.kill(info["pid"], signal.SIGKILL)
         old = info["pid"]
+        wait_exited(old)  # a status asked of a dying scheme would wait 3 s for its answer
 
         def next_state(old: int = old) -> dict | None:
             d = daemon_info(system, name)

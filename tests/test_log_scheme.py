@@ -10,6 +10,7 @@ import re
 import pytest
 import trio
 
+from redoxcap.testing import wait_for
 from schemes.framework import Caller, Request, SchemeError, invoke
 from schemes.log import (
     BURST,
@@ -21,7 +22,6 @@ from schemes.log import (
     add_options,
     escape,
 )
-from tests.conftest import wait_for
 
 
 def req(pid: int = 4242) -> Request:

@@ -1,7 +1,8 @@
 """tcp, udp and pipe capabilities through the real processes: each grants what it names.
 
-The `system` fixture fails any test whose daemons logged a traceback, so the
-malformed addresses below also check that the daemons answer them calmly.
+The tests share the module's one system, each with a namespace of its own
+(`isolated_client`). The plugin fails any test whose daemons logged a traceback,
+so the malformed addresses below also check that the daemons answer them calmly.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def port_of(fd: int) -> int:
     return int(rt.fpath(fd).rsplit("/", 1)[1])
 
 
-def test_a_socket_or_pipe_capability_opens_nothing_else(client):
+def test_a_socket_or_pipe_capability_opens_nothing_else(isolated_client):
     listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = port_of(listener)
     conn = rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)
@@ -56,7 +57,7 @@ def test_a_socket_or_pipe_capability_opens_nothing_else(client):
         rt.close(fd)
 
 
-def test_a_bound_udp_server_answers_each_client_with_sendto(client):
+def test_a_bound_udp_server_answers_each_client_with_sendto(isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = port_of(server)
     second = rt.clone(server)  # two reads in flight at once, each on its own socket
@@ -82,7 +83,7 @@ def test_a_bound_udp_server_answers_each_client_with_sendto(client):
         rt.close(fd)
 
 
-def test_sendto_and_recvfrom_arguments_are_checked(client):
+def test_sendto_and_recvfrom_arguments_are_checked(isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     for address in [("127.1", 9), ("localhost", 9), ("127.0.0.1", 0), ("127.0.0.1", 70000)]:
         with pytest.raises(OSError) as info:
@@ -106,7 +107,7 @@ BAD = ["127.1/80", "2130706433/80", "0/80", "0x7f.1/80", "127.000.0.1/80", "loca
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])
-def test_malformed_addresses_are_einval_and_grants_are_eacces(client, scheme):
+def test_malformed_addresses_are_einval_and_grants_are_eacces(isolated_client, scheme):
     for path in BAD:
         with pytest.raises(OSError) as info:
             rt.open(f"/scheme/{scheme}/{path}", rt.O_RDWR)
@@ -123,7 +124,7 @@ def test_malformed_addresses_are_einval_and_grants_are_eacces(client, scheme):
     assert nobody_listens(privileged)
 
 
-def test_connecting_to_a_privileged_port_is_allowed(client):
+def test_connecting_to_a_privileged_port_is_allowed(isolated_client):
     port = next(p for p in range(1, 1024) if nobody_listens(p))
     with pytest.raises(ConnectionRefusedError):  # refused by Linux, not by the scheme
         rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)

@@ -11,7 +11,7 @@ import stat
 import pytest
 
 import rt
-from tests.conftest import _as_client, boot, shut_down
+from redoxcap.testing import booted, installed
 from wire.protocol import O_PASSTHROUGH
 
 
@@ -22,12 +22,8 @@ def ro_client(tmp_path_factory):
     ro = base / "ro"
     ro.mkdir()
     (ro / "kept.txt").write_text("read only")
-    system = boot(base, "--mount", f"ro={ro}:ro")
-    try:
-        with _as_client(system):
-            yield system
-    finally:
-        shut_down(system)
+    with booted(base, "--mount", f"ro={ro}:ro") as system, installed(system):
+        yield system
 
 
 def test_a_passthrough_open_of_a_regular_file_is_a_host_fd_with_the_access_asked_for(ro_client):

@@ -19,9 +19,9 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for
 
 import rt
+from redoxcap.testing import wait_for
 from rt._call import call_fd
 from wire import protocol as P
 

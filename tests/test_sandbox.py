@@ -1,6 +1,12 @@
 """Attempts to get out of a sandbox, through rt and around it, each with its exact errno.
 
 Linux's own openat2(2) is the oracle for lookups beneath and in a root.
+
+The tests share the module's one system: those that call rt from this process
+with a directory and namespace of their own (`isolated_client`), the rest with
+names of their own in it, and confined clients that `redoxcap run` starts and
+that end with the test. One changes the root namespace on purpose and has a
+system of its own.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pytest
 
 import rt
 from redoxcap import control
-from tests.conftest import REDOXCAP
+from redoxcap.testing import REDOXCAP
 from wire import protocol as P
 
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -149,11 +155,12 @@ def _rt_openat(dirfd: int, path: str, flags: int):
     return outcome(lambda: rt.openat(dirfd, path, flags), rt.fstat, rt.close)
 
 
-def test_beneath_is_sticky_and_shows_in_getfl(client):
-    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
+def test_beneath_is_sticky_and_shows_in_getfl(isolated_client):
+    box = _beneath_dir(isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)  # no flag asked for: inherited
     assert rt.getfl(sub) & rt.O_RESOLVE_BENEATH
-    assert rt.getfl(rt.clone(sub)) & rt.O_RESOLVE_BENEATH
+    cloned = rt.clone(sub)
+    assert rt.getfl(cloned) & rt.O_RESOLVE_BENEATH
     rt.close(rt.openat(sub, "../file.txt"))  # still beneath box, the directory with the flag
     with pytest.raises(OSError) as info:
         rt.openat(sub, "../../secret.txt")
@@ -161,21 +168,26 @@ def test_beneath_is_sticky_and_shows_in_getfl(client):
     plain = rt.open("/box", rt.O_DIRECTORY)
     assert not rt.getfl(plain) & rt.O_RESOLVE_BENEATH
     rt.close(rt.openat(plain, "../secret.txt"))  # without the flag, .. is allowed inside the scheme
-    for fd in (box, sub, plain):
+    for fd in (box, sub, cloned, plain):
         rt.close(fd)
 
 
-def test_openat_with_a_resolve_flag_never_consults_the_namespace(client):
-    """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd."""
-    box = _beneath_dir(client, 0)
-    outside = (client.root / "secret.txt").stat()
+def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
+    """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd.
+
+    In the root namespace, whose `/secret.txt` is the tree's (the only test here to build
+    it at the root), and whose fpath answers from the scheme's root."""
+    box = _beneath_dir(shared_client, 0)
+    outside = (shared_client.root / "secret.txt").stat()
+    cwd = rt.open(".", rt.O_DIRECTORY)
     for path in ("/secret.txt", "/box/file.txt", "/scheme/file/secret.txt", "/"):
         with pytest.raises(OSError) as info:
             rt.openat(box, path, rt.O_RESOLVE_BENEATH)
         assert info.value.errno == errno.EXDEV, path
         with pytest.raises(OSError) as info:
-            rt.openat(rt.open(".", rt.O_DIRECTORY), path, rt.O_RESOLVE_BENEATH)
+            rt.openat(cwd, path, rt.O_RESOLVE_BENEATH)
         assert info.value.errno == errno.EXDEV, path
+    rt.close(cwd)
     with pytest.raises(FileNotFoundError):
         rt.openat(box, "/secret.txt", rt.O_RESOLVE_IN_ROOT)  # would be the namespace's /secret.txt
     fd = rt.openat(box, "/file.txt", rt.O_RESOLVE_IN_ROOT)
@@ -188,17 +200,17 @@ def test_openat_with_a_resolve_flag_never_consults_the_namespace(client):
         rt.openat(box, "file:secret.txt", rt.O_RESOLVE_BENEATH)
     with pytest.raises(FileNotFoundError):
         rt.openat(box, "/scheme/file/secret.txt", rt.O_RESOLVE_IN_ROOT)
-    assert (client.root / "secret.txt").stat() == outside
+    assert (shared_client.root / "secret.txt").stat() == outside
     rt.close(box)
 
 
 @pytest.mark.parametrize("flag", [0, rt.O_RESOLVE_BENEATH, rt.O_PATH], ids=["plain", "beneath", "o_path"])
-def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(client, flag):
+def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client, flag):
     """Issue 7 item 4: a directory capability registered as `file` confines everything
     that goes through that name to it, whatever flags it was opened with."""
-    (client.root / "secret.txt").write_text("outside the box")
-    (client.root / "box/sub").mkdir(parents=True)
-    (client.root / "box/in.txt").write_text("in the box")
+    (isolated_client.root / "secret.txt").write_text("outside the box")
+    (isolated_client.root / "box/sub").mkdir(parents=True)
+    (isolated_client.root / "box/in.txt").write_text("in the box")
     box = rt.open("/box", rt.O_DIRECTORY | flag)
     child = rt.mkns([], perms=rt.PERM_ALL)
     rt.register(child, "file", box)
@@ -235,13 +247,13 @@ def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(client, flag):
         rt.setns(parent)
         rt.close(parent)
         rt.close(child)
-    assert sorted(p.name for p in client.root.iterdir()) == ["box", "secret.txt"]
-    assert (client.root / "secret.txt").read_text() == "outside the box"
-    assert sorted(p.name for p in (client.root / "box").iterdir()) == [
+    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box", "secret.txt"]
+    assert (isolated_client.root / "secret.txt").read_text() == "outside the box"
+    assert sorted(p.name for p in (isolated_client.root / "box").iterdir()) == [
         "abs", "created.txt", "linked.txt", "made", "moved.txt", "sub"]
 
 
-def test_a_namespace_cannot_be_registered_in_a_namespace(client):
+def test_a_namespace_cannot_be_registered_in_a_namespace(isolated_client):
     """nsmgr would hold the last reference to itself, and the handle would never close."""
     child = rt.mkns(["file"], perms=rt.PERM_ALL)
     for ns in (child, rt.getns()):
@@ -277,8 +289,8 @@ def test_a_spawned_child_cannot_change_its_parents_namespace(client):
     assert "null" not in rt.schemes()  # shared on purpose: the change is ours too
 
 
-def test_two_path_operations_are_bound_beneath_on_both_sides(client):
-    box = _beneath_dir(client, rt.O_RESOLVE_BENEATH)
+def test_two_path_operations_are_bound_beneath_on_both_sides(isolated_client):
+    box = _beneath_dir(isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)
     from rt._call import call
 
@@ -298,17 +310,18 @@ def test_two_path_operations_are_bound_beneath_on_both_sides(client):
         with pytest.raises(OSError) as info:
             call(sub, op, args)
         assert info.value.errno == errno.EXDEV, (op, args)
-    assert sorted(p.name for p in client.root.iterdir()) == ["box", "secret.txt"]
-    assert (client.root / "box/file.txt").exists()
+    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box", "secret.txt"]
+    assert (isolated_client.root / "box/file.txt").exists()
     rt.close(sub)
     rt.close(box)
 
 
-def test_a_file_scheme_never_reaches_the_host_outside_its_root(client):
-    """Without any flag, `..` and absolute symlinks stop at the scheme's root."""
-    (client.root / "ok").write_text("root file")
-    os.symlink("/etc", client.root / "etc_link")
-    os.symlink("../../../../../../etc/passwd", client.root / "deep_out")
+def test_a_file_scheme_never_reaches_the_host_outside_its_root(shared_client):
+    """Without any flag, `..` and absolute symlinks stop at the scheme's root (the real one:
+    the root namespace's `file`, so the names below are unique in the module's system)."""
+    (shared_client.root / "ok").write_text("root file")
+    os.symlink("/etc", shared_client.root / "etc_link")
+    os.symlink("../../../../../../etc/passwd", shared_client.root / "deep_out")
     for path in ("/../../../etc/passwd", "/etc_link/passwd", "/deep_out", "/../" * 20 + "etc/hostname"):
         with pytest.raises(FileNotFoundError):
             rt.open(path)
@@ -352,11 +365,11 @@ SANDBOX_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_a_confined_beneath_client_reaches_exactly_its_directory(system, tmp_path):
-    (system.root / "outside.txt").write_text("no")
-    (system.root / "jail/sub").mkdir(parents=True)
-    (system.root / "jail/inside.txt").write_text("yes")
-    os.symlink("../outside.txt", system.root / "jail/link_out")
+def test_a_confined_beneath_client_reaches_exactly_its_directory(shared_system, tmp_path):
+    (shared_system.root / "outside.txt").write_text("no")
+    (shared_system.root / "jail/sub").mkdir(parents=True)
+    (shared_system.root / "jail/inside.txt").write_text("yes")
+    os.symlink("../outside.txt", shared_system.root / "jail/link_out")
     host_file = tmp_path / "host.txt"
     host_file.write_text("host")
     with socket.socket() as listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
@@ -366,10 +379,10 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(system, tmp_pat
         abstract.listen()
         script = tmp_path / "client.py"
         script.write_text(SANDBOX_CLIENT)
-        result = system.run(
+        result = shared_system.run(
             "--ns", "", "--cwd", "/jail", "--beneath", "--require-confine", "--",
             sys.executable, str(script), str(host_file), str(tmp_path / "new.txt"),
-            str(listener.getsockname()[1]), str(system.state_dir / control.TOKEN_NAME),
+            str(listener.getsockname()[1]), str(shared_system.state_dir / control.TOKEN_NAME),
             "redoxcap-test-abstract",
         )
     got = dict(line.split("=", 1) for line in result.stdout.splitlines())
@@ -396,18 +409,18 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(system, tmp_pat
     assert not (tmp_path / "new.txt").exists()
 
 
-def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(system):
+def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(shared_system):
     code = ("import os, tempfile\n"
             "with tempfile.NamedTemporaryFile(delete=False) as f:\n    f.write(b'x')\n"
             "print(os.environ['TMPDIR']); print(os.listdir(os.environ['TMPDIR']) != [])\n")
-    scratch, wrote = system.python(code).stdout.split()
+    scratch, wrote = shared_system.python(code).stdout.split()
     assert wrote == "True"
     assert not os.path.exists(scratch)
 
 
-def test_getcwd_does_not_lie_after_a_symlinked_chdir(client):
-    (client.root / "real/inner").mkdir(parents=True)
-    os.symlink("real/inner", client.root / "shortcut")
+def test_getcwd_does_not_lie_after_a_symlinked_chdir(isolated_client):
+    (isolated_client.root / "real/inner").mkdir(parents=True)
+    os.symlink("real/inner", isolated_client.root / "shortcut")
     rt.chdir("/shortcut")
     assert rt.getcwd() == "/real/inner"
     rt.chdir("..")
@@ -415,8 +428,8 @@ def test_getcwd_does_not_lie_after_a_symlinked_chdir(client):
     assert rt.listdir() == ["inner"]
 
 
-def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(system):
-    result = system.python(
+def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(shared_system):
+    result = shared_system.python(
         "import rt\n"
         "for path in ('/scheme/tcp/127.0.0.1/9', '/scheme/null', '/scheme/zero', 'rand:', '/scheme/nsmgr'):\n"
         "    try:\n        rt.open(path)\n        print('reached', path)\n"
@@ -429,14 +442,14 @@ def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(system):
     assert lines[-1] == "['file', 'uds']"
 
 
-def test_forged_frames_cannot_name_handles_they_were_not_given(client):
+def test_forged_frames_cannot_name_handles_they_were_not_given(isolated_client):
     """A frame's body can claim anything; the router routes by socket, not by content."""
-    (client.root / "mine.txt").write_text("mine")
-    (client.root / "theirs.txt").write_text("theirs")
+    (isolated_client.root / "mine.txt").write_text("mine")
+    (isolated_client.root / "theirs.txt").write_text("theirs")
     theirs = rt.open("/theirs.txt")
     mine = rt.open("/mine.txt")
     with socket.socket(fileno=os.dup(mine)) as s:
-        # a scheme-side header smuggled into a client request
+        # a scheme-side header smuggled into a isolated_client request
         forged = P.SREQUEST.pack(1, 1, 0, 0, 0, P.READ, 0) + P.pack([100])
         s.send(P.REQUEST.pack(P.READ, 5) + forged)
         tag, status, value = P.decode_reply(s.recv(P.MAX_FRAME))
@@ -451,7 +464,7 @@ def test_forged_frames_cannot_name_handles_they_were_not_given(client):
     rt.close(mine)
 
 
-def test_namespace_forks_never_gain_names_or_permissions(client):
+def test_namespace_forks_never_gain_names_or_permissions(isolated_client):
     child = rt.mkns(["file"], perms=rt.PERM_LIST)
     for names, perms, err in [
         (["file", "tcp"], None, errno.ENODEV),
@@ -535,14 +548,14 @@ ON_ITS_OWN_TERMINAL = [
 ]
 
 
-def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(system):
+def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(shared_system):
     master, slave = os.openpty()
     run = None
     try:
         tty.setraw(slave)  # FIONREAD then counts every pending byte, not only whole lines
         # `run` gets the pty as its controlling terminal, as under an interactive shell.
         run = subprocess.Popen(
-            [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(system.state_dir), "run",
+            [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(shared_system.state_dir), "run",
              "--ns", "", "--require-confine", "--", sys.executable, "-c", TERMINAL_CLIENT],
             stdin=slave, stdout=slave, stderr=slave)
         data = Output(master).until(b" END")
@@ -589,9 +602,9 @@ SIGNALLED_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(system):
+def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(shared_system):
     run = subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--require-confine", "--",
+        [*REDOXCAP, "--state-dir", str(shared_system.state_dir), "run", "--require-confine", "--",
          sys.executable, "-c", SIGNALLED_CLIENT],
         stdout=subprocess.PIPE, start_new_session=True)
     pidfds = []
@@ -639,7 +652,7 @@ TOOL = textwrap.dedent("""
 
 
 def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_arguments(
-        system, tmp_path):
+        shared_system, tmp_path):
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh/id_rsa").write_text("PRIVATE KEY")
@@ -652,7 +665,7 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
 
     def run(*command: str) -> subprocess.CompletedProcess:
         # `cd ~ && redoxcap run ...`
-        return system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
+        return shared_system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
                           check=False)
 
     expected = "own file ok\nkey beside it EACCES\nits directory EACCES\nits argument EACCES\n"
@@ -670,7 +683,7 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
     assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
 
 
-def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(system, tmp_path):
+def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(shared_system, tmp_path):
     caller = {
         "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
         "TERM": "dumb", "TZ": "UTC", "REDOXCAP_NOTE": "ours", "FOO": "foo",
@@ -679,7 +692,7 @@ def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(system
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
 
     def client_env(*options: str) -> dict[str, str]:
-        env = json.loads(system.python(dump, *options, env=caller, cwd=tmp_path).stdout)
+        env = json.loads(shared_system.python(dump, *options, env=caller, cwd=tmp_path).stdout)
         for name in ("REDOXCAP_NS_FD", "REDOXCAP_CWD_FD"):  # set by run; rt takes them
             assert env.pop(name).isdigit()
         assert env.pop("REDOXCAP_CWD") == "/"
@@ -697,14 +710,14 @@ def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(system
     assert got.pop("TMPDIR") != caller.get("TMPDIR")
     assert got == caller
     assert client_env("--no-confine") == caller
-    bad = system.python(dump, "--env", "=x", env=caller, check=False)
+    bad = shared_system.python(dump, "--env", "=x", env=caller, check=False)
     assert bad.returncode == 2 and "NAME or NAME=VALUE" in bad.stderr
 
 
-def test_a_confined_client_dies_with_a_killed_run(system):
+def test_a_confined_client_dies_with_a_killed_run(shared_system):
     # Out of the terminal's session, no hangup would end it: run's death must.
     run = subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--require-confine", "--",
+        [*REDOXCAP, "--state-dir", str(shared_system.state_dir), "run", "--require-confine", "--",
          sys.executable, "-c", "import os, signal; print(os.getpid(), flush=True); signal.pause()"],
         stdout=subprocess.PIPE, start_new_session=True)
     pidfd = None
@@ -726,7 +739,7 @@ def test_a_confined_client_dies_with_a_killed_run(system):
         run.stdout.close()
 
 
-def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(system, tmp_path):
+def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(shared_system, tmp_path):
     # A client that can write where `run` is later started from must not get code run unconfined.
     planted = tmp_path / "planted"
     (planted / "redoxcap/sandbox").mkdir(parents=True)
@@ -735,7 +748,7 @@ def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(system, tmp_p
     for module in ("__init__.py", "__main__.py"):
         (planted / "redoxcap/sandbox" / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(system.state_dir), "run",
+        [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(shared_system.state_dir), "run",
          "--require-confine", "--", sys.executable, "-c", "print('client ran')"],
         cwd=planted, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

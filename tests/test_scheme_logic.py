@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import trio
+import trio.testing
 
 from schemes.framework import Caller, HandleRef, Request, SchemeError, invoke
 from schemes.log import LogScheme
@@ -37,10 +38,11 @@ async def test_pipe_reads_wait_for_writes_and_end_when_writers_close():
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             assert got == []  # waiting, not spinning on b""
             await invoke(s, req(), w, "write", b"hello")
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the reader has it and waits again
+            assert got == [b"hello"]
             await s.close(w)
     assert got == [b"hello", b""]
 
@@ -50,9 +52,17 @@ async def test_pipe_write_without_readers_is_epipe_and_a_full_pipe_waits():
     r = (await invoke(s, req(), s.root(), "openat", "", 0, 0)).obj
     w = (await invoke(s, req(), r, "dup", b"write")).obj
     assert await invoke(s, req(), w, "write", b"x" * PIPE_SIZE) == PIPE_SIZE
-    with trio.move_on_after(0.05) as scope:
-        await invoke(s, req(), w, "write", b"more")
-    assert scope.cancelled_caught  # full: the writer waits
+    wrote = []
+
+    async def writer():
+        wrote.append(await invoke(s, req(), w, "write", b"more"))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert wrote == []  # full: the writer waits
+            nursery.cancel_scope.cancel()
     await s.close(r)
     with pytest.raises(SchemeError) as info:
         await invoke(s, req(), w, "write", b"x")

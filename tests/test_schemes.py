@@ -1,4 +1,10 @@
-"""The schemes beside files, through the real processes: clients run by `redoxcap run` or rt."""
+"""The schemes beside files, through the real processes: clients run by `redoxcap run` or rt.
+
+Clients that only use the schemes share the module's one system: those run by
+`redoxcap run` use names of their own in it (`shared_system`), those in this
+process a namespace of their own (`isolated_client`). Tests that count every
+handle a scheme holds, or mount directories, boot a system of their own.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +19,14 @@ from pathlib import Path
 import pytest
 
 import rt
-from tests.conftest import REDOXCAP, boot, shut_down, wait_for
+from redoxcap.testing import REDOXCAP, System, booted, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def start_client(system, *args: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A `redoxcap run [options]` client in the background, reading its stdout line by line."""
-    return subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", *options, "--", sys.executable, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_client(system: System, *args: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A `redoxcap run [options]` client in the background (killed with the system's fixture)."""
+    return system.start("run", *options, "--", sys.executable, *args)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
@@ -36,25 +40,25 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
     return out
 
 
-def test_tcp_echo_between_two_clients(system):
-    server = start_client(system, str(EXAMPLES / "tcp_echo.py"), "server")
+def test_tcp_echo_between_two_clients(shared_system):
+    server = start_client(shared_system, str(EXAMPLES / "tcp_echo.py"), "server")
     try:
         line = server.stdout.readline()
         assert line.startswith("listening on "), server.stderr.read()
         port = line.split()[-1]
-        result = system.run("--", sys.executable, str(EXAMPLES / "tcp_echo.py"), "client", port, "ping pong")
+        result = shared_system.run("--", sys.executable, str(EXAMPLES / "tcp_echo.py"), "client", port, "ping pong")
         assert result.stdout.strip() == "echoed: ping pong"
     finally:
         finish(server)
 
 
-def test_uds_echo_with_a_capability_passed_across(system):
+def test_uds_echo_with_a_capability_passed_across(shared_system):
     # two runs reach each other only through a uds scope they both name
-    server = start_client(system, str(EXAMPLES / "uds_echo.py"), "server", "echo1",
+    server = start_client(shared_system, str(EXAMPLES / "uds_echo.py"), "server", "echo1",
                           options=("--uds-scope", "demo"))
     try:
         assert server.stdout.readline() == "listening\n"
-        result = system.run("--uds-scope", "demo", "--", sys.executable, str(EXAMPLES / "uds_echo.py"),
+        result = shared_system.run("--uds-scope", "demo", "--", sys.executable, str(EXAMPLES / "uds_echo.py"),
                             "client", "echo1", "hi there")
         assert result.stdout.strip() == "echoed: hi there"
     finally:
@@ -62,8 +66,8 @@ def test_uds_echo_with_a_capability_passed_across(system):
     assert "received a capability for /scheme/file/shared.txt holding: a file only the client opened" in out
 
 
-def test_a_namespace_without_tcp_fails_with_enodev(system):
-    result = system.run("--ns", "file,uds", "--", sys.executable, str(EXAMPLES / "no_tcp.py"))
+def test_a_namespace_without_tcp_fails_with_enodev(shared_system):
+    result = shared_system.run("--ns", "file,uds", "--", sys.executable, str(EXAMPLES / "no_tcp.py"))
     assert result.stdout.splitlines() == [
         "my schemes: ['file', 'uds']",
         "/scheme/tcp/127.0.0.1/80 -> ENODEV",
@@ -72,7 +76,7 @@ def test_a_namespace_without_tcp_fails_with_enodev(system):
     ]
 
 
-def test_a_pipe_between_a_client_and_a_child_it_spawns(system):
+def test_a_pipe_between_a_client_and_a_child_it_spawns(shared_system):
     code = (
         "import rt, sys\n"
         "r, w = rt.pipe()\n"
@@ -90,18 +94,18 @@ def test_a_pipe_between_a_client_and_a_child_it_spawns(system):
         "    try:\n        rt.write(w2, b'x'); time.sleep(0.01)\n"
         "    except BrokenPipeError:\n        print('EPIPE'); break\n"
     )
-    assert system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
+    assert shared_system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
 
 
-def test_a_client_can_provide_a_scheme_of_its_own(system):
-    result = system.run("--", sys.executable, str(EXAMPLES / "user_scheme.py"))
+def test_a_client_can_provide_a_scheme_of_its_own(shared_system):
+    result = shared_system.run("--", sys.executable, str(EXAMPLES / "user_scheme.py"))
     lines = result.stdout.splitlines()
     assert lines[0].startswith("child read: hello, world (asked by pid ")
     assert lines[1] == "child exited with 0"
-    assert "greeting" not in system.python("import rt; print(rt.schemes())").stdout  # only in its fork
+    assert "greeting" not in shared_system.python("import rt; print(rt.schemes())").stdout  # only in its fork
 
 
-def test_creating_a_scheme_needs_scheme_create_and_a_free_name(client):
+def test_creating_a_scheme_needs_scheme_create_and_a_free_name(isolated_client):
     with pytest.raises(FileExistsError):
         rt.mkscheme("file")
     with pytest.raises(OSError) as info:
@@ -113,7 +117,7 @@ def test_creating_a_scheme_needs_scheme_create_and_a_free_name(client):
     rt.close(narrowed)
 
 
-def test_zero_rand_and_null(client):
+def test_zero_rand_and_null(isolated_client):
     zero, rand, null = rt.open("/scheme/zero"), rt.open("rand:"), rt.open("/scheme/null", rt.O_RDWR)
     assert rt.read(zero, 1000) == bytes(1000)
     a, b = rt.read(rand, 64), rt.read(rand, 64)
@@ -123,7 +127,7 @@ def test_zero_rand_and_null(client):
         rt.close(fd)
 
 
-def test_schemes_without_resolve_beneath_refuse_the_flag(client):
+def test_schemes_without_resolve_beneath_refuse_the_flag(isolated_client):
     for path in ("/scheme/zero", "/scheme/pipe", "/scheme/uds/x", "/scheme/tcp/127.0.0.1/0"):
         for flag in (rt.O_RESOLVE_BENEATH, rt.O_RESOLVE_IN_ROOT):
             with pytest.raises(OSError) as info:
@@ -131,7 +135,7 @@ def test_schemes_without_resolve_beneath_refuse_the_flag(client):
             assert info.value.errno == errno.EINVAL, path
 
 
-def test_udp_echo(client):
+def test_udp_echo(isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = int(rt.fpath(server).rsplit("/", 1)[1])
     with pytest.raises(OSError) as info:
@@ -152,7 +156,7 @@ def test_udp_echo(client):
     rt.close(server)
 
 
-def test_tcp_errors_are_errnos(client):
+def test_tcp_errors_are_errnos(isolated_client):
     with socket.socket() as unused:  # a port nobody listens on (a close in a scheme is asynchronous)
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
@@ -167,7 +171,7 @@ def test_tcp_errors_are_errnos(client):
         assert info.value.errno == err, path
 
 
-def test_a_blocked_accept_does_not_stall_other_clients(client):
+def test_a_blocked_accept_does_not_stall_other_clients(isolated_client):
     listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     theirs = rt.clone(listener)  # never share one capability socket between two processes
     waiter = rt.spawn([sys.executable, "-c", "import rt, sys; rt.dup(int(sys.argv[1]), b'accept')",
@@ -185,11 +189,11 @@ def test_a_blocked_accept_does_not_stall_other_clients(client):
     rt.close(listener)
 
 
-def test_the_log_scheme_writes_lines_with_the_writers_pid(system):
+def test_the_log_scheme_writes_lines_with_the_writers_pid(shared_system):
     code = "import os, rt\nfd = rt.open('/scheme/log/demo', rt.O_WRONLY)\n" \
            "rt.write(fd, b'first line\\nsecond ')\nrt.write(fd, b'line\\n')\nprint(os.getpid())\n"
-    pid = system.python(code).stdout.strip()
-    log = wait_for(lambda: "second line" in system.log() and system.log())
+    pid = shared_system.python(code).stdout.strip()
+    log = wait_for(lambda: "second line" in shared_system.log() and shared_system.log())
     assert f"log[{pid}] demo: first line" in log
     assert f"log[{pid}] demo: second line" in log
 
@@ -227,8 +231,7 @@ def test_a_read_only_mount_refuses_writes(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "readme.txt").write_text("read me")
-    system = boot(tmp_path, "--mount", f"docs={docs}:ro")
-    try:
+    with booted(tmp_path, "--mount", f"docs={docs}:ro") as system:
         code = (
             "import errno, rt\n"
             "print(rt.open_file('/scheme/docs/readme.txt').read())\n"
@@ -241,8 +244,6 @@ def test_a_read_only_mount_refuses_writes(tmp_path):
         assert sorted(p.name for p in docs.iterdir()) == ["readme.txt"]
         info = system.daemon("docs")
         assert info["module"] == "schemes.file" and "--read-only" in info["args"]
-    finally:
-        shut_down(system)
 
 
 def test_run_mount_adds_a_writable_mount_to_a_running_system(system, tmp_path):

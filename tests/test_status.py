@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import REDOXCAP, boot, shut_down, wait_for
+from redoxcap.testing import REDOXCAP, booted, wait_for
 
 HOLDER = ("import rt, sys\n"
           "f = rt.open('held.txt', rt.O_CREAT | rt.O_WRONLY)\n"
@@ -19,45 +19,44 @@ HOLDER = ("import rt, sys\n"
 def test_status_and_graph_show_mounts_clients_and_what_they_hold(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
-    system = boot(tmp_path, "--mount", f"photos={photos}:ro")
-    holder = None
-    try:
-        (system.root / "box").mkdir()
-        holder = subprocess.Popen([*REDOXCAP, "--state-dir", str(system.state_dir), "run",
-                                   "--ns", "file,zero", "--cwd", "/box", "--",
-                                   sys.executable, "-c", HOLDER],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline() == "holding\n"
-        info = system.status()
-        assert info["mounts"] == {"photos": {"path": str(photos), "read_only": True}}
-        client = wait_for(lambda: next((c for c in system.status()["clients"]
-                                        if c["argv"][:2] == [sys.executable, "-c"]), None))
-        assert (client["names"], client["cwd"]) == ("file,zero", "/box")
-        assert client["capabilities"] >= 4  # namespace, cwd, the file, zero
+    with booted(tmp_path, "--mount", f"photos={photos}:ro") as system:
+        holder = None
+        try:
+            (system.root / "box").mkdir()
+            holder = subprocess.Popen([*REDOXCAP, "--state-dir", str(system.state_dir), "run",
+                                       "--ns", "file,zero", "--cwd", "/box", "--",
+                                       sys.executable, "-c", HOLDER],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline() == "holding\n"
+            info = system.status()
+            assert info["mounts"] == {"photos": {"path": str(photos), "read_only": True}}
+            client = wait_for(lambda: next((c for c in system.status()["clients"]
+                                            if c["argv"][:2] == [sys.executable, "-c"]), None))
+            assert (client["names"], client["cwd"]) == ("file,zero", "/box")
+            assert client["capabilities"] >= 4  # namespace, cwd, the file, zero
 
-        table = system.cli("status").stdout
-        assert f"mount photos: {photos} (read-only)" in table
-        assert any(line.split()[:1] == [str(client["pid"])] and "file,zero" in line
-                   for line in table.splitlines())
+            table = system.cli("status").stdout
+            assert f"mount photos: {photos} (read-only)" in table
+            assert any(line.split()[:1] == [str(client["pid"])] and "file,zero" in line
+                       for line in table.splitlines())
 
-        dot = system.cli("graph").stdout
-        assert dot.startswith("digraph capabilities {")
-        node = f"client{client['pid']}"
-        assert f"{node} [" in dot and "namespace: file,zero" in dot
-        assert "/scheme/file/box/held.txt" in dot  # the handle behind its capability
-        assert "namespace: file, zero" in dot  # the names of its namespace handle
-        assert f"{node} -> h" in dot
+            dot = system.cli("graph").stdout
+            assert dot.startswith("digraph capabilities {")
+            node = f"client{client['pid']}"
+            assert f"{node} [" in dot and "namespace: file,zero" in dot
+            assert "/scheme/file/box/held.txt" in dot  # the handle behind its capability
+            assert "namespace: file, zero" in dot  # the names of its namespace handle
+            assert f"{node} -> h" in dot
 
-        out = tmp_path / "graph.svg"
-        rendered = system.cli("graph", "--output", str(out), check=False)
-        if shutil.which("dot"):
-            assert rendered.returncode == 0 and out.read_text().lstrip().startswith(("<?xml", "<svg"))
-        else:  # no Graphviz here: a readable error, not a traceback
-            assert rendered.returncode == 1 and "Graphviz" in rendered.stderr
-    finally:
-        if holder is not None:
-            holder.stdin.close()
-            holder.wait(timeout=60)
-            holder.stdout.close()
-        shut_down(system)
+            out = tmp_path / "graph.svg"
+            rendered = system.cli("graph", "--output", str(out), check=False)
+            if shutil.which("dot"):
+                assert rendered.returncode == 0 and out.read_text().lstrip().startswith(("<?xml", "<svg"))
+            else:  # no Graphviz here: a readable error, not a traceback
+                assert rendered.returncode == 1 and "Graphviz" in rendered.stderr
+        finally:
+            if holder is not None:
+                holder.stdin.close()
+                holder.wait(timeout=60)
+                holder.stdout.close()
     assert json.dumps(info)  # the status reply is plain JSON

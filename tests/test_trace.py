@@ -6,8 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REDOXCAP, wait_for
-
+from redoxcap.testing import REDOXCAP, wait_for
 from redoxcap.trace import Tracer
 from wire import ops
 from wire import protocol as P

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import rt
-from tests.conftest import REDOXCAP, System, wait_for
+from redoxcap.testing import System, wait_for
 
 
 def listen_until_stdin_closes(name: str) -> str:
@@ -32,11 +32,7 @@ def connect(name: str) -> str:
 
 def start_run(system: System, code: str, *options: str) -> subprocess.Popen:
     """A confined `redoxcap run` of Python code in the background; its stdin keeps it waiting."""
-    return subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(system.state_dir), "run", *options, "--",
-         sys.executable, "-c", code],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+    return system.start("run", *options, "--", sys.executable, "-c", code)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 30) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from redoxcap.config import ConfigError, UserScheme, configure, load
-from tests.conftest import boot, shut_down
+from redoxcap.testing import booted
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -140,8 +140,7 @@ cwd = "{EXAMPLES}"
 command = ["{sys.executable}", "echo_scheme.py", "--upper"]
 cwd = "{EXAMPLES}"
 ''')
-    system = boot(tmp_path, "--config", str(config))
-    try:
+    with booted(tmp_path, "--config", str(config)) as system:
         assert system.python(CLIENT).stdout == EXPECTED
         before = {d["name"]: d for d in system.status()["daemons"]}
         assert before["echo"]["pid"] and before["shout"]["pid"]
@@ -154,8 +153,6 @@ cwd = "{EXAMPLES}"
         echo = system.daemon("echo")
         assert echo["pid"] not in (None, before["echo"]["pid"]) and echo["restarts"] == 1
         assert system.daemon("shout")["restarts"] == 0
-    finally:
-        shut_down(system)
 
 
 def test_the_readme_example_config_loads():

@@ -1,0 +1,132 @@
+"""The `redoxcap` command against a running system: `status`, the control socket
+that answers only its owner, `run` with a namespace, a cwd and an exit code, the
+example client, a private system for a `run` without one, and `up --trace`.
+
+Most tests share the module's one system (`shared_system`) and touch only names
+of their own in it; those that need a system of their own say why.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from redoxcap import control
+from redoxcap.testing import REDOXCAP, booted, pid_alive, wait_for
+from wire import protocol as P
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_status_json_reports_every_daemon(shared_system):
+    info = json.loads(shared_system.cli("status", "--json").stdout)
+    names = [d["name"] for d in info["daemons"]]
+    assert names[:3] == ["kernel", "nsmgr", "file"]
+    for d in info["daemons"]:
+        assert pid_alive(d["pid"])
+        assert 1000 < d["rss_kib"] < 500_000  # a Python process, measured
+    human = shared_system.cli("status").stdout
+    assert "nsmgr" in human and "file" in human
+
+
+def test_the_control_socket_only_answers_its_owner(shared_system):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(shared_system.state_dir / control.SOCKET_NAME))
+        s.send(P.pack({"token": "guess", "op": "namespace"}))
+        data, anc, _, _ = s.recvmsg(4096, P.CMSG_FDS)
+    assert anc == []
+    assert P.unpack(data) == {"ok": False, "error": "permission denied: bad token"}
+    # another uid with the right token is refused too
+    token = (shared_system.state_dir / control.TOKEN_NAME).read_text()
+    code = (
+        "import os, socket, sys\n"
+        "from wire import protocol as P\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        f"s.connect({str(shared_system.state_dir / control.SOCKET_NAME)!r})\n"
+        "try:\n"  # the supervisor may have closed it already
+        f"    s.send(P.pack({{'token': {token!r}, 'op': 'namespace'}}))\n"
+        "except BrokenPipeError:\n"
+        "    pass\n"
+        "try:\n"
+        "    print(repr(s.recv(4096)))\n"
+        "except ConnectionResetError:\n"  # closed with our request unread
+        "    print(repr(b''))\n"
+    )
+    # a hard link in a directory that uid can search reaches the same socket
+    with tempfile.TemporaryDirectory() as public:  # same filesystem as pytest tmp_path
+        os.chmod(public, 0o755)
+        link = Path(public) / "control.sock"
+        os.link(shared_system.state_dir / control.SOCKET_NAME, link)
+        os.chmod(link, 0o777)
+        out = subprocess.run([sys.executable, "-c", code.replace(
+            repr(str(shared_system.state_dir / control.SOCKET_NAME)), repr(str(link)))],
+            capture_output=True, text=True, timeout=30, check=False)
+    assert out.stdout.strip() == "b''", out.stderr  # closed before anything is read
+
+
+def test_run_hands_the_command_its_namespace_and_cwd(shared_system):
+    (shared_system.root / "run-cwd").mkdir()
+    result = shared_system.python(
+        "import rt; print(rt.getcwd()); print(rt.schemes()); print(rt.listdir())",
+        "--cwd", "/run-cwd", "--ns", "file,zero",
+    )
+    assert result.stdout.split("\n")[:3] == ["/run-cwd", "['file', 'zero']", "[]"]
+
+
+def test_run_with_an_empty_namespace_cannot_open_absolute_paths(shared_system):
+    result = shared_system.python(
+        "import rt\n"
+        "try:\n    rt.open('/x')\nexcept OSError as e:\n    print(e.errno)\n",
+        "--ns", "",
+    )
+    assert result.stdout.strip() == str(errno.ENODEV)
+
+
+def test_run_passes_the_exit_code_and_reports_bad_options(shared_system):
+    assert shared_system.python("raise SystemExit(7)", check=False).returncode == 7
+    bad = shared_system.python("pass", "--ns", "file,nosuch", check=False)
+    assert bad.returncode == 2 and "no scheme named 'nosuch'" in bad.stderr
+    bad = shared_system.run("--bogus", "--", sys.executable, "-c", "pass", check=False)
+    assert bad.returncode == 2 and "No such option" in bad.stderr  # not a command to run
+    bad = shared_system.python("pass", "--cwd", "/nonexistent", check=False)
+    assert bad.returncode == 1 and "--cwd" in bad.stderr
+
+
+def test_the_example_client_runs(shared_system):
+    result = shared_system.run("--", sys.executable, str(EXAMPLES / "hello.py"))
+    assert "hello.txt" in result.stdout
+
+
+def test_run_without_a_system_boots_a_private_one_and_stops_it(tmp_path):
+    state = tmp_path / "none"
+    root = tmp_path / "root"
+    out = subprocess.run(
+        [*REDOXCAP, "--state-dir", str(state), "run", "--root", str(root), "--",
+         sys.executable, "-c", ("import rt, os; rt.close(rt.open('/made', rt.O_CREAT|rt.O_WRONLY));"
+                                "print(os.getppid())")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert (root / "made").exists()
+    assert not state.exists()
+    leftovers = subprocess.run(["pgrep", "-f", f"--root {root}"], capture_output=True, text=True,
+                               check=False)
+    assert leftovers.stdout == ""
+
+
+def test_trace_shows_each_request_and_reply_with_the_callers_pid(tmp_path):
+    with booted(tmp_path, "--trace") as system:  # a system of its own: traced from its start
+        out = system.python("import os, rt; rt.close(rt.open('/made', rt.O_CREAT | rt.O_WRONLY));"
+                            "print(os.getpid())")
+        pid = out.stdout.strip()
+        lines = wait_for(lambda: [line for line in system.log().splitlines()
+                                  if f"pid {pid} " in line and "OPENAT" in line] or None)
+        # the client's open through nsmgr, and, under it, nsmgr's own open of the file
+        assert any("nsmgr" in line and "/scheme/file/made -> ok +1 fds" in line for line in lines), lines
+        assert any(" file " in line and " made -> handle " in line for line in lines), lines
