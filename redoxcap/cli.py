@@ -70,9 +70,10 @@ root_option = click.option(
     help="Host directory served by the file scheme "
          "[default: $XDG_DATA_HOME/redoxcap/root, or ~/.local/share/redoxcap/root].")
 mount_option = click.option(
-    "--mount", "mounts", multiple=True, metavar="NAME=HOSTDIR[:ro][:nokeep]",
+    "--mount", "mounts", multiple=True, metavar=config.MOUNT_SYNTAX,
     help="Also serve HOSTDIR as scheme NAME (read-only with :ro; with :nokeep its open "
-         "handles die with its daemon instead of surviving a restart). Repeatable.")
+         "handles die with its daemon instead of surviving a restart; with :nopassthrough "
+         "every byte of its files goes through its daemon). Repeatable.")
 config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None, help="A TOML file: root, schemes, [mount.NAME] and [scheme.NAME] tables.")

@@ -10,6 +10,7 @@ A config file (TOML, `redoxcap up --config FILE`) may say:
     path = "/home/me/photos"
     read_only = true
     keep = true                          # open handles survive a crash of its daemon (default)
+    passthrough = true                   # O_PASSTHROUGH opens get host fds (default)
 
     [scheme.echo]                        # a scheme daemon of your own, registered as echo
     module = "echo_scheme"               # python -m echo_scheme --channel-fd N ARGS...
@@ -67,9 +68,10 @@ class Mount:
     path: Path
     read_only: bool = False
     keep: bool = True  # its open handles survive a crash of its daemon
+    passthrough: bool = True  # O_PASSTHROUGH opens of its regular files get host fds
 
     def spec(self) -> SchemeSpec:
-        return file_scheme(str(self.path), self.name, self.read_only, self.keep)
+        return file_scheme(str(self.path), self.name, self.read_only, self.keep, self.passthrough)
 
 
 # Names that are not the user's to give: nsmgr's own is how `restart nsmgr` finds it.
@@ -174,20 +176,31 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
 
 
 def parse_mount(text: str) -> Mount:
-    """`NAME=HOSTDIR[:ro][:nokeep]` -> Mount; the host directory must exist.
+    """`NAME=HOSTDIR[:ro][:nokeep][:nopassthrough]` -> Mount; the host directory must exist.
 
     `:ro` serves it read-only; `:nokeep` lets its open handles die with its daemon
-    (the config file's `keep = false`).
+    (the config file's `keep = false`); `:nopassthrough` routes every byte of its
+    files through the daemon, even for O_PASSTHROUGH opens (`passthrough = false`).
     """
     name, eq, rest = text.partition("=")
     if not eq or not rest:
-        raise ConfigError(f"--mount {text!r}: expected NAME=HOSTDIR[:ro][:nokeep]")
-    suffixes = {":ro": False, ":nokeep": False}
+        raise ConfigError(f"--mount {text!r}: expected {MOUNT_SYNTAX}")
+    suffixes = {":ro": False, ":nokeep": False, ":nopassthrough": False}
     while any(rest.endswith(s) for s in suffixes):
         suffix = next(s for s in suffixes if rest.endswith(s))
         suffixes[suffix] = True
         rest = rest[: -len(suffix)]
-    return replace(make_mount(name, rest, suffixes[":ro"]), keep=not suffixes[":nokeep"])
+    return replace(make_mount(name, rest, suffixes[":ro"]), keep=not suffixes[":nokeep"],
+                   passthrough=not suffixes[":nopassthrough"])
+
+
+MOUNT_SYNTAX = "NAME=HOSTDIR[:ro][:nokeep][:nopassthrough]"
+
+
+def mount_option_text(m: Mount) -> str:
+    """The --mount argument that gives m (parse_mount's inverse)."""
+    return (f"{m.name}={m.path}" + (":ro" if m.read_only else "") + ("" if m.keep else ":nokeep")
+            + ("" if m.passthrough else ":nopassthrough"))
 
 
 def make_mount(name: str, path: str, read_only: bool) -> Mount:
@@ -205,7 +218,7 @@ def make_mount(name: str, path: str, read_only: bool) -> Mount:
 
 
 ROOT_KEYS = ("root", "schemes", "mount", "scheme")
-MOUNT_KEYS = ("path", "read_only", "keep")
+MOUNT_KEYS = ("path", "read_only", "keep", "passthrough")
 USER_SCHEME_KEYS = ("module", "command", "args", "env", "cwd")
 
 
@@ -261,16 +274,20 @@ def _mounts(value: object) -> list[Mount]:
         if "path" not in table:
             raise ConfigError(f"{where}: missing key 'path' (the host directory to serve)")
         host = _string(table["path"], "path", where)
-        read_only = table.get("read_only", False)
-        if type(read_only) is not bool:  # "false" or 0 must not count as a grant of writes
-            raise ConfigError(f"{where}: read_only must be a boolean (true or false), "
-                              f"not {_toml_type(read_only)} {_shown(read_only)}")
-        keep = table.get("keep", True)
-        if type(keep) is not bool:
-            raise ConfigError(f"{where}: keep must be a boolean (true or false), "
-                              f"not {_toml_type(keep)} {_shown(keep)}")
-        mounts.append(replace(make_mount(name, host, read_only), keep=keep))
+        # "false" or 0 must not count as a grant of writes
+        read_only = _boolean(table, "read_only", False, where)
+        keep = _boolean(table, "keep", True, where)
+        passthrough = _boolean(table, "passthrough", True, where)
+        mounts.append(replace(make_mount(name, host, read_only), keep=keep, passthrough=passthrough))
     return mounts
+
+
+def _boolean(table: dict, key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if type(value) is not bool:
+        raise ConfigError(f"{where}: {key} must be a boolean (true or false), "
+                          f"not {_toml_type(value)} {_shown(value)}")
+    return value
 
 
 def _user_schemes(value: object, base: Path) -> list[UserScheme]:

@@ -41,8 +41,7 @@ def up_options(cfg: config.Config, trace: bool = False) -> list[str]:
     """The `up` options that reproduce cfg (and --trace) in another process."""
     argv = ["--root", str(cfg.root), "--schemes", ",".join(cfg.schemes)]
     for m in cfg.mounts:
-        argv += ["--mount", f"{m.name}={m.path}" + (":ro" if m.read_only else "")
-                 + ("" if m.keep else ":nokeep")]
+        argv += ["--mount", config.mount_option_text(m)]
     for user in cfg.user_schemes:
         argv += ["--user-scheme", user.to_json()]
     return argv + (["--trace"] if trace else [])

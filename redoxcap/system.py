@@ -93,10 +93,11 @@ class Daemon:
         return "running" if self.process is not None and self.process.returncode is None else "restarting"
 
 
-def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True) -> SchemeSpec:
+def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True,
+                passthrough: bool = True) -> SchemeSpec:
     """The spec of a file scheme serving host directory root."""
     args = ("--root", root, "--name", name) + (("--read-only",) if read_only else ()) \
-        + (() if keep else ("--no-keep",))
+        + (() if keep else ("--no-keep",)) + (() if passthrough else ("--no-passthrough",))
     return SchemeSpec(name, "schemes.file", args)
 
 

@@ -7,7 +7,8 @@ Boots a private system and measures, in this order:
 - floors: native open+read 4 KiB+close of a host file; the round trip R of
   a plain two-process SOCK_SEQPACKET ping, cross-core and pinned to one core;
 - rt: open via the namespace, openat via the cwd, stat, fstat, listdir of 100
-  entries, read and write of 4 KiB and 64 KiB routed and on a passthrough fd
+  entries, open+close on a mount that keeps its handles across restarts and
+  on one that does not (:nokeep), read and write of 4 KiB and 64 KiB routed and on a passthrough fd
   (O_PASSTHROUGH) next to os.read/os.write, bulk 64 MiB read and write
   (routed, passthrough, native);
 - the broker: what one brokered syscall costs an unmodified Python program
@@ -108,10 +109,11 @@ def native_open_read(n: int, path: Path) -> float:
 
 @contextlib.contextmanager
 def private_system(root: Path, state: Path) -> Iterator[list[str]]:
-    """A booted system serving root; yields the CLI argv prefix."""
+    """A booted system serving root, and root again as the mounts `kept` and
+    `unkept` (:nokeep) for the cost of keeping; yields the CLI argv prefix."""
     cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
-    subprocess.run([*cli, "up", "--detach", "--root", str(root)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([*cli, "up", "--detach", "--root", str(root), "--mount", f"kept={root}",
+                    "--mount", f"unkept={root}:nokeep"], check=True, stdout=subprocess.DEVNULL)
     try:
         yield cli
     finally:
@@ -146,6 +148,13 @@ def rt_calls(n: int, root: Path) -> dict[str, float]:
     rt.close(fd)
     out["listdir of 100 entries"] = median_us(max(n // 10, 5), lambda: rt.listdir("/d100"))
     return out
+
+
+def keep_cost(n: int) -> dict[str, float]:
+    """What keeping a handle across restarts costs an open (docs/protocol.md,
+    Restarts): the same directory mounted with and without :nokeep."""
+    return {f"open+close {how}": median_us(n, lambda name=name: rt.close(rt.open(f"/scheme/{name}/f")))
+            for how, name in (("kept", "kept"), ("not kept (:nokeep)", "unkept"))}
 
 
 class _Sequential:
@@ -405,6 +414,9 @@ def report(r: dict) -> None:
     targets = {"open+close via the namespace": "<= 5 R", "fstat": "<= 2.5 R"}
     for name, us in r["rt"].items():
         print(f"{name:<40} {us:>9.1f} {us / R:>6.2f} {targets.get(name, ''):>8}")
+    kept, unkept = r["keep"].values()
+    print(f"\nkeeping handles across restarts: open+close {kept:.1f} µs kept, {unkept:.1f} µs "
+          f"not kept ({kept / unkept:.2f}x)")
     print(f"\n{'read/write':<40} {'µs':>9} {'/R':>6} {'/native':>8}")
     for name, us in r["io"].items():
         base = r["io"][name.rsplit(" ", 1)[0] + " native"]
@@ -480,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             rt.setup(fds[0], cwd, "/")
             try:
                 r["rt"] = rt_calls(n, root)
+                r["keep"] = keep_cost(n)
                 r["io"] = io_calls(n, root)
                 r["bulk"] = bulk_io(root, bulk, 3 if args.smoke else 9)
                 r["broker"] = broker_calls(n, tmp, fds[0], cwd)

@@ -23,7 +23,8 @@ def test_the_benchmark_runs_every_part_in_smoke_mode():
                          text=True, timeout=110, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) >= {"floors", "rt", "io", "bulk", "broker", "programs", "scaling", "memory"}
+    assert set(result) >= {"floors", "rt", "keep", "io", "bulk", "broker", "programs", "scaling", "memory"}
+    assert set(result["keep"]) == {"open+close kept", "open+close not kept (:nokeep)"}
     assert all(value > 0 for value in result["floors"].values())
     assert set(result["programs"]) == {"cat", "ls -R", "python3 -c pass"}
     assert "getcwd (the broker alone)" in result["broker"]

@@ -45,8 +45,8 @@ MOUNT = '[mount.photos]\npath = "{photos}"\n'
 @pytest.mark.parametrize(("text", "message"), [
     # unknown keys, in every table
     ('roots = "/srv"\n', "unknown key 'roots' (known: mount, root, scheme, schemes)"),
-    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: keep, path, read_only)"),
-    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: keep, path, read_only)"),
+    (MOUNT + "readonly = true\n", "[mount.photos]: unknown key 'readonly' (known: keep, passthrough, path, read_only)"),
+    (MOUNT + "read-only = true\n", "[mount.photos]: unknown key 'read-only' (known: keep, passthrough, path, read_only)"),
     (MOUNT + 'READ_ONLY = true\n', "[mount.photos]: unknown key 'READ_ONLY'"),
     (MOUNT + '"read\\u202eonly" = true\n', "[mount.photos]: unknown key 'read\\u202eonly'"),
     # read_only is a boolean, not whatever is truthy or falsy
@@ -107,20 +107,26 @@ def test_the_cli_refuses_a_config_typo_in_one_line(tmp_path, photos, command):
                     *command[1:], check=False, timeout=30)
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr == (f"redoxcap: {bad}: [mount.photos]: unknown key 'readonly' "
-                           "(known: keep, path, read_only)\n")
+                           "(known: keep, passthrough, path, read_only)\n")
     assert not control.is_running(tmp_path / "state")
 
 
 def test_a_mount_that_keeps_nothing_says_so_to_a_system_booted_elsewhere(tmp_path):
-    """keep = false must reach a background up or a private run, which get their config as options."""
+    """keep = false and passthrough = false must reach a background up or a private run,
+    which get their config as options."""
     from redoxcap import config, lifecycle
 
     (tmp_path / "m").mkdir()
-    mount = config.parse_mount(f"m={tmp_path / 'm'}:ro:nokeep")
-    assert (mount.read_only, mount.keep) == (True, False)
-    assert config.parse_mount(f"m={tmp_path / 'm'}").keep
+    mount = config.parse_mount(f"m={tmp_path / 'm'}:ro:nokeep:nopassthrough")
+    assert (mount.read_only, mount.keep, mount.passthrough) == (True, False, False)
+    plain = config.parse_mount(f"m={tmp_path / 'm'}")
+    assert plain.keep and plain.passthrough
     cfg = config.Config(root=tmp_path, mounts=[mount])
     options = lifecycle.up_options(cfg)
     again = config.parse_mount(options[options.index("--mount") + 1])
-    assert (again.read_only, again.keep) == (True, False)
-    assert "--no-keep" in again.spec().args
+    assert (again.read_only, again.keep, again.passthrough) == (True, False, False)
+    assert {"--no-keep", "--no-passthrough"} <= set(again.spec().args)
+    from_file = load(write(tmp_path, f'[mount.m]\npath = "{tmp_path / "m"}"\npassthrough = false\n'))
+    assert from_file.mounts[0].passthrough is False and from_file.mounts[0].keep is True
+    with pytest.raises(ConfigError, match="passthrough must be a boolean"):
+        load(write(tmp_path, f'[mount.m]\npath = "{tmp_path / "m"}"\npassthrough = "no"\n'))

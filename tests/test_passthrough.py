@@ -17,12 +17,14 @@ from wire.protocol import O_PASSTHROUGH
 
 @pytest.fixture(scope="module")
 def ro_client(tmp_path_factory):
-    """A system with a read-only mount `ro` next to the file root, installed in this process's rt."""
+    """A system with a read-only mount `ro` and the same directory as `routed` (:nopassthrough)
+    next to the file root, installed in this process's rt."""
     base = tmp_path_factory.mktemp("passthrough")
     ro = base / "ro"
     ro.mkdir()
     (ro / "kept.txt").write_text("read only")
-    with booted(base, "--mount", f"ro={ro}:ro") as system, installed(system):
+    with booted(base, "--mount", f"ro={ro}:ro", "--mount", f"routed={ro}:nopassthrough") as system, \
+            installed(system):
         yield system
 
 
@@ -64,6 +66,15 @@ def test_a_read_only_mount_never_hands_out_a_writable_fd(ro_client):
         with pytest.raises(OSError) as info:
             os.write(fd, b"x")
         assert info.value.errno == errno.EBADF
+    finally:
+        rt.close(fd)
+
+
+def test_a_mount_without_passthrough_answers_every_open_with_a_capability(ro_client):
+    fd = rt.open("/scheme/routed/kept.txt", os.O_RDONLY | O_PASSTHROUGH)
+    try:
+        assert stat.S_ISSOCK(os.fstat(fd).st_mode)  # a capability, not the host file
+        assert rt.read(fd, 100) == b"read only"
     finally:
         rt.close(fd)
 
