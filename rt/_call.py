@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Self
 
+from wire import frames as F
 from wire import protocol as P
 from wire.protocol import raise_errno
 
@@ -143,7 +144,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     seconds = _thread.seconds if _thread.seconds is not None else _default_timeout
     deadline = None if seconds is None else time.monotonic() + seconds
     tag = _next_tag(fd)
-    frame = P.encode_request(op, tag, args)
+    frame = F.encode_request(op, tag, args)
     if len(frame) > P.MAX_FRAME:
         raise OSError(errno.E2BIG, "request too large for one frame")
     sock = None
@@ -158,7 +159,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
                 if not data:
                     P.close_fds(received)
                     raise OSError(errno.EIO, "capability closed by its server")
-                if len(data) >= P.REPLY.size and P.REPLY.unpack_from(data)[0] == tag:
+                if len(data) >= F.REPLY.size and F.REPLY.unpack_from(data)[0] == tag:
                     break
                 P.close_fds(received)  # a late or unasked-for reply: not ours to keep
         except OSError as exc:
@@ -171,7 +172,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     try:
         if flags & P.TRUNCATED:
             raise OSError(errno.EIO, "reply truncated")
-        _tag, status, value = P.decode_reply(data)
+        _tag, status, value = F.decode_reply(data)
     except P.ProtocolError:
         P.close_fds(received)
         raise OSError(errno.EIO, "malformed reply") from None

@@ -33,6 +33,7 @@ FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
+from wire import frames as F
 from wire import protocol as P
 
 caps, reading = int(sys.argv[1]), sys.argv[2] == "reading"
@@ -42,7 +43,7 @@ started = threading.Barrier(caps + 1)
 def flood(fd, op):
     s = socket.socket(fileno=fd)
     s.setblocking(True)
-    frame = P.encode_request(op, 0, [])
+    frame = F.encode_request(op, 0, [])
     started.wait()
     if reading:  # keep a window of requests in flight, read every reply
         for _ in range(16):

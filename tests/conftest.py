@@ -23,6 +23,7 @@ import pytest
 import rt
 from redoxcap.testing import System
 from wire import protocol as P
+from wire.frames import SchemeReply, SchemeRequest
 
 
 @pytest.fixture
@@ -73,19 +74,18 @@ class HostileScheme:
             if not data:
                 return
             P.close_fds(P.parse_ancillary(anc)[0])
-            req_id, _handle, _pid, _uid, _gid, op, nrefs = P.SREQUEST.unpack_from(data)
-            if op == P.CLOSE:
+            request = SchemeRequest.decode(data)
+            if request.op == P.CLOSE:
                 continue
-            args = P.unpack(data[P.SREQUEST.size + 8 * nrefs :])
-            reply = self.answer(op, args)
-            if op == P.OPENAT and (reply is None or reply[0] == P.OK):
+            reply = self.answer(request.op, request.args())
+            if request.op == P.OPENAT and (reply is None or reply[0] == P.OK):
                 fds = reply[2] if reply else []
-                body = P.SREPLY.pack(req_id, P.NEW_HANDLE) + P.NEW_HANDLE_HDR.pack(1, 0) + P.pack(None)
+                body = SchemeReply.new_handle(request.req_id, 1, 0).encode()
             elif reply is None:
                 continue
             else:
                 status, raw, fds = reply
-                body = P.SREPLY.pack(req_id, status) + raw
+                body = SchemeReply(request.req_id, status, raw).encode()
             try:
                 self.sock.sendmsg([body], P.fds_ancillary(fds))
             finally:

@@ -7,6 +7,7 @@ import threading
 
 import trio
 
+from wire import frames as F
 from wire import protocol as P
 from wire.aio import AsyncCapability
 
@@ -32,10 +33,10 @@ def _echo_server(sock: socket.socket) -> None:
             return
         sock.setblocking(True)
         for data in reversed(batch):
-            _op, tag = P.REQUEST.unpack_from(data)
-            (value,) = P.unpack(data[P.REQUEST.size :])
+            _op, tag = F.REQUEST.unpack_from(data)
+            (value,) = P.unpack(data[F.REQUEST.size :])
             try:
-                sock.send(P.encode_reply(tag, P.OK, value))
+                sock.send(F.encode_reply(tag, P.OK, value))
             except OSError:
                 return
 

@@ -17,6 +17,7 @@ import threading
 
 import rt
 from rt._call import call
+from wire import frames as F
 from wire import protocol as P
 from wire.frames import Request, SchemeReply, SchemeRequest
 
@@ -84,7 +85,7 @@ def test_no_one_can_claim_to_serve_a_request_it_was_not_sent(shared_client):
             frame = Request.of(P.FPATH, 7, [], serving=claimed).encode()
             with socket.socket(fileno=os.dup(fd)) as s:
                 s.send(frame)
-                tag, status, value = P.decode_reply(s.recv(P.MAX_FRAME))
+                tag, status, value = F.decode_reply(s.recv(P.MAX_FRAME))
             assert (tag, status, value) == (7, P.ERR, errno.EPERM), claimed
         assert call(fd, P.FPATH)[0] == "/scheme/file"  # the capability still works
     finally:

@@ -22,6 +22,7 @@ FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
+from wire import frames as F
 from wire import protocol as P
 
 caps = [rt.clone(_process.cwd_fd()) for _ in range(2)]
@@ -31,7 +32,7 @@ started = threading.Barrier(len(caps) + 1)
 def flood(cap, op):
     s = socket.socket(fileno=cap)
     s.setblocking(True)
-    frame = P.encode_request(op, 0, [])
+    frame = F.encode_request(op, 0, [])
     for i in range(20_000):
         if i == 200:  # fits in its own socket even if the router read nothing
             started.wait()
@@ -138,11 +139,12 @@ def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(shared_s
 PIPE_FLOODER = r"""
 import socket, sys, threading
 import rt
+from wire import frames as F
 from wire import protocol as P
 
 r, w = rt.pipe()  # nobody ever reads r
 ends = [w] + [rt.clone(w) for _ in range(7)]
-frame = P.encode_request(P.WRITE, 0, [b"x" * P.MAX_IO])
+frame = F.encode_request(P.WRITE, 0, [b"x" * P.MAX_IO])
 started = threading.Barrier(len(ends) + 1)
 
 def flood(cap):

@@ -17,6 +17,7 @@ import msgpack
 
 import rt
 from rt._call import call
+from wire import frames as F
 from wire import protocol as P
 
 SEED = 20261128
@@ -59,7 +60,7 @@ def random_frame(rng: random.Random, tag: int) -> bytes:
         body = msgpack.packb([random_value(rng) for _ in range(rng.randrange(0, 5))], use_bin_type=True)
     else:
         body = msgpack.packb(random_value(rng), use_bin_type=True)
-    return P.REQUEST.pack(op, tag) + body
+    return F.REQUEST.pack(op, tag) + body
 
 
 def exchange(fd: int, frame: bytes) -> tuple[int, int]:
@@ -70,7 +71,7 @@ def exchange(fd: int, frame: bytes) -> tuple[int, int]:
         data, anc, _, _ = s.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
     for received in P.parse_ancillary(anc)[0]:
         os.close(received)
-    tag, status = P.REPLY.unpack_from(data)
+    tag, status = F.REPLY.unpack_from(data)
     return tag, status
 
 
@@ -93,7 +94,7 @@ def test_random_frames_are_all_answered_and_break_nothing(isolated_client):
             frame = random_frame(rng, i)
             tag, status = exchange(fd, frame)
             assert status in (P.OK, P.ERR), (name, frame)
-            if len(frame) >= P.REQUEST.size:
+            if len(frame) >= F.REQUEST.size:
                 assert tag == i, (name, frame)
     for fd in targets.values():
         rt.close(fd)

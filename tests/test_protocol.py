@@ -12,15 +12,16 @@ import rt
 from nsmgr.namespace import split_scheme_path
 from rt._paths import to_namespace_path
 from schemes.framework import SchemeError
+from wire import frames as F
 from wire import protocol as P
 
 
 def test_requests_and_replies_round_trip():
-    frame = P.encode_request(P.OPENAT, 99, ["a/b", os.O_RDONLY, 0o644])
-    op, tag = P.REQUEST.unpack_from(frame)
+    frame = F.encode_request(P.OPENAT, 99, ["a/b", os.O_RDONLY, 0o644])
+    op, tag = F.REQUEST.unpack_from(frame)
     assert (op, tag) == (P.OPENAT, 99)
-    assert P.unpack(frame[P.REQUEST.size :]) == ["a/b", 0, 0o644]
-    assert P.decode_reply(P.encode_reply(99, P.OK, b"data")) == (99, P.OK, b"data")
+    assert P.unpack(frame[F.REQUEST.size :]) == ["a/b", 0, 0o644]
+    assert F.decode_reply(F.encode_reply(99, P.OK, b"data")) == (99, P.OK, b"data")
 
 
 @pytest.mark.parametrize("body", [

@@ -23,6 +23,7 @@ import rt
 from redoxcap.config import Config
 from redoxcap.testing import wait_for
 from rt._call import call_fd
+from wire import frames as F
 from wire import protocol as P
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
@@ -81,21 +82,21 @@ def _raw_exchange(fd: int, frame: bytes, fds=()) -> tuple[int, int, object]:
     with socket.socket(fileno=os.dup(fd)) as s:
         s.sendmsg([frame], P.fds_ancillary(list(fds)))
         data, _, _, _ = s.recvmsg(P.MAX_FRAME)
-    tag, status = P.REPLY.unpack_from(data)
-    return tag, status, P.unpack(data[P.REPLY.size :])
+    tag, status = F.REPLY.unpack_from(data)
+    return tag, status, P.unpack(data[F.REPLY.size :])
 
 
 MALFORMED = [
     b"\x10",  # shorter than a request header
-    P.REQUEST.pack(P.OPENAT, 7) + b"\xc1",  # msgpack's never-used byte
-    P.REQUEST.pack(P.OPENAT, 7) + b"\x93\xa1",  # truncated array
-    P.REQUEST.pack(P.OPENAT, 7) + P.pack(["x", "not an int", 0]),
-    P.REQUEST.pack(P.OPENAT, 7) + P.pack(["x"]),
-    P.REQUEST.pack(P.OPENAT, 7) + P.pack({"path": "x"}),
-    P.REQUEST.pack(P.OPENAT, 7) + P.pack([1, 2, 3]),
-    P.REQUEST.pack(P.READ, 7) + b"\xd4\x01\x00",  # an ext type
-    P.REQUEST.pack(P.READ, 7) + P.pack([{1: 2}]),  # a map with a non-str key
-    P.REQUEST.pack(P.SCHEME_CREATE, 7) + P.pack([]),  # a kernel op on a file capability
+    F.REQUEST.pack(P.OPENAT, 7) + b"\xc1",  # msgpack's never-used byte
+    F.REQUEST.pack(P.OPENAT, 7) + b"\x93\xa1",  # truncated array
+    F.REQUEST.pack(P.OPENAT, 7) + P.pack(["x", "not an int", 0]),
+    F.REQUEST.pack(P.OPENAT, 7) + P.pack(["x"]),
+    F.REQUEST.pack(P.OPENAT, 7) + P.pack({"path": "x"}),
+    F.REQUEST.pack(P.OPENAT, 7) + P.pack([1, 2, 3]),
+    F.REQUEST.pack(P.READ, 7) + b"\xd4\x01\x00",  # an ext type
+    F.REQUEST.pack(P.READ, 7) + P.pack([{1: 2}]),  # a map with a non-str key
+    F.REQUEST.pack(P.SCHEME_CREATE, 7) + P.pack([]),  # a kernel op on a file capability
 ]
 
 
@@ -104,7 +105,7 @@ def test_malformed_frames_to_the_router_and_a_scheme_get_einval(isolated_client,
     fd = rt.open("/", rt.O_DIRECTORY)
     tag, status, value = _raw_exchange(fd, frame)
     assert (status, value) == (P.ERR, errno.EINVAL)
-    assert tag == (7 if len(frame) >= P.REQUEST.size else 0)
+    assert tag == (7 if len(frame) >= F.REQUEST.size else 0)
     assert rt.listdir("/") == []  # the same capability keeps working
     rt.close(fd)
 
@@ -120,9 +121,9 @@ def test_an_oversized_frame_is_refused_and_the_router_survives(isolated_client):
     fd = rt.open("/", rt.O_DIRECTORY)
     with socket.socket(fileno=os.dup(fd)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        s.send(P.REQUEST.pack(P.WRITE, 3) + P.pack([b"x" * (P.MAX_FRAME + 100)]))
+        s.send(F.REQUEST.pack(P.WRITE, 3) + P.pack([b"x" * (P.MAX_FRAME + 100)]))
         data = s.recv(P.MAX_FRAME)
-    assert P.decode_reply(data) == (3, P.ERR, errno.EINVAL)
+    assert F.decode_reply(data) == (3, P.ERR, errno.EINVAL)
     assert rt.listdir("/") == []
     rt.close(fd)
 
@@ -130,7 +131,7 @@ def test_an_oversized_frame_is_refused_and_the_router_survives(isolated_client):
 def test_fds_passed_where_none_are_expected_are_closed_not_leaked(isolated_client):
     fd = rt.open("/", rt.O_DIRECTORY)
     r, w = os.pipe()
-    _tag, status, _ = _raw_exchange(fd, P.encode_request(P.GETDENTS, 1, [0]), [r])
+    _tag, status, _ = _raw_exchange(fd, F.encode_request(P.GETDENTS, 1, [0]), [r])
     os.close(r)
     assert status == P.OK
 

@@ -34,6 +34,7 @@ import pytest
 import rt
 from redoxcap import control
 from redoxcap.testing import REDOXCAP
+from wire import frames as F
 from wire import protocol as P
 
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -450,16 +451,16 @@ def test_forged_frames_cannot_name_handles_they_were_not_given(isolated_client):
     mine = rt.open("/mine.txt")
     with socket.socket(fileno=os.dup(mine)) as s:
         # a scheme-side header smuggled into a isolated_client request
-        forged = P.SREQUEST.pack(1, 1, 0, 0, 0, P.READ, 0) + P.pack([100])
-        s.send(P.REQUEST.pack(P.READ, 5) + forged)
-        tag, status, value = P.decode_reply(s.recv(P.MAX_FRAME))
+        forged = F.SREQUEST.pack(1, 1, 0, 0, 0, P.READ, 0) + P.pack([100])
+        s.send(F.REQUEST.pack(P.READ, 5) + forged)
+        tag, status, value = F.decode_reply(s.recv(P.MAX_FRAME))
         assert (tag, status, value) == (5, P.ERR, errno.EINVAL)
         # router-internal operations are refused on an ordinary capability
         for op in (P.SCHEME_CREATE, P.SCHEME_RESTART, P.KERNEL_STATUS, P.SCHEME_STATUS, P.CLOSE, 0, 7):
-            s.send(P.encode_request(op, 6, []))
-            assert P.decode_reply(s.recv(P.MAX_FRAME)) == (6, P.ERR, errno.EINVAL)
-        s.send(P.encode_request(P.READ, 7, [100]))
-        assert P.decode_reply(s.recv(P.MAX_FRAME)) == (7, P.OK, b"mine")
+            s.send(F.encode_request(op, 6, []))
+            assert F.decode_reply(s.recv(P.MAX_FRAME)) == (6, P.ERR, errno.EINVAL)
+        s.send(F.encode_request(P.READ, 7, [100]))
+        assert F.decode_reply(s.recv(P.MAX_FRAME)) == (7, P.OK, b"mine")
     rt.close(theirs)
     rt.close(mine)
 

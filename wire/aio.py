@@ -16,7 +16,7 @@ import trio
 
 from wire import protocol as P
 from wire.channel import Channel
-from wire.frames import Request
+from wire.frames import REPLY, Request
 from wire.protocol import raise_errno
 
 
@@ -127,10 +127,10 @@ class AsyncCapability:
                 w.reply = (P.ERR, errno.EIO, [])
                 w.event.set()
             return
-        if len(data) < P.REPLY.size:
+        if len(data) < REPLY.size:
             P.close_fds(fds)
             return
-        tag, status = P.REPLY.unpack_from(data)
+        tag, status = REPLY.unpack_from(data)
         w = self._waiters.get(tag)
         if w is None:
             P.close_fds(fds)
@@ -138,7 +138,7 @@ class AsyncCapability:
         try:
             if flags & P.TRUNCATED:
                 raise P.ProtocolError("truncated reply")
-            w.reply = (status, P.unpack(memoryview(data)[P.REPLY.size :]), fds)
+            w.reply = (status, P.unpack(memoryview(data)[REPLY.size :]), fds)
         except P.ProtocolError:
             P.close_fds(fds)
             w.reply = (P.ERR, errno.EIO, [])

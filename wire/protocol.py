@@ -205,15 +205,3 @@ def valid_scheme_name(name: object) -> bool:
         and not any(c in name for c in "\0/:")
     )
 
-
-_FRAMES = frozenset({"REQUEST", "REPLY", "SREQUEST", "SREPLY", "NEW_HANDLE_HDR", "REF",
-                     "encode_request", "encode_reply", "decode_reply"})
-
-
-def __getattr__(name: str) -> Any:
-    """The frame headers and helpers, which live in wire.frames (for old imports)."""
-    if name in _FRAMES:
-        from wire import frames
-
-        return getattr(frames, name)
-    raise AttributeError(f"module 'wire.protocol' has no attribute {name!r}")
