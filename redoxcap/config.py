@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -261,16 +261,24 @@ def load(path: Path | None) -> Config:
     return config
 
 
-def _mounts(value: object) -> list[Mount]:
+def _tables(value: object, kind: str, keys: tuple[str, ...], hint: str
+            ) -> Iterator[tuple[str, dict, str]]:
+    """The [KIND.NAME] tables of value, as (NAME, table, "[KIND.NAME]" for messages),
+    each checked to hold only keys."""
     if not isinstance(value, dict):
-        raise ConfigError(f"mount must be a table of [mount.NAME] tables, not {_toml_type(value)}")
-    mounts = []
+        raise ConfigError(f"{kind} must be a table of [{kind}.NAME] tables, not {_toml_type(value)}")
     for name, table in value.items():
-        where = f"[mount.{_toml_key(name)}]"
+        where = f"[{kind}.{_toml_key(name)}]"
         if not isinstance(table, dict):
-            raise ConfigError(f"mount.{_toml_key(name)} must be a table ({where} with path = "
-                              f"\"HOSTDIR\"), not {_toml_type(table)}")
-        _check_keys(table, MOUNT_KEYS, where)
+            raise ConfigError(f"{kind}.{_toml_key(name)} must be a table ({where} with {hint}), "
+                              f"not {_toml_type(table)}")
+        _check_keys(table, keys, where)
+        yield name, table, where
+
+
+def _mounts(value: object) -> list[Mount]:
+    mounts = []
+    for name, table, where in _tables(value, "mount", MOUNT_KEYS, 'path = "HOSTDIR"'):
         if "path" not in table:
             raise ConfigError(f"{where}: missing key 'path' (the host directory to serve)")
         host = _string(table["path"], "path", where)
@@ -292,15 +300,9 @@ def _boolean(table: dict, key: str, default: bool, where: str) -> bool:
 
 def _user_schemes(value: object, base: Path) -> list[UserScheme]:
     """The [scheme.NAME] tables; relative paths (cwd, a command's program) are under base."""
-    if not isinstance(value, dict):
-        raise ConfigError(f"scheme must be a table of [scheme.NAME] tables, not {_toml_type(value)}")
     found = []
-    for name, table in value.items():
-        where = f"[scheme.{_toml_key(name)}]"
-        if not isinstance(table, dict):
-            raise ConfigError(f"scheme.{_toml_key(name)} must be a table ({where} with module = "
-                              f"\"MODULE\" or command = [...]), not {_toml_type(table)}")
-        _check_keys(table, USER_SCHEME_KEYS, where)
+    for name, table, where in _tables(value, "scheme", USER_SCHEME_KEYS,
+                                      'module = "MODULE" or command = [...]'):
         if not P.valid_scheme_name(name) or not name.isprintable():
             raise ConfigError(f"{where}: scheme names are non-empty printable ASCII without '/', "
                               "':' or NUL")

@@ -18,7 +18,8 @@ test file needs no import to use the fixtures:
 Every system is stopped with `redoxcap down` when its fixture ends, whatever
 the test did, and the test fails if a process survived or a daemon logged a
 traceback. The helpers are public too: `booted()` for a system with options
-of its own, `wait_for()`, and `System` with `run`, `python`, `start`,
+of its own, `wait_for()`, `finish()` for a background client, `free_port()`,
+and `System` with `run`, `python`, `start`,
 `status`, `daemon` and `log`.
 
 Example::
@@ -32,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import itertools
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,10 +54,13 @@ __all__ = [
     "StatusTimeoutWarning",
     "System",
     "booted",
+    "finish",
+    "free_port",
     "holdings",
     "installed",
     "isolated",
     "no_new_traceback",
+    "nobody_listens",
     "pid_alive",
     "redoxcap",
     "settled",
@@ -152,6 +158,40 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    """Let a background client (`System.start`) end and return its stdout.
+
+    Closes its stdin (a client waiting on it goes on), and kills its whole
+    process group if it has not ended after timeout seconds.
+
+    Raises:
+        AssertionError: it exited with a status other than 0 (its stderr says why).
+        subprocess.TimeoutExpired: it did not end in time.
+    """
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    return out
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port of host (IPv4 or IPv6) that nothing of kind uses right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def nobody_listens(port: int) -> bool:
+    """Whether a plain TCP connect to 127.0.0.1:port is refused."""
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
 
 
 class StatusTimeoutWarning(UserWarning):

@@ -57,11 +57,13 @@ class HostileScheme:
     Registered in the test's namespace as name (`rt.mkscheme`); every OPENAT is
     answered with handle 1, every other request with what answer(op, args)
     returns: (status, raw msgpack body, fds to attach), or None for no answer.
+    `seen` lists the (op, pid) of every request but CLOSE.
     """
 
     def __init__(self, name: str, answer) -> None:
         self.sock = socket.socket(fileno=rt.mkscheme(name))
         self.answer = answer
+        self.seen: list[tuple[int, int]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -77,6 +79,7 @@ class HostileScheme:
             request = SchemeRequest.decode(data)
             if request.op == P.CLOSE:
                 continue
+            self.seen.append((request.op, request.pid))
             reply = self.answer(request.op, request.args())
             if request.op == P.OPENAT and (reply is None or reply[0] == P.OK):
                 fds = reply[2] if reply else []

@@ -13,68 +13,29 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 
 import rt
 from rt._call import call
 from wire import frames as F
 from wire import protocol as P
-from wire.frames import Request, SchemeReply, SchemeRequest
+from wire.frames import Request
 
 
-class Recorder:
-    """A scheme of the test's own that records the pid of every request and answers
-    OPENAT with a handle and FPATH with a string."""
-
-    def __init__(self, name: str) -> None:
-        self.sock = socket.socket(fileno=rt.mkscheme(name))
-        self.seen: list[tuple[int, int]] = []  # (op, pid)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, anc, _, _ = self.sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
-            except OSError:
-                return
-            if not data:
-                return
-            P.close_fds(P.parse_ancillary(anc)[0])
-            request = SchemeRequest.decode(data)
-            if request.op == P.CLOSE:
-                continue
-            self.seen.append((request.op, request.pid))
-            if request.op == P.OPENAT:
-                reply = SchemeReply.new_handle(request.req_id, 1, 0)
-            else:
-                reply = SchemeReply.of(request.req_id, P.OK, "/scheme/recorder")
-            self.sock.send(reply.encode())
-
-    def close(self) -> None:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-
-def test_a_scheme_sees_the_client_that_opened_through_the_namespace(shared_client):
-    recorder = Recorder("recorder")
-    try:
-        child = rt.spawn([sys.executable, "-c",
-                          ("import os, rt\n"
-                          "rt.close(rt.open('/scheme/recorder/x'))\n"
-                          "rt.mkdir('/scheme/recorder/d')\n"
-                          "print(os.getpid())\n")],
-                         stdout=subprocess.PIPE, text=True)
-        out, _ = child.communicate(timeout=60)
-        assert child.returncode == 0
-        pid = int(out)
-        assert (P.OPENAT, pid) in recorder.seen  # forwarded by nsmgr, seen as the client's
-        assert (P.MKDIRAT, pid) in recorder.seen
-        nsmgr = shared_client.daemon("nsmgr")["pid"]
-        assert all(seen_pid != nsmgr for _, seen_pid in recorder.seen)
-    finally:
-        recorder.close()
+def test_a_scheme_sees_the_client_that_opened_through_the_namespace(shared_client, hostile_scheme):
+    recorder = hostile_scheme("recorder", lambda op, args: (P.OK, P.pack("/scheme/recorder"), []))
+    child = rt.spawn([sys.executable, "-c",
+                      ("import os, rt\n"
+                      "rt.close(rt.open('/scheme/recorder/x'))\n"
+                      "rt.mkdir('/scheme/recorder/d')\n"
+                      "print(os.getpid())\n")],
+                     stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0
+    pid = int(out)
+    assert (P.OPENAT, pid) in recorder.seen  # forwarded by nsmgr, seen as the client's
+    assert (P.MKDIRAT, pid) in recorder.seen
+    nsmgr = shared_client.daemon("nsmgr")["pid"]
+    assert all(seen_pid != nsmgr for _, seen_pid in recorder.seen)
 
 
 def test_no_one_can_claim_to_serve_a_request_it_was_not_sent(shared_client):

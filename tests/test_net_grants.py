@@ -15,6 +15,7 @@ import socket
 import pytest
 import trio
 
+from redoxcap.testing import free_port, nobody_listens
 from schemes.framework import Caller, Request, SchemeError, invoke
 from schemes.netaddr import MAX_GRANT_ENTRIES, NetGrant, NetRoot
 from schemes.tcp import NetPolicy, TcpScheme
@@ -41,18 +42,6 @@ def grant_buf(connect=(), listen=()) -> bytes:
 
 async def grant(s, base, connect=(), listen=()):
     return (await invoke(s, req(), base, "dup", grant_buf(connect, listen))).obj
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def nobody_listens(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
 
 
 @pytest.fixture

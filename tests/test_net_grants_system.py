@@ -19,6 +19,7 @@ import pytest
 import rt
 from redoxcap.exits import EXIT_USAGE
 from redoxcap.run import parse_net_address
+from redoxcap.testing import free_port, nobody_listens
 from rt._call import call_fd
 from wire import protocol as P
 
@@ -36,17 +37,6 @@ for path, flags in json.loads(sys.argv[1]):
 print(json.dumps(results))
 """
 CONNECT, LISTEN = os.O_RDWR, os.O_CREAT | os.O_RDWR
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def nobody_listens(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
 
 
 @pytest.fixture

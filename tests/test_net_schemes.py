@@ -16,6 +16,7 @@ import socket
 import pytest
 import trio
 
+from redoxcap.testing import free_port, nobody_listens
 from schemes.framework import Caller, Request, SchemeError, invoke
 from schemes.pipe import PipeScheme
 from schemes.tcp import NetPolicy, TcpScheme
@@ -32,19 +33,6 @@ async def fails_with(err: int, coro) -> None:
     with pytest.raises(SchemeError) as info:
         await coro
     assert info.value.errno == err, f"{errno.errorcode.get(info.value.errno)} != {errno.errorcode[err]}"
-
-
-def nobody_listens(port: int) -> bool:
-    """A plain connect to 127.0.0.1:port is refused."""
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port nothing on 127.0.0.1 uses right now."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

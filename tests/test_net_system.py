@@ -8,7 +8,6 @@ so the malformed addresses below also check that the daemons answer them calmly.
 from __future__ import annotations
 
 import errno
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,20 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import rt
+from redoxcap.testing import free_port, nobody_listens
 from rt._call import call
 from wire import protocol as P
-
-
-def nobody_listens(port: int) -> bool:
-    """A plain connect to 127.0.0.1:port is refused."""
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_of(fd: int) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import rt
-from redoxcap.testing import REDOXCAP, System, booted, wait_for
+from redoxcap.testing import REDOXCAP, System, booted, finish, wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -27,17 +27,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def start_client(system: System, *args: str, options: tuple[str, ...] = ()) -> subprocess.Popen:
     """A `redoxcap run [options]` client in the background (killed with the system's fixture)."""
     return system.start("run", *options, "--", sys.executable, *args)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
-    return out
 
 
 def test_tcp_echo_between_two_clients(shared_system):

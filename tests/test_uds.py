@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 import rt
-from redoxcap.testing import System, wait_for
+from redoxcap.testing import System, finish, wait_for
 
 
 def listen_until_stdin_closes(name: str) -> str:
@@ -33,18 +32,6 @@ def connect(name: str) -> str:
 def start_run(system: System, code: str, *options: str) -> subprocess.Popen:
     """A confined `redoxcap run` of Python code in the background; its stdin keeps it waiting."""
     return system.start("run", *options, "--", sys.executable, "-c", code)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
-    """Let a background run end (its stdin closes) and return its output."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
-    return out
 
 
 def listening(proc: subprocess.Popen) -> None:
