@@ -22,10 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import os
 import posixpath
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,14 +34,13 @@ from pathlib import Path
 
 import rt
 from redoxcap import config, control, lifecycle
-from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure
+from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
 CONFINED_ENV_PREFIXES = ("LC_", "REDOXCAP_")
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -432,32 +429,3 @@ def _replace_entry(child_ns: int, name: str, cap: int, what: str) -> None:
         rt.close(cap)
 
 
-def wait_forwarding_signals(proc: subprocess.Popen, *, group: bool = False) -> int:
-    """Wait for proc, passing on SIGINT, SIGTERM and SIGHUP; return its exit code.
-
-    With group, proc leads its own process group (a new session), which the
-    terminal no longer signals: Ctrl-C reaches only `run`, and goes on to the
-    whole group as it would have from the terminal.
-
-    Returns:
-        proc's exit code, or 128+N when signal N ended it.
-    """
-    def forward(signum: int, _frame: object) -> None:
-        if proc.returncode is not None:
-            return
-        if not group:
-            proc.send_signal(signum)
-            return
-        try:
-            # Not yet reaped, so the group id cannot have been reused.
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    return 128 - code if code < 0 else code

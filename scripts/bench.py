@@ -49,6 +49,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from benchsystem import private_system
+
 import rt
 from redoxcap import control
 from wire.protocol import O_PASSTHROUGH
@@ -105,19 +107,6 @@ def native_open_read(n: int, path: Path) -> float:
 
 
 # -- the system ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def private_system(root: Path, state: Path) -> Iterator[list[str]]:
-    """A booted system serving root, and root again as the mounts `kept` and
-    `unkept` (:nokeep) for the cost of keeping; yields the CLI argv prefix."""
-    cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
-    subprocess.run([*cli, "up", "--detach", "--root", str(root), "--mount", f"kept={root}",
-                    "--mount", f"unkept={root}:nokeep"], check=True, stdout=subprocess.DEVNULL)
-    try:
-        yield cli
-    finally:
-        subprocess.run([*cli, "down"], check=False, stdout=subprocess.DEVNULL)
 
 
 def build_root(root: Path, bulk: int) -> None:
@@ -485,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             "R pinned µs": ping_floor(n, pinned=True),
             "native open+read 4 KiB+close µs": native_open_read(n, root / "f"),
         }
-        with private_system(root, state):
+        # the root again as mounts `kept` and `unkept` (:nokeep): what keeping handles costs
+        with private_system(root, state, "--mount", f"kept={root}", "--mount", f"unkept={root}:nokeep"):
             _, fds = control.request(state, "namespace")
             rt.setup(fds[0], None)
             cwd = rt.open("/", rt.O_DIRECTORY)

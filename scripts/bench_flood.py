@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchsystem import private_system
+
 import rt
 from redoxcap import control
 
@@ -90,36 +92,33 @@ def main() -> None:
         state, root = Path(tmp) / "state", Path(tmp) / "root"
         root.mkdir()
         (root / "f").write_bytes(b"x" * 4096)
-        cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
-        subprocess.run([*cli, "up", "--detach", "--root", str(root), "--schemes", "file,zero"],
-                       check=True, stdout=subprocess.DEVNULL)
-        flooder = None
-        try:
-            _, fds = control.request(state, "namespace")
-            rt.setup(fds[0], None)
-            latencies(200)  # warm up
-            quiet = summary(latencies(args.n))
-            flooder = subprocess.Popen(
-                [*cli, "run", "--", sys.executable, "-c", FLOODER, str(args.caps),
-                 "reading" if args.reading else "silent"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            if flooder.stdout.readline() != "flooding\n":
-                raise SystemExit("the flooding client did not start")
-            latencies(200)  # let the flood take hold
-            flooded = summary(latencies(args.n))
-            mode = "reads its replies" if args.reading else "never reads a reply"
-            print(f"open+read 4 KiB+close, {args.n} calls per phase; flooder: {args.caps} "
-                  f"capabilities, {mode}")
-            print(f"{'phase':<10} {'median µs':>10} {'p99 µs':>10}")
-            print(f"{'quiet':<10} {quiet[0]:>10.1f} {quiet[1]:>10.1f}")
-            print(f"{'flooded':<10} {flooded[0]:>10.1f} {flooded[1]:>10.1f}")
-            ratio = flooded[1] / quiet[1]
-            print(f"p99 ratio flooded/quiet: {ratio:.2f} (target <= 3: {'met' if ratio <= 3 else 'missed'})")
-            rt.setup(None, None)
-        finally:
-            if flooder is not None:
-                flooder.communicate("", timeout=30)
-            subprocess.run([*cli, "down"], check=False, stdout=subprocess.DEVNULL)
+        with private_system(root, state, "--schemes", "file,zero") as cli:
+            flooder = None
+            try:
+                _, fds = control.request(state, "namespace")
+                rt.setup(fds[0], None)
+                latencies(200)  # warm up
+                quiet = summary(latencies(args.n))
+                flooder = subprocess.Popen(
+                    [*cli, "run", "--", sys.executable, "-c", FLOODER, str(args.caps),
+                     "reading" if args.reading else "silent"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                if flooder.stdout.readline() != "flooding\n":
+                    raise SystemExit("the flooding client did not start")
+                latencies(200)  # let the flood take hold
+                flooded = summary(latencies(args.n))
+                mode = "reads its replies" if args.reading else "never reads a reply"
+                print(f"open+read 4 KiB+close, {args.n} calls per phase; flooder: {args.caps} "
+                      f"capabilities, {mode}")
+                print(f"{'phase':<10} {'median µs':>10} {'p99 µs':>10}")
+                print(f"{'quiet':<10} {quiet[0]:>10.1f} {quiet[1]:>10.1f}")
+                print(f"{'flooded':<10} {flooded[0]:>10.1f} {flooded[1]:>10.1f}")
+                ratio = flooded[1] / quiet[1]
+                print(f"p99 ratio flooded/quiet: {ratio:.2f} (target <= 3: {'met' if ratio <= 3 else 'missed'})")
+                rt.setup(None, None)
+            finally:
+                if flooder is not None:
+                    flooder.communicate("", timeout=30)
 
 
 if __name__ == "__main__":

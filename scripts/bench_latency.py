@@ -17,11 +17,11 @@ import argparse
 import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchsystem import private_system
 
 import rt
 from redoxcap import control
@@ -67,10 +67,7 @@ def main() -> None:
         state, root = Path(tmp) / "state", Path(tmp) / "root"
         root.mkdir()
         (root / "f").write_bytes(b"x" * 4096)
-        cli = [sys.executable, "-m", "redoxcap", "--state-dir", str(state)]
-        subprocess.run([*cli, "up", "--detach", "--root", str(root), "--schemes", "file,zero"],
-                       check=True, stdout=subprocess.DEVNULL)
-        try:
+        with private_system(root, state, "--schemes", "file,zero"):
             _, fds = control.request(state, "namespace")
             rt.setup(fds[0], None)
             zero = rt.open("/scheme/zero/")
@@ -110,8 +107,6 @@ def main() -> None:
             rt.close(zero)
             rt.close(f)
             rt.setup(None, None)
-        finally:
-            subprocess.run([*cli, "down"], check=False, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from redoxcap import exits
 from redoxcap.broker import hostfs
 from redoxcap.broker.handlers import PROCEED, Call, Install, Syscalls
 from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
@@ -233,21 +234,7 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
         Unavailable: this kernel cannot broker a program.
     """
     program = start_brokered(argv, ns_fd, cwd_fd, cwd_path, env, ro_host, passthrough)
-
-    def forward(signum: int, _frame: object) -> None:
-        if program.returncode is None:
-            try:
-                os.killpg(program.pid, signum)  # not reaped yet, so the group is still its own
-            except ProcessLookupError:
-                pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        code = program.wait()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    return exits.wait_forwarding_signals(program, group=True)
 
 
 def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
