@@ -214,7 +214,7 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
     share a socket's inode number must not be taken for it (that would forge a handle)."""
     from types import SimpleNamespace
 
-    from kernel.router import Router, Scheme, SchemeHandle
+    from kernel.router import Router, Scheme, SchemeHandle, identity
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     impostor = tmp_path / "impostor"
@@ -225,8 +225,8 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
         cap = SimpleNamespace(handle=SchemeHandle(scheme, 42, 1))
         sock_dev = os.fstat(b.fileno()).st_dev
         router = SimpleNamespace(_by_identity={
-            (sock_dev, os.fstat(fd).st_ino): cap,  # same inode number as the file, sockfs device
-            (sock_dev, os.fstat(b.fileno()).st_ino): cap,
+            sock_dev << 64 | os.fstat(fd).st_ino: cap,  # same inode number as the file, sockfs device
+            identity(os.fstat(b.fileno())): cap,
         })
         refs = Router._identify(router, scheme, [fd, b.fileno()])
         assert refs == (P.NO_REF, 42)

@@ -29,10 +29,14 @@ class Channel:
         sock: the socket; ownership passes to the channel.
     """
 
+    __slots__ = ("_send_lock", "_unyielded", "sock")
+
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self._send_lock = trio.Lock()
+        # made by the first send that would block (the router holds one channel per
+        # capability, and most never fill their socket)
+        self._send_lock: trio.Lock | None = None
         self._unyielded = 0
 
     @classmethod
@@ -43,11 +47,30 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    async def _maybe_yield(self) -> None:
+    async def yield_sometimes(self) -> None:
+        """A checkpoint every FAIRNESS-th call: after a frame that did not have to wait."""
         self._unyielded += 1
         if self._unyielded >= FAIRNESS:
             self._unyielded = 0
             await trio.lowlevel.checkpoint()
+
+    def try_recv(self, ancsize: int = P.CMSG_FDS) -> tuple[bytes, list[int], int, tuple | None] | None:
+        """Receive one frame if one is waiting, without a checkpoint.
+
+        Returns:
+            As recv(); None when no frame is waiting (wait_readable on .sock, then
+            try again).
+
+        Raises:
+            OSError: the socket failed or was closed.
+        """
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(P.MAX_FRAME, ancsize, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            self._unyielded = 0
+            return None
+        fds, cred = P.parse_ancillary(anc)
+        return data, fds, flags, cred
 
     async def recv(self, ancsize: int = P.CMSG_FDS) -> tuple[bytes, list[int], int, tuple | None]:
         """Receive one frame.
@@ -60,16 +83,10 @@ class Channel:
             trio.ClosedResourceError: the channel was closed meanwhile.
             OSError: the socket failed.
         """
-        while True:
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(P.MAX_FRAME, ancsize, socket.MSG_CMSG_CLOEXEC)
-                break
-            except BlockingIOError:
-                self._unyielded = 0
-                await trio.lowlevel.wait_readable(self.sock)
-        fds, cred = P.parse_ancillary(anc)
-        await self._maybe_yield()
-        return data, fds, flags, cred
+        while (received := self.try_recv(ancsize)) is None:
+            await trio.lowlevel.wait_readable(self.sock)
+        await self.yield_sometimes()
+        return received
 
     async def send(self, frame: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send one frame with fds (the caller keeps its copies).
@@ -79,13 +96,15 @@ class Channel:
             OSError: the peer is gone (EPIPE, ECONNRESET) or the frame is too large.
         """
         anc = P.fds_ancillary(fds)
-        if not self._send_lock.locked():
+        if self._send_lock is None or not self._send_lock.locked():
             try:
                 self.sock.sendmsg([frame], anc)
-                await self._maybe_yield()
+                await self.yield_sometimes()
                 return
             except BlockingIOError:
                 pass
+        if self._send_lock is None:
+            self._send_lock = trio.Lock()
         async with self._send_lock:
             while True:
                 try:
@@ -103,7 +122,7 @@ class Channel:
         Raises:
             OSError: the peer is gone, the socket is closed, or the frame cannot be sent.
         """
-        if self._send_lock.locked():
+        if self._send_lock is not None and self._send_lock.locked():
             return False  # a waiting send goes first: frames stay in order
         try:
             self.sock.sendmsg([frame], P.fds_ancillary(fds))
