@@ -5,14 +5,20 @@ Subclasses say what read and write do. Only the root opens (a device handle
 names one device, not a directory of them: openat relative to it is
 ENOTDIR); the root itself is a search-only directory that cannot be read or
 written.
+
+Passthrough: an open with O_PASSTHROUGH, for an access the host's own device
+gives the same way (`passthrough_modes`), is answered with a host fd of that
+device (`host_device`), so reads and writes are native; any other open gets a
+handle.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import stat
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError
+from schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -30,6 +36,8 @@ class DeviceScheme(Scheme):
     the framework answers EBADF on the root)."""
 
     inline_ops = frozenset(P.SCHEME_OPS)  # nothing here ever waits
+    host_device = ""  # the host's device that behaves the same (for O_PASSTHROUGH)
+    passthrough_modes = frozenset({os.O_RDONLY, os.O_WRONLY, os.O_RDWR})  # ...for these
 
     def __init__(self) -> None:
         self._root = DeviceRoot()
@@ -40,7 +48,12 @@ class DeviceScheme(Scheme):
     async def openat(self, req: Request, h: DeviceRoot, path: str, flags: int, mode: int) -> Opened:
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, f"{self.name} has no names: open /scheme/{self.name}")
-        return Opened(DeviceHandle(), fdflags=flags)
+        access = flags & os.O_ACCMODE
+        if flags & P.O_PASSTHROUGH and self.host_device and access in self.passthrough_modes:
+            fd = os.open(self.host_device, access | os.O_CLOEXEC | os.O_NOCTTY
+                         | (flags & os.O_NONBLOCK))
+            return Reply(None, [fd])  # the framework closes our copy once it is sent
+        return Opened(DeviceHandle(), fdflags=flags & ~P.O_PASSTHROUGH)
 
     async def dup(self, req: Request, h: DeviceHandle, buf: bytes) -> Opened:
         if buf:

@@ -10,6 +10,7 @@ class NullScheme(DeviceScheme):
     """Every open gives a handle like /dev/null."""
 
     name = "null"
+    host_device = "/dev/null"
 
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         return b""

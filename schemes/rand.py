@@ -18,6 +18,8 @@ class RandScheme(DeviceScheme):
     """Every open gives a handle that reads as endless random bytes."""
 
     name = "rand"
+    host_device = "/dev/urandom"
+    passthrough_modes = frozenset({os.O_RDONLY})  # the host's takes writes as seed input
 
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         if n < 0:

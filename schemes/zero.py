@@ -13,6 +13,7 @@ class ZeroScheme(DeviceScheme):
     """Every open gives a handle that reads as endless zeros and swallows writes."""
 
     name = "zero"
+    host_device = "/dev/zero"
 
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         if n < 0:

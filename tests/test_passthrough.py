@@ -79,6 +79,26 @@ def test_a_mount_without_passthrough_answers_every_open_with_a_capability(ro_cli
         rt.close(fd)
 
 
+def test_devices_pass_through_where_the_host_device_means_the_same(ro_client):
+    for path, flags, native in (("/scheme/zero", os.O_RDWR, True), ("/scheme/null", os.O_RDWR, True),
+                                ("/scheme/rand", os.O_RDONLY, True),
+                                ("/scheme/rand", os.O_WRONLY, False),  # /dev/urandom seeds on write
+                                ("/scheme/zero", os.O_RDONLY, False)):  # not asked for
+        fd = rt.open(path, flags | (O_PASSTHROUGH if native or flags != os.O_RDONLY else 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            assert (stat.S_ISCHR(mode), stat.S_ISSOCK(mode)) == (native, not native), (path, flags)
+            assert rt.getfl(fd) & os.O_ACCMODE == flags
+            if path == "/scheme/zero":
+                assert rt.read(fd, 5) == bytes(5)
+            elif path == "/scheme/null":
+                assert rt.read(fd, 5) == b"" and rt.write(fd, b"gone") == 4
+            elif flags == os.O_RDONLY:
+                assert len(rt.read(fd, 16)) == 16
+        finally:
+            rt.close(fd)
+
+
 def test_directories_and_o_path_opens_stay_capabilities(ro_client):
     (ro_client.root / "dir").mkdir(exist_ok=True)
     (ro_client.root / "h.txt").write_text("h")
