@@ -49,7 +49,8 @@ class DeviceScheme(Scheme):
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, f"{self.name} has no names: open /scheme/{self.name}")
         access = flags & os.O_ACCMODE
-        if flags & P.O_PASSTHROUGH and self.host_device and access in self.passthrough_modes:
+        if (flags & P.O_PASSTHROUGH and self.host_device and access in self.passthrough_modes
+                and not flags & (os.O_PATH | os.O_DIRECTORY)):
             fd = os.open(self.host_device, access | os.O_CLOEXEC | os.O_NOCTTY
                          | (flags & os.O_NONBLOCK))
             return Reply(None, [fd])  # the framework closes our copy once it is sent
