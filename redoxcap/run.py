@@ -367,7 +367,11 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
         finally:
             rt.close(fd)
     except OSError as exc:
-        raise Failure(f"--cwd {cwd}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
+            hint = (f" (a path in the system's file scheme: make the directory {path.lstrip('/')} "
+                    f"below its --root, by default {config.default_root()})")
+        raise Failure(f"--cwd {cwd}: {exc.strerror}{hint}") from None
 
 
 def give_uds_scope(child_ns: int, choice: str) -> None:
