@@ -145,6 +145,8 @@ ESCAPES = {
     "create /tmp/x": (["sh", "-c", "echo x > /tmp/escaped.txt"], "No such device"),
     "write the host trees": (["sh", "-c", "echo x > /usr/escaped.txt"], "Read-only file system"),
     "exec from the box": (["sh", "-c", "./mytrue"], "Permission denied"),
+    "link a host file in": (["ln", "/usr/bin/env", "envlink"], "Invalid cross-device link"),
+    "link out": (["ln", "mytrue", "/usr/bin/mytrue"], "Invalid cross-device link"),
     "python open": ([sys.executable, "-c", "open('/etc/hostname')"], "No such device"),
     "python listdir": ([sys.executable, "-c", "import os; os.listdir('/home')"], "No such device"),
 }
@@ -294,11 +296,18 @@ def test_without_passthrough_every_byte_is_routed_and_programs_still_work(twin):
         (system.root / "box" / "r.txt").unlink(missing_ok=True)
 
 
-def test_device_schemes_reach_an_unmodified_program_through_a_pump(sandbox):
+def test_device_schemes_reach_an_unmodified_program_as_the_hosts_devices(sandbox):
     got = sandbox.run("--ns", "zero,null", "--cwd", "/box", "--beneath", "--brokered", "--",
                       "sh", "-c", "head -c 4 /scheme/zero/ | od -An -tx1; echo gone > /scheme/null/",
                       check=False)
     assert (got.returncode, got.stdout.split()) == (0, ["00"] * 4), got.stderr
+    is_device = "import os, stat; print(stat.S_ISCHR(os.fstat(os.open('/scheme/zero', os.O_RDONLY)).st_mode))"
+    got = sandbox.run("--ns", "zero", "--cwd", "/box", "--beneath", "--brokered", "--",
+                      sys.executable, "-c", is_device, check=False)
+    assert (got.returncode, got.stdout) == (0, "True\n"), got.stderr  # passed through, not pumped
+    got = sandbox.run("--ns", "zero", "--cwd", "/box", "--beneath", "--brokered", "--no-passthrough",
+                      "--", sys.executable, "-c", is_device, check=False)
+    assert (got.returncode, got.stdout) == (0, "False\n"), got.stderr  # a pump
 
 
 def test_ro_host_serves_a_host_tree_read_only(sandbox, tmp_path):

@@ -40,6 +40,12 @@ from wire import linux
 from wire import protocol as P
 from wire.stat import Stat
 
+
+def _error(err: int) -> OSError:
+    """An OSError whose errno is err (OSError(err) alone leaves errno None: EIO to the program)."""
+    return OSError(err, os.strerror(err))
+
+
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_REMOVEDIR = 0x200
@@ -349,9 +355,9 @@ class Syscalls:
         if resolve & ~(RESOLVE_BENEATH | RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
             raise OSError(errno.EINVAL, "RESOLVE_NO_XDEV and RESOLVE_NO_SYMLINKS are not served")
         if resolve & RESOLVE_BENEATH and resolve & RESOLVE_IN_ROOT:
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         if mode & ~0o7777 or (mode and not flags & (os.O_CREAT | os.O_TMPFILE)):
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         ours = (P.O_RESOLVE_BENEATH if resolve & RESOLVE_BENEATH else 0) | (
             P.O_RESOLVE_IN_ROOT if resolve & RESOLVE_IN_ROOT else 0)
         return self._open(call, _int(a[0]), a[1], flags & 0xFFFF_FFFF, mode, ours)
@@ -383,7 +389,7 @@ class Syscalls:
 
     def _access(self, call: Call, dirfd: int, addr: int, mode: int, flags: int) -> int:
         if mode & ~7:
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         loc = self.locate(call, dirfd, self.path(call, addr))
         try:
             st = self.status_at(loc, not flags & AT_SYMLINK_NOFOLLOW)
@@ -407,7 +413,7 @@ class Syscalls:
 
     def _readlink(self, call: Call, dirfd: int, addr: int, buf: int, size: int) -> int:
         if _int(size) <= 0:
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         loc = self.locate(call, dirfd, self.path(call, addr))
         try:
             if loc.host:
@@ -573,7 +579,7 @@ class Syscalls:
         a = call.args
         flags = _int(a[2])
         if flags & ~AT_REMOVEDIR:
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         return self._on_name(call, _int(a[0]), a[1], P.UNLINKAT, [flags])
 
     def _symlink(self, call: Call, target_addr: int, dirfd: int, addr: int) -> int:
@@ -601,7 +607,7 @@ class Syscalls:
             dst = self.locate(call, newdir, self.path(call, new))
             try:
                 if src.host or dst.host:
-                    raise OSError(errno.EROFS if src.host and dst.host else errno.EXDEV)
+                    raise _error(errno.EROFS if src.host and dst.host else errno.EXDEV)
                 if noreplace:
                     try:
                         self.status_at(dst, follow=False)
@@ -665,7 +671,7 @@ class Syscalls:
     def truncate(self, call: Call) -> int:
         length = call.args[1]
         if length >= 1 << 63:
-            raise OSError(errno.EINVAL)
+            raise _error(errno.EINVAL)
         loc = self.locate(call, AT_FDCWD, self.path(call, call.args[0]))
         try:
             if loc.host:
@@ -717,7 +723,7 @@ class Syscalls:
             self._executable(path)
             return PROCEED
         if not _int(a[4]) & AT_EMPTY_PATH:
-            raise OSError(errno.ENOENT)
+            raise _error(errno.ENOENT)
         dup = self.target_fd(call, _int(a[0]))
         try:
             real = os.readlink(f"/proc/self/fd/{dup}")
