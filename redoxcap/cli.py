@@ -199,6 +199,10 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="With --brokered: also serve this host path read-only (repeatable).")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="With --brokered: regular files come as host fds (native reads and writes).")
+@click.option("--max-caps", type=click.IntRange(16, 1 << 20), default=None, metavar="N",
+              help="At most N (16 or more) capabilities held at once by COMMAND and its "
+                   "children, its namespace, cwd and grants included; past it, an open fails "
+                   "with EMFILE. [default: the router's client quota, 1024]")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With no system up: append the private system's log to FILE (by default, "
                    "what it logs besides routine notes, e.g. lines written to /scheme/log, "
@@ -213,7 +217,7 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                 uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
                 udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
                 trace: str | None, trace_json: bool, brokered: bool, ro_host: tuple[str, ...],
-                passthrough: bool, log_file: Path | None, root: Path | None,
+                passthrough: bool, max_caps: int | None, log_file: Path | None, root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
@@ -245,7 +249,8 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                             mounts=mounts, log=log_file) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
-                       trace=trace, trace_json=trace_json, net=net, broker=broker)
+                       trace=trace, trace_json=trace_json, net=net, broker=broker,
+                       max_caps=max_caps)
     sys.exit(code)
 
 

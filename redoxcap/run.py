@@ -239,7 +239,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
         cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
         trace: str | None = None, trace_json: bool = False,
-        net: dict[str, NetGrant] | None = None, broker: dict | None = None) -> int:
+        net: dict[str, NetGrant] | None = None, broker: dict | None = None,
+        max_caps: int | None = None) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -260,6 +261,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         net: what its tcp and udp reach (:func:`net_grants`); None: all of them.
         broker: start_brokered's options (:func:`broker_options`): an unmodified
             program, every path through the broker, which confines it itself.
+        max_caps: `--max-caps`: the capability quota of its router account (None:
+            the router's default for clients).
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -278,7 +281,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     try:
         proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                               uds_scope=uds_scope, net=net, follower=follower, broker=broker)
+                               uds_scope=uds_scope, net=net, follower=follower, broker=broker,
+                               max_caps=max_caps)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=cwd, account=account)
@@ -305,7 +309,8 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
            beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
-           broker: dict | None = None) -> tuple[subprocess.Popen, int | None]:
+           broker: dict | None = None, max_caps: int | None = None
+           ) -> tuple[subprocess.Popen, int | None]:
     """Start argv with the namespace and cwd asked for, through rt.spawn.
 
     With new_session, argv leads a new session without a controlling
@@ -315,7 +320,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         The process, and the router account its capabilities are charged to.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
-    reply, fds = control.request(state_dir, "namespace", account=True)
+    quota = {} if max_caps is None else {"max_caps": max_caps}
+    reply, fds = control.request(state_dir, "namespace", account=True, **quota)
     account = reply.get("account")
     if follower is not None:
         follower.start(account)  # the run's calls, from its first

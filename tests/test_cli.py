@@ -132,3 +132,18 @@ def test_trace_shows_each_request_and_reply_with_the_callers_pid(tmp_path):
         # the client's open through nsmgr, and, under it, nsmgr's own open of the file
         assert any("nsmgr" in line and "/scheme/file/made -> ok +1 fds" in line for line in lines), lines
         assert any(" file " in line and " made -> handle " in line for line in lines), lines
+
+
+def test_max_caps_bounds_what_a_run_may_hold(shared_system):
+    code = ("import errno, rt\n"
+            "fds = []\n"
+            "try:\n"
+            "    while True:\n"
+            "        fds.append(rt.open('/scheme/zero'))\n"
+            "except OSError as e:\n"
+            "    print(len(fds), errno.errorcode[e.errno])\n")
+    capped = shared_system.python(code, "--max-caps", "16")
+    count, err = capped.stdout.split()
+    assert err == "EMFILE" and 8 <= int(count) < 16  # its namespace and cwd count too
+    too_few = shared_system.python("pass", "--max-caps", "15", check=False)
+    assert too_few.returncode == 2 and "16<=x" in too_few.stderr
