@@ -96,6 +96,7 @@ class ClientRequest:
     cred: tuple[int, int, int] = (0, 0, 0)
     started: float = 0.0  # when it was forwarded (for the trace)
     req_id: int = 0
+    account: int = 0  # the account the scheme was told of: the holder's, or whom it serves
 
     def caller(self) -> tuple[int, int, int] | None:
         return self.cred
@@ -186,6 +187,7 @@ class Held:
     body: bytes
     fds: list[int]
     serving: int | None = None
+    account: int | None = None  # the account it is made for (for a request serving another)
 
 
 @dataclass(eq=False, slots=True)
@@ -400,11 +402,15 @@ class Router:
                         continue
                 except (OSError, trio.ClosedResourceError):
                     break
-                await cap.channel.yield_sometimes()
                 data, fds, flags, cred = received
                 if not data and not fds:
                     break  # EOF: every holder closed it or died
                 await self._on_request(cap, data, flags, fds, cred)
+                # One request per capability, then the others' turn: a client busy on many
+                # capabilities gets no longer runs than one waiting with a single request.
+                # (After the request, not between reading and counting it: the bounds on
+                # requests in flight must see every request read.)
+                await trio.lowlevel.checkpoint()
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
         finally:
@@ -650,21 +656,25 @@ class Router:
             self._reply(cap, tag, P.ERR, errno.EBADF if scheme is self._kernel else errno.EIO)
             return
         cred = cred or (0, 0, 0)
+        for_account = None
         if request.serving is not None:
             served = self._served_caller(request.serving, cred)
             if served is None:
                 P.close_fds(fds)
                 self._reply(cap, tag, P.ERR, errno.EPERM)  # not a request the sender serves
                 return
-            cred = served
+            cred, for_account = served
         if not scheme.alive or scheme.restoring:
             self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(request.body), fds,
-                                                request.serving))
+                                                request.serving, for_account))
             return
-        await self._forward(cap, tag, cred, op, request.body, fds, serving=request.serving)
+        await self._forward(cap, tag, cred, op, request.body, fds, serving=request.serving,
+                            for_account=for_account)
 
-    def _served_caller(self, req_id: int, sender: tuple[int, int, int]) -> tuple[int, int, int] | None:
-        """The caller of request req_id, if the sender is the daemon serving it; else None.
+    def _served_caller(self, req_id: int, sender: tuple[int, int, int]
+                       ) -> tuple[tuple[int, int, int], int] | None:
+        """The caller of request req_id and the account it was made for, if the sender is
+        the daemon serving it; else None.
 
         A daemon that forwards a request (opening a client's path for it) names the
         request it serves; the scheme it reaches then sees that request's caller,
@@ -679,7 +689,7 @@ class Router:
                 daemon = scheme.daemon
                 if caller is None or daemon is None or daemon[:2] != sender[:2]:
                     return None
-                return caller
+                return caller, waiter.account
         return None
 
     def _hold_for_restart(self, scheme: Scheme, parked: Held) -> None:
@@ -696,11 +706,13 @@ class Router:
 
     async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
                        body: frames.Body, fds: list[int], counted: bool = False,
-                       serving: int | None = None) -> None:
+                       serving: int | None = None, for_account: int | None = None) -> None:
         """Send a request on to cap's scheme; takes ownership of fds.
 
         counted: the request already counts as in flight (it was parked).
         serving: the request this one serves, for the trace.
+        for_account: the account of the client it serves (None: cap's own), which
+            the scheme is told so that it serves clients in turn.
         """
         handle = cap.handle
         scheme = handle.scheme
@@ -728,8 +740,9 @@ class Router:
             self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
         req_id = next(self._req_ids)
-        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body).encode()
-        scheme.pending[req_id] = ClientRequest(cap, tag, cred, time.monotonic(), req_id)
+        shown = account.id if for_account is None else for_account
+        frame = SchemeRequest(req_id, handle.number, pid, uid, gid, op, refs, body, shown).encode()
+        scheme.pending[req_id] = ClientRequest(cap, tag, cred, time.monotonic(), req_id, shown)
         if self._tracers:
             self._trace({"k": "call", "id": req_id, "parent": serving, "t": time.time(),
                          "pid": pid, "uid": uid, "scheme": scheme.id, "handle": handle.number,
@@ -753,7 +766,7 @@ class Router:
         # The daemon was gone before it could have seen this request: it waits for the next
         # one like the requests that come while the scheme is down.
         self._settle(cap)
-        self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(body), fds))
+        self._hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(body), fds, serving, for_account))
 
     def _identify(self, scheme: Scheme, fds: list[int]) -> tuple[int, ...]:
         """For each passed fd: its handle number if it is a capability of this scheme.
@@ -1034,7 +1047,8 @@ class Router:
             while scheme.backlog and scheme.channel is channel:
                 parked = scheme.backlog.popleft()
                 await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
-                                    parked.fds, counted=True, serving=parked.serving)
+                                    parked.fds, counted=True, serving=parked.serving,
+                                    for_account=parked.account)
         except OSError as exc:  # out of fds for the copies: the daemon starts without them
             log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
         finally:

@@ -28,6 +28,7 @@ in-flight requests on that handle are cancelled and `close()` is called.
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import functools
 import inspect
@@ -54,6 +55,8 @@ from wire.stat import Stat
 log = logging.getLogger("scheme")
 
 RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
+# Frames taken from the channel at once and served in turn per account (_waiting_requests).
+MAX_BATCH = 256
 # A root that opens things but lists nothing: a directory with search permission only.
 ROOT_STAT = Stat(st_mode=stat.S_IFDIR | 0o111, st_nlink=2)
 
@@ -277,29 +280,72 @@ class _Server:
         await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
         async with trio.open_nursery() as nursery:
             while True:
-                data, fds, flags, _ = await self.channel.recv()
-                if not data and not fds:
+                batch = await self._waiting_requests(nursery)
+                if batch is None:
                     break  # the router is gone
-                try:
-                    if flags & P.TRUNCATED:
-                        raise P.ProtocolError("truncated")
-                    request = SchemeRequest.decode(data)
-                except P.ProtocolError:
-                    P.close_fds(fds)
-                    log.warning("%s: malformed frame from the router dropped", self.scheme.name)
-                    continue
-                del data  # the request holds what it needs
-                if request.op == P.CLOSE:
-                    P.close_fds(fds)
-                    nursery.start_soon(self._close, request.handle)
-                elif request.op == P.RESTORE:
-                    self._restore(request, fds)
-                elif request.op == P.RESUME:
-                    self._resume(request)
-                elif request.op in self.scheme.inline_ops:
-                    await self._handle(request, fds)  # never blocks: no task, no cancel scope
-                else:
-                    nursery.start_soon(self._handle, request, fds)
+                for request, fds in batch:
+                    if request.op in self.scheme.inline_ops:
+                        await self._handle(request, fds)  # never blocks: no task, no cancel scope
+                        # and then the others' turn: requests whose answer came back (an
+                        # open nsmgr forwarded) need not wait for the whole batch
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        nursery.start_soon(self._handle, request, fds)
+
+    async def _waiting_requests(self, nursery: trio.Nursery
+                                ) -> list[tuple[SchemeRequest, list[int]]] | None:
+        """Every request waiting on the channel now (at least one, at most MAX_BATCH), in
+        the order to serve them: one of each account in turn, each account's in the order
+        they came. The router's own frames (CLOSE, RESTORE, RESUME) are acted on here, in
+        the order they came. None when the router has gone away.
+
+        Taken in arrival order, a client with many requests in flight (up to its
+        account's bound) would put them all in front of another client's one.
+        """
+        queues: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
+        received = await self.channel.recv()
+        taken = 0
+        while received is not None:
+            data, fds, flags, _ = received
+            if not data and not fds:
+                if not queues:
+                    return None
+                break  # serve what came before the end; the next call sees it again
+            taken += 1
+            try:
+                if flags & P.TRUNCATED:
+                    raise P.ProtocolError("truncated")
+                request = SchemeRequest.decode(data)
+            except P.ProtocolError:
+                P.close_fds(fds)
+                log.warning("%s: malformed frame from the router dropped", self.scheme.name)
+                request = None
+            del data  # the request holds what it needs
+            if request is None:
+                pass
+            elif request.op == P.CLOSE:
+                P.close_fds(fds)
+                nursery.start_soon(self._close, request.handle)
+            elif request.op == P.RESTORE:
+                self._restore(request, fds)
+            elif request.op == P.RESUME:
+                self._resume(request)
+            else:
+                queues.setdefault(request.account, collections.deque()).append((request, fds))
+            if taken >= MAX_BATCH:
+                break
+            try:
+                received = self.channel.try_recv()
+            except OSError:
+                break  # the channel failed: the next recv says how
+        order = []
+        while queues:
+            for account in list(queues):
+                queue = queues[account]
+                order.append(queue.popleft())
+                if not queue:
+                    del queues[account]
+        return order
 
     def _restore(self, request: SchemeRequest, fds: list[int]) -> None:
         """A handle the router kept for us while our predecessor died."""

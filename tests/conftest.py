@@ -57,13 +57,15 @@ class HostileScheme:
     Registered in the test's namespace as name (`rt.mkscheme`); every OPENAT is
     answered with handle 1, every other request with what answer(op, args)
     returns: (status, raw msgpack body, fds to attach), or None for no answer.
-    `seen` lists the (op, pid) of every request but CLOSE.
+    `seen` lists the (op, pid) of every request but CLOSE, `accounts` the router
+    accounts they came for.
     """
 
     def __init__(self, name: str, answer) -> None:
         self.sock = socket.socket(fileno=rt.mkscheme(name))
         self.answer = answer
         self.seen: list[tuple[int, int]] = []
+        self.accounts: set[int] = set()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -80,6 +82,7 @@ class HostileScheme:
             if request.op == P.CLOSE:
                 continue
             self.seen.append((request.op, request.pid))
+            self.accounts.add(request.account)
             reply = self.answer(request.op, request.args())
             if request.op == P.OPENAT and (reply is None or reply[0] == P.OK):
                 fds = reply[2] if reply else []

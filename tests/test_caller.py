@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import rt
+from redoxcap import control
 from rt._call import call
 from wire import frames as F
 from wire import protocol as P
@@ -36,6 +37,19 @@ def test_a_scheme_sees_the_client_that_opened_through_the_namespace(shared_clien
     assert (P.MKDIRAT, pid) in recorder.seen
     nsmgr = shared_client.daemon("nsmgr")["pid"]
     assert all(seen_pid != nsmgr for _, seen_pid in recorder.seen)
+
+
+def test_a_scheme_is_told_the_account_of_the_client_it_serves(shared_client, hostile_scheme):
+    """So that it can serve clients in turn: for a request nsmgr forwards, the client's."""
+    recorder = hostile_scheme("accounts", lambda op, args: (P.OK, P.pack("/scheme/accounts"), []))
+    reply, (ns,) = control.request(shared_client.state_dir, "namespace", account=True)
+    try:
+        child = rt.spawn([sys.executable, "-c", "import rt; rt.close(rt.open('/scheme/accounts/x'))"],
+                         ns=ns)
+        assert child.wait(timeout=60) == 0
+    finally:
+        rt.close(ns)
+    assert reply["account"] != 0 and recorder.accounts == {reply["account"]}
 
 
 def test_no_one_can_claim_to_serve_a_request_it_was_not_sent(shared_client):

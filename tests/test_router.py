@@ -307,10 +307,11 @@ def test_a_client_that_never_reads_its_replies_does_not_delay_another(kernel):
 
 def test_replies_queued_for_a_slow_reader_keep_their_order(kernel):
     _, scheme, root = create_scheme(kernel)
-    for tag in range(12):
+    forwarded = []
+    for tag in range(12):  # all at the scheme before any reply (a queued one stops the reading)
         send(root, encode_request(P.READ, tag, [100_000]))
-    for _ in range(12):  # all answered before the client reads any: most of them queue
-        req_id, *_ = scheme.receive()
+        forwarded.append(scheme.receive()[0])
+    for req_id in forwarded:  # all answered before the client reads any: most of them queue
         scheme.answer(SchemeReply.of(req_id, P.OK, b"y" * 100_000))
     assert [receive(root)[0][0] for _ in range(12)] == list(range(12))
 

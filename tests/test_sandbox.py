@@ -451,7 +451,7 @@ def test_forged_frames_cannot_name_handles_they_were_not_given(isolated_client):
     mine = rt.open("/mine.txt")
     with socket.socket(fileno=os.dup(mine)) as s:
         # a scheme-side header smuggled into a isolated_client request
-        forged = F.SREQUEST.pack(1, 1, 0, 0, 0, P.READ, 0) + P.pack([100])
+        forged = F.SREQUEST.pack(1, 1, 0, 0, 0, 0, P.READ, 0) + P.pack([100])
         s.send(F.REQUEST.pack(P.READ, 5) + forged)
         tag, status, value = F.decode_reply(s.recv(P.MAX_FRAME))
         assert (tag, status, value) == (5, P.ERR, errno.EINVAL)

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from schemes.framework import Caller, HandleRef, Request, SchemeError, invoke
+from schemes.framework import Caller, HandleRef, Request, SchemeError, invoke, serve
 from schemes.log import LogScheme
 from schemes.null import NullScheme
 from schemes.pipe import PIPE_SIZE, PipeScheme
@@ -19,6 +19,7 @@ from schemes.rand import RandScheme
 from schemes.uds import MAX_QUEUED_FDS, UdsScheme
 from schemes.zero import ZeroScheme
 from wire import protocol as P
+from wire.frames import SchemeReply, SchemeRequest
 
 
 def req(op: int = 0, passed=()) -> Request:
@@ -286,3 +287,20 @@ async def test_only_a_device_root_opens_and_the_root_is_no_device(scheme):
     assert stat.S_ISDIR((await invoke(s, req(), s.root(), "fstat")).st_mode)
     assert stat.S_ISCHR((await invoke(s, req(), dev, "fstat")).st_mode)
     assert await invoke(s, req(), s.root(), "fpath") == await invoke(s, req(), dev, "fpath") == f"/scheme/{s.name}"
+
+
+async def test_a_scheme_serves_the_requests_waiting_for_it_one_account_at_a_time():
+    """A client with many requests in flight does not put them all before another's one."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    waiting = [(n, 7) for n in range(1, 9)] + [(100, 8), (101, 8), (200, 9)]  # (req_id, account)
+    for req_id, account in waiting:  # all there before the daemon reads any
+        ours.send(SchemeRequest(req_id, P.ROOT_HANDLE, 1, 0, 0, P.FPATH, (), P.pack([]),
+                                account).encode())
+    router = trio.socket.from_stdlib_socket(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, ZeroScheme(), theirs.detach())
+        replies = [SchemeReply.decode(await router.recv(P.MAX_FRAME)) for _ in range(1 + len(waiting))]
+        router.close()  # the daemon sees the router go and returns
+    assert replies[0].status == P.HELLO
+    assert [r.req_id for r in replies[1:]] == [1, 100, 200, 2, 101, 3, 4, 5, 6, 7, 8]
+    assert all(r.value() == "/scheme/zero" for r in replies[1:])

@@ -34,7 +34,7 @@ from wire.protocol import KEEP, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")
-SREQUEST = struct.Struct("<QQiIIBB")
+SREQUEST = struct.Struct("<QQiIIIBB")
 SREPLY = struct.Struct("<QB")
 NEW_HANDLE_HDR = struct.Struct("<QI")
 SERVING_ID = struct.Struct("<Q")
@@ -133,6 +133,9 @@ class SchemeRequest:
         op: the operation.
         refs: for each fd relayed with it, the handle it is in this scheme, or NO_REF.
         body: the arguments, undecoded.
+        account: the router account the request is charged to (for a request a
+            daemon makes for a client, the client's): schemes serve accounts in
+            turn, so that one client's many requests do not queue up another's.
     """
 
     req_id: int
@@ -143,21 +146,22 @@ class SchemeRequest:
     op: int
     refs: tuple[int, ...]
     body: Body
+    account: int = 0
 
     @classmethod
     def decode(cls, data: bytes) -> SchemeRequest:
         if len(data) < SREQUEST.size:
             raise ProtocolError("short scheme request")
-        req_id, handle, pid, uid, gid, op, nrefs = SREQUEST.unpack_from(data)
+        req_id, handle, pid, uid, gid, account, op, nrefs = SREQUEST.unpack_from(data)
         end = SREQUEST.size + REF.size * nrefs
         if len(data) < end:
             raise ProtocolError("scheme request shorter than its references")
         refs = tuple(REF.unpack_from(data, SREQUEST.size + REF.size * i)[0] for i in range(nrefs))
-        return cls(req_id, handle, pid, uid, gid, op, refs, memoryview(data)[end:])
+        return cls(req_id, handle, pid, uid, gid, op, refs, memoryview(data)[end:], account)
 
     def encode(self) -> bytes:
-        header = SREQUEST.pack(self.req_id, self.handle, self.pid, self.uid, self.gid, self.op,
-                               len(self.refs))
+        header = SREQUEST.pack(self.req_id, self.handle, self.pid, self.uid, self.gid,
+                               self.account, self.op, len(self.refs))
         return b"".join([header, *(REF.pack(r) for r in self.refs), self.body])
 
     def args(self) -> Any:
