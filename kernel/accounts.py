@@ -72,6 +72,9 @@ class Account:
     held_fds: int = 0
     # readers of this account's capabilities parked until it drains (any object with wake())
     blocked: set = field(default_factory=set)
+    # the router's lock for a client account's turns: one request of the account at a time,
+    # however many of its capabilities have requests waiting (made on first use)
+    turn: Any = None
 
     @property
     def system(self) -> bool:

@@ -386,31 +386,54 @@ class Router:
             self._accounts.pop(account.id, None)
 
     async def _serve_capability(self, cap: Capability) -> None:
+        """Read cap's requests one at a time, within its account's bounds, until EOF."""
         try:
             while True:
-                if self._must_wait(cap):
+                # A client account's capabilities take turns: however many of them have
+                # requests waiting, the account gets about one request handled per pass of
+                # the scheduler, as a client waiting with a single request does. (trio's
+                # acquire yields once it holds the lock: the account's other capabilities
+                # queue behind it meanwhile, and everyone else runs.) Reading and counting
+                # happen within the turn, so the account's bounds see every request read.
+                turn = None
+                account = cap.account
+                if not account.system:
+                    if account.turn is None:
+                        account.turn = trio.Lock()
+                    turn = account.turn
+                    await turn.acquire()
+                try:
+                    if self._must_wait(cap):
+                        wait = "park"
+                    else:
+                        try:
+                            received = cap.channel.try_recv(P.CMSG_ALL)
+                        except OSError:
+                            break
+                        if received is None:
+                            wait = "readable"
+                        else:
+                            data, fds, flags, cred = received
+                            if not data and not fds:
+                                break  # EOF: every holder closed it or died
+                            await self._on_request(cap, data, flags, fds, cred)
+                            wait = None
+                finally:
+                    if turn is not None:
+                        turn.release()
+                if wait == "park":
                     await self._park(cap)
                     if cap.hung_up or cap.closed:
                         break  # its requests still unread have no one to answer to
-                    continue
-                try:
-                    received = cap.channel.try_recv(P.CMSG_ALL)
-                    if received is None:
-                        # Most capabilities sit here, idle: waiting on trio directly rather
-                        # than in Channel.recv keeps their task's stack (memory) smaller.
+                elif wait == "readable":
+                    # Most capabilities sit here, idle: waiting on trio directly rather than
+                    # in Channel.recv keeps their task's stack (memory) smaller.
+                    try:
                         await trio.lowlevel.wait_readable(cap.channel.sock)
-                        continue
-                except (OSError, trio.ClosedResourceError):
-                    break
-                data, fds, flags, cred = received
-                if not data and not fds:
-                    break  # EOF: every holder closed it or died
-                await self._on_request(cap, data, flags, fds, cred)
-                # One request per capability, then the others' turn: a client busy on many
-                # capabilities gets no longer runs than one waiting with a single request.
-                # (After the request, not between reading and counting it: the bounds on
-                # requests in flight must see every request read.)
-                await trio.lowlevel.checkpoint()
+                    except (OSError, trio.ClosedResourceError):
+                        break
+                elif turn is None:
+                    await trio.lowlevel.checkpoint()  # one request per capability, then the others'
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
         finally:
