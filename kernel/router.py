@@ -236,6 +236,7 @@ class Capability:
     writing: bool = False  # a writer task is draining the outbox
     closed: bool = False
     hung_up: bool = False  # the holder went away while the reader was parked
+    turn: trio.Lock | None = None  # its account's turn (a trio.Lock) while its reader holds it
     _wakeup: trio.Event | None = None  # set while the reader is parked
 
     def wake(self) -> None:
@@ -395,13 +396,13 @@ class Router:
                 # acquire yields once it holds the lock: the account's other capabilities
                 # queue behind it meanwhile, and everyone else runs.) Reading and counting
                 # happen within the turn, so the account's bounds see every request read.
-                turn = None
                 account = cap.account
-                if not account.system:
+                took_turn = not account.system
+                if took_turn:
                     if account.turn is None:
                         account.turn = trio.Lock()
-                    turn = account.turn
-                    await turn.acquire()
+                    await account.turn.acquire()
+                    cap.turn = account.turn
                 try:
                     if self._must_wait(cap):
                         wait = "park"
@@ -419,8 +420,7 @@ class Router:
                             await self._on_request(cap, data, flags, fds, cred)
                             wait = None
                 finally:
-                    if turn is not None:
-                        turn.release()
+                    self._end_turn(cap)
                 if wait == "park":
                     await self._park(cap)
                     if cap.hung_up or cap.closed:
@@ -432,12 +432,19 @@ class Router:
                         await trio.lowlevel.wait_readable(cap.channel.sock)
                     except (OSError, trio.ClosedResourceError):
                         break
-                elif turn is None:
+                elif not took_turn:
                     await trio.lowlevel.checkpoint()  # one request per capability, then the others'
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
         finally:
             self._release(cap)
+
+    @staticmethod
+    def _end_turn(cap: Capability) -> None:
+        """Give back the account's turn cap's reader holds, if it holds it."""
+        if cap.turn is not None:
+            cap.turn.release()
+            cap.turn = None
 
     def _must_wait(self, cap: Capability) -> bool:
         """Whether cap's reader must stop reading requests for now (backpressure)."""
@@ -776,6 +783,9 @@ class Router:
             cap.account.inflight += 1
         scheme.frames += 1
         account.held_fds += len(fds)
+        # Counted: the account's other capabilities may go on. A scheme slow to read its
+        # channel (a client's own scheme that never reads) then holds up this one only.
+        self._end_turn(cap)
         try:
             sent = await self._send_to_scheme(scheme, frame, fds, before_dying=req_id)
         except BaseException:

@@ -560,3 +560,27 @@ def test_a_router_out_of_fds_answers_emfile_and_recovers(starved_kernel):
     P.close_fds([opened, *clones])
     _, handle, _, op, _, _ = scheme.receive()
     assert (handle, op) == (8, P.CLOSE)
+
+
+def test_a_scheme_that_never_reads_holds_up_only_the_capability_waiting_for_it(kernel):
+    """A client's capabilities take turns, but a send the router must wait for (a scheme
+    that does not read its channel, say a hostile client's own) does not keep the turn."""
+    _, (silent_channel, silent_root) = call(kernel, P.SCHEME_CREATE)  # nobody reads it
+    _, scheme, root = create_scheme(kernel)
+    _, (stuck, served) = new_account(kernel, [silent_root, root])
+    try:
+        with socket.socket(fileno=os.dup(stuck)) as s:
+            s.settimeout(1.0)
+            with pytest.raises(TimeoutError):  # the router stops reading it: its send waits
+                for tag in range(accounts.MAX_INFLIGHT_PER_CAP * 4):  # more than the channel holds
+                    s.send(encode_request(P.WRITE, tag, [b"x" * 60_000]))
+        send(served, encode_request(P.READ, 1, [5]))
+        req_id, _, _, _, (args, _), _ = scheme.receive()
+        assert args == [5]
+        scheme.answer(SchemeReply.of(req_id, P.OK, b"ready"))
+        assert receive(served)[0] == (1, P.OK, b"ready")
+    finally:
+        os.close(silent_channel)  # the silent scheme dies: its requests fail with EIO
+        assert receive(stuck)[0][1:] == (P.ERR, errno.EIO)
+        for fd in (stuck, served, silent_root):
+            os.close(fd)
