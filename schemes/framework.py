@@ -55,7 +55,8 @@ from wire.stat import Stat
 log = logging.getLogger("scheme")
 
 RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
-# Frames taken from the channel at once and served in turn per account (_waiting_requests).
+# Frames taken from the channel at once and served in turn per account (_waiting_requests);
+# what they hold is bounded anyway by what the channel's socket buffer held.
 MAX_BATCH = 256
 # A root that opens things but lists nothing: a directory with search permission only.
 ROOT_STAT = Stat(st_mode=stat.S_IFDIR | 0o111, st_nlink=2)
@@ -329,6 +330,7 @@ class _Server:
             elif request.op == P.RESTORE:
                 self._restore(request, fds)
             elif request.op == P.RESUME:
+                P.close_fds(fds)  # it carries none; any that came are ours to close
                 self._resume(request)
             else:
                 queues.setdefault(request.account, collections.deque()).append((request, fds))

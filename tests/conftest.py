@@ -15,6 +15,7 @@ logged a traceback. The short names the tests use:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -101,6 +102,36 @@ class HostileScheme:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+@pytest.fixture
+def subtree_namespace():
+    """enter(path, flags=0): a context manager in which this process's namespace holds
+    only `file`, registered from the directory capability rt.open(path, O_DIRECTORY |
+    flags) opened in the namespace it had; that namespace is back afterwards."""
+
+    @contextlib.contextmanager
+    def enter(path: str, flags: int = 0):
+        box = rt.open(path, rt.O_DIRECTORY | flags)
+        try:
+            child = rt.mkns([], perms=rt.PERM_ALL)
+            try:
+                rt.register(child, "file", box)
+            except BaseException:
+                rt.close(child)
+                raise
+        finally:
+            rt.close(box)
+        parent = rt.clone(rt.getns())
+        rt.setns(child)
+        try:
+            yield
+        finally:
+            rt.setns(parent)
+            rt.close(parent)
+            rt.close(child)
+
+    return enter
 
 
 @pytest.fixture

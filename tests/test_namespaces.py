@@ -60,26 +60,17 @@ def test_namespace_fork_list_narrow_register_and_unregister(isolated_client):
     rt.close(child)
 
 
-def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(isolated_client):
+def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(isolated_client,
+                                                                    subtree_namespace):
     (isolated_client.root / "outside.txt").write_text("secret")
     (isolated_client.root / "box").mkdir()
     (isolated_client.root / "box/inside.txt").write_text("ok")
-    box = rt.open("/box", rt.O_DIRECTORY)
-    child = rt.mkns([], perms=rt.PERM_ALL)
-    rt.register(child, "file", box)
-    rt.close(box)
-    parent = rt.clone(rt.getns())
-    rt.setns(child)
-    try:
+    with subtree_namespace("/box"):
         assert rt.listdir("/") == ["inside.txt"]
         with rt.open_file("/inside.txt") as f:
             assert f.read() == "ok"
         with pytest.raises(FileNotFoundError):
             rt.open("/outside.txt")
-    finally:
-        rt.setns(parent)
-        rt.close(parent)
-        rt.close(child)
 
 
 def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(isolated_client):

@@ -206,19 +206,14 @@ def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
 
 
 @pytest.mark.parametrize("flag", [0, rt.O_RESOLVE_BENEATH, rt.O_PATH], ids=["plain", "beneath", "o_path"])
-def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client, flag):
+def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client, subtree_namespace,
+                                                                 flag):
     """Issue 7 item 4: a directory capability registered as `file` confines everything
     that goes through that name to it, whatever flags it was opened with."""
     (isolated_client.root / "secret.txt").write_text("outside the box")
     (isolated_client.root / "box/sub").mkdir(parents=True)
     (isolated_client.root / "box/in.txt").write_text("in the box")
-    box = rt.open("/box", rt.O_DIRECTORY | flag)
-    child = rt.mkns([], perms=rt.PERM_ALL)
-    rt.register(child, "file", box)
-    rt.close(box)
-    parent = rt.clone(rt.getns())
-    rt.setns(child)
-    try:
+    with subtree_namespace("/box", flag):
         for path in ("/../secret.txt", "file:../secret.txt", "/scheme/file/../secret.txt",
                      "/sub/../../secret.txt", "/scheme/file/sub/../../../secret.txt"):
             with pytest.raises(FileNotFoundError):
@@ -244,10 +239,6 @@ def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client
         with pytest.raises(FileNotFoundError):
             rt.unlink("/../secret.txt")
         assert rt.readlink("/../abs") == "/secret.txt"
-    finally:
-        rt.setns(parent)
-        rt.close(parent)
-        rt.close(child)
     assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box", "secret.txt"]
     assert (isolated_client.root / "secret.txt").read_text() == "outside the box"
     assert sorted(p.name for p in (isolated_client.root / "box").iterdir()) == [
