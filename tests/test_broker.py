@@ -365,11 +365,13 @@ def test_a_child_starts_where_its_parent_was_when_it_forked(sandbox):
     assert got.stdout.split() == ["alpha", "/box/sub", "beta"], got.stderr
 
 
-def test_run_trace_shows_each_brokered_syscall_and_its_refusals(sandbox):
+def test_run_trace_shows_each_brokered_syscall_and_its_refusals(sandbox, tmp_path):
+    # to a file: on stderr, cat's own message would share lines with the records
+    trace = tmp_path / "trace.jsonl"
     out = brokered(sandbox, ["sh", "-c", "cat a.txt >/dev/null; echo $$; cat ../secret.txt; exit 3"],
-                   "--trace", "--trace-json")
+                   f"--trace={trace}", "--trace-json")
     assert out.returncode != 0 and "the secret" not in out.stdout
-    records = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
     syscalls = [r for r in records if r["scheme"] == "syscall"]
     shell = int(out.stdout.split()[0])
     # the shell's own calls carry its pid; cat's a child's, and the refused open says why
