@@ -8,7 +8,9 @@ import trio
 from kernel import accounts
 from kernel.accounts import Limits
 from kernel.router import main
-from wire.limits import raise_fd_limit
+from wire.limits import forbid_core_dumps, raise_fd_limit
+
+forbid_core_dumps()  # before anything of a client's could be in memory
 
 parser = argparse.ArgumentParser(prog="python -m kernel", description=__doc__)
 parser.add_argument("--kernel-fd", type=int, required=True,

@@ -17,6 +17,7 @@ import click
 
 from redoxcap import config, control, exits, lifecycle, status
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, Failure
+from wire.limits import forbid_core_dumps
 
 # Errors any command may raise, and the exit code each one leaves with (first match wins).
 FAILURES: tuple[tuple[type[Exception], int], ...] = (
@@ -107,6 +108,7 @@ def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
         return
     from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
 
+    forbid_core_dumps()  # the supervisor holds every daemon's root and hands out namespaces
     up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd)
 
 
@@ -199,6 +201,9 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="With --brokered: also serve this host path read-only (repeatable).")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="With --brokered: regular files come as host fds (native reads and writes).")
+@click.option("--pass-fd", "pass_fds", multiple=True, type=click.IntRange(3, None), metavar="N",
+              help="Hand the command this fd of yours too (repeatable); by default it gets only "
+                   "0, 1 and 2, besides its capabilities.")
 @click.option("--max-caps", type=click.IntRange(16, 1 << 20), default=None, metavar="N",
               help="At most N (16 or more) capabilities held at once by COMMAND and its "
                    "children, its namespace, cwd and grants included; past it, an open fails "
@@ -217,7 +222,8 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                 uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
                 udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
                 trace: str | None, trace_json: bool, brokered: bool, ro_host: tuple[str, ...],
-                passthrough: bool, max_caps: int | None, log_file: Path | None, root: Path | None,
+                passthrough: bool, pass_fds: tuple[int, ...], max_caps: int | None,
+                log_file: Path | None, root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
@@ -236,6 +242,7 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
     """
     from redoxcap import run  # the client runtime: only `run` needs it
 
+    forbid_core_dumps()  # run holds the program's capabilities, and is its broker
     if require_confine and not confine:
         raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
     try:
@@ -243,6 +250,11 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
                                      options=env_options)
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
+    for fd in pass_fds:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
     net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
     broker = run.broker_options(brokered, confine, ro_host, passthrough)
     with run.system_for_run(state_dir, root=root, config_file=config_file,
@@ -250,7 +262,7 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
                        trace=trace, trace_json=trace_json, net=net, broker=broker,
-                       max_caps=max_caps)
+                       max_caps=max_caps, pass_fds=pass_fds)
     sys.exit(code)
 
 
@@ -310,3 +322,25 @@ def graph_command(state_dir: Path, output: Path | None) -> None:
     except FileNotFoundError as exc:
         raise Failure(str(exc)) from None
     click.echo(f"wrote {output}")
+
+
+@main.command("syscalls")
+@click.option("--markdown", is_flag=True,
+              help="Print the list as docs/sandbox.md shows it (every machine's names).")
+def syscalls_command(markdown: bool) -> None:
+    """Show the syscalls a sandboxed program may make, on this machine, and why.
+
+    One list decides both filters: `confined` (a program run with --no-broker,
+    whose paths Landlock mediates) and `brokered` (the broker answers every call
+    that names a path). A call the list does not name fails with ENOSYS.
+    """
+    from redoxcap.sandbox import syscalls
+    from wire import linux
+
+    if markdown:
+        click.echo(syscalls.describe_markdown(), nl=False)
+        return
+    machine = linux.machine()
+    if machine is None:
+        _exit("this machine has no syscall list (only x86_64 and aarch64)", EXIT_FAILED)
+    click.echo(syscalls.describe_text(machine), nl=False)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-from redoxcap import config, control
+from redoxcap import PYTHON, config, control
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 
 BOOT_TIMEOUT = 30.0  # seconds a supervisor has to report that it is up
@@ -147,7 +147,7 @@ def _start_up(state_dir: Path, options: list[str],
     """Start `redoxcap up OPTIONS`; returns its process, its readiness pipe and a pidfd."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ready_r, ready_w = os.pipe()
-    argv = [sys.executable, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
+    argv = [*PYTHON, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
             "--ready-fd", str(ready_w)]
     pass_fds: tuple[int, ...] = (ready_w,)
     if watch_fd is not None:

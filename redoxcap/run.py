@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rt
-from redoxcap import config, control, lifecycle
+from redoxcap import PYTHON, config, control, lifecycle
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
@@ -169,8 +169,9 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     data the program must reach through its capabilities. scratch is the
     command's private writable temporary directory.
     """
-    # -P: a `redoxcap` package a client wrote into the cwd must not run as the launcher.
-    launcher = [sys.executable, "-P", "-m", "redoxcap.sandbox", "--write", scratch]
+    # -E -P: a `redoxcap` package a client wrote into the cwd (or into PYTHONPATH, passed with
+    # --env) must not run as the launcher, which is not confined yet.
+    launcher = [*PYTHON, "-m", "redoxcap.sandbox", "--write", scratch]
     launcher += ["--require"] if require else []
     script = python_script(command)
     if script is not None:
@@ -240,7 +241,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
-        max_caps: int | None = None) -> int:
+        max_caps: int | None = None, pass_fds: Sequence[int] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -263,6 +264,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             program, every path through the broker, which confines it itself.
         max_caps: `--max-caps`: the capability quota of its router account (None:
             the router's default for clients).
+        pass_fds: `--pass-fd`: fds of ours it inherits besides 0-2 (and its capabilities).
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -282,7 +284,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     try:
         proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
                                uds_scope=uds_scope, net=net, follower=follower, broker=broker,
-                               max_caps=max_caps)
+                               max_caps=max_caps, pass_fds=pass_fds)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=cwd, account=account)
@@ -309,8 +311,8 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
            beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
-           broker: dict | None = None, max_caps: int | None = None
-           ) -> tuple[subprocess.Popen, int | None]:
+           broker: dict | None = None, max_caps: int | None = None,
+           pass_fds: Sequence[int] = ()) -> tuple[subprocess.Popen, int | None]:
     """Start argv with the namespace and cwd asked for, through rt.spawn.
 
     With new_session, argv leads a new session without a controlling
@@ -347,9 +349,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             cwd_fd, cwd_path = rt._process.cwd_fd(), rt.getcwd()
             trace = follower.syscall if follower is not None else None
             return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker,
-                                  trace=trace), account
+                                  trace=trace, pass_fds=pass_fds), account
         try:
-            return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
+            return rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
                             start_new_session=new_session), account
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None

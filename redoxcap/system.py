@@ -29,12 +29,12 @@ import errno
 import logging
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 
 import trio
 
+from redoxcap import PYTHON
 from wire import protocol as P
 from wire.aio import AsyncCapability
 
@@ -44,6 +44,11 @@ RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
 MAX_CLIENTS = 1024  # programs `status` remembers
 STOP_GRACE = 3.0
+
+
+_RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
+                    "sys.path.append(where); runpy.run_module(module, run_name='__main__', "
+                    "alter_sys=True)")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,14 @@ class SchemeSpec:
 
     def argv(self, channel_fd: int) -> list[str]:
         """The daemon's command line, given the fd number of its scheme channel."""
-        program = list(self.command) if self.command else [sys.executable, "-m", self.module]
+        if self.command:
+            program = list(self.command)
+        elif self.cwd is None:
+            program = [*PYTHON, "-m", self.module]
+        else:
+            # a module of the user's, from the directory the config names: appended to sys.path,
+            # so that the system's own modules still come from where it is installed
+            program = [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
         return [*program, "--channel-fd", str(channel_fd), *self.args]
 
 
@@ -129,7 +141,7 @@ class System:
         ours, theirs = _socketpair()
         try:
             self.kernel_process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
+                [*PYTHON, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
             )
         finally:
             os.close(theirs)

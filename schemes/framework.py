@@ -49,7 +49,7 @@ from wire import ops
 from wire import protocol as P
 from wire.channel import Channel
 from wire.frames import Keep, SchemeReply, SchemeRequest
-from wire.limits import raise_fd_limit
+from wire.limits import forbid_core_dumps, raise_fd_limit
 from wire.stat import Stat
 
 log = logging.getLogger("scheme")
@@ -521,6 +521,7 @@ def daemon_cli(
         make: builds the scheme from the parsed arguments.
         configure: adds the daemon's own options to the parser.
     """
+    forbid_core_dumps()
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=sys.modules["__main__"].__doc__)
     parser.add_argument("--channel-fd", type=int, required=True,
                         help="inherited scheme channel from the router's SCHEME_CREATE")
@@ -532,6 +533,7 @@ def daemon_cli(
 
 def daemon_main(scheme: Scheme, channel_fd: int) -> None:
     """Entry point shared by the scheme daemons' __main__ modules."""
+    forbid_core_dumps()
     logging.basicConfig(
         level=logging.WARNING,
         format=f"{scheme.name}[%(process)d] %(levelname)s %(message)s",

@@ -46,8 +46,11 @@ cwd = "daemons"
     echo, shout, here = cfg.user_schemes
     assert echo == UserScheme("echo", module="echo_scheme", args=("--prefix", "echo: "),
                               env=(("ECHO_DEBUG", "1"), ("LANG", "C")), cwd=EXAMPLES)
-    assert echo.spec().argv(7) == [sys.executable, "-m", "echo_scheme", "--channel-fd", "7",
-                                   "--prefix", "echo: "]
+    # -E -P: the system's own modules never come from the user's cwd or PYTHONPATH; the user's
+    # module comes from the directory the config names, after everything installed
+    argv = echo.spec().argv(7)
+    assert argv[:3] == [sys.executable, "-E", "-P"] and argv[3] == "-c"
+    assert argv[5:] == [str(EXAMPLES), "echo_scheme", "--channel-fd", "7", "--prefix", "echo: "]
     assert shout.spec().argv(7) == [sys.executable, "echo_scheme.py", "--upper", "--channel-fd", "7"]
     assert shout.spec().cwd == str(EXAMPLES)
     assert here.cwd == tmp_path / "daemons"  # relative to the config file, not to us

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import resource
 
+from wire import linux
+
 
 def raise_fd_limit() -> int:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit.
@@ -27,3 +29,14 @@ def raise_fd_limit() -> int:
     except (ValueError, OSError):
         return soft
     return hard
+
+
+def forbid_core_dumps() -> None:
+    """Make this process undumpable, with a hard core limit of 0, for the rest of its life.
+
+    A daemon's memory holds other clients' data: no signal a client can cause (a CPU limit
+    raised on it, a crash) may write it to a core file, and a process of the same uid without
+    capabilities (a sandboxed one) can neither ptrace it nor read its /proc/PID files.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)

@@ -34,6 +34,7 @@ from redoxcap.broker.notify import Notification
 from redoxcap.broker.pump import Pumps
 from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
 from redoxcap.broker.structs import DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
+from redoxcap.sandbox.syscalls import brokered_names
 from rt._call import call_fd, call_value, forget
 from rt._paths import SCHEME_ROOT, split_namespace_path, to_namespace_path
 from wire import linux
@@ -150,7 +151,7 @@ class Syscalls:
         self.o_largefile = _O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
         self.table: dict[int, Callable[[Call], Any]] = {
-            names[name]: getattr(self, name) for name in _HANDLED if name in names
+            names[name]: getattr(self, name) for name in brokered_names() if name in names
         }
 
     # -- reading arguments and resolving paths --------------------------------
@@ -746,13 +747,5 @@ def _check_access(mode: int, uid: int, gid: int, want: int) -> None:
     if (mode >> shift) & want != want:
         raise OSError(errno.EACCES, os.strerror(errno.EACCES))
 
-
-_HANDLED = (
-    "open", "openat", "openat2", "creat", "stat", "lstat", "newfstatat", "fstat", "statx",
-    "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
-    "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
-    "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
-    "execveat", "clone", "fork", "vfork",
-)
 
 __all__ = ["PROCEED", "Call", "Install", "Syscalls"]

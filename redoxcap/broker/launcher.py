@@ -44,18 +44,21 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         kernel_cwd: an empty directory to stand in the kernel's cwd (no lookup the broker
             did not make is ever relative to anything).
         read_paths: what Landlock lets the kernel open on the program's behalf (the host trees).
-        keep_fds: fds the program inherits besides 0-2 (its capabilities for rt).
+        keep_fds: fds the program inherits besides 0-2 (its capabilities for rt, and what
+            `run --pass-fd` names); every other fd this process has is closed.
     """
-    from redoxcap.sandbox import ConfinementUnavailable, confine, die_with_parent
+    from redoxcap.sandbox import ConfinementUnavailable, close_fds_except, confine, die_with_parent
 
     machine = linux.machine()
     try:
         os.setsid()  # a session of its own: no TIOCSTI into the caller's terminal
         die_with_parent(parent)
         os.chdir(kernel_cwd)
+        close_fds_except({0, 1, 2, channel.fileno(), *keep_fds})
         for fd in keep_fds:
             os.set_inheritable(fd, True)
-        confine(read_paths, (), deny_network=True)
+        # the broker's filter below is the whole allow-list: no second one here
+        confined = confine(read_paths, (), deny_network=True, install_filter=False)
     except ConfinementUnavailable as exc:
         _die(f"brokered programs need Landlock: {exc.strerror}")
     except OSError as exc:
@@ -63,7 +66,7 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     if machine is None:
         _die("seccomp user notification: unsupported architecture")
     try:
-        listener = bpf.install(machine)
+        listener = bpf.install(machine, signals_scoped=confined.scoped)
     except OSError as exc:
         _die(f"seccomp user notification is not available here: {exc.strerror}")
     try:

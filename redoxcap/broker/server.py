@@ -240,7 +240,8 @@ def run_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str, en
 def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
                    passthrough: bool = True,
-                   trace: Callable[[dict], None] | None = None) -> BrokeredProgram:
+                   trace: Callable[[dict], None] | None = None,
+                   pass_fds: Sequence[int] = ()) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -248,6 +249,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     trace, when given, is called with one record per brokered syscall as it is
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
+    pass_fds are fds of the caller's the program inherits besides 0-2; it gets no other.
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -279,7 +281,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 ours.close()
-                exec_target(argv, env, theirs, parent, empty, hosts.trees, [target_ns, target_cwd])
+                exec_target(argv, env, theirs, parent, empty, hosts.trees,
+                            [target_ns, target_cwd, *pass_fds])
             theirs.close()
             with ours:
                 listener = _receive_listener(ours)

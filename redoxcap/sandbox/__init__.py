@@ -9,22 +9,24 @@ What is confined, once :func:`confine` returns (and inherited across ``execve``)
   ``write_paths`` get read, list and write/create/remove but not execute.
 * TCP (Landlock ABI >= 4, with ``deny_network``): no ``bind`` or ``connect`` on
   TCP sockets, including sockets inherited from the parent.
-* Other sockets (seccomp-BPF, with ``deny_network``): ``socket(2)`` fails with
-  EACCES for every address family except AF_UNIX, which covers UDP, raw and
-  netlink sockets that Landlock ABI 7 cannot restrict. ``socketpair(AF_UNIX)``
-  keeps working.
-* Metadata (seccomp-BPF, always): chmod, chown, utime and setxattr/removexattr
-  in every form (path, ``l``, ``f``, ``*at``, ``fchmodat2``, ``setxattrat``,
-  ``file_setattr``) and the ``ioctl`` requests that set inode flags fail with
-  EPERM on every path and fd, the client's own scratch files included: Landlock
-  does not mediate them. ``io_uring_setup`` is refused too (EPERM), because
-  io_uring sets xattrs and creates sockets without those syscalls.
-* The terminal (seccomp-BPF, always, and the launcher): ``ioctl`` TIOCSTI,
-  TIOCLINUX, TIOCCONS, TIOCSETD, TIOCSCTTY and TIOCVHANGUP fail with EPERM on
-  any fd, and the launcher runs COMMAND in a new session without a controlling
-  terminal, so it can neither inject input into the caller's terminal nor
-  regain it (CVE-2017-5226). Without the terminal's hangup to end it, the
-  launcher has the kernel kill COMMAND when the launcher's parent dies.
+* Syscalls (seccomp-BPF): an allow-list, :mod:`.syscalls`, with argument
+  checks; anything it does not name fails with ENOSYS. With ``deny_network``,
+  ``socket(2)`` fails with EACCES for every socket but AF_UNIX stream and
+  seqpacket, which covers UDP, raw and netlink sockets that Landlock ABI 7
+  cannot restrict. Metadata changes (chmod, chown, utime and the xattr
+  writers in every form) fail with EPERM on every path and fd, the client's
+  own scratch files included: Landlock does not mediate them; so do the calls
+  that can reach another process of the uid (``prlimit64``, ``setpriority``...
+  on anything but its own), message queues, System V IPC, keyrings, bpf and
+  the mount API; io_uring is ENOSYS, because it sets xattrs and creates
+  sockets without those syscalls. Only the listed ``ioctl`` requests and
+  ``fcntl`` commands run (no TIOCSTI, no inode-flag setters, no leases).
+* The terminal (the filter and the launcher): the ioctls that inject input
+  or take a terminal over are not on the list, and the launcher runs COMMAND
+  in a new session without a controlling terminal, so it can neither inject
+  input into the caller's terminal nor regain it (CVE-2017-5226). Without the
+  terminal's hangup to end it, the launcher has the kernel kill COMMAND when
+  the launcher's parent dies.
 * Capabilities: none. The effective, permitted, inheritable and ambient sets are
   cleared and, when running as root, the bounding set too, so ``execve`` gives
   none back; the uid stays.
@@ -51,11 +53,11 @@ What is NOT confined:
 
 Use it as a launcher::
 
-    python -P -m redoxcap.sandbox [--read PATH]... [--write PATH]... \\
+    python -E -P -m redoxcap.sandbox [--read PATH]... [--write PATH]... \\
         [--no-network-deny] [--require] -- COMMAND ARGS...
 
-The modules, one concept each: :mod:`.landlock` (rulesets), :mod:`.seccomp`
-(the BPF assembler and the filter), :mod:`.process` (capabilities, the
+The modules, one concept each: :mod:`.landlock` (rulesets), :mod:`.syscalls`
+(the allow-list), :mod:`.seccomp` (its compiler to BPF), :mod:`.process` (capabilities, the
 session, the parent's death), :mod:`.policy` (what a client is granted) and
 :mod:`.launcher` (:func:`confine` applying them, and the launcher's main).
 The package imports only the standard library, :mod:`wire.linux` (its one
@@ -65,14 +67,12 @@ syscall layer) and :mod:`redoxcap.exits`, so the launcher starts fast.
 from redoxcap.sandbox.landlock import landlock_abi
 from redoxcap.sandbox.launcher import ConfinementUnavailable, ConfineResult, confine, main
 from redoxcap.sandbox.policy import interpreter_read_paths, python_script
-from redoxcap.sandbox.process import die_with_parent, leave_terminal
-from redoxcap.sandbox.seccomp import DENIED_IOCTLS, DENIED_SYSCALLS
+from redoxcap.sandbox.process import close_fds_except, die_with_parent, leave_terminal
 
 __all__ = [
-    "DENIED_IOCTLS",
-    "DENIED_SYSCALLS",
     "ConfineResult",
     "ConfinementUnavailable",
+    "close_fds_except",
     "confine",
     "die_with_parent",
     "interpreter_read_paths",

@@ -1,6 +1,6 @@
 """The launcher: confine this process (:func:`confine`), leave the terminal, exec COMMAND.
 
-``python -P -m redoxcap.sandbox [--read PATH]... [--write PATH]...
+``python -E -P -m redoxcap.sandbox [--read PATH]... [--write PATH]...
 [--no-network-deny] [--require] -- COMMAND ARGS...`` is how `redoxcap run`
 starts a confined client; see :mod:`redoxcap.sandbox` for what is confined.
 """
@@ -33,8 +33,8 @@ class ConfineResult:
         filesystem: Landlock filesystem rules are enforced.
         network: Landlock denies TCP bind and connect (ABI >= 4).
         scoped: abstract Unix sockets and signals are scoped (ABI >= 6).
-        seccomp: the seccomp filter (metadata, terminal ioctls, io_uring and,
-            with ``deny_network``, ``socket(2)``) is installed.
+        seccomp: the ``confined`` seccomp filter (the allow-list of
+            redoxcap/sandbox/syscalls.py) is installed.
     """
 
     abi: int
@@ -49,6 +49,7 @@ def confine(
     write_paths: Iterable[str] = (),
     *,
     deny_network: bool = True,
+    install_filter: bool = True,
 ) -> ConfineResult:
     """Confine the calling thread (and what it execs) with Landlock and seccomp.
 
@@ -64,8 +65,11 @@ def confine(
             creating, removing and renaming entries beneath them, but not
             execute. Paths that do not exist are skipped.
         deny_network: deny TCP bind/connect with Landlock (ABI >= 4) and make
-            ``socket(2)`` fail with EACCES for every family except AF_UNIX. The
-            metadata, terminal and io_uring rules apply either way.
+            ``socket(2)`` fail with EACCES for every family except AF_UNIX
+            (stream and seqpacket). The rest of the allow-list applies either way.
+        install_filter: install the ``confined`` seccomp filter; the broker's
+            launcher installs the ``brokered`` one itself, from the same list
+            (two filters would refuse what the broker answers).
 
     Returns:
         A :class:`ConfineResult` describing what was applied.
@@ -99,14 +103,16 @@ def confine(
         # Required for unprivileged restrict_self and for seccomp filters.
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         ruleset.restrict_self()
-    seccomp.install(arch, deny_network)
     process.drop_capabilities(cap_last)
+    if install_filter:
+        seccomp.install(arch, deny_network=deny_network,
+                        signals_scoped=bool(scoped & landlock.SCOPE_SIGNAL))
     return ConfineResult(
         abi=abi,
         filesystem=True,
         network=bool(handled_net),
         scoped=bool(scoped),
-        seccomp=True,
+        seccomp=install_filter,
     )
 
 

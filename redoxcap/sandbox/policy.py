@@ -44,8 +44,12 @@ _SYSTEM_READ_PATHS = (
     "/etc/localtime",
     "/dev/null",
     "/dev/urandom",
-    "/proc/self",
 )
+# The files of /proc/PID a program may read of its own process (its pid is the launcher's, as
+# exec keeps it): not net/ (every socket of the host), mountinfo or mounts (the host's mounts),
+# task/ (each thread's net/ and mountinfo again), nor any other process.
+PROC_SELF_FILES = ("fd", "fdinfo", "stat", "statm", "status", "cmdline", "comm", "environ",
+                   "limits", "maps", "auxv")
 _PROJECT_PACKAGES = ("rt", "wire", "kernel", "nsmgr", "schemes", "redoxcap")
 
 
@@ -88,12 +92,12 @@ def interpreter_read_paths() -> list[str]:
     Includes the executable, the prefixes, the standard library, the ``sys.path``
     entries that lie beneath a prefix, the user site-packages or a system
     directory, a few system paths (``/usr``, ``/lib``, ``/lib64``, ``/bin``, the
-    loader cache, the local time zone, ``/dev/null``, ``/dev/urandom``,
-    ``/proc/self``) and the directories of the project's top-level packages.
+    loader cache, the local time zone, ``/dev/null``, ``/dev/urandom``) and the directories of the project's top-level packages.
     Never included: broad trees such as ``/``, ``/etc``, ``/root``, ``/home`` and
     ``/tmp``; any directory that is or contains the current directory or
     ``$HOME``; ``sys.path`` entries elsewhere (a source checkout, ``PYTHONPATH``
-    directories), of which only the project's packages are granted.
+    directories), of which only the project's packages are granted. Of ``/proc``,
+    only the :data:`PROC_SELF_FILES` of this process (the program's, after exec).
 
     Returns:
         A list of absolute paths without duplicates; some may not exist
@@ -146,6 +150,8 @@ def interpreter_read_paths() -> list[str]:
             add(location)
     for path in _SYSTEM_READ_PATHS:
         add(path, check=False)
+    for name in PROC_SELF_FILES:
+        add(f"/proc/{os.getpid()}/{name}", check=False)
     return out
 
 

@@ -90,3 +90,13 @@ def die_with_parent(parent: int) -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the prctl took effect
         raise OSError(errno.ESRCH, "the parent process has already exited")
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every fd of this process but those in keep (close_range, gap by gap)."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 2**31 - 1)

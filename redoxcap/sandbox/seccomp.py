@@ -1,170 +1,171 @@
-"""The seccomp-BPF filter: what Landlock does not mediate, refused by syscall number.
+"""The seccomp-BPF filters, compiled from the allow-list in :mod:`.syscalls`.
 
-A tiny BPF assembler (:func:`bpf_stmt`, :func:`bpf_jump`) and the one filter
-built with it (:func:`filter_program`): metadata changes (chmod, chown,
-utime, xattrs in every form), io_uring, the terminal and inode-flag ioctls,
-and, with ``deny_network``, ``socket(2)`` for every family but AF_UNIX.
-Syscalls of a foreign ABI (i386, arm32, x32) are refused outright, because
-their numbers differ from the ones checked here.
+:func:`filter_program` turns the list into a classic BPF program: a check of
+the architecture (a foreign ABI, i386 or arm32, is killed; x32 calls fail
+with ENOSYS), then a binary search over the syscall numbers the list names,
+each ending in its action (allow, an errno, the broker, or an argument
+check); a number the list does not name fails with ENOSYS. :func:`install`
+puts the ``confined`` filter on the calling thread; the broker installs the
+``brokered`` one with a listener (redoxcap/broker/filter.py).
+
+Every block the compiler emits ends in a return, so blocks are placed one
+after the other and only forward jumps over whole blocks are needed: short
+ones as the conditional jump's own offset (8 bits), longer ones with ``JA``.
 """
 
 from __future__ import annotations
 
-import errno
+import os
 import struct
+from collections.abc import Sequence
 
+from redoxcap.sandbox import syscalls as S
 from wire import linux
 
-# Syscalls that change a file's mode, owner, times, attributes or xattrs, which
-# Landlock does not mediate; refused with EPERM on every path and fd (names an
-# architecture lacks are skipped). io_uring can do the same (IORING_OP_SETXATTR)
-# and create sockets (IORING_OP_SOCKET) without these syscalls.
-DENIED_SYSCALLS = (
-    "chmod",
-    "fchmod",
-    "fchmodat",
-    "fchmodat2",
-    "chown",
-    "fchown",
-    "lchown",
-    "fchownat",
-    "utime",
-    "utimes",
-    "futimesat",
-    "utimensat",
-    "setxattr",
-    "lsetxattr",
-    "fsetxattr",
-    "removexattr",
-    "lremovexattr",
-    "fremovexattr",
-    "setxattrat",
-    "removexattrat",
-    "file_setattr",
-    "io_uring_setup",
-)
-# ioctl requests refused with EPERM on any fd (asm-generic/ioctls.h, linux/fs.h;
-# the same values on x86_64 and aarch64). The kernel reads the request as an
-# unsigned int, so its low 32 bits decide.
-DENIED_IOCTLS = {
-    # Push input into a terminal or take it over (CVE-2017-5226 and its kin).
-    "TIOCSTI": 0x5412,
-    "TIOCLINUX": 0x541C,
-    "TIOCCONS": 0x541D,
-    "TIOCSETD": 0x5423,
-    "TIOCSCTTY": 0x540E,
-    "TIOCVHANGUP": 0x5437,
-    # Change inode flags and attributes of a file that is only open for reading.
-    "FS_IOC_SETFLAGS": 0x40086602,
-    "FS_IOC32_SETFLAGS": 0x40046602,
-    "FS_IOC_SETVERSION": 0x40087602,
-    "FS_IOC32_SETVERSION": 0x40047602,
-    "FS_IOC_FSSETXATTR": 0x401C5820,
-    "FS_IOC_ENABLE_VERITY": 0x40806685,
-    "FS_IOC_SET_ENCRYPTION_POLICY": 0x800C6613,
-}
-
-# linux/audit.h: EM_X86_64 (62) / EM_AARCH64 (183) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
-_AUDIT_ARCH_64BIT = 0x80000000
-_AUDIT_ARCH_LE = 0x40000000
-AUDIT_ARCH = {
-    "x86_64": 62 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC000003E
-    "aarch64": 183 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC00000B7
-}
-_X32_SYSCALL_BIT = 0x40000000  # asm/unistd.h on x86_64
-
-# linux/seccomp.h
-SECCOMP_RET_KILL_PROCESS = 0x80000000
-SECCOMP_RET_ERRNO = 0x00050000
-SECCOMP_RET_ALLOW = 0x7FFF0000
-SECCOMP_RET_DATA = 0x0000FFFF
-
-# struct seccomp_data offsets: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
-_SECCOMP_DATA_NR = 0
-_SECCOMP_DATA_ARCH = 4
-_SECCOMP_DATA_ARG0_LO = 16  # low 32 bits of args[0] on little-endian arches
-_SECCOMP_DATA_ARG1_LO = 24  # low 32 bits of args[1]
-
 # linux/bpf_common.h
-BPF_LD = 0x00
-BPF_JMP = 0x05
-BPF_RET = 0x06
-BPF_W = 0x00
-BPF_ABS = 0x20
-BPF_JEQ = 0x10
-BPF_JGE = 0x30
-BPF_K = 0x00
+BPF_LD_W_ABS = 0x00 | 0x00 | 0x20
+BPF_ALU_AND_K = 0x04 | 0x50
+BPF_JA = 0x05 | 0x00
+BPF_JEQ_K = 0x05 | 0x10
+BPF_JGE_K = 0x05 | 0x30
+BPF_JSET_K = 0x05 | 0x40
+BPF_RET_K = 0x06
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
+DATA_NR, DATA_ARCH = 0, 4
 
-AF_UNIX = 1
+
+def arg_offset(index: int) -> int:
+    """Offset of the low word of args[index] (x86_64 and aarch64 are little-endian)."""
+    return 16 + 8 * index
+
+
+SECCOMP_RET_DATA = 0xFFFF
+MAX_JUMP = 255  # a conditional jump's offsets are 8 bits
+LEAF = 4  # calls compared one by one at the bottom of the search
 
 Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
+Block = list[Instruction]
 
 
-def bpf_stmt(code: int, k: int) -> Instruction:
-    """A BPF statement (BPF_STMT in linux/filter.h)."""
+def stmt(code: int, k: int) -> Instruction:
     return (code, 0, 0, k)
 
 
-def bpf_jump(code: int, k: int, jt: int, jf: int) -> Instruction:
-    """A BPF conditional jump: jt or jf instructions ahead (BPF_JUMP in linux/filter.h)."""
+def jump(code: int, k: int, jt: int, jf: int) -> Instruction:
+    assert 0 <= jt <= MAX_JUMP and 0 <= jf <= MAX_JUMP
     return (code, jt, jf, k)
 
 
-def _ret_errno(err: int) -> Instruction:
-    return bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA))
+def ret(value: int) -> Block:
+    return [stmt(BPF_RET_K, value)]
 
 
-def filter_program(arch: str, deny_network: bool) -> bytes:
-    """The filter for arch (a key of wire.linux.SYSCALLS) as an array of struct sock_filter.
+def ret_errno(err: int) -> Block:
+    return ret(linux.SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA))
+
+
+def _if(test: Block, then: Block) -> Block:
+    """test (ending in a conditional jump whose jt is 0 and jf 0) falls into then when true,
+    and goes past it when false."""
+    *head, (code, _, _, k) = test
+    if len(then) <= MAX_JUMP:
+        return [*head, jump(code, k, 0, len(then)), *then]
+    return [*head, jump(code, k, 1, 0), stmt(BPF_JA, len(then)), *then]
+
+
+class Compiler:
+    """Turns actions into blocks for one program (its own pid stands for SELF)."""
+
+    def __init__(self, self_pid: int) -> None:
+        self.self_pid = self_pid
+
+    def action(self, action: S.Action) -> Block:
+        if isinstance(action, S.Allow):
+            return ret(linux.SECCOMP_RET_ALLOW)
+        if isinstance(action, S.Notify):
+            return ret(linux.SECCOMP_RET_USER_NOTIF)
+        if isinstance(action, S.Refuse):
+            return ret_errno(action.errno)
+        return self.check(action)
+
+    def check(self, check: S.Check) -> Block:
+        load = stmt(BPF_LD_W_ABS, arg_offset(check.index))
+        out: Block = [load]
+        for test, action in check.cases:
+            then = self.action(action)
+            if isinstance(test, S.Equal):
+                out += self._equal(test.values, then)
+            elif isinstance(test, S.AnyBit):
+                out += _if([jump(BPF_JSET_K, test.mask, 0, 0)], then)
+            else:  # Masked: the AND changes the accumulator, so load the argument again after
+                out += [stmt(BPF_ALU_AND_K, test.mask)]
+                out += self._equal(test.values, then)
+                out.append(load)
+        return out + self.action(check.otherwise)
+
+    def _equal(self, values: Sequence[int], then: Block) -> Block:
+        """Any of values falls into then; none goes past it."""
+        values = [self.self_pid if v == S.SELF else v & 0xFFFF_FFFF for v in values]
+        values = list(dict.fromkeys(values))
+        n = len(values)
+        if n > MAX_JUMP:
+            raise ValueError("too many values in one argument check")
+        out = [jump(BPF_JEQ_K, v, n - i, 0) for i, v in enumerate(values)]
+        return [*out, stmt(BPF_JA, len(then)), *then]
+
+    def search(self, calls: list[tuple[int, Block]], default: Block) -> Block:
+        """Find the accumulator's syscall number among calls (sorted by number)."""
+        if len(calls) <= LEAF:
+            out: Block = []
+            for nr, block in calls:
+                out += _if([jump(BPF_JEQ_K, nr, 0, 0)], block)
+            return out + default
+        mid = len(calls) // 2
+        low = self.search(calls[:mid], default)
+        high = self.search(calls[mid:], default)
+        # nr >= the middle one: over the low half with JA; else fall into it
+        return [jump(BPF_JGE_K, calls[mid][0], 0, 1), stmt(BPF_JA, len(low)), *low, *high]
+
+
+def filter_program(machine: str, mode: str = S.CONFINED, *, deny_network: bool = True,
+                   signals_scoped: bool = True, self_pid: int | None = None) -> bytes:
+    """The filter of the allow-list for machine (a key of wire.linux.SYSCALLS).
 
     Args:
-        arch: the machine the filter runs on.
-        deny_network: also refuse ``socket(2)`` (EACCES) for every family but AF_UNIX.
+        machine: the machine the filter runs on.
+        mode: ``confined`` (rt alone) or ``brokered`` (path calls go to the broker).
+        deny_network: only AF_UNIX stream and seqpacket sockets.
+        signals_scoped: Landlock keeps signals inside the sandbox (else: own pid only).
+        self_pid: the pid the program will have (default: the caller's, which exec keeps).
 
     Returns:
         The program, 8 bytes per instruction.
     """
-    nrs = linux.SYSCALLS[arch]
-    eperm = _ret_errno(errno.EPERM)
-    allow = bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)
-    prog = [
-        # A foreign syscall ABI (i386 or arm32 compat) would bypass the numbers below.
-        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARCH),
-        bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH[arch], 1, 0),
-        bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_NR),
+    compiler = Compiler(os.getpid() if self_pid is None else self_pid)
+    calls = sorted((nr, compiler.action(rule.action(mode)))
+                   for _, nr, rule in S.actions(machine, mode, deny_network=deny_network,
+                                                signals_scoped=signals_scoped))
+    prog: Block = [
+        # A foreign syscall ABI (i386 or arm32 compat) would have other numbers: none of it runs.
+        stmt(BPF_LD_W_ABS, DATA_ARCH),
+        jump(BPF_JEQ_K, linux.AUDIT_ARCH[machine], 1, 0),
+        stmt(BPF_RET_K, linux.SECCOMP_RET_KILL_PROCESS),
+        stmt(BPF_LD_W_ABS, DATA_NR),
     ]
-    if arch == "x86_64":
+    if machine == "x86_64":
         # x32 syscalls share AUDIT_ARCH_X86_64 but use nr | 0x40000000: refuse them all.
-        prog += [
-            bpf_jump(BPF_JMP | BPF_JGE | BPF_K, _X32_SYSCALL_BIT, 0, 1),
-            _ret_errno(errno.ENOSYS),
-        ]
-    for name in DENIED_SYSCALLS:
-        if name in nrs:
-            prog += [bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs[name], 0, 1), eperm]
-    ioctls = [bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG1_LO)]
-    for request in DENIED_IOCTLS.values():
-        ioctls += [bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, request, 0, 1), eperm]
-    ioctls.append(allow)
-    prog.append(bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["ioctl"], 0, len(ioctls)))
-    prog += ioctls
-    if deny_network:
-        prog += [
-            bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["socket"], 0, 3),
-            # The kernel reads the domain as an int, so the low 32 bits decide.
-            bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG0_LO),
-            bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 1, 0),
-            _ret_errno(errno.EACCES),
-        ]
-    prog.append(allow)
+        prog += [jump(BPF_JGE_K, linux.X32_SYSCALL_BIT, 0, 1), *ret_errno(S.DEFAULT_ERRNO)]
+    prog += compiler.search(calls, ret_errno(S.DEFAULT_ERRNO))
+    if len(prog) > 4096:  # BPF_MAXINSNS
+        raise ValueError(f"the filter has {len(prog)} instructions, more than Linux takes")
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
-def install(arch: str, deny_network: bool) -> None:
-    """Install :func:`filter_program` on the calling thread (needs no_new_privs).
+def install(machine: str, *, deny_network: bool, signals_scoped: bool) -> None:
+    """Install the ``confined`` filter on the calling thread (needs no_new_privs).
 
     Raises:
         OSError: Linux refused the filter.
     """
-    linux.set_seccomp_filter(filter_program(arch, deny_network))
+    linux.set_seccomp_filter(filter_program(machine, S.CONFINED, deny_network=deny_network,
+                                            signals_scoped=signals_scoped))

@@ -1,0 +1,244 @@
+"""The compiled seccomp filters do, call by call, what the one syscall list says.
+
+A small interpreter of classic BPF runs the very bytes the kernel gets, for
+every syscall number of each machine and the argument values each check
+names (and their neighbours), and compares the result with the list's
+action. The kernel's side of it (that it loads and applies the same bytes) is
+tested by the attacks in test_allowlist.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import struct
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from redoxcap.broker import filter as broker_filter
+from redoxcap.cli import main
+from redoxcap.sandbox import seccomp
+from redoxcap.sandbox import syscalls as S
+from wire import linux
+
+MACHINES = ("x86_64", "aarch64")
+PID = 4242  # the program's own pid, as the filters are built for it here
+OPTIONS = [{"deny_network": True, "signals_scoped": True},
+           {"deny_network": False, "signals_scoped": True},
+           {"deny_network": True, "signals_scoped": False}]
+KILL = linux.SECCOMP_RET_KILL_PROCESS
+ALLOWED = linux.SECCOMP_RET_ALLOW
+NOTIFIED = linux.SECCOMP_RET_USER_NOTIF
+
+
+def errno_of(err: int) -> int:
+    return linux.SECCOMP_RET_ERRNO | err
+
+
+def run_bpf(program: bytes, nr: int, arch: int, args: tuple[int, ...] = (0,) * 6) -> int:
+    """What the classic BPF program returns for struct seccomp_data {nr, arch, ip, args}."""
+    data = struct.pack("=iIQ6Q", nr, arch, 0, *(a & (2**64 - 1) for a in args))
+    insns = [struct.unpack("=HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    acc, pc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == seccomp.BPF_LD_W_ABS:
+            acc = struct.unpack_from("=I", data, k)[0]
+        elif code == seccomp.BPF_ALU_AND_K:
+            acc &= k
+        elif code == seccomp.BPF_JA:
+            pc += k
+        elif code == seccomp.BPF_JEQ_K:
+            pc += jt if acc == k else jf
+        elif code == seccomp.BPF_JGE_K:
+            pc += jt if acc >= k else jf
+        elif code == seccomp.BPF_JSET_K:
+            pc += jt if acc & k else jf
+        elif code == seccomp.BPF_RET_K:
+            return k
+        else:
+            raise AssertionError(f"instruction {code:#x} the compiler never emits")
+
+
+def expected(action: S.Action, args: tuple[int, ...]) -> int:
+    """The list's own answer, evaluated directly."""
+    if isinstance(action, S.Allow):
+        return ALLOWED
+    if isinstance(action, S.Notify):
+        return NOTIFIED
+    if isinstance(action, S.Refuse):
+        return errno_of(action.errno)
+    value = args[action.index] & 0xFFFF_FFFF
+    for test, then in action.cases:
+        if isinstance(test, S.Equal):
+            hit = value in {PID if v == S.SELF else v & 0xFFFF_FFFF for v in test.values}
+        elif isinstance(test, S.AnyBit):
+            hit = bool(value & test.mask)
+        else:
+            hit = value & test.mask in test.values
+        if hit:
+            return expected(then, args)
+    return expected(action.otherwise, args)
+
+
+def probes(action: S.Action) -> list[tuple[int, ...]]:
+    """Argument vectors that take every branch of action's checks, and a few that take none."""
+    vectors = [(0,) * 6, (PID,) * 6, (1,) * 6, (2**32 - 1,) * 6, (2**32,) * 6]
+    if isinstance(action, S.Check):
+        values: set[int] = set()
+        for test, then in action.cases:
+            if isinstance(test, S.Equal):
+                values |= {PID if v == S.SELF else v for v in test.values}
+            elif isinstance(test, S.AnyBit):
+                values |= {test.mask, test.mask & -test.mask}
+            else:
+                values |= set(test.values) | {v | ~test.mask & 0xFFFF_FFF0 for v in test.values}
+            for inner in probes(then):
+                for v in list(values) or [0]:
+                    vectors.append(tuple(v if i == action.index else inner[i] for i in range(6)))
+        for v in list(values):
+            for near in (v, v + 1, v - 1, v | 1 << 32):
+                vectors.append(tuple(near if i == action.index else 0 for i in range(6)))
+    return vectors
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "network", "no-signal-scope"])
+def test_every_call_gets_what_the_list_says(machine, mode, options):
+    program = seccomp.filter_program(machine, mode, self_pid=PID, **options)
+    arch = linux.AUDIT_ARCH[machine]
+    listed = {nr: rule for _, nr, rule in S.actions(machine, mode, **options)}
+    for nr in range(max(linux.SYSCALLS[machine].values()) + 64):
+        rule = listed.get(nr)
+        if rule is None:
+            assert run_bpf(program, nr, arch) == errno_of(S.DEFAULT_ERRNO), nr
+            continue
+        action = rule.action(mode)
+        for args in probes(action):
+            assert run_bpf(program, nr, arch, args) == expected(action, args), (nr, args)
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_a_foreign_abi_is_killed_and_x32_calls_are_refused(machine):
+    program = seccomp.filter_program(machine, S.CONFINED, self_pid=PID)
+    openat = linux.SYSCALLS[machine]["openat"]
+    assert run_bpf(program, openat, linux.AUDIT_ARCH[machine]) == ALLOWED
+    assert run_bpf(program, openat, 0x4000_0003) == KILL  # AUDIT_ARCH_I386
+    assert run_bpf(program, openat, 0x4000_0028) == KILL  # AUDIT_ARCH_ARM
+    if machine == "x86_64":
+        assert run_bpf(program, linux.X32_SYSCALL_BIT | openat, linux.AUDIT_ARCH[machine]) \
+            == errno_of(errno.ENOSYS)
+
+
+def outcome(machine: str, mode: str, name: str, *args: int) -> int:
+    program = seccomp.filter_program(machine, mode, self_pid=PID)
+    padded = (*args, *(0,) * (6 - len(args)))
+    return run_bpf(program, linux.SYSCALLS[machine][name], linux.AUDIT_ARCH[machine], padded)
+
+
+@pytest.mark.parametrize("mode", S.MODES)
+def test_calls_that_reach_other_processes_are_allowed_on_the_callers_own_only(mode):
+    m = "x86_64"
+    router = 777  # any other pid of the same uid: a daemon of the system
+    for name, own, other in [
+        ("prlimit64", (0,), (router,)),
+        ("prlimit64", (PID,), (router,)),
+        ("sched_setaffinity", (0,), (router,)),
+        ("sched_setscheduler", (0,), (router,)),
+        ("sched_setparam", (PID,), (router,)),
+        ("sched_setattr", (0,), (router,)),
+        ("setpriority", (0, 0), (0, router)),  # PRIO_PROCESS
+        ("setpriority", (0, PID), (2, 0)),  # PRIO_USER 0: every process of the uid
+        ("setpriority", (0, 0), (1, 0)),  # PRIO_PGRP
+        ("ioprio_set", (1, 0), (1, router)),  # IOPRIO_WHO_PROCESS
+        ("ioprio_set", (1, PID), (3, 0)),  # IOPRIO_WHO_USER
+    ]:
+        assert outcome(m, mode, name, *own) == ALLOWED, (name, own)
+        assert outcome(m, mode, name, *other) == errno_of(errno.EPERM), (name, other)
+
+
+@pytest.mark.parametrize("mode", S.MODES)
+def test_ioctl_fcntl_and_prctl_take_only_listed_commands(mode):
+    m = "x86_64"
+    for name in ("TCGETS", "TIOCGWINSZ", "FIONREAD", "FIOCLEX", "FICLONE"):
+        assert outcome(m, mode, "ioctl", 1, linux.IOCTLS[name]) == ALLOWED, name
+    for name in ("TIOCSTI", "TIOCLINUX", "TIOCSETD", "TIOCCONS", "TIOCSCTTY", "TIOCEXCL",
+                 "FS_IOC_SETFLAGS", "FS_IOC_SETVERSION", "EXT4_IOC_SETVERSION",
+                 "FS_IOC_FSSETXATTR", "FIBMAP"):
+        assert outcome(m, mode, "ioctl", 1, linux.IOCTLS[name]) == errno_of(errno.EPERM), name
+    # the kernel reads the request as an unsigned int: high bits change nothing
+    assert outcome(m, mode, "ioctl", 1, 1 << 32 | linux.IOCTLS["TIOCSTI"]) == errno_of(errno.EPERM)
+    for name in ("F_GETFL", "F_SETFL", "F_SETLK", "F_DUPFD_CLOEXEC", "F_OFD_SETLKW"):
+        assert outcome(m, mode, "fcntl", 3, linux.FCNTL_COMMANDS[name]) == ALLOWED, name
+    for name in ("F_SETLEASE", "F_NOTIFY", "F_SETOWN", "F_SETOWN_EX", "F_SETSIG",
+                 "F_SET_RW_HINT"):
+        assert outcome(m, mode, "fcntl", 3, linux.FCNTL_COMMANDS[name]) == errno_of(errno.EPERM)
+    assert outcome(m, mode, "prctl", linux.PRCTL_OPTIONS["PR_SET_NAME"]) == ALLOWED
+    for name in ("PR_SET_MM", "PR_SET_PTRACER", "PR_SCHED_CORE", "PR_SET_SECUREBITS"):
+        assert outcome(m, mode, "prctl", linux.PRCTL_OPTIONS[name]) == errno_of(errno.EPERM)
+
+
+def test_path_calls_go_to_the_broker_and_threads_run_natively():
+    m = "x86_64"
+    for name in ("openat", "newfstatat", "statx", "execve", "getdents64", "chdir", "getcwd"):
+        assert outcome(m, S.BROKERED, name) == NOTIFIED, name
+        assert outcome(m, S.CONFINED, name) == ALLOWED, name
+    clone_thread = 0x3D0F00  # glibc's pthread_create flags
+    assert outcome(m, S.BROKERED, "clone", clone_thread) == ALLOWED
+    assert outcome(m, S.BROKERED, "clone", 0x1200011) == NOTIFIED  # fork()
+    assert outcome(m, S.BROKERED, "clone", 0x1200011 | 0x1000_0000) == errno_of(errno.EPERM)
+    assert outcome(m, S.CONFINED, "clone", 0x2_0000) == errno_of(errno.EPERM)  # CLONE_NEWNS
+    assert broker_filter.BROKERED == S.brokered_names()
+
+
+@pytest.mark.parametrize("mode", S.MODES)
+def test_each_refused_class_is_refused_with_its_errno(mode):
+    m = "x86_64"
+    refused = {
+        errno.EPERM: ("mq_open", "mq_unlink", "shmget", "msgget", "semget", "keyctl", "add_key",
+                      "bpf", "perf_event_open", "userfaultfd", "name_to_handle_at",
+                      "open_by_handle_at", "fsopen", "open_tree", "move_mount", "mount",
+                      "unshare", "setns", "ptrace", "process_vm_readv", "pidfd_getfd", "kcmp",
+                      "listmount", "statmount", "syslog", "chmod", "fchown", "utimensat",
+                      "setxattr", "fremovexattr", "file_setattr"),
+        errno.ENOSYS: ("io_uring_setup", "io_uring_enter", "io_setup", "inotify_init1",
+                       "inotify_add_watch", "fanotify_init", "fanotify_mark", "clone3",
+                       "memfd_secret", "remap_file_pages"),
+    }
+    for err, names in refused.items():
+        for name in names:
+            assert outcome(m, mode, name, 0, 0) == errno_of(err), name
+
+
+def test_each_call_is_decided_once_and_every_allowed_name_exists_somewhere():
+    known = set(linux.SYSCALLS["x86_64"]) | set(linux.SYSCALLS["aarch64"])
+    names = [n for rule in S.rules() for n in rule.names]
+    assert len(names) == len(set(names))
+    assert set(names) <= known, set(names) - known
+    for machine in MACHINES:
+        list(S.actions(machine, S.CONFINED))  # raises on a name given twice
+
+
+def test_docs_show_the_list_as_the_code_has_it():
+    """docs/sandbox.md holds the table `redoxcap syscalls --markdown` prints, word for word."""
+    result = CliRunner().invoke(main, ["syscalls", "--markdown"])
+    assert result.exit_code == 0, result.output
+    doc = (Path(__file__).parent.parent / "docs" / "sandbox.md").read_text()
+    section = re.search(r"<!-- syscalls: begin -->\n(.*)<!-- syscalls: end -->", doc, re.DOTALL)
+    assert section is not None, "docs/sandbox.md lost its syscall table markers"
+    assert section.group(1) == result.output
+
+
+def test_redoxcap_syscalls_shows_what_a_call_gets_here():
+    result = CliRunner().invoke(main, ["syscalls"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["prlimit64"])
+    assert "checked" in lines[row] and lines[row + 1].split() == [
+        "both:", "pid", "0", "or", "own", "pid:", "allowed;", "else", "EPERM"]
+    assert re.search(r"^openat\s+\d+\s+allowed\s+broker", result.output, re.MULTILINE)
+    assert "ENOSYS" in result.output  # what the list does not name
