@@ -168,7 +168,7 @@ def test_ioctl_fcntl_and_prctl_take_only_listed_commands(mode):
         assert outcome(m, mode, "ioctl", 1, linux.IOCTLS[name]) == ALLOWED, name
     for name in ("TIOCSTI", "TIOCLINUX", "TIOCSETD", "TIOCCONS", "TIOCSCTTY", "TIOCEXCL",
                  "FS_IOC_SETFLAGS", "FS_IOC_SETVERSION", "EXT4_IOC_SETVERSION",
-                 "FS_IOC_FSSETXATTR", "FIBMAP"):
+                 "FS_IOC_FSSETXATTR", "FIBMAP", "FIDEDUPERANGE"):
         assert outcome(m, mode, "ioctl", 1, linux.IOCTLS[name]) == errno_of(errno.EPERM), name
     # the kernel reads the request as an unsigned int: high bits change nothing
     assert outcome(m, mode, "ioctl", 1, 1 << 32 | linux.IOCTLS["TIOCSTI"]) == errno_of(errno.EPERM)

@@ -261,7 +261,8 @@ IOCTLS = {
     "TIOCSPTLCK": 0x4004_5431, "TIOCVHANGUP": 0x5437, "TIOCGPTLCK": 0x8004_5439,
     "TIOCGPTPEER": 0x5441, "FIONCLEX": 0x5450, "FIOCLEX": 0x5451, "FIOASYNC": 0x5452,
     "FIOQSIZE": 0x5460,
-    # files: block size, extents, flags and version (reads), clones of the caller's own data
+    # files: block size, extents, flags and version (reads), clones of the caller's own data;
+    # and what changes a file it may only read
     "FIBMAP": 1, "FIGETBSZ": 2, "FS_IOC_GETFLAGS": 0x8008_6601, "FS_IOC_SETFLAGS": 0x4008_6602,
     "FS_IOC_GETVERSION": 0x8008_7601, "FS_IOC_SETVERSION": 0x4008_7602,
     "EXT4_IOC_SETVERSION": 0x4008_6604, "FS_IOC_FIEMAP": 0xC020_660B,
