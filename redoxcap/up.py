@@ -30,6 +30,7 @@ from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.system import SchemeSpec, System
 from wire import protocol as P
 from wire.limits import raise_fd_limit
+from wire.linux import identity
 
 log = logging.getLogger("supervisor")
 
@@ -67,7 +68,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         except FileNotFoundError:
             current = None
         locked = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+        if current is not None and identity(current) == identity(locked):
             break
         os.close(fd)
     try:

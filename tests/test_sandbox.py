@@ -11,7 +11,6 @@ system of its own.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -36,20 +35,7 @@ from redoxcap import control
 from redoxcap.testing import REDOXCAP
 from wire import frames as F
 from wire import protocol as P
-
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
-    how = struct.pack("QQQ", flags | os.O_CLOEXEC, 0, resolve)
-    fd = _libc.syscall(437, dirfd, path.encode(), how, len(how))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
+from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
 
 def build_tree(root) -> None:
@@ -105,7 +91,8 @@ def outcome(open_fn, fstat_fn, close_fn):
 
 
 def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
-    return outcome(lambda: openat2(dirfd, path, flags, resolve | RESOLVE_NO_MAGICLINKS), os.fstat, os.close)
+    return outcome(lambda: openat2(dirfd, path, flags | os.O_CLOEXEC, 0, resolve | RESOLVE_NO_MAGICLINKS),
+                   os.fstat, os.close)
 
 
 def _beneath_dir(client, flag: int) -> int:

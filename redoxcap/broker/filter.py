@@ -23,6 +23,7 @@ import socket
 import struct
 
 from wire import linux
+from wire.linux import CLONE_NEW_NAMESPACES, CLONE_THREAD, SOCK_TYPE_MASK
 
 # Trapped: the broker reads their arguments once and answers them (handlers.py).
 BROKERED = (
@@ -56,22 +57,18 @@ REFUSED: dict[int, tuple[str, ...]] = {
     errno.ENOSYS: ("io_uring_setup", "io_uring_enter", "io_uring_register", "clone3",
                    "getdents", "statfs"),
 }
-# clone(2) flags that make a new namespace (a user namespace grants mount rights in it).
-CLONE_NEW_NAMESPACES = 0x7E02_0080
-CLONE_THREAD = 0x0001_0000
-_SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
 # AF_UNIX types whose sendmsg cannot name an address: a datagram socket could send to any
 # named socket on the host, which Landlock does not mediate.
 _UNIX_TYPES_ALLOWED = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
 
-# linux/bpf_common.h and linux/filter.h
-_LD_W_ABS = 0x00 | 0x00 | 0x20
-_ALU_AND_K = 0x04 | 0x50
-_JEQ_K = 0x05 | 0x10
-_JGE_K = 0x05 | 0x30
-_JSET_K = 0x05 | 0x40
-_RET_K = 0x06
-_DATA_NR, _DATA_ARCH, _DATA_ARG0, _DATA_ARG1 = 0, 4, 16, 24  # low words (little-endian)
+_LD_W_ABS = linux.BPF_LD | linux.BPF_W | linux.BPF_ABS
+_ALU_AND_K = linux.BPF_ALU | linux.BPF_AND | linux.BPF_K
+_JEQ_K = linux.BPF_JMP | linux.BPF_JEQ | linux.BPF_K
+_JGE_K = linux.BPF_JMP | linux.BPF_JGE | linux.BPF_K
+_JSET_K = linux.BPF_JMP | linux.BPF_JSET | linux.BPF_K
+_RET_K = linux.BPF_RET | linux.BPF_K
+_DATA_NR, _DATA_ARCH = linux.SECCOMP_DATA_NR, linux.SECCOMP_DATA_ARCH
+_DATA_ARG0, _DATA_ARG1 = linux.SECCOMP_DATA_ARG0, linux.SECCOMP_DATA_ARG1
 
 
 def _stmt(code: int, k: int) -> tuple[int, int, int, int]:
@@ -124,7 +121,7 @@ def program(machine: str) -> bytes:
             _stmt(_LD_W_ABS, _DATA_ARG0),
             _jump(_JEQ_K, socket.AF_UNIX, 0, 5),
             _stmt(_LD_W_ABS, _DATA_ARG1),
-            _stmt(_ALU_AND_K, _SOCK_TYPE_MASK),
+            _stmt(_ALU_AND_K, SOCK_TYPE_MASK),
             _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[0], 2, 0),
             _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[1], 1, 0),
             _ret_errno(errno.EACCES),

@@ -12,8 +12,29 @@ from __future__ import annotations
 
 import errno
 import struct
+from socket import AF_UNIX
 
 from wire import linux
+from wire.linux import (
+    AUDIT_ARCH,
+    BPF_ABS,
+    BPF_JEQ,
+    BPF_JGE,
+    BPF_JMP,
+    BPF_K,
+    BPF_LD,
+    BPF_RET,
+    BPF_W,
+    SECCOMP_DATA_ARCH,
+    SECCOMP_DATA_ARG0,
+    SECCOMP_DATA_ARG1,
+    SECCOMP_DATA_NR,
+    SECCOMP_RET_ALLOW,
+    SECCOMP_RET_DATA,
+    SECCOMP_RET_ERRNO,
+    SECCOMP_RET_KILL_PROCESS,
+    X32_SYSCALL_BIT,
+)
 
 # Syscalls that change a file's mode, owner, times, attributes or xattrs, which
 # Landlock does not mediate; refused with EPERM on every path and fd (names an
@@ -64,39 +85,6 @@ DENIED_IOCTLS = {
     "FS_IOC_SET_ENCRYPTION_POLICY": 0x800C6613,
 }
 
-# linux/audit.h: EM_X86_64 (62) / EM_AARCH64 (183) | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
-_AUDIT_ARCH_64BIT = 0x80000000
-_AUDIT_ARCH_LE = 0x40000000
-AUDIT_ARCH = {
-    "x86_64": 62 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC000003E
-    "aarch64": 183 | _AUDIT_ARCH_64BIT | _AUDIT_ARCH_LE,  # 0xC00000B7
-}
-_X32_SYSCALL_BIT = 0x40000000  # asm/unistd.h on x86_64
-
-# linux/seccomp.h
-SECCOMP_RET_KILL_PROCESS = 0x80000000
-SECCOMP_RET_ERRNO = 0x00050000
-SECCOMP_RET_ALLOW = 0x7FFF0000
-SECCOMP_RET_DATA = 0x0000FFFF
-
-# struct seccomp_data offsets: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
-_SECCOMP_DATA_NR = 0
-_SECCOMP_DATA_ARCH = 4
-_SECCOMP_DATA_ARG0_LO = 16  # low 32 bits of args[0] on little-endian arches
-_SECCOMP_DATA_ARG1_LO = 24  # low 32 bits of args[1]
-
-# linux/bpf_common.h
-BPF_LD = 0x00
-BPF_JMP = 0x05
-BPF_RET = 0x06
-BPF_W = 0x00
-BPF_ABS = 0x20
-BPF_JEQ = 0x10
-BPF_JGE = 0x30
-BPF_K = 0x00
-
-AF_UNIX = 1
-
 Instruction = tuple[int, int, int, int]  # struct sock_filter: code, jt, jf, k
 
 
@@ -129,21 +117,21 @@ def filter_program(arch: str, deny_network: bool) -> bytes:
     allow = bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)
     prog = [
         # A foreign syscall ABI (i386 or arm32 compat) would bypass the numbers below.
-        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARCH),
+        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_ARCH),
         bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH[arch], 1, 0),
         bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
-        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_NR),
+        bpf_stmt(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_NR),
     ]
     if arch == "x86_64":
         # x32 syscalls share AUDIT_ARCH_X86_64 but use nr | 0x40000000: refuse them all.
         prog += [
-            bpf_jump(BPF_JMP | BPF_JGE | BPF_K, _X32_SYSCALL_BIT, 0, 1),
+            bpf_jump(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, 0, 1),
             _ret_errno(errno.ENOSYS),
         ]
     for name in DENIED_SYSCALLS:
         if name in nrs:
             prog += [bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs[name], 0, 1), eperm]
-    ioctls = [bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG1_LO)]
+    ioctls = [bpf_stmt(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_ARG1)]
     for request in DENIED_IOCTLS.values():
         ioctls += [bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, request, 0, 1), eperm]
     ioctls.append(allow)
@@ -153,7 +141,7 @@ def filter_program(arch: str, deny_network: bool) -> bytes:
         prog += [
             bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["socket"], 0, 3),
             # The kernel reads the domain as an int, so the low 32 bits decide.
-            bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG0_LO),
+            bpf_stmt(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_ARG0),
             bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, AF_UNIX, 1, 0),
             _ret_errno(errno.EACCES),
         ]
