@@ -22,7 +22,7 @@ import threading
 import pytest
 
 import rt
-from redoxcap.testing import System
+from redoxcap.testing import System, namespace_with_file
 from wire import protocol as P
 from wire.frames import SchemeReply, SchemeRequest
 
@@ -112,16 +112,7 @@ def subtree_namespace():
 
     @contextlib.contextmanager
     def enter(path: str, flags: int = 0):
-        box = rt.open(path, rt.O_DIRECTORY | flags)
-        try:
-            child = rt.mkns([], perms=rt.PERM_ALL)
-            try:
-                rt.register(child, "file", box)
-            except BaseException:
-                rt.close(child)
-                raise
-        finally:
-            rt.close(box)
+        child = namespace_with_file(path, flags, names=[])
         parent = rt.clone(rt.getns())
         rt.setns(child)
         try:
