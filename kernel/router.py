@@ -47,6 +47,7 @@ from wire import frames
 from wire import protocol as P
 from wire.channel import Channel
 from wire.frames import Keep, Reply, Request, SchemeReply, SchemeRequest
+from wire.linux import identity
 
 log = logging.getLogger("kernel")
 
@@ -210,12 +211,6 @@ class SchemeHandle:
     @property
     def live(self) -> bool:
         return self.scheme.alive and self.current
-
-
-def identity(st: os.stat_result) -> int:
-    """What tells one socket from every other: its inode and its filesystem, in one int
-    (a tuple of two would cost a capability 0.1 KiB more)."""
-    return st.st_dev << 64 | st.st_ino
 
 
 @dataclass(eq=False, slots=True)

@@ -50,6 +50,7 @@ from typing import Any
 import trio
 
 from wire import protocol as P
+from wire.linux import UCRED
 
 log = logging.getLogger("supervisor")
 
@@ -97,8 +98,8 @@ def write_token(state_dir: Path) -> bytes:
 
 def peer_cred(sock: Any) -> tuple[int, int]:
     """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
-    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
-    pid, uid, _ = struct.unpack("iII", cred)
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
+    pid, uid, _ = UCRED.unpack(cred)
     return pid, uid
 
 

@@ -28,7 +28,7 @@ MEANINGS = {
     EXIT_USAGE: "usage error",
     EXIT_NOT_RUNNING: "no system is running at the state directory",
     EXIT_ALREADY_RUNNING: "a system is already running there",
-    EXIT_BOOT_FAILED: "the system failed to boot",
+    EXIT_BOOT_FAILED: "the system failed to boot (a daemon that could not start is named)",
     EXIT_CANNOT_RUN: "`run`: COMMAND never ran: it could not be confined (--require-confine) or executed",
     EXIT_NOT_FOUND: "`run`: COMMAND was not found or could not be started",
 }

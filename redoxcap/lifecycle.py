@@ -115,8 +115,12 @@ class Supervisor:
         self.process.kill()
         self.process.wait()
 
-    def wait_until_up(self) -> None:
+    def wait_until_up(self, quote_log: bool = True) -> None:
         """Wait for its readiness report; on none, end it and raise why it failed.
+
+        Args:
+            quote_log: end the message with the end of its log (False when the
+                log is shown anyway).
 
         Raises:
             Failure: EXIT_ALREADY_RUNNING when another system holds the state
@@ -138,6 +142,8 @@ class Supervisor:
             raise Failure(f"the system did not come up within {BOOT_TIMEOUT:.0f}s", EXIT_BOOT_FAILED)
         if code == EXIT_ALREADY_RUNNING:
             raise Failure(f"a system is already running at {self.state_dir}", EXIT_ALREADY_RUNNING)
+        if not quote_log:
+            raise Failure(f"the system failed to boot (exit {code})", EXIT_BOOT_FAILED)
         log = (self.state_dir / control.LOG_NAME).read_text(errors="replace")[-2000:]
         raise Failure(f"the system failed to boot (exit {code}):\n{log}", EXIT_BOOT_FAILED)
 
@@ -236,7 +242,7 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
             os.close(watch_r)
         with supervisor:
             try:
-                supervisor.wait_until_up()
+                supervisor.wait_until_up(quote_log=log is not None)  # else _keep_log shows it
                 yield state_dir
             finally:
                 os.close(watch_w)  # the supervisor stops when this pipe reaches EOF

@@ -31,6 +31,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import trio
 
@@ -49,6 +50,10 @@ STOP_GRACE = 3.0
 _RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
                     "sys.path.append(where); runpy.run_module(module, run_name='__main__', "
                     "alter_sys=True)")
+
+
+class BootFailed(Exception):
+    """The system could not boot: a daemon could not be started, or exited before it was up."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class System:
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
+        self._booting: trio.CancelScope | None = None  # while boot() runs
+        self._boot_failure: str | None = None  # why boot() failed, said by the daemon that exited
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -136,7 +143,26 @@ class System:
         return self.nsmgr.root
 
     async def boot(self, nursery: trio.Nursery) -> None:
-        """Start the kernel, nsmgr and every scheme; return when all are registered."""
+        """Start the kernel, nsmgr and every scheme; return when all are registered.
+
+        A daemon that exits before then is not restarted (it cannot start, and would
+        only loop): the boot fails, naming it.
+
+        Raises:
+            BootFailed: a process could not be started, or exited before the system was up.
+        """
+        try:
+            with trio.CancelScope() as self._booting:  # _watch cancels it when a daemon exits
+                try:
+                    await self._boot(nursery)
+                except OSError as exc:
+                    await self._boot_failed("the system", exc)
+        finally:
+            self._booting = None
+        if self._boot_failure is not None:
+            raise BootFailed(self._boot_failure)
+
+    async def _boot(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         ours, theirs = _socketpair()
         try:
@@ -151,7 +177,17 @@ class System:
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
         for spec in self.specs:
-            await self.add(spec)
+            try:
+                await self.add(spec)
+            except OSError as exc:
+                await self._boot_failed(f"scheme {spec.name}", exc)
+
+    async def _boot_failed(self, what: str, exc: OSError) -> NoReturn:
+        """Fail the boot because what failed with exc, unless a daemon's exit explains it."""
+        if exc.errno == errno.EIO:  # what requests to a daemon that exited get: _watch says which
+            await trio.sleep(STOP_GRACE)
+        reason = exc.strerror or str(exc)
+        raise BootFailed(f"{what}: {reason}: {exc.filename}" if exc.filename else f"{what}: {reason}")
 
     async def add(self, spec: SchemeSpec) -> None:
         """Start one more scheme daemon and register it in the root namespace.
@@ -231,6 +267,11 @@ class System:
         async with daemon.lock:
             if self.stopping or daemon.process is not process:
                 return  # stopping, or restart() replaced this process on purpose
+            if self._booting is not None:
+                self._boot_failure = (f"scheme {daemon.spec.name}: its daemon (pid {process.pid}) "
+                                      f"exited with {code} before the system was up")
+                self._booting.cancel()
+                return
             log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
             # a life shorter than the window continues a crash loop; a longer one ends it
             short = time.monotonic() - daemon.started < RESTART_WINDOW

@@ -27,9 +27,10 @@ import trio
 from redoxcap import control
 from redoxcap.config import Config, ConfigError, make_mount
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
-from redoxcap.system import SchemeSpec, System
+from redoxcap.system import BootFailed, SchemeSpec, System
 from wire import protocol as P
 from wire.limits import raise_fd_limit
+from wire.linux import identity
 
 log = logging.getLogger("supervisor")
 
@@ -67,7 +68,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         except FileNotFoundError:
             current = None
         locked = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+        if current is not None and identity(current) == identity(locked):
             break
         os.close(fd)
     try:
@@ -115,7 +116,7 @@ def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | 
         trio.run(main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
     except AlreadyRunning as exc:
         raise Failure(str(exc), EXIT_ALREADY_RUNNING) from None
-    except OSError as exc:
+    except (BootFailed, OSError) as exc:
         raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
     except SystemFailed as exc:
         raise Failure(f"stopped: {exc}") from None
@@ -143,6 +144,7 @@ async def main(
 
     Raises:
         AlreadyRunning: another supervisor holds state_dir.
+        BootFailed: a daemon could not be started or exited before the system was up.
         SystemFailed: the kernel router died.
     """
     raise_fd_limit()
@@ -240,6 +242,8 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
                 with trio.CancelScope(shield=True):
                     await system.stop()
                 nursery.cancel_scope.cancel()
+    except* BootFailed as failed:  # raised in the nursery's body, so it comes in a group
+        raise failed.exceptions[0] from None
     finally:
         # ours: written after we took the lock, which we still hold
         for name in (control.TOKEN_NAME, control.PID_NAME, control.SOCKET_NAME):

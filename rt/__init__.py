@@ -13,8 +13,18 @@ import os as _os
 from rt import _process
 from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
+from rt._namespace import (
+    getns,
+    mkns,
+    mkscheme,
+    narrow,
+    nsperms,
+    register,
+    schemes,
+    setns,
+    unregister,
+)
 from rt._net import net_grant, pipe, recvfd, recvfrom, sendfd, sendto, shutdown, uds_scope
-from rt._paths import AT_FDCWD
 from rt._posix import (
     StatResult,
     chdir,
@@ -28,32 +38,24 @@ from rt._posix import (
     ftruncate,
     getcwd,
     getfl,
-    getns,
     link,
     listdir,
     lseek,
     mkdir,
-    mkns,
-    mkscheme,
-    narrow,
-    nsperms,
     open,
     openat,
     read,
     readlink,
-    register,
     rename,
     rmdir,
-    schemes,
-    setns,
-    setup,
-    spawn,
     stat,
     symlink,
     unlink,
-    unregister,
     write,
 )
+from rt._process import setup
+from rt._spawn import spawn
+from wire.linux import AT_FDCWD
 from wire.protocol import (
     AT_REMOVEDIR,
     O_RESOLVE_BENEATH,

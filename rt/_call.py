@@ -66,8 +66,19 @@ class _Deadline(threading.local):
         self.seconds: float | None = None
 
 
-_default_timeout: float | None = None
-_thread = _Deadline()
+class _Timeouts:
+    """How long a call waits for its reply: its thread's bound (rt.timeout), else the default."""
+
+    def __init__(self) -> None:
+        self.default: float | None = None
+        self.thread = _Deadline()
+
+    def current(self) -> float | None:
+        seconds = self.thread.seconds
+        return self.default if seconds is None else seconds
+
+
+_timeouts = _Timeouts()
 
 
 def set_default_timeout(seconds: float | None) -> None:
@@ -78,10 +89,9 @@ def set_default_timeout(seconds: float | None) -> None:
     out of time fails with ETIMEDOUT; its late reply is recognised by its tag
     and dropped, so the capability stays usable.
     """
-    global _default_timeout
     if seconds is not None and seconds <= 0:
         raise ValueError("a timeout is a positive number of seconds")
-    _default_timeout = seconds
+    _timeouts.default = seconds
 
 
 class timeout:
@@ -94,12 +104,12 @@ class timeout:
         self._saved: list[float | None] = []
 
     def __enter__(self) -> Self:
-        self._saved.append(_thread.seconds)
-        _thread.seconds = self.seconds
+        self._saved.append(_timeouts.thread.seconds)
+        _timeouts.thread.seconds = self.seconds
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _thread.seconds = self._saved.pop()
+        _timeouts.thread.seconds = self._saved.pop()
 
 
 def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
@@ -141,7 +151,7 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
             if fd is not a capability, EIO for a malformed reply, ETIMEDOUT
             when the timeout (rt.timeout, rt.set_default_timeout) ran out.
     """
-    seconds = _thread.seconds if _thread.seconds is not None else _default_timeout
+    seconds = _timeouts.current()
     deadline = None if seconds is None else time.monotonic() + seconds
     tag = _next_tag(fd)
     frame = F.encode_request(op, tag, args)

@@ -16,8 +16,8 @@ import os
 
 from rt import _process
 from wire import protocol as P
+from wire.linux import AT_FDCWD
 
-AT_FDCWD = -100  # as Linux
 SCHEME_ROOT = "/scheme"
 
 

@@ -1,4 +1,8 @@
-"""The POSIX-like calls of the runtime, each one or a few capability requests."""
+"""Files, directories and the cwd: POSIX-like calls, each one or a few capability requests.
+
+Namespaces are in _namespace.py, starting programs in _spawn.py, the process's
+own capabilities in _process.py.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,10 @@ import errno
 import fcntl
 import os
 import stat as _stat
-import subprocess
-from collections.abc import Iterable, Sequence
 
 from rt import _process
 from rt._call import _host, call_fd, call_value, forget, is_host_fd
+from rt._namespace import schemes
 from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
 from wire import protocol as P
 from wire.stat import Stat
@@ -353,114 +356,3 @@ def physical_path(fd: int, ns_path: str) -> str:
 def getcwd() -> str:
     """The cached path of the cwd."""
     return _process.cwd_path()
-
-
-# -- namespaces ----------------------------------------------------------------
-
-
-def getns() -> int:
-    """The process's namespace fd (owned by rt: clone it to keep a copy)."""
-    return _process.namespace_fd()
-
-
-def setns(fd: int) -> None:
-    """Make a clone of the namespace fd the process's namespace."""
-    _process.replace_namespace(clone(fd))
-
-
-def mkns(names: Iterable[str] | None, ns: int | None = None, perms: int | None = None) -> int:
-    """Fork a namespace into one with only names (all for None) and at most perms.
-
-    Raises:
-        OSError: ENODEV for a name the parent lacks, EACCES for a permission it lacks.
-    """
-    ns_fd = _process.namespace_fd() if ns is None else ns
-    return call_fd(ns_fd, P.NS_MKNS, [None if names is None else list(names), perms])
-
-
-def narrow(ns: int, perms: int) -> None:
-    """Drop permissions from a namespace handle (EACCES if perms asks for more)."""
-    call_value(ns, P.NS_NARROW, [perms])
-
-
-def nsperms(ns: int | None = None) -> int:
-    """The permissions of a namespace handle."""
-    return call_value(_process.namespace_fd() if ns is None else ns, P.NS_PERMS, kind=int)
-
-
-def schemes(ns: int | None = None) -> list[str]:
-    """The names in a namespace, sorted (needs LIST)."""
-    names = call_value(_process.namespace_fd() if ns is None else ns, P.NS_LIST, kind=list)
-    if not all(isinstance(name, str) for name in names):
-        raise OSError(errno.EIO, "malformed namespace listing")
-    return names
-
-
-def register(ns_fd: int, name: str, cap_fd: int) -> None:
-    """Register cap_fd (a scheme root or any directory capability) as name (needs INSERT)."""
-    call_value(ns_fd, P.NS_REGISTER, [name], [cap_fd])
-
-
-def mkscheme(name: str, ns: int | None = None) -> int:
-    """Create a scheme registered as name in a namespace (needs SCHEME_CREATE).
-
-    Returns:
-        The scheme's request channel: serve it with schemes.framework.serve
-        (in this process or one it hands the fd to). Until then, requests
-        to the scheme wait.
-    """
-    return call_fd(_process.namespace_fd() if ns is None else ns, P.NS_SCHEME_CREATE, [name])
-
-
-def unregister(ns_fd: int, name: str) -> None:
-    """Remove name from a namespace (needs DELETE)."""
-    call_value(ns_fd, P.NS_UNREGISTER, [name])
-
-
-# -- processes -----------------------------------------------------------------
-
-
-def spawn(
-    argv: Sequence[str],
-    ns: int | None = None,
-    pass_fds: Sequence[int] = (),
-    env: dict[str, str] | None = None,
-    share_ns: bool = False,
-    **popen_kwargs,
-) -> subprocess.Popen:
-    """Start a program with a namespace of its own and a clone of the cwd.
-
-    By default the child gets a fork of the namespace (or of ns): the same
-    names and at most the same permissions, in a namespace of its own, so it
-    cannot register or remove names in the parent's. With share_ns=True it
-    gets a clone of the very handle instead (changes it makes are the
-    parent's too). The child's `import rt` adopts both. Extra capability fds
-    in pass_fds are inherited as they are: clone one first if this process
-    keeps using it.
-    """
-    parent_ns = _process.namespace_fd() if ns is None else ns
-    ns_child = clone(parent_ns) if share_ns else mkns(None, parent_ns)
-    cwd_clone = None
-    try:
-        cwd_clone = clone(_process.cwd_fd())
-        env = dict(os.environ if env is None else env)
-        env[_process.ENV_NS] = str(ns_child)
-        env[_process.ENV_CWD] = str(cwd_clone)
-        env[_process.ENV_CWD_PATH] = _process.cwd_path()
-        return subprocess.Popen(
-            list(argv), pass_fds=(ns_child, cwd_clone, *pass_fds), env=env, **popen_kwargs
-        )
-    finally:
-        close(ns_child)
-        if cwd_clone is not None:
-            close(cwd_clone)
-
-
-def setup(ns_fd: int | None, cwd_fd: int | None, cwd_path: str = "/") -> None:
-    """Install a namespace and cwd in this process (rt owns the fds from now on).
-
-    For programs that obtain their capabilities some other way than being
-    started by `redoxcap run` (the CLI itself, tests).
-    """
-    _process.replace_namespace(ns_fd)
-    _process.replace_cwd(cwd_fd, cwd_path)

@@ -37,18 +37,18 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import stat
 from dataclasses import dataclass
 
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
-from schemes.resolve import PATH_MAX, Anchor, open_at, resolve_parent
+from schemes.resolve import Anchor, open_at, resolve_parent
 from wire import protocol as P
+from wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN, O_LARGEFILE, PATH_MAX, machine
 from wire.stat import Stat
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
-_O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}.get(platform.machine(), 0)
+_O_LARGEFILE = O_LARGEFILE.get(machine(), 0)
 SERVED = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
           | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_PATH | RESOLVE_BITS | P.O_PASSTHROUGH)
 HARMLESS = (os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | _O_LARGEFILE | os.O_SYNC | os.O_DSYNC
@@ -71,9 +71,6 @@ def _utf8(name: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-DT_UNKNOWN, DT_DIR, DT_REG, DT_LNK = 0, 4, 8, 10
 
 
 def _d_type(entry: os.DirEntry) -> int:
@@ -183,7 +180,7 @@ class FileScheme(Scheme):
             is_dir = stat.S_ISDIR(st_mode)
             if is_dir and flags & RESOLVE_BITS:  # the new directory anchors what is beneath it
                 new = Anchor.of(fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
-                anchor, owned = Anchor(os.dup(fd), new.dev, new.ino, new.beneath), True
+                anchor, owned = Anchor(os.dup(fd), new.identity, new.beneath), True
             else:
                 anchor, owned = self._share(anchor)
         except BaseException:
@@ -206,7 +203,7 @@ class FileScheme(Scheme):
         """The anchor for a new handle: the root's is shared, any other gets its own fd."""
         if anchor.fd == self.root_fd:
             return anchor, False
-        return Anchor(os.dup(anchor.fd), anchor.dev, anchor.ino, anchor.beneath), True
+        return Anchor(os.dup(anchor.fd), anchor.identity, anchor.beneath), True
 
     async def dup(self, req: Request, h: FileHandle, buf: bytes) -> Opened:
         """b"": a new handle on the same file with its own offset; any other buf is EINVAL.

@@ -47,10 +47,17 @@ import stat
 from collections import deque
 from dataclasses import dataclass
 
-from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, machine, openat2
+from wire.linux import (
+    MAXSYMLINKS,
+    PATH_MAX,
+    RESOLVE_BENEATH,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+    identity,
+    machine,
+    openat2,
+)
 
-MAX_LINKS = 40  # symlinks followed in one lookup, as Linux (MAXSYMLINKS)
-PATH_MAX = 4096  # bytes, with the terminating NUL, as Linux
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -67,14 +74,12 @@ class Anchor:
 
     Attributes:
         fd: a directory fd (normally O_PATH); not owned by the Anchor.
-        dev: its st_dev, to recognise it while walking.
-        ino: its st_ino.
+        identity: its wire.linux.identity, to recognise it while walking.
         beneath: True for RESOLVE_BENEATH rules, False for RESOLVE_IN_ROOT.
     """
 
     fd: int
-    dev: int
-    ino: int
+    identity: int
     beneath: bool
 
     @classmethod
@@ -87,17 +92,11 @@ class Anchor:
         st = os.fstat(fd)
         if not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        return cls(fd, st.st_dev, st.st_ino, beneath)
-
-    @property
-    def identity(self) -> tuple[int, int]:
-        """(st_dev, st_ino) of the anchor directory."""
-        return (self.dev, self.ino)
+        return cls(fd, identity(st), beneath)
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
+def _identity(fd: int) -> int:
+    return identity(os.fstat(fd))
 
 
 def _check_path(path: str) -> None:
@@ -134,14 +133,14 @@ class _Walk:
     `dirs` is the chain of directories the walk went down through, each an
     owned O_PATH fd: dirs[0] is the start directory (or the anchor after a
     restart or a climb), dirs[-1] the current directory. `ids` caches their
-    (st_dev, st_ino), None until needed.
+    identities, None until needed.
     """
 
     def __init__(self, anchor: Anchor, start_fd: int, absolute: bool) -> None:
         self.anchor = anchor
         self.links = 0
         self.dirs: list[int] = []
-        self.ids: list[tuple[int, int] | None] = []
+        self.ids: list[int | None] = []
         if absolute:
             self.restart()
         else:  # ENOTDIR when start is not a directory, as Linux for a relative path
@@ -162,7 +161,7 @@ class _Walk:
         self.ids.pop()
         return self.dirs.pop()
 
-    def _id(self, i: int) -> tuple[int, int]:
+    def _id(self, i: int) -> int:
         known = self.ids[i]
         if known is None:
             known = self.ids[i] = _identity(self.dirs[i])
@@ -215,7 +214,7 @@ class _Walk:
     def _climb_to_anchor(self) -> None:
         """Put the directories from the anchor down to the start's parent under dirs[0]."""
         chain: list[int] = []
-        ids: list[tuple[int, int]] = []
+        ids: list[int] = []
         cur, cur_id = self.dirs[0], self._id(0)
         try:
             for _ in range(MAX_CLIMB):
@@ -248,9 +247,9 @@ class _Walk:
             os.close(fd)
 
     def read_link(self, fd: int) -> str:
-        """The contents of the symlink opened as fd (O_PATH|O_NOFOLLOW), counted against MAX_LINKS."""
+        """The contents of the symlink opened as fd (O_PATH|O_NOFOLLOW), counted against MAXSYMLINKS."""
         self.links += 1
-        if self.links > MAX_LINKS:
+        if self.links > MAXSYMLINKS:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
         return os.readlink("", dir_fd=fd)
 

@@ -3,14 +3,11 @@
 `redoxcap.testing` (installed as the `pytest11` plugin `redoxcap`) boots real
 systems: kernel, nsmgr and scheme daemons as processes, stopped afterwards
 with `redoxcap down`, checking that every process is gone and that no daemon
-logged a traceback. The short names the tests use:
-
-- `system`, `client`: a private system for the test (`redoxcap_system`,
-  `redoxcap_client`): for tests that kill, restart, stop or configure it.
-- `shared_system`, `shared_client`: the module's one system, with the root
-  namespace (`redoxcap_module_system`, `redoxcap_module_client`).
-- `isolated_client`: a client of the module's system that sees a fresh
-  directory of its own as `file` (`redoxcap_isolated_client`).
+logged a traceback. The tests use its fixtures by the names users use
+(docs/testing.md): `redoxcap_system` and `redoxcap_client` for a test that
+kills, restarts, stops or configures its system; `redoxcap_module_system`,
+`redoxcap_module_client` and `redoxcap_isolated_client` on the module's one
+system. Here are only fixtures of the project's own tests.
 """
 
 from __future__ import annotations
@@ -22,34 +19,9 @@ import threading
 import pytest
 
 import rt
-from redoxcap.testing import System
+from redoxcap.testing import namespace_with_file
 from wire import protocol as P
 from wire.frames import SchemeReply, SchemeRequest
-
-
-@pytest.fixture
-def system(redoxcap_system: System) -> System:
-    return redoxcap_system
-
-
-@pytest.fixture
-def client(redoxcap_client: System) -> System:
-    return redoxcap_client
-
-
-@pytest.fixture(scope="module")
-def shared_system(redoxcap_module_system: System) -> System:
-    return redoxcap_module_system
-
-
-@pytest.fixture
-def shared_client(redoxcap_module_client: System) -> System:
-    return redoxcap_module_client
-
-
-@pytest.fixture
-def isolated_client(redoxcap_isolated_client: System) -> System:
-    return redoxcap_isolated_client
 
 
 class HostileScheme:
@@ -112,16 +84,7 @@ def subtree_namespace():
 
     @contextlib.contextmanager
     def enter(path: str, flags: int = 0):
-        box = rt.open(path, rt.O_DIRECTORY | flags)
-        try:
-            child = rt.mkns([], perms=rt.PERM_ALL)
-            try:
-                rt.register(child, "file", box)
-            except BaseException:
-                rt.close(child)
-                raise
-        finally:
-            rt.close(box)
+        child = namespace_with_file(path, flags, names=[])
         parent = rt.clone(rt.getns())
         rt.setns(child)
         try:

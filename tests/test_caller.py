@@ -22,7 +22,7 @@ from wire import protocol as P
 from wire.frames import Request
 
 
-def test_a_scheme_sees_the_client_that_opened_through_the_namespace(shared_client, hostile_scheme):
+def test_a_scheme_sees_the_client_that_opened_through_the_namespace(redoxcap_module_client, hostile_scheme):
     recorder = hostile_scheme("recorder", lambda op, args: (P.OK, P.pack("/scheme/recorder"), []))
     child = rt.spawn([sys.executable, "-c",
                       ("import os, rt\n"
@@ -35,14 +35,14 @@ def test_a_scheme_sees_the_client_that_opened_through_the_namespace(shared_clien
     pid = int(out)
     assert (P.OPENAT, pid) in recorder.seen  # forwarded by nsmgr, seen as the client's
     assert (P.MKDIRAT, pid) in recorder.seen
-    nsmgr = shared_client.daemon("nsmgr")["pid"]
+    nsmgr = redoxcap_module_client.daemon("nsmgr")["pid"]
     assert all(seen_pid != nsmgr for _, seen_pid in recorder.seen)
 
 
-def test_a_scheme_is_told_the_account_of_the_client_it_serves(shared_client, hostile_scheme):
+def test_a_scheme_is_told_the_account_of_the_client_it_serves(redoxcap_module_client, hostile_scheme):
     """So that it can serve clients in turn: for a request nsmgr forwards, the client's."""
     recorder = hostile_scheme("accounts", lambda op, args: (P.OK, P.pack("/scheme/accounts"), []))
-    reply, (ns,) = control.request(shared_client.state_dir, "namespace", account=True)
+    reply, (ns,) = control.request(redoxcap_module_client.state_dir, "namespace", account=True)
     try:
         child = rt.spawn([sys.executable, "-c", "import rt; rt.close(rt.open('/scheme/accounts/x'))"],
                          ns=ns)
@@ -52,7 +52,7 @@ def test_a_scheme_is_told_the_account_of_the_client_it_serves(shared_client, hos
     assert reply["account"] != 0 and recorder.accounts == {reply["account"]}
 
 
-def test_no_one_can_claim_to_serve_a_request_it_was_not_sent(shared_client):
+def test_no_one_can_claim_to_serve_a_request_it_was_not_sent(redoxcap_module_client):
     """A client names a request id (any: it cannot know nsmgr's) as the one it serves."""
     fd = rt.open("/", rt.O_DIRECTORY)
     try:

@@ -2,7 +2,7 @@
 that answers only its owner, `run` with a namespace, a cwd and an exit code, the
 example client, a private system for a `run` without one, and `up --trace`.
 
-Most tests share the module's one system (`shared_system`) and touch only names
+Most tests share the module's one system (`redoxcap_module_system`) and touch only names
 of their own in it; those that need a system of their own say why.
 """
 
@@ -24,32 +24,32 @@ from wire import protocol as P
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_status_json_reports_every_daemon(shared_system):
-    info = json.loads(shared_system.cli("status", "--json").stdout)
+def test_status_json_reports_every_daemon(redoxcap_module_system):
+    info = json.loads(redoxcap_module_system.cli("status", "--json").stdout)
     names = [d["name"] for d in info["daemons"]]
     assert names[:3] == ["kernel", "nsmgr", "file"]
     for d in info["daemons"]:
         assert pid_alive(d["pid"])
         assert 1000 < d["rss_kib"] < 500_000  # a Python process, measured
-    human = shared_system.cli("status").stdout
+    human = redoxcap_module_system.cli("status").stdout
     assert "nsmgr" in human and "file" in human
 
 
-def test_the_control_socket_only_answers_its_owner(shared_system):
+def test_the_control_socket_only_answers_its_owner(redoxcap_module_system):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
-        s.connect(str(shared_system.state_dir / control.SOCKET_NAME))
+        s.connect(str(redoxcap_module_system.state_dir / control.SOCKET_NAME))
         s.send(P.pack({"token": "guess", "op": "namespace"}))
         data, anc, _, _ = s.recvmsg(4096, P.CMSG_FDS)
     assert anc == []
     assert P.unpack(data) == {"ok": False, "error": "permission denied: bad token"}
     # another uid with the right token is refused too
-    token = (shared_system.state_dir / control.TOKEN_NAME).read_text()
+    token = (redoxcap_module_system.state_dir / control.TOKEN_NAME).read_text()
     code = (
         "import os, socket, sys\n"
         "from wire import protocol as P\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
-        f"s.connect({str(shared_system.state_dir / control.SOCKET_NAME)!r})\n"
+        f"s.connect({str(redoxcap_module_system.state_dir / control.SOCKET_NAME)!r})\n"
         "try:\n"  # the supervisor may have closed it already
         f"    s.send(P.pack({{'token': {token!r}, 'op': 'namespace'}}))\n"
         "except BrokenPipeError:\n"
@@ -63,25 +63,25 @@ def test_the_control_socket_only_answers_its_owner(shared_system):
     with tempfile.TemporaryDirectory() as public:  # same filesystem as pytest tmp_path
         os.chmod(public, 0o755)
         link = Path(public) / "control.sock"
-        os.link(shared_system.state_dir / control.SOCKET_NAME, link)
+        os.link(redoxcap_module_system.state_dir / control.SOCKET_NAME, link)
         os.chmod(link, 0o777)
         out = subprocess.run([sys.executable, "-c", code.replace(
-            repr(str(shared_system.state_dir / control.SOCKET_NAME)), repr(str(link)))],
+            repr(str(redoxcap_module_system.state_dir / control.SOCKET_NAME)), repr(str(link)))],
             capture_output=True, text=True, timeout=30, check=False)
     assert out.stdout.strip() == "b''", out.stderr  # closed before anything is read
 
 
-def test_run_hands_the_command_its_namespace_and_cwd(shared_system):
-    (shared_system.root / "run-cwd").mkdir()
-    result = shared_system.python(
+def test_run_hands_the_command_its_namespace_and_cwd(redoxcap_module_system):
+    (redoxcap_module_system.root / "run-cwd").mkdir()
+    result = redoxcap_module_system.python(
         "import rt; print(rt.getcwd()); print(rt.schemes()); print(rt.listdir())",
         "--cwd", "/run-cwd", "--ns", "file,zero",
     )
     assert result.stdout.split("\n")[:3] == ["/run-cwd", "['file', 'zero']", "[]"]
 
 
-def test_run_with_an_empty_namespace_cannot_open_absolute_paths(shared_system):
-    result = shared_system.python(
+def test_run_with_an_empty_namespace_cannot_open_absolute_paths(redoxcap_module_system):
+    result = redoxcap_module_system.python(
         "import rt\n"
         "try:\n    rt.open('/x')\nexcept OSError as e:\n    print(e.errno)\n",
         "--ns", "",
@@ -89,20 +89,20 @@ def test_run_with_an_empty_namespace_cannot_open_absolute_paths(shared_system):
     assert result.stdout.strip() == str(errno.ENODEV)
 
 
-def test_run_passes_the_exit_code_and_reports_bad_options(shared_system):
-    assert shared_system.python("raise SystemExit(7)", check=False).returncode == 7
-    bad = shared_system.python("pass", "--ns", "file,nosuch", check=False)
+def test_run_passes_the_exit_code_and_reports_bad_options(redoxcap_module_system):
+    assert redoxcap_module_system.python("raise SystemExit(7)", check=False).returncode == 7
+    bad = redoxcap_module_system.python("pass", "--ns", "file,nosuch", check=False)
     assert bad.returncode == 2 and "no scheme named 'nosuch'" in bad.stderr
-    bad = shared_system.run("--bogus", "--", sys.executable, "-c", "pass", check=False)
+    bad = redoxcap_module_system.run("--bogus", "--", sys.executable, "-c", "pass", check=False)
     assert bad.returncode == 2 and "No such option" in bad.stderr  # not a command to run
-    bad = shared_system.python("pass", "--cwd", "/nonexistent", check=False)
+    bad = redoxcap_module_system.python("pass", "--cwd", "/nonexistent", check=False)
     assert bad.returncode == 1
     assert bad.stderr.startswith("redoxcap: --cwd /nonexistent: No such file or directory (a path in "
                                  "the system's file scheme: make the directory nonexistent below its --root")
 
 
-def test_the_example_client_runs(shared_system):
-    result = shared_system.run("--", sys.executable, str(EXAMPLES / "hello.py"))
+def test_the_example_client_runs(redoxcap_module_system):
+    result = redoxcap_module_system.run("--", sys.executable, str(EXAMPLES / "hello.py"))
     assert "hello.txt" in result.stdout
 
 
@@ -134,7 +134,7 @@ def test_trace_shows_each_request_and_reply_with_the_callers_pid(tmp_path):
         assert any(" file " in line and " made -> handle " in line for line in lines), lines
 
 
-def test_max_caps_bounds_what_a_run_may_hold(shared_system):
+def test_max_caps_bounds_what_a_run_may_hold(redoxcap_module_system):
     code = ("import errno, rt\n"
             "fds = []\n"
             "try:\n"
@@ -142,8 +142,8 @@ def test_max_caps_bounds_what_a_run_may_hold(shared_system):
             "        fds.append(rt.open('/scheme/zero'))\n"
             "except OSError as e:\n"
             "    print(len(fds), errno.errorcode[e.errno])\n")
-    capped = shared_system.python(code, "--max-caps", "16")
+    capped = redoxcap_module_system.python(code, "--max-caps", "16")
     count, err = capped.stdout.split()
     assert err == "EMFILE" and 8 <= int(count) < 16  # its namespace and cwd count too
-    too_few = shared_system.python("pass", "--max-caps", "15", check=False)
+    too_few = redoxcap_module_system.python("pass", "--max-caps", "15", check=False)
     assert too_few.returncode == 2 and "16<=x" in too_few.stderr

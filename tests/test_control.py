@@ -175,10 +175,10 @@ def status_from_the_cli(system: System) -> dict:
     return json.loads(system.cli("status", "--json").stdout)
 
 
-def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_supervisor(shared_system):
+def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_supervisor(redoxcap_module_system):
     raise_own_fd_limit(1500)
-    path = shared_system.state_dir / control.SOCKET_NAME
-    before = status_from_the_cli(shared_system)
+    path = redoxcap_module_system.state_dir / control.SOCKET_NAME
+    before = status_from_the_cli(redoxcap_module_system)
     supervisor = before["supervisor"]
     daemons = {d["name"]: d["pid"] for d in before["daemons"]}
     quiet_fds = len(os.listdir(f"/proc/{supervisor}/fd"))
@@ -186,32 +186,32 @@ def test_a_flood_of_idle_control_connections_neither_kills_nor_starves_the_super
         assert len(held) == 1000 and counts == [100] * 6
         # the owner is answered while 1,600 connections are open or being replaced
         for _ in range(3):
-            assert status_from_the_cli(shared_system)["supervisor"] == supervisor
+            assert status_from_the_cli(redoxcap_module_system)["supervisor"] == supervisor
         # and when the supervisor runs out of fds (fewer than the flood wants): EMFILE at accept
         with fd_limit_of(supervisor, quiet_fds + 6):
             for _ in range(3):
-                assert status_from_the_cli(shared_system)["supervisor"] == supervisor
-            wait_for(lambda: "accept failed (Too many open files)" in shared_system.log())
+                assert status_from_the_cli(redoxcap_module_system)["supervisor"] == supervisor
+            wait_for(lambda: "accept failed (Too many open files)" in redoxcap_module_system.log())
     assert pid_alive(supervisor)
-    after = status_from_the_cli(shared_system)
+    after = status_from_the_cli(redoxcap_module_system)
     assert {d["name"]: d["pid"] for d in after["daemons"]} == daemons
     assert all(pid_alive(pid) for pid in daemons.values())
-    assert "dropping connections that do not authenticate" in shared_system.log()
-    # a default run still works: the shared_system is whole
-    assert shared_system.python("import rt; print(len(rt.schemes()))").stdout.strip() == str(len(daemons) - 2)
+    assert "dropping connections that do not authenticate" in redoxcap_module_system.log()
+    # a default run still works: the module's system is whole
+    assert redoxcap_module_system.python("import rt; print(len(rt.schemes()))").stdout.strip() == str(len(daemons) - 2)
 
 
-def test_a_connection_that_does_not_authenticate_in_time_is_dropped(shared_system):
-    path = shared_system.state_dir / control.SOCKET_NAME
+def test_a_connection_that_does_not_authenticate_in_time_is_dropped(redoxcap_module_system):
+    path = redoxcap_module_system.state_dir / control.SOCKET_NAME
     with idle_connections(path, 1) as (sock,):
         sock.settimeout(10)
         assert sock.recv(100) == b""  # closed by the supervisor after AUTH_DEADLINE, unanswered
-    assert shared_system.status()["supervisor"]
+    assert redoxcap_module_system.status()["supervisor"]
 
 
-def test_fds_passed_to_the_control_socket_are_not_kept(shared_system):
-    path = shared_system.state_dir / control.SOCKET_NAME
-    supervisor = shared_system.status()["supervisor"]
+def test_fds_passed_to_the_control_socket_are_not_kept(redoxcap_module_system):
+    path = redoxcap_module_system.state_dir / control.SOCKET_NAME
+    supervisor = redoxcap_module_system.status()["supervisor"]
     fds_before = len(os.listdir(f"/proc/{supervisor}/fd"))
     r, w = os.pipe()
     try:

@@ -71,8 +71,8 @@ def _kinds(root) -> dict[str, int]:
     }
 
 
-def test_fds_attached_to_any_request_are_closed_by_every_daemon(shared_client):
-    system = shared_client
+def test_fds_attached_to_any_request_are_closed_by_every_daemon(redoxcap_module_client):
+    system = redoxcap_module_client
     before = daemon_fds(system)
     kinds = _kinds(system.root)
     waiting = []  # requests that wait for a peer (a read, an accept): their fds go at close
@@ -103,10 +103,10 @@ def test_fds_attached_to_any_request_are_closed_by_every_daemon(shared_client):
     settled(system, before)
 
 
-def test_fds_attached_to_replies_nsmgr_forwards_are_closed(shared_client, hostile_scheme):
+def test_fds_attached_to_replies_nsmgr_forwards_are_closed(redoxcap_module_client, hostile_scheme):
     """A client's own scheme attaches 253 fds to every reply; nsmgr forwards mkdir,
     unlink, symlink, readlink, rename and link to it and must close what comes back."""
-    system = shared_client
+    system = redoxcap_module_client
     pipes = []
 
     def answer(op, args):

@@ -3,7 +3,7 @@ relative paths and the cwd fd, scheme and legacy paths, errnos, handles (clone, 
 seek, truncate), listings in pages and rt from several threads.
 
 Every test has a directory of its own on the module's one system, registered as
-`file` in a namespace of its own (`isolated_client`), so `/` is that directory;
+`file` in a namespace of its own (`redoxcap_isolated_client`), so `/` is that directory;
 the one that checks fpath uses the root namespace and a directory of its own.
 """
 
@@ -19,11 +19,11 @@ import rt
 from wire import protocol as P
 
 
-def test_create_write_read_list_rename_delete_by_absolute_path(isolated_client):
+def test_create_write_read_list_rename_delete_by_absolute_path(redoxcap_isolated_client):
     fd = rt.open("/notes.txt", rt.O_CREAT | rt.O_WRONLY | rt.O_EXCL, 0o644)
     assert rt.write(fd, b"hello capabilities\n") == 19
     rt.close(fd)
-    assert (isolated_client.root / "notes.txt").read_bytes() == b"hello capabilities\n"
+    assert (redoxcap_isolated_client.root / "notes.txt").read_bytes() == b"hello capabilities\n"
 
     fd = rt.open("/notes.txt")
     assert rt.read(fd, 100) == b"hello capabilities\n"
@@ -38,10 +38,10 @@ def test_create_write_read_list_rename_delete_by_absolute_path(isolated_client):
     rt.unlink("/docs/notes.txt")
     rt.rmdir("/docs")
     assert rt.listdir("/") == []
-    assert list(isolated_client.root.iterdir()) == []
+    assert list(redoxcap_isolated_client.root.iterdir()) == []
 
 
-def test_relative_paths_go_to_the_cwd_and_getcwd_follows_chdir(isolated_client):
+def test_relative_paths_go_to_the_cwd_and_getcwd_follows_chdir(redoxcap_isolated_client):
     rt.mkdir("/home")
     rt.mkdir("/home/u")
     rt.chdir("/home")
@@ -50,21 +50,21 @@ def test_relative_paths_go_to_the_cwd_and_getcwd_follows_chdir(isolated_client):
     assert rt.getcwd() == "/home/u"
     with rt.open_file("draft.txt", "w") as f:
         f.write("relative\n")
-    assert (isolated_client.root / "home/u/draft.txt").read_text() == "relative\n"
+    assert (redoxcap_isolated_client.root / "home/u/draft.txt").read_text() == "relative\n"
     rt.rename("draft.txt", "final.txt")
     assert rt.listdir() == ["final.txt"]
     rt.chdir("..")
     assert rt.getcwd() == "/home"
     assert rt.listdir("u") == ["final.txt"]
     rt.rename("u/final.txt", "/final.txt")  # relative source, absolute destination
-    assert (isolated_client.root / "final.txt").exists()
+    assert (redoxcap_isolated_client.root / "final.txt").exists()
     rt.unlink("/final.txt")
 
 
-def test_scheme_paths_and_legacy_paths_name_the_same_files(shared_client):
+def test_scheme_paths_and_legacy_paths_name_the_same_files(redoxcap_module_client):
     # the root namespace (fpath names a file from the scheme's root), in a directory of its own
-    (shared_client.root / "legacy").mkdir()
-    (shared_client.root / "legacy/a.txt").write_text("A")
+    (redoxcap_module_client.root / "legacy").mkdir()
+    (redoxcap_module_client.root / "legacy/a.txt").write_text("A")
     for path in ("/legacy/a.txt", "/scheme/file/legacy/a.txt", "file:legacy/a.txt", "file:/legacy/a.txt"):
         with rt.open_file(path) as f:
             assert f.read() == "A", path
@@ -74,8 +74,8 @@ def test_scheme_paths_and_legacy_paths_name_the_same_files(shared_client):
     assert "file" in rt.listdir("/scheme")
 
 
-def test_errors_are_oserrors_with_the_right_errno(isolated_client):
-    (isolated_client.root / "f").write_text("x")
+def test_errors_are_oserrors_with_the_right_errno(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "f").write_text("x")
     cases = [
         (lambda: rt.open("/missing"), errno.ENOENT),
         (lambda: rt.open("/f", rt.O_CREAT | rt.O_EXCL | rt.O_WRONLY), errno.EEXIST),
@@ -94,9 +94,9 @@ def test_errors_are_oserrors_with_the_right_errno(isolated_client):
         rt.stat("/missing")
 
 
-def test_fchdir_takes_a_directory_fd_and_rejects_a_file(isolated_client):
+def test_fchdir_takes_a_directory_fd_and_rejects_a_file(redoxcap_isolated_client):
     rt.mkdir("/d")
-    (isolated_client.root / "f").write_text("x")
+    (redoxcap_isolated_client.root / "f").write_text("x")
     d = rt.open("/d", rt.O_DIRECTORY)
     f = rt.open("/f")
     with pytest.raises(NotADirectoryError):
@@ -105,11 +105,11 @@ def test_fchdir_takes_a_directory_fd_and_rejects_a_file(isolated_client):
     rt.close(d)  # rt keeps its own clone
     assert rt.getcwd() == "/d"
     rt.close(rt.open("here", rt.O_CREAT | rt.O_WRONLY))
-    assert (isolated_client.root / "d/here").exists()
+    assert (redoxcap_isolated_client.root / "d/here").exists()
     rt.close(f)
 
 
-def test_lseek_ftruncate_fsync_and_large_io(isolated_client):
+def test_lseek_ftruncate_fsync_and_large_io(redoxcap_isolated_client):
     data = os.urandom(3 * P.MAX_IO + 17)  # more than one frame each way
     fd = rt.open("/big", rt.O_CREAT | rt.O_RDWR)
     assert rt.write(fd, data) == len(data)
@@ -122,8 +122,8 @@ def test_lseek_ftruncate_fsync_and_large_io(isolated_client):
     rt.close(fd)
 
 
-def test_clone_shares_the_offset_and_dup_has_its_own(isolated_client):
-    (isolated_client.root / "f").write_bytes(b"0123456789")
+def test_clone_shares_the_offset_and_dup_has_its_own(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "f").write_bytes(b"0123456789")
     fd = rt.open("/f")
     clone = rt.clone(fd)
     dup = rt.dup(fd)
@@ -134,24 +134,24 @@ def test_clone_shares_the_offset_and_dup_has_its_own(isolated_client):
         rt.close(x)
 
 
-def test_a_capability_made_non_blocking_still_works_through_rt(isolated_client):
-    (isolated_client.root / "f").write_text("data")
+def test_a_capability_made_non_blocking_still_works_through_rt(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "f").write_text("data")
     fd = rt.open("/f")
     os.set_blocking(fd, False)  # e.g. by another holder of the same socket
     assert rt.read(fd, 10) == b"data"
     rt.close(fd)
 
 
-def test_created_files_and_directories_never_get_setuid_bits(isolated_client):
+def test_created_files_and_directories_never_get_setuid_bits(redoxcap_isolated_client):
     fd = rt.open("/suid", rt.O_CREAT | rt.O_WRONLY, 0o6777)
     rt.close(fd)
     rt.mkdir("/sgid", 0o7777)
-    assert (isolated_client.root / "suid").stat().st_mode & 0o7777 == 0o755
-    assert (isolated_client.root / "sgid").stat().st_mode & 0o7777 == 0o755
+    assert (redoxcap_isolated_client.root / "suid").stat().st_mode & 0o7777 == 0o755
+    assert (redoxcap_isolated_client.root / "sgid").stat().st_mode & 0o7777 == 0o755
 
 
-def test_a_listing_larger_than_one_frame_comes_in_pages(isolated_client):
-    big = isolated_client.root / "big"
+def test_a_listing_larger_than_one_frame_comes_in_pages(redoxcap_isolated_client):
+    big = redoxcap_isolated_client.root / "big"
     big.mkdir()
     names = [f"{i:04d}-" + "x" * 120 for i in range(1500)]  # about 190 KiB of names
     for name in names:
@@ -159,25 +159,25 @@ def test_a_listing_larger_than_one_frame_comes_in_pages(isolated_client):
     assert rt.listdir("/big") == names
 
 
-def test_host_names_that_are_not_utf8_are_left_out_of_listings(isolated_client):
-    (isolated_client.root / "ok.txt").touch()
-    open(os.path.join(os.fsencode(isolated_client.root), b"bad-\xff.txt"), "wb").close()
+def test_host_names_that_are_not_utf8_are_left_out_of_listings(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "ok.txt").touch()
+    open(os.path.join(os.fsencode(redoxcap_isolated_client.root), b"bad-\xff.txt"), "wb").close()
     assert rt.listdir("/") == ["ok.txt"]
-    os.symlink(b"target-\xff", os.path.join(os.fsencode(isolated_client.root), b"link"))
+    os.symlink(b"target-\xff", os.path.join(os.fsencode(redoxcap_isolated_client.root), b"link"))
     with pytest.raises(OSError) as info:
         rt.readlink("/link")  # the target cannot travel as a string
     assert info.value.errno == errno.EIO
 
 
-def test_symlink_and_readlink(isolated_client):
-    (isolated_client.root / "target").write_text("T")
+def test_symlink_and_readlink(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "target").write_text("T")
     rt.symlink("target", "/link")
     assert rt.readlink("/link") == "target"
     with rt.open_file("/link") as f:
         assert f.read() == "T"
 
 
-def test_open_file_modes(isolated_client):
+def test_open_file_modes(redoxcap_isolated_client):
     with rt.open_file("/t.txt", "w", encoding="utf-8") as f:
         f.write("line one\nline two\n")
     with rt.open_file("/t.txt", "a") as f:
@@ -189,12 +189,12 @@ def test_open_file_modes(isolated_client):
         assert f.read(3) == b"one"
     with rt.open_file("/t.txt", "r+b") as f:
         f.write(b"LINE")
-    assert (isolated_client.root / "t.txt").read_bytes().startswith(b"LINE one")
+    assert (redoxcap_isolated_client.root / "t.txt").read_bytes().startswith(b"LINE one")
     with pytest.raises(FileExistsError):
         rt.open_file("/t.txt", "x")
 
 
-def test_rt_is_safe_from_several_threads(isolated_client):
+def test_rt_is_safe_from_several_threads(redoxcap_isolated_client):
     fd = rt.open("/shared", rt.O_CREAT | rt.O_RDWR)
     errors = []
 
@@ -212,6 +212,6 @@ def test_rt_is_safe_from_several_threads(isolated_client):
     for t in threads:
         t.join()
     assert errors == []
-    lines = (isolated_client.root / "shared").read_bytes().splitlines()
+    lines = (redoxcap_isolated_client.root / "shared").read_bytes().splitlines()
     assert sorted(lines) == sorted(b"%d-%d" % (n, i) for n in range(4) for i in range(50))
     rt.close(fd)

@@ -62,8 +62,8 @@ def victim_round_trips(count: int) -> None:
         assert rt.stat("/f").st_size == 5
 
 
-def test_a_client_flooding_without_reading_slows_only_itself(isolated_client):
-    system = isolated_client
+def test_a_client_flooding_without_reading_slows_only_itself(redoxcap_isolated_client):
+    system = redoxcap_isolated_client
     (system.root / "f").write_bytes(b"hello")
     kernel_pid = system.daemon("kernel")["pid"]
     victim_round_trips(20)  # warm up
@@ -122,17 +122,17 @@ for _ in range(500):  # a close reaches the router asynchronously (it reads the 
 """
 
 
-def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(shared_system):
+def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(redoxcap_module_system):
     """Issue 8 item 2: each `redoxcap run` is an account of its own; at its quota a
     clone is EMFILE for that client, and the router and every other client go on."""
-    kernel = shared_system.daemon("kernel")["pid"]
+    kernel = redoxcap_module_system.daemon("kernel")["pid"]
     fds_before = len(os.listdir(f"/proc/{kernel}/fd"))
-    result = shared_system.python(CLONER)
+    result = redoxcap_module_system.python(CLONER)
     err, count, again = result.stdout.split()
     assert (err, again) == ("EMFILE", "again")
     assert 1000 <= int(count) < 1024  # the default quota, less the namespace and cwd
-    assert shared_system.daemon("kernel")["pid"] == kernel
-    assert shared_system.python("import rt; print(rt.listdir('/'))").returncode == 0
+    assert redoxcap_module_system.daemon("kernel")["pid"] == kernel
+    assert redoxcap_module_system.python("import rt; print(rt.listdir('/'))").returncode == 0
     wait_for(lambda: len(os.listdir(f"/proc/{kernel}/fd")) <= fds_before + 2)  # all released
 
 
@@ -164,18 +164,18 @@ sys.stdin.read()
 """
 
 
-def test_writes_queued_on_a_pipe_nobody_reads_hold_bounded_memory(shared_system):
+def test_writes_queued_on_a_pipe_nobody_reads_hold_bounded_memory(redoxcap_module_system):
     """Issue 8 item 5: 1,600 writes of 128 KiB at a full pipe. The pipe holds 64 KiB and
     the writers; the router lets each client have only so many requests in flight, so
     the pipe daemon holds a bounded number of them, not every write ever sent."""
-    pipe = shared_system.daemon("pipe")["pid"]
+    pipe = redoxcap_module_system.daemon("pipe")["pid"]
     quiet = vm_rss_kib(pipe)
-    proc = shared_system.start("run", "--", sys.executable, "-c", PIPE_FLOODER)
+    proc = redoxcap_module_system.start("run", "--", sys.executable, "-c", PIPE_FLOODER)
     try:
         assert proc.stdout.readline() == "flooding\n"
-        wait_for(lambda: shared_system.daemon("pipe")["frames"] >= 64)  # as many as the router lets through
+        wait_for(lambda: redoxcap_module_system.daemon("pipe")["frames"] >= 64)  # as many as the router lets through
         flooded = vm_rss_kib(pipe)
         assert flooded - quiet < 64 * 1024, (quiet, flooded)  # KiB: 1,600 writes would be 200 MiB
     finally:
         proc.communicate("", timeout=60)  # stdin closes: it exits
-    wait_for(lambda: shared_system.daemon("pipe")["scheme_handles"] == 0)
+    wait_for(lambda: redoxcap_module_system.daemon("pipe")["scheme_handles"] == 0)

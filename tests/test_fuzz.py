@@ -1,7 +1,7 @@
 """Random frames at the router, nsmgr and two schemes: every one is answered, nothing crashes.
 
 The seed is fixed, so a failure reproduces. The tests share the module's one
-system, each with a namespace and directory of its own (`isolated_client`),
+system, each with a namespace and directory of its own (`redoxcap_isolated_client`),
 which fails the test if any daemon logged a traceback (what an unhandled
 exception in a request would do) or the router holds more than before.
 """
@@ -75,9 +75,9 @@ def exchange(fd: int, frame: bytes) -> tuple[int, int]:
     return tag, status
 
 
-def test_random_frames_are_all_answered_and_break_nothing(isolated_client):
+def test_random_frames_are_all_answered_and_break_nothing(redoxcap_isolated_client):
     rng = random.Random(SEED)
-    (isolated_client.root / "box").mkdir()
+    (redoxcap_isolated_client.root / "box").mkdir()
     # a fork whose `file` is the box, so fuzzed unregisters and creates stay in it
     ns = rt.mkns(["zero", "null", "tcp"])
     box = rt.open("/box", rt.O_DIRECTORY)
@@ -100,13 +100,13 @@ def test_random_frames_are_all_answered_and_break_nothing(isolated_client):
         rt.close(fd)
     # the system still serves, and nothing outside the box was touched
     assert "file" in rt.schemes()
-    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box"]
+    assert sorted(p.name for p in redoxcap_isolated_client.root.iterdir()) == ["box"]
     with rt.open_file("/after.txt", "w") as f:
         f.write("still fine")
-    assert (isolated_client.root / "after.txt").read_text() == "still fine"
+    assert (redoxcap_isolated_client.root / "after.txt").read_text() == "still fine"
 
 
-def test_paths_with_nul_bytes_are_einval_everywhere(isolated_client):
+def test_paths_with_nul_bytes_are_einval_everywhere(redoxcap_isolated_client):
     d = rt.open("/", rt.O_DIRECTORY)
     for fd, op, args in [
         (d, P.OPENAT, ["a\0b", 0, 0]), (d, P.MKDIRAT, ["a\0b", 0o777]), (d, P.UNLINKAT, ["a\0b", 0]),
@@ -121,7 +121,7 @@ def test_paths_with_nul_bytes_are_einval_everywhere(isolated_client):
     rt.close(d)
 
 
-def test_overlong_paths_are_enametoolong(isolated_client):
+def test_overlong_paths_are_enametoolong(redoxcap_isolated_client):
     d = rt.open("/", rt.O_DIRECTORY)
     try:
         call(d, P.OPENAT, ["x" * (P.MAX_PATH + 1), 0, 0])

@@ -33,7 +33,7 @@ _names = itertools.count()
 
 
 @pytest.fixture
-def evil(shared_client, hostile_scheme):
+def evil(redoxcap_module_client, hostile_scheme):
     """make(answer) -> an fd of a fresh hostile scheme, and its name as make.name."""
 
     def make(answer):
@@ -128,8 +128,8 @@ def test_a_server_that_never_answers_times_out_and_the_fd_stays_usable(evil):
     rt.close(fd)
 
 
-def test_sendfd_sends_a_clone_so_the_receiver_cannot_read_our_replies(shared_client):
-    (shared_client.root / "f.txt").write_text("ours")
+def test_sendfd_sends_a_clone_so_the_receiver_cannot_read_our_replies(redoxcap_module_client):
+    (redoxcap_module_client.root / "f.txt").write_text("ours")
     listener = rt.open("/scheme/uds/sendfd-test", rt.O_CREAT | rt.O_RDWR)
     a = rt.open("/scheme/uds/sendfd-test", rt.O_RDWR)
     b = rt.dup(listener, b"accept")

@@ -113,15 +113,15 @@ def test_down_waits_until_the_supervisor_has_exited(tmp_path):
 # -- daemons that die ------------------------------------------------------------------
 
 
-def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
-    (client.root / "f").write_text("before")
+def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(redoxcap_client):
+    (redoxcap_client.root / "f").write_text("before")
     old = rt.open("/f")  # the file scheme keeps its handles across a restart (test_restart.py)
     zero = rt.open("/scheme/zero")  # zero keeps nothing
-    victim = client.daemon("zero")["pid"]
+    victim = redoxcap_client.daemon("zero")["pid"]
     os.kill(victim, signal.SIGKILL)
     wait_exited(victim)  # a status asked of a dying scheme would wait 3 s for its answer
-    wait_for(lambda: client.daemon("zero")["restarts"] == 1 and client.daemon("zero")["pid"])
-    assert client.daemon("zero")["pid"] != victim
+    wait_for(lambda: redoxcap_client.daemon("zero")["restarts"] == 1 and redoxcap_client.daemon("zero")["pid"])
+    assert redoxcap_client.daemon("zero")["pid"] != victim
     with pytest.raises(OSError) as info:
         rt.read(zero, 10)  # its handle died with the daemon: an errno, not a hang
     assert info.value.errno == errno.EIO
@@ -130,16 +130,16 @@ def test_a_killed_scheme_comes_back_and_old_fds_fail_cleanly(client):
     rt.close(old)
     with rt.open_file("/f") as f:  # the namespace's root capability still works
         assert f.read() == "before"
-    result = client.python("import rt; print(rt.listdir('/'))")
+    result = redoxcap_client.python("import rt; print(rt.listdir('/'))")
     assert result.stdout.strip() == "['f']"
 
 
-def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(system):
-    victim = system.daemon("nsmgr")["pid"]
+def test_a_killed_nsmgr_comes_back_with_every_scheme_registered(redoxcap_system):
+    victim = redoxcap_system.daemon("nsmgr")["pid"]
     os.kill(victim, signal.SIGKILL)
     wait_exited(victim)
-    wait_for(lambda: system.daemon("nsmgr")["restarts"] == 1)
-    result = system.python("import rt; print(rt.schemes())")
+    wait_for(lambda: redoxcap_system.daemon("nsmgr")["restarts"] == 1)
+    result = redoxcap_system.python("import rt; print(rt.schemes())")
     assert result.stdout.strip() == str(BUILTIN)
 
 
@@ -212,8 +212,8 @@ def kill_until_failed(system: System, name: str) -> dict:
     return info
 
 
-def test_a_failed_scheme_breaks_only_its_own_clients_and_restart_brings_it_back(client):
-    system = client
+def test_a_failed_scheme_breaks_only_its_own_clients_and_restart_brings_it_back(redoxcap_client):
+    system = redoxcap_client
     # a namespace forked while udp was alive still holds udp's root
     _, (root_ns,) = control.request(system.state_dir, "namespace")
     forked = rt.mkns(None, ns=root_ns)
@@ -248,15 +248,15 @@ def test_a_failed_scheme_breaks_only_its_own_clients_and_restart_brings_it_back(
             os.close(forked)
 
 
-def test_restart_replaces_a_running_daemon_and_refuses_unknown_names(system):
-    old = daemon_info(system, "zero")["pid"]
-    system.cli("restart", "zero")
+def test_restart_replaces_a_running_daemon_and_refuses_unknown_names(redoxcap_system):
+    old = daemon_info(redoxcap_system, "zero")["pid"]
+    redoxcap_system.cli("restart", "zero")
     assert not pid_alive(old)
-    new = daemon_info(system, "zero")
+    new = daemon_info(redoxcap_system, "zero")
     assert new["state"] == "running" and new["pid"] != old and new["restarts"] == 1
-    zeros = system.python("import rt; print(rt.read(rt.open('/scheme/zero'), 3))").stdout.strip()
+    zeros = redoxcap_system.python("import rt; print(rt.read(rt.open('/scheme/zero'), 3))").stdout.strip()
     assert zeros == repr(b"\0\0\0")
-    unknown = system.cli("restart", "nosuch", check=False)
+    unknown = redoxcap_system.cli("restart", "nosuch", check=False)
     assert unknown.returncode == 1 and "no scheme named 'nosuch'" in unknown.stderr
-    missing = redoxcap(system.state_dir / "elsewhere", "restart", "zero", check=False)
+    missing = redoxcap(redoxcap_system.state_dir / "elsewhere", "restart", "zero", check=False)
     assert missing.returncode == 3

@@ -101,12 +101,12 @@ async def test_the_root_itself_is_not_written_to():
     await s.close(s.root())  # nothing to flush, no error
 
 
-def test_a_client_cannot_drive_the_terminal_through_the_log(system):
+def test_a_client_cannot_drive_the_terminal_through_the_log(redoxcap_system):
     code = ("import os, rt\nfd = rt.open('/scheme/log/esc', rt.O_WRONLY)\n"
             "rt.write(fd, b'\\x1b[2J\\x1b]0;owned\\x07\\rlog[1] root: forged\\n')\n"
             "rt.write(fd, b'done\\n')\nprint(os.getpid())\n")
-    pid = system.python(code).stdout.strip()
-    log = wait_for(lambda: f"log[{pid}] esc: done" in system.log() and system.log())
+    pid = redoxcap_system.python(code).stdout.strip()
+    log = wait_for(lambda: f"log[{pid}] esc: done" in redoxcap_system.log() and redoxcap_system.log())
     assert f"log[{pid}] esc: \\x1b[2J\\x1b]0;owned\\x07\\x0dlog[1] root: forged\n" in log
     assert "\x1b" not in log and "\r" not in log and "\x07" not in log
 

@@ -3,7 +3,7 @@ unregistering names, a subtree as `file`, nsmgr out of the way of I/O on the fds
 it forwarded, and children spawned with clones of the namespace and cwd.
 
 Every test has a namespace of its own, forked from the root one with its own
-directory as `file`, on the module's one system (`isolated_client`).
+directory as `file`, on the module's one system (`redoxcap_isolated_client`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from redoxcap.config import Config
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
 
-def test_namespace_fork_list_narrow_register_and_unregister(isolated_client):
+def test_namespace_fork_list_narrow_register_and_unregister(redoxcap_isolated_client):
     everything = rt.schemes()
     assert "file" in everything and everything == sorted(everything)
     child = rt.mkns(["file"])
@@ -60,11 +60,11 @@ def test_namespace_fork_list_narrow_register_and_unregister(isolated_client):
     rt.close(child)
 
 
-def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(isolated_client,
+def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(redoxcap_isolated_client,
                                                                     subtree_namespace):
-    (isolated_client.root / "outside.txt").write_text("secret")
-    (isolated_client.root / "box").mkdir()
-    (isolated_client.root / "box/inside.txt").write_text("ok")
+    (redoxcap_isolated_client.root / "outside.txt").write_text("secret")
+    (redoxcap_isolated_client.root / "box").mkdir()
+    (redoxcap_isolated_client.root / "box/inside.txt").write_text("ok")
     with subtree_namespace("/box"):
         assert rt.listdir("/") == ["inside.txt"]
         with rt.open_file("/inside.txt") as f:
@@ -73,20 +73,20 @@ def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(isolated_cli
             rt.open("/outside.txt")
 
 
-def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(isolated_client):
+def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(redoxcap_isolated_client):
     fd = rt.open("/counted", rt.O_CREAT | rt.O_RDWR)
-    before = isolated_client.daemon("nsmgr")["frames"]
-    file_before = isolated_client.daemon("file")["frames"]
+    before = redoxcap_isolated_client.daemon("nsmgr")["frames"]
+    file_before = redoxcap_isolated_client.daemon("file")["frames"]
     for _ in range(20):
         rt.write(fd, b"x" * 100)
     rt.lseek(fd, 0)
     rt.read(fd, 2000)
-    assert isolated_client.daemon("nsmgr")["frames"] == before
-    assert isolated_client.daemon("file")["frames"] >= file_before + 22
+    assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == before
+    assert redoxcap_isolated_client.daemon("file")["frames"] >= file_before + 22
     rt.close(fd)
 
 
-def test_spawned_children_inherit_clones_of_namespace_and_cwd(isolated_client):
+def test_spawned_children_inherit_clones_of_namespace_and_cwd(redoxcap_isolated_client):
     rt.mkdir("/kid")
     rt.chdir("/kid")
     child = rt.spawn([sys.executable, "-c",
@@ -95,5 +95,5 @@ def test_spawned_children_inherit_clones_of_namespace_and_cwd(isolated_client):
                      stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate(timeout=30)
     assert out.strip() == f"/kid {BUILTIN}"
-    assert (isolated_client.root / "kid/made-by-child").exists()
+    assert (redoxcap_isolated_client.root / "kid/made-by-child").exists()
     assert rt.listdir() == ["made-by-child"]  # our own cwd is untouched

@@ -69,7 +69,7 @@ def test_parse_net_address_takes_host_port_ipv6_in_brackets_and_bare_listen_port
         assert str(info.value).startswith(f"--allow-x {text}:")
 
 
-def test_rt_net_grant_narrows_the_namespaces_tcp(shared_client, listener):
+def test_rt_net_grant_narrows_the_namespaces_tcp(redoxcap_module_client, listener):
     other = free_port()
     grant = rt.net_grant(connect=[("127.0.0.1", listener)])
     try:
@@ -105,9 +105,9 @@ def test_rt_net_grant_narrows_the_namespaces_tcp(shared_client, listener):
         rt.net_grant(listen=[80], scheme="udp")
 
 
-def test_run_allow_connect_reaches_that_port_only(shared_system, listener):
+def test_run_allow_connect_reaches_that_port_only(redoxcap_module_system, listener):
     other = free_port()
-    got = attempts(shared_system, ["--allow-connect", f"127.0.0.1:{listener}"], [
+    got = attempts(redoxcap_module_system, ["--allow-connect", f"127.0.0.1:{listener}"], [
         (f"/scheme/tcp/127.0.0.1/{listener}", CONNECT),
         (f"/scheme/tcp/127.0.0.1/{other}", CONNECT),
         (f"/scheme/tcp/127.0.0.1/{other}", LISTEN),
@@ -119,9 +119,9 @@ def test_run_allow_connect_reaches_that_port_only(shared_system, listener):
     assert nobody_listens(other)
 
 
-def test_run_allow_listen_listens_there_only(shared_system, listener):
+def test_run_allow_listen_listens_there_only(redoxcap_module_system, listener):
     port, other = free_port(), free_port()
-    got = attempts(shared_system, ["--allow-listen", str(port), "--allow-udp-listen", f"127.0.0.1:{port}"], [
+    got = attempts(redoxcap_module_system, ["--allow-listen", str(port), "--allow-udp-listen", f"127.0.0.1:{port}"], [
         (f"/scheme/tcp/127.0.0.1/{port}", LISTEN),
         (f"/scheme/tcp/127.0.0.1/{other}", LISTEN),
         ("/scheme/tcp/127.0.0.1/0", LISTEN),
@@ -132,8 +132,8 @@ def test_run_allow_listen_listens_there_only(shared_system, listener):
     assert got == ["ok", "EACCES", "EACCES", "EACCES", "ok", "EACCES"]
 
 
-def test_run_without_allow_options_gets_the_whole_tcp(shared_system, listener):
-    got = attempts(shared_system, [], [(f"/scheme/tcp/127.0.0.1/{listener}", CONNECT),
+def test_run_without_allow_options_gets_the_whole_tcp(redoxcap_module_system, listener):
+    got = attempts(redoxcap_module_system, [], [(f"/scheme/tcp/127.0.0.1/{listener}", CONNECT),
                                        ("/scheme/tcp/127.0.0.1/0", LISTEN)])
     assert got == ["ok", "ok"]
 
@@ -144,18 +144,18 @@ def test_run_without_allow_options_gets_the_whole_tcp(shared_system, listener):
     (["--allow-listen", "80"], "--allow-listen: Permission denied"),  # beyond the daemon's policy
     (["--ns", "file", "--allow-connect", "127.0.0.1:80"], "the namespace has no tcp"),
 ])
-def test_run_allow_options_errors_are_usage_errors(shared_system, options, message):
-    result = shared_system.run(*options, "--", "python3", "-c", "print('ran')", check=False)
+def test_run_allow_options_errors_are_usage_errors(redoxcap_module_system, options, message):
+    result = redoxcap_module_system.run(*options, "--", "python3", "-c", "print('ran')", check=False)
     assert result.returncode == EXIT_USAGE, result.stderr
     assert result.stderr.startswith("redoxcap: ") and message in result.stderr
     assert "ran" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_a_grant_survives_a_restart_of_the_tcp_daemon(shared_client, listener):
+def test_a_grant_survives_a_restart_of_the_tcp_daemon(redoxcap_module_client, listener):
     """The router keeps a grant (plain data) for the next daemon, as it keeps the root."""
     grant = rt.net_grant(connect=[("127.0.0.1", listener)])
     try:
-        os.kill(shared_client.daemon("tcp")["pid"], signal.SIGKILL)
+        os.kill(redoxcap_module_client.daemon("tcp")["pid"], signal.SIGKILL)
         try:  # requests made while it is down wait for the next daemon
             rt.close(rt.openat(grant, f"127.0.0.1/{listener}", rt.O_RDWR))
         except OSError as exc:  # unless this one was already in flight to the dead one

@@ -1,7 +1,7 @@
 """tcp, udp and pipe capabilities through the real processes: each grants what it names.
 
 The tests share the module's one system, each with a namespace of its own
-(`isolated_client`). The plugin fails any test whose daemons logged a traceback,
+(`redoxcap_isolated_client`). The plugin fails any test whose daemons logged a traceback,
 so the malformed addresses below also check that the daemons answer them calmly.
 """
 
@@ -24,7 +24,7 @@ def port_of(fd: int) -> int:
     return int(rt.fpath(fd).rsplit("/", 1)[1])
 
 
-def test_a_socket_or_pipe_capability_opens_nothing_else(isolated_client):
+def test_a_socket_or_pipe_capability_opens_nothing_else(redoxcap_isolated_client):
     listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = port_of(listener)
     conn = rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)
@@ -45,7 +45,7 @@ def test_a_socket_or_pipe_capability_opens_nothing_else(isolated_client):
         rt.close(fd)
 
 
-def test_a_bound_udp_server_answers_each_client_with_sendto(isolated_client):
+def test_a_bound_udp_server_answers_each_client_with_sendto(redoxcap_isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = port_of(server)
     second = rt.clone(server)  # two reads in flight at once, each on its own socket
@@ -71,7 +71,7 @@ def test_a_bound_udp_server_answers_each_client_with_sendto(isolated_client):
         rt.close(fd)
 
 
-def test_sendto_and_recvfrom_arguments_are_checked(isolated_client):
+def test_sendto_and_recvfrom_arguments_are_checked(redoxcap_isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     for address in [("127.1", 9), ("localhost", 9), ("127.0.0.1", 0), ("127.0.0.1", 70000)]:
         with pytest.raises(OSError) as info:
@@ -95,7 +95,7 @@ BAD = ["127.1/80", "2130706433/80", "0/80", "0x7f.1/80", "127.000.0.1/80", "loca
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])
-def test_malformed_addresses_are_einval_and_grants_are_eacces(isolated_client, scheme):
+def test_malformed_addresses_are_einval_and_grants_are_eacces(redoxcap_isolated_client, scheme):
     for path in BAD:
         with pytest.raises(OSError) as info:
             rt.open(f"/scheme/{scheme}/{path}", rt.O_RDWR)
@@ -112,7 +112,7 @@ def test_malformed_addresses_are_einval_and_grants_are_eacces(isolated_client, s
     assert nobody_listens(privileged)
 
 
-def test_connecting_to_a_privileged_port_is_allowed(isolated_client):
+def test_connecting_to_a_privileged_port_is_allowed(redoxcap_isolated_client):
     port = next(p for p in range(1, 1024) if nobody_listens(p))
     with pytest.raises(ConnectionRefusedError):  # refused by Linux, not by the scheme
         rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)

@@ -47,15 +47,15 @@ def once_more(fn, *args):
         return fn(*args)
 
 
-def test_namespaces_and_their_handles_survive_a_killed_nsmgr(client):
-    (client.root / "box").mkdir()
-    (client.root / "box/in.txt").write_text("inside")
+def test_namespaces_and_their_handles_survive_a_killed_nsmgr(redoxcap_client):
+    (redoxcap_client.root / "box").mkdir()
+    (redoxcap_client.root / "box/in.txt").write_text("inside")
     fork = rt.mkns(["file", "zero"], perms=rt.PERM_LIST | rt.PERM_INSERT)
     box = rt.open("/box", rt.O_DIRECTORY)
     rt.register(fork, "boxed", box)
     rt.close(box)
     before = (rt.schemes(fork), rt.nsperms(fork), rt.schemes())
-    pid = kill(client, "nsmgr")
+    pid = kill(redoxcap_client, "nsmgr")
     after = (once_more(rt.schemes, fork), rt.nsperms(fork), rt.schemes())
     assert after == before
     fd = call_fd(fork, P.OPENAT, ["/scheme/boxed/in.txt", os.O_RDONLY, 0])
@@ -63,23 +63,23 @@ def test_namespaces_and_their_handles_survive_a_killed_nsmgr(client):
     rt.close(fd)
     with pytest.raises(PermissionError):  # its permissions came back too: no DELETE
         rt.unregister(fork, "zero")
-    back(client, "nsmgr", pid)
+    back(redoxcap_client, "nsmgr", pid)
     rt.register(fork, "later", rt.open("/", rt.O_DIRECTORY))  # and it takes changes again
     assert "later" in rt.schemes(fork)
     rt.close(fork)
 
 
-def test_open_files_and_directories_survive_a_killed_file_scheme(client):
-    (client.root / "jail/sub").mkdir(parents=True)
-    (client.root / "jail/f.txt").write_text("hello world")
-    (client.root / "secret.txt").write_text("outside")
+def test_open_files_and_directories_survive_a_killed_file_scheme(redoxcap_client):
+    (redoxcap_client.root / "jail/sub").mkdir(parents=True)
+    (redoxcap_client.root / "jail/f.txt").write_text("hello world")
+    (redoxcap_client.root / "secret.txt").write_text("outside")
     f = rt.open("/jail/f.txt")
     assert rt.read(f, 6) == b"hello "
     jail = rt.open("/jail", rt.O_DIRECTORY | rt.O_RESOLVE_BENEATH)
     w = rt.open("/jail/new.txt", rt.O_CREAT | rt.O_WRONLY)
-    pid = kill(client, "file")
+    pid = kill(redoxcap_client, "file")
     assert once_more(rt.read, f, 100) == b"world"  # the same open file, at its offset
-    back(client, "file", pid)
+    back(redoxcap_client, "file", pid)
     assert rt.listdir("/jail") == ["f.txt", "new.txt", "sub"]
     assert rt.getfl(jail) & rt.O_RESOLVE_BENEATH
     with pytest.raises(OSError) as info:  # the anchor came back with it
@@ -87,16 +87,16 @@ def test_open_files_and_directories_survive_a_killed_file_scheme(client):
     assert info.value.errno == errno.EXDEV
     rt.close(rt.openat(jail, "sub/../f.txt"))
     assert rt.write(w, b"written after") == 13
-    assert (client.root / "jail/new.txt").read_text() == "written after"
+    assert (redoxcap_client.root / "jail/new.txt").read_text() == "written after"
     assert rt.getcwd() == "/" and "jail" in rt.listdir(".")  # the cwd capability too
     for fd in (f, jail, w):
         rt.close(fd)
 
 
-def test_a_scheme_that_keeps_nothing_fails_its_old_handles_but_opens_again(client):
+def test_a_scheme_that_keeps_nothing_fails_its_old_handles_but_opens_again(redoxcap_client):
     fd = rt.open("/scheme/zero")
-    pid = kill(client, "zero")
-    back(client, "zero", pid)
+    pid = kill(redoxcap_client, "zero")
+    back(redoxcap_client, "zero", pid)
     with pytest.raises(OSError) as info:
         rt.read(fd, 4)
     assert info.value.errno == errno.EIO
@@ -106,13 +106,13 @@ def test_a_scheme_that_keeps_nothing_fails_its_old_handles_but_opens_again(clien
     rt.close(fresh)
 
 
-def test_under_32_busy_clients_each_kill_costs_each_client_at_most_one_error(client):
+def test_under_32_busy_clients_each_kill_costs_each_client_at_most_one_error(redoxcap_client):
     """nsmgr and the file scheme are killed at random moments while 32 threads open, read
     and list through their own clones of the namespace and the cwd; each kill may cost a
     client the one request it had in flight, no more, and every client goes on."""
-    (client.root / "data").mkdir()
+    (redoxcap_client.root / "data").mkdir()
     for i in range(CLIENTS):
-        (client.root / f"data/f{i}.txt").write_text(f"file {i}")
+        (redoxcap_client.root / f"data/f{i}.txt").write_text(f"file {i}")
     stop = threading.Event()
     errors = [0] * CLIENTS
     calls = [0] * CLIENTS
@@ -158,11 +158,11 @@ def test_under_32_busy_clients_each_kill_costs_each_client_at_most_one_error(cli
         for name in ("nsmgr", "file", "nsmgr", "file"):
             time.sleep(rng.uniform(0.05, 0.5))  # a random moment in the load, not a wait
             at = time.monotonic()
-            pid = kill(client, name)
+            pid = kill(redoxcap_client, name)
             kills += 1
             wait_for(lambda at=at: all(t > at for t in last_ok), timeout=30)
             recoveries.append(max(last_ok) - at)
-            back(client, name, pid)
+            back(redoxcap_client, name, pid)
             assert not unexpected, unexpected
     finally:
         stop.set()
@@ -175,6 +175,6 @@ def test_under_32_busy_clients_each_kill_costs_each_client_at_most_one_error(cli
     # nothing leaked: the daemons hold what they held before (each client closed its fds)
     handles = []
     try:
-        wait_for(lambda: handles.append(client.daemon("file")["scheme_handles"]) or handles[-1] == 1)
+        wait_for(lambda: handles.append(redoxcap_client.daemon("file")["scheme_handles"]) or handles[-1] == 1)
     except AssertionError:
         raise AssertionError(f"the file scheme still has {handles[-1]} handles, not 1 (the cwd)") from None

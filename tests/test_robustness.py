@@ -3,7 +3,7 @@ client, and malformed, oversized or fd-laden frames to the router, nsmgr and a
 scheme get EINVAL while the capability keeps working.
 
 The tests share the module's one system, each in a directory and namespace of its
-own (`isolated_client`), which checks afterwards that the router holds no more
+own (`redoxcap_isolated_client`), which checks afterwards that the router holds no more
 capabilities than before; the plugin fails any test whose daemons logged a
 traceback.
 """
@@ -29,12 +29,12 @@ from wire import protocol as P
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
 
-def test_daemons_hold_no_more_fds_after_a_workload_than_before(isolated_client):
+def test_daemons_hold_no_more_fds_after_a_workload_than_before(redoxcap_isolated_client):
     def fd_counts() -> dict[str, int]:
-        return {d["name"]: len(os.listdir(f"/proc/{d['pid']}/fd")) for d in isolated_client.status()["daemons"]
+        return {d["name"]: len(os.listdir(f"/proc/{d['pid']}/fd")) for d in redoxcap_isolated_client.status()["daemons"]
                 if d["name"] in ("kernel", "nsmgr", "file", "uds", "pipe")}
 
-    (isolated_client.root / "f").write_text("x")
+    (redoxcap_isolated_client.root / "f").write_text("x")
     before = fd_counts()
     for _ in range(30):
         rt.close(rt.open("/f"))
@@ -57,8 +57,8 @@ def test_daemons_hold_no_more_fds_after_a_workload_than_before(isolated_client):
         raise AssertionError(f"fds before {before}, after {fd_counts()}") from None
 
 
-def test_a_killed_client_leaks_no_handle(isolated_client):
-    system = isolated_client
+def test_a_killed_client_leaks_no_handle(redoxcap_isolated_client):
+    system = redoxcap_isolated_client
     (system.root / "f").write_text("data")
     mine = f"/{system.root.name}"  # the directory as the root namespace of a `run` names it
     baseline = wait_for(lambda: system.daemon("file")["scheme_handles"] is not None and system.daemon("file"))
@@ -101,7 +101,7 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("frame", MALFORMED)
-def test_malformed_frames_to_the_router_and_a_scheme_get_einval(isolated_client, frame):
+def test_malformed_frames_to_the_router_and_a_scheme_get_einval(redoxcap_isolated_client, frame):
     fd = rt.open("/", rt.O_DIRECTORY)
     tag, status, value = _raw_exchange(fd, frame)
     assert (status, value) == (P.ERR, errno.EINVAL)
@@ -111,13 +111,13 @@ def test_malformed_frames_to_the_router_and_a_scheme_get_einval(isolated_client,
 
 
 @pytest.mark.parametrize("frame", MALFORMED)
-def test_malformed_frames_to_nsmgr_get_einval(isolated_client, frame):
+def test_malformed_frames_to_nsmgr_get_einval(redoxcap_isolated_client, frame):
     _tag, status, value = _raw_exchange(rt.getns(), frame)
     assert (status, value) == (P.ERR, errno.EINVAL)
     assert rt.schemes() == BUILTIN
 
 
-def test_an_oversized_frame_is_refused_and_the_router_survives(isolated_client):
+def test_an_oversized_frame_is_refused_and_the_router_survives(redoxcap_isolated_client):
     fd = rt.open("/", rt.O_DIRECTORY)
     with socket.socket(fileno=os.dup(fd)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -128,7 +128,7 @@ def test_an_oversized_frame_is_refused_and_the_router_survives(isolated_client):
     rt.close(fd)
 
 
-def test_fds_passed_where_none_are_expected_are_closed_not_leaked(isolated_client):
+def test_fds_passed_where_none_are_expected_are_closed_not_leaked(redoxcap_isolated_client):
     fd = rt.open("/", rt.O_DIRECTORY)
     r, w = os.pipe()
     _tag, status, _ = _raw_exchange(fd, F.encode_request(P.GETDENTS, 1, [0]), [r])

@@ -3,7 +3,7 @@
 Linux's own openat2(2) is the oracle for lookups beneath and in a root.
 
 The tests share the module's one system: those that call rt from this process
-with a directory and namespace of their own (`isolated_client`), the rest with
+with a directory and namespace of their own (`redoxcap_isolated_client`), the rest with
 names of their own in it, and confined clients that `redoxcap run` starts and
 that end with the test. One changes the root namespace on purpose and has a
 system of its own.
@@ -11,7 +11,6 @@ system of its own.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
@@ -36,20 +35,7 @@ from redoxcap import control
 from redoxcap.testing import REDOXCAP
 from wire import frames as F
 from wire import protocol as P
-
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def openat2(dirfd: int, path: str, flags: int, resolve: int) -> int:
-    how = struct.pack("QQQ", flags | os.O_CLOEXEC, 0, resolve)
-    fd = _libc.syscall(437, dirfd, path.encode(), how, len(how))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return fd
+from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
 
 def build_tree(root) -> None:
@@ -105,7 +91,8 @@ def outcome(open_fn, fstat_fn, close_fn):
 
 
 def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
-    return outcome(lambda: openat2(dirfd, path, flags, resolve | RESOLVE_NO_MAGICLINKS), os.fstat, os.close)
+    return outcome(lambda: openat2(dirfd, path, flags | os.O_CLOEXEC, 0, resolve | RESOLVE_NO_MAGICLINKS),
+                   os.fstat, os.close)
 
 
 def _beneath_dir(client, flag: int) -> int:
@@ -114,14 +101,14 @@ def _beneath_dir(client, flag: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def lookup_tree(shared_system):
+def lookup_tree(redoxcap_module_system):
     """build_tree once, in /lookups of the module's shared system (the lookups change nothing)."""
-    build_tree(shared_system.root / "lookups")
-    return shared_system.root / "lookups"
+    build_tree(redoxcap_module_system.root / "lookups")
+    return redoxcap_module_system.root / "lookups"
 
 
 @pytest.mark.parametrize("path, flags", CASES)
-def test_lookups_beneath_match_linux_openat2(shared_client, lookup_tree, path, flags):
+def test_lookups_beneath_match_linux_openat2(redoxcap_module_client, lookup_tree, path, flags):
     box = rt.open("/lookups/box", rt.O_DIRECTORY | rt.O_RESOLVE_BENEATH)
     host = os.open(lookup_tree / "box", os.O_PATH | os.O_DIRECTORY)
     try:
@@ -134,7 +121,7 @@ def test_lookups_beneath_match_linux_openat2(shared_client, lookup_tree, path, f
 
 
 @pytest.mark.parametrize("path, flags", CASES)
-def test_lookups_in_root_match_linux_openat2(shared_client, lookup_tree, path, flags):
+def test_lookups_in_root_match_linux_openat2(redoxcap_module_client, lookup_tree, path, flags):
     box = rt.open("/lookups/box", rt.O_DIRECTORY)
     host = os.open(lookup_tree / "box", os.O_PATH | os.O_DIRECTORY)
     try:
@@ -156,8 +143,8 @@ def _rt_openat(dirfd: int, path: str, flags: int):
     return outcome(lambda: rt.openat(dirfd, path, flags), rt.fstat, rt.close)
 
 
-def test_beneath_is_sticky_and_shows_in_getfl(isolated_client):
-    box = _beneath_dir(isolated_client, rt.O_RESOLVE_BENEATH)
+def test_beneath_is_sticky_and_shows_in_getfl(redoxcap_isolated_client):
+    box = _beneath_dir(redoxcap_isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)  # no flag asked for: inherited
     assert rt.getfl(sub) & rt.O_RESOLVE_BENEATH
     cloned = rt.clone(sub)
@@ -173,13 +160,13 @@ def test_beneath_is_sticky_and_shows_in_getfl(isolated_client):
         rt.close(fd)
 
 
-def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
+def test_openat_with_a_resolve_flag_never_consults_the_namespace(redoxcap_module_client):
     """As openat2: beneath, an absolute path is EXDEV; in-root, `/` is the dirfd.
 
     In the root namespace, whose `/secret.txt` is the tree's (the only test here to build
     it at the root), and whose fpath answers from the scheme's root."""
-    box = _beneath_dir(shared_client, 0)
-    outside = (shared_client.root / "secret.txt").stat()
+    box = _beneath_dir(redoxcap_module_client, 0)
+    outside = (redoxcap_module_client.root / "secret.txt").stat()
     cwd = rt.open(".", rt.O_DIRECTORY)
     for path in ("/secret.txt", "/box/file.txt", "/scheme/file/secret.txt", "/"):
         with pytest.raises(OSError) as info:
@@ -201,18 +188,18 @@ def test_openat_with_a_resolve_flag_never_consults_the_namespace(shared_client):
         rt.openat(box, "file:secret.txt", rt.O_RESOLVE_BENEATH)
     with pytest.raises(FileNotFoundError):
         rt.openat(box, "/scheme/file/secret.txt", rt.O_RESOLVE_IN_ROOT)
-    assert (shared_client.root / "secret.txt").stat() == outside
+    assert (redoxcap_module_client.root / "secret.txt").stat() == outside
     rt.close(box)
 
 
 @pytest.mark.parametrize("flag", [0, rt.O_RESOLVE_BENEATH, rt.O_PATH], ids=["plain", "beneath", "o_path"])
-def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client, subtree_namespace,
+def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(redoxcap_isolated_client, subtree_namespace,
                                                                  flag):
     """Issue 7 item 4: a directory capability registered as `file` confines everything
     that goes through that name to it, whatever flags it was opened with."""
-    (isolated_client.root / "secret.txt").write_text("outside the box")
-    (isolated_client.root / "box/sub").mkdir(parents=True)
-    (isolated_client.root / "box/in.txt").write_text("in the box")
+    (redoxcap_isolated_client.root / "secret.txt").write_text("outside the box")
+    (redoxcap_isolated_client.root / "box/sub").mkdir(parents=True)
+    (redoxcap_isolated_client.root / "box/in.txt").write_text("in the box")
     with subtree_namespace("/box", flag):
         for path in ("/../secret.txt", "file:../secret.txt", "/scheme/file/../secret.txt",
                      "/sub/../../secret.txt", "/scheme/file/sub/../../../secret.txt"):
@@ -239,13 +226,13 @@ def test_a_subtree_registered_as_a_namespace_entry_is_a_boundary(isolated_client
         with pytest.raises(FileNotFoundError):
             rt.unlink("/../secret.txt")
         assert rt.readlink("/../abs") == "/secret.txt"
-    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box", "secret.txt"]
-    assert (isolated_client.root / "secret.txt").read_text() == "outside the box"
-    assert sorted(p.name for p in (isolated_client.root / "box").iterdir()) == [
+    assert sorted(p.name for p in redoxcap_isolated_client.root.iterdir()) == ["box", "secret.txt"]
+    assert (redoxcap_isolated_client.root / "secret.txt").read_text() == "outside the box"
+    assert sorted(p.name for p in (redoxcap_isolated_client.root / "box").iterdir()) == [
         "abs", "created.txt", "linked.txt", "made", "moved.txt", "sub"]
 
 
-def test_a_namespace_cannot_be_registered_in_a_namespace(isolated_client):
+def test_a_namespace_cannot_be_registered_in_a_namespace(redoxcap_isolated_client):
     """nsmgr would hold the last reference to itself, and the handle would never close."""
     child = rt.mkns(["file"], perms=rt.PERM_ALL)
     for ns in (child, rt.getns()):
@@ -256,7 +243,7 @@ def test_a_namespace_cannot_be_registered_in_a_namespace(isolated_client):
     rt.close(child)
 
 
-def test_a_spawned_child_cannot_change_its_parents_namespace(client):
+def test_a_spawned_child_cannot_change_its_parents_namespace(redoxcap_client):
     """Issue 7 item 7: by default a child gets a fork; sharing the handle is explicit."""
     code = ("import rt\n"
             "rt.unregister(rt.getns(), 'rand')\n"
@@ -281,8 +268,8 @@ def test_a_spawned_child_cannot_change_its_parents_namespace(client):
     assert "null" not in rt.schemes()  # shared on purpose: the change is ours too
 
 
-def test_two_path_operations_are_bound_beneath_on_both_sides(isolated_client):
-    box = _beneath_dir(isolated_client, rt.O_RESOLVE_BENEATH)
+def test_two_path_operations_are_bound_beneath_on_both_sides(redoxcap_isolated_client):
+    box = _beneath_dir(redoxcap_isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)
     from rt._call import call
 
@@ -302,18 +289,18 @@ def test_two_path_operations_are_bound_beneath_on_both_sides(isolated_client):
         with pytest.raises(OSError) as info:
             call(sub, op, args)
         assert info.value.errno == errno.EXDEV, (op, args)
-    assert sorted(p.name for p in isolated_client.root.iterdir()) == ["box", "secret.txt"]
-    assert (isolated_client.root / "box/file.txt").exists()
+    assert sorted(p.name for p in redoxcap_isolated_client.root.iterdir()) == ["box", "secret.txt"]
+    assert (redoxcap_isolated_client.root / "box/file.txt").exists()
     rt.close(sub)
     rt.close(box)
 
 
-def test_a_file_scheme_never_reaches_the_host_outside_its_root(shared_client):
+def test_a_file_scheme_never_reaches_the_host_outside_its_root(redoxcap_module_client):
     """Without any flag, `..` and absolute symlinks stop at the scheme's root (the real one:
     the root namespace's `file`, so the names below are unique in the module's system)."""
-    (shared_client.root / "ok").write_text("root file")
-    os.symlink("/etc", shared_client.root / "etc_link")
-    os.symlink("../../../../../../etc/passwd", shared_client.root / "deep_out")
+    (redoxcap_module_client.root / "ok").write_text("root file")
+    os.symlink("/etc", redoxcap_module_client.root / "etc_link")
+    os.symlink("../../../../../../etc/passwd", redoxcap_module_client.root / "deep_out")
     for path in ("/../../../etc/passwd", "/etc_link/passwd", "/deep_out", "/../" * 20 + "etc/hostname"):
         with pytest.raises(FileNotFoundError):
             rt.open(path)
@@ -357,11 +344,11 @@ SANDBOX_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_a_confined_beneath_client_reaches_exactly_its_directory(shared_system, tmp_path):
-    (shared_system.root / "outside.txt").write_text("no")
-    (shared_system.root / "jail/sub").mkdir(parents=True)
-    (shared_system.root / "jail/inside.txt").write_text("yes")
-    os.symlink("../outside.txt", shared_system.root / "jail/link_out")
+def test_a_confined_beneath_client_reaches_exactly_its_directory(redoxcap_module_system, tmp_path):
+    (redoxcap_module_system.root / "outside.txt").write_text("no")
+    (redoxcap_module_system.root / "jail/sub").mkdir(parents=True)
+    (redoxcap_module_system.root / "jail/inside.txt").write_text("yes")
+    os.symlink("../outside.txt", redoxcap_module_system.root / "jail/link_out")
     host_file = tmp_path / "host.txt"
     host_file.write_text("host")
     with socket.socket() as listener, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as abstract:
@@ -371,10 +358,10 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(shared_system, 
         abstract.listen()
         script = tmp_path / "client.py"
         script.write_text(SANDBOX_CLIENT)
-        result = shared_system.run(
+        result = redoxcap_module_system.run(
             "--ns", "", "--cwd", "/jail", "--beneath", "--require-confine", "--",
             sys.executable, str(script), str(host_file), str(tmp_path / "new.txt"),
-            str(listener.getsockname()[1]), str(shared_system.state_dir / control.TOKEN_NAME),
+            str(listener.getsockname()[1]), str(redoxcap_module_system.state_dir / control.TOKEN_NAME),
             "redoxcap-test-abstract",
         )
     got = dict(line.split("=", 1) for line in result.stdout.splitlines())
@@ -401,18 +388,18 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(shared_system, 
     assert not (tmp_path / "new.txt").exists()
 
 
-def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(shared_system):
+def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(redoxcap_module_system):
     code = ("import os, tempfile\n"
             "with tempfile.NamedTemporaryFile(delete=False) as f:\n    f.write(b'x')\n"
             "print(os.environ['TMPDIR']); print(os.listdir(os.environ['TMPDIR']) != [])\n")
-    scratch, wrote = shared_system.python(code).stdout.split()
+    scratch, wrote = redoxcap_module_system.python(code).stdout.split()
     assert wrote == "True"
     assert not os.path.exists(scratch)
 
 
-def test_getcwd_does_not_lie_after_a_symlinked_chdir(isolated_client):
-    (isolated_client.root / "real/inner").mkdir(parents=True)
-    os.symlink("real/inner", isolated_client.root / "shortcut")
+def test_getcwd_does_not_lie_after_a_symlinked_chdir(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "real/inner").mkdir(parents=True)
+    os.symlink("real/inner", redoxcap_isolated_client.root / "shortcut")
     rt.chdir("/shortcut")
     assert rt.getcwd() == "/real/inner"
     rt.chdir("..")
@@ -420,8 +407,8 @@ def test_getcwd_does_not_lie_after_a_symlinked_chdir(isolated_client):
     assert rt.listdir() == ["inner"]
 
 
-def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(shared_system):
-    result = shared_system.python(
+def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(redoxcap_module_system):
+    result = redoxcap_module_system.python(
         "import rt\n"
         "for path in ('/scheme/tcp/127.0.0.1/9', '/scheme/null', '/scheme/zero', 'rand:', '/scheme/nsmgr'):\n"
         "    try:\n        rt.open(path)\n        print('reached', path)\n"
@@ -434,14 +421,14 @@ def test_a_namespace_of_file_and_uds_reaches_no_other_scheme(shared_system):
     assert lines[-1] == "['file', 'uds']"
 
 
-def test_forged_frames_cannot_name_handles_they_were_not_given(isolated_client):
+def test_forged_frames_cannot_name_handles_they_were_not_given(redoxcap_isolated_client):
     """A frame's body can claim anything; the router routes by socket, not by content."""
-    (isolated_client.root / "mine.txt").write_text("mine")
-    (isolated_client.root / "theirs.txt").write_text("theirs")
+    (redoxcap_isolated_client.root / "mine.txt").write_text("mine")
+    (redoxcap_isolated_client.root / "theirs.txt").write_text("theirs")
     theirs = rt.open("/theirs.txt")
     mine = rt.open("/mine.txt")
     with socket.socket(fileno=os.dup(mine)) as s:
-        # a scheme-side header smuggled into a isolated_client request
+        # a scheme-side header smuggled into an isolated client's request
         forged = F.SREQUEST.pack(1, 1, 0, 0, 0, 0, P.READ, 0) + P.pack([100])
         s.send(F.REQUEST.pack(P.READ, 5) + forged)
         tag, status, value = F.decode_reply(s.recv(P.MAX_FRAME))
@@ -456,7 +443,7 @@ def test_forged_frames_cannot_name_handles_they_were_not_given(isolated_client):
     rt.close(mine)
 
 
-def test_namespace_forks_never_gain_names_or_permissions(isolated_client):
+def test_namespace_forks_never_gain_names_or_permissions(redoxcap_isolated_client):
     child = rt.mkns(["file"], perms=rt.PERM_LIST)
     for names, perms, err in [
         (["file", "tcp"], None, errno.ENODEV),
@@ -540,14 +527,14 @@ ON_ITS_OWN_TERMINAL = [
 ]
 
 
-def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(shared_system):
+def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(redoxcap_module_system):
     master, slave = os.openpty()
     run = None
     try:
         tty.setraw(slave)  # FIONREAD then counts every pending byte, not only whole lines
         # `run` gets the pty as its controlling terminal, as under an interactive shell.
         run = subprocess.Popen(
-            [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(shared_system.state_dir), "run",
+            [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
              "--ns", "", "--require-confine", "--", sys.executable, "-c", TERMINAL_CLIENT],
             stdin=slave, stdout=slave, stderr=slave)
         data = Output(master).until(b" END")
@@ -594,9 +581,9 @@ SIGNALLED_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(shared_system):
+def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(redoxcap_module_system):
     run = subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(shared_system.state_dir), "run", "--require-confine", "--",
+        [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--require-confine", "--",
          sys.executable, "-c", SIGNALLED_CLIENT],
         stdout=subprocess.PIPE, start_new_session=True)
     pidfds = []
@@ -644,7 +631,7 @@ TOOL = textwrap.dedent("""
 
 
 def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_arguments(
-        shared_system, tmp_path):
+        redoxcap_module_system, tmp_path):
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh/id_rsa").write_text("PRIVATE KEY")
@@ -657,7 +644,7 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
 
     def run(*command: str) -> subprocess.CompletedProcess:
         # `cd ~ && redoxcap run ...`
-        return shared_system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
+        return redoxcap_module_system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
                           check=False)
 
     expected = "own file ok\nkey beside it EACCES\nits directory EACCES\nits argument EACCES\n"
@@ -675,7 +662,7 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
     assert result.returncode == 1 and "PermissionError" in result.stderr and not result.stdout
 
 
-def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(shared_system, tmp_path):
+def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(redoxcap_module_system, tmp_path):
     caller = {
         "PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
         "TERM": "dumb", "TZ": "UTC", "REDOXCAP_NOTE": "ours", "FOO": "foo",
@@ -684,7 +671,7 @@ def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(shared
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
 
     def client_env(*options: str) -> dict[str, str]:
-        env = json.loads(shared_system.python(dump, *options, env=caller, cwd=tmp_path).stdout)
+        env = json.loads(redoxcap_module_system.python(dump, *options, env=caller, cwd=tmp_path).stdout)
         for name in ("REDOXCAP_NS_FD", "REDOXCAP_CWD_FD"):  # set by run; rt takes them
             assert env.pop(name).isdigit()
         assert env.pop("REDOXCAP_CWD") == "/"
@@ -702,14 +689,14 @@ def test_a_confined_client_gets_a_minimal_environment_plus_what_env_names(shared
     assert got.pop("TMPDIR") != caller.get("TMPDIR")
     assert got == caller
     assert client_env("--no-confine") == caller
-    bad = shared_system.python(dump, "--env", "=x", env=caller, check=False)
+    bad = redoxcap_module_system.python(dump, "--env", "=x", env=caller, check=False)
     assert bad.returncode == 2 and "NAME or NAME=VALUE" in bad.stderr
 
 
-def test_a_confined_client_dies_with_a_killed_run(shared_system):
+def test_a_confined_client_dies_with_a_killed_run(redoxcap_module_system):
     # Out of the terminal's session, no hangup would end it: run's death must.
     run = subprocess.Popen(
-        [*REDOXCAP, "--state-dir", str(shared_system.state_dir), "run", "--require-confine", "--",
+        [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--require-confine", "--",
          sys.executable, "-c", "import os, signal; print(os.getpid(), flush=True); signal.pause()"],
         stdout=subprocess.PIPE, start_new_session=True)
     pidfd = None
@@ -731,7 +718,7 @@ def test_a_confined_client_dies_with_a_killed_run(shared_system):
         run.stdout.close()
 
 
-def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(shared_system, tmp_path):
+def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(redoxcap_module_system, tmp_path):
     # A client that can write where `run` is later started from must not get code run unconfined.
     planted = tmp_path / "planted"
     (planted / "redoxcap/sandbox").mkdir(parents=True)
@@ -740,7 +727,7 @@ def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(shared_system
     for module in ("__init__.py", "__main__.py"):
         (planted / "redoxcap/sandbox" / module).write_text(f"open({str(marker)!r}, 'w').close()\n")
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(shared_system.state_dir), "run",
+        [sys.executable, "-P", "-m", "redoxcap", "--state-dir", str(redoxcap_module_system.state_dir), "run",
          "--require-confine", "--", sys.executable, "-c", "print('client ran')"],
         cwd=planted, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr

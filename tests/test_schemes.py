@@ -1,8 +1,8 @@
 """The schemes beside files, through the real processes: clients run by `redoxcap run` or rt.
 
 Clients that only use the schemes share the module's one system: those run by
-`redoxcap run` use names of their own in it (`shared_system`), those in this
-process a namespace of their own (`isolated_client`). Tests that count every
+`redoxcap run` use names of their own in it (`redoxcap_module_system`), those in this
+process a namespace of their own (`redoxcap_isolated_client`). Tests that count every
 handle a scheme holds, or mount directories, boot a system of their own.
 """
 
@@ -29,25 +29,25 @@ def start_client(system: System, *args: str, options: tuple[str, ...] = ()) -> s
     return system.start("run", *options, "--", sys.executable, *args)
 
 
-def test_tcp_echo_between_two_clients(shared_system):
-    server = start_client(shared_system, str(EXAMPLES / "tcp_echo.py"), "server")
+def test_tcp_echo_between_two_clients(redoxcap_module_system):
+    server = start_client(redoxcap_module_system, str(EXAMPLES / "tcp_echo.py"), "server")
     try:
         line = server.stdout.readline()
         assert line.startswith("listening on "), server.stderr.read()
         port = line.split()[-1]
-        result = shared_system.run("--", sys.executable, str(EXAMPLES / "tcp_echo.py"), "client", port, "ping pong")
+        result = redoxcap_module_system.run("--", sys.executable, str(EXAMPLES / "tcp_echo.py"), "client", port, "ping pong")
         assert result.stdout.strip() == "echoed: ping pong"
     finally:
         finish(server)
 
 
-def test_uds_echo_with_a_capability_passed_across(shared_system):
+def test_uds_echo_with_a_capability_passed_across(redoxcap_module_system):
     # two runs reach each other only through a uds scope they both name
-    server = start_client(shared_system, str(EXAMPLES / "uds_echo.py"), "server", "echo1",
+    server = start_client(redoxcap_module_system, str(EXAMPLES / "uds_echo.py"), "server", "echo1",
                           options=("--uds-scope", "demo"))
     try:
         assert server.stdout.readline() == "listening\n"
-        result = shared_system.run("--uds-scope", "demo", "--", sys.executable, str(EXAMPLES / "uds_echo.py"),
+        result = redoxcap_module_system.run("--uds-scope", "demo", "--", sys.executable, str(EXAMPLES / "uds_echo.py"),
                             "client", "echo1", "hi there")
         assert result.stdout.strip() == "echoed: hi there"
     finally:
@@ -55,8 +55,8 @@ def test_uds_echo_with_a_capability_passed_across(shared_system):
     assert "received a capability for /scheme/file/shared.txt holding: a file only the client opened" in out
 
 
-def test_a_namespace_without_tcp_fails_with_enodev(shared_system):
-    result = shared_system.run("--ns", "file,uds", "--", sys.executable, str(EXAMPLES / "no_tcp.py"))
+def test_a_namespace_without_tcp_fails_with_enodev(redoxcap_module_system):
+    result = redoxcap_module_system.run("--ns", "file,uds", "--", sys.executable, str(EXAMPLES / "no_tcp.py"))
     assert result.stdout.splitlines() == [
         "my schemes: ['file', 'uds']",
         "/scheme/tcp/127.0.0.1/80 -> ENODEV",
@@ -65,7 +65,7 @@ def test_a_namespace_without_tcp_fails_with_enodev(shared_system):
     ]
 
 
-def test_a_pipe_between_a_client_and_a_child_it_spawns(shared_system):
+def test_a_pipe_between_a_client_and_a_child_it_spawns(redoxcap_module_system):
     code = (
         "import rt, sys\n"
         "r, w = rt.pipe()\n"
@@ -83,18 +83,18 @@ def test_a_pipe_between_a_client_and_a_child_it_spawns(shared_system):
         "    try:\n        rt.write(w2, b'x'); time.sleep(0.01)\n"
         "    except BrokenPipeError:\n        print('EPIPE'); break\n"
     )
-    assert shared_system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
+    assert redoxcap_module_system.python(code).stdout == "line 0\nline 1\nline 2\nEPIPE\n"
 
 
-def test_a_client_can_provide_a_scheme_of_its_own(shared_system):
-    result = shared_system.run("--", sys.executable, str(EXAMPLES / "user_scheme.py"))
+def test_a_client_can_provide_a_scheme_of_its_own(redoxcap_module_system):
+    result = redoxcap_module_system.run("--", sys.executable, str(EXAMPLES / "user_scheme.py"))
     lines = result.stdout.splitlines()
     assert lines[0].startswith("child read: hello, world (asked by pid ")
     assert lines[1] == "child exited with 0"
-    assert "greeting" not in shared_system.python("import rt; print(rt.schemes())").stdout  # only in its fork
+    assert "greeting" not in redoxcap_module_system.python("import rt; print(rt.schemes())").stdout  # only in its fork
 
 
-def test_creating_a_scheme_needs_scheme_create_and_a_free_name(isolated_client):
+def test_creating_a_scheme_needs_scheme_create_and_a_free_name(redoxcap_isolated_client):
     with pytest.raises(FileExistsError):
         rt.mkscheme("file")
     with pytest.raises(OSError) as info:
@@ -106,7 +106,7 @@ def test_creating_a_scheme_needs_scheme_create_and_a_free_name(isolated_client):
     rt.close(narrowed)
 
 
-def test_zero_rand_and_null(isolated_client):
+def test_zero_rand_and_null(redoxcap_isolated_client):
     zero, rand, null = rt.open("/scheme/zero"), rt.open("rand:"), rt.open("/scheme/null", rt.O_RDWR)
     assert rt.read(zero, 1000) == bytes(1000)
     a, b = rt.read(rand, 64), rt.read(rand, 64)
@@ -116,7 +116,7 @@ def test_zero_rand_and_null(isolated_client):
         rt.close(fd)
 
 
-def test_schemes_without_resolve_beneath_refuse_the_flag(isolated_client):
+def test_schemes_without_resolve_beneath_refuse_the_flag(redoxcap_isolated_client):
     for path in ("/scheme/zero", "/scheme/pipe", "/scheme/uds/x", "/scheme/tcp/127.0.0.1/0"):
         for flag in (rt.O_RESOLVE_BENEATH, rt.O_RESOLVE_IN_ROOT):
             with pytest.raises(OSError) as info:
@@ -124,7 +124,7 @@ def test_schemes_without_resolve_beneath_refuse_the_flag(isolated_client):
             assert info.value.errno == errno.EINVAL, path
 
 
-def test_udp_echo(isolated_client):
+def test_udp_echo(redoxcap_isolated_client):
     server = rt.open("/scheme/udp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     port = int(rt.fpath(server).rsplit("/", 1)[1])
     with pytest.raises(OSError) as info:
@@ -145,7 +145,7 @@ def test_udp_echo(isolated_client):
     rt.close(server)
 
 
-def test_tcp_errors_are_errnos(isolated_client):
+def test_tcp_errors_are_errnos(redoxcap_isolated_client):
     with socket.socket() as unused:  # a port nobody listens on (a close in a scheme is asynchronous)
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
@@ -160,7 +160,7 @@ def test_tcp_errors_are_errnos(isolated_client):
         assert info.value.errno == err, path
 
 
-def test_a_blocked_accept_does_not_stall_other_clients(isolated_client):
+def test_a_blocked_accept_does_not_stall_other_clients(redoxcap_isolated_client):
     listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
     theirs = rt.clone(listener)  # never share one capability socket between two processes
     waiter = rt.spawn([sys.executable, "-c", "import rt, sys; rt.dup(int(sys.argv[1]), b'accept')",
@@ -178,24 +178,24 @@ def test_a_blocked_accept_does_not_stall_other_clients(isolated_client):
     rt.close(listener)
 
 
-def test_the_log_scheme_writes_lines_with_the_writers_pid(shared_system):
+def test_the_log_scheme_writes_lines_with_the_writers_pid(redoxcap_module_system):
     code = "import os, rt\nfd = rt.open('/scheme/log/demo', rt.O_WRONLY)\n" \
            "rt.write(fd, b'first line\\nsecond ')\nrt.write(fd, b'line\\n')\nprint(os.getpid())\n"
-    pid = shared_system.python(code).stdout.strip()
-    log = wait_for(lambda: "second line" in shared_system.log() and shared_system.log())
+    pid = redoxcap_module_system.python(code).stdout.strip()
+    log = wait_for(lambda: "second line" in redoxcap_module_system.log() and redoxcap_module_system.log())
     assert f"log[{pid}] demo: first line" in log
     assert f"log[{pid}] demo: second line" in log
 
 
-def test_a_client_killed_mid_operation_leaks_nothing(system):
+def test_a_client_killed_mid_operation_leaks_nothing(redoxcap_system):
     def handles():
         """Each scheme's own count of open handles (None while a scheme is slow to answer)."""
-        counts = {d["name"]: d["scheme_handles"] for d in system.status()["daemons"] if d["name"] in
+        counts = {d["name"]: d["scheme_handles"] for d in redoxcap_system.status()["daemons"] if d["name"] in
                   ("tcp", "pipe", "uds")}
         return counts if None not in counts.values() else None
 
     baseline = wait_for(handles)
-    holder = start_client(system, "-c",
+    holder = start_client(redoxcap_system, "-c",
                           "import rt, sys\n"
                           "l = rt.open('/scheme/tcp/127.0.0.1/0', rt.O_CREAT|rt.O_RDWR)\n"
                           "u = rt.open('/scheme/uds/held', rt.O_CREAT|rt.O_RDWR)\n"
@@ -211,7 +211,7 @@ def test_a_client_killed_mid_operation_leaks_nothing(system):
         os.killpg(holder.pid, signal.SIGKILL)
         holder.communicate()
     wait_for(lambda: handles() == baseline)
-    again = system.python("import rt; rt.close(rt.open('/scheme/uds/held', rt.O_CREAT))",
+    again = redoxcap_system.python("import rt; rt.close(rt.open('/scheme/uds/held', rt.O_CREAT))",
                           "--uds-scope", "system")
     assert again.returncode == 0  # the name was freed with the dead listener
 
@@ -235,14 +235,14 @@ def test_a_read_only_mount_refuses_writes(tmp_path):
         assert info["module"] == "schemes.file" and "--read-only" in info["args"]
 
 
-def test_run_mount_adds_a_writable_mount_to_a_running_system(system, tmp_path):
+def test_run_mount_adds_a_writable_mount_to_a_running_system(redoxcap_system, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    result = system.python("import rt; rt.open_file('/scheme/data/out.txt', 'w').write('x'); print(rt.fpath(rt.open('data:out.txt')))",
+    result = redoxcap_system.python("import rt; rt.open_file('/scheme/data/out.txt', 'w').write('x'); print(rt.fpath(rt.open('data:out.txt')))",
                            "--mount", f"data={data}")
     assert result.stdout.strip() == "/scheme/data/out.txt"
     assert (data / "out.txt").read_text() == "x"
-    bad = system.python("pass", "--mount", "data=/nonexistent-dir", check=False)
+    bad = redoxcap_system.python("pass", "--mount", "data=/nonexistent-dir", check=False)
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
 
 

@@ -73,27 +73,27 @@ def test_filters_and_json():
     assert len(lines) == 2  # the nsmgr call is kept: a call to file was made for it
 
 
-def test_run_trace_writes_the_commands_calls_to_a_file(shared_system, tmp_path):
+def test_run_trace_writes_the_commands_calls_to_a_file(redoxcap_module_system, tmp_path):
     out = tmp_path / "trace.txt"
     code = ("import rt\n"
             "rt.mkdir('/traced')\n"
             "try:\n    rt.open('/traced/missing')\nexcept FileNotFoundError:\n    pass\n")
-    shared_system.run(f"--trace={out}", "--", sys.executable, "-c", code)
+    redoxcap_module_system.run(f"--trace={out}", "--", sys.executable, "-c", code)
     text = out.read_text()
     assert "MKDIRAT    /scheme/file/traced -> ok" in text
     assert "  " in text and "file    MKDIRAT    traced -> ok" in text  # nsmgr's call, indented
     assert "/scheme/file/traced/missing -> ENOENT" in text
 
 
-def test_the_trace_command_streams_json_while_clients_run(shared_system):
-    tracer = subprocess.Popen([*REDOXCAP, "--state-dir", str(shared_system.state_dir), "trace",
+def test_the_trace_command_streams_json_while_clients_run(redoxcap_module_system):
+    tracer = subprocess.Popen([*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "trace",
                                "--json", "--scheme", "file"],
                               stdout=subprocess.PIPE, text=True)
     try:
         seen: list[dict] = []
 
         def traced() -> bool:
-            shared_system.python("import rt; rt.listdir('/')")
+            redoxcap_module_system.python("import rt; rt.listdir('/')")
             return any(r["op"] == "GETDENTS" for r in seen)
 
         import threading

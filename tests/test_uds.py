@@ -39,26 +39,26 @@ def listening(proc: subprocess.Popen) -> None:
     assert line == "listening\n", line + proc.stderr.read()
 
 
-def test_sandboxes_with_their_own_scopes_cannot_reach_each_other(shared_system):
-    first = start_run(shared_system, listen_until_stdin_closes("meet"), "--ns", "uds")
+def test_sandboxes_with_their_own_scopes_cannot_reach_each_other(redoxcap_module_system):
+    first = start_run(redoxcap_module_system, listen_until_stdin_closes("meet"), "--ns", "uds")
     try:
         listening(first)
-        second = shared_system.python(connect("meet"), "--ns", "uds")
+        second = redoxcap_module_system.python(connect("meet"), "--ns", "uds")
         assert second.stdout.strip() == str(errno.ECONNREFUSED)
         # nor does the name clash: the second sandbox listens on it in its own scope
-        again = shared_system.python(listen_until_stdin_closes("meet"), "--ns", "uds", input="")
+        again = redoxcap_module_system.python(listen_until_stdin_closes("meet"), "--ns", "uds", input="")
         assert again.stdout == "listening\n"
     finally:
         finish(first)
 
 
-def test_a_sandbox_cannot_squat_the_name_of_a_system_service(shared_client):
+def test_a_sandbox_cannot_squat_the_name_of_a_system_service(redoxcap_module_client):
     service = rt.open("/scheme/uds/svc", rt.O_CREAT | rt.O_RDWR)  # in the system scope
-    squatter = start_run(shared_client, listen_until_stdin_closes("svc"), "--ns", "uds")
+    squatter = start_run(redoxcap_module_client, listen_until_stdin_closes("svc"), "--ns", "uds")
     try:
         listening(squatter)  # its own scope: no EADDRINUSE, and no clients of ours
         for _ in range(2):
-            client = start_run(shared_client,
+            client = start_run(redoxcap_module_client,
                                "import rt; c = rt.open('/scheme/uds/svc', rt.O_RDWR)\n"
                                "rt.write(c, b'secret'); print(rt.read(c, 10).decode())",
                                "--ns", "uds", "--uds-scope", "system")
@@ -72,23 +72,23 @@ def test_a_sandbox_cannot_squat_the_name_of_a_system_service(shared_client):
         rt.close(service)
 
 
-def test_runs_that_name_one_scope_share_it(shared_system):
-    server = start_run(shared_system, listen_until_stdin_closes("meet"), "--ns", "uds", "--uds-scope", "team")
+def test_runs_that_name_one_scope_share_it(redoxcap_module_system):
+    server = start_run(redoxcap_module_system, listen_until_stdin_closes("meet"), "--ns", "uds", "--uds-scope", "team")
     try:
         listening(server)
-        same = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "team")
+        same = redoxcap_module_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "team")
         assert same.stdout.strip() == "connected"
-        other = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "other")
+        other = redoxcap_module_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "other")
         assert other.stdout.strip() == str(errno.ECONNREFUSED)
-        system = shared_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "system")
+        system = redoxcap_module_system.python(connect("meet"), "--ns", "uds", "--uds-scope", "system")
         assert system.stdout.strip() == str(errno.ECONNREFUSED)
     finally:
         finish(server)
-    bad = shared_system.python("pass", "--uds-scope", "a/b", check=False)
+    bad = redoxcap_module_system.python("pass", "--uds-scope", "a/b", check=False)
     assert bad.returncode == 2 and "--uds-scope a/b" in bad.stderr
 
 
-def test_rt_uds_scope_and_what_each_handle_answers(shared_client):
+def test_rt_uds_scope_and_what_each_handle_answers(redoxcap_module_client):
     private = rt.uds_scope()
     team = rt.uds_scope("team-rt")
     system_scope = rt.open("/scheme/uds", rt.O_DIRECTORY)
@@ -114,14 +114,14 @@ def test_rt_uds_scope_and_what_each_handle_answers(shared_client):
         rt.close(fd)
 
 
-def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(shared_system):
+def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(redoxcap_module_system):
     def counts() -> dict[str, tuple[int, int | None]]:
         """Open fds of the kernel and uds daemons, and uds's count of its handles."""
         return {d["name"]: (len(os.listdir(f"/proc/{d['pid']}/fd")), d.get("scheme_handles"))
-                for d in shared_system.status()["daemons"] if d["name"] in ("kernel", "uds")}
+                for d in redoxcap_module_system.status()["daemons"] if d["name"] in ("kernel", "uds")}
 
     before = wait_for(lambda: counts()["uds"][1] is not None and counts())
-    result = shared_system.python(
+    result = redoxcap_module_system.python(
         "import errno, rt\n"
         "refused = 0\n"
         "for i in range(200):  # a name per pair: a close reaches the scheme a moment later\n"
@@ -145,10 +145,10 @@ def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(shared_system)
         raise AssertionError(f"before {before}, after {counts()}") from None
 
 
-def test_only_directories_and_scheme_roots_become_namespace_entries(shared_client):
+def test_only_directories_and_scheme_roots_become_namespace_entries(redoxcap_module_client):
     """A connection in a namespace could hold the very namespace its queue holds (a
     cycle across uds and nsmgr that neither daemon could ever close): nsmgr refuses it."""
-    (shared_client.root / "plain.txt").write_text("x")
+    (redoxcap_module_client.root / "plain.txt").write_text("x")
     listener = rt.open("/scheme/uds/entries", rt.O_CREAT | rt.O_RDWR)
     conn = rt.open("/scheme/uds/entries", rt.O_RDWR)
     accepted = rt.dup(listener, b"accept")

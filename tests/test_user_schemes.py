@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from redoxcap.config import ConfigError, UserScheme, configure, load
-from redoxcap.testing import booted
+from redoxcap.exits import EXIT_BOOT_FAILED
+from redoxcap.testing import booted, redoxcap
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -156,6 +157,27 @@ cwd = "{EXAMPLES}"
         echo = system.daemon("echo")
         assert echo["pid"] not in (None, before["echo"]["pid"]) and echo["restarts"] == 1
         assert system.daemon("shout")["restarts"] == 0
+
+
+@pytest.mark.parametrize("table, error", [
+    ('module = "no_such_daemon_module"', "No module named no_such_daemon_module"),
+    ('command = ["sh", "-c", "echo no device here >&2; exit 3"]', "no device here"),
+], ids=["module", "command"])
+@pytest.mark.parametrize("boot", [("up", "--detach"), ("run",)], ids=["up", "run"])
+def test_a_daemon_that_cannot_start_ends_the_boot_in_a_few_lines_naming_it(tmp_path, table, error,
+                                                                           boot):
+    config = write(tmp_path, f"[scheme.broken]\n{table}\n")
+    (tmp_path / "root").mkdir()
+    command = ("--", sys.executable, "-c", "print('ran')") if boot == ("run",) else ()
+    proc = redoxcap(tmp_path / "state", *boot, "--config", str(config), "--root",
+                    str(tmp_path / "root"), *command, check=False)
+    assert proc.returncode == EXIT_BOOT_FAILED, proc.stderr
+    assert "scheme broken" in proc.stderr and error in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "restarting" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 8, proc.stderr
+    assert proc.stdout == ""
+    state = tmp_path / "state"  # `run` booted a private system elsewhere
+    assert not state.exists() or [p.name for p in state.iterdir()] == ["supervisor.log"]
 
 
 def test_the_readme_example_config_loads():

@@ -69,6 +69,8 @@ class Channel:
         except BlockingIOError:
             self._unyielded = 0
             return None
+        except ConnectionResetError:  # the peer closed with frames of ours unread: gone, as at EOF
+            return b"", [], 0, None
         fds, cred = P.parse_ancillary(anc)
         return data, fds, flags, cred
 
@@ -76,8 +78,8 @@ class Channel:
         """Receive one frame.
 
         Returns:
-            (data, fds, msg flags, (pid, uid, gid) or None); b"" and no fds is EOF.
-            The caller owns the fds.
+            (data, fds, msg flags, (pid, uid, gid) or None); b"" and no fds is EOF
+            (also when the peer reset the connection). The caller owns the fds.
 
         Raises:
             trio.ClosedResourceError: the channel was closed meanwhile.

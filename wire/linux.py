@@ -1,9 +1,12 @@
-"""The Linux calls Python's os module lacks, in one place: raw syscall(2), prctl(2), openat2(2).
+"""What Python's os and socket modules lack of Linux, in one place: calls, constants, layouts.
 
-Every ctypes call into libc in the project goes through here, so that the
-syscall numbers, the errno handling and the one libc handle live once; the
-sandbox (Landlock, seccomp, capabilities) and the file scheme (openat2) call
-these. x86_64 and aarch64 are supported; elsewhere `syscall` raises ENOSYS.
+Every ctypes call into libc in the project goes through here (raw syscall(2),
+prctl(2), openat2(2), ioctl(2)), so that the syscall numbers, the errno
+handling and the one libc handle live once; so do the constants and struct
+layouts of Linux's headers that os and socket do not define (AT_*, RESOLVE_*,
+seccomp and BPF, struct ucred), and `identity`, which tells one socket or file
+from another. The sandbox, the broker, the router and the file scheme use
+these; x86_64 and aarch64 are supported, elsewhere `syscall` raises ENOSYS.
 """
 
 from __future__ import annotations
@@ -171,9 +174,43 @@ SYSCALLS: dict[str, dict[str, int]] = {
 }
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
 
+# linux/fcntl.h: the flags of the *at calls
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_REMOVEDIR = 0x200
+AT_EACCESS = 0x200  # faccessat's flag: the same bit as AT_REMOVEDIR, for another call
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1  # renameat2
+
+# linux/openat2.h
+RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
+RESOLVE_CACHED = 0x20
+OPEN_HOW = struct.Struct("QQQ")  # struct open_how: flags, mode, resolve
+# Linux's O_LARGEFILE bit per machine (os.O_LARGEFILE is 0 on 64-bit machines; programs pass it)
+O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
+
+# linux/limits.h and fs/namei.c
+PATH_MAX = 4096  # bytes of a path, with the terminating NUL
+MAXSYMLINKS = 40  # symlinks followed in one lookup
+
+# dirent.h: d_type; linux/stat.h: the statx mask of what struct stat holds
+DT_UNKNOWN, DT_DIR, DT_REG, DT_LNK = 0, 4, 8, 10
+STATX_BASIC_STATS = 0x7FF
+
+# linux/sched.h: clone(2) flags; CLONE_NEW_NAMESPACES is every CLONE_NEW* bit (NEWNS NEWCGROUP
+# NEWUTS NEWIPC NEWUSER NEWPID NEWNET NEWTIME), CLONE_THREAD makes a thread, not a process
+CLONE_THREAD = 0x0001_0000
+CLONE_NEW_NAMESPACES = 0x7E02_0080
+
+# linux/net.h: a socket(2) type without SOCK_NONBLOCK and SOCK_CLOEXEC
+SOCK_TYPE_MASK = 0xF
+
+# struct ucred: what SO_PEERCRED and SCM_CREDENTIALS carry
+UCRED = struct.Struct("iII")  # pid, uid, gid
 
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1
@@ -186,6 +223,15 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # linux/seccomp.h
 SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_DATA = 0x0000_FFFF  # the errno (or data) part of a return value
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6].
+# The args offsets are their low 32 bits on little-endian machines.
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARG0, SECCOMP_DATA_ARG1 = 0, 4, 16, 24
+
+# linux/bpf_common.h: the classic BPF opcodes a seccomp filter is made of
+BPF_LD, BPF_ALU, BPF_JMP, BPF_RET = 0x00, 0x04, 0x05, 0x06
+BPF_W, BPF_ABS, BPF_K = 0x00, 0x20, 0x00
+BPF_JA, BPF_AND, BPF_JEQ, BPF_JGE, BPF_JSET = 0x00, 0x50, 0x10, 0x30, 0x40
 
 # linux/seccomp.h: filters that hand a syscall to a supervising process (the broker)
 SECCOMP_SET_MODE_FILTER = 1
@@ -212,10 +258,6 @@ X32_SYSCALL_BIT = 0x4000_0000  # x86_64: x32 calls share AUDIT_ARCH_X86_64
 
 # Arguments the seccomp allow-list checks (redoxcap/sandbox/syscalls.py). The kernel reads each
 # of them as a 32-bit int, so the filters compare the low word of the argument.
-# linux/sched.h: clone(2) flags that make a new namespace (a user namespace grants mount rights
-# in it), and the one that makes a thread rather than a process.
-CLONE_NEW_NAMESPACES = 0x7E02_0080  # NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET NEWTIME
-CLONE_THREAD = 0x0001_0000
 # sys/resource.h, linux/ioprio.h, linux/personality.h
 PRIO_PROCESS = 0
 IOPRIO_WHO_PROCESS = 1
@@ -272,7 +314,6 @@ IOCTLS = {
 }
 # sys/socket.h
 AF_UNIX = 1
-SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
 SOCK_STREAM = 1
 SOCK_SEQPACKET = 5
 # sys/resource.h
@@ -281,6 +322,16 @@ RLIMIT_CORE = 4
 SyscallArg = int | bytes | bytearray | ctypes.c_void_p | ctypes.c_int | None
 
 _libc: ctypes.CDLL | None = None
+
+
+def identity(st: os.stat_result) -> int:
+    """What tells one socket or file from every other: its inode and its filesystem, in one int.
+
+    Both, or a file on another filesystem with the same inode number could pose
+    as it; one int, because a tuple of two costs each of the router's
+    capabilities 0.1 KiB more.
+    """
+    return st.st_dev << 64 | st.st_ino
 
 
 def machine() -> str | None:
@@ -387,7 +438,7 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     Raises:
         OSError: Linux's errno; ENOSYS where this machine has no openat2.
     """
-    how = struct.pack("QQQ", flags, mode if flags & os.O_CREAT else 0, resolve)
+    how = OPEN_HOW.pack(flags, mode if flags & os.O_CREAT else 0, resolve)
     try:
         return syscall("openat2", ctypes.c_int(dirfd), os.fsencode(path), how, len(how))
     except OSError as exc:

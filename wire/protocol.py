@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from wire.linux import AT_REMOVEDIR, UCRED  # noqa: F401 - AT_REMOVEDIR, re-exported (UNLINKAT's flag)
 from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
     DUP,
     FPATH,
@@ -90,14 +91,13 @@ SCHEME_OPS: dict[int, tuple[str, tuple[tuple[type, ...], ...]]] = {
 }
 
 # -- flags ---------------------------------------------------------------------
-# Open flags are Linux's; these three use bits Linux leaves free.
+# Open flags and UNLINKAT's AT_REMOVEDIR are Linux's; these three use bits Linux leaves free.
 
 O_RESOLVE_BENEATH = 0x1000_0000
 O_RESOLVE_IN_ROOT = 0x2000_0000
 # Ask for a host fd instead of a capability where the scheme can give one with the same
 # semantics (the file scheme: a regular file, opened with exactly the access asked for).
 O_PASSTHROUGH = 0x0800_0000
-AT_REMOVEDIR = 0x200  # as Linux
 
 # Namespace permissions (after Redox's nsmgr).
 PERM_LIST = 1
@@ -167,7 +167,7 @@ def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[list[int], t
             usable = len(data) - len(data) % 4
             fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
         elif kind == socket.SCM_CREDENTIALS and len(data) >= 12:
-            cred = struct.unpack_from("iII", data)
+            cred = UCRED.unpack_from(data)
     return fds, cred
 
 

@@ -33,30 +33,32 @@ from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
 from redoxcap.broker.pump import Pumps
 from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
-from redoxcap.broker.structs import DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
+from redoxcap.broker.structs import pack_dirents, pack_stat, pack_statx
 from redoxcap.sandbox.syscalls import brokered_names
 from rt._call import call_fd, call_value, forget
 from rt._paths import SCHEME_ROOT, split_namespace_path, to_namespace_path
 from wire import linux
 from wire import protocol as P
+from wire.linux import (
+    AT_EMPTY_PATH,
+    AT_FDCWD,
+    AT_REMOVEDIR,
+    AT_SYMLINK_NOFOLLOW,
+    DT_UNKNOWN,
+    O_LARGEFILE,
+    OPEN_HOW,
+    RENAME_NOREPLACE,
+    RESOLVE_BENEATH,
+    RESOLVE_CACHED,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+)
 from wire.stat import Stat
 
 
 def _error(err: int) -> OSError:
     """An OSError whose errno is err (OSError(err) alone leaves errno None: EIO to the program)."""
     return OSError(err, os.strerror(err))
-
-
-AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
-AT_REMOVEDIR = 0x200
-AT_EACCESS = 0x200
-AT_EMPTY_PATH = 0x1000
-RENAME_NOREPLACE = 1
-RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x01, 0x02, 0x04
-RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_CACHED = 0x08, 0x10, 0x20
-_O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
-_OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
 
 
 _FILE_ROOT = to_namespace_path("/")
@@ -123,10 +125,6 @@ def _int(value: int) -> int:
     return value - (1 << 32) if value & 0x8000_0000 else value
 
 
-def _identity(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
-
-
 class Syscalls:
     """The handlers, one method per syscall, and what they share."""
 
@@ -148,7 +146,7 @@ class Syscalls:
         self.passthrough = passthrough
         self.caps = CapabilityTable()
         self.pumps = Pumps()
-        self.o_largefile = _O_LARGEFILE.get(machine, 0)
+        self.o_largefile = O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
         self.table: dict[int, Callable[[Call], Any]] = {
             names[name]: getattr(self, name) for name in brokered_names() if name in names
@@ -185,7 +183,7 @@ class Syscalls:
         kept = False
         try:
             st = os.fstat(dup)
-            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+            if stat.S_ISSOCK(st.st_mode) and linux.identity(st) in self.caps:
                 kept = True
                 return dup, "", False, dup
             if stat.S_ISDIR(st.st_mode):
@@ -268,7 +266,7 @@ class Syscalls:
         dup = self.target_fd(call, fd)
         try:
             st = os.fstat(dup)
-            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+            if stat.S_ISSOCK(st.st_mode) and linux.identity(st) in self.caps:
                 return self.status_of_capability(dup)
             return st
         finally:
@@ -324,7 +322,7 @@ class Syscalls:
                 is_dir = False
             if not is_dir:
                 return self.pumps.start(fd, flags)
-        self.caps.add(_identity(st))
+        self.caps.add(linux.identity(st))
         return fd
 
     def open(self, call: Call) -> Install:
@@ -341,12 +339,12 @@ class Syscalls:
     def openat2(self, call: Call) -> Install:
         a = call.args
         size = a[3]
-        if size < _OPEN_HOW:
+        if size < OPEN_HOW.size:
             raise OSError(errno.EINVAL, "struct open_how too small")
         if size > 4096:
             raise OSError(errno.E2BIG, "struct open_how too large")
         raw = call.mem.read(a[2], size)
-        if any(raw[_OPEN_HOW:]):
+        if any(raw[OPEN_HOW.size:]):
             raise OSError(errno.E2BIG, "unknown open_how fields")
         flags = int.from_bytes(raw[0:8], "little")
         mode = int.from_bytes(raw[8:16], "little")
@@ -441,7 +439,7 @@ class Syscalls:
         fd, buf, size = _int(call.args[0]), call.args[1], call.args[2] & 0xFFFF_FFFF
         dup = self.target_fd(call, fd)
         try:
-            identity = _identity(os.fstat(dup))
+            identity = linux.identity(os.fstat(dup))
             if identity not in self.caps:
                 return PROCEED
             start = self.caps.position(identity)
@@ -524,7 +522,7 @@ class Syscalls:
         dup: int | None = self.target_fd(call, _int(call.args[0]))
         try:
             st = os.fstat(dup)
-            if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
+            if stat.S_ISSOCK(st.st_mode) and linux.identity(st) in self.caps:
                 if not stat.S_ISDIR(self.status_of_capability(dup).st_mode):
                     raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
                 new_fd = call_fd(dup, P.CLONE)  # the broker's own: the target may close or use its fd

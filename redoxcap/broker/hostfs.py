@@ -33,10 +33,7 @@ import stat
 from collections import deque
 from collections.abc import Iterable
 
-from wire.linux import RESOLVE_NO_MAGICLINKS, openat2
-
-RESOLVE_NO_SYMLINKS = 0x04
-MAX_LINKS = 40
+from wire.linux import MAXSYMLINKS, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
 
 DEFAULT_TREES = (
     "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin",
@@ -114,7 +111,7 @@ class HostTrees:
             last = not todo
             if stat.S_ISLNK(st.st_mode) and (not last or follow or must_be_dir):
                 links += 1
-                if links > MAX_LINKS:
+                if links > MAXSYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
                 body = os.readlink(real)
                 if body.startswith("/"):

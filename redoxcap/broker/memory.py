@@ -12,8 +12,9 @@ import errno
 import os
 from typing import Self
 
+from wire.linux import PATH_MAX
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PATH_MAX = 4096  # bytes with the NUL, as Linux
 
 
 class Memory:

@@ -6,7 +6,7 @@ kernel's cwd of a target never changes and stands for nothing), and the fd
 table stays Linux's: the broker installs capabilities in it with ADDFD and,
 when a call names an fd, looks at what is behind that number right now
 (pidfd_getfd), so dup, dup2, fork, close and close-on-exec need no tracking.
-A capability is recognised by the identity (st_dev, st_ino) of its socket,
+A capability is recognised by the identity of its socket (wire.linux.identity),
 recorded when the broker installed it.
 
 Threads share their process's state (Linux's CLONE_FS); a new process
@@ -158,19 +158,19 @@ class CapabilityTable:
     position for getdents (shared by every fd of the same open socket, as Linux's offset)."""
 
     def __init__(self) -> None:
-        self._positions: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._positions: OrderedDict[int, int] = OrderedDict()
 
-    def add(self, identity: tuple[int, int]) -> None:
+    def add(self, identity: int) -> None:
         self._positions[identity] = 0
         self._positions.move_to_end(identity)
         if len(self._positions) > MAX_CAPABILITIES:
             self._positions.popitem(last=False)
 
-    def __contains__(self, identity: tuple[int, int]) -> bool:
+    def __contains__(self, identity: int) -> bool:
         return identity in self._positions
 
-    def position(self, identity: tuple[int, int]) -> int:
+    def position(self, identity: int) -> int:
         return self._positions[identity]
 
-    def advance(self, identity: tuple[int, int], position: int) -> None:
+    def advance(self, identity: int, position: int) -> None:
         self._positions[identity] = position

@@ -13,12 +13,12 @@ import struct
 import zlib
 from typing import Any
 
+from wire.linux import STATX_BASIC_STATS
+
 _STAT_X86_64 = struct.Struct("=QQQIIIiQqqqqqqqqq24x")  # 144 bytes
 _STAT_GENERIC = struct.Struct("=QQIIIIQQqi4xqqQqQqQ8x")  # 128 bytes
 _STATX = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII" + "112x")  # 256 bytes
 _DIRENT_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
-STATX_BASIC_STATS = 0x7FF
-DT_UNKNOWN = 0
 _NS = 1_000_000_000
 
 

@@ -22,24 +22,21 @@ from collections.abc import Sequence
 from redoxcap.sandbox import syscalls as S
 from wire import linux
 
-# linux/bpf_common.h
-BPF_LD_W_ABS = 0x00 | 0x00 | 0x20
-BPF_ALU_AND_K = 0x04 | 0x50
-BPF_JA = 0x05 | 0x00
-BPF_JEQ_K = 0x05 | 0x10
-BPF_JGE_K = 0x05 | 0x30
-BPF_JSET_K = 0x05 | 0x40
-BPF_RET_K = 0x06
-# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
-DATA_NR, DATA_ARCH = 0, 4
+# the instructions the compiler emits (linux/bpf_common.h)
+BPF_LD_W_ABS = linux.BPF_LD | linux.BPF_W | linux.BPF_ABS
+BPF_ALU_AND_K = linux.BPF_ALU | linux.BPF_AND | linux.BPF_K
+BPF_JA = linux.BPF_JMP | linux.BPF_JA
+BPF_JEQ_K = linux.BPF_JMP | linux.BPF_JEQ | linux.BPF_K
+BPF_JGE_K = linux.BPF_JMP | linux.BPF_JGE | linux.BPF_K
+BPF_JSET_K = linux.BPF_JMP | linux.BPF_JSET | linux.BPF_K
+BPF_RET_K = linux.BPF_RET | linux.BPF_K
 
 
 def arg_offset(index: int) -> int:
-    """Offset of the low word of args[index] (x86_64 and aarch64 are little-endian)."""
-    return 16 + 8 * index
+    """Offset of the low word of args[index] in struct seccomp_data (little-endian)."""
+    return linux.SECCOMP_DATA_ARG0 + 8 * index
 
 
-SECCOMP_RET_DATA = 0xFFFF
 MAX_JUMP = 255  # a conditional jump's offsets are 8 bits
 LEAF = 4  # calls compared one by one at the bottom of the search
 
@@ -61,7 +58,7 @@ def ret(value: int) -> Block:
 
 
 def ret_errno(err: int) -> Block:
-    return ret(linux.SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA))
+    return ret(linux.SECCOMP_RET_ERRNO | (err & linux.SECCOMP_RET_DATA))
 
 
 def _if(test: Block, then: Block) -> Block:
@@ -147,10 +144,10 @@ def filter_program(machine: str, mode: str = S.CONFINED, *, deny_network: bool =
                                                 signals_scoped=signals_scoped))
     prog: Block = [
         # A foreign syscall ABI (i386 or arm32 compat) would have other numbers: none of it runs.
-        stmt(BPF_LD_W_ABS, DATA_ARCH),
+        stmt(BPF_LD_W_ABS, linux.SECCOMP_DATA_ARCH),
         jump(BPF_JEQ_K, linux.AUDIT_ARCH[machine], 1, 0),
         stmt(BPF_RET_K, linux.SECCOMP_RET_KILL_PROCESS),
-        stmt(BPF_LD_W_ABS, DATA_NR),
+        stmt(BPF_LD_W_ABS, linux.SECCOMP_DATA_NR),
     ]
     if machine == "x86_64":
         # x32 syscalls share AUDIT_ARCH_X86_64 but use nr | 0x40000000: refuse them all.
