@@ -47,9 +47,10 @@ MAX_CLIENTS = 1024  # programs `status` remembers
 STOP_GRACE = 3.0
 
 
+# what `python -m MODULE` runs (and how it reports a missing module), from a directory that is
+# appended to sys.path rather than put first
 _RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
-                    "sys.path.append(where); runpy.run_module(module, run_name='__main__', "
-                    "alter_sys=True)")
+                    "sys.path.append(where); runpy._run_module_as_main(module)")
 
 
 class BootFailed(Exception):
