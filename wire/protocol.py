@@ -20,6 +20,8 @@ from typing import Any
 import msgpack
 
 from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
+    CHMODAT,
+    CHOWNAT,
     DUP,
     FPATH,
     FSTAT,
@@ -50,6 +52,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     STATAT,
     SYMLINKAT,
     UNLINKAT,
+    UTIMENSAT,
     WRITE,
 )
 
