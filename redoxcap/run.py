@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
+import os
 import posixpath
 import shutil
 import socket
@@ -37,6 +39,10 @@ from redoxcap import config, control, lifecycle
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
+from rt import _process
+from rt._call import call_fd
+from rt._paths import ENV_DIRS
+from wire import protocol as P
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -56,6 +62,50 @@ class NetGrant:
     connect: tuple[tuple[str, int], ...] = ()
     listen: tuple[int | tuple[str, int], ...] = ()
     options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostDir:
+    """A host directory a run hands its program (`--dir`), or the run's private /tmp.
+
+    Each is served by a file scheme daemon of the run's own, registered in the
+    program's namespace under a name of its own (`dir`, `dir1`, ...), and seen
+    by the program at `visible`.
+
+    Attributes:
+        path: its real host path.
+        visible: the absolute path the program sees it at: its own host path,
+            or /tmp for the private one.
+        read_only: every write is EROFS (`--dir HOSTDIR:ro`).
+    """
+
+    path: str
+    visible: str
+    read_only: bool = False
+
+    @property
+    def executable(self) -> bool:
+        """Programs in it may be executed: the kernel finds them at the path the program names."""
+        return self.path == self.visible
+
+
+def parse_dir(text: str) -> HostDir:
+    """`HOSTDIR[:ro]` -> HostDir at its real path; `.` is the current directory.
+
+    Raises:
+        Failure: EXIT_USAGE for a path that is not an existing directory, or `/`.
+    """
+    path, read_only = (text[:-3], True) if text.endswith(":ro") else (text, False)
+    if not path:
+        raise Failure(f"--dir {text!r}: expected HOSTDIR[:ro]", EXIT_USAGE)
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.isdir(real):
+        why = "does not exist" if not os.path.exists(real) else "is not a directory"
+        raise Failure(f"--dir {text}: {real} {why}", EXIT_USAGE)
+    if real == "/":
+        raise Failure("--dir /: that hands over the whole host; name the directories the "
+                      "program needs", EXIT_USAGE)
+    return HostDir(real, real, read_only)
 
 
 def parse_net_address(option: str, text: str, *, listen: bool) -> int | tuple[str, int]:
@@ -178,13 +228,19 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     return [*launcher, "--", *command]
 
 
-def broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passthrough: bool
+def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str], passthrough: bool
                    ) -> dict | None:
-    """start_brokered's options for --brokered (None without it); says why it cannot run.
+    """start_brokered's options (None for an rt-only run); says why the broker cannot run.
+
+    Args:
+        brokered: `--brokered` (True), `--no-broker` (False) or neither (None: brokered
+            when confined, the default).
 
     Raises:
         Failure: --brokered with --no-confine (usage), or a kernel that cannot broker.
     """
+    if brokered is None:
+        brokered = confine
     if not brokered:
         return None
     from redoxcap.broker import available
@@ -194,7 +250,8 @@ def broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passth
                       EXIT_USAGE)
     reason = available()
     if reason is not None:
-        raise Failure(f"--brokered: {reason}; programs written with rt run without it")
+        raise Failure(f"cannot broker an unmodified program here: {reason}; a program written "
+                      "with rt runs with --no-broker")
     return {"ro_host": list(ro_host), "passthrough": passthrough}
 
 
@@ -237,10 +294,10 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
 
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
-        cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
+        cwd: str | None, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
-        max_caps: int | None = None) -> int:
+        max_caps: int | None = None, dirs: Sequence[HostDir] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -248,8 +305,10 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         command: the program and its arguments.
         env: its environment (see :func:`client_environment`), without the
             variables rt.spawn sets for its namespace and cwd.
-        names: `--ns`: comma-separated names its namespace keeps (None: all).
-        cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path.
+        names: `--ns`: comma-separated names its namespace keeps (None: all,
+            but `file` when dirs are given).
+        cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path (None: `/`);
+            with dirs, a host path in one of them (None: the first).
         beneath: open the cwd with O_RESOLVE_BENEATH.
         confine: run it under the sandbox launcher, in a session of its own,
             with a private scratch directory as $TMPDIR (removed afterwards).
@@ -260,9 +319,12 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace_json: print JSON objects, one per line, instead.
         net: what its tcp and udp reach (:func:`net_grants`); None: all of them.
         broker: start_brokered's options (:func:`broker_options`): an unmodified
-            program, every path through the broker, which confines it itself.
+            program, every path through the broker, which confines it itself; it
+            also gets a private /tmp (removed afterwards).
         max_caps: `--max-caps`: the capability quota of its router account (None:
             the router's default for clients).
+        dirs: `--dir`: host directories it gets, each served by a file scheme daemon
+            of this run's own (stopped afterwards) and seen at its own path.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -271,21 +333,28 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         Failure: its capabilities could not be set up, or it could not be started.
         control.ControlError: the supervisor did not hand out a namespace.
     """
-    argv, env, scratch = list(command), dict(env), None
+    argv, env, scratch, private_tmp = list(command), dict(env), None, None
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
         argv = confined_argv(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
+    served = list(dirs)
+    if broker is not None:
+        private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
+        served.append(HostDir(private_tmp, "/tmp"))
+        env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
+    daemons: list[subprocess.Popen] = []
     try:
-        proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                               uds_scope=uds_scope, net=net, follower=follower, broker=broker,
-                               max_caps=max_caps)
+        proc, account, where = _spawn(
+            state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
+            net=net, follower=follower, broker=broker, max_caps=max_caps, served=served,
+            user_dirs=bool(dirs), daemons=daemons)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
-                            cwd=cwd, account=account)
+                            cwd=where, account=account)
         except control.ControlError:
             pass
         return wait_forwarding_signals(proc, group=confine)
@@ -294,8 +363,10 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             follower.stop()
             if follower.out is not sys.stderr:
                 follower.out.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        _stop_daemons(daemons)
+        for directory in (scratch, private_tmp):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
@@ -306,18 +377,21 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
     return Follower(socket.socket(fileno=fds[0]), names, out, json_lines)
 
 
-def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
-           beneath: bool, *, new_session: bool, uds_scope: str,
+def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None,
+           cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
-           broker: dict | None = None, max_caps: int | None = None
-           ) -> tuple[subprocess.Popen, int | None]:
-    """Start argv with the namespace and cwd asked for, through rt.spawn.
+           broker: dict | None = None, max_caps: int | None = None,
+           served: Sequence[HostDir] = (), user_dirs: bool = False,
+           daemons: list[subprocess.Popen] | None = None
+           ) -> tuple[subprocess.Popen, int | None, str]:
+    """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
 
     With new_session, argv leads a new session without a controlling
-    terminal (so it cannot push input into ours).
+    terminal (so it cannot push input into ours). The daemons serving the
+    directories of served are appended to daemons as they start.
 
     Returns:
-        The process, and the router account its capabilities are charged to.
+        The process, the router account its capabilities are charged to, and its cwd.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     quota = {} if max_caps is None else {"max_caps": max_caps}
@@ -333,30 +407,133 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if unknown:
             raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
                           f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
+        if wanted is None and user_dirs:  # the program's files are its directories, not the root
+            wanted = [n for n in rt.schemes() if n != "file"]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
-        _enter_cwd(cwd, beneath)
+        mounts = serve_dirs(child_ns, served, daemons if daemons is not None else [])
+        if mounts:
+            env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
+        if user_dirs:
+            _enter_dir(child_ns, mounts, cwd, beneath)
+        else:
+            _enter_cwd(cwd or "/", beneath)
+        where = rt.getcwd()
         give_uds_scope(child_ns, uds_scope)
         if net is not None:
             give_net_grants(child_ns, net)
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 
-            cwd_fd, cwd_path = rt._process.cwd_fd(), rt.getcwd()
+            cwd_fd = _process.cwd_fd()
             trace = follower.syscall if follower is not None else None
-            return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker,
-                                  trace=trace), account
+            return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=mounts,
+                                  net=net, trace=trace), account, where
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
-                            start_new_session=new_session), account
+                            start_new_session=new_session), account, where
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:
         if child_ns is not None:
             rt.close(child_ns)
         rt.setup(None, None)
+
+
+def serve_dirs(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen]
+               ) -> list[tuple[HostDir, str]]:
+    """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
+
+    The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
+    namespace holds already. Each daemon is appended to daemons once started;
+    it dies with this process, and :func:`_stop_daemons` stops it.
+
+    Returns:
+        (directory, scheme name) of each, in the order of dirs.
+
+    Raises:
+        Failure: the namespace refused a new scheme, or a daemon could not start.
+    """
+    taken = set(rt.schemes(child_ns)) if dirs else set()
+    mounts = []
+    for d in dirs:
+        base = "tmp" if d.visible == "/tmp" and not d.executable else "dir"
+        name = next(n for n in [base, *(f"{base}{i}" for i in range(1, len(dirs) + len(taken) + 2))]
+                    if n not in taken)
+        taken.add(name)
+        try:
+            channel = rt.mkscheme(name, child_ns)
+        except OSError as exc:
+            raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
+        try:
+            daemons.append(_start_file_daemon(channel, d, name))
+        except OSError as exc:
+            raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
+        finally:
+            rt.close(channel)
+        mounts.append((d, name))
+    return mounts
+
+
+def _start_file_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
+    """`python -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
+    goes to the program, not to the daemons it needs until it exits), killed when we die."""
+    argv = [sys.executable, "-P", "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
+            "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
+            *(["--read-only"] if d.read_only else [])]
+    return subprocess.Popen(argv, pass_fds=[channel], stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+# `python -P -c THIS PARENT ARGS...`: schemes.file's main, killed by the kernel when PARENT dies.
+_DAEMON_WITH_PARENT = (
+    "import runpy, sys\n"
+    "from redoxcap.sandbox.process import die_with_parent\n"
+    "die_with_parent(int(sys.argv.pop(1)))\n"
+    "sys.argv[0] = 'schemes.file'\n"
+    "runpy.run_module('schemes.file', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def _stop_daemons(daemons: list[subprocess.Popen]) -> None:
+    """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
+    for proc in daemons:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in daemons:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    daemons.clear()
+
+
+def _enter_dir(child_ns: int, mounts: list[tuple[HostDir, str]], cwd: str | None,
+               beneath: bool) -> None:
+    """Make the first --dir (or cwd, a host path inside one) rt's current directory.
+
+    Raises:
+        Failure: EXIT_USAGE for a cwd in none of the directories; the open's error otherwise.
+    """
+    first = mounts[0][0]
+    target = posixpath.normpath(posixpath.join(first.visible, cwd or "."))
+    inside = [(d, name) for d, name in mounts
+              if target == d.visible or target.startswith(d.visible.rstrip("/") + "/")]
+    if not inside:
+        raise Failure(f"--cwd {cwd}: with --dir, the cwd is a host path inside one of the "
+                      f"directories (relative to {first.visible})", EXIT_USAGE)
+    d, name = max(inside, key=lambda m: len(m[0].visible))
+    rest = target[len(d.visible):].lstrip("/") or "."
+    try:
+        fd = call_fd(child_ns, P.OPENAT, [f"/scheme/{name}/{rest}",
+                                          os.O_RDONLY | os.O_DIRECTORY
+                                          | (P.O_RESOLVE_BENEATH if beneath else 0), 0])
+    except OSError as exc:
+        raise Failure(f"--cwd {target}: {exc.strerror}") from None
+    _process.replace_cwd(fd, target)
 
 
 def _enter_cwd(cwd: str, beneath: bool) -> None:
@@ -374,9 +551,13 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
             rt.close(fd)
     except OSError as exc:
         hint = ""
-        if exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
+        if os.path.isabs(cwd) and os.path.isdir(cwd) and not path.startswith("/scheme/"):
+            hint = (f" (--cwd is a path in the system's file scheme; to run in the host "
+                    f"directory {cwd}, hand it over with --dir {cwd})")
+        elif exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
             hint = (f" (a path in the system's file scheme: make the directory {path.lstrip('/')} "
-                    f"below its --root, by default {config.default_root()})")
+                    f"below its --root, by default {config.default_root()}; or, for a host "
+                    f"directory, use --dir HOSTDIR)")
         raise Failure(f"--cwd {cwd}: {exc.strerror}{hint}") from None
 
 

@@ -11,7 +11,15 @@ from collections.abc import Iterable, Sequence
 
 from rt import _process
 from rt._call import _host, call_fd, call_value, forget, is_host_fd
-from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
+from rt._paths import (
+    AT_FDCWD,
+    SCHEME_ROOT,
+    fspath,
+    handed_dirs,
+    locate,
+    split_namespace_path,
+    to_namespace_path,
+)
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -375,7 +383,11 @@ def fchdir(fd: int) -> None:
 
 
 def _display(scheme_path: str) -> str:
-    """/scheme/file/x is shown as the POSIX path /x."""
+    """/scheme/file/x is shown as the POSIX path /x, a handed directory at its own path."""
+    for visible, name in handed_dirs():
+        root = f"{SCHEME_ROOT}/{name}"
+        if scheme_path == root or scheme_path.startswith(root + "/"):
+            return (visible.rstrip("/") + scheme_path[len(root):]) or "/"
     if scheme_path == "/scheme/file" or scheme_path.startswith("/scheme/file/"):
         return scheme_path[len("/scheme/file") :] or "/"
     return scheme_path
@@ -411,7 +423,7 @@ def physical_path(fd: int, ns_path: str) -> str:
     root_path, _ = split_namespace_path(ns_path)
     root = open(root_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        shown = "/" if root_path == "/scheme/file" else root_path
+        shown = _display(root_path)
         return _physical(fd, root, shown)
     finally:
         close(root)

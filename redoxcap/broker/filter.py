@@ -24,20 +24,30 @@ import struct
 
 from wire import linux
 
+# Metadata changes the broker serves through the capabilities (CHMODAT, UTIMENSAT, CHOWNAT).
+METADATA = (
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat",
+)
+# Socket calls the broker performs itself on its own copy of the socket, within the grants.
+SOCKET_CALLS = ("bind", "connect", "listen")
 # Trapped: the broker reads their arguments once and answers them (handlers.py).
 BROKERED = (
     "open", "openat", "openat2", "creat", "stat", "lstat", "newfstatat", "fstat", "statx",
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
     "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
     "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
-    "execveat", "fork", "vfork",
+    "execveat", "fork", "vfork", *METADATA, *SOCKET_CALLS,
 )
+# What the sandbox's own filter (redoxcap/sandbox/seccomp.py, installed first, whose ERRNO
+# would win over this filter's USER_NOTIF) leaves to this one: the calls above and socket(2),
+# which this filter checks itself.
+LEFT_TO_BROKER = frozenset({*METADATA, *SOCKET_CALLS, "socket"})
 # Refused in the filter, by errno.
 REFUSED: dict[int, tuple[str, ...]] = {
     # metadata the protocol cannot change, and what only an administrator does
     errno.EPERM: (
-        "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
-        "utime", "utimes", "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr",
+        "setxattr", "lsetxattr", "fsetxattr",
         "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
         "file_setattr", "mknod", "mknodat", "mount", "umount2", "pivot_root", "chroot", "acct",
         "swapon", "swapoff", "quotactl", "quotactl_fd", "uselib", "open_tree", "open_tree_attr",
@@ -49,7 +59,7 @@ REFUSED: dict[int, tuple[str, ...]] = {
         "process_vm_writev", "pidfd_getfd", "userfaultfd",
     ),
     # path calls with no capability operation behind them: "not supported here"
-    errno.EACCES: ("inotify_add_watch", "fanotify_mark", "bind", "connect"),
+    errno.EACCES: ("inotify_add_watch", "fanotify_mark"),
     errno.ENOTSUP: ("getxattr", "lgetxattr", "listxattr", "llistxattr", "getxattrat",
                     "listxattrat", "file_getattr"),
     # ENOSYS makes libraries fall back: io_uring to plain calls, clone3 to clone
@@ -63,6 +73,14 @@ _SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
 # AF_UNIX types whose sendmsg cannot name an address: a datagram socket could send to any
 # named socket on the host, which Landlock does not mediate.
 _UNIX_TYPES_ALLOWED = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+# TCP only (protocol 0 or IPPROTO_TCP): the broker binds and connects it within the grants.
+# Not UDP (a datagram's sendto/sendmsg names any address, in memory the filter cannot read),
+# not SCTP or MPTCP (a sendmsg may connect), not raw or netlink sockets.
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_TCP_PROTOCOLS = (0, socket.IPPROTO_TCP)
+# sendto/sendmsg/sendmmsg with MSG_FASTOPEN connect a TCP socket without connect(2).
+MSG_FASTOPEN = 0x2000_0000
+_SEND_FLAGS_ARG = {"sendto": 3, "sendmsg": 2, "sendmmsg": 3}
 
 # linux/bpf_common.h and linux/filter.h
 _LD_W_ABS = 0x00 | 0x00 | 0x20
@@ -71,7 +89,9 @@ _JEQ_K = 0x05 | 0x10
 _JGE_K = 0x05 | 0x30
 _JSET_K = 0x05 | 0x40
 _RET_K = 0x06
+_TAX, _TXA = 0x07 | 0x00, 0x07 | 0x80
 _DATA_NR, _DATA_ARCH, _DATA_ARG0, _DATA_ARG1 = 0, 4, 16, 24  # low words (little-endian)
+_DATA_ARG2 = 32
 
 
 def _stmt(code: int, k: int) -> tuple[int, int, int, int]:
@@ -118,18 +138,47 @@ def program(machine: str) -> bytes:
         for name in names:
             if name in nrs:
                 prog += [_jump(_JEQ_K, nrs[name], 0, 1), _ret_errno(err)]
-    for name in ("socket", "socketpair"):
-        prog += [
-            _jump(_JEQ_K, nrs[name], 0, 8),
-            _stmt(_LD_W_ABS, _DATA_ARG0),
-            _jump(_JEQ_K, socket.AF_UNIX, 0, 5),
-            _stmt(_LD_W_ABS, _DATA_ARG1),
-            _stmt(_ALU_AND_K, _SOCK_TYPE_MASK),
-            _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[0], 2, 0),
-            _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[1], 1, 0),
-            _ret_errno(errno.EACCES),
-            _stmt(_LD_W_ABS, _DATA_NR),
-        ]
+    eacces = _ret_errno(errno.EACCES)
+    prog += [  # socketpair: AF_UNIX streams only
+        _jump(_JEQ_K, nrs["socketpair"], 0, 8),
+        _stmt(_LD_W_ABS, _DATA_ARG0),
+        _jump(_JEQ_K, socket.AF_UNIX, 0, 5),
+        _stmt(_LD_W_ABS, _DATA_ARG1),
+        _stmt(_ALU_AND_K, _SOCK_TYPE_MASK),
+        _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[0], 2, 0),
+        _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[1], 1, 0),
+        eacces,
+        _stmt(_LD_W_ABS, _DATA_NR),
+    ]
+    prog += [  # socket: AF_UNIX streams, and TCP over IPv4/IPv6 (block of 18)
+        _jump(_JEQ_K, nrs["socket"], 0, 17),
+        _stmt(_LD_W_ABS, _DATA_ARG1),
+        _stmt(_ALU_AND_K, _SOCK_TYPE_MASK),
+        _stmt(_TAX, 0),  # X = the type
+        _stmt(_LD_W_ABS, _DATA_ARG0),  # A = the family
+        _jump(_JEQ_K, socket.AF_UNIX, 0, 3),
+        _stmt(_TXA, 0),
+        _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[0], 9, 0),
+        _jump(_JEQ_K, _UNIX_TYPES_ALLOWED[1], 8, 7),
+        _jump(_JEQ_K, _INET_FAMILIES[0], 1, 0),
+        _jump(_JEQ_K, _INET_FAMILIES[1], 0, 5),
+        _stmt(_TXA, 0),
+        _jump(_JEQ_K, socket.SOCK_STREAM, 0, 3),
+        _stmt(_LD_W_ABS, _DATA_ARG2),  # the protocol
+        _jump(_JEQ_K, _TCP_PROTOCOLS[0], 2, 0),
+        _jump(_JEQ_K, _TCP_PROTOCOLS[1], 1, 0),
+        eacces,
+        allow,
+    ]
+    for name, arg in _SEND_FLAGS_ARG.items():
+        if name in nrs:
+            prog += [
+                _jump(_JEQ_K, nrs[name], 0, 4),
+                _stmt(_LD_W_ABS, _DATA_ARG0 + 8 * arg),
+                _jump(_JSET_K, MSG_FASTOPEN, 0, 1),
+                eacces,
+                _stmt(_LD_W_ABS, _DATA_NR),
+            ]
     prog.append(allow)
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 

@@ -21,21 +21,24 @@ legacy `NAME:rest` form is not recognised: to an unmodified program,
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import posixpath
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redoxcap.broker import net
 from redoxcap.broker.hostfs import WRITABLE_DEVICES, HostTrees
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
 from redoxcap.broker.pump import Pumps
-from redoxcap.broker.state import CapabilityTable, Directory, Process, Processes
+from redoxcap.broker.state import BoundedSet, CapabilityTable, Directory, Mount, Process, Processes
 from redoxcap.broker.structs import DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
-from rt._paths import SCHEME_ROOT, split_namespace_path, to_namespace_path
+from rt._paths import SCHEME_ROOT, split_namespace_path
 from wire import linux
 from wire import protocol as P
 from wire.stat import Stat
@@ -56,9 +59,12 @@ RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x01, 0x02, 0x04
 RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_CACHED = 0x08, 0x10, 0x20
 _O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 _OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
+_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 
 
-_FILE_ROOT = to_namespace_path("/")
+_FILE_ROOT = "/scheme/file/"
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_ID_UNCHANGED = 0xFFFF_FFFF  # uid_t/gid_t -1
 _EMPTY_ROOT = Stat(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_ino=1)
 
 
@@ -104,6 +110,7 @@ class _Location:
     resolve: int = 0
     owned: int | None = None
     namespace: bool = False
+    absolute: str = ""  # for a namespace location: the path the program named
 
     def close(self) -> None:
         if self.owned is not None:
@@ -130,7 +137,7 @@ class Syscalls:
     """The handlers, one method per syscall, and what they share."""
 
     def __init__(self, machine: str, ns: int, hosts: HostTrees, processes: Processes,
-                 passthrough: bool) -> None:
+                 passthrough: bool, mounts: Sequence[Mount] = (), grants: Any = None) -> None:
         """Build the table of handlers, by syscall number for machine.
 
         Args:
@@ -139,13 +146,19 @@ class Syscalls:
             hosts: the read-only host trees.
             processes: the per-process state.
             passthrough: ask schemes for host fds of regular files (O_PASSTHROUGH).
+            mounts: the directories handed over at paths of their own (`run --dir`, /tmp).
+            grants: the run's network grants (redoxcap.run.NetGrant by scheme), None for none.
         """
         self.machine = machine
         self.ns = ns
         self.hosts = hosts
         self.processes = processes
         self.passthrough = passthrough
+        self.mounts = sorted(mounts, key=lambda m: -len(m.visible))
+        self._mount_parts = [(m, [c for c in m.visible.split("/") if c]) for m in self.mounts]
+        self.sockets = net.SocketGrants(grants)
         self.caps = CapabilityTable()
+        self.passed_files = BoundedSet()  # regular files handed over as host fds (passthrough)
         self.pumps = Pumps()
         self.o_largefile = _O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
@@ -210,6 +223,9 @@ class Syscalls:
                 raise OSError(errno.EINVAL, "RESOLVE_* lookups are served in capabilities only")
             return _Location(fd, path, False, resolve, owned)
         if absolute:
+            mounted = self.mount_of(path)
+            if mounted is not None:
+                return _Location(mounted[0].cap, mounted[1], False, resolve)
             if self.hosts.claims(path):
                 return _Location(None, path, True)
             cwd = call.process.cwd
@@ -219,11 +235,36 @@ class Syscalls:
                 # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub")):
                 # beneath the cwd capability, with its rules, whatever the namespace holds
                 return _Location(cwd.fd, path[len(cwd.path):].lstrip("/") or ".", False, resolve)
-            return _Location(self.ns, to_namespace_path(path) or path, False, resolve, None, True)
+            ns_path = path if path == SCHEME_ROOT or path.startswith(SCHEME_ROOT + "/") \
+                else "/scheme/file" + path
+            return _Location(self.ns, ns_path, False, resolve, None, True, path)
         fd, host_path, host, owned = self.directory(call, dirfd)
         if host:
             return _Location(None, posixpath.join(host_path, path), True)
         return _Location(fd, path, False, resolve, owned)
+
+    def mount_of(self, path: str) -> tuple[Mount, str] | None:
+        """The handed directory an absolute path lies in (the deepest), and the path below it."""
+        parts = [c for c in path.split("/") if c]
+        for mount, prefix in self._mount_parts:
+            if parts[:len(prefix)] == prefix:
+                rest = "/".join(parts[len(prefix):])
+                return mount, (rest + "/" if rest and path.endswith("/") else rest) or "."
+        return None
+
+    def ancestor_status(self, path: str) -> os.stat_result | None:
+        """The host's status of a directory above a handed directory or a host tree (so
+        that walking up to them works: realpath, getcwd -P, an interpreter's getpath), or None."""
+        parts = [c for c in path.split("/") if c]
+        if ".." in parts or "." in parts:
+            return None
+        if not any(len(prefix) > len(parts) and prefix[:len(parts)] == parts
+                   for _, prefix in self._mount_parts) and not self.hosts.above(parts):
+            return None
+        try:
+            return os.stat("/" + "/".join(parts))
+        except OSError:
+            return None
 
     def open_at(self, loc: _Location, flags: int, mode: int, passthrough: bool) -> int:
         """Open at a location; returns the broker's fd (a capability or a host fd)."""
@@ -248,8 +289,12 @@ class Syscalls:
                     raise
             fd = self.open_at(loc, os.O_PATH | nofollow, 0, False)
         except OSError as exc:
-            if exc.errno == errno.ENODEV and loc.namespace and loc.path == _FILE_ROOT:
-                return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
+            if exc.errno == errno.ENODEV and loc.namespace:
+                above = self.ancestor_status(loc.absolute)
+                if above is not None:
+                    return above
+                if loc.path.rstrip("/") + "/" == _FILE_ROOT:
+                    return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
             raise
         try:
             return self.status_of_capability(fd)
@@ -269,6 +314,9 @@ class Syscalls:
             st = os.fstat(dup)
             if stat.S_ISSOCK(st.st_mode) and _identity(st) in self.caps:
                 return self.status_of_capability(dup)
+            routed = self.pumps.capability_of(_identity(st)) if stat.S_ISSOCK(st.st_mode) else None
+            if routed is not None:  # a routed file is the file, not the socket that carries it
+                return self.status_of_capability(routed)
             return st
         finally:
             _close(dup)
@@ -295,9 +343,20 @@ class Syscalls:
         loc = self.locate(call, dirfd, path, resolve)
         try:
             fd = self.open_at(loc, flags, mode, passthrough=True)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV and loc.namespace:  # nothing was handed there
+                if flags & os.O_DIRECTORY and self.ancestor_status(loc.absolute) is not None:
+                    raise OSError(errno.EACCES, "a directory above what was handed") from None
+                raise _error(errno.EACCES if flags & (os.O_CREAT | _O_TMPFILE_BIT)
+                             else errno.ENOENT) from None
+            raise
         finally:
             loc.close()
         try:
+            if not loc.host:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode):
+                    self.passed_files.add(_identity(st))
             fd = self.for_the_program(fd, flags)
         except BaseException:
             _close(fd)
@@ -419,7 +478,13 @@ class Syscalls:
             if loc.host:
                 body = self.hosts.readlink(loc.path)
             else:
-                body = call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
+                try:
+                    body = call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
+                except OSError as exc:
+                    if exc.errno == errno.ENODEV and loc.namespace and \
+                            self.ancestor_status(loc.absolute) is not None:
+                        raise _error(errno.EINVAL) from None  # a directory, not a link
+                    raise
         finally:
             loc.close()
         data = body.encode(errors="surrogateescape")[:size]
@@ -480,7 +545,12 @@ class Syscalls:
         call.mem.write(call.args[0], data)
         return len(data)
 
-    def chdir(self, call: Call) -> int:
+    def chdir(self, call: Call) -> Any:
+        """The broker's cwd of the process changes; when the new one is a host directory the
+        kernel reaches by the same path (a handed directory, a host tree), the kernel's too:
+        the call goes on (CONTINUE), so that a relative execve finds what the broker found.
+        Whatever a racing thread writes there, the kernel's cwd only serves execve, which
+        Landlock bounds to what the program could name anyway (docs/sandbox.md)."""
         path = self.path(call, call.args[0])
         loc = self.locate(call, AT_FDCWD, path)
         try:
@@ -496,15 +566,49 @@ class Syscalls:
                     _close(fd)
                     raise
                 new = Directory(fd, where, False)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV and loc.namespace:
+                raise _error(errno.ENOENT) from None
+            raise
         finally:
             loc.close()
-        call.process.set_cwd(new)
+        process = call.process
+        process.set_cwd(new)
+        reached = self.kernel_path(new)
+        if reached is not None and (path.startswith("/") or process.kernel_cwd is not None):
+            base = "/" if path.startswith("/") else process.kernel_cwd
+            if os.path.realpath(os.path.join(base, path)) == reached:
+                process.kernel_cwd = reached
+                return PROCEED
         return 0
+
+    def kernel_path(self, directory: Directory) -> str | None:
+        """The host path at which the kernel finds a cwd of the broker's, if it can."""
+        if directory.host:
+            return directory.path
+        mounted = self.mount_of(directory.path)
+        if mounted is not None and mounted[0].executable:
+            return directory.path
+        return None
+
+    def _mounted_path(self, scheme_path: str) -> str | None:
+        """The path a program sees for `/scheme/NAME/rest` of a handed directory, or None."""
+        for mount in self.mounts:
+            root = f"{SCHEME_ROOT}/{mount.scheme}"
+            if mount.scheme and (scheme_path == root or scheme_path.startswith(root + "/")):
+                return mount.visible.rstrip("/") + scheme_path[len(root):] or "/"
+        return None
 
     def _where(self, fd: int, loc: _Location, cwd: Directory) -> str:
         """getcwd's string for a directory capability just opened at loc (after symlinks)."""
         from rt._posix import _display, _physical
 
+        try:
+            shown = self._mounted_path(call_value(fd, P.FPATH, kind=str))
+            if shown is not None:
+                return shown
+        except OSError:
+            pass
         try:
             if loc.namespace:
                 root_path, _ = split_namespace_path(loc.path)
@@ -518,6 +622,7 @@ class Syscalls:
         except OSError:
             pass
         return _display(call_value(fd, P.FPATH, kind=str))
+
 
     def fchdir(self, call: Call) -> int:
         dup: int | None = self.target_fd(call, _int(call.args[0]))
@@ -700,38 +805,257 @@ class Syscalls:
 
     # -- exec ----------------------------------------------------------------------
 
-    def _executable(self, path: str) -> None:
-        """An exec'd file must be a regular file in the host trees (see docs/sandbox.md).
+    def _executable(self, call: Call, path: str) -> None:
+        """An exec'd file must be a regular executable file in the host trees or in a handed
+        directory the kernel reaches at the same path (see docs/sandbox.md); a relative path
+        only while the kernel's cwd is the broker's.
 
         Raises:
-            OSError: EACCES for anything else (ENOENT for a host path that does not exist).
+            OSError: ENOENT for a path nothing was handed at, EACCES for anything else.
         """
-        if not path.startswith("/") or not self.hosts.claims(path):
-            raise OSError(errno.EACCES, "only files of the host trees are executed")
-        st = os.stat(self.hosts.resolve(path))
+        process = call.process
+        if not path.startswith("/"):
+            here = self.kernel_path(process.cwd)
+            if here is None or process.kernel_cwd != here:
+                raise OSError(errno.EACCES, "a relative program where the kernel cannot find it")
+            loc = self.locate(call, AT_FDCWD, path)
+        else:
+            mounted = self.mount_of(path)
+            if mounted is not None:
+                if not mounted[0].executable:
+                    raise OSError(errno.EACCES, "programs in this directory cannot be executed")
+                loc = _Location(mounted[0].cap, mounted[1], False)
+            elif self.hosts.claims(path):
+                loc = _Location(None, path, True)
+            else:
+                try:
+                    self.status_at(self.locate(call, AT_FDCWD, path), follow=True)
+                except OSError as exc:
+                    if exc.errno in (errno.ENODEV, errno.ENOENT):
+                        raise _error(errno.ENOENT) from None
+                raise OSError(errno.EACCES, "only files of the host trees and handed directories "
+                              "are executed")
+        try:
+            st = os.stat(self.hosts.resolve(loc.path)) if loc.host else self.status_at(loc, True)
+        finally:
+            loc.close()
         if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
 
     def execve(self, call: Call) -> Any:
-        self._executable(self.path(call, call.args[0]))
+        self._executable(call, self.path(call, call.args[0]))
         return PROCEED
 
     def execveat(self, call: Call) -> Any:
         a = call.args
         path = self.path(call, a[1])
         if path:
-            self._executable(path)
+            if not path.startswith("/") and _int(a[0]) != AT_FDCWD:
+                raise OSError(errno.EACCES, "execveat relative to a directory fd is not served")
+            self._executable(call, path)
             return PROCEED
         if not _int(a[4]) & AT_EMPTY_PATH:
             raise _error(errno.ENOENT)
         dup = self.target_fd(call, _int(a[0]))
         try:
             real = os.readlink(f"/proc/self/fd/{dup}")
-            if not stat.S_ISREG(os.fstat(dup).st_mode) or not self.hosts.inside(real):
-                raise OSError(errno.EACCES, "only files of the host trees are executed")
+            reachable = self.hosts.inside(real) or any(
+                m.executable and (real == m.path or real.startswith(m.path.rstrip("/") + "/"))
+                for m in self.mounts)
+            if not stat.S_ISREG(os.fstat(dup).st_mode) or not reachable:
+                raise OSError(errno.EACCES, "only files of the host trees and handed directories "
+                              "are executed")
         finally:
             _close(dup)
         return PROCEED
+
+    # -- metadata --------------------------------------------------------------------
+
+    def _metadata(self, call: Call, dirfd: int, addr: int, op: int, args: list, flags: int) -> int:
+        """A metadata change (CHMODAT, UTIMENSAT, CHOWNAT) of a path, or of dirfd's file for
+        a NULL or empty path with AT_EMPTY_PATH."""
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+            raise _error(errno.EINVAL)
+        path = self.path(call, addr) if addr else ""
+        if not path:
+            if addr and not flags & AT_EMPTY_PATH:
+                raise _error(errno.ENOENT)
+            if dirfd == AT_FDCWD and not addr:
+                raise _error(errno.EFAULT)
+            return self._metadata_of_fd(call, dirfd, op, args)
+        loc = self.locate(call, dirfd, path)
+        try:
+            if loc.host:
+                raise OSError(errno.EROFS, "the host trees are read-only")
+            nofollow = os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0
+            call_value(loc.cap, op, [loc.path, *args, nofollow | loc.resolve])
+        finally:
+            loc.close()
+        return 0
+
+    def _metadata_of_fd(self, call: Call, fd: int, op: int, args: list) -> int:
+        """As _metadata, on the file behind the target's fd: a capability asks its scheme; a
+        file handed over as a host fd is changed here when it was opened for writing (its
+        scheme allowed that), through its handed directory otherwise."""
+        if fd == AT_FDCWD:
+            cwd = call.process.cwd
+            if cwd.host:
+                raise OSError(errno.EROFS, "the host trees are read-only")
+            call_value(cwd.fd, op, ["", *args, 0])
+            return 0
+        dup = self.target_fd(call, fd)
+        try:
+            st = os.fstat(dup)
+            identity = _identity(st)
+            if stat.S_ISSOCK(st.st_mode):
+                cap = dup if identity in self.caps else self.pumps.capability_of(identity)
+                if cap is None:
+                    raise OSError(errno.EPERM, "not a file")
+                call_value(cap, op, ["", *args, 0])
+                return 0
+            if not stat.S_ISREG(st.st_mode) or identity not in self.passed_files:
+                raise OSError(errno.EROFS if self.hosts.inside(os.readlink(f"/proc/self/fd/{dup}"))
+                              else errno.EPERM, "not a file of the program's capabilities")
+            if fcntl.fcntl(dup, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                _change_host_file(dup, st, op, args)
+                return 0
+            real = os.readlink(f"/proc/self/fd/{dup}")
+            for mount in self.mounts:
+                if real.startswith(mount.path.rstrip("/") + "/"):
+                    call_value(mount.cap, op, [real[len(mount.path):].lstrip("/"), *args,
+                                               os.O_NOFOLLOW])
+                    return 0
+            raise OSError(errno.EPERM, "a file opened read-only outside the handed directories")
+        finally:
+            _close(dup)
+
+    def _mode(self, value: int) -> list:
+        return [value & 0o7777]
+
+    def chmod(self, call: Call) -> int:
+        return self._metadata(call, AT_FDCWD, call.args[0], P.CHMODAT, self._mode(call.args[1]), 0)
+
+    def fchmod(self, call: Call) -> int:
+        return self._metadata_of_fd(call, _int(call.args[0]), P.CHMODAT, self._mode(call.args[1]))
+
+    def fchmodat(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, _int(a[0]), a[1], P.CHMODAT, self._mode(a[2]), 0) if a[1] \
+            else _raise(errno.EFAULT)
+
+    def fchmodat2(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, _int(a[0]), a[1], P.CHMODAT, self._mode(a[2]), _int(a[3]))
+
+    def _ids(self, uid: int, gid: int) -> list:
+        uid, gid = uid & 0xFFFF_FFFF, gid & 0xFFFF_FFFF
+        return [-1 if uid == _ID_UNCHANGED else uid, -1 if gid == _ID_UNCHANGED else gid]
+
+    def chown(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, AT_FDCWD, a[0], P.CHOWNAT, self._ids(a[1], a[2]), 0)
+
+    def lchown(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, AT_FDCWD, a[0], P.CHOWNAT, self._ids(a[1], a[2]),
+                              AT_SYMLINK_NOFOLLOW)
+
+    def fchown(self, call: Call) -> int:
+        a = call.args
+        return self._metadata_of_fd(call, _int(a[0]), P.CHOWNAT, self._ids(a[1], a[2]))
+
+    def fchownat(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, _int(a[0]), a[1], P.CHOWNAT, self._ids(a[2], a[3]), _int(a[4]))
+
+    def _times(self, call: Call, addr: int, unit: int, fields: int = 2) -> list:
+        """[atime, mtime] in ns from two (seconds, fraction) pairs at addr (NULL: now);
+        fraction in `unit` ns (timespec: 1, timeval: 1000; utimbuf has none: fields=1)."""
+        if not addr:
+            now = time.time_ns()
+            return [now, now]
+        raw = call.mem.read(addr, 16 if fields == 1 else 32)
+        values = [int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, len(raw), 8)]
+        if fields == 1:
+            return [values[0] * 1_000_000_000, values[1] * 1_000_000_000]
+        out: list[int | None] = []
+        for sec, frac in (values[0:2], values[2:4]):
+            if unit == 1 and frac == UTIME_NOW:
+                out.append(time.time_ns())
+            elif unit == 1 and frac == UTIME_OMIT:
+                out.append(None)
+            elif not 0 <= frac < 1_000_000_000 // unit:
+                raise _error(errno.EINVAL)
+            else:
+                out.append(sec * 1_000_000_000 + frac * unit)
+        return out
+
+    def utimensat(self, call: Call) -> int:
+        a = call.args
+        times = self._times(call, a[2], 1)
+        return self._metadata(call, _int(a[0]), a[1], P.UTIMENSAT, times, _int(a[3]))
+
+    def utimes(self, call: Call) -> int:
+        return self._metadata(call, AT_FDCWD, call.args[0], P.UTIMENSAT,
+                              self._times(call, call.args[1], 1000), 0)
+
+    def futimesat(self, call: Call) -> int:
+        a = call.args
+        return self._metadata(call, _int(a[0]), a[1], P.UTIMENSAT, self._times(call, a[2], 1000), 0)
+
+    def utime(self, call: Call) -> int:
+        return self._metadata(call, AT_FDCWD, call.args[0], P.UTIMENSAT,
+                              self._times(call, call.args[1], 1, fields=1), 0)
+
+
+    # -- sockets (redoxcap/broker/net.py) ------------------------------------------
+
+    def _sockaddr(self, call: Call, addr: int, size: int) -> bytes:
+        size = _int(size)
+        if not 0 < size <= net.MAX_SOCKADDR:
+            raise _error(errno.EINVAL)
+        return call.mem.read(addr, size)
+
+    def bind(self, call: Call) -> int:
+        a = call.args
+        raw = self._sockaddr(call, a[1], a[2])
+        net.bind(self.sockets, self._socket_copy(call, _int(a[0])), raw)
+        return 0
+
+    def connect(self, call: Call) -> int:
+        a = call.args
+        raw = self._sockaddr(call, a[1], a[2])
+        net.connect(self.sockets, self._socket_copy(call, _int(a[0])), raw)
+        return 0
+
+    def listen(self, call: Call) -> int:
+        net.listen(self._socket_copy(call, _int(call.args[0])), max(0, _int(call.args[1])))
+        return 0
+
+    def _socket_copy(self, call: Call, fd: int) -> int:
+        """The broker's copy of the target's socket fd (ENOTSOCK for anything else)."""
+        dup = self.target_fd(call, fd)
+        if not stat.S_ISSOCK(os.fstat(dup).st_mode):
+            _close(dup)
+            raise _error(errno.ENOTSOCK)
+        forget(dup)
+        return dup
+
+
+def _raise(err: int) -> int:
+    raise _error(err)
+
+
+def _change_host_file(fd: int, st: os.stat_result, op: int, args: list) -> None:
+    """A metadata change on a host fd of a file the program may write (permission bits only,
+    no owner ever changed)."""
+    if op == P.CHMODAT:
+        os.fchmod(fd, args[0] & 0o777)
+    elif op == P.UTIMENSAT:
+        os.utime(fd, ns=(st.st_atime_ns if args[0] is None else args[0],
+                         st.st_mtime_ns if args[1] is None else args[1]))
+    elif args[0] not in (-1, os.geteuid(), st.st_uid) or args[1] not in (-1, os.getegid(), st.st_gid):
+        raise OSError(errno.EPERM, "a file is never given to another owner")
 
 
 def _check_access(mode: int, uid: int, gid: int, want: int) -> None:
@@ -752,7 +1076,9 @@ _HANDLED = (
     "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "mkdir",
     "mkdirat", "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2", "link",
     "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
-    "execveat", "clone", "fork", "vfork",
+    "execveat", "clone", "fork", "vfork", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown",
+    "lchown", "fchown", "fchownat", "utime", "utimes", "futimesat", "utimensat", "bind",
+    "connect", "listen",
 )
 
 __all__ = ["PROCEED", "Call", "Install", "Syscalls"]

@@ -81,6 +81,10 @@ class HostTrees:
         """Whether an absolute path belongs to the host (its first components name a tree)."""
         return self._in_tree(path.split("/")[1:])
 
+    def above(self, parts: list[str]) -> bool:
+        """Whether the path of these components is a directory above a tree (not in one)."""
+        return tuple(parts) in self._above and not self._in_tree(parts)
+
     def inside(self, real: str) -> bool:
         """Whether a real (symlink-free, absolute) path lies in a tree."""
         return self._in_tree(_parts(real))

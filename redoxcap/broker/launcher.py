@@ -55,7 +55,7 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         os.chdir(kernel_cwd)
         for fd in keep_fds:
             os.set_inheritable(fd, True)
-        confine(read_paths, (), deny_network=True)
+        confine(read_paths, (), deny_network=True, left_to_broker=bpf.LEFT_TO_BROKER)
     except ConfinementUnavailable as exc:
         _die(f"brokered programs need Landlock: {exc.strerror}")
     except OSError as exc:
@@ -77,5 +77,6 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     try:
         os.execvpe(argv[0], list(argv), env)
     except OSError as exc:
-        code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_RUN
-        _die(f"{argv[0]}: {exc.strerror}", code)
+        if exc.errno == errno.ENOENT:
+            _die(f"{argv[0]}: command not found", EXIT_NOT_FOUND)
+        _die(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_RUN)

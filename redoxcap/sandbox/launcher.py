@@ -49,6 +49,7 @@ def confine(
     write_paths: Iterable[str] = (),
     *,
     deny_network: bool = True,
+    left_to_broker: frozenset[str] = frozenset(),
 ) -> ConfineResult:
     """Confine the calling thread (and what it execs) with Landlock and seccomp.
 
@@ -66,6 +67,8 @@ def confine(
         deny_network: deny TCP bind/connect with Landlock (ABI >= 4) and make
             ``socket(2)`` fail with EACCES for every family except AF_UNIX. The
             metadata, terminal and io_uring rules apply either way.
+        left_to_broker: syscalls the seccomp filter leaves to a broker's filter that the
+            caller installs next (see :func:`redoxcap.sandbox.seccomp.filter_program`).
 
     Returns:
         A :class:`ConfineResult` describing what was applied.
@@ -99,7 +102,7 @@ def confine(
         # Required for unprivileged restrict_self and for seccomp filters.
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         ruleset.restrict_self()
-    seccomp.install(arch, deny_network)
+    seccomp.install(arch, deny_network, left_to_broker)
     process.drop_capabilities(cap_last)
     return ConfineResult(
         abi=abi,

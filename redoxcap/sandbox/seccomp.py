@@ -114,12 +114,16 @@ def _ret_errno(err: int) -> Instruction:
     return bpf_stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA))
 
 
-def filter_program(arch: str, deny_network: bool) -> bytes:
+def filter_program(arch: str, deny_network: bool,
+                   left_to_broker: frozenset[str] = frozenset()) -> bytes:
     """The filter for arch (a key of wire.linux.SYSCALLS) as an array of struct sock_filter.
 
     Args:
         arch: the machine the filter runs on.
         deny_network: also refuse ``socket(2)`` (EACCES) for every family but AF_UNIX.
+        left_to_broker: syscalls not refused here because a broker's filter, installed
+            after this one, answers them (an ERRNO here would win over its USER_NOTIF);
+            "socket" leaves the socket(2) check to it too.
 
     Returns:
         The program, 8 bytes per instruction.
@@ -141,7 +145,7 @@ def filter_program(arch: str, deny_network: bool) -> bytes:
             _ret_errno(errno.ENOSYS),
         ]
     for name in DENIED_SYSCALLS:
-        if name in nrs:
+        if name in nrs and name not in left_to_broker:
             prog += [bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs[name], 0, 1), eperm]
     ioctls = [bpf_stmt(BPF_LD | BPF_W | BPF_ABS, _SECCOMP_DATA_ARG1_LO)]
     for request in DENIED_IOCTLS.values():
@@ -149,7 +153,7 @@ def filter_program(arch: str, deny_network: bool) -> bytes:
     ioctls.append(allow)
     prog.append(bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["ioctl"], 0, len(ioctls)))
     prog += ioctls
-    if deny_network:
+    if deny_network and "socket" not in left_to_broker:
         prog += [
             bpf_jump(BPF_JMP | BPF_JEQ | BPF_K, nrs["socket"], 0, 3),
             # The kernel reads the domain as an int, so the low 32 bits decide.
@@ -161,10 +165,10 @@ def filter_program(arch: str, deny_network: bool) -> bytes:
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
-def install(arch: str, deny_network: bool) -> None:
+def install(arch: str, deny_network: bool, left_to_broker: frozenset[str] = frozenset()) -> None:
     """Install :func:`filter_program` on the calling thread (needs no_new_privs).
 
     Raises:
         OSError: Linux refused the filter.
     """
-    linux.set_seccomp_filter(filter_program(arch, deny_network))
+    linux.set_seccomp_filter(filter_program(arch, deny_network, left_to_broker))
