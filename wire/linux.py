@@ -66,6 +66,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435,
         "pidfd_getfd": 438, "faccessat2": 439, "mount_setattr": 442, "quotactl_fd": 443,
         "getxattrat": 464, "listxattrat": 465, "open_tree_attr": 467, "file_getattr": 468,
+        "sendto": 44, "sendmsg": 46, "listen": 50, "sendmmsg": 307,
     },
     "aarch64": {
         "openat2": 437,
@@ -106,6 +107,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435,
         "pidfd_getfd": 438, "faccessat2": 439, "mount_setattr": 442, "quotactl_fd": 443,
         "getxattrat": 464, "listxattrat": 465, "open_tree_attr": 467, "file_getattr": 468,
+        "listen": 201, "sendto": 206, "sendmsg": 211, "sendmmsg": 269,
     },
 }
 _MACHINE_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}

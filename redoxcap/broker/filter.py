@@ -39,17 +39,20 @@ BROKERED = (
     "linkat", "symlink", "symlinkat", "truncate", "chdir", "fchdir", "getcwd", "execve",
     "execveat", "fork", "vfork", *METADATA, *SOCKET_CALLS,
 )
+XATTRS = (
+    "getxattr", "lgetxattr", "listxattr", "llistxattr", "getxattrat", "listxattrat",
+    "file_getattr", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+    "fremovexattr", "setxattrat", "removexattrat", "file_setattr",
+)
 # What the sandbox's own filter (redoxcap/sandbox/seccomp.py, installed first, whose ERRNO
 # would win over this filter's USER_NOTIF) leaves to this one: the calls above and socket(2),
-# which this filter checks itself.
-LEFT_TO_BROKER = frozenset({*METADATA, *SOCKET_CALLS, "socket"})
+# which this filter checks itself, and the xattr calls, which it refuses as "not supported".
+LEFT_TO_BROKER = frozenset({*METADATA, *SOCKET_CALLS, *XATTRS, "socket"})
 # Refused in the filter, by errno.
 REFUSED: dict[int, tuple[str, ...]] = {
     # metadata the protocol cannot change, and what only an administrator does
     errno.EPERM: (
-        "setxattr", "lsetxattr", "fsetxattr",
-        "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
-        "file_setattr", "mknod", "mknodat", "mount", "umount2", "pivot_root", "chroot", "acct",
+        "mknod", "mknodat", "mount", "umount2", "pivot_root", "chroot", "acct",
         "swapon", "swapoff", "quotactl", "quotactl_fd", "uselib", "open_tree", "open_tree_attr",
         "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "bpf",
         "unshare", "setns",
@@ -60,8 +63,8 @@ REFUSED: dict[int, tuple[str, ...]] = {
     ),
     # path calls with no capability operation behind them: "not supported here"
     errno.EACCES: ("inotify_add_watch", "fanotify_mark"),
-    errno.ENOTSUP: ("getxattr", "lgetxattr", "listxattr", "llistxattr", "getxattrat",
-                    "listxattrat", "file_getattr"),
+    # the protocol has no xattrs: "not supported here" (cp -a and tar fall back to chmod)
+    errno.ENOTSUP: XATTRS,
     # ENOSYS makes libraries fall back: io_uring to plain calls, clone3 to clone
     errno.ENOSYS: ("io_uring_setup", "io_uring_enter", "io_uring_register", "clone3",
                    "getdents", "statfs"),

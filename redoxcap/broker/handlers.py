@@ -27,7 +27,7 @@ import posixpath
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redoxcap.broker import net
@@ -111,6 +111,9 @@ class _Location:
     owned: int | None = None
     namespace: bool = False
     absolute: str = ""  # for a namespace location: the path the program named
+    # in a handed directory: the absolute path the program means, for resolve_view
+    view: str | None = None
+    walk_first: bool = False  # `..` above the handed directory: only resolve_view is right
 
     def close(self) -> None:
         if self.owned is not None:
@@ -223,11 +226,9 @@ class Syscalls:
                 raise OSError(errno.EINVAL, "RESOLVE_* lookups are served in capabilities only")
             return _Location(fd, path, False, resolve, owned)
         if absolute:
-            mounted = self.mount_of(path)
-            if mounted is not None:
-                return _Location(mounted[0].cap, mounted[1], False, resolve)
-            if self.hosts.claims(path):
-                return _Location(None, path, True)
+            placed = self._placed(path, resolve)
+            if placed is not None:
+                return placed
             cwd = call.process.cwd
             scheme_path = path == SCHEME_ROOT or path.startswith(SCHEME_ROOT + "/")
             if not cwd.host and not scheme_path and (
@@ -241,7 +242,145 @@ class Syscalls:
         fd, host_path, host, owned = self.directory(call, dirfd)
         if host:
             return _Location(None, posixpath.join(host_path, path), True)
-        return _Location(fd, path, False, resolve, owned)
+        loc = _Location(fd, path, False, resolve, owned)
+        if dirfd == AT_FDCWD and not resolve:
+            mounted = self.mount_of(call.process.cwd.path)
+            if mounted is not None:  # the cwd is in a handed directory: it has a program path
+                view = call.process.cwd.path.rstrip("/") + "/" + path
+                loc.view, loc.walk_first = view, self._above_mount(mounted[0], view)
+        return loc
+
+    def _placed(self, path: str, resolve: int = 0) -> _Location | None:
+        """An absolute path above or beside a handed directory, in one, or in the host trees
+        (the deepest wins); None for the namespace's."""
+        parts = [c for c in path.split("/") if c]
+        mounted = self.mount_of(path)
+        depth = self._depth(mounted[0]) if mounted is not None else -1
+        above = self.hosts.handed_above
+        if ".." not in parts and (tuple(parts) in above or (
+                parts and tuple(parts[:-1]) in above and depth < len(parts))):
+            return _Location(None, path, True)  # status only, or absent (hostfs)
+        if mounted is not None and self.hosts.depth(path) <= depth:
+            return self._in_mount(mounted[0], mounted[1], path, resolve)
+        if self.hosts.claims(path):
+            return _Location(None, path, True)
+        return None
+
+    def _in_mount(self, mount: Mount, rest: str, path: str, resolve: int = 0) -> _Location:
+        """The location of an absolute path in a handed directory (rest: below it)."""
+        loc = _Location(mount.cap, rest, False, resolve)
+        if not resolve:
+            loc.view, loc.walk_first = path, self._above_mount(mount, path)
+        return loc
+
+    @staticmethod
+    def _above_mount(mount: Mount, path: str) -> bool:
+        """Whether path's `..` leave the handed directory (where its scheme would stop them)."""
+        return ".." in path.split("/") and not mount.holds(posixpath.normpath(path))
+
+    def in_view(self, loc: _Location, follow: bool, act: Callable[[_Location], Any]) -> Any:
+        """act(loc), resolved as the program sees its files where the handed directory's scheme
+        cannot: an absolute symlink in it (a venv's `bin/python` -> the interpreter) points into
+        the program's view, not into the directory, and `..` above it leaves it. The scheme
+        resolves in-root, so such a lookup fails there (ENOENT, ENOTDIR, ELOOP); then the
+        broker walks the path itself (resolve_view) and acts on where it leads."""
+        if loc.walk_first and loc.view is not None:
+            other = self.resolve_view(loc.view, follow)
+            if other is not None:
+                try:
+                    return act(other)
+                finally:
+                    other.close()
+        try:
+            return act(loc)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP) or loc.view is None:
+                raise
+            other = self.resolve_view(loc.view, follow)
+            if other is None:
+                raise
+        try:
+            return act(other)
+        finally:
+            other.close()
+
+    def resolve_view(self, path: str, follow: bool, links: list[int] | None = None
+                     ) -> _Location | None:
+        """Walk an absolute path in a handed directory one component at a time (a STATAT
+        each, beneath its root): a relative symlink is spliced in, an absolute one and a `..`
+        above the directory go on from there as the program's own absolute path. Every step
+        is one the program could take by naming the result directly.
+
+        Returns:
+            Where the path leads, or None when the walk met neither (the scheme's answer stands).
+
+        Raises:
+            OSError: ELOOP past 40 links, ENOTDIR, ENOENT for a missing directory on the way.
+        """
+        links = [0] if links is None else links
+        placed = self._placed(path)
+        mounted = self.mount_of(path)
+        if placed is None or placed.view is None or mounted is None:
+            return self._restart(path, follow, links)
+        mount, rest = mounted
+        parts = [c for c in rest.split("/") if c and c != "."]
+        trailing = "/" if path.endswith("/") else ""
+        stack: list[str] = []
+        moved = False
+        i = 0
+        while i < len(parts):
+            name, last = parts[i], i == len(parts) - 1
+            if name == "..":
+                moved = True
+                if stack:
+                    stack.pop()
+                    i += 1
+                    continue
+                up = posixpath.dirname(mount.visible.rstrip("/")) or "/"
+                return self._restart(posixpath.join(up, *parts[i + 1:]) + trailing, follow, links)
+            where = "/".join([*stack, name])
+            try:
+                st = Stat.from_wire(call_value(mount.cap, P.STATAT,
+                                               [where, os.O_NOFOLLOW | P.O_RESOLVE_BENEATH], kind=dict))
+            except FileNotFoundError:
+                if not last:
+                    raise
+                stack.append(name)
+                break
+            if stat.S_ISLNK(st.st_mode) and (not last or follow or trailing):
+                links[0] += 1
+                if links[0] > 40:
+                    raise _error(errno.ELOOP)
+                body = call_value(mount.cap, P.READLINKAT, [where], kind=str)
+                moved = True
+                if body.startswith("/"):
+                    tail = "/".join(parts[i + 1:])
+                    return self._restart(body.rstrip("/") + ("/" + tail if tail else "") + trailing
+                                         if body != "/" else "/" + tail + trailing, follow, links)
+                parts[i:i + 1] = [c for c in body.split("/") if c and c != "."]
+                continue
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise _error(errno.ENOTDIR)
+            stack.append(name)
+            i += 1
+        if not moved:
+            return None
+        return _Location(mount.cap, ("/".join(stack) + trailing if stack else "."), False)
+
+    def _restart(self, path: str, follow: bool, links: list[int]) -> _Location:
+        """The location of a program path a walk arrived at."""
+        placed = self._placed(path)
+        if placed is not None and placed.view is not None:
+            walked = self.resolve_view(path, follow, links)
+            return walked if walked is not None else replace(placed, view=None, walk_first=False)
+        if placed is not None:
+            return placed
+        ns_path = path if path == SCHEME_ROOT or path.startswith(SCHEME_ROOT + "/") \
+            else "/scheme/file" + path
+        return _Location(self.ns, ns_path, False, 0, None, True, path)
+
+    def _depth(self, mount: Mount) -> int:
+        return len([c for c in mount.visible.split("/") if c])
 
     def mount_of(self, path: str) -> tuple[Mount, str] | None:
         """The handed directory an absolute path lies in (the deepest), and the path below it."""
@@ -328,8 +467,9 @@ class Syscalls:
             st = self.status_of_fd(call, dirfd)
         else:
             loc = self.locate(call, dirfd, path)
+            follow = not flags & AT_SYMLINK_NOFOLLOW
             try:
-                st = self.status_at(loc, not flags & AT_SYMLINK_NOFOLLOW)
+                st = self.in_view(loc, follow, lambda at: self.status_at(at, follow))
             finally:
                 loc.close()
         call.mem.write(buf, pack(st))
@@ -342,7 +482,8 @@ class Syscalls:
         path = self.path(call, addr)
         loc = self.locate(call, dirfd, path, resolve)
         try:
-            fd = self.open_at(loc, flags, mode, passthrough=True)
+            fd, from_host = self.in_view(loc, not flags & os.O_NOFOLLOW, lambda at: (
+                self.open_at(at, flags, mode, passthrough=True), at.host))
         except OSError as exc:
             if exc.errno == errno.ENODEV and loc.namespace:  # nothing was handed there
                 if flags & os.O_DIRECTORY and self.ancestor_status(loc.absolute) is not None:
@@ -353,7 +494,7 @@ class Syscalls:
         finally:
             loc.close()
         try:
-            if not loc.host:
+            if not from_host:
                 st = os.fstat(fd)
                 if stat.S_ISREG(st.st_mode):
                     self.passed_files.add(_identity(st))
@@ -450,10 +591,16 @@ class Syscalls:
         if mode & ~7:
             raise _error(errno.EINVAL)
         loc = self.locate(call, dirfd, self.path(call, addr))
-        try:
-            st = self.status_at(loc, not flags & AT_SYMLINK_NOFOLLOW)
-            if mode & os.W_OK and loc.host and loc.path not in WRITABLE_DEVICES:
+        follow = not flags & AT_SYMLINK_NOFOLLOW
+
+        def check(at: _Location) -> Any:
+            st = self.status_at(at, follow)
+            if mode & os.W_OK and at.host and at.path not in WRITABLE_DEVICES:
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return st
+
+        try:
+            st = self.in_view(loc, follow, check)
         finally:
             loc.close()
         _check_access(st.st_mode, st.st_uid, st.st_gid, mode)
@@ -474,17 +621,20 @@ class Syscalls:
         if _int(size) <= 0:
             raise _error(errno.EINVAL)
         loc = self.locate(call, dirfd, self.path(call, addr))
+
+        def read_link(at: _Location) -> str:
+            if at.host:
+                return self.hosts.readlink(at.path)
+            try:
+                return call_value(at.cap, P.READLINKAT, [at.path], kind=str)
+            except OSError as exc:
+                if exc.errno == errno.ENODEV and at.namespace and \
+                        self.ancestor_status(at.absolute) is not None:
+                    raise _error(errno.EINVAL) from None  # a directory, not a link
+                raise
+
         try:
-            if loc.host:
-                body = self.hosts.readlink(loc.path)
-            else:
-                try:
-                    body = call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
-                except OSError as exc:
-                    if exc.errno == errno.ENODEV and loc.namespace and \
-                            self.ancestor_status(loc.absolute) is not None:
-                        raise _error(errno.EINVAL) from None  # a directory, not a link
-                    raise
+            body = self.in_view(loc, False, read_link)
         finally:
             loc.close()
         data = body.encode(errors="surrogateescape")[:size]
@@ -553,19 +703,22 @@ class Syscalls:
         Landlock bounds to what the program could name anyway (docs/sandbox.md)."""
         path = self.path(call, call.args[0])
         loc = self.locate(call, AT_FDCWD, path)
-        try:
-            if loc.host:
-                real = self.hosts.resolve(loc.path)
+
+        def enter(at: _Location) -> Directory:
+            if at.host:
+                real = self.hosts.resolve(at.path)
                 fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-                new = Directory(fd, real, True)
-            else:
-                fd = call_fd(loc.cap, P.OPENAT, [loc.path, os.O_RDONLY | os.O_DIRECTORY | loc.resolve, 0])
-                try:
-                    where = self._where(fd, loc, call.process.cwd)
-                except BaseException:
-                    _close(fd)
-                    raise
-                new = Directory(fd, where, False)
+                return Directory(fd, real, True)
+            fd = call_fd(at.cap, P.OPENAT, [at.path, os.O_RDONLY | os.O_DIRECTORY | at.resolve, 0])
+            try:
+                where = self._where(fd, at, call.process.cwd)
+            except BaseException:
+                _close(fd)
+                raise
+            return Directory(fd, where, False)
+
+        try:
+            new = self.in_view(loc, True, enter)
         except OSError as exc:
             if exc.errno == errno.ENODEV and loc.namespace:
                 raise _error(errno.ENOENT) from None
@@ -653,16 +806,20 @@ class Syscalls:
 
     def _on_name(self, call: Call, dirfd: int, addr: int, op: int, extra: list) -> int:
         loc = self.locate(call, dirfd, self.path(call, addr))
-        try:
-            if loc.host:
+
+        def change(at: _Location) -> None:
+            if at.host:
                 try:
-                    self.hosts.stat(loc.path, follow=False)
+                    self.hosts.stat(at.path, follow=False)
                     exists = True
                 except OSError:
                     exists = False
                 raise OSError(errno.EEXIST if op == P.MKDIRAT and exists else errno.EROFS,
                               "the host trees are read-only")
-            call_value(loc.cap, op, [loc.path, *extra])
+            call_value(at.cap, op, [at.path, *extra])
+
+        try:
+            self.in_view(loc, False, change)
         finally:
             loc.close()
         return 0
@@ -690,10 +847,14 @@ class Syscalls:
     def _symlink(self, call: Call, target_addr: int, dirfd: int, addr: int) -> int:
         target = self.path(call, target_addr)
         loc = self.locate(call, dirfd, self.path(call, addr))
-        try:
-            if loc.host:
+
+        def make(at: _Location) -> None:
+            if at.host:
                 raise OSError(errno.EROFS, "the host trees are read-only")
-            call_value(loc.cap, P.SYMLINKAT, [target, loc.path])
+            call_value(at.cap, P.SYMLINKAT, [target, at.path])
+
+        try:
+            self.in_view(loc, False, make)
         finally:
             loc.close()
         return 0
@@ -707,20 +868,23 @@ class Syscalls:
 
     def _two_paths(self, call: Call, op: int, olddir: int, old: int, newdir: int, new: int,
                    noreplace: bool = False) -> int:
+        def send(src: _Location, dst: _Location) -> None:
+            if src.host or dst.host:
+                raise _error(errno.EROFS if src.host and dst.host else errno.EXDEV)
+            if noreplace:
+                try:
+                    self.status_at(dst, follow=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+            self._send_two(op, src, dst)
+
         src = self.locate(call, olddir, self.path(call, old))
         try:
             dst = self.locate(call, newdir, self.path(call, new))
             try:
-                if src.host or dst.host:
-                    raise _error(errno.EROFS if src.host and dst.host else errno.EXDEV)
-                if noreplace:
-                    try:
-                        self.status_at(dst, follow=False)
-                    except FileNotFoundError:
-                        pass
-                    else:
-                        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-                self._send_two(op, src, dst)
+                self.in_view(src, False, lambda s: self.in_view(dst, False, lambda d: send(s, d)))
             finally:
                 dst.close()
         finally:
@@ -778,10 +942,14 @@ class Syscalls:
         if length >= 1 << 63:
             raise _error(errno.EINVAL)
         loc = self.locate(call, AT_FDCWD, self.path(call, call.args[0]))
-        try:
-            if loc.host:
+
+        def open_for_writing(at: _Location) -> int:
+            if at.host:
                 raise OSError(errno.EROFS, "the host trees are read-only")
-            fd = self.open_at(loc, os.O_WRONLY, 0, passthrough=True)
+            return self.open_at(at, os.O_WRONLY, 0, passthrough=True)
+
+        try:
+            fd = self.in_view(loc, True, open_for_writing)
         finally:
             loc.close()
         try:
@@ -820,13 +988,14 @@ class Syscalls:
                 raise OSError(errno.EACCES, "a relative program where the kernel cannot find it")
             loc = self.locate(call, AT_FDCWD, path)
         else:
+            placed = self._placed(path)
             mounted = self.mount_of(path)
-            if mounted is not None:
+            if placed is not None and placed.view is not None and mounted is not None:
                 if not mounted[0].executable:
                     raise OSError(errno.EACCES, "programs in this directory cannot be executed")
-                loc = _Location(mounted[0].cap, mounted[1], False)
-            elif self.hosts.claims(path):
-                loc = _Location(None, path, True)
+                loc = placed
+            elif placed is not None:
+                loc = placed
             else:
                 try:
                     self.status_at(self.locate(call, AT_FDCWD, path), follow=True)
@@ -836,7 +1005,8 @@ class Syscalls:
                 raise OSError(errno.EACCES, "only files of the host trees and handed directories "
                               "are executed")
         try:
-            st = os.stat(self.hosts.resolve(loc.path)) if loc.host else self.status_at(loc, True)
+            st = self.in_view(loc, True, lambda at: os.stat(self.hosts.resolve(at.path)) if at.host
+                              else self.status_at(at, True))
         finally:
             loc.close()
         if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
@@ -884,11 +1054,15 @@ class Syscalls:
                 raise _error(errno.EFAULT)
             return self._metadata_of_fd(call, dirfd, op, args)
         loc = self.locate(call, dirfd, path)
-        try:
-            if loc.host:
+        nofollow = os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0
+
+        def change(at: _Location) -> None:
+            if at.host:
                 raise OSError(errno.EROFS, "the host trees are read-only")
-            nofollow = os.O_NOFOLLOW if flags & AT_SYMLINK_NOFOLLOW else 0
-            call_value(loc.cap, op, [loc.path, *args, nofollow | loc.resolve])
+            call_value(at.cap, op, [at.path, *args, nofollow | at.resolve])
+
+        try:
+            self.in_view(loc, not nofollow, change)
         finally:
             loc.close()
         return 0

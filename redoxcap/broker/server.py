@@ -290,7 +290,11 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         raise Unavailable(errno.ENOSYS, reason)
     machine = linux.machine()
     assert machine is not None
-    hosts = hostfs.HostTrees(host_trees_for(argv, env, ro_host))
+    # a tree inside a handed directory (a venv in the project) is served by that directory
+    handed_paths = [d.path.rstrip("/") + "/" for d, _ in mounts if d.executable]
+    hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
+                              if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
+                             [d.visible for d, _ in mounts])
     opened: list[int] = []
     try:
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
