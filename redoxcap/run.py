@@ -340,18 +340,16 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
         argv = confined_argv(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
-    served = list(dirs)
     if broker is not None:
         private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
-        served.append(HostDir(private_tmp, "/tmp"))
         env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     daemons: list[subprocess.Popen] = []
     try:
         proc, account, where = _spawn(
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
-            net=net, follower=follower, broker=broker, max_caps=max_caps, served=served,
-            user_dirs=bool(dirs), daemons=daemons)
+            net=net, follower=follower, broker=broker, max_caps=max_caps, dirs=dirs,
+            private_tmp=private_tmp, daemons=daemons)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=where, account=account)
@@ -381,14 +379,16 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
            cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
            broker: dict | None = None, max_caps: int | None = None,
-           served: Sequence[HostDir] = (), user_dirs: bool = False,
+           dirs: Sequence[HostDir] = (), private_tmp: str | None = None,
            daemons: list[subprocess.Popen] | None = None
            ) -> tuple[subprocess.Popen, int | None, str]:
     """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
 
     With new_session, argv leads a new session without a controlling
-    terminal (so it cannot push input into ours). The daemons serving the
-    directories of served are appended to daemons as they start.
+    terminal (so it cannot push input into ours). The daemons serving dirs
+    (registered in the program's namespace) and private_tmp (the broker's
+    /tmp, in no namespace of the program's) are appended to daemons as they
+    start.
 
     Returns:
         The process, the router account its capabilities are charged to, and its cwd.
@@ -407,16 +407,17 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if unknown:
             raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
                           f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
-        if wanted is None and user_dirs:  # the program's files are its directories, not the root
+        if wanted is None and dirs:  # the program's files are its directories, not the root
             wanted = [n for n in rt.schemes() if n != "file"]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
-        mounts = serve_dirs(child_ns, served, daemons if daemons is not None else [])
+        daemons = daemons if daemons is not None else []
+        mounts = serve_dirs(child_ns, dirs, daemons)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
-        if user_dirs:
+        if dirs:
             _enter_dir(child_ns, mounts, cwd, beneath)
         else:
             _enter_cwd(cwd or "/", beneath)
@@ -427,10 +428,21 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 
-            cwd_fd = _process.cwd_fd()
-            trace = follower.syscall if follower is not None else None
-            return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=mounts,
-                                  net=net, trace=trace), account, where
+            if not dirs:  # as without the broker, the script a Python interpreter runs is readable
+                argv, extra = _script_made_absolute(argv)
+                broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
+
+            handed = [(d, _open_root(child_ns, name)) for d, name in mounts]
+            try:
+                if private_tmp is not None:
+                    handed.append(_serve_hidden(child_ns, HostDir(private_tmp, "/tmp"), daemons))
+                cwd_fd = _process.cwd_fd()
+                trace = follower.syscall if follower is not None else None
+                return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
+                                      net=net, trace=trace), account, where
+            finally:
+                for _, cap in handed:
+                    rt.close(cap)
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env,
                             start_new_session=new_session), account, where
@@ -475,6 +487,34 @@ def serve_dirs(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.
             rt.close(channel)
         mounts.append((d, name))
     return mounts
+
+
+def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
+    """argv with the script a Python interpreter runs (`python3 x.py`) named by its absolute
+    path, and that file as the one host path to serve for it (none for other programs)."""
+    script = python_script(argv)
+    if script is None:
+        return argv, []
+    for i, arg in enumerate(argv[1:], 1):
+        if not arg.startswith("-") and os.path.abspath(arg) == script:
+            return [*argv[:i], script, *argv[i + 1:]], [script]
+    return argv, [script]
+
+
+def _open_root(ns: int, name: str) -> int:
+    """A capability for the root of scheme name in namespace ns."""
+    return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
+
+
+def _serve_hidden(child_ns: int, d: HostDir, daemons: list[subprocess.Popen]) -> tuple[HostDir, int]:
+    """Serve d for the broker only: registered in a fork of child_ns that goes at once, so
+    that the program's namespace does not list it. Returns d and its root capability."""
+    fork = rt.mkns(None, child_ns)
+    try:
+        (_, name), = serve_dirs(fork, [d], daemons)
+        return d, _open_root(fork, name)
+    finally:
+        rt.close(fork)
 
 
 def _start_file_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:

@@ -32,7 +32,7 @@ from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Listener, Notification
 from redoxcap.broker.state import Directory, Mount, Processes
-from rt._call import call_fd, forget
+from rt._call import call_fd, call_value, forget
 from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
 from wire import linux
 from wire import protocol as P
@@ -263,7 +263,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
                    passthrough: bool = True,
                    trace: Callable[[dict], None] | None = None,
-                   mounts: Sequence[tuple[Any, str]] = (),
+                   mounts: Sequence[tuple[Any, int]] = (),
                    net: dict | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
@@ -273,7 +273,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
     mounts are the directories handed over at paths of their own
-    (redoxcap.run.HostDir, and its scheme's name in the namespace of ns_fd):
+    (redoxcap.run.HostDir, and a capability for its root, which stays the caller's):
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
@@ -300,10 +300,11 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
         opened.append(broker_ns)
         handed = []
-        for directory, name in mounts:
-            cap = call_fd(ns_fd, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
+        for directory, root in mounts:
+            cap = call_fd(root, P.CLONE)
             opened.append(cap)
-            handed.append(Mount(directory.visible, cap, directory.path, directory.executable, name))
+            scheme = call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
+            handed.append(Mount(directory.visible, cap, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
         read_paths = hosts.trees + [m.path for m in handed if m.executable]
