@@ -400,7 +400,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = None
+    child_ns = hidden = None
     try:
         wanted = None if names is None else [n for n in names.split(",") if n]
         unknown = sorted(set(wanted or ()) - set(rt.schemes()))
@@ -415,6 +415,11 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         daemons = daemons if daemons is not None else []
         mounts = serve_dirs(child_ns, dirs, daemons)
+        # the broker's /tmp: registered in a fork of the namespace that goes once its root is
+        # open, so that the program's namespace does not list it (its daemon starts meanwhile)
+        hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
+        if hidden is not None:
+            tmp_mount = serve_dirs(hidden, [HostDir(private_tmp, "/tmp")], daemons)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
@@ -434,8 +439,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
 
             handed = [(d, _open_root(child_ns, name)) for d, name in mounts]
             try:
-                if private_tmp is not None:
-                    handed.append(_serve_hidden(child_ns, HostDir(private_tmp, "/tmp"), daemons))
+                if hidden is not None:
+                    handed += [(d, _open_root(hidden, name)) for d, name in tmp_mount]
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
@@ -449,8 +454,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:
-        if child_ns is not None:
-            rt.close(child_ns)
+        for ns in (child_ns, hidden):
+            if ns is not None:
+                rt.close(ns)
         rt.setup(None, None)
 
 
@@ -504,17 +510,6 @@ def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
 def _open_root(ns: int, name: str) -> int:
     """A capability for the root of scheme name in namespace ns."""
     return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
-
-
-def _serve_hidden(child_ns: int, d: HostDir, daemons: list[subprocess.Popen]) -> tuple[HostDir, int]:
-    """Serve d for the broker only: registered in a fork of child_ns that goes at once, so
-    that the program's namespace does not list it. Returns d and its root capability."""
-    fork = rt.mkns(None, child_ns)
-    try:
-        (_, name), = serve_dirs(fork, [d], daemons)
-        return d, _open_root(fork, name)
-    finally:
-        rt.close(fork)
 
 
 def _start_file_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:

@@ -36,7 +36,7 @@ from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
 from redoxcap.broker.pump import Pumps
 from redoxcap.broker.state import BoundedSet, CapabilityTable, Directory, Mount, Process, Processes
-from redoxcap.broker.structs import DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
+from redoxcap.broker.structs import DT_DIR, DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
 from rt._paths import SCHEME_ROOT, split_namespace_path
 from wire import linux
@@ -659,7 +659,9 @@ class Syscalls:
             if identity not in self.caps:
                 return PROCEED
             start = self.caps.position(identity)
-            entries = self._listing(dup, start)
+            # `.` and `..` first, as Linux lists them (ls -a, and programs that count on them)
+            dots = [(".", DT_DIR), ("..", DT_DIR)][start:]
+            entries = dots + self._listing(dup, max(0, start - 2))
         finally:
             _close(dup)
         data, count = pack_dirents(entries, start, size)

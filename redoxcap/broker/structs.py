@@ -19,6 +19,7 @@ _STATX = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII" + "112x")  # 256 byt
 _DIRENT_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
 STATX_BASIC_STATS = 0x7FF
 DT_UNKNOWN = 0
+DT_DIR = 4
 _NS = 1_000_000_000
 
 
