@@ -67,7 +67,7 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 
 root_option = click.option(
     "--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Host directory served by the file scheme "
+    help="Host directory served by the file scheme; it must exist (only the default is made) "
          "[default: $XDG_DATA_HOME/redoxcap/root, or ~/.local/share/redoxcap/root].")
 mount_option = click.option(
     "--mount", "mounts", multiple=True, metavar=config.MOUNT_SYNTAX,
