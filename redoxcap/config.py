@@ -137,7 +137,8 @@ def default_root() -> Path:
 
 def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str],
               scheme_names: str | None = None, user_schemes: Sequence[str] = ()) -> Config:
-    """The config file, overridden by command-line options; the root exists afterwards.
+    """The config file, overridden by command-line options; a root given must exist (the
+    default one is made).
 
     Args:
         config_file: `--config`, or None for the defaults.
@@ -151,8 +152,8 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
         The configuration to boot.
 
     Raises:
-        ConfigError: the file or an option is unfit, or a mount name is given twice.
-        OSError: the root directory could not be created.
+        ConfigError: the file or an option is unfit (a root or mount directory that does not
+            exist), a mount name is given twice, or the default root could not be made.
     """
     cfg = load(config_file)
     cfg.mounts += [parse_mount(m) for m in mounts]
