@@ -511,3 +511,18 @@ def test_a_private_system_boots_for_a_dir_run_and_leaves_nothing(tmp_path):
     assert (got.returncode, got.stdout) == (0, f"{project}\n"), got.stderr
     assert (project / "out.txt").read_text() == "made\n"
     assert not (state / "control.sock").exists()
+
+
+def test_dev_tty_is_the_terminal_the_program_was_given(system, tmp_path):
+    master, slave = os.openpty()
+    try:
+        got = system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo to-the-tty > /dev/tty",
+                         stdin=slave, check=False)
+        assert got.returncode == 0, got.stderr
+        assert b"to-the-tty" in os.read(master, 1024)
+    finally:
+        os.close(master)
+        os.close(slave)
+    got = system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo x > /dev/tty",
+                     stdin=subprocess.DEVNULL, check=False)
+    assert got.returncode != 0 and "No such device or address" in got.stderr

@@ -60,6 +60,7 @@ RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_CACHED = 0x08, 0x10, 0x20
 _O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 _OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
+TTY = "/dev/tty"
 
 
 _FILE_ROOT = "/scheme/file/"
@@ -480,6 +481,8 @@ class Syscalls:
     def _open(self, call: Call, dirfd: int, addr: int, flags: int, mode: int,
               resolve: int = 0) -> Install:
         path = self.path(call, addr)
+        if path == TTY and dirfd == AT_FDCWD:
+            return Install(self.terminal(call), bool(flags & os.O_CLOEXEC))
         loc = self.locate(call, dirfd, path, resolve)
         try:
             fd, from_host = self.in_view(loc, not flags & os.O_NOFOLLOW, lambda at: (
@@ -503,6 +506,20 @@ class Syscalls:
             _close(fd)
             raise
         return Install(fd, bool(flags & os.O_CLOEXEC))
+
+    def terminal(self, call: Call) -> int:
+        """/dev/tty: the terminal the program was given as fd 0, 1 or 2 (a copy of that fd:
+        nothing it did not hold already), ENXIO when none is one, as for a process without
+        a controlling terminal."""
+        for fd in (0, 1, 2):
+            try:
+                dup = self.target_fd(call, fd)
+            except OSError:
+                continue
+            if os.isatty(dup):
+                return dup
+            _close(dup)
+        raise OSError(errno.ENXIO, "no terminal was given")
 
     def for_the_program(self, fd: int, flags: int) -> int:
         """What the program gets for an fd just opened (owned; the answer is owned too).
