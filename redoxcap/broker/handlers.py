@@ -34,8 +34,16 @@ from redoxcap.broker import net
 from redoxcap.broker.hostfs import WRITABLE_DEVICES, HostTrees
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
-from redoxcap.broker.pump import Pumps
-from redoxcap.broker.state import BoundedSet, CapabilityTable, Directory, Mount, Process, Processes
+from redoxcap.broker.pump import Pumps, snapshot
+from redoxcap.broker.state import (
+    BoundedSet,
+    CapabilityTable,
+    Directory,
+    Mount,
+    Process,
+    Processes,
+    StatusTable,
+)
 from redoxcap.broker.structs import DT_DIR, DT_UNKNOWN, pack_dirents, pack_stat, pack_statx
 from rt._call import call_fd, call_value, forget
 from rt._paths import SCHEME_ROOT, split_namespace_path
@@ -163,6 +171,7 @@ class Syscalls:
         self.sockets = net.SocketGrants(grants)
         self.caps = CapabilityTable()
         self.passed_files = BoundedSet()  # regular files handed over as host fds (passthrough)
+        self.snapshots = StatusTable()  # routed read-only files handed over as memory files
         self.pumps = Pumps()
         self.o_largefile = _O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
@@ -457,7 +466,8 @@ class Syscalls:
             routed = self.pumps.capability_of(_identity(st)) if stat.S_ISSOCK(st.st_mode) else None
             if routed is not None:  # a routed file is the file, not the socket that carries it
                 return self.status_of_capability(routed)
-            return st
+            copied = self.snapshots.get(_identity(st)) if stat.S_ISREG(st.st_mode) else None
+            return copied if copied is not None else st
         finally:
             _close(dup)
 
@@ -535,9 +545,17 @@ class Syscalls:
             return fd
         if not flags & (os.O_PATH | os.O_DIRECTORY):
             try:
-                is_dir = stat.S_ISDIR(self.status_of_capability(fd).st_mode)
+                status = self.status_of_capability(fd)
             except OSError:
-                is_dir = False
+                status = None
+            is_dir = status is not None and stat.S_ISDIR(status.st_mode)
+            if status is not None and stat.S_ISREG(status.st_mode) and \
+                    flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+                copy = snapshot(fd, status.st_size)
+                if copy is not None:
+                    self.snapshots.add(_identity(os.fstat(copy)), status)
+                    _close(fd)
+                    return copy
             if not is_dir:
                 return self.pumps.start(fd, flags)
         self.caps.add(_identity(st))

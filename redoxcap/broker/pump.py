@@ -8,12 +8,15 @@ the other end through the capability, one READ or WRITE request at a time,
 on a thread per direction: every byte stays routed (traceable, revocable),
 at the price of no seeking (ESPIPE) and no mmap (ENODEV, as for any socket).
 While the program holds its end, fstat of it describes the file, not the
-socket (`capability_of`: a clone of the capability kept for that).
+socket (`capability_of`: a clone of the capability kept for that). A regular
+file opened read-only is read whole instead (`snapshot`, up to SNAPSHOT_MAX):
+the program gets a sealed memory file of its bytes, which it can seek and map.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -140,6 +143,41 @@ class Pumps:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+SNAPSHOT_MAX = 16 << 20  # bytes of a routed read-only file copied whole (larger ones are pumped)
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def snapshot(cap: int, size: int) -> int | None:
+    """A routed regular file opened read-only, as a sealed memory file of its bytes.
+
+    Every byte is read through READ on cap (routed, traced, as a pump would), once, at the
+    open; the program gets a read-only fd of a memfd holding them, so that it can seek,
+    pread and mmap it as the file it opened (it sees the file as it was then). cap stays the
+    caller's.
+
+    Returns:
+        The fd for the program, or None for a file larger than SNAPSHOT_MAX (cap is back at
+        offset 0 then: pump it).
+    """
+    if size > SNAPSHOT_MAX:
+        return None
+    memfd = os.memfd_create("redoxcap-routed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        total = 0
+        while data := call_value(cap, P.READ, [CHUNK], kind=bytes):
+            total += len(data)
+            if total > SNAPSHOT_MAX:  # it grew since its fstat
+                call_value(cap, P.LSEEK, [0, os.SEEK_SET], kind=int)
+                return None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(memfd, view):]
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        return os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(memfd)
 
 
 def _close(fd: int) -> None:

@@ -207,6 +207,24 @@ class BoundedSet:
         return identity in self._items
 
 
+class StatusTable:
+    """The status a memory file stands for (a routed file's, by the memfd's identity),
+    the oldest forgotten past a bound."""
+
+    def __init__(self, bound: int = MAX_CAPABILITIES) -> None:
+        self._items: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._bound = bound
+
+    def add(self, identity: tuple[int, int], status: object) -> None:
+        self._items[identity] = status
+        self._items.move_to_end(identity)
+        if len(self._items) > self._bound:
+            self._items.popitem(last=False)
+
+    def get(self, identity: tuple[int, int]) -> object | None:
+        return self._items.get(identity)
+
+
 class CapabilityTable:
     """The capabilities the broker installed in targets, by socket identity, with a directory
     position for getdents (shared by every fd of the same open socket, as Linux's offset)."""
