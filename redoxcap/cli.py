@@ -159,7 +159,7 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="Hand COMMAND this host directory (`.` for the current one; read-only with "
                    ":ro), seen at its own path; the first is its cwd. Repeatable. Its namespace "
                    "then holds no `file` root unless --ns names it.")
-@click.option("--cwd", default=None,
+@click.option("--cwd", default=None, metavar="PATH",
               help="The command's current directory: a file-scheme path or /scheme/NAME/... "
                    "[default: /]; with --dir, a host path in one of the directories "
                    "[default: the first].")
@@ -167,10 +167,11 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="Open the cwd with O_RESOLVE_BENEATH: nothing the command opens through it "
                    "may leave it (a sandbox, with --ns '').")
 @click.option("--confine/--no-confine", default=True, show_default=True,
-              help="Confine COMMAND with Landlock and seccomp: no host files beyond what the "
-                   "interpreter needs, no TCP or other network sockets, no abstract sockets, no "
-                   "metadata changes, no terminal injection, no capabilities, a minimal "
-                   "environment. --no-confine runs COMMAND as you, with your whole environment.")
+              help="Confine COMMAND with Landlock and seccomp: no host files beyond the system's "
+                   "programs and what it was handed, no network beyond --allow-* (TCP only, "
+                   "brokered), no abstract sockets, no metadata changes but to its own files "
+                   "(brokered), no terminal injection, no capabilities, a minimal environment. "
+                   "--no-confine runs COMMAND as you, with your whole environment.")
 @click.option("--require-confine", is_flag=True,
               help="Fail instead of warning when the host cannot confine COMMAND.")
 @click.option("--env", "env_options", multiple=True, metavar="NAME[=VALUE]",
