@@ -69,6 +69,7 @@ _O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 _OPEN_HOW = 24  # struct open_how {u64 flags, mode, resolve}
 _O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 TTY = "/dev/tty"
+MAX_PLAIN_DIRS = 1 << 16
 
 
 _FILE_ROOT = "/scheme/file/"
@@ -172,6 +173,9 @@ class Syscalls:
         self.caps = CapabilityTable()
         self.passed_files = BoundedSet()  # regular files handed over as host fds (passthrough)
         self.snapshots = StatusTable()  # routed read-only files handed over as memory files
+        # directories of handed ones the view walk found to be directories, not links: it
+        # skips their STATAT until the program renames, removes or links anything
+        self._plain_dirs: set[tuple[int, str]] = set()
         self.pumps = Pumps()
         self.o_largefile = _O_LARGEFILE.get(machine, 0)
         names = linux.SYSCALLS[machine]
@@ -349,6 +353,10 @@ class Syscalls:
                 up = posixpath.dirname(mount.visible.rstrip("/")) or "/"
                 return self._restart(posixpath.join(up, *parts[i + 1:]) + trailing, follow, links)
             where = "/".join([*stack, name])
+            if not last and (mount.cap, where) in self._plain_dirs:
+                stack.append(name)  # a directory, not a link, when the walk last looked
+                i += 1
+                continue
             try:
                 st = Stat.from_wire(call_value(mount.cap, P.STATAT,
                                                [where, os.O_NOFOLLOW | P.O_RESOLVE_BENEATH], kind=dict))
@@ -371,6 +379,10 @@ class Syscalls:
                 continue
             if not last and not stat.S_ISDIR(st.st_mode):
                 raise _error(errno.ENOTDIR)
+            if stat.S_ISDIR(st.st_mode):
+                if len(self._plain_dirs) >= MAX_PLAIN_DIRS:
+                    self._plain_dirs.clear()
+                self._plain_dirs.add((mount.cap, where))
             stack.append(name)
             i += 1
         if not moved:
@@ -842,6 +854,8 @@ class Syscalls:
     # -- names -----------------------------------------------------------------
 
     def _on_name(self, call: Call, dirfd: int, addr: int, op: int, extra: list) -> int:
+        if op != P.MKDIRAT:
+            self._plain_dirs.clear()  # a directory may go, and a link take its name
         loc = self.locate(call, dirfd, self.path(call, addr))
 
         def change(at: _Location) -> None:
@@ -882,6 +896,7 @@ class Syscalls:
         return self._on_name(call, _int(a[0]), a[1], P.UNLINKAT, [flags])
 
     def _symlink(self, call: Call, target_addr: int, dirfd: int, addr: int) -> int:
+        self._plain_dirs.clear()
         target = self.path(call, target_addr)
         loc = self.locate(call, dirfd, self.path(call, addr))
 
@@ -905,6 +920,7 @@ class Syscalls:
 
     def _two_paths(self, call: Call, op: int, olddir: int, old: int, newdir: int, new: int,
                    noreplace: bool = False) -> int:
+        self._plain_dirs.clear()  # a renamed directory, or a link renamed over one
         def send(src: _Location, dst: _Location) -> None:
             if src.host or dst.host:
                 raise _error(errno.EROFS if src.host and dst.host else errno.EXDEV)
