@@ -531,3 +531,88 @@ def test_dev_tty_is_the_terminal_the_program_was_given(system, tmp_path):
     got = system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo x > /dev/tty",
                      stdin=subprocess.DEVNULL, check=False)
     assert got.returncode != 0 and "No such device or address" in got.stderr
+
+
+CHMOD_RACE = textwrap.dedent("""
+    import os, sys, threading
+    outside, rounds = sys.argv[1], int(sys.argv[2])
+    stop = False
+    def swap():
+        while not stop:
+            os.symlink(outside, "flip.tmp")
+            os.replace("flip.tmp", "flip")
+            with open("flip.tmp", "w") as f:
+                f.write("mine")
+            os.replace("flip.tmp", "flip")
+    open("flip", "w").close()
+    threading.Thread(target=swap, daemon=True).start()
+    changed = 0
+    for _ in range(rounds):
+        for call in (lambda: os.chmod("flip", 0o777), lambda: os.utime("flip", (1, 1))):
+            try:
+                call()
+                changed += 1
+            except OSError:
+                pass
+    stop = True
+    print(changed)
+""")
+
+
+def test_a_racing_symlink_never_lets_chmod_or_utime_reach_outside(system, tmp_path):
+    project, outside = tmp_path / "proj", tmp_path / "outside"
+    project.mkdir()
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("the secret")
+    secret.chmod(0o600)
+    before = secret.stat()
+    got = sandboxed(system, project, [BASE_PYTHON, "-c", CHMOD_RACE, str(secret), "300"])
+    assert got.returncode == 0 and int(got.stdout) > 0, got.stderr  # its own file did change
+    after = secret.stat()
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
+
+CONNECT_RACE = textwrap.dedent("""
+    import ctypes, os, socket, struct, sys, threading
+    libc = ctypes.CDLL(None, use_errno=True)
+    granted, other, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    def sockaddr(port):
+        return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton("127.0.0.1"))
+    # the family is in host order, the port in network order
+    good, bad = bytearray(sockaddr(granted)), bytearray(sockaddr(other))
+    good[0:2], bad[0:2] = struct.pack("=H", socket.AF_INET), struct.pack("=H", socket.AF_INET)
+    buf = ctypes.create_string_buffer(bytes(good), 16)
+    stop = False
+    def flip():
+        while not stop:
+            ctypes.memmove(buf, bytes(bad), 16)
+            ctypes.memmove(buf, bytes(good), 16)
+    threading.Thread(target=flip, daemon=True).start()
+    outcomes = {}
+    for _ in range(rounds):
+        s = socket.socket()
+        rc = libc.connect(s.fileno(), buf, 16)
+        key = "ok" if rc == 0 else os.strerror(ctypes.get_errno())
+        outcomes[key] = outcomes.get(key, 0) + 1
+        s.close()
+    stop = True
+    print(sorted(outcomes.items()))
+""")
+
+
+def test_a_racing_address_never_connects_beyond_the_grant(system, tmp_path):
+    """The broker reads the address once and connects its own copy of the socket: a thread
+    that swaps the address for one not granted meanwhile never gets there."""
+    project = tmp_path / "race-net"
+    project.mkdir()
+    with socket.create_server(("127.0.0.1", 0), backlog=512) as granted, \
+            socket.create_server(("127.0.0.1", 0)) as other:
+        granted_port, other_port = granted.getsockname()[1], other.getsockname()[1]
+        other.settimeout(0)
+        got = sandboxed(system, project, [BASE_PYTHON, "-c", CONNECT_RACE, str(granted_port),
+                                          str(other_port), "300"],
+                        "--allow-connect", f"127.0.0.1:{granted_port}")
+        with pytest.raises(BlockingIOError):
+            other.accept()
+    assert got.returncode == 0 and "('ok'," in got.stdout, (got.stdout, got.stderr)
