@@ -250,7 +250,7 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
     daemons of the run's own, gone when it ends. `run` exits with COMMAND's
     exit code (127: not found).
     """
-    from redoxcap import run  # the client runtime: only `run` needs it
+    from redoxcap import hostdirs, run  # the client runtime: only `run` needs it
 
     if require_confine and not confine:
         raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
@@ -260,7 +260,7 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
     except ValueError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
-    host_dirs = [run.parse_dir(text) for text in dirs]
+    host_dirs = [hostdirs.parse_dir(text) for text in dirs]
     broker = run.broker_options(brokered, confine, ro_host, passthrough)
     with run.system_for_run(state_dir, root=root, config_file=config_file,
                             mounts=mounts, log=log_file) as system:

@@ -8,10 +8,12 @@ process installs that namespace and the `--cwd` directory in its own rt
 scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
 options grant, and starts the command with the public
 `rt.spawn`, which hands the child clones of both. Confined (the default),
-the command runs under the sandbox launcher (`python -P -m
-redoxcap.sandbox`) with a minimal environment and a private scratch
-directory; `run` forwards SIGINT, SIGTERM and SIGHUP to it and exits with
-its exit code.
+the command runs brokered (redoxcap.broker: any program, every path through
+its capabilities, with the `--dir` directories at their own paths and a
+private /tmp, see redoxcap/hostdirs.py), or, with `--no-broker`, under the
+sandbox launcher (`python -P -m redoxcap.sandbox`) with a private scratch
+directory; either way with a minimal environment. `run` forwards SIGINT,
+SIGTERM and SIGHUP to it and exits with its exit code.
 
 With no system up at the state directory, a private one is booted for the
 duration of the command (:func:`redoxcap.lifecycle.private_system`).
@@ -35,14 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rt
-from redoxcap import config, control, lifecycle
+from redoxcap import config, control, hostdirs, lifecycle
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
 from rt import _process
-from rt._call import call_fd
 from rt._paths import ENV_DIRS
-from wire import protocol as P
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -62,50 +62,6 @@ class NetGrant:
     connect: tuple[tuple[str, int], ...] = ()
     listen: tuple[int | tuple[str, int], ...] = ()
     options: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class HostDir:
-    """A host directory a run hands its program (`--dir`), or the run's private /tmp.
-
-    Each is served by a file scheme daemon of the run's own, registered in the
-    program's namespace under a name of its own (`dir`, `dir1`, ...), and seen
-    by the program at `visible`.
-
-    Attributes:
-        path: its real host path.
-        visible: the absolute path the program sees it at: its own host path,
-            or /tmp for the private one.
-        read_only: every write is EROFS (`--dir HOSTDIR:ro`).
-    """
-
-    path: str
-    visible: str
-    read_only: bool = False
-
-    @property
-    def executable(self) -> bool:
-        """Programs in it may be executed: the kernel finds them at the path the program names."""
-        return self.path == self.visible
-
-
-def parse_dir(text: str) -> HostDir:
-    """`HOSTDIR[:ro]` -> HostDir at its real path; `.` is the current directory.
-
-    Raises:
-        Failure: EXIT_USAGE for a path that is not an existing directory, or `/`.
-    """
-    path, read_only = (text[:-3], True) if text.endswith(":ro") else (text, False)
-    if not path:
-        raise Failure(f"--dir {text!r}: expected HOSTDIR[:ro]", EXIT_USAGE)
-    real = os.path.realpath(os.path.expanduser(path))
-    if not os.path.isdir(real):
-        why = "does not exist" if not os.path.exists(real) else "is not a directory"
-        raise Failure(f"--dir {text}: {real} {why}", EXIT_USAGE)
-    if real == "/":
-        raise Failure("--dir /: that hands over the whole host; name the directories the "
-                      "program needs", EXIT_USAGE)
-    return HostDir(real, real, read_only)
 
 
 def parse_net_address(option: str, text: str, *, listen: bool) -> int | tuple[str, int]:
@@ -297,7 +253,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         cwd: str | None, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
-        max_caps: int | None = None, dirs: Sequence[HostDir] = ()) -> int:
+        max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -361,7 +317,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             follower.stop()
             if follower.out is not sys.stderr:
                 follower.out.close()
-        _stop_daemons(daemons)
+        hostdirs.stop(daemons)
         for directory in (scratch, private_tmp):
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -379,7 +335,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
            cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
            broker: dict | None = None, max_caps: int | None = None,
-           dirs: Sequence[HostDir] = (), private_tmp: str | None = None,
+           dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
            daemons: list[subprocess.Popen] | None = None
            ) -> tuple[subprocess.Popen, int | None, str]:
     """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
@@ -414,16 +370,16 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         daemons = daemons if daemons is not None else []
-        mounts = serve_dirs(child_ns, dirs, daemons)
+        mounts = hostdirs.serve(child_ns, dirs, daemons)
         # the broker's /tmp: registered in a fork of the namespace that goes once its root is
         # open, so that the program's namespace does not list it (its daemon starts meanwhile)
         hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
         if hidden is not None:
-            tmp_mount = serve_dirs(hidden, [HostDir(private_tmp, "/tmp")], daemons)
+            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
-            _enter_dir(child_ns, mounts, cwd, beneath)
+            hostdirs.enter(child_ns, mounts, cwd, beneath)
         else:
             _enter_cwd(cwd or "/", beneath)
         where = rt.getcwd()
@@ -437,10 +393,10 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 argv, extra = _script_made_absolute(argv)
                 broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
 
-            handed = [(d, _open_root(child_ns, name)) for d, name in mounts]
+            handed = [(d, hostdirs.open_root(child_ns, name)) for d, name in mounts]
             try:
                 if hidden is not None:
-                    handed += [(d, _open_root(hidden, name)) for d, name in tmp_mount]
+                    handed += [(d, hostdirs.open_root(hidden, name)) for d, name in tmp_mount]
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
@@ -460,41 +416,6 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         rt.setup(None, None)
 
 
-def serve_dirs(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen]
-               ) -> list[tuple[HostDir, str]]:
-    """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
-
-    The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
-    namespace holds already. Each daemon is appended to daemons once started;
-    it dies with this process, and :func:`_stop_daemons` stops it.
-
-    Returns:
-        (directory, scheme name) of each, in the order of dirs.
-
-    Raises:
-        Failure: the namespace refused a new scheme, or a daemon could not start.
-    """
-    taken = set(rt.schemes(child_ns)) if dirs else set()
-    mounts = []
-    for d in dirs:
-        base = "tmp" if d.visible == "/tmp" and not d.executable else "dir"
-        name = next(n for n in [base, *(f"{base}{i}" for i in range(1, len(dirs) + len(taken) + 2))]
-                    if n not in taken)
-        taken.add(name)
-        try:
-            channel = rt.mkscheme(name, child_ns)
-        except OSError as exc:
-            raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
-        try:
-            daemons.append(_start_file_daemon(channel, d, name))
-        except OSError as exc:
-            raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
-        finally:
-            rt.close(channel)
-        mounts.append((d, name))
-    return mounts
-
-
 def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
     """argv with the script a Python interpreter runs (`python3 x.py`) named by its absolute
     path, and that file as the one host path to serve for it (none for other programs)."""
@@ -505,70 +426,6 @@ def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
         if not arg.startswith("-") and os.path.abspath(arg) == script:
             return [*argv[:i], script, *argv[i + 1:]], [script]
     return argv, [script]
-
-
-def _open_root(ns: int, name: str) -> int:
-    """A capability for the root of scheme name in namespace ns."""
-    return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
-
-
-def _start_file_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
-    """`python -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
-    goes to the program, not to the daemons it needs until it exits), killed when we die."""
-    argv = [sys.executable, "-P", "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
-            "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
-            *(["--read-only"] if d.read_only else [])]
-    return subprocess.Popen(argv, pass_fds=[channel], stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-# `python -P -c THIS PARENT ARGS...`: schemes.file's main, killed by the kernel when PARENT dies.
-_DAEMON_WITH_PARENT = (
-    "import runpy, sys\n"
-    "from redoxcap.sandbox.process import die_with_parent\n"
-    "die_with_parent(int(sys.argv.pop(1)))\n"
-    "sys.argv[0] = 'schemes.file'\n"
-    "runpy.run_module('schemes.file', run_name='__main__', alter_sys=True)\n"
-)
-
-
-def _stop_daemons(daemons: list[subprocess.Popen]) -> None:
-    """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
-    for proc in daemons:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in daemons:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    daemons.clear()
-
-
-def _enter_dir(child_ns: int, mounts: list[tuple[HostDir, str]], cwd: str | None,
-               beneath: bool) -> None:
-    """Make the first --dir (or cwd, a host path inside one) rt's current directory.
-
-    Raises:
-        Failure: EXIT_USAGE for a cwd in none of the directories; the open's error otherwise.
-    """
-    first = mounts[0][0]
-    target = posixpath.normpath(posixpath.join(first.visible, cwd or "."))
-    inside = [(d, name) for d, name in mounts
-              if target == d.visible or target.startswith(d.visible.rstrip("/") + "/")]
-    if not inside:
-        raise Failure(f"--cwd {cwd}: with --dir, the cwd is a host path inside one of the "
-                      f"directories (relative to {first.visible})", EXIT_USAGE)
-    d, name = max(inside, key=lambda m: len(m[0].visible))
-    rest = target[len(d.visible):].lstrip("/") or "."
-    try:
-        fd = call_fd(child_ns, P.OPENAT, [f"/scheme/{name}/{rest}",
-                                          os.O_RDONLY | os.O_DIRECTORY
-                                          | (P.O_RESOLVE_BENEATH if beneath else 0), 0])
-    except OSError as exc:
-        raise Failure(f"--cwd {target}: {exc.strerror}") from None
-    _process.replace_cwd(fd, target)
 
 
 def _enter_cwd(cwd: str, beneath: bool) -> None:

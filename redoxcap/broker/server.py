@@ -273,7 +273,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
     mounts are the directories handed over at paths of their own
-    (redoxcap.run.HostDir, and a capability for its root, which stays the caller's):
+    (redoxcap.hostdirs.HostDir, and a capability for its root, which stays the caller's):
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
