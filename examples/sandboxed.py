@@ -1,6 +1,6 @@
 """Try to get out of a sandbox and report what each attempt gets.
 
-    redoxcap run --ns '' --cwd /jail --beneath -- python examples/sandboxed.py
+    redoxcap run --ns '' --cwd /jail --beneath --no-broker -- python examples/sandboxed.py
 
 Run this way, the program holds an empty namespace and a cwd opened with
 O_RESOLVE_BENEATH, and Landlock and seccomp stop it from going around rt.

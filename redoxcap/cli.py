@@ -68,7 +68,7 @@ def main(ctx: click.Context, state_dir: Path) -> None:
 
 root_option = click.option(
     "--root", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Host directory served by the file scheme "
+    help="Host directory served by the file scheme; it must exist (only the default is made) "
          "[default: $XDG_DATA_HOME/redoxcap/root, or ~/.local/share/redoxcap/root].")
 mount_option = click.option(
     "--mount", "mounts", multiple=True, metavar=config.MOUNT_SYNTAX,
@@ -157,16 +157,23 @@ def restart_command(state_dir: Path, name: str) -> None:
 @main.command("run", context_settings={"allow_interspersed_args": False})
 @click.option("--ns", "names", default=None, metavar="NAMES",
               help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
-@click.option("--cwd", default="/", show_default=True,
-              help="The command's current directory (a file-scheme path or /scheme/NAME/...).")
+@click.option("--dir", "dirs", multiple=True, metavar="HOSTDIR[:ro]",
+              help="Hand COMMAND this host directory (`.` for the current one; read-only with "
+                   ":ro), seen at its own path; the first is its cwd. Repeatable. Its namespace "
+                   "then holds no `file` root unless --ns names it.")
+@click.option("--cwd", default=None, metavar="PATH",
+              help="The command's current directory: a file-scheme path or /scheme/NAME/... "
+                   "[default: /]; with --dir, a host path in one of the directories "
+                   "[default: the first].")
 @click.option("--beneath", is_flag=True,
               help="Open the cwd with O_RESOLVE_BENEATH: nothing the command opens through it "
                    "may leave it (a sandbox, with --ns '').")
 @click.option("--confine/--no-confine", default=True, show_default=True,
-              help="Confine COMMAND with Landlock and seccomp: no host files beyond what the "
-                   "interpreter needs, no TCP or other network sockets, no abstract sockets, no "
-                   "metadata changes, no terminal injection, no capabilities, a minimal "
-                   "environment. --no-confine runs COMMAND as you, with your whole environment.")
+              help="Confine COMMAND with Landlock and seccomp: no host files beyond the system's "
+                   "programs and what it was handed, no network beyond --allow-* (TCP only, "
+                   "brokered), no abstract sockets, no metadata changes but to its own files "
+                   "(brokered), no terminal injection, no capabilities, a minimal environment. "
+                   "--no-confine runs COMMAND as you, with your whole environment.")
 @click.option("--require-confine", is_flag=True,
               help="Fail instead of warning when the host cannot confine COMMAND.")
 @click.option("--env", "env_options", multiple=True, metavar="NAME[=VALUE]",
@@ -194,13 +201,15 @@ def restart_command(state_dir: Path, name: str) -> None:
                    "calls nsmgr makes for it indented under them) to stderr, or append to FILE "
                    "with --trace=FILE.")
 @click.option("--trace-json", is_flag=True, help="With --trace: one JSON object per call.")
-@click.option("--brokered", is_flag=True,
-              help="Run an unmodified program: every path it uses goes through its capabilities "
-                   "(seccomp user notification; docs/sandbox.md).")
+@click.option("--brokered/--no-broker", default=None,
+              help="Brokered (the default when confined): any program, not only one written with "
+                   "rt, runs with every path it uses through its capabilities (seccomp user "
+                   "notification; docs/sandbox.md). --no-broker runs a program written with rt "
+                   "under Landlock and seccomp alone.")
 @click.option("--ro-host", "ro_host", multiple=True, metavar="PATH",
-              help="With --brokered: also serve this host path read-only (repeatable).")
+              help="Brokered: also serve this host path read-only (repeatable).")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
-              help="With --brokered: regular files come as host fds (native reads and writes).")
+              help="Brokered: regular files come as host fds (native reads and writes).")
 @click.option("--pass-fd", "pass_fds", multiple=True, type=click.IntRange(3, None), metavar="N",
               help="Hand the command this fd of yours too (repeatable); by default it gets only "
                    "0, 1 and 2, besides its capabilities.")
@@ -217,30 +226,37 @@ def restart_command(state_dir: Path, name: str) -> None:
 @config_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
-def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, confine: bool,
+def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: str | None,
+                beneath: bool, confine: bool,
                 require_confine: bool, env_options: tuple[str, ...], inherit_env: bool,
                 uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
                 udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
-                trace: str | None, trace_json: bool, brokered: bool, ro_host: tuple[str, ...],
-                passthrough: bool, pass_fds: tuple[int, ...], max_caps: int | None,
-                log_file: Path | None, root: Path | None,
+                trace: str | None, trace_json: bool, brokered: bool | None,
+                ro_host: tuple[str, ...], passthrough: bool, pass_fds: tuple[int, ...],
+                max_caps: int | None, log_file: Path | None, root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
 
-    COMMAND inherits a namespace fd and a cwd fd (found by `import rt`) and,
-    confined, can reach nothing else. It may still read the interpreter, the
-    installed packages and the script it runs (`python script.py`), and write
-    in an empty private temporary directory ($TMPDIR) deleted when it ends.
-    It runs in a session of its own, without your terminal as its controlling
-    terminal and without capabilities, and its environment holds only PATH,
-    HOME, LANG, LC_*, TERM, TZ, TMPDIR, REDOXCAP_* and what --env names
-    (--inherit-env: all of yours). With --no-confine it gets your whole
-    environment and terminal. With no system up at the state directory, a
-    private one is booted for the duration of COMMAND (--root, --config and
-    --mount configure it). With a system up, --mount adds the mount to it (it
-    stays until `down`). `run` exits with COMMAND's exit code.
+    `redoxcap run --dir . -- make` runs make in the current directory and
+    nothing else of your files: every path it uses goes through its
+    capabilities (the broker), the system's programs and libraries are
+    read-only, and it gets a private /tmp, deleted when it ends. Any program
+    runs so, not only one written with rt (which finds its namespace and cwd
+    fds with `import rt`). It runs in a session of its own, without your
+    terminal as its controlling terminal and without capabilities, and its
+    environment holds only PATH, HOME, LANG, LC_*, TERM, TZ, TMPDIR,
+    REDOXCAP_* and what --env names (--inherit-env: all of yours).
+    --no-broker runs a program written with rt under Landlock and seccomp
+    alone (it may read the interpreter, the installed packages and the script
+    it runs, and write in a private $TMPDIR). With --no-confine it gets your
+    whole environment, terminal and files. With no system up at the state
+    directory, a private one is booted for the duration of COMMAND (--root,
+    --config and --mount configure it). With a system up, --mount adds the
+    mount to it (it stays until `down`); --dir directories are served by
+    daemons of the run's own, gone when it ends. `run` exits with COMMAND's
+    exit code (127: not found).
     """
-    from redoxcap import run  # the client runtime: only `run` needs it
+    from redoxcap import hostdirs, run  # the client runtime: only `run` needs it
 
     forbid_core_dumps()  # run holds the program's capabilities, and is its broker
     if require_confine and not confine:
@@ -256,13 +272,14 @@ def run_command(state_dir: Path, names: str | None, cwd: str, beneath: bool, con
         except OSError as exc:
             raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
     net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
+    host_dirs = [hostdirs.parse_dir(text) for text in dirs]
     broker = run.broker_options(brokered, confine, ro_host, passthrough)
     with run.system_for_run(state_dir, root=root, config_file=config_file,
                             mounts=mounts, log=log_file) as system:
         code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
                        confine=confine, require_confine=require_confine, uds_scope=uds_scope,
                        trace=trace, trace_json=trace_json, net=net, broker=broker,
-                       max_caps=max_caps, pass_fds=pass_fds)
+                       max_caps=max_caps, dirs=host_dirs, pass_fds=pass_fds)
     sys.exit(code)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -136,7 +137,8 @@ def default_root() -> Path:
 
 def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str],
               scheme_names: str | None = None, user_schemes: Sequence[str] = ()) -> Config:
-    """The config file, overridden by command-line options; the root exists afterwards.
+    """The config file, overridden by command-line options; a root given must exist (the
+    default one is made).
 
     Args:
         config_file: `--config`, or None for the defaults.
@@ -150,8 +152,8 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
         The configuration to boot.
 
     Raises:
-        ConfigError: the file or an option is unfit, or a mount name is given twice.
-        OSError: the root directory could not be created.
+        ConfigError: the file or an option is unfit (a root or mount directory that does not
+            exist), a mount name is given twice, or the default root could not be made.
     """
     cfg = load(config_file)
     cfg.mounts += [parse_mount(m) for m in mounts]
@@ -167,7 +169,13 @@ def configure(config_file: Path | None, root: Path | None, mounts: Sequence[str]
         if unknown:
             raise ConfigError(f"--schemes: unknown {unknown}; built-ins are {list(BUILTIN_SCHEMES)}")
         cfg.schemes = wanted
-    cfg.root = (root or cfg.root or default_root()).absolute()
+    given = root or cfg.root
+    cfg.root = (given or default_root()).expanduser().absolute()
+    if given is not None:  # a directory named by the user must be there, as a mount's must
+        if not cfg.root.is_dir():
+            why = "is not a directory" if cfg.root.exists() else "does not exist"
+            raise ConfigError(f"--root {cfg.root} {why}")
+        return cfg
     try:
         cfg.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -195,6 +203,7 @@ def parse_mount(text: str) -> Mount:
 
 
 MOUNT_SYNTAX = "NAME=HOSTDIR[:ro][:nokeep][:nopassthrough]"
+MOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def mount_option_text(m: Mount) -> str:
@@ -205,15 +214,16 @@ def mount_option_text(m: Mount) -> str:
 
 def make_mount(name: str, path: str, read_only: bool) -> Mount:
     """A Mount of host directory path as scheme name; ConfigError if either is unfit."""
-    # Printable too: a mount name ends up in status output and in the log.
-    if not P.valid_scheme_name(name) or not name.isprintable():
-        raise ConfigError(f"mount name {name!r}: scheme names are non-empty printable ASCII "
-                          "without '/', ':' or NUL")
+    # Letters, digits, '.', '_' and '-': a mount name ends up in paths, status and the log.
+    if not P.valid_scheme_name(name) or not MOUNT_NAME.fullmatch(name):
+        raise ConfigError(f"mount name {name!r}: use letters, digits, '.', '_' and '-' "
+                          "(starting with a letter or digit)")
     if name in BUILTIN_SCHEMES:
         raise ConfigError(f"mount name {name!r} is a built-in scheme")
     host = Path(path).expanduser().absolute()
     if not host.is_dir():
-        raise ConfigError(f"mount {name}: {host} is not a directory")
+        why = "is not a directory" if host.exists() else "does not exist"
+        raise ConfigError(f"mount {name}: {host} {why}")
     return Mount(name, host, read_only)
 
 

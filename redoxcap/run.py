@@ -8,10 +8,12 @@ process installs that namespace and the `--cwd` directory in its own rt
 scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
 options grant, and starts the command with the public
 `rt.spawn`, which hands the child clones of both. Confined (the default),
-the command runs under the sandbox launcher (`python -P -m
-redoxcap.sandbox`) with a minimal environment and a private scratch
-directory; `run` forwards SIGINT, SIGTERM and SIGHUP to it and exits with
-its exit code.
+the command runs brokered (redoxcap.broker: any program, every path through
+its capabilities, with the `--dir` directories at their own paths and a
+private /tmp, see redoxcap/hostdirs.py), or, with `--no-broker`, under the
+sandbox launcher (`python -P -m redoxcap.sandbox`) with a private scratch
+directory; either way with a minimal environment. `run` forwards SIGINT,
+SIGTERM and SIGHUP to it and exits with its exit code.
 
 With no system up at the state directory, a private one is booted for the
 duration of the command (:func:`redoxcap.lifecycle.private_system`).
@@ -22,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
+import os
 import posixpath
 import shutil
 import socket
@@ -33,10 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rt
-from redoxcap import PYTHON, config, control, lifecycle
+from redoxcap import PYTHON, config, control, hostdirs, lifecycle
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
+from rt import _process
+from rt._paths import ENV_DIRS
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -179,13 +185,19 @@ def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
     return [*launcher, "--", *command]
 
 
-def broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passthrough: bool
+def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str], passthrough: bool
                    ) -> dict | None:
-    """start_brokered's options for --brokered (None without it); says why it cannot run.
+    """start_brokered's options (None for an rt-only run); says why the broker cannot run.
+
+    Args:
+        brokered: `--brokered` (True), `--no-broker` (False) or neither (None: brokered
+            when confined, the default).
 
     Raises:
         Failure: --brokered with --no-confine (usage), or a kernel that cannot broker.
     """
+    if brokered is None:
+        brokered = confine
     if not brokered:
         return None
     from redoxcap.broker import available
@@ -195,7 +207,8 @@ def broker_options(brokered: bool, confine: bool, ro_host: Sequence[str], passth
                       EXIT_USAGE)
     reason = available()
     if reason is not None:
-        raise Failure(f"--brokered: {reason}; programs written with rt run without it")
+        raise Failure(f"cannot broker an unmodified program here: {reason}; a program written "
+                      "with rt runs with --no-broker")
     return {"ro_host": list(ro_host), "passthrough": passthrough}
 
 
@@ -238,10 +251,11 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
 
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
-        cwd: str, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
+        cwd: str | None, beneath: bool, confine: bool, require_confine: bool, uds_scope: str,
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
-        max_caps: int | None = None, pass_fds: Sequence[int] = ()) -> int:
+        max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
+        pass_fds: Sequence[int] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -249,8 +263,10 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         command: the program and its arguments.
         env: its environment (see :func:`client_environment`), without the
             variables rt.spawn sets for its namespace and cwd.
-        names: `--ns`: comma-separated names its namespace keeps (None: all).
-        cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path.
+        names: `--ns`: comma-separated names its namespace keeps (None: all,
+            but `file` when dirs are given).
+        cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path (None: `/`);
+            with dirs, a host path in one of them (None: the first).
         beneath: open the cwd with O_RESOLVE_BENEATH.
         confine: run it under the sandbox launcher, in a session of its own,
             with a private scratch directory as $TMPDIR (removed afterwards).
@@ -261,9 +277,12 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace_json: print JSON objects, one per line, instead.
         net: what its tcp and udp reach (:func:`net_grants`); None: all of them.
         broker: start_brokered's options (:func:`broker_options`): an unmodified
-            program, every path through the broker, which confines it itself.
+            program, every path through the broker, which confines it itself; it
+            also gets a private /tmp (removed afterwards).
         max_caps: `--max-caps`: the capability quota of its router account (None:
             the router's default for clients).
+        dirs: `--dir`: host directories it gets, each served by a file scheme daemon
+            of this run's own (stopped afterwards) and seen at its own path.
         pass_fds: `--pass-fd`: fds of ours it inherits besides 0-2 (and its capabilities).
 
     Returns:
@@ -273,21 +292,26 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         Failure: its capabilities could not be set up, or it could not be started.
         control.ControlError: the supervisor did not hand out a namespace.
     """
-    argv, env, scratch = list(command), dict(env), None
+    argv, env, scratch, private_tmp = list(command), dict(env), None, None
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
         argv = confined_argv(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
+    if broker is not None:
+        private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
+        env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
+    daemons: list[subprocess.Popen] = []
     try:
-        proc, account = _spawn(state_dir, argv, env, names, cwd, beneath, new_session=confine,
-                               uds_scope=uds_scope, net=net, follower=follower, broker=broker,
-                               max_caps=max_caps, pass_fds=pass_fds)
+        proc, account, where = _spawn(
+            state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
+            net=net, follower=follower, broker=broker, max_caps=max_caps, dirs=dirs,
+            private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
-                            cwd=cwd, account=account)
+                            cwd=where, account=account)
         except control.ControlError:
             pass
         return wait_forwarding_signals(proc, group=confine)
@@ -296,8 +320,10 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             follower.stop()
             if follower.out is not sys.stderr:
                 follower.out.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        hostdirs.stop(daemons)
+        for directory in (scratch, private_tmp):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
@@ -308,18 +334,23 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
     return Follower(socket.socket(fileno=fds[0]), names, out, json_lines)
 
 
-def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None, cwd: str,
-           beneath: bool, *, new_session: bool, uds_scope: str,
+def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None,
+           cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
            broker: dict | None = None, max_caps: int | None = None,
-           pass_fds: Sequence[int] = ()) -> tuple[subprocess.Popen, int | None]:
-    """Start argv with the namespace and cwd asked for, through rt.spawn.
+           dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
+           daemons: list[subprocess.Popen] | None = None, pass_fds: Sequence[int] = ()
+           ) -> tuple[subprocess.Popen, int | None, str]:
+    """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
 
     With new_session, argv leads a new session without a controlling
-    terminal (so it cannot push input into ours).
+    terminal (so it cannot push input into ours). The daemons serving dirs
+    (registered in the program's namespace) and private_tmp (the broker's
+    /tmp, in no namespace of the program's) are appended to daemons as they
+    start.
 
     Returns:
-        The process, and the router account its capabilities are charged to.
+        The process, the router account its capabilities are charged to, and its cwd.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     quota = {} if max_caps is None else {"max_caps": max_caps}
@@ -328,37 +359,76 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = None
+    child_ns = hidden = None
     try:
         wanted = None if names is None else [n for n in names.split(",") if n]
         unknown = sorted(set(wanted or ()) - set(rt.schemes()))
         if unknown:
             raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
                           f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
+        if wanted is None and dirs:  # the program's files are its directories, not the root
+            wanted = [n for n in rt.schemes() if n != "file"]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
-        _enter_cwd(cwd, beneath)
+        daemons = daemons if daemons is not None else []
+        mounts = hostdirs.serve(child_ns, dirs, daemons)
+        # the broker's /tmp: registered in a fork of the namespace that goes once its root is
+        # open, so that the program's namespace does not list it (its daemon starts meanwhile)
+        hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
+        if hidden is not None:
+            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons)
+        if mounts:
+            env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
+        if dirs:
+            hostdirs.enter(child_ns, mounts, cwd, beneath)
+        else:
+            _enter_cwd(cwd or "/", beneath)
+        where = rt.getcwd()
         give_uds_scope(child_ns, uds_scope)
         if net is not None:
             give_net_grants(child_ns, net)
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 
-            cwd_fd, cwd_path = rt._process.cwd_fd(), rt.getcwd()
-            trace = follower.syscall if follower is not None else None
-            return start_brokered(argv, child_ns, cwd_fd, cwd_path, env, **broker,
-                                  trace=trace, pass_fds=pass_fds), account
+            if not dirs:  # as without the broker, the script a Python interpreter runs is readable
+                argv, extra = _script_made_absolute(argv)
+                broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
+
+            handed = [(d, hostdirs.open_root(child_ns, name)) for d, name in mounts]
+            try:
+                if hidden is not None:
+                    handed += [(d, hostdirs.open_root(hidden, name)) for d, name in tmp_mount]
+                cwd_fd = _process.cwd_fd()
+                trace = follower.syscall if follower is not None else None
+                return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
+                                      net=net, trace=trace, pass_fds=pass_fds), account, where
+            finally:
+                for _, cap in handed:
+                    rt.close(cap)
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
-                            start_new_session=new_session), account
+                            start_new_session=new_session), account, where
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:
-        if child_ns is not None:
-            rt.close(child_ns)
+        for ns in (child_ns, hidden):
+            if ns is not None:
+                rt.close(ns)
         rt.setup(None, None)
+
+
+def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
+    """argv with the script a Python interpreter runs (`python3 x.py`) named by its absolute
+    path, and that file as the one host path to serve for it (none for other programs)."""
+    script = python_script(argv)
+    if script is None:
+        return argv, []
+    for i, arg in enumerate(argv[1:], 1):
+        if not arg.startswith("-") and os.path.abspath(arg) == script:
+            return [*argv[:i], script, *argv[i + 1:]], [script]
+    return argv, [script]
 
 
 def _enter_cwd(cwd: str, beneath: bool) -> None:
@@ -376,9 +446,13 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
             rt.close(fd)
     except OSError as exc:
         hint = ""
-        if exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
+        if os.path.isabs(cwd) and os.path.isdir(cwd) and not path.startswith("/scheme/"):
+            hint = (f" (--cwd is a path in the system's file scheme; to run in the host "
+                    f"directory {cwd}, hand it over with --dir {cwd})")
+        elif exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
             hint = (f" (a path in the system's file scheme: make the directory {path.lstrip('/')} "
-                    f"below its --root, by default {config.default_root()})")
+                    f"below its --root, by default {config.default_root()}; or, for a host "
+                    f"directory, use --dir HOSTDIR)")
         raise Failure(f"--cwd {cwd}: {exc.strerror}{hint}") from None
 
 

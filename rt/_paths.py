@@ -1,7 +1,9 @@
 """POSIX paths to (capability, path) pairs.
 
 - `/scheme/NAME/rest`      -> the namespace, as is
-- `/other/absolute/path`   -> the namespace, as `/scheme/file/other/absolute/path`
+- `/other/absolute/path`   -> the namespace, as `/scheme/file/other/absolute/path`,
+                              or `/scheme/NAME/rest` beneath a directory `redoxcap run
+                              --dir` handed over as NAME (REDOXCAP_DIRS)
 - `NAME:rest` (legacy)     -> the namespace, as `/scheme/NAME/rest`
 - `relative/path`          -> the directory fd (the cwd for AT_FDCWD), unchanged
 
@@ -12,6 +14,8 @@ openat(cwd_fd, path) and the scheme resolves it from that directory.
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
 
 from rt import _process
@@ -19,6 +23,29 @@ from wire import protocol as P
 from wire.linux import AT_FDCWD
 
 SCHEME_ROOT = "/scheme"
+# JSON [[visible path, scheme name], ...]: the host directories `redoxcap run --dir` handed
+# over, each seen at its own absolute path and served as a scheme of the namespace.
+ENV_DIRS = "REDOXCAP_DIRS"
+
+
+@functools.cache
+def handed_dirs() -> tuple[tuple[str, str], ...]:
+    """(visible path, scheme name) of each directory in REDOXCAP_DIRS, longest path first."""
+    try:
+        entries = json.loads(os.environ.get(ENV_DIRS, "[]"))
+        dirs = [(str(v).rstrip("/") or "/", str(n)) for v, n in entries
+                if str(v).startswith("/") and P.valid_scheme_name(n)]
+    except (ValueError, TypeError):
+        return ()
+    return tuple(sorted(dirs, key=lambda d: -len(d[0])))
+
+
+def handed_dir_path(path: str) -> str | None:
+    """`/scheme/NAME/rest` for an absolute path beneath a handed directory, else None."""
+    for visible, name in handed_dirs():
+        if path == visible or path.startswith(visible + "/"):
+            return f"{SCHEME_ROOT}/{name}/" + path[len(visible):].lstrip("/")
+    return None
 
 
 def fspath(path: str | bytes | os.PathLike) -> str:
@@ -38,7 +65,7 @@ def to_namespace_path(path: str) -> str | None:
     if path == SCHEME_ROOT or path.startswith(SCHEME_ROOT + "/"):
         return path
     if path.startswith("/"):
-        return "/scheme/file" + path
+        return handed_dir_path(path) or "/scheme/file" + path
     name, colon, rest = path.partition(":")
     if colon and P.valid_scheme_name(name):
         return f"/scheme/{name}/{rest.lstrip('/')}"

@@ -14,7 +14,15 @@ import stat as _stat
 from rt import _process
 from rt._call import _host, call_fd, call_value, forget, is_host_fd
 from rt._namespace import schemes
-from rt._paths import AT_FDCWD, SCHEME_ROOT, fspath, locate, split_namespace_path, to_namespace_path
+from rt._paths import (
+    AT_FDCWD,
+    SCHEME_ROOT,
+    fspath,
+    handed_dirs,
+    locate,
+    split_namespace_path,
+    to_namespace_path,
+)
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -188,6 +196,73 @@ def ftruncate(fd: int, length: int) -> None:
 # -- directories and names ---------------------------------------------------
 
 
+# -- metadata ------------------------------------------------------------------
+
+
+def chmod(path: str | os.PathLike, mode: int, *, follow_symlinks: bool = True) -> None:
+    """Set the permission bits of the file at path (set-uid, set-gid and sticky are dropped).
+
+    Raises:
+        OSError: EROFS on a read-only mount, EOPNOTSUPP for a symlink itself.
+    """
+    where, name, _ = locate(path)
+    call_value(where, P.CHMODAT, [name, mode, 0 if follow_symlinks else os.O_NOFOLLOW])
+
+
+def fchmod(fd: int, mode: int) -> None:
+    """chmod of the file behind fd (a host fd: os.fchmod, permission bits only)."""
+    if is_host_fd(fd):
+        os.fchmod(fd, mode & 0o777)
+        return
+    call_value(fd, P.CHMODAT, ["", mode, 0])
+
+
+def _times(ns: tuple[int | None, int | None] | None) -> list[int | None]:
+    """(atime, mtime) in nanoseconds (None keeps one); None sets both to now."""
+    if ns is None:
+        import time
+
+        now = time.time_ns()
+        return [now, now]
+    if len(ns) != 2:
+        raise TypeError("ns must be (atime_ns, mtime_ns)")
+    return [ns[0], ns[1]]
+
+
+def utime(path: str | os.PathLike, ns: tuple[int | None, int | None] | None = None, *,
+          follow_symlinks: bool = True) -> None:
+    """Set the access and modification times of the file at path (nanoseconds; see _times)."""
+    where, name, _ = locate(path)
+    call_value(where, P.UTIMENSAT, [name, *_times(ns), 0 if follow_symlinks else os.O_NOFOLLOW])
+
+
+def futime(fd: int, ns: tuple[int | None, int | None] | None = None) -> None:
+    """utime of the file behind fd."""
+    times = _times(ns)
+    if is_host_fd(fd):
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns if times[0] is None else times[0],
+                         st.st_mtime_ns if times[1] is None else times[1]))
+        return
+    call_value(fd, P.UTIMENSAT, ["", *times, 0])
+
+
+def chown(path: str | os.PathLike, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+    """Accept a change of owner that changes nothing (-1, your own ids, the file's); else EPERM."""
+    where, name, _ = locate(path)
+    call_value(where, P.CHOWNAT, [name, uid, gid, 0 if follow_symlinks else os.O_NOFOLLOW])
+
+
+def fchown(fd: int, uid: int, gid: int) -> None:
+    """chown of the file behind fd (no change is ever made; EPERM for another owner)."""
+    if is_host_fd(fd):
+        st = os.fstat(fd)
+        if uid not in (-1, os.getuid(), st.st_uid) or gid not in (-1, os.getgid(), st.st_gid):
+            raise OSError(errno.EPERM, "a file is never given to another owner")
+        return
+    call_value(fd, P.CHOWNAT, ["", uid, gid, 0])
+
+
 def _is_scheme_list(path) -> bool:
     return fspath(path).rstrip("/") == SCHEME_ROOT
 
@@ -311,7 +386,11 @@ def fchdir(fd: int) -> None:
 
 
 def _display(scheme_path: str) -> str:
-    """/scheme/file/x is shown as the POSIX path /x."""
+    """/scheme/file/x is shown as the POSIX path /x, a handed directory at its own path."""
+    for visible, name in handed_dirs():
+        root = f"{SCHEME_ROOT}/{name}"
+        if scheme_path == root or scheme_path.startswith(root + "/"):
+            return (visible.rstrip("/") + scheme_path[len(root):]) or "/"
     if scheme_path == "/scheme/file" or scheme_path.startswith("/scheme/file/"):
         return scheme_path[len("/scheme/file") :] or "/"
     return scheme_path
@@ -347,7 +426,7 @@ def physical_path(fd: int, ns_path: str) -> str:
     root_path, _ = split_namespace_path(ns_path)
     root = open(root_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        shown = "/" if root_path == "/scheme/file" else root_path
+        shown = _display(root_path)
         return _physical(fd, root, shown)
     finally:
         close(root)

@@ -461,6 +461,66 @@ class FileScheme(Scheme):
         finally:
             os.close(parent)
 
+    # -- metadata --------------------------------------------------------------
+
+    def _metadata_target(self, h: FileHandle, path: str, flags: int) -> int:
+        """An O_PATH fd of what a metadata operation changes: h's own file for an empty
+        path, else path looked up beneath h as openat would (O_NOFOLLOW: the symlink itself)."""
+        if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
+            raise SchemeError(errno.EINVAL, "unsupported flag")
+        self._writable()
+        if not path:
+            return os.dup(h.fd)
+        return open_at(self._lookup_anchor(h, path, flags), h.fd, path,
+                       os.O_PATH | (flags & os.O_NOFOLLOW))
+
+    async def chmodat(self, req: Request, h: FileHandle, path: str, mode: int, flags: int) -> None:
+        """Set the permission bits only: a client never leaves a set-uid, set-gid or sticky file."""
+        if not 0 <= mode <= 0o7777:
+            raise SchemeError(errno.EINVAL, "mode out of range")
+        fd = self._metadata_target(h, path, flags)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise SchemeError(errno.EOPNOTSUPP, "a symlink has no mode of its own")
+            # the magic link names exactly the inode looked up beneath the anchor
+            os.chmod(f"/proc/self/fd/{fd}", mode & MODE_BITS)
+        finally:
+            os.close(fd)
+
+    async def utimensat(self, req: Request, h: FileHandle, path: str, atime: int | None,
+                        mtime: int | None, flags: int) -> None:
+        """Set the times (nanoseconds; None keeps one); a symlink itself with O_NOFOLLOW."""
+        for t in (atime, mtime):
+            if t is not None and not -OFF_MAX - 1 <= t <= OFF_MAX:
+                raise SchemeError(errno.EINVAL, "time out of range")
+        fd = self._metadata_target(h, path, flags)
+        try:
+            st = os.fstat(fd)
+            times = (st.st_atime_ns if atime is None else atime,
+                     st.st_mtime_ns if mtime is None else mtime)
+            if not stat.S_ISLNK(st.st_mode):
+                os.utime(f"/proc/self/fd/{fd}", ns=times)
+                return
+        finally:
+            os.close(fd)
+        # the link itself: its name in its parent, never followed
+        parent, name = resolve_parent(h.anchor, h.fd, path)
+        try:
+            os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    async def chownat(self, req: Request, h: FileHandle, path: str, uid: int, gid: int,
+                      flags: int) -> None:
+        """Accept only what changes nothing: -1, the caller's own id, or the file's."""
+        fd = self._metadata_target(h, path, flags)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if uid not in (-1, req.caller.uid, st.st_uid) or gid not in (-1, req.caller.gid, st.st_gid):
+            raise SchemeError(errno.EPERM, "a file is never given to another owner")
+
     async def readlinkat(self, req: Request, h: FileHandle, path: str) -> str:
         """The contents of the symlink at path; EINVAL for anything else (as Linux)."""
         fd = open_at(h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)

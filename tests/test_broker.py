@@ -136,19 +136,22 @@ def test_programs_that_write_leave_the_tree_they_leave_natively(twin):
 ESCAPES = {
     "cat ../secret.txt": (["cat", "../secret.txt"], "Invalid cross-device link"),
     "cat out_link": (["cat", "out_link"], "Invalid cross-device link"),
-    "cat /secret.txt": (["cat", "/secret.txt"], "No such device"),
-    "cat /etc/shadow": (["cat", "/etc/shadow"], "No such device"),
+    # what was not handed is absent, as on a host where it does not exist
+    "cat /secret.txt": (["cat", "/secret.txt"], "No such file or directory"),
+    "cat /etc/shadow": (["cat", "/etc/shadow"], "No such file or directory"),
     "ls ..": (["ls", ".."], "Invalid cross-device link"),
-    "ls /root": (["ls", "/root"], "No such device"),
+    # a directory above a host tree (pyenv's) can be stat'ed, not listed
+    "ls /root": (["ls", "/root"], ("No such file or directory", "Permission denied")),
     "ls /usr/../root": (["ls", "/usr/../root"], "Permission denied"),
     "create ../x": (["sh", "-c", "echo x > ../escaped.txt"], "Invalid cross-device link"),
-    "create /tmp/x": (["sh", "-c", "echo x > /tmp/escaped.txt"], "No such device"),
+    "create /var/x": (["sh", "-c", "echo x > /var/escaped.txt"], "Permission denied"),
     "write the host trees": (["sh", "-c", "echo x > /usr/escaped.txt"], "Read-only file system"),
     "exec from the box": (["sh", "-c", "./mytrue"], "Permission denied"),
     "link a host file in": (["ln", "/usr/bin/env", "envlink"], "Invalid cross-device link"),
     "link out": (["ln", "mytrue", "/usr/bin/mytrue"], "Invalid cross-device link"),
-    "python open": ([sys.executable, "-c", "open('/etc/hostname')"], "No such device"),
-    "python listdir": ([sys.executable, "-c", "import os; os.listdir('/home')"], "No such device"),
+    "python open": ([sys.executable, "-c", "open('/etc/hostname')"], "No such file or directory"),
+    "python listdir": ([sys.executable, "-c", "import os; os.listdir('/home')"],
+                       "No such file or directory"),
 }
 
 
@@ -162,10 +165,11 @@ def test_reading_listing_creating_or_executing_outside_fails(sandbox, name):
     finally:
         (box / "mytrue").unlink()
     assert got.returncode != 0
-    assert message in got.stderr
+    assert any(m in got.stderr for m in ((message,) if isinstance(message, str) else message)), \
+        got.stderr
     assert "the secret" not in got.stdout
     assert not (sandbox.root / "escaped.txt").exists()
-    assert not Path("/tmp/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
+    assert not Path("/var/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
 
 
 def test_exec_of_a_host_file_outside_the_trees_fails(sandbox, tmp_path):
@@ -301,13 +305,22 @@ def test_device_schemes_reach_an_unmodified_program_as_the_hosts_devices(sandbox
                       "sh", "-c", "head -c 4 /scheme/zero/ | od -An -tx1; echo gone > /scheme/null/",
                       check=False)
     assert (got.returncode, got.stdout.split()) == (0, ["00"] * 4), got.stderr
-    is_device = "import os, stat; print(stat.S_ISCHR(os.fstat(os.open('/scheme/zero', os.O_RDONLY)).st_mode))"
+    is_device = textwrap.dedent("""
+        import os, stat
+        fd = os.open('/scheme/zero', os.O_RDONLY)
+        try:
+            where = os.lseek(fd, 0, os.SEEK_SET)
+        except OSError as exc:
+            where = exc.strerror
+        print(stat.S_ISCHR(os.fstat(fd).st_mode), where)
+    """)
     got = sandbox.run("--ns", "zero", "--cwd", "/box", "--beneath", "--brokered", "--",
                       sys.executable, "-c", is_device, check=False)
-    assert (got.returncode, got.stdout) == (0, "True\n"), got.stderr  # passed through, not pumped
+    assert (got.returncode, got.stdout) == (0, "True 0\n"), got.stderr  # passed through, not pumped
     got = sandbox.run("--ns", "zero", "--cwd", "/box", "--beneath", "--brokered", "--no-passthrough",
                       "--", sys.executable, "-c", is_device, check=False)
-    assert (got.returncode, got.stdout) == (0, "False\n"), got.stderr  # a pump
+    # a pump, whose fstat still describes the device it routes
+    assert (got.returncode, got.stdout) == (0, "True Illegal seek\n"), got.stderr
 
 
 def test_ro_host_serves_a_host_tree_read_only(sandbox, tmp_path):
@@ -342,7 +355,7 @@ def test_run_says_why_it_cannot_broker(sandbox, monkeypatch):
     monkeypatch.setattr(redoxcap.broker, "available", lambda: "no user notification here")
     result = runner.invoke(main, [*state, "--brokered", "--", "true"])
     assert result.exit_code == 1
-    assert "no user notification here; programs written with rt run without it" in result.output
+    assert "no user notification here; a program written with rt runs with --no-broker" in result.output
 
 
 FORK_THEN_CHDIR = textwrap.dedent("""

@@ -95,10 +95,11 @@ def test_run_passes_the_exit_code_and_reports_bad_options(redoxcap_module_system
     assert bad.returncode == 2 and "no scheme named 'nosuch'" in bad.stderr
     bad = redoxcap_module_system.run("--bogus", "--", sys.executable, "-c", "pass", check=False)
     assert bad.returncode == 2 and "No such option" in bad.stderr  # not a command to run
-    bad = redoxcap_module_system.python("pass", "--cwd", "/nonexistent", check=False)
+    bad = redoxcap_module_system.python("pass", "--cwd", "/nonexistent-cwd-of-redoxcap", check=False)
     assert bad.returncode == 1
-    assert bad.stderr.startswith("redoxcap: --cwd /nonexistent: No such file or directory (a path in "
-                                 "the system's file scheme: make the directory nonexistent below its --root")
+    assert bad.stderr.startswith("redoxcap: --cwd /nonexistent-cwd-of-redoxcap: No such file or "
+                                 "directory (a path in the system's file scheme: make the directory "
+                                 "nonexistent-cwd-of-redoxcap below its --root")
 
 
 def test_the_example_client_runs(redoxcap_module_system):
@@ -109,6 +110,7 @@ def test_the_example_client_runs(redoxcap_module_system):
 def test_run_without_a_system_boots_a_private_one_and_stops_it(tmp_path):
     state = tmp_path / "none"
     root = tmp_path / "root"
+    root.mkdir()  # a --root must exist (only the default one is made)
     out = subprocess.run(
         [*REDOXCAP, "--state-dir", str(state), "run", "--root", str(root), "--",
          sys.executable, "-c", ("import rt, os; rt.close(rt.open('/made', rt.O_CREAT|rt.O_WRONLY));"

@@ -77,10 +77,11 @@ MOUNT = '[mount.photos]\npath = "{photos}"\n'
      'mount.photos must be a table ([mount.photos] with path = "HOSTDIR"), not a string'),
     ('[mount]\n"a b" = 1\n', 'mount."a b" must be a table'),
     # mount names are scheme names that are not built-ins
-    ('[mount."a\\nb"]\npath = "{photos}"\n', "mount name 'a\\nb': scheme names are non-empty printable"),
+    ('[mount."a\\nb"]\npath = "{photos}"\n', "mount name 'a\\nb': use letters, digits"),
+    ('[mount."a b"]\npath = "{photos}"\n', "mount name 'a b': use letters, digits"),
     ('[mount."a:b"]\npath = "{photos}"\n', "mount name 'a:b'"),
     ('[mount.file]\npath = "{photos}"\n', "mount name 'file' is a built-in scheme"),
-    ('[mount.photos]\npath = "{photos}/missing"\n', "is not a directory"),
+    ('[mount.photos]\npath = "{photos}/missing"\n', "does not exist"),
     # not TOML at all
     ("read_only = \n", "Invalid value"),
 ])

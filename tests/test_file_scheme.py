@@ -636,3 +636,63 @@ async def test_nothing_outside_is_removed_moved_or_read(fs, host, untouched, op,
     root, _ = host
     os.symlink("../..", root / "up")
     await raises(errno.ENOENT, fs.call(op, fs.root, *args))
+
+
+async def test_chmod_sets_permission_bits_only_and_never_follows_out(fs, host):
+    root, outside = host
+    (root / "f").write_text("x")
+    os.symlink("f", root / "lnk")
+    os.symlink("../outside/secret.txt", root / "out")
+    before = os.stat(outside / "secret.txt").st_mode
+    await fs.call("chmodat", fs.root, "f", 0o6751, 0)
+    assert stat.S_IMODE(os.stat(root / "f").st_mode) == 0o751  # no set-uid, set-gid
+    await fs.call("chmodat", fs.root, "lnk", 0o600, 0)  # follows a link inside
+    assert stat.S_IMODE(os.stat(root / "f").st_mode) == 0o600
+    await raises(errno.EOPNOTSUPP, fs.call("chmodat", fs.root, "lnk", 0o600, NOFOLLOW))
+    await raises(errno.ENOENT, fs.call("chmodat", fs.root, "out", 0o777, 0))
+    await raises(errno.EINVAL, fs.call("chmodat", fs.root, "f", 0o10000, 0))
+    h = await fs.open("f", RDONLY)
+    await fs.call("chmodat", h, "", 0o640, 0)  # the handle's own file
+    assert stat.S_IMODE(os.stat(root / "f").st_mode) == 0o640
+    assert os.stat(outside / "secret.txt").st_mode == before
+
+
+async def test_utimens_sets_times_keeps_omitted_ones_and_touches_links_themselves(fs, host):
+    root, outside = host
+    (root / "f").write_text("x")
+    os.symlink("f", root / "lnk")
+    os.symlink("../outside/secret.txt", root / "out")
+    mtime_outside = os.stat(outside / "secret.txt").st_mtime_ns
+    await fs.call("utimensat", fs.root, "f", 1_000_000_000, 2_000_000_000, 0)
+    st = os.stat(root / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_000)
+    await fs.call("utimensat", fs.root, "f", None, 3_000_000_000, 0)
+    st = os.stat(root / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 3_000_000_000)
+    await fs.call("utimensat", fs.root, "lnk", 5_000_000_000, 5_000_000_000, NOFOLLOW)
+    assert os.lstat(root / "lnk").st_mtime_ns == 5_000_000_000
+    assert os.stat(root / "f").st_mtime_ns == 3_000_000_000
+    await raises(errno.ENOENT, fs.call("utimensat", fs.root, "out", 0, 0, 0))
+    await fs.call("utimensat", fs.root, "out", 7_000_000_000, 7_000_000_000, NOFOLLOW)  # the link
+    assert os.stat(outside / "secret.txt").st_mtime_ns == mtime_outside
+
+
+async def test_chown_changes_nothing_and_refuses_another_owner(fs, host):
+    root, _ = host
+    (root / "f").write_text("x")
+    st = os.stat(root / "f")
+    await fs.call("chownat", fs.root, "f", -1, -1, 0)
+    await fs.call("chownat", fs.root, "f", st.st_uid, st.st_gid, 0)
+    await raises(errno.EPERM, fs.call("chownat", fs.root, "f", st.st_uid + 4242, -1, 0))
+    await raises(errno.EPERM, fs.call("chownat", fs.root, "f", -1, st.st_gid + 4242, 0))
+    assert (os.stat(root / "f").st_uid, os.stat(root / "f").st_gid) == (st.st_uid, st.st_gid)
+
+
+async def test_metadata_on_a_read_only_scheme_is_erofs(host):
+    root, _ = host
+    (root / "f").write_text("x")
+    client = Client(FileScheme(str(root), read_only=True))
+    await raises(errno.EROFS, client.call("chmodat", client.root, "f", 0o600, 0))
+    await raises(errno.EROFS, client.call("utimensat", client.root, "f", 0, 0, 0))
+    await raises(errno.EROFS, client.call("chownat", client.root, "f", -1, -1, 0))
+    os.close(client.scheme.root_fd)

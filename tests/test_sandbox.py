@@ -358,8 +358,8 @@ def test_a_confined_beneath_client_reaches_exactly_its_directory(redoxcap_module
         abstract.listen()
         script = tmp_path / "client.py"
         script.write_text(SANDBOX_CLIENT)
-        result = redoxcap_module_system.run(
-            "--ns", "", "--cwd", "/jail", "--beneath", "--require-confine", "--",
+        result = redoxcap_module_system.run(  # a program written with rt, under Landlock and seccomp alone
+            "--ns", "", "--cwd", "/jail", "--beneath", "--require-confine", "--no-broker", "--",
             sys.executable, str(script), str(host_file), str(tmp_path / "new.txt"),
             str(listener.getsockname()[1]), str(redoxcap_module_system.state_dir / control.TOKEN_NAME),
             "redoxcap-test-abstract",
@@ -392,7 +392,7 @@ def test_a_confined_client_gets_a_private_scratch_directory_that_is_removed(redo
     code = ("import os, tempfile\n"
             "with tempfile.NamedTemporaryFile(delete=False) as f:\n    f.write(b'x')\n"
             "print(os.environ['TMPDIR']); print(os.listdir(os.environ['TMPDIR']) != [])\n")
-    scratch, wrote = redoxcap_module_system.python(code).stdout.split()
+    scratch, wrote = redoxcap_module_system.python(code, "--no-broker").stdout.split()
     assert wrote == "True"
     assert not os.path.exists(scratch)
 
@@ -535,7 +535,8 @@ def test_a_confined_client_cannot_push_keystrokes_into_the_callers_terminal(redo
         # `run` gets the pty as its controlling terminal, as under an interactive shell.
         run = subprocess.Popen(
             [*ON_ITS_OWN_TERMINAL, *REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
-             "--ns", "", "--require-confine", "--", sys.executable, "-c", TERMINAL_CLIENT],
+             "--ns", "", "--require-confine", "--no-broker", "--", sys.executable, "-c",
+             TERMINAL_CLIENT],
             stdin=slave, stdout=slave, stderr=slave)
         data = Output(master).until(b" END")
         assert run.wait(timeout=30) == 0, data
@@ -644,8 +645,9 @@ def test_confinement_grants_a_program_and_its_script_but_not_their_directory_or_
 
     def run(*command: str) -> subprocess.CompletedProcess:
         # `cd ~ && redoxcap run ...`
-        return redoxcap_module_system.run("--ns", "", "--require-confine", "--", *command, cwd=home, env=env,
-                          check=False)
+        # without the broker: what Landlock grants a program (with it: test_everyday.py)
+        return redoxcap_module_system.run("--ns", "", "--require-confine", "--no-broker", "--", *command,
+                                 cwd=home, env=env, check=False)
 
     expected = "own file ok\nkey beside it EACCES\nits directory EACCES\nits argument EACCES\n"
     assert run("./tool", "notes.txt").stdout == expected

@@ -243,7 +243,7 @@ def test_run_mount_adds_a_writable_mount_to_a_running_system(redoxcap_system, tm
     assert result.stdout.strip() == "/scheme/data/out.txt"
     assert (data / "out.txt").read_text() == "x"
     bad = redoxcap_system.python("pass", "--mount", "data=/nonexistent-dir", check=False)
-    assert bad.returncode == 2 and "is not a directory" in bad.stderr
+    assert bad.returncode == 2 and "/nonexistent-dir does not exist" in bad.stderr
 
 
 def test_a_config_file_sets_root_schemes_and_mounts(tmp_path):
@@ -252,6 +252,11 @@ def test_a_config_file_sets_root_schemes_and_mounts(tmp_path):
     config = tmp_path / "redoxcap.toml"
     config.write_text(f'root = "{tmp_path / "cfgroot"}"\nschemes = ["file", "zero"]\n'
                       f'[mount.photos]\npath = "{photos}"\nread_only = true\n')
+    missing = subprocess.run(  # a root the file names must be there, as a mount's must
+        [*REDOXCAP, "--state-dir", str(tmp_path / "st"), "run", "--config", str(config), "--", "true"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and "cfgroot does not exist" in missing.stderr
+    (tmp_path / "cfgroot").mkdir()
     out = subprocess.run(
         [*REDOXCAP, "--state-dir", str(tmp_path / "st"), "run", "--config", str(config), "--",
          sys.executable, "-c", "import rt; print(rt.schemes())"],

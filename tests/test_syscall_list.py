@@ -203,8 +203,7 @@ def test_each_refused_class_is_refused_with_its_errno(mode):
                       "bpf", "perf_event_open", "userfaultfd", "name_to_handle_at",
                       "open_by_handle_at", "fsopen", "open_tree", "move_mount", "mount",
                       "unshare", "setns", "ptrace", "process_vm_readv", "pidfd_getfd", "kcmp",
-                      "listmount", "statmount", "syslog", "chmod", "fchown", "utimensat",
-                      "setxattr", "fremovexattr", "file_setattr"),
+                      "listmount", "statmount", "syslog"),
         errno.ENOSYS: ("io_uring_setup", "io_uring_enter", "io_setup", "inotify_init1",
                        "inotify_add_watch", "fanotify_init", "fanotify_mark", "clone3",
                        "memfd_secret", "remap_file_pages"),
@@ -212,6 +211,44 @@ def test_each_refused_class_is_refused_with_its_errno(mode):
     for err, names in refused.items():
         for name in names:
             assert outcome(m, mode, name, 0, 0) == errno_of(err), name
+
+
+def test_metadata_changes_are_refused_confined_and_served_by_the_broker():
+    m = "x86_64"
+    for name in ("chmod", "fchmodat2", "fchown", "utimensat", "futimesat"):
+        assert outcome(m, S.CONFINED, name) == errno_of(errno.EPERM), name
+        assert outcome(m, S.BROKERED, name) == NOTIFIED, name
+    for name in ("setxattr", "fremovexattr", "file_setattr"):
+        assert outcome(m, S.CONFINED, name) == errno_of(errno.EPERM), name
+        assert outcome(m, S.BROKERED, name) == errno_of(errno.ENOTSUP), name  # cp -a goes on
+
+
+def test_sockets_are_unix_streams_and_under_the_broker_tcp_it_binds_and_connects():
+    m, unix, inet, inet6 = "x86_64", 1, 2, 10
+    stream, dgram, seqpacket, raw = 1, 2, 5, 3
+    nonblock_cloexec = 0o4000 | 0o2000000
+    for mode in S.MODES:
+        assert outcome(m, mode, "socket", unix, stream | nonblock_cloexec) == ALLOWED
+        assert outcome(m, mode, "socket", unix, seqpacket) == ALLOWED
+        assert outcome(m, mode, "socket", unix, dgram) == errno_of(errno.EACCES)
+        assert outcome(m, mode, "socketpair", unix, stream) == ALLOWED
+        assert outcome(m, mode, "socketpair", unix, dgram) == errno_of(errno.EACCES)
+        assert outcome(m, mode, "socketpair", inet, stream) == errno_of(errno.EACCES)
+        assert outcome(m, mode, "sendto", 3, 0, 0, 0x2000_0000) == errno_of(errno.EACCES)
+        assert outcome(m, mode, "sendmsg", 3, 0, 0x2000_0000) == errno_of(errno.EACCES)
+        assert outcome(m, mode, "sendmsg", 3, 0, 0x40) == ALLOWED  # MSG_DONTWAIT
+    assert outcome(m, S.CONFINED, "socket", inet, stream) == errno_of(errno.EACCES)
+    for family in (inet, inet6):
+        assert outcome(m, S.BROKERED, "socket", family, stream | nonblock_cloexec) == ALLOWED
+        assert outcome(m, S.BROKERED, "socket", family, stream, 6) == ALLOWED  # IPPROTO_TCP
+        assert outcome(m, S.BROKERED, "socket", family, stream, 262) == errno_of(errno.EACCES)  # MPTCP
+        assert outcome(m, S.BROKERED, "socket", family, stream, 132) == errno_of(errno.EACCES)  # SCTP
+        assert outcome(m, S.BROKERED, "socket", family, dgram) == errno_of(errno.EACCES)  # UDP
+        assert outcome(m, S.BROKERED, "socket", family, raw) == errno_of(errno.EACCES)
+    assert outcome(m, S.BROKERED, "socket", 16, 3) == errno_of(errno.EACCES)  # netlink
+    for name in ("bind", "connect", "listen"):
+        assert outcome(m, S.BROKERED, name) == NOTIFIED
+        assert outcome(m, S.CONFINED, name) == ALLOWED
 
 
 def test_each_call_is_decided_once_and_every_allowed_name_exists_somewhere():

@@ -58,6 +58,7 @@ cwd = "daemons"
     cfg.root = tmp_path  # what configure() sets
     assert [s.name for s in cfg.specs()[-3:]] == ["echo", "shout", "here"]
     # what a background `up` is handed comes back the same
+    (tmp_path / "root").mkdir()
     again = configure(None, tmp_path / "root", [], None, [u.to_json() for u in cfg.user_schemes])
     assert again.user_schemes == cfg.user_schemes
 

@@ -313,7 +313,9 @@ IOCTLS = {
     "RNDGETENTCNT": 0x8004_5200,
 }
 # sys/socket.h
-AF_UNIX = 1
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+IPPROTO_TCP = 6
+MSG_FASTOPEN = 0x2000_0000  # sendto/sendmsg: connect a TCP socket without connect(2)
 SOCK_STREAM = 1
 SOCK_SEQPACKET = 5
 # sys/resource.h

@@ -94,6 +94,7 @@ class Operation:
 
 
 _INT, _STR, _BYTES = (int,), (str,), (bytes,)
+_TIME = (int, type(None))
 
 
 def _a(name: str, types: tuple[type, ...]) -> Arg:
@@ -123,6 +124,7 @@ RECVFROM = 35
 SENDTO = 36
 STATAT = 37
 READDIR = 38
+CHMODAT = 39
 NS_LIST = 40
 NS_MKNS = 41
 NS_NARROW = 42
@@ -130,6 +132,8 @@ NS_REGISTER = 43
 NS_UNREGISTER = 44
 NS_PERMS = 45
 NS_SCHEME_CREATE = 46
+UTIMENSAT = 47
+CHOWNAT = 48
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
@@ -201,6 +205,24 @@ OPERATIONS: tuple[Operation, ...] = (
               "ENOTDIR",
               "GETDENTS with each entry's type, so that a listing needs no status of each entry.",
               wrong_handle=errno.ENOTDIR),
+    Operation(CHMODAT, "chmodat", (_a("path", _STR), _a("mode", _INT), _a("flags", _INT)), "nil",
+              "ENOENT EROFS EOPNOTSUPP (a symlink itself) EINVAL",
+              "Set the permission bits (mode & 0o777; set-uid, set-gid and sticky bits are dropped) "
+              "of the file at path relative to the handle, or of the handle's own file for an "
+              "empty path (flags: O_NOFOLLOW, O_RESOLVE_*).", path=0, forward=Forward.VALUE),
+    Operation(UTIMENSAT, "utimensat",
+              (_a("path", _STR), _a("atime", _TIME), _a("mtime", _TIME), _a("flags", _INT)), "nil",
+              "ENOENT EROFS EINVAL",
+              "Set the access and modification times (nanoseconds since the epoch; nil leaves one "
+              "as it is) of the file at path relative to the handle, or of the handle's own file "
+              "for an empty path (flags: O_NOFOLLOW for a symlink itself, O_RESOLVE_*).",
+              path=0, forward=Forward.VALUE),
+    Operation(CHOWNAT, "chownat",
+              (_a("path", _STR), _a("uid", _INT), _a("gid", _INT), _a("flags", _INT)), "nil",
+              "ENOENT EROFS EPERM (another owner)",
+              "Accept a change of owner that changes nothing: each id -1, the caller's own or the "
+              "file's; anything else is EPERM (a file is never given to another user). Path and "
+              "flags as CHMODAT.", path=0, forward=Forward.VALUE),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST",
               "The names in the namespace.", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),

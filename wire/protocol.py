@@ -21,6 +21,8 @@ import msgpack
 
 from wire.linux import AT_REMOVEDIR, UCRED  # noqa: F401 - AT_REMOVEDIR, re-exported (UNLINKAT's flag)
 from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
+    CHMODAT,
+    CHOWNAT,
     DUP,
     FPATH,
     FSTAT,
@@ -51,6 +53,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     STATAT,
     SYMLINKAT,
     UNLINKAT,
+    UTIMENSAT,
     WRITE,
 )
 

@@ -57,9 +57,17 @@ def _parts(path: str) -> list[str]:
 class HostTrees:
     """The allow-list, and lookups in it (host paths; nothing here is a capability)."""
 
-    def __init__(self, trees: Iterable[str]) -> None:
-        """Take absolute host paths (trees that do not exist are kept: they match nothing)."""
+    def __init__(self, trees: Iterable[str], handed: Iterable[str] = ()) -> None:
+        """Take absolute host paths (trees that do not exist are kept: they match nothing).
+
+        handed are the paths of the directories handed over (`run --dir`): the
+        directories above them are served too, for their status only (so that a
+        walk up to them works), and a name beside them is absent (ENOENT).
+        """
         self.trees = sorted({os.path.normpath(t) for t in trees if os.path.isabs(t)})
+        handed_parts = {tuple(_parts(h)) for h in handed if os.path.isabs(h)}
+        self.handed_above = {hp[:i] for hp in handed_parts for i in range(len(hp))} - handed_parts
+        self._handed = handed_parts  # walked through on the way to what is above another
         self._tree_parts = [tuple(_parts(t)) for t in self.trees]
         self._tree_set = set(self._tree_parts)
         self._depths = sorted({len(tp) for tp in self._tree_parts})
@@ -78,12 +86,27 @@ class HostTrees:
         """Whether an absolute path belongs to the host (its first components name a tree)."""
         return self._in_tree(path.split("/")[1:])
 
+    def depth(self, path: str) -> int:
+        """How many components of an absolute path name the deepest tree it is in (0: none)."""
+        parts = [c for c in path.split("/") if c]
+        return max((d for d in self._depths if d <= len(parts) and tuple(parts[:d]) in self._tree_set),
+                   default=0)
+
+    def above(self, parts: list[str]) -> bool:
+        """Whether the path of these components is a directory above a tree (not in one)."""
+        return tuple(parts) in self._above and not self._in_tree(parts)
+
     def inside(self, real: str) -> bool:
         """Whether a real (symlink-free, absolute) path lies in a tree."""
         return self._in_tree(_parts(real))
 
     def _passable(self, parts: tuple[str, ...]) -> bool:
-        return parts in self._above or self._in_tree(parts)
+        return (parts in self._above or parts in self.handed_above or parts in self._handed
+                or self._in_tree(parts))
+
+    def is_above(self, parts: tuple[str, ...]) -> bool:
+        """Whether these components name a directory above a tree or a handed directory."""
+        return (parts in self._above or parts in self.handed_above) and not self._in_tree(parts)
 
     def resolve(self, path: str, follow: bool = True) -> str:
         """The real host path an absolute path names (the last symlink followed if follow).
@@ -105,6 +128,8 @@ class HostTrees:
                 continue
             step = tuple(cur) + (name,)
             if not self._passable(step):
+                if tuple(cur) in self.handed_above:  # beside a handed directory: not there
+                    raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
                 raise OSError(errno.EACCES, "outside the host allow-list")
             real = "/" + "/".join(step)
             st = os.lstat(real)
@@ -189,8 +214,10 @@ class HostTrees:
         return real
 
     def stat(self, path: str, follow: bool = True) -> os.stat_result:
-        """lstat/stat of an absolute host path in the trees."""
+        """lstat/stat of an absolute host path in the trees (or a directory above one)."""
         parts = _parts(path)
+        if ".." not in parts and self.is_above(tuple(parts)):
+            return os.stat("/" + "/".join(parts), follow_symlinks=follow)
         if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
             try:  # no symlink on the way: one openat2
                 fd = openat2(self._root, "/".join(parts), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
@@ -209,5 +236,7 @@ class HostTrees:
 
     def readlink(self, path: str) -> str:
         """The body of the symlink at an absolute host path (EINVAL if it is none)."""
+        if self.is_above(tuple(_parts(path))):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         real = self._fast(path, False) or self.resolve(path, follow=False)
         return os.readlink(real)

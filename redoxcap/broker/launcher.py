@@ -80,5 +80,6 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     try:
         os.execvpe(argv[0], list(argv), env)
     except OSError as exc:
-        code = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_RUN
-        _die(f"{argv[0]}: {exc.strerror}", code)
+        if exc.errno == errno.ENOENT:
+            _die(f"{argv[0]}: command not found", EXIT_NOT_FOUND)
+        _die(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_RUN)

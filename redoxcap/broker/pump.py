@@ -6,12 +6,17 @@ stands for what was opened (`--no-passthrough`, a device scheme, a tcp
 connection), the broker gives the program one end of a socketpair and pumps
 the other end through the capability, one READ or WRITE request at a time,
 on a thread per direction: every byte stays routed (traceable, revocable),
-at the price of no seeking (ESPIPE) and no mmap.
+at the price of no seeking (ESPIPE) and no mmap (ENODEV, as for any socket).
+While the program holds its end, fstat of it describes the file, not the
+socket (`capability_of`: a clone of the capability kept for that). A regular
+file opened read-only is read whole instead (`snapshot`, up to SNAPSHOT_MAX):
+the program gets a sealed memory file of its bytes, which it can seek and map.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -24,11 +29,33 @@ log = logging.getLogger("broker")
 CHUNK = 64 * 1024
 
 
+class _Routed:
+    """One routed open: a clone of its capability, for fstat, until its last loop ends."""
+
+    def __init__(self, pumps: Pumps, identity: int, cap: int, loops: int) -> None:
+        self.pumps, self.identity, self.cap, self.loops = pumps, identity, cap, loops
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.loops -= 1
+            last = self.loops == 0
+        if last:
+            self.pumps._routed.pop(self.identity, None)
+            _close(self.cap)
+
+
 class Pumps:
     """Every pump thread of one broker, so that `join` can let writes finish before it exits."""
 
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
+        self._routed: dict[tuple[int, int], _Routed] = {}
+
+    def capability_of(self, identity: int) -> int | None:
+        """The capability behind a program's end of a pump (by its socket identity), or None."""
+        routed = self._routed.get(identity)
+        return routed.cap if routed is not None else None
 
     def start(self, cap: int, flags: int) -> int:
         """Pump cap for a program that opened it with flags (cap is owned here once this returns).
@@ -42,43 +69,59 @@ class Pumps:
         mode = flags & os.O_ACCMODE
         reading, writing = mode in (os.O_RDONLY, os.O_RDWR), mode in (os.O_WRONLY, os.O_RDWR)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened: list[int] = []
         try:
             # a read-only capability reads, and a write-only one writes, on a handle of its own
             write_cap = call_fd(cap, P.CLONE) if reading and writing else cap
+            if write_cap != cap:
+                opened.append(write_cap)
+            status_cap = call_fd(cap, P.CLONE)
         except BaseException:
+            for fd in opened:
+                _close(fd)
             ours.close()
             theirs.close()
             raise
+        st = os.fstat(theirs.fileno())
+        routed = _Routed(self, (st.st_dev, st.st_ino), status_cap, int(reading) + int(writing))
+        self._routed[routed.identity] = routed
         ours_write = ours.dup() if reading and writing else ours
         if not reading:
             ours.shutdown(socket.SHUT_WR)  # the program reads EOF at once
         if reading:
-            self._spawn(self._read_loop, cap, ours)
+            self._spawn(self._read_loop, cap, ours, routed)
         if writing:
-            self._spawn(self._write_loop, write_cap, ours_write)
+            self._spawn(self._write_loop, write_cap, ours_write, routed)
         return theirs.detach()
 
-    def _spawn(self, loop, cap: int, sock: socket.socket) -> None:
-        thread = threading.Thread(target=loop, args=(cap, sock), daemon=True, name="pump")
+    def _spawn(self, loop, cap: int, sock: socket.socket, routed: _Routed) -> None:
+        thread = threading.Thread(target=loop, args=(cap, sock, routed), daemon=True, name="pump")
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
 
     @staticmethod
-    def _read_loop(cap: int, sock: socket.socket) -> None:
+    def _read_loop(cap: int, sock: socket.socket, routed: _Routed) -> None:
         try:
             while data := call_value(cap, P.READ, [CHUNK], kind=bytes):
                 sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
+            _close(cap)
+            cap = -1
+            if routed.loops == 1:  # read-only: the file stays described until the program closes it
+                while sock.recv(CHUNK):
+                    pass
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):  # the program closed it
                 log.warning("broker: routed read stopped: %s", exc)
         finally:
             sock.close()
-            _close(cap)
+            if cap >= 0:
+                _close(cap)
+            routed.done()
 
     @staticmethod
-    def _write_loop(cap: int, sock: socket.socket) -> None:
+    def _write_loop(cap: int, sock: socket.socket, routed: _Routed) -> None:
         try:
             while data := sock.recv(CHUNK):
                 while data:
@@ -91,6 +134,7 @@ class Pumps:
         finally:
             sock.close()
             _close(cap)
+            routed.done()
 
     def join(self, timeout: float) -> None:
         """Wait (at most timeout seconds in all) for the pumps whose program end is closed."""
@@ -99,6 +143,41 @@ class Pumps:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+SNAPSHOT_MAX = 16 << 20  # bytes of a routed read-only file copied whole (larger ones are pumped)
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def snapshot(cap: int, size: int) -> int | None:
+    """A routed regular file opened read-only, as a sealed memory file of its bytes.
+
+    Every byte is read through READ on cap (routed, traced, as a pump would), once, at the
+    open; the program gets a read-only fd of a memfd holding them, so that it can seek,
+    pread and mmap it as the file it opened (it sees the file as it was then). cap stays the
+    caller's.
+
+    Returns:
+        The fd for the program, or None for a file larger than SNAPSHOT_MAX (cap is back at
+        offset 0 then: pump it).
+    """
+    if size > SNAPSHOT_MAX:
+        return None
+    memfd = os.memfd_create("redoxcap-routed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        total = 0
+        while data := call_value(cap, P.READ, [CHUNK], kind=bytes):
+            total += len(data)
+            if total > SNAPSHOT_MAX:  # it grew since its fstat
+                call_value(cap, P.LSEEK, [0, os.SEEK_SET], kind=int)
+                return None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(memfd, view):]
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+        return os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(memfd)
 
 
 def _close(fd: int) -> None:

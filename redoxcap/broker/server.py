@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from redoxcap import exits
 from redoxcap.broker import hostfs
@@ -30,8 +31,8 @@ from redoxcap.broker.handlers import PROCEED, Call, Install, Syscalls
 from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Listener, Notification
-from redoxcap.broker.state import Directory, Processes
-from rt._call import call_fd, forget
+from redoxcap.broker.state import Directory, Mount, Processes
+from rt._call import call_fd, call_value, forget
 from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
 from wire import linux
 from wire import protocol as P
@@ -59,6 +60,12 @@ def available() -> str | None:
     if landlock_abi() < 1:
         return "Landlock is not available (brokered programs are confined by it too)"
     return None
+
+
+# Calls that make a name: where nothing was handed, EACCES (as in a directory one may not
+# write), not the ENOENT a lookup gets.
+_CREATING = frozenset({"mkdir", "mkdirat", "symlink", "symlinkat", "link", "linkat", "rename",
+                       "renameat", "renameat2", "creat"})
 
 
 class Broker:
@@ -112,7 +119,10 @@ class Broker:
                     raise OSError(errno.ENOSYS, "not brokered")
                 answer = handler(Call(notif, mem, process))
             except OSError as exc:
-                answer = OSError(exc.errno or errno.EIO, exc.strerror)
+                err = exc.errno or errno.EIO
+                if err == errno.ENODEV:  # a name the namespace lacks: nothing was handed there
+                    err = errno.EACCES if self._names.get(notif.nr) in _CREATING else errno.ENOENT
+                answer = OSError(err, exc.strerror)
             except Exception:
                 log.exception("broker: %s failed", self._names.get(notif.nr, notif.nr))
                 answer = OSError(errno.EIO, "broker error")
@@ -157,21 +167,29 @@ class Broker:
 
 
 def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str]) -> list[str]:
-    """The host trees a run serves: the defaults, --ro-host, and what argv[0] needs.
+    """The host trees a run serves: the defaults, --ro-host, and what its programs need.
 
-    The program's own file (never its directory) is added when it lies
-    outside the defaults; for a Python interpreter, its installation prefix
-    and the virtual environment it belongs to (the directory above its
-    `bin/` when that holds a pyvenv.cfg). Never a directory that is or holds
-    `/`, the caller's cwd or $HOME.
+    For argv[0], and for the `python3` and `python` that env's PATH finds (a
+    build or a script may run them): the program's own file (never its
+    directory) when it lies outside the defaults; a `#!` script's
+    interpreter; for a Python interpreter, its installation prefix and the
+    virtual environment it belongs to (the directory above its `bin/` when
+    that holds a pyvenv.cfg); for a pyenv shim, the pyenv root. Then the
+    directories of redoxcap's own packages, so that a program written with rt
+    imports it. Never a directory that is or holds `/`, the caller's cwd or
+    $HOME.
     """
     import shutil
 
+    from redoxcap.sandbox.policy import project_package_locations
+
     trees = list(hostfs.DEFAULT_TREES) + [os.path.abspath(p) for p in extra]
-    exe = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if argv else None
-    if exe is None:
-        return trees
-    trees += _program_trees(os.path.abspath(exe))
+    path = env.get("PATH", os.defpath)
+    for name in ([argv[0]] if argv else []) + ["python3", "python"]:
+        exe = shutil.which(name, path=path)
+        if exe is not None:
+            trees += _program_trees(os.path.abspath(exe))
+    trees += project_package_locations()
     return trees
 
 
@@ -189,9 +207,13 @@ def _shebang(path: str) -> str | None:
 
 
 def _program_trees(exe: str, depth: int = 0) -> list[str]:
-    """The program's file, a script's interpreter, a Python's prefix and venv."""
+    """The program's file, a script's interpreter, a Python's prefix and venv, a pyenv root."""
     real = os.path.realpath(exe)
     trees = [exe, real]
+    shims = os.path.dirname(exe)
+    if os.path.basename(shims) == "shims" and os.path.isfile(
+            os.path.join(os.path.dirname(shims), "libexec", "pyenv")):
+        trees.append(os.path.dirname(shims))  # the shim runs pyenv, which picks a version there
     interpreter = _shebang(real)
     if interpreter is not None and depth < 4:
         trees += _program_trees(interpreter, depth + 1)
@@ -241,6 +263,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
                    passthrough: bool = True,
                    trace: Callable[[dict], None] | None = None,
+                   mounts: Sequence[tuple[Any, int]] = (),
+                   net: dict | None = None,
                    pass_fds: Sequence[int] = ()) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
@@ -249,6 +273,12 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     trace, when given, is called with one record per brokered syscall as it is
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
+    mounts are the directories handed over at paths of their own
+    (redoxcap.hostdirs.HostDir, and a capability for its root, which stays the caller's):
+    absolute paths beneath one go to it, and programs in one the kernel
+    reaches at that path may be executed (Landlock grants read and execute
+    beneath it); when cwd_path is in one, the program's kernel cwd is there
+    too. net holds the grants its TCP sockets are bound and connected within.
     pass_fds are fds of the caller's the program inherits besides 0-2; it gets no other.
 
     Returns:
@@ -262,11 +292,24 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         raise Unavailable(errno.ENOSYS, reason)
     machine = linux.machine()
     assert machine is not None
-    hosts = hostfs.HostTrees(host_trees_for(argv, env, ro_host))
+    # a tree inside a handed directory (a venv in the project) is served by that directory
+    handed_paths = [d.path.rstrip("/") + "/" for d, _ in mounts if d.executable]
+    hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
+                              if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
+                             [d.visible for d, _ in mounts])
     opened: list[int] = []
     try:
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
         opened.append(broker_ns)
+        handed = []
+        for directory, root in mounts:
+            cap = call_fd(root, P.CLONE)
+            opened.append(cap)
+            scheme = call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
+            handed.append(Mount(directory.visible, cap, directory.path, directory.executable, scheme))
+        kernel_cwd = next((cwd_path for m in handed
+                           if m.executable and m.holds(cwd_path)), None)
+        read_paths = hosts.trees + [m.path for m in handed if m.executable]
         broker_cwd = call_fd(cwd_fd, P.CLONE)
         opened.append(broker_cwd)
         target_ns = call_fd(ns_fd, P.CLONE)
@@ -281,7 +324,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 ours.close()
-                exec_target(argv, env, theirs, parent, empty, hosts.trees,
+                exec_target(argv, env, theirs, parent, kernel_cwd or empty, read_paths,
                             [target_ns, target_cwd, *pass_fds])
             theirs.close()
             with ours:
@@ -298,9 +341,10 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         raise
     state = None
     if listener is not None:
-        processes = Processes(Directory(broker_cwd, cwd_path, False))  # owns broker_cwd
+        processes = Processes(Directory(broker_cwd, cwd_path, False), kernel_cwd)  # owns broker_cwd
         opened.remove(broker_cwd)
-        state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough))
+        state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough,
+                                               handed, net))
     return BrokeredProgram(pid, state, hosts, opened, trace)
 
 

@@ -54,13 +54,47 @@ class Directory:
             self.fd = -1
 
 
+@dataclass(frozen=True)
+class Mount:
+    """A directory handed to the program at an absolute path of its own (`run --dir`, /tmp).
+
+    Attributes:
+        visible: the absolute path the program sees it at.
+        cap: the broker's capability for its root.
+        path: its real host path.
+        executable: the kernel finds it at `visible` (it is its host path): programs in
+            it may be executed, and a process whose cwd is in it has its kernel cwd there.
+        scheme: its name in the namespace (fpath answers `/scheme/NAME/...`).
+    """
+
+    visible: str
+    cap: int
+    path: str
+    executable: bool
+    scheme: str = ""
+
+    def holds(self, path: str) -> bool:
+        """Whether an absolute path is this directory or lies beneath it."""
+        return path == self.visible or path.startswith(self.visible.rstrip("/") + "/")
+
+    def rest(self, path: str) -> str:
+        """The path below the directory of a path it holds ("." for itself)."""
+        return path[len(self.visible):].lstrip("/") or "."
+
+
 @dataclass(eq=False)
 class Process:
-    """One target process (thread group)."""
+    """One target process (thread group).
+
+    `kernel_cwd` is the host directory Linux has as its cwd (None: the empty
+    directory it started in), which the broker's cwd matches only while the
+    process changes directory to paths the kernel reaches too (see chdir).
+    """
 
     tgid: int
     pidfd: int
     cwd: Directory
+    kernel_cwd: str | None = None
 
     def set_cwd(self, new: Directory) -> None:
         """Make new (a reference the caller hands over) the cwd."""
@@ -73,17 +107,19 @@ class Processes:
     """Every target process the broker has seen, by thread group and by thread."""
 
     initial: Directory  # the cwd of a process whose parent is unknown (the first one)
+    initial_kernel_cwd: str | None = None
     by_tgid: dict[int, Process] = field(default_factory=dict)
     by_pidfd: dict[int, Process] = field(default_factory=dict)
     _tgid_of: OrderedDict[int, int] = field(default_factory=OrderedDict)
-    _forks: dict[int, deque[Directory]] = field(default_factory=dict)  # parent tgid -> cwds
+    # parent tgid -> (cwd, kernel cwd) of each fork not seen yet
+    _forks: dict[int, deque[tuple[Directory, str | None]]] = field(default_factory=dict)
 
     def forking(self, parent: Process) -> None:
         """parent is about to fork: its child starts in the cwd it has now."""
         pending = self._forks.setdefault(parent.tgid, deque())
-        pending.append(parent.cwd.retain())
+        pending.append((parent.cwd.retain(), parent.kernel_cwd))
         while len(pending) > MAX_PENDING_FORKS:  # forks that failed leave theirs behind
-            pending.popleft().release()
+            pending.popleft()[0].release()
 
     def of_thread(self, tid: int) -> tuple[Process, bool]:
         """The process of thread tid (read from /proc for a thread not seen yet).
@@ -109,16 +145,17 @@ class Processes:
             return process, False
         pending = self._forks.get(ppid)
         if pending:
-            cwd = pending.popleft()  # retained when the parent forked
+            cwd, kernel_cwd = pending.popleft()  # retained when the parent forked
         else:
             parent = self.by_tgid.get(ppid)
             cwd = (parent.cwd if parent is not None else self.initial).retain()
+            kernel_cwd = parent.kernel_cwd if parent is not None else self.initial_kernel_cwd
         try:
             pidfd = os.pidfd_open(tgid)
         except BaseException:
             cwd.release()
             raise
-        process = self.by_tgid[tgid] = self.by_pidfd[pidfd] = Process(tgid, pidfd, cwd)
+        process = self.by_tgid[tgid] = self.by_pidfd[pidfd] = Process(tgid, pidfd, cwd, kernel_cwd)
         return process, True
 
     def exited(self, pidfd: int) -> None:
@@ -128,7 +165,7 @@ class Processes:
             return
         self.by_tgid.pop(process.tgid, None)
         process.cwd.release()
-        for cwd in self._forks.pop(process.tgid, ()):
+        for cwd, _ in self._forks.pop(process.tgid, ()):
             cwd.release()
         os.close(pidfd)
 
@@ -151,6 +188,41 @@ def _ids(tid: int) -> tuple[int, int]:
     if tgid is None or ppid is None:
         raise OSError(3, "no such thread")
     return tgid, ppid
+
+
+class BoundedSet:
+    """Identities the broker remembers, the oldest forgotten past a bound."""
+
+    def __init__(self, bound: int = MAX_CAPABILITIES) -> None:
+        self._items: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._bound = bound
+
+    def add(self, identity: int) -> None:
+        self._items[identity] = None
+        self._items.move_to_end(identity)
+        if len(self._items) > self._bound:
+            self._items.popitem(last=False)
+
+    def __contains__(self, identity: int) -> bool:
+        return identity in self._items
+
+
+class StatusTable:
+    """The status a memory file stands for (a routed file's, by the memfd's identity),
+    the oldest forgotten past a bound."""
+
+    def __init__(self, bound: int = MAX_CAPABILITIES) -> None:
+        self._items: OrderedDict[tuple[int, int], object] = OrderedDict()
+        self._bound = bound
+
+    def add(self, identity: int, status: object) -> None:
+        self._items[identity] = status
+        self._items.move_to_end(identity)
+        if len(self._items) > self._bound:
+            self._items.popitem(last=False)
+
+    def get(self, identity: int) -> object | None:
+        return self._items.get(identity)
 
 
 class CapabilityTable:

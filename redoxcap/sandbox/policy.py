@@ -70,6 +70,12 @@ def _find_spec_locations(name: str) -> list[str]:
     return []
 
 
+def project_package_locations() -> list[str]:
+    """The directories of redoxcap's own top-level packages (rt, wire, ...), found without
+    importing them: what a program written with rt imports."""
+    return [location for name in _PROJECT_PACKAGES for location in _find_spec_locations(name)]
+
+
 def _holds(directory: str, path: str) -> bool:
     """Whether path is directory or lies beneath it (both real paths)."""
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)

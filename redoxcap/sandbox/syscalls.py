@@ -211,13 +211,37 @@ IOPRIO_SET_CHECK = Check(0, "which", ((Equal((linux.IOPRIO_WHO_PROCESS,), ("IOPR
                                        only_own(1, "who")),), EPERM)
 
 
+_STREAMS = Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_STREAM, linux.SOCK_SEQPACKET),
+                  "SOCK_STREAM or SOCK_SEQPACKET")
+_UNIX = (Equal((linux.AF_UNIX,), ("AF_UNIX",)), Check(1, "type", ((_STREAMS, ALLOW),), EACCES))
+
+
 def socket_check(refusal: Action) -> Check:
     """AF_UNIX stream and seqpacket sockets only: a datagram socket's sendto can name any host
     socket, and Landlock (ABI 7) mediates neither those nor UDP."""
-    stream_types = Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_STREAM, linux.SOCK_SEQPACKET),
-                          "SOCK_STREAM or SOCK_SEQPACKET")
+    stream_types = _STREAMS
     return Check(0, "domain", ((Equal((linux.AF_UNIX,), ("AF_UNIX",)),
                                 Check(1, "type", ((stream_types, ALLOW),), refusal)),), refusal)
+
+
+# Under the broker, TCP too: the broker binds, connects and listens on its own copy of the
+# socket within the run's --allow-* grants (bind, connect and listen go to it). Not UDP (a
+# datagram's sendto/sendmsg names any address, in memory the filter cannot read), not SCTP or
+# MPTCP (a sendmsg may connect), not raw or netlink sockets.
+SOCKET_BROKERED = Check(0, "domain", (
+    _UNIX,
+    (Equal((linux.AF_INET, linux.AF_INET6), ("AF_INET", "AF_INET6")),
+     Check(1, "type", ((Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_STREAM,), "SOCK_STREAM"),
+                        Check(2, "protocol", ((Equal((0, linux.IPPROTO_TCP), ("0", "IPPROTO_TCP")),
+                                               ALLOW),), EACCES)),), EACCES)),
+), EACCES)
+SOCKETPAIR_CHECK = Check(0, "domain", (_UNIX,), EACCES)
+
+
+def no_fastopen(index: int) -> Check:
+    """A send whose flags (argument index) hold MSG_FASTOPEN connects a TCP socket without
+    connect(2), so without the broker's check or Landlock's: EACCES."""
+    return Check(index, "flags", ((AnyBit(linux.MSG_FASTOPEN, "MSG_FASTOPEN"), EACCES),), ALLOW)
 
 
 # -- the list --------------------------------------------------------------------------------------
@@ -302,19 +326,27 @@ def rules(*, deny_network: bool = True, signals_scoped: bool = True) -> tuple[Ru
         Rule("paths", ("mknod", "mknodat"), ALLOW, EPERM,
              "fifos and sockets where Landlock lets it write (devices need CAP_MKNOD)"),
         Rule("paths", ("statfs",), ALLOW, ENOSYS, "filesystem sizes (brokered: fstatfs instead)"),
-        Rule("paths", _names("getxattr lgetxattr listxattr llistxattr getxattrat listxattrat"),
+        Rule("paths", _names("""getxattr lgetxattr listxattr llistxattr getxattrat listxattrat
+             file_getattr"""),
              ALLOW, ENOTSUP, "attribute reads (the capability protocol has no xattrs)"),
-        Rule("sockets", ("socket", "socketpair"), sockets, None,
-             "AF_UNIX stream and seqpacket only" if deny_network else "any socket"),
-        Rule("sockets", ("connect", "bind"), ALLOW, EACCES,
-             "confined: only on its own AF_UNIX sockets; brokered: no host socket is named"),
-        Rule("sockets", _names("""accept accept4 listen shutdown getsockname getpeername
-             setsockopt getsockopt sendto recvfrom sendmsg recvmsg sendmmsg recvmmsg"""),
-             ALLOW, None, "on sockets it holds"),
+        Rule("paths", METADATA, EPERM, NOTIFY,
+             "confined: not the program's to change; brokered: modes (permission bits) and times "
+             "of its own files, through the capability (CHMODAT, UTIMENSAT, CHOWNAT)"),
+        Rule("sockets", ("socket",), sockets, SOCKET_BROKERED,
+             "AF_UNIX stream and seqpacket only" + ("" if deny_network else " (or any, confined)")
+             + "; brokered: TCP too, bound and connected by the broker"),
+        Rule("sockets", ("socketpair",), SOCKETPAIR_CHECK, None, "AF_UNIX stream and seqpacket"),
+        Rule("sockets", ("connect", "bind", "listen"), ALLOW, NOTIFY,
+             "confined: on its own sockets (Landlock refuses TCP); brokered: the broker checks "
+             "the address against the grants and acts on its own copy of the socket"),
+        Rule("sockets", ("sendto", "sendmmsg"), no_fastopen(3), None, "no MSG_FASTOPEN"),
+        Rule("sockets", ("sendmsg",), no_fastopen(2), None, "no MSG_FASTOPEN"),
+        Rule("sockets", _names("""accept accept4 shutdown getsockname getpeername setsockopt
+             getsockopt recvfrom recvmsg recvmmsg"""), ALLOW, None, "on sockets it holds"),
         # refused on purpose, with the errno that says why
-        Rule("refused", METADATA, EPERM, None,
-             "modes, owners and times of host files are not the program's to change"),
-        Rule("refused", XATTR_WRITES, EPERM, None, "extended attributes and inode flags"),
+        Rule("refused", XATTR_WRITES, EPERM, ENOTSUP,
+             "extended attributes and inode flags (brokered: not supported, so cp -a and tar "
+             "fall back to chmod)"),
         Rule("refused", _names("""mount umount2 pivot_root chroot open_tree open_tree_attr
              move_mount fsopen fsconfig fsmount fspick mount_setattr listmount statmount
              unshare setns"""), EPERM, None, "mounts and namespaces (statmount shows the host's)"),

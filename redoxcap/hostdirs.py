@@ -1,0 +1,166 @@
+"""The host directories a run hands its program (`run --dir`), and the run's private /tmp.
+
+Each is served by a file scheme daemon of the run's own (`python -E -P -m
+schemes.file`, killed by the kernel if `run` dies, stopped when the program
+ends), registered in the program's namespace under a name of its own
+(`dir`, `dir1`, ...; the private /tmp in a fork of it that goes at once, so
+that only the broker holds it). The program sees each at its own absolute
+host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
+its capability (redoxcap/broker/handlers.py).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import rt
+from redoxcap import PYTHON
+from redoxcap.exits import EXIT_USAGE, Failure
+from rt import _process
+from rt._call import call_fd
+from wire import protocol as P
+
+
+@dataclass(frozen=True)
+class HostDir:
+    """A host directory a run hands its program (`--dir`), or the run's private /tmp.
+
+    Seen by the program at `visible`.
+
+    Attributes:
+        path: its real host path.
+        visible: the absolute path the program sees it at: its own host path,
+            or /tmp for the private one.
+        read_only: every write is EROFS (`--dir HOSTDIR:ro`).
+    """
+
+    path: str
+    visible: str
+    read_only: bool = False
+
+    @property
+    def executable(self) -> bool:
+        """Programs in it may be executed: the kernel finds them at the path the program names."""
+        return self.path == self.visible
+
+
+def parse_dir(text: str) -> HostDir:
+    """`HOSTDIR[:ro]` -> HostDir at its real path; `.` is the current directory.
+
+    Raises:
+        Failure: EXIT_USAGE for a path that is not an existing directory, or `/`.
+    """
+    path, read_only = (text[:-3], True) if text.endswith(":ro") else (text, False)
+    if not path:
+        raise Failure(f"--dir {text!r}: expected HOSTDIR[:ro]", EXIT_USAGE)
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.isdir(real):
+        why = "does not exist" if not os.path.exists(real) else "is not a directory"
+        raise Failure(f"--dir {text}: {real} {why}", EXIT_USAGE)
+    if real == "/":
+        raise Failure("--dir /: that hands over the whole host; name the directories the "
+                      "program needs", EXIT_USAGE)
+    return HostDir(real, real, read_only)
+
+
+def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen]
+               ) -> list[tuple[HostDir, str]]:
+    """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
+
+    The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
+    namespace holds already. Each daemon is appended to daemons once started;
+    it dies with this process, and :func:`stop` stops it.
+
+    Returns:
+        (directory, scheme name) of each, in the order of dirs.
+
+    Raises:
+        Failure: the namespace refused a new scheme, or a daemon could not start.
+    """
+    taken = set(rt.schemes(child_ns)) if dirs else set()
+    mounts = []
+    for d in dirs:
+        base = "tmp" if d.visible == "/tmp" and not d.executable else "dir"
+        name = next(n for n in [base, *(f"{base}{i}" for i in range(1, len(dirs) + len(taken) + 2))]
+                    if n not in taken)
+        taken.add(name)
+        try:
+            channel = rt.mkscheme(name, child_ns)
+        except OSError as exc:
+            raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
+        try:
+            daemons.append(_start_daemon(channel, d, name))
+        except OSError as exc:
+            raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
+        finally:
+            rt.close(channel)
+        mounts.append((d, name))
+    return mounts
+
+
+def open_root(ns: int, name: str) -> int:
+    """A capability for the root of scheme name in namespace ns."""
+    return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
+
+
+def _start_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
+    """`python -E -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
+    goes to the program, not to the daemons it needs until it exits), killed when we die."""
+    argv = [*PYTHON, "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
+            "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
+            *(["--read-only"] if d.read_only else [])]
+    return subprocess.Popen(argv, pass_fds=[channel], stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+# `python -E -P -c THIS PARENT ARGS...`: schemes.file's main, killed by the kernel when PARENT dies.
+_DAEMON_WITH_PARENT = (
+    "import runpy, sys\n"
+    "from redoxcap.sandbox.process import die_with_parent\n"
+    "die_with_parent(int(sys.argv.pop(1)))\n"
+    "sys.argv[0] = 'schemes.file'\n"
+    "runpy.run_module('schemes.file', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def stop(daemons: list[subprocess.Popen]) -> None:
+    """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
+    for proc in daemons:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in daemons:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    daemons.clear()
+
+
+def enter(child_ns: int, mounts: list[tuple[HostDir, str]], cwd: str | None,
+               beneath: bool) -> None:
+    """Make the first --dir (or cwd, a host path inside one) rt's current directory.
+
+    Raises:
+        Failure: EXIT_USAGE for a cwd in none of the directories; the open's error otherwise.
+    """
+    first = mounts[0][0]
+    target = posixpath.normpath(posixpath.join(first.visible, cwd or "."))
+    inside = [(d, name) for d, name in mounts
+              if target == d.visible or target.startswith(d.visible.rstrip("/") + "/")]
+    if not inside:
+        raise Failure(f"--cwd {cwd}: with --dir, the cwd is a host path inside one of the "
+                      f"directories (relative to {first.visible})", EXIT_USAGE)
+    d, name = max(inside, key=lambda m: len(m[0].visible))
+    rest = target[len(d.visible):].lstrip("/") or "."
+    try:
+        fd = call_fd(child_ns, P.OPENAT, [f"/scheme/{name}/{rest}",
+                                          os.O_RDONLY | os.O_DIRECTORY
+                                          | (P.O_RESOLVE_BENEATH if beneath else 0), 0])
+    except OSError as exc:
+        raise Failure(f"--cwd {target}: {exc.strerror}") from None
+    _process.replace_cwd(fd, target)
