@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from redoxcap.broker import available
-from redoxcap.testing import REDOXCAP, System, booted, free_port, wait_for
+from redoxcap.testing import REDOXCAP, System, free_port, wait_for
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -37,13 +37,6 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=str(available())
 BASE_PYTHON = str(Path(sys.base_prefix) / "bin" / "python3")
 ENV = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": "/nonexistent", "TZ": "UTC"}
 GIT = ["git", "-c", "user.name=T", "-c", "user.email=t@example.org", "-c", "init.defaultBranch=main"]
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    """One system for the module; every run hands it a directory of its own."""
-    with booted(tmp_path_factory.mktemp("everyday")) as booted_system:
-        yield booted_system
 
 
 @pytest.fixture
@@ -106,16 +99,16 @@ def same_as_native(system: System, twins, build, argv: list[str], *options: str,
 # -- everyday programs, each against a native run -----------------------------------
 
 
-def test_touch_sets_times_as_natively(redoxcap_system, twins):
+def test_touch_sets_times_as_natively(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         (d / "a").write_text("a")
         (d / "b").write_text("b")
     script = ("touch -d @1000000000 a && touch -r a b && touch -m -d '2001-02-03 04:05:06' c "
               "&& touch -a -d @5 a && ls -l --time-style=+%s a b c")
-    same_as_native(redoxcap_system, twins, build, ["sh", "-c", script], times=True)
+    same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", script], times=True)
 
 
-def test_cp_a_keeps_modes_times_and_links(redoxcap_system, twins):
+def test_cp_a_keeps_modes_times_and_links(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         (d / "src" / "sub").mkdir(parents=True)
         (d / "src" / "run.sh").write_text("#!/bin/sh\necho hi\n")
@@ -126,11 +119,11 @@ def test_cp_a_keeps_modes_times_and_links(redoxcap_system, twins):
         (d / "src" / "sub").chmod(0o700)
         for path in [d / "src" / "run.sh", d / "src" / "sub" / "data", d / "src" / "sub", d / "src"]:
             os.utime(path, ns=(1_000_000_000_000_000_000, 1_100_000_000_000_000_000))
-    same_as_native(redoxcap_system, twins, build, ["sh", "-c", "cp -a src dst && cat dst/link | wc -l"],
+    same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", "cp -a src dst && cat dst/link | wc -l"],
                    times=True)
 
 
-def test_tar_xzf_restores_modes_and_times(redoxcap_system, twins, tmp_path):
+def test_tar_xzf_restores_modes_and_times(redoxcap_module_system, twins, tmp_path):
     archive = tmp_path / "in.tgz"
     source = tmp_path / "source"
     (source / "pkg" / "bin").mkdir(parents=True)
@@ -147,18 +140,18 @@ def test_tar_xzf_restores_modes_and_times(redoxcap_system, twins, tmp_path):
 
     def build(d: Path) -> None:
         shutil.copy2(archive, d / "in.tgz")
-    same_as_native(redoxcap_system, twins, build, ["sh", "-c", "tar -xzf in.tgz && pkg/bin/tool"], times=True)
+    same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", "tar -xzf in.tgz && pkg/bin/tool"], times=True)
 
 
-def test_make_builds_with_cc_runs_the_binary_and_knows_it_is_up_to_date(redoxcap_system, twins):
+def test_make_builds_with_cc_runs_the_binary_and_knows_it_is_up_to_date(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         (d / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hello from c");return 0;}\n')
         (d / "Makefile").write_text("all: hello\n\t./hello\nhello: hello.c\n\tcc -o hello hello.c\n")
-    got = same_as_native(redoxcap_system, twins, build, ["sh", "-c", "make && make hello"])
+    got = same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", "make && make hello"])
     assert "hello from c" in got.stdout and "is up to date" in got.stdout
 
 
-def test_git_makes_a_repository_commits_and_reads_it_back(redoxcap_system, twins):
+def test_git_makes_a_repository_commits_and_reads_it_back(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         (d / "a.txt").write_text("alpha\n")
         (d / "sub").mkdir()
@@ -167,11 +160,11 @@ def test_git_makes_a_repository_commits_and_reads_it_back(redoxcap_system, twins
               "&& echo more >> a.txt && git status --porcelain && git diff --stat "
               "&& git log --format=%s && git rev-parse HEAD^{tree} && git fsck --no-progress "
               "&& git stash -q && git status --porcelain && cat a.txt")
-    got = same_as_native(redoxcap_system, twins, build, ["sh", "-c", script], skip=(".git",))
+    got = same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", script], skip=(".git",))
     assert "first" in got.stdout
 
 
-def test_git_and_sqlite3_without_passthrough_see_their_files_whole(redoxcap_system, twins):
+def test_git_and_sqlite3_without_passthrough_see_their_files_whole(redoxcap_module_system, twins):
     """Every byte routed: what git reads is the file (a read-only file comes whole, as a memory
     file it can map; fstat describes the file, not what carries it), and sqlite3, which needs
     pread on a file it writes, stops with an error; nothing reads as empty or corrupt."""
@@ -180,29 +173,29 @@ def test_git_and_sqlite3_without_passthrough_see_their_files_whole(redoxcap_syst
     setup = (f"{' '.join(GIT)} init -q && git add . && {' '.join(GIT)} commit -qm first "
              "&& sqlite3 db 'create table t(x); insert into t values (1), (2);' "
              "&& echo db > .git/info/exclude")
-    assert sandboxed(redoxcap_system, project, ["sh", "-c", setup]).returncode == 0
+    assert sandboxed(redoxcap_module_system, project, ["sh", "-c", setup]).returncode == 0
     script = ("git log --format=%s && git cat-file -p HEAD^{tree} && echo more >> a.txt && "
               f"git status --short && {' '.join(GIT)} commit -qam second && git log --format=%s")
-    got = sandboxed(redoxcap_system, project, ["sh", "-c", script], "--no-passthrough")
+    got = sandboxed(redoxcap_module_system, project, ["sh", "-c", script], "--no-passthrough")
     assert "corrupt" not in got.stderr and "empty" not in got.stderr, got.stderr
     blob = subprocess.run(["git", "rev-parse", "HEAD~1:a.txt"], cwd=project, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert got.stdout == f"first\n100644 blob {blob}\ta.txt\n M a.txt\nsecond\nfirst\n", got.stderr
-    got = sandboxed(redoxcap_system, project, ["sqlite3", "db", "select sum(x) from t"], "--no-passthrough")
+    got = sandboxed(redoxcap_module_system, project, ["sqlite3", "db", "select sum(x) from t"], "--no-passthrough")
     assert got.stdout == "3\n" or "disk I/O error" in got.stderr, got.stderr
     assert "malformed" not in got.stderr, got.stderr
 
 
-def test_sqlite3_creates_and_queries_a_database(redoxcap_system, twins):
+def test_sqlite3_creates_and_queries_a_database(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         pass
     script = ("sqlite3 db 'create table t(x, y); insert into t values (1, \"a\"), (2, \"b\");' && "
               "sqlite3 db 'update t set y = y || y; select x, y from t order by x; pragma integrity_check;'")
-    same_as_native(redoxcap_system, twins, build, ["sh", "-c", script], skip=("db",))
+    same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", script], skip=("db",))
 
 
 @pytest.mark.parametrize("editor", ["ed", "vim"])
-def test_an_editor_edits_a_file(redoxcap_system, twins, editor):
+def test_an_editor_edits_a_file(redoxcap_module_system, twins, editor):
     if shutil.which(editor) is None:
         pytest.skip(f"{editor} is not installed")
 
@@ -213,7 +206,7 @@ def test_an_editor_edits_a_file(redoxcap_system, twins, editor):
     else:
         argv, stdin = ["vim", "-N", "-u", "NONE", "-i", "NONE", "-es", "-c", "2s/two/TWO/",
                        "-c", "wq", "notes.txt"], ""
-    same_as_native(redoxcap_system, twins, build, argv, input=stdin)
+    same_as_native(redoxcap_module_system, twins, build, argv, input=stdin)
     assert "TWO" in (twins[0] / "notes.txt").read_text()
 
 
@@ -236,7 +229,7 @@ def _wheel(path: Path) -> None:
         z.writestr("hello_pkg-1.0.dist-info/RECORD", "\n".join(record) + "\n")
 
 
-def test_a_venv_installs_a_local_wheel_and_runs_it(redoxcap_system, twins):
+def test_a_venv_installs_a_local_wheel_and_runs_it(redoxcap_module_system, twins):
     """python3 -m venv (the interpreter by its own path, outside the system trees), pip
     install of a local wheel into it, and the venv's python importing it."""
     def build(d: Path) -> None:
@@ -246,16 +239,16 @@ def test_a_venv_installs_a_local_wheel_and_runs_it(redoxcap_system, twins):
               "--disable-pip-version-check ./hello_pkg-1.0-py3-none-any.whl && "
               "v/bin/python -c 'import hello_pkg, sys; print(hello_pkg.hi(), sys.prefix)' && "
               "ls v/lib/python3*/site-packages | grep hello")
-    got = same_as_native(redoxcap_system, twins, build, ["sh", "-c", script], skip=("v",))
+    got = same_as_native(redoxcap_module_system, twins, build, ["sh", "-c", script], skip=("v",))
     assert "hi from a wheel PROJECT/v" in got.stdout.replace(str(twins[0]), "PROJECT")
 
 
-def test_http_server_serves_within_its_grant(redoxcap_system, tmp_path):
+def test_http_server_serves_within_its_grant(redoxcap_module_system, tmp_path):
     project = tmp_path / "site"
     project.mkdir()
     (project / "index.txt").write_text("served from the sandbox\n")
     port = free_port()
-    server = redoxcap_system.start("run", "--dir", str(project), "--allow-listen", f"127.0.0.1:{port}", "--",
+    server = redoxcap_module_system.start("run", "--dir", str(project), "--allow-listen", f"127.0.0.1:{port}", "--",
                           BASE_PYTHON, "-m", "http.server", str(port), "--bind", "127.0.0.1")
     try:
         def fetch() -> bytes | None:
@@ -270,7 +263,7 @@ def test_http_server_serves_within_its_grant(redoxcap_system, tmp_path):
         server.terminate()
         server.communicate(timeout=30)
     other = free_port()
-    got = sandboxed(redoxcap_system, project, [BASE_PYTHON, "-m", "http.server", str(other), "--bind",
+    got = sandboxed(redoxcap_module_system, project, [BASE_PYTHON, "-m", "http.server", str(other), "--bind",
                                       "127.0.0.1"], "--allow-listen", f"127.0.0.1:{port}")
     assert got.returncode != 0 and "Permission denied" in got.stderr
 
@@ -299,14 +292,14 @@ SOCKETS = textwrap.dedent("""
 """)
 
 
-def test_sockets_reach_exactly_what_is_granted(redoxcap_system, tmp_path):
+def test_sockets_reach_exactly_what_is_granted(redoxcap_module_system, tmp_path):
     project = tmp_path / "net"
     project.mkdir()
     with socket.create_server(("127.0.0.1", 0)) as granted, \
             socket.create_server(("127.0.0.1", 0)) as other:
         granted_port, other_port = granted.getsockname()[1], other.getsockname()[1]
         other.settimeout(0)
-        got = sandboxed(redoxcap_system, project, [BASE_PYTHON, "-c", SOCKETS, str(granted_port), str(other_port)],
+        got = sandboxed(redoxcap_module_system, project, [BASE_PYTHON, "-c", SOCKETS, str(granted_port), str(other_port)],
                         "--allow-connect", f"127.0.0.1:{granted_port}")
         with pytest.raises(BlockingIOError):
             other.accept()  # nothing ever reached the port that was not granted
@@ -322,7 +315,7 @@ def test_sockets_reach_exactly_what_is_granted(redoxcap_system, tmp_path):
 # -- programs inside the sandbox, and what they cannot reach ----------------------------
 
 
-def test_scripts_and_binaries_inside_run_and_a_symlink_out_does_not(redoxcap_system, tmp_path):
+def test_scripts_and_binaries_inside_run_and_a_symlink_out_does_not(redoxcap_module_system, tmp_path):
     project, outside = tmp_path / "proj", tmp_path / "outside"
     (project / "sub").mkdir(parents=True)
     outside.mkdir()
@@ -335,7 +328,7 @@ def test_scripts_and_binaries_inside_run_and_a_symlink_out_does_not(redoxcap_sys
     os.symlink(outside / "evil.sh", project / "evil")
     os.symlink("/usr/bin/true", project / "true")
     script = "./run.sh; (cd sub && ./run.sh); ./true && echo true ran; ./evil; echo evil=$?"
-    got = sandboxed(redoxcap_system, project, ["sh", "-c", script])
+    got = sandboxed(redoxcap_module_system, project, ["sh", "-c", script])
     assert got.stdout.splitlines() == [f"run.sh in {project}", f"run.sh in {project}/sub",
                                        "true ran", "evil=127"], got.stderr
     assert not marker.exists()
@@ -365,7 +358,7 @@ RENAME_RACE = textwrap.dedent("""
 """)
 
 
-def test_a_racing_rename_never_execs_what_lies_outside(redoxcap_system, tmp_path):
+def test_a_racing_rename_never_execs_what_lies_outside(redoxcap_module_system, tmp_path):
     """The broker checks ./prog and lets the kernel exec it; a thread swaps in a symlink to a
     host script outside meanwhile. Landlock checks the file the kernel resolved: the outside
     script never runs, however the race goes."""
@@ -377,13 +370,13 @@ def test_a_racing_rename_never_execs_what_lies_outside(redoxcap_system, tmp_path
     (outside / "evil.sh").chmod(0o755)
     (project / "good").write_text("#!/bin/sh\nexit 0\n")
     (project / "good").chmod(0o755)
-    got = sandboxed(redoxcap_system, project, [BASE_PYTHON, "-c", RENAME_RACE, str(outside / "evil.sh"), "150"])
+    got = sandboxed(redoxcap_module_system, project, [BASE_PYTHON, "-c", RENAME_RACE, str(outside / "evil.sh"), "150"])
     assert got.returncode == 0, got.stderr
     assert "(0," in got.stdout, got.stdout  # the good one ran, so the race was live
     assert not marker.exists()
 
 
-def test_what_was_not_handed_is_absent_and_cannot_be_written(redoxcap_system, tmp_path):
+def test_what_was_not_handed_is_absent_and_cannot_be_written(redoxcap_module_system, tmp_path):
     project, sibling = tmp_path / "proj", tmp_path / "sibling"
     project.mkdir()
     sibling.mkdir()
@@ -404,14 +397,14 @@ def test_what_was_not_handed_is_absent_and_cannot_be_written(redoxcap_system, tm
         "ls ..": "Permission denied",
     }
     for command, message in attempts.items():
-        got = sandboxed(redoxcap_system, project, ["sh", "-c", command])
+        got = sandboxed(redoxcap_module_system, project, ["sh", "-c", command])
         assert got.returncode != 0 and message in got.stderr, (command, got.stderr)
         assert "the secret" not in got.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj", "sibling"]
     assert sorted(p.name for p in sibling.iterdir()) == ["secret.txt"]
 
 
-def test_metadata_changes_stay_inside_and_never_make_set_uid_files(redoxcap_system, tmp_path):
+def test_metadata_changes_stay_inside_and_never_make_set_uid_files(redoxcap_module_system, tmp_path):
     project, sibling = tmp_path / "proj", tmp_path / "sibling"
     project.mkdir()
     sibling.mkdir()
@@ -421,7 +414,7 @@ def test_metadata_changes_stay_inside_and_never_make_set_uid_files(redoxcap_syst
     (project / "tool").write_text("x")
     script = ("chmod 4755 tool; chmod g+s tool; stat -c %a tool; chmod 666 abs-link; "
               "touch -d @1 abs-link; chown 4242 tool; echo chown=$?; chmod 644 /usr/bin/env")
-    got = sandboxed(redoxcap_system, project, ["sh", "-c", script])
+    got = sandboxed(redoxcap_module_system, project, ["sh", "-c", script])
     assert got.stdout.splitlines()[0] == "755", got.stdout
     assert "chown=1" in got.stdout
     assert "Read-only file system" in got.stderr
@@ -430,7 +423,7 @@ def test_metadata_changes_stay_inside_and_never_make_set_uid_files(redoxcap_syst
     assert (project / "tool").stat().st_uid == os.getuid()
 
 
-def test_a_read_only_dir_answers_erofs_and_its_files_keep_their_metadata(redoxcap_system, tmp_path):
+def test_a_read_only_dir_answers_erofs_and_its_files_keep_their_metadata(redoxcap_module_system, tmp_path):
     project, data = tmp_path / "proj", tmp_path / "data"
     project.mkdir()
     data.mkdir()
@@ -438,7 +431,7 @@ def test_a_read_only_dir_answers_erofs_and_its_files_keep_their_metadata(redoxca
     before = (data / "f").stat()
     script = (f"cat {data}/f; echo x > {data}/g; touch {data}/f; chmod 777 {data}/f; "
               f"rm {data}/f; ls {data}")
-    got = redoxcap_system.run("--dir", str(project), "--dir", f"{data}:ro", "--", "sh", "-c", script,
+    got = redoxcap_module_system.run("--dir", str(project), "--dir", f"{data}:ro", "--", "sh", "-c", script,
                      check=False)
     assert got.stdout == "data\nf\n", got.stderr
     assert got.stderr.count("Read-only file system") == 4, got.stderr
@@ -446,19 +439,19 @@ def test_a_read_only_dir_answers_erofs_and_its_files_keep_their_metadata(redoxca
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
 
 
-def test_each_dir_is_at_its_own_path_and_tmp_is_private(redoxcap_system, tmp_path):
+def test_each_dir_is_at_its_own_path_and_tmp_is_private(redoxcap_module_system, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
     (two / "f").write_text("two\n")
     script = (f"pwd; cat {two}/f; echo mine > /tmp/x; cat /tmp/x; ls /tmp; echo $TMPDIR; "
               f"cd {two} && pwd && ls")
-    got = redoxcap_system.run("--dir", str(one), "--dir", str(two), "--", "sh", "-c", script)
+    got = redoxcap_module_system.run("--dir", str(one), "--dir", str(two), "--", "sh", "-c", script)
     assert got.stdout.splitlines() == [str(one), "two", "mine", "x", "/tmp", str(two), "f"]
     assert not Path("/tmp/x").exists() or Path("/tmp/x").read_text() != "mine\n"
 
 
-def test_an_rt_program_sees_the_dir_at_its_path_without_the_broker(redoxcap_system, tmp_path):
+def test_an_rt_program_sees_the_dir_at_its_path_without_the_broker(redoxcap_module_system, tmp_path):
     project = tmp_path / "rt-proj"
     project.mkdir()
     (project / "a.txt").write_text("alpha\n")
@@ -466,7 +459,7 @@ def test_an_rt_program_sees_the_dir_at_its_path_without_the_broker(redoxcap_syst
             f"print(rt.open_file('{project}/a.txt').read(), end='');"
             "rt.chmod('a.txt', 0o600); rt.utime('a.txt', (1, 2_000_000_000));"
             "print(sorted(rt.schemes()))")
-    got = redoxcap_system.run("--dir", str(project), "--no-broker", "--", sys.executable, "-c", code)
+    got = redoxcap_module_system.run("--dir", str(project), "--no-broker", "--", sys.executable, "-c", code)
     lines = got.stdout.splitlines()
     assert lines[:2] == [f"{project} ['a.txt']", "alpha"]
     assert "file" not in lines[2]
@@ -474,10 +467,10 @@ def test_an_rt_program_sees_the_dir_at_its_path_without_the_broker(redoxcap_syst
     assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 2_000_000_000)
 
 
-def test_the_dir_daemons_go_when_the_run_ends(redoxcap_system, tmp_path):
+def test_the_dir_daemons_go_when_the_run_ends(redoxcap_module_system, tmp_path):
     project = tmp_path / "gone"
     project.mkdir()
-    redoxcap_system.run("--dir", str(project), "--", "true")
+    redoxcap_module_system.run("--dir", str(project), "--", "true")
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert str(project) not in ps
 
@@ -485,15 +478,15 @@ def test_the_dir_daemons_go_when_the_run_ends(redoxcap_system, tmp_path):
 # -- clear errors ---------------------------------------------------------------------
 
 
-def test_a_missing_command_is_127_command_not_found(redoxcap_system, tmp_path):
-    got = redoxcap_system.run("--dir", str(tmp_path), "--", "no-such-command-here", check=False)
+def test_a_missing_command_is_127_command_not_found(redoxcap_module_system, tmp_path):
+    got = redoxcap_module_system.run("--dir", str(tmp_path), "--", "no-such-command-here", check=False)
     assert got.returncode == 127 and "no-such-command-here: command not found" in got.stderr
 
 
-def test_options_are_checked_before_anything_runs(redoxcap_system, tmp_path):
-    got = redoxcap_system.run("--dir", str(tmp_path / "missing"), "--", "true", check=False)
+def test_options_are_checked_before_anything_runs(redoxcap_module_system, tmp_path):
+    got = redoxcap_module_system.run("--dir", str(tmp_path / "missing"), "--", "true", check=False)
     assert got.returncode == 2 and "does not exist" in got.stderr
-    got = redoxcap_system.run("--cwd", str(tmp_path), "--", "true", check=False)
+    got = redoxcap_module_system.run("--cwd", str(tmp_path), "--", "true", check=False)
     assert got.returncode != 0 and f"--dir {tmp_path}" in got.stderr
     state = tmp_path / "state"
     for args, message in [(["up", "--root", str(tmp_path / "no" / "such")], "does not exist"),
@@ -518,17 +511,17 @@ def test_a_private_system_boots_for_a_dir_run_and_leaves_nothing(tmp_path):
     assert not (state / "control.sock").exists()
 
 
-def test_dev_tty_is_the_terminal_the_program_was_given(redoxcap_system, tmp_path):
+def test_dev_tty_is_the_terminal_the_program_was_given(redoxcap_module_system, tmp_path):
     master, slave = os.openpty()
     try:
-        got = redoxcap_system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo to-the-tty > /dev/tty",
+        got = redoxcap_module_system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo to-the-tty > /dev/tty",
                          stdin=slave, check=False)
         assert got.returncode == 0, got.stderr
         assert b"to-the-tty" in os.read(master, 1024)
     finally:
         os.close(master)
         os.close(slave)
-    got = redoxcap_system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo x > /dev/tty",
+    got = redoxcap_module_system.run("--dir", str(tmp_path), "--", "sh", "-c", "echo x > /dev/tty",
                      stdin=subprocess.DEVNULL, check=False)
     assert got.returncode != 0 and "No such device or address" in got.stderr
 
@@ -559,7 +552,7 @@ CHMOD_RACE = textwrap.dedent("""
 """)
 
 
-def test_a_racing_symlink_never_lets_chmod_or_utime_reach_outside(redoxcap_system, tmp_path):
+def test_a_racing_symlink_never_lets_chmod_or_utime_reach_outside(redoxcap_module_system, tmp_path):
     project, outside = tmp_path / "proj", tmp_path / "outside"
     project.mkdir()
     outside.mkdir()
@@ -567,7 +560,7 @@ def test_a_racing_symlink_never_lets_chmod_or_utime_reach_outside(redoxcap_syste
     secret.write_text("the secret")
     secret.chmod(0o600)
     before = secret.stat()
-    got = sandboxed(redoxcap_system, project, [BASE_PYTHON, "-c", CHMOD_RACE, str(secret), "300"])
+    got = sandboxed(redoxcap_module_system, project, [BASE_PYTHON, "-c", CHMOD_RACE, str(secret), "300"])
     assert got.returncode == 0 and int(got.stdout) > 0, got.stderr  # its own file did change
     after = secret.stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
@@ -601,7 +594,7 @@ CONNECT_RACE = textwrap.dedent("""
 """)
 
 
-def test_a_racing_address_never_connects_beyond_the_grant(redoxcap_system, tmp_path):
+def test_a_racing_address_never_connects_beyond_the_grant(redoxcap_module_system, tmp_path):
     """The broker reads the address once and connects its own copy of the socket: a thread
     that swaps the address for one not granted meanwhile never gets there."""
     project = tmp_path / "race-net"
@@ -610,7 +603,7 @@ def test_a_racing_address_never_connects_beyond_the_grant(redoxcap_system, tmp_p
             socket.create_server(("127.0.0.1", 0)) as other:
         granted_port, other_port = granted.getsockname()[1], other.getsockname()[1]
         other.settimeout(0)
-        got = sandboxed(redoxcap_system, project, [BASE_PYTHON, "-c", CONNECT_RACE, str(granted_port),
+        got = sandboxed(redoxcap_module_system, project, [BASE_PYTHON, "-c", CONNECT_RACE, str(granted_port),
                                           str(other_port), "300"],
                         "--allow-connect", f"127.0.0.1:{granted_port}")
         with pytest.raises(BlockingIOError):

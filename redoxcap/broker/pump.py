@@ -23,6 +23,7 @@ import socket
 import threading
 
 from rt._call import call_fd, call_value, forget
+from wire import linux
 from wire import protocol as P
 
 log = logging.getLogger("broker")
@@ -83,7 +84,7 @@ class Pumps:
             theirs.close()
             raise
         st = os.fstat(theirs.fileno())
-        routed = _Routed(self, (st.st_dev, st.st_ino), status_cap, int(reading) + int(writing))
+        routed = _Routed(self, linux.identity(st), status_cap, int(reading) + int(writing))
         self._routed[routed.identity] = routed
         ours_write = ours.dup() if reading and writing else ours
         if not reading:
