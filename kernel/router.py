@@ -35,6 +35,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 import time
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
+from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, FdPool, Limits, reserve_for
 from wire import frames
 from wire import protocol as P
 from wire.channel import Channel
@@ -81,6 +82,9 @@ SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
 RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
 MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
+MAX_KEPT_ITEMS = 65536  # fds and capabilities in the state kept for one handle
+RESTORE_TRIES = 5  # a restore short of fds tries again after 0.05, 0.1, 0.2... seconds
+RESTORE_BACKOFF = 0.05
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 # A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
 HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -166,14 +170,29 @@ class Scheme:
     waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
     restoring: bool = False  # a new daemon is being given its state: new requests wait
     died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
+    # who pays for the router's end of its channel (a client that created it; None: the system)
+    payer: Account | None = None
+    freed: bool = False  # its last capability went: it is gone for good
+    # handle -> what KEEP_MORE frames brought so far of the state to keep for it
+    partial: dict[int, list] = field(default_factory=dict)
+    # request id -> the errno its reply becomes: its KEEP could not be stored
+    keep_failed: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(eq=False, slots=True)
 class Kept:
-    """A handle's state kept for its scheme: fds the router holds, and opaque bytes."""
+    """A handle's state kept for its scheme: opaque bytes and, in the order the daemon
+    sent them, fds the router holds (host files) or the handles of capabilities it sent
+    (a namespace's entries: kept as references, with no fd, and minted anew for the
+    next daemon). The fds are charged to payer."""
 
-    fds: list[int]
+    items: list[int | SchemeHandle]
     body: bytes
+    payer: Account
+
+    @property
+    def fds(self) -> list[int]:
+        return [item for item in self.items if type(item) is int]
 
 
 @dataclass(eq=False, slots=True)
@@ -198,7 +217,8 @@ class SchemeHandle:
     number: int
     generation: int
     fdflags: int = 0
-    refs: int = 0
+    refs: int = 0  # capabilities naming it, and kept states that hold it (Kept.items)
+    payer: Account | None = None  # who pays for the state kept for it (None: the system)
 
     @property
     def current(self) -> bool:
@@ -228,7 +248,11 @@ class Capability:
     # back to us. Both, or a file on another filesystem with the same inode number could pose
     # as it.
     identity: int | None
+    # whose bounds its requests count against: its holder's (a client, or the system for
+    # anything a daemon holds)
     account: Account
+    # who its fd is charged to: its holder, or the client a daemon holds it for
+    payer: Account | None = None
     inflight: int = 0  # requests forwarded to the scheme and not yet answered
     # replies (frame, fds owned by the outbox) waiting for the holder's socket to have room;
     # made on first use (an empty deque is 0.7 KiB, and most capabilities never need one)
@@ -274,6 +298,12 @@ class Router:
         self._kernel = Scheme(KERNEL_SCHEME_ID, alive=True)
         self._kernel_handle = SchemeHandle(self._kernel, P.ROOT_HANDLE, 0)
         self.system_account = Account(SYSTEM_ACCOUNT_ID, system_limits)
+        # what client accounts may hold together: the fd limit less the system's reserve
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.reserve = reserve_for(self.fd_limit)
+        self.client_pool = FdPool(self.fd_limit - self.reserve)
+        # daemon pid -> the schemes it serves (to check a claim to serve a request)
+        self._served_by: dict[int, set[Scheme]] = {}
         # every account that still holds a capability or has a request in flight
         self._accounts: dict[int, Account] = {SYSTEM_ACCOUNT_ID: self.system_account}
         self.frames = 0
@@ -303,23 +333,28 @@ class Router:
         self._supervisor_cap = self._start_capability(
             channel, self._kernel_handle, None, self.system_account)
 
-    def mint(self, handle: SchemeHandle, account: Account) -> int:
-        """Create a capability for handle, charged to account.
+    def mint(self, handle: SchemeHandle, account: Account, payer: Account | None = None,
+             force: bool = False) -> int:
+        """Create a capability for handle, held under account's bounds and charged to payer
+        (account itself by default; the client a daemon holds it for).
+
+        force: charge payer even past its quota (a restore gives back what it held).
 
         Returns:
             The holder's end; the caller owns it.
 
         Raises:
-            OSError: EMFILE if account is at its quota; whatever socketpair or fstat
+            OSError: EMFILE if payer is at its quota; whatever socketpair or fstat
                 raise when the router is out of fds or memory (EMFILE, ENFILE, ENOMEM...).
         """
-        if not account.room_for_caps(1):
+        payer = payer or account
+        if not force and not payer.room_for_caps(1):
             raise OSError(errno.EMFILE, "capability quota of the account exceeded")
         ours, theirs = self._socketpair()
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             st = os.fstat(theirs.fileno())
-            self._start_capability(Channel(ours), handle, identity(st), account)
+            self._start_capability(Channel(ours), handle, identity(st), account, payer)
         except BaseException:
             ours.close()
             theirs.close()
@@ -343,10 +378,12 @@ class Router:
         return pair
 
     def _start_capability(self, channel: Channel, handle: SchemeHandle,
-                          identity: int | None, account: Account) -> Capability:
-        cap = Capability(channel, handle, identity, account)
+                          identity: int | None, account: Account,
+                          payer: Account | None = None) -> Capability:
+        cap = Capability(channel, handle, identity, account, payer or account)
         handle.refs += 1
-        account.caps += 1
+        cap.payer.charge_caps(1)
+        self._accounts[cap.payer.id] = cap.payer  # listed again if it had gone idle
         if identity is not None:
             self._by_identity[identity] = cap
         self._nursery.start_soon(self._serve_capability, cap)
@@ -361,21 +398,26 @@ class Router:
         st = os.fstat(fd)
         return self._by_identity.get(identity(st))
 
-    def _move(self, cap: Capability, account: Account) -> None:
-        """Charge cap, and what it has in flight and queued, to account from now on."""
+    def _move(self, cap: Capability, account: Account, payer: Account | None = None) -> None:
+        """Count cap, and what it has in flight and queued, against account from now on,
+        and charge its fd to payer (account by default)."""
+        payer = payer or account
+        if cap.payer is not payer:
+            old_payer, cap.payer = cap.payer, payer
+            old_payer.charge_caps(-1)
+            payer.charge_caps(1)
+            self._forget_if_idle(old_payer)
         old = cap.account
         if old is account:
             return
         queued_bytes, queued_fds = cap.queued()
-        old.caps -= 1
         old.inflight -= cap.inflight
         old.queued_bytes -= queued_bytes
-        old.held_fds -= queued_fds
+        old.charge_fds(-queued_fds)
         old.blocked.discard(cap)
-        account.caps += 1
         account.inflight += cap.inflight
         account.queued_bytes += queued_bytes
-        account.held_fds += queued_fds
+        account.charge_fds(queued_fds)
         cap.account = account
         old.wake_if_drained()
         self._forget_if_idle(old)
@@ -383,8 +425,13 @@ class Router:
 
     def _forget_if_idle(self, account: Account) -> None:
         """Stop listing an account that holds nothing any more."""
-        if not account.caps and not account.inflight and account is not self.system_account:
+        if (not account.caps and not account.inflight and not account.held_fds
+                and account is not self.system_account):
             self._accounts.pop(account.id, None)
+
+    def _account(self, account_id: int) -> Account:
+        """The account of that id (the system's if it is gone)."""
+        return self._accounts.get(account_id, self.system_account)
 
     async def _serve_capability(self, cap: Capability) -> None:
         """Read cap's requests one at a time, within its account's bounds, until EOF."""
@@ -495,15 +542,21 @@ class Router:
         self._unwatch(cap, cap.channel.fileno())  # its fd number may be reused once closed
         cap.channel.close()
         self._drop_outbox(cap)
-        account = cap.account
-        account.caps -= 1
+        account, payer = cap.account, cap.payer
+        payer.charge_caps(-1)
         account.blocked.discard(cap)
         self._forget_if_idle(account)
+        if payer is not account:
+            self._forget_if_idle(payer)
         if cap is self._supervisor_cap:
             self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
         if cap.identity is not None:
             self._by_identity.pop(cap.identity, None)
-        handle = cap.handle
+        self._unref(cap.handle)
+
+    def _unref(self, handle: SchemeHandle) -> None:
+        """A capability (or a kept state) that named handle is gone. At the last one the
+        scheme closes the handle, and a scheme left without any handle is freed."""
         handle.refs -= 1
         if handle.refs:
             return
@@ -517,6 +570,8 @@ class Router:
                 self._forget_kept(scheme, handle.number)
         if was_live and handle.number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, handle.number)
+        if not scheme.handles:
+            self._free_scheme(scheme)
 
     def _close_unclaimed(self, scheme: Scheme, number: int) -> None:
         """A scheme opened handle number but no capability came of it: tell it to close it."""
@@ -528,12 +583,51 @@ class Router:
             self._forget_kept(scheme, number)
         if scheme.alive and number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, number)
+        if not scheme.handles:
+            self._free_scheme(scheme)
+
+    def _free_scheme(self, scheme: Scheme) -> None:
+        """No capability names scheme any more, so no request can reach it: close its
+        channel (its daemon sees EOF) and forget it, with all it cost its creator."""
+        if scheme.freed or scheme is self._kernel:
+            return
+        scheme.freed = True
+        self._schemes.pop(scheme.id, None)
+        for number in [*scheme.kept, *scheme.provisional]:
+            self._forget_kept(scheme, number)
+        self._drop_partial_keeps(scheme)
+        self._scheme_died(scheme)
 
     def _forget_kept(self, scheme: Scheme, number: int) -> None:
         for table in (scheme.kept, scheme.provisional):
             kept = table.pop(number, None)
             if kept is not None:
-                P.close_fds(kept.fds)
+                self._drop_kept(kept)
+
+    def _drop_kept(self, kept: Kept) -> None:
+        """Give back what a kept state held: its fds, and its references to handles."""
+        items = list(kept.items)
+        kept.items.clear()
+        fds = [item for item in items if type(item) is int]
+        P.close_fds(fds)
+        kept.payer.charge_fds(-len(fds))
+        self._forget_if_idle(kept.payer)
+        for item in items:
+            if type(item) is not int:
+                self._unref(item)
+
+    def _drop_partial_keeps(self, scheme: Scheme, number: int | None = None) -> None:
+        """Forget the parts of KEEPs whose last frame never came (their fds are not charged):
+        every handle's, or number's."""
+        if number is None:
+            partial, scheme.partial = scheme.partial, {}
+        else:
+            partial = {number: scheme.partial.pop(number, [])}
+        for items in partial.values():
+            P.close_fds([item for item in items if type(item) is int])
+            for item in items:
+                if type(item) is not int:
+                    self._unref(item)
 
     async def _send_close(self, scheme: Scheme, number: int) -> None:
         frame = SchemeRequest(0, number, 0, 0, 0, P.CLOSE, (), EMPTY_ARGS).encode()
@@ -675,7 +769,14 @@ class Router:
         op, tag = request.op, request.tag
         if op < P.FIRST_SCHEME_OP:
             try:
-                await self._kernel_op(cap, request, fds)
+                payer = None
+                if request.serving is not None:  # a daemon clones or creates for a client
+                    served = self._served_caller(request.serving, cred or (0, 0, 0))
+                    if served is None:
+                        self._reply(cap, tag, P.ERR, errno.EPERM)
+                        return
+                    payer = self._account(served[1])
+                await self._kernel_op(cap, request, fds, payer)
             finally:
                 P.close_fds(fds)
             return
@@ -712,7 +813,7 @@ class Router:
         the claim must come from the very process (pid and uid, from SO_PASSCRED) of
         the daemon the request was sent to, while it is still in flight there.
         """
-        for scheme in self._schemes.values():
+        for scheme in self._served_by.get(sender[0], ()):
             waiter = scheme.pending.get(req_id)
             if waiter is not None:
                 caller = waiter.caller()
@@ -811,8 +912,12 @@ class Router:
         for fd in fds:
             st = os.fstat(fd)
             cap = self._by_identity.get(identity(st))
-            same = cap is not None and cap.handle.scheme is scheme and cap.handle.live
-            refs.append(cap.handle.number if same else P.NO_REF)
+            if cap is None:
+                refs.append(P.NO_REF)
+            elif cap.handle.scheme is scheme and cap.handle.live:
+                refs.append(cap.handle.number)
+            else:
+                refs.append(P.FOREIGN_REF)
         return tuple(refs)
 
     async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int],
@@ -840,7 +945,8 @@ class Router:
 
     # -- kernel operations ---------------------------------------------------
 
-    async def _kernel_op(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _kernel_op(self, cap: Capability, request: Request, fds: list[int],
+                         payer: Account | None = None) -> None:
         """Answer an operation of the router's own; fds stay the caller's.
 
         CLONE and GETFL work on any capability, SCHEME_CREATE on a kernel capability,
@@ -851,23 +957,26 @@ class Router:
                 or (op.supervisor_only and cap is not self._supervisor_cap)):
             self._reply(cap, request.tag, P.ERR, errno.EINVAL)
             return
-        await getattr(self, op.method)(cap, request, fds)
+        await getattr(self, op.method)(cap, request, fds, payer)
 
-    async def _op_clone(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_clone(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         if not cap.handle.live:
             self._reply(cap, request.tag, P.ERR, errno.EIO)
             return
         try:
-            fd = self.mint(cap.handle, cap.account)
+            fd = self.mint(cap.handle, cap.account, payer)
         except OSError as exc:
             self._refuse(cap, request.tag, exc)
             return
         self._reply(cap, request.tag, P.OK, None, [fd])
 
-    async def _op_getfl(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_getfl(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         self._reply(cap, request.tag, P.OK, cap.handle.fdflags)
 
-    async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         try:
             args = request.args()
             options = args[0] if args else {}
@@ -880,9 +989,10 @@ class Router:
         # scheme served by a client (created through a clone of the kernel capability)
         # could fill the router with fds.
         keeps = bool(options.get("keeps")) and cap is self._supervisor_cap
-        self._scheme_create(cap, request.tag, keeps)
+        self._scheme_create(cap, request.tag, keeps, payer)
 
-    async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         tag = request.tag
         try:
             (scheme_id,) = request.args()
@@ -912,10 +1022,12 @@ class Router:
             return
         self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
 
-    async def _op_account_new(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_account_new(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         self._account_new(cap, request.tag, request, fds)
 
-    async def _op_trace(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_trace(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         """A socket on which a record of every call and every reply follows (until closed).
 
         The records are msgpack maps with the raw arguments and values: the router
@@ -964,7 +1076,8 @@ class Router:
                 tracer.sock.close()
             record.pop("dropped", None)
 
-    async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         self._reply(cap, request.tag, P.OK, await self._status())
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
@@ -973,20 +1086,28 @@ class Router:
             log.info("tag %d refused: %s", tag, exc)
         self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
 
-    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False) -> None:
-        scheme = Scheme(next(self._scheme_ids), keeps=keeps)
+    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False,
+                       payer: Account | None = None) -> None:
+        """A new scheme: its channel and root capability, charged to payer (the client a
+        daemon creates it for; by default the asker's account)."""
+        payer = payer or cap.account
+        if not payer.room_for_caps(2):  # the router's end of the channel, and the root
+            self._reply(cap, tag, P.ERR, errno.EMFILE)
+            return
+        scheme = Scheme(next(self._scheme_ids), keeps=keeps,
+                        payer=None if payer is self.system_account else payer)
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
             self._refuse(cap, tag, exc)
             return
-        root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation)
+        root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation, payer=scheme.payer)
         scheme.handles[P.ROOT_HANDLE] = root
         try:
-            root_fd = self.mint(root, cap.account)
+            root_fd = self.mint(root, cap.account, payer)
         except OSError as exc:
             os.close(channel_fd)
-            self._scheme_died(scheme)  # never registered: it just goes away
+            self._free_scheme(scheme)  # never registered: it just goes away
             self._refuse(cap, tag, exc)
             return
         self._schemes[scheme.id] = scheme
@@ -1037,7 +1158,8 @@ class Router:
         ours, theirs = self._socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the daemon's pid on its frames
         scheme.channel = Channel(ours)
-        scheme.daemon = None
+        (scheme.payer or self.system_account).charge_fds(1)  # our end, for as long as it is open
+        self._set_daemon(scheme, None)
         scheme.attached += 1
         restart = scheme.attached > 1
         self._next_generation(scheme)
@@ -1060,33 +1182,79 @@ class Router:
 
     async def _restore(self, scheme: Scheme, channel: Channel) -> None:
         """Give a restarted daemon the state kept for its handles, then the requests
-        that waited for it; requests that come meanwhile wait behind them."""
+        that waited for it; requests that come meanwhile wait behind them.
+
+        RESUME goes first: whatever becomes of the restores, the new daemon numbers
+        new handles above every number its predecessors used, so a new handle never
+        takes the number of one the router still maps. A handle whose state cannot be
+        handed back (the router out of fds even after a few tries) fails with EIO from
+        then on; none is ever silently another.
+        """
         try:
+            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
+            if not await self._send_to_scheme(scheme, resume.encode(), []):
+                return  # it died again
             for number, kept in list(scheme.kept.items()):
                 if scheme.channel is not channel:
                     return  # it died again
                 if scheme.kept.get(number) is not kept:
                     continue  # its last capability closed meanwhile
-                copies = [os.dup(fd) for fd in kept.fds]
                 try:
-                    restore = SchemeRequest(0, number, 0, 0, 0, P.RESTORE, (P.NO_REF,) * len(copies),
-                                            kept.body)
-                    await self._send_to_scheme(scheme, restore.encode(), copies)
-                finally:
-                    P.close_fds(copies)
-            # new handles must not take the number of one that lives on
-            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
-            await self._send_to_scheme(scheme, resume.encode(), [])
+                    await self._restore_one(scheme, number, kept)
+                except OSError as exc:
+                    log.warning("scheme %d: handle %d could not be restored (%s); it fails from now on",
+                                scheme.id, number, exc)
+                    self._fail_handle(scheme, number)
             while scheme.backlog and scheme.channel is channel:
                 parked = scheme.backlog.popleft()
                 await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
                                     parked.fds, counted=True, serving=parked.serving,
                                     for_account=parked.account)
-        except OSError as exc:  # out of fds for the copies: the daemon starts without them
-            log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
         finally:
             if scheme.channel is channel:
                 scheme.restoring = False
+
+    async def _restore_one(self, scheme: Scheme, number: int, kept: Kept) -> None:
+        """Send one handle's kept state to the scheme's new daemon (RESTORE, after as many
+        RESTORE_MORE frames as its fds need): a copy of each fd, a new capability (held
+        by the daemon, charged to the state's payer) for each handle it named.
+
+        Raises:
+            OSError: the router had no fds for the copies, after RESTORE_TRIES tries.
+        """
+        copies: list[int] = []
+        try:
+            for attempt in range(RESTORE_TRIES):
+                try:
+                    for item in kept.items[len(copies):]:
+                        if type(item) is int:
+                            copies.append(os.dup(item))
+                        else:  # given back as it was: past the payer's quota if need be
+                            copies.append(self.mint(item, self.system_account, kept.payer, force=True))
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) or attempt + 1 == RESTORE_TRIES:
+                        raise
+                    await trio.sleep(RESTORE_BACKOFF * 2**attempt)  # fds may come free meanwhile
+                    if scheme.kept.get(number) is not kept:
+                        return
+            chunks = [copies[i : i + P.MAX_FDS] for i in range(0, len(copies), P.MAX_FDS)] or [[]]
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
+                frame = SchemeRequest(0, number, 0, 0, 0, P.RESTORE if last else P.RESTORE_MORE,
+                                      (P.NO_REF,) * len(chunk), kept.body if last else EMPTY_ARGS)
+                if not await self._send_to_scheme(scheme, frame.encode(), chunk):
+                    return  # it died again: its successor is given the state
+        finally:
+            P.close_fds(copies)
+
+    def _fail_handle(self, scheme: Scheme, number: int) -> None:
+        """A kept handle the new daemon could not be given: forget its state, and let
+        every request on it fail (EIO) as on any handle of a dead daemon."""
+        self._forget_kept(scheme, number)
+        handle = scheme.handles.get(number)
+        if handle is not None and number != P.ROOT_HANDLE:
+            handle.generation = -1  # never current again
 
     async def _status(self) -> dict:
         caps: dict[int, int] = {}
@@ -1148,8 +1316,8 @@ class Router:
                     break
                 if not data and not fds:
                     break
-                if cred is not None and scheme.channel is channel:
-                    scheme.daemon = cred  # who serves the scheme, as Linux tells us
+                if cred is not None and cred != scheme.daemon and scheme.channel is channel:
+                    self._set_daemon(scheme, cred)  # who serves the scheme, as Linux tells us
                 try:
                     self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
@@ -1167,8 +1335,8 @@ class Router:
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
         status = SchemeReply.status_of(data)
-        if status == P.KEEP:
-            self._on_keep(scheme, data, flags, fds)
+        if status == P.KEEP or status == P.KEEP_MORE:
+            self._on_keep(scheme, req_id, status, data, flags, fds)
             return
         if status == P.HELLO:  # its sender is now known (see _serve_scheme)
             P.close_fds(fds)
@@ -1178,18 +1346,28 @@ class Router:
         except P.ProtocolError:
             reply = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
-        if waiter is None:  # abandoned (its capability closed) or never asked
+        failed = scheme.keep_failed.pop(req_id, None) if scheme.keep_failed else None
+        if waiter is None or failed is not None:  # abandoned, never asked, or not kept
             P.close_fds(fds)
             if reply is not None and reply.status == P.NEW_HANDLE:
                 self._close_unclaimed(scheme, reply.handle)  # nobody will get a capability for it
+            if waiter is not None:  # acknowledged only once kept: its state could not be
+                waiter.answered(self, scheme, SchemeReply.of(req_id, P.ERR, failed), 0, [])
             return
         waiter.answered(self, scheme, reply, flags, fds)
 
-    def _on_keep(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
-        """A daemon's state for one of its handles: hold its fds and bytes for a restart."""
+    def _on_keep(self, scheme: Scheme, req_id: int, status: int, data: bytes, flags: int,
+                 fds: list[int]) -> None:
+        """A daemon's state for one of its handles, to hold for a restart (KEEP_MORE: a
+        part of it, more frames follow). Capabilities in it are kept as references to
+        their handles (no fd); other fds are held and charged to the handle's payer.
+
+        A state that cannot be held (out of fds, over the payer's quota, malformed)
+        fails the request it was sent for (req_id): its reply becomes ERR, since it
+        would not survive a restart, and the handle's older state is forgotten, so that
+        a restart fails it rather than hand back more than it has now.
+        """
         try:
-            if flags & P.TRUNCATED:
-                raise P.ProtocolError("truncated")
             if not scheme.keeps:
                 raise P.ProtocolError("this scheme may not keep state in the router")
             keep = Keep.decode(data)
@@ -1198,16 +1376,78 @@ class Router:
         except P.ProtocolError as exc:
             P.close_fds(fds)
             log.warning("scheme %d: bad KEEP dropped: %s", scheme.id, exc)
+            if req_id:
+                scheme.keep_failed[req_id] = errno.EIO
             return
+        number = keep.handle
+        items = scheme.partial.pop(number, [])
         P.close_fds(fds[keep.nfds :])
-        self._forget_kept(scheme, keep.handle)
-        if not keep.nfds and not len(keep.body):
-            return  # forget it
-        kept = Kept(fds[: keep.nfds], bytes(keep.body))
-        if keep.handle == P.ROOT_HANDLE or keep.handle in scheme.handles:
-            scheme.kept[keep.handle] = kept
-        else:  # a new handle's state comes just before its NEW_HANDLE reply
-            scheme.provisional[keep.handle] = kept
+        state_fds = fds[: keep.nfds]
+        try:
+            if flags & P.TRUNCATED:  # Linux could not give us every fd (out of them), or too long
+                raise OSError(errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.E2BIG,
+                              "KEEP truncated")
+            self._take_kept(items, state_fds)
+            if len(items) > MAX_KEPT_ITEMS:
+                raise OSError(errno.EMFILE, "state too large to keep")
+            if status == P.KEEP_MORE:
+                scheme.partial[number] = items
+                return
+            kept = Kept(items, bytes(keep.body), self.system_account)
+            self.system_account.charge_fds(len(kept.fds))
+            self._store_kept(scheme, number, kept)
+        except OSError as exc:
+            P.close_fds(state_fds)  # those not taken yet (taken ones are -1)
+            scheme.partial[number] = items
+            self._drop_partial_keeps(scheme, number)
+            if number in scheme.handles:
+                self._forget_kept(scheme, number)
+            log.warning("scheme %d: state of handle %d not kept: %s", scheme.id, number, exc)
+            if req_id:
+                scheme.keep_failed[req_id] = exc.errno or errno.EIO
+
+    def _take_kept(self, items: list, fds: list[int]) -> None:
+        """Append fds to a kept state: a capability as its handle (the fd is closed), any
+        other fd as it is. Each fd taken is set to -1 in fds.
+
+        Raises:
+            OSError: fstat failed (out of memory).
+        """
+        for i, fd in enumerate(fds):
+            cap = self._capability_of(fd)
+            if cap is not None:
+                cap.handle.refs += 1
+                items.append(cap.handle)
+                os.close(fd)
+            else:
+                items.append(fd)
+            fds[i] = -1
+
+    def _store_kept(self, scheme: Scheme, number: int, kept: Kept) -> None:
+        """Hold a complete kept state for handle number (forgetting its older one).
+
+        Raises:
+            OSError: EMFILE when its fds do not fit in the quota of the handle's payer;
+                kept is then given back.
+        """
+        if not kept.items and not kept.body:
+            self._forget_kept(scheme, number)  # an empty KEEP forgets it
+            return
+        n = len(kept.fds)
+        if number == P.ROOT_HANDLE or number in scheme.handles:
+            handle = scheme.handles.get(number)
+            payer = handle.payer if handle is not None and handle.payer is not None else self.system_account
+            old = scheme.kept.get(number)
+            held = len(old.fds) if old is not None and old.payer is payer else 0
+            if n > held and not payer.room_for_caps(n - held):
+                self._drop_kept(kept)
+                raise OSError(errno.EMFILE, "quota of the handle's account exceeded")
+            self._forget_kept(scheme, number)
+            self._charge_kept(kept, payer)
+            scheme.kept[number] = kept
+        else:  # a new handle's state comes just before its NEW_HANDLE reply (see _relay)
+            self._forget_kept(scheme, number)
+            scheme.provisional[number] = kept
 
     def _answer_client(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
                        flags: int, fds: list[int]) -> None:
@@ -1230,33 +1470,45 @@ class Router:
             log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
-        self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new)
+        # a daemon's request for a client (nsmgr's open of a client's path): what it gets is
+        # held by the daemon and charged to the client
+        payer = None if waiter.account == cap.account.id else self._account(waiter.account)
+        self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new,
+                    payer)
 
     def _relay(self, scheme: Scheme, cap: Capability, tag: int, status: int, body: memoryview,
-               fds: list[int], new: tuple[int, int] | None) -> None:
+               fds: list[int], new: tuple[int, int] | None, payer: Account | None = None) -> None:
         """Pass a scheme's reply on to cap's holder, with its fds and any new capability.
 
-        Capabilities in the reply are charged to cap's account from now on; if they do
-        not fit in its quota, or the router cannot mint, the reply becomes ERR (EMFILE,
-        ENFILE...) and every fd it carried is closed.
+        Capabilities in the reply count against cap's account from now on, and are
+        charged to payer (by default that account too), with any state kept for a new
+        handle; if they do not fit in its quota, or the router cannot mint, the reply
+        becomes ERR (EMFILE, ENFILE...) and every fd it carried is closed.
         """
         account = cap.account
+        payer = payer or account
         try:
             passed = [self._capability_of(fd) for fd in fds]
-            moving = {id(c): c for c in passed if c is not None and c.account is not account}
-            if not account.room_for_caps(len(moving) + (new is not None)):
+            moving = {id(c): c for c in passed
+                      if c is not None and (c.account is not account or c.payer is not payer)}
+            provisional = scheme.provisional.get(new[0]) if new is not None else None
+            kept_fds = len(provisional.fds) if provisional is not None else 0
+            charged = sum(1 for c in moving.values() if c.payer is not payer)
+            if not payer.room_for_caps(charged + (new is not None) + kept_fds):
                 raise OSError(errno.EMFILE, "capability quota of the account exceeded")
             if new is not None:
                 number, fdflags = new
                 handle = scheme.handles.get(number)
                 if handle is None:
-                    handle = SchemeHandle(scheme, number, scheme.generation, fdflags)
+                    handle = SchemeHandle(scheme, number, scheme.generation, fdflags,
+                                          payer=None if payer is self.system_account else payer)
                     scheme.handles[number] = handle
-                fds.insert(0, self.mint(handle, account))
+                fds.insert(0, self.mint(handle, account, payer))
                 scheme.top = max(scheme.top, number)
-                provisional = scheme.provisional.pop(number, None)
                 if provisional is not None:  # its state came just before it: keep it now
+                    del scheme.provisional[number]
                     self._forget_kept(scheme, number)
+                    self._charge_kept(provisional, payer)
                     scheme.kept[number] = provisional
         except OSError as exc:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
@@ -1265,20 +1517,31 @@ class Router:
             self._refuse(cap, tag, exc)
             return
         for moved in moving.values():
-            self._move(moved, account)
+            self._move(moved, account, payer)
         self._deliver(cap, Reply(tag, status, body).encode(), fds)
+
+    def _charge_kept(self, kept: Kept, payer: Account) -> None:
+        """Charge a kept state's fds to payer from now on."""
+        n = len(kept.fds)
+        kept.payer.charge_fds(-n)
+        payer.charge_fds(n)
+        kept.payer = payer
 
     def _scheme_died(self, scheme: Scheme) -> None:
         if not scheme.alive:
             return
-        if scheme.pending:
+        if scheme.pending and not scheme.freed:
             log.warning("scheme %d: daemon gone; failing %d pending requests", scheme.id, len(scheme.pending))
         scheme.alive = False
         scheme.died.set()
         if scheme.channel is not None:
             scheme.channel.close()
             scheme.channel = None
+            (scheme.payer or self.system_account).charge_fds(-1)
+        self._set_daemon(scheme, None)
         scheme.restoring = False
+        scheme.keep_failed.clear()
+        self._drop_partial_keeps(scheme)
         for number in list(scheme.provisional):  # their requests fail: the handles never were
             self._forget_kept(scheme, number)
         self._next_generation(scheme)
@@ -1287,8 +1550,22 @@ class Router:
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
             waiter.abandoned(self)
+        if scheme.freed:
+            return
         scheme.waiting_for_restart = True
         self._nursery.start_soon(self._give_up_waiting, scheme, scheme.generation)
+
+    def _set_daemon(self, scheme: Scheme, daemon: tuple[int, int, int] | None) -> None:
+        """Note which process serves scheme now (from SO_PASSCRED; None: none)."""
+        if scheme.daemon is not None:
+            schemes = self._served_by.get(scheme.daemon[0])
+            if schemes is not None:
+                schemes.discard(scheme)
+                if not schemes:
+                    del self._served_by[scheme.daemon[0]]
+        scheme.daemon = daemon
+        if daemon is not None:
+            self._served_by.setdefault(daemon[0], set()).add(scheme)
 
     async def _give_up_waiting(self, scheme: Scheme, generation: int) -> None:
         """Requests wait RESTART_WAIT seconds for a new daemon; then EIO, as before."""

@@ -22,6 +22,7 @@ parent handle lacks (asking for one is an error), and listings are sorted.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import stat
@@ -35,6 +36,8 @@ from wire.aio import AsyncCapability
 from wire.stat import Stat
 
 SCHEME_PREFIX = "/scheme/"
+STATUS_NAMESPACES = 64  # namespace handles `status` describes
+STATUS_NAMES = 32  # names of each it lists
 
 
 @dataclass(eq=False)
@@ -103,7 +106,8 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         if self.kernel is None:
             raise SchemeError(errno.ENOSYS, "this nsmgr was given no kernel capability")
-        _, fds = await self.kernel.call(P.SCHEME_CREATE)
+        # serving the request: the router charges the scheme and its root to the caller
+        _, fds = await self.kernel.call(P.SCHEME_CREATE, [], serving=req.id)
         if len(fds) != 2:
             P.close_fds(fds)
             raise SchemeError(errno.EIO, "malformed SCHEME_CREATE reply")
@@ -171,8 +175,8 @@ class NamespaceScheme(Scheme):
         child = Namespace(perms=perms)
         try:
             for name in dict.fromkeys(names):
-                try:
-                    fd = await ns.entries[name].call_fd(P.CLONE)
+                try:  # serving the request: the clone is charged to the caller's account
+                    fd = await ns.entries[name].call_fd(P.CLONE, serving=req.id)
                 except OSError as exc:
                     if every and exc.errno == errno.EIO:
                         continue  # a scheme that is down for good: a fork of "all" has the live ones
@@ -199,6 +203,10 @@ class NamespaceScheme(Scheme):
         if isinstance(req.passed[0], HandleRef):
             # nsmgr would hold a reference to itself: the namespace could never close
             raise SchemeError(errno.EINVAL, "a namespace cannot be registered in a namespace")
+        if not req.is_capability(0):
+            # a socket of the caller's own would have nsmgr talk to it outside the router,
+            # where nothing bounds or charges what it sends back
+            raise SchemeError(errno.EINVAL, "register takes a capability")
         if name in ns.entries:
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         fd = req.take_fd(0)
@@ -224,9 +232,13 @@ class NamespaceScheme(Scheme):
         cap.close()
 
     def status(self, handles: dict) -> dict:
-        """Each namespace handle's names and permissions, for `status` and `graph`."""
-        return {"namespaces": {str(number): {"names": sorted(ns.entries), "perms": ns.perms}
-                               for number, ns in handles.items()}}
+        """Names and permissions of the first namespace handles, for `status` and `graph`
+        (at most STATUS_NAMESPACES of them, STATUS_NAMES names each: it stays small)."""
+        shown = itertools.islice(handles.items(), STATUS_NAMESPACES)
+        return {"namespaces": {str(number): {"names": sorted(itertools.islice(ns.entries, STATUS_NAMES)),
+                                             "perms": ns.perms}
+                               for number, ns in shown},
+                "count": len(handles)}
 
     def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
         """A namespace is its entries and permissions: the router keeps the entries'

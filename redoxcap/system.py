@@ -13,7 +13,12 @@ process, so every namespace that holds one keeps working. A restarted nsmgr
 starts empty, so the supervisor registers every scheme in the root namespace
 again (namespaces forked before the crash are gone).
 
-A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
+A restart that fails (the router or the supervisor out of fds or memory for a
+moment, nsmgr dying again while the schemes are registered in it) is tried
+again after RETRY_FIRST seconds, then twice as long each time up to RETRY_MAX,
+for as long as it takes: pressure on the system never leaves a daemon down
+once it is gone. FAILED is only for a daemon that keeps dying on its own: one
+that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
 within RESTART_WINDOW seconds of its start (a crash loop, however slowly the
 machine starts it), is FAILED: it is not restarted again, and its name is removed from the
 root namespace, so namespaces forked from it (every default `redoxcap run`)
@@ -42,6 +47,8 @@ log = logging.getLogger("supervisor")
 
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
+RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
+RETRY_MAX = 5.0  # the longest wait between two tries
 MAX_CLIENTS = 1024  # programs `status` remembers
 STOP_GRACE = 3.0
 
@@ -228,11 +235,17 @@ class System:
                           "tries again)", daemon.spec.name, daemon.spec.name)
                 await self._give_up(daemon)
                 return
-            try:
-                await self._respawn(daemon)
-            except (OSError, trio.TooSlowError) as exc:
-                log.error("could not restart %s: %s (FAILED)", daemon.spec.name, exc)
-                await self._give_up(daemon)
+            delay = RETRY_FIRST
+            while not self.stopping:
+                try:
+                    await self._respawn(daemon)
+                    return
+                except (OSError, trio.TooSlowError) as exc:
+                    # the system is short of something for now, not the daemon broken
+                    log.warning("could not restart %s: %s; trying again in %.1fs",
+                                daemon.spec.name, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
 
     async def _give_up(self, daemon: Daemon) -> None:
         """Mark daemon FAILED and take its name out of the root namespace."""
@@ -244,15 +257,23 @@ class System:
                 log.error("could not unregister %s: %s", daemon.spec.name, exc)
 
     async def _respawn(self, daemon: Daemon) -> None:
-        """Start a new process for daemon's scheme, whose old process has exited."""
+        """Start a new process for daemon's scheme, whose old process has exited (none
+        if the one started by an earlier, failed try runs), and for nsmgr register every
+        live scheme in it again.
+
+        Raises:
+            OSError, trio.TooSlowError: the router refused a channel, the process could
+                not be started, or a registration failed; trying again is safe.
+        """
         assert self.kernel is not None and daemon.root is not None
-        # The router answers once it has seen the old daemon's channel end (or EBUSY if
-        # that daemon still serves it after a while): nothing to poll here.
-        _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-        daemon.channel = fds[0]
-        assert self._nursery is not None
-        await self._start(daemon, self._nursery)
-        daemon.restarts += 1
+        if daemon.process is None or daemon.process.returncode is not None:
+            # The router answers once it has seen the old daemon's channel end (or EBUSY if
+            # that daemon still serves it after a while): nothing to poll here.
+            _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
+            daemon.channel = fds[0]
+            assert self._nursery is not None
+            await self._start(daemon, self._nursery)
+            daemon.restarts += 1
         if daemon is self.nsmgr:
             # the router kept the root namespace for the new nsmgr; register what it lacks
             for other in self.daemons:
