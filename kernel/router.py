@@ -75,7 +75,12 @@ KERNEL_OPS = {
     P.TRACE: KernelOp("_op_trace"),
 }
 MAX_TRACERS = 8
-MAX_DETAIL = 32 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
+MAX_DETAIL = 16 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
+DETAIL_BUDGET = 32 * 1024  # bytes of details of all schemes in one status reply
+STATUS_SCHEMES = 128  # schemes one status reply describes at most
+STATUS_ACCOUNTS = 256  # accounts one status reply describes at most
+HOLDINGS_PAGE = 2048  # (account, scheme, handle, count) rows in one status reply
+STATUS_BUDGET = 100 * 1024  # bytes of a status reply: it must fit in one frame (MAX_FRAME)
 TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
@@ -1078,7 +1083,15 @@ class Router:
 
     async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int],
                             payer: Account | None = None) -> None:
-        self._reply(cap, request.tag, P.OK, await self._status())
+        try:
+            args = request.args()
+            options = args[0] if args else {}
+            if not isinstance(options, dict):
+                raise TypeError("KERNEL_STATUS takes [options] or []")
+        except (P.ProtocolError, TypeError):
+            self._reply(cap, request.tag, P.ERR, errno.EINVAL)
+            return
+        self._reply(cap, request.tag, P.OK, await self._status(options))
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
         """Fail one request because the router could not make or take an fd."""
@@ -1134,7 +1147,7 @@ class Router:
         if not all(c.handle.live for c in originals):
             self._reply(cap, tag, P.ERR, errno.EIO)
             return
-        account = Account(next(self._account_ids), limits)
+        account = Account(next(self._account_ids), limits, pool=self.client_pool)
         if not account.room_for_caps(len(originals)):
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
@@ -1256,39 +1269,70 @@ class Router:
         if handle is not None and number != P.ROOT_HANDLE:
             handle.generation = -1  # never current again
 
-    async def _status(self) -> dict:
+    async def _status(self, options: dict) -> dict:
+        """KERNEL_STATUS: counters, one page at a time, so that the reply always fits in
+        a frame however many schemes, accounts and capabilities there are.
+
+        Args:
+            options: `schemes` (ids; default: the first STATUS_SCHEMES), `accounts` (ids;
+                default: the first STATUS_ACCOUNTS), `holdings_after` (the last
+                [account, scheme, handle] of the previous page; default: the first page),
+                `detail` (false: do not ask the schemes how many handles they have and
+                what they are; default true).
+
+        Returns:
+            `frames`, `summary` (totals), `schemes`, `accounts`, a page of `holdings`
+            and `holdings_next` (the cursor of the next page, or nil).
+        """
+        schemes = _pick(self._schemes, options.get("schemes"), STATUS_SCHEMES)
+        accounts = _pick(self._accounts, options.get("accounts"), STATUS_ACCOUNTS)
+        after = options.get("holdings_after")
+        after = tuple(after) if isinstance(after, list) and len(after) == 3 else None
         caps: dict[int, int] = {}
         holdings: dict[tuple[int, int, int], int] = {}  # (account, scheme, handle) -> capabilities
         for cap in self._by_identity.values():
             sid = cap.handle.scheme.id
             caps[sid] = caps.get(sid, 0) + 1
             key = (cap.account.id, sid, cap.handle.number)
-            holdings[key] = holdings.get(key, 0) + 1
-        queries = {}
-        async with trio.open_nursery() as nursery:
-            for scheme in self._schemes.values():
-                if scheme.alive:
-                    queries[scheme.id] = reply = {}
-                    nursery.start_soon(self._ask_status, scheme, reply)
-        return {
+            if after is None or key > after:
+                holdings[key] = holdings.get(key, 0) + 1
+        keys = sorted(holdings)
+        page, more = keys[:HOLDINGS_PAGE], len(keys) > HOLDINGS_PAGE
+        queries: dict[int, dict] = {}
+        if options.get("detail", True):
+            async with trio.open_nursery() as nursery:
+                for scheme in schemes:
+                    if scheme.alive:
+                        queries[scheme.id] = reply = {}
+                        nursery.start_soon(self._ask_status, scheme, reply)
+        budget = DETAIL_BUDGET
+        described = {}
+        for s in schemes:
+            detail, size = _bounded(queries.get(s.id, {}).get("detail"))
+            if size > budget:
+                detail, size = {"too large": True}, 0
+            budget -= size
+            described[str(s.id)] = {
+                "alive": s.alive, "restarts": max(s.attached - 1, 0), "kept": len(s.kept),
+                "frames": s.frames, "capabilities": caps.get(s.id, 0), "handles": len(s.handles),
+                "scheme_handles": queries.get(s.id, {}).get("handles"), "detail": detail,
+            }
+        status = {
             "frames": self.frames,
-            "schemes": {
-                str(s.id): {
-                    "alive": s.alive,
-                    "restarts": max(s.attached - 1, 0),
-                    "kept": len(s.kept),
-                    "frames": s.frames,
-                    "capabilities": caps.get(s.id, 0),
-                    "handles": len(s.handles),
-                    "scheme_handles": queries.get(s.id, {}).get("handles"),
-                    "detail": _bounded(queries.get(s.id, {}).get("detail")),
-                }
-                for s in self._schemes.values()
-            },
-            "accounts": {str(a.id): a.counters() for a in self._accounts.values()},
-            "holdings": [[account, scheme, handle, count]
-                         for (account, scheme, handle), count in sorted(holdings.items())],
+            "summary": {"schemes": len(self._schemes), "accounts": len(self._accounts),
+                        "capabilities": len(self._by_identity), "fd_limit": self.fd_limit,
+                        "reserve": self.reserve, "client_fds": self.client_pool.used,
+                        "client_fd_limit": self.client_pool.limit},
+            "schemes": described,
+            "accounts": {str(a.id): a.counters() for a in accounts},
+            "holdings": [[*key, holdings[key]] for key in page],
+            "holdings_next": list(page[-1]) if more and page else None,
         }
+        while len(P.pack(status)) > STATUS_BUDGET and len(status["holdings"]) > 1:
+            # the details made it large: a shorter page of holdings (the rest comes next)
+            status["holdings"] = status["holdings"][: len(status["holdings"]) // 2]
+            status["holdings_next"] = status["holdings"][-1][:3]
+        return status
 
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:
         send, recv = trio.open_memory_channel(1)
@@ -1581,15 +1625,24 @@ class Router:
             self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
 
 
-def _bounded(detail: object) -> object:
+def _bounded(detail: object) -> tuple[object, int]:
     """A scheme's description of its handles, if it is small enough to pass on (a scheme
-    served by a client must not be able to make every status reply huge)."""
+    served by a client must not be able to make every status reply huge), and its size."""
     if detail is None:
-        return None
+        return None, 0
     try:
-        return detail if len(P.pack(detail)) <= MAX_DETAIL else {"too large": True}
+        size = len(P.pack(detail))
     except (TypeError, ValueError, OverflowError):
-        return None
+        return None, 0
+    return (detail, size) if size <= MAX_DETAIL else ({"too large": True}, 0)
+
+
+def _pick(table: dict, ids: object, most: int) -> list:
+    """The entries of table (keyed by id) that ids names, or the first ones by id; at
+    most `most` either way."""
+    if isinstance(ids, list):
+        return [table[i] for i in ids[:most] if type(i) is int and i in table]
+    return [table[i] for i in sorted(table)[:most]]
 
 
 async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,

@@ -6,11 +6,57 @@ name, pid, scheme id, the router's counters (capabilities, handles, frames),
 restarts, state and resident memory, and per running client (a program
 `redoxcap run` started) its pid, command, namespace names, cwd and the
 capabilities it holds (its router account's).
+
+However many clients and capabilities there are, each reply is one page that
+fits in a message: `fetch` asks for the pages that follow (`clients_next`,
+`holdings_next`) and joins them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MAX_PAGES = 10_000  # a guard against a cursor that does not move on
+
+
+def fetch(state_dir: Path, timeout: float = 10.0, request: Any = None) -> dict:
+    """The whole status of the system at state_dir, from as many pages as it takes.
+
+    Args:
+        state_dir: the system's state directory.
+        timeout: seconds each page may take.
+        request: the control client's request function (control.request by default).
+
+    Raises:
+        control.ControlError: the system is not running or refused.
+    """
+    if request is None:
+        from redoxcap.control import request
+    reply, _ = request(state_dir, "status", timeout)
+    info = reply["status"]
+    for _ in range(MAX_PAGES):
+        clients_after = info.pop("clients_next", None)
+        holdings_after = info.pop("holdings_next", None)
+        if clients_after is None and holdings_after is None:
+            break
+        # the rest of the lists; the daemons were described by the first page
+        args: dict[str, Any] = {"detail": False}
+        if clients_after is not None:
+            args["clients_after"] = clients_after
+        if holdings_after is not None:
+            args["holdings_after"] = holdings_after
+        page = request(state_dir, "status", timeout, **args)[0]["status"]
+        if clients_after is not None:
+            info["clients"] += page["clients"]
+            info["clients_next"] = page.get("clients_next")
+        if holdings_after is not None:
+            info["holdings"] += page["holdings"]
+            info["holdings_next"] = page.get("holdings_next")
+    info.pop("clients_next", None)
+    info.pop("holdings_next", None)
+    return info
 
 HEADER = (f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} "
           f"{'RESTARTS':>8} {'RSS':>7}")

@@ -50,6 +50,7 @@ MAX_RESTARTS_IN_WINDOW = 5
 RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
 RETRY_MAX = 5.0  # the longest wait between two tries
 MAX_CLIENTS = 1024  # programs `status` remembers
+CLIENTS_PAGE_BYTES = 48 * 1024  # of clients in one status reply (each `run` says at most 4 KiB)
 STOP_GRACE = 3.0
 
 
@@ -347,10 +348,28 @@ class System:
             log.info("%s restarted on request (pid %d)", name, daemon.process.pid)
             return daemon.process.pid
 
-    async def status(self) -> dict:
-        """Per daemon: pid, scheme id, restarts and the router's counters."""
+    async def status(self, clients_after: int | None = None, holdings_after: list | None = None,
+                     detail: bool = True) -> dict:
+        """Per daemon: pid, scheme id, restarts and the router's counters; a page of the
+        running clients and one of the router's holdings, each small enough that the
+        whole answer fits in one message however many there are.
+
+        Args:
+            clients_after: the pid the previous page of clients ended with (None: from
+                the first).
+            holdings_after: the `holdings_next` of the previous page (None: the first).
+            detail: ask the daemons how many handles they have and what they are.
+
+        Returns:
+            The status, with `clients_next` and `holdings_next`: what to ask for the next
+            pages (None where nothing is left).
+        """
         assert self.kernel is not None
-        kernel, _ = await self.kernel.call(P.KERNEL_STATUS)
+        clients, clients_next = self._client_page(clients_after)
+        ids = [d.scheme_id for d in [self.nsmgr, *self.daemons]]
+        options = {"schemes": ids, "accounts": [c["account"] for c in clients if type(c.get("account")) is int],
+                   "holdings_after": holdings_after, "detail": detail}
+        kernel, _ = await self.kernel.call(P.KERNEL_STATUS, [options])
         per_scheme = kernel["schemes"]
         daemons = [{"name": "kernel", "pid": self.kernel_process.pid, "frames": kernel["frames"]}]
         for d in [self.nsmgr, *self.daemons]:
@@ -370,15 +389,30 @@ class System:
         for d in daemons:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
         accounts = kernel.get("accounts", {})
-        clients = []
+        for client in clients:
+            client["capabilities"] = accounts.get(str(client.get("account")), {}).get("caps", 0)
+        return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
+                "daemons": daemons, "clients": clients, "clients_next": clients_next,
+                "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),
+                "summary": kernel.get("summary", {})}
+
+    def _client_page(self, after: int | None) -> tuple[list[dict], int | None]:
+        """The running clients with a pid above after, as many as fit in CLIENTS_PAGE_BYTES,
+        and the pid to ask for the next page from (None if this is the last)."""
+        page: list[dict] = []
+        size = 0
         for pid, client in sorted(self.clients.items()):
+            if after is not None and pid <= after:
+                continue
             if not _alive(pid):
                 del self.clients[pid]  # it ended: its capabilities went with it
                 continue
-            held = accounts.get(str(client.get("account")), {}).get("caps", 0)
-            clients.append({**client, "pid": pid, "capabilities": held})
-        return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
-                "daemons": daemons, "clients": clients, "holdings": kernel.get("holdings", [])}
+            entry = {**client, "pid": pid}
+            size += len(P.pack(entry))
+            if page and size > CLIENTS_PAGE_BYTES:
+                return page, page[-1]["pid"]
+            page.append(entry)
+        return page, None
 
     def add_client(self, pid: int, info: dict) -> None:
         """Note a program `redoxcap run` started here, for `status` and `graph`."""
