@@ -169,6 +169,9 @@ class Scheme:
     # requests on live handles that came while the daemon was down, for its successor
     backlog: collections.deque[Held] = field(default_factory=collections.deque)
     keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
+    # may get a new daemon (SCHEME_RESTART: only schemes the supervisor made), so requests
+    # wait for one a while when it dies
+    restartable: bool = False
     top: int = 0  # the highest handle number the scheme's daemons have used
     attached: int = 0  # daemons it has had (1 + restarts)
     daemon: tuple[int, int, int] | None = None  # (pid, uid, gid) of its daemon, once it said HELLO
@@ -1107,7 +1110,7 @@ class Router:
         if not payer.room_for_caps(2):  # the router's end of the channel, and the root
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
-        scheme = Scheme(next(self._scheme_ids), keeps=keeps,
+        scheme = Scheme(next(self._scheme_ids), keeps=keeps, restartable=cap is self._supervisor_cap,
                         payer=None if payer is self.system_account else payer)
         try:
             channel_fd = self._attach_channel(scheme)
@@ -1594,8 +1597,8 @@ class Router:
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
             waiter.abandoned(self)
-        if scheme.freed:
-            return
+        if scheme.freed or not scheme.restartable:
+            return  # no daemon will come: what comes for it now fails at once (EIO)
         scheme.waiting_for_restart = True
         self._nursery.start_soon(self._give_up_waiting, scheme, scheme.generation)
 

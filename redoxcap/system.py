@@ -390,7 +390,10 @@ class System:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
         accounts = kernel.get("accounts", {})
         for client in clients:
-            client["capabilities"] = accounts.get(str(client.get("account")), {}).get("caps", 0)
+            counters = accounts.get(str(client.get("account")), {})
+            client["capabilities"] = counters.get("caps", 0)
+            # every router fd charged to it: its capabilities, and what is held for it
+            client["router_fds"] = counters.get("caps", 0) + counters.get("held_fds", 0)
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
                 "daemons": daemons, "clients": clients, "clients_next": clients_next,
                 "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),

@@ -1,0 +1,209 @@
+"""Confined clients that try to exhaust the system, for real, and what it costs them.
+
+Each attack runs as an ordinary sandboxed client (`redoxcap run --ns '' --cwd
+/load --beneath`, the red team's setting) against a system of the test's own,
+and each test counts from outside: the router's fds (/proc/PID/fd) and
+resident memory before, during and after, and what the attack costs another
+client (its latency as a ratio to the same calls on the quiet system, never
+an absolute time). Everything the system holds because of a client is
+charged to that client's router account, so an attack ends at the client's
+quota (EMFILE for it), the router keeps its reserve, and all of it is given
+back when the client goes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import pytest
+
+from redoxcap.testing import wait_for
+
+CONFINED = ("--ns", "", "--cwd", "/load", "--beneath")
+QUOTA = 1024  # the default capability quota of a client account (kernel/accounts.py)
+SLACK = 64  # fds the router may hold besides a client's charges (channels, tracers, a page...)
+
+
+def router_pid(system) -> int:
+    return system.daemon("kernel")["pid"]
+
+
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def summary(system) -> dict:
+    return system.status()["summary"]
+
+
+def confined(system, code: str, *options: str):
+    """Start code as a confined client of system; it says `ready` on stdout when it
+    has done its worst, and holds on to everything until its stdin closes."""
+    (system.root / "load").mkdir(exist_ok=True)
+    proc = system.start("run", *CONFINED, *options, "--", sys.executable, "-c", code)
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, line.split()[1:]
+
+
+def until_emfile_code(make: str) -> str:
+    """Python that calls `make` (an expression) until EMFILE and keeps what it made."""
+    return (
+        "import errno, os, sys, rt\n"
+        "made = []\n"
+        "try:\n"
+        f"    while True: made.append({make})\n"
+        "except OSError as exc:\n"
+        "    assert exc.errno == errno.EMFILE, exc\n"
+    )
+
+
+def latency(call, rounds: int = 40) -> float:
+    """The median time of call(), in seconds (for ratios only)."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def test_schemes_and_namespace_forks_a_client_makes_are_charged_to_it(system):
+    """The red team's first attack: 240 rt.mkscheme and then rt.mkns(None) until refused.
+    nsmgr holds a scheme's root and every entry of every fork for the client; it used
+    to cost the system's account ~480 router fds a fork, without limit."""
+    kernel = router_pid(system)
+    fds_before, schemes_before = fds_of(kernel), summary(system)["schemes"]
+    code = ("import errno, os, sys, rt\n"
+            "channels = [rt.mkscheme(f's{i}') for i in range(240)]\n"
+            "forks = []\n"
+            "try:\n"
+            "    while True: forks.append(rt.mkns(None))\n"
+            "except OSError as exc:\n"
+            "    assert exc.errno == errno.EMFILE, exc\n"
+            "print('ready', len(forks), flush=True)\n"
+            "sys.stdin.read()\n")
+    proc, (forks,) = confined(system, code)
+    held = fds_of(kernel) - fds_before
+    # a fork of 240 entries costs 241 capabilities: the quota allows a few, no more
+    assert 1 <= int(forks) <= QUOTA // 240
+    assert held <= QUOTA + SLACK, f"the router holds {held} fds more for one client"
+    status = system.status()
+    client = next(c for c in status["clients"] if c["argv"][-1] == code)
+    assert client["router_fds"] > QUOTA - 64  # charged to it, not to the system
+    # everyone else goes on: a new run, with its namespace forked from the root one
+    assert system.python("import rt; print(rt.listdir('.'))", *CONFINED).returncode == 0
+    proc.communicate("", timeout=60)
+    wait_for(lambda: fds_of(kernel) <= fds_before + 2, timeout=30)
+    wait_for(lambda: summary(system)["schemes"] == schemes_before, timeout=30)
+
+
+def test_a_scheme_is_freed_with_its_last_capability(system):
+    """os.close(rt.mkscheme(...)) in a loop: each scheme is gone once its name is gone
+    from the namespace (its last capability), so the router does not grow; without the
+    unregister, the client's quota stops it, and its end frees them all."""
+    kernel = router_pid(system)
+    schemes_before = summary(system)["schemes"]
+    churn = ("import errno, os, sys, rt\n"
+             "def churn(n):\n"
+             "    for _ in range(n):\n"
+             "        os.close(rt.mkscheme('s'))\n"
+             "        rt.unregister(rt.getns(), 's')\n"
+             "churn(1000)\n"  # what the router needs for it once (pages of memory, tasks)
+             "print('ready', flush=True)\n"
+             "sys.stdin.readline()\n"
+             "churn(3000)\n"
+             "print('done', flush=True)\n"
+             "sys.stdin.read()\n")
+    proc, _ = confined(system, churn)
+    wait_for(lambda: summary(system)["schemes"] <= schemes_before, timeout=30)
+    fds, rss, schemes = fds_of(kernel), rss_kib(kernel), summary(system)["schemes"]
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "done\n", proc.stderr.read()
+    wait_for(lambda: summary(system)["schemes"] <= schemes, timeout=30)
+    assert fds_of(kernel) <= fds + 2
+    growth = rss_kib(kernel) - rss
+    assert growth < 2 * 1024, f"the router grew by {growth} KiB over 3,000 schemes made and dropped"
+    proc.communicate("", timeout=60)
+
+    kept = until_emfile_code("os.close(rt.mkscheme(f's{len(made)}')) or 0") + (
+        "print('ready', len(made), flush=True)\n"
+        "sys.stdin.read()\n")
+    schemes = summary(system)["schemes"]
+    proc, (made,) = confined(system, kept)
+    assert QUOTA // 4 <= int(made) <= QUOTA  # a dead scheme's name still costs its root
+    assert summary(system)["schemes"] <= schemes + int(made)
+    proc.communicate("", timeout=60)
+    wait_for(lambda: summary(system)["schemes"] == schemes, timeout=30)
+
+
+def test_status_and_graph_answer_whatever_the_number_of_schemes(system):
+    """3,000 schemes (and their roots in the client's namespace) once made every status
+    reply larger than a message: EMSGSIZE, for good. Replies now come in pages."""
+    code = ("import sys, rt\n"
+            "channels = [rt.mkscheme(f's{i}') for i in range(3000)]\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n")
+    proc, _ = confined(system, code, "--max-caps", "8000")
+    try:
+        status = system.status()
+        assert status["summary"]["schemes"] >= 3000
+        out = system.cli("status").stdout
+        assert "nsmgr" in out and "file" in out
+        dot = system.cli("graph").stdout
+        assert dot.startswith("digraph") and dot.count("->") >= 3000  # nsmgr holds every root
+        assert len(system.cli("status", "--json").stdout) > 0
+    finally:
+        proc.communicate("", timeout=60)
+
+
+def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_reserve(system):
+    """Open files are kept by the router across restarts (their host fds), so each costs
+    the router more than its capability: 8 clients holding all they could once filled it.
+    Each now stops at its quota, kept fds included, and another client is still served."""
+    kernel = router_pid(system)
+    (system.root / "load").mkdir()
+    (system.root / "load/f").write_text("data")
+    fds_before = fds_of(kernel)
+    victim_code = ("import sys, time, rt\n"
+                   "fd = rt.open('f')\n"
+                   "for line in sys.stdin:\n"
+                   "    t = time.perf_counter()\n"
+                   "    for _ in range(20):\n"
+                   "        rt.lseek(fd, 0); assert rt.read(fd, 4) == b'data'\n"
+                   "        rt.close(rt.open('f'))\n"
+                   "    print(time.perf_counter() - t, flush=True)\n")
+    victim = system.start("run", *CONFINED, "--", sys.executable, "-c", victim_code)
+
+    def victim_round() -> float:
+        victim.stdin.write("go\n")
+        victim.stdin.flush()
+        return float(victim.stdout.readline())
+
+    quiet = statistics.median(victim_round() for _ in range(5))
+    hoarders = [confined(system, until_emfile_code("rt.open('f')")
+                         + "print('ready', len(made), flush=True)\nsys.stdin.read()\n")
+                for _ in range(8)]
+    try:
+        counts = [int(made) for _, (made,) in hoarders]
+        held = fds_of(kernel) - fds_before
+        assert all(QUOTA // 4 <= n < QUOTA // 2 for n in counts), counts  # a handle costs 2 or 3
+        assert held <= 8 * QUOTA + 9 * SLACK, f"the router holds {held} fds more"
+        loaded = statistics.median(victim_round() for _ in range(5))
+    finally:
+        for proc, _ in hoarders:
+            proc.communicate("", timeout=60)
+    victim.communicate("", timeout=60)
+    ratio = loaded / quiet
+    print(f"\nhoarders held {counts} files; another client's open+read at {ratio:.2f}x its quiet time")
+    assert ratio < 10
+    wait_for(lambda: fds_of(kernel) <= fds_before + 2, timeout=30)
