@@ -207,3 +207,156 @@ def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_rese
     print(f"\nhoarders held {counts} files; another client's open+read at {ratio:.2f}x its quiet time")
     assert ratio < 10
     wait_for(lambda: fds_of(kernel) <= fds_before + 2, timeout=30)
+
+
+def victim(system, setup: str, call: str, options: tuple[str, ...] = CONFINED):
+    """A client (confined by default) timing 20 calls each time it reads a line; returns
+    its process and a function that asks it for one round and answers its time."""
+    code = ("import sys, time, rt\n" + setup +
+            "for line in sys.stdin:\n"
+            "    t = time.perf_counter()\n"
+            "    for _ in range(20):\n"
+            f"        {call}\n"
+            "    print(time.perf_counter() - t, flush=True)\n")
+    proc = system.start("run", *options, "--", sys.executable, "-c", code)
+
+    def round_time() -> float:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        return float(line)
+
+    return proc, round_time
+
+
+def test_listing_a_huge_directory_from_64_threads_holds_up_no_one_else(system):
+    """The red team listed a 60,000-entry directory from 64 threads of one client: each
+    page listed and sorted the whole directory inline, and others' fstat took 5-7 s.
+    A page now costs a page, read in a worker thread, one at a time per client."""
+    big = system.root / "load" / "big"
+    big.mkdir(parents=True)
+    for i in range(60_000):
+        os.close(os.open(big / f"entry-{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    (system.root / "load/f").write_text("data")
+    proc, round_time = victim(system, "fd = rt.open('f')\n", "rt.fstat(fd)")
+    quiet = statistics.median(round_time() for _ in range(7))
+    lister = ("import sys, threading, rt\n"
+              "stop = threading.Event()\n"
+              "counts = []\n"
+              "def list_forever():\n"
+              "    while not stop.is_set():\n"
+              "        counts.append(len(rt.listdir('big')))\n"
+              "threads = [threading.Thread(target=list_forever) for _ in range(64)]\n"
+              "for t in threads: t.start()\n"
+              "print('ready', flush=True)\n"
+              "sys.stdin.read()\n"
+              "stop.set()\n"
+              "for t in threads: t.join()\n"
+              "print(len(counts), set(counts), flush=True)\n")
+    attacker, _ = confined(system, lister)
+    try:
+        time.sleep(1)  # every thread is listing
+        loaded = statistics.median(round_time() for _ in range(7))
+    finally:
+        out, _ = attacker.communicate("", timeout=300)
+    proc.communicate("", timeout=60)
+    listings, sizes = out.split(" ", 1)
+    assert sizes.strip() in ("set()", "{60000}"), sizes  # every listing it finished was whole
+    ratio = loaded / quiet
+    print(f"\nanother client's fstat at {ratio:.2f}x its quiet time while 64 threads listed "
+          f"60,000 entries ({listings} listings done)")
+    assert ratio < 10
+
+
+def test_a_client_cannot_register_a_socket_of_its_own(system):
+    """nsmgr once talked to a socket a client registered as a namespace entry directly,
+    outside the router: 219,000 junk replies of 253 fds in 25 s, charged to no one. Only
+    capabilities (which the router serves, bounds and charges) are entries now."""
+    nsmgr = system.daemon("nsmgr")["pid"]
+    before = fds_of(nsmgr)
+    code = ("import errno, socket, rt\n"
+            "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            "for _ in range(100):\n"
+            "    try:\n"
+            "        rt.register(rt.getns(), 'mine', a.fileno())\n"
+            "    except OSError as exc:\n"
+            "        assert exc.errno == errno.EINVAL, exc\n"
+            "    else:\n"
+            "        raise AssertionError('registered a socket that is not a capability')\n"
+            "print('refused')\n")
+    (system.root / "load").mkdir()
+    assert system.python(code, *CONFINED).stdout == "refused\n"
+    wait_for(lambda: fds_of(nsmgr) <= before, timeout=10)
+
+
+JUNK_SCHEME = r"""
+import os, socket, sys, threading, rt
+from wire import protocol as P
+from wire.frames import SchemeReply, SchemeRequest
+
+channel = socket.socket(fileno=rt.mkscheme("junk"))
+r, w = os.pipe()
+
+def serve():  # every request answered with 253 fds nobody asked for
+    while True:
+        data, anc, _, _ = channel.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+        if not data:
+            return
+        P.close_fds(P.parse_ancillary(anc)[0])
+        request = SchemeRequest.decode(data)
+        if request.op != P.CLOSE:
+            channel.sendmsg([SchemeReply.of(request.req_id, P.OK, None).encode()],
+                           P.fds_ancillary([r] * P.MAX_FDS))
+
+def hammer():
+    while True:
+        try:
+            rt.mkdir("/scheme/junk/x")
+        except OSError:
+            pass
+
+threading.Thread(target=serve, daemon=True).start()
+for _ in range(16):
+    threading.Thread(target=hammer, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_junk_replies_of_a_clients_own_scheme_cost_it_and_are_bounded(system):
+    """What nsmgr does on a client's behalf is bounded and charged: a client's scheme that
+    answers every request nsmgr forwards to it with 253 fds makes the router and nsmgr
+    hold at most what the client's quota allows, and others' opens through nsmgr go on."""
+    kernel, nsmgr = router_pid(system), system.daemon("nsmgr")["pid"]
+    (system.root / "load").mkdir()
+    (system.root / "load/f").write_text("data")
+    before = {kernel: fds_of(kernel), nsmgr: fds_of(nsmgr)}
+    # the victim has the default namespace: its opens go through nsmgr
+    proc, round_time = victim(system, "", "rt.close(rt.open('/load/f'))", options=())
+    quiet = statistics.median(round_time() for _ in range(5))
+    attacker, _ = confined(system, JUNK_SCHEME)
+    peaks = {kernel: 0, nsmgr: 0}
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for pid in peaks:
+                peaks[pid] = max(peaks[pid], fds_of(pid) - before[pid])
+            time.sleep(0.01)
+        loaded = statistics.median(round_time() for _ in range(5))
+        frames = system.status()["daemons"]
+        assert sum(d.get("frames", 0) for d in frames if d["name"] == "nsmgr") > 0
+    finally:
+        attacker.communicate("", timeout=60)
+    proc.communicate("", timeout=60)
+    ratio = loaded / quiet
+    print(f"\npeak fds held: router +{peaks[kernel]}, nsmgr +{peaks[nsmgr]}; another client's "
+          f"open through nsmgr at {ratio:.2f}x its quiet time")
+    assert peaks[kernel] <= QUOTA + 2 * P_MAX_FDS + SLACK
+    assert peaks[nsmgr] <= 16 * P_MAX_FDS + SLACK
+    assert ratio < 10
+    wait_for(lambda: fds_of(kernel) <= before[kernel] + 2 and fds_of(nsmgr) <= before[nsmgr],
+             timeout=30)
+
+
+P_MAX_FDS = 253
