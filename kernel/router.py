@@ -669,7 +669,7 @@ class Router:
             cap.outbox = collections.deque()
         cap.outbox.append((frame, fds))
         account.queued_bytes += len(frame)
-        account.held_fds += len(fds)
+        account.charge_fds(len(fds))
         if not cap.writing:
             cap.writing = True
             self._nursery.start_soon(self._write_outbox, cap)
@@ -724,11 +724,11 @@ class Router:
                 if left is not None:
                     cap.outbox[0] = left
                     cap.account.queued_bytes += len(left[0]) - len(frame)
-                    cap.account.held_fds += len(left[1]) - len(fds)
+                    cap.account.charge_fds(len(left[1]) - len(fds))
                     continue
                 cap.outbox.popleft()
                 cap.account.queued_bytes -= len(frame)
-                cap.account.held_fds -= len(fds)
+                cap.account.charge_fds(-len(fds))
                 cap.account.wake_if_drained()
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
@@ -747,7 +747,7 @@ class Router:
             frame, fds = cap.outbox.popleft()
             P.close_fds(fds)
             account.queued_bytes -= len(frame)
-            account.held_fds -= len(fds)
+            account.charge_fds(-len(fds))
         account.wake_if_drained()
 
     def _settle(self, cap: Capability) -> None:
@@ -841,7 +841,7 @@ class Router:
         scheme.backlog.append(parked)
         cap.inflight += 1  # it waits like a request at the scheme, within the same bounds
         cap.account.inflight += 1
-        cap.account.held_fds += len(parked.fds)
+        cap.account.charge_fds(len(parked.fds))
 
     async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
                        body: frames.Body, fds: list[int], counted: bool = False,
@@ -858,7 +858,7 @@ class Router:
         pid, uid, gid = cred
         account = cap.account
         if counted:
-            account.held_fds -= len(fds)
+            account.charge_fds(-len(fds))
             if not handle.live:  # closed, or its scheme went down again
                 self._settle(cap)
                 P.close_fds(fds)
@@ -891,7 +891,8 @@ class Router:
             cap.inflight += 1
             cap.account.inflight += 1
         scheme.frames += 1
-        account.held_fds += len(fds)
+        if fds:
+            account.charge_fds(len(fds))
         # Counted: the account's other capabilities may go on. A scheme slow to read its
         # channel (a client's own scheme that never reads) then holds up this one only.
         self._end_turn(cap)
@@ -901,7 +902,8 @@ class Router:
             P.close_fds(fds)
             raise
         finally:
-            account.held_fds -= len(fds)
+            if fds:
+                account.charge_fds(-len(fds))
         if sent:
             P.close_fds(fds)
             return
@@ -1540,7 +1542,7 @@ class Router:
                       if c is not None and (c.account is not account or c.payer is not payer)}
             provisional = scheme.provisional.get(new[0]) if new is not None else None
             kept_fds = len(provisional.fds) if provisional is not None else 0
-            charged = sum(1 for c in moving.values() if c.payer is not payer)
+            charged = sum(1 for c in moving.values() if c.payer is not payer) if moving else 0
             if not payer.room_for_caps(charged + (new is not None) + kept_fds):
                 raise OSError(errno.EMFILE, "capability quota of the account exceeded")
             if new is not None:
@@ -1622,7 +1624,7 @@ class Router:
         scheme.waiting_for_restart = False
         while scheme.backlog:
             parked = scheme.backlog.popleft()
-            parked.cap.account.held_fds -= len(parked.fds)
+            parked.cap.account.charge_fds(-len(parked.fds))
             P.close_fds(parked.fds)
             self._settle(parked.cap)
             self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
