@@ -8,7 +8,7 @@ whose account has too much in flight or queued stops being read until it
 drains, so a client that floods slows only itself.
 
 What a daemon holds because of a client is charged to that client, not to
-the daemon's system account: a capability nsmgr holds in a client's
+the daemon's system account: a capability the namespace daemon holds in a client's
 namespace, the channel of a scheme the client created, state kept for the
 client's handles. Every client account also draws on one shared `FdPool`:
 the router's fd limit less a reserve that only the system (restarts,

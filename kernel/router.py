@@ -1519,7 +1519,7 @@ class Router:
             log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
-        # a daemon's request for a client (nsmgr's open of a client's path): what it gets is
+        # a daemon's request for a client (an open of a client's path through its namespace): what it gets is
         # held by the daemon and charged to the client
         payer = None if waiter.account == cap.account.id else self._account(waiter.account)
         self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new,

@@ -36,8 +36,8 @@ from wire.aio import AsyncCapability
 from wire.stat import Stat
 
 SCHEME_PREFIX = "/scheme/"
-STATUS_NAMESPACES = 64  # namespace handles `status` describes
-STATUS_NAMES = 32  # names of each it lists
+STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)
+STATUS_NAMES = 24  # names of each it lists
 
 
 @dataclass(eq=False)

@@ -236,13 +236,36 @@ class System:
                           "tries again)", daemon.spec.name, daemon.spec.name)
                 await self._give_up(daemon)
                 return
+            await self._respawn_until_up(daemon)
+
+    async def _respawn_until_up(self, daemon: Daemon) -> None:
+        """_respawn, tried again with backoff until it works (or the system stops): a
+        restart fails when the system is short of something for now, not because the
+        daemon is broken. The caller holds daemon.lock."""
+        delay = RETRY_FIRST
+        while not self.stopping:
+            try:
+                await self._respawn(daemon)
+                return
+            except (OSError, trio.TooSlowError) as exc:
+                log.warning("could not restart %s: %s; trying again in %.1fs",
+                            daemon.spec.name, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _retry_later(self, daemon: Daemon) -> None:
+        """Go on trying, with backoff, a restart that `restart()` could not make."""
+        async with daemon.lock:
             delay = RETRY_FIRST
-            while not self.stopping:
+            while not self.stopping and not daemon.failed:
                 try:
-                    await self._respawn(daemon)
+                    if (daemon is self.nsmgr or daemon.process is None
+                            or daemon.process.returncode is not None):
+                        await self._respawn(daemon)
+                    if daemon is not self.nsmgr and not daemon.registered:
+                        await self._register(daemon)
                     return
                 except (OSError, trio.TooSlowError) as exc:
-                    # the system is short of something for now, not the daemon broken
                     log.warning("could not restart %s: %s; trying again in %.1fs",
                                 daemon.spec.name, exc, delay)
                 await trio.sleep(delay)
@@ -329,7 +352,8 @@ class System:
 
         Raises:
             KeyError: no such scheme.
-            OSError: the router refused a new channel.
+            OSError: the router refused a new channel, or the daemon could not be started
+                or registered; it is tried again in the background, with backoff.
         """
         daemon = self.daemon(name)
         async with daemon.lock:
@@ -343,7 +367,9 @@ class System:
                 if daemon is not self.nsmgr and not daemon.registered:
                     await self._register(daemon)
             except (OSError, trio.TooSlowError):
-                await self._give_up(daemon)
+                # short of something for now: the caller hears of it, and it goes on trying
+                assert self._nursery is not None
+                self._nursery.start_soon(self._retry_later, daemon)
                 raise
             log.info("%s restarted on request (pid %d)", name, daemon.process.pid)
             return daemon.process.pid

@@ -131,6 +131,8 @@ class FileHandle:
     fdflags: int = 0
     host_flags: int = os.O_PATH | os.O_DIRECTORY
     listing: Listing | None = field(default=None, repr=False)  # its cursor, while it lists
+    # held while a worker thread uses fd (a listing, an fsync), so that close waits for it
+    busy: trio.Lock | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -140,10 +142,9 @@ class Listing:
     the next page, or a page that starts within the last one (a reader whose buffer
     took only part of it), costs no more than a page.
 
-    Only its worker thread touches the stream; `lock` keeps a handle's requests in order.
+    Only a worker thread touches the stream, with its handle's `busy` lock held.
     """
 
-    lock: trio.Lock = field(default_factory=trio.Lock)
     stream: object = None  # os.scandir iterator (it owns a dup of the directory fd)
     position: int = 0
     page_start: int = 0
@@ -199,8 +200,9 @@ class Listing:
 class FileScheme(Scheme):
     """Serves one host directory; see the module docstring."""
 
-    # local syscalls only: nothing waits for a client; listings go to a worker thread
-    inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR}
+    # local syscalls only: nothing waits for a client; listings and fsync, which can take
+    # long, go to a worker thread
+    inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC}
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False,
@@ -351,10 +353,11 @@ class FileScheme(Scheme):
             raise
 
     async def close(self, h: FileHandle) -> None:
+        if h.busy is not None:
+            await h.busy.acquire()  # a worker thread may be using its fd: let it finish
         if h.listing is not None:
             self._listings.pop(id(h), None)
-            async with h.listing.lock:  # its thread may be reading it
-                h.listing.close()
+            h.listing.close()
         if h.fd != self.root_fd:
             os.close(h.fd)
         if h.anchor_owned:
@@ -402,7 +405,22 @@ class FileScheme(Scheme):
             os.close(fd)
 
     async def fsync(self, req: Request, h: FileHandle) -> None:
-        os.fsync(h.fd)
+        """Flush to disk, in a worker thread: it may take long, and others need not wait."""
+        await self._in_thread(req, h, os.fsync, h.fd)
+
+    async def _in_thread(self, req: Request, h: FileHandle, fn, *args):
+        """fn(*args) on h's fd in a worker thread: one at a time per client account (and
+        per handle), LISTING_THREADS at once for all, so that slow or heavy work on one
+        client's behalf never holds up the requests of the others."""
+        if h.busy is None:
+            h.busy = trio.Lock()
+        limiter = self._per_account.setdefault(req.account, trio.CapacityLimiter(1))
+        try:
+            async with h.busy, self._threads:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        finally:
+            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+                self._per_account.pop(req.account, None)
 
     async def getdents(self, req: Request, h: FileHandle, start: int) -> list[str]:
         """The names from index start on, in the directory's order, a page at a time (see
@@ -427,15 +445,9 @@ class FileScheme(Scheme):
         self._listings.move_to_end(id(h))
         while len(self._listings) > MAX_LISTINGS:  # a stream is an fd and a buffer: few at once
             _, oldest = self._listings.popitem(last=False)
-            if oldest.listing is not None and not oldest.listing.lock.locked():
+            if oldest.listing is not None and not (oldest.busy and oldest.busy.locked()):
                 oldest.listing.close()  # its next page starts the directory over
-        limiter = self._per_account.setdefault(req.account, trio.CapacityLimiter(1))
-        try:
-            async with listing.lock, self._threads:
-                return await trio.to_thread.run_sync(listing.read, h.fd, start, limiter=limiter)
-        finally:
-            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
-                self._per_account.pop(req.account, None)
+        return await self._in_thread(req, h, listing.read, h.fd, start)
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
         """/scheme/NAME and the handle's path below the root, as it is now (after renames).

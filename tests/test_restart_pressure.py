@@ -325,3 +325,22 @@ def test_acknowledged_writes_land_in_their_own_files_across_restarts_under_press
         assert all(line.split()[:2] == [writer, k] for line in lines), name
     assert total > 4 * 9 * 20, total  # they kept writing across the restarts
     assert "could not be restored" not in system.log()  # the reserve was there for it
+
+
+def test_a_restart_asked_for_while_the_router_has_no_fds_is_tried_again_until_it_works(system):
+    """`redoxcap restart NAME` that fails for lack of fds says so, and the supervisor
+    goes on trying: the scheme is not left FAILED, and is back once fds are free."""
+    kernel = system.daemon("kernel")["pid"]
+    old = system.daemon("zero")["pid"]
+    hard = resource.prlimit(kernel, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(kernel, resource.RLIMIT_NOFILE, (3, hard))
+    try:
+        refused = system.cli("restart", "zero", check=False)
+        assert refused.returncode != 0 and "Too many open files" in refused.stderr, refused.stderr
+        assert system.daemon("zero")["state"] != "failed"
+    finally:
+        resource.prlimit(kernel, resource.RLIMIT_NOFILE, (hard, hard))
+    wait_for(lambda: system.daemon("zero").get("pid") not in (None, old), timeout=30)
+    assert system.daemon("zero")["state"] == "running"
+    out = system.python("import rt; fd = rt.open('/scheme/zero'); print(rt.read(fd, 2))").stdout
+    assert out == "b'\\x00\\x00'\n"
