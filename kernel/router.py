@@ -88,6 +88,8 @@ STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unkn
 RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
 MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
 MAX_KEPT_ITEMS = 65536  # fds and capabilities in the state kept for one handle
+MAX_KEPT_BODY = 4 * 1024 * 1024  # bytes of the state kept for one handle
+KEPT_PART = P.MAX_FRAME - 4096  # body bytes of one RESTORE(_MORE) frame: room for 253 refs
 RESTORE_TRIES = 5  # a restore short of fds tries again after 0.05, 0.1, 0.2... seconds
 RESTORE_BACKOFF = 0.05
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
@@ -182,9 +184,18 @@ class Scheme:
     payer: Account | None = None
     freed: bool = False  # its last capability went: it is gone for good
     # handle -> what KEEP_MORE frames brought so far of the state to keep for it
-    partial: dict[int, list] = field(default_factory=dict)
+    partial: dict[int, PartialKeep] = field(default_factory=dict)
     # request id -> the errno its reply becomes: its KEEP could not be stored
     keep_failed: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class PartialKeep:
+    """The first frames (KEEP_MORE) of a state that comes in several: its fds (or the
+    handles of capabilities among them) and the first bytes of its body."""
+
+    items: list = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
 
 
 @dataclass(eq=False, slots=True)
@@ -630,10 +641,10 @@ class Router:
         if number is None:
             partial, scheme.partial = scheme.partial, {}
         else:
-            partial = {number: scheme.partial.pop(number, [])}
-        for items in partial.values():
-            P.close_fds([item for item in items if type(item) is int])
-            for item in items:
+            partial = {number: scheme.partial.pop(number, None) or PartialKeep()}
+        for part in partial.values():
+            P.close_fds([item for item in part.items if type(item) is int])
+            for item in part.items:
                 if type(item) is not int:
                     self._unref(item)
 
@@ -1256,11 +1267,12 @@ class Router:
                     await trio.sleep(RESTORE_BACKOFF * 2**attempt)  # fds may come free meanwhile
                     if scheme.kept.get(number) is not kept:
                         return
-            chunks = [copies[i : i + P.MAX_FDS] for i in range(0, len(copies), P.MAX_FDS)] or [[]]
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1
-                frame = SchemeRequest(0, number, 0, 0, 0, P.RESTORE if last else P.RESTORE_MORE,
-                                      (P.NO_REF,) * len(chunk), kept.body if last else EMPTY_ARGS)
+            body = kept.body
+            parts = max(-(-len(copies) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
+            for i in range(parts):
+                chunk = copies[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
+                frame = SchemeRequest(0, number, 0, 0, 0, P.RESTORE if i == parts - 1 else P.RESTORE_MORE,
+                                      (P.NO_REF,) * len(chunk), body[i * KEPT_PART : (i + 1) * KEPT_PART])
                 if not await self._send_to_scheme(scheme, frame.encode(), chunk):
                     return  # it died again: its successor is given the state
         finally:
@@ -1429,7 +1441,8 @@ class Router:
                 scheme.keep_failed[req_id] = errno.EIO
             return
         number = keep.handle
-        items = scheme.partial.pop(number, [])
+        part = scheme.partial.pop(number, None) or PartialKeep()
+        items = part.items
         P.close_fds(fds[keep.nfds :])
         state_fds = fds[: keep.nfds]
         try:
@@ -1437,17 +1450,18 @@ class Router:
                 raise OSError(errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.E2BIG,
                               "KEEP truncated")
             self._take_kept(items, state_fds)
-            if len(items) > MAX_KEPT_ITEMS:
-                raise OSError(errno.EMFILE, "state too large to keep")
+            part.body += keep.body
+            if len(items) > MAX_KEPT_ITEMS or len(part.body) > MAX_KEPT_BODY:
+                raise OSError(errno.E2BIG, "state too large to keep")
             if status == P.KEEP_MORE:
-                scheme.partial[number] = items
+                scheme.partial[number] = part
                 return
-            kept = Kept(items, bytes(keep.body), self.system_account)
+            kept = Kept(items, bytes(part.body), self.system_account)
             self.system_account.charge_fds(len(kept.fds))
             self._store_kept(scheme, number, kept)
         except OSError as exc:
             P.close_fds(state_fds)  # those not taken yet (taken ones are -1)
-            scheme.partial[number] = items
+            scheme.partial[number] = part
             self._drop_partial_keeps(scheme, number)
             if number in scheme.handles:
                 self._forget_kept(scheme, number)

@@ -69,14 +69,20 @@ def render(info: dict) -> Iterator[str]:
         info: the `status` field of the control op's reply.
 
     Yields:
-        A summary line, the file root and the mounts, the table's header and one row
-        per daemon, then one row per running client.
+        A summary line, the file root and the mounts, what the router holds (its
+        schemes, capabilities and the fds clients hold of what they may), the table's
+        header and one row per daemon, then one row per running client.
     """
     yield f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}"
     if "root" in info:
         yield f"file root {info['root']}"
     for name, mount in sorted(info.get("mounts", {}).items()):
         yield f"mount {name}: {mount['path']}" + (" (read-only)" if mount.get("read_only") else "")
+    summary = info.get("summary")
+    if summary:
+        yield (f"router: {summary['schemes']} schemes, {summary['capabilities']} capabilities; "
+               f"clients hold {summary['client_fds']} of {summary['client_fd_limit']} fds "
+               f"(reserve {summary['reserve']} of {summary['fd_limit']})")
     yield HEADER
     for d in info["daemons"]:
         rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"

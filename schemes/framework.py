@@ -58,6 +58,7 @@ RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Frames taken from the channel at once and served in turn per account (_waiting_requests);
 # what they hold is bounded anyway by what the channel's socket buffer held.
 MAX_BATCH = 256
+KEPT_PART = P.MAX_FRAME - 4096  # bytes of a kept state's body in one KEEP or KEEP_MORE frame
 # A root that opens things but lists nothing: a directory with search permission only.
 ROOT_STAT = Stat(st_mode=stat.S_IFDIR | 0o111, st_nlink=2)
 
@@ -282,8 +283,8 @@ class _Server:
         self.inflight: dict[int, set[trio.CancelScope]] = {}
         self.numbers = itertools.count(1)
         self.operations = {op.number: op for op in scheme.operations}
-        # handle -> fds of a RESTORE that came in RESTORE_MORE frames so far
-        self.restoring: dict[int, list[int]] = {}
+        # handle -> (fds, body) of a RESTORE that came in RESTORE_MORE frames so far
+        self.restoring: dict[int, tuple[list[int], bytearray]] = {}
 
     async def run(self) -> None:
         # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
@@ -338,9 +339,13 @@ class _Server:
                 P.close_fds(fds)
                 nursery.start_soon(self._close, request.handle)
             elif request.op == P.RESTORE_MORE:
-                self.restoring.setdefault(request.handle, []).extend(fds)
+                part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
+                part_fds.extend(fds)
+                body += request.body
             elif request.op == P.RESTORE:
-                self._restore(request, self.restoring.pop(request.handle, []) + fds)
+                part_fds, body = self.restoring.pop(request.handle, ([], bytearray()))
+                body += request.body
+                self._restore(request.handle, bytes(body), part_fds + fds)
             elif request.op == P.RESUME:
                 P.close_fds(fds)  # it carries none; any that came are ours to close
                 self._resume(request)
@@ -361,15 +366,15 @@ class _Server:
                     del queues[account]
         return order
 
-    def _restore(self, request: SchemeRequest, fds: list[int]) -> None:
+    def _restore(self, number: int, body: bytes, fds: list[int]) -> None:
         """A handle the router kept for us while our predecessor died. One that cannot be
         restored (its fds lost to a daemon out of fds) answers EBADF from now on: its
         number is never given to another handle (RESUME came first)."""
         try:
-            self.handles[request.handle] = self.scheme.restore(request.args(), fds)
+            self.handles[number] = self.scheme.restore(P.unpack(body), fds)
         except Exception as exc:  # noqa: BLE001 - whatever the state was, the handle is lost
             P.close_fds(fds)
-            log.warning("%s: handle %d could not be restored: %r", self.scheme.name, request.handle, exc)
+            log.warning("%s: handle %d could not be restored: %r", self.scheme.name, number, exc)
 
     def _resume(self, request: SchemeRequest) -> None:
         """Before the restores: number new handles above every number the router maps."""
@@ -396,13 +401,13 @@ class _Server:
             body = P.pack(value)
         except (TypeError, ValueError, OverflowError) as exc:
             raise OSError(errno.EIO, f"state cannot be encoded: {exc}") from None
-        if len(body) > P.MAX_FRAME - 64:
-            raise OSError(errno.E2BIG, "state too large to keep")
+        parts = max(-(-len(fds) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
         try:
-            while len(fds) > P.MAX_FDS:
-                part, fds = fds[: P.MAX_FDS], fds[P.MAX_FDS :]
-                await self.channel.send(Keep(number, len(part), b"", req_id, more=True).encode(), part)
-            await self.channel.send(Keep(number, len(fds), body, req_id).encode(), fds)
+            for i in range(parts):
+                part_fds = fds[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
+                keep = Keep(number, len(part_fds), body[i * KEPT_PART : (i + 1) * KEPT_PART], req_id,
+                            more=i < parts - 1)
+                await self.channel.send(keep.encode(), part_fds)
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
 

@@ -159,6 +159,8 @@ def test_status_and_graph_answer_whatever_the_number_of_schemes(system):
         assert status["summary"]["schemes"] >= 3000
         out = system.cli("status").stdout
         assert "nsmgr" in out and "file" in out
+        router = next(line for line in out.splitlines() if line.startswith("router: "))
+        assert int(router.split()[1]) >= 3000, router
         dot = system.cli("graph").stdout
         assert dot.startswith("digraph") and dot.count("->") >= 3000  # nsmgr holds every root
         assert len(system.cli("status", "--json").stdout) > 0

@@ -192,30 +192,38 @@ def kill(system, name: str) -> int:
 
 
 def test_a_namespace_of_1000_entries_comes_back_narrowed_after_nsmgr_restarts(client):
-    """A namespace with more entries than one message carries fds (253) is kept in
-    several frames; narrowing and unregistering, once acknowledged, survive the restart."""
+    """A namespace with more entries than one message carries fds (253), and names longer
+    than one frame holds, is kept in several frames; narrowing and unregistering, once
+    acknowledged, survive the restart."""
     (client.root / "box").mkdir()
     (client.root / "box/in.txt").write_text("inside")
     fork = rt.mkns([], perms=rt.PERM_ALL)
     box = rt.open("/box", rt.O_DIRECTORY)
-    names = [f"e{i}" for i in range(1000)]
+    names = [f"e{i:04d}-" + "x" * 140 for i in range(1000)]  # 146 KiB of names: > a frame
     for name in names:
         rt.register(fork, name, box)
     rt.close(box)
-    rt.unregister(fork, "e5")
+    rt.unregister(fork, names[5])
     rt.narrow(fork, rt.PERM_LIST)
     pid = kill(client, "nsmgr")
     wait_for(lambda: client.daemon("nsmgr").get("pid") not in (None, pid), timeout=30)
+
+    def listing() -> list[str]:  # in pages: the names no longer fit in one reply
+        listed: list[str] = []
+        while page := call(fork, P.GETDENTS, [len(listed)])[0]:
+            listed += page
+        return listed
+
     try:
-        listed = rt.schemes(fork)
+        listed = listing()
     except OSError as exc:  # the one request in flight at the kill
         assert exc.errno == errno.EIO
-        listed = rt.schemes(fork)
-    assert listed == sorted(set(names) - {"e5"})
+        listed = listing()
+    assert listed == sorted(set(names) - {names[5]})
     assert rt.nsperms(fork) == rt.PERM_LIST
     with pytest.raises(PermissionError):
-        rt.unregister(fork, "e6")  # no DELETE: narrowed for good
-    fd = call_fd(fork, P.OPENAT, ["/scheme/e999/in.txt", os.O_RDONLY, 0])
+        rt.unregister(fork, names[6])  # no DELETE: narrowed for good
+    fd = call_fd(fork, P.OPENAT, [f"/scheme/{names[999]}/in.txt", os.O_RDONLY, 0])
     assert rt.read(fd, 100) == b"inside"
     rt.close(fd)
     rt.close(fork)

@@ -20,7 +20,8 @@ someone who is allowed to read it calls `value()`/`args()`):
                                       daemon: the first nfds fds and the body; nfds 0 and an
                                       empty body forget it; req_id the request that changed
                                       it, whose reply fails if it cannot be kept. Status
-                                      KEEP_MORE: only fds, and more frames follow)
+                                      KEEP_MORE: the first fds and body bytes of a state
+                                      too large for one frame; more frames follow)
 
 All integers are little-endian. Capabilities travel as fds in SCM_RIGHTS
 ancillary data next to the frame, never inside it.
@@ -224,8 +225,9 @@ class Keep:
     """A scheme's state for one of its handles, for the router to keep while the handle
     lives and hand back (RESTORE) to the scheme's next daemon after a crash.
 
-    A state with more fds than one message carries (MAX_FDS) goes as KEEP_MORE frames
-    (`more=True`: fds only) and a last KEEP frame with the rest and the body.
+    A state with more fds than one message carries (MAX_FDS), or a body larger than a
+    frame, goes as KEEP_MORE frames (`more=True`) and a last KEEP frame: the fds and the
+    body bytes of all of them, in order, are the state.
 
     Attributes:
         handle: the handle number.
