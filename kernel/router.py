@@ -794,7 +794,8 @@ class Router:
                     if served is None:
                         self._reply(cap, tag, P.ERR, errno.EPERM)
                         return
-                    payer = self._account(served[1])
+                    if cap.account is self.system_account:  # see _answer_client
+                        payer = self._account(served[1])
                 await self._kernel_op(cap, request, fds, payer)
             finally:
                 P.close_fds(fds)
@@ -1533,9 +1534,11 @@ class Router:
             log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
-        # a daemon's request for a client (an open of a client's path through its namespace): what it gets is
-        # held by the daemon and charged to the client
-        payer = None if waiter.account == cap.account.id else self._account(waiter.account)
+        # a daemon's request for a client (an open of a client's path through its
+        # namespace): what it gets is held by the daemon and charged to the client. Only a
+        # system daemon's: a client's own daemon serving another must not spend its quota.
+        payer = (None if waiter.account == cap.account.id or cap.account is not self.system_account
+                 else self._account(waiter.account))
         self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new,
                     payer)
 

@@ -21,6 +21,9 @@ import time
 import pytest
 
 from redoxcap.testing import wait_for
+from test_router import account_caps, create_scheme, kernel, new_account, receive, send  # noqa: F401
+from wire import protocol as P
+from wire.frames import SchemeReply, encode_request
 
 CONFINED = ("--ns", "", "--cwd", "/load", "--beneath")
 QUOTA = 1024  # the default capability quota of a client account (kernel/accounts.py)
@@ -354,11 +357,38 @@ def test_junk_replies_of_a_clients_own_scheme_cost_it_and_are_bounded(system):
     ratio = loaded / quiet
     print(f"\npeak fds held: router +{peaks[kernel]}, nsmgr +{peaks[nsmgr]}; another client's "
           f"open through nsmgr at {ratio:.2f}x its quiet time")
-    assert peaks[kernel] <= QUOTA + 2 * P_MAX_FDS + SLACK
-    assert peaks[nsmgr] <= 16 * P_MAX_FDS + SLACK
+    assert peaks[kernel] <= QUOTA + 2 * P.MAX_FDS + SLACK
+    assert peaks[nsmgr] <= 16 * P.MAX_FDS + SLACK
     assert ratio < 10
     wait_for(lambda: fds_of(kernel) <= before[kernel] + 2 and fds_of(nsmgr) <= before[nsmgr],
              timeout=30)
 
 
-P_MAX_FDS = 253
+
+
+def clone_serving(cap: int, serving: int) -> int:
+    """CLONE on cap, claiming to serve request `serving` (the router checks the claim)."""
+    send(cap, encode_request(P.CLONE, 7, [], serving=serving))
+    (tag, status, value), fds = receive(cap)
+    assert (tag, status) == (7, P.OK), value
+    return fds[0]
+
+
+def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(kernel):
+    """A daemon that clones a capability while serving a client's request holds the
+    clone on that client's account, not its own (nsmgr forking a client's namespace).
+    A client's own daemon serving another client cannot do that: it pays itself."""
+    _, scheme, root = create_scheme(kernel)
+    served, (theirs,) = new_account(kernel, [root])
+    daemon, (own,) = new_account(kernel, [root])  # a client that serves the scheme itself
+    send(theirs, encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()  # in flight at the scheme, whose daemon is this process
+    before = account_caps(kernel, served), account_caps(kernel, daemon)
+    clones = [clone_serving(cap, req_id) for cap in (root, own)]
+    assert account_caps(kernel, served) == before[0] + 1  # the system daemon's clone
+    assert account_caps(kernel, daemon) == before[1] + 1  # the client daemon's own
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
+    assert receive(theirs)[0][:2] == (1, P.OK)
+    for fd in (*clones, theirs, own, root):
+        os.close(fd)
+    scheme.die()
