@@ -421,22 +421,22 @@ class Router:
         """Count cap, and what it has in flight and queued, against account from now on,
         and charge its fd to payer (account by default)."""
         payer = payer or account
-        if cap.payer is not payer:
+        queued_bytes, queued_fds = cap.queued()
+        if cap.payer is not payer:  # its fd and the fds queued for it
             old_payer, cap.payer = cap.payer, payer
             old_payer.charge_caps(-1)
+            old_payer.charge_fds(-queued_fds)
             payer.charge_caps(1)
+            payer.charge_fds(queued_fds)
             self._forget_if_idle(old_payer)
         old = cap.account
         if old is account:
             return
-        queued_bytes, queued_fds = cap.queued()
         old.inflight -= cap.inflight
         old.queued_bytes -= queued_bytes
-        old.charge_fds(-queued_fds)
         old.blocked.discard(cap)
         account.inflight += cap.inflight
         account.queued_bytes += queued_bytes
-        account.charge_fds(queued_fds)
         cap.account = account
         old.wake_if_drained()
         self._forget_if_idle(old)
@@ -561,7 +561,7 @@ class Router:
         self._unwatch(cap, cap.channel.fileno())  # its fd number may be reused once closed
         cap.channel.close()
         self._drop_outbox(cap)
-        account, payer = cap.account, cap.payer
+        account, payer = cap.account, cap.payer  # (its outbox was dropped: nothing queued)
         payer.charge_caps(-1)
         account.blocked.discard(cap)
         self._forget_if_idle(account)
@@ -672,15 +672,16 @@ class Router:
                 return
             frame, fds = left
         account = cap.account
-        if fds and not account.room_for_caps(len(fds)):
-            # queued fds are router fds held for the account: past its quota the reply fails
+        if fds and not cap.payer.room_for_caps(len(fds)):
+            # queued fds are router fds held for the capability's payer (a client, for one a
+            # daemon holds for it): past its quota the reply fails
             P.close_fds(fds)
             frame, fds = Reply.of(Reply.tag_of(frame), P.ERR, errno.EMFILE).encode(), []
         if cap.outbox is None:
             cap.outbox = collections.deque()
         cap.outbox.append((frame, fds))
         account.queued_bytes += len(frame)
-        account.charge_fds(len(fds))
+        cap.payer.charge_fds(len(fds))
         if not cap.writing:
             cap.writing = True
             self._nursery.start_soon(self._write_outbox, cap)
@@ -735,11 +736,11 @@ class Router:
                 if left is not None:
                     cap.outbox[0] = left
                     cap.account.queued_bytes += len(left[0]) - len(frame)
-                    cap.account.charge_fds(len(left[1]) - len(fds))
+                    cap.payer.charge_fds(len(left[1]) - len(fds))
                     continue
                 cap.outbox.popleft()
                 cap.account.queued_bytes -= len(frame)
-                cap.account.charge_fds(-len(fds))
+                cap.payer.charge_fds(-len(fds))
                 cap.account.wake_if_drained()
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
@@ -758,7 +759,7 @@ class Router:
             frame, fds = cap.outbox.popleft()
             P.close_fds(fds)
             account.queued_bytes -= len(frame)
-            account.charge_fds(-len(fds))
+            cap.payer.charge_fds(-len(fds))
         account.wake_if_drained()
 
     def _settle(self, cap: Capability) -> None:

@@ -13,6 +13,7 @@ back when the client goes.
 
 from __future__ import annotations
 
+import errno
 import os
 import statistics
 import sys
@@ -21,6 +22,7 @@ import time
 import pytest
 
 from redoxcap.testing import wait_for
+from rt._call import call
 from test_router import account_caps, create_scheme, kernel, new_account, receive, send  # noqa: F401
 from wire import protocol as P
 from wire.frames import SchemeReply, encode_request
@@ -379,6 +381,7 @@ def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(kern
     clone on that client's account, not its own (nsmgr forking a client's namespace).
     A client's own daemon serving another client cannot do that: it pays itself."""
     _, scheme, root = create_scheme(kernel)
+    scheme.answer(SchemeReply.of(0, P.HELLO, None))  # who serves it, as a daemon says first
     served, (theirs,) = new_account(kernel, [root])
     daemon, (own,) = new_account(kernel, [root])  # a client that serves the scheme itself
     send(theirs, encode_request(P.OPENAT, 1, ["x", 0, 0]))
@@ -391,4 +394,39 @@ def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(kern
     assert receive(theirs)[0][:2] == (1, P.OK)
     for fd in (*clones, theirs, own, root):
         os.close(fd)
+    scheme.die()
+
+
+def test_replies_queued_for_a_daemon_held_capability_cost_the_client_it_is_held_for(kernel):
+    """Replies with fds that wait for a daemon to read them (its socket full) are router
+    fds too: for a capability a daemon holds for a client, the client's quota bounds them,
+    not the system's none; past it, such a reply becomes EMFILE."""
+    _, scheme, root = create_scheme(kernel)
+    scheme.answer(SchemeReply.of(0, P.HELLO, None))  # who serves it, as a daemon says first
+    served, (theirs,) = new_account(kernel, [root], max_caps=32)
+    send(theirs, encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    held = clone_serving(root, req_id)  # held by this "daemon", paid for by `served`
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
+    receive(theirs)
+    r, w = os.pipe()
+    for tag in range(40):
+        send(held, encode_request(P.READ, tag, [1]))
+    forwarded = [scheme.receive()[0] for _ in range(40)]
+    for req in forwarded:  # nobody reads `held`: its socket fills, then its outbox
+        scheme.answer(SchemeReply.of(req, P.OK, b"y" * 60_000), [r] * 4)
+    wait_for(lambda: call(kernel, P.KERNEL_STATUS)[0]["accounts"][str(served)]["held_fds"] > 0)
+    counters = call(kernel, P.KERNEL_STATUS)[0]["accounts"][str(served)]
+    assert counters["caps"] + counters["held_fds"] <= 32, counters
+    outcomes = []
+    for _ in range(40):
+        (tag, status, value), fds = receive(held)
+        outcomes.append(status if status == P.OK else value)
+        P.close_fds(fds)
+    assert P.OK in outcomes and errno.EMFILE in outcomes, outcomes
+    os.close(r)
+    P.close_fds([held, theirs, root])
+    with pytest.raises(BrokenPipeError):  # no copy of the read end is left anywhere
+        wait_for(lambda: os.write(w, b"x") and False, timeout=10)
+    os.close(w)
     scheme.die()
