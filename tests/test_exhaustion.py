@@ -15,15 +15,23 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import statistics
 import sys
 import time
 
 import pytest
+from test_router import (
+    account_caps,
+    create_scheme,
+    kernel_with_fd_limit,
+    new_account,
+    receive,
+    send,
+)
 
 from redoxcap.testing import wait_for
 from rt._call import call
-from test_router import account_caps, create_scheme, kernel, new_account, receive, send  # noqa: F401
 from wire import protocol as P
 from wire.frames import SchemeReply, encode_request
 
@@ -81,12 +89,21 @@ def latency(call, rounds: int = 40) -> float:
     return statistics.median(times)
 
 
+
+@pytest.fixture
+def lone_router():
+    """A router alone (`python -m kernel`) whose kernel capability this test holds, as
+    the supervisor would; its fd limit is this process's."""
+    with kernel_with_fd_limit(*resource.getrlimit(resource.RLIMIT_NOFILE)) as (kernel_fd, _):
+        yield kernel_fd
+
+
 def test_schemes_and_namespace_forks_a_client_makes_are_charged_to_it(system):
     """The red team's first attack: 240 rt.mkscheme and then rt.mkns(None) until refused.
     nsmgr holds a scheme's root and every entry of every fork for the client; it used
     to cost the system's account ~480 router fds a fork, without limit."""
-    kernel = router_pid(system)
-    fds_before, schemes_before = fds_of(kernel), summary(system)["schemes"]
+    router = router_pid(system)
+    fds_before, schemes_before = fds_of(router), summary(system)["schemes"]
     code = ("import errno, os, sys, rt\n"
             "channels = [rt.mkscheme(f's{i}') for i in range(240)]\n"
             "forks = []\n"
@@ -97,7 +114,7 @@ def test_schemes_and_namespace_forks_a_client_makes_are_charged_to_it(system):
             "print('ready', len(forks), flush=True)\n"
             "sys.stdin.read()\n")
     proc, (forks,) = confined(system, code)
-    held = fds_of(kernel) - fds_before
+    held = fds_of(router) - fds_before
     # a fork of 240 entries costs 241 capabilities: the quota allows a few, no more
     assert 1 <= int(forks) <= QUOTA // 240
     assert held <= QUOTA + SLACK, f"the router holds {held} fds more for one client"
@@ -107,7 +124,7 @@ def test_schemes_and_namespace_forks_a_client_makes_are_charged_to_it(system):
     # everyone else goes on: a new run, with its namespace forked from the root one
     assert system.python("import rt; print(rt.listdir('.'))", *CONFINED).returncode == 0
     proc.communicate("", timeout=60)
-    wait_for(lambda: fds_of(kernel) <= fds_before + 2, timeout=30)
+    wait_for(lambda: fds_of(router) <= fds_before + 2, timeout=30)
     wait_for(lambda: summary(system)["schemes"] == schemes_before, timeout=30)
 
 
@@ -115,7 +132,7 @@ def test_a_scheme_is_freed_with_its_last_capability(system):
     """os.close(rt.mkscheme(...)) in a loop: each scheme is gone once its name is gone
     from the namespace (its last capability), so the router does not grow; without the
     unregister, the client's quota stops it, and its end frees them all."""
-    kernel = router_pid(system)
+    router = router_pid(system)
     schemes_before = summary(system)["schemes"]
     churn = ("import errno, os, sys, rt\n"
              "def churn(n):\n"
@@ -130,13 +147,13 @@ def test_a_scheme_is_freed_with_its_last_capability(system):
              "sys.stdin.read()\n")
     proc, _ = confined(system, churn)
     wait_for(lambda: summary(system)["schemes"] <= schemes_before, timeout=30)
-    fds, rss, schemes = fds_of(kernel), rss_kib(kernel), summary(system)["schemes"]
+    fds, rss, schemes = fds_of(router), rss_kib(router), summary(system)["schemes"]
     proc.stdin.write("go\n")
     proc.stdin.flush()
     assert proc.stdout.readline() == "done\n", proc.stderr.read()
     wait_for(lambda: summary(system)["schemes"] <= schemes, timeout=30)
-    assert fds_of(kernel) <= fds + 2
-    growth = rss_kib(kernel) - rss
+    assert fds_of(router) <= fds + 2
+    growth = rss_kib(router) - rss
     assert growth < 2 * 1024, f"the router grew by {growth} KiB over 3,000 schemes made and dropped"
     proc.communicate("", timeout=60)
 
@@ -177,10 +194,10 @@ def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_rese
     """Open files are kept by the router across restarts (their host fds), so each costs
     the router more than its capability: 8 clients holding all they could once filled it.
     Each now stops at its quota, kept fds included, and another client is still served."""
-    kernel = router_pid(system)
+    router = router_pid(system)
     (system.root / "load").mkdir()
     (system.root / "load/f").write_text("data")
-    fds_before = fds_of(kernel)
+    fds_before = fds_of(router)
     victim_code = ("import sys, time, rt\n"
                    "fd = rt.open('f')\n"
                    "for line in sys.stdin:\n"
@@ -202,7 +219,7 @@ def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_rese
                 for _ in range(8)]
     try:
         counts = [int(made) for _, (made,) in hoarders]
-        held = fds_of(kernel) - fds_before
+        held = fds_of(router) - fds_before
         assert all(QUOTA // 4 <= n < QUOTA // 2 for n in counts), counts  # a handle costs 2 or 3
         assert held <= 8 * QUOTA + 9 * SLACK, f"the router holds {held} fds more"
         loaded = statistics.median(victim_round() for _ in range(5))
@@ -213,7 +230,7 @@ def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_rese
     ratio = loaded / quiet
     print(f"\nhoarders held {counts} files; another client's open+read at {ratio:.2f}x its quiet time")
     assert ratio < 10
-    wait_for(lambda: fds_of(kernel) <= fds_before + 2, timeout=30)
+    wait_for(lambda: fds_of(router) <= fds_before + 2, timeout=30)
 
 
 def victim(system, setup: str, call: str, options: tuple[str, ...] = CONFINED):
@@ -335,20 +352,20 @@ def test_junk_replies_of_a_clients_own_scheme_cost_it_and_are_bounded(system):
     """What nsmgr does on a client's behalf is bounded and charged: a client's scheme that
     answers every request nsmgr forwards to it with 253 fds makes the router and nsmgr
     hold at most what the client's quota allows, and others' opens through nsmgr go on."""
-    kernel, nsmgr = router_pid(system), system.daemon("nsmgr")["pid"]
+    router, nsmgr = router_pid(system), system.daemon("nsmgr")["pid"]
     (system.root / "load").mkdir()
     (system.root / "load/f").write_text("data")
-    before = {kernel: fds_of(kernel), nsmgr: fds_of(nsmgr)}
+    before = {router: fds_of(router), nsmgr: fds_of(nsmgr)}
     # the victim has the default namespace: its opens go through nsmgr
     proc, round_time = victim(system, "", "rt.close(rt.open('/load/f'))", options=())
     quiet = statistics.median(round_time() for _ in range(5))
     attacker, _ = confined(system, JUNK_SCHEME)
-    peaks = {kernel: 0, nsmgr: 0}
+    peaks = {router: 0, nsmgr: 0}
     try:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            for pid in peaks:
-                peaks[pid] = max(peaks[pid], fds_of(pid) - before[pid])
+            for pid, peak in peaks.items():
+                peaks[pid] = max(peak, fds_of(pid) - before[pid])
             time.sleep(0.01)
         loaded = statistics.median(round_time() for _ in range(5))
         frames = system.status()["daemons"]
@@ -357,12 +374,12 @@ def test_junk_replies_of_a_clients_own_scheme_cost_it_and_are_bounded(system):
         attacker.communicate("", timeout=60)
     proc.communicate("", timeout=60)
     ratio = loaded / quiet
-    print(f"\npeak fds held: router +{peaks[kernel]}, nsmgr +{peaks[nsmgr]}; another client's "
+    print(f"\npeak fds held: router +{peaks[router]}, nsmgr +{peaks[nsmgr]}; another client's "
           f"open through nsmgr at {ratio:.2f}x its quiet time")
-    assert peaks[kernel] <= QUOTA + 2 * P.MAX_FDS + SLACK
+    assert peaks[router] <= QUOTA + 2 * P.MAX_FDS + SLACK
     assert peaks[nsmgr] <= 16 * P.MAX_FDS + SLACK
     assert ratio < 10
-    wait_for(lambda: fds_of(kernel) <= before[kernel] + 2 and fds_of(nsmgr) <= before[nsmgr],
+    wait_for(lambda: fds_of(router) <= before[router] + 2 and fds_of(nsmgr) <= before[nsmgr],
              timeout=30)
 
 
@@ -376,20 +393,20 @@ def clone_serving(cap: int, serving: int) -> int:
     return fds[0]
 
 
-def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(kernel):
+def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(lone_router):
     """A daemon that clones a capability while serving a client's request holds the
     clone on that client's account, not its own (nsmgr forking a client's namespace).
     A client's own daemon serving another client cannot do that: it pays itself."""
-    _, scheme, root = create_scheme(kernel)
+    _, scheme, root = create_scheme(lone_router)
     scheme.answer(SchemeReply.of(0, P.HELLO, None))  # who serves it, as a daemon says first
-    served, (theirs,) = new_account(kernel, [root])
-    daemon, (own,) = new_account(kernel, [root])  # a client that serves the scheme itself
+    served, (theirs,) = new_account(lone_router, [root])
+    daemon, (own,) = new_account(lone_router, [root])  # a client that serves the scheme itself
     send(theirs, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()  # in flight at the scheme, whose daemon is this process
-    before = account_caps(kernel, served), account_caps(kernel, daemon)
+    before = account_caps(lone_router, served), account_caps(lone_router, daemon)
     clones = [clone_serving(cap, req_id) for cap in (root, own)]
-    assert account_caps(kernel, served) == before[0] + 1  # the system daemon's clone
-    assert account_caps(kernel, daemon) == before[1] + 1  # the client daemon's own
+    assert account_caps(lone_router, served) == before[0] + 1  # the system daemon's clone
+    assert account_caps(lone_router, daemon) == before[1] + 1  # the client daemon's own
     scheme.answer(SchemeReply.of(req_id, P.OK, None))
     assert receive(theirs)[0][:2] == (1, P.OK)
     for fd in (*clones, theirs, own, root):
@@ -397,13 +414,13 @@ def test_only_a_system_daemon_charges_what_it_holds_to_the_client_it_serves(kern
     scheme.die()
 
 
-def test_replies_queued_for_a_daemon_held_capability_cost_the_client_it_is_held_for(kernel):
+def test_replies_queued_for_a_daemon_held_capability_cost_the_client_it_is_held_for(lone_router):
     """Replies with fds that wait for a daemon to read them (its socket full) are router
     fds too: for a capability a daemon holds for a client, the client's quota bounds them,
     not the system's none; past it, such a reply becomes EMFILE."""
-    _, scheme, root = create_scheme(kernel)
+    _, scheme, root = create_scheme(lone_router)
     scheme.answer(SchemeReply.of(0, P.HELLO, None))  # who serves it, as a daemon says first
-    served, (theirs,) = new_account(kernel, [root], max_caps=32)
+    served, (theirs,) = new_account(lone_router, [root], max_caps=32)
     send(theirs, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
     held = clone_serving(root, req_id)  # held by this "daemon", paid for by `served`
@@ -415,8 +432,8 @@ def test_replies_queued_for_a_daemon_held_capability_cost_the_client_it_is_held_
     forwarded = [scheme.receive()[0] for _ in range(40)]
     for req in forwarded:  # nobody reads `held`: its socket fills, then its outbox
         scheme.answer(SchemeReply.of(req, P.OK, b"y" * 60_000), [r] * 4)
-    wait_for(lambda: call(kernel, P.KERNEL_STATUS)[0]["accounts"][str(served)]["held_fds"] > 0)
-    counters = call(kernel, P.KERNEL_STATUS)[0]["accounts"][str(served)]
+    wait_for(lambda: call(lone_router, P.KERNEL_STATUS)[0]["accounts"][str(served)]["held_fds"] > 0)
+    counters = call(lone_router, P.KERNEL_STATUS)[0]["accounts"][str(served)]
     assert counters["caps"] + counters["held_fds"] <= 32, counters
     outcomes = []
     for _ in range(40):

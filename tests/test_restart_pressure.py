@@ -25,11 +25,11 @@ import sys
 import time
 
 import pytest
+from test_router import FakeScheme, kernel_with_fd_limit, new_account, receive, send
 
 import rt
 from redoxcap.testing import wait_for
 from rt._call import call, call_fd
-from test_router import FakeScheme, kernel, kernel_with_fd_limit, new_account, receive, send  # noqa: F401
 from wire import protocol as P
 from wire.frames import Keep, SchemeReply, encode_request
 
@@ -56,6 +56,15 @@ def open_kept(scheme: FakeScheme, cap: int, tag: int, number: int, state_fds: li
 
 
 # -- a router alone -----------------------------------------------------------------
+
+
+
+@pytest.fixture
+def lone_router():
+    """A router alone (`python -m kernel`) whose kernel capability this test holds, as
+    the supervisor would; its fd limit is this process's."""
+    with kernel_with_fd_limit(*resource.getrlimit(resource.RLIMIT_NOFILE)) as (kernel_fd, _):
+        yield kernel_fd
 
 
 def test_client_accounts_together_leave_the_router_its_reserve():
@@ -147,13 +156,13 @@ def kernel_fds_limited():
         yield started
 
 
-def test_a_keep_that_cannot_be_stored_fails_its_request(kernel):
+def test_a_keep_that_cannot_be_stored_fails_its_request(lone_router):
     """A state change is acknowledged only once kept: state over the quota of the account
     it is kept for fails the request (EMFILE); a new handle that cannot be kept is closed;
     an existing one's older state is forgotten, so a restart fails it rather than hand
     back more than it had."""
-    scheme_id, scheme, root = keeping_scheme(kernel)
-    _, (mine,) = new_account(kernel, [root], max_caps=16)
+    scheme_id, scheme, root = keeping_scheme(lone_router)
+    _, (mine,) = new_account(lone_router, [root], max_caps=16)
     r, w = os.pipe()
     send(mine, encode_request(P.OPENAT, 1, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
@@ -169,7 +178,7 @@ def test_a_keep_that_cannot_be_stored_fails_its_request(kernel):
     scheme.answer(SchemeReply.of(req_id, P.OK, None))
     assert receive(opened) == ((3, P.ERR, errno.EMFILE), [])
     scheme.die()
-    _, (channel,) = call(kernel, P.SCHEME_RESTART, [scheme_id])
+    _, (channel,) = call(lone_router, P.SCHEME_RESTART, [scheme_id])
     reborn = FakeScheme(channel)
     assert reborn.restored.get(timeout=10)[0] == P.RESUME
     with pytest.raises(OSError) as info:
@@ -232,17 +241,17 @@ def test_a_namespace_of_1000_entries_comes_back_narrowed_after_nsmgr_restarts(cl
 def test_nsmgr_killed_while_the_router_has_no_fds_comes_back_when_it_has(system):
     """A restart that fails (the router cannot make the new daemon a channel) is tried
     again with backoff; nsmgr is not FAILED for it, and comes back once fds are free."""
-    kernel = system.daemon("kernel")["pid"]
-    hard = resource.prlimit(kernel, resource.RLIMIT_NOFILE)[1]
+    router = system.daemon("kernel")["pid"]
+    hard = resource.prlimit(router, resource.RLIMIT_NOFILE)[1]
     # Linux hands out the lowest free fd number below the limit: with 3, none is left
-    resource.prlimit(kernel, resource.RLIMIT_NOFILE, (3, hard))
+    resource.prlimit(router, resource.RLIMIT_NOFILE, (3, hard))
     try:
         old = kill(system, "nsmgr")
         wait_for(lambda: "could not restart nsmgr" in system.log(), timeout=30)
         time.sleep(1)  # a few tries more
         assert system.daemon("nsmgr")["state"] == "restarting"  # not FAILED
     finally:
-        resource.prlimit(kernel, resource.RLIMIT_NOFILE, (hard, hard))
+        resource.prlimit(router, resource.RLIMIT_NOFILE, (hard, hard))
     wait_for(lambda: system.daemon("nsmgr").get("pid") not in (None, old), timeout=30)
     assert system.daemon("nsmgr")["state"] == "running"
     assert system.python("import rt; print(rt.listdir('/'))").returncode == 0
@@ -338,16 +347,16 @@ def test_acknowledged_writes_land_in_their_own_files_across_restarts_under_press
 def test_a_restart_asked_for_while_the_router_has_no_fds_is_tried_again_until_it_works(system):
     """`redoxcap restart NAME` that fails for lack of fds says so, and the supervisor
     goes on trying: the scheme is not left FAILED, and is back once fds are free."""
-    kernel = system.daemon("kernel")["pid"]
+    router = system.daemon("kernel")["pid"]
     old = system.daemon("zero")["pid"]
-    hard = resource.prlimit(kernel, resource.RLIMIT_NOFILE)[1]
-    resource.prlimit(kernel, resource.RLIMIT_NOFILE, (3, hard))
+    hard = resource.prlimit(router, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(router, resource.RLIMIT_NOFILE, (3, hard))
     try:
         refused = system.cli("restart", "zero", check=False)
         assert refused.returncode != 0 and "Too many open files" in refused.stderr, refused.stderr
         assert system.daemon("zero")["state"] != "failed"
     finally:
-        resource.prlimit(kernel, resource.RLIMIT_NOFILE, (hard, hard))
+        resource.prlimit(router, resource.RLIMIT_NOFILE, (hard, hard))
     wait_for(lambda: system.daemon("zero").get("pid") not in (None, old), timeout=30)
     assert system.daemon("zero")["state"] == "running"
     out = system.python("import rt; fd = rt.open('/scheme/zero'); print(rt.read(fd, 2))").stdout
