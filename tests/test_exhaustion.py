@@ -89,6 +89,11 @@ def latency(call, rounds: int = 40) -> float:
     return statistics.median(times)
 
 
+# The plugin's fixtures, by the short names these tests use.
+@pytest.fixture
+def system(redoxcap_system):
+    return redoxcap_system
+
 
 @pytest.fixture
 def lone_router():

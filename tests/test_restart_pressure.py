@@ -55,8 +55,15 @@ def open_kept(scheme: FakeScheme, cap: int, tag: int, number: int, state_fds: li
     return fds[0]
 
 
-# -- a router alone -----------------------------------------------------------------
+# The plugin's fixtures, by the short names these tests use.
+@pytest.fixture
+def system(redoxcap_system):
+    return redoxcap_system
 
+
+@pytest.fixture
+def client(redoxcap_client):
+    return redoxcap_client
 
 
 @pytest.fixture
@@ -65,6 +72,9 @@ def lone_router():
     the supervisor would; its fd limit is this process's."""
     with kernel_with_fd_limit(*resource.getrlimit(resource.RLIMIT_NOFILE)) as (kernel_fd, _):
         yield kernel_fd
+
+
+# -- a router alone -----------------------------------------------------------------
 
 
 def test_client_accounts_together_leave_the_router_its_reserve():
