@@ -79,14 +79,18 @@ def until_emfile_code(make: str) -> str:
     )
 
 
-def latency(call, rounds: int = 40) -> float:
-    """The median time of call(), in seconds (for ratios only)."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def steady(measure, interval: float = 0.3, timeout: float = 30) -> int:
+    """measure() once two readings interval seconds apart agree (what the router is
+    still releasing has reached it)."""
+    last = measure()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = measure()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{measure} did not settle within {timeout}s")
 
 
 # The plugin's fixtures, by the short names these tests use.
@@ -151,8 +155,9 @@ def test_a_scheme_is_freed_with_its_last_capability(system):
              "print('done', flush=True)\n"
              "sys.stdin.read()\n")
     proc, _ = confined(system, churn)
-    wait_for(lambda: summary(system)["schemes"] <= schemes_before, timeout=30)
-    fds, rss, schemes = fds_of(router), rss_kib(router), summary(system)["schemes"]
+    schemes = steady(lambda: summary(system)["schemes"])  # the last drops reach the router
+    assert schemes < schemes_before + 8, (schemes_before, schemes)  # not 1,000 more
+    fds, rss = fds_of(router), rss_kib(router)
     proc.stdin.write("go\n")
     proc.stdin.flush()
     assert proc.stdout.readline() == "done\n", proc.stderr.read()
@@ -170,7 +175,7 @@ def test_a_scheme_is_freed_with_its_last_capability(system):
     assert QUOTA // 4 <= int(made) <= QUOTA  # a dead scheme's name still costs its root
     assert summary(system)["schemes"] <= schemes + int(made)
     proc.communicate("", timeout=60)
-    wait_for(lambda: summary(system)["schemes"] == schemes, timeout=30)
+    wait_for(lambda: summary(system)["schemes"] <= schemes_before, timeout=30)
 
 
 def test_status_and_graph_answer_whatever_the_number_of_schemes(system):
