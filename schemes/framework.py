@@ -285,6 +285,10 @@ class _Server:
         self.operations = {op.number: op for op in scheme.operations}
         # handle -> (fds, body) of a RESTORE that came in RESTORE_MORE frames so far
         self.restoring: dict[int, tuple[list[int], bytearray]] = {}
+        # held while the new state of a changed handle is taken and sent: two changes of one
+        # handle must reach the router in the order their states were taken, and the frames
+        # of one KEEP must not have another's between them
+        self._keeping = trio.Lock()
 
     async def run(self) -> None:
         # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
@@ -384,15 +388,26 @@ class _Server:
         except (P.ProtocolError, TypeError, ValueError):
             log.warning("%s: malformed RESUME ignored", self.scheme.name)
 
-    async def _send_keep(self, number: int, obj: Any, req_id: int) -> None:
+    async def _send_keep(self, number: int, obj: Any, req_id: int, changed: bool = False) -> None:
         """Hand the router the scheme's state for handle number (nothing if it keeps none),
-        in as many frames as its fds need; req_id is the request it is kept for (the router
+        in as many frames as it needs; req_id is the request it is kept for (the router
         fails that request if it cannot keep the state).
+
+        changed: an existing handle's new state (`keep_again`), which other requests on
+            it may be changing too: taken and sent under a lock, so the last one sent is
+            the last one taken. A new handle's number is its own: no lock.
 
         Raises:
             OSError: the state could not be sent (the request must fail: a restart would
                 not bring it back).
         """
+        if not changed:
+            await self._send_state(number, obj, req_id)
+            return
+        async with self._keeping:
+            await self._send_state(number, obj, req_id)
+
+    async def _send_state(self, number: int, obj: Any, req_id: int) -> None:
         state = self.scheme.keep(obj)
         if state is None:
             return
@@ -437,7 +452,7 @@ class _Server:
             result = await self._call(req, req.handle, req.op, args)
             if req.changed and req.handle in self.handles:
                 try:
-                    await self._send_keep(req.handle, self.handles[req.handle], req_id)
+                    await self._send_keep(req.handle, self.handles[req.handle], req_id, changed=True)
                 except BaseException:
                     _close_result(result)
                     raise
