@@ -92,6 +92,7 @@ MAX_KEPT_BODY = 4 * 1024 * 1024  # bytes of the state kept for one handle
 KEPT_PART = P.MAX_FRAME - 4096  # body bytes of one RESTORE(_MORE) frame: room for 253 refs
 RESTORE_TRIES = 5  # a restore short of fds tries again after 0.05, 0.1, 0.2... seconds
 RESTORE_BACKOFF = 0.05
+FDS_PER_TURN = 8  # a scheme's frame with more fds than this ends its channel's turn
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 # A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
 HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -1386,6 +1387,10 @@ class Router:
                 except Exception:
                     P.close_fds(fds)
                     log.exception("scheme %d: bad reply dropped", scheme.id)
+                if len(fds) > FDS_PER_TURN:
+                    # a frame of many fds costs a syscall or two each: others' turn now, not
+                    # after the next 15 such frames (a client's scheme may send nothing else)
+                    await trio.lowlevel.checkpoint()
         finally:
             if scheme.channel is channel:
                 self._scheme_died(scheme)

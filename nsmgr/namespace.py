@@ -29,6 +29,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
 from wire import ops
 from wire import protocol as P
@@ -89,6 +91,9 @@ class NamespaceScheme(Scheme):
 
     def __init__(self, kernel_fd: int | None = None) -> None:
         self.kernel = AsyncCapability(kernel_fd) if kernel_fd is not None else None
+        # account -> its turn at forking: a fork is a round trip per entry, so one client
+        # forking from many threads takes no more of nsmgr than one doing it from one
+        self._forking: dict[int, trio.Lock] = {}
 
     def root(self) -> Namespace:
         return Namespace()
@@ -173,19 +178,35 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "bad scheme name")
             ns.lookup(name)
         child = Namespace(perms=perms)
+        turn = self._forking.setdefault(req.account, trio.Lock())
         try:
-            for name in dict.fromkeys(names):
-                try:  # serving the request: the clone is charged to the caller's account
-                    fd = await ns.entries[name].call_fd(P.CLONE, serving=req.id)
-                except OSError as exc:
-                    if every and exc.errno == errno.EIO:
-                        continue  # a scheme that is down for good: a fork of "all" has the live ones
-                    raise
-                child.entries[name] = AsyncCapability(fd)
+            async with turn:
+                await self._clone_entries(req, ns, child, names, every)
         except BaseException:
             await self.close(child)
             raise
+        finally:
+            if not turn.locked() and not turn.statistics().tasks_waiting:
+                self._forking.pop(req.account, None)
         return Opened(child)
+
+    async def _clone_entries(self, req: Request, ns: Namespace, child: Namespace, names: list,
+                             every: bool) -> None:
+        """Clone ns's entries names into child (a name whose scheme is down for good is
+        left out of a fork of every name)."""
+        for name in dict.fromkeys(names):
+            entry = ns.entries.get(name)
+            if entry is None:  # unregistered while this fork waited for its turn
+                if every:
+                    continue
+                raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
+            try:  # serving the request: the clone is charged to the caller's account
+                fd = await entry.call_fd(P.CLONE, serving=req.id)
+            except OSError as exc:
+                if every and exc.errno == errno.EIO:
+                    continue  # a scheme that is down for good: a fork of "all" has the live ones
+                raise
+            child.entries[name] = AsyncCapability(fd)
 
     async def ns_narrow(self, req: Request, ns: Namespace, perms: int) -> None:
         if perms & ~ns.perms:
