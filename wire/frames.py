@@ -12,7 +12,8 @@ someone who is allowed to read it calls `value()`/`args()`):
     router -> scheme   SchemeRequest  <QQiIIBB  req_id, handle, pid, uid, gid, op, nrefs
                                       + nrefs x <Q (for each fd relayed with the request:
                                         its handle number if it is a capability of this
-                                        same scheme, else NO_REF)                + body
+                                        same scheme, FOREIGN_REF for another scheme's,
+                                        else NO_REF: not a capability)           + body
     scheme -> router   SchemeReply    <QB       req_id, status               + body
                                       (status NEW_HANDLE: + <QI handle, fdflags before body)
     scheme -> router   Keep           <QB       req_id, KEEP + <QI handle, nfds   + body
@@ -134,7 +135,8 @@ class SchemeRequest:
         handle: the handle the capability names.
         pid, uid, gid: the sender, as Linux told the router (SO_PASSCRED).
         op: the operation.
-        refs: for each fd relayed with it, the handle it is in this scheme, or NO_REF.
+        refs: for each fd relayed with it, the handle it is in this scheme, FOREIGN_REF
+            (a capability of another scheme) or NO_REF (not a capability).
         body: the arguments, undecoded.
         account: the router account the request is charged to (for a request a
             daemon makes for a client, the client's): schemes serve accounts in
