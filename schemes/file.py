@@ -43,6 +43,7 @@ directories from many threads holds up nobody else's requests.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import os
 import platform
@@ -200,9 +201,9 @@ class Listing:
 class FileScheme(Scheme):
     """Serves one host directory; see the module docstring."""
 
-    # local syscalls only: nothing waits for a client; listings and fsync, which can take
-    # long, go to a worker thread
-    inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC}
+    # local syscalls only: nothing waits for a client; listings, fsync, ftruncate and
+    # unlink, which can take long, go to a worker thread
+    inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC, P.FTRUNCATE, P.UNLINKAT}
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False,
@@ -388,7 +389,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         if length > OFF_MAX:
             raise SchemeError(errno.EFBIG)
-        os.ftruncate(h.fd, length)
+        await self._in_thread(req, h, os.ftruncate, h.fd, length)  # freeing blocks takes time
 
     async def statat(self, req: Request, h: FileHandle, path: str, flags: int) -> Stat:
         """Status of path relative to h, as openat(O_PATH) and fstat would answer, in one request.
@@ -408,15 +409,20 @@ class FileScheme(Scheme):
         """Flush to disk, in a worker thread: it may take long, and others need not wait."""
         await self._in_thread(req, h, os.fsync, h.fd)
 
-    async def _in_thread(self, req: Request, h: FileHandle, fn, *args):
-        """fn(*args) on h's fd in a worker thread: one at a time per client account (and
-        per handle), LISTING_THREADS at once for all, so that slow or heavy work on one
-        client's behalf never holds up the requests of the others."""
-        if h.busy is None:
-            h.busy = trio.Lock()
+    async def _in_thread(self, req: Request, h: FileHandle, fn, *args, exclusive: bool = False):
+        """fn(*args) on h's fd in a worker thread: one at a time per client account,
+        LISTING_THREADS at once for all, so that slow or heavy work on one client's behalf
+        never holds up the requests of the others. Each handle but the root (whose fd
+        lives as long as the daemon) is busy meanwhile, so that closing it waits; so is
+        any handle for exclusive work (its listing cursor)."""
+        lock = contextlib.nullcontext()
+        if exclusive or h.fd != self.root_fd:
+            if h.busy is None:
+                h.busy = trio.Lock()
+            lock = h.busy
         limiter = self._per_account.setdefault(req.account, trio.CapacityLimiter(1))
         try:
-            async with h.busy, self._threads:
+            async with lock, self._threads:
                 return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
@@ -447,7 +453,7 @@ class FileScheme(Scheme):
             _, oldest = self._listings.popitem(last=False)
             if oldest.listing is not None and not (oldest.busy and oldest.busy.locked()):
                 oldest.listing.close()  # its next page starts the directory over
-        return await self._in_thread(req, h, listing.read, h.fd, start)
+        return await self._in_thread(req, h, listing.read, h.fd, start, exclusive=True)
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
         """/scheme/NAME and the handle's path below the root, as it is now (after renames).
@@ -499,6 +505,11 @@ class FileScheme(Scheme):
         if flags & ~P.AT_REMOVEDIR:
             raise SchemeError(errno.EINVAL)
         self._writable()
+        # removing a large file frees its blocks, which takes time: in a worker thread
+        await self._in_thread(req, h, self._unlink, h, path, flags)
+
+    @staticmethod
+    def _unlink(h: FileHandle, path: str, flags: int) -> None:
         parent, name = resolve_parent(h.anchor, h.fd, path)
         try:
             if not flags & P.AT_REMOVEDIR:
