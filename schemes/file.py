@@ -32,12 +32,13 @@ never block: files are opened O_NONBLOCK, which changes nothing for regular
 files and directories and turns a FIFO that would hang the daemon into
 ENXIO/EAGAIN.
 
-Listings are the exception: a directory may hold a million names. Each open
-directory handle keeps a cursor (a host directory stream and the last page it
-served), so a page costs a page, in the directory's own order, never a fresh
-listing and sort of the whole directory; the pages are read in a worker
-thread, one at a time per client account, so a client listing huge
-directories from many threads holds up nobody else's requests.
+What can take long is the exception, and runs in a worker thread, one at a
+time per client account, so that a client doing it from many threads holds
+up nobody else's requests: listings (a directory may hold a million names;
+each open directory handle keeps a cursor, a host directory stream and the
+last page it served, so a page costs a page, in the directory's own order,
+never a fresh listing and sort of the whole directory), fsync, and freeing
+a file's blocks (unlink, ftruncate).
 """
 
 from __future__ import annotations
