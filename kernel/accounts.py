@@ -1,4 +1,4 @@
-"""Accounts: who is charged for each capability the router holds, and their limits.
+"""Accounts: who is charged for each fd the router holds, and their limits.
 
 Every capability belongs to one account. The system account (the kernel
 capability, everything minted through it, every daemon) has no quota; an
@@ -6,6 +6,14 @@ account made with ACCOUNT_NEW is a client's and has every limit below. The
 router enforces them: a capability past the quota is EMFILE; a capability
 whose account has too much in flight or queued stops being read until it
 drains, so a client that floods slows only itself.
+
+What a daemon holds because of a client is charged to that client, not to
+the daemon's system account: a capability the namespace daemon holds in a client's
+namespace, the channel of a scheme the client created, state kept for the
+client's handles. Every client account also draws on one shared `FdPool`:
+the router's fd limit less a reserve that only the system (restarts,
+restores, the supervisor) may use, so that however many clients there are,
+they cannot take the router's last fds.
 """
 
 from __future__ import annotations
@@ -54,6 +62,33 @@ class Limits:
 
 
 CLIENT_LIMITS = Limits()
+
+# Of the router's RLIMIT_NOFILE, what client accounts together may never take: for the
+# daemons' own capabilities, their channels, restores after a restart and the supervisor.
+MIN_RESERVE = 256
+RESERVE_SHARE = 4  # a quarter of the limit, at least MIN_RESERVE
+
+
+def reserve_for(fd_limit: int) -> int:
+    """The fds kept back from client accounts out of a router's fd_limit."""
+    return min(fd_limit, max(MIN_RESERVE, fd_limit // RESERVE_SHARE))
+
+
+@dataclass(eq=False)
+class FdPool:
+    """The router fds that every client account draws on together.
+
+    Attributes:
+        limit: what client accounts may hold in all (the fd limit less the reserve);
+            None for no limit.
+        used: what they hold now.
+    """
+
+    limit: int | None
+    used: int = 0
+
+    def room_for(self, n: int) -> bool:
+        return self.limit is None or self.used + n <= self.limit
 SYSTEM_LIMITS = Limits(max_caps=None, max_inflight=None,
                        max_inflight_per_cap=SYSTEM_MAX_INFLIGHT_PER_CAP, max_queued_bytes=None)
 
@@ -72,6 +107,8 @@ class Account:
     held_fds: int = 0
     # readers of this account's capabilities parked until it drains (any object with wake())
     blocked: set = field(default_factory=set)
+    # the fds every client account shares (None for the system account: it has the reserve)
+    pool: FdPool | None = None
     # the router's lock for a client account's turns: one request of the account at a time,
     # however many of its capabilities have requests waiting (made on first use)
     turn: Any = None
@@ -81,8 +118,24 @@ class Account:
         return self.limits.max_caps is None
 
     def room_for_caps(self, n: int) -> bool:
-        """Whether n more capabilities (or other fds held for it) fit under the quota."""
-        return self.limits.max_caps is None or self.caps + self.held_fds + n <= self.limits.max_caps
+        """Whether n more capabilities (or other fds held for it) fit under the quota, and
+        in the fds all client accounts share."""
+        if self.limits.max_caps is None:
+            return True
+        return (self.caps + self.held_fds + n <= self.limits.max_caps
+                and (self.pool is None or self.pool.room_for(n)))
+
+    def charge_caps(self, n: int) -> None:
+        """n more capabilities (negative: fewer) are charged to this account."""
+        self.caps += n
+        if self.pool is not None:
+            self.pool.used += n
+
+    def charge_fds(self, n: int) -> None:
+        """n more fds besides capabilities (queued, in flight, kept) are held for it."""
+        self.held_fds += n
+        if self.pool is not None:
+            self.pool.used += n
 
     @property
     def saturated(self) -> bool:

@@ -35,6 +35,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 import time
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
+from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, FdPool, Limits, reserve_for
 from wire import frames
 from wire import protocol as P
 from wire.channel import Channel
@@ -75,13 +76,24 @@ KERNEL_OPS = {
     P.TRACE: KernelOp("_op_trace"),
 }
 MAX_TRACERS = 8
-MAX_DETAIL = 32 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
+MAX_DETAIL = 16 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
+DETAIL_BUDGET = 32 * 1024  # bytes of details of all schemes in one status reply
+STATUS_SCHEMES = 128  # schemes one status reply describes at most
+STATUS_ACCOUNTS = 256  # accounts one status reply describes at most
+HOLDINGS_PAGE = 2048  # (account, scheme, handle, count) rows in one status reply
+STATUS_BUDGET = 100 * 1024  # bytes of a status reply: it must fit in one frame (MAX_FRAME)
 TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries
 KERNEL_SCHEME_ID = 0  # pseudo-scheme answering SCHEME_CREATE and friends
 SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
 RESTART_WAIT = 5.0  # seconds requests to a crashed scheme wait for its next daemon
 MAX_BACKLOG = 4096  # requests held for one scheme while it restarts
+MAX_KEPT_ITEMS = 65536  # fds and capabilities in the state kept for one handle
+MAX_KEPT_BODY = 4 * 1024 * 1024  # bytes of the state kept for one handle
+KEPT_PART = P.MAX_FRAME - 4096  # body bytes of one RESTORE(_MORE) frame: room for 253 refs
+RESTORE_TRIES = 5  # a restore short of fds tries again after 0.05, 0.1, 0.2... seconds
+RESTORE_BACKOFF = 0.05
+FDS_PER_TURN = 8  # a scheme's frame with more fds than this ends its channel's turn
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 # A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
 HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
@@ -161,20 +173,47 @@ class Scheme:
     # requests on live handles that came while the daemon was down, for its successor
     backlog: collections.deque[Held] = field(default_factory=collections.deque)
     keeps: bool = False  # may KEEP state for its handles (only schemes the supervisor made)
+    # may get a new daemon (SCHEME_RESTART: only schemes the supervisor made), so requests
+    # wait for one a while when it dies
+    restartable: bool = False
     top: int = 0  # the highest handle number the scheme's daemons have used
     attached: int = 0  # daemons it has had (1 + restarts)
     daemon: tuple[int, int, int] | None = None  # (pid, uid, gid) of its daemon, once it said HELLO
     waiting_for_restart: bool = False  # dead, and requests wait for a restart (for a while)
     restoring: bool = False  # a new daemon is being given its state: new requests wait
     died: trio.Event = field(default_factory=trio.Event)  # set when its daemon's channel ends
+    # who pays for the router's end of its channel (a client that created it; None: the system)
+    payer: Account | None = None
+    freed: bool = False  # its last capability went: it is gone for good
+    # handle -> what KEEP_MORE frames brought so far of the state to keep for it
+    partial: dict[int, PartialKeep] = field(default_factory=dict)
+    # request id -> the errno its reply becomes: its KEEP could not be stored
+    keep_failed: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class PartialKeep:
+    """The first frames (KEEP_MORE) of a state that comes in several: its fds (or the
+    handles of capabilities among them) and the first bytes of its body."""
+
+    items: list = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
 
 
 @dataclass(eq=False, slots=True)
 class Kept:
-    """A handle's state kept for its scheme: fds the router holds, and opaque bytes."""
+    """A handle's state kept for its scheme: opaque bytes and, in the order the daemon
+    sent them, fds the router holds (host files) or the handles of capabilities it sent
+    (a namespace's entries: kept as references, with no fd, and minted anew for the
+    next daemon). The fds are charged to payer."""
 
-    fds: list[int]
+    items: list[int | SchemeHandle]
     body: bytes
+    payer: Account
+
+    @property
+    def fds(self) -> list[int]:
+        return [item for item in self.items if type(item) is int]
 
 
 @dataclass(eq=False, slots=True)
@@ -199,7 +238,8 @@ class SchemeHandle:
     number: int
     generation: int
     fdflags: int = 0
-    refs: int = 0
+    refs: int = 0  # capabilities naming it, and kept states that hold it (Kept.items)
+    payer: Account | None = None  # who pays for the state kept for it (None: the system)
 
     @property
     def current(self) -> bool:
@@ -223,7 +263,11 @@ class Capability:
     # back to us. Both, or a file on another filesystem with the same inode number could pose
     # as it.
     identity: int | None
+    # whose bounds its requests count against: its holder's (a client, or the system for
+    # anything a daemon holds)
     account: Account
+    # who its fd is charged to: its holder, or the client a daemon holds it for
+    payer: Account | None = None
     inflight: int = 0  # requests forwarded to the scheme and not yet answered
     # replies (frame, fds owned by the outbox) waiting for the holder's socket to have room;
     # made on first use (an empty deque is 0.7 KiB, and most capabilities never need one)
@@ -269,6 +313,12 @@ class Router:
         self._kernel = Scheme(KERNEL_SCHEME_ID, alive=True)
         self._kernel_handle = SchemeHandle(self._kernel, P.ROOT_HANDLE, 0)
         self.system_account = Account(SYSTEM_ACCOUNT_ID, system_limits)
+        # what client accounts may hold together: the fd limit less the system's reserve
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.reserve = reserve_for(self.fd_limit)
+        self.client_pool = FdPool(self.fd_limit - self.reserve)
+        # daemon pid -> the schemes it serves (to check a claim to serve a request)
+        self._served_by: dict[int, set[Scheme]] = {}
         # every account that still holds a capability or has a request in flight
         self._accounts: dict[int, Account] = {SYSTEM_ACCOUNT_ID: self.system_account}
         self.frames = 0
@@ -298,23 +348,28 @@ class Router:
         self._supervisor_cap = self._start_capability(
             channel, self._kernel_handle, None, self.system_account)
 
-    def mint(self, handle: SchemeHandle, account: Account) -> int:
-        """Create a capability for handle, charged to account.
+    def mint(self, handle: SchemeHandle, account: Account, payer: Account | None = None,
+             force: bool = False) -> int:
+        """Create a capability for handle, held under account's bounds and charged to payer
+        (account itself by default; the client a daemon holds it for).
+
+        force: charge payer even past its quota (a restore gives back what it held).
 
         Returns:
             The holder's end; the caller owns it.
 
         Raises:
-            OSError: EMFILE if account is at its quota; whatever socketpair or fstat
+            OSError: EMFILE if payer is at its quota; whatever socketpair or fstat
                 raise when the router is out of fds or memory (EMFILE, ENFILE, ENOMEM...).
         """
-        if not account.room_for_caps(1):
+        payer = payer or account
+        if not force and not payer.room_for_caps(1):
             raise OSError(errno.EMFILE, "capability quota of the account exceeded")
         ours, theirs = self._socketpair()
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             st = os.fstat(theirs.fileno())
-            self._start_capability(Channel(ours), handle, identity(st), account)
+            self._start_capability(Channel(ours), handle, identity(st), account, payer)
         except BaseException:
             ours.close()
             theirs.close()
@@ -338,10 +393,12 @@ class Router:
         return pair
 
     def _start_capability(self, channel: Channel, handle: SchemeHandle,
-                          identity: int | None, account: Account) -> Capability:
-        cap = Capability(channel, handle, identity, account)
+                          identity: int | None, account: Account,
+                          payer: Account | None = None) -> Capability:
+        cap = Capability(channel, handle, identity, account, payer or account)
         handle.refs += 1
-        account.caps += 1
+        cap.payer.charge_caps(1)
+        self._accounts[cap.payer.id] = cap.payer  # listed again if it had gone idle
         if identity is not None:
             self._by_identity[identity] = cap
         self._nursery.start_soon(self._serve_capability, cap)
@@ -356,21 +413,26 @@ class Router:
         st = os.fstat(fd)
         return self._by_identity.get(identity(st))
 
-    def _move(self, cap: Capability, account: Account) -> None:
-        """Charge cap, and what it has in flight and queued, to account from now on."""
+    def _move(self, cap: Capability, account: Account, payer: Account | None = None) -> None:
+        """Count cap, and what it has in flight and queued, against account from now on,
+        and charge its fd to payer (account by default)."""
+        payer = payer or account
+        queued_bytes, queued_fds = cap.queued()
+        if cap.payer is not payer:  # its fd and the fds queued for it
+            old_payer, cap.payer = cap.payer, payer
+            old_payer.charge_caps(-1)
+            old_payer.charge_fds(-queued_fds)
+            payer.charge_caps(1)
+            payer.charge_fds(queued_fds)
+            self._forget_if_idle(old_payer)
         old = cap.account
         if old is account:
             return
-        queued_bytes, queued_fds = cap.queued()
-        old.caps -= 1
         old.inflight -= cap.inflight
         old.queued_bytes -= queued_bytes
-        old.held_fds -= queued_fds
         old.blocked.discard(cap)
-        account.caps += 1
         account.inflight += cap.inflight
         account.queued_bytes += queued_bytes
-        account.held_fds += queued_fds
         cap.account = account
         old.wake_if_drained()
         self._forget_if_idle(old)
@@ -378,8 +440,13 @@ class Router:
 
     def _forget_if_idle(self, account: Account) -> None:
         """Stop listing an account that holds nothing any more."""
-        if not account.caps and not account.inflight and account is not self.system_account:
+        if (not account.caps and not account.inflight and not account.held_fds
+                and account is not self.system_account):
             self._accounts.pop(account.id, None)
+
+    def _account(self, account_id: int) -> Account:
+        """The account of that id (the system's if it is gone)."""
+        return self._accounts.get(account_id, self.system_account)
 
     async def _serve_capability(self, cap: Capability) -> None:
         """Read cap's requests one at a time, within its account's bounds, until EOF."""
@@ -490,15 +557,21 @@ class Router:
         self._unwatch(cap, cap.channel.fileno())  # its fd number may be reused once closed
         cap.channel.close()
         self._drop_outbox(cap)
-        account = cap.account
-        account.caps -= 1
+        account, payer = cap.account, cap.payer  # (its outbox was dropped: nothing queued)
+        payer.charge_caps(-1)
         account.blocked.discard(cap)
         self._forget_if_idle(account)
+        if payer is not account:
+            self._forget_if_idle(payer)
         if cap is self._supervisor_cap:
             self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
         if cap.identity is not None:
             self._by_identity.pop(cap.identity, None)
-        handle = cap.handle
+        self._unref(cap.handle)
+
+    def _unref(self, handle: SchemeHandle) -> None:
+        """A capability (or a kept state) that named handle is gone. At the last one the
+        scheme closes the handle, and a scheme left without any handle is freed."""
         handle.refs -= 1
         if handle.refs:
             return
@@ -512,6 +585,8 @@ class Router:
                 self._forget_kept(scheme, handle.number)
         if was_live and handle.number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, handle.number)
+        if not scheme.handles:
+            self._free_scheme(scheme)
 
     def _close_unclaimed(self, scheme: Scheme, number: int) -> None:
         """A scheme opened handle number but no capability came of it: tell it to close it."""
@@ -523,12 +598,51 @@ class Router:
             self._forget_kept(scheme, number)
         if scheme.alive and number != P.ROOT_HANDLE:
             self._nursery.start_soon(self._send_close, scheme, number)
+        if not scheme.handles:
+            self._free_scheme(scheme)
+
+    def _free_scheme(self, scheme: Scheme) -> None:
+        """No capability names scheme any more, so no request can reach it: close its
+        channel (its daemon sees EOF) and forget it, with all it cost its creator."""
+        if scheme.freed or scheme is self._kernel:
+            return
+        scheme.freed = True
+        self._schemes.pop(scheme.id, None)
+        for number in [*scheme.kept, *scheme.provisional]:
+            self._forget_kept(scheme, number)
+        self._drop_partial_keeps(scheme)
+        self._scheme_died(scheme)
 
     def _forget_kept(self, scheme: Scheme, number: int) -> None:
         for table in (scheme.kept, scheme.provisional):
             kept = table.pop(number, None)
             if kept is not None:
-                P.close_fds(kept.fds)
+                self._drop_kept(kept)
+
+    def _drop_kept(self, kept: Kept) -> None:
+        """Give back what a kept state held: its fds, and its references to handles."""
+        items = list(kept.items)
+        kept.items.clear()
+        fds = [item for item in items if type(item) is int]
+        P.close_fds(fds)
+        kept.payer.charge_fds(-len(fds))
+        self._forget_if_idle(kept.payer)
+        for item in items:
+            if type(item) is not int:
+                self._unref(item)
+
+    def _drop_partial_keeps(self, scheme: Scheme, number: int | None = None) -> None:
+        """Forget the parts of KEEPs whose last frame never came (their fds are not charged):
+        every handle's, or number's."""
+        if number is None:
+            partial, scheme.partial = scheme.partial, {}
+        else:
+            partial = {number: scheme.partial.pop(number, None) or PartialKeep()}
+        for part in partial.values():
+            P.close_fds([item for item in part.items if type(item) is int])
+            for item in part.items:
+                if type(item) is not int:
+                    self._unref(item)
 
     async def _send_close(self, scheme: Scheme, number: int) -> None:
         frame = SchemeRequest(0, number, 0, 0, 0, P.CLOSE, (), EMPTY_ARGS).encode()
@@ -554,15 +668,16 @@ class Router:
                 return
             frame, fds = left
         account = cap.account
-        if fds and not account.room_for_caps(len(fds)):
-            # queued fds are router fds held for the account: past its quota the reply fails
+        if fds and not cap.payer.room_for_caps(len(fds)):
+            # queued fds are router fds held for the capability's payer (a client, for one a
+            # daemon holds for it): past its quota the reply fails
             P.close_fds(fds)
             frame, fds = Reply.of(Reply.tag_of(frame), P.ERR, errno.EMFILE).encode(), []
         if cap.outbox is None:
             cap.outbox = collections.deque()
         cap.outbox.append((frame, fds))
         account.queued_bytes += len(frame)
-        account.held_fds += len(fds)
+        cap.payer.charge_fds(len(fds))
         if not cap.writing:
             cap.writing = True
             self._nursery.start_soon(self._write_outbox, cap)
@@ -617,11 +732,11 @@ class Router:
                 if left is not None:
                     cap.outbox[0] = left
                     cap.account.queued_bytes += len(left[0]) - len(frame)
-                    cap.account.held_fds += len(left[1]) - len(fds)
+                    cap.payer.charge_fds(len(left[1]) - len(fds))
                     continue
                 cap.outbox.popleft()
                 cap.account.queued_bytes -= len(frame)
-                cap.account.held_fds -= len(fds)
+                cap.payer.charge_fds(-len(fds))
                 cap.account.wake_if_drained()
         except Exception:
             log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
@@ -640,7 +755,7 @@ class Router:
             frame, fds = cap.outbox.popleft()
             P.close_fds(fds)
             account.queued_bytes -= len(frame)
-            account.held_fds -= len(fds)
+            cap.payer.charge_fds(-len(fds))
         account.wake_if_drained()
 
     def _settle(self, cap: Capability) -> None:
@@ -670,7 +785,15 @@ class Router:
         op, tag = request.op, request.tag
         if op < P.FIRST_SCHEME_OP:
             try:
-                await self._kernel_op(cap, request, fds)
+                payer = None
+                if request.serving is not None:  # a daemon clones or creates for a client
+                    served = self._served_caller(request.serving, cred or (0, 0, 0))
+                    if served is None:
+                        self._reply(cap, tag, P.ERR, errno.EPERM)
+                        return
+                    if cap.account is self.system_account:  # see _answer_client
+                        payer = self._account(served[1])
+                await self._kernel_op(cap, request, fds, payer)
             finally:
                 P.close_fds(fds)
             return
@@ -707,7 +830,7 @@ class Router:
         the claim must come from the very process (pid and uid, from SO_PASSCRED) of
         the daemon the request was sent to, while it is still in flight there.
         """
-        for scheme in self._schemes.values():
+        for scheme in self._served_by.get(sender[0], ()):
             waiter = scheme.pending.get(req_id)
             if waiter is not None:
                 caller = waiter.caller()
@@ -727,7 +850,7 @@ class Router:
         scheme.backlog.append(parked)
         cap.inflight += 1  # it waits like a request at the scheme, within the same bounds
         cap.account.inflight += 1
-        cap.account.held_fds += len(parked.fds)
+        cap.account.charge_fds(len(parked.fds))
 
     async def _forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
                        body: frames.Body, fds: list[int], counted: bool = False,
@@ -744,7 +867,7 @@ class Router:
         pid, uid, gid = cred
         account = cap.account
         if counted:
-            account.held_fds -= len(fds)
+            account.charge_fds(-len(fds))
             if not handle.live:  # closed, or its scheme went down again
                 self._settle(cap)
                 P.close_fds(fds)
@@ -777,7 +900,8 @@ class Router:
             cap.inflight += 1
             cap.account.inflight += 1
         scheme.frames += 1
-        account.held_fds += len(fds)
+        if fds:
+            account.charge_fds(len(fds))
         # Counted: the account's other capabilities may go on. A scheme slow to read its
         # channel (a client's own scheme that never reads) then holds up this one only.
         self._end_turn(cap)
@@ -787,7 +911,8 @@ class Router:
             P.close_fds(fds)
             raise
         finally:
-            account.held_fds -= len(fds)
+            if fds:
+                account.charge_fds(-len(fds))
         if sent:
             P.close_fds(fds)
             return
@@ -806,8 +931,12 @@ class Router:
         for fd in fds:
             st = os.fstat(fd)
             cap = self._by_identity.get(identity(st))
-            same = cap is not None and cap.handle.scheme is scheme and cap.handle.live
-            refs.append(cap.handle.number if same else P.NO_REF)
+            if cap is None:
+                refs.append(P.NO_REF)
+            elif cap.handle.scheme is scheme and cap.handle.live:
+                refs.append(cap.handle.number)
+            else:
+                refs.append(P.FOREIGN_REF)
         return tuple(refs)
 
     async def _send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int],
@@ -835,7 +964,8 @@ class Router:
 
     # -- kernel operations ---------------------------------------------------
 
-    async def _kernel_op(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _kernel_op(self, cap: Capability, request: Request, fds: list[int],
+                         payer: Account | None = None) -> None:
         """Answer an operation of the router's own; fds stay the caller's.
 
         CLONE and GETFL work on any capability, SCHEME_CREATE on a kernel capability,
@@ -846,23 +976,26 @@ class Router:
                 or (op.supervisor_only and cap is not self._supervisor_cap)):
             self._reply(cap, request.tag, P.ERR, errno.EINVAL)
             return
-        await getattr(self, op.method)(cap, request, fds)
+        await getattr(self, op.method)(cap, request, fds, payer)
 
-    async def _op_clone(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_clone(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         if not cap.handle.live:
             self._reply(cap, request.tag, P.ERR, errno.EIO)
             return
         try:
-            fd = self.mint(cap.handle, cap.account)
+            fd = self.mint(cap.handle, cap.account, payer)
         except OSError as exc:
             self._refuse(cap, request.tag, exc)
             return
         self._reply(cap, request.tag, P.OK, None, [fd])
 
-    async def _op_getfl(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_getfl(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         self._reply(cap, request.tag, P.OK, cap.handle.fdflags)
 
-    async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_scheme_create(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         try:
             args = request.args()
             options = args[0] if args else {}
@@ -875,9 +1008,10 @@ class Router:
         # scheme served by a client (created through a clone of the kernel capability)
         # could fill the router with fds.
         keeps = bool(options.get("keeps")) and cap is self._supervisor_cap
-        self._scheme_create(cap, request.tag, keeps)
+        self._scheme_create(cap, request.tag, keeps, payer)
 
-    async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_scheme_restart(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         tag = request.tag
         try:
             (scheme_id,) = request.args()
@@ -907,10 +1041,12 @@ class Router:
             return
         self._reply(cap, tag, P.OK, scheme.id, [channel_fd])
 
-    async def _op_account_new(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_account_new(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         self._account_new(cap, request.tag, request, fds)
 
-    async def _op_trace(self, cap: Capability, request: Request, fds: list[int]) -> None:
+    async def _op_trace(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
         """A socket on which a record of every call and every reply follows (until closed).
 
         The records are msgpack maps with the raw arguments and values: the router
@@ -959,8 +1095,17 @@ class Router:
                 tracer.sock.close()
             record.pop("dropped", None)
 
-    async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int]) -> None:
-        self._reply(cap, request.tag, P.OK, await self._status())
+    async def _op_kernel_status(self, cap: Capability, request: Request, fds: list[int],
+                            payer: Account | None = None) -> None:
+        try:
+            args = request.args()
+            options = args[0] if args else {}
+            if not isinstance(options, dict):
+                raise TypeError("KERNEL_STATUS takes [options] or []")
+        except (P.ProtocolError, TypeError):
+            self._reply(cap, request.tag, P.ERR, errno.EINVAL)
+            return
+        self._reply(cap, request.tag, P.OK, await self._status(options))
 
     def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
         """Fail one request because the router could not make or take an fd."""
@@ -968,20 +1113,28 @@ class Router:
             log.info("tag %d refused: %s", tag, exc)
         self._reply(cap, tag, P.ERR, exc.errno or errno.EIO)
 
-    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False) -> None:
-        scheme = Scheme(next(self._scheme_ids), keeps=keeps)
+    def _scheme_create(self, cap: Capability, tag: int, keeps: bool = False,
+                       payer: Account | None = None) -> None:
+        """A new scheme: its channel and root capability, charged to payer (the client a
+        daemon creates it for; by default the asker's account)."""
+        payer = payer or cap.account
+        if not payer.room_for_caps(2):  # the router's end of the channel, and the root
+            self._reply(cap, tag, P.ERR, errno.EMFILE)
+            return
+        scheme = Scheme(next(self._scheme_ids), keeps=keeps, restartable=cap is self._supervisor_cap,
+                        payer=None if payer is self.system_account else payer)
         try:
             channel_fd = self._attach_channel(scheme)
         except OSError as exc:
             self._refuse(cap, tag, exc)
             return
-        root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation)
+        root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation, payer=scheme.payer)
         scheme.handles[P.ROOT_HANDLE] = root
         try:
-            root_fd = self.mint(root, cap.account)
+            root_fd = self.mint(root, cap.account, payer)
         except OSError as exc:
             os.close(channel_fd)
-            self._scheme_died(scheme)  # never registered: it just goes away
+            self._free_scheme(scheme)  # never registered: it just goes away
             self._refuse(cap, tag, exc)
             return
         self._schemes[scheme.id] = scheme
@@ -1008,7 +1161,7 @@ class Router:
         if not all(c.handle.live for c in originals):
             self._reply(cap, tag, P.ERR, errno.EIO)
             return
-        account = Account(next(self._account_ids), limits)
+        account = Account(next(self._account_ids), limits, pool=self.client_pool)
         if not account.room_for_caps(len(originals)):
             self._reply(cap, tag, P.ERR, errno.EMFILE)
             return
@@ -1032,7 +1185,8 @@ class Router:
         ours, theirs = self._socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the daemon's pid on its frames
         scheme.channel = Channel(ours)
-        scheme.daemon = None
+        (scheme.payer or self.system_account).charge_fds(1)  # our end, for as long as it is open
+        self._set_daemon(scheme, None)
         scheme.attached += 1
         restart = scheme.attached > 1
         self._next_generation(scheme)
@@ -1055,67 +1209,145 @@ class Router:
 
     async def _restore(self, scheme: Scheme, channel: Channel) -> None:
         """Give a restarted daemon the state kept for its handles, then the requests
-        that waited for it; requests that come meanwhile wait behind them."""
+        that waited for it; requests that come meanwhile wait behind them.
+
+        RESUME goes first: whatever becomes of the restores, the new daemon numbers
+        new handles above every number its predecessors used, so a new handle never
+        takes the number of one the router still maps. A handle whose state cannot be
+        handed back (the router out of fds even after a few tries) fails with EIO from
+        then on; none is ever silently another.
+        """
         try:
+            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
+            if not await self._send_to_scheme(scheme, resume.encode(), []):
+                return  # it died again
             for number, kept in list(scheme.kept.items()):
                 if scheme.channel is not channel:
                     return  # it died again
                 if scheme.kept.get(number) is not kept:
                     continue  # its last capability closed meanwhile
-                copies = [os.dup(fd) for fd in kept.fds]
                 try:
-                    restore = SchemeRequest(0, number, 0, 0, 0, P.RESTORE, (P.NO_REF,) * len(copies),
-                                            kept.body)
-                    await self._send_to_scheme(scheme, restore.encode(), copies)
-                finally:
-                    P.close_fds(copies)
-            # new handles must not take the number of one that lives on
-            resume = SchemeRequest(0, P.ROOT_HANDLE, 0, 0, 0, P.RESUME, (), P.pack([scheme.top + 1]))
-            await self._send_to_scheme(scheme, resume.encode(), [])
+                    await self._restore_one(scheme, number, kept)
+                except OSError as exc:
+                    log.warning("scheme %d: handle %d could not be restored (%s); it fails from now on",
+                                scheme.id, number, exc)
+                    self._fail_handle(scheme, number)
             while scheme.backlog and scheme.channel is channel:
                 parked = scheme.backlog.popleft()
                 await self._forward(parked.cap, parked.tag, parked.cred, parked.op, parked.body,
                                     parked.fds, counted=True, serving=parked.serving,
                                     for_account=parked.account)
-        except OSError as exc:  # out of fds for the copies: the daemon starts without them
-            log.warning("scheme %d: restoring its kept state failed: %s", scheme.id, exc)
         finally:
             if scheme.channel is channel:
                 scheme.restoring = False
 
-    async def _status(self) -> dict:
+    async def _restore_one(self, scheme: Scheme, number: int, kept: Kept) -> None:
+        """Send one handle's kept state to the scheme's new daemon (RESTORE, after as many
+        RESTORE_MORE frames as its fds need): a copy of each fd, a new capability (held
+        by the daemon, charged to the state's payer) for each handle it named.
+
+        Raises:
+            OSError: the router had no fds for the copies, after RESTORE_TRIES tries.
+        """
+        copies: list[int] = []
+        try:
+            for attempt in range(RESTORE_TRIES):
+                try:
+                    for item in kept.items[len(copies):]:
+                        if type(item) is int:
+                            copies.append(os.dup(item))
+                        else:  # given back as it was: past the payer's quota if need be
+                            copies.append(self.mint(item, self.system_account, kept.payer, force=True))
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM) or attempt + 1 == RESTORE_TRIES:
+                        raise
+                    await trio.sleep(RESTORE_BACKOFF * 2**attempt)  # fds may come free meanwhile
+                    if scheme.kept.get(number) is not kept:
+                        return
+            body = kept.body
+            parts = max(-(-len(copies) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
+            for i in range(parts):
+                chunk = copies[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
+                frame = SchemeRequest(0, number, 0, 0, 0, P.RESTORE if i == parts - 1 else P.RESTORE_MORE,
+                                      (P.NO_REF,) * len(chunk), body[i * KEPT_PART : (i + 1) * KEPT_PART])
+                if not await self._send_to_scheme(scheme, frame.encode(), chunk):
+                    return  # it died again: its successor is given the state
+        finally:
+            P.close_fds(copies)
+
+    def _fail_handle(self, scheme: Scheme, number: int) -> None:
+        """A kept handle the new daemon could not be given: forget its state, and let
+        every request on it fail (EIO) as on any handle of a dead daemon."""
+        self._forget_kept(scheme, number)
+        handle = scheme.handles.get(number)
+        if handle is not None and number != P.ROOT_HANDLE:
+            handle.generation = -1  # never current again
+
+    async def _status(self, options: dict) -> dict:
+        """KERNEL_STATUS: counters, one page at a time, so that the reply always fits in
+        a frame however many schemes, accounts and capabilities there are.
+
+        Args:
+            options: `schemes` (ids; default: the first STATUS_SCHEMES), `accounts` (ids;
+                default: the first STATUS_ACCOUNTS), `holdings_after` (the last
+                [account, scheme, handle] of the previous page; default: the first page),
+                `detail` (false: do not ask the schemes how many handles they have and
+                what they are; default true).
+
+        Returns:
+            `frames`, `summary` (totals), `schemes`, `accounts`, a page of `holdings`
+            and `holdings_next` (the cursor of the next page, or nil).
+        """
+        schemes = _pick(self._schemes, options.get("schemes"), STATUS_SCHEMES)
+        accounts = _pick(self._accounts, options.get("accounts"), STATUS_ACCOUNTS)
+        after = options.get("holdings_after")
+        after = tuple(after) if isinstance(after, list) and len(after) == 3 else None
         caps: dict[int, int] = {}
         holdings: dict[tuple[int, int, int], int] = {}  # (account, scheme, handle) -> capabilities
         for cap in self._by_identity.values():
             sid = cap.handle.scheme.id
             caps[sid] = caps.get(sid, 0) + 1
             key = (cap.account.id, sid, cap.handle.number)
-            holdings[key] = holdings.get(key, 0) + 1
-        queries = {}
-        async with trio.open_nursery() as nursery:
-            for scheme in self._schemes.values():
-                if scheme.alive:
-                    queries[scheme.id] = reply = {}
-                    nursery.start_soon(self._ask_status, scheme, reply)
-        return {
+            if after is None or key > after:
+                holdings[key] = holdings.get(key, 0) + 1
+        keys = sorted(holdings)
+        page, more = keys[:HOLDINGS_PAGE], len(keys) > HOLDINGS_PAGE
+        queries: dict[int, dict] = {}
+        if options.get("detail", True):
+            async with trio.open_nursery() as nursery:
+                for scheme in schemes:
+                    if scheme.alive:
+                        queries[scheme.id] = reply = {}
+                        nursery.start_soon(self._ask_status, scheme, reply)
+        budget = DETAIL_BUDGET
+        described = {}
+        for s in schemes:
+            detail, size = _bounded(queries.get(s.id, {}).get("detail"))
+            if size > budget:
+                detail, size = {"too large": True}, 0
+            budget -= size
+            described[str(s.id)] = {
+                "alive": s.alive, "restarts": max(s.attached - 1, 0), "kept": len(s.kept),
+                "frames": s.frames, "capabilities": caps.get(s.id, 0), "handles": len(s.handles),
+                "scheme_handles": queries.get(s.id, {}).get("handles"), "detail": detail,
+            }
+        status = {
             "frames": self.frames,
-            "schemes": {
-                str(s.id): {
-                    "alive": s.alive,
-                    "restarts": max(s.attached - 1, 0),
-                    "kept": len(s.kept),
-                    "frames": s.frames,
-                    "capabilities": caps.get(s.id, 0),
-                    "handles": len(s.handles),
-                    "scheme_handles": queries.get(s.id, {}).get("handles"),
-                    "detail": _bounded(queries.get(s.id, {}).get("detail")),
-                }
-                for s in self._schemes.values()
-            },
-            "accounts": {str(a.id): a.counters() for a in self._accounts.values()},
-            "holdings": [[account, scheme, handle, count]
-                         for (account, scheme, handle), count in sorted(holdings.items())],
+            "summary": {"schemes": len(self._schemes), "accounts": len(self._accounts),
+                        "capabilities": len(self._by_identity), "fd_limit": self.fd_limit,
+                        "reserve": self.reserve, "client_fds": self.client_pool.used,
+                        "client_fd_limit": self.client_pool.limit},
+            "schemes": described,
+            "accounts": {str(a.id): a.counters() for a in accounts},
+            "holdings": [[*key, holdings[key]] for key in page],
+            "holdings_next": list(page[-1]) if more and page else None,
         }
+        while len(P.pack(status)) > STATUS_BUDGET and len(status["holdings"]) > 1:
+            # the details made it large: a shorter page of holdings (the rest comes next)
+            status["holdings"] = status["holdings"][: len(status["holdings"]) // 2]
+            status["holdings_next"] = status["holdings"][-1][:3]
+        return status
 
     async def _ask_status(self, scheme: Scheme, into: dict) -> None:
         send, recv = trio.open_memory_channel(1)
@@ -1143,13 +1375,17 @@ class Router:
                     break
                 if not data and not fds:
                     break
-                if cred is not None and scheme.channel is channel:
-                    scheme.daemon = cred  # who serves the scheme, as Linux tells us
+                if cred is not None and cred != scheme.daemon and scheme.channel is channel:
+                    self._set_daemon(scheme, cred)  # who serves the scheme, as Linux tells us
                 try:
                     self._on_reply(scheme, data, flags, fds)  # never waits: other clients' replies follow
                 except Exception:
                     P.close_fds(fds)
                     log.exception("scheme %d: bad reply dropped", scheme.id)
+                if len(fds) > FDS_PER_TURN:
+                    # a frame of many fds costs a syscall or two each: others' turn now, not
+                    # after the next 15 such frames (a client's scheme may send nothing else)
+                    await trio.lowlevel.checkpoint()
         finally:
             if scheme.channel is channel:
                 self._scheme_died(scheme)
@@ -1162,8 +1398,8 @@ class Router:
             log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
             return
         status = SchemeReply.status_of(data)
-        if status == P.KEEP:
-            self._on_keep(scheme, data, flags, fds)
+        if status == P.KEEP or status == P.KEEP_MORE:
+            self._on_keep(scheme, req_id, status, data, flags, fds)
             return
         if status == P.HELLO:  # its sender is now known (see _serve_scheme)
             P.close_fds(fds)
@@ -1173,18 +1409,28 @@ class Router:
         except P.ProtocolError:
             reply = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
-        if waiter is None:  # abandoned (its capability closed) or never asked
+        failed = scheme.keep_failed.pop(req_id, None) if scheme.keep_failed else None
+        if waiter is None or failed is not None:  # abandoned, never asked, or not kept
             P.close_fds(fds)
             if reply is not None and reply.status == P.NEW_HANDLE:
                 self._close_unclaimed(scheme, reply.handle)  # nobody will get a capability for it
+            if waiter is not None:  # acknowledged only once kept: its state could not be
+                waiter.answered(self, scheme, SchemeReply.of(req_id, P.ERR, failed), 0, [])
             return
         waiter.answered(self, scheme, reply, flags, fds)
 
-    def _on_keep(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
-        """A daemon's state for one of its handles: hold its fds and bytes for a restart."""
+    def _on_keep(self, scheme: Scheme, req_id: int, status: int, data: bytes, flags: int,
+                 fds: list[int]) -> None:
+        """A daemon's state for one of its handles, to hold for a restart (KEEP_MORE: a
+        part of it, more frames follow). Capabilities in it are kept as references to
+        their handles (no fd); other fds are held and charged to the handle's payer.
+
+        A state that cannot be held (out of fds, over the payer's quota, malformed)
+        fails the request it was sent for (req_id): its reply becomes ERR, since it
+        would not survive a restart, and the handle's older state is forgotten, so that
+        a restart fails it rather than hand back more than it has now.
+        """
         try:
-            if flags & P.TRUNCATED:
-                raise P.ProtocolError("truncated")
             if not scheme.keeps:
                 raise P.ProtocolError("this scheme may not keep state in the router")
             keep = Keep.decode(data)
@@ -1193,16 +1439,80 @@ class Router:
         except P.ProtocolError as exc:
             P.close_fds(fds)
             log.warning("scheme %d: bad KEEP dropped: %s", scheme.id, exc)
+            if req_id:
+                scheme.keep_failed[req_id] = errno.EIO
             return
+        number = keep.handle
+        part = scheme.partial.pop(number, None) or PartialKeep()
+        items = part.items
         P.close_fds(fds[keep.nfds :])
-        self._forget_kept(scheme, keep.handle)
-        if not keep.nfds and not len(keep.body):
-            return  # forget it
-        kept = Kept(fds[: keep.nfds], bytes(keep.body))
-        if keep.handle == P.ROOT_HANDLE or keep.handle in scheme.handles:
-            scheme.kept[keep.handle] = kept
-        else:  # a new handle's state comes just before its NEW_HANDLE reply
-            scheme.provisional[keep.handle] = kept
+        state_fds = fds[: keep.nfds]
+        try:
+            if flags & P.TRUNCATED:  # Linux could not give us every fd (out of them), or too long
+                raise OSError(errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.E2BIG,
+                              "KEEP truncated")
+            self._take_kept(items, state_fds)
+            part.body += keep.body
+            if len(items) > MAX_KEPT_ITEMS or len(part.body) > MAX_KEPT_BODY:
+                raise OSError(errno.E2BIG, "state too large to keep")
+            if status == P.KEEP_MORE:
+                scheme.partial[number] = part
+                return
+            kept = Kept(items, bytes(part.body), self.system_account)
+            self.system_account.charge_fds(len(kept.fds))
+            self._store_kept(scheme, number, kept)
+        except OSError as exc:
+            P.close_fds(state_fds)  # those not taken yet (taken ones are -1)
+            scheme.partial[number] = part
+            self._drop_partial_keeps(scheme, number)
+            if number in scheme.handles:
+                self._forget_kept(scheme, number)
+            log.warning("scheme %d: state of handle %d not kept: %s", scheme.id, number, exc)
+            if req_id:
+                scheme.keep_failed[req_id] = exc.errno or errno.EIO
+
+    def _take_kept(self, items: list, fds: list[int]) -> None:
+        """Append fds to a kept state: a capability as its handle (the fd is closed), any
+        other fd as it is. Each fd taken is set to -1 in fds.
+
+        Raises:
+            OSError: fstat failed (out of memory).
+        """
+        for i, fd in enumerate(fds):
+            cap = self._capability_of(fd)
+            if cap is not None:
+                cap.handle.refs += 1
+                items.append(cap.handle)
+                os.close(fd)
+            else:
+                items.append(fd)
+            fds[i] = -1
+
+    def _store_kept(self, scheme: Scheme, number: int, kept: Kept) -> None:
+        """Hold a complete kept state for handle number (forgetting its older one).
+
+        Raises:
+            OSError: EMFILE when its fds do not fit in the quota of the handle's payer;
+                kept is then given back.
+        """
+        if not kept.items and not kept.body:
+            self._forget_kept(scheme, number)  # an empty KEEP forgets it
+            return
+        n = len(kept.fds)
+        if number == P.ROOT_HANDLE or number in scheme.handles:
+            handle = scheme.handles.get(number)
+            payer = handle.payer if handle is not None and handle.payer is not None else self.system_account
+            old = scheme.kept.get(number)
+            held = len(old.fds) if old is not None and old.payer is payer else 0
+            if n > held and not payer.room_for_caps(n - held):
+                self._drop_kept(kept)
+                raise OSError(errno.EMFILE, "quota of the handle's account exceeded")
+            self._forget_kept(scheme, number)
+            self._charge_kept(kept, payer)
+            scheme.kept[number] = kept
+        else:  # a new handle's state comes just before its NEW_HANDLE reply (see _relay)
+            self._forget_kept(scheme, number)
+            scheme.provisional[number] = kept
 
     def _answer_client(self, scheme: Scheme, waiter: ClientRequest, reply: SchemeReply | None,
                        flags: int, fds: list[int]) -> None:
@@ -1225,33 +1535,47 @@ class Router:
             log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self._reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
-        self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new)
+        # a daemon's request for a client (an open of a client's path through its
+        # namespace): what it gets is held by the daemon and charged to the client. Only a
+        # system daemon's: a client's own daemon serving another must not spend its quota.
+        payer = (None if waiter.account == cap.account.id or cap.account is not self.system_account
+                 else self._account(waiter.account))
+        self._relay(scheme, cap, tag, P.OK if new is not None else reply.status, reply.body, fds, new,
+                    payer)
 
     def _relay(self, scheme: Scheme, cap: Capability, tag: int, status: int, body: memoryview,
-               fds: list[int], new: tuple[int, int] | None) -> None:
+               fds: list[int], new: tuple[int, int] | None, payer: Account | None = None) -> None:
         """Pass a scheme's reply on to cap's holder, with its fds and any new capability.
 
-        Capabilities in the reply are charged to cap's account from now on; if they do
-        not fit in its quota, or the router cannot mint, the reply becomes ERR (EMFILE,
-        ENFILE...) and every fd it carried is closed.
+        Capabilities in the reply count against cap's account from now on, and are
+        charged to payer (by default that account too), with any state kept for a new
+        handle; if they do not fit in its quota, or the router cannot mint, the reply
+        becomes ERR (EMFILE, ENFILE...) and every fd it carried is closed.
         """
         account = cap.account
+        payer = payer or account
         try:
             passed = [self._capability_of(fd) for fd in fds]
-            moving = {id(c): c for c in passed if c is not None and c.account is not account}
-            if not account.room_for_caps(len(moving) + (new is not None)):
+            moving = {id(c): c for c in passed
+                      if c is not None and (c.account is not account or c.payer is not payer)}
+            provisional = scheme.provisional.get(new[0]) if new is not None else None
+            kept_fds = len(provisional.fds) if provisional is not None else 0
+            charged = sum(1 for c in moving.values() if c.payer is not payer) if moving else 0
+            if not payer.room_for_caps(charged + (new is not None) + kept_fds):
                 raise OSError(errno.EMFILE, "capability quota of the account exceeded")
             if new is not None:
                 number, fdflags = new
                 handle = scheme.handles.get(number)
                 if handle is None:
-                    handle = SchemeHandle(scheme, number, scheme.generation, fdflags)
+                    handle = SchemeHandle(scheme, number, scheme.generation, fdflags,
+                                          payer=None if payer is self.system_account else payer)
                     scheme.handles[number] = handle
-                fds.insert(0, self.mint(handle, account))
+                fds.insert(0, self.mint(handle, account, payer))
                 scheme.top = max(scheme.top, number)
-                provisional = scheme.provisional.pop(number, None)
                 if provisional is not None:  # its state came just before it: keep it now
+                    del scheme.provisional[number]
                     self._forget_kept(scheme, number)
+                    self._charge_kept(provisional, payer)
                     scheme.kept[number] = provisional
         except OSError as exc:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
@@ -1260,20 +1584,31 @@ class Router:
             self._refuse(cap, tag, exc)
             return
         for moved in moving.values():
-            self._move(moved, account)
+            self._move(moved, account, payer)
         self._deliver(cap, Reply(tag, status, body).encode(), fds)
+
+    def _charge_kept(self, kept: Kept, payer: Account) -> None:
+        """Charge a kept state's fds to payer from now on."""
+        n = len(kept.fds)
+        kept.payer.charge_fds(-n)
+        payer.charge_fds(n)
+        kept.payer = payer
 
     def _scheme_died(self, scheme: Scheme) -> None:
         if not scheme.alive:
             return
-        if scheme.pending:
+        if scheme.pending and not scheme.freed:
             log.warning("scheme %d: daemon gone; failing %d pending requests", scheme.id, len(scheme.pending))
         scheme.alive = False
         scheme.died.set()
         if scheme.channel is not None:
             scheme.channel.close()
             scheme.channel = None
+            (scheme.payer or self.system_account).charge_fds(-1)
+        self._set_daemon(scheme, None)
         scheme.restoring = False
+        scheme.keep_failed.clear()
+        self._drop_partial_keeps(scheme)
         for number in list(scheme.provisional):  # their requests fail: the handles never were
             self._forget_kept(scheme, number)
         self._next_generation(scheme)
@@ -1282,8 +1617,22 @@ class Router:
         pending, scheme.pending = scheme.pending, {}
         for waiter in pending.values():
             waiter.abandoned(self)
+        if scheme.freed or not scheme.restartable:
+            return  # no daemon will come: what comes for it now fails at once (EIO)
         scheme.waiting_for_restart = True
         self._nursery.start_soon(self._give_up_waiting, scheme, scheme.generation)
+
+    def _set_daemon(self, scheme: Scheme, daemon: tuple[int, int, int] | None) -> None:
+        """Note which process serves scheme now (from SO_PASSCRED; None: none)."""
+        if scheme.daemon is not None:
+            schemes = self._served_by.get(scheme.daemon[0])
+            if schemes is not None:
+                schemes.discard(scheme)
+                if not schemes:
+                    del self._served_by[scheme.daemon[0]]
+        scheme.daemon = daemon
+        if daemon is not None:
+            self._served_by.setdefault(daemon[0], set()).add(scheme)
 
     async def _give_up_waiting(self, scheme: Scheme, generation: int) -> None:
         """Requests wait RESTART_WAIT seconds for a new daemon; then EIO, as before."""
@@ -1293,21 +1642,30 @@ class Router:
         scheme.waiting_for_restart = False
         while scheme.backlog:
             parked = scheme.backlog.popleft()
-            parked.cap.account.held_fds -= len(parked.fds)
+            parked.cap.account.charge_fds(-len(parked.fds))
             P.close_fds(parked.fds)
             self._settle(parked.cap)
             self._reply(parked.cap, parked.tag, P.ERR, errno.EIO)
 
 
-def _bounded(detail: object) -> object:
+def _bounded(detail: object) -> tuple[object, int]:
     """A scheme's description of its handles, if it is small enough to pass on (a scheme
-    served by a client must not be able to make every status reply huge)."""
+    served by a client must not be able to make every status reply huge), and its size."""
     if detail is None:
-        return None
+        return None, 0
     try:
-        return detail if len(P.pack(detail)) <= MAX_DETAIL else {"too large": True}
+        size = len(P.pack(detail))
     except (TypeError, ValueError, OverflowError):
-        return None
+        return None, 0
+    return (detail, size) if size <= MAX_DETAIL else ({"too large": True}, 0)
+
+
+def _pick(table: dict, ids: object, most: int) -> list:
+    """The entries of table (keyed by id) that ids names, or the first ones by id; at
+    most `most` either way."""
+    if isinstance(ids, list):
+        return [table[i] for i in ids[:most] if type(i) is int and i in table]
+    return [table[i] for i in sorted(table)[:most]]
 
 
 async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,

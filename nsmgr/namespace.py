@@ -22,11 +22,14 @@ parent handle lacks (asking for one is an error), and listings are sorted.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import socket
 import stat
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
 from wire import ops
@@ -35,6 +38,8 @@ from wire.aio import AsyncCapability
 from wire.stat import Stat
 
 SCHEME_PREFIX = "/scheme/"
+STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)
+STATUS_NAMES = 24  # names of each it lists
 
 
 @dataclass(eq=False)
@@ -86,6 +91,9 @@ class NamespaceScheme(Scheme):
 
     def __init__(self, kernel_fd: int | None = None) -> None:
         self.kernel = AsyncCapability(kernel_fd) if kernel_fd is not None else None
+        # account -> its turn at forking: a fork is a round trip per entry, so one client
+        # forking from many threads takes no more of nsmgr than one doing it from one
+        self._forking: dict[int, trio.Lock] = {}
 
     def root(self) -> Namespace:
         return Namespace()
@@ -103,7 +111,8 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         if self.kernel is None:
             raise SchemeError(errno.ENOSYS, "this nsmgr was given no kernel capability")
-        _, fds = await self.kernel.call(P.SCHEME_CREATE)
+        # serving the request: the router charges the scheme and its root to the caller
+        _, fds = await self.kernel.call(P.SCHEME_CREATE, [], serving=req.id)
         if len(fds) != 2:
             P.close_fds(fds)
             raise SchemeError(errno.EIO, "malformed SCHEME_CREATE reply")
@@ -169,19 +178,35 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "bad scheme name")
             ns.lookup(name)
         child = Namespace(perms=perms)
+        turn = self._forking.setdefault(req.account, trio.Lock())
         try:
-            for name in dict.fromkeys(names):
-                try:
-                    fd = await ns.entries[name].call_fd(P.CLONE)
-                except OSError as exc:
-                    if every and exc.errno == errno.EIO:
-                        continue  # a scheme that is down for good: a fork of "all" has the live ones
-                    raise
-                child.entries[name] = AsyncCapability(fd)
+            async with turn:
+                await self._clone_entries(req, ns, child, names, every)
         except BaseException:
             await self.close(child)
             raise
+        finally:
+            if not turn.locked() and not turn.statistics().tasks_waiting:
+                self._forking.pop(req.account, None)
         return Opened(child)
+
+    async def _clone_entries(self, req: Request, ns: Namespace, child: Namespace, names: list,
+                             every: bool) -> None:
+        """Clone ns's entries names into child (a name whose scheme is down for good is
+        left out of a fork of every name)."""
+        for name in dict.fromkeys(names):
+            entry = ns.entries.get(name)
+            if entry is None:  # unregistered while this fork waited for its turn
+                if every:
+                    continue
+                raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
+            try:  # serving the request: the clone is charged to the caller's account
+                fd = await entry.call_fd(P.CLONE, serving=req.id)
+            except OSError as exc:
+                if every and exc.errno == errno.EIO:
+                    continue  # a scheme that is down for good: a fork of "all" has the live ones
+                raise
+            child.entries[name] = AsyncCapability(fd)
 
     async def ns_narrow(self, req: Request, ns: Namespace, perms: int) -> None:
         if perms & ~ns.perms:
@@ -199,6 +224,10 @@ class NamespaceScheme(Scheme):
         if isinstance(req.passed[0], HandleRef):
             # nsmgr would hold a reference to itself: the namespace could never close
             raise SchemeError(errno.EINVAL, "a namespace cannot be registered in a namespace")
+        if not req.is_capability(0):
+            # a socket of the caller's own would have nsmgr talk to it outside the router,
+            # where nothing bounds or charges what it sends back
+            raise SchemeError(errno.EINVAL, "register takes a capability")
         if name in ns.entries:
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         fd = req.take_fd(0)
@@ -224,9 +253,13 @@ class NamespaceScheme(Scheme):
         cap.close()
 
     def status(self, handles: dict) -> dict:
-        """Each namespace handle's names and permissions, for `status` and `graph`."""
-        return {"namespaces": {str(number): {"names": sorted(ns.entries), "perms": ns.perms}
-                               for number, ns in handles.items()}}
+        """Names and permissions of the first namespace handles, for `status` and `graph`
+        (at most STATUS_NAMESPACES of them, STATUS_NAMES names each: it stays small)."""
+        shown = itertools.islice(handles.items(), STATUS_NAMESPACES)
+        return {"namespaces": {str(number): {"names": sorted(itertools.islice(ns.entries, STATUS_NAMES)),
+                                             "perms": ns.perms}
+                               for number, ns in shown},
+                "count": len(handles)}
 
     def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
         """A namespace is its entries and permissions: the router keeps the entries'

@@ -127,8 +127,7 @@ def down_command(state_dir: Path) -> None:
 @click.pass_obj
 def status_command(state_dir: Path, as_json: bool) -> None:
     """Show schemes, processes, open capabilities, handles, frames handled and memory, per daemon."""
-    reply, _ = control.request(state_dir, "status")
-    info = reply["status"]
+    info = status.fetch(state_dir)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -327,8 +326,7 @@ def graph_command(state_dir: Path, output: Path | None) -> None:
     (Message: control op `status`.)"""
     from redoxcap import graph
 
-    reply, _ = control.request(state_dir, "status")
-    text = graph.dot(reply["status"])
+    text = graph.dot(status.fetch(state_dir))
     if output is None:
         click.echo(text, nl=False)
         return

@@ -22,7 +22,9 @@ it can become the oldest); accept errors such as EMFILE are logged
 
 Operations:
     namespace  -> a clone of the root namespace capability (fds[0])
-    status     -> {"status": {...}} as `redoxcap status --json` prints it
+    status     -> {"status": {...}}: one page of what `redoxcap status --json` prints
+                  (`clients_after`, `holdings_after`: where the last page ended, as its
+                  `clients_next` and `holdings_next` say; status.fetch joins them)
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
     shutdown   -> stops the system after answering

@@ -6,11 +6,57 @@ name, pid, scheme id, the router's counters (capabilities, handles, frames),
 restarts, state and resident memory, and per running client (a program
 `redoxcap run` started) its pid, command, namespace names, cwd and the
 capabilities it holds (its router account's).
+
+However many clients and capabilities there are, each reply is one page that
+fits in a message: `fetch` asks for the pages that follow (`clients_next`,
+`holdings_next`) and joins them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MAX_PAGES = 10_000  # a guard against a cursor that does not move on
+
+
+def fetch(state_dir: Path, timeout: float = 10.0, request: Any = None) -> dict:
+    """The whole status of the system at state_dir, from as many pages as it takes.
+
+    Args:
+        state_dir: the system's state directory.
+        timeout: seconds each page may take.
+        request: the control client's request function (control.request by default).
+
+    Raises:
+        control.ControlError: the system is not running or refused.
+    """
+    if request is None:
+        from redoxcap.control import request
+    reply, _ = request(state_dir, "status", timeout)
+    info = reply["status"]
+    for _ in range(MAX_PAGES):
+        clients_after = info.pop("clients_next", None)
+        holdings_after = info.pop("holdings_next", None)
+        if clients_after is None and holdings_after is None:
+            break
+        # the rest of the lists; the daemons were described by the first page
+        args: dict[str, Any] = {"detail": False}
+        if clients_after is not None:
+            args["clients_after"] = clients_after
+        if holdings_after is not None:
+            args["holdings_after"] = holdings_after
+        page = request(state_dir, "status", timeout, **args)[0]["status"]
+        if clients_after is not None:
+            info["clients"] += page["clients"]
+            info["clients_next"] = page.get("clients_next")
+        if holdings_after is not None:
+            info["holdings"] += page["holdings"]
+            info["holdings_next"] = page.get("holdings_next")
+    info.pop("clients_next", None)
+    info.pop("holdings_next", None)
+    return info
 
 HEADER = (f"{'DAEMON':<10} {'PID':>7} {'SCHEME':>6} {'CAPS':>5} {'HANDLES':>7} {'FRAMES':>8} "
           f"{'RESTARTS':>8} {'RSS':>7}")
@@ -23,14 +69,20 @@ def render(info: dict) -> Iterator[str]:
         info: the `status` field of the control op's reply.
 
     Yields:
-        A summary line, the file root and the mounts, the table's header and one row
-        per daemon, then one row per running client.
+        A summary line, the file root and the mounts, what the router holds (its
+        schemes, capabilities and the fds clients hold of what they may), the table's
+        header and one row per daemon, then one row per running client.
     """
     yield f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}"
     if "root" in info:
         yield f"file root {info['root']}"
     for name, mount in sorted(info.get("mounts", {}).items()):
         yield f"mount {name}: {mount['path']}" + (" (read-only)" if mount.get("read_only") else "")
+    summary = info.get("summary")
+    if summary:
+        yield (f"router: {summary['schemes']} schemes, {summary['capabilities']} capabilities; "
+               f"clients hold {summary['client_fds']} of {summary['client_fd_limit']} fds "
+               f"(reserve {summary['reserve']} of {summary['fd_limit']})")
     yield HEADER
     for d in info["daemons"]:
         rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"

@@ -13,7 +13,12 @@ process, so every namespace that holds one keeps working. A restarted nsmgr
 starts empty, so the supervisor registers every scheme in the root namespace
 again (namespaces forked before the crash are gone).
 
-A daemon that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
+A restart that fails (the router or the supervisor out of fds or memory for a
+moment, nsmgr dying again while the schemes are registered in it) is tried
+again after RETRY_FIRST seconds, then twice as long each time up to RETRY_MAX,
+for as long as it takes: pressure on the system never leaves a daemon down
+once it is gone. FAILED is only for a daemon that keeps dying on its own: one
+that dies more than MAX_RESTARTS_IN_WINDOW times in a row, each time
 within RESTART_WINDOW seconds of its start (a crash loop, however slowly the
 machine starts it), is FAILED: it is not restarted again, and its name is removed from the
 root namespace, so namespaces forked from it (every default `redoxcap run`)
@@ -43,7 +48,10 @@ log = logging.getLogger("supervisor")
 
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
+RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
+RETRY_MAX = 5.0  # the longest wait between two tries
 MAX_CLIENTS = 1024  # programs `status` remembers
+CLIENTS_PAGE_BYTES = 48 * 1024  # of clients in one status reply (each `run` says at most 4 KiB)
 STOP_GRACE = 3.0
 
 
@@ -282,11 +290,40 @@ class System:
                           "tries again)", daemon.spec.name, daemon.spec.name)
                 await self._give_up(daemon)
                 return
+            await self._respawn_until_up(daemon)
+
+    async def _respawn_until_up(self, daemon: Daemon) -> None:
+        """_respawn, tried again with backoff until it works (or the system stops): a
+        restart fails when the system is short of something for now, not because the
+        daemon is broken. The caller holds daemon.lock."""
+        delay = RETRY_FIRST
+        while not self.stopping:
             try:
                 await self._respawn(daemon)
+                return
             except (OSError, trio.TooSlowError) as exc:
-                log.error("could not restart %s: %s (FAILED)", daemon.spec.name, exc)
-                await self._give_up(daemon)
+                log.warning("could not restart %s: %s; trying again in %.1fs",
+                            daemon.spec.name, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _retry_later(self, daemon: Daemon) -> None:
+        """Go on trying, with backoff, a restart that `restart()` could not make."""
+        async with daemon.lock:
+            delay = RETRY_FIRST
+            while not self.stopping and not daemon.failed:
+                try:
+                    if (daemon is self.nsmgr or daemon.process is None
+                            or daemon.process.returncode is not None):
+                        await self._respawn(daemon)
+                    if daemon is not self.nsmgr and not daemon.registered:
+                        await self._register(daemon)
+                    return
+                except (OSError, trio.TooSlowError) as exc:
+                    log.warning("could not restart %s: %s; trying again in %.1fs",
+                                daemon.spec.name, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
 
     async def _give_up(self, daemon: Daemon) -> None:
         """Mark daemon FAILED and take its name out of the root namespace."""
@@ -298,15 +335,23 @@ class System:
                 log.error("could not unregister %s: %s", daemon.spec.name, exc)
 
     async def _respawn(self, daemon: Daemon) -> None:
-        """Start a new process for daemon's scheme, whose old process has exited."""
+        """Start a new process for daemon's scheme, whose old process has exited (none
+        if the one started by an earlier, failed try runs), and for nsmgr register every
+        live scheme in it again.
+
+        Raises:
+            OSError, trio.TooSlowError: the router refused a channel, the process could
+                not be started, or a registration failed; trying again is safe.
+        """
         assert self.kernel is not None and daemon.root is not None
-        # The router answers once it has seen the old daemon's channel end (or EBUSY if
-        # that daemon still serves it after a while): nothing to poll here.
-        _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
-        daemon.channel = fds[0]
-        assert self._nursery is not None
-        await self._start(daemon, self._nursery)
-        daemon.restarts += 1
+        if daemon.process is None or daemon.process.returncode is not None:
+            # The router answers once it has seen the old daemon's channel end (or EBUSY if
+            # that daemon still serves it after a while): nothing to poll here.
+            _, fds = await self.kernel.call(P.SCHEME_RESTART, [daemon.scheme_id])
+            daemon.channel = fds[0]
+            assert self._nursery is not None
+            await self._start(daemon, self._nursery)
+            daemon.restarts += 1
         if daemon is self.nsmgr:
             # the router kept the root namespace for the new nsmgr; register what it lacks
             for other in self.daemons:
@@ -361,7 +406,8 @@ class System:
 
         Raises:
             KeyError: no such scheme.
-            OSError: the router refused a new channel.
+            OSError: the router refused a new channel, or the daemon could not be started
+                or registered; it is tried again in the background, with backoff.
         """
         daemon = self.daemon(name)
         async with daemon.lock:
@@ -375,15 +421,35 @@ class System:
                 if daemon is not self.nsmgr and not daemon.registered:
                     await self._register(daemon)
             except (OSError, trio.TooSlowError):
-                await self._give_up(daemon)
+                # short of something for now: the caller hears of it, and it goes on trying
+                assert self._nursery is not None
+                self._nursery.start_soon(self._retry_later, daemon)
                 raise
             log.info("%s restarted on request (pid %d)", name, daemon.process.pid)
             return daemon.process.pid
 
-    async def status(self) -> dict:
-        """Per daemon: pid, scheme id, restarts and the router's counters."""
+    async def status(self, clients_after: int | None = None, holdings_after: list | None = None,
+                     detail: bool = True) -> dict:
+        """Per daemon: pid, scheme id, restarts and the router's counters; a page of the
+        running clients and one of the router's holdings, each small enough that the
+        whole answer fits in one message however many there are.
+
+        Args:
+            clients_after: the pid the previous page of clients ended with (None: from
+                the first).
+            holdings_after: the `holdings_next` of the previous page (None: the first).
+            detail: ask the daemons how many handles they have and what they are.
+
+        Returns:
+            The status, with `clients_next` and `holdings_next`: what to ask for the next
+            pages (None where nothing is left).
+        """
         assert self.kernel is not None
-        kernel, _ = await self.kernel.call(P.KERNEL_STATUS)
+        clients, clients_next = self._client_page(clients_after)
+        ids = [d.scheme_id for d in [self.nsmgr, *self.daemons]]
+        options = {"schemes": ids, "accounts": [c["account"] for c in clients if type(c.get("account")) is int],
+                   "holdings_after": holdings_after, "detail": detail}
+        kernel, _ = await self.kernel.call(P.KERNEL_STATUS, [options])
         per_scheme = kernel["schemes"]
         daemons = [{"name": "kernel", "pid": self.kernel_process.pid, "frames": kernel["frames"]}]
         for d in [self.nsmgr, *self.daemons]:
@@ -403,15 +469,33 @@ class System:
         for d in daemons:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
         accounts = kernel.get("accounts", {})
-        clients = []
+        for client in clients:
+            counters = accounts.get(str(client.get("account")), {})
+            client["capabilities"] = counters.get("caps", 0)
+            # every router fd charged to it: its capabilities, and what is held for it
+            client["router_fds"] = counters.get("caps", 0) + counters.get("held_fds", 0)
+        return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
+                "daemons": daemons, "clients": clients, "clients_next": clients_next,
+                "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),
+                "summary": kernel.get("summary", {})}
+
+    def _client_page(self, after: int | None) -> tuple[list[dict], int | None]:
+        """The running clients with a pid above after, as many as fit in CLIENTS_PAGE_BYTES,
+        and the pid to ask for the next page from (None if this is the last)."""
+        page: list[dict] = []
+        size = 0
         for pid, client in sorted(self.clients.items()):
+            if after is not None and pid <= after:
+                continue
             if not _alive(pid):
                 del self.clients[pid]  # it ended: its capabilities went with it
                 continue
-            held = accounts.get(str(client.get("account")), {}).get("caps", 0)
-            clients.append({**client, "pid": pid, "capabilities": held})
-        return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
-                "daemons": daemons, "clients": clients, "holdings": kernel.get("holdings", [])}
+            entry = {**client, "pid": pid}
+            size += len(P.pack(entry))
+            if page and size > CLIENTS_PAGE_BYTES:
+                return page, page[-1]["pid"]
+            page.append(entry)
+        return page, None
 
     def add_client(self, pid: int, info: dict) -> None:
         """Note a program `redoxcap run` started here, for `status` and `graph`."""

@@ -179,8 +179,15 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
             os.close(clone)
         return {"account": account}, fds
 
-    async def status(_request):
-        return {"status": {**await system.status(), "state_dir": str(state_dir), **(info or {})}}, []
+    async def status(request):
+        """One page of the status (`clients_after`, `holdings_after`: where the previous
+        page ended; `detail`: ask the daemons about their handles); see status.fetch."""
+        clients_after = request.get("clients_after")
+        holdings_after = request.get("holdings_after")
+        page = await system.status(clients_after if type(clients_after) is int else None,
+                                   holdings_after if isinstance(holdings_after, list) else None,
+                                   detail=request.get("detail", True) is not False)
+        return {"status": {**page, "state_dir": str(state_dir), **(info or {})}}, []
 
     async def shutdown(_request):
         stop.set()

@@ -282,7 +282,7 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
             if len(names) + len(page) > MAX_LISTING or size > MAX_LISTING_CHARS:
                 raise OSError(errno.EOVERFLOW, "directory listing too large")
             names += page
-        return names
+        return sorted(names)  # schemes list in their own order (the file scheme: the host's)
     finally:
         close(fd)
 

@@ -31,14 +31,27 @@ The daemon answers every request in place (plain local syscalls), so it must
 never block: files are opened O_NONBLOCK, which changes nothing for regular
 files and directories and turns a FIFO that would hang the daemon into
 ENXIO/EAGAIN.
+
+What can take long is the exception, and runs in a worker thread, one at a
+time per client account, so that a client doing it from many threads holds
+up nobody else's requests: listings (a directory may hold a million names;
+each open directory handle keeps a cursor, a host directory stream and the
+last page it served, so a page costs a page, in the directory's own order,
+never a fresh listing and sort of the whole directory), fsync, and freeing
+a file's blocks (unlink, ftruncate).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+
+import trio
 
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
 from schemes.resolve import Anchor, open_at, resolve_parent
@@ -58,6 +71,9 @@ UMASK = 0o022
 MODE_BITS = 0o777
 OFF_MAX = 2**63 - 1
 STATUS_PATHS = 256  # handles whose path `status` reports
+PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
+MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
+LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
 WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
 
 
@@ -113,12 +129,79 @@ class FileHandle:
     anchor_owned: bool
     fdflags: int = 0
     host_flags: int = os.O_PATH | os.O_DIRECTORY
+    listing: Listing | None = field(default=None, repr=False)  # its cursor, while it lists
+    # held while a worker thread uses fd (a listing, an fsync), so that close waits for it
+    busy: trio.Lock | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class Listing:
+    """Where a directory handle's listing is: a host directory stream positioned at
+    entry `position`, and the last page served (entries page_start onwards), so that
+    the next page, or a page that starts within the last one (a reader whose buffer
+    took only part of it), costs no more than a page.
+
+    Only a worker thread touches the stream, with its handle's `busy` lock held.
+    """
+
+    stream: object = None  # os.scandir iterator (it owns a dup of the directory fd)
+    position: int = 0
+    page_start: int = 0
+    page: list[tuple[str, int]] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def read(self, fd: int, start: int) -> list[tuple[str, int]]:
+        """The entries (name, d_type) from index start on that fit in one reply.
+
+        Runs in a worker thread. Blocking on the host (a slow disk) blocks only it.
+        """
+        if self.page_start <= start <= self.page_start + len(self.page):
+            head = self.page[start - self.page_start :]
+            resume = self.page_start + len(self.page)
+        else:
+            head, resume = [], start
+        if self.stream is None or resume < self.position:
+            self._rewind(fd)
+        while self.position < resume and self._next() is not None:
+            pass  # skipped: only a reader that seeks far (or was evicted) pays for it
+        page, size = head[:PAGE_ENTRIES], sum(len(name) + 8 for name, _ in head)
+        while len(page) < PAGE_ENTRIES and size < P.DENTS_BUDGET:
+            entry = self._next()
+            if entry is None:
+                break
+            page.append(entry)
+            size += len(entry[0]) + 8
+        self.page_start, self.page = start, page
+        return page
+
+    def _rewind(self, fd: int) -> None:
+        self.close()
+        own = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            self.stream = os.scandir(own)  # takes a dup of its own
+        finally:
+            os.close(own)
+        self.position = 0
+
+    def _next(self) -> tuple[str, int] | None:
+        """The next entry whose name can travel (see _utf8), or None at the end."""
+        for entry in self.stream:
+            if _utf8(entry.name):
+                self.position += 1
+                return entry.name, _d_type(entry)
+        return None
 
 
 class FileScheme(Scheme):
     """Serves one host directory; see the module docstring."""
 
-    inline_ops = frozenset(P.SCHEME_OPS)  # local syscalls only: nothing waits for a client
+    # local syscalls only: nothing waits for a client; listings, fsync, ftruncate and
+    # unlink, which can take long, go to a worker thread
+    inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC, P.FTRUNCATE, P.UNLINKAT}
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False,
@@ -140,6 +223,10 @@ class FileScheme(Scheme):
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
         self.handles = {}
+        # handles with an open directory cursor, least recently used first
+        self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
+        self._threads = trio.CapacityLimiter(LISTING_THREADS)
+        self._per_account: dict[int, trio.CapacityLimiter] = {}  # one listing at a time each
 
     def root(self) -> FileHandle:
         flags = os.O_RDONLY | os.O_DIRECTORY
@@ -265,6 +352,11 @@ class FileScheme(Scheme):
             raise
 
     async def close(self, h: FileHandle) -> None:
+        if h.busy is not None:
+            await h.busy.acquire()  # a worker thread may be using its fd: let it finish
+        if h.listing is not None:
+            self._listings.pop(id(h), None)
+            h.listing.close()
         if h.fd != self.root_fd:
             os.close(h.fd)
         if h.anchor_owned:
@@ -295,7 +387,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         if length > OFF_MAX:
             raise SchemeError(errno.EFBIG)
-        os.ftruncate(h.fd, length)
+        await self._in_thread(req, h, os.ftruncate, h.fd, length)  # freeing blocks takes time
 
     async def statat(self, req: Request, h: FileHandle, path: str, flags: int) -> Stat:
         """Status of path relative to h, as openat(O_PATH) and fstat would answer, in one request.
@@ -312,34 +404,54 @@ class FileScheme(Scheme):
             os.close(fd)
 
     async def fsync(self, req: Request, h: FileHandle) -> None:
-        os.fsync(h.fd)
+        """Flush to disk, in a worker thread: it may take long, and others need not wait."""
+        await self._in_thread(req, h, os.fsync, h.fd)
+
+    async def _in_thread(self, req: Request, h: FileHandle, fn, *args, exclusive: bool = False):
+        """fn(*args) on h's fd in a worker thread: one at a time per client account,
+        LISTING_THREADS at once for all, so that slow or heavy work on one client's behalf
+        never holds up the requests of the others. Each handle but the root (whose fd
+        lives as long as the daemon) is busy meanwhile, so that closing it waits; so is
+        any handle for exclusive work (its listing cursor)."""
+        lock = contextlib.nullcontext()
+        if exclusive or h.fd != self.root_fd:
+            if h.busy is None:
+                h.busy = trio.Lock()
+            lock = h.busy
+        limiter = self._per_account.setdefault(req.account, trio.CapacityLimiter(1))
+        try:
+            async with lock, self._threads:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        finally:
+            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+                self._per_account.pop(req.account, None)
 
     async def getdents(self, req: Request, h: FileHandle, start: int) -> list[str]:
+        """The names from index start on, in the directory's order, a page at a time (see
+        the module: each handle keeps a cursor)."""
+        return [name for name, _ in await self._page(req, h, start)]
+
+    async def readdir(self, req: Request, h: FileHandle, start: int) -> list[list]:
+        """getdents with each entry's type ([name, DT_*]), from the host's own d_type."""
+        return [[name, d_type] for name, d_type in await self._page(req, h, start)]
+
+    async def _page(self, req: Request, h: FileHandle, start: int) -> list[tuple[str, int]]:
         if not h.is_dir:
             raise SchemeError(errno.ENOTDIR)
         if h.fdflags & os.O_PATH:
             raise SchemeError(errno.EBADF, "an O_PATH handle cannot be read")
         if start < 0:
             raise SchemeError(errno.EINVAL)
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)
-        try:
-            return P.page_of_names(sorted(filter(_utf8, os.listdir(fd))), start)
-        finally:
-            os.close(fd)
-
-    async def readdir(self, req: Request, h: FileHandle, start: int) -> list[list]:
-        """getdents with each entry's type ([name, DT_*]), from the host's own d_type."""
-        names = await self.getdents(req, h, start)
-        if not names:
-            return []
-        wanted = set(names)
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)
-        try:
-            with os.scandir(fd) as entries:  # is_dir/is_file/is_symlink use d_type: no stat
-                types = {e.name: _d_type(e) for e in entries if e.name in wanted}
-        finally:
-            os.close(fd)
-        return [[name, types.get(name, DT_UNKNOWN)] for name in names]
+        if h.listing is None:
+            h.listing = Listing()
+        listing = h.listing
+        self._listings[id(h)] = h
+        self._listings.move_to_end(id(h))
+        while len(self._listings) > MAX_LISTINGS:  # a stream is an fd and a buffer: few at once
+            _, oldest = self._listings.popitem(last=False)
+            if oldest.listing is not None and not (oldest.busy and oldest.busy.locked()):
+                oldest.listing.close()  # its next page starts the directory over
+        return await self._in_thread(req, h, listing.read, h.fd, start, exclusive=True)
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
         """/scheme/NAME and the handle's path below the root, as it is now (after renames).
@@ -391,6 +503,11 @@ class FileScheme(Scheme):
         if flags & ~P.AT_REMOVEDIR:
             raise SchemeError(errno.EINVAL)
         self._writable()
+        # removing a large file frees its blocks, which takes time: in a worker thread
+        await self._in_thread(req, h, self._unlink, h, path, flags)
+
+    @staticmethod
+    def _unlink(h: FileHandle, path: str, flags: int) -> None:
         parent, name = resolve_parent(h.anchor, h.fd, path)
         try:
             if not flags & P.AT_REMOVEDIR:
@@ -543,5 +660,6 @@ if __name__ == "__main__":
                             help="answer O_PASSTHROUGH with handles: every read and write routed")
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
+    sys.setswitchinterval(0.001)  # a listing thread lets the requests loop run every ms
     daemon_cli("schemes.file",
                lambda a: FileScheme(a.root, a.name, a.read_only, a.keep, a.passthrough), _options)

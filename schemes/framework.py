@@ -58,6 +58,7 @@ RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Frames taken from the channel at once and served in turn per account (_waiting_requests);
 # what they hold is bounded anyway by what the channel's socket buffer held.
 MAX_BATCH = 256
+KEPT_PART = P.MAX_FRAME - 4096  # bytes of a kept state's body in one KEEP or KEEP_MORE frame
 # A root that opens things but lists nothing: a directory with search permission only.
 ROOT_STAT = Stat(st_mode=stat.S_IFDIR | 0o111, st_nlink=2)
 
@@ -109,6 +110,14 @@ class Request:
     # serve this one passes it (AsyncCapability.call(..., serving=req.id)), and those
     # schemes then see this request's caller, not this daemon.
     id: int | None = None
+    # for each passed fd, what the router said it is (wire.frames.SchemeRequest.refs)
+    refs: tuple[int, ...] = ()
+    account: int = 0  # the router account the request is for (the client's)
+
+    def is_capability(self, index: int) -> bool:
+        """Whether the index-th passed fd is a capability the router serves (of any
+        scheme), not some other fd or socket of the caller's."""
+        return 0 <= index < len(self.refs) and self.refs[index] != P.NO_REF
 
     def keep_again(self) -> None:
         """The state of this request's handle changed: before the reply goes out, the
@@ -274,6 +283,12 @@ class _Server:
         self.inflight: dict[int, set[trio.CancelScope]] = {}
         self.numbers = itertools.count(1)
         self.operations = {op.number: op for op in scheme.operations}
+        # handle -> (fds, body) of a RESTORE that came in RESTORE_MORE frames so far
+        self.restoring: dict[int, tuple[list[int], bytearray]] = {}
+        # held while the new state of a changed handle is taken and sent: two changes of one
+        # handle must reach the router in the order their states were taken, and the frames
+        # of one KEEP must not have another's between them
+        self._keeping = trio.Lock()
 
     async def run(self) -> None:
         # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
@@ -327,8 +342,14 @@ class _Server:
             elif request.op == P.CLOSE:
                 P.close_fds(fds)
                 nursery.start_soon(self._close, request.handle)
+            elif request.op == P.RESTORE_MORE:
+                part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
+                part_fds.extend(fds)
+                body += request.body
             elif request.op == P.RESTORE:
-                self._restore(request, fds)
+                part_fds, body = self.restoring.pop(request.handle, ([], bytearray()))
+                body += request.body
+                self._restore(request.handle, bytes(body), part_fds + fds)
             elif request.op == P.RESUME:
                 P.close_fds(fds)  # it carries none; any that came are ours to close
                 self._resume(request)
@@ -349,32 +370,61 @@ class _Server:
                     del queues[account]
         return order
 
-    def _restore(self, request: SchemeRequest, fds: list[int]) -> None:
-        """A handle the router kept for us while our predecessor died."""
+    def _restore(self, number: int, body: bytes, fds: list[int]) -> None:
+        """A handle the router kept for us while our predecessor died. One that cannot be
+        restored (its fds lost to a daemon out of fds) answers EBADF from now on: its
+        number is never given to another handle (RESUME came first)."""
         try:
-            self.handles[request.handle] = self.scheme.restore(request.args(), fds)
-        except Exception:
+            self.handles[number] = self.scheme.restore(P.unpack(body), fds)
+        except Exception as exc:  # noqa: BLE001 - whatever the state was, the handle is lost
             P.close_fds(fds)
-            log.exception("%s: handle %d could not be restored", self.scheme.name, request.handle)
+            log.warning("%s: handle %d could not be restored: %r", self.scheme.name, number, exc)
 
     def _resume(self, request: SchemeRequest) -> None:
-        """After the restores: number new handles above every number still in use."""
+        """Before the restores: number new handles above every number the router maps."""
         try:
             (first,) = request.args()
             self.numbers = itertools.count(max(int(first), max(self.handles) + 1))
         except (P.ProtocolError, TypeError, ValueError):
             log.warning("%s: malformed RESUME ignored", self.scheme.name)
 
-    async def _send_keep(self, number: int, obj: Any) -> None:
-        """Hand the router the scheme's state for handle number (nothing if it keeps none)."""
+    async def _send_keep(self, number: int, obj: Any, req_id: int, changed: bool = False) -> None:
+        """Hand the router the scheme's state for handle number (nothing if it keeps none),
+        in as many frames as it needs; req_id is the request it is kept for (the router
+        fails that request if it cannot keep the state).
+
+        changed: an existing handle's new state (`keep_again`), which other requests on
+            it may be changing too: taken and sent under a lock, so the last one sent is
+            the last one taken. A new handle's number is its own: no lock.
+
+        Raises:
+            OSError: the state could not be sent (the request must fail: a restart would
+                not bring it back).
+        """
+        if not changed:
+            await self._send_state(number, obj, req_id)
+            return
+        async with self._keeping:
+            await self._send_state(number, obj, req_id)
+
+    async def _send_state(self, number: int, obj: Any, req_id: int) -> None:
         state = self.scheme.keep(obj)
         if state is None:
             return
         value, fds = state
         try:
-            await self.channel.send(Keep.of(number, len(fds), value).encode(), fds)
-        except (OSError, trio.ClosedResourceError) as exc:
-            log.warning("%s: state of handle %d not kept: %s", self.scheme.name, number, exc)
+            body = P.pack(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise OSError(errno.EIO, f"state cannot be encoded: {exc}") from None
+        parts = max(-(-len(fds) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
+        try:
+            for i in range(parts):
+                part_fds = fds[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
+                keep = Keep(number, len(part_fds), body[i * KEPT_PART : (i + 1) * KEPT_PART], req_id,
+                            more=i < parts - 1)
+                await self.channel.send(keep.encode(), part_fds)
+        except trio.ClosedResourceError:
+            raise OSError(errno.EIO, "the router is gone") from None
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)
@@ -392,15 +442,20 @@ class _Server:
         try:
             if len(request.refs) != len(fds):
                 raise P.ProtocolError("fd count does not match the header")
-            passed = [fd if ref == P.NO_REF else HandleRef(ref, fd) for ref, fd in zip(request.refs, fds)]
+            passed = [fd if ref >= P.FOREIGN_REF else HandleRef(ref, fd)
+                      for ref, fd in zip(request.refs, fds)]
             req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
-                          passed, id=req_id)
+                          passed, id=req_id, refs=request.refs, account=request.account)
             fds = []  # owned by req.passed now
             args = request.args() if request.op != P.SCHEME_STATUS else []
             del request  # the arguments are decoded: a request waiting in a daemon holds no frame
             result = await self._call(req, req.handle, req.op, args)
             if req.changed and req.handle in self.handles:
-                await self._send_keep(req.handle, self.handles[req.handle])
+                try:
+                    await self._send_keep(req.handle, self.handles[req.handle], req_id, changed=True)
+                except BaseException:
+                    _close_result(result)
+                    raise
         except (SchemeError, OSError) as exc:
             await self._send(req_id, P.ERR, exc.errno or errno.EIO)
         except P.ProtocolError:
@@ -467,7 +522,13 @@ class _Server:
                     reply = SchemeReply.new_handle(req_id, number, result.fdflags, value)
                     self.handles[number] = result.obj
                     # kept before the capability exists, so no acknowledged handle is lost
-                    await self._send_keep(number, result.obj)
+                    try:
+                        await self._send_keep(number, result.obj, req_id)
+                    except OSError as exc:
+                        log.warning("%s: state of a new handle not kept: %s", self.scheme.name, exc)
+                        await self._close(number)
+                        await self._send(req_id, P.ERR, exc.errno or errno.EIO)
+                        return
                 else:
                     reply = SchemeReply.of(req_id, P.OK, value)
             except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:
@@ -493,6 +554,13 @@ class _Server:
             # The router is gone (the request loop sees EOF next) or the frame
             # cannot be sent; either way there is no one to tell.
             log.warning("%s: reply not sent: %s", self.scheme.name, exc)
+
+
+def _close_result(result: Any) -> None:
+    """Close the fds of a result that will not be sent (its handle object stays the
+    method's: an Opened that was never numbered is the scheme's to forget)."""
+    if isinstance(result, Reply):
+        P.close_fds(result.fds)
 
 
 async def serve(scheme: Scheme, channel_fd: int) -> None:

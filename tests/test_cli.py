@@ -144,8 +144,13 @@ def test_max_caps_bounds_what_a_run_may_hold(redoxcap_module_system):
             "        fds.append(rt.open('/scheme/zero'))\n"
             "except OSError as e:\n"
             "    print(len(fds), errno.errorcode[e.errno])\n")
-    capped = redoxcap_module_system.python(code, "--max-caps", "16")
-    count, err = capped.stdout.split()
-    assert err == "EMFILE" and 8 <= int(count) < 16  # its namespace and cwd count too
+    counts = []
+    for quota in (32, 64):
+        count, err = redoxcap_module_system.python(code, "--max-caps", str(quota)).stdout.split()
+        assert err == "EMFILE"
+        counts.append(int(count))
+    # the run's namespace (and each entry nsmgr holds in it for the run) and its cwd count
+    # too: a few capabilities fewer than the quota, and every one more of quota is one more
+    assert 0 < counts[0] < 32 - 8 and counts[1] - counts[0] == 32, counts
     too_few = redoxcap_module_system.python("pass", "--max-caps", "15", check=False)
     assert too_few.returncode == 2 and "16<=x" in too_few.stderr

@@ -147,9 +147,9 @@ def test_readdir_gives_each_entry_with_its_type(ro_client):
     fd = rt.open("/typed", os.O_DIRECTORY)
     try:
         entries = call_value(fd, P.READDIR, [0], kind=list)
-        assert entries == [["fifo", 0], ["file", 8], ["link", 10], ["sub", 4]]
-        assert call_value(fd, P.READDIR, [3], kind=list) == [["sub", 4]]
+        assert sorted(entries) == [["fifo", 0], ["file", 8], ["link", 10], ["sub", 4]]
+        assert call_value(fd, P.READDIR, [3], kind=list) == entries[3:]  # the same order again
         assert call_value(fd, P.READDIR, [4], kind=list) == []
-        assert [name for name, _ in entries] == rt.listdir("/typed")
+        assert sorted(name for name, _ in entries) == rt.listdir("/typed")
     finally:
         rt.close(fd)

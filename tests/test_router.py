@@ -143,12 +143,17 @@ def test_a_new_handle_becomes_a_capability_and_its_last_close_reaches_the_scheme
 
 
 def test_a_passed_capability_of_the_same_scheme_is_named_by_its_handle(kernel):
+    """...and one of another scheme is marked as a capability, anything else as none
+    (nsmgr registers only capabilities: it never talks to a client's own socket)."""
     _, scheme, root = create_scheme(kernel)
     _, other, other_root = create_scheme(kernel)  # alive while this test runs
-    send(root, encode_request(P.RENAMEAT, 3, ["a", "b"]), [root, other_root])
+    mine, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    send(root, encode_request(P.RENAMEAT, 3, ["a", "b"]), [root, other_root, mine.fileno()])
+    mine.close()
+    _theirs.close()
     req_id, _, _, op, (args, refs), fds = scheme.receive()
     assert (op, args) == (P.RENAMEAT, ["a", "b"])
-    assert refs == [P.ROOT_HANDLE, P.NO_REF] and len(fds) == 2
+    assert refs == [P.ROOT_HANDLE, P.FOREIGN_REF, P.NO_REF] and len(fds) == 3
     assert other.sock.fileno() >= 0
     for fd in fds:
         os.close(fd)

@@ -12,13 +12,17 @@ someone who is allowed to read it calls `value()`/`args()`):
     router -> scheme   SchemeRequest  <QQiIIBB  req_id, handle, pid, uid, gid, op, nrefs
                                       + nrefs x <Q (for each fd relayed with the request:
                                         its handle number if it is a capability of this
-                                        same scheme, else NO_REF)                + body
+                                        same scheme, FOREIGN_REF for another scheme's,
+                                        else NO_REF: not a capability)           + body
     scheme -> router   SchemeReply    <QB       req_id, status               + body
                                       (status NEW_HANDLE: + <QI handle, fdflags before body)
-    scheme -> router   Keep           <QB       0, KEEP + <QI handle, nfds   + body
+    scheme -> router   Keep           <QB       req_id, KEEP + <QI handle, nfds   + body
                                       (the state to keep for handle across a restart of the
                                       daemon: the first nfds fds and the body; nfds 0 and an
-                                      empty body forget it)
+                                      empty body forget it; req_id the request that changed
+                                      it, whose reply fails if it cannot be kept. Status
+                                      KEEP_MORE: the first fds and body bytes of a state
+                                      too large for one frame; more frames follow)
 
 All integers are little-endian. Capabilities travel as fds in SCM_RIGHTS
 ancillary data next to the frame, never inside it.
@@ -30,7 +34,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from wire.protocol import KEEP, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+from wire.protocol import KEEP, KEEP_MORE, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")
@@ -131,7 +135,8 @@ class SchemeRequest:
         handle: the handle the capability names.
         pid, uid, gid: the sender, as Linux told the router (SO_PASSCRED).
         op: the operation.
-        refs: for each fd relayed with it, the handle it is in this scheme, or NO_REF.
+        refs: for each fd relayed with it, the handle it is in this scheme, FOREIGN_REF
+            (a capability of another scheme) or NO_REF (not a capability).
         body: the arguments, undecoded.
         account: the router account the request is charged to (for a request a
             daemon makes for a client, the client's): schemes serve accounts in
@@ -222,31 +227,42 @@ class Keep:
     """A scheme's state for one of its handles, for the router to keep while the handle
     lives and hand back (RESTORE) to the scheme's next daemon after a crash.
 
+    A state with more fds than one message carries (MAX_FDS), or a body larger than a
+    frame, goes as KEEP_MORE frames (`more=True`) and a last KEEP frame: the fds and the
+    body bytes of all of them, in order, are the state.
+
     Attributes:
         handle: the handle number.
         nfds: how many of the fds sent with the frame are the state (host fds...).
         body: the rest of the state, opaque to the router; empty with nfds 0: forget it.
+        req_id: the request whose handling changed the state (0: none); if the router
+            cannot keep it, that request's reply becomes ERR.
+        more: a KEEP_MORE frame (its fds begin the state; the last frame is a KEEP).
     """
 
     handle: int
     nfds: int
     body: Body
+    req_id: int = 0
+    more: bool = False
 
     @classmethod
-    def of(cls, handle: int, nfds: int, value: Any) -> Keep:
-        return cls(handle, nfds, pack(value))
+    def of(cls, handle: int, nfds: int, value: Any, req_id: int = 0) -> Keep:
+        return cls(handle, nfds, pack(value), req_id)
 
     @classmethod
     def decode(cls, data: bytes) -> Keep:
-        """From a frame whose SREPLY header says KEEP."""
+        """From a frame whose SREPLY header says KEEP or KEEP_MORE."""
         start = SREPLY.size
         if len(data) < start + KEEP_HDR.size:
             raise ProtocolError("short KEEP frame")
+        req_id, status = SREPLY.unpack_from(data)
         handle, nfds = KEEP_HDR.unpack_from(data, start)
-        return cls(handle, nfds, memoryview(data)[start + KEEP_HDR.size :])
+        return cls(handle, nfds, memoryview(data)[start + KEEP_HDR.size :], req_id, status == KEEP_MORE)
 
     def encode(self) -> bytes:
-        return SREPLY.pack(0, KEEP) + KEEP_HDR.pack(self.handle, self.nfds) + bytes(self.body)
+        return (SREPLY.pack(self.req_id, KEEP_MORE if self.more else KEEP)
+                + KEEP_HDR.pack(self.handle, self.nfds) + bytes(self.body))
 
     def value(self) -> Any:
         return unpack(self.body)

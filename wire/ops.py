@@ -154,10 +154,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(FSYNC, "fsync", (), "nil", "EINVAL",
               "Flush the handle's data to stable storage.", default=errno.EINVAL),
     Operation(GETDENTS, "getdents", (_a("start", _INT),),
-              "the sorted names from index start on, as many as fit in ~64 KiB; `[]` past the end",
+              "the names from index start on, in the scheme's order, as many as fit in ~64 KiB; "
+              "`[]` past the end",
               "ENOTDIR",
-              "The names in a directory handle, sorted, without . and .., from index start on, "
-              "as many as fit in one reply (wire.protocol.page_of_names).",
+              "The names in a directory handle, without . and .., from index start on, in an "
+              "order that stays the same while the handle lists (the file scheme: the host "
+              "directory's; others: sorted), as many as fit in one reply.",
               default=errno.ENOTDIR, wrong_handle=errno.ENOTDIR),
     Operation(FPATH, "fpath", (), "`/scheme/NAME/...`", "", "The handle's path as /scheme/NAME/..."),
     Operation(MKDIRAT, "mkdirat", (_a("path", _STR), _a("mode", _INT)), "nil", "EEXIST ENOENT",

@@ -59,7 +59,8 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
 
 # -- frames ---------------------------------------------------------------------
 
-NO_REF = 0xFFFF_FFFF_FFFF_FFFF  # in an SREQUEST ref slot: "not one of your capabilities"
+NO_REF = 0xFFFF_FFFF_FFFF_FFFF  # in an SREQUEST ref slot: "not a capability at all"
+FOREIGN_REF = 0xFFFF_FFFF_FFFF_FFFE  # in an SREQUEST ref slot: "a capability of another scheme"
 ROOT_HANDLE = 0  # every scheme's handle 0 is its root; it survives scheme restarts
 
 # -- reply statuses ------------------------------------------------------------
@@ -69,10 +70,12 @@ ERR = 1
 NEW_HANDLE = 2  # scheme -> router only: mint a capability for this handle
 KEEP = 3  # scheme -> router only, not a reply: keep this state of a handle across a restart
 HELLO = 4  # scheme -> router only, first frame of a daemon: who serves the scheme (SO_PASSCRED)
+KEEP_MORE = 5  # scheme -> router only: fds of a KEEP that needs more than one frame; KEEP ends it
 
 # -- operations ----------------------------------------------------------------
 # 1..15 are answered by the router itself; 16.. are forwarded to the scheme.
 
+RESTORE_MORE = 6  # router -> scheme: fds of a RESTORE that needs more than one frame (internal)
 CLONE = 1  # any capability: a new socket for the same handle (shared offset)
 GETFL = 2  # any capability: the fd flags the scheme gave the handle
 SCHEME_CREATE = 8  # kernel capability: a new anonymous scheme

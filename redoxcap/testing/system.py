@@ -138,14 +138,18 @@ class System:
             AssertionError: the system is not running or did not answer.
         """
         from redoxcap import control
+        from redoxcap.status import fetch
+
+        def request(state_dir: Path, op: str, timeout: float, **args: Any) -> tuple[dict, list[int]]:
+            reply, fds = control.request(state_dir, op, timeout, **args)
+            for fd in fds:
+                os.close(fd)
+            return reply, []
 
         try:
-            reply, fds = control.request(self.state_dir, "status")
+            info = fetch(self.state_dir, request=request)
         except control.ControlError as exc:
             raise AssertionError(f"status: {exc}") from None
-        for fd in fds:
-            os.close(fd)
-        info = reply["status"]
         self.started.update([info["supervisor"], *(d["pid"] for d in info["daemons"] if d.get("pid"))])
         silent = [d["name"] for d in info["daemons"]
                   if "scheme_handles" in d and d["scheme_handles"] is None and d.get("pid")]
