@@ -154,6 +154,17 @@ class Twins:
         return ours != linux
 
 
+def linux_openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """Linux's openat2, the oracle: EAGAIN means a rename ran somewhere on the machine
+    meanwhile (openat2(2): retry), not an answer about this tree."""
+    for _ in range(1000):
+        try:
+            return R.openat2(dirfd, path, flags, mode, resolve)
+        except BlockingIOError:
+            continue
+    return R.openat2(dirfd, path, flags, mode, resolve)
+
+
 def _dirfd(path: Path) -> int:
     return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -186,7 +197,8 @@ def test_open_at_matches_linux_openat2(tmp_path, fast, beneath, start, flags):
         try:
             anchor = Anchor.of(anchor_fd, beneath=beneath)
             ours = outcome(partial(open_at, anchor, start_fd, path, flags, 0o640), twins.ours)
-            linux = outcome(partial(R.openat2, linux_fd, linux_path, flags | os.O_CLOEXEC, 0o640, resolve),
+            linux = outcome(partial(linux_openat2, linux_fd, linux_path, flags | os.O_CLOEXEC, 0o640,
+                                    resolve),
                             twins.linux)
         finally:
             for fd in {anchor_fd, linux_fd, start_fd}:
@@ -320,8 +332,8 @@ def _linux_beneath(box: Path, op: str, path: str) -> str:
     if head:
         fd = _dirfd(box)
         try:
-            os.close(R.openat2(fd, head, os.O_PATH | os.O_DIRECTORY, 0,
-                               R.RESOLVE_BENEATH | R.RESOLVE_NO_MAGICLINKS))
+            os.close(linux_openat2(fd, head, os.O_PATH | os.O_DIRECTORY, 0,
+                                   R.RESOLVE_BENEATH | R.RESOLVE_NO_MAGICLINKS))
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 return "EXDEV"

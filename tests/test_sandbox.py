@@ -29,13 +29,14 @@ import time
 import tty
 
 import pytest
+from test_resolve import linux_openat2
 
 import rt
 from redoxcap import control
 from redoxcap.testing import REDOXCAP
 from wire import frames as F
 from wire import protocol as P
-from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 
 
 def build_tree(root) -> None:
@@ -91,7 +92,8 @@ def outcome(open_fn, fstat_fn, close_fn):
 
 
 def outcome_linux(dirfd: int, path: str, flags: int, resolve: int):
-    return outcome(lambda: openat2(dirfd, path, flags | os.O_CLOEXEC, 0, resolve | RESOLVE_NO_MAGICLINKS),
+    return outcome(lambda: linux_openat2(dirfd, path, flags | os.O_CLOEXEC, 0,
+                                         resolve | RESOLVE_NO_MAGICLINKS),
                    os.fstat, os.close)
 
 
