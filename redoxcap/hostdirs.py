@@ -6,7 +6,7 @@ ends), registered in the program's namespace under a name of its own
 (`dir`, `dir1`, ...; the private /tmp in a fork of it that goes at once, so
 that only the broker holds it). The program sees each at its own absolute
 host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
-its capability (redoxcap/broker/handlers.py).
+its capability (redoxcap/broker/calls/locate.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import rt
 from redoxcap import PYTHON
 from redoxcap.exits import EXIT_USAGE, Failure
 from rt import _process
-from rt._call import call_fd
 from wire import protocol as P
+from wire.call import call_fd
 
 
 @dataclass(frozen=True)

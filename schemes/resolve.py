@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from wire.linux import (
     MAXSYMLINKS,
+    O_TMPFILE_BIT,
     PATH_MAX,
     RESOLVE_BENEATH,
     RESOLVE_IN_ROOT,
@@ -63,7 +64,6 @@ MAX_CLIMB = 4096  # directories between a start directory and its anchor
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_ALLOWED = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
 
 _have_openat2 = machine() is not None  # until the kernel says ENOSYS
 
@@ -114,7 +114,7 @@ def _check_flags(flags: int, mode: int) -> int:
         raise OSError(errno.EINVAL, "O_PATH takes only O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC")
     if flags & os.O_CREAT and flags & os.O_DIRECTORY:
         raise OSError(errno.EINVAL, "O_CREAT with O_DIRECTORY")
-    if flags & _O_TMPFILE_BIT:
+    if flags & O_TMPFILE_BIT:
         raise OSError(errno.EINVAL, "O_TMPFILE is not served")
     if flags & os.O_CREAT and mode & ~0o7777:
         raise OSError(errno.EINVAL, "mode bits beyond 0o7777")

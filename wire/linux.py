@@ -195,6 +195,9 @@ O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 
 # linux/limits.h and fs/namei.c
 PATH_MAX = 4096  # bytes of a path, with the terminating NUL
+O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2  # utimensat's timespec tv_nsec
+ID_UNCHANGED = 0xFFFF_FFFF  # uid_t/gid_t -1: chown leaves it
 MAXSYMLINKS = 40  # symlinks followed in one lookup
 
 # dirent.h: d_type; linux/stat.h: the statx mask of what struct stat holds

@@ -1,7 +1,14 @@
-"""One synchronous request on a capability fd: the syscall of the runtime.
+"""One synchronous request on a capability fd: the syscall of rt and of the broker.
+
+rt (the client runtime) and the broker (redoxcap/broker/, which acts for
+unmodified programs) reach capabilities only through this module: `call`
+and its two shapes (`call_value`, `call_fd`), `forget` when an fd is
+closed, and the fallbacks both need, each written once here: `fstat` of a
+host fd or a capability, `stat_at` (STATAT, else an O_PATH open and FSTAT
+where a scheme has no STATAT).
 
 A capability socket carries one request at a time (a reply goes to whoever
-reads first), so each fd has a lock; rt is safe to use from several threads.
+reads first), so each fd has a lock; calls are safe from several threads.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any, Self
 from wire import frames as F
 from wire import protocol as P
 from wire.protocol import raise_errno
+from wire.stat import Stat
 
 _locks: dict[int, threading.Lock] = {}
 _tags: dict[int, int] = {}  # the last request tag per fd
@@ -239,3 +247,64 @@ def call_fd(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[in
         P.close_fds(received)
         raise OSError(errno.EIO, "expected one capability in the reply")
     return received[0]
+
+
+# -- the fallbacks rt and the broker share ---------------------------------------
+
+
+def fstat(fd: int) -> Stat:
+    """The status of the file behind fd: a host fd (a passthrough file) asks Linux, a
+    capability its scheme (FSTAT)."""
+    if is_host_fd(fd):
+        return Stat.of(os.fstat(fd))
+    return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
+
+
+def stat_at(fd: int, path: str, flags: int = 0) -> Stat:
+    """The status of path relative to capability fd: one STATAT where the scheme answers it,
+    else an O_PATH open and FSTAT of what it opened.
+
+    Args:
+        fd: a directory capability, or a namespace (path is then a namespace path).
+        path: the path to look up.
+        flags: O_NOFOLLOW (the last symlink itself) and the O_RESOLVE_* bits.
+
+    Raises:
+        OSError: the lookup's errno, as call.
+    """
+    try:
+        return Stat.from_wire(call_value(fd, P.STATAT, [path, flags], kind=dict))
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    opened = call_fd(fd, P.OPENAT, [path, os.O_PATH | flags, 0])
+    try:
+        return Stat.from_wire(call_value(opened, P.FSTAT, kind=dict))
+    finally:
+        forget(opened)
+        os.close(opened)
+
+
+def directory_path(fd: int, base_fd: int, base_path: str) -> str:
+    """The path of directory capability fd, given that directory base_fd is at base_path.
+
+    Both fpaths come from the scheme, after symlinks: walk up from base_path
+    as far as they differ and down to fd's (what getcwd says after a chdir).
+
+    Raises:
+        OSError: EXDEV when they are in different schemes, or fd is above what
+            base_path knows.
+    """
+    here = call_value(fd, P.FPATH, kind=str).rstrip("/").split("/")
+    base = call_value(base_fd, P.FPATH, kind=str).rstrip("/").split("/")
+    if here[:3] != base[:3]:
+        raise OSError(errno.EXDEV, "not in the same scheme as the cwd")
+    common = 0
+    while common < min(len(here), len(base)) and here[common] == base[common]:
+        common += 1
+    parts = base_path.rstrip("/").split("/")
+    ups = len(base) - common
+    if ups > len(parts) - 1:
+        raise OSError(errno.EXDEV, "above the cwd's known path")
+    kept = parts[: len(parts) - ups] if ups else parts
+    return "/".join(kept + here[common:]) or "/"
