@@ -13,6 +13,7 @@ reads first), so each fd has a lock; calls are safe from several threads.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import select
@@ -27,26 +28,52 @@ from wire import protocol as P
 from wire.protocol import raise_errno
 from wire.stat import Stat
 
-_locks: dict[int, threading.Lock] = {}
-_tags: dict[int, int] = {}  # the last request tag per fd
+
+class _Endpoint:
+    """What this process keeps per capability fd: one request at a time (lock), the last
+    request tag, and the socket object it is spoken through, made once and reused."""
+
+    __slots__ = ("lock", "sock", "tag")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tag = 0
+        self.sock: socket.socket | None = None
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()  # the fd is not the socket object's to close
+            self.sock = None
+
+
+_endpoints: dict[int, _Endpoint] = {}
 _host: dict[int, bool] = {}  # fd -> whether it is a host fd (a passthrough file), not a capability
-_locks_guard = threading.Lock()
+_guard = threading.Lock()
 
 
-def _lock_for(fd: int) -> threading.Lock:
-    with _locks_guard:
-        lock = _locks.get(fd)
-        if lock is None:
-            lock = _locks[fd] = threading.Lock()
-        return lock
+def _endpoint(fd: int) -> _Endpoint:
+    endpoint = _endpoints.get(fd)
+    if endpoint is None:
+        with _guard:
+            endpoint = _endpoints.setdefault(fd, _Endpoint())
+    return endpoint
 
 
 def forget(fd: int) -> None:
-    """Drop the lock and kind of a closed fd (its number may be reused)."""
-    with _locks_guard:
-        _locks.pop(fd, None)
-        _tags.pop(fd, None)
+    """Drop what is known of a closed fd: its lock, tag, socket object and kind (its number
+    may be reused)."""
+    with _guard:
+        endpoint = _endpoints.pop(fd, None)
         _host.pop(fd, None)
+    if endpoint is not None:
+        endpoint.drop()
+
+
+@atexit.register
+def _detach_all() -> None:
+    """At exit, socket objects must not close fds whose numbers may now be something else."""
+    for endpoint in list(_endpoints.values()):
+        endpoint.drop()
 
 
 def is_host_fd(fd: int, remember: bool = True) -> bool:
@@ -132,12 +159,6 @@ def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
             return
 
 
-def _next_tag(fd: int) -> int:
-    with _locks_guard:
-        tag = _tags[fd] = (_tags.get(fd, 0) + 1) & 0xFFFF_FFFF
-    return tag
-
-
 def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
     """Send one request on capability fd and wait for its reply.
 
@@ -161,16 +182,20 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     """
     seconds = _timeouts.current()
     deadline = None if seconds is None else time.monotonic() + seconds
-    tag = _next_tag(fd)
-    frame = F.encode_request(op, tag, args)
-    if len(frame) > P.MAX_FRAME:
-        raise OSError(errno.E2BIG, "request too large for one frame")
-    sock = None
-    with _lock_for(fd):
+    endpoint = _endpoint(fd)
+    with endpoint.lock:
+        tag = endpoint.tag = (endpoint.tag + 1) & 0xFFFF_FFFF
+        frame = F.encode_request(op, tag, args)
+        if len(frame) > P.MAX_FRAME:
+            raise OSError(errno.E2BIG, "request too large for one frame")
         try:
-            sock = socket.socket(fileno=fd)
-            if sock.type != socket.SOCK_SEQPACKET:
-                raise OSError(errno.EBADF, "not a capability")
+            sock = endpoint.sock
+            if sock is None:
+                sock = socket.socket(fileno=fd)
+                if sock.type != socket.SOCK_SEQPACKET:
+                    sock.detach()
+                    raise OSError(errno.EBADF, "not a capability")
+                endpoint.sock = sock
             _send(sock, frame, P.fds_ancillary(fds), deadline)
             while True:
                 data, received, flags = _receive(sock, deadline)
@@ -181,12 +206,11 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
                     break
                 P.close_fds(received)  # a late or unasked-for reply: not ours to keep
         except OSError as exc:
+            if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                endpoint.drop()  # the number may stand for something else by the next call
             if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise OSError(errno.EBADF, "not a capability (or its server is gone)") from None
             raise
-        finally:
-            if sock is not None:
-                sock.detach()
     try:
         if flags & P.TRUNCATED:
             raise OSError(errno.EIO, "reply truncated")
@@ -200,8 +224,11 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     if status != P.OK:
         P.close_fds(received)
         raise_errno(value)
-    for new in received:  # a number just allocated: whatever rt knew of a closed fd there is stale
+    for new in received:  # a number just allocated: whatever was known of a closed fd there is stale
         _host.pop(new, None)
+        stale = _endpoints.pop(new, None)
+        if stale is not None:
+            stale.drop()
     return value, received
 
 
