@@ -25,6 +25,7 @@ Operations:
     status     -> {"status": {...}} as `redoxcap status --json` prints it
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
+    directfs   -> the grant a broker passes with HOSTDIR to its file schemes (fds[0])
     shutdown   -> stops the system after answering
     ping       -> {}
 """

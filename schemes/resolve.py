@@ -326,6 +326,21 @@ def open_at(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o
     return _walk_open(anchor, start_fd, path, flags, mode)
 
 
+def open_natively(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0) -> int | None:
+    """open_at's answer where Linux's openat2 alone gives it (the fast path above), else None.
+
+    For the broker's native lookups in a directory its file scheme handed it
+    (HOSTDIR): what this opens is exactly what open_at would; None means that
+    only the walk (the scheme itself) can answer.
+
+    Raises:
+        OSError: as open_at.
+    """
+    flags = _check_flags(flags, mode)
+    _check_path(path)
+    return _linux(anchor, start_fd, path, flags, mode)
+
+
 def _walk_open(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int:
     rest, must_be_dir = _split(path)
     walk = _Walk(anchor, start_fd, path.startswith("/"))

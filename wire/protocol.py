@@ -29,6 +29,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     FSYNC,
     FTRUNCATE,
     GETDENTS,
+    HOSTDIR,
     LINKAT,
     LSEEK,
     MKDIRAT,

@@ -11,6 +11,7 @@ hands over, fails at import (and at construction, for other families).
     program.py      what the broker holds for the program it serves
     locate.py       where a path goes (a capability and a path, or a host path)
     view.py         symlinks and `..` in a handed directory, as the program sees them
+    native.py       lookups beneath a host directory its file scheme handed over (HOSTDIR)
     opening.py      open, creat, openat, openat2
     status.py       stat, lstat, newfstatat, fstat, statx, access, readlink
     directories.py  getdents64, getcwd, chdir, fchdir
@@ -23,6 +24,7 @@ hands over, fails at import (and at construction, for other families).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -78,7 +80,8 @@ class Syscalls:
 
     def __init__(self, machine: str, ns: int, hosts: HostTrees, processes: Processes,
                  passthrough: bool, mounts: Sequence[Mount] = (), grants: Any = None,
-                 families: Sequence[type[Family]] = FAMILIES) -> None:
+                 families: Sequence[type[Family]] = FAMILIES, directfs_grant: int | None = None
+                 ) -> None:
         """Build the table of handlers, by syscall number for machine.
 
         Args:
@@ -90,13 +93,21 @@ class Syscalls:
             mounts: the directories handed over at paths of their own (`run --dir`, /tmp).
             grants: the run's network grants (redoxcap.run.NetGrant by scheme), None for none.
             families: the families that answer (every brokered syscall exactly once).
+            directfs_grant: the system's grant for native lookups (owned from now on; see
+                native.py), None for none.
 
         Raises:
             HandlerTableError: families that do not answer exactly the brokered syscalls.
         """
-        check_families(families, brokered_names())
+        try:
+            check_families(families, brokered_names())
+        except HandlerTableError:
+            if directfs_grant is not None:
+                os.close(directfs_grant)
+            raise
         self.machine = machine
-        self.program = Program(machine, ns, hosts, processes, passthrough, mounts, grants)
+        self.program = Program(machine, ns, hosts, processes, passthrough, mounts, grants,
+                               directfs_grant)
         by_name: dict[str, Handler] = {}
         for family in families:
             by_name.update(family(self.program).handlers())
@@ -107,6 +118,10 @@ class Syscalls:
     @property
     def pumps(self) -> Any:
         return self.program.pumps
+
+    def close(self) -> None:
+        """Release what the broker holds for native lookups (the grant, host directories)."""
+        self.program.locator.close()
 
 
 __all__ = ["FAMILIES", "PROCEED", "Call", "Family", "HandlerTableError", "Install", "Syscalls",

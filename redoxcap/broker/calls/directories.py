@@ -79,7 +79,8 @@ class Directories(Family):
             except BaseException:
                 close(fd)
                 raise
-            return Directory(fd, where, False)
+            # beneath a trusted directory, in its scheme: native lookups may be asked of it too
+            return Directory(fd, where, False, trusted=at.origin is not None)
 
         try:
             new = program.view.in_view(loc, True, enter)

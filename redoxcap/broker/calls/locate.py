@@ -10,8 +10,10 @@ legacy `NAME:rest` form is not recognised: to an unmodified program, `a:b`
 is a file name.
 
 A `Location` is the answer: a capability and the path to send on it, or a
-host path. `open_at` and `status_at` act on one; view.py walks a path the
-way the program sees its handed directories when their scheme cannot.
+host path. `open_at`, `status_at` and `readlink_at` act on one: natively
+where the capability's file scheme handed the broker its host directory
+(native.py), else through the capability; view.py walks a path the way the
+program sees its handed directories when their scheme cannot.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from redoxcap.broker.calls.base import Call, close
+from redoxcap.broker.calls.native import HostDirectory
 from redoxcap.broker.hostfs import HostTrees
-from redoxcap.broker.state import CapabilityTable, Mount
+from redoxcap.broker.state import CapabilityTable, Directory, Mount
 from wire import call as capability
 from wire import linux
 from wire import protocol as P
@@ -55,6 +58,9 @@ class Location:
     # in a handed directory: the absolute path the program means, for the view walk
     view: str | None = None
     walk_first: bool = False  # `..` above the handed directory: only the view walk is right
+    # the trusted directory cap stands for (the cwd or a handed directory), whose host
+    # directory may serve the lookup natively; None: through the capability only
+    origin: Directory | Mount | None = None
 
     def close(self) -> None:
         if self.owned is not None:
@@ -66,7 +72,8 @@ class Locator:
     """Paths of one program to Locations, and the two acts every family needs on them."""
 
     def __init__(self, ns: int, hosts: HostTrees, mounts: Sequence[Mount],
-                 caps: CapabilityTable, o_largefile: int, passthrough: bool) -> None:
+                 caps: CapabilityTable, o_largefile: int, passthrough: bool,
+                 directfs_grant: int | None = None) -> None:
         """Args:
             ns: the namespace capability (the broker's own).
             hosts: the read-only host trees.
@@ -74,6 +81,8 @@ class Locator:
             caps: the capabilities the broker installed in the program.
             o_largefile: Linux's O_LARGEFILE bit on this machine (dropped from opens).
             passthrough: ask schemes for host fds of regular files (O_PASSTHROUGH).
+            directfs_grant: the system's grant (owned from now on) for native lookups
+                (native.py); None: every lookup goes through the capabilities.
         """
         self.ns = ns
         self.hosts = hosts
@@ -82,6 +91,20 @@ class Locator:
         self.caps = caps
         self.o_largefile = o_largefile
         self.passthrough = passthrough
+        self.grant = directfs_grant if passthrough else None
+        if directfs_grant is not None and self.grant is None:
+            os.close(directfs_grant)
+        self._mount_natives: dict[Mount, HostDirectory | None] = {}
+
+    def close(self) -> None:
+        """Release the grant and the handed directories' host directories."""
+        for native in self._mount_natives.values():
+            if native is not None:
+                native.close()
+        self._mount_natives.clear()
+        if self.grant is not None:
+            os.close(self.grant)
+            self.grant = None
 
     # -- the program's arguments -------------------------------------------------------------
 
@@ -152,12 +175,15 @@ class Locator:
                     path == cwd.path or path.startswith(cwd.path.rstrip("/") + "/")):
                 # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub")):
                 # beneath the cwd capability, with its rules, whatever the namespace holds
-                return Location(cwd.fd, path[len(cwd.path):].lstrip("/") or ".", False, resolve)
+                return Location(cwd.fd, path[len(cwd.path):].lstrip("/") or ".", False, resolve,
+                                origin=cwd if cwd.trusted else None)
             return self.in_namespace(path, resolve)
         fd, host_path, host, owned = self.directory(call, dirfd)
         if host:
             return Location(None, posixpath.join(host_path, path), True)
         loc = Location(fd, path, False, resolve, owned)
+        if dirfd == AT_FDCWD and call.process.cwd.trusted:
+            loc.origin = call.process.cwd
         if dirfd == AT_FDCWD and not resolve:
             mounted = self.mount_of(call.process.cwd.path)
             if mounted is not None:  # the cwd is in a handed directory: it has a program path
@@ -189,7 +215,7 @@ class Locator:
             return Location(None, path, True)  # status only, or absent (hostfs)
         if mounted is not None and self.hosts.depth(path) <= depth:
             mount, rest = mounted
-            loc = Location(mount.cap, rest, False, resolve)
+            loc = Location(mount.cap, rest, False, resolve, origin=mount)
             if not resolve:
                 loc.view, loc.walk_first = path, above_mount(mount, path)
             return loc
@@ -233,12 +259,17 @@ class Locator:
     def open_at(self, loc: Location, flags: int, mode: int, passthrough: bool) -> int:
         """Open at a location; returns the broker's fd (a capability or a host fd).
 
-        passthrough asks the scheme for a host fd of a regular file (O_PASSTHROUGH).
+        passthrough asks the scheme for a host fd of a regular file (O_PASSTHROUGH), or
+        opens it natively where the scheme handed over its directory.
         """
         flags &= ~(os.O_CLOEXEC | self.o_largefile)
         if loc.host:
             return self.hosts.open(loc.path, flags, mode)
         if passthrough and self.passthrough and not flags & (os.O_PATH | os.O_DIRECTORY):
+            native = self.native(loc)
+            fd = native.open(loc.path, flags, loc.resolve) if native is not None else None
+            if fd is not None:
+                return fd
             flags |= P.O_PASSTHROUGH
         return capability.call_fd(loc.cap, P.OPENAT, [loc.path, flags | loc.resolve, mode & 0o7777])
 
@@ -246,6 +277,10 @@ class Locator:
         """The status (os.stat_result or Stat) of what a location names."""
         if loc.host:
             return self.hosts.stat(loc.path, follow)
+        native = self.native(loc)
+        st = native.status(loc.path, follow, loc.resolve) if native is not None else None
+        if st is not None:
+            return st
         try:
             return capability.stat_at(loc.cap, loc.path, (0 if follow else os.O_NOFOLLOW) | loc.resolve)
         except OSError as exc:
@@ -256,6 +291,29 @@ class Locator:
                 if loc.path.rstrip("/") + "/" == FILE_ROOT:
                     return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
             raise
+
+    def readlink_at(self, loc: Location) -> str:
+        """The contents of the symlink a capability location names (EINVAL for anything else)."""
+        native = self.native(loc)
+        body = native.readlink(loc.path, loc.resolve) if native is not None else None
+        if body is not None:
+            return body
+        return capability.call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
+
+    def native(self, loc: Location) -> HostDirectory | None:
+        """The host directory that serves loc's lookup natively, asked for once per trusted
+        directory; None: through the capability."""
+        origin = loc.origin
+        if origin is None or self.grant is None:
+            return None
+        if isinstance(origin, Mount):
+            if origin not in self._mount_natives:
+                self._mount_natives[origin] = HostDirectory.ask(origin.cap, self.grant)
+            return self._mount_natives[origin]
+        if not origin.native_asked:
+            origin.native_asked = True
+            origin.native = HostDirectory.ask(origin.fd, self.grant)
+        return origin.native
 
 
 def above_mount(mount: Mount, path: str) -> bool:

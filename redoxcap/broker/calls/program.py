@@ -40,12 +40,14 @@ class Program:
     """
 
     def __init__(self, machine: str, ns: int, hosts: HostTrees, processes: Processes,
-                 passthrough: bool, mounts: Sequence[Mount] = (), grants: Any = None) -> None:
+                 passthrough: bool, mounts: Sequence[Mount] = (), grants: Any = None,
+                 directfs_grant: int | None = None) -> None:
         self.machine = machine
         self.hosts = hosts
         self.processes = processes
         self.caps = CapabilityTable()
-        self.locator = Locator(ns, hosts, mounts, self.caps, O_LARGEFILE.get(machine, 0), passthrough)
+        self.locator = Locator(ns, hosts, mounts, self.caps, O_LARGEFILE.get(machine, 0),
+                               passthrough, directfs_grant)
         self.view = View(self.locator)
         self.passed_files = BoundedSet()
         self.snapshots = StatusTable()

@@ -18,8 +18,6 @@ from redoxcap.broker.calls.locate import Location
 from redoxcap.broker.hostfs import WRITABLE_DEVICES
 from redoxcap.broker.structs import pack_stat, pack_statx
 from wire import linux
-from wire import protocol as P
-from wire.call import call_value
 from wire.linux import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW
 
 
@@ -148,7 +146,7 @@ class Status(Family):
             if at.host:
                 return program.hosts.readlink(at.path)
             try:
-                return call_value(at.cap, P.READLINKAT, [at.path], kind=str)
+                return locator.readlink_at(at)
             except OSError as exc:
                 if exc.errno == errno.ENODEV and at.namespace and \
                         locator.ancestor_status(at.absolute) is not None:

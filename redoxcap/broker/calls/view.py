@@ -13,7 +13,6 @@ Every step is one the program could take by naming the result directly.
 from __future__ import annotations
 
 import errno
-import os
 import posixpath
 import stat
 from collections.abc import Callable
@@ -23,8 +22,6 @@ from typing import Any
 from redoxcap.broker.calls.base import error
 from redoxcap.broker.calls.locate import Location, Locator
 from wire import protocol as P
-from wire.call import call_value
-from wire.stat import Stat
 
 MAX_PLAIN_DIRS = 1 << 16
 
@@ -102,9 +99,9 @@ class View:
                 stack.append(name)  # a directory, not a link, when the walk last looked
                 i += 1
                 continue
+            step = Location(mount.cap, where, False, P.O_RESOLVE_BENEATH, origin=mount)
             try:
-                st = Stat.from_wire(call_value(mount.cap, P.STATAT,
-                                               [where, os.O_NOFOLLOW | P.O_RESOLVE_BENEATH], kind=dict))
+                st = self.locator.status_at(step, follow=False)
             except FileNotFoundError:
                 if not last:
                     raise
@@ -114,7 +111,7 @@ class View:
                 links[0] += 1
                 if links[0] > 40:
                     raise error(errno.ELOOP)
-                body = call_value(mount.cap, P.READLINKAT, [where], kind=str)
+                body = self.locator.readlink_at(replace(step, resolve=0))
                 moved = True
                 if body.startswith("/"):
                     tail = "/".join(parts[i + 1:])
