@@ -234,7 +234,8 @@ class System:
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
                 extra += ["--kernel-fd", str(fds[-1])]
-            if daemon.spec.module == "schemes.file" and not daemon.spec.command:
+            if daemon.spec.module == "schemes.file" and not daemon.spec.command \
+                    and self.directfs_grant >= 0:
                 fds.append(os.dup(self.directfs_grant))
                 extra += ["--directfs-grant-fd", str(fds[-1])]
             spec = daemon.spec
@@ -452,7 +453,9 @@ class System:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        os.close(self.directfs_grant)
+        if self.directfs_grant >= 0:
+            os.close(self.directfs_grant)
+            self.directfs_grant = -1
 
 
 async def _terminate(proc: trio.Process) -> None:

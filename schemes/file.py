@@ -31,7 +31,7 @@ lookups happen outside the scheme).
 Native lookups (`--directfs-grant-fd N`): HOSTDIR on a directory handle
 answers with O_PATH host fds of the directory and of its anchor, so that
 the broker can resolve paths beneath it itself with openat2, exactly as
-`schemes.resolve.open_natively` does here; only to a request that passes
+`wire.beneath.open_natively` does here; only to a request that passes
 along the grant (an fd the supervisor gave this daemon and gives only to
 brokers, recognised by its identity), and only when passthrough is allowed.
 

@@ -6,7 +6,7 @@ allows passthrough, the scheme hands the broker (HOSTDIR, with the
 system's directfs grant passed along; the program never holds the grant)
 O_PATH host fds of the directory and of its anchor, and the broker resolves
 paths beneath them itself with the scheme's own fast path
-(`schemes.resolve.open_natively`: openat2 with RESOLVE_BENEATH or
+(`wire.beneath.open_natively`: openat2 with RESOLVE_BENEATH or
 RESOLVE_IN_ROOT and RESOLVE_NO_MAGICLINKS, the whole lookup in the kernel,
 so a rename racing it cannot lead out). Where that alone cannot answer (a
 `..` above the start directory, EAGAIN from a racing rename), and for every
@@ -27,9 +27,9 @@ import errno
 import os
 import stat
 
-from schemes.resolve import Anchor, open_natively
 from wire import linux
 from wire import protocol as P
+from wire.beneath import Anchor, open_natively
 from wire.call import call, forget
 
 # open flags a native open serves; anything else (O_CREAT, O_DIRECTORY, O_PATH...) is the scheme's
