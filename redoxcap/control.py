@@ -27,6 +27,7 @@ Operations:
                   `clients_next` and `holdings_next` say; status.fetch joins them)
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
+    directfs   -> the grant a broker passes with HOSTDIR to its file schemes (fds[0])
     shutdown   -> stops the system after answering
     ping       -> {}
 """

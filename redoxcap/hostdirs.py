@@ -6,7 +6,7 @@ ends), registered in the program's namespace under a name of its own
 (`dir`, `dir1`, ...; the private /tmp in a fork of it that goes at once, so
 that only the broker holds it). The program sees each at its own absolute
 host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
-its capability (redoxcap/broker/handlers.py).
+its capability (redoxcap/broker/calls/locate.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import rt
 from redoxcap import PYTHON
 from redoxcap.exits import EXIT_USAGE, Failure
 from rt import _process
-from rt._call import call_fd
 from wire import protocol as P
+from wire.call import call_fd
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,15 @@ def parse_dir(text: str) -> HostDir:
     return HostDir(real, real, read_only)
 
 
-def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen]
-               ) -> list[tuple[HostDir, str]]:
+def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen],
+          directfs_grant: int | None = None) -> list[tuple[HostDir, str]]:
     """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
 
     The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
     namespace holds already. Each daemon is appended to daemons once started;
-    it dies with this process, and :func:`stop` stops it.
+    it dies with this process, and :func:`stop` stops it. With directfs_grant (the
+    system's, which stays the caller's) each daemon hands the broker its host
+    directory for native lookups (HOSTDIR).
 
     Returns:
         (directory, scheme name) of each, in the order of dirs.
@@ -93,7 +95,7 @@ def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
         try:
-            daemons.append(_start_daemon(channel, d, name))
+            daemons.append(_start_daemon(channel, d, name, directfs_grant))
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
         finally:
@@ -107,14 +109,15 @@ def open_root(ns: int, name: str) -> int:
     return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
 
 
-def _start_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
+def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None) -> subprocess.Popen:
     """`python -E -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
     goes to the program, not to the daemons it needs until it exits), killed when we die."""
     argv = [*PYTHON, "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
             "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
-            *(["--read-only"] if d.read_only else [])]
-    return subprocess.Popen(argv, pass_fds=[channel], stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+            *(["--read-only"] if d.read_only else []),
+            *(["--directfs-grant-fd", str(grant)] if grant is not None else [])]
+    return subprocess.Popen(argv, pass_fds=[channel] + ([grant] if grant is not None else []),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 # `python -E -P -c THIS PARENT ARGS...`: schemes.file's main, killed by the kernel when PARENT dies.

@@ -43,6 +43,7 @@ from redoxcap.sandbox import python_script
 from redoxcap.trace import Follower
 from rt import _process
 from rt._paths import ENV_DIRS
+from wire import protocol as P
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -359,7 +360,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = hidden = None
+    child_ns = hidden = grant = None
     try:
         wanted = None if names is None else [n for n in names.split(",") if n]
         unknown = sorted(set(wanted or ()) - set(rt.schemes()))
@@ -373,12 +374,15 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         daemons = daemons if daemons is not None else []
-        mounts = hostdirs.serve(child_ns, dirs, daemons)
+        if broker is not None and broker["passthrough"]:  # native lookups: run's broker alone
+            grant = _directfs_grant(state_dir)
+        mounts = hostdirs.serve(child_ns, dirs, daemons, grant)
         # the broker's /tmp: registered in a fork of the namespace that goes once its root is
         # open, so that the program's namespace does not list it (its daemon starts meanwhile)
         hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
         if hidden is not None:
-            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons)
+            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons,
+                                       grant)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
@@ -403,7 +407,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
-                                      net=net, trace=trace, pass_fds=pass_fds), account, where
+                                      net=net, trace=trace, pass_fds=pass_fds,
+                                      directfs_grant=grant), account, where
             finally:
                 for _, cap in handed:
                     rt.close(cap)
@@ -416,7 +421,22 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         for ns in (child_ns, hidden):
             if ns is not None:
                 rt.close(ns)
+        if grant is not None:
+            os.close(grant)
         rt.setup(None, None)
+
+
+def _directfs_grant(state_dir: Path) -> int | None:
+    """The system's directfs grant, for the broker and the run's own file schemes (None
+    where the supervisor has none to give: every lookup is then routed)."""
+    try:
+        _, fds = control.request(state_dir, "directfs")
+    except control.ControlError:
+        return None
+    if len(fds) != 1:
+        P.close_fds(fds)
+        return None
+    return fds[0]
 
 
 def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:

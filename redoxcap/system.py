@@ -144,6 +144,9 @@ class System:
         self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
         self._booting: trio.CancelScope | None = None  # while boot() runs
         self._boot_failure: str | None = None  # why boot() failed, said by the daemon that exited
+        # what a file scheme asks a broker for before it hands over a host directory (HOSTDIR):
+        # every file scheme daemon gets a copy, `run` one for its broker, no client ever one
+        self.directfs_grant = os.memfd_create("redoxcap-directfs-grant", os.MFD_CLOEXEC)
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -239,6 +242,10 @@ class System:
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
                 extra += ["--kernel-fd", str(fds[-1])]
+            if daemon.spec.module == "schemes.file" and not daemon.spec.command \
+                    and self.directfs_grant >= 0:
+                fds.append(os.dup(self.directfs_grant))
+                extra += ["--directfs-grant-fd", str(fds[-1])]
             spec = daemon.spec
             daemon.started = time.monotonic()
             daemon.process = await trio.lowlevel.open_process(
@@ -530,6 +537,9 @@ class System:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if self.directfs_grant >= 0:
+            os.close(self.directfs_grant)
+            self.directfs_grant = -1
 
 
 async def _terminate(proc: trio.Process) -> None:

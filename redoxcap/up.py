@@ -219,6 +219,11 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         """A socket the router streams the trace on, and the names of the scheme ids."""
         return {"schemes": system.scheme_names()}, [await system.kernel.call_fd(P.TRACE)]
 
+    async def directfs(_request):
+        """The grant a broker passes along to have a file scheme hand it a host directory
+        (HOSTDIR) for native lookups; `run` keeps it from its program."""
+        return {}, [os.dup(system.directfs_grant)]
+
     async def restart(request):
         name = request.get("name")
         if not isinstance(name, str):
@@ -230,7 +235,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
 
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
                 "trace": trace, "client": client,
-                "mount": mount, "restart": restart}
+                "mount": mount, "restart": restart, "directfs": directfs}
     try:
         async with trio.open_nursery() as nursery:
             try:

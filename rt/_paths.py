@@ -21,8 +21,8 @@ import os
 from rt import _process
 from wire import protocol as P
 from wire.linux import AT_FDCWD
+from wire.protocol import SCHEME_ROOT, split_namespace_path  # noqa: F401 - rt's own, re-exported
 
-SCHEME_ROOT = "/scheme"
 # JSON [[visible path, scheme name], ...]: the host directories `redoxcap run --dir` handed
 # over, each seen at its own absolute path and served as a scheme of the namespace.
 ENV_DIRS = "REDOXCAP_DIRS"
@@ -85,9 +85,3 @@ def locate(path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> tuple[int,
     if dirfd == AT_FDCWD:
         return _process.cwd_fd(), path, False
     return dirfd, path, False
-
-
-def split_namespace_path(ns_path: str) -> tuple[str, str]:
-    """'/scheme/NAME/rest' -> ('/scheme/NAME', 'rest' or '.')."""
-    name, _, rest = ns_path[len(SCHEME_ROOT) + 1 :].partition("/")
-    return f"{SCHEME_ROOT}/{name}", rest.lstrip("/") or "."

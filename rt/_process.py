@@ -16,9 +16,7 @@ import errno
 import os
 import threading
 
-ENV_NS = "REDOXCAP_NS_FD"
-ENV_CWD = "REDOXCAP_CWD_FD"
-ENV_CWD_PATH = "REDOXCAP_CWD"
+from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 
 class ProcessCapabilities:

@@ -16,9 +16,9 @@ import sys
 
 import rt
 from redoxcap import control
-from rt._call import call
 from wire import frames as F
 from wire import protocol as P
+from wire.call import call
 from wire.frames import Request
 
 

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from kernel import accounts
-from rt._call import call, call_fd
 from wire import protocol as P
+from wire.call import call, call_fd
 from wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
 
 

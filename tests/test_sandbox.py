@@ -136,7 +136,7 @@ def test_lookups_in_root_match_linux_openat2(redoxcap_module_client, lookup_tree
 
 def _raw_openat(dirfd: int, path: str, flags: int):
     """OPENAT on dirfd with the path as is (rt would route an absolute one to the namespace)."""
-    from rt._call import call_fd
+    from wire.call import call_fd
 
     return outcome(lambda: call_fd(dirfd, P.OPENAT, [path, flags, 0o666]), rt.fstat, rt.close)
 
@@ -273,7 +273,7 @@ def test_a_spawned_child_cannot_change_its_parents_namespace(redoxcap_client):
 def test_two_path_operations_are_bound_beneath_on_both_sides(redoxcap_isolated_client):
     box = _beneath_dir(redoxcap_isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)
-    from rt._call import call
+    from wire.call import call
 
     attempts = [
         (P.MKDIRAT, ["../../escape", 0o777]),

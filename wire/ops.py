@@ -134,6 +134,7 @@ NS_PERMS = 45
 NS_SCHEME_CREATE = 46
 UTIMENSAT = 47
 CHOWNAT = 48
+HOSTDIR = 49
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
@@ -225,6 +226,15 @@ OPERATIONS: tuple[Operation, ...] = (
               "Accept a change of owner that changes nothing: each id -1, the caller's own or the "
               "file's; anything else is EPERM (a file is never given to another user). Path and "
               "flags as CHMODAT.", path=0, forward=Forward.VALUE),
+    Operation(HOSTDIR, "hostdir", (),
+              "`{beneath, read_only}`; fds: O_PATH host fds of the directory and of its anchor "
+              "(when that is another)",
+              "EPERM (no grant) EOPNOTSUPP (no passthrough) ENOTDIR",
+              "The host directory behind a directory handle, for the broker's native lookups "
+              "(docs/sandbox.md): answered only with the scheme's directfs grant passed along "
+              "(an fd of the supervisor's that no client is given), by a scheme that allows "
+              "passthrough.", default=errno.EOPNOTSUPP, fds="the grant",
+              wrong_handle=errno.ENOTDIR),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST",
               "The names in the namespace.", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),
