@@ -45,12 +45,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from wire import protocol as P
 from wire.linux import UCRED
+
+if TYPE_CHECKING:
+    import trio
+
+# trio is imported by the server half only: a client (`redoxcap run`, `status`) never pays for it.
 
 log = logging.getLogger("supervisor")
 
@@ -117,7 +120,7 @@ class Connection:
 
     pid: int
     sock: Any = None  # a trio socket
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    scope: trio.CancelScope = field(default_factory=lambda: _trio().CancelScope())
 
     def drop(self) -> None:
         """Close it now (the fd is free at once) and stop the task answering it."""
@@ -206,8 +209,14 @@ class RateLimitedLog:
 # -- the server -----------------------------------------------------------------
 
 
+def _trio():
+    import trio
+
+    return trio
+
+
 async def serve(path: Path, token: bytes, handlers: dict[str, Handler],
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[None] | None = None) -> None:
     """Answer control requests on path until cancelled.
 
     Args:
@@ -215,14 +224,17 @@ async def serve(path: Path, token: bytes, handlers: dict[str, Handler],
             must hold the state directory's lock: the path is removed on return.
         token: the secret every request must carry.
         handlers: op name -> async function returning (reply dict, fds to pass).
+        task_status: nursery.start's, told once the socket listens.
     """
+    trio = _trio()
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with listener:
         path.unlink(missing_ok=True)
         await listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(LISTEN_BACKLOG)
-        task_status.started()
+        if task_status is not None:
+            task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 await _Server(token, handlers, nursery).accept_forever(listener)
@@ -240,7 +252,7 @@ class _Server:
         self.owner = os.getuid()
         self.admission = Admission()
         self.warn = RateLimitedLog()
-        self._ended = trio.Event()  # set (and replaced) whenever a connection ends
+        self._ended = _trio().Event()  # set (and replaced) whenever a connection ends
 
     async def accept_forever(self, listener: Any) -> None:
         while True:
@@ -254,6 +266,8 @@ class _Server:
             self._admit(sock)
 
     async def _accept_failed(self, exc: OSError) -> None:
+        import trio
+
         self.warn.warning("accept", "accept failed (%s); %d connections open",
                           os.strerror(exc.errno), len(self.admission.open))
         if exc.errno == errno.ECONNABORTED:
@@ -291,6 +305,8 @@ class _Server:
             self.nursery.start_soon(self._answer, conn)
 
     async def _answer(self, conn: Connection) -> None:
+        import trio
+
         try:
             with conn.scope, conn.sock:
                 await self._converse(conn)
@@ -304,6 +320,8 @@ class _Server:
             self._ended = trio.Event()
 
     async def _converse(self, conn: Connection) -> None:
+        import trio
+
         with trio.move_on_after(AUTH_DEADLINE) as deadline:
             # no ancillary buffer: Linux closes any fd a peer tries to pass us
             data, _, flags, _ = await conn.sock.recvmsg(MAX_REQUEST)

@@ -22,10 +22,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from redoxcap import PYTHON, config, control
+from redoxcap import PYTHON, control
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
+
+if TYPE_CHECKING:
+    from redoxcap import config
 
 BOOT_TIMEOUT = 30.0  # seconds a supervisor has to report that it is up
 STOP_TIMEOUT = 15.0  # seconds a supervisor has to exit once asked, before it is killed
@@ -39,6 +42,8 @@ def default_state_dir() -> Path:
 
 def up_options(cfg: config.Config, trace: bool = False) -> list[str]:
     """The `up` options that reproduce cfg (and --trace) in another process."""
+    from redoxcap import config  # only who boots a system needs it (and trio, through it)
+
     argv = ["--root", str(cfg.root), "--schemes", ",".join(cfg.schemes)]
     for m in cfg.mounts:
         argv += ["--mount", config.mount_option_text(m)]

@@ -31,13 +31,19 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import NoReturn
-
-import trio
+from typing import TYPE_CHECKING, NoReturn
 
 from redoxcap import PYTHON
 from wire import protocol as P
-from wire.aio import AsyncCapability
+
+if TYPE_CHECKING:
+    import trio
+
+    from wire.aio import AsyncCapability
+
+# trio (and wire.aio, on it) are imported by the methods that run in the supervisor, not here:
+# config reads SchemeSpec, and a `redoxcap` command that only configures a system does not
+# pay for trio.
 
 log = logging.getLogger("supervisor")
 
@@ -51,6 +57,12 @@ STOP_GRACE = 3.0
 # appended to sys.path rather than put first
 _RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
                     "sys.path.append(where); runpy._run_module_as_main(module)")
+
+
+def _trio():  # the trio module, imported on first use (in the supervisor)
+    import trio
+
+    return trio
 
 
 class BootFailed(Exception):
@@ -101,7 +113,7 @@ class Daemon:
     registered: bool = False  # its name is in the root namespace
     channel: int | None = None  # the daemon's end of its scheme channel, until started
     # held while its process is replaced, so a crash and a `restart` never both do it
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: trio.Lock = field(default_factory=lambda: _trio().Lock())
 
     @property
     def state(self) -> str:
@@ -135,6 +147,7 @@ class System:
         self._nursery: trio.Nursery | None = None
         self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
         self._booting: trio.CancelScope | None = None  # while boot() runs
+        self._registering: trio.CancelScope | None = None  # while boot() registers the daemons
         self._boot_failure: str | None = None  # why boot() failed, said by the daemon that exited
 
     @property
@@ -152,6 +165,8 @@ class System:
         Raises:
             BootFailed: a process could not be started, or exited before the system was up.
         """
+        import trio
+
         try:
             with trio.CancelScope() as self._booting:  # _watch cancels it when a daemon exits
                 try:
@@ -164,6 +179,10 @@ class System:
             raise BootFailed(self._boot_failure)
 
     async def _boot(self, nursery: trio.Nursery) -> None:
+        import trio
+
+        from wire.aio import AsyncCapability
+
         self._nursery = nursery
         ours, theirs = _socketpair()
         try:
@@ -177,14 +196,35 @@ class System:
             nursery.start_soon(self.log_trace)
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
+        # Every daemon starts at once (most of a boot is interpreters starting, which overlap)
+        # and is registered as soon as it answers; registration order does not matter.
         for spec in self.specs:
             try:
-                await self.add(spec)
+                await self._launch(spec)
             except OSError as exc:
                 await self._boot_failed(f"scheme {spec.name}", exc)
+        failures: list[tuple[str, OSError]] = []
+        with trio.CancelScope() as self._registering:
+            async with trio.open_nursery() as registering:
+                for daemon in self.daemons:
+                    registering.start_soon(self._register_at_boot, daemon, failures)
+        self._registering = None
+        if self._boot_failure is not None:
+            return  # a daemon exited: boot() says which
+        if failures:
+            name, exc = failures[0]
+            await self._boot_failed(f"scheme {name}", exc)
+
+    async def _register_at_boot(self, daemon: Daemon, failures: list[tuple[str, OSError]]) -> None:
+        try:
+            await self._register(daemon)
+        except OSError as exc:
+            failures.append((daemon.spec.name, exc))
 
     async def _boot_failed(self, what: str, exc: OSError) -> NoReturn:
         """Fail the boot because what failed with exc, unless a daemon's exit explains it."""
+        import trio
+
         if exc.errno == errno.EIO:  # what requests to a daemon that exited get: _watch says which
             await trio.sleep(STOP_GRACE)
         reason = exc.strerror or str(exc)
@@ -192,6 +232,14 @@ class System:
 
     async def add(self, spec: SchemeSpec) -> None:
         """Start one more scheme daemon and register it in the root namespace.
+
+        Raises:
+            OSError: EEXIST if a scheme of that name runs already.
+        """
+        await self._register(await self._launch(spec))
+
+    async def _launch(self, spec: SchemeSpec) -> Daemon:
+        """Create scheme spec and start its daemon, not yet registered; returns it (in self.daemons).
 
         Raises:
             OSError: EEXIST if a scheme of that name runs already.
@@ -211,9 +259,11 @@ class System:
                 daemon.channel = None
             raise
         self.daemons.append(daemon)
-        await self._register(daemon)
+        return daemon
 
     async def _create(self, daemon: Daemon) -> None:
+        from wire.aio import AsyncCapability
+
         assert self.kernel is not None
         scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
         channel, root = fds
@@ -222,6 +272,8 @@ class System:
         daemon.channel = channel
 
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+        import trio
+
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
         fds, extra = [channel], []
@@ -264,6 +316,8 @@ class System:
                 raise
 
     async def _watch(self, daemon: Daemon, process: trio.Process) -> None:
+        import trio
+
         code = await process.wait()
         async with daemon.lock:
             if self.stopping or daemon.process is not process:
@@ -271,7 +325,13 @@ class System:
             if self._booting is not None:
                 self._boot_failure = (f"scheme {daemon.spec.name}: its daemon (pid {process.pid}) "
                                       f"exited with {code} before the system was up")
-                self._booting.cancel()
+                if self._registering is not None:
+                    # the others are answering their registration: the boot stops once they
+                    # have (a bounded while), so that no daemon is left with a reply in flight
+                    self._registering.deadline = min(self._registering.deadline,
+                                                     trio.current_time() + STOP_GRACE)
+                else:
+                    self._booting.cancel()
                 return
             log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
             # a life shorter than the window continues a crash loop; a longer one ends it
@@ -321,6 +381,8 @@ class System:
         """`up --trace`: every call the router forwards, one line each, into the log."""
         import socket as _socket
 
+        import trio
+
         from redoxcap.trace import Tracer
 
         assert self.kernel is not None
@@ -363,6 +425,8 @@ class System:
             KeyError: no such scheme.
             OSError: the router refused a new channel.
         """
+        import trio
+
         daemon = self.daemon(name)
         async with daemon.lock:
             old, daemon.process = daemon.process, None  # its watcher leaves this exit to us
@@ -422,6 +486,8 @@ class System:
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
+        import trio
+
         self.stopping = True
         for d in [*self.daemons, self.nsmgr]:
             if d.root is not None:
@@ -450,6 +516,8 @@ class System:
 
 async def _terminate(proc: trio.Process) -> None:
     """SIGTERM, then SIGKILL after STOP_GRACE; returns once proc has exited."""
+    import trio
+
     try:
         proc.terminate()
         with trio.move_on_after(STOP_GRACE):
