@@ -29,20 +29,25 @@ import os
 import posixpath
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import rt
-from redoxcap import PYTHON, config, control, hostdirs, lifecycle
+from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
-from redoxcap.sandbox import python_script
-from redoxcap.trace import Follower
+from redoxcap.sandbox.policy import python_script
 from rt import _process
 from rt._paths import ENV_DIRS
+
+if TYPE_CHECKING:
+    from redoxcap.trace import Follower
+
+# Imported where they are needed, not here: a run with a system up and without --trace uses
+# neither config and lifecycle (which bring trio) nor the trace printer.
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -167,22 +172,17 @@ def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: b
     return env
 
 
-def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
-    """Wrap command in the confinement launcher; a Python script it runs stays readable.
+def confined_launch(command: list[str], require: bool, scratch: str) -> dict:
+    """spawn_confined's options for command: the launcher's (`python -E -P -m redoxcap.sandbox`).
 
     Only the script of a Python interpreter (`python3 [options] script.py`)
     is made readable; `-c`, `-m` and every other program's arguments are
     data the program must reach through its capabilities. scratch is the
     command's private writable temporary directory.
     """
-    # -E -P: a `redoxcap` package a client wrote into the cwd (or into PYTHONPATH, passed with
-    # --env) must not run as the launcher, which is not confined yet.
-    launcher = [*PYTHON, "-m", "redoxcap.sandbox", "--write", scratch]
-    launcher += ["--require"] if require else []
     script = python_script(command)
-    if script is not None:
-        launcher += ["--read", script]
-    return [*launcher, "--", *command]
+    return {"read_paths": [] if script is None else [script], "write_paths": [scratch],
+            "require": require}
 
 
 def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str], passthrough: bool
@@ -212,6 +212,52 @@ def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str],
     return {"ro_host": list(ro_host), "passthrough": passthrough}
 
 
+def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
+         dirs: Sequence[str] = (), cwd: str | None = None, beneath: bool = False,
+         confine: bool = True, require_confine: bool = False, env_options: Sequence[str] = (),
+         inherit_env: bool = False, uds_scope: str = "private", tcp_connect: Sequence[str] = (),
+         tcp_listen: Sequence[str] = (), udp_connect: Sequence[str] = (),
+         udp_listen: Sequence[str] = (), trace: str | None = None, trace_json: bool = False,
+         brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
+         pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
+         root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None) -> int:
+    """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
+
+    The keyword arguments are the options of `run` (see `redoxcap run --help`),
+    by the names the click command gives them, with its defaults.
+
+    Returns:
+        COMMAND's exit code.
+
+    Raises:
+        Failure: a usage error, or a run that could not be set up (its exit code says which).
+    """
+    from wire.limits import forbid_core_dumps
+
+    forbid_core_dumps()  # run holds the program's capabilities, and is its broker
+    if require_confine and not confine:
+        raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
+    try:
+        env = client_environment(os.environ, confined=confine, inherit=inherit_env,
+                                 options=env_options)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    for fd in pass_fds:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
+    net = net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
+    host_dirs = [hostdirs.parse_dir(text) for text in dirs]
+    broker = broker_options(brokered, confine, ro_host, passthrough)
+    with system_for_run(state_dir, root=root, config_file=config_file, mounts=mounts,
+                        log=log_file) as system:
+        return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
+                   require_confine=require_confine, uds_scope=uds_scope, trace=trace,
+                   trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
+                   dirs=host_dirs, pass_fds=pass_fds)
+
+
 @contextlib.contextmanager
 def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
                    mounts: Sequence[str], log: Path | None = None) -> Iterator[Path]:
@@ -229,6 +275,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
             private system that did not boot.
     """
     if not control.is_running(state_dir):
+        from redoxcap import config, lifecycle  # (and trio): only a private system needs them
+
         try:
             cfg = config.configure(config_file, root, mounts)
         except config.ConfigError as exc:
@@ -239,6 +287,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
     if root is not None or config_file is not None:
         raise Failure("--root and --config only apply when run boots a private system; one is up",
                       EXIT_USAGE)
+    if mounts:
+        from redoxcap import config
     for text in mounts:
         try:
             m = config.parse_mount(text)
@@ -292,23 +342,23 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         Failure: its capabilities could not be set up, or it could not be started.
         control.ControlError: the supervisor did not hand out a namespace.
     """
-    argv, env, scratch, private_tmp = list(command), dict(env), None, None
+    argv, env, scratch, private_tmp, launcher = list(command), dict(env), None, None, None
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
-        argv = confined_argv(argv, require_confine, scratch)
+        launcher = confined_launch(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
     if broker is not None:
         private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
         env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
-    daemons: list[subprocess.Popen] = []
+    daemons: list = []
     try:
         proc, account, where = _spawn(
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
-            net=net, follower=follower, broker=broker, max_caps=max_caps, dirs=dirs,
-            private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds)
+            net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
+            dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=where, account=account)
@@ -328,6 +378,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
     """Subscribe to the system's trace before anything of the run happens."""
+    from redoxcap.trace import Follower
+
     reply, fds = control.request(state_dir, "trace")
     names = {int(k): v for k, v in reply.get("schemes", {}).items()}
     out = sys.stderr if where == "-" else open(where, "a", encoding="utf-8")  # noqa: SIM115
@@ -337,48 +389,55 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None,
            cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
-           broker: dict | None = None, max_caps: int | None = None,
+           broker: dict | None = None, launcher: dict | None = None, max_caps: int | None = None,
            dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
-           daemons: list[subprocess.Popen] | None = None, pass_fds: Sequence[int] = ()
-           ) -> tuple[subprocess.Popen, int | None, str]:
-    """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
+           daemons: list | None = None, pass_fds: Sequence[int] = ()
+           ) -> tuple[Any, int | None, str]:
+    """Start argv with the namespace and cwd asked for: confined in a fork of this process
+    (launcher: :func:`confined_launch`), under the broker, or with rt.spawn (unconfined).
 
     With new_session, argv leads a new session without a controlling
     terminal (so it cannot push input into ours). The daemons serving dirs
     (registered in the program's namespace) and private_tmp (the broker's
-    /tmp, in no namespace of the program's) are appended to daemons as they
-    start.
+    /tmp, in no namespace: a scheme the supervisor makes for the run, whose
+    daemon starts when the program first uses it) are appended to daemons.
 
     Returns:
-        The process, the router account its capabilities are charged to, and its cwd.
+        The process (Popen-like), the router account its capabilities are charged to, and its cwd.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     quota = {} if max_caps is None else {"max_caps": max_caps}
-    reply, fds = control.request(state_dir, "namespace", account=True, **quota)
+    private_scheme = broker is not None and private_tmp is not None
+    reply, fds = control.request(state_dir, "namespace", account=True, **quota,
+                                 **({"scheme": True} if private_scheme else {}))
     account = reply.get("account")
+    tmp_root = tmp_channel = None
+    if private_scheme:
+        if len(fds) != 3:  # a supervisor that did not make the scheme: not ours to guess
+            for fd in fds:
+                os.close(fd)
+            raise Failure("the supervisor did not hand out a scheme for /tmp")
+        tmp_root, tmp_channel = fds[1], fds[2]
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = hidden = None
+    child_ns = None
     try:
+        root_names = rt.schemes()
         wanted = None if names is None else [n for n in names.split(",") if n]
-        unknown = sorted(set(wanted or ()) - set(rt.schemes()))
+        unknown = sorted(set(wanted or ()) - set(root_names))
         if unknown:
             raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
-                          f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
+                          f"(it has {', '.join(root_names)})", EXIT_USAGE)
         if wanted is None and dirs:  # the program's files are its directories, not the root
-            wanted = [n for n in rt.schemes() if n != "file"]
+            wanted = [n for n in root_names if n != "file"]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
+        child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
         mounts = hostdirs.serve(child_ns, dirs, daemons)
-        # the broker's /tmp: registered in a fork of the namespace that goes once its root is
-        # open, so that the program's namespace does not list it (its daemon starts meanwhile)
-        hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
-        if hidden is not None:
-            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
@@ -386,9 +445,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         else:
             _enter_cwd(cwd or "/", beneath)
         where = rt.getcwd()
-        give_uds_scope(child_ns, uds_scope)
+        give_uds_scope(child_ns, uds_scope, child_names)
         if net is not None:
-            give_net_grants(child_ns, net)
+            give_net_grants(child_ns, net, child_names)
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 
@@ -396,27 +455,55 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 argv, extra = _script_made_absolute(argv)
                 broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
 
-            handed = [(d, hostdirs.open_root(child_ns, name)) for d, name in mounts]
+            handed = [(d, hostdirs.open_root(child_ns, name), name) for d, name in mounts]
             try:
-                if hidden is not None:
-                    handed += [(d, hostdirs.open_root(hidden, name)) for d, name in tmp_mount]
+                if tmp_root is not None:
+                    handed.append((hostdirs.HostDir(private_tmp, "/tmp"), tmp_root, "tmp"))
+                    tmp_root = None  # closed with the rest of handed
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
-                return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
-                                      net=net, trace=trace, pass_fds=pass_fds), account, where
+                program = start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
+                                         mounts=handed, net=net, trace=trace, pass_fds=pass_fds)
             finally:
-                for _, cap in handed:
+                for _, cap, _ in handed:
                     rt.close(cap)
+            if tmp_channel is not None:
+                daemons.append(hostdirs.DaemonOnFirstRequest(
+                    tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp"))
+                tmp_channel = None  # the daemon's now
+            return program, account, where
+        if launcher is not None:
+            return _spawn_confined(argv, env, child_ns, launcher, pass_fds), account, where
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
                             start_new_session=new_session), account, where
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:
-        for ns in (child_ns, hidden):
-            if ns is not None:
-                rt.close(ns)
+        for fd in (tmp_root, tmp_channel):
+            if fd is not None:
+                os.close(fd)
+        if child_ns is not None:
+            rt.close(child_ns)
         rt.setup(None, None)
+
+
+def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,
+                    pass_fds: Sequence[int]) -> Any:
+    """Start argv confined (:func:`redoxcap.sandbox.spawn_confined`) with clones of child_ns
+    and of rt's cwd, as rt.spawn(share_ns=True) would hand them."""
+    from redoxcap.sandbox import spawn_confined
+
+    ns, cwd_clone = rt.clone(child_ns), None
+    try:
+        cwd_clone = rt.clone(_process.cwd_fd())
+        env = dict(env, **{_process.ENV_NS: str(ns), _process.ENV_CWD: str(cwd_clone),
+                           _process.ENV_CWD_PATH: _process.cwd_path()})
+        return spawn_confined(argv, env, keep_fds=[ns, cwd_clone, *pass_fds], **launcher)
+    finally:
+        rt.close(ns)
+        if cwd_clone is not None:
+            rt.close(cwd_clone)
 
 
 def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -450,17 +537,20 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
             hint = (f" (--cwd is a path in the system's file scheme; to run in the host "
                     f"directory {cwd}, hand it over with --dir {cwd})")
         elif exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
+            from redoxcap import config
+
             hint = (f" (a path in the system's file scheme: make the directory {path.lstrip('/')} "
                     f"below its --root, by default {config.default_root()}; or, for a host "
                     f"directory, use --dir HOSTDIR)")
         raise Failure(f"--cwd {cwd}: {exc.strerror}{hint}") from None
 
 
-def give_uds_scope(child_ns: int, choice: str) -> None:
+def give_uds_scope(child_ns: int, choice: str, names: set[str] | None = None) -> None:
     """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
 
     The fork's entry is the system scope; "private" puts a new empty scope in
-    its place, NAME the shared scope NAME. A namespace without uds is left so.
+    its place, NAME the shared scope NAME. A namespace without uds (names: what
+    child_ns holds, asked when None) is left so.
 
     Raises:
         Failure: EXIT_USAGE for a bad NAME, EXIT_FAILED when uds refused.
@@ -468,7 +558,7 @@ def give_uds_scope(child_ns: int, choice: str) -> None:
     if choice == "system":
         return
     try:
-        if "uds" not in rt.schemes(child_ns):
+        if "uds" not in (rt.schemes(child_ns) if names is None else names):
             return
         scope = rt.uds_scope(None if choice == "private" else choice)
     except OSError as exc:
@@ -478,18 +568,19 @@ def give_uds_scope(child_ns: int, choice: str) -> None:
     _replace_entry(child_ns, "uds", scope, f"--uds-scope {choice}")
 
 
-def give_net_grants(child_ns: int, grants: dict[str, NetGrant]) -> None:
+def give_net_grants(child_ns: int, grants: dict[str, NetGrant], names: set[str] | None = None) -> None:
     """Put in child_ns, in place of tcp and udp, grants of what --allow-* named (rt holds
     the root namespace).
 
-    A scheme the namespace lacks (`--ns`) is left out, unless an option names it.
+    A scheme the namespace lacks (`--ns`; names: what child_ns holds, asked when
+    None) is left out, unless an option names it.
 
     Raises:
         Failure: EXIT_USAGE for an option naming a scheme the namespace lacks,
             or an address the daemon's policy refuses; EXIT_FAILED when the
             scheme refused otherwise.
     """
-    names = rt.schemes(child_ns)
+    names = rt.schemes(child_ns) if names is None else names
     for scheme, grant in grants.items():
         what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
         if scheme not in names:

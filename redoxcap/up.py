@@ -168,16 +168,28 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
 
     async def namespace(request):
         """A clone of the root namespace; with `account`, in a fresh router account, so
-        that everything the client comes to hold is charged to it (and capped)."""
+        that everything the client comes to hold is charged to it (and capped). With
+        `account` and `scheme`, also a new anonymous scheme: its root (in that account),
+        then its channel, for a daemon the client starts (`run`'s private /tmp, which no
+        namespace names; made here, so that no daemon is asked before it is needed)."""
         clone = await system.namespace.call_fd(P.CLONE)
         if not request.get("account"):
             return {}, [clone]
         limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
+        passed, channel = [clone], None
         try:
-            account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], [clone])
+            if request.get("scheme") is True:
+                _, made = await system.kernel.call(P.SCHEME_CREATE, [{}])
+                channel, root = made
+                passed.append(root)
+            account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], passed)
+        except BaseException:
+            if channel is not None:
+                os.close(channel)
+            raise
         finally:
-            os.close(clone)
-        return {"account": account}, fds
+            P.close_fds(passed)
+        return {"account": account}, fds + ([channel] if channel is not None else [])
 
     async def status(_request):
         return {"status": {**await system.status(), "state_dir": str(state_dir), **(info or {})}}, []
