@@ -106,10 +106,14 @@ def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
         pid = lifecycle.start_detached(state_dir, cfg, trace)
         click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
         return
-    from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
+    from redoxcap.system import start_forkserver
 
     forbid_core_dumps()  # the supervisor holds every daemon's root and hands out namespaces
-    up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd)
+    forkserver = start_forkserver(cfg.specs())  # first: it loads while trio loads here
+    from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
+
+    up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd,
+             forkserver=forkserver)
 
 
 @main.command("down")

@@ -39,6 +39,7 @@ from wire import protocol as P
 if TYPE_CHECKING:
     import trio
 
+    from redoxcap.forkserver import ForkServer
     from wire.aio import AsyncCapability
 
 # trio (and wire.aio, on it) are imported by the methods that run in the supervisor, not here:
@@ -87,15 +88,23 @@ class SchemeSpec:
 
     def argv(self, channel_fd: int) -> list[str]:
         """The daemon's command line, given the fd number of its scheme channel."""
+        return [*self.program(), "--channel-fd", str(channel_fd), *self.args]
+
+    def program(self) -> list[str]:
+        """The command line before the daemon's options: `python -m MODULE`, or its command."""
         if self.command:
-            program = list(self.command)
-        elif self.cwd is None:
-            program = [*PYTHON, "-m", self.module]
-        else:
-            # a module of the user's, from the directory the config names: appended to sys.path,
-            # so that the system's own modules still come from where it is installed
-            program = [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
-        return [*program, "--channel-fd", str(channel_fd), *self.args]
+            return list(self.command)
+        if self.cwd is None:
+            return [*PYTHON, "-m", self.module]
+        # a module of the user's, from the directory the config names: appended to sys.path,
+        # so that the system's own modules still come from where it is installed
+        return [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
+
+    @property
+    def forkable(self) -> bool:
+        """A module of the system's own, run as the supervisor's environment has it: the fork
+        server can start it (redoxcap/forkserver.py)."""
+        return not self.command and self.cwd is None and not self.env
 
 
 @dataclass(eq=False)
@@ -123,6 +132,25 @@ class Daemon:
         return "running" if self.process is not None and self.process.returncode is None else "restarting"
 
 
+def start_forkserver(specs: list[SchemeSpec]) -> ForkServer | None:
+    """Start the fork server a system's Python daemons come from (redoxcap/forkserver.py),
+    loading what the kernel's, nsmgr's and each of specs' mains import, and make this process
+    their parent (a child subreaper). None when it could not start: then every daemon is an
+    interpreter of its own.
+
+    Start it early: it loads while the supervisor itself still does (trio, the lock).
+    """
+    from redoxcap.forkserver import ForkServer, adopt_orphans
+
+    modules = ["kernel", "nsmgr", *(s.module for s in specs if s.forkable)]
+    try:
+        adopt_orphans()  # the daemons it forks become our children
+        return ForkServer(list(dict.fromkeys(modules)))
+    except OSError as exc:
+        log.warning("no fork server (%s): each daemon starts an interpreter of its own", exc)
+        return None
+
+
 def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True,
                 passthrough: bool = True) -> SchemeSpec:
     """The spec of a file scheme serving host directory root."""
@@ -134,7 +162,16 @@ def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bo
 class System:
     """One running system: `boot()` it in a nursery, `stop()` it on the way out."""
 
-    def __init__(self, specs: list[SchemeSpec], trace: bool = False) -> None:
+    def __init__(self, specs: list[SchemeSpec], trace: bool = False,
+                 forkserver: ForkServer | None = None) -> None:
+        """A system of the kernel, nsmgr and specs' daemons, not yet booted.
+
+        Args:
+            specs: the scheme daemons besides nsmgr.
+            trace: log every call the router forwards.
+            forkserver: one :func:`start_forkserver` started for specs (owned from now on);
+                None: boot() starts it.
+        """
         self.specs = specs
         self.trace = trace
         self.kernel: AsyncCapability | None = None
@@ -148,6 +185,7 @@ class System:
         self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
         self._booting: trio.CancelScope | None = None  # while boot() runs
         self._registering: trio.CancelScope | None = None  # while boot() registers the daemons
+        self._forkserver = forkserver  # what the Python daemons are forked from
         self._boot_failure: str | None = None  # why boot() failed, said by the daemon that exited
 
     @property
@@ -184,11 +222,12 @@ class System:
         from wire.aio import AsyncCapability
 
         self._nursery = nursery
+        if self._forkserver is None:
+            self._forkserver = start_forkserver(self.specs)
         ours, theirs = _socketpair()
         try:
-            self.kernel_process = await trio.lowlevel.open_process(
-                [*PYTHON, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
-            )
+            self.kernel_process = await self._open_process(SchemeSpec("kernel", "kernel"),
+                                                           ["--kernel-fd", theirs])
         finally:
             os.close(theirs)
         self.kernel = AsyncCapability(ours)
@@ -272,7 +311,6 @@ class System:
         daemon.channel = channel
 
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
-        import trio
 
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
@@ -282,17 +320,31 @@ class System:
                 # nsmgr creates schemes for namespaces that hold SCHEME_CREATE
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
-                extra += ["--kernel-fd", str(fds[-1])]
-            spec = daemon.spec
+                extra += ["--kernel-fd", fds[-1]]
             daemon.started = time.monotonic()
-            daemon.process = await trio.lowlevel.open_process(
-                [*spec.argv(channel), *extra], pass_fds=fds,
-                env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd,
-            )
+            daemon.process = await self._open_process(
+                daemon.spec, ["--channel-fd", channel, *daemon.spec.args, *extra])
         finally:
             for fd in fds:
                 os.close(fd)
         nursery.start_soon(self._watch, daemon, daemon.process)
+
+    async def _open_process(self, spec: SchemeSpec, args: list[str | int]) -> trio.Process:
+        """Start spec's daemon with args after its program (`python -m MODULE`, or its command);
+        an int in args is an fd it inherits, named there by its number. Forked from the fork
+        server when it is a module of the system's own, run in the supervisor's environment; a
+        process of its own otherwise (or when the fork server fails)."""
+        import trio
+
+        if self._forkserver is not None and spec.forkable:
+            try:
+                return await self._forkserver.spawn(spec.module, args)
+            except OSError as exc:
+                log.warning("the fork server could not start %s (%s); starting it on its own",
+                            spec.name, exc)
+        return await trio.lowlevel.open_process(
+            [*spec.program(), *map(str, args)], pass_fds=[a for a in args if isinstance(a, int)],
+            env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd)
 
     async def _register(self, daemon: Daemon) -> None:
         assert daemon.root is not None
@@ -512,6 +564,9 @@ class System:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if self._forkserver is not None:
+            await self._forkserver.aclose(STOP_GRACE)
+            self._forkserver = None
 
 
 async def _terminate(proc: trio.Process) -> None:
