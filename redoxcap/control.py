@@ -21,8 +21,13 @@ it can become the oldest); accept errors such as EMFILE are logged
 (rate-limited) and waited out, never raised.
 
 Operations:
-    namespace  -> a clone of the root namespace capability (fds[0])
+    namespace  -> a clone of the root namespace capability (fds[0]); with `account`, in a
+                  fresh router account ({"account": N}; `max_caps` caps it); with `account`
+                  and `scheme`, also a new anonymous scheme's root (in that account, fds[1])
+                  and its channel (fds[2]), for a daemon the caller starts
     status     -> {"status": {...}} as `redoxcap status --json` prints it
+    client     -> {}: note the program `run` started (`pid`, `argv`, `names`, `cwd`, `account`)
+    trace      -> {"schemes": {id: name}} and a socket the router streams the trace on
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
     shutdown   -> stops the system after answering
@@ -33,11 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hmac
 import logging
 import math
 import os
-import secrets
 import socket
 import struct
 import time
@@ -88,6 +91,8 @@ class NotRunning(ControlError):
 
 def write_token(state_dir: Path) -> bytes:
     """Create a fresh secret readable only by its owner; returns it."""
+    import secrets  # the server's: a client only reads the token
+
     token = secrets.token_hex(32).encode()
     path = state_dir / TOKEN_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -348,6 +353,8 @@ class _Server:
         request = P.unpack(data) if data and not flags & socket.MSG_TRUNC else None
         if not isinstance(request, dict) or not isinstance(request.get("token"), str):
             raise ControlError("malformed control request")
+        import hmac
+
         if not hmac.compare_digest(request["token"].encode(), self.token):
             raise ControlError("permission denied: bad token")
         return request

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
@@ -226,7 +226,8 @@ def stop(state_dir: Path, wait: float = STOP_TIMEOUT) -> bool:
 
 
 @contextlib.contextmanager
-def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path]:
+def private_system(cfg: config.Config, log: Path | None = None,
+                   meanwhile: Callable[[], object] | None = None) -> Iterator[Path]:
     """A system of its own for the block (a `run` with none up); yields its state directory.
 
     It stops when the block ends, or when this process dies (its watch pipe
@@ -234,6 +235,9 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
     not its log: it is appended to log, or, without one, what it says besides
     the supervisor's routine notes (lines written to /scheme/log, warnings,
     errors) goes to stderr.
+
+    meanwhile, when given, is called once the supervisor has been started and
+    before it is waited for: the caller's own preparations overlap the boot.
 
     Raises:
         Failure: it did not boot (see :class:`Supervisor`).
@@ -247,6 +251,8 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
             os.close(watch_r)
         with supervisor:
             try:
+                if meanwhile is not None:
+                    meanwhile()
                 supervisor.wait_until_up(quote_log=log is not None)  # else _keep_log shows it
                 yield state_dir
             finally:

@@ -2,18 +2,23 @@
 
 The command's capabilities come from the supervisor's control op `namespace`
 (a clone of the root namespace, in a router account of its own, so that
-whatever the command comes to hold is charged and capped there). This
-process installs that namespace and the `--cwd` directory in its own rt
-(`rt.setup`, `rt.fchdir`), forks the namespace down to `--ns`, puts a uds
-scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
-options grant, and starts the command with the public
-`rt.spawn`, which hands the child clones of both. Confined (the default),
-the command runs brokered (redoxcap.broker: any program, every path through
-its capabilities, with the `--dir` directories at their own paths and a
-private /tmp, see redoxcap/hostdirs.py), or, with `--no-broker`, under the
-sandbox launcher (`python -P -m redoxcap.sandbox`) with a private scratch
-directory; either way with a minimal environment. `run` forwards SIGINT,
-SIGTERM and SIGHUP to it and exits with its exit code.
+whatever the command comes to hold is charged and capped there; brokered,
+also the scheme of its private /tmp). This process installs that namespace
+and the `--cwd` directory in its own rt (`rt.setup`), forks the namespace
+down to `--ns`, puts a uds scope in it (`--uds-scope`), narrows its tcp and
+udp to what the `--allow-*` options grant, and starts the command with
+clones of both. Confined (the default), the command runs brokered
+(redoxcap.broker: any program, every path through its capabilities, with
+the `--dir` directories at their own paths and a private /tmp, see
+redoxcap/hostdirs.py), or, with `--no-broker`, in a fork of this process
+that confines itself as the sandbox launcher would and executes it
+(redoxcap.sandbox.spawn_confined: no second interpreter), with a private
+scratch directory; either way with a minimal environment. Unconfined, it is
+started with the public `rt.spawn`. `run` forwards SIGINT, SIGTERM and
+SIGHUP to it and exits with its exit code.
+
+Nothing here imports click or trio: the console script reads `run`'s
+options itself (redoxcap/entry.py) and calls :func:`main`.
 
 With no system up at the state directory, a private one is booted for the
 duration of the command (:func:`redoxcap.lifecycle.private_system`).
@@ -31,7 +36,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,7 +178,7 @@ def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: b
 
 
 def confined_launch(command: list[str], require: bool, scratch: str) -> dict:
-    """spawn_confined's options for command: the launcher's (`python -E -P -m redoxcap.sandbox`).
+    """spawn_confined's options for command: what the launcher grants it besides the interpreter.
 
     Only the script of a Python interpreter (`python3 [options] script.py`)
     is made readable; `-c`, `-m` and every other program's arguments are
@@ -183,6 +188,18 @@ def confined_launch(command: list[str], require: bool, scratch: str) -> dict:
     script = python_script(command)
     return {"read_paths": [] if script is None else [script], "write_paths": [scratch],
             "require": require}
+
+
+def _brokered(brokered: bool | None, confine: bool) -> bool:
+    """Whether the run is brokered (`--brokered`, `--no-broker`, or neither: when confined).
+
+    Raises:
+        Failure: EXIT_USAGE for --brokered with --no-confine.
+    """
+    if brokered and not confine:
+        raise Failure("--brokered confines the program itself; it contradicts --no-confine",
+                      EXIT_USAGE)
+    return confine if brokered is None else brokered
 
 
 def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str], passthrough: bool
@@ -196,15 +213,10 @@ def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str],
     Raises:
         Failure: --brokered with --no-confine (usage), or a kernel that cannot broker.
     """
-    if brokered is None:
-        brokered = confine
-    if not brokered:
+    if not _brokered(brokered, confine):
         return None
     from redoxcap.broker import available
 
-    if not confine:
-        raise Failure("--brokered confines the program itself; it contradicts --no-confine",
-                      EXIT_USAGE)
     reason = available()
     if reason is not None:
         raise Failure(f"cannot broker an unmodified program here: {reason}; a program written "
@@ -249,26 +261,40 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
             raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
     net = net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
     host_dirs = [hostdirs.parse_dir(text) for text in dirs]
-    broker = broker_options(brokered, confine, ro_host, passthrough)
+    # the broker's code loads while a private system boots; what cannot broker says so then
+    load_broker = _load_broker if _brokered(brokered, confine) else None
     with system_for_run(state_dir, root=root, config_file=config_file, mounts=mounts,
-                        log=log_file) as system:
+                        log=log_file, dirs=host_dirs, meanwhile=load_broker) as (system, served):
+        broker = broker_options(brokered, confine, ro_host, passthrough)
         return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
                    trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
-                   dirs=host_dirs, pass_fds=pass_fds)
+                   dirs=host_dirs, pass_fds=pass_fds, served=served)
+
+
+def _load_broker() -> None:
+    import redoxcap.broker  # noqa: F401 - loaded now, used by broker_options and _spawn
 
 
 @contextlib.contextmanager
 def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
-                   mounts: Sequence[str], log: Path | None = None) -> Iterator[Path]:
+                   mounts: Sequence[str], log: Path | None = None,
+                   dirs: Sequence[hostdirs.HostDir] = (),
+                   meanwhile: Callable[[], object] | None = None
+                   ) -> Iterator[tuple[Path, list[tuple[hostdirs.HostDir, str]]]]:
     """The system a run uses: the one up at state_dir, or a private one for the block.
 
     With a system up, --mount adds each mount to it (it stays until `down`)
     and --root or --config is a usage error; without one, they configure the
-    private system (whose log is kept: appended to log, or its news to stderr).
+    private system (whose log is kept: appended to log, or its news to stderr),
+    which also serves dirs, the run's --dir directories: each as a mount of
+    its own (`dir`, `dir1`, ...; its handles die with its daemon, as those of
+    a run's own daemon do), started with the rest of the boot. meanwhile is
+    called while a private system boots.
 
     Yields:
-        The state directory of the system to run in.
+        The state directory of the system to run in, and the directories it
+        serves already (with their names in its root namespace).
 
     Raises:
         Failure: a usage error, a mount the running system refused, or a
@@ -281,8 +307,9 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
             cfg = config.configure(config_file, root, mounts)
         except config.ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
-        with lifecycle.private_system(cfg, log) as private:
-            yield private
+        served = _serve_with_the_system(cfg, dirs)
+        with lifecycle.private_system(cfg, log, meanwhile) as private:
+            yield private, served
         return
     if root is not None or config_file is not None:
         raise Failure("--root and --config only apply when run boots a private system; one is up",
@@ -297,7 +324,26 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
             raise Failure(f"--mount {text}: {exc}") from None
         except config.ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
-    yield state_dir
+    if meanwhile is not None:
+        meanwhile()
+    yield state_dir, []
+
+
+def _serve_with_the_system(cfg: Any, dirs: Sequence[hostdirs.HostDir]
+                           ) -> list[tuple[hostdirs.HostDir, str]]:
+    """Add dirs to cfg (a private system's config.Config) as mounts; their (directory, name)."""
+    from redoxcap import config
+
+    taken = {*cfg.schemes, *(m.name for m in cfg.mounts), *(u.name for u in cfg.user_schemes),
+             *config.RESERVED_NAMES}
+    served = []
+    for d in dirs:
+        name = next(n for n in ["dir", *(f"dir{i}" for i in range(1, len(dirs) + len(taken) + 2))]
+                    if n not in taken)
+        taken.add(name)
+        cfg.mounts.append(config.Mount(name, Path(d.path), d.read_only, keep=False))
+        served.append((d, name))
+    return served
 
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
@@ -305,7 +351,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
-        pass_fds: Sequence[int] = ()) -> int:
+        pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -318,8 +364,9 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path (None: `/`);
             with dirs, a host path in one of them (None: the first).
         beneath: open the cwd with O_RESOLVE_BENEATH.
-        confine: run it under the sandbox launcher, in a session of its own,
-            with a private scratch directory as $TMPDIR (removed afterwards).
+        confine: confine it (the sandbox launcher's steps, in a fork of this process),
+            in a session of its own, with a private scratch directory as $TMPDIR
+            (removed afterwards).
         require_confine: have the launcher refuse to run it unconfined.
         uds_scope: `--uds-scope`: private, system or a shared scope's NAME.
         trace: `--trace`: print every call of the command (and of run's own setup
@@ -334,6 +381,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         dirs: `--dir`: host directories it gets, each served by a file scheme daemon
             of this run's own (stopped afterwards) and seen at its own path.
         pass_fds: `--pass-fd`: fds of ours it inherits besides 0-2 (and its capabilities).
+        served: dirs with the name the system serves each under already (a private
+            system's mounts, :func:`system_for_run`); empty: the run serves them itself.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -358,7 +407,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         proc, account, where = _spawn(
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
             net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
-            dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds)
+            dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
+            served=served)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=where, account=account)
@@ -391,8 +441,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
            broker: dict | None = None, launcher: dict | None = None, max_caps: int | None = None,
            dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
-           daemons: list | None = None, pass_fds: Sequence[int] = ()
-           ) -> tuple[Any, int | None, str]:
+           daemons: list | None = None, pass_fds: Sequence[int] = (),
+           served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> tuple[Any, int | None, str]:
     """Start argv with the namespace and cwd asked for: confined in a fork of this process
     (launcher: :func:`confined_launch`), under the broker, or with rt.spawn (unconfined).
 
@@ -431,13 +481,15 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                           f"(it has {', '.join(root_names)})", EXIT_USAGE)
         if wanted is None and dirs:  # the program's files are its directories, not the root
             wanted = [n for n in root_names if n != "file"]
+        elif wanted is not None:  # the directories the system serves for the run are its own
+            wanted += [name for _, name in served if name not in wanted]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
-        mounts = hostdirs.serve(child_ns, dirs, daemons)
+        mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
