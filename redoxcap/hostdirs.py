@@ -161,6 +161,10 @@ class DaemonOnFirstRequest:
             self.process = _start_daemon(self._channel, d, name)
         except OSError as exc:  # its requests then wait until the run ends: say why
             os.write(2, f"redoxcap: cannot start the daemon of {d.visible}: {exc.strerror}\n".encode())
+            return
+        # the daemon's alone now: its death is the channel's end, as the router should see
+        os.close(self._channel)
+        self._channel = None
 
     def close(self) -> None:
         """Stop waiting for a first request, and let go of the channel."""
