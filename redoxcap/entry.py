@@ -201,6 +201,9 @@ def main() -> None:
         state_dir = default_state_dir().absolute()
     try:
         code = run.main(state_dir, command, **options)
+    except KeyboardInterrupt:  # Ctrl-C before the program runs: as click says it
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
     except Failure as exc:
         _exit(str(exc), exc.code)
     except Exception as exc:
