@@ -280,6 +280,7 @@ def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.sock
         for fd in fds.values():
             os.set_inheritable(fd, True)  # as an fd `python -m` was given would be
         argv = [str(fds[i]) if i in fds else arg for i, arg in enumerate(args)]
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
         _name_for_ps(module)
         import runpy
 
@@ -340,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     forbid_core_dumps()  # it forks every daemon: nothing of theirs, but undumpable like them
     die_with_parent(args.parent)
+    # Ctrl-C at a foreground `up` is the supervisor's to handle; EOF on the socket ends us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.socket_fd)
     for module in args.modules:
         preload(module)
