@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import posixpath
 import select
-import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import rt
 from redoxcap import PYTHON
@@ -27,6 +27,9 @@ from redoxcap.exits import EXIT_USAGE, Failure
 from rt import _process
 from rt._call import call_fd
 from wire import protocol as P
+
+if TYPE_CHECKING:
+    import subprocess  # loaded when a daemon starts, not with the run
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def open_root(ns: int, name: str) -> int:
 def _start_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
     """`python -E -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
     goes to the program, not to the daemons it needs until it exits), killed when we die."""
+    import subprocess
+
     argv = [*PYTHON, "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
             "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
             *(["--read-only"] if d.read_only else [])]
@@ -178,6 +183,8 @@ class DaemonOnFirstRequest:
 
 def stop(daemons: list[subprocess.Popen | DaemonOnFirstRequest]) -> None:
     """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
+    import subprocess
+
     for i, proc in enumerate(daemons):
         if isinstance(proc, DaemonOnFirstRequest):
             proc.close()

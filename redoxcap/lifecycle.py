@@ -15,9 +15,7 @@ import contextlib
 import os
 import re
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,7 +26,12 @@ from redoxcap import PYTHON, control
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 
 if TYPE_CHECKING:
+    import subprocess
+
     from redoxcap import config
+
+# subprocess and shutil are loaded by what starts or removes a system, not with a `run`
+# that only asks where the state directory is.
 
 BOOT_TIMEOUT = 30.0  # seconds a supervisor has to report that it is up
 STOP_TIMEOUT = 15.0  # seconds a supervisor has to exit once asked, before it is killed
@@ -156,6 +159,8 @@ class Supervisor:
 def _start_up(state_dir: Path, options: list[str],
               watch_fd: int | None) -> tuple[subprocess.Popen, int, int]:
     """Start `redoxcap up OPTIONS`; returns its process, its readiness pipe and a pidfd."""
+    import subprocess
+
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ready_r, ready_w = os.pipe()
     argv = [*PYTHON, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
@@ -264,6 +269,8 @@ def private_system(cfg: config.Config, log: Path | None = None,
         if watch_w is not None:
             os.close(watch_w)
         _keep_log(state_dir / control.LOG_NAME, log)
+        import shutil
+
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

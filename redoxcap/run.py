@@ -32,7 +32,6 @@ import ipaddress
 import json
 import os
 import posixpath
-import shutil
 import socket
 import sys
 import tempfile
@@ -423,7 +422,17 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         hostdirs.stop(daemons)
         for directory in (scratch, private_tmp):
             if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+                _remove(directory)
+
+
+def _remove(directory: str) -> None:
+    """Remove a scratch directory of the run's, and what the program left in it."""
+    try:
+        os.rmdir(directory)  # most programs leave it empty: no need to load shutil
+    except OSError:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
