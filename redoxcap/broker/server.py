@@ -263,7 +263,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
                    passthrough: bool = True,
                    trace: Callable[[dict], None] | None = None,
-                   mounts: Sequence[tuple[Any, int]] = (),
+                   mounts: Sequence[tuple[Any, int] | tuple[Any, int, str]] = (),
                    net: dict | None = None,
                    pass_fds: Sequence[int] = (),
                    directfs_grant: int | None = None) -> BrokeredProgram:
@@ -275,7 +275,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
     mounts are the directories handed over at paths of their own
-    (redoxcap.hostdirs.HostDir, and a capability for its root, which stays the caller's):
+    (redoxcap.hostdirs.HostDir, a capability for its root, which stays the caller's, and
+    optionally the scheme's name, which its fpath answers start with: asked when not given):
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
@@ -298,19 +299,20 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     machine = linux.machine()
     assert machine is not None
     # a tree inside a handed directory (a venv in the project) is served by that directory
-    handed_paths = [d.path.rstrip("/") + "/" for d, _ in mounts if d.executable]
+    handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
     hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
                               if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
-                             [d.visible for d, _ in mounts])
+                             [d.visible for d, *_ in mounts])
     opened: list[int] = []
     try:
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
         opened.append(broker_ns)
         handed = []
-        for directory, root in mounts:
+        for directory, root, *name in mounts:
             cap = call_fd(root, P.CLONE)
             opened.append(cap)
-            scheme = call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
+            # a name given saves asking the daemon, which may not have started yet
+            scheme = name[0] if name else call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
             handed.append(Mount(directory.visible, cap, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
