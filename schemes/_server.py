@@ -74,39 +74,55 @@ class _Server:
         # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
         # and then believes our claims to serve the requests it sent us.
         await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
+        inline_ops = self.scheme.inline_ops
         async with trio.open_nursery() as nursery:
+            drained = True
             while True:
-                batch = await self._waiting_requests(nursery)
+                # The one yield per batch: waiting for the next frame lets every task that
+                # this batch started or woke run first (a checkpoint when frames are left).
+                if drained:
+                    await trio.lowlevel.wait_readable(self.channel.sock)
+                else:
+                    await trio.lowlevel.checkpoint()
+                batch, drained = self._waiting_requests(nursery)
                 if batch is None:
                     break  # the router is gone
                 for request, fds in batch:
-                    if request.op in self.scheme.inline_ops:
+                    if request.op in inline_ops:
                         await self._handle(request, fds)  # never blocks: no task, no cancel scope
-                        # and then the others' turn: requests whose answer came back (an
-                        # open nsmgr forwarded) need not wait for the whole batch
-                        await trio.lowlevel.checkpoint()
                     else:
                         nursery.start_soon(self._handle, request, fds)
 
-    async def _waiting_requests(self, nursery: trio.Nursery
-                                ) -> list[tuple[SchemeRequest, list[int]]] | None:
-        """Every request waiting on the channel now (at least one, at most MAX_BATCH), in
-        the order to serve them: one of each account in turn, each account's in the order
-        they came. The router's own frames (CLOSE, RESTORE, RESUME) are acted on here, in
-        the order they came. None when the router has gone away.
+    def _waiting_requests(self, nursery: trio.Nursery
+                          ) -> tuple[list[tuple[SchemeRequest, list[int]]] | None, bool]:
+        """Every request waiting on the channel now (at most MAX_BATCH), in the order to
+        serve them: one of each account in turn, each account's in the order they came.
+        The router's own frames (CLOSE, RESTORE, RESUME) are acted on here, in the order
+        they came.
 
         Taken in arrival order, a client with many requests in flight (up to its
         account's bound) would put them all in front of another client's one.
+
+        Returns:
+            (the requests, None when the router has gone away; whether the channel was
+            read until it had nothing left, so that the next batch must wait for one).
         """
         queues: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
-        received = await self.channel.recv()
         taken = 0
-        while received is not None:
+        while taken < MAX_BATCH:
+            try:
+                received = self.channel.try_recv()
+            except OSError:
+                if not taken:
+                    raise
+                break  # the channel failed: the next batch says how
+            if received is None:
+                return self._in_turn(queues), True
             data, fds, flags, _ = received
             if not data and not fds:
                 if not queues:
-                    return None
-                break  # serve what came before the end; the next call sees it again
+                    return None, True
+                break  # serve what came before the end; the next batch sees it again
             taken += 1
             try:
                 if flags & P.TRUNCATED:
@@ -115,11 +131,9 @@ class _Server:
             except P.ProtocolError:
                 P.close_fds(fds)
                 log.warning("%s: malformed frame from the router dropped", self.scheme.name)
-                request = None
+                continue
             del data  # the request holds what it needs
-            if request is None:
-                pass
-            elif request.op == P.CLOSE:
+            if request.op == P.CLOSE:
                 P.close_fds(fds)
                 nursery.start_soon(self._close, request.handle)
             elif request.op == P.RESTORE_MORE:
@@ -135,12 +149,13 @@ class _Server:
                 self._resume(request)
             else:
                 queues.setdefault(request.account, collections.deque()).append((request, fds))
-            if taken >= MAX_BATCH:
-                break
-            try:
-                received = self.channel.try_recv()
-            except OSError:
-                break  # the channel failed: the next recv says how
+        return self._in_turn(queues), False
+
+    @staticmethod
+    def _in_turn(queues: dict[int, collections.deque]) -> list[tuple[SchemeRequest, list[int]]]:
+        """One request of each account in turn until every queue is empty."""
+        if len(queues) == 1:
+            return list(queues.popitem()[1])
         order = []
         while queues:
             for account in list(queues):
@@ -202,7 +217,7 @@ class _Server:
                 part_fds = fds[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
                 keep = Keep(number, len(part_fds), body[i * KEPT_PART : (i + 1) * KEPT_PART], req_id,
                             more=i < parts - 1)
-                await self.channel.send(keep.encode(), part_fds)
+                await self._put(keep.encode(), part_fds)
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
 
@@ -330,11 +345,17 @@ class _Server:
             log.warning("%s: reply to %d too large (%d bytes)", self.scheme.name, reply.req_id, len(frame))
             frame, fds = SchemeReply.of(reply.req_id, P.ERR, errno.EOVERFLOW).encode(), []
         try:
-            await self.channel.send(frame, fds)
+            await self._put(frame, fds)
         except (OSError, trio.ClosedResourceError) as exc:
             # The router is gone (the request loop sees EOF next) or the frame
             # cannot be sent; either way there is no one to tell.
             log.warning("%s: reply not sent: %s", self.scheme.name, exc)
+
+    async def _put(self, frame: bytes, fds: list[int]) -> None:
+        """Send a frame to the router; a scheduler pass only when its socket is full (the
+        request loop yields once per batch, not once per reply)."""
+        if not self.channel.try_send(frame, fds):
+            await self.channel.send(frame, fds)
 
 
 def _close_result(result: Any) -> None:
