@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -52,25 +52,30 @@ class EchoScheme(Scheme):
     def _shape(self, data: bytes) -> bytes:
         return data.upper() if self.upper else data
 
+    @takes(EchoRoot)
     async def openat(self, req: Request, h: EchoRoot, path: str, flags: int, mode: int) -> Opened:
         text = path.strip("/")
         if not text or text == ".":
             raise SchemeError(errno.EISDIR, "open /scheme/NAME/TEXT")
         return Opened(Echo(self._shape(f"{self.prefix}{text}\n".encode())), fdflags=flags)
 
+    @takes(Echo)
     async def read(self, req: Request, h: Echo, n: int) -> bytes:
         if n < 0:
             raise SchemeError(errno.EINVAL)
         chunk, h.pending = h.pending[:n], h.pending[n:]
         return chunk
 
+    @takes(Echo)
     async def write(self, req: Request, h: Echo, data: bytes) -> int:
         h.pending += self._shape(data)
         return len(data)
 
+    @takes(EchoRoot, Echo)
     async def fstat(self, req: Request, h: EchoRoot | Echo) -> Stat:
         return ROOT_STAT if isinstance(h, EchoRoot) else Stat(st_mode=0o100444, st_size=len(h.pending))
 
+    @takes(EchoRoot)
     async def fpath(self, req: Request, h: EchoRoot) -> str:
         return f"/scheme/{self.name}"  # what nsmgr looks for to keep the root as an entry
 

@@ -124,9 +124,53 @@ class NamespaceScheme(Scheme):
         req.keep_again()
         return Reply(None, [channel])
 
-    # -- routing: see _forwarder below, made for every path operation of wire/ops.py ---
+    # -- path operations: forwarded to the entry the path names ---------------
 
-    async def _forward_two_paths(self, req: Request, ns: Namespace, op: ops.Operation, old: str,
+    async def openat(self, req: Request, ns: Namespace, path: str, flags: int, mode: int) -> Reply:
+        """Open `/scheme/NAME/rest` as openat(NAME's entry, rest) and relay the capability."""
+        name, rest = split_scheme_path(path)
+        return Reply(None, [await ns.lookup(name).call_fd(ops.OPENAT, [rest, flags, mode], serving=req.id)])
+
+    async def statat(self, req: Request, ns: Namespace, path: str, flags: int) -> Any:
+        return await self._forward(req, ns, ops.STATAT, [path, flags])
+
+    async def mkdirat(self, req: Request, ns: Namespace, path: str, mode: int) -> None:
+        await self._forward(req, ns, ops.MKDIRAT, [path, mode])
+
+    async def unlinkat(self, req: Request, ns: Namespace, path: str, flags: int) -> None:
+        await self._forward(req, ns, ops.UNLINKAT, [path, flags])
+
+    async def symlinkat(self, req: Request, ns: Namespace, target: str, path: str) -> None:
+        await self._forward(req, ns, ops.SYMLINKAT, [target, path])
+
+    async def readlinkat(self, req: Request, ns: Namespace, path: str) -> Any:
+        return await self._forward(req, ns, ops.READLINKAT, [path])
+
+    async def chmodat(self, req: Request, ns: Namespace, path: str, mode: int, flags: int) -> None:
+        await self._forward(req, ns, ops.CHMODAT, [path, mode, flags])
+
+    async def utimensat(self, req: Request, ns: Namespace, path: str, atime: int | None,
+                        mtime: int | None, flags: int) -> None:
+        await self._forward(req, ns, ops.UTIMENSAT, [path, atime, mtime, flags])
+
+    async def chownat(self, req: Request, ns: Namespace, path: str, uid: int, gid: int,
+                      flags: int) -> None:
+        await self._forward(req, ns, ops.CHOWNAT, [path, uid, gid, flags])
+
+    async def renameat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._forward_two_paths(req, ns, ops.RENAMEAT, old, new)
+
+    async def linkat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._forward_two_paths(req, ns, ops.LINKAT, old, new)
+
+    async def _forward(self, req: Request, ns: Namespace, number: int, args: list) -> Any:
+        """A path operation whose answer is a value: the path (where wire/ops.py declares it)
+        names the entry, and the rest of it goes there with the other arguments."""
+        at = ops.BY_NUMBER[number].path
+        name, args[at] = split_scheme_path(args[at])
+        return await _forward(ns.lookup(name), number, args, serving=req.id)
+
+    async def _forward_two_paths(self, req: Request, ns: Namespace, number: int, old: str,
                                  new: str) -> None:
         """old is a namespace path; new is relative to a passed directory capability, or
         another namespace path in the same scheme (EXDEV across schemes)."""
@@ -137,7 +181,7 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.EINVAL, "one directory capability at most")
             fd = req.take_fd(0)
             try:
-                await _forward(cap, op.number, [old_rest, new], [fd], serving=req.id)
+                await _forward(cap, number, [old_rest, new], [fd], serving=req.id)
             finally:
                 P.close_fds([fd])
             return
@@ -145,7 +189,7 @@ class NamespaceScheme(Scheme):
         ns.lookup(new_name)
         if new_name != name:
             raise SchemeError(errno.EXDEV, "rename across schemes")
-        await _forward(cap, op.number, [old_rest, new_rest], serving=req.id)
+        await _forward(cap, number, [old_rest, new_rest], serving=req.id)
 
     async def fpath(self, req: Request, ns: Namespace) -> str:
         return "/scheme/"
@@ -332,28 +376,3 @@ async def _as_entry(cap: AsyncCapability, serving: int | None = None) -> AsyncCa
         raise
     cap.close()
     return AsyncCapability(fd)
-
-
-def _forwarder(op: ops.Operation):
-    """nsmgr's method for a path operation: the path's scheme name picks the entry, the
-    rest of the path goes to it with the other arguments, and its answer comes back
-    (with the one capability it answers, for an open)."""
-
-    async def forward(self: NamespaceScheme, req: Request, ns: Namespace, *args: Any) -> Any:
-        if op.forward is ops.Forward.TWO_PATHS:
-            return await self._forward_two_paths(req, ns, op, *args)
-        args = list(args)
-        name, args[op.path] = split_scheme_path(args[op.path])
-        cap = ns.lookup(name)
-        if op.forward is ops.Forward.OPEN:
-            return Reply(None, [await cap.call_fd(op.number, args, serving=req.id)])
-        return await _forward(cap, op.number, args, serving=req.id)
-
-    forward.__name__ = forward.__qualname__ = op.name
-    forward.__doc__ = f"{op.doc} Forwarded to the scheme the path names."
-    return forward
-
-
-for _op in ops.SCHEME_OPERATIONS:
-    if _op.forward is not ops.Forward.NONE:
-        setattr(NamespaceScheme, _op.name, _forwarder(_op))

@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 
-from schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError
+from schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError, takes
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -32,7 +32,7 @@ class DeviceHandle:
 
 
 class DeviceScheme(Scheme):
-    """A stateless character device: override read and write (annotate `h: DeviceHandle`:
+    """A stateless character device: override read and write (with `@takes(DeviceHandle)`:
     the framework answers EBADF on the root)."""
 
     inline_ops = frozenset(P.SCHEME_OPS)  # nothing here ever waits
@@ -45,6 +45,7 @@ class DeviceScheme(Scheme):
     def root(self) -> DeviceRoot:
         return self._root
 
+    @takes(DeviceRoot)
     async def openat(self, req: Request, h: DeviceRoot, path: str, flags: int, mode: int) -> Opened:
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, f"{self.name} has no names: open /scheme/{self.name}")
@@ -56,15 +57,18 @@ class DeviceScheme(Scheme):
             return Reply(None, [fd])  # the framework closes our copy once it is sent
         return Opened(DeviceHandle(), fdflags=flags & ~P.O_PASSTHROUGH)
 
+    @takes(DeviceHandle)
     async def dup(self, req: Request, h: DeviceHandle, buf: bytes) -> Opened:
         if buf:
             raise SchemeError(errno.EINVAL, "devices know no dup buffers")
         return Opened(DeviceHandle())
 
+    @takes(DeviceRoot, DeviceHandle)
     async def fstat(self, req: Request, h: DeviceRoot | DeviceHandle) -> Stat:
         if h is self._root:
             return ROOT_STAT
         return Stat(st_mode=stat.S_IFCHR | 0o666)
 
+    @takes(DeviceRoot, DeviceHandle)
     async def fpath(self, req: Request, h: DeviceRoot | DeviceHandle) -> str:
         return f"/scheme/{self.name}"

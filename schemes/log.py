@@ -43,7 +43,7 @@ from typing import TextIO
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
 from wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much
@@ -156,6 +156,7 @@ class LogScheme(Scheme):
     def root(self) -> LogRoot:
         return self._root
 
+    @takes(LogRoot)
     async def openat(self, req: Request, h: LogRoot, path: str, flags: int, mode: int) -> Opened:
         tag = path.strip("/")
         if tag in (".", ""):
@@ -164,6 +165,7 @@ class LogScheme(Scheme):
             raise SchemeError(errno.EINVAL, "a log tag is at most 64 printable characters")
         return Opened(LogHandle(tag, pid=req.caller.pid), fdflags=flags)
 
+    @takes(LogRoot, LogHandle)
     async def write(self, req: Request, h: LogRoot | LogHandle, data: bytes) -> int:
         if not isinstance(h, LogHandle):
             raise SchemeError(errno.EBADF, "the log root is not open for writing")
@@ -257,15 +259,19 @@ class LogScheme(Scheme):
         finally:
             bucket.waiting = False
 
+    @takes(LogHandle)
     async def read(self, req: Request, h: LogHandle, n: int) -> bytes:
         raise SchemeError(errno.EBADF, "the log is write-only")
 
+    @takes(LogHandle)
     async def fsync(self, req: Request, h: LogHandle) -> None:
         self.out.flush()
 
+    @takes(LogRoot, LogHandle)
     async def fstat(self, req: Request, h: LogRoot | LogHandle) -> Stat:
         return ROOT_STAT if h is self._root else Stat(st_mode=stat.S_IFCHR | 0o222)
 
+    @takes(LogRoot, LogHandle)
     async def fpath(self, req: Request, h: LogRoot | LogHandle) -> str:
         tag = h.tag if isinstance(h, LogHandle) else ""
         return f"/scheme/{self.name}/{tag}" if tag else f"/scheme/{self.name}"

@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, takes
 from wire.stat import Stat
 
 FIRST_UNPRIVILEGED_PORT = 1024
@@ -354,6 +354,7 @@ class NetScheme(Scheme):
     async def fstat(self, req: Request, h: Any) -> Stat:
         return ROOT_STAT if isinstance(h, NetRoot | NetGrant) else SOCKET_STAT
 
+    @takes(NetRoot, NetGrant)
     async def getdents(self, req: Request, h: NetRoot | NetGrant, start: int) -> list[str]:
         raise SchemeError(errno.EACCES, "the network cannot be listed")
 

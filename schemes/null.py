@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, daemon_cli
+from schemes.framework import Request, daemon_cli, takes
 
 
 class NullScheme(DeviceScheme):
@@ -12,9 +12,11 @@ class NullScheme(DeviceScheme):
     name = "null"
     host_device = "/dev/null"
 
+    @takes(DeviceHandle)
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         return b""
 
+    @takes(DeviceHandle)
     async def write(self, req: Request, h: DeviceHandle, data: bytes) -> int:
         return len(data)
 

@@ -19,7 +19,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from schemes.framework import ROOT_STAT, Changed, Opened, Request, Scheme, SchemeError, daemon_cli
+from schemes.framework import (
+    ROOT_STAT,
+    Changed,
+    Opened,
+    Request,
+    Scheme,
+    SchemeError,
+    daemon_cli,
+    takes,
+)
 from wire import protocol as P
 from wire.stat import Stat
 
@@ -67,17 +76,20 @@ class PipeScheme(Scheme):
             pipe.readers += 1
         return Opened(PipeEnd(pipe, writer), fdflags=os.O_WRONLY if writer else os.O_RDONLY)
 
+    @takes(PipeRoot)
     async def openat(self, req: Request, h: PipeRoot, path: str, flags: int, mode: int) -> Opened:
         if path.strip("/") not in ("", "."):
             raise SchemeError(errno.ENOENT, "pipes have no names: open /scheme/pipe")
         return self._end(Pipe(), writer=False)
 
+    @takes(PipeEnd)
     async def dup(self, req: Request, h: PipeEnd, buf: bytes) -> Opened:
         kinds = {b"": h.writer, b"read": False, b"write": True}
         if buf not in kinds:
             raise SchemeError(errno.EINVAL, 'pipe dup takes b"", b"read" or b"write"')
         return self._end(h.pipe, kinds[buf])
 
+    @takes(PipeEnd)
     async def read(self, req: Request, h: PipeEnd, n: int) -> bytes:
         if h.writer:
             raise SchemeError(errno.EBADF, "a write end")
@@ -93,6 +105,7 @@ class PipeScheme(Scheme):
         pipe.changed.notify()
         return chunk
 
+    @takes(PipeEnd)
     async def write(self, req: Request, h: PipeEnd, data: bytes) -> int:
         if not h.writer:
             raise SchemeError(errno.EBADF, "a read end")
@@ -114,14 +127,17 @@ class PipeScheme(Scheme):
                 await pipe.changed.wait()
         return done
 
+    @takes(PipeRoot, PipeEnd)
     async def fstat(self, req: Request, h: PipeRoot | PipeEnd) -> Stat:
         if h is self._root:
             return ROOT_STAT
         return Stat(st_mode=stat.S_IFIFO | 0o600, st_size=len(h.pipe.data))
 
+    @takes(PipeRoot)
     async def getdents(self, req: Request, h: PipeRoot, start: int) -> list[str]:
         raise SchemeError(errno.EACCES, "pipes have no names to list")
 
+    @takes(PipeRoot, PipeEnd)
     async def fpath(self, req: Request, h: PipeRoot | PipeEnd) -> str:
         return f"/scheme/{self.name}"
 

@@ -10,7 +10,7 @@ import errno
 import os
 
 from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, SchemeError, daemon_cli
+from schemes.framework import Request, SchemeError, daemon_cli, takes
 from wire import protocol as P
 
 
@@ -21,11 +21,13 @@ class RandScheme(DeviceScheme):
     host_device = "/dev/urandom"
     passthrough_modes = frozenset({os.O_RDONLY})  # the host's takes writes as seed input
 
+    @takes(DeviceHandle)
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         if n < 0:
             raise SchemeError(errno.EINVAL)
         return os.urandom(min(n, P.MAX_IO))
 
+    @takes(DeviceHandle)
     async def write(self, req: Request, h: DeviceHandle, data: bytes) -> int:
         return len(data)
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import Opened, Request, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
 from schemes.netaddr import (
     DEFAULT_POLICY,
     NetGrant,
@@ -75,6 +75,7 @@ class TcpScheme(NetScheme):
         super().__init__(policy)
         self.connect_timeout = connect_timeout
 
+    @takes(NetRoot, NetGrant)
     async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
                      mode: int) -> Opened:
         if is_self_path(path, flags):
@@ -96,6 +97,7 @@ class TcpScheme(NetScheme):
             sock.close()
             raise
 
+    @takes(NetRoot, NetGrant, TcpSocket)
     async def dup(self, req: Request, h: NetRoot | NetGrant | TcpSocket, buf: bytes) -> Opened:
         if not isinstance(h, TcpSocket):
             return self.narrowed(h, buf)
@@ -110,6 +112,7 @@ class TcpScheme(NetScheme):
             raise SchemeError(errno.ENOTCONN)
         return h
 
+    @takes(TcpSocket)
     async def read(self, req: Request, h: TcpSocket, n: int) -> bytes:
         s = self._stream(h)
         if n < 0:
@@ -117,6 +120,7 @@ class TcpScheme(NetScheme):
         async with s.read_lock:
             return await s.sock.recv(min(n, P.MAX_IO))
 
+    @takes(TcpSocket)
     async def write(self, req: Request, h: TcpSocket, data: bytes) -> int:
         s = self._stream(h)
         view = memoryview(data)
@@ -126,6 +130,7 @@ class TcpScheme(NetScheme):
                 view = view[sent:]
         return len(data)
 
+    @takes(TcpSocket)
     async def shutdown(self, req: Request, h: TcpSocket, how: int) -> None:
         s = self._stream(h)
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):

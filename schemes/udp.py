@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import Opened, Request, SchemeError, daemon_cli
+from schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
 from schemes.netaddr import (
     Endpoint,
     NetGrant,
@@ -72,6 +72,7 @@ class UdpScheme(NetScheme):
     name = "udp"
 
 
+    @takes(NetRoot, NetGrant)
     async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
                      mode: int) -> Opened:
         if is_self_path(path, flags):
@@ -96,14 +97,17 @@ class UdpScheme(NetScheme):
             data, sender = await s.sock.recvfrom(P.MAX_IO)
         return data[:n], sender
 
+    @takes(UdpSocket)
     async def read(self, req: Request, h: UdpSocket, n: int) -> bytes:
         data, _ = await self._receive(h, n)
         return data
 
+    @takes(UdpSocket)
     async def recvfrom(self, req: Request, h: UdpSocket, n: int) -> list:
         data, sender = await self._receive(h, n)
         return [data, sender[0], sender[1]]
 
+    @takes(UdpSocket)
     async def write(self, req: Request, h: UdpSocket, data: bytes) -> int:
         s = h
         if s.bound:
@@ -113,6 +117,7 @@ class UdpScheme(NetScheme):
         async with s.write_lock:
             return await s.sock.send(data)
 
+    @takes(UdpSocket)
     async def sendto(self, req: Request, h: UdpSocket, data: bytes, host: str, port: int) -> int:
         s = h
         if not s.bound:
@@ -131,6 +136,7 @@ class UdpScheme(NetScheme):
         async with s.write_lock:
             return await s.sock.sendto(data, ep.sockaddr)
 
+    @takes(NetRoot, NetGrant)
     async def dup(self, req: Request, h: NetRoot | NetGrant, buf: bytes) -> Opened:
         return self.narrowed(h, buf)
 

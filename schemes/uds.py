@@ -49,6 +49,7 @@ from schemes.framework import (
     Scheme,
     SchemeError,
     daemon_cli,
+    takes,
 )
 from wire import protocol as P
 from wire.stat import Stat
@@ -143,6 +144,7 @@ class UdsScheme(Scheme):
         if scope.refs <= 0 and scope.label is not None and self.named.get(scope.label) is scope:
             del self.named[scope.label]  # nobody can reach it: the name starts afresh
 
+    @takes(Scope)
     async def openat(self, req: Request, h: Scope, path: str, flags: int, mode: int) -> Opened:
         """Listen on (O_CREAT) or connect to a name in the scope h; "." is h itself."""
         if path.strip("/") in ("", ".") and not flags & os.O_CREAT:
@@ -277,6 +279,7 @@ class UdsScheme(Scheme):
             return f"/scheme/{self.name}"
         return f"/scheme/{self.name}/{h.name}"
 
+    @takes(Scope)
     async def getdents(self, req: Request, h: Scope, start: int) -> list[str]:
         return P.page_of_names(sorted(h.listeners), start)
 

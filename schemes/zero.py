@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, SchemeError, daemon_cli
+from schemes.framework import Request, SchemeError, daemon_cli, takes
 from wire import protocol as P
 
 
@@ -15,11 +15,13 @@ class ZeroScheme(DeviceScheme):
     name = "zero"
     host_device = "/dev/zero"
 
+    @takes(DeviceHandle)
     async def read(self, req: Request, h: DeviceHandle, n: int) -> bytes:
         if n < 0:
             raise SchemeError(errno.EINVAL)
         return bytes(min(n, P.MAX_IO))
 
+    @takes(DeviceHandle)
     async def write(self, req: Request, h: DeviceHandle, data: bytes) -> int:
         return len(data)
 

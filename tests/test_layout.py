@@ -23,7 +23,8 @@ from wire.ops import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = {"wire", "kernel", "nsmgr", "schemes", "rt", "redoxcap"}
-SCHEME_HELPERS = {"schemes", "schemes.framework", "schemes.resolve", "schemes.device", "schemes.netaddr"}
+SCHEME_HELPERS = {"schemes", "schemes.framework", "schemes._scheme", "schemes._server", "schemes.resolve",
+                  "schemes.device", "schemes.netaddr"}
 
 
 def imports(path: Path) -> set[str]:

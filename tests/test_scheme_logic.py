@@ -6,18 +6,20 @@ import errno
 import os
 import socket
 import stat
+import typing
 
 import pytest
 import trio
 import trio.testing
 
-from schemes.framework import Caller, HandleRef, Request, SchemeError, invoke, serve
+from schemes.framework import Caller, HandleRef, Request, Scheme, SchemeError, invoke, serve, takes
 from schemes.log import LogScheme
 from schemes.null import NullScheme
-from schemes.pipe import PIPE_SIZE, PipeScheme
+from schemes.pipe import PIPE_SIZE, PipeRoot, PipeScheme
 from schemes.rand import RandScheme
 from schemes.uds import MAX_QUEUED_FDS, UdsScheme
 from schemes.zero import ZeroScheme
+from wire import ops
 from wire import protocol as P
 from wire.frames import SchemeReply, SchemeRequest
 
@@ -304,3 +306,65 @@ async def test_a_scheme_serves_the_requests_waiting_for_it_one_account_at_a_time
     assert replies[0].status == P.HELLO
     assert [r.req_id for r in replies[1:]] == [1, 100, 200, 2, 101, 3, 4, 5, 6, 7, 8]
     assert all(r.value() == "/scheme/zero" for r in replies[1:])
+
+
+# -- the protocol is declared: defaults and handle checks that cannot go missing --------
+
+
+async def test_every_declared_operation_answers_its_errno_until_a_scheme_serves_it():
+    class Bare(Scheme):
+        pass
+
+    s = Bare()
+    for op in ops.SCHEME_OPERATIONS:
+        args = [arg.types[0]() for arg in op.args]
+        with pytest.raises(SchemeError) as info:
+            await invoke(s, req(op.number), s.root(), op.name, *args)
+        assert info.value.errno == op.default, op.name
+
+
+@pytest.mark.parametrize("kind", ["PipeEnd", typing.Any, object, int | str, None])
+def test_a_handle_check_that_names_no_class_fails_at_import(kind):
+    with pytest.raises(TypeError, match="@takes"):
+        takes(kind)
+
+
+def test_a_method_that_does_not_take_the_declared_arguments_fails_at_import():
+    with pytest.raises(TypeError, match=r"read must take \(self, req, h, n\)"):
+        class Wrong(Scheme):
+            async def read(self, req, h, n, offset):
+                return b""
+
+    with pytest.raises(TypeError, match="no async method write"):
+        class Blocking(Scheme):
+            def write(self, req, h, data):
+                return len(data)
+
+
+def test_a_handle_check_on_something_that_is_no_operation_fails_at_import():
+    with pytest.raises(TypeError, match="not an operation"):
+        class Typo(Scheme):
+            @takes(PipeRoot)
+            async def opneat(self, req, h, path, flags, mode):
+                raise SchemeError(errno.ENOENT)
+
+
+async def test_a_request_on_a_handle_the_method_does_not_take_never_reaches_it():
+    called = []
+
+    class Strict(Scheme):
+        @takes(PipeRoot)
+        async def openat(self, req, h, path, flags, mode):
+            called.append(path)
+
+        @takes(PipeRoot)
+        async def fstat(self, req, h):
+            called.append("fstat")
+
+    s = Strict()
+    for op_name, args, err in (("openat", ("x", 0, 0), errno.ENOTDIR), ("fstat", (), errno.EBADF)):
+        with pytest.raises(SchemeError) as info:
+            await invoke(s, req(), object(), op_name, *args)
+        assert info.value.errno == err
+    assert called == []
+    assert Strict.handle_kinds == {ops.OPENAT: (PipeRoot,), ops.FSTAT: (PipeRoot,)}

@@ -4,15 +4,17 @@ An `Operation` says everything the rest of the system needs to know about
 one request kind: its number on the wire, its name (the method a scheme
 implements), the name and type of each argument, which argument is a path,
 how nsmgr forwards it through a namespace, the errno a scheme that does not
-implement it answers, and the prose for the docs. From this table follow:
+implement it answers, and what the docs' tables say of it. From this table follow:
 
 - the argument checks the scheme framework makes before any method runs, and
-  its default methods (schemes/framework.py);
-- nsmgr's forwarders for path operations (nsmgr/namespace.py);
+  the errno of each default method of `Scheme` (schemes/_scheme.py, where
+  each operation's semantics are stated, one method per operation);
+- how nsmgr forwards path operations (nsmgr/namespace.py);
 - the operation tables in docs/protocol.md (`python -m wire.ops` prints them,
   and a test fails when the page and this table disagree).
 
-Adding an operation is one entry here plus the methods that serve it.
+Adding an operation is one entry here, its default method on `Scheme`, plus the
+methods that serve it.
 Operations answered by the router itself (CLONE, GETFL, the kernel
 capability's) are in wire/protocol.py: no scheme sees them.
 """
@@ -55,7 +57,6 @@ class Operation:
         args: its arguments, in order.
         result: what an OK reply carries, for the docs.
         errnos: the usual errors, for the docs.
-        doc: what it does, for the docs and the framework's default method.
         default: the errno of a scheme that does not implement it.
         path: the index of the argument that is a path, if any.
         forward: how nsmgr forwards it.
@@ -70,7 +71,6 @@ class Operation:
     args: tuple[Arg, ...]
     result: str
     errnos: str
-    doc: str
     default: int = errno.ENOSYS
     path: int | None = None
     forward: Forward = Forward.NONE
@@ -140,121 +140,84 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
               "new capability",
               "ENOENT EEXIST ENOTDIR EISDIR ELOOP EACCES EXDEV EINVAL (unsupported flag)",
-              "Open path relative to the handle (a directory, a scheme's root or a scope).",
               path=0, forward=Forward.OPEN),
-    Operation(READ, "read", (_a("n", _INT),), 'bytes (b"" at EOF)', "EBADF EISDIR",
-              "Read up to n bytes at the handle's offset; b\"\" at end of file."),
-    Operation(WRITE, "write", (_a("data", _BYTES),), "int written", "EBADF EPIPE EROFS",
-              "Write data; answer how many bytes were taken."),
+    Operation(READ, "read", (_a("n", _INT),), 'bytes (b"" at EOF)', "EBADF EISDIR"),
+    Operation(WRITE, "write", (_a("data", _BYTES),), "int written", "EBADF EPIPE EROFS"),
     Operation(LSEEK, "lseek", (_a("pos", _INT), _a("whence", _INT)), "new offset", "ESPIPE EINVAL",
-              "Move the handle's offset; answer the new offset.", default=errno.ESPIPE),
-    Operation(FSTAT, "fstat", (), "map of `st_*` fields", "",
-              "Status of the handle's file (wire.stat.Stat)."),
+              default=errno.ESPIPE),
+    Operation(FSTAT, "fstat", (), "map of `st_*` fields", ""),
     Operation(FTRUNCATE, "ftruncate", (_a("length", _INT),), "nil", "EINVAL EROFS",
-              "Set the size of the handle's file.", default=errno.EINVAL),
-    Operation(FSYNC, "fsync", (), "nil", "EINVAL",
-              "Flush the handle's data to stable storage.", default=errno.EINVAL),
+              default=errno.EINVAL),
+    Operation(FSYNC, "fsync", (), "nil", "EINVAL", default=errno.EINVAL),
     Operation(GETDENTS, "getdents", (_a("start", _INT),),
               "the names from index start on, in the scheme's order, as many as fit in ~64 KiB; "
               "`[]` past the end",
               "ENOTDIR",
-              "The names in a directory handle, without . and .., from index start on, in an "
-              "order that stays the same while the handle lists (the file scheme: the host "
-              "directory's; others: sorted), as many as fit in one reply.",
               default=errno.ENOTDIR, wrong_handle=errno.ENOTDIR),
-    Operation(FPATH, "fpath", (), "`/scheme/NAME/...`", "", "The handle's path as /scheme/NAME/..."),
+    Operation(FPATH, "fpath", (), "`/scheme/NAME/...`", ""),
     Operation(MKDIRAT, "mkdirat", (_a("path", _STR), _a("mode", _INT)), "nil", "EEXIST ENOENT",
-              "Create a directory at path relative to the handle.", path=0, forward=Forward.VALUE),
+              path=0, forward=Forward.VALUE),
     Operation(UNLINKAT, "unlinkat", (_a("path", _STR), _a("flags", _INT)), "nil",
-              "ENOENT EISDIR ENOTDIR ENOTEMPTY",
-              "Remove a name (a directory with flags AT_REMOVEDIR).", path=0, forward=Forward.VALUE),
+              "ENOENT EISDIR ENOTDIR ENOTEMPTY", path=0, forward=Forward.VALUE),
     Operation(RENAMEAT, "renameat", (_a("old", _STR), _a("new", _STR)), "nil",
-              "EXDEV (other scheme) ENOENT",
-              "Rename old (relative to the handle) to new (relative to the passed directory "
-              "capability, or the handle).", path=0, forward=Forward.TWO_PATHS,
+              "EXDEV (other scheme) ENOENT", path=0, forward=Forward.TWO_PATHS,
               fds="optional: a directory capability for new"),
     Operation(SYMLINKAT, "symlinkat", (_a("target", _STR), _a("path", _STR)), "nil", "EEXIST",
-              "Create a symlink at path whose contents are target.", path=1, forward=Forward.VALUE),
+              path=1, forward=Forward.VALUE),
     Operation(READLINKAT, "readlinkat", (_a("path", _STR),), "str", "EINVAL (not a link)",
-              "The contents of the symlink at path.", path=0, forward=Forward.VALUE),
-    Operation(DUP, "dup", (_a("buf", _BYTES),), "new capability (a new handle)", "EINVAL (unknown buf)",
-              "A new handle derived from the handle; buf says how (b\"\" is a plain copy)."),
+              path=0, forward=Forward.VALUE),
+    Operation(DUP, "dup", (_a("buf", _BYTES),), "new capability (a new handle)",
+              "EINVAL (unknown buf)"),
     Operation(LINKAT, "linkat", (_a("old", _STR), _a("new", _STR)), "nil", "EXDEV",
-              "Create a hard link new (relative to the passed directory capability, or the "
-              "handle) to old.", path=0, forward=Forward.TWO_PATHS,
+              path=0, forward=Forward.TWO_PATHS,
               fds="optional: a directory capability for new"),
-    Operation(SHUTDOWN, "shutdown", (_a("how", _INT),), "nil", "ENOTSOCK",
-              "Shut down one or both directions of a connection.", default=errno.ENOTSOCK),
+    Operation(SHUTDOWN, "shutdown", (_a("how", _INT),), "nil", "ENOTSOCK", default=errno.ENOTSOCK),
     Operation(SENDFD, "sendfd", (), "nil", "EOPNOTSUPP EPIPE EINVAL ETOOMANYREFS (uds, below)",
-              "Queue the capability passed with the request for the peer of the handle.",
               default=errno.EOPNOTSUPP, fds="one capability"),
-    Operation(RECVFD, "recvfd", (), "one capability", "EOPNOTSUPP",
-              "Receive the next capability sent by the peer.", default=errno.EOPNOTSUPP),
+    Operation(RECVFD, "recvfd", (), "one capability", "EOPNOTSUPP", default=errno.EOPNOTSUPP),
     Operation(RECVFROM, "recvfrom", (_a("n", _INT),),
               "[data: bytes (one datagram, cut to n), host: str, port: int] of the sender",
-              "EOPNOTSUPP EBADF",
-              "Receive one datagram and who sent it.", default=errno.EOPNOTSUPP),
+              "EOPNOTSUPP EBADF", default=errno.EOPNOTSUPP),
     Operation(SENDTO, "sendto", (_a("data", _BYTES), _a("host", _STR), _a("port", _INT)),
               "int sent (one datagram)",
               "EOPNOTSUPP EISCONN (connected) EINVAL (address) EAFNOSUPPORT EMSGSIZE",
-              "Send data as one datagram to host and port.", default=errno.EOPNOTSUPP),
+              default=errno.EOPNOTSUPP),
     Operation(STATAT, "statat", (_a("path", _STR), _a("flags", _INT)), "map of `st_*` fields",
-              "ENOENT ENOTDIR ELOOP EXDEV",
-              "Status of the file at path relative to the handle, in one round trip (flags: "
-              "O_NOFOLLOW for the link itself, O_RESOLVE_*; what openat with O_PATH and fstat "
-              "answer).", path=0, forward=Forward.VALUE),
+              "ENOENT ENOTDIR ELOOP EXDEV", path=0, forward=Forward.VALUE),
     Operation(READDIR, "readdir", (_a("start", _INT),),
               "as GETDENTS, each name as [name, d_type] (Linux's DT_* value, 0 when unknown)",
               "ENOTDIR",
-              "GETDENTS with each entry's type, so that a listing needs no status of each entry.",
               wrong_handle=errno.ENOTDIR),
     Operation(CHMODAT, "chmodat", (_a("path", _STR), _a("mode", _INT), _a("flags", _INT)), "nil",
-              "ENOENT EROFS EOPNOTSUPP (a symlink itself) EINVAL",
-              "Set the permission bits (mode & 0o777; set-uid, set-gid and sticky bits are dropped) "
-              "of the file at path relative to the handle, or of the handle's own file for an "
-              "empty path (flags: O_NOFOLLOW, O_RESOLVE_*).", path=0, forward=Forward.VALUE),
+              "ENOENT EROFS EOPNOTSUPP (a symlink itself) EINVAL", path=0, forward=Forward.VALUE),
     Operation(UTIMENSAT, "utimensat",
               (_a("path", _STR), _a("atime", _TIME), _a("mtime", _TIME), _a("flags", _INT)), "nil",
               "ENOENT EROFS EINVAL",
-              "Set the access and modification times (nanoseconds since the epoch; nil leaves one "
-              "as it is) of the file at path relative to the handle, or of the handle's own file "
-              "for an empty path (flags: O_NOFOLLOW for a symlink itself, O_RESOLVE_*).",
               path=0, forward=Forward.VALUE),
     Operation(CHOWNAT, "chownat",
               (_a("path", _STR), _a("uid", _INT), _a("gid", _INT), _a("flags", _INT)), "nil",
-              "ENOENT EROFS EPERM (another owner)",
-              "Accept a change of owner that changes nothing: each id -1, the caller's own or the "
-              "file's; anything else is EPERM (a file is never given to another user). Path and "
-              "flags as CHMODAT.", path=0, forward=Forward.VALUE),
+              "ENOENT EROFS EPERM (another owner)", path=0, forward=Forward.VALUE),
     Operation(HOSTDIR, "hostdir", (),
               "`{beneath, read_only}`; fds: O_PATH host fds of the directory and of its anchor "
               "(when that is another)",
               "EPERM (no grant) EOPNOTSUPP (no passthrough) ENOTDIR",
-              "The host directory behind a directory handle, for the broker's native lookups "
-              "(docs/sandbox.md): answered only with the scheme's directfs grant passed along "
-              "(an fd of the supervisor's that no client is given), by a scheme that allows "
-              "passthrough.", default=errno.EOPNOTSUPP, fds="the grant",
-              wrong_handle=errno.ENOTDIR),
-    Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST",
-              "The names in the namespace.", namespace=True),
+              default=errno.EOPNOTSUPP, fds="the grant", wrong_handle=errno.ENOTDIR),
+    Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),
               "a new namespace capability",
               "ENODEV (a name the parent lacks), EACCES (a permission it lacks), EINVAL",
-              "A fork holding names (nil: all the live ones) with perms (nil: the same), "
-              "never more than the handle has.", namespace=True),
+              namespace=True),
     Operation(NS_NARROW, "ns_narrow", (_a("perms", _INT),), "nil; the handle keeps only perms",
-              "EACCES (asking for more)", "Keep only perms on this handle.", namespace=True),
+              "EACCES (asking for more)", namespace=True),
     Operation(NS_REGISTER, "ns_register", (_a("name", _STR),), "nil",
               "EACCES without INSERT, EEXIST, EINVAL, ENOTDIR (not a directory or a root)",
-              "Register the passed capability as name.", namespace=True, fds="one capability"),
+              namespace=True, fds="one capability"),
     Operation(NS_UNREGISTER, "ns_unregister", (_a("name", _STR),), "nil",
-              "EACCES without DELETE, ENODEV", "Remove name.", namespace=True),
-    Operation(NS_PERMS, "ns_perms", (), "the handle's permissions", "",
-              "This handle's permissions.", namespace=True),
+              "EACCES without DELETE, ENODEV", namespace=True),
+    Operation(NS_PERMS, "ns_perms", (), "the handle's permissions", "", namespace=True),
     Operation(NS_SCHEME_CREATE, "ns_scheme_create", (_a("name", _STR),),
               "fds: [the new scheme's request channel]; its root is registered as name",
               "EACCES without SCHEME_CREATE, EEXIST, EINVAL",
-              "A new scheme registered as name; the caller serves it on the channel.",
               namespace=True),
 )
 
