@@ -31,8 +31,8 @@ from test_router import (
 )
 
 from redoxcap.testing import wait_for
-from wire.call import call
 from wire import protocol as P
+from wire.call import call
 from wire.frames import SchemeReply, encode_request
 
 CONFINED = ("--ns", "", "--cwd", "/load", "--beneath")

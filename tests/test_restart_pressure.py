@@ -30,8 +30,8 @@ from test_router import FakeScheme, kernel_with_fd_limit, new_account, receive, 
 
 import rt
 from redoxcap.testing import wait_for
-from wire.call import call, call_fd
 from wire import protocol as P
+from wire.call import call, call_fd
 from wire.frames import Keep, SchemeReply, encode_request
 
 
