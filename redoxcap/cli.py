@@ -21,7 +21,7 @@ import click
 from redoxcap import config, control, exits, lifecycle, status
 from redoxcap.entry import failure_code
 from redoxcap.exits import EXIT_FAILED, EXIT_USAGE, Failure
-from wire.limits import forbid_core_dumps
+from redoxcap.wire.limits import forbid_core_dumps
 
 
 class _Commands(click.Group):
@@ -338,7 +338,7 @@ def syscalls_command(markdown: bool) -> None:
     that names a path). A call the list does not name fails with ENOSYS.
     """
     from redoxcap.sandbox import syscalls
-    from wire import linux
+    from redoxcap.wire import linux
 
     if markdown:
         click.echo(syscalls.describe_markdown(), nl=False)

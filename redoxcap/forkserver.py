@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from redoxcap import PYTHON
-from wire import linux
-from wire import protocol as P
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
     import trio
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from redoxcap.sandbox.process import die_with_parent
-    from wire.limits import forbid_core_dumps
+    from redoxcap.wire.limits import forbid_core_dumps
 
     parser = argparse.ArgumentParser(prog="python -m redoxcap.forkserver", description=__doc__)
     parser.add_argument("--for", dest="parent", type=int, required=True,

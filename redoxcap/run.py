@@ -44,9 +44,9 @@ import rt
 from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.sandbox.policy import python_script
+from redoxcap.wire import protocol as P
 from rt import _process
 from rt._paths import ENV_DIRS
-from wire import protocol as P
 
 if TYPE_CHECKING:
     from redoxcap.trace import Follower
@@ -244,7 +244,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     Raises:
         Failure: a usage error, or a run that could not be set up (its exit code says which).
     """
-    from wire.limits import forbid_core_dumps
+    from redoxcap.wire.limits import forbid_core_dumps
 
     forbid_core_dumps()  # run holds the program's capabilities, and is its broker
     if require_confine and not confine:

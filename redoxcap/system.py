@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 from redoxcap import PYTHON
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
     import trio
 
     from redoxcap.forkserver import ForkServer
-    from wire.aio import AsyncCapability
+    from redoxcap.wire.aio import AsyncCapability
 
 # trio (and wire.aio, on it) are imported by the methods that run in the supervisor, not here:
 # config reads SchemeSpec, and a `redoxcap` command that only configures a system does not
@@ -150,7 +150,7 @@ def start_forkserver(specs: list[SchemeSpec]) -> ForkServer | None:
     """
     from redoxcap.forkserver import ForkServer, adopt_orphans
 
-    modules = ["kernel", "nsmgr", *(s.module for s in specs if s.forkable)]
+    modules = ["redoxcap.kernel", "redoxcap.nsmgr", *(s.module for s in specs if s.forkable)]
     try:
         adopt_orphans()  # the daemons it forks become our children
         return ForkServer(list(dict.fromkeys(modules)))
@@ -164,7 +164,7 @@ def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bo
     """The spec of a file scheme serving host directory root."""
     args = ("--root", root, "--name", name) + (("--read-only",) if read_only else ()) \
         + (() if keep else ("--no-keep",)) + (() if passthrough else ("--no-passthrough",))
-    return SchemeSpec(name, "schemes.file", args)
+    return SchemeSpec(name, "redoxcap.schemes.file", args)
 
 
 class System:
@@ -184,7 +184,7 @@ class System:
         self.trace = trace
         self.kernel: AsyncCapability | None = None
         self.kernel_process: trio.Process | None = None
-        self.nsmgr = Daemon(SchemeSpec("nsmgr", "nsmgr"))
+        self.nsmgr = Daemon(SchemeSpec("nsmgr", "redoxcap.nsmgr"))
         self.daemons: list[Daemon] = []
         self.stopping = False
         self.failed = False  # set when the system had to stop on its own (the router died)
@@ -230,14 +230,14 @@ class System:
     async def _boot(self, nursery: trio.Nursery) -> None:
         import trio
 
-        from wire.aio import AsyncCapability
+        from redoxcap.wire.aio import AsyncCapability
 
         self._nursery = nursery
         if self._forkserver is None:
             self._forkserver = start_forkserver(self.specs)
         ours, theirs = _socketpair()
         try:
-            self.kernel_process = await self._open_process(SchemeSpec("kernel", "kernel"),
+            self.kernel_process = await self._open_process(SchemeSpec("kernel", "redoxcap.kernel"),
                                                            ["--kernel-fd", theirs])
         finally:
             os.close(theirs)
@@ -312,7 +312,7 @@ class System:
         return daemon
 
     async def _create(self, daemon: Daemon) -> None:
-        from wire.aio import AsyncCapability
+        from redoxcap.wire.aio import AsyncCapability
 
         assert self.kernel is not None
         scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
@@ -333,7 +333,7 @@ class System:
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
                 extra += ["--kernel-fd", fds[-1]]
-            if daemon.spec.module == "schemes.file" and not daemon.spec.command \
+            if daemon.spec.module == "redoxcap.schemes.file" and not daemon.spec.command \
                     and self.directfs_grant >= 0:
                 fds.append(os.dup(self.directfs_grant))
                 extra += ["--directfs-grant-fd", fds[-1]]

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from wire import ops
-from wire import protocol as P
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
 
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 

@@ -29,9 +29,9 @@ from redoxcap.config import Config, ConfigError, make_mount
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.forkserver import ForkServer
 from redoxcap.system import BootFailed, SchemeSpec, System
-from wire import protocol as P
-from wire.limits import raise_fd_limit
-from wire.linux import identity
+from redoxcap.wire import protocol as P
+from redoxcap.wire.limits import raise_fd_limit
+from redoxcap.wire.linux import identity
 
 log = logging.getLogger("supervisor")
 

@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Any
 
-from wire import linux
+from redoxcap.wire import linux
 
 AF_INET, AF_INET6, AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 LOOPBACK = ("127.0.0.1", "::1")

@@ -50,7 +50,7 @@ _SYSTEM_READ_PATHS = (
 # task/ (each thread's net/ and mountinfo again), nor any other process.
 PROC_SELF_FILES = ("fd", "fdinfo", "stat", "statm", "status", "cmdline", "comm", "environ",
                    "limits", "maps", "auxv")
-_PROJECT_PACKAGES = ("rt", "wire", "kernel", "nsmgr", "schemes", "redoxcap")
+_PROJECT_PACKAGES = ("rt", "redoxcap")
 
 
 def _find_spec_locations(name: str) -> list[str]:

@@ -41,7 +41,7 @@ from redoxcap.broker.calls.two_paths import TwoPaths
 from redoxcap.broker.hostfs import HostTrees
 from redoxcap.broker.state import Mount, Processes
 from redoxcap.sandbox.syscalls import brokered_names
-from wire import linux
+from redoxcap.wire import linux
 
 FAMILIES: tuple[type[Family], ...] = (Opening, Status, Directories, Names, TwoPaths, Metadata,
                                       ProcessCalls, Sockets)

@@ -1,1 +1,0 @@
-"""The kernel router process (`python -m kernel`); see kernel/router.py."""

@@ -1,1 +1,0 @@
-"""The namespace manager process (`python -m nsmgr`); see nsmgr/namespace.py."""

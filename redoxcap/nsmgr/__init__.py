@@ -1,0 +1,1 @@
+"""The namespace manager process (`python -m redoxcap.nsmgr`); see nsmgr/namespace.py."""

@@ -1,0 +1,378 @@
+"""The namespace manager: a scheme whose handles are namespaces.
+
+A namespace maps scheme names to capabilities (normally a scheme's root, but
+any directory capability will do: that is how a subtree becomes `file` in a
+child namespace). `openat(ns, "/scheme/NAME/rest")` is forwarded as
+`openat(cap_of_NAME, "rest")` and the resulting fd is handed back; nsmgr takes
+no part in anything done with that fd afterwards.
+
+A directory registered as an entry is a boundary, whatever flags it was opened
+with: nsmgr registers `openat(dir, ".", O_DIRECTORY | O_RESOLVE_IN_ROOT)` in
+its place, so everything reached through the name stays inside it (`..` at its
+top stays there, absolute symlinks mean the entry, and the flag sticks to every
+fd opened through it). A scheme's root needs no such step, and keeps
+surviving the scheme's restarts.
+
+Errors follow Redox's nsmgr: a name not in the namespace is ENODEV, a missing
+permission EACCES, registering an existing name EEXIST, a bad name or request
+EINVAL. Stricter than Redox: a fork never gets a name or a permission its
+parent handle lacks (asking for one is an error), and listings are sorted.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from redoxcap.schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.aio import AsyncCapability
+from redoxcap.wire.stat import Stat
+
+SCHEME_PREFIX = "/scheme/"
+STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)
+STATUS_NAMES = 24  # names of each it lists
+
+
+@dataclass(eq=False)
+class Namespace:
+    """One namespace handle: its names and what this handle may do with them."""
+
+    entries: dict[str, AsyncCapability] = field(default_factory=dict)
+    perms: int = P.PERM_ALL
+
+    def lookup(self, name: str) -> AsyncCapability:
+        cap = self.entries.get(name)
+        if cap is None:
+            raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
+        return cap
+
+    def require(self, perm: int) -> None:
+        if not self.perms & perm:
+            raise SchemeError(errno.EACCES, "permission not granted to this namespace handle")
+
+
+def split_scheme_path(path: str) -> tuple[str, str]:
+    """'/scheme/NAME/rest' or legacy 'NAME:rest' -> (NAME, rest relative to its root).
+
+    Raises:
+        SchemeError: ENOENT for a path outside /scheme/, EINVAL for a bad name.
+    """
+    if path.startswith(SCHEME_PREFIX):
+        name, _, rest = path[len(SCHEME_PREFIX) :].partition("/")
+    elif ":" in path and "/" not in path.partition(":")[0]:
+        name, _, rest = path.partition(":")
+    else:
+        raise SchemeError(errno.ENOENT, "a namespace path is /scheme/NAME/...")
+    if not P.valid_scheme_name(name):
+        raise SchemeError(errno.EINVAL, "bad scheme name")
+    rest = rest.lstrip("/")
+    return name, rest or "."
+
+
+class NamespaceScheme(Scheme):
+    """nsmgr's scheme: handle 0 is the root namespace, which holds every permission.
+
+    Its handles also answer the namespace operations (NS_*), and every path
+    operation is forwarded to the scheme the path names (_forwarder).
+    """
+
+    name = "nsmgr"
+    operations = ops.SCHEME_OPERATIONS + ops.NAMESPACE_OPERATIONS
+    resolves_beneath = True  # passed on to the scheme that owns the path, which decides
+
+    def __init__(self, kernel_fd: int | None = None) -> None:
+        self.kernel = AsyncCapability(kernel_fd) if kernel_fd is not None else None
+        # account -> its turn at forking: a fork is a round trip per entry, so one client
+        # forking from many threads takes no more of nsmgr than one doing it from one
+        self._forking: dict[int, trio.Lock] = {}
+
+    def root(self) -> Namespace:
+        return Namespace()
+
+    async def ns_scheme_create(self, req: Request, ns: Namespace, name: str) -> Reply:
+        """A new scheme registered as name in this namespace; the caller gets its channel.
+
+        Whoever holds the channel serves the scheme (schemes.framework.serve):
+        this is how a client provides a scheme of its own, as in Redox.
+        """
+        ns.require(P.PERM_SCHEME_CREATE)
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        if name in ns.entries:
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        if self.kernel is None:
+            raise SchemeError(errno.ENOSYS, "this nsmgr was given no kernel capability")
+        # serving the request: the router charges the scheme and its root to the caller
+        _, fds = await self.kernel.call(P.SCHEME_CREATE, [], serving=req.id)
+        if len(fds) != 2:
+            P.close_fds(fds)
+            raise SchemeError(errno.EIO, "malformed SCHEME_CREATE reply")
+        channel, root = fds
+        if name in ns.entries:  # registered while we waited
+            P.close_fds([channel, root])
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = AsyncCapability(root)
+        req.keep_again()
+        return Reply(None, [channel])
+
+    # -- path operations: forwarded to the entry the path names ---------------
+
+    async def openat(self, req: Request, ns: Namespace, path: str, flags: int, mode: int) -> Reply:
+        """Open `/scheme/NAME/rest` as openat(NAME's entry, rest) and relay the capability."""
+        name, rest = split_scheme_path(path)
+        return Reply(None, [await ns.lookup(name).call_fd(ops.OPENAT, [rest, flags, mode], serving=req.id)])
+
+    async def statat(self, req: Request, ns: Namespace, path: str, flags: int) -> Any:
+        return await self._forward(req, ns, ops.STATAT, [path, flags])
+
+    async def mkdirat(self, req: Request, ns: Namespace, path: str, mode: int) -> None:
+        await self._forward(req, ns, ops.MKDIRAT, [path, mode])
+
+    async def unlinkat(self, req: Request, ns: Namespace, path: str, flags: int) -> None:
+        await self._forward(req, ns, ops.UNLINKAT, [path, flags])
+
+    async def symlinkat(self, req: Request, ns: Namespace, target: str, path: str) -> None:
+        await self._forward(req, ns, ops.SYMLINKAT, [target, path])
+
+    async def readlinkat(self, req: Request, ns: Namespace, path: str) -> Any:
+        return await self._forward(req, ns, ops.READLINKAT, [path])
+
+    async def chmodat(self, req: Request, ns: Namespace, path: str, mode: int, flags: int) -> None:
+        await self._forward(req, ns, ops.CHMODAT, [path, mode, flags])
+
+    async def utimensat(self, req: Request, ns: Namespace, path: str, atime: int | None,
+                        mtime: int | None, flags: int) -> None:
+        await self._forward(req, ns, ops.UTIMENSAT, [path, atime, mtime, flags])
+
+    async def chownat(self, req: Request, ns: Namespace, path: str, uid: int, gid: int,
+                      flags: int) -> None:
+        await self._forward(req, ns, ops.CHOWNAT, [path, uid, gid, flags])
+
+    async def renameat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._forward_two_paths(req, ns, ops.RENAMEAT, old, new)
+
+    async def linkat(self, req: Request, ns: Namespace, old: str, new: str) -> None:
+        await self._forward_two_paths(req, ns, ops.LINKAT, old, new)
+
+    async def _forward(self, req: Request, ns: Namespace, number: int, args: list) -> Any:
+        """A path operation whose answer is a value: the path (where wire/ops.py declares it)
+        names the entry, and the rest of it goes there with the other arguments."""
+        at = ops.BY_NUMBER[number].path
+        name, args[at] = split_scheme_path(args[at])
+        return await _forward(ns.lookup(name), number, args, serving=req.id)
+
+    async def _forward_two_paths(self, req: Request, ns: Namespace, number: int, old: str,
+                                 new: str) -> None:
+        """old is a namespace path; new is relative to a passed directory capability, or
+        another namespace path in the same scheme (EXDEV across schemes)."""
+        name, old_rest = split_scheme_path(old)
+        cap = ns.lookup(name)
+        if req.passed:
+            if len(req.passed) != 1:
+                raise SchemeError(errno.EINVAL, "one directory capability at most")
+            fd = req.take_fd(0)
+            try:
+                await _forward(cap, number, [old_rest, new], [fd], serving=req.id)
+            finally:
+                P.close_fds([fd])
+            return
+        new_name, new_rest = split_scheme_path(new)
+        ns.lookup(new_name)
+        if new_name != name:
+            raise SchemeError(errno.EXDEV, "rename across schemes")
+        await _forward(cap, number, [old_rest, new_rest], serving=req.id)
+
+    async def fpath(self, req: Request, ns: Namespace) -> str:
+        return "/scheme/"
+
+    async def fstat(self, req: Request, ns: Namespace) -> Stat:
+        return Stat(st_mode=stat.S_IFDIR | 0o555, st_size=len(ns.entries), st_nlink=2)
+
+    async def getdents(self, req: Request, ns: Namespace, start: int) -> list[str]:
+        return P.page_of_names(await self.ns_list(req, ns), start)
+
+    # -- namespace operations ------------------------------------------------
+
+    async def ns_list(self, req: Request, ns: Namespace) -> list[str]:
+        ns.require(P.PERM_LIST)
+        return sorted(ns.entries)
+
+    async def ns_perms(self, req: Request, ns: Namespace) -> int:
+        return ns.perms
+
+    async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None) -> Opened:
+        if perms is None:
+            perms = ns.perms
+        if perms & ~ns.perms:
+            raise SchemeError(errno.EACCES, "a fork cannot have more permissions than its parent")
+        every = names is None
+        if every:
+            names = sorted(ns.entries)
+        for name in names:
+            if not P.valid_scheme_name(name):
+                raise SchemeError(errno.EINVAL, "bad scheme name")
+            ns.lookup(name)
+        child = Namespace(perms=perms)
+        turn = self._forking.setdefault(req.account, trio.Lock())
+        try:
+            async with turn:
+                await self._clone_entries(req, ns, child, names, every)
+        except BaseException:
+            await self.close(child)
+            raise
+        finally:
+            if not turn.locked() and not turn.statistics().tasks_waiting:
+                self._forking.pop(req.account, None)
+        return Opened(child)
+
+    async def _clone_entries(self, req: Request, ns: Namespace, child: Namespace, names: list,
+                             every: bool) -> None:
+        """Clone ns's entries names into child (a name whose scheme is down for good is
+        left out of a fork of every name)."""
+        for name in dict.fromkeys(names):
+            entry = ns.entries.get(name)
+            if entry is None:  # unregistered while this fork waited for its turn
+                if every:
+                    continue
+                raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
+            try:  # serving the request: the clone is charged to the caller's account
+                fd = await entry.call_fd(P.CLONE, serving=req.id)
+            except OSError as exc:
+                if every and exc.errno == errno.EIO:
+                    continue  # a scheme that is down for good: a fork of "all" has the live ones
+                raise
+            child.entries[name] = AsyncCapability(fd)
+
+    async def ns_narrow(self, req: Request, ns: Namespace, perms: int) -> None:
+        if perms & ~ns.perms:
+            raise SchemeError(errno.EACCES, "permissions can only be narrowed")
+        ns.perms = perms
+        req.keep_again()
+
+    async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
+        """Register the passed capability as name; a directory becomes a boundary."""
+        ns.require(P.PERM_INSERT)
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        if len(req.passed) != 1:
+            raise SchemeError(errno.EINVAL, "register takes exactly one capability")
+        if isinstance(req.passed[0], HandleRef):
+            # nsmgr would hold a reference to itself: the namespace could never close
+            raise SchemeError(errno.EINVAL, "a namespace cannot be registered in a namespace")
+        if not req.is_capability(0):
+            # a socket of the caller's own would have nsmgr talk to it outside the router,
+            # where nothing bounds or charges what it sends back
+            raise SchemeError(errno.EINVAL, "register takes a capability")
+        if name in ns.entries:
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        fd = req.take_fd(0)
+        try:
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                if probe.type != socket.SOCK_SEQPACKET:
+                    raise OSError(errno.EINVAL, "not a capability")
+        except OSError:
+            os.close(fd)
+            raise SchemeError(errno.EINVAL, "register takes a capability (a SEQPACKET socket)") from None
+        entry = await _as_entry(AsyncCapability(fd), req.id)
+        if name in ns.entries:  # registered while we asked
+            entry.close()
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = entry
+        req.keep_again()
+
+    async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
+        ns.require(P.PERM_DELETE)
+        cap = ns.lookup(name)
+        del ns.entries[name]
+        req.keep_again()
+        cap.close()
+
+    def status(self, handles: dict) -> dict:
+        """Names and permissions of the first namespace handles, for `status` and `graph`
+        (at most STATUS_NAMESPACES of them, STATUS_NAMES names each: it stays small)."""
+        shown = itertools.islice(handles.items(), STATUS_NAMESPACES)
+        return {"namespaces": {str(number): {"names": sorted(itertools.islice(ns.entries, STATUS_NAMES)),
+                                             "perms": ns.perms}
+                               for number, ns in shown},
+                "count": len(handles)}
+
+    def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
+        """A namespace is its entries and permissions: the router keeps the entries'
+        capabilities across a crash of nsmgr, and the next nsmgr serves the same
+        namespace (so no client notices more than a delay)."""
+        names = sorted(ns.entries)
+        return {"perms": ns.perms, "names": names}, [ns.entries[n].fileno() for n in names]
+
+    def restore(self, value: dict, fds: list[int]) -> Namespace:
+        try:
+            names, perms = value["names"], value["perms"]
+            if not isinstance(names, list) or len(names) != len(fds) or type(perms) is not int:
+                raise ValueError("kept namespace does not match its fds")
+            return Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms)
+        except (KeyError, TypeError, ValueError):
+            P.close_fds(fds)
+            raise
+
+    async def close(self, ns: Namespace) -> None:
+        entries, ns.entries = ns.entries, {}
+        for cap in entries.values():
+            cap.close()
+
+
+async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = (),
+                   serving: int | None = None) -> object:
+    """A request on an entry whose answer carries no fds; any it carries are closed."""
+    value, received = await cap.call(op, args, fds, serving)
+    P.close_fds(received)
+    return value
+
+
+async def _as_entry(cap: AsyncCapability, serving: int | None = None) -> AsyncCapability:
+    """What to keep for a registered capability (owned; the argument is consumed).
+
+    A directory that is not a scheme's root (whose fpath is exactly
+    `/scheme/NAME`) is reopened in-root at itself, so that nothing reached
+    through the entry leaves it. A scheme's root, or a directory of a scheme
+    without O_RESOLVE_* lookups (which answers EINVAL), is kept as it is:
+    what an openat on it means is that scheme's business. Anything else (a
+    file, a connection) is not a namespace entry: ENOTDIR. That also keeps
+    cycles out: a connection whose queue holds this namespace could otherwise
+    be held by it, and neither would ever close.
+
+    Raises:
+        SchemeError: ENOTDIR for a capability that is neither a directory nor a root.
+    """
+    try:
+        st = await _forward(cap, P.FSTAT, [], serving=serving)
+        is_dir = isinstance(st, dict) and stat.S_ISDIR(st.get("st_mode", 0))
+    except OSError:
+        is_dir = True  # a scheme that cannot say: try to make it a boundary
+    try:
+        where = await _forward(cap, P.FPATH, [], serving=serving)
+    except OSError:
+        where = None
+    root = isinstance(where, str) and where.startswith(SCHEME_PREFIX) and "/" not in where[len(SCHEME_PREFIX):]
+    if root:
+        return cap
+    if not is_dir:
+        cap.close()
+        raise SchemeError(errno.ENOTDIR, "a namespace entry is a directory or a scheme's root")
+    try:
+        fd = await cap.call_fd(P.OPENAT, [".", os.O_RDONLY | os.O_DIRECTORY | P.O_RESOLVE_IN_ROOT, 0],
+                               serving=serving)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.EINVAL, errno.ENOSYS, errno.ENOENT):
+            return cap
+        cap.close()
+        raise
+    cap.close()
+    return AsyncCapability(fd)

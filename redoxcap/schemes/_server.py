@@ -1,0 +1,367 @@
+"""The request loop of a scheme daemon: frames from the router in, method calls, replies out.
+
+One `_Server` serves one `Scheme` on its channel: it decodes each request,
+checks its arguments against the operation's declaration (wire/ops.py) and
+its handle against the method's `@takes`, calls the method (in place for
+`inline_ops`, else in a task of its own), and turns what the method returns
+or raises into the reply. It also acts on the router's own frames (CLOSE,
+RESTORE, RESUME) and hands the router the state of the handles a scheme
+keeps (KEEP).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+from typing import Any
+
+import trio
+
+from redoxcap.schemes._scheme import Caller, HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
+from redoxcap.wire.frames import Keep, SchemeReply, SchemeRequest
+from redoxcap.wire.stat import Stat
+
+log = logging.getLogger("scheme")
+
+RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
+# Frames taken from the channel at once and served in turn per account (_waiting_requests);
+# what they hold is bounded anyway by what the channel's socket buffer held.
+MAX_BATCH = 256
+KEPT_PART = P.MAX_FRAME - 4096  # bytes of a kept state's body in one KEEP or KEEP_MORE frame
+
+
+def check_handle(scheme: Scheme, op: ops.Operation, obj: Any) -> None:
+    """Raise op's wrong_handle errno unless scheme's method for op takes handles like obj."""
+    kinds = scheme.handle_kinds.get(op.number)
+    if kinds is not None and not isinstance(obj, kinds):
+        raise SchemeError(op.wrong_handle, f"{op.name} does not take a {type(obj).__name__}")
+
+
+async def invoke(scheme: Scheme, req: Request, obj: Any, name: str, *args: Any) -> Any:
+    """Call scheme's method `name` on handle object obj as a request would, after the
+    framework's check of the handle's kind (for tests that drive a scheme in memory)."""
+    op = next(op for op in scheme.operations if op.name == name)
+    check_handle(scheme, op, obj)
+    return await getattr(scheme, name)(req, obj, *args)
+
+
+class _Server:
+    """The request loop for one scheme on one channel."""
+
+    def __init__(self, scheme: Scheme, channel: Channel) -> None:
+        self.scheme = scheme
+        self.channel = channel
+        self.handles: dict[int, Any] = {P.ROOT_HANDLE: scheme.root()}
+        scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
+        self.inflight: dict[int, set[trio.CancelScope]] = {}
+        self.numbers = itertools.count(1)
+        # op number -> (its declaration, the scheme's bound method, the handle kinds it takes)
+        self.operations = {op.number: (op, getattr(scheme, op.name), scheme.handle_kinds.get(op.number))
+                           for op in scheme.operations}
+        # handle -> (fds, body) of a RESTORE that came in RESTORE_MORE frames so far
+        self.restoring: dict[int, tuple[list[int], bytearray]] = {}
+        # held while the new state of a changed handle is taken and sent: two changes of one
+        # handle must reach the router in the order their states were taken, and the frames
+        # of one KEEP must not have another's between them
+        self._keeping = trio.Lock()
+
+    async def run(self) -> None:
+        # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
+        # and then believes our claims to serve the requests it sent us.
+        await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
+        inline_ops = self.scheme.inline_ops
+        async with trio.open_nursery() as nursery:
+            drained = True
+            while True:
+                # The one yield per batch: waiting for the next frame lets every task that
+                # this batch started or woke run first (a checkpoint when frames are left).
+                if drained:
+                    await trio.lowlevel.wait_readable(self.channel.sock)
+                else:
+                    await trio.lowlevel.checkpoint()
+                batch, drained = self._waiting_requests(nursery)
+                if batch is None:
+                    break  # the router is gone
+                for request, fds in batch:
+                    if request.op in inline_ops:
+                        await self._handle(request, fds)  # never blocks: no task, no cancel scope
+                    else:
+                        nursery.start_soon(self._handle, request, fds)
+
+    def _waiting_requests(self, nursery: trio.Nursery
+                          ) -> tuple[list[tuple[SchemeRequest, list[int]]] | None, bool]:
+        """Every request waiting on the channel now (at most MAX_BATCH), in the order to
+        serve them: one of each account in turn, each account's in the order they came.
+        The router's own frames (CLOSE, RESTORE, RESUME) are acted on here, in the order
+        they came.
+
+        Taken in arrival order, a client with many requests in flight (up to its
+        account's bound) would put them all in front of another client's one.
+
+        Returns:
+            (the requests, None when the router has gone away; whether the channel was
+            read until it had nothing left, so that the next batch must wait for one).
+        """
+        queues: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
+        taken = 0
+        while taken < MAX_BATCH:
+            try:
+                received = self.channel.try_recv()
+            except OSError:
+                if not taken:
+                    raise
+                break  # the channel failed: the next batch says how
+            if received is None:
+                return self._in_turn(queues), True
+            data, fds, flags, _ = received
+            if not data and not fds:
+                if not queues:
+                    return None, True
+                break  # serve what came before the end; the next batch sees it again
+            taken += 1
+            try:
+                if flags & P.TRUNCATED:
+                    raise P.ProtocolError("truncated")
+                request = SchemeRequest.decode(data)
+            except P.ProtocolError:
+                P.close_fds(fds)
+                log.warning("%s: malformed frame from the router dropped", self.scheme.name)
+                continue
+            del data  # the request holds what it needs
+            if request.op == P.CLOSE:
+                P.close_fds(fds)
+                nursery.start_soon(self._close, request.handle)
+            elif request.op == P.RESTORE_MORE:
+                part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
+                part_fds.extend(fds)
+                body += request.body
+            elif request.op == P.RESTORE:
+                part_fds, body = self.restoring.pop(request.handle, ([], bytearray()))
+                body += request.body
+                self._restore(request.handle, bytes(body), part_fds + fds)
+            elif request.op == P.RESUME:
+                P.close_fds(fds)  # it carries none; any that came are ours to close
+                self._resume(request)
+            else:
+                queues.setdefault(request.account, collections.deque()).append((request, fds))
+        return self._in_turn(queues), False
+
+    @staticmethod
+    def _in_turn(queues: dict[int, collections.deque]) -> list[tuple[SchemeRequest, list[int]]]:
+        """One request of each account in turn until every queue is empty."""
+        if len(queues) == 1:
+            return list(queues.popitem()[1])
+        order = []
+        while queues:
+            for account in list(queues):
+                queue = queues[account]
+                order.append(queue.popleft())
+                if not queue:
+                    del queues[account]
+        return order
+
+    def _restore(self, number: int, body: bytes, fds: list[int]) -> None:
+        """A handle the router kept for us while our predecessor died. One that cannot be
+        restored (its fds lost to a daemon out of fds) answers EBADF from now on: its
+        number is never given to another handle (RESUME came first)."""
+        try:
+            self.handles[number] = self.scheme.restore(P.unpack(body), fds)
+        except Exception as exc:  # noqa: BLE001 - whatever the state was, the handle is lost
+            P.close_fds(fds)
+            log.warning("%s: handle %d could not be restored: %r", self.scheme.name, number, exc)
+
+    def _resume(self, request: SchemeRequest) -> None:
+        """Before the restores: number new handles above every number the router maps."""
+        try:
+            (first,) = request.args()
+            self.numbers = itertools.count(max(int(first), max(self.handles) + 1))
+        except (P.ProtocolError, TypeError, ValueError):
+            log.warning("%s: malformed RESUME ignored", self.scheme.name)
+
+    async def _send_keep(self, number: int, obj: Any, req_id: int, changed: bool = False) -> None:
+        """Hand the router the scheme's state for handle number (nothing if it keeps none),
+        in as many frames as it needs; req_id is the request it is kept for (the router
+        fails that request if it cannot keep the state).
+
+        changed: an existing handle's new state (`keep_again`), which other requests on
+            it may be changing too: taken and sent under a lock, so the last one sent is
+            the last one taken. A new handle's number is its own: no lock.
+
+        Raises:
+            OSError: the state could not be sent (the request must fail: a restart would
+                not bring it back).
+        """
+        if not changed:
+            await self._send_state(number, obj, req_id)
+            return
+        async with self._keeping:
+            await self._send_state(number, obj, req_id)
+
+    async def _send_state(self, number: int, obj: Any, req_id: int) -> None:
+        state = self.scheme.keep(obj)
+        if state is None:
+            return
+        value, fds = state
+        try:
+            body = P.pack(value)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise OSError(errno.EIO, f"state cannot be encoded: {exc}") from None
+        parts = max(-(-len(fds) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
+        try:
+            for i in range(parts):
+                part_fds = fds[i * P.MAX_FDS : (i + 1) * P.MAX_FDS]
+                keep = Keep(number, len(part_fds), body[i * KEPT_PART : (i + 1) * KEPT_PART], req_id,
+                            more=i < parts - 1)
+                await self._put(keep.encode(), part_fds)
+        except trio.ClosedResourceError:
+            raise OSError(errno.EIO, "the router is gone") from None
+
+    async def _close(self, number: int) -> None:
+        obj = self.handles.pop(number, None)
+        for scope in self.inflight.pop(number, ()):
+            scope.cancel()
+        if obj is not None:
+            try:
+                await self.scheme.close(obj)
+            except Exception:
+                log.exception("%s: close failed", self.scheme.name)
+
+    async def _handle(self, request: SchemeRequest, fds: list[int]) -> None:
+        req = None
+        req_id = request.req_id
+        try:
+            if len(request.refs) != len(fds):
+                raise P.ProtocolError("fd count does not match the header")
+            passed = [fd if ref >= P.FOREIGN_REF else HandleRef(ref, fd)
+                      for ref, fd in zip(request.refs, fds)]
+            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
+                          passed, id=req_id, refs=request.refs, account=request.account)
+            fds = []  # owned by req.passed now
+            args = request.args() if request.op != P.SCHEME_STATUS else []
+            del request  # the arguments are decoded: a request waiting in a daemon holds no frame
+            result = await self._call(req, req.handle, req.op, args)
+            if req.changed and req.handle in self.handles:
+                try:
+                    await self._send_keep(req.handle, self.handles[req.handle], req_id, changed=True)
+                except BaseException:
+                    _close_result(result)
+                    raise
+        except (SchemeError, OSError) as exc:
+            await self._send(req_id, P.ERR, exc.errno or errno.EIO)
+        except P.ProtocolError:
+            await self._send(req_id, P.ERR, errno.EINVAL)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("%s: op %d failed", self.scheme.name, req.op if req else -1)
+            await self._send(req_id, P.ERR, errno.EIO)
+        else:
+            await self._answer(req_id, result)
+        finally:
+            P.close_fds(fds)
+            if req is not None:
+                P.close_fds(req.passed_fds())
+
+    async def _call(self, req: Request, number: int, op_number: int, args: Any) -> Any:
+        if op_number == P.SCHEME_STATUS:
+            return {"handles": len(self.handles) - 1, "requests": sum(map(len, self.inflight.values())),
+                    "detail": self.scheme.status(self.handles)}
+        served = self.operations.get(op_number)
+        if served is None:
+            raise SchemeError(errno.ENOSYS, f"unknown operation {op_number}")
+        op, method, kinds = served
+        if not isinstance(args, list) or len(args) != len(op.args):
+            raise P.ProtocolError("wrong number of arguments")
+        for value, arg in zip(args, op.args):
+            if type(value) not in arg.types:
+                raise P.ProtocolError(f"{op.name}: {arg.name} must be {arg.type_names}")
+            if type(value) is str:
+                if "\0" in value:
+                    raise P.ProtocolError("a path or name with a NUL byte")
+                if len(value) > P.MAX_PATH:
+                    raise SchemeError(errno.ENAMETOOLONG)
+        if number not in self.handles:
+            raise SchemeError(errno.EBADF)
+        obj = self.handles[number]
+        if kinds is not None and not isinstance(obj, kinds):
+            raise SchemeError(op.wrong_handle, f"{op.name} does not take a {type(obj).__name__}")
+        if op_number == P.OPENAT and args[1] & RESOLVE_FLAGS and not self.scheme.resolves_beneath:
+            raise SchemeError(errno.EINVAL, f"the {self.scheme.name} scheme has no O_RESOLVE_* lookups")
+        if op_number in self.scheme.inline_ops:
+            return await method(req, obj, *args)
+        with trio.CancelScope() as scope:
+            self.inflight.setdefault(number, set()).add(scope)
+            try:
+                return await method(req, obj, *args)
+            finally:
+                scopes = self.inflight.get(number)
+                if scopes is not None:
+                    scopes.discard(scope)
+                    if not scopes:
+                        del self.inflight[number]
+        raise SchemeError(errno.EBADF, "handle closed during the request")
+
+    async def _answer(self, req_id: int, result: Any) -> None:
+        fds = result.fds if isinstance(result, Reply) else []
+        try:
+            value = result.value if isinstance(result, (Opened, Reply)) else result
+            if isinstance(value, Stat):
+                value = value.to_wire()
+            try:
+                if isinstance(result, Opened):
+                    number = next(self.numbers)
+                    reply = SchemeReply.new_handle(req_id, number, result.fdflags, value)
+                    self.handles[number] = result.obj
+                    # kept before the capability exists, so no acknowledged handle is lost
+                    try:
+                        await self._send_keep(number, result.obj, req_id)
+                    except OSError as exc:
+                        log.warning("%s: state of a new handle not kept: %s", self.scheme.name, exc)
+                        await self._close(number)
+                        await self._send(req_id, P.ERR, exc.errno or errno.EIO)
+                        return
+                else:
+                    reply = SchemeReply.of(req_id, P.OK, value)
+            except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:
+                # e.g. a host symlink whose target is not UTF-8: it cannot travel
+                log.warning("%s: result of request %d cannot be encoded: %s", self.scheme.name, req_id, exc)
+                await self._send(req_id, P.ERR, errno.EIO)
+                return
+            await self._send_reply(reply, fds)
+        finally:
+            P.close_fds(fds)
+
+    async def _send(self, req_id: int, status: int, value: Any) -> None:
+        await self._send_reply(SchemeReply.of(req_id, status, value), [])
+
+    async def _send_reply(self, reply: SchemeReply, fds: list[int]) -> None:
+        frame = reply.encode()
+        if len(frame) > P.MAX_FRAME:  # e.g. a huge directory listing: an error, not a lost reply
+            log.warning("%s: reply to %d too large (%d bytes)", self.scheme.name, reply.req_id, len(frame))
+            frame, fds = SchemeReply.of(reply.req_id, P.ERR, errno.EOVERFLOW).encode(), []
+        try:
+            await self._put(frame, fds)
+        except (OSError, trio.ClosedResourceError) as exc:
+            # The router is gone (the request loop sees EOF next) or the frame
+            # cannot be sent; either way there is no one to tell.
+            log.warning("%s: reply not sent: %s", self.scheme.name, exc)
+
+    async def _put(self, frame: bytes, fds: list[int]) -> None:
+        """Send a frame to the router; a scheduler pass only when its socket is full (the
+        request loop yields once per batch, not once per reply)."""
+        if not self.channel.try_send(frame, fds):
+            await self.channel.send(frame, fds)
+
+
+def _close_result(result: Any) -> None:
+    """Close the fds of a result that will not be sent (its handle object stays the
+    method's: an Opened that was never numbered is the scheme's to forget)."""
+    if isinstance(result, Reply):
+        P.close_fds(result.fds)
+
+
