@@ -491,7 +491,7 @@ def kernel_with_fd_limit(soft: int, hard: int):
     """A router started with RLIMIT_NOFILE (soft, hard); yields (kernel fd, process)."""
     limited = ("import resource, runpy\n"
                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
-               "runpy.run_module('kernel', run_name='__main__')\n")
+               "runpy.run_module('redoxcap.kernel', run_name='__main__')\n")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen([sys.executable, "-c", limited, "--kernel-fd", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
