@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from redoxcap.system import SchemeSpec, file_scheme
+from redoxcap.daemons import SchemeSpec, file_scheme
 from redoxcap.wire import protocol as P
 
 # name -> daemon module; "file" is special (it needs the root)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from redoxcap.schemes.file import _O_LARGEFILE, FileHandle, FileScheme
+from redoxcap.schemes.file import _O_LARGEFILE, FileScheme
+from redoxcap.schemes.file_work import FileHandle
 from redoxcap.schemes.framework import Caller, HandleRef, Opened, Request, SchemeError, invoke
 from redoxcap.wire import protocol as P
 

@@ -18,7 +18,7 @@ import pytest
 
 import rt
 from redoxcap.exits import EXIT_USAGE
-from redoxcap.run import parse_net_address
+from redoxcap.grants import parse_net_address
 from redoxcap.testing import free_port, nobody_listens
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd

@@ -91,7 +91,7 @@ class Syscalls:
             processes: the per-process state.
             passthrough: ask schemes for host fds of regular files (O_PASSTHROUGH).
             mounts: the directories handed over at paths of their own (`run --dir`, /tmp).
-            grants: the run's network grants (redoxcap.run.NetGrant by scheme), None for none.
+            grants: the run's network grants (redoxcap.grants.NetGrant by scheme), None for none.
             families: the families that answer (every brokered syscall exactly once).
             directfs_grant: the system's grant for native lookups (owned from now on; see
                 native.py), None for none.
