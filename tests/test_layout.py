@@ -44,7 +44,7 @@ def imports(path: Path) -> set[str]:
 
 
 def modules(package: str) -> list[Path]:
-    return sorted((ROOT / ("rt" if package == "rt" else f"redoxcap/{package}")).rglob("*.py"))
+    return sorted((ROOT / package).rglob("*.py"))
 
 
 def offenders(package: str, allowed) -> dict[str, list[str]]:
@@ -108,13 +108,19 @@ def test_importing_rt_or_the_wire_layer_has_no_side_effects():
 
 
 def test_only_rt_and_redoxcap_are_installed_as_top_level_packages():
-    """Generic names (wire, kernel, schemes) would collide with other distributions."""
+    """Generic names (wire, kernel, schemes) would collide with other distributions: the
+    repository's layer folders are installed inside redoxcap, and every package is."""
     import tomllib
 
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["rt*", "redoxcap*"]
-    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert packages == TOP_LEVEL, packages
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    installed = set(setuptools["packages"])
+    assert {name.split(".")[0] for name in installed} == TOP_LEVEL
+    assert setuptools["package-dir"] == {f"redoxcap.{layer}": layer for layer in LAYERS}
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("**/__init__.py")
+               if not {".venv", "build", "tests", "examples", "scripts"} & set(p.parts)}
+    as_installed = {f"redoxcap.{name}" if name.split(".")[0] in LAYERS else name
+                    for name in folders}
+    assert as_installed == installed, "pyproject.toml's packages miss or name another package"
 
 
 @pytest.mark.parametrize("namespace", [False, True], ids=["scheme operations", "namespace operations"])

@@ -148,7 +148,7 @@ def test_fds_passed_where_none_are_expected_are_closed_not_leaked(redoxcap_isola
 
 
 def test_kernel_knows_no_scheme_names_and_parses_no_paths():
-    kernel = Path(__file__).resolve().parent.parent / "redoxcap" / "kernel"
+    kernel = Path(__file__).resolve().parent.parent / "kernel"
     source = "\n".join(p.read_text() for p in kernel.glob("*.py")).lower()
     assert "router" in source
     for word in ("\"file\"", "'file'", "nsmgr", "/scheme", "tcp", "split(\"/\")", "os.path", "posixpath"):
