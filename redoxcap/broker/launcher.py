@@ -21,7 +21,6 @@ from typing import NoReturn
 
 from redoxcap.broker import filter as bpf
 from redoxcap.wire import linux
-from redoxcap.wire import protocol as P
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
@@ -33,7 +32,8 @@ def _die(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
 
 
 def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket, parent: int,
-                kernel_cwd: str, read_paths: Sequence[str], keep_fds: Sequence[int]) -> NoReturn:
+                kernel_cwd: str, read_paths: Sequence[str], keep_fds: Sequence[int],
+                udp: bool = False) -> NoReturn:
     """Become the brokered program (never returns; exits 126 or 127 when it cannot).
 
     Args:
@@ -46,6 +46,8 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         read_paths: what Landlock lets the kernel open on the program's behalf (the host trees).
         keep_fds: fds the program inherits besides 0-2 (its capabilities for rt, and what
             `run --pass-fd` names); every other fd this process has is closed.
+        udp: the run grants udp: UDP sockets may be made, and sends that can name a
+            destination go to the broker (filter.py).
     """
     from redoxcap.sandbox import ConfinementUnavailable, close_fds_except, confine, die_with_parent
 
@@ -66,11 +68,15 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     if machine is None:
         _die("seccomp user notification: unsupported architecture")
     try:
-        listener = bpf.install(machine, signals_scoped=confined.scoped)
+        listener = bpf.install(machine, signals_scoped=confined.scoped, udp=udp)
     except OSError as exc:
         _die(f"seccomp user notification is not available here: {exc.strerror}")
     try:
-        channel.sendmsg([b"L"], P.fds_ancillary([listener]))
+        # write and read, not SCM_RIGHTS: a sendmsg may be the broker's to answer now (udp); the
+        # broker takes the listener from this process (pidfd_getfd), then says so
+        os.write(channel.fileno(), b"L" + listener.to_bytes(4, "little"))
+        if os.read(channel.fileno(), 1) != b"K":
+            _die("the broker did not take the listener")
     except OSError as exc:
         _die(f"cannot hand the listener to the broker: {exc.strerror}")
     os.close(listener)
