@@ -188,6 +188,46 @@ def test_git_and_sqlite3_without_passthrough_see_their_files_whole(redoxcap_modu
     assert "malformed" not in got.stderr, got.stderr
 
 
+@pytest.mark.parametrize("existing", [True, False], ids=["existing", "new"])
+def test_sqlite3_without_passthrough_stops_with_an_error_and_leaves_the_database_whole(
+        redoxcap_module_system, twins, existing):
+    """sqlite3 preads and pwrites the database it opened for writing; a routed fd is a stream
+    (ESPIPE), so under --no-passthrough it stops at its first read with "disk I/O error"
+    before it writes anything: the database is as it was (an existing one byte for byte, a new
+    one empty), and the same command run natively on it afterwards does what it does on the
+    native copy."""
+    project, copy = twins
+    for d in (project, copy):
+        if existing:
+            subprocess.run(["sqlite3", "db", "create table t(x); insert into t values (1);"],
+                           cwd=d, check=True)
+    before = (project / "db").read_bytes() if existing else None
+    sql = ("create table if not exists t(x); insert into t values (2); "
+           "select x from t order by x; pragma integrity_check;")
+    argv = ["sqlite3", "db", sql]
+    expected = native(copy, argv)
+    assert expected.returncode == 0, expected.stderr
+    got = sandboxed(redoxcap_module_system, project, argv, "--no-passthrough")
+    assert got.returncode != 0 and "disk I/O error" in got.stderr, (got.stdout, got.stderr)
+    assert "broker:" not in got.stderr, got.stderr  # nothing went wrong on the broker's side
+    assert (project / "db").read_bytes() == (before if existing else b"")
+    assert sorted(p.name for p in project.iterdir()) == ["db"]  # no journal left behind
+    after = native(project, argv)
+    assert (after.returncode, after.stdout) == (expected.returncode, expected.stdout), after.stderr
+    assert tree(project) == tree(copy)
+
+
+def test_a_file_written_without_passthrough_reads_whole_in_the_next_command(
+        redoxcap_module_system, twins):
+    """A routed write returns once queued, and the pump writes it on: the broker lets no call
+    of the program run before what it wrote is in the file, so a file written and closed
+    reads whole in the next command, every time, as natively."""
+    script = "for i in $(seq 1 60); do seq 1 30000 > f; wc -c < f; done; cat f | tail -n 1"
+    got = same_as_native(redoxcap_module_system, twins, lambda d: None, ["sh", "-c", script],
+                         "--no-passthrough")
+    assert got.stdout.splitlines()[-1] == "30000"
+
+
 def test_sqlite3_creates_and_queries_a_database(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         pass

@@ -118,6 +118,7 @@ class Broker:
                 handler = self.syscalls.table.get(notif.nr)
                 if handler is None:
                     raise OSError(errno.ENOSYS, "not brokered")
+                self.syscalls.pumps.settle()  # what it wrote to routed files is in them first
                 answer = handler(Call(notif, mem, process))
             except OSError as exc:
                 err = exc.errno or errno.EIO
