@@ -228,6 +228,14 @@ def test_a_file_written_without_passthrough_reads_whole_in_the_next_command(
     assert got.stdout.splitlines()[-1] == "30000"
 
 
+def test_a_pipeline_ends_as_natively(redoxcap_module_system, twins):
+    """SIGPIPE ends a writer whose reader went away, as on a host (the broker's own Python
+    ignores it, and exec keeps what is ignored)."""
+    got = same_as_native(redoxcap_module_system, twins, lambda d: None,
+                         ["sh", "-c", "(yes; echo $? > status) | head -n 1; cat status"])
+    assert got.stdout == "y\n141\n" and "Broken pipe" not in got.stderr, got.stderr
+
+
 def test_sqlite3_creates_and_queries_a_database(redoxcap_module_system, twins):
     def build(d: Path) -> None:
         pass

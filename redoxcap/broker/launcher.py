@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -53,6 +54,10 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
 
     machine = linux.machine()
     try:
+        # Python ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored: give them back,
+        # as subprocess does, so that `yes | head` ends as on a host
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
         os.setsid()  # a session of its own: no TIOCSTI into the caller's terminal
         die_with_parent(parent)
         os.chdir(kernel_cwd)
