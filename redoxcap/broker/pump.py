@@ -24,6 +24,7 @@ import select
 import socket
 import termios
 import threading
+import time
 
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
@@ -31,6 +32,7 @@ from redoxcap.wire.call import call_fd, call_value, forget
 
 log = logging.getLogger("broker")
 CHUNK = 64 * 1024
+SETTLE_MAX = 30.0  # seconds a call waits for routed writes before it goes on regardless
 
 
 class _Routed:
@@ -92,8 +94,9 @@ class _FileWrites:
             self.sock.close()
             self.cond.notify_all()
 
-    def settle(self) -> None:
-        """Wait until every byte queued by now is written (or the loop ended)."""
+    def settle(self, deadline: float) -> None:
+        """Wait until every byte queued by now is written, the loop ended, or deadline passed
+        (a scheme the program serves itself may wait for the very call that waits here)."""
         with self.cond:
             if self.ended:
                 return
@@ -101,7 +104,11 @@ class _FileWrites:
             fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, unread)
             target = self.taken + unread[0]
             while not self.ended and self.written < target:
-                self.cond.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("broker: routed writes still on their way after %gs", SETTLE_MAX)
+                    return
+                self.cond.wait(left)
 
 
 class Pumps:
@@ -115,8 +122,11 @@ class Pumps:
     def settle(self) -> None:
         """Wait until what the program wrote to routed files so far is in them (the broker's
         every call does, first: a file written and closed reads whole at its next open)."""
+        if not self._file_writes:
+            return
+        deadline = time.monotonic() + SETTLE_MAX
         for writes in list(self._file_writes):
-            writes.settle()
+            writes.settle(deadline)
 
     def capability_of(self, identity: int) -> int | None:
         """The capability behind a program's end of a pump (by its socket identity), or None."""
@@ -217,8 +227,6 @@ class Pumps:
 
     def join(self, timeout: float) -> None:
         """Wait (at most timeout seconds in all) for the pumps whose program end is closed."""
-        import time
-
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
