@@ -893,3 +893,50 @@ def test_a_racing_address_never_sends_a_datagram_beyond_the_grant(redoxcap_modul
         assert _datagrams(other) == []
         assert len(_datagrams(granted)) > 0
     assert got.returncode == 0 and "('ok'," in got.stdout, (got.stdout, got.stderr)
+
+
+UDP_RUN_OTHER_SOCKETS = textwrap.dedent("""
+    import os, socket, sys, threading
+    port = int(sys.argv[1])
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    socket.send_fds(a, [b"fd"], [w])  # a sendmsg the broker sends, with the fd it passes
+    msg, fds, _, _ = socket.recv_fds(b, 10, 1)
+    os.write(fds[0], b"through the passed fd")
+    print(msg.decode(), os.read(r, 100).decode())
+    s, p = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.sendmsg([b"z" * 200000])
+    print("record", len(p.recv(1 << 20)))
+    server = socket.create_server(("127.0.0.1", port))
+    got = []
+    def serve():
+        conn, _ = server.accept()
+        while data := conn.recv(1 << 20):
+            got.append(len(data))
+    t = threading.Thread(target=serve)
+    t.start()
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"x" * (3 << 20))  # longer than one brokered send: short sends, resumed
+        sent = c.sendmsg([b"y" * 1000])
+    t.join()
+    print("tcp", sum(got), sent)
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.bind(("::1", port))
+    u.sendto(b"six", ("::1", port))
+    print("udp6", u.recvfrom(10)[0].decode())
+""")
+
+
+def test_a_run_granting_udp_keeps_its_other_sockets_working(redoxcap_module_system, tmp_path):
+    """Where udp is granted, every sendmsg is the broker's: Unix sockets still pass fds and
+    whole records, TCP still streams megabytes, and IPv6 UDP works within its grants."""
+    project = tmp_path / "udp-others"
+    project.mkdir()
+    port = free_port()
+    got = sandboxed(redoxcap_module_system, project,
+                    [BASE_PYTHON, "-c", UDP_RUN_OTHER_SOCKETS, str(port)],
+                    "--allow-listen", f"127.0.0.1:{port}", "--allow-connect", f"127.0.0.1:{port}",
+                    "--allow-udp-listen", f"[::1]:{port}", "--allow-udp-connect", f"[::1]:{port}")
+    assert got.stdout.splitlines() == [
+        "fd through the passed fd", "record 200000", f"tcp {(3 << 20) + 1000} 1000", "udp6 six",
+    ], got.stderr
