@@ -940,3 +940,24 @@ def test_a_run_granting_udp_keeps_its_other_sockets_working(redoxcap_module_syst
     assert got.stdout.splitlines() == [
         "fd through the passed fd", "record 200000", f"tcp {(3 << 20) + 1000} 1000", "udp6 six",
     ], got.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run without CAP_SYS_PTRACE")
+def test_a_run_without_cap_sys_ptrace_brokers_its_program(tmp_path):
+    """As a user without CAP_SYS_PTRACE runs it: the broker still takes the program's listener
+    and fds (pidfd_getfd needs the program dumpable, while run itself is not), with udp too."""
+    project = tmp_path / "p"
+    project.mkdir()
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"))
+    send = ("import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+            ".sendto(b'no ptrace', ('127.0.0.1', int(sys.argv[1])))")
+    with _udp_server() as granted:
+        port = granted.getsockname()[1]
+        got = subprocess.run(
+            ["setpriv", "--bounding-set=-sys_ptrace", *REDOXCAP, "--state-dir", str(tmp_path / "s"),
+             "run", "--dir", str(project), "--allow-udp-connect", f"127.0.0.1:{port}", "--",
+             BASE_PYTHON, "-c", send, str(port)],
+            capture_output=True, text=True, timeout=120, check=False, env=env)
+        assert got.returncode == 0, got.stderr
+        assert _datagrams(granted) == [b"no ptrace"]
