@@ -109,3 +109,21 @@ def hostile_scheme():
     yield make
     for scheme in made:
         scheme.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def core_limit_of_the_test_process_kept():
+    """`redoxcap up` and `run` make their own process undumpable with a hard core limit of 0
+    (wire/limits.py). A test that calls them in-process (CliRunner, run.main) would do that
+    to pytest's process for the rest of the session, and every later child would inherit a
+    limit nothing here can raise again (no CAP_SYS_RESOURCE): the test that crashes daemons
+    next to a dumpable process could no longer tell. So in this process only, that call does
+    nothing; every process the tests start still makes it."""
+    from redoxcap import cli
+    from redoxcap.wire import limits
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(limits, "forbid_core_dumps", lambda: None)
+    patch.setattr(cli, "forbid_core_dumps", lambda: None)
+    yield
+    patch.undo()

@@ -236,7 +236,9 @@ def test_sockets_are_unix_streams_and_under_the_broker_tcp_it_binds_and_connects
         assert outcome(m, mode, "socketpair", inet, stream) == errno_of(errno.EACCES)
         assert outcome(m, mode, "sendto", 3, 0, 0, 0x2000_0000) == errno_of(errno.EACCES)
         assert outcome(m, mode, "sendmsg", 3, 0, 0x2000_0000) == errno_of(errno.EACCES)
+    for mode in (S.CONFINED, S.BROKERED):
         assert outcome(m, mode, "sendmsg", 3, 0, 0x40) == ALLOWED  # MSG_DONTWAIT
+        assert outcome(m, mode, "sendto", 3, 0, 0, 0, 0x7000, 16) == ALLOWED
     assert outcome(m, S.CONFINED, "socket", inet, stream) == errno_of(errno.EACCES)
     for family in (inet, inet6):
         assert outcome(m, S.BROKERED, "socket", family, stream | nonblock_cloexec) == ALLOWED
@@ -279,3 +281,46 @@ def test_redoxcap_syscalls_shows_what_a_call_gets_here():
         "both:", "pid", "0", "or", "own", "pid:", "allowed;", "else", "EPERM"]
     assert re.search(r"^openat\s+\d+\s+allowed\s+broker", result.output, re.MULTILINE)
     assert "ENOSYS" in result.output  # what the list does not name
+
+
+def test_udp_only_where_the_run_grants_it_and_every_send_naming_an_address_goes_to_the_broker():
+    m, inet, inet6, stream, dgram = "x86_64", 2, 10, 1, 2
+    nonblock_cloexec = 0o4000 | 0o2000000
+    for family in (inet, inet6):
+        for protocol in (0, 17):  # IPPROTO_UDP
+            assert outcome(m, S.BROKERED_UDP, "socket", family, dgram | nonblock_cloexec,
+                           protocol) == ALLOWED
+            assert outcome(m, S.BROKERED, "socket", family, dgram, protocol) == errno_of(errno.EACCES)
+        for protocol in (1, 136):  # ICMP (ping sockets), UDP-Lite
+            assert outcome(m, S.BROKERED_UDP, "socket", family, dgram, protocol) == \
+                errno_of(errno.EACCES)
+        assert outcome(m, S.BROKERED_UDP, "socket", family, stream, 6) == ALLOWED
+        assert outcome(m, S.BROKERED_UDP, "socket", family, stream, 262) == errno_of(errno.EACCES)
+        assert outcome(m, S.BROKERED_UDP, "socket", family, 3) == errno_of(errno.EACCES)  # raw
+    assert outcome(m, S.BROKERED_UDP, "socket", 1, dgram) == errno_of(errno.EACCES)  # unix dgram
+    # sendto(fd, buf, len, flags, addr, addrlen): addrlen 0 names nothing and stays native
+    assert outcome(m, S.BROKERED_UDP, "sendto", 3, 0x1000, 5, 0, 0, 0) == ALLOWED
+    assert outcome(m, S.BROKERED_UDP, "sendto", 3, 0x1000, 5, 0x40, 0x7000, 0) == ALLOWED
+    assert outcome(m, S.BROKERED_UDP, "sendto", 3, 0x1000, 5, 0, 0x7000, 16) == NOTIFIED
+    assert outcome(m, S.BROKERED_UDP, "sendto", 3, 0x1000, 5, 0, 0, 1 << 32 | 16) == NOTIFIED
+    assert outcome(m, S.BROKERED_UDP, "sendto", 3, 0, 0, 0x2000_0000, 0x7000, 16) == \
+        errno_of(errno.EACCES)  # MSG_FASTOPEN
+    for name, flags_index in (("sendmsg", 2), ("sendmmsg", 3)):
+        args = [3, 0x1000, 1, 0]
+        assert outcome(m, S.BROKERED_UDP, name, *args) == NOTIFIED
+        args[flags_index] = 0x2000_0000
+        assert outcome(m, S.BROKERED_UDP, name, *args) == errno_of(errno.EACCES)
+    for name in ("write", "writev", "recvfrom", "recvmsg", "sendfile"):
+        assert outcome(m, S.BROKERED_UDP, name) == ALLOWED, name
+
+
+@pytest.mark.parametrize("mode", [S.BROKERED, S.BROKERED_UDP])
+def test_a_brokered_socket_never_carries_a_source_route(mode):
+    """An IPv4 source route or an IPv6 routing header sends each packet to its first hop,
+    which no grant names."""
+    m = "x86_64"
+    for level, optname in ((0, 4), (41, 57), (41, 5), (41, 6)):  # IP_OPTIONS, IPV6_RTHDR, 2292
+        assert outcome(m, mode, "setsockopt", 3, level, optname) == errno_of(errno.EACCES)
+    for level, optname in ((1, 2), (6, 1), (0, 1), (41, 26), (1, 4)):  # SO_REUSEADDR, TCP_NODELAY,
+        assert outcome(m, mode, "setsockopt", 3, level, optname) == ALLOWED  # IP_TOS, V6ONLY...
+    assert outcome(m, S.CONFINED, "setsockopt", 3, 0, 4) == ALLOWED  # no TCP or UDP at all there

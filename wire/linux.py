@@ -332,9 +332,23 @@ IOCTLS = {
 # sys/socket.h
 AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_IP, IPPROTO_IPV6 = 0, 41
+IP_OPTIONS = 4  # IPv4 options on every packet; a source route sends it to its first hop
+# IPv6 routing headers (sticky, or in RFC 2292 packet options) route a packet through hops
+IPV6_2292RTHDR, IPV6_2292PKTOPTIONS, IPV6_RTHDR = 5, 6, 57
 MSG_FASTOPEN = 0x2000_0000  # sendto/sendmsg: connect a TCP socket without connect(2)
+MSG_NOSIGNAL = 0x4000  # a send on a broken stream answers EPIPE without SIGPIPE
 SOCK_STREAM = 1
+SOCK_DGRAM = 2
 SOCK_SEQPACKET = 5
+SOL_SOCKET, SCM_RIGHTS = 1, 1
+UIO_MAXIOV = 1024  # the most iovecs one sendmsg takes (EMSGSIZE beyond)
+# struct msghdr, struct mmsghdr, struct iovec and struct cmsghdr (LP64: x86_64 and aarch64)
+MSGHDR = struct.Struct("=QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, controllen, flags
+MMSGHDR_SIZE = MSGHDR.size + 8  # msghdr, then unsigned int msg_len (padded)
+IOVEC = struct.Struct("=QQ")  # base, len
+CMSGHDR = struct.Struct("=Qii")  # len, level, type (data follows, 8-aligned)
 # sys/resource.h
 RLIMIT_CORE = 4
 

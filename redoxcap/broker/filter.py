@@ -5,7 +5,9 @@ redoxcap/sandbox/syscalls.py: every syscall that names a path (and fstat,
 getdents64, execve, and clone when it makes a process) returns
 SECCOMP_RET_USER_NOTIF, so no lookup of the target's ever runs in the kernel;
 everything else is allowed, checked or refused there, exactly as for a
-program confined without the broker. The filter is inherited by threads and
+program confined without the broker. In a run that grants udp, UDP sockets
+may be made and every send that can name a destination is the broker's too
+(the list's ``brokered-udp`` mode); other runs keep every send native. The filter is inherited by threads and
 children and survives execve; with no broker left on the listener, a trapped
 call fails with ENOSYS (fail closed).
 """
@@ -22,17 +24,18 @@ from redoxcap.wire import linux
 BROKERED = S.brokered_names()
 
 
-def program(machine: str, *, signals_scoped: bool = True) -> bytes:
-    """The filter for machine ("x86_64" or "aarch64") as an array of struct sock_filter."""
-    return seccomp.filter_program(machine, S.BROKERED, deny_network=True,
-                                  signals_scoped=signals_scoped)
+def program(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> bytes:
+    """The filter for machine ("x86_64" or "aarch64") as an array of struct sock_filter
+    (udp: for a run that grants udp)."""
+    return seccomp.filter_program(machine, S.BROKERED_UDP if udp else S.BROKERED,
+                                  deny_network=True, signals_scoped=signals_scoped)
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install(machine: str, *, signals_scoped: bool = True) -> int:
+def install(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> int:
     """Install the filter on the calling thread and return the new listener fd.
 
     The caller must have set PR_SET_NO_NEW_PRIVS (or hold CAP_SYS_ADMIN), and
@@ -43,7 +46,7 @@ def install(machine: str, *, signals_scoped: bool = True) -> int:
         OSError: EBUSY when a filter with a listener is already installed (no
             nesting), EINVAL/ENOSYS where the kernel lacks user notification.
     """
-    code = program(machine, signals_scoped=signals_scoped)
+    code = program(machine, signals_scoped=signals_scoped, udp=udp)
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
     flags = linux.SECCOMP_FILTER_FLAG_NEW_LISTENER | linux.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,6 @@ from typing import NoReturn
 
 from redoxcap.broker import filter as bpf
 from redoxcap.wire import linux
-from redoxcap.wire import protocol as P
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
@@ -33,7 +33,8 @@ def _die(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
 
 
 def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket, parent: int,
-                kernel_cwd: str, read_paths: Sequence[str], keep_fds: Sequence[int]) -> NoReturn:
+                kernel_cwd: str, read_paths: Sequence[str], keep_fds: Sequence[int],
+                udp: bool = False) -> NoReturn:
     """Become the brokered program (never returns; exits 126 or 127 when it cannot).
 
     Args:
@@ -46,11 +47,17 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         read_paths: what Landlock lets the kernel open on the program's behalf (the host trees).
         keep_fds: fds the program inherits besides 0-2 (its capabilities for rt, and what
             `run --pass-fd` names); every other fd this process has is closed.
+        udp: the run grants udp: UDP sockets may be made, and sends that can name a
+            destination go to the broker (filter.py).
     """
     from redoxcap.sandbox import ConfinementUnavailable, close_fds_except, confine, die_with_parent
 
     machine = linux.machine()
     try:
+        # Python ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored: give them back,
+        # as subprocess does, so that `yes | head` ends as on a host
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
         os.setsid()  # a session of its own: no TIOCSTI into the caller's terminal
         die_with_parent(parent)
         os.chdir(kernel_cwd)
@@ -66,11 +73,18 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     if machine is None:
         _die("seccomp user notification: unsupported architecture")
     try:
-        listener = bpf.install(machine, signals_scoped=confined.scoped)
+        listener = bpf.install(machine, signals_scoped=confined.scoped, udp=udp)
     except OSError as exc:
         _die(f"seccomp user notification is not available here: {exc.strerror}")
     try:
-        channel.sendmsg([b"L"], P.fds_ancillary([listener]))
+        # write and read, not SCM_RIGHTS: a sendmsg may be the broker's to answer now (udp); the
+        # broker takes the listener from this process (pidfd_getfd), then says so. run is
+        # undumpable, and so is this fork of it until exec; pidfd_getfd needs it dumpable
+        # (without CAP_SYS_PTRACE), as the program will be: only its exec follows
+        linux.prctl(linux.PR_SET_DUMPABLE, 1)
+        os.write(channel.fileno(), b"L" + listener.to_bytes(4, "little"))
+        if os.read(channel.fileno(), 1) != b"K":
+            _die("the broker did not take the listener")
     except OSError as exc:
         _die(f"cannot hand the listener to the broker: {exc.strerror}")
     os.close(listener)

@@ -1,22 +1,31 @@
-"""Sockets within the grants: bind, connect and listen of an unmodified program's TCP sockets.
+"""Sockets within the grants: bind, connect, listen and sends of an unmodified program's sockets.
 
-The filter lets a brokered program create TCP sockets (and AF_UNIX streams)
-and traps every bind, connect and listen. The broker reads the address once
-from the program's memory, checks it against the run's grants
-(`--allow-listen`, `--allow-connect`), takes its own copy of the socket
-(pidfd_getfd: the same socket, not a new one) and binds, connects or listens
-on that copy itself. The kernel never re-reads an address the broker
-approved. Landlock still denies the program's own TCP bind and connect, so a
-call that reached the kernel some other way would fail there too; a listen
-on a socket the broker has not bound (which would bind a port of the
-kernel's choosing on every address) is refused.
+The filter lets a brokered program create TCP sockets (and AF_UNIX streams),
+UDP sockets in a run that grants udp, and traps every bind, connect and
+listen. The broker reads the address once from the program's memory, checks
+it against the run's grants (`--allow-listen`, `--allow-connect`, and
+`--allow-udp-listen`, `--allow-udp-connect` for UDP), takes its own copy of
+the socket (pidfd_getfd: the same socket, not a new one) and binds, connects
+or listens on that copy itself. The kernel never re-reads an address the
+broker approved. Landlock still denies the program's own TCP bind and
+connect, so a call that reached the kernel some other way would fail there
+too; a listen on a socket the broker has not bound (which would bind a port
+of the kernel's choosing on every address) is refused.
 
-Not served: UDP (a datagram names its destination in every sendto/sendmsg,
-in memory a filter cannot read), Unix sockets by path (EACCES, as before).
+A datagram names its destination in each sendto/sendmsg/sendmmsg, in memory
+the filter cannot read, and a UDP socket sends anywhere even when connected:
+in a run that grants udp, every send that can name a destination comes to
+the broker (`send`), which reads the whole message once and sends it on its
+own copy of the socket, to a destination it checked. A send that names none
+(write, send, sendto with addrlen 0) stays native: it goes to the peer the
+broker connected the socket to, or fails with EDESTADDRREQ.
+
+Not served: Unix sockets by path (EACCES, as before), UDP without a udp grant.
 """
 
 from __future__ import annotations
 
+import array
 import errno
 import ipaddress
 import os
@@ -35,30 +44,48 @@ def _refused(why: str) -> OSError:
     return OSError(errno.EACCES, why)
 
 
+Endpoint = tuple[str, int]
+
+
 class SocketGrants:
-    """What the run's grants let a brokered program bind to and connect to (TCP).
+    """What the run's grants let a brokered program bind to, connect to and send to.
 
     Built from `redoxcap.grants.net_grants` (None: no --allow-* option: nothing).
+
+    Attributes:
+        listen, connect: TCP endpoints (`--allow-listen`, `--allow-connect`).
+        udp_listen, udp_connect: UDP endpoints to bind to, and to connect or send to.
     """
 
     def __init__(self, grants: dict[str, Any] | None) -> None:
-        self.listen: set[tuple[str, int]] = set()
-        self.connect: set[tuple[str, int]] = set()
-        tcp = (grants or {}).get("tcp")
-        if tcp is None:
-            return
-        for entry in tcp.listen:
-            if isinstance(entry, int):
-                self.listen.update((host, entry) for host in LOOPBACK)
-            else:
-                self.listen.add((_canonical(entry[0]), entry[1]))
-        self.connect.update((_canonical(host), port) for host, port in tcp.connect)
+        self.listen, self.connect = _endpoints((grants or {}).get("tcp"))
+        self.udp_listen, self.udp_connect = _endpoints((grants or {}).get("udp"))
 
-    def may_bind(self, host: str, port: int) -> bool:
-        return (host, port) in self.listen
+    @property
+    def udp(self) -> bool:
+        """Whether the run grants udp at all (then the filter lets UDP sockets be made)."""
+        return bool(self.udp_listen or self.udp_connect)
 
-    def may_connect(self, host: str, port: int) -> bool:
-        return (host, port) in self.connect
+    def may_bind(self, host: str, port: int, udp: bool = False) -> bool:
+        return (host, port) in (self.udp_listen if udp else self.listen)
+
+    def may_connect(self, host: str, port: int, udp: bool = False) -> bool:
+        return (host, port) in (self.udp_connect if udp else self.connect)
+
+
+def _endpoints(grant: Any) -> tuple[set[Endpoint], set[Endpoint]]:
+    """(listen, connect) endpoints of one scheme's NetGrant (a bare port: both loopbacks)."""
+    listen: set[Endpoint] = set()
+    connect: set[Endpoint] = set()
+    if grant is None:
+        return listen, connect
+    for entry in grant.listen:
+        if isinstance(entry, int):
+            listen.update((host, entry) for host in LOOPBACK)
+        else:
+            listen.add((_canonical(entry[0]), entry[1]))
+    connect.update((_canonical(host), port) for host, port in grant.connect)
+    return listen, connect
 
 
 def _canonical(host: str) -> str:
@@ -95,58 +122,131 @@ def parse_sockaddr(raw: bytes) -> tuple[int, str, int, tuple]:
         if scope:
             raise _refused("an address with a zone id is not granted")
         return family, _canonical(host), port, (host, port, flowinfo, 0)
-    raise _refused("only TCP over IPv4 and IPv6 is served to a brokered program")
+    raise _refused("only TCP and UDP over IPv4 and IPv6 are served to a brokered program")
 
 
-def tcp_socket(fd: int) -> socket.socket:
-    """A socket object on the broker's copy fd (owned by it now); EACCES unless TCP."""
+def owned_socket(fd: int) -> socket.socket:
+    """A socket object on the broker's copy fd (owned by it from now on, on every path)."""
     try:
-        sock = socket.socket(fileno=fd)
+        return socket.socket(fileno=fd)
     except OSError:
         os.close(fd)
         raise
-    if sock.family not in (AF_INET, AF_INET6) or sock.type != socket.SOCK_STREAM:
+
+
+def is_udp(sock: socket.socket) -> bool:
+    return (sock.family in (AF_INET, AF_INET6) and sock.type == socket.SOCK_DGRAM
+            and sock.proto == socket.IPPROTO_UDP)
+
+
+def is_tcp(sock: socket.socket) -> bool:
+    return (sock.family in (AF_INET, AF_INET6) and sock.type == socket.SOCK_STREAM
+            and sock.proto == socket.IPPROTO_TCP)
+
+
+def inet_socket(fd: int) -> socket.socket:
+    """A socket object on the broker's copy fd (owned by it now); EACCES unless TCP or UDP."""
+    sock = owned_socket(fd)
+    if not (is_tcp(sock) or is_udp(sock)):
         sock.close()
-        raise _refused("only TCP sockets are served to a brokered program")
+        raise _refused("only TCP and UDP sockets are served to a brokered program")
     return sock
 
 
-def _granted(sock: socket.socket, raw: bytes, may: Callable[[str, int], bool], option: str
-             ) -> tuple:
-    """sock's address from raw, if its family is sock's and may(host, port) allows it.
+def _granted(sock: socket.socket, raw: bytes, may: Callable[[str, int, bool], bool],
+             what: str) -> tuple:
+    """sock's address from raw, if its family is sock's and may(host, port, udp) allows it;
+    what is "listen" or "connect", for the option the error names.
 
     Raises:
-        OSError: EAFNOSUPPORT for another family; EACCES (see _refused) where option grants
-            no such address.
+        OSError: EAFNOSUPPORT for another family; EACCES (see _refused) where no grant
+            names the address.
     """
+    udp = is_udp(sock)
     family, host, port, address = parse_sockaddr(raw)
     if family != sock.family:
         raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
-    if not may(host, port):
+    if not may(host, port, udp):
+        option = f"--allow-udp-{what}" if udp else f"--allow-{what}"
         raise _refused(f"{host} port {port} is not granted ({option})")
     return address
 
 
 def bind(grants: SocketGrants, fd: int, raw: bytes) -> None:
     """Bind the broker's copy fd (owned) to raw's address if granted."""
-    with tcp_socket(fd) as sock:
-        sock.bind(_granted(sock, raw, grants.may_bind, "--allow-listen"))
+    with inet_socket(fd) as sock:
+        sock.bind(_granted(sock, raw, grants.may_bind, "listen"))
 
 
 def connect(grants: SocketGrants, fd: int, raw: bytes) -> None:
     """Connect the broker's copy fd (owned) to raw's address if granted.
 
-    A non-blocking socket answers EINPROGRESS, as the program's own connect would.
+    A non-blocking TCP socket answers EINPROGRESS, as the program's own connect would.
     """
-    with tcp_socket(fd) as sock:
-        err = sock.connect_ex(_granted(sock, raw, grants.may_connect, "--allow-connect"))
+    with inet_socket(fd) as sock:
+        err = sock.connect_ex(_granted(sock, raw, grants.may_connect, "connect"))
         if err:
             raise OSError(err, os.strerror(err))
 
 
 def listen(fd: int, backlog: int) -> None:
     """Listen on the broker's copy fd (owned), a TCP socket the broker bound (port != 0)."""
-    with tcp_socket(fd) as sock:
+    with inet_socket(fd) as sock:
+        if not is_tcp(sock):
+            raise OSError(errno.EOPNOTSUPP, "listen on a datagram socket")
         if sock.getsockname()[1] == 0:
             raise _refused("listen binds an unbound socket to any port: bind it first")
         sock.listen(backlog)
+
+
+def check_destination(grants: SocketGrants, sock: socket.socket, raw: bytes) -> tuple:
+    """The address a datagram of the UDP socket sock may go to (raw, read once), if granted.
+
+    Raises:
+        OSError: EACCES for an address not in --allow-udp-connect, EINVAL or EAFNOSUPPORT
+            for a malformed one, as the kernel's.
+    """
+    family, host, port, address = parse_sockaddr(raw)
+    if family != sock.family:
+        raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
+    if not grants.may_connect(host, port, udp=True):
+        raise _refused(f"{host} port {port} is not granted (--allow-udp-connect)")
+    return address
+
+
+SEND_MAX = 512 * 1024  # the most one brokered send carries (a stream socket's send is short)
+
+
+def send(grants: SocketGrants, sock: socket.socket, buffers: list[bytes], name: bytes | None,
+         fds: list[int], flags: int) -> int:
+    """Send one message, read once from the program, on the broker's copy of its socket.
+
+    Args:
+        grants: the run's grants.
+        sock: the broker's copy (the caller owns it).
+        buffers: the message's bytes.
+        name: the destination the program named (None: none).
+        fds: the broker's copies of the fds an SCM_RIGHTS message passes (the caller owns them).
+        flags: the send's flags (MSG_FASTOPEN never reaches here: the filter refuses it).
+
+    Returns:
+        The bytes sent.
+
+    Raises:
+        OSError: EACCES for a destination not granted, or a socket the broker does not
+            serve; the kernel's errno of the send otherwise.
+    """
+    if is_udp(sock):
+        if fds:
+            raise OSError(errno.EINVAL, "SCM_RIGHTS on a UDP socket")
+        if name is None:  # to the peer the broker connected it to, or EDESTADDRREQ
+            return sock.sendmsg(buffers, [], flags)
+        return sock.sendmsg(buffers, [], flags, check_destination(grants, sock, name))
+    stream_types = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+    if not (is_tcp(sock) or (sock.family == AF_UNIX and sock.type in stream_types)):
+        raise _refused("only TCP, UDP and Unix stream sockets are served to a brokered program")
+    if name is not None and sock.family == AF_UNIX and sock.type == socket.SOCK_STREAM:
+        raise OSError(errno.EISCONN, "a Unix stream socket takes no address")
+    # TCP and seqpacket ignore a name: the message goes to the peer
+    control = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    return sock.sendmsg(buffers, control, flags)

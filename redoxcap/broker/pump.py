@@ -15,12 +15,16 @@ the program gets a sealed memory file of its bytes, which it can seek and map.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import logging
 import os
+import select
 import socket
+import termios
 import threading
+import time
 
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
@@ -28,6 +32,7 @@ from redoxcap.wire.call import call_fd, call_value, forget
 
 log = logging.getLogger("broker")
 CHUNK = 64 * 1024
+SETTLE_MAX = 30.0  # seconds a call waits for routed writes before it goes on regardless
 
 
 class _Routed:
@@ -46,20 +51,93 @@ class _Routed:
             _close(self.cap)
 
 
+class _FileWrites:
+    """What a write loop to a regular file took from the program and wrote into the file.
+
+    A program's write(2) to its end returns once the bytes are queued; the broker's next
+    call waits (`settle`) until what was queued then is in the file, so that what a program
+    wrote and closed is what a process it starts next reads (close-to-open, as on a host).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.taken = 0  # bytes received from the program
+        self.written = 0  # of them, in the file (or given up with the loop)
+        self.ended = False
+
+    def receive(self) -> bytes:
+        """The next bytes the program wrote (b"" once it closed its end), counted as taken."""
+        readable = select.poll()
+        readable.register(self.sock, select.POLLIN)
+        while True:
+            readable.poll()  # outside the lock: settle reads the count meanwhile
+            with self.cond:
+                try:
+                    data = self.sock.recv(CHUNK, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:  # only after every byte it wrote was read
+                    data = b""
+                self.taken += len(data)
+                return data
+
+    def wrote(self, n: int) -> None:
+        with self.cond:
+            self.written += n
+            self.cond.notify_all()
+
+    def end(self) -> None:
+        """The loop is over (its socket closes here, under the lock settle reads it with)."""
+        with self.cond:
+            self.ended = True
+            self.sock.close()
+            self.cond.notify_all()
+
+    def settle(self, deadline: float) -> None:
+        """Wait until every byte queued by now is written, the loop ended, or deadline passed
+        (a scheme the program serves itself may wait for the very call that waits here)."""
+        with self.cond:
+            if self.ended:
+                return
+            unread = array.array("i", [0])
+            fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, unread)
+            target = self.taken + unread[0]
+            while not self.ended and self.written < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("broker: routed writes still on their way after %gs", SETTLE_MAX)
+                    return
+                self.cond.wait(left)
+
+
 class Pumps:
     """Every pump thread of one broker, so that `join` can let writes finish before it exits."""
 
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
         self._routed: dict[tuple[int, int], _Routed] = {}
+        self._file_writes: set[_FileWrites] = set()
+
+    def settle(self) -> None:
+        """Wait until what the program wrote to routed files so far is in them (the broker's
+        every call does, first: a file written and closed reads whole at its next open)."""
+        if not self._file_writes:
+            return
+        deadline = time.monotonic() + SETTLE_MAX
+        for writes in list(self._file_writes):
+            writes.settle(deadline)
 
     def capability_of(self, identity: int) -> int | None:
         """The capability behind a program's end of a pump (by its socket identity), or None."""
         routed = self._routed.get(identity)
         return routed.cap if routed is not None else None
 
-    def start(self, cap: int, flags: int) -> int:
+    def start(self, cap: int, flags: int, regular_file: bool = False) -> int:
         """Pump cap for a program that opened it with flags (cap is owned here once this returns).
+
+        regular_file: its writes are settled before each of the broker's calls (`settle`);
+        a connection's or a pipe's are not (its peer may take its time).
 
         Returns:
             The program's end (the caller installs it and closes its own copy).
@@ -92,11 +170,15 @@ class Pumps:
         if reading:
             self._spawn(self._read_loop, cap, ours, routed)
         if writing:
-            self._spawn(self._write_loop, write_cap, ours_write, routed)
+            writes = _FileWrites(ours_write) if regular_file else None
+            if writes is not None:
+                self._file_writes.add(writes)
+            self._spawn(self._write_loop, write_cap, ours_write, routed, writes)
         return theirs.detach()
 
-    def _spawn(self, loop, cap: int, sock: socket.socket, routed: _Routed) -> None:
-        thread = threading.Thread(target=loop, args=(cap, sock, routed), daemon=True, name="pump")
+    def _spawn(self, loop, cap: int, sock: socket.socket, routed: _Routed, *more) -> None:
+        thread = threading.Thread(target=loop, args=(cap, sock, routed, *more), daemon=True,
+                                  name="pump")
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
@@ -121,26 +203,30 @@ class Pumps:
                 _close(cap)
             routed.done()
 
-    @staticmethod
-    def _write_loop(cap: int, sock: socket.socket, routed: _Routed) -> None:
+    def _write_loop(self, cap: int, sock: socket.socket, routed: _Routed,
+                    writes: _FileWrites | None) -> None:
         try:
-            while data := sock.recv(CHUNK):
+            while data := (writes.receive() if writes is not None else _written(sock)):
                 while data:
                     n = call_value(cap, P.WRITE, [data], kind=int)
                     if not 0 < n <= len(data):
                         raise OSError(errno.EIO, "the scheme took no bytes")
                     data = data[n:]
+                    if writes is not None:
+                        writes.wrote(n)
         except OSError as exc:
             log.warning("broker: routed write stopped: %s", exc)
         finally:
-            sock.close()
+            if writes is not None:
+                writes.end()
+                self._file_writes.discard(writes)
+            else:
+                sock.close()
             _close(cap)
             routed.done()
 
     def join(self, timeout: float) -> None:
         """Wait (at most timeout seconds in all) for the pumps whose program end is closed."""
-        import time
-
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -179,6 +265,18 @@ def snapshot(cap: int, size: int) -> int | None:
         return os.open(f"/proc/self/fd/{memfd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(memfd)
+
+
+def _written(sock: socket.socket) -> bytes:
+    """The next bytes the program wrote, b"" once it closed its end.
+
+    ECONNRESET comes only after every byte it wrote was read (it closed with bytes of ours
+    unread: a file it read only in part), so it ends the stream as EOF does.
+    """
+    try:
+        return sock.recv(CHUNK)
+    except ConnectionResetError:
+        return b""
 
 
 def _close(fd: int) -> None:

@@ -30,6 +30,7 @@ from redoxcap.broker import hostfs
 from redoxcap.broker.calls import PROCEED, Call, Install, Syscalls
 from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
 from redoxcap.broker.memory import Memory
+from redoxcap.broker.net import SocketGrants
 from redoxcap.broker.notify import Listener, Notification
 from redoxcap.broker.state import Directory, Mount, Processes
 from redoxcap.wire import linux
@@ -117,6 +118,7 @@ class Broker:
                 handler = self.syscalls.table.get(notif.nr)
                 if handler is None:
                     raise OSError(errno.ENOSYS, "not brokered")
+                self.syscalls.pumps.settle()  # what it wrote to routed files is in them first
                 answer = handler(Call(notif, mem, process))
             except OSError as exc:
                 err = exc.errno or errno.EIO
@@ -280,7 +282,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
-    too. net holds the grants its TCP sockets are bound and connected within.
+    too. net holds the grants its TCP and UDP sockets are bound, connected and sent within.
     pass_fds are fds of the caller's the program inherits besides 0-2; it gets no other.
     directfs_grant (the system's, which stays the caller's; taken only once the program
     runs, and never given to it) lets the broker look paths up natively beneath the cwd
@@ -324,6 +326,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         target_cwd = call_fd(cwd_fd, P.CLONE)
         opened.append(target_cwd)
         env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
+        udp = SocketGrants(net).udp  # the filter lets UDP be made only where it is granted
         empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -332,10 +335,10 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             if pid == 0:  # the child: never returns
                 ours.close()
                 exec_target(argv, env, theirs, parent, kernel_cwd or empty, read_paths,
-                            [target_ns, target_cwd, *pass_fds])
+                            [target_ns, target_cwd, *pass_fds], udp=udp)
             theirs.close()
             with ours:
-                listener = _receive_listener(ours)
+                listener = _receive_listener(ours, pid)
         finally:
             os.rmdir(empty)  # the program's kernel cwd is a removed directory: no lookup works there
         for fd in (target_ns, target_cwd):  # the program's own copies: ours go
@@ -428,11 +431,20 @@ def _close(fd: int) -> None:
     os.close(fd)
 
 
-def _receive_listener(sock: socket.socket) -> Listener | None:
-    """The listener the child sends, or None when it exited first (its status says why)."""
-    data, anc, flags, _ = sock.recvmsg(16, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
-    fds = P.parse_ancillary(anc)[0]
-    if data != b"L" or len(fds) != 1 or flags & P.TRUNCATED:
-        P.close_fds(fds)
+def _receive_listener(sock: socket.socket, pid: int) -> Listener | None:
+    """The listener of the child pid, taken from it (pidfd_getfd) when it says which fd it is,
+    or None when it exited first (its status says why)."""
+    data = sock.recv(16)
+    if len(data) != 5 or data[:1] != b"L":
         return None
-    return Listener(fds[0])
+    pidfd = os.pidfd_open(pid)
+    try:
+        listener = Listener(linux.pidfd_getfd(pidfd, int.from_bytes(data[1:], "little")))
+    finally:
+        os.close(pidfd)
+    try:
+        sock.send(b"K")  # the child closes its own copy and executes the program
+    except OSError:
+        listener.close()
+        return None
+    return listener

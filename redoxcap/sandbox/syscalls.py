@@ -29,7 +29,8 @@ from redoxcap.wire import linux
 
 CONFINED = "confined"
 BROKERED = "brokered"
-MODES = (CONFINED, BROKERED)
+BROKERED_UDP = "brokered-udp"  # brokered, in a run that grants udp (--allow-udp-*)
+MODES = (CONFINED, BROKERED, BROKERED_UDP)
 SELF = -1  # stands for the program's own pid in an argument check, filled in when built
 DEFAULT_ERRNO = errno.ENOSYS  # what a call the list does not name fails with
 
@@ -139,6 +140,7 @@ class Rule:
         confined: the action in a program started with rt alone (Landlock mediates its paths).
         brokered: the action under the broker (None: the same as confined).
         why: one line for the docs and `redoxcap syscalls`.
+        udp: the action under the broker in a run that grants udp (None: as brokered).
     """
 
     group: str
@@ -146,8 +148,11 @@ class Rule:
     confined: Action
     brokered: Action | None
     why: str
+    udp: Action | None = None
 
     def action(self, mode: str) -> Action:
+        if mode == BROKERED_UDP and self.udp is not None:
+            return self.udp
         return self.confined if mode == CONFINED or self.brokered is None else self.brokered
 
 
@@ -236,12 +241,47 @@ SOCKET_BROKERED = Check(0, "domain", (
                                                ALLOW),), EACCES)),), EACCES)),
 ), EACCES)
 SOCKETPAIR_CHECK = Check(0, "domain", (_UNIX,), EACCES)
+_TCP = (Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_STREAM,), "SOCK_STREAM"),
+        Check(2, "protocol", ((Equal((0, linux.IPPROTO_TCP), ("0", "IPPROTO_TCP")), ALLOW),), EACCES))
+_UDP = (Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_DGRAM,), "SOCK_DGRAM"),
+        Check(2, "protocol", ((Equal((0, linux.IPPROTO_UDP), ("0", "IPPROTO_UDP")), ALLOW),), EACCES))
+# In a run that grants udp, UDP sockets too: every send that can name a destination goes to
+# the broker, which sends it on its own copy of the socket within --allow-udp-connect.
+SOCKET_BROKERED_UDP = Check(0, "domain", (
+    _UNIX,
+    (Equal((linux.AF_INET, linux.AF_INET6), ("AF_INET", "AF_INET6")),
+     Check(1, "type", (_TCP, _UDP), EACCES)),
+), EACCES)
+
+
+# A source route (an IPv4 option, an IPv6 routing header) sends each packet to its first hop,
+# a host the broker never checked: under the broker, a socket may not carry one.
+SETSOCKOPT_BROKERED = Check(1, "level", (
+    (Equal((linux.IPPROTO_IP,), ("IPPROTO_IP",)),
+     Check(2, "optname", ((Equal((linux.IP_OPTIONS,), ("IP_OPTIONS",)), EACCES),), ALLOW)),
+    (Equal((linux.IPPROTO_IPV6,), ("IPPROTO_IPV6",)),
+     Check(2, "optname", ((Equal((linux.IPV6_RTHDR, linux.IPV6_2292RTHDR,
+                                  linux.IPV6_2292PKTOPTIONS),
+                                 ("IPV6_RTHDR", "IPV6_2292RTHDR", "IPV6_2292PKTOPTIONS")),
+                           EACCES),), ALLOW)),
+), ALLOW)
 
 
 def no_fastopen(index: int) -> Check:
     """A send whose flags (argument index) hold MSG_FASTOPEN connects a TCP socket without
     connect(2), so without the broker's check or Landlock's: EACCES."""
     return Check(index, "flags", ((AnyBit(linux.MSG_FASTOPEN, "MSG_FASTOPEN"), EACCES),), ALLOW)
+
+
+def send_brokered(flags: int, addrlen: int | None = None) -> Check:
+    """A send in a run that grants udp: MSG_FASTOPEN is EACCES; one that can name a destination
+    goes to the broker. sendto's addrlen (argument addrlen, an int) of 0 names none: UDP answers
+    EINVAL to a non-NULL address of length 0, TCP and Unix streams ignore it. A msghdr is in
+    memory the filter cannot read, so every sendmsg and sendmmsg goes to the broker."""
+    named: Action = NOTIFY
+    if addrlen is not None:
+        named = Check(addrlen, "addrlen", ((Equal((0,), ("0",)), ALLOW),), NOTIFY)
+    return Check(flags, "flags", ((AnyBit(linux.MSG_FASTOPEN, "MSG_FASTOPEN"), EACCES),), named)
 
 
 # -- the list --------------------------------------------------------------------------------------
@@ -334,15 +374,25 @@ def rules(*, deny_network: bool = True, signals_scoped: bool = True) -> tuple[Ru
              "of its own files, through the capability (CHMODAT, UTIMENSAT, CHOWNAT)"),
         Rule("sockets", ("socket",), sockets, SOCKET_BROKERED,
              "AF_UNIX stream and seqpacket only" + ("" if deny_network else " (or any, confined)")
-             + "; brokered: TCP too, bound and connected by the broker"),
+             + "; brokered: TCP too, bound and connected by the broker; UDP where the run grants "
+             "udp", udp=SOCKET_BROKERED_UDP),
         Rule("sockets", ("socketpair",), SOCKETPAIR_CHECK, None, "AF_UNIX stream and seqpacket"),
         Rule("sockets", ("connect", "bind", "listen"), ALLOW, NOTIFY,
              "confined: on its own sockets (Landlock refuses TCP); brokered: the broker checks "
              "the address against the grants and acts on its own copy of the socket"),
-        Rule("sockets", ("sendto", "sendmmsg"), no_fastopen(3), None, "no MSG_FASTOPEN"),
-        Rule("sockets", ("sendmsg",), no_fastopen(2), None, "no MSG_FASTOPEN"),
-        Rule("sockets", _names("""accept accept4 shutdown getsockname getpeername setsockopt
-             getsockopt recvfrom recvmsg recvmmsg"""), ALLOW, None, "on sockets it holds"),
+        Rule("sockets", ("sendto",), no_fastopen(3), None,
+             "no MSG_FASTOPEN; with a udp grant, a send naming an address goes to the broker",
+             udp=send_brokered(3, addrlen=5)),
+        Rule("sockets", ("sendmsg",), no_fastopen(2), None,
+             "no MSG_FASTOPEN; with a udp grant, the broker sends (its msghdr may name an address)",
+             udp=send_brokered(2)),
+        Rule("sockets", ("sendmmsg",), no_fastopen(3), None,
+             "no MSG_FASTOPEN; with a udp grant, the broker sends (its msghdrs may name addresses)",
+             udp=send_brokered(3)),
+        Rule("sockets", _names("""accept accept4 shutdown getsockname getpeername getsockopt
+             recvfrom recvmsg recvmmsg"""), ALLOW, None, "on sockets it holds"),
+        Rule("sockets", ("setsockopt",), ALLOW, SETSOCKOPT_BROKERED,
+             "on sockets it holds; brokered: no source routes (their first hop is not granted)"),
         # refused on purpose, with the errno that says why
         Rule("refused", XATTR_WRITES, EPERM, ENOTSUP,
              "extended attributes and inode flags (brokered: not supported, so cp -a and tar "
@@ -396,8 +446,7 @@ def brokered_names() -> frozenset[str]:
     """The calls the broker answers (whatever the machine: a name it lacks never arrives)."""
     out = set()
     for rule in rules():
-        action = rule.action(BROKERED)
-        if isinstance(action, Notify) or _notifies(action):
+        if _notifies(rule.action(BROKERED)) or _notifies(rule.action(BROKERED_UDP)):
             out.update(rule.names)
     return frozenset(out)
 
@@ -423,6 +472,8 @@ def describe_text(machine: str) -> str:
                  ((CONFINED, confined), (BROKERED, brokered)) if isinstance(action, Check)]
         if len(shown) == 2 and confined == brokered:
             shown = [f"both: {confined.describe()}"]
+        if rule.udp is not None:
+            shown.append(f"{BROKERED}, with a udp grant: {rule.udp.describe()}")
         checks[name] = shown
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = []
@@ -441,6 +492,8 @@ def describe_markdown() -> str:
     for rule in rules():
         calls = ", ".join(f"`{n}`" for n in rule.names)
         confined, brokered = rule.action(CONFINED).describe(), rule.action(BROKERED).describe()
+        if rule.udp is not None:
+            brokered += f"; with a udp grant: {rule.udp.describe()}"
         lines.append(f"| {rule.group} | {calls} | {confined} | {brokered} | {rule.why} |")
     lines += ["", f"Any call the list does not name: {errno.errorcode[DEFAULT_ERRNO]}.", ""]
     lines += [f"- {line}" for line in _argument_lists()]

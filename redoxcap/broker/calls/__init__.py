@@ -19,7 +19,7 @@ hands over, fails at import (and at construction, for other families).
     two_paths.py    rename, link
     metadata.py     chmod, utime, chown
     processes.py    clone, fork, vfork, execve, execveat
-    sockets.py      bind, connect, listen
+    sockets.py      bind, connect, listen; sendto, sendmsg, sendmmsg where udp is granted
 """
 
 from __future__ import annotations

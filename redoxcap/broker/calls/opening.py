@@ -142,6 +142,7 @@ class Opening(Family):
                     close(fd)
                     return copy
             if not is_dir:
-                return program.pumps.start(fd, flags)
+                regular = status is not None and stat.S_ISREG(status.st_mode)
+                return program.pumps.start(fd, flags, regular_file=regular)
         program.caps.add(linux.identity(st))
         return fd
