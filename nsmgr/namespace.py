@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from nsmgr.generation import GenerationPage
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
 from wire import ops
 from wire import protocol as P
@@ -48,6 +49,14 @@ class Namespace:
 
     entries: dict[str, AsyncCapability] = field(default_factory=dict)
     perms: int = P.PERM_ALL
+    generation: int = 0  # changes so far (see nsmgr/generation.py)
+    page: GenerationPage | None = None  # where holders read generation, once one asked
+
+    def changed(self) -> None:
+        """Count a change: a holder that kept this namespace's roots drops them at its next open."""
+        self.generation += 1
+        if self.page is not None:
+            self.page.value = self.generation
 
     def lookup(self, name: str) -> AsyncCapability:
         cap = self.entries.get(name)
@@ -121,6 +130,7 @@ class NamespaceScheme(Scheme):
             P.close_fds([channel, root])
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = AsyncCapability(root)
+        ns.changed()
         req.keep_again()
         return Reply(None, [channel])
 
@@ -209,6 +219,24 @@ class NamespaceScheme(Scheme):
     async def ns_perms(self, req: Request, ns: Namespace) -> int:
         return ns.perms
 
+    async def ns_root(self, req: Request, ns: Namespace, name: str) -> Reply:
+        """A clone of name's entry (the scheme's root, or the directory registered as name),
+        for a holder to open the rest through itself; the value is the namespace's
+        generation before it was taken. Charged to the caller, like anything it opens."""
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        entry = ns.lookup(name)
+        generation = ns.generation
+        return Reply(generation, [await entry.call_fd(P.CLONE, serving=req.id)])
+
+    async def ns_generation(self, req: Request, ns: Namespace) -> Reply:
+        """A read-only memfd whose first 8 bytes are the namespace's generation (made on first
+        use, and kept with the namespace across a restart of nsmgr)."""
+        if ns.page is None:
+            ns.page = GenerationPage.create(ns.generation)
+            req.keep_again()
+        return Reply(ns.generation, [ns.page.reader()])
+
     async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None) -> Opened:
         if perms is None:
             perms = ns.perms
@@ -256,6 +284,7 @@ class NamespaceScheme(Scheme):
         if perms & ~ns.perms:
             raise SchemeError(errno.EACCES, "permissions can only be narrowed")
         ns.perms = perms
+        ns.changed()
         req.keep_again()
 
     async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
@@ -287,12 +316,14 @@ class NamespaceScheme(Scheme):
             entry.close()
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = entry
+        ns.changed()
         req.keep_again()
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)
         cap = ns.lookup(name)
         del ns.entries[name]
+        ns.changed()
         req.keep_again()
         cap.close()
 
@@ -306,26 +337,42 @@ class NamespaceScheme(Scheme):
                 "count": len(handles)}
 
     def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
-        """A namespace is its entries and permissions: the router keeps the entries'
-        capabilities across a crash of nsmgr, and the next nsmgr serves the same
-        namespace (so no client notices more than a delay)."""
+        """A namespace is its entries, permissions and generation: the router keeps the
+        entries' capabilities (and the generation page, if one was asked for) across a
+        crash of nsmgr, and the next nsmgr serves the same namespace (so no client
+        notices more than a delay)."""
         names = sorted(ns.entries)
-        return {"perms": ns.perms, "names": names}, [ns.entries[n].fileno() for n in names]
+        fds = [ns.entries[n].fileno() for n in names]
+        if ns.page is not None:
+            fds.append(ns.page.fd)
+        return {"perms": ns.perms, "names": names, "generation": ns.generation,
+                "page": ns.page is not None}, fds
 
     def restore(self, value: dict, fds: list[int]) -> Namespace:
+        """The kept namespace, its generation counted on (a change may have been made but
+        not kept before the crash: holders drop what they kept, to be sure)."""
         try:
             names, perms = value["names"], value["perms"]
-            if not isinstance(names, list) or len(names) != len(fds) or type(perms) is not int:
+            generation, has_page = value.get("generation", 0), value.get("page", False)
+            if (not isinstance(names, list) or len(names) + bool(has_page) != len(fds)
+                    or type(perms) is not int or type(generation) is not int):
                 raise ValueError("kept namespace does not match its fds")
-            return Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms)
-        except (KeyError, TypeError, ValueError):
+            page = GenerationPage(fds.pop()) if has_page else None
+        except (KeyError, TypeError, ValueError, OSError):
             P.close_fds(fds)
             raise
+        ns = Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms,
+                       max(generation, page.value if page is not None else 0), page)
+        ns.changed()
+        return ns
 
     async def close(self, ns: Namespace) -> None:
         entries, ns.entries = ns.entries, {}
         for cap in entries.values():
             cap.close()
+        if ns.page is not None:
+            ns.page.close()
+            ns.page = None
 
 
 async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = (),

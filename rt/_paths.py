@@ -73,7 +73,8 @@ def to_namespace_path(path: str) -> str | None:
 
 
 def locate(path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> tuple[int, str, bool]:
-    """Where a path operation goes.
+    """Where a path operation goes, a namespace path to the namespace itself (nsmgr forwards
+    it; `located` goes to the kept root instead).
 
     Returns:
         (capability fd, path to send, whether the fd is the namespace).
@@ -85,6 +86,33 @@ def locate(path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> tuple[int,
     if dirfd == AT_FDCWD:
         return _process.cwd_fd(), path, False
     return dirfd, path, False
+
+
+class located:  # noqa: N801 - used as a function, in a with statement
+    """Where a path operation goes, for as long as it runs: `with located(path) as (fd, path):`.
+
+    A namespace path goes to the kept root of its scheme (rt/_roots.py), which
+    is not closed under the call even if the namespace changes meanwhile; a
+    relative one to dirfd (the cwd for AT_FDCWD).
+    """
+
+    __slots__ = ("_dirfd", "_path", "_root")
+
+    def __init__(self, path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> None:
+        self._path, self._dirfd, self._root = path, dirfd, None
+
+    def __enter__(self) -> tuple[int, str]:
+        path = fspath(self._path)
+        ns_path = to_namespace_path(path)
+        if ns_path is None:
+            return (_process.cwd_fd() if self._dirfd == AT_FDCWD else self._dirfd), path
+        fd, rest, self._root = _process.CURRENT.roots.take(_process.namespace_fd(), ns_path)
+        return fd, rest
+
+    def __exit__(self, *exc: object) -> None:
+        if self._root is not None:
+            _process.CURRENT.roots.give_back(self._root)
+            self._root = None
 
 
 def split_namespace_path(ns_path: str) -> tuple[str, str]:

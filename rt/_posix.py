@@ -19,7 +19,7 @@ from rt._paths import (
     SCHEME_ROOT,
     fspath,
     handed_dirs,
-    locate,
+    located,
     split_namespace_path,
     to_namespace_path,
 )
@@ -58,10 +58,9 @@ def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: 
         path = fspath(path)
         if flags & P.O_RESOLVE_BENEATH and path.startswith("/"):
             raise OSError(errno.EXDEV, "an absolute path cannot be beneath a directory")
-        fd = dirfd
-    else:
-        fd, path, _ = locate(path, dirfd)
-    return call_fd(fd, P.OPENAT, [path, flags, mode])
+        return call_fd(dirfd, P.OPENAT, [path, flags, mode])
+    with located(path, dirfd) as (fd, path):
+        return call_fd(fd, P.OPENAT, [path, flags, mode])
 
 
 def read(fd: int, n: int) -> bytes:
@@ -133,9 +132,9 @@ def stat(path: str | os.PathLike) -> StatResult:
     """Status of the file at path (symlinks followed)."""
     if _is_scheme_list(path):
         return fstat(_process.namespace_fd())
-    where, name, _ = locate(path)
     try:  # one request where the scheme answers STATAT; open and fstat where it does not
-        return Stat.from_wire(call_value(where, P.STATAT, [name, 0], kind=dict))
+        with located(path) as (where, name):
+            return Stat.from_wire(call_value(where, P.STATAT, [name, 0], kind=dict))
     except OSError as exc:
         if exc.errno != errno.ENOSYS:
             raise
@@ -205,8 +204,8 @@ def chmod(path: str | os.PathLike, mode: int, *, follow_symlinks: bool = True) -
     Raises:
         OSError: EROFS on a read-only mount, EOPNOTSUPP for a symlink itself.
     """
-    where, name, _ = locate(path)
-    call_value(where, P.CHMODAT, [name, mode, 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.CHMODAT, [name, mode, 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def fchmod(fd: int, mode: int) -> None:
@@ -232,8 +231,8 @@ def _times(ns: tuple[int | None, int | None] | None) -> list[int | None]:
 def utime(path: str | os.PathLike, ns: tuple[int | None, int | None] | None = None, *,
           follow_symlinks: bool = True) -> None:
     """Set the access and modification times of the file at path (nanoseconds; see _times)."""
-    where, name, _ = locate(path)
-    call_value(where, P.UTIMENSAT, [name, *_times(ns), 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.UTIMENSAT, [name, *_times(ns), 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def futime(fd: int, ns: tuple[int | None, int | None] | None = None) -> None:
@@ -249,8 +248,8 @@ def futime(fd: int, ns: tuple[int | None, int | None] | None = None) -> None:
 
 def chown(path: str | os.PathLike, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
     """Accept a change of owner that changes nothing (-1, your own ids, the file's); else EPERM."""
-    where, name, _ = locate(path)
-    call_value(where, P.CHOWNAT, [name, uid, gid, 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.CHOWNAT, [name, uid, gid, 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def fchown(fd: int, uid: int, gid: int) -> None:
@@ -289,32 +288,32 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
 
 def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
     """Create a directory (EEXIST if the name is taken)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.MKDIRAT, [path, mode])
+    with located(path) as (fd, path):
+        call_value(fd, P.MKDIRAT, [path, mode])
 
 
 def unlink(path: str | os.PathLike) -> None:
     """Remove a name that is not a directory (EISDIR if it is one)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.UNLINKAT, [path, 0])
+    with located(path) as (fd, path):
+        call_value(fd, P.UNLINKAT, [path, 0])
 
 
 def rmdir(path: str | os.PathLike) -> None:
     """Remove an empty directory (ENOTEMPTY, ENOTDIR otherwise)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
+    with located(path) as (fd, path):
+        call_value(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
 
 
 def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
     """Create a symlink at path holding target (stored verbatim)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
+    with located(path) as (fd, path):
+        call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
 
 
 def readlink(path: str | os.PathLike) -> str:
     """The target stored in the symlink at path (EINVAL if it is not one)."""
-    fd, path, _ = locate(path)
-    return call_value(fd, P.READLINKAT, [path], kind=str)
+    with located(path) as (fd, path):
+        return call_value(fd, P.READLINKAT, [path], kind=str)
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -328,25 +327,11 @@ def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def _two_path(op: int, src, dst) -> None:
-    fd1, p1, ns1 = locate(src)
-    fd2, p2, ns2 = locate(dst)
-    if fd1 == fd2:  # both through the namespace, or both relative to the cwd
-        call_value(fd1, op, [p1, p2])
-        return
-    opened = []
-    try:
-        if ns1:
-            root, p1 = split_namespace_path(p1)
-            fd1 = open(root, os.O_DIRECTORY)
-            opened.append(fd1)
-        if ns2:
-            root, p2 = split_namespace_path(p2)
-            fd2 = open(root, os.O_DIRECTORY)
-            opened.append(fd2)
-        call_value(fd1, op, [p1, p2], [fd2])
-    finally:
-        for fd in opened:
-            close(fd)
+    with located(src) as (fd1, p1), located(dst) as (fd2, p2):
+        if fd1 == fd2:  # both in one scheme's root, or both relative to the cwd
+            call_value(fd1, op, [p1, p2])
+        else:  # new relative to its own directory: EXDEV where that is another scheme's
+            call_value(fd1, op, [p1, p2], [fd2])
 
 
 def chdir(path: str | os.PathLike) -> None:

@@ -16,6 +16,8 @@ import errno
 import os
 import threading
 
+from rt._roots import NamespaceRoots
+
 ENV_NS = "REDOXCAP_NS_FD"
 ENV_CWD = "REDOXCAP_CWD_FD"
 ENV_CWD_PATH = "REDOXCAP_CWD"
@@ -30,6 +32,7 @@ class ProcessCapabilities:
         self._cwd_fd: int | None = None
         self._cwd_path = "/"
         self._adopted = False
+        self.roots = NamespaceRoots()  # the roots of the namespace's entries, kept (rt/_roots.py)
 
     def adopt_from_environment(self) -> None:
         """Take the namespace and cwd fds the environment names (once; later calls do nothing).
@@ -74,6 +77,8 @@ class ProcessCapabilities:
         with self._lock:
             self._adopted = True  # what the environment names is not ours to take any more
             old, self._ns_fd = self._ns_fd, fd
+        if old != fd:
+            self.roots.clear()
         if old is not None and old != fd:
             os.close(old)
 
@@ -87,6 +92,7 @@ class ProcessCapabilities:
 
 
 CURRENT = ProcessCapabilities()
+os.register_at_fork(after_in_child=CURRENT.roots.after_fork_in_child)
 adopt_from_environment = CURRENT.adopt_from_environment
 namespace_fd = CURRENT.namespace_fd
 cwd_fd = CURRENT.cwd_fd

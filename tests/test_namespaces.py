@@ -17,6 +17,8 @@ import pytest
 
 import rt
 from redoxcap.config import Config
+from rt._call import call
+from wire import ops as rt_ops
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
@@ -97,3 +99,98 @@ def test_spawned_children_inherit_clones_of_namespace_and_cwd(redoxcap_isolated_
     assert out.strip() == f"/kid {BUILTIN}"
     assert (redoxcap_isolated_client.root / "kid/made-by-child").exists()
     assert rt.listdir() == ["made-by-child"]  # our own cwd is untouched
+
+
+# -- opens through the namespace: the entry's root is kept, changes are seen --------------
+
+
+def test_after_a_names_first_open_opens_and_stats_through_the_namespace_skip_nsmgr(
+        redoxcap_isolated_client):
+    rt.close(rt.open("/warm", rt.O_CREAT | rt.O_WRONLY))  # file's root is kept from here on
+    nsmgr_before = redoxcap_isolated_client.daemon("nsmgr")["frames"]
+    file_before = redoxcap_isolated_client.daemon("file")["frames"]
+    for _ in range(20):
+        rt.close(rt.open("/warm"))
+        assert rt.stat("/scheme/file/warm").st_size == 0
+    rt.mkdir("/made")
+    rt.rename("/made", "/renamed")
+    assert rt.listdir("/renamed") == []
+    assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == nsmgr_before
+    assert redoxcap_isolated_client.daemon("file")["frames"] >= file_before + 40
+
+
+def test_a_name_unregistered_or_replaced_is_seen_by_the_next_open(redoxcap_isolated_client):
+    fd = rt.open("/scheme/zero")
+    assert rt.read(fd, 3) == b"\0\0\0"
+    rt.close(fd)
+    rt.unregister(rt.getns(), "zero")
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/zero")
+    assert info.value.errno == errno.ENODEV
+    _, (null_root,) = call(rt.getns(), rt_ops.NS_ROOT, ["null"])
+    rt.register(rt.getns(), "zero", null_root)
+    rt.close(null_root)
+    fd = rt.open("/scheme/zero")  # now the null device
+    assert rt.read(fd, 3) == b""
+    rt.close(fd)
+    rt.narrow(rt.getns(), rt.PERM_ALL & ~rt.PERM_INSERT)  # a change that leaves every name
+    d = rt.open("/", rt.O_DIRECTORY)
+    with pytest.raises(PermissionError):
+        rt.register(rt.getns(), "again", d)
+    rt.close(d)
+    fd = rt.open("/scheme/zero")
+    assert rt.read(fd, 1) == b""
+    rt.close(fd)
+
+
+def test_a_change_made_by_another_holder_of_the_namespace_is_seen_by_the_next_open(
+        redoxcap_isolated_client):
+    rt.close(rt.open("/scheme/rand"))  # kept: rand's root
+    child = rt.spawn([sys.executable, "-c", "import rt; rt.unregister(rt.getns(), 'rand')"],
+                     share_ns=True)  # the very same namespace handle, another process
+    assert child.wait(timeout=30) == 0
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/rand")
+    assert info.value.errno == errno.ENODEV
+
+
+def test_a_root_held_after_its_name_is_unregistered_stays_held(redoxcap_isolated_client):
+    """What a holder keeps is a capability like any other: unregistering the name takes
+    it from the namespace, not from whoever holds it."""
+    rt.close(rt.open("/kept.txt", rt.O_CREAT | rt.O_WRONLY))
+    generation, (root,) = call(rt.getns(), rt_ops.NS_ROOT, ["file"])
+    assert isinstance(generation, int)
+    rt.unregister(rt.getns(), "file")
+    with pytest.raises(OSError) as info:
+        rt.open("/kept.txt")
+    assert info.value.errno == errno.ENODEV
+    fd = rt.openat(root, "kept.txt")
+    assert rt.fpath(fd).endswith("/kept.txt")
+    rt.close(fd)
+    rt.close(root)
+    with pytest.raises(OSError) as info:
+        call(rt.getns(), rt_ops.NS_ROOT, ["nosuch"])
+    assert info.value.errno == errno.ENODEV
+
+
+def test_the_generation_page_is_read_only_and_cannot_be_shrunk_under_nsmgr(redoxcap_isolated_client):
+    import fcntl
+    import mmap
+
+    _, (page,) = call(rt.getns(), rt_ops.NS_GENERATION)
+    try:
+        with pytest.raises(OSError):
+            os.write(page, b"\0" * 8)
+        with pytest.raises(OSError):
+            os.ftruncate(page, 0)
+        with pytest.raises(PermissionError):
+            mmap.mmap(page, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        with pytest.raises(PermissionError):  # sealed: nobody makes nsmgr's writes fault
+            fcntl.fcntl(page, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        view = mmap.mmap(page, 8, mmap.MAP_SHARED, mmap.PROT_READ)
+        before = int.from_bytes(view[:8], "little")
+        rt.narrow(rt.getns(), rt.PERM_ALL & ~rt.PERM_SCHEME_CREATE)
+        assert int.from_bytes(view[:8], "little") > before
+        view.close()
+    finally:
+        os.close(page)

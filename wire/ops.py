@@ -134,6 +134,8 @@ NS_PERMS = 45
 NS_SCHEME_CREATE = 46
 UTIMENSAT = 47
 CHOWNAT = 48
+NS_ROOT = 49
+NS_GENERATION = 50
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
@@ -213,6 +215,12 @@ OPERATIONS: tuple[Operation, ...] = (
               "fds: [the new scheme's request channel]; its root is registered as name",
               "EACCES without SCHEME_CREATE, EEXIST, EINVAL",
               namespace=True),
+    Operation(NS_ROOT, "ns_root", (_a("name", _STR),),
+              "the namespace's generation; fds: [a clone of name's entry] (charged to the caller)",
+              "ENODEV, EINVAL", namespace=True),
+    Operation(NS_GENERATION, "ns_generation", (),
+              "the generation; fds: [a read-only memfd whose first 8 bytes, little-endian, are "
+              "the namespace's generation]", "", namespace=True),
 )
 
 BY_NUMBER: dict[int, Operation] = {op.number: op for op in OPERATIONS}
