@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 
-from schemes.framework import Opened, ROOT_STAT, Request, Scheme, SchemeError, daemon_cli, takes
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
 from wire import protocol as P
 from wire.stat import Stat
 

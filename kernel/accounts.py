@@ -18,8 +18,14 @@ they cannot take the router's last fds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from kernel.capabilities import Capability
 
 # Defaults for a client account; `python -m kernel` options override them.
 MAX_CAPS_PER_ACCOUNT = 1024  # capabilities one client may hold (each costs the router an fd)
@@ -89,13 +95,20 @@ class FdPool:
 
     def room_for(self, n: int) -> bool:
         return self.limit is None or self.used + n <= self.limit
+
+
 SYSTEM_LIMITS = Limits(max_caps=None, max_inflight=None,
                        max_inflight_per_cap=SYSTEM_MAX_INFLIGHT_PER_CAP, max_queued_bytes=None)
+SYSTEM_ACCOUNT_ID = 0  # the kernel capability's account: daemons, no quota
 
 
 @dataclass(eq=False)
 class Account:
-    """The capabilities, in-flight requests and queued reply bytes charged to one client."""
+    """The capabilities, in-flight requests and queued reply bytes charged to one client.
+
+    Its counters change only through its methods, which keep the fds all client
+    accounts share and the list of accounts that hold something (`listed`) right.
+    """
 
     id: int
     limits: Limits
@@ -105,13 +118,14 @@ class Account:
     # fds the router holds for it besides its capabilities' sockets: in queued replies and
     # in requests being forwarded; they count against max_caps, which bounds the router's fds
     held_fds: int = 0
-    # readers of this account's capabilities parked until it drains (any object with wake())
-    blocked: set = field(default_factory=set)
+    # capabilities whose reading waits until it drains
+    blocked: set[Capability] = field(default_factory=set)
     # the fds every client account shares (None for the system account: it has the reserve)
     pool: FdPool | None = None
-    # the router's lock for a client account's turns: one request of the account at a time,
-    # however many of its capabilities have requests waiting (made on first use)
-    turn: Any = None
+    # the accounts that hold something, by id: it lists itself there while it does
+    listed: dict[int, Account] | None = None
+    # one request of a client account is read at a time (made on first use)
+    turn: trio.Lock | None = None
 
     @property
     def system(self) -> bool:
@@ -130,12 +144,105 @@ class Account:
         self.caps += n
         if self.pool is not None:
             self.pool.used += n
+        self._list()
 
     def charge_fds(self, n: int) -> None:
         """n more fds besides capabilities (queued, in flight, kept) are held for it."""
+        if not n:
+            return
         self.held_fds += n
         if self.pool is not None:
             self.pool.used += n
+        self._list()
+
+    def _list(self) -> None:
+        """Be listed while it holds something; the system account always is."""
+        if self.listed is None:
+            return
+        if self.caps or self.inflight or self.held_fds or self.id == SYSTEM_ACCOUNT_ID:
+            self.listed[self.id] = self
+        else:
+            self.listed.pop(self.id, None)
+
+    async def take_turn(self) -> trio.Lock | None:
+        """Wait for this account's turn to read one request; None for the system account.
+
+        A client account's capabilities take turns: however many of them have requests
+        waiting, the account gets about one request handled per pass of the scheduler, as
+        a client waiting with a single request does. (trio's acquire yields once it holds
+        the lock: the account's other capabilities queue behind it meanwhile, and everyone
+        else runs.) The daemons' system account serves every client: no turns.
+
+        Returns:
+            The turn, to release once the request is counted (or before a send that may wait).
+        """
+        if self.limits.max_caps is None:
+            return None
+        if self.turn is None:
+            self.turn = trio.Lock()
+        await self.turn.acquire()
+        return self.turn
+
+    def may_read(self, cap: Capability) -> bool:
+        """Whether cap's next request may be read now (else backpressure: it waits).
+
+        A capability whose holder does not read its replies, or that has its bound of
+        requests in flight, waits for itself; one whose account is saturated waits in
+        `blocked` until `drained` gives it back.
+        """
+        if cap.outbox:
+            return False
+        per_cap = self.limits.max_inflight_per_cap
+        if per_cap is not None and cap.inflight >= per_cap:
+            return False
+        if self.saturated:
+            self.blocked.add(cap)
+            return False
+        return True
+
+    def started(self, cap: Capability, n: int = 1) -> None:
+        """n requests of cap's are now in flight (forwarded, or held for a restart)."""
+        cap.inflight += n
+        self.inflight += n
+
+    def settled(self, cap: Capability) -> Iterable[Capability]:
+        """One of cap's requests was answered (or never will be).
+
+        Returns:
+            The capabilities that may read again: cap itself, and those of this account
+            that waited for it to drain.
+        """
+        cap.inflight -= 1
+        self.inflight -= 1
+        if not self.inflight:
+            self._list()
+        return (cap, *self.drained()) if self.blocked else (cap,)
+
+    def queued(self, nbytes: int) -> None:
+        """nbytes more of replies (negative: fewer) wait in its capabilities' outboxes."""
+        self.queued_bytes += nbytes
+
+    def drained(self) -> Iterable[Capability]:
+        """The capabilities that waited for this account, once it is below its limits."""
+        if self.blocked and not self.saturated:
+            blocked, self.blocked = self.blocked, set()
+            return blocked
+        return ()
+
+    def take_over(self, cap: Capability, old: Account, queued_bytes: int) -> Iterable[Capability]:
+        """Count cap's requests in flight and its queued reply bytes here instead of old.
+
+        Returns:
+            old's capabilities that may read again now that it has less.
+        """
+        old.inflight -= cap.inflight
+        old.queued_bytes -= queued_bytes
+        old.blocked.discard(cap)
+        self.inflight += cap.inflight
+        self.queued_bytes += queued_bytes
+        old._list()
+        self._list()
+        return old.drained()
 
     @property
     def saturated(self) -> bool:
@@ -143,13 +250,6 @@ class Account:
         lim = self.limits
         return ((lim.max_inflight is not None and self.inflight >= lim.max_inflight)
                 or (lim.max_queued_bytes is not None and self.queued_bytes >= lim.max_queued_bytes))
-
-    def wake_if_drained(self) -> None:
-        """Let this account's parked readers read again once it is below its limits."""
-        if self.blocked and not self.saturated:
-            blocked, self.blocked = self.blocked, set()
-            for reader in blocked:
-                reader.wake()
 
     def counters(self) -> dict[str, int | None]:
         """What KERNEL_STATUS reports for this account."""

@@ -1,5 +1,5 @@
 """`python -m redoxcap` is the `redoxcap` command."""
 
-from redoxcap.cli import main
+from redoxcap.entry import main
 
-main(prog_name="redoxcap")
+main()

@@ -2,42 +2,42 @@
 
 Click commands only: each parses its options and calls the module that does
 the work (lifecycle, up, run, status, control). Every failure is raised as an
-:class:`redoxcap.exits.Failure` or one of the errors :data:`FAILURES` maps,
-and leaves with one of the exit codes of :mod:`redoxcap.exits`.
+:class:`redoxcap.exits.Failure` or one of the errors
+:func:`redoxcap.entry.failure_code` maps, and leaves with one of the exit
+codes of :mod:`redoxcap.exits`. The console script starts at
+:mod:`redoxcap.entry`, which reads a `run` command line itself when it can
+(the same options, read the same way) and hands everything else to
+:data:`main` here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from redoxcap import config, control, exits, lifecycle, status
-from redoxcap.exits import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, Failure
+from redoxcap.entry import failure_code
+from redoxcap.exits import EXIT_FAILED, EXIT_USAGE, Failure
 from wire.limits import forbid_core_dumps
-
-# Errors any command may raise, and the exit code each one leaves with (first match wins).
-FAILURES: tuple[tuple[type[Exception], int], ...] = (
-    (config.ConfigError, EXIT_USAGE),
-    (control.NotRunning, EXIT_NOT_RUNNING),
-    (control.ControlError, EXIT_FAILED),
-    (OSError, EXIT_FAILED),
-)
 
 
 class _Commands(click.Group):
-    """The command group; it turns every failure into `redoxcap: MESSAGE` and its exit code."""
+    """The command group; it turns every failure into `redoxcap: MESSAGE` and its exit code
+    (redoxcap.entry.failure_code says which for errors that are not a Failure)."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except Failure as exc:
             _exit(str(exc), exc.code)
-        except tuple(kind for kind, _ in FAILURES) as exc:
-            _exit(str(exc), next(code for kind, code in FAILURES if isinstance(exc, kind)))
+        except Exception as exc:
+            code = failure_code(exc)
+            if code is None:
+                raise
+            _exit(str(exc), code)
 
 
 def _exit(message: str, code: int) -> None:
@@ -106,10 +106,14 @@ def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
         pid = lifecycle.start_detached(state_dir, cfg, trace)
         click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
         return
-    from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
+    from redoxcap.system import start_forkserver
 
     forbid_core_dumps()  # the supervisor holds every daemon's root and hands out namespaces
-    up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd)
+    forkserver = start_forkserver(cfg.specs())  # first: it loads while trio loads here
+    from redoxcap import up  # trio and the supervisor: only the foreground `up` needs them
+
+    up.serve(state_dir, cfg, trace=trace, watch_fd=watch_fd, ready_fd=ready_fd,
+             forkserver=forkserver)
 
 
 @main.command("down")
@@ -255,31 +259,15 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
     daemons of the run's own, gone when it ends. `run` exits with COMMAND's
     exit code (127: not found).
     """
-    from redoxcap import hostdirs, run  # the client runtime: only `run` needs it
+    from redoxcap import run  # the client runtime: only `run` needs it
 
-    forbid_core_dumps()  # run holds the program's capabilities, and is its broker
-    if require_confine and not confine:
-        raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
-    try:
-        env = run.client_environment(os.environ, confined=confine, inherit=inherit_env,
-                                     options=env_options)
-    except ValueError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
-    for fd in pass_fds:
-        try:
-            os.fstat(fd)
-        except OSError as exc:
-            raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
-    net = run.net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
-    host_dirs = [hostdirs.parse_dir(text) for text in dirs]
-    broker = run.broker_options(brokered, confine, ro_host, passthrough)
-    with run.system_for_run(state_dir, root=root, config_file=config_file,
-                            mounts=mounts, log=log_file) as system:
-        code = run.run(system, command, env, names=names, cwd=cwd, beneath=beneath,
-                       confine=confine, require_confine=require_confine, uds_scope=uds_scope,
-                       trace=trace, trace_json=trace_json, net=net, broker=broker,
-                       max_caps=max_caps, dirs=host_dirs, pass_fds=pass_fds)
-    sys.exit(code)
+    sys.exit(run.main(
+        state_dir, command, names=names, dirs=dirs, cwd=cwd, beneath=beneath, confine=confine,
+        require_confine=require_confine, env_options=env_options, inherit_env=inherit_env,
+        uds_scope=uds_scope, tcp_connect=tcp_connect, tcp_listen=tcp_listen,
+        udp_connect=udp_connect, udp_listen=udp_listen, trace=trace, trace_json=trace_json,
+        brokered=brokered, ro_host=ro_host, passthrough=passthrough, pass_fds=pass_fds,
+        max_caps=max_caps, log_file=log_file, root=root, mounts=mounts, config_file=config_file))
 
 
 @main.command("trace")

@@ -21,12 +21,18 @@ it can become the oldest); accept errors such as EMFILE are logged
 (rate-limited) and waited out, never raised.
 
 Operations:
-    namespace  -> a clone of the root namespace capability (fds[0])
+    namespace  -> a clone of the root namespace capability (fds[0]); with `account`, in a
+                  fresh router account ({"account": N}; `max_caps` caps it); with `account`
+                  and `scheme`, also a new anonymous scheme's root (in that account, fds[1])
+                  and its channel (fds[2]), for a daemon the caller starts
     status     -> {"status": {...}}: one page of what `redoxcap status --json` prints
                   (`clients_after`, `holdings_after`: where the last page ended, as its
                   `clients_next` and `holdings_next` say; status.fetch joins them)
+    client     -> {}: note the program `run` started (`pid`, `argv`, `names`, `cwd`, `account`)
+    trace      -> {"schemes": {id: name}} and a socket the router streams the trace on
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
+    directfs   -> the grant a broker passes with HOSTDIR to its file schemes (fds[0])
     shutdown   -> stops the system after answering
     ping       -> {}
 """
@@ -35,11 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hmac
 import logging
 import math
 import os
-import secrets
 import socket
 import struct
 import time
@@ -47,12 +51,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from wire import protocol as P
 from wire.linux import UCRED
+
+if TYPE_CHECKING:
+    import trio
+
+# trio is imported by the server half only: a client (`redoxcap run`, `status`) never pays for it.
 
 log = logging.getLogger("supervisor")
 
@@ -87,6 +94,8 @@ class NotRunning(ControlError):
 
 def write_token(state_dir: Path) -> bytes:
     """Create a fresh secret readable only by its owner; returns it."""
+    import secrets  # the server's: a client only reads the token
+
     token = secrets.token_hex(32).encode()
     path = state_dir / TOKEN_NAME
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -119,7 +128,7 @@ class Connection:
 
     pid: int
     sock: Any = None  # a trio socket
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    scope: trio.CancelScope = field(default_factory=lambda: _trio().CancelScope())
 
     def drop(self) -> None:
         """Close it now (the fd is free at once) and stop the task answering it."""
@@ -208,8 +217,14 @@ class RateLimitedLog:
 # -- the server -----------------------------------------------------------------
 
 
+def _trio():
+    import trio
+
+    return trio
+
+
 async def serve(path: Path, token: bytes, handlers: dict[str, Handler],
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[None] | None = None) -> None:
     """Answer control requests on path until cancelled.
 
     Args:
@@ -217,14 +232,17 @@ async def serve(path: Path, token: bytes, handlers: dict[str, Handler],
             must hold the state directory's lock: the path is removed on return.
         token: the secret every request must carry.
         handlers: op name -> async function returning (reply dict, fds to pass).
+        task_status: nursery.start's, told once the socket listens.
     """
+    trio = _trio()
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with listener:
         path.unlink(missing_ok=True)
         await listener.bind(str(path))
         os.chmod(path, 0o600)
         listener.listen(LISTEN_BACKLOG)
-        task_status.started()
+        if task_status is not None:
+            task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 await _Server(token, handlers, nursery).accept_forever(listener)
@@ -242,7 +260,7 @@ class _Server:
         self.owner = os.getuid()
         self.admission = Admission()
         self.warn = RateLimitedLog()
-        self._ended = trio.Event()  # set (and replaced) whenever a connection ends
+        self._ended = _trio().Event()  # set (and replaced) whenever a connection ends
 
     async def accept_forever(self, listener: Any) -> None:
         while True:
@@ -256,6 +274,8 @@ class _Server:
             self._admit(sock)
 
     async def _accept_failed(self, exc: OSError) -> None:
+        import trio
+
         self.warn.warning("accept", "accept failed (%s); %d connections open",
                           os.strerror(exc.errno), len(self.admission.open))
         if exc.errno == errno.ECONNABORTED:
@@ -293,6 +313,8 @@ class _Server:
             self.nursery.start_soon(self._answer, conn)
 
     async def _answer(self, conn: Connection) -> None:
+        import trio
+
         try:
             with conn.scope, conn.sock:
                 await self._converse(conn)
@@ -306,6 +328,8 @@ class _Server:
             self._ended = trio.Event()
 
     async def _converse(self, conn: Connection) -> None:
+        import trio
+
         with trio.move_on_after(AUTH_DEADLINE) as deadline:
             # no ancillary buffer: Linux closes any fd a peer tries to pass us
             data, _, flags, _ = await conn.sock.recvmsg(MAX_REQUEST)
@@ -332,6 +356,8 @@ class _Server:
         request = P.unpack(data) if data and not flags & socket.MSG_TRUNC else None
         if not isinstance(request, dict) or not isinstance(request.get("token"), str):
             raise ControlError("malformed control request")
+        import hmac
+
         if not hmac.compare_digest(request["token"].encode(), self.token):
             raise ControlError("permission denied: bad token")
         return request

@@ -3,26 +3,33 @@
 Each is served by a file scheme daemon of the run's own (`python -E -P -m
 schemes.file`, killed by the kernel if `run` dies, stopped when the program
 ends), registered in the program's namespace under a name of its own
-(`dir`, `dir1`, ...; the private /tmp in a fork of it that goes at once, so
-that only the broker holds it). The program sees each at its own absolute
-host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
-its capability (redoxcap/broker/handlers.py).
+(`dir`, `dir1`, ...). The private /tmp is a scheme the supervisor makes for
+the run in no namespace, so that only the broker holds it; its daemon starts
+when the router first hands the scheme a request (most programs never use
+/tmp, and a daemon's start costs more than the rest of a run). The program
+sees each at its own absolute host path: rt maps that path to the scheme
+(REDOXCAP_DIRS), the broker to its capability (redoxcap/broker/calls/locate.py).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-import subprocess
+import select
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import rt
 from redoxcap import PYTHON
 from redoxcap.exits import EXIT_USAGE, Failure
 from rt import _process
-from rt._call import call_fd
 from wire import protocol as P
+from wire.call import call_fd
+
+if TYPE_CHECKING:
+    import subprocess  # loaded when a daemon starts, not with the run
 
 
 @dataclass(frozen=True)
@@ -67,13 +74,15 @@ def parse_dir(text: str) -> HostDir:
     return HostDir(real, real, read_only)
 
 
-def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen]
-               ) -> list[tuple[HostDir, str]]:
+def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen],
+          directfs_grant: int | None = None) -> list[tuple[HostDir, str]]:
     """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
 
     The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
     namespace holds already. Each daemon is appended to daemons once started;
-    it dies with this process, and :func:`stop` stops it.
+    it dies with this process, and :func:`stop` stops it. With directfs_grant (the
+    system's, which stays the caller's) each daemon hands the broker its host
+    directory for native lookups (HOSTDIR).
 
     Returns:
         (directory, scheme name) of each, in the order of dirs.
@@ -93,7 +102,7 @@ def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
         try:
-            daemons.append(_start_daemon(channel, d, name))
+            daemons.append(_start_daemon(channel, d, name, directfs_grant))
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
         finally:
@@ -107,14 +116,17 @@ def open_root(ns: int, name: str) -> int:
     return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
 
 
-def _start_daemon(channel: int, d: HostDir, name: str) -> subprocess.Popen:
+def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None) -> subprocess.Popen:
     """`python -E -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
     goes to the program, not to the daemons it needs until it exits), killed when we die."""
+    import subprocess
+
     argv = [*PYTHON, "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
             "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
-            *(["--read-only"] if d.read_only else [])]
-    return subprocess.Popen(argv, pass_fds=[channel], stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+            *(["--read-only"] if d.read_only else []),
+            *(["--directfs-grant-fd", str(grant)] if grant is not None else [])]
+    return subprocess.Popen(argv, pass_fds=[channel] + ([grant] if grant is not None else []),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 # `python -E -P -c THIS PARENT ARGS...`: schemes.file's main, killed by the kernel when PARENT dies.
@@ -127,8 +139,65 @@ _DAEMON_WITH_PARENT = (
 )
 
 
-def stop(daemons: list[subprocess.Popen]) -> None:
+class DaemonOnFirstRequest:
+    """A file scheme daemon serving d, started once its scheme's channel has a request.
+
+    Until then this object holds the channel and the directfs grant, if
+    any (both owned from now on: see :func:`serve`), and a thread waits on
+    the channel; :meth:`close` stops waiting. A daemon started
+    meanwhile is :attr:`process`, to stop with the others (:func:`stop`).
+
+    Attributes:
+        process: the daemon, once started (None before, and if it never was).
+    """
+
+    def __init__(self, channel: int, d: HostDir, name: str, directfs_grant: int | None = None
+                 ) -> None:
+        self.process: subprocess.Popen | None = None
+        self._channel: int | None = channel
+        self._grant = directfs_grant
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._wait, args=(d, name), daemon=True,
+                                        name=f"redoxcap {name} daemon on demand")
+        self._thread.start()
+
+    def _wait(self, d: HostDir, name: str) -> None:
+        poller = select.poll()
+        poller.register(self._channel, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll()}
+        if self._wake_r in ready:
+            return
+        try:
+            self.process = _start_daemon(self._channel, d, name, self._grant)
+        except OSError as exc:  # its requests then wait until the run ends: say why
+            os.write(2, f"redoxcap: cannot start the daemon of {d.visible}: {exc.strerror}\n".encode())
+            return
+        # the daemon's alone now: its death is the channel's end, as the router should see
+        for fd in (self._channel, self._grant):
+            if fd is not None:
+                os.close(fd)
+        self._channel = self._grant = None
+
+    def close(self) -> None:
+        """Stop waiting for a first request, and let go of the channel."""
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        for fd in (self._wake_r, self._wake_w, self._channel, self._grant):
+            if fd is not None:
+                os.close(fd)
+        self._channel = self._grant = None
+
+
+def stop(daemons: list[subprocess.Popen | DaemonOnFirstRequest]) -> None:
     """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
+    import subprocess
+
+    for i, proc in enumerate(daemons):
+        if isinstance(proc, DaemonOnFirstRequest):
+            proc.close()
+            daemons[i] = proc.process
+    daemons[:] = [proc for proc in daemons if proc is not None]
     for proc in daemons:
         if proc.poll() is None:
             proc.terminate()

@@ -15,17 +15,23 @@ import contextlib
 import os
 import re
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from redoxcap import PYTHON, config, control
+from redoxcap import PYTHON, control
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from redoxcap import config
+
+# subprocess and shutil are loaded by what starts or removes a system, not with a `run`
+# that only asks where the state directory is.
 
 BOOT_TIMEOUT = 30.0  # seconds a supervisor has to report that it is up
 STOP_TIMEOUT = 15.0  # seconds a supervisor has to exit once asked, before it is killed
@@ -39,6 +45,8 @@ def default_state_dir() -> Path:
 
 def up_options(cfg: config.Config, trace: bool = False) -> list[str]:
     """The `up` options that reproduce cfg (and --trace) in another process."""
+    from redoxcap import config  # only who boots a system needs it (and trio, through it)
+
     argv = ["--root", str(cfg.root), "--schemes", ",".join(cfg.schemes)]
     for m in cfg.mounts:
         argv += ["--mount", config.mount_option_text(m)]
@@ -151,6 +159,8 @@ class Supervisor:
 def _start_up(state_dir: Path, options: list[str],
               watch_fd: int | None) -> tuple[subprocess.Popen, int, int]:
     """Start `redoxcap up OPTIONS`; returns its process, its readiness pipe and a pidfd."""
+    import subprocess
+
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ready_r, ready_w = os.pipe()
     argv = [*PYTHON, "-m", "redoxcap", "--state-dir", str(state_dir), "up", *options,
@@ -221,7 +231,8 @@ def stop(state_dir: Path, wait: float = STOP_TIMEOUT) -> bool:
 
 
 @contextlib.contextmanager
-def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path]:
+def private_system(cfg: config.Config, log: Path | None = None,
+                   meanwhile: Callable[[], object] | None = None) -> Iterator[Path]:
     """A system of its own for the block (a `run` with none up); yields its state directory.
 
     It stops when the block ends, or when this process dies (its watch pipe
@@ -229,6 +240,9 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
     not its log: it is appended to log, or, without one, what it says besides
     the supervisor's routine notes (lines written to /scheme/log, warnings,
     errors) goes to stderr.
+
+    meanwhile, when given, is called once the supervisor has been started and
+    before it is waited for: the caller's own preparations overlap the boot.
 
     Raises:
         Failure: it did not boot (see :class:`Supervisor`).
@@ -242,6 +256,8 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
             os.close(watch_r)
         with supervisor:
             try:
+                if meanwhile is not None:
+                    meanwhile()
                 supervisor.wait_until_up(quote_log=log is not None)  # else _keep_log shows it
                 yield state_dir
             finally:
@@ -253,6 +269,8 @@ def private_system(cfg: config.Config, log: Path | None = None) -> Iterator[Path
         if watch_w is not None:
             os.close(watch_w)
         _keep_log(state_dir / control.LOG_NAME, log)
+        import shutil
+
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

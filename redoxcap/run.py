@@ -2,18 +2,23 @@
 
 The command's capabilities come from the supervisor's control op `namespace`
 (a clone of the root namespace, in a router account of its own, so that
-whatever the command comes to hold is charged and capped there). This
-process installs that namespace and the `--cwd` directory in its own rt
-(`rt.setup`, `rt.fchdir`), forks the namespace down to `--ns`, puts a uds
-scope in it (`--uds-scope`), narrows its tcp and udp to what the `--allow-*`
-options grant, and starts the command with the public
-`rt.spawn`, which hands the child clones of both. Confined (the default),
-the command runs brokered (redoxcap.broker: any program, every path through
-its capabilities, with the `--dir` directories at their own paths and a
-private /tmp, see redoxcap/hostdirs.py), or, with `--no-broker`, under the
-sandbox launcher (`python -P -m redoxcap.sandbox`) with a private scratch
-directory; either way with a minimal environment. `run` forwards SIGINT,
-SIGTERM and SIGHUP to it and exits with its exit code.
+whatever the command comes to hold is charged and capped there; brokered,
+also the scheme of its private /tmp). This process installs that namespace
+and the `--cwd` directory in its own rt (`rt.setup`), forks the namespace
+down to `--ns`, puts a uds scope in it (`--uds-scope`), narrows its tcp and
+udp to what the `--allow-*` options grant, and starts the command with
+clones of both. Confined (the default), the command runs brokered
+(redoxcap.broker: any program, every path through its capabilities, with
+the `--dir` directories at their own paths and a private /tmp, see
+redoxcap/hostdirs.py), or, with `--no-broker`, in a fork of this process
+that confines itself as the sandbox launcher would and executes it
+(redoxcap.sandbox.spawn_confined: no second interpreter), with a private
+scratch directory; either way with a minimal environment. Unconfined, it is
+started with the public `rt.spawn`. `run` forwards SIGINT, SIGTERM and
+SIGHUP to it and exits with its exit code.
+
+Nothing here imports click or trio: the console script reads `run`'s
+options itself (redoxcap/entry.py) and calls :func:`main`.
 
 With no system up at the state directory, a private one is booted for the
 duration of the command (:func:`redoxcap.lifecycle.private_system`).
@@ -27,22 +32,27 @@ import ipaddress
 import json
 import os
 import posixpath
-import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import rt
-from redoxcap import PYTHON, config, control, hostdirs, lifecycle
+from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
-from redoxcap.sandbox import python_script
-from redoxcap.trace import Follower
+from redoxcap.sandbox.policy import python_script
 from rt import _process
 from rt._paths import ENV_DIRS
+from wire import protocol as P
+
+if TYPE_CHECKING:
+    from redoxcap.trace import Follower
+
+# Imported where they are needed, not here: a run with a system up and without --trace uses
+# neither config and lifecycle (which bring trio) nor the trace printer.
 
 # All of the caller's environment a confined command gets without --env or --inherit-env.
 CONFINED_ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TZ"})
@@ -167,22 +177,29 @@ def client_environment(environ: Mapping[str, str], *, confined: bool, inherit: b
     return env
 
 
-def confined_argv(command: list[str], require: bool, scratch: str) -> list[str]:
-    """Wrap command in the confinement launcher; a Python script it runs stays readable.
+def confined_launch(command: list[str], require: bool, scratch: str) -> dict:
+    """spawn_confined's options for command: what the launcher grants it besides the interpreter.
 
     Only the script of a Python interpreter (`python3 [options] script.py`)
     is made readable; `-c`, `-m` and every other program's arguments are
     data the program must reach through its capabilities. scratch is the
     command's private writable temporary directory.
     """
-    # -E -P: a `redoxcap` package a client wrote into the cwd (or into PYTHONPATH, passed with
-    # --env) must not run as the launcher, which is not confined yet.
-    launcher = [*PYTHON, "-m", "redoxcap.sandbox", "--write", scratch]
-    launcher += ["--require"] if require else []
     script = python_script(command)
-    if script is not None:
-        launcher += ["--read", script]
-    return [*launcher, "--", *command]
+    return {"read_paths": [] if script is None else [script], "write_paths": [scratch],
+            "require": require}
+
+
+def _brokered(brokered: bool | None, confine: bool) -> bool:
+    """Whether the run is brokered (`--brokered`, `--no-broker`, or neither: when confined).
+
+    Raises:
+        Failure: EXIT_USAGE for --brokered with --no-confine.
+    """
+    if brokered and not confine:
+        raise Failure("--brokered confines the program itself; it contradicts --no-confine",
+                      EXIT_USAGE)
+    return confine if brokered is None else brokered
 
 
 def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str], passthrough: bool
@@ -196,15 +213,10 @@ def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str],
     Raises:
         Failure: --brokered with --no-confine (usage), or a kernel that cannot broker.
     """
-    if brokered is None:
-        brokered = confine
-    if not brokered:
+    if not _brokered(brokered, confine):
         return None
     from redoxcap.broker import available
 
-    if not confine:
-        raise Failure("--brokered confines the program itself; it contradicts --no-confine",
-                      EXIT_USAGE)
     reason = available()
     if reason is not None:
         raise Failure(f"cannot broker an unmodified program here: {reason}; a program written "
@@ -212,33 +224,98 @@ def broker_options(brokered: bool | None, confine: bool, ro_host: Sequence[str],
     return {"ro_host": list(ro_host), "passthrough": passthrough}
 
 
+def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
+         dirs: Sequence[str] = (), cwd: str | None = None, beneath: bool = False,
+         confine: bool = True, require_confine: bool = False, env_options: Sequence[str] = (),
+         inherit_env: bool = False, uds_scope: str = "private", tcp_connect: Sequence[str] = (),
+         tcp_listen: Sequence[str] = (), udp_connect: Sequence[str] = (),
+         udp_listen: Sequence[str] = (), trace: str | None = None, trace_json: bool = False,
+         brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
+         pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
+         root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None) -> int:
+    """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
+
+    The keyword arguments are the options of `run` (see `redoxcap run --help`),
+    by the names the click command gives them, with its defaults.
+
+    Returns:
+        COMMAND's exit code.
+
+    Raises:
+        Failure: a usage error, or a run that could not be set up (its exit code says which).
+    """
+    from wire.limits import forbid_core_dumps
+
+    forbid_core_dumps()  # run holds the program's capabilities, and is its broker
+    if require_confine and not confine:
+        raise Failure("--require-confine contradicts --no-confine", EXIT_USAGE)
+    try:
+        env = client_environment(os.environ, confined=confine, inherit=inherit_env,
+                                 options=env_options)
+    except ValueError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    for fd in pass_fds:
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
+    net = net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
+    host_dirs = [hostdirs.parse_dir(text) for text in dirs]
+    # the broker's code loads while a private system boots; what cannot broker says so then
+    load_broker = _load_broker if _brokered(brokered, confine) else None
+    with system_for_run(state_dir, root=root, config_file=config_file, mounts=mounts,
+                        log=log_file, dirs=host_dirs, meanwhile=load_broker) as (system, served):
+        broker = broker_options(brokered, confine, ro_host, passthrough)
+        return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
+                   require_confine=require_confine, uds_scope=uds_scope, trace=trace,
+                   trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
+                   dirs=host_dirs, pass_fds=pass_fds, served=served)
+
+
+def _load_broker() -> None:
+    import redoxcap.broker  # noqa: F401 - loaded now, used by broker_options and _spawn
+
+
 @contextlib.contextmanager
 def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
-                   mounts: Sequence[str], log: Path | None = None) -> Iterator[Path]:
+                   mounts: Sequence[str], log: Path | None = None,
+                   dirs: Sequence[hostdirs.HostDir] = (),
+                   meanwhile: Callable[[], object] | None = None
+                   ) -> Iterator[tuple[Path, list[tuple[hostdirs.HostDir, str]]]]:
     """The system a run uses: the one up at state_dir, or a private one for the block.
 
     With a system up, --mount adds each mount to it (it stays until `down`)
     and --root or --config is a usage error; without one, they configure the
-    private system (whose log is kept: appended to log, or its news to stderr).
+    private system (whose log is kept: appended to log, or its news to stderr),
+    which also serves dirs, the run's --dir directories: each as a mount of
+    its own (`dir`, `dir1`, ...; its handles die with its daemon, as those of
+    a run's own daemon do), started with the rest of the boot. meanwhile is
+    called while a private system boots.
 
     Yields:
-        The state directory of the system to run in.
+        The state directory of the system to run in, and the directories it
+        serves already (with their names in its root namespace).
 
     Raises:
         Failure: a usage error, a mount the running system refused, or a
             private system that did not boot.
     """
     if not control.is_running(state_dir):
+        from redoxcap import config, lifecycle  # (and trio): only a private system needs them
+
         try:
             cfg = config.configure(config_file, root, mounts)
         except config.ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
-        with lifecycle.private_system(cfg, log) as private:
-            yield private
+        served = _serve_with_the_system(cfg, dirs)
+        with lifecycle.private_system(cfg, log, meanwhile) as private:
+            yield private, served
         return
     if root is not None or config_file is not None:
         raise Failure("--root and --config only apply when run boots a private system; one is up",
                       EXIT_USAGE)
+    if mounts:
+        from redoxcap import config
     for text in mounts:
         try:
             m = config.parse_mount(text)
@@ -247,7 +324,26 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
             raise Failure(f"--mount {text}: {exc}") from None
         except config.ConfigError as exc:
             raise Failure(str(exc), EXIT_USAGE) from None
-    yield state_dir
+    if meanwhile is not None:
+        meanwhile()
+    yield state_dir, []
+
+
+def _serve_with_the_system(cfg: Any, dirs: Sequence[hostdirs.HostDir]
+                           ) -> list[tuple[hostdirs.HostDir, str]]:
+    """Add dirs to cfg (a private system's config.Config) as mounts; their (directory, name)."""
+    from redoxcap import config
+
+    taken = {*cfg.schemes, *(m.name for m in cfg.mounts), *(u.name for u in cfg.user_schemes),
+             *config.RESERVED_NAMES}
+    served = []
+    for d in dirs:
+        name = next(n for n in ["dir", *(f"dir{i}" for i in range(1, len(dirs) + len(taken) + 2))]
+                    if n not in taken)
+        taken.add(name)
+        cfg.mounts.append(config.Mount(name, Path(d.path), d.read_only, keep=False))
+        served.append((d, name))
+    return served
 
 
 def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: str | None,
@@ -255,7 +351,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
-        pass_fds: Sequence[int] = ()) -> int:
+        pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -268,8 +364,9 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         cwd: `--cwd`: its current directory, a file-scheme or /scheme/NAME path (None: `/`);
             with dirs, a host path in one of them (None: the first).
         beneath: open the cwd with O_RESOLVE_BENEATH.
-        confine: run it under the sandbox launcher, in a session of its own,
-            with a private scratch directory as $TMPDIR (removed afterwards).
+        confine: confine it (the sandbox launcher's steps, in a fork of this process),
+            in a session of its own, with a private scratch directory as $TMPDIR
+            (removed afterwards).
         require_confine: have the launcher refuse to run it unconfined.
         uds_scope: `--uds-scope`: private, system or a shared scope's NAME.
         trace: `--trace`: print every call of the command (and of run's own setup
@@ -284,6 +381,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         dirs: `--dir`: host directories it gets, each served by a file scheme daemon
             of this run's own (stopped afterwards) and seen at its own path.
         pass_fds: `--pass-fd`: fds of ours it inherits besides 0-2 (and its capabilities).
+        served: dirs with the name the system serves each under already (a private
+            system's mounts, :func:`system_for_run`); empty: the run serves them itself.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -292,23 +391,24 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         Failure: its capabilities could not be set up, or it could not be started.
         control.ControlError: the supervisor did not hand out a namespace.
     """
-    argv, env, scratch, private_tmp = list(command), dict(env), None, None
+    argv, env, scratch, private_tmp, launcher = list(command), dict(env), None, None, None
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
-        argv = confined_argv(argv, require_confine, scratch)
+        launcher = confined_launch(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
     if broker is not None:
         private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
         env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
-    daemons: list[subprocess.Popen] = []
+    daemons: list = []
     try:
         proc, account, where = _spawn(
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
-            net=net, follower=follower, broker=broker, max_caps=max_caps, dirs=dirs,
-            private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds)
+            net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
+            dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
+            served=served)
         try:  # for `status` and `graph`; the run goes on without it
             control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
                             cwd=where, account=account)
@@ -323,11 +423,23 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         hostdirs.stop(daemons)
         for directory in (scratch, private_tmp):
             if directory is not None:
-                shutil.rmtree(directory, ignore_errors=True)
+                _remove(directory)
+
+
+def _remove(directory: str) -> None:
+    """Remove a scratch directory of the run's, and what the program left in it."""
+    try:
+        os.rmdir(directory)  # most programs leave it empty: no need to load shutil
+    except OSError:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
     """Subscribe to the system's trace before anything of the run happens."""
+    from redoxcap.trace import Follower
+
     reply, fds = control.request(state_dir, "trace")
     names = {int(k): v for k, v in reply.get("schemes", {}).items()}
     out = sys.stderr if where == "-" else open(where, "a", encoding="utf-8")  # noqa: SIM115
@@ -337,48 +449,59 @@ def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:
 def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | None,
            cwd: str | None, beneath: bool, *, new_session: bool, uds_scope: str,
            net: dict[str, NetGrant] | None = None, follower: Follower | None = None,
-           broker: dict | None = None, max_caps: int | None = None,
+           broker: dict | None = None, launcher: dict | None = None, max_caps: int | None = None,
            dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
-           daemons: list[subprocess.Popen] | None = None, pass_fds: Sequence[int] = ()
-           ) -> tuple[subprocess.Popen, int | None, str]:
-    """Start argv with the namespace and cwd asked for, through rt.spawn (or the broker).
+           daemons: list | None = None, pass_fds: Sequence[int] = (),
+           served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> tuple[Any, int | None, str]:
+    """Start argv with the namespace and cwd asked for: confined in a fork of this process
+    (launcher: :func:`confined_launch`), under the broker, or with rt.spawn (unconfined).
 
     With new_session, argv leads a new session without a controlling
     terminal (so it cannot push input into ours). The daemons serving dirs
     (registered in the program's namespace) and private_tmp (the broker's
-    /tmp, in no namespace of the program's) are appended to daemons as they
-    start.
+    /tmp, in no namespace: a scheme the supervisor makes for the run, whose
+    daemon starts when the program first uses it) are appended to daemons.
 
     Returns:
-        The process, the router account its capabilities are charged to, and its cwd.
+        The process (Popen-like), the router account its capabilities are charged to, and its cwd.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     quota = {} if max_caps is None else {"max_caps": max_caps}
-    reply, fds = control.request(state_dir, "namespace", account=True, **quota)
+    private_scheme = broker is not None and private_tmp is not None
+    reply, fds = control.request(state_dir, "namespace", account=True, **quota,
+                                 **({"scheme": True} if private_scheme else {}))
     account = reply.get("account")
+    tmp_root = tmp_channel = None
+    if private_scheme:
+        if len(fds) != 3:  # a supervisor that did not make the scheme: not ours to guess
+            for fd in fds:
+                os.close(fd)
+            raise Failure("the supervisor did not hand out a scheme for /tmp")
+        tmp_root, tmp_channel = fds[1], fds[2]
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = hidden = None
+    child_ns = grant = None
     try:
+        root_names = rt.schemes()
         wanted = None if names is None else [n for n in names.split(",") if n]
-        unknown = sorted(set(wanted or ()) - set(rt.schemes()))
+        unknown = sorted(set(wanted or ()) - set(root_names))
         if unknown:
             raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
-                          f"(it has {', '.join(rt.schemes())})", EXIT_USAGE)
+                          f"(it has {', '.join(root_names)})", EXIT_USAGE)
         if wanted is None and dirs:  # the program's files are its directories, not the root
-            wanted = [n for n in rt.schemes() if n != "file"]
+            wanted = [n for n in root_names if n != "file"]
+        elif wanted is not None:  # the directories the system serves for the run are its own
+            wanted += [name for _, name in served if name not in wanted]
         try:
             child_ns = rt.mkns(wanted)
         except OSError as exc:
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
+        child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
-        mounts = hostdirs.serve(child_ns, dirs, daemons)
-        # the broker's /tmp: registered in a fork of the namespace that goes once its root is
-        # open, so that the program's namespace does not list it (its daemon starts meanwhile)
-        hidden = rt.mkns(None, child_ns) if broker is not None and private_tmp is not None else None
-        if hidden is not None:
-            tmp_mount = hostdirs.serve(hidden, [hostdirs.HostDir(private_tmp, "/tmp")], daemons)
+        if broker is not None and broker["passthrough"]:  # native lookups: run's broker alone
+            grant = _directfs_grant(state_dir)
+        mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
@@ -386,9 +509,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         else:
             _enter_cwd(cwd or "/", beneath)
         where = rt.getcwd()
-        give_uds_scope(child_ns, uds_scope)
+        give_uds_scope(child_ns, uds_scope, child_names)
         if net is not None:
-            give_net_grants(child_ns, net)
+            give_net_grants(child_ns, net, child_names)
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 
@@ -396,27 +519,72 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 argv, extra = _script_made_absolute(argv)
                 broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
 
-            handed = [(d, hostdirs.open_root(child_ns, name)) for d, name in mounts]
+            handed = [(d, hostdirs.open_root(child_ns, name), name) for d, name in mounts]
             try:
-                if hidden is not None:
-                    handed += [(d, hostdirs.open_root(hidden, name)) for d, name in tmp_mount]
+                if tmp_root is not None:
+                    handed.append((hostdirs.HostDir(private_tmp, "/tmp"), tmp_root, "tmp"))
+                    tmp_root = None  # closed with the rest of handed
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
-                return start_brokered(argv, child_ns, cwd_fd, where, env, **broker, mounts=handed,
-                                      net=net, trace=trace, pass_fds=pass_fds), account, where
+                program = start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
+                                         mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
+                                         directfs_grant=grant)
             finally:
-                for _, cap in handed:
+                for _, cap, _ in handed:
                     rt.close(cap)
+            if tmp_channel is not None:
+                daemons.append(hostdirs.DaemonOnFirstRequest(
+                    tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
+                    os.dup(grant) if grant is not None else None))
+                tmp_channel = None  # the daemon's now
+            return program, account, where
+        if launcher is not None:
+            return _spawn_confined(argv, env, child_ns, launcher, pass_fds), account, where
         try:
             return rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
                             start_new_session=new_session), account, where
         except OSError as exc:
             raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
     finally:
-        for ns in (child_ns, hidden):
-            if ns is not None:
-                rt.close(ns)
+        for fd in (tmp_root, tmp_channel):
+            if fd is not None:
+                os.close(fd)
+        if child_ns is not None:
+            rt.close(child_ns)
+        if grant is not None:
+            os.close(grant)
         rt.setup(None, None)
+
+
+def _directfs_grant(state_dir: Path) -> int | None:
+    """The system's directfs grant, for the broker and the run's own file schemes (None
+    where the supervisor has none to give: every lookup is then routed)."""
+    try:
+        _, fds = control.request(state_dir, "directfs")
+    except control.ControlError:
+        return None
+    if len(fds) != 1:
+        P.close_fds(fds)
+        return None
+    return fds[0]
+
+
+def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,
+                    pass_fds: Sequence[int]) -> Any:
+    """Start argv confined (:func:`redoxcap.sandbox.spawn_confined`) with clones of child_ns
+    and of rt's cwd, as rt.spawn(share_ns=True) would hand them."""
+    from redoxcap.sandbox import spawn_confined
+
+    ns, cwd_clone = rt.clone(child_ns), None
+    try:
+        cwd_clone = rt.clone(_process.cwd_fd())
+        env = dict(env, **{_process.ENV_NS: str(ns), _process.ENV_CWD: str(cwd_clone),
+                           _process.ENV_CWD_PATH: _process.cwd_path()})
+        return spawn_confined(argv, env, keep_fds=[ns, cwd_clone, *pass_fds], **launcher)
+    finally:
+        rt.close(ns)
+        if cwd_clone is not None:
+            rt.close(cwd_clone)
 
 
 def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -450,17 +618,20 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
             hint = (f" (--cwd is a path in the system's file scheme; to run in the host "
                     f"directory {cwd}, hand it over with --dir {cwd})")
         elif exc.errno == errno.ENOENT and not path.startswith("/scheme/"):
+            from redoxcap import config
+
             hint = (f" (a path in the system's file scheme: make the directory {path.lstrip('/')} "
                     f"below its --root, by default {config.default_root()}; or, for a host "
                     f"directory, use --dir HOSTDIR)")
         raise Failure(f"--cwd {cwd}: {exc.strerror}{hint}") from None
 
 
-def give_uds_scope(child_ns: int, choice: str) -> None:
+def give_uds_scope(child_ns: int, choice: str, names: set[str] | None = None) -> None:
     """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
 
     The fork's entry is the system scope; "private" puts a new empty scope in
-    its place, NAME the shared scope NAME. A namespace without uds is left so.
+    its place, NAME the shared scope NAME. A namespace without uds (names: what
+    child_ns holds, asked when None) is left so.
 
     Raises:
         Failure: EXIT_USAGE for a bad NAME, EXIT_FAILED when uds refused.
@@ -468,7 +639,7 @@ def give_uds_scope(child_ns: int, choice: str) -> None:
     if choice == "system":
         return
     try:
-        if "uds" not in rt.schemes(child_ns):
+        if "uds" not in (rt.schemes(child_ns) if names is None else names):
             return
         scope = rt.uds_scope(None if choice == "private" else choice)
     except OSError as exc:
@@ -478,18 +649,19 @@ def give_uds_scope(child_ns: int, choice: str) -> None:
     _replace_entry(child_ns, "uds", scope, f"--uds-scope {choice}")
 
 
-def give_net_grants(child_ns: int, grants: dict[str, NetGrant]) -> None:
+def give_net_grants(child_ns: int, grants: dict[str, NetGrant], names: set[str] | None = None) -> None:
     """Put in child_ns, in place of tcp and udp, grants of what --allow-* named (rt holds
     the root namespace).
 
-    A scheme the namespace lacks (`--ns`) is left out, unless an option names it.
+    A scheme the namespace lacks (`--ns`; names: what child_ns holds, asked when
+    None) is left out, unless an option names it.
 
     Raises:
         Failure: EXIT_USAGE for an option naming a scheme the namespace lacks,
             or an address the daemon's policy refuses; EXIT_FAILED when the
             scheme refused otherwise.
     """
-    names = rt.schemes(child_ns)
+    names = rt.schemes(child_ns) if names is None else names
     for scheme, grant in grants.items():
         what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
         if scheme not in names:

@@ -36,13 +36,20 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import NoReturn
-
-import trio
+from typing import TYPE_CHECKING, NoReturn
 
 from redoxcap import PYTHON
 from wire import protocol as P
-from wire.aio import AsyncCapability
+
+if TYPE_CHECKING:
+    import trio
+
+    from redoxcap.forkserver import ForkServer
+    from wire.aio import AsyncCapability
+
+# trio (and wire.aio, on it) are imported by the methods that run in the supervisor, not here:
+# config reads SchemeSpec, and a `redoxcap` command that only configures a system does not
+# pay for trio.
 
 log = logging.getLogger("supervisor")
 
@@ -59,6 +66,12 @@ STOP_GRACE = 3.0
 # appended to sys.path rather than put first
 _RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
                     "sys.path.append(where); runpy._run_module_as_main(module)")
+
+
+def _trio():  # the trio module, imported on first use (in the supervisor)
+    import trio
+
+    return trio
 
 
 class BootFailed(Exception):
@@ -83,15 +96,23 @@ class SchemeSpec:
 
     def argv(self, channel_fd: int) -> list[str]:
         """The daemon's command line, given the fd number of its scheme channel."""
+        return [*self.program(), "--channel-fd", str(channel_fd), *self.args]
+
+    def program(self) -> list[str]:
+        """The command line before the daemon's options: `python -m MODULE`, or its command."""
         if self.command:
-            program = list(self.command)
-        elif self.cwd is None:
-            program = [*PYTHON, "-m", self.module]
-        else:
-            # a module of the user's, from the directory the config names: appended to sys.path,
-            # so that the system's own modules still come from where it is installed
-            program = [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
-        return [*program, "--channel-fd", str(channel_fd), *self.args]
+            return list(self.command)
+        if self.cwd is None:
+            return [*PYTHON, "-m", self.module]
+        # a module of the user's, from the directory the config names: appended to sys.path,
+        # so that the system's own modules still come from where it is installed
+        return [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
+
+    @property
+    def forkable(self) -> bool:
+        """A module of the system's own, run as the supervisor's environment has it: the fork
+        server can start it (redoxcap/forkserver.py)."""
+        return not self.command and self.cwd is None and not self.env
 
 
 @dataclass(eq=False)
@@ -109,7 +130,7 @@ class Daemon:
     registered: bool = False  # its name is in the root namespace
     channel: int | None = None  # the daemon's end of its scheme channel, until started
     # held while its process is replaced, so a crash and a `restart` never both do it
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: trio.Lock = field(default_factory=lambda: _trio().Lock())
 
     @property
     def state(self) -> str:
@@ -117,6 +138,25 @@ class Daemon:
         if self.failed:
             return "failed"
         return "running" if self.process is not None and self.process.returncode is None else "restarting"
+
+
+def start_forkserver(specs: list[SchemeSpec]) -> ForkServer | None:
+    """Start the fork server a system's Python daemons come from (redoxcap/forkserver.py),
+    loading what the kernel's, nsmgr's and each of specs' mains import, and make this process
+    their parent (a child subreaper). None when it could not start: then every daemon is an
+    interpreter of its own.
+
+    Start it early: it loads while the supervisor itself still does (trio, the lock).
+    """
+    from redoxcap.forkserver import ForkServer, adopt_orphans
+
+    modules = ["kernel", "nsmgr", *(s.module for s in specs if s.forkable)]
+    try:
+        adopt_orphans()  # the daemons it forks become our children
+        return ForkServer(list(dict.fromkeys(modules)))
+    except OSError as exc:
+        log.warning("no fork server (%s): each daemon starts an interpreter of its own", exc)
+        return None
 
 
 def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True,
@@ -130,7 +170,16 @@ def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bo
 class System:
     """One running system: `boot()` it in a nursery, `stop()` it on the way out."""
 
-    def __init__(self, specs: list[SchemeSpec], trace: bool = False) -> None:
+    def __init__(self, specs: list[SchemeSpec], trace: bool = False,
+                 forkserver: ForkServer | None = None) -> None:
+        """A system of the kernel, nsmgr and specs' daemons, not yet booted.
+
+        Args:
+            specs: the scheme daemons besides nsmgr.
+            trace: log every call the router forwards.
+            forkserver: one :func:`start_forkserver` started for specs (owned from now on);
+                None: boot() starts it.
+        """
         self.specs = specs
         self.trace = trace
         self.kernel: AsyncCapability | None = None
@@ -143,7 +192,12 @@ class System:
         self._nursery: trio.Nursery | None = None
         self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
         self._booting: trio.CancelScope | None = None  # while boot() runs
+        self._registering: trio.CancelScope | None = None  # while boot() registers the daemons
+        self._forkserver = forkserver  # what the Python daemons are forked from
         self._boot_failure: str | None = None  # why boot() failed, said by the daemon that exited
+        # what a file scheme asks a broker for before it hands over a host directory (HOSTDIR):
+        # every file scheme daemon gets a copy, `run` one for its broker, no client ever one
+        self.directfs_grant = os.memfd_create("redoxcap-directfs-grant", os.MFD_CLOEXEC)
 
     @property
     def namespace(self) -> AsyncCapability:
@@ -160,6 +214,8 @@ class System:
         Raises:
             BootFailed: a process could not be started, or exited before the system was up.
         """
+        import trio
+
         try:
             with trio.CancelScope() as self._booting:  # _watch cancels it when a daemon exits
                 try:
@@ -172,12 +228,17 @@ class System:
             raise BootFailed(self._boot_failure)
 
     async def _boot(self, nursery: trio.Nursery) -> None:
+        import trio
+
+        from wire.aio import AsyncCapability
+
         self._nursery = nursery
+        if self._forkserver is None:
+            self._forkserver = start_forkserver(self.specs)
         ours, theirs = _socketpair()
         try:
-            self.kernel_process = await trio.lowlevel.open_process(
-                [*PYTHON, "-m", "kernel", "--kernel-fd", str(theirs)], pass_fds=[theirs]
-            )
+            self.kernel_process = await self._open_process(SchemeSpec("kernel", "kernel"),
+                                                           ["--kernel-fd", theirs])
         finally:
             os.close(theirs)
         self.kernel = AsyncCapability(ours)
@@ -185,14 +246,35 @@ class System:
             nursery.start_soon(self.log_trace)
         await self._create(self.nsmgr)
         await self._start(self.nsmgr, nursery)
+        # Every daemon starts at once (most of a boot is interpreters starting, which overlap)
+        # and is registered as soon as it answers; registration order does not matter.
         for spec in self.specs:
             try:
-                await self.add(spec)
+                await self._launch(spec)
             except OSError as exc:
                 await self._boot_failed(f"scheme {spec.name}", exc)
+        failures: list[tuple[str, OSError]] = []
+        with trio.CancelScope() as self._registering:
+            async with trio.open_nursery() as registering:
+                for daemon in self.daemons:
+                    registering.start_soon(self._register_at_boot, daemon, failures)
+        self._registering = None
+        if self._boot_failure is not None:
+            return  # a daemon exited: boot() says which
+        if failures:
+            name, exc = failures[0]
+            await self._boot_failed(f"scheme {name}", exc)
+
+    async def _register_at_boot(self, daemon: Daemon, failures: list[tuple[str, OSError]]) -> None:
+        try:
+            await self._register(daemon)
+        except OSError as exc:
+            failures.append((daemon.spec.name, exc))
 
     async def _boot_failed(self, what: str, exc: OSError) -> NoReturn:
         """Fail the boot because what failed with exc, unless a daemon's exit explains it."""
+        import trio
+
         if exc.errno == errno.EIO:  # what requests to a daemon that exited get: _watch says which
             await trio.sleep(STOP_GRACE)
         reason = exc.strerror or str(exc)
@@ -200,6 +282,14 @@ class System:
 
     async def add(self, spec: SchemeSpec) -> None:
         """Start one more scheme daemon and register it in the root namespace.
+
+        Raises:
+            OSError: EEXIST if a scheme of that name runs already.
+        """
+        await self._register(await self._launch(spec))
+
+    async def _launch(self, spec: SchemeSpec) -> Daemon:
+        """Create scheme spec and start its daemon, not yet registered; returns it (in self.daemons).
 
         Raises:
             OSError: EEXIST if a scheme of that name runs already.
@@ -219,9 +309,11 @@ class System:
                 daemon.channel = None
             raise
         self.daemons.append(daemon)
-        await self._register(daemon)
+        return daemon
 
     async def _create(self, daemon: Daemon) -> None:
+        from wire.aio import AsyncCapability
+
         assert self.kernel is not None
         scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
         channel, root = fds
@@ -230,6 +322,8 @@ class System:
         daemon.channel = channel
 
     async def _start(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+        """Start daemon on its channel (nsmgr gets a clone of the kernel capability, a file
+        scheme a copy of the directfs grant) and watch it in nursery."""
         channel, daemon.channel = daemon.channel, None
         assert channel is not None
         fds, extra = [channel], []
@@ -238,17 +332,35 @@ class System:
                 # nsmgr creates schemes for namespaces that hold SCHEME_CREATE
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
-                extra += ["--kernel-fd", str(fds[-1])]
-            spec = daemon.spec
+                extra += ["--kernel-fd", fds[-1]]
+            if daemon.spec.module == "schemes.file" and not daemon.spec.command \
+                    and self.directfs_grant >= 0:
+                fds.append(os.dup(self.directfs_grant))
+                extra += ["--directfs-grant-fd", fds[-1]]
             daemon.started = time.monotonic()
-            daemon.process = await trio.lowlevel.open_process(
-                [*spec.argv(channel), *extra], pass_fds=fds,
-                env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd,
-            )
+            daemon.process = await self._open_process(
+                daemon.spec, ["--channel-fd", channel, *daemon.spec.args, *extra])
         finally:
             for fd in fds:
                 os.close(fd)
         nursery.start_soon(self._watch, daemon, daemon.process)
+
+    async def _open_process(self, spec: SchemeSpec, args: list[str | int]) -> trio.Process:
+        """Start spec's daemon with args after its program (`python -m MODULE`, or its command);
+        an int in args is an fd it inherits, named there by its number. Forked from the fork
+        server when it is a module of the system's own, run in the supervisor's environment; a
+        process of its own otherwise (or when the fork server fails)."""
+        import trio
+
+        if self._forkserver is not None and spec.forkable:
+            try:
+                return await self._forkserver.spawn(spec.module, args)
+            except OSError as exc:
+                log.warning("the fork server could not start %s (%s); starting it on its own",
+                            spec.name, exc)
+        return await trio.lowlevel.open_process(
+            [*spec.program(), *map(str, args)], pass_fds=[a for a in args if isinstance(a, int)],
+            env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd)
 
     async def _register(self, daemon: Daemon) -> None:
         assert daemon.root is not None
@@ -272,6 +384,8 @@ class System:
                 raise
 
     async def _watch(self, daemon: Daemon, process: trio.Process) -> None:
+        import trio
+
         code = await process.wait()
         async with daemon.lock:
             if self.stopping or daemon.process is not process:
@@ -279,7 +393,13 @@ class System:
             if self._booting is not None:
                 self._boot_failure = (f"scheme {daemon.spec.name}: its daemon (pid {process.pid}) "
                                       f"exited with {code} before the system was up")
-                self._booting.cancel()
+                if self._registering is not None:
+                    # the others are answering their registration: the boot stops once they
+                    # have (a bounded while), so that no daemon is left with a reply in flight
+                    self._registering.deadline = min(self._registering.deadline,
+                                                     trio.current_time() + STOP_GRACE)
+                else:
+                    self._booting.cancel()
                 return
             log.warning("%s (pid %d) exited with %s; restarting", daemon.spec.name, process.pid, code)
             # a life shorter than the window continues a crash loop; a longer one ends it
@@ -296,6 +416,8 @@ class System:
         """_respawn, tried again with backoff until it works (or the system stops): a
         restart fails when the system is short of something for now, not because the
         daemon is broken. The caller holds daemon.lock."""
+        import trio
+
         delay = RETRY_FIRST
         while not self.stopping:
             try:
@@ -309,6 +431,8 @@ class System:
 
     async def _retry_later(self, daemon: Daemon) -> None:
         """Go on trying, with backoff, a restart that `restart()` could not make."""
+        import trio
+
         async with daemon.lock:
             delay = RETRY_FIRST
             while not self.stopping and not daemon.failed:
@@ -366,6 +490,8 @@ class System:
         """`up --trace`: every call the router forwards, one line each, into the log."""
         import socket as _socket
 
+        import trio
+
         from redoxcap.trace import Tracer
 
         assert self.kernel is not None
@@ -409,6 +535,8 @@ class System:
             OSError: the router refused a new channel, or the daemon could not be started
                 or registered; it is tried again in the background, with backoff.
         """
+        import trio
+
         daemon = self.daemon(name)
         async with daemon.lock:
             old, daemon.process = daemon.process, None  # its watcher leaves this exit to us
@@ -506,6 +634,8 @@ class System:
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
+        import trio
+
         self.stopping = True
         for d in [*self.daemons, self.nsmgr]:
             if d.root is not None:
@@ -530,10 +660,18 @@ class System:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if self.directfs_grant >= 0:
+            os.close(self.directfs_grant)
+            self.directfs_grant = -1
+        if self._forkserver is not None:
+            await self._forkserver.aclose(STOP_GRACE)
+            self._forkserver = None
 
 
 async def _terminate(proc: trio.Process) -> None:
     """SIGTERM, then SIGKILL after STOP_GRACE; returns once proc has exited."""
+    import trio
+
     try:
         proc.terminate()
         with trio.move_on_after(STOP_GRACE):

@@ -27,6 +27,7 @@ import trio
 from redoxcap import control
 from redoxcap.config import Config, ConfigError, make_mount
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
+from redoxcap.forkserver import ForkServer
 from redoxcap.system import BootFailed, SchemeSpec, System
 from wire import protocol as P
 from wire.limits import raise_fd_limit
@@ -95,7 +96,7 @@ def prepare_state_dir(state_dir: Path) -> None:
 
 
 def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | None = None,
-          ready_fd: int | None = None) -> None:
+          ready_fd: int | None = None, forkserver: ForkServer | None = None) -> None:
     """`redoxcap up` in the foreground: run the system cfg describes until asked to stop.
 
     Args:
@@ -104,6 +105,7 @@ def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | 
         trace: have the router log every request and reply.
         watch_fd: stop when this inherited fd reaches EOF.
         ready_fd: a pipe to report readiness on (see :func:`main`).
+        forkserver: the fork server started for cfg's schemes (owned from now on).
 
     Raises:
         Failure: EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, or EXIT_FAILED when the
@@ -113,13 +115,16 @@ def serve(state_dir: Path, cfg: Config, *, trace: bool = False, watch_fd: int | 
     info = {"root": str(cfg.root),
             "mounts": {m.name: {"path": str(m.path), "read_only": m.read_only} for m in cfg.mounts}}
     try:
-        trio.run(main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd)
+        trio.run(main, state_dir, cfg.specs(), info, watch_fd, trace, ready_fd, forkserver)
     except AlreadyRunning as exc:
         raise Failure(str(exc), EXIT_ALREADY_RUNNING) from None
     except (BootFailed, OSError) as exc:
         raise Failure(f"boot failed: {exc}", EXIT_BOOT_FAILED) from None
     except SystemFailed as exc:
         raise Failure(f"stopped: {exc}") from None
+    finally:
+        if forkserver is not None:
+            forkserver.close()  # when the system did not get to stop it (did not boot)
 
 
 async def main(
@@ -129,6 +134,7 @@ async def main(
     watch_fd: int | None = None,
     trace: bool = False,
     ready_fd: int | None = None,
+    forkserver: ForkServer | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a system until asked to stop; everything it started is stopped on return.
@@ -141,6 +147,7 @@ async def main(
         trace: have the router log every request and reply.
         ready_fd: a pipe to write `up` to (and close) once the control socket
             answers; `up --detach` waits on it.
+        forkserver: a fork server started for specs (see System; None: boot starts one).
 
     Raises:
         AlreadyRunning: another supervisor holds state_dir.
@@ -150,17 +157,18 @@ async def main(
     raise_fd_limit()
     prepare_state_dir(state_dir)
     with state_lock(state_dir):
-        await _serve_locked(state_dir, specs, info, watch_fd, trace, ready_fd, task_status)
+        await _serve_locked(state_dir, specs, info, watch_fd, trace, ready_fd, task_status,
+                            forkserver)
 
 
 async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | None,
                         watch_fd: int | None, trace: bool, ready_fd: int | None,
-                        task_status: trio.TaskStatus) -> None:
+                        task_status: trio.TaskStatus, forkserver: ForkServer | None = None) -> None:
     """main(), once this supervisor holds the state directory's lock."""
     token = control.write_token(state_dir)
     pid_file = state_dir / control.PID_NAME
     pid_file.write_text(f"{os.getpid()}\n")
-    system = System(specs, trace)
+    system = System(specs, trace, forkserver)
     stop = trio.Event()
 
     async def ping(_request):
@@ -168,16 +176,28 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
 
     async def namespace(request):
         """A clone of the root namespace; with `account`, in a fresh router account, so
-        that everything the client comes to hold is charged to it (and capped)."""
+        that everything the client comes to hold is charged to it (and capped). With
+        `account` and `scheme`, also a new anonymous scheme: its root (in that account),
+        then its channel, for a daemon the client starts (`run`'s private /tmp, which no
+        namespace names; made here, so that no daemon is asked before it is needed)."""
         clone = await system.namespace.call_fd(P.CLONE)
         if not request.get("account"):
             return {}, [clone]
         limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
+        passed, channel = [clone], None
         try:
-            account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], [clone])
+            if request.get("scheme") is True:
+                _, made = await system.kernel.call(P.SCHEME_CREATE, [{}])
+                channel, root = made
+                passed.append(root)
+            account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], passed)
+        except BaseException:
+            if channel is not None:
+                os.close(channel)
+            raise
         finally:
-            os.close(clone)
-        return {"account": account}, fds
+            P.close_fds(passed)
+        return {"account": account}, fds + ([channel] if channel is not None else [])
 
     async def status(request):
         """One page of the status (`clients_after`, `holdings_after`: where the previous
@@ -219,6 +239,11 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         """A socket the router streams the trace on, and the names of the scheme ids."""
         return {"schemes": system.scheme_names()}, [await system.kernel.call_fd(P.TRACE)]
 
+    async def directfs(_request):
+        """The grant a broker passes along to have a file scheme hand it a host directory
+        (HOSTDIR) for native lookups; `run` keeps it from its program."""
+        return {}, [os.dup(system.directfs_grant)]
+
     async def restart(request):
         name = request.get("name")
         if not isinstance(name, str):
@@ -230,7 +255,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
 
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
                 "trace": trace, "client": client,
-                "mount": mount, "restart": restart}
+                "mount": mount, "restart": restart, "directfs": directfs}
     try:
         async with trio.open_nursery() as nursery:
             try:

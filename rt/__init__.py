@@ -11,7 +11,6 @@ errno the scheme answered. Safe to use from several threads.
 import os as _os
 
 from rt import _process
-from rt._call import set_default_timeout, timeout
 from rt._fileio import open_file
 from rt._namespace import (
     getns,
@@ -61,6 +60,7 @@ from rt._posix import (
 )
 from rt._process import setup
 from rt._spawn import spawn
+from wire.call import set_default_timeout, timeout
 from wire.linux import AT_FDCWD
 from wire.protocol import (
     AT_REMOVEDIR,

@@ -6,7 +6,7 @@ import io
 import os
 
 from rt import _posix
-from rt._call import is_host_fd
+from wire.call import is_host_fd
 from wire.protocol import O_PASSTHROUGH
 
 

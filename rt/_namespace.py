@@ -6,8 +6,8 @@ import errno
 from collections.abc import Iterable
 
 from rt import _process
-from rt._call import call_fd, call_value
 from wire import protocol as P
+from wire.call import call_fd, call_value
 
 
 def getns() -> int:

@@ -21,8 +21,8 @@ import os
 from rt import _process
 from wire import protocol as P
 from wire.linux import AT_FDCWD
+from wire.protocol import SCHEME_ROOT, split_namespace_path  # noqa: F401 - rt's own, re-exported
 
-SCHEME_ROOT = "/scheme"
 # JSON [[visible path, scheme name], ...]: the host directories `redoxcap run --dir` handed
 # over, each seen at its own absolute path and served as a scheme of the namespace.
 ENV_DIRS = "REDOXCAP_DIRS"
@@ -114,8 +114,3 @@ class located:  # noqa: N801 - used as a function, in a with statement
             _process.CURRENT.roots.give_back(self._root)
             self._root = None
 
-
-def split_namespace_path(ns_path: str) -> tuple[str, str]:
-    """'/scheme/NAME/rest' -> ('/scheme/NAME', 'rest' or '.')."""
-    name, _, rest = ns_path[len(SCHEME_ROOT) + 1 :].partition("/")
-    return f"{SCHEME_ROOT}/{name}", rest.lstrip("/") or "."

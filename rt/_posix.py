@@ -12,7 +12,6 @@ import os
 import stat as _stat
 
 from rt import _process
-from rt._call import _host, call_fd, call_value, forget, is_host_fd
 from rt._namespace import schemes
 from rt._paths import (
     AT_FDCWD,
@@ -23,7 +22,9 @@ from rt._paths import (
     split_namespace_path,
     to_namespace_path,
 )
+from wire import call as capability
 from wire import protocol as P
+from wire.call import call_fd, call_value, directory_path, forget, is_host_fd
 from wire.stat import Stat
 
 StatResult = Stat  # what fstat and stat return (wire.stat.Stat, the schemes' own type)
@@ -65,7 +66,7 @@ def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: 
 
 def read(fd: int, n: int) -> bytes:
     """Read up to n bytes; b"" at end of file. Large reads are split into frames."""
-    if _host.get(fd) or (fd not in _host and is_host_fd(fd)):  # the hot path of passthrough
+    if is_host_fd(fd):  # the hot path of passthrough
         return os.read(fd, n)
     if n < 0:
         raise OSError(errno.EINVAL, "negative read size")
@@ -83,7 +84,7 @@ def read(fd: int, n: int) -> bytes:
 
 def write(fd: int, data: bytes | bytearray | memoryview) -> int:
     """Write data; returns the number of bytes written. Large writes are split into frames."""
-    if _host.get(fd) or (fd not in _host and is_host_fd(fd)):
+    if is_host_fd(fd):
         return os.write(fd, data)
     data = bytes(data)
     if len(data) <= P.MAX_IO:
@@ -123,26 +124,15 @@ def lseek(fd: int, pos: int, whence: int = os.SEEK_SET) -> int:
 
 def fstat(fd: int) -> StatResult:
     """Status of the file behind fd."""
-    if is_host_fd(fd):
-        return Stat.of(os.fstat(fd))
-    return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
+    return capability.fstat(fd)
 
 
 def stat(path: str | os.PathLike) -> StatResult:
     """Status of the file at path (symlinks followed)."""
     if _is_scheme_list(path):
         return fstat(_process.namespace_fd())
-    try:  # one request where the scheme answers STATAT; open and fstat where it does not
-        with located(path) as (where, name):
-            return Stat.from_wire(call_value(where, P.STATAT, [name, 0], kind=dict))
-    except OSError as exc:
-        if exc.errno != errno.ENOSYS:
-            raise
-    fd = open(path, os.O_PATH)
-    try:
-        return fstat(fd)
-    finally:
-        close(fd)
+    with located(path) as (where, name):
+        return capability.stat_at(where, name)
 
 
 def close(fd: int) -> None:
@@ -345,7 +335,7 @@ def chdir(path: str | os.PathLike) -> None:
     try:
         ns_path = to_namespace_path(path)
         if ns_path is None:
-            new = _physical(fd, _process.cwd_fd(), _process.cwd_path())
+            new = directory_path(fd, _process.cwd_fd(), _process.cwd_path())
         else:
             new = physical_path(fd, ns_path)
     except BaseException:
@@ -361,7 +351,7 @@ def fchdir(fd: int) -> None:
     new = clone(fd)
     try:
         try:
-            path = _physical(new, _process.cwd_fd(), _process.cwd_path())
+            path = directory_path(new, _process.cwd_fd(), _process.cwd_path())
         except OSError:
             path = _display(fpath(new))
     except BaseException:
@@ -381,28 +371,6 @@ def _display(scheme_path: str) -> str:
     return scheme_path
 
 
-def _physical(fd: int, base_fd: int, base_path: str) -> str:
-    """The path of directory fd, given that base_fd is at base_path.
-
-    Both fpaths come from the scheme, after symlinks: walk up from base_path
-    as far as they differ and down to fd's. EXDEV when they are in different
-    schemes.
-    """
-    here = fpath(fd).rstrip("/").split("/")
-    base = fpath(base_fd).rstrip("/").split("/")
-    if here[:3] != base[:3]:
-        raise OSError(errno.EXDEV, "not in the same scheme as the cwd")
-    common = 0
-    while common < min(len(here), len(base)) and here[common] == base[common]:
-        common += 1
-    parts = base_path.rstrip("/").split("/")
-    ups = len(base) - common
-    if ups > len(parts) - 1:
-        raise OSError(errno.EXDEV, "above the cwd's known path")
-    kept = parts[: len(parts) - ups] if ups else parts
-    return "/".join(kept + here[common:]) or "/"
-
-
 def physical_path(fd: int, ns_path: str) -> str:
     """The path of fd, opened as namespace path ns_path, measured from its scheme's root.
 
@@ -412,7 +380,7 @@ def physical_path(fd: int, ns_path: str) -> str:
     root = open(root_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         shown = _display(root_path)
-        return _physical(fd, root, shown)
+        return directory_path(fd, root, shown)
     finally:
         close(root)
 

@@ -17,10 +17,7 @@ import os
 import threading
 
 from rt._roots import NamespaceRoots
-
-ENV_NS = "REDOXCAP_NS_FD"
-ENV_CWD = "REDOXCAP_CWD_FD"
-ENV_CWD_PATH = "REDOXCAP_CWD"
+from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 
 class ProcessCapabilities:

@@ -30,7 +30,7 @@ import stat
 import struct
 import threading
 
-from rt._call import call, forget
+from wire.call import call, forget
 from wire import protocol as P
 
 SCHEME_PREFIX = "/scheme/"

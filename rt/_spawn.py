@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rt import _process
 from rt._namespace import mkns
 from rt._posix import clone, close
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def spawn(
@@ -38,6 +41,8 @@ def spawn(
         env[_process.ENV_NS] = str(ns_child)
         env[_process.ENV_CWD] = str(cwd_clone)
         env[_process.ENV_CWD_PATH] = _process.cwd_path()
+        import subprocess  # here: importing rt does not load it
+
         return subprocess.Popen(
             list(argv), pass_fds=(ns_child, cwd_clone, *pass_fds), env=env, **popen_kwargs
         )

@@ -13,7 +13,7 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from wire import ops
 from wire import protocol as P
@@ -173,7 +173,7 @@ class Scheme:
     # that does not refuses them with EINVAL: it never ignores a flag.
     resolves_beneath = False
     # op number -> the handle classes its method takes (@takes), built for each subclass
-    handle_kinds: dict[int, tuple[type, ...]] = {}
+    handle_kinds: ClassVar[dict[int, tuple[type, ...]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -314,6 +314,13 @@ class Scheme:
         """Accept a change of owner that changes nothing: each id -1, the caller's own or the
         file's; anything else is EPERM (a file is never given to another user)."""
         raise unserved(ops.CHOWNAT)
+
+    async def hostdir(self, req: Request, h: Any) -> Reply:
+        """The host directory behind directory handle h, for the broker's native lookups
+        (docs/sandbox.md): answered only with the scheme's directfs grant passed along (an
+        fd of the supervisor's that no client is given), by a scheme that allows
+        passthrough."""
+        raise unserved(ops.HOSTDIR)
 
     # -- connections -------------------------------------------------------------
 

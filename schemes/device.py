@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 
-from schemes.framework import Opened, ROOT_STAT, Reply, Request, Scheme, SchemeError, takes
+from schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError, takes
 from wire import protocol as P
 from wire.stat import Stat
 

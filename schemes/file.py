@@ -1,6 +1,7 @@
 """The file scheme (`/scheme/NAME/...`): a host directory, and nothing outside it.
 
     python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only] [--no-keep] [--no-passthrough]
+        [--directfs-grant-fd N]
 
 Every handle holds a real host fd and an anchor (schemes/resolve.py): the
 scheme's root in in-root mode, unless the handle was opened with
@@ -26,6 +27,13 @@ flags asked for: reads, writes, seeks and mmap on it are native, and nothing
 about it reaches the scheme again. Directories, O_PATH opens and anything
 that is not a regular file stay handles (a host directory fd would let
 lookups happen outside the scheme).
+
+Native lookups (`--directfs-grant-fd N`): HOSTDIR on a directory handle
+answers with O_PATH host fds of the directory and of its anchor, so that
+the broker can resolve paths beneath it itself with openat2, exactly as
+`wire.beneath.open_natively` does here; only to a request that passes
+along the grant (an fd the supervisor gave this daemon and gives only to
+brokers, recognised by its identity), and only when passthrough is allowed.
 
 The daemon answers every request in place (plain local syscalls), so it must
 never block: files are opened O_NONBLOCK, which changes nothing for regular
@@ -56,7 +64,7 @@ import trio
 from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
 from schemes.resolve import Anchor, open_at, resolve_parent
 from wire import protocol as P
-from wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN, O_LARGEFILE, PATH_MAX, machine
+from wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN, O_LARGEFILE, PATH_MAX, identity, machine
 from wire.stat import Stat
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
@@ -205,7 +213,7 @@ class FileScheme(Scheme):
     resolves_beneath = True
 
     def __init__(self, root: str, name: str = "file", read_only: bool = False,
-                 keep: bool = True, passthrough: bool = True) -> None:
+                 keep: bool = True, passthrough: bool = True, grant_fd: int | None = None) -> None:
         """Open root (an O_PATH directory fd held for the daemon's life).
 
         Args:
@@ -215,6 +223,8 @@ class FileScheme(Scheme):
             keep: have the router keep every open handle across a crash of this daemon.
             passthrough: answer O_PASSTHROUGH with host fds (else with handles: every
                 read and write stays routed).
+            grant_fd: the directfs grant (owned from now on): HOSTDIR answers only a
+                request that passes the same file along.
         """
         self.name = name
         self.read_only = read_only
@@ -227,6 +237,9 @@ class FileScheme(Scheme):
         self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
         self._threads = trio.CapacityLimiter(LISTING_THREADS)
         self._per_account: dict[int, trio.CapacityLimiter] = {}  # one listing at a time each
+        # kept open, so that no other file can come to have its identity
+        self.grant_fd = grant_fd
+        self.grant = identity(os.fstat(grant_fd)) if grant_fd is not None else None
 
     def root(self) -> FileHandle:
         flags = os.O_RDONLY | os.O_DIRECTORY
@@ -402,6 +415,26 @@ class FileScheme(Scheme):
             return Stat.of(os.fstat(fd))
         finally:
             os.close(fd)
+
+    async def hostdir(self, req: Request, h: FileHandle) -> Reply:
+        """O_PATH host fds of directory h and of its anchor (when that is another), for the
+        broker's native lookups; only with the grant passed along (see the module)."""
+        passed = req.passed[0] if len(req.passed) == 1 else None
+        if self.grant is None or not isinstance(passed, int) or \
+                identity(os.fstat(passed)) != self.grant:
+            raise SchemeError(errno.EPERM, "native lookups are for the broker")
+        if not self.passthrough:
+            raise SchemeError(errno.EOPNOTSUPP, "every lookup of this scheme is routed")
+        if not h.is_dir:
+            raise SchemeError(errno.ENOTDIR)
+        fds = [os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.fd)]
+        try:
+            if identity(os.fstat(fds[0])) != h.anchor.identity:
+                fds.append(os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=h.anchor.fd))
+        except BaseException:
+            P.close_fds(fds)
+            raise
+        return Reply({"beneath": h.anchor.beneath, "read_only": self.read_only}, fds)
 
     async def fsync(self, req: Request, h: FileHandle) -> None:
         """Flush to disk, in a worker thread: it may take long, and others need not wait."""
@@ -658,8 +691,11 @@ if __name__ == "__main__":
                             help="open handles die with this daemon (EIO) instead of being kept")
         parser.add_argument("--no-passthrough", dest="passthrough", action="store_false",
                             help="answer O_PASSTHROUGH with handles: every read and write routed")
+        parser.add_argument("--directfs-grant-fd", type=int, default=None, metavar="N",
+                            help="the grant HOSTDIR asks for (an inherited fd)")
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
     sys.setswitchinterval(0.001)  # a listing thread lets the requests loop run every ms
     daemon_cli("schemes.file",
-               lambda a: FileScheme(a.root, a.name, a.read_only, a.keep, a.passthrough), _options)
+               lambda a: FileScheme(a.root, a.name, a.read_only, a.keep, a.passthrough,
+                                    a.directfs_grant_fd), _options)

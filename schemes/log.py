@@ -43,7 +43,7 @@ from typing import TextIO
 
 import trio
 
-from schemes.framework import Opened, ROOT_STAT, Request, Scheme, SchemeError, daemon_cli, takes
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
 from wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much

@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from schemes.framework import Opened, ROOT_STAT, Request, Scheme, SchemeError, takes
+from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, takes
 from wire.stat import Stat
 
 FIRST_UNPRIVILEGED_PORT = 1024

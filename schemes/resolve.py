@@ -26,7 +26,8 @@ anchor with O_PATH opens and fstat only, never creating, reading or listing
 anything, and a start that is no longer beneath its anchor is EXDEV.
 Nothing is created or truncated before the last component.
 
-Fast path: Linux itself, with openat2(RESOLVE_BENEATH) from the starting
+Fast path (wire/beneath.py, which the broker uses too): Linux itself, with
+openat2(RESOLVE_BENEATH) from the starting
 directory. If that succeeds (or fails for any reason but EXDEV/EAGAIN), the
 lookup never tried to leave the starting directory, which is beneath the
 anchor, so the walk would have given the same answer. When the start is the
@@ -45,80 +46,18 @@ import errno
 import os
 import stat
 from collections import deque
-from dataclasses import dataclass
 
-from wire.linux import (
-    MAXSYMLINKS,
-    PATH_MAX,
-    RESOLVE_BENEATH,
-    RESOLVE_IN_ROOT,
-    RESOLVE_NO_MAGICLINKS,
-    identity,
-    machine,
-    openat2,
-)
+from wire.beneath import Anchor, open_natively  # noqa: F401 - the scheme's own, re-exported
+from wire.beneath import check_flags as _check_flags
+from wire.beneath import check_path as _check_path
+from wire.beneath import fd_identity as _identity
+from wire.beneath import linux_lookup as _linux
+from wire.linux import MAXSYMLINKS
 
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH_ALLOWED = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY
-
-_have_openat2 = machine() is not None  # until the kernel says ENOSYS
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """The directory a lookup may not leave.
-
-    Attributes:
-        fd: a directory fd (normally O_PATH); not owned by the Anchor.
-        identity: its wire.linux.identity, to recognise it while walking.
-        beneath: True for RESOLVE_BENEATH rules, False for RESOLVE_IN_ROOT.
-    """
-
-    fd: int
-    identity: int
-    beneath: bool
-
-    @classmethod
-    def of(cls, fd: int, beneath: bool = False) -> Anchor:
-        """The anchor at directory fd (which stays the caller's).
-
-        Raises:
-            OSError: ENOTDIR if fd is not a directory.
-        """
-        st = os.fstat(fd)
-        if not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        return cls(fd, identity(st), beneath)
-
-
-def _identity(fd: int) -> int:
-    return identity(os.fstat(fd))
-
-
-def _check_path(path: str) -> None:
-    if not path:
-        raise OSError(errno.ENOENT, "empty path")
-    if "\0" in path:
-        raise OSError(errno.EINVAL, "NUL in a path")
-    if len(os.fsencode(path)) >= PATH_MAX:
-        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-
-
-def _check_flags(flags: int, mode: int) -> int:
-    """What openat2 refuses before any lookup; returns flags with O_CLOEXEC."""
-    if flags & os.O_PATH and flags & ~_O_PATH_ALLOWED:
-        raise OSError(errno.EINVAL, "O_PATH takes only O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC")
-    if flags & os.O_CREAT and flags & os.O_DIRECTORY:
-        raise OSError(errno.EINVAL, "O_CREAT with O_DIRECTORY")
-    if flags & _O_TMPFILE_BIT:
-        raise OSError(errno.EINVAL, "O_TMPFILE is not served")
-    if flags & os.O_CREAT and mode & ~0o7777:
-        raise OSError(errno.EINVAL, "mode bits beyond 0o7777")
-    return flags | os.O_CLOEXEC
 
 
 def _split(path: str) -> tuple[deque[str], bool]:
@@ -261,36 +200,6 @@ class _Walk:
             self.restart()
         rest.extendleft(reversed([c for c in body.split("/") if c]))
         return body.endswith("/")
-
-
-def _linux(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int | None:
-    """Linux's own answer where it is exactly the walk's; None when the walk must decide."""
-    global _have_openat2
-    if not _have_openat2:
-        return None
-    try:
-        if not path.startswith("/"):
-            try:
-                return openat2(start_fd, path, flags, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EAGAIN):
-                    raise
-                if exc.errno == errno.EAGAIN or _identity(start_fd) != anchor.identity:
-                    return None
-                if anchor.beneath:
-                    raise  # leaving the start is leaving the anchor
-        elif anchor.beneath:
-            raise OSError(errno.EXDEV, "absolute path beneath a directory")
-        elif _identity(start_fd) != anchor.identity:
-            return None
-        return openat2(start_fd, path, flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    except OSError as exc:
-        if exc.errno == errno.ENOSYS:
-            _have_openat2 = False
-            return None
-        if exc.errno == errno.EAGAIN:
-            return None
-        raise
 
 
 def open_at(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o666) -> int:

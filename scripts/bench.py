@@ -20,7 +20,9 @@ Boots a private system and measures, in this order:
   against native (whole runs: fork, confinement, exec, the program);
 - launches: the whole `redoxcap --state-dir S run -- /bin/true` and
   `... -- python3 -c pass` process, the system up, in each of run's modes,
-  against `bwrap --ro-bind / / --unshare-all CMD` and CMD alone;
+  against `bwrap --ro-bind / / --unshare-all CMD` and CMD alone; and a
+  private system: `redoxcap run --dir D -- /bin/true` with no system up
+  (boot, run, stop), and `up --detach` (the boot alone);
 - scaling: aggregate ops/s and p99 of openat+read+close via the cwd with 1,
   4, 16 and 64 client processes (64 and 4 again in further rounds);
 - memory: the router's and the file scheme's resident memory per open
@@ -66,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from benchlaunch import cli_prefix, launches, run_modes
+from benchlaunch import cli_prefix, launches, private_runs, run_modes
 from benchsystem import private_system
 
 import rt
@@ -562,13 +564,15 @@ class Target:
     what: str  # the words ({mode}: the mode `redoxcap run` runs in by default)
     bound: float
     at_least: bool  # a throughput to reach; otherwise a latency not to exceed
-    unit: str  # " R", "x bubblewrap", "of native" or "x" (the throughput of 4 clients)
+    unit: str  # " R", "x bubblewrap", "of native", "x" (the throughput of 4 clients) or " ms"
     measured: Callable[[dict], float | None]  # the ratio in a run's results (None: not measured)
     row: tuple[str, str] | None = None  # (part, row) it is shown beside in the part's table
 
     def show(self, value: float, digits: int = 2) -> str:
         if self.unit == "of native":
             return f"{value:.0%} of native"
+        if self.unit == " ms":
+            return f"{value:.0f} ms"
         return f"{value:.{digits}f}{self.unit}"
 
     @property
@@ -601,6 +605,8 @@ TARGETS = [
            _launch_vs_bubblewrap("/bin/true")),
     Target("`redoxcap run -- python3 -c pass` ({mode})", 3, False, "x bubblewrap",
            _launch_vs_bubblewrap("python3 -c pass")),
+    Target("a private run --dir D -- /bin/true, no system up", 1000,
+           False, " ms", lambda r: r["launch"]["private"]["run --dir D -- /bin/true, none up ms"]),
     Target("bulk passthrough read 64 MiB", 0.9, True, "of native",
            lambda r: r["bulk"]["read passthrough"]["of native"], ("bulk", "read passthrough")),
     Target("bulk passthrough write 64 MiB", 0.9, True, "of native",
@@ -676,6 +682,9 @@ def report(r: dict) -> None:
             if has_bwrap and (vs := t["ratios"].get(f"{who} / bubblewrap")) is not None:
                 line += f" {vs:>8.1f}"
             print(line)
+    print("a private system, no system up (whole processes, median ms)")
+    for what, ms in launch["private"].items():
+        print(f"  {what.removesuffix(' ms'):<46} {ms:>8.1f}")
     print(f"\n{'clients':<10} {'ops/s':>10} {'p99 µs':>10}   (openat+read 4 KiB+close via the cwd)")
     for count, s in r["scaling"]["clients"].items():
         print(f"{count:<10} {s['ops/s']:>10.0f} {s['p99 µs']:>10.0f}")
@@ -753,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["broker"] = broker_calls(floor, n, rounds, state, brokered, tmp)
                 r["programs"] = programs(1 if args.smoke else 5, root, tmp, fds[0], cwd)
                 r["launch"] = launches(state, launch_rounds, modes, not args.without_bubblewrap)
+                r["launch"]["private"] = private_runs(1 if args.smoke else 5)
                 r["scaling"] = scaling(counts, seconds, 2 if args.smoke else 3)
                 r["memory"] = memory(state, caps)
             finally:

@@ -5,15 +5,21 @@ process (`redoxcap --state-dir S run ... -- CMD`, `bwrap ... CMD` or CMD
 itself) to its exit, with a system already up. The contenders take turns
 round by round, each round in another order, so that the noise of a shared
 machine falls on all of them alike; what counts are the medians of the
-per-round ratios.
+per-round ratios. Each contender is launched once before the rounds,
+untimed and allowed to write Python's bytecode caches (as the first run of
+an installed command leaves them, even where PYTHONDONTWRITEBYTECODE is set
+for the timed runs). A private system, booted by a `run` with none up, is
+timed the same way (:func:`private_runs`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,14 +83,47 @@ def run_modes(cli: list[str]) -> list[tuple[str, list[str]]]:
     return [("rt only, the default", []), ("brokered, --brokered", ["--brokered"])]
 
 
-def _seconds(argv: list[str]) -> float:
+def _seconds(argv: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, check=False)
+                          stderr=subprocess.PIPE, text=True, check=False, env=env)
     took = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
     return took
+
+
+def _warm_up(argv: list[str]) -> None:
+    """One untimed launch that may write bytecode caches, as any first run would."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    _seconds(argv, env)
+
+
+def private_runs(rounds: int) -> dict:
+    """Median ms of a private system's whole life, and of a boot alone, with no system up.
+
+    `redoxcap run --dir D -- /bin/true` at a state directory where nothing
+    runs: boot a private system, serve D with a daemon of the run's own,
+    run the program, stop everything (what a user waits for). `up --detach`
+    until the system answers, then `down` (untimed): the boot alone.
+    """
+    cli = cli_prefix()
+    with tempfile.TemporaryDirectory(prefix="redoxcap-private-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "dir").mkdir()
+        (tmp / "root").mkdir()
+        run = [*cli, "--state-dir", str(tmp / "none"), "run", "--dir", str(tmp / "dir"), "--",
+               "/bin/true"]
+        up = [*cli, "--state-dir", str(tmp / "up"), "up", "--detach", "--root", str(tmp / "root")]
+        down = [*cli, "--state-dir", str(tmp / "up"), "down"]
+        _warm_up(run)
+        runs, boots = [], []
+        for _ in range(rounds):
+            runs.append(_seconds(run))
+            boots.append(_seconds(up))
+            _seconds(down)
+    return {"run --dir D -- /bin/true, none up ms": statistics.median(runs) * 1e3,
+            "up --detach ms": statistics.median(boots) * 1e3}
 
 
 def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
@@ -114,6 +153,8 @@ def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
         for mode, options in modes:
             contenders[f"redoxcap run ({mode})"] = [*cli, "run", *options, "--", *command]
         names = list(contenders)
+        for who in names:
+            _warm_up(contenders[who])
         times: dict[str, list[float]] = {who: [] for who in names}
         for turn in range(rounds):
             for who in names[turn % len(names):] + names[:turn % len(names)]:

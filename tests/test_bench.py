@@ -28,6 +28,7 @@ TARGET_ROWS = [
     "brokered open+read 4 KiB+close of a cwd file",
     "`redoxcap run -- /bin/true`",
     "`redoxcap run -- python3 -c pass`",
+    "a private run --dir D -- /bin/true, no system up",
     "bulk passthrough read 64 MiB",
     "bulk passthrough write 64 MiB",
     "clients vs 4",
@@ -83,6 +84,8 @@ def test_launches_are_timed_through_the_cli_beside_bubblewrap_where_it_is_instal
     default = f"redoxcap run ({launch['modes'][0]})"
     assert len(launch["modes"]) == 2 and "default" in launch["modes"][0]
     assert set(launch["commands"]) == {"/bin/true", "python3 -c pass"}
+    assert set(launch["private"]) == {"run --dir D -- /bin/true, none up ms", "up --detach ms"}
+    assert all(ms > 0 for ms in launch["private"].values())
     for command in launch["commands"].values():
         assert command["ms"]["native"] > 0 and command["ms"][default] > 0
         assert command["ratios"][f"{default} / native"] > 0

@@ -392,6 +392,24 @@ def test_run_trace_shows_each_brokered_syscall_and_its_refusals(sandbox, tmp_pat
     refused = [r for r in syscalls if r["about"] == "../secret.txt"]
     assert refused and refused[-1]["result"] == "EXDEV" and refused[-1]["pid"] != shell
     assert any(r["about"] == "a.txt" and r["result"] == "fd" for r in syscalls)
-    # and the scheme call behind the refusal, as the file scheme answered it
+    # the lookups were native (beneath the host directory the file scheme handed the broker):
+    # no scheme call for them, only the broker's one HOSTDIR for the cwd
+    assert not [r for r in records if r["scheme"] == "file" and r["op"] in ("OPENAT", "STATAT")
+                and r["about"] in ("a.txt", "../secret.txt")], records
+    assert any(r["scheme"] == "file" and r["op"] == "HOSTDIR" for r in records), records
+
+
+def test_with_no_passthrough_the_trace_shows_every_lookup_the_scheme_answered(sandbox, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    out = brokered(sandbox, ["sh", "-c", "cat a.txt >/dev/null; cat ../secret.txt; exit 3"],
+                   "--no-passthrough", f"--trace={trace}", "--trace-json")
+    assert out.returncode != 0 and "the secret" not in out.stdout
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    refused = [r for r in records if r["scheme"] == "syscall" and r["about"] == "../secret.txt"]
+    assert refused and refused[-1]["result"] == "EXDEV"
+    # the scheme calls behind the open and the refusal, as the file scheme answered them
+    assert any(r["scheme"] == "file" and r["op"] == "OPENAT" and r["about"] == "a.txt"
+               for r in records), records
     assert any(r["scheme"] == "file" and r["about"] == "../secret.txt" and r["result"] == "EXDEV"
                for r in records)
+    assert not any(r["op"] == "HOSTDIR" for r in records)  # no host directory was asked for

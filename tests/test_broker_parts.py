@@ -138,3 +138,36 @@ def test_a_trapped_call_is_answered_once_read_and_fails_closed_without_a_listene
         ours.close()
         _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def test_every_brokered_syscall_has_exactly_one_handler_and_no_handler_is_left_over():
+    from redoxcap.broker import calls
+    from redoxcap.broker.calls.base import Family, syscall
+    from redoxcap.sandbox.syscalls import brokered_names
+
+    brokered = brokered_names()
+    calls.check_families(calls.FAMILIES, brokered)  # the real table agrees with the filter
+    assert {"openat", "newfstatat", "getdents64", "execve", "connect"} <= brokered
+
+    without_status = [f for f in calls.FAMILIES if f is not calls.Status]
+    with pytest.raises(calls.HandlerTableError, match="brokered but not handled: .*newfstatat"):
+        calls.check_families(without_status, brokered)
+
+    class Extra(Family):
+        @syscall()
+        def ptrace(self, call):  # never handed to the broker: a handler for it is a mistake
+            return 0
+
+    with pytest.raises(calls.HandlerTableError, match="handled but never brokered: ptrace"):
+        calls.check_families([*calls.FAMILIES, Extra], brokered)
+
+    class Again(Family):
+        @syscall()
+        def openat(self, call):
+            return 0
+
+    with pytest.raises(calls.HandlerTableError, match="handled twice: openat"):
+        calls.check_families([*calls.FAMILIES, Again], brokered)
+    # the broker is never built on a table that disagrees with the filter
+    with pytest.raises(calls.HandlerTableError):
+        calls.Syscalls("x86_64", -1, None, None, True, families=without_status)

@@ -16,9 +16,9 @@ import sys
 
 import rt
 from redoxcap import control
-from rt._call import call
 from wire import frames as F
 from wire import protocol as P
+from wire.call import call
 from wire.frames import Request
 
 
@@ -26,7 +26,7 @@ def test_a_scheme_sees_the_client_that_opened_through_the_namespace(redoxcap_mod
     recorder = hostile_scheme("recorder", lambda op, args: (P.OK, P.pack("/scheme/recorder"), []))
     child = rt.spawn([sys.executable, "-c",
                       ("import os, rt\n"
-                      "from rt._call import call_value\n"
+                      "from wire.call import call_value\n"
                       "from wire import protocol as P\n"
                       "rt.mkdir('/scheme/recorder/d')\n"  # sent on the root rt keeps
                       "call_value(rt.getns(), P.SYMLINKAT, ['t', '/scheme/recorder/l'])\n"  # nsmgr's

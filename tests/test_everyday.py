@@ -451,6 +451,41 @@ def test_each_dir_is_at_its_own_path_and_tmp_is_private(redoxcap_module_system, 
     assert not Path("/tmp/x").exists() or Path("/tmp/x").read_text() != "mine\n"
 
 
+def daemons_of(pid: int) -> list[str]:
+    """The command lines of pid's children that are file scheme daemons."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    lines = []
+    for child in children:
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"schemes.file" in a for a in args):
+            lines.append(" ".join(a.decode(errors="replace") for a in args))
+    return lines
+
+
+def test_the_private_tmp_daemon_starts_when_the_program_first_uses_tmp(redoxcap_module_system):
+    script = "echo ready; read go; echo mine > /tmp/f; cat /tmp/f; read done"
+    run = redoxcap_module_system.start("run", "--", "sh", "-c", script)
+    try:
+        assert run.stdout.readline() == "ready\n"
+        assert daemons_of(run.pid) == []  # nothing of /tmp asked yet: no interpreter for it
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        assert run.stdout.readline() == "mine\n"
+        served = daemons_of(run.pid)
+        assert len(served) == 1 and "--name tmp" in served[0], served
+        run.stdin.write("done\n")
+        run.stdin.flush()
+        assert run.wait(60) == 0, run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
 def test_an_rt_program_sees_the_dir_at_its_path_without_the_broker(redoxcap_module_system, tmp_path):
     project = tmp_path / "rt-proj"
     project.mkdir()

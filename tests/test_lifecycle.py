@@ -167,6 +167,40 @@ def test_down_stops_everything_and_up_refuses_twice(tmp_path):
         assert gone.returncode == 3 and "no system is running" in gone.stderr
 
 
+def children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(p) for p in f.read().split()}
+
+
+def test_the_daemons_are_forked_children_of_the_supervisor_and_go_with_the_system(tmp_path):
+    """The router, nsmgr and every scheme come from the fork server (one interpreter that
+    loaded them all), yet each is the supervisor's own child, named after its module, and
+    `down` leaves neither them nor the fork server behind."""
+    with booted(tmp_path) as system:
+        info = system.status()
+        supervisor = info["supervisor"]
+        daemons = {d["name"]: d["pid"] for d in info["daemons"] if d.get("pid")}
+        assert set(daemons) == {"kernel", "nsmgr", *BUILTIN}
+        children = children_of(supervisor)
+        assert set(daemons.values()) <= children
+        for name, pid in daemons.items():
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            assert comm == name, (name, comm)
+        servers = [p for p in children - set(daemons.values())
+                   if b"redoxcap.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(servers) == 1, children
+        old = daemons["zero"]
+        os.kill(old, signal.SIGKILL)  # a restart is forked too
+        wait_exited(old)  # a status asked of a dying scheme has no answer from it
+        wait_for(lambda: system.daemon("zero").get("pid") not in (None, old))
+        new = system.daemon("zero")["pid"]
+        assert new in children_of(supervisor)
+        assert Path(f"/proc/{new}/comm").read_text().strip() == "zero"
+        system.cli("down")
+        for pid in [supervisor, *servers, *daemons.values(), new]:
+            wait_for(lambda pid=pid: not pid_alive(pid))
+
+
 # -- a scheme that failed for good ------------------------------------------------------
 
 UDP_ECHO = """

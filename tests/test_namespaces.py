@@ -17,7 +17,7 @@ import pytest
 
 import rt
 from redoxcap.config import Config
-from rt._call import call
+from wire.call import call
 from wire import ops as rt_ops
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers

@@ -20,8 +20,8 @@ import rt
 from redoxcap.exits import EXIT_USAGE
 from redoxcap.run import parse_net_address
 from redoxcap.testing import free_port, nobody_listens
-from rt._call import call_fd
 from wire import protocol as P
+from wire.call import call_fd
 
 # A client that tries each (path, flags) and prints what came of it: "ok" or an errno name.
 TRY = """

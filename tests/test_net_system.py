@@ -16,8 +16,8 @@ import pytest
 
 import rt
 from redoxcap.testing import free_port, nobody_listens
-from rt._call import call
 from wire import protocol as P
+from wire.call import call
 
 
 def port_of(fd: int) -> int:

@@ -20,9 +20,10 @@ import time
 import pytest
 
 from kernel import accounts
-from rt._call import call, call_fd
 from wire import protocol as P
+from wire.call import call, call_fd
 from wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
+from wire.linux import identity
 
 
 class FakeScheme:
@@ -219,7 +220,8 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
     share a socket's inode number must not be taken for it (that would forge a handle)."""
     from types import SimpleNamespace
 
-    from kernel.router import Router, Scheme, SchemeHandle, identity
+    from kernel.capabilities import CapabilityTable, SchemeHandle
+    from kernel.schemes import Scheme
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     impostor = tmp_path / "impostor"
@@ -229,11 +231,11 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
         scheme = Scheme(1, alive=True, generation=1)
         cap = SimpleNamespace(handle=SchemeHandle(scheme, 42, 1))
         sock_dev = os.fstat(b.fileno()).st_dev
-        router = SimpleNamespace(_by_identity={
-            sock_dev << 64 | os.fstat(fd).st_ino: cap,  # same inode number as the file, sockfs device
-            identity(os.fstat(b.fileno())): cap,
-        })
-        refs = Router._identify(router, scheme, [fd, b.fileno()])
+        table = CapabilityTable()
+        for held in (sock_dev << 64 | os.fstat(fd).st_ino,  # the file's inode number, sockfs device
+                     identity(os.fstat(b.fileno()))):
+            table.add(SimpleNamespace(identity=held, handle=cap.handle))
+        refs = table.refs_for(scheme, [fd, b.fileno()])
         assert refs == (P.NO_REF, 42)
     finally:
         os.close(fd)

@@ -195,11 +195,20 @@ O_LARGEFILE = {"x86_64": 0o100000, "aarch64": 0o400000}
 
 # linux/limits.h and fs/namei.c
 PATH_MAX = 4096  # bytes of a path, with the terminating NUL
+O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2  # utimensat's timespec tv_nsec
+ID_UNCHANGED = 0xFFFF_FFFF  # uid_t/gid_t -1: chown leaves it
 MAXSYMLINKS = 40  # symlinks followed in one lookup
 
 # dirent.h: d_type; linux/stat.h: the statx mask of what struct stat holds
 DT_UNKNOWN, DT_DIR, DT_REG, DT_LNK = 0, 4, 8, 10
 STATX_BASIC_STATS = 0x7FF
+# struct stat of asm/stat.h (x86_64) and of asm-generic/stat.h (aarch64), struct statx of
+# linux/stat.h, and the head of struct linux_dirent64 (d_ino, d_off, d_reclen, d_type; the name)
+STAT_X86_64 = struct.Struct("=QQQIIIiQqqqqqqqqq24x")  # 144 bytes
+STAT_GENERIC = struct.Struct("=QQIIIIQQqi4xqqQqQqQ8x")  # 128 bytes
+STATX = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII" + "112x")  # 256 bytes
+DIRENT64_HEAD = struct.Struct("=QqHB")
 
 # linux/sched.h: clone(2) flags; CLONE_NEW_NAMESPACES is every CLONE_NEW* bit (NEWNS NEWCGROUP
 # NEWUTS NEWIPC NEWUSER NEWPID NEWNET NEWTIME), CLONE_THREAD makes a thread, not a process
@@ -208,6 +217,7 @@ CLONE_NEW_NAMESPACES = 0x7E02_0080
 
 # linux/net.h: a socket(2) type without SOCK_NONBLOCK and SOCK_CLOEXEC
 SOCK_TYPE_MASK = 0xF
+SOCKADDR_STORAGE_SIZE = 128  # sizeof(struct sockaddr_storage): the longest address a call names
 
 # struct ucred: what SO_PEERCRED and SCM_CREDENTIALS carry
 UCRED = struct.Struct("iII")  # pid, uid, gid
@@ -252,6 +262,13 @@ SECCOMP_IOCTL_NOTIF_SEND = 0xC018_2101
 SECCOMP_IOCTL_NOTIF_ID_VALID = 0x4008_2102
 SECCOMP_IOCTL_NOTIF_ADDFD = 0x4018_2103
 SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x4008_2104
+# linux/seccomp.h's structs: seccomp_notif {id, pid, flags, data {nr, arch, ip, args[6]}},
+# seccomp_notif_resp {id, val, error, flags}, seccomp_notif_addfd {id, flags, srcfd, newfd,
+# newfd_flags}, and a notification id (ID_VALID) or flags word (SET_FLAGS)
+SECCOMP_NOTIF = struct.Struct("=QIIiIQ6Q")  # 80 bytes
+SECCOMP_NOTIF_RESP = struct.Struct("=QqiI")  # 24 bytes
+SECCOMP_NOTIF_ADDFD = struct.Struct("=QIIII")  # 24 bytes
+SECCOMP_NOTIF_U64 = struct.Struct("=Q")
 # linux/audit.h: the arch word of struct seccomp_data
 AUDIT_ARCH = {"x86_64": 0xC000_003E, "aarch64": 0xC000_00B7}
 X32_SYSCALL_BIT = 0x4000_0000  # x86_64: x32 calls share AUDIT_ARCH_X86_64

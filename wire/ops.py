@@ -134,8 +134,9 @@ NS_PERMS = 45
 NS_SCHEME_CREATE = 46
 UTIMENSAT = 47
 CHOWNAT = 48
-NS_ROOT = 49
-NS_GENERATION = 50
+HOSTDIR = 49
+NS_ROOT = 50
+NS_GENERATION = 51
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
@@ -198,6 +199,11 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(CHOWNAT, "chownat",
               (_a("path", _STR), _a("uid", _INT), _a("gid", _INT), _a("flags", _INT)), "nil",
               "ENOENT EROFS EPERM (another owner)", path=0, forward=Forward.VALUE),
+    Operation(HOSTDIR, "hostdir", (),
+              "`{beneath, read_only}`; fds: O_PATH host fds of the directory and of its anchor "
+              "(when that is another)",
+              "EPERM (no grant) EOPNOTSUPP (no passthrough) ENOTDIR",
+              default=errno.EOPNOTSUPP, fds="the grant", wrong_handle=errno.ENOTDIR),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None)))),
               "a new namespace capability",

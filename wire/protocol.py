@@ -29,6 +29,7 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     FSYNC,
     FTRUNCATE,
     GETDENTS,
+    HOSTDIR,
     LINKAT,
     LSEEK,
     MKDIRAT,
@@ -113,6 +114,22 @@ PERM_INSERT = 2
 PERM_DELETE = 4
 PERM_SCHEME_CREATE = 8
 PERM_ALL = PERM_LIST | PERM_INSERT | PERM_DELETE | PERM_SCHEME_CREATE
+
+# -- namespace paths and inherited capabilities -----------------------------------
+
+SCHEME_ROOT = "/scheme"  # `/scheme/NAME/rest` names rest in scheme NAME of a namespace
+# The environment a started program finds its capabilities in (`redoxcap run`, rt.spawn):
+# the fd numbers of its namespace and cwd, and the cwd's path for getcwd.
+ENV_NS = "REDOXCAP_NS_FD"
+ENV_CWD = "REDOXCAP_CWD_FD"
+ENV_CWD_PATH = "REDOXCAP_CWD"
+
+
+def split_namespace_path(ns_path: str) -> tuple[str, str]:
+    """'/scheme/NAME/rest' -> ('/scheme/NAME', 'rest' or '.')."""
+    name, _, rest = ns_path[len(SCHEME_ROOT) + 1 :].partition("/")
+    return f"{SCHEME_ROOT}/{name}", rest.lstrip("/") or "."
+
 
 # -- limits --------------------------------------------------------------------
 

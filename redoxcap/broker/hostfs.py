@@ -33,7 +33,13 @@ import stat
 from collections import deque
 from collections.abc import Iterable
 
-from wire.linux import MAXSYMLINKS, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, openat2
+from wire.linux import (
+    MAXSYMLINKS,
+    O_TMPFILE_BIT,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    openat2,
+)
 
 DEFAULT_TREES = (
     "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin",
@@ -42,8 +48,7 @@ DEFAULT_TREES = (
     "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
 )
 WRITABLE_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/full"})
-_O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BIT
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_TMPFILE_BIT
 # What a host open may carry besides the access mode (O_CLOEXEC is the target's fd flag).
 _PASSED_FLAGS = (os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_PATH
                  | os.O_NOATIME | os.O_DSYNC | os.O_SYNC | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -184,7 +189,7 @@ class HostTrees:
                     raise
                 self.resolve(os.path.dirname(path.rstrip("/")) or "/")  # ENOENT if it is missing too
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS)) from None
-        if writes and (real not in WRITABLE_DEVICES or flags & _O_TMPFILE_BIT):
+        if writes and (real not in WRITABLE_DEVICES or flags & O_TMPFILE_BIT):
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))

@@ -23,9 +23,11 @@ import os
 import socket
 from typing import Any
 
+from wire import linux
+
 AF_INET, AF_INET6, AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 LOOPBACK = ("127.0.0.1", "::1")
-MAX_SOCKADDR = 128
+MAX_SOCKADDR = linux.SOCKADDR_STORAGE_SIZE
 
 
 def _refused(why: str) -> OSError:

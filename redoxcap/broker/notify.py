@@ -16,15 +16,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 from dataclasses import dataclass
 
 from wire import linux
-
-_NOTIF = struct.Struct("=QIIiIQ6Q")  # 80 bytes
-_RESP = struct.Struct("=QqiI")  # 24 bytes
-_ADDFD = struct.Struct("=QIIII")  # 24 bytes
-_ID = struct.Struct("=Q")
+from wire.linux import SECCOMP_NOTIF as _NOTIF
+from wire.linux import SECCOMP_NOTIF_ADDFD as _ADDFD
+from wire.linux import SECCOMP_NOTIF_RESP as _RESP
+from wire.linux import SECCOMP_NOTIF_U64 as _ID
 
 
 @dataclass(frozen=True, slots=True)

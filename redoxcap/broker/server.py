@@ -27,15 +27,15 @@ from typing import Any
 
 from redoxcap import exits
 from redoxcap.broker import hostfs
-from redoxcap.broker.handlers import PROCEED, Call, Install, Syscalls
+from redoxcap.broker.calls import PROCEED, Call, Install, Syscalls
 from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Listener, Notification
 from redoxcap.broker.state import Directory, Mount, Processes
-from rt._call import call_fd, call_value, forget
-from rt._process import ENV_CWD, ENV_CWD_PATH, ENV_NS
 from wire import linux
 from wire import protocol as P
+from wire.call import call_fd, call_value, forget
+from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 log = logging.getLogger("broker")
 PUMP_GRACE = 10.0  # seconds a routed write may still take once the program has exited
@@ -263,9 +263,10 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    env: dict[str, str], ro_host: Iterable[str] = (),
                    passthrough: bool = True,
                    trace: Callable[[dict], None] | None = None,
-                   mounts: Sequence[tuple[Any, int]] = (),
+                   mounts: Sequence[tuple[Any, int] | tuple[Any, int, str]] = (),
                    net: dict | None = None,
-                   pass_fds: Sequence[int] = ()) -> BrokeredProgram:
+                   pass_fds: Sequence[int] = (),
+                   directfs_grant: int | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -274,12 +275,17 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
     mounts are the directories handed over at paths of their own
-    (redoxcap.hostdirs.HostDir, and a capability for its root, which stays the caller's):
+    (redoxcap.hostdirs.HostDir, a capability for its root, which stays the caller's, and
+    optionally the scheme's name, which its fpath answers start with: asked when not given):
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
     too. net holds the grants its TCP sockets are bound and connected within.
     pass_fds are fds of the caller's the program inherits besides 0-2; it gets no other.
+    directfs_grant (the system's, which stays the caller's; taken only once the program
+    runs, and never given to it) lets the broker look paths up natively beneath the cwd
+    and the handed directories where their file schemes allow passthrough
+    (calls/native.py).
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -293,19 +299,20 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     machine = linux.machine()
     assert machine is not None
     # a tree inside a handed directory (a venv in the project) is served by that directory
-    handed_paths = [d.path.rstrip("/") + "/" for d, _ in mounts if d.executable]
+    handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
     hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
                               if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
-                             [d.visible for d, _ in mounts])
+                             [d.visible for d, *_ in mounts])
     opened: list[int] = []
     try:
         broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
         opened.append(broker_ns)
         handed = []
-        for directory, root in mounts:
+        for directory, root, *name in mounts:
             cap = call_fd(root, P.CLONE)
             opened.append(cap)
-            scheme = call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
+            # a name given saves asking the daemon, which may not have started yet
+            scheme = name[0] if name else call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
             handed.append(Mount(directory.visible, cap, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
@@ -341,10 +348,13 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         raise
     state = None
     if listener is not None:
-        processes = Processes(Directory(broker_cwd, cwd_path, False), kernel_cwd)  # owns broker_cwd
+        # opened by `run` before the program ran: its scheme may be asked for native lookups
+        cwd = Directory(broker_cwd, cwd_path, False, trusted=True)
+        processes = Processes(cwd, kernel_cwd)  # owns broker_cwd
         opened.remove(broker_cwd)
+        grant = os.dup(directfs_grant) if directfs_grant is not None else None
         state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough,
-                                               handed, net))
+                                               handed, net, directfs_grant=grant))
     return BrokeredProgram(pid, state, hosts, opened, trace)
 
 
@@ -388,6 +398,7 @@ class BrokeredProgram:
                 finally:
                     listener.close()  # from here on, a call of a process left behind is ENOSYS
                     processes.close()
+                    syscalls.close()
                     syscalls.pumps.join(PUMP_GRACE)  # routed writes reach their file
             _, status = os.waitpid(self.pid, 0)
         except BaseException:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_CAPABILITIES = 1 << 16  # remembered capability identities (the oldest are forgotten)
 MAX_THREADS = 1 << 16
@@ -36,12 +37,18 @@ class Directory:
         path: what getcwd answers (for a host directory, its real host path).
         host: whether it is a host-tree directory.
         refs: processes that have it as their cwd; the fd is closed at 0.
+        trusted: a capability of a scheme of the system's or the run's (opened before the
+            program ran, or beneath one that was), which may be asked for native lookups.
+        native: its host directory for native lookups (calls/native.py), once asked for.
     """
 
     fd: int
     path: str
     host: bool
     refs: int = 1
+    trusted: bool = False
+    native: Any = None
+    native_asked: bool = False
 
     def retain(self) -> Directory:
         self.refs += 1
@@ -52,6 +59,9 @@ class Directory:
         if self.refs == 0:
             os.close(self.fd)
             self.fd = -1
+            if self.native is not None:
+                self.native.close()
+                self.native = None
 
 
 @dataclass(frozen=True)

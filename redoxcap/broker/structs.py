@@ -1,7 +1,8 @@
 """The structs a brokered call writes into the target: stat, statx, linux_dirent64.
 
-Layouts from the kernel's uapi headers for x86_64 (asm/stat.h) and the
-generic one aarch64 uses (asm-generic/stat.h); linux/stat.h for statx.
+Layouts (wire/linux.py) from the kernel's uapi headers for x86_64
+(asm/stat.h) and the generic one aarch64 uses (asm-generic/stat.h);
+linux/stat.h for statx.
 Values come from a host `os.stat_result` or a scheme's `wire.stat.Stat`
 (fields a scheme does not know are 0).
 """
@@ -9,16 +10,15 @@ Values come from a host `os.stat_result` or a scheme's `wire.stat.Stat`
 from __future__ import annotations
 
 import os
-import struct
 import zlib
 from typing import Any
 
+from wire.linux import DIRENT64_HEAD as _DIRENT_HEAD
+from wire.linux import STAT_GENERIC as _STAT_GENERIC
+from wire.linux import STAT_X86_64 as _STAT_X86_64
+from wire.linux import STATX as _STATX
 from wire.linux import STATX_BASIC_STATS
 
-_STAT_X86_64 = struct.Struct("=QQQIIIiQqqqqqqqqq24x")  # 144 bytes
-_STAT_GENERIC = struct.Struct("=QQIIIIQQqi4xqqQqQqQ8x")  # 128 bytes
-_STATX = struct.Struct("=IIQIIIHHQQQQ" + "qIi" * 4 + "IIII" + "112x")  # 256 bytes
-_DIRENT_HEAD = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; then the name
 _NS = 1_000_000_000
 
 

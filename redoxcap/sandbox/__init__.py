@@ -51,7 +51,9 @@ What is NOT confined:
 * Bytes written to a terminal on fds 0-2 reach it: escape sequences that make
   a terminal emulator answer by typing are the terminal's to refuse.
 
-Use it as a launcher::
+`redoxcap run --no-broker` starts its program with :func:`spawn_confined`: a
+fork of `run` that takes the launcher's steps and execs the program. Or use
+it as a launcher::
 
     python -E -P -m redoxcap.sandbox [--read PATH]... [--write PATH]... \\
         [--no-network-deny] [--require] -- COMMAND ARGS...
@@ -65,12 +67,20 @@ syscall layer) and :mod:`redoxcap.exits`, so the launcher starts fast.
 """
 
 from redoxcap.sandbox.landlock import landlock_abi
-from redoxcap.sandbox.launcher import ConfinementUnavailable, ConfineResult, confine, main
+from redoxcap.sandbox.launcher import (
+    ConfinedProcess,
+    ConfinementUnavailable,
+    ConfineResult,
+    confine,
+    main,
+    spawn_confined,
+)
 from redoxcap.sandbox.policy import interpreter_read_paths, python_script
 from redoxcap.sandbox.process import close_fds_except, die_with_parent, leave_terminal
 
 __all__ = [
     "ConfineResult",
+    "ConfinedProcess",
     "ConfinementUnavailable",
     "close_fds_except",
     "confine",
@@ -80,4 +90,5 @@ __all__ = [
     "leave_terminal",
     "main",
     "python_script",
+    "spawn_confined",
 ]

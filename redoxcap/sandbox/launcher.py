@@ -1,18 +1,21 @@
 """The launcher: confine this process (:func:`confine`), leave the terminal, exec COMMAND.
 
-``python -E -P -m redoxcap.sandbox [--read PATH]... [--write PATH]...
-[--no-network-deny] [--require] -- COMMAND ARGS...`` is how `redoxcap run`
-starts a confined client; see :mod:`redoxcap.sandbox` for what is confined.
+`redoxcap run --no-broker` starts a confined client with :func:`spawn_confined`:
+a fork of `run` itself that confines itself and execs COMMAND (no second
+interpreter). ``python -E -P -m redoxcap.sandbox [--read PATH]... [--write
+PATH]... [--no-network-deny] [--require] -- COMMAND ARGS...`` does the same
+steps in a process of its own, for whoever needs a launcher to exec. See
+:mod:`redoxcap.sandbox` for what is confined.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import platform
+import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from redoxcap.exits import EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_USAGE
@@ -116,19 +119,21 @@ def confine(
     )
 
 
-def _resolve_command(command: str) -> str | None:
-    """Resolve ``command`` like execvp does; return its real path or None."""
+def _resolve_command(command: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Resolve ``command`` like execvp does (on env's PATH); return its real path or None."""
     if os.sep in command:
         candidates: Sequence[str] = [command]
     else:
-        candidates = [os.path.join(d or os.curdir, command) for d in os.get_exec_path()]
+        candidates = [os.path.join(d or os.curdir, command) for d in os.get_exec_path(env)]
     for candidate in candidates:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return os.path.realpath(candidate)
     return None
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m redoxcap.sandbox",
         description="Confine with Landlock and seccomp, then exec COMMAND.",
@@ -181,43 +186,167 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("redoxcap: no COMMAND given (usage: ... -- COMMAND ARGS...)", file=sys.stderr)
+        _say("redoxcap: no COMMAND given (usage: ... -- COMMAND ARGS...)")
         return EXIT_USAGE
-    executable = _resolve_command(command[0])
+    return _confine_and_exec(command, None, args.read, args.write, deny_network=args.deny_network,
+                             require=args.require, parent=parent, say=_print)
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    # straight to fd 2: in a child forked from a threaded `run`, sys.stderr's lock may be held
+    os.write(2, (message + "\n").encode(errors="replace"))
+
+
+def _confine_and_exec(command: Sequence[str], env: Mapping[str, str] | None,
+                      reads: Iterable[str], writes: Iterable[str], *, deny_network: bool,
+                      require: bool, parent: int, say: Callable[[str], None] = _say) -> int:
+    """The launcher's steps: confine, leave the terminal, die with parent, exec command.
+
+    Args:
+        env: command's environment (None: this process's).
+        say: how to tell the user why command cannot run.
+
+    Returns:
+        An exit status, only when command was not executed (see :func:`main`).
+    """
+    if env is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    executable = _resolve_command(command[0], env)
     if executable is None:
-        print(f"redoxcap: {command[0]}: command not found", file=sys.stderr)
+        say(f"redoxcap: {command[0]}: command not found")
         return EXIT_NOT_FOUND
 
     # The executable file itself, never its directory (`./tool` in $HOME).
-    reads = policy.interpreter_read_paths() + list(args.read) + [executable]
+    reads = policy.interpreter_read_paths() + list(reads) + [executable]
     try:
-        confine(reads, list(args.write), deny_network=args.deny_network)
+        confine(reads, list(writes), deny_network=deny_network)
     except ConfinementUnavailable as exc:
-        if args.require:
-            print(f"redoxcap: error: {exc.strerror}; refusing to run unconfined", file=sys.stderr)
+        if require:
+            say(f"redoxcap: error: {exc.strerror}; refusing to run unconfined")
             return EXIT_CANNOT_RUN
-        print(f"redoxcap: warning: {exc.strerror}; running unconfined", file=sys.stderr)
+        say(f"redoxcap: warning: {exc.strerror}; running unconfined")
     except OSError as exc:
         # Partially applied confinement is never a reason to run the client anyway.
-        print(f"redoxcap: error: confinement failed: {exc}", file=sys.stderr)
+        say(f"redoxcap: error: confinement failed: {exc}")
         return EXIT_CANNOT_RUN
     try:
         process.leave_terminal()
     except OSError as exc:
         # A client in the caller's session could push keystrokes into its terminal.
-        print(f"redoxcap: error: cannot start a new session: {exc.strerror}", file=sys.stderr)
+        say(f"redoxcap: error: cannot start a new session: {exc.strerror}")
         return EXIT_CANNOT_RUN
     try:
         process.die_with_parent(parent)
     except OSError as exc:
-        print(f"redoxcap: error: {exc.strerror}", file=sys.stderr)
+        say(f"redoxcap: error: {exc.strerror}")
         return EXIT_CANNOT_RUN
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        # execvp keeps every fd that is not close-on-exec; nothing is closed here.
-        os.execvp(command[0], command)
+        # exec keeps every fd that is not close-on-exec; nothing is closed here.
+        if env is None:
+            os.execvp(command[0], list(command))
+        else:
+            os.execvpe(command[0], list(command), dict(env))
     except OSError as exc:
-        print(f"redoxcap: exec {command[0]}: {exc.strerror}", file=sys.stderr)
+        say(f"redoxcap: exec {command[0]}: {exc.strerror}")
         return EXIT_CANNOT_RUN
-    return EXIT_CANNOT_RUN  # unreachable: execvp does not return on success
+    return EXIT_CANNOT_RUN  # unreachable: exec does not return on success
+
+
+class ConfinedProcess:
+    """A child :func:`spawn_confined` started, shaped like subprocess.Popen for who waits on it.
+
+    Attributes:
+        pid: its pid (a child of ours: valid until :meth:`wait` reaps it).
+        returncode: None while it runs; then its exit status (-N: killed by signal N).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """Its status if it has exited (reaping it), else None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        """Wait until it exits; its status as Popen.returncode."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        """Signal it, unless it has been reaped (its pid may be another's by then)."""
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL it."""
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn_confined(command: Sequence[str], env: Mapping[str, str], *,
+                   read_paths: Iterable[str] = (), write_paths: Iterable[str] = (),
+                   keep_fds: Sequence[int] = (), require: bool = False,
+                   deny_network: bool = True) -> ConfinedProcess:
+    """Start command confined, as the launcher would, from a fork of this process.
+
+    The child keeps fds 0-2 and keep_fds (made inheritable) and closes every
+    other, then takes the launcher's steps (:func:`main`): the interpreter's
+    paths, read_paths and the executable readable, write_paths writable,
+    Landlock and the seccomp allow-list, a new session, killed when this
+    process dies, exec with env. When it cannot, it says why on fd 2 and
+    exits 126 (or 127: command not found), as the launcher does.
+
+    Call it from a process without threads of its own running Python (a
+    thread of the trace printer is fine: the child only makes syscalls and
+    writes to fd 2).
+
+    Returns:
+        The child, once it has executed command or given up (as Popen returns once
+        the program runs): a signal sent to its process group from then on reaches it.
+    """
+    command, env = list(command), dict(env)
+    read_paths, write_paths = list(read_paths), list(write_paths)
+    parent = os.getpid()
+    sys.stdout.flush()  # or the child's copy of the buffers would print them again
+    sys.stderr.flush()
+    started, exec_done = os.pipe()  # close-on-exec: EOF once the child has executed or exited
+    try:
+        pid = os.fork()
+    except BaseException:
+        os.close(started)
+        os.close(exec_done)
+        raise
+    if pid:
+        os.close(exec_done)
+        try:
+            os.read(started, 1)
+        finally:
+            os.close(started)
+        return ConfinedProcess(pid)
+    keep = {0, 1, 2, exec_done, *keep_fds}
+    code = EXIT_CANNOT_RUN
+    try:
+        # first: a Ctrl-C meant for `run` must not reach the child through the old session
+        process.leave_terminal()
+        process.close_fds_except(keep)
+        for fd in keep_fds:
+            os.set_inheritable(fd, True)
+        code = _confine_and_exec(command, env, read_paths, write_paths,
+                                 deny_network=deny_network, require=require, parent=parent)
+    except BaseException as exc:  # noqa: BLE001 - never back into the caller's code in the child
+        try:
+            _say(f"redoxcap: error: cannot start {command[0]}: {exc}")
+        finally:
+            os._exit(EXIT_CANNOT_RUN)
+    os._exit(code)

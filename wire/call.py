@@ -1,11 +1,19 @@
-"""One synchronous request on a capability fd: the syscall of the runtime.
+"""One synchronous request on a capability fd: the syscall of rt and of the broker.
+
+rt (the client runtime) and the broker (redoxcap/broker/, which acts for
+unmodified programs) reach capabilities only through this module: `call`
+and its two shapes (`call_value`, `call_fd`), `forget` when an fd is
+closed, and the fallbacks both need, each written once here: `fstat` of a
+host fd or a capability, `stat_at` (STATAT, else an O_PATH open and FSTAT
+where a scheme has no STATAT).
 
 A capability socket carries one request at a time (a reply goes to whoever
-reads first), so each fd has a lock; rt is safe to use from several threads.
+reads first), so each fd has a lock; calls are safe from several threads.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import select
@@ -18,27 +26,54 @@ from typing import Any, Self
 from wire import frames as F
 from wire import protocol as P
 from wire.protocol import raise_errno
+from wire.stat import Stat
 
-_locks: dict[int, threading.Lock] = {}
-_tags: dict[int, int] = {}  # the last request tag per fd
+
+class _Endpoint:
+    """What this process keeps per capability fd: one request at a time (lock), the last
+    request tag, and the socket object it is spoken through, made once and reused."""
+
+    __slots__ = ("lock", "sock", "tag")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tag = 0
+        self.sock: socket.socket | None = None
+
+    def drop(self) -> None:
+        if self.sock is not None:
+            self.sock.detach()  # the fd is not the socket object's to close
+            self.sock = None
+
+
+_endpoints: dict[int, _Endpoint] = {}
 _host: dict[int, bool] = {}  # fd -> whether it is a host fd (a passthrough file), not a capability
-_locks_guard = threading.Lock()
+_guard = threading.Lock()
 
 
-def _lock_for(fd: int) -> threading.Lock:
-    with _locks_guard:
-        lock = _locks.get(fd)
-        if lock is None:
-            lock = _locks[fd] = threading.Lock()
-        return lock
+def _endpoint(fd: int) -> _Endpoint:
+    endpoint = _endpoints.get(fd)
+    if endpoint is None:
+        with _guard:
+            endpoint = _endpoints.setdefault(fd, _Endpoint())
+    return endpoint
 
 
 def forget(fd: int) -> None:
-    """Drop the lock and kind of a closed fd (its number may be reused)."""
-    with _locks_guard:
-        _locks.pop(fd, None)
-        _tags.pop(fd, None)
+    """Drop what is known of a closed fd: its lock, tag, socket object and kind (its number
+    may be reused)."""
+    with _guard:
+        endpoint = _endpoints.pop(fd, None)
         _host.pop(fd, None)
+    if endpoint is not None:
+        endpoint.drop()
+
+
+@atexit.register
+def _detach_all() -> None:
+    """At exit, socket objects must not close fds whose numbers may now be something else."""
+    for endpoint in list(_endpoints.values()):
+        endpoint.drop()
 
 
 def is_host_fd(fd: int, remember: bool = True) -> bool:
@@ -124,12 +159,6 @@ def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
             return
 
 
-def _next_tag(fd: int) -> int:
-    with _locks_guard:
-        tag = _tags[fd] = (_tags.get(fd, 0) + 1) & 0xFFFF_FFFF
-    return tag
-
-
 def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
     """Send one request on capability fd and wait for its reply.
 
@@ -153,16 +182,20 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     """
     seconds = _timeouts.current()
     deadline = None if seconds is None else time.monotonic() + seconds
-    tag = _next_tag(fd)
-    frame = F.encode_request(op, tag, args)
-    if len(frame) > P.MAX_FRAME:
-        raise OSError(errno.E2BIG, "request too large for one frame")
-    sock = None
-    with _lock_for(fd):
+    endpoint = _endpoint(fd)
+    with endpoint.lock:
+        tag = endpoint.tag = (endpoint.tag + 1) & 0xFFFF_FFFF
+        frame = F.encode_request(op, tag, args)
+        if len(frame) > P.MAX_FRAME:
+            raise OSError(errno.E2BIG, "request too large for one frame")
         try:
-            sock = socket.socket(fileno=fd)
-            if sock.type != socket.SOCK_SEQPACKET:
-                raise OSError(errno.EBADF, "not a capability")
+            sock = endpoint.sock
+            if sock is None:
+                sock = socket.socket(fileno=fd)
+                if sock.type != socket.SOCK_SEQPACKET:
+                    sock.detach()
+                    raise OSError(errno.EBADF, "not a capability")
+                endpoint.sock = sock
             _send(sock, frame, P.fds_ancillary(fds), deadline)
             while True:
                 data, received, flags = _receive(sock, deadline)
@@ -173,12 +206,11 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
                     break
                 P.close_fds(received)  # a late or unasked-for reply: not ours to keep
         except OSError as exc:
+            if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                endpoint.drop()  # the number may stand for something else by the next call
             if exc.errno in (errno.ENOTSOCK, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 raise OSError(errno.EBADF, "not a capability (or its server is gone)") from None
             raise
-        finally:
-            if sock is not None:
-                sock.detach()
     try:
         if flags & P.TRUNCATED:
             raise OSError(errno.EIO, "reply truncated")
@@ -192,8 +224,11 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
     if status != P.OK:
         P.close_fds(received)
         raise_errno(value)
-    for new in received:  # a number just allocated: whatever rt knew of a closed fd there is stale
+    for new in received:  # a number just allocated: whatever was known of a closed fd there is stale
         _host.pop(new, None)
+        stale = _endpoints.pop(new, None)
+        if stale is not None:
+            stale.drop()
     return value, received
 
 
@@ -239,3 +274,64 @@ def call_fd(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[in
         P.close_fds(received)
         raise OSError(errno.EIO, "expected one capability in the reply")
     return received[0]
+
+
+# -- the fallbacks rt and the broker share ---------------------------------------
+
+
+def fstat(fd: int) -> Stat:
+    """The status of the file behind fd: a host fd (a passthrough file) asks Linux, a
+    capability its scheme (FSTAT)."""
+    if is_host_fd(fd):
+        return Stat.of(os.fstat(fd))
+    return Stat.from_wire(call_value(fd, P.FSTAT, kind=dict))
+
+
+def stat_at(fd: int, path: str, flags: int = 0) -> Stat:
+    """The status of path relative to capability fd: one STATAT where the scheme answers it,
+    else an O_PATH open and FSTAT of what it opened.
+
+    Args:
+        fd: a directory capability, or a namespace (path is then a namespace path).
+        path: the path to look up.
+        flags: O_NOFOLLOW (the last symlink itself) and the O_RESOLVE_* bits.
+
+    Raises:
+        OSError: the lookup's errno, as call.
+    """
+    try:
+        return Stat.from_wire(call_value(fd, P.STATAT, [path, flags], kind=dict))
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    opened = call_fd(fd, P.OPENAT, [path, os.O_PATH | flags, 0])
+    try:
+        return Stat.from_wire(call_value(opened, P.FSTAT, kind=dict))
+    finally:
+        forget(opened)
+        os.close(opened)
+
+
+def directory_path(fd: int, base_fd: int, base_path: str) -> str:
+    """The path of directory capability fd, given that directory base_fd is at base_path.
+
+    Both fpaths come from the scheme, after symlinks: walk up from base_path
+    as far as they differ and down to fd's (what getcwd says after a chdir).
+
+    Raises:
+        OSError: EXDEV when they are in different schemes, or fd is above what
+            base_path knows.
+    """
+    here = call_value(fd, P.FPATH, kind=str).rstrip("/").split("/")
+    base = call_value(base_fd, P.FPATH, kind=str).rstrip("/").split("/")
+    if here[:3] != base[:3]:
+        raise OSError(errno.EXDEV, "not in the same scheme as the cwd")
+    common = 0
+    while common < min(len(here), len(base)) and here[common] == base[common]:
+        common += 1
+    parts = base_path.rstrip("/").split("/")
+    ups = len(base) - common
+    if ups > len(parts) - 1:
+        raise OSError(errno.EXDEV, "above the cwd's known path")
+    kept = parts[: len(parts) - ups] if ups else parts
+    return "/".join(kept + here[common:]) or "/"

@@ -1,0 +1,203 @@
+"""The operations the router answers itself, one function each, in one table.
+
+CLONE and GETFL work on any capability; SCHEME_CREATE on a kernel capability
+(the supervisor's, or a clone of it that a trusted daemon holds); the rest only
+on the supervisor's own (EINVAL elsewhere, as for an unknown operation). Each
+function gets the router's view (`Kernel`), the capability asked, the request's
+undecoded arguments, the fds passed with it (the caller's: it closes them) and
+the account to charge for what it makes (None: the asker's), and returns the
+reply's value and fds; it raises OSError with the errno to answer instead (a
+malformed argument is ProtocolError: EINVAL). The router sends the reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from kernel import status
+from kernel.capabilities import SchemeHandle
+from kernel.restart import RESTART_WAIT
+from wire import protocol as P
+
+if TYPE_CHECKING:
+    from kernel.accounts import Account, Limits
+    from kernel.capabilities import Capability, CapabilityTable
+    from kernel.schemes import Scheme, SchemeTable
+    from kernel.trace import Trace
+
+Answer = tuple[Any, list[int]]  # the reply's value and the fds it carries (the reply owns them)
+
+
+class Kernel(Protocol):
+    """What the kernel's own operations use of the router."""
+
+    supervisor_cap: Capability | None
+    kernel_scheme: Scheme
+    schemes: SchemeTable
+    accounts: dict[int, Account]
+    capabilities: CapabilityTable
+    trace: Trace
+    frames: int
+
+    def mint(self, handle: SchemeHandle, account: Account, payer: Account | None = None) -> int: ...
+    def socketpair(self) -> tuple[socket.socket, socket.socket]: ...
+    def attach_channel(self, scheme: Scheme) -> int: ...
+    def free_scheme(self, scheme: Scheme) -> None: ...
+    def new_account(self, limits: Limits | dict) -> Account: ...
+    def summary(self) -> dict: ...
+    async def ask_status(self, scheme: Scheme, into: dict) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KernelOp:
+    """An operation the router answers itself.
+
+    Attributes:
+        run: the function (a coroutine function when `waits`).
+        kernel_only: only a kernel capability may ask it.
+        supervisor_only: only the supervisor's own may (the clones it hands to the
+            daemons it trusts create schemes, and that is all).
+        waits: it may wait (for a daemon, a scheme's answer): it runs in a task of its own.
+    """
+
+    run: Callable[..., Answer | Awaitable[Answer]]
+    kernel_only: bool = True
+    supervisor_only: bool = True
+    waits: bool = False
+
+
+def _options(body: bytes | memoryview) -> dict:
+    """The one optional map of arguments: [options], [nil] or []."""
+    args = P.unpack(body)
+    options = args[0] if isinstance(args, list) and args and args[0] is not None else {}
+    if not isinstance(args, list) or not isinstance(options, dict):
+        raise P.ProtocolError("takes [options] or []")
+    return options
+
+
+def clone(k: Kernel, cap: Capability, body, fds: list[int], payer: Account | None) -> Answer:
+    """CLONE: a new capability for the same handle (shared offset), in the asker's
+    account (charged to payer for a daemon serving a client)."""
+    if not cap.handle.live:
+        raise OSError(errno.EIO, "handle of a dead daemon")
+    return None, [k.mint(cap.handle, cap.account, payer)]
+
+
+def getfl(k: Kernel, cap: Capability, body, fds: list[int], payer: Account | None) -> Answer:
+    """GETFL: the fd flags the scheme gave the handle."""
+    return cap.handle.fdflags, []
+
+
+def scheme_create(k: Kernel, cap: Capability, body, fds: list[int], payer: Account | None) -> Answer:
+    """SCHEME_CREATE [options]: a new anonymous scheme, its id; fds: the daemon's end of its
+    channel and its root capability, charged to payer (by default the asker's account)."""
+    options = _options(body)
+    # Only the supervisor's own kernel capability may let a scheme keep state here: a
+    # scheme served by a client (created through a clone of the kernel capability)
+    # could fill the router with fds.
+    supervisor = cap is k.supervisor_cap
+    keeps = bool(options.get("keeps")) and supervisor
+    payer = payer or cap.account
+    if not payer.room_for_caps(2):  # the router's end of the channel, and the root
+        raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+    scheme = k.schemes.new(payer=None if payer.system else payer)
+    scheme.restart.keeps, scheme.restart.restartable = keeps, supervisor
+    channel_fd = k.attach_channel(scheme)
+    root = SchemeHandle(scheme, P.ROOT_HANDLE, scheme.generation, payer=scheme.payer)
+    scheme.handles[P.ROOT_HANDLE] = root
+    try:
+        root_fd = k.mint(root, cap.account, payer)
+    except OSError:
+        os.close(channel_fd)
+        k.free_scheme(scheme)  # never registered: it just goes away
+        raise
+    k.schemes.add(scheme)
+    return scheme.id, [channel_fd, root_fd]
+
+
+async def scheme_restart(k: Kernel, cap: Capability, body, fds: list[int],
+                         payer: Account | None) -> Answer:
+    """SCHEME_RESTART [id]: a new channel for a scheme whose daemon died, once the router
+    has seen the old one's channel end (EBUSY if it still serves after RESTART_WAIT)."""
+    try:
+        (scheme_id,) = P.unpack(body)
+        scheme = k.schemes.by_id[scheme_id]
+    except (TypeError, ValueError, KeyError):
+        raise OSError(errno.EINVAL, "no such scheme") from None
+    if scheme.alive:
+        # its daemon has exited but the EOF may not have reached us yet: wait for it
+        with trio.move_on_after(RESTART_WAIT):
+            await scheme.died.wait()
+        if scheme.alive:
+            raise OSError(errno.EBUSY, "the old daemon still serves it")
+    return scheme.id, [k.attach_channel(scheme)]
+
+
+def account_new(k: Kernel, cap: Capability, body, fds: list[int], payer: Account | None) -> Answer:
+    """ACCOUNT_NEW [limits]: clones of the passed capabilities, charged to a fresh account."""
+    args = P.unpack(body)
+    if not isinstance(args, list) or len(args) > 1 or not fds:
+        raise P.ProtocolError("expected [limits or nil] and at least one capability")
+    try:
+        account = k.new_account(args[0] if args and args[0] is not None else {})
+    except (TypeError, ValueError):
+        raise P.ProtocolError("bad limits") from None
+    originals = [k.capabilities.of_fd(fd) for fd in fds]
+    if any(c is None for c in originals):
+        raise OSError(errno.EBADF, "not a capability")
+    if not all(c.handle.live for c in originals):
+        raise OSError(errno.EIO, "handle of a dead daemon")
+    if not account.room_for_caps(len(originals)):
+        raise OSError(errno.EMFILE, "over the new account's quota")
+    clones: list[int] = []
+    try:
+        for original in originals:
+            clones.append(k.mint(original.handle, account))
+    except OSError:
+        P.close_fds(clones)  # their EOF releases them
+        raise
+    return account.id, clones
+
+
+async def kernel_status(k: Kernel, cap: Capability, body, fds: list[int],
+                        payer: Account | None) -> Answer:
+    """KERNEL_STATUS [options]: one page of what the router holds (kernel/status.py)."""
+    options = _options(body)
+    schemes = status.schemes_asked(options, k.schemes.by_id)
+    answers: dict[int, dict] = {}
+    if options.get("detail", True):
+        async with trio.open_nursery() as nursery:
+            for scheme in schemes:
+                if scheme.alive:
+                    answers[scheme.id] = into = {}
+                    nursery.start_soon(k.ask_status, scheme, into)
+    return status.page(options, schemes, k.accounts, k.capabilities, answers, k.frames,
+                       k.summary()), []
+
+
+def trace(k: Kernel, cap: Capability, body, fds: list[int], payer: Account | None) -> Answer:
+    """TRACE: a socket on which a record of every call and every reply follows (until
+    closed); kernel/trace.py."""
+    if k.trace.full:
+        raise OSError(errno.EBUSY, "too many tracers")
+    ours, theirs = k.socketpair()
+    k.trace.add(ours)
+    return None, [theirs.detach()]
+
+
+OPERATIONS: dict[int, KernelOp] = {
+    P.CLONE: KernelOp(clone, kernel_only=False, supervisor_only=False),
+    P.GETFL: KernelOp(getfl, kernel_only=False, supervisor_only=False),
+    P.SCHEME_CREATE: KernelOp(scheme_create, supervisor_only=False),
+    P.SCHEME_RESTART: KernelOp(scheme_restart, waits=True),
+    P.ACCOUNT_NEW: KernelOp(account_new),
+    P.KERNEL_STATUS: KernelOp(kernel_status, waits=True),
+    P.TRACE: KernelOp(trace),
+}

@@ -1,0 +1,135 @@
+"""Outboxes: a capability's replies that its holder's socket had no room for.
+
+A reply is never waited for: it is sent at once if the socket has room and
+nothing waits before it, else it joins the capability's outbox, in order, and
+the router reads no more of that capability's requests until the outbox is
+empty (backpressure on the holder that does not read, on nobody else). The
+bytes queued count against the holder's account, the fds against the account
+that pays for the capability, whose quota may refuse them: the reply then
+becomes ERR EMFILE.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+from typing import TYPE_CHECKING, Literal
+
+from wire import protocol as P
+from wire.frames import REPLY
+
+if TYPE_CHECKING:
+    from kernel.accounts import Account
+    from wire.channel import Channel
+
+Delivery = Literal["sent", "queued", "full"]
+SENT: Delivery = "sent"  # the holder has it, or is gone (nothing to tell anyone)
+QUEUED: Delivery = "queued"  # in the outbox: a writer must drain it
+FULL: Delivery = "full"  # its fds did not fit in the payer's quota: ERR EMFILE queued instead
+
+# A send to a holder that is gone: nothing to tell anyone, its EOF cleans up.
+HOLDER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
+
+
+def error_reply(tag: int, err: int) -> bytes:
+    """A reply frame ERR err to tag."""
+    return REPLY.pack(tag, P.ERR) + P.pack(err)
+
+
+def send_now(channel: Channel, frame: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
+    """Try to send one reply without waiting; closes fds once done with them.
+
+    Sending fds can fail on its own (ETOOMANYREFS, ENOBUFS, ENOMEM...): the request then
+    fails with that errno instead of leaving its caller waiting.
+
+    Returns:
+        None when done with it (sent, or dropped because the holder is gone), else the
+        frame and fds still to send: the same, or an ERR reply that replaced one that
+        could not be sent as it was.
+    """
+    while True:
+        try:
+            if not channel.try_send(frame, fds):
+                return frame, fds
+        except OSError as exc:
+            P.close_fds(fds)
+            if exc.errno in HOLDER_GONE or len(frame) < REPLY.size:
+                return None
+            tag, status = REPLY.unpack_from(frame)
+            if status == P.ERR:
+                return None  # an error reply that cannot be sent either: nothing smaller to try
+            frame, fds = error_reply(tag, exc.errno or errno.EIO), []
+            continue
+        P.close_fds(fds)
+        return None
+
+
+class Outbox:
+    """The replies of one capability waiting for its holder's socket to have room.
+
+    It owns the fds of the replies in it; what it holds is charged to the accounts
+    given to each method (the holder's for bytes, the payer's for fds).
+    """
+
+    __slots__ = ("_replies", "bytes", "fds")
+
+    def __init__(self) -> None:
+        self._replies: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self.bytes = 0
+        self.fds = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._replies)
+
+    def offer(self, channel: Channel, frame: bytes, fds: list[int], account: Account,
+              payer: Account) -> Delivery:
+        """Send a reply now if nothing waits before it and the socket has room, else queue
+        it; never waits. Takes ownership of fds."""
+        if not self._replies:
+            left = send_now(channel, frame, fds)
+            if left is None:
+                return SENT
+            frame, fds = left
+        return self.queue(frame, fds, account, payer)
+
+    def queue(self, frame: bytes, fds: list[int], account: Account, payer: Account) -> Delivery:
+        """Queue a reply its holder's socket had no room for; takes ownership of fds."""
+        delivery = QUEUED
+        if fds and not payer.room_for_caps(len(fds)):
+            # queued fds are router fds held for the capability's payer (a client, for one a
+            # daemon holds for it): past its quota the reply fails
+            P.close_fds(fds)
+            frame, fds, delivery = error_reply(REPLY.unpack_from(frame)[0], errno.EMFILE), [], FULL
+        self._replies.append((frame, fds))
+        self._count(len(frame), len(fds), account, payer)
+        return delivery
+
+    def flush(self, channel: Channel, account: Account, payer: Account) -> bool:
+        """Send what the holder's socket has room for now, in order.
+
+        Returns:
+            Whether the outbox is empty.
+        """
+        while self._replies:
+            frame, fds = self._replies[0]
+            left = send_now(channel, frame, fds)
+            if left is not None:
+                self._replies[0] = left
+                self._count(len(left[0]) - len(frame), len(left[1]) - len(fds), account, payer)
+                return False
+            self._replies.popleft()
+            self._count(-len(frame), -len(fds), account, payer)
+        return True
+
+    def drop(self, account: Account, payer: Account) -> None:
+        """Forget every reply (the holder is gone): close their fds, uncharge them."""
+        while self._replies:
+            frame, fds = self._replies.popleft()
+            P.close_fds(fds)
+            self._count(-len(frame), -len(fds), account, payer)
+
+    def _count(self, nbytes: int, nfds: int, account: Account, payer: Account) -> None:
+        self.bytes += nbytes
+        self.fds += nfds
+        account.queued(nbytes)
+        payer.charge_fds(nfds)

@@ -1,0 +1,147 @@
+"""open, creat, openat, openat2: a path opened through the capabilities, an fd installed.
+
+What the program gets for what was opened (docs/sandbox.md, "What an open
+gives the program"): a host fd as it is (passthrough, the host trees); a
+directory or O_PATH capability as it is, recorded for the calls that name
+it later; any other capability as a memory file of its bytes (a regular
+file opened read-only) or through a pump (pump.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from redoxcap.broker.calls.base import Call, Family, Install, c_int, close, error, syscall
+from redoxcap.broker.pump import snapshot
+from wire import linux
+from wire import protocol as P
+from wire.linux import (
+    AT_FDCWD,
+    O_TMPFILE_BIT,
+    OPEN_HOW,
+    RESOLVE_BENEATH,
+    RESOLVE_CACHED,
+    RESOLVE_IN_ROOT,
+    RESOLVE_NO_MAGICLINKS,
+)
+
+TTY = "/dev/tty"
+
+
+class Opening(Family):
+    """The open calls."""
+
+    @syscall()
+    def open(self, call: Call) -> Install:
+        return self._open(call, AT_FDCWD, call.args[0], c_int(call.args[1]), call.args[2])
+
+    @syscall()
+    def creat(self, call: Call) -> Install:
+        flags = os.O_CREAT | os.O_WRONLY | os.O_TRUNC
+        return self._open(call, AT_FDCWD, call.args[0], flags, call.args[1])
+
+    @syscall()
+    def openat(self, call: Call) -> Install:
+        a = call.args
+        return self._open(call, c_int(a[0]), a[1], c_int(a[2]), a[3])
+
+    @syscall()
+    def openat2(self, call: Call) -> Install:
+        a = call.args
+        size = a[3]
+        if size < OPEN_HOW.size:
+            raise OSError(errno.EINVAL, "struct open_how too small")
+        if size > 4096:
+            raise OSError(errno.E2BIG, "struct open_how too large")
+        raw = call.mem.read(a[2], size)
+        if any(raw[OPEN_HOW.size:]):
+            raise OSError(errno.E2BIG, "unknown open_how fields")
+        flags, mode, resolve = OPEN_HOW.unpack_from(raw)
+        if resolve & RESOLVE_CACHED:
+            raise OSError(errno.EAGAIN, "nothing is cached here")
+        if resolve & ~(RESOLVE_BENEATH | RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
+            raise OSError(errno.EINVAL, "RESOLVE_NO_XDEV and RESOLVE_NO_SYMLINKS are not served")
+        if resolve & RESOLVE_BENEATH and resolve & RESOLVE_IN_ROOT:
+            raise error(errno.EINVAL)
+        if mode & ~0o7777 or (mode and not flags & (os.O_CREAT | os.O_TMPFILE)):
+            raise error(errno.EINVAL)
+        ours = (P.O_RESOLVE_BENEATH if resolve & RESOLVE_BENEATH else 0) | (
+            P.O_RESOLVE_IN_ROOT if resolve & RESOLVE_IN_ROOT else 0)
+        return self._open(call, c_int(a[0]), a[1], flags & 0xFFFF_FFFF, mode, ours)
+
+    def _open(self, call: Call, dirfd: int, addr: int, flags: int, mode: int,
+              resolve: int = 0) -> Install:
+        program, locator = self.program, self.program.locator
+        path = locator.path(call, addr)
+        if path == TTY and dirfd == AT_FDCWD:
+            return Install(self.terminal(call), bool(flags & os.O_CLOEXEC))
+        loc = locator.locate(call, dirfd, path, resolve)
+        try:
+            fd, from_host = program.view.in_view(loc, not flags & os.O_NOFOLLOW, lambda at: (
+                locator.open_at(at, flags, mode, passthrough=True), at.host))
+        except OSError as exc:
+            if exc.errno == errno.ENODEV and loc.namespace:  # nothing was handed there
+                if flags & os.O_DIRECTORY and locator.ancestor_status(loc.absolute) is not None:
+                    raise OSError(errno.EACCES, "a directory above what was handed") from None
+                raise error(errno.EACCES if flags & (os.O_CREAT | O_TMPFILE_BIT)
+                            else errno.ENOENT) from None
+            raise
+        finally:
+            loc.close()
+        try:
+            if not from_host:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode):
+                    program.passed_files.add(linux.identity(st))
+            fd = self.for_the_program(fd, flags)
+        except BaseException:
+            close(fd)
+            raise
+        return Install(fd, bool(flags & os.O_CLOEXEC))
+
+    def terminal(self, call: Call) -> int:
+        """/dev/tty: the terminal the program was given as fd 0, 1 or 2 (a copy of that fd:
+        nothing it did not hold already), ENXIO when none is one, as for a process without
+        a controlling terminal."""
+        for fd in (0, 1, 2):
+            try:
+                dup = self.program.locator.target_fd(call, fd)
+            except OSError:
+                continue
+            if os.isatty(dup):
+                return dup
+            close(dup)
+        raise OSError(errno.ENXIO, "no terminal was given")
+
+    def for_the_program(self, fd: int, flags: int) -> int:
+        """What the program gets for an fd just opened (owned; the answer is owned too).
+
+        A host fd (passthrough, the host trees) as it is; a directory or O_PATH
+        capability as it is, recorded, for the `*at` calls, getdents and fstat
+        that name it; any other capability (a file without passthrough, a
+        device, a connection) through a pump, since read(2) and write(2) on a
+        capability socket would speak frames.
+        """
+        program = self.program
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            return fd
+        if not flags & (os.O_PATH | os.O_DIRECTORY):
+            try:
+                status = program.status_of_capability(fd)
+            except OSError:
+                status = None
+            is_dir = status is not None and stat.S_ISDIR(status.st_mode)
+            if status is not None and stat.S_ISREG(status.st_mode) and \
+                    flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+                copy = snapshot(fd, status.st_size)
+                if copy is not None:
+                    program.snapshots.add(linux.identity(os.fstat(copy)), status)
+                    close(fd)
+                    return copy
+            if not is_dir:
+                return program.pumps.start(fd, flags)
+        program.caps.add(linux.identity(st))
+        return fd
