@@ -320,8 +320,26 @@ def _two_path(op: int, src, dst) -> None:
     with located(src) as (fd1, p1), located(dst) as (fd2, p2):
         if fd1 == fd2:  # both in one scheme's root, or both relative to the cwd
             call_value(fd1, op, [p1, p2])
-        else:  # new relative to its own directory: EXDEV where that is another scheme's
+            return
+        opened = []
+        try:
+            ns = _process.namespace_fd()
+            if fd1 == ns:  # forwarded (no root kept for it): the scheme's root, opened
+                fd1, p1 = _open_root(p1), split_namespace_path(p1)[1]
+                opened.append(fd1)
+            if fd2 == ns:
+                fd2, p2 = _open_root(p2), split_namespace_path(p2)[1]
+                opened.append(fd2)
+            # new relative to its own directory: EXDEV where that is another scheme's
             call_value(fd1, op, [p1, p2], [fd2])
+        finally:
+            for fd in opened:
+                close(fd)
+
+
+def _open_root(ns_path: str) -> int:
+    root, _ = split_namespace_path(ns_path)
+    return call_fd(_process.namespace_fd(), P.OPENAT, [root, os.O_RDONLY | os.O_DIRECTORY, 0])
 
 
 def chdir(path: str | os.PathLike) -> None:

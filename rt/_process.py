@@ -16,7 +16,7 @@ import errno
 import os
 import threading
 
-from rt._roots import NamespaceRoots
+from wire.roots import NamespaceRoots
 from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 
@@ -29,7 +29,7 @@ class ProcessCapabilities:
         self._cwd_fd: int | None = None
         self._cwd_path = "/"
         self._adopted = False
-        self.roots = NamespaceRoots()  # the roots of the namespace's entries, kept (rt/_roots.py)
+        self.roots = NamespaceRoots()  # the roots of the namespace's entries, kept (wire/roots.py)
 
     def adopt_from_environment(self) -> None:
         """Take the namespace and cwd fds the environment names (once; later calls do nothing).

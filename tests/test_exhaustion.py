@@ -31,7 +31,7 @@ from test_router import (
 )
 
 from redoxcap.testing import wait_for
-from rt._call import call
+from wire.call import call
 from wire import protocol as P
 from wire.frames import SchemeReply, encode_request
 

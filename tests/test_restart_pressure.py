@@ -30,7 +30,7 @@ from test_router import FakeScheme, kernel_with_fd_limit, new_account, receive, 
 
 import rt
 from redoxcap.testing import wait_for
-from rt._call import call, call_fd
+from wire.call import call, call_fd
 from wire import protocol as P
 from wire.frames import Keep, SchemeReply, encode_request
 

@@ -33,7 +33,6 @@ from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for ev
     LINKAT,
     LSEEK,
     MKDIRAT,
-    NS_GENERATION,
     NS_LIST,
     NS_MKNS,
     NS_NARROW,
