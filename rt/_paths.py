@@ -74,7 +74,7 @@ def to_namespace_path(path: str) -> str | None:
     return None
 
 
-class located:  # noqa: N801 - used as a function, in a with statement
+class located:  # lower case: used like a function, in a with statement
     """Where a path operation goes, for as long as it runs: `with located(path) as (fd, path):`.
 
     A namespace path goes to the kept root of its scheme (wire/roots.py), which

@@ -60,8 +60,8 @@ def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: 
         if flags & P.O_RESOLVE_BENEATH and path.startswith("/"):
             raise OSError(errno.EXDEV, "an absolute path cannot be beneath a directory")
         return call_fd(dirfd, P.OPENAT, [path, flags, mode])
-    with located(path, dirfd) as (fd, path):
-        return call_fd(fd, P.OPENAT, [path, flags, mode])
+    with located(path, dirfd) as (fd, name):
+        return call_fd(fd, P.OPENAT, [name, flags, mode])
 
 
 def read(fd: int, n: int) -> bytes:
@@ -278,32 +278,32 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
 
 def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
     """Create a directory (EEXIST if the name is taken)."""
-    with located(path) as (fd, path):
-        call_value(fd, P.MKDIRAT, [path, mode])
+    with located(path) as (fd, name):
+        call_value(fd, P.MKDIRAT, [name, mode])
 
 
 def unlink(path: str | os.PathLike) -> None:
     """Remove a name that is not a directory (EISDIR if it is one)."""
-    with located(path) as (fd, path):
-        call_value(fd, P.UNLINKAT, [path, 0])
+    with located(path) as (fd, name):
+        call_value(fd, P.UNLINKAT, [name, 0])
 
 
 def rmdir(path: str | os.PathLike) -> None:
     """Remove an empty directory (ENOTEMPTY, ENOTDIR otherwise)."""
-    with located(path) as (fd, path):
-        call_value(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
+    with located(path) as (fd, name):
+        call_value(fd, P.UNLINKAT, [name, P.AT_REMOVEDIR])
 
 
 def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
     """Create a symlink at path holding target (stored verbatim)."""
-    with located(path) as (fd, path):
-        call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
+    with located(path) as (fd, name):
+        call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), name])
 
 
 def readlink(path: str | os.PathLike) -> str:
     """The target stored in the symlink at path (EINVAL if it is not one)."""
-    with located(path) as (fd, path):
-        return call_value(fd, P.READLINKAT, [path], kind=str)
+    with located(path) as (fd, name):
+        return call_value(fd, P.READLINKAT, [name], kind=str)
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:

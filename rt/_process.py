@@ -16,8 +16,8 @@ import errno
 import os
 import threading
 
-from wire.roots import NamespaceRoots
 from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from wire.roots import NamespaceRoots
 
 
 class ProcessCapabilities:

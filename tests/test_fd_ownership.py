@@ -15,8 +15,8 @@ import os
 import pytest
 
 import rt
-from rt import _process
 from redoxcap.testing import wait_for
+from rt import _process
 from wire import protocol as P
 from wire.call import call
 

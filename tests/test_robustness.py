@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import rt
-from rt import _process
 from redoxcap.config import Config
 from redoxcap.testing import wait_for
+from rt import _process
 from wire import frames as F
 from wire import protocol as P
 from wire.call import call_fd
