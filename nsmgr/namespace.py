@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from redoxcap.nsmgr.generation import GenerationPage, retire
 from redoxcap.schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
@@ -48,6 +49,15 @@ class Namespace:
 
     entries: dict[str, AsyncCapability] = field(default_factory=dict)
     perms: int = P.PERM_ALL
+    generation: int = 0  # changes so far (see nsmgr/generation.py)
+    page: GenerationPage | None = None  # where holders read generation, once one asked
+    root: bool = False  # the root namespace (handle 0)
+
+    def changed(self) -> None:
+        """Count a change: a holder that kept this namespace's roots drops them at its next open."""
+        self.generation += 1
+        if self.page is not None:
+            self.page.value = self.generation
 
     def lookup(self, name: str) -> AsyncCapability:
         cap = self.entries.get(name)
@@ -94,9 +104,18 @@ class NamespaceScheme(Scheme):
         # account -> its turn at forking: a fork is a round trip per entry, so one client
         # forking from many threads takes no more of nsmgr than one doing it from one
         self._forking: dict[int, trio.Lock] = {}
+        self._boot_page: GenerationPage | None = None  # the root's, until a restore replaces it
 
     def root(self) -> Namespace:
-        return Namespace()
+        """The root namespace, with its generation page from the start: it is the system's,
+        lives as long as nsmgr, and every client's first open through it would make one."""
+        ns = Namespace(root=True)
+        try:
+            ns.page = GenerationPage.create(0)
+        except OSError:
+            pass  # made when first asked for
+        self._boot_page = ns.page
+        return ns
 
     async def ns_scheme_create(self, req: Request, ns: Namespace, name: str) -> Reply:
         """A new scheme registered as name in this namespace; the caller gets its channel.
@@ -121,6 +140,7 @@ class NamespaceScheme(Scheme):
             P.close_fds([channel, root])
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = AsyncCapability(root)
+        ns.changed()
         req.keep_again()
         return Reply(None, [channel])
 
@@ -209,6 +229,43 @@ class NamespaceScheme(Scheme):
     async def ns_perms(self, req: Request, ns: Namespace) -> int:
         return ns.perms
 
+    async def ns_root(self, req: Request, ns: Namespace, name: str, page: int) -> Reply:
+        """A clone of name's entry (the scheme's root, or the in-root directory registered
+        as name), for a holder to open the rest through itself, as an open of
+        `/scheme/NAME` would; with page, also a read-only fd of the namespace's generation
+        page (nsmgr/generation.py), made on first use. The value is the generation before
+        the clone was taken. Charged to the caller, like anything it opens."""
+        if not P.valid_scheme_name(name):
+            raise SchemeError(errno.EINVAL, "bad scheme name")
+        entry = ns.lookup(name)
+        reader = self._page_reader(req, ns) if page else None
+        generation = ns.generation
+        try:
+            root = await entry.call_fd(P.CLONE, serving=req.id)
+        except BaseException:
+            if reader is not None:
+                os.close(reader)
+            raise
+        return Reply(generation, [root] if reader is None else [root, reader])
+
+    @staticmethod
+    def _page_reader(req: Request, ns: Namespace) -> int:
+        """A reader of ns's page: one page per namespace, made when first asked for (and
+        made anew when someone sealed the last one further)."""
+        if ns.page is not None and not ns.page.live():
+            ns.page.close()
+            ns.page = None
+        if ns.page is None:
+            try:
+                ns.page = GenerationPage.create(ns.generation)
+            except OSError as exc:
+                raise SchemeError(exc.errno or errno.ENOMEM, "no generation page") from None
+            req.keep_again()  # kept with the namespace, charged to its payer
+        try:
+            return ns.page.reader()
+        except OSError as exc:
+            raise SchemeError(exc.errno or errno.EMFILE, "no generation page") from None
+
     async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None) -> Opened:
         if perms is None:
             perms = ns.perms
@@ -256,6 +313,7 @@ class NamespaceScheme(Scheme):
         if perms & ~ns.perms:
             raise SchemeError(errno.EACCES, "permissions can only be narrowed")
         ns.perms = perms
+        ns.changed()
         req.keep_again()
 
     async def ns_register(self, req: Request, ns: Namespace, name: str) -> None:
@@ -287,12 +345,14 @@ class NamespaceScheme(Scheme):
             entry.close()
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
         ns.entries[name] = entry
+        ns.changed()
         req.keep_again()
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)
         cap = ns.lookup(name)
         del ns.entries[name]
+        ns.changed()
         req.keep_again()
         cap.close()
 
@@ -306,26 +366,47 @@ class NamespaceScheme(Scheme):
                 "count": len(handles)}
 
     def keep(self, ns: Namespace) -> tuple[dict, list[int]]:
-        """A namespace is its entries and permissions: the router keeps the entries'
-        capabilities across a crash of nsmgr, and the next nsmgr serves the same
-        namespace (so no client notices more than a delay)."""
+        """A namespace is its entries, permissions and generation: the router keeps the
+        entries' capabilities (and the generation page, if one was asked for) across a
+        crash of nsmgr, and the next nsmgr serves the same namespace (so no client
+        notices more than a delay)."""
         names = sorted(ns.entries)
-        return {"perms": ns.perms, "names": names}, [ns.entries[n].fileno() for n in names]
+        fds = [ns.entries[n].fileno() for n in names]
+        if ns.page is not None:
+            fds.append(ns.page.fd)
+        return {"perms": ns.perms, "names": names, "generation": ns.generation,
+                "page": ns.page is not None, "root": ns.root}, fds
 
     def restore(self, value: dict, fds: list[int]) -> Namespace:
+        """The kept namespace, its generation counted on (a change may have been made but
+        not kept before the crash: holders drop what they kept, to be sure). The last
+        nsmgr's page is retired: nobody can write it any more (nsmgr/generation.py); the
+        next holder that asks gets a new one."""
         try:
             names, perms = value["names"], value["perms"]
-            if not isinstance(names, list) or len(names) != len(fds) or type(perms) is not int:
+            generation, has_page = value.get("generation", 0), value.get("page", False)
+            if (not isinstance(names, list) or len(names) + bool(has_page) != len(fds)
+                    or type(perms) is not int or type(generation) is not int):
                 raise ValueError("kept namespace does not match its fds")
-            return Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms)
         except (KeyError, TypeError, ValueError):
             P.close_fds(fds)
             raise
+        if has_page:
+            generation = max(generation, retire(fds.pop()))
+        ns = Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms,
+                       generation, root=value.get("root") is True)
+        if ns.root:  # the page root() made for the root it replaces is the restored root's
+            ns.page, self._boot_page = self._boot_page, None
+        ns.changed()
+        return ns
 
     async def close(self, ns: Namespace) -> None:
         entries, ns.entries = ns.entries, {}
         for cap in entries.values():
             cap.close()
+        if ns.page is not None:
+            ns.page.close()
+            ns.page = None
 
 
 async def _forward(cap: AsyncCapability, op: int, args: list, fds: list[int] = (),

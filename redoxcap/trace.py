@@ -46,12 +46,16 @@ def _decode(raw: Any) -> Any:
 
 
 def describe_call(record: dict) -> tuple[str, str]:
-    """(operation name, what it was about: the path for a path operation, else the handle)."""
+    """(operation name, what it was about: the path for a path operation, the name for a
+    namespace operation on one (NS_ROOT...), else the handle)."""
     op = ops.BY_NUMBER.get(record.get("op"))
     name = op.constant if op else f"op{record.get('op')}"
     args = _decode(record.get("args"))
-    if op is not None and op.path is not None and isinstance(args, list) and len(args) > op.path:
-        return name, str(args[op.path])
+    about = op.path if op is not None else None
+    if op is not None and about is None and op.args and op.args[0].name == "name":
+        about = 0
+    if about is not None and isinstance(args, list) and len(args) > about:
+        return name, str(args[about])
     return name, f"handle {record.get('handle')}"
 
 

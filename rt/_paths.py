@@ -8,7 +8,9 @@
 - `relative/path`          -> the directory fd (the cwd for AT_FDCWD), unchanged
 
 A relative path is never joined onto the cwd string: it goes to
-openat(cwd_fd, path) and the scheme resolves it from that directory.
+openat(cwd_fd, path) and the scheme resolves it from that directory. A
+namespace path `/scheme/NAME/rest` is sent as `rest` on NAME's root, which
+rt keeps (wire/roots.py), or on the namespace where it keeps none.
 """
 
 from __future__ import annotations
@@ -72,16 +74,29 @@ def to_namespace_path(path: str) -> str | None:
     return None
 
 
-def locate(path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> tuple[int, str, bool]:
-    """Where a path operation goes.
+class located:  # lower case: used like a function, in a with statement
+    """Where a path operation goes, for as long as it runs: `with located(path) as (fd, path):`.
 
-    Returns:
-        (capability fd, path to send, whether the fd is the namespace).
+    A namespace path goes to the kept root of its scheme (wire/roots.py), which
+    is not closed under the call even if the namespace changes meanwhile; a
+    relative one to dirfd (the cwd for AT_FDCWD).
     """
-    path = fspath(path)
-    ns_path = to_namespace_path(path)
-    if ns_path is not None:
-        return _process.namespace_fd(), ns_path, True
-    if dirfd == AT_FDCWD:
-        return _process.cwd_fd(), path, False
-    return dirfd, path, False
+
+    __slots__ = ("_dirfd", "_path", "_root")
+
+    def __init__(self, path: str | bytes | os.PathLike, dirfd: int = AT_FDCWD) -> None:
+        self._path, self._dirfd, self._root = path, dirfd, None
+
+    def __enter__(self) -> tuple[int, str]:
+        path = fspath(self._path)
+        ns_path = to_namespace_path(path)
+        if ns_path is None:
+            return (_process.cwd_fd() if self._dirfd == AT_FDCWD else self._dirfd), path
+        fd, rest, self._root = _process.CURRENT.roots.take(_process.namespace_fd(), ns_path)
+        return fd, rest
+
+    def __exit__(self, *exc: object) -> None:
+        if self._root is not None:
+            _process.CURRENT.roots.give_back(self._root)
+            self._root = None
+

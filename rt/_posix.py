@@ -22,7 +22,7 @@ from rt._paths import (
     SCHEME_ROOT,
     fspath,
     handed_dirs,
-    locate,
+    located,
     split_namespace_path,
     to_namespace_path,
 )
@@ -59,10 +59,9 @@ def openat(dirfd: int, path: str | os.PathLike, flags: int = os.O_RDONLY, mode: 
         path = fspath(path)
         if flags & P.O_RESOLVE_BENEATH and path.startswith("/"):
             raise OSError(errno.EXDEV, "an absolute path cannot be beneath a directory")
-        fd = dirfd
-    else:
-        fd, path, _ = locate(path, dirfd)
-    return call_fd(fd, P.OPENAT, [path, flags, mode])
+        return call_fd(dirfd, P.OPENAT, [path, flags, mode])
+    with located(path, dirfd) as (fd, name):
+        return call_fd(fd, P.OPENAT, [name, flags, mode])
 
 
 def read(fd: int, n: int) -> bytes:
@@ -132,8 +131,8 @@ def stat(path: str | os.PathLike) -> StatResult:
     """Status of the file at path (symlinks followed)."""
     if _is_scheme_list(path):
         return fstat(_process.namespace_fd())
-    where, name, _ = locate(path)
-    return capability.stat_at(where, name)
+    with located(path) as (where, name):
+        return capability.stat_at(where, name)
 
 
 def close(fd: int) -> None:
@@ -195,8 +194,8 @@ def chmod(path: str | os.PathLike, mode: int, *, follow_symlinks: bool = True) -
     Raises:
         OSError: EROFS on a read-only mount, EOPNOTSUPP for a symlink itself.
     """
-    where, name, _ = locate(path)
-    call_value(where, P.CHMODAT, [name, mode, 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.CHMODAT, [name, mode, 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def fchmod(fd: int, mode: int) -> None:
@@ -222,8 +221,8 @@ def _times(ns: tuple[int | None, int | None] | None) -> list[int | None]:
 def utime(path: str | os.PathLike, ns: tuple[int | None, int | None] | None = None, *,
           follow_symlinks: bool = True) -> None:
     """Set the access and modification times of the file at path (nanoseconds; see _times)."""
-    where, name, _ = locate(path)
-    call_value(where, P.UTIMENSAT, [name, *_times(ns), 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.UTIMENSAT, [name, *_times(ns), 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def futime(fd: int, ns: tuple[int | None, int | None] | None = None) -> None:
@@ -239,8 +238,8 @@ def futime(fd: int, ns: tuple[int | None, int | None] | None = None) -> None:
 
 def chown(path: str | os.PathLike, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
     """Accept a change of owner that changes nothing (-1, your own ids, the file's); else EPERM."""
-    where, name, _ = locate(path)
-    call_value(where, P.CHOWNAT, [name, uid, gid, 0 if follow_symlinks else os.O_NOFOLLOW])
+    with located(path) as (where, name):
+        call_value(where, P.CHOWNAT, [name, uid, gid, 0 if follow_symlinks else os.O_NOFOLLOW])
 
 
 def fchown(fd: int, uid: int, gid: int) -> None:
@@ -279,32 +278,32 @@ def listdir(path: str | os.PathLike = ".") -> list[str]:
 
 def mkdir(path: str | os.PathLike, mode: int = 0o777) -> None:
     """Create a directory (EEXIST if the name is taken)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.MKDIRAT, [path, mode])
+    with located(path) as (fd, name):
+        call_value(fd, P.MKDIRAT, [name, mode])
 
 
 def unlink(path: str | os.PathLike) -> None:
     """Remove a name that is not a directory (EISDIR if it is one)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.UNLINKAT, [path, 0])
+    with located(path) as (fd, name):
+        call_value(fd, P.UNLINKAT, [name, 0])
 
 
 def rmdir(path: str | os.PathLike) -> None:
     """Remove an empty directory (ENOTEMPTY, ENOTDIR otherwise)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.UNLINKAT, [path, P.AT_REMOVEDIR])
+    with located(path) as (fd, name):
+        call_value(fd, P.UNLINKAT, [name, P.AT_REMOVEDIR])
 
 
 def symlink(target: str | os.PathLike, path: str | os.PathLike) -> None:
     """Create a symlink at path holding target (stored verbatim)."""
-    fd, path, _ = locate(path)
-    call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), path])
+    with located(path) as (fd, name):
+        call_value(fd, P.SYMLINKAT, [os.fsdecode(os.fspath(target)), name])
 
 
 def readlink(path: str | os.PathLike) -> str:
     """The target stored in the symlink at path (EINVAL if it is not one)."""
-    fd, path, _ = locate(path)
-    return call_value(fd, P.READLINKAT, [path], kind=str)
+    with located(path) as (fd, name):
+        return call_value(fd, P.READLINKAT, [name], kind=str)
 
 
 def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -318,25 +317,29 @@ def link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def _two_path(op: int, src, dst) -> None:
-    fd1, p1, ns1 = locate(src)
-    fd2, p2, ns2 = locate(dst)
-    if fd1 == fd2:  # both through the namespace, or both relative to the cwd
-        call_value(fd1, op, [p1, p2])
-        return
-    opened = []
-    try:
-        if ns1:
-            root, p1 = split_namespace_path(p1)
-            fd1 = open(root, os.O_DIRECTORY)
-            opened.append(fd1)
-        if ns2:
-            root, p2 = split_namespace_path(p2)
-            fd2 = open(root, os.O_DIRECTORY)
-            opened.append(fd2)
-        call_value(fd1, op, [p1, p2], [fd2])
-    finally:
-        for fd in opened:
-            close(fd)
+    with located(src) as (fd1, p1), located(dst) as (fd2, p2):
+        if fd1 == fd2:  # both in one scheme's root, or both relative to the cwd
+            call_value(fd1, op, [p1, p2])
+            return
+        opened = []
+        try:
+            ns = _process.namespace_fd()
+            if fd1 == ns:  # forwarded (no root kept for it): the scheme's root, opened
+                fd1, p1 = _open_root(p1), split_namespace_path(p1)[1]
+                opened.append(fd1)
+            if fd2 == ns:
+                fd2, p2 = _open_root(p2), split_namespace_path(p2)[1]
+                opened.append(fd2)
+            # new relative to its own directory: EXDEV where that is another scheme's
+            call_value(fd1, op, [p1, p2], [fd2])
+        finally:
+            for fd in opened:
+                close(fd)
+
+
+def _open_root(ns_path: str) -> int:
+    root, _ = split_namespace_path(ns_path)
+    return call_fd(_process.namespace_fd(), P.OPENAT, [root, os.O_RDONLY | os.O_DIRECTORY, 0])
 
 
 def chdir(path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ import os
 import threading
 
 from redoxcap.wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from redoxcap.wire.roots import NamespaceRoots
 
 
 class ProcessCapabilities:
@@ -28,6 +29,7 @@ class ProcessCapabilities:
         self._cwd_fd: int | None = None
         self._cwd_path = "/"
         self._adopted = False
+        self.roots = NamespaceRoots()  # the roots of the namespace's entries, kept (wire/roots.py)
 
     def adopt_from_environment(self) -> None:
         """Take the namespace and cwd fds the environment names (once; later calls do nothing).
@@ -72,6 +74,8 @@ class ProcessCapabilities:
         with self._lock:
             self._adopted = True  # what the environment names is not ours to take any more
             old, self._ns_fd = self._ns_fd, fd
+        if old != fd:
+            self.roots.clear()
         if old is not None and old != fd:
             os.close(old)
 
@@ -85,6 +89,7 @@ class ProcessCapabilities:
 
 
 CURRENT = ProcessCapabilities()
+os.register_at_fork(after_in_child=CURRENT.roots.after_fork_in_child)
 adopt_from_environment = CURRENT.adopt_from_environment
 namespace_fd = CURRENT.namespace_fd
 cwd_fd = CURRENT.cwd_fd

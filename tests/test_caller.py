@@ -26,15 +26,17 @@ def test_a_scheme_sees_the_client_that_opened_through_the_namespace(redoxcap_mod
     recorder = hostile_scheme("recorder", lambda op, args: (P.OK, P.pack("/scheme/recorder"), []))
     child = rt.spawn([sys.executable, "-c",
                       ("import os, rt\n"
-                      "rt.close(rt.open('/scheme/recorder/x'))\n"
-                      "rt.mkdir('/scheme/recorder/d')\n"
+                      "from wire.call import call_value\n"
+                      "from wire import protocol as P\n"
+                      "rt.mkdir('/scheme/recorder/d')\n"  # sent on the root rt keeps
+                      "call_value(rt.getns(), P.SYMLINKAT, ['t', '/scheme/recorder/l'])\n"  # nsmgr's
                       "print(os.getpid())\n")],
                      stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate(timeout=60)
     assert child.returncode == 0
     pid = int(out)
-    assert (P.OPENAT, pid) in recorder.seen  # forwarded by nsmgr, seen as the client's
     assert (P.MKDIRAT, pid) in recorder.seen
+    assert (P.SYMLINKAT, pid) in recorder.seen  # forwarded by nsmgr, seen as the client's
     nsmgr = redoxcap_module_client.daemon("nsmgr")["pid"]
     assert all(seen_pid != nsmgr for _, seen_pid in recorder.seen)
 

@@ -131,9 +131,11 @@ def test_trace_shows_each_request_and_reply_with_the_callers_pid(tmp_path):
         pid = out.stdout.strip()
         lines = wait_for(lambda: [line for line in system.log().splitlines()
                                   if f"pid {pid} " in line and "OPENAT" in line] or None)
-        # the client's open through nsmgr, and, under it, nsmgr's own open of the file
-        assert any("nsmgr" in line and "/scheme/file/made -> ok +1 fds" in line for line in lines), lines
-        assert any(" file " in line and " made -> handle " in line for line in lines), lines
+        # rt asked nsmgr for file's root, then opened through it: one call, straight to file
+        assert any(" file " in line and " made -> handle " in line and " pid " in line.split(" file ")[0]
+                   for line in lines), lines
+        log = system.log()
+        assert any(f"pid {pid} nsmgr   NS_ROOT    file -> " in line for line in log.splitlines()), log
 
 
 def test_max_caps_bounds_what_a_run_may_hold(redoxcap_module_system):

@@ -9,14 +9,19 @@ directory as `file`, on the module's one system (`redoxcap_isolated_client`).
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import rt
 from redoxcap.config import Config
+from redoxcap.wire import ops as rt_ops
+from redoxcap.wire.call import call
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
@@ -73,6 +78,29 @@ def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(redoxcap_iso
             rt.open("/outside.txt")
 
 
+def test_a_subtree_entry_kept_as_a_root_keeps_every_lookup_inside_it(redoxcap_isolated_client,
+                                                                   subtree_namespace):
+    root = redoxcap_isolated_client.root
+    (root / "outside.txt").write_text("secret")
+    (root / "box/deeper").mkdir(parents=True)
+    (root / "box/inside.txt").write_text("ok")
+    os.symlink("/outside.txt", root / "box/abs_out")
+    os.symlink("../outside.txt", root / "box/rel_out")
+    os.symlink("/", root / "box/to_top")
+    with subtree_namespace("/box"):
+        rt.close(rt.open("/inside.txt"))  # file's root, the in-root subtree, is kept from here on
+        nsmgr = redoxcap_isolated_client.daemon("nsmgr")["frames"]
+        for path in ("/../outside.txt", "/scheme/file/../../outside.txt", "/deeper/../../outside.txt",
+                     "/abs_out", "/rel_out", "/to_top/../outside.txt", "file:../outside.txt"):
+            with pytest.raises(FileNotFoundError):
+                rt.open(path)
+            with pytest.raises(FileNotFoundError):
+                rt.stat(path)
+        with rt.open_file("/to_top/../deeper/../inside.txt") as f:  # `..` stops at the top
+            assert f.read() == "ok"
+        assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == nsmgr  # all on the kept root
+
+
 def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(redoxcap_isolated_client):
     fd = rt.open("/counted", rt.O_CREAT | rt.O_RDWR)
     before = redoxcap_isolated_client.daemon("nsmgr")["frames"]
@@ -97,3 +125,142 @@ def test_spawned_children_inherit_clones_of_namespace_and_cwd(redoxcap_isolated_
     assert out.strip() == f"/kid {BUILTIN}"
     assert (redoxcap_isolated_client.root / "kid/made-by-child").exists()
     assert rt.listdir() == ["made-by-child"]  # our own cwd is untouched
+
+
+# -- opens through the namespace: the entry's root is kept, changes are seen --------------
+
+
+def test_after_a_names_first_open_opens_and_stats_through_the_namespace_skip_nsmgr(
+        redoxcap_isolated_client):
+    rt.close(rt.open("/warm", rt.O_CREAT | rt.O_WRONLY))  # file's root is kept from here on
+    nsmgr_before = redoxcap_isolated_client.daemon("nsmgr")["frames"]
+    file_before = redoxcap_isolated_client.daemon("file")["frames"]
+    for _ in range(20):
+        rt.close(rt.open("/warm"))
+        assert rt.stat("/scheme/file/warm").st_size == 0
+    rt.mkdir("/made")
+    rt.rename("/made", "/renamed")
+    assert rt.listdir("/renamed") == []
+    assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == nsmgr_before
+    assert redoxcap_isolated_client.daemon("file")["frames"] >= file_before + 40
+
+
+def test_a_name_unregistered_or_replaced_is_seen_by_the_next_open(redoxcap_isolated_client):
+    fd = rt.open("/scheme/zero")
+    assert rt.read(fd, 3) == b"\0\0\0"
+    rt.close(fd)
+    rt.unregister(rt.getns(), "zero")
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/zero")
+    assert info.value.errno == errno.ENODEV
+    _, (null_root,) = call(rt.getns(), rt_ops.NS_ROOT, ["null", 0])
+    rt.register(rt.getns(), "zero", null_root)
+    rt.close(null_root)
+    fd = rt.open("/scheme/zero")  # now the null device
+    assert rt.read(fd, 3) == b""
+    rt.close(fd)
+    rt.narrow(rt.getns(), rt.PERM_ALL & ~rt.PERM_INSERT)  # a change that leaves every name
+    d = rt.open("/", rt.O_DIRECTORY)
+    with pytest.raises(PermissionError):
+        rt.register(rt.getns(), "again", d)
+    rt.close(d)
+    fd = rt.open("/scheme/zero")
+    assert rt.read(fd, 1) == b""
+    rt.close(fd)
+
+
+def test_a_change_made_by_another_holder_of_the_namespace_is_seen_by_the_next_open(
+        redoxcap_isolated_client):
+    rt.close(rt.open("/scheme/rand"))  # kept: rand's root
+    child = rt.spawn([sys.executable, "-c", "import rt; rt.unregister(rt.getns(), 'rand')"],
+                     share_ns=True)  # the very same namespace handle, another process
+    assert child.wait(timeout=30) == 0
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/rand")
+    assert info.value.errno == errno.ENODEV
+
+
+def test_a_root_held_after_its_name_is_unregistered_stays_held(redoxcap_isolated_client):
+    """What a holder keeps is a capability like any other: unregistering the name takes
+    it from the namespace, not from whoever holds it."""
+    rt.close(rt.open("/kept.txt", rt.O_CREAT | rt.O_WRONLY))
+    generation, (root,) = call(rt.getns(), rt_ops.NS_ROOT, ["file", 0])
+    assert isinstance(generation, int)
+    rt.unregister(rt.getns(), "file")
+    with pytest.raises(OSError) as info:
+        rt.open("/kept.txt")
+    assert info.value.errno == errno.ENODEV
+    fd = rt.openat(root, "kept.txt")
+    assert rt.fpath(fd).endswith("/kept.txt")
+    rt.close(fd)
+    rt.close(root)
+    with pytest.raises(OSError) as info:
+        call(rt.getns(), rt_ops.NS_ROOT, ["nosuch", 0])
+    assert info.value.errno == errno.ENODEV
+
+
+def _generation_pages(pid: int) -> int:
+    """How many generation pages process pid holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum("redoxcap-namespace-generation" in os.readlink(fd) for fd in fds.iterdir())
+
+
+def test_the_generation_page_cannot_be_written_shrunk_or_multiplied_by_a_holder(
+        redoxcap_isolated_client):
+    nsmgr = redoxcap_isolated_client.daemon("nsmgr")["pid"]
+    _, (root, page) = call(rt.getns(), rt_ops.NS_ROOT, ["zero", 1])
+    rt.close(root)
+    try:
+        with pytest.raises(OSError):
+            os.write(page, b"\xff" * 8)
+        with pytest.raises(OSError):
+            os.ftruncate(page, 0)
+        with pytest.raises(PermissionError):
+            mmap.mmap(page, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        writable = os.open(f"/proc/self/fd/{page}", os.O_RDWR)  # a new description of it
+        try:
+            with pytest.raises(PermissionError):  # sealed against every write from now on
+                os.pwrite(writable, b"\xff" * 8, 0)
+            with pytest.raises(OSError):  # shrinking it would make nsmgr's writes fault
+                os.ftruncate(writable, 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(writable, 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(writable)
+        view = mmap.mmap(page, 8, mmap.MAP_SHARED, mmap.PROT_READ)
+        before = int.from_bytes(view[:8], "little")
+        rt.narrow(rt.getns(), rt.PERM_ALL & ~rt.PERM_SCHEME_CREATE)
+        assert int.from_bytes(view[:8], "little") > before
+        view.close()
+        pages = _generation_pages(nsmgr)
+        for _ in range(50):  # one page per namespace, however often it is asked for
+            _, fds = call(rt.getns(), rt_ops.NS_ROOT, ["zero", 1])
+            for fd in fds:
+                rt.close(fd)
+        assert _generation_pages(nsmgr) == pages
+    finally:
+        os.close(page)
+
+
+def test_a_page_sealed_further_by_a_holder_is_replaced_and_changes_are_still_seen(
+        redoxcap_isolated_client):
+    rt.close(rt.open("/scheme/zero"))  # rt keeps zero's root and the page
+    _, (root, page) = call(rt.getns(), rt_ops.NS_ROOT, ["zero", 1])
+    rt.close(root)
+    writable = os.open(f"/proc/self/fd/{page}", os.O_RDWR)  # seals need a writable description
+    os.close(page)
+    fcntl.fcntl(writable, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)  # nsmgr could not retire it now
+    os.close(writable)
+    fd = rt.open("/scheme/zero")  # rt sees a page it cannot trust, and asks for a new one
+    assert rt.read(fd, 2) == b"\0\0"
+    rt.close(fd)
+    _, (root, page) = call(rt.getns(), rt_ops.NS_ROOT, ["zero", 1])
+    rt.close(root)
+    try:  # nsmgr replaced it with a page holders trust
+        assert not fcntl.fcntl(page, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL
+    finally:
+        os.close(page)
+    rt.unregister(rt.getns(), "zero")
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/zero")
+    assert info.value.errno == errno.ENODEV

@@ -69,6 +69,25 @@ def test_namespaces_and_their_handles_survive_a_killed_nsmgr(redoxcap_client):
     rt.close(fork)
 
 
+def test_a_namespace_change_after_nsmgr_restarts_is_seen_by_the_next_open(redoxcap_client):
+    """rt keeps the roots of its namespace's entries and watches the namespace's generation
+    page; the router keeps the page with the namespace, so the next nsmgr counts on in it."""
+    fork = rt.mkns(None)
+    rt.setns(fork)
+    rt.close(fork)
+    zero = rt.open("/scheme/zero")  # zero's root is kept from here on
+    rt.close(zero)
+    pid = kill(redoxcap_client, "nsmgr")
+    back(redoxcap_client, "nsmgr", pid)
+    once_more(rt.unregister, rt.getns(), "zero")
+    with pytest.raises(OSError) as info:
+        rt.open("/scheme/zero")
+    assert info.value.errno == errno.ENODEV
+    fd = rt.open("/scheme/null")
+    assert rt.read(fd, 1) == b""
+    rt.close(fd)
+
+
 def test_open_files_and_directories_survive_a_killed_file_scheme(redoxcap_client):
     (redoxcap_client.root / "jail/sub").mkdir(parents=True)
     (redoxcap_client.root / "jail/f.txt").write_text("hello world")

@@ -135,6 +135,7 @@ NS_SCHEME_CREATE = 46
 UTIMENSAT = 47
 CHOWNAT = 48
 HOSTDIR = 49
+NS_ROOT = 50
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(OPENAT, "openat", (_a("path", _STR), _a("flags", _INT), _a("mode", _INT)),
@@ -219,6 +220,10 @@ OPERATIONS: tuple[Operation, ...] = (
               "fds: [the new scheme's request channel]; its root is registered as name",
               "EACCES without SCHEME_CREATE, EEXIST, EINVAL",
               namespace=True),
+    Operation(NS_ROOT, "ns_root", (_a("name", _STR), _a("page", _INT)),
+              "the namespace's generation; fds: [a clone of name's entry (charged to the "
+              "caller), and with page a read-only memfd whose first 8 bytes, little-endian, "
+              "are the generation]", "ENODEV, EINVAL", namespace=True),
 )
 
 BY_NUMBER: dict[int, Operation] = {op.number: op for op in OPERATIONS}

@@ -38,6 +38,7 @@ from redoxcap.wire.ops import (  # noqa: F401 - the operation numbers, re-export
     NS_NARROW,
     NS_PERMS,
     NS_REGISTER,
+    NS_ROOT,
     NS_SCHEME_CREATE,
     NS_UNREGISTER,
     OPENAT,

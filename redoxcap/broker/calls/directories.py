@@ -139,12 +139,14 @@ class Directories(Family):
             pass
         try:
             if loc.namespace:
-                root_path, _ = P.split_namespace_path(loc.path)
-                root = locator.open_scheme_root(loc.path)
+                root_path, _ = P.split_namespace_path(loc.ns_path)
+                root = locator.open_scheme_root(loc)
                 try:
-                    return directory_path(fd, root, _display(root_path))
+                    return directory_path(fd, loc.cap if root is None else root,
+                                          _display(root_path))
                 finally:
-                    close(root)
+                    if root is not None:
+                        close(root)
             if not cwd.host:
                 return directory_path(fd, cwd.fd, cwd.path)
         except OSError:

@@ -7,7 +7,9 @@ behind its directory fd; an absolute path to the namespace (`/x` is
 directory handed over at a path of its own (`run --dir`, /tmp) or in the
 read-only host trees (hostfs.py), which the broker serves itself. The
 legacy `NAME:rest` form is not recognised: to an unmodified program, `a:b`
-is a file name.
+is a file name. A namespace path goes to the kept root of its name
+(wire/roots.py, as rt does): one round trip to the scheme, nsmgr asked once
+per name and again after any change of the namespace.
 
 A `Location` is the answer: a capability and the path to send on it, or a
 host path. `open_at`, `status_at` and `readlink_at` act on one: natively
@@ -35,6 +37,7 @@ from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import AT_FDCWD
 from redoxcap.wire.protocol import SCHEME_ROOT
+from redoxcap.wire.roots import NamespaceRoots, Root
 from redoxcap.wire.stat import Stat
 
 FILE_ROOT = "/scheme/file/"
@@ -61,6 +64,7 @@ class Location:
     # the trusted directory cap stands for (the cwd or a handed directory), whose host
     # directory may serve the lookup natively; None: through the capability only
     origin: Directory | Mount | None = None
+    ns_path: str = ""  # for a namespace location: `/scheme/NAME/rest` (cap is NAME's root)
 
     def close(self) -> None:
         if self.owned is not None:
@@ -95,9 +99,16 @@ class Locator:
         if directfs_grant is not None and self.grant is None:
             os.close(directfs_grant)
         self._mount_natives: dict[Mount, HostDirectory | None] = {}
+        self.roots = NamespaceRoots()  # the namespace entries' roots, kept
+        # the roots the syscall being answered uses: given back when the next one starts
+        # (one syscall at a time), so that none is closed under a call that uses it
+        self._held: list[Root] = []
+        self._answering: int | None = None
 
     def close(self) -> None:
-        """Release the grant and the handed directories' host directories."""
+        """Release the grant, the handed directories' host directories and the kept roots."""
+        self._give_back()
+        self.roots.clear()
         for native in self._mount_natives.values():
             if native is not None:
                 native.close()
@@ -156,6 +167,9 @@ class Locator:
 
     def locate(self, call: Call, dirfd: int, path: str, resolve: int = 0) -> Location:
         """Where a path operation relative to dirfd goes (ENOENT for an empty path)."""
+        if call.notif.id != self._answering:  # a new syscall: the last one's roots are free
+            self._give_back()
+            self._answering = call.notif.id
         if not path:
             raise OSError(errno.ENOENT, "empty path")
         absolute = path.startswith("/")
@@ -193,15 +207,27 @@ class Locator:
 
     def in_namespace(self, path: str, resolve: int = 0) -> Location:
         """An absolute path through the namespace: `/scheme/NAME/rest` as it is, any other
-        `/x` as `/scheme/file/x`, sent on the namespace capability (nsmgr forwards it to
-        the scheme's root). The one place that decides how a namespace path is reached."""
+        `/x` as `/scheme/file/x`, sent as `rest` on NAME's kept root (or on the namespace
+        capability, for nsmgr to forward, where it hands out no root). The one place that
+        decides how a namespace path is reached."""
         ns_path = path if _scheme_path(path) else "/scheme/file" + path
-        return Location(self.ns, ns_path, False, resolve, None, True, path)
+        cap, rest, root = self.roots.take(self.ns, ns_path)
+        if root is not None:
+            self._held.append(root)
+        return Location(cap, rest, False, resolve, None, True, path, ns_path=ns_path)
 
-    def open_scheme_root(self, ns_path: str) -> int:
-        """A directory capability for the root of the scheme a namespace path names."""
-        root, _ = P.split_namespace_path(ns_path)
+    def open_scheme_root(self, loc: Location) -> int | None:
+        """A directory capability (owned by the caller) for the root of the scheme a
+        namespace location names; None when loc.cap is that root (kept, not the caller's)."""
+        if loc.cap != self.ns:
+            return None
+        root, _ = P.split_namespace_path(loc.ns_path)
         return capability.call_fd(self.ns, P.OPENAT, [root, os.O_RDONLY | os.O_DIRECTORY, 0])
+
+    def _give_back(self) -> None:
+        held, self._held = self._held, []
+        for root in held:
+            self.roots.give_back(root)
 
     def placed(self, path: str, resolve: int = 0) -> Location | None:
         """An absolute path above or beside a handed directory, in one, or in the host trees
@@ -288,7 +314,7 @@ class Locator:
                 above = self.ancestor_status(loc.absolute)
                 if above is not None:
                     return above
-                if loc.path.rstrip("/") + "/" == FILE_ROOT:
+                if loc.ns_path.rstrip("/") + "/" == FILE_ROOT:
                     return _EMPTY_ROOT  # `/` without a file scheme: there, but empty (rm checks it)
             raise
 

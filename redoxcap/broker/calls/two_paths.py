@@ -87,11 +87,11 @@ class TwoPaths(Family):
         try:
             fd1, p1 = src.cap, src.path
             fd2, p2 = dst.cap, dst.path
-            if src.namespace:
-                fd1, p1 = locator.open_scheme_root(p1), P.split_namespace_path(p1)[1]
+            if src.namespace and src.cap == locator.ns:  # forwarded: a root of its own
+                fd1, p1 = locator.open_scheme_root(src), P.split_namespace_path(p1)[1]
                 opened.append(fd1)
-            if dst.namespace:
-                fd2, p2 = locator.open_scheme_root(p2), P.split_namespace_path(p2)[1]
+            if dst.namespace and dst.cap == locator.ns:
+                fd2, p2 = locator.open_scheme_root(dst), P.split_namespace_path(p2)[1]
                 opened.append(fd2)
             call_value(fd1, op, [p1, p2], [fd2])
         finally:
