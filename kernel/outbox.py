@@ -36,26 +36,28 @@ def error_reply(tag: int, err: int) -> bytes:
     return REPLY.pack(tag, P.ERR) + P.pack(err)
 
 
-def send_now(channel: Channel, frame: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
-    """Try to send one reply without waiting; closes fds once done with them.
+def send_now(channel: Channel, frame: bytes | list, fds: list[int]) -> tuple[bytes, list[int]] | None:
+    """Try to send one reply (bytes, or a list of buffers: a header and a body) without
+    waiting; closes fds once done with them.
 
     Sending fds can fail on its own (ETOOMANYREFS, ENOBUFS, ENOMEM...): the request then
     fails with that errno instead of leaving its caller waiting.
 
     Returns:
         None when done with it (sent, or dropped because the holder is gone), else the
-        frame and fds still to send: the same, or an ERR reply that replaced one that
-        could not be sent as it was.
+        frame (as bytes) and fds still to send: the same, or an ERR reply that replaced
+        one that could not be sent as it was.
     """
     while True:
         try:
             if not channel.try_send(frame, fds):
-                return frame, fds
+                return (frame if type(frame) is bytes else b"".join(frame)), fds
         except OSError as exc:
             P.close_fds(fds)
-            if exc.errno in HOLDER_GONE or len(frame) < REPLY.size:
+            header = frame if type(frame) is bytes else frame[0]
+            if exc.errno in HOLDER_GONE or len(header) < REPLY.size:
                 return None
-            tag, status = REPLY.unpack_from(frame)
+            tag, status = REPLY.unpack_from(header)
             if status == P.ERR:
                 return None  # an error reply that cannot be sent either: nothing smaller to try
             frame, fds = error_reply(tag, exc.errno or errno.EIO), []
@@ -81,7 +83,7 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._replies)
 
-    def offer(self, channel: Channel, frame: bytes, fds: list[int], account: Account,
+    def offer(self, channel: Channel, frame: bytes | list, fds: list[int], account: Account,
               payer: Account) -> Delivery:
         """Send a reply now if nothing waits before it and the socket has room, else queue
         it; never waits. Takes ownership of fds."""
@@ -90,6 +92,8 @@ class Outbox:
             if left is None:
                 return SENT
             frame, fds = left
+        elif type(frame) is not bytes:
+            frame = b"".join(frame)
         return self.queue(frame, fds, account, payer)
 
     def queue(self, frame: bytes, fds: list[int], account: Account, payer: Account) -> Delivery:
@@ -133,3 +137,4 @@ class Outbox:
         self.fds += nfds
         account.queued(nbytes)
         payer.charge_fds(nfds)
+
