@@ -60,6 +60,8 @@ class HandleTable:
         self.kernel_scheme = Scheme(KERNEL_SCHEME_ID, alive=True)
         self.kernel_handle = SchemeHandle(self.kernel_scheme, P.ROOT_HANDLE, 0)
         self.supervisor_cap: Capability | None = None
+        self.supervisor_gone = trio.Event()  # its kernel capability closed: the router ends
+        self.request_ids = itertools.count(1)  # the router's ids of requests sent to daemons
         self.poller = select.epoll()
         self.watched: dict[int, Capability | Scheme] = {}  # fd -> what the loop reads there
         self.closing: list[tuple[Scheme, int]] = []  # handles whose daemon must hear CLOSE
@@ -125,6 +127,14 @@ class HandleTable:
         cap.payer.charge_caps(1)
         self.capabilities.add(cap)
         return cap
+
+    def adopt_supervisor(self, fd: int) -> None:
+        """Hold an inherited socket as the supervisor's kernel capability: the router runs
+        until it closes (clones of it, held by trusted daemons, do not keep it up)."""
+        channel = Channel.from_fd(fd)
+        channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.supervisor_cap = self.start_capability(channel, self.kernel_handle, None,
+                                                    self.system_account)
 
     def new_account(self, overrides: dict) -> Account:
         """A fresh client account: the default limits with overrides (ACCOUNT_NEW's)."""
@@ -199,6 +209,36 @@ class HandleTable:
             cap.account = account
             self.resume((*account.take_over(cap, old, queued_bytes), cap))
 
+    def relay_fds(self, scheme: Scheme, account: Account, fds: list[int],
+                  new: tuple[int, int] | None, payer: Account) -> None:
+        """Take in what a scheme's reply passes to a holder in account: capabilities among
+        fds count against account from now on and are charged to payer, and a new handle
+        (number, fd flags) becomes a capability, put first in fds, with any state kept for it.
+
+        Raises:
+            OSError: EMFILE past payer's quota, or what minting raises (ENFILE...); nothing
+                was taken in (the caller closes fds and the new handle).
+        """
+        passed = [self.capabilities.of_fd(fd) for fd in fds]
+        moving = {id(c): c for c in passed
+                  if c is not None and (c.account is not account or c.payer is not payer)}
+        kept_fds = scheme.restart.provisional_fds(new[0]) if new is not None else 0
+        charged = sum(1 for c in moving.values() if c.payer is not payer)
+        if not payer.room_for_caps(charged + (new is not None) + kept_fds):
+            raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+        if new is not None:
+            number, fdflags = new
+            handle = scheme.handles.get(number)
+            if handle is None:
+                handle = SchemeHandle(scheme, number, scheme.generation, fdflags,
+                                      payer=None if payer is self.system_account else payer)
+                scheme.handles[number] = handle
+            fds.insert(0, self.mint(handle, account, payer))
+            scheme.restart.top = max(scheme.restart.top, number)
+            self.unref(*scheme.restart.confirm(number, payer))  # its state came just before
+        for moved in moving.values():
+            self.move(moved, account, payer)
+
     # -- letting go --------------------------------------------------------------------
 
     def release(self, cap: Capability) -> None:
@@ -213,6 +253,8 @@ class HandleTable:
             cap.outbox.drop(cap.account, cap.payer)
         self.resume(cap.account.drained())
         cap.payer.charge_caps(-1)
+        if cap is self.supervisor_cap:
+            self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
         self.capabilities.remove(cap)
         self.unref(cap.handle)
 

@@ -1,4 +1,4 @@
-"""Outboxes: a capability's replies that its holder's socket had no room for.
+"""Replies to holders: sent at once, or kept in the capability's outbox until its holder reads.
 
 A reply is never waited for: it is sent at once if the socket has room and
 nothing waits before it, else it joins the capability's outbox, in order, and
@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 from typing import TYPE_CHECKING, Literal
+
+import trio
 
 from wire import protocol as P
 from wire.frames import REPLY
 
 if TYPE_CHECKING:
     from kernel.accounts import Account
+    from kernel.capabilities import Capability
+    from kernel.handles import HandleTable
     from wire.channel import Channel
+
+log = logging.getLogger("kernel")
 
 Delivery = Literal["sent", "queued", "full"]
 SENT: Delivery = "sent"  # the holder has it, or is gone (nothing to tell anyone)
@@ -138,3 +145,53 @@ class Outbox:
         account.queued(nbytes)
         payer.charge_fds(nfds)
 
+
+
+def deliver(cap: Capability, frame: bytes | list, fds: list[int]) -> bool:
+    """Send frame (bytes, or a header and a body) to cap's holder now, or queue it on cap's
+    outbox; never waits. Takes ownership of fds: closed once sent or dropped.
+
+    Returns:
+        Whether a writer must now drain cap's outbox (`write_outbox`, in a task).
+    """
+    if cap.closed:
+        P.close_fds(fds)
+        return False
+    if cap.outbox is None:  # made on first use: most capabilities never need one
+        left = send_now(cap.channel, frame, fds)
+        if left is None:
+            return False
+        cap.outbox = Outbox()
+        cap.outbox.queue(*left, cap.account, cap.payer)
+    else:
+        cap.outbox.offer(cap.channel, frame, fds, cap.account, cap.payer)
+    if cap.outbox and not cap.writing:
+        cap.writing = True
+        return True
+    return False
+
+
+async def write_outbox(cap: Capability, table: HandleTable) -> None:
+    """Drain cap's outbox as its holder reads; the one task that waits on its socket.
+    What waited for it (cap, and its account's capabilities) is read again as it drains."""
+    try:
+        while cap.outbox and not cap.closed:
+            try:
+                await cap.channel.wait_writable()
+            except trio.ClosedResourceError:
+                break
+            if cap.closed:
+                break  # released while we were woken: the outbox is gone
+            cap.outbox.flush(cap.channel, cap.account, cap.payer)
+            table.resume(cap.account.drained())
+    except Exception:
+        log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
+        table.release(cap)
+    finally:
+        cap.writing = False
+        if cap.closed and cap.outbox:
+            cap.outbox.drop(cap.account, cap.payer)
+            table.resume(cap.account.drained())
+        if not cap.outbox:
+            cap.outbox = None  # drained: give its memory back
+        table.resume((cap,))

@@ -1,7 +1,9 @@
-"""Recovery: how a scheme's next daemon gets back what the router kept for it.
+"""Recovery: what the router does when a daemon dies, and how its next one gets back
+what the router kept for it.
 
-When a daemon dies, requests to its scheme wait (kernel/restart.py holds them)
-for RESTART_WAIT seconds; `give_up_waiting` then fails them. When the
+When a daemon dies, what was in flight there fails (`fail_in_flight`), and
+requests to its scheme wait (`hold`; kernel/restart.py holds them) for
+RESTART_WAIT seconds; `give_up_waiting` then fails them. When the
 supervisor attaches a new daemon, `restore` hands it RESUME, the state kept
 for each handle (copies of the fds, new capabilities for the handles), then
 the requests that waited, before any new one. These are tasks beside the
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from kernel.restart import RESTART_WAIT, RESTORE_BACKOFF, RESTORE_TRIES, Kept
+from kernel.restart import RESTART_WAIT, RESTORE_BACKOFF, RESTORE_TRIES, Held, Kept
+from kernel.schemes import StatusQuery
 from wire import protocol as P
 
 if TYPE_CHECKING:
@@ -45,6 +48,40 @@ class RoutingLoop(Protocol):
                 for_account: int | None = None) -> None: ...
     async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool: ...
     def tidy(self) -> None: ...
+
+
+def fail_in_flight(loop: RoutingLoop, scheme: Scheme) -> bool:
+    """scheme's daemon is gone (or the scheme was freed): fail what was in flight there.
+
+    Returns:
+        Whether requests now wait for its next daemon (`give_up_waiting` must then run):
+        False if it was already dead, or if no daemon will come (what comes for it now
+        fails at once, EIO).
+    """
+    if not scheme.alive:
+        return False
+    for waiter in loop.table.scheme_died(scheme):
+        if type(waiter) is StatusQuery:
+            waiter.abandoned()
+        else:  # the scheme died with the request in flight
+            loop.settle(waiter.cap)
+            loop.reply(waiter.cap, waiter.tag, P.ERR, errno.EIO)
+    if scheme.freed or not scheme.restart.restartable:
+        return False
+    scheme.restart.waiting = True
+    return True
+
+
+def hold(loop: RoutingLoop, scheme: Scheme, held: Held) -> None:
+    """Hold a request for the next daemon of scheme (EIO if none is expected); it counts
+    as in flight meanwhile, within the same bounds."""
+    cap = held.cap
+    if not scheme.restart.hold(held):
+        P.close_fds(held.fds)
+        loop.reply(cap, held.tag, P.ERR, errno.EIO)
+        return
+    cap.account.started(cap)
+    cap.account.charge_fds(len(held.fds))
 
 
 async def give_up_waiting(loop: RoutingLoop, scheme: Scheme, generation: int) -> None:

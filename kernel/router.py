@@ -1,40 +1,27 @@
-"""The kernel router: a blind switch between capability sockets and schemes.
+"""The kernel router's routing loop: read, forward, relay, reply.
 
 Every capability a process holds is one end of a SOCK_SEQPACKET pair; the
-router holds the other end (kernel/capabilities.py). The routing loop is this
-module: a frame that arrives on a capability socket is read, forwarded to the
-owning scheme with the handle and the sender's credentials (SO_PASSCRED,
-filled in by Linux) prepended, the scheme's reply is relayed (a new handle
-becomes a new capability, fds pass on) and sent back to the holder. The router
-decodes only the fixed headers (sliced with struct): it knows no scheme names
+router holds the other end (kernel/capabilities.py). A request read on it is
+forwarded to the owning scheme with the handle and the sender's credentials
+(SO_PASSCRED, filled in by Linux) prepended; the scheme's reply is relayed (a
+new handle becomes a new capability, fds pass on) and sent back to the holder.
+The router slices only the fixed headers (struct): it knows no scheme names
 and never looks at a forwarded request's body.
 
 The loop pays once per batch, not per frame: every socket it reads is in one
-level-triggered epoll (kernel/handles.py), behind a single trio wait; each pass
-reads, without blocking, one request of each ready capability (one per client
-account: its capabilities take turns) and a bounded batch of replies of each
-ready scheme, then yields to the other tasks.
-
-Beside the loop, each concern has a module that owns its state and answers the
-loop with values and decisions, while only the loop sends: the table of what
-the router holds (handles.py), capabilities (capabilities.py), accounts and
-their bounds (accounts.py), replies a holder has no room for (outbox.py),
-schemes (schemes.py), what survives their restarts (restart.py) and how a
-new daemon gets it back (recovery.py), the trace (trace.py), status pages
-(status.py) and the kernel's own operations (operations.py).
-
-No loop that serves several clients waits on one of them: a reply is sent
-without waiting or queued; a capability whose outbox is not empty, whose
+level-triggered epoll (kernel/handles.py) behind a single trio wait; each pass
+reads, without blocking, one request of each ready capability (of a client
+account, one of its capabilities: they take turns) and a bounded batch of
+each ready scheme's replies. A capability whose outbox is not empty, whose
 request waits for a full scheme channel, that has its bound of requests in
-flight, or whose account has too much in flight or queued is not read until
-it drains. Running out of fds (or memory for one) fails the one request with
-that errno; the router keeps serving.
+flight, or whose account is saturated is not read until it drains: no client
+holds up another. Beside the loop, each concern is a module that answers it
+with values and decisions while only the loop sends (docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import select
 import socket
@@ -42,18 +29,16 @@ import time
 
 import trio
 
-from kernel import recovery
+from kernel import operations, recovery
 from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
-from kernel.capabilities import Capability, ClientRequest, SchemeHandle
+from kernel.capabilities import Capability, ClientRequest
 from kernel.handles import HandleTable
-from kernel.operations import OPERATIONS, KernelOp
-from kernel.outbox import Outbox, error_reply, send_now
+from kernel.operations import KernelOp
+from kernel.outbox import deliver, write_outbox
 from kernel.restart import Held
-from kernel.schemes import Scheme, StatusQuery
-from kernel.status import STATUS_TIMEOUT
+from kernel.schemes import FULL, LOST, SENT, Scheme, Sent, StatusQuery
 from kernel.trace import Trace
 from wire import protocol as P
-from wire.channel import Channel
 from wire.frames import NEW_HANDLE_HDR, REPLY, REQUEST, SERVING, SERVING_ID, SREPLY, SREQUEST
 
 log = logging.getLogger("kernel")
@@ -88,10 +73,9 @@ class Router:
         self.kernel_scheme, self.system_account = table.kernel_scheme, table.system_account
         self.mint, self.socketpair = table.mint, table.socketpair
         self.new_account, self.summary = table.new_account, table.summary
+        self.supervisor_gone = table.supervisor_gone
         self.trace = Trace()
         self.frames = 0
-        self.supervisor_gone = trio.Event()
-        self._req_ids = itertools.count(1)
         self._pass = 0
         nursery.start_soon(self._route)
 
@@ -105,17 +89,6 @@ class Router:
         self.trace.close()
 
     # -- what the kernel's operations use (kernel/operations.py) -----------------
-
-    def adopt_kernel_capability(self, fd: int) -> None:
-        """Serve an inherited socket as the supervisor's kernel capability.
-
-        The router runs until it closes; clones of it (held by trusted daemons) do not
-        keep the router up once the supervisor is gone.
-        """
-        channel = Channel.from_fd(fd)
-        channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.table.supervisor_cap = self.table.start_capability(
-            channel, self.table.kernel_handle, None, self.system_account)
 
     def attach_channel(self, scheme: Scheme) -> int:
         """Give scheme a fresh request channel; returns the daemon's end. A restarted
@@ -135,21 +108,9 @@ class Router:
         self.table.free(scheme)
         self.tidy()
 
-    async def ask_status(self, scheme: Scheme, into: dict) -> None:
-        """Ask scheme's daemon SCHEME_STATUS and put its answer (a map) into into."""
-        send, recv = trio.open_memory_channel(1)
-        req_id = next(self._req_ids)
-        scheme.pending[req_id] = StatusQuery(send)
-        frame = SREQUEST.pack(req_id, P.ROOT_HANDLE, 0, 0, 0, 0, P.SCHEME_STATUS, 0) + EMPTY_ARGS
-        with trio.move_on_after(STATUS_TIMEOUT):
-            await self.send_to_scheme(scheme, frame, [])
-            try:
-                status, value = await recv.receive()
-            except trio.EndOfChannel:
-                status, value = P.ERR, None  # the daemon died meanwhile
-            if status == P.OK and isinstance(value, dict):
-                into.update(value)
-        scheme.pending.pop(req_id, None)
+    def request_id(self) -> int:
+        """A fresh id for a frame to a daemon (its reply names it)."""
+        return next(self.table.request_ids)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -167,7 +128,7 @@ class Router:
                     except Exception:
                         log.exception("capability of scheme %d: dropped after an internal error",
                                       ready.handle.scheme.id)
-                        self._release(ready)
+                        self.table.release(ready)
                 elif ready is not None:
                     self._read_scheme(ready)
             self.tidy()
@@ -176,7 +137,7 @@ class Router:
         """Read one request of cap if its account's bounds and turn let it."""
         if cap.parked:
             if events & HANGUP:
-                self._release(cap)  # its requests still unread have no one to answer to
+                self.table.release(cap)  # its requests still unread have no one to answer to
             return
         account = cap.account
         if not account.may_read(cap):
@@ -192,7 +153,7 @@ class Router:
             return
         data, fds, flags, cred = received
         if not data and not fds:
-            self._release(cap)  # EOF: every holder closed it or died
+            self.table.release(cap)  # EOF: every holder closed it or died
             return
         self._on_request(cap, data, flags, fds, cred)
 
@@ -229,16 +190,15 @@ class Router:
         while table.closing or table.freed:
             closing, table.closing = table.closing, []
             for scheme, number in closing:
-                self._post(scheme, SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS)
+                frame = SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS
+                sent = scheme.try_send(frame)
+                if sent == FULL:
+                    self._nursery.start_soon(self.send_to_scheme, scheme, frame, [])
+                elif sent == LOST:
+                    self.scheme_died(scheme)
             freed, table.freed = table.freed, []
             for scheme in freed:
                 self.scheme_died(scheme)
-
-    def _release(self, cap: Capability) -> None:
-        """cap's holder is gone (EOF, hangup, or an internal error): let go of it."""
-        self.table.release(cap)
-        if cap is self.table.supervisor_cap:
-            self.supervisor_gone.set()  # clones given to trusted daemons do not keep us up
 
     def settle(self, cap: Capability) -> None:
         """One of cap's requests was answered (or never will be)."""
@@ -289,55 +249,32 @@ class Router:
         body = memoryview(data)[start:]
         cred = cred or NO_CRED
         if not scheme.alive or scheme.restart.restoring:
-            self.hold_for_restart(scheme, Held(cap, tag, cred, op, bytes(body), fds, serving, for_account))
+            recovery.hold(self, scheme, Held(cap, tag, cred, op, bytes(body), fds, serving, for_account))
             return
         self.forward(cap, tag, cred, op, body, fds, serving=serving, for_account=for_account)
 
     def _kernel_op(self, cap: Capability, op: int, tag: int, body: memoryview, fds: list[int],
                    payer: Account | None) -> None:
         """Answer an operation of the router's own (kernel/operations.py); fds stay the caller's."""
-        kop = OPERATIONS.get(op)
-        if (kop is None or (kop.kernel_only and cap.handle.scheme is not self.kernel_scheme)
-                or (kop.supervisor_only and cap is not self.table.supervisor_cap)):
+        kop = operations.permitted(self, cap, op)
+        if kop is None:
             self.reply(cap, tag, P.ERR, errno.EINVAL)
         elif kop.waits:
             self._nursery.start_soon(self._answer_kernel_op, kop, cap, tag, bytes(body), payer)
         else:
-            self._answer(cap, tag, kop.run, body, fds, payer)
+            self._answer(cap, tag, *operations.answer(self, kop, cap, body, fds, payer))
 
     async def _answer_kernel_op(self, kop: KernelOp, cap: Capability, tag: int, body: bytes,
                                 payer: Account | None) -> None:
         """Answer an operation of the router's own that may wait, in a task of its own."""
-        try:
-            value, reply_fds = await kop.run(self, cap, body, [], payer)
-        except P.ProtocolError:
-            self.reply(cap, tag, P.ERR, errno.EINVAL)
-        except OSError as exc:
-            self._refuse(cap, tag, exc)
-        else:
-            self.reply(cap, tag, P.OK, value, reply_fds)
+        self._answer(cap, tag, *await operations.answer_waiting(self, kop, cap, body, payer))
         self.tidy()
 
-    def _answer(self, cap: Capability, tag: int, run, body: memoryview, fds: list[int],
-                payer: Account | None) -> None:
-        try:
-            value, reply_fds = run(self, cap, body, fds, payer)
-        except P.ProtocolError:
-            self.reply(cap, tag, P.ERR, errno.EINVAL)
-        except OSError as exc:
-            self._refuse(cap, tag, exc)
-        else:
-            self.reply(cap, tag, P.OK, value, reply_fds)
-
-    def hold_for_restart(self, scheme: Scheme, held: Held) -> None:
-        """Hold a request for the next daemon of scheme (EIO if none is expected)."""
-        cap = held.cap
-        if not scheme.restart.hold(held):
-            P.close_fds(held.fds)
-            self.reply(cap, held.tag, P.ERR, errno.EIO)
-            return
-        cap.account.started(cap)  # it waits like a request at the scheme, within the same bounds
-        cap.account.charge_fds(len(held.fds))
+    def _answer(self, cap: Capability, tag: int, status: int, value, fds: list[int]) -> None:
+        """Reply to a request the router answers itself (logged when it refuses it)."""
+        if status == P.ERR and self.verbose:
+            log.info("tag %d refused: %s", tag, errno.errorcode.get(value, value))
+        self.reply(cap, tag, status, value, fds)
 
     def forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
                 body: bytes | memoryview, fds: list[int], counted: bool = False,
@@ -371,7 +308,7 @@ class Router:
                 self.settle(cap)
             self.reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
-        req_id = next(self._req_ids)
+        req_id = self.request_id()
         shown = account.id if for_account is None else for_account
         pid, uid, gid = cred
         header = SREQUEST.pack(req_id, handle.number, pid, uid, gid, shown, op, len(refs))
@@ -384,76 +321,48 @@ class Router:
         if not counted:
             account.started(cap)
         scheme.frames += 1
-        channel = scheme.channel
-        try:
-            sent = channel is not None and channel.try_send(frame, fds)
-        except OSError as exc:
-            self._lost(scheme, channel, exc)
-            sent = False
-        if sent:
+        sent = scheme.try_send(frame, fds)
+        if sent == SENT:
             scheme.pending[req_id] = waiter
             P.close_fds(fds)
             return
         held = Held(cap, tag, cred, op, bytes(body), fds, serving, for_account)
-        if scheme.channel is channel and channel is not None:  # full: the daemon reads slowly
-            cap.sending += 1  # this capability waits for it; the account's others go on
+        if sent == FULL:  # the daemon reads slowly: only this capability waits for it
+            cap.sending += 1
             account.charge_fds(len(fds))  # held while it waits: they count against the quota
             self._nursery.start_soon(self._forward_when_room, scheme, b"".join(frame), waiter, held)
             return
-        # the daemon was gone before it could have seen this request: it waits for the next
-        # one like the requests that come while the scheme is down
-        self.settle(cap)
-        self.hold_for_restart(scheme, held)
+        self._unsent(scheme, held, sent)
 
     async def _forward_when_room(self, scheme: Scheme, frame: bytes, waiter: ClientRequest,
                                  held: Held) -> None:
         """Send a request whose scheme's channel was full, in order behind the others."""
         cap, account = held.cap, held.cap.account
-        try:
-            sent = await self.send_to_scheme(scheme, frame, held.fds)
-            if sent:
-                scheme.pending[waiter.req_id] = waiter
-        finally:
-            account.charge_fds(-len(held.fds))
-            cap.sending -= 1
-            self.table.resume((cap,))
-        if sent:
+        sent = await scheme.send(frame, held.fds)
+        account.charge_fds(-len(held.fds))
+        cap.sending -= 1
+        self.table.resume((cap,))
+        if sent == SENT:
+            scheme.pending[waiter.req_id] = waiter
             P.close_fds(held.fds)
-        else:
-            self.settle(cap)
-            self.hold_for_restart(scheme, held)
+            return
+        self._unsent(scheme, held, sent)
         self.tidy()
 
-    def _post(self, scheme: Scheme, frame: bytes) -> None:
-        """Send a frame of the router's own to scheme's daemon now, or in a task if it is full."""
-        channel = scheme.channel
-        if channel is None:
-            return
-        try:
-            if channel.try_send(frame):
-                return
-        except OSError as exc:
-            self._lost(scheme, channel, exc)
-            return
-        self._nursery.start_soon(self.send_to_scheme, scheme, frame, [])
+    def _unsent(self, scheme: Scheme, held: Held, sent: Sent) -> None:
+        """The daemon was gone before it could see a request: it waits for the next one."""
+        if sent == LOST:
+            self.scheme_died(scheme)
+        self.settle(held.cap)
+        recovery.hold(self, scheme, held)
 
     async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool:
-        """Send a frame to scheme's daemon, waiting for room; False if it died first."""
-        channel = scheme.channel
-        if channel is None:
-            return False
-        try:
-            await channel.send(frame, fds)
-            return True
-        except (OSError, trio.ClosedResourceError) as exc:
-            self._lost(scheme, channel, exc)
-            return False
-
-    def _lost(self, scheme: Scheme, channel: Channel | None, exc: Exception) -> None:
-        """A send to scheme's daemon failed: it is gone (unless it is already another's)."""
-        if scheme.channel is channel:
-            log.warning("scheme %d: send failed: %s", scheme.id, exc)
+        """Send a frame of the router's own to scheme's daemon, waiting for room; False if
+        the daemon is gone."""
+        sent = await scheme.send(frame, fds)
+        if sent == LOST:
             self.scheme_died(scheme)
+        return sent == SENT
 
     # -- replies from schemes -------------------------------------------------------------
 
@@ -490,11 +399,7 @@ class Router:
             else:
                 body = memoryview(data)[start:]
             if type(waiter) is StatusQuery:
-                try:
-                    answer = (status, P.unpack(body)) if status is not None else (P.ERR, errno.EIO)
-                except P.ProtocolError:
-                    answer = (P.ERR, errno.EIO)
-                waiter.answered(*answer)
+                waiter.answered(status, body)
             elif waiter is not None:
                 self._answer_client(scheme, waiter, status, body, 0, [], None)
             return
@@ -528,47 +433,18 @@ class Router:
         # a daemon's request for a client (an open of a client's path through its
         # namespace): what it gets is held by the daemon and charged to the client. Only a
         # system daemon's: a client's own daemon serving another must not spend its quota.
+        # Past payer's quota, or with the router out of fds, the reply becomes ERR.
         payer = (cap.account if waiter.account == cap.account.id or cap.account is not self.system_account
                  else self.table.account(waiter.account))
-        self._relay(scheme, cap, tag, P.OK if new is not None else status, body, fds, new, payer)
-
-    def _relay(self, scheme: Scheme, cap: Capability, tag: int, status: int, body: memoryview,
-               fds: list[int], new: tuple[int, int] | None, payer: Account) -> None:
-        """Pass a scheme's reply with fds on to cap's holder, with any new capability.
-
-        Capabilities in the reply count against cap's account from now on, and are
-        charged to payer, with any state kept for a new handle; if they do not fit in its
-        quota, or the router cannot mint, the reply becomes ERR (EMFILE, ENFILE...) and
-        every fd it carried is closed.
-        """
-        account = cap.account
         try:
-            passed = [self.capabilities.of_fd(fd) for fd in fds]
-            moving = {id(c): c for c in passed
-                      if c is not None and (c.account is not account or c.payer is not payer)}
-            kept_fds = scheme.restart.provisional_fds(new[0]) if new is not None else 0
-            charged = sum(1 for c in moving.values() if c.payer is not payer)
-            if not payer.room_for_caps(charged + (new is not None) + kept_fds):
-                raise OSError(errno.EMFILE, "capability quota of the account exceeded")
-            if new is not None:
-                number, fdflags = new
-                handle = scheme.handles.get(number)
-                if handle is None:
-                    handle = SchemeHandle(scheme, number, scheme.generation, fdflags,
-                                          payer=None if payer is self.system_account else payer)
-                    scheme.handles[number] = handle
-                fds.insert(0, self.mint(handle, account, payer))
-                scheme.restart.top = max(scheme.restart.top, number)
-                self.table.unref(*scheme.restart.confirm(number, payer))  # its state came just before
+            self.table.relay_fds(scheme, cap.account, fds, new, payer)
         except OSError as exc:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
             if new is not None:
                 self.table.close_unclaimed(scheme, new[0])
-            self._refuse(cap, tag, exc)
+            self._answer(cap, tag, P.ERR, exc.errno or errno.EIO, [])
             return
-        for moved in moving.values():
-            self.table.move(moved, account, payer)
-        self._deliver(cap, [REPLY.pack(tag, status), body], fds)
+        self._deliver(cap, [REPLY.pack(tag, P.OK if new is not None else status), body], fds)
 
     # -- replies to holders: never wait ------------------------------------------------
 
@@ -576,72 +452,22 @@ class Router:
         """Answer a request on cap; takes ownership of fds."""
         self._deliver(cap, REPLY.pack(tag, status) + P.pack(value), fds or [])
 
-    def _refuse(self, cap: Capability, tag: int, exc: OSError) -> None:
-        """Fail one request because the router could not make or take an fd."""
-        if self.verbose:
-            log.info("tag %d refused: %s", tag, exc)
-        self._deliver(cap, error_reply(tag, exc.errno or errno.EIO), [])
-
     def _deliver(self, cap: Capability, frame: bytes | list, fds: list[int]) -> None:
-        """Send frame (bytes, or a header and a body) to cap's holder now, or queue it on
-        cap's outbox; never waits. Takes ownership of fds: closed once sent or dropped."""
-        if cap.closed:
-            P.close_fds(fds)
-            return
-        if cap.outbox is None:  # made on first use: most capabilities never need one
-            left = send_now(cap.channel, frame, fds)
-            if left is None:
-                return
-            cap.outbox = Outbox()
-            cap.outbox.queue(*left, cap.account, cap.payer)
-        else:
-            cap.outbox.offer(cap.channel, frame, fds, cap.account, cap.payer)
-        if cap.outbox and not cap.writing:
-            cap.writing = True
+        """Send frame to cap's holder now or queue it (kernel/outbox.py); never waits."""
+        if deliver(cap, frame, fds):
             self._nursery.start_soon(self._write_outbox, cap)
 
     async def _write_outbox(self, cap: Capability) -> None:
-        """Drain cap's outbox as its holder reads; the one task that waits on its socket."""
-        try:
-            while cap.outbox and not cap.closed:
-                try:
-                    await cap.channel.wait_writable()
-                except trio.ClosedResourceError:
-                    break
-                if cap.closed:
-                    break  # released while we were woken: the outbox is gone
-                cap.outbox.flush(cap.channel, cap.account, cap.payer)
-                self.table.resume(cap.account.drained())
-        except Exception:
-            log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
-            self._release(cap)
-        finally:
-            cap.writing = False
-            if cap.closed and cap.outbox:
-                cap.outbox.drop(cap.account, cap.payer)
-                self.table.resume(cap.account.drained())
-            if not cap.outbox:
-                cap.outbox = None  # drained: give its memory back
-            self.table.resume((cap,))
-            self.tidy()
+        await write_outbox(cap, self.table)
+        self.tidy()  # it may have let go of cap
 
     # -- daemons that die ----------------------------------------------------------------
 
     def scheme_died(self, scheme: Scheme) -> None:
-        """scheme's daemon is gone (or it was freed): fail what was in flight there, and
-        let requests wait for its next daemon if one may come."""
-        if not scheme.alive:
-            return
-        for waiter in self.table.scheme_died(scheme):
-            if type(waiter) is StatusQuery:
-                waiter.abandoned()
-            else:  # the scheme died with the request in flight
-                self.settle(waiter.cap)
-                self.reply(waiter.cap, waiter.tag, P.ERR, errno.EIO)
-        if scheme.freed or not scheme.restart.restartable:
-            return  # no daemon will come: what comes for it now fails at once (EIO)
-        scheme.restart.waiting = True
-        self._nursery.start_soon(recovery.give_up_waiting, self, scheme, scheme.generation)
+        """scheme's daemon is gone (or it was freed): what was in flight there fails, and
+        requests wait for its next daemon if one may come (kernel/recovery.py)."""
+        if recovery.fail_in_flight(self, scheme):
+            self._nursery.start_soon(recovery.give_up_waiting, self, scheme, scheme.generation)
 
 
 async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,
@@ -658,7 +484,7 @@ async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CL
     async with trio.open_nursery() as nursery:
         router = Router(nursery, verbose, client_limits, system_limits)
         try:
-            router.adopt_kernel_capability(kernel_fd)
+            router.table.adopt_supervisor(kernel_fd)
             await router.supervisor_gone.wait()
         finally:
             nursery.cancel_scope.cancel()
