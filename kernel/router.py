@@ -130,7 +130,11 @@ class Router:
                                       ready.handle.scheme.id)
                         self.table.release(ready)
                 elif ready is not None:
-                    self._read_scheme(ready)
+                    try:
+                        self._read_scheme(ready)
+                    except Exception:
+                        log.exception("scheme %d: its channel is closed after an internal error", ready.id)
+                        self.scheme_died(ready)
             self.tidy()
 
     def _read_capability(self, cap: Capability, events: int) -> None:
