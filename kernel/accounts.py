@@ -200,6 +200,23 @@ class Account:
         cap.inflight += n
         self.inflight += n
 
+    def waits_to_send(self, cap: Capability, nfds: int) -> None:
+        """One of cap's requests, with nfds fds, waits for its scheme's channel to have room:
+        cap is not read meanwhile, and the fds count against the quota."""
+        cap.sending += 1
+        self.charge_fds(nfds)
+
+    def sent(self, cap: Capability, nfds: int) -> Iterable[Capability]:
+        """The request `waits_to_send` told of has left (or failed; its fds are no longer
+        held for it here).
+
+        Returns:
+            The capabilities that may read again: cap.
+        """
+        cap.sending -= 1
+        self.charge_fds(-nfds)
+        return (cap,)
+
     def settled(self, cap: Capability) -> Iterable[Capability]:
         """One of cap's requests was answered (or never will be).
 

@@ -332,20 +332,17 @@ class Router:
             return
         held = Held(cap, tag, cred, op, bytes(body), fds, serving, for_account)
         if sent == FULL:  # the daemon reads slowly: only this capability waits for it
-            cap.sending += 1
-            account.charge_fds(len(fds))  # held while it waits: they count against the quota
-            self._nursery.start_soon(self._forward_when_room, scheme, b"".join(frame), waiter, held)
+            account.waits_to_send(cap, len(fds))
+            self._nursery.start_soon(self._forward_when_room, scheme, b"".join(frame), waiter, held, account)
             return
         self._unsent(scheme, held, sent)
 
     async def _forward_when_room(self, scheme: Scheme, frame: bytes, waiter: ClientRequest,
-                                 held: Held) -> None:
-        """Send a request whose scheme's channel was full, in order behind the others."""
-        cap, account = held.cap, held.cap.account
+                                 held: Held, account: Account) -> None:
+        """Send a request whose scheme's channel was full, in order behind the others
+        (account: where its fds are charged, even if the capability moves meanwhile)."""
         sent = await scheme.send(frame, held.fds)
-        account.charge_fds(-len(held.fds))
-        cap.sending -= 1
-        self.table.resume((cap,))
+        self.table.resume(account.sent(held.cap, len(held.fds)))
         if sent == SENT:
             scheme.pending[waiter.req_id] = waiter
             P.close_fds(held.fds)
