@@ -20,9 +20,17 @@ from __future__ import annotations
 import argparse
 import errno
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
-from wire import protocol as P
-from wire.stat import Stat
+from redoxcap.schemes.framework import (
+    ROOT_STAT,
+    Opened,
+    Request,
+    Scheme,
+    SchemeError,
+    daemon_cli,
+    takes,
+)
+from redoxcap.wire import protocol as P
+from redoxcap.wire.stat import Stat
 
 
 class EchoRoot:

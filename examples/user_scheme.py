@@ -13,8 +13,8 @@ import sys
 import trio
 
 import rt
-from schemes.framework import Opened, Request, Scheme, serve, takes
-from wire import protocol as P
+from redoxcap.schemes.framework import Opened, Request, Scheme, serve, takes
+from redoxcap.wire import protocol as P
 
 
 class Greeting:

@@ -1,1 +1,1 @@
-"""The kernel router process (`python -m kernel`); see kernel/router.py."""
+"""The kernel router process (`python -m redoxcap.kernel`); see kernel/router.py."""

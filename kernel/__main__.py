@@ -1,18 +1,18 @@
-"""`python -m kernel --kernel-fd N`: run the router on an inherited kernel capability."""
+"""`python -m redoxcap.kernel --kernel-fd N`: run the router on an inherited kernel capability."""
 
 import argparse
 import logging
 
 import trio
 
-from kernel import accounts
-from kernel.accounts import Limits
-from kernel.router import main
-from wire.limits import forbid_core_dumps, raise_fd_limit
+from redoxcap.kernel import accounts
+from redoxcap.kernel.accounts import Limits
+from redoxcap.kernel.router import main
+from redoxcap.wire.limits import forbid_core_dumps, raise_fd_limit
 
 forbid_core_dumps()  # before anything of a client's could be in memory
 
-parser = argparse.ArgumentParser(prog="python -m kernel", description=__doc__)
+parser = argparse.ArgumentParser(prog="python -m redoxcap.kernel", description=__doc__)
 parser.add_argument("--kernel-fd", type=int, required=True,
                     help="inherited SOCK_SEQPACKET socket served as the kernel capability")
 parser.add_argument("--verbose", action="store_true",

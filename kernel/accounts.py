@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kernel.capabilities import Capability
+    from redoxcap.kernel.capabilities import Capability
 
-# Defaults for a client account; `python -m kernel` options override them.
+# Defaults for a client account; `python -m redoxcap.kernel` options override them.
 MAX_CAPS_PER_ACCOUNT = 1024  # capabilities one client may hold (each costs the router an fd)
 MAX_INFLIGHT_PER_ACCOUNT = 64  # requests of one client waiting for a scheme's reply
 MAX_INFLIGHT_PER_CAP = 16  # requests on one capability waiting for a scheme's reply

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from wire import protocol as P
-from wire.linux import identity
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import identity
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.outbox import Outbox
-    from kernel.schemes import Scheme
-    from wire.channel import Channel
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.outbox import Outbox
+    from redoxcap.kernel.schemes import Scheme
+    from redoxcap.wire.channel import Channel
 
 
 @dataclass(eq=False, slots=True)

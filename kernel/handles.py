@@ -22,12 +22,12 @@ from collections.abc import Iterable
 
 import trio
 
-from kernel.accounts import SYSTEM_ACCOUNT_ID, Account, FdPool, Limits, reserve_for
-from kernel.capabilities import Capability, CapabilityTable, ClientRequest, SchemeHandle
-from kernel.schemes import Scheme, SchemeTable, StatusQuery
-from wire import protocol as P
-from wire.channel import Channel
-from wire.linux import identity
+from redoxcap.kernel.accounts import SYSTEM_ACCOUNT_ID, Account, FdPool, Limits, reserve_for
+from redoxcap.kernel.capabilities import Capability, CapabilityTable, ClientRequest, SchemeHandle
+from redoxcap.kernel.schemes import Scheme, SchemeTable, StatusQuery
+from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
+from redoxcap.wire.linux import identity
 
 log = logging.getLogger("kernel")
 

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from kernel import status
-from kernel.capabilities import SchemeHandle
-from kernel.restart import RESTART_WAIT
-from wire import protocol as P
+from redoxcap.kernel import status
+from redoxcap.kernel.capabilities import SchemeHandle
+from redoxcap.kernel.restart import RESTART_WAIT
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account, Limits
-    from kernel.capabilities import Capability, CapabilityTable
-    from kernel.schemes import Scheme, SchemeTable
-    from kernel.trace import Trace
+    from redoxcap.kernel.accounts import Account, Limits
+    from redoxcap.kernel.capabilities import Capability, CapabilityTable
+    from redoxcap.kernel.schemes import Scheme, SchemeTable
+    from redoxcap.kernel.trace import Trace
 
 Answer = tuple[Any, list[int]]  # the reply's value and the fds it carries (the reply owns them)
 

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from wire import protocol as P
-from wire.frames import REPLY
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import REPLY
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.capabilities import Capability
-    from kernel.handles import HandleTable
-    from wire.channel import Channel
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import Capability
+    from redoxcap.kernel.handles import HandleTable
+    from redoxcap.wire.channel import Channel
 
 log = logging.getLogger("kernel")
 

@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from kernel.restart import RESTART_WAIT, RESTORE_BACKOFF, RESTORE_TRIES, Held, Kept
-from kernel.schemes import StatusQuery
-from wire import protocol as P
+from redoxcap.kernel.restart import RESTART_WAIT, RESTORE_BACKOFF, RESTORE_TRIES, Held, Kept
+from redoxcap.kernel.schemes import StatusQuery
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.capabilities import Capability, SchemeHandle
-    from kernel.handles import HandleTable
-    from kernel.schemes import Scheme
-    from wire.channel import Channel
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import Capability, SchemeHandle
+    from redoxcap.kernel.handles import HandleTable
+    from redoxcap.kernel.schemes import Scheme
+    from redoxcap.wire.channel import Channel
 
 log = logging.getLogger("kernel")
 

@@ -20,12 +20,12 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from wire import protocol as P
-from wire.frames import SREQUEST, Keep
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SREQUEST, Keep
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.capabilities import Capability, CapabilityTable, SchemeHandle
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import Capability, CapabilityTable, SchemeHandle
 
 log = logging.getLogger("kernel")
 

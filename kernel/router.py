@@ -29,17 +29,25 @@ import time
 
 import trio
 
-from kernel import operations, recovery
-from kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
-from kernel.capabilities import Capability, ClientRequest
-from kernel.handles import HandleTable
-from kernel.operations import KernelOp
-from kernel.outbox import deliver, write_outbox
-from kernel.restart import Held
-from kernel.schemes import FULL, LOST, SENT, Scheme, Sent, StatusQuery
-from kernel.trace import Trace
-from wire import protocol as P
-from wire.frames import NEW_HANDLE_HDR, REPLY, REQUEST, SERVING, SERVING_ID, SREPLY, SREQUEST
+from redoxcap.kernel import operations, recovery
+from redoxcap.kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
+from redoxcap.kernel.capabilities import Capability, ClientRequest
+from redoxcap.kernel.handles import HandleTable
+from redoxcap.kernel.operations import KernelOp
+from redoxcap.kernel.outbox import deliver, write_outbox
+from redoxcap.kernel.restart import Held
+from redoxcap.kernel.schemes import FULL, LOST, SENT, Scheme, Sent, StatusQuery
+from redoxcap.kernel.trace import Trace
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import (
+    NEW_HANDLE_HDR,
+    REPLY,
+    REQUEST,
+    SERVING,
+    SERVING_ID,
+    SREPLY,
+    SREQUEST,
+)
 
 log = logging.getLogger("kernel")
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Literal
 
 import trio
 
-from kernel.restart import RestartState
-from wire import protocol as P
+from redoxcap.kernel.restart import RestartState
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.capabilities import ClientRequest, SchemeHandle
-    from wire.channel import Channel
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import ClientRequest, SchemeHandle
+    from redoxcap.wire.channel import Channel
 
 log = logging.getLogger("kernel")
 

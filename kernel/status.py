@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kernel.schemes import StatusQuery
-from wire import protocol as P
-from wire.frames import SREQUEST
+from redoxcap.kernel.schemes import StatusQuery
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SREQUEST
 
 if TYPE_CHECKING:
-    from kernel.accounts import Account
-    from kernel.capabilities import Capability
-    from kernel.schemes import Scheme
+    from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import Capability
+    from redoxcap.kernel.schemes import Scheme
 
 MAX_DETAIL = 16 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
 DETAIL_BUDGET = 32 * 1024  # bytes of details of all schemes in one status reply

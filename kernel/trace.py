@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 MAX_TRACERS = 8
 TRACE_BODY = 4096  # bytes of a request's arguments or a reply's value a trace record carries

@@ -1,1 +1,1 @@
-"""The namespace manager process (`python -m nsmgr`); see nsmgr/namespace.py."""
+"""The namespace manager process (`python -m redoxcap.nsmgr`); see nsmgr/namespace.py."""

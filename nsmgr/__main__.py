@@ -1,7 +1,7 @@
-"""`python -m nsmgr --channel-fd N [--kernel-fd K]`: serve namespaces on a scheme channel."""
+"""`python -m redoxcap.nsmgr --channel-fd N [--kernel-fd K]`: serve namespaces on a scheme channel."""
 
-from nsmgr.namespace import NamespaceScheme
-from schemes.framework import daemon_cli
+from redoxcap.nsmgr.namespace import NamespaceScheme
+from redoxcap.schemes.framework import daemon_cli
 
 
 def _options(parser):

@@ -31,11 +31,11 @@ from typing import Any
 
 import trio
 
-from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
-from wire import ops
-from wire import protocol as P
-from wire.aio import AsyncCapability
-from wire.stat import Stat
+from redoxcap.schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.aio import AsyncCapability
+from redoxcap.wire.stat import Stat
 
 SCHEME_PREFIX = "/scheme/"
 STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)

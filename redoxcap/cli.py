@@ -19,30 +19,21 @@ from pathlib import Path
 import click
 
 from redoxcap import config, control, exits, lifecycle, status
-from redoxcap.entry import failure_code
+from redoxcap.entry import exit_for
 from redoxcap.exits import EXIT_FAILED, EXIT_USAGE, Failure
-from wire.limits import forbid_core_dumps
+from redoxcap.wire.limits import forbid_core_dumps
 
 
 class _Commands(click.Group):
     """The command group; it turns every failure into `redoxcap: MESSAGE` and its exit code
-    (redoxcap.entry.failure_code says which for errors that are not a Failure)."""
+    (redoxcap.entry.exit_for: the code redoxcap.entry.failure_code says)."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except Failure as exc:
-            _exit(str(exc), exc.code)
         except Exception as exc:
-            code = failure_code(exc)
-            if code is None:
-                raise
-            _exit(str(exc), code)
-
-
-def _exit(message: str, code: int) -> None:
-    click.echo(f"redoxcap: {message}", err=True)
-    sys.exit(code)
+            exit_for(exc)
+            raise
 
 
 _EXIT_CODES = "\n".join(f"{code:>5}  {meaning}" for code, meaning in exits.MEANINGS.items())
@@ -106,7 +97,7 @@ def up_command(state_dir: Path, root: Path | None, mounts: tuple[str, ...],
         pid = lifecycle.start_detached(state_dir, cfg, trace)
         click.echo(f"redoxcap is up (pid {pid}, state {state_dir}, root {cfg.root})")
         return
-    from redoxcap.system import start_forkserver
+    from redoxcap.daemons import start_forkserver
 
     forbid_core_dumps()  # the supervisor holds every daemon's root and hands out namespaces
     forkserver = start_forkserver(cfg.specs())  # first: it loads while trio loads here
@@ -338,12 +329,12 @@ def syscalls_command(markdown: bool) -> None:
     that names a path). A call the list does not name fails with ENOSYS.
     """
     from redoxcap.sandbox import syscalls
-    from wire import linux
+    from redoxcap.wire import linux
 
     if markdown:
         click.echo(syscalls.describe_markdown(), nl=False)
         return
     machine = linux.machine()
     if machine is None:
-        _exit("this machine has no syscall list (only x86_64 and aarch64)", EXIT_FAILED)
+        raise Failure("this machine has no syscall list (only x86_64 and aarch64)", EXIT_FAILED)
     click.echo(syscalls.describe_text(machine), nl=False)

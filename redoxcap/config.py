@@ -40,20 +40,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from redoxcap.system import SchemeSpec, file_scheme
-from wire import protocol as P
+from redoxcap.daemons import SchemeSpec, file_scheme
+from redoxcap.wire import protocol as P
 
 # name -> daemon module; "file" is special (it needs the root)
 BUILTIN_SCHEMES = {
-    "file": "schemes.file",
-    "null": "schemes.null",
-    "zero": "schemes.zero",
-    "rand": "schemes.rand",
-    "log": "schemes.log",
-    "pipe": "schemes.pipe",
-    "tcp": "schemes.tcp",
-    "udp": "schemes.udp",
-    "uds": "schemes.uds",
+    "file": "redoxcap.schemes.file",
+    "null": "redoxcap.schemes.null",
+    "zero": "redoxcap.schemes.zero",
+    "rand": "redoxcap.schemes.rand",
+    "log": "redoxcap.schemes.log",
+    "pipe": "redoxcap.schemes.pipe",
+    "tcp": "redoxcap.schemes.tcp",
+    "udp": "redoxcap.schemes.udp",
+    "uds": "redoxcap.schemes.uds",
 }
 
 

@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wire import protocol as P
-from wire.linux import UCRED
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import UCRED
 
 if TYPE_CHECKING:
     import trio

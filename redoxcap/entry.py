@@ -167,12 +167,14 @@ def _path_ok(path: str, *, file_ok: bool = True, dir_ok: bool = True, must_exist
 def failure_code(exc: BaseException) -> int | None:
     """The exit code a command leaves with for exc (None: not a failure the commands report).
 
-    First match: a config error is a usage error (2), no system is 3, a refused
-    control request and any other OSError 1.
+    First match: a Failure says its own, a config error is a usage error (2), no
+    system is 3, a refused control request and any other OSError 1.
     """
     from redoxcap import control
-    from redoxcap.exits import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE
+    from redoxcap.exits import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_USAGE, Failure
 
+    if isinstance(exc, Failure):
+        return exc.code
     config = sys.modules.get("redoxcap.config")  # not imported: none of its errors was raised
     if config is not None and isinstance(exc, config.ConfigError):
         return EXIT_USAGE
@@ -193,7 +195,6 @@ def main() -> None:
         commands(prog_name="redoxcap")
         return
     from redoxcap import run
-    from redoxcap.exits import Failure
 
     if state_dir is None:
         from redoxcap.lifecycle import default_state_dir
@@ -204,16 +205,16 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before the program runs: as click says it
         print("Aborted!", file=sys.stderr)
         sys.exit(1)
-    except Failure as exc:
-        _exit(str(exc), exc.code)
     except Exception as exc:
-        known = failure_code(exc)
-        if known is None:
-            raise
-        _exit(str(exc), known)
+        exit_for(exc)
+        raise
     sys.exit(code)
 
 
-def _exit(message: str, code: int) -> None:
-    print(f"redoxcap: {message}", file=sys.stderr)
-    sys.exit(code)
+def exit_for(exc: Exception) -> None:
+    """Leave with `redoxcap: MESSAGE` and exc's exit code if it is a failure the commands
+    report (:func:`failure_code`); return otherwise, for the caller to raise it."""
+    code = failure_code(exc)
+    if code is not None:
+        print(f"redoxcap: {exc}", file=sys.stderr)
+        sys.exit(code)

@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from redoxcap import PYTHON
-from wire import linux
-from wire import protocol as P
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
     import trio
@@ -281,7 +281,7 @@ def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.sock
             os.set_inheritable(fd, True)  # as an fd `python -m` was given would be
         argv = [str(fds[i]) if i in fds else arg for i, arg in enumerate(args)]
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
-        _name_for_ps(module)
+        _title_for_ps(module, argv)
         import runpy
 
         sys.argv = [module, *argv]
@@ -304,15 +304,26 @@ def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.sock
     os._exit(code)
 
 
-def _name_for_ps(module: str) -> None:
-    """Set this process's name (`comm`: what ps and top show) to module's last part."""
+def _title_for_ps(module: str, args: list[str]) -> None:
+    """Show this fork in ps and top as what it runs: its name (`comm`) is module's last part,
+    and its command line `python -m MODULE ARGS`, cut to the room the fork server's own
+    command line leaves (the bytes between /proc/self/stat's arg_start and arg_end, this
+    process's own memory, rewritten in place as setproctitle does)."""
     import ctypes
 
     name = ctypes.create_string_buffer(module.rpartition(".")[2].encode()[:15])
     try:
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_NAME"], ctypes.addressof(name))
-    except OSError:
-        pass  # a name for ps only
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # from field 3 (state) on
+        start, end = int(fields[48 - 3]), int(fields[49 - 3])  # arg_start, arg_end
+    except (OSError, ValueError, IndexError):
+        return  # a name for ps only
+    title = " ".join([os.path.basename(sys.executable), "-m", module, *args]).encode()
+    room = end - start
+    if room > 1:
+        title = title[: room - 1]
+        ctypes.memmove(start, title + bytes(room - len(title)), room)
 
 
 def _flush() -> None:
@@ -331,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from redoxcap.sandbox.process import die_with_parent
-    from wire.limits import forbid_core_dumps
+    from redoxcap.wire.limits import forbid_core_dumps
 
     parser = argparse.ArgumentParser(prog="python -m redoxcap.forkserver", description=__doc__)
     parser.add_argument("--for", dest="parent", type=int, required=True,

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import rt
 from redoxcap import PYTHON
 from redoxcap.exits import EXIT_USAGE, Failure
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd
 from rt import _process
-from wire import protocol as P
-from wire.call import call_fd
 
 if TYPE_CHECKING:
     import subprocess  # loaded when a daemon starts, not with the run
@@ -117,7 +117,7 @@ def open_root(ns: int, name: str) -> int:
 
 
 def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None) -> subprocess.Popen:
-    """`python -E -P -m schemes.file` serving d on channel, in a session of its own (Ctrl-C
+    """`python -E -P -m redoxcap.schemes.file` serving d on channel, in a session of its own (Ctrl-C
     goes to the program, not to the daemons it needs until it exits), killed when we die."""
     import subprocess
 
@@ -134,8 +134,8 @@ _DAEMON_WITH_PARENT = (
     "import runpy, sys\n"
     "from redoxcap.sandbox.process import die_with_parent\n"
     "die_with_parent(int(sys.argv.pop(1)))\n"
-    "sys.argv[0] = 'schemes.file'\n"
-    "runpy.run_module('schemes.file', run_name='__main__', alter_sys=True)\n"
+    "sys.argv[0] = 'redoxcap.schemes.file'\n"
+    "runpy.run_module('redoxcap.schemes.file', run_name='__main__', alter_sys=True)\n"
 )
 
 

@@ -35,17 +35,26 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from redoxcap import PYTHON
-from wire import protocol as P
+from redoxcap.daemons import (
+    STOP_GRACE,
+    BootFailed,
+    Daemon,
+    SchemeSpec,
+    rss_kib,
+    start_forkserver,
+    terminate,
+)
+from redoxcap.programs import Programs
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
     import trio
 
     from redoxcap.forkserver import ForkServer
-    from wire.aio import AsyncCapability
+    from redoxcap.wire.aio import AsyncCapability
 
 # trio (and wire.aio, on it) are imported by the methods that run in the supervisor, not here:
 # config reads SchemeSpec, and a `redoxcap` command that only configures a system does not
@@ -57,114 +66,6 @@ RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
 RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
 RETRY_MAX = 5.0  # the longest wait between two tries
-MAX_CLIENTS = 1024  # programs `status` remembers
-CLIENTS_PAGE_BYTES = 48 * 1024  # of clients in one status reply (each `run` says at most 4 KiB)
-STOP_GRACE = 3.0
-
-
-# what `python -m MODULE` runs (and how it reports a missing module), from a directory that is
-# appended to sys.path rather than put first
-_RUN_USER_MODULE = ("import runpy, sys; where, module = sys.argv[1:3]; del sys.argv[1:3]; "
-                    "sys.path.append(where); runpy._run_module_as_main(module)")
-
-
-def _trio():  # the trio module, imported on first use (in the supervisor)
-    import trio
-
-    return trio
-
-
-class BootFailed(Exception):
-    """The system could not boot: a daemon could not be started, or exited before it was up."""
-
-
-@dataclass(frozen=True)
-class SchemeSpec:
-    """A scheme daemon to run, registered as name: `python -m module --channel-fd N *args`,
-    or, for a user's daemon given as a program, `*command --channel-fd N`.
-
-    env is added to the supervisor's environment and cwd is where the daemon
-    starts (None: the supervisor's own).
-    """
-
-    name: str
-    module: str
-    args: tuple[str, ...] = ()
-    command: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    cwd: str | None = None
-
-    def argv(self, channel_fd: int) -> list[str]:
-        """The daemon's command line, given the fd number of its scheme channel."""
-        return [*self.program(), "--channel-fd", str(channel_fd), *self.args]
-
-    def program(self) -> list[str]:
-        """The command line before the daemon's options: `python -m MODULE`, or its command."""
-        if self.command:
-            return list(self.command)
-        if self.cwd is None:
-            return [*PYTHON, "-m", self.module]
-        # a module of the user's, from the directory the config names: appended to sys.path,
-        # so that the system's own modules still come from where it is installed
-        return [*PYTHON, "-c", _RUN_USER_MODULE, self.cwd, self.module]
-
-    @property
-    def forkable(self) -> bool:
-        """A module of the system's own, run as the supervisor's environment has it: the fork
-        server can start it (redoxcap/forkserver.py)."""
-        return not self.command and self.cwd is None and not self.env
-
-
-@dataclass(eq=False)
-class Daemon:
-    """A running daemon and what the supervisor knows about it."""
-
-    spec: SchemeSpec
-    scheme_id: int = 0
-    root: AsyncCapability | None = None  # the supervisor's own root capability
-    process: trio.Process | None = None
-    restarts: int = 0
-    recent: list[float] = field(default_factory=list)  # starts of the lives of its crash loop
-    started: float = 0.0  # when its process was started (monotonic)
-    failed: bool = False
-    registered: bool = False  # its name is in the root namespace
-    channel: int | None = None  # the daemon's end of its scheme channel, until started
-    # held while its process is replaced, so a crash and a `restart` never both do it
-    lock: trio.Lock = field(default_factory=lambda: _trio().Lock())
-
-    @property
-    def state(self) -> str:
-        """`running`, `restarting` (between two processes) or `failed` (given up on)."""
-        if self.failed:
-            return "failed"
-        return "running" if self.process is not None and self.process.returncode is None else "restarting"
-
-
-def start_forkserver(specs: list[SchemeSpec]) -> ForkServer | None:
-    """Start the fork server a system's Python daemons come from (redoxcap/forkserver.py),
-    loading what the kernel's, nsmgr's and each of specs' mains import, and make this process
-    their parent (a child subreaper). None when it could not start: then every daemon is an
-    interpreter of its own.
-
-    Start it early: it loads while the supervisor itself still does (trio, the lock).
-    """
-    from redoxcap.forkserver import ForkServer, adopt_orphans
-
-    modules = ["kernel", "nsmgr", *(s.module for s in specs if s.forkable)]
-    try:
-        adopt_orphans()  # the daemons it forks become our children
-        return ForkServer(list(dict.fromkeys(modules)))
-    except OSError as exc:
-        log.warning("no fork server (%s): each daemon starts an interpreter of its own", exc)
-        return None
-
-
-def file_scheme(root: str, name: str = "file", read_only: bool = False, keep: bool = True,
-                passthrough: bool = True) -> SchemeSpec:
-    """The spec of a file scheme serving host directory root."""
-    args = ("--root", root, "--name", name) + (("--read-only",) if read_only else ()) \
-        + (() if keep else ("--no-keep",)) + (() if passthrough else ("--no-passthrough",))
-    return SchemeSpec(name, "schemes.file", args)
 
 
 class System:
@@ -184,13 +85,13 @@ class System:
         self.trace = trace
         self.kernel: AsyncCapability | None = None
         self.kernel_process: trio.Process | None = None
-        self.nsmgr = Daemon(SchemeSpec("nsmgr", "nsmgr"))
+        self.nsmgr = Daemon(SchemeSpec("nsmgr", "redoxcap.nsmgr"))
         self.daemons: list[Daemon] = []
         self.stopping = False
         self.failed = False  # set when the system had to stop on its own (the router died)
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
-        self.clients: dict[int, dict] = {}  # pid -> what `run` said of the program it started
+        self.programs = Programs()  # what `run` said of each program it started here
         self._booting: trio.CancelScope | None = None  # while boot() runs
         self._registering: trio.CancelScope | None = None  # while boot() registers the daemons
         self._forkserver = forkserver  # what the Python daemons are forked from
@@ -230,14 +131,14 @@ class System:
     async def _boot(self, nursery: trio.Nursery) -> None:
         import trio
 
-        from wire.aio import AsyncCapability
+        from redoxcap.wire.aio import AsyncCapability
 
         self._nursery = nursery
         if self._forkserver is None:
             self._forkserver = start_forkserver(self.specs)
         ours, theirs = _socketpair()
         try:
-            self.kernel_process = await self._open_process(SchemeSpec("kernel", "kernel"),
+            self.kernel_process = await self._open_process(SchemeSpec("kernel", "redoxcap.kernel"),
                                                            ["--kernel-fd", theirs])
         finally:
             os.close(theirs)
@@ -312,7 +213,7 @@ class System:
         return daemon
 
     async def _create(self, daemon: Daemon) -> None:
-        from wire.aio import AsyncCapability
+        from redoxcap.wire.aio import AsyncCapability
 
         assert self.kernel is not None
         scheme_id, fds = await self.kernel.call(P.SCHEME_CREATE, [{"keeps": True}])
@@ -333,7 +234,7 @@ class System:
                 assert self.kernel is not None
                 fds.append(await self.kernel.call_fd(P.CLONE))
                 extra += ["--kernel-fd", fds[-1]]
-            if daemon.spec.module == "schemes.file" and not daemon.spec.command \
+            if daemon.spec.module == "redoxcap.schemes.file" and not daemon.spec.command \
                     and self.directfs_grant >= 0:
                 fds.append(os.dup(self.directfs_grant))
                 extra += ["--directfs-grant-fd", fds[-1]]
@@ -416,38 +317,35 @@ class System:
         """_respawn, tried again with backoff until it works (or the system stops): a
         restart fails when the system is short of something for now, not because the
         daemon is broken. The caller holds daemon.lock."""
+        await self._with_backoff(daemon, lambda: self._respawn(daemon))
+
+    async def _retry_later(self, daemon: Daemon) -> None:
+        """Go on trying, with backoff, a restart that `restart()` could not make."""
+        async def restart_and_register() -> None:
+            if (daemon is self.nsmgr or daemon.process is None
+                    or daemon.process.returncode is not None):
+                await self._respawn(daemon)
+            if daemon is not self.nsmgr and not daemon.registered:
+                await self._register(daemon)
+
+        async with daemon.lock:
+            await self._with_backoff(daemon, restart_and_register)
+
+    async def _with_backoff(self, daemon: Daemon, attempt: Callable[[], Awaitable[None]]) -> None:
+        """attempt() until it works, the system stops or daemon is given up on: RETRY_FIRST
+        seconds after a failure, then twice as long each time up to RETRY_MAX."""
         import trio
 
         delay = RETRY_FIRST
-        while not self.stopping:
+        while not self.stopping and not daemon.failed:
             try:
-                await self._respawn(daemon)
+                await attempt()
                 return
             except (OSError, trio.TooSlowError) as exc:
                 log.warning("could not restart %s: %s; trying again in %.1fs",
                             daemon.spec.name, exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-
-    async def _retry_later(self, daemon: Daemon) -> None:
-        """Go on trying, with backoff, a restart that `restart()` could not make."""
-        import trio
-
-        async with daemon.lock:
-            delay = RETRY_FIRST
-            while not self.stopping and not daemon.failed:
-                try:
-                    if (daemon is self.nsmgr or daemon.process is None
-                            or daemon.process.returncode is not None):
-                        await self._respawn(daemon)
-                    if daemon is not self.nsmgr and not daemon.registered:
-                        await self._register(daemon)
-                    return
-                except (OSError, trio.TooSlowError) as exc:
-                    log.warning("could not restart %s: %s; trying again in %.1fs",
-                                daemon.spec.name, exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
 
     async def _give_up(self, daemon: Daemon) -> None:
         """Mark daemon FAILED and take its name out of the root namespace."""
@@ -488,26 +386,11 @@ class System:
 
     async def log_trace(self) -> None:
         """`up --trace`: every call the router forwards, one line each, into the log."""
-        import socket as _socket
-
-        import trio
-
-        from redoxcap.trace import Tracer
+        from redoxcap.trace import trace_into
 
         assert self.kernel is not None
         fd = await self.kernel.call_fd(P.TRACE)
-        names = {int(k): v for k, v in self.scheme_names().items()}
-        tracer = Tracer(names, lambda line: log.info("trace %s", line))
-        sock = trio.socket.from_stdlib_socket(_socket.socket(fileno=fd))
-        with sock:
-            while data := await sock.recv(P.MAX_FRAME):
-                try:
-                    record = P.unpack(data)
-                except P.ProtocolError:
-                    continue
-                if isinstance(record, dict):
-                    tracer.names = {int(k): v for k, v in self.scheme_names().items()}
-                    tracer.feed(record)
+        await trace_into(fd, self.scheme_names, lambda line: log.info("trace %s", line))
 
     def daemon(self, name: str) -> Daemon:
         """The daemon of scheme name (`nsmgr` included).
@@ -541,7 +424,7 @@ class System:
         async with daemon.lock:
             old, daemon.process = daemon.process, None  # its watcher leaves this exit to us
             if old is not None:
-                await _terminate(old)
+                await terminate(old)
             daemon.failed = False
             daemon.recent.clear()
             try:
@@ -573,27 +456,14 @@ class System:
             pages (None where nothing is left).
         """
         assert self.kernel is not None
-        clients, clients_next = self._client_page(clients_after)
+        clients, clients_next = self.programs.page(clients_after)
         ids = [d.scheme_id for d in [self.nsmgr, *self.daemons]]
         options = {"schemes": ids, "accounts": [c["account"] for c in clients if type(c.get("account")) is int],
                    "holdings_after": holdings_after, "detail": detail}
         kernel, _ = await self.kernel.call(P.KERNEL_STATUS, [options])
         per_scheme = kernel["schemes"]
         daemons = [{"name": "kernel", "pid": self.kernel_process.pid, "frames": kernel["frames"]}]
-        for d in [self.nsmgr, *self.daemons]:
-            counters = per_scheme.get(str(d.scheme_id), {})
-            daemons.append({
-                "name": d.spec.name,
-                "module": d.spec.module,
-                "args": list(d.spec.args),
-                **({"command": list(d.spec.command)} if d.spec.command else {}),
-                "pid": d.process.pid if d.process and d.process.returncode is None else None,
-                "scheme_id": d.scheme_id,
-                "restarts": d.restarts,
-                "failed": d.failed,
-                "state": d.state,
-                **counters,
-            })
+        daemons += [d.describe(per_scheme.get(str(d.scheme_id), {})) for d in [self.nsmgr, *self.daemons]]
         for d in daemons:
             d["rss_kib"] = rss_kib(d["pid"]) if d["pid"] else None
         accounts = kernel.get("accounts", {})
@@ -606,31 +476,6 @@ class System:
                 "daemons": daemons, "clients": clients, "clients_next": clients_next,
                 "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),
                 "summary": kernel.get("summary", {})}
-
-    def _client_page(self, after: int | None) -> tuple[list[dict], int | None]:
-        """The running clients with a pid above after, as many as fit in CLIENTS_PAGE_BYTES,
-        and the pid to ask for the next page from (None if this is the last)."""
-        page: list[dict] = []
-        size = 0
-        for pid, client in sorted(self.clients.items()):
-            if after is not None and pid <= after:
-                continue
-            if not _alive(pid):
-                del self.clients[pid]  # it ended: its capabilities went with it
-                continue
-            entry = {**client, "pid": pid}
-            size += len(P.pack(entry))
-            if page and size > CLIENTS_PAGE_BYTES:
-                return page, page[-1]["pid"]
-            page.append(entry)
-        return page, None
-
-    def add_client(self, pid: int, info: dict) -> None:
-        """Note a program `redoxcap run` started here, for `status` and `graph`."""
-        if len(self.clients) >= MAX_CLIENTS:  # the oldest that ended make room; else the oldest
-            for old in [p for p in self.clients if not _alive(p)] or [min(self.clients)]:
-                del self.clients[old]
-        self.clients[pid] = info
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
@@ -666,42 +511,6 @@ class System:
         if self._forkserver is not None:
             await self._forkserver.aclose(STOP_GRACE)
             self._forkserver = None
-
-
-async def _terminate(proc: trio.Process) -> None:
-    """SIGTERM, then SIGKILL after STOP_GRACE; returns once proc has exited."""
-    import trio
-
-    try:
-        proc.terminate()
-        with trio.move_on_after(STOP_GRACE):
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.CancelScope(shield=True):
-                await proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def rss_kib(pid: int) -> int | None:
-    """Resident memory of a process in KiB, from /proc (None if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _socketpair() -> tuple[int, int]:

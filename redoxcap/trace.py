@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from wire import ops
-from wire import protocol as P
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
 
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 
@@ -268,3 +268,23 @@ class Follower:
         except OSError:
             pass
         self.sock.close()
+
+
+async def trace_into(trace_fd: int, scheme_names: Callable[[], dict[str, str]],
+                     write: Callable[[str], None]) -> None:
+    """Write a line with write for every call on the router's trace socket trace_fd (owned),
+    until the router closes it; scheme_names() says the names of the moment, by id."""
+    import socket
+
+    import trio
+
+    tracer = Tracer({int(k): v for k, v in scheme_names().items()}, write)
+    with trio.socket.from_stdlib_socket(socket.socket(fileno=trace_fd)) as sock:
+        while data := await sock.recv(P.MAX_FRAME):
+            try:
+                record = P.unpack(data)
+            except P.ProtocolError:
+                continue
+            if isinstance(record, dict):
+                tracer.names = {int(k): v for k, v in scheme_names().items()}
+                tracer.feed(record)

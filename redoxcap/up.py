@@ -26,12 +26,13 @@ import trio
 
 from redoxcap import control
 from redoxcap.config import Config, ConfigError, make_mount
+from redoxcap.daemons import BootFailed, SchemeSpec
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.forkserver import ForkServer
-from redoxcap.system import BootFailed, SchemeSpec, System
-from wire import protocol as P
-from wire.limits import raise_fd_limit
-from wire.linux import identity
+from redoxcap.system import System
+from redoxcap.wire import protocol as P
+from redoxcap.wire.limits import raise_fd_limit
+from redoxcap.wire.linux import identity
 
 log = logging.getLogger("supervisor")
 
@@ -232,7 +233,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         info = {key: request.get(key) for key in ("argv", "names", "cwd", "account")}
         if not isinstance(info["argv"], list) or not all(isinstance(a, str) for a in info["argv"]):
             raise control.ControlError("client needs argv, a list of strings")
-        system.add_client(pid, info)
+        system.programs.add(pid, info)
         return {}, []
 
     async def trace(_request):

@@ -10,6 +10,18 @@ errno the scheme answered. Safe to use from several threads.
 
 import os as _os
 
+from redoxcap.wire.call import set_default_timeout, timeout
+from redoxcap.wire.linux import AT_FDCWD
+from redoxcap.wire.protocol import (
+    AT_REMOVEDIR,
+    O_RESOLVE_BENEATH,
+    O_RESOLVE_IN_ROOT,
+    PERM_ALL,
+    PERM_DELETE,
+    PERM_INSERT,
+    PERM_LIST,
+    PERM_SCHEME_CREATE,
+)
 from rt import _process
 from rt._fileio import open_file
 from rt._namespace import (
@@ -60,18 +72,6 @@ from rt._posix import (
 )
 from rt._process import setup
 from rt._spawn import spawn
-from wire.call import set_default_timeout, timeout
-from wire.linux import AT_FDCWD
-from wire.protocol import (
-    AT_REMOVEDIR,
-    O_RESOLVE_BENEATH,
-    O_RESOLVE_IN_ROOT,
-    PERM_ALL,
-    PERM_DELETE,
-    PERM_INSERT,
-    PERM_LIST,
-    PERM_SCHEME_CREATE,
-)
 
 O_RDONLY = _os.O_RDONLY
 O_WRONLY = _os.O_WRONLY

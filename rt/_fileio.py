@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import os
 
+from redoxcap.wire.call import is_host_fd
+from redoxcap.wire.protocol import O_PASSTHROUGH
 from rt import _posix
-from wire.call import is_host_fd
-from wire.protocol import O_PASSTHROUGH
 
 
 class CapabilityIO(io.RawIOBase):

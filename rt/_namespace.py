@@ -5,9 +5,9 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value
 from rt import _process
-from wire import protocol as P
-from wire.call import call_fd, call_value
 
 
 def getns() -> int:

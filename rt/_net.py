@@ -8,10 +8,10 @@ import json
 import os
 from collections.abc import Iterable
 
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value
 from rt._posix import clone, close, dup
 from rt._posix import open as rt_open
-from wire import protocol as P
-from wire.call import call_fd, call_value
 
 
 def pipe() -> tuple[int, int]:

@@ -18,10 +18,10 @@ import functools
 import json
 import os
 
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import AT_FDCWD
+from redoxcap.wire.protocol import SCHEME_ROOT, split_namespace_path  # noqa: F401 - rt's own, re-exported
 from rt import _process
-from wire import protocol as P
-from wire.linux import AT_FDCWD
-from wire.protocol import SCHEME_ROOT, split_namespace_path  # noqa: F401 - rt's own, re-exported
 
 # JSON [[visible path, scheme name], ...]: the host directories `redoxcap run --dir` handed
 # over, each seen at its own absolute path and served as a scheme of the namespace.

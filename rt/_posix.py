@@ -11,6 +11,10 @@ import fcntl
 import os
 import stat as _stat
 
+from redoxcap.wire import call as capability
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value, directory_path, forget, is_host_fd
+from redoxcap.wire.stat import Stat
 from rt import _process
 from rt._namespace import schemes
 from rt._paths import (
@@ -22,10 +26,6 @@ from rt._paths import (
     split_namespace_path,
     to_namespace_path,
 )
-from wire import call as capability
-from wire import protocol as P
-from wire.call import call_fd, call_value, directory_path, forget, is_host_fd
-from wire.stat import Stat
 
 StatResult = Stat  # what fstat and stat return (wire.stat.Stat, the schemes' own type)
 MAX_LISTING = 1 << 20  # names in one listdir: a server could page for ever

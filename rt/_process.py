@@ -16,7 +16,7 @@ import errno
 import os
 import threading
 
-from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from redoxcap.wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 
 class ProcessCapabilities:

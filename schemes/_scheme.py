@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from wire import ops
-from wire import protocol as P
-from wire.stat import Stat
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.stat import Stat
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 

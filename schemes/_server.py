@@ -19,12 +19,12 @@ from typing import Any
 
 import trio
 
-from schemes._scheme import Caller, HandleRef, Opened, Reply, Request, Scheme, SchemeError
-from wire import ops
-from wire import protocol as P
-from wire.channel import Channel
-from wire.frames import Keep, SchemeReply, SchemeRequest
-from wire.stat import Stat
+from redoxcap.schemes._scheme import Caller, HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
+from redoxcap.wire.frames import Keep, SchemeReply, SchemeRequest
+from redoxcap.wire.stat import Stat
 
 log = logging.getLogger("scheme")
 

@@ -18,9 +18,9 @@ import errno
 import os
 import stat
 
-from schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError, takes
-from wire import protocol as P
-from wire.stat import Stat
+from redoxcap.schemes.framework import ROOT_STAT, Opened, Reply, Request, Scheme, SchemeError, takes
+from redoxcap.wire import protocol as P
+from redoxcap.wire.stat import Stat
 
 
 class DeviceRoot:

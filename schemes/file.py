@@ -1,6 +1,6 @@
 """The file scheme (`/scheme/NAME/...`): a host directory, and nothing outside it.
 
-    python -m schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only] [--no-keep] [--no-passthrough]
+    python -m redoxcap.schemes.file --channel-fd N --root HOSTDIR [--name file] [--read-only] [--no-keep] [--no-passthrough]
         [--directfs-grant-fd N]
 
 Every handle holds a real host fd and an anchor (schemes/resolve.py): the
@@ -51,21 +51,30 @@ a file's blocks (unlink, ftruncate).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import errno
 import os
 import stat
 import sys
-from dataclasses import dataclass, field
 
-import trio
-
-from schemes.framework import HandleRef, Opened, Reply, Request, Scheme, SchemeError, daemon_cli
-from schemes.resolve import Anchor, open_at, resolve_parent
-from wire import protocol as P
-from wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN, O_LARGEFILE, PATH_MAX, identity, machine
-from wire.stat import Stat
+from redoxcap.schemes.file_work import FileHandle, Workers
+from redoxcap.schemes.framework import (
+    HandleRef,
+    Opened,
+    Reply,
+    Request,
+    Scheme,
+    SchemeError,
+    daemon_cli,
+)
+from redoxcap.schemes.resolve import Anchor, open_at, resolve_parent
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import (
+    O_LARGEFILE,
+    PATH_MAX,
+    identity,
+    machine,
+)
+from redoxcap.wire.stat import Stat
 
 RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
@@ -79,36 +88,7 @@ UMASK = 0o022
 MODE_BITS = 0o777
 OFF_MAX = 2**63 - 1
 STATUS_PATHS = 256  # handles whose path `status` reports
-PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
-MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
-LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
 WHENCES = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE)
-
-
-def _utf8(name: str) -> bool:
-    """Whether a host name can travel in a frame (paths are UTF-8 strings on the wire).
-
-    A name that is not valid UTF-8 cannot be named by any client, so listings leave it out.
-    """
-    try:
-        name.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _d_type(entry: os.DirEntry) -> int:
-    """Linux's d_type of a directory entry, as far as the host's listing says (no stat)."""
-    try:
-        if entry.is_symlink():
-            return DT_LNK
-        if entry.is_dir(follow_symlinks=False):
-            return DT_DIR
-        if entry.is_file(follow_symlinks=False):
-            return DT_REG
-    except OSError:
-        pass
-    return DT_UNKNOWN
 
 
 def _mode(mode: int) -> int:
@@ -116,92 +96,6 @@ def _mode(mode: int) -> int:
     if not 0 <= mode <= 0o7777:
         raise SchemeError(errno.EINVAL, "mode out of range")
     return mode & MODE_BITS & ~UMASK
-
-
-@dataclass(eq=False)
-class FileHandle:
-    """An open host file or directory and the rules for lookups beneath it.
-
-    Attributes:
-        fd: the host fd (the scheme's root fd for the root handle, shared).
-        is_dir: whether it is a directory.
-        anchor: where lookups from it may not go past.
-        anchor_owned: the anchor's fd is this handle's own dup, closed with it.
-        fdflags: the client's open flags as F_GETFL shows them, plus a sticky O_RESOLVE_* bit.
-        host_flags: the flags the host fd was opened with (for reopening on dup).
-    """
-
-    fd: int
-    is_dir: bool
-    anchor: Anchor
-    anchor_owned: bool
-    fdflags: int = 0
-    host_flags: int = os.O_PATH | os.O_DIRECTORY
-    listing: Listing | None = field(default=None, repr=False)  # its cursor, while it lists
-    # held while a worker thread uses fd (a listing, an fsync), so that close waits for it
-    busy: trio.Lock | None = field(default=None, repr=False)
-
-
-@dataclass(eq=False)
-class Listing:
-    """Where a directory handle's listing is: a host directory stream positioned at
-    entry `position`, and the last page served (entries page_start onwards), so that
-    the next page, or a page that starts within the last one (a reader whose buffer
-    took only part of it), costs no more than a page.
-
-    Only a worker thread touches the stream, with its handle's `busy` lock held.
-    """
-
-    stream: object = None  # os.scandir iterator (it owns a dup of the directory fd)
-    position: int = 0
-    page_start: int = 0
-    page: list[tuple[str, int]] = field(default_factory=list)
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-
-    def read(self, fd: int, start: int) -> list[tuple[str, int]]:
-        """The entries (name, d_type) from index start on that fit in one reply.
-
-        Runs in a worker thread. Blocking on the host (a slow disk) blocks only it.
-        """
-        if self.page_start <= start <= self.page_start + len(self.page):
-            head = self.page[start - self.page_start :]
-            resume = self.page_start + len(self.page)
-        else:
-            head, resume = [], start
-        if self.stream is None or resume < self.position:
-            self._rewind(fd)
-        while self.position < resume and self._next() is not None:
-            pass  # skipped: only a reader that seeks far (or was evicted) pays for it
-        page, size = head[:PAGE_ENTRIES], sum(len(name) + 8 for name, _ in head)
-        while len(page) < PAGE_ENTRIES and size < P.DENTS_BUDGET:
-            entry = self._next()
-            if entry is None:
-                break
-            page.append(entry)
-            size += len(entry[0]) + 8
-        self.page_start, self.page = start, page
-        return page
-
-    def _rewind(self, fd: int) -> None:
-        self.close()
-        own = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        try:
-            self.stream = os.scandir(own)  # takes a dup of its own
-        finally:
-            os.close(own)
-        self.position = 0
-
-    def _next(self) -> tuple[str, int] | None:
-        """The next entry whose name can travel (see _utf8), or None at the end."""
-        for entry in self.stream:
-            if _utf8(entry.name):
-                self.position += 1
-                return entry.name, _d_type(entry)
-        return None
 
 
 class FileScheme(Scheme):
@@ -233,10 +127,7 @@ class FileScheme(Scheme):
         self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_anchor = Anchor.of(self.root_fd, beneath=False)
         self.handles = {}
-        # handles with an open directory cursor, least recently used first
-        self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
-        self._threads = trio.CapacityLimiter(LISTING_THREADS)
-        self._per_account: dict[int, trio.CapacityLimiter] = {}  # one listing at a time each
+        self.work = Workers(self.root_fd)  # what runs in worker threads, and directory cursors
         # kept open, so that no other file can come to have its identity
         self.grant_fd = grant_fd
         self.grant = identity(os.fstat(grant_fd)) if grant_fd is not None else None
@@ -367,9 +258,7 @@ class FileScheme(Scheme):
     async def close(self, h: FileHandle) -> None:
         if h.busy is not None:
             await h.busy.acquire()  # a worker thread may be using its fd: let it finish
-        if h.listing is not None:
-            self._listings.pop(id(h), None)
-            h.listing.close()
+        self.work.forget(h)
         if h.fd != self.root_fd:
             os.close(h.fd)
         if h.anchor_owned:
@@ -400,7 +289,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         if length > OFF_MAX:
             raise SchemeError(errno.EFBIG)
-        await self._in_thread(req, h, os.ftruncate, h.fd, length)  # freeing blocks takes time
+        await self.work.run(req.account, h, os.ftruncate, h.fd, length)  # freeing blocks takes time
 
     async def statat(self, req: Request, h: FileHandle, path: str, flags: int) -> Stat:
         """Status of path relative to h, as openat(O_PATH) and fstat would answer, in one request.
@@ -438,53 +327,16 @@ class FileScheme(Scheme):
 
     async def fsync(self, req: Request, h: FileHandle) -> None:
         """Flush to disk, in a worker thread: it may take long, and others need not wait."""
-        await self._in_thread(req, h, os.fsync, h.fd)
-
-    async def _in_thread(self, req: Request, h: FileHandle, fn, *args, exclusive: bool = False):
-        """fn(*args) on h's fd in a worker thread: one at a time per client account,
-        LISTING_THREADS at once for all, so that slow or heavy work on one client's behalf
-        never holds up the requests of the others. Each handle but the root (whose fd
-        lives as long as the daemon) is busy meanwhile, so that closing it waits; so is
-        any handle for exclusive work (its listing cursor)."""
-        lock = contextlib.nullcontext()
-        if exclusive or h.fd != self.root_fd:
-            if h.busy is None:
-                h.busy = trio.Lock()
-            lock = h.busy
-        limiter = self._per_account.setdefault(req.account, trio.CapacityLimiter(1))
-        try:
-            async with lock, self._threads:
-                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
-        finally:
-            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
-                self._per_account.pop(req.account, None)
+        await self.work.run(req.account, h, os.fsync, h.fd)
 
     async def getdents(self, req: Request, h: FileHandle, start: int) -> list[str]:
         """The names from index start on, in the directory's order, a page at a time (see
         the module: each handle keeps a cursor)."""
-        return [name for name, _ in await self._page(req, h, start)]
+        return [name for name, _ in await self.work.page(req.account, h, start)]
 
     async def readdir(self, req: Request, h: FileHandle, start: int) -> list[list]:
         """getdents with each entry's type ([name, DT_*]), from the host's own d_type."""
-        return [[name, d_type] for name, d_type in await self._page(req, h, start)]
-
-    async def _page(self, req: Request, h: FileHandle, start: int) -> list[tuple[str, int]]:
-        if not h.is_dir:
-            raise SchemeError(errno.ENOTDIR)
-        if h.fdflags & os.O_PATH:
-            raise SchemeError(errno.EBADF, "an O_PATH handle cannot be read")
-        if start < 0:
-            raise SchemeError(errno.EINVAL)
-        if h.listing is None:
-            h.listing = Listing()
-        listing = h.listing
-        self._listings[id(h)] = h
-        self._listings.move_to_end(id(h))
-        while len(self._listings) > MAX_LISTINGS:  # a stream is an fd and a buffer: few at once
-            _, oldest = self._listings.popitem(last=False)
-            if oldest.listing is not None and not (oldest.busy and oldest.busy.locked()):
-                oldest.listing.close()  # its next page starts the directory over
-        return await self._in_thread(req, h, listing.read, h.fd, start, exclusive=True)
+        return [[name, d_type] for name, d_type in await self.work.page(req.account, h, start)]
 
     async def fpath(self, req: Request, h: FileHandle) -> str:
         """/scheme/NAME and the handle's path below the root, as it is now (after renames).
@@ -537,7 +389,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         self._writable()
         # removing a large file frees its blocks, which takes time: in a worker thread
-        await self._in_thread(req, h, self._unlink, h, path, flags)
+        await self.work.run(req.account, h, self._unlink, h, path, flags)
 
     @staticmethod
     def _unlink(h: FileHandle, path: str, flags: int) -> None:
@@ -696,6 +548,6 @@ if __name__ == "__main__":
 
     os.umask(UMASK)  # with the masking above: created modes are exactly mode & 0o755
     sys.setswitchinterval(0.001)  # a listing thread lets the requests loop run every ms
-    daemon_cli("schemes.file",
+    daemon_cli("redoxcap.schemes.file",
                lambda a: FileScheme(a.root, a.name, a.read_only, a.keep, a.passthrough,
                                     a.directfs_grant_fd), _options)

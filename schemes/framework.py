@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import trio
 
-from schemes._scheme import (
+from redoxcap.schemes._scheme import (
     Caller,
     HandleRef,
     Opened,
@@ -50,10 +50,10 @@ from schemes._scheme import (
     takes,
     unserved,
 )
-from schemes._server import RESOLVE_FLAGS, _Server, check_handle, invoke
-from wire.channel import Channel
-from wire.limits import forbid_core_dumps, raise_fd_limit
-from wire.stat import Stat
+from redoxcap.schemes._server import RESOLVE_FLAGS, _Server, check_handle, invoke
+from redoxcap.wire.channel import Channel
+from redoxcap.wire.limits import forbid_core_dumps, raise_fd_limit
+from redoxcap.wire.stat import Stat
 
 __all__ = [
     "RESOLVE_FLAGS",

@@ -43,8 +43,16 @@ from typing import TextIO
 
 import trio
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, daemon_cli, takes
-from wire.stat import Stat
+from redoxcap.schemes.framework import (
+    ROOT_STAT,
+    Opened,
+    Request,
+    Scheme,
+    SchemeError,
+    daemon_cli,
+    takes,
+)
+from redoxcap.wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much
 BURST = 64 * 1024  # bytes of log one writer pid may write at once
@@ -311,4 +319,4 @@ def make_scheme(args: argparse.Namespace) -> LogScheme:
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.log", make_scheme, add_options)
+    daemon_cli("redoxcap.schemes.log", make_scheme, add_options)

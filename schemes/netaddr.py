@@ -27,8 +27,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, takes
-from wire.stat import Stat
+from redoxcap.schemes.framework import ROOT_STAT, Opened, Request, Scheme, SchemeError, takes
+from redoxcap.wire.stat import Stat
 
 FIRST_UNPRIVILEGED_PORT = 1024
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")

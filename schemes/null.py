@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, daemon_cli, takes
+from redoxcap.schemes.device import DeviceHandle, DeviceScheme
+from redoxcap.schemes.framework import Request, daemon_cli, takes
 
 
 class NullScheme(DeviceScheme):
@@ -22,4 +22,4 @@ class NullScheme(DeviceScheme):
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.null", lambda args: NullScheme())
+    daemon_cli("redoxcap.schemes.null", lambda args: NullScheme())

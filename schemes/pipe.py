@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from schemes.framework import (
+from redoxcap.schemes.framework import (
     ROOT_STAT,
     Changed,
     Opened,
@@ -29,8 +29,8 @@ from schemes.framework import (
     daemon_cli,
     takes,
 )
-from wire import protocol as P
-from wire.stat import Stat
+from redoxcap.wire import protocol as P
+from redoxcap.wire.stat import Stat
 
 PIPE_SIZE = 64 * 1024
 PIPE_BUF = 4096
@@ -151,4 +151,4 @@ class PipeScheme(Scheme):
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.pipe", lambda args: PipeScheme())
+    daemon_cli("redoxcap.schemes.pipe", lambda args: PipeScheme())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import os
 
-from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, SchemeError, daemon_cli, takes
-from wire import protocol as P
+from redoxcap.schemes.device import DeviceHandle, DeviceScheme
+from redoxcap.schemes.framework import Request, SchemeError, daemon_cli, takes
+from redoxcap.wire import protocol as P
 
 
 class RandScheme(DeviceScheme):
@@ -33,4 +33,4 @@ class RandScheme(DeviceScheme):
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.rand", lambda args: RandScheme())
+    daemon_cli("redoxcap.schemes.rand", lambda args: RandScheme())

@@ -47,12 +47,12 @@ import os
 import stat
 from collections import deque
 
-from wire.beneath import Anchor, open_natively  # noqa: F401 - the scheme's own, re-exported
-from wire.beneath import check_flags as _check_flags
-from wire.beneath import check_path as _check_path
-from wire.beneath import fd_identity as _identity
-from wire.beneath import linux_lookup as _linux
-from wire.linux import MAXSYMLINKS
+from redoxcap.wire.beneath import Anchor, open_natively  # noqa: F401 - the scheme's own, re-exported
+from redoxcap.wire.beneath import check_flags as _check_flags
+from redoxcap.wire.beneath import check_path as _check_path
+from redoxcap.wire.beneath import fd_identity as _identity
+from redoxcap.wire.beneath import linux_lookup as _linux
+from redoxcap.wire.linux import MAXSYMLINKS
 
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
 

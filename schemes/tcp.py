@@ -1,6 +1,6 @@
 """The tcp scheme (`/scheme/tcp/HOST/PORT`): TCP connections and listeners.
 
-    python -m schemes.tcp --channel-fd N [--connect-timeout SECONDS]
+    python -m redoxcap.schemes.tcp --channel-fd N [--connect-timeout SECONDS]
                           [--allow-wildcard] [--allow-privileged-ports]
 
 HOST is a numeric IPv4 or IPv6 address in canonical form (`127.0.0.1`,
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
-from schemes.netaddr import (
+from redoxcap.schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
+from redoxcap.schemes.netaddr import (
     DEFAULT_POLICY,
     NetGrant,
     NetPolicy,
@@ -53,7 +53,7 @@ from schemes.netaddr import (
     is_self_path,
     policy_from,
 )
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -148,4 +148,4 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.tcp", lambda a: TcpScheme(a.connect_timeout, policy_from(a)), _options)
+    daemon_cli("redoxcap.schemes.tcp", lambda a: TcpScheme(a.connect_timeout, policy_from(a)), _options)

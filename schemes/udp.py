@@ -1,6 +1,6 @@
 """The udp scheme (`/scheme/udp/HOST/PORT`): datagram sockets, one datagram per operation.
 
-    python -m schemes.udp --channel-fd N [--allow-wildcard] [--allow-privileged-ports]
+    python -m redoxcap.schemes.udp --channel-fd N [--allow-wildcard] [--allow-privileged-ports]
 
 HOST and PORT are as for tcp: a canonical numeric IPv4/IPv6 address and a
 port 1-65535 in ASCII (EINVAL otherwise; nothing goes to a resolver).
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
-from schemes.netaddr import (
+from redoxcap.schemes.framework import Opened, Request, SchemeError, daemon_cli, takes
+from redoxcap.schemes.netaddr import (
     Endpoint,
     NetGrant,
     NetRoot,
@@ -53,7 +53,7 @@ from schemes.netaddr import (
     parse_host,
     policy_from,
 )
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 
 @dataclass(eq=False)
@@ -149,4 +149,4 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.udp", lambda args: UdpScheme(policy_from(args)), _options)
+    daemon_cli("redoxcap.schemes.udp", lambda args: UdpScheme(policy_from(args)), _options)

@@ -40,7 +40,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 
-from schemes.framework import (
+from redoxcap.schemes.framework import (
     Changed,
     HandleRef,
     Opened,
@@ -51,8 +51,8 @@ from schemes.framework import (
     daemon_cli,
     takes,
 )
-from wire import protocol as P
-from wire.stat import Stat
+from redoxcap.wire import protocol as P
+from redoxcap.wire.stat import Stat
 
 STREAM_BUFFER = 256 * 1024  # bytes in flight one way before a writer waits
 BACKLOG = 128
@@ -302,4 +302,4 @@ class UdsScheme(Scheme):
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.uds", lambda args: UdsScheme())
+    daemon_cli("redoxcap.schemes.uds", lambda args: UdsScheme())

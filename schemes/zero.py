@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-from schemes.device import DeviceHandle, DeviceScheme
-from schemes.framework import Request, SchemeError, daemon_cli, takes
-from wire import protocol as P
+from redoxcap.schemes.device import DeviceHandle, DeviceScheme
+from redoxcap.schemes.framework import Request, SchemeError, daemon_cli, takes
+from redoxcap.wire import protocol as P
 
 
 class ZeroScheme(DeviceScheme):
@@ -27,4 +27,4 @@ class ZeroScheme(DeviceScheme):
 
 
 if __name__ == "__main__":
-    daemon_cli("schemes.zero", lambda args: ZeroScheme())
+    daemon_cli("redoxcap.schemes.zero", lambda args: ZeroScheme())

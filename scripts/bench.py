@@ -73,7 +73,7 @@ from benchsystem import private_system
 
 import rt
 from redoxcap import control
-from wire.protocol import O_PASSTHROUGH
+from redoxcap.wire.protocol import O_PASSTHROUGH
 
 KIB, MIB = 1024, 1024 * 1024
 

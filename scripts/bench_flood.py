@@ -35,8 +35,8 @@ FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
-from wire import frames as F
-from wire import protocol as P
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
 
 caps, reading = int(sys.argv[1]), sys.argv[2] == "reading"
 fds = [rt.clone(_process.cwd_fd() if i % 2 else _process.namespace_fd()) for i in range(caps)]

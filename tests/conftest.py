@@ -20,8 +20,8 @@ import pytest
 
 import rt
 from redoxcap.testing import namespace_with_file
-from wire import protocol as P
-from wire.frames import SchemeReply, SchemeRequest
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
 
 
 class HostileScheme:

@@ -7,9 +7,9 @@ import threading
 
 import trio
 
-from wire import frames as F
-from wire import protocol as P
-from wire.aio import AsyncCapability
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.aio import AsyncCapability
 
 
 def _echo_server(sock: socket.socket) -> None:

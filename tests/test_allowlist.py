@@ -32,7 +32,7 @@ import pytest
 
 from redoxcap.sandbox import syscalls as S
 from redoxcap.testing import booted, wait_exited
-from wire import linux
+from redoxcap.wire import linux
 
 MACHINE = linux.machine()
 NRS = linux.SYSCALLS[MACHINE] if MACHINE else {}
@@ -382,13 +382,14 @@ def test_the_system_never_imports_its_modules_from_the_cwd_or_pythonpath(tmp_pat
     assert cli is not None, "the redoxcap command is not installed beside this interpreter"
     marker, project, elsewhere = tmp_path / "imported", tmp_path / "project", tmp_path / "pythonpath"
     _shadow_packages(project, ("wire", "kernel", "nsmgr", "schemes", "rt", "redoxcap"), marker)
-    # the command the user types imports rt, wire and redoxcap from PYTHONPATH itself: its
-    # daemons must not take kernel, nsmgr or schemes from there
-    _shadow_packages(elsewhere, ("kernel", "nsmgr", "schemes"), marker)
+    # the command itself runs with -E here (it would take redoxcap from PYTHONPATH otherwise,
+    # as any Python program would); PYTHONPATH stays in the environment it hands on, and
+    # every process it starts must ignore it
+    _shadow_packages(elsewhere, ("rt", "redoxcap"), marker)
     env = {**os.environ, "PYTHONPATH": str(elsewhere)}
     state, root = tmp_path / "state", tmp_path / "root"
     root.mkdir()
-    base = [cli, "--state-dir", str(state)]
+    base = [sys.executable, "-E", cli, "--state-dir", str(state)]
     try:
         subprocess.run([*base, "up", "--detach", "--root", str(root)], cwd=project, env=env,
                        check=True, capture_output=True, timeout=60)
@@ -399,7 +400,7 @@ def test_the_system_never_imports_its_modules_from_the_cwd_or_pythonpath(tmp_pat
             assert ran.stdout.strip() == "ran", ran.stderr
     finally:
         subprocess.run([*base, "down"], check=False, cwd=project, env=env, capture_output=True, timeout=60)
-    private = subprocess.run([cli, "--state-dir", str(tmp_path / "private"), "run", "--root",
+    private = subprocess.run([sys.executable, "-E", cli, "--state-dir", str(tmp_path / "private"), "run", "--root",
                               str(root), "--", "python3", "-c", "print('ran')"], cwd=project,
                              env=env, capture_output=True, text=True, timeout=60, check=False)
     assert private.stdout.strip() == "ran", private.stderr
@@ -410,7 +411,7 @@ def test_forbid_core_dumps_makes_a_process_undumpable_for_good():
     """What every daemon runs first (its hard core limit of 0 above shows it ran there)."""
     code = textwrap.dedent("""
         import ctypes, resource
-        from wire.limits import forbid_core_dumps
+        from redoxcap.wire.limits import forbid_core_dumps
         forbid_core_dumps()
         libc = ctypes.CDLL(None, use_errno=True)
         print(libc.prctl(3, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))  # GET_DUMPABLE

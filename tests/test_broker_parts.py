@@ -16,8 +16,8 @@ from redoxcap.broker.hostfs import DEFAULT_TREES, HostTrees
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Listener
 from redoxcap.broker.server import available
-from wire import linux
-from wire import protocol as P
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import sys
 
 import rt
 from redoxcap import control
-from wire import frames as F
-from wire import protocol as P
-from wire.call import call
-from wire.frames import Request
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
+from redoxcap.wire.frames import Request
 
 
 def test_a_scheme_sees_the_client_that_opened_through_the_namespace(redoxcap_module_client, hostile_scheme):

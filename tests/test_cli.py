@@ -19,7 +19,7 @@ from pathlib import Path
 
 from redoxcap import control
 from redoxcap.testing import REDOXCAP, booted, pid_alive, wait_for
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -46,7 +46,7 @@ def test_the_control_socket_only_answers_its_owner(redoxcap_module_system):
     token = (redoxcap_module_system.state_dir / control.TOKEN_NAME).read_text()
     code = (
         "import os, socket, sys\n"
-        "from wire import protocol as P\n"
+        "from redoxcap.wire import protocol as P\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         f"s.connect({str(redoxcap_module_system.state_dir / control.SOCKET_NAME)!r})\n"

@@ -19,7 +19,7 @@ import pytest
 import redoxcap
 from redoxcap import sandbox
 from redoxcap.sandbox import landlock, launcher, syscalls
-from wire import linux
+from redoxcap.wire import linux
 
 ABI = sandbox.landlock_abi()
 needs_landlock = pytest.mark.skipif(ABI < 1, reason="Landlock is not available")

@@ -22,7 +22,7 @@ import pytest
 from redoxcap import control
 from redoxcap.control import Admission, Connection
 from redoxcap.testing import System, pid_alive, wait_for
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 # -- the admission policy, without sockets -------------------------------------------
 

@@ -461,7 +461,7 @@ def daemons_of(pid: int) -> list[str]:
             args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"schemes.file" in a for a in args):
+        if any(b"redoxcap.schemes.file" in a for a in args):
             lines.append(" ".join(a.decode(errors="replace") for a in args))
     return lines
 

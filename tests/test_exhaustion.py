@@ -31,9 +31,9 @@ from test_router import (
 )
 
 from redoxcap.testing import wait_for
-from wire import protocol as P
-from wire.call import call
-from wire.frames import SchemeReply, encode_request
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
+from redoxcap.wire.frames import SchemeReply, encode_request
 
 CONFINED = ("--ns", "", "--cwd", "/load", "--beneath")
 QUOTA = 1024  # the default capability quota of a client account (kernel/accounts.py)
@@ -96,7 +96,7 @@ def steady(measure, interval: float = 0.3, timeout: float = 30) -> int:
 # The plugin's fixtures, by the short names these tests use.
 @pytest.fixture
 def lone_router():
-    """A router alone (`python -m kernel`) whose kernel capability this test holds, as
+    """A router alone (`python -m redoxcap.kernel`) whose kernel capability this test holds, as
     the supervisor would; its fd limit is this process's."""
     with kernel_with_fd_limit(*resource.getrlimit(resource.RLIMIT_NOFILE)) as (kernel_fd, _):
         yield kernel_fd
@@ -321,8 +321,8 @@ def test_a_client_cannot_register_a_socket_of_its_own(redoxcap_system):
 
 JUNK_SCHEME = r"""
 import os, socket, sys, threading, rt
-from wire import protocol as P
-from wire.frames import SchemeReply, SchemeRequest
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
 
 channel = socket.socket(fileno=rt.mkscheme("junk"))
 r, w = os.pipe()

@@ -16,8 +16,8 @@ import pytest
 
 import rt
 from redoxcap.testing import wait_for
-from wire import protocol as P
-from wire.call import call
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
 
 
 def daemon_fds(system) -> dict[str, int]:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from schemes.file import _O_LARGEFILE, FileHandle, FileScheme
-from schemes.framework import Caller, HandleRef, Opened, Request, SchemeError, invoke
-from wire import protocol as P
+from redoxcap.schemes.file import _O_LARGEFILE, FileScheme
+from redoxcap.schemes.file_work import FileHandle
+from redoxcap.schemes.framework import Caller, HandleRef, Opened, Request, SchemeError, invoke
+from redoxcap.wire import protocol as P
 
 RDONLY, WRONLY, RDWR = os.O_RDONLY, os.O_WRONLY, os.O_RDWR
 CREAT, EXCL, TRUNC, APPEND = os.O_CREAT, os.O_EXCL, os.O_TRUNC, os.O_APPEND

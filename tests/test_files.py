@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import rt
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 
 def test_create_write_read_list_rename_delete_by_absolute_path(redoxcap_isolated_client):

@@ -22,8 +22,8 @@ FLOODER = r"""
 import socket, sys, threading
 import rt
 from rt import _process
-from wire import frames as F
-from wire import protocol as P
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
 
 caps = [rt.clone(_process.cwd_fd()) for _ in range(2)]
 caps += [rt.clone(_process.namespace_fd()) for _ in range(2)]
@@ -139,8 +139,8 @@ def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(redoxcap
 PIPE_FLOODER = r"""
 import socket, sys, threading
 import rt
-from wire import frames as F
-from wire import protocol as P
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
 
 r, w = rt.pipe()  # nobody ever reads r
 ends = [w] + [rt.clone(w) for _ in range(7)]

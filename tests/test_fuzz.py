@@ -16,9 +16,9 @@ import socket
 import msgpack
 
 import rt
-from wire import frames as F
-from wire import protocol as P
-from wire.call import call
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
 
 SEED = 20261128
 FRAMES_PER_TARGET = 250

@@ -18,7 +18,7 @@ import threading
 import pytest
 
 import rt
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 
 def open_fds() -> int:

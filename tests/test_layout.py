@@ -6,8 +6,8 @@ function body or behind a condition is found too:
 - the wire layer imports nothing of the project but itself;
 - the kernel imports only the wire layer;
 - rt's client modules import nothing from kernel, nsmgr, schemes or redoxcap;
-- a scheme daemon imports the wire layer and the scheme framework's shared
-  helpers, never another scheme daemon;
+- a scheme daemon imports the wire layer, the scheme framework's shared
+  helpers and its own parts (file_work.py of file.py), never another scheme daemon;
 - nsmgr is a scheme: the wire layer, the framework, itself.
 """
 
@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from wire.ops import markdown_table
+from redoxcap.wire.ops import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = {"wire", "kernel", "nsmgr", "schemes", "rt", "redoxcap"}
-SCHEME_HELPERS = {"schemes", "schemes.framework", "schemes._scheme", "schemes._server", "schemes.resolve",
-                  "schemes.device", "schemes.netaddr"}
+TOP_LEVEL = {"rt", "redoxcap"}  # the only packages the distribution installs
+LAYERS = {"wire", "kernel", "nsmgr", "schemes"}  # redoxcap.LAYER, each with rules of its own
+SCHEME_HELPERS = {"redoxcap.schemes", "redoxcap.schemes.framework", "redoxcap.schemes._scheme",
+                  "redoxcap.schemes._server", "redoxcap.schemes.resolve", "redoxcap.schemes.device",
+                  "redoxcap.schemes.netaddr"}
 
 
 def imports(path: Path) -> set[str]:
@@ -37,7 +39,7 @@ def imports(path: Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
-        found |= {n for n in names if n.split(".")[0] in PROJECT}
+        found |= {n for n in names if n.split(".")[0] in TOP_LEVEL}
     return found
 
 
@@ -55,7 +57,12 @@ def offenders(package: str, allowed) -> dict[str, list[str]]:
 
 
 def top(name: str) -> str:
-    return name.split(".")[0]
+    """The part of the project a module belongs to: a layer (`redoxcap.wire...` is "wire"),
+    "rt", or "redoxcap" for the rest of the command's package."""
+    parts = name.split(".")
+    if parts[0] == "redoxcap" and len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1]
+    return parts[0]
 
 
 def test_the_wire_layer_imports_only_itself():
@@ -74,8 +81,9 @@ def test_scheme_daemons_import_no_other_scheme():
     def allowed(path: Path, name: str) -> bool:
         if top(name) == "wire":
             return True
-        module = name if name in SCHEME_HELPERS else ".".join(name.split(".")[:2])
-        return module in SCHEME_HELPERS or module == f"schemes.{path.stem}"
+        module = name if name in SCHEME_HELPERS else ".".join(name.split(".")[:3])
+        own = f"redoxcap.schemes.{path.stem}"  # and its parts: file.py's file_work.py
+        return module in SCHEME_HELPERS or module == own or module.startswith(f"{own}_")
 
     assert offenders("schemes", allowed) == {}
 
@@ -83,7 +91,7 @@ def test_scheme_daemons_import_no_other_scheme():
 def test_nsmgr_is_a_scheme_and_imports_like_one():
     allowed_tops = {"wire", "nsmgr"}
     assert offenders("nsmgr", lambda path, name: top(name) in allowed_tops
-                     or name in SCHEME_HELPERS or name.startswith("schemes.framework")) == {}
+                     or name in SCHEME_HELPERS or name.startswith("redoxcap.schemes.framework")) == {}
 
 
 def test_importing_rt_or_the_wire_layer_has_no_side_effects():
@@ -92,21 +100,37 @@ def test_importing_rt_or_the_wire_layer_has_no_side_effects():
     import sys
 
     code = ("import os; os.environ['REDOXCAP_NS_FD'] = '0'\n"
-            "import rt, wire.protocol, wire.frames, wire.ops\n"
+            "import rt, redoxcap.wire.protocol, redoxcap.wire.frames, redoxcap.wire.ops\n"
             "print(os.environ.get('REDOXCAP_NS_FD'), os.get_inheritable(0))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          stdin=subprocess.DEVNULL)
     assert out.stdout.split() == ["0", "True"]
 
 
+def test_only_rt_and_redoxcap_are_installed_as_top_level_packages():
+    """Generic names (wire, kernel, schemes) would collide with other distributions: the
+    repository's layer folders are installed inside redoxcap, and every package is."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    installed = set(setuptools["packages"])
+    assert {name.split(".")[0] for name in installed} == TOP_LEVEL
+    assert setuptools["package-dir"] == {f"redoxcap.{layer}": layer for layer in LAYERS}
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("**/__init__.py")
+               if not {".venv", "build", "tests", "examples", "scripts"} & set(p.parts)}
+    as_installed = {f"redoxcap.{name}" if name.split(".")[0] in LAYERS else name
+                    for name in folders}
+    assert as_installed == installed, "pyproject.toml's packages miss or name another package"
+
+
 @pytest.mark.parametrize("namespace", [False, True], ids=["scheme operations", "namespace operations"])
 def test_the_protocol_page_shows_the_declared_operations(namespace):
     page = (ROOT / "docs/protocol.md").read_text()
-    assert markdown_table(namespace) in page, "docs/protocol.md: paste `python -m wire.ops` in"
+    assert markdown_table(namespace) in page, "docs/protocol.md: paste `python -m redoxcap.wire.ops` in"
 
 
 def test_every_operation_number_in_the_docs_is_declared():
-    from wire import ops
+    from redoxcap.wire import ops
 
     page = (ROOT / "docs/protocol.md").read_text()
     for name, number in re.findall(r"`([A-Z_]+)` \((\d+)\)", page):

@@ -186,6 +186,9 @@ def test_the_daemons_are_forked_children_of_the_supervisor_and_go_with_the_syste
         for name, pid in daemons.items():
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             assert comm == name, (name, comm)
+        # ps shows what each runs, not the fork server's command line
+        shown = Path(f"/proc/{daemons['zero']}/cmdline").read_bytes().rstrip(b"\0").decode()
+        assert " -m redoxcap.schemes.zero --channel-fd " in shown, shown
         servers = [p for p in children - set(daemons.values())
                    if b"redoxcap.forkserver" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(servers) == 1, children

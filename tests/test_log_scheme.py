@@ -10,9 +10,8 @@ import re
 import pytest
 import trio
 
-from redoxcap.testing import wait_for
-from schemes.framework import Caller, Request, SchemeError, invoke
-from schemes.log import (
+from redoxcap.schemes.framework import Caller, Request, SchemeError, invoke
+from redoxcap.schemes.log import (
     BURST,
     MAX_LINE,
     MAX_WRITERS,
@@ -22,6 +21,7 @@ from schemes.log import (
     add_options,
     escape,
 )
+from redoxcap.testing import wait_for
 
 
 def req(pid: int = 4242) -> Request:

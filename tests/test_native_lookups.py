@@ -20,8 +20,8 @@ import pytest
 import rt
 from redoxcap import control
 from redoxcap.testing import booted, installed
-from wire import protocol as P
-from wire.call import call
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
 
 SANDBOX = ("--ns", "", "--cwd", "/box", "--beneath")
 
@@ -99,8 +99,8 @@ def test_hostdir_answers_only_with_the_grant_and_only_where_passthrough_is_allow
 
 HOLDS_NO_HOST_DIRECTORY = """
     import errno, json, os, socket, stat
-    from wire import protocol as P
-    from wire.call import call
+    from redoxcap.wire import protocol as P
+    from redoxcap.wire.call import call
     results = {}
     cwd = int(os.environ["REDOXCAP_CWD_FD"])
     forged = os.memfd_create("forged-grant")
@@ -151,9 +151,9 @@ def test_a_brokered_program_cannot_get_or_use_a_host_directory(system):
 LURE = """
     import json, os, stat, sys, threading, trio
     import rt
-    from schemes.framework import Opened, Reply, Scheme, SchemeError, serve
-    from wire import protocol as P
-    from wire.stat import Stat
+    from redoxcap.schemes.framework import Opened, Reply, Scheme, SchemeError, serve
+    from redoxcap.wire import protocol as P
+    from redoxcap.wire.stat import Stat
 
     seen = []
 

@@ -15,11 +15,11 @@ import socket
 import pytest
 import trio
 
+from redoxcap.schemes.framework import Caller, Request, SchemeError, invoke
+from redoxcap.schemes.netaddr import MAX_GRANT_ENTRIES, NetGrant, NetRoot
+from redoxcap.schemes.tcp import NetPolicy, TcpScheme
+from redoxcap.schemes.udp import UdpScheme
 from redoxcap.testing import free_port, nobody_listens
-from schemes.framework import Caller, Request, SchemeError, invoke
-from schemes.netaddr import MAX_GRANT_ENTRIES, NetGrant, NetRoot
-from schemes.tcp import NetPolicy, TcpScheme
-from schemes.udp import UdpScheme
 
 LISTEN = os.O_CREAT | os.O_RDWR
 

@@ -18,10 +18,10 @@ import pytest
 
 import rt
 from redoxcap.exits import EXIT_USAGE
-from redoxcap.run import parse_net_address
+from redoxcap.grants import parse_net_address
 from redoxcap.testing import free_port, nobody_listens
-from wire import protocol as P
-from wire.call import call_fd
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd
 
 # A client that tries each (path, flags) and prints what came of it: "ok" or an errno name.
 TRY = """

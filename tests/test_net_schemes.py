@@ -16,12 +16,12 @@ import socket
 import pytest
 import trio
 
+from redoxcap.schemes.framework import Caller, Request, SchemeError, invoke
+from redoxcap.schemes.pipe import PipeScheme
+from redoxcap.schemes.tcp import NetPolicy, TcpScheme
+from redoxcap.schemes.udp import UdpScheme
 from redoxcap.testing import free_port, nobody_listens
-from schemes.framework import Caller, Request, SchemeError, invoke
-from schemes.pipe import PipeScheme
-from schemes.tcp import NetPolicy, TcpScheme
-from schemes.udp import UdpScheme
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 
 def req(op: int = 0) -> Request:

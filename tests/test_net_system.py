@@ -16,8 +16,8 @@ import pytest
 
 import rt
 from redoxcap.testing import free_port, nobody_listens
-from wire import protocol as P
-from wire.call import call
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call
 
 
 def port_of(fd: int) -> int:
@@ -118,7 +118,7 @@ def test_connecting_to_a_privileged_port_is_allowed(redoxcap_isolated_client):
         rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)
 
 
-@pytest.mark.parametrize("module", ["schemes.tcp", "schemes.udp"])
+@pytest.mark.parametrize("module", ["redoxcap.schemes.tcp", "redoxcap.schemes.udp"])
 def test_the_daemons_offer_the_grants_as_options(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                          timeout=30, check=True).stdout

@@ -12,7 +12,7 @@ import pytest
 
 import rt
 from redoxcap.testing import booted, installed
-from wire.protocol import O_PASSTHROUGH
+from redoxcap.wire.protocol import O_PASSTHROUGH
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_stat_is_one_request_and_answers_as_open_and_fstat(ro_client):
         assert rt.stat("/scheme/ro/kept.txt").st_size == 9
         with pytest.raises(FileNotFoundError):
             rt.stat("/nowhere")
-        from wire import protocol as P
-        from wire.call import call_value
+        from redoxcap.wire import protocol as P
+        from redoxcap.wire.call import call_value
 
         link = call_value(rt.getns(), P.STATAT, ["/scheme/file/s_link", os.O_NOFOLLOW], kind=dict)
         assert stat.S_ISLNK(link["st_mode"])
@@ -136,8 +136,8 @@ def test_stat_is_one_request_and_answers_as_open_and_fstat(ro_client):
 
 
 def test_readdir_gives_each_entry_with_its_type(ro_client):
-    from wire import protocol as P
-    from wire.call import call_value
+    from redoxcap.wire import protocol as P
+    from redoxcap.wire.call import call_value
 
     d = ro_client.root / "typed"
     (d / "sub").mkdir(parents=True)

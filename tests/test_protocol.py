@@ -9,11 +9,11 @@ import msgpack
 import pytest
 
 import rt
-from nsmgr.namespace import split_scheme_path
+from redoxcap.nsmgr.namespace import split_scheme_path
+from redoxcap.schemes.framework import SchemeError
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
 from rt._paths import to_namespace_path
-from schemes.framework import SchemeError
-from wire import frames as F
-from wire import protocol as P
 
 
 def test_requests_and_replies_round_trip():

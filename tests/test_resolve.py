@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from schemes import resolve as R
-from schemes.resolve import Anchor, open_at, resolve_parent
-from wire import beneath as fast_path
-from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
+from redoxcap.schemes import resolve as R
+from redoxcap.schemes.resolve import Anchor, open_at, resolve_parent
+from redoxcap.wire import beneath as fast_path
+from redoxcap.wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
 LINKS = {
     "rel_in": "sub/inner.txt",

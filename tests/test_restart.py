@@ -22,8 +22,8 @@ import pytest
 
 import rt
 from redoxcap.testing import wait_for
-from wire import protocol as P
-from wire.call import call_fd
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd
 
 CLIENTS = 32
 

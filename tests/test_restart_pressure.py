@@ -10,7 +10,7 @@ kept; a handle never comes back with more rights than it had; a restore that
 cannot complete never lets a new handle take an old one's number (its requests
 fail with EIO instead); every acknowledged write is in its own file.
 
-The first tests drive a router alone (`python -m kernel`), playing the scheme
+The first tests drive a router alone (`python -m redoxcap.kernel`), playing the scheme
 by hand as tests/test_router.py does; the others run whole systems.
 """
 
@@ -30,9 +30,9 @@ from test_router import FakeScheme, kernel_with_fd_limit, new_account, receive, 
 
 import rt
 from redoxcap.testing import wait_for
-from wire import protocol as P
-from wire.call import call, call_fd
-from wire.frames import Keep, SchemeReply, encode_request
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call, call_fd
+from redoxcap.wire.frames import Keep, SchemeReply, encode_request
 
 
 def router_fds(pid: int) -> int:
@@ -59,7 +59,7 @@ def open_kept(scheme: FakeScheme, cap: int, tag: int, number: int, state_fds: li
 # The plugin's fixtures, by the short names these tests use.
 @pytest.fixture
 def lone_router():
-    """A router alone (`python -m kernel`) whose kernel capability this test holds, as
+    """A router alone (`python -m redoxcap.kernel`) whose kernel capability this test holds, as
     the supervisor would; its fd limit is this process's."""
     with kernel_with_fd_limit(*resource.getrlimit(resource.RLIMIT_NOFILE)) as (kernel_fd, _):
         yield kernel_fd

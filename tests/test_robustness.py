@@ -22,9 +22,9 @@ import pytest
 import rt
 from redoxcap.config import Config
 from redoxcap.testing import wait_for
-from wire import frames as F
-from wire import protocol as P
-from wire.call import call_fd
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 

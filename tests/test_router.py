@@ -1,4 +1,4 @@
-"""The kernel router alone: a real `python -m kernel`, with this test playing the scheme.
+"""The kernel router alone: a real `python -m redoxcap.kernel`, with this test playing the scheme.
 
 Every frame here is raw, so each step of the protocol is visible: what the
 router forwards, what it does with good and bad replies, and how it treats a
@@ -19,11 +19,11 @@ import time
 
 import pytest
 
-from kernel import accounts
-from wire import protocol as P
-from wire.call import call, call_fd
-from wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
-from wire.linux import identity
+from redoxcap.kernel import accounts
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call, call_fd
+from redoxcap.wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
+from redoxcap.wire.linux import identity
 
 
 class FakeScheme:
@@ -84,7 +84,7 @@ class FakeScheme:
 @pytest.fixture
 def kernel():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--kernel-fd", str(theirs.fileno())],
+    proc = subprocess.Popen([sys.executable, "-m", "redoxcap.kernel", "--kernel-fd", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
     theirs.close()
     try:
@@ -220,8 +220,8 @@ def test_a_file_with_a_capabilitys_inode_number_cannot_pose_as_it(tmp_path):
     share a socket's inode number must not be taken for it (that would forge a handle)."""
     from types import SimpleNamespace
 
-    from kernel.capabilities import CapabilityTable, SchemeHandle
-    from kernel.schemes import Scheme
+    from redoxcap.kernel.capabilities import CapabilityTable, SchemeHandle
+    from redoxcap.kernel.schemes import Scheme
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     impostor = tmp_path / "impostor"
@@ -491,7 +491,7 @@ def kernel_with_fd_limit(soft: int, hard: int):
     """A router started with RLIMIT_NOFILE (soft, hard); yields (kernel fd, process)."""
     limited = ("import resource, runpy\n"
                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
-               "runpy.run_module('kernel', run_name='__main__')\n")
+               "runpy.run_module('redoxcap.kernel', run_name='__main__')\n")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen([sys.executable, "-c", limited, "--kernel-fd", str(theirs.fileno())],
                             pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)

@@ -34,9 +34,9 @@ from test_resolve import linux_openat2
 import rt
 from redoxcap import control
 from redoxcap.testing import REDOXCAP
-from wire import frames as F
-from wire import protocol as P
-from wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS
 
 
 def build_tree(root) -> None:
@@ -136,7 +136,7 @@ def test_lookups_in_root_match_linux_openat2(redoxcap_module_client, lookup_tree
 
 def _raw_openat(dirfd: int, path: str, flags: int):
     """OPENAT on dirfd with the path as is (rt would route an absolute one to the namespace)."""
-    from wire.call import call_fd
+    from redoxcap.wire.call import call_fd
 
     return outcome(lambda: call_fd(dirfd, P.OPENAT, [path, flags, 0o666]), rt.fstat, rt.close)
 
@@ -273,7 +273,7 @@ def test_a_spawned_child_cannot_change_its_parents_namespace(redoxcap_client):
 def test_two_path_operations_are_bound_beneath_on_both_sides(redoxcap_isolated_client):
     box = _beneath_dir(redoxcap_isolated_client, rt.O_RESOLVE_BENEATH)
     sub = rt.openat(box, "sub", rt.O_DIRECTORY)
-    from wire.call import call
+    from redoxcap.wire.call import call
 
     attempts = [
         (P.MKDIRAT, ["../../escape", 0o777]),

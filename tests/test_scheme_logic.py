@@ -12,16 +12,25 @@ import pytest
 import trio
 import trio.testing
 
-from schemes.framework import Caller, HandleRef, Request, Scheme, SchemeError, invoke, serve, takes
-from schemes.log import LogScheme
-from schemes.null import NullScheme
-from schemes.pipe import PIPE_SIZE, PipeRoot, PipeScheme
-from schemes.rand import RandScheme
-from schemes.uds import MAX_QUEUED_FDS, UdsScheme
-from schemes.zero import ZeroScheme
-from wire import ops
-from wire import protocol as P
-from wire.frames import SchemeReply, SchemeRequest
+from redoxcap.schemes.framework import (
+    Caller,
+    HandleRef,
+    Request,
+    Scheme,
+    SchemeError,
+    invoke,
+    serve,
+    takes,
+)
+from redoxcap.schemes.log import LogScheme
+from redoxcap.schemes.null import NullScheme
+from redoxcap.schemes.pipe import PIPE_SIZE, PipeRoot, PipeScheme
+from redoxcap.schemes.rand import RandScheme
+from redoxcap.schemes.uds import MAX_QUEUED_FDS, UdsScheme
+from redoxcap.schemes.zero import ZeroScheme
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
 
 
 def req(op: int = 0, passed=()) -> Request:

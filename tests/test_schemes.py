@@ -232,7 +232,7 @@ def test_a_read_only_mount_refuses_writes(tmp_path):
         assert system.python(code).stdout.split() == ["read", "me"] + ["EROFS"] * 4
         assert sorted(p.name for p in docs.iterdir()) == ["readme.txt"]
         info = system.daemon("docs")
-        assert info["module"] == "schemes.file" and "--read-only" in info["args"]
+        assert info["module"] == "redoxcap.schemes.file" and "--read-only" in info["args"]
 
 
 def test_run_mount_adds_a_writable_mount_to_a_running_system(redoxcap_system, tmp_path):

@@ -21,7 +21,7 @@ from redoxcap.broker import filter as broker_filter
 from redoxcap.cli import main
 from redoxcap.sandbox import seccomp
 from redoxcap.sandbox import syscalls as S
-from wire import linux
+from redoxcap.wire import linux
 
 MACHINES = ("x86_64", "aarch64")
 PID = 4242  # the program's own pid, as the filters are built for it here

@@ -8,8 +8,8 @@ import sys
 
 from redoxcap.testing import REDOXCAP, wait_for
 from redoxcap.trace import Tracer
-from wire import ops
-from wire import protocol as P
+from redoxcap.wire import ops
+from redoxcap.wire import protocol as P
 
 NAMES = {1: "nsmgr", 2: "file"}
 

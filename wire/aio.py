@@ -14,10 +14,10 @@ from typing import Any
 
 import trio
 
-from wire import protocol as P
-from wire.channel import Channel
-from wire.frames import REPLY, Request
-from wire.protocol import raise_errno
+from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
+from redoxcap.wire.frames import REPLY, Request
+from redoxcap.wire.protocol import raise_errno
 
 
 class _Waiter:

@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from wire.linux import (
+from redoxcap.wire.linux import (
     O_TMPFILE_BIT,
     PATH_MAX,
     RESOLVE_BENEATH,
@@ -118,7 +118,7 @@ def linux_lookup(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int
 
 
 def open_natively(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0) -> int | None:
-    """schemes.resolve.open_at's answer where Linux's openat2 alone gives it, else None.
+    """redoxcap.schemes.resolve.open_at's answer where Linux's openat2 alone gives it, else None.
 
     For the broker's native lookups in a directory its file scheme handed it
     (HOSTDIR): what this opens is exactly what open_at would; None means that

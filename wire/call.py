@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Any, Self
 
-from wire import frames as F
-from wire import protocol as P
-from wire.protocol import raise_errno
-from wire.stat import Stat
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.protocol import raise_errno
+from redoxcap.wire.stat import Stat
 
 
 class _Endpoint:

@@ -14,7 +14,7 @@ import socket
 
 import trio
 
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 FAIRNESS = 16
 

@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from wire.protocol import KEEP, KEEP_MORE, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+from redoxcap.wire.protocol import KEEP, KEEP_MORE, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")

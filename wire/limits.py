@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 
-from wire import linux
+from redoxcap.wire import linux
 
 
 def raise_fd_limit() -> int:

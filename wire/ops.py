@@ -10,7 +10,7 @@ implement it answers, and what the docs' tables say of it. From this table follo
   the errno of each default method of `Scheme` (schemes/_scheme.py, where
   each operation's semantics are stated, one method per operation);
 - how nsmgr forwards path operations (nsmgr/namespace.py);
-- the operation tables in docs/protocol.md (`python -m wire.ops` prints them,
+- the operation tables in docs/protocol.md (`python -m redoxcap.wire.ops` prints them,
   and a test fails when the page and this table disagree).
 
 Adding an operation is one entry here, its default method on `Scheme`, plus the

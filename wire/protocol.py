@@ -19,8 +19,8 @@ from typing import Any
 
 import msgpack
 
-from wire.linux import AT_REMOVEDIR, UCRED  # noqa: F401 - AT_REMOVEDIR, re-exported (UNLINKAT's flag)
-from wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
+from redoxcap.wire.linux import AT_REMOVEDIR, UCRED  # noqa: F401 - AT_REMOVEDIR, re-exported (UNLINKAT's flag)
+from redoxcap.wire.ops import (  # noqa: F401 - the operation numbers, re-exported for every process
     CHMODAT,
     CHOWNAT,
     DUP,

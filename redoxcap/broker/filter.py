@@ -17,7 +17,7 @@ import errno
 
 from redoxcap.sandbox import seccomp
 from redoxcap.sandbox import syscalls as S
-from wire import linux
+from redoxcap.wire import linux
 
 BROKERED = S.brokered_names()
 

@@ -33,7 +33,7 @@ import stat
 from collections import deque
 from collections.abc import Iterable
 
-from wire.linux import (
+from redoxcap.wire.linux import (
     MAXSYMLINKS,
     O_TMPFILE_BIT,
     RESOLVE_NO_MAGICLINKS,

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from redoxcap.broker import filter as bpf
-from wire import linux
-from wire import protocol as P
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
 
 EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127

@@ -12,7 +12,7 @@ import errno
 import os
 from typing import Self
 
-from wire.linux import PATH_MAX
+from redoxcap.wire.linux import PATH_MAX
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -21,9 +21,10 @@ import errno
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
-from wire import linux
+from redoxcap.wire import linux
 
 AF_INET, AF_INET6, AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 LOOPBACK = ("127.0.0.1", "::1")
@@ -37,7 +38,7 @@ def _refused(why: str) -> OSError:
 class SocketGrants:
     """What the run's grants let a brokered program bind to and connect to (TCP).
 
-    Built from `redoxcap.run.net_grants` (None: no --allow-* option: nothing).
+    Built from `redoxcap.grants.net_grants` (None: no --allow-* option: nothing).
     """
 
     def __init__(self, grants: dict[str, Any] | None) -> None:
@@ -110,15 +111,26 @@ def tcp_socket(fd: int) -> socket.socket:
     return sock
 
 
+def _granted(sock: socket.socket, raw: bytes, may: Callable[[str, int], bool], option: str
+             ) -> tuple:
+    """sock's address from raw, if its family is sock's and may(host, port) allows it.
+
+    Raises:
+        OSError: EAFNOSUPPORT for another family; EACCES (see _refused) where option grants
+            no such address.
+    """
+    family, host, port, address = parse_sockaddr(raw)
+    if family != sock.family:
+        raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
+    if not may(host, port):
+        raise _refused(f"{host} port {port} is not granted ({option})")
+    return address
+
+
 def bind(grants: SocketGrants, fd: int, raw: bytes) -> None:
     """Bind the broker's copy fd (owned) to raw's address if granted."""
     with tcp_socket(fd) as sock:
-        family, host, port, address = parse_sockaddr(raw)
-        if family != sock.family:
-            raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
-        if not grants.may_bind(host, port):
-            raise _refused(f"{host} port {port} is not granted (--allow-listen)")
-        sock.bind(address)
+        sock.bind(_granted(sock, raw, grants.may_bind, "--allow-listen"))
 
 
 def connect(grants: SocketGrants, fd: int, raw: bytes) -> None:
@@ -127,12 +139,7 @@ def connect(grants: SocketGrants, fd: int, raw: bytes) -> None:
     A non-blocking socket answers EINPROGRESS, as the program's own connect would.
     """
     with tcp_socket(fd) as sock:
-        family, host, port, address = parse_sockaddr(raw)
-        if family != sock.family:
-            raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
-        if not grants.may_connect(host, port):
-            raise _refused(f"{host} port {port} is not granted (--allow-connect)")
-        err = sock.connect_ex(address)
+        err = sock.connect_ex(_granted(sock, raw, grants.may_connect, "--allow-connect"))
         if err:
             raise OSError(err, os.strerror(err))
 

@@ -18,11 +18,11 @@ import errno
 import os
 from dataclasses import dataclass
 
-from wire import linux
-from wire.linux import SECCOMP_NOTIF as _NOTIF
-from wire.linux import SECCOMP_NOTIF_ADDFD as _ADDFD
-from wire.linux import SECCOMP_NOTIF_RESP as _RESP
-from wire.linux import SECCOMP_NOTIF_U64 as _ID
+from redoxcap.wire import linux
+from redoxcap.wire.linux import SECCOMP_NOTIF as _NOTIF
+from redoxcap.wire.linux import SECCOMP_NOTIF_ADDFD as _ADDFD
+from redoxcap.wire.linux import SECCOMP_NOTIF_RESP as _RESP
+from redoxcap.wire.linux import SECCOMP_NOTIF_U64 as _ID
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ import os
 import socket
 import threading
 
-from wire import linux
-from wire import protocol as P
-from wire.call import call_fd, call_value, forget
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value, forget
 
 log = logging.getLogger("broker")
 CHUNK = 64 * 1024

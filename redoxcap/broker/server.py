@@ -32,10 +32,10 @@ from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Listener, Notification
 from redoxcap.broker.state import Directory, Mount, Processes
-from wire import linux
-from wire import protocol as P
-from wire.call import call_fd, call_value, forget
-from wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value, forget
+from redoxcap.wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 
 log = logging.getLogger("broker")
 PUMP_GRACE = 10.0  # seconds a routed write may still take once the program has exited

@@ -13,11 +13,11 @@ import os
 import zlib
 from typing import Any
 
-from wire.linux import DIRENT64_HEAD as _DIRENT_HEAD
-from wire.linux import STAT_GENERIC as _STAT_GENERIC
-from wire.linux import STAT_X86_64 as _STAT_X86_64
-from wire.linux import STATX as _STATX
-from wire.linux import STATX_BASIC_STATS
+from redoxcap.wire.linux import DIRENT64_HEAD as _DIRENT_HEAD
+from redoxcap.wire.linux import STAT_GENERIC as _STAT_GENERIC
+from redoxcap.wire.linux import STAT_X86_64 as _STAT_X86_64
+from redoxcap.wire.linux import STATX as _STATX
+from redoxcap.wire.linux import STATX_BASIC_STATS
 
 _NS = 1_000_000_000
 

@@ -14,7 +14,7 @@ import stat
 import struct
 from typing import Self
 
-from wire import linux
+from redoxcap.wire import linux
 
 # linux/landlock.h
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0

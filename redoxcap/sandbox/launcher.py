@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from redoxcap.exits import EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_USAGE
 from redoxcap.sandbox import landlock, policy, process, seccomp
-from wire import linux
+from redoxcap.wire import linux
 
 
 class ConfinementUnavailable(OSError):

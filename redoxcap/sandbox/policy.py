@@ -50,7 +50,10 @@ _SYSTEM_READ_PATHS = (
 # task/ (each thread's net/ and mountinfo again), nor any other process.
 PROC_SELF_FILES = ("fd", "fdinfo", "stat", "statm", "status", "cmdline", "comm", "environ",
                    "limits", "maps", "auxv")
-_PROJECT_PACKAGES = ("rt", "wire", "kernel", "nsmgr", "schemes", "redoxcap")
+# what a program written with rt may import: rt, and redoxcap with its layers (a source
+# checkout has those beside redoxcap, an installed wheel inside it)
+_PROJECT_PACKAGES = ("rt", "redoxcap", "redoxcap.wire", "redoxcap.kernel", "redoxcap.nsmgr",
+                     "redoxcap.schemes")
 
 
 def _find_spec_locations(name: str) -> list[str]:

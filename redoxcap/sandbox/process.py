@@ -9,7 +9,7 @@ import os
 import signal
 import struct
 
-from wire import linux
+from redoxcap.wire import linux
 
 # linux/capability.h
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Sequence
 
 from redoxcap.sandbox import syscalls as S
-from wire import linux
+from redoxcap.wire import linux
 
 # the instructions the compiler emits (linux/bpf_common.h)
 BPF_LD_W_ABS = linux.BPF_LD | linux.BPF_W | linux.BPF_ABS

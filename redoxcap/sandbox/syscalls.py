@@ -25,7 +25,7 @@ import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from wire import linux
+from redoxcap.wire import linux
 
 CONFINED = "confined"
 BROKERED = "brokered"

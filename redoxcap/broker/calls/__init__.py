@@ -41,7 +41,7 @@ from redoxcap.broker.calls.two_paths import TwoPaths
 from redoxcap.broker.hostfs import HostTrees
 from redoxcap.broker.state import Mount, Processes
 from redoxcap.sandbox.syscalls import brokered_names
-from wire import linux
+from redoxcap.wire import linux
 
 FAMILIES: tuple[type[Family], ...] = (Opening, Status, Directories, Names, TwoPaths, Metadata,
                                       ProcessCalls, Sockets)
@@ -91,7 +91,7 @@ class Syscalls:
             processes: the per-process state.
             passthrough: ask schemes for host fds of regular files (O_PASSTHROUGH).
             mounts: the directories handed over at paths of their own (`run --dir`, /tmp).
-            grants: the run's network grants (redoxcap.run.NetGrant by scheme), None for none.
+            grants: the run's network grants (redoxcap.grants.NetGrant by scheme), None for none.
             families: the families that answer (every brokered syscall exactly once).
             directfs_grant: the system's grant for native lookups (owned from now on; see
                 native.py), None for none.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.notify import Notification
 from redoxcap.broker.state import Process
-from wire.call import forget
+from redoxcap.wire.call import forget
 
 if TYPE_CHECKING:
     from redoxcap.broker.calls.program import Program

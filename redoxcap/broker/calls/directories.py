@@ -16,10 +16,10 @@ from redoxcap.broker.calls.base import PROCEED, Call, Family, c_int, close, erro
 from redoxcap.broker.calls.locate import FILE_ROOT, Location
 from redoxcap.broker.state import Directory
 from redoxcap.broker.structs import pack_dirents
-from wire import linux
-from wire import protocol as P
-from wire.call import call_fd, call_value, directory_path
-from wire.linux import AT_FDCWD, DT_DIR, DT_UNKNOWN
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd, call_value, directory_path
+from redoxcap.wire.linux import AT_FDCWD, DT_DIR, DT_UNKNOWN
 
 
 class Directories(Family):

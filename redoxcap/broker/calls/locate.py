@@ -30,12 +30,12 @@ from redoxcap.broker.calls.base import Call, close
 from redoxcap.broker.calls.native import HostDirectory
 from redoxcap.broker.hostfs import HostTrees
 from redoxcap.broker.state import CapabilityTable, Directory, Mount
-from wire import call as capability
-from wire import linux
-from wire import protocol as P
-from wire.linux import AT_FDCWD
-from wire.protocol import SCHEME_ROOT
-from wire.stat import Stat
+from redoxcap.wire import call as capability
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import AT_FDCWD
+from redoxcap.wire.protocol import SCHEME_ROOT
+from redoxcap.wire.stat import Stat
 
 FILE_ROOT = "/scheme/file/"
 _EMPTY_ROOT = Stat(st_mode=stat.S_IFDIR | 0o555, st_nlink=2, st_ino=1)

@@ -17,10 +17,10 @@ import time
 
 from redoxcap.broker.calls.base import Call, Family, c_int, close, error, syscall
 from redoxcap.broker.calls.locate import Location
-from wire import linux
-from wire import protocol as P
-from wire.call import call_value
-from wire.linux import (
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_value
+from redoxcap.wire.linux import (
     AT_EMPTY_PATH,
     AT_FDCWD,
     AT_SYMLINK_NOFOLLOW,

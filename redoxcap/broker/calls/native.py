@@ -27,10 +27,10 @@ import errno
 import os
 import stat
 
-from wire import linux
-from wire import protocol as P
-from wire.beneath import Anchor, open_natively
-from wire.call import call, forget
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.beneath import Anchor, open_natively
+from redoxcap.wire.call import call, forget
 
 # open flags a native open serves; anything else (O_CREAT, O_DIRECTORY, O_PATH...) is the scheme's
 NATIVE_OPEN = (os.O_ACCMODE | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_SYNC

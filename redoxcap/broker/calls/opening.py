@@ -15,9 +15,9 @@ import stat
 
 from redoxcap.broker.calls.base import Call, Family, Install, c_int, close, error, syscall
 from redoxcap.broker.pump import snapshot
-from wire import linux
-from wire import protocol as P
-from wire.linux import (
+from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import (
     AT_FDCWD,
     O_TMPFILE_BIT,
     OPEN_HOW,

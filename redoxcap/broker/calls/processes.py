@@ -14,7 +14,7 @@ import stat
 from typing import Any
 
 from redoxcap.broker.calls.base import PROCEED, Call, Family, c_int, close, error, syscall
-from wire.linux import AT_EMPTY_PATH, AT_FDCWD
+from redoxcap.wire.linux import AT_EMPTY_PATH, AT_FDCWD
 
 
 class Processes(Family):

@@ -18,10 +18,10 @@ from redoxcap.broker.state import (
     Processes,
     StatusTable,
 )
-from wire import call as capability
-from wire import protocol as P
-from wire.linux import O_LARGEFILE
-from wire.stat import Stat
+from redoxcap.wire import call as capability
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import O_LARGEFILE
+from redoxcap.wire.stat import Stat
 
 
 class Program:

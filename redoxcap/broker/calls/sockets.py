@@ -12,7 +12,7 @@ import stat
 
 from redoxcap.broker import net
 from redoxcap.broker.calls.base import Call, Family, c_int, close, error, syscall
-from wire.call import forget
+from redoxcap.wire.call import forget
 
 
 class Sockets(Family):

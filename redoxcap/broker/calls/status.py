@@ -17,8 +17,8 @@ from redoxcap.broker.calls.base import Call, Family, c_int, close, error, syscal
 from redoxcap.broker.calls.locate import Location
 from redoxcap.broker.hostfs import WRITABLE_DEVICES
 from redoxcap.broker.structs import pack_stat, pack_statx
-from wire import linux
-from wire.linux import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW
+from redoxcap.wire import linux
+from redoxcap.wire.linux import AT_EMPTY_PATH, AT_FDCWD, AT_SYMLINK_NOFOLLOW
 
 
 class Status(Family):

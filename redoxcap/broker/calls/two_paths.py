@@ -12,9 +12,9 @@ import os
 
 from redoxcap.broker.calls.base import Call, Family, c_int, close, error, syscall
 from redoxcap.broker.calls.locate import Location
-from wire import protocol as P
-from wire.call import call_value
-from wire.linux import AT_FDCWD, RENAME_NOREPLACE
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_value
+from redoxcap.wire.linux import AT_FDCWD, RENAME_NOREPLACE
 
 
 class TwoPaths(Family):

@@ -21,7 +21,7 @@ from typing import Any
 
 from redoxcap.broker.calls.base import error
 from redoxcap.broker.calls.locate import Location, Locator
-from wire import protocol as P
+from redoxcap.wire import protocol as P
 
 MAX_PLAIN_DIRS = 1 << 16
 

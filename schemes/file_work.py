@@ -1,0 +1,202 @@
+"""The file scheme's handles, and the work it does in worker threads.
+
+A :class:`FileHandle` is an open host file or directory; a directory being
+listed keeps a cursor (:class:`Listing`: a host directory stream and the last
+page served), so that reading a large directory page by page costs a page per
+request, not the whole directory. :class:`Workers` runs what can take long
+(listings, fsync, ftruncate, unlink) in worker threads: one at a time per
+client account and LISTING_THREADS for all, so that heavy work on one
+client's behalf never holds up the requests of the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from redoxcap.schemes.framework import SchemeError
+from redoxcap.schemes.resolve import Anchor
+from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
+
+PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
+MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
+LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
+
+
+def _utf8(name: str) -> bool:
+    """Whether a host name can travel in a frame (paths are UTF-8 strings on the wire).
+
+    A name that is not valid UTF-8 cannot be named by any client, so listings leave it out.
+    """
+    try:
+        name.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _d_type(entry: os.DirEntry) -> int:
+    """Linux's d_type of a directory entry, as far as the host's listing says (no stat)."""
+    try:
+        if entry.is_symlink():
+            return DT_LNK
+        if entry.is_dir(follow_symlinks=False):
+            return DT_DIR
+        if entry.is_file(follow_symlinks=False):
+            return DT_REG
+    except OSError:
+        pass
+    return DT_UNKNOWN
+
+
+@dataclass(eq=False)
+class FileHandle:
+    """An open host file or directory and the rules for lookups beneath it.
+
+    Attributes:
+        fd: the host fd (the scheme's root fd for the root handle, shared).
+        is_dir: whether it is a directory.
+        anchor: where lookups from it may not go past.
+        anchor_owned: the anchor's fd is this handle's own dup, closed with it.
+        fdflags: the client's open flags as F_GETFL shows them, plus a sticky O_RESOLVE_* bit.
+        host_flags: the flags the host fd was opened with (for reopening on dup).
+    """
+
+    fd: int
+    is_dir: bool
+    anchor: Anchor
+    anchor_owned: bool
+    fdflags: int = 0
+    host_flags: int = os.O_PATH | os.O_DIRECTORY
+    listing: Listing | None = field(default=None, repr=False)  # its cursor, while it lists
+    # held while a worker thread uses fd (a listing, an fsync), so that close waits for it
+    busy: trio.Lock | None = field(default=None, repr=False)
+
+
+@dataclass(eq=False)
+class Listing:
+    """Where a directory handle's listing is: a host directory stream positioned at
+    entry `position`, and the last page served (entries page_start onwards), so that
+    the next page, or a page that starts within the last one (a reader whose buffer
+    took only part of it), costs no more than a page.
+
+    Only a worker thread touches the stream, with its handle's `busy` lock held.
+    """
+
+    stream: object = None  # os.scandir iterator (it owns a dup of the directory fd)
+    position: int = 0
+    page_start: int = 0
+    page: list[tuple[str, int]] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def read(self, fd: int, start: int) -> list[tuple[str, int]]:
+        """The entries (name, d_type) from index start on that fit in one reply.
+
+        Runs in a worker thread. Blocking on the host (a slow disk) blocks only it.
+        """
+        if self.page_start <= start <= self.page_start + len(self.page):
+            head = self.page[start - self.page_start :]
+            resume = self.page_start + len(self.page)
+        else:
+            head, resume = [], start
+        if self.stream is None or resume < self.position:
+            self._rewind(fd)
+        while self.position < resume and self._next() is not None:
+            pass  # skipped: only a reader that seeks far (or was evicted) pays for it
+        page, size = head[:PAGE_ENTRIES], sum(len(name) + 8 for name, _ in head)
+        while len(page) < PAGE_ENTRIES and size < P.DENTS_BUDGET:
+            entry = self._next()
+            if entry is None:
+                break
+            page.append(entry)
+            size += len(entry[0]) + 8
+        self.page_start, self.page = start, page
+        return page
+
+    def _rewind(self, fd: int) -> None:
+        self.close()
+        own = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            self.stream = os.scandir(own)  # takes a dup of its own
+        finally:
+            os.close(own)
+        self.position = 0
+
+    def _next(self) -> tuple[str, int] | None:
+        """The next entry whose name can travel (see _utf8), or None at the end."""
+        for entry in self.stream:
+            if _utf8(entry.name):
+                self.position += 1
+                return entry.name, _d_type(entry)
+        return None
+
+
+class Workers:
+    """A file scheme's worker threads, and the directory cursors they read (see the module).
+
+    Args:
+        root_fd: the scheme's root fd, which lives as long as the daemon (work on it needs
+            no lock).
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        # handles with an open directory cursor, least recently used first
+        self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
+        self._threads = trio.CapacityLimiter(LISTING_THREADS)
+        self._per_account: dict[int, trio.CapacityLimiter] = {}  # one at a time each
+
+    async def run(self, account: int, h: FileHandle, fn: Callable[..., Any], *args: Any,
+                  exclusive: bool = False) -> Any:
+        """fn(*args) on h's fd in a worker thread, charged to account. Each handle but the
+        root is busy meanwhile, so that closing it waits; so is any handle for exclusive
+        work (its listing cursor)."""
+        lock = contextlib.nullcontext()
+        if exclusive or h.fd != self.root_fd:
+            if h.busy is None:
+                h.busy = trio.Lock()
+            lock = h.busy
+        limiter = self._per_account.setdefault(account, trio.CapacityLimiter(1))
+        try:
+            async with lock, self._threads:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+        finally:
+            if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+                self._per_account.pop(account, None)
+
+    async def page(self, account: int, h: FileHandle, start: int) -> list[tuple[str, int]]:
+        """The entries (name, d_type) of directory h from index start on, one reply's worth."""
+        if not h.is_dir:
+            raise SchemeError(errno.ENOTDIR)
+        if h.fdflags & os.O_PATH:
+            raise SchemeError(errno.EBADF, "an O_PATH handle cannot be read")
+        if start < 0:
+            raise SchemeError(errno.EINVAL)
+        if h.listing is None:
+            h.listing = Listing()
+        listing = h.listing
+        self._listings[id(h)] = h
+        self._listings.move_to_end(id(h))
+        while len(self._listings) > MAX_LISTINGS:  # a stream is an fd and a buffer: few at once
+            _, oldest = self._listings.popitem(last=False)
+            if oldest.listing is not None and not (oldest.busy and oldest.busy.locked()):
+                oldest.listing.close()  # its next page starts the directory over
+        return await self.run(account, h, listing.read, h.fd, start, exclusive=True)
+
+    def forget(self, h: FileHandle) -> None:
+        """Close h's cursor, if it has one (h is being closed)."""
+        if h.listing is not None:
+            self._listings.pop(id(h), None)
+            h.listing.close()
