@@ -22,8 +22,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 if TYPE_CHECKING:
     from redoxcap.kernel.capabilities import Capability
 
@@ -124,8 +122,8 @@ class Account:
     pool: FdPool | None = None
     # the accounts that hold something, by id: it lists itself there while it does
     listed: dict[int, Account] | None = None
-    # one request of a client account is read at a time (made on first use)
-    turn: trio.Lock | None = None
+    # the routing loop's pass in which a request of it was last read
+    turn: int = -1
 
     @property
     def system(self) -> bool:
@@ -164,33 +162,30 @@ class Account:
         else:
             self.listed.pop(self.id, None)
 
-    async def take_turn(self) -> trio.Lock | None:
-        """Wait for this account's turn to read one request; None for the system account.
+    def take_turn(self, pass_number: int) -> bool:
+        """Whether one more of its requests may be read in this pass of the routing loop.
 
-        A client account's capabilities take turns: however many of them have requests
-        waiting, the account gets about one request handled per pass of the scheduler, as
-        a client waiting with a single request does. (trio's acquire yields once it holds
-        the lock: the account's other capabilities queue behind it meanwhile, and everyone
-        else runs.) The daemons' system account serves every client: no turns.
-
-        Returns:
-            The turn, to release once the request is counted (or before a send that may wait).
+        A client account gets one request read per pass however many of its capabilities
+        have requests waiting, as a client waiting with a single request does (the others
+        stay ready and come first in the next pass); the system account's daemons serve
+        every client, so each of its capabilities gets one.
         """
         if self.limits.max_caps is None:
-            return None
-        if self.turn is None:
-            self.turn = trio.Lock()
-        await self.turn.acquire()
-        return self.turn
+            return True
+        if self.turn == pass_number:
+            return False
+        self.turn = pass_number
+        return True
 
     def may_read(self, cap: Capability) -> bool:
         """Whether cap's next request may be read now (else backpressure: it waits).
 
-        A capability whose holder does not read its replies, or that has its bound of
-        requests in flight, waits for itself; one whose account is saturated waits in
-        `blocked` until `drained` gives it back.
+        A capability whose holder does not read its replies, whose last request waits
+        for a scheme's channel to have room, or that has its bound of requests in flight,
+        waits for itself; one whose account is saturated waits in `blocked` until
+        `drained` gives it back.
         """
-        if cap.outbox:
+        if cap.outbox or cap.sending:
             return False
         per_cap = self.limits.max_inflight_per_cap
         if per_cap is not None and cap.inflight >= per_cap:
@@ -204,6 +199,23 @@ class Account:
         """n requests of cap's are now in flight (forwarded, or held for a restart)."""
         cap.inflight += n
         self.inflight += n
+
+    def waits_to_send(self, cap: Capability, nfds: int) -> None:
+        """One of cap's requests, with nfds fds, waits for its scheme's channel to have room:
+        cap is not read meanwhile, and the fds count against the quota."""
+        cap.sending += 1
+        self.charge_fds(nfds)
+
+    def sent(self, cap: Capability, nfds: int) -> Iterable[Capability]:
+        """The request `waits_to_send` told of has left (or failed; its fds are no longer
+        held for it here).
+
+        Returns:
+            The capabilities that may read again: cap.
+        """
+        cap.sending -= 1
+        self.charge_fds(-nfds)
+        return (cap,)
 
     def settled(self, cap: Capability) -> Iterable[Capability]:
         """One of cap's requests was answered (or never will be).

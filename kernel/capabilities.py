@@ -19,8 +19,6 @@ from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import identity
 
 if TYPE_CHECKING:
-    import trio
-
     from redoxcap.kernel.accounts import Account
     from redoxcap.kernel.outbox import Outbox
     from redoxcap.kernel.schemes import Scheme
@@ -70,15 +68,9 @@ class Capability:
     # capabilities never need one)
     outbox: Outbox | None = None
     writing: bool = False  # a writer task is draining the outbox
+    sending: int = 0  # its requests waiting for their scheme's channel to have room
+    parked: bool = False  # not read for now (backpressure): only its hangup is watched
     closed: bool = False
-    hung_up: bool = False  # the holder went away while the reader was parked
-    turn: trio.Lock | None = None  # its account's turn while its reader holds it
-    wakeup: trio.Event | None = None  # set while the reader is parked
-
-    def wake(self) -> None:
-        """Let a parked reader check again whether it may read."""
-        if self.wakeup is not None:
-            self.wakeup.set()
 
     def queued(self) -> tuple[int, int]:
         """(bytes, fds) in its outbox."""

@@ -52,7 +52,8 @@ class Kernel(Protocol):
     def free_scheme(self, scheme: Scheme) -> None: ...
     def new_account(self, limits: Limits | dict) -> Account: ...
     def summary(self) -> dict: ...
-    async def ask_status(self, scheme: Scheme, into: dict) -> None: ...
+    def request_id(self) -> int: ...
+    async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,39 @@ class KernelOp:
     kernel_only: bool = True
     supervisor_only: bool = True
     waits: bool = False
+
+
+def permitted(k: Kernel, cap: Capability, op: int) -> KernelOp | None:
+    """The operation op of the router's own, if cap may ask it."""
+    kop = OPERATIONS.get(op)
+    if (kop is None or (kop.kernel_only and cap.handle.scheme is not k.kernel_scheme)
+            or (kop.supervisor_only and cap is not k.supervisor_cap)):
+        return None
+    return kop
+
+
+def answer(k: Kernel, kop: KernelOp, cap: Capability, body, fds: list[int],
+           payer: Account | None) -> tuple[int, Any, list[int]]:
+    """Run an operation that does not wait; its reply (status, value, fds). fds stay the caller's."""
+    try:
+        value, reply_fds = kop.run(k, cap, body, fds, payer)
+    except P.ProtocolError:
+        return P.ERR, errno.EINVAL, []
+    except OSError as exc:
+        return P.ERR, exc.errno or errno.EIO, []
+    return P.OK, value, reply_fds
+
+
+async def answer_waiting(k: Kernel, kop: KernelOp, cap: Capability, body: bytes,
+                         payer: Account | None) -> tuple[int, Any, list[int]]:
+    """Run an operation that may wait (`KernelOp.waits`); its reply (status, value, fds)."""
+    try:
+        value, reply_fds = await kop.run(k, cap, body, [], payer)
+    except P.ProtocolError:
+        return P.ERR, errno.EINVAL, []
+    except OSError as exc:
+        return P.ERR, exc.errno or errno.EIO, []
+    return P.OK, value, reply_fds
 
 
 def _options(body: bytes | memoryview) -> dict:
@@ -177,7 +211,7 @@ async def kernel_status(k: Kernel, cap: Capability, body, fds: list[int],
             for scheme in schemes:
                 if scheme.alive:
                     answers[scheme.id] = into = {}
-                    nursery.start_soon(k.ask_status, scheme, into)
+                    nursery.start_soon(status.ask, scheme, into, k.request_id(), k.send_to_scheme)
     return status.page(options, schemes, k.accounts, k.capabilities, answers, k.frames,
                        k.summary()), []
 

@@ -1,4 +1,4 @@
-"""Outboxes: a capability's replies that its holder's socket had no room for.
+"""Replies to holders: sent at once, or kept in the capability's outbox until its holder reads.
 
 A reply is never waited for: it is sent at once if the socket has room and
 nothing waits before it, else it joins the capability's outbox, in order, and
@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 from typing import TYPE_CHECKING, Literal
+
+import trio
 
 from redoxcap.wire import protocol as P
 from redoxcap.wire.frames import REPLY
 
 if TYPE_CHECKING:
     from redoxcap.kernel.accounts import Account
+    from redoxcap.kernel.capabilities import Capability
+    from redoxcap.kernel.handles import HandleTable
     from redoxcap.wire.channel import Channel
+
+log = logging.getLogger("kernel")
 
 Delivery = Literal["sent", "queued", "full"]
 SENT: Delivery = "sent"  # the holder has it, or is gone (nothing to tell anyone)
@@ -36,26 +43,28 @@ def error_reply(tag: int, err: int) -> bytes:
     return REPLY.pack(tag, P.ERR) + P.pack(err)
 
 
-def send_now(channel: Channel, frame: bytes, fds: list[int]) -> tuple[bytes, list[int]] | None:
-    """Try to send one reply without waiting; closes fds once done with them.
+def send_now(channel: Channel, frame: bytes | list, fds: list[int]) -> tuple[bytes, list[int]] | None:
+    """Try to send one reply (bytes, or a list of buffers: a header and a body) without
+    waiting; closes fds once done with them.
 
     Sending fds can fail on its own (ETOOMANYREFS, ENOBUFS, ENOMEM...): the request then
     fails with that errno instead of leaving its caller waiting.
 
     Returns:
         None when done with it (sent, or dropped because the holder is gone), else the
-        frame and fds still to send: the same, or an ERR reply that replaced one that
-        could not be sent as it was.
+        frame (as bytes) and fds still to send: the same, or an ERR reply that replaced
+        one that could not be sent as it was.
     """
     while True:
         try:
             if not channel.try_send(frame, fds):
-                return frame, fds
+                return (frame if type(frame) is bytes else b"".join(frame)), fds
         except OSError as exc:
             P.close_fds(fds)
-            if exc.errno in HOLDER_GONE or len(frame) < REPLY.size:
+            header = frame if type(frame) is bytes else frame[0]
+            if exc.errno in HOLDER_GONE or len(header) < REPLY.size:
                 return None
-            tag, status = REPLY.unpack_from(frame)
+            tag, status = REPLY.unpack_from(header)
             if status == P.ERR:
                 return None  # an error reply that cannot be sent either: nothing smaller to try
             frame, fds = error_reply(tag, exc.errno or errno.EIO), []
@@ -81,7 +90,7 @@ class Outbox:
     def __bool__(self) -> bool:
         return bool(self._replies)
 
-    def offer(self, channel: Channel, frame: bytes, fds: list[int], account: Account,
+    def offer(self, channel: Channel, frame: bytes | list, fds: list[int], account: Account,
               payer: Account) -> Delivery:
         """Send a reply now if nothing waits before it and the socket has room, else queue
         it; never waits. Takes ownership of fds."""
@@ -90,6 +99,8 @@ class Outbox:
             if left is None:
                 return SENT
             frame, fds = left
+        elif type(frame) is not bytes:
+            frame = b"".join(frame)
         return self.queue(frame, fds, account, payer)
 
     def queue(self, frame: bytes, fds: list[int], account: Account, payer: Account) -> Delivery:
@@ -133,3 +144,54 @@ class Outbox:
         self.fds += nfds
         account.queued(nbytes)
         payer.charge_fds(nfds)
+
+
+
+def deliver(cap: Capability, frame: bytes | list, fds: list[int]) -> bool:
+    """Send frame (bytes, or a header and a body) to cap's holder now, or queue it on cap's
+    outbox; never waits. Takes ownership of fds: closed once sent or dropped.
+
+    Returns:
+        Whether a writer must now drain cap's outbox (`write_outbox`, in a task).
+    """
+    if cap.closed:
+        P.close_fds(fds)
+        return False
+    if cap.outbox is None:  # made on first use: most capabilities never need one
+        left = send_now(cap.channel, frame, fds)
+        if left is None:
+            return False
+        cap.outbox = Outbox()
+        cap.outbox.queue(*left, cap.account, cap.payer)
+    else:
+        cap.outbox.offer(cap.channel, frame, fds, cap.account, cap.payer)
+    if cap.outbox and not cap.writing:
+        cap.writing = True
+        return True
+    return False
+
+
+async def write_outbox(cap: Capability, table: HandleTable) -> None:
+    """Drain cap's outbox as its holder reads; the one task that waits on its socket.
+    What waited for it (cap, and its account's capabilities) is read again as it drains."""
+    try:
+        while cap.outbox and not cap.closed:
+            try:
+                await cap.channel.wait_writable()
+            except trio.ClosedResourceError:
+                break
+            if cap.closed:
+                break  # released while we were woken: the outbox is gone
+            cap.outbox.flush(cap.channel, cap.account, cap.payer)
+            table.resume(cap.account.drained())
+    except Exception:
+        log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)
+        table.release(cap)
+    finally:
+        cap.writing = False
+        if cap.closed and cap.outbox:
+            cap.outbox.drop(cap.account, cap.payer)
+            table.resume(cap.account.drained())
+        if not cap.outbox:
+            cap.outbox = None  # drained: give its memory back
+        table.resume((cap,))

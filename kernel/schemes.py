@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from redoxcap.kernel.restart import RestartState
+from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
     from redoxcap.kernel.accounts import Account
     from redoxcap.kernel.capabilities import ClientRequest, SchemeHandle
     from redoxcap.wire.channel import Channel
+
+log = logging.getLogger("kernel")
+
+# What became of a frame for a daemon: sent; its channel is full (send it later); the
+# daemon is lost (the router must treat it as dead); or it was gone before (nothing to do).
+Sent = Literal["sent", "full", "lost", "gone"]
+SENT, FULL, LOST, GONE = "sent", "full", "lost", "gone"
 
 
 @dataclass(eq=False, slots=True)
@@ -34,8 +43,13 @@ class StatusQuery:
     def caller(self) -> tuple[int, int, int] | None:
         return None  # the router's own question: it serves no one
 
-    def answered(self, status: int, value: object) -> None:
-        self.answer.send_nowait((status, value))
+    def answered(self, status: int | None, body: bytes | memoryview) -> None:
+        """The daemon's reply (status None: malformed) to it: (status, the decoded value)."""
+        try:
+            answer = (status, P.unpack(body)) if status is not None else (P.ERR, errno.EIO)
+        except P.ProtocolError:
+            answer = (P.ERR, errno.EIO)
+        self.answer.send_nowait(answer)
 
     def abandoned(self) -> None:
         self.answer.close()
@@ -59,6 +73,32 @@ class Scheme:
     # who pays for the router's end of its channel (a client that created it; None: the system)
     payer: Account | None = None
     freed: bool = False  # its last capability went: it is gone for good
+
+    def try_send(self, frame: bytes | list, fds: list[int] | tuple[int, ...] = ()) -> Sent:
+        """Send a frame to its daemon if the channel has room now; the caller keeps fds."""
+        channel = self.channel
+        if channel is None:
+            return GONE
+        try:
+            return SENT if channel.try_send(frame, fds) else FULL
+        except OSError as exc:
+            log.warning("scheme %d: send failed: %s", self.id, exc)
+            return LOST
+
+    async def send(self, frame: bytes, fds: list[int] | tuple[int, ...] = ()) -> Sent:
+        """Send a frame to its daemon, waiting for room (in order behind other waiting
+        sends); the caller keeps fds. Never "full"."""
+        channel = self.channel
+        if channel is None:
+            return GONE
+        try:
+            await channel.send(frame, fds)
+        except (OSError, trio.ClosedResourceError) as exc:
+            if self.channel is not channel:
+                return GONE  # it died (and may have come back) while we waited
+            log.warning("scheme %d: send failed: %s", self.id, exc)
+            return LOST
+        return SENT
 
     def next_generation(self) -> None:
         """Handles of the old generation go stale, but the kept ones move on with it."""

@@ -9,10 +9,14 @@ page. docs/protocol.md describes the reply's fields.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
+import trio
+
+from redoxcap.kernel.schemes import StatusQuery
 from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SREQUEST
 
 if TYPE_CHECKING:
     from redoxcap.kernel.accounts import Account
@@ -26,6 +30,31 @@ STATUS_ACCOUNTS = 256  # accounts one status reply describes at most
 HOLDINGS_PAGE = 2048  # (account, scheme, handle, count) rows in one status reply
 STATUS_BUDGET = 100 * 1024  # bytes of a status reply: it must fit in one frame (MAX_FRAME)
 STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unknown
+
+
+async def ask(scheme: Scheme, into: dict, req_id: int,
+              send: Callable[[Scheme, bytes, list[int]], Awaitable[bool]]) -> None:
+    """Ask scheme's daemon SCHEME_STATUS and put its answer (a map) into into; nothing if
+    it does not answer within STATUS_TIMEOUT.
+
+    Args:
+        scheme: whom to ask.
+        into: where its answer goes.
+        req_id: the request id to ask under (the routing loop relays the answer by it).
+        send: how the routing loop sends a frame to a scheme's daemon.
+    """
+    answer, answered = trio.open_memory_channel(1)
+    scheme.pending[req_id] = StatusQuery(answer)
+    frame = SREQUEST.pack(req_id, P.ROOT_HANDLE, 0, 0, 0, 0, P.SCHEME_STATUS, 0) + P.pack([])
+    with trio.move_on_after(STATUS_TIMEOUT):
+        await send(scheme, frame, [])
+        try:
+            status, value = await answered.receive()
+        except trio.EndOfChannel:
+            status, value = P.ERR, None  # the daemon died meanwhile
+        if status == P.OK and isinstance(value, dict):
+            into.update(value)
+    scheme.pending.pop(req_id, None)
 
 
 def schemes_asked(options: dict, schemes: dict[int, Scheme]) -> list[Scheme]:

@@ -115,8 +115,12 @@ class Channel:
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
 
-    def try_send(self, frame: bytes, fds: list[int] | tuple[int, ...] = ()) -> bool:
+    def try_send(self, frame: bytes | list[bytes | memoryview],
+                 fds: list[int] | tuple[int, ...] = ()) -> bool:
         """Send one frame only if the socket has room now (the caller keeps its fds).
+
+        frame may be a list of buffers that together are the frame (a header and a
+        body sliced from another frame: nothing is copied to join them).
 
         Returns:
             True if sent; False if it would block (or a blocked send is queued first).
@@ -127,7 +131,7 @@ class Channel:
         if self._send_lock is not None and self._send_lock.locked():
             return False  # a waiting send goes first: frames stay in order
         try:
-            self.sock.sendmsg([frame], P.fds_ancillary(fds))
+            self.sock.sendmsg(frame if type(frame) is list else [frame], P.fds_ancillary(fds))
         except BlockingIOError:
             return False
         return True
