@@ -7,10 +7,32 @@ import trio
 
 from redoxcap.kernel import accounts
 from redoxcap.kernel.accounts import Limits
-from redoxcap.kernel.router import main
+from redoxcap.kernel.router import Router
 from redoxcap.wire.limits import forbid_core_dumps, raise_fd_limit
 
 forbid_core_dumps()  # before anything of a client's could be in memory
+
+
+async def serve(kernel_fd: int, verbose: bool, client_limits: Limits,
+                system_limits: Limits) -> None:
+    """Run the router until the supervisor's kernel capability is closed.
+
+    Args:
+        kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
+            kernel capability (the supervisor holds its other end).
+        verbose: log each request the router refuses itself.
+        client_limits: the default limits of accounts made by ACCOUNT_NEW.
+        system_limits: the limits of the system account (the kernel capability's).
+    """
+    async with trio.open_nursery() as nursery:
+        router = Router(nursery, verbose, client_limits, system_limits)
+        try:
+            router.table.adopt_supervisor(kernel_fd)
+            await router.supervisor_gone.wait()
+        finally:
+            nursery.cancel_scope.cancel()
+    router.close()
+
 
 parser = argparse.ArgumentParser(prog="python -m redoxcap.kernel", description=__doc__)
 parser.add_argument("--kernel-fd", type=int, required=True,
@@ -42,4 +64,4 @@ client_limits = Limits(max_caps=args.max_caps_per_account, max_inflight=args.max
                        max_queued_bytes=args.max_queued_bytes_per_account)
 system_limits = Limits(max_caps=None, max_inflight=None,
                        max_inflight_per_cap=args.max_inflight_per_system_cap, max_queued_bytes=None)
-trio.run(main, args.kernel_fd, args.verbose, client_limits, system_limits)
+trio.run(serve, args.kernel_fd, args.verbose, client_limits, system_limits)

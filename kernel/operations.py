@@ -54,6 +54,10 @@ class Kernel(Protocol):
     def summary(self) -> dict: ...
     def request_id(self) -> int: ...
     async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool: ...
+    def reply(self, cap: Capability, tag: int, status: int, value, fds: list[int] | None = None
+              ) -> None: ...
+    def tidy(self) -> None: ...
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,25 @@ def answer(k: Kernel, kop: KernelOp, cap: Capability, body, fds: list[int],
     except OSError as exc:
         return P.ERR, exc.errno or errno.EIO, []
     return P.OK, value, reply_fds
+
+
+def serve(k: Kernel, cap: Capability, op: int, tag: int, body: memoryview, fds: list[int],
+          payer: Account | None) -> None:
+    """Answer op, an operation of the router's own, on cap (fds stay the caller's): at once,
+    or in a task of its own for one that may wait."""
+    kop = permitted(k, cap, op)
+    if kop is None:
+        k.reply(cap, tag, P.ERR, errno.EINVAL)
+    elif kop.waits:
+        k.start_soon(_serve_waiting, k, kop, cap, tag, bytes(body), payer)
+    else:
+        k.reply(cap, tag, *answer(k, kop, cap, body, fds, payer))
+
+
+async def _serve_waiting(k: Kernel, kop: KernelOp, cap: Capability, tag: int, body: bytes,
+                         payer: Account | None) -> None:
+    k.reply(cap, tag, *await answer_waiting(k, kop, cap, body, payer))
+    k.tidy()
 
 
 async def answer_waiting(k: Kernel, kop: KernelOp, cap: Capability, body: bytes,

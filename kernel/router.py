@@ -33,7 +33,6 @@ from redoxcap.kernel import operations, recovery
 from redoxcap.kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limits
 from redoxcap.kernel.capabilities import Capability, ClientRequest
 from redoxcap.kernel.handles import HandleTable
-from redoxcap.kernel.operations import KernelOp
 from redoxcap.kernel.outbox import deliver, write_outbox
 from redoxcap.kernel.restart import Held
 from redoxcap.kernel.schemes import FULL, LOST, SENT, Scheme, Sent, StatusQuery
@@ -74,6 +73,7 @@ class Router:
     def __init__(self, nursery: trio.Nursery, verbose: bool = False,
                  client_limits: Limits = CLIENT_LIMITS, system_limits: Limits = SYSTEM_LIMITS) -> None:
         self._nursery = nursery
+        self.start_soon = nursery.start_soon  # for the kernel's operations that wait
         self.verbose = verbose
         self.table = table = HandleTable(client_limits, system_limits)
         # what the kernel's operations read (kernel/operations.py, Kernel)
@@ -253,7 +253,7 @@ class Router:
             if serving is not None and cap.account is self.system_account:
                 payer = self.table.account(for_account)  # charged to it (see _answer_client)
             try:
-                self._kernel_op(cap, op, tag, memoryview(data)[start:], fds, payer)
+                operations.serve(self, cap, op, tag, memoryview(data)[start:], fds, payer)
             finally:
                 P.close_fds(fds)
             return
@@ -264,29 +264,6 @@ class Router:
             recovery.hold(self, scheme, Held(cap, tag, cred, op, bytes(body), fds, serving, for_account))
             return
         self.forward(cap, tag, cred, op, body, fds, serving=serving, for_account=for_account)
-
-    def _kernel_op(self, cap: Capability, op: int, tag: int, body: memoryview, fds: list[int],
-                   payer: Account | None) -> None:
-        """Answer an operation of the router's own (kernel/operations.py); fds stay the caller's."""
-        kop = operations.permitted(self, cap, op)
-        if kop is None:
-            self.reply(cap, tag, P.ERR, errno.EINVAL)
-        elif kop.waits:
-            self._nursery.start_soon(self._answer_kernel_op, kop, cap, tag, bytes(body), payer)
-        else:
-            self._answer(cap, tag, *operations.answer(self, kop, cap, body, fds, payer))
-
-    async def _answer_kernel_op(self, kop: KernelOp, cap: Capability, tag: int, body: bytes,
-                                payer: Account | None) -> None:
-        """Answer an operation of the router's own that may wait, in a task of its own."""
-        self._answer(cap, tag, *await operations.answer_waiting(self, kop, cap, body, payer))
-        self.tidy()
-
-    def _answer(self, cap: Capability, tag: int, status: int, value, fds: list[int]) -> None:
-        """Reply to a request the router answers itself (logged when it refuses it)."""
-        if status == P.ERR and self.verbose:
-            log.info("tag %d refused: %s", tag, errno.errorcode.get(value, value))
-        self.reply(cap, tag, status, value, fds)
 
     def forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
                 body: bytes | memoryview, fds: list[int], counted: bool = False,
@@ -451,14 +428,16 @@ class Router:
             P.close_fds(fds)  # capabilities among them reach EOF unless someone else holds them
             if new is not None:
                 self.table.close_unclaimed(scheme, new[0])
-            self._answer(cap, tag, P.ERR, exc.errno or errno.EIO, [])
+            self.reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
         self._deliver(cap, [REPLY.pack(tag, P.OK if new is not None else status), body], fds)
 
     # -- replies to holders: never wait ------------------------------------------------
 
     def reply(self, cap: Capability, tag: int, status: int, value, fds: list[int] | None = None) -> None:
-        """Answer a request on cap; takes ownership of fds."""
+        """Answer a request on cap the router answers itself; takes ownership of fds."""
+        if status == P.ERR and self.verbose:
+            log.info("tag %d refused: %s", tag, errno.errorcode.get(value, value))
         self._deliver(cap, REPLY.pack(tag, status) + P.pack(value), fds or [])
 
     def _deliver(self, cap: Capability, frame: bytes | list, fds: list[int]) -> None:
@@ -478,23 +457,3 @@ class Router:
         if recovery.fail_in_flight(self, scheme):
             self._nursery.start_soon(recovery.give_up_waiting, self, scheme, scheme.generation)
 
-
-async def main(kernel_fd: int, verbose: bool = False, client_limits: Limits = CLIENT_LIMITS,
-               system_limits: Limits = SYSTEM_LIMITS) -> None:
-    """Run the router until the supervisor's kernel capability is closed.
-
-    Args:
-        kernel_fd: an inherited SOCK_SEQPACKET socket to serve as the first
-            kernel capability (the supervisor holds its other end).
-        verbose: log each request the router refuses itself.
-        client_limits: the default limits of accounts made by ACCOUNT_NEW.
-        system_limits: the limits of the system account (the kernel capability's).
-    """
-    async with trio.open_nursery() as nursery:
-        router = Router(nursery, verbose, client_limits, system_limits)
-        try:
-            router.table.adopt_supervisor(kernel_fd)
-            await router.supervisor_gone.wait()
-        finally:
-            nursery.cancel_scope.cancel()
-    router.close()
