@@ -64,7 +64,6 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchfloor import Floor, against_floor, latency, median_us, native_open_read, ping_floor
@@ -441,7 +440,6 @@ def memory(state: Path, count: int) -> dict[str, float]:
 # -- targets -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
 class Target:
     """One row of issue 21's target table: where its ratio is in the results, and its bound."""
 
