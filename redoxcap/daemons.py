@@ -10,6 +10,8 @@ system's own Python daemons are forks of one warm fork server
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,7 @@ from redoxcap import PYTHON
 if TYPE_CHECKING:
     import trio
 
-    from redoxcap.forkserver import ForkServer
+    from redoxcap.forkserver import ForkedProcess, ForkServer
     from redoxcap.wire.aio import AsyncCapability
 
 # trio is imported where a daemon is made or stopped (in the supervisor), not here: config
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supervisor")
 STOP_GRACE = 3.0  # seconds a daemon has to exit after SIGTERM, before SIGKILL
+RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
+RETRY_MAX = 5.0  # the longest wait between two tries
 
 
 # what `python -m MODULE` runs (and how it reports a missing module), from a directory that is
@@ -183,3 +187,60 @@ def rss_kib(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+async def open_process(forkserver: ForkServer | None, spec: SchemeSpec, args: list[str | int]
+                       ) -> trio.Process | ForkedProcess:
+    """Start spec's daemon with args after its program (`python -m MODULE`, or its command);
+    an int in args is an fd it inherits, named there by its number. Forked from forkserver
+    when it is a module of the system's own, run in the supervisor's environment; a process
+    of its own otherwise (or when the fork server fails)."""
+    import trio
+
+    if forkserver is not None and spec.forkable:
+        try:
+            return await forkserver.spawn(spec.module, args)
+        except OSError as exc:
+            log.warning("the fork server could not start %s (%s); starting it on its own",
+                        spec.name, exc)
+    return await trio.lowlevel.open_process(
+        [*spec.program(), *map(str, args)], pass_fds=[a for a in args if isinstance(a, int)],
+        env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd)
+
+
+async def stop_processes(processes: list) -> None:
+    """Wait STOP_GRACE for processes to exit on their own (their channels closed), then
+    SIGTERM those left, then SIGKILL those left after another STOP_GRACE; reap them all."""
+    import trio
+
+    with trio.move_on_after(STOP_GRACE):
+        for proc in processes:
+            await proc.wait()
+    for proc in processes:
+        if proc.returncode is None:
+            proc.terminate()
+    with trio.move_on_after(STOP_GRACE):
+        for proc in processes:
+            await proc.wait()
+    for proc in processes:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def with_backoff(daemon: Daemon, attempt: Callable[[], Awaitable[None]],
+                       go_on: Callable[[], bool]) -> None:
+    """attempt() to bring daemon back until it works, go_on() says no more or daemon is given
+    up on: RETRY_FIRST seconds after a failure, then twice as long each time up to RETRY_MAX."""
+    import trio
+
+    delay = RETRY_FIRST
+    while go_on() and not daemon.failed:
+        try:
+            await attempt()
+            return
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("could not restart %s: %s; trying again in %.1fs",
+                        daemon.spec.name, exc, delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)

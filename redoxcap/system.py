@@ -35,7 +35,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from redoxcap.daemons import (
@@ -43,9 +42,12 @@ from redoxcap.daemons import (
     BootFailed,
     Daemon,
     SchemeSpec,
+    open_process,
     rss_kib,
     start_forkserver,
+    stop_processes,
     terminate,
+    with_backoff,
 )
 from redoxcap.programs import Programs
 from redoxcap.wire import protocol as P
@@ -64,8 +66,6 @@ log = logging.getLogger("supervisor")
 
 RESTART_WINDOW = 10.0  # seconds
 MAX_RESTARTS_IN_WINDOW = 5
-RETRY_FIRST = 0.1  # seconds before a failed restart is tried again; doubled each time
-RETRY_MAX = 5.0  # the longest wait between two tries
 
 
 class System:
@@ -138,7 +138,7 @@ class System:
             self._forkserver = start_forkserver(self.specs)
         ours, theirs = _socketpair()
         try:
-            self.kernel_process = await self._open_process(SchemeSpec("kernel", "redoxcap.kernel"),
+            self.kernel_process = await open_process(self._forkserver, SchemeSpec("kernel", "redoxcap.kernel"),
                                                            ["--kernel-fd", theirs])
         finally:
             os.close(theirs)
@@ -239,29 +239,12 @@ class System:
                 fds.append(os.dup(self.directfs_grant))
                 extra += ["--directfs-grant-fd", fds[-1]]
             daemon.started = time.monotonic()
-            daemon.process = await self._open_process(
+            daemon.process = await open_process(self._forkserver, 
                 daemon.spec, ["--channel-fd", channel, *daemon.spec.args, *extra])
         finally:
             for fd in fds:
                 os.close(fd)
         nursery.start_soon(self._watch, daemon, daemon.process)
-
-    async def _open_process(self, spec: SchemeSpec, args: list[str | int]) -> trio.Process:
-        """Start spec's daemon with args after its program (`python -m MODULE`, or its command);
-        an int in args is an fd it inherits, named there by its number. Forked from the fork
-        server when it is a module of the system's own, run in the supervisor's environment; a
-        process of its own otherwise (or when the fork server fails)."""
-        import trio
-
-        if self._forkserver is not None and spec.forkable:
-            try:
-                return await self._forkserver.spawn(spec.module, args)
-            except OSError as exc:
-                log.warning("the fork server could not start %s (%s); starting it on its own",
-                            spec.name, exc)
-        return await trio.lowlevel.open_process(
-            [*spec.program(), *map(str, args)], pass_fds=[a for a in args if isinstance(a, int)],
-            env={**os.environ, **dict(spec.env)} if spec.env else None, cwd=spec.cwd)
 
     async def _register(self, daemon: Daemon) -> None:
         assert daemon.root is not None
@@ -317,7 +300,7 @@ class System:
         """_respawn, tried again with backoff until it works (or the system stops): a
         restart fails when the system is short of something for now, not because the
         daemon is broken. The caller holds daemon.lock."""
-        await self._with_backoff(daemon, lambda: self._respawn(daemon))
+        await with_backoff(daemon, lambda: self._respawn(daemon), lambda: not self.stopping)
 
     async def _retry_later(self, daemon: Daemon) -> None:
         """Go on trying, with backoff, a restart that `restart()` could not make."""
@@ -329,23 +312,7 @@ class System:
                 await self._register(daemon)
 
         async with daemon.lock:
-            await self._with_backoff(daemon, restart_and_register)
-
-    async def _with_backoff(self, daemon: Daemon, attempt: Callable[[], Awaitable[None]]) -> None:
-        """attempt() until it works, the system stops or daemon is given up on: RETRY_FIRST
-        seconds after a failure, then twice as long each time up to RETRY_MAX."""
-        import trio
-
-        delay = RETRY_FIRST
-        while not self.stopping and not daemon.failed:
-            try:
-                await attempt()
-                return
-            except (OSError, trio.TooSlowError) as exc:
-                log.warning("could not restart %s: %s; trying again in %.1fs",
-                            daemon.spec.name, exc, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+            await with_backoff(daemon, restart_and_register, lambda: not self.stopping)
 
     async def _give_up(self, daemon: Daemon) -> None:
         """Mark daemon FAILED and take its name out of the root namespace."""
@@ -479,8 +446,6 @@ class System:
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
-        import trio
-
         self.stopping = True
         for d in [*self.daemons, self.nsmgr]:
             if d.root is not None:
@@ -492,19 +457,7 @@ class System:
         processes = [d.process for d in [*self.daemons, self.nsmgr] if d.process]
         if self.kernel_process is not None:
             processes.insert(0, self.kernel_process)
-        with trio.move_on_after(STOP_GRACE):
-            for proc in processes:
-                await proc.wait()
-        for proc in processes:
-            if proc.returncode is None:
-                proc.terminate()
-        with trio.move_on_after(STOP_GRACE):
-            for proc in processes:
-                await proc.wait()
-        for proc in processes:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await stop_processes(processes)
         if self.directfs_grant >= 0:
             os.close(self.directfs_grant)
             self.directfs_grant = -1

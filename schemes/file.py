@@ -56,9 +56,15 @@ import os
 import stat
 import sys
 
-from redoxcap.schemes.file_work import FileHandle, Workers
+from redoxcap.schemes.file_work import (
+    RESOLVE_BITS,
+    FileHandle,
+    Workers,
+    lookup_anchor,
+    passed_directory,
+    scheme_path,
+)
 from redoxcap.schemes.framework import (
-    HandleRef,
     Opened,
     Reply,
     Request,
@@ -76,7 +82,6 @@ from redoxcap.wire.linux import (
 )
 from redoxcap.wire.stat import Stat
 
-RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Linux's own O_LARGEFILE bit (Python's os.O_LARGEFILE is 0 on 64-bit machines)
 _O_LARGEFILE = O_LARGEFILE.get(machine(), 0)
 SERVED = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND
@@ -157,7 +162,7 @@ class FileScheme(Scheme):
         if not path_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_CREAT | os.O_TRUNC)):
             self._writable()
         mode = _mode(mode) if flags & os.O_CREAT else 0
-        anchor = self._lookup_anchor(h, path, flags)
+        anchor = lookup_anchor(h, path, flags)
         host = flags & ~(RESOLVE_BITS | os.O_CLOEXEC)
         if not path_only:
             host |= os.O_NONBLOCK
@@ -181,14 +186,6 @@ class FileScheme(Scheme):
         fdflags = (flags & ~(RESOLVE_BITS | ONLY_AT_OPEN)) | sticky
         handle = FileHandle(fd, is_dir, anchor, owned, fdflags, host)
         return Opened(handle, fdflags=fdflags)
-
-    def _lookup_anchor(self, h: FileHandle, path: str, flags: int) -> Anchor:
-        """Where this lookup may not go past: h itself with an O_RESOLVE_* flag, else h's anchor."""
-        if not flags & RESOLVE_BITS:
-            return h.anchor
-        if not h.is_dir:
-            raise SchemeError(errno.ENOENT if not path else errno.ENOTDIR)
-        return Anchor.of(h.fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
 
     def _share(self, anchor: Anchor) -> tuple[Anchor, bool]:
         """The anchor for a new handle: the root's is shared, any other gets its own fd."""
@@ -229,7 +226,7 @@ class FileScheme(Scheme):
         paths = {}
         for number, h in list(handles.items())[:STATUS_PATHS]:
             try:
-                paths[str(number)] = self._where(h)
+                paths[str(number)] = scheme_path(self.name, self.root_fd, h.fd)
             except (OSError, SchemeError):
                 paths[str(number)] = "(gone)"
         return {"paths": paths}
@@ -298,7 +295,7 @@ class FileScheme(Scheme):
         """
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
             raise SchemeError(errno.EINVAL, "unsupported flag")
-        anchor = self._lookup_anchor(h, path, flags)
+        anchor = lookup_anchor(h, path, flags)
         fd = open_at(anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
         try:
             return Stat.of(os.fstat(fd))
@@ -343,37 +340,9 @@ class FileScheme(Scheme):
 
         ENOENT when the file was removed or moved out of the root by the host.
         """
-        return self._where(h)
-
-    def _where(self, h: FileHandle) -> str:
-        root = os.readlink(f"/proc/self/fd/{self.root_fd}")
-        real = os.readlink(f"/proc/self/fd/{h.fd}")
-        if real == root:
-            return f"/scheme/{self.name}"
-        prefix = root.rstrip("/") + "/"
-        if real.startswith(prefix) and not real.endswith(" (deleted)"):
-            return f"/scheme/{self.name}/" + real[len(prefix):]
-        raise SchemeError(errno.ENOENT, "the file is no longer beneath the scheme's root")
+        return scheme_path(self.name, self.root_fd, h.fd)
 
     # -- names ---------------------------------------------------------------
-
-    def _target_dir(self, req: Request, h: FileHandle) -> FileHandle:
-        """The directory a second path is relative to: a passed directory of ours, or h."""
-        if not req.passed:
-            return h
-        if len(req.passed) > 1:
-            raise SchemeError(errno.EINVAL, "one directory capability at most")
-        ref = req.passed[0]
-        if ref is None:
-            raise SchemeError(errno.EINVAL, "expected a directory capability")
-        if not isinstance(ref, HandleRef):
-            raise SchemeError(errno.EXDEV, "the second directory is not in this scheme")
-        target = self.handles.get(ref.number)
-        if target is None:
-            raise SchemeError(errno.EBADF)
-        if not target.is_dir:
-            raise SchemeError(errno.ENOTDIR)
-        return target
 
     async def mkdirat(self, req: Request, h: FileHandle, path: str, mode: int) -> None:
         self._writable()
@@ -407,7 +376,7 @@ class FileScheme(Scheme):
     async def renameat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
         """Rename old (relative to h) to new (relative to the passed directory, or h)."""
         self._writable()
-        target = self._target_dir(req, h)
+        target = passed_directory(req, self.handles, h)
         src, src_name = resolve_parent(h.anchor, h.fd, old)
         try:
             dst, dst_name = resolve_parent(target.anchor, target.fd, new)
@@ -426,7 +395,7 @@ class FileScheme(Scheme):
         new's own errors (EEXIST, ENOENT).
         """
         self._writable()
-        target = self._target_dir(req, h)
+        target = passed_directory(req, self.handles, h)
         fd = open_at(h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
         try:
             old_is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
@@ -473,7 +442,7 @@ class FileScheme(Scheme):
         self._writable()
         if not path:
             return os.dup(h.fd)
-        return open_at(self._lookup_anchor(h, path, flags), h.fd, path,
+        return open_at(lookup_anchor(h, path, flags), h.fd, path,
                        os.O_PATH | (flags & os.O_NOFOLLOW))
 
     async def chmodat(self, req: Request, h: FileHandle, path: str, mode: int, flags: int) -> None:

@@ -6,7 +6,9 @@ page served), so that reading a large directory page by page costs a page per
 request, not the whole directory. :class:`Workers` runs what can take long
 (listings, fsync, ftruncate, unlink) in worker threads: one at a time per
 client account and LISTING_THREADS for all, so that heavy work on one
-client's behalf never holds up the requests of the others.
+client's behalf never holds up the requests of the others. And the
+lookups the scheme's operations share: where a lookup may not go past, the
+/scheme/ path of a host fd, the directory a second path is relative to.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import trio
 
-from redoxcap.schemes.framework import SchemeError
+from redoxcap.schemes.framework import HandleRef, Request, SchemeError
 from redoxcap.schemes.resolve import Anchor
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
@@ -143,6 +145,9 @@ class Listing:
         return None
 
 
+RESOLVE_BITS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
+
+
 class Workers:
     """A file scheme's worker threads, and the directory cursors they read (see the module).
 
@@ -200,3 +205,43 @@ class Workers:
         if h.listing is not None:
             self._listings.pop(id(h), None)
             h.listing.close()
+
+
+def lookup_anchor(h: FileHandle, path: str, flags: int) -> Anchor:
+    """Where this lookup may not go past: h itself with an O_RESOLVE_* flag, else h's anchor."""
+    if not flags & RESOLVE_BITS:
+        return h.anchor
+    if not h.is_dir:
+        raise SchemeError(errno.ENOENT if not path else errno.ENOTDIR)
+    return Anchor.of(h.fd, beneath=bool(flags & P.O_RESOLVE_BENEATH))
+
+
+def scheme_path(name: str, root_fd: int, fd: int) -> str:
+    """The /scheme/NAME/... path of host fd fd, beneath the scheme's root_fd (FPATH, status)."""
+    root = os.readlink(f"/proc/self/fd/{root_fd}")
+    real = os.readlink(f"/proc/self/fd/{fd}")
+    if real == root:
+        return f"/scheme/{name}"
+    prefix = root.rstrip("/") + "/"
+    if real.startswith(prefix) and not real.endswith(" (deleted)"):
+        return f"/scheme/{name}/" + real[len(prefix):]
+    raise SchemeError(errno.ENOENT, "the file is no longer beneath the scheme's root")
+
+
+def passed_directory(req: Request, handles: dict, h: FileHandle) -> FileHandle:
+    """The directory a second path is relative to: a passed directory of ours, or h."""
+    if not req.passed:
+        return h
+    if len(req.passed) > 1:
+        raise SchemeError(errno.EINVAL, "one directory capability at most")
+    ref = req.passed[0]
+    if ref is None:
+        raise SchemeError(errno.EINVAL, "expected a directory capability")
+    if not isinstance(ref, HandleRef):
+        raise SchemeError(errno.EXDEV, "the second directory is not in this scheme")
+    target = handles.get(ref.number)
+    if target is None:
+        raise SchemeError(errno.EBADF)
+    if not target.is_dir:
+        raise SchemeError(errno.ENOTDIR)
+    return target
