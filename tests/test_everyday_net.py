@@ -47,7 +47,9 @@ def test_http_server_serves_within_its_grant(redoxcap_module_system, tmp_path):
     assert got.returncode != 0 and "Permission denied" in got.stderr
 
 
-SOCKETS = textwrap.dedent("""
+# What a test program starts with: the granted port and another, and attempt(what, call),
+# which prints what and "ok" or the errno's name.
+ATTEMPT = textwrap.dedent("""
     import errno, socket, sys
     granted, other = int(sys.argv[1]), int(sys.argv[2])
     def attempt(what, call):
@@ -56,6 +58,9 @@ SOCKETS = textwrap.dedent("""
             print(what, "ok")
         except OSError as exc:
             print(what, errno.errorcode.get(exc.errno, exc.errno))
+""")
+
+SOCKETS = ATTEMPT + textwrap.dedent("""
     tcp = lambda family=socket.AF_INET: socket.socket(family, socket.SOCK_STREAM)
     attempt("connect granted", lambda: tcp().connect(("127.0.0.1", granted)))
     attempt("connect other", lambda: tcp().connect(("127.0.0.1", other)))
@@ -138,15 +143,7 @@ def test_a_racing_address_never_connects_beyond_the_grant(redoxcap_module_system
 
 # -- UDP within --allow-udp-connect / --allow-udp-listen -------------------------------------
 
-UDP_SOCKETS = textwrap.dedent("""
-    import errno, socket, sys
-    granted, other = int(sys.argv[1]), int(sys.argv[2])
-    def attempt(what, call):
-        try:
-            call()
-            print(what, "ok")
-        except OSError as exc:
-            print(what, errno.errorcode.get(exc.errno, exc.errno))
+UDP_SOCKETS = ATTEMPT + textwrap.dedent("""
     udp = lambda family=socket.AF_INET: socket.socket(family, socket.SOCK_DGRAM)
     s = udp()
     attempt("sendto granted", lambda: s.sendto(b"sendto", ("127.0.0.1", granted)))

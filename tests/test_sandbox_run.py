@@ -163,16 +163,22 @@ def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(re
         assert run.wait(timeout=30) == 3
         out.until(f"{kid} got SIGTERM".encode())
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-        for pidfd in pidfds:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.close(pidfd)
-        run.stdout.close()
+        _stop(run, pidfds)
+
+
+def _stop(run: subprocess.Popen, pidfds: list[int]) -> None:
+    """Kill what a test started, whatever it left: run's process group, and each process a
+    pidfd (closed here) names."""
+    if run.poll() is None:
+        os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    for pidfd in pidfds:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(pidfd)
+    run.stdout.close()
 
 
 TOOL = textwrap.dedent("""
@@ -270,16 +276,7 @@ def test_a_confined_client_dies_with_a_killed_run(redoxcap_module_system):
         os.killpg(run.pid, signal.SIGKILL)
         assert select.select([pidfd], [], [], 30)[0], "the client outlived run"
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-        if pidfd is not None:
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.close(pidfd)
-        run.stdout.close()
+        _stop(run, [pidfd] if pidfd is not None else [])
 
 
 def test_a_package_planted_in_the_cwd_does_not_run_as_the_launcher(redoxcap_module_system, tmp_path):
