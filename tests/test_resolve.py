@@ -104,14 +104,21 @@ CHANGES_TREE = os.O_CREAT | os.O_TRUNC
 
 
 def snapshot(top: Path) -> dict[str, tuple]:
-    """Every name under top with its type, permissions and size (or link contents)."""
+    """Every name under top (relative, as "a/b") with its type, permissions and size (or link
+    contents); links are not followed."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            detail = os.readlink(path) if stat.S_ISLNK(st.st_mode) else st.st_size
-            out[os.path.relpath(path, top)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), detail)
+
+    def walk(path: str, prefix: str) -> None:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                name = prefix + entry.name
+                detail = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else st.st_size
+                out[name] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), detail)
+                if stat.S_ISDIR(st.st_mode):
+                    walk(entry.path, name + "/")
+
+    walk(str(top), "")
     return out
 
 
