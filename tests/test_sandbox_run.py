@@ -25,11 +25,12 @@ from redoxcap.testing import REDOXCAP
 
 
 class Output:
-    """Reads what a process writes to fd, waiting for it with a deadline."""
+    """Reads what a process writes to fd, waiting up to timeout seconds for each thing asked
+    (a slow machine may take long to start the program, and then to signal it)."""
 
     def __init__(self, fd: int, timeout: float = 30.0) -> None:
         self.fd = fd
-        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
         self.data = b""
 
     def until(self, needle: bytes) -> bytes:
@@ -38,8 +39,9 @@ class Output:
 
     def match(self, pattern: bytes) -> re.Match[bytes]:
         """Read until pattern is found in what has arrived; return the match."""
+        deadline = time.monotonic() + self.timeout
         while (found := re.search(pattern, self.data)) is None:
-            left = self.deadline - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.fd], [], [], left)[0]:
                 raise AssertionError(f"no {pattern!r} in time; got {self.data!r}")
             chunk = os.read(self.fd, 4096)
