@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from redoxcap import config, control, exits, lifecycle, status
-from redoxcap.entry import exit_for
+from redoxcap.entry import dispatch_run, exit_for
 from redoxcap.exits import EXIT_FAILED, EXIT_USAGE, Failure
 from redoxcap.wire.limits import forbid_core_dumps
 
@@ -204,6 +204,10 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="Brokered: also serve this host path read-only (repeatable).")
 @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
               help="Brokered: regular files come as host fds (native reads and writes).")
+@click.option("--in-process", "in_process", is_flag=True,
+              help="Start COMMAND from this process, as its child, even with a system up (which "
+                   "otherwise starts a confined COMMAND itself, from its warm fork server: "
+                   "faster); for strace -f, a debugger, or a parent that must be this process.")
 @click.option("--pass-fd", "pass_fds", multiple=True, type=click.IntRange(3, None), metavar="N",
               help="Hand the command this fd of yours too (repeatable); by default it gets only "
                    "0, 1 and 2, besides its capabilities.")
@@ -226,7 +230,8 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
                 uds_scope: str, tcp_connect: tuple[str, ...], tcp_listen: tuple[str, ...],
                 udp_connect: tuple[str, ...], udp_listen: tuple[str, ...],
                 trace: str | None, trace_json: bool, brokered: bool | None,
-                ro_host: tuple[str, ...], passthrough: bool, pass_fds: tuple[int, ...],
+                ro_host: tuple[str, ...], passthrough: bool, in_process: bool,
+                pass_fds: tuple[int, ...],
                 max_caps: int | None, log_file: Path | None, root: Path | None,
                 mounts: tuple[str, ...], config_file: Path | None, command: tuple[str, ...]) -> None:
     """Run COMMAND with the namespace and current directory you give it.
@@ -250,15 +255,18 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
     daemons of the run's own, gone when it ends. `run` exits with COMMAND's
     exit code (127: not found).
     """
-    from redoxcap import run  # the client runtime: only `run` needs it
-
-    sys.exit(run.main(
-        state_dir, command, names=names, dirs=dirs, cwd=cwd, beneath=beneath, confine=confine,
-        require_confine=require_confine, env_options=env_options, inherit_env=inherit_env,
-        uds_scope=uds_scope, tcp_connect=tcp_connect, tcp_listen=tcp_listen,
-        udp_connect=udp_connect, udp_listen=udp_listen, trace=trace, trace_json=trace_json,
-        brokered=brokered, ro_host=ro_host, passthrough=passthrough, pass_fds=pass_fds,
-        max_caps=max_caps, log_file=log_file, root=root, mounts=mounts, config_file=config_file))
+    options = {
+        "names": names, "dirs": dirs, "cwd": cwd, "beneath": beneath, "confine": confine,
+        "require_confine": require_confine, "env_options": env_options,
+        "inherit_env": inherit_env, "uds_scope": uds_scope, "tcp_connect": tcp_connect,
+        "tcp_listen": tcp_listen, "udp_connect": udp_connect, "udp_listen": udp_listen,
+        "trace": trace, "trace_json": trace_json, "brokered": brokered, "ro_host": ro_host,
+        "passthrough": passthrough, "in_process": in_process, "pass_fds": pass_fds,
+        "max_caps": max_caps, "log_file": log_file, "root": root, "mounts": mounts,
+        "config_file": config_file}
+    # as the console script's short way does it (redoxcap/entry.py), paths as it reads them
+    sys.exit(dispatch_run(str(state_dir), list(command),
+                          {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}))
 
 
 @main.command("trace")

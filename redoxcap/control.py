@@ -33,6 +33,8 @@ Operations:
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
     directfs   -> the grant a broker passes with HOSTDIR to its file schemes (fds[0])
+    run        -> {}: a runner (redoxcap/runner.py) forked for the socket passed with the
+                  request, which does a `redoxcap run` for its peer (redoxcap/launch.py)
     shutdown   -> stops the system after answering
     ping       -> {}
 """
@@ -69,6 +71,7 @@ PID_NAME = "supervisor.pid"
 LOCK_NAME = "supervisor.lock"
 LOG_NAME = "supervisor.log"
 MAX_REQUEST = 4096
+PASSED_FD_SPACE = socket.CMSG_SPACE(4)  # a request carries at most one fd (`run`'s socket)
 
 MAX_CONNECTIONS = 32  # open control connections at once, authenticated or not
 MAX_WAITING_PER_PID = 4  # unauthenticated connections one peer process may hold
@@ -331,10 +334,12 @@ class _Server:
         import trio
 
         with trio.move_on_after(AUTH_DEADLINE) as deadline:
-            # no ancillary buffer: Linux closes any fd a peer tries to pass us
-            data, _, flags, _ = await conn.sock.recvmsg(MAX_REQUEST)
+            # room for one fd (`run`'s): Linux closes any more a peer tries to pass us
+            data, anc, flags, _ = await conn.sock.recvmsg(MAX_REQUEST, PASSED_FD_SPACE,
+                                                          socket.MSG_CMSG_CLOEXEC)
         if deadline.cancelled_caught:
             return
+        passed, _ = P.parse_ancillary(anc)  # ours until the handler is done with them
         fds: list[int] = []
         try:
             request = self._authenticate(data, flags)
@@ -342,10 +347,13 @@ class _Server:
             handler = self.handlers.get(request.get("op"))
             if handler is None:
                 raise ControlError(f"unknown operation {request.get('op')!r}")
+            request["passed_fds"] = list(passed)  # what the peer sent, never what it says
             reply, fds = await handler(request)
             reply = {"ok": True, **reply}
         except (ControlError, P.ProtocolError, OSError, trio.TooSlowError) as exc:
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        finally:
+            P.close_fds(passed)
         try:
             with trio.move_on_after(REPLY_DEADLINE):
                 await conn.sock.sendmsg([P.pack(reply)], P.fds_ancillary(fds))

@@ -139,7 +139,8 @@ def start_forkserver(specs: list[SchemeSpec]) -> ForkServer | None:
     modules = ["redoxcap.kernel", "redoxcap.nsmgr", *(s.module for s in specs if s.forkable)]
     try:
         adopt_orphans()  # the daemons it forks become our children
-        return ForkServer(list(dict.fromkeys(modules)))
+        # `run`'s runner (the run, the broker, the sandbox) once the boot is done
+        return ForkServer(list(dict.fromkeys(modules)), later=["redoxcap.runner"])
     except OSError as exc:
         log.warning("no fork server (%s): each daemon starts an interpreter of its own", exc)
         return None

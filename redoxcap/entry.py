@@ -17,9 +17,15 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+    from typing import Any
+
+# Nothing here loads more than the interpreter has at start: a run with a system up is handed
+# to it (redoxcap/launch.py) from here, and pathlib, typing and the rest would only slow it.
 
 # `run`'s options: option -> (the parameter of redoxcap.run.main, how its value is read). Kinds:
 #   text / texts      a value / a repeatable value
@@ -50,6 +56,7 @@ RUN_OPTIONS: dict[str, tuple[str, str]] = {
     "--no-broker": ("brokered", "off"),
     "--ro-host": ("ro_host", "texts"),
     "--passthrough": ("passthrough", "on"),
+    "--in-process": ("in_process", "on"),
     "--no-passthrough": ("passthrough", "off"),
     "--pass-fd": ("pass_fds", "fd"),
     "--max-caps": ("max_caps", "caps"),
@@ -58,6 +65,8 @@ RUN_OPTIONS: dict[str, tuple[str, str]] = {
     "--mount": ("mounts", "texts"),
     "--config": ("config_file", "config"),
 }
+PATH_OPTIONS = frozenset(dest for dest, kind in RUN_OPTIONS.values()
+                         if kind in ("dir", "file", "config"))
 MAX_CAPS_RANGE = (16, 1 << 20)
 MIN_PASS_FD = 3
 
@@ -66,7 +75,7 @@ class _ClickDecides(Exception):
     """Not certain: let click parse the whole command line."""
 
 
-def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[Path | None, list[str], dict[str, Any]]:
+def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str | None, list[str], dict[str, Any]]:
     """Read `[--state-dir DIR] run [OPTIONS] [--] COMMAND...` as the click group would.
 
     Args:
@@ -76,7 +85,8 @@ def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[Path | N
     Returns:
         (--state-dir as given, made absolute, or None when neither it nor
         REDOXCAP_STATE_DIR says: the default; COMMAND; the other keyword
-        arguments of redoxcap.run.main, only those given).
+        arguments of redoxcap.run.main, only those given, with paths as
+        strings: :func:`run_command` makes them Paths).
 
     Raises:
         _ClickDecides: anything else, or anything this table is not sure of.
@@ -126,7 +136,7 @@ def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[Path | N
     if state_dir is not None:
         if not state_dir or not _path_ok(state_dir, file_ok=False):
             raise _ClickDecides(state_dir)
-        state_dir = Path(state_dir).absolute()
+        state_dir = os.path.join(os.getcwd(), state_dir)  # as Path.absolute(): no normalizing
     return state_dir, rest, options
 
 
@@ -148,7 +158,7 @@ def _read_value(options: dict[str, Any], dest: str, kind: str, value: str) -> No
         if not value or not _path_ok(value, file_ok=kind != "dir", dir_ok=kind == "dir",
                                      must_exist=kind == "config"):
             raise _ClickDecides(value)
-        options[dest] = Path(value)
+        options[dest] = value
     else:  # pragma: no cover - a kind the table above does not use
         raise _ClickDecides(kind)
 
@@ -186,7 +196,12 @@ def failure_code(exc: BaseException) -> int | None:
 
 
 def main() -> None:
-    """The console script: `redoxcap ARGS...` (also `python -m redoxcap`)."""
+    """The console script: `redoxcap ARGS...` (also `python -m redoxcap`).
+
+    A confined `run` with a system up is the system's to do (redoxcap/launch.py:
+    a fork of its warm interpreter); any other, or one it does not take, is done
+    here (:func:`run_command`).
+    """
     try:
         state_dir, command, options = parse_run(sys.argv[1:], os.environ)
     except _ClickDecides:
@@ -194,21 +209,52 @@ def main() -> None:
 
         commands(prog_name="redoxcap")
         return
+    if state_dir is None:
+        from redoxcap.launch import default_state_dir
+
+        state_dir = default_state_dir()
+    sys.exit(dispatch_run(state_dir, command, options))
+
+
+def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any]) -> int:
+    """`redoxcap run` as parse_run read it: by the system up at state_dir when it is
+    confined (redoxcap/launch.py), else, or when the system does not take it, here
+    (:func:`run_command`); the exit code."""
+    # an unconfined program keeps our session and terminal: it must be our child
+    if options.get("confine", True) and not options.get("in_process"):
+        from redoxcap.launch import run_in_system
+
+        code = run_in_system(state_dir, command, options)
+        if code is not None:
+            return code
+    return run_command(state_dir, command, options)
+
+
+def with_paths(state_dir: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """parse_run's state_dir and options, their paths made Paths (as click gives them)."""
+    from pathlib import Path
+
+    return Path(state_dir), {k: Path(v) if k in PATH_OPTIONS and v is not None else v
+                             for k, v in options.items()}
+
+
+def run_command(state_dir: str, command: Sequence[str], options: dict[str, Any]) -> int:
+    """`redoxcap run` in this process, as parse_run read it; the exit code (a failure's
+    message is printed first, as `redoxcap: MESSAGE`)."""
     from redoxcap import run
 
-    if state_dir is None:
-        from redoxcap.lifecycle import default_state_dir
-
-        state_dir = default_state_dir().absolute()
+    path, options = with_paths(state_dir, options)
     try:
-        code = run.main(state_dir, command, **options)
+        return run.main(path, command, **options)
     except KeyboardInterrupt:  # Ctrl-C before the program runs: as click says it
         print("Aborted!", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except Exception as exc:
-        exit_for(exc)
-        raise
-    sys.exit(code)
+        code = failure_code(exc)
+        if code is None:
+            raise
+        print(f"redoxcap: {exc}", file=sys.stderr)
+        return code
 
 
 def exit_for(exc: Exception) -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     import trio
 
 MAX_FDS = 8  # fds one daemon inherits through a request (its channel, a kernel capability)
+IDLE = 0.05  # seconds without a request before a module asked for `--later` is loaded
 
 
 # -- the supervisor's side -------------------------------------------------------
@@ -57,8 +58,9 @@ class ForkServer:
     (:func:`adopt_orphans`).
     """
 
-    def __init__(self, modules: Sequence[str]) -> None:
-        """Start `python -E -P -m redoxcap.forkserver` preloading what modules' mains import.
+    def __init__(self, modules: Sequence[str], later: Sequence[str] = ()) -> None:
+        """Start `python -E -P -m redoxcap.forkserver` preloading what modules' mains import
+        (later: once the boot's requests are served).
 
         Raises:
             OSError: it could not be started.
@@ -69,7 +71,8 @@ class ForkServer:
         try:
             self.process = subprocess.Popen(
                 [*PYTHON, "-m", "redoxcap.forkserver", "--for", str(os.getpid()),
-                 "--socket-fd", str(theirs.fileno()), *modules],
+                 "--socket-fd", str(theirs.fileno()),
+                 *(f"--later={m}" for m in later), *modules],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
@@ -206,9 +209,16 @@ def preload(module: str) -> None:
             __import__(node.module)
 
 
-def serve(sock: socket.socket) -> None:
-    """Fork a daemon per request until the supervisor closes the socket."""
+def serve(sock: socket.socket, later: Sequence[str] = ()) -> None:
+    """Fork a daemon per request until the supervisor closes the socket; preload the later
+    modules one by one whenever no request has come for IDLE seconds."""
+    import select
+
+    later = list(later)
     while True:
+        if later and not select.select([sock], [], [], IDLE)[0]:
+            preload(later.pop(0))
+            continue
         try:
             data, anc, flags, _ = sock.recvmsg(1 << 16, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
         except OSError:
@@ -348,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--for", dest="parent", type=int, required=True,
                         help="the supervisor's pid: the server dies with it")
     parser.add_argument("--socket-fd", type=int, required=True, help="the socket to serve")
+    parser.add_argument("--later", action="append", default=[], metavar="MODULE",
+                        help="a module to load once the requests of a boot are served "
+                             "(repeatable)")
     parser.add_argument("modules", nargs="*", help="modules whose mains' imports to load now")
     args = parser.parse_args(argv)
     forbid_core_dumps()  # it forks every daemon: nothing of theirs, but undumpable like them
@@ -357,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=args.socket_fd)
     for module in args.modules:
         preload(module)
-    serve(sock)
+    serve(sock, args.later)
     return 0
 
 

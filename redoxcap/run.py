@@ -147,12 +147,14 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          tcp_listen: Sequence[str] = (), udp_connect: Sequence[str] = (),
          udp_listen: Sequence[str] = (), trace: str | None = None, trace_json: bool = False,
          brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
-         pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
+         in_process: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
          root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
-    by the names the click command gives them, with its defaults.
+    by the names the click command gives them, with its defaults. in_process
+    (`--in-process`) is what this is anyway: the run in the calling process
+    (redoxcap.entry.dispatch_run decides where a run is done).
 
     Returns:
         COMMAND's exit code.

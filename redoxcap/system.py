@@ -101,6 +101,11 @@ class System:
         self.directfs_grant = os.memfd_create("redoxcap-directfs-grant", os.MFD_CLOEXEC)
 
     @property
+    def forkserver(self) -> ForkServer | None:
+        """What the Python daemons (and `run`'s runners) are forked from, once booted."""
+        return self._forkserver
+
+    @property
     def namespace(self) -> AsyncCapability:
         """The root namespace (all names, all permissions)."""
         assert self.nsmgr.root is not None

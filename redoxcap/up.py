@@ -29,6 +29,7 @@ from redoxcap.config import Config, ConfigError, make_mount
 from redoxcap.daemons import BootFailed, SchemeSpec
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.forkserver import ForkServer
+from redoxcap.programs import Runners
 from redoxcap.system import System
 from redoxcap.wire import protocol as P
 from redoxcap.wire.limits import raise_fd_limit
@@ -254,9 +255,19 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         except KeyError:
             raise control.ControlError(f"no scheme named {name!r}") from None
 
+    async def run(request):
+        """Fork a runner (redoxcap/runner.py) to do a `redoxcap run` for the caller, whose
+        end of their socket pair is the one fd passed with the request."""
+        passed = request.get("passed_fds") or []
+        if len(passed) != 1:
+            raise control.ControlError("run needs the runner's end of a socket pair")
+        await runners.start(system.forkserver, nursery, passed[0])
+        return {}, []
+
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
-                "trace": trace, "client": client,
+                "trace": trace, "client": client, "run": run,
                 "mount": mount, "restart": restart, "directfs": directfs}
+    runners = Runners()
     try:
         async with trio.open_nursery() as nursery:
             try:

@@ -271,8 +271,9 @@ ORPHAN = textwrap.dedent("""
 
 
 def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
-    cmd = [*REDOXCAP, "--state-dir", str(sandbox.state_dir), "run", *SANDBOX, "--",
-           sys.executable, "-c", ORPHAN]
+    # in-process: the broker is this `run` (a runner would kill the orphan with the run)
+    cmd = [*REDOXCAP, "--state-dir", str(sandbox.state_dir), "run", "--in-process", *SANDBOX,
+           "--", sys.executable, "-c", ORPHAN]
     run = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert run.stdout.readline().strip() == "ready"
@@ -353,7 +354,7 @@ def test_run_says_why_it_cannot_broker(sandbox, monkeypatch):
     result = runner.invoke(main, [*state, "--brokered", "--no-confine", "--", "true"])
     assert result.exit_code == 2 and "--no-confine" in result.output
     monkeypatch.setattr(redoxcap.broker, "available", lambda: "no user notification here")
-    result = runner.invoke(main, [*state, "--brokered", "--", "true"])
+    result = runner.invoke(main, [*state, "--brokered", "--in-process", "--", "true"])
     assert result.exit_code == 1
     assert "no user notification here; a program written with rt runs with --no-broker" in result.output
 

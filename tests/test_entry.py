@@ -34,6 +34,10 @@ def entry_reading(args: list[str], env: dict[str, str] | None = None) -> dict:
     """What entry passes to redoxcap.run.main for args: the options given, over run.main's
     defaults (the values click's options default to)."""
     state_dir, command, options = entry.parse_run(args, env or {})
+    if state_dir is not None:
+        state_dir, options = entry.with_paths(state_dir, options)
+    else:
+        options = entry.with_paths("", options)[1]
     defaults = {name: p.default for name, p in inspect.signature(run.main).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     from redoxcap.lifecycle import default_state_dir

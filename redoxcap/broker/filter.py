@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 
 from redoxcap.sandbox import seccomp
 from redoxcap.sandbox import syscalls as S
@@ -24,9 +25,11 @@ from redoxcap.wire import linux
 BROKERED = S.brokered_names()
 
 
+@functools.cache
 def program(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> bytes:
     """The filter for machine ("x86_64" or "aarch64") as an array of struct sock_filter
-    (udp: for a run that grants udp)."""
+    (udp: for a run that grants udp); compiled once per process (the runner's come warm
+    from the fork server, redoxcap/runner.py)."""
     return seccomp.filter_program(machine, S.BROKERED_UDP if udp else S.BROKERED,
                                   deny_network=True, signals_scoped=signals_scoped)
 

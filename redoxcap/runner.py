@@ -1,0 +1,345 @@
+"""A run the system does for `redoxcap run`: a warm fork that runs it as `run` would have.
+
+`python -m redoxcap.runner --socket-fd N` is forked by the system's fork
+server (which has this module, and so `redoxcap.run`, the broker and the
+sandbox, loaded) when the supervisor takes a control request `run`
+(redoxcap/launch.py is the other side, and says the protocol). It:
+
+1. reads the run from the socket: the command line and options, and the
+   caller's environment, umask, resource limits, current directory and
+   standard and `--pass-fd` fds, and takes them on, each fd at the number
+   it had there;
+2. becomes a child subreaper and forks the *run*, which calls
+   :func:`redoxcap.entry.run_command`, as the caller would have: its
+   messages go to the caller's stderr, its result is its exit code;
+3. meanwhile passes on the signals the caller forwards ("S"), and reaps
+   whatever the program leaves behind as it goes (orphans come here, not to
+   the supervisor, which would never reap them);
+4. when the run has exited, kills what is left of the program's processes,
+   reaps them, and says the exit code ("X").
+
+If the caller goes away (EOF), the run is killed: the program dies with
+its broker, and what is left with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import marshal
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+
+import redoxcap.broker  # loaded by the fork server, for every run's fork
+import redoxcap.run  # noqa: F401
+from redoxcap import entry
+from redoxcap.broker import filter as bpf
+from redoxcap.exits import EXIT_FAILED
+from redoxcap.wire import linux
+
+RECEIVE_DEADLINE = 5.0  # seconds the caller has to send the run (it sends it before it asks)
+MAX_FDS = 64 + 5  # fds a run request carries: payload, cwd, 0-2 and --pass-fd fds
+MAX_PAYLOAD = 16 << 20  # bytes: the environment is most of it
+FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller's
+
+# The brokered program's filter, compiled once in the fork server, not once per run (called
+# as redoxcap.broker.launcher calls it: the cache knows its arguments by how they are passed).
+if linux.machine() is not None:
+    for _scoped in (True, False):
+        bpf.program(linux.machine(), signals_scoped=_scoped, udp=False)
+
+
+class BadRequest(Exception):
+    """The run request is not one this runner can take."""
+
+
+def receive(sock: socket.socket) -> tuple[dict, list[int]]:
+    """Read the run: its payload (see launch._payload) and the fds it names, in its order.
+
+    Raises:
+        BadRequest: nothing in time, or not a run request.
+    """
+    sock.settimeout(RECEIVE_DEADLINE)
+    try:
+        data, anc, flags, _ = sock.recvmsg(2, socket.CMSG_SPACE(MAX_FDS * 4),
+                                           socket.MSG_CMSG_CLOEXEC)
+    except OSError as exc:
+        raise BadRequest(f"no run request: {exc}") from None
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(raw) - len(raw) % 4
+            fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    try:
+        if data != b"R" or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) < 2:
+            raise BadRequest("malformed run request")
+        run = _read_payload(fds[0])
+        numbers = run.get("fds")
+        if not isinstance(numbers, list) or len(numbers) != len(fds) - 2 or \
+                not all(type(n) is int and 0 <= n < 1 << 20 for n in numbers) or \
+                len(set(numbers)) != len(numbers):
+            raise BadRequest("malformed run request: its fds")
+        return run, fds[1:]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _read_payload(fd: int) -> dict:
+    size = os.fstat(fd).st_size
+    if size > MAX_PAYLOAD:
+        raise BadRequest("run request too large")
+    data = os.pread(fd, size, 0)
+    try:
+        run = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        raise BadRequest("malformed run request") from None
+    if not isinstance(run, dict) or not isinstance(run.get("state_dir"), str) or \
+            not isinstance(run.get("command"), list) or not isinstance(run.get("options"), dict) or \
+            not isinstance(run.get("environ"), dict):
+        raise BadRequest("malformed run request")
+    return run
+
+
+def take_on(run: dict, fds: list[int], sock: socket.socket) -> socket.socket:
+    """Become the caller: its fds at their numbers (0-2 it had closed stay closed), its cwd,
+    umask, resource limits (as far as ours allow) and environment. fds: cwd, then the fds
+    run["fds"] numbers; all of them are closed or in place afterwards.
+
+    Returns:
+        sock, moved out of the way of the caller's fds (sock itself is detached).
+    """
+    cwd, passed, numbers = fds[0], fds[1:], run["fds"]
+    # first everything of ours out of the way of the numbers the caller's fds take
+    low = max([FIRST_OWN_FD, *numbers]) + 1
+    moved = [_move(fd, low) for fd in passed]
+    own = sock.detach()
+    sock_fd = _move(own, low)
+    for number in (0, 1, 2):
+        if number not in numbers:
+            _close(number)  # closed there: closed for the program too
+    for fd, number in zip(moved, numbers, strict=True):
+        os.dup2(fd, number, inheritable=number <= 2)
+        os.close(fd)
+    try:
+        os.fchdir(cwd)
+    finally:
+        os.close(cwd)
+    if type(run.get("umask")) is int:
+        os.umask(run["umask"] & 0o777)
+    _limit(run.get("rlimits"))
+    os.environ.clear()
+    os.environ.update({k: v for k, v in run["environ"].items()
+                       if isinstance(k, str) and isinstance(v, str)})
+    return socket.socket(fileno=sock_fd)
+
+
+def _move(fd: int, low: int) -> int:
+    new = os.dup(fd) if fd >= low else _dup_at_least(fd, low)
+    os.close(fd)
+    return new
+
+
+def _dup_at_least(fd: int, low: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _limit(rlimits: object) -> None:
+    """Take on the caller's resource limits, each lowered to what ours allow."""
+    import resource
+
+    if not isinstance(rlimits, dict):
+        return
+    for number, value in rlimits.items():
+        if type(number) is not int or not (isinstance(value, tuple) and len(value) == 2):
+            continue
+        soft, hard = value
+        try:
+            our_hard = resource.getrlimit(number)[1]
+            if our_hard != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > our_hard):
+                hard = our_hard
+            if soft == resource.RLIM_INFINITY or (hard != resource.RLIM_INFINITY and soft > hard):
+                soft = hard
+            resource.setrlimit(number, (soft, hard))
+        except (OSError, ValueError):
+            pass
+
+
+def serve(sock: socket.socket) -> int:
+    """Do one run for the caller at the other end of sock; this process's exit code."""
+    try:
+        run, fds = receive(sock)
+    except BadRequest as exc:
+        print(f"redoxcap runner: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    sock = take_on(run, fds, sock)
+    linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 1)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the caller's to send, through "S"
+    pid = os.fork()
+    if pid == 0:
+        _close(wake_r)
+        _close(wake_w)
+        sock.close()
+        _run(run)
+    code = _watch(sock, pid, wake_r)
+    _end_the_rest()
+    try:
+        sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
+    except OSError:
+        pass  # the caller is gone
+    return 0
+
+
+def _run(run: dict) -> None:
+    """In the fork: the run itself, as the caller's `run` would have done it (never returns)."""
+    code = EXIT_FAILED
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
+        code = entry.run_command(run["state_dir"], run["command"], run["options"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+    except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _watch(sock: socket.socket, pid: int, wake: int) -> int:
+    """Pass the caller's signals on to the run and reap orphans until the run exits; its code."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake, select.POLLIN)
+    sock.setblocking(False)
+    caller = True
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wake:
+                while os.read(wake, 512) == 512:
+                    pass
+                continue
+            try:
+                data = sock.recv(16)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # the caller is gone: so is the run
+                poller.unregister(sock.fileno())
+                caller = False
+                _send(pid, signal.SIGKILL)
+            elif data[:1] == b"S" and len(data) == 2 and data[1] in (
+                    signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                _send(pid, data[1])
+        code = _reap(pid)
+        if code is not None:
+            return code if caller else EXIT_FAILED
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)  # not reaped before _watch returns: the pid is still the run's
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> int | None:
+    """Reap every child that has exited; the run's exit code once it is among them."""
+    code = None
+    while True:
+        try:
+            child, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return code
+        if child == 0:
+            return code
+        if child == pid:
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code
+
+
+def _end_the_rest() -> None:
+    """Kill and reap what the program left running (our children now, as orphans)."""
+    while True:
+        try:
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return  # none at all, the common case: no look through /proc
+        children = _children()
+        if not children:
+            return
+        for child in children:  # not reaped: the pids are still theirs
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in children:  # their own children are ours now: the next round's
+            try:
+                os.waitpid(child, 0)
+            except ChildProcessError:
+                pass
+
+
+def _children() -> list[int]:
+    """Our children, from /proc (this kernel may not have /proc/self/task/*/children)."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and int(fields[1]) == me:
+            found.append(int(name))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -E -P -m redoxcap.runner --socket-fd N` (forked by the fork server)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m redoxcap.runner", description=__doc__)
+    parser.add_argument("--socket-fd", type=int, required=True,
+                        help="the socket pair end the caller of `redoxcap run` holds the other of")
+    args = parser.parse_args(argv)
+    try:
+        if not stat.S_ISSOCK(os.fstat(args.socket_fd).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket")
+        sock = socket.socket(fileno=args.socket_fd)
+    except OSError as exc:
+        print(f"redoxcap runner: --socket-fd {args.socket_fd}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    return serve(sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""A confined `redoxcap run` with a system up is done by the system (a runner forked from its
+warm fork server, redoxcap/runner.py), for the `run` process that asked (redoxcap/launch.py):
+the program gets what that process would have given it, and ends with it."""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+
+from redoxcap import control, launch
+from redoxcap.testing import REDOXCAP
+from redoxcap.testing.waiting import pid_alive, wait_for
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+def test_the_lean_sides_spelling_of_its_control_request_and_answer_is_msgpack():
+    token = "ab" * 32
+    assert msgpack.unpackb(launch.run_request(token)) == {"token": token, "op": "run"}
+    assert msgpack.unpackb(launch.run_request("x" * 300)) == {"token": "x" * 300, "op": "run"}
+    assert msgpack.packb({"ok": True}) == launch.OK_REPLY
+
+
+def test_a_run_starts_in_the_system_and_passes_on_output_input_and_exit_code(redoxcap_module_system):
+    system = redoxcap_module_system
+    out = system.run("--", "sh", "-c", "read line; echo got $line; echo oops >&2; exit 7",
+                     input="hello\n", check=False)
+    assert (out.returncode, out.stdout, out.stderr) == (7, "got hello\n", "oops\n")
+    # the program is not a child of the `run` process but of the system's runner
+    run = system.start("run", "--", "sleep", "30")
+    try:
+        program = wait_for(lambda: next((c["pid"] for c in system.status()["clients"]
+                                         if c["argv"] == ["sleep", "30"]), None), timeout=30)
+        the_run = parent(program)
+        runner = parent(the_run)
+        assert comm(the_run) == comm(runner) == "runner"
+        assert parent(runner) == int((system.state_dir / control.PID_NAME).read_text())
+        assert run.pid not in (program, the_run, runner)
+    finally:
+        system.stop_background()
+
+
+def test_a_run_gets_the_callers_cwd_umask_limits_and_pass_fd(redoxcap_module_system, tmp_path):
+    read, write = os.pipe()
+
+    def as_the_caller():
+        os.umask(0o077)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        os.dup2(write, 7)  # a number sh can name
+
+    try:
+        out = subprocess.run(
+            [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", ".",
+             "--pass-fd", "7", "--", "sh", "-c", "umask; ulimit -n; pwd; echo through the fd >&7"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            pass_fds=[7], preexec_fn=as_the_caller)
+        os.close(write)
+        write = -1
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["0077", "200", str(tmp_path)]
+        assert os.read(read, 100) == b"through the fd\n"
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
+def test_what_the_program_leaves_running_ends_with_the_run(redoxcap_module_system):
+    out = redoxcap_module_system.run(
+        "--", "sh", "-c", "sleep 300 & echo $!; setsid sleep 300 & echo $!; sleep 0.2")
+    left = [int(pid) for pid in out.stdout.split()]
+    assert len(left) == 2
+    # killed and reaped before `run` exits: gone, not even zombies
+    assert not [pid for pid in left if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_failure_is_said_on_the_callers_stderr_with_runs_exit_code(redoxcap_module_system):
+    out = redoxcap_module_system.run("--", "no-such-program-here", check=False)
+    assert out.returncode == 127
+    assert "no-such-program-here" in out.stderr
+    out = redoxcap_module_system.run("--ns", "nonesuch", "--", "true", check=False)
+    assert out.returncode == 2
+    assert "nonesuch" in out.stderr
+
+
+def test_sigterm_to_run_reaches_the_program_and_its_code_comes_back(redoxcap_module_system):
+    run = redoxcap_module_system.start(
+        "run", "--", sys.executable, "-c",
+        "import signal, sys; print('ready', flush=True); "
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42)); signal.pause()")
+    try:
+        assert select.select([run.stdout], [], [], 30)[0]
+        assert run.stdout.readline() == "ready\n"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 42
+    finally:
+        redoxcap_module_system.stop_background()
+
+
+def test_an_unconfined_run_stays_in_the_callers_process(redoxcap_module_system):
+    run = redoxcap_module_system.start("run", "--no-confine", "--", "sh", "-c", "echo $PPID")
+    try:
+        assert int(run.stdout.readline()) == run.pid
+        assert run.wait(timeout=30) == 0
+    finally:
+        redoxcap_module_system.stop_background()
+
+
+def _runner_request(state_dir, fds: list[int]) -> dict:
+    token = (state_dir / control.TOKEN_NAME).read_text()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(30)
+        sock.connect(str(state_dir / control.SOCKET_NAME))
+        sock.sendmsg([launch.run_request(token)],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(
+                           fd.to_bytes(4, sys.byteorder) for fd in fds))] if fds else [])
+        return msgpack.unpackb(sock.recv(4096))
+
+
+@pytest.mark.parametrize("what", ["nothing", "garbage", "no fds", "a bad payload", "an fd that is no socket"])
+def test_a_bad_run_request_ends_its_runner_and_harms_nothing(redoxcap_module_system, what):
+    system = redoxcap_module_system
+    before = set(system.pids())
+    if what == "an fd that is no socket":
+        read, write = os.pipe()
+        assert _runner_request(system.state_dir, [read]) == {"ok": True}
+        os.close(read)
+        os.close(write)
+    elif what == "no fds":
+        reply = _runner_request(system.state_dir, [])
+        assert reply["ok"] is False and "socket" in reply["error"]
+    else:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours:
+            if what == "garbage":
+                ours.send(b"R" * 2)
+            elif what == "a bad payload":
+                bad = os.memfd_create("bad")
+                os.write(bad, b"\x00 not marshal")
+                ours.sendmsg([b"R"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(
+                    fd.to_bytes(4, sys.byteorder) for fd in (bad, bad)))])
+                os.close(bad)
+            assert _runner_request(system.state_dir, [theirs.fileno()]) == {"ok": True}
+            theirs.close()
+            # the runner says nothing and goes; "nothing": it gives up at its deadline
+            ours.settimeout(60)
+            assert ours.recv(16) == b""
+    assert system.cli("run", "--", "true").returncode == 0
+    assert set(system.pids()) == before  # no daemon restarted or lost
+
+
+def test_a_run_after_the_caller_was_killed_leaves_no_runner(redoxcap_module_system):
+    system = redoxcap_module_system
+    run = system.start("run", "--", "sleep", "300")
+    try:
+        program = wait_for(lambda: next((c["pid"] for c in system.status()["clients"]
+                                         if c["argv"] == ["sleep", "300"]), None), timeout=30)
+        runner = parent(parent(program))
+        os.killpg(run.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (pid_alive(program) or pid_alive(runner)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(program) and not pid_alive(runner)
+    finally:
+        system.stop_background()
