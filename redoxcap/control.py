@@ -24,7 +24,8 @@ Operations:
     namespace  -> a clone of the root namespace capability (fds[0]); with `account`, in a
                   fresh router account ({"account": N}; `max_caps` caps it); with `account`
                   and `scheme`, also a new anonymous scheme's root (in that account, fds[1])
-                  and its channel (fds[2]), for a daemon the caller starts
+                  and its channel (fds[2]), for a daemon the caller starts; with `account`
+                  and `directfs`, what `directfs` hands out, last
     status     -> {"status": {...}}: one page of what `redoxcap status --json` prints
                   (`clients_after`, `holdings_after`: where the last page ended, as its
                   `clients_next` and `holdings_next` say; status.fetch joins them)

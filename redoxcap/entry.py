@@ -213,19 +213,26 @@ def main() -> None:
         from redoxcap.launch import default_state_dir
 
         state_dir = default_state_dir()
-    sys.exit(dispatch_run(state_dir, command, options))
+    sys.exit(dispatch_run(state_dir, command, options, leave=True))
 
 
-def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any]) -> int:
+def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any],
+                 leave: bool = False) -> int:
     """`redoxcap run` as parse_run read it: by the system up at state_dir when it is
     confined (redoxcap/launch.py), else, or when the system does not take it, here
-    (:func:`run_command`); the exit code."""
+    (:func:`run_command`); the exit code. With leave, a run the system did ends this
+    process at once with that code: it holds nothing the interpreter's teardown (some
+    milliseconds) would have to release."""
     # an unconfined program keeps our session and terminal: it must be our child
     if options.get("confine", True) and not options.get("in_process"):
         from redoxcap.launch import run_in_system
 
         code = run_in_system(state_dir, command, options)
         if code is not None:
+            if leave:
+                for stream in (sys.stdout, sys.stderr):
+                    stream.flush()
+                os._exit(code)
             return code
     return run_command(state_dir, command, options)
 

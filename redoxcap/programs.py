@@ -7,13 +7,15 @@ MAX_CLIENTS and shows them a page at a time, so that a reply always fits in
 one message however many there are.
 
 A `redoxcap run` with the system up has the system do it (redoxcap/launch.py):
-the supervisor forks a runner (redoxcap/runner.py) from its fork server, at
-most MAX_RUNNERS at once, and reaps each when it ends (:class:`Runners`).
+the supervisor hands it to a runner (redoxcap/runner.py) forked from its fork
+server, at most MAX_RUNNERS at once, and reaps each when it ends
+(:class:`Runners`).
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 from typing import TYPE_CHECKING
 
 from redoxcap.daemons import alive
@@ -64,14 +66,22 @@ class Programs:
 
 
 class Runners:
-    """The runners forked for `redoxcap run`, each reaped when it ends."""
+    """The runners forked for `redoxcap run`, each reaped when it ends, and a spare.
+
+    A run is handed to the spare when there is one: a runner forked before it
+    was needed, waiting on a socket of ours for its caller's (`--spare-fd`),
+    so that the fork server's double fork is not in the run's way; another
+    spare is made after each run that took one (or found none).
+    """
 
     def __init__(self) -> None:
         self.running: set[ForkedProcess] = set()
+        self._spare: tuple[ForkedProcess, socket.socket] | None = None  # and our end of its socket
+        self._making = False
 
     async def start(self, forkserver: ForkServer | None, nursery: trio.Nursery, sock: int) -> int:
-        """Fork a runner for the run whose caller holds the other end of sock (which stays
-        ours to close); its pid.
+        """Hand the run whose caller holds the other end of sock (which stays ours to close)
+        to a runner; its pid.
 
         Raises:
             OSError: ENOSYS without a fork server, EAGAIN with MAX_RUNNERS running, or
@@ -79,15 +89,49 @@ class Runners:
         """
         if forkserver is None:
             raise OSError(errno.ENOSYS, "this system has no fork server to run from")
-        if len(self.running) >= MAX_RUNNERS:
-            raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs at once already")
-        runner = await forkserver.spawn(RUNNER_MODULE, ["--socket-fd", sock])
+        spare, self._spare = self._spare, None
+        try:
+            if spare is not None:
+                runner, channel = spare
+                with channel:
+                    try:
+                        channel.sendmsg([b"G"], P.fds_ancillary([sock]))  # room for it: its first
+                        return runner.pid
+                    except OSError:  # it died meanwhile: reaped by _reap; fork one now
+                        pass
+            if len(self.running) >= MAX_RUNNERS:
+                raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs at once already")
+            runner = await forkserver.spawn(RUNNER_MODULE, ["--socket-fd", sock])
+            self._adopt(runner, nursery)
+            return runner.pid
+        finally:
+            if self._spare is None and not self._making and len(self.running) < MAX_RUNNERS:
+                self._making = True
+                nursery.start_soon(self._make_spare, forkserver, nursery)
+
+    async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            runner = await forkserver.spawn(RUNNER_MODULE, ["--spare-fd", theirs.fileno()])
+        except OSError:
+            ours.close()
+            return
+        finally:
+            theirs.close()
+            self._making = False
+        ours.setblocking(False)
+        self._adopt(runner, nursery)
+        self._spare = (runner, ours)
+
+    def _adopt(self, runner: ForkedProcess, nursery: trio.Nursery) -> None:
         self.running.add(runner)
         nursery.start_soon(self._reap, runner)
-        return runner.pid
 
     async def _reap(self, runner: ForkedProcess) -> None:
         try:
             await runner.wait()
         finally:
             self.running.discard(runner)
+            if self._spare is not None and self._spare[0] is runner:
+                self._spare[1].close()
+                self._spare = None

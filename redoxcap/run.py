@@ -43,7 +43,6 @@ from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.grants import NetGrant, give_net_grants, give_uds_scope, net_grants
 from redoxcap.sandbox.policy import python_script
-from redoxcap.wire import protocol as P
 from rt import _process
 from rt._paths import ENV_DIRS
 
@@ -147,14 +146,16 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          tcp_listen: Sequence[str] = (), udp_connect: Sequence[str] = (),
          udp_listen: Sequence[str] = (), trace: str | None = None, trace_json: bool = False,
          brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
-         in_process: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
+         in_process: bool = False, system_up: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
          root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
     by the names the click command gives them, with its defaults. in_process
     (`--in-process`) is what this is anyway: the run in the calling process
-    (redoxcap.entry.dispatch_run decides where a run is done).
+    (redoxcap.entry.dispatch_run decides where a run is done). system_up says
+    that a system is up at state_dir without asking it (the runner it forked
+    knows).
 
     Returns:
         COMMAND's exit code.
@@ -182,7 +183,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     # the broker's code loads while a private system boots; what cannot broker says so then
     load_broker = _load_broker if _brokered(brokered, confine) else None
     with system_for_run(state_dir, root=root, config_file=config_file, mounts=mounts,
-                        log=log_file, dirs=host_dirs, meanwhile=load_broker) as (system, served):
+                        log=log_file, dirs=host_dirs, meanwhile=load_broker,
+                        up=system_up) as (system, served):
         broker = broker_options(brokered, confine, ro_host, passthrough)
         return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
@@ -198,7 +200,7 @@ def _load_broker() -> None:
 def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | None,
                    mounts: Sequence[str], log: Path | None = None,
                    dirs: Sequence[hostdirs.HostDir] = (),
-                   meanwhile: Callable[[], object] | None = None
+                   meanwhile: Callable[[], object] | None = None, up: bool = False
                    ) -> Iterator[tuple[Path, list[tuple[hostdirs.HostDir, str]]]]:
     """The system a run uses: the one up at state_dir, or a private one for the block.
 
@@ -208,7 +210,8 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
     which also serves dirs, the run's --dir directories: each as a mount of
     its own (`dir`, `dir1`, ...; its handles die with its daemon, as those of
     a run's own daemon do), started with the rest of the boot. meanwhile is
-    called while a private system boots.
+    called while a private system boots. up: the caller knows a system is up
+    (no need to ask).
 
     Yields:
         The state directory of the system to run in, and the directories it
@@ -218,7 +221,7 @@ def system_for_run(state_dir: Path, *, root: Path | None, config_file: Path | No
         Failure: a usage error, a mount the running system refused, or a
             private system that did not boot.
     """
-    if not control.is_running(state_dir):
+    if not up and not control.is_running(state_dir):
         from redoxcap import config, lifecycle  # (and trio): only a private system needs them
 
         try:
@@ -386,20 +389,25 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     # an account of its own: whatever the command comes to hold is charged (and capped) there
     quota = {} if max_caps is None else {"max_caps": max_caps}
     private_scheme = broker is not None and private_tmp is not None
+    directfs = broker is not None and broker["passthrough"]  # native lookups: run's broker alone
     reply, fds = control.request(state_dir, "namespace", account=True, **quota,
-                                 **({"scheme": True} if private_scheme else {}))
+                                 **({"scheme": True} if private_scheme else {}),
+                                 **({"directfs": True} if directfs else {}))
     account = reply.get("account")
-    tmp_root = tmp_channel = None
+    tmp_root = tmp_channel = grant = None
+    # the grant comes last; a supervisor without one to give leaves it out (routed lookups)
+    if directfs and len(fds) == 2 + 2 * private_scheme:
+        grant = fds.pop()
     if private_scheme:
         if len(fds) != 3:  # a supervisor that did not make the scheme: not ours to guess
-            for fd in fds:
+            for fd in [*fds, *([grant] if grant is not None else [])]:
                 os.close(fd)
             raise Failure("the supervisor did not hand out a scheme for /tmp")
         tmp_root, tmp_channel = fds[1], fds[2]
     if follower is not None:
         follower.start(account)  # the run's calls, from its first
     rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = grant = None
+    child_ns = None
     try:
         root_names = rt.schemes()
         wanted = None if names is None else [n for n in names.split(",") if n]
@@ -417,8 +425,6 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
-        if broker is not None and broker["passthrough"]:  # native lookups: run's broker alone
-            grant = _directfs_grant(state_dir)
         mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
@@ -472,19 +478,6 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if grant is not None:
             os.close(grant)
         rt.setup(None, None)
-
-
-def _directfs_grant(state_dir: Path) -> int | None:
-    """The system's directfs grant, for the broker and the run's own file schemes (None
-    where the supervisor has none to give: every lookup is then routed)."""
-    try:
-        _, fds = control.request(state_dir, "directfs")
-    except control.ControlError:
-        return None
-    if len(fds) != 1:
-        P.close_fds(fds)
-        return None
-    return fds[0]
 
 
 def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,

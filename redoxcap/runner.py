@@ -3,20 +3,22 @@
 `python -m redoxcap.runner --socket-fd N` is forked by the system's fork
 server (which has this module, and so `redoxcap.run`, the broker and the
 sandbox, loaded) when the supervisor takes a control request `run`
-(redoxcap/launch.py is the other side, and says the protocol). It:
+(redoxcap/launch.py is the other side, and says the protocol); or, as a
+spare forked before it is needed (`--spare-fd N`), it waits for the
+supervisor to pass it that socket. It is two processes:
 
-1. reads the run from the socket: the command line and options, and the
-   caller's environment, umask, resource limits, current directory and
-   standard and `--pass-fd` fds, and takes them on, each fd at the number
-   it had there;
-2. becomes a child subreaper and forks the *run*, which calls
-   :func:`redoxcap.entry.run_command`, as the caller would have: its
-   messages go to the caller's stderr, its result is its exit code;
-3. meanwhile passes on the signals the caller forwards ("S"), and reaps
-   whatever the program leaves behind as it goes (orphans come here, not to
-   the supervisor, which would never reap them);
-4. when the run has exited, kills what is left of the program's processes,
-   reaps them, and says the exit code ("X").
+- the *run*, forked at once (before a spare has a caller), reads the run
+  from the caller's socket (:func:`receive`): the command line and options,
+  and the caller's environment, umask, resource limits, current directory
+  and standard and `--pass-fd` fds; takes them on, each fd at the number it
+  had there (:func:`take_on`); and calls :func:`redoxcap.entry.run_command`
+  as the caller would have: its messages go to the caller's stderr, its
+  result is its exit code;
+- the *reaper*, its parent, a child subreaper: it passes on the signals the
+  caller forwards ("S"), reaps whatever the program leaves behind as it
+  goes (orphans come here, not to the supervisor, which would never reap
+  them), and when the run has exited kills what is left of the program's
+  processes, reaps them, and says the exit code ("X").
 
 If the caller goes away (EOF), the run is killed: the program dies with
 its broker, and what is left with it.
@@ -24,7 +26,6 @@ its broker, and what is left with it.
 
 from __future__ import annotations
 
-import errno
 import marshal
 import os
 import select
@@ -68,11 +69,7 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]]:
                                            socket.MSG_CMSG_CLOEXEC)
     except OSError as exc:
         raise BadRequest(f"no run request: {exc}") from None
-    fds: list[int] = []
-    for level, kind, raw in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(raw) - len(raw) % 4
-            fds += [int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    fds = _passed(anc)
     try:
         if data != b"R" or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) < 2:
             raise BadRequest("malformed run request")
@@ -87,6 +84,34 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]]:
         for fd in fds:
             os.close(fd)
         raise
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _passed(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds recvmsg's ancillary data carries (SCM_RIGHTS), in order."""
+    return [int.from_bytes(raw[i:i + 4], sys.byteorder) for level, kind, raw in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for i in range(0, len(raw) - len(raw) % 4, 4)]
+
+
+def wait_for_a_caller(fd: int) -> int | None:
+    """A spare's wait: the caller's socket, as the supervisor passes it on fd (closed here);
+    None at EOF."""
+    with socket.socket(fileno=fd) as sock:
+        try:
+            _, anc, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return None
+    fds = _passed(anc)
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0] if fds else None
 
 
 def _read_payload(fd: int) -> dict:
@@ -178,37 +203,54 @@ def _limit(rlimits: object) -> None:
             pass
 
 
-def serve(sock: socket.socket) -> int:
-    """Do one run for the caller at the other end of sock; this process's exit code."""
-    try:
-        run, fds = receive(sock)
-    except BadRequest as exc:
-        print(f"redoxcap runner: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    sock = take_on(run, fds, sock)
+def serve(caller: int | None, spare: int | None) -> int:
+    """Do one run: for the caller at the other end of the socket caller, or, as a spare,
+    for the one whose socket the supervisor passes on spare. This process's exit code.
+
+    This process is the reaper: it forks the run at once (before a spare has a caller)
+    and hands it the caller's socket when there is one.
+    """
     linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 1)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the poll below
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the caller's to send, through "S"
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
-        _close(wake_r)
-        _close(wake_w)
-        sock.close()
-        _run(run)
-    code = _watch(sock, pid, wake_r)
+        for fd in (wake_r, wake_w, ours.detach(), *([spare] if spare is not None else [])):
+            _close(fd)
+        _run(theirs)
+    theirs.close()
+    if spare is not None:
+        caller = wait_for_a_caller(spare)
+    if caller is not None and not _is_socket(caller):
+        _close(caller)  # the supervisor passes on sockets only; should anything else come
+        caller = None
+    if caller is not None:
+        try:
+            ours.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   caller.to_bytes(4, sys.byteorder))])
+        except OSError:
+            pass  # the run is gone: _watch reaps it
+        sock = socket.socket(fileno=caller)
+    else:  # no caller after all: the run ends at EOF
+        sock = None
+    code, taken = _watch(sock, ours, pid, wake_r)
     _end_the_rest()
-    try:
-        sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
-    except OSError:
-        pass  # the caller is gone
+    if sock is not None and taken:
+        try:
+            sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
+        except OSError:
+            pass  # the caller is gone
     return 0
 
 
-def _run(run: dict) -> None:
-    """In the fork: the run itself, as the caller's `run` would have done it (never returns)."""
+def _run(reaper: socket.socket) -> None:
+    """In the fork: wait for the caller's socket, take the run from it and do it as the
+    caller's `run` would have (never returns). Says "T" to the reaper once it has taken
+    the run (from then on the caller's socket is the reaper's to read), "B" if it could not."""
     code = EXIT_FAILED
     try:
         signal.set_wakeup_fd(-1)
@@ -216,7 +258,23 @@ def _run(run: dict) -> None:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
-        code = entry.run_command(run["state_dir"], run["command"], run["options"])
+        _, anc, _, _ = reaper.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        passed = _passed(anc)
+        if not passed:
+            os._exit(0)  # a spare nobody needed
+        sock = socket.socket(fileno=passed[0])
+        try:
+            run, fds = receive(sock)
+        except BadRequest as exc:
+            reaper.send(b"B")
+            print(f"redoxcap runner: {exc}", file=sys.stderr)
+            os._exit(EXIT_FAILED)
+        reaper.send(b"T")  # the run's message is read: the caller's socket is the reaper's now
+        reaper.close()  # (before take_on, which knows no fds of ours but sock)
+        take_on(run, fds, sock).close()
+        # the system that forked us is up: run need not ask
+        code = entry.run_command(run["state_dir"], run["command"],
+                                 {**run["options"], "system_up": True})
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
@@ -232,35 +290,51 @@ def _run(run: dict) -> None:
         os._exit(code)
 
 
-def _watch(sock: socket.socket, pid: int, wake: int) -> int:
-    """Pass the caller's signals on to the run and reap orphans until the run exits; its code."""
+def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
+           ) -> tuple[int, bool]:
+    """Reap orphans until the run exits and, once it has taken the run, pass the caller's
+    signals on to it; (its exit code, whether it took the run)."""
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(run.fileno(), select.POLLIN)
     poller.register(wake, select.POLLIN)
-    sock.setblocking(False)
-    caller = True
+    run.setblocking(False)
+    taken, caller = False, True
     while True:
         for fd, _ in poller.poll():
             if fd == wake:
                 while os.read(wake, 512) == 512:
                     pass
-                continue
-            try:
-                data = sock.recv(16)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the caller is gone: so is the run
-                poller.unregister(sock.fileno())
-                caller = False
-                _send(pid, signal.SIGKILL)
-            elif data[:1] == b"S" and len(data) == 2 and data[1] in (
-                    signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                _send(pid, data[1])
+            elif fd == run.fileno():
+                said = _receive(run)
+                poller.unregister(fd)  # its one word ("T" or "B"), or EOF: nothing more
+                if said == b"T" and sock is not None:
+                    taken = True
+                    sock.setblocking(False)
+                    poller.register(sock.fileno(), select.POLLIN)
+            else:
+                data = _receive(sock)
+                if data is None:
+                    continue
+                if not data:  # the caller is gone: so is the run
+                    poller.unregister(fd)
+                    caller = False
+                    _send(pid, signal.SIGKILL)
+                elif data[:1] == b"S" and len(data) == 2 and data[1] in (
+                        signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    _send(pid, data[1])
         code = _reap(pid)
         if code is not None:
-            return code if caller else EXIT_FAILED
+            return (code if caller else EXIT_FAILED), taken
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """A message from a non-blocking socket: b"" at EOF (or a reset), None for none yet."""
+    try:
+        return sock.recv(16)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _send(pid: int, signum: int) -> None:
@@ -324,21 +398,21 @@ def _children() -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -E -P -m redoxcap.runner --socket-fd N` (forked by the fork server)."""
+    """`python -E -P -m redoxcap.runner --socket-fd N | --spare-fd N` (forked by the fork server)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m redoxcap.runner", description=__doc__)
-    parser.add_argument("--socket-fd", type=int, required=True,
-                        help="the socket pair end the caller of `redoxcap run` holds the other of")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--socket-fd", type=int,
+                       help="the socket pair end the caller of `redoxcap run` holds the other of")
+    given.add_argument("--spare-fd", type=int,
+                       help="a spare: wait for that socket on this one (the supervisor's)")
     args = parser.parse_args(argv)
-    try:
-        if not stat.S_ISSOCK(os.fstat(args.socket_fd).st_mode):
-            raise OSError(errno.ENOTSOCK, "not a socket")
-        sock = socket.socket(fileno=args.socket_fd)
-    except OSError as exc:
-        print(f"redoxcap runner: --socket-fd {args.socket_fd}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILED
-    return serve(sock)
+    for fd in (args.socket_fd, args.spare_fd):
+        if fd is not None and not _is_socket(fd):
+            print(f"redoxcap runner: fd {fd} is no socket", file=sys.stderr)
+            return EXIT_FAILED
+    return serve(args.socket_fd, args.spare_fd)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,10 +182,13 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         that everything the client comes to hold is charged to it (and capped). With
         `account` and `scheme`, also a new anonymous scheme: its root (in that account),
         then its channel, for a daemon the client starts (`run`'s private /tmp, which no
-        namespace names; made here, so that no daemon is asked before it is needed)."""
+        namespace names; made here, so that no daemon is asked before it is needed). With
+        `account` and `directfs`, the directfs grant last."""
         clone = await system.namespace.call_fd(P.CLONE)
         if not request.get("account"):
             return {}, [clone]
+        # `directfs`: the grant too, last (what the directfs op hands out; one round trip less)
+        grant = [os.dup(system.directfs_grant)] if request.get("directfs") is True else []
         limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
         passed, channel = [clone], None
         try:
@@ -196,10 +200,11 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         except BaseException:
             if channel is not None:
                 os.close(channel)
+            P.close_fds(grant)
             raise
         finally:
             P.close_fds(passed)
-        return {"account": account}, fds + ([channel] if channel is not None else [])
+        return {"account": account}, fds + ([channel] if channel is not None else []) + grant
 
     async def status(request):
         """One page of the status (`clients_after`, `holdings_after`: where the previous
@@ -259,7 +264,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         """Fork a runner (redoxcap/runner.py) to do a `redoxcap run` for the caller, whose
         end of their socket pair is the one fd passed with the request."""
         passed = request.get("passed_fds") or []
-        if len(passed) != 1:
+        if len(passed) != 1 or not stat.S_ISSOCK(os.fstat(passed[0]).st_mode):
             raise control.ControlError("run needs the runner's end of a socket pair")
         await runners.start(system.forkserver, nursery, passed[0])
         return {}, []

@@ -39,7 +39,8 @@ def entry_reading(args: list[str], env: dict[str, str] | None = None) -> dict:
     else:
         options = entry.with_paths("", options)[1]
     defaults = {name: p.default for name, p in inspect.signature(run.main).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+                if p.default is not inspect.Parameter.empty
+                and name != "system_up"}  # the runner's to say, no option
     from redoxcap.lifecycle import default_state_dir
 
     return {**defaults, **options, "command": command,
