@@ -36,6 +36,10 @@ Operations:
     directfs   -> the grant a broker passes with HOSTDIR to its file schemes (fds[0])
     run        -> {}: a runner (redoxcap/runner.py) forked for the socket passed with the
                   request, which does a `redoxcap run` for its peer (redoxcap/launch.py)
+    serve      -> {"pid": N}: a file scheme daemon forked to serve host directory `path` as
+                  `name` (`read_only`, `directfs`: with the system's grant) on the channel
+                  passed with the request, for a run's `--dir` or private /tmp; it ends with
+                  its scheme
     shutdown   -> stops the system after answering
     ping       -> {}
 """
@@ -375,15 +379,19 @@ class _Server:
 # -- the client -----------------------------------------------------------------
 
 
-def request(state_dir: Path, op: str, timeout: float = 10.0, **args: Any) -> tuple[dict, list[int]]:
+def request(state_dir: Path, op: str, timeout: float = 10.0, passing: int | None = None,
+            **args: Any) -> tuple[dict, list[int]]:
     """Send one control request (blocking); returns (reply, fds the caller now owns).
+
+    passing: the one fd a request may carry (`run`'s socket, `serve`'s channel), which
+    stays the caller's.
 
     Raises:
         NotRunning: nothing listens at state_dir.
         ControlError: the supervisor refused or failed the request.
     """
     with connect(state_dir, timeout) as (sock, token):
-        return exchange(sock, token, op, timeout, args)
+        return exchange(sock, token, op, timeout, args, passing)
 
 
 @contextlib.contextmanager
@@ -416,7 +424,8 @@ def connect(state_dir: Path, timeout: float) -> Iterator[tuple[socket.socket, st
         yield sock, token
 
 
-def exchange(sock: socket.socket, token: str, op: str, timeout: float, args: dict) -> tuple[dict, list[int]]:
+def exchange(sock: socket.socket, token: str, op: str, timeout: float, args: dict,
+             passing: int | None = None) -> tuple[dict, list[int]]:
     """Send one request on a connected control socket and read its answer.
 
     Returns:
@@ -426,7 +435,8 @@ def exchange(sock: socket.socket, token: str, op: str, timeout: float, args: dic
         ControlError: no answer in time, or the supervisor refused or failed the request.
     """
     try:
-        sock.sendmsg([P.pack({"token": token, "op": op, **args})])
+        sock.sendmsg([P.pack({"token": token, "op": op, **args})],
+                     P.fds_ancillary([passing] if passing is not None else []))
         data, anc, _, _ = sock.recvmsg(1 << 20, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
         raise ControlError(f"the supervisor did not answer {op!r} in {timeout:.0f}s") from None

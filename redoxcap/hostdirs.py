@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import posixpath
 import select
+import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import rt
-from redoxcap import PYTHON
+from redoxcap import PYTHON, control
 from redoxcap.exits import EXIT_USAGE, Failure
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd
@@ -30,6 +31,7 @@ from rt import _process
 
 if TYPE_CHECKING:
     import subprocess  # loaded when a daemon starts, not with the run
+    from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,17 @@ def parse_dir(text: str) -> HostDir:
     return HostDir(real, real, read_only)
 
 
-def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen],
-          directfs_grant: int | None = None) -> list[tuple[HostDir, str]]:
+def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen | SystemDaemon],
+          directfs_grant: int | None = None, system: Path | None = None
+          ) -> list[tuple[HostDir, str]]:
     """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
 
     The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
     namespace holds already. Each daemon is appended to daemons once started;
-    it dies with this process, and :func:`stop` stops it. With directfs_grant (the
-    system's, which stays the caller's) each daemon hands the broker its host
-    directory for native lookups (HOSTDIR).
+    it dies with this process (or, forked by the system at system, with its scheme),
+    and :func:`stop` stops it. With directfs_grant (the system's, which stays the
+    caller's) each daemon hands the broker its host directory for native lookups
+    (HOSTDIR).
 
     Returns:
         (directory, scheme name) of each, in the order of dirs.
@@ -102,7 +106,7 @@ def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
         try:
-            daemons.append(_start_daemon(channel, d, name, directfs_grant))
+            daemons.append(_start_daemon(channel, d, name, directfs_grant, system))
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
         finally:
@@ -116,10 +120,23 @@ def open_root(ns: int, name: str) -> int:
     return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
 
 
-def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None) -> subprocess.Popen:
-    """`python -E -P -m redoxcap.schemes.file` serving d on channel, in a session of its own (Ctrl-C
-    goes to the program, not to the daemons it needs until it exits), killed when we die."""
+def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None,
+                  system: Path | None) -> subprocess.Popen | SystemDaemon:
+    """A file scheme daemon serving d on channel (which stays ours): forked by the system at
+    system (control op `serve`: a warm fork, ended with its scheme), or, where there is
+    none to ask or it cannot, `python -E -P -m redoxcap.schemes.file`, in a session of its
+    own (Ctrl-C goes to the program, not to the daemons it needs until it exits), killed
+    when we die."""
     import subprocess
+
+    if system is not None:
+        try:
+            reply, fds = control.request(system, "serve", passing=channel, path=d.path, name=name,
+                                         read_only=d.read_only, directfs=grant is not None)
+            P.close_fds(fds)
+            return SystemDaemon(int(reply["pid"]))
+        except (control.ControlError, OSError, KeyError, TypeError, ValueError):
+            pass  # an interpreter of its own, then
 
     argv = [*PYTHON, "-c", _DAEMON_WITH_PARENT, str(os.getpid()),
             "--channel-fd", str(channel), "--root", d.path, "--name", name, "--no-keep",
@@ -139,6 +156,50 @@ _DAEMON_WITH_PARENT = (
 )
 
 
+class SystemDaemon:
+    """A daemon the system forked for this run (control op `serve`): the supervisor's child,
+    signalled and waited for through a pidfd, as :func:`stop` does a Popen. Its exit
+    status is its parent's to reap: returncode is 0 once it has exited."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        # it ends with its scheme, which our namespace holds: its pid is not free for reuse yet
+        self._pidfd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+            self._ended()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._pidfd], [], [], timeout)[0]:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(f"file scheme daemon {self.pid}", timeout or 0)
+            self._ended()
+        assert self.returncode is not None
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                pass  # exited, not yet reaped by its parent
+
+    def _ended(self) -> None:
+        self.returncode = 0
+        os.close(self._pidfd)
+
+
 class DaemonOnFirstRequest:
     """A file scheme daemon serving d, started once its scheme's channel has a request.
 
@@ -151,9 +212,10 @@ class DaemonOnFirstRequest:
         process: the daemon, once started (None before, and if it never was).
     """
 
-    def __init__(self, channel: int, d: HostDir, name: str, directfs_grant: int | None = None
-                 ) -> None:
-        self.process: subprocess.Popen | None = None
+    def __init__(self, channel: int, d: HostDir, name: str, directfs_grant: int | None = None,
+                 system: Path | None = None) -> None:
+        self.process: subprocess.Popen | SystemDaemon | None = None
+        self._system = system
         self._channel: int | None = channel
         self._grant = directfs_grant
         self._wake_r, self._wake_w = os.pipe()
@@ -169,7 +231,7 @@ class DaemonOnFirstRequest:
         if self._wake_r in ready:
             return
         try:
-            self.process = _start_daemon(self._channel, d, name, self._grant)
+            self.process = _start_daemon(self._channel, d, name, self._grant, self._system)
         except OSError as exc:  # its requests then wait until the run ends: say why
             os.write(2, f"redoxcap: cannot start the daemon of {d.visible}: {exc.strerror}\n".encode())
             return
@@ -189,7 +251,7 @@ class DaemonOnFirstRequest:
         self._channel = self._grant = None
 
 
-def stop(daemons: list[subprocess.Popen | DaemonOnFirstRequest]) -> None:
+def stop(daemons: list[subprocess.Popen | SystemDaemon | DaemonOnFirstRequest]) -> None:
     """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
     import subprocess
 

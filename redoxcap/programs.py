@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from redoxcap.forkserver import ForkedProcess, ForkServer
 
 MAX_CLIENTS = 1024  # programs `status` remembers
-MAX_RUNNERS = 256  # runs the system does at once for `redoxcap run`
+MAX_RUNNERS = 256  # runs the system does at once for `redoxcap run` (and their daemons)
 RUNNER_MODULE = "redoxcap.runner"
+FILE_SCHEME_MODULE = "redoxcap.schemes.file"
 CLIENTS_PAGE_BYTES = 48 * 1024  # of clients in one status reply (each `run` says at most 4 KiB)
 
 
@@ -109,6 +110,22 @@ class Runners:
                 self._making = True
                 nursery.start_soon(self._make_spare, forkserver, nursery)
 
+    def pids(self) -> list[int]:
+        """The runners' pids (the spare's too) and those of the daemons forked for runs."""
+        return sorted(r.pid for r in self.running)
+
+    async def aclose(self, grace: float) -> None:
+        """Let the spare go, and give the runs under way grace seconds to end (they are the
+        callers' to end: what is left is left running)."""
+        import trio
+
+        if self._spare is not None:
+            self._spare[1].close()  # EOF: it goes
+            self._spare = None
+        with trio.move_on_after(grace):
+            while self.running:
+                await next(iter(self.running)).wait()
+
     async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -122,6 +139,22 @@ class Runners:
         ours.setblocking(False)
         self._adopt(runner, nursery)
         self._spare = (runner, ours)
+
+    async def start_daemon(self, forkserver: ForkServer | None, nursery: trio.Nursery,
+                           args: list[str | int]) -> int:
+        """Fork a file scheme daemon for a run (`python -m redoxcap.schemes.file ARGS`, an int
+        in args an fd it inherits), reaped here when it ends; its pid.
+
+        Raises:
+            OSError: ENOSYS without a fork server, EAGAIN with MAX_RUNNERS running.
+        """
+        if forkserver is None:
+            raise OSError(errno.ENOSYS, "this system has no fork server to run from")
+        if len(self.running) >= MAX_RUNNERS:
+            raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs and their daemons at once already")
+        daemon = await forkserver.spawn(FILE_SCHEME_MODULE, args)
+        self._adopt(daemon, nursery)
+        return daemon.pid
 
     def _adopt(self, runner: ForkedProcess, nursery: trio.Nursery) -> None:
         self.running.add(runner)

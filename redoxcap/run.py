@@ -425,7 +425,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
-        mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant)
+        mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
+                                                            state_dir)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:
@@ -459,7 +460,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             if tmp_channel is not None:
                 daemons.append(hostdirs.DaemonOnFirstRequest(
                     tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
-                    os.dup(grant) if grant is not None else None))
+                    os.dup(grant) if grant is not None else None, state_dir))
                 tmp_channel = None  # the daemon's now
             return program, account, where
         if launcher is not None:

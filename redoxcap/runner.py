@@ -235,11 +235,13 @@ def serve(caller: int | None, spare: int | None) -> int:
         except OSError:
             pass  # the run is gone: _watch reaps it
         sock = socket.socket(fileno=caller)
-    else:  # no caller after all: the run ends at EOF
-        sock = None
+    else:  # no caller after all: the run ends at our EOF
+        ours.close()
+        os.waitpid(pid, 0)
+        return 0
     code, taken = _watch(sock, ours, pid, wake_r)
     _end_the_rest()
-    if sock is not None and taken:
+    if taken:
         try:
             sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
         except OSError:
@@ -290,7 +292,7 @@ def _run(reaper: socket.socket) -> None:
         os._exit(code)
 
 
-def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
+def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
            ) -> tuple[int, bool]:
     """Reap orphans until the run exits and, once it has taken the run, pass the caller's
     signals on to it; (its exit code, whether it took the run)."""
@@ -307,7 +309,7 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
             elif fd == run.fileno():
                 said = _receive(run)
                 poller.unregister(fd)  # its one word ("T" or "B"), or EOF: nothing more
-                if said == b"T" and sock is not None:
+                if said == b"T":
                     taken = True
                     sock.setblocking(False)
                     poller.register(sock.fileno(), select.POLLIN)

@@ -49,7 +49,7 @@ from redoxcap.daemons import (
     terminate,
     with_backoff,
 )
-from redoxcap.programs import Programs
+from redoxcap.programs import Programs, Runners
 from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ class System:
         self.started = time.time()
         self._nursery: trio.Nursery | None = None
         self.programs = Programs()  # what `run` said of each program it started here
+        self.runners = Runners()  # the processes doing runs for `redoxcap run`, and a spare
         self._booting: trio.CancelScope | None = None  # while boot() runs
         self._registering: trio.CancelScope | None = None  # while boot() registers the daemons
         self._forkserver = forkserver  # what the Python daemons are forked from
@@ -445,13 +446,15 @@ class System:
             # every router fd charged to it: its capabilities, and what is held for it
             client["router_fds"] = counters.get("caps", 0) + counters.get("held_fds", 0)
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
-                "daemons": daemons, "clients": clients, "clients_next": clients_next,
+                "daemons": daemons, "runners": self.runners.pids(),
+                "clients": clients, "clients_next": clients_next,
                 "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),
                 "summary": kernel.get("summary", {})}
 
     async def stop(self) -> None:
         """Stop every process this system started (kernel last)."""
         self.stopping = True
+        await self.runners.aclose(STOP_GRACE)
         for d in [*self.daemons, self.nsmgr]:
             if d.root is not None:
                 d.root.close()

@@ -30,7 +30,6 @@ from redoxcap.config import Config, ConfigError, make_mount
 from redoxcap.daemons import BootFailed, SchemeSpec
 from redoxcap.exits import EXIT_ALREADY_RUNNING, EXIT_BOOT_FAILED, Failure
 from redoxcap.forkserver import ForkServer
-from redoxcap.programs import Runners
 from redoxcap.system import System
 from redoxcap.wire import protocol as P
 from redoxcap.wire.limits import raise_fd_limit
@@ -266,13 +265,26 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         passed = request.get("passed_fds") or []
         if len(passed) != 1 or not stat.S_ISSOCK(os.fstat(passed[0]).st_mode):
             raise control.ControlError("run needs the runner's end of a socket pair")
-        await runners.start(system.forkserver, nursery, passed[0])
+        await system.runners.start(system.forkserver, nursery, passed[0])
         return {}, []
 
+    async def serve(request):
+        """A file scheme daemon forked (from the fork server) for a run's `--dir` or its
+        private /tmp, on the channel passed with the request; it ends with its scheme."""
+        passed = request.get("passed_fds") or []
+        path, name = request.get("path"), request.get("name")
+        if len(passed) != 1 or not isinstance(path, str) or not os.path.isabs(path) or \
+                not isinstance(name, str) or not name:
+            raise control.ControlError("serve needs a channel, an absolute path and a name")
+        args = ["--channel-fd", passed[0], "--root", path, "--name", name, "--no-keep",
+                *(["--read-only"] if request.get("read_only") is True else []),
+                *(["--directfs-grant-fd", system.directfs_grant]
+                  if request.get("directfs") is True else [])]
+        return {"pid": await system.runners.start_daemon(system.forkserver, nursery, args)}, []
+
     handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
-                "trace": trace, "client": client, "run": run,
+                "trace": trace, "client": client, "run": run, "serve": serve,
                 "mount": mount, "restart": restart, "directfs": directfs}
-    runners = Runners()
     try:
         async with trio.open_nursery() as nursery:
             try:

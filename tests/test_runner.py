@@ -31,6 +31,11 @@ def parent(pid: int) -> int:
         return int(f.read().rpartition(b")")[2].split()[1])
 
 
+def daemon_pids(system) -> set[int]:
+    info = system.status()
+    return {info["supervisor"], *(d["pid"] for d in info["daemons"])}
+
+
 def test_the_lean_sides_spelling_of_its_control_request_and_answer_is_msgpack():
     token = "ab" * 32
     assert msgpack.unpackb(launch.run_request(token)) == {"token": token, "op": "run"}
@@ -137,7 +142,7 @@ def _runner_request(state_dir, fds: list[int]) -> dict:
 @pytest.mark.parametrize("what", ["nothing", "garbage", "no fds", "a bad payload", "an fd that is no socket"])
 def test_a_bad_run_request_ends_its_runner_and_harms_nothing(redoxcap_module_system, what):
     system = redoxcap_module_system
-    before = set(system.pids())
+    before = daemon_pids(system)
     if what in ("an fd that is no socket", "no fds"):
         read, write = os.pipe()
         reply = _runner_request(system.state_dir, [read] if what != "no fds" else [])
@@ -161,7 +166,7 @@ def test_a_bad_run_request_ends_its_runner_and_harms_nothing(redoxcap_module_sys
             ours.settimeout(60)
             assert ours.recv(16) == b""
     assert system.cli("run", "--", "true").returncode == 0
-    assert set(system.pids()) == before  # no daemon restarted or lost
+    assert daemon_pids(system) == before  # no daemon restarted or lost
 
 
 def test_a_run_after_the_caller_was_killed_leaves_no_runner(redoxcap_module_system):
@@ -176,5 +181,36 @@ def test_a_run_after_the_caller_was_killed_leaves_no_runner(redoxcap_module_syst
         while (pid_alive(program) or pid_alive(runner)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(program) and not pid_alive(runner)
+    finally:
+        system.stop_background()
+
+
+def test_a_runs_dir_and_tmp_are_served_by_daemons_the_system_forks(redoxcap_module_system, tmp_path):
+    system = redoxcap_module_system
+    (tmp_path / "here.txt").write_text("mine\n")
+    run = system.start("run", "--dir", str(tmp_path), "--", "sh", "-c",
+                       "cat here.txt; echo t > /tmp/t; cat /tmp/t; read done")
+    try:
+        assert run.stdout.readline() == "mine\n"
+        assert run.stdout.readline() == "t\n"
+        supervisor = int((system.state_dir / control.PID_NAME).read_text())
+
+        def served() -> list[str]:
+            lines = []
+            for pid in system.status()["runners"]:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    line = f.read().replace(b"\0", b" ").decode()
+                if "redoxcap.schemes.file" in line:
+                    assert parent(pid) == supervisor  # a warm fork, not an interpreter of the run's
+                    lines.append(line)
+            return lines
+
+        lines = served()
+        assert any("--name dir" in line and str(tmp_path) in line for line in lines), lines
+        assert any("--name tmp" in line for line in lines), lines
+        run.stdin.write("\n")
+        run.stdin.flush()
+        assert run.wait(timeout=30) == 0
+        wait_for(lambda: not served(), timeout=30)  # they end with the run
     finally:
         system.stop_background()

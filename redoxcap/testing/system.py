@@ -150,7 +150,8 @@ class System:
             info = fetch(self.state_dir, request=request)
         except control.ControlError as exc:
             raise AssertionError(f"status: {exc}") from None
-        self.started.update([info["supervisor"], *(d["pid"] for d in info["daemons"] if d.get("pid"))])
+        self.started.update([info["supervisor"], *(d["pid"] for d in info["daemons"] if d.get("pid")),
+                             *info.get("runners", [])])
         silent = [d["name"] for d in info["daemons"]
                   if "scheme_handles" in d and d["scheme_handles"] is None and d.get("pid")]
         if silent:
@@ -163,9 +164,11 @@ class System:
         return next(d for d in self.status()["daemons"] if d["name"] == name)
 
     def pids(self) -> list[int]:
-        """The supervisor's pid and those of every running daemon."""
+        """The supervisor's pid and those of every running daemon, and of its runners (the
+        processes doing `redoxcap run`s for it, and a spare)."""
         info = self.status()
-        return [info["supervisor"]] + [d["pid"] for d in info["daemons"] if d.get("pid")]
+        return [info["supervisor"]] + [d["pid"] for d in info["daemons"] if d.get("pid")] \
+            + info.get("runners", [])
 
     def log(self) -> str:
         """What the supervisor and the daemons logged so far (empty for a foreground `up`)."""
