@@ -32,9 +32,14 @@ def system_python3() -> str:
     return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 
 
-def commands() -> dict[str, list[str]]:
-    """The launched commands of issue 21's table, by the name its rows give them."""
-    return {"/bin/true": ["/bin/true"], "python3 -c pass": [system_python3(), "-c", "pass"]}
+def commands(directory: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """The launched commands by the name rows give them: issue 21's two, and the everyday
+    way, a directory handed over (`--dir D`, bubblewrap's `--bind D D --chdir D`);
+    each as (the command, bubblewrap's options for it, `redoxcap run`'s)."""
+    return {"/bin/true": (["/bin/true"], [], []),
+            "python3 -c pass": ([system_python3(), "-c", "pass"], [], []),
+            "--dir D /bin/true": (["/bin/true"], ["--bind", directory, directory, "--chdir", directory],
+                                  ["--dir", directory])}
 
 
 def cli_prefix() -> list[str]:
@@ -146,24 +151,31 @@ def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
     cli = [*cli_prefix(), "--state-dir", str(state)]
     bwrap, about = bubblewrap() if with_bubblewrap else (None, "not measured (--without-bubblewrap)")
     out: dict = {"bubblewrap": about, "modes": [name for name, _ in modes], "commands": {}}
-    for name, command in commands().items():
-        contenders = {"native": command}
-        if bwrap is not None:
-            contenders["bubblewrap"] = [bwrap, *BWRAP_OPTIONS, *command]
-        for mode, options in modes:
-            contenders[f"redoxcap run ({mode})"] = [*cli, "run", *options, "--", *command]
-        names = list(contenders)
-        for who in names:
-            _warm_up(contenders[who])
-        times: dict[str, list[float]] = {who: [] for who in names}
-        for turn in range(rounds):
-            for who in names[turn % len(names):] + names[:turn % len(names)]:
-                times[who].append(_seconds(contenders[who]))
-        ratios = {}
-        for base in ("native", "bubblewrap"):
-            for who in names[names.index(base) + 1:] if base in names else ():
-                ratios[f"{who} / {base}"] = statistics.median(
-                    mine / theirs for mine, theirs in zip(times[who], times[base]))
-        out["commands"][name] = {"ms": {who: statistics.median(t) * 1e3 for who, t in times.items()},
-                                 "ratios": ratios}
+    with tempfile.TemporaryDirectory(prefix="redoxcap-launch-") as directory:
+        for name, (command, bwrap_options, run_options) in commands(directory).items():
+            contenders = {"native": command}
+            if bwrap is not None:
+                contenders["bubblewrap"] = [bwrap, *BWRAP_OPTIONS, *bwrap_options, *command]
+            for mode, options in modes:
+                contenders[f"redoxcap run ({mode})"] = [*cli, "run", *options, *run_options, "--",
+                                                        *command]
+            out["commands"][name] = _take_turns(contenders, rounds)
     return out
+
+
+def _take_turns(contenders: dict[str, list[str]], rounds: int) -> dict:
+    """Launch each contender rounds times, taking turns; median ms and per-round ratios."""
+    names = list(contenders)
+    for who in names:
+        _warm_up(contenders[who])
+    times: dict[str, list[float]] = {who: [] for who in names}
+    for turn in range(rounds):
+        for who in names[turn % len(names):] + names[:turn % len(names)]:
+            times[who].append(_seconds(contenders[who]))
+    ratios = {}
+    for base in ("native", "bubblewrap"):
+        for who in names[names.index(base) + 1:] if base in names else ():
+            ratios[f"{who} / {base}"] = statistics.median(
+                mine / theirs for mine, theirs in zip(times[who], times[base]))
+    return {"ms": {who: statistics.median(t) * 1e3 for who, t in times.items()},
+            "ratios": ratios}

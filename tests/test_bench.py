@@ -83,7 +83,7 @@ def test_launches_are_timed_through_the_cli_beside_bubblewrap_where_it_is_instal
     launch = result["launch"]
     default = f"redoxcap run ({launch['modes'][0]})"
     assert len(launch["modes"]) == 2 and "default" in launch["modes"][0]
-    assert set(launch["commands"]) == {"/bin/true", "python3 -c pass"}
+    assert set(launch["commands"]) == {"/bin/true", "python3 -c pass", "--dir D /bin/true"}
     assert set(launch["private"]) == {"run --dir D -- /bin/true, none up ms", "up --detach ms"}
     assert all(ms > 0 for ms in launch["private"].values())
     for command in launch["commands"].values():
@@ -108,7 +108,7 @@ def test_without_bubblewrap_the_report_says_so_and_shows_times_against_native():
     out = smoke("--without-bubblewrap").stdout
     assert "bubblewrap: not measured" in out
     native_rows = [line for line in out.splitlines() if line.strip().startswith("redoxcap run (")]
-    assert len(native_rows) == 4  # two modes, two commands: ms and x native each
+    assert len(native_rows) == 6  # two modes, three commands: ms and x native each
     assert all(len(line.split(")")[-1].split()) == 2 for line in native_rows)
     verdicts = [line for line in out.splitlines() if line.startswith("`redoxcap run --")]
     assert len(verdicts) == 2 and all(line.endswith("open") for line in verdicts)
