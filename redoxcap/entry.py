@@ -227,7 +227,11 @@ def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any],
     if options.get("confine", True) and not options.get("in_process"):
         from redoxcap.launch import run_in_system
 
-        code = run_in_system(state_dir, command, options)
+        try:
+            code = run_in_system(state_dir, command, options)
+        except KeyboardInterrupt:  # Ctrl-C before the system took the run: as click says it
+            print("Aborted!", file=sys.stderr)
+            return 1
         if code is not None:
             if leave:
                 for stream in (sys.stdout, sys.stderr):

@@ -40,6 +40,7 @@ from redoxcap import entry
 from redoxcap.broker import filter as bpf
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.wire import linux
+from redoxcap.wire import protocol as P
 
 RECEIVE_DEADLINE = 5.0  # seconds the caller has to send the run (it sends it before it asks)
 MAX_FDS = 64 + 5  # fds a run request carries: payload, cwd, 0-2 and --pass-fd fds
@@ -69,7 +70,7 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]]:
                                            socket.MSG_CMSG_CLOEXEC)
     except OSError as exc:
         raise BadRequest(f"no run request: {exc}") from None
-    fds = _passed(anc)
+    fds = P.parse_ancillary(anc)[0]
     try:
         if data != b"R" or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) < 2:
             raise BadRequest("malformed run request")
@@ -93,13 +94,6 @@ def _is_socket(fd: int) -> bool:
         return False
 
 
-def _passed(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds recvmsg's ancillary data carries (SCM_RIGHTS), in order."""
-    return [int.from_bytes(raw[i:i + 4], sys.byteorder) for level, kind, raw in anc
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            for i in range(0, len(raw) - len(raw) % 4, 4)]
-
-
 def wait_for_a_caller(fd: int) -> int | None:
     """A spare's wait: the caller's socket, as the supervisor passes it on fd (closed here);
     None at EOF."""
@@ -108,7 +102,7 @@ def wait_for_a_caller(fd: int) -> int | None:
             _, anc, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
         except OSError:
             return None
-    fds = _passed(anc)
+    fds = P.parse_ancillary(anc)[0]
     for extra in fds[1:]:
         os.close(extra)
     return fds[0] if fds else None
@@ -261,7 +255,7 @@ def _run(reaper: socket.socket) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
         _, anc, _, _ = reaper.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
-        passed = _passed(anc)
+        passed = P.parse_ancillary(anc)[0]
         if not passed:
             os._exit(0)  # a spare nobody needed
         sock = socket.socket(fileno=passed[0])

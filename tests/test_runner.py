@@ -214,3 +214,43 @@ def test_a_runs_dir_and_tmp_are_served_by_daemons_the_system_forks(redoxcap_modu
         wait_for(lambda: not served(), timeout=30)  # they end with the run
     finally:
         system.stop_background()
+
+
+@pytest.mark.parametrize("token", ["right", "wrong"])
+def test_an_fd_passed_with_a_control_request_is_not_kept(redoxcap_module_system, token):
+    """Whoever sends a request (with the token or without), the supervisor keeps no fd of theirs
+    once it has answered: the read end of our pipe, passed along, is closed everywhere but here
+    (its write end then fails with EPIPE)."""
+    state = redoxcap_module_system.state_dir
+    secret = (state / control.TOKEN_NAME).read_text() if token == "right" else "0" * 64
+    read, write = os.pipe()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(30)
+            sock.connect(str(state / control.SOCKET_NAME))
+            # a `serve` with a pipe for a channel: refused (no path), or refused (bad token)
+            sock.sendmsg([msgpack.packb({"token": secret, "op": "serve", "name": "x"})],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, read.to_bytes(4, sys.byteorder))])
+            reply = msgpack.unpackb(sock.recv(4096))
+        assert reply["ok"] is False
+        os.close(read)
+        read = -1
+        with pytest.raises(BrokenPipeError):
+            os.write(write, b"x")
+    finally:
+        os.close(write)
+        if read >= 0:
+            os.close(read)
+
+
+def test_serve_refuses_what_is_no_directory_to_serve(redoxcap_module_system):
+    read, write = os.pipe()
+    try:
+        for bad in ({"path": "relative", "name": "x"}, {"path": "/tmp"}, {"name": "x"}):
+            with pytest.raises(control.ControlError):
+                control.request(redoxcap_module_system.state_dir, "serve", passing=read, **bad)
+        with pytest.raises(control.ControlError):  # no channel at all
+            control.request(redoxcap_module_system.state_dir, "serve", path="/tmp", name="x")
+    finally:
+        os.close(read)
+        os.close(write)
