@@ -312,3 +312,16 @@ def test_a_racing_symlink_never_lets_chmod_or_utime_reach_outside(redoxcap_modul
     assert got.returncode == 0 and int(got.stdout) > 0, got.stderr  # its own file did change
     after = secret.stat()
     assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+
+
+def test_files_a_program_makes_have_the_modes_its_umask_says(redoxcap_module_system, tmp_path):
+    """As on the host: the program's umask (as it last set it) takes bits off what it creates;
+    the file scheme never grants group or other write."""
+    out = redoxcap_module_system.run(
+        "--dir", str(tmp_path), "--", "sh", "-c",
+        "umask 077; touch private; mkdir privdir; umask 022; touch shared; "
+        "umask 0; touch open; python3 -c 'import os; os.open(\"byopen\", os.O_CREAT | os.O_WRONLY, 0o640)'")
+    assert out.returncode == 0, out.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"private": 0o600, "privdir": 0o700, "shared": 0o644, "open": 0o644,
+                     "byopen": 0o640}

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from redoxcap.broker.calls.program import Program
 
 
+DEFAULT_UMASK = 0o022  # where a thread's own cannot be read (it is exiting)
+
+
 class _Proceed:
     def __repr__(self) -> str:
         return "PROCEED"
@@ -52,6 +55,17 @@ class Call:
     @property
     def args(self) -> tuple[int, ...]:
         return self.notif.args
+
+    def created_mode(self, mode: int) -> int:
+        """mode as a call that creates a file or directory makes it: less the calling thread's
+        umask (which the kernel would have applied, and the scheme that creates it cannot
+        know; /proc/TID/status says it, as the program last set it), permission bits only."""
+        try:
+            with open(f"/proc/{self.notif.tid}/status", "rb") as f:
+                umask = next(int(line.split()[1], 8) for line in f if line.startswith(b"Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            umask = DEFAULT_UMASK
+        return mode & 0o7777 & ~umask
 
 
 Handler = Callable[[Call], Any]

@@ -23,12 +23,13 @@ class Names(Family):
 
     @syscall()
     def mkdir(self, call: Call) -> int:
-        return self._on_name(call, AT_FDCWD, call.args[0], P.MKDIRAT, [call.args[1] & 0o7777])
+        return self._on_name(call, AT_FDCWD, call.args[0], P.MKDIRAT,
+                             [call.created_mode(call.args[1])])
 
     @syscall()
     def mkdirat(self, call: Call) -> int:
         a = call.args
-        return self._on_name(call, c_int(a[0]), a[1], P.MKDIRAT, [a[2] & 0o7777])
+        return self._on_name(call, c_int(a[0]), a[1], P.MKDIRAT, [call.created_mode(a[2])])
 
     @syscall()
     def unlink(self, call: Call) -> int:

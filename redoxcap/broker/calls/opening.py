@@ -75,6 +75,8 @@ class Opening(Family):
               resolve: int = 0) -> Install:
         program, locator = self.program, self.program.locator
         path = locator.path(call, addr)
+        if flags & (os.O_CREAT | O_TMPFILE_BIT):
+            mode = call.created_mode(mode)
         if path == TTY and dirfd == AT_FDCWD:
             return Install(self.terminal(call), bool(flags & os.O_CLOEXEC))
         loc = locator.locate(call, dirfd, path, resolve)
