@@ -70,8 +70,8 @@ def render(info: dict) -> Iterator[str]:
 
     Yields:
         A summary line, the file root and the mounts, what the router holds (its
-        schemes, capabilities and the fds clients hold of what they may), the table's
-        header and one row per daemon, then one row per running client.
+        schemes, capabilities and the fds clients hold of what they may), the runners'
+        pids, the table's header and one row per daemon, then one row per running client.
     """
     yield f"supervisor pid {info['supervisor']}, up {info['uptime']:.0f}s, state {info['state_dir']}"
     if "root" in info:
@@ -83,6 +83,9 @@ def render(info: dict) -> Iterator[str]:
         yield (f"router: {summary['schemes']} schemes, {summary['capabilities']} capabilities; "
                f"clients hold {summary['client_fds']} of {summary['client_fd_limit']} fds "
                f"(reserve {summary['reserve']} of {summary['fd_limit']})")
+    runners = info.get("runners")
+    if runners:
+        yield f"runners (runs under way, their daemons, a spare): {' '.join(map(str, runners))}"
     yield HEADER
     for d in info["daemons"]:
         rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"
