@@ -45,6 +45,7 @@ CONTROL_TOKEN = "token"
 CONNECT_TIMEOUT = 10.0  # seconds: the supervisor's accept and answer
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 EXIT_FAILED = 1  # redoxcap.exits.EXIT_FAILED (exits loads signal, and so enum)
+MAX_PASS_FDS = 64  # --pass-fd fds a runner takes (redoxcap.runner.MAX_FDS); more: run here
 
 
 def default_state_dir() -> str:
@@ -107,8 +108,8 @@ def run_in_system(state_dir: str, command: list[str], options: dict) -> int | No
     """
     pass_fds = list(options.get("pass_fds", ()))
     numbers = [n for n in (0, 1, 2) if _is_open(n)] + pass_fds
-    if not all(_is_open(n) for n in pass_fds):
-        return None  # run says which, and how
+    if len(pass_fds) > MAX_PASS_FDS or not all(_is_open(n) for n in pass_fds):
+        return None  # more than a runner takes, or one run says is not open (and how)
     try:
         with open(os.path.join(state_dir, CONTROL_TOKEN), encoding="ascii") as f:
             token = f.read()

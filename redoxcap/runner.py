@@ -36,14 +36,14 @@ import sys
 
 import redoxcap.broker  # loaded by the fork server, for every run's fork
 import redoxcap.run  # noqa: F401
-from redoxcap import entry
+from redoxcap import entry, launch
 from redoxcap.broker import filter as bpf
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 
 RECEIVE_DEADLINE = 5.0  # seconds the caller has to send the run (it sends it before it asks)
-MAX_FDS = 64 + 5  # fds a run request carries: payload, cwd, 0-2 and --pass-fd fds
+MAX_FDS = launch.MAX_PASS_FDS + 5  # fds a run request carries: payload, cwd, 0-2, --pass-fd
 MAX_PAYLOAD = 16 << 20  # bytes: the environment is most of it
 FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller's
 
@@ -75,12 +75,13 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]]:
         if data != b"R" or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) < 2:
             raise BadRequest("malformed run request")
         run = _read_payload(fds[0])
+        os.close(fds.pop(0))  # read: the payload is done with
         numbers = run.get("fds")
-        if not isinstance(numbers, list) or len(numbers) != len(fds) - 2 or \
+        if not isinstance(numbers, list) or len(numbers) != len(fds) - 1 or \
                 not all(type(n) is int and 0 <= n < 1 << 20 for n in numbers) or \
                 len(set(numbers)) != len(numbers):
             raise BadRequest("malformed run request: its fds")
-        return run, fds[1:]
+        return run, fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -109,17 +110,17 @@ def wait_for_a_caller(fd: int) -> int | None:
 
 
 def _read_payload(fd: int) -> dict:
-    size = os.fstat(fd).st_size
-    if size > MAX_PAYLOAD:
-        raise BadRequest("run request too large")
-    data = os.pread(fd, size, 0)
     try:
-        run = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
+        size = os.fstat(fd).st_size
+        if size > MAX_PAYLOAD:
+            raise BadRequest("run request too large")
+        run = marshal.loads(os.pread(fd, size, 0))
+    except (OSError, EOFError, ValueError, TypeError):
         raise BadRequest("malformed run request") from None
+    command = run.get("command") if isinstance(run, dict) else None
     if not isinstance(run, dict) or not isinstance(run.get("state_dir"), str) or \
-            not isinstance(run.get("command"), list) or not isinstance(run.get("options"), dict) or \
-            not isinstance(run.get("environ"), dict):
+            not isinstance(command, list) or not all(isinstance(a, str) for a in command) or \
+            not isinstance(run.get("options"), dict) or not isinstance(run.get("environ"), dict):
         raise BadRequest("malformed run request")
     return run
 

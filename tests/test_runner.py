@@ -5,7 +5,6 @@ the program gets what that process would have given it, and ends with it."""
 from __future__ import annotations
 
 import os
-import resource
 import select
 import signal
 import socket
@@ -64,18 +63,15 @@ def test_a_run_starts_in_the_system_and_passes_on_output_input_and_exit_code(red
 
 def test_a_run_gets_the_callers_cwd_umask_limits_and_pass_fd(redoxcap_module_system, tmp_path):
     read, write = os.pipe()
-
-    def as_the_caller():
-        os.umask(0o077)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        os.dup2(write, 7)  # a number sh can name
-
+    run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", ".",
+           "--pass-fd", "7", "--", "sh", "-c", "umask; ulimit -n; pwd; echo through the fd >&7"]
+    # a caller with umask 077, at most 200 fds, and the pipe at 7 (a number sh can name)
+    caller = ("import os, resource; os.umask(0o077); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+              f"os.dup2({write}, 7); os.execv({run[0]!r}, {run!r})")
     try:
-        out = subprocess.run(
-            [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", ".",
-             "--pass-fd", "7", "--", "sh", "-c", "umask; ulimit -n; pwd; echo through the fd >&7"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
-            pass_fds=[7], preexec_fn=as_the_caller)
+        out = subprocess.run([sys.executable, "-c", caller], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=60, check=False, pass_fds=[write])
         os.close(write)
         write = -1
         assert out.returncode == 0, out.stderr
@@ -254,3 +250,25 @@ def test_serve_refuses_what_is_no_directory_to_serve(redoxcap_module_system):
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
+    """Past launch.MAX_PASS_FDS the run is done in the `redoxcap` process: the same run."""
+    read, write = os.pipe()
+    numbers = list(range(10, 11 + launch.MAX_PASS_FDS))
+    run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
+           *(f"--pass-fd={n}" for n in numbers), "--", sys.executable, "-c",
+           f"import os; os.write({numbers[-1]}, b'the last one')"]
+    # a caller holding all of those fds (the pipe's write end at each number)
+    caller = f"import os; [os.dup2({write}, n) for n in {numbers!r}]; os.execv({run[0]!r}, {run!r})"
+    try:
+        out = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True,
+                             timeout=60, check=False, pass_fds=[write])
+        os.close(write)
+        write = -1
+        assert out.returncode == 0, out.stderr
+        assert os.read(read, 100) == b"the last one"
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
