@@ -254,9 +254,10 @@ def run_command(state_dir: Path, names: str | None, dirs: tuple[str, ...], cwd: 
     mount to it (it stays until `down`); --dir directories are served by
     daemons of the run's own, gone when it ends. With a system up, a
     confined COMMAND is started by the system (a warm fork of its, given
-    your fds 0-2 and --pass-fd fds, cwd, umask, limits and environment):
-    faster, and whatever COMMAND leaves running is killed when it exits;
-    --in-process starts it from this process instead. `run` exits with
+    your fds 0-2 and --pass-fd fds, cwd, umask, limits, nice value and
+    environment, in the system's cgroup): faster, and whatever COMMAND
+    leaves running is killed when it exits; --in-process starts it from
+    this process instead. `run` exits with
     COMMAND's exit code (127: not found).
     """
     options = {

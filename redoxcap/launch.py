@@ -8,7 +8,7 @@ server has all of that loaded already. So when a system is up, this process
 supervisor for a *runner* (control op `run`): a fork of that warm
 interpreter (redoxcap/runner.py), which receives from us everything our
 own `run` would have had (its standard fds and `--pass-fd` fds at the same
-numbers, our current directory, umask, resource limits and environment,
+numbers, our current directory, umask, resource limits, nice value and environment,
 the command line) and does the run exactly as :func:`redoxcap.run.main`
 would here. Its messages are printed on our stderr, which it holds.
 
@@ -86,7 +86,7 @@ def _payload(state_dir: str, command: list[str], options: dict, numbers: list[in
                           "options": {k: list(v) if isinstance(v, tuple) else v
                                       for k, v in options.items()},
                           "environ": dict(os.environ), "umask": umask, "rlimits": limits,
-                          "fds": numbers})
+                          "nice": os.getpriority(os.PRIO_PROCESS, 0), "fds": numbers})
     fd = os.memfd_create("redoxcap-run", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)

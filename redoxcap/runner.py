@@ -9,8 +9,8 @@ supervisor to pass it that socket. It is two processes:
 
 - the *run*, forked at once (before a spare has a caller), reads the run
   from the caller's socket (:func:`receive`): the command line and options,
-  and the caller's environment, umask, resource limits, current directory
-  and standard and `--pass-fd` fds; takes them on, each fd at the number it
+  and the caller's environment, umask, resource limits, nice value, current
+  directory and standard and `--pass-fd` fds; takes them on, each fd at the number it
   had there (:func:`take_on`); and calls :func:`redoxcap.entry.run_command`
   as the caller would have: its messages go to the caller's stderr, its
   result is its exit code;
@@ -127,7 +127,7 @@ def _read_payload(fd: int) -> dict:
 
 def take_on(run: dict, fds: list[int], sock: socket.socket) -> socket.socket:
     """Become the caller: its fds at their numbers (0-2 it had closed stay closed), its cwd,
-    umask, resource limits (as far as ours allow) and environment. fds: cwd, then the fds
+    umask, resource limits and nice value (as far as ours allow) and environment. fds: cwd, then the fds
     run["fds"] numbers; all of them are closed or in place afterwards.
 
     Returns:
@@ -151,6 +151,11 @@ def take_on(run: dict, fds: list[int], sock: socket.socket) -> socket.socket:
         os.close(cwd)
     if type(run.get("umask")) is int:
         os.umask(run["umask"] & 0o777)
+    if type(run.get("nice")) is int:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, run["nice"])
+        except OSError:
+            pass  # a priority above ours, which we may not give
     _limit(run.get("rlimits"))
     os.environ.clear()
     os.environ.update({k: v for k, v in run["environ"].items()

@@ -61,12 +61,13 @@ def test_a_run_starts_in_the_system_and_passes_on_output_input_and_exit_code(red
         system.stop_background()
 
 
-def test_a_run_gets_the_callers_cwd_umask_limits_and_pass_fd(redoxcap_module_system, tmp_path):
+def test_a_run_gets_the_callers_cwd_umask_limits_nice_value_and_pass_fd(redoxcap_module_system, tmp_path):
     read, write = os.pipe()
     run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", ".",
-           "--pass-fd", "7", "--", "sh", "-c", "umask; ulimit -n; pwd; echo through the fd >&7"]
-    # a caller with umask 077, at most 200 fds, and the pipe at 7 (a number sh can name)
-    caller = ("import os, resource; os.umask(0o077); "
+           "--pass-fd", "7", "--", "sh", "-c",
+           "umask; ulimit -n; pwd; python3 -c 'import os; print(os.nice(0))'; echo through the fd >&7"]
+    # a caller with umask 077, at most 200 fds, nice 7, and the pipe at 7 (a number sh can name)
+    caller = ("import os, resource; os.umask(0o077); os.nice(7 - os.nice(0)); "
               "resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
               f"os.dup2({write}, 7); os.execv({run[0]!r}, {run!r})")
     try:
@@ -75,7 +76,7 @@ def test_a_run_gets_the_callers_cwd_umask_limits_and_pass_fd(redoxcap_module_sys
         os.close(write)
         write = -1
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["0077", "200", str(tmp_path)]
+        assert out.stdout.split() == ["0077", "200", str(tmp_path), "7"]
         assert os.read(read, 100) == b"through the fd\n"
     finally:
         os.close(read)
