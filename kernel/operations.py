@@ -12,9 +12,9 @@ malformed argument is ProtocolError: EINVAL). The router sends the reply.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,7 +47,7 @@ class Kernel(Protocol):
     frames: int
 
     def mint(self, handle: SchemeHandle, account: Account, payer: Account | None = None) -> int: ...
-    def socketpair(self) -> tuple[socket.socket, socket.socket]: ...
+    def socketpair(self) -> tuple[_socket.socket, _socket.socket]: ...
     def attach_channel(self, scheme: Scheme) -> int: ...
     def free_scheme(self, scheme: Scheme) -> None: ...
     def new_account(self, limits: Limits | dict) -> Account: ...
