@@ -38,9 +38,11 @@ STOP_TIMEOUT = 15.0  # seconds a supervisor has to exit once asked, before it is
 
 
 def default_state_dir() -> Path:
-    """Where a system keeps its control socket: $XDG_RUNTIME_DIR/redoxcap-UID (or the temp dir)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return Path(base) / f"redoxcap-{os.getuid()}"
+    """Where a system keeps its control socket: $XDG_RUNTIME_DIR/redoxcap-UID (or the temp dir;
+    the console script's lean side says, redoxcap/launch.py)."""
+    from redoxcap.launch import default_state_dir as lean
+
+    return Path(lean())
 
 
 def up_options(cfg: config.Config, trace: bool = False) -> list[str]:
