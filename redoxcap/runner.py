@@ -304,10 +304,11 @@ def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
     while True:
         for fd, _ in poller.poll():
             if fd == wake:
-                while os.read(wake, 512) == 512:
-                    pass
+                _drain(wake)
             elif fd == run.fileno():
                 said = _receive(run)
+                if said is None:
+                    continue  # woken for nothing
                 poller.unregister(fd)  # its one word ("T" or "B"), or EOF: nothing more
                 if said == b"T":
                     taken = True
@@ -327,6 +328,15 @@ def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
         code = _reap(pid)
         if code is not None:
             return (code if caller else EXIT_FAILED), taken
+
+
+def _drain(fd: int) -> None:
+    """Empty the (non-blocking) pipe the signals wake us through."""
+    try:
+        while len(os.read(fd, 512)) == 512:
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _receive(sock: socket.socket) -> bytes | None:
