@@ -130,9 +130,11 @@ class Runners:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             runner = await forkserver.spawn(RUNNER_MODULE, ["--spare-fd", theirs.fileno()])
-        except OSError:
+        except BaseException as exc:  # cancelled too: our end goes with the spare not made
             ours.close()
-            return
+            if isinstance(exc, OSError):
+                return  # a run forks its runner then
+            raise
         finally:
             theirs.close()
             self._making = False
