@@ -71,14 +71,21 @@ class Runners:
 
     A run is handed to the spare when there is one: a runner forked before it
     was needed, waiting on a socket of ours for its caller's (`--spare-fd`),
-    so that the fork server's double fork is not in the run's way; another
-    spare is made after each run that took one (or found none).
+    so that the fork server's double fork is not in the run's way. The next
+    spare is made once that run has ended, not while it runs: a launch is
+    CPU-bound on two cores, and making a spare then took CPU from the run
+    (the next caller's interpreter, starting meanwhile, leaves a core free). A
+    run that comes while a spare is being made waits for it rather than have
+    the fork server fork another.
     """
 
     def __init__(self) -> None:
         self.running: set[ForkedProcess] = set()
         self._spare: tuple[ForkedProcess, socket.socket] | None = None  # and our end of its socket
-        self._making = False
+        self._made: trio.Event | None = None  # while a spare is being made: set once it is
+        self._closing = False
+        self._source: tuple[ForkServer, trio.Nursery] | None = None  # where spares come from
+        self._then_a_spare: set[ForkedProcess] = set()  # runners whose end brings the next spare
 
     async def start(self, forkserver: ForkServer | None, nursery: trio.Nursery, sock: int) -> int:
         """Hand the run whose caller holds the other end of sock (which stays ours to close)
@@ -90,25 +97,35 @@ class Runners:
         """
         if forkserver is None:
             raise OSError(errno.ENOSYS, "this system has no fork server to run from")
+        self._source = (forkserver, nursery)
+        if self._spare is None and self._made is not None:
+            await self._made.wait()  # the fork server is at it already: sooner than another
         spare, self._spare = self._spare, None
-        try:
-            if spare is not None:
-                runner, channel = spare
-                with channel:
-                    try:
-                        channel.sendmsg([b"G"], P.fds_ancillary([sock]))  # room for it: its first
-                        return runner.pid
-                    except OSError:  # it died meanwhile: reaped by _reap; fork one now
-                        pass
-            if len(self.running) >= MAX_RUNNERS:
-                raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs at once already")
-            runner = await forkserver.spawn(RUNNER_MODULE, ["--socket-fd", sock])
-            self._adopt(runner, nursery)
-            return runner.pid
-        finally:
-            if self._spare is None and not self._making and len(self.running) < MAX_RUNNERS:
-                self._making = True
-                nursery.start_soon(self._make_spare, forkserver, nursery)
+        if spare is not None:
+            runner, channel = spare
+            with channel:
+                try:
+                    channel.sendmsg([b"G"], P.fds_ancillary([sock]))  # room for it: its first
+                    self._then_a_spare.add(runner)
+                    return runner.pid
+                except OSError:  # it died meanwhile: reaped by _reap; fork one now
+                    pass
+        if len(self.running) >= MAX_RUNNERS:
+            raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs at once already")
+        runner = await forkserver.spawn(RUNNER_MODULE, ["--socket-fd", sock])
+        self._adopt(runner, nursery)
+        self._then_a_spare.add(runner)
+        return runner.pid
+
+    def _make_spare_soon(self) -> None:
+        """Start making a spare, unless there is one, one is being made, or none may be."""
+        import trio
+
+        if self._spare is None and self._made is None and not self._closing and \
+                self._source is not None and len(self.running) < MAX_RUNNERS:
+            self._made = trio.Event()
+            forkserver, nursery = self._source
+            nursery.start_soon(self._make_spare, forkserver, nursery)
 
     def pids(self) -> list[int]:
         """The runners' pids (the spare's too) and those of the daemons forked for runs."""
@@ -119,6 +136,7 @@ class Runners:
         callers' to end: what is left is left running)."""
         import trio
 
+        self._closing = True
         if self._spare is not None:
             self._spare[1].close()  # EOF: it goes
             self._spare = None
@@ -129,18 +147,22 @@ class Runners:
     async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            runner = await forkserver.spawn(RUNNER_MODULE, ["--spare-fd", theirs.fileno()])
+            try:
+                runner = await forkserver.spawn(RUNNER_MODULE, ["--spare-fd", theirs.fileno()])
+            finally:
+                theirs.close()
         except BaseException as exc:  # cancelled too: our end goes with the spare not made
             ours.close()
-            if isinstance(exc, OSError):
-                return  # a run forks its runner then
-            raise
+            if not isinstance(exc, OSError):
+                raise
+        else:
+            ours.setblocking(False)
+            self._adopt(runner, nursery)
+            self._spare = (runner, ours)
         finally:
-            theirs.close()
-            self._making = False
-        ours.setblocking(False)
-        self._adopt(runner, nursery)
-        self._spare = (runner, ours)
+            made, self._made = self._made, None
+            if made is not None:
+                made.set()  # who waited looks again: at the spare, or (none made) forks one
 
     async def start_daemon(self, forkserver: ForkServer | None, nursery: trio.Nursery,
                            args: list[str | int]) -> int:
@@ -170,3 +192,6 @@ class Runners:
             if self._spare is not None and self._spare[0] is runner:
                 self._spare[1].close()
                 self._spare = None
+        if runner in self._then_a_spare:  # a run has ended: the next one's spare, now
+            self._then_a_spare.discard(runner)
+            self._make_spare_soon()
