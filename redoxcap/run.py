@@ -34,6 +34,7 @@ import posixpath
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -330,11 +331,12 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
             dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
             served=served)
-        try:  # for `status` and `graph`; the run goes on without it
-            control.request(state_dir, "client", pid=proc.pid, argv=list(command), names=names,
-                            cwd=where, account=account)
-        except control.ControlError:
-            pass
+        # for `status` and `graph`, from a thread: the program waits for its broker (this
+        # thread, in wait) from its first call on, and the run goes on without the note
+        threading.Thread(target=_note_the_client, daemon=True, name="redoxcap client note",
+                         args=(state_dir, {"pid": proc.pid, "argv": list(command),
+                                           "names": names, "cwd": where,
+                                           "account": account})).start()
         return wait_forwarding_signals(proc, group=confine)
     finally:
         if follower is not None:
@@ -345,6 +347,14 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         for directory in (scratch, private_tmp):
             if directory is not None:
                 _remove(directory)
+
+
+def _note_the_client(state_dir: Path, note: dict) -> None:
+    """Tell the supervisor of the program a run started (control op `client`), if it listens."""
+    try:
+        control.request(state_dir, "client", **note)
+    except (control.ControlError, OSError):
+        pass
 
 
 def _remove(directory: str) -> None:
