@@ -22,6 +22,7 @@ machine, and docs/sandbox.md shows it.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -442,8 +443,10 @@ def actions(machine: str, mode: str, **options: bool) -> Iterator[tuple[str, int
                 yield name, nrs[name], rule
 
 
+@functools.cache
 def brokered_names() -> frozenset[str]:
-    """The calls the broker answers (whatever the machine: a name it lacks never arrives)."""
+    """The calls the broker answers (whatever the machine: a name it lacks never arrives);
+    worked out once per process (every broker asks)."""
     out = set()
     for rule in rules():
         if _notifies(rule.action(BROKERED)) or _notifies(rule.action(BROKERED_UDP)):
