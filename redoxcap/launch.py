@@ -115,6 +115,7 @@ def run_in_system(state_dir: str, command: list[str], options: dict) -> int | No
             token = f.read()
     except (OSError, ValueError):
         return None
+    taken = False  # whether a runner took the run (ours is then _wait's)
     control = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     ours, theirs = _socket.socketpair(_socket.AF_UNIX,
                                       _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
@@ -142,9 +143,12 @@ def run_in_system(state_dir: str, command: list[str], options: dict) -> int | No
             os.close(cwd)
         if reply != OK_REPLY:  # no runner was started: whatever the reason, run does it here
             return None
+        taken = True
     finally:
         control.close()
         theirs.close()
+        if not taken:
+            ours.close()  # no runner on the other end: run does it here, without it
     try:
         return _wait(ours)
     finally:
