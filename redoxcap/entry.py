@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a few ms per run here)
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
