@@ -35,10 +35,11 @@ import stat
 import sys
 
 import redoxcap.broker  # loaded by the fork server, for every run's fork
-import redoxcap.run  # noqa: F401
+import redoxcap.run
 from redoxcap import entry, launch
 from redoxcap.broker import filter as bpf
 from redoxcap.exits import EXIT_FAILED
+from redoxcap.sandbox.policy import project_package_locations
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 
@@ -52,6 +53,10 @@ FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller'
 if linux.machine() is not None:
     for _scoped in (True, False):
         bpf.program(linux.machine(), signals_scoped=_scoped, udp=False)
+# What every brokered run asks and no run changes, asked once here: whether this kernel can
+# broker, and where redoxcap's packages are (each run's program may import them).
+redoxcap.broker.available()
+project_package_locations()
 
 
 class BadRequest(Exception):

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd, call_value
+from rt._paths import located
 from rt._posix import clone, close, dup
 from rt._posix import open as rt_open
 
@@ -128,6 +129,9 @@ def uds_scope(name: str | None = None, base: int | None = None) -> int:
     how = b"scope" if name is None else b"scope:" + name.encode()
     if base is not None:
         return dup(base, how)
+    with located("/scheme/uds") as (where, rest):
+        if rest == ".":  # the namespace's kept uds root: derived from at once, nothing opened
+            return dup(where, how)
     own = rt_open("/scheme/uds", os.O_DIRECTORY)
     try:
         return dup(own, how)

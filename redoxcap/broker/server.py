@@ -14,6 +14,7 @@ fails with ENOSYS.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -46,8 +47,11 @@ class Unavailable(OSError):
     """seccomp user notification (or Landlock, or pidfd_getfd) is not available here."""
 
 
+@functools.cache
 def available() -> str | None:
-    """None when brokered programs can run here, else why not (for the CLI to say)."""
+    """None when brokered programs can run here, else why not (for the CLI to say).
+
+    Asked once per process (a run asks twice), and once for all runs in the fork server."""
     if linux.machine() is None:
         return "seccomp user notification: unsupported architecture"
     try:
@@ -337,8 +341,24 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                 exec_target(argv, env, theirs, parent, kernel_cwd or empty, read_paths,
                             [target_ns, target_cwd, *pass_fds], udp=udp)
             theirs.close()
-            with ours:
-                listener = _receive_listener(ours, pid)
+            # what answers the program's calls is made while it confines itself (on another
+            # core), not while its first call waits
+            opened.remove(broker_cwd)  # _answering's now
+            try:
+                processes, syscalls = _answering(machine, broker_ns, broker_cwd, cwd_path,
+                                                 kernel_cwd, hosts, passthrough, handed, net,
+                                                 directfs_grant)
+            except BaseException:
+                ours.close()  # the program, waiting for the broker to take its listener, ends
+                raise
+            listener = None
+            try:
+                with ours:
+                    listener = _receive_listener(ours, pid)
+            finally:
+                if listener is None:
+                    syscalls.close()
+                    processes.close()
         finally:
             os.rmdir(empty)  # the program's kernel cwd is a removed directory: no lookup works there
         for fd in (target_ns, target_cwd):  # the program's own copies: ours go
@@ -349,16 +369,29 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             _close(fd)
         hosts.close()
         raise
-    state = None
-    if listener is not None:
-        # opened by `run` before the program ran: its scheme may be asked for native lookups
-        cwd = Directory(broker_cwd, cwd_path, False, trusted=True)
-        processes = Processes(cwd, kernel_cwd)  # owns broker_cwd
-        opened.remove(broker_cwd)
-        grant = os.dup(directfs_grant) if directfs_grant is not None else None
-        state = (listener, processes, Syscalls(machine, broker_ns, hosts, processes, passthrough,
-                                               handed, net, directfs_grant=grant))
+    state = None if listener is None else (listener, processes, syscalls)
     return BrokeredProgram(pid, state, hosts, opened, trace)
+
+
+def _answering(machine: str, broker_ns: int, broker_cwd: int, cwd_path: str,
+               kernel_cwd: str | None, hosts: hostfs.HostTrees, passthrough: bool,
+               handed: list[Mount], net: dict | None, directfs_grant: int | None
+               ) -> tuple[Processes, Syscalls]:
+    """The program's processes (owning broker_cwd, closed here if this fails; `run` opened it
+    before the program ran, so its scheme may be asked for native lookups) and the handler
+    table."""
+    try:
+        processes = Processes(Directory(broker_cwd, cwd_path, False, trusted=True), kernel_cwd)
+    except BaseException:
+        _close(broker_cwd)
+        raise
+    try:
+        grant = os.dup(directfs_grant) if directfs_grant is not None else None
+        return processes, Syscalls(machine, broker_ns, hosts, processes, passthrough, handed, net,
+                                   directfs_grant=grant)
+    except BaseException:
+        processes.close()
+        raise
 
 
 class BrokeredProgram:
