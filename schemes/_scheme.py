@@ -188,6 +188,11 @@ class Scheme:
     async def close(self, h: Any) -> None:
         """The last capability for h is gone: release what it holds."""
 
+    def close_now(self, h: Any) -> bool:
+        """Release h at once, if that cannot block (the server then needs no task for a
+        CLOSE, which is half of every open+close); False leaves it to :meth:`close`."""
+        return False
+
     def status(self, handles: dict[int, Any]) -> Any:
         """What `redoxcap status` and `graph` show of this scheme's handles (a msgpack value).
 

@@ -135,7 +135,8 @@ class _Server:
             del data  # the request holds what it needs
             if request.op == P.CLOSE:
                 P.close_fds(fds)
-                nursery.start_soon(self._close, request.handle)
+                if not self._close_now(request.handle, queues):
+                    nursery.start_soon(self._close, request.handle)
             elif request.op == P.RESTORE_MORE:
                 part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
                 part_fds.extend(fds)
@@ -220,6 +221,23 @@ class _Server:
                 await self._put(keep.encode(), part_fds)
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
+
+    def _close_now(self, number: int, queues: dict[int, collections.deque]) -> bool:
+        """Close handle number here and now, where nothing waits on it (no request of it in
+        flight or queued in this batch, which would have to be served first) and the
+        scheme can release it without blocking; False: a task of its own must (_close)."""
+        if self.inflight.get(number) or any(
+                request.handle == number for queue in queues.values() for request, _ in queue):
+            return False
+        obj = self.handles.get(number)
+        if obj is not None:
+            try:
+                if not self.scheme.close_now(obj):
+                    return False
+            except Exception:
+                log.exception("%s: close failed", self.scheme.name)
+            del self.handles[number]
+        return True
 
     async def _close(self, number: int) -> None:
         obj = self.handles.pop(number, None)

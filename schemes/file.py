@@ -255,6 +255,15 @@ class FileScheme(Scheme):
     async def close(self, h: FileHandle) -> None:
         if h.busy is not None:
             await h.busy.acquire()  # a worker thread may be using its fd: let it finish
+        self._release(h)
+
+    def close_now(self, h: FileHandle) -> bool:
+        if h.busy is not None:  # a worker thread may have it: close waits for it
+            return False
+        self._release(h)
+        return True
+
+    def _release(self, h: FileHandle) -> None:
         self.work.forget(h)
         if h.fd != self.root_fd:
             os.close(h.fd)
