@@ -65,6 +65,41 @@ def test_namespace_fork_list_narrow_register_and_unregister(redoxcap_isolated_cl
     rt.close(child)
 
 
+def test_a_fork_of_many_names_holds_a_working_clone_of_each_of_its_own(redoxcap_isolated_client):
+    """nsmgr asks for a fork's clones all at once: each name still comes out as the entry it
+    was, and the fork's entries outlive the parent's."""
+    root = redoxcap_isolated_client.root
+    names = [f"box{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        (root / name).mkdir()
+        (root / name / "which").write_text(name)
+        d = rt.open(f"/{name}", rt.O_DIRECTORY)
+        rt.register(rt.getns(), name, d)
+        rt.close(d)
+    try:
+        child = rt.mkns(None)
+        assert rt.schemes(child) == rt.schemes()
+        picked = rt.mkns(names[::-1])  # any order asked: the names, each its own entry
+        assert rt.schemes(picked) == sorted(names)
+        for name in names:
+            rt.unregister(rt.getns(), name)  # the fork keeps its clones
+        parent = rt.clone(rt.getns())
+        try:
+            for ns in (child, picked):
+                rt.setns(ns)
+                for name in names:
+                    with rt.open_file(f"/scheme/{name}/which") as f:
+                        assert f.read() == name
+        finally:
+            rt.setns(parent)
+            for ns in (parent, child, picked):
+                rt.close(ns)
+    finally:
+        for name in names:
+            if name in rt.schemes():
+                rt.unregister(rt.getns(), name)
+
+
 def test_a_subtree_registered_as_file_is_all_a_child_namespace_sees(redoxcap_isolated_client,
                                                                     subtree_namespace):
     (redoxcap_isolated_client.root / "outside.txt").write_text("secret")
