@@ -215,3 +215,30 @@ def test_rt_is_safe_from_several_threads(redoxcap_isolated_client):
     lines = (redoxcap_isolated_client.root / "shared").read_bytes().splitlines()
     assert sorted(lines) == sorted(b"%d-%d" % (n, i) for n in range(4) for i in range(50))
     rt.close(fd)
+
+
+def test_writes_sent_just_before_a_close_all_land(redoxcap_isolated_client):
+    """A client may send writes and close its fd without waiting for the replies: the scheme
+    serves what came before the CLOSE first (it closes a handle in its loop only where no
+    request of it waits), so nothing it was sent is lost."""
+    import socket
+
+    from redoxcap.wire import frames as F
+
+    for attempt in range(20):
+        name = f"/sent{attempt}"
+        fd = rt.open(name, rt.O_CREAT | rt.O_WRONLY | rt.O_EXCL, 0o644)
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            for tag in range(1, 9):
+                sock.send(F.encode_request(P.WRITE, tag, [bytes([0x40 + tag]) * 1000]))
+        finally:
+            sock.close()
+        rt.close(fd)  # the last holder: the router sends the scheme CLOSE after the writes
+        path = redoxcap_isolated_client.root / name.lstrip("/")
+        expected = b"".join(bytes([0x40 + tag]) * 1000 for tag in range(1, 9))
+        for _ in range(200):
+            if path.stat().st_size == len(expected):
+                break
+            threading.Event().wait(0.01)
+        assert path.read_bytes() == expected
