@@ -85,6 +85,7 @@ class Router:
         self.trace = Trace()
         self.frames = 0
         self._pass = 0
+        self._ended: list[Capability] = []  # capabilities read to EOF in this pass (see tidy)
         nursery.start_soon(self._route)
 
     @property
@@ -165,7 +166,10 @@ class Router:
             return
         data, fds, flags, cred = received
         if not data and not fds:
-            self.table.release(cap)  # EOF: every holder closed it or died
+            # EOF: every holder closed it or died. Let go of it once the pass has read the
+            # rest: a client that closes one fd and then calls on another (every open+close)
+            # has its call forwarded before its close is cleaned up.
+            self._ended.append(cap)
             return
         self._on_request(cap, data, flags, fds, cred)
 
@@ -199,6 +203,9 @@ class Router:
         """Tell daemons what the table let go of: CLOSE for handles no capability names,
         EOF on the channels of schemes nothing can reach."""
         table = self.table
+        ended, self._ended = self._ended, []
+        for cap in ended:
+            table.release(cap)
         while table.closing or table.freed:
             closing, table.closing = table.closing, []
             for scheme, number in closing:

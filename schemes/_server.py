@@ -59,6 +59,7 @@ class _Server:
         self.handles: dict[int, Any] = {P.ROOT_HANDLE: scheme.root()}
         scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
         self.inflight: dict[int, set[trio.CancelScope]] = {}
+        self._closing: list[int] = []  # handles to close after the batch being read (CLOSE)
         self.numbers = itertools.count(1)
         # op number -> (its declaration, the scheme's bound method, the handle kinds it takes)
         self.operations = {op.number: (op, getattr(scheme, op.name), scheme.handle_kinds.get(op.number))
@@ -92,6 +93,12 @@ class _Server:
                         await self._handle(request, fds)  # never blocks: no task, no cancel scope
                     else:
                         nursery.start_soon(self._handle, request, fds)
+                # handles closed here and now go after the batch's requests, which their
+                # clients wait for (a close has no reply)
+                closing, self._closing = self._closing, []
+                for number in closing:
+                    if not self._close_now(number):
+                        nursery.start_soon(self._close, number)
 
     def _waiting_requests(self, nursery: trio.Nursery
                           ) -> tuple[list[tuple[SchemeRequest, list[int]]] | None, bool]:
@@ -135,7 +142,9 @@ class _Server:
             del data  # the request holds what it needs
             if request.op == P.CLOSE:
                 P.close_fds(fds)
-                if not self._close_now(request.handle, queues):
+                if self._nothing_waits_on(request.handle, queues):
+                    self._closing.append(request.handle)  # closed after this batch's requests
+                else:
                     nursery.start_soon(self._close, request.handle)
             elif request.op == P.RESTORE_MORE:
                 part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
@@ -222,13 +231,15 @@ class _Server:
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
 
-    def _close_now(self, number: int, queues: dict[int, collections.deque]) -> bool:
-        """Close handle number here and now, where nothing waits on it (no request of it in
-        flight or queued in this batch, which would have to be served first) and the
-        scheme can release it without blocking; False: a task of its own must (_close)."""
-        if self.inflight.get(number) or any(
-                request.handle == number for queue in queues.values() for request, _ in queue):
-            return False
+    def _nothing_waits_on(self, number: int, queues: dict[int, collections.deque]) -> bool:
+        """Whether no request of handle number is in flight or queued in this batch (those
+        are served first, so it can only be closed in a task of its own, :meth:`_close`)."""
+        return not self.inflight.get(number) and not any(
+            request.handle == number for queue in queues.values() for request, _ in queue)
+
+    def _close_now(self, number: int) -> bool:
+        """Close handle number (nothing waits on it) here and now, if the scheme can release
+        it without blocking; False: a task of its own must (:meth:`_close`)."""
         obj = self.handles.get(number)
         if obj is not None:
             try:
