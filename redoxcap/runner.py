@@ -7,18 +7,23 @@ sandbox, loaded) when the supervisor takes a control request `run`
 spare forked before it is needed (`--spare-fd N`), it waits for the
 supervisor to pass it that socket. It is two processes:
 
-- the *run*, forked at once (before a spare has a caller), reads the run
-  from the caller's socket (:func:`receive`): the command line and options,
-  and the caller's environment, umask, resource limits, nice value, current
-  directory and standard and `--pass-fd` fds; takes them on, each fd at the number it
-  had there (:func:`take_on`); and calls :func:`redoxcap.entry.run_command`
-  as the caller would have: its messages go to the caller's stderr, its
-  result is its exit code;
+- the *run*, forked at once (before a spare has a caller; a spare's run
+  waits for the supervisor to pass it the caller's socket, one hop less
+  than through the reaper), reads the run from the caller's socket
+  (:func:`receive`): the command line and options, and the caller's
+  environment, umask, resource limits, nice value, current directory and
+  standard and `--pass-fd` fds; hands the reaper the caller's socket ("T");
+  takes them on, each fd at the number it had there (:func:`take_on`); and
+  calls :func:`redoxcap.entry.run_command` as the caller would have: its
+  messages go to the caller's stderr, its result is its exit code, which it
+  tells the reaper ("E") before it exits;
 - the *reaper*, its parent, a child subreaper: it passes on the signals the
   caller forwards ("S"), reaps whatever the program leaves behind as it
   goes (orphans come here, not to the supervisor, which would never reap
-  them), and when the run has exited kills what is left of the program's
-  processes, reaps them, and says the exit code ("X").
+  them), and says the exit code ("X") once nothing of the program is left:
+  at once when the run's "E" comes and the run is its only child (the
+  kernel's list of its children says so), else once the run has exited and
+  it has killed and reaped what is left of the program's processes.
 
 If the caller goes away (EOF), the run is killed: the program dies with
 its broker, and what is left with it.
@@ -130,20 +135,19 @@ def _read_payload(fd: int) -> dict:
     return run
 
 
-def take_on(run: dict, fds: list[int], sock: socket.socket) -> socket.socket:
+def take_on(run: dict, fds: list[int], *ours: socket.socket) -> list[socket.socket]:
     """Become the caller: its fds at their numbers (0-2 it had closed stay closed), its cwd,
     umask, resource limits and nice value (as far as ours allow) and environment. fds: cwd, then the fds
     run["fds"] numbers; all of them are closed or in place afterwards.
 
     Returns:
-        sock, moved out of the way of the caller's fds (sock itself is detached).
+        ours, each moved out of the way of the caller's fds (the sockets given are detached).
     """
     cwd, passed, numbers = fds[0], fds[1:], run["fds"]
     # first everything of ours out of the way of the numbers the caller's fds take
     low = max([FIRST_OWN_FD, *numbers]) + 1
     moved = [_move(fd, low) for fd in passed]
-    own = sock.detach()
-    sock_fd = _move(own, low)
+    kept = [_move(sock.detach(), low) for sock in ours]
     for number in (0, 1, 2):
         if number not in numbers:
             _close(number)  # closed there: closed for the program too
@@ -165,11 +169,12 @@ def take_on(run: dict, fds: list[int], sock: socket.socket) -> socket.socket:
     os.environ.clear()
     os.environ.update({k: v for k, v in run["environ"].items()
                        if isinstance(k, str) and isinstance(v, str)})
-    return socket.socket(fileno=sock_fd)
+    return [socket.socket(fileno=fd) for fd in kept]
 
 
 def _move(fd: int, low: int) -> int:
-    new = os.dup(fd) if fd >= low else _dup_at_least(fd, low)
+    """fd at a number >= low (closed where it was): never at one the caller's fds take."""
+    new = _dup_at_least(fd, low)
     os.close(fd)
     return new
 
@@ -212,8 +217,10 @@ def serve(caller: int | None, spare: int | None) -> int:
     """Do one run: for the caller at the other end of the socket caller, or, as a spare,
     for the one whose socket the supervisor passes on spare. This process's exit code.
 
-    This process is the reaper: it forks the run at once (before a spare has a caller)
-    and hands it the caller's socket when there is one.
+    This process is the reaper: it forks the run at once (before a spare has a caller).
+    A spare's run waits for the caller's socket itself, and hands us a copy with "T"
+    once it has read the run (one hop less between the caller and its run); otherwise
+    we hand the run the caller's socket ("C").
     """
     linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 1)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,40 +231,47 @@ def serve(caller: int | None, spare: int | None) -> int:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
-        for fd in (wake_r, wake_w, ours.detach(), *([spare] if spare is not None else [])):
+        for fd in (wake_r, wake_w, ours.detach()):
             _close(fd)
-        _run(theirs)
+        _run(theirs, spare)
     theirs.close()
+    sock = None
     if spare is not None:
-        caller = wait_for_a_caller(spare)
-    if caller is not None and not _is_socket(caller):
-        _close(caller)  # the supervisor passes on sockets only; should anything else come
-        caller = None
-    if caller is not None:
+        _close(spare)  # the run's to wait on
+    elif caller is not None and _is_socket(caller):
         try:
             ours.sendmsg([b"C"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                    caller.to_bytes(4, sys.byteorder))])
         except OSError:
             pass  # the run is gone: _watch reaps it
         sock = socket.socket(fileno=caller)
-    else:  # no caller after all: the run ends at our EOF
-        ours.close()
+    else:  # the supervisor passes on sockets only; should anything else come: no run
+        if caller is not None:
+            _close(caller)
+        ours.close()  # the run ends at our EOF
         os.waitpid(pid, 0)
         return 0
-    code, taken = _watch(sock, ours, pid, wake_r)
-    _end_the_rest()
-    if taken:
+    code, sock, ended = _watch(sock, ours, pid, wake_r)
+    if not ended:
+        _end_the_rest()
+    if sock is not None:
         try:
             sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
         except OSError:
             pass  # the caller is gone
+        sock.close()
+    if ended:  # the caller has its code: the run's own exit (its teardown) is no one's wait
+        os.waitpid(pid, 0)
+        _end_the_rest()
     return 0
 
 
-def _run(reaper: socket.socket) -> None:
-    """In the fork: wait for the caller's socket, take the run from it and do it as the
-    caller's `run` would have (never returns). Says "T" to the reaper once it has taken
-    the run (from then on the caller's socket is the reaper's to read), "B" if it could not."""
+def _run(reaper: socket.socket, spare: int | None) -> None:
+    """In the fork: wait for the caller's socket (on spare, from the supervisor, else from
+    the reaper), take the run from it and do it as the caller's `run` would have (never
+    returns). Says "T" to the reaper once it has read the run (with a copy of the caller's
+    socket when the supervisor gave it to us: the reaper reads it from then on), "B" if it
+    could not, and "E" with the exit code as the run ends (before this process's own end)."""
     code = EXIT_FAILED
     try:
         signal.set_wakeup_fd(-1)
@@ -265,20 +279,30 @@ def _run(reaper: socket.socket) -> None:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
-        _, anc, _, _ = reaper.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
-        passed = P.parse_ancillary(anc)[0]
-        if not passed:
+        if spare is not None:
+            caller = wait_for_a_caller(spare)
+            if caller is not None and not _is_socket(caller):
+                _close(caller)  # the supervisor passes on sockets only
+                caller = None
+        else:
+            _, anc, _, _ = reaper.recvmsg(1, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+            passed = P.parse_ancillary(anc)[0]
+            caller = passed[0] if passed else None
+        if caller is None:
             os._exit(0)  # a spare nobody needed
-        sock = socket.socket(fileno=passed[0])
+        sock = socket.socket(fileno=caller)
         try:
             run, fds = receive(sock)
         except BadRequest as exc:
             reaper.send(b"B")
             print(f"redoxcap runner: {exc}", file=sys.stderr)
             os._exit(EXIT_FAILED)
-        reaper.send(b"T")  # the run's message is read: the caller's socket is the reaper's now
-        reaper.close()  # (before take_on, which knows no fds of ours but sock)
-        take_on(run, fds, sock).close()
+        # the run's message is read: the caller's socket is the reaper's to read now
+        reaper.sendmsg([b"T"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                 sock.fileno().to_bytes(4, sys.byteorder))] if spare is not None
+                       else [])
+        sock, reaper = take_on(run, fds, sock, reaper)
+        sock.close()
         # the system that forked us is up: run need not ask
         code = entry.run_command(run["state_dir"], run["command"],
                                  {**run["options"], "system_up": True})
@@ -294,13 +318,19 @@ def _run(reaper: socket.socket) -> None:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        try:
+            reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
+        except (OSError, OverflowError, AttributeError):
+            pass  # the reaper learns it from our exit status instead
         os._exit(code)
 
 
-def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
-           ) -> tuple[int, bool]:
-    """Reap orphans until the run exits and, once it has taken the run, pass the caller's
-    signals on to it; (its exit code, whether it took the run)."""
+def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
+           ) -> tuple[int, socket.socket | None, bool]:
+    """Reap orphans until the run ends and, once it has taken the run, pass the caller's
+    signals on to it; (its exit code, the caller's socket once the run has taken the run,
+    whether that code came before the run's exit with nothing of the program left to end:
+    "E" with none but the run among our children)."""
     poller = select.poll()
     poller.register(run.fileno(), select.POLLIN)
     poller.register(wake, select.POLLIN)
@@ -311,14 +341,23 @@ def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
             if fd == wake:
                 _drain(wake)
             elif fd == run.fileno():
-                said = _receive(run)
+                said, passed = _receive_from_run(run)
                 if said is None:
                     continue  # woken for nothing
-                poller.unregister(fd)  # its one word ("T" or "B"), or EOF: nothing more
-                if said == b"T":
+                if said[:1] == b"T" and not taken:
                     taken = True
-                    sock.setblocking(False)
-                    poller.register(sock.fileno(), select.POLLIN)
+                    if sock is None and passed:
+                        sock = socket.socket(fileno=passed.pop(0))
+                    if sock is not None:
+                        sock.setblocking(False)
+                        poller.register(sock.fileno(), select.POLLIN)
+                elif said[:1] == b"E" and len(said) == 5 and caller and _only_child(pid):
+                    return int.from_bytes(said[1:], sys.byteorder, signed=True), \
+                        (sock if taken else None), True
+                elif not said:  # EOF: the run is gone, or going
+                    poller.unregister(fd)
+                for extra in passed:
+                    _close(extra)
             else:
                 data = _receive(sock)
                 if data is None:
@@ -332,7 +371,30 @@ def _watch(sock: socket.socket, run: socket.socket, pid: int, wake: int
                     _send(pid, data[1])
         code = _reap(pid)
         if code is not None:
-            return (code if caller else EXIT_FAILED), taken
+            return (code if caller else EXIT_FAILED), (sock if taken else None), False
+
+
+def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
+    """A message of the run's and the fds it came with: (b"", []) at EOF, (None, []) for
+    none yet."""
+    try:
+        data, anc, _, _ = run.recvmsg(16, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+    except BlockingIOError:
+        return None, []
+    except OSError:
+        return b"", []
+    return data, P.parse_ancillary(anc)[0]
+
+
+def _only_child(pid: int) -> bool:
+    """Whether pid (the run) is our one child: nothing of the program is left running
+    (every process of it is ours or the run's, and the run has reaped the program).
+    False where the kernel does not list a task's children."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
+            return f.read().split() == [str(pid).encode()]
+    except OSError:
+        return False
 
 
 def _drain(fd: int) -> None:
