@@ -273,3 +273,31 @@ def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
         os.close(read)
         if write >= 0:
             os.close(write)
+
+
+TAKE_ON_HIGH_FD = r"""
+import os, socket, sys
+from redoxcap import runner
+fillers = [os.open("/dev/null", os.O_RDONLY) for _ in range(14)]
+ours, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+r, w = os.pipe()  # both above the first number take_on keeps its own fds at
+cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+os.close(0)  # a number free below it, where a plain dup would land
+(kept,) = runner.take_on({"fds": [1], "environ": dict(os.environ)}, [cwd, w], ours)
+os.write(1, b"x")  # the caller's fd 1 is the pipe's write end
+ok = os.read(r, 1) == b"x" and kept.fileno() >= 11
+try:
+    os.fstat(0)
+    ok = False  # closed there: closed here
+except OSError:
+    pass
+os._exit(0 if ok else 3)
+"""
+
+
+def test_take_on_lays_out_a_callers_fds_that_arrive_at_high_numbers():
+    """A passed fd the runner holds at a high number is moved to one no caller fd takes, not
+    to the lowest free one (which may be a standard fd the caller had closed)."""
+    out = subprocess.run([sys.executable, "-c", TAKE_ON_HIGH_FD], capture_output=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out
