@@ -45,7 +45,6 @@ from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.grants import NetGrant, give_net_grants, give_uds_scope, net_grants
 from redoxcap.sandbox.policy import python_script
-from redoxcap.wire import protocol as P
 from rt import _process
 from rt._paths import ENV_DIRS
 
@@ -399,9 +398,12 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         The process (Popen-like), the router account its capabilities are charged to, and its cwd.
     """
     # an account of its own: whatever the command comes to hold is charged (and capped) there
+    quota = {} if max_caps is None else {"max_caps": max_caps}
     private_scheme = broker is not None and private_tmp is not None
     directfs = broker is not None and broker["passthrough"]  # native lookups: run's broker alone
-    reply, fds = _namespace(state_dir, _namespace_request(max_caps, private_scheme, directfs))
+    reply, fds = control.request(state_dir, "namespace", account=True, **quota,
+                                 **({"scheme": True} if private_scheme else {}),
+                                 **({"directfs": True} if directfs else {}))
     account = reply.get("account")
     tmp_root = tmp_channel = grant = None
     # the grant comes last; a supervisor without one to give leaves it out (routed lookups)
@@ -488,60 +490,6 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if grant is not None:
             os.close(grant)
         rt.setup(None, None)
-
-
-def _namespace_request(max_caps: int | None, scheme: bool, directfs: bool) -> dict:
-    """The control request `namespace` of a run: an account of its own (capped at max_caps),
-    with a scheme for its private /tmp, with the directfs grant."""
-    return {"account": True, **({} if max_caps is None else {"max_caps": max_caps}),
-            **({"scheme": True} if scheme else {}), **({"directfs": True} if directfs else {})}
-
-
-class _EarlyNamespace:
-    """A run's `namespace` request, asked from a thread while the run is still being taken
-    on (a runner's; the supervisor's part of it then runs on the other core)."""
-
-    def __init__(self, state_dir: Path, asked: dict) -> None:
-        self.state_dir, self.asked = state_dir, asked
-        self.answer: tuple[dict, list[int]] | None = None
-        self.thread = threading.Thread(target=self._ask, daemon=True, name="redoxcap namespace")
-        self.thread.start()
-
-    def _ask(self) -> None:
-        try:
-            self.answer = control.request(self.state_dir, "namespace", **self.asked)
-        except (control.ControlError, OSError):
-            pass  # asked again where it is needed, which says why
-
-
-_early: list[_EarlyNamespace] = []  # at most one: the run of this process
-
-
-def ask_for_the_namespace_early(state_dir: str, options: Mapping[str, Any]) -> None:
-    """Ask for the namespace the run with options (`run`'s, as redoxcap.entry passes them)
-    will ask for, now, from a thread: :func:`_spawn` takes the answer if it asks the same.
-    For a runner, whose run has a system up at the absolute state_dir."""
-    confine = options.get("confine", True) is not False
-    brokered = confine and options.get("brokered") is not False
-    passthrough = options.get("passthrough", True) is not False
-    max_caps = options.get("max_caps")
-    if _early or not os.path.isabs(state_dir) or not (max_caps is None or type(max_caps) is int):
-        return
-    _early.append(_EarlyNamespace(Path(state_dir), _namespace_request(max_caps, brokered,
-                                                                      brokered and passthrough)))
-
-
-def _namespace(state_dir: Path, asked: dict) -> tuple[dict, list[int]]:
-    """The answer to control request `namespace` with asked: the one asked early when it
-    asked the same, else asked now."""
-    early = _early.pop() if _early else None
-    if early is not None:
-        early.thread.join()
-        if early.answer is not None:
-            if early.state_dir == Path(state_dir) and early.asked == asked:
-                return early.answer
-            P.close_fds(early.answer[1])  # not what this run asks: given back
-    return control.request(state_dir, "namespace", **asked)
 
 
 def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,

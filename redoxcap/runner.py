@@ -303,9 +303,6 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
                        else [])
         sock, reaper = take_on(run, fds, sock, reaper)
         sock.close()
-        # once the caller's fds are laid out (the thread's socket must take none of their
-        # numbers): the namespace is asked for while run reads its options
-        redoxcap.run.ask_for_the_namespace_early(run["state_dir"], run["options"])
         # the system that forked us is up: run need not ask
         code = entry.run_command(run["state_dir"], run["command"],
                                  {**run["options"], "system_up": True})

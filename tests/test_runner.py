@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -302,44 +301,3 @@ def test_take_on_lays_out_a_callers_fds_that_arrive_at_high_numbers():
     out = subprocess.run([sys.executable, "-c", TAKE_ON_HIGH_FD], capture_output=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out
-
-
-def test_a_namespace_asked_early_is_used_only_for_the_request_it_answers(monkeypatch):
-    """A runner asks for its run's namespace while the run reads its options; where the run
-    then asks something else (or another system), the early answer's fds are given back
-    and the run asks anew."""
-    from redoxcap import run
-
-    asked = []
-
-    def answer(state_dir, op, **args):
-        asked.append((str(state_dir), op, args))
-        r, w = os.pipe()
-        return {"account": len(asked)}, [r, w]
-
-    monkeypatch.setattr(run.control, "request", answer)
-    run.ask_for_the_namespace_early("/state", {"max_caps": 64, "passthrough": False})
-    early = run._early[0]
-    early.thread.join(10)
-    assert asked == [("/state", "namespace", {"account": True, "max_caps": 64, "scheme": True})]
-    same = run._namespace(Path("/state"), run._namespace_request(64, True, False))
-    assert same == early.answer and not run._early  # taken: no second request
-    for fd in same[1]:
-        os.close(fd)
-
-    run.ask_for_the_namespace_early("/state", {"brokered": False})
-    early = run._early[0]
-    early.thread.join(10)
-    given_back = {fd: os.fstat(fd).st_ino for fd in early.answer[1]}
-    other = run._namespace(Path("/state"), run._namespace_request(None, True, True))
-    assert other[0] == {"account": 3} and asked[2][2] == {"account": True, "scheme": True,
-                                                           "directfs": True}
-    for fd, inode in given_back.items():  # closed: the number is free, or another pipe's now
-        try:
-            assert os.fstat(fd).st_ino != inode
-        except OSError:
-            pass
-    for fd in other[1]:
-        os.close(fd)
-    run.ask_for_the_namespace_early("relative/state", {})
-    assert not run._early  # only for an absolute state directory (a runner's)
