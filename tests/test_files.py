@@ -217,10 +217,14 @@ def test_rt_is_safe_from_several_threads(redoxcap_isolated_client):
     rt.close(fd)
 
 
-def test_writes_sent_just_before_a_close_all_land(redoxcap_isolated_client):
-    """A client may send writes and close its fd without waiting for the replies: the scheme
-    serves what came before the CLOSE first (it closes a handle in its loop only where no
-    request of it waits), so nothing it was sent is lost."""
+def test_a_write_sent_just_before_a_close_lands(redoxcap_isolated_client):
+    """A client may send a write and close its fd without waiting for the reply. The router
+    reads the write before it sees the EOF, and the scheme, which gets the write and then
+    the CLOSE (often in one batch), serves the write first: it closes a handle in its loop
+    only after the batch's requests, and where none of the handle's is in flight or
+    queued. (Requests the router had not read when the client went are dropped, and one
+    in flight in a task of its own is cancelled, as docs/protocol.md says: no one is left
+    to answer.)"""
     import socket
 
     from redoxcap.wire import frames as F
@@ -228,17 +232,13 @@ def test_writes_sent_just_before_a_close_all_land(redoxcap_isolated_client):
     for attempt in range(20):
         name = f"/sent{attempt}"
         fd = rt.open(name, rt.O_CREAT | rt.O_WRONLY | rt.O_EXCL, 0o644)
-        sock = socket.socket(fileno=os.dup(fd))
-        try:
-            for tag in range(1, 9):
-                sock.send(F.encode_request(P.WRITE, tag, [bytes([0x40 + tag]) * 1000]))
-        finally:
-            sock.close()
-        rt.close(fd)  # the last holder: the router sends the scheme CLOSE after the writes
+        data = bytes([0x41 + attempt]) * (1000 + attempt)
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.send(F.encode_request(P.WRITE, 1, [data]))
+        rt.close(fd)  # the last holder: the router reads the write, then sends CLOSE
         path = redoxcap_isolated_client.root / name.lstrip("/")
-        expected = b"".join(bytes([0x40 + tag]) * 1000 for tag in range(1, 9))
-        for _ in range(200):
-            if path.stat().st_size == len(expected):
+        for _ in range(500):
+            if path.stat().st_size == len(data):
                 break
             threading.Event().wait(0.01)
-        assert path.read_bytes() == expected
+        assert path.read_bytes() == data
