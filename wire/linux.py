@@ -478,15 +478,17 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
         raise OSError(exc.errno, os.strerror(exc.errno)) from None
 
 
-def ioctl(fd: int, request: int, buf: ctypes.Array | None) -> int:
-    """ioctl(2) with a pointer argument (a ctypes buffer the kernel reads or fills in place).
+def ioctl(fd: int, request: int, buf: ctypes.Array | int | None) -> int:
+    """ioctl(2) with a pointer argument (a ctypes buffer the kernel reads or fills in place),
+    or with a value (an int: the few ioctls whose argument is the value itself).
 
     Raises:
         OSError: the ioctl's errno.
     """
     lib = libc()
     ctypes.set_errno(0)
-    ret = lib.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), buf)
+    arg = ctypes.c_ulong(buf) if isinstance(buf, int) else buf
+    ret = lib.ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), arg)
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

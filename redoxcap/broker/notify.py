@@ -56,9 +56,9 @@ class Listener:
 
     def sync_wakeups(self) -> bool:
         """Ask the kernel to run the woken target on this CPU (Linux 6.6+); False if it cannot."""
-        flag = ctypes.create_string_buffer(_ID.pack(linux.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP))
-        try:
-            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_SET_FLAGS, flag)
+        try:  # the flags are the argument itself, not a pointer to them
+            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                        linux.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
             return True
         except OSError:
             return False
