@@ -180,6 +180,35 @@ def test_after_a_names_first_open_opens_and_stats_through_the_namespace_skip_nsm
     assert redoxcap_isolated_client.daemon("file")["frames"] >= file_before + 40
 
 
+def test_a_name_the_namespace_lacks_is_asked_once_until_the_namespace_changes(
+        redoxcap_isolated_client):
+    """Every program start looks for /etc/ld.so.preload, and with --dir its namespace has no
+    `file`: a name nsmgr said is missing is not asked again while the namespace's generation
+    holds, and a register of it is seen by the next open."""
+    def missing():
+        with pytest.raises(OSError) as info:
+            rt.stat("/scheme/later/x")
+        assert info.value.errno == errno.ENODEV
+
+    missing()  # asked (and, without a kept root yet, the generation page fetched)
+    nsmgr_before = redoxcap_isolated_client.daemon("nsmgr")["frames"]
+    for _ in range(20):
+        missing()
+    assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == nsmgr_before
+    (redoxcap_isolated_client.root / "later").mkdir()
+    (redoxcap_isolated_client.root / "later" / "x").write_text("here")
+    d = rt.open("/later", rt.O_DIRECTORY)
+    rt.register(rt.getns(), "later", d)
+    rt.close(d)
+    try:
+        assert rt.stat("/scheme/later/x").st_size == 4  # the register is seen at once
+        rt.unregister(rt.getns(), "later")
+        missing()
+    finally:
+        if "later" in rt.schemes():
+            rt.unregister(rt.getns(), "later")
+
+
 def test_a_name_unregistered_or_replaced_is_seen_by_the_next_open(redoxcap_isolated_client):
     fd = rt.open("/scheme/zero")
     assert rt.read(fd, 3) == b"\0\0\0"

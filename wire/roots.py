@@ -104,6 +104,11 @@ class NamespaceRoots:
         self._no_page = False  # the namespace hands out no roots: forward everything
         self._seen = 0  # the generation the kept roots were taken at
         self._roots: dict[str, Root] = {}
+        # names the namespace lacked at that generation (nsmgr said ENODEV): asked no more
+        # until it moves (every program start asks for /etc/ld.so.preload; with --dir,
+        # `file` is such a name, and each miss was two round trips to nsmgr)
+        self._absent: set[str] = set()
+        self._noting = False  # fetching the page to note an absent name (see _note_absent)
 
     def take(self, ns_fd: int, ns_path: str) -> tuple[int, str, Root | None]:
         """Where to send a path operation on namespace path ns_path (`/scheme/NAME/rest`).
@@ -134,6 +139,8 @@ class NamespaceRoots:
                     self._seen = generation
             root = self._roots.get(name)
             if root is None:
+                if name in self._absent:
+                    raise OSError(errno.ENODEV, f"no scheme {name!r} in this namespace")
                 if len(self._roots) >= MAX_ROOTS:
                     return ns_fd, ns_path, None
                 fd = self._fetch(ns_fd, name)
@@ -161,6 +168,7 @@ class NamespaceRoots:
         for root in self._roots.values():
             _close(root.fd)
         self._roots = {}
+        self._absent = set()
         self._drop_page()
         self._ns_fd, self._no_page = None, False
 
@@ -173,6 +181,8 @@ class NamespaceRoots:
             if exc.errno in _NO_ROOTS:
                 if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
                     self._no_page = True  # not nsmgr: never ask again
+                elif exc.errno == errno.ENODEV:
+                    self._note_absent(ns_fd, name)
                 return None
             raise
         if len(fds) != 1 + want_page or type(generation) is not int:
@@ -188,6 +198,41 @@ class NamespaceRoots:
             self._retire_roots()  # taken under an older page, if any
             self._seen = generation  # the root is at least as new as this
         return fds[0]
+
+    def _note_absent(self, ns_fd: int, name: str) -> None:
+        """nsmgr said name is not in the namespace: remember it while the generation holds.
+        Without the page yet (an error brings none), take it with the root of a name the
+        namespace has, and ask about name once more under it; anything refused on the
+        way (a namespace that may not be listed) leaves name to be asked each time."""
+        if len(self._absent) >= MAX_ROOTS:
+            return
+        if self._page is not None:
+            self._absent.add(name)
+            return
+        if self._noting:
+            return  # asking for the page already (the other name went too: not again)
+        self._noting = True
+        try:
+            names = call(ns_fd, P.NS_LIST)[0]
+            other = next((n for n in names if isinstance(n, str) and n != name
+                          and P.valid_scheme_name(n)), None) if isinstance(names, list) else None
+            if other is None or other in self._roots or len(self._roots) >= MAX_ROOTS:
+                return
+            fd = self._fetch(ns_fd, other)
+            if fd is None:
+                return
+            self._roots[other] = Root(fd)
+            if self._page is not None:  # name once more, under the page: absent is noted
+                fd = self._fetch(ns_fd, name)
+                if fd is not None:  # registered meanwhile: kept as any root
+                    if name in self._roots or len(self._roots) >= MAX_ROOTS:
+                        _close(fd)
+                    else:
+                        self._roots[name] = Root(fd)
+        except OSError:
+            return
+        finally:
+            self._noting = False
 
     def _forget_namespace(self) -> None:
         self._retire_roots()
@@ -206,6 +251,7 @@ class NamespaceRoots:
             if not root.users:
                 _close(root.fd)
         self._roots = {}
+        self._absent = set()
 
 
 def _split(ns_path: str) -> tuple[str | None, str]:
