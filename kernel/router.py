@@ -203,9 +203,10 @@ class Router:
         """Tell daemons what the table let go of: CLOSE for handles no capability names,
         EOF on the channels of schemes nothing can reach."""
         table = self.table
-        ended, self._ended = self._ended, []
-        for cap in ended:
-            table.release(cap)
+        if self._ended:
+            ended, self._ended = self._ended, []
+            for cap in ended:
+                table.release(cap)
         while table.closing or table.freed:
             closing, table.closing = table.closing, []
             for scheme, number in closing:

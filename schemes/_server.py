@@ -95,10 +95,11 @@ class _Server:
                         nursery.start_soon(self._handle, request, fds)
                 # handles closed here and now go after the batch's requests, which their
                 # clients wait for (a close has no reply)
-                closing, self._closing = self._closing, []
-                for number in closing:
-                    if not self._close_now(number):
-                        nursery.start_soon(self._close, number)
+                if self._closing:
+                    closing, self._closing = self._closing, []
+                    for number in closing:
+                        if not self._close_now(number):
+                            nursery.start_soon(self._close, number)
 
     def _waiting_requests(self, nursery: trio.Nursery
                           ) -> tuple[list[tuple[SchemeRequest, list[int]]] | None, bool]:
