@@ -16,7 +16,9 @@ supervisor to pass it that socket. It is two processes:
   takes them on, each fd at the number it had there (:func:`take_on`); and
   calls :func:`redoxcap.entry.run_command` as the caller would have: its
   messages go to the caller's stderr, its result is its exit code, which it
-  tells the reaper ("E") before it exits;
+  tells the reaper ("E") before it exits when it has no child left (a
+  process the program made a child of the run's, with CLONE_PARENT, is
+  only ended once the run has exited and it is the reaper's);
 - the *reaper*, its parent, a child subreaper: it passes on the signals the
   caller forwards ("S"), reaps whatever the program leaves behind as it
   goes (orphans come here, not to the supervisor, which would never reap
@@ -319,7 +321,8 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
             except (OSError, ValueError):
                 pass
         try:
-            reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
+            if _childless():  # a process the program made ours (CLONE_PARENT) ends with us
+                reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
         except (OSError, OverflowError, AttributeError):
             pass  # the reaper learns it from our exit status instead
         os._exit(code)
@@ -384,6 +387,18 @@ def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
     except OSError:
         return b"", []
     return data, P.parse_ancillary(anc)[0]
+
+
+def _childless() -> bool:
+    """Whether no thread of ours has a child left (False where the kernel does not say)."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+                if f.read().strip():
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 def _only_child(pid: int) -> bool:

@@ -301,3 +301,26 @@ def test_take_on_lays_out_a_callers_fds_that_arrive_at_high_numbers():
     out = subprocess.run([sys.executable, "-c", TAKE_ON_HIGH_FD], capture_output=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out
+
+
+CLONE_PARENT_SIBLING = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_PARENT, SIGCHLD, SYS_clone = 0x8000, 17, 56
+pid = libc.syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    time.sleep(300)  # a sibling of ours: the child of whoever started us, not ours
+    os._exit(0)
+print(pid, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the clone syscall number is x86_64's")
+def test_a_process_made_the_runs_own_child_ends_before_run_returns(redoxcap_module_system):
+    """CLONE_PARENT makes the program's new process a child of its parent (the run, not
+    the program): it is not among the reaper's orphans, and must still be ended before
+    `run` returns, not after."""
+    out = redoxcap_module_system.run("--", sys.executable, "-c", CLONE_PARENT_SIBLING)
+    (pid,) = [int(word) for word in out.stdout.split()]
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped, not even a zombie
