@@ -143,10 +143,10 @@ class _Server:
             del data  # the request holds what it needs
             if request.op == P.CLOSE:
                 P.close_fds(fds)
-                if self._nothing_waits_on(request.handle, queues):
-                    self._closing.append(request.handle)  # closed after this batch's requests
+                if self.inflight.get(request.handle):
+                    nursery.start_soon(self._close, request.handle)  # which cancels them
                 else:
-                    nursery.start_soon(self._close, request.handle)
+                    self._closing.append(request.handle)  # closed after this batch's requests
             elif request.op == P.RESTORE_MORE:
                 part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
                 part_fds.extend(fds)
@@ -232,15 +232,11 @@ class _Server:
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
 
-    def _nothing_waits_on(self, number: int, queues: dict[int, collections.deque]) -> bool:
-        """Whether no request of handle number is in flight or queued in this batch (those
-        are served first, so it can only be closed in a task of its own, :meth:`_close`)."""
-        return not self.inflight.get(number) and not any(
-            request.handle == number for queue in queues.values() for request, _ in queue)
-
     def _close_now(self, number: int) -> bool:
-        """Close handle number (nothing waits on it) here and now, if the scheme can release
-        it without blocking; False: a task of its own must (:meth:`_close`)."""
+        """Close handle number (no request of it in flight: the batch's own were served
+        before, or started as tasks, as a close task would have let them) here and now, if
+        the scheme can release it without blocking; False: a task of its own must
+        (:meth:`_close`)."""
         obj = self.handles.get(number)
         if obj is not None:
             try:

@@ -221,10 +221,9 @@ def test_a_write_sent_just_before_a_close_lands(redoxcap_isolated_client):
     """A client may send a write and close its fd without waiting for the reply. The router
     reads the write before it sees the EOF, and the scheme, which gets the write and then
     the CLOSE (often in one batch), serves the write first: it closes a handle in its loop
-    only after the batch's requests, and where none of the handle's is in flight or
-    queued. (Requests the router had not read when the client went are dropped, and one
-    in flight in a task of its own is cancelled, as docs/protocol.md says: no one is left
-    to answer.)"""
+    only after the batch's requests. (Requests the router had not read when the client
+    went are dropped, and one in flight in a task of its own is cancelled, as
+    docs/protocol.md says: no one is left to answer.)"""
     import socket
 
     from redoxcap.wire import frames as F
