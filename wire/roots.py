@@ -109,6 +109,7 @@ class NamespaceRoots:
         # `file` is such a name, and each miss was two round trips to nsmgr)
         self._absent: set[str] = set()
         self._noting = False  # fetching the page to note an absent name (see _note_absent)
+        self._page_refused = False  # that fetch got no page: not tried again (_note_absent)
 
     def take(self, ns_fd: int, ns_path: str) -> tuple[int, str, Root | None]:
         """Where to send a path operation on namespace path ns_path (`/scheme/NAME/rest`).
@@ -170,7 +171,7 @@ class NamespaceRoots:
         self._roots = {}
         self._absent = set()
         self._drop_page()
-        self._ns_fd, self._no_page = None, False
+        self._ns_fd, self._no_page, self._page_refused = None, False, False
 
     def _fetch(self, ns_fd: int, name: str) -> int | None:
         """A clone of name's entry (with the page, the first time); None: forward this one."""
@@ -209,8 +210,8 @@ class NamespaceRoots:
         if self._page is not None:
             self._absent.add(name)
             return
-        if self._noting:
-            return  # asking for the page already (the other name went too: not again)
+        if self._noting or self._page_refused:
+            return  # asking for the page already (the other name went too), or refused before
         self._noting = True
         try:
             names = call(ns_fd, P.NS_LIST)[0]
@@ -233,11 +234,14 @@ class NamespaceRoots:
             return
         finally:
             self._noting = False
+            # not asked again for every miss (a namespace that may not be listed): misses
+            # are forwarded, as before, until the namespace fd changes
+            self._page_refused = self._page is None
 
     def _forget_namespace(self) -> None:
         self._retire_roots()
         self._drop_page()
-        self._ns_fd, self._seen, self._no_page = None, 0, False
+        self._ns_fd, self._seen, self._no_page, self._page_refused = None, 0, False, False
 
     def _drop_page(self) -> None:
         self._retire_roots()
