@@ -41,6 +41,7 @@ from redoxcap.wire.stat import Stat
 SCHEME_PREFIX = "/scheme/"
 STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)
 STATUS_NAMES = 24  # names of each it lists
+CLONES_AT_ONCE = 16  # clones a fork asks for at once: a namespace of thousands is no flood
 
 
 @dataclass(eq=False)
@@ -296,8 +297,9 @@ class NamespaceScheme(Scheme):
         """Clone ns's entries names into child (a name whose scheme is down for good is
         left out of a fork of every name).
 
-        The clones are asked for all at once, each on its own entry, so that a fork costs
-        the router one pass, not one round trip per name (every run forks one). Whatever
+        The clones are asked for at once (CLONES_AT_ONCE at a time), each on its own entry,
+        so that a fork costs the router a pass, not a round trip per name (every run forks
+        one). Whatever
         comes back is child's, and closed with it, on every path (an error, a cancel)."""
         entries = {}
         for name in dict.fromkeys(names):
@@ -308,10 +310,12 @@ class NamespaceScheme(Scheme):
                 raise SchemeError(errno.ENODEV, f"no scheme {name!r} in this namespace")
             entries[name] = entry
         answers: dict[str, int | OSError] = {}
+        at_once = trio.CapacityLimiter(CLONES_AT_ONCE)
 
         async def clone(name: str, entry: AsyncCapability) -> None:
             try:  # serving the request: the clone is charged to the caller's account
-                answers[name] = await entry.call_fd(P.CLONE, serving=req.id)
+                async with at_once:
+                    answers[name] = await entry.call_fd(P.CLONE, serving=req.id)
             except OSError as exc:  # kept for the caller, in names' order, not raised here
                 answers[name] = exc
 
