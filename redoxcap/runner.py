@@ -389,27 +389,29 @@ def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
     return data, P.parse_ancillary(anc)[0]
 
 
-def _childless() -> bool:
-    """Whether no thread of ours has a child left (False where the kernel does not say)."""
+def _child_pids() -> list[int] | None:
+    """Our children, from the kernel's list of each of our threads' (None where it keeps
+    none: a kernel without CONFIG_PROC_CHILDREN)."""
     try:
+        pids = []
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                if f.read().strip():
-                    return False
-    except OSError:
-        return False
-    return True
+                pids += map(int, f.read().split())
+        return pids
+    except (OSError, ValueError):
+        return None
+
+
+def _childless() -> bool:
+    """Whether no thread of ours has a child left (False where the kernel does not say)."""
+    return _child_pids() == []
 
 
 def _only_child(pid: int) -> bool:
     """Whether pid (the run) is our one child: nothing of the program is left running
-    (every process of it is ours or the run's, and the run has reaped the program).
-    False where the kernel does not list a task's children."""
-    try:
-        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
-            return f.read().split() == [str(pid).encode()]
-    except OSError:
-        return False
+    (every process of it is ours or the run's, and the run has reaped the program and has
+    no child left). False where the kernel does not list a task's children."""
+    return _child_pids() == [pid]
 
 
 def _drain(fd: int) -> None:
