@@ -19,10 +19,11 @@ and drops them all when either moved. That costs a memory read and one
 fcntl, not a round trip.
 
 Where the namespace serves no page (a namespace served by some other
-scheme), where the name is not a plain scheme name or not in the namespace,
-or where the account has no room for one more capability (EMFILE), the
-operation is sent on the namespace as before and nsmgr forwards it (and
-answers its errno).
+scheme), where the name is not a plain scheme name, or where the account
+has no room for one more capability (EMFILE), the operation is sent on the
+namespace as before and nsmgr forwards it (and answers its errno). A name
+nsmgr says the namespace lacks (ENODEV) is remembered while the page's
+generation holds, and answered ENODEV here without asking again.
 """
 
 from __future__ import annotations
