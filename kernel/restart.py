@@ -1,8 +1,9 @@
 """Restart state: what the router keeps of a scheme for its next daemon, and what waits for it.
 
-A scheme the supervisor made may send, besides its replies, KEEP frames: the
-state of one of its handles (opaque bytes and fds), which the router holds
-while the handle has a capability and hands to the scheme's next daemon after
+A scheme the supervisor made may send, besides its replies, KEEP frames (a new
+handle's may come in its NEW_HANDLE_KEPT reply instead): the state of one of
+its handles (opaque bytes and fds), which the router holds while the handle
+has a capability and hands to the scheme's next daemon after
 a crash (RESUME, then a RESTORE per kept handle), so the handle lives on.
 Requests that come while the daemon is down wait for the next one (the
 backlog), for RESTART_WAIT seconds at most. A `RestartState` per scheme holds
@@ -142,13 +143,7 @@ class RestartState:
              table: CapabilityTable, handles: dict[int, SchemeHandle],
              system: Account) -> list[SchemeHandle]:
         """Take a KEEP (last) or KEEP_MORE frame of a daemon's; takes ownership of fds.
-
-        Capabilities in it are kept as references to their handles (no fd); other fds are
-        held and charged to the handle's payer. A state that cannot be held (out of fds,
-        over the payer's quota, malformed) fails the request it was sent for (req_id): its
-        reply becomes ERR (keep_failed), since it would not survive a restart, and the
-        handle's older state is forgotten, so that a restart fails it rather than hand back
-        more than it has now.
+        See :meth:`take` for what becomes of it.
 
         Args:
             truncated: the frame's MSG_TRUNC/MSG_CTRUNC flags.
@@ -156,17 +151,44 @@ class RestartState:
             system: the system account, which pays until a handle's payer is known.
         """
         try:
+            keep = Keep.decode(data)
+        except P.ProtocolError as exc:
+            return self.refuse(req_id, fds, exc)
+        return self.take(keep, last, truncated, fds, table, handles, system)
+
+    def refuse(self, req_id: int, fds: list[int], exc: Exception) -> list[SchemeHandle]:
+        """A malformed state: its fds are closed and its request (req_id) fails (EIO)."""
+        P.close_fds(fds)
+        log.warning("bad KEEP dropped: %s", exc)
+        if req_id:
+            self.keep_failed[req_id] = errno.EIO
+        return []
+
+    def take(self, keep: Keep, last: bool, truncated: int, fds: list[int],
+             table: CapabilityTable, handles: dict[int, SchemeHandle],
+             system: Account) -> list[SchemeHandle]:
+        """Take a state a daemon sent for one of its handles (a KEEP frame's, or the one a
+        NEW_HANDLE_KEPT reply carries); takes ownership of fds, of which the first
+        keep.nfds are the state's.
+
+        Capabilities in it are kept as references to their handles (no fd); other fds are
+        held and charged to the handle's payer. A state that cannot be held (out of fds,
+        over the payer's quota, malformed) fails the request it was sent for (keep.req_id):
+        its reply becomes ERR (keep_failed), since it would not survive a restart, and the
+        handle's older state is forgotten, so that a restart fails it rather than hand back
+        more than it has now.
+
+        Returns:
+            The handles that states let go of name no longer (for the caller to unref).
+        """
+        req_id = keep.req_id
+        try:
             if not self.keeps:
                 raise P.ProtocolError("this scheme may not keep state in the router")
-            keep = Keep.decode(data)
             if keep.nfds > len(fds):
                 raise P.ProtocolError("KEEP with more fds than it carries")
         except P.ProtocolError as exc:
-            P.close_fds(fds)
-            log.warning("bad KEEP dropped: %s", exc)
-            if req_id:
-                self.keep_failed[req_id] = errno.EIO
-            return []
+            return self.refuse(req_id, fds, exc)
         number = keep.handle
         part = self.partial.pop(number, None) or PartialKeep()
         P.close_fds(fds[keep.nfds :])
@@ -209,7 +231,7 @@ class RestartState:
             released += self.forget(number)  # an empty KEEP forgets it
             return
         if number != P.ROOT_HANDLE and number not in handles:
-            # a new handle's state comes just before its NEW_HANDLE reply: see confirm()
+            # a new handle's state comes with its NEW_HANDLE reply or before it: see confirm()
             released += self.forget(number)
             self.provisional[number] = kept
             return

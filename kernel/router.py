@@ -46,6 +46,7 @@ from redoxcap.wire.frames import (
     SERVING_ID,
     SREPLY,
     SREQUEST,
+    Keep,
 )
 
 log = logging.getLogger("kernel")
@@ -375,10 +376,13 @@ class Router:
             P.close_fds(fds)
             return
         start, new = SREPLY.size, None
-        if status == P.NEW_HANDLE:
+        if status == P.NEW_HANDLE or status == P.NEW_HANDLE_KEPT:
             if len(data) >= SREPLY.size + NEW_HANDLE_HDR.size:
                 new = NEW_HANDLE_HDR.unpack_from(data, start)
                 start += NEW_HANDLE_HDR.size
+                if status == P.NEW_HANDLE_KEPT:  # its KEEP first, as if it had come just before
+                    start, fds = self._keep_carried(scheme, req_id, new[0], data, start, flags, fds)
+                    status = P.NEW_HANDLE
             else:
                 status = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
@@ -398,6 +402,21 @@ class Router:
                 self._answer_client(scheme, waiter, status, body, 0, [], None)
             return
         self._answer_client(scheme, waiter, status, memoryview(data)[start:], flags, fds, new)
+
+    def _keep_carried(self, scheme: Scheme, req_id: int, number: int, data: bytes, start: int,
+                      flags: int, fds: list[int]) -> tuple[int, list[int]]:
+        """Take the state a NEW_HANDLE_KEPT reply carries for its new handle (its first fds)
+        as a KEEP frame's; returns where the reply's body begins and the fds left to relay.
+        A state that cannot be kept fails the reply (RestartState.take)."""
+        restart = scheme.restart
+        try:
+            keep, start = Keep.carried(data, start, req_id, number)
+        except P.ProtocolError as exc:
+            restart.refuse(req_id, fds, exc)  # which fds were its state is unknown: all go
+            return len(data), []
+        self.table.unref(*restart.take(keep, True, flags & P.TRUNCATED, fds[: keep.nfds],
+                                       self.capabilities, scheme.handles, self.system_account))
+        return start, fds[keep.nfds :]
 
     def _answer_client(self, scheme: Scheme, waiter: ClientRequest, status: int | None,
                        body: memoryview | bytes, flags: int, fds: list[int],

@@ -6,7 +6,7 @@ its handle against the method's `@takes`, calls the method (in place for
 `inline_ops`, else in a task of its own), and turns what the method returns
 or raises into the reply. It also acts on the router's own frames (CLOSE,
 RESTORE, RESUME) and hands the router the state of the handles a scheme
-keeps (KEEP).
+keeps (KEEP frames, or carried in a new handle's reply: NEW_HANDLE_KEPT).
 """
 
 from __future__ import annotations
@@ -194,34 +194,39 @@ class _Server:
         except (P.ProtocolError, TypeError, ValueError):
             log.warning("%s: malformed RESUME ignored", self.scheme.name)
 
-    async def _send_keep(self, number: int, obj: Any, req_id: int, changed: bool = False) -> None:
-        """Hand the router the scheme's state for handle number (nothing if it keeps none),
-        in as many frames as it needs; req_id is the request it is kept for (the router
-        fails that request if it cannot keep the state).
-
-        changed: an existing handle's new state (`keep_again`), which other requests on
-            it may be changing too: taken and sent under a lock, so the last one sent is
-            the last one taken. A new handle's number is its own: no lock.
+    async def _keep_changed(self, number: int, obj: Any, req_id: int) -> None:
+        """Hand the router the new state of handle number (`keep_again`), before the reply
+        to the request that changed it (req_id: the router fails that request if it cannot
+        keep the state). Other requests on the handle may be changing it too: the state is
+        taken and sent under a lock, so the last one sent is the last one taken.
 
         Raises:
             OSError: the state could not be sent (the request must fail: a restart would
                 not bring it back).
         """
-        if not changed:
-            await self._send_state(number, obj, req_id)
-            return
         async with self._keeping:
-            await self._send_state(number, obj, req_id)
+            state = self._state(obj)
+            if state is not None:
+                await self._send_kept(number, *state, req_id)
 
-    async def _send_state(self, number: int, obj: Any, req_id: int) -> None:
+    def _state(self, obj: Any) -> tuple[bytes, list[int]] | None:
+        """The scheme's `keep()` of handle object obj, encoded: (body, fds the handle owns),
+        None if it keeps nothing.
+
+        Raises:
+            OSError: EIO, the state cannot be encoded.
+        """
         state = self.scheme.keep(obj)
         if state is None:
-            return
+            return None
         value, fds = state
         try:
-            body = P.pack(value)
+            return P.pack(value), fds
         except (TypeError, ValueError, OverflowError) as exc:
             raise OSError(errno.EIO, f"state cannot be encoded: {exc}") from None
+
+    async def _send_kept(self, number: int, body: bytes, fds: list[int], req_id: int) -> None:
+        """Send a state as KEEP frames: KEEP_MORE ones while it needs more than one."""
         parts = max(-(-len(fds) // P.MAX_FDS), -(-len(body) // KEPT_PART), 1)
         try:
             for i in range(parts):
@@ -231,6 +236,26 @@ class _Server:
                 await self._put(keep.encode(), part_fds)
         except trio.ClosedResourceError:
             raise OSError(errno.EIO, "the router is gone") from None
+
+    async def _keep_new(self, reply: SchemeReply, obj: Any, fds: list[int]
+                        ) -> tuple[SchemeReply, list[int]]:
+        """Have the router keep a new handle's state before its capability exists, so that
+        no acknowledged handle is lost: in the NEW_HANDLE reply itself (NEW_HANDLE_KEPT, one
+        frame) when it fits, else in KEEP frames sent first. Returns the reply to send and
+        its fds (the state's, which the handle keeps owning, before the reply's own).
+
+        Raises:
+            OSError: the state cannot be encoded or sent.
+        """
+        state = self._state(obj)
+        if state is None:
+            return reply, fds
+        body, state_fds = state
+        if (len(state_fds) + len(fds) <= P.MAX_FDS
+                and len(body) + len(reply.body) <= KEPT_PART):
+            return reply.keeping(len(state_fds), body), [*state_fds, *fds]
+        await self._send_kept(reply.handle, body, state_fds, reply.req_id)
+        return reply, fds
 
     def _close_now(self, number: int) -> bool:
         """Close handle number (no request of it in flight: the batch's own were served
@@ -273,7 +298,7 @@ class _Server:
             result = await self._call(req, req.handle, req.op, args)
             if req.changed and req.handle in self.handles:
                 try:
-                    await self._send_keep(req.handle, self.handles[req.handle], req_id, changed=True)
+                    await self._keep_changed(req.handle, self.handles[req.handle], req_id)
                 except BaseException:
                     _close_result(result)
                     raise
@@ -334,6 +359,7 @@ class _Server:
 
     async def _answer(self, req_id: int, result: Any) -> None:
         fds = result.fds if isinstance(result, Reply) else []
+        sent = fds  # a new handle's reply also sends its state's fds, which stay its own
         try:
             value = result.value if isinstance(result, (Opened, Reply)) else result
             if isinstance(value, Stat):
@@ -343,9 +369,8 @@ class _Server:
                     number = next(self.numbers)
                     reply = SchemeReply.new_handle(req_id, number, result.fdflags, value)
                     self.handles[number] = result.obj
-                    # kept before the capability exists, so no acknowledged handle is lost
                     try:
-                        await self._send_keep(number, result.obj, req_id)
+                        reply, sent = await self._keep_new(reply, result.obj, fds)
                     except OSError as exc:
                         log.warning("%s: state of a new handle not kept: %s", self.scheme.name, exc)
                         await self._close(number)
@@ -358,7 +383,7 @@ class _Server:
                 log.warning("%s: result of request %d cannot be encoded: %s", self.scheme.name, req_id, exc)
                 await self._send(req_id, P.ERR, errno.EIO)
                 return
-            await self._send_reply(reply, fds)
+            await self._send_reply(reply, sent)
         finally:
             P.close_fds(fds)
 

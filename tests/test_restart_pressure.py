@@ -20,6 +20,7 @@ import errno
 import os
 import random
 import resource
+import select
 import signal
 import sys
 import threading
@@ -32,7 +33,7 @@ import rt
 from redoxcap.testing import wait_for
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call, call_fd
-from redoxcap.wire.frames import Keep, SchemeReply, encode_request
+from redoxcap.wire.frames import KEPT_HDR, NEW_HANDLE_HDR, SREPLY, Keep, SchemeReply, encode_request
 
 
 def router_fds(pid: int) -> int:
@@ -45,12 +46,18 @@ def keeping_scheme(kernel: int) -> tuple[int, FakeScheme, int]:
     return scheme_id, FakeScheme(channel), root
 
 
-def open_kept(scheme: FakeScheme, cap: int, tag: int, number: int, state_fds: list[int]) -> int:
-    """OPENAT on cap, answered with handle number whose state (state_fds) is kept first."""
+def open_kept(scheme: FakeScheme, cap: int, tag: int, number: int, state_fds: list[int],
+              carried: bool = False) -> int:
+    """OPENAT on cap, answered with handle number whose state (state_fds) is kept: in a KEEP
+    frame just before the reply, or carried in the reply itself (NEW_HANDLE_KEPT)."""
     send(cap, encode_request(P.OPENAT, tag, ["x", 0, 0]))
     req_id, *_ = scheme.receive()
-    scheme.send_raw(Keep.of(number, len(state_fds), {"n": number}, req_id).encode(), state_fds)
-    scheme.answer(SchemeReply.new_handle(req_id, number, 0))
+    reply = SchemeReply.new_handle(req_id, number, 0)
+    if carried:
+        scheme.answer(reply.keeping(len(state_fds), P.pack({"n": number})), state_fds)
+    else:
+        scheme.send_raw(Keep.of(number, len(state_fds), {"n": number}, req_id).encode(), state_fds)
+        scheme.answer(reply)
     (got, status, value), fds = receive(cap)
     assert (got, status) == (tag, P.OK), value
     return fds[0]
@@ -113,7 +120,7 @@ def test_a_restore_short_of_fds_fails_its_handles_and_never_reuses_their_numbers
     kernel_fd, proc = kernel_fds_limited
     scheme_id, scheme, root = keeping_scheme(kernel_fd)
     pipes = [os.pipe() for _ in range(2)]
-    caps = [open_kept(scheme, root, tag, number, [r, w])
+    caps = [open_kept(scheme, root, tag, number, [r, w], carried=number == 2)
             for tag, (number, (r, w)) in enumerate(zip((1, 2), pipes), start=1)]
     P.close_fds([fd for pair in pipes for fd in pair])
     scheme.die()
@@ -172,6 +179,12 @@ def test_a_keep_that_cannot_be_stored_fails_its_request(lone_router):
     assert receive(mine) == ((1, P.ERR, errno.EMFILE), [])
     _, handle, _, op, _, _ = scheme.receive()
     assert (handle, op) == (5, P.CLOSE)
+    send(mine, encode_request(P.OPENAT, 4, ["x", 0, 0]))  # the same, carried in the reply
+    req_id, *_ = scheme.receive()
+    scheme.answer(SchemeReply.new_handle(req_id, 8, 0).keeping(20, P.pack({})), [r] * 20)
+    assert receive(mine) == ((4, P.ERR, errno.EMFILE), [])
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (8, P.CLOSE)
     opened = open_kept(scheme, mine, 2, 6, [r])  # one fd: it fits
     send(opened, encode_request(P.NS_NARROW, 3, [1]))  # a change whose new state is too large
     req_id, *_ = scheme.receive()
@@ -192,6 +205,75 @@ def test_a_keep_that_cannot_be_stored_fails_its_request(lone_router):
     reborn.die()
 
 
+def test_a_state_carried_in_a_new_handle_reply_is_kept_and_handed_back(lone_router):
+    """NEW_HANDLE_KEPT is a KEEP and a NEW_HANDLE in one frame: the first fds are the
+    state's, which the router holds until the handle closes and hands to the next daemon;
+    the fds after them are the reply's own, relayed to the caller after its capability."""
+    scheme_id, scheme, root = keeping_scheme(lone_router)
+    r, w = os.pipe()
+    own_r, own_w = os.pipe()
+    send(root, encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    reply = SchemeReply.new_handle(req_id, 4, 0, "opened").keeping(1, P.pack({"n": 4}))
+    scheme.answer(reply, [w, own_r])
+    P.close_fds([w, own_r])
+    (tag, status, value), (cap, passed) = receive(root)
+    assert (tag, status, value) == (1, P.OK, "opened")
+    os.write(own_w, b"own")
+    assert os.read(passed, 3) == b"own"  # the reply's own fd reached the caller
+    os.set_blocking(r, False)
+    with pytest.raises(BlockingIOError):
+        os.read(r, 1)  # not EOF: the router holds the state's copy of w
+    scheme.die()
+    _, (channel,) = call(lone_router, P.SCHEME_RESTART, [scheme_id])
+    reborn = FakeScheme(channel)
+    assert reborn.restored.get(timeout=10)[0] == P.RESUME
+    op, handle, args, fds = reborn.restored.get(timeout=10)
+    assert (op, handle, args, len(fds)) == (P.RESTORE, 4, {"n": 4}, 1)
+    os.write(fds[0], b"kept")
+    assert os.read(r, 4) == b"kept"  # the very pipe the state held
+    os.close(fds[0])
+    send(cap, encode_request(P.READ, 2, [1]))  # the handle lives on in the next daemon
+    req_id, handle, *_ = reborn.receive()
+    assert handle == 4
+    reborn.answer(SchemeReply.of(req_id, P.OK, b"x"))
+    assert receive(cap)[0] == (2, P.OK, b"x")
+    os.close(cap)
+    _, handle, _, op, _, _ = reborn.receive()
+    assert (handle, op) == (4, P.CLOSE)
+    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b""  # the router let go of its copy
+    P.close_fds([r, passed, own_w, root])
+    reborn.die()
+
+
+@pytest.mark.parametrize("tail, keeps", [
+    (b"\x01", True),  # cut short in the state's header
+    (KEPT_HDR.pack(1, 1000) + b"state", True),  # a state longer than the frame
+    (KEPT_HDR.pack(3, 0), True),  # more state fds than the frame carries
+    (KEPT_HDR.pack(1, 1) + P.pack(None), False),  # well formed, from a scheme that may not keep
+], ids=["short", "state past the end", "fds it lacks", "not allowed to keep"])
+def test_a_malformed_state_in_a_new_handle_reply_fails_the_open_not_the_router(lone_router, tail, keeps):
+    """What a scheme sends is not trusted: the open fails (EIO), the handle is closed in the
+    scheme, every fd the frame carried is closed, and the router serves on."""
+    _, (channel, root) = call(lone_router, P.SCHEME_CREATE, [{"keeps": keeps}])
+    scheme = FakeScheme(channel)
+    r, w = os.pipe()
+    send(root, encode_request(P.OPENAT, 1, ["x", 0, 0]))
+    req_id, *_ = scheme.receive()
+    scheme.send_raw(SREPLY.pack(req_id, P.NEW_HANDLE_KEPT) + NEW_HANDLE_HDR.pack(7, 0) + tail, [w])
+    os.close(w)
+    assert receive(root) == ((1, P.ERR, errno.EIO), [])
+    _, handle, _, op, _, _ = scheme.receive()
+    assert (handle, op) == (7, P.CLOSE)
+    assert select.select([r], [], [], 10)[0] and os.read(r, 1) == b""  # the router kept no copy
+    send(root, encode_request(P.READ, 2, [1]))
+    req_id, *_ = scheme.receive()
+    scheme.answer(SchemeReply.of(req_id, P.OK, b"on"))
+    assert receive(root) == ((2, P.OK, b"on"), [])
+    P.close_fds([r, root])
+    scheme.die()
+
+
 # -- whole systems ----------------------------------------------------------------
 
 
@@ -204,7 +286,8 @@ def kill(system, name: str) -> int:
 def test_a_namespace_of_1000_entries_comes_back_narrowed_after_nsmgr_restarts(redoxcap_client):
     """A namespace with more entries than one message carries fds (253), and names longer
     than one frame holds, is kept in several frames; narrowing and unregistering, once
-    acknowledged, survive the restart."""
+    acknowledged, survive the restart. So does a fork of it: a new handle whose state is
+    too large to come with its NEW_HANDLE reply comes in KEEP frames before it."""
     (redoxcap_client.root / "box").mkdir()
     (redoxcap_client.root / "box/in.txt").write_text("inside")
     fork = rt.mkns([], perms=rt.PERM_ALL)
@@ -214,22 +297,25 @@ def test_a_namespace_of_1000_entries_comes_back_narrowed_after_nsmgr_restarts(re
         rt.register(fork, name, box)
     rt.close(box)
     rt.unregister(fork, names[5])
+    copy = rt.mkns(None, fork, perms=rt.PERM_LIST)
     rt.narrow(fork, rt.PERM_LIST)
     pid = kill(redoxcap_client, "nsmgr")
     wait_for(lambda: redoxcap_client.daemon("nsmgr").get("pid") not in (None, pid), timeout=30)
 
-    def listing() -> list[str]:  # in pages: the names no longer fit in one reply
+    def listing(ns: int) -> list[str]:  # in pages: the names no longer fit in one reply
         listed: list[str] = []
-        while page := call(fork, P.GETDENTS, [len(listed)])[0]:
+        while page := call(ns, P.GETDENTS, [len(listed)])[0]:
             listed += page
         return listed
 
     try:
-        listed = listing()
+        listed = listing(fork)
     except OSError as exc:  # the one request in flight at the kill
         assert exc.errno == errno.EIO
-        listed = listing()
+        listed = listing(fork)
     assert listed == sorted(set(names) - {names[5]})
+    assert listing(copy) == listed
+    rt.close(copy)
     assert rt.nsperms(fork) == rt.PERM_LIST
     with pytest.raises(PermissionError):
         rt.unregister(fork, names[6])  # no DELETE: narrowed for good

@@ -15,7 +15,10 @@ someone who is allowed to read it calls `value()`/`args()`):
                                         same scheme, FOREIGN_REF for another scheme's,
                                         else NO_REF: not a capability)           + body
     scheme -> router   SchemeReply    <QB       req_id, status               + body
-                                      (status NEW_HANDLE: + <QI handle, fdflags before body)
+                                      (status NEW_HANDLE: + <QI handle, fdflags before body;
+                                      NEW_HANDLE_KEPT: + <QI handle, fdflags + <II nfds,
+                                      size + the handle's kept state (its first nfds fds and
+                                      size bytes, as a KEEP's) before body: one frame, not two)
     scheme -> router   Keep           <QB       req_id, KEEP + <QI handle, nfds   + body
                                       (the state to keep for handle across a restart of the
                                       daemon: the first nfds fds and the body; nfds 0 and an
@@ -34,7 +37,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from redoxcap.wire.protocol import KEEP, KEEP_MORE, NEW_HANDLE, NO_REF, ProtocolError, pack, unpack
+from redoxcap.wire.protocol import (
+    KEEP,
+    KEEP_MORE,
+    NEW_HANDLE,
+    NEW_HANDLE_KEPT,
+    NO_REF,
+    ProtocolError,
+    pack,
+    unpack,
+)
 
 REQUEST = struct.Struct("<BI")
 REPLY = struct.Struct("<IB")
@@ -44,6 +56,7 @@ NEW_HANDLE_HDR = struct.Struct("<QI")
 SERVING_ID = struct.Struct("<Q")
 SERVING = 0x80  # a bit of a Request's op: the frame says which request its sender serves
 KEEP_HDR = struct.Struct("<QI")
+KEPT_HDR = struct.Struct("<II")  # a NEW_HANDLE_KEPT's state: nfds, body size
 REF = struct.Struct("<Q")
 
 Body = bytes | memoryview
@@ -176,13 +189,16 @@ class SchemeRequest:
 @dataclass(frozen=True, slots=True)
 class SchemeReply:
     """A scheme's answer: to req_id, a status and one value; with NEW_HANDLE, the handle
-    the router makes a capability for, and the fd flags it is to show (GETFL)."""
+    the router makes a capability for, and the fd flags it is to show (GETFL); with
+    NEW_HANDLE_KEPT, also that handle's state for the router to keep (`kept`), the
+    first `kept.nfds` of the fds sent with the frame."""
 
     req_id: int
     status: int
     body: Body
     handle: int = 0
     fdflags: int = 0
+    kept: Keep | None = None
 
     @classmethod
     def of(cls, req_id: int, status: int, value: Any) -> SchemeReply:
@@ -192,17 +208,25 @@ class SchemeReply:
     def new_handle(cls, req_id: int, handle: int, fdflags: int, value: Any = None) -> SchemeReply:
         return cls(req_id, NEW_HANDLE, pack(value), handle, fdflags)
 
+    def keeping(self, nfds: int, state: Body) -> SchemeReply:
+        """This NEW_HANDLE carrying its handle's kept state: nfds fds (sent first) and state."""
+        return SchemeReply(self.req_id, NEW_HANDLE_KEPT, self.body, self.handle, self.fdflags,
+                           Keep(self.handle, nfds, state, self.req_id))
+
     @classmethod
     def decode(cls, data: bytes) -> SchemeReply:
         if len(data) < SREPLY.size:
             raise ProtocolError("short scheme reply")
         req_id, status = SREPLY.unpack_from(data)
-        if status != NEW_HANDLE:
+        if status != NEW_HANDLE and status != NEW_HANDLE_KEPT:
             return cls(req_id, status, memoryview(data)[SREPLY.size :])
         if len(data) < SREPLY.size + NEW_HANDLE_HDR.size:
             raise ProtocolError("NEW_HANDLE reply without a handle")
         handle, fdflags = NEW_HANDLE_HDR.unpack_from(data, SREPLY.size)
-        return cls(req_id, status, memoryview(data)[SREPLY.size + NEW_HANDLE_HDR.size :], handle, fdflags)
+        start, kept = SREPLY.size + NEW_HANDLE_HDR.size, None
+        if status == NEW_HANDLE_KEPT:
+            kept, start = Keep.carried(data, start, req_id, handle)
+        return cls(req_id, status, memoryview(data)[start:], handle, fdflags, kept)
 
     @staticmethod
     def req_id_of(data: bytes) -> int | None:
@@ -216,6 +240,10 @@ class SchemeReply:
         header = SREPLY.pack(self.req_id, self.status)
         if self.status == NEW_HANDLE:
             header += NEW_HANDLE_HDR.pack(self.handle, self.fdflags)
+        elif self.status == NEW_HANDLE_KEPT and self.kept is not None:
+            kept = self.kept
+            return b"".join([header, NEW_HANDLE_HDR.pack(self.handle, self.fdflags),
+                             KEPT_HDR.pack(kept.nfds, len(kept.body)), kept.body, self.body])
         return header + bytes(self.body)
 
     def value(self) -> Any:
@@ -260,6 +288,22 @@ class Keep:
         handle, nfds = KEEP_HDR.unpack_from(data, start)
         return cls(handle, nfds, memoryview(data)[start + KEEP_HDR.size :], req_id, status == KEEP_MORE)
 
+    @classmethod
+    def carried(cls, data: bytes, start: int, req_id: int, handle: int) -> tuple[Keep, int]:
+        """The state a NEW_HANDLE_KEPT reply carries for its handle at start (after the
+        NEW_HANDLE header), and where the reply's own body begins.
+
+        Raises:
+            ProtocolError: the frame is shorter than the state's header or its size says.
+        """
+        if len(data) < start + KEPT_HDR.size:
+            raise ProtocolError("NEW_HANDLE_KEPT without its state's header")
+        nfds, size = KEPT_HDR.unpack_from(data, start)
+        start += KEPT_HDR.size
+        if len(data) < start + size:
+            raise ProtocolError("NEW_HANDLE_KEPT shorter than its state")
+        return cls(handle, nfds, memoryview(data)[start : start + size], req_id), start + size
+
     def encode(self) -> bytes:
         return (SREPLY.pack(self.req_id, KEEP_MORE if self.more else KEEP)
                 + KEEP_HDR.pack(self.handle, self.nfds) + bytes(self.body))
@@ -287,6 +331,7 @@ def decode_reply(data: bytes) -> tuple[int, int, Any]:
 
 __all__ = [
     "KEEP_HDR",
+    "KEPT_HDR",
     "NEW_HANDLE_HDR",
     "NO_REF",
     "REF",

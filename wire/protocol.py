@@ -73,6 +73,7 @@ NEW_HANDLE = 2  # scheme -> router only: mint a capability for this handle
 KEEP = 3  # scheme -> router only, not a reply: keep this state of a handle across a restart
 HELLO = 4  # scheme -> router only, first frame of a daemon: who serves the scheme (SO_PASSCRED)
 KEEP_MORE = 5  # scheme -> router only: fds of a KEEP that needs more than one frame; KEEP ends it
+NEW_HANDLE_KEPT = 6  # scheme -> router only: a NEW_HANDLE that carries the new handle's KEEP
 
 # -- operations ----------------------------------------------------------------
 # 1..15 are answered by the router itself; 16.. are forwarded to the scheme.
