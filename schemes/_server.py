@@ -82,7 +82,7 @@ class _Server:
                 # The one yield per batch: waiting for the next frame lets every task that
                 # this batch started or woke run first (a checkpoint when frames are left).
                 if drained:
-                    await trio.lowlevel.wait_readable(self.channel.sock)
+                    await self.channel.wait_readable()
                 else:
                     await trio.lowlevel.checkpoint()
                 batch, drained = self._waiting_requests(nursery)

@@ -29,7 +29,7 @@ class Channel:
         sock: the socket; ownership passes to the channel.
     """
 
-    __slots__ = ("_send_lock", "_unyielded", "sock")
+    __slots__ = ("_send_lock", "_unyielded", "_waited", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -38,6 +38,10 @@ class Channel:
         # capability, and most never fill their socket)
         self._send_lock: trio.Lock | None = None
         self._unyielded = 0
+        # whether trio was ever asked to wait on the socket: only then may a task be
+        # waiting when it closes (the router closes a channel per capability, and most
+        # are never waited on: telling trio costs a failed epoll_ctl each)
+        self._waited = False
 
     @classmethod
     def from_fd(cls, fd: int) -> Channel:
@@ -58,7 +62,7 @@ class Channel:
         """Receive one frame if one is waiting, without a checkpoint.
 
         Returns:
-            As recv(); None when no frame is waiting (wait_readable on .sock, then
+            As recv(); None when no frame is waiting (wait_readable(), then
             try again).
 
         Raises:
@@ -86,7 +90,7 @@ class Channel:
             OSError: the socket failed.
         """
         while (received := self.try_recv(ancsize)) is None:
-            await trio.lowlevel.wait_readable(self.sock)
+            await self.wait_readable()
         await self.yield_sometimes()
         return received
 
@@ -113,7 +117,7 @@ class Channel:
                     self.sock.sendmsg([frame], anc)
                     return
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    await self.wait_writable()
 
     def try_send(self, frame: bytes | list[bytes | memoryview],
                  fds: list[int] | tuple[int, ...] = ()) -> bool:
@@ -136,6 +140,17 @@ class Channel:
             return False
         return True
 
+    async def wait_readable(self) -> None:
+        """Wait until a frame (or EOF) is waiting.
+
+        Raises:
+            trio.ClosedResourceError: the channel was closed meanwhile.
+        """
+        if self.sock.fileno() < 0:
+            raise trio.ClosedResourceError("channel closed")
+        self._waited = True
+        await trio.lowlevel.wait_readable(self.sock)
+
     async def wait_writable(self) -> None:
         """Wait until a send may succeed (or the peer hung up: the send then fails).
 
@@ -144,10 +159,13 @@ class Channel:
         """
         if self.sock.fileno() < 0:
             raise trio.ClosedResourceError("channel closed")
+        self._waited = True
         await trio.lowlevel.wait_writable(self.sock)
 
     def close(self) -> None:
-        """Close the socket; tasks waiting on it get trio.ClosedResourceError."""
+        """Close the socket; tasks waiting on it (only ever through this class: see
+        _waited) get trio.ClosedResourceError."""
         if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)
+            if self._waited:
+                trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
