@@ -18,6 +18,7 @@ import sys
 import tempfile
 import termios
 import textwrap
+import threading
 import time
 import tty
 
@@ -166,6 +167,62 @@ def test_ctrl_c_and_sigterm_to_run_reach_the_confined_client_and_its_children(re
         out.until(f"{kid} got SIGTERM".encode())
     finally:
         _stop(run, pidfds)
+
+
+BUSY_CLIENT = textwrap.dedent("""
+    import os, signal, sys, time
+
+    got = 0
+
+    def count(_signum, _frame):
+        global got
+        got += 1
+
+    signal.signal(signal.SIGINT, count)
+    print("ready", flush=True)
+    wrong = 0
+    for _ in range(int(sys.argv[1])):
+        fd = os.open("f.txt", os.O_RDONLY)  # answered by the broker, with an fd it installs
+        if fd < 3 or os.pread(fd, 5, 0) != b"hello":
+            wrong += 1
+        os.close(fd)
+    print("done", wrong, got, flush=True)
+    time.sleep(0.5)  # a Ctrl-C still on its way lands here, not in run's teardown
+""")
+
+
+def test_ctrl_c_in_the_middle_of_brokered_calls_loses_none_of_them(redoxcap_module_system, tmp_path):
+    """Ctrl-C, passed on to the run, lands in the broker too, often in the middle of one of
+    its ioctls: every call is still answered, and right. An interrupted ADDFD+SEND had Linux
+    answer an open with 0 and no fd (and the broker's next answer to it then failed)."""
+    (tmp_path / "f.txt").write_bytes(b"hello")
+    run = subprocess.Popen(
+        [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", str(tmp_path),
+         "--", sys.executable, "-c", BUSY_CLIENT, "4000"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    stop = threading.Event()
+
+    def press_ctrl_c() -> None:  # as fast as no terminal could, until the program is done
+        while not stop.wait(0.0005):
+            os.kill(run.pid, signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    try:
+        out = Output(run.stdout.fileno(), timeout=120)
+        out.until(b"ready\n")
+        presser.start()
+        done = out.match(rb"done (\d+) (\d+)\n")
+        stop.set()
+        presser.join()
+        assert run.wait(timeout=60) == 0
+    finally:
+        stop.set()
+        if presser.is_alive():
+            presser.join()
+        _stop(run, [])
+    wrong, got = (int(x) for x in done.groups())
+    assert wrong == 0
+    assert got > 0  # the signals did reach the program, through the broker's process
 
 
 def _stop(run: subprocess.Popen, pidfds: list[int]) -> None:

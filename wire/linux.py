@@ -495,6 +495,31 @@ def ioctl(fd: int, request: int, buf: ctypes.Array | int | None) -> int:
     return ret
 
 
+SIGSET_BYTES = 128  # glibc's sigset_t
+SIG_BLOCK, SIG_SETMASK = 0, 2  # pthread_sigmask's how (not the signal module's: it loads enum)
+_EVERY_SIGNAL = ctypes.create_string_buffer(b"\xff" * SIGSET_BYTES, SIGSET_BYTES)
+
+
+def hold_signals() -> ctypes.Array:
+    """Block every signal the calling thread can block (pthread_sigmask: not SIGKILL or
+    SIGSTOP); returns the mask before, for :func:`release_signals`. A signal that comes
+    meanwhile waits, and its handler runs once they are released.
+
+    Raises:
+        OSError: pthread_sigmask's error.
+    """
+    old = ctypes.create_string_buffer(SIGSET_BYTES)
+    err = libc().pthread_sigmask(SIG_BLOCK, _EVERY_SIGNAL, old)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return old
+
+
+def release_signals(old: ctypes.Array) -> None:
+    """Put back the signal mask hold_signals returned."""
+    libc().pthread_sigmask(SIG_SETMASK, old, None)
+
+
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A duplicate, in this process, of another process's fd targetfd (close-on-exec).
 

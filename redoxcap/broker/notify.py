@@ -9,6 +9,18 @@ A thin layer over the ioctls of wire/linux.py and the kernel's structs
     struct seccomp_notif_addfd{ u64 id; u32 flags; u32 srcfd; u32 newfd; u32 newfd_flags; }
 
 `pid` is a thread id, valid only while the notification is (see `Listener.valid`).
+
+Signals. The broker runs in a process that takes signals (`redoxcap run` forwards
+SIGINT, SIGTERM and SIGHUP through handlers of its own), and a signal may come in
+the middle of any of these ioctls. SEND and ID_VALID refuse with EINTR only before
+they changed anything, so they are tried again. ADDFD with SECCOMP_ADDFD_FLAG_SEND
+is not: interrupted before the target took the fd, it has already marked the call
+answered, and Linux lets the target's syscall return 0 with no fd installed (an
+open that "returns" fd 0). So it runs with every signal held (blocked until it is
+done). A stop (SIGSTOP, a debugger attaching) cannot be held and can still do
+that: do not stop a broker while its program runs. ADDFD and then SEND apart would
+be safe from stops too, but they wake the target twice (an open brokered through
+the cwd took twice as long).
 """
 
 from __future__ import annotations
@@ -80,22 +92,33 @@ class Listener:
         nid, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(self._recv.raw)
         return Notification(nid, tid, nr, arch, tuple(args))
 
+    def _ioctl(self, request: int, buf: ctypes.Array) -> int:
+        """An ioctl on the listener, tried again when a signal interrupted it (see above)."""
+        while True:
+            try:
+                return linux.ioctl(self.fd, request, buf)
+            except InterruptedError:
+                continue
+
     def valid(self, nid: int) -> bool:
         """Whether the notification is still pending (its thread still waits in the syscall)."""
         self._id.raw = _ID.pack(nid)
         try:
-            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ID_VALID, self._id)
+            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_ID_VALID, self._id)
             return True
         except OSError:
             return False
 
-    def _respond(self, nid: int, val: int, error: int, flags: int) -> None:
+    def _respond(self, nid: int, val: int, error: int, flags: int) -> bool:
+        """Answer the call; False when its thread gave up on it (a signal): nobody to tell."""
         self._send.raw = _RESP.pack(nid, val, error, flags)
         try:
-            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_SEND, self._send)
+            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_SEND, self._send)
+            return True
         except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the thread gave up (a signal); nobody to tell
+            if exc.errno != errno.ENOENT:
                 raise
+            return False
 
     def reply(self, nid: int, value: int) -> None:
         """The syscall returns value."""
@@ -115,7 +138,8 @@ class Listener:
         self._respond(nid, 0, 0, linux.SECCOMP_USER_NOTIF_FLAG_CONTINUE)
 
     def install_fd(self, nid: int, fd: int, cloexec: bool) -> int | None:
-        """Install a copy of fd in the target as the syscall's return value (ADDFD + SEND).
+        """Install a copy of fd in the target as the syscall's return value (ADDFD + SEND,
+        with every signal held: see above).
 
         Returns:
             The fd number in the target, or None when the thread gave up first.
@@ -125,9 +149,12 @@ class Listener:
         """
         flags = linux.SECCOMP_ADDFD_FLAG_SEND
         self._addfd.raw = _ADDFD.pack(nid, flags, fd, 0, os.O_CLOEXEC if cloexec else 0)
+        held = linux.hold_signals()
         try:
             return linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None
             raise
+        finally:
+            linux.release_signals(held)
