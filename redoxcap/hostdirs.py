@@ -1,18 +1,24 @@
 """The host directories a run hands its program (`run --dir`), and the run's private /tmp.
 
-Each is served by a file scheme daemon of the run's own (`python -E -P -m
-schemes.file`, killed by the kernel if `run` dies, stopped when the program
-ends), registered in the program's namespace under a name of its own
-(`dir`, `dir1`, ...). The private /tmp is a scheme the supervisor makes for
-the run in no namespace, so that only the broker holds it; its daemon starts
-when the router first hands the scheme a request (most programs never use
-/tmp, and a daemon's start costs more than the rest of a run). The program
-sees each at its own absolute host path: rt maps that path to the scheme
-(REDOXCAP_DIRS), the broker to its capability (redoxcap/broker/calls/locate.py).
+Each is served by a file scheme daemon of the run's own (forked by the
+system, or `python -E -P -m schemes.file`, killed by the kernel if `run`
+dies, stopped when the program ends), registered in the program's namespace
+under a name of its own (`dir`, `dir1`, ...). The private /tmp is a scheme
+the supervisor makes for the run in no namespace, so that only the broker
+holds it. Every one of these daemons starts when the router first hands its
+scheme a request (DaemonOnFirstRequest): most programs never use /tmp, many
+never look in their directory before they have done much else, and a
+daemon's start costs more than the rest of a run. So what the run itself
+holds of them is their roots (NS_ROOT: clones the router makes, which ask
+the daemon nothing): the program's cwd when it is a directory's top, and
+the broker's handed directories. The program sees each at its own absolute
+host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
+its capability (redoxcap/broker/calls/locate.py).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import select
@@ -26,7 +32,7 @@ import rt
 from redoxcap import PYTHON, control
 from redoxcap.exits import EXIT_USAGE, Failure
 from redoxcap.wire import protocol as P
-from redoxcap.wire.call import call_fd
+from redoxcap.wire.call import call, call_fd
 from rt import _process
 
 if TYPE_CHECKING:
@@ -76,25 +82,27 @@ def parse_dir(text: str) -> HostDir:
     return HostDir(real, real, read_only)
 
 
-def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen | SystemDaemon],
-          directfs_grant: int | None = None, system: Path | None = None
-          ) -> list[tuple[HostDir, str]]:
+def serve(child_ns: int, dirs: Sequence[HostDir],
+          daemons: list[subprocess.Popen | SystemDaemon | DaemonOnFirstRequest],
+          directfs_grant: int | None = None, system: Path | None = None,
+          taken: set[str] | None = None) -> list[tuple[HostDir, str]]:
     """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
 
     The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
-    namespace holds already. Each daemon is appended to daemons once started;
-    it dies with this process (or, forked by the system at system, with its scheme),
-    and :func:`stop` stops it. With directfs_grant (the system's, which stays the
-    caller's) each daemon hands the broker its host directory for native lookups
-    (HOSTDIR).
+    namespace holds already (taken, when the caller knows them). Each daemon
+    starts with its scheme's first request, and is appended to daemons now
+    (DaemonOnFirstRequest); it dies with this process (or, forked by the system
+    at system, with its scheme), and :func:`stop` stops it. With directfs_grant
+    (the system's, which stays the caller's) each daemon hands the broker its
+    host directory for native lookups (HOSTDIR).
 
     Returns:
         (directory, scheme name) of each, in the order of dirs.
 
     Raises:
-        Failure: the namespace refused a new scheme, or a daemon could not start.
+        Failure: the namespace refused a new scheme.
     """
-    taken = set(rt.schemes(child_ns)) if dirs else set()
+    taken = (set(rt.schemes(child_ns)) if taken is None else set(taken)) if dirs else set()
     mounts = []
     for d in dirs:
         base = "tmp" if d.visible == "/tmp" and not d.executable else "dir"
@@ -105,19 +113,32 @@ def serve(child_ns: int, dirs: Sequence[HostDir], daemons: list[subprocess.Popen
             channel = rt.mkscheme(name, child_ns)
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
+        grant = None
         try:
-            daemons.append(_start_daemon(channel, d, name, directfs_grant, system))
-        except OSError as exc:
-            raise Failure(f"--dir {d.visible}: cannot start its daemon: {exc.strerror}") from None
-        finally:
-            rt.close(channel)
+            grant = os.dup(directfs_grant) if directfs_grant is not None else None
+            daemons.append(DaemonOnFirstRequest(channel, d, name, grant, system))
+        except BaseException:
+            for fd in (channel, grant):
+                if fd is not None:
+                    os.close(fd)
+            raise
         mounts.append((d, name))
     return mounts
 
 
 def open_root(ns: int, name: str) -> int:
-    """A capability for the root of scheme name in namespace ns."""
-    return call_fd(ns, P.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
+    """A capability for the root of scheme name in namespace ns: a clone of its entry
+    (NS_ROOT), made by the router, so that its daemon is asked nothing (one that starts
+    on its first request stays unstarted).
+
+    Raises:
+        OSError: what nsmgr answers (ENODEV: no such name).
+    """
+    _, fds = call(ns, P.NS_ROOT, [name, 0])
+    if len(fds) != 1:
+        P.close_fds(fds)
+        raise OSError(errno.EIO, "NS_ROOT answered without a root")
+    return fds[0]
 
 
 def _start_daemon(channel: int, d: HostDir, name: str, grant: int | None,
@@ -232,10 +253,10 @@ class DaemonOnFirstRequest:
             return
         try:
             self.process = _start_daemon(self._channel, d, name, self._grant, self._system)
-        except OSError as exc:  # its requests then wait until the run ends: say why
+        except OSError as exc:  # say why; its channel closes below, so its requests fail (EIO)
             os.write(2, f"redoxcap: cannot start the daemon of {d.visible}: {exc.strerror}\n".encode())
-            return
         # the daemon's alone now: its death is the channel's end, as the router should see
+        # (and with none started, this is the end: the requests fail rather than wait)
         for fd in (self._channel, self._grant):
             if fd is not None:
                 os.close(fd)
@@ -289,9 +310,12 @@ def enter(child_ns: int, mounts: list[tuple[HostDir, str]], cwd: str | None,
     d, name = max(inside, key=lambda m: len(m[0].visible))
     rest = target[len(d.visible):].lstrip("/") or "."
     try:
-        fd = call_fd(child_ns, P.OPENAT, [f"/scheme/{name}/{rest}",
-                                          os.O_RDONLY | os.O_DIRECTORY
-                                          | (P.O_RESOLVE_BENEATH if beneath else 0), 0])
+        if rest == "." and not beneath:  # the directory itself: its root, its daemon not asked
+            fd = open_root(child_ns, name)
+        else:
+            fd = call_fd(child_ns, P.OPENAT, [f"/scheme/{name}/{rest}",
+                                              os.O_RDONLY | os.O_DIRECTORY
+                                              | (P.O_RESOLVE_BENEATH if beneath else 0), 0])
     except OSError as exc:
         raise Failure(f"--cwd {target}: {exc.strerror}") from None
     _process.replace_cwd(fd, target)

@@ -437,7 +437,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         child_names = set(root_names if wanted is None else wanted)
         daemons = daemons if daemons is not None else []
         mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
-                                                            state_dir)
+                                                            state_dir, child_names)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
         if dirs:

@@ -178,6 +178,30 @@ def daemons_of(system) -> list[str]:
     return lines
 
 
+def test_a_dirs_daemon_starts_when_the_program_first_looks_in_it(redoxcap_module_system, tmp_path):
+    """The program's cwd (its --dir's top) and the broker's handle on it are roots the router
+    makes: a program that does not look in its directory (or not yet) waits for no daemon."""
+    (tmp_path / "f").write_text("here\n")
+    script = "echo ready; read go; cat f; pwd; read done"
+    run = redoxcap_module_system.start("run", "--dir", str(tmp_path), "--", "sh", "-c", script)
+    try:
+        assert run.stdout.readline() == "ready\n"
+        assert daemons_of(redoxcap_module_system) == []
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        assert run.stdout.readline() == "here\n"
+        assert run.stdout.readline() == f"{tmp_path}\n"
+        served = daemons_of(redoxcap_module_system)
+        assert len(served) == 1 and "--name dir" in served[0], served
+        run.stdin.write("done\n")
+        run.stdin.flush()
+        assert run.wait(60) == 0, run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
 def test_the_private_tmp_daemon_starts_when_the_program_first_uses_tmp(redoxcap_module_system):
     script = "echo ready; read go; echo mine > /tmp/f; cat /tmp/f; read done"
     run = redoxcap_module_system.start("run", "--", "sh", "-c", script)
