@@ -32,7 +32,6 @@ import json
 import os
 import posixpath
 import socket
-import stat
 import sys
 import tempfile
 import threading
@@ -530,20 +529,16 @@ def _enter_cwd(cwd: str, beneath: bool) -> None:
     """
     path = posixpath.normpath(cwd if cwd.startswith("/") else "/" + cwd)
     try:
+        if path == "/" and not beneath:
+            # every run's default: the file scheme's root itself, as a root is called /
+            # (NS_ROOT: a clone the router makes; no open, status or FPATH of the scheme's)
+            _process.replace_cwd(hostdirs.open_root(_process.namespace_fd(), "file"), "/")
+            return
         fd = rt.open(path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
-        if path != "/":
-            try:
-                rt.fchdir(fd)
-            finally:
-                rt.close(fd)
-        else:  # every run's default: a root is called /, and fd can be rt's (two round trips less)
-            try:
-                if not stat.S_ISDIR(rt.fstat(fd).st_mode):
-                    raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            except BaseException:
-                rt.close(fd)
-                raise
-            _process.replace_cwd(fd, "/")
+        try:
+            rt.fchdir(fd)
+        finally:
+            rt.close(fd)
     except OSError as exc:
         hint = ""
         if os.path.isabs(cwd) and os.path.isdir(cwd) and not path.startswith("/scheme/"):
