@@ -267,7 +267,16 @@ class NamespaceScheme(Scheme):
         except OSError as exc:
             raise SchemeError(exc.errno or errno.EMFILE, "no generation page") from None
 
-    async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None) -> Opened:
+    async def ns_mkns(self, req: Request, ns: Namespace, names: list | None, perms: int | None,
+                      put: list | None) -> Opened:
+        """A fork of ns: its entries names (None: every one) cloned, with at most its perms.
+
+        put: the names of the capabilities passed with the request, in order, each to stand
+        in the fork as that name instead of ns's entry (not cloned, then) or as a new one,
+        as an unregister and a register on the fork would: so ns needs INSERT, and DELETE
+        for a name it would clone. One round trip where a run used three (its private uds
+        scope in place of the system's).
+        """
         if perms is None:
             perms = ns.perms
         if perms & ~ns.perms:
@@ -279,11 +288,22 @@ class NamespaceScheme(Scheme):
             if not P.valid_scheme_name(name):
                 raise SchemeError(errno.EINVAL, "bad scheme name")
             ns.lookup(name)
+        put = put or []
+        if (len(put) != len(req.passed) or len(set(put)) != len(put)
+                or not all(type(name) is str and P.valid_scheme_name(name) for name in put)):
+            raise SchemeError(errno.EINVAL, "put names each passed capability once")
+        if put:
+            ns.require(P.PERM_INSERT)
+            if set(put) & set(names):
+                ns.require(P.PERM_DELETE)
+            names = [name for name in names if name not in put]
         child = Namespace(perms=perms)
         turn = self._forking.setdefault(req.account, trio.Lock())
         try:
             async with turn:
                 await self._clone_entries(req, ns, child, names, every)
+            for index, name in enumerate(put):
+                child.entries[name] = await self._passed_entry(req, index)
         except BaseException:
             await self.close(child)
             raise
@@ -349,16 +369,32 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EINVAL, "bad scheme name")
         if len(req.passed) != 1:
             raise SchemeError(errno.EINVAL, "register takes exactly one capability")
-        if isinstance(req.passed[0], HandleRef):
+        if name in ns.entries:
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        entry = await self._passed_entry(req, 0)
+        if name in ns.entries:  # registered while we asked
+            entry.close()
+            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        ns.entries[name] = entry
+        ns.changed()
+        req.keep_again()
+
+    @staticmethod
+    async def _passed_entry(req: Request, index: int) -> AsyncCapability:
+        """The index-th capability passed with req, taken as a namespace entry (_as_entry).
+
+        Raises:
+            SchemeError: EINVAL for what is not a capability of the router's (or is one of
+                nsmgr's own namespaces); ENOTDIR (_as_entry).
+        """
+        if isinstance(req.passed[index], HandleRef):
             # nsmgr would hold a reference to itself: the namespace could never close
             raise SchemeError(errno.EINVAL, "a namespace cannot be registered in a namespace")
-        if not req.is_capability(0):
+        if not req.is_capability(index):
             # a socket of the caller's own would have nsmgr talk to it outside the router,
             # where nothing bounds or charges what it sends back
             raise SchemeError(errno.EINVAL, "register takes a capability")
-        if name in ns.entries:
-            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
-        fd = req.take_fd(0)
+        fd = req.take_fd(index)
         try:
             with socket.socket(fileno=os.dup(fd)) as probe:
                 if probe.type != socket.SOCK_SEQPACKET:
@@ -366,13 +402,7 @@ class NamespaceScheme(Scheme):
         except OSError:
             os.close(fd)
             raise SchemeError(errno.EINVAL, "register takes a capability (a SEQPACKET socket)") from None
-        entry = await _as_entry(AsyncCapability(fd), req.id)
-        if name in ns.entries:  # registered while we asked
-            entry.close()
-            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
-        ns.entries[name] = entry
-        ns.changed()
-        req.keep_again()
+        return await _as_entry(AsyncCapability(fd), req.id)
 
     async def ns_unregister(self, req: Request, ns: Namespace, name: str) -> None:
         ns.require(P.PERM_DELETE)

@@ -100,62 +100,43 @@ def net_grants(tcp_connect: Sequence[str] = (), tcp_listen: Sequence[str] = (),
     return grants
 
 
-def give_uds_scope(child_ns: int, choice: str, names: set[str] | None = None) -> None:
-    """Make `uds` in child_ns the scope --uds-scope chose (rt holds the root namespace).
-
-    The fork's entry is the system scope; "private" puts a new empty scope in
-    its place, NAME the shared scope NAME. A namespace without uds (names: what
-    child_ns holds, asked when None) is left so.
-
-    Raises:
-        Failure: EXIT_USAGE for a bad NAME, EXIT_FAILED when uds refused.
-    """
-    if choice == "system":
-        return
-    try:
-        if "uds" not in (rt.schemes(child_ns) if names is None else names):
-            return
-        scope = rt.uds_scope(None if choice == "private" else choice)
-    except OSError as exc:
-        usage = exc.errno == errno.EINVAL  # a bad NAME
-        raise Failure(f"--uds-scope {choice}: {exc.strerror}",
-                      EXIT_USAGE if usage else EXIT_FAILED) from None
-    _replace_entry(child_ns, "uds", scope, f"--uds-scope {choice}")
-
-
-def give_net_grants(child_ns: int, grants: dict[str, NetGrant], names: set[str] | None = None) -> None:
-    """Put in child_ns, in place of tcp and udp, grants of what --allow-* named (rt holds
-    the root namespace).
-
-    A scheme the namespace lacks (`--ns`; names: what child_ns holds, asked when
-    None) is left out, unless an option names it.
+def entries_for(choice: str, grants: dict[str, NetGrant] | None, names: set[str]) -> dict[str, int]:
+    """The capabilities a run's namespace holds in place of the system's entries, made on
+    rt's namespace (the root one), for `rt.mkns(put=...)`: `uds` the scope --uds-scope
+    chose ("private" a new empty scope, NAME the shared scope NAME; nothing for
+    "system"), and tcp and udp grants of what --allow-* named (grants; None: the system's
+    schemes themselves). A name the fork does not hold (names: what it holds, by `--ns`)
+    gets nothing, unless an option names it: that is an error. The caller closes them.
 
     Raises:
-        Failure: EXIT_USAGE for an option naming a scheme the namespace lacks,
-            or an address the daemon's policy refuses; EXIT_FAILED when the
-            scheme refused otherwise.
+        Failure: EXIT_USAGE for a bad NAME, an option naming a scheme the namespace lacks
+            or an address the daemon's policy refuses; EXIT_FAILED when a scheme refused
+            otherwise.
     """
-    names = rt.schemes(child_ns) if names is None else names
-    for scheme, grant in grants.items():
-        what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
-        if scheme not in names:
-            if grant.options:
-                raise Failure(f"{what}: the namespace has no {scheme} (see --ns)", EXIT_USAGE)
-            continue
-        try:
-            cap = rt.net_grant(grant.connect, grant.listen, scheme=scheme)
-        except OSError as exc:
-            usage = exc.errno in (errno.EINVAL, errno.EACCES)  # an address, or beyond the policy
-            raise Failure(f"{what}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED) from None
-        _replace_entry(child_ns, scheme, cap, what)
-
-
-def _replace_entry(child_ns: int, name: str, cap: int, what: str) -> None:
-    """Make cap (closed here) the entry name of child_ns; what names the option, for errors."""
+    made: dict[str, int] = {}
     try:
-        rt.unregister(child_ns, name)
-        rt.register(child_ns, name, cap)
-    except OSError as exc:
-        raise Failure(f"{what}: {exc.strerror}") from None
-    finally:
-        rt.close(cap)
+        if choice != "system" and "uds" in names:
+            try:
+                made["uds"] = rt.uds_scope(None if choice == "private" else choice)
+            except OSError as exc:
+                usage = exc.errno == errno.EINVAL  # a bad NAME
+                raise Failure(f"--uds-scope {choice}: {exc.strerror}",
+                              EXIT_USAGE if usage else EXIT_FAILED) from None
+        for scheme, grant in (grants or {}).items():
+            what = "/".join(grant.options) or f"--allow-* (nothing of {scheme})"
+            if scheme not in names:
+                if grant.options:
+                    raise Failure(f"{what}: the namespace has no {scheme} (see --ns)", EXIT_USAGE)
+                continue
+            try:
+                made[scheme] = rt.net_grant(grant.connect, grant.listen, scheme=scheme)
+            except OSError as exc:
+                usage = exc.errno in (errno.EINVAL, errno.EACCES)  # an address, or beyond the policy
+                raise Failure(f"{what}: {exc.strerror}", EXIT_USAGE if usage else EXIT_FAILED) from None
+    except BaseException:
+        for cap in made.values():
+            rt.close(cap)
+        raise
+    return made
+
+

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import rt
 from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
-from redoxcap.grants import NetGrant, give_net_grants, give_uds_scope, net_grants
+from redoxcap.grants import NetGrant, entries_for, net_grants
 from redoxcap.sandbox.policy import python_script
 from rt import _process
 from rt._paths import ENV_DIRS
@@ -429,11 +429,18 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             wanted = [n for n in root_names if n != "file"]
         elif wanted is not None:  # the directories the system serves for the run are its own
             wanted += [name for _, name in served if name not in wanted]
-        try:
-            child_ns = rt.mkns(wanted)
-        except OSError as exc:
-            raise Failure(f"--ns {names!r}: {exc.strerror}") from None
         child_names = set(root_names if wanted is None else wanted)
+        # the run's uds scope and net grants stand in the fork in place of the system's
+        # entries: made first, and put there by the fork itself (one request, not three each)
+        put = entries_for(uds_scope, net, child_names)
+        try:
+            child_ns = rt.mkns(wanted, put=put)
+        except OSError as exc:
+            what = f"--ns {names!r}" if names is not None else "the program's namespace"
+            raise Failure(f"{what}: {exc.strerror}") from None
+        finally:
+            for cap in put.values():
+                rt.close(cap)
         daemons = daemons if daemons is not None else []
         mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
                                                             state_dir, child_names)
@@ -444,9 +451,6 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         else:
             _enter_cwd(cwd or "/", beneath)
         where = rt.getcwd()
-        give_uds_scope(child_ns, uds_scope, child_names)
-        if net is not None:
-            give_net_grants(child_ns, net, child_names)
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
 

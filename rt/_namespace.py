@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd, call_value
@@ -20,14 +20,23 @@ def setns(fd: int) -> None:
     _process.replace_namespace(call_fd(fd, P.CLONE))  # a namespace is a capability, never a host fd
 
 
-def mkns(names: Iterable[str] | None, ns: int | None = None, perms: int | None = None) -> int:
+def mkns(names: Iterable[str] | None, ns: int | None = None, perms: int | None = None,
+         put: Mapping[str, int] | None = None) -> int:
     """Fork a namespace into one with only names (all for None) and at most perms.
 
+    put: capabilities (which stay the caller's) to stand in the fork as these names,
+    instead of the parent's entries or besides them: as `unregister` and `register` on
+    the fork would, in one request (the parent needs INSERT, and DELETE for a name it
+    would have given the fork).
+
     Raises:
-        OSError: ENODEV for a name the parent lacks, EACCES for a permission it lacks.
+        OSError: ENODEV for a name the parent lacks, EACCES for a permission it lacks,
+            EINVAL or ENOTDIR for a capability in put that cannot be an entry.
     """
     ns_fd = _process.namespace_fd() if ns is None else ns
-    return call_fd(ns_fd, P.NS_MKNS, [None if names is None else list(names), perms])
+    put = dict(put or {})
+    return call_fd(ns_fd, P.NS_MKNS, [None if names is None else list(names), perms, list(put) or None],
+                   list(put.values()))
 
 
 def narrow(ns: int, perms: int) -> None:

@@ -53,7 +53,7 @@ ARGS = {
     P.MKDIRAT: ["d", 0o755], P.UNLINKAT: ["d", 0], P.RENAMEAT: ["a", "b"],
     P.SYMLINKAT: ["t", "l"], P.READLINKAT: ["l"], P.DUP: [b""], P.LINKAT: ["a", "b"],
     P.SHUTDOWN: [1], P.RECVFROM: [10], P.SENDTO: [b"x", "127.0.0.1", 9],
-    P.NS_LIST: [], P.NS_MKNS: [None, None], P.NS_NARROW: [P.PERM_ALL], P.NS_REGISTER: ["x"],
+    P.NS_LIST: [], P.NS_MKNS: [None, None, None], P.NS_NARROW: [P.PERM_ALL], P.NS_REGISTER: ["x"],
     P.NS_UNREGISTER: ["nosuch"], P.NS_PERMS: [], P.NS_SCHEME_CREATE: ["bad/name"],
     P.CLONE: [], P.GETFL: [],
 }

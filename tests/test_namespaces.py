@@ -21,7 +21,7 @@ import pytest
 import rt
 from redoxcap.config import Config
 from redoxcap.wire import ops as rt_ops
-from redoxcap.wire.call import call
+from redoxcap.wire.call import call, call_fd
 
 BUILTIN = sorted(Config().schemes)  # what a default system registers
 
@@ -134,6 +134,61 @@ def test_a_subtree_entry_kept_as_a_root_keeps_every_lookup_inside_it(redoxcap_is
         with rt.open_file("/to_top/../deeper/../inside.txt") as f:  # `..` stops at the top
             assert f.read() == "ok"
         assert redoxcap_isolated_client.daemon("nsmgr")["frames"] == nsmgr  # all on the kept root
+
+
+def test_a_fork_takes_the_capabilities_put_in_place_of_its_parents_entries(redoxcap_isolated_client):
+    """put: what a run does for its uds scope and net grants, in the fork's one request. A
+    put subtree is an in-root boundary, as when registered; the parent is untouched."""
+    root = redoxcap_isolated_client.root
+    (root / "outside.txt").write_text("secret")
+    (root / "box").mkdir()
+    (root / "box/inside.txt").write_text("ok")
+    box = rt.open("/box", rt.O_DIRECTORY)
+    try:
+        fork = rt.mkns(None, put={"file": box, "extra": box})
+    finally:
+        rt.close(box)
+    try:
+        assert rt.schemes(fork) == sorted({*rt.schemes(), "extra"})
+        for name in ("file", "extra"):
+            top = call_fd(fork, rt_ops.OPENAT, [f"/scheme/{name}", os.O_RDONLY | os.O_DIRECTORY, 0])
+            try:
+                rt.close(rt.openat(top, "inside.txt"))
+                with pytest.raises(FileNotFoundError):
+                    rt.openat(top, "../outside.txt")
+            finally:
+                rt.close(top)
+        assert "outside.txt" in rt.listdir("/") and "extra" not in rt.schemes()  # the parent's own
+    finally:
+        rt.close(fork)
+
+
+def test_put_needs_the_rights_a_register_would_and_takes_only_capabilities(redoxcap_isolated_client):
+    (redoxcap_isolated_client.root / "box").mkdir()
+    box = rt.open("/box", rt.O_DIRECTORY)
+    inserting = rt.mkns(None, perms=rt.PERM_LIST | rt.PERM_INSERT)  # no DELETE
+    reading = rt.mkns(None, perms=rt.PERM_LIST)
+    try:
+        rt.close(rt.mkns(None, ns=inserting, put={"new": box}))  # a name of its own: INSERT
+        with pytest.raises(PermissionError):
+            rt.mkns(None, ns=inserting, put={"file": box})  # in place of one: DELETE too
+        with pytest.raises(PermissionError):
+            rt.mkns(None, ns=reading, put={"new": box})
+        r, w = os.pipe()
+        for put, fds in (({"a": box}, [box, box]), (None, [box]), ({"a/b": box}, [box])):
+            with pytest.raises(OSError) as info:  # each name once, one capability each
+                call(rt.getns(), rt_ops.NS_MKNS, [None, None, list(put or {}) or None], fds)
+            assert info.value.errno == errno.EINVAL
+        for not_one in (w, rt.getns()):  # a pipe is no capability; nsmgr's own namespace neither
+            with pytest.raises(OSError) as info:
+                call(rt.getns(), rt_ops.NS_MKNS, [None, None, ["a"]], [not_one])
+            assert info.value.errno == errno.EINVAL
+        os.close(w)
+        assert os.read(r, 1) == b""  # no copy of the pipe was kept anywhere
+        os.close(r)
+    finally:
+        for fd in (box, inserting, reading):
+            rt.close(fd)
 
 
 def test_nsmgr_handles_no_frame_for_io_on_a_forwarded_fd(redoxcap_isolated_client):
