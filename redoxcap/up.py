@@ -15,6 +15,7 @@ created, and only while it still holds the lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -183,17 +184,31 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         then its channel, for a daemon the client starts (`run`'s private /tmp, which no
         namespace names; made here, so that no daemon is asked before it is needed). With
         `account` and `directfs`, the directfs grant last."""
-        clone = await system.namespace.call_fd(P.CLONE)
         if not request.get("account"):
-            return {}, [clone]
+            return {}, [await system.namespace.call_fd(P.CLONE)]
         # `directfs`: the grant too, last (what the directfs op hands out; one round trip less)
         grant = [os.dup(system.directfs_grant)] if request.get("directfs") is True else []
         limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
-        passed, channel = [clone], None
+        made: dict[str, list[int]] = {}  # what the calls below brought: ours until passed on
+
+        async def clone() -> None:
+            made["clone"] = [await system.namespace.call_fd(P.CLONE)]
+
+        async def scheme() -> None:
+            made["scheme"] = (await system.kernel.call(P.SCHEME_CREATE, [{}]))[1]  # channel, root
+
+        channel = None
         try:
-            if request.get("scheme") is True:
-                _, made = await system.kernel.call(P.SCHEME_CREATE, [{}])
-                channel, root = made
+            async with trio.open_nursery() as nursery:  # both at once: a round trip less
+                nursery.start_soon(clone)
+                if request.get("scheme") is True:
+                    nursery.start_soon(scheme)
+            passed = made["clone"]
+            if (scheme_fds := made.pop("scheme", None)) is not None:
+                if len(scheme_fds) != 2:
+                    P.close_fds(scheme_fds)
+                    raise OSError(errno.EIO, "SCHEME_CREATE answered without channel and root")
+                channel, root = scheme_fds
                 passed.append(root)
             account, fds = await system.kernel.call(P.ACCOUNT_NEW, [limits or None], passed)
         except BaseException:
@@ -202,7 +217,8 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
             P.close_fds(grant)
             raise
         finally:
-            P.close_fds(passed)
+            for fds_made in made.values():
+                P.close_fds(fds_made)  # the clone and root are the account's own copies now
         return {"account": account}, fds + ([channel] if channel is not None else []) + grant
 
     async def status(request):
