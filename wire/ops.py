@@ -206,9 +206,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None))),
                                    _a("put", (list, type(None)))),
-              "a new namespace capability",
-              "ENODEV (a name the parent lacks), EACCES (a permission it lacks), EINVAL",
-              namespace=True, fds="a capability per name in put"),
+              "a new namespace capability: the entries names (nil: all), and each capability "
+              "passed as its name in put (instead of the parent's entry, or besides them), as "
+              "NS_UNREGISTER and NS_REGISTER on the fork would",
+              "ENODEV (a name the parent lacks), EACCES (a permission it lacks: put needs INSERT, "
+              "and DELETE for a name it replaces), EINVAL (not one capability per name in put), "
+              "ENOTDIR", namespace=True, fds="a capability per name in put"),
     Operation(NS_NARROW, "ns_narrow", (_a("perms", _INT),), "nil; the handle keeps only perms",
               "EACCES (asking for more)", namespace=True),
     Operation(NS_REGISTER, "ns_register", (_a("name", _STR),), "nil",
