@@ -58,6 +58,7 @@ import select
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -336,30 +337,33 @@ def programs(rounds: int, root: Path, tmp: Path, ns: int, cwd: int) -> dict[str,
 # -- scaling -----------------------------------------------------------------------
 
 CLIENT = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, struct, sys, time
     import rt
-    seconds = float(sys.argv[1])
-    os.write(int(sys.argv[2]), b"r")  # imported and ready
-    os.read(0, 1)  # every client starts at once
+    os.write(int(sys.argv[1]), b"r")  # imported and ready
+    (end,) = struct.unpack("d", os.read(0, 8))  # every client starts at once, and ends at end
     lat = []
-    end = time.perf_counter() + seconds
-    while (now := time.perf_counter()) < end:
+    while (now := time.monotonic()) < end:
         fd = rt.openat(rt.AT_FDCWD, "f")
         rt.read(fd, 4096)
         rt.close(fd)
-        lat.append(time.perf_counter() - now)
+        lat.append(time.monotonic() - now)
     print(json.dumps(lat))
 """)
 
 
 def clients(count: int, seconds: float) -> dict[str, float]:
-    """Aggregate ops/s and p99 µs of openat+read 4 KiB+close via the cwd by count clients at once."""
+    """Aggregate ops/s and p99 µs of openat+read 4 KiB+close via the cwd by count clients at once.
+
+    Every client stops at the same moment (CLOCK_MONOTONIC, which all processes share),
+    seconds after they were all let go: what they did together in that window is the
+    throughput, and none of them is still starting or already exiting inside it.
+    """
     go_r, go_w = os.pipe()
     ready_r, ready_w = os.pipe()
     procs = []
     try:
         for _ in range(count):
-            procs.append(rt.spawn([sys.executable, "-c", CLIENT, str(seconds), str(ready_w)],
+            procs.append(rt.spawn([sys.executable, "-c", CLIENT, str(ready_w)],
                                   stdin=go_r, stdout=subprocess.PIPE, text=True,
                                   pass_fds=(ready_w,)))
         os.close(ready_w)
@@ -370,7 +374,8 @@ def clients(count: int, seconds: float) -> dict[str, float]:
                 ready += len(os.read(ready_r, count - ready))
             elif any(proc.poll() is not None for proc in procs):
                 raise RuntimeError("a client died before it was ready")
-        os.write(go_w, b"g" * count)
+        start = time.monotonic()
+        os.write(go_w, struct.pack("d", start + seconds) * count)  # one write: at most 64 KiB
         lats: list[float] = []
         for proc in procs:
             stdout, _ = proc.communicate(timeout=120)
