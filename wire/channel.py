@@ -11,6 +11,7 @@ or escape cancellation.
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -141,26 +142,20 @@ class Channel:
         return True
 
     async def wait_readable(self) -> None:
-        """Wait until a frame (or EOF) is waiting.
-
-        Raises:
-            trio.ClosedResourceError: the channel was closed meanwhile.
-        """
-        if self.sock.fileno() < 0:
-            raise trio.ClosedResourceError("channel closed")
-        self._waited = True
-        await trio.lowlevel.wait_readable(self.sock)
+        """Wait until a frame (or EOF) is waiting (trio.ClosedResourceError: the channel
+        was closed meanwhile)."""
+        await self._wait(trio.lowlevel.wait_readable)
 
     async def wait_writable(self) -> None:
-        """Wait until a send may succeed (or the peer hung up: the send then fails).
+        """Wait until a send may succeed, or the peer hung up and the send then fails
+        (trio.ClosedResourceError: the channel was closed meanwhile)."""
+        await self._wait(trio.lowlevel.wait_writable)
 
-        Raises:
-            trio.ClosedResourceError: the channel was closed meanwhile.
-        """
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         if self.sock.fileno() < 0:
             raise trio.ClosedResourceError("channel closed")
-        self._waited = True
-        await trio.lowlevel.wait_writable(self.sock)
+        self._waited = True  # close() tells trio from now on
+        await wait(self.sock)
 
     def close(self) -> None:
         """Close the socket; tasks waiting on it (only ever through this class: see
