@@ -5,15 +5,15 @@ system, or `python -E -P -m schemes.file`, killed by the kernel if `run`
 dies, stopped when the program ends), registered in the program's namespace
 under a name of its own (`dir`, `dir1`, ...). The private /tmp is a scheme
 the supervisor makes for the run in no namespace, so that only the broker
-holds it. Every one of these daemons starts when the router first hands its
-scheme a request (DaemonOnFirstRequest): most programs never use /tmp, many
-never look in their directory before they have done much else, and a
-daemon's start costs more than the rest of a run. So what the run itself
-holds of them is their roots (NS_ROOT: clones the router makes, which ask
-the daemon nothing): the program's cwd when it is a directory's top, and
-the broker's handed directories. The program sees each at its own absolute
-host path: rt maps that path to the scheme (REDOXCAP_DIRS), the broker to
-its capability (redoxcap/broker/calls/locate.py).
+holds it. None of these daemons is waited for (DaemonAside): a directory's
+starts at once, beside the run's own setup (nearly every program looks in its
+directory first thing), and /tmp's when the router first hands its scheme a
+request (most programs never use /tmp, and a daemon's start costs more than
+the rest of a run). What the run itself holds of them is their roots (NS_ROOT:
+clones the router makes, which ask the daemon nothing): the program's cwd when
+it is a directory's top, and the broker's handed directories. The program sees
+each at its own absolute host path: rt maps that path to the scheme
+(REDOXCAP_DIRS), the broker to its capability (redoxcap/broker/calls/locate.py).
 """
 
 from __future__ import annotations
@@ -83,16 +83,17 @@ def parse_dir(text: str) -> HostDir:
 
 
 def serve(child_ns: int, dirs: Sequence[HostDir],
-          daemons: list[subprocess.Popen | SystemDaemon | DaemonOnFirstRequest],
+          daemons: list[subprocess.Popen | SystemDaemon | DaemonAside],
           directfs_grant: int | None = None, system: Path | None = None,
           taken: set[str] | None = None) -> list[tuple[HostDir, str]]:
     """Serve each of dirs with a file scheme daemon of our own, registered in child_ns.
 
     The names are `dir`, `dir1`, ... (`tmp` for the private /tmp), never one the
     namespace holds already (taken, when the caller knows them). Each daemon
-    starts with its scheme's first request, and is appended to daemons now
-    (DaemonOnFirstRequest); it dies with this process (or, forked by the system
-    at system, with its scheme), and :func:`stop` stops it. With directfs_grant
+    starts beside the caller's own work, which does not wait for it (requests
+    wait on its channel meanwhile), and is appended to daemons now (DaemonAside);
+    it dies with this process (or, forked by the system at system, with its
+    scheme), and :func:`stop` stops it. With directfs_grant
     (the system's, which stays the caller's) each daemon hands the broker its
     host directory for native lookups (HOSTDIR).
 
@@ -116,7 +117,7 @@ def serve(child_ns: int, dirs: Sequence[HostDir],
         grant = None
         try:
             grant = os.dup(directfs_grant) if directfs_grant is not None else None
-            daemons.append(DaemonOnFirstRequest(channel, d, name, grant, system))
+            daemons.append(DaemonAside(channel, d, name, grant, system, at_once=True))
         except BaseException:
             for fd in (channel, grant):
                 if fd is not None:
@@ -221,35 +222,38 @@ class SystemDaemon:
         os.close(self._pidfd)
 
 
-class DaemonOnFirstRequest:
-    """A file scheme daemon serving d, started once its scheme's channel has a request.
+class DaemonAside:
+    """A file scheme daemon serving d, started from a thread of its own: at once (at_once),
+    or once its scheme's channel has a request. Nobody waits for it: requests wait on the
+    channel until it serves them.
 
     Until then this object holds the channel and the directfs grant, if
-    any (both owned from now on: see :func:`serve`), and a thread waits on
-    the channel; :meth:`close` stops waiting. A daemon started
-    meanwhile is :attr:`process`, to stop with the others (:func:`stop`).
+    any (both owned from now on: see :func:`serve`); :meth:`close` stops
+    waiting. A daemon started meanwhile is :attr:`process`, to stop with the
+    others (:func:`stop`).
 
     Attributes:
         process: the daemon, once started (None before, and if it never was).
     """
 
     def __init__(self, channel: int, d: HostDir, name: str, directfs_grant: int | None = None,
-                 system: Path | None = None) -> None:
+                 system: Path | None = None, at_once: bool = False) -> None:
         self.process: subprocess.Popen | SystemDaemon | None = None
         self._system = system
         self._channel: int | None = channel
         self._grant = directfs_grant
+        self._at_once = at_once
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._wait, args=(d, name), daemon=True,
-                                        name=f"redoxcap {name} daemon on demand")
+                                        name=f"redoxcap {name} daemon aside")
         self._thread.start()
 
     def _wait(self, d: HostDir, name: str) -> None:
         poller = select.poll()
-        poller.register(self._channel, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll()}
-        if self._wake_r in ready:
+        if not self._at_once:
+            poller.register(self._channel, select.POLLIN)
+        if self._wake_r in {fd for fd, _ in poller.poll(0 if self._at_once else None)}:
             return
         try:
             self.process = _start_daemon(self._channel, d, name, self._grant, self._system)
@@ -272,12 +276,12 @@ class DaemonOnFirstRequest:
         self._channel = self._grant = None
 
 
-def stop(daemons: list[subprocess.Popen | SystemDaemon | DaemonOnFirstRequest]) -> None:
+def stop(daemons: list[subprocess.Popen | SystemDaemon | DaemonAside]) -> None:
     """Stop the run's own daemons (SIGTERM, then SIGKILL after a grace) and reap them."""
     import subprocess
 
     for i, proc in enumerate(daemons):
-        if isinstance(proc, DaemonOnFirstRequest):
+        if isinstance(proc, DaemonAside):
             proc.close()
             daemons[i] = proc.process
     daemons[:] = [proc for proc in daemons if proc is not None]

@@ -472,7 +472,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 for _, cap, _ in handed:
                     rt.close(cap)
             if tmp_channel is not None:
-                daemons.append(hostdirs.DaemonOnFirstRequest(
+                daemons.append(hostdirs.DaemonAside(
                     tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
                     os.dup(grant) if grant is not None else None, state_dir))
                 tmp_channel = None  # the daemon's now

@@ -21,7 +21,7 @@ import pytest
 from test_everyday import BASE_PYTHON, sandboxed
 
 from redoxcap.broker import available
-from redoxcap.testing import REDOXCAP
+from redoxcap.testing import REDOXCAP, wait_for
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -178,29 +178,41 @@ def daemons_of(system) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("what", ["dir", "tmp"])
-def test_a_runs_daemons_start_when_the_program_first_uses_their_directory(redoxcap_module_system,
-                                                                         tmp_path, what):
-    """The system forks a run's daemons (a --dir's, the private /tmp's) when their scheme gets
-    its first request: the program's cwd (its --dir's top) and the broker's handles are roots
-    the router makes, so a program that does not look in them (or not yet) waits for none."""
-    (tmp_path / "f").write_text("here\n")
-    if what == "dir":
-        options, script, said = ["--dir", str(tmp_path)], "cat f; pwd", ["here", str(tmp_path)]
-    else:
-        options, script, said = [], "echo mine > /tmp/f; cat /tmp/f", ["mine"]
-    run = redoxcap_module_system.start("run", *options, "--", "sh", "-c",
-                                       f"echo ready; read go; {script}; read done")
+def test_the_private_tmp_daemon_starts_when_the_program_first_uses_tmp(redoxcap_module_system):
+    script = "echo ready; read go; echo mine > /tmp/f; cat /tmp/f; read done"
+    run = redoxcap_module_system.start("run", "--", "sh", "-c", script)
     try:
         assert run.stdout.readline() == "ready\n"
+        # the system forks a run's daemons: none of /tmp until it is asked for
         assert daemons_of(redoxcap_module_system) == []
         run.stdin.write("go\n")
         run.stdin.flush()
-        assert [run.stdout.readline() for _ in said] == [f"{line}\n" for line in said]
+        assert run.stdout.readline() == "mine\n"
         served = daemons_of(redoxcap_module_system)
-        assert len(served) == 1 and f"--name {what}" in served[0], served
+        assert len(served) == 1 and "--name tmp" in served[0], served
         run.stdin.write("done\n")
         run.stdin.flush()
+        assert run.wait(60) == 0, run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def test_a_dirs_daemon_starts_beside_the_run_not_before_it(redoxcap_module_system, tmp_path):
+    """The run does not wait for a --dir's daemon (the program's cwd, the directory's top,
+    is a root the router makes), but starts it at once: nearly every program looks in its
+    directory first thing. It serves what the program asks meanwhile."""
+    (tmp_path / "f").write_text("here\n")
+    run = redoxcap_module_system.start("run", "--dir", str(tmp_path), "--", "sh", "-c",
+                                       "echo ready; read go; cat f; pwd")
+    try:
+        assert run.stdout.readline() == "ready\n"
+        served = wait_for(lambda: daemons_of(redoxcap_module_system), timeout=30)  # not asked yet
+        assert len(served) == 1 and "--name dir" in served[0], served
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        assert run.stdout.read() == f"here\n{tmp_path}\n"
         assert run.wait(60) == 0, run.stderr.read()
     finally:
         if run.poll() is None:
