@@ -190,12 +190,19 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         grant = [os.dup(system.directfs_grant)] if request.get("directfs") is True else []
         limits = {k: v for k, v in request.items() if k in ("max_caps",) and type(v) is int}
         made: dict[str, list[int]] = {}  # what the calls below brought: ours until passed on
+        failed: list[OSError] = []  # raised after both, as it came (not in an exception group)
 
         async def clone() -> None:
-            made["clone"] = [await system.namespace.call_fd(P.CLONE)]
+            try:
+                made["clone"] = [await system.namespace.call_fd(P.CLONE)]
+            except OSError as exc:
+                failed.append(exc)
 
         async def scheme() -> None:
-            made["scheme"] = (await system.kernel.call(P.SCHEME_CREATE, [{}]))[1]  # channel, root
+            try:
+                made["scheme"] = (await system.kernel.call(P.SCHEME_CREATE, [{}]))[1]  # channel, root
+            except OSError as exc:
+                failed.append(exc)
 
         channel = None
         try:
@@ -203,6 +210,8 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
                 nursery.start_soon(clone)
                 if request.get("scheme") is True:
                     nursery.start_soon(scheme)
+            if failed:
+                raise failed[0]
             passed = made["clone"]
             if (scheme_fds := made.pop("scheme", None)) is not None:
                 if len(scheme_fds) != 2:

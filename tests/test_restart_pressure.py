@@ -30,6 +30,7 @@ import pytest
 from test_router import FakeScheme, kernel_with_fd_limit, new_account, receive, send
 
 import rt
+from redoxcap import control
 from redoxcap.testing import wait_for
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call, call_fd
@@ -342,6 +343,25 @@ def test_nsmgr_killed_while_the_router_has_no_fds_comes_back_when_it_has(redoxca
     wait_for(lambda: redoxcap_system.daemon("nsmgr").get("pid") not in (None, old), timeout=30)
     assert redoxcap_system.daemon("nsmgr")["state"] == "running"
     assert redoxcap_system.python("import rt; print(rt.listdir('/'))").returncode == 0
+
+
+def test_a_runs_namespace_asked_while_the_router_has_no_fds_fails_with_its_errno(redoxcap_system):
+    """The supervisor asks for the clone and the /tmp scheme at once: either one failing is
+    the request's error as Linux said it (not a dropped connection), and nothing is kept."""
+    router = redoxcap_system.daemon("kernel")["pid"]
+    hard = resource.prlimit(router, resource.RLIMIT_NOFILE)[1]
+    before = router_fds(router)
+    resource.prlimit(router, resource.RLIMIT_NOFILE, (3, hard))  # no fd left to mint one
+    try:
+        with pytest.raises(control.ControlError) as info:
+            control.request(redoxcap_system.state_dir, "namespace", account=True, scheme=True)
+        assert os.strerror(errno.EMFILE) in str(info.value)
+    finally:
+        resource.prlimit(router, resource.RLIMIT_NOFILE, (hard, hard))
+    _, fds = control.request(redoxcap_system.state_dir, "namespace", account=True, scheme=True)
+    assert len(fds) == 3  # the namespace, the scheme's root and its channel: serving on
+    P.close_fds(fds)
+    wait_for(lambda: router_fds(router) <= before, timeout=30)  # nothing of the failed one held
 
 
 WRITER = r"""
