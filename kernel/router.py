@@ -48,6 +48,7 @@ from redoxcap.wire.frames import (
     SREQUEST,
     Keep,
 )
+from redoxcap.wire.idle import IdleWait
 
 log = logging.getLogger("kernel")
 
@@ -125,27 +126,38 @@ class Router:
     # -- the loop ----------------------------------------------------------------------
 
     async def _route(self) -> None:
-        """Read every ready socket once per pass, without blocking, and yield once."""
+        """Read every ready socket once per pass, without blocking. Between passes the loop
+        waits in the router's epoll itself while trio has nothing else to run, else yields
+        to trio first (wire/idle.py): a wake-up costs one epoll_wait, not a turn of trio."""
         poller, watched = self.table.poller, self.table.watched
-        while True:
-            await trio.lowlevel.wait_readable(poller)
-            self._pass += 1
-            for fd, events in poller.poll(0, EVENTS_PER_PASS):
-                ready = watched.get(fd)
-                if type(ready) is Capability:
-                    try:
-                        self._read_capability(ready, events)
-                    except Exception:
-                        log.exception("capability of scheme %d: dropped after an internal error",
-                                      ready.handle.scheme.id)
-                        self.table.release(ready)
-                elif ready is not None:
-                    try:
-                        self._read_scheme(ready)
-                    except Exception:
-                        log.exception("scheme %d: its channel is closed after an internal error", ready.id)
-                        self.scheme_died(ready)
-            self.tidy()
+        idle = IdleWait.of(poller)
+        try:
+            while True:
+                if idle is not None:
+                    batch = await idle.poll(poller, EVENTS_PER_PASS)
+                else:
+                    await trio.lowlevel.wait_readable(poller)
+                    batch = poller.poll(0, EVENTS_PER_PASS)
+                self._pass += 1
+                for fd, events in batch:
+                    ready = watched.get(fd)
+                    if type(ready) is Capability:
+                        try:
+                            self._read_capability(ready, events)
+                        except Exception:
+                            log.exception("capability of scheme %d: dropped after an internal error",
+                                          ready.handle.scheme.id)
+                            self.table.release(ready)
+                    elif ready is not None:
+                        try:
+                            self._read_scheme(ready)
+                        except Exception:
+                            log.exception("scheme %d: its channel is closed after an internal error", ready.id)
+                            self.scheme_died(ready)
+                self.tidy()
+        finally:
+            if idle is not None:
+                idle.close()
 
     def _read_capability(self, cap: Capability, events: int) -> None:
         """Read one request of cap if its account's bounds and turn let it."""

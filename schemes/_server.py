@@ -24,6 +24,7 @@ from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
 from redoxcap.wire.channel import Channel
 from redoxcap.wire.frames import Keep, SchemeReply, SchemeRequest
+from redoxcap.wire.idle import ReadableWait
 from redoxcap.wire.stat import Stat
 
 log = logging.getLogger("scheme")
@@ -75,14 +76,23 @@ class _Server:
         # Who we are, before anything else: the router learns our pid from it (SO_PASSCRED)
         # and then believes our claims to serve the requests it sent us.
         await self._send_reply(SchemeReply.of(0, P.HELLO, None), [])
+        readable = ReadableWait(self.channel)
+        try:
+            await self._serve(readable)
+        finally:
+            readable.close()
+
+    async def _serve(self, readable: ReadableWait) -> None:
         inline_ops = self.scheme.inline_ops
         async with trio.open_nursery() as nursery:
             drained = True
             while True:
                 # The one yield per batch: waiting for the next frame lets every task that
                 # this batch started or woke run first (a checkpoint when frames are left).
+                # With nothing else to run, the wait is the channel's own epoll_wait
+                # (wire/idle.py): no turn of trio's scheduler per frame.
                 if drained:
-                    await self.channel.wait_readable()
+                    await readable()
                 else:
                     await trio.lowlevel.checkpoint()
                 batch, drained = self._waiting_requests(nursery)
