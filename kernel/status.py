@@ -35,7 +35,8 @@ STATUS_TIMEOUT = 3.0  # a scheme slower than this shows its handle count as unkn
 async def ask(scheme: Scheme, into: dict, req_id: int,
               send: Callable[[Scheme, bytes, list[int]], Awaitable[bool]]) -> None:
     """Ask scheme's daemon SCHEME_STATUS and put its answer (a map) into into; nothing if
-    it does not answer within STATUS_TIMEOUT.
+    the question cannot be sent (the daemon died after KERNEL_STATUS found it alive) or
+    is not answered within STATUS_TIMEOUT.
 
     Args:
         scheme: whom to ask.
@@ -47,13 +48,15 @@ async def ask(scheme: Scheme, into: dict, req_id: int,
     scheme.pending[req_id] = StatusQuery(answer)
     frame = SREQUEST.pack(req_id, P.ROOT_HANDLE, 0, 0, 0, 0, P.SCHEME_STATUS, 0) + P.pack([])
     with trio.move_on_after(STATUS_TIMEOUT):
-        await send(scheme, frame, [])
-        try:
-            status, value = await answered.receive()
-        except trio.EndOfChannel:
-            status, value = P.ERR, None  # the daemon died meanwhile
-        if status == P.OK and isinstance(value, dict):
-            into.update(value)
+        # not sent (the daemon is gone, and its next one, if any, never saw the question):
+        # no answer will come, so none is waited for
+        if await send(scheme, frame, []):
+            try:
+                status, value = await answered.receive()
+            except trio.EndOfChannel:
+                status, value = P.ERR, None  # the daemon died meanwhile
+            if status == P.OK and isinstance(value, dict):
+                into.update(value)
     scheme.pending.pop(req_id, None)
 
 

@@ -202,6 +202,30 @@ def test_when_a_scheme_dies_requests_fail_and_a_restart_keeps_the_root(kernel):
     os.close(cap)
 
 
+async def test_a_status_question_that_could_not_be_sent_waits_for_no_answer():
+    """KERNEL_STATUS asks each scheme that is alive, in a task of its own; when that task
+    runs after the daemon died (its channel gone, its next daemon not yet there), the
+    question is never sent, and nothing may wait STATUS_TIMEOUT (3 s) for its answer:
+    `redoxcap status` during a restart did, and so did every test that waits for one."""
+    import trio
+
+    from redoxcap.kernel import status
+    from redoxcap.kernel.schemes import Scheme
+
+    scheme = Scheme(4, alive=True, generation=3)
+    sent: list[bytes] = []
+
+    async def send(to: Scheme, frame: bytes, fds: list[int]) -> bool:
+        sent.append(frame)
+        return to.channel is not None  # no channel (its daemon is gone): not sent
+
+    into: dict = {}
+    with trio.fail_after(status.STATUS_TIMEOUT / 3):
+        await status.ask(scheme, into, 55, send)
+    assert sent and into == {}
+    assert scheme.pending == {}  # nothing left waiting for an answer
+
+
 def test_kernel_operations_need_the_kernel_capability(kernel):
     _, _, root = create_scheme(kernel)
     for op in (P.SCHEME_CREATE, P.KERNEL_STATUS):
