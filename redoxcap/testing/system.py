@@ -131,8 +131,9 @@ class System:
 
         The router asks each scheme for its own count of handles and gives up
         on a scheme after 3 s, showing `scheme_handles` as None: a status
-        taken while a scheme is busy or dying costs that long. It does not
-        pass silently: a `StatusTimeoutWarning` names the schemes.
+        taken while a scheme is busy costs that long (one whose daemon died
+        before it could be asked shows None at once). It does not pass
+        silently: a `StatusTimeoutWarning` names the schemes.
 
         Raises:
             AssertionError: the system is not running or did not answer.
@@ -156,7 +157,8 @@ class System:
                   if "scheme_handles" in d and d["scheme_handles"] is None and d.get("pid")]
         if silent:
             warnings.warn(StatusTimeoutWarning(f"{', '.join(silent)} did not answer the router's "
-                                               "status query (it waits up to 3 s)"), stacklevel=2)
+                                               "status query (its daemon was gone, or busy for "
+                                               "3 s)"), stacklevel=2)
         return info
 
     def daemon(self, name: str) -> dict:
