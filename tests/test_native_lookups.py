@@ -236,6 +236,26 @@ def test_a_read_only_directory_looked_up_natively_stays_read_only(system, tmp_pa
     assert [r for r in records if r["op"] == "OPENAT" and r["result"] == "EROFS"]
 
 
+def test_a_run_with_a_directory_knows_before_its_program_starts_that_it_has_no_file(system,
+                                                                                     tmp_path):
+    """`run --dir`: the namespace holds no `file`, and the broker learns so (and keeps it)
+    while the program confines itself, so that the program's first lookup outside its
+    directory (a dynamically linked program's is /etc/ld.so.preload) asks nsmgr nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    trace = tmp_path / "trace.jsonl"
+    got = system.run("--dir", str(work), f"--trace={trace}", "--trace-json", "--", sys.executable,
+                     "-S", "-c", "import os; print(os.path.exists('/no/such/file'))", check=False)
+    assert got.stdout.split() == ["False"], got.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    started = min(r["time"] for r in records if r["op"] == "execve")
+    asked = [r for r in records if r["op"] in ("NS_ROOT", "NS_LIST") or
+             r["about"].startswith("/scheme/file")]
+    assert [r["result"] for r in asked if r["about"] == "file"] == ["ENODEV", "ENODEV"], records
+    assert all(r["time"] < started for r in asked), records
+    assert any(r["op"] == "access" and r["result"] == "ENOENT" for r in records), records
+
+
 def test_native_and_routed_lookups_answer_alike(system, tmp_path):
     code = """
         import errno, json, os

@@ -354,6 +354,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             listener = None
             try:
                 with ours:
+                    syscalls.program.locator.warm(processes.initial)  # meanwhile too
                     listener = _receive_listener(ours, pid)
             finally:
                 if listener is None:

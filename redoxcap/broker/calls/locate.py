@@ -326,6 +326,24 @@ class Locator:
             return body
         return capability.call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
 
+    def warm(self, cwd: Directory) -> None:
+        """Ask now what the program's first lookups would ask: the host directory of a cwd
+        that is no handed directory's (whose daemon may still be starting: not waited for
+        here), and, unless the cwd is `/` (then every absolute path is looked up beneath it,
+        see `locate`), the namespace's `file` root with its generation page, or, where `file`
+        is absent (`run --dir`), that it is (remembered: wire/roots.py). `start_brokered`
+        calls it while the program confines itself; what is refused is asked when needed."""
+        if cwd.trusted and not cwd.host and self.mount_of(cwd.path) is None:
+            self.native(Location(cwd.fd, ".", False, origin=cwd))
+        if not cwd.host and cwd.path == "/":
+            return
+        try:
+            _, _, root = self.roots.take(self.ns, FILE_ROOT)
+        except OSError:
+            return
+        if root is not None:
+            self.roots.give_back(root)
+
     def native(self, loc: Location) -> HostDirectory | None:
         """The host directory that serves loc's lookup natively, asked for once per trusted
         directory; None: through the capability."""
