@@ -148,6 +148,7 @@ def take_on(run: dict, fds: list[int], *ours: socket.socket) -> list[socket.sock
     cwd, passed, numbers = fds[0], fds[1:], run["fds"]
     # first everything of ours out of the way of the numbers the caller's fds take
     low = max([FIRST_OWN_FD, *numbers]) + 1
+    cwd = _move(cwd, low)
     moved = [_move(fd, low) for fd in passed]
     kept = [_move(sock.detach(), low) for sock in ours]
     for number in (0, 1, 2):

@@ -279,6 +279,29 @@ def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
             os.close(write)
 
 
+def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):
+    """The caller's --pass-fd fds go to their numbers in the runner, wherever what the
+    runner received them with (their cwd among them) landed first."""
+    read, write = os.pipe()
+    numbers = list(range(3, 3 + launch.MAX_PASS_FDS))
+    run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
+           *(f"--pass-fd={n}" for n in numbers), "--", sys.executable, "-c",
+           f"import os, rt; [os.write(n, b'x') for n in {numbers!r}]; print(rt.schemes())"]
+    caller = f"import os; [os.dup2({write}, n) for n in {numbers!r}]; os.execv({run[0]!r}, {run!r})"
+    try:
+        out = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True,
+                             timeout=60, check=False, pass_fds=[write])
+        os.close(write)
+        write = -1
+        assert out.returncode == 0, out.stderr
+        assert "'file'" in out.stdout
+        assert os.read(read, 1000) == b"x" * len(numbers)
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
 TAKE_ON_HIGH_FD = r"""
 import os, socket, sys
 from redoxcap import runner
