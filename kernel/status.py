@@ -20,7 +20,7 @@ from redoxcap.wire.frames import SREQUEST
 
 if TYPE_CHECKING:
     from redoxcap.kernel.accounts import Account
-    from redoxcap.kernel.capabilities import Capability
+    from redoxcap.kernel.capabilities import Capability, SchemeHandle
     from redoxcap.kernel.schemes import Scheme
 
 MAX_DETAIL = 16 * 1024  # bytes of a scheme's status detail passed on to `status` and `graph`
@@ -73,7 +73,9 @@ def page(options: dict, schemes: list[Scheme], accounts: dict[int, Account],
     Args:
         options: `accounts` (ids; default: the first STATUS_ACCOUNTS), `holdings_after`
             (the last [account, scheme, handle] of the previous page; default: the first
-            page).
+            page), `charged_to` (an account id: each scheme then says, as `charged`, how
+            many of its capabilities are charged to it and how many of its handles only
+            capabilities charged to it name).
         schemes: the schemes to describe (schemes_asked()).
         accounts: every listed account, by id.
         capabilities: every capability.
@@ -89,12 +91,25 @@ def page(options: dict, schemes: list[Scheme], accounts: dict[int, Account],
     after = tuple(after) if isinstance(after, list) and len(after) == 3 else None
     caps: dict[int, int] = {}
     holdings: dict[tuple[int, int, int], int] = {}  # (account, scheme, handle) -> capabilities
+    charged_to = options.get("charged_to")
+    charged_to = charged_to if type(charged_to) is int else None
+    named: dict[SchemeHandle, list[int]] = {}  # handle -> [its capabilities, those charged_to's]
     for cap in capabilities:
         sid = cap.handle.scheme.id
         caps[sid] = caps.get(sid, 0) + 1
         key = (cap.account.id, sid, cap.handle.number)
         if after is None or key > after:
             holdings[key] = holdings.get(key, 0) + 1
+        if charged_to is not None:
+            counts = named.setdefault(cap.handle, [0, 0])
+            counts[0] += 1
+            counts[1] += cap.payer.id == charged_to
+    charged: dict[int, list[int]] = {}  # scheme -> [capabilities, handles] of charged_to's
+    for handle, (count, theirs) in named.items():
+        if theirs:
+            entry = charged.setdefault(handle.scheme.id, [0, 0])
+            entry[0] += theirs
+            entry[1] += count == theirs
     keys = sorted(holdings)
     rows, more = keys[:HOLDINGS_PAGE], len(keys) > HOLDINGS_PAGE
     budget = DETAIL_BUDGET
@@ -108,6 +123,7 @@ def page(options: dict, schemes: list[Scheme], accounts: dict[int, Account],
             "alive": s.alive, "restarts": max(s.attached - 1, 0), "kept": len(s.restart.kept),
             "frames": s.frames, "capabilities": caps.get(s.id, 0), "handles": len(s.handles),
             "scheme_handles": answers.get(s.id, {}).get("handles"), "detail": detail,
+            **({"charged": charged.get(s.id, [0, 0])} if charged_to is not None else {}),
         }
     status = {
         "frames": frames,

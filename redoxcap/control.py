@@ -40,6 +40,8 @@ Operations:
                   `name` (`read_only`, `directfs`: with the system's grant) on the channel
                   passed with the request, for a run's `--dir` or private /tmp; it ends with
                   its scheme
+    prepared   -> {}: the spare runner `spare` (its pid) took a run's first steps in router
+                  account `account` (redoxcap.run.Prepared); `status` shows it as `spare`
     shutdown   -> stops the system after answering
     ping       -> {}
 """

@@ -84,12 +84,16 @@ class Runners:
         self._spare: tuple[ForkedProcess, socket.socket] | None = None  # and our end of its socket
         self._made: trio.Event | None = None  # while a spare is being made: set once it is
         self._closing = False
-        self._source: tuple[ForkServer, trio.Nursery] | None = None  # where spares come from
+        # where spares come from, and the state directory they are told
+        self._source: tuple[ForkServer, trio.Nursery, str | None] | None = None
         self._then_a_spare: set[ForkedProcess] = set()  # runners whose end brings the next spare
+        self._prepared: tuple[int, int] | None = None  # (a spare's pid, the account it prepared)
 
-    async def start(self, forkserver: ForkServer | None, nursery: trio.Nursery, sock: int) -> int:
+    async def start(self, forkserver: ForkServer | None, nursery: trio.Nursery, sock: int,
+                    state_dir: str | None = None) -> int:
         """Hand the run whose caller holds the other end of sock (which stays ours to close)
-        to a runner; its pid.
+        to a runner; its pid. A spare made afterwards is told state_dir, the system's, to take
+        a run's first steps while it waits (redoxcap/runner.py).
 
         Raises:
             OSError: ENOSYS without a fork server, EAGAIN with MAX_RUNNERS running, or
@@ -97,7 +101,7 @@ class Runners:
         """
         if forkserver is None:
             raise OSError(errno.ENOSYS, "this system has no fork server to run from")
-        self._source = (forkserver, nursery)
+        self._source = (forkserver, nursery, state_dir)
         if self._spare is None and self._made is not None:
             await self._made.wait()  # the fork server is at it already: sooner than another
         spare, self._spare = self._spare, None
@@ -124,8 +128,21 @@ class Runners:
         if self._spare is None and self._made is None and not self._closing and \
                 self._source is not None and len(self.running) < MAX_RUNNERS:
             self._made = trio.Event()
-            forkserver, nursery = self._source
-            nursery.start_soon(self._make_spare, forkserver, nursery)
+            forkserver, nursery, state_dir = self._source
+            nursery.start_soon(self._make_spare, forkserver, nursery, state_dir)
+
+    def prepared(self, pid: int, account: int) -> None:
+        """The runner pid, a spare, took a run's first steps in account (redoxcap.run.Prepared)."""
+        self._prepared = (pid, account)
+
+    @property
+    def spare_account(self) -> int | None:
+        """The router account of what the spare prepared while it waits for a run (None:
+        no spare, or one that prepared nothing, or one that has its run now)."""
+        if self._spare is not None and self._prepared is not None and \
+                self._prepared[0] == self._spare[0].pid:
+            return self._prepared[1]
+        return None
 
     def pids(self) -> list[int]:
         """The runners' pids (the spare's too) and those of the daemons forked for runs."""
@@ -144,11 +161,14 @@ class Runners:
             while self.running:
                 await next(iter(self.running)).wait()
 
-    async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
+    async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery,
+                          state_dir: str | None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                runner = await forkserver.spawn(RUNNER_MODULE, ["--spare-fd", theirs.fileno()])
+                runner = await forkserver.spawn(
+                    RUNNER_MODULE, ["--spare-fd", theirs.fileno(),
+                                    *(["--state-dir", state_dir] if state_dir is not None else [])])
             finally:
                 theirs.close()
         except BaseException as exc:  # cancelled too: our end goes with the spare not made

@@ -148,7 +148,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          udp_listen: Sequence[str] = (), trace: str | None = None, trace_json: bool = False,
          brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
          in_process: bool = False, system_up: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
-         root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None) -> int:
+         root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None,
+         prepared: Prepared | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
@@ -156,7 +157,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     (`--in-process`) is what this is anyway: the run in the calling process
     (redoxcap.entry.dispatch_run decides where a run is done). system_up says
     that a system is up at state_dir without asking it (the runner it forked
-    knows).
+    knows); prepared, the run's first steps, taken by that runner before the run
+    came (:class:`Prepared`; owned from now on).
 
     Returns:
         COMMAND's exit code.
@@ -190,7 +192,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
         return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
                    trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
-                   dirs=host_dirs, pass_fds=pass_fds, served=served)
+                   dirs=host_dirs, pass_fds=pass_fds, served=served, prepared=prepared)
 
 
 def _load_broker() -> None:
@@ -273,7 +275,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         trace: str | None = None, trace_json: bool = False,
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
-        pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> int:
+        pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = (),
+        prepared: Prepared | None = None) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -305,6 +308,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         pass_fds: `--pass-fd`: fds of ours it inherits besides 0-2 (and its capabilities).
         served: dirs with the name the system serves each under already (a private
             system's mounts, :func:`system_for_run`); empty: the run serves them itself.
+        prepared: the run's first steps, taken ahead (:class:`Prepared`; owned from now on).
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -330,7 +334,7 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
             net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
             dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
-            served=served)
+            served=served, prepared=prepared)
         # for `status` and `graph`, from a thread: the program waits for its broker (this
         # thread, in wait) from its first call on, and the run goes on without the note
         threading.Thread(target=_note_the_client, daemon=True, name="redoxcap client note",
@@ -339,6 +343,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
                                            "account": account})).start()
         return wait_forwarding_signals(proc, group=confine)
     finally:
+        if prepared is not None:
+            prepared.close()  # not taken (it is _spawn's from its call on: then this is nothing)
         if follower is not None:
             follower.stop()
             if follower.out is not sys.stderr:
@@ -383,9 +389,12 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
            broker: dict | None = None, launcher: dict | None = None, max_caps: int | None = None,
            dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
            daemons: list | None = None, pass_fds: Sequence[int] = (),
-           served: Sequence[tuple[hostdirs.HostDir, str]] = ()) -> tuple[Any, int | None, str]:
+           served: Sequence[tuple[hostdirs.HostDir, str]] = (),
+           prepared: Prepared | None = None) -> tuple[Any, int | None, str]:
     """Start argv with the namespace and cwd asked for: confined in a fork of this process
     (launcher: :func:`confined_launch`), under the broker, or with rt.spawn (unconfined).
+    Its first steps are prepared's where they fit the run (:class:`Prepared`, owned from now
+    on: closed where they do not).
 
     With new_session, argv leads a new session without a controlling
     terminal (so it cannot push input into ours). The daemons serving dirs
@@ -396,51 +405,32 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     Returns:
         The process (Popen-like), the router account its capabilities are charged to, and its cwd.
     """
-    # an account of its own: whatever the command comes to hold is charged (and capped) there
-    quota = {} if max_caps is None else {"max_caps": max_caps}
     private_scheme = broker is not None and private_tmp is not None
     directfs = broker is not None and broker["passthrough"]  # native lookups: run's broker alone
-    reply, fds = control.request(state_dir, "namespace", account=True, **quota,
-                                 **({"scheme": True} if private_scheme else {}),
-                                 **({"directfs": True} if directfs else {}))
-    account = reply.get("account")
-    tmp_root = tmp_channel = grant = None
-    # the grant comes last; a supervisor without one to give leaves it out (routed lookups)
-    if directfs and len(fds) == 2 + 2 * private_scheme:
-        grant = fds.pop()
-    if private_scheme:
-        if len(fds) != 3:  # a supervisor that did not make the scheme: not ours to guess
-            for fd in [*fds, *([grant] if grant is not None else [])]:
-                os.close(fd)
-            raise Failure("the supervisor did not hand out a scheme for /tmp")
-        tmp_root, tmp_channel = fds[1], fds[2]
-    if follower is not None:
-        follower.start(account)  # the run's calls, from its first
-    rt.setup(fds[0], None)  # rt owns the root namespace until the end
-    child_ns = None
+    if prepared is not None and not (
+            prepared.current() and names is None and not served and uds_scope == "private"
+            and net is None and max_caps is None and follower is None and private_scheme
+            and directfs):
+        prepared.close()  # made for a run of another shape, or the namespace changed since
+        prepared = None
+    if prepared is not None:  # rt holds its root namespace already
+        account, tmp_root, tmp_channel, grant, root_names, child_ns = prepared.take()
+    else:
+        account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
+                                                               directfs)
+        if follower is not None:
+            follower.start(account)  # the run's calls, from its first
+        rt.setup(ns, None)  # rt owns the root namespace until the end
+        child_ns = None
     try:
-        root_names = rt.schemes()
-        wanted = None if names is None else [n for n in names.split(",") if n]
-        unknown = sorted(set(wanted or ()) - set(root_names))
-        if unknown:
-            raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
-                          f"(it has {', '.join(root_names)})", EXIT_USAGE)
-        if wanted is None and dirs:  # the program's files are its directories, not the root
-            wanted = [n for n in root_names if n != "file"]
-        elif wanted is not None:  # the directories the system serves for the run are its own
-            wanted += [name for _, name in served if name not in wanted]
-        child_names = set(root_names if wanted is None else wanted)
-        # the run's uds scope and net grants stand in the fork in place of the system's
-        # entries: made first, and put there by the fork itself (one request, not three each)
-        put = entries_for(uds_scope, net, child_names)
-        try:
-            child_ns = rt.mkns(wanted, put=put)
-        except OSError as exc:
-            what = f"--ns {names!r}" if names is not None else "the program's namespace"
-            raise Failure(f"{what}: {exc.strerror}") from None
-        finally:
-            for cap in put.values():
-                rt.close(cap)
+        if child_ns is None:
+            root_names = rt.schemes()
+            child_ns, child_names = _fork_namespace(root_names, names, dirs, served, uds_scope, net)
+        else:
+            child_names = set(root_names)
+            if dirs and "file" in child_names:  # as _fork_namespace leaves it out
+                rt.unregister(child_ns, "file")
+                child_names.discard("file")
         daemons = daemons if daemons is not None else []
         mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
                                                             state_dir, child_names)
@@ -493,6 +483,124 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if grant is not None:
             os.close(grant)
         rt.setup(None, None)
+
+
+def _namespace(state_dir: Path, max_caps: int | None, private_scheme: bool, directfs: bool
+               ) -> tuple[int | None, int, int | None, int | None, int | None]:
+    """The supervisor's `namespace` op for a run: a clone of the root namespace in a router
+    account of its own (whatever the command comes to hold is charged and capped there),
+    with private_scheme a scheme for its /tmp, with directfs the grant for native lookups.
+
+    Returns:
+        (the account, the namespace, the /tmp scheme's root and channel, the grant), each fd
+        the caller's; None for what was not asked for (or, the grant, not given).
+
+    Raises:
+        control.ControlError: the supervisor refused.
+        Failure: it made no scheme for /tmp when asked to.
+    """
+    quota = {} if max_caps is None else {"max_caps": max_caps}
+    reply, fds = control.request(state_dir, "namespace", account=True, **quota,
+                                 **({"scheme": True} if private_scheme else {}),
+                                 **({"directfs": True} if directfs else {}))
+    tmp_root = tmp_channel = grant = None
+    # the grant comes last; a supervisor without one to give leaves it out (routed lookups)
+    if directfs and len(fds) == 2 + 2 * private_scheme:
+        grant = fds.pop()
+    if private_scheme:
+        if len(fds) != 3:  # a supervisor that did not make the scheme: not ours to guess
+            for fd in [*fds, *([grant] if grant is not None else [])]:
+                os.close(fd)
+            raise Failure("the supervisor did not hand out a scheme for /tmp")
+        tmp_root, tmp_channel = fds[1], fds[2]
+    return reply.get("account"), fds[0], tmp_root, tmp_channel, grant
+
+
+def _fork_namespace(root_names: list[str], names: str | None, dirs: Sequence[hostdirs.HostDir],
+                    served: Sequence[tuple[hostdirs.HostDir, str]], uds_scope: str,
+                    net: dict[str, NetGrant] | None) -> tuple[int, set[str]]:
+    """The program's namespace, forked from rt's (whose names are root_names): `--ns` names
+    (None: all, but `file` with dirs), with the directories the system serves for the run,
+    its uds scope and its net grants in place of the system's entries; and the names it holds.
+
+    Raises:
+        Failure: a name the system lacks (EXIT_USAGE), or a fork nsmgr refused.
+    """
+    wanted = None if names is None else [n for n in names.split(",") if n]
+    unknown = sorted(set(wanted or ()) - set(root_names))
+    if unknown:
+        raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
+                      f"(it has {', '.join(root_names)})", EXIT_USAGE)
+    if wanted is None and dirs:  # the program's files are its directories, not the root
+        wanted = [n for n in root_names if n != "file"]
+    elif wanted is not None:  # the directories the system serves for the run are its own
+        wanted += [name for _, name in served if name not in wanted]
+    child_names = set(root_names if wanted is None else wanted)
+    # the run's uds scope and net grants stand in the fork in place of the system's
+    # entries: made first, and put there by the fork itself (one request, not three each)
+    put = entries_for(uds_scope, net, child_names)
+    try:
+        return rt.mkns(wanted, put=put), child_names
+    except OSError as exc:
+        what = f"--ns {names!r}" if names is not None else "the program's namespace"
+        raise Failure(f"{what}: {exc.strerror}") from None
+    finally:
+        for cap in put.values():
+            rt.close(cap)
+
+
+class Prepared:
+    """The first steps of a run, taken before its caller comes (a spare runner takes them
+    while it waits: redoxcap/runner.py): the `namespace` op, its namespace set up in rt, and
+    the program's namespace forked from it with every name and a private uds scope. A run
+    with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace, brokered
+    with passthrough, starts from them (with --dir, `file` taken out of the fork, as
+    `_fork_namespace` would leave it out), provided the root namespace has not changed
+    since (its generation, wire/roots.py); any other run closes them and starts afresh.
+
+    Owns its fds, and rt's setup, until `take` or `close`.
+
+    Raises:
+        control.ControlError, Failure, OSError: it could not be prepared (nothing is held).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, None, True, True)
+        rt.setup(ns, None)
+        self._fds: list[int] = [fd for fd in (tmp_root, tmp_channel, grant) if fd is not None]
+        self._held, self._generation = True, None
+        try:
+            root_names = rt.schemes()
+            child_ns, _ = _fork_namespace(root_names, None, (), (), "private", None)
+            self._fds.append(child_ns)
+            # the fork above took the uds root through rt's kept roots: the page came with it
+            self._generation = _process.CURRENT.roots.generation()
+        except BaseException:
+            self.close()
+            raise
+        self._taken = (account, tmp_root, tmp_channel, grant, root_names, child_ns)
+        self.account = account
+
+    def current(self) -> bool:
+        """Whether the root namespace is as it was when the program's was forked from it."""
+        return self._held and self._generation is not None and \
+            _process.CURRENT.roots.generation() == self._generation
+
+    def take(self) -> tuple[int | None, int | None, int | None, int | None, list[str], int]:
+        """(the account, the /tmp scheme's root and channel, the grant, the root namespace's
+        names, the program's namespace): the caller's from now on, as is rt's setup."""
+        assert self._held
+        self._held = False
+        return self._taken
+
+    def close(self) -> None:
+        """Let go of everything (nothing once taken)."""
+        if self._held:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+            self._held = False
+            rt.setup(None, None)
 
 
 def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,

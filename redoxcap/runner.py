@@ -29,6 +29,12 @@ supervisor to pass it that socket. It is two processes:
 
 If the caller goes away (EOF), the run is killed: the program dies with
 its broker, and what is left with it.
+
+A spare told its system's state directory (`--state-dir`) takes the run's
+first steps while it waits for a caller (:func:`_prepare`,
+redoxcap.run.Prepared: the run's namespace, asked for and forked), so that
+an everyday run starts from them; the run lets them go where they do not
+fit it.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ import signal
 import socket
 import stat
 import sys
+from pathlib import Path
 
 import redoxcap.broker  # loaded by the fork server, for every run's fork
 import redoxcap.run
-from redoxcap import entry, launch
+from redoxcap import control, entry, launch
 from redoxcap.broker import filter as bpf
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
@@ -216,9 +223,10 @@ def _limit(rlimits: object) -> None:
             pass
 
 
-def serve(caller: int | None, spare: int | None) -> int:
+def serve(caller: int | None, spare: int | None, state_dir: str | None = None) -> int:
     """Do one run: for the caller at the other end of the socket caller, or, as a spare,
-    for the one whose socket the supervisor passes on spare. This process's exit code.
+    for the one whose socket the supervisor passes on spare (a spare told state_dir, its
+    system's, takes the run's first steps while it waits). This process's exit code.
 
     This process is the reaper: it forks the run at once (before a spare has a caller).
     A spare's run waits for the caller's socket itself, and hands us a copy with "T"
@@ -236,7 +244,7 @@ def serve(caller: int | None, spare: int | None) -> int:
     if pid == 0:
         for fd in (wake_r, wake_w, ours.detach()):
             _close(fd)
-        _run(theirs, spare)
+        _run(theirs, spare, state_dir)
     theirs.close()
     sock = None
     if spare is not None:
@@ -269,13 +277,16 @@ def serve(caller: int | None, spare: int | None) -> int:
     return 0
 
 
-def _run(reaper: socket.socket, spare: int | None) -> None:
+def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None) -> None:
     """In the fork: wait for the caller's socket (on spare, from the supervisor, else from
     the reaper), take the run from it and do it as the caller's `run` would have (never
-    returns). Says "T" to the reaper once it has read the run (with a copy of the caller's
-    socket when the supervisor gave it to us: the reaper reads it from then on), "B" if it
-    could not, and "E" with the exit code as the run ends (before this process's own end)."""
+    returns). A spare told state_dir takes the run's first steps before it waits
+    (:func:`_prepare`). Says "T" to the reaper once it has read the run (with a copy of the
+    caller's socket when the supervisor gave it to us: the reaper reads it from then on),
+    "B" if it could not, and "E" with the exit code as the run ends (before this process's
+    own end)."""
     code = EXIT_FAILED
+    prepared = None
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -283,6 +294,7 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
         if spare is not None:
+            prepared = _prepare(state_dir)
             caller = wait_for_a_caller(spare)
             if caller is not None and not _is_socket(caller):
                 _close(caller)  # the supervisor passes on sockets only
@@ -292,7 +304,7 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
             passed = P.parse_ancillary(anc)[0]
             caller = passed[0] if passed else None
         if caller is None:
-            os._exit(0)  # a spare nobody needed
+            os._exit(0)  # a spare nobody needed (what it prepared goes with it)
         sock = socket.socket(fileno=caller)
         try:
             run, fds = receive(sock)
@@ -304,11 +316,15 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
         reaper.sendmsg([b"T"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                  sock.fileno().to_bytes(4, sys.byteorder))] if spare is not None
                        else [])
+        if prepared is not None and prepared[1] & set(run["fds"]):
+            prepared[0].close()  # the caller's fds go where its capabilities are: not used
+            prepared = None
         sock, reaper = take_on(run, fds, sock, reaper)
         sock.close()
         # the system that forked us is up: run need not ask
         code = entry.run_command(run["state_dir"], run["command"],
-                                 {**run["options"], "system_up": True})
+                                 {**run["options"], "system_up": True,
+                                  "prepared": prepared[0] if prepared is not None else None})
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
@@ -316,6 +332,8 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
 
         traceback.print_exc()
     finally:
+        if prepared is not None:
+            prepared[0].close()  # not taken: the run failed before it started the program
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -327,6 +345,33 @@ def _run(reaper: socket.socket, spare: int | None) -> None:
         except (OSError, OverflowError, AttributeError):
             pass  # the reaper learns it from our exit status instead
         os._exit(code)
+
+
+def _prepare(state_dir: str | None) -> tuple[redoxcap.run.Prepared, set[int]] | None:
+    """The first steps of the run to come, taken while a spare waits for its caller
+    (redoxcap.run.Prepared: its namespace, made and forked), and the fds they hold; None
+    where they could not be taken (the run takes them itself, and says why it could not)."""
+    if state_dir is None:
+        return None
+    before = _open_fds()
+    try:
+        prepared = redoxcap.run.Prepared(Path(state_dir))
+    except Exception as exc:  # noqa: BLE001 - the run does it all itself then
+        print(f"redoxcap runner: a run's first steps could not be taken ahead: {exc}",
+              file=sys.stderr)
+        return None
+    fds = _open_fds() - before
+    if type(prepared.account) is int:  # for `status`: what the spare holds, and that it is ready
+        try:
+            control.request(Path(state_dir), "prepared", spare=os.getppid(),  # (the reaper)
+                            account=prepared.account)
+        except (control.ControlError, OSError):
+            pass
+    return prepared, fds
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
 def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
@@ -495,7 +540,8 @@ def _children() -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -E -P -m redoxcap.runner --socket-fd N | --spare-fd N` (forked by the fork server)."""
+    """`python -E -P -m redoxcap.runner --socket-fd N | --spare-fd N [--state-dir S]` (forked by
+    the fork server)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m redoxcap.runner", description=__doc__)
@@ -504,12 +550,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="the socket pair end the caller of `redoxcap run` holds the other of")
     given.add_argument("--spare-fd", type=int,
                        help="a spare: wait for that socket on this one (the supervisor's)")
+    parser.add_argument("--state-dir",
+                        help="a spare's system: take the run's first steps while waiting")
     args = parser.parse_args(argv)
     for fd in (args.socket_fd, args.spare_fd):
         if fd is not None and not _is_socket(fd):
             print(f"redoxcap runner: fd {fd} is no socket", file=sys.stderr)
             return EXIT_FAILED
-    return serve(args.socket_fd, args.spare_fd)
+    return serve(args.socket_fd, args.spare_fd, args.state_dir)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ def render(info: dict) -> Iterator[str]:
     runners = info.get("runners")
     if runners:
         yield f"runners (runs under way, their daemons, a spare): {' '.join(map(str, runners))}"
+    spare = info.get("spare")
+    if spare:
+        yield (f"the spare holds {spare.get('capabilities', 0)} capabilities for the next run "
+               f"(account {spare.get('account')}; the schemes' share: `status --json`, charged)")
     yield HEADER
     for d in info["daemons"]:
         rss = f"{d['rss_kib'] // 1024}M" if d.get("rss_kib") else "-"

@@ -431,8 +431,11 @@ class System:
         assert self.kernel is not None
         clients, clients_next = self.programs.page(clients_after)
         ids = [d.scheme_id for d in [self.nsmgr, *self.daemons]]
-        options = {"schemes": ids, "accounts": [c["account"] for c in clients if type(c.get("account")) is int],
-                   "holdings_after": holdings_after, "detail": detail}
+        spare = self.runners.spare_account
+        listed = [c["account"] for c in clients if type(c.get("account")) is int]
+        options = {"schemes": ids, "accounts": listed + ([spare] if spare is not None else []),
+                   "holdings_after": holdings_after, "detail": detail,
+                   **({"charged_to": spare} if spare is not None else {})}
         kernel, _ = await self.kernel.call(P.KERNEL_STATUS, [options])
         per_scheme = kernel["schemes"]
         daemons = [{"name": "kernel", "pid": self.kernel_process.pid, "frames": kernel["frames"]}]
@@ -447,6 +450,10 @@ class System:
             client["router_fds"] = counters.get("caps", 0) + counters.get("held_fds", 0)
         return {"supervisor": os.getpid(), "uptime": time.time() - self.started,
                 "daemons": daemons, "runners": self.runners.pids(),
+                # what the spare runner holds for the next run (redoxcap.run.Prepared); each
+                # daemon's `charged`: how much of what the router holds for it that is
+                "spare": None if spare is None else {
+                    "account": spare, "capabilities": accounts.get(str(spare), {}).get("caps", 0)},
                 "clients": clients, "clients_next": clients_next,
                 "holdings": kernel.get("holdings", []), "holdings_next": kernel.get("holdings_next"),
                 "summary": kernel.get("summary", {})}

@@ -230,6 +230,15 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
                 P.close_fds(fds_made)  # the clone and root are the account's own copies now
         return {"account": account}, fds + ([channel] if channel is not None else []) + grant
 
+    async def prepared(request):
+        """The spare runner `spare` (a pid) has taken a run's first steps in `account`
+        (redoxcap.run.Prepared): `status` shows it, as the spare's, until the spare does a run."""
+        spare, account = request.get("spare"), request.get("account")
+        if type(spare) is not int or type(account) is not int:
+            raise control.ControlError("prepared needs the spare's pid and the account")
+        system.runners.prepared(spare, account)
+        return {}, []
+
     async def status(request):
         """One page of the status (`clients_after`, `holdings_after`: where the previous
         page ended; `detail`: ask the daemons about their handles); see status.fetch."""
@@ -290,7 +299,7 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
         passed = request.get("passed_fds") or []
         if len(passed) != 1 or not stat.S_ISSOCK(os.fstat(passed[0]).st_mode):
             raise control.ControlError("run needs the runner's end of a socket pair")
-        await system.runners.start(system.forkserver, nursery, passed[0])
+        await system.runners.start(system.forkserver, nursery, passed[0], str(state_dir))
         return {}, []
 
     async def serve(request):
@@ -307,7 +316,8 @@ async def _serve_locked(state_dir: Path, specs: list[SchemeSpec], info: dict | N
                   if request.get("directfs") is True else [])]
         return {"pid": await system.runners.start_daemon(system.forkserver, nursery, args)}, []
 
-    handlers = {"ping": ping, "namespace": namespace, "status": status, "shutdown": shutdown,
+    handlers = {"ping": ping, "namespace": namespace, "prepared": prepared, "status": status,
+                "shutdown": shutdown,
                 "trace": trace, "client": client, "run": run, "serve": serve,
                 "mount": mount, "restart": restart, "directfs": directfs}
     try:

@@ -30,7 +30,7 @@ from test_router import (
     send,
 )
 
-from redoxcap.testing import wait_for
+from redoxcap.testing import spare_prepared, wait_for
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call
 from redoxcap.wire.frames import SchemeReply, encode_request
@@ -107,6 +107,7 @@ def test_schemes_and_namespace_forks_a_client_makes_are_charged_to_it(redoxcap_s
     nsmgr holds a scheme's root and every entry of every fork for the client; it used
     to cost the system's account ~480 router fds a fork, without limit."""
     router = router_pid(redoxcap_system)
+    spare_prepared(redoxcap_system)  # counted before as after
     fds_before, schemes_before = fds_of(router), summary(redoxcap_system)["schemes"]
     code = ("import errno, os, sys, rt\n"
             "channels = [rt.mkscheme(f's{i}') for i in range(240)]\n"
@@ -137,6 +138,7 @@ def test_a_scheme_is_freed_with_its_last_capability(redoxcap_system):
     from the namespace (its last capability), so the router does not grow; without the
     unregister, the client's quota stops it, and its end frees them all."""
     router = router_pid(redoxcap_system)
+    spare_prepared(redoxcap_system)  # counted before as after
     schemes_before = summary(redoxcap_system)["schemes"]
     churn = ("import errno, os, sys, rt\n"
              "def churn(n):\n"
@@ -202,6 +204,7 @@ def test_kept_file_handles_end_at_each_clients_quota_and_leave_the_router_a_rese
     router = router_pid(redoxcap_system)
     (redoxcap_system.root / "load").mkdir()
     (redoxcap_system.root / "load/f").write_text("data")
+    spare_prepared(redoxcap_system)  # counted before as after
     fds_before = fds_of(router)
     victim_code = ("import sys, time, rt\n"
                    "fd = rt.open('f')\n"
@@ -360,6 +363,7 @@ def test_junk_replies_of_a_clients_own_scheme_cost_it_and_are_bounded(redoxcap_s
     router, nsmgr = router_pid(redoxcap_system), redoxcap_system.daemon("nsmgr")["pid"]
     (redoxcap_system.root / "load").mkdir()
     (redoxcap_system.root / "load/f").write_text("data")
+    spare_prepared(redoxcap_system)  # counted before as after
     before = {router: fds_of(router), nsmgr: fds_of(nsmgr)}
     # the victim has the default namespace: its opens go through nsmgr
     proc, round_time = victim(redoxcap_system, "", "rt.close(rt.open('/load/f'))", options=())

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from redoxcap import control, launch
-from redoxcap.testing import REDOXCAP
+from redoxcap.testing import REDOXCAP, spare_prepared
 from redoxcap.testing.waiting import pid_alive, wait_for
 
 
@@ -279,9 +279,43 @@ def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
             os.close(write)
 
 
+def test_a_run_prepared_before_a_mount_was_added_has_the_mount(redoxcap_system, tmp_path):
+    """The spare forked the program's namespace before `--mount` added a scheme to the
+    system's: the run sees that the root namespace changed since, and forks it afresh."""
+    spare_prepared(redoxcap_system)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "note.txt").write_text("mounted since")
+    out = redoxcap_system.run("--mount", f"extra={tmp_path / 'extra'}", "--", "sh", "-c",
+                              "cat /scheme/extra/note.txt")
+    assert out.stdout == "mounted since"
+
+
+def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
+    """A default run and a `--dir` run started from what a spare prepared get what the same
+    runs get when they take every step themselves (with --trace they do): the same names
+    (a --dir run's without `file`), a private /tmp of their own, empty."""
+    code = ("import os, rt; print(','.join(rt.schemes())); print(os.listdir('/tmp')); "
+            "open('/tmp/mine', 'w').close()")
+    got = {}
+    for options in ([], ["--dir", str(tmp_path)]):
+        for way in ("prepared", "by itself"):
+            spare_prepared(redoxcap_system)
+            traced = ["--trace", str(tmp_path / "trace")] if way == "by itself" else []
+            got[bool(options), way] = redoxcap_system.run(
+                *options, *traced, "--", sys.executable, "-c", code).stdout.split()
+    assert got[False, "prepared"] == got[False, "by itself"]
+    assert got[True, "prepared"] == got[True, "by itself"]
+    names, with_dir = got[False, "prepared"][0].split(","), got[True, "prepared"][0].split(",")
+    assert "file" in names and "uds" in names
+    assert sorted(with_dir) == sorted([n for n in names if n != "file"] + ["dir"])
+    assert got[False, "prepared"][1] == got[True, "prepared"][1] == "[]"
+
+
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):
     """The caller's --pass-fd fds go to their numbers in the runner, wherever what the
-    runner received them with (their cwd among them) landed first."""
+    runner received them with (their cwd among them) landed first, and wherever the spare
+    keeps what it prepared (the run then takes its first steps itself)."""
+    spare_prepared(redoxcap_module_system)
     read, write = os.pipe()
     numbers = list(range(3, 3 + launch.MAX_PASS_FDS))
     run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",

@@ -152,6 +152,12 @@ class NamespaceRoots:
             root.users += 1
             return root.fd, rest, root
 
+    def generation(self) -> int | None:
+        """The namespace's generation now, as its page says (None: no page was handed over
+        yet, or nsmgr retired it): what tells a holder that the namespace changed."""
+        with self._lock:
+            return self._page.generation() if self._page is not None else None
+
     def give_back(self, root: Root) -> None:
         """A call that took root is answered: close it if it was dropped meanwhile."""
         with self._lock:

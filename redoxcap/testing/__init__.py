@@ -25,7 +25,7 @@ module of its concern:
   `shut_down()`, `redoxcap()` and `REDOXCAP` (the real CLI);
 - clients.py: `installed()`, `isolated()` (the test process as an rt
   client), `namespace_with_file()`, `holdings()`, `settled()` and `no_new_traceback()` (what a test
-  left behind);
+  left behind), `spare_prepared()` (a baseline that counts the spare runner's share);
 - waiting.py: `wait_for()`, `wait_exited()`, `finish()` for a background
   client, `pid_alive()`;
 - net.py: `free_port()`, `nobody_listens()`;
@@ -45,6 +45,7 @@ from redoxcap.testing.clients import (
     namespace_with_file,
     no_new_traceback,
     settled,
+    spare_prepared,
 )
 from redoxcap.testing.net import free_port, nobody_listens
 from redoxcap.testing.system import (
@@ -74,6 +75,7 @@ __all__ = [
     "redoxcap",
     "settled",
     "shut_down",
+    "spare_prepared",
     "wait_exited",
     "wait_for",
 ]

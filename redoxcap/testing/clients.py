@@ -95,9 +95,31 @@ def isolated(system: System, name: str) -> Iterator[System]:
         view.stop_background()
 
 def holdings(system: System) -> dict[str, tuple[int, int]]:
-    """What the router holds for each scheme: (capabilities, handles)."""
-    return {d["name"]: (d.get("capabilities"), d.get("handles"))
-            for d in system.status()["daemons"] if d["name"] != "kernel"}
+    """What the router holds for each scheme: (capabilities, handles), less what is charged
+    to the spare runner's account (`status` names it: what the spare prepared for the next
+    run, which comes and goes with the runs), so that a count that grew is a test's doing."""
+    held = {}
+    for d in system.status()["daemons"]:
+        if d["name"] == "kernel":
+            continue
+        caps, handles = d.get("capabilities"), d.get("handles")
+        spare_caps, spare_handles = d.get("charged", (0, 0))
+        held[d["name"]] = (None if caps is None else caps - spare_caps,
+                           None if handles is None else handles - spare_handles)
+    return held
+
+
+def spare_prepared(system: System, timeout: float = 30) -> dict:
+    """Run `true` and wait until the system's next spare runner has taken a run's first
+    steps (redoxcap.run.Prepared: `status` shows it as `spare`), the state the system comes
+    back to after every run; what status says of the spare.
+
+    For a test that counts what the router or the system holds (fds, schemes): counted
+    from here, the spare's share is in the count before as after.
+    """
+    system.run("--", "true")
+    return wait_for(lambda: system.status().get("spare"), timeout=timeout)
+
 
 def settled(system: System, before: dict[str, tuple[int, int]], timeout: float = 10) -> None:
     """Wait until the router holds, for every scheme, no more than `before` (from `holdings`).
