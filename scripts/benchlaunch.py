@@ -163,14 +163,21 @@ def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
     return out
 
 
+# seconds between launches: what a launch leaves a system to do once it has ended (its next
+# spare runner, forked and taking the next run's first steps) is not timed with the next one
+SETTLE = 0.05
+
+
 def _take_turns(contenders: dict[str, list[str]], rounds: int) -> dict:
-    """Launch each contender rounds times, taking turns; median ms and per-round ratios."""
+    """Launch each contender rounds times, taking turns (SETTLE apart); median ms and
+    per-round ratios."""
     names = list(contenders)
     for who in names:
         _warm_up(contenders[who])
     times: dict[str, list[float]] = {who: [] for who in names}
     for turn in range(rounds):
         for who in names[turn % len(names):] + names[:turn % len(names)]:
+            time.sleep(SETTLE)
             times[who].append(_seconds(contenders[who]))
     ratios = {}
     for base in ("native", "bubblewrap"):
