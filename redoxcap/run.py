@@ -17,6 +17,10 @@ scratch directory; either way with a minimal environment. Unconfined, it is
 started with the public `rt.spawn`. `run` forwards SIGINT, SIGTERM and
 SIGHUP to it and exits with its exit code.
 
+A spare runner of the system takes the first of those steps before its run
+comes (:class:`Prepared`: the namespace, set up, and its fork with every name
+and a private uds scope); a run of the everyday shape starts from them.
+
 Nothing here imports click or trio: the console script reads `run`'s
 options itself (redoxcap/entry.py) and calls :func:`main`.
 

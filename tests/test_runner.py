@@ -257,26 +257,32 @@ def test_serve_refuses_what_is_no_directory_to_serve(redoxcap_module_system):
         os.close(write)
 
 
-def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
-    """Past launch.MAX_PASS_FDS the run is done in the `redoxcap` process: the same run."""
+def run_holding(system, numbers: list[int], code: str) -> tuple[subprocess.CompletedProcess, bytes]:
+    """`redoxcap run --pass-fd N... -- python -c code` by a caller holding a pipe's write end
+    at each of numbers: how the run ended, and what came through the pipe."""
     read, write = os.pipe()
-    numbers = list(range(10, 11 + launch.MAX_PASS_FDS))
-    run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
-           *(f"--pass-fd={n}" for n in numbers), "--", sys.executable, "-c",
-           f"import os; os.write({numbers[-1]}, b'the last one')"]
-    # a caller holding all of those fds (the pipe's write end at each number)
+    run = [*REDOXCAP, "--state-dir", str(system.state_dir), "run",
+           *(f"--pass-fd={n}" for n in numbers), "--", sys.executable, "-c", code]
     caller = f"import os; [os.dup2({write}, n) for n in {numbers!r}]; os.execv({run[0]!r}, {run!r})"
     try:
         out = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True,
                              timeout=60, check=False, pass_fds=[write])
         os.close(write)
         write = -1
-        assert out.returncode == 0, out.stderr
-        assert os.read(read, 100) == b"the last one"
+        return out, os.read(read, 1000)
     finally:
         os.close(read)
         if write >= 0:
             os.close(write)
+
+
+def test_more_pass_fds_than_a_runner_takes_still_run(redoxcap_module_system):
+    """Past launch.MAX_PASS_FDS the run is done in the `redoxcap` process: the same run."""
+    numbers = list(range(10, 11 + launch.MAX_PASS_FDS))
+    out, through = run_holding(redoxcap_module_system, numbers,
+                               f"import os; os.write({numbers[-1]}, b'the last one')")
+    assert out.returncode == 0, out.stderr
+    assert through == b"the last one"
 
 
 def test_a_run_prepared_before_a_mount_was_added_has_the_mount(redoxcap_system, tmp_path):
@@ -316,24 +322,13 @@ def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):
     runner received them with (their cwd among them) landed first, and wherever the spare
     keeps what it prepared (the run then takes its first steps itself)."""
     spare_prepared(redoxcap_module_system)
-    read, write = os.pipe()
     numbers = list(range(3, 3 + launch.MAX_PASS_FDS))
-    run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
-           *(f"--pass-fd={n}" for n in numbers), "--", sys.executable, "-c",
-           f"import os, rt; [os.write(n, b'x') for n in {numbers!r}]; print(rt.schemes())"]
-    caller = f"import os; [os.dup2({write}, n) for n in {numbers!r}]; os.execv({run[0]!r}, {run!r})"
-    try:
-        out = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True,
-                             timeout=60, check=False, pass_fds=[write])
-        os.close(write)
-        write = -1
-        assert out.returncode == 0, out.stderr
-        assert "'file'" in out.stdout
-        assert os.read(read, 1000) == b"x" * len(numbers)
-    finally:
-        os.close(read)
-        if write >= 0:
-            os.close(write)
+    out, through = run_holding(redoxcap_module_system, numbers,
+                               f"import os, rt; [os.write(n, b'x') for n in {numbers!r}]; "
+                               "print(rt.schemes())")
+    assert out.returncode == 0, out.stderr
+    assert "'file'" in out.stdout
+    assert through == b"x" * len(numbers)
 
 
 TAKE_ON_HIGH_FD = r"""
