@@ -153,7 +153,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
          in_process: bool = False, system_up: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
          root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None,
-         prepared: Prepared | None = None) -> int:
+         prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
@@ -162,7 +162,9 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     (redoxcap.entry.dispatch_run decides where a run is done). system_up says
     that a system is up at state_dir without asking it (the runner it forked
     knows); prepared, the run's first steps, taken by that runner before the run
-    came (:class:`Prepared`; owned from now on).
+    came (:class:`Prepared`; owned from now on); on_scratch, told by :func:`run`
+    of each directory it makes for the program (the runner's reaper removes them
+    should the run be killed before it does).
 
     Returns:
         COMMAND's exit code.
@@ -196,7 +198,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
         return run(system, command, env, names=names, cwd=cwd, beneath=beneath, confine=confine,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
                    trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
-                   dirs=host_dirs, pass_fds=pass_fds, served=served, prepared=prepared)
+                   dirs=host_dirs, pass_fds=pass_fds, served=served, prepared=prepared,
+                   on_scratch=on_scratch)
 
 
 def _load_broker() -> None:
@@ -280,7 +283,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
         pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = (),
-        prepared: Prepared | None = None) -> int:
+        prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None
+        ) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -313,6 +317,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         served: dirs with the name the system serves each under already (a private
             system's mounts, :func:`system_for_run`); empty: the run serves them itself.
         prepared: the run's first steps, taken ahead (:class:`Prepared`; owned from now on).
+        on_scratch: called with each directory made for the program (its scratch
+            directory, its private /tmp) once it is made, before anything is in it.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -326,10 +332,14 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
         scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
+        if on_scratch is not None:
+            on_scratch(scratch)
         launcher = confined_launch(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
     if broker is not None:
         private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
+        if on_scratch is not None:
+            on_scratch(private_tmp)
         env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     daemons: list = []

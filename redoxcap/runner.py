@@ -25,7 +25,9 @@ supervisor to pass it that socket. It is two processes:
   them), and says the exit code ("X") once nothing of the program is left:
   at once when the run's "E" comes and the run is its only child (the
   kernel's list of its children says so), else once the run has exited and
-  it has killed and reaped what is left of the program's processes.
+  it has killed and reaped what is left of the program's processes, and
+  removed what is left of the directories the run made for the program (its
+  private /tmp: "D"), which a run killed could not remove itself.
 
 If the caller goes away (EOF), the run is killed: the program dies with
 its broker, and what is left with it.
@@ -46,6 +48,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import redoxcap.broker  # loaded by the fork server, for every run's fork
@@ -56,11 +59,13 @@ from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
+from redoxcap.wire.linux import PATH_MAX
 
 RECEIVE_DEADLINE = 5.0  # seconds the caller has to send the run (it sends it before it asks)
 MAX_FDS = launch.MAX_PASS_FDS + 5  # fds a run request carries: payload, cwd, 0-2, --pass-fd
 MAX_PAYLOAD = 16 << 20  # bytes: the environment is most of it
 FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller's
+MAX_SCRATCH = 8  # directories a run says it made for its program (it makes two at most)
 
 # The brokered program's filter, compiled once in the fork server, not once per run (called
 # as redoxcap.broker.launcher calls it: the cache knows its arguments by how they are passed).
@@ -262,9 +267,11 @@ def serve(caller: int | None, spare: int | None, state_dir: str | None = None) -
         ours.close()  # the run ends at our EOF
         os.waitpid(pid, 0)
         return 0
-    code, sock, ended = _watch(sock, ours, pid, wake_r)
+    scratch: list[str] = []
+    code, sock, ended = _watch(sock, ours, pid, wake_r, scratch)
     if not ended:
         _end_the_rest()
+        _remove_scratch(scratch)  # what a run killed (or crashed) could not remove itself
     if sock is not None:
         try:
             sock.send(b"X" + code.to_bytes(4, sys.byteorder, signed=True))
@@ -274,6 +281,7 @@ def serve(caller: int | None, spare: int | None, state_dir: str | None = None) -
     if ended:  # the caller has its code: the run's own exit (its teardown) is no one's wait
         os.waitpid(pid, 0)
         _end_the_rest()
+        _remove_scratch(scratch)
     return 0
 
 
@@ -283,8 +291,9 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
     returns). A spare told state_dir takes the run's first steps before it waits
     (:func:`_prepare`). Says "T" to the reaper once it has read the run (with a copy of the
     caller's socket when the supervisor gave it to us: the reaper reads it from then on),
-    "B" if it could not, and "E" with the exit code as the run ends (before this process's
-    own end)."""
+    "B" if it could not, "D" with the path of each directory it makes for the program (for
+    the reaper to remove should this process be killed first), and "E" with the exit code
+    as the run ends (before this process's own end)."""
     code = EXIT_FAILED
     prepared = None
     try:
@@ -324,7 +333,8 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         # the system that forked us is up: run need not ask
         code = entry.run_command(run["state_dir"], run["command"],
                                  {**run["options"], "system_up": True,
-                                  "prepared": prepared[0] if prepared is not None else None})
+                                  "prepared": prepared[0] if prepared is not None else None,
+                                  "on_scratch": _telling(reaper)})
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
@@ -345,6 +355,18 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         except (OSError, OverflowError, AttributeError):
             pass  # the reaper learns it from our exit status instead
         os._exit(code)
+
+
+def _telling(reaper: socket.socket) -> Callable[[str], None]:
+    """on_scratch for run.main: tell the reaper ("D") of each directory the run makes for
+    its program, for it to remove should the run be killed before it does."""
+    def tell(path: str) -> None:
+        try:
+            reaper.send(b"D" + os.fsencode(path))
+        except OSError:
+            pass  # the reaper is gone: so is our caller, and we with it
+
+    return tell
 
 
 def _prepare(state_dir: str | None) -> tuple[redoxcap.run.Prepared, set[int]] | None:
@@ -374,12 +396,13 @@ def _open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
-def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
-           ) -> tuple[int, socket.socket | None, bool]:
+def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
+           scratch: list[str]) -> tuple[int, socket.socket | None, bool]:
     """Reap orphans until the run ends and, once it has taken the run, pass the caller's
-    signals on to it; (its exit code, the caller's socket once the run has taken the run,
-    whether that code came before the run's exit with nothing of the program left to end:
-    "E" with none but the run among our children)."""
+    signals on to it, noting in scratch the directories the run says it made ("D"); (its
+    exit code, the caller's socket once the run has taken the run, whether that code came
+    before the run's exit with nothing of the program left to end: "E" with none but the
+    run among our children)."""
     poller = select.poll()
     poller.register(run.fileno(), select.POLLIN)
     poller.register(wake, select.POLLIN)
@@ -400,6 +423,8 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int
                     if sock is not None:
                         sock.setblocking(False)
                         poller.register(sock.fileno(), select.POLLIN)
+                elif said[:1] == b"D" and len(scratch) < MAX_SCRATCH:
+                    scratch.append(os.fsdecode(said[1:]))
                 elif said[:1] == b"E" and len(said) == 5 and caller and _only_child(pid):
                     return int.from_bytes(said[1:], sys.byteorder, signed=True), \
                         (sock if taken else None), True
@@ -427,12 +452,23 @@ def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
     """A message of the run's and the fds it came with: (b"", []) at EOF, (None, []) for
     none yet."""
     try:
-        data, anc, _, _ = run.recvmsg(16, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        data, anc, _, _ = run.recvmsg(1 + PATH_MAX, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     except BlockingIOError:
         return None, []
     except OSError:
         return b"", []
     return data, P.parse_ancillary(anc)[0]
+
+
+def _remove_scratch(scratch: list[str]) -> None:
+    """Remove what is left of the directories the run made for its program (each one of
+    tempfile's `redoxcap-*` directories, as run.run makes them)."""
+    for path in scratch:
+        if os.path.isabs(path) and os.path.basename(path).startswith("redoxcap-") and \
+                os.path.isdir(path) and not os.path.islink(path):
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _child_pids() -> list[int] | None:

@@ -4,12 +4,14 @@ the program gets what that process would have given it, and ends with it."""
 
 from __future__ import annotations
 
+import glob
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import msgpack
@@ -166,18 +168,28 @@ def test_a_bad_run_request_ends_its_runner_and_harms_nothing(redoxcap_module_sys
     assert daemon_pids(system) == before  # no daemon restarted or lost
 
 
-def test_a_run_after_the_caller_was_killed_leaves_no_runner(redoxcap_module_system):
+def private_tmps() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "redoxcap-tmp-*")))
+
+
+def test_a_run_after_the_caller_was_killed_leaves_no_runner_and_no_files(redoxcap_module_system):
+    """Killed with its caller, the run cannot remove the program's private /tmp itself:
+    its reaper does, with what the program left there."""
     system = redoxcap_module_system
-    run = system.start("run", "--", "sleep", "300")
+    before = private_tmps()
+    run = system.start("run", "--", "sh", "-c", "echo left > /tmp/behind; exec sleep 300")
     try:
         program = wait_for(lambda: next((c["pid"] for c in system.status()["clients"]
-                                         if c["argv"] == ["sleep", "300"]), None), timeout=30)
+                                         if c["argv"][0] == "sh"), None), timeout=30)
+        made = wait_for(lambda: private_tmps() - before, timeout=30)
+        wait_for(lambda: all(os.path.exists(os.path.join(d, "behind")) for d in made), timeout=30)
         runner = parent(parent(program))
         os.killpg(run.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while (pid_alive(program) or pid_alive(runner)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(program) and not pid_alive(runner)
+        assert not any(os.path.exists(d) for d in made), made
     finally:
         system.stop_background()
 
