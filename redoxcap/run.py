@@ -585,10 +585,9 @@ class Prepared:
         self._held, self._generation = True, None
         try:
             root_names = rt.schemes()
+            self._generation = _root_generation(root_names)  # before the fork: what it forks
             child_ns, _ = _fork_namespace(root_names, None, (), (), "private", None)
             self._fds.append(child_ns)
-            # the fork above took the uds root through rt's kept roots: the page came with it
-            self._generation = _process.CURRENT.roots.generation()
         except BaseException:
             self.close()
             raise
@@ -615,6 +614,22 @@ class Prepared:
             self._fds = []
             self._held = False
             rt.setup(None, None)
+
+
+def _root_generation(names: list[str]) -> int | None:
+    """The generation of rt's namespace now (wire/roots.py), its page taken with the root of
+    one of its names, uds where it has one (the next the run's fork asks for: kept, no round
+    trip more); None where it hands out no page."""
+    roots = _process.CURRENT.roots
+    if roots.generation() is None and names:
+        try:
+            _, _, root = roots.take(_process.namespace_fd(),
+                                    f"/scheme/{'uds' if 'uds' in names else names[0]}/")
+        except OSError:
+            return None
+        if root is not None:
+            roots.give_back(root)
+    return roots.generation()
 
 
 def _spawn_confined(argv: list[str], env: dict[str, str], child_ns: int, launcher: dict,
