@@ -52,15 +52,20 @@ def dot(info: dict) -> str:
                  f"\nnamespace: {names}\ncwd: {client.get('cwd') or '/'}")
         lines.append(f"  {node} [shape=box, style=\"rounded,filled\", fillcolor=lightyellow, "
                      f"label={_quote(label)}];")
+    spare = (info.get("spare") or {}).get("account")
+    if spare is not None:  # what the spare runner holds for the next run (redoxcap.run.Prepared)
+        holders[spare] = "spare"
+        lines.append('  spare [shape=box, style="rounded,dashed", '
+                     'label="spare runner\\n(the next run\'s namespace, made ahead)"];')
     for d in daemons:
         label = f"{d['name']} daemon\npid {d.get('pid') or '-'}"
         lines.append(f"  scheme{d['scheme_id']} [shape=component, label={_quote(label)}];")
     handles = set()
     for account, scheme_id, number, count in info.get("holdings", []):
-        holder = holders.get(account, f"account{account}")
-        if holder.startswith("account"):
+        holder = holders.get(account)
+        if holder is None:
+            holder = holders[account] = f"account{account}"
             lines.append(f"  {holder} [shape=box, label={_quote(f'account {account}')}];")
-            holders[account] = holder
         daemon = by_scheme.get(scheme_id)
         scheme = daemon["name"] if daemon else f"scheme {scheme_id}"
         node = f"h{scheme_id}_{number}"

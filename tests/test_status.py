@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from redoxcap.testing import REDOXCAP, booted, wait_for
+from redoxcap.testing import REDOXCAP, booted, spare_prepared, wait_for
 
 HOLDER = ("import rt, sys\n"
           "f = rt.open('held.txt', rt.O_CREAT | rt.O_WRONLY)\n"
@@ -47,6 +47,15 @@ def test_status_and_graph_show_mounts_clients_and_what_they_hold(tmp_path):
             assert "/scheme/file/box/held.txt" in dot  # the handle behind its capability
             assert "namespace: file, zero" in dot  # the names of its namespace handle
             assert f"{node} -> h" in dot
+
+            # the spare runner's namespace for the next run, made ahead, is its own
+            spare = spare_prepared(system)
+            assert spare["capabilities"] > 0
+            assert f"the spare holds {spare['capabilities']} capabilities for the next run" in \
+                system.cli("status").stdout
+            dot = system.cli("graph").stdout
+            assert "spare [" in dot and "spare -> h" in dot
+            assert f"account{spare['account']}" not in dot
 
             out = tmp_path / "graph.svg"
             rendered = system.cli("graph", "--output", str(out), check=False)
