@@ -312,9 +312,10 @@ def trace_command(state_dir: Path, pid: int | None, scheme_name: str | None, as_
                    "printing DOT.")
 @click.pass_obj
 def graph_command(state_dir: Path, output: Path | None) -> None:
-    """Draw the capability graph: clients, the capabilities they hold, the scheme
-    handles behind them and the daemons serving those, and the names in each
-    namespace. DOT on stdout; `dot -Tsvg` or --output renders it.
+    """Draw the capability graph: clients (and the spare runner, with what it made
+    ahead for the next run), the capabilities they hold, the scheme handles behind
+    them and the daemons serving those, and the names in each namespace. DOT on
+    stdout; `dot -Tsvg` or --output renders it.
     (Message: control op `status`.)"""
     from redoxcap import graph
 
