@@ -11,6 +11,7 @@ broker.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -274,6 +276,8 @@ def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
     # in-process: the broker is this `run` (a runner would kill the orphan with the run)
     cmd = [*REDOXCAP, "--state-dir", str(sandbox.state_dir), "run", "--in-process", *SANDBOX,
            "--", sys.executable, "-c", ORPHAN]
+    tmps = os.path.join(tempfile.gettempdir(), "redoxcap-tmp-*")
+    before = set(glob.glob(tmps))
     run = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert run.stdout.readline().strip() == "ready"
@@ -288,6 +292,8 @@ def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
         if run.poll() is None:
             run.kill()
             run.wait()
+        for left in set(glob.glob(tmps)) - before:  # the killed run's private /tmp: nothing
+            shutil.rmtree(left, ignore_errors=True)  # outlived it to remove it
 
 
 def test_without_passthrough_every_byte_is_routed_and_programs_still_work(twin):
