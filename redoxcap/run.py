@@ -423,12 +423,20 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     directfs = broker is not None and broker["passthrough"]  # native lookups: run's broker alone
     if prepared is not None and not (
             prepared.current() and names is None and not served and uds_scope == "private"
-            and net is None and max_caps is None and follower is None and private_scheme
-            and directfs):
+            and net is None and max_caps is None and follower is None):
         prepared.close()  # made for a run of another shape, or the namespace changed since
         prepared = None
     if prepared is not None:  # rt holds its root namespace already
         account, tmp_root, tmp_channel, grant, root_names, child_ns = prepared.take()
+        unused = ([tmp_root, tmp_channel] if not private_scheme else []) + \
+            ([grant] if not directfs else [])  # --no-broker, --no-passthrough
+        for fd in unused:
+            if fd is not None:
+                os.close(fd)
+        if not private_scheme:
+            tmp_root = tmp_channel = None
+        if not directfs:
+            grant = None
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
                                                                directfs)
@@ -567,10 +575,11 @@ class Prepared:
     """The first steps of a run, taken before its caller comes (a spare runner takes them
     while it waits: redoxcap/runner.py): the `namespace` op, its namespace set up in rt, and
     the program's namespace forked from it with every name and a private uds scope. A run
-    with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace, brokered
-    with passthrough, starts from them (with --dir, `file` taken out of the fork, as
-    `_fork_namespace` would leave it out), provided the root namespace has not changed
-    since (its generation, wire/roots.py); any other run closes them and starts afresh.
+    with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace starts
+    from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would leave it
+    out; without the broker or passthrough, the /tmp scheme or the grant let go), provided
+    the root namespace has not changed since (its generation, wire/roots.py); any other run
+    closes them and starts afresh.
 
     Owns its fds, and rt's setup, until `take` or `close`.
 

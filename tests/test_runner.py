@@ -309,24 +309,27 @@ def test_a_run_prepared_before_a_mount_was_added_has_the_mount(redoxcap_system, 
 
 
 def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
-    """A default run and a `--dir` run started from what a spare prepared get what the same
-    runs get when they take every step themselves (with --trace they do): the same names
-    (a --dir run's without `file`), a private /tmp of their own, empty."""
-    code = ("import os, rt; print(','.join(rt.schemes())); print(os.listdir('/tmp')); "
-            "open('/tmp/mine', 'w').close()")
+    """Runs started from what a spare prepared get what the same runs get when they take
+    every step themselves (with --trace they do): the same names (a --dir run's without
+    `file`), a private /tmp of their own, empty; without the broker or passthrough too."""
+    brokered = ("import os, rt; print(','.join(rt.schemes())); print(os.listdir('/tmp')); "
+                "open('/tmp/mine', 'w').close()")
+    rt_only = "import rt; print(','.join(rt.schemes())); print(rt.listdir('/'))"
+    shapes = {"default": ([], brokered), "dir": (["--dir", str(tmp_path)], brokered),
+              "routed": (["--no-passthrough"], brokered), "rt only": (["--no-broker"], rt_only)}
     got = {}
-    for options in ([], ["--dir", str(tmp_path)]):
+    for shape, (options, code) in shapes.items():
         for way in ("prepared", "by itself"):
             spare_prepared(redoxcap_system)
             traced = ["--trace", str(tmp_path / "trace")] if way == "by itself" else []
-            got[bool(options), way] = redoxcap_system.run(
+            got[shape, way] = redoxcap_system.run(
                 *options, *traced, "--", sys.executable, "-c", code).stdout.split()
-    assert got[False, "prepared"] == got[False, "by itself"]
-    assert got[True, "prepared"] == got[True, "by itself"]
-    names, with_dir = got[False, "prepared"][0].split(","), got[True, "prepared"][0].split(",")
+    for shape in shapes:
+        assert got[shape, "prepared"] == got[shape, "by itself"], shape
+    names, with_dir = got["default", "prepared"][0].split(","), got["dir", "prepared"][0].split(",")
     assert "file" in names and "uds" in names
     assert sorted(with_dir) == sorted([n for n in names if n != "file"] + ["dir"])
-    assert got[False, "prepared"][1] == got[True, "prepared"][1] == "[]"
+    assert got["default", "prepared"][1] == got["dir", "prepared"][1] == "[]"
 
 
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import rt
-from redoxcap.testing import System, finish, wait_for
+from redoxcap.testing import System, finish, spare_prepared, wait_for
 
 
 def listen_until_stdin_closes(name: str) -> str:
@@ -120,6 +120,7 @@ def test_uds_capabilities_sent_into_their_own_queues_leak_nothing(redoxcap_modul
         return {d["name"]: (len(os.listdir(f"/proc/{d['pid']}/fd")), d.get("scheme_handles"))
                 for d in redoxcap_module_system.status()["daemons"] if d["name"] in ("kernel", "uds")}
 
+    spare_prepared(redoxcap_module_system)  # what it holds counted before as after
     before = wait_for(lambda: counts()["uds"][1] is not None and counts())
     result = redoxcap_module_system.python(
         "import errno, rt\n"
