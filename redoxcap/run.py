@@ -427,15 +427,10 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         prepared.close()  # made for a run of another shape, or the namespace changed since
         prepared = None
     if prepared is not None:  # rt holds its root namespace already
+        # without the broker, the /tmp scheme is not used: closed with the rest, below
         account, tmp_root, tmp_channel, grant, root_names, child_ns = prepared.take()
-        unused = ([tmp_root, tmp_channel] if not private_scheme else []) + \
-            ([grant] if not directfs else [])  # --no-broker, --no-passthrough
-        for fd in unused:
-            if fd is not None:
-                os.close(fd)
-        if not private_scheme:
-            tmp_root = tmp_channel = None
-        if not directfs:
+        if not directfs and grant is not None:  # --no-passthrough, --no-broker: no native
+            os.close(grant)                      # lookups, for the broker nor a --dir daemon
             grant = None
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
