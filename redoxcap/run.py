@@ -41,7 +41,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import rt
 from redoxcap import control, hostdirs
@@ -153,7 +153,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          brokered: bool | None = None, ro_host: Sequence[str] = (), passthrough: bool = True,
          in_process: bool = False, system_up: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
          root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None,
-         prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None) -> int:
+         prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None,
+         note: Callable[[dict], None] | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
@@ -164,7 +165,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     knows); prepared, the run's first steps, taken by that runner before the run
     came (:class:`Prepared`; owned from now on); on_scratch, told by :func:`run`
     of each directory it makes for the program (the runner's reaper removes them
-    should the run be killed before it does).
+    should the run be killed before it does); note, what sends :func:`run`'s note of the
+    program it started to the supervisor (the runner's reaper does).
 
     Returns:
         COMMAND's exit code.
@@ -199,7 +201,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
                    trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
                    dirs=host_dirs, pass_fds=pass_fds, served=served, prepared=prepared,
-                   on_scratch=on_scratch)
+                   on_scratch=on_scratch, note=note)
 
 
 def _load_broker() -> None:
@@ -283,8 +285,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         net: dict[str, NetGrant] | None = None, broker: dict | None = None,
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
         pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = (),
-        prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None
-        ) -> int:
+        prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None,
+        note: Callable[[dict], None] | None = None) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -319,6 +321,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         prepared: the run's first steps, taken ahead (:class:`Prepared`; owned from now on).
         on_scratch: called with each directory made for the program (its scratch
             directory, its private /tmp) once it is made, before anything is in it.
+        note: sends the supervisor the note of the program started (control op `client`'s
+            arguments: for `status` and `graph`); None: a thread of this process does.
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -344,17 +348,23 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     daemons: list = []
     try:
-        proc, account, where = _spawn(
+
+        def started(pid: int, account: int | None, where: str) -> None:
+            # for `status` and `graph`, not waited for: the program waits for its broker (this
+            # thread, in wait) from its first call on, and the run goes on without the note
+            client = {"pid": pid, "argv": _shown(command), "names": names, "cwd": where,
+                      "account": account}
+            if note is not None:
+                note(client)
+            else:
+                threading.Thread(target=note_the_client, daemon=True, args=(state_dir, client),
+                                 name="redoxcap client note").start()
+
+        proc = _spawn(
             state_dir, argv, env, names, cwd, beneath, new_session=confine, uds_scope=uds_scope,
             net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
             dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
-            served=served, prepared=prepared)
-        # for `status` and `graph`, from a thread: the program waits for its broker (this
-        # thread, in wait) from its first call on, and the run goes on without the note
-        threading.Thread(target=_note_the_client, daemon=True, name="redoxcap client note",
-                         args=(state_dir, {"pid": proc.pid, "argv": list(command),
-                                           "names": names, "cwd": where,
-                                           "account": account})).start()
+            served=served, prepared=prepared, started=started)
         return wait_forwarding_signals(proc, group=confine)
     finally:
         if prepared is not None:
@@ -369,12 +379,25 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
                 _remove(directory)
 
 
-def _note_the_client(state_dir: Path, note: dict) -> None:
+def note_the_client(state_dir: Path, note: dict) -> None:
     """Tell the supervisor of the program a run started (control op `client`), if it listens."""
     try:
         control.request(state_dir, "client", **note)
     except (control.ControlError, OSError):
         pass
+
+
+def _shown(command: Sequence[str], room: int = 1024) -> list[str]:
+    """command as a client note shows it: whole where it fits in room characters (a control
+    request is at most control.MAX_REQUEST bytes), else cut there, with a last `...`."""
+    shown: list[str] = []
+    for word in command:
+        if len(word) >= room:
+            shown.append(word[:room] + "...")
+            break
+        shown.append(word)
+        room -= len(word) + 1
+    return shown
 
 
 def _remove(directory: str) -> None:
@@ -404,7 +427,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
            dirs: Sequence[hostdirs.HostDir] = (), private_tmp: str | None = None,
            daemons: list | None = None, pass_fds: Sequence[int] = (),
            served: Sequence[tuple[hostdirs.HostDir, str]] = (),
-           prepared: Prepared | None = None) -> tuple[Any, int | None, str]:
+           prepared: Prepared | None = None,
+           started: Callable[[int, int | None, str], None] | None = None) -> Any:
     """Start argv with the namespace and cwd asked for: confined in a fork of this process
     (launcher: :func:`confined_launch`), under the broker, or with rt.spawn (unconfined).
     Its first steps are prepared's where they fit the run (:class:`Prepared`, owned from now
@@ -415,9 +439,12 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     (registered in the program's namespace) and private_tmp (the broker's
     /tmp, in no namespace: a scheme the supervisor makes for the run, whose
     daemon starts when the program first uses it) are appended to daemons.
+    started, when given, is called once the program is started, with its pid, the router
+    account its capabilities are charged to and its cwd; for a brokered program, while it
+    confines itself (before its first call, which waits for the broker).
 
     Returns:
-        The process (Popen-like), the router account its capabilities are charged to, and its cwd.
+        The process (Popen-like).
     """
     private_scheme = broker is not None and private_tmp is not None
     directfs = broker is not None and broker["passthrough"]  # native lookups: run's broker alone
@@ -428,13 +455,14 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         prepared = None
     if prepared is not None:  # rt holds its root namespace already
         # without the broker, the /tmp scheme is not used: closed with the rest, below
-        account, tmp_root, tmp_channel, grant, root_names, child_ns = prepared.take()
+        account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root = prepared.take()
         if not directfs and grant is not None:  # --no-passthrough, --no-broker: no native
             os.close(grant)                      # lookups, for the broker nor a --dir daemon
             grant = None
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
                                                                directfs)
+        file_root = None
         if follower is not None:
             follower.start(account)  # the run's calls, from its first
         rt.setup(ns, None)  # rt owns the root namespace until the end
@@ -456,7 +484,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if dirs:
             hostdirs.enter(child_ns, mounts, cwd, beneath)
         else:
-            _enter_cwd(cwd or "/", beneath)
+            root, file_root = file_root, None  # _enter_cwd's
+            _enter_cwd(cwd or "/", beneath, root)
         where = rt.getcwd()
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
@@ -465,6 +494,16 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 argv, extra = _script_made_absolute(argv)
                 broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
 
+            def meanwhile(pid: int) -> None:  # while the program confines itself
+                nonlocal tmp_channel
+                if tmp_channel is not None:
+                    daemons.append(hostdirs.DaemonAside(
+                        tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
+                        os.dup(grant) if grant is not None else None, state_dir))
+                    tmp_channel = None  # the daemon's now
+                if started is not None:
+                    started(pid, account, where)
+
             handed = [(d, hostdirs.open_root(child_ns, name), name) for d, name in mounts]
             try:
                 if tmp_root is not None:
@@ -472,29 +511,29 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                     tmp_root = None  # closed with the rest of handed
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
-                program = start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
-                                         mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
-                                         directfs_grant=grant)
+                return start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
+                                      mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
+                                      directfs_grant=grant, meanwhile=meanwhile)
             finally:
                 for _, cap, _ in handed:
                     rt.close(cap)
-            if tmp_channel is not None:
-                daemons.append(hostdirs.DaemonAside(
-                    tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
-                    os.dup(grant) if grant is not None else None, state_dir))
-                tmp_channel = None  # the daemon's now
-            return program, account, where
         if launcher is not None:
-            return _spawn_confined(argv, env, child_ns, launcher, pass_fds), account, where
-        try:
-            return rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
-                            start_new_session=new_session), account, where
-        except OSError as exc:
-            raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
+            proc = _spawn_confined(argv, env, child_ns, launcher, pass_fds)
+        else:
+            try:
+                proc = rt.spawn(argv, ns=child_ns, share_ns=True, env=env, pass_fds=pass_fds,
+                                start_new_session=new_session)
+            except OSError as exc:
+                raise Failure(f"{argv[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
+        if started is not None:
+            started(proc.pid, account, where)
+        return proc
     finally:
         for fd in (tmp_root, tmp_channel):
             if fd is not None:
                 os.close(fd)
+        if file_root is not None:
+            rt.close(file_root)
         if child_ns is not None:
             rt.close(child_ns)
         if grant is not None:
@@ -566,15 +605,27 @@ def _fork_namespace(root_names: list[str], names: str | None, dirs: Sequence[hos
             rt.close(cap)
 
 
+class Steps(NamedTuple):
+    """What :class:`Prepared` took ahead (None: not given, or not in the namespace)."""
+    account: int | None  # the router account of the run
+    tmp_root: int | None  # the /tmp scheme's root
+    tmp_channel: int | None  # and its channel, for the daemon that will serve it
+    grant: int | None  # the directfs grant
+    root_names: list[str]  # the root namespace's names
+    child_ns: int  # the program's namespace
+    file_root: int | None  # the root namespace's `file` root, the default cwd
+
+
 class Prepared:
     """The first steps of a run, taken before its caller comes (a spare runner takes them
     while it waits: redoxcap/runner.py): the `namespace` op, its namespace set up in rt, and
-    the program's namespace forked from it with every name and a private uds scope. A run
-    with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace starts
-    from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would leave it
-    out; without the broker or passthrough, the /tmp scheme or the grant let go), provided
-    the root namespace has not changed since (its generation, wire/roots.py); any other run
-    closes them and starts afresh.
+    the program's namespace forked from it with every name and a private uds scope, and the
+    `file` scheme's root, the cwd of a run without --cwd or --dir. A run with no --ns,
+    --uds-scope other than private, --allow-*, --max-caps or --trace starts from them (with
+    --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
+    broker or passthrough, the /tmp scheme or the grant let go; with --cwd or --dir, the
+    root let go), provided the root namespace has not changed since (its generation,
+    wire/roots.py); any other run closes them and starts afresh.
 
     Owns its fds, and rt's setup, until `take` or `close`.
 
@@ -592,10 +643,14 @@ class Prepared:
             self._generation = _root_generation(root_names)  # before the fork: what it forks
             child_ns, _ = _fork_namespace(root_names, None, (), (), "private", None)
             self._fds.append(child_ns)
+            file_root = hostdirs.open_root(_process.namespace_fd(), "file") \
+                if "file" in root_names else None
+            if file_root is not None:
+                self._fds.append(file_root)
         except BaseException:
             self.close()
             raise
-        self._taken = (account, tmp_root, tmp_channel, grant, root_names, child_ns)
+        self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root)
         self.account = account
 
     def current(self) -> bool:
@@ -603,9 +658,8 @@ class Prepared:
         return self._held and self._generation is not None and \
             _process.CURRENT.roots.generation() == self._generation
 
-    def take(self) -> tuple[int | None, int | None, int | None, int | None, list[str], int]:
-        """(the account, the /tmp scheme's root and channel, the grant, the root namespace's
-        names, the program's namespace): the caller's from now on, as is rt's setup."""
+    def take(self) -> Steps:
+        """The steps taken, each fd the caller's from now on, as is rt's setup."""
         assert self._held
         self._held = False
         return self._taken
@@ -666,18 +720,23 @@ def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, [script]
 
 
-def _enter_cwd(cwd: str, beneath: bool) -> None:
+def _enter_cwd(cwd: str, beneath: bool, file_root: int | None = None) -> None:
     """Make cwd (with O_RESOLVE_BENEATH if beneath) rt's current directory in this process.
 
     getcwd's string comes from where the scheme says the directory is, after
-    symlinks, not from cwd as typed.
+    symlinks, not from cwd as typed. file_root (owned: used or closed) is the `file`
+    scheme's root, taken ahead (:class:`Prepared`), for a cwd of `/`.
     """
     path = posixpath.normpath(cwd if cwd.startswith("/") else "/" + cwd)
+    if file_root is not None and (path != "/" or beneath):
+        rt.close(file_root)
+        file_root = None
     try:
         if path == "/" and not beneath:
             # every run's default: the file scheme's root itself, as a root is called /
             # (NS_ROOT: a clone the router makes; no open, status or FPATH of the scheme's)
-            _process.replace_cwd(hostdirs.open_root(_process.namespace_fd(), "file"), "/")
+            _process.replace_cwd(file_root if file_root is not None
+                                 else hostdirs.open_root(_process.namespace_fd(), "file"), "/")
             return
         fd = rt.open(path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
         try:

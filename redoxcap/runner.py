@@ -14,7 +14,9 @@ supervisor to pass it that socket. It is two processes:
   environment, umask, resource limits, nice value, current directory and
   standard and `--pass-fd` fds; hands the reaper the caller's socket ("T");
   takes them on, each fd at the number it had there (:func:`take_on`); and
-  calls :func:`redoxcap.entry.run_command` as the caller would have: its
+  calls :func:`redoxcap.entry.run_command` as the caller would have (the
+  reaper sends the supervisor its note of the program started, "N", for
+  `status`, so that no thread of the run's is started as the program is): its
   messages go to the caller's stderr, its result is its exit code, which it
   tells the reaper ("E") before it exits when it has no child left (a
   process the program made a child of the run's, with CLONE_PARENT, is
@@ -48,6 +50,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,13 +62,13 @@ from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
-from redoxcap.wire.linux import PATH_MAX
 
 RECEIVE_DEADLINE = 5.0  # seconds the caller has to send the run (it sends it before it asks)
 MAX_FDS = launch.MAX_PASS_FDS + 5  # fds a run request carries: payload, cwd, 0-2, --pass-fd
 MAX_PAYLOAD = 16 << 20  # bytes: the environment is most of it
 FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller's
 MAX_SCRATCH = 8  # directories a run says it made for its program (it makes two at most)
+MAX_MESSAGE = 1 + 8192  # bytes of a message from the run: a directory's path, the note
 
 # The brokered program's filter, compiled once in the fork server, not once per run (called
 # as redoxcap.broker.launcher calls it: the cache knows its arguments by how they are passed).
@@ -292,7 +295,8 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
     (:func:`_prepare`). Says "T" to the reaper once it has read the run (with a copy of the
     caller's socket when the supervisor gave it to us: the reaper reads it from then on),
     "B" if it could not, "D" with the path of each directory it makes for the program (for
-    the reaper to remove should this process be killed first), and "E" with the exit code
+    the reaper to remove should this process be killed first), "N" with its note of the
+    program it started (for the reaper to send the supervisor), and "E" with the exit code
     as the run ends (before this process's own end)."""
     code = EXIT_FAILED
     prepared = None
@@ -334,7 +338,8 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         code = entry.run_command(run["state_dir"], run["command"],
                                  {**run["options"], "system_up": True,
                                   "prepared": prepared[0] if prepared is not None else None,
-                                  "on_scratch": _telling(reaper)})
+                                  "on_scratch": _telling(reaper),
+                                  "note": _noting(reaper, run["state_dir"])})
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
@@ -369,6 +374,18 @@ def _telling(reaper: socket.socket) -> Callable[[str], None]:
     return tell
 
 
+def _noting(reaper: socket.socket, state_dir: str) -> Callable[[dict], None]:
+    """note for run.main: the reaper sends the supervisor the run's note of its program
+    ("N"), from a thread of its own, while the run serves the program."""
+    def note(client: dict) -> None:
+        try:
+            reaper.send(b"N" + marshal.dumps((state_dir, client)))
+        except (OSError, ValueError):
+            pass  # the reaper is gone (and so is our caller), or the note is too big to show
+
+    return note
+
+
 def _prepare(state_dir: str | None) -> tuple[redoxcap.run.Prepared, set[int]] | None:
     """The first steps of the run to come, taken while a spare waits for its caller
     (redoxcap.run.Prepared: its namespace, made and forked), and the fds they hold; None
@@ -399,15 +416,15 @@ def _open_fds() -> set[int]:
 def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
            scratch: list[str]) -> tuple[int, socket.socket | None, bool]:
     """Reap orphans until the run ends and, once it has taken the run, pass the caller's
-    signals on to it, noting in scratch the directories the run says it made ("D"); (its
-    exit code, the caller's socket once the run has taken the run, whether that code came
-    before the run's exit with nothing of the program left to end: "E" with none but the
-    run among our children)."""
+    signals on to it, noting in scratch the directories the run says it made ("D") and
+    sending the supervisor its note ("N"); (its exit code, the caller's socket once the run
+    has taken the run, whether that code came before the run's exit with nothing of the
+    program left to end: "E" with none but the run among our children)."""
     poller = select.poll()
     poller.register(run.fileno(), select.POLLIN)
     poller.register(wake, select.POLLIN)
     run.setblocking(False)
-    taken, caller = False, True
+    taken, caller, noted = False, True, False
     while True:
         for fd, _ in poller.poll():
             if fd == wake:
@@ -425,6 +442,9 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
                         poller.register(sock.fileno(), select.POLLIN)
                 elif said[:1] == b"D" and len(scratch) < MAX_SCRATCH:
                     scratch.append(os.fsdecode(said[1:]))
+                elif said[:1] == b"N" and not noted:
+                    noted = True
+                    _send_note(said[1:])
                 elif said[:1] == b"E" and len(said) == 5 and caller and _only_child(pid):
                     return int.from_bytes(said[1:], sys.byteorder, signed=True), \
                         (sock if taken else None), True
@@ -452,12 +472,24 @@ def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
     """A message of the run's and the fds it came with: (b"", []) at EOF, (None, []) for
     none yet."""
     try:
-        data, anc, _, _ = run.recvmsg(1 + PATH_MAX, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
+        data, anc, _, _ = run.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4), socket.MSG_CMSG_CLOEXEC)
     except BlockingIOError:
         return None, []
     except OSError:
         return b"", []
     return data, P.parse_ancillary(anc)[0]
+
+
+def _send_note(data: bytes) -> None:
+    """Send the supervisor the run's note of its program (redoxcap.run.note_the_client), from
+    a thread: the signals and the end of the run are not kept waiting for it."""
+    try:
+        state_dir, client = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        return
+    if isinstance(state_dir, str) and isinstance(client, dict):
+        threading.Thread(target=redoxcap.run.note_the_client, args=(Path(state_dir), client),
+                         daemon=True, name="redoxcap client note").start()
 
 
 def _remove_scratch(scratch: list[str]) -> None:

@@ -311,12 +311,15 @@ def test_a_run_prepared_before_a_mount_was_added_has_the_mount(redoxcap_system, 
 def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     """Runs started from what a spare prepared get what the same runs get when they take
     every step themselves (with --trace they do): the same names (a --dir run's without
-    `file`), a private /tmp of their own, empty; without the broker or passthrough too."""
+    `file`), a private /tmp of their own, empty, the same cwd (the spare's is `file`'s root,
+    which a --cwd run lets go); without the broker or passthrough too."""
+    (redoxcap_system.root / "sub").mkdir(exist_ok=True)
     brokered = ("import os, rt; print(','.join(rt.schemes())); print(os.listdir('/tmp')); "
-                "open('/tmp/mine', 'w').close()")
+                "open('/tmp/mine', 'w').close(); print(os.getcwd(), 'sub' in os.listdir('.'))")
     rt_only = "import rt; print(','.join(rt.schemes())); print(rt.listdir('/'))"
     shapes = {"default": ([], brokered), "dir": (["--dir", str(tmp_path)], brokered),
-              "routed": (["--no-passthrough"], brokered), "rt only": (["--no-broker"], rt_only)}
+              "routed": (["--no-passthrough"], brokered), "rt only": (["--no-broker"], rt_only),
+              "cwd": (["--cwd", "/sub"], brokered)}
     got = {}
     for shape, (options, code) in shapes.items():
         for way in ("prepared", "by itself"):
@@ -330,6 +333,8 @@ def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     assert "file" in names and "uds" in names
     assert sorted(with_dir) == sorted([n for n in names if n != "file"] + ["dir"])
     assert got["default", "prepared"][1] == got["dir", "prepared"][1] == "[]"
+    assert got["default", "prepared"][2:] == ["/", "True"]
+    assert got["cwd", "prepared"][2:] == ["/sub", "False"]
 
 
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):

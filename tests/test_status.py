@@ -69,3 +69,23 @@ def test_status_and_graph_show_mounts_clients_and_what_they_hold(tmp_path):
                 holder.wait(timeout=60)
                 holder.stdout.close()
     assert json.dumps(info)  # the status reply is plain JSON
+
+
+def test_status_shows_a_run_whose_command_line_is_too_long_to_show_whole(tmp_path):
+    # a control request is at most 4 KiB: the note of this run shows its command cut, not
+    # nothing (an unmodified program, started from the spare's prepared steps)
+    word = "x" * 5000
+    with booted(tmp_path) as system:
+        waiting = subprocess.Popen([*REDOXCAP, "--state-dir", str(system.state_dir), "run", "--",
+                                    "/bin/sh", "-c", "cat >/dev/null", "sh", word],
+                                   stdin=subprocess.PIPE)
+        try:
+            client = wait_for(lambda: next((c for c in system.status()["clients"]
+                                            if c["argv"][:3] == ["/bin/sh", "-c", "cat >/dev/null"]),
+                                           None))
+            assert client["argv"][3] == "sh"
+            assert client["argv"][4].startswith("xxx") and client["argv"][4].endswith("...")
+            assert len(client["argv"][4]) < len(word)
+        finally:
+            waiting.stdin.close()
+            assert waiting.wait(timeout=60) == 0

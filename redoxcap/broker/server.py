@@ -272,7 +272,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    mounts: Sequence[tuple[Any, int] | tuple[Any, int, str]] = (),
                    net: dict | None = None,
                    pass_fds: Sequence[int] = (),
-                   directfs_grant: int | None = None) -> BrokeredProgram:
+                   directfs_grant: int | None = None,
+                   meanwhile: Callable[[int], None] | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -291,7 +292,10 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     directfs_grant (the system's, which stays the caller's; taken only once the program
     runs, and never given to it) lets the broker look paths up natively beneath the cwd
     and the handed directories where their file schemes allow passthrough
-    (calls/native.py).
+    (calls/native.py). meanwhile, when given, is called with the program's pid while the
+    program confines itself, once what answers its calls is ready: work the caller has left
+    for then (a thread to start, a note to send) keeps none of the program's calls waiting,
+    as it would once the program runs (execve itself is the broker's).
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -355,6 +359,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             try:
                 with ours:
                     syscalls.program.locator.warm(processes.initial)  # meanwhile too
+                    if meanwhile is not None:
+                        meanwhile(pid)
                     listener = _receive_listener(ours, pid)
             finally:
                 if listener is None:
