@@ -455,14 +455,15 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         prepared = None
     if prepared is not None:  # rt holds its root namespace already
         # without the broker, the /tmp scheme is not used: closed with the rest, below
-        account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root = prepared.take()
+        account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root, starter = \
+            prepared.take()
         if not directfs and grant is not None:  # --no-passthrough, --no-broker: no native
             os.close(grant)                      # lookups, for the broker nor a --dir daemon
             grant = None
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
                                                                directfs)
-        file_root = None
+        file_root = starter = None
         if follower is not None:
             follower.start(account)  # the run's calls, from its first
         rt.setup(ns, None)  # rt owns the root namespace until the end
@@ -513,7 +514,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 trace = follower.syscall if follower is not None else None
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
                                       mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
-                                      directfs_grant=grant, meanwhile=meanwhile)
+                                      directfs_grant=grant, meanwhile=meanwhile, starter=starter)
             finally:
                 for _, cap, _ in handed:
                     rt.close(cap)
@@ -534,6 +535,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 os.close(fd)
         if file_root is not None:
             rt.close(file_root)
+        if starter is not None:
+            starter.close()  # unused (once used, this does nothing)
         if child_ns is not None:
             rt.close(child_ns)
         if grant is not None:
@@ -614,30 +617,42 @@ class Steps(NamedTuple):
     root_names: list[str]  # the root namespace's names
     child_ns: int  # the program's namespace
     file_root: int | None  # the root namespace's `file` root, the default cwd
+    starter: Any  # a fork to become a brokered program (redoxcap.broker.launcher.Starter)
 
 
 class Prepared:
     """The first steps of a run, taken before its caller comes (a spare runner takes them
     while it waits: redoxcap/runner.py): the `namespace` op, its namespace set up in rt, and
     the program's namespace forked from it with every name and a private uds scope, and the
-    `file` scheme's root, the cwd of a run without --cwd or --dir. A run with no --ns,
+    `file` scheme's root, the cwd of a run without --cwd or --dir; before all that, where
+    programs can be brokered here, a fork of this process to become the program
+    (redoxcap.broker.launcher.Starter), which holds none of them. A run with no --ns,
     --uds-scope other than private, --allow-*, --max-caps or --trace starts from them (with
     --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
     broker or passthrough, the /tmp scheme or the grant let go; with --cwd or --dir, the
     root let go), provided the root namespace has not changed since (its generation,
     wire/roots.py); any other run closes them and starts afresh.
 
-    Owns its fds, and rt's setup, until `take` or `close`.
+    Owns its fds, the Starter and rt's setup, until `take` or `close`.
 
     Raises:
         control.ControlError, Failure, OSError: it could not be prepared (nothing is held).
     """
 
     def __init__(self, state_dir: Path) -> None:
-        account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, None, True, True)
-        rt.setup(ns, None)
-        self._fds: list[int] = [fd for fd in (tmp_root, tmp_channel, grant) if fd is not None]
+        from redoxcap.broker import available
+        from redoxcap.broker.launcher import Starter
+
+        self._starter = Starter() if available() is None else None
+        self._fds: list[int] = []
         self._held, self._generation = True, None
+        try:
+            account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, None, True, True)
+        except BaseException:
+            self.close()
+            raise
+        rt.setup(ns, None)
+        self._fds += [fd for fd in (tmp_root, tmp_channel, grant) if fd is not None]
         try:
             root_names = rt.schemes()
             self._generation = _root_generation(root_names)  # before the fork: what it forks
@@ -650,7 +665,8 @@ class Prepared:
         except BaseException:
             self.close()
             raise
-        self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root)
+        self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root,
+                            self._starter)
         self.account = account
 
     def current(self) -> bool:
@@ -671,6 +687,8 @@ class Prepared:
                 os.close(fd)
             self._fds = []
             self._held = False
+            if self._starter is not None:
+                self._starter.close()
             rt.setup(None, None)
 
 

@@ -60,6 +60,7 @@ from redoxcap import control, entry, launch
 from redoxcap.broker import filter as bpf
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
+from redoxcap.sandbox.process import cap_last_cap
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 
@@ -76,8 +77,10 @@ if linux.machine() is not None:
     for _scoped in (True, False):
         bpf.program(linux.machine(), signals_scoped=_scoped, udp=False)
 # What every brokered run asks and no run changes, asked once here: whether this kernel can
-# broker, and where redoxcap's packages are (each run's program may import them).
+# broker (its Landlock ABI among it), the last capability its program drops, and where
+# redoxcap's packages are (each run's program may import them).
 redoxcap.broker.available()
+cap_last_cap()
 project_package_locations()
 
 

@@ -63,11 +63,18 @@ def test_a_run_starts_in_the_system_and_passes_on_output_input_and_exit_code(red
         system.stop_background()
 
 
-def test_a_run_gets_the_callers_cwd_umask_limits_nice_value_and_pass_fd(redoxcap_module_system, tmp_path):
+@pytest.mark.parametrize("passed", [7, None], ids=["with --pass-fd", "from the prepared steps"])
+def test_a_run_gets_the_callers_cwd_umask_limits_nice_value_and_pass_fd(redoxcap_module_system,
+                                                                       tmp_path, passed):
+    """Without --pass-fd, the program is the spare's fork made ahead (launcher.Starter),
+    which takes on what the run took on from its caller after it was made."""
+    if passed is None:
+        spare_prepared(redoxcap_module_system)
     read, write = os.pipe()
     run = [*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run", "--dir", ".",
-           "--pass-fd", "7", "--", "sh", "-c",
-           "umask; ulimit -n; pwd; python3 -c 'import os; print(os.nice(0))'; echo through the fd >&7"]
+           *(["--pass-fd", "7"] if passed else []), "--", "sh", "-c",
+           "umask; ulimit -n; pwd; python3 -c 'import os; print(os.nice(0))'; "
+           + ("echo through the fd >&7" if passed else "echo through the fd")]
     # a caller with umask 077, at most 200 fds, nice 7, and the pipe at 7 (a number sh can name)
     caller = ("import os, resource; os.umask(0o077); os.nice(7 - os.nice(0)); "
               "resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
@@ -78,8 +85,9 @@ def test_a_run_gets_the_callers_cwd_umask_limits_nice_value_and_pass_fd(redoxcap
         os.close(write)
         write = -1
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["0077", "200", str(tmp_path), "7"]
-        assert os.read(read, 100) == b"through the fd\n"
+        assert out.stdout.split()[:4] == ["0077", "200", str(tmp_path), "7"]
+        if passed:
+            assert os.read(read, 100) == b"through the fd\n"
     finally:
         os.close(read)
         if write >= 0:
@@ -335,6 +343,55 @@ def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     assert got["default", "prepared"][1] == got["dir", "prepared"][1] == "[]"
     assert got["default", "prepared"][2:] == ["/", "True"]
     assert got["cwd", "prepared"][2:] == ["/sub", "False"]
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+def test_a_run_whose_program_fork_made_ahead_is_gone_forks_the_program_itself(redoxcap_system):
+    """The spare's fork to become the program (launcher.Starter) killed while it waits: the
+    run notices as it hands it the program, and forks the program itself."""
+    spare_prepared(redoxcap_system)
+    supervisor = redoxcap_system.status()["supervisor"]
+    (spare,) = [pid for pid in children(supervisor) if comm(pid) == "runner"]
+    (the_run,) = children(spare)
+    (starter,) = children(the_run)
+    os.kill(starter, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(starter))
+    out = redoxcap_system.run("--", "sh", "-c", "echo still-runs; echo $PPID")
+    assert out.stdout.split() == ["still-runs", str(the_run)]
+
+
+@pytest.mark.parametrize("forked", [False, True], ids=["made ahead", "forked by the run"])
+def test_a_brokered_programs_kernel_cwd_is_a_removed_directory(redoxcap_module_system,
+                                                               tmp_path, forked):
+    """No lookup the broker did not make is relative to anything: the kernel's cwd of the
+    program (which a Starter made ahead, or the run made; --trace runs fork) is removed."""
+    system = redoxcap_module_system
+    spare_prepared(system)
+    traced = ["--trace", str(tmp_path / "trace")] if forked else []
+    run = system.start("run", *traced, "--", "sleep", "30")
+    try:
+        program = wait_for(lambda: next((c["pid"] for c in system.status()["clients"]
+                                         if c["argv"] == ["sleep", "30"]), None), timeout=30)
+        where = os.readlink(f"/proc/{program}/cwd")
+        assert os.path.basename(where).startswith("redoxcap-empty-")
+        assert where.endswith(" (deleted)")
+    finally:
+        system.stop_background()
+
+
+def test_a_program_whose_environment_is_too_big_to_hand_the_fork_made_ahead_runs(
+        redoxcap_module_system):
+    """200 KB of environment is more than the spare's fork made ahead takes in one message
+    (launcher.MAX_START_REQUEST): the run forks the program itself."""
+    spare_prepared(redoxcap_module_system)
+    big = "x" * 100_000
+    out = redoxcap_module_system.run("--env", f"A={big}", "--env", f"B={big}", "--", "sh", "-c",
+                                     "echo ${#A} ${#B}")
+    assert out.stdout.split() == ["100000", "100000"]
 
 
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):

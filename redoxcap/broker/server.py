@@ -29,7 +29,7 @@ from typing import Any
 from redoxcap import exits
 from redoxcap.broker import hostfs
 from redoxcap.broker.calls import PROCEED, Call, Install, Syscalls
-from redoxcap.broker.launcher import EXIT_CANNOT_RUN, exec_target
+from redoxcap.broker.launcher import EXIT_CANNOT_RUN, Starter, exec_target
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.net import SocketGrants
 from redoxcap.broker.notify import Listener, Notification
@@ -273,7 +273,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    net: dict | None = None,
                    pass_fds: Sequence[int] = (),
                    directfs_grant: int | None = None,
-                   meanwhile: Callable[[int], None] | None = None) -> BrokeredProgram:
+                   meanwhile: Callable[[int], None] | None = None,
+                   starter: Starter | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -295,7 +296,10 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     (calls/native.py). meanwhile, when given, is called with the program's pid while the
     program confines itself, once what answers its calls is ready: work the caller has left
     for then (a thread to start, a note to send) keeps none of the program's calls waiting,
-    as it would once the program runs (execve itself is the broker's).
+    as it would once the program runs (execve itself is the broker's). starter, a fork made
+    ahead to become the program (launcher.Starter; the caller's to close, which does nothing
+    once it is used), saves forking this process on the program's way; without one, or where
+    it cannot take the request, this process forks.
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -335,16 +339,24 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         opened.append(target_cwd)
         env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
         udp = SocketGrants(net).udp  # the filter lets UDP be made only where it is granted
-        empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
+        empty = None
         try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            parent = os.getpid()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                ours.close()
-                exec_target(argv, env, theirs, parent, kernel_cwd or empty, read_paths,
-                            [target_ns, target_cwd, *pass_fds], udp=udp)
-            theirs.close()
+            keep = [target_ns, target_cwd, *pass_fds]
+            try:  # (its cwd is a removed directory already)
+                pid, ours = starter.start(argv, env, kernel_cwd, read_paths, keep, udp) \
+                    if starter is not None else (0, None)
+            except OSError:  # it is gone, or the request is too big for it: we fork
+                ours = None
+            if ours is None:
+                empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                parent = os.getpid()
+                pid = os.fork()
+                if pid == 0:  # the child: never returns
+                    ours.close()
+                    exec_target(argv, env, theirs, parent, kernel_cwd or empty, read_paths, keep,
+                                udp=udp)
+                theirs.close()
             # what answers the program's calls is made while it confines itself (on another
             # core), not while its first call waits
             opened.remove(broker_cwd)  # _answering's now
@@ -367,7 +379,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                     syscalls.close()
                     processes.close()
         finally:
-            os.rmdir(empty)  # the program's kernel cwd is a removed directory: no lookup works there
+            if empty is not None:  # the program's kernel cwd is a removed directory: no lookup
+                os.rmdir(empty)    # works there
         for fd in (target_ns, target_cwd):  # the program's own copies: ours go
             opened.remove(fd)
             _close(fd)

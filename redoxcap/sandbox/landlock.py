@@ -65,15 +65,23 @@ def landlock_abi() -> int:
     Raises:
         OSError: the version query failed for another reason.
     """
-    if linux.machine() is None:
+    arch = linux.machine()
+    if arch is None:
         return 0
-    try:
-        return linux.syscall("landlock_create_ruleset", None, 0, LANDLOCK_CREATE_RULESET_VERSION)
-    except OSError as exc:
-        # ENOSYS: not built in; EOPNOTSUPP: built in but not enabled at boot.
-        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
-            return 0
-        raise
+    abi = _ABI.get(arch)
+    if abi is None:  # asked once per process (and before the fork server forks runs)
+        try:
+            abi = linux.syscall("landlock_create_ruleset", None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+        except OSError as exc:
+            # ENOSYS: not built in; EOPNOTSUPP: built in but not enabled at boot.
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            abi = 0
+        _ABI[arch] = abi
+    return abi
+
+
+_ABI: dict[str, int] = {}  # the kernel's answer, which does not change while it runs
 
 
 def handled_fs(abi: int) -> int:
