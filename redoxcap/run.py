@@ -154,7 +154,8 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
          in_process: bool = False, system_up: bool = False, pass_fds: Sequence[int] = (), max_caps: int | None = None, log_file: Path | None = None,
          root: Path | None = None, mounts: Sequence[str] = (), config_file: Path | None = None,
          prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None,
-         note: Callable[[dict], None] | None = None) -> int:
+         note: Callable[[dict], None] | None = None,
+         ended: Callable[[int], None] | None = None) -> int:
     """`redoxcap run` once its options are parsed (by click, or by redoxcap.entry's short way).
 
     The keyword arguments are the options of `run` (see `redoxcap run --help`),
@@ -166,7 +167,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
     came (:class:`Prepared`; owned from now on); on_scratch, told by :func:`run`
     of each directory it makes for the program (the runner's reaper removes them
     should the run be killed before it does); note, what sends :func:`run`'s note of the
-    program it started to the supervisor (the runner's reaper does).
+    program it started to the supervisor (the runner's reaper does); ended, :func:`run`'s.
 
     Returns:
         COMMAND's exit code.
@@ -201,7 +202,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
                    require_confine=require_confine, uds_scope=uds_scope, trace=trace,
                    trace_json=trace_json, net=net, broker=broker, max_caps=max_caps,
                    dirs=host_dirs, pass_fds=pass_fds, served=served, prepared=prepared,
-                   on_scratch=on_scratch, note=note)
+                   on_scratch=on_scratch, note=note, ended=ended)
 
 
 def _load_broker() -> None:
@@ -286,7 +287,8 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
         max_caps: int | None = None, dirs: Sequence[hostdirs.HostDir] = (),
         pass_fds: Sequence[int] = (), served: Sequence[tuple[hostdirs.HostDir, str]] = (),
         prepared: Prepared | None = None, on_scratch: Callable[[str], None] | None = None,
-        note: Callable[[dict], None] | None = None) -> int:
+        note: Callable[[dict], None] | None = None,
+        ended: Callable[[int], None] | None = None) -> int:
     """Run command in the system at state_dir until it exits; return its exit code.
 
     Args:
@@ -323,6 +325,9 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             directory, its private /tmp) once it is made, before anything is in it.
         note: sends the supervisor the note of the program started (control op `client`'s
             arguments: for `status` and `graph`); None: a thread of this process does.
+        ended: told the command's exit code as soon as it is known, its trace printed (the
+            runner says it to its caller then: what is left of the run, stopping its daemons
+            and removing its directories, keeps no one waiting).
 
     Returns:
         The command's exit code (128+N when signal N ended it).
@@ -365,14 +370,18 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
             net=net, follower=follower, broker=broker, launcher=launcher, max_caps=max_caps,
             dirs=dirs, private_tmp=private_tmp, daemons=daemons, pass_fds=pass_fds,
             served=served, prepared=prepared, started=started)
-        return wait_forwarding_signals(proc, group=confine)
+        code = wait_forwarding_signals(proc, group=confine)
+        if ended is not None:
+            if follower is not None:  # its last lines before the caller has the code
+                _stop_following(follower)
+                follower = None
+            ended(code)
+        return code
     finally:
         if prepared is not None:
             prepared.close()  # not taken (it is _spawn's from its call on: then this is nothing)
         if follower is not None:
-            follower.stop()
-            if follower.out is not sys.stderr:
-                follower.out.close()
+            _stop_following(follower)
         hostdirs.stop(daemons)
         for directory in (scratch, private_tmp):
             if directory is not None:
@@ -408,6 +417,13 @@ def _remove(directory: str) -> None:
         import shutil
 
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _stop_following(follower: Follower) -> None:
+    """Print what is left of the trace and let it go."""
+    follower.stop()
+    if follower.out is not sys.stderr:
+        follower.out.close()
 
 
 def _follow_trace(state_dir: Path, where: str, json_lines: bool) -> Follower:

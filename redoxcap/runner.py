@@ -18,9 +18,11 @@ supervisor to pass it that socket. It is two processes:
   reaper sends the supervisor its note of the program started, "N", for
   `status`, so that no thread of the run's is started as the program is): its
   messages go to the caller's stderr, its result is its exit code, which it
-  tells the reaper ("E") before it exits when it has no child left (a
-  process the program made a child of the run's, with CLONE_PARENT, is
-  only ended once the run has exited and it is the reaper's);
+  tells the reaper ("E") as soon as the program has ended and been reaped
+  (its trace printed; the run's daemons are stopped and its directories
+  removed after), when it has no child left (a process the program made a
+  child of the run's, with CLONE_PARENT, is only ended once the run has
+  exited and it is the reaper's; the code is said then);
 - the *reaper*, its parent, a child subreaper: it passes on the signals the
   caller forwards ("S"), reaps whatever the program leaves behind as it
   goes (orphans come here, not to the supervisor, which would never reap
@@ -300,9 +302,10 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
     "B" if it could not, "D" with the path of each directory it makes for the program (for
     the reaper to remove should this process be killed first), "N" with its note of the
     program it started (for the reaper to send the supervisor), and "E" with the exit code
-    as the run ends (before this process's own end)."""
+    as soon as the program has ended (the rest of the run's own end comes after)."""
     code = EXIT_FAILED
     prepared = None
+    said: list[int] = []  # the exit code, once said to the reaper
     try:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -337,12 +340,17 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
             prepared = None
         sock, reaper = take_on(run, fds, sock, reaper)
         sock.close()
+
+        def ended(code: int) -> None:  # the caller has its code while the run ends
+            if _say_the_end(reaper, code):
+                said.append(code)
+
         # the system that forked us is up: run need not ask
         code = entry.run_command(run["state_dir"], run["command"],
                                  {**run["options"], "system_up": True,
                                   "prepared": prepared[0] if prepared is not None else None,
                                   "on_scratch": _telling(reaper),
-                                  "note": _noting(reaper, run["state_dir"])})
+                                  "note": _noting(reaper, run["state_dir"]), "ended": ended})
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except BaseException:  # noqa: BLE001 - as the command would: say what, exit 1
@@ -352,17 +360,34 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
     finally:
         if prepared is not None:
             prepared[0].close()  # not taken: the run failed before it started the program
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        try:
-            if _childless():  # a process the program made ours (CLONE_PARENT) ends with us
-                reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
-        except (OSError, OverflowError, AttributeError):
-            pass  # the reaper learns it from our exit status instead
+        if not said:
+            _say_the_end(reaper, code)
+        else:
+            _flush()
         os._exit(code)
+
+
+def _say_the_end(reaper: socket.socket, code: int) -> bool:
+    """Tell the reaper the run's exit code ("E", for it to say to the caller at once), our
+    messages flushed first, unless we have a child left: a process the program made ours
+    (CLONE_PARENT) ends with us, and the reaper says the code once we have exited. Whether
+    it was said."""
+    _flush()
+    try:
+        if _childless():
+            reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
+            return True
+    except (OSError, OverflowError, AttributeError):
+        pass  # the reaper learns it from our exit status instead
+    return False
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _telling(reaper: socket.socket) -> Callable[[str], None]:

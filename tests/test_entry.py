@@ -40,7 +40,7 @@ def entry_reading(args: list[str], env: dict[str, str] | None = None) -> dict:
         options = entry.with_paths("", options)[1]
     defaults = {name: p.default for name, p in inspect.signature(run.main).parameters.items()
                 if p.default is not inspect.Parameter.empty
-                and name not in ("system_up", "prepared", "on_scratch", "note")}  # the runner's to give
+                and name not in ("system_up", "prepared", "on_scratch", "note", "ended")}  # the runner's to give
     from redoxcap.lifecycle import default_state_dir
 
     return {**defaults, **options, "command": command,
