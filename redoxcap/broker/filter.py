@@ -2,8 +2,8 @@
 
 The filter is the ``brokered`` form of the one list in
 redoxcap/sandbox/syscalls.py: every syscall that names a path (and fstat,
-getdents64, execve, and clone when it makes a process) returns
-SECCOMP_RET_USER_NOTIF, so no lookup of the target's ever runs in the kernel;
+getdents64 and execve) returns SECCOMP_RET_USER_NOTIF, so no lookup of the
+target's ever runs in the kernel; forks are native (redoxcap/broker/state.py);
 everything else is allowed, checked or refused there, exactly as for a
 program confined without the broker. In a run that grants udp, UDP sockets
 may be made and every send that can name a destination is the broker's too

@@ -10,22 +10,26 @@ A capability is recognised by the identity of its socket (wire.linux.identity),
 recorded when the broker installed it.
 
 Threads share their process's state (Linux's CLONE_FS); a new process
-starts in the cwd its parent had when it forked (the filter hands the
-broker every clone that makes a process; the child is matched to its parent
-through /proc when its first call arrives);
-a process that exited is dropped when its pidfd says so.
+starts in the cwd its parent had when it forked. Forks are the kernel's
+alone (a call the broker holds may be interrupted by a signal before the
+broker takes it, and fork must not fail with EINTR): a child is matched to
+its parent through /proc when its first call arrives, and takes its
+parent's cwd then, unless the parent changed directory since the fork:
+before a process changes directory, each child of its that the broker has
+not seen yet is given the cwd the parent is leaving (:meth:`Processes.leaving`).
+A process that exited is dropped when its pidfd says so.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_CAPABILITIES = 1 << 16  # remembered capability identities (the oldest are forgotten)
 MAX_THREADS = 1 << 16
-MAX_PENDING_FORKS = 64
+MAX_UNSEEN_CHILDREN = 1024  # children given a cwd before their first call (the oldest go)
 
 
 @dataclass(eq=False)
@@ -121,15 +125,20 @@ class Processes:
     by_tgid: dict[int, Process] = field(default_factory=dict)
     by_pidfd: dict[int, Process] = field(default_factory=dict)
     _tgid_of: OrderedDict[int, int] = field(default_factory=OrderedDict)
-    # parent tgid -> (cwd, kernel cwd) of each fork not seen yet
-    _forks: dict[int, deque[tuple[Directory, str | None]]] = field(default_factory=dict)
+    # child pid -> (its parent's tgid, the cwd and kernel cwd it starts in), for children not
+    # seen yet whose parent changed directory since it forked them
+    _unseen: OrderedDict[int, tuple[int, Directory, str | None]] = \
+        field(default_factory=OrderedDict)
 
-    def forking(self, parent: Process) -> None:
-        """parent is about to fork: its child starts in the cwd it has now."""
-        pending = self._forks.setdefault(parent.tgid, deque())
-        pending.append((parent.cwd.retain(), parent.kernel_cwd))
-        while len(pending) > MAX_PENDING_FORKS:  # forks that failed leave theirs behind
-            pending.popleft()[0].release()
+    def leaving(self, parent: Process) -> None:
+        """parent is about to change directory: each child of its not seen yet (forked before,
+        so it starts where parent is now) is given parent's cwd (the first time only)."""
+        for child in _children(parent.tgid):
+            if child in self.by_tgid or child in self._unseen:
+                continue
+            self._unseen[child] = (parent.tgid, parent.cwd.retain(), parent.kernel_cwd)
+            if len(self._unseen) > MAX_UNSEEN_CHILDREN:
+                self._unseen.popitem(last=False)[1][1].release()
 
     def of_thread(self, tid: int) -> tuple[Process, bool]:
         """The process of thread tid (read from /proc for a thread not seen yet).
@@ -153,10 +162,12 @@ class Processes:
         process = self.by_tgid.get(tgid)
         if process is not None:
             return process, False
-        pending = self._forks.get(ppid)
-        if pending:
-            cwd, kernel_cwd = pending.popleft()  # retained when the parent forked
+        given = self._unseen.pop(tgid, None)
+        if given is not None and given[0] == ppid:
+            _, cwd, kernel_cwd = given  # retained when its parent left it
         else:
+            if given is not None:  # a pid used again, by a child of another parent
+                given[1].release()
             parent = self.by_tgid.get(ppid)
             cwd = (parent.cwd if parent is not None else self.initial).retain()
             kernel_cwd = parent.kernel_cwd if parent is not None else self.initial_kernel_cwd
@@ -175,14 +186,30 @@ class Processes:
             return
         self.by_tgid.pop(process.tgid, None)
         process.cwd.release()
-        for cwd, _ in self._forks.pop(process.tgid, ()):
-            cwd.release()
         os.close(pidfd)
 
     def close(self) -> None:
         for pidfd in list(self.by_pidfd):
             self.exited(pidfd)
+        while self._unseen:
+            self._unseen.popitem()[1][1].release()
         self.initial.release()
+
+
+def _children(tgid: int) -> list[int]:
+    """The children of every thread of process tgid, from /proc (none where it cannot say)."""
+    try:
+        tids = os.listdir(f"/proc/{tgid}/task")
+    except OSError:
+        return []
+    children: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{tgid}/task/{tid}/children", "rb") as f:
+                children += map(int, f.read().split())
+        except (OSError, ValueError):
+            continue  # a thread that went meanwhile
+    return children
 
 
 def _ids(tid: int) -> tuple[int, int]:

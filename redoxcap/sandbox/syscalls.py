@@ -207,10 +207,10 @@ PERSONALITY_CHECK = Check(0, "persona", (
     (Equal((linux.PERSONALITY_QUERY, linux.PER_LINUX, linux.ADDR_NO_RANDOMIZE),
            ("query", "PER_LINUX", "ADDR_NO_RANDOMIZE")), ALLOW),), EPERM)
 _NEW_NAMESPACE = AnyBit(linux.CLONE_NEW_NAMESPACES, "a CLONE_NEW* flag")
+# processes and threads alike, native under the broker too: a call the broker holds can be
+# interrupted by a signal before it takes it (EINTR), which fork never is on Linux; a new
+# process's cwd is noted when its parent changes directory (redoxcap/broker/state.py)
 CLONE_CHECK = Check(0, "flags", ((_NEW_NAMESPACE, EPERM),), ALLOW)
-# under the broker, a new process starts in the cwd its parent has then: the broker notes it
-CLONE_BROKERED = Check(0, "flags", ((_NEW_NAMESPACE, EPERM),
-                                    (AnyBit(linux.CLONE_THREAD, "CLONE_THREAD"), ALLOW)), NOTIFY)
 SETPRIORITY_CHECK = Check(0, "which", ((Equal((linux.PRIO_PROCESS,), ("PRIO_PROCESS",)),
                                         only_own(1, "who")),), EPERM)
 IOPRIO_SET_CHECK = Check(0, "which", ((Equal((linux.IOPRIO_WHO_PROCESS,), ("IOPRIO_WHO_PROCESS",)),
@@ -358,10 +358,11 @@ def rules(*, deny_network: bool = True, signals_scoped: bool = True) -> tuple[Ru
         Rule("processes", ("ioprio_set",), IOPRIO_SET_CHECK, None, "its own I/O priority"),
         Rule("processes", ("prctl",), PRCTL_CHECK, None, "options that act on the caller alone"),
         Rule("processes", ("personality",), PERSONALITY_CHECK, None, "query, or plain Linux"),
-        Rule("processes", ("clone",), CLONE_CHECK, CLONE_BROKERED,
+        Rule("processes", ("clone",), CLONE_CHECK, CLONE_CHECK,
              "threads and processes, never in new namespaces"),
-        Rule("processes", ("fork", "vfork", "execve", "execveat"), ALLOW, NOTIFY,
-             "the broker checks what is executed and where a child starts"),
+        Rule("processes", ("fork", "vfork"), ALLOW, ALLOW, "processes"),
+        Rule("processes", ("execve", "execveat"), ALLOW, NOTIFY,
+             "the broker checks what is executed"),
         Rule("paths", PATHS, ALLOW, NOTIFY,
              "confined: Landlock decides what a path reaches; brokered: the broker resolves it"),
         Rule("paths", ("mknod", "mknodat"), ALLOW, EPERM,

@@ -18,7 +18,7 @@ hands over, fails at import (and at construction, for other families).
     names.py        mkdir, unlink, rmdir, symlink, truncate
     two_paths.py    rename, link
     metadata.py     chmod, utime, chown
-    processes.py    clone, fork, vfork, execve, execveat
+    processes.py    execve, execveat
     sockets.py      bind, connect, listen; sendto, sendmsg, sendmmsg where udp is granted
 """
 

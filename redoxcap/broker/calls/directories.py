@@ -91,6 +91,7 @@ class Directories(Family):
         finally:
             loc.close()
         process = call.process
+        program.processes.leaving(process)
         process.set_cwd(new)
         reached = program.kernel_path(new)
         if reached is not None and (path.startswith("/") or process.kernel_cwd is not None):
@@ -112,6 +113,7 @@ class Directories(Family):
                 new_fd = call_fd(dup, P.CLONE)  # the broker's own: the target may close or use its fd
             elif stat.S_ISDIR(st.st_mode) and \
                     program.hosts.inside(real := os.readlink(f"/proc/self/fd/{dup}")):
+                program.processes.leaving(call.process)
                 call.process.set_cwd(Directory(dup, real, True))
                 dup = None  # the cwd's now
                 return 0
@@ -125,6 +127,7 @@ class Directories(Family):
         except BaseException:
             close(new_fd)
             raise
+        program.processes.leaving(call.process)
         call.process.set_cwd(Directory(new_fd, where, False))
         return 0
 

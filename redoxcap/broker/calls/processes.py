@@ -1,9 +1,10 @@
-"""clone, fork, vfork, execve, execveat: new processes and the programs they run.
+"""execve, execveat: the programs processes run.
 
-A new process starts in the cwd its parent had when it forked (state.py).
-An exec cannot be emulated: the broker checks its copy of the path and lets
-the kernel run the call (PROCEED); docs/sandbox.md says why that is safe
-(Landlock bounds what the kernel may find to what the program could name).
+New processes are the kernel's to make (clone, fork and vfork are not the
+broker's: state.py says how a child gets the cwd its parent had when it
+forked). An exec cannot be emulated: the broker checks its copy of the path
+and lets the kernel run the call (PROCEED); docs/sandbox.md says why that is
+safe (Landlock bounds what the kernel may find to what the program could name).
 """
 
 from __future__ import annotations
@@ -19,13 +20,6 @@ from redoxcap.wire.linux import AT_EMPTY_PATH, AT_FDCWD
 
 class Processes(Family):
     """The process calls."""
-
-    @syscall("clone", "fork", "vfork")
-    def clone(self, call: Call) -> Any:
-        """A new process (not a thread: the filter lets those run): it will start in the cwd
-        its parent has now, even if the parent changes directory before the child's first call."""
-        self.program.processes.forking(call.process)
-        return PROCEED
 
     @syscall()
     def execve(self, call: Call) -> Any:
