@@ -272,6 +272,10 @@ def exit_for(exc: Exception) -> None:
     """Leave with `redoxcap: MESSAGE` and exc's exit code if it is a failure the commands
     report (:func:`failure_code`); return otherwise, for the caller to raise it."""
     code = failure_code(exc)
+    if isinstance(exc, BrokenPipeError):  # what reads our output went (`status | head`): as
+        # a tool SIGPIPE ends, say nothing (and have the last flush go nowhere)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(code)
     if code is not None:
         print(f"redoxcap: {exc}", file=sys.stderr)
         sys.exit(code)

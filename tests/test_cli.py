@@ -35,6 +35,20 @@ def test_status_json_reports_every_daemon(redoxcap_module_system):
     assert "nsmgr" in human and "file" in human
 
 
+def test_output_its_reader_stops_reading_is_no_error(redoxcap_module_system):
+    """`redoxcap status | head -1`: what reads the output goes away before all of it is
+    written, and the command ends as a tool SIGPIPE ends would, without a word."""
+    for command in (["status"], ["status", "--json"], ["graph"]):
+        read, write = os.pipe()
+        proc = subprocess.Popen([*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir),
+                                 *command], stdout=write, stderr=subprocess.PIPE)
+        os.close(write)
+        os.close(read)  # before it writes anything
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, command
+        assert err == b"", (command, err)
+
+
 def test_the_control_socket_only_answers_its_owner(redoxcap_module_system):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.connect(str(redoxcap_module_system.state_dir / control.SOCKET_NAME))
