@@ -340,13 +340,13 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
-        scratch = tempfile.mkdtemp(prefix="redoxcap-scratch-")
+        scratch = _temporary_directory("redoxcap-scratch-")
         if on_scratch is not None:
             on_scratch(scratch)
         launcher = confined_launch(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
     if broker is not None:
-        private_tmp = tempfile.mkdtemp(prefix="redoxcap-tmp-")
+        private_tmp = _temporary_directory("redoxcap-tmp-")
         if on_scratch is not None:
             on_scratch(private_tmp)
         env["TMPDIR"] = "/tmp"
@@ -407,6 +407,18 @@ def _shown(command: Sequence[str], room: int = 1024) -> list[str]:
         shown.append(word)
         room -= len(word) + 1
     return shown
+
+
+def _temporary_directory(prefix: str) -> str:
+    """tempfile.mkdtemp(prefix=prefix), in the first of $TMPDIR, $TEMP, $TMP and /tmp, and
+    only where making it there fails in the place tempfile finds: tempfile's first call in
+    a process creates and removes a file in each place it tries (0.3-0.6 ms of a run)."""
+    base = next((os.environ[name] for name in ("TMPDIR", "TEMP", "TMP") if os.environ.get(name)),
+                "/tmp")
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=base)
+    except OSError:
+        return tempfile.mkdtemp(prefix=prefix)
 
 
 def _remove(directory: str) -> None:
