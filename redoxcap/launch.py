@@ -107,8 +107,8 @@ def run_in_system(state_dir: str, command: list[str], options: dict) -> int | No
         command, options: as redoxcap.entry.parse_run read them (paths as strings).
     """
     pass_fds = list(options.get("pass_fds", ()))
-    numbers = [n for n in (0, 1, 2) if _is_open(n)] + pass_fds
-    if len(pass_fds) > MAX_PASS_FDS or not all(_is_open(n) for n in pass_fds):
+    numbers = [n for n in (0, 1, 2) if is_open(n)] + pass_fds
+    if len(pass_fds) > MAX_PASS_FDS or not all(is_open(n) for n in pass_fds):
         return None  # more than a runner takes, or one run says is not open (and how)
     try:
         with open(os.path.join(state_dir, CONTROL_TOKEN), encoding="ascii") as f:
@@ -179,7 +179,8 @@ def _rights(fds: list[int]) -> tuple[int, int, bytes]:
             b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds))
 
 
-def _is_open(fd: int) -> bool:
+def is_open(fd: int) -> bool:
+    """Whether fd is an open fd of this process."""
     try:
         os.fstat(fd)
         return True

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from redoxcap.broker import filter as bpf
+from redoxcap.launch import is_open
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 
@@ -149,7 +150,7 @@ class Starter:
                 big): the child is let go, and the caller forks its program itself.
         """
         assert self._sock is not None and self.pid is not None
-        numbers = [n for n in (0, 1, 2) if _is_open(n)] + list(keep_fds)
+        numbers = [n for n in (0, 1, 2) if is_open(n)] + list(keep_fds)
         umask = os.umask(0)
         os.umask(umask)
         attributes = (umask, os.getpriority(os.PRIO_PROCESS, 0),
@@ -227,10 +228,3 @@ def _moved(fd: int, low: int) -> int:
     os.close(fd)
     return new
 
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
