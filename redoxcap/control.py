@@ -29,7 +29,8 @@ Operations:
     status     -> {"status": {...}}: one page of what `redoxcap status --json` prints
                   (`clients_after`, `holdings_after`: where the last page ended, as its
                   `clients_next` and `holdings_next` say; status.fetch joins them)
-    client     -> {}: note the program `run` started (`pid`, `argv`, `names`, `cwd`, `account`)
+    client     -> {}: note the program `run` started (`pid`, `argv`, `names`, `cwd`, `account`;
+                  a runner's reaper sends it for its run, argv cut to fit a request)
     trace      -> {"schemes": {id: name}} and a socket the router streams the trace on
     restart    -> {"pid": N}: restart scheme `name` (also a FAILED one)
     mount      -> {"added": bool}: serve host directory `path` as scheme `name`
