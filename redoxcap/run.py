@@ -416,7 +416,7 @@ def _temporary_directory(prefix: str) -> str:
     base = next((os.environ[name] for name in ("TMPDIR", "TEMP", "TMP") if os.environ.get(name)),
                 "/tmp")
     try:
-        return tempfile.mkdtemp(prefix=prefix, dir=base)
+        return tempfile.mkdtemp(prefix=prefix, dir=os.path.abspath(base))  # as tempfile's is
     except OSError:
         return tempfile.mkdtemp(prefix=prefix)
 

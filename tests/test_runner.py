@@ -394,6 +394,19 @@ def test_a_program_whose_environment_is_too_big_to_hand_the_fork_made_ahead_runs
     assert out.stdout.split() == ["100000", "100000"]
 
 
+def test_a_caller_with_a_relative_tmpdir_gets_its_private_tmp_there(redoxcap_module_system,
+                                                                     tmp_path):
+    """The run makes the program's /tmp in the caller's $TMPDIR, relative to the caller's
+    directory as tempfile would take it, and removes it after."""
+    (tmp_path / "scratch").mkdir()
+    out = subprocess.run([*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
+                          "--", "sh", "-c", "echo kept > /tmp/f && cat /tmp/f"],
+                         cwd=tmp_path, env={**os.environ, "TMPDIR": "scratch"},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert (out.returncode, out.stdout) == (0, "kept\n"), out.stderr
+    wait_for(lambda: not os.listdir(tmp_path / "scratch"))  # the run's end comes after ours
+
+
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):
     """The caller's --pass-fd fds go to their numbers in the runner, wherever what the
     runner received them with (their cwd among them) landed first, and wherever the spare
