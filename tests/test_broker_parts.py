@@ -54,6 +54,42 @@ def test_the_host_trees_follow_links_that_stay_in_and_refuse_the_rest(trees):
         h.resolve(f"{allowed}/sub/f/")
 
 
+def test_a_walk_that_looks_ahead_finds_what_one_step_at_a_time_finds(trees):
+    """resolve looks up the plain directories before a `..` or the last name in one openat2:
+    every path gives what the walk one step at a time gives, result or errno."""
+    h, allowed, tmp = trees
+    (allowed / "sub" / "deeper" / "deepest").mkdir(parents=True)
+    (allowed / "sub" / "deeper" / "g").write_text("g")
+    os.symlink("deeper", allowed / "sub" / "to_deeper")
+    os.symlink("loop", allowed / "loop")
+    os.symlink("/usr/lib", allowed / "to_usr_lib")
+    (tmp / "home" / "me" / "src").mkdir(parents=True)
+    handed = HostTrees([str(allowed), "/usr", "/lib"], [str(tmp / "home" / "me" / "src")])
+    a, t = str(allowed), str(tmp)
+    paths = [f"{a}/sub/deeper/g", f"{a}/sub/deeper/deepest/../g", f"{a}/sub/to_deeper/g",
+             f"{a}/sub/to_deeper/deepest/../../f", f"{a}/sub/f/x", f"{a}/sub/f/../f",
+             f"{a}/sub/missing/../f", f"{a}/sub/deeper/../../../secret", f"{a}/loop/x",
+             f"{a}/abs_in/deeper/g", f"{a}/abs_out/x", f"{a}/up_out/x", f"{a}/to_usr_lib/..",
+             f"{a}/sub/deeper/deepest/", f"{a}/sub/deeper/g/", f"{a}/rel", f"{a}/sub/./deeper/.",
+             "/usr/lib/../lib/../bin/sh", "/usr/lib/gcc/../../bin/../lib/..", "/lib/../usr/bin",
+             f"{t}/home/me/src/../other", f"{t}/home/me/../me/src", f"{t}/home/x/y",
+             f"{a}/../home/me/../../allowed/rel"]  # through directories outside: EACCES
+    try:
+        for tree in (h, handed):
+            for path in paths:
+                for follow in (True, False):
+                    found = []
+                    for tree.batched in (True, False):
+                        try:
+                            found.append(tree.resolve(path, follow))
+                        except OSError as exc:
+                            found.append(errno.errorcode[exc.errno])
+                    assert found[0] == found[1], (path, follow, found)
+    finally:
+        h.batched = handed.batched = True
+        handed.close()
+
+
 def test_merged_usr_and_absolute_system_links_resolve(trees):
     h, _, _ = trees
     for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/etc/localtime"):

@@ -472,10 +472,17 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
         OSError: Linux's errno; ENOSYS where this machine has no openat2.
     """
     how = OPEN_HOW.pack(flags, mode if flags & os.O_CREAT else 0, resolve)
-    try:
-        return syscall("openat2", ctypes.c_int(dirfd), os.fsencode(path), how, len(how))
-    except OSError as exc:
-        raise OSError(exc.errno, os.strerror(exc.errno)) from None
+    number = SYSCALLS.get(machine() or "", {}).get("openat2")
+    if number is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    # syscall() without its general argument handling: the broker makes this call for most
+    # lookups a program asks of it
+    ret = libc().syscall(ctypes.c_long(number), ctypes.c_int(dirfd), os.fsencode(path), how,
+                         ctypes.c_ulong(len(how)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
 
 
 def ioctl(fd: int, request: int, buf: ctypes.Array | int | None) -> int:

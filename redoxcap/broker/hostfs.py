@@ -85,7 +85,13 @@ class HostTrees:
             self._root = -1
 
     def _in_tree(self, parts: tuple[str, ...] | list[str]) -> bool:
-        return any(tuple(parts[:d]) in self._tree_set for d in self._depths if d <= len(parts))
+        n, trees = len(parts), self._tree_set  # (a loop: called for every step of a walk)
+        for depth in self._depths:  # ascending
+            if depth > n:
+                return False
+            if tuple(parts[:depth]) in trees:
+                return True
+        return False
 
     def claims(self, path: str) -> bool:
         """Whether an absolute path belongs to the host (its first components name a tree)."""
@@ -131,6 +137,12 @@ class HostTrees:
                 if cur:
                     cur.pop()
                 continue
+            run = self._directories_ahead(cur, name, todo)
+            if run:  # they all are plain directories, as the walk below would have found
+                cur += run
+                for _ in range(len(run) - 1):
+                    todo.popleft()
+                continue
             step = tuple(cur) + (name,)
             if not self._passable(step):
                 if tuple(cur) in self.handed_above:  # beside a handed directory: not there
@@ -157,6 +169,33 @@ class HostTrees:
         if must_be_dir and not stat.S_ISDIR(os.stat(real).st_mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return real
+
+    # whether resolve looks up the directories ahead of a `..` or of the last name in one
+    # openat2 (False: one step at a time, as tests compare)
+    batched = True
+
+    def _directories_ahead(self, cur: list[str], name: str, todo: deque[str]) -> list[str]:
+        """name and the names after it up to a `..` or the last name, when there are two or
+        more, each step may be walked (:meth:`_passable`) and Linux finds them all plain
+        directories (no symlink) from cur in one openat2; else [] (resolve walks them one
+        by one, with the errors and links it finds in their order)."""
+        run = [name]
+        for i, ahead in enumerate(todo):
+            if ahead == ".." or i == len(todo) - 1:
+                break
+            run.append(ahead)
+        if len(run) < 2 or not self.batched or not todo:
+            return []
+        if not all(self._passable(tuple(cur) + tuple(run[:i])) for i in range(1, len(run) + 1)):
+            return []
+        try:
+            fd = openat2(self._root, "/".join(cur + run),
+                         os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                         RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            return []  # a link, a name missing, a file: one by one
+        os.close(fd)
+        return run
 
     def open(self, path: str, flags: int, mode: int = 0) -> int:
         """Open an absolute host path read-only (writable only for WRITABLE_DEVICES).
