@@ -372,7 +372,7 @@ def test_a_brokered_programs_kernel_cwd_is_a_removed_directory(redoxcap_module_s
     system = redoxcap_module_system
     spare_prepared(system)
     traced = ["--trace", str(tmp_path / "trace")] if forked else []
-    run = system.start("run", *traced, "--", "sleep", "30")
+    system.start("run", *traced, "--", "sleep", "30")
     try:
         program = wait_for(lambda: next((c["pid"] for c in system.status()["clients"]
                                          if c["argv"] == ["sleep", "30"]), None), timeout=30)

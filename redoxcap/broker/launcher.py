@@ -1,8 +1,9 @@
 """The target's side: confine, install the broker's filter, hand over its listener, exec.
 
 Runs in the child `run_brokered` forks, before anything of the program
-runs, or in a fork made ahead for it (:class:`Starter`). Landlock (redoxcap.sandbox) grants read and execute on the host trees
-only: every path call is the broker's anyway, and the one the kernel still
+runs, or in a fork made ahead for it (:class:`Starter`). Landlock
+(redoxcap.sandbox) grants read and execute on the host trees only: every
+path call is the broker's anyway, and the one the kernel still
 runs itself (execve, whose path the broker checked but cannot pass by
 copy) can then reach nothing but the host trees, whatever a racing thread
 writes into its argument. The filter goes last, so that nothing between it
