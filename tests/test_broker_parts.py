@@ -64,6 +64,9 @@ def test_a_walk_that_looks_ahead_finds_what_one_step_at_a_time_finds(trees):
     os.symlink("loop", allowed / "loop")
     os.symlink("/usr/lib", allowed / "to_usr_lib")
     (tmp / "home" / "me" / "src").mkdir(parents=True)
+    deep = allowed.joinpath(*["d"] * 70)  # deeper than one look-ahead takes at once
+    deep.mkdir(parents=True)
+    (deep / "h").write_text("h")
     handed = HostTrees([str(allowed), "/usr", "/lib"], [str(tmp / "home" / "me" / "src")])
     a, t = str(allowed), str(tmp)
     paths = [f"{a}/sub/deeper/g", f"{a}/sub/deeper/deepest/../g", f"{a}/sub/to_deeper/g",
@@ -73,7 +76,8 @@ def test_a_walk_that_looks_ahead_finds_what_one_step_at_a_time_finds(trees):
              f"{a}/sub/deeper/deepest/", f"{a}/sub/deeper/g/", f"{a}/rel", f"{a}/sub/./deeper/.",
              "/usr/lib/../lib/../bin/sh", "/usr/lib/gcc/../../bin/../lib/..", "/lib/../usr/bin",
              f"{t}/home/me/src/../other", f"{t}/home/me/../me/src", f"{t}/home/x/y",
-             f"{a}/../home/me/../../allowed/rel"]  # through directories outside: EACCES
+             f"{a}/../home/me/../../allowed/rel",  # through directories outside: EACCES
+             f"{deep}/h", f"{deep}/../h", f"{deep}/../../{'d/' * 5}missing/h", f"{deep}/h/"]
     try:
         for tree in (h, handed):
             for path in paths:
