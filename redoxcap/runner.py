@@ -408,8 +408,8 @@ def _noting(reaper: socket.socket, state_dir: str) -> Callable[[dict], None]:
     def note(client: dict) -> None:
         try:
             reaper.send(b"N" + marshal.dumps((state_dir, client)))
-        except (OSError, ValueError):
-            pass  # the reaper is gone (and so is our caller), or the note is too big to show
+        except OSError:
+            pass  # the reaper is gone (and so is our caller): nobody to show it to
 
     return note
 

@@ -398,13 +398,22 @@ def test_a_caller_with_a_relative_tmpdir_gets_its_private_tmp_there(redoxcap_mod
                                                                      tmp_path):
     """The run makes the program's /tmp in the caller's $TMPDIR, relative to the caller's
     directory as tempfile would take it, and removes it after."""
-    (tmp_path / "scratch").mkdir()
-    out = subprocess.run([*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir), "run",
-                          "--", "sh", "-c", "echo kept > /tmp/f && cat /tmp/f"],
-                         cwd=tmp_path, env={**os.environ, "TMPDIR": "scratch"},
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert (out.returncode, out.stdout) == (0, "kept\n"), out.stderr
-    wait_for(lambda: not os.listdir(tmp_path / "scratch"))  # the run's end comes after ours
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = subprocess.Popen([*REDOXCAP, "--state-dir", str(redoxcap_module_system.state_dir),
+                            "run", "--", "sh", "-c", "echo kept > /tmp/f && cat /tmp/f && { read x || true; }"],
+                           cwd=tmp_path, env={**os.environ, "TMPDIR": "scratch"},
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "kept\n"
+        (made,) = os.listdir(scratch)  # while the program runs: its /tmp, with what it wrote
+        assert made.startswith("redoxcap-tmp-") and (scratch / made / "f").read_text() == "kept\n"
+    finally:
+        run.stdin.close()
+        run.wait(timeout=60)
+        run.stdout.close()
+    assert run.returncode == 0
+    wait_for(lambda: not os.listdir(scratch))  # the run's end comes after ours
 
 
 def test_pass_fds_at_every_low_number_reach_the_program(redoxcap_module_system):

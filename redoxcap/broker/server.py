@@ -342,11 +342,12 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         empty = None
         try:
             keep = [target_ns, target_cwd, *pass_fds]
-            try:  # (its cwd is a removed directory already)
-                pid, ours = starter.start(argv, env, kernel_cwd, read_paths, keep, udp) \
-                    if starter is not None else (0, None)
-            except OSError:  # it is gone, or the request is too big for it: we fork
-                ours = None
+            ours = None
+            if starter is not None:  # (its cwd is a removed directory already)
+                try:
+                    pid, ours = starter.start(argv, env, kernel_cwd, read_paths, keep, udp)
+                except OSError:
+                    pass  # it is gone, or the request is too big for it: we fork
             if ours is None:
                 empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
