@@ -472,12 +472,9 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
         OSError: Linux's errno; ENOSYS where this machine has no openat2.
     """
     how = OPEN_HOW.pack(flags, mode if flags & os.O_CREAT else 0, resolve)
-    number = SYSCALLS.get(machine() or "", {}).get("openat2")
-    if number is None:
-        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
     # syscall() without its general argument handling: the broker makes this call for most
     # lookups a program asks of it
-    ret = libc().syscall(ctypes.c_long(number), ctypes.c_int(dirfd), os.fsencode(path), how,
+    ret = libc().syscall(_number("openat2"), ctypes.c_int(dirfd), os.fsencode(path), how,
                          ctypes.c_ulong(len(how)))
     if ret < 0:
         err = ctypes.get_errno()
@@ -533,4 +530,29 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     Raises:
         OSError: EBADF (no such fd), EPERM (not allowed to ptrace it), ESRCH (it exited).
     """
-    return syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(targetfd), 0)
+    # syscall() without its general argument handling: the broker asks this for most fds
+    # a program names
+    ret = libc().syscall(_number("pidfd_getfd"), ctypes.c_int(pidfd), ctypes.c_int(targetfd),
+                         ctypes.c_ulong(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+    return ret
+
+
+_numbers: dict[str, ctypes.c_long] = {}
+
+
+def _number(name: str) -> ctypes.c_long:
+    """The number of a syscall the broker makes for most calls it answers, looked up once.
+
+    Raises:
+        OSError: ENOSYS where this machine has no such call.
+    """
+    number = _numbers.get(name)
+    if number is None:
+        value = SYSCALLS.get(machine() or "", {}).get(name)
+        if value is None:
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        number = _numbers[name] = ctypes.c_long(value)
+    return number

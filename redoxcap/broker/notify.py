@@ -25,10 +25,10 @@ the cwd took twice as long).
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import fcntl
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from redoxcap.wire import linux
 from redoxcap.wire.linux import SECCOMP_NOTIF as _NOTIF
@@ -36,9 +36,10 @@ from redoxcap.wire.linux import SECCOMP_NOTIF_ADDFD as _ADDFD
 from redoxcap.wire.linux import SECCOMP_NOTIF_RESP as _RESP
 from redoxcap.wire.linux import SECCOMP_NOTIF_U64 as _ID
 
+_ZEROED = bytes(_NOTIF.size)  # RECV's struct: the kernel insists that it be zeroed
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+
+class Notification(NamedTuple):
     """One trapped syscall: its id, the calling thread, the syscall number and raw arguments."""
 
     id: int
@@ -53,10 +54,6 @@ class Listener:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._recv = ctypes.create_string_buffer(_NOTIF.size)
-        self._send = ctypes.create_string_buffer(_RESP.size)
-        self._addfd = ctypes.create_string_buffer(_ADDFD.size)
-        self._id = ctypes.create_string_buffer(_ID.size)
 
     def fileno(self) -> int:
         return self.fd
@@ -82,38 +79,37 @@ class Listener:
         Raises:
             OSError: any other error (EBADF/ENOTTY for a closed listener...).
         """
-        ctypes.memset(self._recv, 0, _NOTIF.size)  # the kernel insists on a zeroed struct
-        try:
-            linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_RECV, self._recv)
+        try:  # (fcntl's ioctl: given bytes, it answers the struct as the kernel left it)
+            raw = fcntl.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_RECV, _ZEROED)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EINTR):
                 return None
             raise
-        nid, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(self._recv.raw)
+        nid, tid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(raw)
         return Notification(nid, tid, nr, arch, tuple(args))
 
-    def _ioctl(self, request: int, buf: ctypes.Array) -> int:
-        """An ioctl on the listener, tried again when a signal interrupted it (see above)."""
+    def _ioctl(self, request: int, arg: bytes) -> None:
+        """An ioctl on the listener with a struct it only reads, tried again when a signal
+        interrupted it (see above)."""
         while True:
             try:
-                return linux.ioctl(self.fd, request, buf)
+                fcntl.ioctl(self.fd, request, arg)
+                return
             except InterruptedError:
                 continue
 
     def valid(self, nid: int) -> bool:
         """Whether the notification is still pending (its thread still waits in the syscall)."""
-        self._id.raw = _ID.pack(nid)
         try:
-            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_ID_VALID, self._id)
+            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_ID_VALID, _ID.pack(nid))
             return True
         except OSError:
             return False
 
     def _respond(self, nid: int, val: int, error: int, flags: int) -> bool:
         """Answer the call; False when its thread gave up on it (a signal): nobody to tell."""
-        self._send.raw = _RESP.pack(nid, val, error, flags)
         try:
-            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_SEND, self._send)
+            self._ioctl(linux.SECCOMP_IOCTL_NOTIF_SEND, _RESP.pack(nid, val, error, flags))
             return True
         except OSError as exc:
             if exc.errno != errno.ENOENT:
@@ -148,10 +144,11 @@ class Listener:
             OSError: EMFILE (its fd table is full) and the like; the syscall is not answered.
         """
         flags = linux.SECCOMP_ADDFD_FLAG_SEND
-        self._addfd.raw = _ADDFD.pack(nid, flags, fd, 0, os.O_CLOEXEC if cloexec else 0)
+        # a bytearray, so that fcntl's ioctl answers the ioctl's value (the fd's number)
+        addfd = bytearray(_ADDFD.pack(nid, flags, fd, 0, os.O_CLOEXEC if cloexec else 0))
         held = linux.hold_signals()
         try:
-            return linux.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd)
+            return fcntl.ioctl(self.fd, linux.SECCOMP_IOCTL_NOTIF_ADDFD, addfd, True)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return None

@@ -114,7 +114,7 @@ class Broker:
             if not self.listener.valid(notif.id):
                 return
             answer: object
-            started = time.time()
+            started = time.time() if self.trace is not None else 0.0
             try:
                 process, new = self.processes.of_thread(notif.tid)
                 if new:

@@ -32,6 +32,11 @@ def _split_ns(ns: int) -> tuple[int, int]:
 
 def pack_stat(machine: str, st: Any) -> bytes:
     """struct stat for machine from st (os.stat_result or wire.stat.Stat)."""
+    if machine == "x86_64" and type(st) is os.stat_result:  # most: read straight off
+        return _STAT_X86_64.pack(st.st_dev, st.st_ino, st.st_nlink, st.st_mode, st.st_uid,
+                                 st.st_gid, 0, st.st_rdev, st.st_size, st.st_blksize or 4096,
+                                 st.st_blocks, *divmod(st.st_atime_ns, _NS),
+                                 *divmod(st.st_mtime_ns, _NS), *divmod(st.st_ctime_ns, _NS))
     a_s, a_n = _split_ns(_f(st, "st_atime_ns"))
     m_s, m_n = _split_ns(_f(st, "st_mtime_ns"))
     c_s, c_n = _split_ns(_f(st, "st_ctime_ns"))
