@@ -16,7 +16,7 @@ import sys
 import threading
 
 import rt
-from redoxcap.testing import wait_for
+from redoxcap.testing import spare_prepared, wait_for
 
 FLOODER = r"""
 import socket, sys, threading
@@ -126,6 +126,7 @@ def test_a_client_that_clones_without_end_hits_its_quota_not_the_router(redoxcap
     """Issue 8 item 2: each `redoxcap run` is an account of its own; at its quota a
     clone is EMFILE for that client, and the router and every other client go on."""
     kernel = redoxcap_module_system.daemon("kernel")["pid"]
+    spare_prepared(redoxcap_module_system)  # counted before as after (it holds a cwd and more)
     fds_before = len(os.listdir(f"/proc/{kernel}/fd"))
     result = redoxcap_module_system.python(CLONER)
     err, count, again = result.stdout.split()
