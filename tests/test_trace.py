@@ -111,3 +111,27 @@ def test_the_trace_command_streams_json_while_clients_run(redoxcap_module_system
         tracer.terminate()
         tracer.wait(timeout=30)
         tracer.stdout.close()
+
+
+def test_an_rt_program_under_the_broker_tells_capabilities_from_host_fds_without_it(
+        redoxcap_module_system, tmp_path):
+    # rt asks, once per fd, whether it is a capability; with fstat that was a call the
+    # broker answered for every fd opened: it is the kernel's getsockopt now
+    def brokered_fstats(opens: int) -> int:
+        out = tmp_path / f"trace{opens}.txt"
+        code = ("import os, rt\n"
+                "fd = rt.open('/fstat-count', os.O_CREAT | os.O_WRONLY | os.O_TRUNC)\n"
+                "rt.write(fd, b'x')\n"
+                "rt.close(fd)\n"
+                f"for _ in range({opens}):\n"
+                "    fd = rt.open('/fstat-count')\n"
+                "    assert rt.read(fd, 1) == b'x'\n"
+                "    rt.close(fd)\n")
+        redoxcap_module_system.run(f"--trace={out}", "--no-passthrough", "--", sys.executable,
+                                   "-c", code)
+        lines = out.read_text().splitlines()
+        assert sum("file    OPENAT     fstat-count" in line for line in lines) == opens + 1
+        return sum(" syscall newfstatat (no path)" in line or " syscall fstat " in line
+                   for line in lines)
+
+    assert brokered_fstats(20) == brokered_fstats(0)

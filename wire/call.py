@@ -18,7 +18,6 @@ import errno
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from typing import Any, Self
@@ -80,15 +79,31 @@ def is_host_fd(fd: int, remember: bool = True) -> bool:
     """Whether fd is a plain host fd (a passthrough file), which rt serves with os.* calls.
 
     A capability is always a socket; anything else is a host fd. Asked once per
-    fd (fstat) and remembered until rt closes it (remember=False: not remembered,
-    for an fd that something else will close).
+    fd and remembered until rt closes it (remember=False: not remembered, for an
+    fd that something else will close). Asked with getsockopt (a socket object
+    for it, which the fd's first call then speaks through), not fstat: under the
+    broker, fstat is a call the broker answers, getsockopt is the kernel's.
 
     Raises:
         OSError: EBADF when fd is not open.
     """
     kind = _host.get(fd)
     if kind is None:
-        kind = not stat.S_ISSOCK(os.fstat(fd).st_mode)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOTSOCK:
+                raise
+            kind = True
+        else:
+            kind = False
+            endpoint = _endpoint(fd) if remember else None
+            with endpoint.lock if endpoint is not None else _guard:
+                if endpoint is not None and endpoint.sock is None and \
+                        sock.type == socket.SOCK_SEQPACKET:
+                    endpoint.sock = sock  # (as call would make it)
+                else:
+                    sock.detach()  # the fd is not the socket object's to close
         if remember:
             _host[fd] = kind
     return kind
