@@ -218,3 +218,39 @@ def test_every_brokered_syscall_has_exactly_one_handler_and_no_handler_is_left_o
     # the broker is never built on a table that disagrees with the filter
     with pytest.raises(calls.HandlerTableError):
         calls.Syscalls("x86_64", -1, None, None, True, families=without_status)
+
+
+def test_a_target_string_is_read_to_its_nul_across_pages_and_no_further_than_is_mapped():
+    # Memory.string reads a path argument once: within its first page, across pages, up to
+    # an unmapped page (EFAULT) or past its limit (ENAMETOOLONG), as Linux reads a path
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mmap.PAGESIZE
+    base = libc.mmap(None, 3 * page, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    try:
+        assert libc.munmap(base + 2 * page, page) == 0  # the third page: not mapped
+        ctypes.memmove(base + page - 3, b"abc/de\0", 7)  # across the first two pages
+        ctypes.memmove(base + 10, b"xyz\0", 4)
+        ctypes.memmove(base + 2 * page - 4, b"tail", 4)  # no NUL before the unmapped page
+        with Memory(os.getpid()) as mem:
+            assert mem.string(base + 10) == b"xyz"
+            assert mem.string(base + page - 3) == b"abc/de"
+            with pytest.raises(OSError) as too_long:
+                mem.string(base + page - 3, limit=5)
+            assert too_long.value.errno == errno.ENAMETOOLONG
+            with pytest.raises(OSError) as unmapped:
+                mem.string(base + 2 * page - 4)
+            assert unmapped.value.errno == errno.EFAULT
+            with pytest.raises(OSError) as null:
+                mem.string(0)
+            assert null.value.errno == errno.EFAULT
+    finally:
+        libc.munmap(base, 2 * page)

@@ -58,7 +58,16 @@ class Memory:
         """
         if addr == 0:
             raise OSError(errno.EFAULT, "NULL path")
-        out = b""
+        try:  # most paths end within the page they start in: one read
+            first = os.pread(self.fd, min(PAGE - addr % PAGE, limit), addr)
+        except OSError:
+            first = b""
+        nul = first.find(b"\0")
+        if nul >= 0:
+            return first[:nul]
+        if not first:
+            raise OSError(errno.EFAULT, "bad address")
+        out = first
         while len(out) < limit:
             # to the end of the page: the next one may not be mapped
             want = min(PAGE - (addr + len(out)) % PAGE, limit - len(out))
