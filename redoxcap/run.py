@@ -48,6 +48,8 @@ from redoxcap import control, hostdirs
 from redoxcap.exits import EXIT_NOT_FOUND, EXIT_USAGE, Failure, wait_forwarding_signals
 from redoxcap.grants import NetGrant, entries_for, net_grants
 from redoxcap.sandbox.policy import python_script
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call_fd
 from rt import _process
 from rt._paths import ENV_DIRS
 
@@ -483,15 +485,15 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         prepared = None
     if prepared is not None:  # rt holds its root namespace already
         # without the broker, the /tmp scheme is not used: closed with the rest, below
-        account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root, starter = \
-            prepared.take()
+        account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root, starter, \
+            clones = prepared.take()
         if not directfs and grant is not None:  # --no-passthrough, --no-broker: no native
             os.close(grant)                      # lookups, for the broker nor a --dir daemon
             grant = None
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
                                                                directfs)
-        file_root = starter = None
+        file_root = starter = clones = None
         if follower is not None:
             follower.start(account)  # the run's calls, from its first
         rt.setup(ns, None)  # rt owns the root namespace until the end
@@ -510,11 +512,15 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                                                             state_dir, child_names)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
+        in_root = False  # whether the cwd is the `file` root taken ahead (clones are of it)
         if dirs:
             hostdirs.enter(child_ns, mounts, cwd, beneath)
         else:
             root, file_root = file_root, None  # _enter_cwd's
-            _enter_cwd(cwd or "/", beneath, root)
+            in_root = _enter_cwd(cwd or "/", beneath, root)
+        if not in_root:
+            _close_all(clones or ())
+            clones = None
         where = rt.getcwd()
         if broker is not None:  # an unmodified program: every path it uses through the broker
             from redoxcap.broker import start_brokered
@@ -540,9 +546,11 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                     tmp_root = None  # closed with the rest of handed
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
+                ahead, clones = clones, None  # start_brokered's
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
                                       mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
-                                      directfs_grant=grant, meanwhile=meanwhile, starter=starter)
+                                      directfs_grant=grant, meanwhile=meanwhile, starter=starter,
+                                      clones=ahead)
             finally:
                 for _, cap, _ in handed:
                     rt.close(cap)
@@ -565,6 +573,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             rt.close(file_root)
         if starter is not None:
             starter.close()  # unused (once used, this does nothing)
+        _close_all(clones or ())  # unused
         if child_ns is not None:
             rt.close(child_ns)
         if grant is not None:
@@ -646,6 +655,7 @@ class Steps(NamedTuple):
     child_ns: int  # the program's namespace
     file_root: int | None  # the root namespace's `file` root, the default cwd
     starter: Any  # a fork to become a brokered program (redoxcap.broker.launcher.Starter)
+    clones: tuple[int, int, int, int] | None  # for the broker: start_brokered's `clones`
 
 
 class Prepared:
@@ -654,7 +664,8 @@ class Prepared:
     the program's namespace forked from it with every name and a private uds scope, and the
     `file` scheme's root, the cwd of a run without --cwd or --dir; before all that, where
     programs can be brokered here, a fork of this process to become the program
-    (redoxcap.broker.launcher.Starter), which holds none of them. A run with no --ns,
+    (redoxcap.broker.launcher.Starter), which holds none of them, and after it the clones of
+    the program's namespace and of that root that the broker would make for such a run. A run with no --ns,
     --uds-scope other than private, --allow-*, --max-caps or --trace starts from them (with
     --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
     broker or passthrough, the /tmp scheme or the grant let go; with --cwd or --dir, the
@@ -690,11 +701,16 @@ class Prepared:
                 if "file" in root_names else None
             if file_root is not None:
                 self._fds.append(file_root)
+            clones = None
+            if self._starter is not None and file_root is not None:  # a brokered run's, in `/`
+                clones = tuple(call_fd(fd, P.CLONE) for fd in (child_ns, child_ns, file_root,
+                                                                file_root))
+                self._fds += clones
         except BaseException:
             self.close()
             raise
         self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root,
-                            self._starter)
+                            self._starter, clones)
         self.account = account
 
     def current(self) -> bool:
@@ -718,6 +734,11 @@ class Prepared:
             if self._starter is not None:
                 self._starter.close()
             rt.setup(None, None)
+
+
+def _close_all(capabilities: Sequence[int]) -> None:
+    for fd in capabilities:
+        rt.close(fd)
 
 
 def _root_generation(names: list[str]) -> int | None:
@@ -766,8 +787,9 @@ def _script_made_absolute(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, [script]
 
 
-def _enter_cwd(cwd: str, beneath: bool, file_root: int | None = None) -> None:
-    """Make cwd (with O_RESOLVE_BENEATH if beneath) rt's current directory in this process.
+def _enter_cwd(cwd: str, beneath: bool, file_root: int | None = None) -> bool:
+    """Make cwd (with O_RESOLVE_BENEATH if beneath) rt's current directory in this process;
+    whether it is file_root.
 
     getcwd's string comes from where the scheme says the directory is, after
     symlinks, not from cwd as typed. file_root (owned: used or closed) is the `file`
@@ -783,12 +805,13 @@ def _enter_cwd(cwd: str, beneath: bool, file_root: int | None = None) -> None:
             # (NS_ROOT: a clone the router makes; no open, status or FPATH of the scheme's)
             _process.replace_cwd(file_root if file_root is not None
                                  else hostdirs.open_root(_process.namespace_fd(), "file"), "/")
-            return
+            return file_root is not None
         fd = rt.open(path, rt.O_DIRECTORY | (rt.O_RESOLVE_BENEATH if beneath else 0))
         try:
             rt.fchdir(fd)
         finally:
             rt.close(fd)
+        return False
     except OSError as exc:
         hint = ""
         if os.path.isabs(cwd) and os.path.isdir(cwd) and not path.startswith("/scheme/"):

@@ -274,7 +274,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    pass_fds: Sequence[int] = (),
                    directfs_grant: int | None = None,
                    meanwhile: Callable[[int], None] | None = None,
-                   starter: Starter | None = None) -> BrokeredProgram:
+                   starter: Starter | None = None,
+                   clones: tuple[int, int, int, int] | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -299,7 +300,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     as it would once the program runs (execve itself is the broker's). starter, a fork made
     ahead to become the program (launcher.Starter; the caller's to close, which does nothing
     once it is used), saves forking this process on the program's way; without one, or where
-    it cannot take the request, this process forks.
+    it cannot take the request, this process forks. clones (owned from the call on, whatever
+    happens), made ahead (redoxcap.run.Prepared), are the four clones this makes otherwise:
+    ns_fd's for the broker and the program, then cwd_fd's for the broker and the program.
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -307,20 +310,28 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     Raises:
         Unavailable: this kernel cannot broker a program.
     """
-    reason = available()
-    if reason is not None:
-        raise Unavailable(errno.ENOSYS, reason)
-    machine = linux.machine()
-    assert machine is not None
-    # a tree inside a handed directory (a venv in the project) is served by that directory
-    handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
-    hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
-                              if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
-                             [d.visible for d, *_ in mounts])
-    opened: list[int] = []
+    opened: list[int] = list(clones) if clones is not None else []
     try:
-        broker_ns, broker_cwd = call_fd(ns_fd, P.CLONE), None
-        opened.append(broker_ns)
+        reason = available()
+        if reason is not None:
+            raise Unavailable(errno.ENOSYS, reason)
+        machine = linux.machine()
+        assert machine is not None
+        # a tree inside a handed directory (a venv in the project) is served by that directory
+        handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
+        hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
+                                  if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
+                                 [d.visible for d, *_ in mounts])
+    except BaseException:
+        for fd in opened:
+            _close(fd)
+        raise
+    try:
+        if clones is not None:
+            broker_ns, target_ns, broker_cwd, target_cwd = clones
+        else:
+            broker_ns = call_fd(ns_fd, P.CLONE)
+            opened.append(broker_ns)
         handed = []
         for directory, root, *name in mounts:
             cap = call_fd(root, P.CLONE)
@@ -331,12 +342,13 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
         read_paths = hosts.trees + [m.path for m in handed if m.executable]
-        broker_cwd = call_fd(cwd_fd, P.CLONE)
-        opened.append(broker_cwd)
-        target_ns = call_fd(ns_fd, P.CLONE)
-        opened.append(target_ns)
-        target_cwd = call_fd(cwd_fd, P.CLONE)
-        opened.append(target_cwd)
+        if clones is None:
+            broker_cwd = call_fd(cwd_fd, P.CLONE)
+            opened.append(broker_cwd)
+            target_ns = call_fd(ns_fd, P.CLONE)
+            opened.append(target_ns)
+            target_cwd = call_fd(cwd_fd, P.CLONE)
+            opened.append(target_cwd)
         env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
         udp = SocketGrants(net).udp  # the filter lets UDP be made only where it is granted
         empty = None
