@@ -253,7 +253,13 @@ class DaemonAside:
         poller.register(self._wake_r, select.POLLIN)
         if not self._at_once:
             poller.register(self._channel, select.POLLIN)
-        if self._wake_r in {fd for fd, _ in poller.poll(0 if self._at_once else None)}:
+        events = dict(poller.poll(0 if self._at_once else None))
+        if self._wake_r in events:
+            return
+        if events.get(self._channel, 0) & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            # the router let go of the scheme (the system is going down): nothing to serve,
+            # and no daemon to start that the run would not stop
+            self._close_channel()
             return
         try:
             self.process = _start_daemon(self._channel, d, name, self._grant, self._system)
@@ -261,6 +267,9 @@ class DaemonAside:
             os.write(2, f"redoxcap: cannot start the daemon of {d.visible}: {exc.strerror}\n".encode())
         # the daemon's alone now: its death is the channel's end, as the router should see
         # (and with none started, this is the end: the requests fail rather than wait)
+        self._close_channel()
+
+    def _close_channel(self) -> None:
         for fd in (self._channel, self._grant):
             if fd is not None:
                 os.close(fd)

@@ -130,7 +130,11 @@ def daemon_cli(
     if configure is not None:
         configure(parser)
     args = parser.parse_args()
-    daemon_main(make(args), args.channel_fd)
+    try:
+        scheme = make(args)
+    except OSError as exc:  # its root gone (a run's /tmp removed as it started): say so
+        sys.exit(f"python -m {module}: cannot serve {exc.filename or 'its root'}: {exc.strerror}")
+    daemon_main(scheme, args.channel_fd)
 
 
 def daemon_main(scheme: Scheme, channel_fd: int) -> None:

@@ -466,3 +466,38 @@ async def test_read_only_refuses_every_write(host):
     finally:
         await client.close_all()
         os.close(client.scheme.root_fd)
+
+
+def test_a_daemon_whose_root_is_gone_says_so_in_one_line(tmp_path):
+    # a run's private /tmp can be removed as its daemon starts (the run ending): the daemon
+    # exits 1 with a line that names the root, not a traceback
+    import socket
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        gone = tmp_path / "gone"
+        proc = subprocess.run([sys.executable, "-m", "redoxcap.schemes.file", "--channel-fd",
+                               str(theirs.fileno()), "--root", str(gone), "--name", "tmp"],
+                              pass_fds=[theirs.fileno()], capture_output=True, text=True, check=False,
+                              timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert f"cannot serve {gone}: No such file or directory" in proc.stderr
+
+
+def test_a_run_daemon_is_not_started_for_a_scheme_the_router_let_go(tmp_path):
+    # DaemonAside starts a run's /tmp daemon on the first request; a channel hung up (the
+    # system going down) is no request: no daemon is started that the run would not stop
+    import socket
+
+    from redoxcap import hostdirs
+
+    router_end, channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    router_end.close()
+    aside = hostdirs.DaemonAside(channel.detach(), hostdirs.HostDir(str(tmp_path), "/tmp"), "tmp")
+    aside._thread.join(timeout=30)
+    assert not aside._thread.is_alive()
+    assert aside.process is None
+    aside.close()
