@@ -22,7 +22,9 @@ supervisor to pass it that socket. It is two processes:
   (its trace printed; the run's daemons are stopped and its directories
   removed after), when it has no child left (a process the program made a
   child of the run's, with CLONE_PARENT, is only ended once the run has
-  exited and it is the reaper's; the code is said then);
+  exited and it is the reaper's; the code is said then); when the reaper
+  has no child but the run either (no orphan of the program's), it first
+  says the code to the caller ("X") itself, a hop sooner;
 - the *reaper*, its parent, a child subreaper: it passes on the signals the
   caller forwards ("S"), reaps whatever the program leaves behind as it
   goes (orphans come here, not to the supervisor, which would never reap
@@ -304,7 +306,7 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
     program it started (for the reaper to send the supervisor), and "E" with the exit code
     as soon as the program has ended (the rest of the run's own end comes after)."""
     code = EXIT_FAILED
-    prepared = None
+    prepared = caller_sock = None
     said: list[int] = []  # the exit code, once said to the reaper
     try:
         signal.set_wakeup_fd(-1)
@@ -338,11 +340,11 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         if prepared is not None and prepared[1] & set(run["fds"]):
             prepared[0].close()  # the caller's fds go where its capabilities are: not used
             prepared = None
-        sock, reaper = take_on(run, fds, sock, reaper)
-        sock.close()
+        # the caller's socket stays ours too: the end is said on it from here when it can be
+        caller_sock, reaper = take_on(run, fds, sock, reaper)
 
         def ended(code: int) -> None:  # the caller has its code while the run ends
-            if _say_the_end(reaper, code):
+            if _say_the_end(reaper, code, caller_sock):
                 said.append(code)
 
         # the system that forked us is up: run need not ask
@@ -361,21 +363,29 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         if prepared is not None:
             prepared[0].close()  # not taken: the run failed before it started the program
         if not said:
-            _say_the_end(reaper, code)
+            _say_the_end(reaper, code, caller_sock)
         else:
             _flush()
         os._exit(code)
 
 
-def _say_the_end(reaper: socket.socket, code: int) -> bool:
+def _say_the_end(reaper: socket.socket, code: int, caller: socket.socket | None = None) -> bool:
     """Tell the reaper the run's exit code ("E", for it to say to the caller at once), our
     messages flushed first, unless we have a child left: a process the program made ours
     (CLONE_PARENT) ends with us, and the reaper says the code once we have exited. Whether
-    it was said."""
+    it was said. When nothing of the program is left either among the reaper's children
+    (the orphans it reaps), it is said to the caller ("X") from here first, a hop sooner
+    than through the reaper (whose own "X" then finds the caller gone, or unread)."""
     _flush()
     try:
         if _childless():
-            reaper.send(b"E" + code.to_bytes(4, sys.byteorder, signed=True))
+            end = code.to_bytes(4, sys.byteorder, signed=True)
+            if caller is not None and _child_pids(str(os.getppid())) == [os.getpid()]:
+                try:
+                    caller.send(b"X" + end)
+                except OSError:
+                    pass  # the caller is gone: the reaper finds so too
+            reaper.send(b"E" + end)
             return True
     except (OSError, OverflowError, AttributeError):
         pass  # the reaper learns it from our exit status instead
@@ -531,13 +541,13 @@ def _remove_scratch(scratch: list[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _child_pids() -> list[int] | None:
-    """Our children, from the kernel's list of each of our threads' (None where it keeps
-    none: a kernel without CONFIG_PROC_CHILDREN)."""
+def _child_pids(process: str = "self") -> list[int] | None:
+    """Our children (or process's, a pid), from the kernel's list of each of its threads'
+    (None where it keeps none: a kernel without CONFIG_PROC_CHILDREN)."""
     try:
         pids = []
-        for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children", "rb") as f:
+        for tid in os.listdir(f"/proc/{process}/task"):
+            with open(f"/proc/{process}/task/{tid}/children", "rb") as f:
                 pids += map(int, f.read().split())
         return pids
     except (OSError, ValueError):
