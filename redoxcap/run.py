@@ -665,12 +665,13 @@ class Prepared:
     `file` scheme's root, the cwd of a run without --cwd or --dir; before all that, where
     programs can be brokered here, a fork of this process to become the program
     (redoxcap.broker.launcher.Starter), which holds none of them, and after it the clones of
-    the program's namespace and of that root that the broker would make for such a run. A run with no --ns,
-    --uds-scope other than private, --allow-*, --max-caps or --trace starts from them (with
-    --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
-    broker or passthrough, the /tmp scheme or the grant let go; with --cwd or --dir, the
-    root let go), provided the root namespace has not changed since (its generation,
-    wire/roots.py); any other run closes them and starts afresh.
+    the program's namespace and of that root that the broker would make for such a run. A
+    run with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace
+    starts from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would
+    leave it out; without the broker or passthrough, the /tmp scheme or the grant let go;
+    with --cwd or --dir, the root and the clones let go), provided the root namespace has
+    not changed since (its generation, wire/roots.py); any other run closes them and starts
+    afresh.
 
     Owns its fds, the Starter and rt's setup, until `take` or `close`.
 
