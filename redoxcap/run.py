@@ -704,9 +704,9 @@ class Prepared:
                 self._fds.append(file_root)
             clones = None
             if self._starter is not None and file_root is not None:  # a brokered run's, in `/`
-                clones = tuple(call_fd(fd, P.CLONE) for fd in (child_ns, child_ns, file_root,
-                                                                file_root))
-                self._fds += clones
+                for fd in (child_ns, child_ns, file_root, file_root):
+                    self._fds.append(call_fd(fd, P.CLONE))  # each closed with the rest if one fails
+                clones = tuple(self._fds[-4:])
         except BaseException:
             self.close()
             raise

@@ -4,6 +4,7 @@ the program gets what that process would have given it, and ends with it."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import select
@@ -20,6 +21,7 @@ import pytest
 from redoxcap import control, launch
 from redoxcap.testing import REDOXCAP, spare_prepared
 from redoxcap.testing.waiting import pid_alive, wait_for
+from redoxcap.wire import protocol as P
 
 
 def comm(pid: int) -> str:
@@ -481,3 +483,26 @@ def test_a_process_made_the_runs_own_child_ends_before_run_returns(redoxcap_modu
     out = redoxcap_module_system.run("--", sys.executable, "-c", CLONE_PARENT_SIBLING)
     (pid,) = [int(word) for word in out.stdout.split()]
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped, not even a zombie
+
+
+def test_a_spare_whose_clones_fail_half_way_holds_nothing(redoxcap_system, monkeypatch):
+    """run.Prepared makes the broker's clones ahead; one refused (the account's quota) must
+    not leave those made before it open."""
+    import redoxcap.run
+
+    real, made = redoxcap.run.call_fd, []
+
+    def third_refused(fd: int, op: int, *args: object) -> int:
+        if op == P.CLONE and len(made) == 2:
+            raise OSError(errno.EMFILE, "quota")
+        new = real(fd, op, *args)
+        if op == P.CLONE:
+            made.append(new)
+        return new
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(redoxcap.run, "call_fd", third_refused)
+    with pytest.raises(OSError):
+        redoxcap.run.Prepared(redoxcap_system.state_dir)
+    assert len(made) == 2
+    assert set(os.listdir("/proc/self/fd")) <= before
