@@ -97,13 +97,13 @@ def is_host_fd(fd: int, remember: bool = True) -> bool:
             kind = True
         else:
             kind = False
-            endpoint = _endpoint(fd) if remember else None
-            with endpoint.lock if endpoint is not None else _guard:
-                if endpoint is not None and endpoint.sock is None and \
-                        sock.type == socket.SOCK_SEQPACKET:
-                    endpoint.sock = sock  # (as call would make it)
-                else:
-                    sock.detach()  # the fd is not the socket object's to close
+            if remember and sock.type == socket.SOCK_SEQPACKET:
+                endpoint = _endpoint(fd)
+                with endpoint.lock:
+                    if endpoint.sock is None:
+                        endpoint.sock, sock = sock, None  # as call would make it
+            if sock is not None:
+                sock.detach()  # the fd is not the socket object's to close
         if remember:
             _host[fd] = kind
     return kind
