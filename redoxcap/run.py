@@ -36,6 +36,7 @@ import json
 import os
 import posixpath
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -342,15 +343,11 @@ def run(state_dir: Path, command: Sequence[str], env: dict[str, str], *, names: 
     if confine and broker is None:
         # Python's tempfile (which trio, ctypes and others use on import) needs a
         # writable directory: the command gets an empty private one, deleted after.
-        scratch = _temporary_directory("redoxcap-scratch-")
-        if on_scratch is not None:
-            on_scratch(scratch)
+        scratch = _private_directory("redoxcap-scratch-", prepared, on_scratch)
         launcher = confined_launch(argv, require_confine, scratch)
         env["TMPDIR"] = scratch
     if broker is not None:
-        private_tmp = _temporary_directory("redoxcap-tmp-")
-        if on_scratch is not None:
-            on_scratch(private_tmp)
+        private_tmp = _private_directory("redoxcap-tmp-", prepared, on_scratch)
         env["TMPDIR"] = "/tmp"
     follower = _follow_trace(state_dir, trace, trace_json) if trace else None
     daemons: list = []
@@ -411,16 +408,40 @@ def _shown(command: Sequence[str], room: int = 1024) -> list[str]:
     return shown
 
 
+def _temporary_base() -> str:
+    """Where a run makes its directories: the first of $TMPDIR, $TEMP, $TMP and /tmp (as
+    tempfile's first choice is), made absolute."""
+    return os.path.abspath(next((os.environ[name] for name in ("TMPDIR", "TEMP", "TMP")
+                                 if os.environ.get(name)), "/tmp"))
+
+
 def _temporary_directory(prefix: str) -> str:
-    """tempfile.mkdtemp(prefix=prefix), in the first of $TMPDIR, $TEMP, $TMP and /tmp, and
-    only where making it there fails in the place tempfile finds: tempfile's first call in
-    a process creates and removes a file in each place it tries (0.3-0.6 ms of a run)."""
-    base = next((os.environ[name] for name in ("TMPDIR", "TEMP", "TMP") if os.environ.get(name)),
-                "/tmp")
+    """tempfile.mkdtemp(prefix=prefix) in :func:`_temporary_base`, and only where making it
+    there fails in the place tempfile finds: tempfile's first call in a process creates and
+    removes a file in each place it tries (0.3-0.6 ms of a run)."""
     try:
-        return tempfile.mkdtemp(prefix=prefix, dir=os.path.abspath(base))  # as tempfile's is
+        return tempfile.mkdtemp(prefix=prefix, dir=_temporary_base())
     except OSError:
         return tempfile.mkdtemp(prefix=prefix)
+
+
+def _private_directory(prefix: str, prepared: Prepared | None,
+                       on_scratch: Callable[[str], None] | None) -> str:
+    """An empty directory for the program alone (its $TMPDIR or its /tmp), removed when the
+    run ends: the one prepared made ahead where it is what this run would make, else one
+    made now (and told to on_scratch; the prepared one was told when it was made)."""
+    directory = prepared.directory() if prepared is not None else None
+    if directory is None:
+        directory = _temporary_directory(prefix)
+        if on_scratch is not None:
+            on_scratch(directory)
+    return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _remove(directory: str) -> None:
@@ -539,16 +560,19 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 if started is not None:
                     started(pid, account, where)
 
-            handed = [(d, hostdirs.open_root(child_ns, name), name) for d, name in mounts]
+            handed: list = []
             try:
+                for d, name in mounts:
+                    handed.append((d, hostdirs.open_root(child_ns, name), name))
                 if tmp_root is not None:
                     handed.append((hostdirs.HostDir(private_tmp, "/tmp"), tmp_root, "tmp"))
                     tmp_root = None  # closed with the rest of handed
                 cwd_fd = _process.cwd_fd()
                 trace = follower.syscall if follower is not None else None
                 ahead, clones = clones, None  # start_brokered's
+                mine, handed = handed, []  # and so are the roots
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
-                                      mounts=handed, net=net, trace=trace, pass_fds=pass_fds,
+                                      mounts=mine, net=net, trace=trace, pass_fds=pass_fds,
                                       directfs_grant=grant, meanwhile=meanwhile, starter=starter,
                                       clones=ahead)
             finally:
@@ -665,7 +689,11 @@ class Prepared:
     `file` scheme's root, the cwd of a run without --cwd or --dir; before all that, where
     programs can be brokered here, a fork of this process to become the program
     (redoxcap.broker.launcher.Starter), which holds none of them, and after it the clones of
-    the program's namespace and of that root that the broker would make for such a run. A
+    the program's namespace and of that root that the broker would make for such a run;
+    last, the program's private directory (its /tmp, or $TMPDIR without the broker: making a
+    directory in /tmp took 0.1-0.5 ms here), told to on_scratch as a run tells its own, which
+    any run takes where it would make its own in the same place with the same umask
+    (:meth:`directory`), whatever its shape. A
     run with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace
     starts from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would
     leave it out; without the broker or passthrough, the /tmp scheme or the grant let go;
@@ -673,19 +701,21 @@ class Prepared:
     not changed since (its generation, wire/roots.py); any other run closes them and starts
     afresh.
 
-    Owns its fds, the Starter and rt's setup, until `take` or `close`.
+    Owns its fds, the Starter and rt's setup, until `take` or `close`, and its directory
+    until `directory` or `close` (which removes it).
 
     Raises:
         control.ControlError, Failure, OSError: it could not be prepared (nothing is held).
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, on_scratch: Callable[[str], None] | None = None) -> None:
         from redoxcap.broker import available
         from redoxcap.broker.launcher import Starter
 
         self._starter = Starter() if available() is None else None
         self._fds: list[int] = []
         self._held, self._generation = True, None
+        self._directory: str | None = None
         try:
             account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, None, True, True)
         except BaseException:
@@ -713,6 +743,23 @@ class Prepared:
         self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root,
                             self._starter, clones)
         self.account = account
+        self._umask = _umask()
+        try:
+            self._directory = tempfile.mkdtemp(prefix="redoxcap-tmp-", dir=_temporary_base())
+        except OSError:
+            return  # the run makes its own, and says why it cannot
+        if on_scratch is not None:
+            on_scratch(self._directory)
+
+    def directory(self) -> str | None:
+        """The private directory made ahead (the caller's from now on), where it is still
+        there and a run now would make its own beside it with the same umask; else None."""
+        directory = self._directory
+        if directory is None or os.path.dirname(directory) != _temporary_base() or \
+                _umask() != self._umask or not _is_directory(directory):
+            return None
+        self._directory = None
+        return directory
 
     def current(self) -> bool:
         """Whether the root namespace is as it was when the program's was forked from it."""
@@ -726,7 +773,10 @@ class Prepared:
         return self._taken
 
     def close(self) -> None:
-        """Let go of everything (nothing once taken)."""
+        """Let go of everything not taken (the directory is removed)."""
+        if self._directory is not None:
+            _remove(self._directory)
+            self._directory = None
         if self._held:
             for fd in self._fds:
                 os.close(fd)
@@ -735,6 +785,13 @@ class Prepared:
             if self._starter is not None:
                 self._starter.close()
             rt.setup(None, None)
+
+
+def _is_directory(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _close_all(capabilities: Sequence[int]) -> None:

@@ -62,6 +62,7 @@ import redoxcap.broker  # loaded by the fork server, for every run's fork
 import redoxcap.run
 from redoxcap import control, entry, launch
 from redoxcap.broker import filter as bpf
+from redoxcap.broker import server as broker_server
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
 from redoxcap.sandbox.process import cap_last_cap
@@ -76,10 +77,12 @@ MAX_SCRATCH = 8  # directories a run says it made for its program (it makes two 
 MAX_MESSAGE = 1 + 8192  # bytes of a message from the run: a directory's path, the note
 
 # The brokered program's filter, compiled once in the fork server, not once per run (called
-# as redoxcap.broker.launcher calls it: the cache knows its arguments by how they are passed).
+# as redoxcap.broker.launcher calls it: the cache knows its arguments by how they are passed),
+# and the syscall names its broker knows numbers by.
 if linux.machine() is not None:
     for _scoped in (True, False):
         bpf.program(linux.machine(), signals_scoped=_scoped, udp=False)
+    broker_server.syscall_names(linux.machine())
 # What every brokered run asks and no run changes, asked once here: whether this kernel can
 # broker (its Landlock ABI among it), the last capability its program drops, and where
 # redoxcap's packages are (each run's program may import them).
@@ -191,10 +194,20 @@ def take_on(run: dict, fds: list[int], *ours: socket.socket) -> list[socket.sock
         except OSError:
             pass  # a priority above ours, which we may not give
     _limit(run.get("rlimits"))
-    os.environ.clear()
-    os.environ.update({k: v for k, v in run["environ"].items()
-                       if isinstance(k, str) and isinstance(v, str)})
+    _take_environment(run["environ"])
     return [socket.socket(fileno=fd) for fd in kept]
+
+
+def _take_environment(theirs: dict) -> None:
+    """Make os.environ the caller's environment (its str names and values), setting and
+    unsetting only the names that differ: ours is the system's, most often the caller's
+    own, and clearing and refilling it cost a run a few tenths of a millisecond."""
+    wanted = {k: v for k, v in theirs.items() if isinstance(k, str) and isinstance(v, str)}
+    for name in [name for name in os.environ if name not in wanted]:
+        del os.environ[name]
+    for name, value in wanted.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _move(fd: int, low: int) -> int:
@@ -315,7 +328,7 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
         if spare is not None:
-            prepared = _prepare(state_dir)
+            prepared = _prepare(state_dir, _telling(reaper))
             caller = wait_for_a_caller(spare)
             if caller is not None and not _is_socket(caller):
                 _close(caller)  # the supervisor passes on sockets only
@@ -325,7 +338,8 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
             passed = P.parse_ancillary(anc)[0]
             caller = passed[0] if passed else None
         if caller is None:
-            os._exit(0)  # a spare nobody needed (what it prepared goes with it)
+            os._exit(0)  # a spare nobody needed (what it prepared goes with it; its directory
+            #              the reaper removes)
         sock = socket.socket(fileno=caller)
         try:
             run, fds = receive(sock)
@@ -424,15 +438,17 @@ def _noting(reaper: socket.socket, state_dir: str) -> Callable[[dict], None]:
     return note
 
 
-def _prepare(state_dir: str | None) -> tuple[redoxcap.run.Prepared, set[int]] | None:
+def _prepare(state_dir: str | None, on_scratch: Callable[[str], None]
+             ) -> tuple[redoxcap.run.Prepared, set[int]] | None:
     """The first steps of the run to come, taken while a spare waits for its caller
-    (redoxcap.run.Prepared: its namespace, made and forked), and the fds they hold; None
-    where they could not be taken (the run takes them itself, and says why it could not)."""
+    (redoxcap.run.Prepared: its namespace, made and forked, and its private directory, told
+    to on_scratch), and the fds they hold; None where they could not be taken (the run takes
+    them itself, and says why it could not)."""
     if state_dir is None:
         return None
     before = _open_fds()
     try:
-        prepared = redoxcap.run.Prepared(Path(state_dir))
+        prepared = redoxcap.run.Prepared(Path(state_dir), on_scratch)
     except Exception as exc:  # noqa: BLE001 - the run does it all itself then
         print(f"redoxcap runner: a run's first steps could not be taken ahead: {exc}",
               file=sys.stderr)

@@ -73,6 +73,12 @@ _CREATING = frozenset({"mkdir", "mkdirat", "symlink", "symlinkat", "link", "link
                        "renameat", "renameat2", "creat"})
 
 
+@functools.cache
+def syscall_names(machine: str) -> dict[int, str]:
+    """Syscall names by number (made once per process: the runners' come from the fork server)."""
+    return {nr: name for name, nr in linux.SYSCALLS[machine].items()}
+
+
 class Broker:
     """The loop over one listener."""
 
@@ -83,7 +89,7 @@ class Broker:
         self.processes = processes
         self.poller = select.poll()
         self.trace = trace
-        self._names = {nr: name for name, nr in linux.SYSCALLS[syscalls.machine].items()}
+        self._names = syscall_names(syscalls.machine)
 
     def serve(self, main_pidfd: int) -> None:
         """Answer calls until the main process exits (its pidfd becomes readable)."""
@@ -191,10 +197,11 @@ def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str
 
     trees = list(hostfs.DEFAULT_TREES) + [os.path.abspath(p) for p in extra]
     path = env.get("PATH", os.defpath)
-    for name in ([argv[0]] if argv else []) + ["python3", "python"]:
+    seen: set[str] = set()  # programs whose trees are in already (python3 and python's shims
+    for name in ([argv[0]] if argv else []) + ["python3", "python"]:  # share an interpreter)
         exe = shutil.which(name, path=path)
         if exe is not None:
-            trees += _program_trees(os.path.abspath(exe))
+            trees += _program_trees(os.path.abspath(exe), seen)
     trees += project_package_locations()
     return trees
 
@@ -212,8 +219,12 @@ def _shebang(path: str) -> str | None:
     return os.fsdecode(words[0]) if words and words[0].startswith(b"/") else None
 
 
-def _program_trees(exe: str, depth: int = 0) -> list[str]:
-    """The program's file, a script's interpreter, a Python's prefix and venv, a pyenv root."""
+def _program_trees(exe: str, seen: set[str], depth: int = 0) -> list[str]:
+    """The program's file, a script's interpreter, a Python's prefix and venv, a pyenv root;
+    nothing for a program in seen (its trees are known), which it joins."""
+    if exe in seen:
+        return []
+    seen.add(exe)
     real = os.path.realpath(exe)
     trees = [exe, real]
     shims = os.path.dirname(exe)
@@ -222,7 +233,7 @@ def _program_trees(exe: str, depth: int = 0) -> list[str]:
         trees.append(os.path.dirname(shims))  # the shim runs pyenv, which picks a version there
     interpreter = _shebang(real)
     if interpreter is not None and depth < 4:
-        trees += _program_trees(interpreter, depth + 1)
+        trees += _program_trees(interpreter, seen, depth + 1)
     if os.path.basename(real).startswith("python"):
         guarded = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
         for candidate in (os.path.dirname(os.path.dirname(real)), os.path.dirname(os.path.dirname(exe))):
@@ -284,8 +295,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     answered (t, pid (the thread), op, about (its path), result (an errno name
     for a refusal), ms): `run --trace` prints them (redoxcap/trace.py).
     mounts are the directories handed over at paths of their own
-    (redoxcap.hostdirs.HostDir, a capability for its root, which stays the caller's, and
-    optionally the scheme's name, which its fpath answers start with: asked when not given):
+    (redoxcap.hostdirs.HostDir, a capability for its root, owned from the call on, whatever
+    happens, as clones are, and optionally the scheme's name, which its fpath answers start
+    with: asked when not given):
     absolute paths beneath one go to it, and programs in one the kernel
     reaches at that path may be executed (Landlock grants read and execute
     beneath it); when cwd_path is in one, the program's kernel cwd is there
@@ -310,7 +322,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     Raises:
         Unavailable: this kernel cannot broker a program.
     """
-    opened: list[int] = list(clones) if clones is not None else []
+    opened: list[int] = [*(clones or ()), *(root for _, root, *_ in mounts)]
     try:
         reason = available()
         if reason is not None:
@@ -334,11 +346,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             opened.append(broker_ns)
         handed = []
         for directory, root, *name in mounts:
-            cap = call_fd(root, P.CLONE)
-            opened.append(cap)
             # a name given saves asking the daemon, which may not have started yet
-            scheme = name[0] if name else call_value(cap, P.FPATH, kind=str).removeprefix("/scheme/")
-            handed.append(Mount(directory.visible, cap, directory.path, directory.executable, scheme))
+            scheme = name[0] if name else call_value(root, P.FPATH, kind=str).removeprefix("/scheme/")
+            handed.append(Mount(directory.visible, root, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
         read_paths = hosts.trees + [m.path for m in handed if m.executable]
