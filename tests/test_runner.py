@@ -398,6 +398,17 @@ def test_a_run_whose_program_fork_made_ahead_is_gone_forks_the_program_itself(re
     assert out.stdout.split() == ["still-runs", str(the_run)]
 
 
+def test_a_run_with_more_read_paths_than_its_fork_made_ahead_takes_forks_the_program(
+        redoxcap_system, tmp_path):
+    """The read paths go to the spare's fork made ahead after the run (launcher.give_read_paths);
+    more than one message holds, and the run lets that fork go and forks the program itself."""
+    spare_prepared(redoxcap_system)
+    paths = [str(tmp_path / f"not-there-{i:05d}-{'x' * 40}") for i in range(3000)]  # 200 KB
+    out = redoxcap_system.run(*[a for p in paths for a in ("--ro-host", p)], "--", "sh", "-c",
+                              "echo still-runs")
+    assert out.stdout.split() == ["still-runs"]
+
+
 @pytest.mark.parametrize("forked", [False, True], ids=["made ahead", "forked by the run"])
 def test_a_brokered_programs_kernel_cwd_is_a_removed_directory(redoxcap_module_system,
                                                                tmp_path, forked):

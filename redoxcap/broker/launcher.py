@@ -41,7 +41,7 @@ def _die(message: str, code: int = EXIT_CANNOT_RUN) -> NoReturn:
 
 
 def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket, parent: int,
-                kernel_cwd: str | None, read_paths: Sequence[str], keep_fds: Sequence[int],
+                kernel_cwd: str | None, read_paths: Sequence[str] | None, keep_fds: Sequence[int],
                 udp: bool = False) -> NoReturn:
     """Become the brokered program (never returns; exits 126 or 127 when it cannot).
 
@@ -53,7 +53,9 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         kernel_cwd: an empty directory to stand in the kernel's cwd (no lookup the broker
             did not make is ever relative to anything; a removed one, or a handed directory
             the program runs in); None: the cwd this process has (a Starter's, removed).
-        read_paths: what Landlock lets the kernel open on the program's behalf (the host trees).
+        read_paths: what Landlock lets the kernel open on the program's behalf (the host
+            trees); None: they come on channel before it confines itself (a Starter's run
+            finds them while its child takes the run on: give_read_paths).
         keep_fds: fds the program inherits besides 0-2 (its capabilities for rt, and what
             `run --pass-fd` names); every other fd this process has is closed.
         udp: the run grants udp: UDP sockets may be made, and sends that can name a
@@ -74,6 +76,8 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         close_fds_except({0, 1, 2, channel.fileno(), *keep_fds})
         for fd in keep_fds:
             os.set_inheritable(fd, True)
+        if read_paths is None:
+            read_paths = _receive_read_paths(channel)
         # the broker's filter below is the whole allow-list: no second one here
         confined = confine(read_paths, (), deny_network=True, install_filter=False)
     except ConfinementUnavailable as exc:
@@ -109,8 +113,9 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
         _die(f"{argv[0]}: {exc.strerror}", EXIT_CANNOT_RUN)
 
 
-# Bytes of a Starter's request (argv, environment, paths): one SOCK_SEQPACKET message; a
-# run whose request is bigger forks its program as it would without a Starter.
+# Bytes of a Starter's request (argv, environment), and of the read paths that follow it:
+# one SOCK_SEQPACKET message each; a run whose request or paths are bigger forks its program
+# as it would without a Starter.
 MAX_START_REQUEST = 128 << 10
 MAX_START_FDS = 253  # SCM_RIGHTS' limit: 0-2, the program's namespace and cwd, --pass-fd
 _RLIMITS = sorted({getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")})
@@ -141,10 +146,10 @@ class Starter:
         self._sock: socket.socket | None = ours
 
     def start(self, argv: Sequence[str], env: dict[str, str], kernel_cwd: str | None,
-              read_paths: Sequence[str], keep_fds: Sequence[int], udp: bool
-              ) -> tuple[int, socket.socket]:
+              keep_fds: Sequence[int], udp: bool) -> tuple[int, socket.socket]:
         """Have the child exec_target(argv, ...), keep_fds and this process's 0-2 at their
-        numbers; (its pid, the socket its listener comes on: the caller's). Used up either way.
+        numbers; (its pid, the socket its listener comes on: the caller's, which sends it
+        the read paths with give_read_paths next). Used up either way.
 
         Raises:
             OSError: the request could not be sent (the child is gone, or the request is too
@@ -156,8 +161,7 @@ class Starter:
         os.umask(umask)
         attributes = (umask, os.getpriority(os.PRIO_PROCESS, 0),
                       [(n, *resource.getrlimit(n)) for n in _RLIMITS])
-        request = marshal.dumps((list(argv), env, kernel_cwd, list(read_paths), numbers, udp,
-                                 attributes))
+        request = marshal.dumps((list(argv), env, kernel_cwd, numbers, udp, attributes))
         try:
             if len(request) > MAX_START_REQUEST or len(numbers) > MAX_START_FDS:
                 raise OSError(errno.E2BIG, "too big a request for the starter")
@@ -197,8 +201,7 @@ def _wait_to_start(sock: socket.socket, parent: int) -> NoReturn:
         fds = P.parse_ancillary(anc)[0]
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise OSError(errno.EMSGSIZE, "a request cut short")
-        argv, env, kernel_cwd, read_paths, numbers, udp, (umask, nice, rlimits) = \
-            marshal.loads(data)
+        argv, env, kernel_cwd, numbers, udp, (umask, nice, rlimits) = marshal.loads(data)
         if len(fds) != len(numbers):
             raise OSError(errno.EBADF, "fds and numbers differ")
         # everything received out of the way of the numbers the fds go to, then each to its
@@ -220,8 +223,33 @@ def _wait_to_start(sock: socket.socket, parent: int) -> NoReturn:
             pass  # a priority above the spare's, which the run could not take on either
     except BaseException as exc:  # noqa: BLE001 - no program: say why, as exec_target does
         _die(f"cannot start the program: {exc}")
-    exec_target(argv, env, sock, parent, kernel_cwd, read_paths,
-                [n for n in numbers if n > 2], udp=udp)
+    exec_target(argv, env, sock, parent, kernel_cwd, None, [n for n in numbers if n > 2], udp=udp)
+
+
+def give_read_paths(sock: socket.socket, read_paths: Sequence[str]) -> None:
+    """Send a started Starter's child (on the socket start returned) the paths Landlock
+    lets it read, which it waits for before it confines itself.
+
+    Raises:
+        OSError: E2BIG, nothing sent: too many for one message (let the child go: it
+            exits at EOF); any other: the child is gone.
+    """
+    data = marshal.dumps([os.fspath(p) for p in read_paths])
+    if len(data) > MAX_START_REQUEST:
+        raise OSError(errno.E2BIG, "too many read paths for the starter")
+    sock.send(data)
+
+
+def _receive_read_paths(channel: socket.socket) -> list[str]:
+    """In a Starter's child: the read paths its run sends once it has them (give_read_paths);
+    at EOF (the run forks its program instead, or failed) it exits, saying nothing."""
+    data = channel.recv(MAX_START_REQUEST + 1)
+    if not data:
+        os._exit(EXIT_CANNOT_RUN)
+    paths = marshal.loads(data)
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise OSError(errno.EINVAL, "malformed read paths")
+    return paths
 
 
 def _moved(fd: int, low: int) -> int:

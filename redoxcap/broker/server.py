@@ -29,7 +29,7 @@ from typing import Any
 from redoxcap import exits
 from redoxcap.broker import hostfs
 from redoxcap.broker.calls import PROCEED, Call, Install, Syscalls
-from redoxcap.broker.launcher import EXIT_CANNOT_RUN, Starter, exec_target
+from redoxcap.broker.launcher import EXIT_CANNOT_RUN, Starter, exec_target, give_read_paths
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.net import SocketGrants
 from redoxcap.broker.notify import Listener, Notification
@@ -329,15 +329,11 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             raise Unavailable(errno.ENOSYS, reason)
         machine = linux.machine()
         assert machine is not None
-        # a tree inside a handed directory (a venv in the project) is served by that directory
-        handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
-        hosts = hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
-                                  if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
-                                 [d.visible for d, *_ in mounts])
     except BaseException:
         for fd in opened:
             _close(fd)
         raise
+    hosts = None
     try:
         if clones is not None:
             broker_ns, target_ns, broker_cwd, target_cwd = clones
@@ -351,7 +347,6 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             handed.append(Mount(directory.visible, root, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
-        read_paths = hosts.trees + [m.path for m in handed if m.executable]
         if clones is None:
             broker_cwd = call_fd(cwd_fd, P.CLONE)
             opened.append(broker_cwd)
@@ -367,9 +362,21 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             ours = None
             if starter is not None:  # (its cwd is a removed directory already)
                 try:
-                    pid, ours = starter.start(argv, env, kernel_cwd, read_paths, keep, udp)
+                    pid, ours = starter.start(argv, env, kernel_cwd, keep, udp)
                 except OSError:
                     pass  # it is gone, or the request is too big for it: we fork
+            # the host trees are found while the starter takes the run on (waking it is
+            # slow on an idle core), and sent to it for its Landlock rules
+            hosts = _host_trees(argv, env, ro_host, mounts)
+            read_paths = hosts.trees + [m.path for m in handed if m.executable]
+            if ours is not None:
+                try:
+                    give_read_paths(ours, read_paths)
+                except OSError as exc:  # it is gone (its status says why), or they are too
+                    if exc.errno == errno.E2BIG:  # many for one message: we fork
+                        ours.close()  # (it exits at our EOF)
+                        os.waitpid(pid, 0)
+                        ours = None
             if ours is None:
                 empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -410,10 +417,21 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     except BaseException:
         for fd in opened:
             _close(fd)
-        hosts.close()
+        if hosts is not None:
+            hosts.close()
         raise
     state = None if listener is None else (listener, processes, syscalls)
     return BrokeredProgram(pid, state, hosts, opened, trace)
+
+
+def _host_trees(argv: Sequence[str], env: dict[str, str], ro_host: Iterable[str],
+                mounts: Sequence[tuple[Any, ...]]) -> hostfs.HostTrees:
+    """The host trees of the run (host_trees_for), but those inside a handed directory (a venv
+    in the project), which that directory serves."""
+    handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
+    return hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
+                             if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
+                            [d.visible for d, *_ in mounts])
 
 
 def _answering(machine: str, broker_ns: int, broker_cwd: int, cwd_path: str,
