@@ -28,6 +28,16 @@ def test_a_failing_block_still_stops_the_system_and_its_background_clients(tmp_p
     assert not (tmp_path / "state" / "control.sock").exists()
 
 
+def test_a_background_client_whose_pipes_the_test_closed_is_stopped_with_the_system(tmp_path):
+    with booted(tmp_path) as system:
+        pids = system.pids()
+        client = system.start("run", "--", sys.executable, "-c", "import sys; sys.stdin.read()")
+        for pipe in (client.stdin, client.stdout, client.stderr):
+            pipe.close()
+    assert client.returncode is not None  # killed and reaped
+    assert [pid for pid in pids if pid_alive(pid)] == []
+
+
 def test_the_example_test_file_passes_under_plain_pytest():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE)],
                          capture_output=True, text=True, timeout=110, check=False,
