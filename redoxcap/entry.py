@@ -12,12 +12,12 @@ parses it as it always did; tests/test_entry.py checks that both read every
 option the same way.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 import sys
 
+# No `from __future__ import annotations` (loading __future__ costs a run 0.2 ms): the
+# annotations that name what only a type checker imports are strings.
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a few ms per run here)
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -75,7 +75,8 @@ class _ClickDecides(Exception):
     """Not certain: let click parse the whole command line."""
 
 
-def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str | None, list[str], dict[str, Any]]:
+def parse_run(args: "Sequence[str]", environ: "Mapping[str, str]"
+              ) -> "tuple[str | None, list[str], dict[str, Any]]":
     """Read `[--state-dir DIR] run [OPTIONS] [--] COMMAND...` as the click group would.
 
     Args:
@@ -140,7 +141,7 @@ def parse_run(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str | No
     return state_dir, rest, options
 
 
-def _read_value(options: dict[str, Any], dest: str, kind: str, value: str) -> None:
+def _read_value(options: "dict[str, Any]", dest: str, kind: str, value: str) -> None:
     if kind == "text":
         options[dest] = value
     elif kind == "texts":
@@ -216,7 +217,7 @@ def main() -> None:
     sys.exit(dispatch_run(state_dir, command, options, leave=True))
 
 
-def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any],
+def dispatch_run(state_dir: str, command: list[str], options: "dict[str, Any]",
                  leave: bool = False) -> int:
     """`redoxcap run` as parse_run read it: by the system up at state_dir when it is
     confined (redoxcap/launch.py), else, or when the system does not take it, here
@@ -241,7 +242,7 @@ def dispatch_run(state_dir: str, command: list[str], options: dict[str, Any],
     return run_command(state_dir, command, options)
 
 
-def with_paths(state_dir: str, options: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def with_paths(state_dir: str, options: "dict[str, Any]") -> "tuple[Path, dict[str, Any]]":
     """parse_run's state_dir and options, their paths made Paths (as click gives them)."""
     from pathlib import Path
 
@@ -249,7 +250,7 @@ def with_paths(state_dir: str, options: dict[str, Any]) -> tuple[Path, dict[str,
                              for k, v in options.items()}
 
 
-def run_command(state_dir: str, command: Sequence[str], options: dict[str, Any]) -> int:
+def run_command(state_dir: str, command: "Sequence[str]", options: "dict[str, Any]") -> int:
     """`redoxcap run` in this process, as parse_run read it; the exit code (a failure's
     message is printed first, as `redoxcap: MESSAGE`)."""
     from redoxcap import run

@@ -47,6 +47,27 @@ def test_the_lean_sides_spelling_of_its_control_request_and_answer_is_msgpack():
     assert msgpack.packb({"ok": True}) == launch.OK_REPLY
 
 
+
+def test_the_callers_resource_limits_are_read_as_the_resource_module_reads_them():
+    """The `redoxcap` process reads its limits from /proc/self/limits (loading the resource
+    module cost a run 0.2 ms): as getrlimit says them, lowered ones and unlimited ones."""
+    code = """if True:
+        import resource
+        from redoxcap.launch import resource_limits
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 12345678))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 40, resource.RLIM_INFINITY))
+        got = resource_limits()
+        for name in dir(resource):
+            if name.startswith("RLIMIT_"):
+                number = getattr(resource, name)
+                assert got[number] == resource.getrlimit(number), (name, got[number])
+        print(got[resource.RLIMIT_CORE], got[resource.RLIMIT_FSIZE])
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == f"(0, 12345678) ({2 ** 40}, -1)"
+
 def test_a_run_starts_in_the_system_and_passes_on_output_input_and_exit_code(redoxcap_module_system):
     system = redoxcap_module_system
     out = system.run("--", "sh", "-c", "read line; echo got $line; echo oops >&2; exit 7",
