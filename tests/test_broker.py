@@ -142,6 +142,7 @@ ESCAPES = {
     "cat /secret.txt": (["cat", "/secret.txt"], "No such file or directory"),
     "cat /etc/shadow": (["cat", "/etc/shadow"], "No such file or directory"),
     "ls ..": (["ls", ".."], "Invalid cross-device link"),
+    "ls /": (["ls", "/"], ("No such file or directory", "Permission denied")),
     # a directory above a host tree (pyenv's) can be stat'ed, not listed
     "ls /root": (["ls", "/root"], ("No such file or directory", "Permission denied")),
     "ls /usr/../root": (["ls", "/usr/../root"], "Permission denied"),
@@ -172,6 +173,16 @@ def test_reading_listing_creating_or_executing_outside_fails(sandbox, name):
     assert "the secret" not in got.stdout
     assert not (sandbox.root / "escaped.txt").exists()
     assert not Path("/var/escaped.txt").exists() and not Path("/usr/escaped.txt").exists()
+
+
+def test_the_root_is_the_namespaces_root_for_cd_and_ls(sandbox):
+    """`/` is the namespace's root, as `/x` is its file scheme's `/x`: `cd /` works (a
+    shell's, pyenv's shims'), and `ls /` lists the file root, though a handed /tmp lies
+    beneath it (with `--ns ''`, as the sandbox has, there is nothing: ESCAPES' `ls /`)."""
+    got = sandbox.run("--", "sh", "-c", "cd /tmp && cd / && pwd && ls /", check=False)
+    assert got.returncode == 0, got.stderr
+    where, *listed = got.stdout.split()
+    assert where == "/" and sorted(listed) == sorted(os.listdir(sandbox.root))
 
 
 def test_exec_of_a_host_file_outside_the_trees_fails(sandbox, tmp_path):

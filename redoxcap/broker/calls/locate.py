@@ -181,6 +181,11 @@ class Locator:
                 raise OSError(errno.EINVAL, "RESOLVE_* lookups are served in capabilities only")
             return Location(fd, path, False, resolve, owned)
         if absolute:
+            if not path.strip("/"):  # `/` is the namespace's root where it has one (as `/x` is
+                try:                  # its `/scheme/file/x`), not the status-only view above
+                    return self.in_namespace("/", resolve)  # a handed /tmp: `cd /` works
+                except OSError:
+                    pass  # no `file` (`run --dir`): that view
             placed = self.placed(path, resolve)
             if placed is not None:
                 return placed
