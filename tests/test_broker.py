@@ -197,7 +197,8 @@ def test_exec_of_a_host_file_outside_the_trees_fails(sandbox, tmp_path):
 RACE = textwrap.dedent("""
     import ctypes, json, os, sys, threading
     libc = ctypes.CDLL(None, use_errno=True)
-    inside, outside = b"a.txt\\0", sys.argv[1].encode() + b"\\0"
+    inside = (sys.argv[3] if len(sys.argv) > 3 else "a.txt").encode() + b"\\0"
+    outside = sys.argv[1].encode() + b"\\0"
     buf = ctypes.create_string_buffer(max(len(inside), len(outside)))
     stop = False
     def flip():
@@ -227,6 +228,26 @@ def test_a_racing_thread_swapping_the_path_never_gets_out(sandbox, tmp_path):
     counts = json.loads(got.stdout)
     assert counts["outside"] == 0
     assert counts["inside"] > 0
+
+
+def test_a_continued_host_open_swapped_by_a_racing_thread_reads_no_secret(sandbox, tmp_path):
+    """A read-only open of a host-tree file, no symlink on the way, is let through: the
+    kernel opens it (CONTINUE) and reads the path again. A thread swapping it for a host file
+    outside the trees meanwhile gets no further than Landlock lets the program read."""
+    secret = tmp_path / "host_secret.txt"
+    secret.write_text("secret on the host")
+    inside = os.path.realpath(os.__file__)  # the interpreter's own tree: a host tree of the run
+    trace = tmp_path / "trace.jsonl"
+    got = brokered(sandbox, [sys.executable, "-c", RACE, str(secret), "2000", inside],
+                   f"--trace={trace}", "--trace-json", timeout=120)
+    assert got.returncode == 0, got.stderr
+    counts = json.loads(got.stdout)
+    assert counts["outside"] == 0
+    assert counts["inside"] > 0
+    opens = [json.loads(line) for line in trace.read_text().splitlines()]
+    # (the trace reads the path after the answer, so `about` may be either)
+    opens = [r for r in opens if r["op"] == "openat" and r["about"] in (inside, str(secret))]
+    assert sum(r["result"] == "proceed" for r in opens) > 100, opens[:5]
 
 
 THREADS = textwrap.dedent("""

@@ -28,12 +28,14 @@ if TYPE_CHECKING:
 DEFAULT_UMASK = 0o022  # where a thread's own cannot be read (it is exiting)
 
 
-class _Proceed:
+class Proceed:
+    """The type of PROCEED."""
+
     def __repr__(self) -> str:
         return "PROCEED"
 
 
-PROCEED = _Proceed()
+PROCEED = Proceed()
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,17 @@ import errno
 import os
 import stat
 
-from redoxcap.broker.calls.base import Call, Family, Install, c_int, close, error, syscall
+from redoxcap.broker.calls.base import (
+    PROCEED,
+    Call,
+    Family,
+    Install,
+    Proceed,
+    c_int,
+    close,
+    error,
+    syscall,
+)
 from redoxcap.broker.pump import snapshot
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
@@ -28,14 +38,22 @@ from redoxcap.wire.linux import (
 )
 
 TTY = "/dev/tty"
+# What a continued open may not carry: it must read a file and no more (O_PATH opens check
+# no Landlock right at all: the fd would name any host file to fstat)
+_NOT_READING = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT | os.O_PATH
+
+
+def _reads_only(flags: int) -> bool:
+    return not flags & _NOT_READING
 
 
 class Opening(Family):
     """The open calls."""
 
     @syscall()
-    def open(self, call: Call) -> Install:
-        return self._open(call, AT_FDCWD, call.args[0], c_int(call.args[1]), call.args[2])
+    def open(self, call: Call) -> Install | Proceed:
+        return self._open(call, AT_FDCWD, call.args[0], c_int(call.args[1]), call.args[2],
+                          continuable=True)
 
     @syscall()
     def creat(self, call: Call) -> Install:
@@ -43,9 +61,9 @@ class Opening(Family):
         return self._open(call, AT_FDCWD, call.args[0], flags, call.args[1])
 
     @syscall()
-    def openat(self, call: Call) -> Install:
+    def openat(self, call: Call) -> Install | Proceed:
         a = call.args
-        return self._open(call, c_int(a[0]), a[1], c_int(a[2]), a[3])
+        return self._open(call, c_int(a[0]), a[1], c_int(a[2]), a[3], continuable=True)
 
     @syscall()
     def openat2(self, call: Call) -> Install:
@@ -72,7 +90,9 @@ class Opening(Family):
         return self._open(call, c_int(a[0]), a[1], flags & 0xFFFF_FFFF, mode, ours)
 
     def _open(self, call: Call, dirfd: int, addr: int, flags: int, mode: int,
-              resolve: int = 0) -> Install:
+              resolve: int = 0, continuable: bool = False) -> Install | Proceed:
+        """The open; continuable: its flags are registers, which the kernel cannot be made to
+        read otherwise than the broker did (open, openat; not openat2's struct)."""
         program, locator = self.program, self.program.locator
         path = locator.path(call, addr)
         if flags & (os.O_CREAT | O_TMPFILE_BIT):
@@ -81,6 +101,12 @@ class Opening(Family):
             return Install(self.terminal(call), bool(flags & os.O_CLOEXEC))
         loc = locator.locate(call, dirfd, path, resolve)
         try:
+            if continuable and loc.host and path.startswith("/") and _reads_only(flags):
+                # the kernel opens what the broker found, and no fd is installed (ADDFD waits
+                # for the target). Landlock bounds it whatever a racing thread writes over the
+                # path (docs/sandbox.md, "Why never CONTINUE a path the broker decided on")
+                program.hosts.find(path, not flags & os.O_NOFOLLOW)
+                return PROCEED
             fd, from_host = program.view.in_view(loc, not flags & os.O_NOFOLLOW, lambda at: (
                 locator.open_at(at, flags, mode, passthrough=True), at.host))
         except OSError as exc:
