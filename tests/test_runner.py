@@ -375,10 +375,15 @@ def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     """Runs started from what a spare prepared get what the same runs get when they take
     every step themselves (with --trace they do): the same names (a --dir run's without
     `file`), a private /tmp of their own, empty, the same cwd (the spare's is `file`'s root,
-    which a --cwd run lets go); without the broker or passthrough too."""
+    which a --cwd run lets go); without the broker or passthrough too: a file the program
+    opens in its cwd is then a copy of the scheme's bytes, which its own write through
+    another fd does not change; with it the host file itself, as natively looked up beneath
+    the host directory a spare asks for ahead."""
     (redoxcap_system.root / "sub").mkdir(exist_ok=True)
     brokered = ("import os, rt; print(','.join(rt.schemes())); print(os.listdir('/tmp')); "
-                "open('/tmp/mine', 'w').close(); print(os.getcwd(), 'sub' in os.listdir('.'))")
+                "open('/tmp/mine', 'w').close(); print(os.getcwd(), 'sub' in os.listdir('.')); "
+                "fd = os.open('f.txt', os.O_RDONLY); open('f.txt', 'w').write('g'); "
+                "os.stat('f.txt'); print(os.read(fd, 1).decode())")
     rt_only = "import rt; print(','.join(rt.schemes())); print(rt.listdir('/'))"
     shapes = {"default": ([], brokered), "dir": (["--dir", str(tmp_path)], brokered),
               "routed": (["--no-passthrough"], brokered), "rt only": (["--no-broker"], rt_only),
@@ -386,6 +391,8 @@ def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     got = {}
     for shape, (options, code) in shapes.items():
         for way in ("prepared", "by itself"):
+            for where in (redoxcap_system.root, redoxcap_system.root / "sub", tmp_path):
+                (where / "f.txt").write_text("f")
             spare_prepared(redoxcap_system)
             traced = ["--trace", str(tmp_path / "trace")] if way == "by itself" else []
             got[shape, way] = redoxcap_system.run(
@@ -396,8 +403,9 @@ def test_a_run_prepared_ahead_is_the_run_asked_for(redoxcap_system, tmp_path):
     assert "file" in names and "uds" in names
     assert sorted(with_dir) == sorted([n for n in names if n != "file"] + ["dir"])
     assert got["default", "prepared"][1] == got["dir", "prepared"][1] == "[]"
-    assert got["default", "prepared"][2:] == ["/", "True"]
-    assert got["cwd", "prepared"][2:] == ["/sub", "False"]
+    assert got["default", "prepared"][2:] == ["/", "True", "g"]
+    assert got["cwd", "prepared"][2:] == ["/sub", "False", "g"]
+    assert got["dir", "prepared"][4] == "g" and got["routed", "prepared"][4] == "f"
 
 
 def children(pid: int) -> list[int]:
@@ -545,6 +553,22 @@ def test_a_process_made_the_runs_own_child_ends_before_run_returns(redoxcap_modu
     out = redoxcap_module_system.run("--", sys.executable, "-c", CLONE_PARENT_SIBLING)
     (pid,) = [int(word) for word in out.stdout.split()]
     assert not os.path.exists(f"/proc/{pid}")  # killed and reaped, not even a zombie
+
+
+def test_a_spare_let_go_unused_holds_nothing(redoxcap_system):
+    """What run.Prepared takes ahead (the clones, the host directory behind the cwd's, the
+    fork, the private directory) is let go with it when no run takes it."""
+    import redoxcap.run
+
+    before = set(os.listdir("/proc/self/fd"))
+    made: list[str] = []
+    prepared = redoxcap.run.Prepared(redoxcap_system.state_dir, made.append)
+    try:
+        assert prepared._cwd_host is not None and len(set(os.listdir("/proc/self/fd"))) > len(before)
+    finally:
+        prepared.close()
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert made and not os.path.exists(made[0])
 
 
 def test_a_spare_whose_clones_fail_half_way_holds_nothing(redoxcap_system, monkeypatch):

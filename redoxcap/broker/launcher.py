@@ -91,18 +91,17 @@ def exec_target(argv: Sequence[str], env: dict[str, str], channel: socket.socket
     except OSError as exc:
         _die(f"seccomp user notification is not available here: {exc.strerror}")
     try:
-        # write and read, not SCM_RIGHTS: a sendmsg may be the broker's to answer now (udp); the
-        # broker takes the listener from this process (pidfd_getfd), then says so. run is
+        # its number, not the fd (SCM_RIGHTS: a sendmsg may be the broker's to answer now,
+        # udp): the broker takes the listener from this process (pidfd_getfd). run is
         # undumpable, and so is this fork of it until exec; pidfd_getfd needs it dumpable
         # (without CAP_SYS_PTRACE), as the program will be: only its exec follows
         linux.prctl(linux.PR_SET_DUMPABLE, 1)
         os.write(channel.fileno(), b"L" + listener.to_bytes(4, "little"))
-        if os.read(channel.fileno(), 1) != b"K":
-            _die("the broker did not take the listener")
     except OSError as exc:
         _die(f"cannot hand the listener to the broker: {exc.strerror}")
-    os.close(listener)
-    channel.close()
+    # no answer is waited for: the exec is a call the broker answers, once it holds the
+    # listener, which stays here until the exec (close-on-exec), as does the channel (the
+    # broker kills this process if it cannot take it)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

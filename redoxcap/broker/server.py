@@ -29,6 +29,7 @@ from typing import Any
 from redoxcap import exits
 from redoxcap.broker import hostfs
 from redoxcap.broker.calls import PROCEED, Call, Install, Syscalls
+from redoxcap.broker.calls.native import HostDirectory
 from redoxcap.broker.launcher import EXIT_CANNOT_RUN, Starter, exec_target, give_read_paths
 from redoxcap.broker.memory import Memory
 from redoxcap.broker.net import SocketGrants
@@ -286,7 +287,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    directfs_grant: int | None = None,
                    meanwhile: Callable[[int], None] | None = None,
                    starter: Starter | None = None,
-                   clones: tuple[int, int, int, int] | None = None) -> BrokeredProgram:
+                   clones: tuple[int, int, int, int] | None = None,
+                   cwd_host: HostDirectory | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -315,6 +317,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     it cannot take the request, this process forks. clones (owned from the call on, whatever
     happens), made ahead (redoxcap.run.Prepared), are the four clones this makes otherwise:
     ns_fd's for the broker and the program, then cwd_fd's for the broker and the program.
+    cwd_host (owned from the call on, whatever happens), asked ahead with directfs_grant, is
+    the host directory behind the broker's clone of cwd_fd (calls/native.py), which
+    the broker asks for otherwise while the program confines itself.
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -332,6 +337,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     except BaseException:
         for fd in opened:
             _close(fd)
+        if cwd_host is not None:
+            cwd_host.close()
         raise
     hosts = None
     try:
@@ -389,11 +396,12 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                 theirs.close()
             # what answers the program's calls is made while it confines itself (on another
             # core), not while its first call waits
-            opened.remove(broker_cwd)  # _answering's now
+            opened.remove(broker_cwd)  # _answering's now, as cwd_host is
+            ahead, cwd_host = cwd_host, None
             try:
                 processes, syscalls = _answering(machine, broker_ns, broker_cwd, cwd_path,
                                                  kernel_cwd, hosts, passthrough, handed, net,
-                                                 directfs_grant)
+                                                 directfs_grant, ahead)
             except BaseException:
                 ours.close()  # the program, waiting for the broker to take its listener, ends
                 raise
@@ -419,6 +427,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             _close(fd)
         if hosts is not None:
             hosts.close()
+        if cwd_host is not None:
+            cwd_host.close()
         raise
     state = None if listener is None else (listener, processes, syscalls)
     return BrokeredProgram(pid, state, hosts, opened, trace)
@@ -436,16 +446,23 @@ def _host_trees(argv: Sequence[str], env: dict[str, str], ro_host: Iterable[str]
 
 def _answering(machine: str, broker_ns: int, broker_cwd: int, cwd_path: str,
                kernel_cwd: str | None, hosts: hostfs.HostTrees, passthrough: bool,
-               handed: list[Mount], net: dict | None, directfs_grant: int | None
-               ) -> tuple[Processes, Syscalls]:
-    """The program's processes (owning broker_cwd, closed here if this fails; `run` opened it
-    before the program ran, so its scheme may be asked for native lookups) and the handler
-    table."""
+               handed: list[Mount], net: dict | None, directfs_grant: int | None,
+               cwd_host: HostDirectory | None) -> tuple[Processes, Syscalls]:
+    """The program's processes (owning broker_cwd and cwd_host, its host directory if asked
+    ahead, closed here if this fails; `run` opened it before the program ran, so its scheme
+    may be asked for native lookups) and the handler table."""
     try:
-        processes = Processes(Directory(broker_cwd, cwd_path, False, trusted=True), kernel_cwd)
+        cwd = Directory(broker_cwd, cwd_path, False, trusted=True)
+        if cwd_host is not None and passthrough:
+            cwd.native, cwd.native_asked, cwd_host = cwd_host, True, None
+        processes = Processes(cwd, kernel_cwd)
     except BaseException:
         _close(broker_cwd)
+        if cwd_host is not None:
+            cwd_host.close()
         raise
+    if cwd_host is not None:  # no native lookups (the grant is let go with it too)
+        cwd_host.close()
     try:
         grant = os.dup(directfs_grant) if directfs_grant is not None else None
         return processes, Syscalls(machine, broker_ns, hosts, processes, passthrough, handed, net,
@@ -526,19 +543,22 @@ def _close(fd: int) -> None:
 
 
 def _receive_listener(sock: socket.socket, pid: int) -> Listener | None:
-    """The listener of the child pid, taken from it (pidfd_getfd) when it says which fd it is,
-    or None when it exited first (its status says why)."""
+    """The listener of the child pid, taken from it (pidfd_getfd) when it says which fd it is
+    (it goes on to exec the program, a call that waits for this broker), or None when it
+    exited first (its status says why).
+
+    Raises:
+        OSError: the listener could not be taken; the child is killed (not reaped).
+    """
     data = sock.recv(16)
     if len(data) != 5 or data[:1] != b"L":
         return None
-    pidfd = os.pidfd_open(pid)
     try:
-        listener = Listener(linux.pidfd_getfd(pidfd, int.from_bytes(data[1:], "little")))
-    finally:
-        os.close(pidfd)
-    try:
-        sock.send(b"K")  # the child closes its own copy and executes the program
+        pidfd = os.pidfd_open(pid)
+        try:
+            return Listener(linux.pidfd_getfd(pidfd, int.from_bytes(data[1:], "little")))
+        finally:
+            os.close(pidfd)
     except OSError:
-        listener.close()
-        return None
-    return listener
+        os.kill(pid, signal.SIGKILL)  # its exec would wait for a broker that is not coming
+        raise
