@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -248,6 +249,41 @@ def test_a_continued_host_open_swapped_by_a_racing_thread_reads_no_secret(sandbo
     # (the trace reads the path after the answer, so `about` may be either)
     opens = [r for r in opens if r["op"] == "openat" and r["about"] in (inside, str(secret))]
     assert sum(r["result"] == "proceed" for r in opens) > 100, opens[:5]
+
+
+def test_a_broker_failing_before_it_took_the_listener_leaves_no_program_waiting(sandbox):
+    """The program's fork says where its listener is and goes on to exec, a call only the
+    broker can answer: a broker that fails before it took the listener (here the caller's
+    `meanwhile` work, once the fork has said so) kills and reaps it; nothing is left waiting."""
+    import rt
+    from redoxcap import control
+    from redoxcap.broker import start_brokered
+
+    _, fds = control.request(sandbox.state_dir, "namespace")
+    rt.setup(fds[0], None)
+    seen: list[int] = []
+
+    def meanwhile(pid: int) -> None:
+        seen.append(pid)
+        time.sleep(0.5)  # the fork has confined itself and said where its listener is
+        raise RuntimeError("the caller's work failed")
+
+    try:
+        cwd = rt.open("/", rt.O_DIRECTORY)
+        with pytest.raises(RuntimeError):
+            start_brokered(["/bin/true"], fds[0], cwd, "/", {"PATH": "/usr/bin:/bin"},
+                           meanwhile=meanwhile)
+        rt.close(cwd)
+        try:
+            assert os.waitpid(seen[0], os.WNOHANG) == (0, 0), "reaped already"
+        except ChildProcessError:
+            pass  # reaped by start_brokered, as it should be
+        else:
+            os.kill(seen[0], signal.SIGKILL)
+            os.waitpid(seen[0], 0)
+            pytest.fail("the program's fork was left waiting in its exec")
+    finally:
+        rt.setup(None, None)
 
 
 THREADS = textwrap.dedent("""

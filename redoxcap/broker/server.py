@@ -412,6 +412,11 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                     if meanwhile is not None:
                         meanwhile(pid)
                     listener = _receive_listener(ours, pid)
+            except BaseException:
+                # it may have said where its listener is, and wait in its exec for this broker
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
             finally:
                 if listener is None:
                     syscalls.close()
@@ -545,20 +550,12 @@ def _close(fd: int) -> None:
 def _receive_listener(sock: socket.socket, pid: int) -> Listener | None:
     """The listener of the child pid, taken from it (pidfd_getfd) when it says which fd it is
     (it goes on to exec the program, a call that waits for this broker), or None when it
-    exited first (its status says why).
-
-    Raises:
-        OSError: the listener could not be taken; the child is killed (not reaped).
-    """
+    exited first (its status says why)."""
     data = sock.recv(16)
     if len(data) != 5 or data[:1] != b"L":
         return None
+    pidfd = os.pidfd_open(pid)
     try:
-        pidfd = os.pidfd_open(pid)
-        try:
-            return Listener(linux.pidfd_getfd(pidfd, int.from_bytes(data[1:], "little")))
-        finally:
-            os.close(pidfd)
-    except OSError:
-        os.kill(pid, signal.SIGKILL)  # its exec would wait for a broker that is not coming
-        raise
+        return Listener(linux.pidfd_getfd(pidfd, int.from_bytes(data[1:], "little")))
+    finally:
+        os.close(pidfd)
