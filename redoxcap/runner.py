@@ -42,7 +42,9 @@ A spare told its system's state directory (`--state-dir`) takes the run's
 first steps while it waits for a caller (:func:`_prepare`,
 redoxcap.run.Prepared: the run's namespace, asked for and forked), so that
 an everyday run starts from them; the run lets them go where they do not
-fit it.
+fit it. Then, with no caller yet, it copies the pages of its objects that
+it shares with the fork server (redoxcap.broker.launcher.own_pages), as the
+Starter's child does, so that no copy-on-write fault is on the run's way.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import redoxcap.run
 from redoxcap import control, entry, launch
 from redoxcap.broker import filter as bpf
 from redoxcap.broker import server as broker_server
+from redoxcap.broker.launcher import own_pages
 from redoxcap.exits import EXIT_FAILED
 from redoxcap.sandbox.policy import project_package_locations
 from redoxcap.sandbox.process import cap_last_cap
@@ -329,6 +332,8 @@ def _run(reaper: socket.socket, spare: int | None, state_dir: str | None = None)
         linux.prctl(linux.PRCTL_OPTIONS["PR_SET_CHILD_SUBREAPER"], 0)
         if spare is not None:
             prepared = _prepare(state_dir, _telling(reaper))
+            if not select.select([spare], [], [], 0)[0]:  # no caller yet: while it waits
+                own_pages()
             caller = wait_for_a_caller(spare)
             if caller is not None and not _is_socket(caller):
                 _close(caller)  # the supervisor passes on sockets only

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import gc
 import marshal
 import os
 import resource
@@ -193,6 +194,7 @@ def _wait_to_start(sock: socket.socket, parent: int) -> NoReturn:
         empty = tempfile.mkdtemp(prefix="redoxcap-empty-")
         os.chdir(empty)
         os.rmdir(empty)
+        own_pages()
         data, anc, flags, _ = sock.recvmsg(MAX_START_REQUEST + 1,
                                            socket.CMSG_SPACE(4 * MAX_START_FDS))
         if not data:
@@ -223,6 +225,16 @@ def _wait_to_start(sock: socket.socket, parent: int) -> NoReturn:
     except BaseException as exc:  # noqa: BLE001 - no program: say why, as exec_target does
         _die(f"cannot start the program: {exc}")
     exec_target(argv, env, sock, parent, kernel_cwd, None, [n for n in numbers if n > 2], udp=udp)
+
+
+def own_pages() -> None:
+    """Copy this fork's pages of Python objects now, while it waits for a run: a fork shares
+    its parent's memory until it writes it, and every object a run's first steps touch
+    (a refcount is a write) cost a copy-on-write fault then, some 450 of them in a spare's
+    run and 170 in its Starter's child (1.5 ms of the run's way here). Listing every object
+    the collector tracks writes each one's refcount: 4 ms and about 8 MB of each process,
+    taken while nothing waits for it."""
+    gc.get_objects()
 
 
 def give_read_paths(sock: socket.socket, read_paths: Sequence[str]) -> None:
