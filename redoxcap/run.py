@@ -542,9 +542,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         else:
             root, file_root = file_root, None  # _enter_cwd's
             in_root = _enter_cwd(cwd or "/", beneath, root)
-        if not in_root:
-            _close_all(clones or ())
-            clones = None
+        if not in_root and clones is not None:  # the namespace's clones are its handle's
+            _close_all(clones[2:])               # still, whatever it now holds
+            clones = (clones[0], clones[1], None, None)
             if cwd_host is not None:
                 cwd_host.close()
                 cwd_host = None
@@ -604,7 +604,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             rt.close(file_root)
         if starter is not None:
             starter.close()  # unused (once used, this does nothing)
-        _close_all(clones or ())  # unused
+        _close_all([fd for fd in clones or () if fd is not None])  # unused
         if cwd_host is not None:
             cwd_host.close()
         if child_ns is not None:
@@ -709,9 +709,9 @@ class Prepared:
     run with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace
     starts from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would
     leave it out; without the broker or passthrough, the /tmp scheme or the grant let go;
-    with --cwd or --dir, the root and the clones let go), provided the root namespace has
-    not changed since (its generation, wire/roots.py); any other run closes them and starts
-    afresh.
+    with --cwd or --dir, the root and its clones let go, the namespace's kept), provided the
+    root namespace has not changed since (its generation, wire/roots.py); any other run
+    closes them and starts afresh.
 
     Owns its fds, the Starter and rt's setup, until `take` or `close`, and its directory
     until `directory` or `close` (which removes it).

@@ -287,7 +287,7 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    directfs_grant: int | None = None,
                    meanwhile: Callable[[int], None] | None = None,
                    starter: Starter | None = None,
-                   clones: tuple[int, int, int, int] | None = None,
+                   clones: tuple[int, int, int | None, int | None] | None = None,
                    cwd_host: HostDirectory | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
@@ -316,7 +316,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     once it is used), saves forking this process on the program's way; without one, or where
     it cannot take the request, this process forks. clones (owned from the call on, whatever
     happens), made ahead (redoxcap.run.Prepared), are the four clones this makes otherwise:
-    ns_fd's for the broker and the program, then cwd_fd's for the broker and the program.
+    ns_fd's for the broker and the program, then cwd_fd's for the broker and the program
+    (these two None where the cwd is not the one they were made of: made here).
     cwd_host (owned from the call on, whatever happens), asked ahead with directfs_grant, is
     the host directory behind the broker's clone of cwd_fd (calls/native.py), which
     the broker asks for otherwise while the program confines itself.
@@ -327,7 +328,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     Raises:
         Unavailable: this kernel cannot broker a program.
     """
-    opened: list[int] = [*(clones or ()), *(root for _, root, *_ in mounts)]
+    opened: list[int] = [*(fd for fd in clones or () if fd is not None),
+                         *(root for _, root, *_ in mounts)]
     try:
         reason = available()
         if reason is not None:
@@ -342,9 +344,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
         raise
     hosts = None
     try:
-        if clones is not None:
-            broker_ns, target_ns, broker_cwd, target_cwd = clones
-        else:
+        broker_ns, target_ns, broker_cwd, target_cwd = clones or (None, None, None, None)
+        if broker_ns is None:
             broker_ns = call_fd(ns_fd, P.CLONE)
             opened.append(broker_ns)
         handed = []
@@ -354,11 +355,13 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             handed.append(Mount(directory.visible, root, directory.path, directory.executable, scheme))
         kernel_cwd = next((cwd_path for m in handed
                            if m.executable and m.holds(cwd_path)), None)
-        if clones is None:
+        if broker_cwd is None:
             broker_cwd = call_fd(cwd_fd, P.CLONE)
             opened.append(broker_cwd)
+        if target_ns is None:
             target_ns = call_fd(ns_fd, P.CLONE)
             opened.append(target_ns)
+        if target_cwd is None:
             target_cwd = call_fd(cwd_fd, P.CLONE)
             opened.append(target_cwd)
         env = dict(env, **{ENV_NS: str(target_ns), ENV_CWD: str(target_cwd), ENV_CWD_PATH: cwd_path})
