@@ -23,6 +23,13 @@ where]` with the fds the daemon inherits attached (SCM_RIGHTS), and
 The answer is `{"pid": N}` (the daemon, once it has been adopted) or
 `{"errno": E}`. The server exits when the socket reaches EOF, and dies with
 the supervisor.
+
+A spare (`[module, [""], [0], true]`, the one fd a socket) is forked before
+anyone needs it: it waits on that socket for its arguments, sent as a
+request is (`[args, where]` with the fds; :func:`assign`), and only then runs
+its module; at EOF it exits. What a fork costs (the double fork of a 30 MB
+interpreter, the copy-on-write faults of its first steps) is then off the
+way of whoever asks for the daemon.
 """
 
 from __future__ import annotations
@@ -49,6 +56,24 @@ IDLE = 0.05  # seconds without a request before a module asked for `--later` is 
 
 
 # -- the supervisor's side -------------------------------------------------------
+
+
+def _request(args: Sequence[str | int]) -> tuple[list[int], list]:
+    """The fds among args and `[args, where]` as a request carries them."""
+    return [a for a in args if isinstance(a, int)], \
+        [[a if isinstance(a, str) else "" for a in args],
+         [i for i, a in enumerate(args) if isinstance(a, int)]]
+
+
+def assign(sock: socket.socket, args: Sequence[str | int]) -> None:
+    """Send a spare (the other end of sock, which stays the caller's) the args it is to run
+    its module with (an int: an fd it inherits, which stays the caller's).
+
+    Raises:
+        OSError: it is gone (EPIPE, ECONNRESET...).
+    """
+    fds, request = _request(args)
+    sock.sendmsg([P.pack(request)], P.fds_ancillary(fds))
 
 
 class ForkServer:
@@ -83,9 +108,11 @@ class ForkServer:
         self._pidfd: int | None = os.pidfd_open(self.process.pid)  # our unreaped child's
         self._lock: trio.Lock | None = None
 
-    async def spawn(self, module: str, args: Sequence[str | int]) -> ForkedProcess:
+    async def spawn(self, module: str, args: Sequence[str | int], spare: bool = False
+                    ) -> ForkedProcess:
         """Start `python -m module *args` as a fork; an int in args is an fd it inherits (which
-        stays the caller's), named there by the number it has in the daemon.
+        stays the caller's), named there by the number it has in the daemon. A spare's args
+        are one socket fd, on which it waits for its own (:func:`assign`).
 
         Raises:
             OSError: the server could not fork it (or is gone: EPIPE, ECONNRESET).
@@ -94,9 +121,10 @@ class ForkServer:
 
         if self._lock is None:
             self._lock = trio.Lock()
-        fds = [a for a in args if isinstance(a, int)]
-        request = [module, [a if isinstance(a, str) else "" for a in args],
-                   [i for i, a in enumerate(args) if isinstance(a, int)]]
+        fds, request = _request(args)
+        request.insert(0, module)
+        if spare:
+            request.append(True)
         sock = trio.socket.from_stdlib_socket(self._sock.dup())
         with sock:
             async with self._lock:  # one request at a time: answers come in order
@@ -231,12 +259,11 @@ def serve(sock: socket.socket, later: Sequence[str] = ()) -> None:
             request = P.unpack(data)
             if flags & P.TRUNCATED or len(fds) > MAX_FDS:
                 raise ValueError("truncated")
-            module, args, where = request
-            if not isinstance(module, str) or not all(isinstance(a, str) for a in args) or \
-                    sorted(where) != where or len(where) != len(fds) or \
-                    not all(type(i) is int and 0 <= i < len(args) for i in where):
+            module, args, where, *spare = request
+            if not isinstance(module, str) or spare not in ([], [True]) or \
+                    not _well_formed(args, where, fds) or (spare and len(fds) != 1):
                 raise ValueError("malformed")
-            reply = {"pid": _fork_daemon(module, args, dict(zip(where, fds)), sock)}
+            reply = {"pid": _fork_daemon(module, args, dict(zip(where, fds)), sock, bool(spare))}
         except (ValueError, TypeError, P.ProtocolError):
             reply = {"errno": errno.EINVAL}
         except OSError as exc:
@@ -246,7 +273,14 @@ def serve(sock: socket.socket, later: Sequence[str] = ()) -> None:
         sock.send(P.pack(reply))
 
 
-def _fork_daemon(module: str, args: list[str], fds: dict[int, int], sock: socket.socket) -> int:
+def _well_formed(args: object, where: object, fds: list[int]) -> bool:
+    return isinstance(args, list) and all(isinstance(a, str) for a in args) and \
+        isinstance(where, list) and all(type(i) is int and 0 <= i < len(args) for i in where) \
+        and sorted(where) == where and len(where) == len(fds)
+
+
+def _fork_daemon(module: str, args: list[str], fds: dict[int, int], sock: socket.socket,
+                 spare: bool = False) -> int:
     """Fork a child that forks the daemon, tells us its pid and exits; return the pid once
     the child has exited (the daemon is the supervisor's then)."""
     report_r, report_w = os.pipe()
@@ -262,7 +296,7 @@ def _fork_daemon(module: str, args: list[str], fds: dict[int, int], sock: socket
             daemon = os.fork()
             if daemon == 0:
                 os.close(report_w)
-                _become(module, args, fds, sock)
+                _become(module, args, fds, sock, spare)
             os.write(report_w, str(daemon).encode())
         finally:
             os._exit(0)
@@ -279,14 +313,19 @@ def _fork_daemon(module: str, args: list[str], fds: dict[int, int], sock: socket
     return int(pid_text)
 
 
-def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.socket) -> None:
-    """In the daemon: run module as `python -m module args` would, then exit (never returns).
+def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.socket,
+            spare: bool = False) -> None:
+    """In the daemon: run module as `python -m module args` would, then exit (never returns);
+    a spare first waits for its args on the socket fds[0] (:func:`_assigned`).
 
     fds: argument index -> the fd it names (by its number here).
     """
     code = 1
     try:
         sock.close()
+        if spare:
+            _title_for_ps(module, ["(a spare)"])
+            args, fds = _assigned(fds[0])
         for fd in fds.values():
             os.set_inheritable(fd, True)  # as an fd `python -m` was given would be
         argv = [str(fds[i]) if i in fds else arg for i, arg in enumerate(args)]
@@ -312,6 +351,30 @@ def _become(module: str, args: list[str], fds: dict[int, int], sock: socket.sock
         traceback.print_exc()
     _flush()
     os._exit(code)
+
+
+def _assigned(fd: int) -> tuple[list[str], dict[int, int]]:
+    """A spare's wait: the args and fds it runs its module with, sent on socket fd (closed
+    here) as :func:`assign` sends them; it exits at EOF (let go unused). Meanwhile it copies
+    the pages of its objects it shares with the server (listing every object the collector
+    tracks writes its refcount), so that its first steps take no copy-on-write fault."""
+    import gc
+
+    gc.get_objects()
+    with socket.socket(fileno=fd) as sock:
+        data, anc, flags, _ = sock.recvmsg(1 << 16, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+    fds = P.parse_ancillary(anc)[0]
+    request = None
+    try:
+        request = P.unpack(data) if data and not flags & P.TRUNCATED else None
+    except P.ProtocolError:
+        pass
+    if not isinstance(request, list) or len(request) != 2 or \
+            not _well_formed(request[0], request[1], fds) or len(fds) > MAX_FDS:
+        P.close_fds(fds)
+        os._exit(0 if not data else 1)  # let go unused, or a malformed assignment
+    args, where = request
+    return args, dict(zip(where, fds))
 
 
 def _title_for_ps(module: str, args: list[str]) -> None:

@@ -19,6 +19,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from redoxcap.daemons import alive
+from redoxcap.forkserver import assign
 from redoxcap.wire import protocol as P
 
 if TYPE_CHECKING:
@@ -77,6 +78,11 @@ class Runners:
     (the next caller's interpreter, starting meanwhile, leaves a core free). A
     run that comes while a spare is being made waits for it rather than have
     the fork server fork another.
+
+    Once a run has had a file scheme daemon (`--dir`, its /tmp), a spare daemon
+    is made too, at the same moments: the next such daemon is that spare, told
+    its arguments (redoxcap.forkserver.assign), not a fork made while the run
+    sets itself up, whose start took the run's two cores for some 5 ms.
     """
 
     def __init__(self) -> None:
@@ -88,6 +94,9 @@ class Runners:
         self._source: tuple[ForkServer, trio.Nursery, str | None] | None = None
         self._then_a_spare: set[ForkedProcess] = set()  # runners whose end brings the next spare
         self._prepared: tuple[int, int] | None = None  # (a spare's pid, the account it prepared)
+        self._daemon_spare: tuple[ForkedProcess, socket.socket] | None = None  # and our end
+        self._daemon_wanted = False  # a run has had a file scheme daemon: keep a spare one
+        self._daemon_making = False
 
     async def start(self, forkserver: ForkServer | None, nursery: trio.Nursery, sock: int,
                     state_dir: str | None = None) -> int:
@@ -154,9 +163,10 @@ class Runners:
         import trio
 
         self._closing = True
-        if self._spare is not None:
-            self._spare[1].close()  # EOF: it goes
-            self._spare = None
+        for spare in (self._spare, self._daemon_spare):
+            if spare is not None:
+                spare[1].close()  # EOF: it goes
+        self._spare = self._daemon_spare = None
         with trio.move_on_after(grace):
             while self.running:
                 await next(iter(self.running)).wait()
@@ -194,11 +204,52 @@ class Runners:
         """
         if forkserver is None:
             raise OSError(errno.ENOSYS, "this system has no fork server to run from")
+        self._daemon_wanted = True
+        spare, self._daemon_spare = self._daemon_spare, None
+        if spare is not None:
+            daemon, channel = spare
+            with channel:
+                try:
+                    assign(channel, args)
+                    return daemon.pid
+                except OSError:  # it died meanwhile: reaped by _reap; fork one now
+                    pass
         if len(self.running) >= MAX_RUNNERS:
             raise OSError(errno.EAGAIN, f"{MAX_RUNNERS} runs and their daemons at once already")
         daemon = await forkserver.spawn(FILE_SCHEME_MODULE, args)
         self._adopt(daemon, nursery)
         return daemon.pid
+
+    def _make_daemon_spare_soon(self) -> None:
+        """Start making a spare file scheme daemon, where runs have had daemons and there is
+        none, nor one being made."""
+        if self._daemon_wanted and self._daemon_spare is None and not self._daemon_making \
+                and not self._closing and self._source is not None \
+                and len(self.running) < MAX_RUNNERS:
+            self._daemon_making = True
+            forkserver, nursery, _ = self._source
+            nursery.start_soon(self._make_daemon_spare, forkserver, nursery)
+
+    async def _make_daemon_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                daemon = await forkserver.spawn(FILE_SCHEME_MODULE, [theirs.fileno()], spare=True)
+            finally:
+                theirs.close()
+        except BaseException as exc:  # cancelled too: our end goes with the spare not made
+            ours.close()
+            if not isinstance(exc, OSError):
+                raise
+        else:
+            ours.setblocking(False)
+            self._adopt(daemon, nursery)
+            if self._closing:
+                ours.close()  # EOF: it goes
+            else:
+                self._daemon_spare = (daemon, ours)
+        finally:
+            self._daemon_making = False
 
     def _adopt(self, runner: ForkedProcess, nursery: trio.Nursery) -> None:
         self.running.add(runner)
@@ -212,6 +263,10 @@ class Runners:
             if self._spare is not None and self._spare[0] is runner:
                 self._spare[1].close()
                 self._spare = None
-        if runner in self._then_a_spare:  # a run has ended: the next one's spare, now
+            if self._daemon_spare is not None and self._daemon_spare[0] is runner:
+                self._daemon_spare[1].close()
+                self._daemon_spare = None
+        if runner in self._then_a_spare:  # a run has ended: the next one's spares, now
             self._then_a_spare.discard(runner)
             self._make_spare_soon()
+            self._make_daemon_spare_soon()

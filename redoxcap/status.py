@@ -85,7 +85,7 @@ def render(info: dict) -> Iterator[str]:
                f"(reserve {summary['reserve']} of {summary['fd_limit']})")
     runners = info.get("runners")
     if runners:
-        yield f"runners (runs under way, their daemons, a spare): {' '.join(map(str, runners))}"
+        yield f"runners (runs under way, their daemons, spares): {' '.join(map(str, runners))}"
     spare = info.get("spare")
     if spare:
         yield (f"the spare holds {spare.get('capabilities', 0)} capabilities for the next run "

@@ -21,7 +21,7 @@ import pytest
 from test_everyday import BASE_PYTHON, sandboxed
 
 from redoxcap.broker import available
-from redoxcap.testing import REDOXCAP, wait_for
+from redoxcap.testing import REDOXCAP, file_daemons, wait_for
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -166,16 +166,8 @@ def test_each_dir_is_at_its_own_path_and_tmp_is_private(redoxcap_module_system, 
 
 
 def daemons_of(system) -> list[str]:
-    """The command lines of the file scheme daemons the system forked for runs."""
-    lines = []
-    for pid in system.status()["runners"]:
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"redoxcap.schemes.file" in a for a in args):
-            lines.append(" ".join(a.decode(errors="replace") for a in args))
-    return lines
+    """The command lines of the file scheme daemons the system forked for runs (serving)."""
+    return [line for _, line in file_daemons(system)]
 
 
 def test_the_private_tmp_daemon_starts_when_the_program_first_uses_tmp(redoxcap_module_system):

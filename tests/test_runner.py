@@ -19,7 +19,8 @@ import msgpack
 import pytest
 
 from redoxcap import control, launch
-from redoxcap.testing import REDOXCAP, spare_prepared
+from redoxcap.testing import REDOXCAP, file_daemons, spare_prepared
+from redoxcap.testing.clients import SPARE_TITLE
 from redoxcap.testing.system import booted
 from redoxcap.testing.waiting import pid_alive, wait_for
 from redoxcap.wire import protocol as P
@@ -269,16 +270,13 @@ def test_a_runs_dir_and_tmp_are_served_by_daemons_the_system_forks(redoxcap_modu
 
         def served() -> list[str]:
             lines = []
-            for pid in system.status()["runners"]:
+            for pid, line in file_daemons(system):
                 try:  # one that ended since status named it serves nothing
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        line = f.read().replace(b"\0", b" ").decode()
                     forked_by = parent(pid)
                 except OSError:
                     continue
-                if "redoxcap.schemes.file" in line:
-                    assert forked_by == supervisor  # a warm fork, not an interpreter of the run's
-                    lines.append(line)
+                assert forked_by == supervisor  # a warm fork, not an interpreter of the run's
+                lines.append(line)
             return lines
 
         lines = served()
@@ -290,6 +288,39 @@ def test_a_runs_dir_and_tmp_are_served_by_daemons_the_system_forks(redoxcap_modu
         wait_for(lambda: not served(), timeout=30)  # they end with the run
     finally:
         system.stop_background()
+
+
+def spare_daemons(system) -> list[int]:
+    return [pid for pid, _ in file_daemons(system, spares=True)]
+
+
+def test_a_dir_run_is_served_by_the_spare_daemon_the_last_one_left(redoxcap_system, tmp_path):
+    """Once a run has had a file scheme daemon, the system forks a spare one when that run
+    ends, which waits for its arguments: the next --dir run's daemon is that process, told
+    its directory, and it serves the run's writes; `down` ends a spare nobody used."""
+    system = redoxcap_system
+    assert not spare_daemons(system)  # none before a run has had a daemon
+    system.run("--dir", str(tmp_path), "--", "true")
+    wait_for(lambda: len(spare_daemons(system)) == 1)
+    [spare] = spare_daemons(system)
+    run = system.start("run", "--dir", str(tmp_path), "--", "sh", "-c",
+                       "echo made > made.txt; cat made.txt; read done")
+    try:
+        assert run.stdout.readline() == "made\n"
+        with open(f"/proc/{spare}/cmdline", "rb") as f:
+            told = f.read().replace(b"\0", b" ").decode()
+        assert "--name dir" in told and str(tmp_path) in told and SPARE_TITLE not in told, told
+        run.stdin.write("\n")
+        run.stdin.flush()
+        assert run.wait(timeout=30) == 0
+    finally:
+        system.stop_background()
+    assert (tmp_path / "made.txt").read_text() == "made\n"
+    wait_for(lambda: not pid_alive(spare))  # it ended with the run's scheme
+    wait_for(lambda: len(spare_daemons(system)) == 1)  # and the next spare waits
+    [unused] = spare_daemons(system)
+    system.cli("down")
+    wait_for(lambda: not pid_alive(unused))
 
 
 @pytest.mark.parametrize("token", ["right", "wrong"])

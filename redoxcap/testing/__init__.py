@@ -25,7 +25,8 @@ module of its concern:
   `shut_down()`, `redoxcap()` and `REDOXCAP` (the real CLI);
 - clients.py: `installed()`, `isolated()` (the test process as an rt
   client), `namespace_with_file()`, `holdings()`, `settled()` and `no_new_traceback()` (what a test
-  left behind), `spare_prepared()` (a baseline that counts the spare runner's share);
+  left behind), `spare_prepared()` (a baseline that counts the spare runner's share),
+  `file_daemons()` (the daemons forked for runs' directories, or the spare ones);
 - waiting.py: `wait_for()`, `wait_exited()`, `finish()` for a background
   client, `pid_alive()`;
 - net.py: `free_port()`, `nobody_listens()`;
@@ -39,6 +40,7 @@ Example::
 """
 
 from redoxcap.testing.clients import (
+    file_daemons,
     holdings,
     installed,
     isolated,
@@ -63,6 +65,7 @@ __all__ = [
     "StatusTimeoutWarning",
     "System",
     "booted",
+    "file_daemons",
     "finish",
     "free_port",
     "holdings",

@@ -121,6 +121,24 @@ def spare_prepared(system: System, timeout: float = 30) -> dict:
     return wait_for(lambda: system.status().get("spare"), timeout=timeout)
 
 
+SPARE_TITLE = "(a spare)"  # what ps shows of a spare file scheme daemon (redoxcap/forkserver.py)
+
+
+def file_daemons(system: System, spares: bool = False) -> list[tuple[int, str]]:
+    """The file scheme daemons the system forked for runs (`--dir`, /tmp), as (pid, command
+    line): those serving runs, or (spares) those waiting to."""
+    found = []
+    for pid in system.status().get("runners", []):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                line = " ".join(a.decode(errors="replace") for a in f.read().split(b"\0"))
+        except OSError:
+            continue  # it ended since status named it
+        if "redoxcap.schemes.file" in line and (SPARE_TITLE in line) == spares:
+            found.append((pid, line))
+    return found
+
+
 def settled(system: System, before: dict[str, tuple[int, int]], timeout: float = 10) -> None:
     """Wait until the router holds, for every scheme, no more than `before` (from `holdings`).
 
