@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from redoxcap.broker import available
-from redoxcap.testing import REDOXCAP, System, booted
+from redoxcap.testing import REDOXCAP, System, booted, pid_alive, wait_for
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -186,6 +186,18 @@ def test_the_root_is_the_namespaces_root_for_cd_and_ls(sandbox):
     assert where == "/" and sorted(listed) == sorted(os.listdir(sandbox.root))
 
 
+def test_the_cwd_is_reached_by_its_own_absolute_path_beside_a_handed_tmp(sandbox):
+    """`cd "$PWD"` (pyenv's shims do it) reaches the cwd capability in the `--ns ''` sandbox,
+    whose /tmp, a handed directory, makes every other name at `/` absent; a name beside
+    the cwd stays absent."""
+    got = brokered(sandbox, ["sh", "-c", "cd /box && pwd && head -1 a.txt && ls /secret.txt"])
+    assert got.stdout.split() == ["/box", "alpha"], got.stderr
+    assert got.returncode != 0 and "secret.txt" in got.stderr
+    # a default run's namespace has `file`: `/x` beside /tmp is its /x, as `/x/y` is its /x/y
+    got = sandbox.run("--", "sh", "-c", "cd /box && cat /secret.txt")
+    assert got.stdout == "the secret", got.stderr
+
+
 def test_exec_of_a_host_file_outside_the_trees_fails(sandbox, tmp_path):
     script = tmp_path / "escape.sh"
     script.write_text("#!/bin/sh\necho escaped\n")
@@ -328,7 +340,7 @@ ORPHAN = textwrap.dedent("""
     import os, sys
     if os.fork() == 0:
         os.setsid()
-        print("ready", flush=True)
+        print("ready", os.getppid(), flush=True)
         sys.stdin.readline()  # until the test has killed the broker
         try:
             os.open("a.txt", os.O_RDONLY)
@@ -348,9 +360,12 @@ def test_with_the_broker_gone_a_brokered_call_fails_with_enosys(sandbox):
     before = set(glob.glob(tmps))
     run = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert run.stdout.readline().strip() == "ready"
+        ready, main = run.stdout.readline().split()
+        assert ready == "ready"
         run.send_signal(signal.SIGKILL)  # the broker (its child dies with it; the orphan lives on)
         run.wait(timeout=30)
+        # the child's SIGKILL (PR_SET_PDEATHSIG) takes a moment: gone, it cannot read our line
+        wait_for(lambda: not pid_alive(int(main)))
         run.stdin.write("go\n")
         run.stdin.flush()
         assert run.stdout.readline().split() == ["errno", str(errno.ENOSYS)]

@@ -118,6 +118,14 @@ class HostTrees:
         return (parts in self._above or parts in self.handed_above or parts in self._handed
                 or self._in_tree(parts))
 
+    def beside_handed(self, path: str) -> bool:
+        """Whether an absolute path is a name beside a handed directory (in one that is above
+        it) that is neither a tree, above one, nor handed or above a handed one: absent here
+        (ENOENT)."""
+        parts = tuple(_parts(path))
+        return ".." not in parts and bool(parts) and parts[:-1] in self.handed_above \
+            and not self._passable(parts)
+
     def is_above(self, parts: tuple[str, ...]) -> bool:
         """Whether these components name a directory above a tree or a handed directory."""
         return (parts in self._above or parts in self.handed_above) and not self._in_tree(parts)

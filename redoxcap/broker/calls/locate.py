@@ -187,13 +187,23 @@ class Locator:
                 except OSError:
                     pass  # no `file` (`run --dir`): that view
             placed = self.placed(path, resolve)
-            if placed is not None:
-                return placed
             cwd = call.process.cwd
-            if not cwd.host and not _scheme_path(path) and (
-                    path == cwd.path or path.startswith(cwd.path.rstrip("/") + "/")):
-                # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub")):
-                # beneath the cwd capability, with its rules, whatever the namespace holds
+            # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub"),
+            # pyenv's shims `cd "$PWD"`): beneath the cwd capability, with its rules,
+            # whatever the namespace holds, where no handed directory or host tree is
+            in_cwd = not cwd.host and not _scheme_path(path) and (
+                path == cwd.path or path.startswith(cwd.path.rstrip("/") + "/"))
+            if placed is not None and placed.host and self.hosts.beside_handed(path):
+                # a name beside a handed directory (a handed /tmp is beside every `/x`):
+                # the cwd's, or the namespace's where it has `file` (as `/x/y` is), else absent
+                if not in_cwd:
+                    try:
+                        return self.in_namespace(path, resolve)
+                    except OSError:
+                        return placed
+            elif placed is not None:
+                return placed
+            if in_cwd:
                 return Location(cwd.fd, path[len(cwd.path):].lstrip("/") or ".", False, resolve,
                                 origin=cwd if cwd.trusted else None)
             return self.in_namespace(path, resolve)
