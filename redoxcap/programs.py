@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from redoxcap.daemons import alive
@@ -173,22 +174,10 @@ class Runners:
 
     async def _make_spare(self, forkserver: ForkServer, nursery: trio.Nursery,
                           state_dir: str | None) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            try:
-                runner = await forkserver.spawn(
-                    RUNNER_MODULE, ["--spare-fd", theirs.fileno(),
-                                    *(["--state-dir", state_dir] if state_dir is not None else [])])
-            finally:
-                theirs.close()
-        except BaseException as exc:  # cancelled too: our end goes with the spare not made
-            ours.close()
-            if not isinstance(exc, OSError):
-                raise
-        else:
-            ours.setblocking(False)
-            self._adopt(runner, nursery)
-            self._spare = (runner, ours)
+            self._spare = await self._spawn_waiting(
+                forkserver, nursery, RUNNER_MODULE, lambda fd: [
+                    "--spare-fd", fd, *(["--state-dir", state_dir] if state_dir is not None else [])])
         finally:
             made, self._made = self._made, None
             if made is not None:
@@ -231,25 +220,36 @@ class Runners:
             nursery.start_soon(self._make_daemon_spare, forkserver, nursery)
 
     async def _make_daemon_spare(self, forkserver: ForkServer, nursery: trio.Nursery) -> None:
+        try:
+            spare = await self._spawn_waiting(forkserver, nursery, FILE_SCHEME_MODULE,
+                                              lambda fd: [fd], spare=True)
+            if spare is not None and self._closing:
+                spare[1].close()  # EOF: it goes
+                spare = None
+            self._daemon_spare = spare
+        finally:
+            self._daemon_making = False
+
+    async def _spawn_waiting(self, forkserver: ForkServer, nursery: trio.Nursery, module: str,
+                             args: Callable[[int], list[str | int]], spare: bool = False
+                             ) -> tuple[ForkedProcess, socket.socket] | None:
+        """Fork module (args: its arguments, given the fd of its end of a new socket pair),
+        adopted; the process and our end (non-blocking), or None where the fork server could
+        not fork it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                daemon = await forkserver.spawn(FILE_SCHEME_MODULE, [theirs.fileno()], spare=True)
+                process = await forkserver.spawn(module, args(theirs.fileno()), spare=spare)
             finally:
                 theirs.close()
         except BaseException as exc:  # cancelled too: our end goes with the spare not made
             ours.close()
             if not isinstance(exc, OSError):
                 raise
-        else:
-            ours.setblocking(False)
-            self._adopt(daemon, nursery)
-            if self._closing:
-                ours.close()  # EOF: it goes
-            else:
-                self._daemon_spare = (daemon, ours)
-        finally:
-            self._daemon_making = False
+            return None
+        ours.setblocking(False)
+        self._adopt(process, nursery)
+        return process, ours
 
     def _adopt(self, runner: ForkedProcess, nursery: trio.Nursery) -> None:
         self.running.add(runner)
