@@ -106,25 +106,37 @@ def serve(child_ns: int, dirs: Sequence[HostDir],
     taken = (set(rt.schemes(child_ns)) if taken is None else set(taken)) if dirs else set()
     mounts = []
     for d in dirs:
-        base = "tmp" if d.visible == "/tmp" and not d.executable else "dir"
-        name = next(n for n in [base, *(f"{base}{i}" for i in range(1, len(dirs) + len(taken) + 2))]
-                    if n not in taken)
+        name = free_name("tmp" if d.visible == "/tmp" and not d.executable else "dir", taken)
         taken.add(name)
         try:
             channel = rt.mkscheme(name, child_ns)
         except OSError as exc:
             raise Failure(f"--dir {d.visible}: cannot serve it: {exc.strerror}") from None
-        grant = None
-        try:
-            grant = os.dup(directfs_grant) if directfs_grant is not None else None
-            daemons.append(DaemonAside(channel, d, name, grant, system, at_once=True))
-        except BaseException:
-            for fd in (channel, grant):
-                if fd is not None:
-                    os.close(fd)
-            raise
+        serve_aside(channel, d, name, daemons, directfs_grant, system)
         mounts.append((d, name))
     return mounts
+
+
+def free_name(base: str, taken: set[str]) -> str:
+    """base, or base1, base2...: the first a namespace holding taken does not hold."""
+    return next(n for n in [base, *(f"{base}{i}" for i in range(1, len(taken) + 2))]
+                if n not in taken)
+
+
+def serve_aside(channel: int, d: HostDir, name: str,
+                daemons: list[subprocess.Popen | SystemDaemon | DaemonAside],
+                directfs_grant: int | None = None, system: Path | None = None) -> None:
+    """Start the daemon serving d on channel (owned from now on, whatever happens) beside
+    the caller's work (DaemonAside, at once), appended to daemons."""
+    grant = None
+    try:
+        grant = os.dup(directfs_grant) if directfs_grant is not None else None
+        daemons.append(DaemonAside(channel, d, name, grant, system, at_once=True))
+    except BaseException:
+        for fd in (channel, grant):
+            if fd is not None:
+                os.close(fd)
+        raise
 
 
 def open_root(ns: int, name: str) -> int:

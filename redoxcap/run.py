@@ -507,7 +507,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     if prepared is not None:  # rt holds its root namespace already
         # without the broker, the /tmp scheme is not used: closed with the rest, below
         account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root, starter, \
-            clones, cwd_host = prepared.take()
+            clones, cwd_host, for_dir = prepared.take()
         if not directfs and grant is not None:  # --no-passthrough, --no-broker: no native
             os.close(grant)                      # lookups, for the broker nor a --dir daemon
             grant = None
@@ -517,29 +517,48 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
     else:
         account, ns, tmp_root, tmp_channel, grant = _namespace(state_dir, max_caps, private_scheme,
                                                                directfs)
-        file_root = starter = clones = cwd_host = None
+        file_root = starter = clones = cwd_host = for_dir = None
         if follower is not None:
             follower.start(account)  # the run's calls, from its first
         rt.setup(ns, None)  # rt owns the root namespace until the end
         child_ns = None
+    ahead_roots: dict[str, int] = {}  # roots of the handed directories taken ahead, by name
     try:
-        if child_ns is None:
+        daemons = daemons if daemons is not None else []
+        mounts: list[tuple[hostdirs.HostDir, str]] = []
+        in_root = False  # whether the cwd is the root taken ahead that the clones are of
+        if for_dir is not None and not (broker is not None and len(dirs) == 1 and not served
+                                        and cwd in (None, ".") and not beneath):
+            for_dir.close()  # a run of another shape
+            for_dir = None
+        if for_dir is not None:  # one --dir, its cwd: its namespace, scheme and roots ahead
+            rt.close(child_ns)  # the namespace with `file`, its clones and host directory
+            _close_all(clones or ())
+            if cwd_host is not None:
+                cwd_host.close()
+                cwd_host = None
+            steps, for_dir = for_dir, None  # each part goes where it is closed from now on
+            child_ns, clones, ahead_roots[steps.name] = steps.ns, steps.clones, steps.handed
+            _process.replace_cwd(steps.root, posixpath.normpath(dirs[0].visible))  # as enter does
+            hostdirs.serve_aside(steps.channel, dirs[0], steps.name, daemons, grant, state_dir)
+            mounts, in_root = [(dirs[0], steps.name)], True
+        elif child_ns is None:
             root_names = rt.schemes()
-            child_ns, child_names = _fork_namespace(root_names, names, dirs, served, uds_scope, net)
+            child_ns, child_names = _fork_namespace(root_names, names, bool(dirs), served, uds_scope,
+                                                    net)
         else:
             child_names = set(root_names)
             if dirs and "file" in child_names:  # as _fork_namespace leaves it out
                 rt.unregister(child_ns, "file")
                 child_names.discard("file")
-        daemons = daemons if daemons is not None else []
-        mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
-                                                            state_dir, child_names)
+        if not mounts:
+            mounts = list(served) if served else hostdirs.serve(child_ns, dirs, daemons, grant,
+                                                                state_dir, child_names)
         if mounts:
             env[ENV_DIRS] = json.dumps([[d.visible, name] for d, name in mounts])
-        in_root = False  # whether the cwd is the `file` root taken ahead (clones are of it)
-        if dirs:
+        if dirs and not in_root:
             hostdirs.enter(child_ns, mounts, cwd, beneath)
-        else:
+        elif not dirs:
             root, file_root = file_root, None  # _enter_cwd's
             in_root = _enter_cwd(cwd or "/", beneath, root)
         if not in_root and clones is not None:  # the namespace's clones are its handle's
@@ -569,7 +588,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             handed: list = []
             try:
                 for d, name in mounts:
-                    handed.append((d, hostdirs.open_root(child_ns, name), name))
+                    root = ahead_roots.pop(name, None)
+                    handed.append((d, hostdirs.open_root(child_ns, name) if root is None else root,
+                                   name))
                 if tmp_root is not None:
                     handed.append((hostdirs.HostDir(private_tmp, "/tmp"), tmp_root, "tmp"))
                     tmp_root = None  # closed with the rest of handed
@@ -605,8 +626,11 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         if starter is not None:
             starter.close()  # unused (once used, this does nothing)
         _close_all([fd for fd in clones or () if fd is not None])  # unused
+        _close_all(list(ahead_roots.values()))
         if cwd_host is not None:
             cwd_host.close()
+        if for_dir is not None:
+            for_dir.close()
         if child_ns is not None:
             rt.close(child_ns)
         if grant is not None:
@@ -645,11 +669,11 @@ def _namespace(state_dir: Path, max_caps: int | None, private_scheme: bool, dire
     return reply.get("account"), fds[0], tmp_root, tmp_channel, grant
 
 
-def _fork_namespace(root_names: list[str], names: str | None, dirs: Sequence[hostdirs.HostDir],
+def _fork_namespace(root_names: list[str], names: str | None, with_dirs: bool,
                     served: Sequence[tuple[hostdirs.HostDir, str]], uds_scope: str,
                     net: dict[str, NetGrant] | None) -> tuple[int, set[str]]:
     """The program's namespace, forked from rt's (whose names are root_names): `--ns` names
-    (None: all, but `file` with dirs), with the directories the system serves for the run,
+    (None: all, but `file` with_dirs), with the directories the system serves for the run,
     its uds scope and its net grants in place of the system's entries; and the names it holds.
 
     Raises:
@@ -660,7 +684,7 @@ def _fork_namespace(root_names: list[str], names: str | None, dirs: Sequence[hos
     if unknown:
         raise Failure(f"--ns: no scheme named {', '.join(map(repr, unknown))} in this system "
                       f"(it has {', '.join(root_names)})", EXIT_USAGE)
-    if wanted is None and dirs:  # the program's files are its directories, not the root
+    if wanted is None and with_dirs:  # the program's files are its directories, not the root
         wanted = [n for n in root_names if n != "file"]
     elif wanted is not None:  # the directories the system serves for the run are its own
         wanted += [name for _, name in served if name not in wanted]
@@ -690,6 +714,24 @@ class Steps(NamedTuple):
     starter: Any  # a fork to become a brokered program (redoxcap.broker.launcher.Starter)
     clones: tuple[int, int, int, int] | None  # for the broker: start_brokered's `clones`
     cwd_host: Any  # and its `cwd_host`, the host directory behind the cwd's clone
+    for_dir: DirSteps | None  # the same steps for a brokered run handed one directory
+
+
+class DirSteps(NamedTuple):
+    """What :class:`Prepared` took ahead for a brokered run handed one directory (`--dir D`,
+    D its cwd): the program's namespace forked without `file`, a scheme registered in it
+    for D (its channel, for the daemon told D once the run comes), the scheme's root (rt's
+    cwd) and a clone of it (the broker's for D), and start_brokered's clones."""
+    name: str  # the scheme's name: `dir`, or `dir1`... where the system has a `dir`
+    ns: int
+    channel: int
+    root: int
+    handed: int
+    clones: tuple[int, int, int, int]
+
+    def close(self) -> None:
+        os.close(self.channel)
+        _close_all([self.ns, self.root, self.handed, *self.clones])
 
 
 class Prepared:
@@ -701,14 +743,15 @@ class Prepared:
     (redoxcap.broker.launcher.Starter), which holds none of them, and after it the clones of
     the program's namespace and of that root that the broker would make for such a run, and
     the host directory behind the broker's (its native lookups': HOSTDIR, a round trip
-    through two daemons that took 0.8 ms here while the program confined itself); last, the
-    program's private directory (its /tmp, or $TMPDIR without the broker: making a
+    through two daemons that took 0.8 ms here while the program confined itself), and the
+    same steps for a run handed one directory (:class:`DirSteps`); last, the program's private directory (its /tmp, or $TMPDIR without the broker: making a
     directory in /tmp took 0.1-0.5 ms here), told to on_scratch as a run tells its own, which
     any run takes where it would make its own in the same place with the same umask
     (:meth:`directory`), whatever its shape. A
     run with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace
-    starts from them (with --dir, `file` taken out of the fork, as `_fork_namespace` would
-    leave it out; without the broker or passthrough, the /tmp scheme or the grant let go;
+    starts from them (a brokered run with one --dir, its cwd, from its DirSteps; with other
+    --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
+    broker or passthrough, the /tmp scheme or the grant let go;
     with --cwd or --dir, the root and its clones let go, the namespace's kept), provided the
     root namespace has not changed since (its generation, wire/roots.py); any other run
     closes them and starts afresh.
@@ -739,25 +782,24 @@ class Prepared:
         try:
             root_names = rt.schemes()
             self._generation = _root_generation(root_names)  # before the fork: what it forks
-            child_ns, _ = _fork_namespace(root_names, None, (), (), "private", None)
+            child_ns, _ = _fork_namespace(root_names, None, False, (), "private", None)
             self._fds.append(child_ns)
             file_root = hostdirs.open_root(_process.namespace_fd(), "file") \
                 if "file" in root_names else None
             if file_root is not None:
                 self._fds.append(file_root)
-            clones = None
+            clones = for_dir = None
             if self._starter is not None and file_root is not None:  # a brokered run's, in `/`
-                for fd in (child_ns, child_ns, file_root, file_root):
-                    self._fds.append(call_fd(fd, P.CLONE))  # each closed with the rest if one fails
-                clones = tuple(self._fds[-4:])
+                clones = self._clones(child_ns, file_root)
                 if grant is not None:
                     from redoxcap.broker.calls.native import HostDirectory
                     self._cwd_host = HostDirectory.ask(clones[2], grant)
+                for_dir = self._for_dir(root_names)
         except BaseException:
             self.close()
             raise
         self._taken = Steps(account, tmp_root, tmp_channel, grant, root_names, child_ns, file_root,
-                            self._starter, clones, self._cwd_host)
+                            self._starter, clones, self._cwd_host, for_dir)
         self.account = account
         self._umask = _umask()
         try:
@@ -766,6 +808,26 @@ class Prepared:
             return  # the run makes its own, and says why it cannot
         if on_scratch is not None:
             on_scratch(self._directory)
+
+    def _clones(self, ns: int, cwd: int) -> tuple[int, int, int, int]:
+        """start_brokered's clones (ns's for the broker and the program, then cwd's), each
+        closed with the rest if one fails."""
+        for fd in (ns, ns, cwd, cwd):
+            self._fds.append(call_fd(fd, P.CLONE))
+        return tuple(self._fds[-4:])  # type: ignore[return-value]
+
+    def _for_dir(self, root_names: list[str]) -> DirSteps:
+        """The steps of a brokered run handed one directory, taken as that run takes them
+        (hostdirs.serve and enter): routed calls that took such a run 1-2 ms each while the
+        directory's daemon started beside it."""
+        name = hostdirs.free_name("dir", {n for n in root_names if n != "file"})
+        ns, _ = _fork_namespace(root_names, None, True, (), "private", None)
+        self._fds.append(ns)
+        self._fds.append(rt.mkscheme(name, ns))
+        self._fds.append(hostdirs.open_root(ns, name))
+        self._fds.append(call_fd(self._fds[-1], P.CLONE))
+        ns, channel, root, handed = self._fds[-4:]
+        return DirSteps(name, ns, channel, root, handed, self._clones(ns, root))
 
     def directory(self) -> str | None:
         """The private directory made ahead (the caller's from now on), where it is still
