@@ -523,6 +523,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         rt.setup(ns, None)  # rt owns the root namespace until the end
         child_ns = None
     ahead_roots: dict[str, int] = {}  # roots of the handed directories taken ahead, by name
+    dir_channel: tuple[int, str] | None = None  # the channel of the --dir scheme made ahead
     try:
         daemons = daemons if daemons is not None else []
         mounts: list[tuple[hostdirs.HostDir, str]] = []
@@ -540,7 +541,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             steps, for_dir = for_dir, None  # each part goes where it is closed from now on
             child_ns, clones, ahead_roots[steps.name] = steps.ns, steps.clones, steps.handed
             _process.replace_cwd(steps.root, posixpath.normpath(dirs[0].visible))  # as enter does
-            hostdirs.serve_aside(steps.channel, dirs[0], steps.name, daemons, grant, state_dir)
+            # its daemon (the spare, told the directory) starts while the program confines
+            # itself (meanwhile): its start and the run's calls would take turns on two cores
+            dir_channel = (steps.channel, steps.name)
             mounts, in_root = [(dirs[0], steps.name)], True
         elif child_ns is None:
             root_names = rt.schemes()
@@ -576,7 +579,10 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 broker = dict(broker, ro_host=[*broker["ro_host"], *extra])
 
             def meanwhile(pid: int) -> None:  # while the program confines itself
-                nonlocal tmp_channel
+                nonlocal tmp_channel, dir_channel
+                if dir_channel is not None:
+                    (channel, name), dir_channel = dir_channel, None  # serve_aside's now
+                    hostdirs.serve_aside(channel, dirs[0], name, daemons, grant, state_dir)
                 if tmp_channel is not None:
                     daemons.append(hostdirs.DaemonAside(
                         tmp_channel, hostdirs.HostDir(private_tmp, "/tmp"), "tmp",
@@ -618,7 +624,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             started(proc.pid, account, where)
         return proc
     finally:
-        for fd in (tmp_root, tmp_channel):
+        for fd in (tmp_root, tmp_channel, dir_channel[0] if dir_channel is not None else None):
             if fd is not None:
                 os.close(fd)
         if file_root is not None:
