@@ -51,6 +51,7 @@ from redoxcap.grants import NetGrant, entries_for, net_grants
 from redoxcap.sandbox.policy import python_script
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd
+from redoxcap.wire.roots import NamespaceRoots
 from rt import _process
 from rt._paths import ENV_DIRS
 
@@ -524,6 +525,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         child_ns = None
     ahead_roots: dict[str, int] = {}  # roots of the handed directories taken ahead, by name
     dir_channel: tuple[int, str] | None = None  # the channel of the --dir scheme made ahead
+    ns_roots: NamespaceRoots | None = None  # and the broker's namespace roots, warmed
     try:
         daemons = daemons if daemons is not None else []
         mounts: list[tuple[hostdirs.HostDir, str]] = []
@@ -543,7 +545,7 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             _process.replace_cwd(steps.root, posixpath.normpath(dirs[0].visible))  # as enter does
             # its daemon (the spare, told the directory) starts while the program confines
             # itself (meanwhile): its start and the run's calls would take turns on two cores
-            dir_channel = (steps.channel, steps.name)
+            dir_channel, ns_roots = (steps.channel, steps.name), steps.roots
             mounts, in_root = [(dirs[0], steps.name)], True
         elif child_ns is None:
             root_names = rt.schemes()
@@ -604,11 +606,13 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
                 trace = follower.syscall if follower is not None else None
                 ahead, clones = clones, None  # start_brokered's
                 ahead_host, cwd_host = cwd_host, None
+                warmed, ns_roots = ns_roots, None
                 mine, handed = handed, []  # and so are the roots
                 return start_brokered(argv, child_ns, cwd_fd, where, env, **broker,
                                       mounts=mine, net=net, trace=trace, pass_fds=pass_fds,
                                       directfs_grant=grant, meanwhile=meanwhile, starter=starter,
-                                      clones=ahead, cwd_host=ahead_host)
+                                      clones=ahead, cwd_host=ahead_host,
+                                      ns_roots=warmed)
             finally:
                 for _, cap, _ in handed:
                     rt.close(cap)
@@ -637,6 +641,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             cwd_host.close()
         if for_dir is not None:
             for_dir.close()
+        if ns_roots is not None:
+            ns_roots.clear()
         if child_ns is not None:
             rt.close(child_ns)
         if grant is not None:
@@ -734,10 +740,12 @@ class DirSteps(NamedTuple):
     root: int
     handed: int
     clones: tuple[int, int, int, int]
+    roots: NamespaceRoots  # the broker's, on clones[0], warmed: it knows `file` absent
 
     def close(self) -> None:
         os.close(self.channel)
         _close_all([self.ns, self.root, self.handed, *self.clones])
+        self.roots.clear()
 
 
 class Prepared:
@@ -776,6 +784,7 @@ class Prepared:
         self._starter = Starter() if available() is None else None
         self._fds: list[int] = []
         self._cwd_host: Any = None
+        self._ns_roots: NamespaceRoots | None = None  # the DirSteps', not in _fds
         self._held, self._generation = True, None
         self._directory: str | None = None
         try:
@@ -833,7 +842,12 @@ class Prepared:
         self._fds.append(hostdirs.open_root(ns, name))
         self._fds.append(call_fd(self._fds[-1], P.CLONE))
         ns, channel, root, handed = self._fds[-4:]
-        return DirSteps(name, ns, channel, root, handed, self._clones(ns, root))
+        clones = self._clones(ns, root)
+        # the broker's kept roots, warmed as its warm-up would be (Locator.warm): they know
+        # the namespace has no `file` (every program start asks for /etc/ld.so.preload)
+        self._ns_roots = NamespaceRoots()
+        self._ns_roots.take(clones[0], "/scheme/file/")
+        return DirSteps(name, ns, channel, root, handed, clones, self._ns_roots)
 
     def directory(self) -> str | None:
         """The private directory made ahead (the caller's from now on), where it is still
@@ -868,6 +882,9 @@ class Prepared:
             if self._cwd_host is not None:
                 self._cwd_host.close()
                 self._cwd_host = None
+            if self._ns_roots is not None:
+                self._ns_roots.clear()
+                self._ns_roots = None
             self._held = False
             if self._starter is not None:
                 self._starter.close()

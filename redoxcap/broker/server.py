@@ -39,6 +39,7 @@ from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call_fd, call_value, forget
 from redoxcap.wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
+from redoxcap.wire.roots import NamespaceRoots
 
 log = logging.getLogger("broker")
 PUMP_GRACE = 10.0  # seconds a routed write may still take once the program has exited
@@ -288,7 +289,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
                    meanwhile: Callable[[int], None] | None = None,
                    starter: Starter | None = None,
                    clones: tuple[int, int, int | None, int | None] | None = None,
-                   cwd_host: HostDirectory | None = None) -> BrokeredProgram:
+                   cwd_host: HostDirectory | None = None,
+                   ns_roots: NamespaceRoots | None = None) -> BrokeredProgram:
     """Start an unmodified program under the broker; serve it by waiting on what this returns.
 
     The arguments are run_brokered's; ns_fd and cwd_fd stay the caller's (the
@@ -320,7 +322,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
     (these two None where the cwd is not the one they were made of: made here).
     cwd_host (owned from the call on, whatever happens), asked ahead with directfs_grant, is
     the host directory behind the broker's clone of cwd_fd (calls/native.py), which
-    the broker asks for otherwise while the program confines itself.
+    the broker asks for otherwise while the program confines itself. ns_roots (owned from
+    the call on, whatever happens), taken ahead on clones' first, are the roots of the
+    namespace's entries it keeps (wire/roots.py), asked as the broker's warm-up would.
 
     Returns:
         The running program (`wait()` is the broker's loop; Popen's conventions).
@@ -341,6 +345,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             _close(fd)
         if cwd_host is not None:
             cwd_host.close()
+        if ns_roots is not None:
+            ns_roots.clear()
         raise
     hosts = None
     try:
@@ -408,6 +414,9 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             except BaseException:
                 ours.close()  # the program, waiting for the broker to take its listener, ends
                 raise
+            if ns_roots is not None:
+                syscalls.program.locator.adopt_roots(ns_roots)
+                ns_roots = None
             listener = None
             try:
                 with ours:
@@ -437,6 +446,8 @@ def start_brokered(argv: Sequence[str], ns_fd: int, cwd_fd: int, cwd_path: str,
             hosts.close()
         if cwd_host is not None:
             cwd_host.close()
+        if ns_roots is not None:
+            ns_roots.clear()
         raise
     state = None if listener is None else (listener, processes, syscalls)
     return BrokeredProgram(pid, state, hosts, opened, trace)

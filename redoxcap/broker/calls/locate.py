@@ -341,6 +341,12 @@ class Locator:
             return body
         return capability.call_value(loc.cap, P.READLINKAT, [loc.path], kind=str)
 
+    def adopt_roots(self, roots: NamespaceRoots) -> None:
+        """Use roots (owned from now on), taken ahead on the broker's namespace fd (warmed
+        as `warm` would), in place of those it has, which hold nothing yet."""
+        self.roots.clear()
+        self.roots = roots
+
     def warm(self, cwd: Directory) -> None:
         """Ask now what the program's first lookups would ask: the host directory of a cwd
         that is no handed directory's (whose daemon may still be starting: not waited for
