@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import posixpath
@@ -524,6 +525,9 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         rt.setup(ns, None)  # rt owns the root namespace until the end
         child_ns = None
     ahead_roots: dict[str, int] = {}  # roots of the handed directories taken ahead, by name
+    unused: list[Callable[[], None]] = []  # steps taken ahead this run does not use: let go
+    #                                        once the program runs (their closes cost the run
+    #                                        the router's and nsmgr's time before)
     dir_channel: tuple[int, str] | None = None  # the channel of the --dir scheme made ahead
     ns_roots: NamespaceRoots | None = None  # and the broker's namespace roots, warmed
     try:
@@ -532,14 +536,11 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
         in_root = False  # whether the cwd is the root taken ahead that the clones are of
         if for_dir is not None and not (broker is not None and len(dirs) == 1 and not served
                                         and cwd in (None, ".") and not beneath):
-            for_dir.close()  # a run of another shape
+            unused.append(for_dir.close)  # a run of another shape
             for_dir = None
         if for_dir is not None:  # one --dir, its cwd: its namespace, scheme and roots ahead
-            rt.close(child_ns)  # the namespace with `file`, its clones and host directory
-            _close_all(clones or ())
-            if cwd_host is not None:
-                cwd_host.close()
-                cwd_host = None
+            unused.append(functools.partial(_let_go, child_ns, clones, cwd_host))  # `file`'s
+            cwd_host = None
             steps, for_dir = for_dir, None  # each part goes where it is closed from now on
             child_ns, clones, ahead_roots[steps.name] = steps.ns, steps.clones, steps.handed
             _process.replace_cwd(steps.root, posixpath.normpath(dirs[0].visible))  # as enter does
@@ -628,6 +629,8 @@ def _spawn(state_dir: Path, argv: list[str], env: dict[str, str], names: str | N
             started(proc.pid, account, where)
         return proc
     finally:
+        for let_go in unused:
+            let_go()
         for fd in (tmp_root, tmp_channel, dir_channel[0] if dir_channel is not None else None):
             if fd is not None:
                 os.close(fd)
@@ -889,6 +892,14 @@ class Prepared:
             if self._starter is not None:
                 self._starter.close()
             rt.setup(None, None)
+
+
+def _let_go(ns: int, clones: Sequence[int] | None, host: Any) -> None:
+    """Close a namespace, its clones and a host directory (calls/native.py) taken ahead."""
+    rt.close(ns)
+    _close_all(clones or ())
+    if host is not None:
+        host.close()
 
 
 def _is_directory(path: str) -> bool:
