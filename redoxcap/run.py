@@ -761,17 +761,17 @@ class Prepared:
     the program's namespace and of that root that the broker would make for such a run, and
     the host directory behind the broker's (its native lookups': HOSTDIR, a round trip
     through two daemons that took 0.8 ms here while the program confined itself), and the
-    same steps for a run handed one directory (:class:`DirSteps`); last, the program's private directory (its /tmp, or $TMPDIR without the broker: making a
-    directory in /tmp took 0.1-0.5 ms here), told to on_scratch as a run tells its own, which
-    any run takes where it would make its own in the same place with the same umask
-    (:meth:`directory`), whatever its shape. A
-    run with no --ns, --uds-scope other than private, --allow-*, --max-caps or --trace
-    starts from them (a brokered run with one --dir, its cwd, from its DirSteps; with other
-    --dir, `file` taken out of the fork, as `_fork_namespace` would leave it out; without the
-    broker or passthrough, the /tmp scheme or the grant let go;
-    with --cwd or --dir, the root and its clones let go, the namespace's kept), provided the
-    root namespace has not changed since (its generation, wire/roots.py); any other run
-    closes them and starts afresh.
+    same steps for a run handed one directory (:class:`DirSteps`); last, the program's
+    private directory (its /tmp, or $TMPDIR without the broker: making a directory in /tmp
+    took 0.1-0.5 ms here), told to on_scratch as a run tells its own, which any run takes
+    where it would make its own in the same place with the same umask (:meth:`directory`),
+    whatever its shape. A run with no --ns, --uds-scope other than private, --allow-*,
+    --max-caps or --trace starts from them (a brokered run with one --dir, its cwd, from
+    its DirSteps; with other --dir, `file` taken out of the fork, as `_fork_namespace` would
+    leave it out; without the broker or passthrough, the /tmp scheme or the grant let go;
+    with --cwd or --dir, the root and its clones let go, the namespace's kept; what it does
+    not use, let go once its program runs), provided the root namespace has not changed
+    since (its generation, wire/roots.py); any other run closes them and starts afresh.
 
     Owns its fds, the Starter and rt's setup, until `take` or `close`, and its directory
     until `directory` or `close` (which removes it).
