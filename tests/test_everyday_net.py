@@ -73,6 +73,16 @@ SOCKETS = ATTEMPT + textwrap.dedent("""
     attempt("sctp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132))
     attempt("fastopen", lambda: tcp().sendto(b"x", 0x20000000, ("127.0.0.1", other)))
     attempt("unix path", lambda: socket.socket(socket.AF_UNIX).connect("/run/anything.sock"))
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    def disconnect(s):  # connect to an AF_UNSPEC address, which Python's connect cannot say
+        if libc.connect(s.fileno(), socket.AF_UNSPEC.to_bytes(2, sys.byteorder) + bytes(14), 16):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    t = tcp()
+    t.connect(("127.0.0.1", granted))
+    attempt("disconnect", lambda: disconnect(t))
+    attempt("connect other after", lambda: t.connect(("127.0.0.1", other)))
+    attempt("connect granted after", lambda: t.connect(("127.0.0.1", granted)))
 """)
 
 
@@ -92,7 +102,8 @@ def test_sockets_reach_exactly_what_is_granted(redoxcap_module_system, tmp_path)
         "connect granted": "ok", "connect other": "EACCES", "connect mapped": "EACCES",
         "bind other": "EACCES", "bind wildcard": "EACCES", "listen unbound": "EACCES",
         "udp": "EACCES", "raw": "EACCES", "sctp": "EACCES", "fastopen": "EACCES",
-        "unix path": "EACCES",
+        "unix path": "EACCES", "disconnect": "ok", "connect other after": "EACCES",
+        "connect granted after": "ok",
     }, got.stderr
 
 
@@ -218,6 +229,67 @@ def test_udp_reaches_exactly_what_is_granted(redoxcap_module_system, tmp_path):
         "icmp": "EACCES",
     }, got.stderr
     assert "reply" in got.stdout.splitlines(), got.stdout
+
+
+UDP_EDGES = ATTEMPT + textwrap.dedent("""
+    import ctypes, os, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    def raw(fn, sock, *args):  # what Python's socket methods cannot say: the C call itself
+        if fn(sock.fileno(), *args) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    def sin(port):  # a struct sockaddr_in of 127.0.0.1:port
+        return (struct.pack("=H", socket.AF_INET) + struct.pack("!H", port)
+                + socket.inet_aton("127.0.0.1") + bytes(8))
+    unspec = struct.pack("=H", socket.AF_UNSPEC) + bytes(14)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    attempt("sendto v4 on v6", lambda: raw(libc.sendto, v6, b"v4 on v6", 8, 0, sin(granted), 16))
+    attempt("sendto v4 on v6 other", lambda: raw(libc.sendto, v6, b"bad", 3, 0, sin(other), 16))
+    attempt("connect v4 on v6 other", lambda: raw(libc.connect, v6, sin(other), 16))
+    attempt("connect v4 on v6", lambda: raw(libc.connect, v6, sin(granted), 16))
+    attempt("send v4 on v6", lambda: v6.send(b"connected v4 on v6"))
+    attempt("disconnect v6", lambda: raw(libc.connect, v6, unspec, 16))
+    attempt("send disconnected v6", lambda: v6.send(b"bad"))
+    only6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    only6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    attempt("connect v4 on v6-only", lambda: raw(libc.connect, only6, sin(granted), 16))
+    attempt("sendto v4 on v6-only", lambda: raw(libc.sendto, only6, b"bad", 3, 0, sin(granted), 16))
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attempt("connect v4", lambda: v4.connect(("127.0.0.1", granted)))
+    attempt("disconnect v4", lambda: raw(libc.connect, v4, unspec, 16))
+    attempt("send disconnected v4", lambda: v4.send(b"bad"))
+    attempt("sendto disconnected v4", lambda: v4.sendto(b"after", ("127.0.0.1", granted)))
+    attempt("connect other after", lambda: v4.connect(("127.0.0.1", other)))
+    attempt("bind v4 on v6", lambda: raw(libc.bind, socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
+                                         sin(granted), 16))
+""")
+
+
+def test_udp_disconnects_and_takes_ipv4_on_an_ipv6_socket_as_linux_does(redoxcap_module_system,
+                                                                          tmp_path):
+    """connect(AF_UNSPEC) dissolves a socket's association (it then sends only where it names a
+    granted destination); an IPv6 socket connects and sends to a granted IPv4 address, as
+    its IPv4-mapped one, unless it is IPv6-only (the kernel's errnos); nothing reaches a
+    port not granted."""
+    project = tmp_path / "udp-edges"
+    project.mkdir()
+    with _udp_server() as granted, _udp_server() as other:
+        granted_port, other_port = granted.getsockname()[1], other.getsockname()[1]
+        got = sandboxed(redoxcap_module_system, project,
+                        [BASE_PYTHON, "-c", UDP_EDGES, str(granted_port), str(other_port)],
+                        "--allow-udp-connect", f"127.0.0.1:{granted_port}",
+                        "--allow-udp-listen", str(granted_port))
+        assert _datagrams(other) == []
+        assert sorted(_datagrams(granted)) == [b"after", b"connected v4 on v6", b"v4 on v6"]
+    assert dict(line.rsplit(" ", 1) for line in got.stdout.splitlines()) == {
+        "sendto v4 on v6": "ok", "sendto v4 on v6 other": "EACCES",
+        "connect v4 on v6 other": "EACCES", "connect v4 on v6": "ok", "send v4 on v6": "ok",
+        "disconnect v6": "ok", "send disconnected v6": "EDESTADDRREQ",
+        "connect v4 on v6-only": "EAFNOSUPPORT", "sendto v4 on v6-only": "ENETUNREACH",
+        "connect v4": "ok", "disconnect v4": "ok", "send disconnected v4": "EDESTADDRREQ",
+        "sendto disconnected v4": "ok", "connect other after": "EACCES",
+        "bind v4 on v6": "EINVAL",
+    }, got.stderr
 
 
 UDP_LISTEN = textwrap.dedent("""

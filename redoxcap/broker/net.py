@@ -6,7 +6,8 @@ listen. The broker reads the address once from the program's memory, checks
 it against the run's grants (`--allow-listen`, `--allow-connect`, and
 `--allow-udp-listen`, `--allow-udp-connect` for UDP), takes its own copy of
 the socket (pidfd_getfd: the same socket, not a new one) and binds, connects
-or listens on that copy itself. The kernel never re-reads an address the
+or listens on that copy itself (a connect to AF_UNSPEC, which names nothing,
+dissolves the association there). The kernel never re-reads an address the
 broker approved. Landlock still denies the program's own TCP bind and
 connect, so a call that reached the kernel some other way would fail there
 too; a listen on a socket the broker has not bound (which would bind a port
@@ -38,6 +39,7 @@ from redoxcap.wire import linux
 AF_INET, AF_INET6, AF_UNIX = socket.AF_INET, socket.AF_INET6, socket.AF_UNIX
 LOOPBACK = ("127.0.0.1", "::1")
 MAX_SOCKADDR = linux.SOCKADDR_STORAGE_SIZE
+SOCKADDR_IN6_MIN = 24  # bytes of a sockaddr_in6 without its scope id (SIN6_LEN_RFC2133)
 
 
 def _refused(why: str) -> OSError:
@@ -113,7 +115,7 @@ def parse_sockaddr(raw: bytes) -> tuple[int, str, int, tuple]:
         host = str(ipaddress.IPv4Address(raw[4:8]))
         return family, host, port, (host, port)
     if family == AF_INET6:
-        if len(raw) < 24:
+        if len(raw) < SOCKADDR_IN6_MIN:
             raise OSError(errno.EINVAL, "sockaddr_in6 too short")
         port = int.from_bytes(raw[2:4], "big")
         flowinfo = int.from_bytes(raw[4:8], "big")
@@ -154,9 +156,11 @@ def inet_socket(fd: int) -> socket.socket:
 
 
 def _granted(sock: socket.socket, raw: bytes, may: Callable[[str, int, bool], bool],
-             what: str) -> tuple:
+             what: str, mapped_refusal: int | None = None) -> tuple:
     """sock's address from raw, if its family is sock's and may(host, port, udp) allows it;
-    what is "listen" or "connect", for the option the error names.
+    what is "listen" or "connect", for the option the error names. With mapped_refusal, a
+    UDP IPv6 socket also takes an IPv4 address, as its IPv4-mapped one (as Linux's connect
+    and send do), unless it is IPv6-only: mapped_refusal is the errno then (the kernel's).
 
     Raises:
         OSError: EAFNOSUPPORT for another family; EACCES (see _refused) where no grant
@@ -165,7 +169,13 @@ def _granted(sock: socket.socket, raw: bytes, may: Callable[[str, int, bool], bo
     udp = is_udp(sock)
     family, host, port, address = parse_sockaddr(raw)
     if family != sock.family:
-        raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
+        if not (mapped_refusal and udp and (family, sock.family) == (AF_INET, AF_INET6)):
+            if sock.family == AF_INET6 and len(raw) < SOCKADDR_IN6_MIN:
+                raise OSError(errno.EINVAL, "sockaddr_in6 too short")  # the kernel's first check
+            raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
+        if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            raise OSError(mapped_refusal, os.strerror(mapped_refusal))
+        address = (f"::ffff:{host}", port, 0, 0)
     if not may(host, port, udp):
         option = f"--allow-udp-{what}" if udp else f"--allow-{what}"
         raise _refused(f"{host} port {port} is not granted ({option})")
@@ -179,12 +189,20 @@ def bind(grants: SocketGrants, fd: int, raw: bytes) -> None:
 
 
 def connect(grants: SocketGrants, fd: int, raw: bytes) -> None:
-    """Connect the broker's copy fd (owned) to raw's address if granted.
+    """Connect the broker's copy fd (owned) to raw's address if granted; an AF_UNSPEC
+    address dissolves the socket's association instead, as Linux's connect does (it
+    reaches nothing: a UDP socket then sends only where it names a destination, which is
+    checked; a TCP one may connect again).
 
     A non-blocking TCP socket answers EINPROGRESS, as the program's own connect would.
     """
     with inet_socket(fd) as sock:
-        err = sock.connect_ex(_granted(sock, raw, grants.may_connect, "connect"))
+        if len(raw) >= 2 and int.from_bytes(raw[:2], "little") == socket.AF_UNSPEC:
+            # Python's connect takes no AF_UNSPEC address: a zeroed one, of the program's length
+            linux.syscall("connect", sock.fileno(), bytes(len(raw)), len(raw))
+            return
+        err = sock.connect_ex(_granted(sock, raw, grants.may_connect, "connect",
+                                       errno.EAFNOSUPPORT))
         if err:
             raise OSError(err, os.strerror(err))
 
@@ -200,18 +218,15 @@ def listen(fd: int, backlog: int) -> None:
 
 
 def check_destination(grants: SocketGrants, sock: socket.socket, raw: bytes) -> tuple:
-    """The address a datagram of the UDP socket sock may go to (raw, read once), if granted.
+    """The address a datagram of the UDP socket sock may go to (raw, read once), if granted
+    (an IPv4 one on an IPv6 socket as its IPv4-mapped one, as the kernel takes it).
 
     Raises:
         OSError: EACCES for an address not in --allow-udp-connect, EINVAL or EAFNOSUPPORT
-            for a malformed one, as the kernel's.
+            for a malformed one, ENETUNREACH for an IPv4 one on an IPv6-only socket, as the
+            kernel's.
     """
-    family, host, port, address = parse_sockaddr(raw)
-    if family != sock.family:
-        raise OSError(errno.EAFNOSUPPORT, "address family does not match the socket")
-    if not grants.may_connect(host, port, udp=True):
-        raise _refused(f"{host} port {port} is not granted (--allow-udp-connect)")
-    return address
+    return _granted(sock, raw, grants.may_connect, "connect", errno.ENETUNREACH)
 
 
 SEND_MAX = 512 * 1024  # the most one brokered send carries (a stream socket's send is short)
