@@ -68,7 +68,11 @@ def _find_spec_locations(name: str) -> list[str]:
     if spec is None:
         return []
     if spec.submodule_search_locations:
-        return [str(p) for p in spec.submodule_search_locations]
+        # a package's own directories only: in a source checkout, redoxcap's __path__ also
+        # holds the checkout's top (where its layers lie), which is no package and holds
+        # everything else of the checkout (its .git, a venv, a developer's .env)
+        return [str(p) for p in spec.submodule_search_locations
+                if os.path.isfile(os.path.join(p, "__init__.py"))]
     if spec.origin and os.path.isabs(spec.origin):
         return [spec.origin]
     return []
