@@ -524,6 +524,35 @@ def release_signals(old: ctypes.Array) -> None:
     libc().pthread_sigmask(SIG_SETMASK, old, None)
 
 
+MFD_CLOEXEC, MFD_ALLOW_SEALING = 0x1, 0x2
+MFD_NOEXEC_SEAL, MFD_EXEC = 0x8, 0x10  # Linux 6.3; Python 3.11's os names neither
+MFD_NAME_MAX = 249  # bytes of a memfd's name (NAME_MAX less the "memfd:" Linux puts before it)
+
+
+def memfd_noexec(name: bytes | str, flags: int) -> int:
+    """A memory file that can never be executed: memfd_create(name, flags) with
+    MFD_NOEXEC_SEAL (mode 0666, F_SEAL_EXEC set); on a kernel without it (before 6.3), mode
+    0666 alone. MFD_EXEC is EACCES, as where vm.memfd_noexec is 2.
+
+    Raises:
+        OSError: memfd_create's errno (EINVAL for flags it does not know).
+    """
+    if flags & MFD_EXEC:
+        raise OSError(errno.EACCES, "no memory file may be executed here")
+    try:
+        return os.memfd_create(name, flags | MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    fd = os.memfd_create(name, flags)  # EINVAL again: flags the kernel refuses
+    try:
+        os.fchmod(fd, 0o666)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def pidfd_getfd(pidfd: int, targetfd: int) -> int:
     """A duplicate, in this process, of another process's fd targetfd (close-on-exec).
 

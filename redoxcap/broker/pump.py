@@ -250,7 +250,8 @@ def snapshot(cap: int, size: int) -> int | None:
     """
     if size > SNAPSHOT_MAX:
         return None
-    memfd = os.memfd_create("redoxcap-routed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    # never executable, as the program's own memfds (calls/processes.py)
+    memfd = linux.memfd_noexec("redoxcap-routed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         total = 0
         while data := call_value(cap, P.READ, [CHUNK], kind=bytes):

@@ -315,9 +315,11 @@ def rules(*, deny_network: bool = True, signals_scoped: bool = True) -> tuple[Ru
     sockets = socket_check(EACCES) if deny_network else ALLOW
     return (
         Rule("memory", _names("""brk mmap munmap mprotect mremap msync mincore madvise mlock munlock
-             mlock2 mlockall munlockall membarrier pkey_mprotect pkey_alloc pkey_free memfd_create
+             mlock2 mlockall munlockall membarrier pkey_mprotect pkey_alloc pkey_free
              mbind set_mempolicy get_mempolicy set_mempolicy_home_node mseal map_shadow_stack"""),
              ALLOW, None, "the program's own memory"),
+        Rule("memory", ("memfd_create",), ALLOW, NOTIFY,
+             "its own memory files; brokered: made by the broker, never executable"),
         Rule("fds", _names("""read write pread64 pwrite64 readv writev preadv pwritev preadv2
              pwritev2 close close_range lseek dup dup2 dup3 pipe pipe2 fsync fdatasync syncfs sync
              sync_file_range ftruncate fallocate fadvise64 readahead sendfile splice tee vmsplice

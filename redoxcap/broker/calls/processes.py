@@ -1,10 +1,14 @@
-"""execve, execveat: the programs processes run.
+"""execve, execveat: the programs processes run; and memfd_create, of files none may run.
 
 New processes are the kernel's to make (clone, fork and vfork are not the
 broker's: state.py says how a child gets the cwd its parent had when it
 forked). An exec cannot be emulated: the broker checks its copy of the path
 and lets the kernel run the call (PROCEED); docs/sandbox.md says why that is
 safe (Landlock bounds what the kernel may find to what the program could name).
+Landlock does not check files of the kernel's internal mounts, though, and a
+memory file is one: a racing thread could swap a checked fd, or a checked
+path, for one (a `dup2` over the fd, `/proc/self/fd/N`). So the program's
+memory files are the broker's to make, and none of them can be executed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import os
 import stat
 from typing import Any
 
-from redoxcap.broker.calls.base import PROCEED, Call, Family, c_int, close, error, syscall
+from redoxcap.broker.calls.base import PROCEED, Call, Family, Install, c_int, close, error, syscall
+from redoxcap.wire import linux
 from redoxcap.wire.linux import AT_EMPTY_PATH, AT_FDCWD
 
 
@@ -50,6 +55,18 @@ class Processes(Family):
         finally:
             close(dup)
         return PROCEED
+
+    @syscall()
+    def memfd_create(self, call: Call) -> Install:
+        """The broker's memfd_create(name, flags), never executable (linux.memfd_noexec:
+        MFD_EXEC is EACCES), installed in the program."""
+        try:
+            name = call.mem.string(call.args[0], linux.MFD_NAME_MAX + 1)
+        except OSError as exc:  # as Linux: a name too long is EINVAL
+            raise error(errno.EINVAL if exc.errno == errno.ENAMETOOLONG else exc.errno) from None
+        flags = call.args[1] & 0xFFFF_FFFF
+        return Install(linux.memfd_noexec(name, flags | linux.MFD_CLOEXEC),
+                       bool(flags & linux.MFD_CLOEXEC))
 
     def _executable(self, call: Call, path: str) -> None:
         """An exec'd file must be a regular executable file in the host trees or in a handed
