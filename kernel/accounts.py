@@ -124,6 +124,10 @@ class Account:
     listed: dict[int, Account] | None = None
     # the routing loop's pass in which a request of it was last read
     turn: int = -1
+    # the pass in which its schemes' channels were last read, and the frames they may still
+    # give in it (reply_budget)
+    reply_pass: int = -1
+    replies_left: int = 0
 
     @property
     def system(self) -> bool:
@@ -176,6 +180,16 @@ class Account:
             return False
         self.turn = pass_number
         return True
+
+    def reply_budget(self, pass_number: int, per_pass: int) -> int:
+        """How many more frames the channels of the schemes it pays for (a client's own
+        schemes) may give in this pass of the routing loop: per_pass among all of them,
+        however many it has, as its requests get one turn a pass (each of the system's
+        daemons reads per_pass of its own). The reader takes off what it read
+        (`replies_left`)."""
+        if self.reply_pass != pass_number:
+            self.reply_pass, self.replies_left = pass_number, per_pass
+        return self.replies_left
 
     def may_read(self, cap: Capability) -> bool:
         """Whether cap's next request may be read now (else backpressure: it waits).

@@ -88,6 +88,21 @@ class ClientRequest:
     req_id: int
     account: int  # the account the scheme was told of: the holder's, or whom it serves
     started: float = 0.0  # when it was forwarded (only while tracing)
+    # fds that rode on it, which its daemon holds until it answers: charged to payer till then
+    fds: int = 0
+    payer: Account | None = None
+
+    def hold_fds(self, payer: Account, n: int) -> None:
+        """The daemon holds the n fds that rode on it: payer pays for them until
+        `release_fds` (its reply, or its daemon's end)."""
+        if n:
+            self.fds, self.payer = n, payer
+            payer.charge_fds(n)
+
+    def release_fds(self) -> None:
+        if self.fds and self.payer is not None:
+            self.payer.charge_fds(-self.fds)
+            self.fds = 0
 
     def caller(self) -> tuple[int, int, int] | None:
         return self.cred

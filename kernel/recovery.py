@@ -64,6 +64,7 @@ def fail_in_flight(loop: RoutingLoop, scheme: Scheme) -> bool:
         if type(waiter) is StatusQuery:
             waiter.abandoned()
         else:  # the scheme died with the request in flight
+            waiter.release_fds()
             loop.settle(waiter.cap)
             loop.reply(waiter.cap, waiter.tag, P.ERR, errno.EIO)
     if scheme.freed or not scheme.restart.restartable:

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,24 @@ KEPT_PART = P.MAX_FRAME - 4096  # body bytes of one RESTORE(_MORE) frame: room f
 RESTORE_TRIES = 5  # a restore short of fds tries again after 0.05, 0.1, 0.2... seconds
 RESTORE_BACKOFF = 0.05
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
+WARNING_EVERY = 1.0  # seconds: at most one warning of each kind so often (warn_now_and_then)
+
+_warned: dict[str, list[float]] = {}  # a warning's format -> [when last logged, not logged since]
+
+
+def warn_now_and_then(what: str, *args: object) -> None:
+    """Log a warning of a daemon's malformed frames at most once every WARNING_EVERY seconds
+    of each kind (what), saying how many were not logged since: a client's own scheme
+    sends them as fast as it likes, and the log is the operator's (a line per frame was
+    megabytes a second)."""
+    now = time.monotonic()
+    last = _warned.get(what)
+    if last is not None and now - last[0] < WARNING_EVERY:
+        last[1] += 1
+        return
+    skipped = last[1] if last is not None else 0
+    _warned[what] = [now, 0]
+    log.warning(what + (f" ({skipped:d} more not logged)" if skipped else ""), *args)
 
 
 @dataclass(eq=False, slots=True)
@@ -150,6 +169,12 @@ class RestartState:
             handles: the scheme's handles, by number.
             system: the system account, which pays until a handle's payer is known.
         """
+        if not self.keeps:
+            # a client's own scheme: nothing of it is kept, nor remembered (its frames may
+            # name request ids that never come back, as many as it likes)
+            P.close_fds(fds)
+            warn_now_and_then("bad KEEP dropped: this scheme may not keep state in the router")
+            return []
         try:
             keep = Keep.decode(data)
         except P.ProtocolError as exc:
@@ -159,7 +184,7 @@ class RestartState:
     def refuse(self, req_id: int, fds: list[int], exc: Exception) -> list[SchemeHandle]:
         """A malformed state: its fds are closed and its request (req_id) fails (EIO)."""
         P.close_fds(fds)
-        log.warning("bad KEEP dropped: %s", exc)
+        warn_now_and_then("bad KEEP dropped: %s", exc)
         if req_id:
             self.keep_failed[req_id] = errno.EIO
         return []
@@ -213,7 +238,7 @@ class RestartState:
             released += self.drop_partial(number)
             if number in handles:
                 released += self.forget(number)
-            log.warning("state of handle %d not kept: %s", number, exc)
+            warn_now_and_then("state of handle %d not kept: %s", number, exc)
             if req_id:
                 self.keep_failed[req_id] = exc.errno or errno.EIO
         return released

@@ -34,7 +34,7 @@ from redoxcap.kernel.accounts import CLIENT_LIMITS, SYSTEM_LIMITS, Account, Limi
 from redoxcap.kernel.capabilities import Capability, ClientRequest
 from redoxcap.kernel.handles import HandleTable
 from redoxcap.kernel.outbox import deliver, write_outbox
-from redoxcap.kernel.restart import Held
+from redoxcap.kernel.restart import Held, warn_now_and_then
 from redoxcap.kernel.schemes import FULL, LOST, SENT, Scheme, Sent, StatusQuery
 from redoxcap.kernel.trace import Trace
 from redoxcap.wire import protocol as P
@@ -49,6 +49,7 @@ from redoxcap.wire.frames import (
     Keep,
 )
 from redoxcap.wire.idle import IdleWait
+from redoxcap.wire.ops import MAX_FDS_OF
 
 log = logging.getLogger("kernel")
 
@@ -187,9 +188,14 @@ class Router:
         self._on_request(cap, data, flags, fds, cred)
 
     def _read_scheme(self, scheme: Scheme) -> None:
-        """Read a bounded batch of scheme's replies."""
+        """Read a bounded batch of scheme's replies: REPLIES_PER_PASS of a system daemon's,
+        as many among every scheme a client pays for (one of its own, made with
+        NS_SCHEME_CREATE: a client with hundreds of them, each flooding its channel with
+        junk, would take hundreds of turns a pass from the other clients' one)."""
         channel = scheme.channel
-        for _ in range(REPLIES_PER_PASS):
+        payer = scheme.payer
+        batch = REPLIES_PER_PASS if payer is None else payer.reply_budget(self._pass, REPLIES_PER_PASS)
+        for _ in range(batch):
             if scheme.channel is not channel:
                 return  # it died (or was freed) while we relayed
             try:
@@ -198,6 +204,8 @@ class Router:
                 received = EOF
             if received is None:
                 return
+            if payer is not None:
+                payer.replies_left -= 1
             data, fds, flags, cred = received
             if not data and not fds:
                 self.scheme_died(scheme)
@@ -265,6 +273,10 @@ class Router:
                 raise OSError(errno.EBADF, "the kernel capability is not a scheme's")
             if op >= P.FIRST_SCHEME_OP and not handle.current:
                 raise OSError(errno.EIO, "a handle of a dead daemon")
+            if fds and op >= P.FIRST_SCHEME_OP and len(fds) > MAX_FDS_OF.get(op, P.MAX_FDS):
+                # fds riding on an operation that takes none (a READ of a pipe with the
+                # pipe's own ends) would be held by its daemon for as long as it waits
+                raise OSError(errno.EINVAL, "more fds than the operation takes")
         except OSError as exc:
             P.close_fds(fds)
             self.reply(cap, tag, P.ERR, exc.errno)
@@ -334,7 +346,9 @@ class Router:
         sent = scheme.try_send(frame, fds)
         if sent == SENT:
             scheme.pending[req_id] = waiter
-            P.close_fds(fds)
+            if fds:
+                waiter.hold_fds(account, len(fds))
+                P.close_fds(fds)
             return
         held = Held(cap, tag, cred, op, bytes(body), fds, serving, for_account)
         if sent == FULL:  # the daemon reads slowly: only this capability waits for it
@@ -351,6 +365,7 @@ class Router:
         self.table.resume(account.sent(held.cap, len(held.fds)))
         if sent == SENT:
             scheme.pending[waiter.req_id] = waiter
+            waiter.hold_fds(account, len(held.fds))
             P.close_fds(held.fds)
             return
         self._unsent(scheme, held, sent)
@@ -376,7 +391,7 @@ class Router:
     def _on_reply(self, scheme: Scheme, data: bytes, flags: int, fds: list[int]) -> None:
         if len(data) < SREPLY.size:
             P.close_fds(fds)
-            log.warning("scheme %d: reply shorter than its header dropped", scheme.id)
+            warn_now_and_then("scheme %d: reply shorter than its header dropped", scheme.id)
             return
         req_id, status = SREPLY.unpack_from(data)
         if status == P.KEEP or status == P.KEEP_MORE:
@@ -398,6 +413,8 @@ class Router:
             else:
                 status = None  # a NEW_HANDLE without its handle
         waiter = scheme.pending.pop(req_id, None)
+        if type(waiter) is ClientRequest and waiter.fds:
+            waiter.release_fds()  # the daemon is done with what rode on it
         failed = scheme.restart.keep_failed.pop(req_id, None) if scheme.restart.keep_failed else None
         if waiter is None or failed is not None or type(waiter) is StatusQuery:
             # abandoned, never asked, not kept, or the router's own question
@@ -443,13 +460,13 @@ class Router:
             P.close_fds(fds)
             if new is not None:
                 self.table.close_unclaimed(scheme, new[0])
-            log.warning("scheme %d: truncated reply to tag %d", scheme.id, tag)
+            warn_now_and_then("scheme %d: truncated reply to tag %d", scheme.id, tag)
             # control truncation alone: Linux could not give us the fds it carried
             self.reply(cap, tag, P.ERR, errno.EMFILE if flags & P.TRUNCATED == MSG_CTRUNC else errno.EIO)
             return
         if status is None:
             P.close_fds(fds)
-            log.warning("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
+            warn_now_and_then("scheme %d: NEW_HANDLE reply without a handle", scheme.id)
             self.reply(cap, tag, P.ERR, errno.EIO)  # the caller must not hang
             return
         if not fds and new is None:

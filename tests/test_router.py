@@ -25,6 +25,8 @@ from redoxcap.wire.call import call, call_fd
 from redoxcap.wire.frames import SREPLY, SchemeReply, SchemeRequest, decode_reply, encode_request
 from redoxcap.wire.linux import identity
 
+CUSTOM_OP = 100  # an operation number no table lists (below SERVING, 0x80): a scheme's own
+
 
 class FakeScheme:
     """The daemon's end of a scheme channel, driven by hand.
@@ -149,17 +151,37 @@ def test_a_passed_capability_of_the_same_scheme_is_named_by_its_handle(kernel):
     _, scheme, root = create_scheme(kernel)
     _, other, other_root = create_scheme(kernel)  # alive while this test runs
     mine, _theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    send(root, encode_request(P.RENAMEAT, 3, ["a", "b"]), [root, other_root, mine.fileno()])
+    # an operation of the scheme's own (no table lists it) may carry any fds
+    send(root, encode_request(CUSTOM_OP, 3, ["a", "b"]), [root, other_root, mine.fileno()])
     mine.close()
     _theirs.close()
     req_id, _, _, op, (args, refs), fds = scheme.receive()
-    assert (op, args) == (P.RENAMEAT, ["a", "b"])
+    assert (op, args) == (CUSTOM_OP, ["a", "b"])
     assert refs == [P.ROOT_HANDLE, P.FOREIGN_REF, P.NO_REF] and len(fds) == 3
     assert other.sock.fileno() >= 0
     for fd in fds:
         os.close(fd)
     scheme.answer(SchemeReply.of(req_id, P.OK, None))
     receive(root)
+
+
+def test_fds_an_operation_does_not_take_are_refused_and_closed(kernel):
+    """A READ takes no fd, a RENAMEAT one: more are EINVAL, never relayed (a daemon would
+    hold them for as long as the request waits), and every one of them is closed."""
+    _, scheme, root = create_scheme(kernel)
+    for op, args, count in ((P.READ, [1], 1), (P.RENAMEAT, ["a", "b"], 2), (P.SENDFD, [], 2)):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        send(root, encode_request(op, 7, args), [mine.fileno()] * count)
+        mine.close()
+        assert receive(root) == ((7, P.ERR, errno.EINVAL), [])
+        assert theirs.recv(1) == b""  # the router kept no copy of it: EOF
+        theirs.close()
+    send(root, encode_request(P.RENAMEAT, 8, ["a", "b"]), [root])  # the one it takes
+    req_id, _, _, op, (args, refs), fds = scheme.receive()
+    assert (op, refs, len(fds)) == (P.RENAMEAT, [P.ROOT_HANDLE], 1)
+    os.close(fds[0])
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
+    assert receive(root) == ((8, P.OK, None), [])
 
 
 def test_malformed_replies_from_a_scheme_fail_the_request_not_the_router(kernel):
@@ -459,6 +481,34 @@ def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
     for fd in (moved, *clones, cap):
         os.close(fd)
     wait_until(lambda: str(account) not in status(kernel)["accounts"])
+
+
+def test_fds_riding_on_requests_a_daemon_holds_count_against_the_quota_until_it_answers(kernel):
+    """A daemon holds the fds that came with a request until it answers: they are the
+    client's to pay for, within its quota, till then (and its daemon's end gives them back)."""
+    _, scheme, root = create_scheme(kernel)
+    account, (cap,) = new_account(kernel, [root], max_caps=8)
+    r, w = os.pipe()
+    send(cap, encode_request(CUSTOM_OP, 1, []), [w] * 5)  # 1 capability + 5 fds: fits
+    req_id, *_, fds = scheme.receive()
+    wait_until(lambda: status(kernel)["accounts"][str(account)]["held_fds"] == 5)
+    send(cap, encode_request(CUSTOM_OP, 2, []), [w] * 3)  # would be 9: refused
+    assert receive(cap) == ((2, P.ERR, errno.EMFILE), [])
+    P.close_fds(fds)
+    scheme.answer(SchemeReply.of(req_id, P.OK, None))
+    assert receive(cap) == ((1, P.OK, None), [])
+    assert status(kernel)["accounts"][str(account)]["held_fds"] == 0
+    send(cap, encode_request(CUSTOM_OP, 3, []), [w] * 4)
+    req_id, *_, fds = scheme.receive()
+    P.close_fds(fds)
+    wait_until(lambda: status(kernel)["accounts"][str(account)]["held_fds"] == 4)
+    scheme.die()  # its daemon's end: the request fails, and what rode on it is given back
+    assert receive(cap) == ((3, P.ERR, errno.EIO), [])
+    assert status(kernel)["accounts"][str(account)]["held_fds"] == 0
+    os.close(w)
+    assert os.read(r, 1) == b""  # every copy of the write end is closed
+    os.close(r)
+    os.close(cap)
 
 
 def test_fds_queued_for_a_client_that_does_not_read_count_against_its_quota(kernel):

@@ -25,6 +25,8 @@ import enum
 import errno
 from dataclasses import dataclass
 
+MAX_FDS = 253  # SCM_RIGHTS' limit: the most fds one message carries
+
 
 class Forward(enum.Enum):
     """How nsmgr treats an operation sent on a namespace handle."""
@@ -62,6 +64,7 @@ class Operation:
         forward: how nsmgr forwards it.
         namespace: an operation of namespace handles (nsmgr's own).
         fds: what travels with the request, for the docs ("" for nothing).
+        max_fds: how many fds may travel with it (the router refuses more: EINVAL).
         wrong_handle: the errno when the handle is of a kind the method does not take
             (a path relative to a file is ENOTDIR, reading a directory EBADF...).
     """
@@ -76,6 +79,7 @@ class Operation:
     forward: Forward = Forward.NONE
     namespace: bool = False
     fds: str = ""
+    max_fds: int = 0
     wrong_handle: int = errno.EBADF
 
     def __post_init__(self) -> None:
@@ -162,7 +166,7 @@ OPERATIONS: tuple[Operation, ...] = (
               "ENOENT EISDIR ENOTDIR ENOTEMPTY", path=0, forward=Forward.VALUE),
     Operation(RENAMEAT, "renameat", (_a("old", _STR), _a("new", _STR)), "nil",
               "EXDEV (other scheme) ENOENT", path=0, forward=Forward.TWO_PATHS,
-              fds="optional: a directory capability for new"),
+              fds="optional: a directory capability for new", max_fds=1),
     Operation(SYMLINKAT, "symlinkat", (_a("target", _STR), _a("path", _STR)), "nil", "EEXIST",
               path=1, forward=Forward.VALUE),
     Operation(READLINKAT, "readlinkat", (_a("path", _STR),), "str", "EINVAL (not a link)",
@@ -171,10 +175,10 @@ OPERATIONS: tuple[Operation, ...] = (
               "EINVAL (unknown buf)"),
     Operation(LINKAT, "linkat", (_a("old", _STR), _a("new", _STR)), "nil", "EXDEV",
               path=0, forward=Forward.TWO_PATHS,
-              fds="optional: a directory capability for new"),
+              fds="optional: a directory capability for new", max_fds=1),
     Operation(SHUTDOWN, "shutdown", (_a("how", _INT),), "nil", "ENOTSOCK", default=errno.ENOTSOCK),
     Operation(SENDFD, "sendfd", (), "nil", "EOPNOTSUPP EPIPE EINVAL ETOOMANYREFS (uds, below)",
-              default=errno.EOPNOTSUPP, fds="one capability"),
+              default=errno.EOPNOTSUPP, fds="one capability", max_fds=1),
     Operation(RECVFD, "recvfd", (), "one capability", "EOPNOTSUPP", default=errno.EOPNOTSUPP),
     Operation(RECVFROM, "recvfrom", (_a("n", _INT),),
               "[data: bytes (one datagram, cut to n), host: str, port: int] of the sender",
@@ -202,7 +206,7 @@ OPERATIONS: tuple[Operation, ...] = (
               "`{beneath, read_only}`; fds: O_PATH host fds of the directory and of its anchor "
               "(when that is another)",
               "EPERM (no grant) EOPNOTSUPP (no passthrough) ENOTDIR",
-              default=errno.EOPNOTSUPP, fds="the grant", wrong_handle=errno.ENOTDIR),
+              default=errno.EOPNOTSUPP, fds="the grant", max_fds=1, wrong_handle=errno.ENOTDIR),
     Operation(NS_LIST, "ns_list", (), "sorted names", "EACCES without LIST", namespace=True),
     Operation(NS_MKNS, "ns_mkns", (_a("names", (list, type(None))), _a("perms", (int, type(None))),
                                    _a("put", (list, type(None)))),
@@ -211,12 +215,12 @@ OPERATIONS: tuple[Operation, ...] = (
               "NS_UNREGISTER and NS_REGISTER on the fork would",
               "ENODEV (a name the parent lacks), EACCES (a permission it lacks: put needs INSERT, "
               "and DELETE for a name it replaces), EINVAL (not one capability per name in put), "
-              "ENOTDIR", namespace=True, fds="a capability per name in put"),
+              "ENOTDIR", namespace=True, fds="a capability per name in put", max_fds=MAX_FDS),
     Operation(NS_NARROW, "ns_narrow", (_a("perms", _INT),), "nil; the handle keeps only perms",
               "EACCES (asking for more)", namespace=True),
     Operation(NS_REGISTER, "ns_register", (_a("name", _STR),), "nil",
               "EACCES without INSERT, EEXIST, EINVAL, ENOTDIR (not a directory or a root)",
-              namespace=True, fds="one capability"),
+              namespace=True, fds="one capability", max_fds=1),
     Operation(NS_UNREGISTER, "ns_unregister", (_a("name", _STR),), "nil",
               "EACCES without DELETE, ENODEV", namespace=True),
     Operation(NS_PERMS, "ns_perms", (), "the handle's permissions", "", namespace=True),
@@ -231,6 +235,11 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 BY_NUMBER: dict[int, Operation] = {op.number: op for op in OPERATIONS}
+# The fds a request of each operation may carry (the router refuses more, closing them: an
+# fd riding on a request that takes none would be held by the daemon for as long as the
+# request waits, a read of a pipe for ever). Operations this table lacks (a client's own
+# scheme's) may carry as many as a message does.
+MAX_FDS_OF: dict[int, int] = {op.number: op.max_fds for op in OPERATIONS}
 SCHEME_OPERATIONS = tuple(op for op in OPERATIONS if not op.namespace)
 NAMESPACE_OPERATIONS = tuple(op for op in OPERATIONS if op.namespace)
 

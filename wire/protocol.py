@@ -32,6 +32,8 @@ from redoxcap.wire.ops import (  # noqa: F401 - the operation numbers, re-export
     HOSTDIR,
     LINKAT,
     LSEEK,
+    MAX_FDS,
+    MAX_FDS_OF,
     MKDIRAT,
     NS_LIST,
     NS_MKNS,
@@ -135,7 +137,6 @@ def split_namespace_path(ns_path: str) -> tuple[str, str]:
 
 MAX_IO = 128 * 1024  # largest read or write payload in one frame
 MAX_FRAME = MAX_IO + 4096  # receive buffer; a larger frame is MSG_TRUNC -> EINVAL
-MAX_FDS = 253  # SCM_RIGHTS limit per message
 CMSG_FDS = socket.CMSG_SPACE(4 * MAX_FDS)
 CMSG_ALL = socket.CMSG_SPACE(12) + CMSG_FDS  # credentials first, then fds
 # recvmsg flags that make a frame unusable; a plain int (socket.MSG_* are slow enum flags)
