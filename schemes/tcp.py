@@ -14,7 +14,8 @@ which. Listening on a wildcard (`0.0.0.0`, `::`), multicast or broadcast
 address needs `--allow-wildcard`, on a port below 1024 `--allow-privileged-ports`
 (EACCES otherwise); connecting to any port is allowed.
 `dup(listener, b"accept")` waits for one connection and returns it as a new
-handle. read returns what has arrived (b"" at EOF), write sends everything,
+handle. read returns what has arrived (b"" at EOF), write sends everything (waiting while
+the socket's fixed buffer, SOCKET_BUFFER, is full),
 `shutdown(SHUT_WR)` ends the stream for the peer. Every wait is a trio wait,
 so a blocked read or accept never stalls other clients of the scheme.
 
@@ -56,6 +57,9 @@ from redoxcap.schemes.netaddr import (
 from redoxcap.wire import protocol as P
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# bytes asked for each socket's send and receive buffer (Linux doubles it): every byte of a
+# connection crosses this daemon in frames of MAX_IO anyway, so bigger buffers buy nothing
+SOCKET_BUFFER = 64 * 1024
 
 @dataclass(eq=False)
 class TcpSocket:
@@ -83,6 +87,11 @@ class TcpScheme(NetScheme):
         ep, listen = endpoint_to_open(h, path, flags, self.policy)
         sock = trio.socket.socket(ep.family, socket.SOCK_STREAM)
         try:
+            # fixed buffers (a listener's connections inherit them): what a client's unread
+            # connections hold in the kernel is bounded per capability, not by the host's
+            # tcp_mem (autotuning grew each to megabytes), and a write past them waits
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             if listen:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 await sock.bind(ep.sockaddr)
