@@ -24,7 +24,8 @@ What a client writes cannot forge a log line or drive the terminal that shows
 the log: every character that is not printable (`str.isprintable`: ESC, CR,
 BEL, backspace, DEL, C1 controls, bidi overrides and other format characters)
 is shown as `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN`, a byte that is not UTF-8 as
-`\\xNN`, and a backslash as `\\\\`, so that no escape can be typed as text.
+`\\xNN`, and a backslash as `\\\\`, so that no escape can be typed as text
+(wire/printable.py, which the trace shows client text with too).
 
 Only the scheme root opens tags: `openat` relative to a tagged handle is
 ENOTDIR, since a log handle names one tag, not a directory of them.
@@ -52,6 +53,7 @@ from redoxcap.schemes.framework import (
     daemon_cli,
     takes,
 )
+from redoxcap.wire.printable import escape, escape_text
 from redoxcap.wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much
@@ -59,41 +61,6 @@ BURST = 64 * 1024  # bytes of log one writer pid may write at once
 RATE = 16 * 1024  # bytes of log per second one writer pid may sustain
 MAX_WRITERS = 1024  # token buckets kept; beyond, an idle one is forgotten or writers share one
 NOTICE_WAIT_MAX = 1.0  # seconds a closing handle waits for its writer to afford the drop notice
-
-
-def escape(raw: bytes) -> str:
-    """A line as the log shows it: printable text as is, anything else escaped.
-
-    Args:
-        raw: what the client wrote, without its newline.
-
-    Returns:
-        The text, with non-printable characters and bytes that are not UTF-8
-        as backslash escapes and each backslash doubled.
-    """
-    return escape_text(raw.decode("utf-8", "surrogateescape"))
-
-
-def escape_text(text: str) -> str:
-    """text with non-printable characters as backslash escapes and each backslash doubled."""
-    if text.isprintable() and "\\" not in text:
-        return text  # the common case: no per-character work
-    return "".join(map(_escape_char, text))
-
-
-def _escape_char(c: str) -> str:
-    if c == "\\":
-        return "\\\\"
-    if c.isprintable():
-        return c
-    code = ord(c)
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for a byte that is not UTF-8
-        return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 class LogRoot:
