@@ -12,6 +12,12 @@ the operation table (wire/ops.py), and turns each finished call into
 (a call nsmgr made to serve another is printed, indented, after it), or into
 one JSON object per line. A reader that falls behind loses records; the
 lines then say how many.
+
+What a client chose (its paths, the values its own scheme answers, a brokered
+program's paths) is shown as the log shows a client's lines: whatever is not
+printable escaped (`\\x0a`, `\\x1b`, `\\u202e`) and each backslash doubled,
+so that it cannot forge a line of the trace or drive the operator's terminal;
+JSON lines carry it as it came, in JSON's own escapes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
+from redoxcap.wire.printable import escape_text
 
 STATUS_NAMES = {P.OK: "OK", P.ERR: "ERR", P.NEW_HANDLE: "NEW_HANDLE"}
 
@@ -74,10 +81,14 @@ def describe_result(reply: dict | None) -> str:
         return f"{len(value)} bytes{fds}"
     if value is None:
         return f"ok{fds}"
-    if isinstance(value, dict) and "st_mode" in value:  # a Stat
-        return f"mode {value.get('st_mode', 0):o} size {value.get('st_size', 0)}"
+    if isinstance(value, dict) and _is_int(value.get("st_mode")) and _is_int(value.get("st_size", 0)):
+        return f"mode {value['st_mode']:o} size {value.get('st_size', 0)}"  # a Stat
     text = repr(value)
     return (text if len(text) <= 60 else text[:57] + "...") + fds
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # what a client's own scheme answers may be anything
 
 
 def as_json(call: Call, names: dict[int, str]) -> dict:
@@ -96,11 +107,21 @@ def as_line(call: Call, names: dict[int, str], depth: int = 0) -> str:
 
 
 def format_line(info: dict, depth: int = 0) -> str:
-    """One call as a line: time, pid, scheme (or `syscall`), op, what about, result, duration."""
+    """One call as a line: time, pid, scheme (or `syscall`), op, what about, result, duration.
+
+    Every field is shown escaped where it is not printable (wire/printable.py, as the log
+    shows a client's lines): a path, a value or a name a client chose cannot end the line,
+    forge another, or send its terminal an escape sequence.
+    """
     stamp = time.strftime("%H:%M:%S", time.localtime(info["time"] or 0))
     stamp += f".{int(((info['time'] or 0) % 1) * 1e6):06d}"
-    return (f"{'  ' * depth}{stamp} pid {info['pid']} {info['scheme']:<7} {info['op']:<10} "
-            f"{info['about']} -> {info['result']}  {info['ms']:.2f} ms")
+    pid, scheme, op, about = (escape_text(str(info[key])) for key in ("pid", "scheme", "op", "about"))
+    # describe_result shows a value as repr does, printable with each backslash doubled
+    # already; a result that is not printable (not one of its) is escaped here
+    result = str(info["result"])
+    result = result if result.isprintable() else escape_text(result)
+    return (f"{'  ' * depth}{stamp} pid {pid} {scheme:<7} {op:<10} "
+            f"{about} -> {result}  {info['ms']:.2f} ms")
 
 
 def syscall_info(record: dict) -> dict:

@@ -7,24 +7,39 @@ line waits for its newline and is flushed when the handle closes; lines
 longer than MAX_LINE bytes are split, so a handle never holds more than
 MAX_LINE bytes of a partial line.
 
-The log is lossy by design, like syslog's rate limiting: each writer pid has
-a token bucket of BURST bytes refilled at RATE bytes per second (`--burst`,
+The log is lossy by design, like syslog's rate limiting: each client has a
+token bucket of BURST bytes refilled at RATE bytes per second (`--burst`,
 `--rate`), charged with what each line takes in the log, prefix included. A
-line its bucket cannot pay for is dropped, and the write still returns
-len(data): a client is never blocked by the log, and what one process can
-log is bounded. Once the writer may log again (before its next line), and
-when a handle it wrote to closes, the log says
-`log[PID]: (dropped N lines, M bytes)`, M counting the bytes the client
-wrote; the notice is charged too, so a client cannot use it to log more.
-At most MAX_WRITERS buckets are kept: a new writer takes the place of the
-least recently used one once that is idle (full again), else it shares one
-overflow bucket with every other such writer.
+client is the router account the request is for (`Request.account`, which
+the router fills in): all its processes, however many it runs, share one
+bucket, while each line still names the process that wrote it. A line its
+bucket cannot pay for is dropped, and the write still returns len(data): a
+client is never blocked by the log, and what one client can log is bounded.
+Once the client may log again (before its next line), and when a handle
+written to closes, the log says
+`log[PID]: (dropped N lines, M bytes of account A)`, PID being the process
+that wrote last and M counting the bytes the client wrote; the notice is
+charged too, so a client cannot use it to log more. At most MAX_WRITERS
+buckets are kept: a new client takes the place of the least recently used
+one once that is idle (full again), else it shares one overflow bucket with
+every other such client.
+
+The system's own processes (the supervisor, the daemons, and processes the
+owner gives a namespace outside any `run`) write in the system account
+(SYSTEM_ACCOUNT), which no client's request carries: a request a daemon makes
+while serving a client's (`SERVING`) carries that client's account and pid,
+and is the client's line. The system's writers are kept apart from the
+clients': each of its processes has a bucket of its own (`log[PID]: (dropped
+N lines, M bytes)`), in a table of its own with an overflow of its own, so
+that no client, nor every client together, can spend what the system's own
+logging needs, and no daemon what another's needs.
 
 What a client writes cannot forge a log line or drive the terminal that shows
 the log: every character that is not printable (`str.isprintable`: ESC, CR,
 BEL, backspace, DEL, C1 controls, bidi overrides and other format characters)
 is shown as `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN`, a byte that is not UTF-8 as
-`\\xNN`, and a backslash as `\\\\`, so that no escape can be typed as text.
+`\\xNN`, and a backslash as `\\\\`, so that no escape can be typed as text
+(wire/printable.py, which the trace shows client text with too).
 
 Only the scheme root opens tags: `openat` relative to a tagged handle is
 ENOTDIR, since a log handle names one tag, not a directory of them.
@@ -52,48 +67,15 @@ from redoxcap.schemes.framework import (
     daemon_cli,
     takes,
 )
+from redoxcap.wire.printable import escape, escape_text
 from redoxcap.wire.stat import Stat
 
 MAX_LINE = 4096  # bytes; a longer line is split, so a handle holds at most this much
-BURST = 64 * 1024  # bytes of log one writer pid may write at once
-RATE = 16 * 1024  # bytes of log per second one writer pid may sustain
-MAX_WRITERS = 1024  # token buckets kept; beyond, an idle one is forgotten or writers share one
+BURST = 64 * 1024  # bytes of log one client (or one system process) may write at once
+RATE = 16 * 1024  # bytes of log per second one client (or one system process) may sustain
+MAX_WRITERS = 1024  # token buckets kept per table; beyond, an idle one is forgotten or writers share one
+SYSTEM_ACCOUNT = 0  # the router's account of the system's own processes (kernel/accounts.py)
 NOTICE_WAIT_MAX = 1.0  # seconds a closing handle waits for its writer to afford the drop notice
-
-
-def escape(raw: bytes) -> str:
-    """A line as the log shows it: printable text as is, anything else escaped.
-
-    Args:
-        raw: what the client wrote, without its newline.
-
-    Returns:
-        The text, with non-printable characters and bytes that are not UTF-8
-        as backslash escapes and each backslash doubled.
-    """
-    return escape_text(raw.decode("utf-8", "surrogateescape"))
-
-
-def escape_text(text: str) -> str:
-    """text with non-printable characters as backslash escapes and each backslash doubled."""
-    if text.isprintable() and "\\" not in text:
-        return text  # the common case: no per-character work
-    return "".join(map(_escape_char, text))
-
-
-def _escape_char(c: str) -> str:
-    if c == "\\":
-        return "\\\\"
-    if c.isprintable():
-        return c
-    code = ord(c)
-    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for a byte that is not UTF-8
-        return f"\\x{code - 0xDC00:02x}"
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    if code < 0x10000:
-        return f"\\u{code:04x}"
-    return f"\\U{code:08x}"
 
 
 class LogRoot:
@@ -105,11 +87,13 @@ class LogRoot:
 
 @dataclass(eq=False)
 class LogHandle:
-    """One open `/scheme/log[/TAG]`: its tag, the partial line it holds and its last writer."""
+    """One open `/scheme/log[/TAG]`: its tag, the partial line it holds and its last writer
+    (its pid and the router account it wrote for)."""
 
     tag: str
     pending: bytearray = field(default_factory=bytearray)
     pid: int = 0
+    account: int = SYSTEM_ACCOUNT
 
     def prefix(self) -> str:
         return f"log[{self.pid}] {escape_text(self.tag)}: " if self.tag else f"log[{self.pid}]: "
@@ -119,28 +103,55 @@ class LogHandle:
 class Bucket:
     """What one writer may still log (a token bucket, in bytes) and what it lost.
 
-    `pid` is None for the bucket shared by writers beyond MAX_WRITERS.
+    A writer is a client account, or a process of the system (see BucketTable);
+    `key` names it there, None for the bucket shared by writers beyond MAX_WRITERS.
     """
 
-    pid: int | None
+    key: int | None
+    system: bool  # key is a pid of the system's, not a client account
     tokens: float
     stamp: float  # when tokens was last brought up to date
+    pid: int = 0  # the process that last drew on it
     dropped_lines: int = 0
     dropped_bytes: int = 0
     waiting: bool = False  # a closing handle waits to report the drops
 
     def notice(self) -> str:
-        who = f"log[{self.pid}]" if self.pid is not None else f"log (writers beyond {MAX_WRITERS})"
-        return f"{who}: (dropped {self.dropped_lines} lines, {self.dropped_bytes} bytes)\n"
+        lost = f"dropped {self.dropped_lines} lines, {self.dropped_bytes} bytes"
+        if self.key is None:
+            beyond = "system processes" if self.system else "clients"
+            return f"log ({beyond} beyond {MAX_WRITERS}): ({lost})\n"
+        if self.system:
+            return f"log[{self.key}]: ({lost})\n"
+        return f"log[{self.pid}]: ({lost} of account {self.key})\n"
+
+
+@dataclass(eq=False)
+class BucketTable:
+    """The buckets of one kind of writer, by key, least recently used first.
+
+    The clients' table is keyed by router account, the system's by pid; at
+    most MAX_WRITERS buckets each, and an overflow bucket of its own for
+    writers beyond them (LogScheme._bucket).
+    """
+
+    system: bool
+    buckets: OrderedDict[int, Bucket] = field(default_factory=OrderedDict)
+    overflow: Bucket | None = None
+
+    def current(self, key: int) -> Bucket | None:
+        """The bucket key's writer draws on now, if it has one (its own, else the overflow)."""
+        return self.buckets.get(key) or self.overflow
 
 
 class LogScheme(Scheme):
-    """Writes lines, tagged with the writer's pid, to stderr, within each writer's budget.
+    """Writes lines, tagged with the writer's pid, to stderr, within each client's budget.
 
     Args:
         out: where lines go (default: stderr, the supervisor's log).
-        rate: bytes of log per second each writer pid may sustain.
-        burst: bytes of log each writer pid may write at once.
+        rate: bytes of log per second each client (router account), and each process
+            of the system, may sustain.
+        burst: bytes of log each client, and each process of the system, may write at once.
         clock: seconds on a monotonic clock (default: trio's).
         sleep: waits that many seconds on the same clock (default: trio's).
     """
@@ -158,8 +169,8 @@ class LogScheme(Scheme):
         self.clock = clock
         self.sleep = sleep
         self._root = LogRoot()
-        self.buckets: OrderedDict[int, Bucket] = OrderedDict()  # least recently used first
-        self.overflow: Bucket | None = None
+        self.clients = BucketTable(system=False)  # by router account
+        self.system = BucketTable(system=True)  # by pid: the system account's own processes
 
     def root(self) -> LogRoot:
         return self._root
@@ -171,14 +182,14 @@ class LogScheme(Scheme):
             tag = ""
         if len(tag) > 64 or not tag.isprintable():
             raise SchemeError(errno.EINVAL, "a log tag is at most 64 printable characters")
-        return Opened(LogHandle(tag, pid=req.caller.pid), fdflags=flags)
+        return Opened(LogHandle(tag, pid=req.caller.pid, account=req.account), fdflags=flags)
 
     @takes(LogRoot, LogHandle)
     async def write(self, req: Request, h: LogRoot | LogHandle, data: bytes) -> int:
         if not isinstance(h, LogHandle):
             raise SchemeError(errno.EBADF, "the log root is not open for writing")
-        h.pid = req.caller.pid
-        bucket = self._bucket(h.pid)
+        h.pid, h.account = req.caller.pid, req.account
+        bucket = self._bucket(h)
         start = 0
         while start < len(data):
             room = MAX_LINE - len(h.pending)
@@ -196,28 +207,37 @@ class LogScheme(Scheme):
         self.out.flush()
         return len(data)  # dropped or not: the log is lossy by design
 
-    def _bucket(self, pid: int) -> Bucket:
-        """pid's bucket, brought up to date; the least recently used one makes room if idle."""
-        now = self.clock()
-        bucket = self.buckets.get(pid)
+    def _table(self, h: LogHandle) -> tuple[BucketTable, int]:
+        """Where the budget of h's last writer is kept, and its key there."""
+        if h.account == SYSTEM_ACCOUNT:
+            return self.system, h.pid
+        return self.clients, h.account
+
+    def _bucket(self, h: LogHandle) -> Bucket:
+        """The bucket of h's last writer, brought up to date; the least recently used one
+        of its table makes room if idle."""
+        table, key = self._table(h)
+        buckets, now = table.buckets, self.clock()
+        bucket = buckets.get(key)
         if bucket is not None:
-            self.buckets.move_to_end(pid)
-        elif len(self.buckets) < MAX_WRITERS:
-            bucket = self.buckets[pid] = Bucket(pid, float(self.burst), now)
+            buckets.move_to_end(key)
+        elif len(buckets) < MAX_WRITERS:
+            bucket = buckets[key] = Bucket(key, table.system, float(self.burst), now)
         else:
-            oldest = next(iter(self.buckets.values()))
+            oldest = next(iter(buckets.values()))
             self._refill(oldest, now)
             if oldest.tokens < self.burst or oldest.waiting:
                 # No idle bucket to forget: a writer beyond MAX_WRITERS shares one budget,
-                # so many processes cannot each get a fresh burst again and again.
-                if self.overflow is None:
-                    self.overflow = Bucket(None, float(self.burst), now)
-                bucket = self.overflow
+                # so many writers cannot each get a fresh burst again and again.
+                if table.overflow is None:
+                    table.overflow = Bucket(None, table.system, float(self.burst), now)
+                bucket = table.overflow
             else:
                 if oldest.dropped_lines:
                     self.out.write(oldest.notice())
-                del self.buckets[oldest.pid]
-                bucket = self.buckets[pid] = Bucket(pid, float(self.burst), now)
+                del buckets[oldest.key]
+                bucket = buckets[key] = Bucket(key, table.system, float(self.burst), now)
+        bucket.pid = h.pid
         self._refill(bucket, now)
         return bucket
 
@@ -288,10 +308,11 @@ class LogScheme(Scheme):
         if not isinstance(h, LogHandle):
             return
         if h.pending:
-            self._line(self._bucket(h.pid), h, bytes(h.pending), ended=False)
+            self._line(self._bucket(h), h, bytes(h.pending), ended=False)
             h.pending.clear()
             self.out.flush()
-        bucket = self.buckets.get(h.pid) or self.overflow
+        table, key = self._table(h)
+        bucket = table.current(key)
         if bucket is not None and bucket.dropped_lines:
             await self._report_when_allowed(bucket)
 
@@ -306,9 +327,11 @@ def _positive(text: str) -> int:
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The daemon's own options: --rate and --burst of each writer's token bucket."""
     parser.add_argument("--rate", type=_positive, default=RATE, metavar="BYTES",
-                        help=f"bytes per second each writer pid may log, sustained (default {RATE})")
+                        help=("bytes per second each client (router account; all its processes "
+                              f"together) and each system process may log, sustained (default {RATE})"))
     parser.add_argument("--burst", type=_positive, default=BURST, metavar="BYTES",
-                        help=f"bytes each writer pid may log at once (default {BURST})")
+                        help=("bytes each client (all its processes together) and each system "
+                              f"process may log at once (default {BURST})"))
 
 
 def make_scheme(args: argparse.Namespace) -> LogScheme:

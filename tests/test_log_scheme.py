@@ -1,4 +1,4 @@
-"""The log scheme in memory (escaping, tags, rate limits), and once through a real system."""
+"""The log scheme in memory (escaping, tags, rate limits), and through a real system."""
 
 from __future__ import annotations
 
@@ -17,23 +17,26 @@ from redoxcap.schemes.log import (
     MAX_WRITERS,
     NOTICE_WAIT_MAX,
     RATE,
+    SYSTEM_ACCOUNT,
     LogScheme,
     add_options,
     escape,
 )
 from redoxcap.testing import wait_for
 
+CLIENT = 7  # the router account of the client the requests below are for
 
-def req(pid: int = 4242) -> Request:
-    return Request(Caller(pid, 0, 0), 1, 0)
+
+def req(pid: int = 4242, account: int = CLIENT) -> Request:
+    return Request(Caller(pid, 0, 0), 1, 0, account=account)
 
 
 def lines(out: io.StringIO) -> list[str]:
     return out.getvalue().splitlines()
 
 
-async def open_log(s: LogScheme, tag: str = "app", pid: int = 4242):
-    return (await invoke(s, req(pid), s.root(), "openat", tag, 0, 0)).obj
+async def open_log(s: LogScheme, tag: str = "app", pid: int = 4242, account: int = CLIENT):
+    return (await invoke(s, req(pid, account), s.root(), "openat", tag, 0, 0)).obj
 
 
 @pytest.mark.parametrize(("raw", "shown"), [
@@ -133,8 +136,9 @@ def limited(**kw) -> tuple[LogScheme, io.StringIO, FakeClock]:
 
 
 def notices(out: io.StringIO) -> list[tuple[int, int]]:
-    """(lines, bytes) of each drop notice in out."""
-    found = re.findall(r"^log\[\d+\]: \(dropped (\d+) lines, (\d+) bytes\)$", out.getvalue(), re.MULTILINE)
+    """(lines, bytes) of each drop notice in out (a client's, or a system process's)."""
+    found = re.findall(r"^log\[\d+\]: \(dropped (\d+) lines, (\d+) bytes(?: of account \d+)?\)$",
+                       out.getvalue(), re.MULTILINE)
     return [(int(n), int(m)) for n, m in found]
 
 
@@ -191,7 +195,7 @@ async def test_a_closing_handle_reports_what_its_writer_lost():
     await invoke(s, req(), h, "write", line * 3 + b"partial")
     assert len(lines(out)) == 1
     await s.close(h)
-    notice = "log[4242]: (dropped 3 lines, 1977 bytes)"
+    notice = f"log[4242]: (dropped 3 lines, 1977 bytes of account {CLIENT})"
     assert lines(out)[1:] == [notice]
     assert clock.slept == [pytest.approx((len(notice) + 1) / 100)]  # until it could pay for it
 
@@ -228,12 +232,47 @@ async def test_two_handles_closing_at_once_report_the_drops_once():
     assert notices(out) == [(2, 402)]
 
 
-async def test_each_writer_pid_has_its_own_budget():
+async def test_a_clients_processes_share_one_budget_and_each_line_names_its_writer():
+    s, out, clock = limited()
+    handles = [await open_log(s, pid=pid) for pid in range(1, 201)]
+    for _ in range(50):  # 200 processes of one client, 5 s at 10 lines of 1,000 bytes each
+        for pid, h in enumerate(handles, start=1):
+            await invoke(s, req(pid), h, "write", (b"y" * 999 + b"\n") * 10)
+        clock.now += 0.1
+    assert len(out.getvalue()) <= BURST + RATE * clock.now
+    writers = {int(x.split("]")[0].removeprefix("log[")) for x in lines(out)}
+    assert len(writers) > 1 and writers <= set(range(1, 201))
+    for h in handles:
+        await s.close(h)
+    shown = [x for x in lines(out) if "dropped" in x]
+    assert shown and all(x.endswith(f" bytes of account {CLIENT})") for x in shown)
+
+
+async def test_each_client_account_has_its_own_budget():
     s, out, _ = limited()
     h = await open_log(s)
-    await invoke(s, req(1), h, "write", b"1" * 1000 + b"\n" * 1000)
-    await invoke(s, req(2), h, "write", b"second writer\n")
-    assert "log[2] app: second writer" in lines(out)
+    await invoke(s, req(1, account=1), h, "write", b"\n" * 10_000)  # spends the burst
+    await invoke(s, req(2, account=1), h, "write", b"same client\n")
+    await invoke(s, req(3, account=2), h, "write", b"another client\n")
+    assert "log[2] app: same client" not in lines(out)
+    assert "log[3] app: another client" in lines(out)
+
+
+async def test_no_client_can_spend_what_the_systems_own_processes_may_log():
+    s, out, clock = limited()
+    h = await open_log(s)
+    # More busy clients than the table keeps: the last ones share its overflow bucket.
+    for account in range(1, MAX_WRITERS + 100):
+        await invoke(s, req(account, account), h, "write", b"x" * 1000 + b"\n" * 1000)
+    assert s.clients.overflow is not None and s.system.overflow is None
+    for pid in (10, 11):  # two daemons: each has a budget of its own
+        await invoke(s, req(pid, SYSTEM_ACCOUNT), h, "write", (b"d" * 999 + b"\n") * 60)
+        assert lines(out)[-60:] == [f"log[{pid}] app: " + "d" * 999] * 60
+    await invoke(s, req(10, SYSTEM_ACCOUNT), h, "write", b"\n" * 1000)  # beyond its burst
+    clock.now += 1.0
+    await invoke(s, req(10, SYSTEM_ACCOUNT), h, "write", b"again\n")
+    assert re.fullmatch(r"log\[10\]: \(dropped \d+ lines, \d+ bytes\)", lines(out)[-2])
+    assert lines(out)[-1] == "log[10] app: again"
 
 
 async def test_partial_lines_stay_bounded_per_handle():
@@ -250,22 +289,28 @@ async def test_partial_lines_stay_bounded_per_handle():
     assert "".join(shown[:-1]).rstrip("q") == "p" * 100_000
 
 
-async def test_the_buckets_kept_are_bounded_and_idle_ones_are_forgotten():
+@pytest.mark.parametrize("system", [False, True], ids=["client accounts", "system processes"])
+async def test_the_buckets_kept_are_bounded_and_idle_ones_are_forgotten(system):
     s, out, clock = limited()
     h = await open_log(s)
-    for pid in range(1, MAX_WRITERS + 1):
-        await invoke(s, req(pid), h, "write", b"hello\n")
-    assert len(s.buckets) == MAX_WRITERS
+    table = s.system if system else s.clients
+
+    def writer(n: int) -> Request:  # client n's process n, or the system's process n
+        return req(n, SYSTEM_ACCOUNT if system else n)
+
+    for n in range(1, MAX_WRITERS + 1):
+        await invoke(s, writer(n), h, "write", b"hello\n")
+    assert len(table.buckets) == MAX_WRITERS
     # Every bucket spent a little and none is idle yet: newcomers share one.
-    for pid in range(MAX_WRITERS + 1, MAX_WRITERS + 200):
-        await invoke(s, req(pid), h, "write", b"x" * 1000 + b"\n" * 1000)
-    assert len(s.buckets) == MAX_WRITERS and s.overflow is not None
+    for n in range(MAX_WRITERS + 1, MAX_WRITERS + 200):
+        await invoke(s, writer(n), h, "write", b"x" * 1000 + b"\n" * 1000)
+    assert len(table.buckets) == MAX_WRITERS and table.overflow is not None
     overflow = [x for x in lines(out) if x.startswith(f"log[{MAX_WRITERS + 1}")]
     assert len(out.getvalue()) <= MAX_WRITERS * 50 + BURST
     assert overflow
     clock.now += 10.0  # every bucket is full again
-    await invoke(s, req(99999), h, "write", b"newcomer\n")
-    assert len(s.buckets) == MAX_WRITERS and 1 not in s.buckets and 99999 in s.buckets
+    await invoke(s, writer(99999), h, "write", b"newcomer\n")
+    assert len(table.buckets) == MAX_WRITERS and 1 not in table.buckets and 99999 in table.buckets
     assert lines(out)[-1] == "log[99999] app: newcomer"
 
 
@@ -279,3 +324,40 @@ def test_the_daemon_takes_rate_and_burst_options():
     for bad in (["--rate", "0"], ["--burst", "-1"], ["--rate", "fast"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+# 200 log handles, one per forked process, each writing 30 lines of 4,000 bytes per call
+# for 5 s: one client, many processes.
+LOG_FLOODER = r"""
+import os, time, rt
+from redoxcap.wire.call import call
+from redoxcap.wire import protocol as P
+handles = [rt.open("/scheme/log/t") for _ in range(200)]
+lines = (b"y" * 4000 + b"\n") * 30
+end = time.monotonic() + 5
+children = []
+for h in handles:
+    pid = os.fork()
+    if pid == 0:
+        while time.monotonic() < end:
+            call(h, P.WRITE, [lines])
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_what_one_client_logs_is_bounded_however_many_processes_it_runs(redoxcap_system):
+    """A client's processes share one budget (BURST at once, RATE a second: some 144 KiB
+    in 5 s); with a budget per pid, 200 processes logged 26 MiB in 5 s (found by a
+    red-team pass)."""
+    log = redoxcap_system.state_dir / "supervisor.log"
+    before = log.stat().st_size
+    redoxcap_system.python(LOG_FLOODER, timeout=120)
+    grown = log.stat().st_size - before
+    assert grown < 4 * 1024 * 1024, f"one client logged {grown // (1024 * 1024)} MiB in 5 s"
+    written = wait_for(lambda: " bytes of account " in redoxcap_system.log()
+                       and redoxcap_system.log())
+    writers = set(re.findall(r"log\[(\d+)\] t: y", written))
+    assert len(writers) > 1  # each line names the process that wrote it

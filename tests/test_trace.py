@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from redoxcap.testing import REDOXCAP, wait_for
-from redoxcap.trace import Tracer
+from redoxcap.trace import Tracer, format_line, syscall_info
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
 
@@ -135,3 +135,65 @@ def test_an_rt_program_under_the_broker_tells_capabilities_from_host_fds_without
                    for line in lines)
 
     assert brokered_fstats(20) == brokered_fstats(0)
+
+
+FORGED = ("x\n12:00:00.000000 pid 1 file    OPENAT     innocent.txt -> handle 9  0.01 ms"
+          "\x1b]0;owned\x07\x1b[2J\u202e")
+
+
+def test_a_clients_path_cannot_forge_trace_lines_or_drive_the_operators_terminal():
+    """A path with a newline and a copy of a trace line in it would add a line of the
+    client's choosing to the operator's trace, and ESC and BEL sequences would drive the
+    operator's terminal: the trace shows them escaped, as the log does (wire/printable.py)."""
+    lines = []
+    tracer = Tracer(NAMES, lines.append)
+    tracer.feed(call(1, ops.OPENAT, [FORGED, 0, 0], scheme=2))
+    tracer.feed(reply(1, P.NEW_HANDLE, None, handle=3, fds=1))
+    [line] = lines
+    assert line.isprintable(), repr(line)
+    assert ("file    OPENAT     x\\x0a12:00:00.000000 pid 1 file    OPENAT     innocent.txt"
+            " -> handle 9  0.01 ms\\x1b]0;owned\\x07\\x1b[2J\\u202e -> handle 3") in line
+    lines.clear()
+    tracer.feed(call(2, ops.UNLINKAT, ["typed \\x1b stays text", 0], scheme=2))
+    tracer.feed(reply(2, P.ERR, 2))
+    assert "UNLINKAT   typed \\\\x1b stays text -> ENOENT" in lines[0]
+
+
+def test_values_a_clients_own_scheme_answers_cannot_forge_trace_lines():
+    lines = []
+    tracer = Tracer({**NAMES, 3: "mine"}, lines.append)
+    tracer.feed(call(1, ops.FPATH, [], scheme=3))
+    tracer.feed(reply(1, P.OK, FORGED))
+    tracer.feed(call(2, ops.READLINKAT, ["l"], scheme=3))
+    tracer.feed(reply(2, P.OK, ["a\nb", {"\x1b": "\x07"}]))
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), lines
+
+
+def test_brokered_syscalls_show_the_programs_paths_escaped():
+    line = format_line(syscall_info({"t": 1_700_000_000.5, "pid": 42, "op": "openat",
+                                     "about": FORGED, "result": "ENOENT\n\x1b[2J", "ms": 0.5}))
+    assert line.isprintable(), repr(line)
+    assert "syscall openat     x\\x0a12:00:00" in line and "-> ENOENT\\x0a\\x1b[2J" in line
+
+
+def test_json_lines_keep_what_the_client_sent_in_json_escapes():
+    lines = []
+    tracer = Tracer(NAMES, lines.append, json_lines=True)
+    tracer.feed(call(1, ops.OPENAT, [FORGED, 0, 0], scheme=2))
+    tracer.feed(reply(1, P.ERR, 2))
+    [line] = lines
+    assert line.isprintable() and json.loads(line)["about"] == FORGED
+    info = syscall_info({"t": 0.0, "pid": 42, "op": "openat", "about": FORGED, "result": "ENOENT",
+                         "ms": 0.5})
+    assert json.dumps(info).isprintable()
+
+
+def test_a_stat_a_clients_own_scheme_makes_up_does_not_stop_the_trace():
+    lines = []
+    tracer = Tracer({**NAMES, 3: "mine"}, lines.append)
+    for req_id, value in enumerate([{"st_mode": "x"}, {"st_mode": 1.5}, {"st_mode": 0o644, "st_size": "\n"},
+                                    {"st_mode": 0o100644, "st_size": 3}]):
+        tracer.feed(call(req_id, ops.FSTAT, [], scheme=3))
+        tracer.feed(reply(req_id, P.OK, value))
+    assert len(lines) == 4 and all(line.isprintable() for line in lines), lines
+    assert "FSTAT      handle 3 -> mode 100644 size 3 " in lines[3]
