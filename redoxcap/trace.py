@@ -157,6 +157,16 @@ class Tracer:
         self.roots: dict[int, Call] = {}  # calls nobody made for another, by id
 
     def feed(self, record: dict) -> None:
+        """Take one record of the router's trace, printing the calls it completes. Never
+        raises: what a client chose (its arguments, what its own scheme answers) may be
+        anything, and `up --trace` reads the trace in the supervisor itself; a record that
+        cannot be shown is said so, and the trace goes on."""
+        try:
+            self._feed(record)
+        except Exception as exc:  # noqa: BLE001 - see above
+            self.emit(f"(a trace record that cannot be shown: {type(exc).__name__})")
+
+    def _feed(self, record: dict) -> None:
         if record.get("dropped"):
             self.emit(f"(the trace lost {record['dropped']} records: it was read too slowly)")
         if record.get("k") == "call":

@@ -197,3 +197,17 @@ def test_a_stat_a_clients_own_scheme_makes_up_does_not_stop_the_trace():
         tracer.feed(reply(req_id, P.OK, value))
     assert len(lines) == 4 and all(line.isprintable() for line in lines), lines
     assert "FSTAT      handle 3 -> mode 100644 size 3 " in lines[3]
+
+
+def test_a_record_the_trace_cannot_show_is_said_so_and_the_trace_goes_on():
+    """Whatever a record holds (the router's, with what a client chose in it), feeding it
+    never raises: `up --trace` reads the trace in the supervisor itself."""
+    lines = []
+    tracer = Tracer(NAMES, lines.append)
+    tracer.feed(call(1, ops.OPENAT, ["a", 0, 0]))
+    tracer.feed({**reply(1, P.OK, None), "dur": "long"})  # a duration that is no number
+    tracer.feed({"k": "call", "id": [2]})  # an id that cannot be a key
+    tracer.feed(call(3, ops.OPENAT, ["b", 0, 0]))
+    tracer.feed(reply(3, P.ERR, 2))
+    assert [line.startswith("(a trace record that cannot be shown") for line in lines] == [True, True, False]
+    assert "OPENAT     b -> ENOENT" in lines[2]
