@@ -14,12 +14,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from redoxcap.wire.printable import escape_text
+
 SYSTEM_ACCOUNT = 0
 
 
 def _quote(text: str) -> str:
-    """A DOT string: quotes and backslashes escaped, newlines as DOT's line breaks."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A DOT string: each line shown printable (wire/printable.py: a file name a client
+    chose cannot drive the terminal the graph is printed on), quotes and backslashes
+    escaped, newlines as DOT's line breaks."""
+    lines = (escape_text(line).replace("\\", "\\\\").replace('"', '\\"') for line in text.split("\n"))
+    return '"' + "\\n".join(lines) + '"'
 
 
 def _handle_label(scheme: str, number: int, detail: dict | None) -> str:

@@ -89,3 +89,20 @@ def test_status_shows_a_run_whose_command_line_is_too_long_to_show_whole(tmp_pat
         finally:
             waiting.stdin.close()
             assert waiting.wait(timeout=60) == 0
+
+
+def test_graph_shows_a_name_a_client_chose_without_driving_the_terminal(redoxcap_module_system):
+    """A file a client names with escape sequences shows in `graph` (whose DOT goes to the
+    operator's terminal by default) escaped, as the log and the trace show client text."""
+    name = "evil\x1b]0;owned\x07\x1b[2J.txt"
+    holder = redoxcap_module_system.start(
+        "run", "--", sys.executable, "-c",
+        f"import rt, sys\nf = rt.open({name!r}, rt.O_CREAT | rt.O_WRONLY)\n"
+        "print('holding', flush=True)\nsys.stdin.read()\n")
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        dot = redoxcap_module_system.cli("graph").stdout
+    finally:
+        holder.communicate("", timeout=60)
+    assert "evil\\\\x1b]0;owned\\\\x07" in dot
+    assert all(line.isprintable() for line in dot.splitlines()), dot
