@@ -44,7 +44,9 @@ ENFILE), so that it keeps fds for the requests that come: Linux truncates
 what a process cannot take, and the framework drops such a frame. Bytes
 and fds are given back when they are read or received, or when the end
 holding them closes (nobody can read them then; an end whose peer closed
-keeps what it has not read, charged, until it reads or closes).
+keeps what it has not read, charged, until it reads or closes). Fds passed
+with a read, write, accept or RECVFD, which take none, are closed before
+the request waits, so that no waiting request holds fds either.
 """
 
 from __future__ import annotations
@@ -268,6 +270,13 @@ class Ledger:
         self._settle(account, charges)
 
 
+def _close_passed(req: Request) -> None:
+    """Close the fds passed with a request that takes none, before it waits: held while it
+    waits (a read nobody answers), they would be fds a client makes the daemon hold."""
+    P.close_fds(req.passed_fds())
+    req.passed[:] = [None] * len(req.passed)
+
+
 def _name(path: str) -> str:
     name = path.strip("/")
     if not name or name in (".", "..") or "/" in name or len(name) > P.MAX_NAME:
@@ -344,6 +353,7 @@ class UdsScheme(Scheme):
 
     async def dup(self, req: Request, h: Handle, buf: bytes) -> Opened:
         """b"accept" on a listener; b"scope", b"scope:NAME" (system scope only) or b"" on a scope."""
+        _close_passed(req)
         if isinstance(h, Scope):
             if buf == b"":
                 return self._on(h)
@@ -376,6 +386,7 @@ class UdsScheme(Scheme):
 
     async def read(self, req: Request, h: Handle, n: int) -> bytes:
         conn = self._conn(h)
+        _close_passed(req)
         if n < 0:
             raise SchemeError(errno.EINVAL)
         while not conn.inbox:
@@ -390,6 +401,7 @@ class UdsScheme(Scheme):
         """Put data in the peer's inbox, waiting while it holds STREAM_BUFFER or the
         request's account has ACCOUNT_BUFFER in connections."""
         conn = self._conn(h)
+        _close_passed(req)
         done = 0
         while done < len(data):
             peer = conn.peer
@@ -441,6 +453,7 @@ class UdsScheme(Scheme):
 
     async def recvfd(self, req: Request, h: Handle) -> Reply:
         conn = self._conn(h)
+        _close_passed(req)
         while not conn.fds:
             if conn.eof():
                 raise SchemeError(errno.ENOTCONN, "the peer is gone and sent no more fds")

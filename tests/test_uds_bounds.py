@@ -233,6 +233,53 @@ def test_what_an_account_was_charged_is_given_back_when_read_received_or_closed(
     wait_for(lambda: held_in_connections(redoxcap_system) == NOTHING_HELD, timeout=30)
 
 
+# 64 READs (the account's bound of requests in flight: 16 on each of 4 clones) on a uds
+# connection nobody writes to, each with 253 copies of one junk fd riding along: held
+# while the reads wait, they would be some 16,000 fds the client makes the daemon hold.
+UDS_RIDING_FDS = r"""
+import errno, os, socket, sys, time, rt
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+listener = rt.open("/scheme/uds/quiet", rt.O_CREAT | rt.O_RDWR)
+conn = rt.open("/scheme/uds/quiet", rt.O_RDWR)
+caps = [conn] + [rt.clone(conn) for _ in range(3)]
+junk = os.pipe()[0]
+socks = []
+for cap in caps:
+    s = socket.socket(fileno=cap)
+    socks.append(s)
+    for i in range(16):
+        while True:
+            try:
+                s.sendmsg([F.encode_request(P.READ, i + 1, [1])],
+                          P.fds_ancillary([junk] * P.MAX_FDS))
+                break
+            except OSError as exc:  # too many fds in flight in sockets for this uid: wait
+                assert exc.errno == errno.ETOOMANYREFS, exc
+                time.sleep(0.05)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_fds_riding_on_uds_requests_that_wait_are_not_held(redoxcap_system):
+    daemon = redoxcap_system.daemon("uds")
+    uds, before = daemon["pid"], fds_of(daemon["pid"])
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", UDS_RIDING_FDS)
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.poll() is not None else line
+        # the router has forwarded them; the uds daemon has started on them once it has
+        # answered a status query the router sent it after them
+        wait_for(lambda: redoxcap_system.daemon("uds")["frames"] >= daemon["frames"] + 64,
+                 timeout=30)
+        redoxcap_system.daemon("uds")
+        held = fds_of(uds) - before
+    finally:
+        proc.communicate("", timeout=60)
+    assert held <= 16, f"the uds daemon holds {held} fds for reads that wait"
+
+
 # -- the same, in memory: the scheme's methods called directly -------------------------------
 
 
@@ -350,5 +397,21 @@ async def test_an_accounts_queued_fds_are_bounded_in_all_its_connections_and_giv
             await s.close(h)
     assert s.ledger.accounts == {} and s.ledger.queued_fds == 0
     assert len(os.listdir("/proc/self/fd")) == fds_before
+    os.close(r)
+    os.close(w)
+
+
+async def test_fds_passed_with_a_uds_request_that_waits_are_closed_before_it_waits():
+    s = UdsScheme()
+    _, client, _ = await connected(s, "quiet")
+    r, w = os.pipe()
+    request = req(1, P.READ, [os.dup(r) for _ in range(10)])
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(invoke, s, request, client, "read", 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(os.listdir("/proc/self/fd")) == fds_before - 10
+            nursery.cancel_scope.cancel()
     os.close(r)
     os.close(w)
