@@ -227,6 +227,8 @@ print("bytes", fill("b1"), fill("b2"), "fds", queue("f1"), queue("f2"), flush=Tr
 
 
 def test_what_an_account_was_charged_is_given_back_when_read_received_or_closed(redoxcap_system):
+    """The counts do not drift: a client that read and received what its bounds held can use
+    them whole again, and once it has exited (every end closed) the daemon holds nothing."""
     said = redoxcap_system.python(UDS_BOUNDS_REUSED, timeout=120).stdout.split()
     assert said == ["bytes", str(ACCOUNT_BUFFER), str(ACCOUNT_BUFFER),
                     "fds", str(ACCOUNT_QUEUED_FDS), str(ACCOUNT_QUEUED_FDS)]
@@ -263,6 +265,8 @@ sys.stdin.read()
 
 
 def test_fds_riding_on_uds_requests_that_wait_are_not_held(redoxcap_system):
+    """Fds passed with a request that takes none (a read) are closed before it waits: the
+    daemon held all 16,192 of them, for as long as the reads waited."""
     daemon = redoxcap_system.daemon("uds")
     uds, before = daemon["pid"], fds_of(daemon["pid"])
     proc = redoxcap_system.start("run", "--", sys.executable, "-c", UDS_RIDING_FDS)
