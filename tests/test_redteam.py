@@ -7,6 +7,8 @@ private /tmp and the read-only host trees the docs list (docs/sandbox.md).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,66 @@ def test_the_source_checkout_is_not_granted_as_a_whole(redoxcap_module_system, t
     got = sandboxed(redoxcap_module_system, project,
                     ["sh", "-c", f'cat {secret} >/dev/null && echo READ; ls {CHECKOUT} >/dev/null && echo LISTED'])
     assert "READ" not in got.stdout and "LISTED" not in got.stdout, got.stdout
+
+
+EXEC_FD_RACE = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <errno.h>
+#include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <sys/mman.h>
+/* a program that exists in no file: this binary, with its marker patched, in a memfd */
+static const char marker[] = "MARKER:unpatched";
+int good, evil; volatile int stop;
+#define N 50
+void *swap(void *a) { while (!stop) { dup2(good, N); dup2(evil, N); } return 0; }
+int main(int argc, char **argv) {
+  if (argc > 2) { printf("%s\n", marker); return 0; }
+  static char img[1 << 22];
+  int self = open(argv[0], O_RDONLY);
+  ssize_t n = read(self, img, sizeof img);
+  char *m = memmem(img, n, marker, sizeof marker - 1);
+  if (!m) return 2;
+  memcpy(m, "MARKER:in-memfd!", 16);
+  evil = memfd_create("evil", 0);
+  write(evil, img, n);
+  good = open("/usr/bin/true", O_RDONLY);
+  int tries = atoi(argv[1]);
+  for (int i = 0; i < tries; i++) {
+    pid_t p = fork();
+    if (p == 0) {
+      pthread_t t; pthread_create(&t, 0, swap, 0);
+      char *av[] = {"x", "1", "child", NULL}; char *ev[] = {NULL};
+      for (;;) syscall(SYS_execveat, N, "", av, ev, AT_EMPTY_PATH);
+    }
+    int st; waitpid(p, &st, 0);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+def test_a_racing_dup2_never_execs_a_memfd(redoxcap_module_system, tmp_path):
+    """docs/sandbox.md: execveat of an fd runs only "a regular file of either" (a host tree or
+    a --dir directory), and whatever a racing thread does, "the kernel can exec only a file
+    beneath those: one the program could have named directly". The broker checks the fd and
+    lets the kernel run the call, which reads the fd *number* again: a thread dup2s a memfd
+    over it meanwhile, and the kernel execs the memfd (Landlock does not check files on
+    internal mounts). Here the only directory is read-only and the memfd holds a binary that
+    is in no file at all (the racer with a patched marker): it runs, about 1 in 5 tries,
+    though the broker answers a plain execveat of the memfd EACCES."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "mxr.c").write_text(EXEC_FD_RACE)
+    subprocess.run(["gcc", "-O1", "-static", "-pthread", "-o", str(project / "mxr"),
+                    str(project / "mxr.c")], check=True)
+    got = redoxcap_module_system.run("--dir", f"{project}:ro", "--", str(project / "mxr"), "200",
+                                     check=False, timeout=120)
+    assert "MARKER:in-memfd!" not in got.stdout, got.stdout
