@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import resource
 import socket
 import stat
 from dataclasses import dataclass, field
@@ -41,7 +42,17 @@ from redoxcap.wire.stat import Stat
 SCHEME_PREFIX = "/scheme/"
 STATUS_NAMESPACES = 48  # namespace handles `status` describes (the router passes 16 KiB on)
 STATUS_NAMES = 24  # names of each it lists
+SYSTEM_ACCOUNT = 0  # the router's account of the system's own requests
 CLONES_AT_ONCE = 16  # clones a fork asks for at once: a namespace of thousands is no flood
+# Entries a client's own capabilities make, in all namespaces together (NS_REGISTER, NS_MKNS's
+# put): each is an fd of nsmgr's, which the router does not count again when a client
+# registers the same capability under many names (a run's cwd 14,000 times took nsmgr to
+# its last fd, and every new run failed). EMFILE past it, as for the capability quota: a
+# client registers a handful (its own schemes' roots, a subtree as `file`), never hundreds.
+MAX_PASSED_PER_ACCOUNT = 256
+# The share of nsmgr's fd limit all clients' such entries may take together (ENFILE past
+# it): the rest stays for what nsmgr does for every run.
+PASSED_SHARE = 0.5
 
 
 @dataclass(eq=False)
@@ -53,6 +64,9 @@ class Namespace:
     generation: int = 0  # changes so far (see nsmgr/generation.py)
     page: GenerationPage | None = None  # where holders read generation, once one asked
     root: bool = False  # the root namespace (handle 0)
+    # name -> the client account whose capability it is (Passed: registered or put, not
+    # cloned), for as long as the entry is
+    payers: dict[str, int] = field(default_factory=dict)
 
     def changed(self) -> None:
         """Count a change: a holder that kept this namespace's roots drops them at its next open."""
@@ -69,6 +83,48 @@ class Namespace:
     def require(self, perm: int) -> None:
         if not self.perms & perm:
             raise SchemeError(errno.EACCES, "permission not granted to this namespace handle")
+
+
+class Passed:
+    """The entries clients' own capabilities make in namespaces, counted per account
+    against the bounds (the system's, account 0, are not: the supervisor registers every
+    daemon's root)."""
+
+    def __init__(self, per_account: int, total: int) -> None:
+        self.per_account, self.total = per_account, total
+        self.accounts: dict[int, int] = {}
+        self.count_all = 0
+
+    def charge(self, account: int) -> None:
+        """One more for account.
+
+        Raises:
+            SchemeError: EMFILE, account has per_account already; ENFILE, all have total.
+        """
+        if account == SYSTEM_ACCOUNT:
+            return
+        if self.accounts.get(account, 0) >= self.per_account:
+            raise SchemeError(errno.EMFILE, f"{self.per_account} of this client's capabilities "
+                              "are namespace entries already")
+        if self.count_all >= self.total:
+            raise SchemeError(errno.ENFILE, "nsmgr holds as many clients' capabilities as it may")
+        self.count(account)
+
+    def count(self, account: int) -> None:
+        """One more for account, whatever the bounds (a restored namespace's)."""
+        if account != SYSTEM_ACCOUNT:
+            self.accounts[account] = self.accounts.get(account, 0) + 1
+            self.count_all += 1
+
+    def give_back(self, account: int | None) -> None:
+        if account is None or account == SYSTEM_ACCOUNT:
+            return
+        left = self.accounts[account] - 1
+        if left:
+            self.accounts[account] = left
+        else:
+            del self.accounts[account]
+        self.count_all -= 1
 
 
 def split_scheme_path(path: str) -> tuple[str, str]:
@@ -100,8 +156,13 @@ class NamespaceScheme(Scheme):
     operations = ops.SCHEME_OPERATIONS + ops.NAMESPACE_OPERATIONS
     resolves_beneath = True  # passed on to the scheme that owns the path, which decides
 
-    def __init__(self, kernel_fd: int | None = None) -> None:
+    def __init__(self, kernel_fd: int | None = None, max_passed_total: int | None = None) -> None:
+        """max_passed_total: the entries of clients' capabilities all accounts may have
+        together (default: a PASSED_SHARE of the soft RLIMIT_NOFILE now)."""
         self.kernel = AsyncCapability(kernel_fd) if kernel_fd is not None else None
+        if max_passed_total is None:
+            max_passed_total = int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * PASSED_SHARE)
+        self.passed = Passed(MAX_PASSED_PER_ACCOUNT, max_passed_total)
         # account -> its turn at forking: a fork is a round trip per entry, so one client
         # forking from many threads takes no more of nsmgr than one doing it from one
         self._forking: dict[int, trio.Lock] = {}
@@ -303,7 +364,13 @@ class NamespaceScheme(Scheme):
             async with turn:
                 await self._clone_entries(req, ns, child, names, every)
             for index, name in enumerate(put):
-                child.entries[name] = await self._passed_entry(req, index)
+                self.passed.charge(req.account)
+                try:
+                    child.entries[name] = await self._passed_entry(req, index)
+                except BaseException:
+                    self.passed.give_back(req.account)
+                    raise
+                child.payers[name] = req.account
         except BaseException:
             await self.close(child)
             raise
@@ -371,11 +438,17 @@ class NamespaceScheme(Scheme):
             raise SchemeError(errno.EINVAL, "register takes exactly one capability")
         if name in ns.entries:
             raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
-        entry = await self._passed_entry(req, 0)
-        if name in ns.entries:  # registered while we asked
-            entry.close()
-            raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        self.passed.charge(req.account)
+        try:
+            entry = await self._passed_entry(req, 0)
+            if name in ns.entries:  # registered while we asked
+                entry.close()
+                raise SchemeError(errno.EEXIST, f"{name!r} is already registered")
+        except BaseException:
+            self.passed.give_back(req.account)
+            raise
         ns.entries[name] = entry
+        ns.payers[name] = req.account
         ns.changed()
         req.keep_again()
 
@@ -408,6 +481,7 @@ class NamespaceScheme(Scheme):
         ns.require(P.PERM_DELETE)
         cap = ns.lookup(name)
         del ns.entries[name]
+        self.passed.give_back(ns.payers.pop(name, None))
         ns.changed()
         req.keep_again()
         cap.close()
@@ -431,7 +505,7 @@ class NamespaceScheme(Scheme):
         if ns.page is not None:
             fds.append(ns.page.fd)
         return {"perms": ns.perms, "names": names, "generation": ns.generation,
-                "page": ns.page is not None, "root": ns.root}, fds
+                "page": ns.page is not None, "root": ns.root, "payers": ns.payers}, fds
 
     def restore(self, value: dict, fds: list[int]) -> Namespace:
         """The kept namespace, its generation counted on (a change may have been made but
@@ -451,6 +525,12 @@ class NamespaceScheme(Scheme):
             generation = max(generation, retire(fds.pop()))
         ns = Namespace({name: AsyncCapability(fd) for name, fd in zip(names, fds)}, perms,
                        generation, root=value.get("root") is True)
+        payers = value.get("payers")
+        if isinstance(payers, dict):  # counted again: they are still what they were
+            for name, account in payers.items():
+                if name in ns.entries and type(account) is int:
+                    ns.payers[name] = account
+                    self.passed.count(account)
         if ns.root:  # the page root() made for the root it replaces is the restored root's
             ns.page, self._boot_page = self._boot_page, None
         ns.changed()
@@ -458,6 +538,9 @@ class NamespaceScheme(Scheme):
 
     async def close(self, ns: Namespace) -> None:
         entries, ns.entries = ns.entries, {}
+        payers, ns.payers = ns.payers, {}
+        for account in payers.values():
+            self.passed.give_back(account)
         for cap in entries.values():
             cap.close()
         if ns.page is not None:
