@@ -219,7 +219,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(NS_NARROW, "ns_narrow", (_a("perms", _INT),), "nil; the handle keeps only perms",
               "EACCES (asking for more)", namespace=True),
     Operation(NS_REGISTER, "ns_register", (_a("name", _STR),), "nil",
-              "EACCES without INSERT, EEXIST, EINVAL, ENOTDIR (not a directory or a root)",
+              "EACCES without INSERT, EEXIST, EINVAL, ENOTDIR (not a directory or a root), "
+              "EMFILE/ENFILE (below)",
               namespace=True, fds="one capability", max_fds=1),
     Operation(NS_UNREGISTER, "ns_unregister", (_a("name", _STR),), "nil",
               "EACCES without DELETE, ENODEV", namespace=True),
