@@ -1,0 +1,67 @@
+"""More hostile clients: attacks found by the red team that the system does not yet withstand.
+
+Every test here fails on the code it was written against; each says what it shows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from redoxcap.testing import wait_for
+
+QUOTA = 1024  # the default capability quota of a client account (kernel/accounts.py)
+
+
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def most_fds_of(pid: int, seconds: float) -> int:
+    """The most fds pid held while polled for that long."""
+    most = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        most = max(most, fds_of(pid))
+        time.sleep(0.1)
+    return most
+
+
+# 64 READs (the account's bound of requests in flight: 16 on each of 4 clones) on a pipe
+# nobody writes to, each with 253 copies of one junk fd riding along. The router checks
+# the fds against the account's quota only while it holds them; once the request is at
+# the daemon, the daemon holds them, uncharged, for as long as the read waits.
+PIPE_FD_HOLDER = r"""
+import os, socket, sys, rt
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+r, w = rt.pipe()  # w is kept: every read waits for ever
+caps = [r] + [rt.clone(r) for _ in range(3)]
+junk = os.pipe()[0]
+socks = []
+for cap in caps:
+    s = socket.socket(fileno=cap)
+    socks.append(s)
+    for i in range(16):
+        s.sendmsg([F.encode_request(P.READ, i + 1, [1])], P.fds_ancillary([junk] * P.MAX_FDS))
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_clients_quota(redoxcap_system):
+    """One client makes the pipe daemon hold some 16,000 fds (64 waiting requests x 253
+    fds), none of them charged to it: its quota is 1,024. Two or three such clients take
+    every fd a daemon has (its RLIMIT_NOFILE), and a daemon out of fds drops every frame
+    that carries one (see the next test)."""
+    pipe = redoxcap_system.daemon("pipe")["pid"]
+    before = fds_of(pipe)
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", PIPE_FD_HOLDER)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read() if proc.poll() is not None else ""
+        held = most_fds_of(pipe, 3) - before
+    finally:
+        proc.communicate("", timeout=60)
+    wait_for(lambda: fds_of(pipe) <= before + 2, timeout=30)
+    assert held <= QUOTA, f"the pipe daemon held {held} fds for one client whose quota is {QUOTA}"
