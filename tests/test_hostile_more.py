@@ -65,3 +65,71 @@ def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_clients
         proc.communicate("", timeout=60)
     wait_for(lambda: fds_of(pipe) <= before + 2, timeout=30)
     assert held <= QUOTA, f"the pipe daemon held {held} fds for one client whose quota is {QUOTA}"
+
+
+# 64 OPENATs through the namespace (16 on each of 4 clones) of a name whose scheme is the
+# client's own and never served: nsmgr forwards each and waits for ever, holding the fds
+# that rode on it (argv[1] copies of a junk fd each).
+NSMGR_FD_HOLDER = r"""
+import errno, os, socket, sys, time, rt
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+nfds = int(sys.argv[1])
+channel = rt.mkscheme("evil")  # never served
+caps = [rt.clone(rt.getns()) for _ in range(4)]
+junk = os.pipe()[0]
+socks = []
+for cap in caps:
+    s = socket.socket(fileno=cap)
+    socks.append(s)
+    for i in range(16):
+        frame = F.encode_request(P.OPENAT, i + 1, ["/scheme/evil/x", 0, 0])
+        while True:
+            try:
+                s.sendmsg([frame], P.fds_ancillary([junk] * nfds))
+                break
+            except OSError as exc:  # too many fds in flight in sockets for this uid: wait
+                assert exc.errno == errno.ETOOMANYREFS, exc
+                time.sleep(0.05)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def nofile_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        return next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+
+
+def test_a_few_clients_cannot_take_every_fd_of_nsmgr_and_stop_every_new_run(redoxcap_system):
+    """A handful of confined clients (two or three with nsmgr's RLIMIT_NOFILE of 20,000)
+    each make nsmgr hold 16,192 fds riding on requests it forwards to their own schemes,
+    which never answer. Once nsmgr is out of fds it drops every frame that carries one
+    (`malformed frame from the router dropped`, no reply), and no new `redoxcap run` can
+    start: `the program's namespace: Invalid argument`. Nothing of it was charged to them."""
+    nsmgr = redoxcap_system.daemon("nsmgr")["pid"]
+    limit = nofile_limit(nsmgr)
+    if limit > 100_000:
+        import pytest
+        pytest.skip(f"nsmgr may open {limit} fds: too many clients needed here")
+    attackers = [253] * (limit // (64 * 253) + 1) + [16, 1]
+    for nfds in attackers:
+        proc = redoxcap_system.start("run", "--", sys.executable, "-c", NSMGR_FD_HOLDER, str(nfds))
+        line = proc.stdout.readline()  # "" once runs no longer start: the damage is done
+        if line != "ready\n":
+            break
+        most_fds_of(nsmgr, 1)
+    held = fds_of(nsmgr)
+    victim = redoxcap_system.python(
+        "import rt\n"
+        "from redoxcap.wire.call import set_default_timeout\n"
+        "set_default_timeout(10)\n"
+        "z = rt.open('/scheme/zero')\n"
+        "rt.register(rt.getns(), 'z2', z)\n"
+        "print('served', flush=True)\n",
+        check=False, timeout=120)
+    redoxcap_system.stop_background()
+    wait_for(lambda: fds_of(nsmgr) < 1000, timeout=60)
+    assert victim.returncode == 0 and victim.stdout == "served\n", (
+        f"nsmgr held {held} of its {limit} fds for the attackers; another client: "
+        f"exit {victim.returncode}, {victim.stderr.strip()[-300:]!r}")
