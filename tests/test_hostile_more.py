@@ -133,3 +133,46 @@ def test_a_few_clients_cannot_take_every_fd_of_nsmgr_and_stop_every_new_run(redo
     assert victim.returncode == 0 and victim.stdout == "served\n", (
         f"nsmgr held {held} of its {limit} fds for the attackers; another client: "
         f"exit {victim.returncode}, {victim.stderr.strip()[-300:]!r}")
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+# Listens on 8 names and connects 120 times to each, never accepting: every connection's
+# unaccepted end takes STREAM_BUFFER (256 KiB) of writes before a writer waits. Each
+# connection costs the client one capability; the bytes it parks in the daemon cost it
+# nothing.
+UDS_BUFFER_FILLER = r"""
+import sys, rt
+from redoxcap.wire import protocol as P
+data = b"x" * P.MAX_IO
+held = []
+for l in range(8):
+    held.append(rt.open(f"/scheme/uds/l{l}", rt.O_CREAT | rt.O_RDWR))
+    for c in range(120):
+        fd = rt.open(f"/scheme/uds/l{l}", rt.O_RDWR)
+        held.append(fd)
+        rt.write(fd, data)
+        rt.write(fd, data)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_bytes_a_client_parks_in_uds_connections_are_bounded(redoxcap_system):
+    """One client makes the uds daemon hold 240 MiB (960 unaccepted connections x 256 KiB)
+    with fewer capabilities than its quota; every write returns at once, no errno ever
+    comes. Three such clients took it past 1 GiB, which it kept after they had gone.
+    A pipe bounds one flooding client to far less (test_flood's 64 MiB)."""
+    uds = redoxcap_system.daemon("uds")["pid"]
+    quiet = vm_rss_kib(uds)
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", UDS_BUFFER_FILLER)
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.poll() is not None else line
+        flooded = vm_rss_kib(uds)
+    finally:
+        proc.communicate("", timeout=60)
+    assert flooded - quiet < 64 * 1024, f"the uds daemon grew by {(flooded - quiet) // 1024} MiB for one client"
