@@ -176,3 +176,21 @@ def test_bytes_a_client_parks_in_uds_connections_are_bounded(redoxcap_system):
     finally:
         proc.communicate("", timeout=60)
     assert flooded - quiet < 64 * 1024, f"the uds daemon grew by {(flooded - quiet) // 1024} MiB for one client"
+
+
+def test_a_clients_path_cannot_forge_trace_lines_or_drive_the_operators_terminal():
+    """`redoxcap trace` and `run --trace` print each call's path as the client sent it
+    (trace.describe_call: str(args[...])). A client that opens a path with a newline
+    and a copy of a trace line in it adds a line of its choosing to the operator's trace
+    (hiding what it does), and ESC sequences in it drive the operator's terminal. The log
+    scheme escapes exactly these (schemes/log.py); the trace does not."""
+    from redoxcap import trace
+    from redoxcap.wire import protocol as P
+
+    forged = "x\n12:00:00.000000 pid 1 file    OPENAT     innocent.txt -> handle 9  0.01 ms\x1b]0;owned\x07\x1b[2J"
+    call = trace.Call({"k": "call", "id": 1, "t": 0.0, "pid": 4242, "uid": 0, "scheme": 2, "handle": 0,
+                       "op": P.OPENAT, "account": 5, "fds": 0, "args": P.pack([forged, 0, 0])},
+                      {"k": "reply", "id": 1, "t": 0.0, "dur": 0.0001, "scheme": 2, "fds": 1, "pid": 4242,
+                       "status": P.NEW_HANDLE, "handle": 3, "value": P.pack(None)})
+    line = trace.as_line(call, {2: "file"})
+    assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
