@@ -194,3 +194,65 @@ def test_a_clients_path_cannot_forge_trace_lines_or_drive_the_operators_terminal
                        "status": P.NEW_HANDLE, "handle": 3, "value": P.pack(None)})
     line = trace.as_line(call, {2: "file"})
     assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
+
+
+# SENDFD of one and the same capability (one zero fd: the router counts one capability)
+# 64 times (MAX_QUEUED_FDS) into each of its connections, which nobody accepts: the uds
+# daemon holds a copy of the fd for each. It stops when a SENDFD is not answered (the
+# daemon, out of fds, drops the frame) or after 40,000.
+UDS_FD_PARKER = r"""
+import sys, rt
+from redoxcap.wire.call import call, set_default_timeout
+from redoxcap.wire import protocol as P
+set_default_timeout(5)
+z = rt.open("/scheme/zero")
+held, sent = [], 0
+try:
+    for l in range(8):
+        held.append(rt.open(f"/scheme/uds/f{l}", rt.O_CREAT | rt.O_RDWR))
+        for c in range(80):
+            fd = rt.open(f"/scheme/uds/f{l}", rt.O_RDWR)
+            held.append(fd)
+            for k in range(64):
+                call(fd, P.SENDFD, [], [z])
+                sent += 1
+except OSError as exc:
+    print("stopped:", exc, flush=True)
+print("ready", sent, len(held), flush=True)
+sys.stdin.read()
+"""
+
+UDS_VICTIM = r"""
+import rt
+from redoxcap.wire.call import call, set_default_timeout
+from redoxcap.wire import protocol as P
+set_default_timeout(10)
+listener = rt.open("/scheme/uds/v", rt.O_CREAT | rt.O_RDWR)
+conn = rt.open("/scheme/uds/v", rt.O_RDWR)
+call(conn, P.SENDFD, [], [rt.open("/scheme/zero")])
+print("served", flush=True)
+"""
+
+
+def test_fds_a_client_queues_in_uds_connections_are_charged_and_leave_others_served(redoxcap_system):
+    """One client with fewer than 700 capabilities makes the uds daemon hold every fd it
+    may open (20,000 here): 64 queued copies of one capability per connection, none of
+    them charged to it. From then on the daemon drops every frame that carries an fd
+    (`malformed frame from the router dropped`): another client's SENDFD, and the
+    attacker's own, are never answered (no errno: they wait for ever)."""
+    uds = redoxcap_system.daemon("uds")["pid"]
+    before = fds_of(uds)
+    attacker = redoxcap_system.start("run", "--", sys.executable, "-c", UDS_FD_PARKER)
+    try:
+        report = ""
+        while not report.startswith("ready"):
+            report = attacker.stdout.readline()
+            assert report, attacker.stderr.read()
+        held = fds_of(uds) - before
+        victim = redoxcap_system.python(UDS_VICTIM, check=False, timeout=120)
+    finally:
+        attacker.communicate("", timeout=60)
+    wait_for(lambda: fds_of(uds) <= before + 2, timeout=30)
+    assert held <= QUOTA and victim.returncode == 0, (
+        f"the uds daemon held {held} fds for one client ({report.strip()}); another client's "
+        f"SENDFD: exit {victim.returncode}, {victim.stderr.strip()[-200:]!r}")
