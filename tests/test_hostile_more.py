@@ -256,3 +256,57 @@ def test_fds_a_client_queues_in_uds_connections_are_charged_and_leave_others_ser
     assert held <= QUOTA and victim.returncode == 0, (
         f"the uds daemon held {held} fds for one client ({report.strip()}); another client's "
         f"SENDFD: exit {victim.returncode}, {victim.stderr.strip()[-200:]!r}")
+
+
+# A client's own scheme (rt.mkscheme) whose "daemon" sends KEEP frames, each naming a
+# request id the router never sent. Such a scheme may not keep state: the router refuses
+# each, remembers that the reply to that request id must fail (keep_failed, popped only
+# by a reply that never comes), and logs a warning.
+KEEP_FLOODER = r"""
+import socket, sys, rt
+from redoxcap.wire.frames import Keep
+channel = socket.socket(fileno=rt.mkscheme("k"))
+channel.setblocking(True)
+for i in range(int(sys.argv[1])):
+    channel.send(Keep(1, 0, b"\x90", req_id=1_000_000 + i).encode())
+print("sent", flush=True)
+sys.stdin.read()
+"""
+
+
+def flood_keeps(system, frames: int):
+    proc = system.start("run", "--", sys.executable, "-c", KEEP_FLOODER, str(frames))
+    line = proc.stdout.readline()
+    assert line == "sent\n", proc.stderr.read() if proc.poll() is not None else line
+    return proc
+
+
+def test_keep_frames_of_a_clients_own_scheme_cost_the_router_no_memory(redoxcap_system):
+    """500,000 KEEP frames (30 bytes each, sent in a few seconds) grow the router by some
+    35 MiB, never given back while the scheme lives (1,000,000 took it from 26 to 136
+    MiB): kernel/restart.py's keep_failed has an entry per request id a frame names."""
+    router = redoxcap_system.daemon("kernel")["pid"]
+    quiet = vm_rss_kib(router)
+    proc = flood_keeps(redoxcap_system, 500_000)
+    try:
+        time.sleep(2)  # the router has read what the socket still held
+        flooded = vm_rss_kib(router)
+    finally:
+        proc.communicate("", timeout=60)
+    assert flooded - quiet < 16 * 1024, f"the router grew by {(flooded - quiet) // 1024} MiB"
+
+
+def test_keep_frames_of_a_clients_own_scheme_cannot_fill_the_supervisors_log(redoxcap_system):
+    """Every refused KEEP is a line in the supervisor's log (`bad KEEP dropped: this
+    scheme may not keep state in the router`), without a rate limit: one client writes
+    some 6 MB a second into it, for as long as it likes, where the log scheme bounds
+    every writer (schemes/log.py's token buckets)."""
+    log = redoxcap_system.state_dir / "supervisor.log"
+    before = log.stat().st_size
+    proc = flood_keeps(redoxcap_system, 500_000)
+    try:
+        time.sleep(2)
+        grown = log.stat().st_size - before
+    finally:
+        proc.communicate("", timeout=60)
+    assert grown < 1024 * 1024, f"one client wrote {grown // (1024 * 1024)} MiB into the supervisor's log"
