@@ -310,3 +310,76 @@ def test_keep_frames_of_a_clients_own_scheme_cannot_fill_the_supervisors_log(red
     finally:
         proc.communicate("", timeout=60)
     assert grown < 1024 * 1024, f"one client wrote {grown // (1024 * 1024)} MiB into the supervisor's log"
+
+
+# 300 schemes of the client's own (rt.mkscheme), and two processes that keep every one's
+# channel full of replies to a request id the router never sent (dropped without a word).
+# The router reads up to REPLIES_PER_PASS (64) frames of each ready scheme per pass: a
+# client with 300 schemes gets 300 turns of 64 frames in every pass, where another
+# client's capabilities share one turn of one request.
+SCHEME_REPLY_FLOODER = r"""
+import os, select, socket, sys, rt
+from redoxcap.wire.frames import SchemeReply
+channels = [socket.socket(fileno=rt.mkscheme(f"s{i}")) for i in range(300)]
+frame = SchemeReply(123456789, 0, b"\xc0").encode()
+stop_r, stop_w = os.pipe()
+for j in range(2):
+    if os.fork() == 0:
+        os.close(stop_w)
+        mine = channels[j::2]
+        for c in mine:
+            c.setblocking(False)
+        while not select.select([stop_r], [], [], 0)[0]:
+            for c in mine:
+                try:
+                    for _ in range(64):
+                        c.send(frame)
+                except BlockingIOError:
+                    pass
+        os._exit(0)
+print("ready", flush=True)
+sys.stdin.read()
+os.close(stop_w)
+os.wait(); os.wait()
+"""
+
+ZERO_TIMER = r"""
+import sys, time, rt
+z = rt.open("/scheme/zero")
+for line in sys.stdin:
+    t = time.perf_counter()
+    for _ in range(20):
+        rt.read(z, 1)
+    print(time.perf_counter() - t, flush=True)
+"""
+
+
+def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_clients(redoxcap_system):
+    """Another client's 20 reads of /scheme/zero took 2.6 ms on the quiet system and 3.8 s
+    (about 190 ms each, 1,450x) while one client flooded the channels of 300 schemes of
+    its own with junk replies; flooding 4 such schemes from as many processes did not
+    slow it at all, so it is the number of schemes, not the CPU the flood takes.
+    The router serves a client's requests one turn per account, but each scheme's replies
+    a turn of their own."""
+    import statistics
+
+    victim = redoxcap_system.start("run", "--", sys.executable, "-c", ZERO_TIMER)
+
+    def round_time() -> float:
+        victim.stdin.write("go\n")
+        victim.stdin.flush()
+        line = victim.stdout.readline()
+        assert line, victim.stderr.read()
+        return float(line)
+
+    quiet = statistics.median(round_time() for _ in range(7))
+    attacker = redoxcap_system.start("run", "--", sys.executable, "-c", SCHEME_REPLY_FLOODER)
+    try:
+        assert attacker.stdout.readline() == "ready\n", attacker.stderr.read()
+        time.sleep(1)
+        loaded = statistics.median(round_time() for _ in range(5))
+    finally:
+        attacker.communicate("", timeout=60)
+    victim.communicate("", timeout=60)
+    ratio = loaded / quiet
+    assert ratio < 10, f"another client's reads took {ratio:.0f}x their quiet time ({quiet * 1e3:.1f} -> {loaded * 1e3:.0f} ms)"
