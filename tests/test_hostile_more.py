@@ -383,3 +383,38 @@ def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_c
     victim.communicate("", timeout=60)
     ratio = loaded / quiet
     assert ratio < 10, f"another client's reads took {ratio:.0f}x their quiet time ({quiet * 1e3:.1f} -> {loaded * 1e3:.0f} ms)"
+
+
+# 200 log handles, one per forked process, each writing 30 lines of 4,000 bytes per call
+# for 5 s: the log scheme's token buckets are per writer pid (BURST 64 KiB, RATE 16 KiB/s),
+# up to MAX_WRITERS (1,024) of them, so a client's share grows with its processes.
+LOG_FLOODER = r"""
+import os, time, rt
+from redoxcap.wire.call import call
+from redoxcap.wire import protocol as P
+handles = [rt.open("/scheme/log/t") for _ in range(200)]
+lines = (b"y" * 4000 + b"\n") * 30
+end = time.monotonic() + 5
+children = []
+for h in handles:
+    pid = os.fork()
+    if pid == 0:
+        while time.monotonic() < end:
+            call(h, P.WRITE, [lines])
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_what_one_client_logs_is_bounded_however_many_processes_it_runs(redoxcap_system):
+    """One process may log 64 KiB at once and 16 KiB a second (schemes/log.py), some 144
+    KiB in 5 s; one client of 200 processes logged 26 MiB in 5 s (39 MiB in 10 s), and
+    with 1,024 it would sustain 16 MiB a second: the buckets are per pid, though every
+    request says which client (account) it is for."""
+    log = redoxcap_system.state_dir / "supervisor.log"
+    before = log.stat().st_size
+    redoxcap_system.python(LOG_FLOODER, timeout=120)
+    grown = log.stat().st_size - before
+    assert grown < 4 * 1024 * 1024, f"one client logged {grown // (1024 * 1024)} MiB in 5 s"
