@@ -6,8 +6,11 @@ Every test here fails on the code it was written against; each says what it show
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
+
+import pytest
 
 from redoxcap.testing import wait_for
 
@@ -50,7 +53,7 @@ sys.stdin.read()
 """
 
 
-def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_clients_quota(redoxcap_system):
+def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_quota(redoxcap_system):
     """One client makes the pipe daemon hold some 16,000 fds (64 waiting requests x 253
     fds), none of them charged to it: its quota is 1,024. Two or three such clients take
     every fd a daemon has (its RLIMIT_NOFILE), and a daemon out of fds drops every frame
@@ -59,7 +62,8 @@ def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_clients
     before = fds_of(pipe)
     proc = redoxcap_system.start("run", "--", sys.executable, "-c", PIPE_FD_HOLDER)
     try:
-        assert proc.stdout.readline() == "ready\n", proc.stderr.read() if proc.poll() is not None else ""
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.poll() is not None else line
         held = most_fds_of(pipe, 3) - before
     finally:
         proc.communicate("", timeout=60)
@@ -110,7 +114,6 @@ def test_a_few_clients_cannot_take_every_fd_of_nsmgr_and_stop_every_new_run(redo
     nsmgr = redoxcap_system.daemon("nsmgr")["pid"]
     limit = nofile_limit(nsmgr)
     if limit > 100_000:
-        import pytest
         pytest.skip(f"nsmgr may open {limit} fds: too many clients needed here")
     attackers = [253] * (limit // (64 * 253) + 1) + [16, 1]
     for nfds in attackers:
@@ -175,7 +178,8 @@ def test_bytes_a_client_parks_in_uds_connections_are_bounded(redoxcap_system):
         flooded = vm_rss_kib(uds)
     finally:
         proc.communicate("", timeout=60)
-    assert flooded - quiet < 64 * 1024, f"the uds daemon grew by {(flooded - quiet) // 1024} MiB for one client"
+    grown = (flooded - quiet) // 1024
+    assert grown < 64, f"the uds daemon grew by {grown} MiB for one client"
 
 
 def test_a_clients_path_cannot_forge_trace_lines_or_drive_the_operators_terminal():
@@ -187,10 +191,13 @@ def test_a_clients_path_cannot_forge_trace_lines_or_drive_the_operators_terminal
     from redoxcap import trace
     from redoxcap.wire import protocol as P
 
-    forged = "x\n12:00:00.000000 pid 1 file    OPENAT     innocent.txt -> handle 9  0.01 ms\x1b]0;owned\x07\x1b[2J"
-    call = trace.Call({"k": "call", "id": 1, "t": 0.0, "pid": 4242, "uid": 0, "scheme": 2, "handle": 0,
+    forged = ("x\n12:00:00.000000 pid 1 file    OPENAT     innocent.txt -> handle 9  0.01 ms"
+              "\x1b]0;owned\x07\x1b[2J")
+    call = trace.Call({"k": "call", "id": 1, "t": 0.0, "pid": 4242, "uid": 0, "scheme": 2,
+                       "handle": 0,
                        "op": P.OPENAT, "account": 5, "fds": 0, "args": P.pack([forged, 0, 0])},
-                      {"k": "reply", "id": 1, "t": 0.0, "dur": 0.0001, "scheme": 2, "fds": 1, "pid": 4242,
+                      {"k": "reply", "id": 1, "t": 0.0, "dur": 0.0001, "scheme": 2, "fds": 1,
+                       "pid": 4242,
                        "status": P.NEW_HANDLE, "handle": 3, "value": P.pack(None)})
     line = trace.as_line(call, {2: "file"})
     assert "\n" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
@@ -234,7 +241,8 @@ print("served", flush=True)
 """
 
 
-def test_fds_a_client_queues_in_uds_connections_are_charged_and_leave_others_served(redoxcap_system):
+def test_fds_a_client_queues_in_uds_connections_are_charged_and_leave_others_served(
+        redoxcap_system):
     """One client with fewer than 700 capabilities makes the uds daemon hold every fd it
     may open (20,000 here): 64 queued copies of one capability per connection, none of
     them charged to it. From then on the daemon drops every frame that carries an fd
@@ -309,7 +317,8 @@ def test_keep_frames_of_a_clients_own_scheme_cannot_fill_the_supervisors_log(red
         grown = log.stat().st_size - before
     finally:
         proc.communicate("", timeout=60)
-    assert grown < 1024 * 1024, f"one client wrote {grown // (1024 * 1024)} MiB into the supervisor's log"
+    assert grown < 1024 * 1024, (
+        f"one client wrote {grown // (1024 * 1024)} MiB into the supervisor's log")
 
 
 # 300 schemes of the client's own (rt.mkscheme), and two processes that keep every one's
@@ -354,7 +363,8 @@ for line in sys.stdin:
 """
 
 
-def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_clients(redoxcap_system):
+def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_clients(
+        redoxcap_system):
     """Another client's 20 reads of /scheme/zero took 2.6 ms on the quiet system and 3.8 s
     (about 190 ms each, 1,450x) while one client flooded the channels of 300 schemes of
     its own with junk replies; flooding 4 such schemes from as many processes did not
@@ -382,7 +392,8 @@ def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_c
         attacker.communicate("", timeout=60)
     victim.communicate("", timeout=60)
     ratio = loaded / quiet
-    assert ratio < 10, f"another client's reads took {ratio:.0f}x their quiet time ({quiet * 1e3:.1f} -> {loaded * 1e3:.0f} ms)"
+    assert ratio < 10, (f"another client's reads took {ratio:.0f}x their quiet time "
+                        f"({quiet * 1e3:.1f} -> {loaded * 1e3:.0f} ms)")
 
 
 # 200 log handles, one per forked process, each writing 30 lines of 4,000 bytes per call
@@ -451,5 +462,6 @@ def test_a_capability_passed_with_a_request_on_itself_does_not_outlive_the_clien
     except Exception:
         left = redoxcap_system.daemon("pipe")
         summary = redoxcap_system.status()["summary"]
-        raise AssertionError(f"after the client exited, the pipe daemon still has {left['scheme_handles']} "
-                             f"handles and {fds_of(pipe)} fds; clients hold {summary['client_fds']} fds") from None
+        raise AssertionError(
+            f"after the client exited, the pipe daemon still has {left['scheme_handles']} handles "
+            f"and {fds_of(pipe)} fds; clients hold {summary['client_fds']} fds") from None
