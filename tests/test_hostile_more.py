@@ -534,3 +534,46 @@ def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_s
     ratio = loaded / quiet
     assert ratio < 10, (f"another client's fstats took {ratio:.0f}x their quiet time "
                         f"({quiet * 1e3:.1f} ms -> {loaded:.1f} s)")
+
+
+# A scheme of the client's own that answers every request OK with a map whose st_mode is
+# a string, and one open through it. The router relays the reply without decoding it, and
+# traces it; trace.describe_result formats st_mode with :o.
+ODD_STAT_SCHEME = r"""
+import socket, threading, rt
+from redoxcap.wire import protocol as P
+from redoxcap.wire.call import call, set_default_timeout
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
+set_default_timeout(10)
+channel = socket.socket(fileno=rt.mkscheme("odd"))
+
+def serve():
+    while True:
+        data, anc, _, _ = channel.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+        if not data:
+            return
+        request = SchemeRequest.decode(data)
+        if request.op != P.CLOSE:
+            channel.send(SchemeReply.of(request.req_id, P.OK, {"st_mode": "x"}).encode())
+
+threading.Thread(target=serve, daemon=True).start()
+try:
+    call(rt.getns(), P.OPENAT, ["/scheme/odd/x", 0, 0])
+except OSError:
+    pass
+"""
+
+
+def test_a_reply_a_client_scheme_makes_up_cannot_bring_a_traced_system_down(tmp_path):
+    """On a system booted with `up --trace`, the supervisor reads the trace in a task of its
+    nursery (System.log_trace); the ValueError describe_result raises for the client's
+    `{"st_mode": "x"}` ends that nursery, and with it the supervisor and every daemon and
+    client: `no system is running`. (`redoxcap trace` and `run --trace` die of it too.)"""
+    from redoxcap.testing import booted, pid_alive
+
+    with booted(tmp_path, "--trace") as system:
+        supervisor = int((system.state_dir / "supervisor.pid").read_text())
+        system.python(ODD_STAT_SCHEME, check=False, timeout=60)
+        time.sleep(2)
+        assert pid_alive(supervisor), "the supervisor is gone:\n" + system.log()[-1500:]
+        system.python("import rt; rt.close(rt.open('/scheme/zero'))", timeout=60)
