@@ -577,3 +577,48 @@ def test_a_reply_a_client_scheme_makes_up_cannot_bring_a_traced_system_down(tmp_
         time.sleep(2)
         assert pid_alive(supervisor), "the supervisor is gone:\n" + system.log()[-1500:]
         system.python("import rt; rt.close(rt.open('/scheme/zero'))", timeout=60)
+
+
+def tcp_memory_pages() -> int:
+    with open("/proc/net/sockstat") as f:
+        line = next(line for line in f if line.startswith("TCP:"))
+    fields = line.split()
+    return int(fields[fields.index("mem") + 1])
+
+
+# 100 loopback connections to a listener of its own, each accepted and never read, each
+# written 3 MiB (24 writes of 128 KiB, none of which waits): the tcp daemon's sockets
+# hold it all in the kernel's socket buffers (Linux's default autotuning).
+TCP_BUFFER_FILLER = r"""
+import sys, rt
+from redoxcap.wire.call import call
+from redoxcap.wire import protocol as P
+listener = rt.open("/scheme/tcp/127.0.0.1/0", rt.O_CREAT | rt.O_RDWR)
+port = call(listener, P.FPATH, [])[0].rsplit("/", 1)[1]
+data = b"x" * P.MAX_IO
+held = []
+for i in range(100):
+    conn = rt.open(f"/scheme/tcp/127.0.0.1/{port}", rt.O_RDWR)
+    held += [conn, rt.dup(listener, b"accept")]
+    for k in range(24):
+        rt.write(conn, data)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_bytes_a_client_parks_in_tcp_socket_buffers_are_bounded(redoxcap_system):
+    """One client with 201 capabilities had the tcp daemon's sockets hold 300 MiB of kernel
+    memory (200 pairs: 611 MiB), every write answered at once, no errno ever. The daemon
+    sets no SO_SNDBUF/SO_RCVBUF, so what a client parks is bounded only by the host's
+    tcp_mem (here 1.5 GiB to memory pressure, 2.2 GiB to failing allocations), which a few
+    clients reach: then every TCP user on the host suffers."""
+    quiet = tcp_memory_pages()
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", TCP_BUFFER_FILLER)
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.poll() is not None else line
+        grown = (tcp_memory_pages() - quiet) * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+    finally:
+        proc.communicate("", timeout=60)
+    assert grown < 64, f"one client parked {grown} MiB in the tcp daemon's socket buffers"
