@@ -21,6 +21,7 @@ with values and decisions while only the loop sends (docs/protocol.md).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import select
@@ -55,6 +56,9 @@ log = logging.getLogger("kernel")
 
 EVENTS_PER_PASS = 256  # ready sockets taken from the epoll per pass; the rest come first next pass
 REPLIES_PER_PASS = 64  # a scheme's replies read per pass: then the others' turn
+# the frames all the schemes a client made (NS_SCHEME_CREATE) may give in a pass, together:
+# as a client's requests get one turn a pass, its schemes get a few frames, however many
+CLIENT_REPLIES_PER_PASS = 8
 FDS_PER_TURN = 8  # a scheme's frame with more fds than this ends its channel's turn
 HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
@@ -89,6 +93,9 @@ class Router:
         self.frames = 0
         self._pass = 0
         self._ended: list[Capability] = []  # capabilities read to EOF in this pass (see tidy)
+        # per client account, its schemes that had frames when it had none left in a pass:
+        # not watched until their turn comes again (_unpark_schemes)
+        self._waiting_schemes: dict[Account, collections.deque[Scheme]] = {}
         nursery.start_soon(self._route)
 
     @property
@@ -155,6 +162,8 @@ class Router:
                         except Exception:
                             log.exception("scheme %d: its channel is closed after an internal error", ready.id)
                             self.scheme_died(ready)
+                if self._waiting_schemes:
+                    self._unpark_schemes()
                 self.tidy()
         finally:
             if idle is not None:
@@ -194,7 +203,13 @@ class Router:
         junk, would take hundreds of turns a pass from the other clients' one)."""
         channel = scheme.channel
         payer = scheme.payer
-        batch = REPLIES_PER_PASS if payer is None else payer.reply_budget(self._pass, REPLIES_PER_PASS)
+        if payer is None:
+            batch = REPLIES_PER_PASS
+        else:
+            batch = payer.reply_budget(self._pass, CLIENT_REPLIES_PER_PASS)
+            if batch <= 0:
+                self._park_scheme(scheme, payer)
+                return
         for _ in range(batch):
             if scheme.channel is not channel:
                 return  # it died (or was freed) while we relayed
@@ -219,6 +234,29 @@ class Router:
                 log.exception("scheme %d: bad reply dropped", scheme.id)
             if len(fds) > FDS_PER_TURN:
                 return  # a frame of many fds costs a syscall or two each: others' turn now
+
+    def _park_scheme(self, scheme: Scheme, payer: Account) -> None:
+        """Stop watching a client's scheme whose payer has no frames left in this pass: it
+        waits, in order, for a later pass (else each of a client's hundreds of flooded
+        channels would be an event of every pass)."""
+        channel = scheme.channel
+        if scheme.waiting or channel is None:
+            return
+        scheme.waiting = True
+        self.table.poller.modify(channel.fileno(), 0)
+        self._waiting_schemes.setdefault(payer, collections.deque()).append(scheme)
+
+    def _unpark_schemes(self) -> None:
+        """Watch again, at the end of a pass, as many of each account's waiting schemes as
+        it has frames a pass (a channel with frames shows at once: level-triggered)."""
+        for payer, waiting in list(self._waiting_schemes.items()):
+            for _ in range(min(len(waiting), CLIENT_REPLIES_PER_PASS)):
+                scheme = waiting.popleft()
+                scheme.waiting = False
+                if scheme.channel is not None and self.table.watched.get(scheme.channel.fileno()) is scheme:
+                    self.table.poller.modify(scheme.channel.fileno(), select.EPOLLIN)
+            if not waiting:
+                del self._waiting_schemes[payer]
 
     def tidy(self) -> None:
         """Tell daemons what the table let go of: CLOSE for handles no capability names,

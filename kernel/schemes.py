@@ -73,6 +73,9 @@ class Scheme:
     # who pays for the router's end of its channel (a client that created it; None: the system)
     payer: Account | None = None
     freed: bool = False  # its last capability went: it is gone for good
+    # a client's scheme whose channel is not watched for now: its payer had no frames left
+    # in a pass (Router._park_scheme); it waits in the router's queue of that payer's
+    waiting: bool = False
 
     def try_send(self, frame: bytes | list, fds: list[int] | tuple[int, ...] = ()) -> Sent:
         """Send a frame to its daemon if the channel has room now; the caller keeps fds."""

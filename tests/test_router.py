@@ -665,3 +665,32 @@ def test_a_scheme_that_never_reads_holds_up_only_the_capability_waiting_for_it(k
         assert receive(stuck)[0][1:] == (P.ERR, errno.EIO)
         for fd in (stuck, served, silent_root):
             os.close(fd)
+
+
+def test_a_clients_schemes_share_a_few_frames_a_pass_and_every_reply_still_comes(kernel):
+    """The schemes a client pays for get CLIENT_REPLIES_PER_PASS frames a pass among them
+    (their channels wait, unwatched, for their turn): replies past it are late, never
+    lost, and a system scheme's replies meanwhile come as they are answered."""
+    (kernel_clone,) = call(kernel, P.CLONE)[1]
+    _, (client_kernel,) = new_account(kernel, [kernel_clone])
+    os.close(kernel_clone)
+    theirs = []
+    for _ in range(3):  # three schemes of the client's, each answering 12 requests at once (16 in flight per capability)
+        _, (channel, root) = call(client_kernel, P.SCHEME_CREATE)
+        theirs.append((FakeScheme(channel), root))
+    _, system_scheme, system_root = create_scheme(kernel)
+    for scheme, root in theirs:
+        for tag in range(12):
+            send(root, encode_request(P.READ, tag, [1]))
+    for scheme, root in theirs:
+        answers = [scheme.receive()[0] for _ in range(12)]
+        for req_id in answers:
+            scheme.answer(SchemeReply.of(req_id, P.OK, b"c"))
+    send(system_root, encode_request(P.READ, 7, [1]))
+    req_id, *_ = system_scheme.receive()
+    system_scheme.answer(SchemeReply.of(req_id, P.OK, b"s"))
+    assert receive(system_root)[0] == (7, P.OK, b"s")
+    for scheme, root in theirs:
+        assert [receive(root)[0] for _ in range(12)] == [(tag, P.OK, b"c") for tag in range(12)]
+        os.close(root)
+    os.close(client_kernel)
