@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from test_exhaustion import victim
 
 from redoxcap.testing import wait_for
 
@@ -33,33 +34,46 @@ def most_fds_of(pid: int, seconds: float) -> int:
     return most
 
 
-# 64 READs (the account's bound of requests in flight: 16 on each of 4 clones) on a pipe
-# nobody writes to, each with 253 copies of one junk fd riding along. The router checks
-# the fds against the account's quota only while it holds them; once the request is at
-# the daemon, the daemon holds them, uncharged, for as long as the read waits.
-PIPE_FD_HOLDER = r"""
-import os, socket, sys, rt
+def riding_fds(setup: str, request: str, nfds: str = "P.MAX_FDS",
+               then: str = 'print("ready", flush=True)') -> str:
+    """A client program that sends 16 requests on each of 4 capabilities (setup makes them:
+    `caps`), request the expression of each (i its index), each with nfds copies of one
+    junk fd riding along, reads no reply, says `then`, and waits for stdin to close."""
+    return f"""
+import errno, os, socket, sys, time, rt
 from redoxcap.wire import frames as F
 from redoxcap.wire import protocol as P
-r, w = rt.pipe()  # w is kept: every read waits for ever
-caps = [r] + [rt.clone(r) for _ in range(3)]
+{setup}
 junk = os.pipe()[0]
-socks = []
-for cap in caps:
-    s = socket.socket(fileno=cap)
-    socks.append(s)
+socks = [socket.socket(fileno=cap) for cap in caps]
+for s in socks:
     for i in range(16):
-        s.sendmsg([F.encode_request(P.READ, i + 1, [1])], P.fds_ancillary([junk] * P.MAX_FDS))
-print("ready", flush=True)
+        while True:
+            try:
+                s.sendmsg([{request}], P.fds_ancillary([junk] * {nfds}))
+                break
+            except OSError as exc:  # too many fds in flight in sockets for this uid: wait
+                assert exc.errno == errno.ETOOMANYREFS, exc
+                time.sleep(0.05)
+{then}
 sys.stdin.read()
 """
 
 
+# 64 READs (the account's bound of requests in flight: 16 on each of 4 clones) on a pipe
+# nobody writes to, each with 253 copies of one junk fd riding along. The router checked
+# the fds against the account's quota only while it held them; once the request was at
+# the daemon, the daemon held them, uncharged, for as long as the read waited.
+PIPE_FD_HOLDER = riding_fds("r, w = rt.pipe()  # w is kept: every read waits for ever\n"
+                            "caps = [r] + [rt.clone(r) for _ in range(3)]",
+                            "F.encode_request(P.READ, i + 1, [1])")
+
+
 def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_quota(redoxcap_system):
-    """One client makes the pipe daemon hold some 16,000 fds (64 waiting requests x 253
-    fds), none of them charged to it: its quota is 1,024. Two or three such clients take
-    every fd a daemon has (its RLIMIT_NOFILE), and a daemon out of fds drops every frame
-    that carries one (see the next test)."""
+    """One client made the pipe daemon hold some 16,000 fds (64 waiting requests x 253
+    fds), none of them charged to it: its quota is 1,024; two or three such clients took
+    every fd a daemon had. Now a READ carries none (the router's EINVAL), and fds that may
+    ride on a request are charged to its account until its daemon answers."""
     pipe = redoxcap_system.daemon("pipe")["pid"]
     before = fds_of(pipe)
     proc = redoxcap_system.start("run", "--", sys.executable, "-c", PIPE_FD_HOLDER)
@@ -76,30 +90,10 @@ def test_fds_riding_on_requests_that_wait_in_a_daemon_are_bounded_by_the_quota(r
 # 64 OPENATs through the namespace (16 on each of 4 clones) of a name whose scheme is the
 # client's own and never served: nsmgr forwards each and waits for ever, holding the fds
 # that rode on it (argv[1] copies of a junk fd each).
-NSMGR_FD_HOLDER = r"""
-import errno, os, socket, sys, time, rt
-from redoxcap.wire import frames as F
-from redoxcap.wire import protocol as P
-nfds = int(sys.argv[1])
-channel = rt.mkscheme("evil")  # never served
-caps = [rt.clone(rt.getns()) for _ in range(4)]
-junk = os.pipe()[0]
-socks = []
-for cap in caps:
-    s = socket.socket(fileno=cap)
-    socks.append(s)
-    for i in range(16):
-        frame = F.encode_request(P.OPENAT, i + 1, ["/scheme/evil/x", 0, 0])
-        while True:
-            try:
-                s.sendmsg([frame], P.fds_ancillary([junk] * nfds))
-                break
-            except OSError as exc:  # too many fds in flight in sockets for this uid: wait
-                assert exc.errno == errno.ETOOMANYREFS, exc
-                time.sleep(0.05)
-print("ready", flush=True)
-sys.stdin.read()
-"""
+NSMGR_FD_HOLDER = riding_fds(
+    'channel = rt.mkscheme("evil")  # never served\n'
+    "caps = [rt.clone(rt.getns()) for _ in range(4)]",
+    'F.encode_request(P.OPENAT, i + 1, ["/scheme/evil/x", 0, 0])', nfds="int(sys.argv[1])")
 
 
 def nofile_limit(pid: int) -> int:
@@ -231,36 +225,18 @@ os.close(stop_w)
 os.wait(); os.wait()
 """
 
-ZERO_TIMER = r"""
-import sys, time, rt
-z = rt.open("/scheme/zero")
-for line in sys.stdin:
-    t = time.perf_counter()
-    for _ in range(20):
-        rt.read(z, 1)
-    print(time.perf_counter() - t, flush=True)
-"""
-
-
 def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_clients(
         redoxcap_system):
     """Another client's 20 reads of /scheme/zero took 2.6 ms on the quiet system and 3.8 s
     (about 190 ms each, 1,450x) while one client flooded the channels of 300 schemes of
     its own with junk replies; flooding 4 such schemes from as many processes did not
     slow it at all, so it is the number of schemes, not the CPU the flood takes.
-    The router serves a client's requests one turn per account, but each scheme's replies
-    a turn of their own."""
+    The router served a client's requests one turn per account, but each scheme's replies
+    a turn of their own; now a client's schemes share a few frames a pass, and wait
+    unwatched for their turn."""
     import statistics
 
-    victim = redoxcap_system.start("run", "--", sys.executable, "-c", ZERO_TIMER)
-
-    def round_time() -> float:
-        victim.stdin.write("go\n")
-        victim.stdin.flush()
-        line = victim.stdout.readline()
-        assert line, victim.stderr.read()
-        return float(line)
-
+    reader, round_time = victim(redoxcap_system, 'z = rt.open("/scheme/zero")\n', "rt.read(z, 1)", ())
     quiet = statistics.median(round_time() for _ in range(7))
     attacker = redoxcap_system.start("run", "--", sys.executable, "-c", SCHEME_REPLY_FLOODER)
     try:
@@ -269,7 +245,7 @@ def test_a_client_with_many_schemes_of_its_own_cannot_starve_the_routers_other_c
         loaded = statistics.median(round_time() for _ in range(5))
     finally:
         attacker.communicate("", timeout=60)
-    victim.communicate("", timeout=60)
+    reader.communicate("", timeout=60)
     ratio = loaded / quiet
     assert ratio < 10, (f"another client's reads took {ratio:.0f}x their quiet time "
                         f"({quiet * 1e3:.1f} -> {loaded * 1e3:.0f} ms)")

@@ -18,6 +18,7 @@ import sys
 import pytest
 import trio
 import trio.testing
+from test_hostile_more import riding_fds
 
 from redoxcap.schemes.framework import Caller, Request, SchemeError, invoke
 from redoxcap.schemes.uds import (
@@ -238,31 +239,13 @@ def test_what_an_account_was_charged_is_given_back_when_read_received_or_closed(
 # 64 READs (the account's bound of requests in flight: 16 on each of 4 clones) on a uds
 # connection nobody writes to, each with 253 copies of one junk fd riding along: held
 # while the reads waited, they were some 16,000 fds the client made the daemon hold.
-UDS_RIDING_FDS = r"""
-import errno, os, socket, sys, time, rt
-from redoxcap.wire import frames as F
-from redoxcap.wire import protocol as P
-listener = rt.open("/scheme/uds/quiet", rt.O_CREAT | rt.O_RDWR)
-conn = rt.open("/scheme/uds/quiet", rt.O_RDWR)
-caps = [conn] + [rt.clone(conn) for _ in range(3)]
-junk = os.pipe()[0]
-socks = []
-for cap in caps:
-    s = socket.socket(fileno=cap)
-    socks.append(s)
-    for i in range(16):
-        while True:
-            try:
-                s.sendmsg([F.encode_request(P.READ, i + 1, [1])],
-                          P.fds_ancillary([junk] * P.MAX_FDS))
-                break
-            except OSError as exc:  # too many fds in flight in sockets for this uid: wait
-                assert exc.errno == errno.ETOOMANYREFS, exc
-                time.sleep(0.05)
-replies = [F.decode_reply(s.recv(P.MAX_FRAME)) for s in socks for _ in range(16)]
-print(sorted({(status, value) for _, status, value in replies}), flush=True)
-sys.stdin.read()
-"""
+UDS_RIDING_FDS = riding_fds(
+    'listener = rt.open("/scheme/uds/quiet", rt.O_CREAT | rt.O_RDWR)\n'
+    'conn = rt.open("/scheme/uds/quiet", rt.O_RDWR)\n'
+    "caps = [conn] + [rt.clone(conn) for _ in range(3)]",
+    "F.encode_request(P.READ, i + 1, [1])",
+    then="replies = [F.decode_reply(s.recv(P.MAX_FRAME)) for s in socks for _ in range(16)]\n"
+         "print(sorted({(status, value) for _, status, value in replies}), flush=True)")
 
 
 def test_fds_riding_on_uds_requests_that_wait_are_not_held(redoxcap_system):
