@@ -1,0 +1,93 @@
+"""Holes found by the second red-team pass of `redoxcap run --dir D` (each test fails while
+the hole is open).
+
+The attacker is the confined program; what it must not reach is anything outside D, its
+private /tmp and the read-only host trees the docs list (docs/sandbox.md), nor any process
+outside the run.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_everyday import sandboxed
+
+from redoxcap.broker import available
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+
+def test_a_read_only_dir_inside_a_handed_one_is_not_written_through_it(redoxcap_module_system,
+                                                                        tmp_path):
+    """docs/sandbox.md: "`:ro` answers every write with EROFS". With `--dir P --dir P/ro:ro`,
+    an absolute path into P/ro is EROFS (the deepest handed directory wins), but the same
+    file named relative to the cwd (P, the first --dir) goes to P's writable capability,
+    which serves P/ro like any subdirectory: the program appends to, truncates, removes
+    and chmods files of the directory handed read-only."""
+    project = tmp_path / "proj"
+    ro = project / "ro"
+    ro.mkdir(parents=True)
+    (ro / "f").write_text("orig\n")
+    (ro / "f").chmod(0o644)
+    (ro / "g").write_text("keep\n")
+    got = sandboxed(redoxcap_module_system, project,
+                    ["sh", "-c", 'echo abs >> "$PWD/ro/f"; echo rel >> ro/f; chmod 600 ro/f; '
+                                 'rm -f ro/g; true'],
+                    "--dir", f"{ro}:ro")
+    assert (ro / "f").read_text() == "orig\n", got.stderr
+    assert (ro / "f").stat().st_mode & 0o777 == 0o644
+    assert (ro / "g").exists()
+
+
+WINSZ = r"""
+#include <sys/ioctl.h>
+#include <stdio.h>
+int main(void) {
+  struct winsize w = {.ws_row = 11, .ws_col = 22};
+  printf("TIOCSWINSZ %d\n", ioctl(0, TIOCSWINSZ, &w));
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_the_terminal_ioctls_signal_no_process_outside_the_run(redoxcap_module_system, tmp_path):
+    """docs/sandbox.md: "signals stay inside the sandbox (Landlock)", "no signals outside
+    the sandbox (Landlock scopes)", and "signalling a process outside the run" is out of its
+    reach. But TIOCSWINSZ is on the ioctl allow-list, and the kernel answers a window size
+    change of a terminal with SIGWINCH to that terminal's foreground process group: a
+    program given a terminal as fd 0 (`run` in an interactive shell) has the kernel signal
+    the processes outside the run that own it, which Landlock's scope does not see (it
+    checks only the signals a process sends itself). Here the foreground process outside
+    the run counts its SIGWINCHes."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "winsz.c").write_text(WINSZ)
+    subprocess.run(["cc", "-o", str(project / "winsz"), str(project / "winsz.c")], check=True)
+    flag = tmp_path / "winched"
+    master, slave = pty.openpty()
+    victim = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, time
+os.setsid()
+fd = os.open({os.ttyname(slave)!r}, os.O_RDWR)  # its controlling terminal, it in the foreground
+signal.signal(signal.SIGWINCH, lambda *a: open({str(flag)!r}, 'a').write('WINCH\\n'))
+print('ready', flush=True)
+time.sleep(30)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout.readline().strip() == "ready"
+        got = sandboxed(redoxcap_module_system, project, ["./winsz"], stdin=slave)
+        time.sleep(0.5)
+        assert not flag.exists(), f"a process outside the run got SIGWINCH ({got.stdout!r})"
+    finally:
+        victim.kill()
+        victim.wait()
+        os.close(master)
+        os.close(slave)
