@@ -91,3 +91,28 @@ time.sleep(30)
         victim.wait()
         os.close(master)
         os.close(slave)
+
+
+def test_a_symlink_in_the_handed_directory_grants_no_host_file(redoxcap_module_system, tmp_path):
+    """docs/sandbox.md: the host trees are the defaults, the program's interpreters and what
+    they need; "A tree inside a --dir directory (a venv in the project) is left to that
+    directory". But host_trees_for takes, for argv[0] and for the `python3` and `python`
+    the run's PATH finds, the *realpath* of each: a `python` inside the handed directory
+    (an in-project venv's bin/ on PATH, as after `source .venv/bin/activate`) that is a
+    symlink to any executable host file makes that file a host tree of the run, readable
+    (and Landlock-granted). The directory is the program's to write, so one run plants the
+    symlink and every later run in that directory reads the file (a script with a token,
+    here beside the project)."""
+    project = tmp_path / "proj"
+    vbin = project / ".venv" / "bin"
+    vbin.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "deploy.sh"
+    secret.write_text("#!/bin/sh\nAPI_TOKEN=r2-deploy-token\n")
+    secret.chmod(0o700)
+    # what an earlier run in the directory may leave (it is the program's to write)
+    (vbin / "python").symlink_to(secret)
+    env = dict(os.environ, PATH=f"{vbin}:{os.environ.get('PATH', os.defpath)}")
+    got = sandboxed(redoxcap_module_system, project, ["sh", "-c", f"cat {secret}"], env=env)
+    assert "r2-deploy-token" not in got.stdout, got.stdout
