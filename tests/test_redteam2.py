@@ -116,3 +116,27 @@ def test_a_symlink_in_the_handed_directory_grants_no_host_file(redoxcap_module_s
     env = dict(os.environ, PATH=f"{vbin}:{os.environ.get('PATH', os.defpath)}")
     got = sandboxed(redoxcap_module_system, project, ["sh", "-c", f"cat {secret}"], env=env)
     assert "r2-deploy-token" not in got.stdout, got.stdout
+
+
+def test_a_python_symlink_in_the_handed_directory_grants_no_host_directory(
+        redoxcap_module_system, tmp_path):
+    """As above, and worse: for a `python*` file, host_trees_for also grants its
+    installation prefix, the directory two levels above the symlink's *target*. A `python`
+    on PATH inside the handed directory that points at any executable named python* at
+    DIR/x/python* (a wrapper in someone's ~/bin, an app's bundled interpreter) makes all of
+    DIR readable to the run, its non-executable files included: here a notes file beside
+    the interpreter's bin/. (Only /, /root, /home, /tmp, /etc and the directories holding
+    the caller's cwd or $HOME are refused as prefixes: another user's home is not.)"""
+    project = tmp_path / "proj"
+    vbin = project / ".venv" / "bin"
+    vbin.mkdir(parents=True)
+    app = tmp_path / "outside" / "app"
+    (app / "bin").mkdir(parents=True)
+    tool = app / "bin" / "python-tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    (app / "notes.txt").write_text("r2-private-notes\n")
+    (vbin / "python").symlink_to(tool)
+    env = dict(os.environ, PATH=f"{vbin}:{os.environ.get('PATH', os.defpath)}")
+    got = sandboxed(redoxcap_module_system, project, ["sh", "-c", f"cat {app}/notes.txt"], env=env)
+    assert "r2-private-notes" not in got.stdout, got.stdout
