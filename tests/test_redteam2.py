@@ -140,3 +140,20 @@ def test_a_python_symlink_in_the_handed_directory_grants_no_host_directory(
     env = dict(os.environ, PATH=f"{vbin}:{os.environ.get('PATH', os.defpath)}")
     got = sandboxed(redoxcap_module_system, project, ["sh", "-c", f"cat {app}/notes.txt"], env=env)
     assert "r2-private-notes" not in got.stdout, got.stdout
+
+
+def test_an_o_path_open_of_a_host_tree_file_works(redoxcap_module_system, tmp_path):
+    """Not a hole, a contradiction of docs/sandbox.md: the host trees are "the host file,
+    read-only, served by the broker", and hostfs passes O_PATH on (_PASSED_FLAGS); but the
+    broker installs the O_PATH fd with SECCOMP_IOCTL_NOTIF_ADDFD, whose fget() refuses
+    O_PATH files, so every `open(path, O_PATH)` of a host-tree path fails with EBADF (the
+    same open in the handed directory works)."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    code = ("import os\n"
+            "for p in ('/usr/bin', '/etc/passwd', '.'):\n"
+            "    try:\n"
+            "        os.fstat(os.open(p, os.O_PATH)); print(p, 'ok')\n"
+            "    except OSError as e: print(p, e.errno)\n")
+    got = sandboxed(redoxcap_module_system, project, ["python3", "-c", code])
+    assert got.stdout.split("\n")[:3] == ["/usr/bin ok", "/etc/passwd ok", ". ok"], got.stdout
