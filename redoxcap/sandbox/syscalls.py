@@ -165,11 +165,13 @@ def _names(text: str) -> tuple[str, ...]:
 
 # ioctl requests a terminal program and the standard library need; every other request (TIOCSTI,
 # TIOCLINUX, TIOCSETD, the inode-flag and -version setters such as EXT4_IOC_SETVERSION, device
-# and network requests...) is EPERM on any fd.
+# and network requests...) is EPERM on any fd. Not TIOCSWINSZ: a new window size has the
+# kernel send SIGWINCH to the terminal's foreground group, the caller's, outside the run,
+# with no check Landlock's signal scope sees.
 ALLOWED_IOCTLS = (
     "TCGETS", "TCSETS", "TCSETSW", "TCSETSF", "TCGETA", "TCSETA", "TCSETAW", "TCSETAF",
     "TCGETS2", "TCSETS2", "TCSETSW2", "TCSETSF2", "TCSBRK", "TCXONC", "TCFLSH", "TIOCGPGRP",
-    "TIOCSPGRP", "TIOCOUTQ", "TIOCGWINSZ", "TIOCSWINSZ", "TIOCGSID", "TIOCGETD", "TIOCGPTN",
+    "TIOCSPGRP", "TIOCOUTQ", "TIOCGWINSZ", "TIOCGSID", "TIOCGETD", "TIOCGPTN",
     "TIOCSPTLCK", "TIOCGPTLCK", "TIOCGPTPEER", "FIONREAD", "FIONBIO", "FIOCLEX", "FIONCLEX",
     "FIOASYNC", "FIOQSIZE", "FIGETBSZ", "FS_IOC_GETFLAGS", "FS_IOC_GETVERSION", "FS_IOC_FIEMAP",
     "FS_IOC_FSGETXATTR", "FICLONE", "FICLONERANGE", "RNDGETENTCNT",
