@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -180,7 +181,8 @@ class Broker:
                     "ms": round((time.time() - started) * 1000, 3)})
 
 
-def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str]) -> list[str]:
+def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str],
+                   handed: Sequence[str] = ()) -> list[str]:
     """The host trees a run serves: the defaults, --ro-host, and what its programs need.
 
     For argv[0], and for the `python3` and `python` that env's PATH finds (a
@@ -192,6 +194,12 @@ def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str
     directories of redoxcap's own packages, so that a program written with rt
     imports it. Never a directory that is or holds `/`, the caller's cwd or
     $HOME.
+
+    A program found in one of the handed directories (an in-project venv's
+    `bin/` on PATH) is the run's to have written, and its symlink or `#!`
+    line with it: it makes a host tree of nothing but a Python installation it
+    leads to (an executable python* whose prefix holds lib/python*/os.py: the
+    venv's interpreter), never of the file it names.
     """
     import shutil
 
@@ -203,9 +211,36 @@ def host_trees_for(argv: Sequence[str], env: dict[str, str], extra: Iterable[str
     for name in ([argv[0]] if argv else []) + ["python3", "python"]:  # share an interpreter)
         exe = shutil.which(name, path=path)
         if exe is not None:
-            trees += _program_trees(os.path.abspath(exe), seen)
+            exe = os.path.abspath(exe)
+            trees += _program_trees(exe, seen, untrusted=any(_holds(d, exe) for d in handed))
     trees += project_package_locations()
     return trees
+
+
+def _holds(directory: str, path: str) -> bool:
+    """Whether path is directory or lies beneath it."""
+    directory = directory.rstrip("/")
+    return path == directory or path.startswith(directory + "/")
+
+
+def _guarded(directory: str) -> bool:
+    """Whether directory is never a host tree: `/`, /root, /home, /tmp, /etc, or one that is
+    or holds the caller's cwd or $HOME."""
+    real = os.path.realpath(directory)
+    guarded = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
+    return real in ("/", "/root", "/home", "/tmp", "/etc") or any(_holds(real, g) for g in guarded)
+
+
+def _python_installation(real: str) -> str | None:
+    """The installation prefix of the Python interpreter real (a resolved path), or None
+    when real is no such interpreter: an executable python*, the prefix above its bin/
+    holding lib/python*/os.py."""
+    import glob
+
+    if not re.fullmatch(r"python[0-9.]*", os.path.basename(real)) or not os.access(real, os.X_OK):
+        return None
+    prefix = os.path.dirname(os.path.dirname(real))
+    return prefix if glob.glob(os.path.join(glob.escape(prefix), "lib", "python*", "os.py")) else None
 
 
 def _shebang(path: str) -> str | None:
@@ -221,13 +256,23 @@ def _shebang(path: str) -> str | None:
     return os.fsdecode(words[0]) if words and words[0].startswith(b"/") else None
 
 
-def _program_trees(exe: str, seen: set[str], depth: int = 0) -> list[str]:
+def _program_trees(exe: str, seen: set[str], depth: int = 0, untrusted: bool = False) -> list[str]:
     """The program's file, a script's interpreter, a Python's prefix and venv, a pyenv root;
-    nothing for a program in seen (its trees are known), which it joins."""
+    nothing for a program in seen (its trees are known), which it joins. untrusted: the
+    program lies in a handed directory (host_trees_for): only a Python installation it
+    leads to, checked."""
     if exe in seen:
         return []
     seen.add(exe)
     real = os.path.realpath(exe)
+    if untrusted:
+        interpreter = _shebang(real)
+        if interpreter is not None and depth < 4:
+            return _program_trees(interpreter, seen, depth + 1, untrusted=True)
+        prefix = _python_installation(real)
+        if prefix is None or _guarded(prefix):
+            return []  # what it names is the run's to have chosen: nothing of the host
+        return [real, prefix]
     trees = [exe, real]
     shims = os.path.dirname(exe)
     if os.path.basename(shims) == "shims" and os.path.isfile(
@@ -237,11 +282,8 @@ def _program_trees(exe: str, seen: set[str], depth: int = 0) -> list[str]:
     if interpreter is not None and depth < 4:
         trees += _program_trees(interpreter, seen, depth + 1)
     if os.path.basename(real).startswith("python"):
-        guarded = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
         for candidate in (os.path.dirname(os.path.dirname(real)), os.path.dirname(os.path.dirname(exe))):
-            real_candidate = os.path.realpath(candidate)
-            if real_candidate in ("/", "/root", "/home", "/tmp", "/etc") or any(
-                    g == real_candidate or g.startswith(real_candidate.rstrip("/") + "/") for g in guarded):
+            if _guarded(candidate):
                 continue
             if candidate == os.path.dirname(os.path.dirname(exe)) and not os.path.exists(
                     os.path.join(candidate, "pyvenv.cfg")):
@@ -457,9 +499,10 @@ def _host_trees(argv: Sequence[str], env: dict[str, str], ro_host: Iterable[str]
                 mounts: Sequence[tuple[Any, ...]]) -> hostfs.HostTrees:
     """The host trees of the run (host_trees_for), but those inside a handed directory (a venv
     in the project), which that directory serves."""
-    handed_paths = [d.path.rstrip("/") + "/" for d, *_ in mounts if d.executable]
-    return hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host)
-                             if not any(os.path.abspath(t).startswith(p) for p in handed_paths)),
+    handed = [d.path for d, *_ in mounts]
+    executable = [d.path for d, *_ in mounts if d.executable]
+    return hostfs.HostTrees((t for t in host_trees_for(argv, env, ro_host, handed)
+                             if not any(_holds(d, os.path.abspath(t)) for d in executable)),
                             [d.visible for d, *_ in mounts])
 
 
