@@ -153,8 +153,8 @@ def restart_command(state_dir: Path, name: str) -> None:
               help="Comma-separated schemes the command's namespace holds ('' for none) [default: all].")
 @click.option("--dir", "dirs", multiple=True, metavar="HOSTDIR[:ro]",
               help="Hand COMMAND this host directory (`.` for the current one; read-only with "
-                   ":ro), seen at its own path; the first is its cwd. Repeatable. Its namespace "
-                   "then holds no `file` root unless --ns names it.")
+                   ":ro, never inside a writable one), seen at its own path; the first is its "
+                   "cwd. Repeatable. Its namespace then holds no `file` root unless --ns names it.")
 @click.option("--cwd", default=None, metavar="PATH",
               help="The command's current directory: a file-scheme path or /scheme/NAME/... "
                    "[default: /]; with --dir, a host path in one of the directories "

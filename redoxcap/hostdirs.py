@@ -82,6 +82,23 @@ def parse_dir(text: str) -> HostDir:
     return HostDir(real, real, read_only)
 
 
+def check_dirs(dirs: Sequence[HostDir]) -> None:
+    """A read-only directory must not lie in (or be) a writable one that is handed too: the
+    program would write it through that one (a path relative to its cwd goes to the
+    writable directory's daemon, which serves the read-only one as any subdirectory).
+
+    Raises:
+        Failure: EXIT_USAGE, saying which.
+    """
+    for d in dirs:
+        for outer in dirs:
+            if d.read_only and not outer.read_only and (
+                    d.path == outer.path or d.path.startswith(outer.path.rstrip("/") + "/")):
+                raise Failure(f"--dir {d.path}:ro lies in --dir {outer.path}, which is writable: "
+                              "the program could write it through that one (hand that one "
+                              "read-only too, or leave it out)", EXIT_USAGE)
+
+
 def serve(child_ns: int, dirs: Sequence[HostDir],
           daemons: list[subprocess.Popen | SystemDaemon | DaemonAside],
           directfs_grant: int | None = None, system: Path | None = None,

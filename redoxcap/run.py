@@ -197,6 +197,7 @@ def main(state_dir: Path, command: Sequence[str], *, names: str | None = None,
             raise Failure(f"--pass-fd {fd}: {exc.strerror}", EXIT_USAGE) from None
     net = net_grants(tcp_connect, tcp_listen, udp_connect, udp_listen)
     host_dirs = [hostdirs.parse_dir(text) for text in dirs]
+    hostdirs.check_dirs(host_dirs)
     # the broker's code loads while a private system boots; what cannot broker says so then
     load_broker = _load_broker if _brokered(brokered, confine) else None
     with system_for_run(state_dir, root=root, config_file=config_file, mounts=mounts,

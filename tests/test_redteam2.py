@@ -27,10 +27,11 @@ pytestmark = pytest.mark.skipif(available() is not None, reason=str(available())
 def test_a_read_only_dir_inside_a_handed_one_is_not_written_through_it(redoxcap_module_system,
                                                                         tmp_path):
     """docs/sandbox.md: "`:ro` answers every write with EROFS". With `--dir P --dir P/ro:ro`,
-    an absolute path into P/ro is EROFS (the deepest handed directory wins), but the same
-    file named relative to the cwd (P, the first --dir) goes to P's writable capability,
-    which serves P/ro like any subdirectory: the program appends to, truncates, removes
-    and chmods files of the directory handed read-only."""
+    an absolute path into P/ro was EROFS (the deepest handed directory wins), but the same
+    file named relative to the cwd (P, the first --dir) went to P's writable capability,
+    which serves P/ro like any subdirectory: the program appended to, truncated, removed
+    and chmodded files of the directory handed read-only. Such a run is refused now,
+    saying why, before anything runs."""
     project = tmp_path / "proj"
     ro = project / "ro"
     ro.mkdir(parents=True)
@@ -41,6 +42,7 @@ def test_a_read_only_dir_inside_a_handed_one_is_not_written_through_it(redoxcap_
                     ["sh", "-c", 'echo abs >> "$PWD/ro/f"; echo rel >> ro/f; chmod 600 ro/f; '
                                  'rm -f ro/g; true'],
                     "--dir", f"{ro}:ro")
+    assert got.returncode == 2 and "lies in --dir" in got.stderr and "writable" in got.stderr, got.stderr
     assert (ro / "f").read_text() == "orig\n", got.stderr
     assert (ro / "f").stat().st_mode & 0o777 == 0o644
     assert (ro / "g").exists()
