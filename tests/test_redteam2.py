@@ -146,10 +146,10 @@ def test_a_python_symlink_in_the_handed_directory_grants_no_host_directory(
 
 def test_an_o_path_open_of_a_host_tree_file_works(redoxcap_module_system, tmp_path):
     """Not a hole, a contradiction of docs/sandbox.md: the host trees are "the host file,
-    read-only, served by the broker", and hostfs passes O_PATH on (_PASSED_FLAGS); but the
-    broker installs the O_PATH fd with SECCOMP_IOCTL_NOTIF_ADDFD, whose fget() refuses
-    O_PATH files, so every `open(path, O_PATH)` of a host-tree path fails with EBADF (the
-    same open in the handed directory works)."""
+    read-only, served by the broker", and hostfs passed O_PATH on (_PASSED_FLAGS); but the
+    broker installs the fd with SECCOMP_IOCTL_NOTIF_ADDFD, whose fget() refuses O_PATH
+    files, so every `open(path, O_PATH)` of a host-tree path failed with EBADF (the same
+    open in the handed directory works). A read-only fd stands in for it now."""
     project = tmp_path / "proj"
     project.mkdir()
     code = ("import os\n"

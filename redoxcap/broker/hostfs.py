@@ -242,7 +242,10 @@ class HostTrees:
             writes = False
         host = flags & _PASSED_FLAGS
         if flags & os.O_PATH:
-            host &= os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+            # the kernel installs no O_PATH fd in another process (ADDFD: EBADF): a read-only
+            # one stands in, which reads no more than the program may (O_NONBLOCK: a FIFO's
+            # open does not wait; a symlink itself, with O_NOFOLLOW, is ELOOP)
+            host = host & (os.O_DIRECTORY | os.O_NOFOLLOW) | os.O_RDONLY | os.O_NONBLOCK
         if not writes:  # one openat2 when no symlink is on the way (ELOOP: walk)
             parts = _parts(path)
             if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
