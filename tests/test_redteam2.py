@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from test_everyday import sandboxed
@@ -39,8 +38,8 @@ def test_a_read_only_dir_inside_a_handed_one_is_not_written_through_it(redoxcap_
     (ro / "f").chmod(0o644)
     (ro / "g").write_text("keep\n")
     got = sandboxed(redoxcap_module_system, project,
-                    ["sh", "-c", 'echo abs >> "$PWD/ro/f"; echo rel >> ro/f; chmod 600 ro/f; '
-                                 'rm -f ro/g; true'],
+                    ["sh", "-c", ('echo abs >> "$PWD/ro/f"; echo rel >> ro/f; chmod 600 ro/f; '
+                                 'rm -f ro/g; true')],
                     "--dir", f"{ro}:ro")
     assert got.returncode == 2 and "lies in --dir" in got.stderr and "writable" in got.stderr, got.stderr
     assert (ro / "f").read_text() == "orig\n", got.stderr
