@@ -68,11 +68,12 @@ from redoxcap.schemes.framework import (
     Opened,
     Reply,
     Request,
+    RunInTask,
     Scheme,
     SchemeError,
     daemon_cli,
 )
-from redoxcap.schemes.resolve import Anchor, open_at, resolve_parent
+from redoxcap.schemes.resolve import Anchor, Steps, T, open_steps, parent_steps
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import (
     O_LARGEFILE,
@@ -145,6 +146,31 @@ class FileScheme(Scheme):
         if self.read_only:
             raise SchemeError(errno.EROFS)
 
+    # -- lookups ---------------------------------------------------------------
+
+    async def _lookup(self, req: Request, steps: Steps[T]) -> T:
+        """What a lookup's steps (resolve.open_steps, parent_steps) come to: at once where
+        Linux's openat2 answers; a walk never in the request loop (RunInTask: the request
+        is served again in a task), and there a slice at a time, one walk at a time per
+        account (Workers.walk)."""
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        if req.inline:
+            steps.close()
+            raise RunInTask
+        return await self.work.walk(req.account, steps)
+
+    async def _open(self, req: Request, anchor: Anchor, start_fd: int, path: str, flags: int,
+                    mode: int = 0o666) -> int:
+        """resolve.open_at, served as _lookup says."""
+        return await self._lookup(req, open_steps(anchor, start_fd, path, flags, mode))
+
+    async def _parent(self, req: Request, h: FileHandle, path: str) -> tuple[int, str]:
+        """resolve.resolve_parent beneath h's anchor, served as _lookup says."""
+        return await self._lookup(req, parent_steps(h.anchor, h.fd, path))
+
     # -- opening -------------------------------------------------------------
 
     async def openat(self, req: Request, h: FileHandle, path: str, flags: int, mode: int
@@ -166,7 +192,7 @@ class FileScheme(Scheme):
         host = flags & ~(RESOLVE_BITS | os.O_CLOEXEC)
         if not path_only:
             host |= os.O_NONBLOCK
-        fd = open_at(anchor, h.fd, path, host, mode)
+        fd = await self._open(req, anchor, h.fd, path, host, mode)
         try:
             st_mode = os.fstat(fd).st_mode
             if passthrough and stat.S_ISREG(st_mode) and not path_only:
@@ -305,7 +331,7 @@ class FileScheme(Scheme):
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
             raise SchemeError(errno.EINVAL, "unsupported flag")
         anchor = lookup_anchor(h, path, flags)
-        fd = open_at(anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
+        fd = await self._open(req, anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
         try:
             return Stat.of(os.fstat(fd))
         finally:
@@ -356,7 +382,7 @@ class FileScheme(Scheme):
     async def mkdirat(self, req: Request, h: FileHandle, path: str, mode: int) -> None:
         self._writable()
         mode = _mode(mode)
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.mkdir(name, mode, dir_fd=parent)
         finally:
@@ -366,29 +392,29 @@ class FileScheme(Scheme):
         if flags & ~P.AT_REMOVEDIR:
             raise SchemeError(errno.EINVAL)
         self._writable()
-        # removing a large file frees its blocks, which takes time: in a worker thread
-        await self.work.run(req.account, h, self._unlink, h, path, flags)
-
-    @staticmethod
-    def _unlink(h: FileHandle, path: str, flags: int) -> None:
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
-            if not flags & P.AT_REMOVEDIR:
-                os.unlink(name, dir_fd=parent)
-            elif not path.strip("/"):
-                raise SchemeError(errno.EBUSY)  # rmdir("/"), as Linux
-            else:
-                os.rmdir(name, dir_fd=parent)
+            # removing a large file frees its blocks, which takes time: in a worker thread
+            await self.work.run(req.account, h, self._unlink, parent, name, path, flags)
         finally:
             os.close(parent)
+
+    @staticmethod
+    def _unlink(parent: int, name: str, path: str, flags: int) -> None:
+        if not flags & P.AT_REMOVEDIR:
+            os.unlink(name, dir_fd=parent)
+        elif not path.strip("/"):
+            raise SchemeError(errno.EBUSY)  # rmdir("/"), as Linux
+        else:
+            os.rmdir(name, dir_fd=parent)
 
     async def renameat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
         """Rename old (relative to h) to new (relative to the passed directory, or h)."""
         self._writable()
         target = passed_directory(req, self.handles, h)
-        src, src_name = resolve_parent(h.anchor, h.fd, old)
+        src, src_name = await self._parent(req, h, old)
         try:
-            dst, dst_name = resolve_parent(target.anchor, target.fd, new)
+            dst, dst_name = await self._parent(req, target, new)
             try:
                 os.rename(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst)
             finally:
@@ -405,12 +431,12 @@ class FileScheme(Scheme):
         """
         self._writable()
         target = passed_directory(req, self.handles, h)
-        fd = open_at(h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
         try:
             old_is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         finally:
             os.close(fd)
-        dst, dst_name = resolve_parent(target.anchor, target.fd, new)
+        dst, dst_name = await self._parent(req, target, new)
         try:
             if old_is_dir:
                 try:
@@ -418,7 +444,7 @@ class FileScheme(Scheme):
                 except FileNotFoundError:
                     raise SchemeError(errno.ENOENT if dst_name.endswith("/") else errno.EPERM) from None
                 raise SchemeError(errno.EEXIST)
-            src, src_name = resolve_parent(h.anchor, h.fd, old)
+            src, src_name = await self._parent(req, h, old)
             try:  # old is not a directory, so it has no trailing slash: a plain name in src
                 os.link(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
             finally:
@@ -435,7 +461,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         if len(target.encode()) >= PATH_MAX:
             raise SchemeError(errno.ENAMETOOLONG)
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.symlink(target, name, dir_fd=parent)
         finally:
@@ -443,7 +469,7 @@ class FileScheme(Scheme):
 
     # -- metadata --------------------------------------------------------------
 
-    def _metadata_target(self, h: FileHandle, path: str, flags: int) -> int:
+    async def _metadata_target(self, req: Request, h: FileHandle, path: str, flags: int) -> int:
         """An O_PATH fd of what a metadata operation changes: h's own file for an empty
         path, else path looked up beneath h as openat would (O_NOFOLLOW: the symlink itself)."""
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
@@ -451,14 +477,14 @@ class FileScheme(Scheme):
         self._writable()
         if not path:
             return os.dup(h.fd)
-        return open_at(lookup_anchor(h, path, flags), h.fd, path,
-                       os.O_PATH | (flags & os.O_NOFOLLOW))
+        return await self._open(req, lookup_anchor(h, path, flags), h.fd, path,
+                                os.O_PATH | (flags & os.O_NOFOLLOW))
 
     async def chmodat(self, req: Request, h: FileHandle, path: str, mode: int, flags: int) -> None:
         """Set the permission bits only: a client never leaves a set-uid, set-gid or sticky file."""
         if not 0 <= mode <= 0o7777:
             raise SchemeError(errno.EINVAL, "mode out of range")
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EOPNOTSUPP, "a symlink has no mode of its own")
@@ -473,7 +499,7 @@ class FileScheme(Scheme):
         for t in (atime, mtime):
             if t is not None and not -OFF_MAX - 1 <= t <= OFF_MAX:
                 raise SchemeError(errno.EINVAL, "time out of range")
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             st = os.fstat(fd)
             times = (st.st_atime_ns if atime is None else atime,
@@ -484,7 +510,7 @@ class FileScheme(Scheme):
         finally:
             os.close(fd)
         # the link itself: its name in its parent, never followed
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
         finally:
@@ -493,7 +519,7 @@ class FileScheme(Scheme):
     async def chownat(self, req: Request, h: FileHandle, path: str, uid: int, gid: int,
                       flags: int) -> None:
         """Accept only what changes nothing: -1, the caller's own id, or the file's."""
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             st = os.fstat(fd)
         finally:
@@ -503,7 +529,7 @@ class FileScheme(Scheme):
 
     async def readlinkat(self, req: Request, h: FileHandle, path: str) -> str:
         """The contents of the symlink at path; EINVAL for anything else (as Linux)."""
-        fd = open_at(h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)
         try:
             if not stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EINVAL)

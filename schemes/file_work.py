@@ -6,7 +6,11 @@ page served), so that reading a large directory page by page costs a page per
 request, not the whole directory. :class:`Workers` runs what can take long
 (listings, fsync, ftruncate, unlink) in worker threads: one at a time per
 client account and LISTING_THREADS for all, so that heavy work on one
-client's behalf never holds up the requests of the others. And the
+client's behalf never holds up the requests of the others; and the lookups
+the scheme must walk itself (schemes/resolve.py) in the daemon's own thread,
+a slice at a time and one at a time per client account (`Workers.walk`: in
+a thread, a walk, all Python, would hold the interpreter's lock from the
+request loop for a switch interval at every turn). And the
 lookups the scheme's operations share: where a lookup may not go past, the
 /scheme/ path of a host fd, the directory a second path is relative to.
 """
@@ -24,7 +28,7 @@ from typing import Any
 import trio
 
 from redoxcap.schemes.framework import HandleRef, Request, SchemeError
-from redoxcap.schemes.resolve import Anchor
+from redoxcap.schemes.resolve import Anchor, Steps, T
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
 
@@ -162,6 +166,7 @@ class Workers:
         self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
         self._threads = trio.CapacityLimiter(LISTING_THREADS)
         self._per_account: dict[int, trio.CapacityLimiter] = {}  # one at a time each
+        self._walking: dict[int, trio.Lock] = {}  # account -> held while one of its walks runs
 
     async def run(self, account: int, h: FileHandle, fn: Callable[..., Any], *args: Any,
                   exclusive: bool = False) -> Any:
@@ -180,6 +185,25 @@ class Workers:
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
                 self._per_account.pop(account, None)
+
+    async def walk(self, account: int, steps: Steps[T]) -> T:
+        """Drive a lookup whose walk is about to begin (resolve.open_steps or parent_steps,
+        after their first yield) to its end, a slice at a time with a checkpoint between
+        (where a CLOSE of its handle cancels it), one walk at a time per account: one
+        client's walks hold up each other client for a slice at most. Closes steps."""
+        lock = self._walking.setdefault(account, trio.Lock())
+        try:
+            async with lock:
+                while True:
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        return done.value
+                    await trio.lowlevel.checkpoint()
+        finally:
+            steps.close()
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._walking.pop(account, None)
 
     async def page(self, account: int, h: FileHandle, start: int) -> list[tuple[str, int]]:
         """The entries (name, d_type) of directory h from index start on, one reply's worth."""
