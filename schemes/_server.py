@@ -26,6 +26,7 @@ import errno
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -85,7 +86,6 @@ class _Server:
         # account -> its requests read and not yet served, in order; the account whose
         # turn is next first
         self._waiting: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
-        self._queued = 0  # requests in _waiting
         self._nursery: trio.Nursery | None = None  # the request tasks' (while serving)
         self.numbers = itertools.count(1)
         # op number -> (its declaration, the scheme's bound method, the handle kinds it takes)
@@ -127,26 +127,55 @@ class _Server:
                 drained = self._read_requests(nursery)
                 if drained is None:
                     break  # the router is gone
-                # one of each account in turn (the account served goes to the back), for
-                # at most TURN: what is left waits for the next turn, in its place
+                # one of each account in turn, for at most TURN: what is left waits for the
+                # next turn, in its place
                 end = clock() + TURN
-                while waiting:
-                    account = next(iter(waiting))
-                    queue = waiting.pop(account)
-                    request, fds = queue.popleft()
-                    if queue:
-                        waiting[account] = queue
-                    self._queued -= 1
-                    if request.op in inline_ops:
-                        await self._handle(request, fds, True)  # never blocks: no task, no cancel scope
-                        if clock() > end:
-                            break
-                    else:
-                        nursery.start_soon(self._handle, request, fds, False)
+                turn = self._in_turn()
+                for request, fds in turn:
+                    if request.op not in inline_ops:
+                        nursery.start_soon(self._handle, request, fds)
+                        continue
+                    decoded = self._decode(request, fds, True)
+                    if type(decoded) is int:
+                        await self._send(request.req_id, P.ERR, decoded)
+                    else:  # never blocks: no task, no cancel scope
+                        await self._respond(*decoded)
+                    if clock() > end:
+                        break
+                turn.close()
                 # handles closed here and now go after the requests read before the
                 # close, which their clients wait for (a close has no reply)
                 if self._closing:
                     self._close_read(nursery)
+
+    def _in_turn(self) -> Iterator[tuple[SchemeRequest, list[int]]]:
+        """Take the waiting requests one of each account in turn, each account's in the
+        order they came. Closed before the end, the accounts taken from in the round cut
+        short go behind the others, so that the next turn goes on where this one stopped."""
+        waiting = self._waiting
+        while waiting:
+            if len(waiting) == 1:  # one client: its requests in order
+                account = next(iter(waiting))
+                queue = waiting[account]
+                while queue:
+                    yield queue.popleft()
+                del waiting[account]
+                return
+            order = list(waiting)
+            taken = 0
+            try:
+                for account in order:
+                    queue = waiting[account]
+                    taken += 1
+                    item = queue.popleft()
+                    if not queue:
+                        del waiting[account]
+                    yield item
+            finally:
+                if taken < len(order):
+                    for account in order[:taken]:
+                        if account in waiting:
+                            waiting[account] = waiting.pop(account)
 
     def _close_read(self, nursery: trio.Nursery) -> None:
         """Close the handles the router said CLOSE for, but those with requests still
@@ -172,7 +201,8 @@ class _Server:
             turn may wait for a frame); None when the router has gone away.
         """
         waiting = self._waiting
-        while self._queued < MAX_BATCH:
+        room = MAX_BATCH - sum(map(len, waiting.values())) if waiting else MAX_BATCH
+        while room > 0:
             try:
                 received = self.channel.try_recv()
             except OSError:
@@ -216,7 +246,7 @@ class _Server:
                 if queue is None:
                     queue = waiting[request.account] = collections.deque()
                 queue.append((request, fds))
-                self._queued += 1
+                room -= 1
         return False
 
     def _restore(self, number: int, body: bytes, fds: list[int]) -> None:
@@ -325,28 +355,37 @@ class _Server:
             except Exception:
                 log.exception("%s: close failed", self.scheme.name)
 
-    async def _handle(self, request: SchemeRequest, fds: list[int], inline: bool) -> None:
-        """Serve one request: in place when inline (the loop awaits it), else in a task."""
+    async def _handle(self, request: SchemeRequest, fds: list[int]) -> None:
+        """Serve one request in a task of its own."""
         req_id = request.req_id
+        decoded = self._decode(request, fds, False)
+        del request  # the arguments are decoded: a request waiting in a daemon holds no frame
+        if type(decoded) is int:
+            await self._send(req_id, P.ERR, decoded)
+        else:
+            await self._respond(*decoded)
+
+    def _decode(self, request: SchemeRequest, fds: list[int], inline: bool
+                ) -> tuple[Request, Any] | int:
+        """The Request a method sees (owning fds from now on) and its decoded arguments;
+        or the errno to answer, the fds closed."""
         try:
             if len(request.refs) != len(fds):
                 raise P.ProtocolError("fd count does not match the header")
             args = request.args() if request.op != P.SCHEME_STATUS else []
         except P.ProtocolError:
             P.close_fds(fds)
-            await self._send(req_id, P.ERR, errno.EINVAL)
-            return
+            return errno.EINVAL
         except Exception:
             P.close_fds(fds)
             log.exception("%s: op %d not decoded", self.scheme.name, request.op)
-            await self._send(req_id, P.ERR, errno.EIO)
-            return
+            return errno.EIO
         passed = [fd if ref >= P.FOREIGN_REF else HandleRef(ref, fd)
                   for ref, fd in zip(request.refs, fds)]
         req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
-                      passed, id=req_id, refs=request.refs, account=request.account, inline=inline)
-        del request  # the arguments are decoded: a request waiting in a daemon holds no frame
-        await self._respond(req, args)
+                      passed, id=request.req_id, refs=request.refs, account=request.account,
+                      inline=inline)
+        return req, args
 
     async def _respond(self, req: Request, args: Any) -> None:
         """Call req's method and answer it; the fds passed with it are closed after, unless

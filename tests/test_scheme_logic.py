@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+import time
 import typing
 
 import pytest
@@ -16,6 +17,7 @@ from redoxcap.schemes.framework import (
     Caller,
     HandleRef,
     Request,
+    RunInTask,
     Scheme,
     SchemeError,
     invoke,
@@ -315,6 +317,70 @@ async def test_a_scheme_serves_the_requests_waiting_for_it_one_account_at_a_time
     assert replies[0].status == P.HELLO
     assert [r.req_id for r in replies[1:]] == [1, 100, 200, 2, 101, 3, 4, 5, 6, 7, 8]
     assert all(r.value() == "/scheme/zero" for r in replies[1:])
+
+
+class _Costly(Scheme):
+    """READ costs 5 ms of the loop (in place, as a costly inline request would); FPATH
+    is cheap; FSTAT asks for a task, where it waits."""
+
+    name = "costly"
+    inline_ops = frozenset({P.READ, P.FPATH, P.FSTAT})
+
+    def root(self) -> object:
+        return object()
+
+    async def read(self, req, h, n):
+        time.sleep(0.005)  # noqa: ASYNC251 - the point: work that holds the loop
+        return b"x"
+
+    async def fpath(self, req, h):
+        return "/scheme/costly"
+
+    async def fstat(self, req, h):
+        if req.inline:
+            raise RunInTask
+        await trio.sleep(0.01)  # what only a task may do
+        return {"st_mode": 0}
+
+
+def _frame(req_id: int, op: int, account: int) -> bytes:
+    return SchemeRequest(req_id, P.ROOT_HANDLE, 1, 0, 0, op, (), P.pack([1] if op == P.READ else []),
+                         account).encode()
+
+
+async def test_a_client_whose_requests_cost_the_loop_holds_up_another_for_a_turn_not_a_batch():
+    """32 costly requests of one account waiting, and another account's cheap one sent
+    once the first is answered: it is answered after a turn or two of them (TURN), not
+    after the 31 left."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for n in range(1, 33):
+        ours.send(_frame(n, P.READ, 7))
+    router = trio.socket.from_stdlib_socket(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, _Costly(), theirs.detach())
+        assert SchemeReply.decode(await router.recv(P.MAX_FRAME)).status == P.HELLO
+        replies = [SchemeReply.decode(await router.recv(P.MAX_FRAME)).req_id]
+        await router.send(_frame(100, P.FPATH, 8))
+        while len(replies) < 33:
+            replies.append(SchemeReply.decode(await router.recv(P.MAX_FRAME)).req_id)
+        router.close()
+    assert replies.index(100) <= 4, replies
+
+
+async def test_a_method_called_in_place_that_asks_for_a_task_is_served_in_one():
+    """RunInTask: the request is served again in a task (req.inline False) where it may
+    wait, while the loop answers the requests behind it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.send(_frame(1, P.FSTAT, 7))
+    ours.send(_frame(2, P.FPATH, 8))
+    router = trio.socket.from_stdlib_socket(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, _Costly(), theirs.detach())
+        assert SchemeReply.decode(await router.recv(P.MAX_FRAME)).status == P.HELLO
+        replies = [SchemeReply.decode(await router.recv(P.MAX_FRAME)) for _ in range(2)]
+        router.close()
+    assert [(r.req_id, r.status) for r in replies] == [(2, P.OK), (1, P.OK)]
+    assert replies[1].value() == {"st_mode": 0}
 
 
 # -- the protocol is declared: defaults and handle checks that cannot go missing --------
