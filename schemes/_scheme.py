@@ -177,7 +177,8 @@ class Scheme:
     operations: tuple[ops.Operation, ...] = ops.SCHEME_OPERATIONS
     # Operations this scheme answers without ever waiting (plain syscalls, memory):
     # the request loop runs them in place, without a task of their own. Anything
-    # that can wait for another client (a read on a pipe, an accept) must not be here.
+    # that can wait for another client (a read on a pipe, an accept) must not be here;
+    # a request that turns out to be long work raises RunInTask (served in a task).
     inline_ops: frozenset[int] = frozenset()
     # Whether openat implements O_RESOLVE_BENEATH / O_RESOLVE_IN_ROOT. A scheme
     # that does not refuses them with EINVAL: it never ignores a flag.

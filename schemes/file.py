@@ -35,14 +35,20 @@ the broker can resolve paths beneath it itself with openat2, exactly as
 along the grant (an fd the supervisor gave this daemon and gives only to
 brokers, recognised by its identity), and only when passthrough is allowed.
 
-The daemon answers every request in place (plain local syscalls), so it must
+The daemon answers most requests in place (plain local syscalls), so it must
 never block: files are opened O_NONBLOCK, which changes nothing for regular
 files and directories and turns a FIFO that would hang the daemon into
 ENXIO/EAGAIN.
 
-What can take long is the exception, and runs in a worker thread, one at a
-time per client account, so that a client doing it from many threads holds
-up nobody else's requests: listings (a directory may hold a million names;
+A lookup that Linux's openat2 cannot answer alone is walked by the scheme
+(schemes/resolve.py), never in the request loop: the method raises
+RunInTask and is served again in a task, where the walk goes a slice at a
+time, one walk at a time per client account (Workers.walk), at most
+MAX_WALK components long (ELOOP past it).
+
+Other work that can take long runs in a worker thread, one at a time per
+client account, so that a client doing it from many threads holds up
+nobody else's requests: listings (a directory may hold a million names;
 each open directory handle keeps a cursor, a host directory stream and the
 last page it served, so a page costs a page, in the directory's own order,
 never a fresh listing and sort of the whole directory), fsync, and freeing
@@ -108,7 +114,8 @@ class FileScheme(Scheme):
     """Serves one host directory; see the module docstring."""
 
     # local syscalls only: nothing waits for a client; listings, fsync, ftruncate and
-    # unlink, which can take long, go to a worker thread
+    # unlink, which can take long, go to a worker thread (and a lookup that must be
+    # walked raises RunInTask)
     inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC, P.FTRUNCATE, P.UNLINKAT}
     resolves_beneath = True
 
