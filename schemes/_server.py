@@ -54,7 +54,7 @@ RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
 # Requests read from the channel and waiting to be served, at most (the channel is read
 # again once fewer wait): what they hold is bounded by what that many frames can hold.
 MAX_BATCH = 256
-TURN = 0.002  # seconds of requests served in place before the channel is read again
+TURN = 0.001  # seconds of requests served in place before the channel is read again
 KEPT_PART = P.MAX_FRAME - 4096  # bytes of a kept state's body in one KEEP or KEEP_MORE frame
 
 

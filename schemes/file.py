@@ -61,8 +61,10 @@ import errno
 import os
 import stat
 import sys
+import time
 
 from redoxcap.schemes.file_work import (
+    COSTLY_LOOKUP,
     RESOLVE_BITS,
     FileHandle,
     Workers,
@@ -155,28 +157,39 @@ class FileScheme(Scheme):
 
     # -- lookups ---------------------------------------------------------------
 
-    async def _lookup(self, req: Request, steps: Steps[T]) -> T:
-        """What a lookup's steps (resolve.open_steps, parent_steps) come to: at once where
-        Linux's openat2 answers; a walk never in the request loop (RunInTask: the request
-        is served again in a task), and there a slice at a time, one walk at a time per
-        account (Workers.walk)."""
+    async def _lookup(self, req: Request, h: FileHandle, steps: Steps[T]) -> T:
+        """What a lookup's steps (resolve.open_steps, parent_steps, on h's fds) come to.
+
+        In the request loop: Linux's openat2, at once; but a walk, or any lookup of an
+        account whose lookups lately cost the loop more than COSTLY_LOOKUP, raises
+        RunInTask (the request is served again in a task). In a task: as
+        Workers.lookup says (the openat2 of such an account in a worker thread, a walk
+        a slice at a time, one walk at a time per account)."""
+        work = self.work
+        if not req.inline:
+            return await work.lookup(req.account, h, steps)
+        if work.costly(req.account):
+            steps.close()
+            raise RunInTask
+        start = time.perf_counter()
         try:
             next(steps)
         except StopIteration as done:
             return done.value
-        if req.inline:
-            steps.close()
-            raise RunInTask
-        return await self.work.walk(req.account, steps)
+        finally:
+            if time.perf_counter() - start > COSTLY_LOOKUP:
+                work.mark_costly(req.account)
+        steps.close()
+        raise RunInTask
 
-    async def _open(self, req: Request, anchor: Anchor, start_fd: int, path: str, flags: int,
+    async def _open(self, req: Request, h: FileHandle, anchor: Anchor, path: str, flags: int,
                     mode: int = 0o666) -> int:
-        """resolve.open_at, served as _lookup says."""
-        return await self._lookup(req, open_steps(anchor, start_fd, path, flags, mode))
+        """resolve.open_at from h, served as _lookup says."""
+        return await self._lookup(req, h, open_steps(anchor, h.fd, path, flags, mode))
 
     async def _parent(self, req: Request, h: FileHandle, path: str) -> tuple[int, str]:
         """resolve.resolve_parent beneath h's anchor, served as _lookup says."""
-        return await self._lookup(req, parent_steps(h.anchor, h.fd, path))
+        return await self._lookup(req, h, parent_steps(h.anchor, h.fd, path))
 
     # -- opening -------------------------------------------------------------
 
@@ -199,7 +212,7 @@ class FileScheme(Scheme):
         host = flags & ~(RESOLVE_BITS | os.O_CLOEXEC)
         if not path_only:
             host |= os.O_NONBLOCK
-        fd = await self._open(req, anchor, h.fd, path, host, mode)
+        fd = await self._open(req, h, anchor, path, host, mode)
         try:
             st_mode = os.fstat(fd).st_mode
             if passthrough and stat.S_ISREG(st_mode) and not path_only:
@@ -338,7 +351,7 @@ class FileScheme(Scheme):
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
             raise SchemeError(errno.EINVAL, "unsupported flag")
         anchor = lookup_anchor(h, path, flags)
-        fd = await self._open(req, anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
+        fd = await self._open(req, h, anchor, path, os.O_PATH | (flags & os.O_NOFOLLOW))
         try:
             return Stat.of(os.fstat(fd))
         finally:
@@ -438,7 +451,7 @@ class FileScheme(Scheme):
         """
         self._writable()
         target = passed_directory(req, self.handles, h)
-        fd = await self._open(req, h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h, h.anchor, old, os.O_PATH | os.O_NOFOLLOW)
         try:
             old_is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         finally:
@@ -484,7 +497,7 @@ class FileScheme(Scheme):
         self._writable()
         if not path:
             return os.dup(h.fd)
-        return await self._open(req, lookup_anchor(h, path, flags), h.fd, path,
+        return await self._open(req, h, lookup_anchor(h, path, flags), path,
                                 os.O_PATH | (flags & os.O_NOFOLLOW))
 
     async def chmodat(self, req: Request, h: FileHandle, path: str, mode: int, flags: int) -> None:
@@ -536,7 +549,7 @@ class FileScheme(Scheme):
 
     async def readlinkat(self, req: Request, h: FileHandle, path: str) -> str:
         """The contents of the symlink at path; EINVAL for anything else (as Linux)."""
-        fd = await self._open(req, h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h, h.anchor, path, os.O_PATH | os.O_NOFOLLOW)
         try:
             if not stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EINVAL)

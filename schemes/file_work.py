@@ -10,7 +10,9 @@ client's behalf never holds up the requests of the others; and the lookups
 the scheme must walk itself (schemes/resolve.py) in the daemon's own thread,
 a slice at a time and one at a time per client account (`Workers.walk`: in
 a thread, a walk, all Python, would hold the interpreter's lock from the
-request loop for a switch interval at every turn). And the
+request loop for a switch interval at every turn), and the openat2 of a
+client whose lookups have cost the loop too much (links that make the
+kernel walk for milliseconds) in a worker thread (`Workers.lookup`). And the
 lookups the scheme's operations share: where a lookup may not go past, the
 /scheme/ path of a host fd, the directory a second path is relative to.
 """
@@ -21,6 +23,7 @@ import collections
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,12 @@ from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
 PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
 MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
 LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
+# A lookup that held the request loop longer than this (s; Linux's openat2 takes
+# microseconds, unless links make it walk tens of thousands of components) sends its
+# account's lookups off the loop for COSTLY_FOR seconds: its openat2 in a worker thread.
+COSTLY_LOOKUP = 0.00025
+COSTLY_FOR = 10.0
+COSTLY_KEPT = 1024  # accounts remembered before the expired ones are dropped
 
 
 def _utf8(name: str) -> bool:
@@ -167,6 +176,7 @@ class Workers:
         self._threads = trio.CapacityLimiter(LISTING_THREADS)
         self._per_account: dict[int, trio.CapacityLimiter] = {}  # one at a time each
         self._walking: dict[int, trio.Lock] = {}  # account -> held while one of its walks runs
+        self._costly: dict[int, float] = {}  # account -> until when its lookups stay off the loop
 
     async def run(self, account: int, h: FileHandle, fn: Callable[..., Any], *args: Any,
                   exclusive: bool = False) -> Any:
@@ -185,6 +195,36 @@ class Workers:
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
                 self._per_account.pop(account, None)
+
+    def costly(self, account: int) -> bool:
+        """Whether account's lookups stay off the request loop (see COSTLY_LOOKUP)."""
+        until = self._costly.get(account)
+        return until is not None and until > time.monotonic()
+
+    def mark_costly(self, account: int) -> None:
+        """One of account's lookups held the request loop too long."""
+        now = time.monotonic()
+        if len(self._costly) >= COSTLY_KEPT:
+            self._costly = {a: until for a, until in self._costly.items() if until > now}
+        self._costly[account] = now + COSTLY_FOR
+
+    async def lookup(self, account: int, h: FileHandle, steps: Steps[T]) -> T:
+        """A lookup (resolve.open_steps or parent_steps on h's fds) in a request's task:
+        Linux's openat2 (the first step) in a worker thread if account is costly, where
+        the kernel's work holds up no one (the thread waits in the syscall without the
+        interpreter's lock; h is busy meanwhile, so that closing it waits), else here;
+        then its walk, if any, as `walk` does. Closes steps."""
+        try:
+            if self.costly(account):
+                done, value = await self.run(account, h, _first_step, steps)
+            else:
+                done, value = _first_step(steps)
+        except BaseException:
+            steps.close()
+            raise
+        if done:
+            return value
+        return await self.walk(account, steps)
 
     async def walk(self, account: int, steps: Steps[T]) -> T:
         """Drive a lookup whose walk is about to begin (resolve.open_steps or parent_steps,
@@ -229,6 +269,15 @@ class Workers:
         if h.listing is not None:
             self._listings.pop(id(h), None)
             h.listing.close()
+
+
+def _first_step(steps: Steps[T]) -> tuple[bool, T | None]:
+    """(True, what steps return) if they end without a yield, else (False, None)."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return True, done.value
+    return False, None
 
 
 def lookup_anchor(h: FileHandle, path: str, flags: int) -> Anchor:
