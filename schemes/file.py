@@ -65,12 +65,15 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from redoxcap.schemes.file_work import (
     COSTLY_LOOKUP,
     RESOLVE_BITS,
     FileHandle,
     Workers,
+    first_step,
     lookup_anchor,
     passed_directory,
     scheme_path,
@@ -84,7 +87,7 @@ from redoxcap.schemes.framework import (
     SchemeError,
     daemon_cli,
 )
-from redoxcap.schemes.resolve import Anchor, Steps, T, open_steps, parent_steps
+from redoxcap.schemes.resolve import Anchor, T, open_natively, open_steps, parent_steps
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import (
     O_LARGEFILE,
@@ -160,39 +163,45 @@ class FileScheme(Scheme):
 
     # -- lookups ---------------------------------------------------------------
 
-    async def _lookup(self, req: Request, h: FileHandle, steps: Steps[T]) -> T:
-        """What a lookup's steps (resolve.open_steps, parent_steps, on h's fds) come to.
+    # In the request loop, a lookup is Linux's openat2 alone, timed (_in_place); a walk,
+    # or any lookup of an account whose lookups lately cost the loop more than
+    # COSTLY_LOOKUP, raises RunInTask, and the request is served again in a task, where
+    # Workers.lookup runs it (that account's openat2 in a worker thread; a walk a slice
+    # at a time, one walk at a time per account).
 
-        In the request loop: Linux's openat2, at once; but a walk, or any lookup of an
-        account whose lookups lately cost the loop more than COSTLY_LOOKUP, raises
-        RunInTask (the request is served again in a task). In a task: as
-        Workers.lookup says (the openat2 of such an account in a worker thread, a walk
-        a slice at a time, one walk at a time per account)."""
+    def _in_place(self, req: Request, first: Callable[..., T], *args: Any) -> T:
+        """first(*args), the openat2 part of a lookup, in the request loop: RunInTask for
+        an account whose lookups are costly, and one that takes too long makes it so."""
         work = self.work
-        if not req.inline:
-            return await work.lookup(req.account, h, steps)
         if work.costly(req.account):
-            steps.close()
             raise RunInTask
         start = time.perf_counter()
         try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+            return first(*args)
         finally:
             if time.perf_counter() - start > COSTLY_LOOKUP:
                 work.mark_costly(req.account)
-        steps.close()
-        raise RunInTask
 
     async def _open(self, req: Request, h: FileHandle, anchor: Anchor, path: str, flags: int,
                     mode: int = 0o666) -> int:
-        """resolve.open_at from h, served as _lookup says."""
-        return await self._lookup(req, h, open_steps(anchor, h.fd, path, flags, mode))
+        """resolve.open_at from h (see _in_place)."""
+        if req.inline:
+            fd = self._in_place(req, open_natively, anchor, h.fd, path, flags, mode)
+            if fd is None:
+                raise RunInTask  # only the walk answers
+            return fd
+        return await self.work.lookup(req.account, h, open_steps(anchor, h.fd, path, flags, mode))
 
     async def _parent(self, req: Request, h: FileHandle, path: str) -> tuple[int, str]:
-        """resolve.resolve_parent beneath h's anchor, served as _lookup says."""
-        return await self._lookup(req, h, parent_steps(h.anchor, h.fd, path))
+        """resolve.resolve_parent beneath h's anchor (see _in_place)."""
+        steps = parent_steps(h.anchor, h.fd, path)
+        if not req.inline:
+            return await self.work.lookup(req.account, h, steps)
+        done, value = self._in_place(req, first_step, steps)
+        if not done:
+            steps.close()
+            raise RunInTask  # only the walk answers
+        return value
 
     # -- opening -------------------------------------------------------------
 

@@ -216,9 +216,9 @@ class Workers:
         then its walk, if any, as `walk` does. Closes steps."""
         try:
             if self.costly(account):
-                done, value = await self.run(account, h, _first_step, steps)
+                done, value = await self.run(account, h, first_step, steps)
             else:
-                done, value = _first_step(steps)
+                done, value = first_step(steps)
         except BaseException:
             steps.close()
             raise
@@ -271,8 +271,9 @@ class Workers:
             h.listing.close()
 
 
-def _first_step(steps: Steps[T]) -> tuple[bool, T | None]:
-    """(True, what steps return) if they end without a yield, else (False, None)."""
+def first_step(steps: Steps[T]) -> tuple[bool, T | None]:
+    """A lookup's first step, Linux's openat2: (True, what steps return) if they end
+    without a yield, else (False, None): the walk is to begin."""
     try:
         next(steps)
     except StopIteration as done:
