@@ -44,8 +44,8 @@ A lookup that Linux's openat2 cannot answer alone is walked by the scheme
 (schemes/resolve.py), never in the request loop: the method raises
 RunInTask and is served again in a task, where the walk goes a slice at a
 time, one walk at a time per client account (Workers.walk), at most
-MAX_WALK components long (ELOOP past it). A client whose lookup held the
-loop longer than COSTLY_LOOKUP (links that Linux follows for milliseconds)
+MAX_WALK components long (ELOOP past it). A client whose lookup took the
+loop more CPU than COSTLY_LOOKUP (links that Linux follows for milliseconds)
 has its lookups served in a task for a while, openat2 in a worker thread
 (Workers.lookup).
 
@@ -171,15 +171,15 @@ class FileScheme(Scheme):
 
     def _in_place(self, req: Request, first: Callable[..., T], *args: Any) -> T:
         """first(*args), the openat2 part of a lookup, in the request loop: RunInTask for
-        an account whose lookups are costly, and one that takes too long makes it so."""
+        an account whose lookups are costly, and one that takes too much CPU makes it so."""
         work = self.work
         if work.costly(req.account):
             raise RunInTask
-        start = time.perf_counter()
+        start = time.thread_time()  # CPU time (the kernel's too): being preempted is no cost
         try:
             return first(*args)
         finally:
-            if time.perf_counter() - start > COSTLY_LOOKUP:
+            if time.thread_time() - start > COSTLY_LOOKUP:
                 work.mark_costly(req.account)
 
     async def _open(self, req: Request, h: FileHandle, anchor: Anchor, path: str, flags: int,

@@ -38,9 +38,10 @@ from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
 PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
 MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
 LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
-# A lookup that held the request loop longer than this (s; Linux's openat2 takes
-# microseconds, unless links make it walk tens of thousands of components) sends its
-# account's lookups off the loop for COSTLY_FOR seconds: its openat2 in a worker thread.
+# A lookup that took more CPU time than this in the request loop (s, the kernel's
+# included; Linux's openat2 takes microseconds, unless links make it walk tens of
+# thousands of components) sends its account's lookups off the loop for COSTLY_FOR
+# seconds: its openat2 in a worker thread.
 COSTLY_LOOKUP = 0.00025
 COSTLY_FOR = 10.0
 COSTLY_KEPT = 1024  # accounts remembered before the expired ones are dropped
