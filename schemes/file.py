@@ -44,10 +44,10 @@ A lookup that Linux's openat2 cannot answer alone is walked by the scheme
 (schemes/resolve.py), never in the request loop: the method raises
 RunInTask and is served again in a task, where the walk goes a slice at a
 time, one walk at a time per client account (Workers.walk), at most
-MAX_WALK components long (ELOOP past it). A client whose lookup took the
+MAX_WALK components long (ELOOP past it). A client whose lookups took the
 loop more CPU than COSTLY_LOOKUP (links that Linux follows for milliseconds)
-has its lookups served in a task for a while, openat2 in a worker thread
-(Workers.lookup).
+a few times in a row has its lookups served in a task for a while, openat2
+in a worker thread (Workers.lookup).
 
 Other work that can take long runs in a worker thread, one at a time per
 client account, so that a client doing it from many threads holds up

@@ -40,9 +40,12 @@ MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently us
 LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
 # A lookup that took more CPU time than this in the request loop (s, the kernel's
 # included; Linux's openat2 takes microseconds, unless links make it walk tens of
-# thousands of components) sends its account's lookups off the loop for COSTLY_FOR
-# seconds: its openat2 in a worker thread.
+# thousands of components) is costly; COSTLY_STRIKES of them within STRIKE_WINDOW
+# seconds (one may be a cold cache) send the account's lookups off the loop for
+# COSTLY_FOR seconds: their openat2 in a worker thread.
 COSTLY_LOOKUP = 0.00025
+COSTLY_STRIKES = 4
+STRIKE_WINDOW = 1.0
 COSTLY_FOR = 10.0
 COSTLY_KEPT = 1024  # accounts remembered before the expired ones are dropped
 
@@ -178,6 +181,7 @@ class Workers:
         self._per_account: dict[int, trio.CapacityLimiter] = {}  # one at a time each
         self._walking: dict[int, trio.Lock] = {}  # account -> held while one of its walks runs
         self._costly: dict[int, float] = {}  # account -> until when its lookups stay off the loop
+        self._strikes: dict[int, tuple[int, float]] = {}  # account -> costly lookups, since when
 
     async def run(self, account: int, h: FileHandle, fn: Callable[..., Any], *args: Any,
                   exclusive: bool = False) -> Any:
@@ -203,8 +207,18 @@ class Workers:
         return until is not None and until > time.monotonic()
 
     def mark_costly(self, account: int) -> None:
-        """One of account's lookups held the request loop too long."""
+        """One of account's lookups took the request loop too much CPU (COSTLY_LOOKUP)."""
         now = time.monotonic()
+        if len(self._strikes) >= COSTLY_KEPT:
+            self._strikes = {a: (n, since) for a, (n, since) in self._strikes.items()
+                             if now - since <= STRIKE_WINDOW}
+        strikes, since = self._strikes.get(account, (0, now))
+        if now - since > STRIKE_WINDOW:
+            strikes, since = 0, now
+        if strikes + 1 < COSTLY_STRIKES:
+            self._strikes[account] = (strikes + 1, since)
+            return
+        self._strikes.pop(account, None)
         if len(self._costly) >= COSTLY_KEPT:
             self._costly = {a: until for a, until in self._costly.items() if until > now}
         self._costly[account] = now + COSTLY_FOR
