@@ -169,12 +169,15 @@ class FileScheme(Scheme):
     # Workers.lookup runs it (that account's openat2 in a worker thread; a walk a slice
     # at a time, one walk at a time per account).
 
-    def _in_place(self, req: Request, first: Callable[..., T], *args: Any) -> T:
+    def _in_place(self, req: Request, timed: bool, first: Callable[..., T], *args: Any) -> T:
         """first(*args), the openat2 part of a lookup, in the request loop: RunInTask for
-        an account whose lookups are costly, and one that takes too much CPU makes it so."""
+        an account whose lookups are costly, and one that takes too much CPU counts
+        against it (unless not timed: an open with O_TRUNC frees the file's blocks too)."""
         work = self.work
         if work.costly(req.account):
             raise RunInTask
+        if not timed:
+            return first(*args)
         start = time.thread_time()  # CPU time (the kernel's too): being preempted is no cost
         try:
             return first(*args)
@@ -186,7 +189,8 @@ class FileScheme(Scheme):
                     mode: int = 0o666) -> int:
         """resolve.open_at from h (see _in_place)."""
         if req.inline:
-            fd = self._in_place(req, open_natively, anchor, h.fd, path, flags, mode)
+            fd = self._in_place(req, not flags & os.O_TRUNC, open_natively, anchor, h.fd, path,
+                                flags, mode)
             if fd is None:
                 raise RunInTask  # only the walk answers
             return fd
@@ -197,7 +201,7 @@ class FileScheme(Scheme):
         steps = parent_steps(h.anchor, h.fd, path)
         if not req.inline:
             return await self.work.lookup(req.account, h, steps)
-        done, value = self._in_place(req, first_step, steps)
+        done, value = self._in_place(req, True, first_step, steps)
         if not done:
             steps.close()
             raise RunInTask  # only the walk answers
