@@ -158,8 +158,10 @@ class _Server:
                 account = next(iter(waiting))
                 queue = waiting[account]
                 while queue:
-                    yield queue.popleft()
-                del waiting[account]
+                    item = queue.popleft()
+                    if not queue:  # gone before the yield: the turn may end there
+                        del waiting[account]
+                    yield item
                 return
             order = list(waiting)
             taken = 0

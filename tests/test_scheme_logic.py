@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from redoxcap.schemes._server import _Server
 from redoxcap.schemes.framework import (
     Caller,
     HandleRef,
@@ -32,6 +34,7 @@ from redoxcap.schemes.uds import MAX_QUEUED_FDS, UdsScheme
 from redoxcap.schemes.zero import ZeroScheme
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
 from redoxcap.wire.frames import SchemeReply, SchemeRequest
 
 
@@ -365,6 +368,30 @@ async def test_a_client_whose_requests_cost_the_loop_holds_up_another_for_a_turn
             replies.append(SchemeReply.decode(await router.recv(P.MAX_FRAME)).req_id)
         router.close()
     assert replies.index(100) <= 4, replies
+
+
+def test_a_turn_cut_after_an_accounts_last_request_leaves_no_empty_queue():
+    """A turn that ends right after an account's last request, then requests of others:
+    the next turn takes them in order (an empty queue left behind crashed the daemon)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        server = _Server(ZeroScheme(), Channel(theirs))
+        for account, req_ids in ((7, [1, 2]), (7, [3]), (8, [4, 5])):
+            server._waiting.setdefault(account, collections.deque()).extend(
+                (SchemeRequest(n, 0, 1, 0, 0, P.FPATH, (), b"", account), []) for n in req_ids)
+            turn = server._in_turn()
+            taken = [next(turn)[0].req_id for _ in req_ids]
+            turn.close()
+            assert taken == req_ids
+        assert server._waiting == {}
+        for account, n in ((7, 6), (8, 7), (7, 8), (9, 9)):
+            server._waiting.setdefault(account, collections.deque()).append(
+                (SchemeRequest(n, 0, 1, 0, 0, P.FPATH, (), b"", account), []))
+        turn = server._in_turn()
+        assert [next(turn)[0].req_id for _ in range(2)] == [6, 7]
+        turn.close()  # cut in the middle of a round: 7 and 8 go behind 9
+        assert [r.req_id for r, _ in server._in_turn()] == [9, 8]
+        assert server._waiting == {}
 
 
 async def test_a_method_called_in_place_that_asks_for_a_task_is_served_in_one():
