@@ -181,13 +181,14 @@ class _Server:
 
     def _close_read(self, nursery: trio.Nursery) -> None:
         """Close the handles the router said CLOSE for, but those with requests still
-        waiting for their turn (they are closed after them)."""
+        waiting for their turn (they are closed after them); one with requests in flight
+        in a task of its own, which cancels them."""
         closing, self._closing = self._closing, []
         busy = {request.handle for queue in self._waiting.values() for request, _ in queue}
         for number in closing:
             if number in busy:
                 self._closing.append(number)
-            elif not self._close_now(number):
+            elif self.inflight.get(number) or not self._close_now(number):
                 nursery.start_soon(self._close, number)
 
     def _read_requests(self, nursery: trio.Nursery) -> bool | None:
@@ -228,10 +229,7 @@ class _Server:
             del data  # the request holds what it needs
             if request.op == P.CLOSE:
                 P.close_fds(fds)
-                if self.inflight.get(request.handle):
-                    nursery.start_soon(self._close, request.handle)  # which cancels them
-                else:
-                    self._closing.append(request.handle)  # closed after the requests before it
+                self._closing.append(request.handle)  # closed after the requests before it
             elif request.op == P.RESTORE_MORE:
                 part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
                 part_fds.extend(fds)
