@@ -54,7 +54,8 @@ for line in sys.stdin:
 @pytest.mark.parametrize("step", ["../d/", "x/../"], ids=["walked", "in_the_kernel"])
 def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_scheme(
         redoxcap_system, step):
-    """Another client's 20 fstats stay within 10x of their quiet time while one client
+    """Another client's 20 fstats stay within 10x of their quiet time (medians of rounds:
+    on a busy 2-core machine one round in ten may meet a scheduling hiccup) while one client
     keeps 64 lookups of a long symlink chain in flight. `../d/` leaves the start: the
     scheme walks it (before the fix: some 3 ms quiet, about 40 s loaded, each lookup
     ~35 ms of the daemon's loop, a batch of them inline); `x/../` stays beneath it:
@@ -80,7 +81,7 @@ def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_s
     try:
         assert attacker.stdout.readline() == "ready\n", attacker.stderr.read()
         time.sleep(1)
-        loaded = round_time()
+        loaded = statistics.median(round_time() for _ in range(5))
     finally:
         attacker.kill()
         attacker.communicate(timeout=60)
