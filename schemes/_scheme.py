@@ -30,6 +30,13 @@ class SchemeError(Exception):
         self.errno = err
 
 
+class RunInTask(Exception):
+    """Raised by a method the request loop calls in place (`Request.inline`) that finds it
+    has long work to do (the file scheme's lookups that leave openat2's fast path): the
+    framework calls it again for the same request in a task of its own, as it calls a
+    method that is not in `inline_ops`. Raise it only before changing anything."""
+
+
 def unserved(number: int) -> SchemeError:
     """The error of an operation a scheme does not serve: its declared errno (wire/ops.py)."""
     op = ops.BY_NUMBER[number]
@@ -78,6 +85,9 @@ class Request:
     # for each passed fd, what the router said it is (wire.frames.SchemeRequest.refs)
     refs: tuple[int, ...] = ()
     account: int = 0  # the router account the request is for (the client's)
+    # The method runs in the request loop itself (an `inline_ops` operation): it must not
+    # wait, nor work long; it raises RunInTask to be called again in a task (inline False).
+    inline: bool = False
 
     def is_capability(self, index: int) -> bool:
         """Whether the index-th passed fd is a capability the router serves (of any
@@ -167,7 +177,8 @@ class Scheme:
     operations: tuple[ops.Operation, ...] = ops.SCHEME_OPERATIONS
     # Operations this scheme answers without ever waiting (plain syscalls, memory):
     # the request loop runs them in place, without a task of their own. Anything
-    # that can wait for another client (a read on a pipe, an accept) must not be here.
+    # that can wait for another client (a read on a pipe, an accept) must not be here;
+    # a request that turns out to be long work raises RunInTask (served in a task).
     inline_ops: frozenset[int] = frozenset()
     # Whether openat implements O_RESOLVE_BENEATH / O_RESOLVE_IN_ROOT. A scheme
     # that does not refuses them with EINVAL: it never ignores a flag.

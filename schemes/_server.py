@@ -7,6 +7,16 @@ its handle against the method's `@takes`, calls the method (in place for
 or raises into the reply. It also acts on the router's own frames (CLOSE,
 RESTORE, RESUME) and hands the router the state of the handles a scheme
 keeps (KEEP frames, or carried in a new handle's reply: NEW_HANDLE_KEPT).
+
+Turns: the loop reads every frame waiting on the channel (while fewer than
+MAX_BATCH requests wait to be served) into a queue per account, and serves
+them one of each account in turn, each account's in the order they came. It
+serves in place for at most TURN seconds before it yields and reads the
+channel again; the requests left over keep their place, and those read
+meanwhile take their turn among them. So a client whose requests are costly
+(or many) makes another client's request wait for about one request of its
+own, not for a batch of them. A method run in place that finds it has long
+work to do raises RunInTask and is called again in a task.
 """
 
 from __future__ import annotations
@@ -15,11 +25,22 @@ import collections
 import errno
 import itertools
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import trio
 
-from redoxcap.schemes._scheme import Caller, HandleRef, Opened, Reply, Request, Scheme, SchemeError
+from redoxcap.schemes._scheme import (
+    Caller,
+    HandleRef,
+    Opened,
+    Reply,
+    Request,
+    RunInTask,
+    Scheme,
+    SchemeError,
+)
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
 from redoxcap.wire.channel import Channel
@@ -30,9 +51,10 @@ from redoxcap.wire.stat import Stat
 log = logging.getLogger("scheme")
 
 RESOLVE_FLAGS = P.O_RESOLVE_BENEATH | P.O_RESOLVE_IN_ROOT
-# Frames taken from the channel at once and served in turn per account (_waiting_requests);
-# what they hold is bounded anyway by what the channel's socket buffer held.
+# Requests read from the channel and waiting to be served, at most (the channel is read
+# again once fewer wait): what they hold is bounded by what that many frames can hold.
 MAX_BATCH = 256
+TURN = 0.001  # seconds of requests served in place before the channel is read again
 KEPT_PART = P.MAX_FRAME - 4096  # bytes of a kept state's body in one KEEP or KEEP_MORE frame
 
 
@@ -60,7 +82,11 @@ class _Server:
         self.handles: dict[int, Any] = {P.ROOT_HANDLE: scheme.root()}
         scheme.handles = self.handles  # lets two-handle operations resolve a HandleRef
         self.inflight: dict[int, set[trio.CancelScope]] = {}
-        self._closing: list[int] = []  # handles to close after the batch being read (CLOSE)
+        self._closing: list[int] = []  # handles to close after the requests read before (CLOSE)
+        # account -> its requests read and not yet served, in order; the account whose
+        # turn is next first
+        self._waiting: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
+        self._nursery: trio.Nursery | None = None  # the request tasks' (while serving)
         self.numbers = itertools.count(1)
         # op number -> (its declaration, the scheme's bound method, the handle kinds it takes)
         self.operations = {op.number: (op, getattr(scheme, op.name), scheme.handle_kinds.get(op.number))
@@ -84,64 +110,114 @@ class _Server:
 
     async def _serve(self, readable: ReadableWait) -> None:
         inline_ops = self.scheme.inline_ops
+        waiting = self._waiting
+        clock = time.perf_counter
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             drained = True
             while True:
-                # The one yield per batch: waiting for the next frame lets every task that
-                # this batch started or woke run first (a checkpoint when frames are left).
-                # With nothing else to run, the wait is the channel's own epoll_wait
-                # (wire/idle.py): no turn of trio's scheduler per frame.
-                if drained:
+                # The one yield per turn: waiting for the next frame lets every task that
+                # the last turn started or woke run first (a checkpoint when frames or
+                # requests are left). With nothing else to run, the wait is the channel's
+                # own epoll_wait (wire/idle.py): no turn of trio's scheduler per frame.
+                if drained and not waiting:
                     await readable()
                 else:
                     await trio.lowlevel.checkpoint()
-                batch, drained = self._waiting_requests(nursery)
-                if batch is None:
+                drained = self._read_requests(nursery)
+                if drained is None:
                     break  # the router is gone
-                for request, fds in batch:
-                    if request.op in inline_ops:
-                        await self._handle(request, fds)  # never blocks: no task, no cancel scope
-                    else:
+                # one of each account in turn, for at most TURN: what is left waits for the
+                # next turn, in its place
+                end = clock() + TURN
+                turn = self._in_turn()
+                for request, fds in turn:
+                    if request.op not in inline_ops:
                         nursery.start_soon(self._handle, request, fds)
-                # handles closed here and now go after the batch's requests, which their
-                # clients wait for (a close has no reply)
+                        continue
+                    decoded = self._decode(request, fds, True)
+                    if type(decoded) is int:
+                        await self._send(request.req_id, P.ERR, decoded)
+                    else:  # never blocks: no task, no cancel scope
+                        await self._respond(*decoded)
+                    if clock() > end:
+                        break
+                turn.close()
+                # handles closed here and now go after the requests read before the
+                # close, which their clients wait for (a close has no reply)
                 if self._closing:
-                    closing, self._closing = self._closing, []
-                    for number in closing:
-                        if not self._close_now(number):
-                            nursery.start_soon(self._close, number)
+                    self._close_read(nursery)
 
-    def _waiting_requests(self, nursery: trio.Nursery
-                          ) -> tuple[list[tuple[SchemeRequest, list[int]]] | None, bool]:
-        """Every request waiting on the channel now (at most MAX_BATCH), in the order to
-        serve them: one of each account in turn, each account's in the order they came.
-        The router's own frames (CLOSE, RESTORE, RESUME) are acted on here, in the order
-        they came.
+    def _in_turn(self) -> Iterator[tuple[SchemeRequest, list[int]]]:
+        """Take the waiting requests one of each account in turn, each account's in the
+        order they came. Closed before the end, the accounts taken from in the round cut
+        short go behind the others, so that the next turn goes on where this one stopped."""
+        waiting = self._waiting
+        while waiting:
+            if len(waiting) == 1:  # one client: its requests in order
+                account = next(iter(waiting))
+                queue = waiting[account]
+                while queue:
+                    item = queue.popleft()
+                    if not queue:  # gone before the yield: the turn may end there
+                        del waiting[account]
+                    yield item
+                return
+            order = list(waiting)
+            taken = 0
+            try:
+                for account in order:
+                    queue = waiting[account]
+                    taken += 1
+                    item = queue.popleft()
+                    if not queue:
+                        del waiting[account]
+                    yield item
+            finally:
+                if taken < len(order):
+                    for account in order[:taken]:
+                        if account in waiting:
+                            waiting[account] = waiting.pop(account)
+
+    def _close_read(self, nursery: trio.Nursery) -> None:
+        """Close the handles the router said CLOSE for, but those with requests still
+        waiting for their turn (they are closed after them); one with requests in flight
+        in a task of its own, which cancels them."""
+        closing, self._closing = self._closing, []
+        busy = {request.handle for queue in self._waiting.values() for request, _ in queue}
+        for number in closing:
+            if number in busy:
+                self._closing.append(number)
+            elif self.inflight.get(number) or not self._close_now(number):
+                nursery.start_soon(self._close, number)
+
+    def _read_requests(self, nursery: trio.Nursery) -> bool | None:
+        """Read the frames waiting on the channel, while fewer than MAX_BATCH requests wait:
+        each request goes to the back of its account's queue (`_waiting`). The router's
+        own frames (CLOSE, RESTORE, RESUME) are acted on here, in the order they came.
 
         Taken in arrival order, a client with many requests in flight (up to its
         account's bound) would put them all in front of another client's one.
 
         Returns:
-            (the requests, None when the router has gone away; whether the channel was
-            read until it had nothing left, so that the next batch must wait for one).
+            whether the channel was read until it had nothing left (so that the next
+            turn may wait for a frame); None when the router has gone away.
         """
-        queues: dict[int, collections.deque[tuple[SchemeRequest, list[int]]]] = {}
-        taken = 0
-        while taken < MAX_BATCH:
+        waiting = self._waiting
+        room = MAX_BATCH - sum(map(len, waiting.values())) if waiting else MAX_BATCH
+        while room > 0:
             try:
                 received = self.channel.try_recv()
             except OSError:
-                if not taken:
+                if not waiting:
                     raise
-                break  # the channel failed: the next batch says how
+                return False  # the channel failed: the next read says how
             if received is None:
-                return self._in_turn(queues), True
+                return True
             data, fds, flags, _ = received
             if not data and not fds:
-                if not queues:
-                    return None, True
-                break  # serve what came before the end; the next batch sees it again
-            taken += 1
+                # EOF: serve what came before the end; the next read sees it again
+                return None if not waiting else False
             try:
                 if flags & P.TRUNCATED:
                     raise P.ProtocolError("truncated")
@@ -153,10 +229,7 @@ class _Server:
             del data  # the request holds what it needs
             if request.op == P.CLOSE:
                 P.close_fds(fds)
-                if self.inflight.get(request.handle):
-                    nursery.start_soon(self._close, request.handle)  # which cancels them
-                else:
-                    self._closing.append(request.handle)  # closed after this batch's requests
+                self._closing.append(request.handle)  # closed after the requests before it
             elif request.op == P.RESTORE_MORE:
                 part_fds, body = self.restoring.setdefault(request.handle, ([], bytearray()))
                 part_fds.extend(fds)
@@ -169,22 +242,12 @@ class _Server:
                 P.close_fds(fds)  # it carries none; any that came are ours to close
                 self._resume(request)
             else:
-                queues.setdefault(request.account, collections.deque()).append((request, fds))
-        return self._in_turn(queues), False
-
-    @staticmethod
-    def _in_turn(queues: dict[int, collections.deque]) -> list[tuple[SchemeRequest, list[int]]]:
-        """One request of each account in turn until every queue is empty."""
-        if len(queues) == 1:
-            return list(queues.popitem()[1])
-        order = []
-        while queues:
-            for account in list(queues):
-                queue = queues[account]
-                order.append(queue.popleft())
-                if not queue:
-                    del queues[account]
-        return order
+                queue = waiting.get(request.account)
+                if queue is None:
+                    queue = waiting[request.account] = collections.deque()
+                queue.append((request, fds))
+                room -= 1
+        return False
 
     def _restore(self, number: int, body: bytes, fds: list[int]) -> None:
         """A handle the router kept for us while our predecessor died. One that cannot be
@@ -268,10 +331,10 @@ class _Server:
         return reply, fds
 
     def _close_now(self, number: int) -> bool:
-        """Close handle number (no request of it in flight: the batch's own were served
-        before, or started as tasks, as a close task would have let them) here and now, if
-        the scheme can release it without blocking; False: a task of its own must
-        (:meth:`_close`)."""
+        """Close handle number (no request of it in flight or waiting: those read before
+        the CLOSE were served, or started as tasks, as a close task would have let them)
+        here and now, if the scheme can release it without blocking; False: a task of its
+        own must (:meth:`_close`)."""
         obj = self.handles.get(number)
         if obj is not None:
             try:
@@ -293,18 +356,43 @@ class _Server:
                 log.exception("%s: close failed", self.scheme.name)
 
     async def _handle(self, request: SchemeRequest, fds: list[int]) -> None:
-        req = None
+        """Serve one request in a task of its own."""
         req_id = request.req_id
+        decoded = self._decode(request, fds, False)
+        del request  # the arguments are decoded: a request waiting in a daemon holds no frame
+        if type(decoded) is int:
+            await self._send(req_id, P.ERR, decoded)
+        else:
+            await self._respond(*decoded)
+
+    def _decode(self, request: SchemeRequest, fds: list[int], inline: bool
+                ) -> tuple[Request, Any] | int:
+        """The Request a method sees (owning fds from now on) and its decoded arguments;
+        or the errno to answer, the fds closed."""
         try:
             if len(request.refs) != len(fds):
                 raise P.ProtocolError("fd count does not match the header")
-            passed = [fd if ref >= P.FOREIGN_REF else HandleRef(ref, fd)
-                      for ref, fd in zip(request.refs, fds)]
-            req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
-                          passed, id=req_id, refs=request.refs, account=request.account)
-            fds = []  # owned by req.passed now
             args = request.args() if request.op != P.SCHEME_STATUS else []
-            del request  # the arguments are decoded: a request waiting in a daemon holds no frame
+        except P.ProtocolError:
+            P.close_fds(fds)
+            return errno.EINVAL
+        except Exception:
+            P.close_fds(fds)
+            log.exception("%s: op %d not decoded", self.scheme.name, request.op)
+            return errno.EIO
+        passed = [fd if ref >= P.FOREIGN_REF else HandleRef(ref, fd)
+                  for ref, fd in zip(request.refs, fds)]
+        req = Request(Caller(request.pid, request.uid, request.gid), request.handle, request.op,
+                      passed, id=request.req_id, refs=request.refs, account=request.account,
+                      inline=inline)
+        return req, args
+
+    async def _respond(self, req: Request, args: Any) -> None:
+        """Call req's method and answer it; the fds passed with it are closed after, unless
+        the method asked to run in a task (RunInTask), which then owns them."""
+        req_id = req.id
+        moved = False
+        try:
             result = await self._call(req, req.handle, req.op, args)
             if req.changed and req.handle in self.handles:
                 try:
@@ -312,6 +400,14 @@ class _Server:
                 except BaseException:
                     _close_result(result)
                     raise
+        except RunInTask:
+            if not req.inline or self._nursery is None:
+                log.error("%s: op %d asked for a task outside the loop", self.scheme.name, req.op)
+                await self._send(req_id, P.ERR, errno.EIO)
+            else:
+                req.inline = False
+                self._nursery.start_soon(self._respond, req, args)
+                moved = True
         except (SchemeError, OSError) as exc:
             await self._send(req_id, P.ERR, exc.errno or errno.EIO)
         except P.ProtocolError:
@@ -319,13 +415,12 @@ class _Server:
         except trio.Cancelled:
             raise
         except Exception:
-            log.exception("%s: op %d failed", self.scheme.name, req.op if req else -1)
+            log.exception("%s: op %d failed", self.scheme.name, req.op)
             await self._send(req_id, P.ERR, errno.EIO)
         else:
             await self._answer(req_id, result)
         finally:
-            P.close_fds(fds)
-            if req is not None:
+            if not moved:
                 P.close_fds(req.passed_fds())
 
     async def _call(self, req: Request, number: int, op_number: int, args: Any) -> Any:
@@ -353,7 +448,7 @@ class _Server:
             raise SchemeError(op.wrong_handle, f"{op.name} does not take a {type(obj).__name__}")
         if op_number == P.OPENAT and args[1] & RESOLVE_FLAGS and not self.scheme.resolves_beneath:
             raise SchemeError(errno.EINVAL, f"the {self.scheme.name} scheme has no O_RESOLVE_* lookups")
-        if op_number in self.scheme.inline_ops:
+        if req.inline:
             return await method(req, obj, *args)
         with trio.CancelScope() as scope:
             self.inflight.setdefault(number, set()).add(scope)

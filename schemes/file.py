@@ -35,14 +35,23 @@ the broker can resolve paths beneath it itself with openat2, exactly as
 along the grant (an fd the supervisor gave this daemon and gives only to
 brokers, recognised by its identity), and only when passthrough is allowed.
 
-The daemon answers every request in place (plain local syscalls), so it must
+The daemon answers most requests in place (plain local syscalls), so it must
 never block: files are opened O_NONBLOCK, which changes nothing for regular
 files and directories and turns a FIFO that would hang the daemon into
 ENXIO/EAGAIN.
 
-What can take long is the exception, and runs in a worker thread, one at a
-time per client account, so that a client doing it from many threads holds
-up nobody else's requests: listings (a directory may hold a million names;
+A lookup that Linux's openat2 cannot answer alone is walked by the scheme
+(schemes/resolve.py), never in the request loop: the method raises
+RunInTask and is served again in a task, where the walk goes a slice at a
+time, one walk at a time per client account (Workers.walk), at most
+MAX_WALK components long (ELOOP past it). A client whose lookups took the
+loop more CPU than COSTLY_LOOKUP (links that Linux follows for milliseconds)
+a few times in a row has its lookups served in a task for a while, openat2
+in a worker thread (Workers.lookup).
+
+Other work that can take long runs in a worker thread, one at a time per
+client account, so that a client doing it from many threads holds up
+nobody else's requests: listings (a directory may hold a million names;
 each open directory handle keeps a cursor, a host directory stream and the
 last page it served, so a page costs a page, in the directory's own order,
 never a fresh listing and sort of the whole directory), fsync, and freeing
@@ -55,11 +64,16 @@ import errno
 import os
 import stat
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 from redoxcap.schemes.file_work import (
+    COSTLY_LOOKUP,
     RESOLVE_BITS,
     FileHandle,
     Workers,
+    first_step,
     lookup_anchor,
     passed_directory,
     scheme_path,
@@ -68,11 +82,12 @@ from redoxcap.schemes.framework import (
     Opened,
     Reply,
     Request,
+    RunInTask,
     Scheme,
     SchemeError,
     daemon_cli,
 )
-from redoxcap.schemes.resolve import Anchor, open_at, resolve_parent
+from redoxcap.schemes.resolve import Anchor, T, open_natively, open_steps, parent_steps
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import (
     O_LARGEFILE,
@@ -107,7 +122,8 @@ class FileScheme(Scheme):
     """Serves one host directory; see the module docstring."""
 
     # local syscalls only: nothing waits for a client; listings, fsync, ftruncate and
-    # unlink, which can take long, go to a worker thread
+    # unlink, which can take long, go to a worker thread (and a lookup that must be
+    # walked raises RunInTask)
     inline_ops = frozenset(P.SCHEME_OPS) - {P.GETDENTS, P.READDIR, P.FSYNC, P.FTRUNCATE, P.UNLINKAT}
     resolves_beneath = True
 
@@ -145,6 +161,52 @@ class FileScheme(Scheme):
         if self.read_only:
             raise SchemeError(errno.EROFS)
 
+    # -- lookups ---------------------------------------------------------------
+
+    # In the request loop, a lookup is Linux's openat2 alone, timed (_in_place); a walk,
+    # or any lookup of an account whose lookups lately cost the loop more than
+    # COSTLY_LOOKUP, raises RunInTask, and the request is served again in a task, where
+    # Workers.lookup runs it (that account's openat2 in a worker thread; a walk a slice
+    # at a time, one walk at a time per account).
+
+    def _in_place(self, req: Request, timed: bool, first: Callable[..., T], *args: Any) -> T:
+        """first(*args), the openat2 part of a lookup, in the request loop: RunInTask for
+        an account whose lookups are costly, and one that takes too much CPU counts
+        against it (unless not timed: an open with O_TRUNC frees the file's blocks too)."""
+        work = self.work
+        if work.costly(req.account):
+            raise RunInTask
+        if not timed:
+            return first(*args)
+        start = time.thread_time()  # CPU time (the kernel's too): being preempted is no cost
+        try:
+            return first(*args)
+        finally:
+            if time.thread_time() - start > COSTLY_LOOKUP:
+                work.mark_costly(req.account)
+
+    async def _open(self, req: Request, h: FileHandle, anchor: Anchor, path: str, flags: int,
+                    mode: int = 0o666) -> int:
+        """resolve.open_at from h (see _in_place)."""
+        if req.inline:
+            fd = self._in_place(req, not flags & os.O_TRUNC, open_natively, anchor, h.fd, path,
+                                flags, mode)
+            if fd is None:
+                raise RunInTask  # only the walk answers
+            return fd
+        return await self.work.lookup(req.account, h, open_steps(anchor, h.fd, path, flags, mode))
+
+    async def _parent(self, req: Request, h: FileHandle, path: str) -> tuple[int, str]:
+        """resolve.resolve_parent beneath h's anchor (see _in_place)."""
+        steps = parent_steps(h.anchor, h.fd, path)
+        if not req.inline:
+            return await self.work.lookup(req.account, h, steps)
+        done, value = self._in_place(req, True, first_step, steps)
+        if not done:
+            steps.close()
+            raise RunInTask  # only the walk answers
+        return value
+
     # -- opening -------------------------------------------------------------
 
     async def openat(self, req: Request, h: FileHandle, path: str, flags: int, mode: int
@@ -166,7 +228,7 @@ class FileScheme(Scheme):
         host = flags & ~(RESOLVE_BITS | os.O_CLOEXEC)
         if not path_only:
             host |= os.O_NONBLOCK
-        fd = open_at(anchor, h.fd, path, host, mode)
+        fd = await self._open(req, h, anchor, path, host, mode)
         try:
             st_mode = os.fstat(fd).st_mode
             if passthrough and stat.S_ISREG(st_mode) and not path_only:
@@ -305,7 +367,7 @@ class FileScheme(Scheme):
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
             raise SchemeError(errno.EINVAL, "unsupported flag")
         anchor = lookup_anchor(h, path, flags)
-        fd = open_at(anchor, h.fd, path, os.O_PATH | (flags & os.O_NOFOLLOW))
+        fd = await self._open(req, h, anchor, path, os.O_PATH | (flags & os.O_NOFOLLOW))
         try:
             return Stat.of(os.fstat(fd))
         finally:
@@ -356,7 +418,7 @@ class FileScheme(Scheme):
     async def mkdirat(self, req: Request, h: FileHandle, path: str, mode: int) -> None:
         self._writable()
         mode = _mode(mode)
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.mkdir(name, mode, dir_fd=parent)
         finally:
@@ -366,29 +428,29 @@ class FileScheme(Scheme):
         if flags & ~P.AT_REMOVEDIR:
             raise SchemeError(errno.EINVAL)
         self._writable()
-        # removing a large file frees its blocks, which takes time: in a worker thread
-        await self.work.run(req.account, h, self._unlink, h, path, flags)
-
-    @staticmethod
-    def _unlink(h: FileHandle, path: str, flags: int) -> None:
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
-            if not flags & P.AT_REMOVEDIR:
-                os.unlink(name, dir_fd=parent)
-            elif not path.strip("/"):
-                raise SchemeError(errno.EBUSY)  # rmdir("/"), as Linux
-            else:
-                os.rmdir(name, dir_fd=parent)
+            # removing a large file frees its blocks, which takes time: in a worker thread
+            await self.work.run(req.account, h, self._unlink, parent, name, path, flags)
         finally:
             os.close(parent)
+
+    @staticmethod
+    def _unlink(parent: int, name: str, path: str, flags: int) -> None:
+        if not flags & P.AT_REMOVEDIR:
+            os.unlink(name, dir_fd=parent)
+        elif not path.strip("/"):
+            raise SchemeError(errno.EBUSY)  # rmdir("/"), as Linux
+        else:
+            os.rmdir(name, dir_fd=parent)
 
     async def renameat(self, req: Request, h: FileHandle, old: str, new: str) -> None:
         """Rename old (relative to h) to new (relative to the passed directory, or h)."""
         self._writable()
         target = passed_directory(req, self.handles, h)
-        src, src_name = resolve_parent(h.anchor, h.fd, old)
+        src, src_name = await self._parent(req, h, old)
         try:
-            dst, dst_name = resolve_parent(target.anchor, target.fd, new)
+            dst, dst_name = await self._parent(req, target, new)
             try:
                 os.rename(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst)
             finally:
@@ -405,12 +467,12 @@ class FileScheme(Scheme):
         """
         self._writable()
         target = passed_directory(req, self.handles, h)
-        fd = open_at(h.anchor, h.fd, old, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h, h.anchor, old, os.O_PATH | os.O_NOFOLLOW)
         try:
             old_is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
         finally:
             os.close(fd)
-        dst, dst_name = resolve_parent(target.anchor, target.fd, new)
+        dst, dst_name = await self._parent(req, target, new)
         try:
             if old_is_dir:
                 try:
@@ -418,7 +480,7 @@ class FileScheme(Scheme):
                 except FileNotFoundError:
                     raise SchemeError(errno.ENOENT if dst_name.endswith("/") else errno.EPERM) from None
                 raise SchemeError(errno.EEXIST)
-            src, src_name = resolve_parent(h.anchor, h.fd, old)
+            src, src_name = await self._parent(req, h, old)
             try:  # old is not a directory, so it has no trailing slash: a plain name in src
                 os.link(src_name, dst_name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
             finally:
@@ -435,7 +497,7 @@ class FileScheme(Scheme):
             raise SchemeError(errno.EINVAL)
         if len(target.encode()) >= PATH_MAX:
             raise SchemeError(errno.ENAMETOOLONG)
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.symlink(target, name, dir_fd=parent)
         finally:
@@ -443,7 +505,7 @@ class FileScheme(Scheme):
 
     # -- metadata --------------------------------------------------------------
 
-    def _metadata_target(self, h: FileHandle, path: str, flags: int) -> int:
+    async def _metadata_target(self, req: Request, h: FileHandle, path: str, flags: int) -> int:
         """An O_PATH fd of what a metadata operation changes: h's own file for an empty
         path, else path looked up beneath h as openat would (O_NOFOLLOW: the symlink itself)."""
         if flags & ~(os.O_NOFOLLOW | RESOLVE_BITS) or flags & RESOLVE_BITS == RESOLVE_BITS:
@@ -451,14 +513,14 @@ class FileScheme(Scheme):
         self._writable()
         if not path:
             return os.dup(h.fd)
-        return open_at(lookup_anchor(h, path, flags), h.fd, path,
-                       os.O_PATH | (flags & os.O_NOFOLLOW))
+        return await self._open(req, h, lookup_anchor(h, path, flags), path,
+                                os.O_PATH | (flags & os.O_NOFOLLOW))
 
     async def chmodat(self, req: Request, h: FileHandle, path: str, mode: int, flags: int) -> None:
         """Set the permission bits only: a client never leaves a set-uid, set-gid or sticky file."""
         if not 0 <= mode <= 0o7777:
             raise SchemeError(errno.EINVAL, "mode out of range")
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EOPNOTSUPP, "a symlink has no mode of its own")
@@ -473,7 +535,7 @@ class FileScheme(Scheme):
         for t in (atime, mtime):
             if t is not None and not -OFF_MAX - 1 <= t <= OFF_MAX:
                 raise SchemeError(errno.EINVAL, "time out of range")
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             st = os.fstat(fd)
             times = (st.st_atime_ns if atime is None else atime,
@@ -484,7 +546,7 @@ class FileScheme(Scheme):
         finally:
             os.close(fd)
         # the link itself: its name in its parent, never followed
-        parent, name = resolve_parent(h.anchor, h.fd, path)
+        parent, name = await self._parent(req, h, path)
         try:
             os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
         finally:
@@ -493,7 +555,7 @@ class FileScheme(Scheme):
     async def chownat(self, req: Request, h: FileHandle, path: str, uid: int, gid: int,
                       flags: int) -> None:
         """Accept only what changes nothing: -1, the caller's own id, or the file's."""
-        fd = self._metadata_target(h, path, flags)
+        fd = await self._metadata_target(req, h, path, flags)
         try:
             st = os.fstat(fd)
         finally:
@@ -503,7 +565,7 @@ class FileScheme(Scheme):
 
     async def readlinkat(self, req: Request, h: FileHandle, path: str) -> str:
         """The contents of the symlink at path; EINVAL for anything else (as Linux)."""
-        fd = open_at(h.anchor, h.fd, path, os.O_PATH | os.O_NOFOLLOW)
+        fd = await self._open(req, h, h.anchor, path, os.O_PATH | os.O_NOFOLLOW)
         try:
             if not stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SchemeError(errno.EINVAL)

@@ -6,7 +6,13 @@ page served), so that reading a large directory page by page costs a page per
 request, not the whole directory. :class:`Workers` runs what can take long
 (listings, fsync, ftruncate, unlink) in worker threads: one at a time per
 client account and LISTING_THREADS for all, so that heavy work on one
-client's behalf never holds up the requests of the others. And the
+client's behalf never holds up the requests of the others; and the lookups
+the scheme must walk itself (schemes/resolve.py) in the daemon's own thread,
+a slice at a time and one at a time per client account (`Workers.walk`: in
+a thread, a walk, all Python, would hold the interpreter's lock from the
+request loop for a switch interval at every turn), and the openat2 of a
+client whose lookups have cost the loop too much (links that make the
+kernel walk for milliseconds) in a worker thread (`Workers.lookup`). And the
 lookups the scheme's operations share: where a lookup may not go past, the
 /scheme/ path of a host fd, the directory a second path is relative to.
 """
@@ -17,6 +23,7 @@ import collections
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +31,23 @@ from typing import Any
 import trio
 
 from redoxcap.schemes.framework import HandleRef, Request, SchemeError
-from redoxcap.schemes.resolve import Anchor
+from redoxcap.schemes.resolve import Anchor, Steps, T
 from redoxcap.wire import protocol as P
 from redoxcap.wire.linux import DT_DIR, DT_LNK, DT_REG, DT_UNKNOWN
 
 PAGE_ENTRIES = 256  # names in one GETDENTS or READDIR reply at most
 MAX_LISTINGS = 256  # directory cursors kept open at once (the least recently used goes)
 LISTING_THREADS = 8  # worker threads reading directories at once, for all clients together
+# A lookup that took more CPU time than this in the request loop (s, the kernel's
+# included; Linux's openat2 takes microseconds, unless links make it walk tens of
+# thousands of components) is costly; COSTLY_STRIKES of them within STRIKE_WINDOW
+# seconds (one may be a cold cache) send the account's lookups off the loop for
+# COSTLY_FOR seconds: their openat2 in a worker thread.
+COSTLY_LOOKUP = 0.00025
+COSTLY_STRIKES = 4
+STRIKE_WINDOW = 1.0
+COSTLY_FOR = 10.0
+COSTLY_KEPT = 1024  # accounts remembered before the expired ones are dropped
 
 
 def _utf8(name: str) -> bool:
@@ -162,6 +179,9 @@ class Workers:
         self._listings: collections.OrderedDict[int, FileHandle] = collections.OrderedDict()
         self._threads = trio.CapacityLimiter(LISTING_THREADS)
         self._per_account: dict[int, trio.CapacityLimiter] = {}  # one at a time each
+        self._walking: dict[int, trio.Lock] = {}  # account -> held while one of its walks runs
+        self._costly: dict[int, float] = {}  # account -> until when its lookups stay off the loop
+        self._strikes: dict[int, tuple[int, float]] = {}  # account -> costly lookups, since when
 
     async def run(self, account: int, h: FileHandle, fn: Callable[..., Any], *args: Any,
                   exclusive: bool = False) -> Any:
@@ -180,6 +200,65 @@ class Workers:
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
                 self._per_account.pop(account, None)
+
+    def costly(self, account: int) -> bool:
+        """Whether account's lookups stay off the request loop (see COSTLY_LOOKUP)."""
+        until = self._costly.get(account)
+        return until is not None and until > time.monotonic()
+
+    def mark_costly(self, account: int) -> None:
+        """One of account's lookups took the request loop too much CPU (COSTLY_LOOKUP)."""
+        now = time.monotonic()
+        if len(self._strikes) >= COSTLY_KEPT:
+            self._strikes = {a: (n, since) for a, (n, since) in self._strikes.items()
+                             if now - since <= STRIKE_WINDOW}
+        strikes, since = self._strikes.get(account, (0, now))
+        if now - since > STRIKE_WINDOW:
+            strikes, since = 0, now
+        if strikes + 1 < COSTLY_STRIKES:
+            self._strikes[account] = (strikes + 1, since)
+            return
+        self._strikes.pop(account, None)
+        if len(self._costly) >= COSTLY_KEPT:
+            self._costly = {a: until for a, until in self._costly.items() if until > now}
+        self._costly[account] = now + COSTLY_FOR
+
+    async def lookup(self, account: int, h: FileHandle, steps: Steps[T]) -> T:
+        """A lookup (resolve.open_steps or parent_steps on h's fds) in a request's task:
+        Linux's openat2 (the first step) in a worker thread if account is costly, where
+        the kernel's work holds up no one (the thread waits in the syscall without the
+        interpreter's lock; h is busy meanwhile, so that closing it waits), else here;
+        then its walk, if any, as `walk` does. Closes steps."""
+        try:
+            if self.costly(account):
+                done, value = await self.run(account, h, first_step, steps)
+            else:
+                done, value = first_step(steps)
+        except BaseException:
+            steps.close()
+            raise
+        if done:
+            return value
+        return await self.walk(account, steps)
+
+    async def walk(self, account: int, steps: Steps[T]) -> T:
+        """Drive a lookup whose walk is about to begin (resolve.open_steps or parent_steps,
+        after their first yield) to its end, a slice at a time with a checkpoint between
+        (where a CLOSE of its handle cancels it), one walk at a time per account: one
+        client's walks hold up each other client for a slice at most. Closes steps."""
+        lock = self._walking.setdefault(account, trio.Lock())
+        try:
+            async with lock:
+                while True:
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        return done.value
+                    await trio.lowlevel.checkpoint()
+        finally:
+            steps.close()
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._walking.pop(account, None)
 
     async def page(self, account: int, h: FileHandle, start: int) -> list[tuple[str, int]]:
         """The entries (name, d_type) of directory h from index start on, one reply's worth."""
@@ -205,6 +284,16 @@ class Workers:
         if h.listing is not None:
             self._listings.pop(id(h), None)
             h.listing.close()
+
+
+def first_step(steps: Steps[T]) -> tuple[bool, T | None]:
+    """A lookup's first step, Linux's openat2: (True, what steps return) if they end
+    without a yield, else (False, None): the walk is to begin."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return True, done.value
+    return False, None
 
 
 def lookup_anchor(h: FileHandle, path: str, flags: int) -> Anchor:

@@ -12,8 +12,9 @@ a TypeError at import.
 (the loop is schemes/_server.py), checks each request's arguments against the
 declared types and its handle against `@takes` before any method runs, runs
 each method in its own task (a slow request never holds up the others;
-`inline_ops` run in place), and turns what the method returns or raises
-into the reply:
+`inline_ops` run in place, a turn's worth at a time: see schemes/_server.py;
+one that finds it has long work to do raises `RunInTask` and runs in a task
+after all), and turns what the method returns or raises into the reply:
 
 - a plain value            -> OK with that value (a wire.stat.Stat is sent as its map)
 - `Opened(obj, fdflags)`   -> a new handle; the router mints a capability for it
@@ -45,6 +46,7 @@ from redoxcap.schemes._scheme import (
     Opened,
     Reply,
     Request,
+    RunInTask,
     Scheme,
     SchemeError,
     takes,
@@ -64,6 +66,7 @@ __all__ = [
     "Opened",
     "Reply",
     "Request",
+    "RunInTask",
     "Scheme",
     "SchemeError",
     "check_handle",

@@ -33,6 +33,24 @@ lookup never tried to leave the starting directory, which is beneath the
 anchor, so the walk would have given the same answer. When the start is the
 anchor, openat2 in the anchor's own mode is the answer.
 
+Bounds: a walk follows at most MAXSYMLINKS symlinks, as Linux, and walks
+at most MAX_WALK components in all (a `.` and a `..` count; past it, ELOOP,
+as Linux answers a lookup that follows too many links): Linux bounds the
+work of a lookup only by 40 links of PATH_MAX bytes each, some 84,000
+components, which a client's links can make the scheme walk in Python, at
+microseconds a component. A path of PATH_MAX bytes has at most 2048
+components; MAX_WALK is four such paths, which no real lookup (however deep
+the tree, however many links it follows on the way) comes near. The climb
+from a start below its anchor is bounded apart (MAX_CLIMB).
+
+Steps: `open_steps` and `parent_steps` are the lookups as generators, for a
+caller that serves others meanwhile (the file scheme): they yield nothing
+when Linux's openat2 answers; else once before the walk begins (nothing is
+open yet: a caller that must not walk here can close the generator and try
+again elsewhere) and then once every WALK_SLICE components (and climbed
+directories), so that no walk holds its caller for long. `open_at` and
+`resolve_parent` run them to the end.
+
 The operations that act on a name (mkdir, unlink, rename...) get the parent
 directory as an fd and the last component as the path wrote it, to hand to
 the Linux *at call: Linux never follows the last component of those
@@ -46,6 +64,8 @@ import errno
 import os
 import stat
 from collections import deque
+from collections.abc import Generator
+from typing import TypeVar
 
 from redoxcap.wire.beneath import Anchor, open_natively  # noqa: F401 - the scheme's own, re-exported
 from redoxcap.wire.beneath import check_flags as _check_flags
@@ -55,6 +75,11 @@ from redoxcap.wire.beneath import linux_lookup as _linux
 from redoxcap.wire.linux import MAXSYMLINKS
 
 MAX_CLIMB = 4096  # directories between a start directory and its anchor
+MAX_WALK = 4 * 2048  # components one walk may take: four paths of PATH_MAX (see the module)
+WALK_SLICE = 64  # components (or climbed directories) a walk takes between two yields
+
+T = TypeVar("T")
+Steps = Generator[None, None, T]  # a lookup as steps: see the module
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -78,6 +103,7 @@ class _Walk:
     def __init__(self, anchor: Anchor, start_fd: int, absolute: bool) -> None:
         self.anchor = anchor
         self.links = 0
+        self.walked = 0  # components taken, against MAX_WALK
         self.dirs: list[int] = []
         self.ids: list[int | None] = []
         if absolute:
@@ -115,6 +141,13 @@ class _Walk:
         self.dirs.append(fd)
         self.ids.append(self.anchor.identity)
 
+    def next_name(self, rest: deque[str]) -> str:
+        """The next component of rest, counted against MAX_WALK (ELOOP past it)."""
+        self.walked += 1
+        if self.walked > MAX_WALK:
+            raise OSError(errno.ELOOP, "the lookup walks too many components")
+        return rest.popleft()
+
     def step(self, name: str, rest: deque[str]) -> None:
         """Walk one component that must be a directory (symlinks are spliced into rest)."""
         if name == ".":
@@ -142,7 +175,7 @@ class _Walk:
     def up(self) -> None:
         """`..`: back to the directory the walk came from (never the host's `..`)."""
         if len(self.dirs) == 1 and self._id(0) != self.anchor.identity:
-            self._climb_to_anchor()
+            finish(self.climb())  # the steps' callers have climbed already
         if len(self.dirs) == 1:
             if self.anchor.beneath:
                 raise OSError(errno.EXDEV, "'..' would leave the directory")
@@ -150,13 +183,19 @@ class _Walk:
         os.close(self.dirs.pop())
         self.ids.pop()
 
-    def _climb_to_anchor(self) -> None:
-        """Put the directories from the anchor down to the start's parent under dirs[0]."""
+    def climb(self) -> Steps[None]:
+        """Before a `..` at a start directory below the anchor: put the directories from
+        the anchor down to the start's parent under dirs[0], yielding every WALK_SLICE
+        of them (nothing to do at the anchor or once climbed)."""
+        if len(self.dirs) != 1 or self._id(0) == self.anchor.identity:
+            return
         chain: list[int] = []
         ids: list[int] = []
         cur, cur_id = self.dirs[0], self._id(0)
         try:
-            for _ in range(MAX_CLIMB):
+            for climbed in range(1, MAX_CLIMB + 1):
+                if climbed % WALK_SLICE == 0:
+                    yield
                 parent = os.open("..", _O_PATH_DIR, dir_fd=cur)
                 chain.append(parent)
                 parent_id = _identity(parent)
@@ -222,28 +261,48 @@ def open_at(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o
 
     Raises:
         OSError: with Linux's errno: ENOENT (also for an empty path), EXDEV for
-            an escape beneath, ELOOP, ENOTDIR, EEXIST, EISDIR, EINVAL for flags
-            openat2 refuses (and a NUL in path), ENAMETOOLONG; EXDEV when
-            start_fd is no longer beneath its anchor and the lookup climbs
-            out of it.
+            an escape beneath, ELOOP (also past MAX_WALK components), ENOTDIR,
+            EEXIST, EISDIR, EINVAL for flags openat2 refuses (and a NUL in
+            path), ENAMETOOLONG; EXDEV when start_fd is no longer beneath its
+            anchor and the lookup climbs out of it.
     """
+    return finish(open_steps(anchor, start_fd, path, flags, mode))
+
+
+def open_steps(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int = 0o666
+               ) -> Steps[int]:
+    """open_at as steps (see the module): yields before the walk and between its slices."""
     flags = _check_flags(flags, mode)  # before the path, as Linux
     _check_path(path)
     fd = _linux(anchor, start_fd, path, flags, mode)
     if fd is not None:
         return fd
-    return _walk_open(anchor, start_fd, path, flags, mode)
+    yield  # the walk begins
+    return (yield from _walk_open(anchor, start_fd, path, flags, mode))
 
 
-def _walk_open(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> int:
+def finish(steps: Steps[T]) -> T:
+    """Run a lookup's steps to the end: what it returns, or raises."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _walk_open(anchor: Anchor, start_fd: int, path: str, flags: int, mode: int) -> Steps[int]:
     rest, must_be_dir = _split(path)
     walk = _Walk(anchor, start_fd, path.startswith("/"))
     try:
         while True:
             if not rest:  # the path named a directory itself: '/', '.', '..'
                 return os.open(".", flags, mode, dir_fd=walk.cur)
-            name = rest.popleft()
+            name = walk.next_name(rest)
+            if walk.walked % WALK_SLICE == 0:
+                yield
             if rest or name in (".", ".."):
+                if name == "..":
+                    yield from walk.climb()
                 walk.step(name, rest)
                 continue
             fd, body = _open_last(walk, name, flags, mode, must_be_dir)
@@ -320,6 +379,11 @@ def resolve_parent(anchor: Anchor, start_fd: int, path: str) -> tuple[int, str]:
         OSError: ENOENT for an empty path, EXDEV for "/" beneath, and what
             open_at raises for the components before the last.
     """
+    return finish(parent_steps(anchor, start_fd, path))
+
+
+def parent_steps(anchor: Anchor, start_fd: int, path: str) -> Steps[tuple[int, str]]:
+    """resolve_parent as steps (see the module): yields before the walk and between its slices."""
     _check_path(path)
     parts, trailing = _split(path)
     absolute = path.startswith("/")
@@ -336,10 +400,16 @@ def resolve_parent(anchor: Anchor, start_fd: int, path: str) -> tuple[int, str]:
     fd = _linux(anchor, start_fd, dir_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0)
     if fd is not None:
         return fd, last
+    yield  # the walk begins
     walk = _Walk(anchor, start_fd, absolute)
     try:
         while parts:
-            walk.step(parts.popleft(), parts)
+            name = walk.next_name(parts)
+            if walk.walked % WALK_SLICE == 0:
+                yield
+            if name == "..":
+                yield from walk.climb()
+            walk.step(name, parts)
         return walk.take(), last
     finally:
         walk.close()

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from redoxcap.schemes.resolve import Anchor, open_at, resolve_parent
+from redoxcap.schemes.resolve import (
+    MAX_WALK,
+    WALK_SLICE,
+    Anchor,
+    open_at,
+    open_steps,
+    parent_steps,
+    resolve_parent,
+)
 from redoxcap.wire import beneath as fast_path
 from redoxcap.wire.linux import RESOLVE_BENEATH, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, openat2
 
@@ -280,6 +288,117 @@ def test_a_start_no_longer_beneath_its_anchor_cannot_climb(tmp_path, fast):
     finally:
         os.close(fd)
         os.close(out)
+
+
+def _deep_box(top: Path, depth: int) -> Path:
+    """top/box with sub/, a tree of directories `a` depth deep ending in a file f, and
+    40 links L0..L39: each of the first 39 goes down into sub and back up 20 times and
+    on to the next, the last down the whole tree to f (pytest removes a tree recursively:
+    keep depth below Python's recursion limit)."""
+    box = top / "box"
+    (box / "sub").mkdir(parents=True)
+    cur = _dirfd(box)
+    try:
+        for _ in range(depth):  # deeper than an absolute path can name: one level at a time
+            os.mkdir("a", dir_fd=cur)
+            cur, parent = os.open("a", os.O_PATH | os.O_DIRECTORY, dir_fd=cur), cur
+            os.close(parent)
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=cur))
+    finally:
+        os.close(cur)
+    for i in range(39):
+        os.symlink("sub/../" * 20 + f"L{i + 1}", box / f"L{i}")
+    os.symlink("a/" * depth + "f", box / "L39")
+    return box
+
+
+def test_a_deep_path_through_forty_long_links_is_walked_as_linux_looks_it_up(tmp_path, fast):
+    """From below the anchor (the walk, not openat2): `..`, 40 links of 40 components
+    each and a tree 800 deep, some 2,400 components: well within MAX_WALK, the file
+    Linux's openat2 opens."""
+    box = _deep_box(tmp_path, 800)
+    fd, sub = _dirfd(box), _dirfd(box / "sub")
+    try:
+        expected = openat2(fd, "sub/../L0", os.O_RDONLY | os.O_CLOEXEC, 0, RESOLVE_BENEATH)
+        try:
+            for beneath in (True, False):
+                got = open_at(Anchor.of(fd, beneath=beneath), sub, "../L0", os.O_RDONLY)
+                try:
+                    assert os.path.sameopenfile(got, expected)
+                finally:
+                    os.close(got)
+                parent, last = resolve_parent(Anchor.of(fd, beneath=beneath), sub,
+                                              "../" + "a/" * 800 + "f")
+                try:
+                    assert last == "f"
+                    assert os.stat(last, dir_fd=parent).st_ino == os.fstat(expected).st_ino
+                finally:
+                    os.close(parent)
+        finally:
+            os.close(expected)
+    finally:
+        os.close(fd)
+        os.close(sub)
+
+
+def test_a_walk_of_more_than_max_walk_components_is_eloop(tmp_path, fast):
+    """Links of `sub/../` x 500 (each within PATH_MAX, fewer than 40 of them): Linux walks
+    them all; the scheme's walk stops at MAX_WALK components with ELOOP, the errno of a
+    lookup that follows too many links, and leaves no fd open."""
+    box = tmp_path / "box"
+    (box / "sub").mkdir(parents=True)
+    (box / "f").write_text("f")
+    for i in range(20):
+        os.symlink("sub/../" * 500 + f"s{i + 1}", box / f"s{i}")
+    os.symlink("f", box / "s20")
+    assert 20 * 1000 > MAX_WALK
+    fd, sub = _dirfd(box), _dirfd(box / "sub")
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for call in (lambda a: open_at(a, sub, "../s0", os.O_RDONLY),
+                     lambda a: resolve_parent(a, sub, "../s0/x")):
+            with pytest.raises(OSError) as info:
+                call(Anchor.of(fd, beneath=False))
+            assert info.value.errno == errno.ELOOP
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
+        os.close(sub)
+
+
+def test_steps_yield_only_to_walk_and_leave_no_fd_when_abandoned(tmp_path, fast):
+    """Linux's answer comes without a yield; a walk yields before it begins and every
+    WALK_SLICE components after; a walk closed halfway closes what it held."""
+    box = _deep_box(tmp_path, 300)
+    fd, sub = _dirfd(box), _dirfd(box / "sub")
+    anchor = Anchor.of(fd)
+    try:
+        if fast:
+            with pytest.raises(StopIteration) as done:
+                next(open_steps(anchor, fd, "L0", os.O_RDONLY))
+            os.close(done.value.value)
+        before = len(os.listdir("/proc/self/fd"))
+        for steps in (open_steps(anchor, sub, "../L0", os.O_RDONLY),
+                      parent_steps(anchor, sub, "../" + "a/" * 300 + "f")):
+            yields = 0
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                yields += 1
+            os.close(result if isinstance(result, int) else result[0])
+            assert yields >= 300 // WALK_SLICE
+        for steps in (open_steps(anchor, sub, "../L0", os.O_RDONLY),
+                      parent_steps(anchor, sub, "../" + "a/" * 300 + "f")):
+            for _ in range(3):
+                next(steps)
+            steps.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
+        os.close(sub)
 
 
 # -- resolve_parent against the name operations of Linux in a chroot -------------------

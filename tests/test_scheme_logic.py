@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import socket
 import stat
+import time
 import typing
 
 import pytest
 import trio
 import trio.testing
 
+from redoxcap.schemes._server import _Server
 from redoxcap.schemes.framework import (
     Caller,
     HandleRef,
     Request,
+    RunInTask,
     Scheme,
     SchemeError,
     invoke,
@@ -30,6 +34,7 @@ from redoxcap.schemes.uds import MAX_QUEUED_FDS, UdsScheme
 from redoxcap.schemes.zero import ZeroScheme
 from redoxcap.wire import ops
 from redoxcap.wire import protocol as P
+from redoxcap.wire.channel import Channel
 from redoxcap.wire.frames import SchemeReply, SchemeRequest
 
 
@@ -315,6 +320,94 @@ async def test_a_scheme_serves_the_requests_waiting_for_it_one_account_at_a_time
     assert replies[0].status == P.HELLO
     assert [r.req_id for r in replies[1:]] == [1, 100, 200, 2, 101, 3, 4, 5, 6, 7, 8]
     assert all(r.value() == "/scheme/zero" for r in replies[1:])
+
+
+class _Costly(Scheme):
+    """READ costs 5 ms of the loop (in place, as a costly inline request would); FPATH
+    is cheap; FSTAT asks for a task, where it waits."""
+
+    name = "costly"
+    inline_ops = frozenset({P.READ, P.FPATH, P.FSTAT})
+
+    def root(self) -> object:
+        return object()
+
+    async def read(self, req, h, n):
+        time.sleep(0.005)  # noqa: ASYNC251 - the point: work that holds the loop
+        return b"x"
+
+    async def fpath(self, req, h):
+        return "/scheme/costly"
+
+    async def fstat(self, req, h):
+        if req.inline:
+            raise RunInTask
+        await trio.sleep(0.01)  # what only a task may do
+        return {"st_mode": 0}
+
+
+def _frame(req_id: int, op: int, account: int) -> bytes:
+    return SchemeRequest(req_id, P.ROOT_HANDLE, 1, 0, 0, op, (), P.pack([1] if op == P.READ else []),
+                         account).encode()
+
+
+async def test_a_client_whose_requests_cost_the_loop_holds_up_another_for_a_turn_not_a_batch():
+    """32 costly requests of one account waiting, and another account's cheap one sent
+    once the first is answered: it is answered after a turn or two of them (TURN), not
+    after the 31 left."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for n in range(1, 33):
+        ours.send(_frame(n, P.READ, 7))
+    router = trio.socket.from_stdlib_socket(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, _Costly(), theirs.detach())
+        assert SchemeReply.decode(await router.recv(P.MAX_FRAME)).status == P.HELLO
+        replies = [SchemeReply.decode(await router.recv(P.MAX_FRAME)).req_id]
+        await router.send(_frame(100, P.FPATH, 8))
+        while len(replies) < 33:
+            replies.append(SchemeReply.decode(await router.recv(P.MAX_FRAME)).req_id)
+        router.close()
+    assert replies.index(100) <= 4, replies
+
+
+def test_a_turn_cut_after_an_accounts_last_request_leaves_no_empty_queue():
+    """A turn that ends right after an account's last request, then requests of others:
+    the next turn takes them in order (an empty queue left behind crashed the daemon)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        server = _Server(ZeroScheme(), Channel(theirs))
+        for account, req_ids in ((7, [1, 2]), (7, [3]), (8, [4, 5])):
+            server._waiting.setdefault(account, collections.deque()).extend(
+                (SchemeRequest(n, 0, 1, 0, 0, P.FPATH, (), b"", account), []) for n in req_ids)
+            turn = server._in_turn()
+            taken = [next(turn)[0].req_id for _ in req_ids]
+            turn.close()
+            assert taken == req_ids
+        assert server._waiting == {}
+        for account, n in ((7, 6), (8, 7), (7, 8), (9, 9)):
+            server._waiting.setdefault(account, collections.deque()).append(
+                (SchemeRequest(n, 0, 1, 0, 0, P.FPATH, (), b"", account), []))
+        turn = server._in_turn()
+        assert [next(turn)[0].req_id for _ in range(2)] == [6, 7]
+        turn.close()  # cut in the middle of a round: 7 and 8 go behind 9
+        assert [r.req_id for r, _ in server._in_turn()] == [9, 8]
+        assert server._waiting == {}
+
+
+async def test_a_method_called_in_place_that_asks_for_a_task_is_served_in_one():
+    """RunInTask: the request is served again in a task (req.inline False) where it may
+    wait, while the loop answers the requests behind it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.send(_frame(1, P.FSTAT, 7))
+    ours.send(_frame(2, P.FPATH, 8))
+    router = trio.socket.from_stdlib_socket(ours)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve, _Costly(), theirs.detach())
+        assert SchemeReply.decode(await router.recv(P.MAX_FRAME)).status == P.HELLO
+        replies = [SchemeReply.decode(await router.recv(P.MAX_FRAME)) for _ in range(2)]
+        router.close()
+    assert [(r.req_id, r.status) for r in replies] == [(2, P.OK), (1, P.OK)]
+    assert replies[1].value() == {"st_mode": 0}
 
 
 # -- the protocol is declared: defaults and handle checks that cannot go missing --------
