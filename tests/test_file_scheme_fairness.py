@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+from test_exhaustion import victim
 
 # 64 STATATs in flight (16 on each of 4 clones of a directory handle), each of a symlink
 # chain: 38 links whose targets are "../d/" x 800 then the next link. From a directory
@@ -40,17 +41,6 @@ while True:  # one more as each is answered, until stdin closes
         s.send(frame)
 """
 
-FSTAT_TIMER = r"""
-import sys, time, rt
-f = rt.open("/d/f")
-for line in sys.stdin:
-    t = time.perf_counter()
-    for _ in range(20):
-        rt.fstat(f)
-    print(time.perf_counter() - t, flush=True)
-"""
-
-
 @pytest.mark.parametrize("step", ["../d/", "x/../"], ids=["walked", "in_the_kernel"])
 def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_scheme(
         redoxcap_system, step):
@@ -67,15 +57,7 @@ def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_s
     for i in range(38):
         os.symlink(step * 800 + f"s{i + 1}", d / f"s{i}")
     os.symlink("f", d / "s38")
-    victim = redoxcap_system.start("run", "--", sys.executable, "-c", FSTAT_TIMER)
-
-    def round_time() -> float:
-        victim.stdin.write("go\n")
-        victim.stdin.flush()
-        line = victim.stdout.readline()
-        assert line, victim.stderr.read()
-        return float(line)
-
+    reader, round_time = victim(redoxcap_system, 'f = rt.open("/d/f")\n', "rt.fstat(f)", ())
     quiet = statistics.median(round_time() for _ in range(7))
     attacker = redoxcap_system.start("run", "--", sys.executable, "-c", DEEP_WALKER)
     try:
@@ -85,7 +67,7 @@ def test_a_client_walking_long_symlink_chains_holds_up_no_one_else_on_the_file_s
     finally:
         attacker.kill()
         attacker.communicate(timeout=60)
-    victim.communicate("", timeout=120)
+    reader.communicate("", timeout=120)
     ratio = loaded / quiet
     assert ratio < 10, (f"another client's fstats took {ratio:.0f}x their quiet time "
                         f"({quiet * 1e3:.1f} ms -> {loaded * 1e3:.1f} ms)")
