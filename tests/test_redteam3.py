@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call
@@ -48,3 +49,27 @@ def test_fds_of_a_request_held_for_a_restart_stay_with_the_account_that_sent_the
     assert (held(kernel, a), held(kernel, b)) == (0, 0)
     for fd in (moved, cap_a, cap_b):
         os.close(fd)
+
+
+def test_fds_riding_on_requests_held_for_a_restart_are_bounded_by_the_quota(kernel):
+    """While a scheme's daemon is down, requests wait for the next one (recovery.hold),
+    their fds held by the router and charged to the account: with no check of its quota.
+    The same request forwarded to a live daemon is EMFILE past it (Router.forward); held,
+    an account with a quota of 8 makes the router hold 4 x 200 fds (up to max_inflight x
+    MAX_FDS, some 16,000 per client, past every quota and into the fds all clients share)."""
+    _, scheme, root = create_scheme(kernel)
+    account, (cap,) = new_account(kernel, [root], max_caps=8)
+    scheme.die()
+    r, w = os.pipe()
+    for tag in range(4):
+        send(cap, encode_request(CUSTOM_OP, tag, []), [w] * 200)
+    os.close(w)
+    os.close(r)
+    most, end = 0, time.monotonic() + 1  # the router reads the four requests in its time
+    while time.monotonic() < end and most <= 8:
+        most = max(most, held(kernel, account))
+        time.sleep(0.01)
+    try:
+        assert most <= 8, f"the router holds {most} fds for an account whose quota is 8"
+    finally:
+        os.close(cap)
