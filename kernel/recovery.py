@@ -44,7 +44,7 @@ class RoutingLoop(Protocol):
     def reply(self, cap: Capability, tag: int, status: int, value, fds: list[int] | None = None) -> None: ...
     def settle(self, cap: Capability) -> None: ...
     def forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int, body: bytes,
-                fds: list[int], counted: bool = False, serving: int | None = None,
+                fds: list[int], held: Account | None = None, serving: int | None = None,
                 for_account: int | None = None) -> None: ...
     async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool: ...
     def tidy(self) -> None: ...
@@ -77,12 +77,19 @@ def hold(loop: RoutingLoop, scheme: Scheme, held: Held) -> None:
     """Hold a request for the next daemon of scheme (EIO if none is expected); it counts
     as in flight meanwhile, within the same bounds."""
     cap = held.cap
+    payer = cap.account
+    if held.fds and not payer.room_for_caps(len(held.fds)):
+        # held here, they count against the quota, as they would at a live daemon
+        P.close_fds(held.fds)
+        loop.reply(cap, held.tag, P.ERR, errno.EMFILE)
+        return
     if not scheme.restart.hold(held):
         P.close_fds(held.fds)
         loop.reply(cap, held.tag, P.ERR, errno.EIO)
         return
-    cap.account.started(cap)
-    cap.account.charge_fds(len(held.fds))
+    payer.started(cap)
+    payer.charge_fds(len(held.fds))
+    held.payer = payer  # given back to it, wherever the capability has moved by then
 
 
 async def give_up_waiting(loop: RoutingLoop, scheme: Scheme, generation: int) -> None:
@@ -91,7 +98,8 @@ async def give_up_waiting(loop: RoutingLoop, scheme: Scheme, generation: int) ->
     if scheme.generation != generation or scheme.alive:
         return  # it came back
     for held in scheme.restart.give_up():
-        held.cap.account.charge_fds(-len(held.fds))
+        if held.payer is not None:
+            held.payer.charge_fds(-len(held.fds))
         P.close_fds(held.fds)
         loop.settle(held.cap)
         loop.reply(held.cap, held.tag, P.ERR, errno.EIO)
@@ -121,7 +129,7 @@ async def restore(loop: RoutingLoop, scheme: Scheme, channel: Channel) -> None:
         while restart.backlog and scheme.channel is channel:
             held = restart.backlog.popleft()
             loop.forward(held.cap, held.tag, held.cred, held.op, held.body, held.fds,
-                         counted=True, serving=held.serving, for_account=held.account)
+                         held=held.payer, serving=held.serving, for_account=held.account)
             await trio.lowlevel.checkpoint()  # the backlog goes out at the loop's pace
     finally:
         if scheme.channel is channel:

@@ -96,6 +96,7 @@ class Held:
     fds: list[int]
     serving: int | None = None
     account: int | None = None  # the account it is made for (for a request serving another)
+    payer: Account | None = None  # the account its fds are charged to while it is held
 
 
 @dataclass(eq=False)

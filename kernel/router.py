@@ -337,12 +337,13 @@ class Router:
         self.forward(cap, tag, cred, op, body, fds, serving=serving, for_account=for_account)
 
     def forward(self, cap: Capability, tag: int, cred: tuple[int, int, int], op: int,
-                body: bytes | memoryview, fds: list[int], counted: bool = False,
+                body: bytes | memoryview, fds: list[int], held: Account | None = None,
                 serving: int | None = None, for_account: int | None = None) -> None:
         """Send a request on to cap's scheme now, or in a task once its channel has room;
         takes ownership of fds.
 
-        counted: the request already counts as in flight (it was held for a restart).
+        held: the account that paid for its fds while it was held for a restart (it
+            already counts as in flight); None for a new request.
         serving: the request this one serves, for the trace.
         for_account: the account of the client it serves (None: cap's own), which
             the scheme is told so that it serves clients in turn.
@@ -350,8 +351,9 @@ class Router:
         handle = cap.handle
         scheme = handle.scheme
         account = cap.account
-        if counted:
-            account.charge_fds(-len(fds))
+        counted = held is not None
+        if held is not None:
+            held.charge_fds(-len(fds))
             if not handle.live:  # closed, or its scheme went down again
                 self.settle(cap)
                 P.close_fds(fds)
