@@ -1,16 +1,25 @@
-"""Red team 3: accounting drift in the router's new fd holds (found attacking them)."""
+"""Red team 3: accounting in the router's fd holds for requests held across a restart (each test failed before its fix)."""
 
 from __future__ import annotations
 
 import os
 import time
 
+from test_router import (  # noqa: F401
+    CUSTOM_OP,
+    FakeScheme,
+    create_scheme,
+    kernel,
+    new_account,
+    receive,
+    send,
+    status,
+    wait_until,
+)
+
 from redoxcap.wire import protocol as P
 from redoxcap.wire.call import call
 from redoxcap.wire.frames import SchemeReply, encode_request
-
-from test_router import (CUSTOM_OP, FakeScheme, create_scheme, kernel, new_account,  # noqa: F401
-                               receive, send, status, wait_until)
 
 
 def held(kernel_fd: int, account: int) -> int:
