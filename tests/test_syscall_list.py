@@ -10,6 +10,7 @@ tested by the attacks in test_allowlist.py.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import struct
 from pathlib import Path
@@ -159,6 +160,25 @@ def test_calls_that_reach_other_processes_are_allowed_on_the_callers_own_only(mo
     ]:
         assert outcome(m, mode, name, *own) == ALLOWED, (name, own)
         assert outcome(m, mode, name, *other) == errno_of(errno.EPERM), (name, other)
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+@pytest.mark.parametrize("udp", [False, True])
+@pytest.mark.parametrize("scoped", [True, False])
+def test_the_brokers_filter_compiled_ahead_gets_the_installing_processs_own_pid(machine, udp, scoped):
+    """The broker's filter is compiled once, in the fork server, and installed by each run's
+    program: compiled for the fork server's pid, every run could prlimit64 the fork server
+    (test_redteam4.py). The cached program holds a placeholder, and filling in a pid gives
+    exactly the program compiled for that pid (the placeholder is compared with nothing else)."""
+    ahead = broker_filter.program(machine, signals_scoped=scoped, udp=udp)
+    mode = S.BROKERED_UDP if udp else S.BROKERED
+    assert seccomp.with_own_pid(ahead, PID) == seccomp.filter_program(
+        machine, mode, self_pid=PID, signals_scoped=scoped)
+    prlimit64 = linux.SYSCALLS[machine]["prlimit64"]
+    assert run_bpf(ahead, prlimit64, linux.AUDIT_ARCH[machine], (os.getpid(), 0, 0, 0, 0, 0)) \
+        == errno_of(errno.EPERM)  # the compiling process is another process
+    with pytest.raises(ValueError):  # compiled for a pid already: nothing to fill in
+        seccomp.with_own_pid(seccomp.filter_program(machine, mode, self_pid=PID), PID)
 
 
 @pytest.mark.parametrize("mode", S.MODES)

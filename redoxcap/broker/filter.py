@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import os
 
 from redoxcap.sandbox import seccomp
 from redoxcap.sandbox import syscalls as S
@@ -28,10 +29,12 @@ BROKERED = S.brokered_names()
 @functools.cache
 def program(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> bytes:
     """The filter for machine ("x86_64" or "aarch64") as an array of struct sock_filter
-    (udp: for a run that grants udp); compiled once per process (the runner's come warm
-    from the fork server, redoxcap/runner.py)."""
+    (udp: for a run that grants udp), with seccomp.OWN_PID_PLACEHOLDER for the program's
+    own pid (install fills it in); compiled once per process (the runner's come warm from
+    the fork server, redoxcap/runner.py), so never with the pid of the process compiling it."""
     return seccomp.filter_program(machine, S.BROKERED_UDP if udp else S.BROKERED,
-                                  deny_network=True, signals_scoped=signals_scoped)
+                                  deny_network=True, signals_scoped=signals_scoped,
+                                  self_pid=seccomp.OWN_PID_PLACEHOLDER)
 
 
 class _SockFprog(ctypes.Structure):
@@ -49,7 +52,10 @@ def install(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> 
         OSError: EBUSY when a filter with a listener is already installed (no
             nesting), EINVAL/ENOSYS where the kernel lacks user notification.
     """
-    code = program(machine, signals_scoped=signals_scoped, udp=udp)
+    # "its own pid" is this process's: exec keeps it (the program must not reach, by the
+    # pid of whichever process compiled the filter, a fork server every later run comes from)
+    code = seccomp.with_own_pid(program(machine, signals_scoped=signals_scoped, udp=udp),
+                                os.getpid())
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
     flags = linux.SECCOMP_FILTER_FLAG_NEW_LISTENER | linux.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV

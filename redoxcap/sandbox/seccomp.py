@@ -158,6 +158,30 @@ def filter_program(machine: str, mode: str = S.CONFINED, *, deny_network: bool =
     return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
 
 
+# Stands for "the program's own pid" in a program compiled ahead of the process that installs
+# it (the broker's filter, compiled once in the fork server): above any pid Linux hands out
+# (PID_MAX_LIMIT is 2**22), and compared by nothing else (with_own_pid checks).
+OWN_PID_PLACEHOLDER = 0x5E1F_D1D0
+
+
+def with_own_pid(program: bytes, pid: int) -> bytes:
+    """program (compiled with self_pid=OWN_PID_PLACEHOLDER) with pid for its own pid.
+
+    Raises:
+        ValueError: program compares nothing with the placeholder (compiled for a pid).
+    """
+    out = bytearray(program)
+    patched = 0
+    for offset in range(0, len(out), 8):
+        code, _jt, _jf, k = struct.unpack_from("=HBBI", out, offset)
+        if code == BPF_JEQ_K and k == OWN_PID_PLACEHOLDER:
+            struct.pack_into("=I", out, offset + 4, pid)
+            patched += 1
+    if not patched:
+        raise ValueError("the filter was not compiled with the own-pid placeholder")
+    return bytes(out)
+
+
 def install(machine: str, *, deny_network: bool, signals_scoped: bool) -> None:
     """Install the ``confined`` filter on the calling thread (needs no_new_privs).
 
