@@ -10,7 +10,9 @@ leading zeros. Anything else is EINVAL.
 
 Opening HOST/PORT connects (ECONNREFUSED, ETIMEDOUT after --connect-timeout).
 Opening with O_CREAT listens on HOST/PORT; port 0 picks one and `fpath` tells
-which. Listening on a wildcard (`0.0.0.0`, `::`), multicast or broadcast
+which. A listener's backlog is short (LISTEN_BACKLOG) and a client account may
+hold MAX_LISTENERS_PER_ACCOUNT of them (EMFILE past it): connections not yet
+accepted are no one's capability, but hold memory. Listening on a wildcard (`0.0.0.0`, `::`), multicast or broadcast
 address needs `--allow-wildcard`, on a port below 1024 `--allow-privileged-ports`
 (EACCES otherwise); connecting to any port is allowed.
 `dup(listener, b"accept")` waits for one connection and returns it as a new
@@ -38,6 +40,7 @@ import errno
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -60,11 +63,19 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # bytes asked for each socket's send and receive buffer (Linux doubles it): every byte of a
 # connection crosses this daemon in frames of MAX_IO anyway, so bigger buffers buy nothing
 SOCKET_BUFFER = 64 * 1024
+# Connections waiting in a listener's backlog are no one's capability, yet each holds what its
+# peer sent, up to the buffers it inherits (SOCKET_BUFFER): a short backlog, and a bound on
+# one account's listeners (EMFILE past it), keep what one account's unaccepted connections
+# hold (64 x 17 x 128 KiB received, ~136 MiB at most) within what its 1,024 capabilities of
+# accepted ones may (1,024 x 256 KiB). Linux's listen(128) let 8 listeners hold 60 MiB.
+LISTEN_BACKLOG = 16
+MAX_LISTENERS_PER_ACCOUNT = 64
 
 @dataclass(eq=False)
 class TcpSocket:
     sock: trio.socket.SocketType
     listening: bool
+    account: int | None = None  # a listener's: the account it is counted against
     read_lock: trio.Lock = field(default_factory=trio.Lock)  # one recv/accept at a time
     write_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -78,6 +89,7 @@ class TcpScheme(NetScheme):
                  policy: NetPolicy = DEFAULT_POLICY) -> None:
         super().__init__(policy)
         self.connect_timeout = connect_timeout
+        self.listeners: dict[int, int] = {}  # open listeners by the account that opened them
 
     @takes(NetRoot, NetGrant)
     async def openat(self, req: Request, h: NetRoot | NetGrant, path: str, flags: int,
@@ -85,6 +97,8 @@ class TcpScheme(NetScheme):
         if is_self_path(path, flags):
             return Opened(h, fdflags=os.O_RDONLY | os.O_DIRECTORY)
         ep, listen = endpoint_to_open(h, path, flags, self.policy)
+        if listen and self.listeners.get(req.account, 0) >= MAX_LISTENERS_PER_ACCOUNT:
+            raise SchemeError(errno.EMFILE, f"at most {MAX_LISTENERS_PER_ACCOUNT} listeners a client")
         sock = trio.socket.socket(ep.family, socket.SOCK_STREAM)
         try:
             # fixed buffers (a listener's connections inherit them): what a client's unread
@@ -95,8 +109,9 @@ class TcpScheme(NetScheme):
             if listen:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 await sock.bind(ep.sockaddr)
-                sock.listen(128)
-                return Opened(TcpSocket(sock, listening=True), fdflags=flags)
+                sock.listen(LISTEN_BACKLOG)
+                self.listeners[req.account] = self.listeners.get(req.account, 0) + 1
+                return Opened(TcpSocket(sock, listening=True, account=req.account), fdflags=flags)
             with trio.move_on_after(self.connect_timeout) as scope:
                 await sock.connect(ep.sockaddr)
             if scope.cancelled_caught:
@@ -145,6 +160,16 @@ class TcpScheme(NetScheme):
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise SchemeError(errno.EINVAL)
         s.sock.shutdown(how)
+
+    async def close(self, h: Any) -> None:
+        if isinstance(h, TcpSocket) and h.account is not None:
+            left = self.listeners[h.account] - 1
+            if left:
+                self.listeners[h.account] = left
+            else:
+                del self.listeners[h.account]
+            h.account = None
+        await super().close(h)
 
     def socket_path(self, h: TcpSocket) -> str:
         return address_path(self.name, h.sock.getsockname() if h.listening else h.sock.getpeername())
