@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 MAX_CAPS_PER_ACCOUNT = 1024  # capabilities one client may hold (each costs the router an fd)
 MAX_INFLIGHT_PER_ACCOUNT = 64  # requests of one client waiting for a scheme's reply
 MAX_INFLIGHT_PER_CAP = 16  # requests on one capability waiting for a scheme's reply
-MAX_QUEUED_BYTES_PER_ACCOUNT = 16 * 1024 * 1024  # replies queued for sockets the client does not read
+# replies queued for sockets the client does not read, and sent into them unread
+MAX_QUEUED_BYTES_PER_ACCOUNT = 16 * 1024 * 1024
+# What the kernel charges a socket for a frame sent and not yet read (its skb's true size),
+# about: the frame, half again, and a fixed cost (measured: 768 bytes for 20 bytes, 200 KiB
+# for 132 KiB). An estimate only decides when to ask the sockets (Account.recount_unread).
+SKB_COST = 768
 # Daemons multiplex every client on one capability (a namespace's entry for a scheme), so a
 # low bound there would let one client's slow requests stall all the others.
 SYSTEM_MAX_INFLIGHT_PER_CAP = 4096
@@ -113,6 +118,14 @@ class Account:
     caps: int = 0
     inflight: int = 0
     queued_bytes: int = 0
+    # bytes of replies sent into its capabilities' sockets that their holders may not have
+    # read yet, and those capabilities: kernel memory the router's sockets hold for it (a
+    # socket takes ~200 KiB of them; 1,000 capabilities, 200 MiB). Estimated as replies go
+    # out, asked of the sockets when the estimate reaches the bound (`landed`); counted with
+    # queued_bytes against max_queued_bytes
+    unread: int = 0
+    unread_caps: set[Capability] = field(default_factory=set)
+    recount_at: int = 0  # unread + queued_bytes at which `landed` asks the sockets next
     # fds the router holds for it besides its capabilities' sockets: in queued replies and
     # in requests being forwarded; they count against max_caps, which bounds the router's fds
     held_fds: int = 0
@@ -128,6 +141,9 @@ class Account:
     # give in it (reply_budget)
     reply_pass: int = -1
     replies_left: int = 0
+
+    def __post_init__(self) -> None:
+        self.recount_at = self.limits.max_queued_bytes or 0
 
     @property
     def system(self) -> bool:
@@ -248,6 +264,44 @@ class Account:
         """nbytes more of replies (negative: fewer) wait in its capabilities' outboxes."""
         self.queued_bytes += nbytes
 
+    def landed(self, cap: Capability, nbytes: int) -> None:
+        """A reply of nbytes went into cap's socket, where its holder may leave it unread.
+        Only for an account with a max_queued_bytes (a client's)."""
+        cost = nbytes + (nbytes >> 1) + SKB_COST
+        cap.unread += cost
+        self.unread += cost
+        self.unread_caps.add(cap)
+        if self.unread + self.queued_bytes >= self.recount_at:
+            self.recount_unread()
+
+    def recount_unread(self) -> None:
+        """Put what its capabilities' sockets hold unread now (their holders read meanwhile)
+        in place of the estimate."""
+        for cap in list(self.unread_caps):
+            held = 0 if cap.closed else cap.channel.unread_bytes()
+            self.unread += held - cap.unread
+            cap.unread = held
+            if not held:
+                self.unread_caps.discard(cap)
+        # not again before the bound, nor before an eighth of it more has gone out (or an
+        # account just under it would have every reply ask all its sockets)
+        limit = self.limits.max_queued_bytes or 0
+        self.recount_at = max(limit, self.unread + self.queued_bytes + limit // 8)
+
+    def forget_unread(self, cap: Capability) -> None:
+        """cap is gone or counted elsewhere: what its socket holds is no longer this account's."""
+        self.unread -= cap.unread
+        cap.unread = 0
+        self.unread_caps.discard(cap)
+
+    @property
+    def over_unread(self) -> bool:
+        """Whether replies left unread in its sockets keep it saturated: only its holders'
+        reading ends that, which no socket the router watches tells (the router asks the
+        sockets now and then: Router._recount_unread)."""
+        lim = self.limits.max_queued_bytes
+        return bool(self.unread) and lim is not None and self.queued_bytes + self.unread >= lim
+
     def drained(self) -> Iterable[Capability]:
         """The capabilities that waited for this account, once it is below its limits."""
         if self.blocked and not self.saturated:
@@ -264,6 +318,12 @@ class Account:
         old.inflight -= cap.inflight
         old.queued_bytes -= queued_bytes
         old.blocked.discard(cap)
+        unread = cap.unread
+        old.forget_unread(cap)
+        if unread and self.limits.max_queued_bytes is not None:
+            cap.unread = unread
+            self.unread += unread
+            self.unread_caps.add(cap)
         self.inflight += cap.inflight
         self.queued_bytes += queued_bytes
         old._list()
@@ -275,9 +335,14 @@ class Account:
         """Too much in flight or queued: stop reading this account's requests."""
         lim = self.limits
         return ((lim.max_inflight is not None and self.inflight >= lim.max_inflight)
-                or (lim.max_queued_bytes is not None and self.queued_bytes >= lim.max_queued_bytes))
+                or (lim.max_queued_bytes is not None
+                    and self.queued_bytes + self.unread >= lim.max_queued_bytes))
 
     def counters(self) -> dict[str, int | None]:
-        """What KERNEL_STATUS reports for this account."""
+        """What KERNEL_STATUS reports for this account (what its sockets hold unread now,
+        not the estimate)."""
+        if self.unread:
+            self.recount_unread()
         return {"caps": self.caps, "inflight": self.inflight, "queued_bytes": self.queued_bytes,
+                "unread_bytes": self.unread,
                 "held_fds": self.held_fds, "max_caps": self.limits.max_caps}

@@ -69,6 +69,8 @@ class Capability:
     outbox: Outbox | None = None
     writing: bool = False  # a writer task is draining the outbox
     sending: int = 0  # its requests waiting for their scheme's channel to have room
+    # what replies sent into its socket may hold there unread (Account.landed), estimated
+    unread: int = 0
     parked: bool = False  # not read for now (backpressure): only its hangup is watched
     closed: bool = False
 

@@ -252,6 +252,8 @@ class HandleTable:
         self._unwatch(cap.channel)
         cap.channel.close()
         cap.account.blocked.discard(cap)
+        if cap.unread:
+            cap.account.forget_unread(cap)
         if cap.outbox:
             cap.outbox.drop(cap.account, cap.payer)
         self.resume(cap.account.drained())

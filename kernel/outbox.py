@@ -6,7 +6,8 @@ the router reads no more of that capability's requests until the outbox is
 empty (backpressure on the holder that does not read, on nobody else). The
 bytes queued count against the holder's account, the fds against the account
 that pays for the capability, whose quota may refuse them: the reply then
-becomes ERR EMFILE.
+becomes ERR EMFILE. A reply sent into the socket still counts against a
+client's account while its holder may leave it unread there (`Account.landed`).
 """
 
 from __future__ import annotations
@@ -115,21 +116,23 @@ class Outbox:
         self._count(len(frame), len(fds), account, payer)
         return delivery
 
-    def flush(self, channel: Channel, account: Account, payer: Account) -> bool:
-        """Send what the holder's socket has room for now, in order.
+    def flush(self, cap: Capability) -> bool:
+        """Send what cap's holder's socket has room for now, in order.
 
         Returns:
             Whether the outbox is empty.
         """
+        account, payer = cap.account, cap.payer
         while self._replies:
             frame, fds = self._replies[0]
-            left = send_now(channel, frame, fds)
+            left = send_now(cap.channel, frame, fds)
             if left is not None:
                 self._replies[0] = left
                 self._count(len(left[0]) - len(frame), len(left[1]) - len(fds), account, payer)
                 return False
             self._replies.popleft()
             self._count(-len(frame), -len(fds), account, payer)
+            landed(cap, frame)
         return True
 
     def drop(self, account: Account, payer: Account) -> None:
@@ -147,6 +150,13 @@ class Outbox:
 
 
 
+def landed(cap: Capability, frame: bytes | list) -> None:
+    """frame went into cap's socket: a client's account counts it while it may be unread."""
+    account = cap.account
+    if account.limits.max_queued_bytes is not None:
+        account.landed(cap, len(frame) if type(frame) is bytes else len(frame[0]) + len(frame[1]))
+
+
 def deliver(cap: Capability, frame: bytes | list, fds: list[int]) -> bool:
     """Send frame (bytes, or a header and a body) to cap's holder now, or queue it on cap's
     outbox; never waits. Takes ownership of fds: closed once sent or dropped.
@@ -160,11 +170,12 @@ def deliver(cap: Capability, frame: bytes | list, fds: list[int]) -> bool:
     if cap.outbox is None:  # made on first use: most capabilities never need one
         left = send_now(cap.channel, frame, fds)
         if left is None:
+            landed(cap, frame)
             return False
         cap.outbox = Outbox()
         cap.outbox.queue(*left, cap.account, cap.payer)
-    else:
-        cap.outbox.offer(cap.channel, frame, fds, cap.account, cap.payer)
+    elif cap.outbox.offer(cap.channel, frame, fds, cap.account, cap.payer) == SENT:
+        landed(cap, frame)
     if cap.outbox and not cap.writing:
         cap.writing = True
         return True
@@ -182,7 +193,7 @@ async def write_outbox(cap: Capability, table: HandleTable) -> None:
                 break
             if cap.closed:
                 break  # released while we were woken: the outbox is gone
-            cap.outbox.flush(cap.channel, cap.account, cap.payer)
+            cap.outbox.flush(cap)
             table.resume(cap.account.drained())
     except Exception:
         log.exception("capability of scheme %d: dropped after an internal error", cap.handle.scheme.id)

@@ -64,6 +64,10 @@ HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 EMPTY_ARGS = P.pack([])
 NO_CRED = (0, 0, 0)
+# how soon, and at most how seldom, the sockets of an account saturated by replies left unread
+# in them are asked again whether their holders read (Account.recount_unread): nothing the
+# loop watches tells, and a stuck client should cost the loop little
+UNREAD_RECOUNT_FIRST, UNREAD_RECOUNT_MAX = 0.005, 0.5
 EOF = (b"", [], 0, None)
 
 
@@ -96,6 +100,7 @@ class Router:
         # per client account, its schemes that had frames when it had none left in a pass:
         # not watched until their turn comes again (_unpark_schemes)
         self._waiting_schemes: dict[Account, collections.deque[Scheme]] = {}
+        self._recounting: set[Account] = set()  # accounts a _recount_unread task watches
         nursery.start_soon(self._route)
 
     @property
@@ -178,6 +183,9 @@ class Router:
         account = cap.account
         if not account.may_read(cap):
             self.table.park(cap)
+            if account.over_unread and account not in self._recounting:
+                self._recounting.add(account)
+                self._nursery.start_soon(self._recount_unread, account)
             return
         if not account.take_turn(self._pass):
             return  # still ready: it comes first in the next pass
@@ -257,6 +265,19 @@ class Router:
                     self.table.poller.modify(scheme.channel.fileno(), select.EPOLLIN)
             if not waiting:
                 del self._waiting_schemes[payer]
+
+    async def _recount_unread(self, account: Account) -> None:
+        """Ask account's sockets, less and less often, what its holders left unread, for as
+        long as that keeps it saturated; then read its capabilities again."""
+        delay = UNREAD_RECOUNT_FIRST
+        try:
+            while account.over_unread:
+                await trio.sleep(delay)
+                account.recount_unread()
+                delay = min(delay * 2, UNREAD_RECOUNT_MAX)
+            self.table.resume(account.drained())
+        finally:
+            self._recounting.discard(account)
 
     def tidy(self) -> None:
         """Tell daemons what the table let go of: CLOSE for handles no capability names,

@@ -444,7 +444,8 @@ def test_account_new_clones_into_a_fresh_account_with_a_quota(kernel):
     assert account != 0
     clones = [call_fd(cap, P.CLONE), call_fd(cap, P.CLONE)]  # 3 capabilities: the quota
     assert status(kernel)["accounts"][str(account)] == {
-        "caps": 3, "inflight": 0, "queued_bytes": 0, "held_fds": 0, "max_caps": 3}
+        "caps": 3, "inflight": 0, "queued_bytes": 0, "unread_bytes": 0, "held_fds": 0,
+        "max_caps": 3}
     with pytest.raises(OSError) as info:
         call(cap, P.CLONE)
     assert info.value.errno == errno.EMFILE

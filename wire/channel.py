@@ -10,12 +10,17 @@ or escape cancellation.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from redoxcap.wire import protocol as P
+
+_INT = bytes(4)  # an ioctl's int, for the kernel to fill in
 
 FAIRNESS = 16
 
@@ -140,6 +145,17 @@ class Channel:
         except BlockingIOError:
             return False
         return True
+
+    def unread_bytes(self) -> int:
+        """What the kernel holds of the frames sent on this socket that the peer has not
+        read yet (SIOCOUTQ: their buffers' true size); 0 once closed or gone."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, _INT))[0]
+        except OSError:
+            return 0
 
     async def wait_readable(self) -> None:
         """Wait until a frame (or EOF) is waiting (trio.ClosedResourceError: the channel
