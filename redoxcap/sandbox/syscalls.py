@@ -127,8 +127,18 @@ ENOTSUP = Refuse(errno.ENOTSUP)
 
 
 def only_own(index: int, name: str = "pid") -> Check:
-    """Allowed when argument index is 0 or the program's pid (its own process), else EPERM."""
+    """Allowed when argument index is 0 or the program's pid (its own process), else EPERM.
+    For signals alone, where 0 means the process group: the program's pid is free for
+    anyone's once it exits, while what it left behind runs on."""
     return Check(index, name, ((Equal((0, SELF), ("0", "own pid")), ALLOW),), EPERM)
+
+
+def only_self(index: int, name: str = "pid") -> Check:
+    """Allowed when argument index is 0, the calling process itself, else EPERM. Not its pid
+    by number: a number fixed in the filter is one process's (a child's own pid is not it),
+    and once that process has exited, whoever takes its pid (a process it left behind forks
+    until one does) would be reachable."""
+    return Check(index, name, ((Equal((0,), ("0 (itself)",)), ALLOW),), EPERM)
 
 
 @dataclass(frozen=True)
@@ -214,9 +224,9 @@ _NEW_NAMESPACE = AnyBit(linux.CLONE_NEW_NAMESPACES, "a CLONE_NEW* flag")
 # process's cwd is noted when its parent changes directory (redoxcap/broker/state.py)
 CLONE_CHECK = Check(0, "flags", ((_NEW_NAMESPACE, EPERM),), ALLOW)
 SETPRIORITY_CHECK = Check(0, "which", ((Equal((linux.PRIO_PROCESS,), ("PRIO_PROCESS",)),
-                                        only_own(1, "who")),), EPERM)
+                                        only_self(1, "who")),), EPERM)
 IOPRIO_SET_CHECK = Check(0, "which", ((Equal((linux.IOPRIO_WHO_PROCESS,), ("IOPRIO_WHO_PROCESS",)),
-                                       only_own(1, "who")),), EPERM)
+                                       only_self(1, "who")),), EPERM)
 
 
 _STREAMS = Masked(linux.SOCK_TYPE_MASK, (linux.SOCK_STREAM, linux.SOCK_SEQPACKET),
@@ -353,12 +363,12 @@ def rules(*, deny_network: bool = True, signals_scoped: bool = True) -> tuple[Ru
              sched_get_priority_max sched_get_priority_min sched_rr_get_interval ioprio_get
              pidfd_open seccomp landlock_create_ruleset landlock_add_rule landlock_restrict_self"""),
              ALLOW, None, "its own process; ids change only within what it holds (no capabilities)"),
-        Rule("processes", ("prlimit64",), only_own(0), None,
+        Rule("processes", ("prlimit64",), only_self(0), None,
              "another process's limits (a daemon's RLIMIT_CPU or RLIMIT_NOFILE) are out of reach"),
         Rule("processes", ("setpriority",), SETPRIORITY_CHECK, None,
              "its own priority; not a process group's or the whole uid's"),
         Rule("processes", _names("sched_setaffinity sched_setparam sched_setscheduler sched_setattr"),
-             only_own(0), None, "its own scheduling"),
+             only_self(0), None, "its own scheduling"),
         Rule("processes", ("ioprio_set",), IOPRIO_SET_CHECK, None, "its own I/O priority"),
         Rule("processes", ("prctl",), PRCTL_CHECK, None, "options that act on the caller alone"),
         Rule("processes", ("personality",), PERSONALITY_CHECK, None, "query, or plain Linux"),
