@@ -1,0 +1,63 @@
+"""Holes found by the fourth red-team pass: one run against other runs, the system that
+forks them, and the broker under load (each test fails while the hole is open).
+
+The attacker is the confined program of a `redoxcap run` done by a system that is up (a
+warm fork of its fork server); what it must not reach is any process outside its run, nor
+anything a later run or the system picks up from it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from redoxcap.broker import available
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+
+def pid_max() -> int:
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+        return int(f.read())
+
+
+PRLIMIT_SCAN = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PRLIMIT64 = {"x86_64": 302, "aarch64": 261}[os.uname().machine]
+RLIMIT_NOFILE = 7
+class rlimit(ctypes.Structure):
+    _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
+me, old, low = os.getpid(), rlimit(), rlimit(16, 16)
+reached = [pid for pid in range(1, int(sys.argv[1]) + 1)
+           if pid != me and libc.syscall(PRLIMIT64, pid, RLIMIT_NOFILE, None, ctypes.byref(old)) == 0]
+for pid in reached:  # what a hostile program does with them: 16 fds, for good
+    libc.syscall(PRLIMIT64, pid, RLIMIT_NOFILE, ctypes.byref(low), None)
+own = libc.syscall(PRLIMIT64, me, RLIMIT_NOFILE, None, ctypes.byref(old))
+print("reached", reached, "own", own, flush=True)
+"""
+
+
+def test_the_filters_own_pid_is_the_programs_not_the_fork_servers(redoxcap_system, tmp_path):
+    """docs/sandbox.md: `prlimit64`, `setpriority`, the `sched_set*` calls and `ioprio_set`
+    work "on its own process only" (the filter allows pid 0 or the program's own pid). The
+    brokered filter is compiled once, in the fork server (redoxcap/runner.py warms
+    broker.filter.program at import), and seccomp.filter_program puts os.getpid() of the
+    process that compiles it for "own pid": the fork server's. So every run's program may
+    prlimit64 the system's fork server (and not itself: prlimit64(getpid()) is EPERM). Here
+    a run finds it by scanning every pid with a harmless get, and lowers its RLIMIT_NOFILE to
+    16: from then on every run the system forks fails ("Too many open files" in the runner),
+    as would a daemon's restart; RLIMIT_CPU would kill it, RLIMIT_AS starve it. (Where
+    Landlock has no signal scope, the kill family is "own pid only" too: such a program could
+    SIGKILL the fork server.)"""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "scan.py").write_text(PRLIMIT_SCAN)
+    got = redoxcap_system.run("--dir", str(project), "--", "python3", str(project / "scan.py"),
+                              str(pid_max()), check=False, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert "reached [] own 0" in got.stdout, got.stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    after = redoxcap_system.run("--dir", str(other), "--", "sh", "-c", "echo later run ok",
+                                check=False, timeout=60)
+    assert after.returncode == 0 and "later run ok" in after.stdout, after.stderr
