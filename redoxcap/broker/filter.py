@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import os
+import sys
 
 from redoxcap.sandbox import seccomp
 from redoxcap.sandbox import syscalls as S
@@ -25,13 +27,37 @@ from redoxcap.wire import linux
 BROKERED = S.brokered_names()
 
 
-@functools.cache
-def program(machine: str, *, signals_scoped: bool = True, udp: bool = False) -> bytes:
+def program(machine: str, *, signals_scoped: bool = True, udp: bool = False,
+            self_pid: int | None = None) -> bytes:
     """The filter for machine ("x86_64" or "aarch64") as an array of struct sock_filter
-    (udp: for a run that grants udp); compiled once per process (the runner's come warm
-    from the fork server, redoxcap/runner.py)."""
-    return seccomp.filter_program(machine, S.BROKERED_UDP if udp else S.BROKERED,
-                                  deny_network=True, signals_scoped=signals_scoped)
+    (udp: for a run that grants udp) for the process self_pid (default: the caller, which
+    exec keeps): its "own pid" in the argument checks. Compiled once per process (the
+    runner's come warm from the fork server, redoxcap/runner.py) and given the pid here:
+    a filter compiled in the fork server must not name the fork server as the program's
+    own process (prlimit64, setpriority, sched_set*, ioprio_set, and the kill family where
+    Landlock has no signal scope, would reach it)."""
+    code, places = _compiled(machine, signals_scoped, udp)
+    pid = (os.getpid() if self_pid is None else self_pid).to_bytes(4, sys.byteorder)
+    out = bytearray(code)
+    for at in places:
+        out[at + 4:at + 8] = pid  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+    return bytes(out)
+
+
+@functools.cache
+def _compiled(machine: str, signals_scoped: bool, udp: bool) -> tuple[bytes, tuple[int, ...]]:
+    """The filter compiled for a placeholder pid, and the byte offsets of the instructions
+    that compare an argument with the program's own pid (found as the instructions that
+    differ between two compilations for two pids)."""
+    mode = S.BROKERED_UDP if udp else S.BROKERED
+    one, two = (seccomp.filter_program(machine, mode, deny_network=True,
+                                       signals_scoped=signals_scoped, self_pid=pid)
+                for pid in (_PLACEHOLDER, _PLACEHOLDER + 1))
+    places = tuple(at for at in range(0, len(one), 8) if one[at:at + 8] != two[at:at + 8])
+    return one, places
+
+
+_PLACEHOLDER = 0x7FFF_0000  # above any pid (PID_MAX_LIMIT is 2**22)
 
 
 class _SockFprog(ctypes.Structure):
