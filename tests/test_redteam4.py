@@ -8,6 +8,11 @@ anything a later run or the system picks up from it.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from redoxcap.broker import available
@@ -61,3 +66,74 @@ def test_the_filters_own_pid_is_the_programs_not_the_fork_servers(redoxcap_syste
     after = redoxcap_system.run("--dir", str(other), "--", "sh", "-c", "echo later run ok",
                                 check=False, timeout=60)
     assert after.returncode == 0 and "later run ok" in after.stdout, after.stderr
+
+
+STALL = r"""
+import os, sys, threading, time
+import rt
+if os.fork() == 0:  # a process left behind, in a session of its own
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    channel = rt.mkscheme("stall")  # a scheme of its own that never answers
+    threading.Thread(target=os.stat, args=("/scheme/stall/x",), daemon=True).start()
+    time.sleep(float(sys.argv[1]))
+    os._exit(0)
+time.sleep(1)  # the broker is busy with the orphan's stat by now
+print("top exits", flush=True)
+"""
+LINGER = 40.0  # seconds the orphan stays
+
+
+def start_stalling_run(system, tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "stall.py").write_text(STALL)
+    run = system.start("run", "--dir", str(project), "--", sys.executable,
+                       str(project / "stall.py"), str(LINGER))
+    assert run.stdout.readline().strip() == "top exits", run.stderr.read()
+    return run
+
+
+def ended_within(run, seconds: float) -> bool:
+    try:
+        run.wait(seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def test_a_process_left_behind_cannot_keep_the_run_going_after_its_program_exits(
+        redoxcap_system, tmp_path):
+    """README: with a system up, "whatever COMMAND leaves running is killed when it exits".
+    The broker answers the program's calls one at a time and waits for each capability's
+    answer; a process the program leaves behind (double-forked, a session of its own) asks
+    it to stat a path in a scheme it serves itself and never answers. When the program
+    exits, the broker is still waiting: the run never reaps it, the reaper never kills the
+    orphan, and `redoxcap run` does not return for as long as the orphan likes (here 40 s;
+    forever if it loops), with the orphan running on, still holding the run's capabilities.
+    A build's `timeout`, a CI job's step: all hang on it."""
+    run = start_stalling_run(redoxcap_system, tmp_path)
+    start = time.monotonic()
+    ended = ended_within(run, 10)
+    took = time.monotonic() - start
+    if not ended:
+        run.wait(LINGER + 30)
+        took = time.monotonic() - start
+    assert ended, f"`run` returned {took:.0f} s after its program exited (when the orphan left)"
+
+
+def test_ctrl_c_ends_a_run_whose_broker_an_orphan_stalls(redoxcap_system, tmp_path):
+    """docs/sandbox.md: a call that waits "holds up the program's other calls; it can stall
+    only itself (`run` ends with Ctrl-C as always)". Not so once the program has exited and
+    a process it left behind stalls the broker (as above): SIGINT (and SIGTERM) to `run` are
+    passed on to the program's process group, which is gone, and the broker still waits; the
+    run goes on until the orphan lets it (only SIGKILL of `run` ends it)."""
+    run = start_stalling_run(redoxcap_system, tmp_path)
+    time.sleep(1)
+    start = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    ended = ended_within(run, 10)
+    if not ended:
+        run.wait(LINGER + 30)
+    assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
