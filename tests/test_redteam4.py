@@ -69,12 +69,17 @@ def test_the_filters_own_pid_is_the_programs_not_the_fork_servers(redoxcap_syste
 
 
 STALL = r"""
-import os, sys, threading, time
+import ctypes, os, signal, sys, threading, time
 import rt
-if os.fork() == 0:  # a process left behind, in a session of its own
-    os.setsid()
-    if os.fork():
+if sys.argv[2] == "clone-parent":  # a process left behind as the run's own child
+    CLONE = {"x86_64": 56, "aarch64": 220}[os.uname().machine]
+    child = ctypes.CDLL(None, use_errno=True).syscall(CLONE, 0x8000 | signal.SIGCHLD, 0, 0, 0, 0)
+else:  # double-forked, an orphan: the reaper's
+    child = os.fork()
+    if child == 0 and os.fork():
         os._exit(0)
+if child == 0:
+    os.setsid()  # a session of its own
     channel = rt.mkscheme("stall")  # a scheme of its own that never answers
     threading.Thread(target=os.stat, args=("/scheme/stall/x",), daemon=True).start()
     time.sleep(float(sys.argv[1]))
@@ -85,12 +90,12 @@ print("top exits", flush=True)
 LINGER = 40.0  # seconds the orphan stays
 
 
-def start_stalling_run(system, tmp_path):
+def start_stalling_run(system, tmp_path, how="double-fork"):
     project = tmp_path / "proj"
     project.mkdir()
     (project / "stall.py").write_text(STALL)
     run = system.start("run", "--dir", str(project), "--", sys.executable,
-                       str(project / "stall.py"), str(LINGER))
+                       str(project / "stall.py"), str(LINGER), how)
     assert run.stdout.readline().strip() == "top exits", run.stderr.read()
     return run
 
@@ -103,8 +108,9 @@ def ended_within(run, seconds: float) -> bool:
         return False
 
 
+@pytest.mark.parametrize("how", ["double-fork", "clone-parent"])
 def test_a_process_left_behind_cannot_keep_the_run_going_after_its_program_exits(
-        redoxcap_system, tmp_path):
+        redoxcap_system, tmp_path, how):
     """README: with a system up, "whatever COMMAND leaves running is killed when it exits".
     The broker answers the program's calls one at a time and waits for each capability's
     answer; a process the program leaves behind (double-forked, a session of its own) asks
@@ -112,8 +118,9 @@ def test_a_process_left_behind_cannot_keep_the_run_going_after_its_program_exits
     exits, the broker is still waiting: the run never reaps it, the reaper never kills the
     orphan, and `redoxcap run` does not return for as long as the orphan likes (here 40 s;
     forever if it loops), with the orphan running on, still holding the run's capabilities.
-    A build's `timeout`, a CI job's step: all hang on it."""
-    run = start_stalling_run(redoxcap_system, tmp_path)
+    A build's `timeout`, a CI job's step: all hang on it. The same from a process the program
+    made a child of the run's own (CLONE_PARENT), which the reaper does not see."""
+    run = start_stalling_run(redoxcap_system, tmp_path, how)
     start = time.monotonic()
     ended = ended_within(run, 10)
     took = time.monotonic() - start
