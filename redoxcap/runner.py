@@ -57,6 +57,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,6 +78,8 @@ MAX_FDS = launch.MAX_PASS_FDS + 5  # fds a run request carries: payload, cwd, 0-
 MAX_PAYLOAD = 16 << 20  # bytes: the environment is most of it
 FIRST_OWN_FD = 10  # where the runner's own fds go while it lays out the caller's
 MAX_SCRATCH = 8  # directories a run says it made for its program (it makes two at most)
+LEFT_BEHIND_GRACE = 1.0  # seconds a run may take to end once its program has exited, before
+#                         what the program left behind is killed (it may be what holds it)
 MAX_MESSAGE = 1 + 8192  # bytes of a message from the run: a directory's path, the note
 
 # The brokered program's filter, compiled once in the fork server, not once per run (called
@@ -226,7 +229,9 @@ def _dup_at_least(fd: int, low: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
 
 
-def _close(fd: int) -> None:
+def _close(fd: int | None) -> None:
+    if fd is None:
+        return
     try:
         os.close(fd)
     except OSError:
@@ -484,9 +489,24 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
     poller.register(wake, select.POLLIN)
     run.setblocking(False)
     taken, caller, noted = False, True, False
+    program: int | None = None  # a pidfd of the program, once the run has noted it
+    left: float | None = None  # when the program exited, while the run has not ended
     while True:
-        for fd, _ in poller.poll():
-            if fd == wake:
+        timeout = None if left is None else max(0, round((left - time.monotonic()) * 1000))
+        events = poller.poll(timeout)
+        if left is not None and time.monotonic() >= left:
+            # the program has exited, and the run has not ended since: what the program left
+            # behind may be what holds it up (the broker waits for a call of an orphan's to a
+            # scheme of the orphan's own that never answers); it dies now, not at the run's end
+            _end_the_rest(but=pid)
+            _end_the_runs_confined(pid)
+            left = time.monotonic() + LEFT_BEHIND_GRACE
+        for fd, _ in events:
+            if fd == program:
+                poller.unregister(fd)
+                os.close(fd)
+                program, left = None, time.monotonic() + LEFT_BEHIND_GRACE
+            elif fd == wake:
                 _drain(wake)
             elif fd == run.fileno():
                 said, passed = _receive_from_run(run)
@@ -503,8 +523,11 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
                     scratch.append(os.fsdecode(said[1:]))
                 elif said[:1] == b"N" and not noted:
                     noted = True
-                    _send_note(said[1:])
+                    program = _send_note(said[1:])
+                    if program is not None:
+                        poller.register(program, select.POLLIN)
                 elif said[:1] == b"E" and len(said) == 5 and caller and _only_child(pid):
+                    _close(program)
                     return int.from_bytes(said[1:], sys.byteorder, signed=True), \
                         (sock if taken else None), True
                 elif not said:  # EOF: the run is gone, or going
@@ -524,6 +547,7 @@ def _watch(sock: socket.socket | None, run: socket.socket, pid: int, wake: int,
                     _send(pid, data[1])
         code = _reap(pid)
         if code is not None:
+            _close(program)
             return (code if caller else EXIT_FAILED), (sock if taken else None), False
 
 
@@ -539,16 +563,25 @@ def _receive_from_run(run: socket.socket) -> tuple[bytes | None, list[int]]:
     return data, P.parse_ancillary(anc)[0]
 
 
-def _send_note(data: bytes) -> None:
+def _send_note(data: bytes) -> int | None:
     """Send the supervisor the run's note of its program (redoxcap.run.note_the_client), from
-    a thread: the signals and the end of the run are not kept waiting for it."""
+    a thread: the signals and the end of the run are not kept waiting for it. A pidfd of the
+    program it names (None: none, or it has gone already)."""
     try:
         state_dir, client = marshal.loads(data)
     except (EOFError, ValueError, TypeError):
-        return
-    if isinstance(state_dir, str) and isinstance(client, dict):
-        threading.Thread(target=redoxcap.run.note_the_client, args=(Path(state_dir), client),
-                         daemon=True, name="redoxcap client note").start()
+        return None
+    if not (isinstance(state_dir, str) and isinstance(client, dict)):
+        return None
+    threading.Thread(target=redoxcap.run.note_the_client, args=(Path(state_dir), client),
+                     daemon=True, name="redoxcap client note").start()
+    if type(client.get("pid")) is not int or client["pid"] <= 0:
+        return None
+    try:
+        # the run's child, not reaped before the run has seen it exit: the pid is its
+        return os.pidfd_open(client["pid"])
+    except OSError:
+        return None
 
 
 def _remove_scratch(scratch: list[str]) -> None:
@@ -628,14 +661,15 @@ def _reap(pid: int) -> int | None:
             code = 128 - code if code < 0 else code
 
 
-def _end_the_rest() -> None:
-    """Kill and reap what the program left running (our children now, as orphans)."""
+def _end_the_rest(but: int | None = None) -> None:
+    """Kill and reap what the program left running (our children now, as orphans), all but
+    the child but (the run, which goes on)."""
     while True:
         try:
             os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return  # none at all, the common case: no look through /proc
-        children = _children()
+        children = [child for child in _children() if child != but]
         if not children:
             return
         for child in children:  # not reaped: the pids are still theirs
@@ -648,6 +682,27 @@ def _end_the_rest() -> None:
                 os.waitpid(child, 0)
             except ChildProcessError:
                 pass
+
+
+def _end_the_runs_confined(run: int) -> None:
+    """SIGKILL the children of the run's that are the program's (a process it made the run's
+    child, with CLONE_PARENT): each one under a seccomp filter (the run itself is under
+    none, and so are the processes it starts itself); the run reaps them."""
+    for child in _child_pids(str(run)) or []:
+        try:
+            pidfd = os.pidfd_open(child)
+        except OSError:
+            continue  # gone
+        try:
+            # the pidfd is this process's whatever the run reaps: checked after it is held
+            with open(f"/proc/{child}/status", "rb") as f:
+                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            if int(status.get(b"PPid", b"0")) == run and status.get(b"Seccomp", b"").strip() == b"2":
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        finally:
+            os.close(pidfd)
 
 
 def _children() -> list[int]:
