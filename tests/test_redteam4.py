@@ -90,11 +90,11 @@ print("top exits", flush=True)
 LINGER = 40.0  # seconds the orphan stays
 
 
-def start_stalling_run(system, tmp_path, how="double-fork"):
+def start_stalling_run(system, tmp_path, how="double-fork", *options):
     project = tmp_path / "proj"
     project.mkdir()
     (project / "stall.py").write_text(STALL)
-    run = system.start("run", "--dir", str(project), "--", sys.executable,
+    run = system.start("run", *options, "--dir", str(project), "--", sys.executable,
                        str(project / "stall.py"), str(LINGER), how)
     assert run.stdout.readline().strip() == "top exits", run.stderr.read()
     return run
@@ -137,6 +137,25 @@ def test_ctrl_c_ends_a_run_whose_broker_an_orphan_stalls(redoxcap_system, tmp_pa
     passed on to the program's process group, which is gone, and the broker still waits; the
     run goes on until the orphan lets it (only SIGKILL of `run` ends it)."""
     run = start_stalling_run(redoxcap_system, tmp_path)
+    time.sleep(1)
+    start = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    ended = ended_within(run, 10)
+    if not ended:
+        run.wait(LINGER + 30)
+    assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
+
+
+def test_ctrl_c_ends_an_in_process_run_whose_broker_an_orphan_stalls(redoxcap_system, tmp_path):
+    """The same with `run --in-process` (as every run with no system up is done):
+    there the orphan is documented to outlive the program, but `run`
+    "ends with Ctrl-C as always"; it does not: SIGINT goes to the program's process group,
+    gone, while the broker waits on the orphan's scheme, and `run` returns only when the
+    orphan lets it. (Not fixed: the broker's wait for a capability's answer would have to
+    give way to the program's end and to the signal; e.g. the run's SIGINT/SIGTERM handler,
+    once the program has exited, killing what is left under its filter, as the runner's
+    reaper now does.)"""
+    run = start_stalling_run(redoxcap_system, tmp_path, "double-fork", "--in-process")
     time.sleep(1)
     start = time.monotonic()
     run.send_signal(signal.SIGINT)
