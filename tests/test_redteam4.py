@@ -163,3 +163,71 @@ def test_ctrl_c_ends_an_in_process_run_whose_broker_an_orphan_stalls(redoxcap_sy
     if not ended:
         run.wait(LINGER + 30)
     assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
+
+
+PID_REUSE = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+PRLIMIT64 = {"x86_64": 302, "aarch64": 261}[os.uname().machine]
+class rlimit(ctypes.Structure):
+    _fields_ = [("cur", ctypes.c_uint64), ("max", ctypes.c_uint64)]
+top = os.getpid()  # the filter's "own pid"
+if os.fork() == 0:
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    time.sleep(0.5)  # the top has exited by now
+    old = rlimit()
+    for _ in range(200000):  # cycle pids until the top's is someone else's
+        if libc.syscall(PRLIMIT64, top, 7, None, ctypes.byref(old)) == 0:
+            break
+        child = os.fork()
+        if child == 0:
+            os._exit(0)
+        os.waitpid(child, 0)
+        if top - 3 <= child < top:  # the next pid is the top's: let someone take it
+            time.sleep(0.01)
+    # a write of its own values again (harmless here): any value would do, 16 fds, no CPU...
+    ok = libc.syscall(PRLIMIT64, top, 7, ctypes.byref(old), None) == 0
+    print("wrote" if ok else "refused", flush=True)
+    os._exit(0)
+print("top", top, flush=True)
+"""
+
+
+def test_a_process_left_behind_cannot_reach_whoever_takes_its_programs_pid(redoxcap_system,
+                                                                            tmp_path):
+    """The filter lets prlimit64, setpriority, sched_set* and ioprio_set name "its own
+    process": a pid fixed when the filter is made, the program's first process. Once that
+    process has exited, its pid is free for anyone's: a process it left behind (which a run
+    done in the `redoxcap` process, --in-process or with no system up, leaves running) cycles
+    pids by forking until the program's pid is taken, and then sets the limits (or the nice
+    value, the CPUs, the scheduler) of whatever took it: here a `sleep` the test starts,
+    outside any sandbox; as well a daemon or another run's program or broker. (Not fixed:
+    allow pid 0 only, not the pid the program started with, for those calls (glibc's
+    setrlimit, nice and sched_setaffinity(0) pass 0); or end what a run leaves behind in
+    every kind of run, as the runner's reaper does.)"""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "reuse.py").write_text(PID_REUSE)
+    run = redoxcap_system.start("run", "--in-process", "--dir", str(project), "--", sys.executable,
+                                str(project / "reuse.py"))
+    top = int(run.stdout.readline().split()[1])
+    run.wait(60)
+    victim, end = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < end:
+        candidate = subprocess.Popen(["sleep", "5"])
+        if candidate.pid == top:
+            victim = candidate
+        else:
+            candidate.kill()
+            candidate.wait()
+    if victim is None:
+        pytest.skip("the program's pid was not taken by the test's process in time")
+    try:
+        said = run.stdout.readline().strip()
+    finally:
+        victim.kill()
+        victim.wait()
+    assert said != "wrote", f"a process the program left behind set the limits of pid {top} " \
+                            f"(now the test's `sleep`)"
