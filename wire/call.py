@@ -110,10 +110,12 @@ def is_host_fd(fd: int, remember: bool = True) -> bool:
 
 
 class _Deadline(threading.local):
-    """The timeout of this thread's calls: None waits for ever."""
+    """The timeout of this thread's calls (None waits for ever), and an fd whose turning
+    readable ends their wait (give_up_when_readable)."""
 
     def __init__(self) -> None:
         self.seconds: float | None = None
+        self.give_up: int | None = None
 
 
 class _Timeouts:
@@ -144,6 +146,16 @@ def set_default_timeout(seconds: float | None) -> None:
     _timeouts.default = seconds
 
 
+def give_up_when_readable(fd: int | None) -> None:
+    """Have this thread's calls stop waiting for their replies, with EINTR, once fd is
+    readable (None: never). The broker's thread: its program's pidfd, readable once the
+    program has exited, when nothing the broker waits for is wanted any more (a process the
+    program left behind may have it wait for a scheme of its own that never answers). Each
+    call then polls before it reads: one syscall more. The late reply is dropped as a
+    timed-out call's is."""
+    _timeouts.thread.give_up = fd
+
+
 class timeout:
     """Bound the calls made in a with block (in this thread) to seconds each."""
 
@@ -163,14 +175,21 @@ class timeout:
 
 
 def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
-    """Wait until sock is ready for event; ETIMEDOUT after the deadline."""
+    """Wait until sock is ready for event; ETIMEDOUT after the deadline, EINTR once this
+    thread's give-up fd is readable (give_up_when_readable)."""
     poller = select.poll()
     poller.register(sock, event)
+    give_up = _timeouts.thread.give_up
+    if give_up is not None:
+        poller.register(give_up, select.POLLIN)
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise OSError(errno.ETIMEDOUT, "no reply within the timeout")
-        if poller.poll(None if left is None else max(1, int(left * 1000))):
+        ready = poller.poll(None if left is None else max(1, int(left * 1000)))
+        if any(fd == give_up for fd, _ in ready):
+            raise OSError(errno.EINTR, "the call was given up")
+        if ready:
             return
 
 
@@ -258,7 +277,7 @@ def _send(sock: socket.socket, frame: bytes, anc: list, deadline: float | None) 
 
 def _receive(sock: socket.socket, deadline: float | None) -> tuple[bytes, list[int], int]:
     while True:
-        if deadline is not None:
+        if deadline is not None or _timeouts.thread.give_up is not None:
             _wait(sock, select.POLLIN, deadline)
         try:
             data, anc, flags, _ = sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)

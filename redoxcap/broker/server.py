@@ -38,7 +38,7 @@ from redoxcap.broker.notify import Listener, Notification
 from redoxcap.broker.state import Directory, Mount, Processes
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
-from redoxcap.wire.call import call_fd, call_value, forget
+from redoxcap.wire.call import call_fd, call_value, forget, give_up_when_readable
 from redoxcap.wire.protocol import ENV_CWD, ENV_CWD_PATH, ENV_NS
 from redoxcap.wire.roots import NamespaceRoots
 
@@ -95,9 +95,19 @@ class Broker:
         self._names = syscall_names(syscalls.machine)
 
     def serve(self, main_pidfd: int) -> None:
-        """Answer calls until the main process exits (its pidfd becomes readable)."""
+        """Answer calls until the main process exits (its pidfd becomes readable). A call
+        the broker makes on a capability meanwhile gives up then (EINTR): a process the
+        program left behind must not hold the run up by asking for a scheme of its own that
+        never answers."""
         self.poller.register(self.listener.fd, select.POLLIN)
         self.poller.register(main_pidfd, select.POLLIN)
+        give_up_when_readable(main_pidfd)
+        try:
+            self._serve(main_pidfd)
+        finally:
+            give_up_when_readable(None)  # what comes after (the pumps' last writes) must not
+
+    def _serve(self, main_pidfd: int) -> None:
         while True:
             for fd, events in self.poller.poll():
                 if fd == main_pidfd:
