@@ -394,14 +394,14 @@ def test_the_system_never_imports_its_modules_from_the_cwd_or_pythonpath(tmp_pat
         subprocess.run([*base, "up", "--detach", "--root", str(root)], cwd=project, env=env,
                        check=True, capture_output=True, timeout=60)
         for mode in MODES.values():
-            ran = subprocess.run([*base, "run", *mode, "--", "python3", "-c", "print('ran')"],
+            ran = subprocess.run([*base, "run", *mode, "--", sys.executable, "-c", "print('ran')"],
                                  cwd=project, env=env, capture_output=True, text=True, timeout=60,
                                  check=False)
             assert ran.stdout.strip() == "ran", ran.stderr
     finally:
         subprocess.run([*base, "down"], check=False, cwd=project, env=env, capture_output=True, timeout=60)
     private = subprocess.run([sys.executable, "-E", cli, "--state-dir", str(tmp_path / "private"), "run", "--root",
-                              str(root), "--", "python3", "-c", "print('ran')"], cwd=project,
+                              str(root), "--", sys.executable, "-c", "print('ran')"], cwd=project,
                              env=env, capture_output=True, text=True, timeout=60, check=False)
     assert private.stdout.strip() == "ran", private.stderr
     assert not marker.exists(), marker.read_text()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -48,7 +49,7 @@ def listener() -> Iterator[int]:
 
 def attempts(system, options: list[str], tries: list[tuple[str, int]]) -> list[str]:
     """Run TRY with options; what came of each try."""
-    result = system.run(*options, "--", "python3", "-c", TRY, json.dumps(tries))
+    result = system.run(*options, "--", sys.executable, "-c", TRY, json.dumps(tries))
     return json.loads(result.stdout)
 
 
@@ -145,7 +146,7 @@ def test_run_without_allow_options_gets_the_whole_tcp(redoxcap_module_system, li
     (["--ns", "file", "--allow-connect", "127.0.0.1:80"], "the namespace has no tcp"),
 ])
 def test_run_allow_options_errors_are_usage_errors(redoxcap_module_system, options, message):
-    result = redoxcap_module_system.run(*options, "--", "python3", "-c", "print('ran')", check=False)
+    result = redoxcap_module_system.run(*options, "--", sys.executable, "-c", "print('ran')", check=False)
     assert result.returncode == EXIT_USAGE, result.stderr
     assert result.stderr.startswith("redoxcap: ") and message in result.stderr
     assert "ran" not in result.stdout and "Traceback" not in result.stderr

@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def test_runs_cannot_exhaust_nsmgr_for_every_other_run(redoxcap_system, tmp_path
     (project / "fill.py").write_text(NS_FILL)
     nsmgr = next(d["pid"] for d in redoxcap_system.status()["daemons"] if d["name"] == "nsmgr")
     before = len(os.listdir(f"/proc/{nsmgr}/fd"))
-    fillers = [redoxcap_system.start("run", "--dir", str(project), "--", "python3", str(project / "fill.py"))
+    fillers = [redoxcap_system.start("run", "--dir", str(project), "--", sys.executable, str(project / "fill.py"))
                for _ in range(5)]  # five runs: five accounts
     try:
         stops = [filler.stdout.readline().split() for filler in fillers]
@@ -151,7 +152,7 @@ def test_runs_cannot_exhaust_nsmgr_for_every_other_run(redoxcap_system, tmp_path
         for filler in fillers:
             filler.communicate("", timeout=60)
     # given back as the runs ended: a new one may register as many again
-    again = redoxcap_system.start("run", "--dir", str(project), "--", "python3", str(project / "fill.py"))
+    again = redoxcap_system.start("run", "--dir", str(project), "--", sys.executable, str(project / "fill.py"))
     try:
         assert again.stdout.readline().split()[:2] == stops[0][:2]
     finally:

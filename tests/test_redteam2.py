@@ -156,5 +156,5 @@ def test_an_o_path_open_of_a_host_tree_file_works(redoxcap_module_system, tmp_pa
             "    try:\n"
             "        os.fstat(os.open(p, os.O_PATH)); print(p, 'ok')\n"
             "    except OSError as e: print(p, e.errno)\n")
-    got = sandboxed(redoxcap_module_system, project, ["python3", "-c", code])
+    got = sandboxed(redoxcap_module_system, project, [sys.executable, "-c", code])
     assert got.stdout.split("\n")[:3] == ["/usr/bin ok", "/etc/passwd ok", ". ok"], got.stdout

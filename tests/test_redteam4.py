@@ -58,7 +58,7 @@ def test_the_filters_own_pid_is_the_programs_not_the_fork_servers(redoxcap_syste
     project = tmp_path / "proj"
     project.mkdir()
     (project / "scan.py").write_text(PRLIMIT_SCAN)
-    got = redoxcap_system.run("--dir", str(project), "--", "python3", str(project / "scan.py"),
+    got = redoxcap_system.run("--dir", str(project), "--", sys.executable, str(project / "scan.py"),
                               str(pid_max()), check=False, timeout=120)
     assert got.returncode == 0, got.stderr
     assert "reached [] itself 0" in got.stdout, got.stdout
