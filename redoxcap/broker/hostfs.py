@@ -128,7 +128,11 @@ class HostTrees:
 
     def is_above(self, parts: tuple[str, ...]) -> bool:
         """Whether these components name a directory above a tree or a handed directory."""
-        return (parts in self._above or parts in self.handed_above) and not self._in_tree(parts)
+        return self._above_only(parts) and not self._in_tree(parts)
+
+    def _above_only(self, parts: tuple[str, ...]) -> bool:
+        """is_above without asking whether the components are in a tree (its caller knows)."""
+        return parts in self._above or parts in self.handed_above
 
     def resolve(self, path: str, follow: bool = True) -> str:
         """The real host path an absolute path names (the last symlink followed if follow).
@@ -296,9 +300,10 @@ class HostTrees:
     def stat(self, path: str, follow: bool = True) -> os.stat_result:
         """lstat/stat of an absolute host path in the trees (or a directory above one)."""
         parts = _parts(path)
-        if ".." not in parts and self.is_above(tuple(parts)):
+        in_tree = self._in_tree(parts)  # (asked once: is_above and the fast path both would)
+        if ".." not in parts and not in_tree and self._above_only(tuple(parts)):
             return os.stat("/" + "/".join(parts), follow_symlinks=follow)
-        if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+        if in_tree and ".." not in parts and not path.endswith("/"):
             try:  # no symlink on the way: one openat2
                 fd = openat2(self._root, "/".join(parts), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
                              RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
@@ -316,7 +321,28 @@ class HostTrees:
 
     def readlink(self, path: str) -> str:
         """The body of the symlink at an absolute host path (EINVAL if it is none)."""
-        if self.is_above(tuple(_parts(path))):
+        parts = _parts(path)
+        in_tree = self._in_tree(parts)
+        if not in_tree and self._above_only(tuple(parts)):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        real = self._fast(path, False) or self.resolve(path, follow=False)
-        return os.readlink(real)
+        if in_tree and ".." not in parts and not path.endswith("/"):
+            # no symlink on the way: the link is read on the fd that found it (one openat2, no
+            # second lookup). Its error is the walk's (as for stat: every step of a path in a
+            # tree may be walked, and the walk meets the same directories up to the name that
+            # fails; gcc's realpath asks for many a missing header); ELOOP, a link on the way,
+            # is the walk's to follow
+            try:
+                fd = openat2(self._root, "/".join(parts) or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                fd = -1
+            if fd >= 0:
+                try:
+                    if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+                    return os.readlink("", dir_fd=fd)
+                finally:
+                    os.close(fd)
+        return os.readlink(self.resolve(path, follow=False))
