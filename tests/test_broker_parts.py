@@ -96,6 +96,30 @@ def test_a_walk_that_looks_ahead_finds_what_one_step_at_a_time_finds(trees):
         handed.close()
 
 
+def test_readlink_answers_as_the_walk_does(trees):
+    """readlink reads a link on the fd one openat2 found it by, and answers that lookup's
+    error, where no symlink is on the way: every path gives what the walk alone gives
+    (resolve, then readlink of what it found), body or errno."""
+    h, allowed, tmp = trees
+    os.symlink("loop", allowed / "loop")
+    a = str(allowed)
+    paths = [f"{a}/rel", f"{a}/abs_in", f"{a}/abs_out", f"{a}/up_out", f"{a}/loop", f"{a}/sub",
+             f"{a}/sub/f", f"{a}/sub/missing", f"{a}/missing/x", f"{a}/sub/f/x", f"{a}/rel/x",
+             f"{a}/abs_in/f", f"{a}/sub/../rel", f"{a}/sub/./f", f"{a}/sub/", f"{a}/rel/",
+             f"{a}", f"{tmp}", "/usr", "/usr/include", "/usr/lib/missing/x",
+             "/lib", "/etc/localtime", "/", f"{tmp}/secret"]
+    for path in paths:
+        found = []
+        for fast in (True, False):
+            try:
+                found.append(h.readlink(path) if fast else os.readlink(h.resolve(path, follow=False))
+                             if not h.is_above(tuple(c for c in path.split("/") if c and c != "."))
+                             else errno.errorcode[errno.EINVAL])
+            except OSError as exc:
+                found.append(errno.errorcode[exc.errno])
+        assert found[0] == found[1], (path, found)
+
+
 def test_merged_usr_and_absolute_system_links_resolve(trees):
     h, _, _ = trees
     for path in ("/lib/x86_64-linux-gnu/libc.so.6", "/etc/localtime"):

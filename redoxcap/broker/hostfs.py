@@ -32,6 +32,7 @@ import os
 import stat
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from redoxcap.wire.linux import (
     MAXSYMLINKS,
@@ -58,6 +59,13 @@ _PASSED_FLAGS = (os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOCTTY | 
                  | os.O_WRONLY | os.O_RDWR)
 
 
+# the lookups of paths kept (HostTrees._plain): paths of at most this many characters, at
+# most this many of them (a MiB of paths)
+PLAIN_PATH_MAX = 512
+MAX_PLAIN = 2048
+_UNKNOWN: Any = object()  # not worked out yet (None is an answer)
+
+
 def _parts(path: str) -> list[str]:
     return [c for c in path.split("/") if c and c != "."]
 
@@ -81,6 +89,7 @@ class HostTrees:
         self._depths = sorted({len(tp) for tp in self._tree_parts})
         self._above = {tp[:i] for tp in self._tree_parts for i in range(len(tp))}
         self._root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._plains: dict[str, str | None] = {}  # by absolute path (_plain)
 
     def close(self) -> None:
         if self._root >= 0:
@@ -217,10 +226,10 @@ class HostTrees:
         Raises:
             OSError: ENOENT, ENOTDIR, ELOOP, EACCES... as open would.
         """
-        parts = _parts(path)
-        if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+        plain = self._plain(path)
+        if plain is not None:
             try:
-                fd = openat2(self._root, "/".join(parts), os.O_PATH | os.O_CLOEXEC, 0,
+                fd = openat2(self._root, plain, os.O_PATH | os.O_CLOEXEC, 0,
                              RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
@@ -247,10 +256,10 @@ class HostTrees:
             # open does not wait; a symlink itself, with O_NOFOLLOW, is ELOOP)
             host = host & (os.O_DIRECTORY | os.O_NOFOLLOW) | os.O_RDONLY | os.O_NONBLOCK
         if not writes:  # one openat2 when no symlink is on the way (ELOOP: walk)
-            parts = _parts(path)
-            if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+            plain = self._plain(path)
+            if plain is not None:
                 try:
-                    return openat2(self._root, "/".join(parts) or ".", host | os.O_CLOEXEC, mode,
+                    return openat2(self._root, plain or ".", host | os.O_CLOEXEC, mode,
                                    RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
                 except OSError as exc:
                     if exc.errno != errno.ELOOP:
@@ -295,12 +304,14 @@ class HostTrees:
 
     def stat(self, path: str, follow: bool = True) -> os.stat_result:
         """lstat/stat of an absolute host path in the trees (or a directory above one)."""
-        parts = _parts(path)
-        if ".." not in parts and self.is_above(tuple(parts)):
-            return os.stat("/" + "/".join(parts), follow_symlinks=follow)
-        if ".." not in parts and not path.endswith("/") and self._in_tree(parts):
+        plain = self._plain(path)
+        if plain is None:
+            parts = _parts(path)
+            if ".." not in parts and self.is_above(tuple(parts)):
+                return os.stat("/" + "/".join(parts), follow_symlinks=follow)
+        else:
             try:  # no symlink on the way: one openat2
-                fd = openat2(self._root, "/".join(parts), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                fd = openat2(self._root, plain, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
                              RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
@@ -316,7 +327,43 @@ class HostTrees:
 
     def readlink(self, path: str) -> str:
         """The body of the symlink at an absolute host path (EINVAL if it is none)."""
-        if self.is_above(tuple(_parts(path))):
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        real = self._fast(path, False) or self.resolve(path, follow=False)
-        return os.readlink(real)
+        plain = self._plain(path)
+        if plain is None:
+            if self.is_above(tuple(_parts(path))):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return os.readlink(self.resolve(path, follow=False))
+        # no symlink on the way: the link is read on the fd that found it (one openat2, no
+        # second lookup). Its error is the walk's (as for stat: every step of a path in a
+        # tree may be walked, and the walk meets the same directories up to the name that
+        # fails; gcc's realpath asks for many a missing header); ELOOP, a link on the way,
+        # is the walk's to follow
+        try:
+            fd = openat2(self._root, plain or ".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0,
+                         RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return os.readlink(self.resolve(path, follow=False))
+        try:
+            if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return os.readlink("", dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def _plain(self, path: str) -> str | None:
+        """The path relative to `/` that one openat2 with RESOLVE_NO_SYMLINKS looks an absolute
+        path up by (its names joined, `.` dropped: "" for `/`), when it lies in a tree and
+        has no `..` and no trailing `/`; else None (the walk's, or above the trees). Worked
+        out once per path (it depends on the path and the trees alone), for paths of at most
+        PLAIN_PATH_MAX characters, at most MAX_PLAIN of them (all forgotten at once past that)."""
+        plain = self._plains.get(path, _UNKNOWN)
+        if plain is _UNKNOWN:
+            parts = _parts(path)
+            plain = "/".join(parts) if ".." not in parts and not path.endswith("/") \
+                and self._in_tree(parts) else None
+            if len(path) <= PLAIN_PATH_MAX:
+                if len(self._plains) >= MAX_PLAIN:
+                    self._plains.clear()
+                self._plains[path] = plain
+        return plain

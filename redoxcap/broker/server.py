@@ -93,6 +93,10 @@ class Broker:
         self.poller = select.poll()
         self.trace = trace
         self._names = syscall_names(syscalls.machine)
+        # what every call asks for, looked up once (the table and the pumps are the
+        # syscalls' for the broker's whole life)
+        self._table = syscalls.table
+        self._pumps = syscalls.pumps
 
     def serve(self, main_pidfd: int) -> None:
         """Answer calls until the main process exits (its pidfd becomes readable). A call
@@ -129,7 +133,7 @@ class Broker:
             mem = Memory(notif.tid)  # before ID_VALID: the tid may be recycled after
         except OSError:
             return  # the thread is gone, and its call with it
-        with mem:
+        try:
             if not self.listener.valid(notif.id):
                 return
             answer: object
@@ -138,10 +142,10 @@ class Broker:
                 process, new = self.processes.of_thread(notif.tid)
                 if new:
                     self.poller.register(process.pidfd, select.POLLIN)
-                handler = self.syscalls.table.get(notif.nr)
+                handler = self._table.get(notif.nr)
                 if handler is None:
                     raise OSError(errno.ENOSYS, "not brokered")
-                self.syscalls.pumps.settle()  # what it wrote to routed files is in them first
+                self._pumps.settle()  # what it wrote to routed files is in them first
                 answer = handler(Call(notif, mem, process))
             except OSError as exc:
                 err = exc.errno or errno.EIO
@@ -153,6 +157,8 @@ class Broker:
                 answer = OSError(errno.EIO, "broker error")
             if self.trace is not None:
                 self._trace(notif, mem, answer, started)
+        finally:
+            mem.close()
         self._answer(notif.id, answer)
 
     def _answer(self, nid: int, answer: object) -> None:

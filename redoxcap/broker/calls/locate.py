@@ -11,6 +11,10 @@ is a file name. A namespace path goes to the kept root of its name
 (wire/roots.py, as rt does): one round trip to the scheme, nsmgr asked once
 per name and again after any change of the namespace.
 
+Which of these an absolute path goes to depends on the path alone (the
+handed directories and the host trees are fixed for a run), so it is
+worked out once per path (`Locator._placement`) and kept.
+
 A `Location` is the answer: a capability and the path to send on it, or a
 host path. `open_at`, `status_at` and `readlink_at` act on one: natively
 where the capability's file scheme handed the broker its host directory
@@ -26,7 +30,7 @@ import posixpath
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redoxcap.broker.calls.base import Call, close
 from redoxcap.broker.calls.native import HostDirectory
@@ -72,6 +76,29 @@ class Location:
             self.owned = None
 
 
+# where absolute paths are placed, kept (Locator._placement; a cwd's handed directory too):
+# paths of at most this many characters, at most this many of them (a MiB of paths each)
+PLACEMENT_PATH_MAX = 512
+MAX_PLACEMENTS = 2048
+_UNKNOWN: Any = object()  # not looked up yet (None is an answer: the namespace's)
+
+
+class Placement(NamedTuple):
+    """Where an absolute path goes, as far as it depends on the path alone (Locator._placement).
+
+    host: the host trees serve it (hostfs; a directory above a handed one, for its status
+    only, or a name beside one, absent); else it lies in mount, at rest below its root,
+    whose `..` leave it when walk_first (above_mount). beside: a host path that is a name
+    beside a handed directory (hostfs.HostTrees.beside_handed).
+    """
+
+    host: bool
+    mount: Mount | None
+    rest: str
+    walk_first: bool
+    beside: bool
+
+
 class Locator:
     """Paths of one program to Locations, and the two acts every family needs on them."""
 
@@ -104,6 +131,8 @@ class Locator:
         # (one syscall at a time), so that none is closed under a call that uses it
         self._held: list[Root] = []
         self._answering: int | None = None
+        self._placements: dict[str, Placement | None] = {}  # by absolute path (_placement)
+        self._cwd_mounts: dict[str, tuple[Mount, str] | None] = {}  # by cwd path (_cwd_mount)
 
     def close(self) -> None:
         """Release the grant, the handed directories' host directories and the kept roots."""
@@ -186,14 +215,15 @@ class Locator:
                     return self.in_namespace("/", resolve)  # a handed /tmp: `cd /` works
                 except OSError:
                     pass  # no `file` (`run --dir`): that view
-            placed = self.placed(path, resolve)
+            placement = self._placement(path)
+            placed = self._location(placement, path, resolve)
             cwd = call.process.cwd
             # the cwd at the path getcwd tells (a shell's `cd sub` is chdir("$PWD/sub"),
             # pyenv's shims `cd "$PWD"`): beneath the cwd capability, with its rules,
             # whatever the namespace holds, where no handed directory or host tree is
             in_cwd = not cwd.host and not _scheme_path(path) and (
                 path == cwd.path or path.startswith(cwd.path.rstrip("/") + "/"))
-            if placed is not None and placed.host and self.hosts.beside_handed(path):
+            if placement is not None and placement.beside:
                 # a name beside a handed directory (a handed /tmp is beside every `/x`):
                 # the cwd's, or the namespace's where it has `file` (as `/x/y` is), else absent
                 if not in_cwd:
@@ -214,7 +244,7 @@ class Locator:
         if dirfd == AT_FDCWD and call.process.cwd.trusted:
             loc.origin = call.process.cwd
         if dirfd == AT_FDCWD and not resolve:
-            mounted = self.mount_of(call.process.cwd.path)
+            mounted = self._cwd_mount(call.process.cwd.path)
             if mounted is not None:  # the cwd is in a handed directory: it has a program path
                 view = call.process.cwd.path.rstrip("/") + "/" + path
                 loc.view, loc.walk_first = view, above_mount(mounted[0], view)
@@ -247,22 +277,67 @@ class Locator:
     def placed(self, path: str, resolve: int = 0) -> Location | None:
         """An absolute path above or beside a handed directory, in one, or in the host trees
         (the deepest wins); None for the namespace's."""
+        return self._location(self._placement(path), path, resolve)
+
+    def _placement(self, path: str) -> Placement | None:
+        """Where an absolute path is placed (see `placed`), worked out once per path: the
+        handed directories and the host trees are a run's from its start, so the answer
+        for a path never changes (a build asks for the same few paths thousands of times:
+        gcc's realpath of /usr/include). Kept for paths of at most PLACEMENT_PATH_MAX
+        characters, at most MAX_PLACEMENTS of them (all forgotten at once past that)."""
+        placement = self._placements.get(path, _UNKNOWN)
+        if placement is _UNKNOWN:
+            placement = self._place(path)
+            if len(path) <= PLACEMENT_PATH_MAX:
+                if len(self._placements) >= MAX_PLACEMENTS:
+                    self._placements.clear()
+                self._placements[path] = placement
+        return placement
+
+    def _place(self, path: str) -> Placement | None:
+        """The placement of an absolute path, worked out (see `_placement`)."""
         parts = [c for c in path.split("/") if c]
         mounted = self.mount_of(path)
         depth = _depth(mounted[0]) if mounted is not None else -1
         above = self.hosts.handed_above
         if ".." not in parts and (tuple(parts) in above or (
                 parts and tuple(parts[:-1]) in above and depth < len(parts))):
-            return Location(None, path, True)  # status only, or absent (hostfs)
+            return self._host_placement(path)  # status only, or absent (hostfs)
         if mounted is not None and self.hosts.depth(path) <= depth:
             mount, rest = mounted
-            loc = Location(mount.cap, rest, False, resolve, origin=mount)
-            if not resolve:
-                loc.view, loc.walk_first = path, above_mount(mount, path)
-            return loc
+            return Placement(False, mount, rest, above_mount(mount, path), False)
         if self.hosts.claims(path):
-            return Location(None, path, True)
+            return self._host_placement(path)
         return None
+
+    def _host_placement(self, path: str) -> Placement:
+        return Placement(True, None, path, False, self.hosts.beside_handed(path))
+
+    @staticmethod
+    def _location(placement: Placement | None, path: str, resolve: int) -> Location | None:
+        """The Location of a placed path (a new one: callers may change theirs)."""
+        if placement is None:
+            return None
+        if placement.host:
+            return Location(None, path, True)
+        mount = placement.mount
+        assert mount is not None
+        loc = Location(mount.cap, placement.rest, False, resolve, origin=mount)
+        if not resolve:
+            loc.view, loc.walk_first = path, placement.walk_first
+        return loc
+
+    def _cwd_mount(self, path: str) -> tuple[Mount, str] | None:
+        """mount_of a cwd's path, asked once per path (as `_placement`: a relative path's
+        every call asks it of the cwd's)."""
+        mounted = self._cwd_mounts.get(path, _UNKNOWN)
+        if mounted is _UNKNOWN:
+            mounted = self.mount_of(path)
+            if len(path) <= PLACEMENT_PATH_MAX:
+                if len(self._cwd_mounts) >= MAX_PLACEMENTS:
+                    self._cwd_mounts.clear()
+                self._cwd_mounts[path] = mounted
+        return mounted
 
     def mount_of(self, path: str) -> tuple[Mount, str] | None:
         """The handed directory an absolute path lies in (the deepest), and the path below it."""
