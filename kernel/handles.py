@@ -223,12 +223,23 @@ class HandleTable:
                 was taken in (the caller closes fds and the new handle).
         """
         passed = [self.capabilities.of_fd(fd) for fd in fds]
-        moving = {id(c): c for c in passed
-                  if c is not None and (c.account is not account or c.payer is not payer)}
+        # A client's capability relayed to another account is cloned for it, not moved: the
+        # client still holds the socket it passed (SCM_RIGHTS copies it), and what it does
+        # on it must stay its own to pay for, not the receiver's (a victim, over uds) nor the
+        # system's (nsmgr, which has no bounds). The system's capabilities move (nsmgr hands
+        # a client what it opened for it, and keeps no copy).
+        cloned = [i for i, c in enumerate(passed)
+                  if c is not None and c.account is not account and not c.account.system]
+        moving = {id(c): c for i, c in enumerate(passed) if c is not None and i not in cloned
+                  and (c.account is not account or c.payer is not payer)}
         kept_fds = scheme.restart.provisional_fds(new[0]) if new is not None else 0
-        charged = sum(1 for c in moving.values() if c.payer is not payer)
+        charged = sum(1 for c in moving.values() if c.payer is not payer) + len(cloned)
         if not payer.room_for_caps(charged + (new is not None) + kept_fds):
             raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+        for i in cloned:  # on an error, the caller closes fds: clones made so far reach EOF
+            clone = self.mint(passed[i].handle, account, payer)  # type: ignore[union-attr]
+            os.close(fds[i])
+            fds[i] = clone
         if new is not None:
             number, fdflags = new
             handle = scheme.handles.get(number)
@@ -325,6 +336,7 @@ class HandleTable:
             scheme.channel = None
             (scheme.payer or self.system_account).charge_fds(-1)
         self.schemes.set_daemon(scheme, None)
+        scheme.owed_closes.clear()  # its handles but the kept ones go stale: closed for it
         self.unref(*scheme.restart.died())
         scheme.next_generation()
         # the root and the kept handles live on in the next daemon; the rest go stale
