@@ -59,11 +59,20 @@ REPLIES_PER_PASS = 64  # a scheme's replies read per pass: then the others' turn
 # the frames all the schemes a client made (NS_SCHEME_CREATE) may give in a pass, together:
 # as a client's requests get one turn a pass, its schemes get a few frames, however many
 CLIENT_REPLIES_PER_PASS = 8
+# CLOSEs a client's scheme may leave unread in its channel and owed to it: past them its
+# daemon is taken for dead (a scheme that reads nothing would have the router keep them all)
+MAX_OWED_CLOSES = 4096
 FDS_PER_TURN = 8  # a scheme's frame with more fds than this ends its channel's turn
 HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
 EMPTY_ARGS = P.pack([])
 NO_CRED = (0, 0, 0)
+
+
+def close_frame(number: int) -> bytes:
+    """The router's CLOSE of handle number, to its scheme's daemon."""
+    return SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS
+
 # how soon, and at most how seldom, the sockets of an account saturated by replies left unread
 # in them are asked again whether their holders read (Account.recount_unread): nothing the
 # loop watches tells, and a stuck client should cost the loop little
@@ -290,15 +299,41 @@ class Router:
         while table.closing or table.freed:
             closing, table.closing = table.closing, []
             for scheme, number in closing:
-                frame = SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS
-                sent = scheme.try_send(frame)
+                if scheme.owed_closes:  # in order, after those that wait already
+                    self._owe_close(scheme, number)
+                    continue
+                sent = scheme.try_send(close_frame(number))
                 if sent == FULL:
-                    self._nursery.start_soon(self.send_to_scheme, scheme, frame, [])
+                    self._owe_close(scheme, number)
                 elif sent == LOST:
                     self.scheme_died(scheme)
             freed, table.freed = table.freed, []
             for scheme in freed:
                 self.scheme_died(scheme)
+
+    def _owe_close(self, scheme: Scheme, number: int) -> None:
+        """Keep the CLOSE of handle number for one task per scheme to send as its channel has
+        room, in order: a handle's number, not a task and a frame each (a client's scheme
+        that reads nothing made the router keep 50,000 tasks, 211 MB). A client's scheme
+        owed more than MAX_OWED_CLOSES is taken for dead."""
+        scheme.owed_closes.append(number)
+        if scheme.payer is not None and len(scheme.owed_closes) > MAX_OWED_CLOSES:
+            warn_now_and_then("scheme %d: %d CLOSEs unread: its daemon is taken for dead",
+                              scheme.id, len(scheme.owed_closes))
+            self.scheme_died(scheme)
+        elif not scheme.closing and scheme.channel is not None:
+            scheme.closing = True
+            self._nursery.start_soon(self._send_owed_closes, scheme, scheme.channel)
+
+    async def _send_owed_closes(self, scheme: Scheme, channel: object) -> None:
+        try:
+            while scheme.owed_closes and scheme.channel is channel:
+                if not await self.send_to_scheme(scheme, close_frame(scheme.owed_closes[0]), []):
+                    break  # gone: its handles went stale with it, their CLOSEs too
+                if scheme.channel is channel and scheme.owed_closes:
+                    scheme.owed_closes.popleft()
+        finally:
+            scheme.closing = False
 
     def settle(self, cap: Capability) -> None:
         """One of cap's requests was answered (or never will be)."""
