@@ -125,3 +125,117 @@ def test_capabilities_handed_over_uds_charge_the_receiver_for_what_the_sender_do
     assert stuck == 0 and slowest < 1.0, (
         f"a client's calls on its own capabilities stalled ({stuck} timed out at 5 s, "
         f"slowest {slowest} s) because another client flooded sockets it handed it")
+
+
+def rss(pid: int) -> int:
+    """pid's resident memory in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# A client with a scheme of its own (served by hand in a thread). Its capability `z` of that
+# scheme is handed to nsmgr, tacked onto its scheme's answer to an OPENAT nsmgr forwards
+# (asked of nsmgr itself, on the namespace fd: rt.open would use its own clone of the entry)
+# (a NEW_HANDLE with one fd more than nsmgr asked for: nsmgr closes both and answers EIO;
+# the client keeps z). Then it sends argv[1] READs of MAX_IO on z, reads none of their
+# replies, and its scheme answers each with 128 KiB.
+ESCAPE = r"""
+import errno, os, select, socket, sys, threading, time, rt
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
+n = int(sys.argv[1])
+ch = socket.socket(fileno=rt.mkscheme('rt5evil'))
+state = {'handed': None, 'reads': []}
+go = threading.Event()
+def serve():
+    handles = 0
+    while True:
+        data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+        if not data:
+            return
+        P.close_fds(P.parse_ancillary(anc)[0])
+        req = SchemeRequest.decode(data)
+        if req.op == P.CLOSE:
+            continue
+        if req.op == P.OPENAT:
+            handles += 1
+            fds = [state['handed']] if state['handed'] is not None else []
+            ch.sendmsg([SchemeReply.new_handle(req.req_id, handles, 0).encode()], P.fds_ancillary(fds))
+            continue
+        if req.op == P.READ:
+            state['reads'].append(req.req_id)
+            if len(state['reads']) == n:
+                go.set()
+            continue
+        ch.sendmsg([SchemeReply.of(req.req_id, P.OK, 0).encode()])
+threading.Thread(target=serve, daemon=True).start()
+z = rt.open('/scheme/rt5evil/z', os.O_RDONLY)
+state['handed'] = z
+try:
+    from rt import _process
+    from redoxcap.wire.call import call
+    call(_process.namespace_fd(), P.OPENAT, ['/scheme/rt5evil/other', os.O_RDONLY, 0])  # through nsmgr
+    print('opened?', flush=True)
+except OSError as exc:
+    print('handed over', errno.errorcode.get(exc.errno), flush=True)
+frame = F.encode_request(P.READ, 1, [P.MAX_IO])
+s = socket.socket(fileno=os.dup(z))
+s.setblocking(False)
+sent = 0
+deadline = time.monotonic() + 30
+while sent < n and time.monotonic() < deadline:
+    try:
+        s.send(frame)
+        sent += 1
+    except BlockingIOError:
+        select.select([], [s], [], 0.1)
+go.wait(30)
+print('in flight', sent, len(state['reads']), flush=True)
+body = b'x' * P.MAX_IO
+for req_id in state['reads']:
+    ch.sendmsg([SchemeReply.of(req_id, P.OK, body).encode()])
+print('answered', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_capability_slipped_into_a_reply_to_nsmgr_escapes_its_accounts_bounds(
+        redoxcap_system):
+    """Every capability in a reply belongs from then on to the account of the capability
+    the reply is delivered on. A client's own scheme answers the OPENATs nsmgr forwards on
+    the client's behalf, on nsmgr's entry for it, which is in the system account: so a
+    capability of the client's tacked onto such an answer moves to the system account
+    (holder; the client stays its payer), and nsmgr, which asked for one fd, closes its
+    copies, while the client keeps its own fd to the very same socket. From then on that
+    capability has the system's bounds: 4,096 requests in flight instead of 64 for the
+    whole account, no 16 MiB bound on replies queued or left unread. One client, 1,000
+    128 KiB READs on it and not one reply read: the router holds ~130 MiB for it (8x the
+    client's bound; 4,096 READs a capability, any number of capabilities: the router's
+    memory, every client's service). Fix: a capability relayed in a reply should stay
+    counted against a client account (its payer's, when the receiving capability is the
+    system's), or nsmgr's forwarded replies should carry exactly the fds asked for
+    (the router could refuse extra fds on a reply to a daemon's request)."""
+    router = redoxcap_system.daemon("kernel")["pid"]
+    before = rss(router)
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", ESCAPE, "1000")
+    try:
+        _line(proc, "handed over")
+        line = _line(proc, "in flight")
+        _line(proc, "answered")
+        grown = 0
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            grown = max(grown, rss(router) - before)
+            time.sleep(0.2)
+        proc.communicate("bye\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert grown < 48 * 1024 * 1024, (
+        f"{line.strip()}: the router grew by {grown / 1024 / 1024:.0f} MiB of replies one "
+        f"client never reads; a client's bound is 16 MiB")
