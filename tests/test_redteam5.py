@@ -13,6 +13,7 @@ import time
 import pytest
 
 SCOPE = "rt5-shared"
+FDS_PER_ANSWER = "250"  # "0" for the control: the victim makes ~1,020
 
 # The victim: a client that takes capabilities handed to it over a uds connection in its
 # shared scope (what `rt.recvfd` is for) and keeps them, then goes on with its own work:
@@ -239,3 +240,98 @@ def test_a_capability_slipped_into_a_reply_to_nsmgr_escapes_its_accounts_bounds(
     assert grown < 48 * 1024 * 1024, (
         f"{line.strip()}: the router grew by {grown / 1024 / 1024:.0f} MiB of replies one "
         f"client never reads; a client's bound is 16 MiB")
+
+
+# The victim: takes one capability over its uds listener (an honest rt.sendfd's clone), reads
+# one byte from it argv[1] times (each bounded to 5 s), then clones /scheme/zero for as
+# long as its quota lets it and prints how many it got.
+QUOTA_VICTIM = r"""
+import errno, os, sys, rt
+from redoxcap.wire import call as C
+z = rt.open('/scheme/zero', os.O_RDONLY)
+listener = rt.open('/scheme/uds/rt5-quota', os.O_CREAT | os.O_RDWR)
+print('listening', flush=True)
+conn = rt.dup(listener, b'accept')
+given = rt.recvfd(conn)
+for _ in range(int(sys.argv[1])):
+    with C.timeout(5):
+        rt.read(given, 1)
+caps = []
+try:
+    while len(caps) < 1100:
+        caps.append(rt.clone(z))
+except OSError as exc:
+    print('stopped by', errno.errorcode.get(exc.errno), flush=True)
+print('cloned', len(caps), flush=True)
+"""
+
+# The attacker: a scheme of its own whose every READ it answers with one byte and 250
+# capabilities of /scheme/zero it made for that answer and keeps (its own sockets).
+QUOTA_ATTACKER = r"""
+import os, socket, sys, threading, rt
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
+ch = socket.socket(fileno=rt.mkscheme('rt5evil2'))
+z = rt.open('/scheme/zero', os.O_RDONLY)
+kept = []
+def serve():
+    handles = 0
+    while True:
+        data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+        if not data:
+            return
+        P.close_fds(P.parse_ancillary(anc)[0])
+        req = SchemeRequest.decode(data)
+        if req.op == P.CLOSE:
+            continue
+        if req.op == P.OPENAT:
+            handles += 1
+            ch.sendmsg([SchemeReply.new_handle(req.req_id, handles, 0).encode()])
+        elif req.op == P.READ:
+            fds = [rt.clone(z) for _ in range(int(sys.argv[1]))]
+            kept.extend(fds)  # ours: they stay open
+            ch.sendmsg([SchemeReply.of(req.req_id, P.OK, b'x').encode()], P.fds_ancillary(fds))
+        else:
+            ch.sendmsg([SchemeReply.of(req.req_id, P.OK, 0).encode()])
+threading.Thread(target=serve, daemon=True).start()
+mine = rt.open('/scheme/rt5evil2/x', os.O_RDONLY)
+conn = rt.open('/scheme/uds/rt5-quota', os.O_RDWR)
+rt.sendfd(conn, mine)
+print('sent', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_clients_scheme_parks_its_own_capabilities_on_the_quota_of_whoever_calls_it(
+        redoxcap_system):
+    """Every capability in a scheme's reply is charged from then on to the account that
+    receives the reply, which is how a daemon hands a client what it opened. A client's
+    own scheme may do the same, with capabilities of its own that it keeps: a client that
+    made one call on a capability of that scheme (handed to it honestly over uds: a clone)
+    and got 250 fds it never asked for (rt closes them) now pays for 250 capabilities it
+    does not hold, for as long as the scheme's client keeps them, while the attacker's own
+    quota is freed to make 250 more for the next answer. Four one-byte READs, and the victim,
+    which held 4 capabilities, can make 2 more (measured) instead of ~1,020 (EMFILE); and the
+    attacker, never over its own 1,024, parks any number of capabilities (router fds) on
+    others, up to the bound of all client accounts together. Fix: capabilities relayed in
+    a client scheme's reply to another account should be clones minted for the receiver,
+    or be refused (EPERM/EIO) unless the receiving account already pays for them."""
+    victim = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable, "-c",
+                                   QUOTA_VICTIM, "4")
+    attacker = None
+    try:
+        _line(victim, "listening")
+        attacker = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable,
+                                         "-c", QUOTA_ATTACKER, FDS_PER_ANSWER)
+        _line(attacker, "sent")
+        out, err = victim.communicate(timeout=120)
+    finally:
+        for proc in (victim, attacker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert "cloned" in out, (out, err)
+    cloned = int(out.split()[out.split().index("cloned") + 1])
+    assert cloned >= 900, (
+        f"a client could make only {cloned} capabilities of its 1,024 after four calls on "
+        f"another client's scheme: {out.strip()}")
