@@ -335,3 +335,73 @@ def test_a_clients_scheme_parks_its_own_capabilities_on_the_quota_of_whoever_cal
     assert cloned >= 900, (
         f"a client could make only {cloned} capabilities of its 1,024 after four calls on "
         f"another client's scheme: {out.strip()}")
+
+
+
+# Makes argv[1] schemes of its own, one after the other; each answers argv[2] OPENATs (a
+# handle each), then reads its channel no more, and the client closes those handles'
+# capabilities: the router owes the silent scheme a CLOSE for each. The schemes stay up.
+CLOSES = r"""
+import os, socket, sys, threading, rt
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
+rounds, per = int(sys.argv[1]), int(sys.argv[2])
+channels = []
+for r in range(rounds):
+    ch = socket.socket(fileno=rt.mkscheme(f'rt5quiet{r}'))
+    channels.append(ch)
+    def serve(ch=ch):
+        for number in range(1, per + 1):
+            while True:
+                data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+                P.close_fds(P.parse_ancillary(anc)[0])
+                req = SchemeRequest.decode(data)
+                if req.op == P.OPENAT:
+                    break
+            ch.sendmsg([SchemeReply.new_handle(req.req_id, number, 0).encode()])
+        # and from now on it reads nothing
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        caps = [rt.open(f'/scheme/rt5quiet{r}/h', os.O_RDONLY) for _ in range(per)]
+    except OSError as exc:
+        print('round', r, exc, file=sys.stderr, flush=True)
+        raise
+    t.join()
+    for c in caps:
+        rt.close(c)
+print('closed', rounds * per, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_closes_owed_to_a_clients_silent_scheme_pile_up_in_the_router(redoxcap_system):
+    """When the last capability naming a handle goes, the router sends its scheme CLOSE;
+    if the scheme's channel is full, a task of the router's own waits to send it (Router.
+    tidy: send_to_scheme), one task and frame per handle, charged to no account. A client's
+    own scheme decides whether its channel is ever read: one that answers 600 opens, then
+    reads nothing more while the client closes those capabilities, leaves ~330 such tasks
+    in the router (the channel holds the first ~270); a scheme costs the client 2
+    capabilities, so it can do this again with scheme after scheme while staying within its
+    quota. 160 schemes: the router grew by 211 MB (measured; 103 MB for 40 schemes of 900),
+    ~50,000 waiting tasks in its nursery, that no bound covers (16 MiB is a client's bound on
+    what it makes the router queue for it); its quota allows ~500 such schemes (2
+    capabilities each, the handles' given back at each close). Fix: the router
+    should coalesce what it owes a scheme (a list of handle numbers to CLOSE per scheme,
+    sent by one task as room comes) rather than a task per frame, or charge them to the
+    scheme's payer."""
+    router = redoxcap_system.daemon("kernel")["pid"]
+    before = rss(router)
+    proc = redoxcap_system.start("run", "--", sys.executable, "-c", CLOSES, "160", "600")
+    try:
+        _line(proc, "closed")
+        time.sleep(1)
+        grown = rss(router) - before
+        proc.communicate("bye\n", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert grown < 16 * 1024 * 1024, (
+        f"the router grew by {grown / 1024 / 1024:.0f} MiB of CLOSEs owed to one client's "
+        f"schemes that read nothing")
