@@ -223,12 +223,24 @@ class HandleTable:
                 was taken in (the caller closes fds and the new handle).
         """
         passed = [self.capabilities.of_fd(fd) for fd in fds]
-        moving = {id(c): c for c in passed
-                  if c is not None and (c.account is not account or c.payer is not payer)}
+        # A client's capability relayed to another account (passed over uds, tacked onto its
+        # own scheme's answer to another client or to a daemon) is not moved: its sender may
+        # keep an fd of the very same socket, and what it did there would count against the
+        # receiver (or, in the system account, against nothing). The receiver gets a clone
+        # (the same handle, a socket only it holds); the sender's stays where it is.
+        cloning = {i for i, c in enumerate(passed)
+                   if c is not None and not c.account.system and c.account is not account}
+        moving = {id(c): c for i, c in enumerate(passed)
+                  if c is not None and (c.account is not account or c.payer is not payer)
+                  and i not in cloning}
         kept_fds = scheme.restart.provisional_fds(new[0]) if new is not None else 0
-        charged = sum(1 for c in moving.values() if c.payer is not payer)
+        charged = sum(1 for c in moving.values() if c.payer is not payer) + len(cloning)
         if not payer.room_for_caps(charged + (new is not None) + kept_fds):
             raise OSError(errno.EMFILE, "capability quota of the account exceeded")
+        for i in cloning:
+            clone = self.mint(passed[i].handle, account, payer)
+            os.close(fds[i])  # our copy of the sender's socket
+            fds[i] = clone
         if new is not None:
             number, fdflags = new
             handle = scheme.handles.get(number)

@@ -71,6 +71,10 @@ UNREAD_RECOUNT_FIRST, UNREAD_RECOUNT_MAX = 0.005, 0.5
 EOF = (b"", [], 0, None)
 
 
+def _close_frame(number: int) -> bytes:
+    return SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS
+
+
 class Router:
     """The routing loop over the router's table; one instance per kernel process.
 
@@ -290,10 +294,17 @@ class Router:
         while table.closing or table.freed:
             closing, table.closing = table.closing, []
             for scheme, number in closing:
-                frame = SREQUEST.pack(0, number, 0, 0, 0, 0, P.CLOSE, 0) + EMPTY_ARGS
-                sent = scheme.try_send(frame)
+                if scheme.closes_owed:  # behind those already waiting for room
+                    scheme.closes_owed.append(number)
+                    continue
+                sent = scheme.try_send(_close_frame(number))
                 if sent == FULL:
-                    self._nursery.start_soon(self.send_to_scheme, scheme, frame, [])
+                    # one task a scheme sends what it is owed as room comes: a client's scheme
+                    # that reads nothing must not have a task of the router's per handle
+                    scheme.closes_owed.append(number)
+                    if not scheme.sending_closes:
+                        scheme.sending_closes = True
+                        self._nursery.start_soon(self._send_closes, scheme)
                 elif sent == LOST:
                     self.scheme_died(scheme)
             freed, table.freed = table.freed, []
@@ -438,6 +449,17 @@ class Router:
             self.scheme_died(scheme)
         self.settle(held.cap)
         recovery.hold(self, scheme, held)
+
+    async def _send_closes(self, scheme: Scheme) -> None:
+        """Send scheme the CLOSEs it is owed (Scheme.closes_owed), waiting for room."""
+        try:
+            while scheme.closes_owed:
+                if not await self.send_to_scheme(scheme, _close_frame(scheme.closes_owed[0]), []):
+                    break  # its daemon is gone: its handles with it
+                scheme.closes_owed.popleft()
+        finally:
+            scheme.closes_owed.clear()
+            scheme.sending_closes = False
 
     async def send_to_scheme(self, scheme: Scheme, frame: bytes, fds: list[int]) -> bool:
         """Send a frame of the router's own to scheme's daemon, waiting for room; False if

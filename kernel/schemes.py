@@ -9,6 +9,8 @@ to check a daemon's claim that it serves a client's request.
 
 from __future__ import annotations
 
+import collections
+
 import errno
 import itertools
 import logging
@@ -76,6 +78,10 @@ class Scheme:
     # a client's scheme whose channel is not watched for now: its payer had no frames left
     # in a pass (Router._park_scheme); it waits in the router's queue of that payer's
     waiting: bool = False
+    # handle numbers whose CLOSE waits for room in its channel, in order, and whether a task
+    # of the router's sends them (Router.tidy): one task a scheme, however many there are
+    closes_owed: collections.deque[int] = field(default_factory=collections.deque)
+    sending_closes: bool = False
 
     def try_send(self, frame: bytes | list, fds: list[int] | tuple[int, ...] = ()) -> Sent:
         """Send a frame to its daemon if the channel has room now; the caller keeps fds."""

@@ -187,14 +187,14 @@ frame = F.encode_request(P.READ, 1, [P.MAX_IO])
 s = socket.socket(fileno=os.dup(z))
 s.setblocking(False)
 sent = 0
-deadline = time.monotonic() + 30
+deadline = time.monotonic() + 10
 while sent < n and time.monotonic() < deadline:
     try:
         s.send(frame)
         sent += 1
     except BlockingIOError:
         select.select([], [s], [], 0.1)
-go.wait(30)
+go.wait(10)
 print('in flight', sent, len(state['reads']), flush=True)
 body = b'x' * P.MAX_IO
 for req_id in state['reads']:
