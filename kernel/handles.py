@@ -225,9 +225,9 @@ class HandleTable:
         passed = [self.capabilities.of_fd(fd) for fd in fds]
         # A client's capability relayed to another account is cloned for it, not moved: the
         # client still holds the socket it passed (SCM_RIGHTS copies it), and what it does
-        # on it must stay its own to pay for, not the receiver's (a victim, over uds) nor the
-        # system's (nsmgr, which has no bounds). The system's capabilities move (nsmgr hands
-        # a client what it opened for it, and keeps no copy).
+        # on it must stay its own to pay for, not the receiver's (a victim it handed it to)
+        # nor the system account's (which has no bounds). The system's capabilities move (a
+        # daemon hands a client what it opened for it, and keeps no copy).
         cloned = [i for i, c in enumerate(passed)
                   if c is not None and c.account is not account and not c.account.system]
         moving = {id(c): c for i, c in enumerate(passed) if c is not None and i not in cloned
