@@ -20,7 +20,9 @@ Boots a private system and measures, in this order:
   against native (whole runs: fork, confinement, exec, the program);
 - launches: the whole `redoxcap --state-dir S run -- /bin/true` and
   `... -- python3 -c pass` process, the system up, in each of run's modes,
-  against `bwrap --ro-bind / / --unshare-all CMD` and CMD alone; and a
+  against `bwrap --ro-bind / / --unshare-all CMD` and CMD alone; the same
+  with a directory handed over (`--dir D /bin/true`, and `make -s -B` of
+  eight C files in it where make and cc are installed, brokered); and a
   private system: `redoxcap run --dir D -- /bin/true` with no system up
   (boot, run, stop), and `up --detach` (the boot alone);
 - scaling: aggregate ops/s and p99 of openat+read+close via the cwd with 1,

@@ -32,14 +32,42 @@ def system_python3() -> str:
     return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
 
 
+# the everyday use: `make` rebuilding a small C project (8 files) in the directory handed
+# over, where make and cc are installed; an rt-only run (--no-broker) cannot run a compiler
+MAKE = "--dir D make (8 C files)"
+DEFAULT_MODE_ONLY = {MAKE}
+
+
+def c_project(directory: str) -> None:
+    """Eight small C files and a Makefile that links them, in directory."""
+    names = [f"f{i}" for i in range(1, 8)]
+    for name in names:
+        Path(directory, f"{name}.c").write_text(
+            f'#include <stdio.h>\n#include <string.h>\nint {name}(int x) {{ char b[32]; '
+            f'snprintf(b, sizeof b, "%d", x); return (int)strlen(b) + x; }}\n')
+    calls = " + ".join(f"{name}({i})" for i, name in enumerate(names, 1))
+    Path(directory, "main.c").write_text(
+        "#include <stdio.h>\n" + "".join(f"int {name}(int);\n" for name in names)
+        + f'int main(void) {{ printf("%d\\n", {calls}); return 0; }}\n')
+    objects = " ".join(["main.o", *(f"{name}.o" for name in names)])
+    Path(directory, "Makefile").write_text(f"prog: {objects}\n\t$(CC) -o $@ {objects}\n")
+
+
 def commands(directory: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
     """The launched commands by the name rows give them: issue 21's two, and the everyday
-    way, a directory handed over (`--dir D`, bubblewrap's `--bind D D --chdir D`);
-    each as (the command, bubblewrap's options for it, `redoxcap run`'s)."""
-    return {"/bin/true": (["/bin/true"], [], []),
-            "python3 -c pass": ([system_python3(), "-c", "pass"], [], []),
-            "--dir D /bin/true": (["/bin/true"], ["--bind", directory, directory, "--chdir", directory],
-                                  ["--dir", directory])}
+    way, a directory handed over (`--dir D`, bubblewrap's `--bind D D --chdir D`): a
+    program that does nothing, and a build where make and cc are installed (`make -s -B -C D`
+    rebuilds everything each time); each as (the command, bubblewrap's options for it,
+    `redoxcap run`'s)."""
+    handed = ["--bind", directory, directory, "--chdir", directory]
+    out = {"/bin/true": (["/bin/true"], [], []),
+           "python3 -c pass": ([system_python3(), "-c", "pass"], [], []),
+           "--dir D /bin/true": (["/bin/true"], handed, ["--dir", directory])}
+    if shutil.which("make") and shutil.which("cc"):
+        c_project(directory)
+        make = [shutil.which("make") or "make", "-s", "-B", "-C", directory]  # -C: native too
+        out[MAKE] = (make, handed, ["--dir", directory])
+    return out
 
 
 def cli_prefix() -> list[str]:
@@ -156,7 +184,7 @@ def launches(state: Path, rounds: int, modes: list[tuple[str, list[str]]],
             contenders = {"native": command}
             if bwrap is not None:
                 contenders["bubblewrap"] = [bwrap, *BWRAP_OPTIONS, *bwrap_options, *command]
-            for mode, options in modes:
+            for mode, options in modes[:1] if name in DEFAULT_MODE_ONLY else modes:
                 contenders[f"redoxcap run ({mode})"] = [*cli, "run", *options, *run_options, "--",
                                                         *command]
             out["commands"][name] = _take_turns(contenders, rounds)

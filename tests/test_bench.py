@@ -8,6 +8,7 @@ as a ratio to the baseline it names, and judged against its target.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ TARGET_ROWS = [
     "bulk passthrough write 64 MiB",
     "clients vs 4",
 ]
+
+
+MAKE_ROW = "--dir D make (8 C files)"  # scripts/benchlaunch.py MAKE, where make and cc are
 
 
 def bubblewrap_here() -> bool:
@@ -83,7 +87,11 @@ def test_launches_are_timed_through_the_cli_beside_bubblewrap_where_it_is_instal
     launch = result["launch"]
     default = f"redoxcap run ({launch['modes'][0]})"
     assert len(launch["modes"]) == 2 and "default" in launch["modes"][0]
-    assert set(launch["commands"]) == {"/bin/true", "python3 -c pass", "--dir D /bin/true"}
+    builds = {MAKE_ROW} if shutil.which("make") and shutil.which("cc") else set()
+    assert set(launch["commands"]) == {"/bin/true", "python3 -c pass", "--dir D /bin/true", *builds}
+    for name in builds:  # a compiler runs brokered only
+        assert [who for who in launch["commands"][name]["ms"] if who.startswith("redoxcap")] \
+            == [f"redoxcap run ({launch['modes'][0]})"]
     assert set(launch["private"]) == {"run --dir D -- /bin/true, none up ms", "up --detach ms"}
     assert all(ms > 0 for ms in launch["private"].values())
     for command in launch["commands"].values():
@@ -108,7 +116,8 @@ def test_without_bubblewrap_the_report_says_so_and_shows_times_against_native():
     out = smoke("--without-bubblewrap").stdout
     assert "bubblewrap: not measured" in out
     native_rows = [line for line in out.splitlines() if line.strip().startswith("redoxcap run (")]
-    assert len(native_rows) == 6  # two modes, three commands: ms and x native each
+    builds = 1 if shutil.which("make") and shutil.which("cc") else 0  # the default mode only
+    assert len(native_rows) == 6 + builds  # two modes, three commands: ms and x native each
     assert all(len(line.split(")")[-1].split()) == 2 for line in native_rows)
     verdicts = [line for line in out.splitlines() if line.startswith("`redoxcap run --")]
     assert len(verdicts) == 2 and all(line.endswith("open") for line in verdicts)
