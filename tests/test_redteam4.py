@@ -101,6 +101,18 @@ def start_stalling_run(system, tmp_path, how="double-fork", *options):
     return run
 
 
+def ends_with_ctrl_c(run) -> None:
+    """SIGINT to `run`, a second after the program left its orphan stalling the broker,
+    ends it within 10 s."""
+    time.sleep(1)
+    start = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    ended = ended_within(run, 10)
+    if not ended:
+        run.wait(LINGER + 30)
+    assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
+
+
 def ended_within(run, seconds: float) -> bool:
     try:
         run.wait(seconds)
@@ -137,14 +149,7 @@ def test_ctrl_c_ends_a_run_whose_broker_an_orphan_stalls(redoxcap_system, tmp_pa
     a process it left behind stalls the broker (as above): SIGINT (and SIGTERM) to `run` are
     passed on to the program's process group, which is gone, and the broker still waits; the
     run goes on until the orphan lets it (only SIGKILL of `run` ends it)."""
-    run = start_stalling_run(redoxcap_system, tmp_path)
-    time.sleep(1)
-    start = time.monotonic()
-    run.send_signal(signal.SIGINT)
-    ended = ended_within(run, 10)
-    if not ended:
-        run.wait(LINGER + 30)
-    assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
+    ends_with_ctrl_c(start_stalling_run(redoxcap_system, tmp_path))
 
 
 def test_ctrl_c_ends_an_in_process_run_whose_broker_an_orphan_stalls(redoxcap_system, tmp_path):
@@ -152,18 +157,9 @@ def test_ctrl_c_ends_an_in_process_run_whose_broker_an_orphan_stalls(redoxcap_sy
     there the orphan is documented to outlive the program, but `run`
     "ends with Ctrl-C as always"; it does not: SIGINT goes to the program's process group,
     gone, while the broker waits on the orphan's scheme, and `run` returns only when the
-    orphan lets it. (Not fixed: the broker's wait for a capability's answer would have to
-    give way to the program's end and to the signal; e.g. the run's SIGINT/SIGTERM handler,
-    once the program has exited, killing what is left under its filter, as the runner's
-    reaper now does.)"""
-    run = start_stalling_run(redoxcap_system, tmp_path, "double-fork", "--in-process")
-    time.sleep(1)
-    start = time.monotonic()
-    run.send_signal(signal.SIGINT)
-    ended = ended_within(run, 10)
-    if not ended:
-        run.wait(LINGER + 30)
-    assert ended, f"SIGINT did not end `run`: it returned {time.monotonic() - start:.0f} s later"
+    orphan lets it. Now the broker's thread gives up a capability call (EINTR) once the
+    program has exited (wire/call.py, give_up_when_readable), in every kind of run."""
+    ends_with_ctrl_c(start_stalling_run(redoxcap_system, tmp_path, "double-fork", "--in-process"))
 
 
 BY_NUMBER = r"""

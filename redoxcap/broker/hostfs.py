@@ -66,6 +66,14 @@ MAX_PLAIN = 2048
 _UNKNOWN: Any = object()  # not worked out yet (None is an answer)
 
 
+def link_body(fd: int) -> str:
+    """The body of the symlink an O_PATH | O_NOFOLLOW fd was opened on (EINVAL if it names
+    anything else), read on the fd itself: no second lookup of its path."""
+    if not stat.S_ISLNK(os.fstat(fd).st_mode):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    return os.readlink("", dir_fd=fd)
+
+
 def _parts(path: str) -> list[str]:
     return [c for c in path.split("/") if c and c != "."]
 
@@ -345,9 +353,7 @@ class HostTrees:
                 raise
             return os.readlink(self.resolve(path, follow=False))
         try:
-            if not stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-            return os.readlink("", dir_fd=fd)
+            return link_body(fd)
         finally:
             os.close(fd)
 

@@ -27,6 +27,7 @@ import errno
 import os
 import stat
 
+from redoxcap.broker.hostfs import link_body
 from redoxcap.wire import linux
 from redoxcap.wire import protocol as P
 from redoxcap.wire.beneath import Anchor, open_natively
@@ -114,8 +115,6 @@ class HostDirectory:
         if fd is None:
             return None
         try:
-            if not stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-            return os.readlink("", dir_fd=fd)
+            return link_body(fd)
         finally:
             os.close(fd)
