@@ -32,8 +32,8 @@ import os
 import stat
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
+from redoxcap.broker.memo import PathMemo
 from redoxcap.wire.linux import (
     MAXSYMLINKS,
     O_TMPFILE_BIT,
@@ -57,13 +57,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
 _PASSED_FLAGS = (os.O_NONBLOCK | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_PATH
                  | os.O_NOATIME | os.O_DSYNC | os.O_SYNC | os.O_CREAT | os.O_TRUNC | os.O_APPEND
                  | os.O_WRONLY | os.O_RDWR)
-
-
-# the lookups of paths kept (HostTrees._plain): paths of at most this many characters, at
-# most this many of them (a MiB of paths)
-PLAIN_PATH_MAX = 512
-MAX_PLAIN = 2048
-_UNKNOWN: Any = object()  # not worked out yet (None is an answer)
 
 
 def link_body(fd: int) -> str:
@@ -97,7 +90,8 @@ class HostTrees:
         self._depths = sorted({len(tp) for tp in self._tree_parts})
         self._above = {tp[:i] for tp in self._tree_parts for i in range(len(tp))}
         self._root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._plains: dict[str, str | None] = {}  # by absolute path (_plain)
+        # the path one openat2 looks an absolute path up by, worked out once per path
+        self._plain = PathMemo(self._plain_of)
 
     def close(self) -> None:
         if self._root >= 0:
@@ -357,19 +351,12 @@ class HostTrees:
         finally:
             os.close(fd)
 
-    def _plain(self, path: str) -> str | None:
+    def _plain_of(self, path: str) -> str | None:
         """The path relative to `/` that one openat2 with RESOLVE_NO_SYMLINKS looks an absolute
         path up by (its names joined, `.` dropped: "" for `/`), when it lies in a tree and
-        has no `..` and no trailing `/`; else None (the walk's, or above the trees). Worked
-        out once per path (it depends on the path and the trees alone), for paths of at most
-        PLAIN_PATH_MAX characters, at most MAX_PLAIN of them (all forgotten at once past that)."""
-        plain = self._plains.get(path, _UNKNOWN)
-        if plain is _UNKNOWN:
-            parts = _parts(path)
-            plain = "/".join(parts) if ".." not in parts and not path.endswith("/") \
-                and self._in_tree(parts) else None
-            if len(path) <= PLAIN_PATH_MAX:
-                if len(self._plains) >= MAX_PLAIN:
-                    self._plains.clear()
-                self._plains[path] = plain
-        return plain
+        has no `..` and no trailing `/`; else None (the walk's, or above the trees). It
+        depends on the path and the trees alone: `_plain` keeps it (redoxcap/broker/memo.py)."""
+        parts = _parts(path)
+        if ".." in parts or path.endswith("/") or not self._in_tree(parts):
+            return None
+        return "/".join(parts)

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 from redoxcap.broker.calls.base import Call, close
 from redoxcap.broker.calls.native import HostDirectory
 from redoxcap.broker.hostfs import HostTrees
+from redoxcap.broker.memo import PathMemo
 from redoxcap.broker.state import CapabilityTable, Directory, Mount
 from redoxcap.wire import call as capability
 from redoxcap.wire import linux
@@ -74,13 +75,6 @@ class Location:
         if self.owned is not None:
             close(self.owned)
             self.owned = None
-
-
-# where absolute paths are placed, kept (Locator._placement; a cwd's handed directory too):
-# paths of at most this many characters, at most this many of them (a MiB of paths each)
-PLACEMENT_PATH_MAX = 512
-MAX_PLACEMENTS = 2048
-_UNKNOWN: Any = object()  # not looked up yet (None is an answer: the namespace's)
 
 
 class Placement(NamedTuple):
@@ -131,8 +125,12 @@ class Locator:
         # (one syscall at a time), so that none is closed under a call that uses it
         self._held: list[Root] = []
         self._answering: int | None = None
-        self._placements: dict[str, Placement | None] = {}  # by absolute path (_placement)
-        self._cwd_mounts: dict[str, tuple[Mount, str] | None] = {}  # by cwd path (_cwd_mount)
+        # where an absolute path is placed (see `placed`), worked out once per path: the
+        # handed directories and the host trees are a run's from its start, so the answer
+        # for a path never changes (redoxcap/broker/memo.py); and a cwd's handed directory,
+        # which a relative path's every call asks of the cwd's path
+        self._placement = PathMemo(self._place)
+        self._cwd_mount = PathMemo(self.mount_of)
 
     def close(self) -> None:
         """Release the grant, the handed directories' host directories and the kept roots."""
@@ -279,23 +277,8 @@ class Locator:
         (the deepest wins); None for the namespace's."""
         return self._location(self._placement(path), path, resolve)
 
-    def _placement(self, path: str) -> Placement | None:
-        """Where an absolute path is placed (see `placed`), worked out once per path: the
-        handed directories and the host trees are a run's from its start, so the answer
-        for a path never changes (a build asks for the same few paths thousands of times:
-        gcc's realpath of /usr/include). Kept for paths of at most PLACEMENT_PATH_MAX
-        characters, at most MAX_PLACEMENTS of them (all forgotten at once past that)."""
-        placement = self._placements.get(path, _UNKNOWN)
-        if placement is _UNKNOWN:
-            placement = self._place(path)
-            if len(path) <= PLACEMENT_PATH_MAX:
-                if len(self._placements) >= MAX_PLACEMENTS:
-                    self._placements.clear()
-                self._placements[path] = placement
-        return placement
-
     def _place(self, path: str) -> Placement | None:
-        """The placement of an absolute path, worked out (see `_placement`)."""
+        """The placement of an absolute path, worked out (`_placement` keeps it)."""
         parts = [c for c in path.split("/") if c]
         mounted = self.mount_of(path)
         depth = _depth(mounted[0]) if mounted is not None else -1
@@ -326,18 +309,6 @@ class Locator:
         if not resolve:
             loc.view, loc.walk_first = path, placement.walk_first
         return loc
-
-    def _cwd_mount(self, path: str) -> tuple[Mount, str] | None:
-        """mount_of a cwd's path, asked once per path (as `_placement`: a relative path's
-        every call asks it of the cwd's)."""
-        mounted = self._cwd_mounts.get(path, _UNKNOWN)
-        if mounted is _UNKNOWN:
-            mounted = self.mount_of(path)
-            if len(path) <= PLACEMENT_PATH_MAX:
-                if len(self._cwd_mounts) >= MAX_PLACEMENTS:
-                    self._cwd_mounts.clear()
-                self._cwd_mounts[path] = mounted
-        return mounted
 
     def mount_of(self, path: str) -> tuple[Mount, str] | None:
         """The handed directory an absolute path lies in (the deepest), and the path below it."""
