@@ -138,31 +138,40 @@ def rss(pid: int) -> int:
     return 0
 
 
-# A client with a scheme of its own (served by hand in a thread). Its capability `z` of that
-# scheme is handed to nsmgr, tacked onto its scheme's answer to an OPENAT nsmgr forwards
-# (asked of nsmgr itself, on the namespace fd: rt.open would use its own clone of the entry)
-# (a NEW_HANDLE with one fd more than nsmgr asked for: nsmgr closes both and answers EIO;
-# the client keeps z). Then it sends argv[1] READs of MAX_IO on z, reads none of their
-# replies, and its scheme answers each with 128 KiB.
-ESCAPE = r"""
-import errno, os, select, socket, sys, threading, time, rt
-from redoxcap.wire import frames as F
+# What the attack programs below that serve a scheme by hand start with: `requests(ch)`
+# yields the requests read on the scheme channel ch but the router's CLOSEs (any fds they
+# carry closed), until the channel ends.
+SERVING = r"""
+import os, socket, sys, threading, rt
 from redoxcap.wire import protocol as P
 from redoxcap.wire.frames import SchemeReply, SchemeRequest
-n = int(sys.argv[1])
-ch = socket.socket(fileno=rt.mkscheme('rt5evil'))
-state = {'handed': None, 'reads': []}
-go = threading.Event()
-def serve():
-    handles = 0
+def requests(ch):
     while True:
         data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
         if not data:
             return
         P.close_fds(P.parse_ancillary(anc)[0])
         req = SchemeRequest.decode(data)
-        if req.op == P.CLOSE:
-            continue
+        if req.op != P.CLOSE:
+            yield req
+"""
+
+# A client with a scheme of its own (served by hand in a thread). Its capability `z` of that
+# scheme is handed to nsmgr, tacked onto its scheme's answer to an OPENAT nsmgr forwards
+# (asked of nsmgr itself, on the namespace fd: rt.open would use its own clone of the entry)
+# (a NEW_HANDLE with one fd more than nsmgr asked for: nsmgr closes both and answers EIO;
+# the client keeps z). Then it sends argv[1] READs of MAX_IO on z, reads none of their
+# replies, and its scheme answers each with 128 KiB.
+ESCAPE = SERVING + r"""
+import errno, select, time
+from redoxcap.wire import frames as F
+n = int(sys.argv[1])
+ch = socket.socket(fileno=rt.mkscheme('rt5evil'))
+state = {'handed': None, 'reads': []}
+go = threading.Event()
+def serve():
+    handles = 0
+    for req in requests(ch):
         if req.op == P.OPENAT:
             handles += 1
             fds = [state['handed']] if state['handed'] is not None else []
@@ -268,23 +277,13 @@ print('cloned', len(caps), flush=True)
 
 # The attacker: a scheme of its own whose every READ it answers with one byte and 250
 # capabilities of /scheme/zero it made for that answer and keeps (its own sockets).
-QUOTA_ATTACKER = r"""
-import os, socket, sys, threading, rt
-from redoxcap.wire import protocol as P
-from redoxcap.wire.frames import SchemeReply, SchemeRequest
+QUOTA_ATTACKER = SERVING + r"""
 ch = socket.socket(fileno=rt.mkscheme('rt5evil2'))
 z = rt.open('/scheme/zero', os.O_RDONLY)
 kept = []
 def serve():
     handles = 0
-    while True:
-        data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
-        if not data:
-            return
-        P.close_fds(P.parse_ancillary(anc)[0])
-        req = SchemeRequest.decode(data)
-        if req.op == P.CLOSE:
-            continue
+    for req in requests(ch):
         if req.op == P.OPENAT:
             handles += 1
             ch.sendmsg([SchemeReply.new_handle(req.req_id, handles, 0).encode()])
