@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import os
 import select
 import socket
 import time
@@ -420,12 +421,14 @@ class Router:
                 # held while the scheme takes them: they count against the quota
                 raise OSError(errno.EMFILE, "fds over the account's quota")
             refs = self.capabilities.refs_for(scheme, fds) if fds else ()
+            cloned = self._own_copies(fds, refs, account) if P.FOREIGN_REF in refs else 0
         except OSError as exc:
             P.close_fds(fds)
             if counted:
                 self.settle(cap)
             self.reply(cap, tag, P.ERR, exc.errno or errno.EIO)
             return
+        riding = len(fds) - cloned  # held for it while its daemon has them (clones are paid)
         req_id = self.request_id()
         shown = account.id if for_account is None else for_account
         pid, uid, gid = cred
@@ -443,25 +446,55 @@ class Router:
         if sent == SENT:
             scheme.pending[req_id] = waiter
             if fds:
-                waiter.hold_fds(account, len(fds))
+                waiter.hold_fds(account, riding)
                 P.close_fds(fds)
             return
         held = Held(cap, tag, cred, op, bytes(body), fds, serving, for_account)
         if sent == FULL:  # the daemon reads slowly: only this capability waits for it
-            account.waits_to_send(cap, len(fds))
-            self._nursery.start_soon(self._forward_when_room, scheme, b"".join(frame), waiter, held, account)
+            account.waits_to_send(cap, riding)
+            self._nursery.start_soon(self._forward_when_room, scheme, b"".join(frame), waiter,
+                                     held, account, riding)
             return
         self._unsent(scheme, held, sent)
 
+    def _own_copies(self, fds: list[int], refs: tuple[int, ...], payer: Account) -> int:
+        """Put in fds, for each capability of another scheme riding on a request (a directory
+        for RENAMEAT, a capability passed on to another process or registered in a
+        namespace), a clone the daemon holds alone, paid for by payer for as long as it
+        does: the caller's own socket would let a client's scheme read the caller's replies
+        on it, and the caller read those of a daemon that calls on it (forwarding to a name
+        the caller registered).
+        A capability of the scheme itself goes as it is: its replies are that scheme's.
+
+        Returns:
+            How many were cloned.
+
+        Raises:
+            OSError: EMFILE past payer's quota, or what minting raises; the caller closes
+                fds (the clones made so far reach EOF).
+        """
+        cloned = 0
+        for i, ref in enumerate(refs):
+            if ref != P.FOREIGN_REF:
+                continue
+            cap = self.capabilities.of_fd(fds[i])
+            if cap is None:  # gone since refs_for looked (it was ours a moment ago)
+                continue
+            clone = self.table.mint(cap.handle, self.system_account, payer)
+            os.close(fds[i])
+            fds[i] = clone
+            cloned += 1
+        return cloned
+
     async def _forward_when_room(self, scheme: Scheme, frame: bytes, waiter: ClientRequest,
-                                 held: Held, account: Account) -> None:
+                                 held: Held, account: Account, riding: int) -> None:
         """Send a request whose scheme's channel was full, in order behind the others
-        (account: where its fds are charged, even if the capability moves meanwhile)."""
+        (account: where its riding fds are charged, even if the capability moves meanwhile)."""
         sent = await scheme.send(frame, held.fds)
-        self.table.resume(account.sent(held.cap, len(held.fds)))
+        self.table.resume(account.sent(held.cap, riding))
         if sent == SENT:
             scheme.pending[waiter.req_id] = waiter
-            waiter.hold_fds(account, len(held.fds))
+            waiter.hold_fds(account, riding)
             P.close_fds(held.fds)
             return
         self._unsent(scheme, held, sent)
