@@ -7,6 +7,7 @@ shows, measured from outside through the real processes.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -170,3 +171,130 @@ def test_a_capability_riding_on_a_request_is_the_callers_own_socket_for_the_sche
         f"{out.strip()}: reads on a client's own /scheme/zero capability (each bounded to "
         f"5 s) after it passed that capability on a RENAMEAT to another client's scheme, whose "
         f"daemon read its replies ({stole.strip()})")
+
+
+# An honest client's service: a scheme of its own that answers every request, taking a
+# millisecond over each (as a daemon that writes what it is sent would), handed to argv[1]
+# clients over its uds listener. On a line on stdin it says whether the router hung up its
+# channel (its daemon taken for dead), how many CLOSEs it had been sent, and whether a read
+# of its own handle there is still served.
+SERVICE = r"""
+import os, socket, sys, threading, time, rt
+from redoxcap.wire import protocol as P
+from redoxcap.wire.frames import SchemeReply, SchemeRequest
+ch = socket.socket(fileno=rt.mkscheme('rt6svc'))
+state = {'closes': 0, 'dead': False}
+def serve():
+    try:
+        answer()
+    except OSError:  # the router hung up (EPIPE on a reply)
+        pass
+    state['dead'] = True
+def answer():
+    handles = 0
+    while True:
+        data, anc, _, _ = ch.recvmsg(P.MAX_FRAME, P.CMSG_FDS)
+        if not data:
+            return
+        P.close_fds(P.parse_ancillary(anc)[0])
+        req = SchemeRequest.decode(data)
+        time.sleep(0.003)
+        if req.op == P.CLOSE:
+            state['closes'] += 1
+        elif req.op == P.OPENAT:
+            handles += 1
+            ch.sendmsg([SchemeReply.new_handle(req.req_id, handles, 0).encode()])
+        elif req.op == P.READ:
+            ch.sendmsg([SchemeReply.of(req.req_id, P.OK, b'x').encode()])
+        else:
+            ch.sendmsg([SchemeReply.of(req.req_id, P.OK, 0).encode()])
+threading.Thread(target=serve, daemon=True).start()
+mine = rt.open('/scheme/rt6svc/svc', os.O_RDONLY)
+listener = rt.open('/scheme/uds/rt6-svc', os.O_CREAT | os.O_RDWR)
+print('listening', flush=True)
+for _ in range(int(sys.argv[1])):
+    conn = rt.dup(listener, b'accept')
+    rt.sendfd(conn, mine)
+sys.stdin.readline()
+try:
+    from redoxcap.wire import call as C
+    with C.timeout(5):
+        rt.read(mine, 1)
+    served = 'yes'
+except OSError as exc:
+    served = os.strerror(exc.errno)
+print('dead', state['dead'], 'closes', state['closes'], 'served', repr(served), flush=True)
+"""
+
+# A client of that service: opens argv[1] handles there (within its quota); on a line on
+# stdin, sends 64 READs it never reads the replies of (its bound of requests in flight), and
+# closes every handle it opened.
+SERVICE_USER = r"""
+import os, socket, sys, rt
+from redoxcap.wire import frames as F
+from redoxcap.wire import protocol as P
+conn = rt.open('/scheme/uds/rt6-svc', os.O_RDWR)
+svc = rt.recvfd(conn)
+handles = [rt.openat(svc, f'h{i}', os.O_RDONLY) for i in range(int(sys.argv[1]))]
+print('opened', len(handles), flush=True)
+sys.stdin.readline()
+s = socket.socket(fileno=os.dup(svc))
+s.setblocking(False)
+frame = F.encode_request(P.READ, 1, [P.MAX_IO])
+for _ in range(64):
+    try:
+        s.send(frame)
+    except BlockingIOError:
+        break
+for h in handles:
+    os.close(h)
+print('closed', flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_clients_closing_their_handles_get_another_clients_scheme_taken_for_dead(
+        redoxcap_system):
+    """CLOSEs owed to a client's scheme whose channel is full wait as handle numbers, and a
+    client's scheme owed more than 4,096 is taken for dead (kernel/router.py, _owe_close:
+    its channel is closed, every request in flight there fails, its daemon sees EOF). But
+    what it is owed is not what it failed to read: it is what its callers closed, and
+    callers choose when. An honest client's service that takes a millisecond a request,
+    used by eight other clients (each an account of its own, within its quota: 1,000
+    handles and 64 requests in flight): they queue their 64 requests, which fill its
+    channel, and close their 8,000 handles at once. The router owes the service 4,097
+    CLOSEs, logs "4097 CLOSEs unread: its daemon is taken for dead", and hangs up its
+    channel: the service's own read on its scheme fails (EIO), as does every client's. One
+    client's service is killed by its callers, while it reads all the time, and every one
+    of them within every bound (measured; 3 ms a request, 1,000 handles each: a service
+    at 1 ms a request needs a few more clients). Fix: a bound on what a
+    scheme is owed should count against whoever makes it owe (the closing capability's
+    account), or the CLOSEs should wait (coalesced, as they are) without taking a
+    scheme that still reads its channel for dead: e.g. only while it has read nothing
+    for a while, or past a bound far above what its callers can hold together."""
+    users, per = 8, 1000
+    service = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable, "-c",
+                                    SERVICE, str(users))
+    clients = []
+    try:
+        _line(service, "listening")
+        for _ in range(users):
+            client = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable,
+                                           "-c", SERVICE_USER, str(per))
+            clients.append(client)
+            _line(client, "opened")
+        for client in clients:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        for client in clients:
+            _line(client, "closed")
+        time.sleep(float(os.environ.get('RT6_WAIT', '3')))
+        service.stdin.write("check\n")
+        service.stdin.flush()
+        out = _wait_for(service, "dead", 30)
+    finally:
+        _stop(service, *clients)
+    assert out.startswith("dead"), out
+    assert out.split()[1] == "False" and "'yes'" in out, (
+        f"{out.strip()}: an honest client's scheme was taken for dead by the router after "
+        f"{users} clients closed {users * per} handles they held on it")
