@@ -267,9 +267,11 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
 
 
 def _send(sock: socket.socket, frame: bytes, anc: list, deadline: float | None) -> None:
+    # bounded: never block in sendmsg (another holder of the socket may fill it meanwhile)
+    nowait = socket.MSG_DONTWAIT if deadline is not None or _timeouts.thread.give_up is not None else 0
     while True:
         try:
-            sock.sendmsg([frame], anc)
+            sock.sendmsg([frame], anc, nowait)
             return
         except BlockingIOError:  # someone made the fd non-blocking
             _wait(sock, select.POLLOUT, deadline)
