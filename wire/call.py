@@ -267,22 +267,34 @@ def call(fd: int, op: int, args: list | tuple = (), fds: list[int] | tuple[int, 
 
 
 def _send(sock: socket.socket, frame: bytes, anc: list, deadline: float | None) -> None:
+    # bounded: never block in sendmsg (another holder of the socket may fill it meanwhile)
+    nowait = socket.MSG_DONTWAIT if deadline is not None or _timeouts.thread.give_up is not None else 0
     while True:
         try:
-            sock.sendmsg([frame], anc)
+            sock.sendmsg([frame], anc, nowait)
             return
         except BlockingIOError:  # someone made the fd non-blocking
             _wait(sock, select.POLLOUT, deadline)
 
 
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_FLAGS_NOWAIT = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+
+
 def _receive(sock: socket.socket, deadline: float | None) -> tuple[bytes, list[int], int]:
+    # A bounded wait polls, then reads without blocking: another holder of the socket (a
+    # scheme it was passed to on a RENAMEAT, a process the program left behind) may take
+    # the frame in between, and a blocking read would then wait past the bound for ever.
+    bounded = deadline is not None or _timeouts.thread.give_up is not None
     while True:
-        if deadline is not None or _timeouts.thread.give_up is not None:
+        if bounded:
             _wait(sock, select.POLLIN, deadline)
         try:
-            data, anc, flags, _ = sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS, socket.MSG_CMSG_CLOEXEC)
+            data, anc, flags, _ = sock.recvmsg(P.MAX_FRAME, P.CMSG_FDS,
+                                               _RECV_FLAGS_NOWAIT if bounded else _RECV_FLAGS)
         except BlockingIOError:
-            _wait(sock, select.POLLIN, deadline)
+            if not bounded:
+                _wait(sock, select.POLLIN, deadline)
             continue
         return data, P.parse_ancillary(anc)[0], flags
 
