@@ -60,9 +60,6 @@ REPLIES_PER_PASS = 64  # a scheme's replies read per pass: then the others' turn
 # the frames all the schemes a client made (NS_SCHEME_CREATE) may give in a pass, together:
 # as a client's requests get one turn a pass, its schemes get a few frames, however many
 CLIENT_REPLIES_PER_PASS = 8
-# CLOSEs a client's scheme may leave unread in its channel and owed to it: past them its
-# daemon is taken for dead (a scheme that reads nothing would have the router keep them all)
-MAX_OWED_CLOSES = 4096
 FDS_PER_TURN = 8  # a scheme's frame with more fds than this ends its channel's turn
 HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: socket.MSG_* are slow enum flags
@@ -315,14 +312,13 @@ class Router:
     def _owe_close(self, scheme: Scheme, number: int) -> None:
         """Keep the CLOSE of handle number for one task per scheme to send as its channel has
         room, in order: a handle's number, not a task and a frame each (a client's scheme
-        that reads nothing made the router keep 50,000 tasks, 211 MB). A client's scheme
-        owed more than MAX_OWED_CLOSES is taken for dead."""
+        that reads nothing made the router keep 50,000 tasks, 211 MB). Each number is of a
+        handle that had a capability, so what a scheme is owed is bounded by the
+        capabilities its callers could hold (their quotas); how many it is owed tells
+        nothing of the scheme, which its callers' closing at once fills (a scheme taken for
+        dead past 4,096 let 8 clients kill another's honest service)."""
         scheme.owed_closes.append(number)
-        if scheme.payer is not None and len(scheme.owed_closes) > MAX_OWED_CLOSES:
-            warn_now_and_then("scheme %d: %d CLOSEs unread: its daemon is taken for dead",
-                              scheme.id, len(scheme.owed_closes))
-            self.scheme_died(scheme)
-        elif not scheme.closing and scheme.channel is not None:
+        if not scheme.closing and scheme.channel is not None:
             scheme.closing = True
             self._nursery.start_soon(self._send_owed_closes, scheme, scheme.channel)
 

@@ -1,8 +1,11 @@
 """A sixth red-team pass: capabilities relayed as clones, CLOSEs owed as numbers, the
 broker's placement caches, its give-up of capability calls.
 
-Each test here fails on the code it was written against (main b6162b2) and says what it
-shows, measured from outside through the real processes.
+Each test here failed on the code it was written against (main b6162b2) and says what it
+showed, measured from outside through the real processes. Fixed since: a capability of
+another scheme riding on a request reaches the daemon as a clone of its own
+(kernel/router.py, _own_copies), and a scheme is no longer taken for dead for the CLOSEs
+its callers make it owe.
 """
 
 from __future__ import annotations
@@ -147,10 +150,9 @@ def test_a_capability_riding_on_a_request_is_the_callers_own_socket_for_the_sche
     reads on the caller's own /scheme/zero capability, each bounded to 5 s, 3 answered in
     time, 4 timed out and one hung past its bound for good (measured): rt's wait polls,
     then reads the blocking socket, and the daemon took the reply in between (that hang is
-    fixed since, in wire/call.py; the timeouts remain: 5 of 10 in time). Fix: the router
-    should pass a scheme a clone of each capability riding on a request (minted for the
-    scheme's account, charged to the caller while in flight), never the caller's own
-    socket, as relay_fds does for replies."""
+    fixed since, in wire/call.py; the timeouts remained: 5 of 10 in time). Now the router
+    passes the daemon a clone of each capability of another scheme riding on a request,
+    paid for by the caller while the daemon holds it, never the caller's own socket."""
     victim = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable, "-c",
                                    STEAL_VICTIM, "10", "25")
     attacker = None
@@ -271,8 +273,8 @@ def test_clients_closing_their_handles_get_another_clients_scheme_taken_for_dead
     at 1 ms a request needs a few more clients). Fix: a bound on what a
     scheme is owed should count against whoever makes it owe (the closing capability's
     account), or the CLOSEs should wait (coalesced, as they are) without taking a
-    scheme that still reads its channel for dead: e.g. only while it has read nothing
-    for a while, or past a bound far above what its callers can hold together."""
+    scheme that still reads its channel for dead. Now they wait, a handle number each,
+    bounded by what its callers could hold, and no scheme is taken for dead for them."""
     users, per = 8, 1000
     service = redoxcap_system.start("run", "--uds-scope", SCOPE, "--", sys.executable, "-c",
                                     SERVICE, str(users))
