@@ -83,6 +83,14 @@ def _line(proc, prefix: str) -> str:
     return line
 
 
+def _stop(*procs) -> None:
+    """Kill and reap whichever of procs still runs (None: never started)."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def test_capabilities_handed_over_uds_charge_the_receiver_for_what_the_sender_does(
         redoxcap_system):
     """A capability handed to another client over uds (SENDFD, RECVFD) belongs from then on
@@ -117,10 +125,7 @@ def test_capabilities_handed_over_uds_charge_the_receiver_for_what_the_sender_do
         victim.stdin.flush()
         out, err = victim.communicate(timeout=120)
     finally:
-        for proc in (victim, attacker):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _stop(victim, attacker)
     assert "slowest" in out, (out, err)
     words = out.split()
     slowest, stuck = float(words[words.index("slowest") + 1]), int(words[words.index("stuck") + 1])
@@ -244,9 +249,7 @@ def test_a_capability_slipped_into_a_reply_to_nsmgr_escapes_its_accounts_bounds(
             time.sleep(0.2)
         proc.communicate("bye\n", timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
     assert grown < 48 * 1024 * 1024, (
         f"{line.strip()}: the router grew by {grown / 1024 / 1024:.0f} MiB of replies one "
         f"client never reads; a client's bound is 16 MiB")
@@ -326,10 +329,7 @@ def test_a_clients_scheme_parks_its_own_capabilities_on_the_quota_of_whoever_cal
         _line(attacker, "sent")
         out, err = victim.communicate(timeout=120)
     finally:
-        for proc in (victim, attacker):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        _stop(victim, attacker)
     assert "cloned" in out, (out, err)
     cloned = int(out.split()[out.split().index("cloned") + 1])
     assert cloned >= 900, (
@@ -399,9 +399,7 @@ def test_closes_owed_to_a_clients_silent_scheme_pile_up_in_the_router(redoxcap_s
         grown = rss(router) - before
         proc.communicate("bye\n", timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
     assert grown < 16 * 1024 * 1024, (
         f"the router grew by {grown / 1024 / 1024:.0f} MiB of CLOSEs owed to one client's "
         f"schemes that read nothing")

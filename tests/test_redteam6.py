@@ -14,13 +14,9 @@ import os
 import sys
 import time
 
+from test_redteam5 import _line, _stop
+
 SCOPE = "rt6-shared"
-
-
-def _line(proc, prefix: str) -> str:
-    line = proc.stdout.readline()
-    assert line.startswith(prefix), (line, proc.stderr.read() if proc.poll() is not None else "")
-    return line
 
 
 def _wait_for(proc, prefix: str, seconds: float) -> str:
@@ -35,13 +31,6 @@ def _wait_for(proc, prefix: str, seconds: float) -> str:
                 if not line or line.startswith(prefix):
                     return line
     return ""
-
-
-def _stop(*procs) -> None:
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 # The victim: takes a capability of another client's scheme over its uds listener (an honest
